@@ -1,0 +1,334 @@
+package engine
+
+import (
+	"encoding/json"
+	"fmt"
+)
+
+// RunStatus is the lifecycle of a run record:
+//
+//	created → running | done
+//	running → waiting | done
+//	waiting → running | done
+//	done    → (nothing)
+//
+// and any status to itself.
+type RunStatus string
+
+// The run statuses.
+const (
+	RunCreated RunStatus = "created"
+	RunRunning RunStatus = "running"
+	RunWaiting RunStatus = "waiting"
+	RunDone    RunStatus = "done"
+)
+
+// Valid reports whether s is one of the four run statuses.
+func (s RunStatus) Valid() bool {
+	switch s {
+	case RunCreated, RunRunning, RunWaiting, RunDone:
+		return true
+	}
+	return false
+}
+
+// CanTransitionTo reports whether a run may move from s to next.
+func (s RunStatus) CanTransitionTo(next RunStatus) bool {
+	if s == next {
+		return s.Valid()
+	}
+	switch s {
+	case RunCreated:
+		return next == RunRunning || next == RunDone
+	case RunRunning:
+		return next == RunWaiting || next == RunDone
+	case RunWaiting:
+		return next == RunRunning || next == RunDone
+	}
+	return false
+}
+
+// Termination kinds (the "type" of the adjacently tagged JSON form).
+const (
+	TermNaturalEnd        = "natural_end"
+	TermBehaviorRequested = "behavior_requested"
+	TermStopped           = "stopped"
+	TermCancelled         = "cancelled"
+	TermBlocked           = "blocked"
+	TermSuspended         = "suspended"
+	TermError             = "error"
+)
+
+// Termination is why a run stopped: {"type":"…","value":…}. Value is a
+// string for blocked and error, {"code","detail"} for stopped, absent
+// otherwise.
+type Termination struct {
+	Type  string          `json:"type"`
+	Value json.RawMessage `json:"value,omitempty"`
+}
+
+// RunStatus maps a termination to the run status it leaves: suspended →
+// waiting, everything else → done.
+func (t *Termination) RunStatus() RunStatus {
+	if t != nil && t.Type == TermSuspended {
+		return RunWaiting
+	}
+	return RunDone
+}
+
+// ErrorTermination returns {"type":"error","value":msg}.
+func ErrorTermination(msg string) *Termination {
+	v, _ := json.Marshal(msg)
+	return &Termination{Type: TermError, Value: v}
+}
+
+// Waiting reasons of RunWaitingState.
+const (
+	WaitToolPermission  = "tool_permission"
+	WaitUserInput       = "user_input"
+	WaitBackgroundTasks = "background_tasks"
+	WaitExternalEvent   = "external_event"
+	WaitRateLimit       = "rate_limit"
+	WaitManualPause     = "manual_pause"
+)
+
+// RunWaitingState says why a waiting run waits.
+type RunWaitingState struct {
+	Reason          string          `json:"reason"`
+	TicketIDs       []string        `json:"ticket_ids,omitempty"`
+	Tickets         json.RawMessage `json:"tickets,omitempty"`
+	SinceDispatchID string          `json:"since_dispatch_id,omitempty"`
+	Message         string          `json:"message,omitempty"`
+}
+
+// Decision is one tool-call decision carried by a request.
+type Decision struct {
+	CallID string          `json:"call_id"`
+	Resume json.RawMessage `json:"resume"`
+}
+
+// RunRequestSnapshot is the durable copy of the request that created or
+// continued a run; the executor rebuilds the run request from it.
+type RunRequestSnapshot struct {
+	Origin             string          `json:"origin,omitempty"` // "User" (default), "A2A", "Internal"
+	SenderID           string          `json:"sender_id,omitempty"`
+	InputMessageIDs    []string        `json:"input_message_ids,omitempty"`
+	InputMessageCount  int             `json:"input_message_count,omitempty"`
+	RequestExtras      json.RawMessage `json:"request_extras,omitempty"`
+	Decisions          []Decision      `json:"decisions,omitempty"`
+	FrontendTools      json.RawMessage `json:"frontend_tools,omitempty"`
+	ParentThreadID     string          `json:"parent_thread_id,omitempty"`
+	TransportRequestID string          `json:"transport_request_id,omitempty"`
+}
+
+// SeqRange is a 1-based inclusive range of message sequence numbers.
+type SeqRange struct {
+	From uint64 `json:"from_seq"`
+	To   uint64 `json:"to_seq"`
+}
+
+// RunMessageInput says which messages of the thread a run reads.
+type RunMessageInput struct {
+	ThreadID            string          `json:"thread_id"`
+	Range               *SeqRange       `json:"range,omitempty"`
+	TriggerMessageIDs   []string        `json:"trigger_message_ids,omitempty"`
+	SelectedMessageIDs  []string        `json:"selected_message_ids,omitempty"`
+	ContextPolicy       json.RawMessage `json:"context_policy,omitempty"`
+	CompactedSnapshotID string          `json:"compacted_snapshot_id,omitempty"`
+}
+
+// RunRecord is the durable record of one run. Timestamps are Unix seconds.
+type RunRecord struct {
+	RunID              string              `json:"run_id"`
+	ThreadID           string              `json:"thread_id"`
+	AgentID            string              `json:"agent_id"`
+	ParentRunID        string              `json:"parent_run_id,omitempty"`
+	Request            *RunRequestSnapshot `json:"request,omitempty"`
+	Input              *RunMessageInput    `json:"input,omitempty"`
+	Output             json.RawMessage     `json:"output,omitempty"`
+	Status             RunStatus           `json:"status"`
+	TerminationReason  *Termination        `json:"termination_reason,omitempty"`
+	FinalOutput        json.RawMessage     `json:"final_output,omitempty"`
+	ErrorPayload       json.RawMessage     `json:"error_payload,omitempty"`
+	DispatchID         string              `json:"dispatch_id,omitempty"`
+	SessionID          string              `json:"session_id,omitempty"`
+	TransportRequestID string              `json:"transport_request_id,omitempty"`
+	Waiting            *RunWaitingState    `json:"waiting,omitempty"`
+	Outcome            json.RawMessage     `json:"outcome,omitempty"`
+	CreatedAt          int64               `json:"created_at"`
+	StartedAt          int64               `json:"started_at,omitempty"`
+	FinishedAt         int64               `json:"finished_at,omitempty"`
+	UpdatedAt          int64               `json:"updated_at"`
+	Steps              int64               `json:"steps"`
+	InputTokens        int64               `json:"input_tokens"`
+	OutputTokens       int64               `json:"output_tokens"`
+	State              json.RawMessage     `json:"state,omitempty"`
+}
+
+// Validate checks the fields a store relies on.
+func (r *RunRecord) Validate() error {
+	if err := ValidateID("run_id", r.RunID); err != nil {
+		return err
+	}
+	if err := ValidateID("thread_id", r.ThreadID); err != nil {
+		return err
+	}
+	if !r.Status.Valid() {
+		return Validationf("run %s: unknown status %q", r.RunID, r.Status)
+	}
+	if r.DispatchID != "" {
+		if err := ValidateID("dispatch_id", r.DispatchID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// WaitingReason returns the reason of a waiting run, or "".
+func (r *RunRecord) WaitingReason() string {
+	if r.Status == RunWaiting && r.Waiting != nil {
+		return r.Waiting.Reason
+	}
+	return ""
+}
+
+// IsResumableWaiting reports whether the run waits with any reason.
+func (r *RunRecord) IsResumableWaiting() bool { return r.WaitingReason() != "" }
+
+// IsBackgroundTaskWaiting reports whether the run waits on background tasks.
+func (r *RunRecord) IsBackgroundTaskWaiting() bool { return r.WaitingReason() == WaitBackgroundTasks }
+
+// SettleKind says how a terminal dispatch settles its run record.
+type SettleKind int
+
+// Settlement kinds.
+const (
+	SettleCancelled SettleKind = iota + 1 // cancelled or superseded dispatch
+	SettleErrored                         // dead-lettered dispatch
+)
+
+// Settle marks a not-yet-done run as done because its dispatch d became
+// terminal without an ack (store.md: a terminal dispatch and the run it
+// settles commit together). It reports whether the run changed. nowSec is
+// Unix seconds.
+func (r *RunRecord) Settle(d *Dispatch, nowSec int64) bool {
+	if r.Status == RunDone || r.ThreadID != d.ThreadID {
+		return false
+	}
+	switch d.Status {
+	case StatusCancelled, StatusSuperseded:
+		r.TerminationReason = &Termination{Type: TermCancelled}
+		r.ErrorPayload = nil
+	case StatusDeadLetter:
+		reason := d.RunError
+		if reason == "" {
+			reason = d.LastError
+		}
+		if reason == "" {
+			reason = ReasonDeadLetteredDefault
+		}
+		r.TerminationReason = ErrorTermination(reason)
+		p, _ := json.Marshal(map[string]string{"message": reason})
+		r.ErrorPayload = p
+	default:
+		return false
+	}
+	r.Status = RunDone
+	r.DispatchID = d.DispatchID
+	r.SessionID = d.InstanceID
+	r.Waiting = nil
+	r.FinishedAt = nowSec
+	r.UpdatedAt = nowSec
+	return true
+}
+
+// Thread is the projection of a thread: which runs are active, open and
+// latest.
+type Thread struct {
+	ID             string          `json:"id"`
+	ResourceID     string          `json:"resource_id,omitempty"`
+	ParentThreadID string          `json:"parent_thread_id,omitempty"`
+	Metadata       json.RawMessage `json:"metadata,omitempty"`
+	ActiveRunID    string          `json:"active_run_id,omitempty"`
+	OpenRunID      string          `json:"open_run_id,omitempty"`
+	LatestRunID    string          `json:"latest_run_id,omitempty"`
+	MessageCount   uint64          `json:"message_count"`
+}
+
+// ApplyRun updates the projection for a checkpointed run (store.md rule 29).
+func (t *Thread) ApplyRun(r *RunRecord) {
+	t.LatestRunID = r.RunID
+	switch r.Status {
+	case RunCreated, RunWaiting:
+		t.ActiveRunID = ""
+		t.OpenRunID = r.RunID
+	case RunRunning:
+		t.ActiveRunID = r.RunID
+		t.OpenRunID = r.RunID
+	case RunDone:
+		if t.ActiveRunID == r.RunID {
+			t.ActiveRunID = ""
+		}
+		if t.OpenRunID == r.RunID {
+			t.OpenRunID = ""
+		}
+	}
+	if t.ParentThreadID == "" && r.Request != nil {
+		t.ParentThreadID = r.Request.ParentThreadID
+	}
+}
+
+// Message roles.
+const (
+	RoleSystem    = "system"
+	RoleUser      = "user"
+	RoleAssistant = "assistant"
+	RoleTool      = "tool"
+)
+
+// Message is one message of a thread. Content, tool calls and metadata are
+// opaque JSON to the store.
+type Message struct {
+	ID         string          `json:"id,omitempty"`
+	Role       string          `json:"role"`
+	Content    json.RawMessage `json:"content,omitempty"`
+	ToolCalls  json.RawMessage `json:"tool_calls,omitempty"`
+	ToolCallID string          `json:"tool_call_id,omitempty"`
+	Visibility string          `json:"visibility,omitempty"` // "" (all) or "internal"
+	Metadata   json.RawMessage `json:"metadata,omitempty"`
+}
+
+// Validate checks a message before it is appended.
+func (m *Message) Validate() error {
+	if err := ValidateID("message id", m.ID); err != nil {
+		return err
+	}
+	switch m.Role {
+	case RoleSystem, RoleUser, RoleAssistant, RoleTool:
+	default:
+		return Validationf("message %s: unknown role %q", m.ID, m.Role)
+	}
+	switch m.Visibility {
+	case "", "all", "internal":
+	default:
+		return Validationf("message %s: unknown visibility %q", m.ID, m.Visibility)
+	}
+	return nil
+}
+
+// MessageRecord is a message at its place in the thread log.
+type MessageRecord struct {
+	MessageID       string  `json:"message_id"`
+	ThreadID        string  `json:"thread_id"`
+	Seq             uint64  `json:"seq"` // 1-based
+	Message         Message `json:"message"`
+	ProducedByRunID string  `json:"produced_by_run_id,omitempty"`
+	StepIndex       *int64  `json:"step_index,omitempty"`
+	ToolCallID      string  `json:"tool_call_id,omitempty"`
+	CreatedAt       int64   `json:"created_at,omitempty"` // Unix ms
+}
+
+// String is a short description for logs and test failures.
+func (m MessageRecord) String() string {
+	return fmt.Sprintf("%s#%d(%s)", m.ThreadID, m.Seq, m.MessageID)
+}

@@ -1,0 +1,217 @@
+package engine
+
+import (
+	"context"
+	"time"
+)
+
+// StatusFilter selects dispatches by status: nil selects every status, an
+// empty non-nil slice selects none.
+type StatusFilter []DispatchStatus
+
+// Match reports whether s passes the filter.
+func (f StatusFilter) Match(s DispatchStatus) bool {
+	if f == nil {
+		return true
+	}
+	for _, x := range f {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// StatusCounts holds the number of dispatches in each status, indexed by
+// DispatchStatus.
+type StatusCounts [StatusDeadLetter + 1]int64
+
+// Get returns the count for s.
+func (c StatusCounts) Get(s DispatchStatus) int64 {
+	if !s.Valid() {
+		return 0
+	}
+	return c[s]
+}
+
+// TerminalCursor is a position in the terminal-dispatch order (updated_at,
+// created_at, dispatch_id). The zero cursor is before the first record.
+type TerminalCursor struct {
+	UpdatedAt  int64
+	CreatedAt  int64
+	DispatchID string
+}
+
+// CursorAfter returns the cursor just past d.
+func CursorAfter(d *Dispatch) TerminalCursor {
+	return TerminalCursor{UpdatedAt: d.UpdatedAt, CreatedAt: d.CreatedAt, DispatchID: d.DispatchID}
+}
+
+// DispatchStore is the durable dispatch queue (store.md §2). Every method
+// that returns success has made its change durable, and all changes of one
+// call (the record, its indexes, and the run record a terminal dispatch
+// settles) commit together. now and every other timestamp are Unix ms and
+// chosen by the caller.
+//
+// Error conventions: an unknown id is ErrNotFound; a wrong or stale claim
+// token is ErrStaleClaim; a dispatch whose epoch fell behind its thread is
+// superseded by the call, which then returns a *ConflictError (both are
+// ErrVersionConflict); bad arguments are ErrValidation.
+//
+// A dispatch that becomes cancelled, superseded or dead_letter settles its
+// run record in the same commit when the run exists, belongs to the same
+// thread and is not done yet (RunRecord.Settle).
+type DispatchStore interface {
+	// Enqueue stores a clean queued dispatch, stamping the thread's
+	// current epoch over the caller's. A duplicate dispatch id, or a
+	// dedupe key held by a non-terminal dispatch of the same thread, is
+	// ErrAlreadyExists. It returns the stored record.
+	Enqueue(ctx context.Context, d Dispatch) (Dispatch, error)
+	// Claim claims the thread's best queued dispatch (priority, then
+	// created_at, then dispatch_id) whose available_at ≤ now, unless the
+	// thread already has a claimed dispatch (even one whose lease lapsed
+	// and was not reclaimed yet). nil when there is nothing to claim.
+	Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*Dispatch, error)
+	// ClaimDispatch claims one queued dispatch by id, ignoring
+	// available_at. nil when it is missing, not queued, stale (then it is
+	// superseded) or another dispatch of its thread is claimed.
+	ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*Dispatch, error)
+	// Ack marks a claimed dispatch acked; the runtime projection is kept.
+	Ack(ctx context.Context, dispatchID, claimToken string, now int64) error
+	// RecordDispatchStart writes the runtime projection of a started attempt.
+	RecordDispatchStart(ctx context.Context, dispatchID, claimToken, instanceID string, now int64) error
+	// RecordRunResult writes the runtime outcome; the dispatch stays claimed.
+	// A result for another run id is ErrValidation.
+	RecordRunResult(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64) error
+	// Nack spends an attempt: queued again at retryAt, or dead_letter at
+	// max attempts. It returns the resulting record.
+	Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (Dispatch, error)
+	// DeadLetter terminalizes a claimed dispatch without spending an attempt.
+	DeadLetter(ctx context.Context, dispatchID, claimToken, errMsg string, now int64) error
+	// Cancel cancels a queued dispatch and returns it; nil (no error) when
+	// the dispatch is missing, claimed or terminal.
+	Cancel(ctx context.Context, dispatchID string, now int64) (*Dispatch, error)
+	// Release puts a claimed dispatch back to queued, available at now,
+	// without spending an attempt (shutdown; a run never started).
+	Release(ctx context.Context, dispatchID, claimToken string, now int64) (Dispatch, error)
+	// ExtendLease sets lease_until = now + lease. false (no error) when the
+	// dispatch is missing, not claimed, or the token does not match; a
+	// stale epoch supersedes the dispatch and returns false.
+	ExtendLease(ctx context.Context, dispatchID, claimToken string, lease time.Duration, now int64) (bool, error)
+	// Interrupt bumps the thread epoch and supersedes all its queued
+	// dispatches atomically; the claimed dispatch, if any, is reported as
+	// Active and left claimed.
+	Interrupt(ctx context.Context, threadID string, now int64) (InterruptResult, error)
+	// CurrentEpoch returns the thread's epoch (0 for an unknown thread).
+	CurrentEpoch(ctx context.Context, threadID string) (uint64, error)
+	// SupersedeClaimed supersedes a claimed dispatch. nil when missing or
+	// not claimed; a token mismatch is ErrStaleClaim.
+	SupersedeClaimed(ctx context.Context, dispatchID, claimToken, reason string, now int64) (*Dispatch, error)
+	// Requeue takes a dead letter back to queued for an operator: attempts
+	// reset, the current epoch stamped, the error history kept.
+	Requeue(ctx context.Context, dispatchID string, now int64) (Dispatch, error)
+	// ReclaimExpired processes up to limit claimed dispatches whose
+	// lease_until < now, oldest lease first: each spends an attempt and is
+	// queued again or dead-lettered (both returned); a stale one is
+	// superseded (not returned).
+	ReclaimExpired(ctx context.Context, now int64, limit int) ([]Dispatch, error)
+	// PurgeTerminal deletes terminal dispatches with updated_at < olderThan
+	// and returns how many. Thread epochs are kept (they stay monotonic).
+	PurgeTerminal(ctx context.Context, olderThan int64) (int, error)
+
+	// LoadDispatch returns the dispatch, or nil when unknown.
+	LoadDispatch(ctx context.Context, dispatchID string) (*Dispatch, error)
+	// ListDispatches lists a thread's dispatches ordered by (priority,
+	// created_at, dispatch_id), filtered, then offset, then limit.
+	ListDispatches(ctx context.Context, threadID string, filter StatusFilter, limit, offset int) ([]Dispatch, error)
+	// CountByStatus counts dispatches in each status.
+	CountByStatus(ctx context.Context) (StatusCounts, error)
+	// ListTerminal lists terminal dispatches strictly after the cursor in
+	// (updated_at, created_at, dispatch_id) order.
+	ListTerminal(ctx context.Context, after TerminalCursor, limit int) ([]Dispatch, error)
+	// ListDeadLetters lists dead-lettered dispatches, newest first.
+	ListDeadLetters(ctx context.Context, limit, offset int) ([]Dispatch, error)
+	// QueuedThreadIDs returns the sorted distinct threads that have at
+	// least one queued dispatch, available or not.
+	QueuedThreadIDs(ctx context.Context) ([]string, error)
+	// ReadyThreads returns up to limit distinct threads that have a queued
+	// dispatch with available_at ≤ now and no claimed dispatch, the one
+	// waiting longest first, and the earliest available_at after now of
+	// any queued dispatch (0 when none), so a caller can sleep until then.
+	ReadyThreads(ctx context.Context, now int64, limit int) (threads []string, nextDueAt int64, err error)
+}
+
+// RunQuery selects run records for ListRuns. Empty fields do not filter.
+type RunQuery struct {
+	Status   RunStatus
+	ThreadID string
+	Offset   int
+	Limit    int // clamped to 1..MaxRunPage; 0 means MaxRunPage
+}
+
+// MaxRunPage is the largest page ListRuns returns.
+const MaxRunPage = 200
+
+// RunPage is one page of ListRuns, ordered by (created_at, run_id).
+type RunPage struct {
+	Items   []RunRecord `json:"items"`
+	Total   int         `json:"total"`
+	HasMore bool        `json:"has_more"`
+}
+
+// Checkpoint is one atomic write to a thread: append messages to its log
+// and upsert a run record and the thread projection.
+type Checkpoint struct {
+	ThreadID string
+	// ExpectedCount is the message count the caller read; the append
+	// happens only if the log still has exactly that many messages,
+	// otherwise the checkpoint fails with a *ConflictError.
+	ExpectedCount uint64
+	// Messages are appended in order with seq ExpectedCount+1, … Their ids
+	// must be set and new to the thread.
+	Messages []Message
+	// ProducedByRunID, StepIndex and CreatedAt annotate the new records.
+	ProducedByRunID string
+	CreatedAt       int64 // Unix ms
+	// Run, when set, is upserted (it must belong to ThreadID) and applied
+	// to the thread projection (Thread.ApplyRun).
+	Run *RunRecord
+}
+
+// RunStore holds run records, thread projections and each thread's
+// append-only message log (store.md §3). Writes are durable and atomic as
+// for DispatchStore.
+type RunStore interface {
+	// CreateRun stores a new run; a duplicate run id is ErrAlreadyExists.
+	CreateRun(ctx context.Context, run RunRecord) error
+	// LoadRun returns the run, or nil.
+	LoadRun(ctx context.Context, runID string) (*RunRecord, error)
+	// LatestRun returns the thread's run with the greatest (updated_at,
+	// created_at, run_id), or nil.
+	LatestRun(ctx context.Context, threadID string) (*RunRecord, error)
+	// ListRuns pages through run records.
+	ListRuns(ctx context.Context, q RunQuery) (RunPage, error)
+	// LoadThread returns the thread projection, or nil.
+	LoadThread(ctx context.Context, threadID string) (*Thread, error)
+	// Checkpoint appends messages guarded by the expected count and
+	// upserts the run and thread projection in one commit. It returns the
+	// appended records.
+	Checkpoint(ctx context.Context, c Checkpoint) ([]MessageRecord, error)
+	// MessageCount returns the number of messages in the thread's log.
+	MessageCount(ctx context.Context, threadID string) (uint64, error)
+	// LoadMessages returns the whole log in order (empty for an unknown thread).
+	LoadMessages(ctx context.Context, threadID string) ([]MessageRecord, error)
+	// LoadMessage returns one message by id, or nil.
+	LoadMessage(ctx context.Context, threadID, messageID string) (*MessageRecord, error)
+	// LoadMessageRange returns the records with from ≤ seq ≤ to.
+	LoadMessageRange(ctx context.Context, threadID string, from, to uint64) ([]MessageRecord, error)
+}
+
+// Store is a complete backend: the dispatch queue and the run store on one
+// database, so a terminal dispatch and the run it settles commit together.
+type Store interface {
+	DispatchStore
+	RunStore
+	// Close flushes and closes the store; safe to call twice.
+	Close() error
+}

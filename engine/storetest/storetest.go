@@ -1,0 +1,41 @@
+// Package storetest is the conformance suite every engine.Store
+// implementation runs: storetest.Run(t, open). Each case gets a fresh store
+// from open and checks one numbered rule of store.md (§2 dispatch queue,
+// §3 run store) or one upstream conformance case (conformance.md), by the
+// rule number or case id in its name.
+package storetest
+
+import (
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Open returns a fresh, empty store for one test; the store must be closed
+// by a t.Cleanup registered by Open.
+type Open func(t *testing.T) engine.Store
+
+// Case is one conformance test.
+type Case struct {
+	Name string
+	Run  func(t *testing.T, s engine.Store)
+}
+
+// Cases returns every conformance case.
+func Cases() []Case {
+	var all []Case
+	all = append(all, dispatchCases()...)
+	all = append(all, runCases()...)
+	return all
+}
+
+// Run runs every conformance case against stores from open, in parallel.
+func Run(t *testing.T, open Open) {
+	t.Helper()
+	for _, c := range Cases() {
+		t.Run(c.Name, func(t *testing.T) {
+			t.Parallel()
+			c.Run(t, open(t))
+		})
+	}
+}
