@@ -114,6 +114,9 @@ type Dispatch struct {
 	MaxAttempts  uint32         `json:"max_attempts"`
 	LastError    string         `json:"last_error,omitempty"`
 	Errors       []AttemptError `json:"errors,omitempty"`
+	// RequeuedAs names the dispatch an operator's requeue created from
+	// this dead letter; set at most once.
+	RequeuedAs string `json:"requeued_as,omitempty"`
 
 	ClaimToken string `json:"claim_token,omitempty"`
 	ClaimedBy  string `json:"claimed_by,omitempty"`
@@ -410,16 +413,29 @@ func (d *Dispatch) RecordResult(r RunResult, now int64) error {
 	return nil
 }
 
-// Requeue takes a dead letter back to queued for an operator: attempts
-// reset, epoch restamped, error history kept.
-func (d *Dispatch) Requeue(epoch uint64, now int64) error {
+// Requeue builds the fresh queued dispatch newID that an operator's
+// requeue of the dead letter d creates for the same run: attempts reset,
+// epoch stamped, error history carried over. d itself stays dead_letter and
+// is marked RequeuedAs newID; requeueing it twice is ErrAlreadyExists.
+func (d *Dispatch) Requeue(newID string, epoch uint64, now int64) (Dispatch, error) {
 	if d.Status != StatusDeadLetter {
-		return Validationf("requeue dispatch %s: status %s is not dead_letter", d.DispatchID, d.Status)
+		return Dispatch{}, Validationf("requeue dispatch %s: status %s is not dead_letter", d.DispatchID, d.Status)
 	}
-	d.AttemptCount = 0
-	d.Epoch = epoch
-	d.requeue(now, now)
-	return nil
+	if d.RequeuedAs != "" {
+		return Dispatch{}, fmt.Errorf("requeue dispatch %s: already requeued as %s: %w", d.DispatchID, d.RequeuedAs, ErrAlreadyExists)
+	}
+	if err := ValidateID("dispatch_id", newID); err != nil {
+		return Dispatch{}, err
+	}
+	n := d.Clone()
+	n.DispatchID = newID
+	n.AttemptCount = 0
+	n.Epoch = epoch
+	n.CreatedAt = now
+	n.RequeuedAs = ""
+	n.requeue(now, now)
+	d.RequeuedAs = newID
+	return n, nil
 }
 
 // Clone returns a deep copy of d.

@@ -332,3 +332,16 @@ type MessageRecord struct {
 func (m MessageRecord) String() string {
 	return fmt.Sprintf("%s#%d(%s)", m.ThreadID, m.Seq, m.MessageID)
 }
+
+// Reopen makes a settled run dispatchable again for an operator's requeue
+// of its dead letter: status created, outcome cleared, dispatch_id set to
+// the new dispatch. It is the one sanctioned way out of done.
+func (r *RunRecord) Reopen(dispatchID string, nowSec int64) {
+	r.Status = RunCreated
+	r.TerminationReason = nil
+	r.ErrorPayload = nil
+	r.Waiting = nil
+	r.FinishedAt = 0
+	r.DispatchID = dispatchID
+	r.UpdatedAt = nowSec
+}

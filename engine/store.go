@@ -107,9 +107,14 @@ type DispatchStore interface {
 	// SupersedeClaimed supersedes a claimed dispatch. nil when missing or
 	// not claimed; a token mismatch is ErrStaleClaim.
 	SupersedeClaimed(ctx context.Context, dispatchID, claimToken, reason string, now int64) (*Dispatch, error)
-	// Requeue takes a dead letter back to queued for an operator: attempts
-	// reset, the current epoch stamped, the error history kept.
-	Requeue(ctx context.Context, dispatchID string, now int64) (Dispatch, error)
+	// Requeue is an operator's retry of a dead letter: it creates the new
+	// queued dispatch newDispatchID for the same run (attempts reset,
+	// current epoch, error history carried over), marks the dead letter
+	// RequeuedAs (it leaves the dead-letter listing and stays terminal) and
+	// reopens the run record (status created, outcome cleared). Requeueing
+	// a non-dead-letter is ErrValidation, twice ErrAlreadyExists; a dedupe
+	// key now held by another dispatch is ErrAlreadyExists.
+	Requeue(ctx context.Context, dispatchID, newDispatchID string, now int64) (Dispatch, error)
 	// ReclaimExpired processes up to limit claimed dispatches whose
 	// lease_until < now, oldest lease first: each spends an attempt and is
 	// queued again or dead-lettered (both returned); a stale one is
@@ -129,7 +134,8 @@ type DispatchStore interface {
 	// ListTerminal lists terminal dispatches strictly after the cursor in
 	// (updated_at, created_at, dispatch_id) order.
 	ListTerminal(ctx context.Context, after TerminalCursor, limit int) ([]Dispatch, error)
-	// ListDeadLetters lists dead-lettered dispatches, newest first.
+	// ListDeadLetters lists dead-lettered dispatches not yet requeued,
+	// newest (completed_at) first.
 	ListDeadLetters(ctx context.Context, limit, offset int) ([]Dispatch, error)
 	// QueuedThreadIDs returns the sorted distinct threads that have at
 	// least one queued dispatch, available or not.

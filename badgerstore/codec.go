@@ -1,0 +1,62 @@
+package badgerstore
+
+import (
+	"fmt"
+
+	json "github.com/goccy/go-json"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Records are stored as JSON (snake_case, the same shape as on the API).
+// A record that does not decode, or that breaks its invariants, is
+// reported as engine.ErrCorrupt naming its key; it never panics.
+
+func encode(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("encode: %w: %w", engine.ErrCorrupt, err)
+	}
+	return b, nil
+}
+
+func decodeDispatch(key, b []byte) (*engine.Dispatch, error) {
+	d := new(engine.Dispatch)
+	if err := json.Unmarshal(b, d); err != nil {
+		return nil, fmt.Errorf("decode dispatch %q: %w: %w", key, engine.ErrCorrupt, err)
+	}
+	if err := d.Validate(); err != nil {
+		return nil, fmt.Errorf("decode dispatch %q: %w: %w", key, engine.ErrCorrupt, err)
+	}
+	if string(key[1:]) != d.DispatchID {
+		return nil, fmt.Errorf("decode dispatch %q: %w: record names dispatch %q", key, engine.ErrCorrupt, d.DispatchID)
+	}
+	return d, nil
+}
+
+func decodeRun(key, b []byte) (*engine.RunRecord, error) {
+	r := new(engine.RunRecord)
+	if err := json.Unmarshal(b, r); err != nil {
+		return nil, fmt.Errorf("decode run %q: %w: %w", key, engine.ErrCorrupt, err)
+	}
+	if err := r.Validate(); err != nil {
+		return nil, fmt.Errorf("decode run %q: %w: %w", key, engine.ErrCorrupt, err)
+	}
+	return r, nil
+}
+
+func decodeThread(key, b []byte) (*engine.Thread, error) {
+	t := new(engine.Thread)
+	if err := json.Unmarshal(b, t); err != nil {
+		return nil, fmt.Errorf("decode thread %q: %w: %w", key, engine.ErrCorrupt, err)
+	}
+	return t, nil
+}
+
+func decodeMessage(key, b []byte) (engine.MessageRecord, error) {
+	var m engine.MessageRecord
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("decode message %q: %w: %w", key, engine.ErrCorrupt, err)
+	}
+	return m, nil
+}

@@ -1,0 +1,625 @@
+package badgerstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/google/uuid"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+func newToken() (string, error) {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return "", fmt.Errorf("claim token: %w", err)
+	}
+	return id.String(), nil
+}
+
+func leaseMs(lease time.Duration) (int64, error) {
+	ms := lease.Milliseconds()
+	if ms <= 0 {
+		return 0, engine.Validationf("lease %s must be at least 1ms", lease)
+	}
+	return ms, nil
+}
+
+// Enqueue implements engine.DispatchStore.
+func (s *Store) Enqueue(ctx context.Context, d engine.Dispatch) (engine.Dispatch, error) {
+	d = d.Clone()
+	if err := d.PrepareEnqueue(); err != nil {
+		return engine.Dispatch{}, err
+	}
+	err := s.update(ctx, "enqueue", func(w *writeTx) error {
+		if _, ok, err := w.get(dispatchKey(d.DispatchID)); err != nil {
+			return err
+		} else if ok {
+			return fmt.Errorf("enqueue: dispatch_id=%s: %w", d.DispatchID, engine.ErrAlreadyExists)
+		}
+		if d.DedupeKey != "" {
+			if _, ok, err := w.get(dedupeKeyFor(d.ThreadID, d.DedupeKey)); err != nil {
+				return err
+			} else if ok {
+				return fmt.Errorf("enqueue: dedupe_key=%s: %w", d.DedupeKey, engine.ErrAlreadyExists)
+			}
+		}
+		ep, err := w.epoch(d.ThreadID)
+		if err != nil {
+			return err
+		}
+		d.Epoch = ep
+		return w.putDispatch(nil, &d, d.UpdatedAt)
+	})
+	if err != nil {
+		return engine.Dispatch{}, err
+	}
+	return d, nil
+}
+
+// Claim implements engine.DispatchStore.
+func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	if err := engine.ValidateID("consumer_id", consumerID); err != nil {
+		return nil, err
+	}
+	ms, err := leaseMs(lease)
+	if err != nil {
+		return nil, err
+	}
+	token, err := newToken()
+	if err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err = s.update(ctx, "claim", func(w *writeTx) error {
+		out = nil
+		if _, held, err := w.get(claimKey(threadID)); err != nil || held {
+			return err
+		}
+		ep, err := w.epoch(threadID)
+		if err != nil {
+			return err
+		}
+		// Walk the thread's queue in claim order. Entries of an older
+		// epoch are superseded on the way (an atomic interrupt leaves none
+		// in this store, but a record restored from elsewhere may); the
+		// first available entry of the current epoch is claimed.
+		var stale []string
+		var cand string
+		prefix := threadPrefix(pQueue, threadID)
+		err = w.iterate(prefix, nil, false, func(k, v []byte) (bool, error) {
+			if len(v) != 16 {
+				return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
+			}
+			id := orderKeyID(k, threadID)
+			if readU64(v[8:]) < ep {
+				stale = append(stale, id)
+				return true, nil
+			}
+			if readTS(v[:8]) <= now {
+				cand = id
+				return false, nil
+			}
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, id := range stale {
+			if err := w.supersedeQueued(id, ep, engine.ReasonNewerEpoch, now); err != nil {
+				return err
+			}
+		}
+		if cand == "" {
+			return nil
+		}
+		old, err := w.mustLoad(cand)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		if err := d.Claim(token, consumerID, now+ms, now); err != nil {
+			return err
+		}
+		if err := w.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+func (w *writeTx) mustLoad(id string) (*engine.Dispatch, error) {
+	d, err := w.loadDispatch(id)
+	if err != nil {
+		return nil, err
+	}
+	if d == nil {
+		return nil, fmt.Errorf("index names missing dispatch %s: %w", id, engine.ErrCorrupt)
+	}
+	return d, nil
+}
+
+func (w *writeTx) supersedeQueued(id string, ep uint64, reason string, now int64) error {
+	old, err := w.mustLoad(id)
+	if err != nil {
+		return err
+	}
+	d := old.Clone()
+	d.Supersede(ep, reason, now)
+	return w.putDispatch(old, &d, now)
+}
+
+// ClaimDispatch implements engine.DispatchStore.
+func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	if err := engine.ValidateID("consumer_id", consumerID); err != nil {
+		return nil, err
+	}
+	ms, err := leaseMs(lease)
+	if err != nil {
+		return nil, err
+	}
+	token, err := newToken()
+	if err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err = s.update(ctx, "claim_dispatch", func(w *writeTx) error {
+		out = nil
+		old, err := w.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.Status != engine.StatusQueued {
+			return err
+		}
+		ep, err := w.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		if old.Epoch < ep {
+			d := old.Clone()
+			d.Supersede(ep, engine.ReasonNewerEpoch, now)
+			return w.putDispatch(old, &d, now)
+		}
+		if _, held, err := w.get(claimKey(old.ThreadID)); err != nil || held {
+			return err
+		}
+		d := old.Clone()
+		if err := d.Claim(token, consumerID, now+ms, now); err != nil {
+			return err
+		}
+		if err := w.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim dispatch %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// owned runs one transition on a dispatch claimed under token: a missing
+// dispatch is ErrNotFound, a wrong token ErrStaleClaim; a stale epoch
+// supersedes the dispatch (committed) and returns a *ConflictError.
+// mutate changes the clone it is given; its error aborts the operation.
+func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate func(d *engine.Dispatch) error) (engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return engine.Dispatch{}, err
+	}
+	var out engine.Dispatch
+	var result error // returned after a commit that must happen anyway
+	err := s.update(ctx, name, func(w *writeTx) error {
+		result = nil
+		old, err := w.loadDispatch(dispatchID)
+		if err != nil {
+			return err
+		}
+		if old == nil {
+			return fmt.Errorf("dispatch %s: %w", dispatchID, engine.ErrNotFound)
+		}
+		if err := old.CheckOwner(token); err != nil {
+			return err
+		}
+		ep, err := w.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		if old.Epoch < ep {
+			d.Supersede(ep, staleReason, now)
+			result = &engine.ConflictError{What: "dispatch_epoch", Expected: old.Epoch, Actual: ep}
+			out = d
+			return w.putDispatch(old, &d, now)
+		}
+		if err := mutate(&d); err != nil {
+			return err
+		}
+		out = d
+		return w.putDispatch(old, &d, now)
+	})
+	if err == nil {
+		err = result
+	}
+	if err != nil {
+		return out, fmt.Errorf("%s %s: %w", name, dispatchID, err)
+	}
+	return out, nil
+}
+
+// Ack implements engine.DispatchStore.
+func (s *Store) Ack(ctx context.Context, dispatchID, claimToken string, now int64) error {
+	_, err := s.owned(ctx, "ack", dispatchID, claimToken, engine.ReasonStaleBeforeAck, now, func(d *engine.Dispatch) error {
+		d.Ack(now)
+		return nil
+	})
+	return err
+}
+
+// RecordDispatchStart implements engine.DispatchStore.
+func (s *Store) RecordDispatchStart(ctx context.Context, dispatchID, claimToken, instanceID string, now int64) error {
+	_, err := s.owned(ctx, "record_dispatch_start", dispatchID, claimToken, engine.ReasonStaleBeforeStart, now, func(d *engine.Dispatch) error {
+		return d.RecordStart(instanceID, now)
+	})
+	return err
+}
+
+// RecordRunResult implements engine.DispatchStore.
+func (s *Store) RecordRunResult(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
+	_, err := s.owned(ctx, "record_run_result", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(d *engine.Dispatch) error {
+		return d.RecordResult(result, now)
+	})
+	return err
+}
+
+// Nack implements engine.DispatchStore.
+func (s *Store) Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (engine.Dispatch, error) {
+	return s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(d *engine.Dispatch) error {
+		d.Nack(retryAt, errMsg, now)
+		return nil
+	})
+}
+
+// DeadLetter implements engine.DispatchStore.
+func (s *Store) DeadLetter(ctx context.Context, dispatchID, claimToken, errMsg string, now int64) error {
+	_, err := s.owned(ctx, "dead_letter", dispatchID, claimToken, engine.ReasonStaleBeforeDead, now, func(d *engine.Dispatch) error {
+		d.DeadLetter(errMsg, now)
+		return nil
+	})
+	return err
+}
+
+// Release implements engine.DispatchStore.
+func (s *Store) Release(ctx context.Context, dispatchID, claimToken string, now int64) (engine.Dispatch, error) {
+	return s.owned(ctx, "release", dispatchID, claimToken, engine.ReasonStaleBeforeRelease, now, func(d *engine.Dispatch) error {
+		d.Release(now)
+		return nil
+	})
+}
+
+// Cancel implements engine.DispatchStore.
+func (s *Store) Cancel(ctx context.Context, dispatchID string, now int64) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err := s.update(ctx, "cancel", func(w *writeTx) error {
+		out = nil
+		old, err := w.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.Status != engine.StatusQueued {
+			return err
+		}
+		d := old.Clone()
+		d.Cancel(now)
+		if err := w.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cancel %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// ExtendLease implements engine.DispatchStore.
+func (s *Store) ExtendLease(ctx context.Context, dispatchID, claimToken string, lease time.Duration, now int64) (bool, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return false, err
+	}
+	ms, err := leaseMs(lease)
+	if err != nil {
+		return false, err
+	}
+	var ok bool
+	err = s.update(ctx, "extend_lease", func(w *writeTx) error {
+		ok = false
+		old, err := w.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.CheckOwner(claimToken) != nil {
+			return err
+		}
+		ep, err := w.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		if old.Epoch < ep {
+			d.Supersede(ep, engine.ReasonStaleDuringRenewal, now)
+			return w.putDispatch(old, &d, now)
+		}
+		d.LeaseUntil = now + ms
+		d.UpdatedAt = now
+		ok = true
+		return w.putDispatch(old, &d, now)
+	})
+	if err != nil {
+		return false, fmt.Errorf("extend lease %s: %w", dispatchID, err)
+	}
+	return ok, nil
+}
+
+// Interrupt implements engine.DispatchStore.
+func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engine.InterruptResult, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return engine.InterruptResult{}, err
+	}
+	var res engine.InterruptResult
+	err := s.update(ctx, "interrupt", func(w *writeTx) error {
+		res = engine.InterruptResult{Superseded: []engine.Dispatch{}}
+		var queued []string
+		err := w.iterate(threadPrefix(pQueue, threadID), nil, true, func(k, _ []byte) (bool, error) {
+			queued = append(queued, orderKeyID(k, threadID))
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		ep, err := w.epoch(threadID)
+		if err != nil {
+			return err
+		}
+		ep++
+		w.set(epochKey(threadID), u64(ep))
+		res.NewEpoch = ep
+		for _, id := range queued {
+			old, err := w.mustLoad(id)
+			if err != nil {
+				return err
+			}
+			d := old.Clone()
+			d.Supersede(ep, engine.ReasonInterrupt, now)
+			if err := w.putDispatch(old, &d, now); err != nil {
+				return err
+			}
+			res.Superseded = append(res.Superseded, d)
+		}
+		res.SupersededN = len(res.Superseded)
+		if b, held, err := w.get(claimKey(threadID)); err != nil {
+			return err
+		} else if held {
+			a, err := w.mustLoad(string(b))
+			if err != nil {
+				return err
+			}
+			res.Active = a
+		}
+		return nil
+	})
+	if err != nil {
+		return engine.InterruptResult{}, fmt.Errorf("interrupt thread %s: %w", threadID, err)
+	}
+	return res, nil
+}
+
+// CurrentEpoch implements engine.DispatchStore.
+func (s *Store) CurrentEpoch(ctx context.Context, threadID string) (uint64, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return 0, err
+	}
+	var ep uint64
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		b, ok, err := get(txn, epochKey(threadID))
+		if ok {
+			ep = readU64(b)
+		}
+		return err
+	})
+	return ep, err
+}
+
+// SupersedeClaimed implements engine.DispatchStore.
+func (s *Store) SupersedeClaimed(ctx context.Context, dispatchID, claimToken, reason string, now int64) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err := s.update(ctx, "supersede_claimed", func(w *writeTx) error {
+		out = nil
+		old, err := w.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.Status != engine.StatusClaimed {
+			return err
+		}
+		if err := old.CheckOwner(claimToken); err != nil {
+			return err
+		}
+		ep, err := w.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		d.Supersede(ep, reason, now)
+		if err := w.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("supersede claimed %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// Requeue implements engine.DispatchStore.
+func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, now int64) (engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return engine.Dispatch{}, err
+	}
+	var out engine.Dispatch
+	err := s.update(ctx, "requeue", func(w *writeTx) error {
+		old, err := w.loadDispatch(dispatchID)
+		if err != nil {
+			return err
+		}
+		if old == nil {
+			return fmt.Errorf("dispatch %s: %w", dispatchID, engine.ErrNotFound)
+		}
+		if _, ok, err := w.get(dispatchKey(newDispatchID)); err != nil {
+			return err
+		} else if ok {
+			return fmt.Errorf("dispatch_id=%s: %w", newDispatchID, engine.ErrAlreadyExists)
+		}
+		ep, err := w.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		dl := old.Clone()
+		n, err := dl.Requeue(newDispatchID, ep, now)
+		if err != nil {
+			return err
+		}
+		if n.DedupeKey != "" {
+			if _, held, err := w.get(dedupeKeyFor(n.ThreadID, n.DedupeKey)); err != nil {
+				return err
+			} else if held {
+				return fmt.Errorf("dedupe_key=%s: %w", n.DedupeKey, engine.ErrAlreadyExists)
+			}
+		}
+		if err := w.putDispatch(old, &dl, now); err != nil {
+			return err
+		}
+		if err := w.putDispatch(nil, &n, now); err != nil {
+			return err
+		}
+		out = n
+		run, err := w.loadRun(n.RunID)
+		if err != nil || run == nil || run.ThreadID != n.ThreadID {
+			return err
+		}
+		r := cloneRun(run)
+		r.Reopen(n.DispatchID, now/1000)
+		return w.writeRun(run, r, false)
+	})
+	if err != nil {
+		return engine.Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// ReclaimExpired implements engine.DispatchStore.
+func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
+	if limit <= 0 {
+		return nil, nil
+	}
+	var out []engine.Dispatch
+	err := s.update(ctx, "reclaim", func(w *writeTx) error {
+		out = out[:0]
+		var ids []string
+		err := w.iterate([]byte{pLease}, nil, true, func(k, _ []byte) (bool, error) {
+			if len(k) < 1+tsBytes || readTS(k[1:1+tsBytes]) >= now {
+				return false, nil
+			}
+			ids = append(ids, string(k[1+tsBytes:]))
+			return len(ids) < limit, nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			old, err := w.mustLoad(id)
+			if err != nil {
+				return err
+			}
+			if old.Status != engine.StatusClaimed || old.LeaseUntil >= now {
+				continue
+			}
+			ep, err := w.epoch(old.ThreadID)
+			if err != nil {
+				return err
+			}
+			d := old.Clone()
+			if old.Epoch < ep {
+				d.Supersede(ep, engine.ReasonLeaseExpiredStale, now)
+				if err := w.putDispatch(old, &d, now); err != nil {
+					return err
+				}
+				continue
+			}
+			d.ReclaimExpired(now)
+			if err := w.putDispatch(old, &d, now); err != nil {
+				return err
+			}
+			out = append(out, d)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reclaim expired leases: %w", err)
+	}
+	return out, nil
+}
+
+// purgeChunk bounds the dispatches one purge transaction deletes.
+const purgeChunk = 512
+
+// PurgeTerminal implements engine.DispatchStore.
+func (s *Store) PurgeTerminal(ctx context.Context, olderThan int64) (int, error) {
+	total := 0
+	for {
+		n := 0
+		err := s.update(ctx, "purge_terminal", func(w *writeTx) error {
+			n = 0
+			var ids []string
+			err := w.iterate([]byte{pTerminal}, nil, true, func(k, _ []byte) (bool, error) {
+				if len(k) < 1+2*tsBytes || readTS(k[1:1+tsBytes]) >= olderThan {
+					return false, nil
+				}
+				ids = append(ids, string(k[1+2*tsBytes:]))
+				return len(ids) < purgeChunk, nil
+			})
+			if err != nil {
+				return err
+			}
+			for _, id := range ids {
+				d, err := w.mustLoad(id)
+				if err != nil {
+					return err
+				}
+				if err := w.deleteDispatch(d); err != nil {
+					return err
+				}
+				n++
+			}
+			return nil
+		})
+		if err != nil {
+			return total, fmt.Errorf("purge terminal: %w", err)
+		}
+		total += n
+		if n < purgeChunk {
+			return total, nil
+		}
+	}
+}

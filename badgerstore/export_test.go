@@ -1,0 +1,33 @@
+package badgerstore
+
+// Test hooks: raw access to keys, to plant corrupt records and damaged
+// indexes that the public API can never produce.
+
+// RawSet writes a raw key.
+func (s *Store) RawSet(key, val []byte) error {
+	txn := s.db.NewTransaction(true)
+	defer txn.Discard()
+	if err := txn.Set(key, val); err != nil {
+		return err
+	}
+	return txn.Commit()
+}
+
+// RawDelete deletes a raw key.
+func (s *Store) RawDelete(key []byte) error {
+	txn := s.db.NewTransaction(true)
+	defer txn.Discard()
+	if err := txn.Delete(key); err != nil {
+		return err
+	}
+	return txn.Commit()
+}
+
+// DispatchKey exposes the record key of a dispatch.
+func DispatchKey(id string) []byte { return dispatchKey(id) }
+
+// ClaimKey exposes the claim-guard key of a thread.
+func ClaimKey(thread string) []byte { return claimKey(thread) }
+
+// RunKey exposes the record key of a run.
+func RunKey(id string) []byte { return runKey(id) }

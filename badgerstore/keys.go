@@ -1,0 +1,207 @@
+package badgerstore
+
+import (
+	"encoding/binary"
+	"math"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Key layout. One Badger database holds everything; the first byte of a
+// key names its family. "seg" is a 2-byte big-endian length followed by the
+// bytes (so one thread's prefix can never be a prefix of another's); "ts"
+// is an int64 with the sign bit flipped, big-endian (so it sorts as a
+// number); "id" at the end of a key is the raw id bytes.
+//
+// Records:
+//
+//	d<dispatch_id>                              dispatch JSON
+//	e<thread_id>                                thread epoch, uint64
+//	R<run_id>                                   run record JSON
+//	H<thread_id>                                thread projection JSON
+//	M<seg thread><seq u64>                      message record JSON
+//
+// Dispatch indexes (derived from the record; Verify recomputes them):
+//
+//	a<seg thread><prio u8><created ts><id>  →  status u8      every dispatch of a thread
+//	q<seg thread><prio u8><created ts><id>  →  available ts   queued, claim order
+//	r<available ts><id>                     →  thread id      queued, global due order
+//	c<thread_id>                            →  dispatch id    the thread's one claimed dispatch
+//	l<lease ts><id>                         →  ()             claimed, lease expiry order
+//	k<seg thread><dedupe key>               →  dispatch id    non-terminal dedupe holder
+//	t<updated ts><created ts><id>           →  ()             terminal, reconcile/purge order
+//	x<completed ts><id>                     →  ()             dead letters
+//
+// Counters (maintained by deltas; Verify recounts them):
+//
+//	n<status u8>                                number of dispatches in that status
+//	h<thread_id>                                number of queued dispatches of the thread
+//
+// Run and message indexes:
+//
+//	T<seg thread><updated ts><created ts><run_id>  latest run of a thread
+//	S<status><0><created ts><run_id>                runs by status
+//	A<created ts><run_id>                           all runs
+//	U<seg thread><created ts><run_id>               runs of a thread
+//	I<seg thread><message_id>  →  seq u64           message by id
+//	N<thread_id>               →  count u64         message count (append guard)
+const (
+	pDispatch   = 'd'
+	pEpoch      = 'e'
+	pRun        = 'R'
+	pThread     = 'H'
+	pMessage    = 'M'
+	pAll        = 'a'
+	pQueue      = 'q'
+	pReady      = 'r'
+	pClaim      = 'c'
+	pLease      = 'l'
+	pDedupe     = 'k'
+	pTerminal   = 't'
+	pDead       = 'x'
+	pCount      = 'n'
+	pThreadQ    = 'h'
+	pRunLatest  = 'T'
+	pRunStatus  = 'S'
+	pRunAll     = 'A'
+	pRunThread  = 'U'
+	pMessageID  = 'I'
+	pMsgCount   = 'N'
+	tsBytes     = 8
+	maxSegBytes = math.MaxUint16
+)
+
+func appendTS(b []byte, ts int64) []byte {
+	return binary.BigEndian.AppendUint64(b, uint64(ts)^(1<<63))
+}
+
+func readTS(b []byte) int64 { return int64(binary.BigEndian.Uint64(b) ^ (1 << 63)) }
+
+func appendSeg(b []byte, s string) []byte {
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
+	return append(b, s...)
+}
+
+func key1(p byte, id string) []byte {
+	b := make([]byte, 0, 1+len(id))
+	return append(append(b, p), id...)
+}
+
+func dispatchKey(id string) []byte { return key1(pDispatch, id) }
+func epochKey(t string) []byte     { return key1(pEpoch, t) }
+func runKey(id string) []byte      { return key1(pRun, id) }
+func threadKey(t string) []byte    { return key1(pThread, t) }
+func claimKey(t string) []byte     { return key1(pClaim, t) }
+func threadQKey(t string) []byte   { return key1(pThreadQ, t) }
+func msgCountKey(t string) []byte  { return key1(pMsgCount, t) }
+func countKey(s engine.DispatchStatus) []byte {
+	return []byte{pCount, byte(s)}
+}
+
+// threadPrefix is p<seg thread>.
+func threadPrefix(p byte, t string) []byte {
+	b := make([]byte, 0, 3+len(t)+tsBytes*2+32)
+	return appendSeg(append(b, p), t)
+}
+
+func orderKey(p byte, d *engine.Dispatch) []byte {
+	b := threadPrefix(p, d.ThreadID)
+	b = append(b, d.Priority)
+	b = appendTS(b, d.CreatedAt)
+	return append(b, d.DispatchID...)
+}
+
+// orderKeyID returns the dispatch id at the end of an a/q key of thread t.
+func orderKeyID(k []byte, t string) string { return string(k[1+2+len(t)+1+tsBytes:]) }
+
+func readyKey(d *engine.Dispatch) []byte {
+	b := make([]byte, 0, 1+tsBytes+len(d.DispatchID))
+	b = appendTS(append(b, pReady), d.AvailableAt)
+	return append(b, d.DispatchID...)
+}
+
+func leaseKey(d *engine.Dispatch) []byte {
+	b := make([]byte, 0, 1+tsBytes+len(d.DispatchID))
+	b = appendTS(append(b, pLease), d.LeaseUntil)
+	return append(b, d.DispatchID...)
+}
+
+func dedupeKey(d *engine.Dispatch) []byte {
+	return append(threadPrefix(pDedupe, d.ThreadID), d.DedupeKey...)
+}
+
+func dedupeKeyFor(thread, key string) []byte {
+	return append(threadPrefix(pDedupe, thread), key...)
+}
+
+func terminalKey(d *engine.Dispatch) []byte {
+	b := make([]byte, 0, 1+2*tsBytes+len(d.DispatchID))
+	b = appendTS(append(b, pTerminal), d.UpdatedAt)
+	b = appendTS(b, d.CreatedAt)
+	return append(b, d.DispatchID...)
+}
+
+func terminalCursorKey(c engine.TerminalCursor) []byte {
+	b := make([]byte, 0, 1+2*tsBytes+len(c.DispatchID))
+	b = appendTS(append(b, pTerminal), c.UpdatedAt)
+	b = appendTS(b, c.CreatedAt)
+	return append(b, c.DispatchID...)
+}
+
+func deadKey(d *engine.Dispatch) []byte {
+	b := make([]byte, 0, 1+tsBytes+len(d.DispatchID))
+	b = appendTS(append(b, pDead), d.CompletedAt)
+	return append(b, d.DispatchID...)
+}
+
+func messageKey(t string, seq uint64) []byte {
+	return binary.BigEndian.AppendUint64(threadPrefix(pMessage, t), seq)
+}
+
+func messageIDKey(t, id string) []byte { return append(threadPrefix(pMessageID, t), id...) }
+
+func runLatestKey(r *engine.RunRecord) []byte {
+	b := threadPrefix(pRunLatest, r.ThreadID)
+	b = appendTS(b, r.UpdatedAt)
+	b = appendTS(b, r.CreatedAt)
+	return append(b, r.RunID...)
+}
+
+func runStatusPrefix(s engine.RunStatus) []byte {
+	b := make([]byte, 0, 2+len(s)+tsBytes+40)
+	return append(append(append(b, pRunStatus), s...), 0)
+}
+
+func runStatusKey(r *engine.RunRecord) []byte {
+	return append(appendTS(runStatusPrefix(r.Status), r.CreatedAt), r.RunID...)
+}
+
+func runAllKey(r *engine.RunRecord) []byte {
+	b := make([]byte, 0, 1+tsBytes+len(r.RunID))
+	return append(appendTS(append(b, pRunAll), r.CreatedAt), r.RunID...)
+}
+
+func runThreadKey(r *engine.RunRecord) []byte {
+	return append(appendTS(threadPrefix(pRunThread, r.ThreadID), r.CreatedAt), r.RunID...)
+}
+
+func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+func readU64(b []byte) uint64 {
+	if len(b) != 8 {
+		return 0
+	}
+	return binary.BigEndian.Uint64(b)
+}
+
+// prefixEnd returns the smallest key greater than every key with prefix p.
+func prefixEnd(p []byte) []byte {
+	end := append([]byte(nil), p...)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1]
+		}
+	}
+	return nil
+}

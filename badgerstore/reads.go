@@ -1,0 +1,240 @@
+package badgerstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// get reads one key in a read transaction.
+func get(txn *badger.Txn, key []byte) ([]byte, bool, error) {
+	item, err := txn.Get(key)
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
+	}
+	v, err := item.ValueCopy(nil)
+	if err != nil {
+		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
+	}
+	return v, true, nil
+}
+
+func loadDispatchTxn(txn *badger.Txn, id string) (*engine.Dispatch, error) {
+	k := dispatchKey(id)
+	b, ok, err := get(txn, k)
+	if err != nil || !ok {
+		return nil, err
+	}
+	return decodeDispatch(k, b)
+}
+
+func loadDispatches(txn *badger.Txn, ids []string) ([]engine.Dispatch, error) {
+	out := make([]engine.Dispatch, 0, len(ids))
+	for _, id := range ids {
+		d, err := loadDispatchTxn(txn, id)
+		if err != nil {
+			return nil, err
+		}
+		if d == nil {
+			return nil, fmt.Errorf("index names missing dispatch %s: %w", id, engine.ErrCorrupt)
+		}
+		out = append(out, *d)
+	}
+	return out, nil
+}
+
+// LoadDispatch implements engine.DispatchStore.
+func (s *Store) LoadDispatch(ctx context.Context, dispatchID string) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		var err error
+		out, err = loadDispatchTxn(txn, dispatchID)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load dispatch %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// ListDispatches implements engine.DispatchStore. limit ≤ 0 means no limit.
+func (s *Store) ListDispatches(ctx context.Context, threadID string, filter engine.StatusFilter, limit, offset int) ([]engine.Dispatch, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	if filter != nil && len(filter) == 0 {
+		return []engine.Dispatch{}, nil
+	}
+	var out []engine.Dispatch
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		var ids []string
+		skip := offset
+		err := iterate(txn, threadPrefix(pAll, threadID), nil, false, false, func(k, v []byte) (bool, error) {
+			if len(v) != 1 || !filter.Match(engine.DispatchStatus(v[0])) {
+				return true, nil
+			}
+			if skip > 0 {
+				skip--
+				return true, nil
+			}
+			ids = append(ids, orderKeyID(k, threadID))
+			return limit <= 0 || len(ids) < limit, nil
+		})
+		if err != nil {
+			return err
+		}
+		out, err = loadDispatches(txn, ids)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list dispatches of %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// CountByStatus implements engine.DispatchStore.
+func (s *Store) CountByStatus(ctx context.Context) (engine.StatusCounts, error) {
+	var c engine.StatusCounts
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		for _, st := range engine.AllStatuses {
+			b, _, err := get(txn, countKey(st))
+			if err != nil {
+				return err
+			}
+			c[st] = int64(readU64(b))
+		}
+		return nil
+	})
+	if err != nil {
+		return c, fmt.Errorf("count dispatches: %w", err)
+	}
+	return c, nil
+}
+
+// ListTerminal implements engine.DispatchStore.
+func (s *Store) ListTerminal(ctx context.Context, after engine.TerminalCursor, limit int) ([]engine.Dispatch, error) {
+	if limit <= 0 {
+		return []engine.Dispatch{}, nil
+	}
+	var out []engine.Dispatch
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		var start, exclude []byte
+		if after != (engine.TerminalCursor{}) {
+			start = terminalCursorKey(after)
+			exclude = start
+		}
+		var ids []string
+		err := iterate(txn, []byte{pTerminal}, start, false, true, func(k, _ []byte) (bool, error) {
+			if exclude != nil && string(k) == string(exclude) {
+				return true, nil
+			}
+			if len(k) < 1+2*tsBytes {
+				return false, fmt.Errorf("terminal index key %q: %w", k, engine.ErrCorrupt)
+			}
+			ids = append(ids, string(k[1+2*tsBytes:]))
+			return len(ids) < limit, nil
+		})
+		if err != nil {
+			return err
+		}
+		out, err = loadDispatches(txn, ids)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list terminal dispatches: %w", err)
+	}
+	return out, nil
+}
+
+// ListDeadLetters implements engine.DispatchStore. limit ≤ 0 means no limit.
+func (s *Store) ListDeadLetters(ctx context.Context, limit, offset int) ([]engine.Dispatch, error) {
+	var out []engine.Dispatch
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		var ids []string
+		skip := offset
+		err := iterate(txn, []byte{pDead}, nil, true, true, func(k, _ []byte) (bool, error) {
+			if skip > 0 {
+				skip--
+				return true, nil
+			}
+			if len(k) < 1+tsBytes {
+				return false, fmt.Errorf("dead-letter index key %q: %w", k, engine.ErrCorrupt)
+			}
+			ids = append(ids, string(k[1+tsBytes:]))
+			return limit <= 0 || len(ids) < limit, nil
+		})
+		if err != nil {
+			return err
+		}
+		out, err = loadDispatches(txn, ids)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list dead letters: %w", err)
+	}
+	return out, nil
+}
+
+// QueuedThreadIDs implements engine.DispatchStore.
+func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
+	out := []string{}
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		return iterate(txn, []byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
+			out = append(out, string(k[1:]))
+			return true, nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queued thread ids: %w", err)
+	}
+	return out, nil
+}
+
+// ReadyThreads implements engine.DispatchStore. nextDueAt is computed only
+// when fewer than limit threads are returned (otherwise it is 0: call
+// again after serving them).
+func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+	if limit <= 0 {
+		return []string{}, 0, nil
+	}
+	out := []string{}
+	var next int64
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		seen := make(map[string]struct{})
+		return iterate(txn, []byte{pReady}, nil, false, false, func(k, v []byte) (bool, error) {
+			if len(k) < 1+tsBytes {
+				return false, fmt.Errorf("ready index key %q: %w", k, engine.ErrCorrupt)
+			}
+			if at := readTS(k[1 : 1+tsBytes]); at > now {
+				next = at
+				return false, nil
+			}
+			t := string(v)
+			if _, dup := seen[t]; dup {
+				return true, nil
+			}
+			seen[t] = struct{}{}
+			if _, held, err := get(txn, claimKey(t)); err != nil {
+				return false, err
+			} else if held {
+				return true, nil
+			}
+			out = append(out, t)
+			return len(out) < limit, nil
+		})
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("ready threads: %w", err)
+	}
+	return out, next, nil
+}

@@ -1,0 +1,261 @@
+package badgerstore
+
+import (
+	"bytes"
+	"fmt"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// kv is one index entry.
+type kv struct{ k, v []byte }
+
+// dispatchIndex returns every index entry the record d implies (see keys.go).
+func dispatchIndex(d *engine.Dispatch) []kv {
+	out := make([]kv, 0, 4)
+	out = append(out, kv{orderKey(pAll, d), []byte{byte(d.Status)}})
+	switch {
+	case d.Status == engine.StatusQueued:
+		v := appendTS(make([]byte, 0, 16), d.AvailableAt)
+		v = append(v, u64(d.Epoch)...)
+		out = append(out, kv{orderKey(pQueue, d), v}, kv{readyKey(d), []byte(d.ThreadID)})
+	case d.Status == engine.StatusClaimed:
+		out = append(out, kv{claimKey(d.ThreadID), []byte(d.DispatchID)}, kv{leaseKey(d), nil})
+	case d.Status.Terminal():
+		out = append(out, kv{terminalKey(d), nil})
+		if d.Status == engine.StatusDeadLetter && d.RequeuedAs == "" {
+			out = append(out, kv{deadKey(d), nil})
+		}
+	}
+	if !d.Status.Terminal() && d.DedupeKey != "" {
+		out = append(out, kv{dedupeKey(d), []byte(d.DispatchID)})
+	}
+	return out
+}
+
+func containsKV(set []kv, e kv) bool {
+	for _, x := range set {
+		if bytes.Equal(x.k, e.k) && bytes.Equal(x.v, e.v) {
+			return true
+		}
+	}
+	return false
+}
+
+func containsKey(set []kv, k []byte) bool {
+	for _, x := range set {
+		if bytes.Equal(x.k, k) {
+			return true
+		}
+	}
+	return false
+}
+
+// loadDispatch reads a dispatch through the overlay; nil when missing.
+func (w *writeTx) loadDispatch(id string) (*engine.Dispatch, error) {
+	k := dispatchKey(id)
+	b, ok, err := w.get(k)
+	if err != nil || !ok {
+		return nil, err
+	}
+	return decodeDispatch(k, b)
+}
+
+// epoch reads a thread's epoch through the overlay.
+func (w *writeTx) epoch(thread string) (uint64, error) {
+	b, ok, err := w.get(epochKey(thread))
+	if err != nil || !ok {
+		return 0, err
+	}
+	return readU64(b), nil
+}
+
+// addCounter adds delta to a counter key, deleting it at zero.
+func (w *writeTx) addCounter(k []byte, delta int64) error {
+	b, _, err := w.get(k)
+	if err != nil {
+		return err
+	}
+	v := int64(readU64(b)) + delta
+	if v < 0 {
+		return fmt.Errorf("counter %q below zero: %w", k, engine.ErrCorrupt)
+	}
+	if v == 0 {
+		w.del(k)
+	} else {
+		w.set(k, u64(uint64(v)))
+	}
+	return nil
+}
+
+// putDispatch writes d (old is its previous version, nil when new) with
+// its index and counter changes. When d becomes cancelled, superseded or
+// dead_letter it settles its run record in the same write.
+func (w *writeTx) putDispatch(old, d *engine.Dispatch, now int64) error {
+	if err := d.Validate(); err != nil {
+		return fmt.Errorf("write dispatch %s: %w", d.DispatchID, err)
+	}
+	b, err := encode(d)
+	if err != nil {
+		return err
+	}
+	w.set(dispatchKey(d.DispatchID), b)
+	newIdx := dispatchIndex(d)
+	var oldIdx []kv
+	if old != nil {
+		oldIdx = dispatchIndex(old)
+	}
+	for _, e := range oldIdx {
+		if !containsKey(newIdx, e.k) {
+			w.del(e.k)
+		}
+	}
+	for _, e := range newIdx {
+		if !containsKV(oldIdx, e) {
+			w.set(e.k, e.v)
+		}
+	}
+	if old == nil || old.Status != d.Status {
+		if old != nil {
+			if err := w.addCounter(countKey(old.Status), -1); err != nil {
+				return err
+			}
+			if old.Status == engine.StatusQueued {
+				if err := w.addCounter(threadQKey(old.ThreadID), -1); err != nil {
+					return err
+				}
+			}
+		}
+		if err := w.addCounter(countKey(d.Status), 1); err != nil {
+			return err
+		}
+		if d.Status == engine.StatusQueued {
+			if err := w.addCounter(threadQKey(d.ThreadID), 1); err != nil {
+				return err
+			}
+		}
+		switch d.Status {
+		case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
+			return w.settleRun(d, now)
+		}
+	}
+	return nil
+}
+
+// deleteDispatch removes d and its index entries.
+func (w *writeTx) deleteDispatch(d *engine.Dispatch) error {
+	w.del(dispatchKey(d.DispatchID))
+	for _, e := range dispatchIndex(d) {
+		w.del(e.k)
+	}
+	if err := w.addCounter(countKey(d.Status), -1); err != nil {
+		return err
+	}
+	if d.Status == engine.StatusQueued {
+		return w.addCounter(threadQKey(d.ThreadID), -1)
+	}
+	return nil
+}
+
+// settleRun marks the run of a dispatch that ended without an ack as done.
+func (w *writeTx) settleRun(d *engine.Dispatch, nowMs int64) error {
+	old, err := w.loadRun(d.RunID)
+	if err != nil || old == nil {
+		return err
+	}
+	r := cloneRun(old)
+	if !r.Settle(d, nowMs/1000) {
+		return nil
+	}
+	return w.putRun(old, r)
+}
+
+// loadRun reads a run through the overlay; nil when missing.
+func (w *writeTx) loadRun(id string) (*engine.RunRecord, error) {
+	k := runKey(id)
+	b, ok, err := w.get(k)
+	if err != nil || !ok {
+		return nil, err
+	}
+	return decodeRun(k, b)
+}
+
+func cloneRun(r *engine.RunRecord) *engine.RunRecord {
+	c := *r
+	return &c
+}
+
+// runIndex returns the index keys of a run record.
+func runIndex(r *engine.RunRecord) [][]byte {
+	return [][]byte{runLatestKey(r), runStatusKey(r), runAllKey(r), runThreadKey(r)}
+}
+
+// putRun writes r (old is its previous version, nil when new), its indexes
+// and the thread projection; the status change must be a legal transition.
+func (w *writeTx) putRun(old, r *engine.RunRecord) error { return w.writeRun(old, r, true) }
+
+// writeRun is putRun with the transition check optional (an operator's
+// requeue reopens a done run).
+func (w *writeTx) writeRun(old, r *engine.RunRecord, checkTransition bool) error {
+	if err := r.Validate(); err != nil {
+		return err
+	}
+	if old != nil {
+		if old.ThreadID != r.ThreadID {
+			return engine.Validationf("run %s belongs to thread %s, not %s", r.RunID, old.ThreadID, r.ThreadID)
+		}
+		if checkTransition && !old.Status.CanTransitionTo(r.Status) {
+			return engine.Validationf("run %s: status %s cannot become %s", r.RunID, old.Status, r.Status)
+		}
+	}
+	b, err := encode(r)
+	if err != nil {
+		return err
+	}
+	w.set(runKey(r.RunID), b)
+	newIdx := runIndex(r)
+	if old != nil {
+		for _, k := range runIndex(old) {
+			keep := false
+			for _, n := range newIdx {
+				if bytes.Equal(k, n) {
+					keep = true
+					break
+				}
+			}
+			if !keep {
+				w.del(k)
+			}
+		}
+	}
+	for _, k := range newIdx {
+		w.set(k, nil)
+	}
+	t, err := w.loadThreadOrNew(r.ThreadID)
+	if err != nil {
+		return err
+	}
+	t.ApplyRun(r)
+	return w.putThread(t)
+}
+
+func (w *writeTx) loadThreadOrNew(id string) (*engine.Thread, error) {
+	k := threadKey(id)
+	b, ok, err := w.get(k)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return &engine.Thread{ID: id}, nil
+	}
+	return decodeThread(k, b)
+}
+
+func (w *writeTx) putThread(t *engine.Thread) error {
+	b, err := encode(t)
+	if err != nil {
+		return err
+	}
+	w.set(threadKey(t.ID), b)
+	return nil
+}

@@ -1,0 +1,354 @@
+package badgerstore
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// CreateRun implements engine.RunStore.
+func (s *Store) CreateRun(ctx context.Context, run engine.RunRecord) error {
+	if err := run.Validate(); err != nil {
+		return err
+	}
+	r := run
+	err := s.update(ctx, "create_run", func(w *writeTx) error {
+		if _, ok, err := w.get(runKey(r.RunID)); err != nil {
+			return err
+		} else if ok {
+			return fmt.Errorf("run_id=%s: %w", r.RunID, engine.ErrAlreadyExists)
+		}
+		return w.putRun(nil, &r)
+	})
+	if err != nil {
+		return fmt.Errorf("create run %s: %w", run.RunID, err)
+	}
+	return nil
+}
+
+func loadRunTxn(txn *badger.Txn, id string) (*engine.RunRecord, error) {
+	k := runKey(id)
+	b, ok, err := get(txn, k)
+	if err != nil || !ok {
+		return nil, err
+	}
+	return decodeRun(k, b)
+}
+
+// LoadRun implements engine.RunStore.
+func (s *Store) LoadRun(ctx context.Context, runID string) (*engine.RunRecord, error) {
+	if err := engine.ValidateID("run_id", runID); err != nil {
+		return nil, err
+	}
+	var out *engine.RunRecord
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		var err error
+		out, err = loadRunTxn(txn, runID)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load run %s: %w", runID, err)
+	}
+	return out, nil
+}
+
+// LatestRun implements engine.RunStore.
+func (s *Store) LatestRun(ctx context.Context, threadID string) (*engine.RunRecord, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	var out *engine.RunRecord
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		prefix := threadPrefix(pRunLatest, threadID)
+		var id string
+		err := iterate(txn, prefix, nil, true, true, func(k, _ []byte) (bool, error) {
+			if len(k) < len(prefix)+2*tsBytes {
+				return false, fmt.Errorf("run index key %q: %w", k, engine.ErrCorrupt)
+			}
+			id = string(k[len(prefix)+2*tsBytes:])
+			return false, nil
+		})
+		if err != nil || id == "" {
+			return err
+		}
+		out, err = loadRunTxn(txn, id)
+		if err == nil && out == nil {
+			err = fmt.Errorf("run index names missing run %s: %w", id, engine.ErrCorrupt)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("latest run of %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// ListRuns implements engine.RunStore.
+func (s *Store) ListRuns(ctx context.Context, q engine.RunQuery) (engine.RunPage, error) {
+	if q.Status != "" && !q.Status.Valid() {
+		return engine.RunPage{}, engine.Validationf("unknown run status %q", q.Status)
+	}
+	if q.ThreadID != "" {
+		if err := engine.ValidateID("thread_id", q.ThreadID); err != nil {
+			return engine.RunPage{}, err
+		}
+	}
+	limit := q.Limit
+	if limit <= 0 || limit > engine.MaxRunPage {
+		limit = engine.MaxRunPage
+	}
+	offset := max(q.Offset, 0)
+	page := engine.RunPage{Items: []engine.RunRecord{}}
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		// Choose the narrowest index; its keys end in <created ts><run_id>.
+		var prefix []byte
+		switch {
+		case q.ThreadID != "":
+			prefix = threadPrefix(pRunThread, q.ThreadID)
+		case q.Status != "":
+			prefix = runStatusPrefix(q.Status)
+		default:
+			prefix = []byte{pRunAll}
+		}
+		filterStatus := q.ThreadID != "" && q.Status != ""
+		idx := 0
+		return iterate(txn, prefix, nil, false, true, func(k, _ []byte) (bool, error) {
+			if len(k) < len(prefix)+tsBytes {
+				return false, fmt.Errorf("run index key %q: %w", k, engine.ErrCorrupt)
+			}
+			id := string(k[len(prefix)+tsBytes:])
+			var r *engine.RunRecord
+			if filterStatus || (idx >= offset && len(page.Items) < limit) {
+				var err error
+				if r, err = loadRunTxn(txn, id); err != nil {
+					return false, err
+				}
+				if r == nil {
+					return false, fmt.Errorf("run index names missing run %s: %w", id, engine.ErrCorrupt)
+				}
+				if filterStatus && r.Status != q.Status {
+					return true, nil
+				}
+			}
+			if idx >= offset && len(page.Items) < limit {
+				page.Items = append(page.Items, *r)
+			}
+			idx++
+			page.Total = idx
+			return true, nil
+		})
+	})
+	if err != nil {
+		return engine.RunPage{}, fmt.Errorf("list runs: %w", err)
+	}
+	page.HasMore = offset+len(page.Items) < page.Total
+	return page, nil
+}
+
+// LoadThread implements engine.RunStore.
+func (s *Store) LoadThread(ctx context.Context, threadID string) (*engine.Thread, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	var out *engine.Thread
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		k := threadKey(threadID)
+		b, ok, err := get(txn, k)
+		if err != nil || !ok {
+			return err
+		}
+		out, err = decodeThread(k, b)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load thread %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// Checkpoint implements engine.RunStore.
+func (s *Store) Checkpoint(ctx context.Context, c engine.Checkpoint) ([]engine.MessageRecord, error) {
+	if err := engine.ValidateID("thread_id", c.ThreadID); err != nil {
+		return nil, err
+	}
+	seen := make(map[string]struct{}, len(c.Messages))
+	for i := range c.Messages {
+		m := &c.Messages[i]
+		if err := m.Validate(); err != nil {
+			return nil, err
+		}
+		if _, dup := seen[m.ID]; dup {
+			return nil, fmt.Errorf("checkpoint %s: message %s twice: %w", c.ThreadID, m.ID, engine.ErrAlreadyExists)
+		}
+		seen[m.ID] = struct{}{}
+	}
+	var run *engine.RunRecord
+	if c.Run != nil {
+		r := *c.Run
+		if err := r.Validate(); err != nil {
+			return nil, err
+		}
+		if r.ThreadID != c.ThreadID {
+			return nil, engine.Validationf("checkpoint %s: run %s belongs to thread %s", c.ThreadID, r.RunID, r.ThreadID)
+		}
+		run = &r
+	}
+	if c.ProducedByRunID != "" {
+		if err := engine.ValidateID("produced_by_run_id", c.ProducedByRunID); err != nil {
+			return nil, err
+		}
+	}
+	var out []engine.MessageRecord
+	err := s.update(ctx, "checkpoint", func(w *writeTx) error {
+		out = out[:0]
+		b, _, err := w.get(msgCountKey(c.ThreadID))
+		if err != nil {
+			return err
+		}
+		count := readU64(b)
+		if count != c.ExpectedCount {
+			return &engine.ConflictError{What: "message_count", Expected: c.ExpectedCount, Actual: count}
+		}
+		for i := range c.Messages {
+			if _, ok, err := w.get(messageIDKey(c.ThreadID, c.Messages[i].ID)); err != nil {
+				return err
+			} else if ok {
+				return fmt.Errorf("message %s: %w", c.Messages[i].ID, engine.ErrAlreadyExists)
+			}
+		}
+		for i := range c.Messages {
+			count++
+			rec := engine.MessageRecord{
+				MessageID:       c.Messages[i].ID,
+				ThreadID:        c.ThreadID,
+				Seq:             count,
+				Message:         c.Messages[i],
+				ProducedByRunID: c.ProducedByRunID,
+				ToolCallID:      c.Messages[i].ToolCallID,
+				CreatedAt:       c.CreatedAt,
+			}
+			enc, err := encode(&rec)
+			if err != nil {
+				return err
+			}
+			w.set(messageKey(c.ThreadID, count), enc)
+			w.set(messageIDKey(c.ThreadID, rec.MessageID), u64(count))
+			out = append(out, rec)
+		}
+		if len(c.Messages) > 0 {
+			w.set(msgCountKey(c.ThreadID), u64(count))
+		}
+		if run != nil {
+			old, err := w.loadRun(run.RunID)
+			if err != nil {
+				return err
+			}
+			if err := w.putRun(old, run); err != nil {
+				return err
+			}
+		}
+		t, err := w.loadThreadOrNew(c.ThreadID)
+		if err != nil {
+			return err
+		}
+		t.MessageCount = count
+		return w.putThread(t)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint %s: %w", c.ThreadID, err)
+	}
+	return out, nil
+}
+
+// MessageCount implements engine.RunStore.
+func (s *Store) MessageCount(ctx context.Context, threadID string) (uint64, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return 0, err
+	}
+	var n uint64
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		b, _, err := get(txn, msgCountKey(threadID))
+		n = readU64(b)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("message count of %s: %w", threadID, err)
+	}
+	return n, nil
+}
+
+// LoadMessages implements engine.RunStore.
+func (s *Store) LoadMessages(ctx context.Context, threadID string) ([]engine.MessageRecord, error) {
+	return s.LoadMessageRange(ctx, threadID, 1, ^uint64(0))
+}
+
+// LoadMessage implements engine.RunStore.
+func (s *Store) LoadMessage(ctx context.Context, threadID, messageID string) (*engine.MessageRecord, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	if err := engine.ValidateID("message_id", messageID); err != nil {
+		return nil, err
+	}
+	var out *engine.MessageRecord
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		b, ok, err := get(txn, messageIDKey(threadID, messageID))
+		if err != nil || !ok {
+			return err
+		}
+		k := messageKey(threadID, readU64(b))
+		v, ok, err := get(txn, k)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("message index names missing %q: %w", k, engine.ErrCorrupt)
+		}
+		m, err := decodeMessage(k, v)
+		out = &m
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load message %s/%s: %w", threadID, messageID, err)
+	}
+	return out, nil
+}
+
+// LoadMessageRange implements engine.RunStore.
+func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to uint64) ([]engine.MessageRecord, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	out := []engine.MessageRecord{}
+	if from == 0 {
+		from = 1
+	}
+	if from > to {
+		return out, nil
+	}
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		prefix := threadPrefix(pMessage, threadID)
+		return iterate(txn, prefix, messageKey(threadID, from), false, false, func(k, v []byte) (bool, error) {
+			if len(k) != len(prefix)+8 {
+				return false, fmt.Errorf("message key %q: %w", k, engine.ErrCorrupt)
+			}
+			if binary.BigEndian.Uint64(k[len(prefix):]) > to {
+				return false, nil
+			}
+			m, err := decodeMessage(k, v)
+			if err != nil {
+				return false, err
+			}
+			out = append(out, m)
+			return true, nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load messages %s [%d,%d]: %w", threadID, from, to, err)
+	}
+	return out, nil
+}

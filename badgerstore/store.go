@@ -1,0 +1,261 @@
+package badgerstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Options configures a Store. The zero value of every field means its
+// default.
+type Options struct {
+	// Dir is the data directory (created if absent). Required unless
+	// InMemory.
+	Dir string
+	// InMemory keeps everything in memory (tests); nothing is durable.
+	InMemory bool
+	// NoSync turns fsync-before-acknowledge off. Risk: on power loss or a
+	// kernel crash the last acknowledged operations may be lost; a crash
+	// of the process alone loses nothing (the writes are in the page
+	// cache). Default false: every acknowledged operation is fsynced.
+	NoSync bool
+	// Logger receives the store's and Badger's logs. Default: discard.
+	Logger *slog.Logger
+	// MemTableSize is the size of one memtable in bytes (default 32 MiB;
+	// Badger's own default is 64 MiB). One transaction may hold at most
+	// 15% of it, which bounds the largest single operation (an interrupt
+	// of a thread with very many queued dispatches).
+	MemTableSize int64
+	// NumMemtables bounds the memtables kept in memory (default 3).
+	NumMemtables int
+	// BlockCacheSize is the block cache in bytes (default 32 MiB).
+	BlockCacheSize int64
+	// IndexCacheSize bounds the memory of table indexes and bloom filters
+	// in bytes (default 16 MiB; Badger's default keeps all of them in
+	// memory, which grows with the data).
+	IndexCacheSize int64
+	// ValueLogFileSize is the size of one value-log file (default 64 MiB).
+	ValueLogFileSize int64
+	// ValueThreshold: values larger than this go to the value log (default
+	// 64 KiB); smaller ones live in the LSM tree.
+	ValueThreshold int64
+	// GCInterval is how often the value log is garbage-collected (default
+	// 5m; negative disables).
+	GCInterval time.Duration
+	// GCDiscardRatio is the share of garbage a value-log file must hold to
+	// be rewritten (default 0.5).
+	GCDiscardRatio float64
+}
+
+func (o *Options) validate() error {
+	if !o.InMemory && strings.TrimSpace(o.Dir) == "" {
+		return engine.Validationf("badgerstore: Dir is required unless InMemory")
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	def := func(v *int64, d int64) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&o.MemTableSize, 32<<20)
+	def(&o.BlockCacheSize, 32<<20)
+	def(&o.IndexCacheSize, 16<<20)
+	def(&o.ValueLogFileSize, 64<<20)
+	def(&o.ValueThreshold, 64<<10)
+	if o.NumMemtables <= 0 {
+		o.NumMemtables = 3
+	}
+	if o.GCInterval == 0 {
+		o.GCInterval = 5 * time.Minute
+	}
+	if o.GCDiscardRatio <= 0 || o.GCDiscardRatio >= 1 {
+		o.GCDiscardRatio = 0.5
+	}
+	if o.ValueThreshold > o.MemTableSize*15/100 {
+		return engine.Validationf("badgerstore: ValueThreshold %d exceeds 15%% of MemTableSize %d", o.ValueThreshold, o.MemTableSize)
+	}
+	return nil
+}
+
+func (o *Options) badger() badger.Options {
+	bo := badger.DefaultOptions(o.Dir)
+	if o.InMemory {
+		bo = badger.DefaultOptions("").WithInMemory(true)
+	}
+	return bo.
+		WithSyncWrites(!o.NoSync && !o.InMemory).
+		WithDetectConflicts(false). // one writer goroutine: no write-write conflicts
+		WithMemTableSize(o.MemTableSize).
+		WithNumMemtables(o.NumMemtables).
+		WithNumLevelZeroTables(4).
+		WithNumLevelZeroTablesStall(12).
+		WithBlockCacheSize(o.BlockCacheSize).
+		WithIndexCacheSize(o.IndexCacheSize).
+		WithValueLogFileSize(o.ValueLogFileSize).
+		WithValueThreshold(o.ValueThreshold).
+		WithNumCompactors(2).
+		WithNumGoroutines(2).
+		WithMetricsEnabled(false).
+		WithLogger(slogAdapter{o.Logger.With("component", "badger")})
+}
+
+// Store is the Badger implementation of engine.Store. It is safe for
+// concurrent use.
+type Store struct {
+	db   *badger.DB
+	opts Options
+	log  *slog.Logger
+
+	ops        chan *op
+	writerDone chan struct{}
+	gcStop     chan struct{}
+	gcDone     chan struct{}
+
+	closeMu sync.RWMutex // guards closed and the send side of ops
+	closed  bool
+
+	batches    atomic.Uint64
+	batchedOps atomic.Uint64
+}
+
+var _ engine.Store = (*Store)(nil)
+
+// Open opens (or creates) the store. A data directory held by another
+// process is engine.ErrDataDirInUse.
+func Open(opts Options) (*Store, error) {
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	if !opts.InMemory {
+		if err := os.MkdirAll(opts.Dir, 0o750); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+		}
+	}
+	db, err := badger.Open(opts.badger())
+	if err != nil {
+		if strings.Contains(err.Error(), "Cannot acquire directory lock") {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, engine.ErrDataDirInUse)
+		}
+		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+	}
+	s := &Store{
+		db:         db,
+		opts:       opts,
+		log:        opts.Logger,
+		ops:        make(chan *op, maxBatch),
+		writerDone: make(chan struct{}),
+		gcStop:     make(chan struct{}),
+		gcDone:     make(chan struct{}),
+	}
+	go s.writer()
+	if opts.GCInterval > 0 && !opts.InMemory {
+		go s.gcLoop(opts.GCInterval)
+	} else {
+		close(s.gcDone)
+	}
+	return s, nil
+}
+
+// Close stops the writer after the operations already handed to it,
+// stops value-log GC and closes Badger. Safe to call twice.
+func (s *Store) Close() error {
+	s.closeMu.Lock()
+	if s.closed {
+		s.closeMu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.ops)
+	s.closeMu.Unlock()
+	<-s.writerDone
+	close(s.gcStop)
+	<-s.gcDone
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("close store: %w", unavailable(err))
+	}
+	return nil
+}
+
+// BatchStats reports how many group commits ran and how many operations
+// they carried (ops/batches is the mean batch size).
+func (s *Store) BatchStats() (batches, ops uint64) {
+	return s.batches.Load(), s.batchedOps.Load()
+}
+
+// gcLoop runs Badger's value-log GC every interval until Close.
+func (s *Store) gcLoop(every time.Duration) {
+	defer close(s.gcDone)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.gcStop:
+			return
+		case <-t.C:
+			s.RunValueLogGC()
+		}
+	}
+}
+
+// RunValueLogGC rewrites value-log files while at least GCDiscardRatio of
+// one is garbage; it returns how many files it rewrote.
+func (s *Store) RunValueLogGC() int {
+	n := 0
+	for n < 16 {
+		err := s.db.RunValueLogGC(s.opts.GCDiscardRatio)
+		if err != nil {
+			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
+				s.log.Warn("value log gc failed", "err", err)
+			}
+			break
+		}
+		n++
+	}
+	if n > 0 {
+		s.log.Info("value log gc", "files_rewritten", n)
+	}
+	return n
+}
+
+// view runs fn in a read-only snapshot.
+func (s *Store) view(ctx context.Context, fn func(txn *badger.Txn) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	if s.closed {
+		return fmt.Errorf("store closed: %w", engine.ErrUnavailable)
+	}
+	return s.db.View(fn)
+}
+
+// slogAdapter adapts slog to badger.Logger.
+type slogAdapter struct{ l *slog.Logger }
+
+func (a slogAdapter) Errorf(f string, v ...any) {
+	a.l.Error(strings.TrimSpace(fmt.Sprintf(f, v...)))
+}
+func (a slogAdapter) Warningf(f string, v ...any) {
+	a.l.Warn(strings.TrimSpace(fmt.Sprintf(f, v...)))
+}
+func (a slogAdapter) Infof(f string, v ...any) {
+	a.l.Debug(strings.TrimSpace(fmt.Sprintf(f, v...))) // Badger's info is chatty: keep it at debug
+}
+func (a slogAdapter) Debugf(f string, v ...any) {
+	if a.l.Enabled(context.Background(), slog.LevelDebug-4) {
+		a.l.Log(context.Background(), slog.LevelDebug-4, strings.TrimSpace(fmt.Sprintf(f, v...)))
+	}
+}

@@ -1,0 +1,242 @@
+package badgerstore
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"sort"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Report is the outcome of Verify.
+type Report struct {
+	Dispatches int
+	Runs       int
+	Threads    int
+	Messages   int
+	// Problems lists every mismatch found; empty when consistent.
+	Problems []string
+}
+
+// maxProblems bounds the report.
+const maxProblems = 100
+
+// Verify walks every record and every index in one snapshot and reports
+// any mismatch: an index entry without its record or with the wrong
+// value, a record without its index entries, counters that disagree with
+// the records, two claimed dispatches on one thread, an epoch behind a
+// dispatch, gaps in a message log, and records that do not decode. It is
+// read-only and meant for tests and operators (after a crash, say); it
+// reads the whole database.
+func (s *Store) Verify(ctx context.Context) (Report, error) {
+	var rep Report
+	problem := func(format string, args ...any) {
+		if len(rep.Problems) < maxProblems {
+			rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...))
+		}
+	}
+	err := s.view(ctx, func(txn *badger.Txn) error {
+		// Expected index entries, by family, from the records.
+		want := map[byte]map[string][]byte{}
+		for _, p := range []byte{pAll, pQueue, pReady, pClaim, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
+			want[p] = map[string][]byte{}
+		}
+		expect := func(k, v []byte) {
+			fam := want[k[0]]
+			if old, dup := fam[string(k)]; dup {
+				problem("index key %q implied twice (values %q and %q)", k, old, v)
+			}
+			fam[string(k)] = v
+		}
+		counts := map[byte]uint64{}
+		threadQueued := map[string]uint64{}
+		maxEpoch := map[string]uint64{}
+		dispatchRuns := map[string]*engine.Dispatch{}
+
+		err := iterate(txn, []byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
+			rep.Dispatches++
+			d, err := decodeDispatch(k, v)
+			if err != nil {
+				problem("%v", err)
+				return true, nil
+			}
+			for _, e := range dispatchIndex(d) {
+				expect(e.k, e.v)
+			}
+			counts[byte(d.Status)]++
+			if d.Status == engine.StatusQueued {
+				threadQueued[d.ThreadID]++
+			}
+			if d.Epoch > maxEpoch[d.ThreadID] {
+				maxEpoch[d.ThreadID] = d.Epoch
+			}
+			if d.Status == engine.StatusCancelled || d.Status == engine.StatusSuperseded || d.Status == engine.StatusDeadLetter {
+				dispatchRuns[d.DispatchID] = d
+			}
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		for thread, ep := range maxEpoch {
+			b, _, err := get(txn, epochKey(thread))
+			if err != nil {
+				return err
+			}
+			if cur := readU64(b); cur < ep {
+				problem("thread %s epoch %d is behind dispatch epoch %d", thread, cur, ep)
+			}
+		}
+		for _, st := range engine.AllStatuses {
+			b, _, err := get(txn, countKey(st))
+			if err != nil {
+				return err
+			}
+			if got := readU64(b); got != counts[byte(st)] {
+				problem("count of %s is %d, records say %d", st, got, counts[byte(st)])
+			}
+		}
+		err = iterate(txn, []byte{pThreadQ}, nil, false, false, func(k, v []byte) (bool, error) {
+			t := string(k[1:])
+			if got := readU64(v); got != threadQueued[t] {
+				problem("queued count of thread %s is %d, records say %d", t, got, threadQueued[t])
+			}
+			delete(threadQueued, t)
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		for t, n := range threadQueued {
+			problem("thread %s has %d queued dispatches but no queued counter", t, n)
+		}
+
+		// Runs.
+		runs := map[string]*engine.RunRecord{}
+		err = iterate(txn, []byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {
+			rep.Runs++
+			r, err := decodeRun(k, v)
+			if err != nil {
+				problem("%v", err)
+				return true, nil
+			}
+			runs[r.RunID] = r
+			for _, ik := range runIndex(r) {
+				expect(ik, nil)
+			}
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		// A cancelled, superseded or dead-lettered dispatch never leaves
+		// its run open (they commit together).
+		for _, d := range dispatchRuns {
+			if r := runs[d.RunID]; r != nil && r.ThreadID == d.ThreadID && r.Status != engine.RunDone && r.DispatchID == d.DispatchID {
+				problem("dispatch %s is %s but its run %s is %s", d.DispatchID, d.Status, r.RunID, r.Status)
+			}
+		}
+
+		// Compare every index family with what the records imply.
+		for fam, exp := range want {
+			err := iterate(txn, []byte{fam}, nil, false, false, func(k, v []byte) (bool, error) {
+				wv, ok := exp[string(k)]
+				if !ok {
+					problem("stray index entry %q", k)
+					return true, nil
+				}
+				if !bytes.Equal(wv, v) && !(len(wv) == 0 && len(v) == 0) {
+					problem("index entry %q has value %q, record implies %q", k, v, wv)
+				}
+				delete(exp, string(k))
+				return true, nil
+			})
+			if err != nil {
+				return err
+			}
+			missing := make([]string, 0, len(exp))
+			for k := range exp {
+				missing = append(missing, k)
+			}
+			sort.Strings(missing)
+			for _, k := range missing {
+				problem("missing index entry %q", k)
+			}
+		}
+
+		// Threads and message logs.
+		err = iterate(txn, []byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
+			rep.Threads++
+			t, err := decodeThread(k, v)
+			if err != nil {
+				problem("%v", err)
+				return true, nil
+			}
+			b, _, err := get(txn, msgCountKey(t.ID))
+			if err != nil {
+				return false, err
+			}
+			if n := readU64(b); n != t.MessageCount {
+				problem("thread %s projection says %d messages, log counter %d", t.ID, t.MessageCount, n)
+			}
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		return iterate(txn, []byte{pMsgCount}, nil, false, false, func(k, v []byte) (bool, error) {
+			thread := string(k[1:])
+			n := readU64(v)
+			prefix := threadPrefix(pMessage, thread)
+			var seq uint64
+			err := iterate(txn, prefix, nil, false, false, func(mk, mv []byte) (bool, error) {
+				rep.Messages++
+				seq++
+				got := binary.BigEndian.Uint64(mk[len(prefix):])
+				if got != seq {
+					problem("thread %s message log has seq %d where %d belongs", thread, got, seq)
+					seq = got
+				}
+				m, err := decodeMessage(mk, mv)
+				if err != nil {
+					problem("%v", err)
+					return true, nil
+				}
+				if m.Seq != got || m.ThreadID != thread {
+					problem("message %q records seq %d thread %s", mk, m.Seq, m.ThreadID)
+				}
+				ib, ok, err := get(txn, messageIDKey(thread, m.MessageID))
+				if err != nil {
+					return false, err
+				}
+				if !ok || readU64(ib) != got {
+					problem("message id index of %s/%s does not point at seq %d", thread, m.MessageID, got)
+				}
+				return true, nil
+			})
+			if err != nil {
+				return false, err
+			}
+			if seq != n {
+				problem("thread %s message counter %d, log holds %d", thread, n, seq)
+			}
+			ids := 0
+			err = iterate(txn, threadPrefix(pMessageID, thread), nil, false, true, func(_, _ []byte) (bool, error) {
+				ids++
+				return true, nil
+			})
+			if err == nil && uint64(ids) != n {
+				problem("thread %s has %d message-id index entries for %d messages", thread, ids, n)
+			}
+			return true, err
+		})
+	})
+	if err != nil {
+		return rep, fmt.Errorf("verify: %w", err)
+	}
+	return rep, nil
+}

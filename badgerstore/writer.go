@@ -1,0 +1,290 @@
+package badgerstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Group commit. Every mutating operation is a function run by the single
+// writer goroutine. The writer takes all operations that are waiting (up to
+// maxBatch), runs them one after another inside one Badger transaction and
+// commits it once: with SyncWrites that is one fsync for the whole batch,
+// and each caller is answered only after that commit. One writer also
+// means no write-write conflicts: conflict detection is off.
+//
+// Isolation inside a batch: an operation writes into its own overlay
+// (writeTx) and its writes reach the shared transaction only when it
+// returns nil, so a failing operation leaves no trace and does not poison
+// the others. Later operations of a batch see the writes of earlier ones.
+
+// maxBatch bounds how many operations share one transaction.
+const maxBatch = 256
+
+type opFunc func(w *writeTx) error
+
+type op struct {
+	fn   opFunc
+	name string
+	done chan error
+}
+
+var opPool = sync.Pool{New: func() any { return &op{done: make(chan error, 1)} }}
+
+// writeTx is one operation's view of the batch transaction: reads see the
+// operation's own pending writes first, then the transaction (earlier
+// operations of the batch and committed data).
+type writeTx struct {
+	txn    *badger.Txn
+	writes map[string]pending
+	order  []string
+}
+
+type pending struct {
+	val []byte
+	del bool
+}
+
+// get returns the value of key, or nil and false.
+func (w *writeTx) get(key []byte) ([]byte, bool, error) {
+	if p, ok := w.writes[string(key)]; ok {
+		if p.del {
+			return nil, false, nil
+		}
+		return p.val, true, nil
+	}
+	item, err := w.txn.Get(key)
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
+	}
+	v, err := item.ValueCopy(nil)
+	if err != nil {
+		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
+	}
+	return v, true, nil
+}
+
+func (w *writeTx) set(key, val []byte) {
+	k := string(key)
+	if _, ok := w.writes[k]; !ok {
+		w.order = append(w.order, k)
+	}
+	if val == nil {
+		val = []byte{}
+	}
+	w.writes[k] = pending{val: val}
+}
+
+func (w *writeTx) del(key []byte) {
+	k := string(key)
+	if _, ok := w.writes[k]; !ok {
+		w.order = append(w.order, k)
+	}
+	w.writes[k] = pending{del: true}
+}
+
+// flush moves the overlay into the transaction.
+func (w *writeTx) flush() error {
+	for _, k := range w.order {
+		p := w.writes[k]
+		var err error
+		if p.del {
+			err = w.txn.Delete([]byte(k))
+		} else {
+			err = w.txn.Set([]byte(k), p.val)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (w *writeTx) reset(txn *badger.Txn) {
+	w.txn = txn
+	clear(w.writes)
+	w.order = w.order[:0]
+}
+
+// iterate calls fn for every key with prefix, from start (or the prefix)
+// onward, until fn returns false. It reads the transaction, not the
+// operation's own pending writes: operations iterate before they write.
+func (w *writeTx) iterate(prefix, start []byte, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
+	return iterate(w.txn, prefix, start, false, keysOnly, fn)
+}
+
+func iterate(txn *badger.Txn, prefix, start []byte, reverse, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
+	opt := badger.DefaultIteratorOptions
+	opt.Prefix = prefix
+	opt.Reverse = reverse
+	opt.PrefetchValues = !keysOnly
+	opt.PrefetchSize = 16
+	it := txn.NewIterator(opt)
+	defer it.Close()
+	if start == nil {
+		start = prefix
+		if reverse {
+			start = prefixEnd(prefix)
+		}
+	}
+	for it.Seek(start); it.ValidForPrefix(prefix); it.Next() {
+		item := it.Item()
+		var v []byte
+		if !keysOnly {
+			var err error
+			if v, err = item.ValueCopy(nil); err != nil {
+				return fmt.Errorf("read %q: %w", item.Key(), unavailable(err))
+			}
+		}
+		more, err := fn(item.KeyCopy(nil), v)
+		if err != nil || !more {
+			return err
+		}
+	}
+	return nil
+}
+
+// update runs fn as one operation of a group commit and returns its error,
+// or the commit's. Once the operation is handed to the writer the call
+// waits for the outcome even if ctx ends, so a success is never reported
+// as a failure.
+func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
+	o := opPool.Get().(*op)
+	o.fn, o.name = fn, name
+	s.closeMu.RLock()
+	if s.closed {
+		s.closeMu.RUnlock()
+		opPool.Put(o)
+		return fmt.Errorf("%s: store closed: %w", name, engine.ErrUnavailable)
+	}
+	select {
+	case s.ops <- o:
+	case <-ctx.Done():
+		s.closeMu.RUnlock()
+		opPool.Put(o)
+		return fmt.Errorf("%s: %w", name, ctx.Err())
+	}
+	s.closeMu.RUnlock()
+	err := <-o.done
+	o.fn = nil
+	opPool.Put(o)
+	return err
+}
+
+// writer is the single writer goroutine; it exits when ops is closed and
+// drained.
+func (s *Store) writer() {
+	defer close(s.writerDone)
+	batch := make([]*op, 0, maxBatch)
+	w := &writeTx{writes: make(map[string]pending)}
+	for {
+		o, ok := <-s.ops
+		if !ok {
+			return
+		}
+		batch = append(batch[:0], o)
+	drain:
+		for len(batch) < maxBatch {
+			select {
+			case o, ok := <-s.ops:
+				if !ok {
+					break drain
+				}
+				batch = append(batch, o)
+			default:
+				break drain
+			}
+		}
+		s.runBatch(batch, w)
+	}
+}
+
+// runBatch runs ops in as few transactions as fit and answers each.
+func (s *Store) runBatch(batch []*op, w *writeTx) {
+	for len(batch) > 0 {
+		n := s.commitPrefix(batch, w)
+		batch = batch[n:]
+	}
+}
+
+// commitPrefix commits the longest prefix of batch that fits one
+// transaction (at least one operation) and answers its operations. It
+// returns how many operations it answered.
+func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
+	results := make([]error, len(batch))
+	n := len(batch)
+	for attempt := 0; ; attempt++ {
+		txn := s.db.NewTransaction(true)
+		tooBig := -1
+		for i := 0; i < n; i++ {
+			w.reset(txn)
+			err := runOp(batch[i], w)
+			if err == nil {
+				err = w.flush()
+				if errors.Is(err, badger.ErrTxnTooBig) {
+					tooBig = i
+					break
+				}
+			}
+			results[i] = err
+		}
+		if tooBig == 0 {
+			txn.Discard()
+			s.answer(batch[0], fmt.Errorf("%s: operation too large for one transaction: %w", batch[0].name, engine.ErrValidation))
+			return 1
+		}
+		if tooBig > 0 {
+			// Re-run the operations that fit in a fresh transaction; the
+			// rest go to the next one.
+			txn.Discard()
+			n = tooBig
+			continue
+		}
+		cerr := txn.Commit()
+		if errors.Is(cerr, badger.ErrConflict) && attempt < 3 {
+			continue // cannot happen with one writer; bounded retry all the same
+		}
+		if cerr != nil {
+			cerr = fmt.Errorf("commit: %w", unavailable(cerr))
+			s.log.Error("badgerstore commit failed", "ops", n, "err", cerr)
+		}
+		for i := 0; i < n; i++ {
+			if results[i] == nil {
+				results[i] = cerr
+			}
+			s.answer(batch[i], results[i])
+		}
+		s.batches.Add(1)
+		s.batchedOps.Add(uint64(n))
+		return n
+	}
+}
+
+func (s *Store) answer(o *op, err error) { o.done <- err }
+
+// runOp runs one operation, turning a panic into an error so one bad
+// operation cannot take the writer down.
+func runOp(o *op, w *writeTx) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%s: panic: %v", o.name, r)
+		}
+	}()
+	return o.fn(w)
+}
+
+// unavailable wraps a Badger failure as engine.ErrUnavailable.
+func unavailable(err error) error {
+	if err == nil || errors.Is(err, engine.ErrUnavailable) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", engine.ErrUnavailable, err)
+}
