@@ -55,6 +55,12 @@ type Options struct {
 	// GCDiscardRatio is the share of garbage a value-log file must hold to
 	// be rewritten (default 0.5).
 	GCDiscardRatio float64
+	// MinFreeBytes is the free space the data directory's file system must
+	// keep; below it every write fails with engine.ErrUnavailable ("disk
+	// full") instead of reaching Badger, whose memory-mapped files would
+	// fault on a full disk. Default 2×MemTableSize + 16 MiB; negative
+	// disables the check.
+	MinFreeBytes int64
 }
 
 func (o *Options) validate() error {
@@ -82,6 +88,9 @@ func (o *Options) validate() error {
 	}
 	if o.GCDiscardRatio <= 0 || o.GCDiscardRatio >= 1 {
 		o.GCDiscardRatio = 0.5
+	}
+	if o.MinFreeBytes == 0 {
+		o.MinFreeBytes = 2*o.MemTableSize + 16<<20
 	}
 	if o.ValueThreshold > o.MemTableSize*15/100 {
 		return engine.Validationf("badgerstore: ValueThreshold %d exceeds 15%% of MemTableSize %d", o.ValueThreshold, o.MemTableSize)
@@ -128,6 +137,8 @@ type Store struct {
 
 	batches    atomic.Uint64
 	batchedOps atomic.Uint64
+
+	space spaceGuard // used by the writer goroutine only
 }
 
 var _ engine.Store = (*Store)(nil)

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"syscall"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 
@@ -209,6 +211,12 @@ func (s *Store) writer() {
 
 // runBatch runs ops in as few transactions as fit and answers each.
 func (s *Store) runBatch(batch []*op, w *writeTx) {
+	if err := s.space.check(s.opts); err != nil {
+		for _, o := range batch {
+			s.answer(o, fmt.Errorf("%s: %w", o.name, err))
+		}
+		return
+	}
 	for len(batch) > 0 {
 		n := s.commitPrefix(batch, w)
 		batch = batch[n:]
@@ -269,6 +277,37 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 }
 
 func (s *Store) answer(o *op, err error) { o.done <- err }
+
+// spaceGuard refuses writes when the data directory's file system runs
+// low. It asks statfs at most every spaceCheckEvery while space is ample,
+// and before every batch once it is low.
+type spaceGuard struct {
+	checked time.Time
+	low     bool
+	free    int64
+}
+
+const spaceCheckEvery = 250 * time.Millisecond
+
+func (g *spaceGuard) check(o Options) error {
+	if o.InMemory || o.MinFreeBytes < 0 {
+		return nil
+	}
+	if !g.low && time.Since(g.checked) < spaceCheckEvery {
+		return nil
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(o.Dir, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", o.Dir, unavailable(err))
+	}
+	g.checked = time.Now()
+	g.free = int64(st.Bavail) * int64(st.Bsize)
+	g.low = g.free < o.MinFreeBytes
+	if g.low {
+		return fmt.Errorf("disk full: %d bytes free in %s, %d needed: %w", g.free, o.Dir, o.MinFreeBytes, engine.ErrUnavailable)
+	}
+	return nil
+}
 
 // runOp runs one operation, turning a panic into an error so one bad
 // operation cannot take the writer down.
