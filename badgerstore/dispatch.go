@@ -1,6 +1,7 @@
 package badgerstore
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"time"
@@ -81,20 +82,28 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 		if _, held, err := w.get(claimKey(threadID)); err != nil || held {
 			return err
 		}
+		n, floor, err := w.queueHead(threadID)
+		if err != nil || n == 0 {
+			return err
+		}
 		ep, err := w.epoch(threadID)
 		if err != nil {
 			return err
 		}
-		// Walk the thread's queue in claim order. Entries of an older
-		// epoch are superseded on the way (an atomic interrupt leaves none
-		// in this store, but a record restored from elsewhere may); the
-		// first available entry of the current epoch is claimed.
+		// Walk the thread's queue in claim order from its floor. Entries
+		// of an older epoch are superseded on the way (an atomic interrupt
+		// leaves none in this store, but a record restored from elsewhere
+		// may); the first available entry of the current epoch is claimed.
 		var stale []string
 		var cand string
+		var first []byte
 		prefix := threadPrefix(pQueue, threadID)
-		err = w.iterate(prefix, nil, false, func(k, v []byte) (bool, error) {
+		err = w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], floor...), false, func(k, v []byte) (bool, error) {
 			if len(v) != 16 {
 				return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
+			}
+			if first == nil {
+				first = k[len(prefix):]
 			}
 			id := orderKeyID(k, threadID)
 			if readU64(v[8:]) < ep {
@@ -114,6 +123,15 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 			if err := w.supersedeQueued(id, ep, engine.ReasonNewerEpoch, now); err != nil {
 				return err
 			}
+		}
+		if first != nil && !bytes.Equal(first, floor) {
+			// Raise the floor to the first live entry: the deletion
+			// markers below it are never walked again.
+			m, _, err := w.queueHead(threadID)
+			if err != nil {
+				return err
+			}
+			w.putQueueHead(threadID, m, first)
 		}
 		if cand == "" {
 			return nil

@@ -200,9 +200,7 @@ func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
 	return out, nil
 }
 
-// ReadyThreads implements engine.DispatchStore. nextDueAt is computed only
-// when fewer than limit threads are returned (otherwise it is 0: call
-// again after serving them).
+// ReadyThreads implements engine.DispatchStore.
 func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
 	if limit <= 0 {
 		return []string{}, 0, nil
@@ -215,8 +213,7 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 			if len(k) < 1+tsBytes {
 				return false, fmt.Errorf("ready index key %q: %w", k, engine.ErrCorrupt)
 			}
-			if at := readTS(k[1 : 1+tsBytes]); at > now {
-				next = at
+			if readTS(k[1:1+tsBytes]) > now {
 				return false, nil
 			}
 			t := string(v)
@@ -231,6 +228,17 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 			}
 			out = append(out, t)
 			return len(out) < limit, nil
+		})
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("ready threads: %w", err)
+	}
+	// The earliest future due time is one seek away in the same index.
+	err = s.view(ctx, func(txn *badger.Txn) error {
+		start := appendTS([]byte{pReady}, now+1)
+		return iterate(txn, []byte{pReady}, start, false, true, func(k, _ []byte) (bool, error) {
+			next = readTS(k[1 : 1+tsBytes])
+			return false, nil
 		})
 	})
 	if err != nil {

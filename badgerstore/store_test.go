@@ -2,6 +2,7 @@ package badgerstore_test
 
 import (
 	"context"
+	"os"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -12,10 +13,13 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	if runChild() {
+	if runChild() || runRSSChild() {
 		return
 	}
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m, goleak.Cleanup(func(code int) {
+		removeBenchDirs()
+		os.Exit(code)
+	}))
 }
 
 func openDisk(t *testing.T) engine.Store {

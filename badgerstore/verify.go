@@ -54,6 +54,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		}
 		counts := map[byte]uint64{}
 		threadQueued := map[string]uint64{}
+		minQueued := map[string][]byte{}
 		maxEpoch := map[string]uint64{}
 		dispatchRuns := map[string]*engine.Dispatch{}
 
@@ -70,6 +71,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			counts[byte(d.Status)]++
 			if d.Status == engine.StatusQueued {
 				threadQueued[d.ThreadID]++
+				suf := orderKey(pQueue, d)[1+2+len(d.ThreadID):]
+				if min, ok := minQueued[d.ThreadID]; !ok || bytes.Compare(suf, min) < 0 {
+					minQueued[d.ThreadID] = suf
+				}
 			}
 			if d.Epoch > maxEpoch[d.ThreadID] {
 				maxEpoch[d.ThreadID] = d.Epoch
@@ -102,8 +107,15 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		}
 		err = iterate(txn, []byte{pThreadQ}, nil, false, false, func(k, v []byte) (bool, error) {
 			t := string(k[1:])
-			if got := readU64(v); got != threadQueued[t] {
+			if len(v) < 8 {
+				problem("queue head of thread %s is %d bytes", t, len(v))
+				return true, nil
+			}
+			if got := readU64(v[:8]); got != threadQueued[t] {
 				problem("queued count of thread %s is %d, records say %d", t, got, threadQueued[t])
+			}
+			if min, ok := minQueued[t]; ok && bytes.Compare(v[8:], min) > 0 {
+				problem("queue floor of thread %s is above its first queued entry", t)
 			}
 			delete(threadQueued, t)
 			return true, nil

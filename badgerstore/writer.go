@@ -127,8 +127,7 @@ func iterate(txn *badger.Txn, prefix, start []byte, reverse, keysOnly bool, fn f
 	opt := badger.DefaultIteratorOptions
 	opt.Prefix = prefix
 	opt.Reverse = reverse
-	opt.PrefetchValues = !keysOnly
-	opt.PrefetchSize = 16
+	opt.PrefetchValues = false // values are small and mostly read one at a time
 	it := txn.NewIterator(opt)
 	defer it.Close()
 	if start == nil {

@@ -176,7 +176,7 @@ type Checkpoint struct {
 	// Messages are appended in order with seq ExpectedCount+1, … Their ids
 	// must be set and new to the thread.
 	Messages []Message
-	// ProducedByRunID, StepIndex and CreatedAt annotate the new records.
+	// ProducedByRunID and CreatedAt annotate the new records.
 	ProducedByRunID string
 	CreatedAt       int64 // Unix ms
 	// Run, when set, is upserted (it must belong to ThreadID) and applied

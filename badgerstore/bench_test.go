@@ -1,0 +1,323 @@
+package badgerstore_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Benchmarks of the store's hot paths. Figures are compared as ratios to
+// BenchmarkFsyncBaseline measured in the same run (see bench/README.md).
+
+// BenchmarkFsyncBaseline: sequential 4 KiB append + fsync on the same
+// disk: the rate a durable store without group commit cannot beat.
+func BenchmarkFsyncBaseline(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "wal"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := f.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "fsyncs/s")
+}
+
+func benchStore(b *testing.B, o badgerstore.Options) *badgerstore.Store {
+	b.Helper()
+	if o.Dir == "" && !o.InMemory {
+		o.Dir = b.TempDir()
+	}
+	s, err := badgerstore.Open(o)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// BenchmarkEnqueue: one durable enqueue at a time, then 64 at once.
+func BenchmarkEnqueue(b *testing.B) {
+	for _, par := range []int{1, 64} {
+		b.Run(fmt.Sprintf("concurrent=%d", par), func(b *testing.B) {
+			s := benchStore(b, badgerstore.Options{})
+			ctx := context.Background()
+			var n atomic.Int64
+			b.ReportAllocs()
+			b.SetParallelism(max(1, par/runtime.GOMAXPROCS(0)))
+			b.ResetTimer()
+			if par == 1 {
+				for b.Loop() {
+					i := n.Add(1)
+					if _, err := s.Enqueue(ctx, queued(fmt.Sprint(i), fmt.Sprintf("t%d", i%100), 1000)); err != nil {
+						b.Fatal(err)
+					}
+				}
+			} else {
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						i := n.Add(1)
+						if _, err := s.Enqueue(ctx, queued(fmt.Sprint(i), fmt.Sprintf("t%d", i%100), 1000)); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "enqueues/s")
+		})
+	}
+}
+
+// BenchmarkCycle: the full durable cycle enqueue → claim → record start →
+// record result → ack, with fsync on, from 1 and from 64 threads at once
+// (each goroutine owns a thread). One op is one whole cycle.
+func BenchmarkCycle(b *testing.B) {
+	for _, threads := range []int{1, 64} {
+		b.Run(fmt.Sprintf("threads=%d", threads), func(b *testing.B) {
+			s := benchStore(b, badgerstore.Options{})
+			ctx := context.Background()
+			var next, tid atomic.Int64
+			cycle := func(thread string) error {
+				i := next.Add(1)
+				id := fmt.Sprintf("d%d", i)
+				now := time.Now().UnixMilli()
+				if _, err := s.Enqueue(ctx, queued(id, thread, now)); err != nil {
+					return err
+				}
+				c, err := s.Claim(ctx, thread, "bench", 30*time.Second, now)
+				if err != nil || c == nil {
+					return fmt.Errorf("claim %s: %v %v", thread, c, err)
+				}
+				if err := s.RecordDispatchStart(ctx, c.DispatchID, c.ClaimToken, "inst-"+id, now); err != nil {
+					return err
+				}
+				res := engine.RunResult{RunID: c.RunID, InstanceID: "inst-" + id, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "ok"}
+				if err := s.RecordRunResult(ctx, c.DispatchID, c.ClaimToken, res, now); err != nil {
+					return err
+				}
+				return s.Ack(ctx, c.DispatchID, c.ClaimToken, now)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			if threads == 1 {
+				for b.Loop() {
+					if err := cycle("t0"); err != nil {
+						b.Fatal(err)
+					}
+				}
+			} else {
+				b.SetParallelism(threads / runtime.GOMAXPROCS(0))
+				b.RunParallel(func(pb *testing.PB) {
+					thread := fmt.Sprintf("t%d", tid.Add(1))
+					for pb.Next() {
+						if err := cycle(thread); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "cycles/s")
+			batches, ops := s.BatchStats()
+			b.ReportMetric(float64(ops)/float64(max(batches, 1)), "ops/commit")
+		})
+	}
+}
+
+// queueFixture is a store directory holding `total` queued dispatches over
+// `threads` threads, built once per process and shared by benchmarks.
+type queueFixture struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
+var fixtures sync.Map // "total/threads" → *queueFixture
+
+func fixtureDir(b *testing.B, total, threads int) string {
+	b.Helper()
+	v, _ := fixtures.LoadOrStore(fmt.Sprintf("%d/%d", total, threads), &queueFixture{})
+	f := v.(*queueFixture)
+	f.once.Do(func() {
+		f.dir, f.err = os.MkdirTemp("", fmt.Sprintf("mailbox-bench-%d-", total))
+		if f.err != nil {
+			return
+		}
+		benchDirs.Store(f.dir, true)
+		start := time.Now()
+		s, err := badgerstore.Open(badgerstore.Options{Dir: f.dir, NoSync: true})
+		if err != nil {
+			f.err = err
+			return
+		}
+		defer s.Close()
+		const chunk = 2000
+		batch := make([]engine.Dispatch, 0, chunk)
+		flush := func() error {
+			err := s.EnqueueMany(batch)
+			batch = batch[:0]
+			return err
+		}
+		for i := range total {
+			d := queued(fmt.Sprintf("q%09d", i), fmt.Sprintf("thread-%06d", i%threads), int64(1000+i))
+			batch = append(batch, d)
+			if len(batch) == chunk {
+				if f.err = flush(); f.err != nil {
+					return
+				}
+			}
+		}
+		if f.err = flush(); f.err != nil {
+			return
+		}
+		b.Logf("fixture %d queued over %d threads built in %s", total, threads, time.Since(start).Round(time.Millisecond))
+	})
+	if f.err != nil {
+		b.Fatalf("fixture: %v", f.err)
+	}
+	return f.dir
+}
+
+// benchDirs are removed by TestMain after the run.
+var benchDirs sync.Map
+
+func removeBenchDirs() {
+	benchDirs.Range(func(k, _ any) bool {
+		_ = os.RemoveAll(k.(string))
+		return true
+	})
+}
+
+// BenchmarkClaimLatency: claim on a spread-out thread of a queue of 1 000
+// or 1 000 000 queued dispatches (over 100 and 100 000 threads: 10 per
+// thread); outside the timer each claimed dispatch is acked and a fresh
+// one enqueued at the end of its thread, so the queue keeps its size and
+// the LSM tree sees the deletion churn of a real queue. Syncing is off
+// here so the figure shows the index cost, not the disk: the ratio
+// between the sizes is what matters.
+func BenchmarkClaimLatency(b *testing.B) {
+	for _, size := range []struct{ total, threads int }{{1_000, 100}, {1_000_000, 100_000}} {
+		b.Run(fmt.Sprintf("queued=%d", size.total), func(b *testing.B) {
+			dir := fixtureDir(b, size.total, size.threads)
+			s := benchStore(b, badgerstore.Options{Dir: dir, NoSync: true})
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				i := int(claimSeq.Add(1))
+				thread := fmt.Sprintf("thread-%06d", (i*7919)%size.threads)
+				c, err := s.Claim(ctx, thread, "bench", time.Minute, 1_000_000_000)
+				if err != nil || c == nil {
+					b.Fatalf("claim %s: %v %v", thread, c, err)
+				}
+				b.StopTimer()
+				if err := s.Ack(ctx, c.DispatchID, c.ClaimToken, 1_000_000_000); err != nil {
+					b.Fatal(err)
+				}
+				refill++
+				d := queued(fmt.Sprintf("r%d-%09d", size.total, refill), thread, 1000)
+				d.CreatedAt = int64(2_000_000_000 + refill)
+				if _, err := s.Enqueue(ctx, d); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// claimSeq and refill make ids unique across benchmark rounds that share a
+// fixture.
+var claimSeq atomic.Int64
+
+var refill int
+
+// BenchmarkResidentMemory opens a store holding 1 000 000 queued
+// dispatches in a fresh child process, claims and releases 20 000 of
+// them, and reports the child's peak resident set.
+func BenchmarkResidentMemory(b *testing.B) {
+	dir := fixtureDir(b, 1_000_000, 100_000)
+	for b.Loop() {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), rssEnv+"="+dir)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			b.Fatalf("rss child: %v: %s", err, out)
+		}
+		var hwm float64
+		sc := bufio.NewScanner(strings.NewReader(string(out)))
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), "VmHWM_KB "); ok {
+				kb, _ := strconv.ParseFloat(v, 64)
+				hwm = kb / 1024
+			}
+		}
+		if hwm == 0 {
+			b.Fatalf("rss child printed no VmHWM: %s", out)
+		}
+		b.ReportMetric(hwm, "peak-RSS-MiB")
+	}
+}
+
+const rssEnv = "MAILBOX_RSS_CHILD"
+
+// runRSSChild is the child of BenchmarkResidentMemory.
+func runRSSChild() bool {
+	dir := os.Getenv(rssEnv)
+	if dir == "" {
+		return false
+	}
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir, NoSync: true})
+	if err != nil {
+		fmt.Println("open:", err)
+		os.Exit(2)
+	}
+	ctx := context.Background()
+	for i := range 20_000 {
+		thread := fmt.Sprintf("thread-%06d", (i*7919)%100_000)
+		c, err := s.Claim(ctx, thread, "rss", time.Minute, 1_000_000_000)
+		if err != nil || c == nil {
+			fmt.Println("claim:", c, err)
+			os.Exit(2)
+		}
+		if _, err := s.Release(ctx, c.DispatchID, c.ClaimToken, 1_000_000_000); err != nil {
+			fmt.Println("release:", err)
+			os.Exit(2)
+		}
+	}
+	if _, err := s.QueuedThreadIDs(ctx); err != nil {
+		fmt.Println("queued threads:", err)
+		os.Exit(2)
+	}
+	_ = s.Close()
+	status, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			fmt.Println("VmHWM_KB", strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+		}
+	}
+	os.Exit(0)
+	return true
+}
