@@ -31,14 +31,15 @@ type Options struct {
 	NoSync bool
 	// Logger receives the store's and Badger's logs. Default: discard.
 	Logger *slog.Logger
-	// MemTableSize is the size of one memtable in bytes (default 32 MiB;
+	// MemTableSize is the size of one memtable in bytes (default 16 MiB;
 	// Badger's own default is 64 MiB). One transaction may hold at most
-	// 15% of it, which bounds the largest single operation (an interrupt
-	// of a thread with very many queued dispatches).
+	// 15% of it (2.4 MiB by default), which bounds the largest single
+	// operation: an interrupt of a thread with more than roughly 10 000
+	// queued dispatches fails with ErrValidation.
 	MemTableSize int64
-	// NumMemtables bounds the memtables kept in memory (default 3).
+	// NumMemtables bounds the memtables kept in memory (default 2).
 	NumMemtables int
-	// BlockCacheSize is the block cache in bytes (default 32 MiB).
+	// BlockCacheSize is the block cache in bytes (default 16 MiB).
 	BlockCacheSize int64
 	// IndexCacheSize bounds the memory of table indexes and bloom filters
 	// in bytes (default 16 MiB; Badger's default keeps all of them in
@@ -75,13 +76,13 @@ func (o *Options) validate() error {
 			*v = d
 		}
 	}
-	def(&o.MemTableSize, 32<<20)
-	def(&o.BlockCacheSize, 32<<20)
+	def(&o.MemTableSize, 16<<20)
+	def(&o.BlockCacheSize, 16<<20)
 	def(&o.IndexCacheSize, 16<<20)
 	def(&o.ValueLogFileSize, 64<<20)
 	def(&o.ValueThreshold, 64<<10)
 	if o.NumMemtables <= 0 {
-		o.NumMemtables = 3
+		o.NumMemtables = 2
 	}
 	if o.GCInterval == 0 {
 		o.GCInterval = 5 * time.Minute
