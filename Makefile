@@ -27,7 +27,8 @@ crash: ## long SIGKILL crash runs (100 cycles)
 	MAILBOX_CRASH_CYCLES=100 $(GO) test -count=1 -timeout 60m -run 'Crash' -v ./badgerstore/
 
 fuzz: ## run each fuzz target for FUZZTIME
-	$(GO) test -run '^$$' -fuzz FuzzDecodeDispatch -fuzztime $(FUZZTIME) ./badgerstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDispatch$$' -fuzztime $(FUZZTIME) ./badgerstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRun$$' -fuzztime $(FUZZTIME) ./badgerstore/
 
 lint: ## gofmt and vet
 	@test -z "$$(gofmt -l .)" || (gofmt -l .; exit 1)
