@@ -59,3 +59,10 @@ func (s *Store) EnqueueMany(ds []engine.Dispatch) error {
 		return nil
 	})
 }
+
+// CompactOnClose makes Close compact level 0 into the tree, so Badger
+// records which value-log entries are garbage (test hook).
+func CompactOnClose(o Options) Options {
+	o.compactL0OnClose = true
+	return o
+}

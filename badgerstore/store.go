@@ -62,6 +62,8 @@ type Options struct {
 	// fault on a full disk. Default 2×MemTableSize + 16 MiB; negative
 	// disables the check.
 	MinFreeBytes int64
+
+	compactL0OnClose bool // tests: leave a compacted tree behind on Close
 }
 
 func (o *Options) validate() error {
@@ -104,7 +106,13 @@ func (o *Options) badger() badger.Options {
 	if o.InMemory {
 		bo = badger.DefaultOptions("").WithInMemory(true)
 	}
+	// Every table 2 MiB at every level (Badger doubles it per level by
+	// default, up to 64 MiB): a compaction builds many tables at once and
+	// holds each in memory until it is written, so small tables keep a
+	// compaction burst from costing hundreds of MiB.
+	bo.TableSizeMultiplier = 1
 	return bo.
+		WithCompactL0OnClose(o.compactL0OnClose).
 		WithSyncWrites(!o.NoSync && !o.InMemory).
 		WithDetectConflicts(false). // one writer goroutine: no write-write conflicts
 		WithMemTableSize(o.MemTableSize).
@@ -115,6 +123,7 @@ func (o *Options) badger() badger.Options {
 		WithIndexCacheSize(o.IndexCacheSize).
 		WithValueLogFileSize(o.ValueLogFileSize).
 		WithValueThreshold(o.ValueThreshold).
+		WithBaseTableSize(2 << 20).
 		WithNumCompactors(2).
 		WithNumGoroutines(2).
 		WithMetricsEnabled(false).
