@@ -153,19 +153,26 @@ func TestVerifyFindsDamagedIndexes(t *testing.T) {
 		t.Fatal(err)
 	}
 	verifyClean(t, s)
-	if err := s.RawDelete(badgerstore.ClaimKey("t1")); err != nil {
+	if err := s.RawDelete(badgerstore.StateKey("t1")); err != nil {
 		t.Fatal(err)
 	}
 	rep, _ := s.Verify(ctx)
-	if !strings.Contains(strings.Join(rep.Problems, "\n"), "missing index entry") {
-		t.Fatalf("missing claim guard not reported: %v", rep.Problems)
+	if !strings.Contains(strings.Join(rep.Problems, "\n"), "thread t1 has no state record but 0 queued, 1 claimed") {
+		t.Fatalf("lost claim guard not reported: %v", rep.Problems)
 	}
-	if err := s.RawSet(badgerstore.ClaimKey("t9"), []byte("ghost")); err != nil {
+	if err := s.RawSet(badgerstore.QueuedMarkerKey("t9"), nil); err != nil {
+		t.Fatal(err)
+	}
+	rep, _ = s.Verify(ctx)
+	if !strings.Contains(strings.Join(rep.Problems, "\n"), "stray queued-thread marker for t9") {
+		t.Fatalf("stray marker not reported: %v", rep.Problems)
+	}
+	if err := s.RawDelete(badgerstore.DispatchKey("d1")); err != nil {
 		t.Fatal(err)
 	}
 	rep, _ = s.Verify(ctx)
 	if !strings.Contains(strings.Join(rep.Problems, "\n"), "stray index entry") {
-		t.Fatalf("stray claim guard not reported: %v", rep.Problems)
+		t.Fatalf("index entries of a vanished record not reported: %v", rep.Problems)
 	}
 }
 

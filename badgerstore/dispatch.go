@@ -79,17 +79,11 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 	var out *engine.Dispatch
 	err = s.update(ctx, "claim", func(w *writeTx) error {
 		out = nil
-		if _, held, err := w.get(claimKey(threadID)); err != nil || held {
+		st, err := w.state(threadID)
+		if err != nil || st.claimed != "" || st.queued == 0 {
 			return err
 		}
-		n, floor, err := w.queueHead(threadID)
-		if err != nil || n == 0 {
-			return err
-		}
-		ep, err := w.epoch(threadID)
-		if err != nil {
-			return err
-		}
+		ep, floor := st.epoch, st.floor
 		// Walk the thread's queue in claim order from its floor. Entries
 		// of an older epoch are superseded on the way (an atomic interrupt
 		// leaves none in this store, but a record restored from elsewhere
@@ -127,11 +121,13 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 		if first != nil && !bytes.Equal(first, floor) {
 			// Raise the floor to the first live entry: the deletion
 			// markers below it are never walked again.
-			m, _, err := w.queueHead(threadID)
+			cur, err := w.state(threadID)
 			if err != nil {
 				return err
 			}
-			w.putQueueHead(threadID, m, first)
+			next := cur
+			next.floor = first
+			w.putState(threadID, cur, next)
 		}
 		if cand == "" {
 			return nil
@@ -209,7 +205,7 @@ func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string
 			d.Supersede(ep, engine.ReasonNewerEpoch, now)
 			return w.putDispatch(old, &d, now)
 		}
-		if _, held, err := w.get(claimKey(old.ThreadID)); err != nil || held {
+		if st, err := w.state(old.ThreadID); err != nil || st.claimed != "" {
 			return err
 		}
 		d := old.Clone()
@@ -404,12 +400,14 @@ func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engi
 		if err != nil {
 			return err
 		}
-		ep, err := w.epoch(threadID)
+		before, err := w.state(threadID)
 		if err != nil {
 			return err
 		}
-		ep++
-		w.set(epochKey(threadID), u64(ep))
+		st := before
+		st.epoch++
+		ep := st.epoch
+		w.putState(threadID, before, st)
 		res.NewEpoch = ep
 		for _, id := range queued {
 			old, err := w.mustLoad(id)
@@ -424,10 +422,8 @@ func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engi
 			res.Superseded = append(res.Superseded, d)
 		}
 		res.SupersededN = len(res.Superseded)
-		if b, held, err := w.get(claimKey(threadID)); err != nil {
-			return err
-		} else if held {
-			a, err := w.mustLoad(string(b))
+		if before.claimed != "" {
+			a, err := w.mustLoad(before.claimed)
 			if err != nil {
 				return err
 			}
@@ -448,10 +444,8 @@ func (s *Store) CurrentEpoch(ctx context.Context, threadID string) (uint64, erro
 	}
 	var ep uint64
 	err := s.view(ctx, func(txn *badger.Txn) error {
-		b, ok, err := get(txn, epochKey(threadID))
-		if ok {
-			ep = readU64(b)
-		}
+		st, err := loadStateTxn(txn, threadID)
+		ep = st.epoch
 		return err
 	})
 	return ep, err

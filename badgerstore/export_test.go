@@ -32,8 +32,11 @@ func (s *Store) RawDelete(key []byte) error {
 // DispatchKey exposes the record key of a dispatch.
 func DispatchKey(id string) []byte { return dispatchKey(id) }
 
-// ClaimKey exposes the claim-guard key of a thread.
-func ClaimKey(thread string) []byte { return claimKey(thread) }
+// StateKey exposes the state key of a thread.
+func StateKey(thread string) []byte { return stateKey(thread) }
+
+// QueuedMarkerKey exposes the queued-thread marker of a thread.
+func QueuedMarkerKey(thread string) []byte { return threadQKey(thread) }
 
 // RunKey exposes the record key of a run.
 func RunKey(id string) []byte { return runKey(id) }

@@ -16,7 +16,9 @@ import (
 // Records:
 //
 //	d<dispatch_id>                              dispatch JSON
-//	e<thread_id>                                thread epoch, uint64
+//	e<thread_id>                                thread state: epoch, queued count,
+//	                                            claimed dispatch, queue floor
+//	                                            (threadstate.go)
 //	R<run_id>                                   run record JSON
 //	H<thread_id>                                thread projection JSON
 //	M<seg thread><seq u64>                      message record JSON
@@ -32,10 +34,10 @@ import (
 //	t<updated ts><created ts><id>           →  ()             terminal, reconcile/purge order
 //	x<completed ts><id>                     →  ()             dead letters
 //
-// Counters (maintained by deltas; Verify recounts them):
+// Counters and markers (maintained by deltas; Verify recomputes them):
 //
 //	n<status u8>                                number of dispatches in that status
-//	h<thread_id>                                number of queued dispatches of the thread
+//	h<thread_id>                                present while the thread has queued dispatches
 //
 // Run and message indexes:
 //
@@ -54,7 +56,6 @@ const (
 	pAll        = 'a'
 	pQueue      = 'q'
 	pReady      = 'r'
-	pClaim      = 'c'
 	pLease      = 'l'
 	pDedupe     = 'k'
 	pTerminal   = 't'
@@ -88,10 +89,9 @@ func key1(p byte, id string) []byte {
 }
 
 func dispatchKey(id string) []byte { return key1(pDispatch, id) }
-func epochKey(t string) []byte     { return key1(pEpoch, t) }
+func stateKey(t string) []byte     { return key1(pEpoch, t) }
 func runKey(id string) []byte      { return key1(pRun, id) }
 func threadKey(t string) []byte    { return key1(pThread, t) }
-func claimKey(t string) []byte     { return key1(pClaim, t) }
 func threadQKey(t string) []byte   { return key1(pThreadQ, t) }
 func msgCountKey(t string) []byte  { return key1(pMsgCount, t) }
 func countKey(s engine.DispatchStatus) []byte {

@@ -26,6 +26,15 @@ func get(txn *badger.Txn, key []byte) ([]byte, bool, error) {
 	return v, true, nil
 }
 
+func loadStateTxn(txn *badger.Txn, thread string) (threadState, error) {
+	k := stateKey(thread)
+	b, ok, err := get(txn, k)
+	if err != nil || !ok {
+		return threadState{}, err
+	}
+	return decodeThreadState(k, b)
+}
+
 func loadDispatchTxn(txn *badger.Txn, id string) (*engine.Dispatch, error) {
 	k := dispatchKey(id)
 	b, ok, err := get(txn, k)
@@ -221,9 +230,9 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 				return true, nil
 			}
 			seen[t] = struct{}{}
-			if _, held, err := get(txn, claimKey(t)); err != nil {
+			if st, err := loadStateTxn(txn, t); err != nil {
 				return false, err
-			} else if held {
+			} else if st.claimed != "" {
 				return true, nil
 			}
 			out = append(out, t)

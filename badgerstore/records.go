@@ -20,7 +20,7 @@ func dispatchIndex(d *engine.Dispatch) []kv {
 		v = append(v, u64(d.Epoch)...)
 		out = append(out, kv{orderKey(pQueue, d), v}, kv{readyKey(d), []byte(d.ThreadID)})
 	case d.Status == engine.StatusClaimed:
-		out = append(out, kv{claimKey(d.ThreadID), []byte(d.DispatchID)}, kv{leaseKey(d), nil})
+		out = append(out, kv{leaseKey(d), nil})
 	case d.Status.Terminal():
 		out = append(out, kv{terminalKey(d), nil})
 		if d.Status == engine.StatusDeadLetter && d.RequeuedAs == "" {
@@ -59,15 +59,6 @@ func (w *writeTx) loadDispatch(id string) (*engine.Dispatch, error) {
 		return nil, err
 	}
 	return decodeDispatch(k, b)
-}
-
-// epoch reads a thread's epoch through the overlay.
-func (w *writeTx) epoch(thread string) (uint64, error) {
-	b, ok, err := w.get(epochKey(thread))
-	if err != nil || !ok {
-		return 0, err
-	}
-	return readU64(b), nil
 }
 
 // addCounter adds delta to a counter key, deleting it at zero.
@@ -120,19 +111,12 @@ func (w *writeTx) putDispatch(old, d *engine.Dispatch, now int64) error {
 			if err := w.addCounter(countKey(old.Status), -1); err != nil {
 				return err
 			}
-			if old.Status == engine.StatusQueued {
-				if err := w.queueLeave(old.ThreadID); err != nil {
-					return err
-				}
-			}
 		}
 		if err := w.addCounter(countKey(d.Status), 1); err != nil {
 			return err
 		}
-		if d.Status == engine.StatusQueued {
-			if err := w.queueJoin(d); err != nil {
-				return err
-			}
+		if err := w.applyStatusChange(old, d); err != nil {
+			return err
 		}
 		switch d.Status {
 		case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
@@ -151,68 +135,7 @@ func (w *writeTx) deleteDispatch(d *engine.Dispatch) error {
 	if err := w.addCounter(countKey(d.Status), -1); err != nil {
 		return err
 	}
-	if d.Status == engine.StatusQueued {
-		return w.queueLeave(d.ThreadID)
-	}
-	return nil
-}
-
-// The queue head of a thread, h<thread> → count u64 + floor, counts its
-// queued dispatches and keeps a floor: a queue-order suffix (priority,
-// created_at, dispatch_id) that is ≤ every queued entry of the thread.
-// Claim seeks to the floor instead of the start of the thread's queue, so
-// it does not wade through the deletion markers that claimed dispatches
-// leave in the LSM tree until compaction drops them.
-
-func queueSuffix(d *engine.Dispatch) []byte {
-	return orderKey(pQueue, d)[1+2+len(d.ThreadID):]
-}
-
-func (w *writeTx) queueHead(thread string) (count uint64, floor []byte, err error) {
-	b, ok, err := w.get(threadQKey(thread))
-	if err != nil || !ok {
-		return 0, nil, err
-	}
-	if len(b) < 8 {
-		return 0, nil, fmt.Errorf("queue head of %s: %w", thread, engine.ErrCorrupt)
-	}
-	return readU64(b[:8]), b[8:], nil
-}
-
-func (w *writeTx) putQueueHead(thread string, count uint64, floor []byte) {
-	if count == 0 {
-		w.del(threadQKey(thread))
-		return
-	}
-	v := make([]byte, 0, 8+len(floor))
-	v = append(append(v, u64(count)...), floor...)
-	w.set(threadQKey(thread), v)
-}
-
-// queueJoin counts a dispatch that became queued and lowers the floor.
-func (w *writeTx) queueJoin(d *engine.Dispatch) error {
-	n, floor, err := w.queueHead(d.ThreadID)
-	if err != nil {
-		return err
-	}
-	if suf := queueSuffix(d); n == 0 || bytes.Compare(suf, floor) < 0 {
-		floor = suf
-	}
-	w.putQueueHead(d.ThreadID, n+1, floor)
-	return nil
-}
-
-// queueLeave uncounts a dispatch that left queued; the floor stays valid.
-func (w *writeTx) queueLeave(thread string) error {
-	n, floor, err := w.queueHead(thread)
-	if err != nil {
-		return err
-	}
-	if n == 0 {
-		return fmt.Errorf("queue head of %s below zero: %w", thread, engine.ErrCorrupt)
-	}
-	w.putQueueHead(thread, n-1, floor)
-	return nil
+	return w.applyStatusChange(d, nil)
 }
 
 // settleRun marks the run of a dispatch that ended without an ack as done.

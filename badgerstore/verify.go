@@ -42,7 +42,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	err := s.view(ctx, func(txn *badger.Txn) error {
 		// Expected index entries, by family, from the records.
 		want := map[byte]map[string][]byte{}
-		for _, p := range []byte{pAll, pQueue, pReady, pClaim, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
+		for _, p := range []byte{pAll, pQueue, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
 			want[p] = map[string][]byte{}
 		}
 		expect := func(k, v []byte) {
@@ -53,9 +53,13 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			fam[string(k)] = v
 		}
 		counts := map[byte]uint64{}
-		threadQueued := map[string]uint64{}
-		minQueued := map[string][]byte{}
-		maxEpoch := map[string]uint64{}
+		type threadWant struct {
+			queued   uint64
+			minQueue []byte
+			claimed  []string
+			maxEpoch uint64
+		}
+		threads := map[string]*threadWant{}
 		dispatchRuns := map[string]*engine.Dispatch{}
 
 		err := iterate(txn, []byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
@@ -69,32 +73,27 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 				expect(e.k, e.v)
 			}
 			counts[byte(d.Status)]++
-			if d.Status == engine.StatusQueued {
-				threadQueued[d.ThreadID]++
-				suf := orderKey(pQueue, d)[1+2+len(d.ThreadID):]
-				if min, ok := minQueued[d.ThreadID]; !ok || bytes.Compare(suf, min) < 0 {
-					minQueued[d.ThreadID] = suf
+			tw := threads[d.ThreadID]
+			if tw == nil {
+				tw = &threadWant{}
+				threads[d.ThreadID] = tw
+			}
+			switch d.Status {
+			case engine.StatusQueued:
+				tw.queued++
+				if suf := queueSuffix(d); tw.minQueue == nil || bytes.Compare(suf, tw.minQueue) < 0 {
+					tw.minQueue = suf
 				}
-			}
-			if d.Epoch > maxEpoch[d.ThreadID] {
-				maxEpoch[d.ThreadID] = d.Epoch
-			}
-			if d.Status == engine.StatusCancelled || d.Status == engine.StatusSuperseded || d.Status == engine.StatusDeadLetter {
+			case engine.StatusClaimed:
+				tw.claimed = append(tw.claimed, d.DispatchID)
+			case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
 				dispatchRuns[d.DispatchID] = d
 			}
+			tw.maxEpoch = max(tw.maxEpoch, d.Epoch)
 			return true, nil
 		})
 		if err != nil {
 			return err
-		}
-		for thread, ep := range maxEpoch {
-			b, _, err := get(txn, epochKey(thread))
-			if err != nil {
-				return err
-			}
-			if cur := readU64(b); cur < ep {
-				problem("thread %s epoch %d is behind dispatch epoch %d", thread, cur, ep)
-			}
 		}
 		for _, st := range engine.AllStatuses {
 			b, _, err := get(txn, countKey(st))
@@ -105,26 +104,77 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 				problem("count of %s is %d, records say %d", st, got, counts[byte(st)])
 			}
 		}
-		err = iterate(txn, []byte{pThreadQ}, nil, false, false, func(k, v []byte) (bool, error) {
-			t := string(k[1:])
-			if len(v) < 8 {
-				problem("queue head of thread %s is %d bytes", t, len(v))
+		// Thread states against what the records imply.
+		err = iterate(txn, []byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
+			thread := string(k[1:])
+			st, err := decodeThreadState(k, v)
+			if err != nil {
+				problem("%v", err)
 				return true, nil
 			}
-			if got := readU64(v[:8]); got != threadQueued[t] {
-				problem("queued count of thread %s is %d, records say %d", t, got, threadQueued[t])
+			tw := threads[thread]
+			if tw == nil {
+				tw = &threadWant{}
 			}
-			if min, ok := minQueued[t]; ok && bytes.Compare(v[8:], min) > 0 {
-				problem("queue floor of thread %s is above its first queued entry", t)
+			delete(threads, thread)
+			if st.zero() {
+				problem("thread %s has an all-zero state record", thread)
 			}
-			delete(threadQueued, t)
+			if st.queued != tw.queued {
+				problem("queued count of thread %s is %d, records say %d", thread, st.queued, tw.queued)
+			}
+			if tw.minQueue != nil && bytes.Compare(st.floor, tw.minQueue) > 0 {
+				problem("queue floor of thread %s is above its first queued entry", thread)
+			}
+			want := ""
+			if len(tw.claimed) > 0 {
+				want = tw.claimed[0]
+			}
+			if len(tw.claimed) > 1 {
+				problem("thread %s has %d claimed dispatches: %v", thread, len(tw.claimed), tw.claimed)
+			}
+			if st.claimed != want {
+				problem("thread %s state names claimed dispatch %q, records say %q", thread, st.claimed, want)
+			}
+			if st.epoch < tw.maxEpoch {
+				problem("thread %s epoch %d is behind dispatch epoch %d", thread, st.epoch, tw.maxEpoch)
+			}
 			return true, nil
 		})
 		if err != nil {
 			return err
 		}
-		for t, n := range threadQueued {
-			problem("thread %s has %d queued dispatches but no queued counter", t, n)
+		for thread, tw := range threads {
+			if tw.queued > 0 || len(tw.claimed) > 0 || tw.maxEpoch > 0 {
+				problem("thread %s has no state record but %d queued, %d claimed dispatches, epoch %d", thread, tw.queued, len(tw.claimed), tw.maxEpoch)
+			}
+		}
+		// Queued-thread markers exist exactly for threads with queued work.
+		markers := map[string]bool{}
+		err = iterate(txn, []byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
+			markers[string(k[1:])] = true
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		err = iterate(txn, []byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
+			thread := string(k[1:])
+			st, err := decodeThreadState(k, v)
+			if err != nil {
+				return true, nil // reported above
+			}
+			if (st.queued > 0) != markers[thread] {
+				problem("thread %s: queued %d but queued-thread marker present=%v", thread, st.queued, markers[thread])
+			}
+			delete(markers, thread)
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		for thread := range markers {
+			problem("stray queued-thread marker for %s", thread)
 		}
 
 		// Runs.
