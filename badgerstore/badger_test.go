@@ -243,7 +243,7 @@ func TestBatchesSplitWhenTooLargeForOneTransaction(t *testing.T) {
 		huge[i] = engine.Message{ID: fmt.Sprintf("h%d", i), Role: engine.RoleUser, Content: big}
 	}
 	_, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t0", ExpectedCount: 1, Messages: huge})
-	if !errors.Is(err, engine.ErrValidation) || !strings.Contains(err.Error(), "too large") {
+	if !errors.Is(err, engine.ErrTooLarge) || !strings.Contains(err.Error(), "too large") {
 		t.Fatalf("oversized checkpoint: got %v, want a too-large validation error", err)
 	}
 	if n, _ := s.MessageCount(ctx, "t0"); n != 1 {

@@ -3,6 +3,7 @@ package badgerstore
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -498,6 +499,9 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 		if old == nil {
 			return fmt.Errorf("dispatch %s: %w", dispatchID, engine.ErrNotFound)
 		}
+		if old.Status != engine.StatusDeadLetter {
+			return engine.Validationf("dispatch %s: status %s is not dead_letter", dispatchID, old.Status)
+		}
 		if _, ok, err := w.get(dispatchKey(newDispatchID)); err != nil {
 			return err
 		} else if ok {
@@ -540,26 +544,53 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 	return out, nil
 }
 
-// ReclaimExpired implements engine.DispatchStore.
+// reclaimChunk bounds the dispatches one reclaim transaction processes.
+const reclaimChunk = 64
+
+// ReclaimExpired implements engine.DispatchStore. It works in chunks of
+// reclaimChunk dispatches, each its own atomic commit, so a large backlog
+// of lapsed leases never makes one transaction too large; a chunk that
+// still is too large is halved until it fits.
 func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
-	if limit <= 0 {
-		return nil, nil
-	}
 	var out []engine.Dispatch
-	err := s.update(ctx, "reclaim", func(w *writeTx) error {
-		out = out[:0]
+	chunk := reclaimChunk
+	for done := 0; done < limit; {
+		n := min(chunk, limit-done)
+		got, seen, err := s.reclaimSome(ctx, now, n)
+		if errors.Is(err, engine.ErrTooLarge) && chunk > 1 {
+			chunk /= 2
+			continue
+		}
+		if err != nil {
+			return out, fmt.Errorf("reclaim expired leases: %w", err)
+		}
+		out = append(out, got...)
+		done += seen
+		if seen < n {
+			break
+		}
+	}
+	return out, nil
+}
+
+// reclaimSome reclaims up to n lapsed leases in one commit; seen counts
+// the candidates processed (superseded ones included).
+func (s *Store) reclaimSome(ctx context.Context, now int64, n int) (out []engine.Dispatch, seen int, err error) {
+	err = s.update(ctx, "reclaim", func(w *writeTx) error {
+		out, seen = out[:0], 0
 		var ids []string
 		err := w.iterate([]byte{pLease}, nil, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 1+tsBytes || readTS(k[1:1+tsBytes]) >= now {
 				return false, nil
 			}
 			ids = append(ids, string(k[1+tsBytes:]))
-			return len(ids) < limit, nil
+			return len(ids) < n, nil
 		})
 		if err != nil {
 			return err
 		}
 		for _, id := range ids {
+			seen++
 			old, err := w.mustLoad(id)
 			if err != nil {
 				return err
@@ -587,10 +618,7 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 		}
 		return nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("reclaim expired leases: %w", err)
-	}
-	return out, nil
+	return out, seen, err
 }
 
 // purgeChunk bounds the dispatches one purge transaction deletes.

@@ -69,3 +69,9 @@ func CompactOnClose(o Options) Options {
 	o.compactL0OnClose = true
 	return o
 }
+
+// MessageKey exposes the record key of a message.
+func MessageKey(thread string, seq uint64) []byte { return messageKey(thread, seq) }
+
+// MessageCountKey exposes the message counter of a thread.
+func MessageCountKey(thread string) []byte { return msgCountKey(thread) }

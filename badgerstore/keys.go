@@ -2,6 +2,7 @@ package badgerstore
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -158,6 +159,18 @@ func messageKey(t string, seq uint64) []byte {
 	return binary.BigEndian.AppendUint64(threadPrefix(pMessage, t), seq)
 }
 
+// splitMessageKey parses M<seg thread><seq>.
+func splitMessageKey(k []byte) (thread string, seq uint64, ok bool) {
+	if len(k) < 3 {
+		return "", 0, false
+	}
+	n := int(binary.BigEndian.Uint16(k[1:3]))
+	if len(k) != 3+n+8 {
+		return "", 0, false
+	}
+	return string(k[3 : 3+n]), binary.BigEndian.Uint64(k[3+n:]), true
+}
+
 func messageIDKey(t, id string) []byte { return append(threadPrefix(pMessageID, t), id...) }
 
 func runLatestKey(r *engine.RunRecord) []byte {
@@ -186,6 +199,18 @@ func runThreadKey(r *engine.RunRecord) []byte {
 }
 
 func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+// counter decodes an 8-byte counter; an absent key (nil) is 0, any other
+// length is corrupt.
+func counter(key, b []byte) (uint64, error) {
+	if b == nil {
+		return 0, nil
+	}
+	if len(b) != 8 {
+		return 0, fmt.Errorf("counter %q is %d bytes: %w", key, len(b), engine.ErrCorrupt)
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
 
 func readU64(b []byte) uint64 {
 	if len(b) != 8 {

@@ -120,7 +120,11 @@ func (s *Store) CountByStatus(ctx context.Context) (engine.StatusCounts, error) 
 			if err != nil {
 				return err
 			}
-			c[st] = int64(readU64(b))
+			n, err := counter(countKey(st), b)
+			if err != nil {
+				return err
+			}
+			c[st] = int64(n)
 		}
 		return nil
 	})

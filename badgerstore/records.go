@@ -67,7 +67,11 @@ func (w *writeTx) addCounter(k []byte, delta int64) error {
 	if err != nil {
 		return err
 	}
-	v := int64(readU64(b)) + delta
+	n, err := counter(k, b)
+	if err != nil {
+		return err
+	}
+	v := int64(n) + delta
 	if v < 0 {
 		return fmt.Errorf("counter %q below zero: %w", k, engine.ErrCorrupt)
 	}

@@ -209,7 +209,10 @@ func (s *Store) Checkpoint(ctx context.Context, c engine.Checkpoint) ([]engine.M
 		if err != nil {
 			return err
 		}
-		count := readU64(b)
+		count, err := counter(msgCountKey(c.ThreadID), b)
+		if err != nil {
+			return err
+		}
 		if count != c.ExpectedCount {
 			return &engine.ConflictError{What: "message_count", Expected: c.ExpectedCount, Actual: count}
 		}
@@ -272,7 +275,10 @@ func (s *Store) MessageCount(ctx context.Context, threadID string) (uint64, erro
 	var n uint64
 	err := s.view(ctx, func(txn *badger.Txn) error {
 		b, _, err := get(txn, msgCountKey(threadID))
-		n = readU64(b)
+		if err != nil {
+			return err
+		}
+		n, err = counter(msgCountKey(threadID), b)
 		return err
 	})
 	if err != nil {
@@ -296,11 +302,16 @@ func (s *Store) LoadMessage(ctx context.Context, threadID, messageID string) (*e
 	}
 	var out *engine.MessageRecord
 	err := s.view(ctx, func(txn *badger.Txn) error {
-		b, ok, err := get(txn, messageIDKey(threadID, messageID))
+		ik := messageIDKey(threadID, messageID)
+		b, ok, err := get(txn, ik)
 		if err != nil || !ok {
 			return err
 		}
-		k := messageKey(threadID, readU64(b))
+		seq, err := counter(ik, b)
+		if err != nil {
+			return err
+		}
+		k := messageKey(threadID, seq)
 		v, ok, err := get(txn, k)
 		if err != nil {
 			return err

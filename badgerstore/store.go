@@ -35,7 +35,7 @@ type Options struct {
 	// Badger's own default is 64 MiB). One transaction may hold at most
 	// 15% of it (2.4 MiB by default), which bounds the largest single
 	// operation: an interrupt of a thread with more than roughly 10 000
-	// queued dispatches fails with ErrValidation.
+	// queued dispatches fails with engine.ErrTooLarge.
 	MemTableSize int64
 	// NumMemtables bounds the memtables kept in memory (default 2).
 	NumMemtables int
@@ -142,8 +142,10 @@ type Store struct {
 	gcStop     chan struct{}
 	gcDone     chan struct{}
 
-	closeMu sync.RWMutex // guards closed and the send side of ops
-	closed  bool
+	closeMu   sync.RWMutex // guards closed and the send side of ops
+	closed    bool
+	closeOnce sync.Once
+	closeErr  error
 
 	batches    atomic.Uint64
 	batchedOps atomic.Uint64
@@ -190,23 +192,22 @@ func Open(opts Options) (*Store, error) {
 }
 
 // Close stops the writer after the operations already handed to it,
-// stops value-log GC and closes Badger. Safe to call twice.
+// stops value-log GC and closes Badger. Safe to call twice and from
+// several goroutines: every call returns once the store is closed.
 func (s *Store) Close() error {
-	s.closeMu.Lock()
-	if s.closed {
+	s.closeOnce.Do(func() {
+		s.closeMu.Lock()
+		s.closed = true
+		close(s.ops)
 		s.closeMu.Unlock()
-		return nil
-	}
-	s.closed = true
-	close(s.ops)
-	s.closeMu.Unlock()
-	<-s.writerDone
-	close(s.gcStop)
-	<-s.gcDone
-	if err := s.db.Close(); err != nil {
-		return fmt.Errorf("close store: %w", unavailable(err))
-	}
-	return nil
+		<-s.writerDone
+		close(s.gcStop)
+		<-s.gcDone
+		if err := s.db.Close(); err != nil {
+			s.closeErr = fmt.Errorf("close store: %w", unavailable(err))
+		}
+	})
+	return s.closeErr
 }
 
 // BatchStats reports how many group commits ran and how many operations

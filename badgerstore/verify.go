@@ -238,11 +238,15 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 				problem("%v", err)
 				return true, nil
 			}
-			b, _, err := get(txn, msgCountKey(t.ID))
+			ck := msgCountKey(t.ID)
+			b, _, err := get(txn, ck)
 			if err != nil {
 				return false, err
 			}
-			if n := readU64(b); n != t.MessageCount {
+			n, err := counter(ck, b)
+			if err != nil {
+				problem("%v", err)
+			} else if n != t.MessageCount {
 				problem("thread %s projection says %d messages, log counter %d", t.ID, t.MessageCount, n)
 			}
 			return true, nil
@@ -250,52 +254,90 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		if err != nil {
 			return err
 		}
-		return iterate(txn, []byte{pMsgCount}, nil, false, false, func(k, v []byte) (bool, error) {
-			thread := string(k[1:])
-			n := readU64(v)
-			prefix := threadPrefix(pMessage, thread)
-			var seq uint64
-			err := iterate(txn, prefix, nil, false, false, func(mk, mv []byte) (bool, error) {
-				rep.Messages++
-				seq++
-				got := binary.BigEndian.Uint64(mk[len(prefix):])
-				if got != seq {
-					problem("thread %s message log has seq %d where %d belongs", thread, got, seq)
-					seq = got
-				}
-				m, err := decodeMessage(mk, mv)
-				if err != nil {
-					problem("%v", err)
-					return true, nil
-				}
-				if m.Seq != got || m.ThreadID != thread {
-					problem("message %q records seq %d thread %s", mk, m.Seq, m.ThreadID)
-				}
-				ib, ok, err := get(txn, messageIDKey(thread, m.MessageID))
-				if err != nil {
-					return false, err
-				}
-				if !ok || readU64(ib) != got {
-					problem("message id index of %s/%s does not point at seq %d", thread, m.MessageID, got)
-				}
+		// Every message record, whatever its thread's counter says.
+		logged := map[string]uint64{}
+		var cur string
+		var seq uint64
+		err = iterate(txn, []byte{pMessage}, nil, false, false, func(mk, mv []byte) (bool, error) {
+			rep.Messages++
+			thread, got, ok := splitMessageKey(mk)
+			if !ok {
+				problem("malformed message key %q", mk)
 				return true, nil
-			})
+			}
+			if thread != cur {
+				cur, seq = thread, 0
+			}
+			seq++
+			if got != seq {
+				problem("thread %s message log has seq %d where %d belongs", thread, got, seq)
+				seq = got
+			}
+			logged[thread]++
+			m, err := decodeMessage(mk, mv)
+			if err != nil {
+				problem("%v", err)
+				return true, nil
+			}
+			if m.Seq != got || m.ThreadID != thread {
+				problem("message %q records seq %d thread %s", mk, m.Seq, m.ThreadID)
+			}
+			ib, ok, err := get(txn, messageIDKey(thread, m.MessageID))
 			if err != nil {
 				return false, err
 			}
-			if seq != n {
-				problem("thread %s message counter %d, log holds %d", thread, n, seq)
+			if !ok || readU64(ib) != got {
+				problem("message id index of %s/%s does not point at seq %d", thread, m.MessageID, got)
 			}
-			ids := 0
-			err = iterate(txn, threadPrefix(pMessageID, thread), nil, false, true, func(_, _ []byte) (bool, error) {
-				ids++
-				return true, nil
-			})
-			if err == nil && uint64(ids) != n {
-				problem("thread %s has %d message-id index entries for %d messages", thread, ids, n)
-			}
-			return true, err
+			return true, nil
 		})
+		if err != nil {
+			return err
+		}
+		indexed := map[string]uint64{}
+		err = iterate(txn, []byte{pMessageID}, nil, false, true, func(k, _ []byte) (bool, error) {
+			if len(k) < 3 || len(k) < 3+int(binary.BigEndian.Uint16(k[1:3])) {
+				problem("malformed message-id index key %q", k)
+				return true, nil
+			}
+			indexed[string(k[3:3+int(binary.BigEndian.Uint16(k[1:3]))])]++
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		counted := map[string]uint64{}
+		err = iterate(txn, []byte{pMsgCount}, nil, false, false, func(k, v []byte) (bool, error) {
+			n, err := counter(k, v)
+			if err != nil {
+				problem("%v", err)
+				return true, nil
+			}
+			counted[string(k[1:])] = n
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		threadsSeen := map[string]bool{}
+		for t := range logged {
+			threadsSeen[t] = true
+		}
+		for t := range indexed {
+			threadsSeen[t] = true
+		}
+		for t := range counted {
+			threadsSeen[t] = true
+		}
+		for t := range threadsSeen {
+			if logged[t] != counted[t] {
+				problem("thread %s message counter %d, log holds %d", t, counted[t], logged[t])
+			}
+			if indexed[t] != logged[t] {
+				problem("thread %s has %d message-id index entries for %d messages", t, indexed[t], logged[t])
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return rep, fmt.Errorf("verify: %w", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -230,29 +231,30 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 	n := len(batch)
 	for attempt := 0; ; attempt++ {
 		txn := s.db.NewTransaction(true)
-		tooBig := -1
+		failed, ferr := -1, error(nil)
 		for i := 0; i < n; i++ {
 			w.reset(txn)
 			err := runOp(batch[i], w)
 			if err == nil {
-				err = w.flush()
-				if errors.Is(err, badger.ErrTxnTooBig) {
-					tooBig = i
+				if ferr = w.flush(); ferr != nil {
+					// Part of this operation may already sit in the
+					// transaction: it must not be committed.
+					failed = i
 					break
 				}
 			}
 			results[i] = err
 		}
-		if tooBig == 0 {
+		if failed == 0 {
 			txn.Discard()
-			s.answer(batch[0], fmt.Errorf("%s: operation too large for one transaction: %w", batch[0].name, engine.ErrValidation))
+			s.answer(batch[0], flushError(batch[0].name, ferr))
 			return 1
 		}
-		if tooBig > 0 {
-			// Re-run the operations that fit in a fresh transaction; the
-			// rest go to the next one.
+		if failed > 0 {
+			// Re-run the operations before it in a fresh transaction; the
+			// failing one goes first into the next, and alone fails there.
 			txn.Discard()
-			n = tooBig
+			n = failed
 			continue
 		}
 		cerr := txn.Commit()
@@ -273,6 +275,23 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 		s.batchedOps.Add(uint64(n))
 		return n
 	}
+}
+
+// flushError explains why an operation's writes could not join a
+// transaction on their own. Badger's own message may quote the whole
+// value, so only its first line, cut short, is kept.
+func flushError(name string, err error) error {
+	if errors.Is(err, badger.ErrTxnTooBig) {
+		return fmt.Errorf("%s: operation too large for one transaction: %w", name, engine.ErrTooLarge)
+	}
+	msg := err.Error()
+	if i := strings.IndexByte(msg, '\n'); i >= 0 {
+		msg = msg[:i]
+	}
+	if len(msg) > 200 {
+		msg = msg[:200] + "…"
+	}
+	return fmt.Errorf("%s: write refused by the storage engine: %s: %w", name, msg, engine.ErrTooLarge)
 }
 
 func (s *Store) answer(o *op, err error) { o.done <- err }

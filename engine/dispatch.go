@@ -92,6 +92,22 @@ const MaxIDLen = 256
 // MaxErrorHistory bounds the per-attempt error history kept on a dispatch.
 const MaxErrorHistory = 32
 
+// MaxErrorLen bounds one error text kept on a dispatch, in bytes; longer
+// texts are cut (at a character boundary) and marked with "…".
+const MaxErrorLen = 4096
+
+// truncateError cuts msg to MaxErrorLen bytes.
+func truncateError(msg string) string {
+	if len(msg) <= MaxErrorLen {
+		return msg
+	}
+	cut := MaxErrorLen - len("…")
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return msg[:cut] + "…"
+}
+
 // AttemptError is one entry of a dispatch's error history.
 type AttemptError struct {
 	Attempt uint32 `json:"attempt"`
@@ -255,6 +271,7 @@ func (d *Dispatch) clearProjection() {
 }
 
 func (d *Dispatch) recordError(msg string, now int64) {
+	msg = truncateError(msg)
 	d.LastError = msg
 	if msg == "" {
 		return
@@ -326,7 +343,7 @@ func (d *Dispatch) Supersede(current uint64, reason string, now int64) {
 	if current > d.Epoch {
 		d.Epoch = current
 	}
-	d.LastError = reason
+	d.LastError = truncateError(reason)
 	d.clearProjection()
 	d.terminate(StatusSuperseded, now)
 }
@@ -407,7 +424,7 @@ func (d *Dispatch) RecordResult(r RunResult, now int64) error {
 	d.RunStatus = r.Status
 	d.Termination = r.Termination
 	d.RunResponse = r.Response
-	d.RunError = r.Error
+	d.RunError = truncateError(r.Error)
 	d.CompletedAt = now
 	d.UpdatedAt = now
 	return nil

@@ -22,6 +22,9 @@ var (
 	// (wrong token, or the dispatch is not claimed any more). It is a
 	// version conflict.
 	ErrStaleClaim = fmt.Errorf("%w: stale or wrong claim token", ErrVersionConflict)
+	// ErrTooLarge reports an operation or value larger than the store can
+	// take in one atomic write.
+	ErrTooLarge = errors.New("too large")
 	// ErrCorrupt reports a persisted record that cannot be decoded or
 	// violates the record invariants. The wrapping error names the key.
 	ErrCorrupt = errors.New("serialization error")
@@ -67,6 +70,8 @@ func Code(err error) string {
 		return "already_exists"
 	case errors.Is(err, ErrVersionConflict):
 		return "conflict"
+	case errors.Is(err, ErrTooLarge):
+		return "too_large"
 	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrDataDirInUse):
 		return "unavailable"
 	default:

@@ -340,7 +340,11 @@ func (r *RunRecord) Reopen(dispatchID string, nowSec int64) {
 	r.Status = RunCreated
 	r.TerminationReason = nil
 	r.ErrorPayload = nil
+	r.Outcome = nil
+	r.FinalOutput = nil
+	r.SessionID = ""
 	r.Waiting = nil
+	r.StartedAt = 0
 	r.FinishedAt = 0
 	r.DispatchID = dispatchID
 	r.UpdatedAt = nowSec

@@ -387,13 +387,15 @@ func TestRunReopen(t *testing.T) {
 		RunID: "r1", ThreadID: "t1", AgentID: "a", Status: RunDone,
 		TerminationReason: ErrorTermination("boom"), ErrorPayload: json.RawMessage(`{"message":"boom"}`),
 		Waiting: &RunWaitingState{Reason: WaitUserInput}, DispatchID: "d1", SessionID: "s1",
+		Outcome: json.RawMessage(`{"ok":true}`), FinalOutput: json.RawMessage(`"done"`),
 		Request: &RunRequestSnapshot{ParentThreadID: "p"}, State: json.RawMessage(`{"x":1}`),
 		CreatedAt: 100, StartedAt: 101, FinishedAt: 102, UpdatedAt: 102, Steps: 4, InputTokens: 5, OutputTokens: 6,
 	}
 	want := r
 	want.Status = RunCreated
 	want.TerminationReason, want.ErrorPayload, want.Waiting = nil, nil, nil
-	want.FinishedAt = 0
+	want.Outcome, want.FinalOutput, want.SessionID = nil, nil, ""
+	want.StartedAt, want.FinishedAt = 0, 0
 	want.DispatchID = "d2"
 	want.UpdatedAt = 200
 	r.Reopen("d2", 200)
