@@ -21,6 +21,33 @@ func newToken() (string, error) {
 	return id.String(), nil
 }
 
+// claimArgs checks the arguments of a claim and mints its token.
+func claimArgs(kind, id, consumerID string, lease time.Duration) (ms int64, token string, err error) {
+	if err = engine.ValidateID(kind, id); err != nil {
+		return 0, "", err
+	}
+	if err = engine.ValidateID("consumer_id", consumerID); err != nil {
+		return 0, "", err
+	}
+	if ms, err = leaseMs(lease); err != nil {
+		return 0, "", err
+	}
+	token, err = newToken()
+	return ms, token, err
+}
+
+// claimOne moves the queued dispatch old to claimed under token.
+func (w *writeTx) claimOne(old *engine.Dispatch, token, consumerID string, leaseUntil, now int64) (*engine.Dispatch, error) {
+	d := old.Clone()
+	if err := d.Claim(token, consumerID, leaseUntil, now); err != nil {
+		return nil, err
+	}
+	if err := w.putDispatch(old, &d, now); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
 func leaseMs(lease time.Duration) (int64, error) {
 	ms := lease.Milliseconds()
 	if ms <= 0 {
@@ -63,17 +90,7 @@ func (s *Store) Enqueue(ctx context.Context, d engine.Dispatch) (engine.Dispatch
 
 // Claim implements engine.DispatchStore.
 func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
-	if err := engine.ValidateID("thread_id", threadID); err != nil {
-		return nil, err
-	}
-	if err := engine.ValidateID("consumer_id", consumerID); err != nil {
-		return nil, err
-	}
-	ms, err := leaseMs(lease)
-	if err != nil {
-		return nil, err
-	}
-	token, err := newToken()
+	ms, token, err := claimArgs("thread_id", threadID, consumerID, lease)
 	if err != nil {
 		return nil, err
 	}
@@ -137,15 +154,8 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 		if err != nil {
 			return err
 		}
-		d := old.Clone()
-		if err := d.Claim(token, consumerID, now+ms, now); err != nil {
-			return err
-		}
-		if err := w.putDispatch(old, &d, now); err != nil {
-			return err
-		}
-		out = &d
-		return nil
+		out, err = w.claimOne(old, token, consumerID, now+ms, now)
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
@@ -176,17 +186,7 @@ func (w *writeTx) supersedeQueued(id string, ep uint64, reason string, now int64
 
 // ClaimDispatch implements engine.DispatchStore.
 func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
-	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
-		return nil, err
-	}
-	if err := engine.ValidateID("consumer_id", consumerID); err != nil {
-		return nil, err
-	}
-	ms, err := leaseMs(lease)
-	if err != nil {
-		return nil, err
-	}
-	token, err := newToken()
+	ms, token, err := claimArgs("dispatch_id", dispatchID, consumerID, lease)
 	if err != nil {
 		return nil, err
 	}
@@ -209,15 +209,8 @@ func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string
 		if st, err := w.state(old.ThreadID); err != nil || st.claimed != "" {
 			return err
 		}
-		d := old.Clone()
-		if err := d.Claim(token, consumerID, now+ms, now); err != nil {
-			return err
-		}
-		if err := w.putDispatch(old, &d, now); err != nil {
-			return err
-		}
-		out = &d
-		return nil
+		out, err = w.claimOne(old, token, consumerID, now+ms, now)
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim dispatch %s: %w", dispatchID, err)
