@@ -1,0 +1,148 @@
+package engine
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Config configures a Mailbox. Zero fields take the defaults named in
+// their comments (engine.md §0).
+type Config struct {
+	// ConsumerID names this process in claims (claimed_by). Default: a
+	// fresh UUIDv7.
+	ConsumerID string
+	// Lease is how long a claim holds without renewal. Default 30s.
+	Lease time.Duration
+	// SuspendedLease is the lease while a run waits on a suspended tool
+	// call. Default 10m.
+	SuspendedLease time.Duration
+	// RenewInterval is how often a running dispatch's lease is renewed.
+	// Default 10s; must be shorter than Lease.
+	RenewInterval time.Duration
+	// SweepInterval is how often expired leases are reclaimed. Default 30s.
+	SweepInterval time.Duration
+	// GCInterval is how often terminal dispatches and idle workers are
+	// collected. Default 60s.
+	GCInterval time.Duration
+	// GCTTL is the age after which terminal dispatches are purged.
+	// Default 24h.
+	GCTTL time.Duration
+	// MaxAttempts is the attempt budget of new dispatches. Default 5.
+	MaxAttempts uint32
+	// RetryDelay is the base of the exponential retry backoff. Default 250ms.
+	RetryDelay time.Duration
+	// MaxRetryDelay caps the backoff. Default 30s.
+	MaxRetryDelay time.Duration
+	// CancelWait bounds how long a foreground submit waits for the active
+	// run of its thread to release its claim. Default 5s.
+	CancelWait time.Duration
+	// CommandTimeout bounds how long a live command waits for the agent's
+	// receipt before it counts as not delivered. Default 2s.
+	CommandTimeout time.Duration
+	// EventBuffer is how many events of a run are kept for re-attachment.
+	// Default 10 000.
+	EventBuffer int
+	// EventRetention is how long a finished run's events stay
+	// re-attachable. Default 60s.
+	EventRetention time.Duration
+	// ContextMessages and ContextBytes cap the thread history sent with a
+	// run. Defaults 500 and 4 MiB.
+	ContextMessages int
+	ContextBytes    int
+	// Logger receives the engine's logs. Default: discard.
+	Logger *slog.Logger
+	// Now is the clock (Unix milliseconds). Default: the wall clock. Tests
+	// inject their own.
+	Now func() int64
+}
+
+// Defaults of Config.
+const (
+	DefaultLease           = 30 * time.Second
+	DefaultSuspendedLease  = 10 * time.Minute
+	DefaultRenewInterval   = 10 * time.Second
+	DefaultSweepInterval   = 30 * time.Second
+	DefaultGCInterval      = 60 * time.Second
+	DefaultGCTTL           = 24 * time.Hour
+	DefaultRetryDelay      = 250 * time.Millisecond
+	DefaultMaxRetryDelay   = 30 * time.Second
+	DefaultCancelWait      = 5 * time.Second
+	DefaultCommandTimeout  = 2 * time.Second
+	DefaultEventBuffer     = 10_000
+	DefaultEventRetention  = 60 * time.Second
+	DefaultContextMessages = 500
+	DefaultContextBytes    = 4 << 20
+	// InlineClaimGuard is how far in the future a foreground submit's
+	// dispatch is enqueued, so background claimers leave it to the inline
+	// claim.
+	InlineClaimGuard = 60 * time.Second
+)
+
+// withDefaults returns c with every zero field set to its default, or an
+// error naming the first invalid field.
+func (c Config) withDefaults() (Config, error) {
+	dur := func(v *time.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	dur(&c.Lease, DefaultLease)
+	dur(&c.SuspendedLease, DefaultSuspendedLease)
+	dur(&c.RenewInterval, DefaultRenewInterval)
+	dur(&c.SweepInterval, DefaultSweepInterval)
+	dur(&c.GCInterval, DefaultGCInterval)
+	dur(&c.GCTTL, DefaultGCTTL)
+	dur(&c.RetryDelay, DefaultRetryDelay)
+	dur(&c.MaxRetryDelay, DefaultMaxRetryDelay)
+	dur(&c.CancelWait, DefaultCancelWait)
+	dur(&c.CommandTimeout, DefaultCommandTimeout)
+	dur(&c.EventRetention, DefaultEventRetention)
+	if c.MaxAttempts == 0 {
+		c.MaxAttempts = DefaultMaxAttempts
+	}
+	if c.EventBuffer == 0 {
+		c.EventBuffer = DefaultEventBuffer
+	}
+	if c.ContextMessages == 0 {
+		c.ContextMessages = DefaultContextMessages
+	}
+	if c.ContextBytes == 0 {
+		c.ContextBytes = DefaultContextBytes
+	}
+	if c.ConsumerID == "" {
+		c.ConsumerID = uuid.Must(uuid.NewV7()).String()
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = func() int64 { return time.Now().UnixMilli() }
+	}
+	for name, d := range map[string]time.Duration{
+		"Lease": c.Lease, "SuspendedLease": c.SuspendedLease, "RenewInterval": c.RenewInterval,
+		"SweepInterval": c.SweepInterval, "GCInterval": c.GCInterval, "GCTTL": c.GCTTL,
+		"RetryDelay": c.RetryDelay, "MaxRetryDelay": c.MaxRetryDelay, "CancelWait": c.CancelWait,
+		"CommandTimeout": c.CommandTimeout, "EventRetention": c.EventRetention,
+	} {
+		if d < 0 {
+			return c, Validationf("config: %s is negative (%s)", name, d)
+		}
+	}
+	switch {
+	case c.RenewInterval >= c.Lease:
+		return c, Validationf("config: RenewInterval %s must be shorter than Lease %s", c.RenewInterval, c.Lease)
+	case c.SuspendedLease < c.Lease:
+		return c, Validationf("config: SuspendedLease %s must be at least Lease %s", c.SuspendedLease, c.Lease)
+	case c.MaxRetryDelay < c.RetryDelay:
+		return c, Validationf("config: MaxRetryDelay %s is below RetryDelay %s", c.MaxRetryDelay, c.RetryDelay)
+	case c.EventBuffer < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
+		return c, Validationf("config: EventBuffer, ContextMessages and ContextBytes must not be negative")
+	}
+	if err := ValidateID("ConsumerID", c.ConsumerID); err != nil {
+		return c, fmt.Errorf("config: %w", err)
+	}
+	return c, nil
+}

@@ -1,0 +1,214 @@
+package engine
+
+import (
+	"bytes"
+	"sync"
+)
+
+// Event is one agent event of a run, numbered from 1.
+type Event struct {
+	Seq  uint64
+	Type string
+	Data []byte
+}
+
+// EventLog keeps the last events of one run in a bounded ring so that a
+// client can follow the run and re-attach after a disconnect without
+// missing anything still buffered. Appends never block: a reader that
+// falls further behind than the ring holds gets reset=true and resumes
+// from the oldest event kept. Safe for concurrent use.
+type EventLog struct {
+	mu       sync.Mutex // guards everything below
+	ring     []Event
+	first    uint64 // seq of the oldest event kept (0 while empty)
+	next     uint64 // seq the next event gets
+	closed   bool
+	closedAt int64         // Unix ms, when closed
+	wake     chan struct{} // closed on the next append or close; nil when nobody waits
+}
+
+// NewEventLog returns a log that keeps the last capacity events.
+func NewEventLog(capacity int) *EventLog {
+	if capacity < 1 {
+		capacity = 1
+	}
+	return &EventLog{ring: make([]Event, 0, capacity), next: 1}
+}
+
+// Append adds an event (data is copied) and returns its sequence number;
+// after Close it does nothing and returns 0.
+func (l *EventLog) Append(data []byte) uint64 {
+	typ := eventType(data)
+	cp := append([]byte(nil), data...)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return 0
+	}
+	seq := l.next
+	l.next++
+	e := Event{Seq: seq, Type: typ, Data: cp}
+	if len(l.ring) < cap(l.ring) {
+		l.ring = append(l.ring, e)
+	} else {
+		l.ring[int((seq-1)%uint64(cap(l.ring)))] = e
+	}
+	if l.first == 0 || seq-l.first >= uint64(cap(l.ring)) {
+		l.first = seq - uint64(min(len(l.ring), cap(l.ring))) + 1
+	}
+	l.wakeLocked()
+	return seq
+}
+
+func (l *EventLog) wakeLocked() {
+	if l.wake != nil {
+		close(l.wake)
+		l.wake = nil
+	}
+}
+
+// Close marks the run finished at nowMs; readers drain what is left and
+// then see closed.
+func (l *EventLog) Close(nowMs int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return
+	}
+	l.closed, l.closedAt = true, nowMs
+	l.wakeLocked()
+}
+
+// ClosedAt reports whether the log is closed and when.
+func (l *EventLog) ClosedAt() (int64, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closedAt, l.closed
+}
+
+// LastSeq returns the sequence number of the newest event (0 if none).
+func (l *EventLog) LastSeq() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.next - 1
+}
+
+// Read returns up to max events with Seq > after, appended to buf.
+// reset reports that events after `after` were already dropped (the
+// returned ones start at the oldest kept). When nothing is available and
+// the log is open, wait is a channel closed at the next append or close;
+// closed reports that the log is closed and fully read.
+func (l *EventLog) Read(after uint64, max int, buf []Event) (evs []Event, reset, closed bool, wait <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	evs = buf[:0]
+	if l.first != 0 && after+1 < l.first {
+		reset = true
+		after = l.first - 1
+	}
+	for seq := after + 1; seq < l.next && len(evs) < max; seq++ {
+		evs = append(evs, l.ring[int((seq-1)%uint64(cap(l.ring)))])
+	}
+	if len(evs) > 0 {
+		return evs, reset, false, nil
+	}
+	if l.closed {
+		return evs, reset, true, nil
+	}
+	if l.wake == nil {
+		l.wake = make(chan struct{})
+	}
+	return evs, reset, false, l.wake
+}
+
+// Well-known event types, interned so the hot path does not allocate.
+var knownEventTypes = []string{
+	"run_start", "run_finish", "text_delta", "text_done", "reasoning_delta",
+	"tool_call_start", "tool_call_delta", "tool_call_ready", "tool_call_done",
+	"tool_call_resumed", "step_start", "step_end", "state_snapshot", "state_delta",
+	"messages_snapshot", "activity", "error", "custom", "inference_complete",
+}
+
+// eventType returns the top-level "type" string of a JSON event object,
+// or "" when there is none. It scans without decoding.
+func eventType(data []byte) string {
+	v := topLevelString(data, "type")
+	if v == nil {
+		return ""
+	}
+	for _, k := range knownEventTypes {
+		if string(v) == k {
+			return k
+		}
+	}
+	return string(v)
+}
+
+// topLevelString finds key at depth 1 of a JSON object and returns its
+// string value's raw bytes (escapes left as they are), or nil.
+func topLevelString(data []byte, key string) []byte {
+	depth := 0
+	for i := 0; i < len(data); i++ {
+		switch c := data[i]; c {
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case '"':
+			end := stringEnd(data, i)
+			if end < 0 {
+				return nil
+			}
+			if depth == 1 && string(data[i+1:end]) == key {
+				j := skipSpace(data, end+1)
+				if j < len(data) && data[j] == ':' {
+					j = skipSpace(data, j+1)
+					if j < len(data) && data[j] == '"' {
+						if e := stringEnd(data, j); e >= 0 {
+							return data[j+1 : e]
+						}
+					}
+					return nil
+				}
+			}
+			i = end
+		}
+	}
+	return nil
+}
+
+// stringEnd returns the index of the quote closing the string that starts
+// at data[start] (a quote), or -1.
+func stringEnd(data []byte, start int) int {
+	for i := start + 1; i < len(data); i++ {
+		switch data[i] {
+		case '\\':
+			i++
+		case '"':
+			return i
+		}
+	}
+	return -1
+}
+
+func skipSpace(data []byte, i int) int {
+	for i < len(data) && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// suspensionChange reports how an event changes a run's suspension: +1 a
+// tool call was suspended (tool_call_done with outcome "suspended"), -1 a
+// suspended call resumed (tool_call_resumed), 0 otherwise.
+func suspensionChange(typ string, data []byte) int {
+	switch typ {
+	case "tool_call_done":
+		if bytes.Equal(topLevelString(data, "outcome"), []byte("suspended")) {
+			return 1
+		}
+	case "tool_call_resumed":
+		return -1
+	}
+	return 0
+}

@@ -1,0 +1,163 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+)
+
+// Executor is the runtime boundary: it runs one attempt of a run on an
+// agent. The agent hub of package ipc implements it over the agent
+// socket; engine tests use a scripted fake.
+//
+// Cancellation is the context's: when the engine cancels a run (a user's
+// cancel, an interrupt, a lost lease, shutdown) it cancels ctx, and the
+// executor tells the agent (CANCEL) and returns once the agent finished or
+// gave up. Live commands reach the run through RunRequest.Commands.
+type Executor interface {
+	// Run executes req and blocks until the attempt ends. Events go to
+	// sink in order. The outcome says how the attempt ended.
+	Run(ctx context.Context, req *RunRequest, sink EventSink) RunOutcome
+	// Capacity is how many runs the connected agents accept at once in
+	// total (0 when no agent is connected). The engine never has more
+	// runs executing than this.
+	Capacity() int
+	// CapacityChanged is signalled (non-blocking, coalesced) whenever
+	// Capacity may have changed: an agent connected or left.
+	CapacityChanged() <-chan struct{}
+}
+
+// EventSink receives one run's events. Emit must not block for long: the
+// engine's sinks copy the event into a bounded per-run buffer.
+type EventSink interface {
+	// Emit takes one agent event: a JSON object with at least a "type"
+	// field, forwarded to clients byte for byte. The sink does not keep
+	// data after Emit returns.
+	Emit(data []byte)
+}
+
+// RunRequest is one attempt of a run as the executor sees it: the durable
+// run record's request, rebuilt, plus the thread history the agent needs.
+type RunRequest struct {
+	DispatchID string `json:"dispatch_id"`
+	RunID      string `json:"run_id"`
+	ThreadID   string `json:"thread_id"`
+	AgentID    string `json:"agent_id"`
+	// SessionID is the dispatch instance id: new for every attempt.
+	SessionID string `json:"session_id"`
+	// Attempt counts from 1.
+	Attempt uint32 `json:"attempt"`
+
+	// Messages are the activation messages of this run.
+	Messages           []Message       `json:"messages"`
+	RunMode            string          `json:"run_mode"`
+	Origin             string          `json:"origin"`
+	ContinueRunID      string          `json:"continue_run_id,omitempty"`
+	ParentRunID        string          `json:"parent_run_id,omitempty"`
+	ParentThreadID     string          `json:"parent_thread_id,omitempty"`
+	TransportRequestID string          `json:"transport_request_id,omitempty"`
+	Decisions          []Decision      `json:"decisions,omitempty"`
+	FrontendTools      json.RawMessage `json:"frontend_tools,omitempty"`
+	Overrides          json.RawMessage `json:"overrides,omitempty"`
+	Traceparent        string          `json:"traceparent,omitempty"`
+
+	// Context is the recent thread history, capped by Config.
+	Context ThreadContext `json:"context"`
+
+	// Commands carries live commands to the running attempt. The executor
+	// answers every command on its Reply channel.
+	Commands <-chan Command `json:"-"`
+	// Checkpoint persists what the agent reports mid-run (messages to
+	// append, run-record fields) and returns once it is durable.
+	Checkpoint func(ctx context.Context, c RunCheckpoint) error `json:"-"`
+}
+
+// ThreadContext is the slice of thread history sent with a run.
+type ThreadContext struct {
+	Messages []MessageRecord `json:"messages"`
+	// FirstSeq is the sequence number of Messages[0] (0 when empty).
+	FirstSeq uint64 `json:"first_seq"`
+	// TotalMessages is the length of the whole log.
+	TotalMessages uint64     `json:"total_messages"`
+	LatestRun     *RunRecord `json:"latest_run,omitempty"`
+}
+
+// RunCheckpoint is what an agent persists mid-run.
+type RunCheckpoint struct {
+	// Messages are appended to the thread log (ids assigned when blank).
+	Messages []Message `json:"messages,omitempty"`
+	// Run carries run-record fields to update; only the fields the agent
+	// may own are applied (status running/waiting, waiting, state, steps,
+	// tokens, output).
+	Run *RunPatch `json:"run,omitempty"`
+}
+
+// RunPatch is the part of a run record an agent may write.
+type RunPatch struct {
+	Status       RunStatus        `json:"status,omitempty"`
+	Waiting      *RunWaitingState `json:"waiting,omitempty"`
+	State        json.RawMessage  `json:"state,omitempty"`
+	Output       json.RawMessage  `json:"output,omitempty"`
+	Steps        *int64           `json:"steps,omitempty"`
+	InputTokens  *int64           `json:"input_tokens,omitempty"`
+	OutputTokens *int64           `json:"output_tokens,omitempty"`
+}
+
+// CommandKind says what a live command carries.
+type CommandKind uint8
+
+// The live commands (cancellation is the run context's).
+const (
+	CommandMessages CommandKind = iota + 1
+	CommandDecision
+)
+
+// Command is one live command for a running attempt.
+type Command struct {
+	Kind      CommandKind
+	Messages  []MessageRecord // CommandMessages: already in the thread log
+	Decisions []Decision      // CommandDecision
+	// Reply receives nil when the agent accepted the command, an error
+	// otherwise. It is buffered; the executor sends exactly once.
+	Reply chan<- error
+}
+
+// OutcomeKind classifies how an attempt ended (the engine acts on it).
+type OutcomeKind uint8
+
+// Outcome kinds.
+const (
+	// OutcomeCompleted: the agent finished (whatever its termination); the
+	// dispatch is acked.
+	OutcomeCompleted OutcomeKind = iota + 1
+	// OutcomeTransient: retry after backoff (nack); dead letter once the
+	// attempts are spent. A lost or silent agent is transient.
+	OutcomeTransient
+	// OutcomePermanent: never retry (dead letter; the run is errored).
+	OutcomePermanent
+	// OutcomeAbandoned: the attempt never really ran (no agent took it, or
+	// the sidecar is shutting down); the dispatch goes back to queued
+	// without spending an attempt.
+	OutcomeAbandoned
+)
+
+var outcomeLabels = [...]string{"", "completed", "transient_error", "permanent_error", "abandoned"}
+
+// String is the stable metric label of the kind.
+func (k OutcomeKind) String() string {
+	if int(k) < len(outcomeLabels) {
+		return outcomeLabels[k]
+	}
+	return "unknown"
+}
+
+// RunOutcome is the result of one attempt.
+type RunOutcome struct {
+	Kind        OutcomeKind
+	Status      RunStatus // done or waiting (completed outcomes)
+	Termination *Termination
+	Response    string
+	Waiting     *RunWaitingState
+	// ErrorCode and Error describe a transient or permanent failure.
+	ErrorCode string
+	Error     string
+}
