@@ -37,8 +37,9 @@ func NewEventLog(capacity int) *EventLog {
 
 // Append adds an event (data is copied) and returns its sequence number;
 // after Close it does nothing and returns 0.
-func (l *EventLog) Append(data []byte) uint64 {
-	typ := eventType(data)
+func (l *EventLog) Append(data []byte) uint64 { return l.appendTyped(eventType(data), data) }
+
+func (l *EventLog) appendTyped(typ string, data []byte) uint64 {
 	cp := append([]byte(nil), data...)
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -1,0 +1,469 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+)
+
+// execution is one attempt of a run claimed by this process.
+type execution struct {
+	dispatch Dispatch // as claimed (token, lease)
+	claiming bool     // placeholder while the claim is in flight
+
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	done   chan struct{} // closed when the attempt has finished and released its slot
+
+	events    *EventLog
+	commands  chan Command
+	suspended atomic.Int32 // >0 while a tool call waits (longer lease)
+	sawFinish atomic.Bool  // the agent emitted run_finish
+}
+
+// attempt is the result of trying to start work on a thread.
+type attempt uint8
+
+const (
+	attemptClaimed attempt = iota + 1 // an attempt started
+	attemptBusy                       // the thread already runs here
+	attemptNoSlot                     // no free agent slot
+	attemptNone                       // nothing claimable
+	attemptError                      // the claim failed
+)
+
+// reserveSlot takes an agent slot for a foreground submit on thread.
+func (m *Mailbox) reserveSlot(thread string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closing || m.inFlight >= m.exec.Capacity() {
+		return false
+	}
+	m.inFlight++
+	return true
+}
+
+func (m *Mailbox) releaseSlot(string) {
+	m.mu.Lock()
+	m.inFlight--
+	m.mu.Unlock()
+	m.kick()
+}
+
+// tryDispatch claims the thread's next due dispatch if the thread is not
+// already executing here and an agent slot is free, and starts it.
+func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
+	m.mu.Lock()
+	if m.closing {
+		m.mu.Unlock()
+		return attemptNoSlot
+	}
+	if m.threads[thread] != nil {
+		m.mu.Unlock()
+		return attemptBusy
+	}
+	if m.inFlight >= m.exec.Capacity() {
+		m.mu.Unlock()
+		return attemptNoSlot
+	}
+	m.inFlight++
+	hold := &execution{claiming: true}
+	m.threads[thread] = hold
+	m.mu.Unlock()
+
+	d, err := m.store.Claim(ctx, thread, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
+	if err != nil || d == nil {
+		m.mu.Lock()
+		if m.threads[thread] == hold {
+			delete(m.threads, thread)
+		}
+		m.inFlight--
+		m.mu.Unlock()
+		if err != nil {
+			m.log.Warn("claim failed", "thread_id", thread, "err", err)
+			return attemptError
+		}
+		return attemptNone
+	}
+	m.startExecution(*d)
+	return attemptClaimed
+}
+
+// startExecution runs a claimed dispatch; its agent slot is already
+// reserved.
+func (m *Mailbox) startExecution(d Dispatch) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16)}
+	m.mu.Lock()
+	e.events = m.pending[d.DispatchID]
+	delete(m.pending, d.DispatchID)
+	if e.events == nil {
+		e.events = NewEventLog(m.cfg.EventBuffer)
+	}
+	m.threads[d.ThreadID] = e
+	m.byRun[d.RunID] = e
+	m.logs[d.ThreadID] = e.events
+	m.mu.Unlock()
+	m.execs.Add(1)
+	go m.execute(e)
+}
+
+// finish releases an attempt's slot and wakes the dispatcher.
+func (m *Mailbox) finish(e *execution) {
+	e.cancel(nil)
+	e.events.Close(m.cfg.Now())
+	m.mu.Lock()
+	if m.threads[e.dispatch.ThreadID] == e {
+		delete(m.threads, e.dispatch.ThreadID)
+	}
+	if m.byRun[e.dispatch.RunID] == e {
+		delete(m.byRun, e.dispatch.RunID)
+	}
+	m.inFlight--
+	m.mu.Unlock()
+	close(e.done)
+	m.execs.Done()
+	m.kick()
+}
+
+// runSink feeds a run's events into its EventLog and tracks suspension.
+type runSink struct{ e *execution }
+
+func (s runSink) Emit(data []byte) {
+	typ := eventType(data)
+	switch suspensionChange(typ, data) {
+	case 1:
+		s.e.suspended.Add(1)
+	case -1:
+		if s.e.suspended.Add(-1) < 0 {
+			s.e.suspended.Store(0)
+		}
+	}
+	if typ == "run_finish" {
+		s.e.sawFinish.Store(true)
+	}
+	s.e.events.appendTyped(typ, data)
+}
+
+// execute is one attempt, from the pre-flight checks to the settled
+// dispatch (engine.md §8).
+func (m *Mailbox) execute(e *execution) {
+	defer m.finish(e)
+	ctx := context.Background() // store calls outlive a cancelled run: they settle it
+	d := &e.dispatch
+	log := m.log.With("thread_id", d.ThreadID, "run_id", d.RunID, "dispatch_id", d.DispatchID, "attempt", d.AttemptCount+1)
+
+	// Pre-flight: still ours, and not superseded by an interrupt.
+	cur, err := m.store.LoadDispatch(ctx, d.DispatchID)
+	if err != nil || cur == nil || cur.Status != StatusClaimed || cur.ClaimToken != d.ClaimToken {
+		log.Info("dispatch no longer owned before execution", "err", err)
+		return
+	}
+	ep, err := m.store.CurrentEpoch(ctx, d.ThreadID)
+	if err != nil {
+		log.Warn("read epoch before execution failed", "err", err)
+		return
+	}
+	if cur.Epoch < ep {
+		if _, err := m.store.SupersedeClaimed(ctx, d.DispatchID, d.ClaimToken, "claimed dispatch superseded before execution start", m.cfg.Now()); err != nil {
+			log.Warn("supersede before execution failed", "err", err)
+		}
+		return
+	}
+
+	instance := newID()
+	req, run, err := m.reconstruct(ctx, d)
+	if err == nil && run.Status == RunDone {
+		// A previous attempt finished the run but crashed before its ack
+		// (lessons.md B5): consume the delivery, do not run it twice.
+		log.Info("run already done; acking its dispatch")
+		if err := m.store.Ack(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err != nil {
+			log.Warn("ack of a finished run failed", "err", err)
+		}
+		return
+	}
+	if err != nil {
+		if !errors.Is(err, ErrValidation) {
+			// The store failed, not the request: try again later.
+			log.Warn("reconstruct run request failed", "err", err)
+			m.settle(ctx, e, RunOutcome{Kind: OutcomeTransient, Error: err.Error()}, instance, log)
+			return
+		}
+		log.Error("run request cannot be rebuilt", "err", err)
+		if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, m.cfg.Now()); err != nil {
+			log.Warn("record start failed", "err", err)
+			return
+		}
+		m.settle(ctx, e, RunOutcome{Kind: OutcomePermanent, ErrorCode: "invalid_activation", Error: err.Error()}, instance, log)
+		return
+	}
+	req.SessionID = instance
+	if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, m.cfg.Now()); err != nil {
+		log.Warn("record dispatch start failed; not running", "err", err)
+		return
+	}
+	if err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
+		r.Status = RunRunning
+		r.Waiting = nil
+		r.DispatchID, r.SessionID = d.DispatchID, instance
+		if r.StartedAt == 0 {
+			r.StartedAt = m.cfg.Now() / 1000
+		}
+		return true
+	}); err != nil {
+		log.Warn("mark run running failed; retrying later", "err", err)
+		m.settle(ctx, e, RunOutcome{Kind: OutcomeTransient, Error: err.Error()}, instance, log)
+		return
+	}
+	req.Commands = e.commands
+	req.Checkpoint = func(cctx context.Context, c RunCheckpoint) error {
+		return m.agentCheckpoint(cctx, d.ThreadID, d.RunID, c)
+	}
+
+	stopRenew := make(chan struct{})
+	renewDone := make(chan struct{})
+	go func() {
+		defer close(renewDone)
+		m.renewLease(e, stopRenew, log)
+	}()
+	outcome := m.exec.Run(e.ctx, req, runSink{e})
+	close(stopRenew)
+	<-renewDone
+
+	if cause := context.Cause(e.ctx); errors.Is(cause, errShutdown) && outcome.Kind != OutcomeCompleted {
+		outcome = RunOutcome{Kind: OutcomeAbandoned, Error: cause.Error()}
+	}
+	m.settle(ctx, e, outcome, instance, log)
+}
+
+// settle records an attempt's outcome and settles its dispatch: ack,
+// nack with backoff, dead letter, or release.
+func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instance string, log interface {
+	Warn(string, ...any)
+	Info(string, ...any)
+}) {
+	d := &e.dispatch
+	now := m.cfg.Now()
+	switch o.Kind {
+	case OutcomeCompleted:
+		status := o.Status
+		if status != RunWaiting {
+			status = RunDone
+		}
+		res := RunResult{RunID: d.RunID, InstanceID: instance, Status: status, Termination: o.Termination, Response: o.Response}
+		if o.Termination != nil && o.Termination.Type == TermError {
+			res.Error = o.Error
+		}
+		if err := m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
+			log.Warn("record run result failed", "err", err)
+		}
+		if err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
+			if r.Status == RunDone {
+				return false
+			}
+			r.Status = status
+			r.TerminationReason = o.Termination
+			r.Waiting = nil
+			if status == RunWaiting {
+				r.Waiting = o.Waiting
+			} else {
+				r.FinishedAt = now / 1000
+			}
+			if o.Response != "" {
+				r.FinalOutput, _ = json.Marshal(o.Response)
+			}
+			return true
+		}); err != nil {
+			// Leave the dispatch claimed: its lease lapses and the retry
+			// finds the run as it is.
+			log.Warn("record run outcome failed; the attempt will be retried", "err", err)
+			return
+		}
+		m.ack(ctx, e, log)
+	case OutcomeTransient, OutcomePermanent:
+		msg := o.Error
+		if msg == "" {
+			msg = o.Kind.String()
+		}
+		m.emitFinish(e, msg)
+		res := RunResult{RunID: d.RunID, InstanceID: instance, Status: RunDone, Termination: ErrorTermination(msg), Error: msg}
+		if err := m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
+			log.Warn("record run result failed", "err", err)
+		}
+		if o.Kind == OutcomePermanent {
+			if err := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); err != nil {
+				log.Warn("dead letter failed", "err", err)
+			}
+			return
+		}
+		delay := RetryDelayMs(d.AttemptCount, m.cfg.RetryDelay.Milliseconds(), m.cfg.MaxRetryDelay.Milliseconds())
+		if _, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
+			log.Warn("nack failed", "err", err)
+		}
+	case OutcomeAbandoned:
+		m.emitFinish(e, "run interrupted: "+o.Error)
+		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {
+			log.Warn("release failed", "err", err)
+		}
+	}
+}
+
+// ack consumes the dispatch; if the ack fails, it checks whether it took
+// effect or can be retried (lessons.md B5).
+func (m *Mailbox) ack(ctx context.Context, e *execution, log interface{ Warn(string, ...any) }) {
+	d := &e.dispatch
+	err := m.store.Ack(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now())
+	if err == nil || errors.Is(err, ErrVersionConflict) {
+		return // done, or superseded meanwhile (settled by the store)
+	}
+	cur, lerr := m.store.LoadDispatch(ctx, d.DispatchID)
+	if lerr == nil && cur != nil && cur.Status == StatusClaimed && cur.ClaimToken == d.ClaimToken {
+		if err = m.store.Ack(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err == nil {
+			return
+		}
+	}
+	log.Warn("ack failed; the dispatch will be reclaimed and acked by the retry", "err", err)
+}
+
+// emitFinish closes a client stream that the agent left open: a synthetic
+// run_finish with an error termination, through the run's event log.
+func (m *Mailbox) emitFinish(e *execution, msg string) {
+	if e.sawFinish.Load() {
+		return
+	}
+	ev, _ := json.Marshal(map[string]any{
+		"type": "run_finish", "thread_id": e.dispatch.ThreadID, "run_id": e.dispatch.RunID,
+		"dispatch_id": e.dispatch.DispatchID, "termination": ErrorTermination(msg),
+	})
+	runSink{e}.Emit(ev)
+}
+
+// renewLease keeps an attempt's claim alive until stop. A lost lease
+// cancels the run; a failing renewal is retried until the lease is about
+// to lapse, then the run is cancelled too (engine.md §15 hazard 69).
+func (m *Mailbox) renewLease(e *execution, stop <-chan struct{}, log interface{ Warn(string, ...any) }) {
+	t := time.NewTicker(m.cfg.RenewInterval)
+	defer t.Stop()
+	leaseUntil := e.dispatch.LeaseUntil
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		lease := m.cfg.Lease
+		if e.suspended.Load() > 0 {
+			lease = m.cfg.SuspendedLease
+		}
+		now := m.cfg.Now()
+		ok, err := m.store.ExtendLease(context.Background(), e.dispatch.DispatchID, e.dispatch.ClaimToken, lease, now)
+		switch {
+		case err != nil:
+			if leaseUntil-now <= m.cfg.RenewInterval.Milliseconds() {
+				log.Warn("lease renewal keeps failing and the lease is about to lapse; cancelling the run", "err", err)
+				e.cancel(errLeaseLost)
+				return
+			}
+			log.Warn("lease renewal failed; retrying", "err", err)
+		case !ok:
+			log.Warn("lease lost; cancelling the run")
+			e.cancel(errLeaseLost)
+			return
+		default:
+			leaseUntil = now + lease.Milliseconds()
+		}
+	}
+}
+
+// updateRun applies change to a run record in a guarded checkpoint that
+// appends nothing (lessons.md B1: no blind whole-list writes). change
+// returns false to skip the write.
+func (m *Mailbox) updateRun(ctx context.Context, thread, runID string, change func(*RunRecord) bool) error {
+	unlock := m.locks.lock(thread)
+	defer unlock()
+	for attempt := 0; ; attempt++ {
+		count, err := m.store.MessageCount(ctx, thread)
+		if err != nil {
+			return err
+		}
+		r, err := m.store.LoadRun(ctx, runID)
+		if err != nil {
+			return err
+		}
+		if r == nil {
+			return fmt.Errorf("run %s: %w", runID, ErrNotFound)
+		}
+		if !change(r) {
+			return nil
+		}
+		r.UpdatedAt = m.cfg.Now() / 1000
+		_, err = m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Run: r})
+		var conflict *ConflictError
+		if errors.As(err, &conflict) && attempt < maxAppendRetries {
+			continue
+		}
+		return err
+	}
+}
+
+// agentCheckpoint persists an agent's CHECKPOINT: messages appended to
+// the thread log (guarded) and the run fields an agent may write.
+func (m *Mailbox) agentCheckpoint(ctx context.Context, thread, runID string, c RunCheckpoint) error {
+	if c.Run != nil && c.Run.Status != "" && c.Run.Status != RunRunning && c.Run.Status != RunWaiting {
+		return Validationf("checkpoint of run %s: an agent may set status running or waiting, not %q", runID, c.Run.Status)
+	}
+	msgs := normalizeMessageIDs(c.Messages)
+	for i := range msgs {
+		if err := msgs[i].Validate(); err != nil {
+			return err
+		}
+	}
+	unlock := m.locks.lock(thread)
+	defer unlock()
+	for attempt := 0; ; attempt++ {
+		count, err := m.store.MessageCount(ctx, thread)
+		if err != nil {
+			return err
+		}
+		r, err := m.store.LoadRun(ctx, runID)
+		if err != nil {
+			return err
+		}
+		if r == nil {
+			return fmt.Errorf("run %s: %w", runID, ErrNotFound)
+		}
+		if p := c.Run; p != nil {
+			if p.Status != "" {
+				r.Status = p.Status
+			}
+			if p.Waiting != nil || p.Status == RunRunning {
+				r.Waiting = p.Waiting
+			}
+			if p.State != nil {
+				r.State = p.State
+			}
+			if p.Output != nil {
+				r.Output = p.Output
+			}
+			if p.Steps != nil {
+				r.Steps = *p.Steps
+			}
+			if p.InputTokens != nil {
+				r.InputTokens = *p.InputTokens
+			}
+			if p.OutputTokens != nil {
+				r.OutputTokens = *p.OutputTokens
+			}
+		}
+		r.UpdatedAt = m.cfg.Now() / 1000
+		_, err = m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now(), Run: r})
+		var conflict *ConflictError
+		if errors.As(err, &conflict) && attempt < maxAppendRetries {
+			continue
+		}
+		return err
+	}
+}

@@ -1,0 +1,426 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// reconcilePage and reclaimPage size the recovery and sweep batches.
+const (
+	reconcilePage = 100
+	reclaimPage   = 100
+)
+
+// Start recovers the store (reclaims lapsed leases, settles runs of
+// terminal dispatches, wakes orphaned background-task runs) and then
+// starts the dispatcher and the maintenance loops. A recovery failure is
+// returned and nothing is started (fail closed). Start after Stop is an
+// error.
+func (m *Mailbox) Start(ctx context.Context) error {
+	m.mu.Lock()
+	if m.started || m.closing {
+		m.mu.Unlock()
+		return fmt.Errorf("mailbox start: already started or stopped: %w", ErrValidation)
+	}
+	m.mu.Unlock()
+	if _, err := m.Recover(ctx); err != nil {
+		return fmt.Errorf("mailbox start: recovery: %w", err)
+	}
+	loopCtx, stop := context.WithCancel(context.Background())
+	m.mu.Lock()
+	m.started, m.loopStop = true, stop
+	m.mu.Unlock()
+	m.loops.Add(2)
+	go m.dispatchLoop(loopCtx)
+	go m.maintenanceLoop(loopCtx)
+	m.kick()
+	return nil
+}
+
+// Stop shuts the mailbox down in stages: no new submits, no new claims;
+// running attempts get until ctx is done to finish; the rest are cancelled
+// and their dispatches released without spending an attempt. It returns
+// once every goroutine it owns has stopped. Safe before Start and twice.
+func (m *Mailbox) Stop(ctx context.Context) error {
+	m.mu.Lock()
+	m.closing = true
+	stop := m.loopStop
+	m.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	m.loops.Wait()
+	done := make(chan struct{})
+	go func() {
+		m.execs.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	m.mu.Lock()
+	running := make([]*execution, 0, len(m.threads))
+	for _, e := range m.threads {
+		if !e.claiming {
+			running = append(running, e)
+		}
+	}
+	m.mu.Unlock()
+	for _, e := range running {
+		e.cancel(errShutdown)
+	}
+	<-done
+	return nil
+}
+
+// Running reports whether Start succeeded and Stop has not begun.
+func (m *Mailbox) Running() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.started && !m.closing
+}
+
+// Recover reclaims every lapsed lease, settles the runs of terminal
+// dispatches, lets the dispatcher serve queued threads, and wakes every
+// run waiting on background tasks whose thread has nothing queued. It
+// returns the number of reclaimed dispatches plus wakes. Errors propagate
+// (recovery pages through everything or fails).
+func (m *Mailbox) Recover(ctx context.Context) (int, error) {
+	total := 0
+	for {
+		got, err := m.store.ReclaimExpired(ctx, m.cfg.Now(), reclaimPage)
+		if err != nil {
+			return total, fmt.Errorf("reclaim expired leases: %w", err)
+		}
+		total += len(got)
+		for i := range got {
+			m.reconcileDispatch(ctx, &got[i])
+		}
+		if len(got) < reclaimPage {
+			break
+		}
+	}
+	if err := m.reconcileTerminal(ctx); err != nil {
+		return total, err
+	}
+	queued, err := m.store.QueuedThreadIDs(ctx)
+	if err != nil {
+		return total, fmt.Errorf("queued threads: %w", err)
+	}
+	busy := make(map[string]bool, len(queued))
+	for _, t := range queued {
+		busy[t] = true
+	}
+	// Collect first, then submit: submitting changes the listing.
+	var wake []RunRecord
+	for offset := 0; ; {
+		page, err := m.store.ListRuns(ctx, RunQuery{Status: RunWaiting, Offset: offset, Limit: MaxRunPage})
+		if err != nil {
+			return total, fmt.Errorf("list waiting runs: %w", err)
+		}
+		for _, r := range page.Items {
+			if r.IsBackgroundTaskWaiting() && !busy[r.ThreadID] {
+				wake = append(wake, r)
+			}
+		}
+		offset += len(page.Items)
+		if !page.HasMore || len(page.Items) == 0 {
+			break
+		}
+	}
+	for _, r := range wake {
+		content := []byte(`"<background-tasks-updated />"`)
+		_, err := m.SubmitBackground(ctx, SubmitRequest{
+			ThreadID: r.ThreadID, AgentID: r.AgentID, ContinueRunID: r.RunID,
+			Origin: OriginInternal, RunMode: ModeInternalWake, Adapter: AdapterInternal,
+			Messages: []Message{{Role: RoleUser, Content: content, Visibility: "internal"}},
+		})
+		if err != nil {
+			return total, fmt.Errorf("wake background-task run %s: %w", r.RunID, err)
+		}
+		total++
+	}
+	m.kick()
+	return total, nil
+}
+
+// reconcileTerminal settles the runs of terminal dispatches listed since
+// the last call (a high-water mark, not a full rescan). The Badger store
+// settles runs in the same commit already; this is the safety net for
+// stores that cannot.
+func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
+	for {
+		page, err := m.store.ListTerminal(ctx, m.termAfter, reconcilePage)
+		if err != nil {
+			return fmt.Errorf("list terminal dispatches: %w", err)
+		}
+		for i := range page {
+			m.reconcileDispatch(ctx, &page[i])
+		}
+		if len(page) > 0 {
+			m.termAfter = CursorAfter(&page[len(page)-1])
+		}
+		if len(page) < reconcilePage {
+			return nil
+		}
+	}
+}
+
+// reconcileDispatch settles the run of a cancelled, superseded or
+// dead-lettered dispatch if it is still open.
+func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
+	switch d.Status {
+	case StatusCancelled, StatusSuperseded, StatusDeadLetter:
+	default:
+		return
+	}
+	err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
+		return r.Settle(d, m.cfg.Now()/1000)
+	})
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		m.log.Warn("settle run of terminal dispatch failed", "dispatch_id", d.DispatchID, "run_id", d.RunID, "err", err)
+	}
+}
+
+// dispatchLoop claims due work whenever agent slots are free: after every
+// submit and finished attempt, when agents come and go, and when the
+// earliest delayed dispatch falls due.
+func (m *Mailbox) dispatchLoop(ctx context.Context) {
+	defer m.loops.Done()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		next := m.dispatchReady(ctx)
+		wait := time.Hour
+		if next > 0 {
+			wait = max(time.Duration(next-m.cfg.Now())*time.Millisecond, time.Millisecond)
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.wake:
+		case <-m.exec.CapacityChanged():
+		case <-timer.C:
+		}
+	}
+}
+
+// dispatchReady starts due work on free slots, oldest waiting thread
+// first, and returns when the next delayed dispatch falls due (0: none
+// known).
+func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
+	for round := 0; round < 64; round++ {
+		m.mu.Lock()
+		free := m.exec.Capacity() - m.inFlight
+		closing := m.closing
+		m.mu.Unlock()
+		if free <= 0 || closing {
+			return 0
+		}
+		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now(), free)
+		if err != nil {
+			m.log.Warn("list ready threads failed", "err", err)
+			return m.cfg.Now() + 1000
+		}
+		started := false
+		for _, t := range threads {
+			if m.tryDispatch(ctx, t) == attemptClaimed {
+				started = true
+			}
+		}
+		if !started {
+			return next
+		}
+	}
+	return m.cfg.Now() + 1
+}
+
+// maintenanceLoop reclaims lapsed leases and reconciles on every sweep,
+// and purges old terminal dispatches and retained event logs on every GC.
+func (m *Mailbox) maintenanceLoop(ctx context.Context) {
+	defer m.loops.Done()
+	sweep := time.NewTicker(m.cfg.SweepInterval)
+	defer sweep.Stop()
+	gc := time.NewTicker(m.cfg.GCInterval)
+	defer gc.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sweep.C:
+			m.Sweep(ctx)
+		case <-gc.C:
+			m.GC(ctx)
+		}
+	}
+}
+
+// Sweep reclaims lapsed leases (re-queued ones are dispatched again) and
+// reconciles terminal dispatches.
+func (m *Mailbox) Sweep(ctx context.Context) {
+	for {
+		got, err := m.store.ReclaimExpired(ctx, m.cfg.Now(), reclaimPage)
+		if err != nil {
+			m.log.Warn("sweep: reclaim failed", "err", err)
+			break
+		}
+		for i := range got {
+			m.reconcileDispatch(ctx, &got[i])
+		}
+		if len(got) < reclaimPage {
+			break
+		}
+	}
+	if err := m.reconcileTerminal(ctx); err != nil {
+		m.log.Warn("sweep: reconcile failed", "err", err)
+	}
+	m.kick()
+}
+
+// GC purges terminal dispatches older than GCTTL and forgets event logs
+// retained longer than EventRetention.
+func (m *Mailbox) GC(ctx context.Context) {
+	now := m.cfg.Now()
+	if n, err := m.store.PurgeTerminal(ctx, now-m.cfg.GCTTL.Milliseconds()); err != nil {
+		m.log.Warn("gc: purge failed", "err", err)
+	} else if n > 0 {
+		m.log.Info("gc: purged terminal dispatches", "count", n)
+	}
+	m.mu.Lock()
+	for t, l := range m.logs {
+		if at, closed := l.ClosedAt(); closed && now-at > m.cfg.EventRetention.Milliseconds() {
+			delete(m.logs, t)
+		}
+	}
+	m.mu.Unlock()
+}
+
+// LiveDelivery says how a live submit was handled.
+type LiveDelivery string
+
+// Deliveries of SendMessages.
+const (
+	DeliveredLive   LiveDelivery = "live"
+	DeliveredQueued LiveDelivery = "queued"
+)
+
+// SendMessages is live-then-queue (seed submit_live_then_queue): the
+// messages are appended to the thread log durably first; then they are
+// offered to the run executing on the thread (if expectedRunID is set it
+// must be that run). If the run accepts them in time they are delivered
+// live; otherwise a background run activates those same logged messages.
+func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedRunID string) (SubmitResult, LiveDelivery, error) {
+	if err := m.accepting(); err != nil {
+		return SubmitResult{}, "", err
+	}
+	if err := validateRunInputs(&req); err != nil {
+		return SubmitResult{}, "", err
+	}
+	if len(req.Messages) == 0 {
+		res, err := m.SubmitBackground(ctx, req)
+		return res, DeliveredQueued, err
+	}
+	req.Messages = normalizeMessageIDs(req.Messages)
+	recs, err := m.appendMessages(ctx, req.ThreadID, req.Messages)
+	if err != nil {
+		return SubmitResult{}, "", err
+	}
+	m.mu.Lock()
+	e := m.threads[req.ThreadID]
+	m.mu.Unlock()
+	if e != nil && !e.claiming && (expectedRunID == "" || expectedRunID == e.dispatch.RunID) {
+		if m.command(ctx, e, Command{Kind: CommandMessages, Messages: recs}) {
+			return SubmitResult{DispatchID: e.dispatch.DispatchID, RunID: e.dispatch.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
+		}
+	}
+	req.messagesLogged = true
+	res, err := m.SubmitBackground(ctx, req)
+	return res, DeliveredQueued, err
+}
+
+// appendMessages appends messages to a thread log (guarded, retried).
+func (m *Mailbox) appendMessages(ctx context.Context, thread string, msgs []Message) ([]MessageRecord, error) {
+	unlock := m.locks.lock(thread)
+	defer unlock()
+	for attempt := 0; ; attempt++ {
+		count, err := m.store.MessageCount(ctx, thread)
+		if err != nil {
+			return nil, err
+		}
+		recs, err := m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, CreatedAt: m.cfg.Now()})
+		var conflict *ConflictError
+		if errors.As(err, &conflict) && attempt < maxAppendRetries {
+			continue
+		}
+		return recs, err
+	}
+}
+
+// SendDecision delivers a tool-call decision to the run executing here
+// whose run, dispatch or thread id is id. It reports whether the agent
+// accepted it in time.
+func (m *Mailbox) SendDecision(ctx context.Context, id string, d Decision) (bool, error) {
+	if err := ValidateID("id", id); err != nil {
+		return false, err
+	}
+	if err := ValidateID("call_id", d.CallID); err != nil {
+		return false, err
+	}
+	m.mu.Lock()
+	e := m.byRun[id]
+	if e == nil {
+		e = m.threads[id]
+	}
+	if e == nil {
+		for _, x := range m.threads {
+			if x.dispatch.DispatchID == id {
+				e = x
+				break
+			}
+		}
+	}
+	m.mu.Unlock()
+	if e == nil || e.claiming {
+		return false, nil
+	}
+	return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: []Decision{d}}), nil
+}
+
+// command hands a live command to an executing attempt and waits up to
+// CommandTimeout for the agent's receipt. No receipt means not delivered.
+func (m *Mailbox) command(ctx context.Context, e *execution, c Command) bool {
+	reply := make(chan error, 1)
+	c.Reply = reply
+	t := time.NewTimer(m.cfg.CommandTimeout)
+	defer t.Stop()
+	select {
+	case e.commands <- c:
+	case <-e.done:
+		return false
+	case <-t.C:
+		return false
+	case <-ctx.Done():
+		return false
+	}
+	select {
+	case err := <-reply:
+		return err == nil
+	case <-e.done:
+		return false
+	case <-t.C:
+		return false
+	case <-ctx.Done():
+		return false
+	}
+}

@@ -1,0 +1,378 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+)
+
+// ErrShuttingDown is returned to new submits once Stop has begun.
+var ErrShuttingDown = fmt.Errorf("mailbox is shutting down: %w", ErrUnavailable)
+
+// ConflictActiveRun is the exact text of the error a foreground submit
+// returns when the thread's active run could not be released.
+const ConflictActiveRun = "thread has an active run; cannot claim inline"
+
+// errActiveRun is that conflict as an error (a version conflict).
+var errActiveRun = fmt.Errorf("%w: %s", ErrVersionConflict, ConflictActiveRun)
+
+// Causes with which the engine cancels a running attempt.
+var (
+	errCancelled   = errors.New("run cancelled")
+	errInterrupted = errors.New("run interrupted by a newer submit")
+	errLeaseLost   = errors.New("dispatch lease lost")
+	errShutdown    = errors.New("sidecar shutting down")
+)
+
+// SubmitStatus says whether a submitted run started at once or waits.
+type SubmitStatus string
+
+// Submit statuses.
+const (
+	SubmitRunning SubmitStatus = "running"
+	SubmitQueued  SubmitStatus = "queued"
+)
+
+// SubmitResult identifies a submitted run.
+type SubmitResult struct {
+	DispatchID string       `json:"dispatch_id"`
+	RunID      string       `json:"run_id"`
+	ThreadID   string       `json:"thread_id"`
+	Status     SubmitStatus `json:"status"`
+}
+
+// Mailbox is the mailbox service: it turns submits into durable runs,
+// claims them when an agent slot is free, executes them through the
+// Executor, settles their dispatches, and carries live commands to the
+// run that is executing.
+//
+// Locks: mu guards the maps and counters below it; it is never held
+// across store or executor calls. Per-thread request preparation is
+// serialised by locks (a striped mutex), taken before mu when both are
+// needed.
+type Mailbox struct {
+	cfg   Config
+	store Store
+	exec  Executor
+	log   *slog.Logger
+	locks *threadLocks
+
+	mu       sync.Mutex
+	threads  map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
+	byRun    map[string]*execution
+	inFlight int                  // attempts claimed or executing here (capacity accounting)
+	logs     map[string]*EventLog // thread → event log of its current or last run (re-attachment)
+	pending  map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
+	started  bool
+	closing  bool
+
+	wake      chan struct{} // wakes the dispatcher; buffered, coalesced
+	loopStop  context.CancelFunc
+	loops     sync.WaitGroup // dispatcher and maintenance loops
+	execs     sync.WaitGroup // executing attempts
+	termAfter TerminalCursor // reconciliation high-water mark (maintenance goroutine only)
+}
+
+// New builds a Mailbox over a store and an executor. Start recovers and
+// starts it; Stop shuts it down.
+func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
+	if store == nil || exec == nil {
+		return nil, Validationf("mailbox needs a store and an executor")
+	}
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	return &Mailbox{
+		cfg: cfg, store: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(),
+		threads: map[string]*execution{}, byRun: map[string]*execution{},
+		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
+		wake: make(chan struct{}, 1),
+	}, nil
+}
+
+// Config returns the effective configuration (defaults filled in).
+func (m *Mailbox) Config() Config { return m.cfg }
+
+func (m *Mailbox) kick() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (m *Mailbox) accepting() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closing {
+		return ErrShuttingDown
+	}
+	return nil
+}
+
+// SubmitBackground queues a run (seed submit_background): the run record
+// and its dispatch are durable when it returns; the run starts at once if
+// an agent slot is free, otherwise when one frees.
+func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (SubmitResult, error) {
+	if err := m.accepting(); err != nil {
+		return SubmitResult{}, err
+	}
+	normalizeRunMode(&req, true)
+	if err := validateRunInputs(&req); err != nil {
+		return SubmitResult{}, err
+	}
+	if req.DedupeKey != "" {
+		if res, ok, err := m.existingByDedupe(ctx, req.ThreadID, req.DedupeKey); err != nil || ok {
+			return res, err
+		}
+	}
+	runID, err := m.prepareRun(ctx, &req)
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	d, err := m.buildDispatch(&req, m.cfg.Now())
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	if _, err := m.store.Enqueue(ctx, d); err != nil {
+		if errors.Is(err, ErrAlreadyExists) && req.DedupeKey != "" {
+			if res, ok, lerr := m.existingByDedupe(ctx, req.ThreadID, req.DedupeKey); lerr == nil && ok {
+				return res, nil
+			}
+		}
+		return SubmitResult{}, fmt.Errorf("submit to %s: %w", req.ThreadID, err)
+	}
+	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
+	if m.tryDispatch(ctx, req.ThreadID) == attemptClaimed {
+		if m.runningDispatch(req.ThreadID) == d.DispatchID {
+			res.Status = SubmitRunning
+		}
+	}
+	m.kick()
+	return res, nil
+}
+
+// existingByDedupe finds the non-terminal dispatch holding a dedupe key
+// on a thread (an idempotent repeat returns it instead of a new run).
+func (m *Mailbox) existingByDedupe(ctx context.Context, thread, key string) (SubmitResult, bool, error) {
+	ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{StatusQueued, StatusClaimed}, 0, 0)
+	if err != nil {
+		return SubmitResult{}, false, err
+	}
+	for _, d := range ds {
+		if d.DedupeKey == key {
+			st := SubmitQueued
+			if d.Status == StatusClaimed {
+				st = SubmitRunning
+			}
+			return SubmitResult{DispatchID: d.DispatchID, RunID: d.RunID, ThreadID: thread, Status: st}, true, nil
+		}
+	}
+	return SubmitResult{}, false, nil
+}
+
+// runningDispatch returns the dispatch executing on a thread here, or "".
+func (m *Mailbox) runningDispatch(thread string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if e := m.threads[thread]; e != nil {
+		return e.dispatch.DispatchID
+	}
+	return ""
+}
+
+// Cancel cancels by dispatch id, run id or thread id (seed cancel): a
+// queued dispatch is cancelled in the store (its run settles with it); a
+// run executing here is cancelled. It reports whether anything was
+// cancelled.
+func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
+	if err := ValidateID("id", id); err != nil {
+		return false, err
+	}
+	d, err := m.store.Cancel(ctx, id, m.cfg.Now())
+	if err != nil {
+		return false, fmt.Errorf("cancel %s: %w", id, err)
+	}
+	if d != nil {
+		return true, nil
+	}
+	if m.cancelLocal(id, errCancelled) {
+		return true, nil
+	}
+	return false, nil
+}
+
+// cancelLocal cancels the attempt executing here whose run, dispatch or
+// thread is id.
+func (m *Mailbox) cancelLocal(id string, cause error) bool {
+	m.mu.Lock()
+	e := m.byRun[id]
+	if e == nil {
+		e = m.threads[id]
+	}
+	if e == nil {
+		for _, x := range m.threads {
+			if x.dispatch.DispatchID == id {
+				e = x
+				break
+			}
+		}
+	}
+	m.mu.Unlock()
+	if e == nil || e.claiming {
+		return false
+	}
+	e.cancel(cause)
+	return true
+}
+
+// Interrupt bumps the thread's epoch: its queued dispatches are superseded
+// (their runs settle as cancelled) and the run executing here, if any, is
+// cancelled.
+func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult, error) {
+	res, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
+	if err != nil {
+		return res, err
+	}
+	if res.Active != nil {
+		m.cancelLocal(thread, errInterrupted)
+	}
+	return res, nil
+}
+
+// Submit is the foreground submit (seed submit): it interrupts the
+// thread — queued work superseded, the active run cancelled and awaited —
+// then starts this request at once if an agent slot is free; otherwise it
+// waits at the head of its thread for a slot. The returned EventLog
+// follows the run. If the active run does not release its claim in time,
+// nothing is written and the error is a conflict.
+func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, *EventLog, error) {
+	if err := m.accepting(); err != nil {
+		return SubmitResult{}, nil, err
+	}
+	normalizeRunMode(&req, false)
+	if err := validateRunInputs(&req); err != nil {
+		return SubmitResult{}, nil, err
+	}
+	thread := req.ThreadID
+	ir, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
+	if err != nil {
+		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+	}
+	if ir.Active != nil {
+		if !m.cancelAndAwait(ctx, thread, ir.Active.DispatchID) {
+			return SubmitResult{}, nil, errActiveRun
+		}
+	}
+	runID, err := m.prepareRun(ctx, &req)
+	if err != nil {
+		return SubmitResult{}, nil, err
+	}
+	// With a free slot, claim inline behind a guard that keeps background
+	// claimers away; without one, queue it at the head of the thread.
+	slot := m.reserveSlot(thread)
+	availableAt := m.cfg.Now()
+	if slot {
+		availableAt += InlineClaimGuard.Milliseconds()
+	} else if req.Priority == nil {
+		head := uint8(0)
+		req.Priority = &head
+	}
+	d, err := m.buildDispatch(&req, availableAt)
+	if err != nil {
+		m.releaseSlot(thread)
+		return SubmitResult{}, nil, err
+	}
+	events := NewEventLog(m.cfg.EventBuffer)
+	m.mu.Lock()
+	m.pending[d.DispatchID] = events
+	m.logs[thread] = events
+	m.mu.Unlock()
+	if _, err := m.store.Enqueue(ctx, d); err != nil {
+		m.dropPending(d.DispatchID)
+		if slot {
+			m.releaseSlot(thread)
+		}
+		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+	}
+	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitQueued}
+	if !slot {
+		m.kick()
+		return res, events, nil
+	}
+	claimed, err := m.store.ClaimDispatch(ctx, d.DispatchID, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
+	if err != nil || claimed == nil {
+		m.releaseSlot(thread)
+		m.dropPending(d.DispatchID)
+		if err != nil {
+			return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+		}
+		// Lost the race for the thread: withdraw our dispatch (its run
+		// settles as cancelled in the same commit).
+		if _, cerr := m.store.Cancel(ctx, d.DispatchID, m.cfg.Now()); cerr != nil {
+			m.log.Warn("cancel unclaimed inline dispatch failed", "dispatch_id", d.DispatchID, "err", cerr)
+		}
+		return SubmitResult{}, nil, errActiveRun
+	}
+	m.startExecution(*claimed)
+	res.Status = SubmitRunning
+	return res, events, nil
+}
+
+func (m *Mailbox) dropPending(dispatchID string) {
+	m.mu.Lock()
+	delete(m.pending, dispatchID)
+	m.mu.Unlock()
+}
+
+// cancelAndAwait cancels the attempt of a thread executing here and waits
+// (up to CancelWait) until the store no longer shows the dispatch claimed.
+// It reports whether the dispatch was released in time.
+func (m *Mailbox) cancelAndAwait(ctx context.Context, thread, dispatchID string) bool {
+	m.mu.Lock()
+	e := m.threads[thread]
+	m.mu.Unlock()
+	if e != nil && !e.claiming && e.dispatch.DispatchID == dispatchID {
+		e.cancel(errInterrupted)
+	}
+	deadline := time.Now().Add(m.cfg.CancelWait)
+	for {
+		d, err := m.store.LoadDispatch(ctx, dispatchID)
+		if err != nil {
+			return false
+		}
+		if d == nil || d.Status != StatusClaimed {
+			return true
+		}
+		if e == nil || time.Now().After(deadline) {
+			// Nobody here runs it: only lease expiry frees it.
+			return false
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-e.done:
+		case <-time.After(25 * time.Millisecond):
+		}
+	}
+}
+
+// Reattach returns the event log of the thread's running run, or of its
+// last run while that is retained (EventRetention after it ended); nil
+// when there is none.
+func (m *Mailbox) Reattach(thread string) *EventLog {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.logs[thread]
+	if l == nil {
+		return nil
+	}
+	if at, closed := l.ClosedAt(); closed && m.cfg.Now()-at > m.cfg.EventRetention.Milliseconds() {
+		delete(m.logs, thread)
+		return nil
+	}
+	return l
+}

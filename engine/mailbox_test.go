@@ -1,0 +1,466 @@
+package engine_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeExecutor is the scripted agent side of engine tests: it runs each
+// request through script and records concurrency.
+type fakeExecutor struct {
+	mu        sync.Mutex
+	capacity  int
+	capCh     chan struct{}
+	script    func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome
+	active    int
+	maxActive int
+	perThread map[string]int
+	overlap   bool
+	runs      []engine.RunRequest
+}
+
+func newFake(capacity int, script func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome) *fakeExecutor {
+	return &fakeExecutor{capacity: capacity, capCh: make(chan struct{}, 1), script: script, perThread: map[string]int{}}
+}
+
+func (f *fakeExecutor) Run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+	f.mu.Lock()
+	f.active++
+	f.maxActive = max(f.maxActive, f.active)
+	f.perThread[req.ThreadID]++
+	if f.perThread[req.ThreadID] > 1 {
+		f.overlap = true
+	}
+	f.runs = append(f.runs, *req)
+	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.active--
+		f.perThread[req.ThreadID]--
+		f.mu.Unlock()
+	}()
+	return f.script(ctx, req, sink)
+}
+
+func (f *fakeExecutor) Capacity() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.capacity
+}
+
+func (f *fakeExecutor) CapacityChanged() <-chan struct{} { return f.capCh }
+
+func (f *fakeExecutor) setCapacity(n int) {
+	f.mu.Lock()
+	f.capacity = n
+	f.mu.Unlock()
+	select {
+	case f.capCh <- struct{}{}:
+	default:
+	}
+}
+
+func (f *fakeExecutor) stats() (runs, maxActive int, overlap bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.runs), f.maxActive, f.overlap
+}
+
+// complete is a script that emits two events and finishes naturally.
+func complete(_ context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+	sink.Emit([]byte(`{"type":"text_delta","delta":"hi"}`))
+	sink.Emit([]byte(`{"type":"run_finish","run_id":"` + req.RunID + `"}`))
+	return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "done " + req.RunID}
+}
+
+type rig struct {
+	store *badgerstore.Store
+	exec  *fakeExecutor
+	mb    *engine.Mailbox
+}
+
+func newRig(t *testing.T, exec *fakeExecutor, cfg engine.Config) *rig {
+	t.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.RetryDelay == 0 {
+		cfg.RetryDelay = 20 * time.Millisecond
+		cfg.MaxRetryDelay = 200 * time.Millisecond
+	}
+	mb, err := engine.New(s, exec, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := mb.Stop(ctx); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+		rep, err := s.Verify(context.Background())
+		if err != nil || len(rep.Problems) > 0 {
+			t.Errorf("verify after test: %v %v", err, rep.Problems)
+		}
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return &rig{store: s, exec: exec, mb: mb}
+}
+
+func (r *rig) start(t *testing.T) {
+	t.Helper()
+	if err := r.mb.Start(context.Background()); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+}
+
+func userMsg(text string) engine.Message {
+	b, _ := json.Marshal(text)
+	return engine.Message{Role: engine.RoleUser, Content: b}
+}
+
+// eventually polls cond (bounded) instead of sleeping to synchronise.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for: %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func dispatchStatus(t *testing.T, s *badgerstore.Store, id string) engine.DispatchStatus {
+	t.Helper()
+	d, err := s.LoadDispatch(context.Background(), id)
+	if err != nil || d == nil {
+		t.Fatalf("load dispatch %s: %v %v", id, d, err)
+	}
+	return d.Status
+}
+
+func TestBackgroundSubmitRunsAcksAndRecordsTheRun(t *testing.T) {
+	r := newRig(t, newFake(4, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("hello")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.DispatchID == res.RunID || res.ThreadID != "t1" {
+		t.Fatalf("submit result %+v", res)
+	}
+	eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	run, err := r.store.LoadRun(ctx, res.RunID)
+	if err != nil || run == nil {
+		t.Fatal(run, err)
+	}
+	if run.Status != engine.RunDone || run.DispatchID != res.DispatchID || run.SessionID == "" || string(run.FinalOutput) != `"done `+res.RunID+`"` || run.StartedAt == 0 || run.FinishedAt == 0 {
+		t.Fatalf("run record %+v", run)
+	}
+	d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+	if d.RunStatus != engine.RunDone || d.RunResponse != "done "+res.RunID || d.InstanceID != run.SessionID {
+		t.Fatalf("dispatch projection %+v", d)
+	}
+	runs, _, _ := r.exec.stats()
+	if runs != 1 {
+		t.Fatalf("executor ran %d times", runs)
+	}
+	req := r.exec.runs[0]
+	if len(req.Messages) != 1 || string(req.Messages[0].Content) != `"hello"` || req.RunMode != engine.ModeScheduled || req.Context.TotalMessages != 1 || req.Attempt != 1 {
+		t.Fatalf("run request %+v", req)
+	}
+	l := r.mb.Reattach("t1")
+	if l == nil {
+		t.Fatal("no event log to re-attach to")
+	}
+	evs, _, _, _ := l.Read(0, 10, nil)
+	if len(evs) != 2 || evs[0].Type != "text_delta" || evs[1].Type != "run_finish" {
+		t.Fatalf("events %+v", evs)
+	}
+}
+
+func TestNoAgentMeansWorkWaitsWithoutSpendingAttempts(t *testing.T) {
+	exec := newFake(0, complete)
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil || res.Status != engine.SubmitQueued {
+		t.Fatalf("submit: %+v %v", res, err)
+	}
+	time.Sleep(10 * r.mb.Config().RetryDelay) // ten retry periods with nobody to run it
+	d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+	if d.Status != engine.StatusQueued || d.AttemptCount != 0 {
+		t.Fatalf("without an agent the dispatch became %+v", d)
+	}
+	exec.setCapacity(1)
+	eventually(t, "runs once an agent arrives", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+}
+
+func TestCapacityAndOneRunPerThread(t *testing.T) {
+	slow := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		time.Sleep(2 * time.Millisecond)
+		return complete(ctx, req, sink)
+	}
+	exec := newFake(2, slow)
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	var ids []string
+	for i := range 50 {
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", i%10), Messages: []engine.Message{userMsg(fmt.Sprint(i))}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.DispatchID)
+	}
+	eventually(t, "all 50 acked", func() bool {
+		c, _ := r.store.CountByStatus(ctx)
+		return c.Get(engine.StatusAcked) == 50
+	})
+	runs, maxActive, overlap := exec.stats()
+	if runs != 50 || maxActive > 2 || overlap {
+		t.Fatalf("runs %d, max concurrent %d (cap 2), same-thread overlap %v", runs, maxActive, overlap)
+	}
+}
+
+func TestTransientFailureIsRetriedAfterBackoffOnItsOwn(t *testing.T) {
+	var mu sync.Mutex
+	calls := 0
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		mu.Lock()
+		calls++
+		n := calls
+		mu.Unlock()
+		if n == 1 {
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "model overloaded"}
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{RetryDelay: 200 * time.Millisecond, MaxRetryDelay: time.Second})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "nacked", func() bool {
+		d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+		return d.AttemptCount == 1
+	})
+	nacked := time.Now()
+	eventually(t, "retried and acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	if waited := time.Since(nacked); waited > 2*time.Second {
+		t.Fatalf("retry came after %s", waited)
+	}
+	d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+	if d.AttemptCount != 1 || len(d.Errors) != 1 || d.Errors[0].Error != "model overloaded" {
+		t.Fatalf("dispatch after retry %+v", d)
+	}
+	l := r.mb.Reattach("t1")
+	evs, _, _, _ := l.Read(0, 10, nil)
+	if len(evs) == 0 || evs[len(evs)-1].Type != "run_finish" {
+		t.Fatalf("events of the retried run %+v", evs)
+	}
+}
+
+func TestPermanentFailureDeadLettersAndErrorsTheRun(t *testing.T) {
+	script := func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome {
+		return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "agent_not_found", Error: "agent 'x' not found"}
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "dead-lettered", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
+	run, _ := r.store.LoadRun(ctx, res.RunID)
+	if run.Status != engine.RunDone || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermError || string(run.ErrorPayload) != `{"message":"agent 'x' not found"}` {
+		t.Fatalf("run after permanent failure %+v", run)
+	}
+	evs, _, _, _ := r.mb.Reattach("t1").Read(0, 10, nil)
+	if len(evs) != 1 || evs[0].Type != "run_finish" {
+		t.Fatalf("synthetic run_finish missing: %+v", evs)
+	}
+}
+
+func TestForegroundSubmitInterruptsQueuedAndActiveWork(t *testing.T) {
+	block := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if string(req.Messages[0].Content) == `"long"` {
+			select {
+			case <-ctx.Done():
+				return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+			case <-block:
+			}
+		}
+		return complete(ctx, req, sink)
+	}
+	defer close(block)
+	r := newRig(t, newFake(2, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	long, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("long")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "long run started", func() bool { return dispatchStatus(t, r.store, long.DispatchID) == engine.StatusClaimed })
+	queued, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("later")}})
+	if err != nil || queued.Status != engine.SubmitQueued {
+		t.Fatalf("second submit %+v %v", queued, err)
+	}
+	res, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("now")}})
+	if err != nil {
+		t.Fatalf("foreground submit: %v", err)
+	}
+	if res.Status != engine.SubmitRunning || events == nil {
+		t.Fatalf("foreground result %+v", res)
+	}
+	if st := dispatchStatus(t, r.store, queued.DispatchID); st != engine.StatusSuperseded {
+		t.Fatalf("queued dispatch is %s, want superseded", st)
+	}
+	if run, _ := r.store.LoadRun(ctx, queued.RunID); run.Status != engine.RunDone || run.TerminationReason.Type != engine.TermCancelled {
+		t.Fatalf("superseded run %+v", run)
+	}
+	if st := dispatchStatus(t, r.store, long.DispatchID); st == engine.StatusClaimed || st == engine.StatusQueued {
+		t.Fatalf("active dispatch still %s", st)
+	}
+	eventually(t, "foreground run acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	evs, _, _, _ := events.Read(0, 10, nil)
+	if len(evs) != 2 || evs[1].Type != "run_finish" {
+		t.Fatalf("foreground events %+v", evs)
+	}
+}
+
+func TestLiveMessagesReachTheRunningRunElseQueue(t *testing.T) {
+	got := make(chan []engine.MessageRecord, 1)
+	release := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if string(req.Messages[0].Content) == `"first"` {
+			select {
+			case c := <-req.Commands:
+				got <- c.Messages
+				c.Reply <- nil
+			case <-ctx.Done():
+			}
+			<-release
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("first")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "first run claimed", func() bool { return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusClaimed })
+	res, how, err := r.mb.SendMessages(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("steer")}}, first.RunID)
+	if err != nil || how != engine.DeliveredLive || res.DispatchID != first.DispatchID {
+		t.Fatalf("live send: %+v %s %v", res, how, err)
+	}
+	recs := <-got
+	if len(recs) != 1 || recs[0].Seq != 2 || string(recs[0].Message.Content) != `"steer"` {
+		t.Fatalf("live messages %+v", recs)
+	}
+	close(release)
+	eventually(t, "first acked", func() bool { return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked })
+	// Nothing running now: the message is logged and a run activates it.
+	res, how, err = r.mb.SendMessages(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("later")}}, "")
+	if err != nil || how != engine.DeliveredQueued {
+		t.Fatalf("fallback send: %+v %s %v", res, how, err)
+	}
+	eventually(t, "fallback acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	msgs, _ := r.store.LoadMessages(ctx, "t1")
+	if len(msgs) != 3 {
+		t.Fatalf("thread log has %d messages, want 3 (each appended once): %v", len(msgs), msgs)
+	}
+	last := r.exec.runs[len(r.exec.runs)-1]
+	if len(last.Messages) != 1 || string(last.Messages[0].Content) != `"later"` {
+		t.Fatalf("fallback run activated %+v", last.Messages)
+	}
+}
+
+func TestStopReleasesUnfinishedRunsWithoutSpendingAttempts(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "cancelled"}
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "claimed", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusClaimed })
+	grace, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := r.mb.Stop(grace); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+	if d.Status != engine.StatusQueued || d.AttemptCount != 0 {
+		t.Fatalf("after shutdown the dispatch is %+v", d)
+	}
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("y")}}); !errors.Is(err, engine.ErrShuttingDown) {
+		t.Fatalf("submit after stop: %v", err)
+	}
+}
+
+func TestRecoveryReclaimsLapsedLeasesAndRunsThem(t *testing.T) {
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	// A previous incarnation prepared a run, claimed it, and died.
+	first, err := engine.New(s, newFake(0, complete), engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := first.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ClaimDispatch(ctx, res.DispatchID, "dead-process", time.Millisecond, time.Now().UnixMilli()-1000); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{store: s, exec: newFake(1, complete)}
+	r.mb, err = engine.New(s, r.exec, engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = r.mb.Stop(ctx)
+		_ = s.Close()
+	})
+	r.start(t)
+	eventually(t, "reclaimed and run", func() bool { return dispatchStatus(t, s, res.DispatchID) == engine.StatusAcked })
+	d, _ := s.LoadDispatch(ctx, res.DispatchID)
+	if d.AttemptCount != 1 {
+		t.Fatalf("a crash must cost one attempt: %+v", d)
+	}
+}

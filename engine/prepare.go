@@ -1,0 +1,332 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"strings"
+	"sync"
+)
+
+// maxAppendRetries bounds the retries of a version-guarded append that
+// lost a race with another writer of the same thread (lessons.md B1).
+const maxAppendRetries = 8
+
+// threadLocks serialises the read-modify-write of one thread's log and
+// run records within this process (a striped mutex: 256 stripes). The
+// store's count guard covers writers in other processes.
+type threadLocks struct {
+	seed    maphash.Seed
+	stripes [256]sync.Mutex
+}
+
+func newThreadLocks() *threadLocks { return &threadLocks{seed: maphash.MakeSeed()} }
+
+func (l *threadLocks) lock(thread string) func() {
+	m := &l.stripes[maphash.String(l.seed, thread)%uint64(len(l.stripes))]
+	m.Lock()
+	return m.Unlock
+}
+
+// reusableWaitingRun returns the run a new message on the thread should
+// continue: the thread's open run, else its latest run, when that run
+// waits for input. Store errors propagate (fail closed, lessons.md B9).
+func (m *Mailbox) reusableWaitingRun(ctx context.Context, thread string) (string, error) {
+	t, err := m.store.LoadThread(ctx, thread)
+	if err != nil {
+		return "", fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+	}
+	if t != nil && t.OpenRunID != "" {
+		r, err := m.store.LoadRun(ctx, t.OpenRunID)
+		if err != nil {
+			return "", fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+		}
+		if r != nil && r.ThreadID == thread && r.IsResumableWaiting() {
+			return r.RunID, nil
+		}
+	}
+	r, err := m.store.LatestRun(ctx, thread)
+	if err != nil {
+		return "", fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+	}
+	if r != nil && r.IsResumableWaiting() {
+		return r.RunID, nil
+	}
+	return "", nil
+}
+
+// prepareRun makes the durable run record for a request (engine.md §2):
+// it appends the request's messages to the thread log and creates or
+// updates the run in one guarded checkpoint, retrying when another
+// writer appended in between. It chooses the dispatch id up front and
+// records it on the run (lessons.md B3), and returns the run id.
+func (m *Mailbox) prepareRun(ctx context.Context, r *SubmitRequest) (string, error) {
+	thread := r.ThreadID
+	unlock := m.locks.lock(thread)
+	defer unlock()
+
+	if strings.TrimSpace(r.ContinueRunID) == "" && strings.TrimSpace(r.RunIDHint) == "" {
+		waiting, err := m.reusableWaitingRun(ctx, thread)
+		if err != nil {
+			return "", err
+		}
+		r.ContinueRunID = waiting
+	}
+	runID := strings.TrimSpace(r.ContinueRunID)
+	if runID == "" {
+		runID = strings.TrimSpace(r.RunIDHint)
+	}
+	if runID == "" {
+		runID = newID()
+	}
+	if r.ContinueRunID == "" {
+		r.RunIDHint = runID
+	}
+	if strings.TrimSpace(r.DispatchIDHint) == "" {
+		r.DispatchIDHint = newID()
+	}
+	if !r.messagesLogged {
+		r.Messages = normalizeMessageIDs(r.Messages)
+	}
+	extras, err := json.Marshal(extrasOf(r))
+	if err != nil {
+		return "", fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
+	}
+	ids := messageIDs(r.Messages)
+
+	for attempt := 0; ; attempt++ {
+		count, err := m.store.MessageCount(ctx, thread)
+		if err != nil {
+			return "", fmt.Errorf("prepare run %s: %w", runID, err)
+		}
+		total := count
+		var appendMsgs []Message
+		if !r.messagesLogged {
+			appendMsgs = r.Messages
+			total += uint64(len(appendMsgs))
+		}
+		snapshot := &RunRequestSnapshot{
+			Origin:             r.Origin,
+			InputMessageIDs:    ids,
+			InputMessageCount:  len(ids),
+			RequestExtras:      extras,
+			Decisions:          r.Decisions,
+			FrontendTools:      r.FrontendTools,
+			ParentThreadID:     r.ParentThreadID,
+			TransportRequestID: r.TransportRequestID,
+		}
+		input := &RunMessageInput{ThreadID: thread, TriggerMessageIDs: ids}
+		if total > 0 {
+			input.Range = &SeqRange{From: 1, To: total}
+		}
+		run, err := m.runForDispatch(ctx, r, runID, snapshot, input)
+		if err != nil {
+			return "", err
+		}
+		_, err = m.store.Checkpoint(ctx, Checkpoint{
+			ThreadID: thread, ExpectedCount: count, Messages: appendMsgs,
+			CreatedAt: m.cfg.Now(), Run: run,
+		})
+		var conflict *ConflictError
+		if errors.As(err, &conflict) && conflict.What == "message_count" && attempt < maxAppendRetries {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("prepare run %s: %w", runID, err)
+		}
+		return runID, nil
+	}
+}
+
+// runForDispatch returns the run record a checkpoint should write: the
+// existing run updated with the new request (it must be open for
+// dispatch), or a new created run (engine.md items 15 and 16).
+func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, snapshot *RunRequestSnapshot, input *RunMessageInput) (*RunRecord, error) {
+	nowSec := m.cfg.Now() / 1000
+	existing, err := m.store.LoadRun(ctx, runID)
+	if err != nil {
+		return nil, fmt.Errorf("prepare run %s: %w", runID, err)
+	}
+	if existing != nil {
+		if existing.ThreadID != r.ThreadID {
+			return nil, Validationf("run_id '%s' belongs to thread '%s', not '%s'", runID, existing.ThreadID, r.ThreadID)
+		}
+		if existing.Status != RunCreated && !existing.IsResumableWaiting() {
+			return nil, Validationf("run_id '%s' is not open for dispatch", runID)
+		}
+		existing.Request, existing.Input = snapshot, input
+		existing.DispatchID = r.DispatchIDHint
+		existing.UpdatedAt = nowSec
+		return existing, nil
+	}
+	prev, err := m.store.LatestRun(ctx, r.ThreadID)
+	if err != nil {
+		return nil, fmt.Errorf("prepare run %s: %w", runID, err)
+	}
+	agent := strings.TrimSpace(r.AgentID)
+	if agent == "" && prev != nil && prev.Status != RunCreated && strings.TrimSpace(prev.AgentID) != "" {
+		agent = prev.AgentID
+	}
+	if agent == "" {
+		agent = "default"
+	}
+	var state json.RawMessage
+	if prev != nil && prev.Status != RunCreated {
+		state = prev.State
+	}
+	return &RunRecord{
+		RunID: runID, ThreadID: r.ThreadID, AgentID: agent, ParentRunID: r.ParentRunID,
+		Request: snapshot, Input: input, Status: RunCreated, DispatchID: r.DispatchIDHint,
+		TransportRequestID: r.TransportRequestID, CreatedAt: nowSec, UpdatedAt: nowSec, State: state,
+	}, nil
+}
+
+// buildDispatch makes the queued dispatch of a prepared request
+// (engine.md item 19).
+func (m *Mailbox) buildDispatch(r *SubmitRequest, availableAt int64) (Dispatch, error) {
+	runID := r.ContinueRunID
+	if runID == "" {
+		runID = r.RunIDHint
+	}
+	if runID == "" {
+		return Dispatch{}, fmt.Errorf("internal error: run_id missing after preparation")
+	}
+	now := m.cfg.Now()
+	prio := DefaultPriority
+	if r.Priority != nil {
+		prio = *r.Priority
+	}
+	return Dispatch{
+		DispatchID: r.DispatchIDHint, ThreadID: r.ThreadID, RunID: runID, Priority: prio,
+		DedupeKey: strings.TrimSpace(r.DedupeKey), Status: StatusQueued, AvailableAt: availableAt,
+		MaxAttempts: m.cfg.MaxAttempts, CreatedAt: now, UpdatedAt: now,
+	}, nil
+}
+
+// reconstruct rebuilds an attempt's request from the durable run record
+// (engine.md item 45). A failure here is permanent.
+func (m *Mailbox) reconstruct(ctx context.Context, d *Dispatch) (*RunRequest, *RunRecord, error) {
+	run, err := m.store.LoadRun(ctx, d.RunID)
+	if err != nil {
+		return nil, nil, err
+	}
+	if run == nil {
+		return nil, nil, Validationf("run '%s' not found for dispatch '%s'", d.RunID, d.DispatchID)
+	}
+	if run.ThreadID != d.ThreadID {
+		return nil, nil, Validationf("run '%s' belongs to thread '%s', not dispatch thread '%s'", run.RunID, run.ThreadID, d.ThreadID)
+	}
+	snap := run.Request
+	if snap == nil {
+		return nil, nil, Validationf("run '%s' has no request snapshot", run.RunID)
+	}
+	extras, err := ParseRequestExtras(snap.RequestExtras)
+	if err != nil {
+		return nil, nil, err
+	}
+	msgs, err := m.activationMessages(ctx, run, snap)
+	if err != nil {
+		return nil, nil, err
+	}
+	origin := snap.Origin
+	if origin == "" {
+		origin = OriginUser
+	}
+	req := &RunRequest{
+		DispatchID: d.DispatchID, RunID: run.RunID, ThreadID: run.ThreadID, AgentID: run.AgentID,
+		Attempt: d.AttemptCount + 1, Messages: msgs, RunMode: extras.RunMode, Origin: origin,
+		ParentRunID: run.ParentRunID, ParentThreadID: snap.ParentThreadID,
+		TransportRequestID: snap.TransportRequestID, Decisions: snap.Decisions,
+		FrontendTools: snap.FrontendTools, Overrides: extras.Overrides, Traceparent: extras.Traceparent,
+	}
+	if req.RunMode == "" || req.RunMode == ModeForeground {
+		req.RunMode = ModeResume
+	}
+	if len(extras.Decisions) > 0 {
+		req.Decisions = extras.Decisions
+	}
+	if run.IsResumableWaiting() {
+		req.ContinueRunID = run.RunID
+	}
+	req.Context, err = m.threadContext(ctx, run.ThreadID)
+	if err != nil {
+		return nil, nil, err
+	}
+	return req, run, nil
+}
+
+// activationMessages returns the messages that start a run: its input
+// message ids, else the last input_message_count records of its range.
+func (m *Mailbox) activationMessages(ctx context.Context, run *RunRecord, snap *RunRequestSnapshot) ([]Message, error) {
+	if len(snap.InputMessageIDs) > 0 {
+		out := make([]Message, 0, len(snap.InputMessageIDs))
+		for _, id := range snap.InputMessageIDs {
+			rec, err := m.store.LoadMessage(ctx, run.ThreadID, id)
+			if err != nil {
+				return nil, err
+			}
+			if rec == nil {
+				return nil, Validationf("message '%s' not found for run '%s'", id, run.RunID)
+			}
+			out = append(out, rec.Message)
+		}
+		return out, nil
+	}
+	if snap.InputMessageCount > 0 && run.Input != nil && run.Input.Range != nil {
+		rg := run.Input.Range
+		from := rg.From
+		if n := uint64(snap.InputMessageCount); rg.To-rg.From+1 > n {
+			from = rg.To - n + 1
+		}
+		recs, err := m.store.LoadMessageRange(ctx, run.ThreadID, from, rg.To)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]Message, len(recs))
+		for i := range recs {
+			out[i] = recs[i].Message
+		}
+		return out, nil
+	}
+	return nil, nil
+}
+
+// threadContext loads the recent history of a thread, capped at
+// ContextMessages messages and ContextBytes bytes of message content.
+func (m *Mailbox) threadContext(ctx context.Context, thread string) (ThreadContext, error) {
+	var tc ThreadContext
+	total, err := m.store.MessageCount(ctx, thread)
+	if err != nil {
+		return tc, err
+	}
+	tc.TotalMessages = total
+	if total > 0 && m.cfg.ContextMessages > 0 {
+		from := uint64(1)
+		if total > uint64(m.cfg.ContextMessages) {
+			from = total - uint64(m.cfg.ContextMessages) + 1
+		}
+		recs, err := m.store.LoadMessageRange(ctx, thread, from, total)
+		if err != nil {
+			return tc, err
+		}
+		size, keep := 0, len(recs)
+		for i := len(recs) - 1; i >= 0; i-- {
+			size += len(recs[i].Message.Content) + len(recs[i].Message.ToolCalls) + 64
+			if size > m.cfg.ContextBytes {
+				break
+			}
+			keep = i
+		}
+		if size > m.cfg.ContextBytes && keep == len(recs) {
+			keep = len(recs) // not even the newest message fits: send none
+		}
+		tc.Messages = recs[keep:]
+		if len(tc.Messages) > 0 {
+			tc.FirstSeq = tc.Messages[0].Seq
+		}
+	}
+	tc.LatestRun, err = m.store.LatestRun(ctx, thread)
+	return tc, err
+}
