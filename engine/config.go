@@ -52,6 +52,25 @@ type Config struct {
 	// run. Defaults 500 and 4 MiB.
 	ContextMessages int
 	ContextBytes    int
+	// StartupDelay postpones recovery and the loops after Start. Default 0.
+	StartupDelay time.Duration
+	// StartupRecoveryAttempts is how often Start tries recovery before it
+	// fails (at least 1). Default 1.
+	StartupRecoveryAttempts int
+	// StartupRetryDelay separates those attempts. Default 250ms.
+	StartupRetryDelay time.Duration
+	// MaintenanceCallback, when set, runs after every GC pass.
+	MaintenanceCallback func()
+
+	// SignalBatch, SignalWait, SignalNackBase, SignalNackMax and
+	// SignalHandlers tune the dispatch-signal loop of stores that offer
+	// signals (engine.md §13). Defaults 32, 500ms, 500ms, 30s, 32.
+	SignalBatch    int
+	SignalWait     time.Duration
+	SignalNackBase time.Duration
+	SignalNackMax  time.Duration
+	SignalHandlers int
+
 	// Logger receives the engine's logs. Default: discard.
 	Logger *slog.Logger
 	// Now is the clock (Unix milliseconds). Default: the wall clock. Tests
@@ -100,6 +119,19 @@ func (c Config) withDefaults() (Config, error) {
 	dur(&c.CancelWait, DefaultCancelWait)
 	dur(&c.CommandTimeout, DefaultCommandTimeout)
 	dur(&c.EventRetention, DefaultEventRetention)
+	dur(&c.StartupRetryDelay, 250*time.Millisecond)
+	dur(&c.SignalWait, 500*time.Millisecond)
+	dur(&c.SignalNackBase, 500*time.Millisecond)
+	dur(&c.SignalNackMax, 30*time.Second)
+	if c.StartupRecoveryAttempts <= 0 {
+		c.StartupRecoveryAttempts = 1
+	}
+	if c.SignalBatch <= 0 {
+		c.SignalBatch = 32
+	}
+	if c.SignalHandlers <= 0 {
+		c.SignalHandlers = 32
+	}
 	if c.MaxAttempts == 0 {
 		c.MaxAttempts = DefaultMaxAttempts
 	}
@@ -126,6 +158,8 @@ func (c Config) withDefaults() (Config, error) {
 		"SweepInterval": c.SweepInterval, "GCInterval": c.GCInterval, "GCTTL": c.GCTTL,
 		"RetryDelay": c.RetryDelay, "MaxRetryDelay": c.MaxRetryDelay, "CancelWait": c.CancelWait,
 		"CommandTimeout": c.CommandTimeout, "EventRetention": c.EventRetention,
+		"StartupDelay": c.StartupDelay, "StartupRetryDelay": c.StartupRetryDelay,
+		"SignalWait": c.SignalWait, "SignalNackBase": c.SignalNackBase, "SignalNackMax": c.SignalNackMax,
 	} {
 		if d < 0 {
 			return c, Validationf("config: %s is negative (%s)", name, d)

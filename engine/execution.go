@@ -21,6 +21,7 @@ type execution struct {
 	events    *EventLog
 	commands  chan Command
 	suspended atomic.Int32 // >0 while a tool call waits (longer lease)
+	startedAt int64        // Unix ms of the recorded start (execute goroutine only)
 	sawFinish atomic.Bool  // the agent emitted run_finish
 }
 
@@ -201,10 +202,16 @@ func (m *Mailbox) execute(e *execution) {
 		return
 	}
 	req.SessionID = instance
-	if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, m.cfg.Now()); err != nil {
+	startAt := m.cfg.Now()
+	if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, startAt); err != nil {
 		log.Warn("record dispatch start failed; not running", "err", err)
 		return
 	}
+	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
+	m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
+	m.metrics.seconds(metricEligStart, ms(startAt-d.AvailableAt))
+	m.metrics.seconds(metricClaimStart, ms(startAt-d.UpdatedAt))
+	e.startedAt = startAt
 	if err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
 		r.Status = RunRunning
 		r.Waiting = nil
@@ -247,6 +254,10 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 }) {
 	d := &e.dispatch
 	now := m.cfg.Now()
+	m.metrics.count(metricRuns, "outcome", o.Kind.String()).Inc()
+	if e.startedAt > 0 {
+		m.metrics.seconds(metricRunSeconds, time.Duration(now-e.startedAt)*time.Millisecond, "outcome", o.Kind.String())
+	}
 	switch o.Kind {
 	case OutcomeCompleted:
 		status := o.Status
@@ -362,6 +373,7 @@ func (m *Mailbox) renewLease(e *execution, stop <-chan struct{}, log interface{ 
 		ok, err := m.store.ExtendLease(context.Background(), e.dispatch.DispatchID, e.dispatch.ClaimToken, lease, now)
 		switch {
 		case err != nil:
+			m.metrics.count(metricRenewals, "result", "error").Inc()
 			if leaseUntil-now <= m.cfg.RenewInterval.Milliseconds() {
 				log.Warn("lease renewal keeps failing and the lease is about to lapse; cancelling the run", "err", err)
 				e.cancel(errLeaseLost)
@@ -369,10 +381,12 @@ func (m *Mailbox) renewLease(e *execution, stop <-chan struct{}, log interface{ 
 			}
 			log.Warn("lease renewal failed; retrying", "err", err)
 		case !ok:
+			m.metrics.count(metricRenewals, "result", "lost").Inc()
 			log.Warn("lease lost; cancelling the run")
 			e.cancel(errLeaseLost)
 			return
 		default:
+			m.metrics.count(metricRenewals, "result", "ok").Inc()
 			leaseUntil = now + lease.Milliseconds()
 		}
 	}

@@ -15,18 +15,52 @@ const (
 
 // Start recovers the store (reclaims lapsed leases, settles runs of
 // terminal dispatches, wakes orphaned background-task runs) and then
-// starts the dispatcher and the maintenance loops. A recovery failure is
-// returned and nothing is started (fail closed). Start after Stop is an
-// error.
+// starts the dispatcher, the maintenance loop and, for stores that offer
+// signals, the signal loop. Recovery is tried StartupRecoveryAttempts
+// times; if it still fails the error is returned and nothing is started
+// (fail closed). Start on a running mailbox does nothing; concurrent
+// Starts recover once. Start after Stop is an error.
 func (m *Mailbox) Start(ctx context.Context) error {
+	return m.start(ctx, true)
+}
+
+// StartBackground starts the loops at once and recovers in the
+// background (a recovery failure is logged). Idempotent like Start.
+func (m *Mailbox) StartBackground(ctx context.Context) error {
+	return m.start(ctx, false)
+}
+
+func (m *Mailbox) start(ctx context.Context, ready bool) error {
+	m.startMu.Lock()
+	defer m.startMu.Unlock()
 	m.mu.Lock()
-	if m.started || m.closing {
-		m.mu.Unlock()
-		return fmt.Errorf("mailbox start: already started or stopped: %w", ErrValidation)
-	}
+	started, closing := m.started, m.closing
 	m.mu.Unlock()
-	if _, err := m.Recover(ctx); err != nil {
-		return fmt.Errorf("mailbox start: recovery: %w", err)
+	if closing {
+		return fmt.Errorf("mailbox start: stopped: %w", ErrShuttingDown)
+	}
+	if started {
+		return nil
+	}
+	if ready {
+		if err := sleepCtx(ctx, m.cfg.StartupDelay); err != nil {
+			return err
+		}
+		var err error
+		for i := 0; i < m.cfg.StartupRecoveryAttempts; i++ {
+			if i > 0 {
+				if err := sleepCtx(ctx, m.cfg.StartupRetryDelay); err != nil {
+					return err
+				}
+			}
+			if _, err = m.Recover(ctx); err == nil {
+				break
+			}
+			m.log.Warn("startup recovery failed", "attempt", i+1, "err", err)
+		}
+		if err != nil {
+			return fmt.Errorf("mailbox start: recovery: %w", err)
+		}
 	}
 	loopCtx, stop := context.WithCancel(context.Background())
 	m.mu.Lock()
@@ -35,8 +69,39 @@ func (m *Mailbox) Start(ctx context.Context) error {
 	m.loops.Add(2)
 	go m.dispatchLoop(loopCtx)
 	go m.maintenanceLoop(loopCtx)
+	if src, ok := m.raw.(SignalSource); ok {
+		m.loops.Add(1)
+		go m.signalLoop(loopCtx, src)
+	}
+	if !ready {
+		m.loops.Add(1)
+		go func() {
+			defer m.loops.Done()
+			if sleepCtx(loopCtx, m.cfg.StartupDelay) != nil {
+				return
+			}
+			if _, err := m.Recover(loopCtx); err != nil && loopCtx.Err() == nil {
+				m.log.Error("background recovery failed", "err", err)
+			}
+		}()
+	}
 	m.kick()
 	return nil
+}
+
+// sleepCtx sleeps d or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Stop shuts the mailbox down in stages: no new submits, no new claims;
@@ -262,6 +327,9 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 			m.Sweep(ctx)
 		case <-gc.C:
 			m.GC(ctx)
+			if m.cfg.MaintenanceCallback != nil {
+				m.cfg.MaintenanceCallback()
+			}
 		}
 	}
 }
@@ -339,9 +407,29 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 	m.mu.Lock()
 	e := m.threads[req.ThreadID]
 	m.mu.Unlock()
-	if e != nil && !e.claiming && (expectedRunID == "" || expectedRunID == e.dispatch.RunID) {
-		if m.command(ctx, e, Command{Kind: CommandMessages, Messages: recs}) {
+	if e != nil && !e.claiming {
+		if (expectedRunID == "" || expectedRunID == e.dispatch.RunID) && m.command(ctx, e, Command{Kind: CommandMessages, Messages: recs}) {
 			return SubmitResult{DispatchID: e.dispatch.DispatchID, RunID: e.dispatch.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
+		}
+	} else if router, ok := m.raw.(LiveRouter); ok {
+		// The thread may be running in another process.
+		run, err := m.store.LatestRun(ctx, req.ThreadID)
+		if err != nil {
+			return SubmitResult{}, "", err
+		}
+		if run != nil && run.Status == RunRunning && (expectedRunID == "" || expectedRunID == run.RunID) {
+			target := LiveTarget{ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID}
+			delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveMessages, Messages: recs})
+			if err != nil {
+				return SubmitResult{}, "", err
+			}
+			if delivered {
+				did := run.DispatchID
+				if did == "" {
+					did = run.RunID
+				}
+				return SubmitResult{DispatchID: did, RunID: run.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
+			}
 		}
 	}
 	req.messagesLogged = true
@@ -391,15 +479,29 @@ func (m *Mailbox) SendDecision(ctx context.Context, id string, d Decision) (bool
 		}
 	}
 	m.mu.Unlock()
-	if e == nil || e.claiming {
-		return false, nil
+	if e != nil && !e.claiming {
+		return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: []Decision{d}}), nil
 	}
-	return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: []Decision{d}}), nil
+	return m.deliverElsewhere(ctx, id, LiveCommand{Kind: LiveDecision, Decisions: []Decision{d}})
 }
 
 // command hands a live command to an executing attempt and waits up to
 // CommandTimeout for the agent's receipt. No receipt means not delivered.
 func (m *Mailbox) command(ctx context.Context, e *execution, c Command) bool {
+	ok := m.sendCommand(ctx, e, c)
+	kind := "messages"
+	if c.Kind == CommandDecision {
+		kind = "decision"
+	}
+	result := "delivered"
+	if !ok {
+		result = "not_delivered"
+	}
+	m.metrics.count(metricLive, "kind", kind, "result", result).Inc()
+	return ok
+}
+
+func (m *Mailbox) sendCommand(ctx context.Context, e *execution, c Command) bool {
 	reply := make(chan error, 1)
 	c.Reply = reply
 	t := time.NewTimer(m.cfg.CommandTimeout)

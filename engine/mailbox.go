@@ -54,11 +54,13 @@ type SubmitResult struct {
 // serialised by locks (a striped mutex), taken before mu when both are
 // needed.
 type Mailbox struct {
-	cfg   Config
-	store Store
-	exec  Executor
-	log   *slog.Logger
-	locks *threadLocks
+	cfg     Config
+	store   Store // instrumented: every call is timed and counted
+	raw     Store // the store as given (optional interfaces: LiveRouter, SignalSource)
+	exec    Executor
+	log     *slog.Logger
+	locks   *threadLocks
+	metrics *engineMetrics
 
 	mu       sync.Mutex
 	threads  map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
@@ -68,6 +70,7 @@ type Mailbox struct {
 	pending  map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
 	started  bool
 	closing  bool
+	startMu  sync.Mutex // serialises Start: one recovery at a time
 
 	wake      chan struct{} // wakes the dispatcher; buffered, coalesced
 	loopStop  context.CancelFunc
@@ -86,12 +89,27 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Mailbox{
-		cfg: cfg, store: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(),
+	m := &Mailbox{
+		cfg: cfg, raw: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(),
 		threads: map[string]*execution{}, byRun: map[string]*execution{},
 		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
 		wake: make(chan struct{}, 1),
-	}, nil
+	}
+	m.metrics = newEngineMetrics(func() (StatusCounts, error) {
+		return store.CountByStatus(context.Background())
+	}, func() float64 {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		n := 0
+		for _, e := range m.threads {
+			if !e.claiming {
+				n++
+			}
+		}
+		return float64(n)
+	})
+	m.store = instrumentedStore{Store: store, em: m.metrics}
+	return m, nil
 }
 
 // Config returns the effective configuration (defaults filled in).
@@ -202,6 +220,36 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 	if m.cancelLocal(id, errCancelled) {
 		return true, nil
 	}
+	return m.deliverElsewhere(ctx, id, LiveCommand{Kind: LiveCancel})
+}
+
+// deliverElsewhere carries a command to a run executing in another
+// process (stores that implement LiveRouter): id is a claimed dispatch, a
+// run, or a thread (its latest run) that is running or waiting.
+func (m *Mailbox) deliverElsewhere(ctx context.Context, id string, cmd LiveCommand) (bool, error) {
+	router, ok := m.raw.(LiveRouter)
+	if !ok {
+		return false, nil
+	}
+	d, err := m.store.LoadDispatch(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	if d != nil && d.Status == StatusClaimed {
+		return router.DeliverLive(ctx, LiveTarget{ThreadID: d.ThreadID, RunID: d.RunID, DispatchID: d.DispatchID}, cmd)
+	}
+	run, err := m.store.LoadRun(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	if run == nil {
+		if run, err = m.store.LatestRun(ctx, id); err != nil {
+			return false, err
+		}
+	}
+	if run != nil && (run.Status == RunRunning || run.Status == RunWaiting) {
+		return router.DeliverLive(ctx, LiveTarget{ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID}, cmd)
+	}
 	return false, nil
 }
 
@@ -263,7 +311,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
 	if ir.Active != nil {
-		if !m.cancelAndAwait(ctx, thread, ir.Active.DispatchID) {
+		if !m.cancelAndAwait(ctx, ir.Active) {
 			return SubmitResult{}, nil, errActiveRun
 		}
 	}
@@ -328,33 +376,46 @@ func (m *Mailbox) dropPending(dispatchID string) {
 	m.mu.Unlock()
 }
 
-// cancelAndAwait cancels the attempt of a thread executing here and waits
-// (up to CancelWait) until the store no longer shows the dispatch claimed.
-// It reports whether the dispatch was released in time.
-func (m *Mailbox) cancelAndAwait(ctx context.Context, thread, dispatchID string) bool {
+// cancelAndAwait cancels the thread's active attempt — here, or through
+// the LiveRouter in another process — and waits (up to CancelWait) until
+// the store no longer shows its dispatch claimed. It reports whether the
+// dispatch was released in time.
+func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 	m.mu.Lock()
-	e := m.threads[thread]
+	e := m.threads[active.ThreadID]
 	m.mu.Unlock()
-	if e != nil && !e.claiming && e.dispatch.DispatchID == dispatchID {
+	var done <-chan struct{}
+	if e != nil && !e.claiming && e.dispatch.DispatchID == active.DispatchID {
 		e.cancel(errInterrupted)
+		done = e.done
+	} else {
+		router, ok := m.raw.(LiveRouter)
+		if !ok {
+			return false // nobody can stop it: only lease expiry frees it
+		}
+		target := LiveTarget{ThreadID: active.ThreadID, RunID: active.RunID, DispatchID: active.DispatchID}
+		delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveCancel})
+		if err != nil || !delivered {
+			return false
+		}
 	}
 	deadline := time.Now().Add(m.cfg.CancelWait)
 	for {
-		d, err := m.store.LoadDispatch(ctx, dispatchID)
+		d, err := m.store.LoadDispatch(ctx, active.DispatchID)
 		if err != nil {
 			return false
 		}
 		if d == nil || d.Status != StatusClaimed {
 			return true
 		}
-		if e == nil || time.Now().After(deadline) {
-			// Nobody here runs it: only lease expiry frees it.
+		if time.Now().After(deadline) {
 			return false
 		}
 		select {
 		case <-ctx.Done():
 			return false
-		case <-e.done:
+		case <-done:
+			done = nil
 		case <-time.After(25 * time.Millisecond):
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -462,5 +463,37 @@ func TestRecoveryReclaimsLapsedLeasesAndRunsThem(t *testing.T) {
 	d, _ := s.LoadDispatch(ctx, res.DispatchID)
 	if d.AttemptCount != 1 {
 		t.Fatalf("a crash must cost one attempt: %+v", d)
+	}
+}
+
+func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
+	r := newRig(t, newFake(1, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	var b strings.Builder
+	r.mb.Metrics().WritePrometheus(&b)
+	out := b.String()
+	for _, want := range []string{
+		`mailbox_runs_total{outcome="completed"} 1`,
+		`mailbox_operations_total{operation="claim",result="ok"} 1`,
+		`mailbox_operations_total{operation="ack",result="ok"} 1`,
+		`mailbox_dispatch_depth{status="acked"} 1`,
+		`mailbox_dispatch_depth{status="queued"} 0`,
+		`mailbox_operation_duration_seconds_bucket{operation="enqueue",result="ok",le=`,
+		`mailbox_dispatch_enqueue_to_start_seconds_count 1`,
+		`mailbox_run_duration_seconds_count{outcome="completed"} 1`,
+		`mailbox_active_runs 0`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Log(out)
 	}
 }

@@ -1,0 +1,108 @@
+package engine
+
+import (
+	"context"
+	"time"
+)
+
+// LiveTarget names the exact run a live command is for: thread + run +
+// (dispatch or none). A target with a dispatch id and one without are
+// different channels (store.md rule 14).
+type LiveTarget struct {
+	ThreadID   string `json:"thread_id"`
+	RunID      string `json:"run_id"`
+	DispatchID string `json:"dispatch_id,omitempty"`
+}
+
+// LiveCommandKind says what a live command carries.
+type LiveCommandKind uint8
+
+// Live command kinds.
+const (
+	LiveMessages LiveCommandKind = iota + 1
+	LiveCancel
+	LiveDecision
+)
+
+// LiveCommand is a command for a run executing in another process.
+type LiveCommand struct {
+	Kind      LiveCommandKind
+	Messages  []MessageRecord
+	Decisions []Decision
+}
+
+// LiveRouter is implemented by stores shared between processes (the NATS
+// store): it carries a command to the process executing the target run
+// and reports whether that process accepted it. A single-process store
+// does not implement it; every run then executes here.
+type LiveRouter interface {
+	// DeliverLive returns true only once the receiving process accepted
+	// the command; no subscriber or no receipt in time is false.
+	DeliverLive(ctx context.Context, target LiveTarget, cmd LiveCommand) (bool, error)
+}
+
+// DispatchSignal is one wake-up hint from a work-queue store: "thread has
+// dispatch". Signals are at-least-once; correctness comes from the claim.
+type DispatchSignal struct {
+	ThreadID   string
+	DispatchID string
+	Receipt    SignalReceipt
+}
+
+// SignalReceipt settles one signal.
+type SignalReceipt interface {
+	// Deliveries is the delivery count (1 = first); ok false when unknown.
+	Deliveries() (n int, ok bool)
+	Ack() error
+	// Nack redelivers after delay (0: at once).
+	Nack(delay time.Duration) error
+}
+
+// SignalSource is implemented by stores that publish a signal per
+// enqueue (engine.md §13); the engine then runs a signal loop.
+type SignalSource interface {
+	PullDispatchSignals(ctx context.Context, max int, wait time.Duration) ([]DispatchSignal, error)
+}
+
+// Permanent error codes of an agent's FINISH (ipc.md): these are never
+// retried.
+var permanentCodes = map[string]bool{
+	"agent_not_found":        true,
+	"resolve_failed":         true,
+	"thread_already_running": true,
+	"invalid_activation":     true,
+}
+
+// ClassifyFailure maps an agent's reported failure to an outcome kind:
+// kind "permanent" or a permanent code → OutcomePermanent; anything else
+// (inference, storage, unknown) → OutcomeTransient (engine.md item 48).
+func ClassifyFailure(kind, code string) OutcomeKind {
+	if kind == "permanent" || permanentCodes[code] {
+		return OutcomePermanent
+	}
+	return OutcomeTransient
+}
+
+// HandleLive applies a live command that another process routed to a run
+// executing here (the receiving side of a LiveRouter). The target must
+// match exactly: a stale target for an older run or dispatch of the
+// thread is refused. It reports whether the command was accepted.
+func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCommand) bool {
+	m.mu.Lock()
+	e := m.threads[target.ThreadID]
+	m.mu.Unlock()
+	if e == nil || e.claiming || e.dispatch.RunID != target.RunID ||
+		(target.DispatchID != "" && e.dispatch.DispatchID != target.DispatchID) {
+		return false
+	}
+	switch cmd.Kind {
+	case LiveCancel:
+		e.cancel(errCancelled)
+		return true
+	case LiveMessages:
+		return m.command(ctx, e, Command{Kind: CommandMessages, Messages: cmd.Messages})
+	case LiveDecision:
+		return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: cmd.Decisions})
+	}
+	return false
+}

@@ -1,0 +1,200 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+)
+
+// Metric names (Prometheus style; labels are bounded: operation, result,
+// status, outcome — never ids).
+const (
+	metricOps        = "mailbox_operations_total"
+	metricOpSeconds  = "mailbox_operation_duration_seconds"
+	metricDepth      = "mailbox_dispatch_depth"
+	metricQueueDepth = "mailbox_queue_depth"
+	metricActiveRuns = "mailbox_active_runs"
+	metricEnqToStart = "mailbox_dispatch_enqueue_to_start_seconds"
+	metricEligStart  = "mailbox_dispatch_eligible_to_start_seconds"
+	metricClaimStart = "mailbox_dispatch_claim_to_start_seconds"
+	metricRunSeconds = "mailbox_run_duration_seconds"
+	metricRuns       = "mailbox_runs_total"
+	metricRenewals   = "mailbox_lease_renewals_total"
+	metricLive       = "mailbox_live_commands_total"
+	metricSigPulled  = "mailbox_dispatch_signal_pulled_total"
+	metricSigAck     = "mailbox_dispatch_signal_ack_total"
+	metricSigNack    = "mailbox_dispatch_signal_nack_total"
+	metricSigRedeliv = "mailbox_dispatch_signal_redelivery_total"
+)
+
+// engineMetrics is a Mailbox's metric set.
+type engineMetrics struct {
+	set *metrics.Set
+
+	depthMu   sync.Mutex // guards depth and depthAt
+	depth     StatusCounts
+	depthAt   time.Time
+	depthFrom func() (StatusCounts, error)
+}
+
+func newEngineMetrics(countFn func() (StatusCounts, error), active func() float64) *engineMetrics {
+	em := &engineMetrics{set: metrics.NewSet(), depthFrom: countFn}
+	for _, st := range AllStatuses {
+		em.set.NewGauge(fmt.Sprintf(`%s{status=%q}`, metricDepth, st.String()), func() float64 {
+			return float64(em.counts().Get(st))
+		})
+	}
+	em.set.NewGauge(metricQueueDepth, func() float64 { return float64(em.counts().Get(StatusQueued)) })
+	em.set.NewGauge(metricActiveRuns, active)
+	return em
+}
+
+// counts returns dispatch counts at most one second old (gauges read them
+// at scrape time).
+func (em *engineMetrics) counts() StatusCounts {
+	em.depthMu.Lock()
+	defer em.depthMu.Unlock()
+	if time.Since(em.depthAt) > time.Second {
+		if c, err := em.depthFrom(); err == nil {
+			em.depth, em.depthAt = c, time.Now()
+		}
+	}
+	return em.depth
+}
+
+func (em *engineMetrics) op(name, result string, took time.Duration) {
+	em.set.GetOrCreateCounter(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOps, name, result)).Inc()
+	em.set.GetOrCreatePrometheusHistogram(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOpSeconds, name, result)).Update(took.Seconds())
+}
+
+func (em *engineMetrics) count(name string, labels ...string) *metrics.Counter {
+	if len(labels) > 0 {
+		s := name + "{"
+		for i := 0; i+1 < len(labels); i += 2 {
+			if i > 0 {
+				s += ","
+			}
+			s += fmt.Sprintf("%s=%q", labels[i], labels[i+1])
+		}
+		name = s + "}"
+	}
+	return em.set.GetOrCreateCounter(name)
+}
+
+func (em *engineMetrics) seconds(name string, d time.Duration, labels ...string) {
+	if len(labels) == 2 {
+		name = fmt.Sprintf(`%s{%s=%q}`, name, labels[0], labels[1])
+	}
+	em.set.GetOrCreatePrometheusHistogram(name).Update(max(d, 0).Seconds())
+}
+
+// Metrics returns the mailbox's metric set (Prometheus text with
+// WritePrometheus; the sidecar serves it on /metrics).
+func (m *Mailbox) Metrics() *metrics.Set { return m.metrics.set }
+
+// observe times one store call and counts it by result.
+func observe[T any](em *engineMetrics, name string, f func() (T, error), empty func(T) bool) (T, error) {
+	start := time.Now()
+	v, err := f()
+	result := "ok"
+	switch {
+	case err != nil:
+		result = "error"
+	case empty != nil && empty(v):
+		result = "empty"
+	}
+	em.op(name, result, time.Since(start))
+	return v, err
+}
+
+func observeErr(em *engineMetrics, name string, f func() error) error {
+	_, err := observe(em, name, func() (struct{}, error) { return struct{}{}, f() }, nil)
+	return err
+}
+
+func nilDispatch(d *Dispatch) bool { return d == nil }
+
+// instrumentedStore records latency and result of every store call.
+type instrumentedStore struct {
+	Store
+	em *engineMetrics
+}
+
+func (s instrumentedStore) Enqueue(ctx context.Context, d Dispatch) (Dispatch, error) {
+	return observe(s.em, "enqueue", func() (Dispatch, error) { return s.Store.Enqueue(ctx, d) }, nil)
+}
+
+func (s instrumentedStore) Claim(ctx context.Context, thread, consumer string, lease time.Duration, now int64) (*Dispatch, error) {
+	return observe(s.em, "claim", func() (*Dispatch, error) { return s.Store.Claim(ctx, thread, consumer, lease, now) }, nilDispatch)
+}
+
+func (s instrumentedStore) ClaimDispatch(ctx context.Context, id, consumer string, lease time.Duration, now int64) (*Dispatch, error) {
+	return observe(s.em, "claim_dispatch", func() (*Dispatch, error) { return s.Store.ClaimDispatch(ctx, id, consumer, lease, now) }, nilDispatch)
+}
+
+func (s instrumentedStore) Ack(ctx context.Context, id, token string, now int64) error {
+	return observeErr(s.em, "ack", func() error { return s.Store.Ack(ctx, id, token, now) })
+}
+
+func (s instrumentedStore) RecordDispatchStart(ctx context.Context, id, token, instance string, now int64) error {
+	return observeErr(s.em, "record_dispatch_start", func() error { return s.Store.RecordDispatchStart(ctx, id, token, instance, now) })
+}
+
+func (s instrumentedStore) RecordRunResult(ctx context.Context, id, token string, r RunResult, now int64) error {
+	return observeErr(s.em, "record_run_result", func() error { return s.Store.RecordRunResult(ctx, id, token, r, now) })
+}
+
+func (s instrumentedStore) Nack(ctx context.Context, id, token string, retryAt int64, msg string, now int64) (Dispatch, error) {
+	return observe(s.em, "nack", func() (Dispatch, error) { return s.Store.Nack(ctx, id, token, retryAt, msg, now) }, nil)
+}
+
+func (s instrumentedStore) DeadLetter(ctx context.Context, id, token, msg string, now int64) error {
+	return observeErr(s.em, "dead_letter", func() error { return s.Store.DeadLetter(ctx, id, token, msg, now) })
+}
+
+func (s instrumentedStore) Cancel(ctx context.Context, id string, now int64) (*Dispatch, error) {
+	return observe(s.em, "cancel", func() (*Dispatch, error) { return s.Store.Cancel(ctx, id, now) }, nil)
+}
+
+func (s instrumentedStore) Release(ctx context.Context, id, token string, now int64) (Dispatch, error) {
+	return observe(s.em, "release", func() (Dispatch, error) { return s.Store.Release(ctx, id, token, now) }, nil)
+}
+
+func (s instrumentedStore) ExtendLease(ctx context.Context, id, token string, lease time.Duration, now int64) (bool, error) {
+	return observe(s.em, "extend_lease", func() (bool, error) { return s.Store.ExtendLease(ctx, id, token, lease, now) }, nil)
+}
+
+func (s instrumentedStore) Interrupt(ctx context.Context, thread string, now int64) (InterruptResult, error) {
+	return observe(s.em, "interrupt", func() (InterruptResult, error) { return s.Store.Interrupt(ctx, thread, now) }, nil)
+}
+
+func (s instrumentedStore) CurrentEpoch(ctx context.Context, thread string) (uint64, error) {
+	return observe(s.em, "current_dispatch_epoch", func() (uint64, error) { return s.Store.CurrentEpoch(ctx, thread) }, nil)
+}
+
+func (s instrumentedStore) SupersedeClaimed(ctx context.Context, id, token, reason string, now int64) (*Dispatch, error) {
+	return observe(s.em, "supersede_claimed", func() (*Dispatch, error) { return s.Store.SupersedeClaimed(ctx, id, token, reason, now) }, nil)
+}
+
+func (s instrumentedStore) ReclaimExpired(ctx context.Context, now int64, limit int) ([]Dispatch, error) {
+	return observe(s.em, "reclaim", func() ([]Dispatch, error) { return s.Store.ReclaimExpired(ctx, now, limit) }, nil)
+}
+
+func (s instrumentedStore) PurgeTerminal(ctx context.Context, olderThan int64) (int, error) {
+	return observe(s.em, "purge_terminal", func() (int, error) { return s.Store.PurgeTerminal(ctx, olderThan) }, nil)
+}
+
+func (s instrumentedStore) LoadDispatch(ctx context.Context, id string) (*Dispatch, error) {
+	return observe(s.em, "load_dispatch", func() (*Dispatch, error) { return s.Store.LoadDispatch(ctx, id) }, nil)
+}
+
+func (s instrumentedStore) ListTerminal(ctx context.Context, after TerminalCursor, limit int) ([]Dispatch, error) {
+	return observe(s.em, "list_terminal_dispatches", func() ([]Dispatch, error) { return s.Store.ListTerminal(ctx, after, limit) }, nil)
+}
+
+func (s instrumentedStore) Checkpoint(ctx context.Context, c Checkpoint) ([]MessageRecord, error) {
+	return observe(s.em, "checkpoint", func() ([]MessageRecord, error) { return s.Store.Checkpoint(ctx, c) }, nil)
+}
