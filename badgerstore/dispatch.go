@@ -62,30 +62,60 @@ func (s *Store) Enqueue(ctx context.Context, d engine.Dispatch) (engine.Dispatch
 	if err := d.PrepareEnqueue(); err != nil {
 		return engine.Dispatch{}, err
 	}
-	err := s.update(ctx, "enqueue", func(w *writeTx) error {
-		if _, ok, err := w.get(dispatchKey(d.DispatchID)); err != nil {
-			return err
-		} else if ok {
-			return fmt.Errorf("enqueue: dispatch_id=%s: %w", d.DispatchID, engine.ErrAlreadyExists)
-		}
-		if d.DedupeKey != "" {
-			if _, ok, err := w.get(dedupeKeyFor(d.ThreadID, d.DedupeKey)); err != nil {
-				return err
-			} else if ok {
-				return fmt.Errorf("enqueue: dedupe_key=%s: %w", d.DedupeKey, engine.ErrAlreadyExists)
-			}
-		}
-		ep, err := w.epoch(d.ThreadID)
-		if err != nil {
-			return err
-		}
-		d.Epoch = ep
-		return w.putDispatch(nil, &d, d.UpdatedAt)
-	})
-	if err != nil {
+	if err := s.update(ctx, "enqueue", func(w *writeTx) error { return w.enqueue(&d) }); err != nil {
 		return engine.Dispatch{}, err
 	}
 	return d, nil
+}
+
+// enqueue stores a prepared queued dispatch, stamping its epoch.
+func (w *writeTx) enqueue(d *engine.Dispatch) error {
+	if _, ok, err := w.get(dispatchKey(d.DispatchID)); err != nil {
+		return err
+	} else if ok {
+		return fmt.Errorf("enqueue: dispatch_id=%s: %w", d.DispatchID, engine.ErrAlreadyExists)
+	}
+	if d.DedupeKey != "" {
+		if _, ok, err := w.get(dedupeKeyFor(d.ThreadID, d.DedupeKey)); err != nil {
+			return err
+		} else if ok {
+			return fmt.Errorf("enqueue: dedupe_key=%s: %w", d.DedupeKey, engine.ErrAlreadyExists)
+		}
+	}
+	ep, err := w.epoch(d.ThreadID)
+	if err != nil {
+		return err
+	}
+	d.Epoch = ep
+	return w.putDispatch(nil, d, d.UpdatedAt)
+}
+
+// Submit implements engine.RunStore: the checkpoint and the enqueue of a
+// submitted run in one commit.
+func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispatch) ([]engine.MessageRecord, engine.Dispatch, error) {
+	d = d.Clone()
+	if err := d.PrepareEnqueue(); err != nil {
+		return nil, engine.Dispatch{}, err
+	}
+	if d.ThreadID != c.ThreadID {
+		return nil, engine.Dispatch{}, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
+	}
+	run, err := checkCheckpoint(&c)
+	if err != nil {
+		return nil, engine.Dispatch{}, err
+	}
+	var recs []engine.MessageRecord
+	err = s.update(ctx, "submit", func(w *writeTx) error {
+		var err error
+		if recs, err = w.checkpoint(&c, run); err != nil {
+			return err
+		}
+		return w.enqueue(&d)
+	})
+	if err != nil {
+		return nil, engine.Dispatch{}, fmt.Errorf("submit %s: %w", c.ThreadID, err)
+	}
+	return recs, d, nil
 }
 
 // Claim implements engine.DispatchStore.
@@ -222,7 +252,7 @@ func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string
 // dispatch is ErrNotFound, a wrong token ErrStaleClaim; a stale epoch
 // supersedes the dispatch (committed) and returns a *ConflictError.
 // mutate changes the clone it is given; its error aborts the operation.
-func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate func(d *engine.Dispatch) error) (engine.Dispatch, error) {
+func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate func(w *writeTx, d *engine.Dispatch) error) (engine.Dispatch, error) {
 	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
 		return engine.Dispatch{}, err
 	}
@@ -251,7 +281,7 @@ func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason 
 			out = d
 			return w.putDispatch(old, &d, now)
 		}
-		if err := mutate(&d); err != nil {
+		if err := mutate(w, &d); err != nil {
 			return err
 		}
 		out = d
@@ -268,7 +298,7 @@ func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason 
 
 // Ack implements engine.DispatchStore.
 func (s *Store) Ack(ctx context.Context, dispatchID, claimToken string, now int64) error {
-	_, err := s.owned(ctx, "ack", dispatchID, claimToken, engine.ReasonStaleBeforeAck, now, func(d *engine.Dispatch) error {
+	_, err := s.owned(ctx, "ack", dispatchID, claimToken, engine.ReasonStaleBeforeAck, now, func(_ *writeTx, d *engine.Dispatch) error {
 		d.Ack(now)
 		return nil
 	})
@@ -277,23 +307,29 @@ func (s *Store) Ack(ctx context.Context, dispatchID, claimToken string, now int6
 
 // RecordDispatchStart implements engine.DispatchStore.
 func (s *Store) RecordDispatchStart(ctx context.Context, dispatchID, claimToken, instanceID string, now int64) error {
-	_, err := s.owned(ctx, "record_dispatch_start", dispatchID, claimToken, engine.ReasonStaleBeforeStart, now, func(d *engine.Dispatch) error {
-		return d.RecordStart(instanceID, now)
+	_, err := s.owned(ctx, "record_dispatch_start", dispatchID, claimToken, engine.ReasonStaleBeforeStart, now, func(w *writeTx, d *engine.Dispatch) error {
+		if err := d.RecordStart(instanceID, now); err != nil {
+			return err
+		}
+		return w.updateRunOf(d, func(r *engine.RunRecord) bool { return r.MarkStarted(d, instanceID, now/1000) })
 	})
 	return err
 }
 
 // RecordRunResult implements engine.DispatchStore.
 func (s *Store) RecordRunResult(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
-	_, err := s.owned(ctx, "record_run_result", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(d *engine.Dispatch) error {
-		return d.RecordResult(result, now)
+	_, err := s.owned(ctx, "record_run_result", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(w *writeTx, d *engine.Dispatch) error {
+		if err := d.RecordResult(result, now); err != nil {
+			return err
+		}
+		return w.updateRunOf(d, func(r *engine.RunRecord) bool { return r.ApplyResult(d, result, now/1000) })
 	})
 	return err
 }
 
 // Nack implements engine.DispatchStore.
 func (s *Store) Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (engine.Dispatch, error) {
-	return s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(d *engine.Dispatch) error {
+	return s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(_ *writeTx, d *engine.Dispatch) error {
 		d.Nack(retryAt, errMsg, now)
 		return nil
 	})
@@ -301,7 +337,7 @@ func (s *Store) Nack(ctx context.Context, dispatchID, claimToken string, retryAt
 
 // DeadLetter implements engine.DispatchStore.
 func (s *Store) DeadLetter(ctx context.Context, dispatchID, claimToken, errMsg string, now int64) error {
-	_, err := s.owned(ctx, "dead_letter", dispatchID, claimToken, engine.ReasonStaleBeforeDead, now, func(d *engine.Dispatch) error {
+	_, err := s.owned(ctx, "dead_letter", dispatchID, claimToken, engine.ReasonStaleBeforeDead, now, func(_ *writeTx, d *engine.Dispatch) error {
 		d.DeadLetter(errMsg, now)
 		return nil
 	})
@@ -310,7 +346,7 @@ func (s *Store) DeadLetter(ctx context.Context, dispatchID, claimToken, errMsg s
 
 // Release implements engine.DispatchStore.
 func (s *Store) Release(ctx context.Context, dispatchID, claimToken string, now int64) (engine.Dispatch, error) {
-	return s.owned(ctx, "release", dispatchID, claimToken, engine.ReasonStaleBeforeRelease, now, func(d *engine.Dispatch) error {
+	return s.owned(ctx, "release", dispatchID, claimToken, engine.ReasonStaleBeforeRelease, now, func(_ *writeTx, d *engine.Dispatch) error {
 		d.Release(now)
 		return nil
 	})

@@ -155,6 +155,21 @@ func (w *writeTx) settleRun(d *engine.Dispatch, nowMs int64) error {
 	return w.putRun(old, r)
 }
 
+// updateRunOf applies change to the run of dispatch d, if the run exists
+// and the change is a legal status transition; a run that cannot take it
+// is left as it is.
+func (w *writeTx) updateRunOf(d *engine.Dispatch, change func(*engine.RunRecord) bool) error {
+	old, err := w.loadRun(d.RunID)
+	if err != nil || old == nil {
+		return err
+	}
+	r := cloneRun(old)
+	if !change(r) || !old.Status.CanTransitionTo(r.Status) {
+		return nil
+	}
+	return w.putRun(old, r)
+}
+
 // loadRun reads a run through the overlay; nil when missing.
 func (w *writeTx) loadRun(id string) (*engine.RunRecord, error) {
 	k := runKey(id)

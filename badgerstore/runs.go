@@ -172,6 +172,25 @@ func (s *Store) LoadThread(ctx context.Context, threadID string) (*engine.Thread
 
 // Checkpoint implements engine.RunStore.
 func (s *Store) Checkpoint(ctx context.Context, c engine.Checkpoint) ([]engine.MessageRecord, error) {
+	run, err := checkCheckpoint(&c)
+	if err != nil {
+		return nil, err
+	}
+	var out []engine.MessageRecord
+	err = s.update(ctx, "checkpoint", func(w *writeTx) error {
+		var err error
+		out, err = w.checkpoint(&c, run)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint %s: %w", c.ThreadID, err)
+	}
+	return out, nil
+}
+
+// checkCheckpoint validates a checkpoint before it reaches the writer and
+// returns a copy of its run.
+func checkCheckpoint(c *engine.Checkpoint) (*engine.RunRecord, error) {
 	if err := engine.ValidateID("thread_id", c.ThreadID); err != nil {
 		return nil, err
 	}
@@ -186,85 +205,83 @@ func (s *Store) Checkpoint(ctx context.Context, c engine.Checkpoint) ([]engine.M
 		}
 		seen[m.ID] = struct{}{}
 	}
-	var run *engine.RunRecord
-	if c.Run != nil {
-		r := *c.Run
-		if err := r.Validate(); err != nil {
-			return nil, err
-		}
-		if r.ThreadID != c.ThreadID {
-			return nil, engine.Validationf("checkpoint %s: run %s belongs to thread %s", c.ThreadID, r.RunID, r.ThreadID)
-		}
-		run = &r
-	}
 	if c.ProducedByRunID != "" {
 		if err := engine.ValidateID("produced_by_run_id", c.ProducedByRunID); err != nil {
 			return nil, err
 		}
 	}
-	var out []engine.MessageRecord
-	err := s.update(ctx, "checkpoint", func(w *writeTx) error {
-		out = out[:0]
-		b, _, err := w.get(msgCountKey(c.ThreadID))
-		if err != nil {
-			return err
-		}
-		count, err := counter(msgCountKey(c.ThreadID), b)
-		if err != nil {
-			return err
-		}
-		if count != c.ExpectedCount {
-			return &engine.ConflictError{What: "message_count", Expected: c.ExpectedCount, Actual: count}
-		}
-		for i := range c.Messages {
-			if _, ok, err := w.get(messageIDKey(c.ThreadID, c.Messages[i].ID)); err != nil {
-				return err
-			} else if ok {
-				return fmt.Errorf("message %s: %w", c.Messages[i].ID, engine.ErrAlreadyExists)
-			}
-		}
-		for i := range c.Messages {
-			count++
-			rec := engine.MessageRecord{
-				MessageID:       c.Messages[i].ID,
-				ThreadID:        c.ThreadID,
-				Seq:             count,
-				Message:         c.Messages[i],
-				ProducedByRunID: c.ProducedByRunID,
-				ToolCallID:      c.Messages[i].ToolCallID,
-				CreatedAt:       c.CreatedAt,
-			}
-			enc, err := encode(&rec)
-			if err != nil {
-				return err
-			}
-			w.set(messageKey(c.ThreadID, count), enc)
-			w.set(messageIDKey(c.ThreadID, rec.MessageID), u64(count))
-			out = append(out, rec)
-		}
-		if len(c.Messages) > 0 {
-			w.set(msgCountKey(c.ThreadID), u64(count))
-		}
-		if run != nil {
-			old, err := w.loadRun(run.RunID)
-			if err != nil {
-				return err
-			}
-			if err := w.putRun(old, run); err != nil {
-				return err
-			}
-		}
-		t, err := w.loadThreadOrNew(c.ThreadID)
-		if err != nil {
-			return err
-		}
-		t.MessageCount = count
-		return w.putThread(t)
-	})
-	if err != nil {
-		return nil, fmt.Errorf("checkpoint %s: %w", c.ThreadID, err)
+	if c.Run == nil {
+		return nil, nil
 	}
-	return out, nil
+	r := *c.Run
+	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	if r.ThreadID != c.ThreadID {
+		return nil, engine.Validationf("checkpoint %s: run %s belongs to thread %s", c.ThreadID, r.RunID, r.ThreadID)
+	}
+	return &r, nil
+}
+
+// checkpoint applies a checked checkpoint: the guarded append, the run
+// upsert and the thread projection.
+func (w *writeTx) checkpoint(c *engine.Checkpoint, run *engine.RunRecord) ([]engine.MessageRecord, error) {
+	b, _, err := w.get(msgCountKey(c.ThreadID))
+	if err != nil {
+		return nil, err
+	}
+	count, err := counter(msgCountKey(c.ThreadID), b)
+	if err != nil {
+		return nil, err
+	}
+	if count != c.ExpectedCount {
+		return nil, &engine.ConflictError{What: "message_count", Expected: c.ExpectedCount, Actual: count}
+	}
+	for i := range c.Messages {
+		if _, ok, err := w.get(messageIDKey(c.ThreadID, c.Messages[i].ID)); err != nil {
+			return nil, err
+		} else if ok {
+			return nil, fmt.Errorf("message %s: %w", c.Messages[i].ID, engine.ErrAlreadyExists)
+		}
+	}
+	out := make([]engine.MessageRecord, 0, len(c.Messages))
+	for i := range c.Messages {
+		count++
+		rec := engine.MessageRecord{
+			MessageID:       c.Messages[i].ID,
+			ThreadID:        c.ThreadID,
+			Seq:             count,
+			Message:         c.Messages[i],
+			ProducedByRunID: c.ProducedByRunID,
+			ToolCallID:      c.Messages[i].ToolCallID,
+			CreatedAt:       c.CreatedAt,
+		}
+		enc, err := encode(&rec)
+		if err != nil {
+			return nil, err
+		}
+		w.set(messageKey(c.ThreadID, count), enc)
+		w.set(messageIDKey(c.ThreadID, rec.MessageID), u64(count))
+		out = append(out, rec)
+	}
+	if len(c.Messages) > 0 {
+		w.set(msgCountKey(c.ThreadID), u64(count))
+	}
+	if run != nil {
+		old, err := w.loadRun(run.RunID)
+		if err != nil {
+			return nil, err
+		}
+		if err := w.putRun(old, run); err != nil {
+			return nil, err
+		}
+	}
+	t, err := w.loadThreadOrNew(c.ThreadID)
+	if err != nil {
+		return nil, err
+	}
+	t.MessageCount = count
+	return out, w.putThread(t)
 }
 
 // MessageCount implements engine.RunStore.

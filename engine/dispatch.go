@@ -160,6 +160,9 @@ type RunResult struct {
 	Termination *Termination `json:"termination,omitempty"`
 	Response    string       `json:"response,omitempty"`
 	Error       string       `json:"error,omitempty"`
+	// Waiting is why a run that ended waiting waits (run record only; not
+	// projected onto the dispatch).
+	Waiting *RunWaitingState `json:"waiting,omitempty"`
 }
 
 // InterruptResult is what an interrupt did: the new epoch, the thread's

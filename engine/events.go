@@ -19,7 +19,8 @@ type Event struct {
 // from the oldest event kept. Safe for concurrent use.
 type EventLog struct {
 	mu       sync.Mutex // guards everything below
-	ring     []Event
+	limit    int        // most events kept
+	ring     []Event    // grows to limit, then wraps: seq s lives at (s-1) % limit
 	first    uint64 // seq of the oldest event kept (0 while empty)
 	next     uint64 // seq the next event gets
 	closed   bool
@@ -32,7 +33,7 @@ func NewEventLog(capacity int) *EventLog {
 	if capacity < 1 {
 		capacity = 1
 	}
-	return &EventLog{ring: make([]Event, 0, capacity), next: 1}
+	return &EventLog{limit: capacity, ring: make([]Event, 0, min(capacity, 16)), next: 1}
 }
 
 // Append adds an event (data is copied) and returns its sequence number;
@@ -49,14 +50,12 @@ func (l *EventLog) appendTyped(typ string, data []byte) uint64 {
 	seq := l.next
 	l.next++
 	e := Event{Seq: seq, Type: typ, Data: cp}
-	if len(l.ring) < cap(l.ring) {
+	if len(l.ring) < l.limit {
 		l.ring = append(l.ring, e)
 	} else {
-		l.ring[int((seq-1)%uint64(cap(l.ring)))] = e
+		l.ring[int((seq-1)%uint64(l.limit))] = e
 	}
-	if l.first == 0 || seq-l.first >= uint64(cap(l.ring)) {
-		l.first = seq - uint64(min(len(l.ring), cap(l.ring))) + 1
-	}
+	l.first = seq - uint64(len(l.ring)) + 1
 	l.wakeLocked()
 	return seq
 }
@@ -108,7 +107,7 @@ func (l *EventLog) Read(after uint64, max int, buf []Event) (evs []Event, reset,
 		after = l.first - 1
 	}
 	for seq := after + 1; seq < l.next && len(evs) < max; seq++ {
-		evs = append(evs, l.ring[int((seq-1)%uint64(cap(l.ring)))])
+		evs = append(evs, l.ring[int((seq-1)%uint64(l.limit))])
 	}
 	if len(evs) > 0 {
 		return evs, reset, false, nil

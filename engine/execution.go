@@ -157,24 +157,10 @@ func (m *Mailbox) execute(e *execution) {
 	d := &e.dispatch
 	log := m.log.With("thread_id", d.ThreadID, "run_id", d.RunID, "dispatch_id", d.DispatchID, "attempt", d.AttemptCount+1)
 
-	// Pre-flight: still ours, and not superseded by an interrupt.
-	cur, err := m.store.LoadDispatch(ctx, d.DispatchID)
-	if err != nil || cur == nil || cur.Status != StatusClaimed || cur.ClaimToken != d.ClaimToken {
-		log.Info("dispatch no longer owned before execution", "err", err)
-		return
-	}
-	ep, err := m.store.CurrentEpoch(ctx, d.ThreadID)
-	if err != nil {
-		log.Warn("read epoch before execution failed", "err", err)
-		return
-	}
-	if cur.Epoch < ep {
-		if _, err := m.store.SupersedeClaimed(ctx, d.DispatchID, d.ClaimToken, "claimed dispatch superseded before execution start", m.cfg.Now()); err != nil {
-			log.Warn("supersede before execution failed", "err", err)
-		}
-		return
-	}
-
+	// No separate pre-flight read: RecordDispatchStart below refuses a
+	// dispatch that is no longer ours (stale token) or whose epoch fell
+	// behind (then it supersedes it and settles its run in the same
+	// commit), and the agent is never reached for such a dispatch.
 	instance := newID()
 	req, run, err := m.reconstruct(ctx, d)
 	if err == nil && run.Status == RunDone {
@@ -195,7 +181,7 @@ func (m *Mailbox) execute(e *execution) {
 		}
 		log.Error("run request cannot be rebuilt", "err", err)
 		if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, m.cfg.Now()); err != nil {
-			log.Warn("record start failed", "err", err)
+			log.Info("dispatch not started", "err", err)
 			return
 		}
 		m.settle(ctx, e, RunOutcome{Kind: OutcomePermanent, ErrorCode: "invalid_activation", Error: err.Error()}, instance, log)
@@ -204,7 +190,8 @@ func (m *Mailbox) execute(e *execution) {
 	req.SessionID = instance
 	startAt := m.cfg.Now()
 	if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, startAt); err != nil {
-		log.Warn("record dispatch start failed; not running", "err", err)
+		// Superseded, or no longer ours: the store has settled it.
+		log.Info("dispatch not started", "err", err)
 		return
 	}
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
@@ -212,19 +199,6 @@ func (m *Mailbox) execute(e *execution) {
 	m.metrics.seconds(metricEligStart, ms(startAt-d.AvailableAt))
 	m.metrics.seconds(metricClaimStart, ms(startAt-d.UpdatedAt))
 	e.startedAt = startAt
-	if err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
-		r.Status = RunRunning
-		r.Waiting = nil
-		r.DispatchID, r.SessionID = d.DispatchID, instance
-		if r.StartedAt == 0 {
-			r.StartedAt = m.cfg.Now() / 1000
-		}
-		return true
-	}); err != nil {
-		log.Warn("mark run running failed; retrying later", "err", err)
-		m.settle(ctx, e, RunOutcome{Kind: OutcomeTransient, Error: err.Error()}, instance, log)
-		return
-	}
 	req.Commands = e.commands
 	req.Checkpoint = func(cctx context.Context, c RunCheckpoint) error {
 		return m.agentCheckpoint(cctx, d.ThreadID, d.RunID, c)
@@ -264,37 +238,40 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		if status != RunWaiting {
 			status = RunDone
 		}
-		res := RunResult{RunID: d.RunID, InstanceID: instance, Status: status, Termination: o.Termination, Response: o.Response}
+		res := RunResult{RunID: d.RunID, InstanceID: instance, Status: status, Termination: o.Termination, Response: o.Response, Waiting: o.Waiting}
 		if o.Termination != nil && o.Termination.Type == TermError {
 			res.Error = o.Error
 		}
-		if err := m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
-			log.Warn("record run result failed", "err", err)
+		// The result and the run's outcome commit together; only then is
+		// the delivery consumed. If the result cannot be written the
+		// dispatch stays claimed, its lease lapses and the retry finds the
+		// run as it was.
+		var err error
+		for try := 0; try < 3; try++ {
+			if err = m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err == nil || !errors.Is(err, ErrUnavailable) {
+				break
+			}
+			time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
 		}
-		if err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
-			if r.Status == RunDone {
-				return false
-			}
-			r.Status = status
-			r.TerminationReason = o.Termination
-			r.Waiting = nil
-			if status == RunWaiting {
-				r.Waiting = o.Waiting
-			} else {
-				r.FinishedAt = now / 1000
-			}
-			if o.Response != "" {
-				r.FinalOutput, _ = json.Marshal(o.Response)
-			}
-			return true
-		}); err != nil {
-			// Leave the dispatch claimed: its lease lapses and the retry
-			// finds the run as it is.
-			log.Warn("record run outcome failed; the attempt will be retried", "err", err)
+		if err != nil {
+			log.Warn("record run result failed; the attempt will be retried after its lease", "err", err)
 			return
 		}
 		m.ack(ctx, e, log)
-	case OutcomeTransient, OutcomePermanent:
+	case OutcomeTransient:
+		msg := o.Error
+		if msg == "" {
+			msg = o.Kind.String()
+		}
+		m.emitFinish(e, msg)
+		// The run stays open for the retry; a nack that spends the last
+		// attempt dead-letters the dispatch and errors the run in the same
+		// commit.
+		delay := RetryDelayMs(d.AttemptCount, m.cfg.RetryDelay.Milliseconds(), m.cfg.MaxRetryDelay.Milliseconds())
+		if _, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
+			log.Warn("nack failed", "err", err)
+		}
+	case OutcomePermanent:
 		msg := o.Error
 		if msg == "" {
 			msg = o.Kind.String()
@@ -304,15 +281,8 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		if err := m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
 			log.Warn("record run result failed", "err", err)
 		}
-		if o.Kind == OutcomePermanent {
-			if err := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); err != nil {
-				log.Warn("dead letter failed", "err", err)
-			}
-			return
-		}
-		delay := RetryDelayMs(d.AttemptCount, m.cfg.RetryDelay.Milliseconds(), m.cfg.MaxRetryDelay.Milliseconds())
-		if _, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
-			log.Warn("nack failed", "err", err)
+		if err := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); err != nil {
+			log.Warn("dead letter failed", "err", err)
 		}
 	case OutcomeAbandoned:
 		m.emitFinish(e, "run interrupted: "+o.Error)

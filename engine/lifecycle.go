@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -298,13 +300,18 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			m.log.Warn("list ready threads failed", "err", err)
 			return m.cfg.Now() + 1000
 		}
-		started := false
+		// Claim concurrently: the claims share the store's group commits.
+		var wg sync.WaitGroup
+		var started atomic.Bool
 		for _, t := range threads {
-			if m.tryDispatch(ctx, t) == attemptClaimed {
-				started = true
-			}
+			wg.Go(func() {
+				if m.tryDispatch(ctx, t) == attemptClaimed {
+					started.Store(true)
+				}
+			})
 		}
-		if !started {
+		wg.Wait()
+		if !started.Load() {
 			return next
 		}
 	}

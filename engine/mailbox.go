@@ -147,15 +147,8 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 			return res, err
 		}
 	}
-	runID, err := m.prepareRun(ctx, &req)
+	runID, d, err := m.submitRun(ctx, &req, m.cfg.Now())
 	if err != nil {
-		return SubmitResult{}, err
-	}
-	d, err := m.buildDispatch(&req, m.cfg.Now())
-	if err != nil {
-		return SubmitResult{}, err
-	}
-	if _, err := m.store.Enqueue(ctx, d); err != nil {
 		if errors.Is(err, ErrAlreadyExists) && req.DedupeKey != "" {
 			if res, ok, lerr := m.existingByDedupe(ctx, req.ThreadID, req.DedupeKey); lerr == nil && ok {
 				return res, nil
@@ -315,10 +308,6 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			return SubmitResult{}, nil, errActiveRun
 		}
 	}
-	runID, err := m.prepareRun(ctx, &req)
-	if err != nil {
-		return SubmitResult{}, nil, err
-	}
 	// With a free slot, claim inline behind a guard that keeps background
 	// claimers away; without one, queue it at the head of the thread.
 	slot := m.reserveSlot(thread)
@@ -329,18 +318,17 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		head := uint8(0)
 		req.Priority = &head
 	}
-	d, err := m.buildDispatch(&req, availableAt)
-	if err != nil {
-		m.releaseSlot(thread)
-		return SubmitResult{}, nil, err
+	if req.DispatchIDHint == "" {
+		req.DispatchIDHint = newID()
 	}
 	events := NewEventLog(m.cfg.EventBuffer)
 	m.mu.Lock()
-	m.pending[d.DispatchID] = events
+	m.pending[req.DispatchIDHint] = events
 	m.logs[thread] = events
 	m.mu.Unlock()
-	if _, err := m.store.Enqueue(ctx, d); err != nil {
-		m.dropPending(d.DispatchID)
+	runID, d, err := m.submitRun(ctx, &req, availableAt)
+	if err != nil {
+		m.dropPending(req.DispatchIDHint)
 		if slot {
 			m.releaseSlot(thread)
 		}

@@ -484,7 +484,7 @@ func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
 		`mailbox_operations_total{operation="ack",result="ok"} 1`,
 		`mailbox_dispatch_depth{status="acked"} 1`,
 		`mailbox_dispatch_depth{status="queued"} 0`,
-		`mailbox_operation_duration_seconds_bucket{operation="enqueue",result="ok",le=`,
+		`mailbox_operation_duration_seconds_bucket{operation="submit",result="ok",le=`,
 		`mailbox_dispatch_enqueue_to_start_seconds_count 1`,
 		`mailbox_run_duration_seconds_count{outcome="completed"} 1`,
 		`mailbox_active_runs 0`,

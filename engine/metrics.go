@@ -198,3 +198,14 @@ func (s instrumentedStore) ListTerminal(ctx context.Context, after TerminalCurso
 func (s instrumentedStore) Checkpoint(ctx context.Context, c Checkpoint) ([]MessageRecord, error) {
 	return observe(s.em, "checkpoint", func() ([]MessageRecord, error) { return s.Store.Checkpoint(ctx, c) }, nil)
 }
+
+func (s instrumentedStore) Submit(ctx context.Context, c Checkpoint, d Dispatch) ([]MessageRecord, Dispatch, error) {
+	var recs []MessageRecord
+	stored, err := observe(s.em, "submit", func() (Dispatch, error) {
+		var err error
+		var out Dispatch
+		recs, out, err = s.Store.Submit(ctx, c, d)
+		return out, err
+	}, nil)
+	return recs, stored, err
+}

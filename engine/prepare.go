@@ -57,12 +57,25 @@ func (m *Mailbox) reusableWaitingRun(ctx context.Context, thread string) (string
 	return "", nil
 }
 
-// prepareRun makes the durable run record for a request (engine.md §2):
-// it appends the request's messages to the thread log and creates or
-// updates the run in one guarded checkpoint, retrying when another
-// writer appended in between. It chooses the dispatch id up front and
-// records it on the run (lessons.md B3), and returns the run id.
+// prepareRun makes the durable run record for a request (engine.md §2)
+// without enqueueing it; see persistRun.
 func (m *Mailbox) prepareRun(ctx context.Context, r *SubmitRequest) (string, error) {
+	runID, _, err := m.persistRun(ctx, r, nil)
+	return runID, err
+}
+
+// submitRun makes the durable run record and its queued dispatch
+// (available at availableAt) in one commit.
+func (m *Mailbox) submitRun(ctx context.Context, r *SubmitRequest, availableAt int64) (string, Dispatch, error) {
+	return m.persistRun(ctx, r, &availableAt)
+}
+
+// persistRun appends the request's messages to the thread log and creates
+// or updates the run in one guarded commit — with the run's dispatch when
+// availableAt is set — retrying when another writer appended in between.
+// It chooses the dispatch id up front and records it on the run
+// (lessons.md B3), and returns the run id and the stored dispatch.
+func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt *int64) (string, Dispatch, error) {
 	thread := r.ThreadID
 	unlock := m.locks.lock(thread)
 	defer unlock()
@@ -70,7 +83,7 @@ func (m *Mailbox) prepareRun(ctx context.Context, r *SubmitRequest) (string, err
 	if strings.TrimSpace(r.ContinueRunID) == "" && strings.TrimSpace(r.RunIDHint) == "" {
 		waiting, err := m.reusableWaitingRun(ctx, thread)
 		if err != nil {
-			return "", err
+			return "", Dispatch{}, err
 		}
 		r.ContinueRunID = waiting
 	}
@@ -92,14 +105,14 @@ func (m *Mailbox) prepareRun(ctx context.Context, r *SubmitRequest) (string, err
 	}
 	extras, err := json.Marshal(extrasOf(r))
 	if err != nil {
-		return "", fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
+		return "", Dispatch{}, fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
 	}
 	ids := messageIDs(r.Messages)
 
 	for attempt := 0; ; attempt++ {
 		count, err := m.store.MessageCount(ctx, thread)
 		if err != nil {
-			return "", fmt.Errorf("prepare run %s: %w", runID, err)
+			return "", Dispatch{}, fmt.Errorf("prepare run %s: %w", runID, err)
 		}
 		total := count
 		var appendMsgs []Message
@@ -123,20 +136,27 @@ func (m *Mailbox) prepareRun(ctx context.Context, r *SubmitRequest) (string, err
 		}
 		run, err := m.runForDispatch(ctx, r, runID, snapshot, input)
 		if err != nil {
-			return "", err
+			return "", Dispatch{}, err
 		}
-		_, err = m.store.Checkpoint(ctx, Checkpoint{
-			ThreadID: thread, ExpectedCount: count, Messages: appendMsgs,
-			CreatedAt: m.cfg.Now(), Run: run,
-		})
+		cp := Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: appendMsgs, CreatedAt: m.cfg.Now(), Run: run}
+		var stored Dispatch
+		if availableAt == nil {
+			_, err = m.store.Checkpoint(ctx, cp)
+		} else {
+			var d Dispatch
+			if d, err = m.buildDispatch(r, *availableAt); err != nil {
+				return "", Dispatch{}, err
+			}
+			_, stored, err = m.store.Submit(ctx, cp, d)
+		}
 		var conflict *ConflictError
 		if errors.As(err, &conflict) && conflict.What == "message_count" && attempt < maxAppendRetries {
 			continue
 		}
 		if err != nil {
-			return "", fmt.Errorf("prepare run %s: %w", runID, err)
+			return "", Dispatch{}, fmt.Errorf("prepare run %s: %w", runID, err)
 		}
-		return runID, nil
+		return runID, stored, nil
 	}
 }
 

@@ -349,3 +349,52 @@ func (r *RunRecord) Reopen(dispatchID string, nowSec int64) {
 	r.DispatchID = dispatchID
 	r.UpdatedAt = nowSec
 }
+
+// MarkStarted records that attempt instanceID of dispatch d started the
+// run (the store applies it in the same commit as the dispatch's start).
+// A done run, or one of another thread, is left alone; it reports
+// whether the run changed.
+func (r *RunRecord) MarkStarted(d *Dispatch, instanceID string, nowSec int64) bool {
+	if r.Status == RunDone || r.ThreadID != d.ThreadID {
+		return false
+	}
+	r.Status = RunRunning
+	r.Waiting = nil
+	r.DispatchID = d.DispatchID
+	r.SessionID = instanceID
+	if r.StartedAt == 0 {
+		r.StartedAt = nowSec
+	}
+	r.UpdatedAt = nowSec
+	return true
+}
+
+// ApplyResult records an attempt's outcome on the run (the store applies
+// it in the same commit as the dispatch's run result): done or waiting,
+// the termination, the final output and, for an error, the error payload.
+// A done run, or one of another thread, is left alone.
+func (r *RunRecord) ApplyResult(d *Dispatch, res RunResult, nowSec int64) bool {
+	if r.Status == RunDone || r.ThreadID != d.ThreadID || (res.Status != RunDone && res.Status != RunWaiting) {
+		return false
+	}
+	r.Status = res.Status
+	r.TerminationReason = res.Termination
+	r.DispatchID = d.DispatchID
+	if res.InstanceID != "" {
+		r.SessionID = res.InstanceID
+	}
+	r.Waiting = nil
+	if res.Status == RunWaiting {
+		r.Waiting = res.Waiting
+	} else {
+		r.FinishedAt = nowSec
+	}
+	if res.Response != "" {
+		r.FinalOutput, _ = json.Marshal(res.Response)
+	}
+	if res.Error != "" {
+		r.ErrorPayload, _ = json.Marshal(map[string]string{"message": res.Error})
+	}
+	r.UpdatedAt = nowSec
+	return true
+}

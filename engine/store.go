@@ -78,9 +78,12 @@ type DispatchStore interface {
 	ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*Dispatch, error)
 	// Ack marks a claimed dispatch acked; the runtime projection is kept.
 	Ack(ctx context.Context, dispatchID, claimToken string, now int64) error
-	// RecordDispatchStart writes the runtime projection of a started attempt.
+	// RecordDispatchStart writes the runtime projection of a started
+	// attempt and, in the same commit, marks its run running
+	// (RunRecord.MarkStarted).
 	RecordDispatchStart(ctx context.Context, dispatchID, claimToken, instanceID string, now int64) error
-	// RecordRunResult writes the runtime outcome; the dispatch stays claimed.
+	// RecordRunResult writes the runtime outcome; the dispatch stays
+	// claimed. In the same commit the run records it (RunRecord.ApplyResult).
 	// A result for another run id is ErrValidation.
 	RecordRunResult(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64) error
 	// Nack spends an attempt: queued again at retryAt, or dead_letter at
@@ -203,6 +206,10 @@ type RunStore interface {
 	// upserts the run and thread projection in one commit. It returns the
 	// appended records.
 	Checkpoint(ctx context.Context, c Checkpoint) ([]MessageRecord, error)
+	// Submit is Checkpoint and Enqueue in one commit: a submitted run's
+	// messages, run record and dispatch are written together or not at
+	// all (no dispatch without its run record). Errors are those of both.
+	Submit(ctx context.Context, c Checkpoint, d Dispatch) ([]MessageRecord, Dispatch, error)
 	// MessageCount returns the number of messages in the thread's log.
 	MessageCount(ctx context.Context, threadID string) (uint64, error)
 	// LoadMessages returns the whole log in order (empty for an unknown thread).

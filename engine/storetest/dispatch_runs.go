@@ -64,14 +64,48 @@ func dispatchSettleRunCases() []Case {
 			h.deadLetter("d1", c.ClaimToken, "permanent failure", 9000)
 			h.runSettled("run-d1", "d1", 9000, "permanent failure")
 		}},
-		{"Settle_dead_letter_prefers_the_run_error", func(t *testing.T, s engine.Store) {
+		{"Settle_dead_letter_after_an_error_result_keeps_the_result", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.createRun(dqRun("run-d1", "t1", engine.RunRunning))
 			c := h.addClaimed("d1", "t1", 1000)
 			h.result("d1", c.ClaimToken, engine.RunResult{RunID: "run-d1", InstanceID: "inst-1", Status: engine.RunDone,
 				Termination: engine.ErrorTermination("context overflow"), Error: "context overflow"}, 1500)
+			h.runSettled("run-d1", "d1", 1500, "context overflow")
+			settled := h.loadRun("run-d1")
 			h.deadLetter("d1", c.ClaimToken, "permanent", 9000)
-			h.runSettled("run-d1", "d1", 9000, "context overflow")
+			h.runUnchanged(settled)
+		}},
+		{"S55_record_start_marks_the_run_running", func(t *testing.T, s engine.Store) {
+			h := newDQ(t, s)
+			h.createRun(dqRun("run-d1", "t1", engine.RunCreated))
+			c := h.addClaimed("d1", "t1", 1000)
+			if err := s.RecordDispatchStart(h.ctx, "d1", c.ClaimToken, "inst-1", 5000); err != nil {
+				t.Fatal(err)
+			}
+			r := h.loadRun("run-d1")
+			if r.Status != engine.RunRunning || r.DispatchID != "d1" || r.SessionID != "inst-1" || r.StartedAt != 5 || r.UpdatedAt != 5 {
+				t.Fatalf("run after record start: %+v", r)
+			}
+			th, err := s.LoadThread(h.ctx, "t1")
+			if err != nil || th == nil || th.ActiveRunID != "run-d1" || th.OpenRunID != "run-d1" {
+				t.Fatalf("thread projection after start: %+v %v", th, err)
+			}
+		}},
+		{"S57_run_result_waiting_records_the_waiting_state", func(t *testing.T, s engine.Store) {
+			h := newDQ(t, s)
+			h.createRun(dqRun("run-d1", "t1", engine.RunRunning))
+			c := h.addClaimed("d1", "t1", 1000)
+			w := &engine.RunWaitingState{Reason: engine.WaitToolPermission, TicketIDs: []string{"call-1"}}
+			h.result("d1", c.ClaimToken, engine.RunResult{RunID: "run-d1", InstanceID: "inst-1", Status: engine.RunWaiting,
+				Termination: &engine.Termination{Type: engine.TermSuspended}, Waiting: w}, 2000)
+			r := h.loadRun("run-d1")
+			if r.Status != engine.RunWaiting || r.Waiting == nil || r.Waiting.Reason != engine.WaitToolPermission || r.FinishedAt != 0 || !r.IsResumableWaiting() {
+				t.Fatalf("run after a waiting result: %+v", r)
+			}
+			d := h.load("d1")
+			if d.RunStatus != engine.RunWaiting || d.Status != engine.StatusClaimed {
+				t.Fatalf("dispatch after a waiting result: %+v", d)
+			}
 		}},
 		{"Settle_nack_to_dead_letter_marks_run_done_error", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
@@ -103,10 +137,13 @@ func dispatchSettleRunCases() []Case {
 		{"Settle_ack_does_not_settle_the_run", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.createRun(dqRun("run-d1", "t1", engine.RunRunning))
-			before := h.loadRun("run-d1")
 			c := h.addClaimed("d1", "t1", 1000)
 			h.result("d1", c.ClaimToken, engine.RunResult{RunID: "run-d1", InstanceID: "inst-1", Status: engine.RunDone,
 				Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "ok"}, 1500)
+			before := h.loadRun("run-d1")
+			if before.Status != engine.RunDone || string(before.FinalOutput) != `"ok"` || before.TerminationReason.Type != engine.TermNaturalEnd {
+				t.Fatalf("run after a completed result: %+v", before)
+			}
 			h.ack("d1", c.ClaimToken, 2000)
 			h.runUnchanged(before)
 			// Release and requeue leave it alone too.

@@ -69,7 +69,7 @@ func runCases() []Case {
 		{"S65_cancel_settles_run_and_thread_projection", rsSettleCancel},
 		{"S72_interrupt_settles_superseded_run", rsSettleInterrupt},
 		{"S59_nack_dead_letter_settles_run_with_error", rsSettleNackDeadLetter},
-		{"S64_dead_letter_settles_run_preferring_run_error", rsSettleDeadLetterRunError},
+		{"S57_run_result_settles_run_and_dead_letter_keeps_it", rsSettleDeadLetterRunError},
 		{"S65_settlement_skips_done_run_and_other_thread", rsSettleSkips},
 		{"Srequeue_reopens_settled_run", rsRequeueReopens},
 	}
@@ -1541,7 +1541,9 @@ func rsSettleDeadLetterRunError(t *testing.T, s engine.Store) {
 	if err := s.DeadLetter(t.Context(), c.DispatchID, c.ClaimToken, "permanent failure", now); err != nil {
 		t.Fatalf("DeadLetter: %v", err)
 	}
-	got := rsWantSettled(t, s, "run-1", "disp-1", now, engine.ErrorTermination("agent exploded"), `{"message":"agent exploded"}`)
+	// The result settled the run in its own commit (RunRecord.ApplyResult);
+	// the dead letter that follows leaves it as it is.
+	got := rsWantSettled(t, s, "run-1", "disp-1", rsMs+3, engine.ErrorTermination("agent exploded"), `{"message":"agent exploded"}`)
 	if got.SessionID != "inst-1" {
 		t.Errorf("run session_id %q, want the dispatch instance id inst-1", got.SessionID)
 	}

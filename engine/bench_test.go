@@ -1,0 +1,123 @@
+package engine_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// BenchmarkEngineFsyncBaseline: sequential 4 KiB append + fsync on the
+// disk the engine benchmarks use — the ratio's denominator.
+func BenchmarkEngineFsyncBaseline(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "wal"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	for b.Loop() {
+		if _, err := f.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "fsyncs/s")
+}
+
+func noop(_ context.Context, _ *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+	sink.Emit([]byte(`{"type":"run_finish"}`))
+	return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+}
+
+// BenchmarkBackgroundRun: SubmitBackground → run (no-op executor) → ack,
+// durable (fsync on, Badger on disk), spread over 1 and 64 threads with
+// as many agent slots. One op is one run, from submit to ack.
+func BenchmarkBackgroundRun(b *testing.B) {
+	for _, threads := range []int{1, 64} {
+		b.Run(fmt.Sprintf("threads=%d", threads), func(b *testing.B) {
+			s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			// A short context keeps the cost per run independent of b.N (the
+			// thread logs grow with every run).
+			mb, err := engine.New(s, newFake(threads, noop), engine.Config{ContextMessages: 20})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := mb.Start(ctx); err != nil {
+				b.Fatal(err)
+			}
+			defer mb.Stop(ctx)
+			msg := []engine.Message{userMsg("go")}
+			b.ReportAllocs()
+			b.ResetTimer()
+			errc := make(chan error, threads)
+			for w := range threads {
+				go func() {
+					n := b.N / threads
+					if w < b.N%threads {
+						n++
+					}
+					for range n {
+						if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", w), Messages: msg}); err != nil {
+							errc <- err
+							return
+						}
+					}
+					errc <- nil
+				}()
+			}
+			for range threads {
+				if err := <-errc; err != nil {
+					b.Fatal(err)
+				}
+			}
+			deadline := time.Now().Add(5 * time.Minute)
+			for {
+				c, err := s.CountByStatus(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if c.Get(engine.StatusAcked) == int64(b.N) {
+					break
+				}
+				if time.Now().After(deadline) {
+					b.Fatalf("only %d of %d runs acked", c.Get(engine.StatusAcked), b.N)
+				}
+				time.Sleep(time.Millisecond)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+			batches, ops := s.BatchStats()
+			b.ReportMetric(float64(ops)/float64(max(batches, 1)), "ops/commit")
+		})
+	}
+}
+
+// BenchmarkReattach: a client re-attaching to a run's event log and
+// reading the last 100 of its buffered events.
+func BenchmarkReattach(b *testing.B) {
+	l := engine.NewEventLog(10_000)
+	for i := range 10_000 {
+		l.Append(fmt.Appendf(nil, `{"type":"text_delta","delta":"%d"}`, i))
+	}
+	buf := make([]engine.Event, 0, 100)
+	b.ReportAllocs()
+	for b.Loop() {
+		evs, reset, _, _ := l.Read(l.LastSeq()-100, 100, buf)
+		if reset || len(evs) != 100 {
+			b.Fatalf("read %d events, reset %v", len(evs), reset)
+		}
+	}
+}
