@@ -21,8 +21,8 @@ type EventLog struct {
 	mu       sync.Mutex // guards everything below
 	limit    int        // most events kept
 	ring     []Event    // grows to limit, then wraps: seq s lives at (s-1) % limit
-	first    uint64 // seq of the oldest event kept (0 while empty)
-	next     uint64 // seq the next event gets
+	first    uint64     // seq of the oldest event kept (0 while empty)
+	next     uint64     // seq the next event gets
 	closed   bool
 	closedAt int64         // Unix ms, when closed
 	wake     chan struct{} // closed on the next append or close; nil when nobody waits
