@@ -218,7 +218,7 @@ func fixtureDir(b *testing.B, total, threads int) string {
 }
 
 // fixtureVersion changes whenever the on-disk layout does.
-const fixtureVersion = 3
+const fixtureVersion = 4
 
 // benchDirs are removed by TestMain after the run.
 var benchDirs sync.Map

@@ -173,9 +173,10 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 			if err != nil {
 				return err
 			}
-			next := cur
-			next.floor = first
-			w.putState(threadID, cur, next)
+			cur.floor = first
+			if err := w.putState(threadID, cur); err != nil {
+				return err
+			}
 		}
 		if cand == "" {
 			return nil
@@ -437,7 +438,9 @@ func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engi
 		st := before
 		st.epoch++
 		ep := st.epoch
-		w.putState(threadID, before, st)
+		if err := w.putState(threadID, st); err != nil {
+			return err
+		}
 		res.NewEpoch = ep
 		for _, id := range queued {
 			old, err := w.mustLoad(id)

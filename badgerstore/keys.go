@@ -28,7 +28,7 @@ import (
 //
 //	a<seg thread><prio u8><created ts><id>  →  status u8      every dispatch of a thread
 //	q<seg thread><prio u8><created ts><id>  →  available ts   queued, claim order
-//	r<available ts><id>                     →  thread id      queued, global due order
+//	v<seg thread><available ts><id>         →  ()             queued, the thread's due order
 //	c<thread_id>                            →  dispatch id    the thread's one claimed dispatch
 //	l<lease ts><id>                         →  ()             claimed, lease expiry order
 //	k<seg thread><dedupe key>               →  dispatch id    non-terminal dedupe holder
@@ -39,6 +39,8 @@ import (
 //
 //	n<status u8>                                number of dispatches in that status
 //	h<thread_id>                                present while the thread has queued dispatches
+//	r<due ts><thread_id>                        one per claimable thread (queued work, no
+//	                                            claimed dispatch), by its earliest due time
 //
 // Run and message indexes:
 //
@@ -57,6 +59,7 @@ const (
 	pAll        = 'a'
 	pQueue      = 'q'
 	pReady      = 'r'
+	pAvail      = 'v'
 	pLease      = 'l'
 	pDedupe     = 'k'
 	pTerminal   = 't'
@@ -115,10 +118,17 @@ func orderKey(p byte, d *engine.Dispatch) []byte {
 // orderKeyID returns the dispatch id at the end of an a/q key of thread t.
 func orderKeyID(k []byte, t string) string { return string(k[1+2+len(t)+1+tsBytes:]) }
 
-func readyKey(d *engine.Dispatch) []byte {
-	b := make([]byte, 0, 1+tsBytes+len(d.DispatchID))
-	b = appendTS(append(b, pReady), d.AvailableAt)
+// availKey is v<seg thread><available ts><id>.
+func availKey(d *engine.Dispatch) []byte {
+	b := appendTS(threadPrefix(pAvail, d.ThreadID), d.AvailableAt)
 	return append(b, d.DispatchID...)
+}
+
+// readyKey is r<due ts><thread>.
+func readyKey(thread string, due int64) []byte {
+	b := make([]byte, 0, 1+tsBytes+len(thread))
+	b = appendTS(append(b, pReady), due)
+	return append(b, thread...)
 }
 
 func leaseKey(d *engine.Dispatch) []byte {

@@ -213,7 +213,8 @@ func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
 	return out, nil
 }
 
-// ReadyThreads implements engine.DispatchStore.
+// ReadyThreads implements engine.DispatchStore. It reads one ready-index
+// entry per claimable thread, in due order.
 func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
 	if limit <= 0 {
 		return []string{}, 0, nil
@@ -221,35 +222,21 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 	out := []string{}
 	var next int64
 	err := s.view(ctx, func(txn *badger.Txn) error {
-		seen := make(map[string]struct{})
-		return iterate(txn, []byte{pReady}, nil, false, false, func(k, v []byte) (bool, error) {
+		err := iterate(txn, []byte{pReady}, nil, false, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 1+tsBytes {
 				return false, fmt.Errorf("ready index key %q: %w", k, engine.ErrCorrupt)
 			}
 			if readTS(k[1:1+tsBytes]) > now {
 				return false, nil
 			}
-			t := string(v)
-			if _, dup := seen[t]; dup {
-				return true, nil
-			}
-			seen[t] = struct{}{}
-			if st, err := loadStateTxn(txn, t); err != nil {
-				return false, err
-			} else if st.claimed != "" {
-				return true, nil
-			}
-			out = append(out, t)
+			out = append(out, string(k[1+tsBytes:]))
 			return len(out) < limit, nil
 		})
-	})
-	if err != nil {
-		return nil, 0, fmt.Errorf("ready threads: %w", err)
-	}
-	// The earliest future due time is one seek away in the same index.
-	err = s.view(ctx, func(txn *badger.Txn) error {
-		start := appendTS([]byte{pReady}, now+1)
-		return iterate(txn, []byte{pReady}, start, false, true, func(k, _ []byte) (bool, error) {
+		if err != nil {
+			return err
+		}
+		// The earliest future due time is one seek away.
+		return iterate(txn, []byte{pReady}, appendTS([]byte{pReady}, now+1), false, true, func(k, _ []byte) (bool, error) {
 			next = readTS(k[1 : 1+tsBytes])
 			return false, nil
 		})

@@ -18,7 +18,7 @@ func dispatchIndex(d *engine.Dispatch) []kv {
 	case d.Status == engine.StatusQueued:
 		v := appendTS(make([]byte, 0, 16), d.AvailableAt)
 		v = append(v, u64(d.Epoch)...)
-		out = append(out, kv{orderKey(pQueue, d), v}, kv{readyKey(d), []byte(d.ThreadID)})
+		out = append(out, kv{orderKey(pQueue, d), v}, kv{availKey(d), nil})
 	case d.Status == engine.StatusClaimed:
 		out = append(out, kv{leaseKey(d), nil})
 	case d.Status.Terminal():

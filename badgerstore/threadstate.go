@@ -8,61 +8,93 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
-// threadState is everything claim needs to know about a thread in one
-// key, e<thread>, so a claim reads one small record instead of four:
+// threadState is everything claim and the ready listing need to know about
+// a thread, in one key e<thread>, so a claim reads one small record:
 //
 //	epoch    the dispatch epoch (bumped by interrupt; never goes down)
 //	queued   how many of its dispatches are queued
+//	due      the earliest available_at among them (valid while queued > 0)
 //	claimed  the id of its claimed dispatch, "" when none (the per-thread
 //	         claim guard: at most one, ever)
-//	floor    a queue-order suffix (priority, created_at, dispatch_id) at or
-//	         below every queued entry of the thread. Claim seeks the queue
-//	         there instead of at its start, so it does not wade through the
+//	floor    a claim-order suffix (priority, created_at, dispatch_id) at or
+//	         below every queued entry of the thread: claim seeks the queue
+//	         there, not at its start, so it never wades through the
 //	         deletion markers that claimed dispatches leave in the LSM tree
-//	         until compaction drops them.
+//	vfloor   the same for the thread's due-order index (available_at,
+//	         dispatch_id), used when due has to be found again
 //
-// Encoding: epoch u64 | queued u64 | len(claimed) u16 | claimed | floor.
-// A state that is all zero is deleted; a thread whose epoch was bumped
-// keeps its state forever, so epochs stay monotonic. A presence marker
-// h<thread> exists exactly while queued > 0 (QueuedThreadIDs lists them).
+// Encoding: epoch u64 | queued u64 | due ts | len u16 + claimed |
+// len u16 + floor | vfloor. An all-zero state is deleted; a thread whose
+// epoch was bumped keeps its state forever, so epochs stay monotonic.
+//
+// Derived keys, written when an operation ends (finishThreads): the
+// marker h<thread> exists while queued > 0 (QueuedThreadIDs lists them);
+// the entry r<due><thread> exists while the thread is claimable — queued
+// work and no claimed dispatch — so ReadyThreads reads one entry per
+// claimable thread, in due order.
 type threadState struct {
 	epoch   uint64
 	queued  uint64
+	due     int64
 	claimed string
 	floor   []byte
+	vfloor  []byte
+
+	dueStale bool // the minimum may have left; finishThreads finds it again
 }
 
 func (st *threadState) zero() bool {
 	return st.epoch == 0 && st.queued == 0 && st.claimed == ""
 }
 
+// claimable reports whether the thread belongs in the ready index.
+func (st *threadState) claimable() bool { return st.queued > 0 && st.claimed == "" }
+
 func encodeThreadState(st threadState) []byte {
-	b := make([]byte, 0, 18+len(st.claimed)+len(st.floor))
+	b := make([]byte, 0, 30+len(st.claimed)+len(st.floor)+len(st.vfloor))
 	b = binary.BigEndian.AppendUint64(b, st.epoch)
 	b = binary.BigEndian.AppendUint64(b, st.queued)
+	b = appendTS(b, st.due)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(st.claimed)))
 	b = append(b, st.claimed...)
-	return append(b, st.floor...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(st.floor)))
+	b = append(b, st.floor...)
+	return append(b, st.vfloor...)
 }
 
 func decodeThreadState(key, b []byte) (threadState, error) {
 	var st threadState
-	if len(b) < 18 {
-		return st, fmt.Errorf("thread state %q is %d bytes: %w", key, len(b), engine.ErrCorrupt)
+	bad := func(what string) (threadState, error) {
+		return threadState{}, fmt.Errorf("thread state %q: %s: %w", key, what, engine.ErrCorrupt)
+	}
+	if len(b) < 26 {
+		return bad(fmt.Sprintf("%d bytes", len(b)))
 	}
 	st.epoch = binary.BigEndian.Uint64(b)
 	st.queued = binary.BigEndian.Uint64(b[8:])
-	n := int(binary.BigEndian.Uint16(b[16:]))
-	if len(b) < 18+n {
-		return st, fmt.Errorf("thread state %q: claimed id overruns the record: %w", key, engine.ErrCorrupt)
+	st.due = readTS(b[16:])
+	b = b[24:]
+	n := int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+n+2 {
+		return bad("claimed id overruns the record")
 	}
-	st.claimed = string(b[18 : 18+n])
-	st.floor = b[18+n:]
+	st.claimed = string(b[2 : 2+n])
+	b = b[2+n:]
+	n = int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+n {
+		return bad("floor overruns the record")
+	}
+	st.floor = b[2 : 2+n]
+	st.vfloor = b[2+n:]
 	return st, nil
 }
 
-// state reads a thread's state through the overlay (zero when absent).
+// state reads a thread's state: this operation's version first, then the
+// transaction's (zero when absent).
 func (w *writeTx) state(thread string) (threadState, error) {
+	if st, ok := w.states[thread]; ok {
+		return st, nil
+	}
 	k := stateKey(thread)
 	b, ok, err := w.get(k)
 	if err != nil || !ok {
@@ -71,26 +103,21 @@ func (w *writeTx) state(thread string) (threadState, error) {
 	return decodeThreadState(k, b)
 }
 
-// putState writes a thread's state (deleting an all-zero one) and keeps
-// the queued-thread marker in step with it.
-func (w *writeTx) putState(thread string, before, st threadState) {
-	if st.zero() {
-		w.del(stateKey(thread))
-	} else {
-		if st.queued == 0 {
-			st.floor = nil
+// putState records a thread's new state for this operation; it reaches
+// the batch, with its derived keys, in finishThreads.
+func (w *writeTx) putState(thread string, st threadState) error {
+	if _, seen := w.origStates[thread]; !seen {
+		orig, err := w.state(thread)
+		if err != nil {
+			return err
 		}
-		w.set(stateKey(thread), encodeThreadState(st))
+		w.origStates[thread] = orig
 	}
-	switch {
-	case before.queued == 0 && st.queued > 0:
-		w.set(threadQKey(thread), nil)
-	case before.queued > 0 && st.queued == 0:
-		w.del(threadQKey(thread))
-	}
+	w.states[thread] = st
+	return nil
 }
 
-// epoch reads a thread's epoch through the overlay.
+// epoch reads a thread's epoch.
 func (w *writeTx) epoch(thread string) (uint64, error) {
 	st, err := w.state(thread)
 	return st.epoch, err
@@ -100,18 +127,21 @@ func queueSuffix(d *engine.Dispatch) []byte {
 	return orderKey(pQueue, d)[1+2+len(d.ThreadID):]
 }
 
+func availSuffix(d *engine.Dispatch) []byte {
+	return availKey(d)[1+2+len(d.ThreadID):]
+}
+
 // applyStatusChange updates the thread state for a dispatch moving from
-// old (nil when new, or when deleted: then d is nil) to d.
+// old (nil when new) to d (nil when deleted).
 func (w *writeTx) applyStatusChange(old, d *engine.Dispatch) error {
 	ref := d
 	if ref == nil {
 		ref = old
 	}
-	before, err := w.state(ref.ThreadID)
+	st, err := w.state(ref.ThreadID)
 	if err != nil {
 		return err
 	}
-	st := before
 	if old != nil {
 		switch old.Status {
 		case engine.StatusQueued:
@@ -119,6 +149,9 @@ func (w *writeTx) applyStatusChange(old, d *engine.Dispatch) error {
 				return fmt.Errorf("queued count of thread %s below zero: %w", old.ThreadID, engine.ErrCorrupt)
 			}
 			st.queued--
+			if old.AvailableAt <= st.due {
+				st.dueStale = true
+			}
 		case engine.StatusClaimed:
 			if st.claimed == old.DispatchID {
 				st.claimed = ""
@@ -131,6 +164,12 @@ func (w *writeTx) applyStatusChange(old, d *engine.Dispatch) error {
 			if suf := queueSuffix(d); st.queued == 0 || bytes.Compare(suf, st.floor) < 0 {
 				st.floor = suf
 			}
+			if vs := availSuffix(d); st.queued == 0 || bytes.Compare(vs, st.vfloor) < 0 {
+				st.vfloor = vs
+			}
+			if st.queued == 0 || d.AvailableAt < st.due {
+				st.due = d.AvailableAt
+			}
 			st.queued++
 		case engine.StatusClaimed:
 			if st.claimed != "" && st.claimed != d.DispatchID {
@@ -139,6 +178,76 @@ func (w *writeTx) applyStatusChange(old, d *engine.Dispatch) error {
 			st.claimed = d.DispatchID
 		}
 	}
-	w.putState(ref.ThreadID, before, st)
+	return w.putState(ref.ThreadID, st)
+}
+
+// finishThreads writes the states this operation changed, finding a due
+// time again where its minimum left, and keeps the queued-thread markers
+// and the ready index in step.
+func (w *writeTx) finishThreads() error {
+	for thread, st := range w.states {
+		orig := w.origStates[thread]
+		if st.queued == 0 {
+			st.due, st.floor, st.vfloor, st.dueStale = 0, nil, nil, false
+		} else if st.dueStale {
+			if err := w.findDue(thread, &st); err != nil {
+				return err
+			}
+		}
+		if st.zero() {
+			w.del(stateKey(thread))
+		} else {
+			w.set(stateKey(thread), encodeThreadState(st))
+		}
+		switch {
+		case orig.queued == 0 && st.queued > 0:
+			w.set(threadQKey(thread), nil)
+		case orig.queued > 0 && st.queued == 0:
+			w.del(threadQKey(thread))
+		}
+		oldReady, newReady := []byte(nil), []byte(nil)
+		if orig.claimable() {
+			oldReady = readyKey(thread, orig.due)
+		}
+		if st.claimable() {
+			newReady = readyKey(thread, st.due)
+		}
+		if oldReady != nil && !bytes.Equal(oldReady, newReady) {
+			w.del(oldReady)
+		}
+		if newReady != nil && !bytes.Equal(oldReady, newReady) {
+			w.set(newReady, nil)
+		}
+	}
+	return nil
+}
+
+// findDue sets st.due and st.vfloor from the thread's first live entry in
+// due order: the transaction's entries from the floor on, minus those this
+// operation deleted, plus those it added.
+func (w *writeTx) findDue(thread string, st *threadState) error {
+	prefix := threadPrefix(pAvail, thread)
+	var first []byte
+	err := w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], st.vfloor...), true, func(k, _ []byte) (bool, error) {
+		if p, ok := w.writes[string(k)]; ok && p.del {
+			return true, nil
+		}
+		first = k
+		return false, nil
+	})
+	if err != nil {
+		return err
+	}
+	for k, p := range w.writes {
+		if !p.del && len(k) > len(prefix) && k[:len(prefix)] == string(prefix) && (first == nil || k < string(first)) {
+			first = []byte(k)
+		}
+	}
+	if first == nil || len(first) < len(prefix)+tsBytes {
+		return fmt.Errorf("thread %s counts %d queued dispatches but its due index is empty: %w", thread, st.queued, engine.ErrCorrupt)
+	}
+	st.due = readTS(first[len(prefix):])
+	st.vfloor = append([]byte(nil), first[len(prefix):]...)
+	st.dueStale = false
 	return nil
 }

@@ -42,7 +42,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	err := s.view(ctx, func(txn *badger.Txn) error {
 		// Expected index entries, by family, from the records.
 		want := map[byte]map[string][]byte{}
-		for _, p := range []byte{pAll, pQueue, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
+		for _, p := range []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
 			want[p] = map[string][]byte{}
 		}
 		expect := func(k, v []byte) {
@@ -56,6 +56,8 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		type threadWant struct {
 			queued   uint64
 			minQueue []byte
+			minAvail []byte
+			due      int64
 			claimed  []string
 			maxEpoch uint64
 		}
@@ -84,6 +86,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 				if suf := queueSuffix(d); tw.minQueue == nil || bytes.Compare(suf, tw.minQueue) < 0 {
 					tw.minQueue = suf
 				}
+				if vs := availSuffix(d); tw.minAvail == nil || bytes.Compare(vs, tw.minAvail) < 0 {
+					tw.minAvail = vs
+					tw.due = d.AvailableAt
+				}
 			case engine.StatusClaimed:
 				tw.claimed = append(tw.claimed, d.DispatchID)
 			case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
@@ -94,6 +100,12 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		})
 		if err != nil {
 			return err
+		}
+		// The ready index holds one entry per claimable thread.
+		for thread, tw := range threads {
+			if tw.queued > 0 && len(tw.claimed) == 0 {
+				expect(readyKey(thread, tw.due), nil)
+			}
 		}
 		for _, st := range engine.AllStatuses {
 			b, _, err := get(txn, countKey(st))
@@ -125,6 +137,12 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			}
 			if tw.minQueue != nil && bytes.Compare(st.floor, tw.minQueue) > 0 {
 				problem("queue floor of thread %s is above its first queued entry", thread)
+			}
+			if tw.minAvail != nil && bytes.Compare(st.vfloor, tw.minAvail) > 0 {
+				problem("due floor of thread %s is above its first due entry", thread)
+			}
+			if tw.queued > 0 && st.due != tw.due {
+				problem("thread %s state says due %d, records say %d", thread, st.due, tw.due)
 			}
 			want := ""
 			if len(tw.claimed) > 0 {

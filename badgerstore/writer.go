@@ -46,6 +46,9 @@ type writeTx struct {
 	txn    *badger.Txn
 	writes map[string]pending
 	order  []string
+
+	states     map[string]threadState // thread states this operation changed
+	origStates map[string]threadState // and what they were before it
 }
 
 type pending struct {
@@ -115,6 +118,8 @@ func (w *writeTx) reset(txn *badger.Txn) {
 	w.txn = txn
 	clear(w.writes)
 	w.order = w.order[:0]
+	clear(w.states)
+	clear(w.origStates)
 }
 
 // iterate calls fn for every key with prefix, from start (or the prefix)
@@ -186,7 +191,7 @@ func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
 func (s *Store) writer() {
 	defer close(s.writerDone)
 	batch := make([]*op, 0, maxBatch)
-	w := &writeTx{writes: make(map[string]pending)}
+	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState)}
 	for {
 		o, ok := <-s.ops
 		if !ok {
@@ -235,6 +240,9 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 		for i := 0; i < n; i++ {
 			w.reset(txn)
 			err := runOp(batch[i], w)
+			if err == nil {
+				err = w.finishThreads()
+			}
 			if err == nil {
 				if ferr = w.flush(); ferr != nil {
 					// Part of this operation may already sit in the

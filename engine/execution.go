@@ -228,10 +228,15 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 }) {
 	d := &e.dispatch
 	now := m.cfg.Now()
-	m.metrics.count(metricRuns, "outcome", o.Kind.String()).Inc()
+	label := o.Kind.String()
+	m.metrics.count(metricRuns, "outcome", label).Inc()
+	m.metrics.seconds(metricEnqToDone, time.Duration(now-d.CreatedAt)*time.Millisecond, "outcome", label)
+	runtime := time.Duration(0)
 	if e.startedAt > 0 {
-		m.metrics.seconds(metricRunSeconds, time.Duration(now-e.startedAt)*time.Millisecond, "outcome", o.Kind.String())
+		runtime = time.Duration(now-e.startedAt) * time.Millisecond
 	}
+	m.metrics.seconds(metricRuntime, runtime, "outcome", label)
+	m.metrics.seconds(metricRunSeconds, runtime, "outcome", label)
 	switch o.Kind {
 	case OutcomeCompleted:
 		status := o.Status

@@ -164,6 +164,7 @@ func (m *Mailbox) Recover(ctx context.Context) (int, error) {
 			return total, fmt.Errorf("reclaim expired leases: %w", err)
 		}
 		total += len(got)
+		m.metrics.add("reclaim_dispatch", len(got))
 		for i := range got {
 			m.reconcileDispatch(ctx, &got[i])
 		}
@@ -220,11 +221,14 @@ func (m *Mailbox) Recover(ctx context.Context) (int, error) {
 // settles runs in the same commit already; this is the safety net for
 // stores that cannot.
 func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
+	m.reconcileMu.Lock()
+	defer m.reconcileMu.Unlock()
 	for {
 		page, err := m.store.ListTerminal(ctx, m.termAfter, reconcilePage)
 		if err != nil {
 			return fmt.Errorf("list terminal dispatches: %w", err)
 		}
+		m.metrics.add("reconcile_terminal_dispatch", len(page))
 		for i := range page {
 			m.reconcileDispatch(ctx, &page[i])
 		}
@@ -240,13 +244,25 @@ func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
 // reconcileDispatch settles the run of a cancelled, superseded or
 // dead-lettered dispatch if it is still open.
 func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
+	var op string
 	switch d.Status {
-	case StatusCancelled, StatusSuperseded, StatusDeadLetter:
+	case StatusCancelled:
+		op = "mark_run_cancelled"
+	case StatusSuperseded:
+		op = "mark_run_superseded"
+	case StatusDeadLetter:
+		op = "mark_run_dead_letter"
 	default:
 		return
 	}
-	err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
-		return r.Settle(d, m.cfg.Now()/1000)
+	err := observeErr(m.metrics, op, func() error {
+		err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
+			return r.Settle(d, m.cfg.Now()/1000)
+		})
+		if errors.Is(err, ErrNotFound) {
+			return nil
+		}
+		return err
 	})
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		m.log.Warn("settle run of terminal dispatch failed", "dispatch_id", d.DispatchID, "run_id", d.RunID, "err", err)
@@ -350,6 +366,7 @@ func (m *Mailbox) Sweep(ctx context.Context) {
 			m.log.Warn("sweep: reclaim failed", "err", err)
 			break
 		}
+		m.metrics.add("reclaim_dispatch", len(got))
 		for i := range got {
 			m.reconcileDispatch(ctx, &got[i])
 		}
@@ -370,6 +387,7 @@ func (m *Mailbox) GC(ctx context.Context) {
 	if n, err := m.store.PurgeTerminal(ctx, now-m.cfg.GCTTL.Milliseconds()); err != nil {
 		m.log.Warn("gc: purge failed", "err", err)
 	} else if n > 0 {
+		m.metrics.add("purged", n)
 		m.log.Info("gc: purged terminal dispatches", "count", n)
 	}
 	m.mu.Lock()

@@ -72,11 +72,12 @@ type Mailbox struct {
 	closing  bool
 	startMu  sync.Mutex // serialises Start: one recovery at a time
 
-	wake      chan struct{} // wakes the dispatcher; buffered, coalesced
-	loopStop  context.CancelFunc
-	loops     sync.WaitGroup // dispatcher and maintenance loops
-	execs     sync.WaitGroup // executing attempts
-	termAfter TerminalCursor // reconciliation high-water mark (maintenance goroutine only)
+	wake        chan struct{} // wakes the dispatcher; buffered, coalesced
+	loopStop    context.CancelFunc
+	loops       sync.WaitGroup // dispatcher and maintenance loops
+	execs       sync.WaitGroup // executing attempts
+	reconcileMu sync.Mutex     // serialises reconciliation; guards termAfter
+	termAfter   TerminalCursor // reconciliation high-water mark
 }
 
 // New builds a Mailbox over a store and an executor. Start recovers and
@@ -138,10 +139,10 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 	if err := m.accepting(); err != nil {
 		return SubmitResult{}, err
 	}
-	normalizeRunMode(&req, true)
 	if err := validateRunInputs(&req); err != nil {
 		return SubmitResult{}, err
 	}
+	normalizeRunMode(&req, true)
 	if req.DedupeKey != "" {
 		if res, ok, err := m.existingByDedupe(ctx, req.ThreadID, req.DedupeKey); err != nil || ok {
 			return res, err
@@ -278,6 +279,7 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 	if err != nil {
 		return res, err
 	}
+	m.metrics.add("supersede", res.SupersededN)
 	if res.Active != nil {
 		m.cancelLocal(thread, errInterrupted)
 	}
@@ -294,15 +296,16 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if err := m.accepting(); err != nil {
 		return SubmitResult{}, nil, err
 	}
-	normalizeRunMode(&req, false)
 	if err := validateRunInputs(&req); err != nil {
 		return SubmitResult{}, nil, err
 	}
+	normalizeRunMode(&req, false)
 	thread := req.ThreadID
 	ir, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
 	if err != nil {
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
+	m.metrics.add("supersede", ir.SupersededN)
 	if ir.Active != nil {
 		if !m.cancelAndAwait(ctx, ir.Active) {
 			return SubmitResult{}, nil, errActiveRun

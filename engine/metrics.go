@@ -21,6 +21,8 @@ const (
 	metricEligStart  = "mailbox_dispatch_eligible_to_start_seconds"
 	metricClaimStart = "mailbox_dispatch_claim_to_start_seconds"
 	metricRunSeconds = "mailbox_run_duration_seconds"
+	metricEnqToDone  = "mailbox_dispatch_enqueue_to_complete_seconds"
+	metricRuntime    = "mailbox_dispatch_runtime_seconds"
 	metricRuns       = "mailbox_runs_total"
 	metricRenewals   = "mailbox_lease_renewals_total"
 	metricLive       = "mailbox_live_commands_total"
@@ -68,6 +70,14 @@ func (em *engineMetrics) counts() StatusCounts {
 func (em *engineMetrics) op(name, result string, took time.Duration) {
 	em.set.GetOrCreateCounter(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOps, name, result)).Inc()
 	em.set.GetOrCreatePrometheusHistogram(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOpSeconds, name, result)).Update(took.Seconds())
+}
+
+// add counts n items of a count-only operation (skipped when n is 0):
+// supersede, reclaim_dispatch, purged, reconcile_terminal_dispatch.
+func (em *engineMetrics) add(operation string, n int) {
+	if n > 0 {
+		em.set.GetOrCreateCounter(fmt.Sprintf(`%s{operation=%q,result="ok"}`, metricOps, operation)).Add(n)
+	}
 }
 
 func (em *engineMetrics) count(name string, labels ...string) *metrics.Counter {

@@ -218,8 +218,12 @@ func (m *Mailbox) buildDispatch(r *SubmitRequest, availableAt int64) (Dispatch, 
 	if r.Priority != nil {
 		prio = *r.Priority
 	}
+	id := r.DispatchIDHint
+	if strings.TrimSpace(id) == "" {
+		id = newID()
+	}
 	return Dispatch{
-		DispatchID: r.DispatchIDHint, ThreadID: r.ThreadID, RunID: runID, Priority: prio,
+		DispatchID: id, ThreadID: r.ThreadID, RunID: runID, Priority: prio,
 		DedupeKey: strings.TrimSpace(r.DedupeKey), Status: StatusQueued, AvailableAt: availableAt,
 		MaxAttempts: m.cfg.MaxAttempts, CreatedAt: now, UpdatedAt: now,
 	}, nil
@@ -261,15 +265,26 @@ func (m *Mailbox) reconstruct(ctx context.Context, d *Dispatch) (*RunRequest, *R
 		TransportRequestID: snap.TransportRequestID, Decisions: snap.Decisions,
 		FrontendTools: snap.FrontendTools, Overrides: extras.Overrides, Traceparent: extras.Traceparent,
 	}
-	if req.RunMode == "" || req.RunMode == ModeForeground {
-		req.RunMode = ModeResume
-	}
+	// The extras win over the snapshot's copies (engine.md item 45.6).
 	if len(extras.Decisions) > 0 {
 		req.Decisions = extras.Decisions
+	}
+	if len(extras.FrontendTools) > 0 {
+		req.FrontendTools = extras.FrontendTools
+	}
+	if extras.ParentThreadID != "" {
+		req.ParentThreadID = extras.ParentThreadID
+	}
+	if extras.TransportRequestID != "" {
+		req.TransportRequestID = extras.TransportRequestID
 	}
 	if run.IsResumableWaiting() {
 		req.ContinueRunID = run.RunID
 	}
+	// Re-normalise as a foreground request would be (item 46.1).
+	sr := SubmitRequest{RunMode: req.RunMode, Origin: req.Origin, Decisions: req.Decisions, ContinueRunID: req.ContinueRunID, Adapter: extras.Adapter}
+	normalizeRunMode(&sr, false)
+	req.RunMode = sr.RunMode
 	req.Context, err = m.threadContext(ctx, run.ThreadID)
 	if err != nil {
 		return nil, nil, err

@@ -85,6 +85,12 @@ func ParseRequestExtras(raw json.RawMessage) (RequestExtras, error) {
 	if err := json.Unmarshal(raw, &x); err != nil {
 		return x, Validationf("corrupt request_extras: %v", err)
 	}
+	if x.RunMode == "" {
+		x.RunMode = ModeForeground
+	}
+	if x.Adapter == "" {
+		x.Adapter = AdapterInternal
+	}
 	return x, nil
 }
 

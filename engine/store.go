@@ -143,10 +143,12 @@ type DispatchStore interface {
 	// QueuedThreadIDs returns the sorted distinct threads that have at
 	// least one queued dispatch, available or not.
 	QueuedThreadIDs(ctx context.Context) ([]string, error)
-	// ReadyThreads returns up to limit distinct threads that have a queued
-	// dispatch with available_at ≤ now and no claimed dispatch, the one
-	// waiting longest first, and the earliest available_at after now of
-	// any queued dispatch (0 when none), so a caller can sleep until then.
+	// ReadyThreads returns up to limit claimable threads (queued work and
+	// no claimed dispatch) whose earliest queued dispatch is due (≤ now),
+	// the one due longest first, and the earliest due time after now among
+	// claimable threads (0 when none), so a caller can sleep until then. A
+	// thread that holds a claim is not listed and its later work does not
+	// count: it becomes claimable again when that dispatch settles.
 	ReadyThreads(ctx context.Context, now int64, limit int) (threads []string, nextDueAt int64, err error)
 }
 

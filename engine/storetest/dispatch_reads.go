@@ -261,17 +261,28 @@ func dispatchReadCases() []Case {
 			}
 			ids, _ = h.ready(1000, 2)
 			dqWantStrings(t, "ReadyThreads(limit 2)", ids, "ta", "tc")
-			// Claiming ta removes it; at 5000 td is ready and 8000 is next.
+			// Claiming ta removes it; at 5000 td is ready, and its later
+			// dispatch (8000) does not count while td is listed by 5000.
 			h.claim("ta", "c1", 1000)
 			ids, next = h.ready(5000, 10)
 			dqWantStrings(t, "ReadyThreads at 5000", ids, "tc", "tb", "te", "td")
-			if next != 8000 {
-				t.Fatalf("nextDueAt at 5000 = %d, want 8000", next)
-			}
-			ids, next = h.ready(8000, 10)
 			if next != 0 {
-				t.Fatalf("nextDueAt with nothing in the future = %d, want 0 (ready %q)", next, ids)
+				t.Fatalf("nextDueAt at 5000 = %d, want 0 (every claimable thread is due)", next)
 			}
+			// Claiming td's first dispatch hides td; settling it shows td
+			// again, due at 8000.
+			c := h.claim("td", "c1", 5000)
+			if ids, next = h.ready(5000, 10); next != 0 || len(ids) != 3 {
+				t.Fatalf("with td claimed: %q, next %d", ids, next)
+			}
+			h.ack(c.DispatchID, c.ClaimToken, 5100)
+			ids, next = h.ready(5000, 10)
+			dqWantStrings(t, "ReadyThreads after td settled", ids, "tc", "tb", "te")
+			if next != 8000 {
+				t.Fatalf("nextDueAt after td settled = %d, want 8000", next)
+			}
+			ids, _ = h.ready(8000, 10)
+			dqWantStrings(t, "ReadyThreads at 8000", ids, "tc", "tb", "te", "td")
 		}},
 		{"ReadyThreads_next_due_at_does_not_depend_on_limit", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
