@@ -9,24 +9,20 @@ import (
 // Test hooks: raw access to keys, to plant corrupt records and damaged
 // indexes that the public API can never produce.
 
-// RawSet writes a raw key.
+// RawSet writes a raw key (through the writer, so its cache sees it).
 func (s *Store) RawSet(key, val []byte) error {
-	txn := s.db.NewTransaction(true)
-	defer txn.Discard()
-	if err := txn.Set(key, val); err != nil {
-		return err
-	}
-	return txn.Commit()
+	return s.update(context.Background(), "raw_set", func(w *writeTx) error {
+		w.set(key, val)
+		return nil
+	})
 }
 
-// RawDelete deletes a raw key.
+// RawDelete deletes a raw key (through the writer).
 func (s *Store) RawDelete(key []byte) error {
-	txn := s.db.NewTransaction(true)
-	defer txn.Discard()
-	if err := txn.Delete(key); err != nil {
-		return err
-	}
-	return txn.Commit()
+	return s.update(context.Background(), "raw_delete", func(w *writeTx) error {
+		w.del(key)
+		return nil
+	})
 }
 
 // DispatchKey exposes the record key of a dispatch.

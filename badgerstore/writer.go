@@ -49,6 +49,16 @@ type writeTx struct {
 
 	states     map[string]threadState // thread states this operation changed
 	origStates map[string]threadState // and what they were before it
+
+	cache   *recordCache       // the writer's read cache (see cache.go)
+	flushed map[string]kvWrite // writes of the batch so far: read before the cache, cached after commit
+}
+
+// kvWrite is one write that reached the batch transaction.
+type kvWrite struct {
+	k   string
+	v   []byte
+	del bool
 }
 
 type pending struct {
@@ -64,8 +74,22 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 		}
 		return p.val, true, nil
 	}
+	if f, ok := w.flushed[string(key)]; ok {
+		if f.del {
+			return nil, false, nil
+		}
+		return f.val(), true, nil
+	}
+	if w.cache != nil {
+		if v, ok := w.cache.get(string(key)); ok {
+			return v, v != nil, nil
+		}
+	}
 	item, err := w.txn.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
+		if w.cache != nil {
+			w.cache.put(string(key), nil)
+		}
 		return nil, false, nil
 	}
 	if err != nil {
@@ -74,6 +98,9 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 	v, err := item.ValueCopy(nil)
 	if err != nil {
 		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
+	}
+	if w.cache != nil {
+		w.cache.put(string(key), v)
 	}
 	return v, true, nil
 }
@@ -110,6 +137,10 @@ func (w *writeTx) flush() error {
 		if err != nil {
 			return err
 		}
+	}
+	for _, k := range w.order {
+		p := w.writes[k]
+		w.flushed[k] = kvWrite{k: k, v: p.val, del: p.del}
 	}
 	return nil
 }
@@ -191,7 +222,7 @@ func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
 func (s *Store) writer() {
 	defer close(s.writerDone)
 	batch := make([]*op, 0, maxBatch)
-	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState)}
+	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: newRecordCache(), flushed: make(map[string]kvWrite)}
 	for {
 		o, ok := <-s.ops
 		if !ok {
@@ -236,6 +267,7 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 	n := len(batch)
 	for attempt := 0; ; attempt++ {
 		txn := s.db.NewTransaction(true)
+		clear(w.flushed)
 		failed, ferr := -1, error(nil)
 		for i := 0; i < n; i++ {
 			w.reset(txn)
@@ -255,6 +287,7 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 		}
 		if failed == 0 {
 			txn.Discard()
+			w.cache.clear() // it may hold this transaction's pending writes
 			s.answer(batch[0], flushError(batch[0].name, ferr))
 			return 1
 		}
@@ -262,16 +295,27 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 			// Re-run the operations before it in a fresh transaction; the
 			// failing one goes first into the next, and alone fails there.
 			txn.Discard()
+			w.cache.clear()
 			n = failed
 			continue
 		}
 		cerr := txn.Commit()
 		if errors.Is(cerr, badger.ErrConflict) && attempt < 3 {
+			w.cache.clear()
 			continue // cannot happen with one writer; bounded retry all the same
 		}
 		if cerr != nil {
+			w.cache.clear()
 			cerr = fmt.Errorf("commit: %w", unavailable(cerr))
 			s.log.Error("badgerstore commit failed", "ops", n, "err", cerr)
+		} else {
+			for _, f := range w.flushed {
+				if f.del {
+					w.cache.put(f.k, nil)
+				} else {
+					w.cache.put(f.k, f.val())
+				}
+			}
 		}
 		for i := 0; i < n; i++ {
 			if results[i] == nil {
@@ -303,6 +347,13 @@ func flushError(name string, err error) error {
 }
 
 func (s *Store) answer(o *op, err error) { o.done <- err }
+
+func (f kvWrite) val() []byte {
+	if f.v == nil {
+		return []byte{}
+	}
+	return f.v
+}
 
 // spaceGuard refuses writes when the data directory's file system runs
 // low. It asks statfs at most every spaceCheckEvery while space is ample,
