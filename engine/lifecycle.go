@@ -223,8 +223,17 @@ func (m *Mailbox) Recover(ctx context.Context) (int, error) {
 func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
 	m.reconcileMu.Lock()
 	defer m.reconcileMu.Unlock()
+	cursor := m.termAfter
+	defer func() {
+		// Next time start a little before the newest dispatch seen: a
+		// terminal dispatch committed after this scan with an older
+		// updated_at (another process's clock) is still found.
+		if cursor.UpdatedAt-reconcileOverlap.Milliseconds() > m.termAfter.UpdatedAt {
+			m.termAfter = TerminalCursor{UpdatedAt: cursor.UpdatedAt - reconcileOverlap.Milliseconds()}
+		}
+	}()
 	for {
-		page, err := m.store.ListTerminal(ctx, m.termAfter, reconcilePage)
+		page, err := m.store.ListTerminal(ctx, cursor, reconcilePage)
 		if err != nil {
 			return fmt.Errorf("list terminal dispatches: %w", err)
 		}
@@ -233,13 +242,17 @@ func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
 			m.reconcileDispatch(ctx, &page[i])
 		}
 		if len(page) > 0 {
-			m.termAfter = CursorAfter(&page[len(page)-1])
+			cursor = CursorAfter(&page[len(page)-1])
 		}
 		if len(page) < reconcilePage {
 			return nil
 		}
 	}
 }
+
+// reconcileOverlap is how far back each reconciliation pass starts
+// before the newest terminal dispatch the previous pass saw.
+const reconcileOverlap = time.Minute
 
 // reconcileDispatch settles the run of a cancelled, superseded or
 // dead-lettered dispatch if it is still open.
