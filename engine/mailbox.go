@@ -428,3 +428,18 @@ func (m *Mailbox) Reattach(thread string) *EventLog {
 	}
 	return l
 }
+
+// ListDispatches lists a thread's dispatches (a pass-through to the store).
+func (m *Mailbox) ListDispatches(ctx context.Context, thread string, filter StatusFilter, limit, offset int) ([]Dispatch, error) {
+	return m.store.ListDispatches(ctx, thread, filter, limit, offset)
+}
+
+// LoadDispatch returns a dispatch, or nil (a pass-through to the store).
+func (m *Mailbox) LoadDispatch(ctx context.Context, id string) (*Dispatch, error) {
+	return m.store.LoadDispatch(ctx, id)
+}
+
+// QueuedThreadIDs lists the threads with queued work (a pass-through).
+func (m *Mailbox) QueuedThreadIDs(ctx context.Context) ([]string, error) {
+	return m.store.QueuedThreadIDs(ctx)
+}

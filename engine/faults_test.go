@@ -1,0 +1,325 @@
+package engine_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Shared helpers of the submit and execution seed tests
+// (seed_submit_test.go, seed_execution_test.go). Everything here is
+// prefixed exec so it does not collide with other helpers' files.
+
+// errExecInjected is the error the fault-injecting store returns for
+// claims and renewals; errExecSettle for settling writes (not
+// ErrUnavailable, so the engine does not retry them in place).
+var (
+	errExecInjected = fmt.Errorf("injected store fault: %w", engine.ErrUnavailable)
+	errExecSettle   = errors.New("injected settle fault")
+)
+
+// execFaultStore is a real in-memory Badger store with faults injected
+// into chosen operations. Configure it before the mailbox uses it; the
+// counters are safe for concurrent use.
+type execFaultStore struct {
+	*badgerstore.Store
+
+	// claimEmpty makes the next n Claim calls return nil without claiming.
+	claimEmpty atomic.Int32
+	// claimErr makes the next n Claim calls fail.
+	claimErr atomic.Int32
+	// interruptAfterClaim interrupts the thread once, right after a
+	// successful Claim (the seed's InterruptOnLoadMailboxStore: the
+	// execution pre-flight then sees a stale epoch).
+	interruptAfterClaim atomic.Bool
+	// claimDispatchEmpty makes the next n ClaimDispatch calls return nil.
+	claimDispatchEmpty atomic.Int32
+	// failSettle makes RecordRunResult, Ack, Nack, DeadLetter and Release
+	// fail: an attempt finishes but its claim stays in the store.
+	failSettle atomic.Bool
+	// extendLease, when set, decides ExtendLease calls (call counts from
+	// 1); real=true delegates to the store.
+	extendLease func(call int32) (ok bool, err error, real bool)
+	extendCalls atomic.Int32
+	claimCalls  atomic.Int32
+}
+
+func (s *execFaultStore) Claim(ctx context.Context, thread, consumer string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	s.claimCalls.Add(1)
+	if execTake(&s.claimErr) {
+		return nil, errExecInjected
+	}
+	if execTake(&s.claimEmpty) {
+		return nil, nil
+	}
+	d, err := s.Store.Claim(ctx, thread, consumer, lease, now)
+	if err == nil && d != nil && s.interruptAfterClaim.CompareAndSwap(true, false) {
+		if _, ierr := s.Store.Interrupt(ctx, thread, now); ierr != nil {
+			return nil, ierr
+		}
+	}
+	return d, err
+}
+
+func (s *execFaultStore) ClaimDispatch(ctx context.Context, id, consumer string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	if execTake(&s.claimDispatchEmpty) {
+		return nil, nil
+	}
+	return s.Store.ClaimDispatch(ctx, id, consumer, lease, now)
+}
+
+func (s *execFaultStore) RecordRunResult(ctx context.Context, id, token string, r engine.RunResult, now int64) error {
+	if s.failSettle.Load() {
+		return errExecSettle
+	}
+	return s.Store.RecordRunResult(ctx, id, token, r, now)
+}
+
+func (s *execFaultStore) Ack(ctx context.Context, id, token string, now int64) error {
+	if s.failSettle.Load() {
+		return errExecSettle
+	}
+	return s.Store.Ack(ctx, id, token, now)
+}
+
+func (s *execFaultStore) Nack(ctx context.Context, id, token string, retryAt int64, msg string, now int64) (engine.Dispatch, error) {
+	if s.failSettle.Load() {
+		return engine.Dispatch{}, errExecSettle
+	}
+	return s.Store.Nack(ctx, id, token, retryAt, msg, now)
+}
+
+func (s *execFaultStore) DeadLetter(ctx context.Context, id, token, msg string, now int64) error {
+	if s.failSettle.Load() {
+		return errExecSettle
+	}
+	return s.Store.DeadLetter(ctx, id, token, msg, now)
+}
+
+func (s *execFaultStore) Release(ctx context.Context, id, token string, now int64) (engine.Dispatch, error) {
+	if s.failSettle.Load() {
+		return engine.Dispatch{}, errExecSettle
+	}
+	return s.Store.Release(ctx, id, token, now)
+}
+
+func (s *execFaultStore) ExtendLease(ctx context.Context, id, token string, lease time.Duration, now int64) (bool, error) {
+	n := s.extendCalls.Add(1)
+	if s.extendLease != nil {
+		if ok, err, real := s.extendLease(n); !real {
+			return ok, err
+		}
+	}
+	return s.Store.ExtendLease(ctx, id, token, lease, now)
+}
+
+// execTake consumes one unit of a fault budget.
+func execTake(n *atomic.Int32) bool {
+	for {
+		v := n.Load()
+		if v <= 0 {
+			return false
+		}
+		if n.CompareAndSwap(v, v-1) {
+			return true
+		}
+	}
+}
+
+// newExecRig is newRig over an execFaultStore: r.store is the underlying
+// Badger store (for inspection), the mailbox sees the faults. configure
+// runs before the mailbox is built.
+func newExecRig(t *testing.T, exec *fakeExecutor, cfg engine.Config, configure func(*execFaultStore)) (*rig, *execFaultStore) {
+	t.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := &execFaultStore{Store: s}
+	if configure != nil {
+		configure(fs)
+	}
+	if cfg.RetryDelay == 0 {
+		cfg.RetryDelay = 20 * time.Millisecond
+		cfg.MaxRetryDelay = 200 * time.Millisecond
+	}
+	mb, err := engine.New(fs, exec, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := mb.Stop(ctx); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+		rep, err := s.Verify(context.Background())
+		if err != nil || len(rep.Problems) > 0 {
+			t.Errorf("verify after test: %v %v", err, rep.Problems)
+		}
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return &rig{store: s, exec: exec, mb: mb}, fs
+}
+
+// execRelease returns a channel and a function that closes it once; the
+// function is also registered as a cleanup that runs before the rig's
+// Stop, so a script blocked on the channel never outlives the test.
+func execRelease(t *testing.T) (<-chan struct{}, func()) {
+	ch := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(ch) }) }
+	t.Cleanup(release)
+	return ch, release
+}
+
+// execRuns returns a copy of the requests the fake executor received.
+func (f *fakeExecutor) execRuns() []engine.RunRequest {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]engine.RunRequest(nil), f.runs...)
+}
+
+// execText decodes a message whose content is a JSON string.
+func execText(m engine.Message) string {
+	var s string
+	if err := json.Unmarshal(m.Content, &s); err != nil {
+		return string(m.Content)
+	}
+	return s
+}
+
+// execCancelled is a completed outcome for a run that stopped because its
+// context was cancelled.
+func execCancelled() engine.RunOutcome {
+	return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+}
+
+// execEnqueuePrepared mirrors the seed's enqueue_prepared_dispatch: the
+// run is prepared through the mailbox, the dispatch is enqueued straight
+// into the store (no claim, no wake-up). mutate may adjust the dispatch.
+func execEnqueuePrepared(t *testing.T, r *rig, thread, text string, availableAt int64, mutate func(*engine.Dispatch)) engine.SubmitResult {
+	t.Helper()
+	ctx := context.Background()
+	req := engine.SubmitRequest{ThreadID: thread, AgentID: "agent", Messages: []engine.Message{userMsg(text)}}
+	if err := engine.ValidateRunInputs(&req); err != nil {
+		t.Fatal(err)
+	}
+	runID, err := r.mb.PrepareRun(ctx, &req)
+	if err != nil {
+		t.Fatalf("prepare: %v", err)
+	}
+	d, err := r.mb.BuildDispatch(&req, availableAt)
+	if err != nil {
+		t.Fatalf("build: %v", err)
+	}
+	if mutate != nil {
+		mutate(&d)
+	}
+	if _, err := r.store.Enqueue(ctx, d); err != nil {
+		t.Fatalf("enqueue: %v", err)
+	}
+	return engine.SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: thread, Status: engine.SubmitQueued}
+}
+
+// execReadAll reads an event log until it is closed (bounded).
+func execReadAll(t *testing.T, l *engine.EventLog) []engine.Event {
+	t.Helper()
+	var out []engine.Event
+	var after uint64
+	deadline := time.After(5 * time.Second)
+	for {
+		evs, _, closed, wait := l.Read(after, 100, nil)
+		for _, e := range evs {
+			out = append(out, engine.Event{Seq: e.Seq, Type: e.Type, Data: append([]byte(nil), e.Data...)})
+			after = e.Seq
+		}
+		if closed {
+			return out
+		}
+		if wait != nil {
+			select {
+			case <-wait:
+			case <-deadline:
+				t.Fatalf("event log not closed; read so far: %d events", len(out))
+			}
+		}
+	}
+}
+
+func execTypes(evs []engine.Event) []string {
+	out := make([]string, len(evs))
+	for i, e := range evs {
+		out[i] = e.Type
+	}
+	return out
+}
+
+// execMetrics renders the mailbox's metrics in Prometheus text.
+func execMetrics(mb *engine.Mailbox) string {
+	var b strings.Builder
+	mb.Metrics().WritePrometheus(&b)
+	return b.String()
+}
+
+// execMetric returns the value of the sample whose name-and-labels part is
+// exactly series, or 0 when it is absent.
+func execMetric(mb *engine.Mailbox, series string) float64 {
+	for _, line := range strings.Split(execMetrics(mb), "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			if err == nil {
+				return v
+			}
+		}
+	}
+	return 0
+}
+
+// execIsConflict reports whether err is the foreground submit's
+// active-run conflict.
+func execIsConflict(err error) bool {
+	return err != nil && errors.Is(err, engine.ErrVersionConflict) && strings.Contains(err.Error(), engine.ConflictActiveRun)
+}
+
+// execClaimed lists a thread's claimed dispatches.
+func execClaimed(t *testing.T, s *badgerstore.Store, thread string) []engine.Dispatch {
+	t.Helper()
+	ds, err := s.ListDispatches(context.Background(), thread, engine.StatusFilter{engine.StatusClaimed}, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ds
+}
+
+// execLoad loads a dispatch that must exist.
+func execLoad(t *testing.T, s *badgerstore.Store, id string) engine.Dispatch {
+	t.Helper()
+	d, err := s.LoadDispatch(context.Background(), id)
+	if err != nil || d == nil {
+		t.Fatalf("load dispatch %s: %v %v", id, d, err)
+	}
+	return *d
+}
+
+// execRun loads a run that must exist.
+func execRun(t *testing.T, s *badgerstore.Store, id string) engine.RunRecord {
+	t.Helper()
+	r, err := s.LoadRun(context.Background(), id)
+	if err != nil || r == nil {
+		t.Fatalf("load run %s: %v %v", id, r, err)
+	}
+	return *r
+}
