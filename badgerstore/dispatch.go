@@ -328,6 +328,21 @@ func (s *Store) RecordRunResult(ctx context.Context, dispatchID, claimToken stri
 	return err
 }
 
+// Complete implements engine.DispatchStore.
+func (s *Store) Complete(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
+	_, err := s.owned(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(w *writeTx, d *engine.Dispatch) error {
+		if err := d.RecordResult(result, now); err != nil {
+			return err
+		}
+		if err := w.updateRunOf(d, func(r *engine.RunRecord) bool { return r.ApplyResult(d, result, now/1000) }); err != nil {
+			return err
+		}
+		d.Ack(now)
+		return nil
+	})
+	return err
+}
+
 // Nack implements engine.DispatchStore.
 func (s *Store) Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (engine.Dispatch, error) {
 	return s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(_ *writeTx, d *engine.Dispatch) error {

@@ -247,22 +247,19 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		if o.Termination != nil && o.Termination.Type == TermError {
 			res.Error = o.Error
 		}
-		// The result and the run's outcome commit together; only then is
-		// the delivery consumed. If the result cannot be written the
-		// dispatch stays claimed, its lease lapses and the retry finds the
-		// run as it was.
+		// The result, the run's outcome and the ack commit together. If
+		// that cannot be written the dispatch stays claimed, its lease
+		// lapses and the retry finds the run as it was.
 		var err error
 		for try := 0; try < 3; try++ {
-			if err = m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err == nil || !errors.Is(err, ErrUnavailable) {
+			if err = m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now); err == nil || !errors.Is(err, ErrUnavailable) {
 				break
 			}
 			time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
 		}
 		if err != nil {
-			log.Warn("record run result failed; the attempt will be retried after its lease", "err", err)
-			return
+			log.Warn("complete failed; the attempt will be retried after its lease", "err", err)
 		}
-		m.ack(ctx, e, log)
 	case OutcomeTransient:
 		msg := o.Error
 		if msg == "" {
@@ -295,23 +292,6 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			log.Warn("release failed", "err", err)
 		}
 	}
-}
-
-// ack consumes the dispatch; if the ack fails, it checks whether it took
-// effect or can be retried (lessons.md B5).
-func (m *Mailbox) ack(ctx context.Context, e *execution, log interface{ Warn(string, ...any) }) {
-	d := &e.dispatch
-	err := m.store.Ack(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now())
-	if err == nil || errors.Is(err, ErrVersionConflict) {
-		return // done, or superseded meanwhile (settled by the store)
-	}
-	cur, lerr := m.store.LoadDispatch(ctx, d.DispatchID)
-	if lerr == nil && cur != nil && cur.Status == StatusClaimed && cur.ClaimToken == d.ClaimToken {
-		if err = m.store.Ack(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err == nil {
-			return
-		}
-	}
-	log.Warn("ack failed; the dispatch will be reclaimed and acked by the retry", "err", err)
 }
 
 // emitFinish closes a client stream that the agent left open: a synthetic

@@ -44,7 +44,7 @@ type execFaultStore struct {
 	interruptAfterClaim atomic.Bool
 	// claimDispatchEmpty makes the next n ClaimDispatch calls return nil.
 	claimDispatchEmpty atomic.Int32
-	// failSettle makes RecordRunResult, Ack, Nack, DeadLetter and Release
+	// failSettle makes RecordRunResult, Complete, Ack, Nack, DeadLetter and Release
 	// fail: an attempt finishes but its claim stays in the store.
 	failSettle atomic.Bool
 	// extendLease, when set, decides ExtendLease calls (call counts from
@@ -83,6 +83,13 @@ func (s *execFaultStore) RecordRunResult(ctx context.Context, id, token string, 
 		return errExecSettle
 	}
 	return s.Store.RecordRunResult(ctx, id, token, r, now)
+}
+
+func (s *execFaultStore) Complete(ctx context.Context, id, token string, r engine.RunResult, now int64) error {
+	if s.failSettle.Load() {
+		return errExecSettle
+	}
+	return s.Store.Complete(ctx, id, token, r, now)
 }
 
 func (s *execFaultStore) Ack(ctx context.Context, id, token string, now int64) error {

@@ -481,7 +481,7 @@ func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
 	for _, want := range []string{
 		`mailbox_runs_total{outcome="completed"} 1`,
 		`mailbox_operations_total{operation="claim",result="ok"} 1`,
-		`mailbox_operations_total{operation="ack",result="ok"} 1`,
+		`mailbox_operations_total{operation="complete",result="ok"} 1`,
 		`mailbox_dispatch_depth{status="acked"} 1`,
 		`mailbox_dispatch_depth{status="queued"} 0`,
 		`mailbox_operation_duration_seconds_bucket{operation="submit",result="ok",le=`,

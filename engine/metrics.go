@@ -219,3 +219,7 @@ func (s instrumentedStore) Submit(ctx context.Context, c Checkpoint, d Dispatch)
 	}, nil)
 	return recs, stored, err
 }
+
+func (s instrumentedStore) Complete(ctx context.Context, id, token string, r RunResult, now int64) error {
+	return observeErr(s.em, "complete", func() error { return s.Store.Complete(ctx, id, token, r, now) })
+}

@@ -305,7 +305,7 @@ func TestSeed_mailbox_execution_records_dispatch_latency_metrics(t *testing.T) {
 		`mailbox_run_duration_seconds_count{outcome="completed"} 1`,
 		`mailbox_operations_total{operation="claim",result="ok"} 1`,
 		`mailbox_operation_duration_seconds_count{operation="claim",result="ok"} 1`,
-		`mailbox_operations_total{operation="ack",result="ok"} 1`,
+		`mailbox_operations_total{operation="complete",result="ok"} 1`, // result and ack in one commit
 		`mailbox_dispatch_depth{status="queued"} `,
 		`mailbox_dispatch_depth{status="acked"} `,
 	} {

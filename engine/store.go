@@ -86,6 +86,10 @@ type DispatchStore interface {
 	// claimed. In the same commit the run records it (RunRecord.ApplyResult).
 	// A result for another run id is ErrValidation.
 	RecordRunResult(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64) error
+	// Complete is RecordRunResult and Ack in one commit: the attempt's
+	// outcome, its run record and the consumed delivery together (no
+	// window in which a recorded result waits for its ack).
+	Complete(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64) error
 	// Nack spends an attempt: queued again at retryAt, or dead_letter at
 	// max attempts. It returns the resulting record.
 	Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (Dispatch, error)

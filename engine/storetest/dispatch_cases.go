@@ -23,6 +23,7 @@ func dispatchCases() []Case {
 		dispatchTokenCases(),
 		dispatchAckCases(),
 		dispatchRecordCases(),
+		dispatchCompleteCases(),
 		dispatchNackCases(),
 		dispatchDeadLetterCancelCases(),
 		dispatchLeaseCases(),
