@@ -223,25 +223,16 @@ func (w *writeTx) finishThreads() error {
 }
 
 // findDue sets st.due and st.vfloor from the thread's first live entry in
-// due order: the transaction's entries from the floor on, minus those this
-// operation deleted, plus those it added.
+// due order, from the floor on (iterate sees this operation's writes).
 func (w *writeTx) findDue(thread string, st *threadState) error {
 	prefix := threadPrefix(pAvail, thread)
 	var first []byte
 	err := w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], st.vfloor...), true, func(k, _ []byte) (bool, error) {
-		if p, ok := w.writes[string(k)]; ok && p.del {
-			return true, nil
-		}
 		first = k
 		return false, nil
 	})
 	if err != nil {
 		return err
-	}
-	for k, p := range w.writes {
-		if !p.del && len(k) > len(prefix) && k[:len(prefix)] == string(prefix) && (first == nil || k < string(first)) {
-			first = []byte(k)
-		}
 	}
 	if first == nil || len(first) < len(prefix)+tsBytes {
 		return fmt.Errorf("thread %s counts %d queued dispatches but its due index is empty: %w", thread, st.queued, engine.ErrCorrupt)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -50,6 +51,7 @@ type writeTx struct {
 	states     map[string]threadState // thread states this operation changed
 	origStates map[string]threadState // and what they were before it
 
+	snap    *badger.Txn        // read-only view of everything committed before the batch
 	cache   *recordCache       // the writer's read cache (see cache.go)
 	flushed map[string]kvWrite // writes of the batch so far: read before the cache, cached after commit
 }
@@ -85,7 +87,7 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 			return v, v != nil, nil
 		}
 	}
-	item, err := w.txn.Get(key)
+	item, err := w.snap.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
 		if w.cache != nil {
 			w.cache.put(string(key), nil)
@@ -154,10 +156,82 @@ func (w *writeTx) reset(txn *badger.Txn) {
 }
 
 // iterate calls fn for every key with prefix, from start (or the prefix)
-// onward, until fn returns false. It reads the transaction, not the
-// operation's own pending writes: operations iterate before they write.
+// onward, until fn returns false, as the operation sees them: the
+// committed snapshot merged with the batch's earlier writes and the
+// operation's own. (An iterator on the batch's update transaction would
+// sort all its pending writes each time it is made: quadratic in the
+// batch.)
 func (w *writeTx) iterate(prefix, start []byte, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
-	return iterate(w.txn, prefix, start, false, keysOnly, fn)
+	if start == nil {
+		start = prefix
+	}
+	pend := w.pendingIn(prefix, start)
+	i := 0
+	stop := false
+	err := iterate(w.snap, prefix, start, false, keysOnly, func(k, v []byte) (bool, error) {
+		// Pending keys before this one come first.
+		for ; i < len(pend) && pend[i].k < string(k); i++ {
+			if pend[i].del {
+				continue
+			}
+			more, err := fn([]byte(pend[i].k), pend[i].val())
+			if err != nil || !more {
+				stop = true
+				return false, err
+			}
+		}
+		if i < len(pend) && pend[i].k == string(k) {
+			p := pend[i]
+			i++
+			if p.del {
+				return true, nil
+			}
+			more, err := fn(k, p.val())
+			if !more {
+				stop = true
+			}
+			return more, err
+		}
+		more, err := fn(k, v)
+		if !more {
+			stop = true
+		}
+		return more, err
+	})
+	if err != nil || stop {
+		return err
+	}
+	for ; i < len(pend); i++ {
+		if pend[i].del {
+			continue
+		}
+		more, err := fn([]byte(pend[i].k), pend[i].val())
+		if err != nil || !more {
+			return err
+		}
+	}
+	return nil
+}
+
+// pendingIn returns this batch's and this operation's writes of keys with
+// prefix at or after start, sorted, the operation's own winning.
+func (w *writeTx) pendingIn(prefix, start []byte) []kvWrite {
+	var out []kvWrite
+	add := func(k string, p kvWrite) {
+		if len(k) >= len(prefix) && k[:len(prefix)] == string(prefix) && k >= string(start) {
+			out = append(out, p)
+		}
+	}
+	for k, f := range w.flushed {
+		if _, own := w.writes[k]; !own {
+			add(k, f)
+		}
+	}
+	for k, p := range w.writes {
+		add(k, kvWrite{k: k, v: p.val, del: p.del})
+	}
+	slices.SortFunc(out, func(a, b kvWrite) int { return strings.Compare(a.k, b.k) })
+	return out
 }
 
 func iterate(txn *badger.Txn, prefix, start []byte, reverse, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
@@ -267,6 +341,7 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 	n := len(batch)
 	for attempt := 0; ; attempt++ {
 		txn := s.db.NewTransaction(true)
+		w.snap = s.db.NewTransaction(false)
 		clear(w.flushed)
 		failed, ferr := -1, error(nil)
 		for i := 0; i < n; i++ {
@@ -285,6 +360,7 @@ func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
 			}
 			results[i] = err
 		}
+		w.snap.Discard() // the operations are done reading
 		if failed == 0 {
 			txn.Discard()
 			w.cache.clear() // it may hold this transaction's pending writes
