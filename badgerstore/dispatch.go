@@ -320,21 +320,23 @@ func (s *Store) RecordDispatchStart(ctx context.Context, dispatchID, claimToken,
 // RecordRunResult implements engine.DispatchStore.
 func (s *Store) RecordRunResult(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
 	_, err := s.owned(ctx, "record_run_result", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(w *writeTx, d *engine.Dispatch) error {
-		if err := d.RecordResult(result, now); err != nil {
-			return err
-		}
-		return w.updateRunOf(d, func(r *engine.RunRecord) bool { return r.ApplyResult(d, result, now/1000) })
+		return w.recordResult(d, result, now)
 	})
 	return err
+}
+
+// recordResult projects an attempt's result onto the dispatch and its run.
+func (w *writeTx) recordResult(d *engine.Dispatch, result engine.RunResult, now int64) error {
+	if err := d.RecordResult(result, now); err != nil {
+		return err
+	}
+	return w.updateRunOf(d, func(r *engine.RunRecord) bool { return r.ApplyResult(d, result, now/1000) })
 }
 
 // Complete implements engine.DispatchStore.
 func (s *Store) Complete(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
 	_, err := s.owned(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(w *writeTx, d *engine.Dispatch) error {
-		if err := d.RecordResult(result, now); err != nil {
-			return err
-		}
-		if err := w.updateRunOf(d, func(r *engine.RunRecord) bool { return r.ApplyResult(d, result, now/1000) }); err != nil {
+		if err := w.recordResult(d, result, now); err != nil {
 			return err
 		}
 		d.Ack(now)
