@@ -34,27 +34,35 @@ func (l *threadLocks) lock(thread string) func() {
 // continue: the thread's open run, else its latest run, when that run
 // waits for input. Store errors propagate (fail closed, lessons.md B9).
 func (m *Mailbox) reusableWaitingRun(ctx context.Context, thread string) (string, error) {
+	id, _, err := m.reusableWaitingRunAndLatest(ctx, thread)
+	return id, err
+}
+
+// reusableWaitingRunAndLatest is reusableWaitingRun that also returns the
+// thread's latest run when it had to read it (nil otherwise), so prepare
+// does not read it twice.
+func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string) (string, *RunRecord, error) {
 	t, err := m.store.LoadThread(ctx, thread)
 	if err != nil {
-		return "", fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+		return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 	}
 	if t != nil && t.OpenRunID != "" {
 		r, err := m.store.LoadRun(ctx, t.OpenRunID)
 		if err != nil {
-			return "", fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+			return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 		}
 		if r != nil && r.ThreadID == thread && r.IsResumableWaiting() {
-			return r.RunID, nil
+			return r.RunID, nil, nil
 		}
 	}
 	r, err := m.store.LatestRun(ctx, thread)
 	if err != nil {
-		return "", fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+		return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 	}
 	if r != nil && r.IsResumableWaiting() {
-		return r.RunID, nil
+		return r.RunID, r, nil
 	}
-	return "", nil
+	return "", r, nil
 }
 
 // prepareRun makes the durable run record for a request (engine.md §2)
@@ -80,12 +88,13 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 	unlock := m.locks.lock(thread)
 	defer unlock()
 
+	var latest *RunRecord // the thread's latest run, when already read
 	if strings.TrimSpace(r.ContinueRunID) == "" && strings.TrimSpace(r.RunIDHint) == "" {
-		waiting, err := m.reusableWaitingRun(ctx, thread)
+		waiting, l, err := m.reusableWaitingRunAndLatest(ctx, thread)
 		if err != nil {
 			return "", Dispatch{}, err
 		}
-		r.ContinueRunID = waiting
+		r.ContinueRunID, latest = waiting, l
 	}
 	runID := strings.TrimSpace(r.ContinueRunID)
 	if runID == "" {
@@ -134,7 +143,8 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		if total > 0 {
 			input.Range = &SeqRange{From: 1, To: total}
 		}
-		run, err := m.runForDispatch(ctx, r, runID, snapshot, input)
+		run, err := m.runForDispatch(ctx, r, runID, snapshot, input, latest)
+		latest = nil // a retry reads afresh
 		if err != nil {
 			return "", Dispatch{}, err
 		}
@@ -163,7 +173,7 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 // runForDispatch returns the run record a checkpoint should write: the
 // existing run updated with the new request (it must be open for
 // dispatch), or a new created run (engine.md items 15 and 16).
-func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, snapshot *RunRequestSnapshot, input *RunMessageInput) (*RunRecord, error) {
+func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, snapshot *RunRequestSnapshot, input *RunMessageInput, latest *RunRecord) (*RunRecord, error) {
 	nowSec := m.cfg.Now() / 1000
 	existing, err := m.store.LoadRun(ctx, runID)
 	if err != nil {
@@ -181,9 +191,11 @@ func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID st
 		existing.UpdatedAt = nowSec
 		return existing, nil
 	}
-	prev, err := m.store.LatestRun(ctx, r.ThreadID)
-	if err != nil {
-		return nil, fmt.Errorf("prepare run %s: %w", runID, err)
+	prev := latest
+	if prev == nil {
+		if prev, err = m.store.LatestRun(ctx, r.ThreadID); err != nil {
+			return nil, fmt.Errorf("prepare run %s: %w", runID, err)
+		}
 	}
 	agent := strings.TrimSpace(r.AgentID)
 	if agent == "" && prev != nil && prev.Status != RunCreated && strings.TrimSpace(prev.AgentID) != "" {
