@@ -50,6 +50,7 @@ func (m *Mailbox) reserveSlot(thread string) bool {
 func (m *Mailbox) releaseSlot(string) {
 	m.mu.Lock()
 	m.inFlight--
+	m.signalIdleLocked()
 	m.mu.Unlock()
 	m.kick()
 }
@@ -82,6 +83,7 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 			delete(m.threads, thread)
 		}
 		m.inFlight--
+		m.signalIdleLocked()
 		m.mu.Unlock()
 		if err != nil {
 			m.log.Warn("claim failed", "thread_id", thread, "err", err)
@@ -107,8 +109,12 @@ func (m *Mailbox) startExecution(d Dispatch) {
 	m.threads[d.ThreadID] = e
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events
+	if m.closing {
+		// Stop began while this claim was in flight: do not start it; the
+		// attempt releases the dispatch without spending an attempt.
+		e.cancel(errShutdown)
+	}
 	m.mu.Unlock()
-	m.execs.Add(1)
 	go m.execute(e)
 }
 
@@ -124,10 +130,18 @@ func (m *Mailbox) finish(e *execution) {
 		delete(m.byRun, e.dispatch.RunID)
 	}
 	m.inFlight--
+	m.signalIdleLocked()
 	m.mu.Unlock()
 	close(e.done)
-	m.execs.Done()
 	m.kick()
+}
+
+// signalIdleLocked wakes Stop once no attempt is claimed or executing.
+func (m *Mailbox) signalIdleLocked() {
+	if m.closing && m.inFlight == 0 && m.idle != nil && !m.idleClosed {
+		close(m.idle)
+		m.idleClosed = true
+	}
 }
 
 // runSink feeds a run's events into its EventLog and tracks suspension.
@@ -162,6 +176,10 @@ func (m *Mailbox) execute(e *execution) {
 	// behind (then it supersedes it and settles its run in the same
 	// commit), and the agent is never reached for such a dispatch.
 	instance := newID()
+	if errors.Is(context.Cause(e.ctx), errShutdown) {
+		m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, Error: errShutdown.Error()}, instance, log)
+		return
+	}
 	req, run, err := m.reconstruct(ctx, d)
 	if err == nil && run.Status == RunDone {
 		// A previous attempt finished the run but crashed before its ack
@@ -214,8 +232,14 @@ func (m *Mailbox) execute(e *execution) {
 	close(stopRenew)
 	<-renewDone
 
-	if cause := context.Cause(e.ctx); errors.Is(cause, errShutdown) && outcome.Kind != OutcomeCompleted {
+	switch cause := context.Cause(e.ctx); {
+	case outcome.Kind == OutcomeCompleted:
+	case errors.Is(cause, errShutdown):
 		outcome = RunOutcome{Kind: OutcomeAbandoned, Error: cause.Error()}
+	case errors.Is(cause, errCancelled):
+		// The user cancelled it: whatever the agent reports, it is not
+		// retried.
+		outcome = RunOutcome{Kind: OutcomeCompleted, Status: RunDone, Termination: &Termination{Type: TermCancelled}}
 	}
 	m.settle(ctx, e, outcome, instance, log)
 }

@@ -114,21 +114,23 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 	m.mu.Lock()
 	m.closing = true
 	stop := m.loopStop
+	if m.idle == nil {
+		m.idle = make(chan struct{})
+	}
+	idle := m.idle
+	m.signalIdleLocked()
 	m.mu.Unlock()
 	if stop != nil {
 		stop()
 	}
 	m.loops.Wait()
-	done := make(chan struct{})
-	go func() {
-		m.execs.Wait()
-		close(done)
-	}()
 	select {
-	case <-done:
+	case <-idle:
 		return nil
 	case <-ctx.Done():
 	}
+	// The grace is over: cancel what still runs (and what is still being
+	// claimed: startExecution cancels it as it starts, m.closing is set).
 	m.mu.Lock()
 	running := make([]*execution, 0, len(m.threads))
 	for _, e := range m.threads {
@@ -140,7 +142,7 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 	for _, e := range running {
 		e.cancel(errShutdown)
 	}
-	<-done
+	<-idle
 	return nil
 }
 
@@ -331,15 +333,26 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
-		var started atomic.Bool
+		var started, failed atomic.Bool
 		for _, t := range threads {
 			wg.Go(func() {
-				if m.tryDispatch(ctx, t) == attemptClaimed {
+				switch m.tryDispatch(ctx, t) {
+				case attemptClaimed:
 					started.Store(true)
+				case attemptError:
+					failed.Store(true)
 				}
 			})
 		}
 		wg.Wait()
+		if failed.Load() {
+			// Due work is waiting on a failing store: try again soon, not
+			// only at the next sweep.
+			retry := m.cfg.Now() + 1000
+			if next == 0 || next > retry {
+				next = retry
+			}
+		}
 		if !started.Load() {
 			return next
 		}
@@ -409,7 +422,20 @@ func (m *Mailbox) GC(ctx context.Context) {
 			delete(m.logs, t)
 		}
 	}
+	waiting := make([]string, 0, len(m.pending))
+	for id := range m.pending {
+		waiting = append(waiting, id)
+	}
 	m.mu.Unlock()
+	// A queued foreground dispatch that ended without starting (settled
+	// elsewhere) closes its stream here.
+	var ended []string
+	for _, id := range waiting {
+		if d, err := m.store.LoadDispatch(ctx, id); err == nil && (d == nil || d.Status.Terminal()) {
+			ended = append(ended, id)
+		}
+	}
+	m.dropPending(ended...)
 }
 
 // LiveDelivery says how a live submit was handled.

@@ -75,7 +75,8 @@ type Mailbox struct {
 	wake        chan struct{} // wakes the dispatcher; buffered, coalesced
 	loopStop    context.CancelFunc
 	loops       sync.WaitGroup // dispatcher and maintenance loops
-	execs       sync.WaitGroup // executing attempts
+	idle        chan struct{}  // made by Stop; closed once inFlight is 0 after Stop began (guarded by mu)
+	idleClosed  bool
 	reconcileMu sync.Mutex     // serialises reconciliation; guards termAfter
 	termAfter   TerminalCursor // reconciliation high-water mark
 }
@@ -209,6 +210,7 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 		return false, fmt.Errorf("cancel %s: %w", id, err)
 	}
 	if d != nil {
+		m.dropPending(d.DispatchID)
 		return true, nil
 	}
 	if m.cancelLocal(id, errCancelled) {
@@ -280,8 +282,11 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 		return res, err
 	}
 	m.metrics.add("supersede", res.SupersededN)
+	m.dropPending(dispatchIDs(res.Superseded)...)
 	if res.Active != nil {
-		m.cancelLocal(thread, errInterrupted)
+		// Cancel exactly the dispatch the interrupt found active, not
+		// whatever runs on the thread by now.
+		m.cancelLocal(res.Active.DispatchID, errInterrupted)
 	}
 	return res, nil
 }
@@ -306,6 +311,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
 	m.metrics.add("supersede", ir.SupersededN)
+	m.dropPending(dispatchIDs(ir.Superseded)...)
 	if ir.Active != nil {
 		if !m.cancelAndAwait(ctx, ir.Active) {
 			return SubmitResult{}, nil, errActiveRun
@@ -321,13 +327,16 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		head := uint8(0)
 		req.Priority = &head
 	}
+	// The run's event log exists before its dispatch does, so the caller
+	// follows the run from its first event even if the dispatcher starts it
+	// at once; it becomes the thread's log for re-attachment only once the
+	// run is really ours.
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint = newID()
 	}
 	events := NewEventLog(m.cfg.EventBuffer)
 	m.mu.Lock()
 	m.pending[req.DispatchIDHint] = events
-	m.logs[thread] = events
 	m.mu.Unlock()
 	runID, d, err := m.submitRun(ctx, &req, availableAt)
 	if err != nil {
@@ -336,6 +345,13 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			m.releaseSlot(thread)
 		}
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+	}
+	if !slot {
+		m.mu.Lock()
+		if _, waiting := m.pending[d.DispatchID]; waiting {
+			m.logs[thread] = events
+		}
+		m.mu.Unlock()
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitQueued}
 	if !slot {
@@ -361,10 +377,27 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	return res, events, nil
 }
 
-func (m *Mailbox) dropPending(dispatchID string) {
+// dropPending forgets the event logs made for foreground dispatches that
+// will not start (cancelled, superseded, lost their claim) and closes
+// them, so their readers see the end.
+func (m *Mailbox) dropPending(dispatchIDs ...string) {
+	now := m.cfg.Now()
 	m.mu.Lock()
-	delete(m.pending, dispatchID)
-	m.mu.Unlock()
+	defer m.mu.Unlock()
+	for _, id := range dispatchIDs {
+		if l := m.pending[id]; l != nil {
+			delete(m.pending, id)
+			l.Close(now)
+		}
+	}
+}
+
+func dispatchIDs(ds []Dispatch) []string {
+	ids := make([]string, len(ds))
+	for i := range ds {
+		ids[i] = ds[i].DispatchID
+	}
+	return ids
 }
 
 // cancelAndAwait cancels the thread's active attempt — here, or through
@@ -372,9 +405,23 @@ func (m *Mailbox) dropPending(dispatchID string) {
 // the store no longer shows its dispatch claimed. It reports whether the
 // dispatch was released in time.
 func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
-	m.mu.Lock()
-	e := m.threads[active.ThreadID]
-	m.mu.Unlock()
+	deadline := time.Now().Add(m.cfg.CancelWait)
+	var e *execution
+	for {
+		// A claim of this thread may be completing here right now: wait
+		// for it to become an execution we can cancel.
+		m.mu.Lock()
+		e = m.threads[active.ThreadID]
+		m.mu.Unlock()
+		if e == nil || !e.claiming || time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 	var done <-chan struct{}
 	if e != nil && !e.claiming && e.dispatch.DispatchID == active.DispatchID {
 		e.cancel(errInterrupted)
@@ -390,7 +437,6 @@ func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 			return false
 		}
 	}
-	deadline := time.Now().Add(m.cfg.CancelWait)
 	for {
 		d, err := m.store.LoadDispatch(ctx, active.DispatchID)
 		if err != nil {

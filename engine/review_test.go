@@ -1,0 +1,194 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Regression tests for faults found in review; each failed before its fix.
+
+// gateClaimStore blocks Claim of one thread until released, and can make
+// the first claims fail.
+type gateClaimStore struct {
+	*badgerstore.Store
+	thread   string
+	entered  chan struct{}
+	release  chan struct{}
+	failures atomic.Int32
+}
+
+func (s *gateClaimStore) Claim(ctx context.Context, thread, consumer string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	if s.failures.Add(-1) >= 0 {
+		return nil, errors.New("injected claim failure")
+	}
+	if thread == s.thread && s.entered != nil {
+		close(s.entered)
+		<-s.release
+	}
+	return s.Store.Claim(ctx, thread, consumer, lease, now)
+}
+
+func openMem(t *testing.T) *badgerstore.Store {
+	t.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// A claim in flight when Stop begins is covered by Stop: it is released
+// (not run) and Stop returns once it is.
+func TestReview_StopCoversClaimsInFlight(t *testing.T) {
+	bs := openMem(t)
+	st := &gateClaimStore{Store: bs, thread: "B", entered: make(chan struct{}), release: make(chan struct{})}
+	var ranB atomic.Int32
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if req.ThreadID == "B" {
+			ranB.Add(1)
+		}
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "stopped"}
+	}
+	mb, err := engine.New(st, newFake(4, script), engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "A", Messages: []engine.Message{userMsg("a")}}); err != nil {
+		t.Fatal(err)
+	}
+	submitted := make(chan engine.SubmitResult, 1)
+	go func() {
+		res, _ := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "B", Messages: []engine.Message{userMsg("b")}})
+		submitted <- res
+	}()
+	<-st.entered
+	stopped := make(chan struct{})
+	go func() {
+		grace, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		_ = mb.Stop(grace)
+		close(stopped)
+	}()
+	time.Sleep(100 * time.Millisecond) // let the grace run out with B's claim still in flight
+	close(st.release)
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stop did not return: the claim in flight was never cancelled")
+	}
+	res := <-submitted
+	d, err := bs.LoadDispatch(ctx, res.DispatchID)
+	if err != nil || d == nil || d.Status != engine.StatusQueued || d.AttemptCount != 0 {
+		t.Fatalf("B after Stop: %+v %v (want queued, no attempt spent)", d, err)
+	}
+	if ranB.Load() != 0 {
+		t.Fatal("B reached the agent after Stop began")
+	}
+}
+
+// A foreground submit that fails leaves the thread's re-attachable log
+// alone.
+func TestReview_FailedForegroundSubmitLeavesReattachAlone(t *testing.T) {
+	r := newRig(t, newFake(1, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	before := r.mb.Reattach("t1")
+	if before == nil {
+		t.Fatal("no log to re-attach to")
+	}
+	// A run id that belongs to another thread fails preparation.
+	if _, err := r.store.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", Run: &engine.RunRecord{RunID: "foreign", ThreadID: "t2", Status: engine.RunCreated}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", RunIDHint: "foreign", Messages: []engine.Message{userMsg("y")}}); !errors.Is(err, engine.ErrValidation) {
+		t.Fatalf("submit with a foreign run id: %v", err)
+	}
+	if after := r.mb.Reattach("t1"); after != before {
+		t.Fatal("a failed submit replaced the thread's event log")
+	}
+}
+
+// A queued foreground run superseded before it starts closes its stream.
+func TestReview_SupersededQueuedForegroundClosesItsStream(t *testing.T) {
+	r := newRig(t, newFake(0, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	first, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("first")}})
+	if err != nil || first.Status != engine.SubmitQueued {
+		t.Fatalf("first foreground submit: %+v %v", first, err)
+	}
+	if _, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("second")}}); err != nil {
+		t.Fatal(err)
+	}
+	if st := dispatchStatus(t, r.store, first.DispatchID); st != engine.StatusSuperseded {
+		t.Fatalf("first dispatch is %s", st)
+	}
+	if _, _, closed, _ := events.Read(0, 10, nil); !closed {
+		t.Fatal("the superseded run's stream stays open forever")
+	}
+}
+
+// A user's cancel of a running run is final even when the agent reports a
+// transient failure on its way out.
+func TestReview_UserCancelIsNotRetried(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "agent went away"}
+	}
+	exec := newFake(1, script)
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "claimed", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusClaimed })
+	eventually(t, "running here", func() bool { ok, _ := r.mb.Cancel(ctx, res.RunID); return ok })
+	eventually(t, "settled", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	run, _ := r.store.LoadRun(ctx, res.RunID)
+	if run.Status != engine.RunDone || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermCancelled {
+		t.Fatalf("cancelled run %+v", run)
+	}
+	if runs, _, _ := exec.stats(); runs != 1 {
+		t.Fatalf("executor ran %d times, want 1", runs)
+	}
+}
+
+// A failing claim is retried soon, not only at the next sweep.
+func TestReview_FailingClaimIsRetriedSoon(t *testing.T) {
+	bs := openMem(t)
+	st := &gateClaimStore{Store: bs}
+	st.failures.Store(3)
+	mb, err := engine.New(st, newFake(1, complete), engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t.Cleanup(func() { _ = mb.Stop(ctx) })
+	if err := mb.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "run despite failing claims (sweep is 30s away)", func() bool {
+		d, _ := bs.LoadDispatch(ctx, res.DispatchID)
+		return d != nil && d.Status == engine.StatusAcked
+	})
+}
