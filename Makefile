@@ -29,6 +29,8 @@ crash: ## long SIGKILL crash runs (100 cycles)
 fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDispatch$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRun$$' -fuzztime $(FUZZTIME) ./badgerstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThreadState$$' -fuzztime $(FUZZTIME) ./badgerstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzEventType$$' -fuzztime $(FUZZTIME) ./engine/
 
 lint: ## gofmt and vet
 	@test -z "$$(gofmt -l .)" || (gofmt -l .; exit 1)

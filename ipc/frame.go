@@ -1,0 +1,409 @@
+package ipc
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net"
+	"sync"
+	"unicode/utf8"
+)
+
+const (
+	// HeaderSize is the size of a frame header in bytes.
+	HeaderSize = 16
+	// DefaultMaxFrame is the default largest payload, in bytes, a peer
+	// accepts (16 MiB); WELCOME announces the sidecar's value as max_frame.
+	DefaultMaxFrame = 16 << 20
+	// PingSize is the size of a PING or PONG payload in bytes.
+	PingSize = 8
+
+	defaultReadBuffer  = 64 << 10
+	defaultWriteBuffer = 16 << 10
+)
+
+// Protocol errors. Each wraps ErrProtocol; the receiver of one sends ERROR on
+// stream 0 and closes the connection. Test with errors.Is.
+var (
+	// ErrProtocol reports a peer that broke the framing rules.
+	ErrProtocol = errors.New("ipc: protocol error")
+	// ErrFrameTooLarge reports a payload length above max_frame.
+	ErrFrameTooLarge = fmt.Errorf("%w: frame too large", ErrProtocol)
+	// ErrUnknownType reports a frame type not in the protocol.
+	ErrUnknownType = fmt.Errorf("%w: unknown frame type", ErrProtocol)
+	// ErrReservedNotZero reports a header whose reserved field is not 0.
+	ErrReservedNotZero = fmt.Errorf("%w: reserved header field not zero", ErrProtocol)
+	// ErrBadJSON reports a payload that is not a UTF-8 JSON object where the
+	// frame type requires one.
+	ErrBadJSON = fmt.Errorf("%w: payload is not a JSON object", ErrProtocol)
+)
+
+// FrameType identifies what a frame carries (the frame-type table of
+// spec/ipc.md).
+type FrameType uint8
+
+// Frame types. The comment gives direction and stream.
+const (
+	TypeHello         FrameType = 0x01 // agent → sidecar, stream 0: first frame
+	TypeWelcome       FrameType = 0x02 // sidecar → agent, stream 0: handshake reply
+	TypePing          FrameType = 0x03 // either, stream 0: 8 opaque bytes
+	TypePong          FrameType = 0x04 // either, stream 0: the PING's 8 bytes
+	TypeGoAway        FrameType = 0x05 // either, stream 0: no new streams
+	TypeError         FrameType = 0x06 // either, any stream: rejects a frame or closes
+	TypeRun           FrameType = 0x10 // sidecar → agent, new stream: run to execute
+	TypeEvent         FrameType = 0x11 // agent → sidecar, run: one agent event
+	TypeCheckpoint    FrameType = 0x12 // agent → sidecar, run: messages and run fields
+	TypeCheckpointAck FrameType = 0x13 // sidecar → agent, run: checkpoint is durable
+	TypeFinish        FrameType = 0x14 // agent → sidecar, run: outcome; ends the stream
+	TypeCancel        FrameType = 0x20 // sidecar → agent, run: cancel command
+	TypeMessages      FrameType = 0x21 // sidecar → agent, run: inject messages
+	TypeDecision      FrameType = 0x22 // sidecar → agent, run: tool-call decisions
+	TypeCommandAck    FrameType = 0x23 // agent → sidecar, run: command accepted or not
+	TypeSubmit        FrameType = 0x30 // agent → sidecar, stream 0: background run request
+	TypeSubmitResult  FrameType = 0x31 // sidecar → agent, stream 0: SUBMIT outcome
+)
+
+// typeNames holds the wire name of every known type; "" marks unknown ones.
+var typeNames = [256]string{
+	TypeHello:         "HELLO",
+	TypeWelcome:       "WELCOME",
+	TypePing:          "PING",
+	TypePong:          "PONG",
+	TypeGoAway:        "GOAWAY",
+	TypeError:         "ERROR",
+	TypeRun:           "RUN",
+	TypeEvent:         "EVENT",
+	TypeCheckpoint:    "CHECKPOINT",
+	TypeCheckpointAck: "CHECKPOINT_ACK",
+	TypeFinish:        "FINISH",
+	TypeCancel:        "CANCEL",
+	TypeMessages:      "MESSAGES",
+	TypeDecision:      "DECISION",
+	TypeCommandAck:    "COMMAND_ACK",
+	TypeSubmit:        "SUBMIT",
+	TypeSubmitResult:  "SUBMIT_RESULT",
+}
+
+// String returns the wire name ("EVENT"), or "FrameType(0x7f)" for an
+// unknown type.
+func (t FrameType) String() string {
+	if n := typeNames[t]; n != "" {
+		return n
+	}
+	return fmt.Sprintf("FrameType(0x%02x)", uint8(t))
+}
+
+// Known reports whether t is a type of the protocol.
+func (t FrameType) Known() bool { return typeNames[t] != "" }
+
+// JSONPayload reports whether frames of type t carry a JSON object; PING and
+// PONG carry opaque bytes instead.
+func (t FrameType) JSONPayload() bool { return t != TypePing && t != TypePong }
+
+// Header is a decoded frame header. The reserved field is not represented:
+// it is always written as 0 and rejected when not 0.
+type Header struct {
+	Length uint32    // payload length in bytes
+	Type   FrameType // what the frame carries
+	Flags  uint8     // 0 unless the type defines a bit (none does yet)
+	Stream uint64    // 0 for the connection, otherwise one run
+}
+
+// Encode writes h into dst in wire order. It does not allocate.
+func (h Header) Encode(dst *[HeaderSize]byte) {
+	binary.BigEndian.PutUint32(dst[0:4], h.Length)
+	dst[4] = byte(h.Type)
+	dst[5] = h.Flags
+	dst[6], dst[7] = 0, 0
+	binary.BigEndian.PutUint64(dst[8:16], h.Stream)
+}
+
+// DecodeHeader decodes the first HeaderSize bytes of src. It rejects a length
+// above maxFrame (0 means DefaultMaxFrame) with ErrFrameTooLarge, an unknown
+// type with ErrUnknownType and a non-zero reserved field with
+// ErrReservedNotZero; a src shorter than a header yields io.ErrUnexpectedEOF.
+// It allocates only to build an error.
+func DecodeHeader(src []byte, maxFrame uint32) (Header, error) {
+	if len(src) < HeaderSize {
+		return Header{}, fmt.Errorf("ipc: decode header from %d bytes: %w", len(src), io.ErrUnexpectedEOF)
+	}
+	if maxFrame == 0 {
+		maxFrame = DefaultMaxFrame
+	}
+	h := Header{
+		Length: binary.BigEndian.Uint32(src[0:4]),
+		Type:   FrameType(src[4]),
+		Flags:  src[5],
+		Stream: binary.BigEndian.Uint64(src[8:16]),
+	}
+	if !h.Type.Known() {
+		return Header{}, fmt.Errorf("%w 0x%02x (stream %d)", ErrUnknownType, src[4], h.Stream)
+	}
+	if src[6] != 0 || src[7] != 0 {
+		return Header{}, fmt.Errorf("%w: 0x%02x%02x in %s header (stream %d)", ErrReservedNotZero, src[6], src[7], h.Type, h.Stream)
+	}
+	if h.Length > maxFrame {
+		return Header{}, fmt.Errorf("%w: %s payload of %d bytes exceeds max %d (stream %d)", ErrFrameTooLarge, h.Type, h.Length, maxFrame, h.Stream)
+	}
+	return h, nil
+}
+
+// CheckPayload reports whether payload is acceptable for frames of type t:
+// for every type but PING and PONG a UTF-8 JSON object, else ErrBadJSON.
+// PING and PONG payloads are opaque and never checked.
+func CheckPayload(t FrameType, payload []byte) error {
+	if !t.JSONPayload() {
+		return nil
+	}
+	i := 0
+	for i < len(payload) && isJSONSpace(payload[i]) {
+		i++
+	}
+	switch {
+	case i == len(payload):
+		return fmt.Errorf("%w: empty %s payload", ErrBadJSON, t)
+	case payload[i] != '{':
+		return fmt.Errorf("%w: %s payload starts with %q", ErrBadJSON, t, payload[i])
+	case !utf8.Valid(payload):
+		return fmt.Errorf("%w: %s payload is not UTF-8", ErrBadJSON, t)
+	case !json.Valid(payload):
+		return fmt.Errorf("%w: %s payload is malformed", ErrBadJSON, t)
+	}
+	return nil
+}
+
+func isJSONSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
+
+// AppendFrame appends the encoding of one frame to dst and returns the
+// extended slice. It does not check typ or the payload.
+func AppendFrame(dst []byte, typ FrameType, flags uint8, stream uint64, payload []byte) []byte {
+	var hdr [HeaderSize]byte
+	Header{Length: uint32(len(payload)), Type: typ, Flags: flags, Stream: stream}.Encode(&hdr)
+	return append(append(dst, hdr[:]...), payload...)
+}
+
+// Frame is one decoded frame. Payload is borrowed from a shared pool: it is
+// valid only until Release, and must not be used, or retained, after it.
+type Frame struct {
+	Header
+	Payload []byte // Header.Length bytes; nil when Length is 0
+
+	buf *[]byte // pooled backing array of Payload, nil if none
+}
+
+// Release returns the payload buffer to the pool and clears f.Payload. Call
+// it once the payload has been consumed (copied, decoded or forwarded).
+// Releasing a zero Frame, or releasing twice through the same pointer, is a
+// no-op; releasing two copies of one Frame corrupts later payloads.
+func (f *Frame) Release() {
+	if f.buf != nil {
+		putPayload(f.buf)
+	}
+	f.buf, f.Payload = nil, nil
+}
+
+// Payload buffers are pooled in power-of-two size classes from 256 B to
+// 16 MiB; larger payloads (only with a MaxFrame above the default) are
+// allocated and left to the garbage collector.
+const (
+	minPoolShift = 8
+	maxPoolShift = 24
+)
+
+var payloadPools [maxPoolShift - minPoolShift + 1]sync.Pool // of *[]byte
+
+func poolClass(n int) int {
+	return max(0, bits.Len(uint(n-1))-minPoolShift)
+}
+
+// getPayload returns a buffer of length n (n > 0).
+func getPayload(n int) *[]byte {
+	if n > 1<<maxPoolShift {
+		b := make([]byte, n)
+		return &b
+	}
+	c := poolClass(n)
+	if p, _ := payloadPools[c].Get().(*[]byte); p != nil {
+		*p = (*p)[:n]
+		return p
+	}
+	b := make([]byte, n, 1<<(c+minPoolShift))
+	return &b
+}
+
+func putPayload(p *[]byte) {
+	c := cap(*p)
+	if c < 1<<minPoolShift || c > 1<<maxPoolShift || c&(c-1) != 0 {
+		return
+	}
+	payloadPools[poolClass(c)].Put(p)
+}
+
+// ReaderConfig configures a Reader. The zero value is ready to use.
+type ReaderConfig struct {
+	// MaxFrame is the largest payload accepted, in bytes. Default
+	// DefaultMaxFrame (16 MiB).
+	MaxFrame uint32
+	// BufferSize is the size of the read buffer in bytes. Default 64 KiB.
+	BufferSize int
+	// SkipPayloadCheck turns off the JSON check of payloads (CheckPayload),
+	// for peers that are trusted or validated elsewhere. Default false.
+	SkipPayloadCheck bool
+}
+
+// Reader reads frames from a byte stream. It is not safe for concurrent use:
+// one goroutine reads a connection.
+type Reader struct {
+	br       *bufio.Reader
+	maxFrame uint32
+	check    bool
+	hdr      [HeaderSize]byte
+	err      error // first error; returned by every later ReadFrame
+}
+
+// NewReader returns a Reader over r, which it buffers.
+func NewReader(r io.Reader, cfg ReaderConfig) *Reader {
+	if cfg.MaxFrame == 0 {
+		cfg.MaxFrame = DefaultMaxFrame
+	}
+	if cfg.BufferSize <= 0 {
+		cfg.BufferSize = defaultReadBuffer
+	}
+	return &Reader{
+		br:       bufio.NewReaderSize(r, cfg.BufferSize),
+		maxFrame: cfg.MaxFrame,
+		check:    !cfg.SkipPayloadCheck,
+	}
+}
+
+// ReadFrame reads the next frame. The caller owns the returned Frame and
+// calls Release when done with its payload.
+//
+// At a frame boundary with no more input it returns io.EOF; input that ends
+// inside a frame yields io.ErrUnexpectedEOF; a frame that breaks the
+// protocol yields an error wrapping ErrProtocol (ErrFrameTooLarge,
+// ErrUnknownType, ErrReservedNotZero, ErrBadJSON). A too-large frame is
+// rejected from its header, before any payload is read or allocated. Any
+// error is final: the stream position is lost, so every later call returns
+// the same error and the connection is to be closed.
+func (r *Reader) ReadFrame() (Frame, error) {
+	if r.err != nil {
+		return Frame{}, r.err
+	}
+	f, err := r.readFrame()
+	if err != nil {
+		r.err = err
+	}
+	return f, err
+}
+
+func (r *Reader) readFrame() (Frame, error) {
+	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+		if err == io.EOF {
+			return Frame{}, io.EOF
+		}
+		return Frame{}, fmt.Errorf("ipc: read frame header: %w", err)
+	}
+	h, err := DecodeHeader(r.hdr[:], r.maxFrame)
+	if err != nil {
+		return Frame{}, err
+	}
+	f := Frame{Header: h}
+	if h.Length > 0 {
+		f.buf = getPayload(int(h.Length))
+		f.Payload = *f.buf
+		if _, err := io.ReadFull(r.br, f.Payload); err != nil {
+			f.Release()
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return Frame{}, fmt.Errorf("ipc: read %s payload of %d bytes (stream %d): %w", h.Type, h.Length, h.Stream, err)
+		}
+	}
+	if r.check {
+		if err := CheckPayload(h.Type, f.Payload); err != nil {
+			f.Release()
+			return Frame{}, fmt.Errorf("ipc: stream %d: %w", h.Stream, err)
+		}
+	}
+	return f, nil
+}
+
+// WriterConfig configures a Writer. The zero value is ready to use.
+type WriterConfig struct {
+	// MaxFrame is the largest payload the peer accepts, in bytes; larger
+	// frames are refused before anything is written. Default
+	// DefaultMaxFrame (16 MiB); set it to the peer's announced max_frame.
+	MaxFrame uint32
+	// BufferSize is the size in bytes of the buffer a frame is assembled in
+	// so that header and payload go out in one Write. Larger frames are
+	// written with net.Buffers (writev on sockets). Default 16 KiB.
+	BufferSize int
+}
+
+// Writer writes frames to a byte stream. It is safe for concurrent use: the
+// runs sharing a connection write through one Writer, and each frame goes
+// out whole. Frames are not buffered across calls, so there is nothing to
+// flush.
+type Writer struct {
+	maxFrame uint32
+
+	mu  sync.Mutex // guards the fields below and serialises writes to w
+	w   io.Writer
+	buf []byte           // frame assembly buffer; cap = BufferSize
+	hdr [HeaderSize]byte // header of a frame too large for buf
+	err error            // first write error; returned by every later call
+}
+
+// NewWriter returns a Writer over w.
+func NewWriter(w io.Writer, cfg WriterConfig) *Writer {
+	if cfg.MaxFrame == 0 {
+		cfg.MaxFrame = DefaultMaxFrame
+	}
+	if cfg.BufferSize < HeaderSize {
+		cfg.BufferSize = defaultWriteBuffer
+	}
+	return &Writer{maxFrame: cfg.MaxFrame, w: w, buf: make([]byte, 0, cfg.BufferSize)}
+}
+
+// WriteFrame writes one frame with one Write call to the underlying writer
+// (one writev for frames larger than the buffer, when the writer is a
+// socket). It refuses an unknown type (ErrUnknownType) and a payload above
+// MaxFrame (ErrFrameTooLarge) without writing anything; it does not check
+// JSON payloads (see CheckPayload). A failed write leaves the stream
+// unusable, so it is final: every later call returns the same error.
+func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload []byte) error {
+	if !typ.Known() {
+		return fmt.Errorf("ipc: write frame on stream %d: %w 0x%02x", stream, ErrUnknownType, uint8(typ))
+	}
+	if uint64(len(payload)) > uint64(w.maxFrame) {
+		return fmt.Errorf("ipc: write %s frame on stream %d: %w: %d bytes exceeds max %d", typ, stream, ErrFrameTooLarge, len(payload), w.maxFrame)
+	}
+	h := Header{Length: uint32(len(payload)), Type: typ, Flags: flags, Stream: stream}
+
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return w.err
+	}
+	var err error
+	if n := HeaderSize + len(payload); n <= cap(w.buf) {
+		b := w.buf[:n]
+		h.Encode((*[HeaderSize]byte)(b))
+		copy(b[HeaderSize:], payload)
+		_, err = w.w.Write(b)
+	} else {
+		h.Encode(&w.hdr)
+		bufs := net.Buffers{w.hdr[:], payload}
+		_, err = bufs.WriteTo(w.w)
+	}
+	if err != nil {
+		w.err = fmt.Errorf("ipc: write %s frame on stream %d: %w", typ, stream, err)
+		return w.err
+	}
+	return nil
+}
