@@ -31,6 +31,7 @@ fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRun$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThreadState$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzEventType$$' -fuzztime $(FUZZTIME) ./engine/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./ipc/
 
 lint: ## gofmt and vet
 	@test -z "$$(gofmt -l .)" || (gofmt -l .; exit 1)
