@@ -314,7 +314,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	m.dropPending(dispatchIDs(ir.Superseded)...)
 	if ir.Active != nil {
 		if !m.cancelAndAwait(ctx, ir.Active) {
-			return SubmitResult{}, nil, errActiveRun
+			return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not release the thread: %w", ir.Active.DispatchID, errActiveRun)
 		}
 	}
 	// With a free slot, claim inline behind a guard that keeps background
@@ -370,7 +370,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		if _, cerr := m.store.Cancel(ctx, d.DispatchID, m.cfg.Now()); cerr != nil {
 			m.log.Warn("cancel unclaimed inline dispatch failed", "dispatch_id", d.DispatchID, "err", cerr)
 		}
-		return SubmitResult{}, nil, errActiveRun
+		return SubmitResult{}, nil, fmt.Errorf("inline claim of %s lost the thread: %w", d.DispatchID, errActiveRun)
 	}
 	m.startExecution(*claimed)
 	res.Status = SubmitRunning

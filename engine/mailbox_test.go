@@ -475,6 +475,7 @@ func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	eventually(t, "slot released", func() bool { return r.mb.InFlight() == 0 })
 	var b strings.Builder
 	r.mb.Metrics().WritePrometheus(&b)
 	out := b.String()

@@ -1217,12 +1217,16 @@ func TestSeed_gc_idle_workers_removes_idle_with_no_dispatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "old run acked", func() bool { return dispatchStatus(t, s, old.DispatchID) == engine.StatusAcked })
+	// The attempt closes its event log just after the ack: wait for it, or
+	// the log would be closed at the advanced time.
+	eventually(t, "old attempt finished", func() bool { return mb.InFlight() == 0 })
 	clock.Advance(2 * time.Hour)
 	fresh, err := mb.SubmitBackground(ctx, liveReq("thread-gc-fresh", "fresh"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "fresh run acked", func() bool { return dispatchStatus(t, s, fresh.DispatchID) == engine.StatusAcked })
+	eventually(t, "fresh attempt finished", func() bool { return mb.InFlight() == 0 })
 	eventually(t, "fresh event log closed", func() bool {
 		l := mb.Reattach("thread-gc-fresh")
 		if l == nil {

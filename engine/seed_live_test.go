@@ -608,7 +608,8 @@ func TestSeed_live_then_queue_publishes_for_remote_active_run(t *testing.T) {
 
 		res, how, err := local.SendMessages(ctx, liveReq(thread, "steer-remote"), first.RunID)
 		if err != nil || how != engine.DeliveredLive || res.RunID != first.RunID || res.DispatchID != first.DispatchID || res.Status != engine.SubmitRunning {
-			t.Fatalf("cross-process steer %+v %s %v, want live to %+v", res, how, err, first)
+			latest, _ := s.LatestRun(ctx, thread)
+			t.Fatalf("cross-process steer %+v %s %v, want live to %+v (router calls %+v, latest run %+v)", res, how, err, first, router.recorded(), latest)
 		}
 		recs := liveRecv(t, got, "the steer at the remote agent")
 		if len(recs) != 1 || liveText(recs[0].Message) != "steer-remote" || recs[0].Seq != 2 {
