@@ -224,13 +224,10 @@ func TestCapacityAndOneRunPerThread(t *testing.T) {
 	r := newRig(t, exec, engine.Config{})
 	r.start(t)
 	ctx := context.Background()
-	var ids []string
 	for i := range 50 {
-		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", i%10), Messages: []engine.Message{userMsg(fmt.Sprint(i))}})
-		if err != nil {
+		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", i%10), Messages: []engine.Message{userMsg(fmt.Sprint(i))}}); err != nil {
 			t.Fatal(err)
 		}
-		ids = append(ids, res.DispatchID)
 	}
 	eventually(t, "all 50 acked", func() bool {
 		c, _ := r.store.CountByStatus(ctx)

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"encoding/json"
-	"fmt"
 	"strings"
 
 	"github.com/google/uuid"
@@ -190,5 +189,3 @@ func messageIDs(msgs []Message) []string {
 	}
 	return ids
 }
-
-func errorf(format string, args ...any) error { return fmt.Errorf(format, args...) }

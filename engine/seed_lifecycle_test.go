@@ -32,9 +32,9 @@ import (
 )
 
 var (
-	liveErrInjected = errors.New("injected startup recovery failure")
-	liveErrPoison   = errors.New("injected wake failure")
-	sigErrInjected  = errors.New("injected claim failure")
+	errLiveInjected = errors.New("injected startup recovery failure")
+	errLivePoison   = errors.New("injected wake failure")
+	errSigInjected  = errors.New("injected claim failure")
 )
 
 // liveAgentScript is an agent that does not know "missing-agent" (a
@@ -76,7 +76,7 @@ func (s *liveRecoverStore) ReclaimExpired(ctx context.Context, now int64, limit 
 		}
 	}
 	if s.reclaimFailures.Add(-1) >= 0 {
-		return nil, fmt.Errorf("reclaim: %w", liveErrInjected)
+		return nil, fmt.Errorf("reclaim: %w", errLiveInjected)
 	}
 	return s.Store.ReclaimExpired(ctx, now, limit)
 }
@@ -104,7 +104,7 @@ type livePoisonStore struct {
 
 func (s *livePoisonStore) fail(thread string) error {
 	if s.poisoned.Load() && thread == s.thread {
-		return fmt.Errorf("write to %s: %w", thread, liveErrPoison)
+		return fmt.Errorf("write to %s: %w", thread, errLivePoison)
 	}
 	return nil
 }
@@ -360,10 +360,10 @@ func TestLive_recover_propagates_wake_submit_failure(t *testing.T) {
 	liveRemoteRun(t, s, "run-bg-poison", "thread-bg-poison", engine.RunWaiting, engine.WaitBackgroundTasks)
 	mb := liveMailbox(t, ps, newFake(0, complete), engine.Config{StartupRecoveryAttempts: 2, StartupRetryDelay: time.Millisecond})
 
-	if _, err := mb.Recover(ctx); !errors.Is(err, liveErrPoison) {
+	if _, err := mb.Recover(ctx); !errors.Is(err, errLivePoison) {
 		t.Fatalf("recover error %v, want the wake failure", err)
 	}
-	if err := mb.Start(ctx); !errors.Is(err, liveErrPoison) {
+	if err := mb.Start(ctx); !errors.Is(err, errLivePoison) {
 		t.Fatalf("ready start error %v, want the wake failure", err)
 	}
 	if mb.Running() {
@@ -498,7 +498,7 @@ func TestSeed_start_lifecycle_ready_fails_when_startup_recovery_fails(t *testing
 	rs.reclaimFailures.Store(1)
 	mb := liveMailbox(t, rs, newFake(1, liveAgentScript), engine.Config{StartupRecoveryAttempts: 1, StartupRetryDelay: time.Millisecond})
 	err := mb.Start(context.Background())
-	if err == nil || !errors.Is(err, liveErrInjected) || !strings.Contains(err.Error(), "injected startup recovery failure") {
+	if err == nil || !errors.Is(err, errLiveInjected) || !strings.Contains(err.Error(), "injected startup recovery failure") {
 		t.Fatalf("ready start error %v, want the recovery failure", err)
 	}
 	if mb.Running() {
@@ -909,7 +909,7 @@ func (s *sigStore) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dis
 
 func (s *sigStore) Claim(ctx context.Context, thread, consumer string, lease time.Duration, now int64) (*engine.Dispatch, error) {
 	if s.claimFailures.Add(-1) >= 0 {
-		return nil, fmt.Errorf("claim %s: %w", thread, sigErrInjected)
+		return nil, fmt.Errorf("claim %s: %w", thread, errSigInjected)
 	}
 	return s.Store.Claim(ctx, thread, consumer, lease, now)
 }

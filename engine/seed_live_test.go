@@ -936,11 +936,12 @@ func TestSeed_reconnect_sink_succeeds_for_running_worker(t *testing.T) {
 	if l == nil {
 		t.Fatal("re-attach to a running run returned nil")
 	}
-	evs, reset, closed, wait := l.Read(0, 10, nil)
+	evs, reset, closed, _ := l.Read(0, 10, nil)
 	if len(evs) != 1 || evs[0].Seq != 1 || !strings.Contains(string(evs[0].Data), `"one"`) || reset || closed {
 		t.Fatalf("first read %+v reset=%v closed=%v", evs, reset, closed)
 	}
-	if evs, _, _, wait = l.Read(1, 10, nil); len(evs) != 0 || wait == nil {
+	evs, _, _, wait := l.Read(1, 10, nil)
+	if len(evs) != 0 || wait == nil {
 		t.Fatalf("read past the end %+v, want a wait channel", evs)
 	}
 	nextFn()
