@@ -406,15 +406,50 @@ func dispatchIDs(ds []Dispatch) []string {
 // dispatch was released in time.
 func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 	deadline := time.Now().Add(m.cfg.CancelWait)
-	var e *execution
-	for {
-		// A claim of this thread may be completing here right now: wait
-		// for it to become an execution we can cancel.
+	released := func() (bool, error) {
+		d, err := m.store.LoadDispatch(ctx, active.DispatchID)
+		return err == nil && (d == nil || d.Status != StatusClaimed), err
+	}
+	var done <-chan struct{}
+	routed := false
+	for done == nil && !routed {
 		m.mu.Lock()
-		e = m.threads[active.ThreadID]
+		e := m.threads[active.ThreadID]
 		m.mu.Unlock()
-		if e == nil || !e.claiming || time.Now().After(deadline) {
-			break
+		switch {
+		case e != nil && !e.claiming && e.dispatch.DispatchID == active.DispatchID:
+			e.cancel(errInterrupted)
+			done = e.done
+			continue
+		case e != nil && e.claiming:
+			// A claim of this thread is completing here right now: wait
+			// for it to become an execution we can cancel.
+		default:
+			// Not (or no longer) running here. An attempt leaves the
+			// threads map only after it settled, so if it just finished on
+			// its own the store shows it released now; otherwise it runs in
+			// another process (or died there: only its lease frees it).
+			ok, err := released()
+			if err != nil {
+				return false
+			}
+			if ok {
+				return true
+			}
+			router, isRouter := m.raw.(LiveRouter)
+			if !isRouter {
+				return false
+			}
+			target := LiveTarget{ThreadID: active.ThreadID, RunID: active.RunID, DispatchID: active.DispatchID}
+			delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveCancel})
+			if err != nil || !delivered {
+				return false
+			}
+			routed = true
+			continue
+		}
+		if time.Now().After(deadline) {
+			return false // nobody here can stop it: only its lease frees it
 		}
 		select {
 		case <-ctx.Done():
@@ -422,27 +457,12 @@ func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
-	var done <-chan struct{}
-	if e != nil && !e.claiming && e.dispatch.DispatchID == active.DispatchID {
-		e.cancel(errInterrupted)
-		done = e.done
-	} else {
-		router, ok := m.raw.(LiveRouter)
-		if !ok {
-			return false // nobody can stop it: only lease expiry frees it
-		}
-		target := LiveTarget{ThreadID: active.ThreadID, RunID: active.RunID, DispatchID: active.DispatchID}
-		delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveCancel})
-		if err != nil || !delivered {
-			return false
-		}
-	}
 	for {
-		d, err := m.store.LoadDispatch(ctx, active.DispatchID)
+		ok, err := released()
 		if err != nil {
 			return false
 		}
-		if d == nil || d.Status != StatusClaimed {
+		if ok {
 			return true
 		}
 		if time.Now().After(deadline) {
