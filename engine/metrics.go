@@ -40,6 +40,15 @@ type engineMetrics struct {
 	depth     StatusCounts
 	depthAt   time.Time
 	depthFrom func() (StatusCounts, error)
+
+	ops sync.Map // opKey → *opMetrics: the per-call path formats no names
+}
+
+type opKey struct{ name, result string }
+
+type opMetrics struct {
+	count   *metrics.Counter
+	seconds *metrics.PrometheusHistogram
 }
 
 func newEngineMetrics(countFn func() (StatusCounts, error), active func() float64) *engineMetrics {
@@ -68,8 +77,17 @@ func (em *engineMetrics) counts() StatusCounts {
 }
 
 func (em *engineMetrics) op(name, result string, took time.Duration) {
-	em.set.GetOrCreateCounter(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOps, name, result)).Inc()
-	em.set.GetOrCreatePrometheusHistogram(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOpSeconds, name, result)).Update(took.Seconds())
+	k := opKey{name, result}
+	v, ok := em.ops.Load(k)
+	if !ok {
+		v, _ = em.ops.LoadOrStore(k, &opMetrics{
+			count:   em.set.GetOrCreateCounter(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOps, name, result)),
+			seconds: em.set.GetOrCreatePrometheusHistogram(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOpSeconds, name, result)),
+		})
+	}
+	m := v.(*opMetrics)
+	m.count.Inc()
+	m.seconds.Update(took.Seconds())
 }
 
 // add counts n items of a count-only operation (skipped when n is 0):
