@@ -233,9 +233,12 @@ func (m *Mailbox) execute(e *execution) {
 	<-renewDone
 
 	switch cause := context.Cause(e.ctx); {
-	case outcome.Kind == OutcomeCompleted:
-	case errors.Is(cause, errShutdown):
+	case errors.Is(cause, errShutdown) && (outcome.Kind != OutcomeCompleted || outcome.Termination != nil && outcome.Termination.Type == TermCancelled):
+		// Shutdown cut the attempt short (the agent obeyed the cancel or
+		// failed): the run goes back to the queue without spending an
+		// attempt. A run that completed on its own is acked.
 		outcome = RunOutcome{Kind: OutcomeAbandoned, Error: cause.Error()}
+	case outcome.Kind == OutcomeCompleted:
 	case errors.Is(cause, errCancelled):
 		// The user cancelled it: whatever the agent reports, it is not
 		// retried.
@@ -271,6 +274,16 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		if o.Termination != nil && o.Termination.Type == TermError {
 			res.Error = o.Error
 		}
+		// Streams always close with a run_finish (ipc.md): the agent's,
+		// or one made from its outcome.
+		term := o.Termination
+		if term == nil {
+			term = &Termination{Type: TermNaturalEnd}
+			if status == RunWaiting {
+				term = &Termination{Type: TermSuspended}
+			}
+		}
+		m.emitFinishWith(e, term)
 		// The result, the run's outcome and the ack commit together. If
 		// that cannot be written the dispatch stays claimed, its lease
 		// lapses and the retry finds the run as it was.
@@ -321,12 +334,18 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 // emitFinish closes a client stream that the agent left open: a synthetic
 // run_finish with an error termination, through the run's event log.
 func (m *Mailbox) emitFinish(e *execution, msg string) {
+	m.emitFinishWith(e, ErrorTermination(msg))
+}
+
+// emitFinishWith closes a client stream the agent left open with a
+// synthetic run_finish carrying term.
+func (m *Mailbox) emitFinishWith(e *execution, term *Termination) {
 	if e.sawFinish.Load() {
 		return
 	}
 	ev, _ := json.Marshal(map[string]any{
 		"type": "run_finish", "thread_id": e.dispatch.ThreadID, "run_id": e.dispatch.RunID,
-		"dispatch_id": e.dispatch.DispatchID, "termination": ErrorTermination(msg),
+		"dispatch_id": e.dispatch.DispatchID, "termination": term,
 	})
 	runSink{e}.Emit(ev)
 }

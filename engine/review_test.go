@@ -3,6 +3,7 @@ package engine_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -191,4 +192,41 @@ func TestReview_FailingClaimIsRetriedSoon(t *testing.T) {
 		d, _ := bs.LoadDispatch(ctx, res.DispatchID)
 		return d != nil && d.Status == engine.StatusAcked
 	})
+}
+
+// A completed run whose agent sent no run_finish event still closes its
+// client stream with one, carrying the outcome's termination (ipc.md);
+// an agent's own run_finish is not doubled.
+func TestCompletedRunWithoutRunFinishGetsOne(t *testing.T) {
+	script := func(_ context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		sink.Emit([]byte(`{"type":"text_delta","delta":"hi"}`))
+		if req.ThreadID == "t-waiting" {
+			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunWaiting, Waiting: &engine.RunWaitingState{Reason: "tool"}}
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
+	}
+	r := newRig(t, newFake(2, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	for thread, want := range map[string]string{"t-done": `"type":"natural_end"`, "t-waiting": `"type":"suspended"`} {
+		_, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("x")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, thread+" stream closed", func() bool { _, closed := events.ClosedAt(); return closed })
+		evs, _, _, _ := events.Read(0, 10, nil)
+		if len(evs) != 2 || evs[0].Type != "text_delta" || evs[1].Type != "run_finish" || !strings.Contains(string(evs[1].Data), want) {
+			t.Fatalf("%s: events %+v", thread, evs)
+		}
+	}
+	r2 := newRig(t, newFake(1, complete), engine.Config{})
+	r2.start(t)
+	_, events, err := r2.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t-own", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "stream closed", func() bool { _, closed := events.ClosedAt(); return closed })
+	if evs, _, _, _ := events.Read(0, 10, nil); len(evs) != 2 {
+		t.Fatalf("agent's own run_finish doubled: %+v", evs)
+	}
 }

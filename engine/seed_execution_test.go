@@ -748,3 +748,41 @@ func TestExec_stop_releases_running_run_which_resumes_later(t *testing.T) {
 		t.Fatalf("resumed run %+v", run)
 	}
 }
+
+// An agent that obeys the shutdown's cancel and reports a cancelled
+// completion does not get its run acked: shutdown is not the user's
+// cancel, so the dispatch goes back to the queue without spending an
+// attempt. A run that completes on its own during the grace is acked.
+func TestExec_stop_with_obedient_agent_requeues_not_acks(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if strings.Contains(string(req.Messages[0].Content), "quick") {
+			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+		}
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	}
+	r := newRig(t, newFake(2, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	slow, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-slow", Messages: []engine.Message{userMsg("slow")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "executing", func() bool { runs, _, _ := r.exec.stats(); return runs == 1 })
+	quick, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-quick", Messages: []engine.Message{userMsg("quick")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "quick run acked", func() bool { return dispatchStatus(t, r.store, quick.DispatchID) == engine.StatusAcked })
+	grace, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := r.mb.Stop(grace); err != nil {
+		t.Fatal(err)
+	}
+	if d := execLoad(t, r.store, slow.DispatchID); d.Status != engine.StatusQueued || d.AttemptCount != 0 {
+		t.Fatalf("after shutdown the cancelled-by-shutdown dispatch is %+v", d)
+	}
+	if run := execRun(t, r.store, slow.RunID); run.Status == engine.RunDone {
+		t.Fatalf("shutdown finished the run: %+v", run)
+	}
+}

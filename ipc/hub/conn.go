@@ -1,0 +1,575 @@
+package hub
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	json "github.com/goccy/go-json"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+)
+
+var errTooManyFiles = syscall.EMFILE
+
+// conn is one agent connection past its handshake.
+type conn struct {
+	h  *Hub
+	id uint64
+	nc net.Conn
+	r  *ipc.Reader
+	w  *ipc.Writer
+	// wtimeout bounds each write (nanoseconds); failing shortens it.
+	wtimeout *atomic.Int64
+	log      *slog.Logger
+	name     string
+	maxRuns  int
+	anyID    bool
+	agents   map[string]struct{}
+
+	recv atomic.Uint64 // frames received, for the heartbeat
+	sent atomic.Uint64 // frames sent, for the heartbeat
+
+	ctx    context.Context // cancelled when the connection fails
+	cancel context.CancelFunc
+	dead   chan struct{} // closed when the connection fails
+	once   sync.Once
+	cause  error // why it failed; set before dead is closed
+
+	mu          sync.Mutex
+	streams     map[uint64]*stream
+	nextStream  uint64
+	agentGoAway bool
+
+	nextCmd atomic.Uint64
+	submits chan struct{} // semaphore of SUBMITs in flight
+	wg      sync.WaitGroup
+}
+
+// deadlineConn bounds every write: an agent that stops reading cannot
+// block the hub for longer than the heartbeat's dead-peer time.
+type deadlineConn struct {
+	net.Conn
+	timeout *atomic.Int64 // nanoseconds
+}
+
+func (d deadlineConn) Write(p []byte) (int, error) {
+	if err := d.SetWriteDeadline(time.Now().Add(time.Duration(d.timeout.Load()))); err != nil {
+		return 0, err
+	}
+	return d.Conn.Write(p)
+}
+
+// serveConn runs one connection: handshake, then the read loop, then
+// cleanup. It returns when the connection is closed.
+func (h *Hub) serveConn(nc net.Conn) {
+	id := h.nextConn.Add(1)
+	log := h.log.With("agent_conn", id)
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		nc.Close()
+		return
+	}
+	h.greeting[nc] = struct{}{}
+	h.mu.Unlock()
+	c, err := h.handshake(nc, id, log)
+	h.mu.Lock()
+	delete(h.greeting, nc)
+	h.mu.Unlock()
+	if err != nil {
+		log.Warn("agent handshake failed", "err", err)
+		nc.Close()
+		return
+	}
+	ok, goaway := h.register(c)
+	if !ok {
+		c.fail(ErrClosed, ipc.Status{Code: ipc.CodeShutdown, Message: "sidecar closing"})
+		c.wg.Wait()
+		return
+	}
+	h.m.connects.Inc()
+	log.Info("agent connected", "name", c.name, "max_runs", c.maxRuns)
+	if goaway != nil {
+		c.sendGoAway(*goaway)
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		c.heartbeat()
+	}()
+	c.readLoop()
+	h.unregister(c)
+	c.wg.Wait()
+	log.Info("agent disconnected", "name", c.name, "cause", c.cause)
+}
+
+// handshake reads HELLO and answers WELCOME.
+func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error) {
+	wtimeout := new(atomic.Int64)
+	wtimeout.Store(int64(max(3*h.cfg.Heartbeat, time.Second)))
+	w := ipc.NewWriter(deadlineConn{Conn: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: h.cfg.MaxFrame})
+	refuse := func(code string, err error) error {
+		if p, merr := json.Marshal(ipc.Status{Code: code, Message: err.Error()}); merr == nil {
+			_ = w.WriteFrame(ipc.TypeError, 0, 0, p)
+		}
+		return err
+	}
+	if err := nc.SetReadDeadline(time.Now().Add(h.cfg.HandshakeTimeout)); err != nil {
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	r := ipc.NewReader(nc, ipc.ReaderConfig{MaxFrame: h.cfg.MaxFrame})
+	f, err := r.ReadFrame()
+	if err != nil {
+		var ne net.Error
+		switch {
+		case errors.As(err, &ne) && ne.Timeout():
+			return nil, refuse(ipc.CodeHandshakeTimeout, fmt.Errorf("handshake: no HELLO within %v", h.cfg.HandshakeTimeout))
+		case errors.Is(err, ipc.ErrProtocol):
+			h.m.protocolErrors.Inc()
+			return nil, refuse(ipc.CodeProtocolError, fmt.Errorf("handshake: %w", err))
+		}
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	defer f.Release()
+	if f.Type != ipc.TypeHello || f.Stream != 0 {
+		h.m.protocolErrors.Inc()
+		return nil, refuse(ipc.CodeProtocolError, fmt.Errorf("handshake: %w: first frame is %s on stream %d, want HELLO on stream 0", ipc.ErrProtocol, f.Type, f.Stream))
+	}
+	var hello ipc.Hello
+	if err := json.Unmarshal(f.Payload, &hello); err != nil {
+		h.m.protocolErrors.Inc()
+		return nil, refuse(ipc.CodeProtocolError, fmt.Errorf("handshake: %w: HELLO: %v", ipc.ErrProtocol, err))
+	}
+	if hello.Protocol != ipc.ProtocolVersion {
+		return nil, refuse(ipc.CodeUnsupportedProtocol, fmt.Errorf("handshake: agent speaks protocol %d, sidecar speaks %d", hello.Protocol, ipc.ProtocolVersion))
+	}
+	if err := nc.SetReadDeadline(time.Time{}); err != nil {
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	c := &conn{
+		h: h, id: id, nc: nc, r: r, w: w, wtimeout: wtimeout,
+		name:    hello.Name,
+		maxRuns: min(max(hello.MaxRuns, 1), MaxRunsLimit),
+		agents:  make(map[string]struct{}),
+		dead:    make(chan struct{}),
+		streams: make(map[uint64]*stream),
+		submits: make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	if len(hello.AgentIDs) == 0 {
+		c.anyID = true
+	}
+	for _, a := range hello.AgentIDs {
+		if a == "*" {
+			c.anyID = true
+		}
+		c.agents[a] = struct{}{}
+	}
+	c.log = log.With("agent", hello.Name)
+	welcome, err := json.Marshal(ipc.Welcome{
+		Protocol: ipc.ProtocolVersion, SidecarID: h.cfg.SidecarID,
+		HeartbeatMs: h.cfg.Heartbeat.Milliseconds(), MaxFrame: h.cfg.MaxFrame,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("handshake: encode WELCOME: %w", err)
+	}
+	if err := c.write(ipc.TypeWelcome, 0, welcome); err != nil {
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	return c, nil
+}
+
+// write sends one frame.
+func (c *conn) write(typ ipc.FrameType, stream uint64, payload []byte) error {
+	err := c.w.WriteFrame(typ, 0, stream, payload)
+	if err == nil {
+		c.sent.Add(1)
+	}
+	return err
+}
+
+// writeJSON encodes v and sends it; a failed write fails the connection.
+func (c *conn) writeJSON(typ ipc.FrameType, stream uint64, v any) error {
+	p, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", typ, err)
+	}
+	if err := c.write(typ, stream, p); err != nil {
+		c.fail(err, ipc.Status{})
+		return err
+	}
+	return nil
+}
+
+// fail closes the connection once, recording why; status, when it has a
+// code, is sent as ERROR on stream 0 first (best effort).
+func (c *conn) fail(cause error, status ipc.Status) {
+	c.once.Do(func() {
+		// A write blocked on an agent that stopped reading gives up
+		// now; the farewell ERROR gets a short chance.
+		c.wtimeout.Store(int64(100 * time.Millisecond))
+		_ = c.nc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		c.cause = cause
+		close(c.dead)
+		if status.Code != "" {
+			if p, err := json.Marshal(status); err == nil {
+				_ = c.w.WriteFrame(ipc.TypeError, 0, 0, p)
+			}
+		}
+		c.cancel()
+		c.nc.Close()
+	})
+}
+
+// takesRuns reports whether the connection may get new runs. Caller may
+// hold h.mu.
+func (c *conn) takesRuns() bool {
+	select {
+	case <-c.dead:
+		return false
+	default:
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.agentGoAway
+}
+
+func (c *conn) serves(agent string) bool {
+	if c.anyID {
+		return true
+	}
+	_, ok := c.agents[agent]
+	return ok
+}
+
+func (c *conn) freeSlots() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.maxRuns - len(c.streams)
+}
+
+func (c *conn) sendGoAway(s ipc.Status) {
+	if err := c.writeJSON(ipc.TypeGoAway, 0, s); err != nil {
+		c.log.Debug("GOAWAY not sent", "err", err)
+	}
+}
+
+// heartbeat sends PING after a quiet interval and fails the connection
+// when the agent has been silent for three intervals.
+func (c *conn) heartbeat() {
+	hb := c.h.cfg.Heartbeat
+	t := time.NewTicker(hb)
+	defer t.Stop()
+	lastRecv, lastSent := c.recv.Load(), c.sent.Load()
+	var ping [ipc.PingSize]byte
+	silent := 0
+	for {
+		select {
+		case <-c.dead:
+			return
+		case <-t.C:
+		}
+		if r := c.recv.Load(); r != lastRecv {
+			lastRecv, silent = r, 0
+		} else if silent++; silent >= 3 {
+			c.log.Warn("agent silent; closing its connection", "silent_for", 3*hb)
+			c.fail(fmt.Errorf("agent silent for %v", 3*hb), ipc.Status{Code: ipc.CodeHeartbeatTimeout, Message: fmt.Sprintf("no frame for %v", 3*hb)})
+			return
+		}
+		if s := c.sent.Load(); s == lastSent {
+			binary.BigEndian.PutUint64(ping[:], uint64(time.Now().UnixNano()))
+			if err := c.write(ipc.TypePing, 0, ping[:]); err != nil {
+				c.fail(err, ipc.Status{})
+				return
+			}
+		}
+		lastSent = c.sent.Load()
+	}
+}
+
+// readLoop reads frames until the connection fails.
+func (c *conn) readLoop() {
+	for {
+		f, err := c.r.ReadFrame()
+		if err != nil {
+			c.readFailed(err)
+			return
+		}
+		c.recv.Add(1)
+		err = c.handle(&f)
+		f.Release()
+		if err != nil {
+			c.readFailed(err)
+			return
+		}
+	}
+}
+
+func (c *conn) readFailed(err error) {
+	select {
+	case <-c.dead:
+		return // failed elsewhere; the read error is its consequence
+	default:
+	}
+	if errors.Is(err, ipc.ErrProtocol) {
+		c.h.m.protocolErrors.Inc()
+		c.log.Warn("agent protocol error; closing its connection", "err", err)
+		c.fail(err, ipc.Status{Code: ipc.CodeProtocolError, Message: err.Error()})
+		return
+	}
+	c.fail(fmt.Errorf("agent connection: %w", err), ipc.Status{})
+}
+
+func protocolErr(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ipc.ErrProtocol, fmt.Sprintf(format, args...))
+}
+
+// handle acts on one frame from the agent. An error closes the
+// connection.
+func (c *conn) handle(f *ipc.Frame) error {
+	switch f.Type {
+	case ipc.TypeEvent, ipc.TypeCheckpoint, ipc.TypeFinish, ipc.TypeCommandAck:
+		if f.Stream == 0 {
+			return protocolErr("%s frame on stream 0", f.Type)
+		}
+	case ipc.TypePing, ipc.TypePong, ipc.TypeGoAway, ipc.TypeSubmit:
+		if f.Stream != 0 {
+			return protocolErr("%s frame on stream %d, want stream 0", f.Type, f.Stream)
+		}
+	case ipc.TypeError:
+	default:
+		return protocolErr("unexpected %s frame from an agent", f.Type)
+	}
+	switch f.Type {
+	case ipc.TypeEvent:
+		return c.onEvent(f)
+	case ipc.TypeCheckpoint:
+		return c.onCheckpoint(f)
+	case ipc.TypeFinish:
+		return c.onFinish(f)
+	case ipc.TypeCommandAck:
+		return c.onCommandAck(f)
+	case ipc.TypePing:
+		if len(f.Payload) != ipc.PingSize {
+			return protocolErr("PING payload of %d bytes, want %d", len(f.Payload), ipc.PingSize)
+		}
+		if err := c.write(ipc.TypePong, 0, f.Payload); err != nil {
+			return fmt.Errorf("send PONG: %w", err)
+		}
+	case ipc.TypePong:
+	case ipc.TypeGoAway:
+		var s ipc.Status
+		_ = json.Unmarshal(f.Payload, &s)
+		c.log.Info("agent sent GOAWAY", "code", s.Code, "message", s.Message)
+		c.mu.Lock()
+		c.agentGoAway = true
+		c.mu.Unlock()
+		c.h.updateCapacity()
+	case ipc.TypeError:
+		var s ipc.Status
+		_ = json.Unmarshal(f.Payload, &s)
+		if f.Stream == 0 {
+			return fmt.Errorf("agent closed the connection with ERROR %s: %s", s.Code, s.Message)
+		}
+		c.log.Warn("agent rejected a frame", "stream", f.Stream, "code", s.Code, "message", s.Message)
+	case ipc.TypeSubmit:
+		return c.onSubmit(f)
+	}
+	return nil
+}
+
+// stream returns an open stream or nil.
+func (c *conn) stream(id uint64) *stream {
+	c.mu.Lock()
+	st := c.streams[id]
+	c.mu.Unlock()
+	return st
+}
+
+// unknownStream answers a run frame for a stream that is not open.
+func (c *conn) unknownStream(f *ipc.Frame) error {
+	c.h.m.unknownStream.Inc()
+	c.log.Debug("frame for a stream that is not open", "type", f.Type, "stream", f.Stream)
+	return c.writeJSON(ipc.TypeError, f.Stream, ipc.Status{
+		Code:    ipc.CodeUnknownStream,
+		Message: fmt.Sprintf("%s for stream %d, which is not open", f.Type, f.Stream),
+	})
+}
+
+func (c *conn) onEvent(f *ipc.Frame) error {
+	st := c.stream(f.Stream)
+	if st == nil {
+		return c.unknownStream(f)
+	}
+	st.mu.Lock()
+	if !st.closed {
+		st.sink.Emit(f.Payload)
+	}
+	st.mu.Unlock()
+	c.h.m.events.Inc()
+	return nil
+}
+
+// checkpointPayload is a CHECKPOINT.
+type checkpointPayload struct {
+	Seq      uint64           `json:"seq"`
+	Messages []engine.Message `json:"messages,omitempty"`
+	Run      *engine.RunPatch `json:"run,omitempty"`
+}
+
+func (c *conn) onCheckpoint(f *ipc.Frame) error {
+	st := c.stream(f.Stream)
+	if st == nil {
+		return c.unknownStream(f)
+	}
+	var cp checkpointPayload
+	if err := json.Unmarshal(f.Payload, &cp); err != nil {
+		return protocolErr("CHECKPOINT on stream %d: %v", f.Stream, err)
+	}
+	st.deliver(control{checkpoint: &cp})
+	return nil
+}
+
+// finishPayload is a FINISH.
+type finishPayload struct {
+	Status      string                  `json:"status"`
+	Termination *engine.Termination     `json:"termination,omitempty"`
+	Response    string                  `json:"response,omitempty"`
+	Waiting     *engine.RunWaitingState `json:"waiting,omitempty"`
+	Error       *ipc.FinishError        `json:"error,omitempty"`
+}
+
+func (c *conn) onFinish(f *ipc.Frame) error {
+	st := c.stream(f.Stream)
+	if st == nil {
+		return c.unknownStream(f)
+	}
+	var fin finishPayload
+	if err := json.Unmarshal(f.Payload, &fin); err != nil {
+		return protocolErr("FINISH on stream %d: %v", f.Stream, err)
+	}
+	switch fin.Status {
+	case "", string(engine.RunDone), string(engine.RunWaiting):
+	default:
+		return protocolErr("FINISH on stream %d: status %q, want done or waiting", f.Stream, fin.Status)
+	}
+	// The stream ends here: a second FINISH, or anything else for it, is
+	// for an unknown stream; the slot is free for the next run.
+	c.closeStream(st)
+	st.deliver(control{finish: &fin})
+	c.h.wake()
+	return nil
+}
+
+func (c *conn) onCommandAck(f *ipc.Frame) error {
+	st := c.stream(f.Stream)
+	if st == nil {
+		return c.unknownStream(f)
+	}
+	var ack ipc.CommandAck
+	if err := json.Unmarshal(f.Payload, &ack); err != nil {
+		return protocolErr("COMMAND_ACK on stream %d: %v", f.Stream, err)
+	}
+	p := st.takePending(ack.Cmd)
+	if p == nil {
+		c.log.Debug("late or unknown COMMAND_ACK", "stream", f.Stream, "cmd", ack.Cmd)
+		return nil
+	}
+	var err error
+	if ack.Accepted {
+		c.h.m.cmdAccepted.Inc()
+	} else {
+		c.h.m.cmdRefused.Inc()
+		reason := ack.Reason
+		if reason == "" {
+			reason = "no reason given"
+		}
+		err = fmt.Errorf("%w: %s", ErrCommandRefused, reason)
+	}
+	p.settle(err)
+	return nil
+}
+
+// submitPayload is a SUBMIT: a request id and a background run request.
+type submitPayload struct {
+	Req string `json:"req"`
+	engine.SubmitRequest
+}
+
+func (c *conn) onSubmit(f *ipc.Frame) error {
+	var sp submitPayload
+	if err := json.Unmarshal(f.Payload, &sp); err != nil {
+		// A request that does not decode is answered, not fatal: the
+		// agent learns what was wrong.
+		var req struct {
+			Req string `json:"req"`
+		}
+		_ = json.Unmarshal(f.Payload, &req)
+		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: req.Req, Error: &ipc.Status{Code: "validation", Message: "SUBMIT: " + err.Error()}})
+	}
+	c.h.m.submits.Inc()
+	if c.h.cfg.Submitter == nil {
+		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}})
+	}
+	select {
+	case c.submits <- struct{}{}:
+	default:
+		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("more than %d SUBMITs in flight", cap(c.submits))}})
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() { <-c.submits }()
+		res, err := c.h.cfg.Submitter.SubmitBackground(c.ctx, sp.SubmitRequest)
+		out := ipc.SubmitResult{Req: sp.Req}
+		if err != nil {
+			out.Error = &ipc.Status{Code: engine.Code(err), Message: err.Error()}
+		} else {
+			out.DispatchID, out.RunID, out.ThreadID, out.Status = res.DispatchID, res.RunID, res.ThreadID, string(res.Status)
+		}
+		_ = c.writeJSON(ipc.TypeSubmitResult, 0, out)
+	}()
+	return nil
+}
+
+// openStream registers a new stream for a run. Caller holds h.mu.
+func (c *conn) openStream(sink engine.EventSink) *stream {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.nextStream++
+	st := &stream{
+		id:      c.nextStream,
+		sink:    sink,
+		ctl:     make(chan control, 16),
+		done:    make(chan struct{}),
+		pending: make(map[string]*pendingCmd),
+	}
+	c.streams[st.id] = st
+	return st
+}
+
+// closeStream removes a stream from the table; later frames for it are
+// answered as for an unknown stream, and its sink gets no more events.
+func (c *conn) closeStream(st *stream) {
+	c.mu.Lock()
+	delete(c.streams, st.id)
+	c.mu.Unlock()
+	st.mu.Lock()
+	st.closed = true
+	st.mu.Unlock()
+}
+
+// newCmdID returns a connection-unique command id.
+func (c *conn) newCmdID() string {
+	return strconv.FormatUint(c.nextCmd.Add(1), 10)
+}

@@ -1,0 +1,445 @@
+// Package hub is the sidecar side of the agent protocol: it accepts agent
+// connections on the agent socket and implements engine.Executor by sending
+// each run to a connected agent with a free slot, forwarding the agent's
+// events to the run's sink, persisting its checkpoints and carrying live
+// commands to it (see docs/protocol.md).
+//
+// One goroutine reads each connection and dispatches its frames: EVENTs go
+// straight to the run's sink (the payload is not decoded beyond the frame
+// check), CHECKPOINTs and FINISH go, in order, to the goroutine of the run
+// (the engine's call to Run), which persists checkpoints and returns the
+// outcome. A heartbeat goroutine per connection sends PING when the hub has
+// been quiet and closes a connection whose agent has been silent for three
+// heartbeats. Every goroutine belongs to the connection or to a Run call
+// and ends with it.
+package hub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/google/uuid"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+)
+
+// Defaults of Config.
+const (
+	DefaultHeartbeat        = 5 * time.Second
+	DefaultHandshakeTimeout = 5 * time.Second
+	DefaultCommandTimeout   = 2 * time.Second
+	DefaultCancelGrace      = 10 * time.Second
+	DefaultAgentWait        = 15 * time.Second
+	DefaultMaxSubmits       = 64
+	// MaxRunsLimit caps an agent's announced max_runs.
+	MaxRunsLimit = 1024
+)
+
+// Submitter queues background runs an agent asks for with SUBMIT; the
+// engine's Mailbox implements it.
+type Submitter interface {
+	SubmitBackground(ctx context.Context, req engine.SubmitRequest) (engine.SubmitResult, error)
+}
+
+// Config configures a Hub. The zero value works (with defaults) except
+// that agents' SUBMIT frames are refused without a Submitter.
+type Config struct {
+	// SidecarID is announced in WELCOME. Default: a new UUID.
+	SidecarID string
+	// Heartbeat is the heartbeat interval announced in WELCOME; a peer
+	// silent for three of them is dead. Default 5 s.
+	Heartbeat time.Duration
+	// MaxFrame is the largest payload accepted from agents and announced
+	// in WELCOME. Default ipc.DefaultMaxFrame (16 MiB).
+	MaxFrame uint32
+	// HandshakeTimeout bounds the wait for an agent's HELLO. Default 5 s.
+	HandshakeTimeout time.Duration
+	// CommandTimeout bounds the wait for COMMAND_ACK; a command not
+	// acknowledged in time counts as not delivered. Default 2 s.
+	CommandTimeout time.Duration
+	// CancelGrace is how long a cancelled run waits for the agent's
+	// FINISH after CANCEL before the hub gives up on it. Default 10 s.
+	CancelGrace time.Duration
+	// AgentWait is how long Run waits for a connection that serves the
+	// run's agent id and has a free slot. Default 15 s.
+	AgentWait time.Duration
+	// MaxSubmits bounds the SUBMIT requests in flight per connection;
+	// more are answered with a "busy" error. Default 64.
+	MaxSubmits int
+	// Submitter handles agents' SUBMIT frames; nil refuses them.
+	Submitter Submitter
+	// Logger receives connection-level logs. Default slog.Default().
+	Logger *slog.Logger
+	// Metrics is the set the hub registers its metrics in. Default: a
+	// private set (see Hub.Metrics).
+	Metrics *metrics.Set
+}
+
+func (c *Config) setDefaults() error {
+	if c.SidecarID == "" {
+		c.SidecarID = uuid.NewString()
+	}
+	if c.Heartbeat == 0 {
+		c.Heartbeat = DefaultHeartbeat
+	}
+	if c.MaxFrame == 0 {
+		c.MaxFrame = ipc.DefaultMaxFrame
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if c.CommandTimeout == 0 {
+		c.CommandTimeout = DefaultCommandTimeout
+	}
+	if c.CancelGrace == 0 {
+		c.CancelGrace = DefaultCancelGrace
+	}
+	if c.AgentWait == 0 {
+		c.AgentWait = DefaultAgentWait
+	}
+	if c.MaxSubmits == 0 {
+		c.MaxSubmits = DefaultMaxSubmits
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Metrics == nil {
+		c.Metrics = metrics.NewSet()
+	}
+	for name, d := range map[string]time.Duration{
+		"heartbeat": c.Heartbeat, "handshake timeout": c.HandshakeTimeout, "command timeout": c.CommandTimeout,
+		"cancel grace": c.CancelGrace, "agent wait": c.AgentWait,
+	} {
+		if d < 0 {
+			return fmt.Errorf("hub: %s %v is negative", name, d)
+		}
+	}
+	if c.MaxFrame < 1<<10 {
+		return fmt.Errorf("hub: max frame %d is below 1 KiB", c.MaxFrame)
+	}
+	if c.MaxSubmits < 0 {
+		return fmt.Errorf("hub: max submits %d is negative", c.MaxSubmits)
+	}
+	return nil
+}
+
+// ErrClosed is returned by Serve after Close.
+var ErrClosed = errors.New("hub: closed")
+
+// Hub accepts agent connections and runs the engine's runs on them. It
+// implements engine.Executor. Create it with New, feed it connections
+// with Serve or ServeConn, and Close it after the engine has stopped.
+type Hub struct {
+	cfg Config
+	log *slog.Logger
+	m   hubMetrics
+
+	capacity atomic.Int64
+	capCh    chan struct{}
+
+	mu        sync.Mutex
+	conns     map[*conn]struct{}
+	listeners map[net.Listener]struct{}
+	greeting  map[net.Conn]struct{} // connections in their handshake
+	closed    bool
+	draining  bool
+	goaway    ipc.Status
+	waiters   int
+	slotCh    chan struct{} // closed and replaced when a slot may have freed
+
+	nextConn atomic.Uint64
+	wg       sync.WaitGroup // accept loops and connections
+}
+
+// New returns a Hub with cfg's defaults filled in.
+func New(cfg Config) (*Hub, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	h := &Hub{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		capCh:     make(chan struct{}, 1),
+		conns:     make(map[*conn]struct{}),
+		listeners: make(map[net.Listener]struct{}),
+		greeting:  make(map[net.Conn]struct{}),
+		slotCh:    make(chan struct{}),
+	}
+	h.m = newHubMetrics(cfg.Metrics, h)
+	return h, nil
+}
+
+// Metrics is the set the hub's metrics live in.
+func (h *Hub) Metrics() *metrics.Set { return h.cfg.Metrics }
+
+// Capacity is the total max_runs of the connected agents that take new
+// runs (engine.Executor).
+func (h *Hub) Capacity() int { return int(h.capacity.Load()) }
+
+// CapacityChanged is signalled when Capacity may have changed
+// (engine.Executor).
+func (h *Hub) CapacityChanged() <-chan struct{} { return h.capCh }
+
+// Connections is the number of agent connections past their handshake.
+func (h *Hub) Connections() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.conns)
+}
+
+// Serve accepts agent connections on ln until ln fails or the hub is
+// closed; each connection is served on its own goroutine. It returns
+// ErrClosed after Close.
+func (h *Hub) Serve(ln net.Listener) error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		ln.Close()
+		return ErrClosed
+	}
+	h.listeners[ln] = struct{}{}
+	h.wg.Add(1)
+	h.mu.Unlock()
+	defer h.wg.Done()
+	defer func() {
+		h.mu.Lock()
+		delete(h.listeners, ln)
+		h.mu.Unlock()
+	}()
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if h.isClosed() {
+				return ErrClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				h.log.Warn("agent socket accept failed; retrying", "err", err, "backoff", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("hub: accept: %w", err)
+		}
+		backoff = 0
+		h.mu.Lock()
+		if h.closed {
+			h.mu.Unlock()
+			nc.Close()
+			return ErrClosed
+		}
+		h.wg.Add(1)
+		h.mu.Unlock()
+		go func() {
+			defer h.wg.Done()
+			h.serveConn(nc)
+		}()
+	}
+}
+
+// ServeConn serves one agent connection and returns when it is closed.
+// The hub owns nc from then on.
+func (h *Hub) ServeConn(nc net.Conn) {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		nc.Close()
+		return
+	}
+	h.wg.Add(1)
+	h.mu.Unlock()
+	defer h.wg.Done()
+	h.serveConn(nc)
+}
+
+func (h *Hub) isClosed() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.closed
+}
+
+// GoAway tells every agent, now and connecting later, that the sidecar
+// starts no new runs (GOAWAY); running runs go on. Capacity drops to 0.
+func (h *Hub) GoAway(code, message string) {
+	h.mu.Lock()
+	h.draining = true
+	h.goaway = ipc.Status{Code: code, Message: message}
+	conns := h.connList()
+	h.mu.Unlock()
+	for _, c := range conns {
+		c.sendGoAway(h.goaway)
+	}
+	h.updateCapacity()
+}
+
+// Close stops accepting, closes every agent connection (their runs fail
+// as transient) and waits for the hub's goroutines. Stop the engine first
+// so that no run is executing.
+func (h *Hub) Close() error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		h.wg.Wait()
+		return nil
+	}
+	h.closed = true
+	h.draining = true
+	lns := make([]net.Listener, 0, len(h.listeners))
+	for ln := range h.listeners {
+		lns = append(lns, ln)
+	}
+	conns := h.connList()
+	for nc := range h.greeting {
+		nc.Close()
+	}
+	h.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
+	for _, c := range conns {
+		c.fail(ErrClosed, ipc.Status{Code: ipc.CodeShutdown, Message: "sidecar closing"})
+	}
+	h.wg.Wait()
+	h.updateCapacity()
+	return nil
+}
+
+func (h *Hub) connList() []*conn {
+	out := make([]*conn, 0, len(h.conns))
+	for c := range h.conns {
+		out = append(out, c)
+	}
+	return out
+}
+
+// register adds a connection past its handshake; false when the hub is
+// closed.
+func (h *Hub) register(c *conn) (ok bool, goaway *ipc.Status) {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return false, nil
+	}
+	h.conns[c] = struct{}{}
+	if h.draining {
+		g := h.goaway
+		goaway = &g
+	}
+	h.mu.Unlock()
+	h.updateCapacity()
+	h.wake()
+	return true, goaway
+}
+
+func (h *Hub) unregister(c *conn) {
+	h.mu.Lock()
+	delete(h.conns, c)
+	h.mu.Unlock()
+	h.updateCapacity()
+	h.wake()
+}
+
+// updateCapacity recomputes Capacity and signals CapacityChanged.
+func (h *Hub) updateCapacity() {
+	h.mu.Lock()
+	total := 0
+	if !h.draining {
+		for c := range h.conns {
+			if c.takesRuns() {
+				total += c.maxRuns
+			}
+		}
+	}
+	h.mu.Unlock()
+	if h.capacity.Swap(int64(total)) != int64(total) {
+		select {
+		case h.capCh <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// wake tells Run calls waiting for a slot to look again.
+func (h *Hub) wake() {
+	h.mu.Lock()
+	if h.waiters > 0 {
+		close(h.slotCh)
+		h.slotCh = make(chan struct{})
+	}
+	h.mu.Unlock()
+}
+
+// open picks the connection with the most free slots that serves agent
+// and opens a stream on it. Without one it returns the channel to wait
+// on and whether any connection takes runs at all.
+func (h *Hub) open(agent string, sink engine.EventSink) (*conn, *stream, <-chan struct{}, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var best *conn
+	bestFree := 0
+	anyConn := false
+	if !h.draining {
+		for c := range h.conns {
+			if !c.takesRuns() {
+				continue
+			}
+			anyConn = true
+			if !c.serves(agent) {
+				continue
+			}
+			if free := c.freeSlots(); free > bestFree {
+				best, bestFree = c, free
+			}
+		}
+	}
+	if best == nil {
+		h.waiters++
+		return nil, nil, h.slotCh, anyConn
+	}
+	return best, best.openStream(sink), nil, true
+}
+
+func (h *Hub) doneWaiting() {
+	h.mu.Lock()
+	h.waiters--
+	h.mu.Unlock()
+}
+
+type hubMetrics struct {
+	connects, protocolErrors, events, checkpoints, checkpointErrors *metrics.Counter
+	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed                  *metrics.Counter
+	unknownStream, submits                                          *metrics.Counter
+	runs                                                            map[engine.OutcomeKind]*metrics.Counter
+}
+
+func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
+	s.NewGauge("mailbox_agent_connections", func() float64 { return float64(h.Connections()) })
+	s.NewGauge("mailbox_agent_capacity", func() float64 { return float64(h.Capacity()) })
+	m := hubMetrics{
+		connects:         s.NewCounter("mailbox_agent_connects_total"),
+		protocolErrors:   s.NewCounter("mailbox_agent_protocol_errors_total"),
+		events:           s.NewCounter("mailbox_agent_events_total"),
+		checkpoints:      s.NewCounter(`mailbox_agent_checkpoints_total{result="ok"}`),
+		checkpointErrors: s.NewCounter(`mailbox_agent_checkpoints_total{result="error"}`),
+		cmdAccepted:      s.NewCounter(`mailbox_agent_commands_total{result="accepted"}`),
+		cmdRefused:       s.NewCounter(`mailbox_agent_commands_total{result="refused"}`),
+		cmdTimeout:       s.NewCounter(`mailbox_agent_commands_total{result="timeout"}`),
+		cmdFailed:        s.NewCounter(`mailbox_agent_commands_total{result="failed"}`),
+		unknownStream:    s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
+		submits:          s.NewCounter("mailbox_agent_submits_total"),
+		runs:             make(map[engine.OutcomeKind]*metrics.Counter),
+	}
+	for _, k := range []engine.OutcomeKind{engine.OutcomeCompleted, engine.OutcomeTransient, engine.OutcomePermanent, engine.OutcomeAbandoned} {
+		m.runs[k] = s.NewCounter(fmt.Sprintf(`mailbox_agent_runs_total{outcome=%q}`, k.String()))
+	}
+	return m
+}
