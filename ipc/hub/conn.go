@@ -518,7 +518,8 @@ func (c *conn) onSubmit(f *ipc.Frame) error {
 		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: req.Req, Error: &ipc.Status{Code: "validation", Message: "SUBMIT: " + err.Error()}})
 	}
 	c.h.m.submits.Inc()
-	if c.h.cfg.Submitter == nil {
+	sub := c.h.submitter.Load()
+	if sub == nil || *sub == nil {
 		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}})
 	}
 	select {
@@ -530,7 +531,7 @@ func (c *conn) onSubmit(f *ipc.Frame) error {
 	go func() {
 		defer c.wg.Done()
 		defer func() { <-c.submits }()
-		res, err := c.h.cfg.Submitter.SubmitBackground(c.ctx, sp.SubmitRequest)
+		res, err := (*sub).SubmitBackground(c.ctx, sp.SubmitRequest)
 		out := ipc.SubmitResult{Req: sp.Req}
 		if err != nil {
 			out.Error = &ipc.Status{Code: engine.Code(err), Message: err.Error()}

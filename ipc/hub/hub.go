@@ -155,6 +155,8 @@ type Hub struct {
 	waiters   int
 	slotCh    chan struct{} // closed and replaced when a slot may have freed
 
+	submitter atomic.Pointer[Submitter]
+
 	nextConn atomic.Uint64
 	wg       sync.WaitGroup // accept loops and connections
 }
@@ -174,8 +176,16 @@ func New(cfg Config) (*Hub, error) {
 		slotCh:    make(chan struct{}),
 	}
 	h.m = newHubMetrics(cfg.Metrics, h)
+	if cfg.Submitter != nil {
+		h.SetSubmitter(cfg.Submitter)
+	}
 	return h, nil
 }
+
+// SetSubmitter sets the handler of agents' SUBMIT frames, for when it is
+// built after the hub (the engine's Mailbox takes the hub as its
+// executor and is the hub's submitter).
+func (h *Hub) SetSubmitter(s Submitter) { h.submitter.Store(&s) }
 
 // Metrics is the set the hub's metrics live in.
 func (h *Hub) Metrics() *metrics.Set { return h.cfg.Metrics }
