@@ -32,6 +32,7 @@ fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThreadState$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzEventType$$' -fuzztime $(FUZZTIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./ipc/
+	$(GO) test -run '^$$' -fuzz '^FuzzHubConn$$' -fuzztime $(FUZZTIME) ./ipc/hub/
 
 lint: ## gofmt, vet and staticcheck
 	@test -z "$$(gofmt -l .)" || (gofmt -l .; exit 1)

@@ -509,3 +509,22 @@ func (m *Mailbox) LoadDispatch(ctx context.Context, id string) (*Dispatch, error
 func (m *Mailbox) QueuedThreadIDs(ctx context.Context) ([]string, error) {
 	return m.store.QueuedThreadIDs(ctx)
 }
+
+// Requeue puts a dead-lettered dispatch back in the queue as a new
+// dispatch of the same run with a fresh attempt budget, and wakes the
+// dispatcher. It returns the new dispatch.
+func (m *Mailbox) Requeue(ctx context.Context, dispatchID string) (Dispatch, error) {
+	if err := m.accepting(); err != nil {
+		return Dispatch{}, err
+	}
+	d, err := m.store.Requeue(ctx, dispatchID, newID(), m.cfg.Now())
+	if err != nil {
+		return Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)
+	}
+	m.kick()
+	return d, nil
+}
+
+// Store is the store the mailbox runs on, for read-only inspection
+// (run records, message logs, dead letters).
+func (m *Mailbox) Store() Store { return m.store }

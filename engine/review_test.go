@@ -230,3 +230,39 @@ func TestCompletedRunWithoutRunFinishGetsOne(t *testing.T) {
 		t.Fatalf("agent's own run_finish doubled: %+v", evs)
 	}
 }
+
+// An operator's requeue of a dead letter runs the same run again with a
+// fresh attempt budget, at once.
+func TestMailboxRequeueRunsTheDeadLetterAgain(t *testing.T) {
+	var fail atomic.Bool
+	fail.Store(true)
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if fail.Load() {
+			return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "agent_not_found", Error: "no such agent"}
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-dl", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "dead letter", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
+	if _, err := r.mb.Requeue(ctx, "no-such-dispatch"); !errors.Is(err, engine.ErrNotFound) {
+		t.Fatalf("requeue of an unknown dispatch: %v", err)
+	}
+	fail.Store(false)
+	d, err := r.mb.Requeue(ctx, res.DispatchID)
+	if err != nil || d.DispatchID == res.DispatchID || d.RunID != res.RunID || d.AttemptCount != 0 {
+		t.Fatalf("requeue %+v %v", d, err)
+	}
+	eventually(t, "requeued run done", func() bool { return dispatchStatus(t, r.store, d.DispatchID) == engine.StatusAcked })
+	if run := execRun(t, r.store, res.RunID); run.Status != engine.RunDone || len(run.ErrorPayload) != 0 {
+		t.Fatalf("run after requeue %+v", run)
+	}
+	if _, err := r.mb.Requeue(ctx, d.DispatchID); !errors.Is(err, engine.ErrValidation) && !errors.Is(err, engine.ErrVersionConflict) {
+		t.Fatalf("requeue of an acked dispatch: %v", err)
+	}
+}

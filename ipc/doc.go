@@ -24,14 +24,17 @@
 // required is a protocol error: the receiver sends ERROR on stream 0 and
 // closes the connection. Every such error wraps ErrProtocol.
 //
-// # This package so far
+// # Packages
 //
-// This file set is the frame codec only: Header with its allocation-free
-// Encode and DecodeHeader, a Reader that reassembles frames from any byte
-// stream (frames split across reads, many frames per read) into pooled
-// payload buffers, and a Writer that serialises frames from concurrent
-// goroutines, one write call per frame. The connection hub on the sidecar
-// side and the agent SDK come later and build on these; the package depends
-// on the standard library only, so an agent author importing it pulls in
-// nothing else.
+// This package is the frame codec and the wire payload types: Header with
+// its allocation-free Encode and DecodeHeader, a Reader that reassembles
+// frames from any byte stream (frames split across reads, many frames per
+// read) into pooled payload buffers, a Writer that serialises frames from
+// concurrent goroutines, one write call per frame, and the JSON payloads
+// both sides share (Hello, Welcome, Status, Command, CommandAck …). It
+// depends on the standard library only.
+//
+// Package ipc/hub is the sidecar side (it implements engine.Executor);
+// package ipc/agent is the SDK for agent authors. docs/protocol.md is the
+// protocol document for implementers in other languages.
 package ipc
