@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,14 +17,16 @@ import (
 
 // healthyAgent answers every RUN with FINISH and every PING with PONG
 // until its connection closes.
-func healthyAgent(t testing.TB, path string) (stop func()) {
+func healthyAgent(t testing.TB, path string) (stop func(), alive func() error) {
 	a, _ := connect(t, path, ipc.Hello{Name: "healthy", MaxRuns: 1})
 	done := make(chan struct{})
+	var died atomic.Value
 	go func() {
 		defer close(done)
 		for {
 			f, err := a.r.ReadFrame()
 			if err != nil {
+				died.Store(err)
 				return
 			}
 			switch f.Type {
@@ -35,7 +38,12 @@ func healthyAgent(t testing.TB, path string) (stop func()) {
 			f.Release()
 		}
 	}()
-	return func() { a.nc.Close(); <-done }
+	return func() { a.nc.Close(); <-done }, func() error {
+		if err, ok := died.Load().(error); ok {
+			return err
+		}
+		return nil
+	}
 }
 
 func frameBytes(typ ipc.FrameType, stream uint64, payload string) []byte {
@@ -80,7 +88,7 @@ func FuzzHubConn(f *testing.F) {
 	}
 	served := make(chan struct{})
 	go func() { defer close(served); h.Serve(ln) }()
-	stopHealthy := healthyAgent(f, path)
+	stopHealthy, healthyAlive := healthyAgent(f, path)
 	f.Cleanup(func() {
 		stopHealthy()
 		h.Close()
@@ -118,7 +126,13 @@ func FuzzHubConn(f *testing.F) {
 			t.Fatalf("HELLO: %v", err)
 		}
 		// The fuzzed connection has the most free slots: the run goes there.
-		eventually(t, "fuzz agent registered", func() bool { return h.Capacity() == 5 })
+		deadline := time.Now().Add(5 * time.Second)
+		for h.Capacity() != 5 {
+			if time.Now().After(deadline) {
+				t.Fatalf("fuzz agent not registered: capacity %d, connections %d, healthy agent alive %v", h.Capacity(), h.Connections(), healthyAlive())
+			}
+			time.Sleep(time.Millisecond)
+		}
 		rc := startRun(h, context.Background(), request("fuzz"))
 		select {
 		case <-gotRun:

@@ -1,0 +1,184 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	json "github.com/goccy/go-json"
+	"github.com/google/uuid"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+)
+
+// Client connects an agent process to the sidecar and runs its handler for
+// every RUN. Create it with New and start it with Serve; Submit may be
+// called from any goroutine while Serve runs.
+type Client struct {
+	cfg Config
+	log *slog.Logger
+
+	serving atomic.Bool // Serve is running
+
+	// handlers counts handler goroutines of every connection; Serve waits
+	// for them before it returns.
+	handlers sync.WaitGroup
+
+	mu      sync.Mutex    // guards cur and changed
+	cur     *conn         // the established connection, nil between connections
+	changed chan struct{} // closed (and replaced) whenever cur changes
+}
+
+// New validates cfg, fills in its defaults and returns a Client. It does
+// not connect: Serve does.
+func New(cfg Config) (*Client, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	return &Client{cfg: cfg, log: cfg.Logger, changed: make(chan struct{})}, nil
+}
+
+// Serve connects to the sidecar, executes the runs it sends, and
+// reconnects with jittered exponential backoff whenever the connection
+// fails or the sidecar goes away (e.g. restarts), until ctx is done.
+//
+// When ctx is done Serve shuts down gracefully: it sends GOAWAY (so the
+// sidecar sends no new run), lets running handlers finish within
+// ShutdownGrace, cancels the rest, waits for every handler to return,
+// closes the connection and returns nil. It returns an error only when the
+// sidecar refuses the handshake for good (a *HandshakeError with code
+// unsupported_protocol) or when Serve is already running (ErrServing).
+func (c *Client) Serve(ctx context.Context) error {
+	if !c.serving.CompareAndSwap(false, true) {
+		return ErrServing
+	}
+	defer c.serving.Store(false)
+	defer c.waitHandlers()
+
+	c.log.Info("agent client starting", "socket", c.cfg.Socket, "name", c.cfg.Name,
+		"agent_ids", c.cfg.AgentIDs, "max_runs", c.cfg.MaxRuns)
+	failures := 0
+	for {
+		established, err := c.serveConn(ctx)
+		if ctx.Err() != nil {
+			c.log.Info("agent client stopped")
+			return nil
+		}
+		if he := (*HandshakeError)(nil); errors.As(err, &he) && !he.Retryable() {
+			c.log.Error("sidecar refused the handshake", "err", err)
+			return err
+		}
+		if established {
+			failures = 0
+		}
+		delay := c.backoff(failures)
+		failures++
+		c.log.Warn("sidecar connection failed; reconnecting", "err", err, "attempt", failures, "delay", delay)
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			c.log.Info("agent client stopped")
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// backoff returns the delay before reconnect attempt n (from 0): a random
+// duration in [0, min(MaxBackoff, MinBackoff·2ⁿ)].
+func (c *Client) backoff(n int) time.Duration {
+	ceil := c.cfg.MaxBackoff
+	if n < 62 {
+		if d := c.cfg.MinBackoff << n; d > 0 && d < ceil {
+			ceil = d
+		}
+	}
+	if ceil <= 0 {
+		return 0
+	}
+	return rand.N(ceil + 1)
+}
+
+// waitHandlers waits for every handler goroutine, logging while some
+// ignore their cancelled context.
+func (c *Client) waitHandlers() {
+	done := make(chan struct{})
+	go func() {
+		c.handlers.Wait()
+		close(done)
+	}()
+	t := time.NewTicker(max(c.cfg.ShutdownGrace, time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			c.log.Warn("still waiting for run handlers that ignore their cancelled context")
+		}
+	}
+}
+
+// setConn publishes the current connection (nil between connections).
+func (c *Client) setConn(cn *conn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cur = cn
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// Submit asks the sidecar to queue a background run (SUBMIT) and returns
+// the queued dispatch. It waits for an established connection until ctx is
+// done; Serve must be running for one to come. A refusal is a
+// *SubmitError. If the connection is lost after the request was sent,
+// Submit returns an error wrapping ErrConnectionLost and the run may or
+// may not have been queued: set SubmitRequest.DedupeKey to retry safely.
+func (c *Client) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, error) {
+	if req.Messages == nil {
+		req.Messages = []Message{}
+	}
+	id := uuid.Must(uuid.NewV7()).String()
+	payload, err := json.Marshal(submitPayload{Req: id, SubmitRequest: req})
+	if err != nil {
+		return SubmitResult{}, fmt.Errorf("agent: submit: encode request: %w", err)
+	}
+	for {
+		c.mu.Lock()
+		cn, changed := c.cur, c.changed
+		c.mu.Unlock()
+		if cn != nil {
+			res, err := cn.submit(ctx, id, payload)
+			if !errors.Is(err, errNotSent) {
+				return res, err
+			}
+			// The connection died before the request went out: wait
+			// for the next one.
+		}
+		select {
+		case <-ctx.Done():
+			return SubmitResult{}, fmt.Errorf("agent: submit: waiting for a sidecar connection: %w", context.Cause(ctx))
+		case <-changed:
+		}
+	}
+}
+
+// submitPayload is the SUBMIT payload: the request and its id.
+type submitPayload struct {
+	Req string `json:"req"`
+	SubmitRequest
+}
+
+// submitResultPayload is the SUBMIT_RESULT payload.
+type submitResultPayload struct {
+	Req string `json:"req"`
+	SubmitResult
+	Error *ipc.Status `json:"error,omitempty"`
+}

@@ -1,0 +1,351 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"strconv"
+	"sync"
+
+	json "github.com/goccy/go-json"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+)
+
+// liveBuffer is how many live MESSAGES (and, separately, DECISION)
+// commands a run buffers before refusing more.
+const liveBuffer = 8
+
+// Run is one attempt of a run, handed to Handler.HandleRun. Its exported
+// fields are the RUN payload; its methods talk to the sidecar on the run's
+// stream and are safe for concurrent use. Once the handler has returned
+// (and FINISH is sent) they fail with ErrRunFinished and the live channels
+// are closed.
+type Run struct {
+	DispatchID string // the dispatch (queue entry) this attempt executes
+	RunID      string
+	ThreadID   string
+	AgentID    string
+	SessionID  string // this attempt's id: new for every attempt
+	Attempt    int    // counts from 1
+	Request    Request
+	Context    ThreadContext
+
+	conn   *conn
+	stream uint64
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	// sendMu orders the frames of the run: EVENTs hold it shared,
+	// CHECKPOINT and FINISH exclusively. Lock order: sendMu before mu.
+	sendMu sync.RWMutex
+	sent   bool   // FINISH was sent (or given up); guarded by sendMu
+	seq    uint64 // last checkpoint seq; guarded by sendMu and mu
+
+	mu       sync.Mutex            // guards the fields below; never held across a write
+	done     bool                  // the handler returned: commands are refused, channels closed
+	pending  map[uint64]chan error // checkpoints awaiting ACK or ERROR, by seq
+	msgs     chan []MessageRecord  // live MESSAGES
+	decs     chan []Decision       // live DECISION
+	wantMsgs bool                  // Messages was called
+	wantDecs bool                  // Decisions was called
+}
+
+func newRun(cn *conn, stream uint64, p *runPayload) *Run {
+	ctx, cancel := context.WithCancelCause(cn.base)
+	return &Run{
+		DispatchID: p.DispatchID,
+		RunID:      p.RunID,
+		ThreadID:   p.ThreadID,
+		AgentID:    p.AgentID,
+		SessionID:  p.SessionID,
+		Attempt:    p.Attempt,
+		Request:    p.Request,
+		Context:    p.Context,
+		conn:       cn,
+		stream:     stream,
+		log: cn.log.With("run_id", p.RunID, "thread_id", p.ThreadID, "dispatch_id", p.DispatchID,
+			"attempt", p.Attempt, "stream", stream),
+		ctx:     ctx,
+		cancel:  cancel,
+		pending: make(map[uint64]chan error),
+		msgs:    make(chan []MessageRecord, liveBuffer),
+		decs:    make(chan []Decision, liveBuffer),
+	}
+}
+
+// Emit marshals event to JSON and sends it as one EVENT. The event must
+// encode as a JSON object with a "type" string member (run_start,
+// text_delta, tool_call_start, tool_call_done, tool_call_resumed,
+// run_finish, …); the sidecar forwards it to clients byte for byte.
+func (r *Run) Emit(event any) error {
+	b, err := json.Marshal(event)
+	if err != nil {
+		return fmt.Errorf("agent: emit on run %s: encode %T: %w", r.RunID, event, err)
+	}
+	return r.EmitRaw(b)
+}
+
+// EmitRaw sends event, an encoded JSON object with a "type" string member,
+// as one EVENT. It refuses anything but a JSON object (the sidecar would
+// close the connection on it) and does not keep event after it returns.
+func (r *Run) EmitRaw(event []byte) error {
+	if err := ipc.CheckPayload(ipc.TypeEvent, event); err != nil {
+		return fmt.Errorf("agent: emit on run %s: %w", r.RunID, err)
+	}
+	r.sendMu.RLock()
+	defer r.sendMu.RUnlock()
+	if r.sent {
+		return ErrRunFinished
+	}
+	if err := r.conn.send(ipc.TypeEvent, r.stream, event); err != nil {
+		return fmt.Errorf("agent: emit on run %s: %w", r.RunID, err)
+	}
+	return nil
+}
+
+// Checkpoint persists cp: its messages are appended to the thread log and
+// its run fields applied to the run record. It numbers the checkpoint
+// (seq 1, 2, … per run), sends it after every event emitted before, and
+// waits until the sidecar made it durable (nil), refused it (a
+// *CheckpointError), ctx is done, or the connection is lost (an error
+// wrapping ErrConnectionLost; the checkpoint may or may not have been
+// applied). A checkpoint must complete before the handler returns.
+//
+// Do not checkpoint the request's activation messages or live MESSAGES:
+// they are already in the thread log.
+func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
+	if cp.Messages == nil {
+		cp.Messages = []Message{}
+	}
+	body, err := json.Marshal(cp) // {"messages":[…],…}: Messages is never omitted
+	if err == nil {
+		err = ipc.CheckPayload(ipc.TypeCheckpoint, body) // raw JSON fields are not checked by the encoder
+	}
+	if err != nil {
+		return fmt.Errorf("agent: checkpoint on run %s: encode: %w", r.RunID, err)
+	}
+	ch := make(chan error, 1)
+
+	r.sendMu.Lock()
+	if r.sent {
+		r.sendMu.Unlock()
+		return ErrRunFinished
+	}
+	r.mu.Lock()
+	if r.done { // the handler returned; FINISH is on its way
+		r.mu.Unlock()
+		r.sendMu.Unlock()
+		return ErrRunFinished
+	}
+	r.seq++
+	seq := r.seq
+	r.pending[seq] = ch
+	r.mu.Unlock()
+	payload := make([]byte, 0, len(body)+32)
+	payload = append(payload, `{"seq":`...)
+	payload = strconv.AppendUint(payload, seq, 10)
+	payload = append(payload, ',')
+	payload = append(payload, body[1:]...)
+	err = r.conn.send(ipc.TypeCheckpoint, r.stream, payload)
+	r.sendMu.Unlock()
+
+	if err != nil {
+		r.dropCheckpoint(seq)
+		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, err)
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		r.dropCheckpoint(seq)
+		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, context.Cause(ctx))
+	case <-r.conn.dead:
+		r.dropCheckpoint(seq)
+		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, ErrConnectionLost)
+	}
+}
+
+func (r *Run) dropCheckpoint(seq uint64) {
+	r.mu.Lock()
+	delete(r.pending, seq)
+	r.mu.Unlock()
+}
+
+// resolveCheckpoint hands the sidecar's answer to the waiting Checkpoint
+// and reports whether one was waiting for seq.
+func (r *Run) resolveCheckpoint(seq uint64, err error) bool {
+	r.mu.Lock()
+	ch, ok := r.pending[seq]
+	delete(r.pending, seq)
+	r.mu.Unlock()
+	if ok {
+		ch <- err // buffered, sent once
+	}
+	return ok
+}
+
+// Messages returns the channel of live messages: each MESSAGES command the
+// sidecar sends while the run executes, already in the thread log (do not
+// checkpoint them again). Take them in at the next step boundary.
+//
+// The run accepts live messages only once Messages has been called;
+// before, and when the channel's small buffer is full, the sidecar is told
+// they were not delivered and queues them for a later run. Messages still
+// in the channel when the handler returns are not lost (they are in the
+// log) but no run reacts to them: drain the channel before returning. The
+// channel is closed when the handler returns.
+func (r *Run) Messages() <-chan []MessageRecord {
+	r.mu.Lock()
+	r.wantMsgs = true
+	r.mu.Unlock()
+	return r.msgs
+}
+
+// Decisions returns the channel of live tool-call decisions (DECISION
+// commands) for calls the run suspended on. As with Messages, decisions
+// are accepted only once Decisions has been called and while the buffer
+// has room; the channel is closed when the handler returns.
+func (r *Run) Decisions() <-chan []Decision {
+	r.mu.Lock()
+	r.wantDecs = true
+	r.mu.Unlock()
+	return r.decs
+}
+
+// command answers a live command with COMMAND_ACK, then acts on it: the
+// ack precedes everything the command causes (a cancelled context, events
+// of a handler reacting to a message) and the run's FINISH, because it is
+// sent under sendMu like an event. A run whose FINISH is already out gets
+// no ack (its stream is closed). Only the reader goroutine calls command,
+// so a channel with room when the command is admitted still has room when
+// it is delivered, and FINISH (which closes the channels) waits for
+// sendMu.
+func (r *Run) command(typ ipc.FrameType, cmd *commandPayload) error {
+	r.sendMu.RLock()
+	defer r.sendMu.RUnlock()
+	if r.sent {
+		return nil
+	}
+	r.mu.Lock()
+	reason := r.admitLocked(typ)
+	r.mu.Unlock()
+	ok := reason == ""
+	r.log.Debug("live command", "type", typ, "cmd", cmd.Cmd, "accepted", ok, "reason", reason)
+	ack := mustMarshal(ipc.CommandAck{Cmd: cmd.Cmd, Accepted: ok, Reason: reason})
+	if err := r.conn.send(ipc.TypeCommandAck, r.stream, ack); err != nil || !ok {
+		return ignoreLost(err)
+	}
+	switch typ {
+	case ipc.TypeCancel:
+		r.cancel(ErrCancelled)
+	case ipc.TypeMessages:
+		r.msgs <- cmd.Messages
+	case ipc.TypeDecision:
+		r.decs <- cmd.Decisions
+	}
+	return nil
+}
+
+// admitLocked returns why the run refuses a command of type typ now, or
+// "" when it takes it.
+func (r *Run) admitLocked(typ ipc.FrameType) string {
+	if r.done {
+		return "run finished"
+	}
+	switch typ {
+	case ipc.TypeMessages:
+		switch {
+		case r.ctx.Err() != nil:
+			return "run cancelled"
+		case !r.wantMsgs:
+			return "run does not take live messages"
+		case len(r.msgs) == cap(r.msgs):
+			return "live message buffer full"
+		}
+	case ipc.TypeDecision:
+		switch {
+		case r.ctx.Err() != nil:
+			return "run cancelled"
+		case !r.wantDecs:
+			return "run does not take live decisions"
+		case len(r.decs) == cap(r.decs):
+			return "live decision buffer full"
+		}
+	}
+	return ""
+}
+
+// execute runs the handler and sends its FINISH.
+func (r *Run) execute(h Handler) {
+	defer r.conn.client.handlers.Done()
+	r.finish(r.call(h))
+}
+
+// call runs the handler, turning a panic into a transient failure.
+func (r *Run) call(h Handler) (res Result) {
+	defer func() {
+		if v := recover(); v != nil {
+			r.log.Error("run handler panicked", "panic", v, "stack", string(debug.Stack()))
+			res = Transient("panic", fmt.Sprintf("agent handler panicked: %v", v))
+		}
+	}()
+	return h.HandleRun(r.ctx, r)
+}
+
+// finish closes the run: commands are refused from now on, the live
+// channels close, and FINISH is sent unless the connection is lost.
+func (r *Run) finish(res Result) {
+	cause := context.Cause(r.ctx)
+	res = res.complete(cause != nil)
+	if errors.Is(cause, ErrShutdown) && res.Error == nil && res.Termination.Type == TermCancelled {
+		// Not the user's cancel: the run is to be retried elsewhere.
+		res = Transient(ipc.CodeShutdown, "the agent shut down before the run finished")
+	}
+	payload, err := json.Marshal(res)
+	if err == nil {
+		err = ipc.CheckPayload(ipc.TypeFinish, payload)
+	}
+	if err != nil {
+		r.log.Error("run result does not encode", "err", err)
+		payload = mustMarshal(Transient("invalid_result", "agent returned a result that does not encode: "+err.Error()))
+	}
+
+	r.conn.closeStream(r.stream)
+	r.sendMu.Lock()
+	r.mu.Lock()
+	r.done = true
+	unread := len(r.msgs) + len(r.decs)
+	close(r.msgs)
+	close(r.decs)
+	pending := r.pending
+	r.pending = nil
+	r.mu.Unlock()
+	r.sent = true
+	if errors.Is(cause, ErrConnectionLost) {
+		err = ErrConnectionLost
+	} else {
+		err = r.conn.send(ipc.TypeFinish, r.stream, payload)
+	}
+	r.sendMu.Unlock()
+	for _, ch := range pending {
+		ch <- ErrRunFinished
+	}
+	if unread > 0 {
+		r.log.Warn("run returned with live commands unread", "unread", unread)
+	}
+	r.cancel(ErrRunFinished)
+	r.conn.runEnded()
+
+	switch {
+	case err != nil:
+		r.log.Warn("run ended without FINISH; the sidecar retries it", "err", err)
+	case res.Error != nil:
+		r.log.Warn("run failed", "status", res.Status, "kind", res.Error.Kind, "code", res.Error.Code)
+	default:
+		r.log.Info("run finished", "status", res.Status, "termination", res.Termination.Type)
+	}
+}
