@@ -4,13 +4,17 @@ PKGS      ?= ./...
 BENCHTIME ?= 1x
 FUZZTIME  ?= 30s
 
-.PHONY: help demo test test-short bench crash fuzz lint tidy
+.PHONY: help build demo test test-short bench crash fuzz lint tidy
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-demo: ## run the sidecar with the example agent (coming with the binary issue)
-	@echo "make demo: the sidecar binary is not built yet (issue 5); the durable store is ready: make test"
+build: ## build bin/mailbox-sidecar and bin/echo-agent
+	$(GO) build -o bin/mailbox-sidecar ./cmd/mailbox-sidecar
+	$(GO) build -o bin/echo-agent ./examples/echo-agent
+
+demo: build ## run the sidecar on a local folder with the example agent and show a few runs
+	bin/mailbox-sidecar demo --dir ./demo --agent bin/echo-agent
 
 test: ## vet, race-enabled tests with goroutine-leak checks, every benchmark once
 	$(GO) vet $(PKGS)

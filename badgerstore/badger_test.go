@@ -297,12 +297,18 @@ func TestFullDiskFailsWritesAndRecovers(t *testing.T) {
 	if !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("enqueue on a full disk: got %v, want disk-full ErrUnavailable", err)
 	}
+	if err := s.Writable(); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("Writable on a full disk: %v", err)
+	}
 	// Reads still work and nothing acknowledged is lost.
 	if d, err := s.LoadDispatch(ctx, "before"); err != nil || d == nil {
 		t.Fatalf("load on a full disk: %v %v", d, err)
 	}
 	if err := os.Remove(ballast); err != nil {
 		t.Fatal(err)
+	}
+	if err := s.Writable(); err != nil {
+		t.Fatalf("Writable after space returned: %v", err)
 	}
 	if _, err := s.Enqueue(ctx, queued("after", "t1", 1000)); err != nil {
 		t.Fatalf("enqueue after space returned: %v", err)
@@ -348,4 +354,18 @@ func TestReadOnlyDataDirIsAnError(t *testing.T) {
 		t.Fatalf("after remount: %v %v", d, err)
 	}
 	verifyClean(t, s2)
+}
+
+func TestWritableReportsClosedStore(t *testing.T) {
+	s, err := badgerstore.Open(badgerstore.Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Writable(); err != nil {
+		t.Fatalf("fresh store not writable: %v", err)
+	}
+	s.Close()
+	if err := s.Writable(); !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("closed store Writable = %v", err)
+	}
 }

@@ -281,3 +281,17 @@ func (a slogAdapter) Debugf(f string, v ...any) {
 		a.l.Log(context.Background(), slog.LevelDebug-4, strings.TrimSpace(fmt.Sprintf(f, v...)))
 	}
 }
+
+// Writable reports whether the store takes writes now: nil, or why not
+// (closed, or the data directory's file system below MinFreeBytes). It
+// costs one statfs; readiness probes call it.
+func (s *Store) Writable() error {
+	s.closeMu.RLock()
+	closed := s.closed
+	s.closeMu.RUnlock()
+	if closed {
+		return fmt.Errorf("store closed: %w", engine.ErrUnavailable)
+	}
+	var g spaceGuard
+	return g.check(s.opts)
+}

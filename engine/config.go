@@ -180,3 +180,10 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	return c, nil
 }
+
+// Validate reports whether c (with defaults filled in) is usable, without
+// building anything: the binary checks its flags before opening files.
+func (c Config) Validate() error {
+	_, err := c.withDefaults()
+	return err
+}

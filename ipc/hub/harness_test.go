@@ -104,6 +104,7 @@ func connect(t testing.TB, path string, hello ipc.Hello) (*rawAgent, ipc.Welcome
 	if err := json.Unmarshal(f.Payload, &w); err != nil {
 		t.Fatal(err)
 	}
+	a.nc.SetReadDeadline(time.Time{}) // agents that read on their own goroutine wait as long as they like
 	return a, w
 }
 
