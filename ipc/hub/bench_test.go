@@ -43,14 +43,40 @@ func benchRig(b *testing.B) *rig {
 	return newRig(b, hub.Config{Heartbeat: time.Minute})
 }
 
+// logSink is the engine's side of forwarding: each event copied into a
+// run's EventLog (the ring clients read and re-attach from).
+type logSink struct {
+	log *engine.EventLog
+	countingSink
+}
+
+func (s *logSink) Emit(data []byte) {
+	s.log.Append(data)
+	s.countingSink.Emit(data)
+}
+
 // BenchmarkEventForwarding measures EVENT frames from an agent socket to
 // a run's sink: one connection, one run, 64-byte events. Compare with
 // BenchmarkRawSocketMessages (same message size, same connection count).
+// "hub" stops at the sink; "to_event_log" includes the engine's copy of
+// every event into the run's EventLog.
 func BenchmarkEventForwarding(b *testing.B) {
+	b.Run("hub", func(b *testing.B) {
+		benchForwarding(b, func(c *countingSink) engine.EventSink { return c })
+	})
+	b.Run("to_event_log", func(b *testing.B) {
+		benchForwarding(b, func(c *countingSink) engine.EventSink {
+			return &logSink{log: engine.NewEventLog(10000), countingSink: countingSink{want: c.want, done: c.done}}
+		})
+	})
+}
+
+func benchForwarding(b *testing.B, wrap func(*countingSink) engine.EventSink) {
 	r := benchRig(b)
 	a, _ := connect(b, r.path, ipc.Hello{MaxRuns: 1})
 	eventually(b, "agent", func() bool { return r.hub.Capacity() == 1 })
-	sink := &countingSink{want: int64(b.N), done: make(chan struct{})}
+	counter := &countingSink{want: int64(b.N), done: make(chan struct{})}
+	sink := wrap(counter)
 	out := make(chan engine.RunOutcome, 1)
 	go func() { out <- r.hub.Run(context.Background(), request("bench"), sink) }()
 	f := a.expect(ipc.TypeRun, 1)
@@ -63,7 +89,7 @@ func BenchmarkEventForwarding(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	<-sink.done
+	<-counter.done
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 	a.send(ipc.TypeFinish, f.Stream, finishDone(""))
