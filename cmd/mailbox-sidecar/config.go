@@ -1,0 +1,281 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
+)
+
+// envPrefix prefixes the environment variable of every serve flag:
+// --data-dir reads MAILBOX_SIDECAR_DATA_DIR. A flag on the command line
+// wins over its variable.
+const envPrefix = "MAILBOX_SIDECAR_"
+
+// maxSocketPath is the longest path a Unix socket address takes on Linux
+// (sun_path is 108 bytes including the terminating NUL).
+const maxSocketPath = 107
+
+// serveConfig is everything `serve` is configured with.
+type serveConfig struct {
+	DataDir         string
+	APISocket       string
+	AgentSocket     string
+	HTTPAddr        string
+	AdminAddr       string
+	MaxBody         byteSize
+	Sync            bool
+	ContextMessages int
+	ContextBytes    byteSize
+	EventBuffer     int
+	EventRetention  time.Duration
+	AuthToken       string
+	Lease           time.Duration
+	SuspendedLease  time.Duration
+	LeaseRenewal    time.Duration
+	SweepInterval   time.Duration
+	GCInterval      time.Duration
+	GCTTL           time.Duration
+	MaxAttempts     uint
+	RetryDelay      time.Duration
+	MaxRetryDelay   time.Duration
+	Heartbeat       time.Duration
+	CommandTimeout  time.Duration
+	ShutdownGrace   time.Duration
+	LogLevel        string
+	LogFormat       string
+	MemoryLimit     byteSize
+}
+
+// byteSize is a flag value in bytes written as 4MiB, 512KiB, 1GB or 4096.
+type byteSize int64
+
+func (b *byteSize) String() string { return formatBytes(int64(*b)) }
+
+func (b *byteSize) Set(s string) error {
+	n, err := parseBytes(s)
+	if err != nil {
+		return err
+	}
+	*b = byteSize(n)
+	return nil
+}
+
+var byteUnits = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+	{"KB", 1000}, {"MB", 1000 * 1000}, {"GB", 1000 * 1000 * 1000},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1},
+}
+
+func parseBytes(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range byteUnits {
+		if strings.HasSuffix(t, u.suffix) {
+			t, mult = strings.TrimSpace(strings.TrimSuffix(t, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("%q is not a size (examples: 4MiB, 512KiB, 4096)", s)
+	}
+	return n * mult, nil
+}
+
+func formatBytes(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if n >= u.mult && n%u.mult == 0 {
+			return strconv.FormatInt(n/u.mult, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
+}
+
+// serveFlags declares the serve flags on fs with their defaults.
+func serveFlags(fs *flag.FlagSet, c *serveConfig) {
+	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, MemoryLimit: 512 << 20}
+	fs.StringVar(&c.DataDir, "data-dir", "./data", "Badger data directory (created if absent; a second sidecar on it is refused)")
+	fs.StringVar(&c.APISocket, "api-socket", "./run/api.sock", "client API socket")
+	fs.StringVar(&c.AgentSocket, "agent-socket", "./run/agent.sock", "agent protocol socket")
+	fs.StringVar(&c.HTTPAddr, "http-addr", "", "optional TCP listener for the client API (requires --auth-token)")
+	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz only")
+	fs.Var(&c.MaxBody, "max-body", "largest accepted request body")
+	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput)")
+	fs.IntVar(&c.ContextMessages, "context-messages", 500, "most thread messages sent with each RUN")
+	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
+	fs.IntVar(&c.EventBuffer, "event-buffer", 10000, "events buffered per run for re-attachment")
+	fs.DurationVar(&c.EventRetention, "event-retention", 60*time.Second, "how long a finished run's events stay re-attachable")
+	fs.StringVar(&c.AuthToken, "auth-token", "", "bearer token required on the TCP API listener")
+	fs.DurationVar(&c.Lease, "lease", 30*time.Second, "dispatch lease")
+	fs.DurationVar(&c.SuspendedLease, "suspended-lease", 10*time.Minute, "lease while the run waits on a suspended tool call")
+	fs.DurationVar(&c.LeaseRenewal, "lease-renewal", 10*time.Second, "lease renewal interval")
+	fs.DurationVar(&c.SweepInterval, "sweep-interval", 30*time.Second, "expired-lease reclaim and reconciliation interval")
+	fs.DurationVar(&c.GCInterval, "gc-interval", 60*time.Second, "purge interval of terminal dispatches and idle workers")
+	fs.DurationVar(&c.GCTTL, "gc-ttl", 24*time.Hour, "age after which terminal dispatches are purged")
+	fs.UintVar(&c.MaxAttempts, "max-attempts", 5, "attempts before dead-lettering")
+	fs.DurationVar(&c.RetryDelay, "retry-delay", 250*time.Millisecond, "base of the exponential retry backoff")
+	fs.DurationVar(&c.MaxRetryDelay, "max-retry-delay", 30*time.Second, "cap of the retry backoff")
+	fs.DurationVar(&c.Heartbeat, "heartbeat", 5*time.Second, "agent-socket heartbeat; a peer silent for 3x is dead")
+	fs.DurationVar(&c.CommandTimeout, "command-timeout", 2*time.Second, "how long a live command waits for the agent's COMMAND_ACK")
+	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 20*time.Second, "how long SIGTERM waits for running runs before putting them back in the queue")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
+	fs.Var(&c.MemoryLimit, "memory-limit", "soft memory limit of the Go runtime (GOMEMLIMIT, when set, wins); 0 turns it off")
+}
+
+// parseServe reads the serve flags from args and the environment and
+// validates them. Every problem is reported, not only the first.
+func parseServe(args []string, getenv func(string) string, stderr io.Writer) (serveConfig, error) {
+	var c serveConfig
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	serveFlags(fs, &c)
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("serve takes no arguments, got %q", fs.Args())
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] {
+			return
+		}
+		name := envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := getenv(name); v != "" {
+			if err := f.Value.Set(v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %v", name, v, err))
+			}
+		}
+	})
+	errs = append(errs, c.validate()...)
+	return c, errors.Join(errs...)
+}
+
+// validate checks everything that can be checked without opening a file
+// or a socket.
+func (c *serveConfig) validate() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if strings.TrimSpace(c.DataDir) == "" {
+		bad("--data-dir must not be empty")
+	}
+	for name, path := range map[string]string{"--api-socket": c.APISocket, "--agent-socket": c.AgentSocket} {
+		switch {
+		case strings.TrimSpace(path) == "":
+			bad("%s must not be empty", name)
+		case len(path) > maxSocketPath:
+			bad("%s %q is %d bytes; Unix socket paths are limited to %d", name, path, len(path), maxSocketPath)
+		}
+	}
+	if c.APISocket == c.AgentSocket {
+		bad("--api-socket and --agent-socket are both %q", c.APISocket)
+	}
+	if c.HTTPAddr != "" && c.AuthToken == "" {
+		bad("--http-addr %q needs --auth-token: the TCP API is never served without a bearer token", c.HTTPAddr)
+	}
+	if c.AuthToken != "" && len(c.AuthToken) < 16 {
+		bad("--auth-token is %d characters; use at least 16", len(c.AuthToken))
+	}
+	if c.MaxBody < 1<<10 {
+		bad("--max-body %s is below 1KiB", c.MaxBody.String())
+	}
+	if c.ContextBytes < 1<<10 {
+		bad("--context-bytes %s is below 1KiB", c.ContextBytes.String())
+	}
+	if c.ContextMessages < 1 {
+		bad("--context-messages %d must be at least 1", c.ContextMessages)
+	}
+	if c.EventBuffer < 1 {
+		bad("--event-buffer %d must be at least 1", c.EventBuffer)
+	}
+	if c.MaxAttempts < 1 || c.MaxAttempts > 1000 {
+		bad("--max-attempts %d must be between 1 and 1000", c.MaxAttempts)
+	}
+	for name, d := range map[string]time.Duration{
+		"--lease": c.Lease, "--suspended-lease": c.SuspendedLease, "--lease-renewal": c.LeaseRenewal,
+		"--sweep-interval": c.SweepInterval, "--gc-interval": c.GCInterval, "--gc-ttl": c.GCTTL,
+		"--retry-delay": c.RetryDelay, "--max-retry-delay": c.MaxRetryDelay, "--heartbeat": c.Heartbeat,
+		"--command-timeout": c.CommandTimeout, "--event-retention": c.EventRetention,
+	} {
+		if d <= 0 {
+			bad("%s %v must be positive", name, d)
+		}
+	}
+	if c.ShutdownGrace < 0 {
+		bad("--shutdown-grace %v must not be negative", c.ShutdownGrace)
+	}
+	if c.Heartbeat > 0 && c.Heartbeat < 10*time.Millisecond {
+		bad("--heartbeat %v is below 10ms", c.Heartbeat)
+	}
+	if _, err := parseLevel(c.LogLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		bad("--log-format %q must be text or json", c.LogFormat)
+	}
+	if len(errs) == 0 {
+		// The engine's own rules (renewal shorter than the lease …).
+		if err := c.engineConfig(nil).Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("%s", strings.TrimPrefix(err.Error(), "validation: ")))
+		}
+		if _, err := hub.New(c.hubConfig(nil)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errs
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log-level %q must be debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+// engineConfig is the engine's configuration.
+func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
+	return engine.Config{
+		Lease: c.Lease, SuspendedLease: c.SuspendedLease, RenewInterval: c.LeaseRenewal,
+		SweepInterval: c.SweepInterval, GCInterval: c.GCInterval, GCTTL: c.GCTTL,
+		MaxAttempts: uint32(c.MaxAttempts), RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
+		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventRetention: c.EventRetention,
+		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
+		Logger: log,
+	}
+}
+
+// hubConfig is the agent hub's configuration.
+func (c *serveConfig) hubConfig(log *slog.Logger) hub.Config {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return hub.Config{Heartbeat: c.Heartbeat, CommandTimeout: c.CommandTimeout, Logger: log}
+}
+
+// newLogger builds the process logger.
+func newLogger(w io.Writer, level, format string) *slog.Logger {
+	l, _ := parseLevel(level)
+	opts := &slog.HandlerOptions{Level: l}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func TestParseServeDefaults(t *testing.T) {
+	c, err := parseServe(nil, env(nil), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DataDir != "./data" || c.APISocket != "./run/api.sock" || c.AgentSocket != "./run/agent.sock" ||
+		c.MaxBody != 4<<20 || !c.Sync || c.ContextMessages != 500 || c.ContextBytes != 4<<20 ||
+		c.EventBuffer != 10000 || c.EventRetention != time.Minute || c.Lease != 30*time.Second ||
+		c.SuspendedLease != 10*time.Minute || c.LeaseRenewal != 10*time.Second || c.SweepInterval != 30*time.Second ||
+		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
+		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
+		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" {
+		t.Fatalf("defaults differ from the spec: %+v", c)
+	}
+}
+
+func TestParseServeFlagsAndEnvironment(t *testing.T) {
+	c, err := parseServe(
+		[]string{"--lease", "45s", "--max-body=1MiB", "--sync=false"},
+		env(map[string]string{
+			"MAILBOX_SIDECAR_LEASE":         "99s", // the flag wins
+			"MAILBOX_SIDECAR_DATA_DIR":      "/tmp/x",
+			"MAILBOX_SIDECAR_CONTEXT_BYTES": "512KiB",
+			"MAILBOX_SIDECAR_LOG_FORMAT":    "json",
+			"MAILBOX_SIDECAR_MAX_ATTEMPTS":  "7",
+		}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 {
+		t.Fatalf("parsed %+v", c)
+	}
+}
+
+func TestParseServeRejectsBadConfiguration(t *testing.T) {
+	cases := []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"--lease", "soon"}, nil, "invalid value"},
+		{[]string{"--lease", "-1s"}, nil, "--lease -1s must be positive"},
+		{[]string{"--lease", "5s", "--lease-renewal", "10s"}, nil, "RenewInterval"},
+		{[]string{"--http-addr", ":8080"}, nil, "needs --auth-token"},
+		{[]string{"--http-addr", ":8080", "--auth-token", "short"}, nil, "at least 16"},
+		{[]string{"--max-body", "lots"}, nil, "not a size"},
+		{[]string{"--api-socket", "/tmp/" + strings.Repeat("s", 120)}, nil, "limited to 107"},
+		{[]string{"--api-socket", "a.sock", "--agent-socket", "a.sock"}, nil, "both"},
+		{[]string{"--log-level", "loud"}, nil, "--log-level"},
+		{[]string{"--log-format", "xml"}, nil, "--log-format"},
+		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
+		{[]string{"--heartbeat", "1ms"}, nil, "below 10ms"},
+		{[]string{"extra"}, nil, "no arguments"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_GC_TTL": "forever"}, "MAILBOX_SIDECAR_GC_TTL"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_SYNC": "perhaps"}, "MAILBOX_SIDECAR_SYNC"},
+	}
+	for _, tc := range cases {
+		_, err := parseServe(tc.args, env(tc.env), io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v %v: error %v, want it to mention %q", tc.args, tc.env, err, tc.want)
+		}
+	}
+	// Every problem is reported at once.
+	_, err := parseServe([]string{"--lease", "0s", "--log-format", "xml"}, env(nil), io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "--lease") || !strings.Contains(err.Error(), "--log-format") {
+		t.Fatalf("combined errors: %v", err)
+	}
+}
+
+func TestByteSizes(t *testing.T) {
+	for in, want := range map[string]int64{"4MiB": 4 << 20, "512KiB": 512 << 10, "1GiB": 1 << 30, "4096": 4096, "2MB": 2e6, "16M": 16 << 20, "10B": 10} {
+		if got, err := parseBytes(in); err != nil || got != want {
+			t.Errorf("parseBytes(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1", "1.5MiB", "MiB", "9999999999GiB"} {
+		if _, err := parseBytes(in); err == nil {
+			t.Errorf("parseBytes(%q) accepted", in)
+		}
+	}
+	if s := formatBytes(4 << 20); s != "4MiB" {
+		t.Errorf("formatBytes = %s", s)
+	}
+}
+
+func shortDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "sc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestListenUnixStaleLiveAndForeignFiles(t *testing.T) {
+	dir := shortDir(t)
+	log := slog.New(slog.DiscardHandler)
+	path := filepath.Join(dir, "sub", "a.sock")
+
+	// A fresh path: directories created, socket mode 0660.
+	ln, err := listenUnix(path, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket mode %v", fi.Mode().Perm())
+	}
+	// A live listener is refused.
+	if _, err := listenUnix(path, log); err == nil || !strings.Contains(err.Error(), "another process is listening") {
+		t.Fatalf("second listen on a live socket: %v", err)
+	}
+	// A stale socket file (its listener gone without unlinking) is replaced.
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("stale socket file missing: %v", err)
+	}
+	ln2, err := listenUnix(path, log)
+	if err != nil {
+		t.Fatalf("listen over a stale socket: %v", err)
+	}
+	ln2.Close()
+	// A regular file is never removed.
+	file := filepath.Join(dir, "not-a-socket")
+	os.WriteFile(file, []byte("keep me"), 0o600)
+	if _, err := listenUnix(file, log); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("listen over a regular file: %v", err)
+	}
+	if b, _ := os.ReadFile(file); string(b) != "keep me" {
+		t.Fatal("regular file touched")
+	}
+}
+
+func TestRunUsageAndVersion(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run(nil, env(nil), &out, &errb); code != 2 || !strings.Contains(errb.String(), "usage") {
+		t.Fatalf("no command: %d %q", code, errb.String())
+	}
+	errb.Reset()
+	if code := run([]string{"frobnicate"}, env(nil), &out, &errb); code != 2 || !strings.Contains(errb.String(), "unknown command") {
+		t.Fatalf("unknown command: %d %q", code, errb.String())
+	}
+	out.Reset()
+	if code := run([]string{"version"}, env(nil), &out, &errb); code != 0 || !strings.Contains(out.String(), "agent protocol 1") || !strings.Contains(out.String(), "go1.") {
+		t.Fatalf("version: %d %q", code, out.String())
+	}
+	errb.Reset()
+	if code := run([]string{"serve", "--lease", "0s"}, env(nil), &out, &errb); code != 2 || !strings.Contains(errb.String(), "invalid configuration") {
+		t.Fatalf("serve with bad config: %d %q", code, errb.String())
+	}
+	errb.Reset()
+	if code := run([]string{"ctl", "show", "dispatch"}, env(nil), &out, &errb); code != 2 {
+		t.Fatalf("ctl with a missing argument: %d %q", code, errb.String())
+	}
+	errb.Reset()
+	if code := run([]string{"ctl", "--socket", filepath.Join(shortDir(t), "none.sock"), "check"}, env(nil), &out, &errb); code != 3 {
+		t.Fatalf("ctl check without a sidecar: %d %q", code, errb.String())
+	}
+}

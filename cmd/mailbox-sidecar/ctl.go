@@ -1,0 +1,484 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+const ctlUsage = `usage: mailbox-sidecar ctl [--socket PATH] [--json] [--timeout D] <command> [flags] [args]
+
+commands:
+  submit [--background] [--agent ID] [--key K] THREAD TEXT
+                             submit a run; streams its events (or prints the queued dispatch)
+  send [--expected-run ID] THREAD TEXT
+                             send a message: live to the running run, else queued
+  show dispatch ID | run ID | thread ID
+                             show a dispatch, a run, or a thread (dispatches and messages)
+  list [--status S,S] [--limit N] [--offset N] THREAD
+                             list a thread's dispatches
+  dead-letters [--limit N] [--offset N]            list dead letters, newest first
+  dead-letters show ID | requeue ID                show one, or put it back in the queue
+  cancel ID                  cancel by dispatch, run or thread id
+  interrupt THREAD           supersede the thread's queued work and cancel its active run
+  decide RUN CALL_ID RESUME_JSON
+                             send a tool-call decision to a running run
+  check                      exit 0 when ready, 1 when not ready, 3 when unreachable
+
+The socket defaults to $MAILBOX_SIDECAR_API_SOCKET or ./run/api.sock.
+Exit status: 0 ok, 1 the sidecar answered with an error, 2 bad usage, 3 sidecar unreachable.
+`
+
+// ctl holds the CLI's global options.
+type ctl struct {
+	api     *apiClient
+	json    bool
+	stdout  io.Writer
+	stderr  io.Writer
+	timeout time.Duration
+}
+
+// runCtl is `ctl`.
+func runCtl(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("ctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, ctlUsage) }
+	socket := getenv(envPrefix + "API_SOCKET")
+	if socket == "" {
+		socket = "./run/api.sock"
+	}
+	fs.StringVar(&socket, "socket", socket, "API socket")
+	asJSON := fs.Bool("json", false, "print JSON instead of tables")
+	timeout := fs.Duration("timeout", 30*time.Second, "timeout of one request (streams are not limited)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() == 0 {
+		fmt.Fprint(stderr, ctlUsage)
+		return 2
+	}
+	c := &ctl{api: newAPIClient(socket), json: *asJSON, stdout: stdout, stderr: stderr, timeout: *timeout}
+	err := c.run(fs.Arg(0), fs.Args()[1:])
+	var ue usageError
+	var ae *apiError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n\n%s", err, ctlUsage)
+		return 2
+	case errors.As(err, &ae):
+		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
+		return 1
+	case errors.Is(err, errNotReady):
+		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
+	return 3
+}
+
+type usageError string
+
+func (e usageError) Error() string { return string(e) }
+
+var errNotReady = errors.New("sidecar not ready")
+
+func (c *ctl) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), c.timeout)
+}
+
+// sub parses a subcommand's flags and checks its argument count.
+func sub(name string, args []string, nargs int, declare func(*flag.FlagSet)) ([]string, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	if declare != nil {
+		declare(fs)
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, usageError(fmt.Sprintf("%s: %v", name, err))
+	}
+	if fs.NArg() != nargs {
+		return nil, usageError(fmt.Sprintf("%s takes %d argument(s), got %d", name, nargs, fs.NArg()))
+	}
+	return fs.Args(), nil
+}
+
+func (c *ctl) run(cmd string, args []string) error {
+	switch cmd {
+	case "submit":
+		return c.submit(args)
+	case "send":
+		return c.send(args)
+	case "show":
+		return c.show(args)
+	case "list":
+		return c.list(args)
+	case "dead-letters":
+		return c.deadLetters(args)
+	case "cancel":
+		a, err := sub(cmd, args, 1, nil)
+		if err != nil {
+			return err
+		}
+		return c.post("/v1/cancel/"+url.PathEscape(a[0]), nil)
+	case "interrupt":
+		a, err := sub(cmd, args, 1, nil)
+		if err != nil {
+			return err
+		}
+		return c.post("/v1/threads/"+url.PathEscape(a[0])+"/interrupt", struct{}{})
+	case "decide":
+		a, err := sub(cmd, args, 3, nil)
+		if err != nil {
+			return err
+		}
+		if !json.Valid([]byte(a[2])) {
+			return usageError("decide: RESUME_JSON is not valid JSON")
+		}
+		return c.post("/v1/runs/"+url.PathEscape(a[0])+"/decisions", map[string]any{"tool_call_id": a[1], "resume": json.RawMessage(a[2])})
+	case "check":
+		return c.check(args)
+	}
+	return usageError(fmt.Sprintf("unknown command %q", cmd))
+}
+
+func textMessage(text string) map[string]any {
+	return map[string]any{"role": "user", "content": text}
+}
+
+func (c *ctl) submit(args []string) error {
+	var background bool
+	var agent, key string
+	a, err := sub("submit", args, 2, func(fs *flag.FlagSet) {
+		fs.BoolVar(&background, "background", false, "queue the run instead of streaming it")
+		fs.StringVar(&agent, "agent", "", "agent id")
+		fs.StringVar(&key, "key", "", "idempotency key")
+	})
+	if err != nil {
+		return err
+	}
+	body := map[string]any{"messages": []any{textMessage(a[1])}}
+	if agent != "" {
+		body["agent_id"] = agent
+	}
+	h := http.Header{}
+	if key != "" {
+		h.Set("Idempotency-Key", key)
+	}
+	thread := url.PathEscape(a[0])
+	if background {
+		ctx, cancel := c.ctx()
+		defer cancel()
+		resp, err := c.api.send(ctx, http.MethodPost, "/v1/threads/"+thread+"/dispatches", body, h)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		return c.printAnswer(resp.Body, func(m map[string]any) {
+			fmt.Fprintf(c.stdout, "dispatch %v  run %v  thread %v  %v\n", m["dispatch_id"], m["run_id"], m["thread_id"], m["status"])
+		})
+	}
+	h.Set("Accept", "text/event-stream")
+	resp, err := c.api.send(context.Background(), http.MethodPost, "/v1/threads/"+thread+"/runs", body, h)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return c.stream(resp.Body)
+}
+
+// stream prints an SSE stream until it ends.
+func (c *ctl) stream(r io.Reader) error {
+	return readSSE(r, func(ev sseEvent) bool {
+		if c.json {
+			out, _ := json.Marshal(map[string]any{"id": ev.ID, "event": ev.Event, "data": json.RawMessage(ev.Data)})
+			fmt.Fprintln(c.stdout, string(out))
+		} else {
+			fmt.Fprintf(c.stdout, "%4s  %s\n", ev.ID, describeEvent(ev))
+		}
+		return true
+	})
+}
+
+func (c *ctl) send(args []string) error {
+	var expected string
+	a, err := sub("send", args, 2, func(fs *flag.FlagSet) {
+		fs.StringVar(&expected, "expected-run", "", "deliver only to this run")
+	})
+	if err != nil {
+		return err
+	}
+	body := map[string]any{"messages": []any{textMessage(a[1])}}
+	if expected != "" {
+		body["expected_run_id"] = expected
+	}
+	return c.post("/v1/threads/"+url.PathEscape(a[0])+"/messages", body)
+}
+
+// post sends a POST and prints its answer.
+func (c *ctl) post(path string, body any) error {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	resp, err := c.api.send(ctx, http.MethodPost, path, body, nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return c.printAnswer(resp.Body, nil)
+}
+
+// printAnswer prints a JSON answer: indented JSON with --json or without
+// a table printer, else the table printer's rendering.
+func (c *ctl) printAnswer(r io.Reader, table func(map[string]any)) error {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(data, &m); err != nil {
+		return fmt.Errorf("answer is not a JSON object: %w", err)
+	}
+	if c.json || table == nil {
+		out, _ := json.MarshalIndent(m, "", "  ")
+		fmt.Fprintln(c.stdout, string(out))
+		return nil
+	}
+	table(m)
+	return nil
+}
+
+func (c *ctl) get(path string) (map[string]any, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	var m map[string]any
+	err := c.api.do(ctx, http.MethodGet, path, nil, &m)
+	return m, err
+}
+
+func (c *ctl) show(args []string) error {
+	a, err := sub("show", args, 2, nil)
+	if err != nil {
+		return err
+	}
+	id := url.PathEscape(a[1])
+	switch a[0] {
+	case "dispatch":
+		m, err := c.get("/v1/dispatches/" + id)
+		if err != nil {
+			return err
+		}
+		return c.record(m, []string{"dispatch_id", "thread_id", "run_id", "status", "attempt_count", "max_attempts", "dispatch_epoch", "available_at", "claimed_by", "lease_until", "run_status", "run_response", "last_error", "requeued_as", "created_at", "updated_at", "completed_at"})
+	case "run":
+		m, err := c.get("/v1/runs/" + id)
+		if err != nil {
+			return err
+		}
+		return c.record(m, []string{"run_id", "thread_id", "agent_id", "status", "termination_reason", "final_output", "dispatch_id", "session_id", "waiting", "steps", "input_tokens", "output_tokens", "created_at", "started_at", "finished_at"})
+	case "thread":
+		ds, err := c.get("/v1/threads/" + id + "/dispatches?limit=1000")
+		if err != nil {
+			return err
+		}
+		ms, err := c.get("/v1/threads/" + id + "/messages?limit=1000")
+		if err != nil {
+			return err
+		}
+		if c.json {
+			out, _ := json.MarshalIndent(map[string]any{"dispatches": ds["items"], "messages": ms["items"]}, "", "  ")
+			fmt.Fprintln(c.stdout, string(out))
+			return nil
+		}
+		fmt.Fprintln(c.stdout, "dispatches:")
+		c.dispatchTable(ds)
+		fmt.Fprintln(c.stdout, "\nmessages:")
+		c.messageTable(ms)
+		return nil
+	}
+	return usageError(fmt.Sprintf("show %q: want dispatch, run or thread", a[0]))
+}
+
+// record prints one record as "field  value" lines in the given order.
+func (c *ctl) record(m map[string]any, fields []string) error {
+	if c.json {
+		out, _ := json.MarshalIndent(m, "", "  ")
+		fmt.Fprintln(c.stdout, string(out))
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
+	for _, f := range fields {
+		v, ok := m[f]
+		if !ok || v == nil || v == "" {
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\n", f, cell(f, v))
+	}
+	return tw.Flush()
+}
+
+// cell renders a value for a table: times as RFC 3339, objects as JSON.
+func cell(field string, v any) string {
+	switch x := v.(type) {
+	case float64:
+		if strings.HasSuffix(field, "_at") || strings.HasSuffix(field, "_until") {
+			if x == 0 {
+				return "-"
+			}
+			// Dispatch times are Unix milliseconds, run-record times
+			// Unix seconds (as in the seed).
+			if x < 1e11 {
+				return time.Unix(int64(x), 0).UTC().Format(time.RFC3339)
+			}
+			return time.UnixMilli(int64(x)).UTC().Format(time.RFC3339Nano)
+		}
+		return fmt.Sprint(x)
+	case string:
+		return x
+	}
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func items(m map[string]any) []map[string]any {
+	raw, _ := m["items"].([]any)
+	out := make([]map[string]any, 0, len(raw))
+	for _, r := range raw {
+		if o, ok := r.(map[string]any); ok {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+func (c *ctl) dispatchTable(m map[string]any) {
+	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DISPATCH\tTHREAD\tRUN\tSTATUS\tATTEMPTS\tCREATED\tLAST ERROR")
+	for _, d := range items(m) {
+		fmt.Fprintf(tw, "%v\t%v\t%v\t%v\t%v/%v\t%s\t%s\n", d["dispatch_id"], d["thread_id"], d["run_id"], d["status"],
+			cell("", d["attempt_count"]), cell("", d["max_attempts"]), cell("created_at", d["created_at"]), truncate(fmt.Sprint(orDash(d["last_error"])), 60))
+	}
+	tw.Flush()
+	if next, ok := m["next_offset"].(float64); ok {
+		fmt.Fprintf(c.stdout, "(more: --offset %d)\n", int(next))
+	}
+}
+
+func (c *ctl) messageTable(m map[string]any) {
+	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tROLE\tCONTENT")
+	for _, r := range items(m) {
+		msg, _ := r["message"].(map[string]any)
+		content := msg["content"]
+		text, ok := content.(string)
+		if !ok {
+			b, _ := json.Marshal(content)
+			text = string(b)
+		}
+		fmt.Fprintf(tw, "%v\t%v\t%s\n", cell("", r["seq"]), msg["role"], truncate(text, 80))
+	}
+	tw.Flush()
+}
+
+func orDash(v any) any {
+	if v == nil || v == "" {
+		return "-"
+	}
+	return v
+}
+
+func truncate(s string, n int) string {
+	s = strings.ReplaceAll(s, "\n", " ")
+	if len(s) > n {
+		return s[:n-1] + "…"
+	}
+	return s
+}
+
+func (c *ctl) list(args []string) error {
+	var status string
+	var limit, offset int
+	a, err := sub("list", args, 1, func(fs *flag.FlagSet) {
+		fs.StringVar(&status, "status", "", "statuses, comma-separated")
+		fs.IntVar(&limit, "limit", 50, "page size")
+		fs.IntVar(&offset, "offset", 0, "page start")
+	})
+	if err != nil {
+		return err
+	}
+	q := url.Values{"limit": {fmt.Sprint(limit)}, "offset": {fmt.Sprint(offset)}}
+	if status != "" {
+		q.Set("status", status)
+	}
+	m, err := c.get("/v1/threads/" + url.PathEscape(a[0]) + "/dispatches?" + q.Encode())
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return c.record(m, nil)
+	}
+	c.dispatchTable(m)
+	return nil
+}
+
+func (c *ctl) deadLetters(args []string) error {
+	if len(args) > 0 && (args[0] == "show" || args[0] == "requeue") {
+		a, err := sub("dead-letters "+args[0], args[1:], 1, nil)
+		if err != nil {
+			return err
+		}
+		if args[0] == "show" {
+			return c.show([]string{"dispatch", a[0]})
+		}
+		return c.post("/v1/dispatches/"+url.PathEscape(a[0])+"/requeue", struct{}{})
+	}
+	var limit, offset int
+	if _, err := sub("dead-letters", args, 0, func(fs *flag.FlagSet) {
+		fs.IntVar(&limit, "limit", 50, "page size")
+		fs.IntVar(&offset, "offset", 0, "page start")
+	}); err != nil {
+		return err
+	}
+	m, err := c.get(fmt.Sprintf("/v1/dead-letters?limit=%d&offset=%d", limit, offset))
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return c.record(m, nil)
+	}
+	c.dispatchTable(m)
+	return nil
+}
+
+func (c *ctl) check(args []string) error {
+	if _, err := sub("check", args, 0, nil); err != nil {
+		return err
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	var m map[string]any
+	err := c.api.do(ctx, http.MethodGet, "/readyz", nil, &m)
+	var ae *apiError
+	if errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable {
+		fmt.Fprintf(c.stdout, "not ready: %s\n", ae.Message)
+		return errNotReady
+	}
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return c.record(m, nil)
+	}
+	fmt.Fprintf(c.stdout, "ready (agent connected: %v)\n", m["agent_connected"])
+	return nil
+}

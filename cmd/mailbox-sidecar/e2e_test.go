@@ -1,0 +1,331 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Binaries built once for the end-to-end tests.
+var (
+	sidecarBin string
+	agentBin   string
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "msbin")
+	if err != nil {
+		panic(err)
+	}
+	sidecarBin = filepath.Join(dir, "mailbox-sidecar")
+	agentBin = filepath.Join(dir, "echo-agent")
+	for pkg, out := range map[string]string{".": sidecarBin, "../../examples/echo-agent": agentBin} {
+		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			panic(fmt.Sprintf("build %s: %v", pkg, err))
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// proc is a child process with its output captured.
+type proc struct {
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+	err  error
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's output goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func newSyncBuffer() *syncBuffer { return &syncBuffer{} }
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func start(t *testing.T, bin string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(bin, args...), out: newSyncBuffer(), done: make(chan struct{})}
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+		if t.Failed() {
+			t.Logf("%s output:\n%s", filepath.Base(bin), p.out.String())
+		}
+	})
+	return p
+}
+
+// wait returns the exit status.
+func (p *proc) wait(t *testing.T, timeout time.Duration) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		t.Fatalf("process did not exit within %v; output:\n%s", timeout, p.out.String())
+	}
+	if p.err == nil {
+		return 0
+	}
+	if ee, ok := p.err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	t.Fatal(p.err)
+	return -1
+}
+
+// node is one sidecar's directories.
+type node struct {
+	dir, data, api, agent string
+}
+
+func newNode(t *testing.T) node {
+	dir := shortDir(t)
+	return node{dir: dir, data: filepath.Join(dir, "data"), api: filepath.Join(dir, "api.sock"), agent: filepath.Join(dir, "agent.sock")}
+}
+
+func (n node) serve(t *testing.T, extra ...string) *proc {
+	args := append([]string{"serve", "--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent,
+		"--retry-delay", "20ms", "--max-retry-delay", "100ms", "--log-level", "debug"}, extra...)
+	return start(t, sidecarBin, args...)
+}
+
+func (n node) ready(t *testing.T) *apiClient {
+	t.Helper()
+	c := newAPIClient(n.api)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := c.waitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (n node) echoAgent(t *testing.T) *proc {
+	return start(t, agentBin, "--socket", n.agent, "--max-runs", "4")
+}
+
+func waitAgent(t *testing.T, c *apiClient) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var r struct {
+			AgentConnected bool `json:"agent_connected"`
+		}
+		if err := c.do(context.Background(), http.MethodGet, "/readyz", nil, &r); err == nil && r.AgentConnected {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("agent did not connect")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func ctlRun(t *testing.T, n node, args ...string) (string, int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(append([]string{"ctl", "--socket", n.api}, args...), env(nil), &out, &errb)
+	return out.String() + errb.String(), code
+}
+
+func waitStatus(t *testing.T, c *apiClient, id, want string) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		var d map[string]any
+		err := c.do(context.Background(), http.MethodGet, "/v1/dispatches/"+id, nil, &d)
+		if err == nil && d["status"] == want {
+			return d
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("dispatch %s: %v %v, want %s", id, d, err, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestServeRefusesASecondSidecarAndLiveSockets(t *testing.T) {
+	n := newNode(t)
+	first := n.serve(t)
+	n.ready(t)
+	// Same data directory.
+	second := start(t, sidecarBin, "serve", "--data-dir", n.data, "--api-socket", n.api+"2", "--agent-socket", n.agent+"2")
+	if code := second.wait(t, 10*time.Second); code != 1 || !strings.Contains(second.out.String(), "in use by another sidecar") {
+		t.Fatalf("second sidecar on the data dir: exit %d\n%s", code, second.out.String())
+	}
+	// Another data directory, the same (live) socket.
+	third := start(t, sidecarBin, "serve", "--data-dir", n.data+"3", "--api-socket", n.api, "--agent-socket", n.agent+"3")
+	if code := third.wait(t, 10*time.Second); code != 1 || !strings.Contains(third.out.String(), "another process is listening") {
+		t.Fatalf("sidecar on a live socket: exit %d\n%s", code, third.out.String())
+	}
+	// The first one is unharmed.
+	n.ready(t)
+	first.cmd.Process.Signal(syscall.SIGTERM)
+	if code := first.wait(t, 10*time.Second); code != 0 {
+		t.Fatalf("first sidecar exit %d", code)
+	}
+}
+
+func TestKilledSidecarRestartsOnStaleSocketsAndFinishesItsWork(t *testing.T) {
+	n := newNode(t)
+	sc := n.serve(t)
+	c := n.ready(t)
+	// Work accepted while no agent is connected.
+	var res map[string]any
+	if err := c.do(context.Background(), http.MethodPost, "/v1/threads/t1/dispatches", map[string]any{"messages": []any{textMessage("before the crash")}}, &res); err != nil {
+		t.Fatal(err)
+	}
+	sc.cmd.Process.Signal(syscall.SIGKILL)
+	sc.wait(t, 10*time.Second)
+	if _, err := os.Lstat(n.api); err != nil {
+		t.Fatalf("a SIGKILLed sidecar leaves its socket file: %v", err)
+	}
+	n.serve(t)
+	c = n.ready(t)
+	n.echoAgent(t)
+	d := waitStatus(t, c, fmt.Sprint(res["dispatch_id"]), "acked")
+	if !strings.Contains(fmt.Sprint(d["run_response"]), "echo: before the crash") {
+		t.Fatalf("dispatch after restart %v", d)
+	}
+}
+
+func TestGracefulShutdownPutsRunningWorkBack(t *testing.T) {
+	n := newNode(t)
+	sc := n.serve(t, "--shutdown-grace", "300ms")
+	c := n.ready(t)
+	agent := n.echoAgent(t)
+	waitAgent(t, c)
+	var res map[string]any
+	if err := c.do(context.Background(), http.MethodPost, "/v1/threads/t1/dispatches", map[string]any{"messages": []any{textMessage("sleep 1500")}}, &res); err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprint(res["dispatch_id"])
+	waitStatus(t, c, id, "claimed")
+	start := time.Now()
+	sc.cmd.Process.Signal(syscall.SIGTERM)
+	if code := sc.wait(t, 20*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM\n%s", code, sc.out.String())
+	}
+	if d := time.Since(start); d > 12*time.Second {
+		t.Fatalf("shutdown took %v", d)
+	}
+	if _, err := os.Lstat(n.api); !os.IsNotExist(err) {
+		t.Fatalf("a clean shutdown removes its socket: %v", err)
+	}
+	// Restarted (without an agent, so nothing claims it), the run is
+	// there, queued, no attempt spent; then an agent runs it.
+	agent.cmd.Process.Kill()
+	agent.wait(t, 10*time.Second)
+	n.serve(t)
+	c = n.ready(t)
+	var d map[string]any
+	if err := c.do(context.Background(), http.MethodGet, "/v1/dispatches/"+id, nil, &d); err != nil {
+		t.Fatal(err)
+	}
+	if d["status"] != "queued" || d["attempt_count"] != float64(0) {
+		t.Fatalf("after a graceful shutdown the dispatch is %v", d)
+	}
+	n.echoAgent(t)
+	if d := waitStatus(t, c, id, "acked"); d["attempt_count"] != float64(0) {
+		t.Fatalf("after the rerun %v", d)
+	}
+}
+
+func TestCtlAgainstARunningSidecar(t *testing.T) {
+	n := newNode(t)
+	n.serve(t, "--max-attempts", "1")
+	c := n.ready(t)
+	n.echoAgent(t)
+	waitAgent(t, c)
+
+	if out, code := ctlRun(t, n, "check"); code != 0 || !strings.Contains(out, "ready (agent connected: true)") {
+		t.Fatalf("check: %d %s", code, out)
+	}
+	out, code := ctlRun(t, n, "submit", "t1", "hello")
+	if code != 0 || !strings.Contains(out, "submitted") || !strings.Contains(out, "echo: hello") || !strings.Contains(out, "run finish natural_end") {
+		t.Fatalf("submit: %d %s", code, out)
+	}
+	out, code = ctlRun(t, n, "--json", "submit", "--background", "t2", "fail permanent")
+	if code != 0 {
+		t.Fatalf("background submit: %d %s", code, out)
+	}
+	var res map[string]any
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("--json output %q: %v", out, err)
+	}
+	id := fmt.Sprint(res["dispatch_id"])
+	waitStatus(t, c, id, "dead_letter")
+	if out, code := ctlRun(t, n, "dead-letters"); code != 0 || !strings.Contains(out, id) || !strings.Contains(out, "dead_letter") {
+		t.Fatalf("dead-letters: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "show", "dispatch", id); code != 0 || !strings.Contains(out, "status") || !strings.Contains(out, "dead_letter") {
+		t.Fatalf("show dispatch: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "show", "run", fmt.Sprint(res["run_id"])); code != 0 || !strings.Contains(out, "run_id") {
+		t.Fatalf("show run: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "dead-letters", "requeue", id); code != 0 || !strings.Contains(out, "dispatch_id") {
+		t.Fatalf("requeue: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "list", "t2"); code != 0 || strings.Count(out, "t2") < 2 {
+		t.Fatalf("list: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "show", "thread", "t1"); code != 0 || !strings.Contains(out, "echo: hello") || !strings.Contains(out, "acked") {
+		t.Fatalf("show thread: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "interrupt", "t1"); code != 0 || !strings.Contains(out, "new_dispatch_epoch") {
+		t.Fatalf("interrupt: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "cancel", "no-such-id"); code != 0 || !strings.Contains(out, `"cancelled": false`) {
+		t.Fatalf("cancel of an unknown id: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "show", "dispatch", "no-such-id"); code != 1 || !strings.Contains(out, "not_found") {
+		t.Fatalf("show of an unknown dispatch: %d %s", code, out)
+	}
+}
+
+func TestDemo(t *testing.T) {
+	dir := shortDir(t)
+	p := start(t, sidecarBin, "demo", "--dir", dir, "--agent", agentBin)
+	if code := p.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("demo exit %d:\n%s", code, p.out.String())
+	}
+	out := p.out.String()
+	for _, want := range []string{"agent connected", "submitted", "text       echo: hello, sidecar", "run finish natural_end", "acked", "demo-2", "messages:", "shutting down"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("demo output lacks %q:\n%s", want, out)
+		}
+	}
+}

@@ -1,0 +1,151 @@
+// Command mailbox-sidecar is the per-host sidecar that fronts a local AI
+// agent process: a durable dispatch queue on Badger, the client API over
+// a Unix socket, and the agent protocol on another.
+//
+// Usage:
+//
+//	mailbox-sidecar serve [flags]   run the sidecar (flags: serve -h)
+//	mailbox-sidecar demo            run a demo with the example agent
+//	mailbox-sidecar ctl …           operator CLI over the API socket
+//	mailbox-sidecar version         print version information
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/debug"
+	"syscall"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+)
+
+// version and commit are set at build time with -ldflags "-X main.version=…".
+var (
+	version = "dev"
+	commit  = ""
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+const usage = `usage: mailbox-sidecar <command> [flags]
+
+commands:
+  serve     run the sidecar (mailbox-sidecar serve -h lists the flags)
+  demo      run the sidecar with the example agent and show a few runs
+  ctl       operator CLI over the API socket (mailbox-sidecar ctl -h)
+  version   print version, commit, Go and protocol versions
+`
+
+// run is main with its dependencies passed in; it returns the exit
+// status: 0 ok, 1 failure, 2 bad usage or configuration.
+func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		return runServe(args[1:], getenv, stderr)
+	case "demo":
+		return runDemo(args[1:], getenv, stdout, stderr)
+	case "ctl":
+		return runCtl(args[1:], getenv, stdout, stderr)
+	case "version", "--version", "-version":
+		printVersion(stdout)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "mailbox-sidecar: unknown command %q\n%s", args[0], usage)
+	return 2
+}
+
+func printVersion(w io.Writer) {
+	c := commit
+	if c == "" {
+		if bi, ok := debug.ReadBuildInfo(); ok {
+			for _, s := range bi.Settings {
+				if s.Key == "vcs.revision" {
+					c = s.Value
+				}
+			}
+		}
+	}
+	if c == "" {
+		c = "unknown"
+	}
+	fmt.Fprintf(w, "mailbox-sidecar %s\ncommit %s\n%s %s/%s\nagent protocol %d\n", version, c, runtime.Version(), runtime.GOOS, runtime.GOARCH, ipc.ProtocolVersion)
+}
+
+// runServe is `serve`: configuration is checked before anything is
+// opened (exit 2); then the sidecar runs until SIGTERM or SIGINT and
+// shuts down in stages (exit 0 when clean). A second signal forces the
+// exit.
+func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
+	cfg, err := parseServe(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "mailbox-sidecar serve: invalid configuration:\n%v\n", err)
+		return 2
+	}
+	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
+	sig := make(chan os.Signal, 2)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sig)
+
+	s, err := startSidecar(cfg, log)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	recovered := make(chan error, 1)
+	go func() { recovered <- s.recover(ctx) }()
+
+	status := 0
+	select {
+	case got := <-sig:
+		log.Info("signal received", "signal", got.String())
+	case err := <-recovered:
+		if err != nil {
+			log.Error("cannot become ready", "err", err)
+			status = 1
+			break
+		}
+		select {
+		case got := <-sig:
+			log.Info("signal received", "signal", got.String())
+		case err := <-s.errs:
+			log.Error("listener failed", "err", err)
+			status = 1
+		}
+	case err := <-s.errs:
+		log.Error("listener failed", "err", err)
+		status = 1
+	}
+	cancel() // stops a recovery still running
+	done := make(chan struct{})
+	go func() {
+		select {
+		case got := <-sig:
+			log.Warn("second signal: forcing the exit", "signal", got.String())
+			os.Exit(1)
+		case <-done:
+		}
+	}()
+	s.shutdown(cfg.ShutdownGrace)
+	close(done)
+	return status
+}

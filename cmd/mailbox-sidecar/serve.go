@@ -1,0 +1,236 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
+	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
+)
+
+// socketMode is the file mode of both sockets: owner and group may
+// connect (share the group with the agent's and clients' containers).
+const socketMode = 0o660
+
+// errUsage marks a configuration error (exit status 2).
+var errUsage = errors.New("usage")
+
+// sidecar is a running sidecar: store, engine, hub and API servers.
+type sidecar struct {
+	cfg   serveConfig
+	log   *slog.Logger
+	store *badgerstore.Store
+	hub   *hub.Hub
+	mb    *engine.Mailbox
+	px    *proxy.Server
+
+	recovered    atomic.Bool
+	agentReady   atomic.Bool
+	shuttingDown atomic.Bool
+
+	wg     sync.WaitGroup
+	errs   chan error // a listener that failed
+	closed []func()
+}
+
+// startSidecar opens everything and starts serving. Recovery runs in the
+// background; /readyz turns 200 when it is done. On error everything
+// opened so far is closed again.
+func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
+	s := &sidecar{cfg: cfg, log: log, errs: make(chan error, 4)}
+	defer func() {
+		if err != nil {
+			s.closeAll()
+		}
+	}()
+	if os.Getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	// The store first: its lock says whether another sidecar owns this
+	// directory, and only then may sockets left behind be removed.
+	s.store, err = badgerstore.Open(badgerstore.Options{Dir: cfg.DataDir, NoSync: !cfg.Sync, Logger: log.With("component", "store")})
+	if err != nil {
+		if errors.Is(err, engine.ErrDataDirInUse) {
+			return nil, fmt.Errorf("data directory %s is in use by another sidecar (or another process holds its lock): %w", cfg.DataDir, err)
+		}
+		return nil, fmt.Errorf("open store in %s: %w", cfg.DataDir, err)
+	}
+	s.closed = append(s.closed, func() {
+		if err := s.store.Close(); err != nil {
+			log.Error("close store", "err", err)
+		}
+	})
+	if s.hub, err = hub.New(cfg.hubConfig(log.With("component", "hub"))); err != nil {
+		return nil, err
+	}
+	if s.mb, err = engine.New(s.store, s.hub, cfg.engineConfig(log.With("component", "engine"))); err != nil {
+		return nil, err
+	}
+	s.hub.SetSubmitter(s.mb)
+
+	agentLn, err := listenUnix(cfg.AgentSocket, log)
+	if err != nil {
+		return nil, fmt.Errorf("agent socket: %w", err)
+	}
+	s.closed = append(s.closed, func() { s.hub.Close() })
+	s.serve("agent socket", func() error { return s.hub.Serve(agentLn) }, hub.ErrClosed)
+	s.agentReady.Store(true)
+
+	s.px, err = proxy.New(proxy.Config{
+		Mailbox:   s.mb,
+		Ready:     s.readiness,
+		Metrics:   []*metrics.Set{s.mb.Metrics(), s.hub.Metrics()},
+		MaxBody:   int(cfg.MaxBody),
+		AuthToken: cfg.AuthToken,
+		Logger:    log.With("component", "api"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	apiLn, err := listenUnix(cfg.APISocket, log)
+	if err != nil {
+		return nil, fmt.Errorf("API socket: %w", err)
+	}
+	s.serve("API socket", func() error { return s.px.ServeAPI(apiLn) }, nil)
+	if cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", cfg.HTTPAddr)
+		if err != nil {
+			return nil, fmt.Errorf("--http-addr: %w", err)
+		}
+		s.serve("TCP API", func() error { return s.px.ServeTCP(ln) }, nil)
+	}
+	if cfg.AdminAddr != "" {
+		ln, err := net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			return nil, fmt.Errorf("--admin-addr: %w", err)
+		}
+		s.serve("admin", func() error { return s.px.ServeAdmin(ln) }, nil)
+	}
+	log.Info("sidecar listening", "api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
+		"http_addr", cfg.HTTPAddr, "admin_addr", cfg.AdminAddr, "data_dir", cfg.DataDir, "sync", cfg.Sync)
+	return s, nil
+}
+
+// recover runs startup recovery and starts the engine's loops; the
+// sidecar is ready when it returns nil. Recovery failing is fatal (fail
+// closed): the caller shuts down.
+func (s *sidecar) recover(ctx context.Context) error {
+	start := time.Now()
+	if err := s.mb.Start(ctx); err != nil {
+		return fmt.Errorf("startup recovery: %w", err)
+	}
+	s.recovered.Store(true)
+	s.log.Info("ready", "recovery", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// serve runs a listener's loop on its own goroutine; an error other than
+// the expected one at shutdown is reported on s.errs.
+func (s *sidecar) serve(name string, run func() error, closedErr error) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		err := run()
+		if err == nil || s.shuttingDown.Load() || closedErr != nil && errors.Is(err, closedErr) {
+			return
+		}
+		select {
+		case s.errs <- fmt.Errorf("%s: %w", name, err):
+		default:
+		}
+	}()
+}
+
+// readiness is /readyz: recovery done, the store writable, the agent
+// socket listening, and not shutting down.
+func (s *sidecar) readiness() proxy.Readiness {
+	checks := map[string]bool{
+		"recovered":         s.recovered.Load(),
+		"store_writable":    s.store.Writable() == nil,
+		"agent_socket":      s.agentReady.Load(),
+		"not_shutting_down": !s.shuttingDown.Load(),
+	}
+	ready := true
+	for _, ok := range checks {
+		ready = ready && ok
+	}
+	return proxy.Readiness{Ready: ready, Checks: checks, AgentConnected: s.hub.Connections() > 0}
+}
+
+// shutdown is the staged stop: not ready at once; GOAWAY to agents (no
+// new runs are claimed); running runs get grace to finish, the rest are
+// cancelled and put back without spending an attempt; the API stops;
+// the hub and the store close.
+func (s *sidecar) shutdown(grace time.Duration) {
+	s.shuttingDown.Store(true)
+	s.log.Info("shutting down", "grace", grace)
+	s.hub.GoAway("shutdown", "sidecar shutting down")
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	if err := s.mb.Stop(ctx); err != nil {
+		s.log.Warn("engine stop", "err", err)
+	}
+	pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer pcancel()
+	if err := s.px.Shutdown(pctx); err != nil {
+		s.log.Warn("API shutdown", "err", err)
+	}
+	s.closeAll()
+	s.wg.Wait()
+	s.log.Info("stopped")
+}
+
+// closeAll closes what was opened, newest first.
+func (s *sidecar) closeAll() {
+	for i := len(s.closed) - 1; i >= 0; i-- {
+		s.closed[i]()
+	}
+	s.closed = nil
+}
+
+// listenUnix listens on a Unix socket at path with socketMode. A socket
+// file left by a dead process is removed; one a live process listens on
+// is refused; any other file is refused.
+func listenUnix(path string, log *slog.Logger) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
+		}
+		if c, err := net.DialTimeout("unix", path, 500*time.Millisecond); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: another process is listening on it", path)
+		}
+		log.Info("removing stale socket", "path", path)
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, socketMode); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
