@@ -52,6 +52,10 @@ type serveConfig struct {
 	LogLevel        string
 	LogFormat       string
 	MemoryLimit     byteSize
+	// ClockSkew shifts the engine's clock (leases, due times, records):
+	// a fault-injection hook for tests of clock jumps, set only by the
+	// MAILBOX_SIDECAR_TEST_CLOCK_SKEW variable, never by a flag.
+	ClockSkew time.Duration
 }
 
 // byteSize is a flag value in bytes written as 4MiB, 512KiB, 1GB or 4096.
@@ -164,6 +168,13 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 			}
 		}
 	})
+	if v := getenv(envPrefix + "TEST_CLOCK_SKEW"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%sTEST_CLOCK_SKEW=%q: %v", envPrefix, v, err))
+		}
+		c.ClockSkew = d
+	}
 	errs = append(errs, c.validate()...)
 	return c, errors.Join(errs...)
 }
@@ -258,8 +269,17 @@ func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
 		MaxAttempts: uint32(c.MaxAttempts), RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
 		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventRetention: c.EventRetention,
 		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
-		Logger: log,
+		Logger: log, Now: skewedClock(c.ClockSkew),
 	}
+}
+
+// skewedClock is the engine's clock shifted by skew (nil: the default
+// clock).
+func skewedClock(skew time.Duration) func() int64 {
+	if skew == 0 {
+		return nil
+	}
+	return func() int64 { return time.Now().Add(skew).UnixMilli() }
 }
 
 // hubConfig is the agent hub's configuration.

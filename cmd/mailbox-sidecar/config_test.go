@@ -34,14 +34,21 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 	c, err := parseServe(
 		[]string{"--lease", "45s", "--max-body=1MiB", "--sync=false"},
 		env(map[string]string{
-			"MAILBOX_SIDECAR_LEASE":         "99s", // the flag wins
-			"MAILBOX_SIDECAR_DATA_DIR":      "/tmp/x",
-			"MAILBOX_SIDECAR_CONTEXT_BYTES": "512KiB",
-			"MAILBOX_SIDECAR_LOG_FORMAT":    "json",
-			"MAILBOX_SIDECAR_MAX_ATTEMPTS":  "7",
+			"MAILBOX_SIDECAR_LEASE":           "99s", // the flag wins
+			"MAILBOX_SIDECAR_DATA_DIR":        "/tmp/x",
+			"MAILBOX_SIDECAR_CONTEXT_BYTES":   "512KiB",
+			"MAILBOX_SIDECAR_LOG_FORMAT":      "json",
+			"MAILBOX_SIDECAR_MAX_ATTEMPTS":    "7",
+			"MAILBOX_SIDECAR_TEST_CLOCK_SKEW": "-90s",
 		}), io.Discard)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if c.ClockSkew != -90*time.Second {
+		t.Fatalf("clock skew %v", c.ClockSkew)
+	}
+	if now := c.engineConfig(nil).Now(); now > time.Now().Add(-80*time.Second).UnixMilli() {
+		t.Fatalf("skewed engine clock reads %d", now)
 	}
 	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 {
 		t.Fatalf("parsed %+v", c)
@@ -69,6 +76,7 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"extra"}, nil, "no arguments"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_GC_TTL": "forever"}, "MAILBOX_SIDECAR_GC_TTL"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_SYNC": "perhaps"}, "MAILBOX_SIDECAR_SYNC"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_TEST_CLOCK_SKEW": "later"}, "TEST_CLOCK_SKEW"},
 	}
 	for _, tc := range cases {
 		_, err := parseServe(tc.args, env(tc.env), io.Discard)

@@ -122,6 +122,9 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		}
 		s.serve("admin", func() error { return s.px.ServeAdmin(ln) }, nil)
 	}
+	if cfg.ClockSkew != 0 {
+		log.Warn("engine clock skewed for testing", "skew", cfg.ClockSkew)
+	}
 	log.Info("sidecar listening", "api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
 		"http_addr", cfg.HTTPAddr, "admin_addr", cfg.AdminAddr, "data_dir", cfg.DataDir, "sync", cfg.Sync)
 	return s, nil
