@@ -37,6 +37,9 @@ fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzEventType$$' -fuzztime $(FUZZTIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./ipc/
 	$(GO) test -run '^$$' -fuzz '^FuzzHubConn$$' -fuzztime $(FUZZTIME) ./ipc/hub/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeSubmit$$' -fuzztime $(FUZZTIME) ./proxy/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeMessages$$' -fuzztime $(FUZZTIME) ./proxy/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDecision$$' -fuzztime $(FUZZTIME) ./proxy/
 
 lint: ## gofmt, vet and staticcheck
 	@test -z "$$(gofmt -l .)" || (gofmt -l .; exit 1)

@@ -1,0 +1,83 @@
+// Package proxy is the sidecar's client API (spec/http.md): HTTP/1.1 served
+// by fasthttp on the API Unix socket, optionally on a TCP address behind a
+// bearer token, and the probe and metrics endpoints on the admin address.
+//
+// # Model
+//
+// A Server is a thin translation layer over one engine.Mailbox. Every
+// request is matched against a fixed route table (see routes.go), its path
+// ids and body are decoded and validated completely before the engine is
+// called — so a request that fails validation leaves nothing behind — and
+// the engine's answer is written as JSON, or, for a foreground submit and
+// a re-attachment, as a Server-Sent Events stream. Engine errors become
+// one error shape, {"error":{"code","message"}}, through one table
+// (errors.go): validation 400, not_found 404, conflict 409, too_large 413,
+// unavailable 503, internal 500; the HTTP layer adds method_not_allowed
+// 405 (with Allow) and unauthorized 401.
+//
+// # Streams
+//
+// An SSE stream follows a run's engine.EventLog, a bounded ring that the
+// engine appends to without ever waiting for a reader. Each stream runs in
+// the goroutine fasthttp starts for SetBodyStreamWriter and reads the ring
+// at its own pace, in batches, flushing after each batch. It starts with
+// the sidecar's `submitted` event (id 0) on a foreground submit, or with a
+// replay from Last-Event-ID (or ?after=N) on re-attachment; a position
+// older than the ring is answered with `event: reset` and the replay goes
+// on from the oldest event kept. A stream that falls behind the ring
+// while it is live is sent `event: reset` and disconnected (counted in
+// mailbox_http_sse_dropped_total); the client re-attaches with its
+// Last-Event-ID. A `: ping` comment every PingInterval keeps idle streams
+// alive and detects clients that left (a failed flush); a client that
+// stops reading is cut off once one write has been stuck for
+// max(4×PingInterval, 10 s). A stream ends after the log closes (the run
+// finished: its run_finish is the last event), when the client leaves, or
+// at Shutdown. Closing a stream never cancels the run.
+//
+// # Decisions where spec/http.md is silent
+//
+//   - Ids inside bodies that a client later uses in a path (thread_id,
+//     run_id, dispatch_id, continue_run_id, parent_run_id,
+//     parent_thread_id) follow the path rule ([A-Za-z0-9._:-], 1–256);
+//     agent_id, dedupe_key, message ids, call ids and
+//     transport_request_id follow the store's rule (engine.ValidateID).
+//     A body thread_id that differs from the path's is a validation error.
+//   - Unknown body fields are ignored; a known field of the wrong JSON type
+//     is a validation error, as are frontend_tools that are not an array,
+//     overrides that are not an object, an unknown origin or run_mode, a
+//     message role other than system/user/assistant/tool, and two messages
+//     with the same id in one request.
+//   - The Idempotency-Key header overrides a body dedupe_key. A foreground
+//     submit whose key matches a queued or running dispatch of the thread
+//     answers that dispatch without interrupting anything: as JSON, or as
+//     a stream that follows the run if it executes here and otherwise
+//     ends after `submitted` (the client re-attaches once it runs).
+//   - An invalid traceparent header (not the W3C version-00 form) is
+//     dropped, as W3C Trace Context asks, not refused.
+//   - Write requests (every POST) are answered 503 unavailable while the
+//     mailbox is not running (before Start finished, after Stop began) and
+//     from the first moment of Shutdown; reads are served while the store
+//     is. The probes and /metrics are never gated.
+//   - Requeue answers 200 with the new dispatch record; interrupt answers
+//     {new_dispatch_epoch, superseded_count, active_dispatch}. Dispatch
+//     records never show their claim token.
+//   - List pages: limit 1..∞ (capped at 1000, default 50), offset ≥ 0;
+//     limit=0, a negative or non-numeric value is a validation error. The
+//     message log pages by after_seq: its next_offset is the after_seq of
+//     the next page (the last seq returned). A thread with no dispatches
+//     or messages answers an empty page, not 404.
+//   - `event: reset` carries no id (the client's Last-Event-ID stays) and
+//     the data {"type":"reset","reason":…,"after":A,"oldest":F}: reason
+//     "expired" (the replay position fell out of the ring; the stream
+//     goes on from F), "slow_subscriber" (the stream fell behind while
+//     live; it ends) or "unknown_id" (Last-Event-ID is beyond the thread's
+//     current run — an id of an earlier run; the replay restarts at 1).
+//   - A foreground run whose dispatch is withdrawn before it starts
+//     (superseded, cancelled) ends its stream with a sidecar run_finish
+//     (termination cancelled), id 1.
+//   - Agent events that contain line breaks (pretty-printed JSON) are
+//     compacted to one line; otherwise the data is the agent's bytes.
+//   - Request metrics label requests by route pattern ("unmatched" for
+//     unknown paths); for a stream the duration is the time to the start
+//     of the stream.
+package proxy

@@ -1,0 +1,466 @@
+package proxy
+
+import (
+	"bytes"
+	"math"
+	"strconv"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Paging of list endpoints.
+const (
+	defaultLimit = 50
+	maxLimit     = 1000
+)
+
+// submitForeground is POST /v1/threads/{thread_id}/runs and POST /v1/runs
+// (seed submit): an SSE stream of the run, or with Accept:
+// application/json the submit result only.
+func (s *Server) submitForeground(ctx *fasthttp.RequestCtx, thread string) error {
+	req, err := decodeSubmit(ctx.PostBody(), thread)
+	if err != nil {
+		return err
+	}
+	if err := applyHeaders(ctx, &req); err != nil {
+		return err
+	}
+	if err := s.writable(); err != nil {
+		return err
+	}
+	asJSON := wantsJSON(ctx)
+	if req.DedupeKey != "" && req.ThreadID != "" {
+		res, ok, err := s.existingByDedupe(req.ThreadID, req.DedupeKey)
+		if err != nil {
+			return err
+		}
+		if ok {
+			if asJSON {
+				return s.writeJSON(ctx, fasthttp.StatusOK, res)
+			}
+			// Follow the run only while it executes here (then the thread's
+			// log is its log); a queued one is followed by re-attaching.
+			var log *engine.EventLog
+			if res.Status == engine.SubmitRunning {
+				if l := s.mb.Reattach(res.ThreadID); l != nil {
+					if _, closed := l.ClosedAt(); !closed {
+						log = l
+					}
+				}
+			}
+			return s.startStream(ctx, log, 0, submittedEvent(res), nil)
+		}
+	}
+	res, events, err := s.mb.Submit(s.base, req)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return s.writeJSON(ctx, fasthttp.StatusOK, res)
+	}
+	return s.startStream(ctx, events, 0, submittedEvent(res), &res)
+}
+
+// existingByDedupe finds the queued or running dispatch of a thread that
+// holds a dedupe key (an idempotent repeat of a foreground submit answers
+// it instead of interrupting it).
+func (s *Server) existingByDedupe(thread, key string) (engine.SubmitResult, bool, error) {
+	ds, err := s.mb.ListDispatches(s.base, thread, engine.StatusFilter{engine.StatusQueued, engine.StatusClaimed}, 0, 0)
+	if err != nil {
+		return engine.SubmitResult{}, false, err
+	}
+	for _, d := range ds {
+		if d.DedupeKey == key {
+			st := engine.SubmitQueued
+			if d.Status == engine.StatusClaimed {
+				st = engine.SubmitRunning
+			}
+			return engine.SubmitResult{DispatchID: d.DispatchID, RunID: d.RunID, ThreadID: thread, Status: st}, true, nil
+		}
+	}
+	return engine.SubmitResult{}, false, nil
+}
+
+// submitBackground is POST /v1/threads/{thread_id}/dispatches (seed
+// submit_background): 202 with the submit result.
+func (s *Server) submitBackground(ctx *fasthttp.RequestCtx, thread string) error {
+	req, err := decodeSubmit(ctx.PostBody(), thread)
+	if err != nil {
+		return err
+	}
+	if err := applyHeaders(ctx, &req); err != nil {
+		return err
+	}
+	if err := s.writable(); err != nil {
+		return err
+	}
+	res, err := s.mb.SubmitBackground(s.base, req)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusAccepted, res)
+}
+
+// messagesResult is the answer of POST …/messages.
+type messagesResult struct {
+	engine.SubmitResult
+	Delivery engine.LiveDelivery `json:"delivery"`
+}
+
+// sendMessages is POST /v1/threads/{thread_id}/messages (seed
+// submit_live_then_queue).
+func (s *Server) sendMessages(ctx *fasthttp.RequestCtx, thread string) error {
+	req, expected, err := decodeMessages(ctx.PostBody(), thread)
+	if err != nil {
+		return err
+	}
+	if err := applyHeaders(ctx, &req); err != nil {
+		return err
+	}
+	if err := s.writable(); err != nil {
+		return err
+	}
+	res, delivery, err := s.mb.SendMessages(s.base, req, expected)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, messagesResult{SubmitResult: res, Delivery: delivery})
+}
+
+// interruptResult is the answer of POST …/interrupt.
+type interruptResult struct {
+	NewEpoch   uint64           `json:"new_dispatch_epoch"`
+	Superseded int              `json:"superseded_count"`
+	Active     *engine.Dispatch `json:"active_dispatch"`
+}
+
+// interrupt is POST /v1/threads/{thread_id}/interrupt (seed interrupt).
+func (s *Server) interrupt(ctx *fasthttp.RequestCtx, thread string) error {
+	if err := s.writable(); err != nil {
+		return err
+	}
+	res, err := s.mb.Interrupt(s.base, thread)
+	if err != nil {
+		return err
+	}
+	out := interruptResult{NewEpoch: res.NewEpoch, Superseded: res.SupersededN}
+	if res.Active != nil {
+		d := publicDispatch(*res.Active)
+		out.Active = &d
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, out)
+}
+
+// cancel is POST /v1/cancel/{id} (seed cancel): a dispatch, run or thread id.
+func (s *Server) cancel(ctx *fasthttp.RequestCtx, id string) error {
+	if err := s.writable(); err != nil {
+		return err
+	}
+	ok, err := s.mb.Cancel(s.base, id)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, struct {
+		Cancelled bool `json:"cancelled"`
+	}{ok})
+}
+
+// sendDecision is POST /v1/runs/{id}/decisions (seed send_decision_live).
+func (s *Server) sendDecision(ctx *fasthttp.RequestCtx, run string) error {
+	d, err := decodeDecision(ctx.PostBody())
+	if err != nil {
+		return err
+	}
+	if err := s.writable(); err != nil {
+		return err
+	}
+	ok, err := s.mb.SendDecision(s.base, run, d)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, struct {
+		Delivered bool `json:"delivered"`
+	}{ok})
+}
+
+// reattach is GET /v1/threads/{thread_id}/events (seed reconnect_sink):
+// the thread's active or retained run, replayed after Last-Event-ID (or
+// ?after=N).
+func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
+	after := uint64(0)
+	raw := ctx.Request.Header.Peek("Last-Event-ID")
+	name := "Last-Event-ID"
+	if len(bytes.TrimSpace(raw)) == 0 {
+		raw, name = ctx.QueryArgs().Peek("after"), "after"
+	}
+	if raw = bytes.TrimSpace(raw); len(raw) > 0 {
+		v, err := strconv.ParseUint(string(raw), 10, 64)
+		if err != nil {
+			return engine.Validationf("%s %q is not an event id (a non-negative integer)", name, raw)
+		}
+		after = v
+	}
+	log := s.mb.Reattach(thread)
+	if log == nil {
+		return errNotFound("thread %s has no active or retained run", thread)
+	}
+	var head []byte
+	if last := log.LastSeq(); after > last {
+		// An id of an earlier run of the thread: replay this one whole.
+		head = appendReset(nil, "unknown_id", after, 1)
+		after = 0
+	}
+	return s.startStream(ctx, log, after, head, nil)
+}
+
+// getDispatch is GET /v1/dispatches/{dispatch_id}.
+func (s *Server) getDispatch(ctx *fasthttp.RequestCtx, id string) error {
+	d, err := s.mb.LoadDispatch(s.base, id)
+	if err != nil {
+		return err
+	}
+	if d == nil {
+		return errNotFound("dispatch %s not found", id)
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, publicDispatch(*d))
+}
+
+// getRun is GET /v1/runs/{run_id}.
+func (s *Server) getRun(ctx *fasthttp.RequestCtx, id string) error {
+	r, err := s.mb.Store().LoadRun(s.base, id)
+	if err != nil {
+		return err
+	}
+	if r == nil {
+		return errNotFound("run %s not found", id)
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, r)
+}
+
+// page is the answer of the list endpoints.
+type page[T any] struct {
+	Items      []T     `json:"items"`
+	NextOffset *uint64 `json:"next_offset"`
+}
+
+// listDispatches is GET /v1/threads/{thread_id}/dispatches.
+func (s *Server) listDispatches(ctx *fasthttp.RequestCtx, thread string) error {
+	args := ctx.QueryArgs()
+	limit, offset, err := paging(args)
+	if err != nil {
+		return err
+	}
+	filter, err := statusFilter(args.Peek("status"))
+	if err != nil {
+		return err
+	}
+	ds, err := s.mb.ListDispatches(s.base, thread, filter, limit+1, offset)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, dispatchPage(ds, limit, offset))
+}
+
+// listDeadLetters is GET /v1/dead-letters (newest first).
+func (s *Server) listDeadLetters(ctx *fasthttp.RequestCtx, _ string) error {
+	limit, offset, err := paging(ctx.QueryArgs())
+	if err != nil {
+		return err
+	}
+	ds, err := s.mb.Store().ListDeadLetters(s.base, limit+1, offset)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, dispatchPage(ds, limit, offset))
+}
+
+func dispatchPage(ds []engine.Dispatch, limit, offset int) page[engine.Dispatch] {
+	p := page[engine.Dispatch]{Items: make([]engine.Dispatch, 0, min(len(ds), limit))}
+	for i := range ds {
+		if i == limit {
+			next := uint64(offset + limit)
+			p.NextOffset = &next
+			break
+		}
+		p.Items = append(p.Items, publicDispatch(ds[i]))
+	}
+	return p
+}
+
+// listMessages is GET /v1/threads/{thread_id}/messages?after_seq=&limit=.
+func (s *Server) listMessages(ctx *fasthttp.RequestCtx, thread string) error {
+	args := ctx.QueryArgs()
+	limit, _, err := paging(args)
+	if err != nil {
+		return err
+	}
+	after := uint64(0)
+	if raw := args.Peek("after_seq"); len(raw) > 0 {
+		if after, err = strconv.ParseUint(string(raw), 10, 64); err != nil {
+			return engine.Validationf("after_seq %q is not a non-negative integer", raw)
+		}
+	}
+	to := uint64(math.MaxUint64)
+	if after < math.MaxUint64-uint64(limit)-1 {
+		to = after + uint64(limit) + 1
+	}
+	var recs []engine.MessageRecord
+	if after < math.MaxUint64 {
+		if recs, err = s.mb.Store().LoadMessageRange(s.base, thread, after+1, to); err != nil {
+			return err
+		}
+	}
+	p := page[engine.MessageRecord]{Items: recs}
+	if p.Items == nil {
+		p.Items = []engine.MessageRecord{}
+	}
+	if len(recs) > limit {
+		p.Items = recs[:limit]
+		next := recs[limit-1].Seq
+		p.NextOffset = &next
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, p)
+}
+
+// requeue is POST /v1/dispatches/{dispatch_id}/requeue: a dead letter back
+// to the queue as a new dispatch of the same run (200, the new dispatch).
+func (s *Server) requeue(ctx *fasthttp.RequestCtx, id string) error {
+	if err := s.writable(); err != nil {
+		return err
+	}
+	d, err := s.mb.Requeue(s.base, id)
+	if err != nil {
+		return err
+	}
+	return s.writeJSON(ctx, fasthttp.StatusOK, publicDispatch(d))
+}
+
+// metrics is GET /metrics: the server's set, Config.Metrics, and the
+// process metrics, in the Prometheus text format.
+func (s *Server) metrics(ctx *fasthttp.RequestCtx, _ string) error {
+	ctx.SetContentType("text/plain; version=0.0.4; charset=utf-8")
+	s.m.set.WritePrometheus(ctx)
+	for _, set := range s.cfg.Metrics {
+		set.WritePrometheus(ctx)
+	}
+	metrics.WriteProcessMetrics(ctx)
+	return nil
+}
+
+// livez is GET /livez: 200 while the server answers.
+func (s *Server) livez(ctx *fasthttp.RequestCtx, _ string) error {
+	ctx.SetContentType("application/json")
+	ctx.SetBodyString(`{"live":true}`)
+	return nil
+}
+
+// readyz is GET /readyz and /healthz: 200 or 503 with the Readiness.
+func (s *Server) readyz(ctx *fasthttp.RequestCtx, _ string) error {
+	r := s.cfg.Ready()
+	if s.isClosing() {
+		r.Ready = false
+	}
+	if r.Checks == nil {
+		r.Checks = map[string]bool{}
+	}
+	status := fasthttp.StatusOK
+	if !r.Ready {
+		status = fasthttp.StatusServiceUnavailable
+	}
+	return s.writeJSON(ctx, status, r)
+}
+
+// paging parses limit (default 50, capped at 1000, at least 1) and offset
+// (default 0).
+func paging(args *fasthttp.Args) (limit, offset int, err error) {
+	limit = defaultLimit
+	if raw := args.Peek("limit"); len(raw) > 0 {
+		v, perr := strconv.ParseInt(string(raw), 10, 64)
+		if perr != nil || v < 1 {
+			return 0, 0, engine.Validationf("limit %q is not a positive integer", raw)
+		}
+		limit = int(min(v, maxLimit))
+	}
+	if raw := args.Peek("offset"); len(raw) > 0 {
+		v, perr := strconv.ParseInt(string(raw), 10, 64)
+		if perr != nil || v < 0 || v > math.MaxInt32 {
+			return 0, 0, engine.Validationf("offset %q is not a non-negative integer", raw)
+		}
+		offset = int(v)
+	}
+	return limit, offset, nil
+}
+
+// statusFilter parses a comma-separated list of dispatch statuses; empty
+// selects every status.
+func statusFilter(raw []byte) (engine.StatusFilter, error) {
+	if len(raw) == 0 {
+		return nil, nil
+	}
+	var f engine.StatusFilter
+	for part := range bytes.SplitSeq(raw, []byte{','}) {
+		st, err := engine.ParseDispatchStatus(string(bytes.TrimSpace(part)))
+		if err != nil {
+			return nil, err
+		}
+		f = append(f, st)
+	}
+	return f, nil
+}
+
+// publicDispatch is a dispatch as clients see it: without its claim token.
+func publicDispatch(d engine.Dispatch) engine.Dispatch {
+	d.ClaimToken = ""
+	return d
+}
+
+// applyHeaders carries the Idempotency-Key header into dedupe_key (it
+// wins over the body) and a valid traceparent header to the agent.
+func applyHeaders(ctx *fasthttp.RequestCtx, req *engine.SubmitRequest) error {
+	if key := ctx.Request.Header.Peek("Idempotency-Key"); len(key) > 0 {
+		if err := engine.ValidateID("Idempotency-Key", string(key)); err != nil {
+			return err
+		}
+		req.DedupeKey = string(key)
+	}
+	if tp := ctx.Request.Header.Peek("traceparent"); validTraceparent(tp) {
+		req.Traceparent = string(tp)
+	}
+	return nil
+}
+
+// validTraceparent reports whether tp is a W3C traceparent of version 00:
+// 00-<32 hex trace id, not all zero>-<16 hex parent id, not all zero>-<2 hex flags>.
+func validTraceparent(tp []byte) bool {
+	if len(tp) != 55 || tp[0] != '0' || tp[1] != '0' || tp[2] != '-' || tp[35] != '-' || tp[52] != '-' {
+		return false
+	}
+	hex := func(b []byte) (ok, zero bool) {
+		zero = true
+		for _, c := range b {
+			switch {
+			case c >= '0' && c <= '9', c >= 'a' && c <= 'f':
+			default:
+				return false, false
+			}
+			if c != '0' {
+				zero = false
+			}
+		}
+		return true, zero
+	}
+	trace, tz := hex(tp[3:35])
+	parent, pz := hex(tp[36:52])
+	flags, _ := hex(tp[53:55])
+	return trace && parent && flags && !tz && !pz
+}
+
+// wantsJSON reports whether a foreground submit asked for the submit
+// result only (Accept: application/json, without text/event-stream).
+func wantsJSON(ctx *fasthttp.RequestCtx) bool {
+	a := ctx.Request.Header.Peek(fasthttp.HeaderAccept)
+	return bytes.Contains(a, []byte("application/json")) && !bytes.Contains(a, []byte("text/event-stream"))
+}

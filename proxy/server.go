@@ -1,0 +1,414 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	json "github.com/goccy/go-json"
+	"github.com/valyala/fasthttp"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Defaults of Config.
+const (
+	DefaultMaxBody      = 4 << 20
+	DefaultPingInterval = 15 * time.Second
+)
+
+// Readiness is the answer of /readyz and /healthz: whether the sidecar
+// takes work, each check behind that verdict, and whether an agent is
+// connected (informational: readiness never depends on the agent).
+type Readiness struct {
+	Ready          bool            `json:"ready"`
+	Checks         map[string]bool `json:"checks"`
+	AgentConnected bool            `json:"agent_connected"`
+}
+
+// Config configures a Server.
+type Config struct {
+	// Mailbox is the engine the API drives (required).
+	Mailbox *engine.Mailbox
+	// Ready reports readiness as the binary sees it: startup recovery
+	// done, store writable, agent socket listening, not shutting down
+	// (required). It is called for /readyz and /healthz only.
+	Ready func() Readiness
+	// Metrics are further sets written on /metrics (the engine's, the
+	// hub's), after the server's own set and before the process metrics.
+	Metrics []*metrics.Set
+	// MaxBody is the largest request body in bytes; larger bodies are
+	// answered 413 too_large. Default 4 MiB.
+	MaxBody int
+	// AuthToken is the bearer token every request on the TCP listener must
+	// carry; ServeTCP refuses to start without one.
+	AuthToken string
+	// PingInterval is how often an SSE stream sends a ": ping" comment.
+	// Default 15 s.
+	PingInterval time.Duration
+	// Logger receives one debug line per request and a warning per 5xx.
+	// Default slog.Default().
+	Logger *slog.Logger
+}
+
+// validate fills in defaults and checks the fields.
+func (c *Config) validate() error {
+	if c.Mailbox == nil {
+		return errors.New("proxy: config: Mailbox is required")
+	}
+	if c.Ready == nil {
+		return errors.New("proxy: config: Ready is required")
+	}
+	switch {
+	case c.MaxBody == 0:
+		c.MaxBody = DefaultMaxBody
+	case c.MaxBody < 0:
+		return fmt.Errorf("proxy: config: MaxBody %d is negative", c.MaxBody)
+	}
+	switch {
+	case c.PingInterval == 0:
+		c.PingInterval = DefaultPingInterval
+	case c.PingInterval < 0:
+		return fmt.Errorf("proxy: config: PingInterval %s is negative", c.PingInterval)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+// listener kinds: what a fasthttp server behind a listener serves.
+type listenerKind uint8
+
+const (
+	kindAPI   listenerKind = iota // the full API, no auth (Unix socket)
+	kindTCP                       // the full API behind the bearer token
+	kindAdmin                     // probes and /metrics only
+)
+
+// Server serves the client API. Create it with New; serve listeners with
+// ServeAPI, ServeTCP and ServeAdmin; stop it with Shutdown.
+//
+// Locks: mu guards closing, streams and lns. The server never holds it
+// across I/O or engine calls.
+type Server struct {
+	cfg     Config
+	mb      *engine.Mailbox
+	log     *slog.Logger
+	m       *httpMetrics
+	token   [sha256.Size]byte // SHA-256 of AuthToken
+	servers [3]*fasthttp.Server
+
+	base     context.Context // context of engine calls; cancelled when Shutdown gives up
+	stopBase context.CancelFunc
+	done     chan struct{} // closed when Shutdown begins: streams end
+
+	mu       sync.Mutex
+	closing  bool
+	streams  map[*sseStream]struct{}
+	lns      []net.Listener
+	streamWG sync.WaitGroup // stream goroutines; Add only under mu while !closing
+}
+
+// New validates cfg and returns a Server. It registers the server's
+// metrics (mailbox_http_…) in a set of its own and makes /metrics carry
+// HELP and TYPE lines (metrics.ExposeMetadata).
+func New(cfg Config) (*Server, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	metrics.ExposeMetadata(true)
+	s := &Server{
+		cfg: cfg, mb: cfg.Mailbox, log: cfg.Logger, m: newHTTPMetrics(),
+		done: make(chan struct{}), streams: map[*sseStream]struct{}{},
+	}
+	s.token = sha256.Sum256([]byte(cfg.AuthToken))
+	s.base, s.stopBase = context.WithCancel(context.Background())
+	for k := range s.servers {
+		kind := listenerKind(k)
+		srv := &fasthttp.Server{
+			Handler:                      func(ctx *fasthttp.RequestCtx) { s.handle(ctx, kind) },
+			ErrorHandler:                 func(ctx *fasthttp.RequestCtx, err error) { s.readError(ctx, err) },
+			Name:                         "mailbox-sidecar",
+			MaxRequestBodySize:           cfg.MaxBody,
+			ReadTimeout:                  30 * time.Second,
+			IdleTimeout:                  2 * time.Minute,
+			CloseOnShutdown:              true,
+			DisablePreParseMultipartForm: true,
+			NoDefaultServerHeader:        true,
+			Logger:                       fasthttpLogger{s.log},
+		}
+		if kind == kindAdmin {
+			// No streams on the admin listener: a write timeout is safe.
+			srv.WriteTimeout = 30 * time.Second
+			srv.MaxRequestBodySize = 64 << 10
+		}
+		s.servers[k] = srv
+	}
+	return s, nil
+}
+
+// ServeAPI serves the full client API on ln without authentication (the
+// Unix socket, whose file mode is the access control). It blocks until ln
+// fails or Shutdown; then it returns ErrServerClosed.
+func (s *Server) ServeAPI(ln net.Listener) error { return s.serve(ln, kindAPI) }
+
+// ServeTCP serves the full client API on ln; every request must carry
+// "Authorization: Bearer <AuthToken>" (401 unauthorized otherwise). It
+// refuses to start without an AuthToken.
+func (s *Server) ServeTCP(ln net.Listener) error {
+	if s.cfg.AuthToken == "" {
+		return errors.New("proxy: ServeTCP needs an AuthToken")
+	}
+	return s.serve(ln, kindTCP)
+}
+
+// ServeAdmin serves only /metrics, /livez, /readyz and /healthz on ln.
+func (s *Server) ServeAdmin(ln net.Listener) error { return s.serve(ln, kindAdmin) }
+
+func (s *Server) serve(ln net.Listener, kind listenerKind) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.lns = append(s.lns, ln)
+	s.mu.Unlock()
+	err := s.servers[kind].Serve(ln)
+	if s.isClosing() {
+		return ErrServerClosed
+	}
+	return err
+}
+
+func (s *Server) isClosing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
+}
+
+// streamGrace is how long Shutdown lets streams notice it before it cuts
+// off the ones stuck writing to a client that does not read.
+const streamGrace = 250 * time.Millisecond
+
+// Shutdown stops the server: the listeners close, requests arriving on
+// open connections are answered 503, open SSE streams end (their runs go
+// on), and Shutdown waits for the handlers in flight, bounded by ctx. If
+// ctx ends first, engine calls still in flight are cancelled and ctx's
+// error is returned. Safe to call twice.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	if !s.closing {
+		s.closing = true
+		close(s.done)
+	}
+	lns := s.lns
+	s.lns = nil
+	s.mu.Unlock()
+	defer s.stopBase()
+
+	var wg sync.WaitGroup
+	errs := make([]error, len(s.servers))
+	for i, srv := range s.servers {
+		wg.Go(func() { errs[i] = srv.ShutdownWithContext(ctx) })
+	}
+	for _, ln := range lns {
+		ln.Close() // fasthttp closed those it had registered already
+	}
+	s.endStreams(ctx)
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("proxy shutdown: %w", err)
+	}
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			return fmt.Errorf("proxy shutdown: %w", err)
+		}
+	}
+	return nil
+}
+
+// endStreams waits for the streams to end after done was closed. Streams
+// blocked on a client that does not read are cut off after streamGrace
+// (their connection's write deadline is moved to now).
+func (s *Server) endStreams(ctx context.Context) {
+	ended := make(chan struct{})
+	go func() {
+		s.streamWG.Wait()
+		close(ended)
+	}()
+	t := time.NewTimer(streamGrace)
+	defer t.Stop()
+	select {
+	case <-ended:
+		return
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	for st := range s.streams {
+		st.cutOff()
+	}
+	s.mu.Unlock()
+	<-ended // a cut-off stream's writes fail at once
+}
+
+// handle serves one request of a listener.
+func (s *Server) handle(ctx *fasthttp.RequestCtx, kind listenerKind) {
+	start := time.Now()
+	ri := -1
+	defer func() {
+		// fasthttp does not recover handler panics: one request must not
+		// take the sidecar down.
+		if p := recover(); p != nil {
+			s.log.Error("http handler panicked", "method", string(ctx.Method()),
+				"path", string(ctx.URI().PathOriginal()), "panic", p, "stack", string(debug.Stack()))
+			writeError(ctx, fasthttp.StatusInternalServerError, CodeInternal, "internal error")
+			s.m.of(ri).observe(fasthttp.StatusInternalServerError, time.Since(start))
+		}
+	}()
+	err := s.route(ctx, kind, &ri)
+	if err != nil {
+		s.fail(ctx, err)
+	}
+	status := ctx.Response.StatusCode()
+	took := time.Since(start)
+	s.m.of(ri).observe(status, took)
+	if s.log.Enabled(context.Background(), slog.LevelDebug) {
+		pattern := routeUnmatched
+		if ri >= 0 {
+			pattern = routeTable[ri].pattern
+		}
+		s.log.LogAttrs(context.Background(), slog.LevelDebug, "http request",
+			slog.String("method", string(ctx.Method())), slog.String("route", pattern),
+			slog.Int("status", status), slog.Duration("duration", took))
+	}
+}
+
+// route authenticates, matches and dispatches a request; *ri is set to
+// the matched route.
+func (s *Server) route(ctx *fasthttp.RequestCtx, kind listenerKind, ri *int) error {
+	if kind == kindTCP && !s.authorized(ctx) {
+		ctx.Response.Header.Set("WWW-Authenticate", `Bearer realm="mailbox-sidecar"`)
+		return &httpError{fasthttp.StatusUnauthorized, CodeUnauthorized, "missing or wrong bearer token"}
+	}
+	i, rawID := match(ctx.URI().PathOriginal())
+	if i < 0 || (kind == kindAdmin && !routeTable[i].probe) {
+		return errNotFound("no route %s", ctx.URI().PathOriginal())
+	}
+	*ri = i
+	r := &routeTable[i]
+	var h handler
+	switch {
+	case ctx.IsGet():
+		h = r.get
+	case ctx.IsPost():
+		h = r.post
+	}
+	if h == nil {
+		ctx.Response.Header.Set("Allow", r.allow)
+		return &httpError{fasthttp.StatusMethodNotAllowed, CodeMethodNotAllowed,
+			fmt.Sprintf("%s %s: method not allowed (allowed: %s)", ctx.Method(), r.pattern, r.allow)}
+	}
+	if !r.probe && s.isClosing() {
+		ctx.SetConnectionClose()
+		return errUnavailable("the sidecar is shutting down")
+	}
+	id := ""
+	if r.idName != "" {
+		if !validPathID(rawID) {
+			return badID(r.idName, string(rawID))
+		}
+		id = string(rawID)
+	}
+	return h(s, ctx, id)
+}
+
+// authorized checks the bearer token in constant time (both sides hashed
+// to the same length first).
+func (s *Server) authorized(ctx *fasthttp.RequestCtx) bool {
+	h := ctx.Request.Header.Peek(fasthttp.HeaderAuthorization)
+	const scheme = "bearer "
+	if len(h) <= len(scheme) || !bytes.EqualFold(h[:len(scheme)], []byte(scheme)) {
+		return false
+	}
+	got := sha256.Sum256(h[len(scheme):])
+	return subtle.ConstantTimeCompare(got[:], s.token[:]) == 1
+}
+
+// writable refuses writes while the mailbox does not take work.
+func (s *Server) writable() error {
+	if !s.mb.Running() {
+		return errUnavailable("the mailbox is not running (starting up or shutting down)")
+	}
+	return nil
+}
+
+// fail answers err in the API's error shape.
+func (s *Server) fail(ctx *fasthttp.RequestCtx, err error) {
+	status, code := classify(err)
+	msg := err.Error()
+	if status >= 500 {
+		s.log.Warn("http request failed", "method", string(ctx.Method()), "path", string(ctx.URI().PathOriginal()),
+			"status", status, "err", err)
+		if status == fasthttp.StatusInternalServerError {
+			msg = "internal error"
+		}
+	}
+	writeError(ctx, status, code, msg)
+}
+
+func writeError(ctx *fasthttp.RequestCtx, status int, code, msg string) {
+	b, _ := json.Marshal(errorBody{Error: errorDetail{Code: code, Message: msg}}) // strings always marshal
+	ctx.Response.ResetBody()
+	ctx.SetStatusCode(status)
+	ctx.SetContentType("application/json")
+	ctx.SetBody(b)
+}
+
+// writeJSON answers v as JSON with status.
+func (s *Server) writeJSON(ctx *fasthttp.RequestCtx, status int, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode response: %w", err)
+	}
+	ctx.SetStatusCode(status)
+	ctx.SetContentType("application/json")
+	ctx.SetBody(b)
+	return nil
+}
+
+// readError answers a request fasthttp could not read (malformed, body
+// over MaxBody, read timeout) in the API's error shape.
+func (s *Server) readError(ctx *fasthttp.RequestCtx, err error) {
+	status, code, msg := fasthttp.StatusBadRequest, CodeValidation, "malformed HTTP request: "+err.Error()
+	var ne net.Error
+	switch {
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		status, code, msg = fasthttp.StatusRequestEntityTooLarge, CodeTooLarge,
+			fmt.Sprintf("request body is larger than %d bytes", s.cfg.MaxBody)
+	case errors.As(err, &ne) && ne.Timeout():
+		status, code, msg = fasthttp.StatusRequestTimeout, CodeValidation, "timed out reading the request"
+	}
+	writeError(ctx, status, code, msg)
+	ri, _ := match(ctx.URI().PathOriginal())
+	s.m.of(ri).observe(status, 0)
+}
+
+// fasthttpLogger sends fasthttp's own messages to slog at debug level
+// (they are about misbehaving connections, not about the sidecar).
+type fasthttpLogger struct{ log *slog.Logger }
+
+func (l fasthttpLogger) Printf(format string, args ...any) {
+	l.log.Debug("fasthttp", "msg", fmt.Sprintf(format, args...))
+}

@@ -1,0 +1,273 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	gojson "github.com/goccy/go-json"
+	"github.com/valyala/fasthttp"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// readBatch is how many events a stream takes from the ring per read; it
+// flushes once per batch.
+const readBatch = 64
+
+// minStall is the shortest time one write to a client may stay stuck
+// before the stream is cut off (see Server.stall).
+const minStall = 10 * time.Second
+
+// sseStream is one client following a run's EventLog. Its goroutine is
+// the one fasthttp starts for SetBodyStreamWriter; it owns every field
+// but mu's.
+type sseStream struct {
+	s      *Server
+	log    *engine.EventLog
+	after  uint64 // the last event id written (the client's position)
+	head   []byte // written first: the submitted event, or a reset
+	finish []byte // a foreground stream's run_finish if its run never started
+	conn   net.Conn
+
+	mu  sync.Mutex // guards cut and the connection's write deadline
+	cut bool       // Shutdown cut the stream off
+}
+
+// startStream answers the request with an SSE stream of log from after
+// on, starting with head. fg is the submit result of a foreground submit
+// (nil on re-attachment). A nil log sends head alone.
+func (s *Server) startStream(ctx *fasthttp.RequestCtx, log *engine.EventLog, after uint64, head []byte, fg *engine.SubmitResult) error {
+	ctx.SetStatusCode(fasthttp.StatusOK)
+	h := &ctx.Response.Header
+	h.SetContentType("text/event-stream")
+	h.Set(fasthttp.HeaderCacheControl, "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	// A stream's connection is not reused: its write deadline (the stall
+	// bound) outlives the stream.
+	ctx.SetConnectionClose()
+	if log == nil {
+		ctx.SetBody(head)
+		return nil
+	}
+	st := &sseStream{s: s, log: log, after: after, head: head, conn: ctx.Conn()}
+	if fg != nil {
+		st.finish = appendSyntheticFinish(nil, fg)
+	}
+	s.mu.Lock()
+	if s.closing {
+		// Shutdown began after the submit: answer what is known.
+		s.mu.Unlock()
+		ctx.SetBody(head)
+		return nil
+	}
+	s.streams[st] = struct{}{}
+	s.streamWG.Add(1)
+	s.mu.Unlock()
+	s.m.subscribers.Add(1)
+	ctx.Response.ImmediateHeaderFlush = true
+	ctx.SetBodyStreamWriter(st.run)
+	return nil
+}
+
+// run writes the stream until the log closes, the client leaves, the
+// stream falls behind the ring, or Shutdown.
+func (st *sseStream) run(w *bufio.Writer) {
+	s := st.s
+	defer s.endStream(st)
+	ping := time.NewTicker(s.cfg.PingInterval)
+	defer ping.Stop()
+	buf := make([]engine.Event, 0, readBatch)
+	var line []byte
+	if len(st.head) > 0 {
+		w.Write(st.head)
+	}
+	live := false // a reset after the first read means this stream fell behind
+	for {
+		select {
+		case <-s.done:
+			w.WriteString(": shutting down\n\n")
+			st.flush(w)
+			return
+		default:
+		}
+		evs, reset, closed, wait := st.log.Read(st.after, readBatch, buf)
+		if reset {
+			oldest := st.after + 1
+			if len(evs) > 0 {
+				oldest = evs[0].Seq
+			}
+			if live {
+				line = appendReset(line[:0], "slow_subscriber", st.after, oldest)
+				w.Write(line)
+				st.flush(w)
+				s.m.dropped.Inc()
+				s.log.Info("sse subscriber fell behind the event buffer: disconnected",
+					"after", st.after, "oldest", oldest)
+				return
+			}
+			line = appendReset(line[:0], "expired", st.after, oldest)
+			w.Write(line)
+		}
+		live = true
+		for i := range evs {
+			line = appendEvent(line[:0], &evs[i])
+			w.Write(line)
+			st.after = evs[i].Seq
+		}
+		if len(evs) > 0 {
+			if !st.flush(w) {
+				return
+			}
+			continue
+		}
+		if closed {
+			if st.finish != nil && st.log.LastSeq() == 0 {
+				w.Write(st.finish)
+			}
+			st.flush(w)
+			return
+		}
+		if w.Buffered() > 0 && !st.flush(w) {
+			return
+		}
+		select {
+		case <-wait:
+		case <-ping.C:
+			w.WriteString(": ping\n\n")
+			if !st.flush(w) {
+				return
+			}
+		case <-s.done:
+			w.WriteString(": shutting down\n\n")
+			st.flush(w)
+			return
+		}
+	}
+}
+
+// flush sends what is buffered to the client, bounding how long the
+// connection may stay stuck on it. false: the client is gone.
+func (st *sseStream) flush(w *bufio.Writer) bool {
+	if !st.extendDeadline() {
+		return false
+	}
+	return w.Flush() == nil
+}
+
+// extendDeadline moves the connection's write deadline to now + stall,
+// unless the stream was cut off.
+func (st *sseStream) extendDeadline() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.cut {
+		return false
+	}
+	if st.conn != nil {
+		st.conn.SetWriteDeadline(time.Now().Add(st.s.stall()))
+	}
+	return true
+}
+
+// cutOff makes the connection's pending and future writes fail at once,
+// so a stream stuck on a client that does not read ends.
+func (st *sseStream) cutOff() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.cut = true
+	if st.conn != nil {
+		st.conn.SetWriteDeadline(time.Now())
+	}
+}
+
+// endStream unregisters a finished stream.
+func (s *Server) endStream(st *sseStream) {
+	s.mu.Lock()
+	delete(s.streams, st)
+	s.mu.Unlock()
+	s.m.subscribers.Add(-1)
+	s.streamWG.Done()
+}
+
+// stall is how long one write to a streaming client may stay stuck.
+func (s *Server) stall() time.Duration { return max(4*s.cfg.PingInterval, minStall) }
+
+// appendEvent appends one agent event in SSE form: id, event type, data
+// on one line.
+func appendEvent(dst []byte, e *engine.Event) []byte {
+	dst = append(dst, "id: "...)
+	dst = strconv.AppendUint(dst, e.Seq, 10)
+	if e.Type != "" && printable(e.Type) {
+		dst = append(dst, "\nevent: "...)
+		dst = append(dst, e.Type...)
+	}
+	dst = append(dst, "\ndata: "...)
+	dst = appendOneLine(dst, e.Data)
+	return append(dst, "\n\n"...)
+}
+
+// appendOneLine appends JSON data, compacted when it spans lines (an SSE
+// data line ends at the first line break).
+func appendOneLine(dst, data []byte) []byte {
+	if bytes.IndexByte(data, '\n') < 0 && bytes.IndexByte(data, '\r') < 0 {
+		return append(dst, data...)
+	}
+	var b bytes.Buffer
+	if json.Compact(&b, data) == nil {
+		return append(dst, b.Bytes()...)
+	}
+	for _, c := range data {
+		if c == '\n' || c == '\r' {
+			c = ' '
+		}
+		dst = append(dst, c)
+	}
+	return dst
+}
+
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// submittedEvent is the sidecar's first event of a foreground stream.
+func submittedEvent(res engine.SubmitResult) []byte {
+	data, _ := gojson.Marshal(res) // strings only: always marshals
+	b := make([]byte, 0, len(data)+40)
+	b = append(b, "id: 0\nevent: submitted\ndata: "...)
+	b = append(b, data...)
+	return append(b, "\n\n"...)
+}
+
+// appendReset appends an `event: reset` (no id: the client's
+// Last-Event-ID stays) saying events after `after` up to oldest were not
+// sent.
+func appendReset(dst []byte, reason string, after, oldest uint64) []byte {
+	dst = append(dst, `event: reset`+"\n"+`data: {"type":"reset","reason":"`...)
+	dst = append(dst, reason...)
+	dst = append(dst, `","after":`...)
+	dst = strconv.AppendUint(dst, after, 10)
+	dst = append(dst, `,"oldest":`...)
+	dst = strconv.AppendUint(dst, oldest, 10)
+	return append(dst, "}\n\n"...)
+}
+
+// appendSyntheticFinish appends the run_finish a foreground stream ends
+// with when its dispatch was withdrawn before the run started.
+func appendSyntheticFinish(dst []byte, res *engine.SubmitResult) []byte {
+	data, _ := gojson.Marshal(map[string]any{
+		"type": "run_finish", "thread_id": res.ThreadID, "run_id": res.RunID, "dispatch_id": res.DispatchID,
+		"termination": engine.Termination{Type: engine.TermCancelled},
+	})
+	dst = append(dst, "id: 1\nevent: run_finish\ndata: "...)
+	dst = append(dst, data...)
+	return append(dst, "\n\n"...)
+}
