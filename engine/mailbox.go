@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 )
@@ -306,6 +307,24 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	normalizeRunMode(&req, false)
 	thread := req.ThreadID
+	// An idempotent repeat answers the first dispatch and interrupts
+	// nothing; a request the store would refuse is refused before the
+	// interrupt, so a failed submit leaves the thread as it was.
+	if req.DedupeKey != "" {
+		if res, ok, err := m.existingByDedupe(ctx, thread, req.DedupeKey); err != nil || ok {
+			if err != nil {
+				return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+			}
+			var events *EventLog
+			if res.Status == SubmitRunning && m.runningDispatch(thread) == res.DispatchID {
+				events = m.Reattach(thread)
+			}
+			return res, events, nil
+		}
+	}
+	if err := m.precheckSubmit(ctx, &req); err != nil {
+		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+	}
 	ir, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
 	if err != nil {
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
@@ -375,6 +394,56 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	m.startExecution(*claimed)
 	res.Status = SubmitRunning
 	return res, events, nil
+}
+
+// precheckSubmit refuses, without writing anything, what persistRun
+// would refuse after a foreground submit has already interrupted the
+// thread: a run hint naming another thread's run or a run not open for
+// dispatch, a dispatch id hint or a message id already taken.
+func (m *Mailbox) precheckSubmit(ctx context.Context, r *SubmitRequest) error {
+	for _, id := range []string{strings.TrimSpace(r.ContinueRunID), strings.TrimSpace(r.RunIDHint)} {
+		if id == "" {
+			continue
+		}
+		run, err := m.store.LoadRun(ctx, id)
+		if err != nil {
+			return err
+		}
+		if run == nil {
+			continue
+		}
+		if run.ThreadID != r.ThreadID {
+			return Validationf("run_id '%s' belongs to thread '%s', not '%s'", id, run.ThreadID, r.ThreadID)
+		}
+		if run.Status != RunCreated && !run.IsResumableWaiting() {
+			return Validationf("run_id '%s' is not open for dispatch", id)
+		}
+	}
+	if id := strings.TrimSpace(r.DispatchIDHint); id != "" {
+		d, err := m.store.LoadDispatch(ctx, id)
+		if err != nil {
+			return err
+		}
+		if d != nil {
+			return fmt.Errorf("dispatch_id=%s: %w", id, ErrAlreadyExists)
+		}
+	}
+	if r.messagesLogged {
+		return nil
+	}
+	for _, msg := range r.Messages {
+		if msg.ID == "" {
+			continue
+		}
+		rec, err := m.store.LoadMessage(ctx, r.ThreadID, msg.ID)
+		if err != nil {
+			return err
+		}
+		if rec != nil {
+			return fmt.Errorf("message %s: %w", msg.ID, ErrAlreadyExists)
+		}
+	}
+	return nil
 }
 
 // dropPending forgets the event logs made for foreground dispatches that

@@ -266,3 +266,55 @@ func TestMailboxRequeueRunsTheDeadLetterAgain(t *testing.T) {
 		t.Fatalf("requeue of an acked dispatch: %v", err)
 	}
 }
+
+// A foreground submit the store would refuse is refused before it
+// interrupts the thread: the queued dispatch and the active run survive
+// (found by the proxy's review). An idempotent repeat interrupts nothing.
+func TestForegroundSubmitRefusedBeforeInterrupting(t *testing.T) {
+	release := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	defer close(release)
+	ctx := context.Background()
+	active, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{{ID: "m-taken", Role: "user", Content: []byte(`"a"`)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "running", func() bool { return dispatchStatus(t, r.store, active.DispatchID) == engine.StatusClaimed })
+	queued, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", DedupeKey: "k1", Messages: []engine.Message{userMsg("b")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-other", Messages: []engine.Message{userMsg("c")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := []engine.SubmitRequest{
+		{ThreadID: "t", Messages: []engine.Message{{ID: "m-taken", Role: "user", Content: []byte(`"again"`)}}},
+		{ThreadID: "t", RunIDHint: other.RunID, Messages: []engine.Message{userMsg("x")}},
+		{ThreadID: "t", RunIDHint: active.RunID, Messages: []engine.Message{userMsg("x")}},
+		{ThreadID: "t", DispatchIDHint: queued.DispatchID, Messages: []engine.Message{userMsg("x")}},
+	}
+	for i, req := range bad {
+		if _, _, err := r.mb.Submit(ctx, req); !errors.Is(err, engine.ErrValidation) && !errors.Is(err, engine.ErrAlreadyExists) {
+			t.Fatalf("bad request %d: %v", i, err)
+		}
+	}
+	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t", DedupeKey: "k1", Messages: []engine.Message{userMsg("b")}})
+	if err != nil || res.DispatchID != queued.DispatchID {
+		t.Fatalf("idempotent repeat %+v %v", res, err)
+	}
+	if st := dispatchStatus(t, r.store, active.DispatchID); st != engine.StatusClaimed {
+		t.Fatalf("active dispatch after refused submits: %s", st)
+	}
+	if st := dispatchStatus(t, r.store, queued.DispatchID); st != engine.StatusQueued {
+		t.Fatalf("queued dispatch after refused submits: %s", st)
+	}
+}
