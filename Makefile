@@ -19,7 +19,7 @@ demo: build ## run the sidecar on a local folder with the example agent and show
 test: ## vet, race-enabled tests with goroutine-leak checks, every benchmark once
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 15m $(PKGS)
-	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -count=1 -timeout 10m $(PKGS)
+	MAILBOX_BENCH_QUEUED=2000 MAILBOX_BENCH_EXPIRED=100 $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -count=1 -timeout 10m $(PKGS)
 
 test-short: ## quick tests without the race detector
 	$(GO) test -count=1 -short $(PKGS)
@@ -27,8 +27,9 @@ test-short: ## quick tests without the race detector
 bench: ## benchmarks with allocation counts (figures go to bench/README.md)
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 60m $(PKGS)
 
-crash: ## long SIGKILL crash runs (100 cycles)
+crash: ## long SIGKILL crash runs: the store (100 cycles), the whole sidecar (60 per variant)
 	MAILBOX_CRASH_CYCLES=100 $(GO) test -count=1 -timeout 60m -run 'Crash' -v ./badgerstore/
+	MAILBOX_SIDECAR_CRASH_CYCLES=60 $(GO) test -count=1 -timeout 60m -v ./bench/crash/
 
 fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDispatch$$' -fuzztime $(FUZZTIME) ./badgerstore/
