@@ -232,12 +232,14 @@ func recoveryFixture(tb testing.TB, queued, claimed, threads int) string {
 // (default 100 000) queued dispatches over 10 000 threads and
 // MAILBOX_BENCH_EXPIRED (default 1 000) runs whose leases lapsed restarts
 // on the same directory: ready-ms is process start → /readyz 200,
-// first-run-ms is process start → the first run reaching the agent.
+// first-run-ms is process start → the first run reaching the agent, and
+// first-reclaimed-ms → the first run whose lease lapsed in the crash
+// (attempt > 1) reaching it.
 func BenchmarkRecoveryAfterKill(b *testing.B) {
 	queued := envInt("MAILBOX_BENCH_QUEUED", 100000)
 	expired := envInt("MAILBOX_BENCH_EXPIRED", 1000)
 	fixture := recoveryFixture(b, queued, expired, min(10000, max(queued/10, 1)))
-	var readyMs, firstMs []float64
+	var readyMs, firstMs, reclaimedMs []float64
 	b.ResetTimer()
 	for range b.N {
 		b.StopTimer()
@@ -247,11 +249,19 @@ func BenchmarkRecoveryAfterKill(b *testing.B) {
 		}
 		sockDir, _ := os.MkdirTemp("", "rc")
 		first := make(chan time.Time, 1)
+		firstReclaimed := make(chan time.Time, 1)
 		// The agent waits, connecting every few milliseconds.
 		stopAgent := runAgent(b, filepath.Join(sockDir, "agent.sock"), 64, func(ctx context.Context, run *agent.Run) agent.Result {
+			now := time.Now()
 			select {
-			case first <- time.Now():
+			case first <- now:
 			default:
+			}
+			if run.Attempt > 1 { // a run whose lease lapsed in the crash
+				select {
+				case firstReclaimed <- now:
+				default:
+				}
 			}
 			return agent.Done("ok")
 		})
@@ -260,15 +270,21 @@ func BenchmarkRecoveryAfterKill(b *testing.B) {
 		s := startSidecar(b, dir, sockDir)
 		s.waitReady(b, s.client(), 60*time.Second)
 		ready := time.Since(start)
-		var firstAt time.Time
+		var firstAt, reclaimedAt time.Time
 		select {
 		case firstAt = <-first:
 		case <-time.After(60 * time.Second):
 			b.Fatal("no run reached the agent")
 		}
+		select {
+		case reclaimedAt = <-firstReclaimed:
+		case <-time.After(60 * time.Second):
+			b.Fatal("no reclaimed run reached the agent")
+		}
 		b.StopTimer()
 		readyMs = append(readyMs, float64(ready.Microseconds())/1000)
 		firstMs = append(firstMs, float64(firstAt.Sub(start).Microseconds())/1000)
+		reclaimedMs = append(reclaimedMs, float64(reclaimedAt.Sub(start).Microseconds())/1000)
 		stopAgent()
 		s.kill()
 		os.RemoveAll(sockDir)
@@ -277,6 +293,7 @@ func BenchmarkRecoveryAfterKill(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(mean(readyMs), "ready-ms")
 	b.ReportMetric(mean(firstMs), "first-run-ms")
+	b.ReportMetric(mean(reclaimedMs), "first-reclaimed-ms")
 	b.ReportMetric(float64(queued), "queued")
 	b.ReportMetric(float64(expired), "expired")
 }
