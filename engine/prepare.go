@@ -52,7 +52,13 @@ func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string
 			return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 		}
 		if r != nil && r.ThreadID == thread && r.IsResumableWaiting() {
-			return r.RunID, nil, nil
+			ok, err := m.notYetContinued(ctx, r)
+			if err != nil {
+				return "", nil, err
+			}
+			if ok {
+				return r.RunID, nil, nil
+			}
 		}
 	}
 	r, err := m.store.LatestRun(ctx, thread)
@@ -60,9 +66,31 @@ func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string
 		return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 	}
 	if r != nil && r.IsResumableWaiting() {
-		return r.RunID, r, nil
+		ok, err := m.notYetContinued(ctx, r)
+		if err != nil {
+			return "", nil, err
+		}
+		if ok {
+			return r.RunID, r, nil
+		}
 	}
 	return "", r, nil
+}
+
+// notYetContinued reports whether a waiting run has no dispatch pending:
+// a second message arriving while the first continuation still waits in
+// the queue starts a run of its own, instead of rewriting the request of
+// the run that dispatch will execute (which would run the second message
+// twice and the first never; found by the crash harness).
+func (m *Mailbox) notYetContinued(ctx context.Context, r *RunRecord) (bool, error) {
+	if r.DispatchID == "" {
+		return true, nil
+	}
+	d, err := m.store.LoadDispatch(ctx, r.DispatchID)
+	if err != nil {
+		return false, fmt.Errorf("reusable waiting run %s: %w", r.RunID, err)
+	}
+	return d == nil || d.Status.Terminal(), nil
 }
 
 // prepareRun makes the durable run record for a request (engine.md §2)

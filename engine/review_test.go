@@ -318,3 +318,50 @@ func TestForegroundSubmitRefusedBeforeInterrupting(t *testing.T) {
 		t.Fatalf("queued dispatch after refused submits: %s", st)
 	}
 }
+
+// Two messages for a waiting run while no agent slot is free: the first
+// continues the waiting run, the second gets a run of its own; each
+// dispatch executes its own message once (found by the crash harness:
+// both continued the same run, the first dispatch executed the second
+// message and the second dispatch was acked without running).
+func TestWaitingRunContinuedOnceWhileQueued(t *testing.T) {
+	script := func(_ context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if string(req.Messages[0].Content) == `"wait"` {
+			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunWaiting, Termination: &engine.Termination{Type: engine.TermSuspended}, Waiting: &engine.RunWaitingState{Reason: "tool_permission"}}
+		}
+		return complete(nil, req, sink)
+	}
+	exec := newFake(1, script)
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("wait")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "waiting", func() bool { return execRun(t, r.store, first.RunID).Status == engine.RunWaiting })
+	exec.setCapacity(0)
+	a, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("one")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("two")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.RunID != first.RunID || b.RunID == first.RunID {
+		t.Fatalf("runs: waiting %s, first continuation %s, second %s", first.RunID, a.RunID, b.RunID)
+	}
+	exec.setCapacity(1)
+	eventually(t, "both done", func() bool {
+		return dispatchStatus(t, r.store, a.DispatchID) == engine.StatusAcked && dispatchStatus(t, r.store, b.DispatchID) == engine.StatusAcked
+	})
+	var got []string
+	for _, run := range exec.execRuns()[1:] {
+		got = append(got, run.RunID+":"+string(run.Messages[0].Content))
+	}
+	want := []string{a.RunID + `:"one"`, b.RunID + `:"two"`}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("executed %v, want %v", got, want)
+	}
+}
