@@ -3,6 +3,9 @@ GO        ?= go
 PKGS      ?= ./...
 BENCHTIME ?= 1x
 FUZZTIME  ?= 30s
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS   := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
 .PHONY: help build demo test test-short bench crash fuzz lint tidy
 
@@ -10,7 +13,7 @@ help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 build: ## build bin/mailbox-sidecar and bin/echo-agent
-	$(GO) build -o bin/mailbox-sidecar ./cmd/mailbox-sidecar
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/mailbox-sidecar ./cmd/mailbox-sidecar
 	$(GO) build -o bin/echo-agent ./examples/echo-agent
 
 demo: build ## run the sidecar on a local folder with the example agent and show a few runs
