@@ -1,0 +1,338 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// echoBin is the example echo agent, built on first use.
+var (
+	echoOnce sync.Once
+	echoBin  string
+	echoErr  error
+)
+
+func echoAgentBin(tb testing.TB) string {
+	echoOnce.Do(func() {
+		echoBin = filepath.Join(filepath.Dir(sidecarBin), "echo-agent")
+		out, err := exec.Command("go", "build", "-o", echoBin, "../examples/echo-agent").CombinedOutput()
+		if err != nil {
+			echoErr = fmt.Errorf("build the echo agent: %v: %s", err, out)
+		}
+	})
+	if echoErr != nil {
+		tb.Fatal(echoErr)
+	}
+	return echoBin
+}
+
+// node is the binary and the echo agent binary on a fresh data directory
+// (on disk, fsync on: the durable configuration).
+type node struct {
+	sc    *sidecar
+	agent *exec.Cmd
+	http  *http.Client
+}
+
+func startNode(tb testing.TB, maxRuns int) *node {
+	tb.Helper()
+	dir := tb.TempDir()
+	sockDir, err := os.MkdirTemp("", "e2e")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n := &node{sc: startSidecar(tb, filepath.Join(dir, "data"), sockDir)}
+	n.http = n.sc.client()
+	n.sc.waitReady(tb, n.http, 30*time.Second)
+	n.agent = exec.Command(echoAgentBin(tb), "--socket", n.sc.agentSock, "--max-runs", strconv.Itoa(maxRuns), "--log-format", "json")
+	n.agent.Stdout, n.agent.Stderr = io.Discard, io.Discard
+	if err := n.agent.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		n.agent.Process.Kill()
+		n.agent.Wait()
+		n.sc.kill()
+		os.RemoveAll(sockDir)
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(n.get(tb, "/readyz"), `"agent_connected":true`) {
+		if time.Now().After(deadline) {
+			tb.Fatal("the echo agent did not connect")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return n
+}
+
+func (n *node) get(tb testing.TB, path string) string {
+	resp, err := n.http.Get("http://sidecar" + path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// completedRuns reads mailbox_runs_total{outcome="completed"} from /metrics.
+func (n *node) completedRuns(tb testing.TB) int64 {
+	for _, line := range strings.Split(n.get(tb, "/metrics"), "\n") {
+		if strings.HasPrefix(line, `mailbox_runs_total{outcome="completed"} `) {
+			v, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
+			return int64(v)
+		}
+	}
+	return 0
+}
+
+func text(s string) map[string]any {
+	return map[string]any{"messages": []any{map[string]any{"role": "user", "content": s}}}
+}
+
+// BenchmarkFsyncBaseline: sequential 4 KiB append + fsync on the disk the
+// end-to-end benchmarks use; the denominator of the runs/s ratio.
+func BenchmarkFsyncBaseline(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "wal"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	for b.Loop() {
+		if _, err := f.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "fsyncs/s")
+}
+
+// BenchmarkDurableRuns: background runs through the whole sidecar — HTTP
+// submit over the API socket, Badger on disk with fsync, the echo agent
+// over the agent socket, checkpoint, ack — with as many concurrent
+// clients as threads, each submitting to its own thread. One op is one
+// run from submit to completion.
+func BenchmarkDurableRuns(b *testing.B) {
+	for _, threads := range []int{1, 16, 64} {
+		b.Run(fmt.Sprintf("threads=%d", threads), func(b *testing.B) {
+			n := startNode(b, 64)
+			base := n.completedRuns(b)
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			errc := make(chan error, threads)
+			b.ResetTimer()
+			for w := range threads {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for next.Add(1) <= int64(b.N) {
+						if _, err := postJSON(n.http, fmt.Sprintf("/v1/threads/t%d/dispatches", w), text("go")); err != nil {
+							errc <- err
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			select {
+			case err := <-errc:
+				b.Fatal(err)
+			default:
+			}
+			deadline := time.Now().Add(5 * time.Minute)
+			for n.completedRuns(b)-base < int64(b.N) {
+				if time.Now().After(deadline) {
+					b.Fatalf("only %d of %d runs completed", n.completedRuns(b)-base, b.N)
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+		})
+	}
+}
+
+// streamUntil posts a foreground submit and reads its SSE stream,
+// calling onEvent for every event; it returns when the stream ends.
+func streamUntil(c *http.Client, thread, msg string, onEvent func(event string)) error {
+	b := bytes.NewBufferString(fmt.Sprintf(`{"messages":[{"role":"user","content":%q}]}`, msg))
+	resp, err := c.Post("http://sidecar/v1/threads/"+thread+"/runs", "application/json", b)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		body, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("foreground submit: %d %s", resp.StatusCode, body)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		if ev, ok := strings.CutPrefix(sc.Text(), "event: "); ok {
+			onEvent(ev)
+		}
+	}
+	return sc.Err()
+}
+
+func reportLatency(b *testing.B, lat []time.Duration) {
+	if len(lat) == 0 {
+		return
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}
+
+// BenchmarkForegroundFirstEvent: a foreground submit over the API socket
+// until the agent's first event (run_start) reaches the client, through
+// the binary (fsync on) and the echo agent.
+func BenchmarkForegroundFirstEvent(b *testing.B) {
+	n := startNode(b, 4)
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := range b.N {
+		start := time.Now()
+		first := time.Duration(0)
+		err := streamUntil(n.http, "fg"+strconv.Itoa(i%8), "hello", func(ev string) {
+			if ev != "submitted" && first == 0 {
+				first = time.Since(start)
+			}
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, first)
+	}
+	b.StopTimer()
+	reportLatency(b, lat)
+}
+
+// BenchmarkLiveMessage: POST /v1/threads/{id}/messages while a run is
+// executing on the thread: append durably, offer to the run, the echo
+// agent's COMMAND_ACK, answer "live".
+func BenchmarkLiveMessage(b *testing.B) {
+	n := startNode(b, 4)
+	done := make(chan error, 1)
+	started := make(chan struct{})
+	var once sync.Once
+	go func() {
+		done <- streamUntil(n.http, "live", "sleep 600000", func(ev string) {
+			if ev == "run_start" {
+				once.Do(func() { close(started) })
+			}
+		})
+	}()
+	select {
+	case <-started:
+	case err := <-done:
+		b.Fatal(err)
+	}
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		res, err := postJSON(n.http, "/v1/threads/live/messages", text("more"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if res["delivery"] != "live" {
+			b.Fatalf("delivery %v", res)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	b.StopTimer()
+	reportLatency(b, lat)
+	postJSON(n.http, "/v1/cancel/live", nil)
+	<-done
+}
+
+// BenchmarkSSEEvents: events per second from the echo agent to one SSE
+// client: agent socket → hub → event ring → HTTP stream over the API
+// socket. One op is one event.
+func BenchmarkSSEEvents(b *testing.B) {
+	n := startNode(b, 4)
+	var count int
+	b.ResetTimer()
+	err := streamUntil(n.http, "sse", "events "+strconv.Itoa(b.N), func(ev string) {
+		if ev == "text_delta" {
+			count++
+		}
+	})
+	b.StopTimer()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if count < b.N {
+		b.Fatalf("got %d of %d events", count, b.N)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+}
+
+// BenchmarkRawSocketRoundTrip: a 256-byte request echoed over a Unix
+// socket, the same run's baseline for the latencies above.
+func BenchmarkRawSocketRoundTrip(b *testing.B) {
+	dir, err := os.MkdirTemp("", "raw")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "raw.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		var buf [256]byte
+		for {
+			if _, err := io.ReadFull(c, buf[:]); err != nil {
+				return
+			}
+			if _, err := c.Write(buf[:]); err != nil {
+				return
+			}
+		}
+	}()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	var buf [256]byte
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		c.Write(buf[:])
+		if _, err := io.ReadFull(c, buf[:]); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1000, "p50-µs")
+}
