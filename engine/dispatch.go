@@ -376,8 +376,18 @@ func (d *Dispatch) requeue(availableAt, now int64) {
 }
 
 // DeadLetter terminalizes a claimed dispatch without spending an attempt.
+// Unless a result was recorded already, the attempt's runtime projection
+// becomes the failure (run done, error termination, run_error), so a
+// permanent failure is recorded and dead-lettered in one commit.
 func (d *Dispatch) DeadLetter(msg string, now int64) {
 	d.recordError(msg, now)
+	if d.RunStatus != RunDone {
+		d.RunStatus = RunDone
+		d.Termination = ErrorTermination(msg)
+		d.RunResponse = ""
+		d.RunError = truncateError(msg)
+		d.CompletedAt = now
+	}
 	d.terminate(StatusDeadLetter, now)
 }
 

@@ -406,6 +406,20 @@ func TestTransitions(t *testing.T) {
 				d.LastError = "fatal"
 				d.Errors = []AttemptError{{Attempt: 1, Error: "fatal", At: now}}
 				d.CompletedAt, d.UpdatedAt = now, now
+				// The failure is the attempt's projection (one commit).
+				d.RunStatus, d.Termination, d.RunError = RunDone, ErrorTermination("fatal"), "fatal"
+			}),
+		},
+		{
+			name:  "dead letter keeps a recorded result",
+			start: with(fxClaimed, func(d *Dispatch) { d.RunStatus, d.RunError = RunDone, "recorded" }),
+			op:    func(d *Dispatch) error { d.DeadLetter("fatal", now); return nil },
+			want: with(fxQueued, func(d *Dispatch) {
+				d.Status = StatusDeadLetter
+				d.LastError = "fatal"
+				d.Errors = []AttemptError{{Attempt: 0, Error: "fatal", At: now}}
+				d.CompletedAt, d.UpdatedAt = now, now
+				d.RunStatus, d.RunError = RunDone, "recorded"
 			}),
 		},
 		{

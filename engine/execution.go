@@ -316,10 +316,10 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			msg = o.Kind.String()
 		}
 		m.emitFinish(e, msg)
-		res := RunResult{RunID: d.RunID, InstanceID: instance, Status: RunDone, Termination: ErrorTermination(msg), Error: msg}
-		if err := m.store.RecordRunResult(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
-			log.Warn("record run result failed", "err", err)
-		}
+		// One commit: the dead letter errors its run in the same commit
+		// (a crash between a separate run result and the dead letter left
+		// a done run whose retry was acked instead; found by the crash
+		// harness).
 		if err := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); err != nil {
 			log.Warn("dead letter failed", "err", err)
 		}

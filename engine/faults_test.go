@@ -47,6 +47,9 @@ type execFaultStore struct {
 	// failSettle makes RecordRunResult, Complete, Ack, Nack, DeadLetter and Release
 	// fail: an attempt finishes but its claim stays in the store.
 	failSettle atomic.Bool
+	// failDeadLetter makes DeadLetter alone fail (a crash right before
+	// the dead letter's commit).
+	failDeadLetter atomic.Bool
 	// extendLease, when set, decides ExtendLease calls (call counts from
 	// 1); real=true delegates to the store.
 	extendLease func(call int32) (ok bool, err error, real bool)
@@ -107,7 +110,7 @@ func (s *execFaultStore) Nack(ctx context.Context, id, token string, retryAt int
 }
 
 func (s *execFaultStore) DeadLetter(ctx context.Context, id, token, msg string, now int64) error {
-	if s.failSettle.Load() {
+	if s.failSettle.Load() || s.failDeadLetter.Load() {
 		return errExecSettle
 	}
 	return s.Store.DeadLetter(ctx, id, token, msg, now)
@@ -329,4 +332,36 @@ func execRun(t *testing.T, s *badgerstore.Store, id string) engine.RunRecord {
 		t.Fatalf("load run %s: %v %v", id, r, err)
 	}
 	return *r
+}
+
+// A permanent failure is recorded and dead-lettered in one commit: when
+// that commit fails (a crash before it), nothing of the attempt is
+// recorded, the lease lapses and the retry dead-letters it. Before, the
+// run result was its own commit and the retry found the run done and
+// acked the dispatch (found by the crash harness).
+func TestExec_permanent_failure_recorded_with_its_dead_letter(t *testing.T) {
+	script := func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome {
+		return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "agent_not_found", Error: "no such agent"}
+	}
+	r, fs := newExecRig(t, newFake(1, script), engine.Config{Lease: 300 * time.Millisecond, RenewInterval: 50 * time.Millisecond, SweepInterval: 50 * time.Millisecond},
+		func(s *execFaultStore) { s.failDeadLetter.Store(true) })
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-perm", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "first attempt ran", func() bool { return len(r.exec.execRuns()) == 1 })
+	if run := execRun(t, r.store, res.RunID); run.Status == engine.RunDone {
+		t.Fatalf("the run is done although its dead letter was not committed: %+v", run)
+	}
+	fs.failDeadLetter.Store(false)
+	eventually(t, "dead letter after the retry", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
+	d := execLoad(t, r.store, res.DispatchID)
+	if d.RunStatus != engine.RunDone || !strings.Contains(d.RunError, "no such agent") || len(r.exec.execRuns()) != 2 {
+		t.Fatalf("dead letter %+v after %d attempts", d, len(r.exec.execRuns()))
+	}
+	if run := execRun(t, r.store, res.RunID); run.Status != engine.RunDone || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermError {
+		t.Fatalf("run %+v", run)
+	}
 }

@@ -452,6 +452,8 @@ func dispatchDeadLetterCancelCases() []Case {
 			want.LastError = "fatal"
 			want.Errors = append(want.Errors, engine.AttemptError{Attempt: 1, Error: "fatal", At: 3000})
 			want.CompletedAt, want.UpdatedAt = 3000, 3000
+			// Without a recorded result the failure is the projection.
+			want.RunStatus, want.Termination, want.RunError = engine.RunDone, engine.ErrorTermination("fatal"), "fatal"
 			dqEqual(t, "dead letter", h.load("d1"), want)
 			if want.AttemptCount != 1 {
 				t.Fatalf("attempt_count = %d, want 1 (dead_letter spends none)", want.AttemptCount)
