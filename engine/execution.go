@@ -23,6 +23,19 @@ type execution struct {
 	suspended atomic.Int32 // >0 while a tool call waits (longer lease)
 	startedAt int64        // Unix ms of the recorded start (execute goroutine only)
 	sawFinish atomic.Bool  // the agent emitted run_finish
+	// instance is the attempt's dispatch instance id once chosen.
+	instance atomic.Pointer[string]
+	// cancelSettled: a user's cancel already acked the dispatch as
+	// cancelled; the attempt records nothing more.
+	cancelSettled atomic.Bool
+}
+
+// instanceID is the attempt's instance id, or "" before it is chosen.
+func (e *execution) instanceID() string {
+	if p := e.instance.Load(); p != nil {
+		return *p
+	}
+	return ""
 }
 
 // attempt is the result of trying to start work on a thread.
@@ -176,6 +189,7 @@ func (m *Mailbox) execute(e *execution) {
 	// behind (then it supersedes it and settles its run in the same
 	// commit), and the agent is never reached for such a dispatch.
 	instance := newID()
+	e.instance.Store(&instance)
 	if errors.Is(context.Cause(e.ctx), errShutdown) {
 		m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, Error: errShutdown.Error()}, instance, log)
 		return
@@ -254,6 +268,12 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	Info(string, ...any)
 }) {
 	d := &e.dispatch
+	if e.cancelSettled.Load() {
+		// A user's cancel settled the dispatch already (Mailbox.Cancel).
+		m.metrics.count(metricRuns, "outcome", OutcomeCompleted.String()).Inc()
+		m.emitFinishWith(e, &Termination{Type: TermCancelled})
+		return
+	}
 	now := m.cfg.Now()
 	label := o.Kind.String()
 	m.metrics.count(metricRuns, "outcome", label).Inc()

@@ -214,10 +214,60 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 		m.dropPending(d.DispatchID)
 		return true, nil
 	}
-	if m.cancelLocal(id, errCancelled) {
+	if e := m.executing(id); e != nil {
+		// The cancel is made durable before it is reported: the claimed
+		// dispatch is acked with termination cancelled (its run settles in
+		// the same commit), so a crash before the agent stops cannot bring
+		// the run back (found by the crash harness). The attempt still
+		// executing finds its claim settled and records nothing more.
+		ok, err := m.settleCancel(ctx, e)
+		if err != nil || !ok {
+			return false, err
+		}
+		e.cancel(errCancelled)
 		return true, nil
 	}
 	return m.deliverElsewhere(ctx, id, LiveCommand{Kind: LiveCancel})
+}
+
+// settleCancel acks the dispatch an attempt executes with termination
+// cancelled. false (no error) when the attempt's claim was already
+// settled: the run finished first.
+func (m *Mailbox) settleCancel(ctx context.Context, e *execution) (bool, error) {
+	d := &e.dispatch
+	res := RunResult{RunID: d.RunID, InstanceID: e.instanceID(), Status: RunDone, Termination: &Termination{Type: TermCancelled}}
+	err := m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, m.cfg.Now())
+	switch {
+	case err == nil:
+		e.cancelSettled.Store(true)
+		return true, nil
+	case errors.Is(err, ErrStaleClaim) || errors.Is(err, ErrNotFound):
+		return false, nil
+	}
+	return false, fmt.Errorf("cancel %s: %w", d.DispatchID, err)
+}
+
+// executing returns the attempt executing here whose run, dispatch or
+// thread is id, or nil.
+func (m *Mailbox) executing(id string) *execution {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.byRun[id]
+	if e == nil {
+		e = m.threads[id]
+	}
+	if e == nil {
+		for _, x := range m.threads {
+			if x.dispatch.DispatchID == id {
+				e = x
+				break
+			}
+		}
+	}
+	if e == nil || e.claiming {
+		return nil
+	}
+	return e
 }
 
 // deliverElsewhere carries a command to a run executing in another

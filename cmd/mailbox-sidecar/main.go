@@ -112,7 +112,7 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	recovered := make(chan error, 1)
-	go func() { recovered <- s.recover(ctx) }()
+	go func() { recovered <- s.recoverRetrying(ctx) }()
 
 	status := 0
 	select {

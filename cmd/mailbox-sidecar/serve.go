@@ -143,6 +143,27 @@ func (s *sidecar) recover(ctx context.Context) error {
 	return nil
 }
 
+// recoverRetrying is recover, retried with backoff while the store is
+// unavailable (a full disk at start): the sidecar stays up and not ready
+// instead of exiting into a restart loop. Other failures (a corrupt
+// store) are returned at once.
+func (s *sidecar) recoverRetrying(ctx context.Context) error {
+	backoff := 250 * time.Millisecond
+	for {
+		err := s.recover(ctx)
+		if err == nil || !errors.Is(err, engine.ErrUnavailable) || ctx.Err() != nil {
+			return err
+		}
+		s.log.Warn("startup recovery failed; retrying, not ready meanwhile", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
 // serve runs a listener's loop on its own goroutine; an error other than
 // the expected one at shutdown is reported on s.errs.
 func (s *sidecar) serve(name string, run func() error, closedErr error) {

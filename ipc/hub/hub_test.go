@@ -691,3 +691,21 @@ func TestCloseEndsConnectionsAndRuns(t *testing.T) {
 		t.Fatalf("ERROR at close %+v", s)
 	}
 }
+
+func TestRunCancelledBeforeItStartsSendsNoRun(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{MaxRuns: 1})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if o := startRun(r.hub, ctx, request("t1")).wait(t); o.Kind != engine.OutcomeAbandoned {
+		t.Fatalf("outcome %+v", o)
+	}
+	// The next frame the agent sees is the next run's RUN on stream 1.
+	rc := startRun(r.hub, context.Background(), request("t2"))
+	if f := a.expect(ipc.TypeRun, 1); decodeRun(t, f).ThreadID != "t2" {
+		t.Fatalf("RUN %s", f.Payload)
+	}
+	a.send(ipc.TypeFinish, 1, finishDone(""))
+	rc.wait(t)
+}

@@ -173,6 +173,11 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 	}
 	var deadline <-chan time.Time
 	for {
+		if ctx.Err() != nil {
+			// Cancelled (an interrupt, a cancel, shutdown) before any
+			// agent got it: no RUN is sent.
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, Error: "cancelled before an agent took the run"}
+		}
 		c, st, wait, anyConn := h.open(req.AgentID, sink)
 		if c == nil {
 			if deadline == nil {
