@@ -1,0 +1,647 @@
+package crash
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net/url"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+)
+
+// snapshot is the sidecar's state read through the API.
+type snapshot struct {
+	dispatches map[string]dispatch
+	runs       map[string]runRecord
+	logs       map[string][]messageRecord
+	threads    []string
+}
+
+// drain waits until every dispatch of the touched threads — those the
+// API accepted and any other the store holds — is terminal, and returns
+// how long that took; on timeout it returns the ones still pending.
+func (c *cluster) drain(rec *recorder, timeout time.Duration) (time.Duration, []string) {
+	start := time.Now()
+	deadline := start.Add(timeout)
+	for {
+		var pending []string
+		seen := map[string]bool{}
+		for _, th := range rec.threadsTouched() {
+			ds, err := c.api.threadDispatches(th)
+			if err != nil {
+				pending = append(pending, fmt.Sprintf("thread %s: %v", th, err))
+				continue
+			}
+			for _, d := range ds {
+				seen[d.DispatchID] = true
+				if !terminal(d.Status) {
+					pending = append(pending, fmt.Sprintf("%s on %s: %s, attempt %d, last error %q", d.DispatchID, d.ThreadID, d.Status, d.AttemptCount, d.LastError))
+				}
+			}
+		}
+		for _, a := range rec.all() {
+			if !seen[a.ID] {
+				pending = append(pending, fmt.Sprintf("accepted %s dispatch %s on %s (%q) is not in its thread's list", a.Kind, a.ID, a.Thread, a.Cmd))
+			}
+		}
+		if len(pending) == 0 {
+			return time.Since(start), nil
+		}
+		if time.Now().After(deadline) {
+			return time.Since(start), pending
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// collect reads every dispatch, run record and message log of the
+// touched threads.
+func (c *cluster) collect(rec *recorder) (*snapshot, error) {
+	s := &snapshot{dispatches: map[string]dispatch{}, runs: map[string]runRecord{}, logs: map[string][]messageRecord{}, threads: rec.threadsTouched()}
+	for _, th := range s.threads {
+		ds, err := c.api.threadDispatches(th)
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range ds {
+			s.dispatches[d.DispatchID] = d
+		}
+		if s.logs[th], err = c.api.threadMessages(th); err != nil {
+			return nil, err
+		}
+	}
+	for _, d := range s.dispatches {
+		if _, ok := s.runs[d.RunID]; ok {
+			continue
+		}
+		var r runRecord
+		if err := c.api.get("/v1/runs/"+url.PathEscape(d.RunID), &r); err != nil {
+			return nil, fmt.Errorf("run %s of dispatch %s: %w", d.RunID, d.DispatchID, err)
+		}
+		s.runs[d.RunID] = r
+	}
+	return s, nil
+}
+
+// session is one attempt as the agents' journals tell it.
+type session struct {
+	start  journalEntry
+	end    *journalEntry
+	cps    []journalEntry // acknowledged checkpoints
+	endNs  int64          // effective end: its end record, or the agent's death
+	closed bool           // endNs comes from an end record or a kill
+}
+
+// journalIndex groups the journal by session, dispatch and thread.
+type journalIndex struct {
+	sessions   map[string]*session
+	byDispatch map[string][]*session
+	byThread   map[string][]*session
+}
+
+// indexJournal builds the index. A run without an end record ends at its
+// agent's death (SIGKILL); with stallCut, a run in progress when its agent
+// was SIGSTOPped ends at the stop (the sidecar fences the frozen attempt);
+// a run of an agent that neither died nor has an end record is open.
+func indexJournal(entries []journalEntry, stallCut bool) (*journalIndex, []string) {
+	ix := &journalIndex{sessions: map[string]*session{}, byDispatch: map[string][]*session{}, byThread: map[string][]*session{}}
+	var problems []string
+	for _, e := range entries {
+		if e.Event == EventStart {
+			if ix.sessions[e.SessionID] != nil {
+				problems = append(problems, fmt.Sprintf("session %s of dispatch %s started twice", e.SessionID, e.DispatchID))
+				continue
+			}
+			s := &session{start: e}
+			ix.sessions[e.SessionID] = s
+			ix.byDispatch[e.DispatchID] = append(ix.byDispatch[e.DispatchID], s)
+			ix.byThread[e.ThreadID] = append(ix.byThread[e.ThreadID], s)
+		}
+	}
+	for _, e := range entries {
+		s := ix.sessions[e.SessionID]
+		switch {
+		case e.Event == EventStart:
+		case s == nil:
+			problems = append(problems, fmt.Sprintf("journal %s record of session %s without its start", e.Event, e.SessionID))
+		case e.Event == EventEnd:
+			e := e
+			s.end = &e
+		case e.Event == EventCheckpoint:
+			s.cps = append(s.cps, e)
+		}
+	}
+	for _, s := range ix.sessions {
+		switch {
+		case s.end != nil:
+			s.endNs, s.closed = s.end.EndNs, true
+		case s.start.agent.deathNs != 0:
+			s.endNs, s.closed = s.start.agent.deathNs, true
+		default:
+			s.endNs = math.MaxInt64
+		}
+		if stallCut {
+			for _, stop := range s.start.agent.stops {
+				if stop > s.start.StartNs && stop < s.endNs {
+					s.endNs, s.closed = stop, true
+				}
+			}
+		}
+	}
+	for _, l := range ix.byThread {
+		sort.Slice(l, func(i, j int) bool { return l[i].start.StartNs < l[j].start.StartNs })
+	}
+	for _, l := range ix.byDispatch {
+		sort.Slice(l, func(i, j int) bool { return l[i].start.StartNs < l[j].start.StartNs })
+	}
+	return ix, problems
+}
+
+// findings is what the checks found.
+type findings struct {
+	problems          []string
+	notes             []string // observations that are not failures
+	lost              int      // accepted dispatches missing or not terminal
+	overlaps          int      // pairs of runs of one thread that overlapped
+	resurrected       int      // superseded or cancelled work that started afterwards
+	runsExecuted      int      // journal starts
+	reexecuted        int      // dispatches executed more than once
+	checkpoints       int      // acknowledged checkpoints found in the logs
+	lateRuns          int      // an interrupted or cancelled attempt reached the agent after the interrupt or cancel returned
+	lateRunsCompleted int      // … and was not cancelled there
+}
+
+func (f *findings) add(format string, args ...any) {
+	f.problems = append(f.problems, fmt.Sprintf(format, args...))
+}
+
+// checkOptions tune the checks for a fault.
+type checkOptions struct {
+	stallCut bool // see indexJournal
+}
+
+// check runs every end-of-test invariant over the recorder, the snapshot
+// and the journals.
+func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions) *findings {
+	f := &findings{}
+	ix, jp := indexJournal(entries, o.stallCut)
+	f.problems = append(f.problems, jp...)
+	rec.mu.Lock()
+	f.problems = append(f.problems, rec.problems...)
+	rec.mu.Unlock()
+	acc := rec.all()
+
+	// Nothing lost: every accepted dispatch exists and is terminal; so is
+	// every other dispatch of the touched threads.
+	for _, a := range acc {
+		d, ok := snap.dispatches[a.ID]
+		switch {
+		case !ok:
+			f.lost++
+			f.add("LOST: accepted %s dispatch %s on %s (%q) does not exist", a.Kind, a.ID, a.Thread, a.Cmd)
+		case !terminal(d.Status):
+			f.lost++
+			f.add("LOST: accepted %s dispatch %s on %s (%q) is %s after the drain", a.Kind, a.ID, a.Thread, a.Cmd, d.Status)
+		case d.ThreadID != a.Thread || d.RunID != a.RunID:
+			f.add("dispatch %s is on thread %s run %s, accepted as thread %s run %s", a.ID, d.ThreadID, d.RunID, a.Thread, a.RunID)
+		}
+	}
+	for _, d := range snap.dispatches {
+		if !terminal(d.Status) {
+			f.add("dispatch %s on %s is %s after the drain", d.DispatchID, d.ThreadID, d.Status)
+		}
+	}
+
+	// Outcomes of acked dispatches come from an attempt that ended so.
+	for _, d := range snap.dispatches {
+		if d.Status != "acked" {
+			continue
+		}
+		term := ""
+		if d.Termination != nil {
+			term = d.Termination.Type
+		}
+		if (d.RunStatus != "done" && d.RunStatus != "waiting") || term == "" {
+			f.add("acked dispatch %s has run_status %q termination %q\n%s", d.DispatchID, d.RunStatus, term, history(d.DispatchID, rec, snap, ix))
+			continue
+		}
+		if term == "cancelled" {
+			continue // a user's cancel settles whatever the agent reported
+		}
+		s := ix.sessions[d.InstanceID]
+		if s == nil || s.start.DispatchID != d.DispatchID {
+			f.add("acked dispatch %s names attempt %q, which the agents never ran for it", d.DispatchID, d.InstanceID)
+			continue
+		}
+		if s.end == nil {
+			f.add("acked dispatch %s: its attempt %s has no end record (the agent never returned a result)", d.DispatchID, d.InstanceID)
+			continue
+		}
+		switch out := s.end.Outcome; term {
+		case "natural_end":
+			if out != OutcomeDone && out != OutcomeResumed {
+				f.add("acked dispatch %s ended natural_end, but its attempt %s ended %s", d.DispatchID, d.InstanceID, out)
+			}
+			if d.RunResponse != "ok "+d.InstanceID {
+				f.add("acked dispatch %s: response %q is not its attempt's (%s)", d.DispatchID, d.RunResponse, d.InstanceID)
+			}
+			if s.start.Command != "" {
+				if c, ok := ParseCommand(s.start.Command); ok && c.Verb == VerbCheckpoint && len(s.cps) != c.Arg {
+					f.add("acked dispatch %s: attempt %s completed %q with %d acknowledged checkpoints", d.DispatchID, d.InstanceID, s.start.Command, len(s.cps))
+				}
+			}
+		case "suspended":
+			if out != OutcomeSuspended || d.RunStatus != "waiting" {
+				f.add("acked dispatch %s suspended (%s), but its attempt %s ended %s", d.DispatchID, d.RunStatus, d.InstanceID, out)
+			}
+		default:
+			f.add("acked dispatch %s has termination %q", d.DispatchID, term)
+		}
+	}
+
+	// Run records agree with their dispatch; none is left created or
+	// running.
+	for id, r := range snap.runs {
+		if r.Status != "done" && r.Status != "waiting" {
+			f.add("run %s is %q after the drain (dispatch %s)", id, r.Status, r.DispatchID)
+		}
+		d, ok := snap.dispatches[r.DispatchID]
+		if !ok {
+			continue
+		}
+		switch {
+		case d.Status == "acked":
+			if r.Status != d.RunStatus {
+				f.add("run %s is %s, its acked dispatch %s says %s", id, r.Status, d.DispatchID, d.RunStatus)
+			}
+			if r.TerminationReason == nil || d.Termination == nil || r.TerminationReason.Type != d.Termination.Type {
+				f.add("run %s termination %v, its acked dispatch %s %v", id, r.TerminationReason, d.DispatchID, d.Termination)
+			}
+		case terminal(d.Status) && r.Status != "done":
+			f.add("run %s is %s, its dispatch %s is %s", id, r.Status, d.DispatchID, d.Status)
+		}
+	}
+
+	// Every attempt of a dispatch executed that dispatch's own request.
+	for _, a := range acc {
+		if a.Kind == kindResume {
+			continue
+		}
+		for _, s := range ix.byDispatch[a.ID] {
+			if s.start.Command != a.Cmd.String() {
+				f.add("WRONG REQUEST: attempt %s of dispatch %s on %s executed %q; the dispatch was accepted with %q\n%s",
+					s.start.SessionID, a.ID, a.Thread, s.start.Command, a.Cmd, history(a.ID, rec, snap, ix))
+			}
+		}
+	}
+
+	// Runs and re-executions.
+	for _, l := range ix.byDispatch {
+		f.runsExecuted += len(l)
+		if len(l) > 1 {
+			f.reexecuted++
+		}
+	}
+
+	// One run per thread at a time.
+	for th, l := range ix.byThread {
+		var last *session
+		for _, s := range l {
+			if last != nil && s.start.StartNs < last.endNs {
+				f.overlaps++
+				f.add("OVERLAP on %s: attempt %s of %s (%q, pid %d) ran %v–%v; attempt %s of %s (%q, pid %d) started at %v, %v before",
+					th, last.start.SessionID, last.start.DispatchID, last.start.Command, last.start.PID, ts(last.start.StartNs), ts(last.endNs),
+					s.start.SessionID, s.start.DispatchID, s.start.Command, s.start.PID, ts(s.start.StartNs), time.Duration(last.endNs-s.start.StartNs))
+			}
+			if last == nil || s.endNs > last.endNs {
+				last = s
+			}
+		}
+	}
+
+	// Checkpoints and messages in the logs.
+	for _, th := range snap.threads {
+		checkLog(f, th, snap.logs[th], ix)
+	}
+	rec.mu.Lock()
+	texts := make(map[string]textRec, len(rec.texts))
+	for k, v := range rec.texts {
+		texts[k] = *v
+	}
+	interrupts := append([]interruptRec(nil), rec.interrupts...)
+	cancels := append([]cancelRec(nil), rec.cancels...)
+	rec.mu.Unlock()
+	counts := map[string]int{}
+	for _, th := range snap.threads {
+		for _, m := range snap.logs[th] {
+			if t, ok := texts[m.text()]; ok {
+				if t.Thread != th {
+					f.add("message %q of thread %s found in thread %s", m.text(), t.Thread, th)
+				}
+				counts[m.text()]++
+			}
+		}
+	}
+	for text, t := range texts {
+		switch n := counts[text]; {
+		case t.Accepted && n != 1:
+			f.add("accepted message %q is %d times in the log of %s", text, n, t.Thread)
+			if n == 0 {
+				f.lost++
+			}
+		case n > 1:
+			f.add("message %q (its request failed) is %d times in the log of %s", text, n, t.Thread)
+		}
+	}
+
+	// Superseded and cancelled work never starts afterwards.
+	byThreadInt := map[string][]interruptRec{}
+	for _, i := range interrupts {
+		byThreadInt[i.Thread] = append(byThreadInt[i.Thread], i)
+	}
+	for _, a := range acc {
+		// After the first interrupt sent once a was accepted returned,
+		// no attempt of a may start — except the one attempt in flight
+		// when a plain interrupt found a claimed.
+		firstR := int64(math.MaxInt64)
+		inFlight := false
+		for _, i := range byThreadInt[a.Thread] {
+			if i.SentNs > a.AcceptedNs && i.Own != a.ID && i.ReturnedNs < firstR {
+				firstR, inFlight = i.ReturnedNs, i.Active == a.ID
+			}
+		}
+		late := 0
+		for _, s := range ix.byDispatch[a.ID] {
+			if s.start.StartNs <= firstR {
+				continue
+			}
+			if late++; inFlight && late == 1 {
+				f.lateRuns++
+				if s.end == nil || s.end.Outcome != OutcomeCancelled {
+					f.lateRunsCompleted++
+				}
+				f.notes = append(f.notes, fmt.Sprintf("dispatch %s on %s: active when an interrupt returned at %v, its attempt %s reached the agent at %v\n%s",
+					a.ID, a.Thread, ts(firstR), s.start.SessionID, ts(s.start.StartNs), history(a.ID, rec, snap, ix)))
+				continue
+			}
+			f.resurrected++
+			f.add("RESURRECTED: dispatch %s on %s (%q, accepted %v) started attempt %s at %v, after an interrupt of the thread returned at %v\n%s",
+				a.ID, a.Thread, a.Cmd, ts(a.AcceptedNs), s.start.SessionID, ts(s.start.StartNs), ts(firstR), history(a.ID, rec, snap, ix))
+		}
+	}
+	// A cancel answered cancelled:true is final: no attempt of the
+	// dispatch starts after it returned — except, when no attempt was
+	// executing at the cancel, the one attempt already on its way (its
+	// start recorded, its RUN not yet sent; it gets the CANCEL next).
+	for _, c := range cancels {
+		if !c.Cancelled {
+			continue
+		}
+		st := snap.dispatches[c.Dispatch].Status
+		executing := false
+		for _, s := range ix.byDispatch[c.Dispatch] {
+			executing = executing || (s.start.StartNs < c.ReturnedNs && s.endNs > c.SentNs)
+		}
+		late := 0
+		for _, s := range ix.byDispatch[c.Dispatch] {
+			if s.start.StartNs <= c.ReturnedNs {
+				continue
+			}
+			if late++; late == 1 && !executing && st != "cancelled" {
+				f.lateRuns++
+				if s.end == nil || s.end.Outcome != OutcomeCancelled {
+					f.lateRunsCompleted++
+				}
+				f.notes = append(f.notes, fmt.Sprintf("dispatch %s on %s: a cancel returned cancelled:true at %v before its attempt %s reached the agent at %v\n%s",
+					c.Dispatch, c.Thread, ts(c.ReturnedNs), s.start.SessionID, ts(s.start.StartNs), history(c.Dispatch, rec, snap, ix)))
+				continue
+			}
+			f.resurrected++
+			f.add("RESURRECTED: dispatch %s on %s (now %s): a cancel returned cancelled:true at %v, yet attempt %d (%s) started at %v\n%s",
+				c.Dispatch, c.Thread, st, ts(c.ReturnedNs), s.start.Attempt, s.start.SessionID, ts(s.start.StartNs), history(c.Dispatch, rec, snap, ix))
+		}
+	}
+	return f
+}
+
+// history describes a dispatch for a report: its record, its attempts
+// and the interrupts and cancels of its thread.
+func history(id string, rec *recorder, snap *snapshot, ix *journalIndex) string {
+	var b strings.Builder
+	d := snap.dispatches[id]
+	fmt.Fprintf(&b, "    dispatch: %+v\n", d)
+	if r, ok := snap.runs[d.RunID]; ok {
+		fmt.Fprintf(&b, "    run: %+v\n", r)
+	}
+	rec.mu.Lock()
+	if a := rec.accepted[id]; a != nil {
+		fmt.Fprintf(&b, "    accepted %v as %s %q\n", ts(a.AcceptedNs), a.Kind, a.Cmd)
+	}
+	for _, i := range rec.interrupts {
+		if i.Thread == d.ThreadID {
+			fmt.Fprintf(&b, "    interrupt of the thread sent %v returned %v (foreground %q, active %q)\n", ts(i.SentNs), ts(i.ReturnedNs), i.Own, i.Active)
+		}
+	}
+	for _, c := range rec.cancels {
+		if c.Dispatch == id {
+			fmt.Fprintf(&b, "    cancel sent %v returned %v cancelled %v\n", ts(c.SentNs), ts(c.ReturnedNs), c.Cancelled)
+		}
+	}
+	rec.mu.Unlock()
+	for _, s := range ix.byDispatch[id] {
+		out := "(no end)"
+		if s.end != nil {
+			out = s.end.Outcome
+		}
+		fmt.Fprintf(&b, "    attempt %d session %s pid %d %v–%v %s, %d checkpoints acked\n", s.start.Attempt, s.start.SessionID, s.start.PID, ts(s.start.StartNs), ts(s.endNs), out, len(s.cps))
+	}
+	return b.String()
+}
+
+// checkLog checks the checkpointed messages of one thread's log against
+// the journal: present once per attempt, in order, as a prefix that holds
+// every acknowledged one; attempts in the order they ran, never
+// interleaved; nothing from an attempt no agent ran.
+func checkLog(f *findings, thread string, log []messageRecord, ix *journalIndex) {
+	count := map[string]int{} // checkpoints seen per session
+	var order []string        // sessions in the order their checkpoints appear
+	closed := map[string]bool{}
+	for i, m := range log {
+		if i > 0 && m.Seq != log[i-1].Seq+1 {
+			f.add("log of %s: seq %d follows %d", thread, m.Seq, log[i-1].Seq)
+		}
+		mark, ok := ParseCheckpointText(m.text())
+		if !ok {
+			continue
+		}
+		s := ix.sessions[mark.SessionID]
+		if s == nil {
+			f.add("log of %s seq %d: checkpoint %q of an attempt no agent ran", thread, m.Seq, m.text())
+			continue
+		}
+		if s.start.ThreadID != thread || s.start.DispatchID != mark.DispatchID || s.start.Attempt != mark.Attempt {
+			f.add("log of %s seq %d: checkpoint %q does not match its attempt %+v", thread, m.Seq, m.text(), s.start.Record)
+		}
+		if m.ProducedByRunID != "" && m.ProducedByRunID != s.start.RunID {
+			f.add("log of %s seq %d: checkpoint of run %s says produced by %s", thread, m.Seq, s.start.RunID, m.ProducedByRunID)
+		}
+		if mark.Index != count[mark.SessionID]+1 {
+			f.add("log of %s seq %d: checkpoint m%d of attempt %s follows m%d (duplicate, gap or out of order)", thread, m.Seq, mark.Index, mark.SessionID, count[mark.SessionID])
+		}
+		count[mark.SessionID]++
+		if n := len(order); n == 0 || order[n-1] != mark.SessionID {
+			if closed[mark.SessionID] {
+				f.add("log of %s seq %d: checkpoints of attempt %s interleave with another attempt's", thread, m.Seq, mark.SessionID)
+			}
+			if n > 0 {
+				prev := ix.sessions[order[n-1]]
+				closed[order[n-1]] = true
+				if prev.start.StartNs > s.start.StartNs {
+					f.add("log of %s seq %d: attempt %s checkpointed after attempt %s, which started later", thread, m.Seq, mark.SessionID, order[n-1])
+				}
+			}
+			order = append(order, mark.SessionID)
+		}
+	}
+	for _, s := range ix.byThread[thread] {
+		acked := 0
+		for _, cp := range s.cps {
+			acked = max(acked, cp.Index)
+		}
+		n := count[s.start.SessionID]
+		switch {
+		case n < acked:
+			f.lost++
+			f.add("LOST: attempt %s of %s on %s had checkpoints up to m%d acknowledged; the log has %d", s.start.SessionID, s.start.DispatchID, thread, acked, n)
+		case n > acked+1:
+			f.add("attempt %s of %s on %s: %d checkpoints in the log, only %d acknowledged (at most one can be in flight)", s.start.SessionID, s.start.DispatchID, thread, n, acked)
+		}
+		f.checkpoints += min(n, acked)
+	}
+}
+
+// checkRestart checks, right after a restart, what was acknowledged
+// before killNs: every accepted dispatch still exists, every accepted
+// message and every acknowledged checkpoint is in its thread's log. The
+// workload keeps running meanwhile; only what was acknowledged before the
+// logs were read is checked.
+func (c *cluster) checkRestart(rec *recorder, killNs int64) []string {
+	var problems []string
+	rec.mu.Lock()
+	var todo []*accepted
+	for _, a := range rec.order {
+		if !a.checked && a.AcceptedNs < killNs {
+			todo = append(todo, a)
+		}
+	}
+	rec.mu.Unlock()
+	for _, a := range todo {
+		var d dispatch
+		var err error
+		for try := 0; try < 5; try++ {
+			if err = c.api.get("/v1/dispatches/"+url.PathEscape(a.ID), &d); err == nil || statusOf(err) == 404 {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("LOST after restart: accepted %s dispatch %s on %s (%q): %v", a.Kind, a.ID, a.Thread, a.Cmd, err))
+			continue
+		}
+		rec.mu.Lock()
+		a.checked = true
+		rec.mu.Unlock()
+	}
+
+	entries, err := c.journals()
+	if err != nil {
+		return append(problems, err.Error())
+	}
+	readAt := time.Now().UnixNano()
+	logs := map[string]map[string]int{} // thread → text → count
+	for _, th := range rec.threadsTouched() {
+		msgs, err := c.api.threadMessages(th)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("log of %s after restart: %v", th, err))
+			continue
+		}
+		m := map[string]int{}
+		for _, msg := range msgs {
+			m[msg.text()]++
+		}
+		logs[th] = m
+	}
+	rec.mu.Lock()
+	for text, t := range rec.texts {
+		if !t.Accepted || t.checked || t.SentNs > killNs {
+			continue
+		}
+		if m, ok := logs[t.Thread]; ok {
+			if n := m[text]; n != 1 {
+				problems = append(problems, fmt.Sprintf("after restart: accepted message %q is %d times in the log of %s", text, n, t.Thread))
+			}
+			t.checked = true
+		}
+	}
+	rec.mu.Unlock()
+	for _, e := range entries {
+		if e.Event != EventCheckpoint || e.AckNs >= readAt {
+			continue
+		}
+		// The text is known up to the total, which only the start knows.
+		found := 0
+		prefix := fmt.Sprintf("m%d of ", e.Index)
+		suffix := fmt.Sprintf(" d=%s s=%s a=%d", e.DispatchID, e.SessionID, e.Attempt)
+		for text, n := range logs[e.ThreadID] {
+			if strings.HasPrefix(text, prefix) && strings.HasSuffix(text, suffix) {
+				found += n
+			}
+		}
+		if found != 1 {
+			problems = append(problems, fmt.Sprintf("after restart: checkpoint m%d of attempt %s (acked %v) is %d times in the log of %s", e.Index, e.SessionID, ts(e.AckNs), found, e.ThreadID))
+		}
+	}
+	return problems
+}
+
+// verifyStore opens the data directory (the sidecar stopped) and runs the
+// store's consistency check; every dispatch read through the API must
+// have the same status in the store.
+func verifyStore(dir string, snap *snapshot) ([]string, error) {
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err != nil {
+		return nil, fmt.Errorf("open the data directory: %w", err)
+	}
+	ctx := context.Background()
+	rep, err := s.Verify(ctx)
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("verify: %w", err)
+	}
+	problems := append([]string(nil), rep.Problems...)
+	for id, d := range snap.dispatches {
+		got, err := s.LoadDispatch(ctx, id)
+		if err != nil || got == nil {
+			problems = append(problems, fmt.Sprintf("dispatch %s: in the API, not in the store (%v)", id, err))
+			continue
+		}
+		if got.Status.String() != d.Status {
+			problems = append(problems, fmt.Sprintf("dispatch %s: %s in the store, %s through the API", id, got.Status, d.Status))
+		}
+	}
+	if rep.Dispatches < len(snap.dispatches) {
+		problems = append(problems, fmt.Sprintf("the store holds %d dispatches, the API showed %d", rep.Dispatches, len(snap.dispatches)))
+	}
+	return problems, s.Close()
+}
+
+// ts formats a Unix-ns time for reports.
+func ts(ns int64) string {
+	if ns == math.MaxInt64 {
+		return "(still running)"
+	}
+	return time.Unix(0, ns).Format("15:04:05.000000")
+}

@@ -1,0 +1,150 @@
+package crash
+
+import (
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// crashCycles is the number of kill cycles of each variant:
+// MAILBOX_SIDECAR_CRASH_CYCLES, default 5 (`make crash` runs 60).
+func crashCycles() int {
+	if n, err := strconv.Atoi(os.Getenv("MAILBOX_SIDECAR_CRASH_CYCLES")); err == nil && n > 0 {
+		return n
+	}
+	return 5
+}
+
+// drainTimeout bounds how long accepted work may take to settle once the
+// workload stops: leases of 2 s, retries capped at 200 ms, suspended
+// leases of 3 s, a few attempts each.
+const drainTimeout = 60 * time.Second
+
+// maxProblems caps the problems a test prints.
+const maxProblems = 40
+
+// TestCrashKillSidecar SIGKILLs the sidecar at random moments under the
+// mixed workload and restarts it on the same directory (its sockets left
+// behind); the agent stays and reconnects.
+func TestCrashKillSidecar(t *testing.T) { runCrash(t, "sidecar") }
+
+// TestCrashKillAgent SIGKILLs the agent instead and starts a new one.
+func TestCrashKillAgent(t *testing.T) { runCrash(t, "agent") }
+
+// TestCrashKillBoth SIGKILLs both and restarts both.
+func TestCrashKillBoth(t *testing.T) { runCrash(t, "both") }
+
+func runCrash(t *testing.T, what string) {
+	c := newCluster(t, clusterOptions{})
+	c.startSidecar()
+	c.resetRecoveries()
+	agent := c.startAgent()
+	c.waitAgentConnected(20 * time.Second)
+
+	rec := newRecorder()
+	w := newWorkload(c.api, rec, defaultWorkload(what))
+	w.start()
+	halted := false
+	defer func() {
+		if !halted {
+			w.halt()
+		}
+	}()
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 6))
+	cycles := crashCycles()
+	for cycle := range cycles {
+		time.Sleep(time.Duration(200+rng.IntN(1300)) * time.Millisecond) // the kill lands at a random moment
+		var killNs int64
+		switch what {
+		case "sidecar":
+			rec.sidecarKilled()
+			killNs = c.killSidecar()
+			c.startSidecar()
+		case "agent":
+			killNs = c.killAgent(agent)
+			agent = c.startAgent()
+		case "both":
+			rec.sidecarKilled()
+			if cycle%2 == 0 {
+				c.killAgent(agent)
+				killNs = c.killSidecar()
+			} else {
+				c.killSidecar()
+				killNs = c.killAgent(agent)
+			}
+			c.startSidecar()
+			agent = c.startAgent()
+		}
+		c.waitAgentConnected(20 * time.Second)
+		for _, p := range c.checkRestart(rec, killNs) {
+			t.Errorf("cycle %d: %s", cycle, p)
+		}
+		if t.Failed() {
+			break
+		}
+	}
+	w.halt()
+	halted = true
+	r := finish(t, c, rec, checkOptions{})
+	r.name, r.cycles = "kill "+what, cycles
+	record(t, r)
+}
+
+// finish ends a test: waits for the accepted work to settle, reads the
+// state through the API, stops the processes, checks every invariant
+// against the journals and the store, and returns the figures.
+func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
+	t.Helper()
+	drain, pending := c.drain(rec, drainTimeout)
+	for i, p := range pending {
+		if i == maxProblems {
+			t.Errorf("… and %d more pending", len(pending)-i)
+			break
+		}
+		t.Errorf("not terminal %v after the workload stopped: %s", drainTimeout, p)
+	}
+	snap, err := c.collect(rec)
+	if err != nil {
+		t.Fatalf("read the state through the API: %v", err)
+	}
+	c.stopAll()
+	entries, err := c.journals()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := check(rec, snap, entries, o)
+	for i, p := range f.problems {
+		if i == maxProblems {
+			t.Errorf("… and %d more problems", len(f.problems)-i)
+			break
+		}
+		t.Error(p)
+	}
+	storeProblems, err := verifyStore(c.data, snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range storeProblems {
+		t.Errorf("store: %s", p)
+	}
+	c.mu.Lock()
+	r := result{accepted: len(rec.all()), runs: f.runsExecuted, reexecuted: f.reexecuted, checkpoints: f.checkpoints,
+		lost: f.lost + len(pending), overlaps: f.overlaps, resurrected: f.resurrected,
+		recoveries: append([]time.Duration(nil), c.recoveries...), drain: drain}
+	c.mu.Unlock()
+	rec.mu.Lock()
+	t.Logf("operations: %v; foreground streams: %+v", rec.ops, rec.streams)
+	rec.mu.Unlock()
+	for _, n := range f.notes {
+		t.Logf("note: %s", n)
+	}
+	if f.lateRuns > 0 {
+		t.Logf("%d interrupted or cancelled attempts reached the agent after the interrupt or cancel returned (%d of them ran to their end there): the RUN goes out although the attempt was already cancelled", f.lateRuns, f.lateRunsCompleted)
+	}
+	if r.accepted == 0 || r.runs == 0 {
+		t.Errorf("the workload did too little to prove anything: %d dispatches accepted, %d runs", r.accepted, r.runs)
+	}
+	return r
+}

@@ -1,0 +1,195 @@
+package crash
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+// The checks must fail when the sidecar is wrong. TestChecksCatchFaults
+// feeds check() a small consistent history, then the same history with
+// one fault injected at a time, and expects each fault to be reported.
+
+// scenario is a small history: two dispatches on one thread, the second
+// with two checkpoints, both completed; an interrupt after both.
+type scenario struct {
+	rec     *recorder
+	snap    *snapshot
+	entries []journalEntry
+	agent   *agentProc
+}
+
+func newScenario() *scenario {
+	const ms = int64(1e6)
+	s := &scenario{rec: newRecorder(), agent: &agentProc{proc: &proc{name: "agent-1"}}}
+	cmd1 := Command{Nonce: "n-x-1", Verb: VerbSleep, Arg: 10}
+	cmd2 := Command{Nonce: "n-x-2", Verb: VerbCheckpoint, Arg: 2}
+	s.rec.sent("t1", cmd1.String())
+	s.rec.textAccepted(cmd1.String())
+	s.rec.sent("t1", cmd2.String())
+	s.rec.textAccepted(cmd2.String())
+	s.rec.accept(&accepted{ID: "d1", Thread: "t1", RunID: "r1", Kind: kindBackground, Cmd: cmd1, AcceptedNs: 100 * ms})
+	s.rec.accept(&accepted{ID: "d2", Thread: "t1", RunID: "r2", Kind: kindBackground, Cmd: cmd2, AcceptedNs: 110 * ms})
+	s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 500 * ms, ReturnedNs: 510 * ms})
+
+	run := func(d, r, sess, cmd string, start, end int64) {
+		base := Record{ThreadID: "t1", RunID: r, DispatchID: d, Attempt: 1, SessionID: sess, PID: 1}
+		st := base
+		st.Event, st.StartNs, st.Command = EventStart, start, cmd
+		s.entries = append(s.entries, journalEntry{Record: st, agent: s.agent})
+		if end != 0 {
+			en := base
+			en.Event, en.StartNs, en.EndNs, en.Outcome = EventEnd, start, end, OutcomeDone
+			s.entries = append(s.entries, journalEntry{Record: en, agent: s.agent})
+		}
+	}
+	run("d1", "r1", "s1", cmd1.String(), 120*ms, 130*ms)
+	run("d2", "r2", "s2", cmd2.String(), 140*ms, 0)
+	for i := 1; i <= 2; i++ {
+		cp := Record{Event: EventCheckpoint, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", Index: i, AckNs: (140 + int64(i)) * ms}
+		s.entries = append(s.entries, journalEntry{Record: cp, agent: s.agent})
+	}
+	end := Record{Event: EventEnd, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", StartNs: 140 * ms, EndNs: 150 * ms, Outcome: OutcomeDone}
+	s.entries = append(s.entries, journalEntry{Record: end, agent: s.agent})
+
+	done := &termination{Type: "natural_end"}
+	s.snap = &snapshot{
+		threads: []string{"t1"},
+		dispatches: map[string]dispatch{
+			"d1": {DispatchID: "d1", ThreadID: "t1", RunID: "r1", Status: "acked", InstanceID: "s1", RunStatus: "done", Termination: done, RunResponse: "ok s1"},
+			"d2": {DispatchID: "d2", ThreadID: "t1", RunID: "r2", Status: "acked", InstanceID: "s2", RunStatus: "done", Termination: done, RunResponse: "ok s2"},
+		},
+		runs: map[string]runRecord{
+			"r1": {RunID: "r1", ThreadID: "t1", Status: "done", DispatchID: "d1", SessionID: "s1", TerminationReason: done},
+			"r2": {RunID: "r2", ThreadID: "t1", Status: "done", DispatchID: "d2", SessionID: "s2", TerminationReason: done},
+		},
+		logs: map[string][]messageRecord{"t1": {
+			msg(1, cmd1.String(), ""),
+			msg(2, cmd2.String(), ""),
+			msg(3, CheckpointText(1, 2, "d2", "s2", 1), "r2"),
+			msg(4, CheckpointText(2, 2, "d2", "s2", 1), "r2"),
+		}},
+	}
+	return s
+}
+
+func msg(seq uint64, text, run string) messageRecord {
+	var m messageRecord
+	m.Seq, m.ProducedByRunID = seq, run
+	m.Message.Role = "user"
+	m.Message.Content, _ = json.Marshal(text)
+	return m
+}
+
+func TestChecksCatchFaults(t *testing.T) {
+	if s := newScenario(); len(check(s.rec, s.snap, s.entries, checkOptions{}).problems) > 0 {
+		t.Fatalf("a consistent history is reported: %v", check(s.rec, s.snap, s.entries, checkOptions{}).problems)
+	}
+	const ms = int64(1e6)
+	cases := []struct {
+		name   string
+		inject func(s *scenario)
+		want   string
+		count  func(f *findings) int
+	}{
+		{"accepted dispatch lost", func(s *scenario) { delete(s.snap.dispatches, "d1") }, "LOST", func(f *findings) int { return f.lost }},
+		{"accepted dispatch never settles", func(s *scenario) {
+			d := s.snap.dispatches["d1"]
+			d.Status = "queued"
+			s.snap.dispatches["d1"] = d
+		}, "LOST", func(f *findings) int { return f.lost }},
+		{"two runs of a thread overlap", func(s *scenario) { s.entries[1].EndNs = 145 * ms }, "OVERLAP", func(f *findings) int { return f.overlaps }},
+		{"acknowledged checkpoint lost", func(s *scenario) { s.snap.logs["t1"] = s.snap.logs["t1"][:3] }, "LOST", func(f *findings) int { return f.lost }},
+		{"checkpoint applied twice", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			s.snap.logs["t1"] = append(l, msg(5, CheckpointText(2, 2, "d2", "s2", 1), "r2"))
+		}, "duplicate", nil},
+		{"checkpoints out of order", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			l[2], l[3] = msg(3, CheckpointText(2, 2, "d2", "s2", 1), "r2"), msg(4, CheckpointText(1, 2, "d2", "s2", 1), "r2")
+		}, "out of order", nil},
+		{"checkpoint of an attempt no agent ran", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			s.snap.logs["t1"] = append(l, msg(5, CheckpointText(1, 1, "d9", "s9", 1), "r9"))
+		}, "no agent ran", nil},
+		{"accepted message lost", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			s.snap.logs["t1"] = append([]messageRecord{}, l[1:]...)
+		}, "0 times", nil},
+		{"accepted message duplicated", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			s.snap.logs["t1"] = append(l, msg(5, l[0].text(), ""))
+		}, "2 times", nil},
+		{"superseded work started after the interrupt", func(s *scenario) {
+			st := s.entries[0]
+			st.SessionID, st.Attempt, st.StartNs = "s3", 2, 600*ms
+			s.entries = append(s.entries, st)
+		}, "RESURRECTED", func(f *findings) int { return f.resurrected }},
+		{"cancelled work started after the cancel", func(s *scenario) {
+			s.rec.cancels = append(s.rec.cancels, cancelRec{Dispatch: "d1", Thread: "t1", SentNs: 121 * ms, ReturnedNs: 122 * ms, Cancelled: true})
+			d := s.snap.dispatches["d1"]
+			d.Status, d.InstanceID = "cancelled", ""
+			s.snap.dispatches["d1"] = d
+			st := s.entries[0]
+			st.SessionID, st.StartNs = "s4", 125*ms
+			s.entries = append(s.entries, st)
+		}, "RESURRECTED", func(f *findings) int { return f.resurrected }},
+		{"a cancelled running run executed again", func(s *scenario) {
+			// s1 ran 120–130 ms; cancelled at 125 ms; attempt 2 at 200 ms.
+			s.rec.cancels = append(s.rec.cancels, cancelRec{Dispatch: "d1", Thread: "t1", SentNs: 124 * ms, ReturnedNs: 125 * ms, Cancelled: true})
+			st := s.entries[0]
+			st.SessionID, st.Attempt, st.StartNs = "s5", 2, 200*ms
+			s.entries = append(s.entries, st)
+		}, "RESURRECTED", func(f *findings) int { return f.resurrected }},
+		{"acked with the outcome of no attempt", func(s *scenario) {
+			d := s.snap.dispatches["d1"]
+			d.InstanceID, d.RunResponse = "s-ghost", "ok s-ghost"
+			s.snap.dispatches["d1"] = d
+		}, "never ran", nil},
+		{"acked with another attempt's response", func(s *scenario) {
+			d := s.snap.dispatches["d1"]
+			d.RunResponse = "ok s2"
+			s.snap.dispatches["d1"] = d
+		}, "not its attempt's", nil},
+		{"run left running", func(s *scenario) {
+			r := s.snap.runs["r1"]
+			r.Status = "running"
+			s.snap.runs["r1"] = r
+		}, "\"running\"", nil},
+		{"run record disagrees with its acked dispatch", func(s *scenario) {
+			r := s.snap.runs["r2"]
+			r.Status = "waiting"
+			s.snap.runs["r2"] = r
+		}, "says done", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newScenario()
+			tc.inject(s)
+			f := check(s.rec, s.snap, s.entries, checkOptions{})
+			all := strings.Join(f.problems, "\n")
+			if !strings.Contains(all, tc.want) {
+				t.Errorf("not reported (want %q); problems:\n%s", tc.want, all)
+			}
+			if tc.count != nil && tc.count(f) == 0 {
+				t.Errorf("reported but not counted: %+v", f)
+			}
+		})
+	}
+	t.Run("a killed agent's unfinished run lasts until its death", func(t *testing.T) {
+		s := newScenario()
+		// s1 has no end record; its agent died after s2 started.
+		s.entries = append(s.entries[:1], s.entries[2:]...)
+		s.agent.deathNs = 145 * ms
+		f := check(s.rec, s.snap, s.entries, checkOptions{})
+		if f.overlaps == 0 {
+			t.Errorf("not reported: %v", f.problems)
+		}
+		s = newScenario()
+		s.entries = append(s.entries[:1], s.entries[2:]...)
+		s.agent.deathNs = 135 * ms // died before s2 started: no overlap
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.overlaps != 0 {
+			t.Errorf("an overlap reported for a run that ended at its agent's death: %v", f.problems)
+		}
+	})
+}

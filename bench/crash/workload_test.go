@@ -1,0 +1,533 @@
+package crash
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Kinds of accepted dispatches.
+const (
+	kindBackground = "background"
+	kindForeground = "foreground"
+	kindQueuedLive = "queued_live" // a live message no run took
+	kindResume     = "resume"      // decisions-only submit
+)
+
+// accepted is a dispatch the API accepted: 2xx with its dispatch_id.
+type accepted struct {
+	ID, Thread, RunID string
+	Kind              string
+	Cmd               Command
+	AcceptedNs        int64 // when the answer arrived
+	checked           bool  // seen to exist after a restart
+}
+
+// interruptRec is an interrupt the API acknowledged, or a foreground
+// submit (which interrupts its thread) that reached `submitted`.
+type interruptRec struct {
+	Thread             string
+	SentNs, ReturnedNs int64
+	Own                string // the foreground submit's own dispatch (exempt)
+	// Active is the dispatch a plain interrupt found claimed: its attempt
+	// may already be on its way to the agent (it is cancelled, not
+	// superseded before it started), so one attempt of it may start
+	// after the interrupt returned; a foreground submit awaits it.
+	Active string
+}
+
+// cancelRec is a cancel of a dispatch id the API answered.
+type cancelRec struct {
+	Dispatch, Thread   string
+	SentNs, ReturnedNs int64
+	Cancelled          bool
+}
+
+// textRec is a message text the harness sent (each unique by its nonce).
+type textRec struct {
+	Thread   string
+	Accepted bool // the API answered 2xx: the message must be in the log
+	SentNs   int64
+	checked  bool
+}
+
+// recorder keeps everything the workload did and the API acknowledged.
+type recorder struct {
+	mu         sync.Mutex
+	accepted   map[string]*accepted
+	order      []*accepted
+	byThread   map[string][]*accepted
+	interrupts []interruptRec
+	cancels    []cancelRec
+	texts      map[string]*textRec
+	suspends   []*accepted // accepted suspend commands: targets of decisions
+	ops        map[string]int
+	killEpoch  int // sidecar kills so far: a stream cut by a kill is no fault
+	streams    struct{ total, finished, cut, timedOut int }
+	problems   []string // faults seen while the workload ran
+}
+
+func newRecorder() *recorder {
+	return &recorder{accepted: map[string]*accepted{}, byThread: map[string][]*accepted{},
+		texts: map[string]*textRec{}, ops: map[string]int{}}
+}
+
+func (r *recorder) op(name string) {
+	r.mu.Lock()
+	r.ops[name]++
+	r.mu.Unlock()
+}
+
+func (r *recorder) problem(format string, args ...any) {
+	r.mu.Lock()
+	r.problems = append(r.problems, fmt.Sprintf(format, args...))
+	r.mu.Unlock()
+}
+
+func (r *recorder) sent(thread, text string) {
+	r.mu.Lock()
+	r.texts[text] = &textRec{Thread: thread, SentNs: time.Now().UnixNano()}
+	r.mu.Unlock()
+}
+
+func (r *recorder) textAccepted(text string) {
+	r.mu.Lock()
+	if t := r.texts[text]; t != nil {
+		t.Accepted = true
+	}
+	r.mu.Unlock()
+}
+
+func (r *recorder) accept(a *accepted) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old := r.accepted[a.ID]; old != nil {
+		r.problems = append(r.problems, fmt.Sprintf("dispatch %s accepted twice (%s, then %s)", a.ID, old.Kind, a.Kind))
+		return
+	}
+	r.accepted[a.ID] = a
+	r.order = append(r.order, a)
+	r.byThread[a.Thread] = append(r.byThread[a.Thread], a)
+	if a.Cmd.Verb == VerbSuspend {
+		r.suspends = append(r.suspends, a)
+		if len(r.suspends) > 64 {
+			r.suspends = r.suspends[1:]
+		}
+	}
+}
+
+// recentOf returns one of the last few dispatches accepted on thread.
+func (r *recorder) recentOf(thread string, rng *rand.Rand) *accepted {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.byThread[thread]
+	if len(l) == 0 {
+		return nil
+	}
+	n := min(len(l), 6)
+	return l[len(l)-1-rng.IntN(n)]
+}
+
+func (r *recorder) recentSuspend(rng *rand.Rand) *accepted {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.suspends) == 0 {
+		return nil
+	}
+	return r.suspends[rng.IntN(len(r.suspends))]
+}
+
+func (r *recorder) kills() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.killEpoch
+}
+
+// sidecarKilled notes a sidecar kill (streams open across it may be cut).
+func (r *recorder) sidecarKilled() {
+	r.mu.Lock()
+	r.killEpoch++
+	r.mu.Unlock()
+}
+
+// all returns the accepted dispatches in acceptance order.
+func (r *recorder) all() []*accepted {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]*accepted(nil), r.order...)
+}
+
+// threads returns the threads the workload touched, sorted.
+func (r *recorder) threadsTouched() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	seen := map[string]bool{}
+	for _, t := range r.texts {
+		seen[t.Thread] = true
+	}
+	for t := range r.byThread {
+		seen[t] = true
+	}
+	out := make([]string, 0, len(seen))
+	for t := range seen {
+		out = append(out, t)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// workloadOptions shape a workload.
+type workloadOptions struct {
+	prefix  string // nonce and thread prefix, unique per test
+	threads int
+	workers int
+	// pause between a worker's operations: uniform in [minPause, maxPause)
+	minPause, maxPause time.Duration
+	// foreground, interrupts, cancels, live, decisions, resume are the
+	// percentages of those operations; the rest are background submits.
+	foreground, interrupts, cancels, live, decisions, resume int
+}
+
+func defaultWorkload(prefix string) workloadOptions {
+	return workloadOptions{prefix: prefix, threads: 24, workers: 6, minPause: 10 * time.Millisecond, maxPause: 70 * time.Millisecond,
+		foreground: 10, interrupts: 5, cancels: 6, live: 12, decisions: 12, resume: 4}
+}
+
+// workload drives the client API from several goroutines.
+type workload struct {
+	api     *api
+	rec     *recorder
+	o       workloadOptions
+	threads []string
+	nonce   atomic.Int64
+	stop    chan struct{}
+	halted  sync.Once
+	wg      sync.WaitGroup
+	seed    uint64
+}
+
+func newWorkload(a *api, rec *recorder, o workloadOptions) *workload {
+	w := &workload{api: a, rec: rec, o: o, stop: make(chan struct{}), seed: uint64(time.Now().UnixNano())}
+	for i := range o.threads {
+		w.threads = append(w.threads, fmt.Sprintf("%s-t%02d", o.prefix, i))
+	}
+	return w
+}
+
+// start starts the workers.
+func (w *workload) start() {
+	for i := range w.o.workers {
+		w.wg.Add(1)
+		go w.worker(rand.New(rand.NewPCG(w.seed, uint64(i))))
+	}
+}
+
+// halt stops the workers and waits for them (open streams end by their
+// deadline at the latest). It may be called more than once.
+func (w *workload) halt() {
+	w.halted.Do(func() { close(w.stop) })
+	w.wg.Wait()
+}
+
+func (w *workload) stopped() bool {
+	select {
+	case <-w.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+func (w *workload) worker(rng *rand.Rand) {
+	defer w.wg.Done()
+	for !w.stopped() {
+		thread := w.threads[rng.IntN(len(w.threads))]
+		p := rng.IntN(100)
+		var err error
+		o := w.o
+		switch {
+		case p < o.foreground:
+			err = w.foreground(thread, rng)
+		case p < o.foreground+o.interrupts:
+			err = w.interrupt(thread)
+		case p < o.foreground+o.interrupts+o.cancels:
+			err = w.cancel(thread, rng)
+		case p < o.foreground+o.interrupts+o.cancels+o.live:
+			err = w.liveMessage(thread)
+		case p < o.foreground+o.interrupts+o.cancels+o.live+o.decisions:
+			err = w.decide(rng)
+		case p < o.foreground+o.interrupts+o.cancels+o.live+o.decisions+o.resume:
+			err = w.resume(thread)
+		default:
+			err = w.background(thread, w.randomCommand(rng))
+		}
+		pause := o.minPause + time.Duration(rng.Int64N(int64(o.maxPause-o.minPause)+1))
+		if err != nil {
+			pause = max(pause, 50*time.Millisecond) // the sidecar is down or refusing
+		}
+		select {
+		case <-w.stop:
+		case <-time.After(pause):
+		}
+	}
+}
+
+func (w *workload) newNonce() string {
+	return fmt.Sprintf("n-%s-%d", w.o.prefix, w.nonce.Add(1))
+}
+
+// randomCommand picks what a background run does.
+func (w *workload) randomCommand(rng *rand.Rand) Command {
+	c := Command{Nonce: w.newNonce()}
+	switch p := rng.IntN(100); {
+	case p < 25:
+		c.Verb, c.Arg = VerbSleep, 10+rng.IntN(290)
+	case p < 55:
+		c.Verb, c.Arg, c.Arg2 = VerbCheckpoint, 1+rng.IntN(5), rng.IntN(60)
+	case p < 65:
+		c.Verb, c.Arg = VerbSuspend, 200+rng.IntN(1300)
+	case p < 75:
+		c.Verb, c.Arg = VerbTransient, 1+rng.IntN(2)
+	case p < 77:
+		c.Verb, c.Arg = VerbTransient, 1000 // fails every attempt: dead letter
+	case p < 82:
+		c.Verb = VerbPermanent
+	default:
+		c.Verb = VerbDone
+	}
+	return c
+}
+
+func reqCtx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 15*time.Second)
+}
+
+// background is POST /v1/threads/{t}/dispatches.
+func (w *workload) background(thread string, cmd Command) error {
+	w.rec.op("background")
+	text := cmd.String()
+	w.rec.sent(thread, text)
+	ctx, cancel := reqCtx()
+	defer cancel()
+	var res submitResult
+	err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", map[string]any{"messages": userText(text)}, &res)
+	if err != nil {
+		w.checkRefusal("background submit", err)
+		return err
+	}
+	now := time.Now().UnixNano()
+	w.rec.textAccepted(text)
+	if res.DispatchID == "" || res.ThreadID != thread {
+		w.rec.problem("background submit answered %+v", res)
+		return nil
+	}
+	w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindBackground, Cmd: cmd, AcceptedNs: now})
+	return nil
+}
+
+// checkRefusal records a refusal the API must never give: anything but
+// 503 (down, not ready, disk full) and 409 (conflict) is a fault.
+func (w *workload) checkRefusal(what string, err error) {
+	switch st := statusOf(err); st {
+	case 0:
+		w.rec.op(what + " failed") // no answer: the sidecar is down or died under it
+	case http.StatusServiceUnavailable, http.StatusConflict:
+		w.rec.op(fmt.Sprintf("%s %d", what, st))
+	default:
+		w.rec.problem("%s: %v", what, err)
+	}
+}
+
+// foreground is POST /v1/threads/{t}/runs, reading the SSE stream until
+// run_finish.
+func (w *workload) foreground(thread string, rng *rand.Rand) error {
+	w.rec.op("foreground")
+	cmd := Command{Nonce: w.newNonce()}
+	switch rng.IntN(3) {
+	case 0:
+		cmd.Verb, cmd.Arg = VerbSleep, 10+rng.IntN(200)
+	case 1:
+		cmd.Verb, cmd.Arg, cmd.Arg2 = VerbCheckpoint, 1+rng.IntN(3), rng.IntN(40)
+	default:
+		cmd.Verb = VerbDone
+	}
+	text := cmd.String()
+	w.rec.sent(thread, text)
+	kills := w.rec.kills()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sent := time.Now().UnixNano()
+	resp, err := w.api.send(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/runs", map[string]any{"messages": userText(text)})
+	if err != nil {
+		w.checkRefusal("foreground submit", err)
+		return err
+	}
+	defer resp.Body.Close()
+	var got *accepted
+	finished := false
+	rerr := readSSE(resp.Body, func(ev sseEvent) bool {
+		switch ev.Event {
+		case "submitted":
+			var res submitResult
+			if err := json.Unmarshal([]byte(ev.Data), &res); err != nil || res.DispatchID == "" {
+				w.rec.problem("foreground submitted event %q: %v", ev.Data, err)
+				return false
+			}
+			now := time.Now().UnixNano()
+			w.rec.textAccepted(text)
+			got = &accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindForeground, Cmd: cmd, AcceptedNs: now}
+			w.rec.accept(got)
+			w.rec.mu.Lock()
+			w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Own: res.DispatchID})
+			w.rec.mu.Unlock()
+		case "run_finish":
+			finished = true
+			return false
+		}
+		return true
+	})
+	w.rec.mu.Lock()
+	defer w.rec.mu.Unlock()
+	w.rec.streams.total++
+	switch {
+	case finished:
+		w.rec.streams.finished++
+	case w.rec.killEpoch != kills:
+		w.rec.streams.cut++ // the sidecar died under the stream
+	case ctx.Err() != nil:
+		w.rec.streams.timedOut++
+		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of %s on %s open for 30 s without run_finish", text, thread))
+	case got == nil:
+		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of %s on %s ended without submitted (%v)", text, thread, rerr))
+	default:
+		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of dispatch %s ended without run_finish, no sidecar kill meanwhile (%v)", got.ID, rerr))
+	}
+	return nil
+}
+
+// interrupt is POST /v1/threads/{t}/interrupt.
+func (w *workload) interrupt(thread string) error {
+	w.rec.op("interrupt")
+	ctx, cancel := reqCtx()
+	defer cancel()
+	sent := time.Now().UnixNano()
+	var res struct {
+		NewEpoch uint64 `json:"new_dispatch_epoch"`
+		Active   *struct {
+			DispatchID string `json:"dispatch_id"`
+		} `json:"active_dispatch"`
+	}
+	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/interrupt", nil, &res); err != nil {
+		w.checkRefusal("interrupt", err)
+		return err
+	}
+	now := time.Now().UnixNano()
+	active := ""
+	if res.Active != nil {
+		active = res.Active.DispatchID
+	}
+	w.rec.mu.Lock()
+	w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Active: active})
+	w.rec.mu.Unlock()
+	return nil
+}
+
+// cancel is POST /v1/cancel/{dispatch_id} of a recent dispatch.
+func (w *workload) cancel(thread string, rng *rand.Rand) error {
+	a := w.rec.recentOf(thread, rng)
+	if a == nil {
+		return nil
+	}
+	w.rec.op("cancel")
+	ctx, cancel := reqCtx()
+	defer cancel()
+	sent := time.Now().UnixNano()
+	var res struct {
+		Cancelled bool `json:"cancelled"`
+	}
+	if err := w.api.do(ctx, http.MethodPost, "/v1/cancel/"+url.PathEscape(a.ID), nil, &res); err != nil {
+		w.checkRefusal("cancel", err)
+		return err
+	}
+	now := time.Now().UnixNano()
+	w.rec.mu.Lock()
+	w.rec.cancels = append(w.rec.cancels, cancelRec{Dispatch: a.ID, Thread: thread, SentNs: sent, ReturnedNs: now, Cancelled: res.Cancelled})
+	w.rec.mu.Unlock()
+	return nil
+}
+
+// liveMessage is POST /v1/threads/{t}/messages: live to the running run,
+// else queued as a new dispatch.
+func (w *workload) liveMessage(thread string) error {
+	w.rec.op("live")
+	cmd := Command{Nonce: w.newNonce(), Verb: VerbLive}
+	text := cmd.String()
+	w.rec.sent(thread, text)
+	ctx, cancel := reqCtx()
+	defer cancel()
+	var res submitResult
+	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/messages", map[string]any{"messages": userText(text)}, &res); err != nil {
+		w.checkRefusal("live message", err)
+		return err
+	}
+	now := time.Now().UnixNano()
+	w.rec.textAccepted(text)
+	switch res.Delivery {
+	case "live":
+		w.rec.op("live delivered")
+	case "queued":
+		w.rec.op("live queued")
+		w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindQueuedLive, Cmd: cmd, AcceptedNs: now})
+	default:
+		w.rec.problem("live message answered %+v", res)
+	}
+	return nil
+}
+
+// decide is POST /v1/runs/{run}/decisions for a recent suspend run.
+func (w *workload) decide(rng *rand.Rand) error {
+	a := w.rec.recentSuspend(rng)
+	if a == nil {
+		return nil
+	}
+	w.rec.op("decision")
+	ctx, cancel := reqCtx()
+	defer cancel()
+	var res struct {
+		Delivered bool `json:"delivered"`
+	}
+	body := map[string]any{"tool_call_id": SuspendCallID, "resume": map[string]bool{"approved": true}}
+	if err := w.api.do(ctx, http.MethodPost, "/v1/runs/"+url.PathEscape(a.RunID)+"/decisions", body, &res); err != nil {
+		w.checkRefusal("decision", err)
+		return err
+	}
+	if res.Delivered {
+		w.rec.op("decision delivered")
+	}
+	return nil
+}
+
+// resume submits the decision for a waiting run of the thread: a
+// decisions-only background submit, which continues the waiting run (or,
+// with none waiting, starts a run that just completes).
+func (w *workload) resume(thread string) error {
+	w.rec.op("resume")
+	ctx, cancel := reqCtx()
+	defer cancel()
+	var res submitResult
+	body := map[string]any{"messages": []message{}, "decisions": []map[string]any{{"call_id": SuspendCallID, "resume": true}}}
+	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", body, &res); err != nil {
+		w.checkRefusal("resume", err)
+		return err
+	}
+	w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindResume,
+		Cmd: Command{Nonce: "n-none", Verb: VerbDone}, AcceptedNs: time.Now().UnixNano()})
+	return nil
+}
