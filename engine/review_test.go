@@ -332,7 +332,7 @@ func TestWaitingRunContinuedOnceWhileQueued(t *testing.T) {
 		if string(req.Messages[0].Content) == `"wait"` {
 			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunWaiting, Termination: &engine.Termination{Type: engine.TermSuspended}, Waiting: &engine.RunWaitingState{Reason: "tool_permission"}}
 		}
-		return complete(nil, req, sink)
+		return complete(context.Background(), req, sink)
 	}
 	exec := newFake(1, script)
 	r := newRig(t, exec, engine.Config{})

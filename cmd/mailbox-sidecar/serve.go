@@ -25,9 +25,6 @@ import (
 // connect (share the group with the agent's and clients' containers).
 const socketMode = 0o660
 
-// errUsage marks a configuration error (exit status 2).
-var errUsage = errors.New("usage")
-
 // sidecar is a running sidecar: store, engine, hub and API servers.
 type sidecar struct {
 	cfg   serveConfig

@@ -184,7 +184,7 @@ func TestAgentKilledMidRunIsRetriedByTheNextAgent(t *testing.T) {
 		t.Fatalf("after the agent died: %+v", d)
 	}
 	pythonAgent(t, st.path)
-	d = waitDispatch(t, st.store, res.DispatchID, engine.StatusAcked)
+	waitDispatch(t, st.store, res.DispatchID, engine.StatusAcked)
 	if run, _ := st.store.LoadRun(ctx, res.RunID); run.Status != engine.RunDone {
 		t.Fatalf("run after retry %+v", run)
 	}
