@@ -282,7 +282,8 @@ func TestForegroundSubmitRefusedBeforeInterrupting(t *testing.T) {
 		}
 		return complete(ctx, req, sink)
 	}
-	r := newRig(t, newFake(1, script), engine.Config{})
+	exec := newFake(1, script)
+	r := newRig(t, exec, engine.Config{})
 	r.start(t)
 	defer close(release)
 	ctx := context.Background()
@@ -290,7 +291,8 @@ func TestForegroundSubmitRefusedBeforeInterrupting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "running", func() bool { return dispatchStatus(t, r.store, active.DispatchID) == engine.StatusClaimed })
+	// Running at the agent (its run record says running), not only claimed.
+	eventually(t, "running", func() bool { runs, _, _ := exec.stats(); return runs == 1 })
 	queued, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", DedupeKey: "k1", Messages: []engine.Message{userMsg("b")}})
 	if err != nil {
 		t.Fatal(err)
