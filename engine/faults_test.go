@@ -151,37 +151,15 @@ func execTake(n *atomic.Int32) bool {
 // runs before the mailbox is built.
 func newExecRig(t *testing.T, exec *fakeExecutor, cfg engine.Config, configure func(*execFaultStore)) (*rig, *execFaultStore) {
 	t.Helper()
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fs := &execFaultStore{Store: s}
-	if configure != nil {
-		configure(fs)
-	}
-	if cfg.RetryDelay == 0 {
-		cfg.RetryDelay = 20 * time.Millisecond
-		cfg.MaxRetryDelay = 200 * time.Millisecond
-	}
-	mb, err := engine.New(fs, exec, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := mb.Stop(ctx); err != nil {
-			t.Errorf("stop: %v", err)
+	var fs *execFaultStore
+	r := newRigWith(t, exec, cfg, func(s *badgerstore.Store) engine.Store {
+		fs = &execFaultStore{Store: s}
+		if configure != nil {
+			configure(fs)
 		}
-		rep, err := s.Verify(context.Background())
-		if err != nil || len(rep.Problems) > 0 {
-			t.Errorf("verify after test: %v %v", err, rep.Problems)
-		}
-		if err := s.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
+		return fs
 	})
-	return &rig{store: s, exec: exec, mb: mb}, fs
+	return r, fs
 }
 
 // execRelease returns a channel and a function that closes it once; the

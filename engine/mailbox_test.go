@@ -94,15 +94,28 @@ type rig struct {
 
 func newRig(t *testing.T, exec *fakeExecutor, cfg engine.Config) *rig {
 	t.Helper()
+	return newRigWith(t, exec, cfg, nil)
+}
+
+// newRigWith builds a rig on an in-memory Badger store; wrap, when set,
+// gives the mailbox a wrapper of that store (fault injection) while the
+// rig keeps the plain store for inspection. After the test the mailbox
+// stops, the store must pass Verify, and it closes.
+func newRigWith(t *testing.T, exec *fakeExecutor, cfg engine.Config, wrap func(*badgerstore.Store) engine.Store) *rig {
+	t.Helper()
 	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
 	if err != nil {
 		t.Fatal(err)
+	}
+	var st engine.Store = s
+	if wrap != nil {
+		st = wrap(s)
 	}
 	if cfg.RetryDelay == 0 {
 		cfg.RetryDelay = 20 * time.Millisecond
 		cfg.MaxRetryDelay = 200 * time.Millisecond
 	}
-	mb, err := engine.New(s, exec, cfg)
+	mb, err := engine.New(st, exec, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
