@@ -2,6 +2,9 @@ package badgerstore
 
 import (
 	"context"
+	"errors"
+
+	"github.com/dgraph-io/badger/v4"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -71,3 +74,68 @@ func MessageKey(thread string, seq uint64) []byte { return messageKey(thread, se
 
 // MessageCountKey exposes the message counter of a thread.
 func MessageCountKey(thread string) []byte { return msgCountKey(thread) }
+
+// ReadyFloor exposes the ready-index floor (snapshot.go).
+func (s *Store) ReadyFloor() int64 {
+	s.reads.mu.Lock()
+	defer s.reads.mu.Unlock()
+	return s.reads.floor
+}
+
+// HoldCommits makes every commit wait for a value from release: nil
+// commits it, an error fails it without writing anything. entered gets
+// one value per commit as it starts waiting.
+func (s *Store) HoldCommits(release <-chan error, entered chan<- struct{}) {
+	s.testCommit = func(txn *badger.Txn) func(cb func(error)) {
+		return func(cb func(error)) {
+			go func() {
+				entered <- struct{}{}
+				if err := <-release; err != nil {
+					txn.Discard()
+					cb(err)
+					return
+				}
+				txn.CommitWith(cb)
+			}()
+		}
+	}
+}
+
+// CopyKey is one write operation: it writes to the value of from, or
+// "missing", and sends on ran (without blocking) each time it runs.
+func (s *Store) CopyKey(from, to []byte, ran chan<- struct{}) error {
+	return s.update(context.Background(), "copy_key", func(w *writeTx) error {
+		v, ok, err := w.get(from)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			v = []byte("missing")
+		}
+		w.set(to, append([]byte(nil), v...))
+		select {
+		case ran <- struct{}{}:
+		default:
+		}
+		return nil
+	})
+}
+
+// RawGet reads a raw key from the committed state.
+func (s *Store) RawGet(key []byte) ([]byte, bool, error) {
+	var out []byte
+	found := false
+	err := s.view(context.Background(), func(txn *badger.Txn) error {
+		item, err := txn.Get(key)
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		found = true
+		out, err = item.ValueCopy(nil)
+		return err
+	})
+	return out, found, err
+}

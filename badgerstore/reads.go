@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/dgraph-io/badger/v4"
 
@@ -221,22 +222,30 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 	}
 	out := []string{}
 	var next int64
-	err := s.view(ctx, func(txn *badger.Txn) error {
-		err := iterate(txn, []byte{pReady}, nil, false, true, func(k, _ []byte) (bool, error) {
+	err := s.viewReady(ctx, func(txn *badger.Txn, floor int64) (int64, error) {
+		// Seek past the deletion markers below the floor (snapshot.go).
+		start := []byte{pReady}
+		if floor > math.MinInt64 {
+			start = appendTS(start, floor)
+		}
+		lowest := int64(math.MaxInt64)
+		err := iterate(txn, []byte{pReady}, start, false, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 1+tsBytes {
 				return false, fmt.Errorf("ready index key %q: %w", k, engine.ErrCorrupt)
 			}
-			if readTS(k[1:1+tsBytes]) > now {
+			due := readTS(k[1 : 1+tsBytes])
+			lowest = min(lowest, due)
+			if due > now {
 				return false, nil
 			}
 			out = append(out, string(k[1+tsBytes:]))
 			return len(out) < limit, nil
 		})
 		if err != nil {
-			return err
+			return 0, err
 		}
 		// The earliest future due time is one seek away.
-		return iterate(txn, []byte{pReady}, appendTS([]byte{pReady}, now+1), false, true, func(k, _ []byte) (bool, error) {
+		return lowest, iterate(txn, []byte{pReady}, appendTS([]byte{pReady}, max(now+1, floor)), false, true, func(k, _ []byte) (bool, error) {
 			next = readTS(k[1 : 1+tsBytes])
 			return false, nil
 		})

@@ -214,22 +214,19 @@ func (w *writeTx) writeRun(old, r *engine.RunRecord, checkTransition bool) error
 	}
 	w.set(runKey(r.RunID), b)
 	newIdx := runIndex(r)
+	var oldIdx [][]byte
 	if old != nil {
-		for _, k := range runIndex(old) {
-			keep := false
-			for _, n := range newIdx {
-				if bytes.Equal(k, n) {
-					keep = true
-					break
-				}
-			}
-			if !keep {
+		oldIdx = runIndex(old)
+		for _, k := range oldIdx {
+			if !hasKey(newIdx, k) {
 				w.del(k)
 			}
 		}
 	}
 	for _, k := range newIdx {
-		w.set(k, nil)
+		if !hasKey(oldIdx, k) { // an unchanged index key is not rewritten
+			w.set(k, nil)
+		}
 	}
 	t, err := w.loadThreadOrNew(r.ThreadID)
 	if err != nil {
@@ -258,4 +255,14 @@ func (w *writeTx) putThread(t *engine.Thread) error {
 	}
 	w.set(threadKey(t.ID), b)
 	return nil
+}
+
+// hasKey reports whether keys holds k.
+func hasKey(keys [][]byte, k []byte) bool {
+	for _, x := range keys {
+		if bytes.Equal(x, k) {
+			return true
+		}
+	}
+	return false
 }

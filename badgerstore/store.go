@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"strings"
 	"sync"
@@ -151,6 +152,11 @@ type Store struct {
 	batchedOps atomic.Uint64
 
 	space spaceGuard // used by the writer goroutine only
+	reads snapshots  // the shared read snapshot (snapshot.go)
+
+	// testCommit, set only by tests, replaces txn.CommitWith (to delay or
+	// fail a commit).
+	testCommit func(txn *badger.Txn) func(cb func(error))
 }
 
 var _ engine.Store = (*Store)(nil)
@@ -182,6 +188,7 @@ func Open(opts Options) (*Store, error) {
 		gcStop:     make(chan struct{}),
 		gcDone:     make(chan struct{}),
 	}
+	s.reads.publish(db.NewTransaction(false), math.MinInt64) // the floor starts at the bottom
 	go s.writer()
 	if opts.GCInterval > 0 && !opts.InMemory {
 		go s.gcLoop(opts.GCInterval)
@@ -203,6 +210,7 @@ func (s *Store) Close() error {
 		<-s.writerDone
 		close(s.gcStop)
 		<-s.gcDone
+		s.reads.publish(nil, math.MaxInt64) // no reader is left: view holds closeMu
 		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("close store: %w", unavailable(err))
 		}
@@ -261,7 +269,39 @@ func (s *Store) view(ctx context.Context, fn func(txn *badger.Txn) error) error 
 	if s.closed {
 		return fmt.Errorf("store closed: %w", engine.ErrUnavailable)
 	}
-	return s.db.View(fn)
+	sn := s.reads.acquire()
+	if sn == nil {
+		return s.db.View(fn)
+	}
+	defer s.reads.release(sn)
+	return fn(sn.txn)
+}
+
+// viewReady is view for ReadyThreads: fn gets the ready-index floor of its
+// snapshot and returns the lowest due time it saw in the index
+// (math.MaxInt64: none), which may raise the floor.
+func (s *Store) viewReady(ctx context.Context, fn func(txn *badger.Txn, floor int64) (int64, error)) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	if s.closed {
+		return fmt.Errorf("store closed: %w", engine.ErrUnavailable)
+	}
+	sn, floor, seq := s.reads.acquireReady()
+	if sn == nil {
+		return s.db.View(func(txn *badger.Txn) error {
+			_, err := fn(txn, math.MinInt64)
+			return err
+		})
+	}
+	defer s.reads.release(sn)
+	lowest, err := fn(sn.txn, floor)
+	if err == nil {
+		s.reads.raiseFloor(seq, lowest)
+	}
+	return err
 }
 
 // slogAdapter adapts slog to badger.Logger.

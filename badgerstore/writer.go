@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"sync"
@@ -26,6 +27,15 @@ import (
 // (writeTx) and its writes reach the shared transaction only when it
 // returns nil, so a failing operation leaves no trace and does not poison
 // the others. Later operations of a batch see the writes of earlier ones.
+//
+// Pipelining: while one batch is being written and synced by Badger (it is
+// "in flight"), the writer already runs the next batch's operations, which
+// read the in-flight batch's writes from an overlay (prior) above a
+// snapshot taken just before that batch was sent. The next batch is sent
+// only once the in-flight one is durable; if that commit fails, the next
+// batch is thrown away and run again on the state without it. Callers are
+// answered only after their own batch is durable, so nothing is reported
+// before it is synced, yet building and syncing overlap.
 
 // maxBatch bounds how many operations share one transaction.
 const maxBatch = 256
@@ -51,9 +61,67 @@ type writeTx struct {
 	states     map[string]threadState // thread states this operation changed
 	origStates map[string]threadState // and what they were before it
 
-	snap    *badger.Txn        // read-only view of everything committed before the batch
-	cache   *recordCache       // the writer's read cache (see cache.go)
-	flushed map[string]kvWrite // writes of the batch so far: read before the cache, cached after commit
+	snap    *badger.Txn  // read-only view of everything committed before the batch (and prior)
+	cache   *recordCache // the writer's read cache (see cache.go)
+	flushed *writeSet    // writes of the batch so far: read before the cache, cached after commit
+	prior   *writeSet    // writes of the batch in flight (not durable yet), or nil
+	spare   *badger.Txn  // an update transaction made before prior was sent, or nil
+}
+
+// writeSet is the writes of one batch, by key and in key order.
+type writeSet struct {
+	m    map[string]kvWrite
+	keys []string // sorted
+}
+
+func newWriteSet() *writeSet { return &writeSet{m: make(map[string]kvWrite)} }
+
+func (ws *writeSet) get(key []byte) (kvWrite, bool) {
+	if ws == nil {
+		return kvWrite{}, false
+	}
+	f, ok := ws.m[string(key)]
+	return f, ok
+}
+
+func (ws *writeSet) put(f kvWrite) {
+	if _, ok := ws.m[f.k]; !ok {
+		i, _ := slices.BinarySearch(ws.keys, f.k)
+		ws.keys = slices.Insert(ws.keys, i, f.k)
+	}
+	ws.m[f.k] = f
+}
+
+func (ws *writeSet) reset() {
+	clear(ws.m)
+	ws.keys = ws.keys[:0]
+}
+
+// readyMin is the lowest due time of a ready-index key the set writes
+// (math.MaxInt64: none).
+func (ws *writeSet) readyMin() int64 {
+	for _, k := range ws.keysIn([]byte{pReady}, nil) {
+		if f := ws.m[k]; !f.del && len(k) >= 1+tsBytes {
+			return readTS([]byte(k[1 : 1+tsBytes]))
+		}
+	}
+	return math.MaxInt64
+}
+
+// keysIn returns the keys with prefix at or after start, in order.
+func (ws *writeSet) keysIn(prefix, start []byte) []string {
+	if ws == nil {
+		return nil
+	}
+	if string(start) < string(prefix) {
+		start = prefix
+	}
+	i, _ := slices.BinarySearch(ws.keys, string(start))
+	j := i
+	for j < len(ws.keys) && strings.HasPrefix(ws.keys[j], string(prefix)) {
+		j++
+	}
+	return ws.keys[i:j]
 }
 
 // kvWrite is one write that reached the batch transaction.
@@ -76,7 +144,13 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 		}
 		return p.val, true, nil
 	}
-	if f, ok := w.flushed[string(key)]; ok {
+	if f, ok := w.flushed.get(key); ok {
+		if f.del {
+			return nil, false, nil
+		}
+		return f.val(), true, nil
+	}
+	if f, ok := w.prior.get(key); ok {
 		if f.del {
 			return nil, false, nil
 		}
@@ -142,7 +216,7 @@ func (w *writeTx) flush() error {
 	}
 	for _, k := range w.order {
 		p := w.writes[k]
-		w.flushed[k] = kvWrite{k: k, v: p.val, del: p.del}
+		w.flushed.put(kvWrite{k: k, v: p.val, del: p.del})
 	}
 	return nil
 }
@@ -213,8 +287,10 @@ func (w *writeTx) iterate(prefix, start []byte, keysOnly bool, fn func(k, v []by
 	return nil
 }
 
-// pendingIn returns this batch's and this operation's writes of keys with
-// prefix at or after start, sorted, the operation's own winning.
+// pendingIn returns the in-flight batch's, this batch's and this
+// operation's writes of keys with prefix at or after start, sorted, the
+// operation's own winning over the batch's, and the batch's over the
+// in-flight one's.
 func (w *writeTx) pendingIn(prefix, start []byte) []kvWrite {
 	var out []kvWrite
 	add := func(k string, p kvWrite) {
@@ -222,9 +298,18 @@ func (w *writeTx) pendingIn(prefix, start []byte) []kvWrite {
 			out = append(out, p)
 		}
 	}
-	for k, f := range w.flushed {
+	for _, k := range w.prior.keysIn(prefix, start) {
+		if _, own := w.writes[k]; own {
+			continue
+		}
+		if _, batch := w.flushed.m[k]; batch {
+			continue
+		}
+		out = append(out, w.prior.m[k])
+	}
+	for _, k := range w.flushed.keysIn(prefix, start) {
 		if _, own := w.writes[k]; !own {
-			add(k, f)
+			out = append(out, w.flushed.m[k])
 		}
 	}
 	for k, p := range w.writes {
@@ -292,117 +377,272 @@ func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
 }
 
 // writer is the single writer goroutine; it exits when ops is closed and
-// drained.
+// drained and the last batch is durable.
+//
+// It keeps at most one batch in flight (fl) and builds the next one (cur)
+// meanwhile: every operation that arrives while fl is being synced joins
+// cur, and cur is sent the moment fl is durable. With nothing in flight an
+// operation is sent at once, with whatever else was already waiting.
 func (s *Store) writer() {
 	defer close(s.writerDone)
-	batch := make([]*op, 0, maxBatch)
-	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: newRecordCache(), flushed: make(map[string]kvWrite)}
+	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: newRecordCache()}
+	cur := &building{}
+	var fl *inflight // the batch Badger is writing, if any
+	var carry *op    // an operation that did not fit cur: it opens the next batch
+	open := true
 	for {
-		o, ok := <-s.ops
-		if !ok {
-			return
+		if carry != nil && !cur.full {
+			o := carry
+			carry = nil
+			if !s.add(cur, o, w) {
+				carry = o // cur was not empty: it goes into the next one
+			}
 		}
-		batch = append(batch[:0], o)
-	drain:
-		for len(batch) < maxBatch {
-			select {
-			case o, ok := <-s.ops:
-				if !ok {
-					break drain
+		if fl == nil && len(cur.ops) > 0 {
+			// Nothing in flight: take what is already waiting, then send.
+			for open && !cur.full && carry == nil {
+				select {
+				case o, ok := <-s.ops:
+					if !ok {
+						open = false
+						break
+					}
+					if !s.add(cur, o, w) {
+						carry = o
+					}
+					continue
+				default:
 				}
-				batch = append(batch, o)
-			default:
-				break drain
+				break
 			}
-		}
-		s.runBatch(batch, w)
-	}
-}
-
-// runBatch runs ops in as few transactions as fit and answers each.
-func (s *Store) runBatch(batch []*op, w *writeTx) {
-	if err := s.space.check(s.opts); err != nil {
-		for _, o := range batch {
-			s.answer(o, fmt.Errorf("%s: %w", o.name, err))
-		}
-		return
-	}
-	for len(batch) > 0 {
-		n := s.commitPrefix(batch, w)
-		batch = batch[n:]
-	}
-}
-
-// commitPrefix commits the longest prefix of batch that fits one
-// transaction (at least one operation) and answers its operations. It
-// returns how many operations it answered.
-func (s *Store) commitPrefix(batch []*op, w *writeTx) int {
-	results := make([]error, len(batch))
-	n := len(batch)
-	for attempt := 0; ; attempt++ {
-		txn := s.db.NewTransaction(true)
-		w.snap = s.db.NewTransaction(false)
-		clear(w.flushed)
-		failed, ferr := -1, error(nil)
-		for i := 0; i < n; i++ {
-			w.reset(txn)
-			err := runOp(batch[i], w)
-			if err == nil {
-				err = w.finishThreads()
-			}
-			if err == nil {
-				if ferr = w.flush(); ferr != nil {
-					// Part of this operation may already sit in the
-					// transaction: it must not be committed.
-					failed = i
-					break
-				}
-			}
-			results[i] = err
-		}
-		w.snap.Discard() // the operations are done reading
-		if failed == 0 {
-			txn.Discard()
-			w.cache.clear() // it may hold this transaction's pending writes
-			s.answer(batch[0], flushError(batch[0].name, ferr))
-			return 1
-		}
-		if failed > 0 {
-			// Re-run the operations before it in a fresh transaction; the
-			// failing one goes first into the next, and alone fails there.
-			txn.Discard()
-			w.cache.clear()
-			n = failed
+			fl = s.send(cur, w)
+			cur = &building{}
 			continue
 		}
-		cerr := txn.Commit()
-		if errors.Is(cerr, badger.ErrConflict) && attempt < 3 {
-			w.cache.clear()
-			continue // cannot happen with one writer; bounded retry all the same
+		if !open && fl == nil && carry == nil {
+			s.release(w)
+			return
 		}
+		var ops chan *op
+		if open && !cur.full && carry == nil {
+			ops = s.ops
+		}
+		var flDone chan struct{}
+		if fl != nil {
+			flDone = fl.done
+		}
+		select {
+		case o, ok := <-ops:
+			if !ok {
+				open = false
+				continue
+			}
+			if !s.add(cur, o, w) {
+				carry = o
+			}
+		case <-flDone:
+			failed := fl.err != nil
+			s.reap(fl, w, cur.txn != nil)
+			fl = nil
+			if failed && len(cur.ops) > 0 {
+				// cur read the failed batch's writes: run it again.
+				s.rebuild(cur, w)
+			}
+		}
+	}
+}
+
+// building is the batch under construction: its operations have run into
+// txn, on top of the batch in flight.
+type building struct {
+	txn     *badger.Txn
+	ops     []*op
+	results []error
+	writes  *writeSet
+	full    bool // no more operations fit
+}
+
+// inflight is a batch handed to Badger and not yet durable.
+type inflight struct {
+	writes  *writeSet // its writes, read by the next batch
+	ops     []*op
+	results []error
+	err     error         // the commit's outcome, set before done closes
+	done    chan struct{} // closed once the ops are answered
+}
+
+// begin gives b a transaction; the read snapshot is shared by the batch.
+func (s *Store) begin(b *building, w *writeTx) {
+	if w.snap == nil {
+		w.snap = s.db.NewTransaction(false)
+	}
+	b.txn = w.spare
+	w.spare = nil
+	if b.txn == nil {
+		// Waits for a batch in flight to be applied: only on a retry.
+		b.txn = s.db.NewTransaction(true)
+	}
+	if b.writes == nil {
+		b.writes = newWriteSet()
+	}
+	w.flushed = b.writes
+}
+
+// add runs o into b. It returns false, leaving o unanswered and b full,
+// when o's writes do not fit b's transaction next to the others; o alone
+// not fitting an empty batch is answered with the error.
+func (s *Store) add(b *building, o *op, w *writeTx) bool {
+	if err := s.space.check(s.opts); err != nil {
+		s.answer(o, fmt.Errorf("%s: %w", o.name, err))
+		return true
+	}
+	if b.txn == nil {
+		s.begin(b, w)
+	}
+	err, ferr := s.runInto(b, o, w)
+	if ferr == nil {
+		b.ops = append(b.ops, o)
+		b.results = append(b.results, err)
+		b.full = len(b.ops) >= maxBatch
+		return true
+	}
+	// Part of o's writes may sit in the transaction: start it again
+	// without o.
+	b.txn.Discard()
+	b.txn = nil
+	w.cache.clear()
+	if len(b.ops) == 0 {
+		b.writes.reset()
+		s.answer(o, flushError(o.name, ferr))
+		return true
+	}
+	s.rebuild(b, w)
+	b.full = true
+	return false
+}
+
+// runInto runs one operation into b's transaction: err is the operation's
+// own result, ferr a failure to add its writes to the transaction.
+func (s *Store) runInto(b *building, o *op, w *writeTx) (err, ferr error) {
+	w.reset(b.txn)
+	err = runOp(o, w)
+	if err == nil {
+		err = w.finishThreads()
+	}
+	if err == nil {
+		ferr = w.flush()
+	}
+	return err, ferr
+}
+
+// rebuild runs b's operations again in a fresh transaction (after the
+// batch they read failed, or after one did not fit).
+func (s *Store) rebuild(b *building, w *writeTx) {
+	if b.txn != nil {
+		b.txn.Discard()
+		b.txn = nil
+	}
+	b.writes.reset()
+	s.begin(b, w)
+	for i, o := range b.ops {
+		err, ferr := s.runInto(b, o, w)
+		if ferr != nil {
+			// It fitted before with the same operations; refuse it rather
+			// than commit a partial write.
+			err = flushError(o.name, ferr)
+			b.txn.Discard()
+			b.txn = nil
+			w.cache.clear()
+			for j := i; j < len(b.ops); j++ {
+				s.answer(b.ops[j], err)
+			}
+			b.ops, b.results = b.ops[:i], b.results[:i]
+			s.rebuild(b, w)
+			return
+		}
+		b.results[i] = err
+	}
+}
+
+// send hands b to Badger and returns it as the batch in flight; its
+// operations are answered when the commit completes. The next batch
+// reads this one's writes over a snapshot taken now, just before it.
+func (s *Store) send(b *building, w *writeTx) *inflight {
+	fl := &inflight{writes: b.writes, ops: b.ops, results: b.results, done: make(chan struct{})}
+	// Nothing is in flight now, so these do not wait.
+	if w.snap != nil {
+		w.snap.Discard()
+	}
+	w.snap = s.db.NewTransaction(false)
+	w.spare = s.db.NewTransaction(true)
+	w.prior = fl.writes
+	w.flushed = nil
+	commit := b.txn.CommitWith
+	if s.testCommit != nil {
+		commit = s.testCommit(b.txn)
+	}
+	commit(func(cerr error) {
 		if cerr != nil {
-			w.cache.clear()
 			cerr = fmt.Errorf("commit: %w", unavailable(cerr))
-			s.log.Error("badgerstore commit failed", "ops", n, "err", cerr)
 		} else {
-			for _, f := range w.flushed {
-				if f.del {
-					w.cache.put(f.k, nil)
-				} else {
-					w.cache.put(f.k, f.val())
-				}
-			}
+			// Applied, and nothing else is in flight: this does not wait.
+			// Published before anyone is answered (read-your-writes).
+			s.reads.publish(s.db.NewTransaction(false), fl.writes.readyMin())
 		}
-		for i := 0; i < n; i++ {
-			if results[i] == nil {
-				results[i] = cerr
+		fl.err = cerr
+		for i, o := range fl.ops {
+			if fl.results[i] == nil {
+				fl.results[i] = cerr
 			}
-			s.answer(batch[i], results[i])
+			s.answer(o, fl.results[i])
+		}
+		close(fl.done)
+	})
+	return fl
+}
+
+// reap retires a completed in-flight batch: its writes enter the cache
+// (or the cache is dropped if it failed). A batch already building on top
+// of it keeps its snapshot and overlay until it is sent (or rebuilt);
+// otherwise the next batch starts from a fresh snapshot.
+func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
+	<-fl.done
+	if fl.err != nil {
+		w.cache.clear()
+		s.log.Error("badgerstore commit failed", "ops", len(fl.ops), "err", fl.err)
+	} else {
+		for _, f := range fl.writes.m {
+			if f.del {
+				w.cache.put(f.k, nil)
+			} else {
+				w.cache.put(f.k, f.val())
+			}
 		}
 		s.batches.Add(1)
-		s.batchedOps.Add(uint64(n))
-		return n
+		s.batchedOps.Add(uint64(len(fl.ops)))
 	}
+	if building && fl.err == nil {
+		return
+	}
+	w.prior = nil
+	if w.snap != nil {
+		w.snap.Discard()
+		w.snap = nil
+	}
+	if w.spare != nil {
+		w.spare.Discard()
+		w.spare = nil
+	}
+}
+
+// release drops the writer's transactions when it stops.
+func (s *Store) release(w *writeTx) {
+	for _, t := range []*badger.Txn{w.snap, w.spare} {
+		if t != nil {
+			t.Discard()
+		}
+	}
+	w.snap, w.spare = nil, nil
 }
 
 // flushError explains why an operation's writes could not join a

@@ -144,9 +144,32 @@ func (m *Mailbox) finish(e *execution) {
 	}
 	m.inFlight--
 	m.signalIdleLocked()
+	closing := m.closing
 	m.mu.Unlock()
 	close(e.done)
+	// The thread's next dispatch is claimed here, without a scan of every
+	// ready thread, unless other threads may be waiting for a slot.
+	if !closing && !m.starved.Load() {
+		a := m.tryDispatch(context.Background(), e.dispatch.ThreadID)
+		DbgFinish[a].Add(1)
+		if a == attemptClaimed {
+			return
+		}
+	} else {
+		DbgFinish[0].Add(1)
+	}
 	m.kick()
+}
+
+var DbgFinish [8]atomic.Int64
+var DbgRounds atomic.Int64
+
+// runsOn reports whether an attempt (not only a claim) runs on thread.
+func (m *Mailbox) runsOn(thread string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.threads[thread]
+	return e != nil && !e.claiming
 }
 
 // signalIdleLocked wakes Stop once no attempt is claimed or executing.

@@ -321,16 +321,35 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 	for round := 0; round < 64; round++ {
 		m.mu.Lock()
 		free := m.exec.Capacity() - m.inFlight
+		here := len(m.threads)
 		closing := m.closing
 		m.mu.Unlock()
 		if free <= 0 || closing {
+			// Woken while every slot is taken: threads may be waiting.
+			m.starved.Store(!closing)
 			return 0
 		}
-		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now(), free)
+		// Threads still held here are skipped (their attempt claims
+		// their next dispatch as it finishes); one more than fits tells
+		// whether a thread is left waiting for a slot.
+		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now(), free+here+1)
 		if err != nil {
+			m.starved.Store(true)
 			m.log.Warn("list ready threads failed", "err", err)
 			return m.cfg.Now() + 1000
 		}
+		m.mu.Lock()
+		free = m.exec.Capacity() - m.inFlight
+		waiting := threads[:0]
+		for _, t := range threads {
+			if m.threads[t] == nil {
+				waiting = append(waiting, t)
+			}
+		}
+		m.mu.Unlock()
+		m.starved.Store(len(waiting) > free)
+		threads = waiting[:min(len(waiting), max(free, 0))]
+		DbgRounds.Add(1)
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
 		var started, failed atomic.Bool
@@ -341,6 +360,8 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 					started.Store(true)
 				case attemptError:
 					failed.Store(true)
+				case attemptNoSlot:
+					m.starved.Store(true)
 				}
 			})
 		}

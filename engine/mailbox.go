@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -73,7 +74,12 @@ type Mailbox struct {
 	closing  bool
 	startMu  sync.Mutex // serialises Start: one recovery at a time
 
-	wake        chan struct{} // wakes the dispatcher; buffered, coalesced
+	wake chan struct{} // wakes the dispatcher; buffered, coalesced
+	// starved: the dispatcher's last look found (or may have found) more
+	// due threads than free agent slots. While it is set a finished
+	// attempt hands its slot to the dispatcher (oldest waiting thread
+	// first); otherwise it claims its own thread's next dispatch at once.
+	starved     atomic.Bool
 	loopStop    context.CancelFunc
 	loops       sync.WaitGroup // dispatcher and maintenance loops
 	idle        chan struct{}  // made by Stop; closed once inFlight is 0 after Stop began (guarded by mu)
@@ -160,12 +166,20 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		return SubmitResult{}, fmt.Errorf("submit to %s: %w", req.ThreadID, err)
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
-	if m.tryDispatch(ctx, req.ThreadID) == attemptClaimed {
+	switch m.tryDispatch(ctx, req.ThreadID) {
+	case attemptClaimed:
 		if m.runningDispatch(req.ThreadID) == d.DispatchID {
 			res.Status = SubmitRunning
 		}
+	case attemptBusy:
+		if !m.runsOn(req.ThreadID) {
+			m.kick() // a claim in flight may have missed it
+		}
+		// Otherwise the attempt running on the thread claims it when it
+		// finishes (finish).
+	default:
+		m.kick()
 	}
-	m.kick()
 	return res, nil
 }
 

@@ -1,0 +1,181 @@
+package badgerstore_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// The ready-index floor skips the deletion markers of claimed threads, yet
+// a thread made ready below the floor is still found.
+func TestReadyFloorNeverHidesWork(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	ready := func(now int64) []string {
+		t.Helper()
+		got, _, err := s.ReadyThreads(ctx, now, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	// 50 threads due at 1000..1049, all claimed: 50 markers.
+	for i := range 50 {
+		if _, err := s.Enqueue(ctx, queued(fmt.Sprintf("d%d", i), fmt.Sprintf("t%02d", i), int64(1000+i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := ready(5000); len(got) != 50 {
+		t.Fatalf("ready before claims = %d threads, want 50", len(got))
+	}
+	for i := range 50 {
+		if d, err := s.Claim(ctx, fmt.Sprintf("t%02d", i), "c", 30*time.Second, 5000); err != nil || d == nil {
+			t.Fatalf("claim t%02d: %v %v", i, d, err)
+		}
+	}
+	if _, err := s.Enqueue(ctx, queued("late", "tlate", 2000)); err != nil {
+		t.Fatal(err)
+	}
+	if got := ready(5000); !slices.Equal(got, []string{"tlate"}) {
+		t.Fatalf("ready = %v, want [tlate]", got)
+	}
+	if f := s.ReadyFloor(); f != 2000 {
+		t.Fatalf("floor = %d, want 2000 (the lowest live key)", f)
+	}
+	// Work made ready below the floor: an old dispatch, and a released
+	// claim available at an earlier time.
+	if _, err := s.Enqueue(ctx, queued("old", "told", 10)); err != nil {
+		t.Fatal(err)
+	}
+	d, err := s.LoadDispatch(ctx, "d7")
+	if err != nil || d == nil {
+		t.Fatal(d, err)
+	}
+	if _, err := s.Release(ctx, "d7", d.ClaimToken, 500); err != nil {
+		t.Fatal(err)
+	}
+	if got := ready(5000); !slices.Equal(got, []string{"told", "t07", "tlate"}) {
+		t.Fatalf("ready = %v, want [told t07 tlate] (oldest due first)", got)
+	}
+	if f := s.ReadyFloor(); f > 10 {
+		t.Fatalf("floor = %d above a live key due at 10", f)
+	}
+	verifyClean(t, s)
+}
+
+// Readers racing writers: a thread enqueued below the floor while scans run
+// is never missed once its enqueue has returned.
+func TestReadyFloorConcurrentInserts(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { close(stop); wg.Wait() }) // before the store closes
+	wg.Go(func() { // scans keep raising the floor
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, _, err := s.ReadyThreads(ctx, 1<<40, 10); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	})
+	for i := range 300 {
+		// Alternately high and low due times; each claimed at once except
+		// the low ones, which must be visible right after their enqueue.
+		due := int64(1_000_000 + i)
+		low := i%3 == 0
+		if low {
+			due = int64(i)
+		}
+		th := fmt.Sprintf("t%03d", i)
+		if _, err := s.Enqueue(ctx, queued(fmt.Sprintf("d%03d", i), th, due)); err != nil {
+			t.Fatal(err)
+		}
+		if low {
+			got, _, err := s.ReadyThreads(ctx, 1<<40, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, []string{th}) {
+				t.Fatalf("after enqueueing %s due at %d: ready = %v", th, due, got)
+			}
+		}
+		if d, err := s.Claim(ctx, th, "c", 30*time.Second, 1<<40); err != nil || d == nil {
+			t.Fatalf("claim %s: %v %v", th, d, err)
+		}
+	}
+	var _ engine.Store = s
+}
+
+// Pipelined commits: a batch built on top of one in flight reads its
+// writes; if that commit then fails, the batch runs again without them.
+func TestPipelinedBatchRebuiltAfterFailedCommit(t *testing.T) {
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	release := make(chan error, 2)
+	entered := make(chan struct{}, 4)
+	s.HoldCommits(release, entered)
+	k, k2 := []byte("zz-k"), []byte("zz-k2")
+
+	aErr := make(chan error, 1)
+	go func() { aErr <- s.RawSet(k, []byte("1")) }()
+	<-entered // A is in flight
+	ran := make(chan struct{}, 1)
+	bErr := make(chan error, 1)
+	go func() { bErr <- s.CopyKey(k, k2, ran) }()
+	<-ran // B ran on top of A's writes (it read "1")
+	release <- fmt.Errorf("injected commit failure")
+	if err := <-aErr; err == nil {
+		t.Fatal("A: want the injected commit failure")
+	}
+	<-entered // B, rebuilt, is being committed
+	release <- nil
+	if err := <-bErr; err != nil {
+		t.Fatalf("B: %v", err)
+	}
+	if _, ok, err := s.RawGet(k); err != nil || ok {
+		t.Fatalf("k after its failed commit: present=%v err=%v", ok, err)
+	}
+	v, ok, err := s.RawGet(k2)
+	if err != nil || !ok || string(v) != "missing" {
+		t.Fatalf("k2 = %q (present %v, err %v), want \"missing\": B kept a read of the failed batch", v, ok, err)
+	}
+}
+
+// A caller's reads after its write returns see the write, while later
+// batches are in flight (shared snapshots are published before answers).
+func TestReadYourWritesUnderPipelining(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := range 100 {
+				id := fmt.Sprintf("w%d-%d", w, i)
+				if _, err := s.Enqueue(ctx, queued(id, fmt.Sprintf("t%d", w), 1)); err != nil {
+					t.Error(err)
+					return
+				}
+				d, err := s.LoadDispatch(ctx, id)
+				if err != nil || d == nil {
+					t.Errorf("LoadDispatch(%s) right after its enqueue: %v %v", id, d, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
