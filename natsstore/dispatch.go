@@ -1,0 +1,678 @@
+package natsstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+func newToken() (string, error) {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return "", fmt.Errorf("claim token: %w", err)
+	}
+	return id.String(), nil
+}
+
+// claimArgs checks the arguments of a claim and mints its token.
+func claimArgs(kind, id, consumerID string, lease time.Duration) (ms int64, token string, err error) {
+	if err = engine.ValidateID(kind, id); err != nil {
+		return 0, "", err
+	}
+	if err = engine.ValidateID("consumer_id", consumerID); err != nil {
+		return 0, "", err
+	}
+	if ms, err = leaseMs(lease); err != nil {
+		return 0, "", err
+	}
+	token, err = newToken()
+	return ms, token, err
+}
+
+func leaseMs(lease time.Duration) (int64, error) {
+	ms := lease.Milliseconds()
+	if ms <= 0 {
+		return 0, engine.Validationf("lease %s must be at least 1ms", lease)
+	}
+	return ms, nil
+}
+
+// threadOf returns the thread of a dispatch (from the index, else from the
+// record), "" when the dispatch does not exist. It only chooses the lock
+// an operation takes; the operation reads the record again under it.
+func (s *Store) threadOf(ctx context.Context, id string) (string, error) {
+	if t := s.idx.threadOf(id); t != "" {
+		return t, nil
+	}
+	subj := s.sub.dispatch(id)
+	r, err := s.getLast(ctx, subj)
+	if err != nil || r.data == nil {
+		return "", err
+	}
+	d, err := decodeDispatch(subj, r.data)
+	if err != nil {
+		return "", err
+	}
+	return d.ThreadID, nil
+}
+
+// updateDispatch runs fn as a transaction under the lock of the
+// dispatch's thread.
+func (s *Store) updateDispatch(ctx context.Context, id string, fn func(t *txn) error) error {
+	thread, err := s.threadOf(ctx, id)
+	if err != nil {
+		return err
+	}
+	return s.update(ctx, thread, fn)
+}
+
+// claimOne moves the queued dispatch old to claimed under token.
+func (t *txn) claimOne(old *engine.Dispatch, token, consumerID string, leaseUntil, now int64) (*engine.Dispatch, error) {
+	d := old.Clone()
+	if err := d.Claim(token, consumerID, leaseUntil, now); err != nil {
+		return nil, err
+	}
+	if err := t.putDispatch(old, &d, now); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
+// Enqueue implements engine.DispatchStore.
+func (s *Store) Enqueue(ctx context.Context, d engine.Dispatch) (engine.Dispatch, error) {
+	d = d.Clone()
+	if err := d.PrepareEnqueue(); err != nil {
+		return engine.Dispatch{}, err
+	}
+	if err := s.update(ctx, d.ThreadID, func(t *txn) error { return t.enqueue(&d) }); err != nil {
+		return engine.Dispatch{}, fmt.Errorf("enqueue %s: %w", d.DispatchID, err)
+	}
+	return d, nil
+}
+
+// enqueue stores a prepared queued dispatch, stamping its epoch.
+func (t *txn) enqueue(d *engine.Dispatch) error {
+	if b, err := t.get(t.s.sub.dispatch(d.DispatchID)); err != nil {
+		return err
+	} else if b != nil {
+		return fmt.Errorf("dispatch_id=%s: %w", d.DispatchID, engine.ErrAlreadyExists)
+	}
+	if d.DedupeKey != "" {
+		if b, err := t.get(t.s.sub.dedupe(d.ThreadID, d.DedupeKey)); err != nil {
+			return err
+		} else if b != nil {
+			return fmt.Errorf("dedupe_key=%s: %w", d.DedupeKey, engine.ErrAlreadyExists)
+		}
+	}
+	ep, err := t.epoch(d.ThreadID)
+	if err != nil {
+		return err
+	}
+	d.Epoch = ep
+	return t.putDispatch(nil, d, d.UpdatedAt)
+}
+
+// Submit implements engine.RunStore: the checkpoint and the enqueue of a
+// submitted run in one batch.
+func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispatch) ([]engine.MessageRecord, engine.Dispatch, error) {
+	d = d.Clone()
+	if err := d.PrepareEnqueue(); err != nil {
+		return nil, engine.Dispatch{}, err
+	}
+	if d.ThreadID != c.ThreadID {
+		return nil, engine.Dispatch{}, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
+	}
+	run, err := checkCheckpoint(&c)
+	if err != nil {
+		return nil, engine.Dispatch{}, err
+	}
+	var recs []engine.MessageRecord
+	err = s.update(ctx, c.ThreadID, func(t *txn) error {
+		var err error
+		if recs, err = t.checkpoint(&c, run); err != nil {
+			return err
+		}
+		return t.enqueue(&d)
+	})
+	if err != nil {
+		return nil, engine.Dispatch{}, fmt.Errorf("submit %s: %w", c.ThreadID, err)
+	}
+	return recs, d, nil
+}
+
+// Claim implements engine.DispatchStore. The thread state says whether
+// the thread holds a claim; the index, once it has applied that state's
+// sequence, knows every dispatch that was queued then and picks the best
+// one; the claim batch rewrites the dispatch and the state, each expected
+// at the sequence read, so a change of either by anyone refuses it.
+func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	ms, token, err := claimArgs("thread_id", threadID, consumerID, lease)
+	if err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err = s.update(ctx, threadID, func(t *txn) error {
+		out = nil
+		st, err := t.state(threadID)
+		if err != nil || st.Claimed != "" {
+			return err
+		}
+		if err := s.waitIndex(ctx, t.reads[s.sub.state(threadID)].seq); err != nil {
+			return err
+		}
+		cands := s.idx.threadDispatches(threadID, func(e *dEntry) bool { return e.status == engine.StatusQueued })
+		for _, c := range cands {
+			if c.epoch >= st.Epoch && c.avail > now {
+				continue
+			}
+			d, err := t.loadDispatch(c.id)
+			if err != nil {
+				return err
+			}
+			if d == nil || d.Status != engine.StatusQueued {
+				continue
+			}
+			if d.Epoch < st.Epoch {
+				// An atomic interrupt leaves no stale queued dispatch
+				// behind; a record restored from elsewhere may.
+				old := d.Clone()
+				d.Supersede(st.Epoch, engine.ReasonNewerEpoch, now)
+				if err := t.putDispatch(&old, d, now); err != nil {
+					return err
+				}
+				continue
+			}
+			if d.AvailableAt > now {
+				continue
+			}
+			out, err = t.claimOne(d, token, consumerID, now+ms, now)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// ClaimDispatch implements engine.DispatchStore.
+func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
+	ms, token, err := claimArgs("dispatch_id", dispatchID, consumerID, lease)
+	if err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err = s.updateDispatch(ctx, dispatchID, func(t *txn) error {
+		out = nil
+		old, err := t.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.Status != engine.StatusQueued {
+			return err
+		}
+		st, err := t.state(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		if old.Epoch < st.Epoch {
+			d := old.Clone()
+			d.Supersede(st.Epoch, engine.ReasonNewerEpoch, now)
+			return t.putDispatch(old, &d, now)
+		}
+		if st.Claimed != "" {
+			return nil
+		}
+		out, err = t.claimOne(old, token, consumerID, now+ms, now)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim dispatch %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// owned runs one transition on a dispatch claimed under token: a missing
+// dispatch is ErrNotFound, a wrong token ErrStaleClaim; a stale epoch
+// supersedes the dispatch (committed) and returns a *ConflictError.
+// mutate changes the clone it is given; its error aborts the operation.
+func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate func(t *txn, d *engine.Dispatch) error) (engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return engine.Dispatch{}, err
+	}
+	var out engine.Dispatch
+	var result error // returned after a commit that must happen anyway
+	err := s.updateDispatch(ctx, dispatchID, func(t *txn) error {
+		result = nil
+		old, err := t.loadDispatch(dispatchID)
+		if err != nil {
+			return err
+		}
+		if old == nil {
+			return fmt.Errorf("dispatch %s: %w", dispatchID, engine.ErrNotFound)
+		}
+		if err := old.CheckOwner(token); err != nil {
+			return err
+		}
+		ep, err := t.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		if old.Epoch < ep {
+			d.Supersede(ep, staleReason, now)
+			result = &engine.ConflictError{What: "dispatch_epoch", Expected: old.Epoch, Actual: ep}
+			out = d
+			return t.putDispatch(old, &d, now)
+		}
+		if err := mutate(t, &d); err != nil {
+			return err
+		}
+		out = d
+		return t.putDispatch(old, &d, now)
+	})
+	if err == nil {
+		err = result
+	}
+	if err != nil {
+		return out, fmt.Errorf("%s %s: %w", name, dispatchID, err)
+	}
+	return out, nil
+}
+
+// Ack implements engine.DispatchStore.
+func (s *Store) Ack(ctx context.Context, dispatchID, claimToken string, now int64) error {
+	_, err := s.owned(ctx, "ack", dispatchID, claimToken, engine.ReasonStaleBeforeAck, now, func(_ *txn, d *engine.Dispatch) error {
+		d.Ack(now)
+		return nil
+	})
+	return err
+}
+
+// RecordDispatchStart implements engine.DispatchStore.
+func (s *Store) RecordDispatchStart(ctx context.Context, dispatchID, claimToken, instanceID string, now int64) error {
+	_, err := s.owned(ctx, "record_dispatch_start", dispatchID, claimToken, engine.ReasonStaleBeforeStart, now, func(t *txn, d *engine.Dispatch) error {
+		if err := d.RecordStart(instanceID, now); err != nil {
+			return err
+		}
+		return t.updateRunOf(d, func(r *engine.RunRecord) bool { return r.MarkStarted(d, instanceID, now/1000) })
+	})
+	return err
+}
+
+// RecordRunResult implements engine.DispatchStore.
+func (s *Store) RecordRunResult(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
+	_, err := s.owned(ctx, "record_run_result", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(t *txn, d *engine.Dispatch) error {
+		return t.recordResult(d, result, now)
+	})
+	return err
+}
+
+// recordResult projects an attempt's result onto the dispatch and its run.
+func (t *txn) recordResult(d *engine.Dispatch, result engine.RunResult, now int64) error {
+	if err := d.RecordResult(result, now); err != nil {
+		return err
+	}
+	return t.updateRunOf(d, func(r *engine.RunRecord) bool { return r.ApplyResult(d, result, now/1000) })
+}
+
+// Complete implements engine.DispatchStore.
+func (s *Store) Complete(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
+	_, err := s.owned(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(t *txn, d *engine.Dispatch) error {
+		if err := t.recordResult(d, result, now); err != nil {
+			return err
+		}
+		d.Ack(now)
+		return nil
+	})
+	return err
+}
+
+// Nack implements engine.DispatchStore.
+func (s *Store) Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (engine.Dispatch, error) {
+	return s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(_ *txn, d *engine.Dispatch) error {
+		d.Nack(retryAt, errMsg, now)
+		return nil
+	})
+}
+
+// DeadLetter implements engine.DispatchStore.
+func (s *Store) DeadLetter(ctx context.Context, dispatchID, claimToken, errMsg string, now int64) error {
+	_, err := s.owned(ctx, "dead_letter", dispatchID, claimToken, engine.ReasonStaleBeforeDead, now, func(_ *txn, d *engine.Dispatch) error {
+		d.DeadLetter(errMsg, now)
+		return nil
+	})
+	return err
+}
+
+// Release implements engine.DispatchStore.
+func (s *Store) Release(ctx context.Context, dispatchID, claimToken string, now int64) (engine.Dispatch, error) {
+	return s.owned(ctx, "release", dispatchID, claimToken, engine.ReasonStaleBeforeRelease, now, func(_ *txn, d *engine.Dispatch) error {
+		d.Release(now)
+		return nil
+	})
+}
+
+// Cancel implements engine.DispatchStore.
+func (s *Store) Cancel(ctx context.Context, dispatchID string, now int64) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err := s.updateDispatch(ctx, dispatchID, func(t *txn) error {
+		out = nil
+		old, err := t.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.Status != engine.StatusQueued {
+			return err
+		}
+		d := old.Clone()
+		d.Cancel(now)
+		if err := t.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cancel %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// ExtendLease implements engine.DispatchStore.
+func (s *Store) ExtendLease(ctx context.Context, dispatchID, claimToken string, lease time.Duration, now int64) (bool, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return false, err
+	}
+	ms, err := leaseMs(lease)
+	if err != nil {
+		return false, err
+	}
+	var ok bool
+	err = s.updateDispatch(ctx, dispatchID, func(t *txn) error {
+		ok = false
+		old, err := t.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.CheckOwner(claimToken) != nil {
+			return err
+		}
+		ep, err := t.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		if old.Epoch < ep {
+			d.Supersede(ep, engine.ReasonStaleDuringRenewal, now)
+			return t.putDispatch(old, &d, now)
+		}
+		d.LeaseUntil = now + ms
+		d.UpdatedAt = now
+		ok = true
+		return t.putDispatch(old, &d, now)
+	})
+	if err != nil {
+		return false, fmt.Errorf("extend lease %s: %w", dispatchID, err)
+	}
+	return ok, nil
+}
+
+// Interrupt implements engine.DispatchStore: the epoch bump and the
+// supersession of every queued dispatch of the thread in one batch. The
+// batch expects the thread state at the sequence read, and every
+// transition into queued rewrites that state, so no dispatch can become
+// queued unseen between the read and the commit.
+func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engine.InterruptResult, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return engine.InterruptResult{}, err
+	}
+	var res engine.InterruptResult
+	err := s.update(ctx, threadID, func(t *txn) error {
+		res = engine.InterruptResult{Superseded: []engine.Dispatch{}}
+		before, err := t.state(threadID)
+		if err != nil {
+			return err
+		}
+		if err := s.waitIndex(ctx, t.reads[s.sub.state(threadID)].seq); err != nil {
+			return err
+		}
+		queued := s.idx.threadDispatches(threadID, func(e *dEntry) bool { return e.status == engine.StatusQueued })
+		st := before
+		st.Epoch++
+		if err := t.putState(threadID, st); err != nil {
+			return err
+		}
+		res.NewEpoch = st.Epoch
+		for _, c := range queued {
+			old, err := t.loadDispatch(c.id)
+			if err != nil {
+				return err
+			}
+			if old == nil || old.Status != engine.StatusQueued {
+				continue
+			}
+			d := old.Clone()
+			d.Supersede(st.Epoch, engine.ReasonInterrupt, now)
+			if err := t.putDispatch(old, &d, now); err != nil {
+				return err
+			}
+			res.Superseded = append(res.Superseded, d)
+		}
+		res.SupersededN = len(res.Superseded)
+		if before.Claimed != "" {
+			a, err := t.mustLoad(before.Claimed)
+			if err != nil {
+				return err
+			}
+			res.Active = a
+		}
+		return nil
+	})
+	if err != nil {
+		return engine.InterruptResult{}, fmt.Errorf("interrupt thread %s: %w", threadID, err)
+	}
+	return res, nil
+}
+
+// CurrentEpoch implements engine.DispatchStore.
+func (s *Store) CurrentEpoch(ctx context.Context, threadID string) (uint64, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return 0, err
+	}
+	subj := s.sub.state(threadID)
+	r, err := s.getLast(ctx, subj)
+	if err != nil {
+		return 0, fmt.Errorf("current epoch of %s: %w", threadID, err)
+	}
+	st, err := decodeState(subj, r.data)
+	return st.Epoch, err
+}
+
+// SupersedeClaimed implements engine.DispatchStore.
+func (s *Store) SupersedeClaimed(ctx context.Context, dispatchID, claimToken, reason string, now int64) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err := s.updateDispatch(ctx, dispatchID, func(t *txn) error {
+		out = nil
+		old, err := t.loadDispatch(dispatchID)
+		if err != nil || old == nil || old.Status != engine.StatusClaimed {
+			return err
+		}
+		if err := old.CheckOwner(claimToken); err != nil {
+			return err
+		}
+		ep, err := t.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		d.Supersede(ep, reason, now)
+		if err := t.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		out = &d
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("supersede claimed %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// Requeue implements engine.DispatchStore.
+func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, now int64) (engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return engine.Dispatch{}, err
+	}
+	var out engine.Dispatch
+	err := s.updateDispatch(ctx, dispatchID, func(t *txn) error {
+		old, err := t.loadDispatch(dispatchID)
+		if err != nil {
+			return err
+		}
+		if old == nil {
+			return fmt.Errorf("dispatch %s: %w", dispatchID, engine.ErrNotFound)
+		}
+		if old.Status != engine.StatusDeadLetter {
+			return engine.Validationf("dispatch %s: status %s is not dead_letter", dispatchID, old.Status)
+		}
+		if old.RequeuedAs == "" {
+			if err := engine.ValidateID("dispatch_id", newDispatchID); err != nil {
+				return err
+			}
+			if b, err := t.get(t.s.sub.dispatch(newDispatchID)); err != nil {
+				return err
+			} else if b != nil {
+				return fmt.Errorf("dispatch_id=%s: %w", newDispatchID, engine.ErrAlreadyExists)
+			}
+		}
+		ep, err := t.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		dl := old.Clone()
+		n, err := dl.Requeue(newDispatchID, ep, now)
+		if err != nil {
+			return err
+		}
+		if n.DedupeKey != "" {
+			if b, err := t.get(t.s.sub.dedupe(n.ThreadID, n.DedupeKey)); err != nil {
+				return err
+			} else if b != nil {
+				return fmt.Errorf("dedupe_key=%s: %w", n.DedupeKey, engine.ErrAlreadyExists)
+			}
+		}
+		if err := t.putDispatch(old, &dl, now); err != nil {
+			return err
+		}
+		if err := t.putDispatch(nil, &n, now); err != nil {
+			return err
+		}
+		out = n
+		run, err := t.loadRun(n.RunID)
+		if err != nil || run == nil || run.ThreadID != n.ThreadID {
+			return err
+		}
+		r := *run
+		r.Reopen(n.DispatchID, now/1000)
+		return t.writeRun(run, &r, false)
+	})
+	if err != nil {
+		return engine.Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)
+	}
+	return out, nil
+}
+
+// ReclaimExpired implements engine.DispatchStore. The index lists the
+// candidates (claimed, lease_until < now, oldest lease first); each is
+// read again and reclaimed in its own batch, so a candidate another
+// process settled meanwhile is skipped, and two concurrent reclaims of one
+// lease make one transition.
+func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
+	if limit <= 0 {
+		return nil, nil
+	}
+	if err := s.fresh(ctx); err != nil {
+		return nil, fmt.Errorf("reclaim expired leases: %w", err)
+	}
+	var out []engine.Dispatch
+	cands := s.idx.expired(now)
+	for i, c := range cands {
+		if i >= limit {
+			break
+		}
+		var got *engine.Dispatch
+		err := s.update(ctx, c.thread, func(t *txn) error {
+			got = nil
+			old, err := t.loadDispatch(c.id)
+			if err != nil || old == nil || old.Status != engine.StatusClaimed || old.LeaseUntil >= now {
+				return err
+			}
+			ep, err := t.epoch(old.ThreadID)
+			if err != nil {
+				return err
+			}
+			d := old.Clone()
+			if old.Epoch < ep {
+				d.Supersede(ep, engine.ReasonLeaseExpiredStale, now)
+				return t.putDispatch(old, &d, now)
+			}
+			d.ReclaimExpired(now)
+			if err := t.putDispatch(old, &d, now); err != nil {
+				return err
+			}
+			got = &d
+			return nil
+		})
+		if err != nil {
+			return out, fmt.Errorf("reclaim expired lease of %s: %w", c.id, err)
+		}
+		if got != nil {
+			out = append(out, *got)
+		}
+	}
+	return out, nil
+}
+
+// purgeChunk bounds the dispatches one purge batch deletes.
+const purgeChunk = 256
+
+// PurgeTerminal implements engine.DispatchStore. It writes a tombstone
+// for each terminal dispatch with updated_at < olderThan, purgeChunk per
+// batch, each expected at the version read.
+func (s *Store) PurgeTerminal(ctx context.Context, olderThan int64) (int, error) {
+	if err := s.fresh(ctx); err != nil {
+		return 0, fmt.Errorf("purge terminal: %w", err)
+	}
+	cands := s.idx.purgeable(olderThan)
+	total := 0
+	for len(cands) > 0 {
+		chunk := cands[:min(purgeChunk, len(cands))]
+		cands = cands[len(chunk):]
+		n := 0
+		err := s.update(ctx, "", func(t *txn) error {
+			n = 0
+			for _, c := range chunk {
+				d, err := t.loadDispatch(c.id)
+				if err != nil {
+					return err
+				}
+				if d == nil || !d.Status.Terminal() || d.UpdatedAt >= olderThan {
+					continue
+				}
+				if err := t.deleteDispatch(d); err != nil {
+					return err
+				}
+				n++
+			}
+			return nil
+		})
+		if err != nil {
+			return total, fmt.Errorf("purge terminal: %w", err)
+		}
+		total += n
+	}
+	return total, nil
+}

@@ -1,0 +1,121 @@
+package natsstore
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// loadDispatches reads the records the index named, in order; one that
+// vanished since (purged by another process) is left out.
+func (s *Store) loadDispatches(ctx context.Context, ids []string) ([]engine.Dispatch, error) {
+	out := make([]engine.Dispatch, 0, len(ids))
+	for _, id := range ids {
+		subj := s.sub.dispatch(id)
+		r, err := s.getLast(ctx, subj)
+		if err != nil {
+			return nil, err
+		}
+		if r.data == nil {
+			continue
+		}
+		d, err := decodeDispatch(subj, r.data)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *d)
+	}
+	return out, nil
+}
+
+// LoadDispatch implements engine.DispatchStore. It reads the record from
+// the stream, never the index.
+func (s *Store) LoadDispatch(ctx context.Context, dispatchID string) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
+		return nil, err
+	}
+	subj := s.sub.dispatch(dispatchID)
+	r, err := s.getLast(ctx, subj)
+	if err != nil {
+		return nil, fmt.Errorf("load dispatch %s: %w", dispatchID, err)
+	}
+	if r.data == nil {
+		return nil, nil
+	}
+	return decodeDispatch(subj, r.data)
+}
+
+// ListDispatches implements engine.DispatchStore. limit ≤ 0 means no limit.
+func (s *Store) ListDispatches(ctx context.Context, threadID string, filter engine.StatusFilter, limit, offset int) ([]engine.Dispatch, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return nil, err
+	}
+	if filter != nil && len(filter) == 0 {
+		return []engine.Dispatch{}, nil
+	}
+	if err := s.fresh(ctx); err != nil {
+		return nil, fmt.Errorf("list dispatches of %s: %w", threadID, err)
+	}
+	es := s.idx.threadDispatches(threadID, func(e *dEntry) bool { return filter.Match(e.status) })
+	out, err := s.loadDispatches(ctx, ids(es, offset, limit))
+	if err != nil {
+		return nil, fmt.Errorf("list dispatches of %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// CountByStatus implements engine.DispatchStore.
+func (s *Store) CountByStatus(ctx context.Context) (engine.StatusCounts, error) {
+	if err := s.fresh(ctx); err != nil {
+		return engine.StatusCounts{}, fmt.Errorf("count dispatches: %w", err)
+	}
+	return s.idx.statusCounts(), nil
+}
+
+// ListTerminal implements engine.DispatchStore.
+func (s *Store) ListTerminal(ctx context.Context, after engine.TerminalCursor, limit int) ([]engine.Dispatch, error) {
+	if limit <= 0 {
+		return []engine.Dispatch{}, nil
+	}
+	if err := s.fresh(ctx); err != nil {
+		return nil, fmt.Errorf("list terminal dispatches: %w", err)
+	}
+	out, err := s.loadDispatches(ctx, s.idx.terminalAfter(after, limit))
+	if err != nil {
+		return nil, fmt.Errorf("list terminal dispatches: %w", err)
+	}
+	return out, nil
+}
+
+// ListDeadLetters implements engine.DispatchStore. limit ≤ 0 means no limit.
+func (s *Store) ListDeadLetters(ctx context.Context, limit, offset int) ([]engine.Dispatch, error) {
+	if err := s.fresh(ctx); err != nil {
+		return nil, fmt.Errorf("list dead letters: %w", err)
+	}
+	out, err := s.loadDispatches(ctx, s.idx.deadLetters(limit, offset))
+	if err != nil {
+		return nil, fmt.Errorf("list dead letters: %w", err)
+	}
+	return out, nil
+}
+
+// QueuedThreadIDs implements engine.DispatchStore.
+func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
+	if err := s.fresh(ctx); err != nil {
+		return nil, fmt.Errorf("queued thread ids: %w", err)
+	}
+	return s.idx.queuedThreads(), nil
+}
+
+// ReadyThreads implements engine.DispatchStore.
+func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+	if limit <= 0 {
+		return []string{}, 0, nil
+	}
+	if err := s.fresh(ctx); err != nil {
+		return nil, 0, fmt.Errorf("ready threads: %w", err)
+	}
+	out, next := s.idx.ready(now, limit)
+	return out, next, nil
+}

@@ -1,0 +1,191 @@
+package natsstore
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Store is the NATS JetStream implementation of engine.Store. It is safe
+// for concurrent use, and several Stores (in one process or many) may
+// share one stream.
+type Store struct {
+	cfg       Config
+	log       *slog.Logger
+	nc        *nats.Conn
+	js        jetstream.JetStream
+	sub       subjects
+	directGet string // direct-get subject prefix: "$JS.API.DIRECT.GET.<stream>."
+	idx       *index
+	cc        jetstream.ConsumeContext
+	locks     *threadLocks
+	inflight  chan struct{} // one token per open atomic batch
+	group     committer
+
+	committed atomic.Uint64 // highest indexed sequence this store committed
+
+	done      chan struct{} // closed by Close
+	closed    atomic.Bool
+	closeOnce sync.Once
+}
+
+var _ engine.Store = (*Store)(nil)
+
+// Open connects to the server, creates or updates the stream and builds
+// the index from it. An unreachable server is engine.ErrUnavailable.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	opts := append([]nats.Option{
+		nats.Name("mailbox-sidecar natsstore"),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+	}, cfg.Options...)
+	nc, err := nats.Connect(cfg.URL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nats store: connect %s: %w", cfg.URL, unavailable(err))
+	}
+	s := &Store{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		nc:        nc,
+		sub:       subjects{p: cfg.Prefix + "."},
+		directGet: "$JS.API.DIRECT.GET." + cfg.Stream + ".",
+		locks:     newThreadLocks(),
+		inflight:  make(chan struct{}, cfg.MaxInflightBatches),
+		done:      make(chan struct{}),
+	}
+	if err := s.start(ctx); err != nil {
+		_ = s.Close()
+		return nil, fmt.Errorf("open nats store %s: %w", cfg.Stream, err)
+	}
+	return s, nil
+}
+
+// StreamConfig returns the stream configuration Open creates for cfg
+// (after defaults), for operators who create the stream themselves.
+func StreamConfig(cfg Config) (jetstream.StreamConfig, error) {
+	if err := cfg.validate(); err != nil {
+		return jetstream.StreamConfig{}, err
+	}
+	return streamConfig(&cfg), nil
+}
+
+func streamConfig(cfg *Config) jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:               cfg.Stream,
+		Description:        "mailbox-sidecar store: one record per subject",
+		Subjects:           []string{cfg.Prefix + ".>"},
+		Retention:          jetstream.LimitsPolicy,
+		MaxMsgsPerSubject:  1,
+		MaxMsgs:            -1,
+		MaxBytes:           -1,
+		MaxAge:             0,
+		Discard:            jetstream.DiscardNew,
+		Storage:            jetstream.FileStorage,
+		Replicas:           cfg.Replicas,
+		AllowDirect:        true,
+		AllowAtomicPublish: true,
+		DenyDelete:         true,
+		Duplicates:         0,
+	}
+}
+
+func (s *Store) start(ctx context.Context) error {
+	js, err := jetstream.New(s.nc)
+	if err != nil {
+		return unavailable(err)
+	}
+	s.js = js
+	octx, cancel := s.reqCtx(ctx)
+	defer cancel()
+	st, err := js.CreateOrUpdateStream(octx, streamConfig(&s.cfg))
+	if err != nil {
+		return fmt.Errorf("create stream: %w", unavailable(err))
+	}
+	s.idx = newIndex(s.sub, func(msg string, args ...any) { s.log.Warn(msg, args...) })
+	p := s.cfg.Prefix + "."
+	cons, err := st.OrderedConsumer(octx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{p + famDispatch + ".>", p + famState + ".>", p + famRun + ".>"},
+		DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
+	})
+	if err != nil {
+		return fmt.Errorf("index consumer: %w", unavailable(err))
+	}
+	s.cc, err = cons.Consume(s.idx.handle, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+		s.log.Warn("natsstore index consumer", "err", err)
+	}))
+	if err != nil {
+		return fmt.Errorf("index consumer: %w", unavailable(err))
+	}
+	return s.idx.caughtUp(octx, cons)
+}
+
+// Close stops the index consumer and closes the connection. Operations
+// still running fail with engine.ErrUnavailable. Safe to call twice.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		s.closed.Store(true)
+		close(s.done)
+		if s.cc != nil {
+			s.cc.Stop()
+			<-s.cc.Closed()
+		}
+		s.nc.Close()
+		s.group.close()
+	})
+	return nil
+}
+
+// Conn is the store's NATS connection, for components that share it
+// (work-queue signals, live request/reply). Do not close it.
+func (s *Store) Conn() *nats.Conn { return s.nc }
+
+// usable reports a closed store.
+func (s *Store) usable() error {
+	if s.closed.Load() {
+		return fmt.Errorf("store closed: %w", engine.ErrUnavailable)
+	}
+	return nil
+}
+
+// indexed reports whether the index consumes a subject family.
+func (s *Store) indexed(fam string) bool {
+	return fam == famDispatch || fam == famState || fam == famRun
+}
+
+// noteCommitted raises the read-your-writes mark to seq.
+func (s *Store) noteCommitted(seq uint64) {
+	for {
+		cur := s.committed.Load()
+		if seq <= cur || s.committed.CompareAndSwap(cur, seq) {
+			return
+		}
+	}
+}
+
+// fresh waits until the index reflects every write this store committed.
+func (s *Store) fresh(ctx context.Context) error {
+	if err := s.usable(); err != nil {
+		return err
+	}
+	return s.waitIndex(ctx, s.committed.Load())
+}
+
+func (s *Store) waitIndex(ctx context.Context, seq uint64) error {
+	ctx, cancel := s.reqCtx(ctx)
+	defer cancel()
+	if err := s.idx.wait(ctx, seq, s.done); err != nil {
+		return unavailable(err)
+	}
+	return nil
+}

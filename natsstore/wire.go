@@ -1,0 +1,224 @@
+package natsstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	json "github.com/goccy/go-json"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// The wire: point reads are JetStream direct gets (last message of a
+// subject), writes are one publish or one atomic batch publish whose every
+// message carries the stream sequence its subject must still have.
+
+// Header names of the JetStream protocol and of this package.
+const (
+	hdrOp             = "Mbx-Op" // "DEL" marks a tombstone
+	opDelete          = "DEL"
+	hdrExpSubjSeq     = "Nats-Expected-Last-Subject-Sequence"
+	hdrExpSubjSeqSubj = "Nats-Expected-Last-Subject-Sequence-Subject"
+	hdrBatchID        = "Nats-Batch-Id"
+	hdrBatchSeq       = "Nats-Batch-Sequence"
+	hdrBatchCommit    = "Nats-Batch-Commit"
+	hdrSequence       = "Nats-Sequence"
+	hdrStatus         = "Status"
+	hdrDescription    = "Description"
+)
+
+// JetStream API error codes this package tells apart.
+const (
+	errCodeWrongLastSeq         = 10071
+	errCodeWrongLastSeqConstant = 10164
+	errCodeBatchIncomplete      = 10176
+	errCodeBatchTooLarge        = 10199
+	errCodeBatchTooManyInflight = 10210
+	errCodeMsgTooLarge          = 10054
+)
+
+// errConflict reports a batch refused because a subject it expected moved
+// on (another writer won); the operation re-reads and retries.
+var errConflict = errors.New("record changed concurrently")
+
+// errBusy reports a batch the server could not take now (too many open
+// batches, or a batch it dropped); retried like a conflict.
+var errBusy = errors.New("server busy with other batches")
+
+// rec is one record as read: the stream sequence of its subject's last
+// message (0 when the subject never had one) and its body (nil when the
+// subject is missing or its last message is a tombstone).
+type rec struct {
+	seq  uint64
+	data []byte
+}
+
+// outMsg is one message of a write: a record (data), a tombstone (del) or
+// a check of another subject (checkSubj, written to the check subject).
+type outMsg struct {
+	subj      string
+	data      []byte
+	del       bool
+	expect    uint64
+	checkSubj string
+	indexed   bool // the index consumer sees this subject
+}
+
+// reqCtx bounds ctx by the request timeout when it has no deadline.
+func (s *Store) reqCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, s.cfg.RequestTimeout)
+}
+
+// getLast reads the last message of subj.
+func (s *Store) getLast(ctx context.Context, subj string) (rec, error) {
+	if err := s.usable(); err != nil {
+		return rec{}, err
+	}
+	ctx, cancel := s.reqCtx(ctx)
+	defer cancel()
+	m, err := s.nc.RequestWithContext(ctx, s.directGet+subj, nil)
+	if err != nil {
+		return rec{}, fmt.Errorf("read %s: %w", subj, unavailable(err))
+	}
+	return parseDirect(subj, m)
+}
+
+// parseDirect decodes a direct-get reply.
+func parseDirect(subj string, m *nats.Msg) (rec, error) {
+	if len(m.Data) == 0 {
+		if st := m.Header.Get(hdrStatus); st != "" {
+			if st == "404" {
+				return rec{}, nil
+			}
+			return rec{}, fmt.Errorf("read %s: status %s %s: %w", subj, st, m.Header.Get(hdrDescription), engine.ErrUnavailable)
+		}
+	}
+	seq, err := strconv.ParseUint(m.Header.Get(hdrSequence), 10, 64)
+	if err != nil || seq == 0 {
+		return rec{}, fmt.Errorf("read %s: reply without a stream sequence: %w", subj, engine.ErrCorrupt)
+	}
+	if m.Header.Get(hdrOp) == opDelete || len(m.Data) == 0 {
+		return rec{seq: seq}, nil
+	}
+	return rec{seq: seq, data: m.Data}, nil
+}
+
+// apiError is the error of a JetStream API reply.
+type apiError struct {
+	Code        int    `json:"code"`
+	ErrCode     int    `json:"err_code"`
+	Description string `json:"description"`
+}
+
+func (e *apiError) Error() string {
+	return fmt.Sprintf("jetstream: %s (code %d, err_code %d)", e.Description, e.Code, e.ErrCode)
+}
+
+type pubAckReply struct {
+	Error *apiError `json:"error"`
+	Seq   uint64    `json:"seq"`
+}
+
+// publish writes msgs: one message alone, several as one atomic batch.
+// It returns the stream sequence of the last message; message i of n then
+// has sequence last-(n-1-i).
+func (s *Store) publish(ctx context.Context, msgs []outMsg) (uint64, error) {
+	if err := s.usable(); err != nil {
+		return 0, err
+	}
+	ctx, cancel := s.reqCtx(ctx)
+	defer cancel()
+	if len(msgs) > 1 {
+		select {
+		case s.inflight <- struct{}{}:
+			defer func() { <-s.inflight }()
+		case <-ctx.Done():
+			return 0, unavailable(ctx.Err())
+		}
+	}
+	batchID := ""
+	if len(msgs) > 1 {
+		batchID = nuid.Next()
+	}
+	for i := range msgs {
+		m := toNatsMsg(&msgs[i], s.sub.check())
+		if batchID != "" {
+			m.Header[hdrBatchID] = []string{batchID}
+			m.Header[hdrBatchSeq] = []string{strconv.Itoa(i + 1)}
+		}
+		if i < len(msgs)-1 {
+			if err := s.nc.PublishMsg(m); err != nil {
+				return 0, unavailable(err)
+			}
+			continue
+		}
+		if batchID != "" {
+			m.Header[hdrBatchCommit] = []string{"1"}
+		}
+		reply, err := s.nc.RequestMsgWithContext(ctx, m)
+		if err != nil {
+			return 0, unavailable(err)
+		}
+		return parsePubAck(reply)
+	}
+	return 0, nil
+}
+
+func toNatsMsg(o *outMsg, checkSubj string) *nats.Msg {
+	m := &nats.Msg{Subject: o.subj, Header: make(nats.Header, 6), Data: o.data}
+	m.Header[hdrExpSubjSeq] = []string{strconv.FormatUint(o.expect, 10)}
+	switch {
+	case o.checkSubj != "":
+		m.Subject = checkSubj
+		m.Header[hdrExpSubjSeqSubj] = []string{o.checkSubj}
+	case o.del:
+		m.Header[hdrOp] = []string{opDelete}
+		m.Data = nil
+	}
+	return m
+}
+
+// parsePubAck decodes a publish acknowledgement.
+func parsePubAck(m *nats.Msg) (uint64, error) {
+	if len(m.Data) == 0 {
+		if st := m.Header.Get(hdrStatus); st == "503" {
+			return 0, fmt.Errorf("publish: no responders: %w", engine.ErrUnavailable)
+		}
+		return 0, fmt.Errorf("publish: empty acknowledgement: %w", engine.ErrUnavailable)
+	}
+	var r pubAckReply
+	if err := json.Unmarshal(m.Data, &r); err != nil {
+		return 0, fmt.Errorf("publish: acknowledgement %q: %w", m.Data, engine.ErrUnavailable)
+	}
+	if r.Error != nil {
+		switch r.Error.ErrCode {
+		case errCodeWrongLastSeq, errCodeWrongLastSeqConstant:
+			return 0, fmt.Errorf("%w: %w", errConflict, r.Error)
+		case errCodeBatchIncomplete, errCodeBatchTooManyInflight:
+			return 0, fmt.Errorf("%w: %w", errBusy, r.Error)
+		case errCodeBatchTooLarge, errCodeMsgTooLarge:
+			return 0, fmt.Errorf("%w: %w", engine.ErrTooLarge, r.Error)
+		}
+		return 0, fmt.Errorf("%w: %w", engine.ErrUnavailable, r.Error)
+	}
+	if r.Seq == 0 {
+		return 0, fmt.Errorf("publish: acknowledgement without sequence %q: %w", m.Data, engine.ErrUnavailable)
+	}
+	return r.Seq, nil
+}
+
+// unavailable wraps a transport failure (timeout, no server, closed
+// connection, cancelled context) as engine.ErrUnavailable.
+func unavailable(err error) error {
+	if err == nil || errors.Is(err, engine.ErrUnavailable) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", engine.ErrUnavailable, err)
+}
