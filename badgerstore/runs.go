@@ -358,6 +358,7 @@ func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to 
 	if from > to {
 		return out, nil
 	}
+	out = make([]engine.MessageRecord, 0, min(to-from+1, 256))
 	err := s.view(ctx, func(txn *badger.Txn) error {
 		prefix := threadPrefix(pMessage, threadID)
 		return iterate(txn, prefix, messageKey(threadID, from), false, false, func(k, v []byte) (bool, error) {

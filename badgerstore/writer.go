@@ -66,6 +66,15 @@ type writeTx struct {
 	flushed *writeSet    // writes of the batch so far: read before the cache, cached after commit
 	prior   *writeSet    // writes of the batch in flight (not durable yet), or nil
 	spare   *badger.Txn  // an update transaction made before prior was sent, or nil
+	free    *writeSet    // a retired write set, reused by the next batch
+}
+
+// recycle keeps ws (no longer read by anyone) for the next batch.
+func (w *writeTx) recycle(ws *writeSet) {
+	if ws != nil {
+		ws.reset()
+		w.free = ws
+	}
 }
 
 // writeSet is the writes of one batch, by key and in key order.
@@ -483,7 +492,11 @@ func (s *Store) begin(b *building, w *writeTx) {
 		b.txn = s.db.NewTransaction(true)
 	}
 	if b.writes == nil {
-		b.writes = newWriteSet()
+		b.writes = w.free
+		w.free = nil
+		if b.writes == nil {
+			b.writes = newWriteSet()
+		}
 	}
 	w.flushed = b.writes
 }
@@ -575,6 +588,7 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	}
 	w.snap = s.db.NewTransaction(false)
 	w.spare = s.db.NewTransaction(true)
+	w.recycle(w.prior)
 	w.prior = fl.writes
 	w.flushed = nil
 	commit := b.txn.CommitWith
@@ -624,6 +638,7 @@ func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
 	if building && fl.err == nil {
 		return
 	}
+	w.recycle(w.prior)
 	w.prior = nil
 	if w.snap != nil {
 		w.snap.Discard()
