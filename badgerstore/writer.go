@@ -602,6 +602,8 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 			// Applied, and nothing else is in flight: this does not wait.
 			// Published before anyone is answered (read-your-writes).
 			s.reads.publish(s.db.NewTransaction(false), fl.writes.readyMin())
+			s.batches.Add(1)
+			s.batchedOps.Add(uint64(len(fl.ops)))
 		}
 		fl.err = cerr
 		for i, o := range fl.ops {
@@ -632,8 +634,6 @@ func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
 				w.cache.put(f.k, f.val())
 			}
 		}
-		s.batches.Add(1)
-		s.batchedOps.Add(uint64(len(fl.ops)))
 	}
 	if building && fl.err == nil {
 		return
