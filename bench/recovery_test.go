@@ -33,7 +33,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	sidecarBin = filepath.Join(dir, "mailbox-sidecar")
-	cmd := exec.Command("go", "build", "-o", sidecarBin, "../cmd/mailbox-sidecar")
+	// MAILBOX_BENCH_TAGS=pprof builds the profiling variant (see
+	// cmd/mailbox-sidecar/pprof.go).
+	cmd := exec.Command("go", "build", "-tags", os.Getenv("MAILBOX_BENCH_TAGS"), "-o", sidecarBin, "../cmd/mailbox-sidecar")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Run(); err != nil {
 		panic(fmt.Sprintf("build the sidecar: %v", err))

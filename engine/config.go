@@ -52,6 +52,11 @@ type Config struct {
 	// run. Defaults 500 and 4 MiB.
 	ContextMessages int
 	ContextBytes    int
+	// ContextCacheBytes bounds the engine's cache of the newest decoded
+	// messages of recently run threads (tailcache.go), which spares
+	// re-reading a thread's whole context window for every run. Default
+	// 64 MiB; negative turns it off.
+	ContextCacheBytes int64
 	// StartupDelay postpones recovery and the loops after Start. Default 0.
 	StartupDelay time.Duration
 	// StartupRecoveryAttempts is how often Start tries recovery before it
@@ -94,6 +99,8 @@ const (
 	DefaultEventRetention  = 60 * time.Second
 	DefaultContextMessages = 500
 	DefaultContextBytes    = 4 << 20
+	// DefaultContextCacheBytes is the default ContextCacheBytes.
+	DefaultContextCacheBytes = 64 << 20
 	// InlineClaimGuard is how far in the future a foreground submit's
 	// dispatch is enqueued, so background claimers leave it to the inline
 	// claim.
@@ -143,6 +150,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ContextBytes == 0 {
 		c.ContextBytes = DefaultContextBytes
+	}
+	if c.ContextCacheBytes == 0 {
+		c.ContextCacheBytes = DefaultContextCacheBytes
 	}
 	if c.ConsumerID == "" {
 		c.ConsumerID = uuid.Must(uuid.NewV7()).String()

@@ -86,6 +86,7 @@ type Mailbox struct {
 	idleClosed  bool
 	reconcileMu sync.Mutex     // serialises reconciliation; guards termAfter
 	termAfter   TerminalCursor // reconciliation high-water mark
+	tails       *tailCache     // newest messages of recent threads (nil: off)
 }
 
 // New builds a Mailbox over a store and an executor. Start recovers and
@@ -102,7 +103,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		cfg: cfg, raw: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(),
 		threads: map[string]*execution{}, byRun: map[string]*execution{},
 		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
-		wake: make(chan struct{}, 1),
+		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
 	}
 	m.metrics = newEngineMetrics(func() (StatusCounts, error) {
 		return store.CountByStatus(context.Background())

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -506,5 +507,52 @@ func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Log(out)
+	}
+}
+
+// The context window sent with each run is exactly the newest messages of
+// the thread's log, whether it comes from the engine's message cache, the
+// store, or both — also when the cache is too small to keep every thread.
+func TestRunContextMatchesTheLogThroughTheMessageCache(t *testing.T) {
+	for _, budget := range []int64{-1, 2500, 1 << 20} {
+		t.Run(fmt.Sprintf("cache=%d", budget), func(t *testing.T) {
+			r := newRig(t, newFake(4, complete), engine.Config{ContextMessages: 5, ContextCacheBytes: budget})
+			r.start(t)
+			ctx := context.Background()
+			for i := range 24 {
+				thread := fmt.Sprintf("t%d", i%3)
+				res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg(fmt.Sprintf("m%d", i)), userMsg(fmt.Sprintf("n%d", i))}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				eventually(t, "run acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+			}
+			r.exec.mu.Lock()
+			runs := slices.Clone(r.exec.runs)
+			r.exec.mu.Unlock()
+			if len(runs) != 24 {
+				t.Fatalf("%d runs, want 24", len(runs))
+			}
+			for _, req := range runs {
+				total := req.Context.TotalMessages
+				from := uint64(1)
+				if total > 5 {
+					from = total - 4
+				}
+				want, err := r.store.LoadMessageRange(ctx, req.ThreadID, from, total)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(req.Context.Messages) != len(want) || req.Context.FirstSeq != from {
+					t.Fatalf("run %s: context %d messages from %d, want %d from %d", req.RunID, len(req.Context.Messages), req.Context.FirstSeq, len(want), from)
+				}
+				for i := range want {
+					got := req.Context.Messages[i]
+					if got.Seq != want[i].Seq || got.MessageID != want[i].MessageID || string(got.Message.Content) != string(want[i].Message.Content) {
+						t.Fatalf("run %s: context[%d] = %v, want %v", req.RunID, i, got, want[i])
+					}
+				}
+			}
+		})
 	}
 }

@@ -355,7 +355,7 @@ func (m *Mailbox) activationMessages(ctx context.Context, run *RunRecord, snap *
 		if n := uint64(snap.InputMessageCount); rg.To-rg.From+1 > n {
 			from = rg.To - n + 1
 		}
-		recs, err := m.store.LoadMessageRange(ctx, run.ThreadID, from, rg.To)
+		recs, err := m.tails.window(ctx, run.ThreadID, from, rg.To, m.cfg.ContextMessages, m.store.LoadMessageRange)
 		if err != nil {
 			return nil, err
 		}
@@ -382,7 +382,7 @@ func (m *Mailbox) threadContext(ctx context.Context, thread string) (ThreadConte
 		if total > uint64(m.cfg.ContextMessages) {
 			from = total - uint64(m.cfg.ContextMessages) + 1
 		}
-		recs, err := m.store.LoadMessageRange(ctx, thread, from, total)
+		recs, err := m.tails.window(ctx, thread, from, total, m.cfg.ContextMessages, m.store.LoadMessageRange)
 		if err != nil {
 			return tc, err
 		}

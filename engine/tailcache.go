@@ -1,0 +1,129 @@
+package engine
+
+import (
+	"container/list"
+	"context"
+	"sync"
+)
+
+// tailCache keeps the newest decoded messages of recently run threads, so
+// rebuilding a run request reads only the messages appended since the
+// thread's last run instead of its whole context window. A thread's log is
+// append-only and a message never changes once it has its sequence
+// number (store.md §3), so a cached record stays valid for ever: only the
+// log's length is read from the store each time. Records are shared with
+// callers, who must not modify them. Threads are evicted least recently
+// used first once the cached bytes exceed the budget.
+type tailCache struct {
+	mu      sync.Mutex
+	budget  int64
+	bytes   int64
+	threads map[string]*list.Element // of *threadTail
+	lru     list.List                // front: most recently used
+}
+
+// threadTail is the cached suffix of one thread's log: seqs first … first+len(recs)−1.
+type threadTail struct {
+	thread string
+	first  uint64
+	recs   []MessageRecord
+	bytes  int64
+}
+
+func newTailCache(budget int64) *tailCache {
+	if budget <= 0 {
+		return nil
+	}
+	return &tailCache{budget: budget, threads: make(map[string]*list.Element)}
+}
+
+// recordBytes estimates the memory a cached record holds.
+func recordBytes(r *MessageRecord) int64 {
+	m := &r.Message
+	return int64(160 + len(r.MessageID) + len(r.ThreadID) + len(r.ProducedByRunID) + len(r.ToolCallID) +
+		len(m.ID) + len(m.Role) + len(m.Content) + len(m.ToolCalls) + len(m.ToolCallID) + len(m.Visibility) + len(m.Metadata))
+}
+
+// load is a store's LoadMessageRange.
+type loadRange func(ctx context.Context, thread string, from, to uint64) ([]MessageRecord, error)
+
+// window returns the records with from ≤ seq ≤ to (to at most the log's
+// length), reading from the store only those the cache lacks, and keeps
+// at most keep of the newest for next time. A nil cache reads them all.
+func (c *tailCache) window(ctx context.Context, thread string, from, to uint64, keep int, load loadRange) ([]MessageRecord, error) {
+	if c == nil || from > to {
+		return load(ctx, thread, from, to)
+	}
+	c.mu.Lock()
+	var have []MessageRecord
+	if el, ok := c.threads[thread]; ok {
+		t := el.Value.(*threadTail)
+		last := t.first + uint64(len(t.recs)) - 1
+		if len(t.recs) > 0 && t.first <= from && last >= from {
+			have = append(make([]MessageRecord, 0, to-from+1), t.recs[from-t.first:min(last, to)-t.first+1]...)
+		}
+	}
+	c.mu.Unlock()
+	next := from + uint64(len(have))
+	if next <= to {
+		more, err := load(ctx, thread, next, to)
+		if err != nil {
+			return nil, err
+		}
+		have = append(have, more...)
+	}
+	if contiguous(have, from) {
+		c.keep(thread, have, keep)
+	}
+	return have, nil
+}
+
+// contiguous reports whether recs have the seqs from, from+1, …
+func contiguous(recs []MessageRecord, from uint64) bool {
+	for i := range recs {
+		if recs[i].Seq != from+uint64(i) {
+			return false
+		}
+	}
+	return len(recs) > 0
+}
+
+// keep caches the newest (at most n) of recs, a contiguous run of the
+// thread's log, unless the cache already holds newer messages.
+func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
+	if n <= 0 {
+		return
+	}
+	if len(recs) > n {
+		recs = recs[len(recs)-n:]
+	}
+	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs}
+	for i := range recs {
+		t.bytes += recordBytes(&recs[i])
+	}
+	if t.bytes > c.budget/4 {
+		return // one thread may not take the whole cache
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.threads[thread]; ok {
+		old := el.Value.(*threadTail)
+		if old.first+uint64(len(old.recs)) > t.first+uint64(len(t.recs)) {
+			c.lru.MoveToFront(el)
+			return // a concurrent reader cached a longer log
+		}
+		c.bytes -= old.bytes
+		el.Value = t
+		c.lru.MoveToFront(el)
+	} else {
+		c.threads[thread] = c.lru.PushFront(t)
+	}
+	c.bytes += t.bytes
+	for c.bytes > c.budget {
+		el := c.lru.Back()
+		old := el.Value.(*threadTail)
+		c.lru.Remove(el)
+		delete(c.threads, old.thread)
+		c.bytes -= old.bytes
+	}
+}

@@ -1,0 +1,96 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"testing"
+)
+
+// logOf is a thread log of n messages with seqs 1..n, and a loader over it
+// that records every range it was asked for.
+func logOf(n int) ([]MessageRecord, *[][2]uint64, loadRange) {
+	recs := make([]MessageRecord, n)
+	for i := range recs {
+		recs[i] = MessageRecord{MessageID: fmt.Sprintf("m%d", i+1), ThreadID: "t", Seq: uint64(i + 1), Message: Message{Role: RoleUser, Content: []byte(fmt.Sprintf(`"%d"`, i+1))}}
+	}
+	var asked [][2]uint64
+	load := func(_ context.Context, _ string, from, to uint64) ([]MessageRecord, error) {
+		asked = append(asked, [2]uint64{from, to})
+		var out []MessageRecord
+		for _, r := range recs {
+			if r.Seq >= from && r.Seq <= to {
+				out = append(out, r)
+			}
+		}
+		return out, nil
+	}
+	return recs, &asked, load
+}
+
+func seqs(recs []MessageRecord) []uint64 {
+	out := make([]uint64, len(recs))
+	for i, r := range recs {
+		out[i] = r.Seq
+	}
+	return out
+}
+
+func TestTailCacheReadsOnlyNewMessages(t *testing.T) {
+	ctx := context.Background()
+	c := newTailCache(1 << 20)
+	_, asked, load := logOf(30)
+	got, err := c.window(ctx, "t", 11, 20, 10, load)
+	if err != nil || !slices.Equal(seqs(got), []uint64{11, 12, 13, 14, 15, 16, 17, 18, 19, 20}) {
+		t.Fatalf("first window %v %v", seqs(got), err)
+	}
+	// The log grew by 5: only 21..25 are read; the window slides.
+	got, _ = c.window(ctx, "t", 16, 25, 10, load)
+	if !slices.Equal(seqs(got), []uint64{16, 17, 18, 19, 20, 21, 22, 23, 24, 25}) {
+		t.Fatalf("second window %v", seqs(got))
+	}
+	// Nothing new: no read at all.
+	got, _ = c.window(ctx, "t", 16, 25, 10, load)
+	if len(got) != 10 {
+		t.Fatalf("third window %v", seqs(got))
+	}
+	// A window reaching further back than the cache reads it whole.
+	got, _ = c.window(ctx, "t", 1, 25, 10, load)
+	if len(got) != 25 || got[0].Seq != 1 {
+		t.Fatalf("wide window %v", seqs(got))
+	}
+	want := [][2]uint64{{11, 20}, {21, 25}, {1, 25}}
+	if !slices.Equal(*asked, want) {
+		t.Fatalf("store reads %v, want %v", *asked, want)
+	}
+}
+
+func TestTailCacheEvictsAndNilCacheReadsAll(t *testing.T) {
+	ctx := context.Background()
+	_, asked, load := logOf(10)
+	var off *tailCache // ContextCacheBytes < 0
+	for range 2 {
+		if got, _ := off.window(ctx, "t", 1, 10, 10, load); len(got) != 10 {
+			t.Fatalf("uncached window %v", seqs(got))
+		}
+	}
+	if len(*asked) != 2 {
+		t.Fatalf("uncached: %d store reads, want 2", len(*asked))
+	}
+	// A budget of four threads' windows (~1.7 KB each): reading a fifth
+	// evicts the least recently used.
+	c := newTailCache(7000)
+	*asked = nil
+	for _, th := range []string{"a", "b", "c", "d", "e"} {
+		c.window(ctx, th, 1, 10, 10, load)
+	}
+	c.window(ctx, "a", 1, 10, 10, load) // evicted by e: read again
+	c.window(ctx, "a", 1, 10, 10, load) // cached
+	c.window(ctx, "e", 1, 10, 10, load) // cached
+	if len(*asked) != 6 {
+		t.Fatalf("with eviction: %d store reads, want 6 (%v)", len(*asked), *asked)
+	}
+	if c.bytes > c.budget {
+		t.Fatalf("cache holds %d bytes over its budget %d", c.bytes, c.budget)
+	}
+}
