@@ -118,6 +118,53 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 	return recs, d, nil
 }
 
+// SubmitIdle implements engine.IdleSubmitter: on a thread with no queued
+// and no claimed dispatch, the interrupt (an epoch bump that supersedes
+// nothing), the submit and the claim of a foreground run in one commit.
+func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumerID string, lease time.Duration, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
+	d = d.Clone()
+	if err := d.PrepareEnqueue(); err != nil {
+		return nil, nil, err
+	}
+	if d.ThreadID != c.ThreadID {
+		return nil, nil, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
+	}
+	run, err := checkCheckpoint(&c)
+	if err != nil {
+		return nil, nil, err
+	}
+	ms, token, err := claimArgs("dispatch_id", d.DispatchID, consumerID, lease)
+	if err != nil {
+		return nil, nil, err
+	}
+	var recs []engine.MessageRecord
+	var out *engine.Dispatch
+	err = s.update(ctx, "submit_idle", func(w *writeTx) error {
+		recs, out = nil, nil
+		st, err := w.state(c.ThreadID)
+		if err != nil || st.claimed != "" || st.queued > 0 {
+			return err // not idle: nothing written, the caller interrupts
+		}
+		st.epoch++
+		if err := w.putState(c.ThreadID, st); err != nil {
+			return err
+		}
+		if recs, err = w.checkpoint(&c, run); err != nil {
+			return err
+		}
+		q := d
+		if err := w.enqueue(&q); err != nil {
+			return err
+		}
+		out, err = w.claimOne(&q, token, consumerID, now+ms, now)
+		return err
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("submit %s: %w", c.ThreadID, err)
+	}
+	return recs, out, nil
+}
+
 // Claim implements engine.DispatchStore.
 func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
 	ms, token, err := claimArgs("thread_id", threadID, consumerID, lease)

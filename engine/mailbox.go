@@ -390,6 +390,9 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if err := m.precheckSubmit(ctx, &req); err != nil {
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
+	if res, events, done, err := m.submitIdle(ctx, &req); done || err != nil {
+		return res, events, err
+	}
 	ir, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
 	if err != nil {
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
@@ -459,6 +462,54 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	m.startExecution(*claimed)
 	res.Status = SubmitRunning
 	return res, events, nil
+}
+
+// submitIdle is the fast path of Submit for an idle thread with a free
+// agent slot, on stores that offer it (IdleSubmitter): the interrupt, the
+// submit and the inline claim in one commit, so the run starts after two
+// syncs (this one and its start) instead of four. done is false when it
+// did not apply (no slot, or the thread has queued or claimed work); then
+// nothing was written and req is as it was.
+func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitResult, *EventLog, bool, error) {
+	is, ok := m.raw.(IdleSubmitter)
+	if !ok {
+		return SubmitResult{}, nil, false, nil
+	}
+	thread := req.ThreadID
+	if !m.reserveSlot(thread) {
+		return SubmitResult{}, nil, false, nil
+	}
+	saved := *req
+	if req.DispatchIDHint == "" {
+		req.DispatchIDHint = newID()
+	}
+	events := NewEventLog(m.cfg.EventBuffer)
+	m.mu.Lock()
+	m.pending[req.DispatchIDHint] = events
+	m.mu.Unlock()
+	var claimed *Dispatch
+	runID, _, err := m.persistRun(ctx, req, new(m.cfg.Now()+InlineClaimGuard.Milliseconds()), func(ctx context.Context, c Checkpoint, d Dispatch) (Dispatch, error) {
+		var err error
+		claimed, err = observe(m.metrics, "submit_idle", func() (*Dispatch, error) {
+			_, out, err := is.SubmitIdle(ctx, c, d, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
+			return out, err
+		}, func(d *Dispatch) bool { return d == nil })
+		if claimed != nil {
+			return *claimed, err
+		}
+		return d, err
+	})
+	if err != nil || claimed == nil {
+		m.dropPending(req.DispatchIDHint)
+		m.releaseSlot(thread)
+		if err != nil {
+			return SubmitResult{}, nil, true, fmt.Errorf("submit to %s: %w", thread, err)
+		}
+		*req = saved
+		return SubmitResult{}, nil, false, nil
+	}
+	m.startExecution(*claimed)
+	return SubmitResult{DispatchID: claimed.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitRunning}, events, true, nil
 }
 
 // precheckSubmit refuses, without writing anything, what persistRun

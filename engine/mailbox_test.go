@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -555,4 +556,57 @@ func TestRunContextMatchesTheLogThroughTheMessageCache(t *testing.T) {
 			}
 		})
 	}
+}
+
+// opCount reads mailbox_operations_total for one operation and result.
+func opCount(t *testing.T, mb *engine.Mailbox, op, result string) int {
+	t.Helper()
+	var b strings.Builder
+	mb.Metrics().WritePrometheus(&b)
+	prefix := fmt.Sprintf(`mailbox_operations_total{operation=%q,result=%q} `, op, result)
+	for _, line := range strings.Split(b.String(), "\n") {
+		if v, ok := strings.CutPrefix(line, prefix); ok {
+			n, _ := strconv.Atoi(v)
+			return n
+		}
+	}
+	return 0
+}
+
+// A foreground submit on an idle thread takes the one-commit fast path
+// (IdleSubmitter); on a thread with queued work it interrupts first.
+func TestForegroundSubmitFastPathOnIdleThread(t *testing.T) {
+	r := newRig(t, newFake(4, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	res, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "idle", Messages: []engine.Message{userMsg("hi")}})
+	if err != nil || res.Status != engine.SubmitRunning || events == nil {
+		t.Fatalf("fast path submit: %+v %v", res, err)
+	}
+	eventually(t, "fast-path run acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	if n := opCount(t, r.mb, "submit_idle", "ok"); n != 1 {
+		t.Fatalf("submit_idle ok = %d, want 1", n)
+	}
+	if n := opCount(t, r.mb, "interrupt", "ok"); n != 0 {
+		t.Fatalf("interrupt called %d times on an idle thread", n)
+	}
+	if ep, _ := r.store.CurrentEpoch(ctx, "idle"); ep != 1 {
+		t.Fatalf("epoch %d after a foreground submit, want 1", ep)
+	}
+	// Queued (delayed) work on the thread: the general path supersedes it.
+	delayed := time.Now().Add(time.Hour).UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "later", ThreadID: "busy", RunID: "run-later", Priority: engine.DefaultPriority, AvailableAt: delayed, CreatedAt: delayed, MaxAttempts: 3}); err != nil {
+		t.Fatal(err)
+	}
+	res2, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "busy", Messages: []engine.Message{userMsg("now")}})
+	if err != nil || res2.Status != engine.SubmitRunning {
+		t.Fatalf("general path submit: %+v %v", res2, err)
+	}
+	if n := opCount(t, r.mb, "submit_idle", "empty"); n != 1 {
+		t.Fatalf("submit_idle declined %d times, want 1", n)
+	}
+	if st := dispatchStatus(t, r.store, "later"); st != engine.StatusSuperseded {
+		t.Fatalf("queued work on the thread is %s, want superseded", st)
+	}
+	eventually(t, "general-path run acked", func() bool { return dispatchStatus(t, r.store, res2.DispatchID) == engine.StatusAcked })
 }

@@ -96,22 +96,32 @@ func (m *Mailbox) notYetContinued(ctx context.Context, r *RunRecord) (bool, erro
 // prepareRun makes the durable run record for a request (engine.md §2)
 // without enqueueing it; see persistRun.
 func (m *Mailbox) prepareRun(ctx context.Context, r *SubmitRequest) (string, error) {
-	runID, _, err := m.persistRun(ctx, r, nil)
+	runID, _, err := m.persistRun(ctx, r, nil, nil)
 	return runID, err
 }
 
 // submitRun makes the durable run record and its queued dispatch
 // (available at availableAt) in one commit.
 func (m *Mailbox) submitRun(ctx context.Context, r *SubmitRequest, availableAt int64) (string, Dispatch, error) {
-	return m.persistRun(ctx, r, &availableAt)
+	return m.persistRun(ctx, r, &availableAt, nil)
 }
+
+// submitCommit writes a prepared run's checkpoint and dispatch; nil means
+// the store's Submit.
+type submitCommit func(ctx context.Context, c Checkpoint, d Dispatch) (Dispatch, error)
 
 // persistRun appends the request's messages to the thread log and creates
 // or updates the run in one guarded commit — with the run's dispatch when
 // availableAt is set — retrying when another writer appended in between.
 // It chooses the dispatch id up front and records it on the run
 // (lessons.md B3), and returns the run id and the stored dispatch.
-func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt *int64) (string, Dispatch, error) {
+func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt *int64, commit submitCommit) (string, Dispatch, error) {
+	if commit == nil {
+		commit = func(ctx context.Context, c Checkpoint, d Dispatch) (Dispatch, error) {
+			_, stored, err := m.store.Submit(ctx, c, d)
+			return stored, err
+		}
+	}
 	thread := r.ThreadID
 	unlock := m.locks.lock(thread)
 	defer unlock()
@@ -185,7 +195,7 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 			if d, err = m.buildDispatch(r, *availableAt); err != nil {
 				return "", Dispatch{}, err
 			}
-			_, stored, err = m.store.Submit(ctx, cp, d)
+			stored, err = commit(ctx, cp, d)
 		}
 		var conflict *ConflictError
 		if errors.As(err, &conflict) && conflict.What == "message_count" && attempt < maxAppendRetries {
