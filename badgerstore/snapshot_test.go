@@ -80,7 +80,7 @@ func TestReadyFloorConcurrentInserts(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	t.Cleanup(func() { close(stop); wg.Wait() }) // before the store closes
-	wg.Go(func() { // scans keep raising the floor
+	wg.Go(func() {                               // scans keep raising the floor
 		for {
 			select {
 			case <-stop:
