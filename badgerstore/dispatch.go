@@ -120,8 +120,9 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 
 // SubmitIdle implements engine.IdleSubmitter: on a thread with no queued
 // and no claimed dispatch, the interrupt (an epoch bump that supersedes
-// nothing), the submit and the claim of a foreground run in one commit.
-func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumerID string, lease time.Duration, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
+// nothing), the submit, the claim and the recorded start of a foreground
+// run in one commit.
+func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumerID string, lease time.Duration, instanceID string, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
 	d = d.Clone()
 	if err := d.PrepareEnqueue(); err != nil {
 		return nil, nil, err
@@ -156,8 +157,19 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 		if err := w.enqueue(&q); err != nil {
 			return err
 		}
-		out, err = w.claimOne(&q, token, consumerID, now+ms, now)
-		return err
+		claimed, err := w.claimOne(&q, token, consumerID, now+ms, now)
+		if err != nil {
+			return err
+		}
+		started := claimed.Clone()
+		if err := started.RecordStart(instanceID, now); err != nil {
+			return err
+		}
+		if err := w.updateRunOf(&started, func(r *engine.RunRecord) bool { return r.MarkStarted(&started, instanceID, now/1000) }); err != nil {
+			return err
+		}
+		out = &started
+		return w.putDispatch(claimed, &started, now)
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("submit %s: %w", c.ThreadID, err)

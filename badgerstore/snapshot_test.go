@@ -188,32 +188,37 @@ func TestSubmitIdle(t *testing.T) {
 	s := mustOpen(t, badgerstore.Options{InMemory: true})
 	ctx := context.Background()
 	cp := func(thread, msg string, count uint64) engine.Checkpoint {
-		return engine.Checkpoint{ThreadID: thread, ExpectedCount: count, CreatedAt: 1000,
+		// The run of dispatch "f"+n is "run-f"+n (queued).
+		run := &engine.RunRecord{RunID: "run-f" + msg[1:], ThreadID: thread, AgentID: "a", Status: engine.RunCreated, CreatedAt: 1, UpdatedAt: 1}
+		return engine.Checkpoint{ThreadID: thread, ExpectedCount: count, CreatedAt: 1000, Run: run,
 			Messages: []engine.Message{{ID: msg, Role: engine.RoleUser, Content: []byte(`"hi"`)}}}
 	}
 	batches0, _ := s.BatchStats()
-	recs, d, err := s.SubmitIdle(ctx, cp("t1", "m1", 0), queued("f1", "t1", 1000), "me", 30*time.Second, 1000)
+	recs, d, err := s.SubmitIdle(ctx, cp("t1", "m1", 0), queued("f1", "t1", 1000), "me", 30*time.Second, "inst", 1000)
 	if err != nil || d == nil {
 		t.Fatalf("idle thread: %v %v", d, err)
 	}
 	if batches, _ := s.BatchStats(); batches != batches0+1 {
 		t.Fatalf("%d commits, want 1", batches-batches0)
 	}
-	if d.Status != engine.StatusClaimed || d.ClaimedBy != "me" || d.Epoch != 1 || d.LeaseUntil != 31_000 || len(recs) != 1 || recs[0].Seq != 1 {
+	if d.Status != engine.StatusClaimed || d.ClaimedBy != "me" || d.Epoch != 1 || d.LeaseUntil != 31_000 || d.InstanceID != "inst" || d.RunStatus != engine.RunRunning || len(recs) != 1 || recs[0].Seq != 1 {
 		t.Fatalf("claimed %+v, records %v", d, recs)
+	}
+	if run, err := s.LoadRun(ctx, d.RunID); err != nil || run == nil || run.Status != engine.RunRunning || run.SessionID != "inst" {
+		t.Fatalf("run after SubmitIdle: %+v %v, want running with the instance id", run, err)
 	}
 	if ep, _ := s.CurrentEpoch(ctx, "t1"); ep != 1 {
 		t.Fatalf("epoch %d, want 1 (the interrupt)", ep)
 	}
 	// Claimed work on the thread: declined, nothing written.
-	if _, d2, err := s.SubmitIdle(ctx, cp("t1", "m2", 1), queued("f2", "t1", 1000), "me", 30*time.Second, 1000); err != nil || d2 != nil {
+	if _, d2, err := s.SubmitIdle(ctx, cp("t1", "m2", 1), queued("f2", "t1", 1000), "me", 30*time.Second, "inst", 1000); err != nil || d2 != nil {
 		t.Fatalf("thread with a claim: %v %v, want declined", d2, err)
 	}
 	// Queued work on the thread: declined, nothing written.
 	if _, err := s.Enqueue(ctx, queued("q3", "t3", 1000)); err != nil {
 		t.Fatal(err)
 	}
-	if _, d3, err := s.SubmitIdle(ctx, cp("t3", "m3", 0), queued("f3", "t3", 1000), "me", 30*time.Second, 1000); err != nil || d3 != nil {
+	if _, d3, err := s.SubmitIdle(ctx, cp("t3", "m3", 0), queued("f3", "t3", 1000), "me", 30*time.Second, "inst", 1000); err != nil || d3 != nil {
 		t.Fatalf("thread with queued work: %v %v, want declined", d3, err)
 	}
 	for _, id := range []string{"f2", "f3"} {
@@ -230,7 +235,7 @@ func TestSubmitIdle(t *testing.T) {
 		}
 	}
 	// A stale expected count fails like Submit: nothing written.
-	if _, _, err := s.SubmitIdle(ctx, cp("t4", "m4", 5), queued("f4", "t4", 1000), "me", 30*time.Second, 1000); !errors.Is(err, engine.ErrVersionConflict) {
+	if _, _, err := s.SubmitIdle(ctx, cp("t4", "m4", 5), queued("f4", "t4", 1000), "me", 30*time.Second, "inst", 1000); !errors.Is(err, engine.ErrVersionConflict) {
 		t.Fatalf("stale count: %v, want a version conflict", err)
 	}
 	verifyClean(t, s)

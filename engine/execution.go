@@ -22,7 +22,9 @@ type execution struct {
 	commands  chan Command
 	suspended atomic.Int32 // >0 while a tool call waits (longer lease)
 	startedAt int64        // Unix ms of the recorded start (execute goroutine only)
-	sawFinish atomic.Bool  // the agent emitted run_finish
+	// preStarted: the start was recorded with the claim (dispatch.InstanceID).
+	preStarted bool
+	sawFinish  atomic.Bool // the agent emitted run_finish
 	// instance is the attempt's dispatch instance id once chosen.
 	instance atomic.Pointer[string]
 	// cancelSettled: a user's cancel already acked the dispatch as
@@ -104,15 +106,16 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		}
 		return attemptNone
 	}
-	m.startExecution(*d)
+	m.startExecution(*d, false)
 	return attemptClaimed
 }
 
 // startExecution runs a claimed dispatch; its agent slot is already
-// reserved.
-func (m *Mailbox) startExecution(d Dispatch) {
+// reserved. started: the claim's commit also recorded the attempt's start
+// (IdleSubmitter), under the dispatch's instance id.
+func (m *Mailbox) startExecution(d Dispatch, started bool) {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16)}
+	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
 	m.mu.Lock()
 	e.events = m.pending[d.DispatchID]
 	delete(m.pending, d.DispatchID)
@@ -164,6 +167,14 @@ func (m *Mailbox) finish(e *execution) {
 var DbgFinish [8]atomic.Int64
 var DbgRounds atomic.Int64
 
+// recordStart records the attempt's start unless its claim already did.
+func (m *Mailbox) recordStart(ctx context.Context, e *execution, instance string, now int64) error {
+	if e.preStarted {
+		return nil
+	}
+	return m.store.RecordDispatchStart(ctx, e.dispatch.DispatchID, e.dispatch.ClaimToken, instance, now)
+}
+
 // runsOn reports whether an attempt (not only a claim) runs on thread.
 func (m *Mailbox) runsOn(thread string) bool {
 	m.mu.Lock()
@@ -212,6 +223,9 @@ func (m *Mailbox) execute(e *execution) {
 	// behind (then it supersedes it and settles its run in the same
 	// commit), and the agent is never reached for such a dispatch.
 	instance := newID()
+	if e.preStarted {
+		instance = d.InstanceID
+	}
 	e.instance.Store(&instance)
 	if errors.Is(context.Cause(e.ctx), errShutdown) {
 		m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, Error: errShutdown.Error()}, instance, log)
@@ -235,7 +249,7 @@ func (m *Mailbox) execute(e *execution) {
 			return
 		}
 		log.Error("run request cannot be rebuilt", "err", err)
-		if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, m.cfg.Now()); err != nil {
+		if err := m.recordStart(ctx, e, instance, m.cfg.Now()); err != nil {
 			log.Info("dispatch not started", "err", err)
 			return
 		}
@@ -244,7 +258,10 @@ func (m *Mailbox) execute(e *execution) {
 	}
 	req.SessionID = instance
 	startAt := m.cfg.Now()
-	if err := m.store.RecordDispatchStart(ctx, d.DispatchID, d.ClaimToken, instance, startAt); err != nil {
+	if e.preStarted {
+		startAt = d.UpdatedAt
+	}
+	if err := m.recordStart(ctx, e, instance, startAt); err != nil {
 		// Superseded, or no longer ours: the store has settled it.
 		log.Info("dispatch not started", "err", err)
 		return

@@ -84,11 +84,11 @@ func (s *execFaultStore) ClaimDispatch(ctx context.Context, id, consumer string,
 // SubmitIdle leaves the foreground fast path to the store unless a
 // ClaimDispatch fault is armed: then it declines (as for a busy thread) so
 // the general inline path, and the fault, are reached.
-func (s *execFaultStore) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumer string, lease time.Duration, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
+func (s *execFaultStore) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumer string, lease time.Duration, instance string, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
 	if s.claimDispatchEmpty.Load() > 0 {
 		return nil, nil, nil
 	}
-	return s.Store.SubmitIdle(ctx, c, d, consumer, lease, now)
+	return s.Store.SubmitIdle(ctx, c, d, consumer, lease, instance, now)
 }
 
 func (s *execFaultStore) RecordRunResult(ctx context.Context, id, token string, r engine.RunResult, now int64) error {

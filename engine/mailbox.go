@@ -459,15 +459,15 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		}
 		return SubmitResult{}, nil, fmt.Errorf("inline claim of %s lost the thread: %w", d.DispatchID, errActiveRun)
 	}
-	m.startExecution(*claimed)
+	m.startExecution(*claimed, false)
 	res.Status = SubmitRunning
 	return res, events, nil
 }
 
 // submitIdle is the fast path of Submit for an idle thread with a free
 // agent slot, on stores that offer it (IdleSubmitter): the interrupt, the
-// submit and the inline claim in one commit, so the run starts after two
-// syncs (this one and its start) instead of four. done is false when it
+// submit, the inline claim and the start in one commit, so the agent sees
+// the run after one sync instead of four. done is false when it
 // did not apply (no slot, or the thread has queued or claimed work); then
 // nothing was written and req is as it was.
 func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitResult, *EventLog, bool, error) {
@@ -488,10 +488,11 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	m.pending[req.DispatchIDHint] = events
 	m.mu.Unlock()
 	var claimed *Dispatch
+	instance := newID()
 	runID, _, err := m.persistRun(ctx, req, new(m.cfg.Now()+InlineClaimGuard.Milliseconds()), func(ctx context.Context, c Checkpoint, d Dispatch) (Dispatch, error) {
 		var err error
 		claimed, err = observe(m.metrics, "submit_idle", func() (*Dispatch, error) {
-			_, out, err := is.SubmitIdle(ctx, c, d, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
+			_, out, err := is.SubmitIdle(ctx, c, d, m.cfg.ConsumerID, m.cfg.Lease, instance, m.cfg.Now())
 			return out, err
 		}, func(d *Dispatch) bool { return d == nil })
 		if claimed != nil {
@@ -508,7 +509,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		*req = saved
 		return SubmitResult{}, nil, false, nil
 	}
-	m.startExecution(*claimed)
+	m.startExecution(*claimed, true)
 	return SubmitResult{DispatchID: claimed.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitRunning}, events, true, nil
 }
 

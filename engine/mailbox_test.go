@@ -587,6 +587,14 @@ func TestForegroundSubmitFastPathOnIdleThread(t *testing.T) {
 	if n := opCount(t, r.mb, "submit_idle", "ok"); n != 1 {
 		t.Fatalf("submit_idle ok = %d, want 1", n)
 	}
+	if n := opCount(t, r.mb, "record_dispatch_start", "ok"); n != 0 {
+		t.Fatalf("the start was recorded again (%d) after the fast path's commit", n)
+	}
+	run, _ := r.store.LoadRun(ctx, res.RunID)
+	d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+	if run == nil || d == nil || run.Status != engine.RunDone || run.SessionID == "" || run.SessionID != d.InstanceID || run.StartedAt == 0 || r.exec.runs[0].SessionID != d.InstanceID {
+		t.Fatalf("fast-path run %+v / dispatch %+v: want done, one instance id on run, dispatch and request", run, d)
+	}
 	if n := opCount(t, r.mb, "interrupt", "ok"); n != 0 {
 		t.Fatalf("interrupt called %d times on an idle thread", n)
 	}

@@ -237,14 +237,15 @@ type Store interface {
 
 // IdleSubmitter is implemented by stores that can start a foreground run
 // on an idle thread in one commit, the fast path of Mailbox.Submit (one
-// sync instead of three before the agent sees the run).
+// sync before the agent sees the run instead of four).
 type IdleSubmitter interface {
 	// SubmitIdle checks, inside the commit, that the thread has no queued
 	// and no claimed dispatch. If so, in one commit, it bumps the thread's
-	// epoch (an Interrupt that supersedes nothing), does Submit(c, d) and
-	// claims d for consumerID under lease, and returns the appended
-	// messages and the claimed dispatch. Otherwise it writes nothing and
+	// epoch (an Interrupt that supersedes nothing), does Submit(c, d),
+	// claims d for consumerID under lease and records the attempt's start
+	// with instanceID (RecordDispatchStart), and returns the appended
+	// messages and the started dispatch. Otherwise it writes nothing and
 	// returns a nil dispatch: the caller takes the general path (Interrupt,
 	// cancel the active run, Submit, ClaimDispatch). Errors are Submit's.
-	SubmitIdle(ctx context.Context, c Checkpoint, d Dispatch, consumerID string, lease time.Duration, now int64) ([]MessageRecord, *Dispatch, error)
+	SubmitIdle(ctx context.Context, c Checkpoint, d Dispatch, consumerID string, lease time.Duration, instanceID string, now int64) ([]MessageRecord, *Dispatch, error)
 }
