@@ -137,6 +137,7 @@ func BenchmarkDurableRuns(b *testing.B) {
 			// the thread's recent history, which grows with every run.
 			n := startNode(b, 64, "--context-messages", "20")
 			base := n.completedRuns(b)
+			cpu0 := [3]time.Duration{cpuTime(b, n.sc.cmd.Process.Pid), cpuTime(b, n.agent.Process.Pid), cpuTime(b, os.Getpid())}
 			var next atomic.Int64
 			var wg sync.WaitGroup
 			errc := make(chan error, threads)
@@ -168,8 +169,28 @@ func BenchmarkDurableRuns(b *testing.B) {
 			}
 			b.StopTimer()
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+			// CPU spent per run by each process: the sidecar, the agent and
+			// this client share the machine's cores.
+			for i, unit := range []string{"sidecar-cpu-µs/run", "agent-cpu-µs/run", "client-cpu-µs/run"} {
+				pid := [3]int{n.sc.cmd.Process.Pid, n.agent.Process.Pid, os.Getpid()}[i]
+				b.ReportMetric(float64((cpuTime(b, pid)-cpu0[i]).Microseconds())/float64(b.N), unit)
+			}
 		})
 	}
+}
+
+// cpuTime is the user + system CPU time a process has used so far
+// (/proc/<pid>/stat, clock ticks of 10 ms).
+func cpuTime(tb testing.TB, pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	// Fields after the command name, which ends with the last ')'.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
 // streamUntil posts a foreground submit and reads its SSE stream,
