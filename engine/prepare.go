@@ -138,7 +138,8 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 	if runID == "" {
 		runID = strings.TrimSpace(r.RunIDHint)
 	}
-	if runID == "" {
+	fresh := runID == "" // an id made here names no existing run
+	if fresh {
 		runID = newID()
 	}
 	if r.ContinueRunID == "" {
@@ -181,7 +182,7 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		if total > 0 {
 			input.Range = &SeqRange{From: 1, To: total}
 		}
-		run, err := m.runForDispatch(ctx, r, runID, snapshot, input, latest)
+		run, err := m.runForDispatch(ctx, r, runID, fresh, snapshot, input, latest)
 		latest = nil // a retry reads afresh
 		if err != nil {
 			return "", Dispatch{}, err
@@ -211,11 +212,14 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 // runForDispatch returns the run record a checkpoint should write: the
 // existing run updated with the new request (it must be open for
 // dispatch), or a new created run (engine.md items 15 and 16).
-func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, snapshot *RunRequestSnapshot, input *RunMessageInput, latest *RunRecord) (*RunRecord, error) {
+func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, fresh bool, snapshot *RunRequestSnapshot, input *RunMessageInput, latest *RunRecord) (*RunRecord, error) {
 	nowSec := m.cfg.Now() / 1000
-	existing, err := m.store.LoadRun(ctx, runID)
-	if err != nil {
-		return nil, fmt.Errorf("prepare run %s: %w", runID, err)
+	var existing *RunRecord
+	if !fresh {
+		var err error
+		if existing, err = m.store.LoadRun(ctx, runID); err != nil {
+			return nil, fmt.Errorf("prepare run %s: %w", runID, err)
+		}
 	}
 	if existing != nil {
 		if existing.ThreadID != r.ThreadID {
@@ -231,6 +235,7 @@ func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID st
 	}
 	prev := latest
 	if prev == nil {
+		var err error
 		if prev, err = m.store.LatestRun(ctx, r.ThreadID); err != nil {
 			return nil, fmt.Errorf("prepare run %s: %w", runID, err)
 		}
