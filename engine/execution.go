@@ -152,20 +152,11 @@ func (m *Mailbox) finish(e *execution) {
 	close(e.done)
 	// The thread's next dispatch is claimed here, without a scan of every
 	// ready thread, unless other threads may be waiting for a slot.
-	if !closing && !m.starved.Load() {
-		a := m.tryDispatch(context.Background(), e.dispatch.ThreadID)
-		DbgFinish[a].Add(1)
-		if a == attemptClaimed {
-			return
-		}
-	} else {
-		DbgFinish[0].Add(1)
+	if !closing && !m.starved.Load() && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
+		return
 	}
 	m.kick()
 }
-
-var DbgFinish [8]atomic.Int64
-var DbgRounds atomic.Int64
 
 // recordStart records the attempt's start unless its claim already did.
 func (m *Mailbox) recordStart(ctx context.Context, e *execution, instance string, now int64) error {

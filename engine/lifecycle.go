@@ -349,7 +349,6 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		m.mu.Unlock()
 		m.starved.Store(len(waiting) > free)
 		threads = waiting[:min(len(waiting), max(free, 0))]
-		DbgRounds.Add(1)
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
 		var started, failed atomic.Bool

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -617,4 +618,47 @@ func TestForegroundSubmitFastPathOnIdleThread(t *testing.T) {
 		t.Fatalf("queued work on the thread is %s, want superseded", st)
 	}
 	eventually(t, "general-path run acked", func() bool { return dispatchStatus(t, r.store, res2.DispatchID) == engine.StatusAcked })
+}
+
+// A finishing attempt claims its own thread's next dispatch only when no
+// other thread waits for a slot: with one slot busy on A, B's work (due
+// before A's second dispatch) runs next, not A's.
+func TestFinishedAttemptLeavesTheSlotToAWaitingThread(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var order []string
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		mu.Lock()
+		order = append(order, req.ThreadID+":"+string(req.Messages[0].Content))
+		first := len(order) == 1
+		mu.Unlock()
+		if first {
+			<-release
+		}
+		return complete(ctx, req, sink)
+	}
+	var clock atomic.Int64 // Unix ms, advanced by hand between submits
+	clock.Store(time.Now().UnixMilli())
+	r := newRig(t, newFake(1, script), engine.Config{Now: clock.Load})
+	r.start(t)
+	ctx := context.Background()
+	submit := func(thread, text string) {
+		t.Helper()
+		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg(text)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	submit("A", "a1")
+	eventually(t, "A's first run executing", func() bool { mu.Lock(); defer mu.Unlock(); return len(order) == 1 })
+	submit("B", "b1")
+	clock.Add(10) // B's due time strictly before A's second
+	submit("A", "a2")
+	close(release)
+	eventually(t, "all three ran", func() bool { mu.Lock(); defer mu.Unlock(); return len(order) == 3 })
+	want := []string{`A:"a1"`, `B:"b1"`, `A:"a2"`}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(order, want) {
+		t.Fatalf("run order %v, want %v (the waiting thread first)", order, want)
+	}
 }
