@@ -47,8 +47,12 @@ type conn struct {
 
 	mu          sync.Mutex
 	streams     map[uint64]*stream
+	reserved    int // slots taken by runs whose RUN is not written yet
 	nextStream  uint64
 	agentGoAway bool
+	// runMu orders RUN frames: a stream id is taken and its RUN written
+	// under it, so ids arrive in increasing order (docs/protocol.md).
+	runMu sync.Mutex
 
 	nextCmd atomic.Uint64
 	submits chan struct{} // semaphore of SUBMITs in flight
@@ -255,7 +259,7 @@ func (c *conn) serves(agent string) bool {
 func (c *conn) freeSlots() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.maxRuns - len(c.streams)
+	return c.maxRuns - len(c.streams) - c.reserved
 }
 
 func (c *conn) sendGoAway(s ipc.Status) {
@@ -543,20 +547,32 @@ func (c *conn) onSubmit(f *ipc.Frame) error {
 	return nil
 }
 
-// openStream registers a new stream for a run. Caller holds h.mu.
-func (c *conn) openStream(sink engine.EventSink) *stream {
+// reserveStream takes a slot for a run; start gives it its stream id and
+// sends its RUN. Caller holds h.mu.
+func (c *conn) reserveStream(sink engine.EventSink) *stream {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.nextStream++
-	st := &stream{
-		id:      c.nextStream,
+	c.reserved++
+	return &stream{
 		sink:    sink,
 		ctl:     make(chan control, 16),
 		done:    make(chan struct{}),
 		pending: make(map[string]*pendingCmd),
 	}
+}
+
+// start gives a reserved stream the next id, registers it and writes its
+// RUN, in id order across concurrent starts.
+func (c *conn) start(st *stream, payload []byte) error {
+	c.runMu.Lock()
+	defer c.runMu.Unlock()
+	c.mu.Lock()
+	c.reserved--
+	c.nextStream++
+	st.id = c.nextStream
 	c.streams[st.id] = st
-	return st
+	c.mu.Unlock()
+	return c.write(ipc.TypeRun, st.id, payload)
 }
 
 // closeStream removes a stream from the table; later frames for it are

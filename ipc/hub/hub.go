@@ -415,7 +415,7 @@ func (h *Hub) open(agent string, sink engine.EventSink) (*conn, *stream, <-chan 
 		h.waiters++
 		return nil, nil, h.slotCh, anyConn
 	}
-	return best, best.openStream(sink), nil, true
+	return best, best.reserveStream(sink), nil, true
 }
 
 func (h *Hub) doneWaiting() {

@@ -709,3 +709,49 @@ func TestRunCancelledBeforeItStartsSendsNoRun(t *testing.T) {
 	a.send(ipc.TypeFinish, 1, finishDone(""))
 	rc.wait(t)
 }
+
+// Stream ids of RUN frames increase on a connection (docs/protocol.md),
+// also when many runs start at once: the id is taken and the RUN written
+// under one lock, or a faster writer would overtake a lower id.
+func TestConcurrentRunsArriveInStreamOrder(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 64})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 64 })
+	var rcs []*runCall
+	for round := range 30 {
+		start := make(chan struct{})
+		calls := make(chan *runCall, 64)
+		var wg sync.WaitGroup
+		for i := range 64 {
+			wg.Go(func() {
+				<-start
+				calls <- startRun(r.hub, context.Background(), request(fmt.Sprintf("r%d-t%d", round, i)))
+			})
+		}
+		close(start)
+		wg.Wait()
+		close(calls)
+		for rc := range calls {
+			rcs = append(rcs, rc)
+		}
+		last := uint64(0)
+		var streams []uint64
+		for range 64 {
+			f := a.read()
+			if f.Type != ipc.TypeRun || f.Stream <= last {
+				t.Fatalf("round %d: %s on stream %d after stream %d: stream ids must increase", round, f.Type, f.Stream, last)
+			}
+			last = f.Stream
+			streams = append(streams, f.Stream)
+		}
+		for _, s := range streams {
+			a.send(ipc.TypeFinish, s, finishDone("ok"))
+		}
+		for _, rc := range rcs {
+			if o := rc.wait(t); o.Kind != engine.OutcomeCompleted {
+				t.Fatalf("outcome %+v", o)
+			}
+		}
+		rcs = nil
+	}
+}

@@ -203,7 +203,7 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 					Error: fmt.Sprintf("no connected agent serves agent %q with a free slot within %v", req.AgentID, h.cfg.AgentWait)}
 			}
 		}
-		if err := c.write(ipc.TypeRun, st.id, payload); err != nil {
+		if err := c.start(st, payload); err != nil {
 			// The agent never got it: try another connection.
 			c.closeStream(st)
 			st.end()
