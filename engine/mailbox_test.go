@@ -535,7 +535,11 @@ func TestRunContextMatchesTheLogThroughTheMessageCache(t *testing.T) {
 			if len(runs) != 24 {
 				t.Fatalf("%d runs, want 24", len(runs))
 			}
-			for _, req := range runs {
+			for k, req := range runs {
+				// The activation: exactly the two messages of submit k.
+				if len(req.Messages) != 2 || string(req.Messages[0].Content) != fmt.Sprintf(`"m%d"`, k) || string(req.Messages[1].Content) != fmt.Sprintf(`"n%d"`, k) {
+					t.Fatalf("run %d activation %v", k, req.Messages)
+				}
 				total := req.Context.TotalMessages
 				from := uint64(1)
 				if total > 5 {

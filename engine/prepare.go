@@ -46,7 +46,9 @@ func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string
 	if err != nil {
 		return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 	}
-	if t != nil && t.OpenRunID != "" {
+	// Only a waiting open run can be continued (one created or running
+	// cannot); an older projection without the status is read to see.
+	if t != nil && t.OpenRunID != "" && (t.OpenRunStatus == "" || t.OpenRunStatus == RunWaiting) {
 		r, err := m.store.LoadRun(ctx, t.OpenRunID)
 		if err != nil {
 			return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
@@ -305,6 +307,12 @@ func (m *Mailbox) reconstruct(ctx context.Context, d *Dispatch) (*RunRequest, *R
 	if err != nil {
 		return nil, nil, err
 	}
+	// The context first: it brings the newest messages into the message
+	// cache, where the activation usually finds its own.
+	tc, err := m.threadContext(ctx, run.ThreadID)
+	if err != nil {
+		return nil, nil, err
+	}
 	msgs, err := m.activationMessages(ctx, run, snap)
 	if err != nil {
 		return nil, nil, err
@@ -340,10 +348,7 @@ func (m *Mailbox) reconstruct(ctx context.Context, d *Dispatch) (*RunRequest, *R
 	sr := SubmitRequest{RunMode: req.RunMode, Origin: req.Origin, Decisions: req.Decisions, ContinueRunID: req.ContinueRunID, Adapter: extras.Adapter}
 	normalizeRunMode(&sr, false)
 	req.RunMode = sr.RunMode
-	req.Context, err = m.threadContext(ctx, run.ThreadID)
-	if err != nil {
-		return nil, nil, err
-	}
+	req.Context = tc
 	return req, run, nil
 }
 
@@ -353,6 +358,10 @@ func (m *Mailbox) activationMessages(ctx context.Context, run *RunRecord, snap *
 	if len(snap.InputMessageIDs) > 0 {
 		out := make([]Message, 0, len(snap.InputMessageIDs))
 		for _, id := range snap.InputMessageIDs {
+			if rec, ok := m.tails.find(run.ThreadID, id); ok {
+				out = append(out, rec.Message)
+				continue
+			}
 			rec, err := m.store.LoadMessage(ctx, run.ThreadID, id)
 			if err != nil {
 				return nil, err

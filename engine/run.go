@@ -251,8 +251,11 @@ type Thread struct {
 	Metadata       json.RawMessage `json:"metadata,omitempty"`
 	ActiveRunID    string          `json:"active_run_id,omitempty"`
 	OpenRunID      string          `json:"open_run_id,omitempty"`
-	LatestRunID    string          `json:"latest_run_id,omitempty"`
-	MessageCount   uint64          `json:"message_count"`
+	// OpenRunStatus is the open run's status as last applied ("" in
+	// projections written before it existed).
+	OpenRunStatus RunStatus `json:"open_run_status,omitempty"`
+	LatestRunID   string    `json:"latest_run_id,omitempty"`
+	MessageCount  uint64    `json:"message_count"`
 }
 
 // ApplyRun updates the projection for a checkpointed run (store.md rule 29).
@@ -261,16 +264,16 @@ func (t *Thread) ApplyRun(r *RunRecord) {
 	switch r.Status {
 	case RunCreated, RunWaiting:
 		t.ActiveRunID = ""
-		t.OpenRunID = r.RunID
+		t.OpenRunID, t.OpenRunStatus = r.RunID, r.Status
 	case RunRunning:
 		t.ActiveRunID = r.RunID
-		t.OpenRunID = r.RunID
+		t.OpenRunID, t.OpenRunStatus = r.RunID, r.Status
 	case RunDone:
 		if t.ActiveRunID == r.RunID {
 			t.ActiveRunID = ""
 		}
 		if t.OpenRunID == r.RunID {
-			t.OpenRunID = ""
+			t.OpenRunID, t.OpenRunStatus = "", ""
 		}
 	}
 	if t.ParentThreadID == "" && r.Request != nil {

@@ -256,6 +256,9 @@ func TestThreadApplyRun(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			got := tt.start
 			got.ApplyRun(tt.run)
+			if tt.want.OpenRunID != "" && tt.want.OpenRunID == tt.run.RunID {
+				tt.want.OpenRunStatus = tt.run.Status // checked on its own below
+			}
 			if !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("ApplyRun\n got %+v\nwant %+v", got, tt.want)
 			}
@@ -457,5 +460,27 @@ func TestRunRecordJSON(t *testing.T) {
 func TestMessageRecordString(t *testing.T) {
 	if got, want := (MessageRecord{ThreadID: "t1", Seq: 3, MessageID: "m3"}).String(), "t1#3(m3)"; got != want {
 		t.Errorf("String() = %q, want %q", got, want)
+	}
+}
+
+// The projection remembers the open run's status, so a submit knows
+// without reading the run whether it could continue it.
+func TestThreadOpenRunStatus(t *testing.T) {
+	var th Thread
+	steps := []struct {
+		run  RunRecord
+		want RunStatus
+	}{
+		{RunRecord{RunID: "r1", Status: RunCreated}, RunCreated},
+		{RunRecord{RunID: "r1", Status: RunRunning}, RunRunning},
+		{RunRecord{RunID: "r1", Status: RunWaiting}, RunWaiting},
+		{RunRecord{RunID: "r2", Status: RunDone}, RunWaiting}, // another run's end leaves it
+		{RunRecord{RunID: "r1", Status: RunDone}, ""},
+	}
+	for i, st := range steps {
+		th.ApplyRun(&st.run)
+		if th.OpenRunStatus != st.want {
+			t.Fatalf("step %d (%s %s): open run status %q, want %q", i, st.run.RunID, st.run.Status, th.OpenRunStatus, st.want)
+		}
 	}
 }

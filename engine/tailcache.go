@@ -127,3 +127,24 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 		c.bytes -= old.bytes
 	}
 }
+
+// find returns the cached record of message id in thread, if the thread's
+// cached window holds it.
+func (c *tailCache) find(thread, id string) (MessageRecord, bool) {
+	if c == nil {
+		return MessageRecord{}, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	el, ok := c.threads[thread]
+	if !ok {
+		return MessageRecord{}, false
+	}
+	recs := el.Value.(*threadTail).recs
+	for i := len(recs) - 1; i >= 0; i-- { // activations are usually the newest
+		if recs[i].MessageID == id {
+			return recs[i], true
+		}
+	}
+	return MessageRecord{}, false
+}

@@ -94,3 +94,23 @@ func TestTailCacheEvictsAndNilCacheReadsAll(t *testing.T) {
 		t.Fatalf("cache holds %d bytes over its budget %d", c.bytes, c.budget)
 	}
 }
+
+func TestTailCacheFindsCachedMessagesByID(t *testing.T) {
+	ctx := context.Background()
+	c := newTailCache(1 << 20)
+	_, _, load := logOf(30)
+	if _, ok := c.find("t", "m25"); ok {
+		t.Fatal("found a message before anything was cached")
+	}
+	c.window(ctx, "t", 21, 30, 10, load)
+	if r, ok := c.find("t", "m25"); !ok || r.Seq != 25 {
+		t.Fatalf("find m25 = %v %v", r, ok)
+	}
+	if _, ok := c.find("t", "m5"); ok {
+		t.Fatal("found a message outside the cached window")
+	}
+	var off *tailCache
+	if _, ok := off.find("t", "m25"); ok {
+		t.Fatal("a disabled cache found something")
+	}
+}
