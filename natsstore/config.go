@@ -38,6 +38,20 @@ type Config struct {
 	// MaxInflightBatches bounds this store's concurrent atomic batches
 	// (default 32; the server refuses more than 50 open batches per stream).
 	MaxInflightBatches int
+	// SignalSweepInterval is how often the signal sweeper looks for due
+	// queued dispatches whose signal may be lost (default 5s; see
+	// signals.go).
+	SignalSweepInterval time.Duration
+	// SignalRepublishAfter is how long after this store last signalled a
+	// dispatch the sweeper signals it again while it stays due and
+	// unclaimed (default 30s).
+	SignalRepublishAfter time.Duration
+	// LiveTimeout bounds a live command's request (the caller's context
+	// may end it sooner) and a received command's handler (default 5s). A
+	// command nobody accepted within it is not delivered. Keep it above
+	// the engine's CommandTimeout (the receiver waits that long for the
+	// agent's receipt).
+	LiveTimeout time.Duration
 	// Logger receives the store's logs. Default: discard.
 	Logger *slog.Logger
 }
@@ -71,6 +85,15 @@ func (c *Config) validate() error {
 	}
 	if c.MaxInflightBatches <= 0 {
 		c.MaxInflightBatches = 32
+	}
+	if c.SignalSweepInterval <= 0 {
+		c.SignalSweepInterval = 5 * time.Second
+	}
+	if c.SignalRepublishAfter <= 0 {
+		c.SignalRepublishAfter = 30 * time.Second
+	}
+	if c.LiveTimeout <= 0 {
+		c.LiveTimeout = 5 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

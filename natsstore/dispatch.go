@@ -91,6 +91,7 @@ func (s *Store) Enqueue(ctx context.Context, d engine.Dispatch) (engine.Dispatch
 	if err := s.update(ctx, d.ThreadID, func(t *txn) error { return t.enqueue(&d) }); err != nil {
 		return engine.Dispatch{}, fmt.Errorf("enqueue %s: %w", d.DispatchID, err)
 	}
+	s.signal(&d)
 	return d, nil
 }
 
@@ -141,6 +142,7 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 	if err != nil {
 		return nil, engine.Dispatch{}, fmt.Errorf("submit %s: %w", c.ThreadID, err)
 	}
+	s.signal(&d)
 	return recs, d, nil
 }
 
@@ -332,10 +334,14 @@ func (s *Store) Complete(ctx context.Context, dispatchID, claimToken string, res
 
 // Nack implements engine.DispatchStore.
 func (s *Store) Nack(ctx context.Context, dispatchID, claimToken string, retryAt int64, errMsg string, now int64) (engine.Dispatch, error) {
-	return s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(_ *txn, d *engine.Dispatch) error {
+	d, err := s.owned(ctx, "nack", dispatchID, claimToken, engine.ReasonStaleBeforeNack, now, func(_ *txn, d *engine.Dispatch) error {
 		d.Nack(retryAt, errMsg, now)
 		return nil
 	})
+	if err == nil {
+		s.signal(&d)
+	}
+	return d, err
 }
 
 // DeadLetter implements engine.DispatchStore.
@@ -349,10 +355,14 @@ func (s *Store) DeadLetter(ctx context.Context, dispatchID, claimToken, errMsg s
 
 // Release implements engine.DispatchStore.
 func (s *Store) Release(ctx context.Context, dispatchID, claimToken string, now int64) (engine.Dispatch, error) {
-	return s.owned(ctx, "release", dispatchID, claimToken, engine.ReasonStaleBeforeRelease, now, func(_ *txn, d *engine.Dispatch) error {
+	d, err := s.owned(ctx, "release", dispatchID, claimToken, engine.ReasonStaleBeforeRelease, now, func(_ *txn, d *engine.Dispatch) error {
 		d.Release(now)
 		return nil
 	})
+	if err == nil {
+		s.signal(&d)
+	}
+	return d, err
 }
 
 // Cancel implements engine.DispatchStore.
@@ -582,6 +592,7 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 	if err != nil {
 		return engine.Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)
 	}
+	s.signal(&out)
 	return out, nil
 }
 
@@ -630,6 +641,7 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 			return out, fmt.Errorf("reclaim expired lease of %s: %w", c.id, err)
 		}
 		if got != nil {
+			s.signal(got)
 			out = append(out, *got)
 		}
 	}

@@ -15,7 +15,15 @@
 //
 // Listings are served by a per-process index fed by an ordered consumer
 // (index.go); every control path validates its candidates against the
-// records. README.md describes the layout, the consistency of the index,
+// records.
+//
+// The store is also an engine.SignalSource (signals.go): every transition
+// of a dispatch into queued publishes a wake-up signal to a work-queue
+// stream with one durable consumer shared by all sidecars, and a sweeper
+// republishes signals that may have been lost. And it is an
+// engine.LiveRouter (live.go): live commands for a run executing in
+// another process travel over core NATS request/reply on the run's exact
+// subject; ServeLive hands the commands routed here to the engine. README.md describes the layout, the consistency of the index,
 // what the server must be configured for (every write fsynced before it is
 // acknowledged) and where this store differs from badgerstore.
 package natsstore

@@ -535,3 +535,35 @@ func (ix *index) listRuns(status engine.RunStatus, thread string, offset, limit 
 	ix.mu.RUnlock()
 	return out, total
 }
+
+// readyHeads returns, for every claimable thread (queued work, no claimed
+// dispatch), its first due queued dispatch in claim order (the one Claim
+// would take), unordered across threads.
+func (ix *index) readyHeads(now int64) []dEntry {
+	var out []dEntry
+	ix.mu.RLock()
+	for _, te := range ix.threads {
+		if te.queued == 0 || te.claimed > 0 {
+			continue
+		}
+		var best *dEntry
+		for _, e := range te.ds {
+			if e.status == engine.StatusQueued && e.avail <= now && (best == nil || claimOrder(e, best) < 0) {
+				best = e
+			}
+		}
+		if best != nil {
+			out = append(out, *best)
+		}
+	}
+	ix.mu.RUnlock()
+	return out
+}
+
+// isQueued reports whether the index holds dispatch id as queued.
+func (ix *index) isQueued(id string) bool {
+	ix.mu.RLock()
+	defer ix.mu.RUnlock()
+	e := ix.disp[id]
+	return e != nil && e.status == engine.StatusQueued
+}

@@ -24,6 +24,7 @@ type Store struct {
 	js        jetstream.JetStream
 	sub       subjects
 	directGet string // direct-get subject prefix: "$JS.API.DIRECT.GET.<stream>."
+	msgGet    string // message-get API subject (leader reads): "$JS.API.STREAM.MSG.GET.<stream>"
 	idx       *index
 	cc        jetstream.ConsumeContext
 	locks     *threadLocks
@@ -32,6 +33,12 @@ type Store struct {
 
 	committed atomic.Uint64 // highest indexed sequence this store committed
 
+	sig  signals        // dispatch signals (signals.go)
+	live live           // live commands received (live.go)
+	bg   sync.WaitGroup // background loops (the signal sweeper)
+
+	life      context.Context // ends with Close
+	endLife   context.CancelFunc
 	done      chan struct{} // closed by Close
 	closed    atomic.Bool
 	closeOnce sync.Once
@@ -60,10 +67,12 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		nc:        nc,
 		sub:       subjects{p: cfg.Prefix + "."},
 		directGet: "$JS.API.DIRECT.GET." + cfg.Stream + ".",
+		msgGet:    "$JS.API.STREAM.MSG.GET." + cfg.Stream,
 		locks:     newThreadLocks(),
 		inflight:  make(chan struct{}, cfg.MaxInflightBatches),
 		done:      make(chan struct{}),
 	}
+	s.life, s.endLife = context.WithCancel(context.Background())
 	if err := s.start(ctx); err != nil {
 		_ = s.Close()
 		return nil, fmt.Errorf("open nats store %s: %w", cfg.Stream, err)
@@ -101,7 +110,14 @@ func streamConfig(cfg *Config) jetstream.StreamConfig {
 }
 
 func (s *Store) start(ctx context.Context) error {
-	js, err := jetstream.New(s.nc)
+	js, err := jetstream.New(s.nc,
+		jetstream.WithPublishAsyncTimeout(s.cfg.RequestTimeout),
+		jetstream.WithPublishAsyncMaxPending(4096),
+		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, m *nats.Msg, err error) {
+			if !s.closed.Load() {
+				s.log.Warn("natsstore: dispatch signal not stored (the sweeper repairs it)", "subject", m.Subject, "err", err)
+			}
+		}))
 	if err != nil {
 		return unavailable(err)
 	}
@@ -127,15 +143,23 @@ func (s *Store) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("index consumer: %w", unavailable(err))
 	}
-	return s.idx.caughtUp(octx, cons)
+	if err := s.idx.caughtUp(octx, cons); err != nil {
+		return err
+	}
+	return s.startSignals(octx)
 }
 
-// Close stops the index consumer and closes the connection. Operations
-// still running fail with engine.ErrUnavailable. Safe to call twice.
+// Close stops the signal sweeper, the live command subscription (waiting
+// for handlers still running, whose contexts end now) and the index
+// consumer, and closes the connection. Operations still running fail
+// with engine.ErrUnavailable. Safe to call twice.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.closed.Store(true)
 		close(s.done)
+		s.endLife()
+		s.bg.Wait()
+		s.stopLive()
 		if s.cc != nil {
 			s.cc.Stop()
 			<-s.cc.Closed()
@@ -143,6 +167,19 @@ func (s *Store) Close() error {
 		s.nc.Close()
 		s.group.close()
 	})
+	return nil
+}
+
+// Writable reports whether the store can take writes now: nil, or why
+// not (closed, or not connected to a server: the client is
+// reconnecting). Readiness probes call it; it costs no round trip.
+func (s *Store) Writable() error {
+	if err := s.usable(); err != nil {
+		return err
+	}
+	if st := s.nc.Status(); st != nats.CONNECTED {
+		return fmt.Errorf("nats connection %s: %w", st, engine.ErrUnavailable)
+	}
 	return nil
 }
 

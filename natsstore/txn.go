@@ -55,10 +55,6 @@ func (t *txn) get(subj string) ([]byte, error) {
 	return r.data, nil
 }
 
-// seed records a read made before the transaction started (it is
-// validated at commit like any other).
-func (t *txn) seed(subj string, r rec) { t.reads[subj] = r }
-
 // put writes data to subj. A subject never read is expected not to exist.
 func (t *txn) put(subj string, data []byte) { t.write(outMsg{subj: subj, data: data}) }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go"
@@ -76,18 +77,91 @@ func (s *Store) reqCtx(ctx context.Context) (context.Context, context.CancelFunc
 	return context.WithTimeout(ctx, s.cfg.RequestTimeout)
 }
 
-// getLast reads the last message of subj.
+// getLast reads the last message of subj. A single-replica stream
+// answers direct gets from its one replica. On a replicated stream any
+// replica answers a direct get, and a follower may not yet hold what was
+// committed (this store's own writes included), so the read goes to the
+// stream leader through the message-get API instead: every point read
+// then sees every acknowledged write (with direct gets, reads through a
+// follower missed a write just acknowledged now and then under load:
+// TestClusterReadsSeeAcknowledgedWrites).
 func (s *Store) getLast(ctx context.Context, subj string) (rec, error) {
 	if err := s.usable(); err != nil {
 		return rec{}, err
 	}
 	ctx, cancel := s.reqCtx(ctx)
 	defer cancel()
+	if s.cfg.Replicas > 1 {
+		req, err := json.Marshal(msgGetRequest{LastFor: subj})
+		if err != nil {
+			return rec{}, fmt.Errorf("read %s: %w", subj, err)
+		}
+		m, err := s.nc.RequestWithContext(ctx, s.msgGet, req)
+		if err != nil {
+			return rec{}, fmt.Errorf("read %s: %w", subj, unavailable(err))
+		}
+		return parseMsgGet(subj, m)
+	}
 	m, err := s.nc.RequestWithContext(ctx, s.directGet+subj, nil)
 	if err != nil {
 		return rec{}, fmt.Errorf("read %s: %w", subj, unavailable(err))
 	}
 	return parseDirect(subj, m)
+}
+
+// msgGetRequest is the body of a $JS.API.STREAM.MSG.GET request.
+type msgGetRequest struct {
+	LastFor string `json:"last_by_subj"`
+}
+
+// msgGetReply is its answer.
+type msgGetReply struct {
+	Error   *apiError `json:"error"`
+	Message *struct {
+		Seq    uint64 `json:"seq"`
+		Header []byte `json:"hdrs"`
+		Data   []byte `json:"data"`
+	} `json:"message"`
+}
+
+// errCodeNoMessageFound is the message-get API's "no message found".
+const errCodeNoMessageFound = 10037
+
+// parseMsgGet decodes a message-get API reply.
+func parseMsgGet(subj string, m *nats.Msg) (rec, error) {
+	if len(m.Data) == 0 {
+		return rec{}, fmt.Errorf("read %s: empty reply (status %s): %w", subj, m.Header.Get(hdrStatus), engine.ErrUnavailable)
+	}
+	var r msgGetReply
+	if err := json.Unmarshal(m.Data, &r); err != nil {
+		return rec{}, fmt.Errorf("read %s: reply %q: %w", subj, m.Data, engine.ErrUnavailable)
+	}
+	if r.Error != nil {
+		if r.Error.ErrCode == errCodeNoMessageFound {
+			return rec{}, nil
+		}
+		return rec{}, fmt.Errorf("read %s: %w: %w", subj, engine.ErrUnavailable, r.Error)
+	}
+	if r.Message == nil || r.Message.Seq == 0 {
+		return rec{}, fmt.Errorf("read %s: reply without a stream sequence: %w", subj, engine.ErrCorrupt)
+	}
+	if headerValue(r.Message.Header, hdrOp) == opDelete || len(r.Message.Data) == 0 {
+		return rec{seq: r.Message.Seq}, nil
+	}
+	return rec{seq: r.Message.Seq, data: r.Message.Data}, nil
+}
+
+// headerValue returns the value of key in a raw NATS header block
+// ("NATS/1.0\r\nKey: value\r\n…"), "" when absent.
+func headerValue(block []byte, key string) string {
+	lines := strings.Split(string(block), "\r\n")
+	for _, l := range lines[min(1, len(lines)):] {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.EqualFold(strings.TrimSpace(k), key) {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
 }
 
 // parseDirect decodes a direct-get reply.

@@ -25,6 +25,17 @@ const maxSocketPath = 107
 
 // serveConfig is everything `serve` is configured with.
 type serveConfig struct {
+	// Store selects the store: "" or "badger", or NATS server URLs
+	// (store.go); the NATS fields configure the NATS store.
+	Store           string
+	NATSCreds       string
+	NATSUser        string
+	NATSPassword    string
+	NATSToken       string
+	NATSStream      string
+	NATSPrefix      string
+	NATSReplicas    int
+	ConsumerID      string
 	DataDir         string
 	APISocket       string
 	AgentSocket     string
@@ -112,13 +123,14 @@ func formatBytes(n int64) string {
 // serveFlags declares the serve flags on fs with their defaults.
 func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, MemoryLimit: 512 << 20}
-	fs.StringVar(&c.DataDir, "data-dir", "./data", "Badger data directory (created if absent; a second sidecar on it is refused)")
+	storeFlags(fs, c)
+	fs.StringVar(&c.DataDir, "data-dir", "./data", "Badger data directory (created if absent; a second sidecar on it is refused); not used with --store nats://")
 	fs.StringVar(&c.APISocket, "api-socket", "./run/api.sock", "client API socket")
 	fs.StringVar(&c.AgentSocket, "agent-socket", "./run/agent.sock", "agent protocol socket")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "optional TCP listener for the client API (requires --auth-token)")
 	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz only")
 	fs.Var(&c.MaxBody, "max-body", "largest accepted request body")
-	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput)")
+	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput); Badger only")
 	fs.IntVar(&c.ContextMessages, "context-messages", 500, "most thread messages sent with each RUN")
 	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
 	fs.IntVar(&c.EventBuffer, "event-buffer", 10000, "events buffered per run for re-attachment")
@@ -175,6 +187,9 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 		}
 		c.ClockSkew = d
 	}
+	if c.ConsumerID == "" {
+		c.ConsumerID = defaultConsumerID()
+	}
 	errs = append(errs, c.validate()...)
 	return c, errors.Join(errs...)
 }
@@ -184,9 +199,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 func (c *serveConfig) validate() []error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
-	if strings.TrimSpace(c.DataDir) == "" {
-		bad("--data-dir must not be empty")
-	}
+	errs = append(errs, c.validateStore()...)
 	for name, path := range map[string]string{"--api-socket": c.APISocket, "--agent-socket": c.AgentSocket} {
 		switch {
 		case strings.TrimSpace(path) == "":
@@ -269,7 +282,7 @@ func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
 		MaxAttempts: uint32(c.MaxAttempts), RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
 		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventRetention: c.EventRetention,
 		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
-		Logger: log, Now: skewedClock(c.ClockSkew),
+		ConsumerID: c.ConsumerID, Logger: log, Now: skewedClock(c.ClockSkew),
 	}
 }
 

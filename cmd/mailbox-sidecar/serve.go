@@ -15,7 +15,6 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 
-	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
@@ -29,7 +28,7 @@ const socketMode = 0o660
 type sidecar struct {
 	cfg   serveConfig
 	log   *slog.Logger
-	store *badgerstore.Store
+	store sidecarStore
 	hub   *hub.Hub
 	mb    *engine.Mailbox
 	px    *proxy.Server
@@ -56,17 +55,10 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if os.Getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
 		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
-		return nil, fmt.Errorf("data directory: %w", err)
-	}
-	// The store first: its lock says whether another sidecar owns this
-	// directory, and only then may sockets left behind be removed.
-	s.store, err = badgerstore.Open(badgerstore.Options{Dir: cfg.DataDir, NoSync: !cfg.Sync, Logger: log.With("component", "store")})
-	if err != nil {
-		if errors.Is(err, engine.ErrDataDirInUse) {
-			return nil, fmt.Errorf("data directory %s is in use by another sidecar (or another process holds its lock): %w", cfg.DataDir, err)
-		}
-		return nil, fmt.Errorf("open store in %s: %w", cfg.DataDir, err)
+	// The store first: Badger's lock says whether another sidecar owns
+	// this directory, and only then may sockets left behind be removed.
+	if s.store, err = openStore(cfg, log.With("component", "store")); err != nil {
+		return nil, err
 	}
 	s.closed = append(s.closed, func() {
 		if err := s.store.Close(); err != nil {
@@ -80,6 +72,9 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, err
 	}
 	s.hub.SetSubmitter(s.mb)
+	if err := serveLive(s.store, s.mb); err != nil {
+		return nil, err
+	}
 
 	agentLn, err := listenUnix(cfg.AgentSocket, log)
 	if err != nil {
@@ -122,8 +117,8 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if cfg.ClockSkew != 0 {
 		log.Warn("engine clock skewed for testing", "skew", cfg.ClockSkew)
 	}
-	log.Info("sidecar listening", "api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
-		"http_addr", cfg.HTTPAddr, "admin_addr", cfg.AdminAddr, "data_dir", cfg.DataDir, "sync", cfg.Sync)
+	log.Info("sidecar listening", append([]any{"api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
+		"http_addr", cfg.HTTPAddr, "admin_addr", cfg.AdminAddr}, cfg.storeDescription()...)...)
 	return s, nil
 }
 

@@ -1,0 +1,294 @@
+package natsstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	json "github.com/goccy/go-json"
+	"github.com/nats-io/nats.go"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Live commands (engine.LiveRouter, store.md §2.18, lessons.md §4.2 item
+// 21) travel over core NATS request/reply, not JetStream, on the exact
+// subject of their target:
+//
+//	<Prefix>live.<seg thread>.<seg run>                  target without a dispatch
+//	<Prefix>live.<seg thread>.<seg run>.<seg dispatch>   target with a dispatch
+//
+// A target with a dispatch and one without are different subjects, as
+// store.md rule 14 requires. Every store that serves live commands
+// (ServeLive) subscribes to <Prefix>live.> and hands each command to its
+// handler (the engine's HandleLive), which accepts only a command whose
+// target runs in that process; only then does the store reply, with an
+// empty message: the receipt. Nobody accepting means no reply, and the
+// sender's request times out: not delivered, so the engine falls back to
+// the durable queue. A payload that does not decode, or whose version or
+// kind this build does not know, is dropped without a reply (the sender
+// sees "not delivered").
+//
+// The payload is JSON, version 1 (LiveWireVersion):
+//
+//	{"v":1,"kind":"messages","messages":[<engine.MessageRecord>…]}
+//	{"v":1,"kind":"cancel"}
+//	{"v":1,"kind":"decision","decisions":[{"call_id":"…","resume":<JSON>}…]}
+//
+// MessageRecord and Decision use their engine JSON shapes (snake_case, as
+// stored). A receiver ignores fields it does not know; a change that old
+// receivers must not misread gets a new version.
+
+// LiveWireVersion is the version of the live command payload this build
+// sends and accepts.
+const LiveWireVersion = 1
+
+// Live command kinds on the wire.
+const (
+	liveKindMessages = "messages"
+	liveKindCancel   = "cancel"
+	liveKindDecision = "decision"
+)
+
+// liveWire is the payload of one live command.
+type liveWire struct {
+	V         int                    `json:"v"`
+	Kind      string                 `json:"kind"`
+	Messages  []engine.MessageRecord `json:"messages,omitempty"`
+	Decisions []engine.Decision      `json:"decisions,omitempty"`
+}
+
+// liveHandlerSlots bounds the live commands one store handles at once.
+const liveHandlerSlots = 64
+
+// LiveHandler takes a live command routed to this process and reports
+// whether it accepted it; (*engine.Mailbox).HandleLive is one.
+type LiveHandler func(ctx context.Context, target engine.LiveTarget, cmd engine.LiveCommand) bool
+
+// live is the receiving side's state.
+type live struct {
+	mu    sync.Mutex
+	sub   *nats.Subscription
+	slots chan struct{}
+	wg    sync.WaitGroup // handler goroutines
+}
+
+func livePrefix(cfg *Config) string { return cfg.Prefix + "live." }
+
+// liveSubject is the exact subject of a target.
+func (s *Store) liveSubject(t engine.LiveTarget) string {
+	subj := livePrefix(&s.cfg) + seg(t.ThreadID) + "." + seg(t.RunID)
+	if t.DispatchID != "" {
+		subj += "." + seg(t.DispatchID)
+	}
+	return subj
+}
+
+// parseLiveSubject decodes the target of a live subject.
+func (s *Store) parseLiveSubject(subj string) (engine.LiveTarget, error) {
+	rest, ok := strings.CutPrefix(subj, livePrefix(&s.cfg))
+	if !ok {
+		return engine.LiveTarget{}, fmt.Errorf("subject %q is not a live subject", subj)
+	}
+	toks := strings.Split(rest, ".")
+	if len(toks) != 2 && len(toks) != 3 {
+		return engine.LiveTarget{}, fmt.Errorf("live subject %q has %d target tokens", subj, len(toks))
+	}
+	ids := make([]string, len(toks))
+	for i, tok := range toks {
+		id, err := unseg(tok)
+		if err != nil {
+			return engine.LiveTarget{}, err
+		}
+		ids[i] = id
+	}
+	t := engine.LiveTarget{ThreadID: ids[0], RunID: ids[1]}
+	if len(ids) == 3 {
+		t.DispatchID = ids[2]
+	}
+	return t, nil
+}
+
+func encodeLive(cmd engine.LiveCommand) ([]byte, error) {
+	w := liveWire{V: LiveWireVersion}
+	switch cmd.Kind {
+	case engine.LiveMessages:
+		w.Kind, w.Messages = liveKindMessages, cmd.Messages
+	case engine.LiveCancel:
+		w.Kind = liveKindCancel
+	case engine.LiveDecision:
+		w.Kind, w.Decisions = liveKindDecision, cmd.Decisions
+	default:
+		return nil, engine.Validationf("live command kind %d is unknown", cmd.Kind)
+	}
+	b, err := json.Marshal(&w)
+	if err != nil {
+		return nil, fmt.Errorf("encode live command: %w", err)
+	}
+	return b, nil
+}
+
+func decodeLive(b []byte) (engine.LiveCommand, error) {
+	var w liveWire
+	if err := unmarshal(b, &w); err != nil {
+		return engine.LiveCommand{}, fmt.Errorf("decode live command: %w", err)
+	}
+	if w.V != LiveWireVersion {
+		return engine.LiveCommand{}, fmt.Errorf("live command version %d, this build speaks %d", w.V, LiveWireVersion)
+	}
+	switch w.Kind {
+	case liveKindMessages:
+		if len(w.Messages) == 0 {
+			return engine.LiveCommand{}, errors.New("live messages command without messages")
+		}
+		return engine.LiveCommand{Kind: engine.LiveMessages, Messages: w.Messages}, nil
+	case liveKindCancel:
+		return engine.LiveCommand{Kind: engine.LiveCancel}, nil
+	case liveKindDecision:
+		if len(w.Decisions) == 0 {
+			return engine.LiveCommand{}, errors.New("live decision command without decisions")
+		}
+		return engine.LiveCommand{Kind: engine.LiveDecision, Decisions: w.Decisions}, nil
+	}
+	return engine.LiveCommand{}, fmt.Errorf("live command kind %q is unknown", w.Kind)
+}
+
+// DeliverLive implements engine.LiveRouter: a request on the target's
+// exact subject, bounded by LiveTimeout (or ctx's earlier end). A reply
+// (the receiving process accepted the command) is true; no subscriber, no
+// reply in time or a refusal is false with no error; other transport
+// failures are errors wrapping engine.ErrUnavailable.
+func (s *Store) DeliverLive(ctx context.Context, target engine.LiveTarget, cmd engine.LiveCommand) (bool, error) {
+	if err := engine.ValidateID("thread_id", target.ThreadID); err != nil {
+		return false, err
+	}
+	if err := engine.ValidateID("run_id", target.RunID); err != nil {
+		return false, err
+	}
+	if target.DispatchID != "" {
+		if err := engine.ValidateID("dispatch_id", target.DispatchID); err != nil {
+			return false, err
+		}
+	}
+	if err := s.usable(); err != nil {
+		return false, fmt.Errorf("deliver live command: %w", err)
+	}
+	data, err := encodeLive(cmd)
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.LiveTimeout)
+	defer cancel()
+	reply, err := s.nc.RequestWithContext(ctx, s.liveSubject(target), data)
+	switch {
+	case err == nil:
+		// The receipt is an empty message; anything else (a status
+		// header, a body) is not one.
+		return len(reply.Data) == 0 && reply.Header.Get(hdrStatus) == "", nil
+	case errors.Is(err, nats.ErrNoResponders), errors.Is(err, nats.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		return false, nil
+	}
+	return false, fmt.Errorf("deliver live command to run %s of %s: %w", target.RunID, target.ThreadID, unavailable(err))
+}
+
+// ServeLive makes this store receive the live commands other processes
+// route to runs executing here: it subscribes to every live subject of
+// the prefix and calls handler for each well-formed command (up to 64 at
+// once; each with a context bounded by LiveTimeout and ended by Close),
+// replying with the receipt only when handler returns true. Call it once,
+// after the engine exists; Close stops it. Wire it to the engine with
+// store.ServeLive(mailbox.HandleLive).
+func (s *Store) ServeLive(handler LiveHandler) error {
+	if handler == nil {
+		return engine.Validationf("natsstore: ServeLive needs a handler")
+	}
+	if err := s.usable(); err != nil {
+		return fmt.Errorf("serve live commands: %w", err)
+	}
+	s.live.mu.Lock()
+	defer s.live.mu.Unlock()
+	if s.live.sub != nil {
+		return fmt.Errorf("serve live commands: already serving: %w", engine.ErrAlreadyExists)
+	}
+	s.live.slots = make(chan struct{}, liveHandlerSlots)
+	sub, err := s.nc.Subscribe(livePrefix(&s.cfg)+">", func(m *nats.Msg) { s.onLive(m, handler) })
+	if err != nil {
+		return fmt.Errorf("serve live commands: subscribe: %w", unavailable(err))
+	}
+	// The subscription is in place on the server before ServeLive
+	// returns, so a command sent afterwards reaches it.
+	if err := s.nc.FlushTimeout(s.cfg.RequestTimeout); err != nil {
+		_ = sub.Unsubscribe()
+		return fmt.Errorf("serve live commands: flush: %w", unavailable(err))
+	}
+	s.live.sub = sub
+	return nil
+}
+
+// onLive runs on the subscription's goroutine: it decodes the command and
+// hands it to a handler goroutine, so one slow agent does not hold up
+// commands for other runs.
+func (s *Store) onLive(m *nats.Msg, handler LiveHandler) {
+	if m.Reply == "" {
+		return
+	}
+	target, err := s.parseLiveSubject(m.Subject)
+	if err == nil {
+		err = validTarget(target)
+	}
+	var cmd engine.LiveCommand
+	if err == nil {
+		cmd, err = decodeLive(m.Data)
+	}
+	if err != nil {
+		s.log.Warn("natsstore: dropping malformed live command", "subject", m.Subject, "err", err)
+		return
+	}
+	select {
+	case s.live.slots <- struct{}{}:
+	case <-s.done:
+		return
+	}
+	s.live.wg.Add(1)
+	go func() {
+		defer s.live.wg.Done()
+		defer func() { <-s.live.slots }()
+		ctx, cancel := context.WithTimeout(s.life, s.cfg.LiveTimeout)
+		defer cancel()
+		if handler(ctx, target, cmd) {
+			if err := m.Respond(nil); err != nil {
+				s.log.Warn("natsstore: live command receipt", "subject", m.Subject, "err", err)
+			}
+		}
+	}()
+}
+
+func validTarget(t engine.LiveTarget) error {
+	if err := engine.ValidateID("thread_id", t.ThreadID); err != nil {
+		return err
+	}
+	if err := engine.ValidateID("run_id", t.RunID); err != nil {
+		return err
+	}
+	if t.DispatchID != "" {
+		return engine.ValidateID("dispatch_id", t.DispatchID)
+	}
+	return nil
+}
+
+// stopLive unsubscribes and waits for the handlers still running (their
+// contexts end with the store).
+func (s *Store) stopLive() {
+	s.live.mu.Lock()
+	sub := s.live.sub
+	s.live.sub = nil
+	s.live.mu.Unlock()
+	if sub != nil {
+		_ = sub.Unsubscribe()
+	}
+	s.live.wg.Wait()
+}
+
+var _ engine.LiveRouter = (*Store)(nil)
