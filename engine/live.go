@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"time"
 )
 
@@ -97,6 +98,14 @@ func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCom
 	}
 	switch cmd.Kind {
 	case LiveCancel:
+		// As a local Cancel: durable before it is accepted, so a crash
+		// right after the receipt cannot bring the run back. A claim
+		// already settled (the run finished, or an interrupt superseded
+		// it) needs no settling: the attempt is stopped all the same.
+		if _, err := m.settleCancel(ctx, e); err != nil && !errors.Is(err, ErrVersionConflict) {
+			m.log.Warn("live cancel not made durable", "dispatch_id", e.dispatch.DispatchID, "err", err)
+			return false
+		}
 		e.cancel(errCancelled)
 		return true
 	case LiveMessages:

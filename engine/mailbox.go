@@ -351,8 +351,17 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 	m.dropPending(dispatchIDs(res.Superseded)...)
 	if res.Active != nil {
 		// Cancel exactly the dispatch the interrupt found active, not
-		// whatever runs on the thread by now.
-		m.cancelLocal(res.Active.DispatchID, errInterrupted)
+		// whatever runs on the thread by now; on a shared store it may
+		// execute in another process (best effort: otherwise its next
+		// lease renewal finds it stale).
+		if !m.cancelLocal(res.Active.DispatchID, errInterrupted) {
+			if router, ok := m.raw.(LiveRouter); ok {
+				target := LiveTarget{ThreadID: res.Active.ThreadID, RunID: res.Active.RunID, DispatchID: res.Active.DispatchID}
+				if _, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveCancel}); err != nil {
+					m.log.Warn("interrupt: cancel of a run elsewhere failed", "dispatch_id", res.Active.DispatchID, "err", err)
+				}
+			}
+		}
 	}
 	return res, nil
 }

@@ -422,6 +422,37 @@ func TestForegroundSubmitInterruptsARunOnAnotherSidecar(t *testing.T) {
 	w.checkNoOverlap(t)
 }
 
+// An interrupt through one sidecar stops the run executing on another at
+// once, not at its next lease renewal (here a minute away: only the live
+// cancel can stop it within waitFor's 20 s).
+func TestInterruptCancelsARunOnAnotherSidecar(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	cfg := freshConfig()
+	var scs []*sidecar
+	for i := range 3 {
+		ecfg := engineConfig(fmt.Sprintf("sc%d", i+1))
+		ecfg.Lease, ecfg.RenewInterval = 3*time.Minute, time.Minute
+		scs = append(scs, startSidecarWith(t, w, cfg, ecfg.ConsumerID, 1, ecfg))
+	}
+	ctx := context.Background()
+	first, err := scs[0].mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "tx", Messages: []engine.Message{userMsg("hold")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := w.activeRun(t, "tx")
+	a := other(scs, running.sidecar)
+	res, err := a.mb.Interrupt(ctx, "tx")
+	if err != nil || res.Active == nil || res.Active.DispatchID != first.DispatchID {
+		t.Fatalf("interrupt through %s: %+v %v", a.name, res, err)
+	}
+	w.waitFor(t, "the interrupted run stopped", func() bool {
+		rs := w.runsOfLocked(first.DispatchID)
+		return len(rs) == 1 && rs[0].cancelled && !rs[0].end.IsZero()
+	})
+	waitStatus(t, a, first.DispatchID, engine.StatusSuperseded)
+}
+
 // Live messages, a decision and a cancel sent through one sidecar reach
 // the run executing on another.
 func TestLiveCommandsReachARunOnAnotherSidecar(t *testing.T) {
@@ -464,6 +495,11 @@ func TestLiveCommandsReachARunOnAnotherSidecar(t *testing.T) {
 	ok, err = a.mb.Cancel(ctx, sub.RunID)
 	if err != nil || !ok {
 		t.Fatalf("cancel through %s: %v %v", a.name, ok, err)
+	}
+	// Accepted means durable: the owner settled the claim before its
+	// receipt (a crash right after cannot bring the run back).
+	if d, err := a.store.LoadDispatch(ctx, sub.DispatchID); err != nil || d == nil || d.Status != engine.StatusAcked {
+		t.Fatalf("dispatch right after an accepted remote cancel: %+v %v, want acked", d, err)
 	}
 	d := waitStatus(t, a, sub.DispatchID, engine.StatusAcked)
 	if d.Termination == nil || d.Termination.Type != engine.TermCancelled {
