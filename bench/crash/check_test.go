@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/natsstore"
 )
 
 // snapshot is the sidecar's state read through the API.
@@ -634,6 +635,34 @@ func verifyStore(dir string, snap *snapshot) ([]string, error) {
 	}
 	if rep.Dispatches < len(snap.dispatches) {
 		problems = append(problems, fmt.Sprintf("the store holds %d dispatches, the API showed %d", rep.Dispatches, len(snap.dispatches)))
+	}
+	return problems, s.Close()
+}
+
+// natsTarget names a NATS store: server, stream and prefix.
+type natsTarget struct{ url, stream, prefix string }
+
+// verifyNATS opens the NATS store the sidecars used (they stopped): every
+// dispatch read through the API must have the same status there. (NATS has
+// no counterpart of badgerstore.Verify: its records are checked through
+// the API and the journals.)
+func verifyNATS(n natsTarget, snap *snapshot) ([]string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := natsstore.Open(ctx, natsstore.Config{URL: n.url, Stream: n.stream, Prefix: n.prefix})
+	if err != nil {
+		return nil, fmt.Errorf("open the NATS store: %w", err)
+	}
+	var problems []string
+	for id, d := range snap.dispatches {
+		got, err := s.LoadDispatch(ctx, id)
+		if err != nil || got == nil {
+			problems = append(problems, fmt.Sprintf("dispatch %s: in the API, not in the store (%v)", id, err))
+			continue
+		}
+		if got.Status.String() != d.Status {
+			problems = append(problems, fmt.Sprintf("dispatch %s: %s in the store, %s through the API", id, got.Status, d.Status))
+		}
 	}
 	return problems, s.Close()
 }

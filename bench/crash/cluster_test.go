@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -118,6 +120,10 @@ type clusterOptions struct {
 	dataDir string   // default <dir>/data
 	flags   []string // serve flags after the defaults (a later flag wins)
 	maxRuns int      // agent --max-runs (default 8)
+	// nats, when set, is a NATS server URL: the sidecar runs on the NATS
+	// store (a stream and prefix of its own on that server) instead of
+	// Badger in dataDir.
+	nats string
 }
 
 // cluster is a sidecar and its agents on one data directory, restarted as
@@ -126,6 +132,7 @@ type cluster struct {
 	t                         *testing.T
 	dir                       string
 	data, apiSock, agentSock  string
+	nats                      natsTarget // set when the store is NATS
 	flags                     []string
 	maxRuns                   int
 	api                       *api
@@ -161,8 +168,15 @@ func newCluster(t *testing.T, o clusterOptions) *cluster {
 	if c.maxRuns == 0 {
 		c.maxRuns = 8
 	}
-	c.flags = append(append([]string{"serve", "--data-dir", c.data, "--api-socket", c.apiSock,
-		"--agent-socket", c.agentSock}, defaultFlags...), o.flags...)
+	store := []string{"--data-dir", c.data}
+	if o.nats != "" {
+		// A stream and prefix of this test's own on the shared server.
+		id := strings.ToUpper(strconv.FormatInt(time.Now().UnixNano(), 36))
+		c.nats = natsTarget{url: o.nats, stream: "CRASH" + id, prefix: "c" + strings.ToLower(id)}
+		store = []string{"--store", o.nats, "--nats-stream", c.nats.stream, "--nats-prefix", c.nats.prefix}
+	}
+	c.flags = append(append(append([]string{"serve", "--api-socket", c.apiSock,
+		"--agent-socket", c.agentSock}, store...), defaultFlags...), o.flags...)
 	c.api = newAPI(c.apiSock)
 	t.Cleanup(func() {
 		c.api.close()

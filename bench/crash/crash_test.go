@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/natsstore/natstest"
 )
 
 // crashCycles is the number of kill cycles of each variant:
@@ -36,8 +38,18 @@ func TestCrashKillAgent(t *testing.T) { runCrash(t, "agent") }
 // TestCrashKillBoth SIGKILLs both and restarts both.
 func TestCrashKillBoth(t *testing.T) { runCrash(t, "both") }
 
-func runCrash(t *testing.T, what string) {
-	c := newCluster(t, clusterOptions{})
+// TestCrashKillSidecarNATS is TestCrashKillSidecar on the NATS store: an
+// embedded JetStream server (sync always) in the test process outlives
+// every sidecar.
+func TestCrashKillSidecarNATS(t *testing.T) {
+	srv := natstest.Start(t)
+	runCrashWith(t, "sidecar", clusterOptions{nats: srv.URL()})
+}
+
+func runCrash(t *testing.T, what string) { runCrashWith(t, what, clusterOptions{}) }
+
+func runCrashWith(t *testing.T, what string, o clusterOptions) {
+	c := newCluster(t, o)
 	c.startSidecar()
 	c.resetRecoveries()
 	agent := c.startAgent()
@@ -89,6 +101,9 @@ func runCrash(t *testing.T, what string) {
 	halted = true
 	r := finish(t, c, rec, checkOptions{})
 	r.name, r.cycles = "kill "+what, cycles
+	if o.nats != "" {
+		r.name += " (NATS store)"
+	}
 	record(t, r)
 }
 
@@ -122,7 +137,11 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 		}
 		t.Error(p)
 	}
-	storeProblems, err := verifyStore(c.data, snap)
+	verify := func() ([]string, error) { return verifyStore(c.data, snap) }
+	if c.nats.url != "" {
+		verify = func() ([]string, error) { return verifyNATS(c.nats, snap) }
+	}
+	storeProblems, err := verify()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,11 @@
 //     receives the CANCEL right after);
 //   - the store's consistency check (badgerstore.Verify) passes.
 //
+// TestCrashKillSidecarNATS runs the kill-sidecar variant on the NATS store
+// (an embedded JetStream server in the test process outlives the
+// sidecars); there the last check is that every dispatch has the same
+// status in the store as through the API.
+//
 // Faults: a full disk (a small tmpfs; needs root, skipped otherwise), a
 // stalled agent (SIGSTOP: no heartbeats) and clock jumps (the binary's
 // MAILBOX_SIDECAR_TEST_CLOCK_SKEW hook).
