@@ -75,6 +75,13 @@ type Config struct {
 	SignalNackBase time.Duration
 	SignalNackMax  time.Duration
 	SignalHandlers int
+	// SharedClaimGrace: on a store shared between processes (one that
+	// offers signals), the dispatcher leaves work that fell due less than
+	// this long ago to the sidecar that submitted it and to the one that
+	// takes its signal, instead of every sidecar racing to claim it (each
+	// lost race is a refused transaction on the shared store). Default
+	// 500ms; negative turns it off.
+	SharedClaimGrace time.Duration
 
 	// Logger receives the engine's logs. Default: discard.
 	Logger *slog.Logger
@@ -128,6 +135,7 @@ func (c Config) withDefaults() (Config, error) {
 	dur(&c.EventRetention, DefaultEventRetention)
 	dur(&c.StartupRetryDelay, 250*time.Millisecond)
 	dur(&c.SignalWait, 500*time.Millisecond)
+	dur(&c.SharedClaimGrace, 500*time.Millisecond)
 	dur(&c.SignalNackBase, 500*time.Millisecond)
 	dur(&c.SignalNackMax, 30*time.Second)
 	if c.StartupRecoveryAttempts <= 0 {

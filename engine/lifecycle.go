@@ -332,11 +332,18 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		// Threads still held here are skipped (their attempt claims
 		// their next dispatch as it finishes); one more than fits tells
 		// whether a thread is left waiting for a slot.
-		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now(), free+here+1)
+		// On a shared store, work that fell due a moment ago is left to
+		// its submitter and its signal (SharedClaimGrace); it comes back
+		// here once the grace has passed.
+		grace := m.sharedClaimGrace()
+		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, free+here+1)
 		if err != nil {
 			m.starved.Store(true)
 			m.log.Warn("list ready threads failed", "err", err)
 			return m.cfg.Now() + 1000
+		}
+		if next > 0 {
+			next += grace
 		}
 		m.mu.Lock()
 		free = m.exec.Capacity() - m.inFlight
@@ -378,6 +385,15 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 	}
 	return m.cfg.Now() + 1
+}
+
+// sharedClaimGrace is SharedClaimGrace in ms on a store shared between
+// processes (one that offers signals), else 0.
+func (m *Mailbox) sharedClaimGrace() int64 {
+	if _, shared := m.raw.(SignalSource); !shared || m.cfg.SharedClaimGrace <= 0 {
+		return 0
+	}
+	return m.cfg.SharedClaimGrace.Milliseconds()
 }
 
 // maintenanceLoop reclaims lapsed leases and reconciles on every sweep,

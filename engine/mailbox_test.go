@@ -666,3 +666,40 @@ func TestFinishedAttemptLeavesTheSlotToAWaitingThread(t *testing.T) {
 		t.Fatalf("run order %v, want %v (the waiting thread first)", order, want)
 	}
 }
+
+// silentSignalStore offers dispatch signals but never delivers one: the
+// engine treats the store as shared between processes.
+type silentSignalStore struct{ *badgerstore.Store }
+
+func (silentSignalStore) PullDispatchSignals(ctx context.Context, _ int, wait time.Duration) ([]engine.DispatchSignal, error) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(wait):
+	}
+	return nil, nil
+}
+
+// On a shared store the dispatcher leaves work that just fell due to its
+// submitter and its signal for SharedClaimGrace, then takes it itself.
+func TestSharedStoreDispatcherLeavesFreshWorkForAGrace(t *testing.T) {
+	const grace = 400 * time.Millisecond
+	r := newRigWith(t, newFake(2, complete), engine.Config{SharedClaimGrace: grace},
+		func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
+	r.start(t)
+	ctx := context.Background()
+	due := time.Now()
+	// Straight into the store: no submitter here claims it, no signal
+	// comes; only the dispatcher can.
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "fresh", ThreadID: "tf", RunID: "run-fresh", Priority: engine.DefaultPriority, AvailableAt: due.UnixMilli(), CreatedAt: due.UnixMilli(), MaxAttempts: 3}); err != nil {
+		t.Fatal(err)
+	}
+	r.mb.Sweep(ctx) // wakes the dispatcher
+	time.Sleep(grace / 4)
+	if st := dispatchStatus(t, r.store, "fresh"); st != engine.StatusQueued {
+		t.Fatalf("claimed (%s) %v after it fell due, within the %v grace", st, time.Since(due), grace)
+	}
+	eventually(t, "claimed after the grace", func() bool { return dispatchStatus(t, r.store, "fresh") != engine.StatusQueued })
+	if took := time.Since(due); took < grace {
+		t.Fatalf("claimed %v after it fell due, before the %v grace", took, grace)
+	}
+}
