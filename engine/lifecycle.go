@@ -404,10 +404,31 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 	defer sweep.Stop()
 	gc := time.NewTicker(m.cfg.GCInterval)
 	defer gc.Stop()
+	// Claims a previous process left behind (it was killed mid-run) lapse
+	// within one lease of this start; until then sweep often, so their
+	// threads are served when the lease lapses, not up to a sweep interval
+	// later. Only on a store of this process alone: on a shared store the
+	// other claims are other sidecars' live work.
+	var orphans <-chan time.Time
+	orphansUntil := time.Now().Add(m.cfg.Lease + time.Second)
+	if _, shared := m.raw.(SignalSource); !shared {
+		every := min(m.cfg.SweepInterval, max(m.cfg.Lease/10, 100*time.Millisecond))
+		t := time.NewTicker(every)
+		defer t.Stop()
+		orphans = t.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-orphans:
+			if time.Now().After(orphansUntil) {
+				orphans = nil
+				continue
+			}
+			if m.foreignClaims(ctx) {
+				m.Sweep(ctx)
+			}
 		case <-sweep.C:
 			m.Sweep(ctx)
 		case <-gc.C:
@@ -417,6 +438,19 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// foreignClaims reports whether the store holds claims this process did
+// not make (more claimed dispatches than attempts here).
+func (m *Mailbox) foreignClaims(ctx context.Context) bool {
+	c, err := m.store.CountByStatus(ctx)
+	if err != nil {
+		return false
+	}
+	m.mu.Lock()
+	ours := len(m.threads)
+	m.mu.Unlock()
+	return c.Get(StatusClaimed) > int64(ours)
 }
 
 // Sweep reclaims lapsed leases (re-queued ones are dispatched again) and

@@ -703,3 +703,24 @@ func TestSharedStoreDispatcherLeavesFreshWorkForAGrace(t *testing.T) {
 		t.Fatalf("claimed %v after it fell due, before the %v grace", took, grace)
 	}
 }
+
+// A claim left by a killed process is served when its lease lapses, not
+// a sweep interval later: after a start the engine sweeps often while
+// such claims exist.
+func TestOrphanedClaimIsServedWhenItsLeaseLapses(t *testing.T) {
+	r := newRig(t, newFake(2, complete), engine.Config{SweepInterval: time.Hour, Lease: time.Second, RenewInterval: 300 * time.Millisecond})
+	ctx := context.Background()
+	now := time.Now().UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "orphan", ThreadID: "to", RunID: "run-orphan", Priority: engine.DefaultPriority, AvailableAt: now, CreatedAt: now, MaxAttempts: 5}); err != nil {
+		t.Fatal(err)
+	}
+	// A previous process claimed it and died: its lease runs 500 ms more.
+	if d, err := r.store.ClaimDispatch(ctx, "orphan", "dead-process", 500*time.Millisecond, now); err != nil || d == nil {
+		t.Fatalf("claim by the dead process: %v %v", d, err)
+	}
+	r.start(t)
+	eventually(t, "the orphaned claim reclaimed and the dispatch settled (the sweep is an hour away)", func() bool {
+		d, err := r.store.LoadDispatch(ctx, "orphan")
+		return err == nil && d != nil && d.Status != engine.StatusClaimed && d.AttemptCount >= 1
+	})
+}
