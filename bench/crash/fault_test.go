@@ -291,8 +291,11 @@ func TestFaultAgentStall(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := finish(t, c, rec, checkOptions{stallCut: true})
-	// The frozen attempts never completed: each ended lost once
-	// continued (the sidecar had closed its connection).
+	// The frozen attempts never completed: the sidecar had closed their
+	// connection. Once continued, each ends lost — or transient when the
+	// agent's handler saw its checkpoint fail on the closed connection
+	// before the SDK saw the connection drop (a race inside the agent:
+	// either way no FINISH reached the sidecar).
 	frozen := 0
 	final, _ := c.journals()
 	for _, e := range entries {
@@ -303,7 +306,7 @@ func TestFaultAgentStall(t *testing.T) {
 			for _, f := range final {
 				if f.Event == EventEnd && f.SessionID == e.SessionID && e.StartNs < stopNs && f.EndNs > stopNs {
 					frozen++
-					if f.Outcome != OutcomeLost {
+					if f.Outcome != OutcomeLost && f.Outcome != OutcomeTransient {
 						t.Errorf("attempt %s of %s was frozen by SIGSTOP, yet ended %s (its connection should have been closed)", e.SessionID, e.DispatchID, f.Outcome)
 					}
 				}
