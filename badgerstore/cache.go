@@ -37,6 +37,20 @@ func (c *recordCache) put(k string, v []byte) {
 	c.m[k] = v
 }
 
+// cachedFamily reports whether keys of the family (a key's first byte)
+// are read one by one by the writer and so worth caching; index entries
+// are only ever iterated, and caching them would only evict records.
+func cachedFamily(k string) bool {
+	if k == "" {
+		return false
+	}
+	switch k[0] {
+	case pDispatch, pEpoch, pRun, pThread, pMsgCount, pCount, pDedupe, pMessageID, pThreadQ:
+		return true
+	}
+	return false
+}
+
 func (c *recordCache) clear() {
 	clear(c.m)
 	clear(c.ring)

@@ -628,6 +628,9 @@ func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
 		s.log.Error("badgerstore commit failed", "ops", len(fl.ops), "err", fl.err)
 	} else {
 		for _, f := range fl.writes.m {
+			if !cachedFamily(f.k) {
+				continue
+			}
 			if f.del {
 				w.cache.put(f.k, nil)
 			} else {
