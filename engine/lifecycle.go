@@ -653,7 +653,15 @@ func (m *Mailbox) sendCommand(ctx context.Context, e *execution, c Command) bool
 	case err := <-reply:
 		return err == nil
 	case <-e.done:
-		return false
+		// The run may have ended right after it accepted the command:
+		// an answer already given wins over the end (select picks at
+		// random among ready cases).
+		select {
+		case err := <-reply:
+			return err == nil
+		default:
+			return false
+		}
 	case <-t.C:
 		return false
 	case <-ctx.Done():
