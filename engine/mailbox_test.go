@@ -724,4 +724,3 @@ func TestOrphanedClaimIsServedWhenItsLeaseLapses(t *testing.T) {
 		return err == nil && d != nil && d.Status != engine.StatusClaimed && d.AttemptCount >= 1
 	})
 }
-
