@@ -8,33 +8,9 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
-	"github.com/google/uuid"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
-
-func newToken() (string, error) {
-	id, err := uuid.NewV7()
-	if err != nil {
-		return "", fmt.Errorf("claim token: %w", err)
-	}
-	return id.String(), nil
-}
-
-// claimArgs checks the arguments of a claim and mints its token.
-func claimArgs(kind, id, consumerID string, lease time.Duration) (ms int64, token string, err error) {
-	if err = engine.ValidateID(kind, id); err != nil {
-		return 0, "", err
-	}
-	if err = engine.ValidateID("consumer_id", consumerID); err != nil {
-		return 0, "", err
-	}
-	if ms, err = leaseMs(lease); err != nil {
-		return 0, "", err
-	}
-	token, err = newToken()
-	return ms, token, err
-}
 
 // claimOne moves the queued dispatch old to claimed under token.
 func (w *writeTx) claimOne(old *engine.Dispatch, token, consumerID string, leaseUntil, now int64) (*engine.Dispatch, error) {
@@ -46,14 +22,6 @@ func (w *writeTx) claimOne(old *engine.Dispatch, token, consumerID string, lease
 		return nil, err
 	}
 	return &d, nil
-}
-
-func leaseMs(lease time.Duration) (int64, error) {
-	ms := lease.Milliseconds()
-	if ms <= 0 {
-		return 0, engine.Validationf("lease %s must be at least 1ms", lease)
-	}
-	return ms, nil
 }
 
 // Enqueue implements engine.DispatchStore.
@@ -93,14 +61,7 @@ func (w *writeTx) enqueue(d *engine.Dispatch) error {
 // Submit implements engine.RunStore: the checkpoint and the enqueue of a
 // submitted run in one commit.
 func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispatch) ([]engine.MessageRecord, engine.Dispatch, error) {
-	d = d.Clone()
-	if err := d.PrepareEnqueue(); err != nil {
-		return nil, engine.Dispatch{}, err
-	}
-	if d.ThreadID != c.ThreadID {
-		return nil, engine.Dispatch{}, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
-	}
-	run, err := checkCheckpoint(&c)
+	d, run, err := engine.PrepareSubmit(&c, d)
 	if err != nil {
 		return nil, engine.Dispatch{}, err
 	}
@@ -123,18 +84,11 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 // nothing), the submit, the claim and the recorded start of a foreground
 // run in one commit.
 func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumerID string, lease time.Duration, instanceID string, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
-	d = d.Clone()
-	if err := d.PrepareEnqueue(); err != nil {
-		return nil, nil, err
-	}
-	if d.ThreadID != c.ThreadID {
-		return nil, nil, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
-	}
-	run, err := checkCheckpoint(&c)
+	d, run, err := engine.PrepareSubmit(&c, d)
 	if err != nil {
 		return nil, nil, err
 	}
-	ms, token, err := claimArgs("dispatch_id", d.DispatchID, consumerID, lease)
+	ms, token, err := engine.ClaimArgs("dispatch_id", d.DispatchID, consumerID, lease)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -179,7 +133,7 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 
 // Claim implements engine.DispatchStore.
 func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
-	ms, token, err := claimArgs("thread_id", threadID, consumerID, lease)
+	ms, token, err := engine.ClaimArgs("thread_id", threadID, consumerID, lease)
 	if err != nil {
 		return nil, err
 	}
@@ -276,7 +230,7 @@ func (w *writeTx) supersedeQueued(id string, ep uint64, reason string, now int64
 
 // ClaimDispatch implements engine.DispatchStore.
 func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
-	ms, token, err := claimArgs("dispatch_id", dispatchID, consumerID, lease)
+	ms, token, err := engine.ClaimArgs("dispatch_id", dispatchID, consumerID, lease)
 	if err != nil {
 		return nil, err
 	}
@@ -460,7 +414,7 @@ func (s *Store) ExtendLease(ctx context.Context, dispatchID, claimToken string, 
 	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
 		return false, err
 	}
-	ms, err := leaseMs(lease)
+	ms, err := engine.LeaseMs(lease)
 	if err != nil {
 		return false, err
 	}

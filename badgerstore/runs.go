@@ -172,7 +172,7 @@ func (s *Store) LoadThread(ctx context.Context, threadID string) (*engine.Thread
 
 // Checkpoint implements engine.RunStore.
 func (s *Store) Checkpoint(ctx context.Context, c engine.Checkpoint) ([]engine.MessageRecord, error) {
-	run, err := checkCheckpoint(&c)
+	run, err := c.Check()
 	if err != nil {
 		return nil, err
 	}
@@ -186,41 +186,6 @@ func (s *Store) Checkpoint(ctx context.Context, c engine.Checkpoint) ([]engine.M
 		return nil, fmt.Errorf("checkpoint %s: %w", c.ThreadID, err)
 	}
 	return out, nil
-}
-
-// checkCheckpoint validates a checkpoint before it reaches the writer and
-// returns a copy of its run.
-func checkCheckpoint(c *engine.Checkpoint) (*engine.RunRecord, error) {
-	if err := engine.ValidateID("thread_id", c.ThreadID); err != nil {
-		return nil, err
-	}
-	seen := make(map[string]struct{}, len(c.Messages))
-	for i := range c.Messages {
-		m := &c.Messages[i]
-		if err := m.Validate(); err != nil {
-			return nil, err
-		}
-		if _, dup := seen[m.ID]; dup {
-			return nil, fmt.Errorf("checkpoint %s: message %s twice: %w", c.ThreadID, m.ID, engine.ErrAlreadyExists)
-		}
-		seen[m.ID] = struct{}{}
-	}
-	if c.ProducedByRunID != "" {
-		if err := engine.ValidateID("produced_by_run_id", c.ProducedByRunID); err != nil {
-			return nil, err
-		}
-	}
-	if c.Run == nil {
-		return nil, nil
-	}
-	r := *c.Run
-	if err := r.Validate(); err != nil {
-		return nil, err
-	}
-	if r.ThreadID != c.ThreadID {
-		return nil, engine.Validationf("checkpoint %s: run %s belongs to thread %s", c.ThreadID, r.RunID, r.ThreadID)
-	}
-	return &r, nil
 }
 
 // checkpoint applies a checked checkpoint: the guarded append, the run

@@ -5,41 +5,8 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/google/uuid"
-
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
-
-func newToken() (string, error) {
-	id, err := uuid.NewV7()
-	if err != nil {
-		return "", fmt.Errorf("claim token: %w", err)
-	}
-	return id.String(), nil
-}
-
-// claimArgs checks the arguments of a claim and mints its token.
-func claimArgs(kind, id, consumerID string, lease time.Duration) (ms int64, token string, err error) {
-	if err = engine.ValidateID(kind, id); err != nil {
-		return 0, "", err
-	}
-	if err = engine.ValidateID("consumer_id", consumerID); err != nil {
-		return 0, "", err
-	}
-	if ms, err = leaseMs(lease); err != nil {
-		return 0, "", err
-	}
-	token, err = newToken()
-	return ms, token, err
-}
-
-func leaseMs(lease time.Duration) (int64, error) {
-	ms := lease.Milliseconds()
-	if ms <= 0 {
-		return 0, engine.Validationf("lease %s must be at least 1ms", lease)
-	}
-	return ms, nil
-}
 
 // threadOf returns the thread of a dispatch (from the index, else from the
 // record), "" when the dispatch does not exist. It only chooses the lock
@@ -120,14 +87,7 @@ func (t *txn) enqueue(d *engine.Dispatch) error {
 // Submit implements engine.RunStore: the checkpoint and the enqueue of a
 // submitted run in one batch.
 func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispatch) ([]engine.MessageRecord, engine.Dispatch, error) {
-	d = d.Clone()
-	if err := d.PrepareEnqueue(); err != nil {
-		return nil, engine.Dispatch{}, err
-	}
-	if d.ThreadID != c.ThreadID {
-		return nil, engine.Dispatch{}, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
-	}
-	run, err := checkCheckpoint(&c)
+	d, run, err := engine.PrepareSubmit(&c, d)
 	if err != nil {
 		return nil, engine.Dispatch{}, err
 	}
@@ -152,7 +112,7 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 // one; the claim batch rewrites the dispatch and the state, each expected
 // at the sequence read, so a change of either by anyone refuses it.
 func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
-	ms, token, err := claimArgs("thread_id", threadID, consumerID, lease)
+	ms, token, err := engine.ClaimArgs("thread_id", threadID, consumerID, lease)
 	if err != nil {
 		return nil, err
 	}
@@ -204,7 +164,7 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 
 // ClaimDispatch implements engine.DispatchStore.
 func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
-	ms, token, err := claimArgs("dispatch_id", dispatchID, consumerID, lease)
+	ms, token, err := engine.ClaimArgs("dispatch_id", dispatchID, consumerID, lease)
 	if err != nil {
 		return nil, err
 	}
@@ -396,7 +356,7 @@ func (s *Store) ExtendLease(ctx context.Context, dispatchID, claimToken string, 
 	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
 		return false, err
 	}
-	ms, err := leaseMs(lease)
+	ms, err := engine.LeaseMs(lease)
 	if err != nil {
 		return false, err
 	}

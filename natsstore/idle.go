@@ -28,18 +28,11 @@ var _ engine.IdleSubmitter = (*Store)(nil)
 // shows as queued but that has left the queue is read at its current
 // version, which the batch checks too.
 func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumerID string, lease time.Duration, instanceID string, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
-	d = d.Clone()
-	if err := d.PrepareEnqueue(); err != nil {
-		return nil, nil, err
-	}
-	if d.ThreadID != c.ThreadID {
-		return nil, nil, engine.Validationf("submit: dispatch thread %s differs from checkpoint thread %s", d.ThreadID, c.ThreadID)
-	}
-	run, err := checkCheckpoint(&c)
+	d, run, err := engine.PrepareSubmit(&c, d)
 	if err != nil {
 		return nil, nil, err
 	}
-	ms, token, err := claimArgs("dispatch_id", d.DispatchID, consumerID, lease)
+	ms, token, err := engine.ClaimArgs("dispatch_id", d.DispatchID, consumerID, lease)
 	if err != nil {
 		return nil, nil, err
 	}
