@@ -1,45 +1,70 @@
 package badgerstore
 
-// recordCache is the writer's read cache: the values of the keys the
-// writer read or wrote lately, so the read-modify-write of a dispatch, a
-// run or a thread state that was touched a moment ago does not go back to
-// the LSM tree. Only the writer goroutine uses it, and it is coherent
-// because the writer is the only writer: values enter it from committed
-// batches (and from reads inside a batch, which commit with it); whenever
-// a batch transaction is discarded or fails to commit the cache is
-// cleared. A nil value caches "absent".
+import (
+	"encoding/binary"
+	"sync"
+)
+
+// recordCache holds the committed values of record keys (dispatches,
+// runs, thread states and projections, counters) that were written or
+// read lately, for the writer and for readers alike, so a record touched
+// a moment ago is not looked up in the LSM tree again (a point read there
+// walks the memtables and every level: several µs, and a block to
+// decompress).
+//
+// It never holds an uncommitted value. Each entry is the key's latest
+// committed value, valid from commit `since` onward; commits are numbered
+// as the published snapshots are (snapshot.go):
+//
+//   - a commit's writes enter it (apply) before the commit's snapshot is
+//     published and before its callers are answered, with since = that
+//     commit, replacing what was there;
+//   - a reader holding the snapshot of commit r uses an entry only if
+//     since ≤ r, so it sees exactly its snapshot (an index scanned in the
+//     snapshot never names a record the cache says is gone);
+//   - a reader that missed fills the entry from its snapshot only while no
+//     later commit has been applied (seq == r), so a fill can never hide a
+//     newer write;
+//   - the writer reads any entry (it wants the latest committed value;
+//     the batch in flight, which the cache may not hold yet, is read
+//     before it), and fills from its own snapshot, whose value for a key
+//     the batch in flight does not write is the latest committed one.
+//
+// It also knows the latest run of recently read threads: the entry keyed
+// by a thread's run-latest prefix (T<seg thread>, never a whole key)
+// holds the greatest key under it (nil: the thread has no run). A commit
+// keeps a known entry right (its inserts can only raise it; deleting the
+// greatest key without inserting a greater one makes it unknown); a
+// reader's scan fills it, as for records.
+//
+// A failed commit clears it: Badger may have applied part of it. Entries
+// leave in insertion order once the cache holds more than its byte
+// budget. A nil value caches "absent".
 type recordCache struct {
-	m    map[string][]byte
-	ring []string // insertion order, for FIFO eviction
-	next int
+	mu    sync.RWMutex
+	m     map[string]cacheEntry
+	fifo  []string // insertion order; fifo[head:] are live
+	head  int
+	bytes int64
+	limit int64
+	seq   uint64 // the last commit applied
 }
 
-// cacheEntries bounds the cache (about a few MiB of records).
-const cacheEntries = 8192
-
-func newRecordCache() *recordCache {
-	return &recordCache{m: make(map[string][]byte, cacheEntries), ring: make([]string, cacheEntries)}
+type cacheEntry struct {
+	v     []byte
+	since uint64
 }
 
-func (c *recordCache) get(k string) ([]byte, bool) {
-	v, ok := c.m[k]
-	return v, ok
-}
+// entryOverhead approximates the map and queue bookkeeping per entry.
+const entryOverhead = 96
 
-func (c *recordCache) put(k string, v []byte) {
-	if _, ok := c.m[k]; !ok {
-		if old := c.ring[c.next]; old != "" {
-			delete(c.m, old)
-		}
-		c.ring[c.next] = k
-		c.next = (c.next + 1) % len(c.ring)
-	}
-	c.m[k] = v
+func newRecordCache(limit int64) *recordCache {
+	return &recordCache{m: make(map[string]cacheEntry), limit: limit}
 }
 
 // cachedFamily reports whether keys of the family (a key's first byte)
-// are read one by one by the writer and so worth caching; index entries
-// are only ever iterated, and caching them would only evict records.
+// are read one by one and so worth caching; index entries are only ever
+// iterated, and message bodies have the engine's own cache.
 func cachedFamily(k string) bool {
 	if k == "" {
 		return false
@@ -51,8 +76,183 @@ func cachedFamily(k string) bool {
 	return false
 }
 
+// getAt returns the value of k as of commit r, if the cache knows it.
+func (c *recordCache) getAt(k []byte, r uint64) ([]byte, bool) {
+	if c == nil {
+		return nil, false
+	}
+	c.mu.RLock()
+	e, ok := c.m[string(k)]
+	c.mu.RUnlock()
+	if !ok || e.since > r {
+		return nil, false
+	}
+	return e.v, true
+}
+
+// getLatest returns the latest committed value of k, if the cache knows
+// it (the writer's read).
+func (c *recordCache) getLatest(k []byte) ([]byte, bool) {
+	c.mu.RLock()
+	e, ok := c.m[string(k)]
+	c.mu.RUnlock()
+	return e.v, ok
+}
+
+// fillAt caches v, read from the snapshot of commit r, unless a later
+// commit has been applied since or the key is cached already.
+func (c *recordCache) fillAt(k []byte, v []byte, r uint64) {
+	if c == nil || !cachedFamily(string(k[:min(len(k), 1)])) {
+		return
+	}
+	c.fill(k, v, r)
+}
+
+// fillLatestRun caches the greatest run-latest key of the thread whose
+// prefix is p (nil: none), as the snapshot of commit r has it.
+func (c *recordCache) fillLatestRun(p, latest []byte, r uint64) {
+	if c != nil {
+		c.fill(p, latest, r)
+	}
+}
+
+func (c *recordCache) fill(k []byte, v []byte, r uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.seq != r {
+		return
+	}
+	if _, ok := c.m[string(k)]; !ok {
+		c.insert(string(k), v, r)
+	}
+}
+
+// fillLatest caches v, the latest committed value of k as the writer read
+// it, unless the key is cached already.
+func (c *recordCache) fillLatest(k []byte, v []byte) {
+	if !cachedFamily(string(k[:min(len(k), 1)])) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[string(k)]; !ok {
+		c.insert(string(k), v, c.seq)
+	}
+}
+
+// apply enters the writes of commit seq.
+func (c *recordCache) apply(ws *writeSet, seq uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.seq = seq
+	if ws == nil {
+		return
+	}
+	for _, k := range ws.keys {
+		if !cachedFamily(k) {
+			continue
+		}
+		f := ws.m[k]
+		var v []byte
+		if !f.del {
+			v = f.val()
+		}
+		if old, ok := c.m[k]; ok {
+			c.bytes += int64(len(v) - len(old.v))
+			c.m[k] = cacheEntry{v: v, since: seq}
+			continue
+		}
+		c.insert(k, v, seq)
+	}
+	c.applyLatestRuns(ws, seq)
+	c.evict()
+}
+
+// applyLatestRuns keeps the known latest-run entries of the threads whose
+// run-latest index the commit changed; c.mu is held.
+func (c *recordCache) applyLatestRuns(ws *writeSet, seq uint64) {
+	keys := ws.keysIn([]byte{pRunLatest}, nil)
+	for i := 0; i < len(keys); {
+		k := keys[i]
+		n := 1
+		if len(k) >= 3 {
+			n = min(3+int(binary.BigEndian.Uint16([]byte(k[1:3]))), len(k))
+		}
+		p := k[:n]
+		// keys[i:j] are this thread's (sorted: the last insert is the greatest).
+		j := i
+		var maxIns string
+		for j < len(keys) && len(keys[j]) >= n && keys[j][:n] == p {
+			if !ws.m[keys[j]].del {
+				maxIns = keys[j]
+			}
+			j++
+		}
+		thread := keys[i:j]
+		i = j
+		e, ok := c.m[p]
+		if !ok {
+			continue // unknown: a reader fills it
+		}
+		latest := string(e.v)
+		deleted := false
+		for _, k := range thread {
+			if k == latest && ws.m[k].del {
+				deleted = true
+			}
+		}
+		switch {
+		case maxIns != "" && (e.v == nil || maxIns > latest):
+			c.bytes += int64(len(maxIns) - len(e.v))
+			c.m[p] = cacheEntry{v: []byte(maxIns), since: seq}
+		case deleted:
+			c.bytes -= int64(len(p) + len(e.v) + entryOverhead)
+			delete(c.m, p)
+		}
+	}
+}
+
+// insert adds a new entry; c.mu is held.
+func (c *recordCache) insert(k string, v []byte, since uint64) {
+	c.m[k] = cacheEntry{v: v, since: since}
+	c.fifo = append(c.fifo, k)
+	c.bytes += int64(len(k) + len(v) + entryOverhead)
+	c.evict()
+}
+
+// evict drops the oldest entries while over budget; c.mu is held.
+func (c *recordCache) evict() {
+	for c.bytes > c.limit && c.head < len(c.fifo) {
+		k := c.fifo[c.head]
+		c.fifo[c.head] = ""
+		c.head++
+		if e, ok := c.m[k]; ok {
+			c.bytes -= int64(len(k) + len(e.v) + entryOverhead)
+			delete(c.m, k)
+		}
+	}
+	if c.head > 1024 && c.head > len(c.fifo)/2 {
+		n := copy(c.fifo, c.fifo[c.head:])
+		clear(c.fifo[n:])
+		c.fifo = c.fifo[:n]
+		c.head = 0
+	}
+}
+
+// clear empties the cache (after a failed or discarded commit).
 func (c *recordCache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	clear(c.m)
-	clear(c.ring)
-	c.next = 0
+	clear(c.fifo)
+	c.fifo = c.fifo[:0]
+	c.head = 0
+	c.bytes = 0
+}
+
+// len reports the number of entries (tests).
+func (c *recordCache) len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.m)
 }

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/dgraph-io/badger/v4"
-
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -139,72 +137,78 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 	}
 	var out *engine.Dispatch
 	err = s.update(ctx, "claim", func(w *writeTx) error {
-		out = nil
-		st, err := w.state(threadID)
-		if err != nil || st.claimed != "" || st.queued == 0 {
-			return err
-		}
-		ep, floor := st.epoch, st.floor
-		// Walk the thread's queue in claim order from its floor. Entries
-		// of an older epoch are superseded on the way (an atomic interrupt
-		// leaves none in this store, but a record restored from elsewhere
-		// may); the first available entry of the current epoch is claimed.
-		var stale []string
-		var cand string
-		var first []byte
-		prefix := threadPrefix(pQueue, threadID)
-		err = w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], floor...), false, func(k, v []byte) (bool, error) {
-			if len(v) != 16 {
-				return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
-			}
-			if first == nil {
-				first = k[len(prefix):]
-			}
-			id := orderKeyID(k, threadID)
-			if readU64(v[8:]) < ep {
-				stale = append(stale, id)
-				return true, nil
-			}
-			if readTS(v[:8]) <= now {
-				cand = id
-				return false, nil
-			}
-			return true, nil
-		})
-		if err != nil {
-			return err
-		}
-		for _, id := range stale {
-			if err := w.supersedeQueued(id, ep, engine.ReasonNewerEpoch, now); err != nil {
-				return err
-			}
-		}
-		if first != nil && !bytes.Equal(first, floor) {
-			// Raise the floor to the first live entry: the deletion
-			// markers below it are never walked again.
-			cur, err := w.state(threadID)
-			if err != nil {
-				return err
-			}
-			cur.floor = first
-			if err := w.putState(threadID, cur); err != nil {
-				return err
-			}
-		}
-		if cand == "" {
-			return nil
-		}
-		old, err := w.mustLoad(cand)
-		if err != nil {
-			return err
-		}
-		out, err = w.claimOne(old, token, consumerID, now+ms, now)
+		var err error
+		out, err = w.claimNext(threadID, consumerID, token, now+ms, now)
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
 	}
 	return out, nil
+}
+
+// claimNext claims the thread's next due dispatch of its current epoch
+// (nil: none, or the thread has a claimed one).
+func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now int64) (*engine.Dispatch, error) {
+	st, err := w.state(threadID)
+	if err != nil || st.claimed != "" || st.queued == 0 {
+		return nil, err
+	}
+	ep, floor := st.epoch, st.floor
+	// Walk the thread's queue in claim order from its floor. Entries
+	// of an older epoch are superseded on the way (an atomic interrupt
+	// leaves none in this store, but a record restored from elsewhere
+	// may); the first available entry of the current epoch is claimed.
+	var stale []string
+	var cand string
+	var first []byte
+	prefix := threadPrefix(pQueue, threadID)
+	err = w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], floor...), false, func(k, v []byte) (bool, error) {
+		if len(v) != 16 {
+			return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
+		}
+		if first == nil {
+			first = k[len(prefix):]
+		}
+		id := orderKeyID(k, threadID)
+		if readU64(v[8:]) < ep {
+			stale = append(stale, id)
+			return true, nil
+		}
+		if readTS(v[:8]) <= now {
+			cand = id
+			return false, nil
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range stale {
+		if err := w.supersedeQueued(id, ep, engine.ReasonNewerEpoch, now); err != nil {
+			return nil, err
+		}
+	}
+	if first != nil && !bytes.Equal(first, floor) {
+		// Raise the floor to the first live entry: the deletion
+		// markers below it are never walked again.
+		cur, err := w.state(threadID)
+		if err != nil {
+			return nil, err
+		}
+		cur.floor = first
+		if err := w.putState(threadID, cur); err != nil {
+			return nil, err
+		}
+	}
+	if cand == "" {
+		return nil, nil
+	}
+	old, err := w.mustLoad(cand)
+	if err != nil {
+		return nil, err
+	}
+	return w.claimOne(old, token, consumerID, leaseUntil, now)
 }
 
 func (w *writeTx) mustLoad(id string) (*engine.Dispatch, error) {
@@ -267,6 +271,12 @@ func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string
 // supersedes the dispatch (committed) and returns a *ConflictError.
 // mutate changes the clone it is given; its error aborts the operation.
 func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate func(w *writeTx, d *engine.Dispatch) error) (engine.Dispatch, error) {
+	return s.ownedThen(ctx, name, dispatchID, token, staleReason, now, mutate, nil)
+}
+
+// ownedThen is owned with then, when not nil, run in the same operation
+// after the mutated dispatch is written (not when it was superseded).
+func (s *Store) ownedThen(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate, then func(w *writeTx, d *engine.Dispatch) error) (engine.Dispatch, error) {
 	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
 		return engine.Dispatch{}, err
 	}
@@ -299,7 +309,10 @@ func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason 
 			return err
 		}
 		out = d
-		return w.putDispatch(old, &d, now)
+		if err := w.putDispatch(old, &d, now); err != nil || then == nil {
+			return err
+		}
+		return then(w, &d)
 	})
 	if err == nil {
 		err = result
@@ -356,6 +369,34 @@ func (s *Store) Complete(ctx context.Context, dispatchID, claimToken string, res
 		return nil
 	})
 	return err
+}
+
+var _ engine.CompleteClaimer = (*Store)(nil)
+
+// CompleteAndClaim implements engine.CompleteClaimer: Complete, then in
+// the same commit Claim of the thread's next due dispatch.
+func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration) (*engine.Dispatch, error) {
+	ms, token, err := engine.ClaimArgs("dispatch_id", dispatchID, consumerID, lease)
+	if err != nil {
+		return nil, err
+	}
+	var next *engine.Dispatch
+	_, err = s.ownedThen(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(w *writeTx, d *engine.Dispatch) error {
+		next = nil
+		if err := w.recordResult(d, result, now); err != nil {
+			return err
+		}
+		d.Ack(now)
+		return nil
+	}, func(w *writeTx, d *engine.Dispatch) error {
+		var err error
+		next, err = w.claimNext(d.ThreadID, consumerID, token, now+ms, now)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return next, nil
 }
 
 // Nack implements engine.DispatchStore.
@@ -506,8 +547,8 @@ func (s *Store) CurrentEpoch(ctx context.Context, threadID string) (uint64, erro
 		return 0, err
 	}
 	var ep uint64
-	err := s.view(ctx, func(txn *badger.Txn) error {
-		st, err := loadStateTxn(txn, threadID)
+	err := s.view(ctx, func(r *reader) error {
+		st, err := loadStateTxn(r, threadID)
 		ep = st.epoch
 		return err
 	})

@@ -125,8 +125,8 @@ func (s *Store) CopyKey(from, to []byte, ran chan<- struct{}) error {
 func (s *Store) RawGet(key []byte) ([]byte, bool, error) {
 	var out []byte
 	found := false
-	err := s.view(context.Background(), func(txn *badger.Txn) error {
-		item, err := txn.Get(key)
+	err := s.view(context.Background(), func(r *reader) error {
+		item, err := r.txn.Get(key)
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return nil
 		}

@@ -11,10 +11,22 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
-// get reads one key in a read transaction.
-func get(txn *badger.Txn, key []byte) ([]byte, bool, error) {
-	item, err := txn.Get(key)
+// reader reads one published snapshot, through the record cache
+// (cache.go): what it reads is exactly the snapshot's state.
+type reader struct {
+	txn   *badger.Txn
+	seq   uint64       // the commit the snapshot shows
+	cache *recordCache // nil: the snapshot alone
+}
+
+// get reads one key.
+func (r *reader) get(key []byte) ([]byte, bool, error) {
+	if v, ok := r.cache.getAt(key, r.seq); ok {
+		return v, v != nil, nil
+	}
+	item, err := r.txn.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
+		r.cache.fillAt(key, nil, r.seq)
 		return nil, false, nil
 	}
 	if err != nil {
@@ -24,31 +36,37 @@ func get(txn *badger.Txn, key []byte) ([]byte, bool, error) {
 	if err != nil {
 		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
 	}
+	r.cache.fillAt(key, v, r.seq)
 	return v, true, nil
 }
 
-func loadStateTxn(txn *badger.Txn, thread string) (threadState, error) {
+// iterate is iterate on the snapshot (index scans do not use the cache).
+func (r *reader) iterate(prefix, start []byte, reverse, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
+	return iterate(r.txn, prefix, start, reverse, keysOnly, fn)
+}
+
+func loadStateTxn(r *reader, thread string) (threadState, error) {
 	k := stateKey(thread)
-	b, ok, err := get(txn, k)
+	b, ok, err := r.get(k)
 	if err != nil || !ok {
 		return threadState{}, err
 	}
 	return decodeThreadState(k, b)
 }
 
-func loadDispatchTxn(txn *badger.Txn, id string) (*engine.Dispatch, error) {
+func loadDispatchTxn(r *reader, id string) (*engine.Dispatch, error) {
 	k := dispatchKey(id)
-	b, ok, err := get(txn, k)
+	b, ok, err := r.get(k)
 	if err != nil || !ok {
 		return nil, err
 	}
 	return decodeDispatch(k, b)
 }
 
-func loadDispatches(txn *badger.Txn, ids []string) ([]engine.Dispatch, error) {
+func loadDispatches(r *reader, ids []string) ([]engine.Dispatch, error) {
 	out := make([]engine.Dispatch, 0, len(ids))
 	for _, id := range ids {
-		d, err := loadDispatchTxn(txn, id)
+		d, err := loadDispatchTxn(r, id)
 		if err != nil {
 			return nil, err
 		}
@@ -66,9 +84,9 @@ func (s *Store) LoadDispatch(ctx context.Context, dispatchID string) (*engine.Di
 		return nil, err
 	}
 	var out *engine.Dispatch
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		var err error
-		out, err = loadDispatchTxn(txn, dispatchID)
+		out, err = loadDispatchTxn(r, dispatchID)
 		return err
 	})
 	if err != nil {
@@ -86,10 +104,10 @@ func (s *Store) ListDispatches(ctx context.Context, threadID string, filter engi
 		return []engine.Dispatch{}, nil
 	}
 	var out []engine.Dispatch
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		var ids []string
 		skip := offset
-		err := iterate(txn, threadPrefix(pAll, threadID), nil, false, false, func(k, v []byte) (bool, error) {
+		err := r.iterate(threadPrefix(pAll, threadID), nil, false, false, func(k, v []byte) (bool, error) {
 			if len(v) != 1 || !filter.Match(engine.DispatchStatus(v[0])) {
 				return true, nil
 			}
@@ -103,7 +121,7 @@ func (s *Store) ListDispatches(ctx context.Context, threadID string, filter engi
 		if err != nil {
 			return err
 		}
-		out, err = loadDispatches(txn, ids)
+		out, err = loadDispatches(r, ids)
 		return err
 	})
 	if err != nil {
@@ -115,9 +133,9 @@ func (s *Store) ListDispatches(ctx context.Context, threadID string, filter engi
 // CountByStatus implements engine.DispatchStore.
 func (s *Store) CountByStatus(ctx context.Context) (engine.StatusCounts, error) {
 	var c engine.StatusCounts
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		for _, st := range engine.AllStatuses {
-			b, _, err := get(txn, countKey(st))
+			b, _, err := r.get(countKey(st))
 			if err != nil {
 				return err
 			}
@@ -141,14 +159,14 @@ func (s *Store) ListTerminal(ctx context.Context, after engine.TerminalCursor, l
 		return []engine.Dispatch{}, nil
 	}
 	var out []engine.Dispatch
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		var start, exclude []byte
 		if after != (engine.TerminalCursor{}) {
 			start = terminalCursorKey(after)
 			exclude = start
 		}
 		var ids []string
-		err := iterate(txn, []byte{pTerminal}, start, false, true, func(k, _ []byte) (bool, error) {
+		err := r.iterate([]byte{pTerminal}, start, false, true, func(k, _ []byte) (bool, error) {
 			if exclude != nil && string(k) == string(exclude) {
 				return true, nil
 			}
@@ -161,7 +179,7 @@ func (s *Store) ListTerminal(ctx context.Context, after engine.TerminalCursor, l
 		if err != nil {
 			return err
 		}
-		out, err = loadDispatches(txn, ids)
+		out, err = loadDispatches(r, ids)
 		return err
 	})
 	if err != nil {
@@ -173,10 +191,10 @@ func (s *Store) ListTerminal(ctx context.Context, after engine.TerminalCursor, l
 // ListDeadLetters implements engine.DispatchStore. limit ≤ 0 means no limit.
 func (s *Store) ListDeadLetters(ctx context.Context, limit, offset int) ([]engine.Dispatch, error) {
 	var out []engine.Dispatch
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		var ids []string
 		skip := offset
-		err := iterate(txn, []byte{pDead}, nil, true, true, func(k, _ []byte) (bool, error) {
+		err := r.iterate([]byte{pDead}, nil, true, true, func(k, _ []byte) (bool, error) {
 			if skip > 0 {
 				skip--
 				return true, nil
@@ -190,7 +208,7 @@ func (s *Store) ListDeadLetters(ctx context.Context, limit, offset int) ([]engin
 		if err != nil {
 			return err
 		}
-		out, err = loadDispatches(txn, ids)
+		out, err = loadDispatches(r, ids)
 		return err
 	})
 	if err != nil {
@@ -202,8 +220,8 @@ func (s *Store) ListDeadLetters(ctx context.Context, limit, offset int) ([]engin
 // QueuedThreadIDs implements engine.DispatchStore.
 func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
 	out := []string{}
-	err := s.view(ctx, func(txn *badger.Txn) error {
-		return iterate(txn, []byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
+	err := s.view(ctx, func(r *reader) error {
+		return r.iterate([]byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
 			out = append(out, string(k[1:]))
 			return true, nil
 		})
@@ -222,14 +240,14 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 	}
 	out := []string{}
 	var next int64
-	err := s.viewReady(ctx, func(txn *badger.Txn, floor int64) (int64, error) {
+	err := s.viewReady(ctx, func(r *reader, floor int64) (int64, error) {
 		// Seek past the deletion markers below the floor (snapshot.go).
 		start := []byte{pReady}
 		if floor > math.MinInt64 {
 			start = appendTS(start, floor)
 		}
 		lowest := int64(math.MaxInt64)
-		err := iterate(txn, []byte{pReady}, start, false, true, func(k, _ []byte) (bool, error) {
+		err := r.iterate([]byte{pReady}, start, false, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 1+tsBytes {
 				return false, fmt.Errorf("ready index key %q: %w", k, engine.ErrCorrupt)
 			}
@@ -245,7 +263,7 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 			return 0, err
 		}
 		// The earliest future due time is one seek away.
-		return lowest, iterate(txn, []byte{pReady}, appendTS([]byte{pReady}, max(now+1, floor)), false, true, func(k, _ []byte) (bool, error) {
+		return lowest, r.iterate([]byte{pReady}, appendTS([]byte{pReady}, max(now+1, floor)), false, true, func(k, _ []byte) (bool, error) {
 			next = readTS(k[1 : 1+tsBytes])
 			return false, nil
 		})

@@ -5,8 +5,6 @@ import (
 	"encoding/binary"
 	"fmt"
 
-	"github.com/dgraph-io/badger/v4"
-
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -30,9 +28,9 @@ func (s *Store) CreateRun(ctx context.Context, run engine.RunRecord) error {
 	return nil
 }
 
-func loadRunTxn(txn *badger.Txn, id string) (*engine.RunRecord, error) {
+func loadRunTxn(r *reader, id string) (*engine.RunRecord, error) {
 	k := runKey(id)
-	b, ok, err := get(txn, k)
+	b, ok, err := r.get(k)
 	if err != nil || !ok {
 		return nil, err
 	}
@@ -45,9 +43,9 @@ func (s *Store) LoadRun(ctx context.Context, runID string) (*engine.RunRecord, e
 		return nil, err
 	}
 	var out *engine.RunRecord
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		var err error
-		out, err = loadRunTxn(txn, runID)
+		out, err = loadRunTxn(r, runID)
 		return err
 	})
 	if err != nil {
@@ -62,20 +60,28 @@ func (s *Store) LatestRun(ctx context.Context, threadID string) (*engine.RunReco
 		return nil, err
 	}
 	var out *engine.RunRecord
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		prefix := threadPrefix(pRunLatest, threadID)
-		var id string
-		err := iterate(txn, prefix, nil, true, true, func(k, _ []byte) (bool, error) {
-			if len(k) < len(prefix)+2*tsBytes {
-				return false, fmt.Errorf("run index key %q: %w", k, engine.ErrCorrupt)
+		latest, known := r.cache.getAt(prefix, r.seq)
+		if !known {
+			err := r.iterate(prefix, nil, true, true, func(k, _ []byte) (bool, error) {
+				latest = k
+				return false, nil
+			})
+			if err != nil {
+				return err
 			}
-			id = string(k[len(prefix)+2*tsBytes:])
-			return false, nil
-		})
-		if err != nil || id == "" {
-			return err
+			r.cache.fillLatestRun(prefix, latest, r.seq)
 		}
-		out, err = loadRunTxn(txn, id)
+		if latest == nil {
+			return nil
+		}
+		if len(latest) < len(prefix)+2*tsBytes+1 {
+			return fmt.Errorf("run index key %q: %w", latest, engine.ErrCorrupt)
+		}
+		id := string(latest[len(prefix)+2*tsBytes:])
+		var err error
+		out, err = loadRunTxn(r, id)
 		if err == nil && out == nil {
 			err = fmt.Errorf("run index names missing run %s: %w", id, engine.ErrCorrupt)
 		}
@@ -103,7 +109,7 @@ func (s *Store) ListRuns(ctx context.Context, q engine.RunQuery) (engine.RunPage
 	}
 	offset := max(q.Offset, 0)
 	page := engine.RunPage{Items: []engine.RunRecord{}}
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		// Choose the narrowest index; its keys end in <created ts><run_id>.
 		var prefix []byte
 		switch {
@@ -116,26 +122,26 @@ func (s *Store) ListRuns(ctx context.Context, q engine.RunQuery) (engine.RunPage
 		}
 		filterStatus := q.ThreadID != "" && q.Status != ""
 		idx := 0
-		return iterate(txn, prefix, nil, false, true, func(k, _ []byte) (bool, error) {
+		return r.iterate(prefix, nil, false, true, func(k, _ []byte) (bool, error) {
 			if len(k) < len(prefix)+tsBytes {
 				return false, fmt.Errorf("run index key %q: %w", k, engine.ErrCorrupt)
 			}
 			id := string(k[len(prefix)+tsBytes:])
-			var r *engine.RunRecord
+			var run *engine.RunRecord
 			if filterStatus || (idx >= offset && len(page.Items) < limit) {
 				var err error
-				if r, err = loadRunTxn(txn, id); err != nil {
+				if run, err = loadRunTxn(r, id); err != nil {
 					return false, err
 				}
-				if r == nil {
+				if run == nil {
 					return false, fmt.Errorf("run index names missing run %s: %w", id, engine.ErrCorrupt)
 				}
-				if filterStatus && r.Status != q.Status {
+				if filterStatus && run.Status != q.Status {
 					return true, nil
 				}
 			}
 			if idx >= offset && len(page.Items) < limit {
-				page.Items = append(page.Items, *r)
+				page.Items = append(page.Items, *run)
 			}
 			idx++
 			page.Total = idx
@@ -155,9 +161,9 @@ func (s *Store) LoadThread(ctx context.Context, threadID string) (*engine.Thread
 		return nil, err
 	}
 	var out *engine.Thread
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		k := threadKey(threadID)
-		b, ok, err := get(txn, k)
+		b, ok, err := r.get(k)
 		if err != nil || !ok {
 			return err
 		}
@@ -255,8 +261,8 @@ func (s *Store) MessageCount(ctx context.Context, threadID string) (uint64, erro
 		return 0, err
 	}
 	var n uint64
-	err := s.view(ctx, func(txn *badger.Txn) error {
-		b, _, err := get(txn, msgCountKey(threadID))
+	err := s.view(ctx, func(r *reader) error {
+		b, _, err := r.get(msgCountKey(threadID))
 		if err != nil {
 			return err
 		}
@@ -283,9 +289,9 @@ func (s *Store) LoadMessage(ctx context.Context, threadID, messageID string) (*e
 		return nil, err
 	}
 	var out *engine.MessageRecord
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		ik := messageIDKey(threadID, messageID)
-		b, ok, err := get(txn, ik)
+		b, ok, err := r.get(ik)
 		if err != nil || !ok {
 			return err
 		}
@@ -294,7 +300,7 @@ func (s *Store) LoadMessage(ctx context.Context, threadID, messageID string) (*e
 			return err
 		}
 		k := messageKey(threadID, seq)
-		v, ok, err := get(txn, k)
+		v, ok, err := r.get(k)
 		if err != nil {
 			return err
 		}
@@ -324,9 +330,9 @@ func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to 
 		return out, nil
 	}
 	out = make([]engine.MessageRecord, 0, min(to-from+1, 256))
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		prefix := threadPrefix(pMessage, threadID)
-		return iterate(txn, prefix, messageKey(threadID, from), false, false, func(k, v []byte) (bool, error) {
+		return r.iterate(prefix, messageKey(threadID, from), false, false, func(k, v []byte) (bool, error) {
 			if len(k) != len(prefix)+8 {
 				return false, fmt.Errorf("message key %q: %w", k, engine.ErrCorrupt)
 			}

@@ -20,7 +20,8 @@ import (
 // snapshot is one published read-only transaction.
 type snapshot struct {
 	txn  *badger.Txn
-	refs int // readers using it (guarded by snapshots.mu)
+	seq  uint64 // the commit it shows
+	refs int    // readers using it (guarded by snapshots.mu)
 }
 
 // snapshots holds the current snapshot, and the floor of the ready
@@ -35,6 +36,7 @@ type snapshot struct {
 // snapshot: insMin remembers the lowest key each recent commit inserted.
 type snapshots struct {
 	mu     sync.Mutex
+	cache  *recordCache // committed records, numbered by the same commits
 	cur    *snapshot
 	seq    uint64             // commits published
 	floor  int64              // no live ready key is due before this
@@ -68,16 +70,18 @@ func (ss *snapshots) release(sn *snapshot) {
 }
 
 // publish makes txn the current snapshot (nil: none) and retires the old
-// one; readyMin is the lowest due time of a ready key the commit inserted
-// (math.MaxInt64: none).
-func (ss *snapshots) publish(txn *badger.Txn, readyMin int64) {
-	var sn *snapshot
-	if txn != nil {
-		sn = &snapshot{txn: txn}
-	}
+// one; ws is the commit's writes (nil: none), which enter the record cache
+// first; readyMin is the lowest due time of a ready key the commit
+// inserted (math.MaxInt64: none).
+func (ss *snapshots) publish(txn *badger.Txn, ws *writeSet, readyMin int64) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	ss.seq++
+	ss.cache.apply(ws, ss.seq)
+	var sn *snapshot
+	if txn != nil {
+		sn = &snapshot{txn: txn, seq: ss.seq}
+	}
 	ss.insMin[ss.seq%floorWindow] = readyMin
 	ss.floor = min(ss.floor, readyMin)
 	old := ss.cur

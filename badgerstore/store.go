@@ -57,6 +57,10 @@ type Options struct {
 	// GCDiscardRatio is the share of garbage a value-log file must hold to
 	// be rewritten (default 0.5).
 	GCDiscardRatio float64
+	// RecordCacheBytes bounds the cache of recently written or read
+	// records (dispatches, runs, thread states and projections) that
+	// spares reads a lookup in the LSM tree (default 32 MiB).
+	RecordCacheBytes int64
 	// MinFreeBytes is the free space the data directory's file system must
 	// keep; below it every write fails with engine.ErrUnavailable ("disk
 	// full") instead of reaching Badger, whose memory-mapped files would
@@ -84,6 +88,7 @@ func (o *Options) validate() error {
 	def(&o.IndexCacheSize, 16<<20)
 	def(&o.ValueLogFileSize, 64<<20)
 	def(&o.ValueThreshold, 64<<10)
+	def(&o.RecordCacheBytes, 32<<20)
 	if o.NumMemtables <= 0 {
 		o.NumMemtables = 2
 	}
@@ -188,7 +193,8 @@ func Open(opts Options) (*Store, error) {
 		gcStop:     make(chan struct{}),
 		gcDone:     make(chan struct{}),
 	}
-	s.reads.publish(db.NewTransaction(false), math.MinInt64) // the floor starts at the bottom
+	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
+	s.reads.publish(db.NewTransaction(false), nil, math.MinInt64) // the floor starts at the bottom
 	go s.writer()
 	if opts.GCInterval > 0 && !opts.InMemory {
 		go s.gcLoop(opts.GCInterval)
@@ -210,7 +216,7 @@ func (s *Store) Close() error {
 		<-s.writerDone
 		close(s.gcStop)
 		<-s.gcDone
-		s.reads.publish(nil, math.MaxInt64) // no reader is left: view holds closeMu
+		s.reads.publish(nil, nil, math.MaxInt64) // no reader is left: view holds closeMu
 		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("close store: %w", unavailable(err))
 		}
@@ -260,7 +266,7 @@ func (s *Store) RunValueLogGC() int {
 }
 
 // view runs fn in a read-only snapshot.
-func (s *Store) view(ctx context.Context, fn func(txn *badger.Txn) error) error {
+func (s *Store) view(ctx context.Context, fn func(r *reader) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -271,16 +277,16 @@ func (s *Store) view(ctx context.Context, fn func(txn *badger.Txn) error) error 
 	}
 	sn := s.reads.acquire()
 	if sn == nil {
-		return s.db.View(fn)
+		return s.db.View(func(txn *badger.Txn) error { return fn(&reader{txn: txn}) })
 	}
 	defer s.reads.release(sn)
-	return fn(sn.txn)
+	return fn(&reader{txn: sn.txn, seq: sn.seq, cache: s.reads.cache})
 }
 
 // viewReady is view for ReadyThreads: fn gets the ready-index floor of its
 // snapshot and returns the lowest due time it saw in the index
 // (math.MaxInt64: none), which may raise the floor.
-func (s *Store) viewReady(ctx context.Context, fn func(txn *badger.Txn, floor int64) (int64, error)) error {
+func (s *Store) viewReady(ctx context.Context, fn func(r *reader, floor int64) (int64, error)) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -292,12 +298,12 @@ func (s *Store) viewReady(ctx context.Context, fn func(txn *badger.Txn, floor in
 	sn, floor, seq := s.reads.acquireReady()
 	if sn == nil {
 		return s.db.View(func(txn *badger.Txn) error {
-			_, err := fn(txn, math.MinInt64)
+			_, err := fn(&reader{txn: txn}, math.MinInt64)
 			return err
 		})
 	}
 	defer s.reads.release(sn)
-	lowest, err := fn(sn.txn, floor)
+	lowest, err := fn(&reader{txn: sn.txn, seq: sn.seq, cache: s.reads.cache}, floor)
 	if err == nil {
 		s.reads.raiseFloor(seq, lowest)
 	}

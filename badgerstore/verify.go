@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"sort"
 
-	"github.com/dgraph-io/badger/v4"
-
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -39,7 +37,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...))
 		}
 	}
-	err := s.view(ctx, func(txn *badger.Txn) error {
+	err := s.view(ctx, func(r *reader) error {
 		// Expected index entries, by family, from the records.
 		want := map[byte]map[string][]byte{}
 		for _, p := range []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
@@ -64,7 +62,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		threads := map[string]*threadWant{}
 		dispatchRuns := map[string]*engine.Dispatch{}
 
-		err := iterate(txn, []byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
+		err := r.iterate([]byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
 			rep.Dispatches++
 			d, err := decodeDispatch(k, v)
 			if err != nil {
@@ -108,7 +106,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			}
 		}
 		for _, st := range engine.AllStatuses {
-			b, _, err := get(txn, countKey(st))
+			b, _, err := r.get(countKey(st))
 			if err != nil {
 				return err
 			}
@@ -117,7 +115,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			}
 		}
 		// Thread states against what the records imply.
-		err = iterate(txn, []byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
+		err = r.iterate([]byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
 			thread := string(k[1:])
 			st, err := decodeThreadState(k, v)
 			if err != nil {
@@ -169,14 +167,14 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		}
 		// Queued-thread markers exist exactly for threads with queued work.
 		markers := map[string]bool{}
-		err = iterate(txn, []byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
+		err = r.iterate([]byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
 			markers[string(k[1:])] = true
 			return true, nil
 		})
 		if err != nil {
 			return err
 		}
-		err = iterate(txn, []byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
+		err = r.iterate([]byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
 			thread := string(k[1:])
 			st, err := decodeThreadState(k, v)
 			if err != nil {
@@ -197,7 +195,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 
 		// Runs.
 		runs := map[string]*engine.RunRecord{}
-		err = iterate(txn, []byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {
+		err = r.iterate([]byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {
 			rep.Runs++
 			r, err := decodeRun(k, v)
 			if err != nil {
@@ -223,7 +221,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 
 		// Compare every index family with what the records imply.
 		for fam, exp := range want {
-			err := iterate(txn, []byte{fam}, nil, false, false, func(k, v []byte) (bool, error) {
+			err := r.iterate([]byte{fam}, nil, false, false, func(k, v []byte) (bool, error) {
 				wv, ok := exp[string(k)]
 				if !ok {
 					problem("stray index entry %q", k)
@@ -249,7 +247,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		}
 
 		// Threads and message logs.
-		err = iterate(txn, []byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
+		err = r.iterate([]byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
 			rep.Threads++
 			t, err := decodeThread(k, v)
 			if err != nil {
@@ -257,7 +255,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 				return true, nil
 			}
 			ck := msgCountKey(t.ID)
-			b, _, err := get(txn, ck)
+			b, _, err := r.get(ck)
 			if err != nil {
 				return false, err
 			}
@@ -276,7 +274,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		logged := map[string]uint64{}
 		var cur string
 		var seq uint64
-		err = iterate(txn, []byte{pMessage}, nil, false, false, func(mk, mv []byte) (bool, error) {
+		err = r.iterate([]byte{pMessage}, nil, false, false, func(mk, mv []byte) (bool, error) {
 			rep.Messages++
 			thread, got, ok := splitMessageKey(mk)
 			if !ok {
@@ -300,7 +298,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			if m.Seq != got || m.ThreadID != thread {
 				problem("message %q records seq %d thread %s", mk, m.Seq, m.ThreadID)
 			}
-			ib, ok, err := get(txn, messageIDKey(thread, m.MessageID))
+			ib, ok, err := r.get(messageIDKey(thread, m.MessageID))
 			if err != nil {
 				return false, err
 			}
@@ -313,7 +311,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			return err
 		}
 		indexed := map[string]uint64{}
-		err = iterate(txn, []byte{pMessageID}, nil, false, true, func(k, _ []byte) (bool, error) {
+		err = r.iterate([]byte{pMessageID}, nil, false, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 3 || len(k) < 3+int(binary.BigEndian.Uint16(k[1:3])) {
 				problem("malformed message-id index key %q", k)
 				return true, nil
@@ -325,7 +323,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			return err
 		}
 		counted := map[string]uint64{}
-		err = iterate(txn, []byte{pMsgCount}, nil, false, false, func(k, v []byte) (bool, error) {
+		err = r.iterate([]byte{pMsgCount}, nil, false, false, func(k, v []byte) (bool, error) {
 			n, err := counter(k, v)
 			if err != nil {
 				problem("%v", err)

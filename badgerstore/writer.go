@@ -62,7 +62,7 @@ type writeTx struct {
 	origStates map[string]threadState // and what they were before it
 
 	snap    *badger.Txn  // read-only view of everything committed before the batch (and prior)
-	cache   *recordCache // the writer's read cache (see cache.go)
+	cache   *recordCache // committed records (cache.go), shared with readers
 	flushed *writeSet    // writes of the batch so far: read before the cache, cached after commit
 	prior   *writeSet    // writes of the batch in flight (not durable yet), or nil
 	spare   *badger.Txn  // an update transaction made before prior was sent, or nil
@@ -165,16 +165,12 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 		}
 		return f.val(), true, nil
 	}
-	if w.cache != nil {
-		if v, ok := w.cache.get(string(key)); ok {
-			return v, v != nil, nil
-		}
+	if v, ok := w.cache.getLatest(key); ok {
+		return v, v != nil, nil
 	}
 	item, err := w.snap.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
-		if w.cache != nil {
-			w.cache.put(string(key), nil)
-		}
+		w.cache.fillLatest(key, nil)
 		return nil, false, nil
 	}
 	if err != nil {
@@ -184,9 +180,7 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 	if err != nil {
 		return nil, false, fmt.Errorf("read %q: %w", key, unavailable(err))
 	}
-	if w.cache != nil {
-		w.cache.put(string(key), v)
-	}
+	w.cache.fillLatest(key, v)
 	return v, true, nil
 }
 
@@ -394,7 +388,7 @@ func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
 // operation is sent at once, with whatever else was already waiting.
 func (s *Store) writer() {
 	defer close(s.writerDone)
-	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: newRecordCache()}
+	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: s.reads.cache}
 	cur := &building{}
 	var fl *inflight // the batch Badger is writing, if any
 	var carry *op    // an operation that did not fit cur: it opens the next batch
@@ -523,7 +517,6 @@ func (s *Store) add(b *building, o *op, w *writeTx) bool {
 	// without o.
 	b.txn.Discard()
 	b.txn = nil
-	w.cache.clear()
 	if len(b.ops) == 0 {
 		b.writes.reset()
 		s.answer(o, flushError(o.name, ferr))
@@ -565,7 +558,6 @@ func (s *Store) rebuild(b *building, w *writeTx) {
 			err = flushError(o.name, ferr)
 			b.txn.Discard()
 			b.txn = nil
-			w.cache.clear()
 			for j := i; j < len(b.ops); j++ {
 				s.answer(b.ops[j], err)
 			}
@@ -601,7 +593,7 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 		} else {
 			// Applied, and nothing else is in flight: this does not wait.
 			// Published before anyone is answered (read-your-writes).
-			s.reads.publish(s.db.NewTransaction(false), fl.writes.readyMin())
+			s.reads.publish(s.db.NewTransaction(false), fl.writes, fl.writes.readyMin())
 			s.batches.Add(1)
 			s.batchedOps.Add(uint64(len(fl.ops)))
 		}
@@ -617,8 +609,9 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	return fl
 }
 
-// reap retires a completed in-flight batch: its writes enter the cache
-// (or the cache is dropped if it failed). A batch already building on top
+// reap retires a completed in-flight batch (its writes entered the
+// record cache when it was published; if it failed, Badger may have
+// applied part of it, and the cache is dropped). A batch already building on top
 // of it keeps its snapshot and overlay until it is sent (or rebuilt);
 // otherwise the next batch starts from a fresh snapshot.
 func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
@@ -626,17 +619,6 @@ func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
 	if fl.err != nil {
 		w.cache.clear()
 		s.log.Error("badgerstore commit failed", "ops", len(fl.ops), "err", fl.err)
-	} else {
-		for _, f := range fl.writes.m {
-			if !cachedFamily(f.k) {
-				continue
-			}
-			if f.del {
-				w.cache.put(f.k, nil)
-			} else {
-				w.cache.put(f.k, f.val())
-			}
-		}
 	}
 	if building && fl.err == nil {
 		return

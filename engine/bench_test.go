@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -30,6 +31,15 @@ func BenchmarkEngineFsyncBaseline(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "fsyncs/s")
+}
+
+// processCPU is the user + system CPU time this process has used.
+func processCPU(tb testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func noop(_ context.Context, _ *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
@@ -61,6 +71,7 @@ func BenchmarkBackgroundRun(b *testing.B) {
 			defer mb.Stop(ctx)
 			msg := []engine.Message{userMsg("go")}
 			b.ReportAllocs()
+			cpu0 := processCPU(b)
 			b.ResetTimer()
 			errc := make(chan error, threads)
 			for w := range threads {
@@ -98,6 +109,7 @@ func BenchmarkBackgroundRun(b *testing.B) {
 				time.Sleep(time.Millisecond)
 			}
 			b.StopTimer()
+			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
 			batches, ops := s.BatchStats()
 			b.ReportMetric(float64(ops)/float64(max(batches, 1)), "ops/commit")

@@ -30,6 +30,14 @@ type execution struct {
 	// cancelSettled: a user's cancel already acked the dispatch as
 	// cancelled; the attempt records nothing more.
 	cancelSettled atomic.Bool
+	// next is the thread's next dispatch, claimed in the commit that
+	// completed this attempt (CompleteClaimer): finish starts it in this
+	// attempt's slot (execute goroutine only).
+	next *Dispatch
+	// handoff: the completion may claim the thread's next dispatch, which
+	// then belongs to this entry of the threads map until finish starts
+	// it (cancelAndAwait waits, as for a claim in flight).
+	handoff atomic.Bool
 }
 
 // instanceID is the attempt's instance id, or "" before it is chosen.
@@ -138,18 +146,31 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 func (m *Mailbox) finish(e *execution) {
 	e.cancel(nil)
 	e.events.Close(m.cfg.Now())
+	next := e.next
 	m.mu.Lock()
 	if m.threads[e.dispatch.ThreadID] == e {
-		delete(m.threads, e.dispatch.ThreadID)
+		if next != nil {
+			m.threads[e.dispatch.ThreadID] = &execution{claiming: true} // until next starts
+		} else {
+			delete(m.threads, e.dispatch.ThreadID)
+		}
 	}
 	if m.byRun[e.dispatch.RunID] == e {
 		delete(m.byRun, e.dispatch.RunID)
 	}
-	m.inFlight--
-	m.signalIdleLocked()
+	if next == nil {
+		m.inFlight--
+		m.signalIdleLocked()
+	}
 	closing := m.closing
 	m.mu.Unlock()
 	close(e.done)
+	if next != nil {
+		// Claimed with the completion: it takes over this attempt's slot
+		// (startExecution cancels it unspent if Stop began meanwhile).
+		m.startExecution(*next, false)
+		return
+	}
 	// The thread's next dispatch is claimed here, without a scan of every
 	// ready thread, unless other threads may be waiting for a slot.
 	if !closing && !m.starved.Load() && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
@@ -340,7 +361,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		// lapses and the retry finds the run as it was.
 		var err error
 		for try := 0; try < 3; try++ {
-			if err = m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now); err == nil || !errors.Is(err, ErrUnavailable) {
+			if err = m.complete(ctx, e, res, now); err == nil || !errors.Is(err, ErrUnavailable) {
 				break
 			}
 			time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
@@ -380,6 +401,37 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			log.Warn("release failed", "err", err)
 		}
 	}
+}
+
+// complete acknowledges a completed attempt. On a store that can
+// (CompleteClaimer), the same commit claims the thread's next due dispatch
+// into e.next, unless other threads wait for a slot (they go first), the
+// agents' capacity shrank below the slots in use, or Stop began.
+func (m *Mailbox) complete(ctx context.Context, e *execution, res RunResult, now int64) error {
+	d := &e.dispatch
+	cc, ok := m.raw.(CompleteClaimer)
+	if !ok || !m.mayFollowOn() {
+		return m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now)
+	}
+	e.handoff.Store(true)
+	next, err := observe(m.metrics, "complete", func() (*Dispatch, error) {
+		return cc.CompleteAndClaim(ctx, d.DispatchID, d.ClaimToken, res, now, m.cfg.ConsumerID, m.cfg.Lease)
+	}, nil) // counted as a complete; no next dispatch is not an empty result
+	if err == nil {
+		e.next = next
+	}
+	return err
+}
+
+// mayFollowOn reports whether a finishing attempt may claim its thread's
+// next dispatch into its own slot.
+func (m *Mailbox) mayFollowOn() bool {
+	if m.starved.Load() {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.closing && m.inFlight <= m.exec.Capacity()
 }
 
 // emitFinish closes a client stream that the agent left open: a synthetic

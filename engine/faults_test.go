@@ -55,6 +55,18 @@ type execFaultStore struct {
 	extendLease func(call int32) (ok bool, err error, real bool)
 	extendCalls atomic.Int32
 	claimCalls  atomic.Int32
+	// afterCompleteClaim, when set, runs after a CompleteAndClaim commit
+	// that claimed a next dispatch, before the engine learns of it.
+	afterCompleteClaim func(next *engine.Dispatch)
+	// interrupts counts Interrupt calls; claimHits the Claim calls that
+	// claimed a dispatch.
+	interrupts atomic.Int32
+	claimHits  atomic.Int32
+}
+
+func (s *execFaultStore) Interrupt(ctx context.Context, thread string, now int64) (engine.InterruptResult, error) {
+	defer s.interrupts.Add(1)
+	return s.Store.Interrupt(ctx, thread, now)
 }
 
 func (s *execFaultStore) Claim(ctx context.Context, thread, consumer string, lease time.Duration, now int64) (*engine.Dispatch, error) {
@@ -66,6 +78,9 @@ func (s *execFaultStore) Claim(ctx context.Context, thread, consumer string, lea
 		return nil, nil
 	}
 	d, err := s.Store.Claim(ctx, thread, consumer, lease, now)
+	if err == nil && d != nil {
+		s.claimHits.Add(1)
+	}
 	if err == nil && d != nil && s.interruptAfterClaim.CompareAndSwap(true, false) {
 		if _, ierr := s.Store.Interrupt(ctx, thread, now); ierr != nil {
 			return nil, ierr
@@ -89,6 +104,22 @@ func (s *execFaultStore) SubmitIdle(ctx context.Context, c engine.Checkpoint, d 
 		return nil, nil, nil
 	}
 	return s.Store.SubmitIdle(ctx, c, d, consumer, lease, instance, now)
+}
+
+// CompleteAndClaim fails as Complete does; while a Claim fault is armed
+// it only completes, so the engine's next Claim meets the fault.
+func (s *execFaultStore) CompleteAndClaim(ctx context.Context, id, token string, r engine.RunResult, now int64, consumer string, lease time.Duration) (*engine.Dispatch, error) {
+	if s.failSettle.Load() {
+		return nil, errExecSettle
+	}
+	if s.claimErr.Load() > 0 || s.claimEmpty.Load() > 0 || s.interruptAfterClaim.Load() {
+		return nil, s.Store.Complete(ctx, id, token, r, now)
+	}
+	next, err := s.Store.CompleteAndClaim(ctx, id, token, r, now, consumer, lease)
+	if err == nil && next != nil && s.afterCompleteClaim != nil {
+		s.afterCompleteClaim(next)
+	}
+	return next, err
 }
 
 func (s *execFaultStore) RecordRunResult(ctx context.Context, id, token string, r engine.RunResult, now int64) error {

@@ -616,9 +616,11 @@ func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 			e.cancel(errInterrupted)
 			done = e.done
 			continue
-		case e != nil && e.claiming:
-			// A claim of this thread is completing here right now: wait
-			// for it to become an execution we can cancel.
+		case e != nil && (e.claiming || e.handoff.Load() && e.dispatch.DispatchID != active.DispatchID):
+			// A claim of this thread is completing here right now (or a
+			// finishing attempt claimed the next dispatch with its
+			// completion): wait for it to become an execution we can
+			// cancel.
 		default:
 			// Not (or no longer) running here. An attempt leaves the
 			// threads map only after it settled, so if it just finished on

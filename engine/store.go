@@ -235,6 +235,18 @@ type Store interface {
 	Close() error
 }
 
+// CompleteClaimer is implemented by stores that can acknowledge an
+// attempt and claim its thread's next dispatch in one commit: one sync
+// instead of two between consecutive runs of a busy thread.
+type CompleteClaimer interface {
+	// CompleteAndClaim is Complete followed, in the same commit, by
+	// Claim(the dispatch's thread, consumerID, lease, now); next is nil
+	// when nothing was claimable. When Complete fails (a stale token, a
+	// superseded dispatch) nothing is claimed, and the error is
+	// Complete's.
+	CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64, consumerID string, lease time.Duration) (next *Dispatch, err error)
+}
+
 // IdleSubmitter is implemented by stores that can start a foreground run
 // on an idle thread in one commit, the fast path of Mailbox.Submit (one
 // sync before the agent sees the run instead of four).

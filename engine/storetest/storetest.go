@@ -29,10 +29,22 @@ func Cases() []Case {
 	return all
 }
 
-// Run runs every conformance case against stores from open, in parallel.
+// OptionalCases returns the cases of the optional capabilities a store
+// implements (engine.CompleteClaimer).
+func OptionalCases(s engine.Store) []Case {
+	var all []Case
+	if _, ok := s.(engine.CompleteClaimer); ok {
+		all = append(all, completeClaimCases()...)
+	}
+	return all
+}
+
+// Run runs every conformance case, and those of the optional capabilities
+// the store implements, against stores from open, in parallel.
 func Run(t *testing.T, open Open) {
 	t.Helper()
-	for _, c := range Cases() {
+	probe := open(t)
+	for _, c := range append(Cases(), OptionalCases(probe)...) {
 		t.Run(c.Name, func(t *testing.T) {
 			t.Parallel()
 			c.Run(t, open(t))

@@ -1,0 +1,115 @@
+package engine_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// A busy thread's next dispatch is claimed in the commit that completes
+// the previous attempt (CompleteClaimer): one Claim for five runs, run in
+// order, one at a time.
+func TestCompletionClaimsTheThreadsNextDispatch(t *testing.T) {
+	gate, open := execRelease(t)
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "m0" {
+			<-gate // the others queue behind the first
+		}
+		return complete(ctx, req, sink)
+	}
+	r, fs := newExecRig(t, newFake(1, script), engine.Config{}, nil)
+	r.start(t)
+	ctx := context.Background()
+	const thread = "busy-thread"
+	var ids []string
+	for i := range 5 {
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("m" + string(rune('0'+i)))}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.DispatchID)
+	}
+	eventually(t, "the first run started", func() bool { runs, _, _ := r.exec.stats(); return runs == 1 })
+	open()
+	eventually(t, "all five acked", func() bool {
+		for _, id := range ids {
+			if dispatchStatus(t, r.store, id) != engine.StatusAcked {
+				return false
+			}
+		}
+		return true
+	})
+	runs := r.exec.execRuns()
+	if len(runs) != 5 {
+		t.Fatalf("%d runs, want 5", len(runs))
+	}
+	for i, run := range runs {
+		if run.DispatchID != ids[i] {
+			t.Fatalf("run %d was dispatch %s, want %s (submit order)", i, run.DispatchID, ids[i])
+		}
+	}
+	if _, maxActive, overlap := r.exec.stats(); maxActive != 1 || overlap {
+		t.Fatalf("max active %d, overlap %v", maxActive, overlap)
+	}
+	if n := fs.claimHits.Load(); n != 1 {
+		t.Fatalf("%d dispatches claimed by Claim, want 1 (the others with their predecessor's completion)", n)
+	}
+	eventually(t, "slot released", func() bool { return r.mb.InFlight() == 0 })
+}
+
+// A foreground submit that interrupts the thread between the commit that
+// completed one attempt and claimed the next, and the start of that next
+// attempt, waits for the hand-over and supersedes the next attempt instead
+// of failing with an active-run conflict.
+func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		return complete(ctx, req, sink)
+	}
+	hold := make(chan struct{})
+	r, fs := newExecRig(t, newFake(2, script), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
+		fs.afterCompleteClaim = func(*engine.Dispatch) { <-hold }
+	})
+	ctx := context.Background()
+	const thread = "handoff-thread"
+	// Two queued dispatches before the start: the first runs, the second
+	// is claimed with the first's completion, which then waits on hold.
+	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("second")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.start(t)
+	eventually(t, "the second dispatch claimed with the first's completion", func() bool {
+		return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked && dispatchStatus(t, r.store, second.DispatchID) == engine.StatusClaimed
+	})
+	type result struct {
+		res engine.SubmitResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("foreground")}})
+		done <- result{res, err}
+	}()
+	eventually(t, "the foreground submit interrupted the thread", func() bool { return fs.interrupts.Load() > 0 })
+	close(hold)
+	got := <-done
+	if got.err != nil {
+		t.Fatalf("foreground submit during the hand-over: %v", got.err)
+	}
+	eventually(t, "the foreground run acked", func() bool { return dispatchStatus(t, r.store, got.res.DispatchID) == engine.StatusAcked })
+	if st := dispatchStatus(t, r.store, second.DispatchID); st != engine.StatusSuperseded {
+		t.Fatalf("the handed-over dispatch is %s, want superseded", st)
+	}
+	for _, run := range r.exec.execRuns() {
+		if run.DispatchID == second.DispatchID {
+			t.Fatal("the superseded dispatch reached the agent")
+		}
+	}
+	eventually(t, "slots released", func() bool { return r.mb.InFlight() == 0 })
+}
