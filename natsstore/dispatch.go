@@ -106,11 +106,7 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 	return recs, d, nil
 }
 
-// Claim implements engine.DispatchStore. The thread state says whether
-// the thread holds a claim; the index, once it has applied that state's
-// sequence, knows every dispatch that was queued then and picks the best
-// one; the claim batch rewrites the dispatch and the state, each expected
-// at the sequence read, so a change of either by anyone refuses it.
+// Claim implements engine.DispatchStore (see claimNext).
 func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease time.Duration, now int64) (*engine.Dispatch, error) {
 	ms, token, err := engine.ClaimArgs("thread_id", threadID, consumerID, lease)
 	if err != nil {
@@ -118,48 +114,65 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 	}
 	var out *engine.Dispatch
 	err = s.update(ctx, threadID, func(t *txn) error {
-		out = nil
-		st, err := t.state(threadID)
-		if err != nil || st.Claimed != "" {
-			return err
-		}
-		if err := s.waitIndex(ctx, t.reads[s.sub.state(threadID)].seq); err != nil {
-			return err
-		}
-		cands := s.idx.threadDispatches(threadID, func(e *dEntry) bool { return e.status == engine.StatusQueued })
-		for _, c := range cands {
-			if c.epoch >= st.Epoch && c.avail > now {
-				continue
-			}
-			d, err := t.loadDispatch(c.id)
-			if err != nil {
-				return err
-			}
-			if d == nil || d.Status != engine.StatusQueued {
-				continue
-			}
-			if d.Epoch < st.Epoch {
-				// An atomic interrupt leaves no stale queued dispatch
-				// behind; a record restored from elsewhere may.
-				old := d.Clone()
-				d.Supersede(st.Epoch, engine.ReasonNewerEpoch, now)
-				if err := t.putDispatch(&old, d, now); err != nil {
-					return err
-				}
-				continue
-			}
-			if d.AvailableAt > now {
-				continue
-			}
-			out, err = t.claimOne(d, token, consumerID, now+ms, now)
-			return err
-		}
-		return nil
+		var err error
+		out, err = t.claimNext(threadID, consumerID, token, now+ms, now)
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
 	}
 	return out, nil
+}
+
+// claimNext claims the thread's next due dispatch of its current epoch
+// (nil: none, or the thread holds a claim), superseding the stale queued
+// dispatches it meets on the way. The thread state says whether the
+// thread holds a claim; the index, once it has applied the sequence the
+// state was read at, knows every dispatch that was queued then and picks
+// the best one; the claim rewrites the dispatch and the state, each
+// expected at the sequence read, so a change of either by anyone refuses
+// the batch. It sees t's own writes: after a transition in t that freed
+// the thread's claim (CompleteAndClaim) it claims the next dispatch in the
+// same batch.
+func (t *txn) claimNext(threadID, consumerID, token string, leaseUntil, now int64) (*engine.Dispatch, error) {
+	s := t.s
+	st, err := t.state(threadID)
+	if err != nil || st.Claimed != "" {
+		return nil, err
+	}
+	// t.state read the state if t had neither read nor written it; a
+	// state t wrote without reading is expected not to exist (sequence 0).
+	if err := s.waitIndex(t.ctx, t.reads[s.sub.state(threadID)].seq); err != nil {
+		return nil, err
+	}
+	cands := s.idx.threadDispatches(threadID, func(e *dEntry) bool { return e.status == engine.StatusQueued })
+	for _, c := range cands {
+		if c.epoch >= st.Epoch && c.avail > now {
+			continue
+		}
+		d, err := t.loadDispatch(c.id)
+		if err != nil {
+			return nil, err
+		}
+		if d == nil || d.Status != engine.StatusQueued {
+			continue
+		}
+		if d.Epoch < st.Epoch {
+			// An atomic interrupt leaves no stale queued dispatch
+			// behind; a record restored from elsewhere may.
+			old := d.Clone()
+			d.Supersede(st.Epoch, engine.ReasonNewerEpoch, now)
+			if err := t.putDispatch(&old, d, now); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		if d.AvailableAt > now {
+			continue
+		}
+		return t.claimOne(d, token, consumerID, leaseUntil, now)
+	}
+	return nil, nil
 }
 
 // ClaimDispatch implements engine.DispatchStore.
@@ -201,6 +214,13 @@ func (s *Store) ClaimDispatch(ctx context.Context, dispatchID, consumerID string
 // supersedes the dispatch (committed) and returns a *ConflictError.
 // mutate changes the clone it is given; its error aborts the operation.
 func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate func(t *txn, d *engine.Dispatch) error) (engine.Dispatch, error) {
+	return s.ownedThen(ctx, name, dispatchID, token, staleReason, now, mutate, nil)
+}
+
+// ownedThen is owned with then, when not nil, run in the same transaction
+// (one batch) after the mutated dispatch is written (not when it was
+// superseded); its error aborts the operation.
+func (s *Store) ownedThen(ctx context.Context, name, dispatchID, token, staleReason string, now int64, mutate, then func(t *txn, d *engine.Dispatch) error) (engine.Dispatch, error) {
 	if err := engine.ValidateID("dispatch_id", dispatchID); err != nil {
 		return engine.Dispatch{}, err
 	}
@@ -233,7 +253,10 @@ func (s *Store) owned(ctx context.Context, name, dispatchID, token, staleReason 
 			return err
 		}
 		out = d
-		return t.putDispatch(old, &d, now)
+		if err := t.putDispatch(old, &d, now); err != nil || then == nil {
+			return err
+		}
+		return then(t, &d)
 	})
 	if err == nil {
 		err = result
@@ -283,13 +306,46 @@ func (t *txn) recordResult(d *engine.Dispatch, result engine.RunResult, now int6
 // Complete implements engine.DispatchStore.
 func (s *Store) Complete(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64) error {
 	_, err := s.owned(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(t *txn, d *engine.Dispatch) error {
-		if err := t.recordResult(d, result, now); err != nil {
-			return err
-		}
-		d.Ack(now)
-		return nil
+		return t.complete(d, result, now)
 	})
 	return err
+}
+
+// complete records an attempt's result and acks its dispatch.
+func (t *txn) complete(d *engine.Dispatch, result engine.RunResult, now int64) error {
+	if err := t.recordResult(d, result, now); err != nil {
+		return err
+	}
+	d.Ack(now)
+	return nil
+}
+
+var _ engine.CompleteClaimer = (*Store)(nil)
+
+// CompleteAndClaim implements engine.CompleteClaimer: Complete, then, in
+// the same atomic batch, Claim of the thread's next due dispatch
+// (claimNext, under the thread lock Complete takes). A refused completion
+// (unknown dispatch, wrong token, superseded epoch) claims nothing and
+// returns Complete's error. Like Claim and Complete it publishes no
+// signal: the claimed dispatch's enqueue signal finds the thread claimed.
+func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration) (*engine.Dispatch, error) {
+	ms, token, err := engine.ClaimArgs("dispatch_id", dispatchID, consumerID, lease)
+	if err != nil {
+		return nil, err
+	}
+	var next *engine.Dispatch
+	_, err = s.ownedThen(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(t *txn, d *engine.Dispatch) error {
+		next = nil // a retried transaction starts afresh
+		return t.complete(d, result, now)
+	}, func(t *txn, d *engine.Dispatch) error {
+		var err error
+		next, err = t.claimNext(d.ThreadID, consumerID, token, now+ms, now)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return next, nil
 }
 
 // Nack implements engine.DispatchStore.
