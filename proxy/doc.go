@@ -32,7 +32,10 @@
 // stops reading is cut off once one write has been stuck for
 // max(4×PingInterval, 10 s). A stream ends after the log closes (the run
 // finished: its run_finish is the last event), when the client leaves, or
-// at Shutdown. Closing a stream never cancels the run.
+// at Shutdown. Closing a stream never cancels the run. After a stream
+// that ended normally the connection serves the client's next request
+// (HTTP keep-alive; the stall bound is cleared), so a client submitting
+// run after run does not dial again each time.
 //
 // # Decisions where spec/http.md is silent
 //

@@ -1,9 +1,11 @@
 package proxy_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -676,4 +678,44 @@ func TestForegroundConflict(t *testing.T) {
 	// The interrupt it began stays (the seed's order: interrupt, then
 	// submit): the stubborn run, once it ends, is superseded.
 	sc.waitDispatch(bg.DispatchID, engine.StatusSuperseded)
+}
+
+// A connection that carried a finished stream serves the client's next
+// requests (keep-alive), also after the stream's stall bound has passed:
+// the stream's write deadline does not outlive it.
+func TestStreamConnectionIsReused(t *testing.T) {
+	t.Parallel()
+	pc := proxyConfig(20 * time.Millisecond)
+	pc.StallTimeout = 100 * time.Millisecond
+	sc := newSidecar(t, options{proxy: pc})
+	conn, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	roundTrip := func(method, path, body string) (*http.Response, string) {
+		t.Helper()
+		fmt.Fprintf(conn, "%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", method, path, len(body), body)
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("%s %s on the reused connection: %v", method, path, err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatalf("%s %s body: %v", method, path, err)
+		}
+		return resp, string(b)
+	}
+	for i, thread := range []string{"reuse-1", "reuse-2"} {
+		resp, b := roundTrip("POST", "/v1/threads/"+thread+"/runs", submitBody("hello"))
+		if resp.StatusCode != 200 || resp.Close || !strings.Contains(b, "event: run_finish") {
+			t.Fatalf("stream %d: status %d, close %v: %s", i, resp.StatusCode, resp.Close, b)
+		}
+	}
+	time.Sleep(3 * pc.StallTimeout) // past the last stream's stall bound
+	if resp, b := roundTrip("GET", "/v1/threads/reuse-1/dispatches", ""); resp.StatusCode != 200 || !strings.Contains(b, `"acked"`) {
+		t.Fatalf("request after the streams: %d %s", resp.StatusCode, b)
+	}
 }

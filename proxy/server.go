@@ -55,6 +55,10 @@ type Config struct {
 	// PingInterval is how often an SSE stream sends a ": ping" comment.
 	// Default 15 s.
 	PingInterval time.Duration
+	// StallTimeout is how long one write to a streaming client may stay
+	// stuck before the stream is cut off. Default max(4×PingInterval,
+	// 10 s).
+	StallTimeout time.Duration
 	// Logger receives one debug line per request and a warning per 5xx.
 	// Default slog.Default().
 	Logger *slog.Logger
@@ -79,6 +83,12 @@ func (c *Config) validate() error {
 		c.PingInterval = DefaultPingInterval
 	case c.PingInterval < 0:
 		return fmt.Errorf("proxy: config: PingInterval %s is negative", c.PingInterval)
+	}
+	switch {
+	case c.StallTimeout == 0:
+		c.StallTimeout = max(4*c.PingInterval, minStall)
+	case c.StallTimeout < 0:
+		return fmt.Errorf("proxy: config: StallTimeout %s is negative", c.StallTimeout)
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

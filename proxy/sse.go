@@ -19,8 +19,7 @@ import (
 // flushes once per batch.
 const readBatch = 64
 
-// minStall is the shortest time one write to a client may stay stuck
-// before the stream is cut off (see Server.stall).
+// minStall is the shortest default StallTimeout.
 const minStall = 10 * time.Second
 
 // sseStream is one client following a run's EventLog. Its goroutine is
@@ -47,9 +46,10 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, log *engine.EventLog, aft
 	h.SetContentType("text/event-stream")
 	h.Set(fasthttp.HeaderCacheControl, "no-cache")
 	h.Set("X-Accel-Buffering", "no")
-	// A stream's connection is not reused: its write deadline (the stall
-	// bound) outlives the stream.
-	ctx.SetConnectionClose()
+	// The connection is kept for the client's next request once the stream
+	// ends: run clears the write deadline it moved (a foreground client
+	// does not dial again for every run). A stream that ended on a failed
+	// write leaves a connection fasthttp closes.
 	if log == nil {
 		ctx.SetBody(head)
 		return nil
@@ -79,6 +79,7 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, log *engine.EventLog, aft
 func (st *sseStream) run(w *bufio.Writer) {
 	s := st.s
 	defer s.endStream(st)
+	defer st.clearDeadline()
 	ping := time.NewTicker(s.cfg.PingInterval)
 	defer ping.Stop()
 	buf := make([]engine.Event, 0, readBatch)
@@ -173,6 +174,17 @@ func (st *sseStream) extendDeadline() bool {
 	return true
 }
 
+// clearDeadline removes the stall bound from the connection when the
+// stream ends (unless Shutdown cut it off), so a later request on the
+// same connection is not timed out by it.
+func (st *sseStream) clearDeadline() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if !st.cut && st.conn != nil {
+		st.conn.SetWriteDeadline(time.Time{})
+	}
+}
+
 // cutOff makes the connection's pending and future writes fail at once,
 // so a stream stuck on a client that does not read ends.
 func (st *sseStream) cutOff() {
@@ -194,7 +206,7 @@ func (s *Server) endStream(st *sseStream) {
 }
 
 // stall is how long one write to a streaming client may stay stuck.
-func (s *Server) stall() time.Duration { return max(4*s.cfg.PingInterval, minStall) }
+func (s *Server) stall() time.Duration { return s.cfg.StallTimeout }
 
 // appendEvent appends one agent event in SSE form: id, event type, data
 // on one line.
