@@ -227,26 +227,39 @@ func reportLatency(b *testing.B, lat []time.Duration) {
 
 // BenchmarkForegroundFirstEvent: a foreground submit over the API socket
 // until the agent's first event (run_start) reaches the client, through
-// the binary (fsync on) and the echo agent.
+// the binary (fsync on) and the echo agent. thread=new submits each run on
+// a thread of its own (the RUN frame carries one message);
+// thread=existing cycles over 8 threads with a 20-message context window,
+// as the durable-runs benchmark does (so the cost does not grow with b.N:
+// with the default 500-message window the RUN frame of a long thread is
+// tens of KiB, encoded by the sidecar and decoded by the agent).
 func BenchmarkForegroundFirstEvent(b *testing.B) {
-	n := startNode(b, 4)
-	lat := make([]time.Duration, 0, b.N)
-	b.ResetTimer()
-	for i := range b.N {
-		start := time.Now()
-		first := time.Duration(0)
-		err := streamUntil(n.http, "fg"+strconv.Itoa(i%8), "hello", func(ev string) {
-			if ev != "submitted" && first == 0 {
-				first = time.Since(start)
+	for _, mode := range []string{"new", "existing"} {
+		b.Run("thread="+mode, func(b *testing.B) {
+			n := startNode(b, 4, "--context-messages", "20")
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for i := range b.N {
+				thread := "fg" + strconv.Itoa(i%8)
+				if mode == "new" {
+					thread = "fg-new-" + strconv.Itoa(i)
+				}
+				start := time.Now()
+				first := time.Duration(0)
+				err := streamUntil(n.http, thread, "hello", func(ev string) {
+					if ev != "submitted" && first == 0 {
+						first = time.Since(start)
+					}
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, first)
 			}
+			b.StopTimer()
+			reportLatency(b, lat)
 		})
-		if err != nil {
-			b.Fatal(err)
-		}
-		lat = append(lat, first)
 	}
-	b.StopTimer()
-	reportLatency(b, lat)
 }
 
 // BenchmarkLiveMessage: POST /v1/threads/{id}/messages while a run is
