@@ -37,7 +37,10 @@ import (
 // greatest key without inserting a greater one makes it unknown); a
 // reader's scan fills it, as for records.
 //
-// A failed commit clears it: Badger may have applied part of it. Entries
+// A failed commit clears it, and keeps it empty until the next commit is
+// applied: Badger may have applied part of the failed one, so values read
+// from the snapshot before it are not to be trusted next to the snapshots
+// after it. Entries
 // leave in insertion order once the cache holds more than its byte
 // budget. A nil value caches "absent".
 type recordCache struct {
@@ -48,6 +51,9 @@ type recordCache struct {
 	bytes int64
 	limit int64
 	seq   uint64 // the last commit applied
+	// void: a commit failed since the last one applied; nothing enters
+	// until the next is applied, which starts from an empty cache.
+	void bool
 }
 
 type cacheEntry struct {
@@ -119,7 +125,7 @@ func (c *recordCache) fillLatestRun(p, latest []byte, r uint64) {
 func (c *recordCache) fill(k []byte, v []byte, r uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.seq != r {
+	if c.seq != r || c.void {
 		return
 	}
 	if _, ok := c.m[string(k)]; !ok {
@@ -135,6 +141,9 @@ func (c *recordCache) fillLatest(k []byte, v []byte) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.void {
+		return
+	}
 	if _, ok := c.m[string(k)]; !ok {
 		c.insert(string(k), v, c.seq)
 	}
@@ -145,6 +154,10 @@ func (c *recordCache) apply(ws *writeSet, seq uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.seq = seq
+	if c.void {
+		c.reset()
+		c.void = false
+	}
 	if ws == nil {
 		return
 	}
@@ -239,10 +252,24 @@ func (c *recordCache) evict() {
 	}
 }
 
-// clear empties the cache (after a failed or discarded commit).
+// clear empties the cache.
 func (c *recordCache) clear() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.reset()
+}
+
+// voidUntilNextCommit empties the cache after a failed commit and keeps it
+// empty until the next commit is applied.
+func (c *recordCache) voidUntilNextCommit() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reset()
+	c.void = true
+}
+
+// reset empties the cache; c.mu is held.
+func (c *recordCache) reset() {
 	clear(c.m)
 	clear(c.fifo)
 	c.fifo = c.fifo[:0]

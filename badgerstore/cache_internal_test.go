@@ -151,3 +151,32 @@ func TestRecordCacheBudget(t *testing.T) {
 		t.Fatal("the oldest entry is still there")
 	}
 }
+
+// After a failed commit nothing enters the cache until the next commit is
+// applied, which starts from an empty cache: values read around a commit
+// Badger may have applied in part are not kept.
+func TestRecordCacheVoidAfterFailedCommit(t *testing.T) {
+	c := newRecordCache(1 << 20)
+	k := []byte{pRun, 'x'}
+	c.seq = 5
+	c.fillAt(k, []byte("old"), 5)
+	c.voidUntilNextCommit()
+	if _, ok := c.getLatest(k); ok {
+		t.Fatal("an entry survived the failed commit")
+	}
+	c.fillAt(k, []byte("old"), 5)
+	c.fillLatest(k, []byte("old"))
+	if n := c.len(); n != 0 {
+		t.Fatalf("%d entries filled while void", n)
+	}
+	ws := newWriteSet()
+	ws.put(kvWrite{k: string([]byte{pRun, 'y'}), v: []byte("new")})
+	c.apply(ws, 6)
+	if v, ok := c.getAt([]byte{pRun, 'y'}, 6); !ok || string(v) != "new" {
+		t.Fatalf("the next commit's write: %q %v", v, ok)
+	}
+	c.fillAt(k, []byte("fresh"), 6)
+	if v, ok := c.getAt(k, 6); !ok || string(v) != "fresh" {
+		t.Fatalf("fill after the next commit: %q %v", v, ok)
+	}
+}

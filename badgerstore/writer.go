@@ -617,7 +617,7 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 func (s *Store) reap(fl *inflight, w *writeTx, building bool) {
 	<-fl.done
 	if fl.err != nil {
-		w.cache.clear()
+		w.cache.voidUntilNextCommit()
 		s.log.Error("badgerstore commit failed", "ops", len(fl.ops), "err", fl.err)
 	}
 	if building && fl.err == nil {
