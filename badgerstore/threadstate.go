@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -13,7 +14,12 @@ import (
 //
 //	epoch    the dispatch epoch (bumped by interrupt; never goes down)
 //	queued   how many of its dispatches are queued
-//	due      the earliest available_at among them (valid while queued > 0)
+//	due      the earliest available_at among them (valid while queued > 0);
+//	         while the thread has a claimed dispatch it may be "unknown"
+//	         (stored as dueUnknown): a claim removes the earliest entry, and
+//	         the next one is looked up only when the thread becomes
+//	         claimable again, which a busy thread's claim-on-completion
+//	         never lets happen
 //	claimed  the id of its claimed dispatch, "" when none (the per-thread
 //	         claim guard: at most one, ever)
 //	floor    a claim-order suffix (priority, created_at, dispatch_id) at or
@@ -40,8 +46,13 @@ type threadState struct {
 	floor   []byte
 	vfloor  []byte
 
-	dueStale bool // the minimum may have left; finishThreads finds it again
+	dueStale bool // the minimum may have left; found again once claimable
 }
+
+// dueUnknown is the stored due of a claimed thread whose earliest queued
+// entry has not been looked up since the last one left (no real time is
+// this far in the past).
+const dueUnknown = math.MinInt64
 
 func (st *threadState) zero() bool {
 	return st.epoch == 0 && st.queued == 0 && st.claimed == ""
@@ -54,7 +65,11 @@ func encodeThreadState(st threadState) []byte {
 	b := make([]byte, 0, 30+len(st.claimed)+len(st.floor)+len(st.vfloor))
 	b = binary.BigEndian.AppendUint64(b, st.epoch)
 	b = binary.BigEndian.AppendUint64(b, st.queued)
-	b = appendTS(b, st.due)
+	due := st.due
+	if st.dueStale {
+		due = dueUnknown
+	}
+	b = appendTS(b, due)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(st.claimed)))
 	b = append(b, st.claimed...)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(st.floor)))
@@ -73,6 +88,7 @@ func decodeThreadState(key, b []byte) (threadState, error) {
 	st.epoch = binary.BigEndian.Uint64(b)
 	st.queued = binary.BigEndian.Uint64(b[8:])
 	st.due = readTS(b[16:])
+	st.dueStale = st.due == dueUnknown && st.queued > 0
 	b = b[24:]
 	n := int(binary.BigEndian.Uint16(b))
 	if len(b) < 2+n+2 {
@@ -189,7 +205,8 @@ func (w *writeTx) finishThreads() error {
 		orig := w.origStates[thread]
 		if st.queued == 0 {
 			st.due, st.floor, st.vfloor, st.dueStale = 0, nil, nil, false
-		} else if st.dueStale {
+		} else if st.dueStale && st.claimed == "" {
+			// Only a claimable thread needs its due time (the ready index).
 			if err := w.findDue(thread, &st); err != nil {
 				return err
 			}

@@ -139,7 +139,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			if tw.minAvail != nil && bytes.Compare(st.vfloor, tw.minAvail) > 0 {
 				problem("due floor of thread %s is above its first due entry", thread)
 			}
-			if tw.queued > 0 && st.due != tw.due {
+			if st.dueStale && st.claimed == "" {
+				problem("thread %s is claimable but its due time is unknown", thread)
+			}
+			if tw.queued > 0 && !(st.dueStale && st.claimed != "") && st.due != tw.due {
 				problem("thread %s state says due %d, records say %d", thread, st.due, tw.due)
 			}
 			want := ""
