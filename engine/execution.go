@@ -417,10 +417,19 @@ func (m *Mailbox) complete(ctx context.Context, e *execution, res RunResult, now
 	next, err := observe(m.metrics, "complete", func() (*Dispatch, error) {
 		return cc.CompleteAndClaim(ctx, d.DispatchID, d.ClaimToken, res, now, m.cfg.ConsumerID, m.cfg.Lease)
 	}, nil) // counted as a complete; no next dispatch is not an empty result
-	if err == nil {
+	if err == nil && next != nil {
 		e.next = next
+		return nil
 	}
-	return err
+	e.handoff.Store(false)
+	var conflict *ConflictError
+	if err == nil || errors.Is(err, ErrStaleClaim) || errors.Is(err, ErrNotFound) || errors.As(err, &conflict) {
+		return err
+	}
+	// The claim half may have failed (say, a corrupt record of the next
+	// dispatch): that must not cost this attempt its completion.
+	m.log.Warn("complete with the next claim failed; completing alone", "dispatch_id", d.DispatchID, "err", err)
+	return m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now)
 }
 
 // mayFollowOn reports whether a finishing attempt may claim its thread's

@@ -62,6 +62,16 @@ type execFaultStore struct {
 	// claimed a dispatch.
 	interrupts atomic.Int32
 	claimHits  atomic.Int32
+	// completeClaimErr makes the next n CompleteAndClaim calls fail as if
+	// the claim half found a corrupt record (nothing written).
+	completeClaimErr atomic.Int32
+	// storeCancels counts store Cancel calls.
+	storeCancels atomic.Int32
+}
+
+func (s *execFaultStore) Cancel(ctx context.Context, id string, now int64) (*engine.Dispatch, error) {
+	defer s.storeCancels.Add(1)
+	return s.Store.Cancel(ctx, id, now)
 }
 
 func (s *execFaultStore) Interrupt(ctx context.Context, thread string, now int64) (engine.InterruptResult, error) {
@@ -111,6 +121,9 @@ func (s *execFaultStore) SubmitIdle(ctx context.Context, c engine.Checkpoint, d 
 func (s *execFaultStore) CompleteAndClaim(ctx context.Context, id, token string, r engine.RunResult, now int64, consumer string, lease time.Duration) (*engine.Dispatch, error) {
 	if s.failSettle.Load() {
 		return nil, errExecSettle
+	}
+	if execTake(&s.completeClaimErr) {
+		return nil, fmt.Errorf("claim next: index names missing dispatch x: %w", engine.ErrCorrupt)
 	}
 	if s.claimErr.Load() > 0 || s.claimEmpty.Load() > 0 || s.interruptAfterClaim.Load() {
 		return nil, s.Store.Complete(ctx, id, token, r, now)

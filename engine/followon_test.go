@@ -113,3 +113,100 @@ func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
 	}
 	eventually(t, "slots released", func() bool { return r.mb.InFlight() == 0 })
 }
+
+// A completion whose claim of the next dispatch fails (a corrupt record of
+// that dispatch, say) still completes its own attempt: the engine
+// completes alone, and the next dispatch is claimed the ordinary way.
+func TestFailedNextClaimDoesNotCostTheCompletion(t *testing.T) {
+	r, fs := newExecRig(t, newFake(2, complete), engine.Config{}, func(fs *execFaultStore) { fs.completeClaimErr.Store(1) })
+	ctx := context.Background()
+	const thread = "claim-half-fails"
+	var ids []string
+	for _, text := range []string{"a", "b"} {
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg(text)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.DispatchID)
+	}
+	r.start(t)
+	eventually(t, "both acked", func() bool {
+		return dispatchStatus(t, r.store, ids[0]) == engine.StatusAcked && dispatchStatus(t, r.store, ids[1]) == engine.StatusAcked
+	})
+	if n := fs.completeClaimErr.Load(); n != 0 {
+		t.Fatalf("the injected failure was not reached (%d left)", n)
+	}
+	if d := loadDispatch(t, r, ids[0]); d.AttemptCount != 0 {
+		t.Fatalf("the first dispatch spent %d attempts", d.AttemptCount)
+	}
+}
+
+// A cancel of the dispatch a finishing attempt has just claimed with its
+// completion, arriving before that dispatch's attempt starts, waits for
+// the hand-over and cancels it (it used to find only the finished attempt
+// and report nothing cancelled, and the dispatch ran).
+func TestCancelDuringCompletionHandOff(t *testing.T) {
+	hold := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "second" {
+			<-ctx.Done() // runs until cancelled
+			return execCancelled()
+		}
+		return complete(ctx, req, sink)
+	}
+	r, fs := newExecRig(t, newFake(2, script), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
+		fs.afterCompleteClaim = func(*engine.Dispatch) { <-hold }
+	})
+	ctx := context.Background()
+	const thread = "cancel-handoff"
+	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("second")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.start(t)
+	eventually(t, "the second dispatch claimed with the first's completion", func() bool {
+		return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked && dispatchStatus(t, r.store, second.DispatchID) == engine.StatusClaimed
+	})
+	type result struct {
+		ok  bool
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ok, err := r.mb.Cancel(ctx, second.DispatchID)
+		done <- result{ok, err}
+	}()
+	eventually(t, "the cancel reached the store", func() bool { return fs.storeCancels.Load() > 0 })
+	var got result
+	select {
+	case got = <-done:
+		// Answered while the hand-over is still held: it cannot have
+		// found the attempt it is meant to cancel.
+		close(hold)
+	case <-time.After(100 * time.Millisecond):
+		close(hold)
+		got = <-done
+	}
+	if got.err != nil || !got.ok {
+		t.Fatalf("cancel during the hand-over: %v, %v; want true", got.ok, got.err)
+	}
+	eventually(t, "the second dispatch settled", func() bool { return dispatchStatus(t, r.store, second.DispatchID) == engine.StatusAcked })
+	run, err := r.store.LoadRun(ctx, second.RunID)
+	if err != nil || run == nil || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermCancelled {
+		t.Fatalf("the second run: %+v %v; want cancelled", run, err)
+	}
+	eventually(t, "slots released", func() bool { return r.mb.InFlight() == 0 })
+}
+
+func loadDispatch(t *testing.T, r *rig, id string) engine.Dispatch {
+	t.Helper()
+	d, err := r.store.LoadDispatch(context.Background(), id)
+	if err != nil || d == nil {
+		t.Fatalf("load %s: %v %v", id, d, err)
+	}
+	return *d
+}

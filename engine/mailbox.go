@@ -229,7 +229,7 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 		m.dropPending(d.DispatchID)
 		return true, nil
 	}
-	if e := m.executing(id); e != nil {
+	if e := m.executingSettled(ctx, id); e != nil {
 		// The cancel is made durable before it is reported: the claimed
 		// dispatch is acked with termination cancelled (its run settles in
 		// the same commit), so a crash before the agent stops cannot bring
@@ -260,6 +260,39 @@ func (m *Mailbox) settleCancel(ctx context.Context, e *execution) (bool, error) 
 		return false, nil
 	}
 	return false, fmt.Errorf("cancel %s: %w", d.DispatchID, err)
+}
+
+// executingSettled is executing, after waiting (at most CancelWait) while
+// a claim of id's thread is completing here, or a finished attempt hands
+// the thread over to its next dispatch, claimed with its completion: the
+// attempt to act on is the one that comes out of it. id is a thread, a
+// dispatch or a run; the last two are looked up to find their thread.
+func (m *Mailbox) executingSettled(ctx context.Context, id string) *execution {
+	inTransit := func(thread string) bool {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		e := m.threads[thread]
+		return e != nil && (e.claiming || e.handoff.Load())
+	}
+	thread := id
+	m.mu.Lock()
+	_, isThread := m.threads[id]
+	m.mu.Unlock()
+	if !isThread {
+		if d, err := m.store.LoadDispatch(ctx, id); err == nil && d != nil {
+			thread = d.ThreadID
+		} else if r, err := m.store.LoadRun(ctx, id); err == nil && r != nil {
+			thread = r.ThreadID
+		}
+	}
+	deadline := time.Now().Add(m.cfg.CancelWait)
+	for inTransit(thread) && time.Now().Before(deadline) && ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return m.executing(id)
 }
 
 // executing returns the attempt executing here whose run, dispatch or
