@@ -324,9 +324,17 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		here := len(m.threads)
 		closing := m.closing
 		m.mu.Unlock()
-		if free <= 0 || closing {
-			// Woken while every slot is taken: threads may be waiting.
-			m.starved.Store(!closing)
+		if closing {
+			m.starved.Store(false)
+			return 0
+		}
+		if free <= 0 {
+			// Woken while every slot is taken: a thread is waiting if the
+			// ready index lists one (it lists no thread holding a claim,
+			// so none of those executing here). If not, finishing
+			// attempts go on claiming their own thread's next dispatch.
+			threads, _, err := m.store.ReadyThreads(ctx, m.cfg.Now()-m.sharedClaimGrace(), 1)
+			m.starved.Store(err != nil || len(threads) > 0)
 			return 0
 		}
 		// Threads still held here are skipped (their attempt claims
