@@ -65,8 +65,14 @@ type execFaultStore struct {
 	// completeClaimErr makes the next n CompleteAndClaim calls fail as if
 	// the claim half found a corrupt record (nothing written).
 	completeClaimErr atomic.Int32
-	// storeCancels counts store Cancel calls.
+	// storeCancels counts store Cancel calls; readyCalls ReadyThreads calls.
 	storeCancels atomic.Int32
+	readyCalls   atomic.Int32
+}
+
+func (s *execFaultStore) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+	defer s.readyCalls.Add(1)
+	return s.Store.ReadyThreads(ctx, now, limit)
 }
 
 func (s *execFaultStore) Cancel(ctx context.Context, id string, now int64) (*engine.Dispatch, error) {

@@ -12,7 +12,7 @@ import (
 // the previous attempt (CompleteClaimer): one Claim for five runs, run in
 // order, one at a time.
 func TestCompletionClaimsTheThreadsNextDispatch(t *testing.T) {
-	gate, open := execRelease(t)
+	var gate <-chan struct{}
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		if execText(req.Messages[0]) == "m0" {
 			<-gate // the others queue behind the first
@@ -20,6 +20,7 @@ func TestCompletionClaimsTheThreadsNextDispatch(t *testing.T) {
 		return complete(ctx, req, sink)
 	}
 	r, fs := newExecRig(t, newFake(1, script), engine.Config{}, nil)
+	gate, open := execRelease(t) // after the rig: released before its Stop
 	r.start(t)
 	ctx := context.Background()
 	const thread = "busy-thread"
@@ -32,6 +33,13 @@ func TestCompletionClaimsTheThreadsNextDispatch(t *testing.T) {
 		ids = append(ids, res.DispatchID)
 	}
 	eventually(t, "the first run started", func() bool { runs, _, _ := r.exec.stats(); return runs == 1 })
+	// Wake the dispatcher while the only slot is taken (a submit arriving
+	// while a claim is in flight does that too): it must find nobody
+	// waiting — the thread's own work is not — or the finishing attempts
+	// would leave their slot to it and claim nothing on completion.
+	readyBefore := fs.readyCalls.Load()
+	r.mb.Sweep(ctx)
+	eventually(t, "the dispatcher looked with the slot taken", func() bool { return fs.readyCalls.Load() > readyBefore })
 	open()
 	eventually(t, "all five acked", func() bool {
 		for _, id := range ids {
