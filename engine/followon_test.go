@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,29 +73,9 @@ func TestCompletionClaimsTheThreadsNextDispatch(t *testing.T) {
 // attempt, waits for the hand-over and supersedes the next attempt instead
 // of failing with an active-run conflict.
 func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
-	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		return complete(ctx, req, sink)
-	}
-	hold := make(chan struct{})
-	r, fs := newExecRig(t, newFake(2, script), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
-		fs.afterCompleteClaim = func(*engine.Dispatch) { <-hold }
-	})
-	ctx := context.Background()
 	const thread = "handoff-thread"
-	// Two queued dispatches before the start: the first runs, the second
-	// is claimed with the first's completion, which then waits on hold.
-	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	second, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("second")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.start(t)
-	eventually(t, "the second dispatch claimed with the first's completion", func() bool {
-		return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked && dispatchStatus(t, r.store, second.DispatchID) == engine.StatusClaimed
-	})
+	r, fs, second, release := heldHandOff(t, thread, complete)
+	ctx := context.Background()
 	type result struct {
 		res engine.SubmitResult
 		err error
@@ -105,7 +86,7 @@ func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
 		done <- result{res, err}
 	}()
 	eventually(t, "the foreground submit interrupted the thread", func() bool { return fs.interrupts.Load() > 0 })
-	close(hold)
+	release()
 	got := <-done
 	if got.err != nil {
 		t.Fatalf("foreground submit during the hand-over: %v", got.err)
@@ -154,7 +135,6 @@ func TestFailedNextClaimDoesNotCostTheCompletion(t *testing.T) {
 // the hand-over and cancels it (it used to find only the finished attempt
 // and report nothing cancelled, and the dispatch ran).
 func TestCancelDuringCompletionHandOff(t *testing.T) {
-	hold := make(chan struct{})
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		if execText(req.Messages[0]) == "second" {
 			<-ctx.Done() // runs until cancelled
@@ -162,23 +142,8 @@ func TestCancelDuringCompletionHandOff(t *testing.T) {
 		}
 		return complete(ctx, req, sink)
 	}
-	r, fs := newExecRig(t, newFake(2, script), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
-		fs.afterCompleteClaim = func(*engine.Dispatch) { <-hold }
-	})
+	r, fs, second, release := heldHandOff(t, "cancel-handoff", script)
 	ctx := context.Background()
-	const thread = "cancel-handoff"
-	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	second, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("second")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.start(t)
-	eventually(t, "the second dispatch claimed with the first's completion", func() bool {
-		return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked && dispatchStatus(t, r.store, second.DispatchID) == engine.StatusClaimed
-	})
 	type result struct {
 		ok  bool
 		err error
@@ -194,9 +159,9 @@ func TestCancelDuringCompletionHandOff(t *testing.T) {
 	case got = <-done:
 		// Answered while the hand-over is still held: it cannot have
 		// found the attempt it is meant to cancel.
-		close(hold)
+		release()
 	case <-time.After(100 * time.Millisecond):
-		close(hold)
+		release()
 		got = <-done
 	}
 	if got.err != nil || !got.ok {
@@ -217,4 +182,40 @@ func loadDispatch(t *testing.T, r *rig, id string) engine.Dispatch {
 		t.Fatalf("load %s: %v %v", id, d, err)
 	}
 	return *d
+}
+
+// heldHandOff starts a rig whose thread has two queued dispatches: the
+// first runs, and the commit that completes it claims the second, whose
+// hand-over then waits until release is called (at the latest before the
+// rig stops).
+func heldHandOff(t *testing.T, thread string, script func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome) (r *rig, fs *execFaultStore, second engine.SubmitResult, release func()) {
+	t.Helper()
+	var hold, queued <-chan struct{}
+	var held atomic.Bool
+	wrapped := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "first" {
+			<-queued // the second dispatch is queued before the first finishes
+		}
+		return script(ctx, req, sink)
+	}
+	r, fs = newExecRig(t, newFake(2, wrapped), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
+		fs.afterCompleteClaim = func(*engine.Dispatch) { held.Store(true); <-hold }
+	})
+	// Both released before the rig stops (cleanups run in reverse order).
+	hold, release = execRelease(t)
+	queued, bothQueued := execRelease(t)
+	ctx := context.Background()
+	first, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second, err = r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("second")}}); err != nil {
+		t.Fatal(err)
+	}
+	bothQueued()
+	r.start(t)
+	eventually(t, "the second dispatch claimed with the first's completion", func() bool {
+		return held.Load() && dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked && dispatchStatus(t, r.store, second.DispatchID) == engine.StatusClaimed
+	})
+	return r, fs, second, release
 }
