@@ -274,10 +274,21 @@ func (m *Mailbox) executingSettled(ctx context.Context, id string) *execution {
 		e := m.threads[thread]
 		return e != nil && (e.claiming || e.handoff.Load())
 	}
-	thread := id
+	// Nothing in transit here (the common case): no lookups, no wait.
 	m.mu.Lock()
 	_, isThread := m.threads[id]
+	anyInTransit := false
+	for _, e := range m.threads {
+		if e.claiming || e.handoff.Load() {
+			anyInTransit = true
+			break
+		}
+	}
 	m.mu.Unlock()
+	if !anyInTransit {
+		return m.executing(id)
+	}
+	thread := id
 	if !isThread {
 		if d, err := m.store.LoadDispatch(ctx, id); err == nil && d != nil {
 			thread = d.ThreadID
