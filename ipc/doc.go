@@ -32,7 +32,10 @@
 // read) into pooled payload buffers, a Writer that serialises frames from
 // concurrent goroutines, one write call per frame, and the JSON payloads
 // both sides share (Hello, Welcome, Status, Command, CommandAck …). It
-// depends on the standard library only.
+// depends on the standard library and github.com/goccy/go-json only (its
+// JSON check, several times faster than encoding/json's and held to the
+// same verdicts by FuzzValidAgreesWithStdlib; the SDK uses the same
+// library).
 //
 // Package ipc/hub is the sidecar side (it implements engine.Executor);
 // package ipc/agent is the SDK for agent authors. docs/protocol.md is the

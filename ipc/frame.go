@@ -3,7 +3,6 @@ package ipc
 import (
 	"bufio"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +10,8 @@ import (
 	"net"
 	"sync"
 	"unicode/utf8"
+
+	json "github.com/goccy/go-json"
 )
 
 const (
@@ -170,7 +171,7 @@ func CheckPayload(t FrameType, payload []byte) error {
 		return fmt.Errorf("%w: %s payload starts with %q", ErrBadJSON, t, payload[i])
 	case !utf8.Valid(payload):
 		return fmt.Errorf("%w: %s payload is not UTF-8", ErrBadJSON, t)
-	case !json.Valid(payload):
+	case !json.Valid(payload): // goccy's: ≈ 5× stdlib's, same verdicts (FuzzValidAgreesWithStdlib)
 		return fmt.Errorf("%w: %s payload is malformed", ErrBadJSON, t)
 	}
 	return nil

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"io"
+	"net"
+	"sync/atomic"
 	"testing"
 )
 
@@ -143,4 +145,61 @@ func BenchmarkFramesOverUnixSocket(b *testing.B) {
 		b.Fatal(err)
 	}
 	reportFrames(b, b.N)
+}
+
+// countingConn counts the Write calls that reach a connection.
+type countingConn struct {
+	net.Conn
+	writes atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(p)
+}
+
+// BenchmarkFramesOverUnixSocketConcurrent: as BenchmarkFramesOverUnixSocket,
+// with 64 goroutines sharing the Writer (the runs of one agent
+// connection). writes/frame is the Write calls per frame: below 1 when
+// the Writer groups concurrent frames.
+func BenchmarkFramesOverUnixSocketConcurrent(b *testing.B) {
+	const writers = 64
+	client, server := unixPair(b)
+	cc := &countingConn{Conn: client}
+	payload := eventPayload(benchPayloadSize)
+	w := NewWriter(cc, WriterConfig{})
+	r := NewReader(server, ReaderConfig{})
+	b.SetBytes(int64(HeaderSize + len(payload)))
+	b.ReportAllocs()
+	b.ResetTimer()
+	done := make(chan error, writers)
+	for g := range writers {
+		go func() {
+			n := b.N / writers
+			if g < b.N%writers {
+				n++
+			}
+			for i := range n {
+				if err := w.WriteFrame(TypeEvent, 0, uint64(i), payload); err != nil {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range b.N {
+		f, err := r.ReadFrame()
+		if err != nil {
+			b.Fatal(err)
+		}
+		f.Release()
+	}
+	for range writers {
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+	}
+	reportFrames(b, b.N)
+	b.ReportMetric(float64(cc.writes.Load())/float64(b.N), "writes/frame")
 }

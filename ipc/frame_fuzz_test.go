@@ -2,9 +2,12 @@ package ipc
 
 import (
 	"bytes"
+	stdjson "encoding/json"
 	"errors"
 	"io"
 	"testing"
+
+	json "github.com/goccy/go-json"
 )
 
 // FuzzDecodeFrame feeds arbitrary bytes, delivered in reads of arbitrary
@@ -68,6 +71,25 @@ func FuzzDecodeFrame(f *testing.F) {
 			}
 			off += n
 			fr.Release()
+		}
+	})
+}
+
+// FuzzValidAgreesWithStdlib holds CheckPayload's JSON validator (goccy's,
+// several times faster) to the standard library's verdict on every input:
+// the protocol accepts exactly the JSON encoding/json accepts.
+func FuzzValidAgreesWithStdlib(f *testing.F) {
+	for _, s := range []string{
+		`{}`, `{"a":1}`, `{"a":"\u00e9"}`, `{"a":[1,2,{"b":null}]}`, `{"a":1e5}`, `{"a":-0.5E-3}`,
+		"{\"a\":\"\x01\"}", `{"a":01}`, `{"a":1.}`, `{"a" :  true }  `, `{"a":"\ud800"}`, `[1]`,
+		`{"a":1}{`, `{"a":1,}`, `{"a":tru}`, `{"a":"\x"}`, "{\"a\":\"\xff\"}", ` `, ``, `{"a":-}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Add(eventPayload(200))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		if got, want := json.Valid(p), stdjson.Valid(p); got != want {
+			t.Fatalf("Valid(%q) = %v, encoding/json says %v", p, got, want)
 		}
 	})
 }

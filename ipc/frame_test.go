@@ -583,9 +583,9 @@ func TestConcurrentWriters(t *testing.T) {
 	}
 }
 
-// TestStdlibOnly guards the SDK promise: ipc depends on the standard library
-// only (never Badger, fasthttp or metrics).
-func TestStdlibOnly(t *testing.T) {
+// TestLightDependencies guards the SDK promise: ipc depends on the standard
+// library and the JSON library only (never Badger, fasthttp or metrics).
+func TestLightDependencies(t *testing.T) {
 	t.Parallel()
 	goTool, err := exec.LookPath("go")
 	if err != nil {
@@ -596,7 +596,10 @@ func TestStdlibOnly(t *testing.T) {
 		t.Fatalf("go list: %v", err)
 	}
 	for _, dep := range strings.Fields(string(out)) {
-		if dep != "github.com/mailbox-sidecar/mailbox-sidecar/ipc" {
+		switch {
+		case dep == "github.com/mailbox-sidecar/mailbox-sidecar/ipc",
+			dep == "github.com/goccy/go-json", strings.HasPrefix(dep, "github.com/goccy/go-json/"):
+		default:
 			t.Errorf("ipc depends on %s", dep)
 		}
 	}
