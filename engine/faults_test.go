@@ -223,8 +223,11 @@ func newExecRig(t *testing.T, exec *fakeExecutor, cfg engine.Config, configure f
 }
 
 // execRelease returns a channel and a function that closes it once; the
-// function is also registered as a cleanup that runs before the rig's
-// Stop, so a script blocked on the channel never outlives the test.
+// function is also registered as a cleanup, so a script blocked on the
+// channel never outlives the test. Cleanups run last-registered first:
+// called after the rig is made, the release comes before the rig's Stop;
+// called before, after it — then the script must also watch its ctx
+// (Stop cancels it), as the seed-style scripts do.
 func execRelease(t *testing.T) (<-chan struct{}, func()) {
 	ch := make(chan struct{})
 	var once sync.Once
