@@ -250,6 +250,32 @@ func (c *recordCache) evict() {
 		c.fifo = c.fifo[:n]
 		c.head = 0
 	}
+	if len(c.fifo)-c.head > 2*len(c.m)+1024 {
+		c.dedupeFIFO()
+	}
+}
+
+// dedupeFIFO keeps each cached key once in the insertion queue, at its
+// first place. A key deleted other than by eviction (a latest-run entry a
+// commit made unknown) stays queued, and filling it again queues it a
+// second time; under budget nothing would ever drop those. c.mu is held.
+func (c *recordCache) dedupeFIFO() {
+	seen := make(map[string]struct{}, len(c.m))
+	n := 0
+	for _, k := range c.fifo[c.head:] {
+		if _, live := c.m[k]; !live {
+			continue
+		}
+		if _, dup := seen[k]; dup {
+			continue
+		}
+		seen[k] = struct{}{}
+		c.fifo[n] = k
+		n++
+	}
+	clear(c.fifo[n:])
+	c.fifo = c.fifo[:n]
+	c.head = 0
 }
 
 // clear empties the cache.

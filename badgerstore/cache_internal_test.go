@@ -130,6 +130,28 @@ func TestRecordCacheLatestRun(t *testing.T) {
 	latest("b")
 }
 
+// A latest-run entry that commits keep making unknown (a clock going
+// back) and reads keep filling again does not pile up in the insertion
+// queue while the cache is under budget.
+func TestRecordCacheQueueStaysBounded(t *testing.T) {
+	c := newRecordCache(1 << 20)
+	r := runAt("a", "t1", engine.RunCreated, 300)
+	latest := runLatestKey(&r)
+	p := threadPrefix(pRunLatest, "t1")
+	for range 3000 {
+		c.fillLatestRun(p, latest, c.seq) // a reader's scan found a
+		ws := newWriteSet()
+		ws.put(kvWrite{k: string(latest), del: true}) // a commit moved it below another run
+		c.apply(ws, c.seq+1)
+		if _, ok := c.getLatest(p); ok {
+			t.Fatal("the entry survived the deletion of the key it names")
+		}
+	}
+	if queued := len(c.fifo) - c.head; queued > 2*len(c.m)+1024 {
+		t.Fatalf("%d keys queued for %d cached", queued, len(c.m))
+	}
+}
+
 // The cache stays within its budget, dropping the oldest entries first.
 func TestRecordCacheBudget(t *testing.T) {
 	c := newRecordCache(10 * (entryOverhead + 8))

@@ -41,6 +41,9 @@ type snapshots struct {
 	seq    uint64             // commits published
 	floor  int64              // no live ready key is due before this
 	insMin [floorWindow]int64 // by seq % floorWindow: lowest ready key a commit inserted
+	// noRaiseUpTo: scans of snapshots up to this commit may not raise the
+	// floor (a commit after it failed, and Badger may have applied part).
+	noRaiseUpTo uint64
 }
 
 // floorWindow is how many commits a ReadyThreads scan may span and still
@@ -102,12 +105,22 @@ func (ss *snapshots) acquireReady() (sn *snapshot, floor int64, seq uint64) {
 	return ss.cur, ss.floor, ss.seq
 }
 
+// dropFloor lowers the floor to the bottom after a failed commit: Badger
+// may have applied part of it, ready keys included, and a failed commit's
+// inserts are not recorded.
+func (ss *snapshots) dropFloor() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.floor = math.MinInt64
+	ss.noRaiseUpTo = ss.seq // a scan of an older snapshot cannot vouch for what it applied
+}
+
 // raiseFloor records that the snapshot of commit seq had no live ready key
 // due before lowest (math.MaxInt64: none at all).
 func (ss *snapshots) raiseFloor(seq uint64, lowest int64) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if ss.seq-seq >= floorWindow {
+	if ss.seq-seq >= floorWindow || seq <= ss.noRaiseUpTo {
 		return // too many commits since: their inserts are forgotten
 	}
 	for s := seq + 1; s <= ss.seq; s++ {

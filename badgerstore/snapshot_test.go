@@ -3,6 +3,7 @@ package badgerstore_test
 import (
 	"context"
 	"errors"
+	"math"
 	"fmt"
 	"slices"
 	"sync"
@@ -73,6 +74,36 @@ func TestReadyFloorNeverHidesWork(t *testing.T) {
 
 // Readers racing writers: a thread enqueued below the floor while scans run
 // is never missed once its enqueue has returned.
+// A failed commit drops the ready-index floor to the bottom (Badger may
+// have applied part of it, ready keys included).
+func TestReadyFloorDropsAfterAFailedCommit(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	if _, err := s.Enqueue(ctx, queued("d1", "t1", 2000)); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.ReadyThreads(ctx, 5000, 10); err != nil {
+		t.Fatal(err)
+	}
+	if f := s.ReadyFloor(); f != 2000 {
+		t.Fatalf("floor = %d, want 2000", f)
+	}
+	release := make(chan error, 1)
+	entered := make(chan struct{}, 1)
+	s.HoldCommits(release, entered)
+	done := make(chan error, 1)
+	go func() { _, err := s.Enqueue(ctx, queued("d2", "t2", 3000)); done <- err }()
+	<-entered
+	release <- errors.New("injected commit failure")
+	if err := <-done; err == nil {
+		t.Fatal("enqueue committed, want the injected failure")
+	}
+	if f := s.ReadyFloor(); f != math.MinInt64 {
+		t.Fatalf("floor = %d after a failed commit, want the bottom", f)
+	}
+}
+
 func TestReadyFloorConcurrentInserts(t *testing.T) {
 	t.Parallel()
 	s := mustOpen(t, badgerstore.Options{InMemory: true})

@@ -391,19 +391,33 @@ func (s *Store) writer() {
 	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: s.reads.cache}
 	cur := &building{}
 	var fl *inflight // the batch Badger is writing, if any
-	var carry *op    // an operation that did not fit cur: it opens the next batch
+	var carry []*op  // operations that did not fit cur: they open the next batch, in order
+	// spill puts the operations a rebuild of cur took out of it (and then
+	// o, when it did not fit cur either) at the head of carry.
+	spill := func(o *op) {
+		head := cur.spilled
+		cur.spilled = nil
+		if o != nil {
+			head = append(head, o)
+		}
+		if len(head) > 0 {
+			carry = append(head, carry...)
+		}
+	}
 	open := true
 	for {
-		if carry != nil && !cur.full {
-			o := carry
-			carry = nil
+		for len(carry) > 0 && !cur.full {
+			o := carry[0]
+			carry = carry[1:]
 			if !s.add(cur, o, w) {
-				carry = o // cur was not empty: it goes into the next one
+				spill(o) // cur was not empty: it goes into the next one
+				break
 			}
+			spill(nil)
 		}
 		if fl == nil && len(cur.ops) > 0 {
 			// Nothing in flight: take what is already waiting, then send.
-			for open && !cur.full && carry == nil {
+			for open && !cur.full && len(carry) == 0 {
 				select {
 				case o, ok := <-s.ops:
 					if !ok {
@@ -411,7 +425,9 @@ func (s *Store) writer() {
 						break
 					}
 					if !s.add(cur, o, w) {
-						carry = o
+						spill(o)
+					} else {
+						spill(nil)
 					}
 					continue
 				default:
@@ -422,12 +438,12 @@ func (s *Store) writer() {
 			cur = &building{}
 			continue
 		}
-		if !open && fl == nil && carry == nil {
+		if !open && fl == nil && len(carry) == 0 && len(cur.ops) == 0 {
 			s.release(w)
 			return
 		}
 		var ops chan *op
-		if open && !cur.full && carry == nil {
+		if open && !cur.full && len(carry) == 0 {
 			ops = s.ops
 		}
 		var flDone chan struct{}
@@ -441,7 +457,9 @@ func (s *Store) writer() {
 				continue
 			}
 			if !s.add(cur, o, w) {
-				carry = o
+				spill(o)
+			} else {
+				spill(nil)
 			}
 		case <-flDone:
 			failed := fl.err != nil
@@ -450,6 +468,7 @@ func (s *Store) writer() {
 			if failed && len(cur.ops) > 0 {
 				// cur read the failed batch's writes: run it again.
 				s.rebuild(cur, w)
+				spill(nil)
 			}
 		}
 	}
@@ -463,6 +482,9 @@ type building struct {
 	results []error
 	writes  *writeSet
 	full    bool // no more operations fit
+	// spilled are operations a rebuild took out of the batch because they
+	// no longer fit it; the writer runs them again in the next batch.
+	spilled []*op
 }
 
 // inflight is a batch handed to Badger and not yet durable.
@@ -523,7 +545,7 @@ func (s *Store) add(b *building, o *op, w *writeTx) bool {
 		return true
 	}
 	s.rebuild(b, w)
-	b.full = true
+	b.full = len(b.ops) > 0 // an empty batch takes o next (the rebuild refused or spilled the rest)
 	return false
 }
 
@@ -542,31 +564,52 @@ func (s *Store) runInto(b *building, o *op, w *writeTx) (err, ferr error) {
 }
 
 // rebuild runs b's operations again in a fresh transaction (after the
-// batch they read failed, or after one did not fit).
+// batch they read failed, or after one did not fit). Run again, on another
+// state, an operation may write more than it did: one whose writes do not
+// fit a transaction on their own is answered with the error; one that no
+// longer fits next to those before it ends the batch, and it and those
+// after it go to b.spilled, to run again in the next batch.
 func (s *Store) rebuild(b *building, w *writeTx) {
+	ops := b.ops
+	b.ops, b.results = make([]*op, 0, len(ops)), make([]error, 0, len(ops))
+	s.restart(b, w)
+	for i, o := range ops {
+		err, ferr := s.runInto(b, o, w)
+		if ferr == nil {
+			b.ops, b.results = append(b.ops, o), append(b.results, err)
+			continue
+		}
+		if len(b.ops) == 0 {
+			// Too large on its own: refused, as add refuses it.
+			s.answer(o, flushError(o.name, ferr))
+			s.restart(b, w)
+			continue
+		}
+		// Part of o's writes may sit in the transaction: run the ones
+		// before it again, without it.
+		rest := append([]*op(nil), ops[i:]...)
+		s.rebuild(b, w)
+		b.spilled = append(b.spilled, rest...)
+		b.full = len(b.ops) > 0
+		return
+	}
+	b.full = len(b.ops) >= maxBatch
+	if len(b.ops) == 0 {
+		b.txn.Discard()
+		b.txn = nil
+		b.writes.reset()
+	}
+}
+
+// restart gives b a fresh transaction and write set (b's operations are
+// to be run again).
+func (s *Store) restart(b *building, w *writeTx) {
 	if b.txn != nil {
 		b.txn.Discard()
 		b.txn = nil
 	}
 	b.writes.reset()
 	s.begin(b, w)
-	for i, o := range b.ops {
-		err, ferr := s.runInto(b, o, w)
-		if ferr != nil {
-			// It fitted before with the same operations; refuse it rather
-			// than commit a partial write.
-			err = flushError(o.name, ferr)
-			b.txn.Discard()
-			b.txn = nil
-			for j := i; j < len(b.ops); j++ {
-				s.answer(b.ops[j], err)
-			}
-			b.ops, b.results = b.ops[:i], b.results[:i]
-			s.rebuild(b, w)
-			return
-		}
-		b.results[i] = err
-	}
 }
 
 // send hands b to Badger and returns it as the batch in flight; its
@@ -590,6 +633,10 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	commit(func(cerr error) {
 		if cerr != nil {
 			cerr = fmt.Errorf("commit: %w", unavailable(cerr))
+			// Badger may have applied part of it, ready keys included:
+			// before anyone is answered, the floor no longer trusts
+			// what it knew.
+			s.reads.dropFloor()
 		} else {
 			// Applied, and nothing else is in flight: this does not wait.
 			// Published before anyone is answered (read-your-writes).

@@ -1,0 +1,239 @@
+package badgerstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// heldFirstCommit opens a store whose first commit waits until the test
+// fails or releases it; every later commit goes through at once.
+func heldFirstCommit(t *testing.T, opts Options) (s *Store, entered <-chan struct{}, fail func(error)) {
+	t.Helper()
+	opts.Dir = t.TempDir()
+	s, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan error)
+	in := make(chan struct{}, 1)
+	first := true
+	s.testCommit = func(txn *badger.Txn) func(cb func(error)) {
+		held := first
+		first = false
+		return func(cb func(error)) {
+			if !held {
+				txn.CommitWith(cb)
+				return
+			}
+			go func() {
+				in <- struct{}{}
+				if err := <-release; err != nil {
+					txn.Discard()
+					cb(err)
+					return
+				}
+				txn.CommitWith(cb)
+			}()
+		}
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			return // the writer may be stuck: Close would hang
+		}
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return s, in, func(err error) { release <- err }
+}
+
+// await returns what ch delivers, failing the test if nothing comes
+// within 10 s (a stuck writer).
+func await(t *testing.T, what string, ch <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: no answer within 10 s: the writer is stuck", what)
+		return nil
+	}
+}
+
+// startOp runs fn as one operation and reports on ran once it has run the
+// first time (it runs again in a rebuild).
+func startOp(s *Store, name string, ran chan<- struct{}, fn opFunc) <-chan error {
+	out := make(chan error, 1)
+	once := false
+	go func() {
+		out <- s.update(context.Background(), name, func(w *writeTx) error {
+			err := fn(w)
+			if !once {
+				once = true
+				ran <- struct{}{}
+			}
+			return err
+		})
+	}()
+	return out
+}
+
+func bigText(n int) json.RawMessage {
+	b, _ := json.Marshal(strings.Repeat("x", n))
+	return b
+}
+
+func sizedMessages(prefix string, count, size int) []engine.Message {
+	out := make([]engine.Message, count)
+	for i := range out {
+		out[i] = engine.Message{ID: fmt.Sprintf("%s-%d", prefix, i), Role: engine.RoleUser, Content: bigText(size)}
+	}
+	return out
+}
+
+// An operation that conflicted on top of the batch in flight may write
+// much more when that batch fails and its own batch is run again. When it
+// is too large on its own, only it is refused: the operations after it
+// are run again, not answered with its error, and the writer goes on
+// (it used to refuse them all and, with the batch full, stop for good).
+func TestRebuildRefusesOnlyTheOperationTooLargeAlone(t *testing.T) {
+	s, entered, fail := heldFirstCommit(t, Options{ValueLogFileSize: 1 << 20})
+	ctx := context.Background()
+	ran := make(chan struct{}, maxBatch)
+
+	a := startOp(s, "a", ran, func(w *writeTx) error {
+		_, err := w.checkpoint(&engine.Checkpoint{ThreadID: "t1", Messages: sizedMessages("a", 1, 2)}, nil)
+		return err
+	})
+	<-entered // a is in flight
+	<-ran
+	// b expects an empty log: on top of a it conflicts and writes nothing;
+	// without a it writes a value larger than a value-log file.
+	b := startOp(s, "b", ran, func(w *writeTx) error {
+		_, err := w.checkpoint(&engine.Checkpoint{ThreadID: "t1", Messages: sizedMessages("b", 1, 1100<<10)}, nil)
+		return err
+	})
+	<-ran
+	const n = maxBatch - 1 // the batch is full
+	small := make([]<-chan error, n)
+	for i := range small {
+		small[i] = startOp(s, "small", ran, func(w *writeTx) error {
+			w.set(fmt.Appendf(nil, "zz-%03d", i), []byte("v"))
+			return nil
+		})
+		<-ran
+	}
+	fail(errors.New("injected commit failure"))
+	if err := await(t, "a", a); err == nil {
+		t.Fatal("a: committed, want the injected failure")
+	}
+	if err := await(t, "b", b); !errors.Is(err, engine.ErrTooLarge) {
+		t.Fatalf("b: %v, want ErrTooLarge", err)
+	}
+	for i, c := range small {
+		if err := await(t, "small operation", c); err != nil {
+			t.Fatalf("small operation %d: %v", i, err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.RawSet([]byte("zz-after"), []byte("1")) }()
+	if err := await(t, "a write after the rebuild", done); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if _, ok, err := s.RawGet(fmt.Appendf(nil, "zz-%03d", i)); err != nil || !ok {
+			t.Fatalf("zz-%03d: found %v, %v", i, ok, err)
+		}
+	}
+	if rep, err := s.Verify(ctx); err != nil || len(rep.Problems) > 0 {
+		t.Fatalf("verify: %v %v", err, rep.Problems)
+	}
+}
+
+// When an operation no longer fits next to those before it in the rebuilt
+// batch (though it fits alone), it and those after it run again in the
+// next batch instead of being refused.
+func TestRebuildSpillsWhatNoLongerFitsToTheNextBatch(t *testing.T) {
+	// A 4 MiB memtable limits a transaction to 600 KiB of small values.
+	s, entered, fail := heldFirstCommit(t, Options{MemTableSize: 4 << 20})
+	ctx := context.Background()
+	ran := make(chan struct{}, 8)
+
+	a := startOp(s, "a", ran, func(w *writeTx) error {
+		_, err := w.checkpoint(&engine.Checkpoint{ThreadID: "t1", Messages: sizedMessages("a", 1, 2)}, nil)
+		return err
+	})
+	<-entered
+	<-ran
+	// b1 writes 420 KB on its own thread; b2 conflicts on top of a, and
+	// without a writes another 420 KB: more than one transaction takes.
+	b1 := startOp(s, "b1", ran, func(w *writeTx) error {
+		_, err := w.checkpoint(&engine.Checkpoint{ThreadID: "t2", Messages: sizedMessages("b1", 7, 60<<10)}, nil)
+		return err
+	})
+	<-ran
+	b2 := startOp(s, "b2", ran, func(w *writeTx) error {
+		_, err := w.checkpoint(&engine.Checkpoint{ThreadID: "t1", Messages: sizedMessages("b2", 7, 60<<10)}, nil)
+		return err
+	})
+	<-ran
+	c := startOp(s, "c", ran, func(w *writeTx) error {
+		w.set([]byte("zz-c"), []byte("v"))
+		return nil
+	})
+	<-ran
+	fail(errors.New("injected commit failure"))
+	if err := await(t, "a", a); err == nil {
+		t.Fatal("a: committed, want the injected failure")
+	}
+	for name, ch := range map[string]<-chan error{"b1": b1, "b2": b2, "c": c} {
+		if err := await(t, name, ch); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	for thread, want := range map[string]int{"t1": 7, "t2": 7} {
+		msgs, err := s.LoadMessages(ctx, thread)
+		if err != nil || len(msgs) != want {
+			t.Fatalf("%s: %d messages (%v), want %d", thread, len(msgs), err, want)
+		}
+	}
+	if rep, err := s.Verify(ctx); err != nil || len(rep.Problems) > 0 {
+		t.Fatalf("verify: %v %v", err, rep.Problems)
+	}
+}
+
+// After a failed commit the ready-index floor drops to the bottom, and a
+// scan of a snapshot from before the failure cannot raise it again:
+// Badger may have applied part of the failed commit, ready keys included,
+// and the failed commit's inserts are recorded nowhere.
+func TestFailedCommitDropsTheReadyFloor(t *testing.T) {
+	ss := &snapshots{cache: newRecordCache(0)}
+	ss.publish(nil, nil, math.MinInt64) // commit 1
+	ss.raiseFloor(1, 100)
+	if ss.floor != 100 {
+		t.Fatalf("floor %d, want 100", ss.floor)
+	}
+	ss.dropFloor() // commit 2 failed
+	if ss.floor != math.MinInt64 {
+		t.Fatalf("floor %d after a failed commit, want the bottom", ss.floor)
+	}
+	ss.raiseFloor(1, 100) // a scan of commit 1's snapshot
+	if ss.floor != math.MinInt64 {
+		t.Fatalf("a scan from before the failure raised the floor to %d", ss.floor)
+	}
+	ss.publish(nil, nil, math.MaxInt64) // commit 2, after the failure
+	ss.raiseFloor(2, 100)
+	if ss.floor != 100 {
+		t.Fatalf("floor %d, want 100 from a scan after the failure", ss.floor)
+	}
+}
