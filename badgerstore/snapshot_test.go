@@ -3,8 +3,8 @@ package badgerstore_test
 import (
 	"context"
 	"errors"
-	"math"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"testing"
