@@ -390,8 +390,10 @@ func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken str
 		return nil
 	}, func(w *writeTx, d *engine.Dispatch) error {
 		var err error
-		next, err = w.claimNext(d.ThreadID, consumerID, token, now+ms, now)
-		return err
+		if next, err = w.claimNext(d.ThreadID, consumerID, token, now+ms, now); err != nil {
+			return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err

@@ -33,6 +33,12 @@ var (
 	ErrUnavailable = errors.New("io error")
 	// ErrDataDirInUse reports that another process holds the data directory.
 	ErrDataDirInUse = errors.New("data directory in use by another process")
+	// ErrNextClaim marks a CompleteAndClaim that failed in its claim half
+	// (CompleteClaimer): nothing was written, and the attempt is to be
+	// completed alone. What it wraps may be any error, a stale claim
+	// included (a damaged record of the next dispatch), so the engine
+	// tells the halves apart by this mark, not by the error's kind.
+	ErrNextClaim = errors.New("claim of the thread's next dispatch failed")
 )
 
 // ConflictError carries the two versions of a version conflict: epochs for

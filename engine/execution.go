@@ -423,11 +423,11 @@ func (m *Mailbox) complete(ctx context.Context, e *execution, res RunResult, now
 	}
 	e.handoff.Store(false)
 	var conflict *ConflictError
-	if err == nil || errors.Is(err, ErrStaleClaim) || errors.Is(err, ErrNotFound) || errors.As(err, &conflict) {
-		return err
+	if err == nil || !errors.Is(err, ErrNextClaim) && (errors.Is(err, ErrStaleClaim) || errors.Is(err, ErrNotFound) || errors.As(err, &conflict)) {
+		return err // Complete's own answer
 	}
-	// The claim half may have failed (say, a corrupt record of the next
-	// dispatch): that must not cost this attempt its completion.
+	// The claim half failed (say, a damaged record of the next dispatch),
+	// or the commit did: that must not cost this attempt its completion.
 	m.log.Warn("complete with the next claim failed; completing alone", "dispatch_id", d.DispatchID, "err", err)
 	return m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now)
 }

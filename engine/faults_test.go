@@ -63,7 +63,8 @@ type execFaultStore struct {
 	interrupts atomic.Int32
 	claimHits  atomic.Int32
 	// completeClaimErr makes the next n CompleteAndClaim calls fail as if
-	// the claim half found a corrupt record (nothing written).
+	// the claim half found the next dispatch's record damaged (nothing
+	// written; a stale claim, marked ErrNextClaim as the contract says).
 	completeClaimErr atomic.Int32
 	// storeCancels counts store Cancel calls; readyCalls ReadyThreads calls.
 	storeCancels atomic.Int32
@@ -129,7 +130,7 @@ func (s *execFaultStore) CompleteAndClaim(ctx context.Context, id, token string,
 		return nil, errExecSettle
 	}
 	if execTake(&s.completeClaimErr) {
-		return nil, fmt.Errorf("claim next: index names missing dispatch x: %w", engine.ErrCorrupt)
+		return nil, fmt.Errorf("%w: claim dispatch x: %w", engine.ErrNextClaim, engine.ErrStaleClaim)
 	}
 	if s.claimErr.Load() > 0 || s.claimEmpty.Load() > 0 || s.interruptAfterClaim.Load() {
 		return nil, s.Store.Complete(ctx, id, token, r, now)

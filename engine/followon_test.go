@@ -103,9 +103,11 @@ func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
 	eventually(t, "slots released", func() bool { return r.mb.InFlight() == 0 })
 }
 
-// A completion whose claim of the next dispatch fails (a corrupt record of
+// A completion whose claim of the next dispatch fails (a damaged record of
 // that dispatch, say) still completes its own attempt: the engine
-// completes alone, and the next dispatch is claimed the ordinary way.
+// completes alone, and the next dispatch is claimed the ordinary way. The
+// failure is a stale claim, which Complete itself could answer too: the
+// engine tells the halves apart by ErrNextClaim.
 func TestFailedNextClaimDoesNotCostTheCompletion(t *testing.T) {
 	r, fs := newExecRig(t, newFake(2, complete), engine.Config{}, func(fs *execFaultStore) { fs.completeClaimErr.Store(1) })
 	ctx := context.Background()

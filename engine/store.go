@@ -243,8 +243,8 @@ type CompleteClaimer interface {
 	// Claim(the dispatch's thread, consumerID, lease, now); next is nil
 	// when nothing was claimable. When Complete fails (a stale token, a
 	// superseded dispatch) nothing is claimed, and the error is
-	// Complete's. When the claim fails, nothing at all is written (the
-	// engine then completes alone).
+	// Complete's. When the claim fails, nothing at all is written and the
+	// error wraps ErrNextClaim (the engine then completes alone).
 	CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64, consumerID string, lease time.Duration) (next *Dispatch, err error)
 }
 

@@ -339,8 +339,10 @@ func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken str
 		return t.complete(d, result, now)
 	}, func(t *txn, d *engine.Dispatch) error {
 		var err error
-		next, err = t.claimNext(d.ThreadID, consumerID, token, now+ms, now)
-		return err
+		if next, err = t.claimNext(d.ThreadID, consumerID, token, now+ms, now); err != nil {
+			return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err
