@@ -87,11 +87,12 @@ func ClassifyFailure(kind, code string) OutcomeKind {
 // HandleLive applies a live command that another process routed to a run
 // executing here (the receiving side of a LiveRouter). The target must
 // match exactly: a stale target for an older run or dispatch of the
-// thread is refused. It reports whether the command was accepted.
+// thread is refused. A claim or hand-over of the thread in flight here is
+// waited for (up to CancelWait), as a local Cancel waits: the command may
+// be for the attempt that comes out of it. It reports whether the command
+// was accepted.
 func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCommand) bool {
-	m.mu.Lock()
-	e := m.threads[target.ThreadID]
-	m.mu.Unlock()
+	e := m.settledEntry(ctx, target.ThreadID)
 	if e == nil || e.claiming || e.dispatch.RunID != target.RunID ||
 		(target.DispatchID != "" && e.dispatch.DispatchID != target.DispatchID) {
 		return false
@@ -114,4 +115,22 @@ func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCom
 		return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: cmd.Decisions})
 	}
 	return false
+}
+
+// settledEntry returns the thread's entry here once no claim or hand-over
+// of it is in flight (waiting up to CancelWait or until ctx ends), or nil.
+func (m *Mailbox) settledEntry(ctx context.Context, thread string) *execution {
+	deadline := time.Now().Add(m.cfg.CancelWait)
+	for {
+		m.mu.Lock()
+		e := m.threads[thread]
+		m.mu.Unlock()
+		if e == nil || !e.claiming && !e.handoff.Load() || !time.Now().Before(deadline) || ctx.Err() != nil {
+			return e
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Millisecond):
+		}
+	}
 }

@@ -684,7 +684,9 @@ func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 			target := LiveTarget{ThreadID: active.ThreadID, RunID: active.RunID, DispatchID: active.DispatchID}
 			delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveCancel})
 			if err != nil || !delivered {
-				return false
+				// It may have finished (or been settled) meanwhile.
+				ok, err := released()
+				return err == nil && ok
 			}
 			routed = true
 			continue
