@@ -172,8 +172,11 @@ func (m *Mailbox) finish(e *execution) {
 		return
 	}
 	// The thread's next dispatch is claimed here, without a scan of every
-	// ready thread, unless other threads may be waiting for a slot.
-	if !closing && !m.starved.Load() && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
+	// ready thread, unless other threads may be waiting for a slot, or the
+	// attempt was interrupted: then a foreground submit is about to claim
+	// the thread inline, and the slot is left free for it.
+	interrupted := errors.Is(context.Cause(e.ctx), errInterrupted)
+	if !closing && !interrupted && !m.starved.Load() && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
 		return
 	}
 	m.kick()
@@ -366,7 +369,12 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			}
 			time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
 		}
-		if err != nil {
+		switch {
+		case err == nil:
+		case errors.Is(err, ErrVersionConflict) || errors.Is(err, ErrNotFound):
+			// A cancel or an interrupt settled the dispatch first.
+			log.Info("complete refused: the dispatch was settled meanwhile", "err", err)
+		default:
 			log.Warn("complete failed; the attempt will be retried after its lease", "err", err)
 		}
 	case OutcomeTransient:

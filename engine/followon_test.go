@@ -221,3 +221,36 @@ func heldHandOff(t *testing.T, thread string, script func(context.Context, *engi
 	})
 	return r, fs, second, release
 }
+
+// A foreground submit that interrupts the run holding the only agent slot
+// runs at once: it waits until the cancelled attempt has given its slot
+// back, not only until the store shows the dispatch released (it used to
+// come back queued most of the time, to start a moment later).
+func TestForegroundSubmitTakesTheSlotItFreed(t *testing.T) {
+	var release <-chan struct{}
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case <-ctx.Done():
+			return execCancelled()
+		case <-release:
+			return complete(ctx, req, sink)
+		}
+	}
+	r, _ := newExecRig(t, newFake(1, script), engine.Config{}, nil)
+	release, _ = execRelease(t) // after the rig: released before its Stop
+	r.start(t)
+	ctx := context.Background()
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "one-slot", Messages: []engine.Message{userMsg("hold")}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first run executing", func() bool { n, _, _ := r.exec.stats(); return n == 1 })
+	for i := range 10 {
+		res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "one-slot", Messages: []engine.Message{userMsg("hold")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != engine.SubmitRunning {
+			t.Fatalf("submit %d came back %s, want running", i, res.Status)
+		}
+	}
+}

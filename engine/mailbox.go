@@ -706,6 +706,16 @@ func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 			return false
 		}
 		if ok {
+			if done != nil {
+				// Released in the store; the attempt here still holds its
+				// slot until it has finished settling. Wait for that, or
+				// the caller's inline claim finds no slot free and queues.
+				select {
+				case <-done:
+				case <-ctx.Done():
+				case <-time.After(time.Until(deadline)):
+				}
+			}
 			return true
 		}
 		if time.Now().After(deadline) {
