@@ -116,35 +116,14 @@ func BenchmarkRawUnixSocket(b *testing.B) {
 
 // BenchmarkFramesOverUnixSocket writes 200-byte EVENT frames with a Writer on
 // one end of a Unix stream socket and reads them with a Reader on the other.
-func BenchmarkFramesOverUnixSocket(b *testing.B) {
-	client, server := unixPair(b)
-	payload := eventPayload(benchPayloadSize)
-	w := NewWriter(client, WriterConfig{})
-	r := NewReader(server, ReaderConfig{})
-	b.SetBytes(int64(HeaderSize + len(payload)))
-	b.ReportAllocs()
-	b.ResetTimer()
-	done := make(chan error, 1)
-	go func() {
-		for i := range b.N {
-			if err := w.WriteFrame(TypeEvent, 0, uint64(i), payload); err != nil {
-				done <- err
-				return
-			}
-		}
-		done <- nil
-	}()
-	for range b.N {
-		f, err := r.ReadFrame()
-		if err != nil {
-			b.Fatal(err)
-		}
-		f.Release()
-	}
-	if err := <-done; err != nil {
-		b.Fatal(err)
-	}
-	reportFrames(b, b.N)
+func BenchmarkFramesOverUnixSocket(b *testing.B) { framesOverUnixSocket(b, 1) }
+
+// BenchmarkFramesOverUnixSocketConcurrent: the same with 64 goroutines
+// sharing the Writer (the runs of one agent connection). writes/frame is
+// the Write calls per frame: below 1 only if the Writer grouped frames.
+func BenchmarkFramesOverUnixSocketConcurrent(b *testing.B) {
+	cc := framesOverUnixSocket(b, 64)
+	b.ReportMetric(float64(cc.writes.Load())/float64(b.N), "writes/frame")
 }
 
 // countingConn counts the Write calls that reach a connection.
@@ -158,12 +137,9 @@ func (c *countingConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// BenchmarkFramesOverUnixSocketConcurrent: as BenchmarkFramesOverUnixSocket,
-// with 64 goroutines sharing the Writer (the runs of one agent
-// connection). writes/frame is the Write calls per frame: below 1 when
-// the Writer groups concurrent frames.
-func BenchmarkFramesOverUnixSocketConcurrent(b *testing.B) {
-	const writers = 64
+// framesOverUnixSocket writes b.N frames from writers goroutines sharing one
+// Writer and reads them on the other end of a socket pair.
+func framesOverUnixSocket(b *testing.B, writers int) *countingConn {
 	client, server := unixPair(b)
 	cc := &countingConn{Conn: client}
 	payload := eventPayload(benchPayloadSize)
@@ -201,5 +177,5 @@ func BenchmarkFramesOverUnixSocketConcurrent(b *testing.B) {
 		}
 	}
 	reportFrames(b, b.N)
-	b.ReportMetric(float64(cc.writes.Load())/float64(b.N), "writes/frame")
+	return cc
 }
