@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -252,5 +253,39 @@ func TestForegroundSubmitTakesTheSlotItFreed(t *testing.T) {
 		if res.Status != engine.SubmitRunning {
 			t.Fatalf("submit %d came back %s, want running", i, res.Status)
 		}
+	}
+}
+
+// A foreground submit does not start its run while the interrupted
+// attempt still executes here, even when the store already shows that
+// attempt's dispatch released (a lease renewal of the interrupted claim
+// supersedes it): with an agent that ignores the cancel, the two runs of
+// the thread would overlap. The submit reports the conflict instead.
+func TestForegroundSubmitWaitsForTheInterruptedAttemptToEnd(t *testing.T) {
+	var release <-chan struct{}
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "stubborn" {
+			<-release // ignores the cancel
+		}
+		return complete(ctx, req, sink)
+	}
+	r, _ := newExecRig(t, newFake(2, script), engine.Config{RenewInterval: 5 * time.Millisecond, CancelWait: 300 * time.Millisecond}, nil)
+	release, _ = execRelease(t)
+	r.start(t)
+	ctx := context.Background()
+	bg, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "stubborn", Messages: []engine.Message{userMsg("stubborn")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the stubborn run executing", func() bool { n, _, _ := r.exec.stats(); return n == 1 })
+	_, _, err = r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "stubborn", Messages: []engine.Message{userMsg("now")}})
+	if !errors.Is(err, engine.ErrVersionConflict) {
+		t.Fatalf("foreground submit while the interrupted run still executes: %v, want a conflict", err)
+	}
+	if st := dispatchStatus(t, r.store, bg.DispatchID); st == engine.StatusClaimed {
+		t.Fatalf("the stubborn dispatch is still claimed: the renewal did not supersede it, so this test proves nothing")
+	}
+	if n, _, overlap := r.exec.stats(); n != 1 || overlap {
+		t.Fatalf("%d runs reached the agent (overlap %v), want only the stubborn one", n, overlap)
 	}
 }

@@ -641,8 +641,8 @@ func dispatchIDs(ds []Dispatch) []string {
 
 // cancelAndAwait cancels the thread's active attempt — here, or through
 // the LiveRouter in another process — and waits (up to CancelWait) until
-// the store no longer shows its dispatch claimed. It reports whether the
-// dispatch was released in time.
+// the store no longer shows its dispatch claimed and, for an attempt
+// here, until it has ended. It reports whether that happened in time.
 func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 	deadline := time.Now().Add(m.cfg.CancelWait)
 	released := func() (bool, error) {
@@ -705,17 +705,13 @@ func (m *Mailbox) cancelAndAwait(ctx context.Context, active *Dispatch) bool {
 		if err != nil {
 			return false
 		}
-		if ok {
-			if done != nil {
-				// Released in the store; the attempt here still holds its
-				// slot until it has finished settling. Wait for that, or
-				// the caller's inline claim finds no slot free and queues.
-				select {
-				case <-done:
-				case <-ctx.Done():
-				case <-time.After(time.Until(deadline)):
-				}
-			}
+		// An attempt executing here must also have ended: its dispatch may
+		// show released while it still runs (a lease renewal of the
+		// interrupted claim supersedes it), and an agent that ignores the
+		// cancel would then run alongside the caller's new attempt. Once
+		// it has ended it has also given its slot back, so the caller's
+		// inline claim finds one.
+		if ok && done == nil {
 			return true
 		}
 		if time.Now().After(deadline) {

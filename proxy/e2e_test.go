@@ -663,9 +663,21 @@ func TestForegroundConflict(t *testing.T) {
 	var bg submitResult
 	sc.call(req{method: "POST", path: "/v1/threads/busy/dispatches", body: submitBody("stubborn:1500ms")}, 202, &bg)
 	sc.waitDispatch(bg.DispatchID, engine.StatusClaimed)
-	eventually(t, "run started", func() bool {
-		r, _ := sc.store.LoadRun(context.Background(), bg.RunID)
-		return r != nil && r.Status == engine.RunRunning
+	// The agent has the run (its run_start came back): a run recorded as
+	// started but not yet sent is abandoned at once by an interrupt, and
+	// the submit then rightly succeeds.
+	eventually(t, "the agent running the stubborn run", func() bool {
+		l := sc.mb.Reattach("busy")
+		if l == nil {
+			return false
+		}
+		evs, _, _, _ := l.Read(0, 16, nil)
+		for _, e := range evs {
+			if e.Type == "run_start" {
+				return true
+			}
+		}
+		return false
 	})
 	before := sc.counts()
 	resp, b := sc.do(req{method: "POST", path: "/v1/threads/busy/runs", body: submitBody("now")})
