@@ -272,6 +272,11 @@ func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
 	}
 	err := observeErr(m.metrics, op, func() error {
 		err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
+			if d.RequeuedAs != "" || r.DispatchID != "" && r.DispatchID != d.DispatchID {
+				// An operator requeued this dead letter: the run is the
+				// new dispatch's now, reopened, and must stay so.
+				return false
+			}
 			return r.Settle(d, m.cfg.Now()/1000)
 		})
 		if errors.Is(err, ErrNotFound) {
