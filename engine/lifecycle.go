@@ -65,18 +65,31 @@ func (m *Mailbox) start(ctx context.Context, ready bool) error {
 		}
 	}
 	loopCtx, stop := context.WithCancel(context.Background())
+	src, signals := m.raw.(SignalSource)
+	loops := 2
+	if signals {
+		loops++
+	}
+	if !ready {
+		loops++
+	}
 	m.mu.Lock()
+	if m.closing {
+		// Stop ran while this Start was recovering: it found no loops to
+		// stop, so none may start now.
+		m.mu.Unlock()
+		stop()
+		return fmt.Errorf("mailbox start: stopped: %w", ErrShuttingDown)
+	}
 	m.started, m.loopStop = true, stop
+	m.loops.Add(loops) // before a Stop can take m.mu and wait for them
 	m.mu.Unlock()
-	m.loops.Add(2)
 	go m.dispatchLoop(loopCtx)
 	go m.maintenanceLoop(loopCtx)
-	if src, ok := m.raw.(SignalSource); ok {
-		m.loops.Add(1)
+	if signals {
 		go m.signalLoop(loopCtx, src)
 	}
 	if !ready {
-		m.loops.Add(1)
 		go func() {
 			defer m.loops.Done()
 			if sleepCtx(loopCtx, m.cfg.StartupDelay) != nil {
