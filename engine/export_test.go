@@ -48,3 +48,7 @@ func (m *Mailbox) InFlight() int {
 	defer m.mu.Unlock()
 	return m.inFlight
 }
+
+// Starved reports whether the dispatcher's last look found a thread
+// waiting for a slot.
+func (m *Mailbox) Starved() bool { return m.starved.Load() }

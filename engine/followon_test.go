@@ -3,6 +3,8 @@ package engine_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -287,5 +289,50 @@ func TestForegroundSubmitWaitsForTheInterruptedAttemptToEnd(t *testing.T) {
 	}
 	if n, _, overlap := r.exec.stats(); n != 1 || overlap {
 		t.Fatalf("%d runs reached the agent (overlap %v), want only the stubborn one", n, overlap)
+	}
+}
+
+// With every slot taken, a delayed dispatch of another thread that falls
+// due gets the next free slot, before work the busy thread receives after
+// it fell due: the dispatcher looks again when it falls due (it used to
+// sleep until the next wake-up, and the finishing attempt handed its slot
+// to its own thread's newer dispatch; found by review).
+func TestDelayedWorkFallingDueWhileSlotsAreTakenGoesFirst(t *testing.T) {
+	gate := make(chan struct{})
+	var mu sync.Mutex
+	var order []string
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		text := execText(req.Messages[len(req.Messages)-1])
+		mu.Lock()
+		order = append(order, text)
+		mu.Unlock()
+		if text == "a1" {
+			select {
+			case <-ctx.Done():
+			case <-gate:
+			}
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "A", Messages: []engine.Message{userMsg("a1")}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a1 running", func() bool { n, _, _ := r.exec.stats(); return n == 1 })
+	due := time.Now().UnixMilli() + 100
+	execEnqueuePrepared(t, r, "B", "b1", due, nil)
+	r.mb.Sweep(ctx) // wakes the dispatcher, as a delayed submit or a nack does
+	eventually(t, "the dispatcher seeing b1 due", r.mb.Starved)
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "A", Messages: []engine.Message{userMsg("a2")}}); err != nil {
+		t.Fatal(err)
+	}
+	close(gate)
+	eventually(t, "three runs", func() bool { n, _, _ := r.exec.stats(); return n == 3 })
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(order) != "[a1 b1 a2]" {
+		t.Fatalf("runs started in the order %v, want [a1 b1 a2]", order)
 	}
 }

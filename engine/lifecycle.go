@@ -351,9 +351,20 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			// ready index lists one (it lists no thread holding a claim,
 			// so none of those executing here). If not, finishing
 			// attempts go on claiming their own thread's next dispatch.
-			threads, _, err := m.store.ReadyThreads(ctx, m.cfg.Now()-m.sharedClaimGrace(), 1)
+			// Nor is one yet when the earliest delayed dispatch is still
+			// to fall due: the dispatcher looks again then (it would
+			// otherwise sleep until the next kick, and a finishing attempt
+			// would hand its slot to its own thread's newer work).
+			grace := m.sharedClaimGrace()
+			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, 1)
 			m.starved.Store(err != nil || len(threads) > 0)
-			return 0
+			if err != nil {
+				return m.cfg.Now() + 1000
+			}
+			if next > 0 {
+				next += grace
+			}
+			return next
 		}
 		// Threads still held here are skipped (their attempt claims
 		// their next dispatch as it finishes); one more than fits tells
