@@ -34,8 +34,10 @@
 // finished: its run_finish is the last event), when the client leaves, or
 // at Shutdown. Closing a stream never cancels the run. After a stream
 // that ended normally the connection serves the client's next request
-// (HTTP keep-alive; the stall bound is cleared), so a client submitting
-// run after run does not dial again each time.
+// (HTTP keep-alive), so a client submitting run after run does not dial
+// again each time. The stream's last bytes keep one stall bound after it
+// ends (a client that stops reading then is still cut off); the next
+// request on the connection clears it.
 //
 // # Decisions where spec/http.md is silent
 //

@@ -287,6 +287,16 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx, kind listenerKind) {
 			s.m.of(ri).observe(fasthttp.StatusInternalServerError, time.Since(start))
 		}
 	}()
+	if kind != kindAdmin {
+		// A stream that ended on this connection left its stall bound on
+		// it (the stream's last bytes are written after the handler
+		// returned); the response before this request was written whole,
+		// so the bound is spent. The admin listener has fasthttp's own
+		// write timeout and no streams.
+		if c := ctx.Conn(); c != nil {
+			c.SetWriteDeadline(time.Time{})
+		}
+	}
 	err := s.route(ctx, kind, &ri)
 	if err != nil {
 		s.fail(ctx, err)

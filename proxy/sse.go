@@ -79,7 +79,7 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, log *engine.EventLog, aft
 func (st *sseStream) run(w *bufio.Writer) {
 	s := st.s
 	defer s.endStream(st)
-	defer st.clearDeadline()
+	defer st.extendDeadline() // the bytes still on their way get one more stall bound, no more
 	ping := time.NewTicker(s.cfg.PingInterval)
 	defer ping.Stop()
 	buf := make([]engine.Event, 0, readBatch)
@@ -172,17 +172,6 @@ func (st *sseStream) extendDeadline() bool {
 		st.conn.SetWriteDeadline(time.Now().Add(st.s.stall()))
 	}
 	return true
-}
-
-// clearDeadline removes the stall bound from the connection when the
-// stream ends (unless Shutdown cut it off), so a later request on the
-// same connection is not timed out by it.
-func (st *sseStream) clearDeadline() {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if !st.cut && st.conn != nil {
-		st.conn.SetWriteDeadline(time.Time{})
-	}
 }
 
 // cutOff makes the connection's pending and future writes fail at once,

@@ -1,0 +1,55 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/agent"
+)
+
+// A stream whose last bytes are still on their way to a client that does
+// not read when the run ends keeps its stall bound: the connection is
+// closed once the bound passes, and Shutdown is not held up by it. The
+// stream used to clear the bound as it ended, and the write stayed stuck
+// for good (found by review).
+func TestStallBoundOutlivesTheStreamsEnd(t *testing.T) {
+	big := strings.Repeat("x", 2<<20)
+	h := agent.HandlerFunc(func(ctx context.Context, run *agent.Run) agent.Result {
+		for i := range 2 {
+			if err := run.Emit(map[string]any{"type": "text_delta", "n": i, "pad": big}); err != nil {
+				return agent.Transient("emit", err.Error())
+			}
+		}
+		return agent.Done("ok")
+	})
+	pc := proxyConfig(50 * time.Millisecond)
+	pc.StallTimeout = 200 * time.Millisecond
+	sc := newSidecar(t, options{proxy: pc, handler: h})
+	conn, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	body := submitBody("hi")
+	fmt.Fprintf(conn, "POST /v1/threads/stuck/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	// The client never reads.
+	eventually(t, "the run acked", func() bool {
+		ds, err := sc.mb.ListDispatches(context.Background(), "stuck", engine.StatusFilter{engine.StatusAcked}, 0, 0)
+		return err == nil && len(ds) == 1
+	})
+	eventually(t, "the stream ended", func() bool {
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		return metricLine(string(m), "mailbox_http_sse_subscribers ") == "mailbox_http_sse_subscribers 0"
+	})
+	time.Sleep(3 * pc.StallTimeout) // the bound passes
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := sc.srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v: the write stuck on a client that does not read outlived the stall bound", err)
+	}
+}
