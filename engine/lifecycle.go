@@ -537,11 +537,18 @@ func (m *Mailbox) GC(ctx context.Context) {
 	// A queued foreground dispatch that ended without starting (settled
 	// elsewhere) closes its stream here.
 	var ended []string
+	var withdrawn []Dispatch
 	for _, id := range waiting {
-		if d, err := m.store.LoadDispatch(ctx, id); err == nil && (d == nil || d.Status.Terminal()) {
-			ended = append(ended, id)
+		d, err := m.store.LoadDispatch(ctx, id)
+		switch {
+		case err != nil:
+		case d != nil && (d.Status == StatusSuperseded || d.Status == StatusCancelled):
+			withdrawn = append(withdrawn, *d)
+		case d == nil || d.Status.Terminal():
+			ended = append(ended, id) // it ran elsewhere
 		}
 	}
+	m.withdrawPending(withdrawn...)
 	m.dropPending(ended...)
 }
 

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -226,7 +227,7 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 		return false, fmt.Errorf("cancel %s: %w", id, err)
 	}
 	if d != nil {
-		m.dropPending(d.DispatchID)
+		m.withdrawPending(*d)
 		return true, nil
 	}
 	if e := m.executingSettled(ctx, id); e != nil {
@@ -392,7 +393,7 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 		return res, err
 	}
 	m.metrics.add("supersede", res.SupersededN)
-	m.dropPending(dispatchIDs(res.Superseded)...)
+	m.withdrawPending(res.Superseded...)
 	if res.Active != nil {
 		// Cancel exactly the dispatch the interrupt found active, not
 		// whatever runs on the thread by now; on a shared store it may
@@ -451,7 +452,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
 	m.metrics.add("supersede", ir.SupersededN)
-	m.dropPending(dispatchIDs(ir.Superseded)...)
+	m.withdrawPending(ir.Superseded...)
 	if ir.Active != nil {
 		if !m.cancelAndAwait(ctx, ir.Active) {
 			return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not release the thread: %w", ir.Active.DispatchID, errActiveRun)
@@ -628,6 +629,31 @@ func (m *Mailbox) dropPending(dispatchIDs ...string) {
 			delete(m.pending, id)
 			l.Close(now)
 		}
+	}
+}
+
+// withdrawPending closes the event logs of queued foreground runs whose
+// dispatches were withdrawn (superseded or cancelled) before they ran,
+// each with a run_finish (termination cancelled) as its last event, so
+// every reader of the log learns how the run ended: the submitter and
+// anyone who re-attached to it.
+func (m *Mailbox) withdrawPending(ds ...Dispatch) {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range ds {
+		d := &ds[i]
+		l := m.pending[d.DispatchID]
+		if l == nil {
+			continue
+		}
+		delete(m.pending, d.DispatchID)
+		ev, _ := json.Marshal(map[string]any{
+			"type": "run_finish", "thread_id": d.ThreadID, "run_id": d.RunID,
+			"dispatch_id": d.DispatchID, "termination": Termination{Type: TermCancelled},
+		})
+		l.appendTyped("run_finish", ev)
+		l.Close(now)
 	}
 }
 

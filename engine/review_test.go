@@ -123,7 +123,10 @@ func TestReview_FailedForegroundSubmitLeavesReattachAlone(t *testing.T) {
 	}
 }
 
-// A queued foreground run superseded before it starts closes its stream.
+// A queued foreground run superseded before it starts closes its stream,
+// with a run_finish (termination cancelled) as its last event: every
+// reader of the log — the submitter and anyone re-attached — learns how
+// the run ended.
 func TestReview_SupersededQueuedForegroundClosesItsStream(t *testing.T) {
 	r := newRig(t, newFake(0, complete), engine.Config{})
 	r.start(t)
@@ -138,7 +141,12 @@ func TestReview_SupersededQueuedForegroundClosesItsStream(t *testing.T) {
 	if st := dispatchStatus(t, r.store, first.DispatchID); st != engine.StatusSuperseded {
 		t.Fatalf("first dispatch is %s", st)
 	}
-	if _, _, closed, _ := events.Read(0, 10, nil); !closed {
+	evs, _, _, _ := events.Read(0, 10, nil)
+	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), `"cancelled"`) ||
+		!strings.Contains(string(evs[0].Data), first.RunID) {
+		t.Fatalf("the superseded run's events: %+v, want one run_finish, cancelled", evs)
+	}
+	if _, _, closed, _ := events.Read(evs[0].Seq, 10, nil); !closed {
 		t.Fatal("the superseded run's stream stays open forever")
 	}
 }
