@@ -657,14 +657,6 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 	}
 }
 
-func dispatchIDs(ds []Dispatch) []string {
-	ids := make([]string, len(ds))
-	for i := range ds {
-		ids[i] = ds[i].DispatchID
-	}
-	return ids
-}
-
 // cancelAndAwait cancels the thread's active attempt — here, or through
 // the LiveRouter in another process — and waits (up to CancelWait) until
 // the store no longer shows its dispatch claimed and, for an attempt
