@@ -442,12 +442,13 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 	gc := time.NewTicker(m.cfg.GCInterval)
 	defer gc.Stop()
 	// Claims a previous process left behind (it was killed mid-run) lapse
-	// within one lease of this start; until then sweep often, so their
+	// within one lease of this start — the suspended lease for a run that
+	// waited on a tool call; while any remain, sweep often, so their
 	// threads are served when the lease lapses, not up to a sweep interval
 	// later. Only on a store of this process alone: on a shared store the
 	// other claims are other sidecars' live work.
 	var orphans <-chan time.Time
-	orphansUntil := time.Now().Add(m.cfg.Lease + time.Second)
+	orphansUntil := time.Now().Add(max(m.cfg.Lease, m.cfg.SuspendedLease) + time.Second)
 	if _, shared := m.raw.(SignalSource); !shared {
 		every := min(m.cfg.SweepInterval, max(m.cfg.Lease/10, 100*time.Millisecond))
 		t := time.NewTicker(every)
