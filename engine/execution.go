@@ -463,11 +463,17 @@ func (m *Mailbox) emitFinishWith(e *execution, term *Termination) {
 	if e.sawFinish.Load() {
 		return
 	}
+	runSink{e}.Emit(finishEvent(&e.dispatch, term))
+}
+
+// finishEvent is the run_finish event the engine writes for d's run when
+// no agent did.
+func finishEvent(d *Dispatch, term *Termination) []byte {
 	ev, _ := json.Marshal(map[string]any{
-		"type": "run_finish", "thread_id": e.dispatch.ThreadID, "run_id": e.dispatch.RunID,
-		"dispatch_id": e.dispatch.DispatchID, "termination": term,
+		"type": "run_finish", "thread_id": d.ThreadID, "run_id": d.RunID,
+		"dispatch_id": d.DispatchID, "termination": term,
 	})
-	runSink{e}.Emit(ev)
+	return ev
 }
 
 // renewLease keeps an attempt's claim alive until stop. A lost lease

@@ -50,6 +50,8 @@ type execFaultStore struct {
 	// failDeadLetter makes DeadLetter alone fail (a crash right before
 	// the dead letter's commit).
 	failDeadLetter atomic.Bool
+	// deadLettersRefused counts the DeadLetter calls failDeadLetter failed.
+	deadLettersRefused atomic.Int32
 	// extendLease, when set, decides ExtendLease calls (call counts from
 	// 1); real=true delegates to the store.
 	extendLease func(call int32) (ok bool, err error, real bool)
@@ -172,6 +174,7 @@ func (s *execFaultStore) Nack(ctx context.Context, id, token string, retryAt int
 
 func (s *execFaultStore) DeadLetter(ctx context.Context, id, token, msg string, now int64) error {
 	if s.failSettle.Load() || s.failDeadLetter.Load() {
+		s.deadLettersRefused.Add(1)
 		return errExecSettle
 	}
 	return s.Store.DeadLetter(ctx, id, token, msg, now)
@@ -393,7 +396,10 @@ func TestExec_permanent_failure_recorded_with_its_dead_letter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "first attempt ran", func() bool { return len(r.exec.execRuns()) == 1 })
+	// The attempt's dead letter was refused: the executor returning is not
+	// enough (the test used to re-enable dead letters before the engine
+	// had tried, and saw one attempt instead of two now and then).
+	eventually(t, "the first dead letter refused", func() bool { return fs.deadLettersRefused.Load() >= 1 })
 	if run := execRun(t, r.store, res.RunID); run.Status == engine.RunDone {
 		t.Fatalf("the run is done although its dead letter was not committed: %+v", run)
 	}

@@ -119,6 +119,7 @@ func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCom
 
 // settledEntry returns the thread's entry here once no claim or hand-over
 // of it is in flight (waiting up to CancelWait or until ctx ends), or nil.
+// A cancel and a routed live command wait through it alike.
 func (m *Mailbox) settledEntry(ctx context.Context, thread string) *execution {
 	deadline := time.Now().Add(m.cfg.CancelWait)
 	for {

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -269,12 +268,6 @@ func (m *Mailbox) settleCancel(ctx context.Context, e *execution) (bool, error) 
 // attempt to act on is the one that comes out of it. id is a thread, a
 // dispatch or a run; the last two are looked up to find their thread.
 func (m *Mailbox) executingSettled(ctx context.Context, id string) *execution {
-	inTransit := func(thread string) bool {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		e := m.threads[thread]
-		return e != nil && (e.claiming || e.handoff.Load())
-	}
 	// Nothing in transit here (the common case): no lookups, no wait.
 	m.mu.Lock()
 	_, isThread := m.threads[id]
@@ -297,13 +290,7 @@ func (m *Mailbox) executingSettled(ctx context.Context, id string) *execution {
 			thread = r.ThreadID
 		}
 	}
-	deadline := time.Now().Add(m.cfg.CancelWait)
-	for inTransit(thread) && time.Now().Before(deadline) && ctx.Err() == nil {
-		select {
-		case <-ctx.Done():
-		case <-time.After(time.Millisecond):
-		}
-	}
+	m.settledEntry(ctx, thread)
 	return m.executing(id)
 }
 
@@ -648,11 +635,7 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 			continue
 		}
 		delete(m.pending, d.DispatchID)
-		ev, _ := json.Marshal(map[string]any{
-			"type": "run_finish", "thread_id": d.ThreadID, "run_id": d.RunID,
-			"dispatch_id": d.DispatchID, "termination": Termination{Type: TermCancelled},
-		})
-		l.appendTyped("run_finish", ev)
+		l.appendTyped("run_finish", finishEvent(d, &Termination{Type: TermCancelled}))
 		l.Close(now)
 	}
 }
