@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -446,9 +447,9 @@ func (s *Store) writer() {
 		if open && !cur.full && len(carry) == 0 {
 			ops = s.ops
 		}
-		var flDone chan struct{}
+		var flDurable chan struct{}
 		if fl != nil {
-			flDone = fl.done
+			flDurable = fl.durable
 		}
 		select {
 		case o, ok := <-ops:
@@ -461,10 +462,18 @@ func (s *Store) writer() {
 			} else {
 				spill(nil)
 			}
-		case <-flDone:
+		case <-flDurable:
 			failed := fl.err != nil
-			s.reap(fl, w, cur.txn != nil)
-			fl = nil
+			var next *inflight
+			if !failed && len(cur.ops) > 0 {
+				// Hand the next batch to Badger before fl's callers are
+				// woken (see inflight.handedOn).
+				next = s.send(cur, w)
+				cur = &building{}
+			}
+			close(fl.handedOn)
+			s.reap(fl, w, next != nil || cur.txn != nil)
+			fl = next
 			if failed && len(cur.ops) > 0 {
 				// cur read the failed batch's writes: run it again.
 				s.rebuild(cur, w)
@@ -488,12 +497,22 @@ type building struct {
 }
 
 // inflight is a batch handed to Badger and not yet durable.
+//
+// When it is durable its callback closes durable and waits for handedOn
+// before it answers the batch's callers: meanwhile the writer sends the
+// next batch. Sent after the answers, the next batch's hand-off to
+// Badger's write goroutine would queue on the processor behind every
+// caller just woken (Go runs a woken goroutine on the waker's processor,
+// first in, first out), idling the disk for a millisecond or more.
 type inflight struct {
-	writes  *writeSet // its writes, read by the next batch
-	ops     []*op
-	results []error
-	err     error         // the commit's outcome, set before done closes
-	done    chan struct{} // closed once the ops are answered
+	writes   *writeSet // its writes, read by the next batch
+	ops      []*op
+	results  []error
+	err      error         // the commit's outcome, set before durable closes
+	durable  chan struct{} // closed when the commit completed (err is set)
+	handedOn chan struct{} // closed by the writer once the next batch is sent (or there is none)
+	sent     atomic.Bool   // commit returned: the callback may wait for handedOn
+	done     chan struct{} // closed once the ops are answered
 }
 
 // begin gives b a transaction; the read snapshot is shared by the batch.
@@ -616,7 +635,7 @@ func (s *Store) restart(b *building, w *writeTx) {
 // operations are answered when the commit completes. The next batch
 // reads this one's writes over a snapshot taken now, just before it.
 func (s *Store) send(b *building, w *writeTx) *inflight {
-	fl := &inflight{writes: b.writes, ops: b.ops, results: b.results, done: make(chan struct{})}
+	fl := &inflight{writes: b.writes, ops: b.ops, results: b.results, durable: make(chan struct{}), handedOn: make(chan struct{}), done: make(chan struct{})}
 	// Nothing is in flight now, so these do not wait.
 	if w.snap != nil {
 		w.snap.Discard()
@@ -645,6 +664,13 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 			s.batchedOps.Add(uint64(len(fl.ops)))
 		}
 		fl.err = cerr
+		close(fl.durable)
+		if fl.sent.Load() {
+			// (Badger calls back at once, on the writer's goroutine,
+			// when it refuses a commit before sending it: then the
+			// writer cannot hand on, and must not be waited for.)
+			<-fl.handedOn
+		}
 		for i, o := range fl.ops {
 			if fl.results[i] == nil {
 				fl.results[i] = cerr
@@ -653,6 +679,7 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 		}
 		close(fl.done)
 	})
+	fl.sent.Store(true)
 	return fl
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -235,5 +236,78 @@ func TestFailedCommitDropsTheReadyFloor(t *testing.T) {
 	ss.raiseFloor(2, 100)
 	if ss.floor != 100 {
 		t.Fatalf("floor %d, want 100 from a scan after the failure", ss.floor)
+	}
+}
+
+// The batch built while another is being written is handed to Badger as
+// soon as that one is durable, before its callers are answered: woken
+// first, the callers would queue ahead of Badger's write goroutine on the
+// processor and leave the disk idle while they run.
+func TestNextBatchIsSentBeforeTheCallersAreAnswered(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+	}()
+	var aReturned atomic.Bool
+	release := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	secondSent := make(chan bool, 1) // whether a had returned when the second batch was sent
+	commits := 0
+	s.testCommit = func(txn *badger.Txn) func(cb func(error)) {
+		commits++
+		n := commits
+		return func(cb func(error)) {
+			switch n {
+			case 1:
+				go func() {
+					entered <- struct{}{}
+					<-release
+					txn.CommitWith(cb)
+				}()
+				return
+			case 2:
+				// Before the fix a was answered first and returned
+				// within microseconds; give it ample time to show.
+				deadline := time.Now().Add(200 * time.Millisecond)
+				for !aReturned.Load() && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+				secondSent <- aReturned.Load()
+			}
+			txn.CommitWith(cb)
+		}
+	}
+	ran := make(chan struct{}, 2)
+	a := startOp(s, "a", ran, func(w *writeTx) error {
+		w.set([]byte("zz-a"), []byte("1"))
+		return nil
+	})
+	aDone := make(chan error, 1)
+	go func() {
+		err := <-a
+		aReturned.Store(true)
+		aDone <- err
+	}()
+	<-entered // a is in flight
+	<-ran
+	b := startOp(s, "b", ran, func(w *writeTx) error {
+		w.set([]byte("zz-b"), []byte("1"))
+		return nil
+	})
+	<-ran // b is built on top of a
+	close(release)
+	if err := await(t, "a", aDone); err != nil {
+		t.Fatal(err)
+	}
+	if err := await(t, "b", b); err != nil {
+		t.Fatal(err)
+	}
+	if answeredFirst := <-secondSent; answeredFirst {
+		t.Fatal("a's caller was answered before the next batch was sent")
 	}
 }
