@@ -661,7 +661,7 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 	chunk := reclaimChunk
 	for done := 0; done < limit; {
 		n := min(chunk, limit-done)
-		got, seen, err := s.reclaimSome(ctx, now, n)
+		got, seen, settled, err := s.reclaimSome(ctx, now, n)
 		if errors.Is(err, engine.ErrTooLarge) && chunk > 1 {
 			chunk /= 2
 			continue
@@ -670,8 +670,11 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 			return out, fmt.Errorf("reclaim expired leases: %w", err)
 		}
 		out = append(out, got...)
-		done += seen
-		if seen < n {
+		done += len(got) // superseded ones do not count (see the contract)
+		if seen < n || settled == 0 {
+			// No candidate is left, or every one seen was an index
+			// entry without a lapsed claim behind it (Verify reports
+			// those): reading them again would not end.
 			break
 		}
 	}
@@ -679,10 +682,10 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 }
 
 // reclaimSome reclaims up to n lapsed leases in one commit; seen counts
-// the candidates processed (superseded ones included).
-func (s *Store) reclaimSome(ctx context.Context, now int64, n int) (out []engine.Dispatch, seen int, err error) {
+// the candidates read, settled those reclaimed or superseded.
+func (s *Store) reclaimSome(ctx context.Context, now int64, n int) (out []engine.Dispatch, seen, settled int, err error) {
 	err = s.update(ctx, "reclaim", func(w *writeTx) error {
-		out, seen = out[:0], 0
+		out, seen, settled = out[:0], 0, 0
 		var ids []string
 		err := w.iterate([]byte{pLease}, nil, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 1+tsBytes || readTS(k[1:1+tsBytes]) >= now {
@@ -713,17 +716,19 @@ func (s *Store) reclaimSome(ctx context.Context, now int64, n int) (out []engine
 				if err := w.putDispatch(old, &d, now); err != nil {
 					return err
 				}
+				settled++
 				continue
 			}
 			d.ReclaimExpired(now)
 			if err := w.putDispatch(old, &d, now); err != nil {
 				return err
 			}
+			settled++
 			out = append(out, d)
 		}
 		return nil
 	})
-	return out, seen, err
+	return out, seen, settled, err
 }
 
 // purgeChunk bounds the dispatches one purge transaction deletes.

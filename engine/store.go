@@ -122,10 +122,11 @@ type DispatchStore interface {
 	// a non-dead-letter is ErrValidation, twice ErrAlreadyExists; a dedupe
 	// key now held by another dispatch is ErrAlreadyExists.
 	Requeue(ctx context.Context, dispatchID, newDispatchID string, now int64) (Dispatch, error)
-	// ReclaimExpired processes up to limit claimed dispatches whose
-	// lease_until < now, oldest lease first: each spends an attempt and is
-	// queued again or dead-lettered (both returned); a stale one is
-	// superseded (not returned).
+	// ReclaimExpired processes claimed dispatches whose lease_until < now,
+	// oldest lease first, until limit of them have spent an attempt and
+	// been queued again or dead-lettered (both returned) or none is left;
+	// a stale one is superseded on the way (not returned, not counted).
+	// Fewer than limit returned means no lapsed lease is left.
 	ReclaimExpired(ctx context.Context, now int64, limit int) ([]Dispatch, error)
 	// PurgeTerminal deletes terminal dispatches with updated_at < olderThan
 	// and returns how many. Thread epochs are kept (they stay monotonic).

@@ -628,9 +628,9 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 	}
 	var out []engine.Dispatch
 	cands := s.idx.expired(now)
-	for i, c := range cands {
-		if i >= limit {
-			break
+	for _, c := range cands {
+		if len(out) >= limit {
+			break // superseded and skipped candidates do not count
 		}
 		var got *engine.Dispatch
 		err := s.update(ctx, c.thread, func(t *txn) error {

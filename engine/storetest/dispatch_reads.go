@@ -387,6 +387,28 @@ func dispatchReclaimPurgeCases() []Case {
 				}
 			}
 		}},
+		{"S86_reclaim_limit_counts_returned_dispatches_not_superseded_ones", func(t *testing.T, s engine.Store) {
+			// Recovery pages until a call returns fewer than its limit:
+			// a stale lease that comes first must not use up the limit
+			// and hide the lapsed leases behind it.
+			h := newDQ(t, s)
+			for i, th := range []string{"t1", "t2"} {
+				id := fmt.Sprintf("s%d", i+1)
+				c := h.addClaimed(id, th, 1000+int64(i))
+				h.start(id, c.ClaimToken, "inst-"+id, 1100)
+				h.interrupt(th, 2000)
+			}
+			h.addClaimed("o1", "t3", 1010)
+			h.addClaimed("o2", "t4", 1020)
+			dqWantIDs(t, "first page", h.reclaim(40_000, 1), "o1")
+			dqWantIDs(t, "second page", h.reclaim(40_000, 1), "o2")
+			dqWantIDs(t, "nothing left", h.reclaim(40_000, 1))
+			for _, id := range []string{"s1", "s2"} {
+				if d := h.load(id); d.Status != engine.StatusSuperseded {
+					t.Fatalf("%s: %s, want superseded", id, d.Status)
+				}
+			}
+		}},
 		{"S86_reclaim_stale_epoch_supersedes_and_is_not_returned", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			c := h.addClaimed("d1", "t1", 1000)
