@@ -53,6 +53,9 @@ type conn struct {
 	base context.Context
 
 	lastSend atomic.Int64 // Unix ns of the last frame written
+	// wtimeout bounds each write (ns): a sidecar that stops reading for
+	// 3 heartbeats is as dead as a silent one.
+	wtimeout *atomic.Int64
 	lastRecv atomic.Int64 // Unix ns of the last frame read
 	pingSeq  atomic.Uint64
 
@@ -95,11 +98,14 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	if hb <= 0 {
 		hb = defaultHeartbeat
 	}
+	wtimeout := new(atomic.Int64)
+	wtimeout.Store(int64(3 * hb))
 	cn := &conn{
 		client:    c,
 		nc:        nc,
 		r:         ipc.NewReader(nc, ipc.ReaderConfig{MaxFrame: max(welcome.MaxFrame, ipc.DefaultMaxFrame)}),
-		w:         ipc.NewWriter(nc, ipc.WriterConfig{MaxFrame: welcome.MaxFrame}),
+		w:         ipc.NewWriter(deadlineWriter{nc: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: welcome.MaxFrame}),
+		wtimeout:  wtimeout,
 		heartbeat: hb,
 		base:      context.WithoutCancel(ctx),
 		dead:      make(chan struct{}),
@@ -235,6 +241,7 @@ func (cn *conn) fail(err error) {
 // closeWith sends ERROR{code,message} on stream 0, best effort, and fails
 // the connection with err.
 func (cn *conn) closeWith(code string, err error) {
+	cn.wtimeout.Store(int64(bestEffortWrite))
 	_ = cn.nc.SetWriteDeadline(time.Now().Add(bestEffortWrite))
 	_ = cn.w.WriteFrame(ipc.TypeError, 0, 0, mustMarshal(ipc.Status{Code: code, Message: err.Error()}))
 	cn.fail(err)
@@ -518,6 +525,12 @@ func (cn *conn) startRun(f *ipc.Frame) error {
 		res := Permanent("invalid_run", "agent could not decode the RUN payload: "+decodeErr.Error())
 		return ignoreLost(cn.send(ipc.TypeFinish, f.Stream, mustMarshal(res)))
 	}
+	select {
+	case <-cn.dead: // lost (fail has cancelled the runs it saw): the sidecar retries this one
+		cn.mu.Unlock()
+		return nil
+	default:
+	}
 	r := newRun(cn, f.Stream, &p)
 	cn.runs[f.Stream] = r
 	cn.active++
@@ -620,4 +633,17 @@ func mustMarshal(v any) []byte {
 		panic(fmt.Sprintf("agent: encode %T: %v", v, err))
 	}
 	return b
+}
+
+// deadlineWriter bounds every write to the connection by timeout.
+type deadlineWriter struct {
+	nc      net.Conn
+	timeout *atomic.Int64 // nanoseconds
+}
+
+func (d deadlineWriter) Write(p []byte) (int, error) {
+	if err := d.nc.SetWriteDeadline(time.Now().Add(time.Duration(d.timeout.Load()))); err != nil {
+		return 0, err
+	}
+	return d.nc.Write(p)
 }

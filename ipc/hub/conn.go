@@ -36,8 +36,8 @@ type conn struct {
 	anyID    bool
 	agents   map[string]struct{}
 
-	recv atomic.Uint64 // frames received, for the heartbeat
-	sent atomic.Uint64 // frames sent, for the heartbeat
+	recvAt atomic.Int64 // Unix ns of the last frame received, for the heartbeat
+	sentAt atomic.Int64 // Unix ns of the last frame sent, for the heartbeat
 
 	ctx    context.Context // cancelled when the connection fails
 	cancel context.CancelFunc
@@ -45,9 +45,12 @@ type conn struct {
 	once   sync.Once
 	cause  error // why it failed; set before dead is closed
 
-	mu          sync.Mutex
-	streams     map[uint64]*stream
-	reserved    int // slots taken by runs whose RUN is not written yet
+	mu       sync.Mutex
+	streams  map[uint64]*stream
+	reserved int // slots taken by runs whose RUN is not written yet
+	// abandoned holds streams the hub gave up on after CancelGrace: the
+	// agent still runs them, so they keep their slot until their FINISH.
+	abandoned   map[uint64]struct{}
 	nextStream  uint64
 	agentGoAway bool
 	// runMu orders RUN frames: a stream id is taken and its RUN written
@@ -162,14 +165,16 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 	}
 	c := &conn{
 		h: h, id: id, nc: nc, r: r, w: w, wtimeout: wtimeout,
-		name:    hello.Name,
-		maxRuns: min(max(hello.MaxRuns, 1), MaxRunsLimit),
-		agents:  make(map[string]struct{}),
-		dead:    make(chan struct{}),
-		streams: make(map[uint64]*stream),
-		submits: make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
+		name:      hello.Name,
+		maxRuns:   min(max(hello.MaxRuns, 1), MaxRunsLimit),
+		agents:    make(map[string]struct{}),
+		dead:      make(chan struct{}),
+		streams:   make(map[uint64]*stream),
+		abandoned: make(map[uint64]struct{}),
+		submits:   make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.recvAt.Store(time.Now().UnixNano())
 	if len(hello.AgentIDs) == 0 {
 		c.anyID = true
 	}
@@ -197,7 +202,7 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 func (c *conn) write(typ ipc.FrameType, stream uint64, payload []byte) error {
 	err := c.w.WriteFrame(typ, 0, stream, payload)
 	if err == nil {
-		c.sent.Add(1)
+		c.sentAt.Store(time.Now().UnixNano())
 	}
 	return err
 }
@@ -209,7 +214,9 @@ func (c *conn) writeJSON(typ ipc.FrameType, stream uint64, v any) error {
 		return fmt.Errorf("encode %s: %w", typ, err)
 	}
 	if err := c.write(typ, stream, p); err != nil {
-		c.fail(err, ipc.Status{})
+		if !errors.Is(err, ipc.ErrFrameTooLarge) { // nothing was written
+			c.fail(err, ipc.Status{})
+		}
 		return err
 	}
 	return nil
@@ -259,7 +266,7 @@ func (c *conn) serves(agent string) bool {
 func (c *conn) freeSlots() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.maxRuns - len(c.streams) - c.reserved
+	return c.maxRuns - len(c.streams) - c.reserved - len(c.abandoned)
 }
 
 func (c *conn) sendGoAway(s ipc.Status) {
@@ -272,32 +279,28 @@ func (c *conn) sendGoAway(s ipc.Status) {
 // when the agent has been silent for three intervals.
 func (c *conn) heartbeat() {
 	hb := c.h.cfg.Heartbeat
-	t := time.NewTicker(hb)
+	t := time.NewTicker(max(hb/4, time.Millisecond))
 	defer t.Stop()
-	lastRecv, lastSent := c.recv.Load(), c.sent.Load()
 	var ping [ipc.PingSize]byte
-	silent := 0
 	for {
 		select {
 		case <-c.dead:
 			return
 		case <-t.C:
 		}
-		if r := c.recv.Load(); r != lastRecv {
-			lastRecv, silent = r, 0
-		} else if silent++; silent >= 3 {
+		now := time.Now().UnixNano()
+		if now-c.recvAt.Load() >= int64(3*hb) {
 			c.log.Warn("agent silent; closing its connection", "silent_for", 3*hb)
 			c.fail(fmt.Errorf("agent silent for %v", 3*hb), ipc.Status{Code: ipc.CodeHeartbeatTimeout, Message: fmt.Sprintf("no frame for %v", 3*hb)})
 			return
 		}
-		if s := c.sent.Load(); s == lastSent {
-			binary.BigEndian.PutUint64(ping[:], uint64(time.Now().UnixNano()))
+		if now-c.sentAt.Load() >= int64(hb) {
+			binary.BigEndian.PutUint64(ping[:], uint64(now))
 			if err := c.write(ipc.TypePing, 0, ping[:]); err != nil {
 				c.fail(err, ipc.Status{})
 				return
 			}
 		}
-		lastSent = c.sent.Load()
 	}
 }
 
@@ -309,7 +312,7 @@ func (c *conn) readLoop() {
 			c.readFailed(err)
 			return
 		}
-		c.recv.Add(1)
+		c.recvAt.Store(time.Now().UnixNano())
 		err = c.handle(&f)
 		f.Release()
 		if err != nil {
@@ -456,6 +459,14 @@ type finishPayload struct {
 func (c *conn) onFinish(f *ipc.Frame) error {
 	st := c.stream(f.Stream)
 	if st == nil {
+		c.mu.Lock()
+		_, ok := c.abandoned[f.Stream]
+		delete(c.abandoned, f.Stream)
+		c.mu.Unlock()
+		if ok { // the agent finally stopped a run the hub gave up on
+			c.h.wake()
+			return nil
+		}
 		return c.unknownStream(f)
 	}
 	var fin finishPayload

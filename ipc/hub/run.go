@@ -207,6 +207,12 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 			// The agent never got it: try another connection.
 			c.closeStream(st)
 			st.end()
+			if errors.Is(err, ipc.ErrFrameTooLarge) {
+				// Nothing was written: the connection is fine, the run
+				// can never be sent.
+				h.wake()
+				return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "run_too_large", Error: err.Error()}
+			}
 			c.fail(err, ipc.Status{})
 			continue
 		}
@@ -242,6 +248,9 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 			defer t.Stop()
 			grace = t.C
 		case <-grace:
+			c.mu.Lock()
+			c.abandoned[st.id] = struct{}{}
+			c.mu.Unlock()
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "cancel_timeout",
 				Error: fmt.Sprintf("agent did not finish the run within %v of CANCEL", c.h.cfg.CancelGrace)}
 		case <-c.dead:
