@@ -20,9 +20,11 @@ type Event struct {
 type EventLog struct {
 	mu       sync.Mutex // guards everything below
 	limit    int        // most events kept
-	ring     []Event    // grows to limit, then wraps: seq s lives at (s-1) % limit
+	ring     []Event    // grows to limit, then wraps: seq s lives at (s-base) % limit
 	first    uint64     // seq of the oldest event kept (0 while empty)
 	next     uint64     // seq the next event gets
+	base     uint64     // seq of the log's first event (1, or after an earlier attempt's)
+	run      string     // the run whose attempt it follows; guarded by Mailbox.mu, not mu
 	closed   bool
 	closedAt int64         // Unix ms, when closed
 	wake     chan struct{} // closed on the next append or close; nil when nobody waits
@@ -33,7 +35,7 @@ func NewEventLog(capacity int) *EventLog {
 	if capacity < 1 {
 		capacity = 1
 	}
-	return &EventLog{limit: capacity, ring: make([]Event, 0, min(capacity, 16)), next: 1}
+	return &EventLog{limit: capacity, ring: make([]Event, 0, min(capacity, 16)), next: 1, base: 1}
 }
 
 // Append adds an event (data is copied) and returns its sequence number;
@@ -53,7 +55,7 @@ func (l *EventLog) appendTyped(typ string, data []byte) uint64 {
 	if len(l.ring) < l.limit {
 		l.ring = append(l.ring, e)
 	} else {
-		l.ring[int((seq-1)%uint64(l.limit))] = e
+		l.ring[int((seq-l.base)%uint64(l.limit))] = e
 	}
 	l.first = seq - uint64(len(l.ring)) + 1
 	l.wakeLocked()
@@ -64,6 +66,17 @@ func (l *EventLog) wakeLocked() {
 	if l.wake != nil {
 		close(l.wake)
 		l.wake = nil
+	}
+}
+
+// continueAfter numbers an empty log's events from last+1: the log of a
+// retried run's next attempt goes on from the earlier attempt's ids
+// (ids are run-local, so Last-Event-ID stays meaningful across retries).
+func (l *EventLog) continueAfter(last uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.next == l.base && last+1 > l.next {
+		l.next, l.base = last+1, last+1
 	}
 }
 
@@ -106,8 +119,12 @@ func (l *EventLog) Read(after uint64, max int, buf []Event) (evs []Event, reset,
 		reset = true
 		after = l.first - 1
 	}
-	for seq := after + 1; seq < l.next && len(evs) < max; seq++ {
-		evs = append(evs, l.ring[int((seq-1)%uint64(l.limit))])
+	from := after + 1
+	if from < l.base {
+		from = l.base
+	}
+	for seq := from; seq < l.next && len(evs) < max; seq++ {
+		evs = append(evs, l.ring[int((seq-l.base)%uint64(l.limit))])
 	}
 	if len(evs) > 0 {
 		return evs, reset, false, nil

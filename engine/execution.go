@@ -130,6 +130,10 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 	if e.events == nil {
 		e.events = NewEventLog(m.cfg.EventBuffer)
 	}
+	if prev := m.logs[d.ThreadID]; prev != nil && prev != e.events && prev.run == d.RunID {
+		e.events.continueAfter(prev.LastSeq())
+	}
+	e.events.run = d.RunID
 	m.threads[d.ThreadID] = e
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events

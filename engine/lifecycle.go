@@ -578,6 +578,11 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 		res, err := m.SubmitBackground(ctx, req)
 		return res, DeliveredQueued, err
 	}
+	// What the queued half would refuse is refused before the messages
+	// are logged: a failed request leaves nothing behind.
+	if err := m.precheckSubmit(ctx, &req); err != nil {
+		return SubmitResult{}, "", fmt.Errorf("submit to %s: %w", req.ThreadID, err)
+	}
 	req.Messages = normalizeMessageIDs(req.Messages)
 	recs, err := m.appendMessages(ctx, req.ThreadID, req.Messages)
 	if err != nil {

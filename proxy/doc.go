@@ -27,7 +27,11 @@
 // on from the oldest event kept. A stream that falls behind the ring
 // while it is live is sent `event: reset` and disconnected (counted in
 // mailbox_http_sse_dropped_total); the client re-attaches with its
-// Last-Event-ID. A `: ping` comment every PingInterval keeps idle streams
+// Last-Event-ID. Event ids are run-local and keep growing across a run's
+// attempts: a retry's events are numbered after the failed attempt's
+// (its synthetic `run_finish` included), so a client that re-attaches
+// with the id it last saw misses nothing of the retry (while the sidecar
+// keeps running; its buffers do not survive a restart). A `: ping` comment every PingInterval keeps idle streams
 // alive and detects clients that left (a failed flush); a client that
 // stops reading is cut off once one write has been stuck for
 // max(4×PingInterval, 10 s). A stream ends after the log closes (the run

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"errors"
 	"math"
 	"strconv"
 
@@ -379,6 +380,9 @@ func paging(args *fasthttp.Args) (limit, offset int, err error) {
 	limit = defaultLimit
 	if raw := args.Peek("limit"); len(raw) > 0 {
 		v, perr := strconv.ParseInt(string(raw), 10, 64)
+		if errors.Is(perr, strconv.ErrRange) && v > 0 {
+			perr = nil // beyond int64: capped like any large limit
+		}
 		if perr != nil || v < 1 {
 			return 0, 0, engine.Validationf("limit %q is not a positive integer", raw)
 		}

@@ -1,0 +1,78 @@
+package proxy_test
+
+import (
+	"context"
+	"strconv"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/agent"
+)
+
+// retryAgent: attempt 1 emits three events and fails transiently; attempt
+// 2 emits six events, signals, and waits for a live message.
+type retryAgent struct{ second chan struct{} }
+
+func (a retryAgent) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
+	n := 3
+	if run.Attempt > 1 {
+		n = 6
+	}
+	for i := 1; i <= n; i++ {
+		run.EmitRaw([]byte(`{"type":"text_delta","attempt":` + strconv.Itoa(run.Attempt) + `,"n":` + strconv.Itoa(i) + `}`))
+	}
+	if run.Attempt == 1 {
+		return agent.Transient("flaky", "first attempt fails")
+	}
+	msgs := run.Messages()
+	close(a.second)
+	select {
+	case <-ctx.Done():
+		return agent.Cancelled()
+	case <-msgs:
+		return agent.Done("ok")
+	}
+}
+
+// spec/http.md, Events: ids are the run-local sequence, and a client that
+// reconnects with Last-Event-ID "misses nothing still buffered". A run
+// that is retried restarts its ids at 1 on the new attempt, so a client
+// that re-attaches with the last id it saw (from attempt 1) is silently
+// served attempt 2 from the middle: its first events are skipped without
+// a reset.
+func TestReattachAfterRetryMissesNothing(t *testing.T) {
+	t.Parallel()
+	ra := retryAgent{second: make(chan struct{})}
+	sc := newSidecar(t, options{handler: ra})
+	st := sc.stream(req{method: "POST", path: "/v1/threads/retry/runs", body: submitBody("go")})
+	st.next() // submitted
+	evs := st.rest()
+	last := evs[len(evs)-1]
+	t.Logf("attempt 1 stream: %s, last id %s", types(evs), last.ID)
+	<-ra.second // attempt 2 has emitted its six events and waits
+	eventually(t, "attempt 2's six events reached the sidecar", func() bool {
+		l := sc.mb.Reattach("retry")
+		return l != nil && l.LastSeq() >= 6
+	})
+	re := sc.stream(req{method: "GET", path: "/v1/threads/retry/events", headers: []string{"Last-Event-ID", last.ID}})
+	first := re.next()
+	t.Logf("re-attached: first event id=%q event=%q data=%s", first.ID, first.Event, first.Data)
+	sc.call(req{method: "POST", path: "/v1/threads/retry/messages", body: `{"messages":[{"role":"user","content":"done"}]}`}, 200, nil)
+	rest := re.rest()
+	if first.Event != "reset" && !(first.ID == "1" || first.ID == strconv.Itoa(mustAtoi(last.ID)+1) && contains(first.Data, `"attempt":2,"n":1`)) {
+		t.Fatalf("re-attached after the retry with Last-Event-ID %s: first event id %s %s (%s), no reset: attempt 2's earlier events were skipped; rest %s",
+			last.ID, first.ID, first.Event, first.Data, types(rest))
+	}
+}
+
+func mustAtoi(s string) int { n, _ := strconv.Atoi(s); return n }
+
+func contains(s, sub string) bool {
+	return len(sub) == 0 || len(s) >= len(sub) && (func() bool {
+		for i := 0; i+len(sub) <= len(s); i++ {
+			if s[i:i+len(sub)] == sub {
+				return true
+			}
+		}
+		return false
+	})()
+}
