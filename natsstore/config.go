@@ -44,7 +44,7 @@ type Config struct {
 	SignalSweepInterval time.Duration
 	// SignalRepublishAfter is how long after this store last signalled a
 	// dispatch the sweeper signals it again while it stays due and
-	// unclaimed (default 30s).
+	// unclaimed (default 30s; at least 1ms).
 	SignalRepublishAfter time.Duration
 	// LiveTimeout bounds a live command's request (the caller's context
 	// may end it sooner) and a received command's handler (default 5s). A
@@ -92,6 +92,7 @@ func (c *Config) validate() error {
 	if c.SignalRepublishAfter <= 0 {
 		c.SignalRepublishAfter = 30 * time.Second
 	}
+	c.SignalRepublishAfter = max(c.SignalRepublishAfter, time.Millisecond) // the sweeper counts windows in ms
 	if c.LiveTimeout <= 0 {
 		c.LiveTimeout = 5 * time.Second
 	}

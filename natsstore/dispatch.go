@@ -488,7 +488,7 @@ func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engi
 		}
 		res.SupersededN = len(res.Superseded)
 		if before.Claimed != "" {
-			a, err := t.mustLoad(before.Claimed)
+			a, err := t.mustLoad(threadID, before.Claimed)
 			if err != nil {
 				return err
 			}

@@ -101,13 +101,24 @@ func (t *txn) loadDispatch(id string) (*engine.Dispatch, error) {
 	return decodeDispatch(subj, b)
 }
 
-// mustLoad reads a dispatch the caller knows exists.
-func (t *txn) mustLoad(id string) (*engine.Dispatch, error) {
+// mustLoad reads the dispatch the thread state read by t names as
+// claimed. Missing, it was settled and purged after t read the state
+// (the state has moved on: t is retried like a refused batch), unless
+// the state still names it (corrupt).
+func (t *txn) mustLoad(thread, id string) (*engine.Dispatch, error) {
 	d, err := t.loadDispatch(id)
-	if err == nil && d == nil {
-		err = fmt.Errorf("thread state names missing dispatch %s: %w", id, engine.ErrCorrupt)
+	if err != nil || d != nil {
+		return d, err
 	}
-	return d, err
+	subj := t.s.sub.state(thread)
+	r, err := t.s.getLast(t.ctx, subj)
+	if err != nil {
+		return nil, err
+	}
+	if r.seq != t.reads[subj].seq {
+		return nil, fmt.Errorf("claimed dispatch %s purged since the thread state was read: %w", id, errConflict)
+	}
+	return nil, fmt.Errorf("thread state names missing dispatch %s: %w", id, engine.ErrCorrupt)
 }
 
 // state reads a thread's state (zero when absent).

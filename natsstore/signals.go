@@ -90,10 +90,45 @@ func signalConsumerConfig(cfg *Config) jetstream.ConsumerConfig {
 
 // signals is the store's signal state.
 type signals struct {
-	cons jetstream.Consumer
-
 	mu   sync.Mutex
-	sent map[string]int64 // dispatch id → Unix ms this store last signalled it
+	cons jetstream.Consumer // replaced by repairSignals
+	sent map[string]int64   // dispatch id → Unix ms this store last signalled it
+}
+
+func (s *Store) signalConsumer() jetstream.Consumer {
+	s.sig.mu.Lock()
+	defer s.sig.mu.Unlock()
+	return s.sig.cons
+}
+
+// signalsLost reports a pull error that means the signal stream or its
+// consumer is gone (a single server loses its memory streams when it
+// restarts).
+func signalsLost(err error) bool {
+	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrConsumerNotFound) ||
+		errors.Is(err, jetstream.ErrStreamNotFound) || errors.Is(err, jetstream.ErrConsumerDeleted)
+}
+
+// repairSignals creates the signal stream and its consumer again, and
+// forgets what this store signalled (those signals are gone: the sweeper
+// signals every due dispatch again).
+func (s *Store) repairSignals(ctx context.Context) {
+	ctx, cancel := s.reqCtx(ctx)
+	defer cancel()
+	st, err := s.js.CreateOrUpdateStream(ctx, signalStreamConfig(&s.cfg))
+	if err != nil {
+		s.log.Warn("natsstore: recreate signal stream", "err", err)
+		return
+	}
+	cons, err := st.CreateOrUpdateConsumer(ctx, signalConsumerConfig(&s.cfg))
+	if err != nil {
+		s.log.Warn("natsstore: recreate signal consumer", "err", err)
+		return
+	}
+	s.sig.mu.Lock()
+	s.sig.cons = cons
+	clear(s.sig.sent)
+	s.sig.mu.Unlock()
 }
 
 // startSignals creates the signal stream and its consumer and starts the
@@ -103,10 +138,11 @@ func (s *Store) startSignals(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create signal stream: %w", unavailable(err))
 	}
-	s.sig.cons, err = st.CreateOrUpdateConsumer(ctx, signalConsumerConfig(&s.cfg))
+	cons, err := st.CreateOrUpdateConsumer(ctx, signalConsumerConfig(&s.cfg))
 	if err != nil {
 		return fmt.Errorf("create signal consumer: %w", unavailable(err))
 	}
+	s.sig.cons = cons
 	s.sig.sent = make(map[string]int64)
 	s.bg.Add(1)
 	go s.sweepSignals()
@@ -202,14 +238,18 @@ func (s *Store) PullDispatchSignals(ctx context.Context, max int, wait time.Dura
 	}
 	var batch jetstream.MessageBatch
 	var err error
+	cons := s.signalConsumer()
 	if wait <= 0 {
-		batch, err = s.sig.cons.FetchNoWait(max)
+		batch, err = cons.FetchNoWait(max)
 	} else {
 		fctx, cancel := context.WithTimeout(ctx, wait)
 		defer cancel()
-		batch, err = s.sig.cons.Fetch(max, jetstream.FetchContext(fctx))
+		batch, err = cons.Fetch(max, jetstream.FetchContext(fctx))
 	}
 	if err != nil {
+		if signalsLost(err) {
+			s.repairSignals(ctx)
+		}
 		return nil, fmt.Errorf("pull dispatch signals: %w", unavailable(err))
 	}
 	var out []engine.DispatchSignal
@@ -226,6 +266,9 @@ func (s *Store) PullDispatchSignals(ctx context.Context, max int, wait time.Dura
 	// they must be settled. An expired wait is no error.
 	if err := batch.Error(); err != nil && len(out) == 0 && ctx.Err() == nil &&
 		!errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) {
+		if signalsLost(err) {
+			s.repairSignals(ctx)
+		}
 		return nil, fmt.Errorf("pull dispatch signals: %w", unavailable(err))
 	}
 	if len(out) == 0 && ctx.Err() != nil {

@@ -130,15 +130,15 @@ func (s *Store) update(ctx context.Context, thread string, fn func(t *txn) error
 	}
 	for attempt := 0; ; attempt++ {
 		t := s.newTxn(ctx)
-		if err := fn(t); err != nil {
-			return err
-		}
-		if !t.dirty() {
-			return nil
-		}
-		_, err := t.commit()
+		err := fn(t)
 		if err == nil {
-			return nil
+			if !t.dirty() {
+				return nil
+			}
+			_, err = t.commit()
+			if err == nil {
+				return nil
+			}
 		}
 		if !errors.Is(err, errConflict) && !errors.Is(err, errBusy) {
 			return err
