@@ -108,7 +108,10 @@ func TestIndexAfterRestart(t *testing.T) {
 	eventually(t, "reconnect", func() bool { return a.Writable() == nil && b.Writable() == nil })
 	for i := range 20 {
 		id := fmt.Sprintf("b%d", i)
-		eventually(t, "enqueue", func() bool { _, err := b.Enqueue(ctx, queued(id, fmt.Sprintf("u%d", i), 1000)); return err == nil || errors.Is(err, engine.ErrAlreadyExists) })
+		eventually(t, "enqueue", func() bool {
+			_, err := b.Enqueue(ctx, queued(id, fmt.Sprintf("u%d", i), 1000))
+			return err == nil || errors.Is(err, engine.ErrAlreadyExists)
+		})
 	}
 	eventually(t, "a's index sees b's writes after the restart", func() bool {
 		c, err := a.CountByStatus(ctx)
