@@ -155,6 +155,10 @@ type Store struct {
 
 	batches    atomic.Uint64
 	batchedOps atomic.Uint64
+	// opSince and commitSince are the Unix ns since which the writer has
+	// been running one operation, and since which a batch has been with
+	// Badger (0: none), for Stalled.
+	opSince, commitSince atomic.Int64
 
 	space spaceGuard // used by the writer goroutine only
 	reads snapshots  // the shared read snapshot (snapshot.go)
@@ -340,4 +344,23 @@ func (s *Store) Writable() error {
 	}
 	var g spaceGuard
 	return g.check(s.opts)
+}
+
+// Stalled implements engine.StallReporter: an error when one operation
+// has been running in the writer, or one batch has been with Badger
+// (written and synced), for longer than limit at now — a hung disk or an
+// operation that never returns, after which nothing is written again.
+func (s *Store) Stalled(now time.Time, limit time.Duration) error {
+	for _, w := range []struct {
+		what  string
+		since int64
+	}{{"an operation has been running in the writer", s.opSince.Load()}, {"a commit has been in flight", s.commitSince.Load()}} {
+		if w.since == 0 {
+			continue
+		}
+		if d := now.Sub(time.Unix(0, w.since)); d > limit {
+			return fmt.Errorf("%s for %v (limit %v)", w.what, d.Round(time.Millisecond), limit)
+		}
+	}
+	return nil
 }

@@ -572,7 +572,9 @@ func (s *Store) add(b *building, o *op, w *writeTx) bool {
 // own result, ferr a failure to add its writes to the transaction.
 func (s *Store) runInto(b *building, o *op, w *writeTx) (err, ferr error) {
 	w.reset(b.txn)
+	s.opSince.Store(time.Now().UnixNano())
 	err = runOp(o, w)
+	s.opSince.Store(0)
 	if err == nil {
 		err = w.finishThreads()
 	}
@@ -649,7 +651,9 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	if s.testCommit != nil {
 		commit = s.testCommit(b.txn)
 	}
+	s.commitSince.Store(time.Now().UnixNano())
 	commit(func(cerr error) {
+		s.commitSince.Store(0)
 		if cerr != nil {
 			cerr = fmt.Errorf("commit: %w", unavailable(cerr))
 			// Badger may have applied part of it, ready keys included:

@@ -311,3 +311,31 @@ func TestNextBatchIsSentBeforeTheCallersAreAnswered(t *testing.T) {
 		t.Fatal("a's caller was answered before the next batch was sent")
 	}
 }
+
+// Stalled reports a commit that has been with Badger for longer than the
+// limit (a hung disk), and nothing once it completed.
+func TestStalledReportsACommitStuckInBadger(t *testing.T) {
+	s, entered, fail := heldFirstCommit(t, Options{})
+	if err := s.Stalled(time.Now().Add(time.Hour), time.Minute); err != nil {
+		t.Fatalf("idle store: %v", err)
+	}
+	ran := make(chan struct{}, 1)
+	a := startOp(s, "a", ran, func(w *writeTx) error {
+		w.set([]byte("zz-a"), []byte("1"))
+		return nil
+	})
+	<-entered
+	if err := s.Stalled(time.Now(), time.Minute); err != nil {
+		t.Fatalf("in flight for less than the limit: %v", err)
+	}
+	if err := s.Stalled(time.Now().Add(2*time.Minute), time.Minute); err == nil || !strings.Contains(err.Error(), "commit") {
+		t.Fatalf("in flight for longer than the limit: %v, want the commit named", err)
+	}
+	fail(nil)
+	if err := await(t, "a", a); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Stalled(time.Now().Add(time.Hour), time.Minute); err != nil {
+		t.Fatalf("after the commit: %v", err)
+	}
+}

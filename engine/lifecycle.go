@@ -310,7 +310,9 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		m.watch.dispatch.busy()
 		next := m.dispatchReady(ctx)
+		m.watch.dispatch.idle()
 		wait := time.Hour
 		if next > 0 {
 			wait = max(time.Duration(next-m.cfg.Now())*time.Millisecond, time.Millisecond)
@@ -464,17 +466,22 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 				orphans = nil
 				continue
 			}
+			m.watch.maintenance.busy()
 			if m.foreignClaims(ctx) {
 				m.Sweep(ctx)
 			}
 		case <-sweep.C:
+			m.watch.maintenance.busy()
 			m.Sweep(ctx)
 		case <-gc.C:
+			m.watch.maintenance.busy()
 			m.GC(ctx)
+			m.watch.maintenance.idle() // the callback is the caller's (value-log GC may take long)
 			if m.cfg.MaintenanceCallback != nil {
 				m.cfg.MaintenanceCallback()
 			}
 		}
+		m.watch.maintenance.idle()
 	}
 }
 

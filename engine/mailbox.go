@@ -82,6 +82,7 @@ type Mailbox struct {
 	starved     atomic.Bool
 	loopStop    context.CancelFunc
 	loops       sync.WaitGroup // dispatcher and maintenance loops
+	watch       loopWatches    // what each loop is busy with, for Alive
 	idle        chan struct{}  // made by Stop; closed once inFlight is 0 after Stop began (guarded by mu)
 	idleClosed  bool
 	reconcileMu sync.Mutex     // serialises reconciliation; guards termAfter

@@ -27,6 +27,7 @@ func (m *Mailbox) signalLoop(ctx context.Context, src SignalSource) {
 		if len(sigs) == 0 {
 			continue
 		}
+		m.watch.signals.busy() // the pull itself may wait SignalWait: not busy
 		sem := make(chan struct{}, max(1, min(m.cfg.SignalHandlers, len(sigs))))
 		var wg sync.WaitGroup
 		for _, sig := range sigs {
@@ -37,6 +38,7 @@ func (m *Mailbox) signalLoop(ctx context.Context, src SignalSource) {
 			})
 		}
 		wg.Wait()
+		m.watch.signals.idle()
 	}
 }
 

@@ -351,8 +351,18 @@ func (s *Server) metrics(ctx *fasthttp.RequestCtx, _ string) error {
 	return nil
 }
 
-// livez is GET /livez: 200 while the server answers.
+// livez is GET /livez: 200 while the server and, through Config.Live,
+// the engine's loops and the store respond; 503 with the reason when one
+// is stuck.
 func (s *Server) livez(ctx *fasthttp.RequestCtx, _ string) error {
+	if s.cfg.Live != nil {
+		if err := s.cfg.Live(); err != nil {
+			return s.writeJSON(ctx, fasthttp.StatusServiceUnavailable, struct {
+				Live  bool   `json:"live"`
+				Error string `json:"error"`
+			}{false, err.Error()})
+		}
+	}
 	ctx.SetContentType("application/json")
 	ctx.SetBodyString(`{"live":true}`)
 	return nil

@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"errors"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -111,5 +112,30 @@ func TestConfigRefusals(t *testing.T) {
 	}
 	if _, err := proxy.New(proxy.Config{Mailbox: sc.mb, Ready: func() proxy.Readiness { return proxy.Readiness{} }, MaxBody: -1}); err == nil {
 		t.Fatal("negative MaxBody accepted")
+	}
+}
+
+// /livez answers 503 with the reason while Config.Live reports the
+// process stuck (a loop or a store write), and 200 again once it is not.
+func TestLivezReportsAStuckProcess(t *testing.T) {
+	t.Parallel()
+	var stuck atomic.Bool
+	sc := newSidecar(t, options{proxy: proxy.Config{Live: func() error {
+		if stuck.Load() {
+			return errors.New("the maintenance loop has been busy with one round for 3m0s (limit 2m0s)")
+		}
+		return nil
+	}}})
+	if resp, b := sc.do(req{method: "GET", path: "/livez"}); resp.StatusCode != 200 || string(b) != `{"live":true}` {
+		t.Fatalf("live: %d %s", resp.StatusCode, b)
+	}
+	stuck.Store(true)
+	resp, b := sc.do(req{method: "GET", path: "/livez"})
+	if resp.StatusCode != 503 || !strings.Contains(string(b), `"live":false`) || !strings.Contains(string(b), "maintenance loop") {
+		t.Fatalf("stuck: %d %s", resp.StatusCode, b)
+	}
+	stuck.Store(false)
+	if resp, _ := sc.do(req{method: "GET", path: "/livez"}); resp.StatusCode != 200 {
+		t.Fatalf("recovered: %d", resp.StatusCode)
 	}
 }

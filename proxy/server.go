@@ -43,6 +43,10 @@ type Config struct {
 	// done, store writable, agent socket listening, not shutting down
 	// (required). It is called for /readyz and /healthz only.
 	Ready func() Readiness
+	// Live reports whether the process still responds, for /livez: an
+	// error (a loop or a store write stuck) answers 503 with it. Nil:
+	// always live while the server answers.
+	Live func() error
 	// Metrics are further sets written on /metrics (the engine's, the
 	// hub's), after the server's own set and before the process metrics.
 	Metrics []*metrics.Set

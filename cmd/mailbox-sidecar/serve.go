@@ -24,6 +24,12 @@ import (
 // connect (share the group with the agent's and clients' containers).
 const socketMode = 0o660
 
+// liveStall is how long a loop of the engine may be busy with one round,
+// or the store with one write, before /livez answers 503: far beyond any
+// legitimate round (a purge works in chunks, each its own commit) and
+// any fsync, short enough for an orchestrator to restart a wedged pod.
+const liveStall = 2 * time.Minute
+
 // sidecar is a running sidecar: store, engine, hub and API servers.
 type sidecar struct {
 	cfg   serveConfig
@@ -87,6 +93,7 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	s.px, err = proxy.New(proxy.Config{
 		Mailbox:   s.mb,
 		Ready:     s.readiness,
+		Live:      func() error { return s.mb.Alive(time.Now(), liveStall) },
 		Metrics:   []*metrics.Set{s.mb.Metrics(), s.hub.Metrics()},
 		MaxBody:   int(cfg.MaxBody),
 		AuthToken: cfg.AuthToken,
