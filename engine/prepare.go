@@ -341,7 +341,10 @@ func (m *Mailbox) reconstruct(ctx context.Context, d *Dispatch) (*RunRequest, *R
 	if extras.TransportRequestID != "" {
 		req.TransportRequestID = extras.TransportRequestID
 	}
-	if run.IsResumableWaiting() {
+	// The extras keep the continue hint prepare chose (seed apply_to), so
+	// a retry of a continued run still continues it after its first
+	// attempt marked the run running.
+	if extras.ContinueRunID != "" || run.IsResumableWaiting() {
 		req.ContinueRunID = run.RunID
 	}
 	// Re-normalise as a foreground request would be (item 46.1).

@@ -1,0 +1,90 @@
+package engine_test
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Seed reconstruct_run_request applies the stored request extras
+// (RunRequestExtras::apply_to sets continue_run_id from the extras captured
+// when prepare chose the waiting run), so every attempt of a continued
+// waiting run — the retry after a transient failure included — carries
+// continue_run_id (engine.md items 45.6, 45.7).
+func TestRetryOfAContinuedWaitingRunKeepsContinueRunID(t *testing.T) {
+	var calls atomic.Int32
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if calls.Add(1) == 1 {
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "inference failed"}
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	ctx := context.Background()
+	w := spWaitingRun("run-waiting", "thread-retry", engine.WaitUserInput)
+	if err := r.store.CreateRun(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "thread-retry", AgentID: "agent", Messages: []engine.Message{userMsg("poke")}})
+	if err != nil || res.RunID != "run-waiting" {
+		t.Fatalf("submit %+v %v", res, err)
+	}
+	r.start(t)
+	eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	runs := spRuns(r.exec)
+	if len(runs) != 2 {
+		t.Fatalf("%d attempts, want 2", len(runs))
+	}
+	for i, rq := range runs {
+		if rq.ContinueRunID != "run-waiting" {
+			t.Errorf("attempt %d: continue_run_id %q, want run-waiting (seed: extras.continue_run_id applied on every rebuild)", i+1, rq.ContinueRunID)
+		}
+	}
+}
+
+// Seed activation_messages_from_range: a snapshot without input ids takes
+// the last input_message_count records of the run's input range.
+func TestActivationFromTheSequenceRangeAfterTheCacheWarmed(t *testing.T) {
+	r := spIdleRig(t, engine.Config{})
+	spCheckpoint(t, r, "thread-range", nil, userMsg("one"), userMsg("two"), userMsg("three"), userMsg("four"))
+	run := spRunRecord("run-range", "thread-range", engine.RunCreated)
+	run.Request = &engine.RunRequestSnapshot{Origin: engine.OriginUser, InputMessageCount: 2}
+	run.Input = &engine.RunMessageInput{ThreadID: "thread-range", Range: &engine.SeqRange{From: 1, To: 3}}
+	spCheckpoint(t, r, "thread-range", &run)
+	// warm the tail cache first, as a previous run would
+	if _, err := r.mb.ThreadContextOf(context.Background(), "thread-range"); err != nil {
+		t.Fatal(err)
+	}
+	rr, _, err := r.mb.Reconstruct(context.Background(), &engine.Dispatch{DispatchID: "d-range", ThreadID: "thread-range", RunID: "run-range"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := spMsgContents(rr.Messages); len(got) != 2 || got[0] != `"two"` || got[1] != `"three"` {
+		t.Fatalf("activation %v, want two, three", got)
+	}
+}
+
+// Seed submit → prepare_run_for_dispatch continues the thread's waiting
+// run and reconstruct_run_request gives the executor continue_run_id
+// (extras + resumable waiting). The foreground fast path records the start
+// in the claim's commit, before reconstruction reads the run.
+func TestForegroundSubmitContinuesTheWaitingRun(t *testing.T) {
+	r := newRig(t, newFake(1, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	w := spWaitingRun("run-waiting-fg", "thread-fg-wait", engine.WaitUserInput)
+	if err := r.store.CreateRun(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "thread-fg-wait", AgentID: "agent", Messages: []engine.Message{userMsg("answer")}})
+	if err != nil || res.RunID != "run-waiting-fg" {
+		t.Fatalf("submit %+v %v, want the waiting run continued", res, err)
+	}
+	eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	runs := spRuns(r.exec)
+	if len(runs) != 1 || runs[0].ContinueRunID != "run-waiting-fg" || runs[0].RunMode != engine.ModeResume {
+		t.Fatalf("executor request continue_run_id=%q run_mode=%q, want run-waiting-fg / resume", runs[0].ContinueRunID, runs[0].RunMode)
+	}
+}
