@@ -181,7 +181,8 @@ func (f *findings) add(format string, args ...any) {
 
 // checkOptions tune the checks for a fault.
 type checkOptions struct {
-	stallCut bool // see indexJournal
+	stallCut     bool    // see indexJournal
+	sidecarKills []int64 // SIGKILLs of the sidecar: claims of the dead process hold their threads
 }
 
 // check runs every end-of-test invariant over the recorder, the snapshot
@@ -215,6 +216,8 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 			f.add("dispatch %s on %s is %s after the drain", d.DispatchID, d.ThreadID, d.Status)
 		}
 	}
+
+	checkSettlement(f, rec, snap, acc)
 
 	// Outcomes of acked dispatches come from an attempt that ended so.
 	for _, d := range snap.dispatches {
@@ -323,6 +326,8 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 		}
 	}
 
+	checkDeadClaims(f, rec, ix, o.sidecarKills)
+
 	// Checkpoints and messages in the logs.
 	for _, th := range snap.threads {
 		checkLog(f, th, snap.logs[th], ix)
@@ -368,10 +373,13 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 		// no attempt of a may start — except the one attempt in flight
 		// when a plain interrupt found a claimed.
 		firstR := int64(math.MaxInt64)
-		inFlight := false
+		inFlight := ""
 		for _, i := range byThreadInt[a.Thread] {
 			if i.SentNs > a.AcceptedNs && i.Own != a.ID && i.ReturnedNs < firstR {
-				firstR, inFlight = i.ReturnedNs, i.Active == a.ID
+				firstR, inFlight = i.ReturnedNs, ""
+				if i.Active == a.ID {
+					inFlight = i.ActiveInstance
+				}
 			}
 		}
 		late := 0
@@ -379,7 +387,7 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 			if s.start.StartNs <= firstR {
 				continue
 			}
-			if late++; inFlight && late == 1 {
+			if late++; inFlight != "" && s.start.SessionID == inFlight {
 				f.lateRuns++
 				if s.end == nil || s.end.Outcome != OutcomeCancelled {
 					f.lateRunsCompleted++
@@ -673,4 +681,106 @@ func ts(ns int64) string {
 		return "(still running)"
 	}
 	return time.Unix(0, ns).Format("15:04:05.000000")
+}
+
+// maxAttempts is the sidecar's --max-attempts.
+const maxAttempts = 10
+
+// checkSettlement: every terminal status has a cause the workload gave
+// it, and a cancel answered cancelled:true is what settled its dispatch.
+func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted) {
+	rec.mu.Lock()
+	var tries []tryRec
+	for _, t := range rec.tries {
+		tries = append(tries, *t)
+	}
+	cancelled := map[string]bool{}
+	for _, c := range rec.cancels {
+		cancelled[c.Dispatch] = cancelled[c.Dispatch] || c.Cancelled
+	}
+	rec.mu.Unlock()
+	sentAfter := func(a *accepted, kinds ...string) bool {
+		for _, t := range tries {
+			for _, k := range kinds {
+				if t.Kind == k && t.Thread == a.Thread && t.EndNs > a.SentNs && t.Dispatch != a.ID &&
+					(k != "cancel" || t.Dispatch == a.ID) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	for _, a := range acc {
+		d, ok := snap.dispatches[a.ID]
+		if !ok {
+			continue
+		}
+		why := ""
+		switch d.Status {
+		case "superseded":
+			if !sentAfter(a, "interrupt", "foreground") {
+				why = "no interrupt or foreground submit of its thread could have superseded it"
+			}
+		case "cancelled":
+			found := false
+			for _, t := range tries {
+				found = found || t.Kind == "cancel" && t.Dispatch == a.ID
+			}
+			if !found {
+				why = "no cancel of it was sent"
+			}
+		case "dead_letter":
+			c := a.Cmd
+			if !(c.Verb == VerbPermanent || c.Verb == VerbTransient && c.Arg >= maxAttempts || d.AttemptCount >= maxAttempts) {
+				why = fmt.Sprintf("%q must succeed within %d attempts; %d spent", c, maxAttempts, d.AttemptCount)
+			}
+		}
+		if cancelled[a.ID] && d.Status != "cancelled" && !(d.Status == "acked" && d.Termination != nil && d.Termination.Type == "cancelled") {
+			why = fmt.Sprintf("a cancel answered cancelled:true, yet it ended %s %v", d.Status, d.Termination)
+		}
+		if why != "" {
+			f.lost++
+			f.add("UNJUSTIFIED %s: %s dispatch %s on %s: %s (last error %q)", d.Status, a.Kind, a.ID, a.Thread, why, d.LastError)
+		}
+	}
+}
+
+// claimHold is how long a claim of a SIGKILLed sidecar certainly outlives
+// it: --lease 2s renewed every 500ms.
+const claimHold = 1500 * time.Millisecond
+
+// checkDeadClaims: an attempt cut by a sidecar kill leaves its dispatch
+// claimed in the store until the lease lapses; until then no other
+// dispatch of that thread may start (one claimed dispatch per thread).
+func checkDeadClaims(f *findings, rec *recorder, ix *journalIndex, kills []int64) {
+	rec.mu.Lock()
+	settled := map[string]int64{} // dispatch → earliest cancel sent
+	for _, t := range rec.tries {
+		if t.Kind == "cancel" && (settled[t.Dispatch] == 0 || t.SentNs < settled[t.Dispatch]) {
+			settled[t.Dispatch] = t.SentNs
+		}
+	}
+	rec.mu.Unlock()
+	for _, k := range kills {
+		for th, l := range ix.byThread {
+			for _, s := range l {
+				// cut by this kill: its agent saw the connection drop, or
+				// died after the sidecar without an end record
+				cut := s.end != nil && s.end.Outcome == OutcomeLost || s.end == nil && s.start.agent.deathNs >= k
+				if !cut || s.start.StartNs >= k || s.endNs < k {
+					continue
+				}
+				if c, ok := settled[s.start.DispatchID]; ok && c < k {
+					continue // a cancel may have settled it before the kill
+				}
+				for _, o := range l {
+					if o.start.DispatchID != s.start.DispatchID && o.start.StartNs > k && o.start.StartNs < k+int64(claimHold) {
+						f.overlaps++
+						f.add("DEAD CLAIM IGNORED on %s: attempt %s of %s was cut by the sidecar kill at %v, yet attempt %s of %s started %v later",
+							th, s.start.SessionID, s.start.DispatchID, ts(k), o.start.SessionID, o.start.DispatchID, time.Duration(o.start.StartNs-k))
+					}
+				}
+			}
+		}
+	}
 }

@@ -142,6 +142,7 @@ type cluster struct {
 	agents                    []*agentProc
 	recoveries                []time.Duration
 	sidecarKills, agentKills  int
+	sidecarKillNs             []int64 // when each SIGKILLed sidecar died
 	sidecarCount, agentsCount int
 }
 
@@ -256,6 +257,7 @@ func (c *cluster) killSidecar() int64 {
 	ns := c.sidecar.kill(c.t)
 	c.mu.Lock()
 	c.sidecarKills++
+	c.sidecarKillNs = append(c.sidecarKillNs, ns)
 	c.mu.Unlock()
 	if _, err := os.Lstat(c.apiSock); err != nil {
 		c.t.Fatalf("a SIGKILLed sidecar leaves its socket behind: %v", err)

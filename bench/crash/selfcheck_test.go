@@ -161,6 +161,27 @@ func TestChecksCatchFaults(t *testing.T) {
 			r.Status = "waiting"
 			s.snap.runs["r2"] = r
 		}, "says done", nil},
+		{"superseded work started again though the interrupt found another attempt in flight", func(s *scenario) {
+			// The interrupt found s1 of d1 on its way to the agent: only s1
+			// may start after it returned, not a retry of d1.
+			s.rec.interrupts[0].Active, s.rec.interrupts[0].ActiveInstance = "d1", "s1"
+			st := s.entries[0]
+			st.SessionID, st.Attempt, st.StartNs = "s3", 2, 600*ms
+			s.entries = append(s.entries, st)
+		}, "RESURRECTED", func(f *findings) int { return f.resurrected }},
+		{"superseded with nothing to supersede it", func(s *scenario) {
+			d := s.snap.dispatches["d1"]
+			d.Status = "superseded"
+			s.snap.dispatches["d1"] = d
+		}, "UNJUSTIFIED superseded", func(f *findings) int { return f.lost }},
+		{"dead-lettered with attempts to spare", func(s *scenario) {
+			d := s.snap.dispatches["d1"]
+			d.Status, d.AttemptCount = "dead_letter", 2
+			s.snap.dispatches["d1"] = d
+		}, "UNJUSTIFIED dead_letter", func(f *findings) int { return f.lost }},
+		{"a cancel answered cancelled:true that did not settle its dispatch", func(s *scenario) {
+			s.rec.cancels = append(s.rec.cancels, cancelRec{Dispatch: "d1", Thread: "t1", SentNs: 121 * ms, ReturnedNs: 122 * ms, Cancelled: true})
+		}, "UNJUSTIFIED acked", func(f *findings) int { return f.lost }},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -176,6 +197,21 @@ func TestChecksCatchFaults(t *testing.T) {
 			}
 		})
 	}
+	t.Run("a killed sidecar's claim ignored", func(t *testing.T) {
+		// s1 (120–130 ms) was cut by the sidecar's SIGKILL at 125 ms: its
+		// claim holds t1 for the lease, yet s2 starts at 140 ms.
+		s := newScenario()
+		s.entries[1].Outcome = OutcomeLost
+		f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{125 * ms}})
+		if !strings.Contains(strings.Join(f.problems, "\n"), "DEAD CLAIM IGNORED") || f.overlaps == 0 {
+			t.Errorf("not reported: %v", f.problems)
+		}
+		s = newScenario()
+		s.entries[1].Outcome = OutcomeLost
+		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{100 * ms}}); f.overlaps != 0 {
+			t.Errorf("a kill before the attempt started is reported: %v", f.problems)
+		}
+	})
 	t.Run("a killed agent's unfinished run lasts until its death", func(t *testing.T) {
 		s := newScenario()
 		// s1 has no end record; its agent died after s2 started.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
@@ -27,6 +28,7 @@ type accepted struct {
 	Kind              string
 	Cmd               Command
 	AcceptedNs        int64 // when the answer arrived
+	SentNs            int64 // when the request was sent
 	checked           bool  // seen to exist after a restart
 }
 
@@ -41,6 +43,9 @@ type interruptRec struct {
 	// superseded before it started), so one attempt of it may start
 	// after the interrupt returned; a foreground submit awaits it.
 	Active string
+	// ActiveInstance is the active dispatch's dispatch_instance_id: the
+	// only attempt that may be on its way to the agent.
+	ActiveInstance string
 }
 
 // cancelRec is a cancel of a dispatch id the API answered.
@@ -48,6 +53,27 @@ type cancelRec struct {
 	Dispatch, Thread   string
 	SentNs, ReturnedNs int64
 	Cancelled          bool
+}
+
+// tryRec is an interrupt, foreground submit or cancel as sent; EndNs is
+// when it was answered, MaxInt64 when no answer came (it may have landed).
+type tryRec struct {
+	Kind, Thread, Dispatch string
+	SentNs, EndNs          int64
+}
+
+func (r *recorder) try(kind, thread, dispatch string) *tryRec {
+	t := &tryRec{Kind: kind, Thread: thread, Dispatch: dispatch, SentNs: time.Now().UnixNano(), EndNs: math.MaxInt64}
+	r.mu.Lock()
+	r.tries = append(r.tries, t)
+	r.mu.Unlock()
+	return t
+}
+
+func (r *recorder) answered(t *tryRec) {
+	r.mu.Lock()
+	t.EndNs = time.Now().UnixNano()
+	r.mu.Unlock()
 }
 
 // textRec is a message text the harness sent (each unique by its nonce).
@@ -68,6 +94,7 @@ type recorder struct {
 	cancels    []cancelRec
 	texts      map[string]*textRec
 	suspends   []*accepted // accepted suspend commands: targets of decisions
+	tries      []*tryRec   // every interrupt, foreground submit and cancel sent
 	ops        map[string]int
 	killEpoch  int // sidecar kills so far: a stream cut by a kill is no fault
 	streams    struct{ total, finished, cut, timedOut int }
@@ -314,6 +341,7 @@ func (w *workload) background(thread string, cmd Command) error {
 	w.rec.op("background")
 	text := cmd.String()
 	w.rec.sent(thread, text)
+	sentNs := time.Now().UnixNano()
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
@@ -328,7 +356,7 @@ func (w *workload) background(thread string, cmd Command) error {
 		w.rec.problem("background submit answered %+v", res)
 		return nil
 	}
-	w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindBackground, Cmd: cmd, AcceptedNs: now})
+	w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindBackground, Cmd: cmd, AcceptedNs: now, SentNs: sentNs})
 	return nil
 }
 
@@ -364,6 +392,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	sent := time.Now().UnixNano()
+	fgTry := w.rec.try("foreground", thread, "")
 	resp, err := w.api.send(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/runs", map[string]any{"messages": userText(text)})
 	if err != nil {
 		w.checkRefusal("foreground submit", err)
@@ -382,7 +411,11 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 			}
 			now := time.Now().UnixNano()
 			w.rec.textAccepted(text)
-			got = &accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindForeground, Cmd: cmd, AcceptedNs: now}
+			w.rec.answered(fgTry)
+			w.rec.mu.Lock()
+			fgTry.Dispatch = res.DispatchID
+			w.rec.mu.Unlock()
+			got = &accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindForeground, Cmd: cmd, AcceptedNs: now, SentNs: sent}
 			w.rec.accept(got)
 			w.rec.mu.Lock()
 			w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Own: res.DispatchID})
@@ -418,23 +451,26 @@ func (w *workload) interrupt(thread string) error {
 	ctx, cancel := reqCtx()
 	defer cancel()
 	sent := time.Now().UnixNano()
+	tr := w.rec.try("interrupt", thread, "")
 	var res struct {
 		NewEpoch uint64 `json:"new_dispatch_epoch"`
 		Active   *struct {
 			DispatchID string `json:"dispatch_id"`
+			InstanceID string `json:"dispatch_instance_id"`
 		} `json:"active_dispatch"`
 	}
 	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/interrupt", nil, &res); err != nil {
 		w.checkRefusal("interrupt", err)
 		return err
 	}
+	w.rec.answered(tr)
 	now := time.Now().UnixNano()
-	active := ""
+	active, inst := "", ""
 	if res.Active != nil {
-		active = res.Active.DispatchID
+		active, inst = res.Active.DispatchID, res.Active.InstanceID
 	}
 	w.rec.mu.Lock()
-	w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Active: active})
+	w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Active: active, ActiveInstance: inst})
 	w.rec.mu.Unlock()
 	return nil
 }
@@ -449,6 +485,7 @@ func (w *workload) cancel(thread string, rng *rand.Rand) error {
 	ctx, cancel := reqCtx()
 	defer cancel()
 	sent := time.Now().UnixNano()
+	tr := w.rec.try("cancel", thread, a.ID)
 	var res struct {
 		Cancelled bool `json:"cancelled"`
 	}
@@ -456,6 +493,7 @@ func (w *workload) cancel(thread string, rng *rand.Rand) error {
 		w.checkRefusal("cancel", err)
 		return err
 	}
+	w.rec.answered(tr)
 	now := time.Now().UnixNano()
 	w.rec.mu.Lock()
 	w.rec.cancels = append(w.rec.cancels, cancelRec{Dispatch: a.ID, Thread: thread, SentNs: sent, ReturnedNs: now, Cancelled: res.Cancelled})
@@ -470,6 +508,7 @@ func (w *workload) liveMessage(thread string) error {
 	cmd := Command{Nonce: w.newNonce(), Verb: VerbLive}
 	text := cmd.String()
 	w.rec.sent(thread, text)
+	sentNs := time.Now().UnixNano()
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
@@ -484,7 +523,7 @@ func (w *workload) liveMessage(thread string) error {
 		w.rec.op("live delivered")
 	case "queued":
 		w.rec.op("live queued")
-		w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindQueuedLive, Cmd: cmd, AcceptedNs: now})
+		w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindQueuedLive, Cmd: cmd, AcceptedNs: now, SentNs: sentNs})
 	default:
 		w.rec.problem("live message answered %+v", res)
 	}
@@ -519,6 +558,7 @@ func (w *workload) decide(rng *rand.Rand) error {
 // with none waiting, starts a run that just completes).
 func (w *workload) resume(thread string) error {
 	w.rec.op("resume")
+	sentNs := time.Now().UnixNano()
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
@@ -528,6 +568,6 @@ func (w *workload) resume(thread string) error {
 		return err
 	}
 	w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindResume,
-		Cmd: Command{Nonce: "n-none", Verb: VerbDone}, AcceptedNs: time.Now().UnixNano()})
+		Cmd: Command{Nonce: "n-none", Verb: VerbDone}, AcceptedNs: time.Now().UnixNano(), SentNs: sentNs})
 	return nil
 }
