@@ -283,6 +283,12 @@ func (m *Mailbox) execute(e *execution) {
 	if err := m.recordStart(ctx, e, instance, startAt); err != nil {
 		// Superseded, or no longer ours: the store has settled it.
 		log.Info("dispatch not started", "err", err)
+		if cur, lerr := m.store.LoadDispatch(ctx, d.DispatchID); lerr == nil && (cur == nil || cur.Status.Terminal()) {
+			// It will never run (superseded or cancelled before its
+			// start): a client following it gets the end of its stream.
+			// (Reclaimed instead, it runs again and the stream goes on.)
+			m.emitFinishWith(e, &Termination{Type: TermCancelled})
+		}
 		return
 	}
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
