@@ -183,6 +183,9 @@ func (f *findings) add(format string, args ...any) {
 type checkOptions struct {
 	stallCut     bool    // see indexJournal
 	sidecarKills []int64 // SIGKILLs of the sidecar: claims of the dead process hold their threads
+	// leasesJumped: the clock jumped forward at a restart, so the dead
+	// process's leases lapsed at once (no dead-claim check).
+	leasesJumped bool
 }
 
 // check runs every end-of-test invariant over the recorder, the snapshot

@@ -129,9 +129,11 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.mu.Lock()
-	o.sidecarKills = append([]int64(nil), c.sidecarKillNs...)
-	c.mu.Unlock()
+	if !o.leasesJumped {
+		c.mu.Lock()
+		o.sidecarKills = append([]int64(nil), c.sidecarKillNs...)
+		c.mu.Unlock()
+	}
 	f := check(rec, snap, entries, o)
 	for i, p := range f.problems {
 		if i == maxProblems {

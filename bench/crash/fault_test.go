@@ -362,7 +362,7 @@ func TestFaultClockJumpForward(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	w.halt()
-	r := finish(t, c, rec, checkOptions{})
+	r := finish(t, c, rec, checkOptions{leasesJumped: true})
 	r.name, r.cycles = "clock +10m at restart", 1
 	record(t, r)
 }
