@@ -149,6 +149,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 // finish releases an attempt's slot and wakes the dispatcher.
 func (m *Mailbox) finish(e *execution) {
 	e.cancel(nil)
+	m.closeSettledStream(e)
 	e.events.Close(m.cfg.Now())
 	next := e.next
 	m.mu.Lock()
@@ -283,13 +284,7 @@ func (m *Mailbox) execute(e *execution) {
 	if err := m.recordStart(ctx, e, instance, startAt); err != nil {
 		// Superseded, or no longer ours: the store has settled it.
 		log.Info("dispatch not started", "err", err)
-		if cur, lerr := m.store.LoadDispatch(ctx, d.DispatchID); lerr == nil && (cur == nil || cur.Status.Terminal()) {
-			// It will never run (superseded or cancelled before its
-			// start): a client following it gets the end of its stream.
-			// (Reclaimed instead, it runs again and the stream goes on.)
-			m.emitFinishWith(e, &Termination{Type: TermCancelled})
-		}
-		return
+		return // finish closes the stream with a run_finish if it was settled
 	}
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
 	m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
@@ -459,6 +454,28 @@ func (m *Mailbox) mayFollowOn() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return !m.closing && m.inFlight <= m.exec.Capacity()
+}
+
+// closeSettledStream ends the stream of an attempt that produced no
+// run_finish (none from the agent, none synthetic) when its dispatch is
+// settled for good: superseded or cancelled before its start, or found
+// done by an earlier attempt. A client following it would otherwise see
+// the stream end without one. A dispatch that runs again (released,
+// reclaimed) is left alone: its next attempt goes on numbering the
+// events, and a re-attached client follows it.
+func (m *Mailbox) closeSettledStream(e *execution) {
+	if e.sawFinish.Load() {
+		return
+	}
+	cur, err := m.store.LoadDispatch(context.Background(), e.dispatch.DispatchID)
+	if err != nil || cur != nil && !cur.Status.Terminal() {
+		return
+	}
+	term := &Termination{Type: TermCancelled}
+	if cur != nil && cur.Status == StatusAcked && cur.Termination != nil {
+		term = cur.Termination
+	}
+	m.emitFinishWith(e, term)
 }
 
 // emitFinish closes a client stream that the agent left open: a synthetic
