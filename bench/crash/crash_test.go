@@ -73,6 +73,7 @@ func runCrashWith(t *testing.T, what string, o clusterOptions) {
 		case "sidecar":
 			rec.sidecarKilled()
 			killNs = c.killSidecar()
+			rec.sidecarKilled() // a request sent between the two saw the kill too
 			c.startSidecar()
 		case "agent":
 			killNs = c.killAgent(agent)
@@ -86,6 +87,7 @@ func runCrashWith(t *testing.T, what string, o clusterOptions) {
 				c.killSidecar()
 				killNs = c.killAgent(agent)
 			}
+			rec.sidecarKilled() // a request sent between the two saw the kill too
 			c.startSidecar()
 			agent = c.startAgent()
 		}

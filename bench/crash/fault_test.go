@@ -153,6 +153,7 @@ func TestFaultDiskFull(t *testing.T) {
 	// ready.
 	rec.sidecarKilled()
 	c.killSidecar()
+	rec.sidecarKilled() // a request sent between the two saw the kill too
 	p := c.spawnSidecar()
 	upNotReady := false
 	waitFor(15*time.Second, func() bool {
@@ -341,6 +342,7 @@ func TestFaultClockJumpForward(t *testing.T) {
 	}
 	rec.sidecarKilled()
 	kill := c.killSidecar()
+	rec.sidecarKilled() // a request sent between the two saw the kill too
 	c.startSidecar("MAILBOX_SIDECAR_TEST_CLOCK_SKEW=10m")
 	for _, d := range ds {
 		var again journalEntry
@@ -388,6 +390,7 @@ func TestFaultClockJumpBackward(t *testing.T) {
 	}
 	rec.sidecarKilled()
 	kill := c.killSidecar()
+	rec.sidecarKilled() // a request sent between the two saw the kill too
 	c.startSidecar("MAILBOX_SIDECAR_TEST_CLOCK_SKEW=-" + skew.String())
 	for _, d := range ds {
 		var again journalEntry

@@ -400,9 +400,15 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	}
 	defer resp.Body.Close()
 	var got *accepted
-	finished := false
+	finished, reset := false, false
+	last := ""
 	rerr := readSSE(resp.Body, func(ev sseEvent) bool {
+		last = ev.Event
 		switch ev.Event {
+		case "reset":
+			// The sidecar dropped a reader that fell behind its ring
+			// (documented: the client re-attaches); not a lost finish.
+			reset = true
 		case "submitted":
 			var res submitResult
 			if err := json.Unmarshal([]byte(ev.Data), &res); err != nil || res.DispatchID == "" {
@@ -432,15 +438,15 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	switch {
 	case finished:
 		w.rec.streams.finished++
-	case w.rec.killEpoch != kills:
-		w.rec.streams.cut++ // the sidecar died under the stream
+	case w.rec.killEpoch != kills, reset:
+		w.rec.streams.cut++ // the sidecar died under the stream, or dropped a slow reader
 	case ctx.Err() != nil:
 		w.rec.streams.timedOut++
 		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of %s on %s open for 30 s without run_finish", text, thread))
 	case got == nil:
 		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of %s on %s ended without submitted (%v)", text, thread, rerr))
 	default:
-		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of dispatch %s ended without run_finish, no sidecar kill meanwhile (%v)", got.ID, rerr))
+		w.rec.problems = append(w.rec.problems, fmt.Sprintf("foreground stream of dispatch %s ended without run_finish, no sidecar kill meanwhile (%v; last event %q)", got.ID, rerr, last))
 	}
 	return nil
 }
