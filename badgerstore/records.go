@@ -148,6 +148,9 @@ func (w *writeTx) settleRun(d *engine.Dispatch, nowMs int64) error {
 	if err != nil || old == nil {
 		return err
 	}
+	if old.DispatchID != "" && old.DispatchID != d.DispatchID {
+		return nil // the run belongs to a later dispatch now
+	}
 	r := cloneRun(old)
 	if !r.Settle(d, nowMs/1000) {
 		return nil

@@ -110,7 +110,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			if err != nil {
 				return err
 			}
-			if got := readU64(b); got != counts[byte(st)] {
+			got, cerr := counter(countKey(st), b)
+			if cerr != nil {
+				problem("%v", cerr)
+			} else if got != counts[byte(st)] {
 				problem("count of %s is %d, records say %d", st, got, counts[byte(st)])
 			}
 		}

@@ -237,6 +237,12 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 		// the run back (found by the crash harness). The attempt still
 		// executing finds its claim settled and records nothing more.
 		ok, err := m.settleCancel(ctx, e)
+		if errors.Is(err, ErrVersionConflict) {
+			// Stale epoch (an interrupt): the store superseded the claim
+			// and settled its run as cancelled; stop the attempt, as
+			// HandleLive does.
+			ok, err = true, nil
+		}
 		if err != nil || !ok {
 			return false, err
 		}
@@ -383,6 +389,8 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 	m.metrics.add("supersede", res.SupersededN)
 	m.withdrawPending(res.Superseded...)
 	if res.Active != nil {
+		// A claim of the thread in flight here may be the active one.
+		m.settledEntry(ctx, thread)
 		// Cancel exactly the dispatch the interrupt found active, not
 		// whatever runs on the thread by now; on a shared store it may
 		// execute in another process (best effort: otherwise its next
@@ -521,6 +529,15 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	if !m.reserveSlot(thread) {
 		return SubmitResult{}, nil, false, nil
 	}
+	// A claim in flight, as tryDispatch's: a cancel or an interrupt
+	// arriving between the commit and the execution waits for it.
+	hold := &execution{claiming: true}
+	m.mu.Lock()
+	placed := m.threads[thread] == nil
+	if placed {
+		m.threads[thread] = hold
+	}
+	m.mu.Unlock()
 	saved := *req
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint = newID()
@@ -543,6 +560,11 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		return d, err
 	})
 	if err != nil || claimed == nil {
+		m.mu.Lock()
+		if placed && m.threads[thread] == hold {
+			delete(m.threads, thread)
+		}
+		m.mu.Unlock()
 		m.dropPending(req.DispatchIDHint)
 		m.releaseSlot(thread)
 		if err != nil {
