@@ -1,11 +1,11 @@
 package badgerstore_test
 
 import (
+	"context"
 	"errors"
 	"strconv"
-	"time"
-	"context"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"

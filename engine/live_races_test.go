@@ -1,9 +1,9 @@
 package engine_test
 
 import (
+	"context"
 	"encoding/json"
 	"sync"
-	"context"
 	"sync/atomic"
 	"testing"
 	"time"
