@@ -92,6 +92,7 @@ type session struct {
 	start  journalEntry
 	end    *journalEntry
 	cps    []journalEntry // acknowledged checkpoints
+	inbox  []journalEntry // live messages, decisions and cancels received
 	endNs  int64          // effective end: its end record, or the agent's death
 	closed bool           // endNs comes from an end record or a kill
 }
@@ -133,6 +134,8 @@ func indexJournal(entries []journalEntry, stallCut bool) (*journalIndex, []strin
 			s.end = &e
 		case e.Event == EventCheckpoint:
 			s.cps = append(s.cps, e)
+		case e.Event == EventLive, e.Event == EventDecision, e.Event == EventCancel:
+			s.inbox = append(s.inbox, e)
 		}
 	}
 	for _, s := range ix.sessions {
@@ -173,6 +176,8 @@ type findings struct {
 	checkpoints       int      // acknowledged checkpoints found in the logs
 	lateRuns          int      // an interrupted or cancelled attempt reached the agent after the interrupt or cancel returned
 	lateRunsCompleted int      // … and was not cancelled there
+	undelivered       int      // live commands answered delivered that no attempt received
+	uncancelled       int      // attempts a plain interrupt found active that were not cancelled
 }
 
 func (f *findings) add(format string, args ...any) {
@@ -330,6 +335,8 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 	}
 
 	checkDeadClaims(f, rec, ix, o.sidecarKills)
+	checkDelivered(f, rec, ix)
+	checkInterruptCancels(f, rec, ix, o.sidecarKills)
 
 	// Checkpoints and messages in the logs.
 	for _, th := range snap.threads {
@@ -784,6 +791,104 @@ func checkDeadClaims(f *findings, rec *recorder, ix *journalIndex, kills []int64
 					}
 				}
 			}
+		}
+	}
+}
+
+// checkDelivered: every live message answered `delivery: live` and every
+// decision answered `delivered:true` is in the journal of an attempt of
+// its run that started before the answer, received after it was sent
+// (the SDK acknowledges a command only once it is in the run's buffer,
+// and the agent journals the buffer before its end record). Excused when
+// such an attempt has no end record: its agent was killed (or frozen)
+// and what it received may be lost with it. Each receipt matches one
+// answer.
+func checkDelivered(f *findings, rec *recorder, ix *journalIndex) {
+	rec.mu.Lock()
+	delivered := append([]liveRec(nil), rec.delivered...)
+	rec.mu.Unlock()
+	sort.Slice(delivered, func(i, j int) bool { return delivered[i].AnsweredNs < delivered[j].AnsweredNs })
+	byRun := map[string][]*session{}
+	for _, s := range ix.sessions {
+		byRun[s.start.RunID] = append(byRun[s.start.RunID], s)
+	}
+	used := map[*journalEntry]bool{}
+	for _, c := range delivered {
+		want := c.Texts
+		if c.Kind == EventDecision {
+			want = []string{c.CallID}
+		}
+		for _, w := range want {
+			found, excused := false, false
+			for _, s := range byRun[c.RunID] {
+				if s.start.StartNs > c.AnsweredNs {
+					continue
+				}
+				excused = excused || s.end == nil
+				for i := range s.inbox {
+					r := &s.inbox[i]
+					if found || used[r] || r.Event != c.Kind || r.AtNs < c.SentNs || (r.Text != w && r.CallID != w) {
+						continue
+					}
+					found, used[r] = true, true
+				}
+			}
+			if !found && !excused {
+				f.undelivered++
+				f.add("NOT RECEIVED: %s %q for run %s on %s, answered delivered at %v (sent %v), is in no journal of an attempt of that run",
+					c.Kind, w, c.RunID, c.Thread, ts(c.AnsweredNs), ts(c.SentNs))
+			}
+		}
+	}
+}
+
+// cancelMargin is how long after a plain interrupt returned the attempt
+// it found active may still end on its own (the CANCEL is sent
+// asynchronously) or see its cancel.
+const cancelMargin = 250 * time.Millisecond
+
+// checkInterruptCancels: the attempt a plain interrupt found active
+// (ActiveInstance) is cancelled: it journals the cancel and ends
+// cancelled, or it ended on its own within cancelMargin of the
+// interrupt's return (of its own start, when it reached the agent only
+// after the interrupt: see the late runs). Excused: no end record (its
+// agent was killed or frozen), a lost connection or shutdown, or a
+// sidecar kill between the interrupt and its end.
+func checkInterruptCancels(f *findings, rec *recorder, ix *journalIndex, kills []int64) {
+	rec.mu.Lock()
+	interrupts := append([]interruptRec(nil), rec.interrupts...)
+	rec.mu.Unlock()
+	for _, i := range interrupts {
+		s := ix.sessions[i.ActiveInstance]
+		if i.Own != "" || s == nil || s.end == nil {
+			continue
+		}
+		if out := s.end.Outcome; out == OutcomeLost || out == OutcomeShutdown {
+			continue
+		}
+		killed := false
+		for _, k := range kills {
+			killed = killed || k > i.SentNs && k < s.endNs
+		}
+		by := max(i.ReturnedNs, s.start.StartNs) + int64(cancelMargin)
+		if killed || s.end.EndNs <= by {
+			continue
+		}
+		var cancelNs int64
+		for _, r := range s.inbox {
+			if r.Event == EventCancel && cancelNs == 0 {
+				cancelNs = r.AtNs
+			}
+		}
+		switch {
+		case s.end.Outcome != OutcomeCancelled || cancelNs == 0:
+			f.uncancelled++
+			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; it ended %s at %v",
+				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), s.end.Outcome, ts(s.end.EndNs))
+		case cancelNs > by:
+			f.uncancelled++
+			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; its cancel came only at %v",
+				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), ts(cancelNs))
 		}
 	}
 }

@@ -18,6 +18,13 @@ const (
 	// EventEnd is written when a handler is about to return its result,
 	// before the FINISH goes out.
 	EventEnd = "end"
+	// EventLive is written for each live message the run received (its
+	// Text), EventDecision for each decision (its CallID), and
+	// EventCancel when the run's context was cancelled (Text: the cause);
+	// AtNs is when. All are written before the run's end record.
+	EventLive     = "live"
+	EventDecision = "decision"
+	EventCancel   = "cancel"
 )
 
 // Outcomes of an EventEnd record.
@@ -35,7 +42,8 @@ const (
 // Record is one line of an agent's journal. A start record carries the
 // run's identity and StartNs; an end record repeats it with EndNs and
 // Outcome; a checkpoint record names the session, the checkpoint's Index
-// (1-based, the i of "m<i>") and when its acknowledgement arrived. Times
+// (1-based, the i of "m<i>") and when its acknowledgement arrived; a live,
+// decision or cancel record names the session and what it received. Times
 // are Unix nanoseconds of the wall clock, comparable with the harness's.
 type Record struct {
 	Event      string `json:"ev"`
@@ -50,6 +58,9 @@ type Record struct {
 	Command    string `json:"command,omitempty"` // start: the command the run executes
 	Index      int    `json:"index,omitempty"`   // checkpoint: i of m<i>
 	AckNs      int64  `json:"ack_ns,omitempty"`  // checkpoint: when the ack arrived
+	Text       string `json:"text,omitempty"`    // live: the message text; cancel: the cause
+	CallID     string `json:"call_id,omitempty"` // decision: its tool call
+	AtNs       int64  `json:"at_ns,omitempty"`   // live, decision, cancel: when it was received
 	PID        int    `json:"pid"`
 }
 

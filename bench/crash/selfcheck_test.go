@@ -11,7 +11,8 @@ import (
 // one fault injected at a time, and expects each fault to be reported.
 
 // scenario is a small history: two dispatches on one thread, the second
-// with two checkpoints, both completed; an interrupt after both.
+// with two checkpoints and a live message answered delivered (entries[6]
+// its receipt), both completed; an interrupt after both.
 type scenario struct {
 	rec     *recorder
 	snap    *snapshot
@@ -51,6 +52,12 @@ func newScenario() *scenario {
 	}
 	end := Record{Event: EventEnd, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", StartNs: 140 * ms, EndNs: 150 * ms, Outcome: OutcomeDone}
 	s.entries = append(s.entries, journalEntry{Record: end, agent: s.agent})
+	live := Command{Nonce: "n-x-3", Verb: VerbLive}
+	s.rec.sent("t1", live.String())
+	s.rec.textAccepted(live.String())
+	s.rec.delivered = append(s.rec.delivered, liveRec{Kind: EventLive, Thread: "t1", RunID: "r2", Texts: []string{live.String()}, SentNs: 142 * ms, AnsweredNs: 143 * ms})
+	got := Record{Event: EventLive, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", Text: live.String(), AtNs: 143 * ms}
+	s.entries = append(s.entries, journalEntry{Record: got, agent: s.agent})
 
 	done := &termination{Type: "natural_end"}
 	s.snap = &snapshot{
@@ -68,6 +75,7 @@ func newScenario() *scenario {
 			msg(2, cmd2.String(), ""),
 			msg(3, CheckpointText(1, 2, "d2", "s2", 1), "r2"),
 			msg(4, CheckpointText(2, 2, "d2", "s2", 1), "r2"),
+			msg(5, live.String(), ""),
 		}},
 	}
 	return s
@@ -182,6 +190,27 @@ func TestChecksCatchFaults(t *testing.T) {
 		{"a cancel answered cancelled:true that did not settle its dispatch", func(s *scenario) {
 			s.rec.cancels = append(s.rec.cancels, cancelRec{Dispatch: "d1", Thread: "t1", SentNs: 121 * ms, ReturnedNs: 122 * ms, Cancelled: true})
 		}, "UNJUSTIFIED acked", func(f *findings) int { return f.lost }},
+		{"live message answered delivered that no attempt received", func(s *scenario) {
+			s.entries = s.entries[:6]
+		}, "NOT RECEIVED", func(f *findings) int { return f.undelivered }},
+		{"live message received before it was sent", func(s *scenario) {
+			s.entries[6].AtNs = 141 * ms
+		}, "NOT RECEIVED", func(f *findings) int { return f.undelivered }},
+		{"decision answered delivered that no attempt received", func(s *scenario) {
+			s.rec.delivered = append(s.rec.delivered, liveRec{Kind: EventDecision, Thread: "t1", RunID: "r2", CallID: SuspendCallID, SentNs: 144 * ms, AnsweredNs: 145 * ms})
+		}, "NOT RECEIVED", func(f *findings) int { return f.undelivered }},
+		{"attempt active at an interrupt not cancelled", func(s *scenario) {
+			// The interrupt found s2 active at 142 ms; s2 ran on to 450 ms.
+			s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})
+			s.entries[5].EndNs = 450 * ms
+		}, "NOT CANCELLED", func(f *findings) int { return f.uncancelled }},
+		{"attempt active at an interrupt cancelled only much later", func(s *scenario) {
+			s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})
+			s.entries[5].EndNs, s.entries[5].Outcome = 450*ms, OutcomeCancelled
+			c := s.entries[5].Record
+			c.Event, c.Text, c.AtNs = EventCancel, "interrupted", 440*ms
+			s.entries = append(s.entries, journalEntry{Record: c, agent: s.agent})
+		}, "cancel came only", func(f *findings) int { return f.uncancelled }},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -210,6 +239,31 @@ func TestChecksCatchFaults(t *testing.T) {
 		s.entries[1].Outcome = OutcomeLost
 		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{100 * ms}}); f.overlaps != 0 {
 			t.Errorf("a kill before the attempt started is reported: %v", f.problems)
+		}
+	})
+	t.Run("excused live commands and interrupts", func(t *testing.T) {
+		// The receipt is lost with a killed agent (s2 has no end record).
+		s := newScenario()
+		s.entries = append(s.entries[:5], s.entries[7:]...)
+		s.agent.deathNs = 160 * ms
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.undelivered != 0 {
+			t.Errorf("a receipt lost with its agent is reported: %v", f.problems)
+		}
+		// Cancelled at once, or cut by a sidecar kill.
+		s = newScenario()
+		s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})
+		s.entries[5].EndNs, s.entries[5].Outcome = 450*ms, OutcomeCancelled
+		c := s.entries[5].Record
+		c.Event, c.Text, c.AtNs = EventCancel, "interrupted", 150*ms
+		s.entries = append(s.entries, journalEntry{Record: c, agent: s.agent})
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.uncancelled != 0 {
+			t.Errorf("a cancelled attempt is reported: %v", f.problems)
+		}
+		s = newScenario()
+		s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})
+		s.entries[5].EndNs = 450 * ms
+		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{300 * ms}}); f.uncancelled != 0 {
+			t.Errorf("an attempt cut by a sidecar kill is reported: %v", f.problems)
 		}
 	})
 	t.Run("a killed agent's unfinished run lasts until its death", func(t *testing.T) {

@@ -55,6 +55,16 @@ type cancelRec struct {
 	Cancelled          bool
 }
 
+// liveRec is a live command the API answered as delivered to a running
+// run: messages answered `delivery: live` (Kind EventLive) or a decision
+// answered `delivered:true` (Kind EventDecision).
+type liveRec struct {
+	Kind, Thread, RunID string
+	Texts               []string // live: the messages' texts, in order
+	CallID              string   // decision: its tool call
+	SentNs, AnsweredNs  int64
+}
+
 // tryRec is an interrupt, foreground submit or cancel as sent; EndNs is
 // when it was answered, MaxInt64 when no answer came (it may have landed).
 type tryRec struct {
@@ -92,6 +102,7 @@ type recorder struct {
 	byThread   map[string][]*accepted
 	interrupts []interruptRec
 	cancels    []cancelRec
+	delivered  []liveRec // live messages and decisions answered delivered
 	texts      map[string]*textRec
 	suspends   []*accepted // accepted suspend commands: targets of decisions
 	tries      []*tryRec   // every interrupt, foreground submit and cancel sent
@@ -527,6 +538,9 @@ func (w *workload) liveMessage(thread string) error {
 	switch res.Delivery {
 	case "live":
 		w.rec.op("live delivered")
+		w.rec.mu.Lock()
+		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventLive, Thread: thread, RunID: res.RunID, Texts: []string{text}, SentNs: sentNs, AnsweredNs: now})
+		w.rec.mu.Unlock()
 	case "queued":
 		w.rec.op("live queued")
 		w.rec.accept(&accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindQueuedLive, Cmd: cmd, AcceptedNs: now, SentNs: sentNs})
@@ -543,6 +557,7 @@ func (w *workload) decide(rng *rand.Rand) error {
 		return nil
 	}
 	w.rec.op("decision")
+	sentNs := time.Now().UnixNano()
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res struct {
@@ -555,6 +570,9 @@ func (w *workload) decide(rng *rand.Rand) error {
 	}
 	if res.Delivered {
 		w.rec.op("decision delivered")
+		w.rec.mu.Lock()
+		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventDecision, Thread: a.Thread, RunID: a.RunID, CallID: SuspendCallID, SentNs: sentNs, AnsweredNs: time.Now().UnixNano()})
+		w.rec.mu.Unlock()
 	}
 	return nil
 }

@@ -2,7 +2,8 @@
 // (package crash): an agent on the Go SDK whose behaviour each run's
 // message text chooses (crash.Command: sleep, checkpoint, suspend, fail
 // transient, fail permanent, done) and which journals every run start,
-// acknowledged checkpoint and run end to a file (crash.Journal), fsynced
+// acknowledged checkpoint, live message, decision and cancel it receives
+// and run end to a file (crash.Journal), fsynced
 // line by line so that the journal survives a SIGKILL of the agent.
 //
 // Usage:
@@ -107,8 +108,9 @@ type (
 	}
 )
 
-// HandleRun journals the start, executes the command, journals the end
-// (before the FINISH goes out) and returns the result.
+// HandleRun journals the start, executes the command (journaling what
+// the run receives), journals the end (before the FINISH goes out) and
+// returns the result.
 func (a *chaos) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
 	cmd, decided := command(run)
 	rec := crash.Record{
@@ -117,7 +119,17 @@ func (a *chaos) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
 		Command: cmd.String(), PID: a.pid,
 	}
 	a.append(rec)
-	res, outcome := a.execute(ctx, run, cmd, decided)
+	in := &inbox{a: a, run: run}
+	cancelled := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(cancelled)
+		in.record(crash.EventCancel, fmt.Sprint(context.Cause(ctx)), "")
+	})
+	res, outcome := a.execute(ctx, in, cmd, decided)
+	in.flush()
+	if !stop() {
+		<-cancelled // its record goes before the end record
+	}
 	if cause := context.Cause(ctx); cause != nil {
 		switch {
 		case errors.Is(cause, agent.ErrConnectionLost):
@@ -158,11 +170,12 @@ func command(run *agent.Run) (crash.Command, bool) {
 }
 
 // execute runs cmd and returns the result with its journal outcome.
-func (a *chaos) execute(ctx context.Context, run *agent.Run, cmd crash.Command, decided bool) (agent.Result, string) {
+func (a *chaos) execute(ctx context.Context, in *inbox, cmd crash.Command, decided bool) (agent.Result, string) {
+	run := in.run
 	if err := run.Emit(startEvent{Type: "run_start", RunID: run.RunID, SessionID: run.SessionID}); err != nil {
 		return failed(ctx, run, "emit_failed", err)
 	}
-	live := run.Messages() // every run takes live messages, echoed as they come
+	in.live = run.Messages() // every run takes live messages, echoed as they come
 	if decided {
 		if err := run.Emit(toolEvent{Type: "tool_call_resumed", CallID: crash.SuspendCallID}); err != nil {
 			return failed(ctx, run, "emit_failed", err)
@@ -170,7 +183,7 @@ func (a *chaos) execute(ctx context.Context, run *agent.Run, cmd crash.Command, 
 	}
 	switch cmd.Verb {
 	case crash.VerbSleep:
-		if err := pause(ctx, run, live, time.Duration(cmd.Arg)*time.Millisecond); err != nil {
+		if err := pause(ctx, in, time.Duration(cmd.Arg)*time.Millisecond); err != nil {
 			return failed(ctx, run, "emit_failed", err)
 		}
 	case crash.VerbCheckpoint:
@@ -184,13 +197,13 @@ func (a *chaos) execute(ctx context.Context, run *agent.Run, cmd crash.Command, 
 				Event: crash.EventCheckpoint, ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID,
 				Attempt: run.Attempt, SessionID: run.SessionID, Index: i, AckNs: time.Now().UnixNano(), PID: a.pid,
 			})
-			if err := pause(ctx, run, live, time.Duration(cmd.Arg2)*time.Millisecond); err != nil {
+			if err := pause(ctx, in, time.Duration(cmd.Arg2)*time.Millisecond); err != nil {
 				return failed(ctx, run, "emit_failed", err)
 			}
 		}
 	case crash.VerbSuspend:
 		if !decided {
-			got, err := suspend(ctx, run, live, time.Duration(cmd.Arg)*time.Millisecond)
+			got, err := suspend(ctx, in, time.Duration(cmd.Arg)*time.Millisecond)
 			if err != nil {
 				return failed(ctx, run, "emit_failed", err)
 			}
@@ -212,7 +225,7 @@ func (a *chaos) execute(ctx context.Context, run *agent.Run, cmd crash.Command, 
 	if ctx.Err() != nil {
 		return cancelled(run)
 	}
-	if err := drain(run, live); err != nil {
+	if err := drain(in); err != nil {
 		return failed(ctx, run, "emit_failed", err)
 	}
 	if err := run.Emit(finishEvent{Type: "run_finish", Termination: agent.Termination{Type: agent.TermNaturalEnd}}); err != nil {
@@ -226,7 +239,7 @@ func (a *chaos) execute(ctx context.Context, run *agent.Run, cmd crash.Command, 
 }
 
 // pause waits d or until ctx is done, echoing live messages.
-func pause(ctx context.Context, run *agent.Run, live <-chan []agent.MessageRecord, d time.Duration) error {
+func pause(ctx context.Context, in *inbox, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	for {
@@ -235,8 +248,8 @@ func pause(ctx context.Context, run *agent.Run, live <-chan []agent.MessageRecor
 			return nil
 		case <-t.C:
 			return nil
-		case batch := <-live:
-			if err := echo(run, batch); err != nil {
+		case batch := <-in.live:
+			if err := in.echo(batch); err != nil {
 				return err
 			}
 		}
@@ -245,8 +258,9 @@ func pause(ctx context.Context, run *agent.Run, live <-chan []agent.MessageRecor
 
 // suspend announces the suspended tool call and waits up to d for its
 // decision; got says whether it came.
-func suspend(ctx context.Context, run *agent.Run, live <-chan []agent.MessageRecord, d time.Duration) (got bool, err error) {
-	decisions := run.Decisions() // before the suspension is announced
+func suspend(ctx context.Context, in *inbox, d time.Duration) (got bool, err error) {
+	run := in.run
+	in.decisions = run.Decisions() // before the suspension is announced
 	if err := run.Emit(toolEvent{Type: "tool_call_start", CallID: crash.SuspendCallID, Name: "approval"}); err != nil {
 		return false, err
 	}
@@ -261,11 +275,12 @@ func suspend(ctx context.Context, run *agent.Run, live <-chan []agent.MessageRec
 			return false, nil
 		case <-t.C:
 			return false, nil
-		case batch := <-live:
-			if err := echo(run, batch); err != nil {
+		case batch := <-in.live:
+			if err := in.echo(batch); err != nil {
 				return false, err
 			}
-		case batch := <-decisions:
+		case batch := <-in.decisions:
+			in.decided(batch)
 			for _, dec := range batch {
 				if dec.CallID == crash.SuspendCallID {
 					return true, run.Emit(toolEvent{Type: "tool_call_resumed", CallID: crash.SuspendCallID})
@@ -276,14 +291,14 @@ func suspend(ctx context.Context, run *agent.Run, live <-chan []agent.MessageRec
 }
 
 // drain echoes the live messages already accepted.
-func drain(run *agent.Run, live <-chan []agent.MessageRecord) error {
+func drain(in *inbox) error {
 	for {
 		select {
-		case batch, ok := <-live:
+		case batch, ok := <-in.live:
 			if !ok {
 				return nil
 			}
-			if err := echo(run, batch); err != nil {
+			if err := in.echo(batch); err != nil {
 				return err
 			}
 		default:
@@ -292,15 +307,73 @@ func drain(run *agent.Run, live <-chan []agent.MessageRecord) error {
 	}
 }
 
-func echo(run *agent.Run, batch []agent.MessageRecord) error {
+// inbox journals what a run receives: live messages and decisions as the
+// handler takes them from the SDK (flush takes the rest, which the SDK
+// acknowledged too, before the end record).
+type inbox struct {
+	a         *chaos
+	run       *agent.Run
+	live      <-chan []agent.MessageRecord // nil until the run takes live messages
+	decisions <-chan []agent.Decision      // nil until the run waits for one
+}
+
+// record journals one thing the run received.
+func (in *inbox) record(event, text, callID string) {
+	r := in.run
+	in.a.append(crash.Record{
+		Event: event, ThreadID: r.ThreadID, RunID: r.RunID, DispatchID: r.DispatchID, Attempt: r.Attempt,
+		SessionID: r.SessionID, Text: text, CallID: callID, AtNs: time.Now().UnixNano(), PID: in.a.pid,
+	})
+}
+
+// echo journals a batch of live messages, then echoes them as events.
+func (in *inbox) echo(batch []agent.MessageRecord) error {
+	in.received(batch)
 	for _, rec := range batch {
 		if text, ok := rec.Message.Text(); ok {
-			if err := run.Emit(textEvent{Type: "text_delta", Delta: "live: " + text}); err != nil {
+			if err := in.run.Emit(textEvent{Type: "text_delta", Delta: "live: " + text}); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// received journals a batch of live messages.
+func (in *inbox) received(batch []agent.MessageRecord) {
+	for _, rec := range batch {
+		text, _ := rec.Message.Text()
+		in.record(crash.EventLive, text, "")
+	}
+}
+
+// decided journals a batch of decisions.
+func (in *inbox) decided(batch []agent.Decision) {
+	for _, d := range batch {
+		in.record(crash.EventDecision, "", d.CallID)
+	}
+}
+
+// flush journals the live messages and decisions still buffered.
+func (in *inbox) flush() {
+	for {
+		select {
+		case batch, ok := <-in.live:
+			if !ok {
+				in.live = nil
+				continue
+			}
+			in.received(batch)
+		case batch, ok := <-in.decisions:
+			if !ok {
+				in.decisions = nil
+				continue
+			}
+			in.decided(batch)
+		default:
+			return
+		}
+	}
 }
 
 // failed maps an SDK error to the outcome: a cancelled run is Cancelled,
