@@ -178,6 +178,9 @@ type findings struct {
 	lateRunsCompleted int      // … and was not cancelled there
 	undelivered       int      // live commands answered delivered that no attempt received
 	uncancelled       int      // attempts a plain interrupt found active that were not cancelled
+	liveReceived      int      // live messages and decisions answered delivered and found received
+	liveExcused       int      // … not found, but an attempt of the run was killed
+	activeCancelled   int      // attempts a plain interrupt found active, checked (not excused by a kill)
 }
 
 func (f *findings) add(format string, args ...any) {
@@ -833,6 +836,12 @@ func checkDelivered(f *findings, rec *recorder, ix *journalIndex) {
 					found, used[r] = true, true
 				}
 			}
+			switch {
+			case found:
+				f.liveReceived++
+			case excused:
+				f.liveExcused++
+			}
 			if !found && !excused {
 				f.undelivered++
 				f.add("NOT RECEIVED: %s %q for run %s on %s, answered delivered at %v (sent %v), is in no journal of an attempt of that run",
@@ -866,6 +875,7 @@ func checkInterruptCancels(f *findings, rec *recorder, ix *journalIndex, kills [
 		if out := s.end.Outcome; out == OutcomeLost || out == OutcomeShutdown {
 			continue
 		}
+		f.activeCancelled++
 		killed := false
 		for _, k := range kills {
 			killed = killed || k > i.SentNs && k < s.endNs
