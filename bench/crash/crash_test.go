@@ -162,7 +162,7 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	c.mu.Unlock()
 	rec.mu.Lock()
 	t.Logf("operations: %v; foreground streams: %+v", rec.ops, rec.streams)
-	t.Logf("live commands answered delivered: %d found received, %d excused (an attempt of the run was killed); %d attempts an interrupt found active checked cancelled",
+	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); %d attempts an interrupt found active checked cancelled",
 		f.liveReceived, f.liveExcused, f.activeCancelled)
 	rec.mu.Unlock()
 	for _, n := range f.notes {

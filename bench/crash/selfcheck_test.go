@@ -249,6 +249,13 @@ func TestChecksCatchFaults(t *testing.T) {
 		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.undelivered != 0 {
 			t.Errorf("a receipt lost with its agent is reported: %v", f.problems)
 		}
+		// The answer came after the attempt's end record (it raced with it).
+		s = newScenario()
+		s.entries = s.entries[:6]
+		s.rec.delivered[0].AnsweredNs = 151 * ms
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.undelivered != 0 {
+			t.Errorf("a command that raced with its attempt's end is reported: %v", f.problems)
+		}
 		// Cancelled at once, or cut by a sidecar kill.
 		s = newScenario()
 		s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})

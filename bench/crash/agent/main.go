@@ -127,8 +127,12 @@ func (a *chaos) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
 	})
 	res, outcome := a.execute(ctx, in, cmd, decided)
 	in.flush()
-	if !stop() {
+	switch {
+	case !stop():
 		<-cancelled // its record goes before the end record
+	case ctx.Err() != nil:
+		// Cancelled, but stop won the race with the AfterFunc's start.
+		in.record(crash.EventCancel, fmt.Sprint(context.Cause(ctx)), "")
 	}
 	if cause := context.Cause(ctx); cause != nil {
 		switch {
