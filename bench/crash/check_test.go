@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -181,6 +182,8 @@ type findings struct {
 	liveReceived      int      // live messages and decisions answered delivered and found received
 	liveExcused       int      // … not found, but an attempt of the run was killed
 	activeCancelled   int      // attempts a plain interrupt found active, checked (not excused by a kill)
+	reordered         int      // requests whose messages are not in order in the log
+	requestsOrdered   int      // requests of several messages whose order was checked
 }
 
 func (f *findings) add(format string, args ...any) {
@@ -375,6 +378,8 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 			f.add("message %q (its request failed) is %d times in the log of %s", text, n, t.Thread)
 		}
 	}
+
+	checkRequestOrder(f, rec, snap)
 
 	// Superseded and cancelled work never starts afterwards.
 	byThreadInt := map[string][]interruptRec{}
@@ -904,6 +909,73 @@ func checkInterruptCancels(f *findings, rec *recorder, ix *journalIndex, kills [
 			f.uncancelled++
 			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; its cancel came only at %v",
 				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), ts(cancelNs))
+		}
+	}
+}
+
+// checkRequestOrder: the messages of each request answered 2xx sit at
+// consecutive seqs of its thread's log, in the request's order; and a
+// request answered before another of its thread was sent has its
+// messages before the other's. Messages lost or duplicated are reported
+// above and skipped here.
+func checkRequestOrder(f *findings, rec *recorder, snap *snapshot) {
+	rec.mu.Lock()
+	var reqs []requestRec
+	for _, q := range rec.requests {
+		if q.AnsweredNs != 0 {
+			reqs = append(reqs, *q)
+		}
+	}
+	rec.mu.Unlock()
+	type span struct {
+		q           requestRec
+		first, last uint64
+	}
+	byThread := map[string][]span{}
+	for th, l := range snap.logs {
+		seq := map[string]uint64{} // text → seq, for texts once in the log
+		dup := map[string]bool{}
+		for _, m := range l {
+			if _, ok := seq[m.text()]; ok {
+				dup[m.text()] = true
+			}
+			seq[m.text()] = m.Seq
+		}
+	requests:
+		for _, q := range reqs {
+			if q.Thread != th {
+				continue
+			}
+			var got []uint64
+			for _, text := range q.Texts {
+				s, ok := seq[text]
+				if !ok || dup[text] {
+					continue requests
+				}
+				got = append(got, s)
+			}
+			if len(got) > 1 {
+				f.requestsOrdered++
+			}
+			for i := 1; i < len(got); i++ {
+				if got[i] != got[i-1]+1 {
+					f.reordered++
+					f.add("REORDERED: the %d messages of a request on %s (%q, answered %v) are at seqs %v of its log", len(got), th, q.Texts[0], ts(q.AnsweredNs), got)
+					break
+				}
+			}
+			byThread[th] = append(byThread[th], span{q, slices.Min(got), slices.Max(got)})
+		}
+	}
+	for th, l := range byThread {
+		for _, b := range l {
+			for _, a := range l {
+				if a.q.AnsweredNs < b.q.SentNs && a.last >= b.first {
+					f.reordered++
+					f.add("OUT OF ORDER on %s: %q (answered %v) is at seq %d, after %q (sent later, %v) at seq %d",
+						th, a.q.Texts[0], ts(a.q.AnsweredNs), a.last, b.q.Texts[0], ts(b.q.SentNs), b.first)
+				}
+			}
 		}
 	}
 }

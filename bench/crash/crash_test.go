@@ -164,6 +164,7 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	t.Logf("operations: %v; foreground streams: %+v", rec.ops, rec.streams)
 	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); %d attempts an interrupt found active checked cancelled",
 		f.liveReceived, f.liveExcused, f.activeCancelled)
+	t.Logf("requests of 2–3 messages whose order in the log was checked: %d", f.requestsOrdered)
 	rec.mu.Unlock()
 	for _, n := range f.notes {
 		t.Logf("note: %s", n)

@@ -11,8 +11,9 @@ import (
 // one fault injected at a time, and expects each fault to be reported.
 
 // scenario is a small history: two dispatches on one thread, the second
-// with two checkpoints and a live message answered delivered (entries[6]
-// its receipt), both completed; an interrupt after both.
+// with two checkpoints and a live request of two messages answered
+// delivered (entries[6] and [7] their receipts), both completed; an
+// interrupt after both. Each message's request is recorded.
 type scenario struct {
 	rec     *recorder
 	snap    *snapshot
@@ -25,10 +26,12 @@ func newScenario() *scenario {
 	s := &scenario{rec: newRecorder(), agent: &agentProc{proc: &proc{name: "agent-1"}}}
 	cmd1 := Command{Nonce: "n-x-1", Verb: VerbSleep, Arg: 10}
 	cmd2 := Command{Nonce: "n-x-2", Verb: VerbCheckpoint, Arg: 2}
-	s.rec.sent("t1", cmd1.String())
-	s.rec.textAccepted(cmd1.String())
-	s.rec.sent("t1", cmd2.String())
-	s.rec.textAccepted(cmd2.String())
+	q1 := s.rec.request("t1", []string{cmd1.String()})
+	q1.SentNs = 90 * ms
+	s.rec.requestAccepted(q1, 100*ms)
+	q2 := s.rec.request("t1", []string{cmd2.String()})
+	q2.SentNs = 105 * ms
+	s.rec.requestAccepted(q2, 110*ms)
 	s.rec.accept(&accepted{ID: "d1", Thread: "t1", RunID: "r1", Kind: kindBackground, Cmd: cmd1, AcceptedNs: 100 * ms})
 	s.rec.accept(&accepted{ID: "d2", Thread: "t1", RunID: "r2", Kind: kindBackground, Cmd: cmd2, AcceptedNs: 110 * ms})
 	s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 500 * ms, ReturnedNs: 510 * ms})
@@ -53,11 +56,14 @@ func newScenario() *scenario {
 	end := Record{Event: EventEnd, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", StartNs: 140 * ms, EndNs: 150 * ms, Outcome: OutcomeDone}
 	s.entries = append(s.entries, journalEntry{Record: end, agent: s.agent})
 	live := Command{Nonce: "n-x-3", Verb: VerbLive}
-	s.rec.sent("t1", live.String())
-	s.rec.textAccepted(live.String())
-	s.rec.delivered = append(s.rec.delivered, liveRec{Kind: EventLive, Thread: "t1", RunID: "r2", Texts: []string{live.String()}, SentNs: 142 * ms, AnsweredNs: 143 * ms})
-	got := Record{Event: EventLive, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", Text: live.String(), AtNs: 143 * ms}
-	s.entries = append(s.entries, journalEntry{Record: got, agent: s.agent})
+	q3 := s.rec.request("t1", requestTexts(live.String(), 2))
+	q3.SentNs = 142 * ms
+	s.rec.requestAccepted(q3, 143*ms)
+	s.rec.delivered = append(s.rec.delivered, liveRec{Kind: EventLive, Thread: "t1", RunID: "r2", Texts: q3.Texts, SentNs: 142 * ms, AnsweredNs: 143 * ms})
+	for _, text := range q3.Texts {
+		got := Record{Event: EventLive, ThreadID: "t1", RunID: "r2", DispatchID: "d2", Attempt: 1, SessionID: "s2", Text: text, AtNs: 143 * ms}
+		s.entries = append(s.entries, journalEntry{Record: got, agent: s.agent})
+	}
 
 	done := &termination{Type: "natural_end"}
 	s.snap = &snapshot{
@@ -75,7 +81,8 @@ func newScenario() *scenario {
 			msg(2, cmd2.String(), ""),
 			msg(3, CheckpointText(1, 2, "d2", "s2", 1), "r2"),
 			msg(4, CheckpointText(2, 2, "d2", "s2", 1), "r2"),
-			msg(5, live.String(), ""),
+			msg(5, q3.Texts[0], ""),
+			msg(6, q3.Texts[1], ""),
 		}},
 	}
 	return s
@@ -193,6 +200,19 @@ func TestChecksCatchFaults(t *testing.T) {
 		{"live message answered delivered that no attempt received", func(s *scenario) {
 			s.entries = s.entries[:6]
 		}, "NOT RECEIVED", func(f *findings) int { return f.undelivered }},
+		{"messages of one request reordered", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			l[4], l[5] = msg(5, l[5].text(), ""), msg(6, l[4].text(), "")
+		}, "REORDERED", func(f *findings) int { return f.reordered }},
+		{"messages of one request not consecutive", func(s *scenario) {
+			// checkpoint m2 of s2 between the live request's two messages
+			l := s.snap.logs["t1"]
+			l[3], l[4] = msg(4, l[4].text(), ""), msg(5, l[3].text(), "r2")
+		}, "REORDERED", func(f *findings) int { return f.reordered }},
+		{"a request logged before one answered before it was sent", func(s *scenario) {
+			l := s.snap.logs["t1"]
+			l[0], l[1] = msg(1, l[1].text(), ""), msg(2, l[0].text(), "")
+		}, "OUT OF ORDER", func(f *findings) int { return f.reordered }},
 		{"live message received before it was sent", func(s *scenario) {
 			s.entries[6].AtNs = 141 * ms
 		}, "NOT RECEIVED", func(f *findings) int { return f.undelivered }},
@@ -244,7 +264,7 @@ func TestChecksCatchFaults(t *testing.T) {
 	t.Run("excused live commands and interrupts", func(t *testing.T) {
 		// The receipt is lost with a killed agent (s2 has no end record).
 		s := newScenario()
-		s.entries = append(s.entries[:5], s.entries[7:]...)
+		s.entries = append(s.entries[:5], s.entries[8:]...)
 		s.agent.deathNs = 160 * ms
 		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.undelivered != 0 {
 			t.Errorf("a receipt lost with its agent is reported: %v", f.problems)

@@ -94,6 +94,34 @@ type textRec struct {
 	checked  bool
 }
 
+// requestRec is a request that carried messages: their texts in order,
+// when it was sent and when it was answered 2xx (0 if it was not).
+type requestRec struct {
+	Thread             string
+	Texts              []string
+	SentNs, AnsweredNs int64
+}
+
+// requestTexts are the texts of a request of n messages: the command's
+// text, then the same text with " /2" … " /n" (unique by the nonce; they
+// parse as no command, so the agent executes the first).
+func requestTexts(text string, n int) []string {
+	out := []string{text}
+	for i := 2; i <= n; i++ {
+		out = append(out, fmt.Sprintf("%s /%d", text, i))
+	}
+	return out
+}
+
+// userTexts is a request's messages, one user text each, in order.
+func userTexts(texts []string) []message {
+	out := make([]message, len(texts))
+	for i, t := range texts {
+		out[i] = message{Role: "user", Content: t}
+	}
+	return out
+}
+
 // recorder keeps everything the workload did and the API acknowledged.
 type recorder struct {
 	mu         sync.Mutex
@@ -102,7 +130,8 @@ type recorder struct {
 	byThread   map[string][]*accepted
 	interrupts []interruptRec
 	cancels    []cancelRec
-	delivered  []liveRec // live messages and decisions answered delivered
+	delivered  []liveRec     // live messages and decisions answered delivered
+	requests   []*requestRec // every request that carried messages
 	texts      map[string]*textRec
 	suspends   []*accepted // accepted suspend commands: targets of decisions
 	tries      []*tryRec   // every interrupt, foreground submit and cancel sent
@@ -133,6 +162,31 @@ func (r *recorder) sent(thread, text string) {
 	r.mu.Lock()
 	r.texts[text] = &textRec{Thread: thread, SentNs: time.Now().UnixNano()}
 	r.mu.Unlock()
+}
+
+// request records a request of texts on thread as sent.
+func (r *recorder) request(thread string, texts []string) *requestRec {
+	now := time.Now().UnixNano()
+	q := &requestRec{Thread: thread, Texts: texts, SentNs: now}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, text := range texts {
+		r.texts[text] = &textRec{Thread: thread, SentNs: now}
+	}
+	r.requests = append(r.requests, q)
+	return q
+}
+
+// requestAccepted records that q was answered 2xx at now.
+func (r *recorder) requestAccepted(q *requestRec, now int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	q.AnsweredNs = now
+	for _, text := range q.Texts {
+		if t := r.texts[text]; t != nil {
+			t.Accepted = true
+		}
+	}
 }
 
 func (r *recorder) textAccepted(text string) {
@@ -298,13 +352,13 @@ func (w *workload) worker(rng *rand.Rand) {
 		case p < o.foreground+o.interrupts+o.cancels:
 			err = w.cancel(thread, rng)
 		case p < o.foreground+o.interrupts+o.cancels+o.live:
-			err = w.liveMessage(thread)
+			err = w.liveMessage(thread, messageCount(rng))
 		case p < o.foreground+o.interrupts+o.cancels+o.live+o.decisions:
 			err = w.decide(rng)
 		case p < o.foreground+o.interrupts+o.cancels+o.live+o.decisions+o.resume:
 			err = w.resume(thread)
 		default:
-			err = w.background(thread, w.randomCommand(rng))
+			err = w.backgroundN(thread, w.randomCommand(rng), messageCount(rng))
 		}
 		pause := o.minPause + time.Duration(rng.Int64N(int64(o.maxPause-o.minPause)+1))
 		if err != nil {
@@ -347,22 +401,39 @@ func reqCtx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 15*time.Second)
 }
 
-// background is POST /v1/threads/{t}/dispatches.
+// messageCount is how many messages a background submit or live message
+// carries: 1, sometimes 2 or 3.
+func messageCount(rng *rand.Rand) int {
+	switch p := rng.IntN(100); {
+	case p < 20:
+		return 2
+	case p < 30:
+		return 3
+	}
+	return 1
+}
+
+// background is POST /v1/threads/{t}/dispatches with one message.
 func (w *workload) background(thread string, cmd Command) error {
+	return w.backgroundN(thread, cmd, 1)
+}
+
+// backgroundN is POST /v1/threads/{t}/dispatches with n messages, the
+// command first.
+func (w *workload) backgroundN(thread string, cmd Command, n int) error {
 	w.rec.op("background")
-	text := cmd.String()
-	w.rec.sent(thread, text)
-	sentNs := time.Now().UnixNano()
+	q := w.rec.request(thread, requestTexts(cmd.String(), n))
+	sentNs := q.SentNs
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
-	err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", map[string]any{"messages": userText(text)}, &res)
+	err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", map[string]any{"messages": userTexts(q.Texts)}, &res)
 	if err != nil {
 		w.checkRefusal("background submit", err)
 		return err
 	}
 	now := time.Now().UnixNano()
-	w.rec.textAccepted(text)
+	w.rec.requestAccepted(q, now)
 	if res.DispatchID == "" || res.ThreadID != thread {
 		w.rec.problem("background submit answered %+v", res)
 		return nil
@@ -398,7 +469,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 		cmd.Verb = VerbDone
 	}
 	text := cmd.String()
-	w.rec.sent(thread, text)
+	q := w.rec.request(thread, []string{text})
 	kills := w.rec.kills()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -427,7 +498,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 				return false
 			}
 			now := time.Now().UnixNano()
-			w.rec.textAccepted(text)
+			w.rec.requestAccepted(q, now)
 			w.rec.answered(fgTry)
 			w.rec.mu.Lock()
 			fgTry.Dispatch = res.DispatchID
@@ -520,26 +591,25 @@ func (w *workload) cancel(thread string, rng *rand.Rand) error {
 
 // liveMessage is POST /v1/threads/{t}/messages: live to the running run,
 // else queued as a new dispatch.
-func (w *workload) liveMessage(thread string) error {
+func (w *workload) liveMessage(thread string, n int) error {
 	w.rec.op("live")
 	cmd := Command{Nonce: w.newNonce(), Verb: VerbLive}
-	text := cmd.String()
-	w.rec.sent(thread, text)
-	sentNs := time.Now().UnixNano()
+	q := w.rec.request(thread, requestTexts(cmd.String(), n))
+	sentNs := q.SentNs
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
-	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/messages", map[string]any{"messages": userText(text)}, &res); err != nil {
+	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/messages", map[string]any{"messages": userTexts(q.Texts)}, &res); err != nil {
 		w.checkRefusal("live message", err)
 		return err
 	}
 	now := time.Now().UnixNano()
-	w.rec.textAccepted(text)
+	w.rec.requestAccepted(q, now)
 	switch res.Delivery {
 	case "live":
 		w.rec.op("live delivered")
 		w.rec.mu.Lock()
-		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventLive, Thread: thread, RunID: res.RunID, Texts: []string{text}, SentNs: sentNs, AnsweredNs: now})
+		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventLive, Thread: thread, RunID: res.RunID, Texts: q.Texts, SentNs: sentNs, AnsweredNs: now})
 		w.rec.mu.Unlock()
 	case "queued":
 		w.rec.op("live queued")
