@@ -35,7 +35,9 @@ func TestInterruptRacesAckAndPurge(t *testing.T) {
 				default:
 				}
 				time.Sleep(200 * time.Microsecond)
-				if _, err := b.Interrupt(ctx, "t1", 5000); err != nil {
+				// Giving up after too many conflicts (ErrUnavailable) is
+				// this hot loop's own doing; ErrCorrupt is the bug.
+				if _, err := b.Interrupt(ctx, "t1", 5000); err != nil && !errors.Is(err, engine.ErrUnavailable) {
 					mu.Lock()
 					bad = append(bad, err)
 					mu.Unlock()
@@ -45,11 +47,18 @@ func TestInterruptRacesAckAndPurge(t *testing.T) {
 	}
 	for i := range 300 {
 		id := fmt.Sprintf("d%03d", i)
-		if _, err := a.Enqueue(ctx, queued(id, "t1", 1000)); err != nil {
+		// Under two interrupters rewriting the thread state in a hot
+		// loop a write may give up after its conflict retries
+		// (ErrUnavailable, seen in CI): skip the round.
+		if _, err := a.Enqueue(ctx, queued(id, "t1", 1000)); errors.Is(err, engine.ErrUnavailable) {
+			continue
+		} else if err != nil {
 			t.Fatal(err)
 		}
 		d, err := a.ClaimDispatch(ctx, id, "c", time.Minute, 2000)
-		if err != nil {
+		if errors.Is(err, engine.ErrUnavailable) {
+			continue
+		} else if err != nil {
 			t.Fatal(err)
 		}
 		if d == nil {
@@ -58,7 +67,7 @@ func TestInterruptRacesAckAndPurge(t *testing.T) {
 		if err := a.Ack(ctx, id, d.ClaimToken, 3000); err != nil && !errors.Is(err, engine.ErrVersionConflict) && !errors.Is(err, engine.ErrUnavailable) {
 			t.Fatal(err)
 		}
-		if _, err := a.PurgeTerminal(ctx, 1<<40); err != nil {
+		if _, err := a.PurgeTerminal(ctx, 1<<40); err != nil && !errors.Is(err, engine.ErrUnavailable) {
 			t.Fatal(err)
 		}
 	}
