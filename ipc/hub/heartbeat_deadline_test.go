@@ -34,7 +34,10 @@ func TestSilentAgentDeadAfterThreeHeartbeats(t *testing.T) {
 	}
 	silent := time.Since(lastFrame)
 	t.Logf("declared dead after %v of silence (3 × heartbeat = %v)", silent, 3*hb)
-	if silent > 3*hb+hb/2 {
+	// The hub checks four times per heartbeat, so death comes by 3¼ ×
+	// heartbeat; counting silent ticks it came near 4 ×. The bound sits
+	// between the two with room for a loaded CI machine on each side.
+	if silent > 3*hb+5*hb/8 {
 		t.Fatalf("agent silent for %v was declared dead only then; spec: dead after 3 × %v = %v", silent, hb, 3*hb)
 	}
 }
