@@ -8,9 +8,11 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
-// Records are stored as JSON (snake_case, the same shape as on the API).
-// A record that does not decode, or that breaks its invariants, is
-// reported as engine.ErrCorrupt naming its key; it never panics.
+// Dispatches, run records and thread projections are stored in the binary
+// form of binary.go; messages, and records written by earlier versions, as
+// JSON (snake_case, the same shape as on the API). A record that does not
+// decode, or that breaks its invariants, is reported as engine.ErrCorrupt
+// naming its key; it never panics.
 
 // unmarshal decodes JSON, turning a decoder panic on hostile input into an
 // error (go-json v0.10.5 panicked on some truncated documents; the fuzz
@@ -25,6 +27,9 @@ func unmarshal(b []byte, v any) (err error) {
 }
 
 func encode(v any) ([]byte, error) {
+	if b := encodeRecord(v); b != nil {
+		return b, nil
+	}
 	b, err := json.Marshal(v)
 	if err != nil {
 		return nil, fmt.Errorf("encode: %w: %w", engine.ErrCorrupt, err)
@@ -33,8 +38,8 @@ func encode(v any) ([]byte, error) {
 }
 
 func decodeDispatch(key, b []byte) (*engine.Dispatch, error) {
-	d := new(engine.Dispatch)
-	if err := unmarshal(b, d); err != nil {
+	d, err := readDispatchAny(key, b)
+	if err != nil {
 		return nil, fmt.Errorf("decode dispatch %q: %w: %w", key, engine.ErrCorrupt, err)
 	}
 	if err := d.Validate(); err != nil {
@@ -47,17 +52,34 @@ func decodeDispatch(key, b []byte) (*engine.Dispatch, error) {
 }
 
 func decodeRun(key, b []byte) (*engine.RunRecord, error) {
-	r := new(engine.RunRecord)
-	if err := unmarshal(b, r); err != nil {
+	var r *engine.RunRecord
+	var err error
+	if len(b) > 0 && b[0] == binaryV1 {
+		r, err = readRun(string(key[1:]), b)
+	} else {
+		r = new(engine.RunRecord)
+		err = unmarshal(b, r)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("decode run %q: %w: %w", key, engine.ErrCorrupt, err)
 	}
 	if err := r.Validate(); err != nil {
 		return nil, fmt.Errorf("decode run %q: %w: %w", key, engine.ErrCorrupt, err)
 	}
+	if string(key[1:]) != r.RunID {
+		return nil, fmt.Errorf("decode run %q: %w: record names run %q", key, engine.ErrCorrupt, r.RunID)
+	}
 	return r, nil
 }
 
 func decodeThread(key, b []byte) (*engine.Thread, error) {
+	if len(b) > 0 && b[0] == binaryV1 {
+		t, err := readThread(string(key[1:]), b)
+		if err != nil {
+			return nil, fmt.Errorf("decode thread %q: %w: %w", key, engine.ErrCorrupt, err)
+		}
+		return t, nil
+	}
 	t := new(engine.Thread)
 	if err := unmarshal(b, t); err != nil {
 		return nil, fmt.Errorf("decode thread %q: %w: %w", key, engine.ErrCorrupt, err)
@@ -71,4 +93,12 @@ func decodeMessage(key, b []byte) (engine.MessageRecord, error) {
 		return m, fmt.Errorf("decode message %q: %w: %w", key, engine.ErrCorrupt, err)
 	}
 	return m, nil
+}
+
+func readDispatchAny(key, b []byte) (*engine.Dispatch, error) {
+	if len(b) > 0 && b[0] == binaryV1 {
+		return readDispatch(string(key[1:]), b)
+	}
+	d := new(engine.Dispatch)
+	return d, unmarshal(b, d)
 }
