@@ -113,15 +113,8 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 		if err != nil {
 			return err
 		}
-		started := claimed.Clone()
-		if err := started.RecordStart(instanceID, now); err != nil {
-			return err
-		}
-		if err := w.updateRunOf(&started, func(r *engine.RunRecord) bool { return r.MarkStarted(&started, instanceID, now/1000) }); err != nil {
-			return err
-		}
-		out = &started
-		return w.putDispatch(claimed, &started, now)
+		out, err = w.start(claimed, instanceID, now)
+		return err
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("submit %s: %w", c.ThreadID, err)
@@ -145,6 +138,61 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
 	}
 	return out, nil
+}
+
+var _ engine.StartClaimer = (*Store)(nil)
+
+// ClaimStart implements engine.StartClaimer: Claim, then in the same
+// commit RecordDispatchStart, unless the dispatch's run is done.
+func (s *Store) ClaimStart(ctx context.Context, threadID, consumerID string, lease time.Duration, instanceID string, now int64) (*engine.Dispatch, error) {
+	ms, token, err := engine.ClaimArgs("thread_id", threadID, consumerID, lease)
+	if err != nil {
+		return nil, err
+	}
+	if err := engine.ValidateID("instance_id", instanceID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err = s.update(ctx, "claim", func(w *writeTx) error {
+		claimed, err := w.claimNext(threadID, consumerID, token, now+ms, now)
+		if err != nil || claimed == nil {
+			out = nil
+			return err
+		}
+		out, err = w.startUnlessDone(claimed, instanceID, now)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// start records the start of a dispatch claimed by this operation
+// (RecordDispatchStart without its ownership checks: the claim is ours
+// and of the current epoch) and returns the started dispatch.
+func (w *writeTx) start(claimed *engine.Dispatch, instanceID string, now int64) (*engine.Dispatch, error) {
+	started := claimed.Clone()
+	if err := started.RecordStart(instanceID, now); err != nil {
+		return nil, err
+	}
+	if err := w.updateRunOf(&started, func(r *engine.RunRecord) bool { return r.MarkStarted(&started, instanceID, now/1000) }); err != nil {
+		return nil, err
+	}
+	return &started, w.putDispatch(claimed, &started, now)
+}
+
+// startUnlessDone is start, except that a dispatch whose run is already
+// done is left claimed only (the engine acks it without running it).
+func (w *writeTx) startUnlessDone(claimed *engine.Dispatch, instanceID string, now int64) (*engine.Dispatch, error) {
+	run, err := w.loadRun(claimed.RunID)
+	if err != nil {
+		return nil, err
+	}
+	if run != nil && run.Status == engine.RunDone {
+		return claimed, nil
+	}
+	return w.start(claimed, instanceID, now)
 }
 
 // claimNext claims the thread's next due dispatch of its current epoch
@@ -376,6 +424,20 @@ var _ engine.CompleteClaimer = (*Store)(nil)
 // CompleteAndClaim implements engine.CompleteClaimer: Complete, then in
 // the same commit Claim of the thread's next due dispatch.
 func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration) (*engine.Dispatch, error) {
+	return s.completeAndClaim(ctx, dispatchID, claimToken, result, now, consumerID, lease, "")
+}
+
+// CompleteAndClaimStart implements engine.StartClaimer: CompleteAndClaim
+// whose claim also records the next dispatch's start, as ClaimStart.
+func (s *Store) CompleteAndClaimStart(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("instance_id", instanceID); err != nil {
+		return nil, err
+	}
+	return s.completeAndClaim(ctx, dispatchID, claimToken, result, now, consumerID, lease, instanceID)
+}
+
+// completeAndClaim starts the next dispatch too unless instanceID is "".
+func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (*engine.Dispatch, error) {
 	ms, token, err := engine.ClaimArgs("dispatch_id", dispatchID, consumerID, lease)
 	if err != nil {
 		return nil, err
@@ -392,6 +454,11 @@ func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken str
 		var err error
 		if next, err = w.claimNext(d.ThreadID, consumerID, token, now+ms, now); err != nil {
 			return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
+		}
+		if next != nil && instanceID != "" {
+			if next, err = w.startUnlessDone(next, instanceID, now); err != nil {
+				return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
+			}
 		}
 		return nil
 	})

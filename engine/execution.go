@@ -34,6 +34,8 @@ type execution struct {
 	// completed this attempt (CompleteClaimer): finish starts it in this
 	// attempt's slot (execute goroutine only).
 	next *Dispatch
+	// nextStarted: that commit also recorded next's start (StartClaimer).
+	nextStarted bool
 	// handoff: the completion may claim the thread's next dispatch, which
 	// then belongs to this entry of the threads map until finish starts
 	// it (cancelAndAwait waits, as for a claim in flight).
@@ -99,7 +101,7 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 	m.threads[thread] = hold
 	m.mu.Unlock()
 
-	d, err := m.store.Claim(ctx, thread, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
+	d, started, err := m.claim(ctx, thread)
 	if err != nil || d == nil {
 		m.mu.Lock()
 		if m.threads[thread] == hold {
@@ -114,13 +116,29 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		}
 		return attemptNone
 	}
-	m.startExecution(*d, false)
+	m.startExecution(*d, started)
 	return attemptClaimed
+}
+
+// claim claims the thread's next due dispatch and, on a store that can
+// (StartClaimer), records its start in the same commit. started reports
+// that it did.
+func (m *Mailbox) claim(ctx context.Context, thread string) (d *Dispatch, started bool, err error) {
+	sc, ok := m.raw.(StartClaimer)
+	if !ok {
+		d, err = m.store.Claim(ctx, thread, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
+		return d, false, err
+	}
+	instance := newID()
+	d, err = observe(m.metrics, "claim", func() (*Dispatch, error) {
+		return sc.ClaimStart(ctx, thread, m.cfg.ConsumerID, m.cfg.Lease, instance, m.cfg.Now())
+	}, nilDispatch)
+	return d, d != nil && d.InstanceID == instance, err
 }
 
 // startExecution runs a claimed dispatch; its agent slot is already
 // reserved. started: the claim's commit also recorded the attempt's start
-// (IdleSubmitter), under the dispatch's instance id.
+// (IdleSubmitter, StartClaimer), under the dispatch's instance id.
 func (m *Mailbox) startExecution(d Dispatch, started bool) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
@@ -173,7 +191,7 @@ func (m *Mailbox) finish(e *execution) {
 	if next != nil {
 		// Claimed with the completion: it takes over this attempt's slot
 		// (startExecution cancels it unspent if Stop began meanwhile).
-		m.startExecution(*next, false)
+		m.startExecution(*next, e.nextStarted)
 		return
 	}
 	// The thread's next dispatch is claimed here, without a scan of every
@@ -427,11 +445,20 @@ func (m *Mailbox) complete(ctx context.Context, e *execution, res RunResult, now
 		return m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now)
 	}
 	e.handoff.Store(true)
+	sc, startToo := m.raw.(StartClaimer)
+	instance := ""
+	if startToo {
+		instance = newID()
+	}
 	next, err := observe(m.metrics, "complete", func() (*Dispatch, error) {
+		if startToo {
+			return sc.CompleteAndClaimStart(ctx, d.DispatchID, d.ClaimToken, res, now, m.cfg.ConsumerID, m.cfg.Lease, instance)
+		}
 		return cc.CompleteAndClaim(ctx, d.DispatchID, d.ClaimToken, res, now, m.cfg.ConsumerID, m.cfg.Lease)
 	}, nil) // counted as a complete; no next dispatch is not an empty result
 	if err == nil && next != nil {
 		e.next = next
+		e.nextStarted = instance != "" && next.InstanceID == instance
 		return nil
 	}
 	e.handoff.Store(false)

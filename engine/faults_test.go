@@ -33,6 +33,7 @@ var (
 // counters are safe for concurrent use.
 type execFaultStore struct {
 	*badgerstore.Store
+	hideStartClaim // the faults below sit in Claim and RecordDispatchStart
 
 	// claimEmpty makes the next n Claim calls return nil without claiming.
 	claimEmpty atomic.Int32
@@ -71,6 +72,25 @@ type execFaultStore struct {
 	// storeCancels counts store Cancel calls; readyCalls ReadyThreads calls.
 	storeCancels atomic.Int32
 	readyCalls   atomic.Int32
+}
+
+// hideStartClaim, embedded next to *badgerstore.Store, hides the store's
+// engine.StartClaimer (two methods of one name at one depth cancel out, so
+// the wrapper lacks both): the engine then claims with Claim and records
+// the start with RecordDispatchStart, as on a store without it (NATS), and
+// a wrapper's faults in those reach it.
+type hideStartClaim struct{}
+
+func (hideStartClaim) ClaimStart()            {}
+func (hideStartClaim) CompleteAndClaimStart() {}
+
+func TestHideStartClaimHidesIt(t *testing.T) {
+	if _, ok := any(&execFaultStore{}).(engine.StartClaimer); ok {
+		t.Fatal("execFaultStore still offers StartClaimer: its Claim faults would be bypassed")
+	}
+	if _, ok := any(&badgerstore.Store{}).(engine.StartClaimer); !ok {
+		t.Fatal("the Badger store no longer offers StartClaimer")
+	}
 }
 
 func (s *execFaultStore) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {

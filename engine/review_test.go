@@ -35,6 +35,18 @@ func (s *gateClaimStore) Claim(ctx context.Context, thread, consumer string, lea
 	return s.Store.Claim(ctx, thread, consumer, lease, now)
 }
 
+// ClaimStart gates as Claim does (the engine claims with it on this store).
+func (s *gateClaimStore) ClaimStart(ctx context.Context, thread, consumer string, lease time.Duration, instance string, now int64) (*engine.Dispatch, error) {
+	if s.failures.Add(-1) >= 0 {
+		return nil, errors.New("injected claim failure")
+	}
+	if thread == s.thread && s.entered != nil {
+		close(s.entered)
+		<-s.release
+	}
+	return s.Store.ClaimStart(ctx, thread, consumer, lease, instance, now)
+}
+
 func openMem(t *testing.T) *badgerstore.Store {
 	t.Helper()
 	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})

@@ -915,6 +915,14 @@ func (s *sigStore) Claim(ctx context.Context, thread, consumer string, lease tim
 	return s.Store.Claim(ctx, thread, consumer, lease, now)
 }
 
+// ClaimStart fails as Claim does (the engine claims with it on this store).
+func (s *sigStore) ClaimStart(ctx context.Context, thread, consumer string, lease time.Duration, instance string, now int64) (*engine.Dispatch, error) {
+	if s.claimFailures.Add(-1) >= 0 {
+		return nil, fmt.Errorf("claim %s: %w", thread, errSigInjected)
+	}
+	return s.Store.ClaimStart(ctx, thread, consumer, lease, instance, now)
+}
+
 func (s *sigStore) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
 	if s.signalOnly {
 		return nil, 0, nil

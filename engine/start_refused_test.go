@@ -14,6 +14,7 @@ import (
 // recorded, so the store refuses it and supersedes the dispatch.
 type interruptBeforeStart struct {
 	*badgerstore.Store
+	hideStartClaim // the fault sits between the claim and the start
 	done atomic.Bool
 }
 

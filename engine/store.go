@@ -249,6 +249,24 @@ type CompleteClaimer interface {
 	CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64, consumerID string, lease time.Duration) (next *Dispatch, err error)
 }
 
+// StartClaimer is implemented by stores that can record an attempt's
+// start in the commit that claims its dispatch: one commit and one write
+// of the dispatch fewer per run than Claim then RecordDispatchStart. (The
+// pre-execution checks that RecordDispatchStart makes — the claim still
+// ours, its epoch current — cannot fail inside the claim's own commit.)
+type StartClaimer interface {
+	// ClaimStart is Claim followed, in the same commit, by
+	// RecordDispatchStart(the claimed dispatch, its token, instanceID,
+	// now) — unless the dispatch's run is already done (a previous attempt
+	// finished it and lost its ack): that dispatch is claimed only, for the
+	// engine to ack. The returned dispatch was started iff its InstanceID
+	// is instanceID.
+	ClaimStart(ctx context.Context, threadID, consumerID string, lease time.Duration, instanceID string, now int64) (*Dispatch, error)
+	// CompleteAndClaimStart is CompleteAndClaim (CompleteClaimer) whose
+	// claim half is ClaimStart's.
+	CompleteAndClaimStart(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (next *Dispatch, err error)
+}
+
 // IdleSubmitter is implemented by stores that can start a foreground run
 // on an idle thread in one commit, the fast path of Mailbox.Submit (one
 // sync before the agent sees the run instead of four).
