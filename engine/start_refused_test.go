@@ -15,7 +15,7 @@ import (
 type interruptBeforeStart struct {
 	*badgerstore.Store
 	hideStartClaim // the fault sits between the claim and the start
-	done atomic.Bool
+	done           atomic.Bool
 }
 
 func (s *interruptBeforeStart) RecordDispatchStart(ctx context.Context, id, token, instance string, now int64) error {
