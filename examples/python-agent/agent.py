@@ -534,14 +534,20 @@ class Session:
 
     # -- writing ----------------------------------------------------------
 
-    def send(self, ftype: int, stream: int, payload: bytes) -> None:
+    def send(self, ftype: int, stream: int, payload: bytes, wait: bool = True) -> bool:
         """Write one whole frame. Raises ConnectionLost when the connection
-        is gone (the caller stops; the sidecar retries its runs)."""
+        is gone (the caller stops; the sidecar retries its runs). With
+        wait=False nothing is written, and False returned, while another
+        thread is writing: the ticker must never queue behind a write that
+        a sidecar which stopped reading will not let finish, or nobody is
+        left to notice that the sidecar is dead."""
         if len(payload) > self.peer_max_frame:
             raise ValueError("%s payload of %d bytes exceeds the sidecar's max_frame %d"
                              % (FRAME_NAMES[ftype], len(payload), self.peer_max_frame))
         frame = encode_frame(ftype, stream, payload)
-        with self._write_lock:
+        if not self._write_lock.acquire(blocking=wait):
+            return False
+        try:
             if self._closed.is_set():
                 raise ConnectionLost("connection closed")
             try:
@@ -549,17 +555,21 @@ class Session:
             except OSError as exc:
                 raise ConnectionLost("write %s: %s" % (FRAME_NAMES[ftype], exc)) from exc
             self._last_sent = time.monotonic()
+        finally:
+            self._write_lock.release()
+        return True
 
-    def send_json(self, ftype: int, stream: int, obj: Dict[str, Any]) -> None:
+    def send_json(self, ftype: int, stream: int, obj: Dict[str, Any], wait: bool = True) -> bool:
         """Write one frame with a JSON object payload."""
-        self.send(ftype, stream, dumps(obj))
+        return self.send(ftype, stream, dumps(obj), wait)
 
-    def _try_send_json(self, ftype: int, stream: int, obj: Dict[str, Any]) -> None:
-        """Best-effort send (ERROR before closing, GOAWAY)."""
+    def _try_send_json(self, ftype: int, stream: int, obj: Dict[str, Any], wait: bool = True) -> bool:
+        """Best-effort send (ERROR before closing, GOAWAY); whether it was
+        written."""
         try:
-            self.send_json(ftype, stream, obj)
+            return self.send_json(ftype, stream, obj, wait)
         except (ConnectionLost, ValueError):
-            pass
+            return False
 
     # -- lifecycle --------------------------------------------------------
 
@@ -746,13 +756,23 @@ class Session:
     def _tick(self) -> None:
         """Heartbeats, dead-peer detection, GOAWAY on shutdown, and closing
         the connection once a drain is complete."""
+        # The ticker never waits for the write lock (send wait=False): a run
+        # blocked writing to a sidecar that stopped reading holds it, and
+        # only this thread can then see the sidecar fall silent and close.
         tick = max(0.005, min(POLL, self.heartbeat / 4))
+        goaway_pending = False
         while not self._closed.wait(tick):
             now = time.monotonic()
             if self.agent.stopping and self._goaway_sent_at is None:
                 log.info("shutting down: GOAWAY, waiting for %d run(s)", len(self.runs()))
                 self._goaway_sent_at = now
-                self._try_send_json(GOAWAY, 0, {"code": "shutdown", "message": "agent shutting down"})
+                goaway_pending = True
+            if goaway_pending:
+                try:
+                    goaway_pending = not self.send_json(
+                        GOAWAY, 0, {"code": "shutdown", "message": "agent shutting down"}, wait=False)
+                except (ConnectionLost, ValueError):
+                    goaway_pending = False
             if self.draining() and not self.runs():
                 log.info("drained: closing the connection")
                 self.close()
@@ -767,12 +787,14 @@ class Session:
             if now - self._last_recv > 3 * self.heartbeat:
                 log.warning("sidecar silent for %.1f s: closing", now - self._last_recv)
                 self._try_send_json(ERROR, 0, {"code": "heartbeat_timeout",
-                                               "message": "no frame from the sidecar for 3 heartbeats"})
+                                               "message": "no frame from the sidecar for 3 heartbeats"},
+                                    wait=False)
                 self.close()
                 return
             if now - self._last_sent >= self.heartbeat:
+                # Skipped while another thread writes: that write is traffic.
                 try:
-                    self.send(PING, 0, os.urandom(PING_SIZE))
+                    self.send(PING, 0, os.urandom(PING_SIZE), wait=False)
                 except ConnectionLost:
                     return
 

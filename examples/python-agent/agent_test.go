@@ -209,6 +209,57 @@ func TestPythonAgentReconnects(t *testing.T) {
 	c.expect(ipc.TypeHello, 0)
 }
 
+// TestPythonAgentGivesUpOnASidecarThatStopsReading checks that a sidecar
+// that stops reading and falls silent is detected as dead even while a run
+// is blocked writing a frame the sidecar does not take: the agent closes
+// the connection after 3 heartbeats and connects again, instead of hanging
+// with its heartbeat thread stuck behind the run's write.
+func TestPythonAgentGivesUpOnASidecarThatStopsReading(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t)
+	startAgent(t, nil, "--socket", sc.path)
+
+	if err := sc.ln.SetDeadline(time.Now().Add(wait)); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := sc.ln.Accept()
+	if err != nil {
+		t.Fatalf("accept the agent's connection: %v", err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	r := ipc.NewReader(nc, ipc.ReaderConfig{})
+	f, err := r.ReadFrame()
+	if err != nil || f.Type != ipc.TypeHello {
+		t.Fatalf("want HELLO, got %v %v", f.Type, err)
+	}
+	f.Release()
+	w := ipc.NewWriter(nc, ipc.WriterConfig{})
+	write := func(typ ipc.FrameType, stream uint64, v any) {
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.WriteFrame(typ, 0, stream, b); err != nil {
+			t.Fatalf("send %s: %v", typ, err)
+		}
+	}
+	write(ipc.TypeWelcome, 0, ipc.Welcome{Protocol: ipc.ProtocolVersion, SidecarID: "test", HeartbeatMs: 100, MaxFrame: ipc.DefaultMaxFrame})
+	// A run whose echo (8 MiB) is far more than the socket buffers hold:
+	// the run's EVENT write blocks, since this sidecar reads nothing more.
+	write(ipc.TypeRun, 1, map[string]any{
+		"dispatch_id": "d1", "run_id": "r1", "thread_id": "t1", "agent_id": "default", "session_id": "s1", "attempt": 1,
+		"request": map[string]any{
+			"messages": []any{map[string]any{"id": "m1", "role": "user", "content": strings.Repeat("x", 8<<20)}},
+			"run_mode": "foreground", "origin": "user",
+		},
+		"context": map[string]any{"messages": []any{}, "first_seq": 0, "total_messages": 0},
+	})
+	// Silent and not reading: the agent must give up on this connection
+	// (3 heartbeats, 300 ms) and connect again.
+	c := sc.accept(t)
+	c.expect(ipc.TypeHello, 0)
+}
+
 // ---------------------------------------------------------------------------
 // The fake sidecar
 // ---------------------------------------------------------------------------
