@@ -34,7 +34,8 @@ commands:
   check                      exit 0 when ready, 1 when not ready, 3 when unreachable
 
 The socket defaults to $MAILBOX_SIDECAR_API_SOCKET or ./run/api.sock.
-Exit status: 0 ok, 1 the sidecar answered with an error, 2 bad usage, 3 sidecar unreachable.
+Exit status: 0 ok, 1 the sidecar answered with an error (or a submit's stream
+ended before its run_finish), 2 bad usage, 3 sidecar unreachable.
 `
 
 // ctl holds the CLI's global options.
@@ -81,7 +82,7 @@ func runCtl(args []string, getenv func(string) string, stdout, stderr io.Writer)
 	case errors.As(err, &ae):
 		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
 		return 1
-	case errors.Is(err, errNotReady):
+	case errors.Is(err, errNotReady), errors.Is(err, errStreamEnded):
 		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
 		return 1
 	}
@@ -94,6 +95,9 @@ type usageError string
 func (e usageError) Error() string { return string(e) }
 
 var errNotReady = errors.New("sidecar not ready")
+
+// errStreamEnded is a run's event stream that ended before its run_finish.
+var errStreamEnded = errors.New("the event stream ended before run_finish")
 
 func (c *ctl) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), c.timeout)
@@ -196,12 +200,25 @@ func (c *ctl) submit(args []string) error {
 		return err
 	}
 	defer resp.Body.Close()
-	return c.stream(resp.Body)
+	if err := c.stream(resp.Body); err != nil {
+		if errors.Is(err, errStreamEnded) {
+			return fmt.Errorf("%w (the run goes on or stays queued; follow it with GET /v1/threads/%s/events)", err, thread)
+		}
+		return err
+	}
+	return nil
 }
 
-// stream prints an SSE stream until it ends.
+// stream prints an SSE stream until it ends. A stream that ends before
+// the run's run_finish (the sidecar shut down, or this client fell
+// behind the event buffer and was disconnected) is errStreamEnded: the
+// run was not seen to finish.
 func (c *ctl) stream(r io.Reader) error {
-	return readSSE(r, func(ev sseEvent) bool {
+	finished := false
+	err := readSSE(r, func(ev sseEvent) bool {
+		if ev.Event == "run_finish" {
+			finished = true
+		}
 		if c.json {
 			out, _ := json.Marshal(map[string]any{"id": ev.ID, "event": ev.Event, "data": json.RawMessage(ev.Data)})
 			fmt.Fprintln(c.stdout, string(out))
@@ -210,6 +227,10 @@ func (c *ctl) stream(r io.Reader) error {
 		}
 		return true
 	})
+	if err == nil && !finished {
+		return errStreamEnded
+	}
+	return err
 }
 
 func (c *ctl) send(args []string) error {

@@ -329,3 +329,65 @@ func TestDemo(t *testing.T) {
 		}
 	}
 }
+
+// signalWriter collects output and closes seen once it contains want.
+type signalWriter struct {
+	mu   sync.Mutex
+	buf  bytes.Buffer
+	want string
+	seen chan struct{}
+}
+
+func (w *signalWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n, _ := w.buf.Write(p)
+	if w.seen != nil && strings.Contains(w.buf.String(), w.want) {
+		close(w.seen)
+		w.seen = nil
+	}
+	return n, nil
+}
+
+func (w *signalWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+func TestCtlSubmitFailsWhenTheStreamEndsBeforeTheRunFinished(t *testing.T) {
+	n := newNode(t)
+	sc := n.serve(t)
+	n.ready(t)
+	// No agent: the foreground run stays queued and its stream open.
+	seen := make(chan struct{})
+	out := &signalWriter{want: "submitted", seen: seen}
+	var errb bytes.Buffer
+	code := make(chan int, 1)
+	go func() {
+		code <- run([]string{"ctl", "--socket", n.api, "submit", "t1", "hello"}, env(nil), out, &errb)
+	}()
+	select {
+	case <-seen:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("no submitted event: %s", out.String())
+	}
+	// The sidecar shuts down: the stream ends, the run never finished
+	// (it stays queued for the next start).
+	sc.cmd.Process.Signal(syscall.SIGTERM)
+	if c := sc.wait(t, 20*time.Second); c != 0 {
+		t.Fatalf("sidecar exit %d", c)
+	}
+	var got int
+	select {
+	case got = <-code:
+	case <-time.After(15 * time.Second):
+		t.Fatal("ctl submit did not return after the sidecar stopped")
+	}
+	if got == 0 || strings.Contains(out.String(), "run finish") {
+		t.Fatalf("ctl submit of a run that never finished: exit %d\n%s%s", got, out.String(), errb.String())
+	}
+	if !strings.Contains(errb.String(), "run_finish") {
+		t.Fatalf("ctl submit does not say the stream ended before run_finish: %s", errb.String())
+	}
+}
