@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
 // runDemo is `demo`: the sidecar on the embedded default (Badger in a
@@ -61,9 +64,6 @@ func demo(dir, agentBin string, verbose bool, out, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := os.RemoveAll(filepath.Join(dir, "data")); err != nil {
-		return err
-	}
 	var cfg serveConfig
 	serveFlags(flag.NewFlagSet("demo", flag.ContinueOnError), &cfg)
 	cfg.DataDir = filepath.Join(dir, "data")
@@ -78,6 +78,9 @@ func demo(dir, agentBin string, verbose bool, out, stderr io.Writer) error {
 		logw = stderr
 	}
 	log := newLogger(logw, "info", "text")
+	if err := emptyDemoData(cfg, log); err != nil {
+		return err
+	}
 	step := func(format string, args ...any) { fmt.Fprintf(out, "\n== "+format+"\n", args...) }
 
 	step("starting the sidecar: data in %s, sockets in %s", cfg.DataDir, filepath.Dir(cfg.APISocket))
@@ -189,6 +192,27 @@ func demo(dir, agentBin string, verbose bool, out, stderr io.Writer) error {
 	}
 	step("done; shutting down (try it yourself: mailbox-sidecar serve, then mailbox-sidecar ctl -h)")
 	return nil
+}
+
+// emptyDemoData removes the demo's data directory, unless a sidecar is
+// using it: the store is opened first, so its lock refuses a directory
+// another process holds, as serve does. Removing the files under a
+// running sidecar would lose its acknowledged work, and the fresh lock
+// file would then let the demo open a second store on the same folder.
+// A directory that does not open for another reason is removed anyway.
+func emptyDemoData(cfg serveConfig, log *slog.Logger) error {
+	if _, err := os.Stat(cfg.DataDir); err == nil {
+		st, err := openStore(cfg, log.With("component", "store"))
+		switch {
+		case errors.Is(err, engine.ErrDataDirInUse):
+			return fmt.Errorf("%w; the demo empties its folder first, so it leaves this one alone (choose another --dir)", err)
+		case err == nil:
+			if err := st.Close(); err != nil {
+				log.Warn("close the old demo store", "err", err)
+			}
+		}
+	}
+	return os.RemoveAll(cfg.DataDir)
 }
 
 // jsonField returns a top-level string field of a JSON object.

@@ -391,3 +391,30 @@ func TestCtlSubmitFailsWhenTheStreamEndsBeforeTheRunFinished(t *testing.T) {
 		t.Fatalf("ctl submit does not say the stream ended before run_finish: %s", errb.String())
 	}
 }
+
+func TestDemoRefusesTheDataOfARunningSidecar(t *testing.T) {
+	// A sidecar served from the folder the demo is pointed at.
+	dir := shortDir(t)
+	n := node{dir: dir, data: filepath.Join(dir, "data"), api: filepath.Join(dir, "run", "api.sock"), agent: filepath.Join(dir, "run", "agent.sock")}
+	sc := n.serve(t)
+	c := n.ready(t)
+	var res map[string]any
+	if err := c.do(context.Background(), http.MethodPost, "/v1/threads/t1/dispatches", map[string]any{"messages": []any{textMessage("keep me")}}, &res); err != nil {
+		t.Fatal(err)
+	}
+	demo := start(t, sidecarBin, "demo", "--dir", dir, "--agent", agentBin)
+	if code := demo.wait(t, 60*time.Second); code == 0 || !strings.Contains(demo.out.String(), "in use") {
+		t.Fatalf("demo on a running sidecar's folder: exit %d\n%s", code, demo.out.String())
+	}
+	// The sidecar's queue is intact: after a restart the dispatch is there.
+	sc.cmd.Process.Signal(syscall.SIGTERM)
+	if code := sc.wait(t, 20*time.Second); code != 0 {
+		t.Fatalf("sidecar exit %d", code)
+	}
+	n.serve(t)
+	c = n.ready(t)
+	var d map[string]any
+	if err := c.do(context.Background(), http.MethodGet, "/v1/dispatches/"+fmt.Sprint(res["dispatch_id"]), nil, &d); err != nil || d["status"] != "queued" {
+		t.Fatalf("the running sidecar's dispatch after the demo: %v %v", d, err)
+	}
+}
