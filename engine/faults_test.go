@@ -61,6 +61,9 @@ type execFaultStore struct {
 	// afterCompleteClaim, when set, runs after a CompleteAndClaim commit
 	// that claimed a next dispatch, before the engine learns of it.
 	afterCompleteClaim func(next *engine.Dispatch)
+	// afterClaim, when set, runs after a Claim that claimed a dispatch,
+	// before the engine learns of it (a claim in flight).
+	afterClaim func(d *engine.Dispatch)
 	// interrupts counts Interrupt calls; claimHits the Claim calls that
 	// claimed a dispatch.
 	interrupts atomic.Int32
@@ -119,6 +122,9 @@ func (s *execFaultStore) Claim(ctx context.Context, thread, consumer string, lea
 	d, err := s.Store.Claim(ctx, thread, consumer, lease, now)
 	if err == nil && d != nil {
 		s.claimHits.Add(1)
+		if s.afterClaim != nil {
+			s.afterClaim(d)
+		}
 	}
 	if err == nil && d != nil && s.interruptAfterClaim.CompareAndSwap(true, false) {
 		if _, ierr := s.Store.Interrupt(ctx, thread, now); ierr != nil {

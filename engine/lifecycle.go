@@ -572,8 +572,10 @@ const (
 // SendMessages is live-then-queue (seed submit_live_then_queue): the
 // messages are appended to the thread log durably first; then they are
 // offered to the run executing on the thread (if expectedRunID is set it
-// must be that run). If the run accepts them in time they are delivered
-// live; otherwise a background run activates those same logged messages.
+// must be that run), once a claim or hand-over of the thread in flight
+// here has settled (waiting at most CancelWait). If the run accepts them
+// in time they are delivered live; otherwise a background run activates
+// those same logged messages.
 func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedRunID string) (SubmitResult, LiveDelivery, error) {
 	if err := m.accepting(); err != nil {
 		return SubmitResult{}, "", err
@@ -595,9 +597,9 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 	if err != nil {
 		return SubmitResult{}, "", err
 	}
-	m.mu.Lock()
-	e := m.threads[req.ThreadID]
-	m.mu.Unlock()
+	// A claim or hand-over of the thread in flight here is waited for, as
+	// a cancel waits: the messages are for the run that comes out of it.
+	e := m.settledEntry(ctx, req.ThreadID)
 	if e != nil && !e.claiming {
 		if (expectedRunID == "" || expectedRunID == e.dispatch.RunID) && m.command(ctx, e, Command{Kind: CommandMessages, Messages: recs}) {
 			return SubmitResult{DispatchID: e.dispatch.DispatchID, RunID: e.dispatch.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
@@ -646,9 +648,12 @@ func (m *Mailbox) appendMessages(ctx context.Context, thread string, msgs []Mess
 	}
 }
 
-// SendDecision delivers a tool-call decision to the run executing here
-// whose run, dispatch or thread id is id. It reports whether the agent
-// accepted it in time.
+// SendDecision delivers a tool-call decision to the run whose run,
+// dispatch or thread id is id: the attempt executing here — once a claim
+// or hand-over of its thread in flight here has settled (waiting at most
+// CancelWait) — or, on a store that routes live commands, the one
+// executing in another process. It reports whether the agent accepted it
+// in time; false when no run took it (seed send_decision_live).
 func (m *Mailbox) SendDecision(ctx context.Context, id string, d Decision) (bool, error) {
 	if err := ValidateID("id", id); err != nil {
 		return false, err
@@ -656,21 +661,10 @@ func (m *Mailbox) SendDecision(ctx context.Context, id string, d Decision) (bool
 	if err := ValidateID("call_id", d.CallID); err != nil {
 		return false, err
 	}
-	m.mu.Lock()
-	e := m.byRun[id]
-	if e == nil {
-		e = m.threads[id]
-	}
-	if e == nil {
-		for _, x := range m.threads {
-			if x.dispatch.DispatchID == id {
-				e = x
-				break
-			}
-		}
-	}
-	m.mu.Unlock()
-	if e != nil && !e.claiming {
+	// A claim or hand-over of the target's thread in flight here is waited
+	// for, as a cancel waits: the decision may be for the run that comes
+	// out of it.
+	if e := m.executingSettled(ctx, id); e != nil {
 		return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: []Decision{d}}), nil
 	}
 	return m.deliverElsewhere(ctx, id, LiveCommand{Kind: LiveDecision, Decisions: []Decision{d}})

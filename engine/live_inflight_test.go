@@ -1,0 +1,197 @@
+package engine_test
+
+import (
+	"context"
+	"encoding/json"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// awaitCommand is a script whose runs wait for one live command, accept
+// it (it is passed to got) and complete; cancelled, they end cancelled.
+func awaitCommand(got chan<- engine.Command) func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome {
+	return func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case c := <-req.Commands:
+			got <- c
+			c.Reply <- nil
+		case <-ctx.Done():
+			return execCancelled()
+		}
+		return complete(ctx, req, sink)
+	}
+}
+
+// heldClaim starts a rig whose thread has one background dispatch
+// (dispatch-held of run-held) whose claim has committed but is held
+// before the engine turns it into an execution, until release is called
+// (at the latest before the rig stops).
+func heldClaim(t *testing.T, thread string, got chan<- engine.Command) (r *rig, release func()) {
+	t.Helper()
+	var hold <-chan struct{}
+	var once atomic.Bool
+	claimed := make(chan struct{})
+	r, _ = newExecRig(t, newFake(1, awaitCommand(got)), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
+		fs.afterClaim = func(*engine.Dispatch) {
+			if once.CompareAndSwap(false, true) {
+				close(claimed)
+				<-hold
+			}
+		}
+	})
+	hold, release = execRelease(t) // after the rig: released before its Stop
+	r.start(t)
+	submitted := make(chan error, 1)
+	go func() {
+		_, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{
+			ThreadID: thread, RunIDHint: "run-held", DispatchIDHint: "dispatch-held", Messages: []engine.Message{userMsg("first")},
+		})
+		submitted <- err
+	}()
+	t.Cleanup(func() {
+		release()
+		if err := <-submitted; err != nil {
+			t.Errorf("background submit: %v", err)
+		}
+	})
+	select {
+	case <-claimed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dispatch was never claimed")
+	}
+	return r, release
+}
+
+// answeredWhileHeld waits for done's answer: at once if it comes while
+// the claim or hand-over is still held (it cannot then have reached the
+// run), else after releasing it.
+func answeredWhileHeld[T any](done <-chan T, release func()) T {
+	select {
+	case got := <-done:
+		release()
+		return got
+	case <-time.After(100 * time.Millisecond):
+		release()
+		return <-done
+	}
+}
+
+type sendResult struct {
+	res      engine.SubmitResult
+	delivery engine.LiveDelivery
+	err      error
+}
+
+// checkDeliveredLive checks that the live message reached the run being
+// started, not a fallback run.
+func checkDeliveredLive(t *testing.T, got sendResult, wantRun string, cmds <-chan engine.Command) {
+	t.Helper()
+	if got.err != nil || got.delivery != engine.DeliveredLive || got.res.RunID != wantRun || got.res.Status != engine.SubmitRunning {
+		t.Fatalf("messages sent while the thread's run was being started: %+v %s %v; want delivered live to %s", got.res, got.delivery, got.err, wantRun)
+	}
+	select {
+	case c := <-cmds:
+		if c.Kind != engine.CommandMessages || len(c.Messages) != 1 || execText(c.Messages[0].Message) != "live" {
+			t.Fatalf("the run received %+v, want the live message", c)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the run never received the live message")
+	}
+}
+
+// Live messages sent while the thread's run is being claimed here wait
+// for the claim and reach that run, instead of falling back to a queued
+// run that would start only after it (they used to find only the claim
+// placeholder and be queued).
+func TestSendMessagesWaitsForAClaimInFlight(t *testing.T) {
+	const thread = "claim-in-flight"
+	cmds := make(chan engine.Command, 4)
+	r, release := heldClaim(t, thread, cmds)
+	done := make(chan sendResult, 1)
+	go func() {
+		res, delivery, err := r.mb.SendMessages(context.Background(), engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("live")}}, "")
+		done <- sendResult{res, delivery, err}
+	}()
+	eventually(t, "the live message logged", func() bool {
+		n, _ := r.store.MessageCount(context.Background(), thread)
+		return n == 2
+	})
+	got := answeredWhileHeld(done, release)
+	checkDeliveredLive(t, got, "run-held", cmds)
+	if ds, _ := r.store.ListDispatches(context.Background(), thread, nil, 0, 0); len(ds) != 1 {
+		t.Fatalf("%d dispatches on the thread, want only the held one", len(ds))
+	}
+	eventually(t, "the held run acked", func() bool { return dispatchStatus(t, r.store, "dispatch-held") == engine.StatusAcked })
+}
+
+// Live messages sent while a finishing attempt hands the thread over to
+// its next dispatch (claimed with its completion) reach the run that
+// comes out of the hand-over (they used to be offered to the finished
+// attempt, which never answers, and then queued).
+func TestSendMessagesWaitsForAHandOff(t *testing.T) {
+	const thread = "handoff-live"
+	cmds := make(chan engine.Command, 4)
+	second := awaitCommand(cmds)
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "second" {
+			return second(ctx, req, sink)
+		}
+		return complete(ctx, req, sink)
+	}
+	r, _, next, release := heldHandOff(t, thread, script)
+	done := make(chan sendResult, 1)
+	go func() {
+		res, delivery, err := r.mb.SendMessages(context.Background(), engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("live")}}, "")
+		done <- sendResult{res, delivery, err}
+	}()
+	eventually(t, "the live message logged", func() bool {
+		n, _ := r.store.MessageCount(context.Background(), thread)
+		return n == 3
+	})
+	got := answeredWhileHeld(done, release)
+	checkDeliveredLive(t, got, next.RunID, cmds)
+	if ds, _ := r.store.ListDispatches(context.Background(), thread, nil, 0, 0); len(ds) != 2 {
+		t.Fatalf("%d dispatches on the thread, want the two submitted", len(ds))
+	}
+	eventually(t, "the handed-over run acked", func() bool { return dispatchStatus(t, r.store, next.DispatchID) == engine.StatusAcked })
+}
+
+// A decision sent (by run id, dispatch id or thread id) while the run's
+// dispatch is being claimed here waits for the claim and reaches the run
+// (it used to find only the claim placeholder and report not delivered).
+func TestSendDecisionWaitsForAClaimInFlight(t *testing.T) {
+	for _, by := range []string{"run", "dispatch", "thread"} {
+		t.Run(by, func(t *testing.T) {
+			thread := "decision-in-flight-" + by
+			id := map[string]string{"run": "run-held", "dispatch": "dispatch-held", "thread": thread}[by]
+			cmds := make(chan engine.Command, 4)
+			r, release := heldClaim(t, thread, cmds)
+			dec := engine.Decision{CallID: "call-1", Resume: json.RawMessage(`{"action":"resume"}`)}
+			type result struct {
+				ok  bool
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				ok, err := r.mb.SendDecision(context.Background(), id, dec)
+				done <- result{ok, err}
+			}()
+			got := answeredWhileHeld(done, release)
+			if got.err != nil || !got.ok {
+				t.Fatalf("decision sent while the run was being claimed: %v %v, want delivered", got.ok, got.err)
+			}
+			select {
+			case c := <-cmds:
+				if c.Kind != engine.CommandDecision || len(c.Decisions) != 1 || c.Decisions[0].CallID != "call-1" {
+					t.Fatalf("the run received %+v, want the decision", c)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the run never received the decision")
+			}
+			eventually(t, "the held run acked", func() bool { return dispatchStatus(t, r.store, "dispatch-held") == engine.StatusAcked })
+		})
+	}
+}
