@@ -27,6 +27,9 @@ type execution struct {
 	sawFinish  atomic.Bool // the agent emitted run_finish
 	// instance is the attempt's dispatch instance id once chosen.
 	instance atomic.Pointer[string]
+	// started: the store recorded the attempt's start under instance, so
+	// instance is the run's session id (execute goroutine only).
+	started bool
 	// cancelSettled: a user's cancel already acked the dispatch as
 	// cancelled; the attempt records nothing more.
 	cancelSettled atomic.Bool
@@ -207,10 +210,13 @@ func (m *Mailbox) finish(e *execution) {
 
 // recordStart records the attempt's start unless its claim already did.
 func (m *Mailbox) recordStart(ctx context.Context, e *execution, instance string, now int64) error {
-	if e.preStarted {
-		return nil
+	if !e.preStarted {
+		if err := m.store.RecordDispatchStart(ctx, e.dispatch.DispatchID, e.dispatch.ClaimToken, instance, now); err != nil {
+			return err
+		}
 	}
-	return m.store.RecordDispatchStart(ctx, e.dispatch.DispatchID, e.dispatch.ClaimToken, instance, now)
+	e.started = true
+	return nil
 }
 
 // runsOn reports whether an attempt (not only a claim) runs on thread.
@@ -502,7 +508,11 @@ func (m *Mailbox) closeSettledStream(e *execution) {
 	if cur != nil && cur.Status == StatusAcked && cur.Termination != nil {
 		term = cur.Termination
 	}
-	m.emitFinishWith(e, term)
+	session := ""
+	if cur != nil {
+		session = cur.InstanceID // as the store recorded it for the run
+	}
+	m.emitFinishSession(e, session, term)
 }
 
 // emitFinish closes a client stream that the agent left open: a synthetic
@@ -512,22 +522,38 @@ func (m *Mailbox) emitFinish(e *execution, msg string) {
 }
 
 // emitFinishWith closes a client stream the agent left open with a
-// synthetic run_finish carrying term.
+// synthetic run_finish carrying term and, once the attempt's start was
+// recorded, its session id (the dispatch instance id the agent was given).
 func (m *Mailbox) emitFinishWith(e *execution, term *Termination) {
+	session := ""
+	if e.started {
+		session = e.instanceID()
+	}
+	m.emitFinishSession(e, session, term)
+}
+
+// emitFinishSession is emitFinishWith with the session id given.
+func (m *Mailbox) emitFinishSession(e *execution, session string, term *Termination) {
 	if e.sawFinish.Load() {
 		return
 	}
-	runSink{e}.Emit(finishEvent(&e.dispatch, term))
+	runSink{e}.Emit(finishEvent(&e.dispatch, session, term))
 }
 
 // finishEvent is the run_finish event the engine writes for d's run when
-// no agent did.
-func finishEvent(d *Dispatch, term *Termination) []byte {
-	ev, _ := json.Marshal(map[string]any{
+// no agent did. As the seed's (mailbox_run_identity), it names the thread,
+// the run, the dispatch and the session (the dispatch instance id, as the
+// run record holds it); session "" (no attempt of it started) is left out.
+func finishEvent(d *Dispatch, session string, term *Termination) []byte {
+	ev := map[string]any{
 		"type": "run_finish", "thread_id": d.ThreadID, "run_id": d.RunID,
 		"dispatch_id": d.DispatchID, "termination": term,
-	})
-	return ev
+	}
+	if session != "" {
+		ev["session_id"] = session
+	}
+	b, _ := json.Marshal(ev)
+	return b
 }
 
 // renewLease keeps an attempt's claim alive until stop. A lost lease

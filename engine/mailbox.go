@@ -658,7 +658,7 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 			continue
 		}
 		delete(m.pending, d.DispatchID)
-		l.appendTyped("run_finish", finishEvent(d, &Termination{Type: TermCancelled}))
+		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, &Termination{Type: TermCancelled}))
 		l.Close(now)
 	}
 }
