@@ -3,6 +3,9 @@ package engine_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -29,12 +32,12 @@ func awaitCommand(got chan<- engine.Command) func(context.Context, *engine.RunRe
 // (dispatch-held of run-held) whose claim has committed but is held
 // before the engine turns it into an execution, until release is called
 // (at the latest before the rig stops).
-func heldClaim(t *testing.T, thread string, got chan<- engine.Command) (r *rig, release func()) {
+func heldClaim(t *testing.T, thread string, script func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome) (r *rig, release func()) {
 	t.Helper()
 	var hold <-chan struct{}
 	var once atomic.Bool
 	claimed := make(chan struct{})
-	r, _ = newExecRig(t, newFake(1, awaitCommand(got)), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
+	r, _ = newExecRig(t, newFake(1, script), engine.Config{CancelWait: 5 * time.Second}, func(fs *execFaultStore) {
 		fs.afterClaim = func(*engine.Dispatch) {
 			if once.CompareAndSwap(false, true) {
 				close(claimed)
@@ -109,7 +112,7 @@ func checkDeliveredLive(t *testing.T, got sendResult, wantRun string, cmds <-cha
 func TestSendMessagesWaitsForAClaimInFlight(t *testing.T) {
 	const thread = "claim-in-flight"
 	cmds := make(chan engine.Command, 4)
-	r, release := heldClaim(t, thread, cmds)
+	r, release := heldClaim(t, thread, awaitCommand(cmds))
 	done := make(chan sendResult, 1)
 	go func() {
 		res, delivery, err := r.mb.SendMessages(context.Background(), engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("live")}}, "")
@@ -168,7 +171,7 @@ func TestSendDecisionWaitsForAClaimInFlight(t *testing.T) {
 			thread := "decision-in-flight-" + by
 			id := map[string]string{"run": "run-held", "dispatch": "dispatch-held", "thread": thread}[by]
 			cmds := make(chan engine.Command, 4)
-			r, release := heldClaim(t, thread, cmds)
+			r, release := heldClaim(t, thread, awaitCommand(cmds))
 			dec := engine.Decision{CallID: "call-1", Resume: json.RawMessage(`{"action":"resume"}`)}
 			type result struct {
 				ok  bool
@@ -193,5 +196,31 @@ func TestSendDecisionWaitsForAClaimInFlight(t *testing.T) {
 			}
 			eventually(t, "the held run acked", func() bool { return dispatchStatus(t, r.store, "dispatch-held") == engine.StatusAcked })
 		})
+	}
+}
+
+// A submit naming a run whose dispatch is claimed but has not started
+// (the claim is in flight here) is refused as for a queued one: the
+// attempt about to start would otherwise rebuild its request from the
+// rewritten run and execute the later request instead of its own.
+func TestHintNamingARunBeingClaimedIsRefused(t *testing.T) {
+	const thread = "hint-claimed"
+	var ran sync.Map
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		ran.Store(execText(req.Messages[len(req.Messages)-1]), true)
+		return complete(ctx, req, sink)
+	}
+	r, release := heldClaim(t, thread, script)
+	_, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: thread, ContinueRunID: "run-held", Messages: []engine.Message{userMsg("late")}})
+	if !errors.Is(err, engine.ErrValidation) || !strings.Contains(err.Error(), "run_id 'run-held' is not open for dispatch") {
+		t.Fatalf("continue_run_id naming a run being claimed: %v, want the seed's validation error", err)
+	}
+	release()
+	eventually(t, "the held run acked", func() bool { return dispatchStatus(t, r.store, "dispatch-held") == engine.StatusAcked })
+	if _, ok := ran.Load("first"); !ok {
+		t.Fatal("the held dispatch did not run its own request")
+	}
+	if _, ok := ran.Load("late"); ok {
+		t.Fatal("the refused request ran")
 	}
 }

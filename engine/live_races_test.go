@@ -2,7 +2,9 @@ package engine_test
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -116,26 +118,35 @@ func TestCancelAfterAnInterruptSettles(t *testing.T) {
 	}
 }
 
-// Two queued dispatches of one run (the second submitted with
-// continue_run_id while the run is still created): cancelling the first
-// settles the run, so the second — never cancelled, its submit reported
-// success — is acked without running.
-func TestCancelOfOneDispatchLeavesAnotherOfTheSameRun(t *testing.T) {
-	release := make(chan struct{})
+// A submit naming (continue_run_id or run_id hint) a run that is still
+// created while its dispatch waits in the queue is refused with the
+// seed's "not open for dispatch", and leaves nothing behind: no message
+// logged, no dispatch, the run's request as it was, the thread not
+// interrupted. It used to be accepted and to rewrite the run's request, so
+// the queued dispatch executed the later request and the later dispatch
+// found the run done: the earlier request never ran. The queued dispatch
+// then runs its own request.
+func TestHintNamingARunWhoseDispatchWaitsIsRefused(t *testing.T) {
 	var ran sync.Map
+	var release <-chan struct{}
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		var text string
-		_ = json.Unmarshal(req.Messages[len(req.Messages)-1].Content, &text)
+		text := execText(req.Messages[len(req.Messages)-1])
 		ran.Store(text, true)
 		if text == "block" {
-			<-release
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return execCancelled()
+			}
 		}
 		return complete(ctx, req, sink)
 	}
 	r := newRig(t, newFake(4, script), engine.Config{})
+	release, open := execRelease(t) // after the rig: released before its Stop
 	r.start(t)
 	ctx := context.Background()
-	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("block")}}); err != nil {
+	blocker, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("block")}})
+	if err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "blocker runs", func() bool { _, ok := ran.Load("block"); return ok })
@@ -143,17 +154,45 @@ func TestCancelOfOneDispatchLeavesAnotherOfTheSameRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	second, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", ContinueRunID: first.RunID, Messages: []engine.Message{userMsg("y")}})
-	if err != nil {
-		t.Fatal(err)
+	before := execRun(t, r.store, first.RunID)
+	late := func(continues bool) engine.SubmitRequest {
+		req := engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("y")}}
+		if continues {
+			req.ContinueRunID = first.RunID
+		} else {
+			req.RunIDHint = first.RunID
+		}
+		return req
 	}
-	if ok, err := r.mb.Cancel(ctx, first.DispatchID); !ok || err != nil {
-		t.Fatalf("cancel first: %v %v", ok, err)
+	for name, submit := range map[string]func() error{
+		"background continue_run_id": func() error { _, err := r.mb.SubmitBackground(ctx, late(true)); return err },
+		"background run_id hint":     func() error { _, err := r.mb.SubmitBackground(ctx, late(false)); return err },
+		"foreground continue_run_id": func() error { _, _, err := r.mb.Submit(ctx, late(true)); return err },
+		"live continue_run_id":       func() error { _, _, err := r.mb.SendMessages(ctx, late(true), ""); return err },
+	} {
+		if err := submit(); !errors.Is(err, engine.ErrValidation) || !strings.Contains(err.Error(), "run_id '"+first.RunID+"' is not open for dispatch") {
+			t.Fatalf("%s naming a run whose dispatch is queued: %v, want the seed's validation error", name, err)
+		}
 	}
-	close(release)
-	eventually(t, "second settled", func() bool { return dispatchStatus(t, r.store, second.DispatchID).Terminal() })
-	if _, ok := ran.Load("y"); !ok {
-		d, _ := r.store.LoadDispatch(ctx, second.DispatchID)
-		t.Fatalf("dispatch %s (never cancelled) ended %s without running its request", second.DispatchID, d.Status)
+	if n, err := r.store.MessageCount(ctx, "t"); err != nil || n != 2 {
+		t.Fatalf("%d messages (%v), want the two accepted", n, err)
+	}
+	if ds, _ := r.store.ListDispatches(ctx, "t", nil, 0, 0); len(ds) != 2 {
+		t.Fatalf("%d dispatches, want the two accepted", len(ds))
+	}
+	after := execRun(t, r.store, first.RunID)
+	if after.DispatchID != first.DispatchID || !slices.Equal(after.Request.InputMessageIDs, before.Request.InputMessageIDs) {
+		t.Fatalf("the run was rewritten: %+v, was %+v", after, before)
+	}
+	if st := dispatchStatus(t, r.store, blocker.DispatchID); st != engine.StatusClaimed {
+		t.Fatalf("the refused foreground submit interrupted the thread: the blocker is %s", st)
+	}
+	open()
+	eventually(t, "the queued dispatch ran", func() bool { return dispatchStatus(t, r.store, first.DispatchID) == engine.StatusAcked })
+	if _, ok := ran.Load("x"); !ok {
+		t.Fatal("the queued dispatch did not run its own request")
+	}
+	if _, ok := ran.Load("y"); ok {
+		t.Fatal("a refused request ran")
 	}
 }

@@ -580,7 +580,8 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 // precheckSubmit refuses, without writing anything, what persistRun
 // would refuse after a foreground submit has already interrupted the
 // thread: a run hint naming another thread's run or a run not open for
-// dispatch, a dispatch id hint or a message id already taken.
+// dispatch (checkOpenForDispatch: one whose dispatch has not started yet
+// included), a dispatch id hint or a message id already taken.
 func (m *Mailbox) precheckSubmit(ctx context.Context, r *SubmitRequest) error {
 	for _, id := range []string{strings.TrimSpace(r.ContinueRunID), strings.TrimSpace(r.RunIDHint)} {
 		if id == "" {
@@ -593,11 +594,8 @@ func (m *Mailbox) precheckSubmit(ctx context.Context, r *SubmitRequest) error {
 		if run == nil {
 			continue
 		}
-		if run.ThreadID != r.ThreadID {
-			return Validationf("run_id '%s' belongs to thread '%s', not '%s'", id, run.ThreadID, r.ThreadID)
-		}
-		if run.Status != RunCreated && !run.IsResumableWaiting() {
-			return Validationf("run_id '%s' is not open for dispatch", id)
+		if err := m.checkOpenForDispatch(ctx, run, id, r.ThreadID); err != nil {
+			return err
 		}
 	}
 	if id := strings.TrimSpace(r.DispatchIDHint); id != "" {

@@ -224,11 +224,8 @@ func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID st
 		}
 	}
 	if existing != nil {
-		if existing.ThreadID != r.ThreadID {
-			return nil, Validationf("run_id '%s' belongs to thread '%s', not '%s'", runID, existing.ThreadID, r.ThreadID)
-		}
-		if existing.Status != RunCreated && !existing.IsResumableWaiting() {
-			return nil, Validationf("run_id '%s' is not open for dispatch", runID)
+		if err := m.checkOpenForDispatch(ctx, existing, runID, r.ThreadID); err != nil {
+			return nil, err
 		}
 		existing.Request, existing.Input = snapshot, input
 		existing.DispatchID = r.DispatchIDHint
@@ -258,6 +255,36 @@ func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID st
 		Request: snapshot, Input: input, Status: RunCreated, DispatchID: r.DispatchIDHint,
 		TransportRequestID: r.TransportRequestID, CreatedAt: nowSec, UpdatedAt: nowSec, State: state,
 	}, nil
+}
+
+// checkOpenForDispatch refuses a run that a request names (run hint,
+// continue hint or a reused waiting run) but may not rewrite: a run of
+// another thread, one neither created nor resumable-waiting (engine.md
+// item 15), and one a dispatch of which has not started yet (queued, or
+// claimed before its start was recorded). That dispatch executes
+// whatever request the run holds when it starts: rewritten, it would
+// execute the later request, and the later dispatch would then find the
+// run done (or run it twice) while the earlier request never ran. The
+// seed rewrites it; here it is refused with the seed's error for a run
+// not open for dispatch.
+func (m *Mailbox) checkOpenForDispatch(ctx context.Context, run *RunRecord, id, thread string) error {
+	if run.ThreadID != thread {
+		return Validationf("run_id '%s' belongs to thread '%s', not '%s'", id, run.ThreadID, thread)
+	}
+	if run.Status != RunCreated && !run.IsResumableWaiting() {
+		return Validationf("run_id '%s' is not open for dispatch", id)
+	}
+	if run.DispatchID == "" {
+		return nil
+	}
+	d, err := m.store.LoadDispatch(ctx, run.DispatchID)
+	if err != nil {
+		return fmt.Errorf("prepare run %s: %w", id, err)
+	}
+	if d != nil && d.RunID == run.RunID && (d.Status == StatusQueued || d.Status == StatusClaimed && d.RunStatus == "") {
+		return Validationf("run_id '%s' is not open for dispatch", id)
+	}
+	return nil
 }
 
 // buildDispatch makes the queued dispatch of a prepared request
