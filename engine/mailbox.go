@@ -119,7 +119,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		}
 		return float64(n)
 	})
-	m.store = instrumentedStore{Store: store, em: m.metrics}
+	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages}
 	return m, nil
 }
 
@@ -551,7 +551,10 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	runID, _, err := m.persistRun(ctx, req, new(m.cfg.Now()+InlineClaimGuard.Milliseconds()), func(ctx context.Context, c Checkpoint, d Dispatch) (Dispatch, error) {
 		var err error
 		claimed, err = observe(m.metrics, "submit_idle", func() (*Dispatch, error) {
-			_, out, err := is.SubmitIdle(ctx, c, d, m.cfg.ConsumerID, m.cfg.Lease, instance, m.cfg.Now())
+			recs, out, err := is.SubmitIdle(ctx, c, d, m.cfg.ConsumerID, m.cfg.Lease, instance, m.cfg.Now())
+			if out != nil {
+				m.tails.appended(c.ThreadID, recs, m.cfg.ContextMessages)
+			}
 			return out, err
 		}, func(d *Dispatch) bool { return d == nil })
 		if claimed != nil {

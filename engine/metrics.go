@@ -149,6 +149,10 @@ func nilDispatch(d *Dispatch) bool { return d == nil }
 type instrumentedStore struct {
 	Store
 	em *engineMetrics
+	// tails learns of the messages checkpoints and submits append, keeping
+	// keep of each thread's newest (nil: off).
+	tails *tailCache
+	keep  int
 }
 
 func (s instrumentedStore) Enqueue(ctx context.Context, d Dispatch) (Dispatch, error) {
@@ -224,7 +228,11 @@ func (s instrumentedStore) ListTerminal(ctx context.Context, after TerminalCurso
 }
 
 func (s instrumentedStore) Checkpoint(ctx context.Context, c Checkpoint) ([]MessageRecord, error) {
-	return observe(s.em, "checkpoint", func() ([]MessageRecord, error) { return s.Store.Checkpoint(ctx, c) }, nil)
+	recs, err := observe(s.em, "checkpoint", func() ([]MessageRecord, error) { return s.Store.Checkpoint(ctx, c) }, nil)
+	if err == nil {
+		s.tails.appended(c.ThreadID, recs, s.keep)
+	}
+	return recs, err
 }
 
 func (s instrumentedStore) Submit(ctx context.Context, c Checkpoint, d Dispatch) ([]MessageRecord, Dispatch, error) {
@@ -235,6 +243,9 @@ func (s instrumentedStore) Submit(ctx context.Context, c Checkpoint, d Dispatch)
 		recs, out, err = s.Store.Submit(ctx, c, d)
 		return out, err
 	}, nil)
+	if err == nil {
+		s.tails.appended(c.ThreadID, recs, s.keep)
+	}
 	return recs, stored, err
 }
 

@@ -60,18 +60,25 @@ func (c *tailCache) window(ctx context.Context, thread string, from, to uint64, 
 		t := el.Value.(*threadTail)
 		last := t.first + uint64(len(t.recs)) - 1
 		if len(t.recs) > 0 && t.first <= from && last >= from {
-			have = append(make([]MessageRecord, 0, to-from+1), t.recs[from-t.first:min(last, to)-t.first+1]...)
+			// Shared, not copied (records are never modified); the capped
+			// capacity makes an append below copy instead of writing into
+			// the cached array.
+			end := min(last, to) - t.first + 1
+			have = t.recs[from-t.first : end : end]
+			if last >= to {
+				c.lru.MoveToFront(el)
+				c.mu.Unlock()
+				return have, nil
+			}
 		}
 	}
 	c.mu.Unlock()
 	next := from + uint64(len(have))
-	if next <= to {
-		more, err := load(ctx, thread, next, to)
-		if err != nil {
-			return nil, err
-		}
-		have = append(have, more...)
+	more, err := load(ctx, thread, next, to)
+	if err != nil {
+		return nil, err
 	}
+	have = append(have, more...)
 	if contiguous(have, from) {
 		c.keep(thread, have, keep)
 	}
@@ -126,6 +133,31 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 		delete(c.threads, old.thread)
 		c.bytes -= old.bytes
 	}
+}
+
+// appended extends a cached thread's tail with records just appended to
+// its log (a checkpoint's or a submit's own, durable once returned) when
+// they continue it, so the next run request of that thread reads none of
+// its messages from the store. Records that do not continue the cached
+// tail (another writer got there first) are left for window to load.
+func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
+	if c == nil || n <= 0 || len(recs) == 0 || !contiguous(recs, recs[0].Seq) {
+		return
+	}
+	c.mu.Lock()
+	el, ok := c.threads[thread]
+	if !ok {
+		c.mu.Unlock()
+		return
+	}
+	t := el.Value.(*threadTail)
+	if t.first+uint64(len(t.recs)) != recs[0].Seq {
+		c.mu.Unlock()
+		return
+	}
+	all := append(t.recs[:len(t.recs):len(t.recs)], recs...)
+	c.mu.Unlock()
+	c.keep(thread, all, n)
 }
 
 // find returns the cached record of message id in thread, if the thread's

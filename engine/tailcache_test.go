@@ -114,3 +114,36 @@ func TestTailCacheFindsCachedMessagesByID(t *testing.T) {
 		t.Fatal("a disabled cache found something")
 	}
 }
+
+// Records a checkpoint or submit appended extend a cached tail they
+// continue, so the next window reads nothing; records that do not continue
+// it are ignored; a window shared from the cache cannot be appended into.
+func TestTailCacheLearnsAppendedRecords(t *testing.T) {
+	ctx := context.Background()
+	c := newTailCache(1 << 20)
+	recs, asked, load := logOf(30)
+	if _, err := c.window(ctx, "t", 11, 20, 10, load); err != nil {
+		t.Fatal(err)
+	}
+	c.appended("t", recs[20:22], 10) // seqs 21, 22 continue the tail
+	c.appended("t", recs[23:24], 10) // seq 24 leaves a gap: ignored
+	c.appended("u", recs[0:1], 10)   // an uncached thread: ignored
+	n := len(*asked)
+	got, err := c.window(ctx, "t", 13, 22, 10, load)
+	if err != nil || !slices.Equal(seqs(got), []uint64{13, 14, 15, 16, 17, 18, 19, 20, 21, 22}) {
+		t.Fatalf("window after appends %v %v", seqs(got), err)
+	}
+	if len(*asked) != n {
+		t.Fatalf("read %v from the store; the appended records were not cached", (*asked)[n:])
+	}
+	// Seq 23 was never announced: read from the store, 24 with it.
+	got, _ = c.window(ctx, "t", 15, 24, 10, load)
+	if !slices.Equal(seqs(got), []uint64{15, 16, 17, 18, 19, 20, 21, 22, 23, 24}) || !slices.Equal((*asked)[n:], [][2]uint64{{23, 24}}) {
+		t.Fatalf("window %v, reads %v", seqs(got), (*asked)[n:])
+	}
+	shared, _ := c.window(ctx, "t", 15, 20, 10, load)
+	_ = append(shared, MessageRecord{Seq: 99})
+	if again, _ := c.window(ctx, "t", 15, 24, 10, load); again[6].Seq != 21 {
+		t.Fatalf("an append to a returned window wrote into the cache: %v", seqs(again))
+	}
+}
