@@ -443,7 +443,22 @@ func (c *conn) onCheckpoint(f *ipc.Frame) error {
 	if err := json.Unmarshal(f.Payload, &cp); err != nil {
 		return protocolErr("CHECKPOINT on stream %d: %v", f.Stream, err)
 	}
-	st.deliver(control{checkpoint: &cp})
+	lim := checkpointLimits{count: c.h.cfg.MaxUnackedCheckpoints, bytes: c.h.cfg.MaxUnackedCheckpointBytes}
+	switch st.ctl.pushCheckpoint(&cp, int64(len(f.Payload)), lim) {
+	case pushQueued:
+	case pushOverflow:
+		c.log.Warn("agent exceeded a run's backlog of checkpoints awaiting CHECKPOINT_ACK; failing the run",
+			"stream", f.Stream, "seq", cp.Seq, "max_unacked", lim.count, "max_unacked_bytes", lim.bytes)
+		fallthrough
+	case pushRefused:
+		c.h.m.checkpointRefused.Inc()
+		c.refuseCheckpoint(f.Stream, cp.Seq, fmt.Sprintf(
+			"refused: more than %d checkpoints (or %d bytes of them) of this run awaiting CHECKPOINT_ACK; "+
+				"this and every later CHECKPOINT of the run are refused and the run fails: wait for CHECKPOINT_ACK",
+			lim.count, lim.bytes))
+	case pushEnded:
+		return c.unknownStream(f)
+	}
 	return nil
 }
 
@@ -481,7 +496,13 @@ func (c *conn) onFinish(f *ipc.Frame) error {
 	// The stream ends here: a second FINISH, or anything else for it, is
 	// for an unknown stream; the slot is free for the next run.
 	c.closeStream(st)
-	st.deliver(control{finish: &fin})
+	if !st.ctl.pushFinish(&fin) {
+		// The run's goroutine gave up on the run (CancelGrace) as this
+		// FINISH came: the slot it kept for the run is free now.
+		c.mu.Lock()
+		delete(c.abandoned, f.Stream)
+		c.mu.Unlock()
+	}
 	c.h.wake()
 	return nil
 }
@@ -564,12 +585,9 @@ func (c *conn) reserveStream(sink engine.EventSink) *stream {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.reserved++
-	return &stream{
-		sink:    sink,
-		ctl:     make(chan control, 16),
-		done:    make(chan struct{}),
-		pending: make(map[string]*pendingCmd),
-	}
+	st := &stream{sink: sink, pending: make(map[string]*pendingCmd)}
+	st.ctl.init()
+	return st
 }
 
 // start gives a reserved stream the next id, registers it and writes its

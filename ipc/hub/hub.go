@@ -8,10 +8,12 @@
 // straight to the run's sink (the payload is not decoded beyond the frame
 // check), CHECKPOINTs and FINISH go, in order, to the goroutine of the run
 // (the engine's call to Run), which persists checkpoints and returns the
-// outcome. A heartbeat goroutine per connection sends PING when the hub has
-// been quiet and closes a connection whose agent has been silent for three
-// heartbeats. Every goroutine belongs to the connection or to a Run call
-// and ends with it.
+// outcome. The reader never waits for a run: each run queues what it has
+// not applied yet, bounded by its checkpoints awaiting CHECKPOINT_ACK
+// (Config.MaxUnackedCheckpoints). A heartbeat goroutine per connection
+// sends PING when the hub has been quiet and closes a connection whose
+// agent has been silent for three heartbeats. Every goroutine belongs to
+// the connection or to a Run call and ends with it.
 package hub
 
 import (
@@ -39,6 +41,10 @@ const (
 	DefaultCancelGrace      = 10 * time.Second
 	DefaultAgentWait        = 15 * time.Second
 	DefaultMaxSubmits       = 64
+	// DefaultMaxUnackedCheckpoints and DefaultMaxUnackedCheckpointBytes
+	// bound a run's CHECKPOINTs awaiting their CHECKPOINT_ACK.
+	DefaultMaxUnackedCheckpoints     = 1024
+	DefaultMaxUnackedCheckpointBytes = 64 << 20
 	// MaxRunsLimit caps an agent's announced max_runs.
 	MaxRunsLimit = 1024
 )
@@ -74,6 +80,21 @@ type Config struct {
 	// MaxSubmits bounds the SUBMIT requests in flight per connection;
 	// more are answered with a "busy" error. Default 64.
 	MaxSubmits int
+	// MaxUnackedCheckpoints bounds, per run, the CHECKPOINTs an agent has
+	// sent and the hub has not answered yet (with CHECKPOINT_ACK or
+	// ERROR): an agent may send CHECKPOINTs without waiting for their
+	// ACKs, and the connection's reader never waits for a run's store.
+	// A CHECKPOINT past the bound is refused with ERROR
+	// checkpoint_failed, as is every later one of that run; the
+	// checkpoints accepted before it are applied and acked in order, and
+	// the run is cancelled and fails as transient with ErrorCode
+	// checkpoint_backlog. The connection and its other runs go on.
+	// Default 1024.
+	MaxUnackedCheckpoints int
+	// MaxUnackedCheckpointBytes bounds the payload bytes of those
+	// CHECKPOINTs the same way; a CHECKPOINT when none is unanswered is
+	// always accepted, however large. Default 64 MiB.
+	MaxUnackedCheckpointBytes int64
 	// Submitter handles agents' SUBMIT frames; nil refuses them.
 	Submitter Submitter
 	// Logger receives connection-level logs. Default slog.Default().
@@ -108,6 +129,12 @@ func (c *Config) setDefaults() error {
 	if c.MaxSubmits == 0 {
 		c.MaxSubmits = DefaultMaxSubmits
 	}
+	if c.MaxUnackedCheckpoints == 0 {
+		c.MaxUnackedCheckpoints = DefaultMaxUnackedCheckpoints
+	}
+	if c.MaxUnackedCheckpointBytes == 0 {
+		c.MaxUnackedCheckpointBytes = DefaultMaxUnackedCheckpointBytes
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -127,6 +154,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxSubmits < 0 {
 		return fmt.Errorf("hub: max submits %d is negative", c.MaxSubmits)
+	}
+	if c.MaxUnackedCheckpoints < 0 || c.MaxUnackedCheckpointBytes < 0 {
+		return fmt.Errorf("hub: max unacked checkpoints %d (%d bytes) is negative", c.MaxUnackedCheckpoints, c.MaxUnackedCheckpointBytes)
 	}
 	return nil
 }
@@ -425,28 +455,30 @@ func (h *Hub) doneWaiting() {
 }
 
 type hubMetrics struct {
-	connects, protocolErrors, events, checkpoints, checkpointErrors *metrics.Counter
-	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed                  *metrics.Counter
-	unknownStream, submits                                          *metrics.Counter
-	runs                                                            map[engine.OutcomeKind]*metrics.Counter
+	connects, protocolErrors, events                 *metrics.Counter
+	checkpoints, checkpointErrors, checkpointRefused *metrics.Counter
+	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed   *metrics.Counter
+	unknownStream, submits                           *metrics.Counter
+	runs                                             map[engine.OutcomeKind]*metrics.Counter
 }
 
 func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 	s.NewGauge("mailbox_agent_connections", func() float64 { return float64(h.Connections()) })
 	s.NewGauge("mailbox_agent_capacity", func() float64 { return float64(h.Capacity()) })
 	m := hubMetrics{
-		connects:         s.NewCounter("mailbox_agent_connects_total"),
-		protocolErrors:   s.NewCounter("mailbox_agent_protocol_errors_total"),
-		events:           s.NewCounter("mailbox_agent_events_total"),
-		checkpoints:      s.NewCounter(`mailbox_agent_checkpoints_total{result="ok"}`),
-		checkpointErrors: s.NewCounter(`mailbox_agent_checkpoints_total{result="error"}`),
-		cmdAccepted:      s.NewCounter(`mailbox_agent_commands_total{result="accepted"}`),
-		cmdRefused:       s.NewCounter(`mailbox_agent_commands_total{result="refused"}`),
-		cmdTimeout:       s.NewCounter(`mailbox_agent_commands_total{result="timeout"}`),
-		cmdFailed:        s.NewCounter(`mailbox_agent_commands_total{result="failed"}`),
-		unknownStream:    s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
-		submits:          s.NewCounter("mailbox_agent_submits_total"),
-		runs:             make(map[engine.OutcomeKind]*metrics.Counter),
+		connects:          s.NewCounter("mailbox_agent_connects_total"),
+		protocolErrors:    s.NewCounter("mailbox_agent_protocol_errors_total"),
+		events:            s.NewCounter("mailbox_agent_events_total"),
+		checkpoints:       s.NewCounter(`mailbox_agent_checkpoints_total{result="ok"}`),
+		checkpointErrors:  s.NewCounter(`mailbox_agent_checkpoints_total{result="error"}`),
+		checkpointRefused: s.NewCounter(`mailbox_agent_checkpoints_total{result="refused"}`),
+		cmdAccepted:       s.NewCounter(`mailbox_agent_commands_total{result="accepted"}`),
+		cmdRefused:        s.NewCounter(`mailbox_agent_commands_total{result="refused"}`),
+		cmdTimeout:        s.NewCounter(`mailbox_agent_commands_total{result="timeout"}`),
+		cmdFailed:         s.NewCounter(`mailbox_agent_commands_total{result="failed"}`),
+		unknownStream:     s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
+		submits:           s.NewCounter("mailbox_agent_submits_total"),
+		runs:              make(map[engine.OutcomeKind]*metrics.Counter),
 	}
 	for _, k := range []engine.OutcomeKind{engine.OutcomeCompleted, engine.OutcomeTransient, engine.OutcomePermanent, engine.OutcomeAbandoned} {
 		m.runs[k] = s.NewCounter(fmt.Sprintf(`mailbox_agent_runs_total{outcome=%q}`, k.String()))

@@ -27,33 +27,178 @@ var (
 // checkpointTimeout bounds the persistence of one checkpoint.
 const checkpointTimeout = 30 * time.Second
 
+// ErrorCodeCheckpointBacklog is the RunOutcome.ErrorCode of a run failed
+// because its agent had more CHECKPOINTs awaiting CHECKPOINT_ACK than
+// Config.MaxUnackedCheckpoints or MaxUnackedCheckpointBytes allow.
+const ErrorCodeCheckpointBacklog = "checkpoint_backlog"
+
 // stream is one run on a connection.
 type stream struct {
 	id   uint64
 	sink engine.EventSink
 	// ctl carries CHECKPOINT and FINISH, in the order received, to the
 	// run's goroutine.
-	ctl  chan control
-	done chan struct{} // closed when the run's goroutine stops listening
+	ctl ctlQueue
 
 	mu      sync.Mutex
 	closed  bool // no more events go to sink
 	pending map[string]*pendingCmd
 }
 
+// control is one item of a stream's ctlQueue: a CHECKPOINT (with its
+// payload size), a FINISH, or the mark that the checkpoint backlog
+// overflowed there.
 type control struct {
 	checkpoint *checkpointPayload
+	size       int64
 	finish     *finishPayload
+	backlog    *backlogOverflow
 }
 
-// deliver hands a CHECKPOINT or FINISH to the run's goroutine; it blocks
-// while the run is busy with earlier ones (the agent waits for its acks)
-// and drops the frame once the run has stopped listening.
-func (st *stream) deliver(c control) {
-	select {
-	case st.ctl <- c:
-	case <-st.done:
+// backlogOverflow records the CHECKPOINT that found its run's backlog of
+// unanswered checkpoints full.
+type backlogOverflow struct {
+	seq        uint64
+	unanswered int
+	bytes      int64
+}
+
+// checkpointLimits bound a run's backlog of CHECKPOINTs received and not
+// yet answered (Config.MaxUnackedCheckpoints and
+// MaxUnackedCheckpointBytes).
+type checkpointLimits struct {
+	count int
+	bytes int64
+}
+
+// ctlQueue hands a stream's CHECKPOINTs and FINISH from the connection's
+// reader to the run's goroutine, in order. The reader never waits on it, so
+// a run that is slow to persist its checkpoints cannot stall the other runs
+// of the connection; what bounds it is the backlog of checkpoints received
+// and not yet answered (checkpointLimits), which an agent controls by
+// waiting for CHECKPOINT_ACK.
+type ctlQueue struct {
+	// ready is signalled (capacity 1) while items are waiting.
+	ready chan struct{}
+
+	mu    sync.Mutex
+	items []control // items[head:] are waiting, oldest first
+	head  int
+	// inline backs items for the usual few, so a stream needs no other
+	// allocation for them.
+	inline [4]control
+	// unanswered counts the CHECKPOINTs queued or being applied, bytes
+	// their payload sizes; they drop when the run answers one.
+	unanswered int
+	bytes      int64
+	refusing   bool // the backlog overflowed: CHECKPOINTs are refused
+	ended      bool // the run's goroutine takes nothing more
+}
+
+func (q *ctlQueue) init() {
+	q.ready = make(chan struct{}, 1)
+	q.items = q.inline[:0]
+}
+
+// pushResult is what became of a CHECKPOINT handed to a ctlQueue.
+type pushResult uint8
+
+const (
+	pushQueued   pushResult = iota
+	pushRefused             // the backlog is full, or overflowed before
+	pushOverflow            // refused, and the first refusal: the run fails
+	pushEnded               // the run's goroutine has stopped
+)
+
+// pushCheckpoint queues a CHECKPOINT of size payload bytes unless the
+// run's backlog is full: one more would exceed a limit, and it is not the
+// only one (a lone checkpoint is always taken). Past the first refusal
+// every later CHECKPOINT is refused too, so that what the run applies is
+// a prefix of what the agent sent; the first refusal queues a backlog
+// mark after the accepted checkpoints.
+func (q *ctlQueue) pushCheckpoint(cp *checkpointPayload, size int64, lim checkpointLimits) pushResult {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	switch {
+	case q.ended:
+		return pushEnded
+	case q.refusing:
+		return pushRefused
+	case q.unanswered > 0 && (q.unanswered >= lim.count || q.bytes+size > lim.bytes):
+		q.refusing = true
+		q.appendLocked(control{backlog: &backlogOverflow{seq: cp.Seq, unanswered: q.unanswered, bytes: q.bytes}})
+		return pushOverflow
 	}
+	q.unanswered++
+	q.bytes += size
+	q.appendLocked(control{checkpoint: cp, size: size})
+	return pushQueued
+}
+
+// pushFinish queues a FINISH; false when the run's goroutine has stopped.
+func (q *ctlQueue) pushFinish(f *finishPayload) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.ended {
+		return false
+	}
+	q.appendLocked(control{finish: f})
+	return true
+}
+
+func (q *ctlQueue) appendLocked(c control) {
+	if q.head > 0 && len(q.items) == cap(q.items) {
+		// Reuse the consumed front rather than grow.
+		n := copy(q.items, q.items[q.head:])
+		clear(q.items[n:])
+		q.items, q.head = q.items[:n], 0
+	}
+	q.items = append(q.items, c)
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+}
+
+// pop takes the oldest waiting item, if any.
+func (q *ctlQueue) pop() (control, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.head == len(q.items) {
+		return control{}, false
+	}
+	c := q.items[q.head]
+	q.items[q.head] = control{}
+	q.head++
+	if q.head == len(q.items) {
+		q.items, q.head = q.items[:0], 0
+	} else {
+		select { // more are waiting
+		case q.ready <- struct{}{}:
+		default:
+		}
+	}
+	return c, true
+}
+
+// answered records that the run answered a CHECKPOINT of size bytes
+// (ACK or ERROR).
+func (q *ctlQueue) answered(size int64) {
+	q.mu.Lock()
+	q.unanswered--
+	q.bytes -= size
+	q.mu.Unlock()
+}
+
+// end stops the queue and returns the items still waiting.
+func (q *ctlQueue) end() []control {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.ended = true
+	left := append([]control(nil), q.items[q.head:]...)
+	clear(q.items)
+	q.items, q.head = nil, 0
+	return left
 }
 
 // pendingCmd is a live command waiting for its COMMAND_ACK.
@@ -89,18 +234,20 @@ func (st *stream) takePending(id string) *pendingCmd {
 	return p
 }
 
-// end stops the stream for good: the sink gets nothing more and every
-// command still waiting is answered with ErrRunEnded.
-func (st *stream) end() {
+// end stops the stream for good: the sink gets nothing more, every
+// command still waiting is answered with ErrRunEnded, and the CHECKPOINTs
+// and FINISH the run's goroutine did not take are returned.
+func (st *stream) end() []control {
 	st.mu.Lock()
 	st.closed = true
 	pending := st.pending
 	st.pending = nil
 	st.mu.Unlock()
-	close(st.done)
+	left := st.ctl.end()
 	for _, p := range pending {
 		p.settle(ErrRunEnded)
 	}
+	return left
 }
 
 // runPayload is a RUN.
@@ -222,19 +369,55 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 
 // drive serves a started stream until it ends.
 func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) engine.RunOutcome {
-	defer st.end()
-	defer c.h.wake()
-	defer c.closeStream(st)
+	defer c.endStream(st)
 	cmds := req.Commands
 	done := ctx.Done()
 	var grace <-chan time.Time
+	var graceTimer *time.Timer
+	defer func() {
+		if graceTimer != nil {
+			graceTimer.Stop()
+		}
+	}()
+	cancelling := false
+	startCancel := func() {
+		cancelling = true
+		c.sendCancel(st)
+		graceTimer = time.NewTimer(c.h.cfg.CancelGrace)
+		grace = graceTimer.C
+	}
+	// failed, once the hub has failed the run itself (its checkpoint
+	// backlog overflowed), is the outcome whatever the agent's FINISH
+	// says: the run's log lacks the refused checkpoints.
+	var failed *engine.RunOutcome
+	// apply acts on one CHECKPOINT, FINISH or backlog mark, in the order
+	// received; true when the run is over.
+	apply := func(it control, live bool) (engine.RunOutcome, bool) {
+		switch {
+		case it.finish != nil:
+			if failed != nil {
+				return *failed, true
+			}
+			return outcomeOf(it.finish), true
+		case it.backlog != nil:
+			failed = c.backlogOutcome(it.backlog)
+			if live && !cancelling {
+				startCancel() // the agent has its refusals; stop the run
+			}
+		default:
+			c.checkpoint(ctx, st, req, it.checkpoint)
+			st.ctl.answered(it.size)
+		}
+		return engine.RunOutcome{}, false
+	}
 	for {
 		select {
-		case it := <-st.ctl:
-			if it.finish != nil {
-				return outcomeOf(it.finish)
+		case <-st.ctl.ready:
+			if it, ok := st.ctl.pop(); ok {
+				if o, end := apply(it, true); end {
+					return o
+				}
 			}
-			c.checkpoint(ctx, st, req, it.checkpoint)
 		case cmd, ok := <-cmds:
 			if !ok {
 				cmds = nil
@@ -243,35 +426,70 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 			c.sendCommand(st, cmd)
 		case <-done:
 			done = nil
-			c.sendCancel(st)
-			t := time.NewTimer(c.h.cfg.CancelGrace)
-			defer t.Stop()
-			grace = t.C
+			if !cancelling {
+				startCancel()
+			}
 		case <-grace:
 			c.mu.Lock()
 			c.abandoned[st.id] = struct{}{}
 			c.mu.Unlock()
+			if failed != nil {
+				return *failed
+			}
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "cancel_timeout",
 				Error: fmt.Sprintf("agent did not finish the run within %v of CANCEL", c.h.cfg.CancelGrace)}
 		case <-c.dead:
 			// What the agent sent before the connection died still
 			// counts, in order: checkpoints, and a FINISH if it came.
 			for {
-				select {
-				case it := <-st.ctl:
-					if it.finish != nil {
-						return outcomeOf(it.finish)
-					}
-					c.checkpoint(ctx, st, req, it.checkpoint)
-					continue
-				default:
+				it, ok := st.ctl.pop()
+				if !ok {
+					break
 				}
-				break
+				if o, end := apply(it, false); end {
+					return o
+				}
+			}
+			if failed != nil {
+				return *failed
 			}
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "agent_lost",
 				Error: fmt.Sprintf("agent connection lost: %v", c.cause)}
 		}
 	}
+}
+
+// endStream closes a run's stream once its goroutine is done with it.
+// CHECKPOINTs it did not take are refused, so that the agent does not wait
+// for their ACK; a FINISH it did not take (it came as the run was given
+// up after CancelGrace) frees the slot kept for the run.
+func (c *conn) endStream(st *stream) {
+	c.closeStream(st)
+	for _, it := range st.end() {
+		switch {
+		case it.checkpoint != nil:
+			c.refuseCheckpoint(st.id, it.checkpoint.Seq, "the run ended before this checkpoint was applied")
+		case it.finish != nil:
+			c.mu.Lock()
+			delete(c.abandoned, st.id)
+			c.mu.Unlock()
+		}
+	}
+	c.h.wake()
+}
+
+// backlogOutcome is the outcome of a run whose checkpoint backlog
+// overflowed.
+func (c *conn) backlogOutcome(b *backlogOverflow) *engine.RunOutcome {
+	return &engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: ErrorCodeCheckpointBacklog,
+		Error: fmt.Sprintf("agent sent CHECKPOINT seq %d while %d checkpoints (%d bytes) of the run awaited CHECKPOINT_ACK (limits %d, %d bytes); it and every later checkpoint of the run were refused",
+			b.seq, b.unanswered, b.bytes, c.h.cfg.MaxUnackedCheckpoints, c.h.cfg.MaxUnackedCheckpointBytes)}
+}
+
+// refuseCheckpoint answers a CHECKPOINT that is not applied with ERROR
+// checkpoint_failed on its stream.
+func (c *conn) refuseCheckpoint(stream, seq uint64, why string) {
+	_ = c.writeJSON(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: why, Seq: &seq})
 }
 
 // checkpoint persists one CHECKPOINT and answers it.
