@@ -42,8 +42,11 @@ type conn struct {
 	ctx    context.Context // cancelled when the connection fails
 	cancel context.CancelFunc
 	dead   chan struct{} // closed when the connection fails
-	once   sync.Once
-	cause  error // why it failed; set before dead is closed
+	// readDone is closed when the reader has stopped: after the
+	// connection failed, it has handed over every frame it had received.
+	readDone chan struct{}
+	once     sync.Once
+	cause    error // why it failed; set before dead is closed
 
 	mu       sync.Mutex
 	streams  map[uint64]*stream
@@ -101,6 +104,7 @@ func (h *Hub) serveConn(nc net.Conn) {
 	ok, goaway := h.register(c)
 	if !ok {
 		c.fail(ErrClosed, ipc.Status{Code: ipc.CodeShutdown, Message: "sidecar closing"})
+		close(c.readDone)
 		c.wg.Wait()
 		return
 	}
@@ -169,6 +173,7 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 		maxRuns:   min(max(hello.MaxRuns, 1), MaxRunsLimit),
 		agents:    make(map[string]struct{}),
 		dead:      make(chan struct{}),
+		readDone:  make(chan struct{}),
 		streams:   make(map[uint64]*stream),
 		abandoned: make(map[uint64]struct{}),
 		submits:   make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
@@ -304,8 +309,14 @@ func (c *conn) heartbeat() {
 	}
 }
 
-// readLoop reads frames until the connection fails.
+// readLoop reads frames until the connection fails, and then goes on with
+// the frames it had already received, in its buffer: the connection is
+// closed by then, so the first read past them ends it. Whichever goroutine
+// failed the connection, a FINISH the hub had received is the run's
+// outcome. Only a frame that breaks the protocol (or the agent's ERROR on
+// stream 0) stops it at once.
 func (c *conn) readLoop() {
+	defer close(c.readDone)
 	for {
 		f, err := c.r.ReadFrame()
 		if err != nil {
@@ -341,8 +352,10 @@ func protocolErr(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ipc.ErrProtocol, fmt.Sprintf(format, args...))
 }
 
-// handle acts on one frame from the agent. An error closes the
-// connection.
+// handle acts on one frame from the agent. An error closes the connection
+// and stops the reader; a failed write fails the connection (see write and
+// writeJSON) but is not returned, so that the reader goes on with the
+// frames it has received.
 func (c *conn) handle(f *ipc.Frame) error {
 	switch f.Type {
 	case ipc.TypeEvent, ipc.TypeCheckpoint, ipc.TypeFinish, ipc.TypeCommandAck:
@@ -371,7 +384,7 @@ func (c *conn) handle(f *ipc.Frame) error {
 			return protocolErr("PING payload of %d bytes, want %d", len(f.Payload), ipc.PingSize)
 		}
 		if err := c.write(ipc.TypePong, 0, f.Payload); err != nil {
-			return fmt.Errorf("send PONG: %w", err)
+			c.fail(fmt.Errorf("send PONG: %w", err), ipc.Status{})
 		}
 	case ipc.TypePong:
 	case ipc.TypeGoAway:
@@ -404,10 +417,10 @@ func (c *conn) stream(id uint64) *stream {
 }
 
 // unknownStream answers a run frame for a stream that is not open.
-func (c *conn) unknownStream(f *ipc.Frame) error {
+func (c *conn) unknownStream(f *ipc.Frame) {
 	c.h.m.unknownStream.Inc()
 	c.log.Debug("frame for a stream that is not open", "type", f.Type, "stream", f.Stream)
-	return c.writeJSON(ipc.TypeError, f.Stream, ipc.Status{
+	_ = c.writeJSON(ipc.TypeError, f.Stream, ipc.Status{
 		Code:    ipc.CodeUnknownStream,
 		Message: fmt.Sprintf("%s for stream %d, which is not open", f.Type, f.Stream),
 	})
@@ -416,7 +429,8 @@ func (c *conn) unknownStream(f *ipc.Frame) error {
 func (c *conn) onEvent(f *ipc.Frame) error {
 	st := c.stream(f.Stream)
 	if st == nil {
-		return c.unknownStream(f)
+		c.unknownStream(f)
+		return nil
 	}
 	st.mu.Lock()
 	if !st.closed {
@@ -437,7 +451,8 @@ type checkpointPayload struct {
 func (c *conn) onCheckpoint(f *ipc.Frame) error {
 	st := c.stream(f.Stream)
 	if st == nil {
-		return c.unknownStream(f)
+		c.unknownStream(f)
+		return nil
 	}
 	var cp checkpointPayload
 	if err := json.Unmarshal(f.Payload, &cp); err != nil {
@@ -457,7 +472,7 @@ func (c *conn) onCheckpoint(f *ipc.Frame) error {
 				"this and every later CHECKPOINT of the run are refused and the run fails: wait for CHECKPOINT_ACK",
 			lim.count, lim.bytes))
 	case pushEnded:
-		return c.unknownStream(f)
+		c.unknownStream(f)
 	}
 	return nil
 }
@@ -482,7 +497,8 @@ func (c *conn) onFinish(f *ipc.Frame) error {
 			c.h.wake()
 			return nil
 		}
-		return c.unknownStream(f)
+		c.unknownStream(f)
+		return nil
 	}
 	var fin finishPayload
 	if err := json.Unmarshal(f.Payload, &fin); err != nil {
@@ -510,7 +526,8 @@ func (c *conn) onFinish(f *ipc.Frame) error {
 func (c *conn) onCommandAck(f *ipc.Frame) error {
 	st := c.stream(f.Stream)
 	if st == nil {
-		return c.unknownStream(f)
+		c.unknownStream(f)
+		return nil
 	}
 	var ack ipc.CommandAck
 	if err := json.Unmarshal(f.Payload, &ack); err != nil {
@@ -551,17 +568,20 @@ func (c *conn) onSubmit(f *ipc.Frame) error {
 			Req string `json:"req"`
 		}
 		_ = json.Unmarshal(f.Payload, &req)
-		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: req.Req, Error: &ipc.Status{Code: "validation", Message: "SUBMIT: " + err.Error()}})
+		_ = c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: req.Req, Error: &ipc.Status{Code: "validation", Message: "SUBMIT: " + err.Error()}})
+		return nil
 	}
 	c.h.m.submits.Inc()
 	sub := c.h.submitter.Load()
 	if sub == nil || *sub == nil {
-		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}})
+		_ = c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}})
+		return nil
 	}
 	select {
 	case c.submits <- struct{}{}:
 	default:
-		return c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("more than %d SUBMITs in flight", cap(c.submits))}})
+		_ = c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("more than %d SUBMITs in flight", cap(c.submits))}})
+		return nil
 	}
 	c.wg.Add(1)
 	go func() {

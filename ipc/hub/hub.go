@@ -10,7 +10,9 @@
 // (the engine's call to Run), which persists checkpoints and returns the
 // outcome. The reader never waits for a run: each run queues what it has
 // not applied yet, bounded by its checkpoints awaiting CHECKPOINT_ACK
-// (Config.MaxUnackedCheckpoints). A heartbeat goroutine per connection
+// (Config.MaxUnackedCheckpoints). When a connection fails, the reader
+// still hands over the frames it had received, and the runs take them
+// before they are declared lost. A heartbeat goroutine per connection
 // sends PING when the hub has been quiet and closes a connection whose
 // agent has been silent for three heartbeats. Every goroutine belongs to
 // the connection or to a Run call and ends with it.

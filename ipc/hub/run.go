@@ -367,6 +367,12 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 	}
 }
 
+// readerDrainTimeout bounds how long a run whose connection failed waits
+// for the connection's reader to hand over the frames it had received.
+// The reader then only works through its buffer (the connection is
+// closed), so this is a guard against a sink that blocks, not a delay.
+const readerDrainTimeout = 5 * time.Second
+
 // drive serves a started stream until it ends.
 func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) engine.RunOutcome {
 	defer c.endStream(st)
@@ -439,8 +445,12 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "cancel_timeout",
 				Error: fmt.Sprintf("agent did not finish the run within %v of CANCEL", c.h.cfg.CancelGrace)}
 		case <-c.dead:
-			// What the agent sent before the connection died still
+			// What the agent sent before the connection failed still
 			// counts, in order: checkpoints, and a FINISH if it came.
+			// The reader goes on with the frames it had received when
+			// the connection failed (even those still in its buffer)
+			// and stops at their end; take them all.
+			c.awaitReader()
 			for {
 				it, ok := st.ctl.pop()
 				if !ok {
@@ -456,6 +466,18 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "agent_lost",
 				Error: fmt.Sprintf("agent connection lost: %v", c.cause)}
 		}
+	}
+}
+
+// awaitReader waits, once the connection has failed, until its reader has
+// handed over every frame it had received, or readerDrainTimeout.
+func (c *conn) awaitReader() {
+	t := time.NewTimer(readerDrainTimeout)
+	defer t.Stop()
+	select {
+	case <-c.readDone:
+	case <-t.C:
+		c.log.Warn("agent connection's reader still busy after it failed; its last frames may be lost", "waited", readerDrainTimeout)
 	}
 }
 
