@@ -2,7 +2,10 @@ package engine_test
 
 import (
 	"context"
+	"encoding/json"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -33,5 +36,55 @@ func TestDispatchOfADoneRunIsAckedUnstarted(t *testing.T) {
 	}
 	if got, _ := r.store.LoadRun(ctx, "r1"); got.Status != engine.RunDone || got.SessionID != "earlier" {
 		t.Fatalf("run %+v changed", got)
+	}
+}
+
+// An agent checkpoint that carries only messages appends them and leaves
+// the run record alone (its updated_at included); one with run fields
+// updates the run.
+func TestMessageOnlyCheckpointLeavesTheRunRecord(t *testing.T) {
+	var clock atomic.Int64 // Unix ms, advanced by the script
+	clock.Store(time.Now().UnixMilli())
+	var before, afterMsgs, afterRun engine.RunRecord
+	var r *rig
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		load := func() engine.RunRecord {
+			run, err := r.store.LoadRun(ctx, req.RunID)
+			if err != nil || run == nil {
+				t.Errorf("load run: %v %v", run, err)
+				return engine.RunRecord{}
+			}
+			return *run
+		}
+		before = load()
+		clock.Add(5000)
+		if err := req.Checkpoint(ctx, engine.RunCheckpoint{Messages: []engine.Message{{Role: engine.RoleAssistant, Content: json.RawMessage(`"a"`)}}}); err != nil {
+			t.Error(err)
+		}
+		afterMsgs = load()
+		steps := int64(3)
+		clock.Add(5000)
+		if err := req.Checkpoint(ctx, engine.RunCheckpoint{Run: &engine.RunPatch{Steps: &steps}}); err != nil {
+			t.Error(err)
+		}
+		afterRun = load()
+		return complete(ctx, req, sink)
+	}
+	r = newRig(t, newFake(1, script), engine.Config{Now: clock.Load})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	if afterMsgs.UpdatedAt != before.UpdatedAt || afterMsgs.Steps != before.Steps {
+		t.Fatalf("a message-only checkpoint rewrote the run: %d → %d", before.UpdatedAt, afterMsgs.UpdatedAt)
+	}
+	if afterRun.Steps != 3 || afterRun.UpdatedAt != before.UpdatedAt+10 {
+		t.Fatalf("run after a checkpoint with run fields: steps %d, updated_at %d (want 3, %d)", afterRun.Steps, afterRun.UpdatedAt, before.UpdatedAt+10)
+	}
+	if n, _ := r.store.MessageCount(ctx, "t1"); n != 2 {
+		t.Fatalf("%d messages, want 2", n)
 	}
 }

@@ -676,8 +676,14 @@ func (m *Mailbox) agentCheckpoint(ctx context.Context, thread, runID string, c R
 				r.OutputTokens = *p.OutputTokens
 			}
 		}
-		r.UpdatedAt = m.cfg.Now() / 1000
-		_, err = m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now(), Run: r})
+		cp := Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now()}
+		if c.Run != nil {
+			// A checkpoint that carries no run fields (messages only) leaves
+			// the run record as it is: nothing of it changed.
+			r.UpdatedAt = m.cfg.Now() / 1000
+			cp.Run = r
+		}
+		_, err = m.store.Checkpoint(ctx, cp)
 		var conflict *ConflictError
 		if errors.As(err, &conflict) && attempt < maxAppendRetries {
 			continue
