@@ -1,0 +1,137 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// listenWedged listens on a Unix socket at path with a backlog of 0 and
+// never accepts, then fills the backlog with one connection: the socket
+// is live, but a further connect fails with EAGAIN, not ECONNREFUSED.
+func listenWedged(t *testing.T, path string) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("first connection to the wedged listener: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if c2, err := net.Dial("unix", path); !errors.Is(err, syscall.EAGAIN) {
+		if c2 != nil {
+			c2.Close()
+		}
+		t.Fatalf("connect to a full backlog: %v, want EAGAIN", err)
+	}
+}
+
+// inode returns the inode of the file at path.
+func inode(t *testing.T, path string) uint64 {
+	t.Helper()
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatalf("socket file: %v", err)
+	}
+	return fi.Sys().(*syscall.Stat_t).Ino
+}
+
+// TestListenUnixKeepsAWedgedLiveSocket: a process that listens but does
+// not accept (its backlog full) makes connect fail with EAGAIN; the
+// socket is live and must be neither removed nor replaced.
+func TestListenUnixKeepsAWedgedLiveSocket(t *testing.T) {
+	path := filepath.Join(shortDir(t), "a.sock")
+	listenWedged(t, path)
+	before := inode(t, path)
+	ln, err := listenUnix(path, slog.New(slog.DiscardHandler))
+	if err == nil {
+		ln.Close()
+		t.Fatal("listenUnix replaced the socket of a live listener whose backlog is full")
+	}
+	if !strings.Contains(err.Error(), "backlog") || !strings.Contains(err.Error(), path) {
+		t.Errorf("error %q does not name the path and say the listener is not accepting", err)
+	}
+	if after := inode(t, path); after != before {
+		t.Fatalf("socket file replaced (inode %d, was %d)", after, before)
+	}
+}
+
+// TestListenUnixKeepsASocketItMayNotConnectTo: connect refused with
+// EACCES says nothing about whether a process listens there (another
+// user's sidecar may); the socket must not be removed. As root, the
+// connecting thread drops its file-system identity (setfsuid, which also
+// clears CAP_DAC_OVERRIDE) so that the permission check applies.
+func TestListenUnixKeepsASocketItMayNotConnectTo(t *testing.T) {
+	dir := shortDir(t)
+	// Writable by everyone: the dropped identity could remove the file,
+	// so only listenUnix's own decision keeps it.
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "a.sock")
+	live, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	if err := os.Chmod(path, 0); err != nil {
+		t.Fatal(err)
+	}
+	before := inode(t, path)
+
+	var lerr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if os.Geteuid() == 0 {
+			// The thread is never unlocked: it exits with the goroutine,
+			// its changed identity with it.
+			runtime.LockOSThread()
+			syscall.RawSyscall(syscall.SYS_SETFSUID, 65534, 0, 0) // per thread; it cannot fail for root
+		}
+		if c, err := net.Dial("unix", path); !errors.Is(err, syscall.EACCES) {
+			if c != nil {
+				c.Close()
+			}
+			lerr = errors.New("setup: connect as another user: want EACCES, got " + fmt.Sprint(err))
+			return
+		}
+		var ln net.Listener
+		ln, lerr = listenUnix(path, slog.New(slog.DiscardHandler))
+		if lerr == nil {
+			ln.Close()
+		}
+	}()
+	<-done
+	if lerr != nil && strings.HasPrefix(lerr.Error(), "setup:") {
+		if os.Geteuid() == 0 {
+			t.Skipf("root could not drop its file-system identity (no CAP_SETUID?): %v", lerr)
+		}
+		t.Fatal(lerr)
+	}
+	if lerr == nil {
+		t.Fatal("listenUnix replaced a socket it was not allowed to connect to")
+	}
+	if !strings.Contains(lerr.Error(), "permission denied") || !strings.Contains(lerr.Error(), path) {
+		t.Errorf("error %q does not name the path and the permission problem", lerr)
+	}
+	if after := inode(t, path); after != before {
+		t.Fatalf("socket file replaced (inode %d, was %d)", after, before)
+	}
+}
