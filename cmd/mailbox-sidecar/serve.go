@@ -52,12 +52,14 @@ type sidecar struct {
 
 // startSidecar opens everything and starts serving. Recovery runs in the
 // background; /readyz turns 200 when it is done. On error everything
-// opened so far is closed again.
+// opened so far is closed again: the listeners (their socket files
+// removed), the goroutines serving them, the hub and the store.
 func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	s := &sidecar{cfg: cfg, log: log, errs: make(chan error, 4)}
 	defer func() {
 		if err != nil {
-			s.closeAll()
+			s.shuttingDown.Store(true) // listener loops ending now are no failure
+			s.release()
 		}
 	}()
 	if os.Getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
@@ -76,6 +78,9 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if s.hub, err = hub.New(cfg.hubConfig(log.With("component", "hub"))); err != nil {
 		return nil, err
 	}
+	// Closing the hub closes the agent listener it serves (which removes
+	// the socket file) and its connections.
+	s.closed = append(s.closed, func() { s.hub.Close() })
 	if s.mb, err = engine.New(s.store, s.hub, cfg.engineConfig(log.With("component", "engine"))); err != nil {
 		return nil, err
 	}
@@ -88,7 +93,6 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent socket: %w", err)
 	}
-	s.closed = append(s.closed, func() { s.hub.Close() })
 	s.serve("agent socket", func() error { return s.hub.Serve(agentLn) }, hub.ErrClosed)
 	s.agentReady.Store(true)
 
@@ -104,6 +108,15 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// Shutting the API server down closes every listener it serves (and
+	// one it is handed later), so the API socket file goes too.
+	s.closed = append(s.closed, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := s.px.Shutdown(ctx); err != nil {
+			log.Warn("API shutdown", "err", err)
+		}
+	})
 	apiLn, err := listenUnix(cfg.APISocket, log)
 	if err != nil {
 		return nil, fmt.Errorf("API socket: %w", err)
@@ -211,22 +224,18 @@ func (s *sidecar) shutdown(grace time.Duration) {
 	if err := s.mb.Stop(ctx); err != nil {
 		s.log.Warn("engine stop", "err", err)
 	}
-	pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer pcancel()
-	if err := s.px.Shutdown(pctx); err != nil {
-		s.log.Warn("API shutdown", "err", err)
-	}
-	s.closeAll()
-	s.wg.Wait()
+	s.release()
 	s.log.Info("stopped")
 }
 
-// closeAll closes what was opened, newest first.
-func (s *sidecar) closeAll() {
+// release closes what was opened, newest first (the API server, the hub,
+// the store), and waits for the listener goroutines.
+func (s *sidecar) release() {
 	for i := len(s.closed) - 1; i >= 0; i-- {
 		s.closed[i]()
 	}
 	s.closed = nil
+	s.wg.Wait()
 }
 
 // listenUnix listens on a Unix socket at path with socketMode. A socket

@@ -1,0 +1,93 @@
+package main
+
+import (
+	"errors"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// TestStartSidecarReleasesEverythingWhenAListenerFails starts a sidecar
+// in process whose last listener cannot be opened (an occupied
+// --http-addr or --admin-addr, an --api-socket path that is a regular
+// file). startSidecar must fail and leave nothing behind: no goroutine,
+// no socket file, and the data directory free for the next sidecar.
+func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
+	occupied, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer occupied.Close()
+	busy := occupied.Addr().String()
+
+	for _, tc := range []struct {
+		name  string
+		flags func(n node) []string
+		want  string
+	}{
+		{"admin-addr occupied", func(node) []string { return []string{"--admin-addr", busy} }, "--admin-addr"},
+		{"http-addr occupied", func(node) []string {
+			return []string{"--http-addr", busy, "--auth-token", "0123456789abcdef"}
+		}, "--http-addr"},
+		{"api-socket is a file", func(n node) []string {
+			if err := os.WriteFile(n.api, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return nil
+		}, "API socket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			defer goleak.VerifyNone(t, goleak.IgnoreCurrent(),
+				// As in proxy's tests: fasthttp's process-wide Date-header
+				// refresher, and its worker-pool cleaner, which sleeps out
+				// its idle period after Stop.
+				goleak.IgnoreAnyFunction("github.com/valyala/fasthttp.updateServerDate.func1"),
+				goleak.IgnoreAnyFunction("github.com/valyala/fasthttp.(*workerPool).Start.func2"))
+			n := newNode(t)
+			args := append([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent}, tc.flags(n)...)
+			cfg, err := parseServe(args, env(nil), os.Stderr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			log := slog.New(slog.DiscardHandler)
+			s, err := startSidecar(cfg, log)
+			if err == nil {
+				s.shutdown(time.Second)
+				t.Fatal("startSidecar succeeded with a listener that cannot be opened")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not name %s", err, tc.want)
+			}
+			if _, err := os.Lstat(n.agent); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("agent socket file left behind (lstat: %v)", err)
+			}
+			if fi, err := os.Lstat(n.api); err == nil && fi.Mode()&os.ModeSocket != 0 {
+				t.Errorf("API socket file left behind")
+			}
+			// Everything was released: the next sidecar gets the data
+			// directory and the socket paths.
+			os.Remove(n.api)
+			cfg, err = parseServe([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent}, env(nil), os.Stderr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err = startSidecar(cfg, log)
+			if err != nil {
+				t.Fatalf("a sidecar after the failed start: %v", err)
+			}
+			s.shutdown(time.Second)
+			for _, p := range []string{n.api, n.agent} {
+				if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("%s left behind by a clean shutdown (lstat: %v)", filepath.Base(p), err)
+				}
+			}
+		})
+	}
+}
