@@ -21,7 +21,10 @@ What the agent does with a run (RUN frame):
   termination natural_end, response = the reply).
 
 CANCEL ends the run at its next step boundary with termination cancelled.
-MESSAGES and DECISION are accepted while the run can still act on them.
+MESSAGES are accepted while the run can still act on them. A live DECISION is
+always refused (``accepted: false``): the protocol accepts one only for a tool
+call the run has suspended, and this agent calls no tools. Decisions a RUN
+carries (``request.decisions``, a resumed run) are echoed.
 
 Usage::
 
@@ -284,9 +287,9 @@ class Run:
         # Guarded by _cond:
         self._cancelled = False
         self._lost = False          # the connection is gone: send nothing more
-        self._accepting = True      # live messages/decisions still usable
+        self._accepting = True      # live messages still usable
         self._finished = False      # FINISH is being sent: ignore commands
-        self._inbox: List[Tuple[str, List[Any]]] = []
+        self._inbox: List[Any] = []  # live MessageRecords accepted, not yet answered
         self._checkpoints: Dict[int, Optional[Dict[str, Any]]] = {}
         self._next_seq = 1
 
@@ -311,10 +314,19 @@ class Run:
                 items = body.get(key)
                 if not isinstance(items, list):
                     ack = {"cmd": cmd, "accepted": False, "reason": "%s is not a list" % key}
+                elif ftype == DECISION:
+                    # Accepted only for a tool call this run has suspended
+                    # (docs/protocol.md, "Live commands"); this agent never
+                    # suspends one.
+                    calls = ", ".join(str(d.get("call_id")) if isinstance(d, dict) else "?"
+                                      for d in items)
+                    ack = {"cmd": cmd, "accepted": False,
+                           "reason": "no suspended tool call %s in this run (this agent calls no tools)"
+                                     % (calls or "(none named)")}
                 elif self._cancelled or not self._accepting:
                     ack = {"cmd": cmd, "accepted": False, "reason": "run is finishing"}
                 else:
-                    self._inbox.append((key, items))
+                    self._inbox.extend(items)
             self._cond.notify_all()
             try:
                 self.session.send_json(COMMAND_ACK, self.stream, ack)
@@ -413,7 +425,8 @@ class Run:
         replies.append(line)
 
     def _decision(self, decision: Any, replies: List[str]) -> None:
-        """Acknowledge a tool-call decision (this agent calls no tools)."""
+        """Echo a tool-call decision the RUN carries (this agent calls no
+        tools, so it only reports it)."""
         if isinstance(decision, dict):
             self._say("decision %s: %s" % (decision.get("call_id"),
                                             json.dumps(decision.get("resume"))), replies)
@@ -432,20 +445,16 @@ class Run:
         self._drain(replies)
 
     def _drain(self, replies: List[str]) -> None:
-        """Answer the live messages and decisions accepted so far. They are
-        already in the thread log, so they are never checkpointed again;
-        only this agent's answers to them are."""
+        """Answer the live messages accepted so far. They are already in the
+        thread log, so they are never checkpointed again; only this agent's
+        answers to them are."""
         with self._cond:
             inbox, self._inbox = self._inbox, []
-        for kind, items in inbox:
-            for item in items:
-                if kind == "messages":
-                    record = item if isinstance(item, dict) else {}
-                    text = message_text(record.get("message"))
-                    if text is not None:
-                        self._say("live: " + text, replies)
-                else:
-                    self._decision(item, replies)
+        for item in inbox:
+            record = item if isinstance(item, dict) else {}
+            text = message_text(record.get("message"))
+            if text is not None:
+                self._say("live: " + text, replies)
 
     def _sleep(self, seconds: float, replies: List[str]) -> None:
         """Sleep, waking for cancellation and live input."""
@@ -681,6 +690,8 @@ class Session:
         if ftype not in STREAM0_TYPES and ftype != ERROR and stream == 0:
             raise ProtocolError("%s on stream 0" % name)
         if ftype == PING:
+            if len(payload) != PING_SIZE:
+                raise ProtocolError("PING payload of %d bytes, want %d" % (len(payload), PING_SIZE))
             self.send(PONG, 0, payload)
             return
         if ftype == PONG:
