@@ -12,6 +12,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 )
 
 const ctlUsage = `usage: mailbox-sidecar ctl [--socket PATH] [--json] [--timeout D] <command> [flags] [args]
@@ -21,8 +22,9 @@ commands:
                              submit a run; streams its events (or prints the queued dispatch)
   send [--expected-run ID] THREAD TEXT
                              send a message: live to the running run, else queued
-  show dispatch ID | run ID | thread ID
-                             show a dispatch, a run, or a thread (dispatches and messages)
+  show dispatch ID | run ID | thread [--after-seq N] ID
+                             show a dispatch, a run, or a thread (its first 1000
+                             dispatches, and 1000 messages from seq N+1)
   list [--status S,S] [--limit N] [--offset N] THREAD
                              list a thread's dispatches
   dead-letters [--limit N] [--offset N]            list dead letters, newest first
@@ -288,7 +290,14 @@ func (c *ctl) get(path string) (map[string]any, error) {
 	return m, err
 }
 
+// showPage is how many dispatches and messages `show thread` shows (the
+// API's largest page).
+const showPage = 1000
+
 func (c *ctl) show(args []string) error {
+	if len(args) > 0 && args[0] == "thread" {
+		return c.showThread(args[1:])
+	}
 	a, err := sub("show", args, 2, nil)
 	if err != nil {
 		return err
@@ -307,27 +316,50 @@ func (c *ctl) show(args []string) error {
 			return err
 		}
 		return c.record(m, []string{"run_id", "thread_id", "agent_id", "status", "termination_reason", "final_output", "dispatch_id", "session_id", "waiting", "steps", "input_tokens", "output_tokens", "created_at", "started_at", "finished_at"})
-	case "thread":
-		ds, err := c.get("/v1/threads/" + id + "/dispatches?limit=1000")
-		if err != nil {
-			return err
-		}
-		ms, err := c.get("/v1/threads/" + id + "/messages?limit=1000")
-		if err != nil {
-			return err
-		}
-		if c.json {
-			out, _ := json.MarshalIndent(map[string]any{"dispatches": ds["items"], "messages": ms["items"]}, "", "  ")
-			fmt.Fprintln(c.stdout, string(out))
-			return nil
-		}
-		fmt.Fprintln(c.stdout, "dispatches:")
-		c.dispatchTable(ds)
-		fmt.Fprintln(c.stdout, "\nmessages:")
-		c.messageTable(ms)
-		return nil
 	}
 	return usageError(fmt.Sprintf("show %q: want dispatch, run or thread", a[0]))
+}
+
+// showThread is `show thread [--after-seq N] ID`: the thread's first
+// showPage dispatches and showPage messages from seq N+1. What is left
+// out is said: a note under each table, or dispatches_next_offset and
+// messages_next_after_seq (null when nothing is) with --json.
+func (c *ctl) showThread(args []string) error {
+	var after uint64
+	a, err := sub("show thread", args, 1, func(fs *flag.FlagSet) {
+		fs.Uint64Var(&after, "after-seq", 0, "show the messages after this seq")
+	})
+	if err != nil {
+		return err
+	}
+	thread := a[0]
+	id := url.PathEscape(thread)
+	ds, err := c.get(fmt.Sprintf("/v1/threads/%s/dispatches?limit=%d", id, showPage))
+	if err != nil {
+		return err
+	}
+	ms, err := c.get(fmt.Sprintf("/v1/threads/%s/messages?limit=%d&after_seq=%d", id, showPage, after))
+	if err != nil {
+		return err
+	}
+	if c.json {
+		out, _ := json.MarshalIndent(map[string]any{
+			"dispatches": ds["items"], "dispatches_next_offset": ds["next_offset"],
+			"messages": ms["items"], "messages_next_after_seq": ms["next_offset"],
+		}, "", "  ")
+		fmt.Fprintln(c.stdout, string(out))
+		return nil
+	}
+	fmt.Fprintln(c.stdout, "dispatches:")
+	c.dispatchTable(ds, func(next int) string {
+		return fmt.Sprintf("mailbox-sidecar ctl list --offset %d %s", next, thread)
+	})
+	fmt.Fprintln(c.stdout, "\nmessages:")
+	c.messageTable(ms)
+	if next, ok := ms["next_offset"].(float64); ok {
+		fmt.Fprintf(c.stdout, "(more messages: mailbox-sidecar ctl show thread --after-seq %d %s)\n", uint64(next), thread)
+	}
+	return nil
 }
 
 // record prints one record as "field  value" lines in the given order.
@@ -382,7 +414,9 @@ func items(m map[string]any) []map[string]any {
 	return out
 }
 
-func (c *ctl) dispatchTable(m map[string]any) {
+// dispatchTable prints a page of dispatches; when more follow, a note
+// (more of the next offset) says how to get them.
+func (c *ctl) dispatchTable(m map[string]any, more func(next int) string) {
 	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "DISPATCH\tTHREAD\tRUN\tSTATUS\tATTEMPTS\tCREATED\tLAST ERROR")
 	for _, d := range items(m) {
@@ -391,9 +425,12 @@ func (c *ctl) dispatchTable(m map[string]any) {
 	}
 	tw.Flush()
 	if next, ok := m["next_offset"].(float64); ok {
-		fmt.Fprintf(c.stdout, "(more: --offset %d)\n", int(next))
+		fmt.Fprintf(c.stdout, "(more: %s)\n", more(int(next)))
 	}
 }
+
+// offsetHint is the note of list and dead-letters when more follow.
+func offsetHint(next int) string { return fmt.Sprintf("--offset %d", next) }
 
 func (c *ctl) messageTable(m map[string]any) {
 	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
@@ -418,12 +455,21 @@ func orDash(v any) any {
 	return v
 }
 
+// truncate puts s on one line and cuts it to at most n characters (not
+// bytes: a multi-byte UTF-8 character is never cut in two), the last one
+// "…" when something was cut.
 func truncate(s string, n int) string {
 	s = strings.ReplaceAll(s, "\n", " ")
-	if len(s) > n {
-		return s[:n-1] + "…"
+	if n < 1 || utf8.RuneCountInString(s) <= n {
+		return s
 	}
-	return s
+	i, kept := 0, 0
+	for kept < n-1 {
+		_, size := utf8.DecodeRuneInString(s[i:])
+		i += size
+		kept++
+	}
+	return s[:i] + "…"
 }
 
 func (c *ctl) list(args []string) error {
@@ -448,7 +494,7 @@ func (c *ctl) list(args []string) error {
 	if c.json {
 		return c.record(m, nil)
 	}
-	c.dispatchTable(m)
+	c.dispatchTable(m, offsetHint)
 	return nil
 }
 
@@ -477,7 +523,7 @@ func (c *ctl) deadLetters(args []string) error {
 	if c.json {
 		return c.record(m, nil)
 	}
-	c.dispatchTable(m)
+	c.dispatchTable(m, offsetHint)
 	return nil
 }
 
