@@ -104,6 +104,7 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 	if len(recs) > n {
 		recs = recs[len(recs)-n:]
 	}
+	recs = recs[:len(recs):len(recs)] // never appended into: it may be a caller's
 	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs}
 	for i := range recs {
 		t.bytes += recordBytes(&recs[i])
@@ -126,6 +127,12 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 		c.threads[thread] = c.lru.PushFront(t)
 	}
 	c.bytes += t.bytes
+	c.evictLocked()
+}
+
+// evictLocked drops least recently used threads until the cache fits its
+// budget; c.mu is held.
+func (c *tailCache) evictLocked() {
 	for c.bytes > c.budget {
 		el := c.lru.Back()
 		old := el.Value.(*threadTail)
@@ -140,24 +147,59 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 // they continue it, so the next run request of that thread reads none of
 // its messages from the store. Records that do not continue the cached
 // tail (another writer got there first) are left for window to load.
+//
+// The tail grows in place, in an array only the cache writes to: windows
+// handed out are capped at their length and keep stores its records
+// capped too, so no caller's slice reaches the part written here.
 func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 	if c == nil || n <= 0 || len(recs) == 0 || !contiguous(recs, recs[0].Seq) {
 		return
 	}
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	el, ok := c.threads[thread]
 	if !ok {
-		c.mu.Unlock()
 		return
 	}
 	t := el.Value.(*threadTail)
 	if t.first+uint64(len(t.recs)) != recs[0].Seq {
-		c.mu.Unlock()
 		return
 	}
-	all := append(t.recs[:len(t.recs):len(t.recs)], recs...)
-	c.mu.Unlock()
-	c.keep(thread, all, n)
+	before := t.bytes
+	all := t.recs
+	// Drop the oldest records the new ones push out of the newest n.
+	if drop := min(len(all), len(all)+len(recs)-n); drop > 0 {
+		for i := range all[:drop] {
+			t.bytes -= recordBytes(&all[i])
+		}
+		t.first += uint64(drop)
+		all = all[drop:]
+	}
+	if len(all)+len(recs) > cap(all) {
+		// A cache-owned array with room, so the next appends copy nothing.
+		all = append(make([]MessageRecord, 0, 2*n+len(recs)), all...)
+	}
+	all = append(all, recs...)
+	for i := range recs {
+		t.bytes += recordBytes(&recs[i])
+	}
+	if drop := len(all) - n; drop > 0 { // more new records than n
+		for i := range all[:drop] {
+			t.bytes -= recordBytes(&all[i])
+		}
+		t.first += uint64(drop)
+		all = all[drop:]
+	}
+	t.recs = all
+	c.bytes += t.bytes - before
+	if t.bytes > c.budget/4 {
+		c.lru.Remove(el) // one thread may not take the whole cache
+		delete(c.threads, thread)
+		c.bytes -= t.bytes
+		return
+	}
+	c.lru.MoveToFront(el)
+	c.evictLocked()
 }
 
 // find returns the cached record of message id in thread, if the thread's

@@ -147,3 +147,62 @@ func TestTailCacheLearnsAppendedRecords(t *testing.T) {
 		t.Fatalf("an append to a returned window wrote into the cache: %v", seqs(again))
 	}
 }
+
+// Appends grow the tail in place and keep the newest n: windows handed
+// out before keep their contents, and the byte count stays exact.
+func TestTailCacheAppendsInPlaceKeepWindowsAndBytes(t *testing.T) {
+	ctx := context.Background()
+	c := newTailCache(1 << 20)
+	recs, asked, load := logOf(200)
+	first := make([]MessageRecord, 10, 32) // what a caller holds, with room
+	copy(first, recs[:10])
+	c.keep("t", first, 10)
+	c.appended("t", recs[10:11], 10)
+	_ = append(first, MessageRecord{Seq: 999}) // a caller may append to what it holds
+	if w, _ := c.window(ctx, "t", 2, 11, 10, load); w[9].Seq != 11 {
+		t.Fatalf("a caller's append reached the cache: %v", seqs(w))
+	}
+	var views [][]MessageRecord
+	for s := 11; s < 200; s += 3 {
+		end := min(s+3, 200)
+		c.appended("t", recs[s:end], 10)
+		w, err := c.window(ctx, "t", uint64(end-9), uint64(end), 10, load)
+		if err != nil || len(w) != 10 || w[0].Seq != uint64(end-9) || w[9].Seq != uint64(end) {
+			t.Fatalf("window up to %d: %v %v", end, seqs(w), err)
+		}
+		views = append(views, w)
+	}
+	if len(*asked) != 0 {
+		t.Fatalf("store reads %v; want none (every window from the cache)", *asked)
+	}
+	for _, w := range views {
+		if !contiguous(w, w[0].Seq) {
+			t.Fatalf("an earlier window changed under its reader: %v", seqs(w))
+		}
+	}
+	var sum int64
+	for _, el := range c.threads {
+		tt := el.Value.(*threadTail)
+		if len(tt.recs) != 10 || tt.first != 191 {
+			t.Fatalf("cached %d records from %d; want 10 from 191", len(tt.recs), tt.first)
+		}
+		for i := range tt.recs {
+			sum += recordBytes(&tt.recs[i])
+		}
+		if sum != tt.bytes {
+			t.Fatalf("thread bytes %d, records hold %d", tt.bytes, sum)
+		}
+	}
+	if c.bytes != sum {
+		t.Fatalf("cache bytes %d, records hold %d", c.bytes, sum)
+	}
+	// More new records at once than the tail keeps.
+	c2 := newTailCache(1 << 20)
+	if _, err := c2.window(ctx, "t", 1, 5, 4, load); err != nil {
+		t.Fatal(err)
+	}
+	c2.appended("t", recs[5:15], 4)
+	if got, _ := c2.window(ctx, "t", 12, 15, 4, load); !slices.Equal(seqs(got), []uint64{12, 13, 14, 15}) {
+		t.Fatalf("after a large append %v", seqs(got))
+	}
+}
