@@ -491,7 +491,7 @@ func (cn *conn) handleError(f *ipc.Frame) error {
 		cn.log.Debug("sidecar rejected a frame of a finished run", "stream", f.Stream, "code", st.Code, "message", st.Message)
 		return nil
 	}
-	r.log.Warn("sidecar rejected a frame of the run", "code", st.Code, "message", st.Message)
+	r.logger().Warn("sidecar rejected a frame of the run", "code", st.Code, "message", st.Message)
 	return nil
 }
 
@@ -540,7 +540,7 @@ func (cn *conn) startRun(f *ipc.Frame) error {
 	cn.client.handlers.Add(1)
 	cn.mu.Unlock()
 
-	r.log.Info("run started")
+	r.debug("run started")
 	go r.execute(cn.client.cfg.Handler)
 	return nil
 }

@@ -35,7 +35,8 @@ type Run struct {
 
 	conn   *conn
 	stream uint64
-	log    *slog.Logger
+	log    *slog.Logger // built on first use (logger): most runs log nothing
+	logMu  sync.Mutex
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
@@ -67,13 +68,31 @@ func newRun(cn *conn, stream uint64, p *runPayload) *Run {
 		Context:    p.Context,
 		conn:       cn,
 		stream:     stream,
-		log: cn.log.With("run_id", p.RunID, "thread_id", p.ThreadID, "dispatch_id", p.DispatchID,
-			"attempt", p.Attempt, "stream", stream),
 		ctx:     ctx,
 		cancel:  cancel,
 		pending: make(map[uint64]chan error),
 		msgs:    make(chan []MessageRecord, liveBuffer),
 		decs:    make(chan []Decision, liveBuffer),
+	}
+}
+
+// logger returns the run's logger, made on first use: building one per
+// run costs more than most runs ever log.
+func (r *Run) logger() *slog.Logger {
+	r.logMu.Lock()
+	defer r.logMu.Unlock()
+	if r.log == nil {
+		r.log = r.conn.log.With("run_id", r.RunID, "thread_id", r.ThreadID, "dispatch_id", r.DispatchID,
+			"attempt", r.Attempt, "stream", r.stream)
+	}
+	return r.log
+}
+
+// debug logs at debug level, building the run's logger only when that
+// level is on.
+func (r *Run) debug(msg string, args ...any) {
+	if r.conn.log.Enabled(context.Background(), slog.LevelDebug) {
+		r.logger().Debug(msg, args...)
 	}
 }
 
@@ -234,7 +253,7 @@ func (r *Run) command(typ ipc.FrameType, cmd *commandPayload) error {
 	reason := r.admitLocked(typ)
 	r.mu.Unlock()
 	ok := reason == ""
-	r.log.Debug("live command", "type", typ, "cmd", cmd.Cmd, "accepted", ok, "reason", reason)
+	r.debug("live command", "type", typ, "cmd", cmd.Cmd, "accepted", ok, "reason", reason)
 	ack := mustMarshal(ipc.CommandAck{Cmd: cmd.Cmd, Accepted: ok, Reason: reason})
 	if err := r.conn.send(ipc.TypeCommandAck, r.stream, ack); err != nil || !ok {
 		return ignoreLost(err)
@@ -289,7 +308,7 @@ func (r *Run) execute(h Handler) {
 func (r *Run) call(h Handler) (res Result) {
 	defer func() {
 		if v := recover(); v != nil {
-			r.log.Error("run handler panicked", "panic", v, "stack", string(debug.Stack()))
+			r.logger().Error("run handler panicked", "panic", v, "stack", string(debug.Stack()))
 			res = Transient("panic", fmt.Sprintf("agent handler panicked: %v", v))
 		}
 	}()
@@ -310,7 +329,7 @@ func (r *Run) finish(res Result) {
 		err = ipc.CheckPayload(ipc.TypeFinish, payload)
 	}
 	if err != nil {
-		r.log.Error("run result does not encode", "err", err)
+		r.logger().Error("run result does not encode", "err", err)
 		payload = mustMarshal(Transient("invalid_result", "agent returned a result that does not encode: "+err.Error()))
 	}
 
@@ -335,17 +354,17 @@ func (r *Run) finish(res Result) {
 		ch <- ErrRunFinished
 	}
 	if unread > 0 {
-		r.log.Warn("run returned with live commands unread", "unread", unread)
+		r.logger().Warn("run returned with live commands unread", "unread", unread)
 	}
 	r.cancel(ErrRunFinished)
 	r.conn.runEnded()
 
 	switch {
 	case err != nil:
-		r.log.Warn("run ended without FINISH; the sidecar retries it", "err", err)
+		r.logger().Warn("run ended without FINISH; the sidecar retries it", "err", err)
 	case res.Error != nil:
-		r.log.Warn("run failed", "status", res.Status, "kind", res.Error.Kind, "code", res.Error.Code)
+		r.logger().Warn("run failed", "status", res.Status, "kind", res.Error.Kind, "code", res.Error.Code)
 	default:
-		r.log.Info("run finished", "status", res.Status, "termination", res.Termination.Type)
+		r.debug("run finished", "status", res.Status, "termination", res.Termination.Type)
 	}
 }
