@@ -68,11 +68,11 @@ func newRun(cn *conn, stream uint64, p *runPayload) *Run {
 		Context:    p.Context,
 		conn:       cn,
 		stream:     stream,
-		ctx:     ctx,
-		cancel:  cancel,
-		pending: make(map[uint64]chan error),
-		msgs:    make(chan []MessageRecord, liveBuffer),
-		decs:    make(chan []Decision, liveBuffer),
+		ctx:        ctx,
+		cancel:     cancel,
+		pending:    make(map[uint64]chan error),
+		msgs:       make(chan []MessageRecord, liveBuffer),
+		decs:       make(chan []Decision, liveBuffer),
 	}
 }
 
