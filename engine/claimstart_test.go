@@ -1,8 +1,12 @@
 package engine_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"log/slog"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,7 +19,8 @@ import (
 // agent, and — claimed through StartClaimer — is not recorded as started:
 // its runtime projection and the run's session stay as they were.
 func TestDispatchOfADoneRunIsAckedUnstarted(t *testing.T) {
-	r := newRig(t, newFake(1, complete), engine.Config{})
+	var logs lockedBuffer
+	r := newRig(t, newFake(1, complete), engine.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
 	ctx := context.Background()
 	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunDone, SessionID: "earlier",
 		Request: &engine.RunRequestSnapshot{}, CreatedAt: 1, UpdatedAt: 1}
@@ -37,6 +42,32 @@ func TestDispatchOfADoneRunIsAckedUnstarted(t *testing.T) {
 	if got, _ := r.store.LoadRun(ctx, "r1"); got.Status != engine.RunDone || got.SessionID != "earlier" {
 		t.Fatalf("run %+v changed", got)
 	}
+	// The attempt's log line carries the attempt (its logger is made
+	// only when it logs).
+	out := logs.String()
+	for _, want := range []string{`"msg":"run already done; acking its dispatch"`, `"thread_id":"t1"`, `"run_id":"r1"`, `"dispatch_id":"d1"`, `"attempt":1`} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("logs lack %s:\n%s", want, out)
+		}
+	}
+}
+
+// lockedBuffer is a log sink safe for the engine's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // An agent checkpoint that carries only messages appends them and leaves

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -260,7 +262,7 @@ func (m *Mailbox) execute(e *execution) {
 	defer m.finish(e)
 	ctx := context.Background() // store calls outlive a cancelled run: they settle it
 	d := &e.dispatch
-	log := m.log.With("thread_id", d.ThreadID, "run_id", d.RunID, "dispatch_id", d.DispatchID, "attempt", d.AttemptCount+1)
+	log := &attemptLog{base: m.log, d: d}
 
 	// No separate pre-flight read: RecordDispatchStart below refuses a
 	// dispatch that is no longer ours (stale token) or whose epoch fell
@@ -344,6 +346,27 @@ func (m *Mailbox) execute(e *execution) {
 	}
 	m.settle(ctx, e, outcome, instance, log)
 }
+
+// attemptLog is an attempt's logger with its thread, run, dispatch and
+// attempt attached, made on first use: most attempts log nothing, and
+// attaching the attributes costs more than that.
+type attemptLog struct {
+	base *slog.Logger
+	d    *Dispatch
+	once sync.Once
+	l    *slog.Logger
+}
+
+func (a *attemptLog) logger() *slog.Logger {
+	a.once.Do(func() {
+		a.l = a.base.With("thread_id", a.d.ThreadID, "run_id", a.d.RunID, "dispatch_id", a.d.DispatchID, "attempt", a.d.AttemptCount+1)
+	})
+	return a.l
+}
+
+func (a *attemptLog) Info(msg string, args ...any)  { a.logger().Info(msg, args...) }
+func (a *attemptLog) Warn(msg string, args ...any)  { a.logger().Warn(msg, args...) }
+func (a *attemptLog) Error(msg string, args ...any) { a.logger().Error(msg, args...) }
 
 // settle records an attempt's outcome and settles its dispatch: ack,
 // nack with backoff, dead letter, or release.
