@@ -23,8 +23,15 @@ import (
 // Records written as JSON by earlier versions (first byte '{') still
 // decode, and are rewritten in the binary form when next changed.
 // Messages stay JSON: they are mostly the caller's own JSON content.
+//
+// Run records are written as binaryRunV2: the fields of binaryV1, then
+// StartCount. A binaryV1 run record (written before runs counted their
+// started attempts) still decodes, with StartCount 0.
 
-const binaryV1 = 0x01
+const (
+	binaryV1    = 0x01
+	binaryRunV2 = 0x02
+)
 
 // encodeRecord returns the stored form of a dispatch, run record or thread
 // projection.
@@ -88,7 +95,7 @@ func appendDispatch(b []byte, d *engine.Dispatch) []byte {
 }
 
 func appendRun(b []byte, r *engine.RunRecord) []byte {
-	e := enc(append(b, binaryV1))
+	e := enc(append(b, binaryRunV2))
 	e = e.str(r.ThreadID).str(r.AgentID).str(r.ParentRunID)
 	e = e.flag(r.Request != nil)
 	if q := r.Request; q != nil {
@@ -116,7 +123,7 @@ func appendRun(b []byte, r *engine.RunRecord) []byte {
 	e = e.raw(r.Outcome)
 	e = e.varint(r.CreatedAt).varint(r.StartedAt).varint(r.FinishedAt).varint(r.UpdatedAt)
 	e = e.varint(r.Steps).varint(r.InputTokens).varint(r.OutputTokens).raw(r.State)
-	return e
+	return e.uvarint(uint64(r.StartCount))
 }
 
 func appendThread(b []byte, t *engine.Thread) []byte {
@@ -319,6 +326,9 @@ func readRun(id string, b []byte) (*engine.RunRecord, error) {
 	r.Outcome = d.raw()
 	r.CreatedAt, r.StartedAt, r.FinishedAt, r.UpdatedAt = d.varint(), d.varint(), d.varint(), d.varint()
 	r.Steps, r.InputTokens, r.OutputTokens, r.State = d.varint(), d.varint(), d.varint(), d.raw()
+	if b[0] == binaryRunV2 {
+		r.StartCount = d.u32()
+	}
 	return r, d.end()
 }
 

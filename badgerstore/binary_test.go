@@ -89,6 +89,27 @@ func TestBinaryRecordsRoundTripEveryField(t *testing.T) {
 	}
 }
 
+// A run record in the binary form of earlier versions (binaryV1: no
+// start_count) still decodes, with StartCount 0, and is rewritten in the
+// current form.
+func TestBinaryV1RunRecordsStillDecode(t *testing.T) {
+	r := &engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, SessionID: "s1", CreatedAt: 7, StartedAt: 8, UpdatedAt: 9, Steps: 2}
+	b, _ := encode(r)
+	if b[0] != binaryRunV2 || b[len(b)-1] != 0 {
+		t.Fatalf("run record = %x, want binaryRunV2 ending in start_count 0", b)
+	}
+	v1 := append([]byte{binaryV1}, b[1:len(b)-1]...)
+	got, err := decodeRun(RunKey("r1"), v1)
+	if err != nil || !reflect.DeepEqual(got, r) {
+		t.Fatalf("binaryV1 run record decodes to\n%+v\n%v, want\n%+v", got, err, r)
+	}
+	r.StartCount = 300
+	b, _ = encode(r)
+	if got, err := decodeRun(RunKey("r1"), b); err != nil || got.StartCount != 300 {
+		t.Fatalf("start_count round trip: %+v %v", got, err)
+	}
+}
+
 // Records written as JSON by earlier versions decode as before, through
 // the same entry points the store reads with.
 func TestJSONRecordsOfEarlierVersionsStillDecode(t *testing.T) {

@@ -54,7 +54,7 @@ func decodeDispatch(key, b []byte) (*engine.Dispatch, error) {
 func decodeRun(key, b []byte) (*engine.RunRecord, error) {
 	var r *engine.RunRecord
 	var err error
-	if len(b) > 0 && b[0] == binaryV1 {
+	if len(b) > 0 && (b[0] == binaryV1 || b[0] == binaryRunV2) {
 		r, err = readRun(string(key[1:]), b)
 	} else {
 		r = new(engine.RunRecord)

@@ -211,6 +211,7 @@ func (w *writeTx) writeRun(old, r *engine.RunRecord, checkTransition bool) error
 			return engine.Validationf("run %s: status %s cannot become %s", r.RunID, old.Status, r.Status)
 		}
 	}
+	r = r.WithStartCountOf(old) // the count of started attempts never goes back
 	b, err := encode(r)
 	if err != nil {
 		return err

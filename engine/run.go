@@ -163,6 +163,13 @@ type RunRecord struct {
 	InputTokens        int64               `json:"input_tokens"`
 	OutputTokens       int64               `json:"output_tokens"`
 	State              json.RawMessage     `json:"state,omitempty"`
+	// StartCount is how many attempts of the run recorded their start
+	// (MarkStarted, in the commit that starts the attempt), over all its
+	// dispatches, retries, requeues and sidecar restarts. It only grows: a
+	// store writing a run over its stored version keeps the higher count
+	// (WithStartCountOf), and Reopen keeps it. The engine numbers the run's
+	// events from it (EventLog).
+	StartCount uint32 `json:"start_count,omitempty"`
 }
 
 // Validate checks the fields a store relies on.
@@ -338,7 +345,8 @@ func (m MessageRecord) String() string {
 
 // Reopen makes a settled run dispatchable again for an operator's requeue
 // of its dead letter: status created, outcome cleared, dispatch_id set to
-// the new dispatch. It is the one sanctioned way out of done.
+// the new dispatch (StartCount is kept). It is the one sanctioned way out
+// of done.
 func (r *RunRecord) Reopen(dispatchID string, nowSec int64) {
 	r.Status = RunCreated
 	r.TerminationReason = nil
@@ -365,11 +373,29 @@ func (r *RunRecord) MarkStarted(d *Dispatch, instanceID string, nowSec int64) bo
 	r.Waiting = nil
 	r.DispatchID = d.DispatchID
 	r.SessionID = instanceID
+	if r.StartCount == 0 && r.StartedAt != 0 {
+		r.StartCount = 1 // started under a version that did not count starts
+	}
+	r.StartCount++
 	if r.StartedAt == 0 {
 		r.StartedAt = nowSec
 	}
 	r.UpdatedAt = nowSec
 	return true
+}
+
+// WithStartCountOf returns r, or a copy of r with old's StartCount when
+// old's is higher. A store writes this over the stored version old of a
+// run, so a writer that read the run before an attempt recorded its start
+// (an agent's checkpoint racing the next attempt's start, say) cannot take
+// the count back.
+func (r *RunRecord) WithStartCountOf(old *RunRecord) *RunRecord {
+	if old == nil || old.StartCount <= r.StartCount {
+		return r
+	}
+	c := *r
+	c.StartCount = old.StartCount
+	return &c
 }
 
 // ApplyResult records an attempt's outcome on the run (the store applies

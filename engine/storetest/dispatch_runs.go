@@ -91,6 +91,36 @@ func dispatchSettleRunCases() []Case {
 				t.Fatalf("thread projection after start: %+v %v", th, err)
 			}
 		}},
+		{"S55_record_start_counts_the_runs_started_attempts_and_no_write_lowers_the_count", func(t *testing.T, s engine.Store) {
+			h := newDQ(t, s)
+			h.createRun(dqRun("run-d1", "t1", engine.RunCreated))
+			c := h.addClaimed("d1", "t1", 1000)
+			h.start("d1", c.ClaimToken, "inst-1", 1000)
+			stale := h.loadRun("run-d1") // read by a writer racing the next start
+			if stale.StartCount != 1 {
+				t.Fatalf("start_count after the first start = %d, want 1", stale.StartCount)
+			}
+			h.nack("d1", c.ClaimToken, 2000, "transient", 1500)
+			c = h.claim("t1", "c1", 2000)
+			h.start("d1", c.ClaimToken, "inst-2", 2000)
+			h.release("d1", c.ClaimToken, 2500) // a shutdown: no attempt spent, but a start counted
+			c = h.claim("t1", "c1", 3000)
+			h.start("d1", c.ClaimToken, "inst-3", 3000)
+			if r := h.loadRun("run-d1"); r.StartCount != 3 || r.SessionID != "inst-3" {
+				t.Fatalf("after three starts: start_count %d session %q, want 3 inst-3", r.StartCount, r.SessionID)
+			}
+			count, err := s.MessageCount(h.ctx, "t1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			stale.Steps = 4
+			if _, err := s.Checkpoint(h.ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: count, Run: &stale}); err != nil {
+				t.Fatal(err)
+			}
+			if r := h.loadRun("run-d1"); r.StartCount != 3 || r.Steps != 4 {
+				t.Fatalf("after a write of the run read before two starts: start_count %d steps %d, want 3 (kept) and 4", r.StartCount, r.Steps)
+			}
+		}},
 		{"S57_run_result_waiting_records_the_waiting_state", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.createRun(dqRun("run-d1", "t1", engine.RunRunning))

@@ -117,7 +117,8 @@ func rsFullRun(id, thread string) engine.RunRecord {
 		Outcome:   json.RawMessage(`{"kind":"suspended"}`),
 		CreatedAt: rsSec, StartedAt: rsSec + 1, FinishedAt: rsSec + 2, UpdatedAt: rsSec + 3,
 		Steps: 7, InputTokens: 1234, OutputTokens: 567,
-		State: json.RawMessage(`{"nested":{"a":[1,2,{"b":null}],"big":9007199254740993},"unicode":"ünï 字"}`),
+		State:      json.RawMessage(`{"nested":{"a":[1,2,{"b":null}],"big":9007199254740993},"unicode":"ünï 字"}`),
+		StartCount: 2,
 	}
 }
 
@@ -996,10 +997,12 @@ func rsCheckpointUpsertsRun(t *testing.T, s engine.Store) {
 	rsCreate(t, s, full)
 
 	// The checkpointed record replaces the stored one; fields it leaves
-	// out are gone, not merged.
+	// out are gone, not merged — except start_count, which no write
+	// lowers.
 	next := rsRun("run-1", th, engine.RunRunning, full.CreatedAt, full.UpdatedAt+10)
 	next.Steps, next.State = 8, json.RawMessage(`{"v":2}`)
 	rsPutRun(t, s, next)
+	next.StartCount = full.StartCount
 	rsSameJSON(t, "run-1 after checkpoint", rsMustRun(t, s, "run-1"), next)
 
 	// A new run is inserted and is then a duplicate for CreateRun.
