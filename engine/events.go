@@ -5,32 +5,69 @@ import (
 	"sync"
 )
 
-// Event is one agent event of a run, numbered from 1.
+// Event is one agent event of a run. Seq is its id on the wire: see
+// "Event ids" in README.md (the first attempt of a run numbers from 1).
 type Event struct {
 	Seq  uint64
 	Type string
 	Data []byte
 }
 
-// EventLog keeps the last events of one run in a bounded ring so that a
-// client can follow the run and re-attach after a disconnect without
-// missing anything still buffered. Appends never block: a reader that
-// falls further behind than the ring holds gets reset=true and resumes
-// from the oldest event kept. Safe for concurrent use.
+// Event ids. The attempt that is its run's s-th recorded start
+// (RunRecord.StartCount, durable) numbers its events from
+// (s-1)<<attemptIDShift + 1, so ids never repeat across a run's attempts,
+// whichever process ran them and whatever it still holds. An attempt that
+// ends without reaching the agent (its only event is the sidecar's
+// run_finish) numbers it in the upper half of the band of the run's last
+// recorded start, where no started attempt's ids fall.
+const (
+	attemptIDShift    = 32
+	unstartedIDOffset = 1 << 31
+)
+
+// attemptBase is the first event id of the attempt that is its run's s-th
+// recorded start.
+func attemptBase(s uint32) uint64 {
+	if s == 0 {
+		return 1
+	}
+	return uint64(s-1)<<attemptIDShift + 1
+}
+
+// unstartedBase is the first event id of an attempt that did not reach
+// the agent, when its run had s recorded starts (its own included, if its
+// start was recorded).
+func unstartedBase(s uint32) uint64 {
+	band := uint64(0)
+	if s > 0 {
+		band = uint64(s - 1)
+	}
+	return band<<attemptIDShift + unstartedIDOffset + 1
+}
+
+// EventLog keeps the last events of one attempt of a run in a bounded
+// ring so that a client can follow the run and re-attach after a
+// disconnect without missing anything still buffered. Appends never
+// block: a reader that falls further behind than the ring holds gets
+// reset=true and resumes from the oldest event kept. Safe for concurrent
+// use.
 type EventLog struct {
 	mu       sync.Mutex // guards everything below
 	limit    int        // most events kept
 	ring     []Event    // grows to limit, then wraps: seq s lives at (s-base) % limit
 	first    uint64     // seq of the oldest event kept (0 while empty)
 	next     uint64     // seq the next event gets
-	base     uint64     // seq of the log's first event (1, or after an earlier attempt's)
+	base     uint64     // seq of the log's first event (1 unless numbered)
+	prev     uint64     // the last id of the run's previous attempt, when this process held its log (else 0)
+	numbered bool       // number was applied
 	run      string     // the run whose attempt it follows; guarded by Mailbox.mu, not mu
 	closed   bool
 	closedAt int64         // Unix ms, when closed
 	wake     chan struct{} // closed on the next append or close; nil when nobody waits
 }
 
-// NewEventLog returns a log that keeps the last capacity events.
+// NewEventLog returns a log that keeps the last capacity events, numbered
+// from 1.
 func NewEventLog(capacity int) *EventLog {
 	if capacity < 1 {
 		capacity = 1
@@ -69,15 +106,18 @@ func (l *EventLog) wakeLocked() {
 	}
 }
 
-// continueAfter numbers an empty log's events from last+1: the log of a
-// retried run's next attempt goes on from the earlier attempt's ids
-// (ids are run-local, so Last-Event-ID stays meaningful across retries).
-func (l *EventLog) continueAfter(last uint64) {
+// number sets the id of the log's first event (base ≥ 1) and prev, the
+// last id of the run's previous attempt when this process still holds
+// its log (0 when not): a reader at prev goes on here without a reset.
+// It applies once, and only before the first append.
+func (l *EventLog) number(base, prev uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.next == l.base && last+1 > l.next {
-		l.next, l.base = last+1, last+1
+	if l.numbered || l.next != l.base || base == 0 {
+		return
 	}
+	l.numbered = true
+	l.next, l.base, l.prev = base, base, prev
 }
 
 // Close marks the run finished at nowMs; readers drain what is left and
@@ -99,29 +139,47 @@ func (l *EventLog) ClosedAt() (int64, bool) {
 	return l.closedAt, l.closed
 }
 
-// LastSeq returns the sequence number of the newest event (0 if none).
+// LastSeq returns the sequence number of the newest event, or the one
+// before the log's first when it has none (0 for a log not numbered yet).
 func (l *EventLog) LastSeq() uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.next - 1
 }
 
+// FirstSeq returns the id of the oldest event kept, or the id the next
+// event gets when there is none.
+func (l *EventLog) FirstSeq() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.first == 0 {
+		return l.next
+	}
+	return l.first
+}
+
 // Read returns up to max events with Seq > after, appended to buf.
-// reset reports that events after `after` were already dropped (the
-// returned ones start at the oldest kept). When nothing is available and
-// the log is open, wait is a channel closed at the next append or close;
-// closed reports that the log is closed and fully read.
+// reset reports that events after `after` are not all served: some of
+// this log's were already dropped (the returned ones start at the oldest
+// kept), or after is an id from before this log's first event — of an
+// earlier attempt of the run — other than the previous attempt's last id
+// this process saw (then it goes on without a reset). after 0 (nothing of
+// the run seen, the `submitted` event) starts at the log's first event.
+// When nothing is available and the log is open, wait is a channel
+// closed at the next append or close; closed reports that the log is
+// closed and fully read.
 func (l *EventLog) Read(after uint64, max int, buf []Event) (evs []Event, reset, closed bool, wait <-chan struct{}) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	evs = buf[:0]
-	if l.first != 0 && after+1 < l.first {
-		reset = true
-		after = l.first - 1
-	}
 	from := after + 1
 	if from < l.base {
+		reset = after != 0 && after != l.prev
 		from = l.base
+	}
+	if l.first != 0 && from < l.first {
+		reset = true
+		from = l.first
 	}
 	for seq := from; seq < l.next && len(evs) < max; seq++ {
 		evs = append(evs, l.ring[int((seq-l.base)%uint64(l.limit))])

@@ -86,3 +86,71 @@ func FuzzEventType(f *testing.F) {
 		_ = suspensionChange(typ, b)
 	})
 }
+
+// The ids of a run's attempts (README, "Event ids"): each recorded start
+// has a band of its own, and an attempt that did not reach the agent
+// numbers its lone run_finish above the band's started ids and below the
+// next band.
+func TestAttemptIDBands(t *testing.T) {
+	if attemptBase(0) != 1 || attemptBase(1) != 1 || attemptBase(2) != 1<<32+1 || attemptBase(3) != 2<<32+1 {
+		t.Fatalf("attemptBase: %d %d %d %d", attemptBase(0), attemptBase(1), attemptBase(2), attemptBase(3))
+	}
+	if unstartedBase(0) != 1<<31+1 || unstartedBase(1) != 1<<31+1 || unstartedBase(3) != 2<<32+1<<31+1 {
+		t.Fatalf("unstartedBase: %d %d %d", unstartedBase(0), unstartedBase(1), unstartedBase(3))
+	}
+	for s := uint32(1); s < 5; s++ {
+		if !(attemptBase(s)+1<<31-1 < unstartedBase(s) && unstartedBase(s) < attemptBase(s+1)) {
+			t.Fatalf("start %d: attempt %d, unstarted %d, next attempt %d", s, attemptBase(s), unstartedBase(s), attemptBase(s+1))
+		}
+	}
+	if last := attemptBase(1<<21) + 1<<31; last >= 1<<53 {
+		t.Fatalf("the ids of the first 2^21 starts reach %d, not below 2^53 (exact in a JavaScript number)", last)
+	}
+}
+
+// A log numbered after an earlier attempt: a reader at 0 or at the
+// previous attempt's last id this process saw goes on without a reset;
+// any other id from before the log gets one; a reader inside the log is
+// served as before, and one behind the ring gets a reset.
+func TestEventLogNumberedAfterAnEarlierAttempt(t *testing.T) {
+	base := attemptBase(2)
+	l := NewEventLog(4)
+	l.number(base, 7)
+	l.number(99, 0) // once only
+	if l.LastSeq() != base-1 {
+		t.Fatalf("empty numbered log: LastSeq %d, want %d", l.LastSeq(), base-1)
+	}
+	for i := range 3 {
+		if seq := l.Append([]byte(`{"type":"text_delta"}`)); seq != base+uint64(i) {
+			t.Fatalf("append %d: seq %d, want %d", i, seq, base+uint64(i))
+		}
+	}
+	l.number(5, 0) // after an append: no effect
+	for _, c := range []struct {
+		after    uint64
+		reset    bool
+		first, n uint64
+		what     string
+	}{
+		{0, false, base, 3, "nothing seen"},
+		{7, false, base, 3, "the previous attempt's last id, seen here"},
+		{6, true, base, 3, "an earlier id of the previous attempt"},
+		{unstartedBase(1), true, base, 3, "an id of another log"},
+		{base, false, base + 1, 2, "inside the log"},
+		{base + 2, false, 0, 0, "caught up"},
+	} {
+		evs, reset, closed, _ := l.Read(c.after, 10, nil)
+		if reset != c.reset || closed || uint64(len(evs)) != c.n || c.n > 0 && evs[0].Seq != c.first {
+			t.Errorf("%s: Read(%d) = %v reset=%v closed=%v, want %d events from %d reset=%v", c.what, c.after, evs, reset, closed, c.n, c.first, c.reset)
+		}
+	}
+	for range 3 {
+		l.Append([]byte(`{"type":"text_delta"}`))
+	}
+	for _, after := range []uint64{0, 7, base} { // base+1, base+2 fell out of the ring
+		evs, reset, _, _ := l.Read(after, 10, nil)
+		if !reset || len(evs) != 4 || evs[0].Seq != base+2 {
+			t.Errorf("after the ring wrapped: Read(%d) = %v reset=%v, want a reset and 4 events from %d", after, evs, reset, base+2)
+		}
+	}
+}

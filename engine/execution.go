@@ -20,7 +20,15 @@ type execution struct {
 	cancel context.CancelCauseFunc
 	done   chan struct{} // closed when the attempt has finished and released its slot
 
-	events    *EventLog
+	events *EventLog
+	// prevLast is the last event id of the run's previous attempt when
+	// this process still held its log (0 when not); set at the start.
+	prevLast uint64
+	// starts is the run's StartCount as this attempt knows it (its own
+	// start included once recorded); numbered: the log's ids are fixed
+	// (execute goroutine only).
+	starts    uint32
+	numbered  bool
 	commands  chan Command
 	suspended atomic.Int32 // >0 while a tool call waits (longer lease)
 	startedAt int64        // Unix ms of the recorded start (execute goroutine only)
@@ -154,7 +162,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 		e.events = NewEventLog(m.cfg.EventBuffer)
 	}
 	if prev := m.logs[d.ThreadID]; prev != nil && prev != e.events && prev.run == d.RunID {
-		e.events.continueAfter(prev.LastSeq())
+		e.prevLast = prev.LastSeq()
 	}
 	e.events.run = d.RunID
 	m.threads[d.ThreadID] = e
@@ -278,6 +286,9 @@ func (m *Mailbox) execute(e *execution) {
 		return
 	}
 	req, run, err := m.reconstruct(ctx, d)
+	if run != nil {
+		e.starts = startsOf(run) // this attempt's start included if its claim recorded it
+	}
 	if err == nil && run.Status == RunDone {
 		// A previous attempt finished the run but crashed before its ack
 		// (lessons.md B5): consume the delivery, do not run it twice.
@@ -312,6 +323,10 @@ func (m *Mailbox) execute(e *execution) {
 		log.Info("dispatch not started", "err", err)
 		return // finish closes the stream with a run_finish if it was settled
 	}
+	if !e.preStarted {
+		e.starts++ // counted by the start just recorded
+	}
+	m.numberEvents(e, true)
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
 	m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
 	m.metrics.seconds(metricEligStart, ms(startAt-d.AvailableAt))
@@ -560,7 +575,25 @@ func (m *Mailbox) emitFinishSession(e *execution, session string, term *Terminat
 	if e.sawFinish.Load() {
 		return
 	}
+	m.numberEvents(e, false)
 	runSink{e}.Emit(finishEvent(&e.dispatch, session, term))
+}
+
+// numberEvents fixes the ids of the attempt's events before its first
+// one (README, "Event ids"): from the run's start count when the agent is
+// about to run it (reached), otherwise — its only event is the sidecar's
+// run_finish — apart from every id a started attempt uses. Never below
+// the ids of the run's previous attempt held here.
+func (m *Mailbox) numberEvents(e *execution, reached bool) {
+	if e.numbered {
+		return
+	}
+	e.numbered = true
+	base := unstartedBase(e.starts)
+	if reached {
+		base = attemptBase(e.starts)
+	}
+	e.events.number(max(base, e.prevLast+1), e.prevLast)
 }
 
 // finishEvent is the run_finish event the engine writes for d's run when

@@ -373,15 +373,21 @@ func (r *RunRecord) MarkStarted(d *Dispatch, instanceID string, nowSec int64) bo
 	r.Waiting = nil
 	r.DispatchID = d.DispatchID
 	r.SessionID = instanceID
-	if r.StartCount == 0 && r.StartedAt != 0 {
-		r.StartCount = 1 // started under a version that did not count starts
-	}
-	r.StartCount++
+	r.StartCount = startsOf(r) + 1
 	if r.StartedAt == 0 {
 		r.StartedAt = nowSec
 	}
 	r.UpdatedAt = nowSec
 	return true
+}
+
+// startsOf is r's StartCount, counting one start for a run started under
+// a version that did not count them (StartedAt set, StartCount 0).
+func startsOf(r *RunRecord) uint32 {
+	if r.StartCount == 0 && r.StartedAt != 0 {
+		return 1
+	}
+	return r.StartCount
 }
 
 // WithStartCountOf returns r, or a copy of r with old's StartCount when

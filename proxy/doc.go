@@ -28,12 +28,19 @@
 // while it is live is sent `event: reset` and disconnected (counted in
 // mailbox_http_sse_dropped_total); the client re-attaches with its
 // Last-Event-ID. Event ids are run-local and keep growing across a run's
-// attempts: a retry's events are numbered after the failed attempt's
-// (its synthetic `run_finish` included), so a client that re-attaches
-// with the id it last saw misses nothing of the retry (while the sidecar
-// keeps running; its buffers do not survive a restart). A `: ping` comment every PingInterval keeps idle streams
-// alive and detects clients that left (a failed flush); a client that
-// stops reading is cut off once one write has been stuck for
+// attempts, after a restart or a crash too: they come from the run's
+// durable count of started attempts, the s-th start numbering its events
+// from (s−1)·2^32 + 1 — the first attempt from 1, as spec/http.md says, a
+// retry from 4294967297 (engine/README.md, "Event ids"; a deliberate
+// reading of the spec's run-local sequence, whose ids used to restart at 1
+// with each attempt whose predecessor's buffer was gone, so a client
+// re-attaching with an earlier attempt's id was served the new attempt
+// from the middle). A client that re-attaches with the id it last saw of
+// an earlier attempt gets the current attempt from its first event held,
+// preceded by `event: reset` (expired) unless this sidecar saw that
+// attempt end at that id. A `: ping` comment every PingInterval keeps
+// idle streams alive and detects clients that left (a failed flush); a
+// client that stops reading is cut off once one write has been stuck for
 // max(4×PingInterval, 10 s). A stream ends after the log closes (the run
 // finished: its run_finish is the last event), when the client leaves, or
 // at Shutdown. Closing a stream never cancels the run. After a stream
@@ -77,10 +84,17 @@
 //     or messages answers an empty page, not 404.
 //   - `event: reset` carries no id (the client's Last-Event-ID stays) and
 //     the data {"type":"reset","reason":…,"after":A,"oldest":F}: reason
-//     "expired" (the replay position fell out of the ring; the stream
-//     goes on from F), "slow_subscriber" (the stream fell behind while
-//     live; it ends) or "unknown_id" (Last-Event-ID is beyond the thread's
-//     current run — an id of an earlier run; the replay restarts at 1).
+//     "expired" (the replay position fell out of the ring, or is an id of
+//     an earlier attempt of the run whose end this sidecar did not see;
+//     the stream goes on from F), "slow_subscriber" (the stream fell
+//     behind while live; it ends) or "unknown_id" (Last-Event-ID is
+//     beyond the thread's current attempt — an id of an earlier run, or
+//     of a log numbered apart; the replay restarts at the attempt's first
+//     event). No Last-Event-ID, or 0 (the `submitted` event's), replays
+//     the current attempt from its first event held, with a reset only if
+//     some of its events were dropped. Left as it is: an id of an earlier
+//     run of the thread that is not beyond the current run's last id is
+//     taken as the current run's (runs number from 1).
 //   - A foreground run whose dispatch is withdrawn before it starts
 //     (superseded, cancelled) ends its stream with a sidecar run_finish
 //     (termination cancelled), id 1.

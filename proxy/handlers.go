@@ -210,8 +210,9 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 	}
 	var head []byte
 	if last := log.LastSeq(); after > last {
-		// An id of an earlier run of the thread: replay this one whole.
-		head = appendReset(nil, "unknown_id", after, 1)
+		// An id of an earlier run of the thread, or of a log numbered
+		// apart: replay this one whole.
+		head = appendReset(nil, "unknown_id", after, log.FirstSeq())
 		after = 0
 	}
 	return s.startStream(ctx, log, after, head, nil)

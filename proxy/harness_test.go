@@ -89,6 +89,8 @@ type sidecar struct {
 
 	shutdownOnce sync.Once
 	served       sync.WaitGroup
+	stopOnce     sync.Once
+	teardown     func(grace time.Duration)
 }
 
 const base = "http://sidecar"
@@ -172,9 +174,9 @@ func newSidecar(t testing.TB, o options) *sidecar {
 		sc.agents = startAgent(t, sc.agentPath, o.handler, o.maxRuns)
 		eventually(t, "agent connected", func() bool { return h.Capacity() > 0 })
 	}
-	t.Cleanup(func() {
+	sc.teardown = func(grace time.Duration) {
 		sc.shutdownProxy()
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), grace)
 		defer cancel()
 		h.GoAway("shutdown", "test over")
 		if err := mb.Stop(ctx); err != nil {
@@ -189,8 +191,17 @@ func newSidecar(t testing.TB, o options) *sidecar {
 			t.Errorf("verify: %v %v", err, rep.Problems)
 		}
 		store.Close()
-	})
+	}
+	t.Cleanup(func() { sc.stop(3 * time.Second) })
 	return sc
+}
+
+// stop shuts the whole sidecar down once (the proxy, then the mailbox with
+// grace for its running attempts, the agent, the hub, the store), as a
+// restart does; a test that stops a sidecar early can open another on the
+// same diskPath.
+func (sc *sidecar) stop(grace time.Duration) {
+	sc.stopOnce.Do(func() { sc.teardown(grace) })
 }
 
 func (sc *sidecar) serve(fn func() error) {

@@ -1,0 +1,118 @@
+package proxy_test
+
+import (
+	"context"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/agent"
+)
+
+// tagAgent emits n text_delta events {"tag":tag,"n":i}, then waits for a
+// live message (done) or a cancel.
+type tagAgent struct {
+	tag string
+	n   int
+}
+
+func (a tagAgent) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
+	msgs := run.Messages()
+	for i := 1; i <= a.n; i++ {
+		run.EmitRaw([]byte(`{"type":"text_delta","tag":"` + a.tag + `","n":` + strconv.Itoa(i) + `}`))
+	}
+	select {
+	case <-ctx.Done():
+		return agent.Cancelled()
+	case <-msgs:
+		return agent.Done("ok")
+	}
+}
+
+// spec/http.md, Events: a client that re-attaches with Last-Event-ID
+// misses nothing still buffered, and an id it cannot be served from gets
+// `event: reset`. Across a sidecar restart the run's event log is gone: the
+// restarted sidecar runs the run again (Stop released the attempt without
+// spending it) with a new log. Its ids used to restart at 1, so a client
+// re-attaching with the last id it saw before the restart was served the
+// new attempt from the middle, without a reset.
+func TestReattachAfterARestartMissesNothing(t *testing.T) {
+	dir := filepath.Join(shortDir(t), "data")
+	one := newSidecar(t, options{diskPath: dir, handler: tagAgent{tag: "first", n: 2}})
+	st := one.stream(req{method: "POST", path: "/v1/threads/rs/runs", body: submitBody("go")})
+	sub := decode[submitResult](t, st.next().Data)
+	seen := []sseEvent{st.next(), st.next()}
+	one.stop(100 * time.Millisecond) // a restart: the attempt is released, not spent
+	seen = append(seen, st.rest()...)
+	last := uint64(0)
+	for _, ev := range seen {
+		if ev.HasID {
+			last = max(last, uint64(mustAtoi(ev.ID)))
+		}
+	}
+	if last < 2 {
+		t.Fatalf("before the restart the client saw %+v", seen)
+	}
+
+	two := newSidecar(t, options{diskPath: dir, handler: tagAgent{tag: "second", n: 5}})
+	eventually(t, "the restarted sidecar's attempt emitted its events", func() bool {
+		l := two.mb.Reattach("rs")
+		if l == nil {
+			return false
+		}
+		evs, _, _, _ := l.Read(0, 100, nil)
+		n := 0
+		for _, e := range evs {
+			if strings.Contains(string(e.Data), `"tag":"second"`) {
+				n++
+			}
+		}
+		return n == 5
+	})
+	if d := two.waitDispatch(sub.DispatchID, engine.StatusClaimed); d.AttemptCount != 0 {
+		t.Fatalf("after the restart the dispatch is %+v, want attempt 1 again", d)
+	}
+	re := two.stream(req{method: "GET", path: "/v1/threads/rs/events", headers: []string{"Last-Event-ID", strconv.FormatUint(last, 10)}})
+	head := re.next()
+	// An id beyond the attempt (of another run, say): unknown_id, and the
+	// replay from the attempt's first event, which the reset names.
+	beyond := two.stream(req{method: "GET", path: "/v1/threads/rs/events", headers: []string{"Last-Event-ID", "99999999999999"}})
+	bh, bf := beyond.next(), beyond.next()
+	beyond.close()
+	if bh.Event != "reset" || !strings.Contains(bh.Data, `"reason":"unknown_id"`) || !strings.Contains(bh.Data, `"oldest":`+bf.ID+`}`) || !strings.Contains(bf.Data, `"tag":"second","n":1}`) {
+		t.Errorf("re-attached with an id beyond the attempt: %+v then %+v, want an unknown_id reset naming the first event, then that event", bh, bf)
+	}
+	two.call(req{method: "POST", path: "/v1/threads/rs/messages", body: `{"messages":[{"role":"user","content":"done"}]}`}, 200, nil)
+	evs := append([]sseEvent{head}, re.rest()...)
+	t.Logf("before the restart: %+v; re-attached with Last-Event-ID %d: %+v", seen, last, evs)
+	var got []string
+	prev := last
+	for _, ev := range evs {
+		if ev.Event == "reset" {
+			continue
+		}
+		id, err := strconv.ParseUint(ev.ID, 10, 64)
+		if err != nil || id <= prev {
+			t.Errorf("event %+v: id not above %d (the previous one, or the last the client saw before the restart)", ev, prev)
+		}
+		prev = id
+		if strings.Contains(ev.Data, `"tag":"second"`) {
+			got = append(got, ev.Data[strings.Index(ev.Data, `"n":`):])
+		}
+	}
+	if head.Event != "reset" && !strings.Contains(head.Data, `"tag":"second","n":1}`) {
+		t.Errorf("re-attached with Last-Event-ID %d: first event %+v, neither a reset nor the new attempt's first event", last, head)
+	}
+	if head.Event == "reset" && (len(evs) < 2 || !strings.Contains(head.Data, `"oldest":`+evs[1].ID+`}`)) {
+		t.Errorf("reset %s does not name the first event served (%+v)", head.Data, evs[1:])
+	}
+	if want := `"n":1} "n":2} "n":3} "n":4} "n":5}`; strings.Join(got, " ") != want {
+		t.Fatalf("re-attached with Last-Event-ID %d: the new attempt's events %q, want %q — the skipped ones came with no reset", last, strings.Join(got, " "), want)
+	}
+	if evs[len(evs)-1].Event != "run_finish" {
+		t.Fatalf("the stream did not end with run_finish: %+v", evs)
+	}
+}
