@@ -235,11 +235,15 @@ func (t *txn) deleteDispatch(d *engine.Dispatch) error {
 	return nil
 }
 
-// settleRun marks the run of a dispatch that ended without an ack as done.
+// settleRun marks the run of a dispatch that ended without an ack as done,
+// unless the run has moved on to another dispatch (as badgerstore's).
 func (t *txn) settleRun(d *engine.Dispatch, nowMs int64) error {
 	old, err := t.loadRun(d.RunID)
 	if err != nil || old == nil {
 		return err
+	}
+	if old.DispatchID != "" && old.DispatchID != d.DispatchID {
+		return nil // the run belongs to a later dispatch now
 	}
 	r := *old
 	if !r.Settle(d, nowMs/1000) {

@@ -70,7 +70,7 @@ func runCases() []Case {
 		{"S72_interrupt_settles_superseded_run", rsSettleInterrupt},
 		{"S59_nack_dead_letter_settles_run_with_error", rsSettleNackDeadLetter},
 		{"S57_run_result_settles_run_and_dead_letter_keeps_it", rsSettleDeadLetterRunError},
-		{"S65_settlement_skips_done_run_and_other_thread", rsSettleSkips},
+		{"S65_settlement_skips_done_run_other_thread_and_later_dispatch", rsSettleSkips},
 		{"Srequeue_reopens_settled_run", rsRequeueReopens},
 	}
 }
@@ -1583,6 +1583,21 @@ func rsSettleSkips(t *testing.T, s engine.Store) {
 	}
 	rsNoRun(t, s, "run-missing")
 	rsWantThread(t, s, "thread-a", rsProj{latest: "run-done"})
+
+	// A run that has moved on to another dispatch (a continuation, an
+	// operator's requeue) is that dispatch's: ending an older dispatch of
+	// it leaves it, and its thread, alone (the newer dispatch would find
+	// the run done and be acked without running).
+	moved := rsRun("run-moved", "thread-c", engine.RunCreated, rsSec, rsSec)
+	moved.DispatchID = "disp-new"
+	rsPutRun(t, s, moved)
+	before = rsLoadThread(t, s, "thread-c")
+	rsEnqueue(t, s, rsDispatch("disp-4", "thread-c", "run-moved", 3, rsMs))
+	if d, err := s.Cancel(t.Context(), "disp-4", rsMs+8_000); err != nil || d == nil {
+		t.Fatalf("Cancel(disp-4) = %v, %v", d, err)
+	}
+	rsSameJSON(t, "run of a later dispatch after cancel", rsMustRun(t, s, "run-moved"), moved)
+	rsSameJSON(t, "its thread after cancel", rsLoadThread(t, s, "thread-c"), before)
 }
 
 // rsRequeueReopens: an operator's requeue of a dead letter reopens the run
