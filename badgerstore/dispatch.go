@@ -708,7 +708,7 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 		}
 		r := cloneRun(run)
 		r.Reopen(n.DispatchID, now/1000)
-		return w.writeRun(run, r, false)
+		return w.writeRun(run, r, true)
 	})
 	if err != nil {
 		return engine.Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)

@@ -195,11 +195,14 @@ func runIndex(r *engine.RunRecord) [][]byte {
 
 // putRun writes r (old is its previous version, nil when new), its indexes
 // and the thread projection; the status change must be a legal transition.
-func (w *writeTx) putRun(old, r *engine.RunRecord) error { return w.writeRun(old, r, true) }
+func (w *writeTx) putRun(old, r *engine.RunRecord) error { return w.writeRun(old, r, false) }
 
-// writeRun is putRun with the transition check optional (an operator's
-// requeue reopens a done run).
-func (w *writeTx) writeRun(old, r *engine.RunRecord, checkTransition bool) error {
+// writeRun is putRun, or, with reopen, the write of an operator's
+// requeue: the transition check is skipped (a done run becomes created
+// again) and the thread projection is updated by Thread.ApplyReopen, not
+// as a checkpoint of the run (which would clear another run's
+// active_run_id).
+func (w *writeTx) writeRun(old, r *engine.RunRecord, reopen bool) error {
 	if err := r.Validate(); err != nil {
 		return err
 	}
@@ -207,7 +210,7 @@ func (w *writeTx) writeRun(old, r *engine.RunRecord, checkTransition bool) error
 		if old.ThreadID != r.ThreadID {
 			return engine.Validationf("run %s belongs to thread %s, not %s", r.RunID, old.ThreadID, r.ThreadID)
 		}
-		if checkTransition && !old.Status.CanTransitionTo(r.Status) {
+		if !reopen && !old.Status.CanTransitionTo(r.Status) {
 			return engine.Validationf("run %s: status %s cannot become %s", r.RunID, old.Status, r.Status)
 		}
 	}
@@ -236,7 +239,11 @@ func (w *writeTx) writeRun(old, r *engine.RunRecord, checkTransition bool) error
 	if err != nil {
 		return err
 	}
-	t.ApplyRun(r)
+	if reopen {
+		t.ApplyReopen(r)
+	} else {
+		t.ApplyRun(r)
+	}
 	return w.putThread(t)
 }
 

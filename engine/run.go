@@ -288,6 +288,28 @@ func (t *Thread) ApplyRun(r *RunRecord) {
 	}
 }
 
+// ApplyReopen updates the projection for a run an operator's requeue has
+// reopened (RunRecord.Reopen: status created again, for a new dispatch).
+// A requeue is no checkpoint of the run, so rule 29's created branch is
+// not applied whole: another run of the thread that is running or waiting
+// keeps its place. latest_run_id names the reopened run (it is the run
+// updated last, as LatestRun orders them); active_run_id is cleared only
+// when it named the reopened run (which no longer runs); open_run_id
+// moves to the reopened run only when no run is open or the open run is
+// this one.
+func (t *Thread) ApplyReopen(r *RunRecord) {
+	t.LatestRunID = r.RunID
+	if t.ActiveRunID == r.RunID {
+		t.ActiveRunID = ""
+	}
+	if t.OpenRunID == "" || t.OpenRunID == r.RunID {
+		t.OpenRunID, t.OpenRunStatus = r.RunID, r.Status
+	}
+	if t.ParentThreadID == "" && r.Request != nil {
+		t.ParentThreadID = r.Request.ParentThreadID
+	}
+}
+
 // Message roles.
 const (
 	RoleSystem    = "system"

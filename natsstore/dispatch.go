@@ -605,7 +605,7 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 		}
 		r := *run
 		r.Reopen(n.DispatchID, now/1000)
-		return t.writeRun(run, &r, false)
+		return t.writeRun(run, &r, true)
 	})
 	if err != nil {
 		return engine.Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)

@@ -278,11 +278,14 @@ func (t *txn) loadRun(id string) (*engine.RunRecord, error) {
 
 // putRun writes r (old is its previous version, nil when new) and the
 // thread projection; the status change must be a legal transition.
-func (t *txn) putRun(old, r *engine.RunRecord) error { return t.writeRun(old, r, true) }
+func (t *txn) putRun(old, r *engine.RunRecord) error { return t.writeRun(old, r, false) }
 
-// writeRun is putRun with the transition check optional (an operator's
-// requeue reopens a done run).
-func (t *txn) writeRun(old, r *engine.RunRecord, checkTransition bool) error {
+// writeRun is putRun, or, with reopen, the write of an operator's
+// requeue: the transition check is skipped (a done run becomes created
+// again) and the thread projection is updated by Thread.ApplyReopen, not
+// as a checkpoint of the run (which would clear another run's
+// active_run_id).
+func (t *txn) writeRun(old, r *engine.RunRecord, reopen bool) error {
 	if err := r.Validate(); err != nil {
 		return err
 	}
@@ -290,7 +293,7 @@ func (t *txn) writeRun(old, r *engine.RunRecord, checkTransition bool) error {
 		if old.ThreadID != r.ThreadID {
 			return engine.Validationf("run %s belongs to thread %s, not %s", r.RunID, old.ThreadID, r.ThreadID)
 		}
-		if checkTransition && !old.Status.CanTransitionTo(r.Status) {
+		if !reopen && !old.Status.CanTransitionTo(r.Status) {
 			return engine.Validationf("run %s: status %s cannot become %s", r.RunID, old.Status, r.Status)
 		}
 	}
@@ -304,7 +307,11 @@ func (t *txn) writeRun(old, r *engine.RunRecord, checkTransition bool) error {
 	if err != nil {
 		return err
 	}
-	th.ApplyRun(r)
+	if reopen {
+		th.ApplyReopen(r)
+	} else {
+		th.ApplyRun(r)
+	}
 	return t.putThread(th)
 }
 

@@ -72,6 +72,7 @@ func runCases() []Case {
 		{"S57_run_result_settles_run_and_dead_letter_keeps_it", rsSettleDeadLetterRunError},
 		{"S65_settlement_skips_done_run_other_thread_and_later_dispatch", rsSettleSkips},
 		{"Srequeue_reopens_settled_run", rsRequeueReopens},
+		{"Srequeue_keeps_other_runs_in_the_thread_projection", rsRequeueProjection},
 	}
 }
 
@@ -1630,4 +1631,78 @@ func rsRequeueReopens(t *testing.T, s engine.Store) {
 	rsWantPage(t, q, rsList(t, s, q), 1, false, "run-1")
 	q = engine.RunQuery{Status: engine.RunDone}
 	rsWantPage(t, q, rsList(t, s, q), 0, false)
+}
+
+// rsDeadLetter enqueues dispatch id for run on thread (one attempt),
+// claims it and nacks it into the dead letters at nowMs.
+func rsDeadLetter(t *testing.T, s engine.Store, id, thread, run string, nowMs int64) {
+	t.Helper()
+	rsEnqueue(t, s, rsDispatch(id, thread, run, 1, nowMs))
+	c := rsClaim(t, s, thread, nowMs+1)
+	if c.DispatchID != id {
+		t.Fatalf("Claim(%s) = %s, want %s", thread, c.DispatchID, id)
+	}
+	d, err := s.Nack(t.Context(), c.DispatchID, c.ClaimToken, nowMs+2_000, "boom", nowMs+2)
+	if err != nil || d.Status != engine.StatusDeadLetter {
+		t.Fatalf("Nack(%s) = %+v, %v; want dead_letter", id, d, err)
+	}
+}
+
+// rsRequeueProjection: an operator's requeue reopens its run as created
+// but is no checkpoint of it (store.md rule 29 as docs/store.md applies
+// it to a requeue): active_run_id is cleared only when it named the
+// requeued run, open_run_id moves to the requeued run only when no other
+// run is open, and latest_run_id names the requeued run (it is the run
+// updated last, as LatestRun sees it).
+func rsRequeueProjection(t *testing.T, s engine.Store) {
+	requeue := func(old, n string, nowMs int64) {
+		t.Helper()
+		if d, err := s.Requeue(t.Context(), old, n, nowMs); err != nil || d.Status != engine.StatusQueued {
+			t.Fatalf("Requeue(%s) = %+v, %v", old, d, err)
+		}
+	}
+
+	// Another run of the thread is running: it stays active and open.
+	rsPutRun(t, s, rsRun("run-1", "thread-a", engine.RunRunning, rsSec, rsSec))
+	rsDeadLetter(t, s, "disp-1", "thread-a", "run-1", rsMs)
+	rsPutRun(t, s, rsRun("run-2", "thread-a", engine.RunRunning, rsSec+10, rsSec+10))
+	rsWantThread(t, s, "thread-a", rsProj{active: "run-2", open: "run-2", latest: "run-2"})
+	requeue("disp-1", "disp-1b", rsMs+60_000)
+	rsWantThread(t, s, "thread-a", rsProj{active: "run-2", open: "run-2", latest: "run-1"})
+	rsWantLatest(t, s, "thread-a", "run-1")
+	if th := rsLoadThread(t, s, "thread-a"); th != nil && th.OpenRunStatus != engine.RunRunning {
+		t.Errorf("open_run_status %q after requeue, want running (run-2's)", th.OpenRunStatus)
+	}
+
+	// Another run waits for input: it stays open (a new message continues
+	// it), with its status.
+	rsPutRun(t, s, rsRun("run-3", "thread-b", engine.RunRunning, rsSec, rsSec))
+	rsDeadLetter(t, s, "disp-3", "thread-b", "run-3", rsMs)
+	rsPutRun(t, s, rsRun("run-4", "thread-b", engine.RunWaiting, rsSec+10, rsSec+10))
+	requeue("disp-3", "disp-3b", rsMs+60_000)
+	rsWantThread(t, s, "thread-b", rsProj{open: "run-4", latest: "run-3"})
+	if th := rsLoadThread(t, s, "thread-b"); th != nil && th.OpenRunStatus != engine.RunWaiting {
+		t.Errorf("open_run_status %q after requeue, want waiting (run-4's)", th.OpenRunStatus)
+	}
+
+	// The requeued run itself was still active (its dead letter did not
+	// settle it: the run had moved on to another dispatch id): it is
+	// created now, so it is no longer active, and open as created.
+	r5 := rsRun("run-5", "thread-c", engine.RunRunning, rsSec, rsSec)
+	r5.DispatchID = "disp-other"
+	rsPutRun(t, s, r5)
+	rsDeadLetter(t, s, "disp-5", "thread-c", "run-5", rsMs)
+	rsWantThread(t, s, "thread-c", rsProj{active: "run-5", open: "run-5", latest: "run-5"})
+	requeue("disp-5", "disp-5b", rsMs+60_000)
+	rsWantThread(t, s, "thread-c", rsProj{open: "run-5", latest: "run-5"})
+	if th := rsLoadThread(t, s, "thread-c"); th != nil && th.OpenRunStatus != engine.RunCreated {
+		t.Errorf("open_run_status %q after requeue, want created", th.OpenRunStatus)
+	}
+
+	// No other run is open: the reopened run is.
+	rsPutRun(t, s, rsRun("run-6", "thread-d", engine.RunRunning, rsSec, rsSec))
+	rsDeadLetter(t, s, "disp-6", "thread-d", "run-6", rsMs)
+	rsWantThread(t, s, "thread-d", rsProj{latest: "run-6"})
+	requeue("disp-6", "disp-6b", rsMs+60_000)
+	rsWantThread(t, s, "thread-d", rsProj{open: "run-6", latest: "run-6"})
 }
