@@ -139,3 +139,6 @@ func (s *Store) RawGet(key []byte) ([]byte, bool, error) {
 	})
 	return out, found, err
 }
+
+// ThreadKey exposes the projection key of a thread.
+func ThreadKey(thread string) []byte { return threadKey(thread) }

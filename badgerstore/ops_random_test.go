@@ -50,7 +50,7 @@ func TestRandomOperationsKeepVerifyClean(t *testing.T) {
 		now += int64(next(50))
 		th := threads[next(len(threads))]
 		var err error
-		op := next(12)
+		op := next(14)
 		switch op {
 		case 0, 1:
 			id := "d" + itoa(i)
@@ -108,6 +108,24 @@ func TestRandomOperationsKeepVerifyClean(t *testing.T) {
 				if err == nil {
 					ids = append(ids, id)
 				}
+			}
+		case 12, 13:
+			// Start a claimed run (running: the thread's active run), or
+			// complete it waiting (open), so Verify sees every run status
+			// in the thread projections.
+			for id, tok := range claimed {
+				if op == 12 {
+					err = s.RecordDispatchStart(ctx, id, tok, "inst-"+itoa(i), now)
+					break
+				}
+				cur, _ := s.LoadDispatch(ctx, id)
+				runID := "run-" + id
+				if cur != nil {
+					runID = cur.RunID
+				}
+				err = s.Complete(ctx, id, tok, engine.RunResult{RunID: runID, Status: engine.RunWaiting}, now)
+				delete(claimed, id)
+				break
 			}
 		case 11:
 			if next(2) == 0 {

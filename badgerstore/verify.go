@@ -27,7 +27,10 @@ const maxProblems = 100
 // any mismatch: an index entry without its record or with the wrong
 // value, a record without its index entries, counters that disagree with
 // the records, two claimed dispatches on one thread, an epoch behind a
-// dispatch, gaps in a message log, and records that do not decode. It is
+// dispatch, gaps in a message log, a thread projection whose message
+// count or run pointers disagree with the log and the run records (or a
+// thread with runs or messages but no projection), and records that do
+// not decode. It is
 // read-only and meant for tests and operators (after a crash, say); it
 // reads the whole database.
 func (s *Store) Verify(ctx context.Context) (Report, error) {
@@ -253,13 +256,23 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		}
 
 		// Threads and message logs.
+		projected := map[string]bool{}
+		runOf := map[string]string{}
+		for _, run := range runs {
+			runOf[run.ThreadID] = run.RunID
+		}
 		err = r.iterate([]byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
 			rep.Threads++
+			projected[string(k[1:])] = true
 			t, err := decodeThread(k, v)
 			if err != nil {
 				problem("%v", err)
 				return true, nil
 			}
+			if t.ID != string(k[1:]) {
+				problem("thread record %q names thread %q", k[1:], t.ID)
+			}
+			checkProjection(t, runs, runOf, problem)
 			ck := msgCountKey(t.ID)
 			b, _, err := r.get(ck)
 			if err != nil {
@@ -341,6 +354,18 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		if err != nil {
 			return err
 		}
+		// Every write of a run or a message log writes its thread's
+		// projection.
+		for thread, id := range runOf {
+			if !projected[thread] {
+				problem("run %s: its thread %s has no projection", id, thread)
+			}
+		}
+		for t := range counted {
+			if !projected[t] {
+				problem("thread %s has a message counter but no projection", t)
+			}
+		}
 		threadsSeen := map[string]bool{}
 		for t := range logged {
 			threadsSeen[t] = true
@@ -365,4 +390,46 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
 	return rep, nil
+}
+
+// checkProjection reports where the run pointers of thread t's projection
+// disagree with the run records (store.md rule 29; an operator's requeue,
+// Thread.ApplyReopen): every run write updates the projection of its
+// thread in the same commit, so latest_run_id names a run of the thread
+// (and is set once the thread has a run: runOf maps each thread with runs
+// to one of them), active_run_id a run of it that
+// is running, and open_run_id one that is not done, of the status
+// open_run_status records (when recorded: older projections lack it).
+func checkProjection(t *engine.Thread, runs map[string]*engine.RunRecord, runOf map[string]string, problem func(string, ...any)) {
+	pointer := func(field, id string) *engine.RunRecord {
+		if id == "" {
+			return nil
+		}
+		run := runs[id]
+		switch {
+		case run == nil:
+			problem("thread %s %s names missing run %s", t.ID, field, id)
+			return nil
+		case run.ThreadID != t.ID:
+			problem("thread %s %s names run %s of thread %s", t.ID, field, id, run.ThreadID)
+			return nil
+		}
+		return run
+	}
+	if run := pointer("active_run_id", t.ActiveRunID); run != nil && run.Status != engine.RunRunning {
+		problem("thread %s active_run_id names run %s, which is %s, not running", t.ID, run.RunID, run.Status)
+	}
+	if run := pointer("open_run_id", t.OpenRunID); run != nil {
+		if run.Status == engine.RunDone {
+			problem("thread %s open_run_id names run %s, which is done", t.ID, run.RunID)
+		} else if t.OpenRunStatus != "" && t.OpenRunStatus != run.Status {
+			problem("thread %s open_run_status is %s, its open run %s is %s", t.ID, t.OpenRunStatus, run.RunID, run.Status)
+		}
+	} else if t.OpenRunID == "" && t.OpenRunStatus != "" {
+		problem("thread %s has open_run_status %s but no open run", t.ID, t.OpenRunStatus)
+	}
+	pointer("latest_run_id", t.LatestRunID)
+	if id, ok := runOf[t.ID]; ok && t.LatestRunID == "" {
+		problem("thread %s has run %s but no latest_run_id", t.ID, id)
+	}
 }
