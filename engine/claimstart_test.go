@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -117,5 +118,54 @@ func TestMessageOnlyCheckpointLeavesTheRunRecord(t *testing.T) {
 	}
 	if n, _ := r.store.MessageCount(ctx, "t1"); n != 2 {
 		t.Fatalf("%d messages, want 2", n)
+	}
+}
+
+// The run_finish that closes the stream of a dispatch whose run is
+// already done (lessons.md B5: a previous attempt finished it, the ack was
+// lost) tells how the run really ended: the run record's termination
+// (natural_end when it recorded none, as a completion without one is
+// reported) and its session, the attempt that finished it. It used to say
+// cancelled, without a session_id.
+func TestDispatchOfADoneRunFinishesItsStreamWithTheRunsOutcome(t *testing.T) {
+	r := newRig(t, newFake(2, complete), engine.Config{})
+	ctx := context.Background()
+	errTerm := engine.ErrorTermination("agent exploded")
+	for i, term := range []*engine.Termination{errTerm, nil} {
+		id := fmt.Sprint(i + 1)
+		run := engine.RunRecord{RunID: "r" + id, ThreadID: "t" + id, AgentID: "a", Status: engine.RunDone, SessionID: "earlier-" + id,
+			TerminationReason: term, Request: &engine.RunRequestSnapshot{}, CreatedAt: 1, UpdatedAt: 1}
+		if err := r.store.CreateRun(ctx, run); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "d" + id, ThreadID: "t" + id, RunID: "r" + id, Priority: engine.DefaultPriority, MaxAttempts: 3, CreatedAt: 1, AvailableAt: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.start(t)
+	for i, want := range []*engine.Termination{errTerm, {Type: engine.TermNaturalEnd}} {
+		id := fmt.Sprint(i + 1)
+		eventually(t, "d"+id+" acked", func() bool { return dispatchStatus(t, r.store, "d"+id) == engine.StatusAcked })
+		evs := execReadAll(t, r.mb.Reattach("t"+id))
+		if len(evs) != 1 || evs[0].Type != "run_finish" {
+			t.Fatalf("t%s events %v, want the synthetic run_finish alone", id, execTypes(evs))
+		}
+		var fin struct {
+			RunID       string              `json:"run_id"`
+			DispatchID  string              `json:"dispatch_id"`
+			SessionID   *string             `json:"session_id"`
+			Termination *engine.Termination `json:"termination"`
+		}
+		if err := json.Unmarshal(evs[0].Data, &fin); err != nil {
+			t.Fatal(err)
+		}
+		gotTerm, _ := json.Marshal(fin.Termination)
+		wantTerm, _ := json.Marshal(want)
+		if fin.RunID != "r"+id || fin.DispatchID != "d"+id || fin.SessionID == nil || *fin.SessionID != "earlier-"+id || string(gotTerm) != string(wantTerm) {
+			t.Fatalf("synthetic run_finish %s, want run r%s, dispatch d%s, session_id earlier-%s, termination %s", evs[0].Data, id, id, id, wantTerm)
+		}
+	}
+	if runs, _, _ := r.exec.stats(); runs != 0 {
+		t.Fatalf("the agent ran %d times, want 0", runs)
 	}
 }

@@ -293,6 +293,9 @@ func (m *Mailbox) execute(e *execution) {
 		// A previous attempt finished the run but crashed before its ack
 		// (lessons.md B5): consume the delivery, do not run it twice.
 		log.Info("run already done; acking its dispatch")
+		// The stream closes with how the run really ended, as the attempt
+		// that finished it would have closed it.
+		m.emitFinishSession(e, run.SessionID, doneRunTermination(run))
 		if err := m.store.Ack(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err != nil {
 			log.Warn("ack of a finished run failed", "err", err)
 		}
@@ -551,6 +554,16 @@ func (m *Mailbox) closeSettledStream(e *execution) {
 		session = cur.InstanceID // as the store recorded it for the run
 	}
 	m.emitFinishSession(e, session, term)
+}
+
+// doneRunTermination is the termination a done run's run_finish reports:
+// the run record's, else natural_end (as a completion that reported none
+// is closed).
+func doneRunTermination(r *RunRecord) *Termination {
+	if r.TerminationReason != nil {
+		return r.TerminationReason
+	}
+	return &Termination{Type: TermNaturalEnd}
 }
 
 // emitFinish closes a client stream that the agent left open: a synthetic
