@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -53,9 +54,25 @@ func (c *apiClient) do(ctx context.Context, method, path string, body any, out a
 		return fmt.Errorf("%s %s: read answer: %w", method, path, err)
 	}
 	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
+		if err := decodeJSON(data, out); err != nil {
 			return fmt.Errorf("%s %s: decode answer: %w", method, path, err)
 		}
+	}
+	return nil
+}
+
+// decodeJSON is json.Unmarshal with numbers kept as json.Number: decoded
+// into an interface value (map[string]any), an integer keeps every digit
+// and prints as it was sent (1000000, not 1e+06; above 2^53, not rounded
+// to a float64).
+func decodeJSON(data []byte, out any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	if err := dec.Decode(out); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("invalid character after top-level value")
 	}
 	return nil
 }
@@ -141,7 +158,7 @@ func readSSE(r io.Reader, fn func(sseEvent) bool) error {
 // says, not the raw JSON.
 func describeEvent(ev sseEvent) string {
 	var m map[string]any
-	_ = json.Unmarshal([]byte(ev.Data), &m)
+	_ = decodeJSON([]byte(ev.Data), &m)
 	str := func(k string) string {
 		if v, ok := m[k].(string); ok {
 			return v

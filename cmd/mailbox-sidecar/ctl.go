@@ -270,7 +270,7 @@ func (c *ctl) printAnswer(r io.Reader, table func(map[string]any)) error {
 		return err
 	}
 	var m map[string]any
-	if err := json.Unmarshal(data, &m); err != nil {
+	if err := decodeJSON(data, &m); err != nil {
 		return fmt.Errorf("answer is not a JSON object: %w", err)
 	}
 	if c.json || table == nil {
@@ -351,13 +351,13 @@ func (c *ctl) showThread(args []string) error {
 		return nil
 	}
 	fmt.Fprintln(c.stdout, "dispatches:")
-	c.dispatchTable(ds, func(next int) string {
-		return fmt.Sprintf("mailbox-sidecar ctl list --offset %d %s", next, thread)
+	c.dispatchTable(ds, func(next json.Number) string {
+		return fmt.Sprintf("mailbox-sidecar ctl list --offset %s %s", next, thread)
 	})
 	fmt.Fprintln(c.stdout, "\nmessages:")
 	c.messageTable(ms)
-	if next, ok := ms["next_offset"].(float64); ok {
-		fmt.Fprintf(c.stdout, "(more messages: mailbox-sidecar ctl show thread --after-seq %d %s)\n", uint64(next), thread)
+	if next, ok := ms["next_offset"].(json.Number); ok {
+		fmt.Fprintf(c.stdout, "(more messages: mailbox-sidecar ctl show thread --after-seq %s %s)\n", next, thread)
 	}
 	return nil
 }
@@ -380,22 +380,27 @@ func (c *ctl) record(m map[string]any, fields []string) error {
 	return tw.Flush()
 }
 
-// cell renders a value for a table: times as RFC 3339, objects as JSON.
+// cell renders a value for a table: times as RFC 3339, objects as JSON,
+// numbers (json.Number, from decodeJSON) exactly as the answer had them.
 func cell(field string, v any) string {
 	switch x := v.(type) {
-	case float64:
+	case json.Number:
 		if strings.HasSuffix(field, "_at") || strings.HasSuffix(field, "_until") {
-			if x == 0 {
+			t, err := x.Int64()
+			if err != nil {
+				return x.String()
+			}
+			if t == 0 {
 				return "-"
 			}
 			// Dispatch times are Unix milliseconds, run-record times
 			// Unix seconds (as in the seed).
-			if x < 1e11 {
-				return time.Unix(int64(x), 0).UTC().Format(time.RFC3339)
+			if t < 1e11 {
+				return time.Unix(t, 0).UTC().Format(time.RFC3339)
 			}
-			return time.UnixMilli(int64(x)).UTC().Format(time.RFC3339Nano)
+			return time.UnixMilli(t).UTC().Format(time.RFC3339Nano)
 		}
-		return fmt.Sprint(x)
+		return x.String()
 	case string:
 		return x
 	}
@@ -416,7 +421,7 @@ func items(m map[string]any) []map[string]any {
 
 // dispatchTable prints a page of dispatches; when more follow, a note
 // (more of the next offset) says how to get them.
-func (c *ctl) dispatchTable(m map[string]any, more func(next int) string) {
+func (c *ctl) dispatchTable(m map[string]any, more func(next json.Number) string) {
 	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "DISPATCH\tTHREAD\tRUN\tSTATUS\tATTEMPTS\tCREATED\tLAST ERROR")
 	for _, d := range items(m) {
@@ -424,13 +429,13 @@ func (c *ctl) dispatchTable(m map[string]any, more func(next int) string) {
 			cell("", d["attempt_count"]), cell("", d["max_attempts"]), cell("created_at", d["created_at"]), truncate(fmt.Sprint(orDash(d["last_error"])), 60))
 	}
 	tw.Flush()
-	if next, ok := m["next_offset"].(float64); ok {
-		fmt.Fprintf(c.stdout, "(more: %s)\n", more(int(next)))
+	if next, ok := m["next_offset"].(json.Number); ok {
+		fmt.Fprintf(c.stdout, "(more: %s)\n", more(next))
 	}
 }
 
 // offsetHint is the note of list and dead-letters when more follow.
-func offsetHint(next int) string { return fmt.Sprintf("--offset %d", next) }
+func offsetHint(next json.Number) string { return "--offset " + next.String() }
 
 func (c *ctl) messageTable(m map[string]any) {
 	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)

@@ -254,11 +254,11 @@ func TestGracefulShutdownPutsRunningWorkBack(t *testing.T) {
 	if err := c.do(context.Background(), http.MethodGet, "/v1/dispatches/"+id, nil, &d); err != nil {
 		t.Fatal(err)
 	}
-	if d["status"] != "queued" || d["attempt_count"] != float64(0) {
+	if d["status"] != "queued" || d["attempt_count"] != json.Number("0") {
 		t.Fatalf("after a graceful shutdown the dispatch is %v", d)
 	}
 	n.echoAgent(t)
-	if d := waitStatus(t, c, id, "acked"); d["attempt_count"] != float64(0) {
+	if d := waitStatus(t, c, id, "acked"); d["attempt_count"] != json.Number("0") {
 		t.Fatalf("after the rerun %v", d)
 	}
 }
