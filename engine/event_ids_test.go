@@ -246,7 +246,7 @@ type wrapStore func(*badgerstore.Store) engine.Store
 
 // claimThenStart hides the Badger store's optional capabilities
 // (StartClaimer, IdleSubmitter, CompleteClaimer): every attempt is claimed,
-// then its start recorded in a commit of its own, as on NATS.
+// then its start recorded in a commit of its own, as on a store without engine.StartClaimer.
 type claimThenStart struct{ engine.Store }
 
 // forEachStartPath runs fn with the start recorded in the claim's commit

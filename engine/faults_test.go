@@ -80,7 +80,7 @@ type execFaultStore struct {
 // hideStartClaim, embedded next to *badgerstore.Store, hides the store's
 // engine.StartClaimer (two methods of one name at one depth cancel out, so
 // the wrapper lacks both): the engine then claims with Claim and records
-// the start with RecordDispatchStart, as on a store without it (NATS), and
+// the start with RecordDispatchStart, as on a store without it, and
 // a wrapper's faults in those reach it.
 type hideStartClaim struct{}
 

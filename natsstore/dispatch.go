@@ -124,6 +124,64 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 	return out, nil
 }
 
+var _ engine.StartClaimer = (*Store)(nil)
+
+// ClaimStart implements engine.StartClaimer: Claim, then in the same
+// transaction RecordDispatchStart, unless the dispatch's run is done.
+func (s *Store) ClaimStart(ctx context.Context, threadID, consumerID string, lease time.Duration, instanceID string, now int64) (*engine.Dispatch, error) {
+	ms, token, err := engine.ClaimArgs("thread_id", threadID, consumerID, lease)
+	if err != nil {
+		return nil, err
+	}
+	if err := engine.ValidateID("instance_id", instanceID); err != nil {
+		return nil, err
+	}
+	var out *engine.Dispatch
+	err = s.update(ctx, threadID, func(t *txn) error {
+		out = nil // a retried transaction starts afresh
+		claimed, err := t.claimNext(threadID, consumerID, token, now+ms, now)
+		if err != nil || claimed == nil {
+			return err
+		}
+		out, err = t.startUnlessDone(claimed, instanceID, now)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
+	}
+	return out, nil
+}
+
+// start records the start of a dispatch claimed in this transaction
+// (RecordDispatchStart without its ownership checks: the claim is ours
+// and of the current epoch) and returns the started dispatch.
+func (t *txn) start(claimed *engine.Dispatch, instanceID string, now int64) (*engine.Dispatch, error) {
+	started := claimed.Clone()
+	if err := started.RecordStart(instanceID, now); err != nil {
+		return nil, err
+	}
+	if err := t.updateRunOf(&started, func(r *engine.RunRecord) bool { return r.MarkStarted(&started, instanceID, now/1000) }); err != nil {
+		return nil, err
+	}
+	if err := t.putDispatch(claimed, &started, now); err != nil {
+		return nil, err
+	}
+	return &started, nil
+}
+
+// startUnlessDone is start, except that a dispatch whose run is already
+// done is left claimed only (the engine acks it without running it).
+func (t *txn) startUnlessDone(claimed *engine.Dispatch, instanceID string, now int64) (*engine.Dispatch, error) {
+	run, err := t.loadRun(claimed.RunID)
+	if err != nil {
+		return nil, err
+	}
+	if run != nil && run.Status == engine.RunDone {
+		return claimed, nil
+	}
+	return t.start(claimed, instanceID, now)
+}
+
 // claimNext claims the thread's next due dispatch of its current epoch
 // (nil: none, or the thread holds a claim), superseding the stale queued
 // dispatches it meets on the way. The thread state says whether the
@@ -329,6 +387,20 @@ var _ engine.CompleteClaimer = (*Store)(nil)
 // returns Complete's error. Like Claim and Complete it publishes no
 // signal: the claimed dispatch's enqueue signal finds the thread claimed.
 func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration) (*engine.Dispatch, error) {
+	return s.completeAndClaim(ctx, dispatchID, claimToken, result, now, consumerID, lease, "")
+}
+
+// CompleteAndClaimStart implements engine.StartClaimer: CompleteAndClaim
+// whose claim also records the next dispatch's start, as ClaimStart.
+func (s *Store) CompleteAndClaimStart(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (*engine.Dispatch, error) {
+	if err := engine.ValidateID("instance_id", instanceID); err != nil {
+		return nil, err
+	}
+	return s.completeAndClaim(ctx, dispatchID, claimToken, result, now, consumerID, lease, instanceID)
+}
+
+// completeAndClaim starts the next dispatch too unless instanceID is "".
+func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (*engine.Dispatch, error) {
 	ms, token, err := engine.ClaimArgs("dispatch_id", dispatchID, consumerID, lease)
 	if err != nil {
 		return nil, err
@@ -341,6 +413,11 @@ func (s *Store) CompleteAndClaim(ctx context.Context, dispatchID, claimToken str
 		var err error
 		if next, err = t.claimNext(d.ThreadID, consumerID, token, now+ms, now); err != nil {
 			return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
+		}
+		if next != nil && instanceID != "" {
+			if next, err = t.startUnlessDone(next, instanceID, now); err != nil {
+				return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
+			}
 		}
 		return nil
 	})

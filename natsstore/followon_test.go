@@ -12,7 +12,8 @@ import (
 )
 
 // countingStore is a natsstore.Store (every optional interface promoted)
-// that counts the dispatches claimed by Claim and by CompleteAndClaim.
+// that counts the dispatches claimed by Claim or ClaimStart and by
+// CompleteAndClaim or CompleteAndClaimStart.
 type countingStore struct {
 	*natsstore.Store
 	claimed, followOns atomic.Int64
@@ -28,6 +29,25 @@ func (c *countingStore) Claim(ctx context.Context, threadID, consumerID string, 
 
 func (c *countingStore) CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration) (*engine.Dispatch, error) {
 	next, err := c.Store.CompleteAndClaim(ctx, dispatchID, claimToken, result, now, consumerID, lease)
+	if next != nil {
+		c.followOns.Add(1)
+	}
+	return next, err
+}
+
+// ClaimStart counts as Claim does (the engine claims with it: the store
+// offers engine.StartClaimer).
+func (c *countingStore) ClaimStart(ctx context.Context, threadID, consumerID string, lease time.Duration, instanceID string, now int64) (*engine.Dispatch, error) {
+	d, err := c.Store.ClaimStart(ctx, threadID, consumerID, lease, instanceID, now)
+	if d != nil {
+		c.claimed.Add(1)
+	}
+	return d, err
+}
+
+// CompleteAndClaimStart counts as CompleteAndClaim does.
+func (c *countingStore) CompleteAndClaimStart(ctx context.Context, dispatchID, claimToken string, result engine.RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (*engine.Dispatch, error) {
+	next, err := c.Store.CompleteAndClaimStart(ctx, dispatchID, claimToken, result, now, consumerID, lease, instanceID)
 	if next != nil {
 		c.followOns.Add(1)
 	}

@@ -28,6 +28,17 @@ func (h *handOffHolder) CompleteAndClaim(ctx context.Context, id, token string, 
 	return next, err
 }
 
+// CompleteAndClaimStart holds as CompleteAndClaim does (the engine
+// completes with it: the store offers engine.StartClaimer).
+func (h *handOffHolder) CompleteAndClaimStart(ctx context.Context, id, token string, r engine.RunResult, now int64, consumer string, lease time.Duration, instance string) (*engine.Dispatch, error) {
+	next, err := h.Store.CompleteAndClaimStart(ctx, id, token, r, now, consumer, lease, instance)
+	if err == nil && next != nil {
+		h.once.Do(func() { close(h.held) })
+		<-h.release
+	}
+	return next, err
+}
+
 // A cancel or a foreground submit that another sidecar routes while this
 // one hands its thread over to the next dispatch (claimed with the
 // completion) waits for the hand-over and reaches the attempt that comes

@@ -64,18 +64,8 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 		if err != nil {
 			return err
 		}
-		started := claimed.Clone()
-		if err := started.RecordStart(instanceID, now); err != nil {
-			return err
-		}
-		if err := t.updateRunOf(&started, func(r *engine.RunRecord) bool { return r.MarkStarted(&started, instanceID, now/1000) }); err != nil {
-			return err
-		}
-		if err := t.putDispatch(claimed, &started, now); err != nil {
-			return err
-		}
-		out = &started
-		return nil
+		out, err = t.start(claimed, instanceID, now)
+		return err
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("submit %s: %w", thread, err)

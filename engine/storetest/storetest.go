@@ -30,11 +30,14 @@ func Cases() []Case {
 }
 
 // OptionalCases returns the cases of the optional capabilities a store
-// implements (engine.CompleteClaimer).
+// implements (engine.CompleteClaimer, engine.StartClaimer).
 func OptionalCases(s engine.Store) []Case {
 	var all []Case
 	if _, ok := s.(engine.CompleteClaimer); ok {
 		all = append(all, completeClaimCases()...)
+	}
+	if _, ok := s.(engine.StartClaimer); ok {
+		all = append(all, claimStartCases()...)
 	}
 	return all
 }
