@@ -33,7 +33,8 @@ var (
 // counters are safe for concurrent use.
 type execFaultStore struct {
 	*badgerstore.Store
-	hideStartClaim // the faults below sit in Claim and RecordDispatchStart
+	//lint:ignore U1000 embedded to hide the store's StartClaimer: the faults below sit in Claim and RecordDispatchStart
+	hideStartClaim
 
 	// claimEmpty makes the next n Claim calls return nil without claiming.
 	claimEmpty atomic.Int32
@@ -84,12 +85,18 @@ type execFaultStore struct {
 // a wrapper's faults in those reach it.
 type hideStartClaim struct{}
 
-func (hideStartClaim) ClaimStart()            {}
+//lint:ignore U1000 never called: it only cancels out the promoted method
+func (hideStartClaim) ClaimStart() {}
+
+//lint:ignore U1000 never called: it only cancels out the promoted method
 func (hideStartClaim) CompleteAndClaimStart() {}
 
 func TestHideStartClaimHidesIt(t *testing.T) {
 	if _, ok := any(&execFaultStore{}).(engine.StartClaimer); ok {
 		t.Fatal("execFaultStore still offers StartClaimer: its Claim faults would be bypassed")
+	}
+	if _, ok := any(&interruptBeforeStart{}).(engine.StartClaimer); ok {
+		t.Fatal("interruptBeforeStart still offers StartClaimer: its fault would be bypassed")
 	}
 	if _, ok := any(&badgerstore.Store{}).(engine.StartClaimer); !ok {
 		t.Fatal("the Badger store no longer offers StartClaimer")

@@ -14,8 +14,9 @@ import (
 // recorded, so the store refuses it and supersedes the dispatch.
 type interruptBeforeStart struct {
 	*badgerstore.Store
-	hideStartClaim // the fault sits between the claim and the start
-	done           atomic.Bool
+	//lint:ignore U1000 embedded to hide the store's StartClaimer: the fault sits between the claim and the start
+	hideStartClaim
+	done atomic.Bool
 }
 
 func (s *interruptBeforeStart) RecordDispatchStart(ctx context.Context, id, token, instance string, now int64) error {
