@@ -189,14 +189,6 @@ func (r *recorder) requestAccepted(q *requestRec, now int64) {
 	}
 }
 
-func (r *recorder) textAccepted(text string) {
-	r.mu.Lock()
-	if t := r.texts[text]; t != nil {
-		t.Accepted = true
-	}
-	r.mu.Unlock()
-}
-
 func (r *recorder) accept(a *accepted) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
