@@ -158,12 +158,6 @@ func (r *recorder) problem(format string, args ...any) {
 	r.mu.Unlock()
 }
 
-func (r *recorder) sent(thread, text string) {
-	r.mu.Lock()
-	r.texts[text] = &textRec{Thread: thread, SentNs: time.Now().UnixNano()}
-	r.mu.Unlock()
-}
-
 // request records a request of texts on thread as sent.
 func (r *recorder) request(thread string, texts []string) *requestRec {
 	now := time.Now().UnixNano()
