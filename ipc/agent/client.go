@@ -28,6 +28,8 @@ type Client struct {
 	// handlers counts handler goroutines of every connection; Serve waits
 	// for them before it returns.
 	handlers sync.WaitGroup
+	// pool runs the handlers (made by Serve, stopped when it returns).
+	pool *runPool
 
 	mu      sync.Mutex    // guards cur and changed
 	cur     *conn         // the established connection, nil between connections
@@ -59,6 +61,8 @@ func (c *Client) Serve(ctx context.Context) error {
 		return ErrServing
 	}
 	defer c.serving.Store(false)
+	c.pool = newRunPool()
+	defer c.pool.stop() // after waitHandlers: every run has returned
 	defer c.waitHandlers()
 
 	c.log.Info("agent client starting", "socket", c.cfg.Socket, "name", c.cfg.Name,

@@ -541,7 +541,7 @@ func (cn *conn) startRun(f *ipc.Frame) error {
 	cn.mu.Unlock()
 
 	r.debug("run started")
-	go r.execute(cn.client.cfg.Handler)
+	cn.client.pool.do(func() { r.execute(cn.client.cfg.Handler) })
 	return nil
 }
 
