@@ -243,19 +243,22 @@ func TestPythonAgentGivesUpOnASidecarThatStopsReading(t *testing.T) {
 			t.Fatalf("send %s: %v", typ, err)
 		}
 	}
-	write(ipc.TypeWelcome, 0, ipc.Welcome{Protocol: ipc.ProtocolVersion, SidecarID: "test", HeartbeatMs: 100, MaxFrame: ipc.DefaultMaxFrame})
-	// A run whose echo (8 MiB) is far more than the socket buffers hold:
+	// Heartbeats of 400 ms: receiving the large RUN below must not itself
+	// look like silence on a loaded machine (with 100 ms the agent gave up
+	// while the RUN was still being written, and the write failed).
+	write(ipc.TypeWelcome, 0, ipc.Welcome{Protocol: ipc.ProtocolVersion, SidecarID: "test", HeartbeatMs: 400, MaxFrame: ipc.DefaultMaxFrame})
+	// A run whose echo (2 MiB) is far more than the socket buffers hold:
 	// the run's EVENT write blocks, since this sidecar reads nothing more.
 	write(ipc.TypeRun, 1, map[string]any{
 		"dispatch_id": "d1", "run_id": "r1", "thread_id": "t1", "agent_id": "default", "session_id": "s1", "attempt": 1,
 		"request": map[string]any{
-			"messages": []any{map[string]any{"id": "m1", "role": "user", "content": strings.Repeat("x", 8<<20)}},
+			"messages": []any{map[string]any{"id": "m1", "role": "user", "content": strings.Repeat("x", 2<<20)}},
 			"run_mode": "foreground", "origin": "user",
 		},
 		"context": map[string]any{"messages": []any{}, "first_seq": 0, "total_messages": 0},
 	})
 	// Silent and not reading: the agent must give up on this connection
-	// (3 heartbeats, 300 ms) and connect again.
+	// (3 heartbeats, 1.2 s) and connect again.
 	c := sc.accept(t)
 	c.expect(ipc.TypeHello, 0)
 }
