@@ -86,8 +86,9 @@
 //     the data {"type":"reset","reason":…,"after":A,"oldest":F}: reason
 //     "expired" (the replay position fell out of the ring, or is an id of
 //     an earlier attempt of the run whose end this sidecar did not see;
-//     the stream goes on from F), "slow_subscriber" (the stream fell
-//     behind while live; it ends) or "unknown_id" (Last-Event-ID is
+//     the stream goes on from F; when the attempt has no event yet, the
+//     reset is sent with its first one), "slow_subscriber" (the stream
+//     fell behind the ring after it was served from it; it ends) or "unknown_id" (Last-Event-ID is
 //     beyond the thread's current attempt — an id of an earlier run, or
 //     of a log numbered apart; the replay restarts at the attempt's first
 //     event). No Last-Event-ID, or 0 (the `submitted` event's), replays

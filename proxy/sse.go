@@ -97,7 +97,13 @@ func (st *sseStream) run(w *bufio.Writer) {
 		default:
 		}
 		evs, reset, closed, wait := st.log.Read(st.after, readBatch, buf)
-		if reset {
+		// A reset with nothing to serve: the client's id is from before
+		// this log (an earlier attempt's), which has no event yet. The
+		// position cannot move past it, so every read reports it again:
+		// it is sent once, with the log's first event, and this read does
+		// not make the stream live (the reset then is no slow reader's).
+		deferred := reset && len(evs) == 0 && !closed
+		if reset && !deferred {
 			oldest := st.after + 1
 			if len(evs) > 0 {
 				oldest = evs[0].Seq
@@ -114,7 +120,7 @@ func (st *sseStream) run(w *bufio.Writer) {
 			line = appendReset(line[:0], "expired", st.after, oldest)
 			w.Write(line)
 		}
-		live = true
+		live = live || !deferred
 		for i := range evs {
 			line = appendEvent(line[:0], &evs[i])
 			w.Write(line)
