@@ -403,8 +403,11 @@ func (s *failLoadRun) LoadRun(ctx context.Context, id string) (*engine.RunRecord
 // An attempt that ends before reaching the agent (its run could not be
 // read) has one event, the sidecar's run_finish, numbered apart from every
 // id a started attempt uses (2^31+1); the retry numbers from its own start
-// count, above it, and a client that saw that run_finish goes on without
-// a reset.
+// count, above it. A client that saw that run_finish gets the retry from
+// its first event with a reset: the failed attempt's claim recorded its
+// start, but the attempt never learnt the run's start count, so this
+// process cannot tell that no attempt ran elsewhere in between
+// (TestEventIDsResetAfterAnAttemptInAnotherSidecar).
 func TestEventIDsOfAnAttemptThatDidNotReachTheAgent(t *testing.T) {
 	fs := &failLoadRun{}
 	exec := newFake(0, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
@@ -436,7 +439,88 @@ func TestEventIDsOfAnAttemptThatDidNotReachTheAgent(t *testing.T) {
 	eventually(t, "the retry acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
 	log2 := r.mb.Reattach("t-unreached")
 	got, reset := readAll(log2, seen[0].Seq)
-	if log2 == log1 || reset || tagged(got, "ran") != 2 || got[0].Seq != 1<<32+1 {
-		t.Fatalf("the retry after it, read from its run_finish: reset=%v %s, want the retry's events from 4294967297 (its run's second recorded start) without a reset", reset, describe(got))
+	if log2 == log1 || !reset || tagged(got, "ran") != 2 || got[0].Seq != 1<<32+1 {
+		t.Fatalf("the retry after it, read from its run_finish: reset=%v %s, want a reset and the retry's events from 4294967297 (its run's second recorded start)", reset, describe(got))
 	}
+}
+
+// On a shared store (NATS: several sidecars) a run's attempts can move
+// between processes. Attempt 1 runs here and fails; its retry (the run's
+// second start) runs in another sidecar and fails too; the third start
+// runs here again. This process still holds attempt 1's log, but attempt 1
+// is not the run's previous attempt: a client that followed attempt 1 to
+// its end and re-attaches here with its last id missed all of attempt 2,
+// so it must get a reset. The log of attempt 3 took attempt 1's last id
+// for "the previous attempt's last id seen here" and served attempt 3
+// without one. Both stores' clocks are the test's.
+func TestEventIDsResetAfterAnAttemptInAnotherSidecar(t *testing.T) {
+	forEachStartPath(t, func(t *testing.T, wrap wrapStore) {
+		var now atomic.Int64
+		now.Store(time.Now().UnixMilli())
+		hold := make(chan struct{})
+		exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+			if req.Attempt == 1 {
+				taggedEvents(sink, "first", 3)
+				return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
+			}
+			taggedEvents(sink, "third", 4)
+			select {
+			case <-hold:
+			case <-ctx.Done():
+			}
+			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+		})
+		r := newRigWith(t, exec, engine.Config{Now: now.Load, EventRetention: time.Hour, RetryDelay: 10 * time.Minute, MaxRetryDelay: 10 * time.Minute}, wrap)
+		t.Cleanup(func() { close(hold) }) // before the mailbox stops
+		r.start(t)
+		ctx := context.Background()
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-moved", Messages: []engine.Message{userMsg("x")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "attempt 1 nacked", func() bool {
+			d := execLoad(t, r.store, res.DispatchID)
+			return d.Status == engine.StatusQueued && d.AttemptCount == 1
+		})
+		log1 := r.mb.Reattach("t-moved")
+		eventually(t, "attempt 1's log closed", func() bool { _, closed := log1.ClosedAt(); return closed })
+		seen, _ := readAll(log1, 0)
+		if tagged(seen, "first") != 3 {
+			t.Fatalf("attempt 1's events: %s", describe(seen))
+		}
+
+		// Another sidecar on the same store runs the retry (the run's
+		// second start) when it falls due by its clock, and fails it.
+		other := now.Load() + (11 * time.Minute).Milliseconds()
+		c, err := r.store.ClaimStart(ctx, "t-moved", "other-sidecar", time.Minute, "other-instance", other)
+		if err != nil || c == nil || c.InstanceID != "other-instance" {
+			t.Fatalf("the other sidecar's claim and start: %+v %v", c, err)
+		}
+		if _, err := r.store.Nack(ctx, c.DispatchID, c.ClaimToken, other, "flaky there too", other); err != nil {
+			t.Fatal(err)
+		}
+		if run := execRun(t, r.store, res.RunID); run.StartCount != 2 {
+			t.Fatalf("after the other sidecar's attempt: start_count %d, want 2", run.StartCount)
+		}
+
+		now.Store(other + time.Minute.Milliseconds())
+		exec.setCapacity(1) // the third attempt is due by this sidecar's clock
+		var log3 *engine.EventLog
+		eventually(t, "attempt 3's events", func() bool {
+			log3 = r.mb.Reattach("t-moved")
+			if log3 == nil || log3 == log1 {
+				return false
+			}
+			evs, _ := readAll(log3, 0)
+			return tagged(evs, "third") == 4
+		})
+		last := seen[len(seen)-1].Seq
+		got, reset := readAll(log3, last)
+		if len(got) == 0 || got[0].Seq != 2<<32+1 || tagged(got, "third") != 4 {
+			t.Fatalf("attempt 3 read after attempt 1's last id %d: %s, want its events from %d", last, describe(got), uint64(2<<32+1))
+		}
+		if !reset {
+			t.Fatalf("re-attached with attempt 1's last id %d: attempt 3 served without a reset, but attempt 2 (ids from %d, in another sidecar) was skipped", last, uint64(1<<32+1))
+		}
+	})
 }

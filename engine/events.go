@@ -60,10 +60,16 @@ type EventLog struct {
 	base     uint64     // seq of the log's first event (1 unless numbered)
 	prev     uint64     // the last id of the run's previous attempt, when this process held its log (else 0)
 	numbered bool       // number was applied
-	run      string     // the run whose attempt it follows; guarded by Mailbox.mu, not mu
-	closed   bool
-	closedAt int64         // Unix ms, when closed
-	wake     chan struct{} // closed on the next append or close; nil when nobody waits
+	// starts is the run's count of recorded starts after this log's
+	// attempt (its own start included), when known (startsKnown): the
+	// next attempt here tells from it whether this one was the run's
+	// previous attempt.
+	starts      uint32
+	startsKnown bool
+	run         string // the run whose attempt it follows; guarded by Mailbox.mu, not mu
+	closed      bool
+	closedAt    int64         // Unix ms, when closed
+	wake        chan struct{} // closed on the next append or close; nil when nobody waits
 }
 
 // NewEventLog returns a log that keeps the last capacity events, numbered
@@ -118,6 +124,22 @@ func (l *EventLog) number(base, prev uint64) {
 	}
 	l.numbered = true
 	l.next, l.base, l.prev = base, base, prev
+}
+
+// noteStarts records the run's count of recorded starts after this log's
+// attempt (its own start included).
+func (l *EventLog) noteStarts(s uint32) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.starts, l.startsKnown = s, true
+}
+
+// startsAfter returns what noteStarts recorded; ok is false when nothing
+// was (the attempt did not learn its run's start count).
+func (l *EventLog) startsAfter() (s uint32, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.starts, l.startsKnown
 }
 
 // Close marks the run finished at nowMs; readers drain what is left and

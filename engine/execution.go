@@ -21,17 +21,20 @@ type execution struct {
 	done   chan struct{} // closed when the attempt has finished and released its slot
 
 	events *EventLog
-	// prevLast is the last event id of the run's previous attempt when
-	// this process still held its log (0 when not); set at the start.
-	prevLast uint64
+	// prevLog is the log of an earlier attempt of the run that this
+	// process still held when this one started (nil when none); set at
+	// the start.
+	prevLog *EventLog
 	// starts is the run's StartCount as this attempt knows it (its own
-	// start included once recorded); numbered: the log's ids are fixed
-	// (execute goroutine only).
-	starts    uint32
-	numbered  bool
-	commands  chan Command
-	suspended atomic.Int32 // >0 while a tool call waits (longer lease)
-	startedAt int64        // Unix ms of the recorded start (execute goroutine only)
+	// start included once recorded), known once the run was read
+	// (countKnown); numbered: the log's ids are fixed (execute goroutine
+	// only).
+	starts     uint32
+	countKnown bool
+	numbered   bool
+	commands   chan Command
+	suspended  atomic.Int32 // >0 while a tool call waits (longer lease)
+	startedAt  int64        // Unix ms of the recorded start (execute goroutine only)
 	// preStarted: the start was recorded with the claim (dispatch.InstanceID).
 	preStarted bool
 	sawFinish  atomic.Bool // the agent emitted run_finish
@@ -162,7 +165,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 		e.events = NewEventLog(m.cfg.EventBuffer)
 	}
 	if prev := m.logs[d.ThreadID]; prev != nil && prev != e.events && prev.run == d.RunID {
-		e.prevLast = prev.LastSeq()
+		e.prevLog = prev
 	}
 	e.events.run = d.RunID
 	m.threads[d.ThreadID] = e
@@ -288,6 +291,7 @@ func (m *Mailbox) execute(e *execution) {
 	req, run, err := m.reconstruct(ctx, d)
 	if run != nil {
 		e.starts = startsOf(run) // this attempt's start included if its claim recorded it
+		e.countKnown = true
 	}
 	if err == nil && run.Status == RunDone {
 		// A previous attempt finished the run but crashed before its ack
@@ -596,7 +600,11 @@ func (m *Mailbox) emitFinishSession(e *execution, session string, term *Terminat
 // one (README, "Event ids"): from the run's start count when the agent is
 // about to run it (reached), otherwise — its only event is the sidecar's
 // run_finish — apart from every id a started attempt uses. Never below
-// the ids of the run's previous attempt held here.
+// the ids of the run's earlier attempt held here. A reader at that
+// attempt's last id goes on without a reset only when it was the run's
+// previous attempt: no start of the run was recorded between the two (in
+// another sidecar on a shared store, say), as far as their start counts
+// tell; when either is unknown, the reader gets a reset.
 func (m *Mailbox) numberEvents(e *execution, reached bool) {
 	if e.numbered {
 		return
@@ -606,7 +614,18 @@ func (m *Mailbox) numberEvents(e *execution, reached bool) {
 	if reached {
 		base = attemptBase(e.starts)
 	}
-	e.events.number(max(base, e.prevLast+1), e.prevLast)
+	own := reached || e.preStarted // e.starts counts this attempt's own start
+	var last, prev uint64
+	if p := e.prevLog; p != nil {
+		last = p.LastSeq()
+		if s, ok := p.startsAfter(); ok && e.countKnown && (own && s+1 == e.starts || !own && s == e.starts) {
+			prev = last
+		}
+	}
+	e.events.number(max(base, last+1), prev)
+	if e.countKnown {
+		e.events.noteStarts(e.starts)
+	}
 }
 
 // finishEvent is the run_finish event the engine writes for d's run when
