@@ -524,3 +524,22 @@ func TestEventIDsResetAfterAnAttemptInAnotherSidecar(t *testing.T) {
 		}
 	})
 }
+
+// An operator's requeue keeps the count of a run's starts, also for a run
+// started under a version that did not count them (started_at set,
+// start_count 0): Reopen clears started_at, and the count read from it
+// went back to 0, so the requeued run's next start was its "first" again
+// and numbered its events from 1, over the ids its earlier attempt used.
+func TestReopenKeepsAStartOfAnEarlierVersion(t *testing.T) {
+	d := &engine.Dispatch{DispatchID: "d2", ThreadID: "t", RunID: "r"}
+	r := engine.RunRecord{RunID: "r", ThreadID: "t", Status: engine.RunDone, StartedAt: 5, FinishedAt: 6}
+	r.Reopen("d2", 9)
+	if !r.MarkStarted(d, "i", 10) || r.StartCount != 2 {
+		t.Fatalf("a run of an earlier version, requeued and started: start_count %d, want 2 (its earlier start counted)", r.StartCount)
+	}
+	counted := engine.RunRecord{RunID: "r", ThreadID: "t", Status: engine.RunDone, StartedAt: 5, StartCount: 3}
+	counted.Reopen("d2", 9)
+	if counted.StartCount != 3 || !counted.MarkStarted(d, "i", 10) || counted.StartCount != 4 {
+		t.Fatalf("a counted run, requeued and started: start_count %d, want 4", counted.StartCount)
+	}
+}

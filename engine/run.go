@@ -370,6 +370,10 @@ func (m MessageRecord) String() string {
 // the new dispatch (StartCount is kept). It is the one sanctioned way out
 // of done.
 func (r *RunRecord) Reopen(dispatchID string, nowSec int64) {
+	// A start of a version that did not count them is told by StartedAt,
+	// cleared below: count it now, or the run's next start is its first
+	// again (and numbers its events over its earlier attempt's).
+	r.StartCount = startsOf(r)
 	r.Status = RunCreated
 	r.TerminationReason = nil
 	r.ErrorPayload = nil

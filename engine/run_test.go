@@ -399,6 +399,7 @@ func TestRunReopen(t *testing.T) {
 	want.TerminationReason, want.ErrorPayload, want.Waiting = nil, nil, nil
 	want.Outcome, want.FinalOutput, want.SessionID = nil, nil, ""
 	want.StartedAt, want.FinishedAt = 0, 0
+	want.StartCount = 1 // its start (of a version that did not count them) is counted, not lost with started_at
 	want.DispatchID = "d2"
 	want.UpdatedAt = 200
 	r.Reopen("d2", 200)
