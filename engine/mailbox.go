@@ -659,6 +659,11 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 			continue
 		}
 		delete(m.pending, d.DispatchID)
+		// An attempt that never reached the agent, of a run whose start
+		// count is not read here (README, "Event ids"): numbered apart from
+		// the ids of the run's started attempts — the dispatch may continue
+		// a waiting run, whose first attempt numbered from 1.
+		l.number(unstartedBase(0), 0)
 		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, &Termination{Type: TermCancelled}))
 		l.Close(now)
 	}

@@ -98,7 +98,10 @@
 //     taken as the current run's (runs number from 1).
 //   - A foreground run whose dispatch is withdrawn before it starts
 //     (superseded, cancelled) ends its stream with a sidecar run_finish
-//     (termination cancelled), id 1.
+//     (termination cancelled), id 2147483649 (2^31+1: an attempt that did
+//     not reach the agent, of a run whose start count is not known —
+//     apart from the ids of the run's started attempts, for the dispatch
+//     may continue a waiting run; engine/README.md, "Event ids").
 //   - Agent events that contain line breaks (pretty-printed JSON) are
 //     compacted to one line; otherwise the data is the agent's bytes.
 //   - Request metrics label requests by route pattern ("unmatched" for

@@ -559,7 +559,7 @@ func TestQueuedForegroundStream(t *testing.T) {
 	}
 	sc.call(req{method: "POST", path: "/v1/threads/w/interrupt"}, 200, &ir)
 	wevs := w.rest()
-	if ir.Superseded != 1 || types(wevs) != "run_finish" || wevs[0].ID != "1" || !strings.Contains(wevs[0].Data, `"cancelled"`) || !strings.Contains(wevs[0].Data, wsub.RunID) {
+	if ir.Superseded != 1 || types(wevs) != "run_finish" || wevs[0].ID != "2147483649" || !strings.Contains(wevs[0].Data, `"cancelled"`) || !strings.Contains(wevs[0].Data, wsub.RunID) {
 		t.Fatalf("withdrawn run: %+v %+v", ir, wevs)
 	}
 
