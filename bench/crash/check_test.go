@@ -183,6 +183,8 @@ type findings struct {
 	liveExcused       int      // … not found, but an attempt of the run was killed
 	activeCancelled   int      // attempts a plain interrupt found active, checked (not excused by a kill)
 	reordered         int      // requests whose messages are not in order in the log
+	badEventIDs       int      // foreground streams whose event ids went back or reused an earlier attempt's band
+	continuationIDs   int      // foreground streams of a run an earlier attempt of which had started, whose ids were checked
 	requestsOrdered   int      // requests of several messages whose order was checked
 }
 
@@ -342,6 +344,7 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 
 	checkDeadClaims(f, rec, ix, o.sidecarKills)
 	checkDelivered(f, rec, ix)
+	checkEventIDs(f, rec, ix)
 	checkInterruptCancels(f, rec, ix, o.sidecarKills)
 
 	// Checkpoints and messages in the logs.
@@ -975,6 +978,51 @@ func checkRequestOrder(f *findings, rec *recorder, snap *snapshot) {
 					f.add("OUT OF ORDER on %s: %q (answered %v) is at seq %d, after %q (sent later, %v) at seq %d",
 						th, a.q.Texts[0], ts(a.q.AnsweredNs), a.last, b.q.Texts[0], ts(b.q.SentNs), b.first)
 				}
+			}
+		}
+	}
+}
+
+// checkEventIDs checks the SSE event ids of the foreground streams
+// (engine/README.md, "Event ids"): they grow within a stream, and an
+// attempt's ids are above those of its run's earlier started attempts —
+// the run's s-th recorded start numbers from (s−1)·2³²+1. A stream follows
+// one attempt of its run, which started after the stream's request was
+// sent; every journal start of the run before that is an earlier attempt
+// whose start was recorded (an agent is sent a run only after its start
+// is), so with j of them each agent event of the stream has an id of at
+// least j·2³²+1. The sidecar's run_finish is left out: an attempt that
+// never reached the agent numbers its run_finish apart. `EVENT IDS`.
+func checkEventIDs(f *findings, rec *recorder, ix *journalIndex) {
+	rec.mu.Lock()
+	streams := append([]streamRec(nil), rec.fgStreams...)
+	rec.mu.Unlock()
+	for _, st := range streams {
+		for i := 1; i < len(st.Events); i++ {
+			if st.Events[i].ID <= st.Events[i-1].ID {
+				f.badEventIDs++
+				f.add("EVENT IDS: foreground stream of dispatch %s (run %s on %s): %s id %d after %s id %d",
+					st.Dispatch, st.RunID, st.Thread, st.Events[i].Type, st.Events[i].ID, st.Events[i-1].Type, st.Events[i-1].ID)
+				break
+			}
+		}
+		earlier := map[string]bool{}
+		for _, s := range ix.byThread[st.Thread] {
+			if s.start.RunID == st.RunID && s.start.StartNs < st.SentNs {
+				earlier[s.start.SessionID] = true
+			}
+		}
+		if len(earlier) == 0 {
+			continue
+		}
+		f.continuationIDs++
+		floor := uint64(len(earlier))<<32 + 1
+		for _, e := range st.Events {
+			if e.Type != "run_finish" && e.ID < floor {
+				f.badEventIDs++
+				f.add("EVENT IDS: foreground stream of dispatch %s (run %s on %s) sent at %v: %s id %d, below %d though %d attempts of the run had started before (journal): ids of an earlier attempt's band",
+					st.Dispatch, st.RunID, st.Thread, ts(st.SentNs), e.Type, e.ID, floor, len(earlier))
+				break
 			}
 		}
 	}

@@ -165,6 +165,7 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); %d attempts an interrupt found active checked cancelled",
 		f.liveReceived, f.liveExcused, f.activeCancelled)
 	t.Logf("requests of 2–3 messages whose order in the log was checked: %d", f.requestsOrdered)
+	t.Logf("foreground streams of a run with an earlier started attempt whose event ids were checked above its band: %d", f.continuationIDs)
 	rec.mu.Unlock()
 	for _, n := range f.notes {
 		t.Logf("note: %s", n)

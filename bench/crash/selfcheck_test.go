@@ -47,6 +47,8 @@ func newScenario() *scenario {
 			s.entries = append(s.entries, journalEntry{Record: en, agent: s.agent})
 		}
 	}
+	s.rec.fgStreams = append(s.rec.fgStreams, streamRec{Thread: "t1", RunID: "r1", Dispatch: "d1", SentNs: 90 * ms,
+		Events: []streamEvent{{1, "run_start"}, {2, "text_delta"}, {3, "run_finish"}}})
 	run("d1", "r1", "s1", cmd1.String(), 120*ms, 130*ms)
 	run("d2", "r2", "s2", cmd2.String(), 140*ms, 0)
 	for i := 1; i <= 2; i++ {
@@ -232,6 +234,41 @@ func TestChecksCatchFaults(t *testing.T) {
 			s.entries = append(s.entries, journalEntry{Record: c, agent: s.agent})
 		}, "cancel came only", func(f *findings) int { return f.uncancelled }},
 	}
+	// A foreground continuation of r2 sent after s2 started: the run's
+	// second start at least, so its ids are from 2^32+1.
+	continuation := func(ids ...uint64) streamRec {
+		st := streamRec{Thread: "t1", RunID: "r2", Dispatch: "d3", SentNs: 200 * ms}
+		for i, id := range ids {
+			typ := "text_delta"
+			if i == len(ids)-1 {
+				typ = "run_finish"
+			}
+			st.Events = append(st.Events, streamEvent{id, typ})
+		}
+		return st
+	}
+	cases = append(cases, []struct {
+		name   string
+		inject func(s *scenario)
+		want   string
+		count  func(f *findings) int
+	}{
+		{"event ids going back within a stream", func(s *scenario) {
+			s.rec.fgStreams[0].Events[1].ID = 4
+		}, "EVENT IDS", func(f *findings) int { return f.badEventIDs }},
+		{"an attempt numbering its events in an earlier attempt's band", func(s *scenario) {
+			s.rec.fgStreams = append(s.rec.fgStreams, continuation(1, 2, 3))
+		}, "EVENT IDS", func(f *findings) int { return f.badEventIDs }},
+	}...)
+	t.Run("event ids of a continuation above the earlier attempt's band", func(t *testing.T) {
+		for _, st := range []streamRec{continuation(1<<32+1, 1<<32+2, 1<<32+3), continuation(1<<31 + 1)} {
+			s := newScenario()
+			s.rec.fgStreams = append(s.rec.fgStreams, st)
+			if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.badEventIDs != 0 || len(f.problems) > 0 {
+				t.Errorf("stream %+v is reported: %v", st.Events, f.problems)
+			}
+		}
+	})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newScenario()

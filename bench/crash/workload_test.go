@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,6 +123,20 @@ func userTexts(texts []string) []message {
 	return out
 }
 
+// streamRec is a foreground stream as read: its run, when its request
+// was sent, and the id and type of every event with an id but the
+// `submitted` one, in order.
+type streamRec struct {
+	Thread, RunID, Dispatch string
+	SentNs                  int64
+	Events                  []streamEvent
+}
+
+type streamEvent struct {
+	ID   uint64
+	Type string
+}
+
 // recorder keeps everything the workload did and the API acknowledged.
 type recorder struct {
 	mu         sync.Mutex
@@ -138,7 +153,8 @@ type recorder struct {
 	ops        map[string]int
 	killEpoch  int // sidecar kills so far: a stream cut by a kill is no fault
 	streams    struct{ total, finished, cut, timedOut int }
-	problems   []string // faults seen while the workload ran
+	fgStreams  []streamRec // foreground streams that reached `submitted`
+	problems   []string    // faults seen while the workload ran
 }
 
 func newRecorder() *recorder {
@@ -470,8 +486,17 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	var got *accepted
 	finished, reset := false, false
 	last := ""
+	var seen []streamEvent
 	rerr := readSSE(resp.Body, func(ev sseEvent) bool {
 		last = ev.Event
+		if ev.ID != "" && ev.Event != "submitted" {
+			id, err := strconv.ParseUint(ev.ID, 10, 64)
+			if err != nil {
+				w.rec.problem("foreground stream on %s: event %s with id %q", thread, ev.Event, ev.ID)
+				return false
+			}
+			seen = append(seen, streamEvent{ID: id, Type: ev.Event})
+		}
 		switch ev.Event {
 		case "reset":
 			// The sidecar dropped a reader that fell behind its ring
@@ -502,6 +527,9 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	})
 	w.rec.mu.Lock()
 	defer w.rec.mu.Unlock()
+	if got != nil {
+		w.rec.fgStreams = append(w.rec.fgStreams, streamRec{Thread: thread, RunID: got.RunID, Dispatch: got.ID, SentNs: sent, Events: seen})
+	}
 	w.rec.streams.total++
 	switch {
 	case finished:
