@@ -88,6 +88,23 @@ func (m *Mailbox) reserveSlot(thread string) bool {
 	return true
 }
 
+// reserveSlotAfterProbes is reserveSlot for a foreground submit that has
+// just freed a slot by interrupting the thread's attempt: when every slot
+// is taken but some only by claims probing for due work (tryDispatch),
+// it waits for those to end — a probe that finds nothing gives its slot
+// back within one store operation — instead of queueing the run behind a
+// slot that is about to be free (the submit came back queued, to start a
+// moment later, when the dispatcher probed between the attempt's end and
+// the submit's claim).
+func (m *Mailbox) reserveSlotAfterProbes(thread string) bool {
+	m.mu.Lock()
+	for !m.closing && m.inFlight >= m.exec.Capacity() && m.probes > 0 {
+		m.probeDone.Wait()
+	}
+	m.mu.Unlock()
+	return m.reserveSlot(thread)
+}
+
 func (m *Mailbox) releaseSlot(string) {
 	m.mu.Lock()
 	m.inFlight--
@@ -113,6 +130,7 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		return attemptNoSlot
 	}
 	m.inFlight++
+	m.probes++
 	hold := &execution{claiming: true}
 	m.threads[thread] = hold
 	m.mu.Unlock()
@@ -120,6 +138,8 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 	d, started, err := m.claim(ctx, thread)
 	if err != nil || d == nil {
 		m.mu.Lock()
+		m.probes-- // with the slot's release: a waiter sees both at once
+		m.probeDone.Broadcast()
 		if m.threads[thread] == hold {
 			delete(m.threads, thread)
 		}
@@ -132,6 +152,10 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		}
 		return attemptNone
 	}
+	m.mu.Lock()
+	m.probes-- // the slot stays taken: the claim found work
+	m.probeDone.Broadcast()
+	m.mu.Unlock()
 	m.startExecution(*d, started)
 	return attemptClaimed
 }

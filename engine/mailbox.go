@@ -68,6 +68,11 @@ type Mailbox struct {
 	threads  map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
 	byRun    map[string]*execution
 	inFlight int                  // attempts claimed or executing here (capacity accounting)
+	// probes counts the slots tryDispatch holds while its claim is in
+	// flight (most find nothing and give the slot back); probeDone is
+	// broadcast (on mu) when one ends.
+	probes    int
+	probeDone *sync.Cond
 	logs     map[string]*EventLog // thread → event log of its current or last run (re-attachment)
 	pending  map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
 	started  bool
@@ -106,6 +111,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
 		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
 	}
+	m.probeDone = sync.NewCond(&m.mu)
 	m.metrics = newEngineMetrics(func() (StatusCounts, error) {
 		return store.CountByStatus(context.Background())
 	}, func() float64 {
@@ -456,7 +462,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	// With a free slot, claim inline behind a guard that keeps background
 	// claimers away; without one, queue it at the head of the thread.
-	slot := m.reserveSlot(thread)
+	slot := m.reserveSlotAfterProbes(thread)
 	availableAt := m.cfg.Now()
 	if slot {
 		availableAt += InlineClaimGuard.Milliseconds()
