@@ -67,17 +67,17 @@ type Mailbox struct {
 	mu       sync.Mutex
 	threads  map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
 	byRun    map[string]*execution
-	inFlight int                  // attempts claimed or executing here (capacity accounting)
+	inFlight int // attempts claimed or executing here (capacity accounting)
 	// probes counts the slots tryDispatch holds while its claim is in
 	// flight (most find nothing and give the slot back); probeDone is
 	// broadcast (on mu) when one ends.
 	probes    int
 	probeDone *sync.Cond
-	logs     map[string]*EventLog // thread → event log of its current or last run (re-attachment)
-	pending  map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
-	started  bool
-	closing  bool
-	startMu  sync.Mutex // serialises Start: one recovery at a time
+	logs      map[string]*EventLog // thread → event log of its current or last run (re-attachment)
+	pending   map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
+	started   bool
+	closing   bool
+	startMu   sync.Mutex // serialises Start: one recovery at a time
 
 	wake chan struct{} // wakes the dispatcher; buffered, coalesced
 	// starved: the dispatcher's last look found (or may have found) more

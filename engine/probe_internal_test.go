@@ -10,8 +10,8 @@ import (
 type oneSlot struct{}
 
 func (oneSlot) Run(context.Context, *RunRequest, EventSink) RunOutcome { return RunOutcome{} }
-func (oneSlot) Capacity() int                                       { return 1 }
-func (oneSlot) CapacityChanged() <-chan struct{}                    { return nil }
+func (oneSlot) Capacity() int                                          { return 1 }
+func (oneSlot) CapacityChanged() <-chan struct{}                       { return nil }
 
 // A foreground submit that finds every slot taken, one only by a claim
 // probing for due work, waits for that probe: when the probe finds
