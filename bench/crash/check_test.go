@@ -606,7 +606,10 @@ func (c *cluster) checkRestart(rec *recorder, killNs int64) []string {
 	}
 	rec.mu.Lock()
 	for text, t := range rec.texts {
-		if !t.Accepted || t.checked || t.SentNs > killNs {
+		// Only messages accepted before the logs were read: with the
+		// sidecar alive (agent kills) a request sent before the kill may
+		// be answered after the read, its message logged after it too.
+		if !t.Accepted || t.checked || t.SentNs > killNs || t.AnsweredNs > readAt {
 			continue
 		}
 		if m, ok := logs[t.Thread]; ok {

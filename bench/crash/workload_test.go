@@ -89,10 +89,11 @@ func (r *recorder) answered(t *tryRec) {
 
 // textRec is a message text the harness sent (each unique by its nonce).
 type textRec struct {
-	Thread   string
-	Accepted bool // the API answered 2xx: the message must be in the log
-	SentNs   int64
-	checked  bool
+	Thread     string
+	Accepted   bool // the API answered 2xx: the message must be in the log
+	SentNs     int64
+	AnsweredNs int64 // when the 2xx answer arrived (0: none)
+	checked    bool
 }
 
 // requestRec is a request that carried messages: their texts in order,
@@ -194,7 +195,7 @@ func (r *recorder) requestAccepted(q *requestRec, now int64) {
 	q.AnsweredNs = now
 	for _, text := range q.Texts {
 		if t := r.texts[text]; t != nil {
-			t.Accepted = true
+			t.Accepted, t.AnsweredNs = true, now
 		}
 	}
 }
