@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -167,5 +168,95 @@ func TestDispatchOfADoneRunFinishesItsStreamWithTheRunsOutcome(t *testing.T) {
 	}
 	if runs, _, _ := r.exec.stats(); runs != 0 {
 		t.Fatalf("the agent ran %d times, want 0", runs)
+	}
+}
+
+// gatedLatestRun is the Badger store, StartClaimer included, whose
+// LatestRun of one thread waits, once armed, until resume is closed: an
+// attempt that ClaimStart claimed and started is held while it rebuilds
+// its request (after it read its run record).
+type gatedLatestRun struct {
+	*badgerstore.Store
+	thread       string
+	armed        chan struct{} // closed to arm
+	held, resume chan struct{}
+	once         sync.Once
+}
+
+func (g *gatedLatestRun) LatestRun(ctx context.Context, thread string) (*engine.RunRecord, error) {
+	select {
+	case <-g.armed:
+		if thread == g.thread {
+			g.once.Do(func() { close(g.held); <-g.resume })
+		}
+	default:
+	}
+	return g.Store.LatestRun(ctx, thread)
+}
+
+// An interrupt or a cancel that arrives after a claim that recorded the
+// start (ClaimStart) and before the agent got the run stops the attempt
+// there, as RecordDispatchStart refused such a dispatch on the two-step
+// path (TestSeed_interrupt_between_claim_and_execution_supersedes_without_runtime_start):
+// the executor never sees it, nothing counts it as a run, its run settles
+// as cancelled and its stream ends with a cancelled run_finish. The
+// attempt used to be handed to the executor with a cancelled context.
+func TestStopBetweenClaimStartAndTheRun(t *testing.T) {
+	for _, how := range []string{"interrupt", "cancel"} {
+		t.Run(how, func(t *testing.T) {
+			g := &gatedLatestRun{thread: "thread-gated", armed: make(chan struct{}), held: make(chan struct{}), resume: make(chan struct{})}
+			r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { g.Store = s; return g })
+			if _, ok := any(g).(engine.StartClaimer); !ok {
+				t.Fatal("the wrapper hides StartClaimer")
+			}
+			var resumeOnce sync.Once
+			resume := func() { resumeOnce.Do(func() { close(g.resume) }) }
+			t.Cleanup(resume) // before the rig stops, should the test fail holding it
+			ctx := context.Background()
+			res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "thread-gated", Messages: []engine.Message{userMsg("go")}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			close(g.armed)
+			r.start(t)
+			<-g.held // claimed and started, rebuilding its request
+			if d := execLoad(t, r.store, res.DispatchID); d.Status != engine.StatusClaimed || d.InstanceID == "" {
+				t.Fatalf("held dispatch %+v, want claimed and started", d)
+			}
+			want := engine.StatusSuperseded
+			if how == "interrupt" {
+				if ir, err := r.mb.Interrupt(ctx, "thread-gated"); err != nil || ir.Active == nil || ir.Active.DispatchID != res.DispatchID {
+					t.Fatalf("interrupt %+v %v", ir, err)
+				}
+			} else {
+				want = engine.StatusAcked
+				if ok, err := r.mb.Cancel(ctx, res.DispatchID); err != nil || !ok {
+					t.Fatalf("cancel %v %v", ok, err)
+				}
+			}
+			log := r.mb.Reattach("thread-gated")
+			resume()
+			eventually(t, "dispatch settled", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == want })
+			eventually(t, "slot released", func() bool { return r.mb.InFlight() == 0 })
+			evs := execReadAll(t, log)
+			if runs, _, _ := r.exec.stats(); runs != 0 {
+				t.Fatalf("the %s dispatch entered the executor (%d runs)", how, runs)
+			}
+			if run := execRun(t, r.store, res.RunID); run.Status != engine.RunDone || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermCancelled {
+				t.Fatalf("run %+v, want done/cancelled", run)
+			}
+			var fin struct {
+				Termination *engine.Termination `json:"termination"`
+			}
+			if len(evs) != 1 || evs[0].Type != "run_finish" || json.Unmarshal(evs[0].Data, &fin) != nil || fin.Termination == nil || fin.Termination.Type != engine.TermCancelled {
+				t.Fatalf("events %v (%s), want one run_finish, termination cancelled", execTypes(evs), describe(evs))
+			}
+			out := execMetrics(r.mb)
+			for _, never := range []string{`mailbox_dispatch_enqueue_to_start_seconds_count `, `mailbox_runs_total{`} {
+				if strings.Contains(out, never) {
+					t.Errorf("the %s dispatch was counted as run: %q", how, never)
+				}
+			}
+		})
 	}
 }

@@ -357,6 +357,9 @@ func (m *Mailbox) execute(e *execution) {
 	if !e.preStarted {
 		e.starts++ // counted by the start just recorded
 	}
+	if m.stoppedBeforeRun(ctx, e, instance, log) {
+		return
+	}
 	m.numberEvents(e, true)
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
 	m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
@@ -391,6 +394,39 @@ func (m *Mailbox) execute(e *execution) {
 		outcome = RunOutcome{Kind: OutcomeCompleted, Status: RunDone, Termination: &Termination{Type: TermCancelled}}
 	}
 	m.settle(ctx, e, outcome, instance, log)
+}
+
+// stoppedBeforeRun ends an attempt whose context ended after its claim,
+// before the agent was given the run: a user's cancel (it acked the
+// dispatch already), an interrupt (the claim's epoch is stale) or
+// shutdown. A start recorded in the claim's own commit (StartClaimer) was
+// checked by nothing afterwards — RecordDispatchStart is what refused a
+// dispatch cancelled or superseded between the claim and the start — so
+// the check is made here, before the agent sees the run and before the
+// attempt counts as started. It reports whether the attempt ended.
+func (m *Mailbox) stoppedBeforeRun(ctx context.Context, e *execution, instance string, log *attemptLog) bool {
+	cause := context.Cause(e.ctx)
+	d := &e.dispatch
+	switch {
+	case cause == nil:
+		return false
+	case errors.Is(cause, errShutdown):
+		m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, Error: cause.Error()}, instance, log)
+	case e.cancelSettled.Load():
+		// The cancel acked the dispatch and settled its run; finish
+		// closes the stream with the store's outcome.
+		log.Info("dispatch cancelled before its run started")
+	default:
+		// Interrupted: the release finds the epoch stale, supersedes the
+		// dispatch and settles its run as cancelled (as the start would
+		// have); finish closes the stream. A claim already settled
+		// (stale) needs nothing.
+		log.Info("dispatch interrupted before its run started", "cause", cause)
+		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err != nil && !errors.Is(err, ErrVersionConflict) {
+			log.Warn("release of a dispatch stopped before its run failed", "err", err)
+		}
+	}
+	return true
 }
 
 // attemptLog is an attempt's logger with its thread, run, dispatch and
