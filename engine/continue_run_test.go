@@ -88,3 +88,45 @@ func TestForegroundSubmitContinuesTheWaitingRun(t *testing.T) {
 		t.Fatalf("executor request continue_run_id=%q run_mode=%q, want run-waiting-fg / resume", runs[0].ContinueRunID, runs[0].RunMode)
 	}
 }
+
+// A request whose run_id names a waiting run continues that run: the
+// executor gets continue_run_id (seed reconstruct_run_request: the run
+// is resumable waiting when its request is rebuilt). A claim that records
+// the start in its own commit — ClaimStart for a background request,
+// SubmitIdle for a foreground one — marks the run running before the
+// request is rebuilt, which then used to find no waiting run and left
+// continue_run_id out.
+func TestRunIDHintOfAWaitingRunContinuesIt(t *testing.T) {
+	for _, fg := range []bool{false, true} {
+		name := map[bool]string{false: "background", true: "foreground"}[fg]
+		t.Run(name, func(t *testing.T) {
+			r := newRig(t, newFake(1, complete), engine.Config{})
+			ctx := context.Background()
+			thread := "thread-hint-" + name
+			if err := r.store.CreateRun(ctx, spWaitingRun("run-hinted", thread, engine.WaitUserInput)); err != nil {
+				t.Fatal(err)
+			}
+			req := engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-hinted", Messages: []engine.Message{userMsg("answer")}}
+			var res engine.SubmitResult
+			var err error
+			if fg {
+				r.start(t)
+				res, _, err = r.mb.Submit(ctx, req)
+			} else {
+				res, err = r.mb.SubmitBackground(ctx, req)
+				r.start(t)
+			}
+			if err != nil || res.RunID != "run-hinted" {
+				t.Fatalf("submit %+v %v", res, err)
+			}
+			eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+			runs := spRuns(r.exec)
+			if len(runs) != 1 || runs[0].ContinueRunID != "run-hinted" {
+				t.Fatalf("executor requests %d, continue_run_id %q; want one continuing run-hinted", len(runs), runs[0].ContinueRunID)
+			}
+			if fg && runs[0].RunMode != engine.ModeResume {
+				t.Fatalf("run_mode %q, want resume", runs[0].RunMode)
+			}
+		})
+	}
+}

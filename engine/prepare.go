@@ -189,6 +189,18 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		if err != nil {
 			return "", Dispatch{}, err
 		}
+		if r.ContinueRunID == "" && run.IsResumableWaiting() {
+			// A run_id hint naming a waiting run continues it (the seed's
+			// rebuild gives continue_run_id to a run still waiting). The
+			// extras say so: the attempt's start may be recorded in its
+			// claim's commit (IdleSubmitter, StartClaimer), and the rebuild
+			// then reads the run running.
+			x := extrasOf(r)
+			x.ContinueRunID = runID
+			if run.Request.RequestExtras, err = json.Marshal(x); err != nil {
+				return "", Dispatch{}, fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
+			}
+		}
 		cp := Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: appendMsgs, CreatedAt: m.cfg.Now(), Run: run}
 		var stored Dispatch
 		if availableAt == nil {
