@@ -84,6 +84,11 @@ func TestRunLogsCarryTheRunAndOnlyWhenNeeded(t *testing.T) {
 			}
 		}
 	}
+	// The run logs its failure after its FINISH is written: wait for it.
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), `"msg":"run failed"`) && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
 	out := logs.String()
 	if strings.Contains(out, `"run_id":"good"`) {
 		t.Fatalf("a run that went well logged at info level:\n%s", out)
