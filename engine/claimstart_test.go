@@ -196,13 +196,15 @@ func (g *gatedLatestRun) LatestRun(ctx context.Context, thread string) (*engine.
 
 // An interrupt or a cancel that arrives after a claim that recorded the
 // start (ClaimStart) and before the agent got the run stops the attempt
-// there, as RecordDispatchStart refused such a dispatch on the two-step
-// path (TestSeed_interrupt_between_claim_and_execution_supersedes_without_runtime_start):
+// there — also an interrupt whose cancel has not reached the attempt
+// (interrupt_unseen: the pre-flight finds the epoch stale) — as
+// RecordDispatchStart refused such a dispatch on the two-step path
+// (TestSeed_interrupt_between_claim_and_execution_supersedes_without_runtime_start):
 // the executor never sees it, nothing counts it as a run, its run settles
 // as cancelled and its stream ends with a cancelled run_finish. The
 // attempt used to be handed to the executor with a cancelled context.
 func TestStopBetweenClaimStartAndTheRun(t *testing.T) {
-	for _, how := range []string{"interrupt", "cancel"} {
+	for _, how := range []string{"interrupt", "cancel", "interrupt_unseen"} {
 		t.Run(how, func(t *testing.T) {
 			g := &gatedLatestRun{thread: "thread-gated", armed: make(chan struct{}), held: make(chan struct{}), resume: make(chan struct{})}
 			r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { g.Store = s; return g })
@@ -224,11 +226,18 @@ func TestStopBetweenClaimStartAndTheRun(t *testing.T) {
 				t.Fatalf("held dispatch %+v, want claimed and started", d)
 			}
 			want := engine.StatusSuperseded
-			if how == "interrupt" {
+			switch how {
+			case "interrupt":
 				if ir, err := r.mb.Interrupt(ctx, "thread-gated"); err != nil || ir.Active == nil || ir.Active.DispatchID != res.DispatchID {
 					t.Fatalf("interrupt %+v %v", ir, err)
 				}
-			} else {
+			case "interrupt_unseen":
+				// Committed, its cancel not (yet) delivered to the attempt:
+				// only the epoch tells.
+				if ir, err := r.store.Interrupt(ctx, "thread-gated", time.Now().UnixMilli()); err != nil || ir.Active == nil || ir.Active.DispatchID != res.DispatchID {
+					t.Fatalf("interrupt %+v %v", ir, err)
+				}
+			default:
 				want = engine.StatusAcked
 				if ok, err := r.mb.Cancel(ctx, res.DispatchID); err != nil || !ok {
 					t.Fatalf("cancel %v %v", ok, err)
@@ -259,4 +268,96 @@ func TestStopBetweenClaimStartAndTheRun(t *testing.T) {
 			}
 		})
 	}
+}
+
+// handOffGate is the Badger store, StartClaimer included, whose
+// CompleteAndClaimStart runs after, when set, once the commit claimed and
+// started the thread's next dispatch, before the engine learns of it.
+type handOffGate struct {
+	*badgerstore.Store
+	after      func(*engine.Dispatch)
+	interrupts atomic.Int32
+}
+
+func (g *handOffGate) CompleteAndClaimStart(ctx context.Context, id, token string, res engine.RunResult, now int64, consumer string, lease time.Duration, instance string) (*engine.Dispatch, error) {
+	next, err := g.Store.CompleteAndClaimStart(ctx, id, token, res, now, consumer, lease, instance)
+	if err == nil && next != nil && g.after != nil {
+		g.after(next)
+	}
+	return next, err
+}
+
+func (g *handOffGate) Interrupt(ctx context.Context, thread string, now int64) (engine.InterruptResult, error) {
+	defer g.interrupts.Add(1)
+	return g.Store.Interrupt(ctx, thread, now)
+}
+
+// A foreground submit that interrupts the thread while a completion hands
+// it over to the next dispatch — claimed and started in the completing
+// commit (CompleteAndClaimStart) — supersedes that dispatch, which never
+// reaches the agent (TestForegroundSubmitDuringCompletionHandOff, on the
+// path where the next start is recorded with the completion). The handed
+// over attempt used to run whenever it reached the executor before the
+// submit's cancel reached it.
+func TestForegroundSubmitDuringAStartedHandOff(t *testing.T) {
+	const thread = "started-handoff"
+	hold, release := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	letGo := func() { releaseOnce.Do(func() { close(release) }) }
+	queued := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "first" {
+			<-queued
+		}
+		return complete(ctx, req, sink)
+	}
+	g := &handOffGate{}
+	r := newRigWith(t, newFake(2, script), engine.Config{CancelWait: 5 * time.Second}, func(s *badgerstore.Store) engine.Store { g.Store = s; return g })
+	t.Cleanup(letGo)
+	var held atomic.Bool
+	g.after = func(*engine.Dispatch) {
+		if held.CompareAndSwap(false, true) {
+			close(hold)
+			<-release
+		}
+	}
+	ctx := context.Background()
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}}); err != nil {
+		t.Fatal(err)
+	}
+	second, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("second")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(queued)
+	r.start(t)
+	<-hold // the second dispatch claimed and started with the first's completion
+	if d := execLoad(t, r.store, second.DispatchID); d.Status != engine.StatusClaimed || d.InstanceID == "" {
+		t.Fatalf("handed-over dispatch %+v, want claimed and started", d)
+	}
+	type result struct {
+		res engine.SubmitResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("foreground")}})
+		done <- result{res, err}
+	}()
+	eventually(t, "the foreground submit interrupted the thread", func() bool { return g.interrupts.Load() > 0 })
+	letGo()
+	got := <-done
+	if got.err != nil {
+		t.Fatalf("foreground submit during the hand-over: %v", got.err)
+	}
+	eventually(t, "the foreground run acked", func() bool { return dispatchStatus(t, r.store, got.res.DispatchID) == engine.StatusAcked })
+	if st := dispatchStatus(t, r.store, second.DispatchID); st != engine.StatusSuperseded {
+		t.Fatalf("the handed-over dispatch is %s, want superseded", st)
+	}
+	for _, run := range r.exec.execRuns() {
+		if run.DispatchID == second.DispatchID {
+			t.Fatal("the superseded dispatch reached the agent")
+		}
+	}
+	eventually(t, "slots released", func() bool { return r.mb.InFlight() == 0 })
 }

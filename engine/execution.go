@@ -396,35 +396,58 @@ func (m *Mailbox) execute(e *execution) {
 	m.settle(ctx, e, outcome, instance, log)
 }
 
-// stoppedBeforeRun ends an attempt whose context ended after its claim,
-// before the agent was given the run: a user's cancel (it acked the
-// dispatch already), an interrupt (the claim's epoch is stale) or
-// shutdown. A start recorded in the claim's own commit (StartClaimer) was
-// checked by nothing afterwards — RecordDispatchStart is what refused a
-// dispatch cancelled or superseded between the claim and the start — so
-// the check is made here, before the agent sees the run and before the
-// attempt counts as started. It reports whether the attempt ended.
+// stoppedBeforeRun ends an attempt that may not be given to the agent
+// after all: its context ended after the claim (a user's cancel, which
+// acked the dispatch already; an interrupt; shutdown), or — for a start
+// recorded in the claim's own commit (StartClaimer, IdleSubmitter) — the
+// pre-flight of engine.md §8 finds the claim no longer ours or its epoch
+// behind the thread's. On the two-step path RecordDispatchStart refuses
+// such a dispatch; a start made in the claiming commit was checked by
+// nothing since, and an interrupt may have committed after it (a
+// foreground submit during a hand-over, say) with the cancel of this
+// attempt still on its way. The runtime is never entered for a stale
+// dispatch, nor counted as started. It reports whether the attempt ended.
 func (m *Mailbox) stoppedBeforeRun(ctx context.Context, e *execution, instance string, log *attemptLog) bool {
 	cause := context.Cause(e.ctx)
 	d := &e.dispatch
 	switch {
-	case cause == nil:
-		return false
 	case errors.Is(cause, errShutdown):
 		m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, Error: cause.Error()}, instance, log)
+		return true
 	case e.cancelSettled.Load():
 		// The cancel acked the dispatch and settled its run; finish
 		// closes the stream with the store's outcome.
 		log.Info("dispatch cancelled before its run started")
-	default:
-		// Interrupted: the release finds the epoch stale, supersedes the
-		// dispatch and settles its run as cancelled (as the start would
-		// have); finish closes the stream. A claim already settled
-		// (stale) needs nothing.
-		log.Info("dispatch interrupted before its run started", "cause", cause)
-		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err != nil && !errors.Is(err, ErrVersionConflict) {
-			log.Warn("release of a dispatch stopped before its run failed", "err", err)
+		return true
+	case cause == nil && !e.preStarted:
+		return false // RecordDispatchStart made the checks
+	case cause == nil:
+		cur, err := m.store.LoadDispatch(ctx, d.DispatchID)
+		if err != nil {
+			// As an error reading the epoch (engine.md §8): the dispatch
+			// stays claimed until its lease expires.
+			log.Warn("pre-flight read of the dispatch failed", "err", err)
+			return true
 		}
+		if cur == nil || cur.CheckOwner(d.ClaimToken) != nil {
+			log.Info("dispatch settled before its run started")
+			return true // finish closes the stream with the store's outcome
+		}
+		ep, err := m.store.CurrentEpoch(ctx, d.ThreadID)
+		if err != nil {
+			log.Warn("pre-flight read of the thread's epoch failed", "err", err)
+			return true
+		}
+		if cur.Epoch >= ep {
+			return false
+		}
+	}
+	// Interrupted: the release finds the epoch stale, supersedes the
+	// dispatch and settles its run as cancelled (as the start would have);
+	// finish closes the stream. A claim already settled needs nothing.
+	log.Info("dispatch interrupted before its run started", "cause", cause)
+	if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, m.cfg.Now()); err != nil && !errors.Is(err, ErrVersionConflict) {
+		log.Warn("release of a dispatch stopped before its run failed", "err", err)
 	}
 	return true
 }

@@ -41,7 +41,16 @@ func TestSyntheticRunFinishCarriesTheSession(t *testing.T) {
 				t.Fatal(err)
 			}
 			if kind == "cancelled" {
-				eventually(t, "the run executing", func() bool { return execRun(t, r.store, res.RunID).Status == engine.RunRunning })
+				// The executor has it (a run record says running as soon as
+				// a claim records the start, before the agent gets the run).
+				eventually(t, "the run executing", func() bool {
+					for _, rq := range r.exec.execRuns() {
+						if rq.ThreadID == thread {
+							return true
+						}
+					}
+					return false
+				})
 				if ok, err := r.mb.Cancel(ctx, res.RunID); !ok || err != nil {
 					t.Fatalf("cancel: %v %v", ok, err)
 				}

@@ -33,9 +33,11 @@ func (g *gatedIdle) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engin
 }
 
 // An Interrupt that lands between the fast-path commit (claim + start in
-// one commit) and the execution's start reports the run as active, but the
-// run is never stopped: the pre-started attempt skips the epoch check of
-// RecordDispatchStart and runs to its end.
+// one commit) and the execution's start reports the run as active; the
+// run must not go on: either the attempt's pre-flight finds its epoch
+// stale (the agent never gets it) or the agent is cancelled. It used to
+// run to its end: the pre-started attempt skipped the epoch check of
+// RecordDispatchStart.
 func TestInterruptDuringTheFastPathStartCancelsTheRun(t *testing.T) {
 	var cancelled atomic.Bool
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
@@ -83,9 +85,17 @@ func TestInterruptDuringTheFastPathStartCancelsTheRun(t *testing.T) {
 		t.Fatal(s.err)
 	}
 	eventually(t, "dispatch settled", func() bool { return dispatchStatus(t, r.store, id).Terminal() })
-	if !cancelled.Load() {
-		d, _ := r.store.LoadDispatch(ctx, id)
-		t.Fatalf("the interrupted run was never cancelled: the agent ran to its end (dispatch %s, last_error %q)", d.Status, d.LastError)
+	// The attempt's pre-flight may find its epoch stale first: then the
+	// agent never gets the run. If it got it, it must be cancelled.
+	if runs, _, _ := r.exec.stats(); runs > 0 && !cancelled.Load() {
+		deadline := time.Now().Add(5 * time.Second)
+		for !cancelled.Load() && time.Now().Before(deadline) {
+			time.Sleep(2 * time.Millisecond)
+		}
+		if !cancelled.Load() {
+			d, _ := r.store.LoadDispatch(ctx, id)
+			t.Fatalf("the interrupted run was never cancelled: the agent ran to its end (dispatch %s, last_error %q)", d.Status, d.LastError)
+		}
 	}
 }
 
