@@ -3,6 +3,7 @@ package engine
 import (
 	"container/list"
 	"context"
+	"strings"
 	"sync"
 )
 
@@ -121,10 +122,14 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 			return // a concurrent reader cached a longer log
 		}
 		c.bytes -= old.bytes
+		t.thread = old.thread // the cache's own copy of the id
 		el.Value = t
 		c.lru.MoveToFront(el)
 	} else {
-		c.threads[thread] = c.lru.PushFront(t)
+		// A copy of the id: the caller's may be a slice of a whole
+		// decoded run record, which the key would keep alive.
+		t.thread = strings.Clone(thread)
+		c.threads[t.thread] = c.lru.PushFront(t)
 	}
 	c.bytes += t.bytes
 	c.evictLocked()
