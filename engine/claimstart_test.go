@@ -72,10 +72,10 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-// An agent checkpoint that carries only messages appends them and leaves
-// the run record alone (its updated_at included); one with run fields
-// updates the run.
-func TestMessageOnlyCheckpointLeavesTheRunRecord(t *testing.T) {
+// An agent checkpoint that carries only messages appends them and still
+// advances the run's updated_at, so the running run stays the thread's
+// latest (latest_run goes by updated_at); one with run fields updates them.
+func TestMessageOnlyCheckpointKeepsTheRunLatest(t *testing.T) {
 	var clock atomic.Int64 // Unix ms, advanced by the script
 	clock.Store(time.Now().UnixMilli())
 	var before, afterMsgs, afterRun engine.RunRecord
@@ -111,8 +111,8 @@ func TestMessageOnlyCheckpointLeavesTheRunRecord(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
-	if afterMsgs.UpdatedAt != before.UpdatedAt || afterMsgs.Steps != before.Steps {
-		t.Fatalf("a message-only checkpoint rewrote the run: %d → %d", before.UpdatedAt, afterMsgs.UpdatedAt)
+	if afterMsgs.UpdatedAt != before.UpdatedAt+5 || afterMsgs.Steps != before.Steps {
+		t.Fatalf("after a message-only checkpoint: updated_at %d → %d (want +5), steps %d", before.UpdatedAt, afterMsgs.UpdatedAt, afterMsgs.Steps)
 	}
 	if afterRun.Steps != 3 || afterRun.UpdatedAt != before.UpdatedAt+10 {
 		t.Fatalf("run after a checkpoint with run fields: steps %d, updated_at %d (want 3, %d)", afterRun.Steps, afterRun.UpdatedAt, before.UpdatedAt+10)

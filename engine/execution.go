@@ -847,14 +847,12 @@ func (m *Mailbox) agentCheckpoint(ctx context.Context, thread, runID string, c R
 				r.OutputTokens = *p.OutputTokens
 			}
 		}
-		cp := Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now()}
-		if c.Run != nil {
-			// A checkpoint that carries no run fields (messages only) leaves
-			// the run record as it is: nothing of it changed.
-			r.UpdatedAt = m.cfg.Now() / 1000
-			cp.Run = r
-		}
-		_, err = m.store.Checkpoint(ctx, cp)
+		// Every checkpoint, messages only too, writes the run: its
+		// updated_at keeps the running run the thread's latest (latest_run
+		// goes by updated_at; live messages and prepare follow it), as the
+		// seed's runtime checkpoints do.
+		r.UpdatedAt = m.cfg.Now() / 1000
+		_, err = m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now(), Run: r})
 		var conflict *ConflictError
 		if errors.As(err, &conflict) && attempt < maxAppendRetries {
 			continue
