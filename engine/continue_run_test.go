@@ -130,3 +130,36 @@ func TestRunIDHintOfAWaitingRunContinuesIt(t *testing.T) {
 		})
 	}
 }
+
+// A background continuation of a waiting run reaches the agent with the
+// run as it waits — status waiting and its waiting state (the tickets of
+// its suspended calls) in context.latest_run — as the two-step start gave
+// it: the claim does not record the start of a waiting run's dispatch, the
+// start follows the rebuild.
+func TestContinuationSeesTheRunWaiting(t *testing.T) {
+	r := newRig(t, newFake(1, complete), engine.Config{})
+	ctx := context.Background()
+	thread := "thread-waits"
+	w := spWaitingRun("run-waits", thread, engine.WaitUserInput)
+	w.Waiting.TicketIDs = []string{"ticket-1"}
+	if err := r.store.CreateRun(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-waits", Messages: []engine.Message{userMsg("answer")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.start(t)
+	eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	runs := spRuns(r.exec)
+	if len(runs) != 1 {
+		t.Fatalf("%d runs, want 1", len(runs))
+	}
+	lr := runs[0].Context.LatestRun
+	if lr == nil || lr.RunID != "run-waits" || lr.Status != engine.RunWaiting || lr.Waiting == nil || len(lr.Waiting.TicketIDs) != 1 {
+		t.Fatalf("context.latest_run %+v; want run-waits waiting with its ticket", lr)
+	}
+	if runs[0].ContinueRunID != "run-waits" {
+		t.Fatalf("continue_run_id %q", runs[0].ContinueRunID)
+	}
+}

@@ -258,8 +258,10 @@ type StartClaimer interface {
 	// ClaimStart is Claim followed, in the same commit, by
 	// RecordDispatchStart(the claimed dispatch, its token, instanceID,
 	// now) — unless the dispatch's run is already done (a previous attempt
-	// finished it and lost its ack): that dispatch is claimed only, for the
-	// engine to ack. The returned dispatch was started iff its InstanceID
+	// finished it and lost its ack: the engine acks the dispatch) or
+	// waiting (a continuation: the engine rebuilds the request from the
+	// run as it waits, then records the start); such a dispatch is
+	// claimed only. The returned dispatch was started iff its InstanceID
 	// is instanceID.
 	ClaimStart(ctx context.Context, threadID, consumerID string, lease time.Duration, instanceID string, now int64) (*Dispatch, error)
 	// CompleteAndClaimStart is CompleteAndClaim (CompleteClaimer) whose

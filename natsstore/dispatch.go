@@ -170,13 +170,15 @@ func (t *txn) start(claimed *engine.Dispatch, instanceID string, now int64) (*en
 }
 
 // startUnlessDone is start, except that a dispatch whose run is already
-// done is left claimed only (the engine acks it without running it).
+// done (the engine acks it without running it) or waiting (a
+// continuation: the engine rebuilds the request from the run as it waits,
+// then records the start) is left claimed only.
 func (t *txn) startUnlessDone(claimed *engine.Dispatch, instanceID string, now int64) (*engine.Dispatch, error) {
 	run, err := t.loadRun(claimed.RunID)
 	if err != nil {
 		return nil, err
 	}
-	if run != nil && run.Status == engine.RunDone {
+	if run != nil && (run.Status == engine.RunDone || run.Status == engine.RunWaiting) {
 		return claimed, nil
 	}
 	return t.start(claimed, instanceID, now)

@@ -68,6 +68,26 @@ func claimStartCases() []Case {
 				t.Fatalf("done run changed: %+v", r)
 			}
 		}},
+		{"ClaimStart_leaves_a_waiting_runs_continuation_unstarted", func(t *testing.T, s engine.Store) {
+			h := newDQ(t, s)
+			w := dqRun("run-d1", "t1", engine.RunWaiting)
+			w.Waiting = &engine.RunWaitingState{Reason: engine.WaitUserInput, TicketIDs: []string{"k1"}}
+			h.createRun(w)
+			h.add("d1", "t1", 1000)
+			d, err := sc(t, s).ClaimStart(h.ctx, "t1", "c1", dqLease, "i1", 2000)
+			if err != nil || d == nil || d.Status != engine.StatusClaimed || d.InstanceID != "" || d.RunStatus != "" {
+				t.Fatalf("ClaimStart of a waiting run's dispatch = %+v, %v; want claimed only", d, err)
+			}
+			h.same(*d)
+			if r := h.loadRun("run-d1"); r.Status != engine.RunWaiting || r.Waiting == nil || len(r.Waiting.TicketIDs) != 1 {
+				t.Fatalf("waiting run changed: %+v", r)
+			}
+			// The two-step start follows, with the token of the claim.
+			h.start("d1", d.ClaimToken, "i1", 2100)
+			if r := h.loadRun("run-d1"); r.Status != engine.RunRunning || r.SessionID != "i1" {
+				t.Fatalf("run after the start: %+v", r)
+			}
+		}},
 		{"CompleteAndClaimStart_starts_the_next_dispatch", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.createRun(dqRun("run-d1", "t1", engine.RunCreated))
