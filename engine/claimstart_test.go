@@ -335,29 +335,5 @@ func TestForegroundSubmitDuringAStartedHandOff(t *testing.T) {
 	if d := execLoad(t, r.store, second.DispatchID); d.Status != engine.StatusClaimed || d.InstanceID == "" {
 		t.Fatalf("handed-over dispatch %+v, want claimed and started", d)
 	}
-	type result struct {
-		res engine.SubmitResult
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("foreground")}})
-		done <- result{res, err}
-	}()
-	eventually(t, "the foreground submit interrupted the thread", func() bool { return g.interrupts.Load() > 0 })
-	letGo()
-	got := <-done
-	if got.err != nil {
-		t.Fatalf("foreground submit during the hand-over: %v", got.err)
-	}
-	eventually(t, "the foreground run acked", func() bool { return dispatchStatus(t, r.store, got.res.DispatchID) == engine.StatusAcked })
-	if st := dispatchStatus(t, r.store, second.DispatchID); st != engine.StatusSuperseded {
-		t.Fatalf("the handed-over dispatch is %s, want superseded", st)
-	}
-	for _, run := range r.exec.execRuns() {
-		if run.DispatchID == second.DispatchID {
-			t.Fatal("the superseded dispatch reached the agent")
-		}
-	}
-	eventually(t, "slots released", func() bool { return r.mb.InFlight() == 0 })
+	foregroundDuringHandOff(t, r, thread, second.DispatchID, g.interrupts.Load, letGo)
 }

@@ -79,6 +79,17 @@ func TestCompletionClaimsTheThreadsNextDispatch(t *testing.T) {
 func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
 	const thread = "handoff-thread"
 	r, fs, second, release := heldHandOff(t, thread, complete)
+	foregroundDuringHandOff(t, r, thread, second.DispatchID, fs.interrupts.Load, release)
+}
+
+// foregroundDuringHandOff submits a foreground run to thread while a
+// completion's hand-over to dispatch second is held, lets the hand-over go
+// once the submit has interrupted the thread (interrupts counts store
+// Interrupt calls), and checks the outcome: the foreground run completes,
+// the handed-over dispatch is superseded and never reaches the agent, and
+// every slot is given back.
+func foregroundDuringHandOff(t *testing.T, r *rig, thread, second string, interrupts func() int32, release func()) {
+	t.Helper()
 	ctx := context.Background()
 	type result struct {
 		res engine.SubmitResult
@@ -89,18 +100,18 @@ func TestForegroundSubmitDuringCompletionHandOff(t *testing.T) {
 		res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("foreground")}})
 		done <- result{res, err}
 	}()
-	eventually(t, "the foreground submit interrupted the thread", func() bool { return fs.interrupts.Load() > 0 })
+	eventually(t, "the foreground submit interrupted the thread", func() bool { return interrupts() > 0 })
 	release()
 	got := <-done
 	if got.err != nil {
 		t.Fatalf("foreground submit during the hand-over: %v", got.err)
 	}
 	eventually(t, "the foreground run acked", func() bool { return dispatchStatus(t, r.store, got.res.DispatchID) == engine.StatusAcked })
-	if st := dispatchStatus(t, r.store, second.DispatchID); st != engine.StatusSuperseded {
+	if st := dispatchStatus(t, r.store, second); st != engine.StatusSuperseded {
 		t.Fatalf("the handed-over dispatch is %s, want superseded", st)
 	}
 	for _, run := range r.exec.execRuns() {
-		if run.DispatchID == second.DispatchID {
+		if run.DispatchID == second {
 			t.Fatal("the superseded dispatch reached the agent")
 		}
 	}
