@@ -172,9 +172,17 @@ func TestAgentKilledMidRunIsRetriedByTheNextAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitDispatch(t, st.store, res.DispatchID, engine.StatusClaimed)
-	eventually(t, "run started", func() bool {
-		run, err := st.store.LoadRun(ctx, res.RunID)
-		return err == nil && run.StartedAt > 0
+	// The run's start is recorded when it is claimed, before the hub sends
+	// it: wait for the agent's own first event, so the agent has the run
+	// when it dies (one killed before that is abandoned without spending
+	// an attempt, once no agent comes within AgentWait).
+	eventually(t, "the agent started the run", func() bool {
+		log := st.mb.Reattach("py-kill")
+		if log == nil {
+			return false
+		}
+		evs, _, _, _ := log.Read(0, 1, nil)
+		return len(evs) > 0
 	})
 	first.Process.Signal(syscall.SIGKILL)
 	first.Wait()
