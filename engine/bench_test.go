@@ -90,7 +90,9 @@ func BenchmarkBackgroundRun(b *testing.B) {
 			defer s.Close()
 			// A short context keeps the cost per run independent of b.N (the
 			// thread logs grow with every run).
-			mb, err := engine.New(s, newFake(threads, noop), engine.Config{ContextMessages: 20})
+			exec := newFake(threads, noop)
+			exec.forget = true
+			mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
 			if err != nil {
 				b.Fatal(err)
 			}
