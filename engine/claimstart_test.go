@@ -207,7 +207,10 @@ func TestStopBetweenClaimStartAndTheRun(t *testing.T) {
 	for _, how := range []string{"interrupt", "cancel", "interrupt_unseen"} {
 		t.Run(how, func(t *testing.T) {
 			g := &gatedLatestRun{thread: "thread-gated", armed: make(chan struct{}), held: make(chan struct{}), resume: make(chan struct{})}
-			r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { g.Store = s; return g })
+			// No agent slot until the gate is armed: a submit with a free
+			// slot claims inline, and its attempt could rebuild its
+			// request before the gate is armed.
+			r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { g.Store = s; return g })
 			if _, ok := any(g).(engine.StartClaimer); !ok {
 				t.Fatal("the wrapper hides StartClaimer")
 			}
@@ -220,6 +223,7 @@ func TestStopBetweenClaimStartAndTheRun(t *testing.T) {
 				t.Fatal(err)
 			}
 			close(g.armed)
+			r.exec.setCapacity(1)
 			r.start(t)
 			<-g.held // claimed and started, rebuilding its request
 			if d := execLoad(t, r.store, res.DispatchID); d.Status != engine.StatusClaimed || d.InstanceID == "" {
