@@ -142,3 +142,11 @@ func (s *Store) RawGet(key []byte) ([]byte, bool, error) {
 
 // ThreadKey exposes the projection key of a thread.
 func ThreadKey(thread string) []byte { return threadKey(thread) }
+
+// OldRunStatusKey is a key of the retired index of runs by status (S).
+func OldRunStatusKey(status engine.RunStatus, createdAt int64, runID string) []byte {
+	return append(appendTS(runStatusPrefix(status), createdAt), runID...)
+}
+
+// RunWaitingKey is a run's key in the index of waiting runs.
+func RunWaitingKey(createdAt int64, runID string) []byte { return runWaitingKey(createdAt, runID) }

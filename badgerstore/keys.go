@@ -45,7 +45,13 @@ import (
 // Run and message indexes:
 //
 //	T<seg thread><updated ts><created ts><run_id>  latest run of a thread
-//	S<status><0><created ts><run_id>                runs by status
+//	W<created ts><run_id>                           waiting runs (the only status
+//	                                                listed by status on a hot path:
+//	                                                recovery's wake of background-task
+//	                                                runs); other statuses are filtered
+//	                                                from A or U
+//	S<status><0><created ts><run_id>                retired (runs by every status, up to
+//	                                                the seventh session): dropped at Open
 //	A<created ts><run_id>                           all runs
 //	U<seg thread><created ts><run_id>               runs of a thread
 //	I<seg thread><message_id>  →  seq u64           message by id
@@ -67,7 +73,8 @@ const (
 	pCount      = 'n'
 	pThreadQ    = 'h'
 	pRunLatest  = 'T'
-	pRunStatus  = 'S'
+	pRunStatus  = 'S' // retired: see migrateRunStatusIndex
+	pRunWaiting = 'W'
 	pRunAll     = 'A'
 	pRunThread  = 'U'
 	pMessageID  = 'I'
@@ -190,13 +197,15 @@ func runLatestKey(r *engine.RunRecord) []byte {
 	return append(b, r.RunID...)
 }
 
+// runStatusPrefix is the prefix of the retired index of runs by status.
 func runStatusPrefix(s engine.RunStatus) []byte {
 	b := make([]byte, 0, 2+len(s)+tsBytes+40)
 	return append(append(append(b, pRunStatus), s...), 0)
 }
 
-func runStatusKey(r *engine.RunRecord) []byte {
-	return append(appendTS(runStatusPrefix(r.Status), r.CreatedAt), r.RunID...)
+func runWaitingKey(createdAt int64, runID string) []byte {
+	b := make([]byte, 0, 1+tsBytes+len(runID))
+	return append(appendTS(append(b, pRunWaiting), createdAt), runID...)
 }
 
 func runAllKey(r *engine.RunRecord) []byte {

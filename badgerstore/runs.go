@@ -111,16 +111,18 @@ func (s *Store) ListRuns(ctx context.Context, q engine.RunQuery) (engine.RunPage
 	page := engine.RunPage{Items: []engine.RunRecord{}}
 	err := s.view(ctx, func(r *reader) error {
 		// Choose the narrowest index; its keys end in <created ts><run_id>.
+		// Only waiting runs have an index of their own; other statuses
+		// are filtered from the records.
 		var prefix []byte
+		filterStatus := q.Status != ""
 		switch {
 		case q.ThreadID != "":
 			prefix = threadPrefix(pRunThread, q.ThreadID)
-		case q.Status != "":
-			prefix = runStatusPrefix(q.Status)
+		case q.Status == engine.RunWaiting:
+			prefix, filterStatus = []byte{pRunWaiting}, false
 		default:
 			prefix = []byte{pRunAll}
 		}
-		filterStatus := q.ThreadID != "" && q.Status != ""
 		idx := 0
 		return r.iterate(prefix, nil, false, true, func(k, _ []byte) (bool, error) {
 			if len(k) < len(prefix)+tsBytes {

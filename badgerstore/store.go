@@ -188,6 +188,10 @@ func Open(opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 	}
+	if err := migrateRunStatusIndex(db); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+	}
 	s := &Store{
 		db:         db,
 		opts:       opts,
@@ -206,6 +210,49 @@ func Open(opts Options) (*Store, error) {
 		close(s.gcDone)
 	}
 	return s, nil
+}
+
+// migrateRunStatusIndex replaces the index of runs by every status (S,
+// written up to the seventh session) with the index of waiting runs (W):
+// it writes a W key for each waiting run the old index lists, then drops
+// the old index. A crash in between repeats it at the next Open (the W
+// writes are idempotent); a data directory without S keys costs one seek.
+func migrateRunStatusIndex(db *badger.DB) error {
+	var found bool
+	var waiting [][]byte
+	err := db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{pRunStatus}})
+		defer it.Close()
+		it.Rewind()
+		found = it.Valid()
+		prefix := runStatusPrefix(engine.RunWaiting)
+		for it.Seek(prefix); it.ValidForPrefix(prefix); it.Next() {
+			k := it.Item().Key()
+			waiting = append(waiting, append([]byte{pRunWaiting}, k[len(prefix):]...))
+		}
+		return nil
+	})
+	if err != nil || !found {
+		return err
+	}
+	for len(waiting) > 0 {
+		n := min(len(waiting), 1000)
+		if err := db.Update(func(txn *badger.Txn) error {
+			for _, k := range waiting[:n] {
+				if err := txn.Set(k, nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("migrate run status index: %w", err)
+		}
+		waiting = waiting[n:]
+	}
+	if err := db.DropPrefix([]byte{pRunStatus}); err != nil {
+		return fmt.Errorf("migrate run status index: drop: %w", err)
+	}
+	return nil
 }
 
 // Close stops the writer after the operations already handed to it,

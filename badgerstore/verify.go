@@ -43,7 +43,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	err := s.view(ctx, func(r *reader) error {
 		// Expected index entries, by family, from the records.
 		want := map[byte]map[string][]byte{}
-		for _, p := range []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunAll, pRunThread} {
+		for _, p := range []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunWaiting, pRunAll, pRunThread} {
 			want[p] = map[string][]byte{}
 		}
 		expect := func(k, v []byte) {
