@@ -26,7 +26,8 @@ import (
 //
 // Dispatch indexes (derived from the record; Verify recomputes them):
 //
-//	a<seg thread><prio u8><created ts><id>  →  status u8      every dispatch of a thread
+//	a<seg thread><prio u8><created ts><id>  →  ()             every dispatch of a thread (written once;
+//	                                                          earlier versions stored the status)
 //	q<seg thread><prio u8><created ts><id>  →  available ts   queued, claim order
 //	v<seg thread><available ts><id>         →  ()             queued, the thread's due order
 //	c<thread_id>                            →  dispatch id    the thread's one claimed dispatch

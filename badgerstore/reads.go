@@ -1,6 +1,7 @@
 package badgerstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -105,29 +106,115 @@ func (s *Store) ListDispatches(ctx context.Context, threadID string, filter engi
 	}
 	var out []engine.Dispatch
 	err := s.view(ctx, func(r *reader) error {
-		var ids []string
-		skip := offset
-		err := r.iterate(threadPrefix(pAll, threadID), nil, false, false, func(k, v []byte) (bool, error) {
-			if len(v) != 1 || !filter.Match(engine.DispatchStatus(v[0])) {
-				return true, nil
-			}
-			if skip > 0 {
-				skip--
-				return true, nil
-			}
-			ids = append(ids, orderKeyID(k, threadID))
-			return limit <= 0 || len(ids) < limit, nil
-		})
-		if err != nil {
-			return err
+		var err error
+		if openOnly(filter) {
+			out, err = listOpenDispatches(r, threadID, filter, limit, offset)
+		} else {
+			out, err = listAllDispatches(r, threadID, filter, limit, offset)
 		}
-		out, err = loadDispatches(r, ids)
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list dispatches of %s: %w", threadID, err)
 	}
 	return out, nil
+}
+
+// openOnly reports whether filter asks for queued and claimed
+// dispatches only.
+func openOnly(filter engine.StatusFilter) bool {
+	if filter == nil {
+		return false
+	}
+	for _, st := range filter {
+		if st != engine.StatusQueued && st != engine.StatusClaimed {
+			return false
+		}
+	}
+	return true
+}
+
+// listOpenDispatches lists a thread's queued and claimed dispatches (as
+// filter asks) from its queue index and its thread state, in the order of
+// the listing index (priority, created_at, id): the listing entries carry
+// no status.
+func listOpenDispatches(r *reader, thread string, filter engine.StatusFilter, limit, offset int) ([]engine.Dispatch, error) {
+	st, err := loadStateTxn(r, thread)
+	if err != nil {
+		return nil, err
+	}
+	var claimed *engine.Dispatch
+	var claimedKey []byte
+	if st.claimed != "" && filter.Match(engine.StatusClaimed) {
+		if claimed, err = loadDispatchTxn(r, st.claimed); err != nil {
+			return nil, err
+		}
+		if claimed == nil || claimed.Status != engine.StatusClaimed {
+			return nil, fmt.Errorf("thread %s state names claimed dispatch %s, which is not claimed: %w", thread, st.claimed, engine.ErrCorrupt)
+		}
+		claimedKey = orderKey(pQueue, claimed)
+	}
+	var ids []string
+	skip := offset
+	full := func() bool { return limit > 0 && len(ids) >= limit }
+	take := func(id string) {
+		if skip > 0 {
+			skip--
+			return
+		}
+		ids = append(ids, id)
+	}
+	if filter.Match(engine.StatusQueued) && st.queued > 0 {
+		prefix := threadPrefix(pQueue, thread)
+		err = r.iterate(prefix, append(prefix[:len(prefix):len(prefix)], st.floor...), false, true, func(k, _ []byte) (bool, error) {
+			if claimedKey != nil && bytes.Compare(claimedKey, k) < 0 {
+				take(claimed.DispatchID)
+				claimedKey = nil
+			}
+			if !full() {
+				take(orderKeyID(k, thread))
+			}
+			return !full(), nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if claimedKey != nil && !full() {
+		take(claimed.DispatchID)
+	}
+	return loadDispatches(r, ids)
+}
+
+// listAllDispatches lists a thread's dispatches from the listing index,
+// reading each record the filter needs to see.
+func listAllDispatches(r *reader, thread string, filter engine.StatusFilter, limit, offset int) ([]engine.Dispatch, error) {
+	out := []engine.Dispatch{}
+	skip := offset
+	err := r.iterate(threadPrefix(pAll, thread), nil, false, true, func(k, _ []byte) (bool, error) {
+		id := orderKeyID(k, thread)
+		if filter == nil && skip > 0 {
+			skip--
+			return true, nil
+		}
+		d, err := loadDispatchTxn(r, id)
+		if err != nil {
+			return false, err
+		}
+		if d == nil {
+			return false, fmt.Errorf("listing index of %s names missing dispatch %s: %w", thread, id, engine.ErrCorrupt)
+		}
+		if !filter.Match(d.Status) {
+			return true, nil
+		}
+		if skip > 0 {
+			skip--
+			return true, nil
+		}
+		out = append(out, *d)
+		return limit <= 0 || len(out) < limit, nil
+	})
+	return out, err
 }
 
 // CountByStatus implements engine.DispatchStore.

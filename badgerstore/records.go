@@ -13,7 +13,11 @@ type kv struct{ k, v []byte }
 // dispatchIndex returns every index entry the record d implies (see keys.go).
 func dispatchIndex(d *engine.Dispatch) []kv {
 	out := make([]kv, 0, 4)
-	out = append(out, kv{orderKey(pAll, d), []byte{byte(d.Status)}})
+	// The listing entry is written once, when the dispatch is created: a
+	// status change does not rewrite it (ListDispatches finds the
+	// statuses elsewhere). Entries of earlier versions carry the status
+	// as their value, which nothing reads any more.
+	out = append(out, kv{orderKey(pAll, d), nil})
 	switch {
 	case d.Status == engine.StatusQueued:
 		v := appendTS(make([]byte, 0, 16), d.AvailableAt)

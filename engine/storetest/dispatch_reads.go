@@ -74,6 +74,42 @@ func dispatchReadCases() []Case {
 			dqWantIDs(t, "thread-b", h.list("thread-b", nil, 10, 0), "b1")
 			dqWantIDs(t, "unknown thread", h.list("thread", nil, 10, 0))
 		}},
+		{"S81_list_open_dispatches_in_listing_order", func(t *testing.T, s engine.Store) {
+			// The claimed dispatch sorts between queued ones (work of a
+			// higher priority came after the claim); every filter, offset
+			// and limit over queued and claimed must agree with the
+			// unfiltered listing filtered afterwards.
+			h := newDQ(t, s)
+			h.enqueue(dqQueued("m", "t1", 100, 50))
+			c := h.claim("t1", "c1", 1000)
+			if c.DispatchID != "m" {
+				t.Fatalf("claimed %s, want m", c.DispatchID)
+			}
+			h.enqueue(dqQueued("hi", "t1", 10, 60))
+			h.enqueue(dqQueued("lo", "t1", 200, 40))
+			h.enqueue(dqQueued("mid", "t1", 100, 70))
+			h.add("done", "t1", 30)
+			h.cancel("done", 1001)
+			dqWantIDs(t, "all", h.list("t1", nil, 10, 0), "hi", "m", "mid", "done", "lo")
+			all := h.list("t1", nil, 0, 0)
+			for _, f := range []engine.StatusFilter{{engine.StatusQueued}, {engine.StatusClaimed}, {engine.StatusQueued, engine.StatusClaimed}, {engine.StatusClaimed, engine.StatusCancelled}} {
+				var want []string
+				for _, d := range all {
+					if f.Match(d.Status) {
+						want = append(want, d.DispatchID)
+					}
+				}
+				for offset := 0; offset <= len(want); offset++ {
+					for limit := 0; limit <= len(want)+1; limit++ {
+						w := want[offset:]
+						if limit > 0 && limit < len(w) {
+							w = w[:limit]
+						}
+						dqWantIDs(t, fmt.Sprintf("%v offset %d limit %d", f, offset, limit), h.list("t1", f, limit, offset), w...)
+					}
+				}
+			}
+		}},
 		{"S82_A27_count_by_status_tracks_lifecycle", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.wantCounts(nil)
