@@ -433,7 +433,11 @@ func (d *Dispatch) RecordResult(r RunResult, now int64) error {
 	if !r.Status.Valid() {
 		return Validationf("run result for dispatch %s: unknown run status %q", d.DispatchID, r.Status)
 	}
-	d.InstanceID = r.InstanceID
+	if r.InstanceID != "" {
+		// A result without one (a cancel that settled the attempt before
+		// it knew its instance) keeps the instance the start recorded.
+		d.InstanceID = r.InstanceID
+	}
 	d.RunStatus = r.Status
 	d.Termination = r.Termination
 	d.RunResponse = r.Response

@@ -182,6 +182,11 @@ func (m *Mailbox) claim(ctx context.Context, thread string) (d *Dispatch, starte
 func (m *Mailbox) startExecution(d Dispatch, started bool) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
+	if started {
+		// Known from the claim: a cancel settling the attempt before its
+		// goroutine runs records the right instance.
+		e.instance.Store(&e.dispatch.InstanceID)
+	}
 	m.mu.Lock()
 	e.events = m.pending[d.DispatchID]
 	delete(m.pending, d.DispatchID)

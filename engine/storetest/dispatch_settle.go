@@ -283,6 +283,19 @@ func dispatchRecordCases() []Case {
 			want.CompletedAt, want.UpdatedAt = 2000, 2000
 			dqEqual(t, "with result", h.load("d1"), want)
 		}},
+		{"S57_record_run_result_without_instance_keeps_the_started_one", func(t *testing.T, s engine.Store) {
+			// A result that names no instance (a cancel settling an
+			// attempt before it knew its instance id) does not wipe the
+			// instance the start recorded, in the dispatch or its run.
+			h := newDQ(t, s)
+			c := h.addClaimed("d1", "t1", 1000)
+			h.start("d1", c.ClaimToken, "inst-1", 1500)
+			res := engine.RunResult{RunID: "run-d1", Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+			h.result("d1", c.ClaimToken, res, 2000)
+			if d := h.load("d1"); d.InstanceID != "inst-1" || d.RunStatus != engine.RunDone {
+				t.Fatalf("instance %q run status %q after a result without instance, want inst-1 and done", d.InstanceID, d.RunStatus)
+			}
+		}},
 		{"S56_B10_record_run_result_rejects_bad_input", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			c := h.addClaimed("d1", "t1", 1000)
