@@ -170,6 +170,8 @@ type findings struct {
 	problems          []string
 	notes             []string // observations that are not failures
 	lost              int      // accepted dispatches missing or not terminal
+	suspects          []string // dispatches (id) a LOST or UNJUSTIFIED problem names, for the diagnosis
+	suspectThreads    []string // threads whose log lost an accepted message or checkpoint
 	overlaps          int      // pairs of runs of one thread that overlapped
 	resurrected       int      // superseded or cancelled work that started afterwards
 	runsExecuted      int      // journal starts
@@ -219,9 +221,11 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 		switch {
 		case !ok:
 			f.lost++
+			f.suspects = append(f.suspects, a.ID)
 			f.add("LOST: accepted %s dispatch %s on %s (%q) does not exist", a.Kind, a.ID, a.Thread, a.Cmd)
 		case !terminal(d.Status):
 			f.lost++
+			f.suspects = append(f.suspects, a.ID)
 			f.add("LOST: accepted %s dispatch %s on %s (%q) is %s after the drain", a.Kind, a.ID, a.Thread, a.Cmd, d.Status)
 		case d.ThreadID != a.Thread || d.RunID != a.RunID:
 			f.add("dispatch %s is on thread %s run %s, accepted as thread %s run %s", a.ID, d.ThreadID, d.RunID, a.Thread, a.RunID)
@@ -376,6 +380,7 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 			f.add("accepted message %q is %d times in the log of %s", text, n, t.Thread)
 			if n == 0 {
 				f.lost++
+				f.suspectThreads = append(f.suspectThreads, t.Thread)
 			}
 		case n > 1:
 			f.add("message %q (its request failed) is %d times in the log of %s", text, n, t.Thread)
@@ -545,6 +550,7 @@ func checkLog(f *findings, thread string, log []messageRecord, ix *journalIndex)
 		switch {
 		case n < acked:
 			f.lost++
+			f.suspects = append(f.suspects, s.start.DispatchID)
 			f.add("LOST: attempt %s of %s on %s had checkpoints up to m%d acknowledged; the log has %d", s.start.SessionID, s.start.DispatchID, thread, acked, n)
 		case n > acked+1:
 			f.add("attempt %s of %s on %s: %d checkpoints in the log, only %d acknowledged (at most one can be in flight)", s.start.SessionID, s.start.DispatchID, thread, n, acked)
@@ -764,6 +770,7 @@ func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted
 		}
 		if why != "" {
 			f.lost++
+			f.suspects = append(f.suspects, a.ID)
 			f.add("UNJUSTIFIED %s: %s dispatch %s on %s: %s (last error %q)", d.Status, a.Kind, a.ID, a.Thread, why, d.LastError)
 		}
 	}

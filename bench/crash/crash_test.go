@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 	"github.com/mailbox-sidecar/mailbox-sidecar/natsstore/natstest"
 )
 
@@ -50,6 +51,11 @@ func runCrash(t *testing.T, what string) { runCrashWith(t, what, clusterOptions{
 
 func runCrashWith(t *testing.T, what string, o clusterOptions) {
 	c := newCluster(t, o)
+	if c.nats.url != "" {
+		if err := startNATSHistory(c.nats); err != nil {
+			t.Fatalf("NATS history stream: %v", err)
+		}
+	}
 	c.startSidecar()
 	c.resetRecoveries()
 	agent := c.startAgent()
@@ -154,6 +160,18 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	}
 	for _, p := range storeProblems {
 		t.Errorf("store: %s", p)
+	}
+	if orphans, err := guardOrphans(c, rec.threadsTouched()); err != nil {
+		t.Logf("guard orphans: %v", err)
+	} else if orphans != "" {
+		t.Logf("note: foreground dispatches a kill left to their inline-claim guard (%v):\n%s", engine.InlineClaimGuard, orphans)
+	}
+	if suspects := append(f.suspects, pendingIDs(pending)...); len(suspects) > 0 || len(f.suspectThreads) > 0 {
+		diag := diagnose(c, rec, snap, entries, suspects, f.suspectThreads)
+		t.Logf("diagnosis of the lost work:\n%s", diag)
+		keepFailure(c, diag)
+	} else if t.Failed() {
+		keepFailure(c, "")
 	}
 	c.mu.Lock()
 	r := result{accepted: len(rec.all()), runs: f.runsExecuted, reexecuted: f.reexecuted, checkpoints: f.checkpoints,
