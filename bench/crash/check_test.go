@@ -717,7 +717,13 @@ func ts(ns int64) string {
 const maxAttempts = 10
 
 // checkSettlement: every terminal status has a cause the workload gave
-// it, and a cancel answered cancelled:true is what settled its dispatch.
+// it, and a cancel answered cancelled:true is what settled its dispatch:
+// cancelled, acked with termination cancelled or — when an interrupt or a
+// foreground submit of its thread landed first — superseded. A cancel of
+// an attempt whose claim an interrupt has just made stale (the interrupted
+// attempt still stopping) answers cancelled:true as well (engine.md item
+// 31: the executor had the run): the store supersedes the stale claim in
+// the cancel's own commit and settles the run as cancelled.
 func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted) {
 	rec.mu.Lock()
 	var tries []tryRec
@@ -725,10 +731,25 @@ func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted
 		tries = append(tries, *t)
 	}
 	cancelled := map[string]bool{}
+	cancelledBy := map[string]int64{} // dispatch → when the last cancel answered cancelled:true returned
 	for _, c := range rec.cancels {
 		cancelled[c.Dispatch] = cancelled[c.Dispatch] || c.Cancelled
+		if c.Cancelled {
+			cancelledBy[c.Dispatch] = max(cancelledBy[c.Dispatch], c.ReturnedNs)
+		}
 	}
 	rec.mu.Unlock()
+	// interruptedBefore: an interrupt or foreground submit of a's thread
+	// (not a itself) sent before by and answered (or cut) after a was sent.
+	interruptedBefore := func(a *accepted, by int64) bool {
+		for _, t := range tries {
+			if (t.Kind == "interrupt" || t.Kind == "foreground") && t.Thread == a.Thread && t.Dispatch != a.ID &&
+				t.SentNs < by && t.EndNs > a.SentNs {
+				return true
+			}
+		}
+		return false
+	}
 	sentAfter := func(a *accepted, kinds ...string) bool {
 		for _, t := range tries {
 			for _, k := range kinds {
@@ -765,7 +786,8 @@ func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted
 				why = fmt.Sprintf("%q must succeed within %d attempts; %d spent", c, maxAttempts, d.AttemptCount)
 			}
 		}
-		if cancelled[a.ID] && d.Status != "cancelled" && !(d.Status == "acked" && d.Termination != nil && d.Termination.Type == "cancelled") {
+		if cancelled[a.ID] && d.Status != "cancelled" && !(d.Status == "acked" && d.Termination != nil && d.Termination.Type == "cancelled") &&
+			!(d.Status == "superseded" && interruptedBefore(a, cancelledBy[a.ID])) {
 			why = fmt.Sprintf("a cancel answered cancelled:true, yet it ended %s %v", d.Status, d.Termination)
 		}
 		if why != "" {

@@ -283,6 +283,29 @@ func TestChecksCatchFaults(t *testing.T) {
 			}
 		})
 	}
+	t.Run("a cancel answered cancelled:true of a claim an interrupt made stale", func(t *testing.T) {
+		// The interrupt (500–510 ms) superseded nothing yet: d1's attempt
+		// was still stopping when the cancel (505–512 ms) found its claim
+		// stale; the store superseded it in the cancel's commit.
+		s := newScenario()
+		s.rec.tries = append(s.rec.tries, &tryRec{Kind: "interrupt", Thread: "t1", SentNs: 500 * ms, EndNs: 510 * ms},
+			&tryRec{Kind: "cancel", Thread: "t1", Dispatch: "d1", SentNs: 505 * ms, EndNs: 512 * ms})
+		s.rec.cancels = append(s.rec.cancels, cancelRec{Dispatch: "d1", Thread: "t1", SentNs: 505 * ms, ReturnedNs: 512 * ms, Cancelled: true})
+		d := s.snap.dispatches["d1"]
+		d.Status, d.InstanceID, d.RunStatus, d.Termination, d.RunResponse = "superseded", "", "", nil, ""
+		s.snap.dispatches["d1"] = d
+		r := s.snap.runs["r1"]
+		r.TerminationReason = &termination{Type: "cancelled"}
+		s.snap.runs["r1"] = r
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.lost != 0 {
+			t.Errorf("reported as lost: %v", f.problems)
+		}
+		// Without the interrupt before it, the cancel did not settle it.
+		s.rec.tries[len(s.rec.tries)-2].SentNs = 520 * ms
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); f.lost == 0 {
+			t.Errorf("a superseded dispatch whose interrupt came after its cancel:true is not reported: %v", f.problems)
+		}
+	})
 	t.Run("a killed sidecar's claim ignored", func(t *testing.T) {
 		// s1 (120–130 ms) was cut by the sidecar's SIGKILL at 125 ms: its
 		// claim holds t1 for the lease, yet s2 starts at 140 ms.
