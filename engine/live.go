@@ -100,11 +100,21 @@ func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCom
 	switch cmd.Kind {
 	case LiveCancel:
 		// As a local Cancel: durable before it is accepted, so a crash
-		// right after the receipt cannot bring the run back. A claim
-		// already settled (the run finished, or an interrupt superseded
-		// it) needs no settling: the attempt is stopped all the same.
-		if _, err := m.settleCancel(ctx, e); err != nil && !errors.Is(err, ErrVersionConflict) {
+		// right after the receipt cannot bring the run back. A stale
+		// epoch (an interrupt) has the store supersede the claim and
+		// settle its run as cancelled: accepted, the attempt is stopped.
+		// A claim the attempt already settled itself — the run finished
+		// and was acked, or failed and went back to the queue for a
+		// retry — cancelled nothing: refused, as the local Cancel answers
+		// false then (accepted, its sender answered cancelled:true for a
+		// dispatch that ended acked, or ran again).
+		ok, err := m.settleCancel(ctx, e)
+		switch {
+		case errors.Is(err, ErrVersionConflict):
+		case err != nil:
 			m.log.Warn("live cancel not made durable", "dispatch_id", e.dispatch.DispatchID, "err", err)
+			return false
+		case !ok:
 			return false
 		}
 		e.cancel(errCancelled)
