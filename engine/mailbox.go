@@ -460,6 +460,9 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not release the thread: %w", ir.Active.DispatchID, errActiveRun)
 		}
 	}
+	if id, ok := m.awaitStopping(ctx, thread); !ok {
+		return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not stop: %w", id, errActiveRun)
+	}
 	// With a free slot, claim inline behind a guard that keeps background
 	// claimers away; without one, queue it at the head of the thread.
 	slot := m.reserveSlotAfterProbes(thread)
@@ -544,6 +547,13 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		m.threads[thread] = hold
 	}
 	m.mu.Unlock()
+	if !placed {
+		// Something of the thread is here: an attempt (maybe one whose
+		// claim a cancel settled while it stops, which the store does not
+		// see) or a claim. The slow path interrupts and awaits it.
+		m.releaseSlot(thread)
+		return SubmitResult{}, nil, false, nil
+	}
 	saved := *req
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint = newID()
@@ -570,7 +580,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	})
 	if err != nil || claimed == nil {
 		m.mu.Lock()
-		if placed && m.threads[thread] == hold {
+		if m.threads[thread] == hold {
 			delete(m.threads, thread)
 		}
 		m.mu.Unlock()
@@ -673,6 +683,31 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, &Termination{Type: TermCancelled}))
 		l.Close(now)
 	}
+}
+
+// awaitStopping waits, at most CancelWait, for an attempt of thread that
+// still executes here although the store shows the thread released (a
+// cancel settles the claim before the agent has stopped): the new run
+// must not start beside it. It reports the attempt's dispatch when it did
+// not stop in time. A claim in flight here is left to the store's claim
+// guard.
+func (m *Mailbox) awaitStopping(ctx context.Context, thread string) (string, bool) {
+	m.mu.Lock()
+	e := m.threads[thread]
+	m.mu.Unlock()
+	if e == nil || e.claiming {
+		return "", true
+	}
+	e.cancel(errInterrupted)
+	t := time.NewTimer(m.cfg.CancelWait)
+	defer t.Stop()
+	select {
+	case <-e.done:
+		return "", true
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return e.dispatch.DispatchID, false
 }
 
 // cancelAndAwait cancels the thread's active attempt — here, or through
