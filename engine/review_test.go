@@ -85,13 +85,20 @@ func TestReview_StopCoversClaimsInFlight(t *testing.T) {
 	}()
 	<-st.entered
 	stopped := make(chan struct{})
+	grace, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
 	go func() {
-		grace, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
-		defer cancel()
 		_ = mb.Stop(grace)
 		close(stopped)
 	}()
-	time.Sleep(100 * time.Millisecond) // let the grace run out with B's claim still in flight
+	// Stop has begun (a submit, even an invalid one, is refused as
+	// shutting down before it is validated) and its grace has run out,
+	// with B's claim still in flight.
+	eventually(t, "Stop began", func() bool {
+		_, err := mb.SubmitBackground(ctx, engine.SubmitRequest{})
+		return errors.Is(err, engine.ErrShuttingDown)
+	})
+	<-grace.Done()
 	close(st.release)
 	select {
 	case <-stopped:
