@@ -570,6 +570,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 			recs, out, err := is.SubmitIdle(ctx, c, d, m.cfg.ConsumerID, m.cfg.Lease, instance, m.cfg.Now())
 			if out != nil {
 				m.tails.appended(c.ThreadID, recs, m.cfg.ContextMessages)
+				m.tails.submitted(c.ThreadID, recs)
 			}
 			return out, err
 		}, func(d *Dispatch) bool { return d == nil })

@@ -701,7 +701,7 @@ func TestSharedStoreDispatcherLeavesFreshWorkForAGrace(t *testing.T) {
 	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "fresh", ThreadID: "tf", RunID: "run-fresh", Priority: engine.DefaultPriority, AvailableAt: due.UnixMilli(), CreatedAt: due.UnixMilli(), MaxAttempts: 3}); err != nil {
 		t.Fatal(err)
 	}
-	r.mb.Sweep(ctx) // wakes the dispatcher
+	r.mb.Sweep(ctx)       // wakes the dispatcher
 	time.Sleep(grace / 4) // a look inside the grace (not a synchronisation)
 	st := dispatchStatus(t, r.store, "fresh")
 	// Only a read that surely ended inside the grace can tell (a stalled

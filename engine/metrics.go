@@ -245,6 +245,7 @@ func (s instrumentedStore) Submit(ctx context.Context, c Checkpoint, d Dispatch)
 	}, nil)
 	if err == nil {
 		s.tails.appended(c.ThreadID, recs, s.keep)
+		s.tails.submitted(c.ThreadID, recs)
 	}
 	return recs, stored, err
 }

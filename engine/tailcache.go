@@ -21,6 +21,22 @@ type tailCache struct {
 	bytes   int64
 	threads map[string]*list.Element // of *threadTail
 	lru     list.List                // front: most recently used
+
+	// Messages submits appended, until the run they activate reads them
+	// (find): with a backlog a run's activation messages are older than
+	// its thread's cached tail, and each read from the store costs two
+	// point reads. Oldest dropped first beyond a quarter of the budget.
+	activations      map[activationKey]*list.Element // of *activation
+	activationOrder  list.List                       // front: oldest
+	activationsBytes int64
+}
+
+type activationKey struct{ thread, id string }
+
+type activation struct {
+	key   activationKey
+	rec   MessageRecord
+	bytes int64
 }
 
 // threadTail is the cached suffix of one thread's log: seqs first … first+len(recs)−1.
@@ -35,7 +51,7 @@ func newTailCache(budget int64) *tailCache {
 	if budget <= 0 {
 		return nil
 	}
-	return &tailCache{budget: budget, threads: make(map[string]*list.Element)}
+	return &tailCache{budget: budget, threads: make(map[string]*list.Element), activations: make(map[activationKey]*list.Element)}
 }
 
 // recordBytes estimates the memory a cached record holds.
@@ -207,14 +223,51 @@ func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 	c.evictLocked()
 }
 
-// find returns the cached record of message id in thread, if the thread's
-// cached window holds it.
+// submitted keeps the messages a submit appended (durable once returned)
+// for the run they activate.
+func (c *tailCache) submitted(thread string, recs []MessageRecord) {
+	if c == nil || len(recs) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range recs {
+		a := &activation{key: activationKey{thread, recs[i].MessageID}, rec: recs[i], bytes: recordBytes(&recs[i])}
+		if a.bytes > c.budget/16 {
+			continue
+		}
+		if old, ok := c.activations[a.key]; ok {
+			c.dropActivationLocked(old)
+		}
+		a.key.thread = strings.Clone(thread) // not a slice of a caller's record
+		c.activations[a.key] = c.activationOrder.PushBack(a)
+		c.activationsBytes += a.bytes
+	}
+	for c.activationsBytes > c.budget/4 {
+		c.dropActivationLocked(c.activationOrder.Front())
+	}
+}
+
+func (c *tailCache) dropActivationLocked(el *list.Element) {
+	a := c.activationOrder.Remove(el).(*activation)
+	delete(c.activations, a.key)
+	c.activationsBytes -= a.bytes
+}
+
+// find returns the cached record of message id in thread: one a submit
+// appended and no run has read yet (it is forgotten as it is returned),
+// or one the thread's cached window holds.
 func (c *tailCache) find(thread, id string) (MessageRecord, bool) {
 	if c == nil {
 		return MessageRecord{}, false
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if el, ok := c.activations[activationKey{thread, id}]; ok {
+		rec := el.Value.(*activation).rec
+		c.dropActivationLocked(el)
+		return rec, true
+	}
 	el, ok := c.threads[thread]
 	if !ok {
 		return MessageRecord{}, false

@@ -206,3 +206,50 @@ func TestTailCacheAppendsInPlaceKeepWindowsAndBytes(t *testing.T) {
 		t.Fatalf("after a large append %v", seqs(got))
 	}
 }
+
+// Messages a submit appended are found by id until the run they activate
+// reads them, whatever the thread's cached window holds (a backlog makes
+// them older than it); each is forgotten as it is found, and the oldest
+// go first beyond a quarter of the budget.
+func TestTailCacheKeepsSubmittedMessagesUntilRead(t *testing.T) {
+	recs, _, _ := logOf(40)
+	per := recordBytes(&recs[19])   // the largest of those used
+	c := newTailCache(4 * 10 * per) // room for 10 activations
+	c.submitted("t", recs[:5])
+	c.submitted("other", []MessageRecord{{MessageID: "m1", ThreadID: "other", Seq: 1}})
+	for _, id := range []string{"m3", "m1"} {
+		rec, ok := c.find("t", id)
+		if !ok || rec.MessageID != id || rec.ThreadID != "t" {
+			t.Fatalf("find(t, %s) = %+v %v", id, rec, ok)
+		}
+		if _, ok := c.find("t", id); ok {
+			t.Fatalf("find(t, %s) again: found, want forgotten once read", id)
+		}
+	}
+	if rec, ok := c.find("other", "m1"); !ok || rec.ThreadID != "other" {
+		t.Fatalf("find(other, m1) = %+v %v: activations are per thread", rec, ok)
+	}
+	// 3 of t left; 10 more push the oldest out.
+	c.submitted("t", recs[10:20])
+	if c.activationsBytes > c.budget/4 {
+		t.Fatalf("activations hold %d bytes, budget %d", c.activationsBytes, c.budget/4)
+	}
+	for _, id := range []string{"m2", "m4", "m5"} {
+		if _, ok := c.find("t", id); ok {
+			t.Fatalf("find(t, %s): the oldest should have been dropped", id)
+		}
+	}
+	for _, r := range recs[10:20] {
+		if _, ok := c.find("t", r.MessageID); !ok {
+			t.Fatalf("find(t, %s): newest dropped", r.MessageID)
+		}
+	}
+	if len(c.activations) != 0 || c.activationOrder.Len() != 0 || c.activationsBytes != 0 {
+		t.Fatalf("after reading all: %d entries, %d in order, %d bytes", len(c.activations), c.activationOrder.Len(), c.activationsBytes)
+	}
+	var nilCache *tailCache
+	nilCache.submitted("t", recs[:1])
+	if _, ok := nilCache.find("t", "m1"); ok {
+		t.Fatal("a nil cache found something")
+	}
+}
