@@ -54,8 +54,9 @@ type Config struct {
 	ContextBytes    int
 	// ContextCacheBytes bounds the engine's cache of the newest decoded
 	// messages of recently run threads (tailcache.go), which spares
-	// re-reading a thread's whole context window for every run. Default
-	// 64 MiB; negative turns it off.
+	// re-reading a thread's whole context window for every run, and of
+	// the messages submits appended until their run reads them (a quarter
+	// of it). Default 64 MiB; negative turns it off.
 	ContextCacheBytes int64
 	// StartupDelay postpones recovery and the loops after Start. Default 0.
 	StartupDelay time.Duration
