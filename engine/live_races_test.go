@@ -104,27 +104,14 @@ func TestInterruptDuringTheFastPathStartCancelsTheRun(t *testing.T) {
 // instead of reporting that there was nothing left to cancel; the routed
 // HandleLive path treats the same answer as settled.
 func TestCancelAfterAnInterruptSettles(t *testing.T) {
-	started := make(chan struct{}, 1)
-	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		started <- struct{}{}
-		<-ctx.Done()
-		time.Sleep(300 * time.Millisecond) // the agent takes a moment to stop
-		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
-	}
-	r := newRig(t, newFake(2, script), engine.Config{})
-	r.start(t)
+	s := startStopping(t, 2, engine.Config{})
 	ctx := context.Background()
-	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("a")}})
-	if err != nil {
+	if _, err := s.mb.Interrupt(ctx, "t"); err != nil {
 		t.Fatal(err)
 	}
-	<-started
-	if _, err := r.mb.Interrupt(ctx, "t"); err != nil {
-		t.Fatal(err)
-	}
-	ok, err := r.mb.Cancel(ctx, res.RunID)
+	ok, err := s.mb.Cancel(ctx, s.res.RunID)
 	if err != nil {
-		t.Fatalf("cancel after interrupt: ok=%v err=%v (dispatch is %s)", ok, err, dispatchStatus(t, r.store, res.DispatchID))
+		t.Fatalf("cancel after interrupt: ok=%v err=%v (dispatch is %s)", ok, err, dispatchStatus(t, s.store, s.res.DispatchID))
 	}
 }
 

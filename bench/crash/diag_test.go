@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -156,29 +158,33 @@ func hexDecode(s string) (string, error) {
 
 func seg(s string) string { return "h" + fmt.Sprintf("%x", s) }
 
+// openClusterStore opens the store the cluster's sidecars used (its
+// processes stopped).
+func openClusterStore(ctx context.Context, c *cluster) (engine.Store, error) {
+	if c.nats.url != "" {
+		s, err := natsstore.Open(ctx, natsstore.Config{URL: c.nats.url, Stream: c.nats.stream, Prefix: c.nats.prefix})
+		if err != nil {
+			return nil, fmt.Errorf("open the NATS store: %w", err)
+		}
+		return s, nil
+	}
+	s, err := badgerstore.Open(badgerstore.Options{Dir: c.data})
+	if err != nil {
+		return nil, fmt.Errorf("open the data directory: %w", err)
+	}
+	return s, nil
+}
+
 // diagnose reports what is known of the suspect dispatches' threads (and
 // of the suspect threads). Call it once the processes stopped.
 func diagnose(c *cluster, rec *recorder, snap *snapshot, entries []journalEntry, suspects, suspectThreads []string) string {
 	var b strings.Builder
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	var s engine.Store
-	if c.nats.url != "" {
-		ns, err := natsstore.Open(ctx, natsstore.Config{URL: c.nats.url, Stream: c.nats.stream, Prefix: c.nats.prefix})
-		if err != nil {
-			fmt.Fprintf(&b, "open the NATS store: %v\n", err)
-		} else {
-			s = ns
-		}
+	s, err := openClusterStore(ctx, c)
+	if err != nil {
+		fmt.Fprintf(&b, "%v\n", err)
 	} else {
-		bs, err := badgerstore.Open(badgerstore.Options{Dir: c.data})
-		if err != nil {
-			fmt.Fprintf(&b, "open the data directory: %v\n", err)
-		} else {
-			s = bs
-		}
-	}
-	if s != nil {
 		defer s.Close()
 	}
 	jsonOf := func(v any) string {
@@ -291,11 +297,7 @@ func diagnose(c *cluster, rec *recorder, snap *snapshot, entries []journalEntry,
 			ids[a.ID] = true
 		}
 		rec.mu.Unlock()
-		var dispatchIDs []string
-		for id := range ids {
-			dispatchIDs = append(dispatchIDs, id)
-		}
-		sort.Strings(dispatchIDs)
+		dispatchIDs := slices.Sorted(maps.Keys(ids))
 		for _, id := range dispatchIDs {
 			d, err := s.LoadDispatch(ctx, id)
 			if d != nil {
@@ -308,11 +310,7 @@ func diagnose(c *cluster, rec *recorder, snap *snapshot, entries []journalEntry,
 				runs[d.RunID] = true
 			}
 		}
-		var runIDs []string
-		for r := range runs {
-			runIDs = append(runIDs, r)
-		}
-		sort.Strings(runIDs)
+		runIDs := slices.Sorted(maps.Keys(runs))
 		for _, id := range runIDs {
 			r, err := s.LoadRun(ctx, id)
 			fmt.Fprintf(&b, "  run %s %v\n", jsonOf(r), errText(err))
@@ -397,19 +395,9 @@ func pendingIDs(pending []string) []string {
 func guardOrphans(c *cluster, threads []string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	var s engine.Store
-	if c.nats.url != "" {
-		ns, err := natsstore.Open(ctx, natsstore.Config{URL: c.nats.url, Stream: c.nats.stream, Prefix: c.nats.prefix})
-		if err != nil {
-			return "", err
-		}
-		s = ns
-	} else {
-		bs, err := badgerstore.Open(badgerstore.Options{Dir: c.data})
-		if err != nil {
-			return "", err
-		}
-		s = bs
+	s, err := openClusterStore(ctx, c)
+	if err != nil {
+		return "", err
 	}
 	defer s.Close()
 	guard := engine.InlineClaimGuard.Milliseconds()
