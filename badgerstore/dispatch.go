@@ -211,28 +211,52 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 	// may); the first available entry of the current epoch is claimed.
 	var stale []string
 	var cand string
-	var first []byte
+	var first, next []byte
 	prefix := threadPrefix(pQueue, threadID)
-	err = w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], floor...), false, func(k, v []byte) (bool, error) {
-		if len(v) != 16 {
-			return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
+	// The floor often names the head itself (the previous claim's walk
+	// left it there): a point read claims it without an iterator, which
+	// costs a seek in every table that may hold the thread's queue.
+	if len(floor) > 0 {
+		v, ok, err := w.get(append(prefix[:len(prefix):len(prefix)], floor...))
+		if err != nil {
+			return nil, err
 		}
-		if first == nil {
-			first = k[len(prefix):]
+		if ok && len(v) == 16 && readU64(v[8:]) == ep && readTS(v[:8]) <= now {
+			cand = orderKeyID(append(prefix[:len(prefix):len(prefix)], floor...), threadID)
+			first = floor
 		}
-		id := orderKeyID(k, threadID)
-		if readU64(v[8:]) < ep {
-			stale = append(stale, id)
+	}
+	if cand == "" {
+		err = w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], floor...), false, func(k, v []byte) (bool, error) {
+			if len(v) != 16 {
+				return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
+			}
+			if cand != "" {
+				next = k[len(prefix):] // the entry after the claimed head
+				return false, nil
+			}
+			if first == nil {
+				first = k[len(prefix):]
+			}
+			id := orderKeyID(k, threadID)
+			if readU64(v[8:]) < ep {
+				stale = append(stale, id)
+				return true, nil
+			}
+			if readTS(v[:8]) <= now {
+				cand = id
+				// When the claimed entry is the head, the next entry is the
+				// head after this claim: walk one more for the floor.
+				return bytes.Equal(first, k[len(prefix):]), nil
+			}
 			return true, nil
+		})
+		if err != nil {
+			return nil, err
 		}
-		if readTS(v[:8]) <= now {
-			cand = id
-			return false, nil
+		if next != nil {
+			first = next // no live entry is left below it
 		}
-		return true, nil
-	})
-	if err != nil {
-		return nil, err
 	}
 	for _, id := range stale {
 		if err := w.supersedeQueued(id, ep, engine.ReasonNewerEpoch, now); err != nil {
