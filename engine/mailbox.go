@@ -460,7 +460,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not release the thread: %w", ir.Active.DispatchID, errActiveRun)
 		}
 	}
-	if id, ok := m.awaitStopping(ctx, thread); !ok {
+	if id, ok := m.awaitStopping(ctx, thread, ir.NewEpoch); !ok {
 		return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not stop: %w", id, errActiveRun)
 	}
 	// With a free slot, claim inline behind a guard that keeps background
@@ -691,13 +691,26 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 // cancel settles the claim before the agent has stopped): the new run
 // must not start beside it. It reports the attempt's dispatch when it did
 // not stop in time. A claim in flight here is left to the store's claim
-// guard.
-func (m *Mailbox) awaitStopping(ctx context.Context, thread string) (string, bool) {
+// guard, and so is an attempt whose claim the store shows held at epoch
+// (the interrupt's): it was claimed after the interrupt (a background
+// submit that came after it, say), nothing superseded or cancelled it,
+// and stopping it would end its run as cancelled (or retry it after the
+// new run) although nobody cancelled it.
+func (m *Mailbox) awaitStopping(ctx context.Context, thread string, epoch uint64) (string, bool) {
 	m.mu.Lock()
 	e := m.threads[thread]
 	m.mu.Unlock()
 	if e == nil || e.claiming {
 		return "", true
+	}
+	if !e.cancelSettled.Load() {
+		cur, err := m.store.LoadDispatch(ctx, e.dispatch.DispatchID)
+		if err != nil {
+			return e.dispatch.DispatchID, false
+		}
+		if cur != nil && cur.CheckOwner(e.dispatch.ClaimToken) == nil && cur.Epoch >= epoch {
+			return "", true
+		}
 	}
 	e.cancel(errInterrupted)
 	t := time.NewTimer(m.cfg.CancelWait)

@@ -1,0 +1,73 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// afterInterrupt runs hook once, right after the first Interrupt of the
+// store committed. It embeds the engine.Store interface: the mailbox
+// sees no IdleSubmitter, so a foreground submit takes the slow path.
+type afterInterrupt struct {
+	engine.Store
+	once atomic.Bool
+	hook func()
+}
+
+func (a *afterInterrupt) Interrupt(ctx context.Context, thread string, now int64) (engine.InterruptResult, error) {
+	res, err := a.Store.Interrupt(ctx, thread, now)
+	if err == nil && a.once.CompareAndSwap(false, true) {
+		a.hook()
+	}
+	return res, err
+}
+
+// A background run submitted after a foreground submit's interrupt
+// committed is of the new epoch: nothing superseded or cancelled it. If
+// it is claimed and executing here before the foreground submit looks for
+// an attempt still stopping, that look must not cancel it (it used to:
+// the run ended done/cancelled although nobody cancelled it, or, had its
+// agent failed, was retried after the foreground run). The foreground
+// submit meets the claimed thread as before: the active-run conflict.
+func TestForegroundSubmitDoesNotCancelARunSubmittedAfterItsInterrupt(t *testing.T) {
+	started := make(chan struct{}, 1)
+	exec := newFake(2, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		started <- struct{}{}
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	})
+	a := &afterInterrupt{}
+	r := newRigWith(t, exec, engine.Config{CancelWait: 200 * time.Millisecond}, func(s *badgerstore.Store) engine.Store { a.Store = s; return a })
+	r.start(t)
+	ctx := context.Background()
+	var bg engine.SubmitResult
+	a.hook = func() {
+		var err error
+		if bg, err = r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("bg")}}); err != nil {
+			t.Error(err)
+			return
+		}
+		<-started
+	}
+	_, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("fg")}})
+	if bg.DispatchID == "" {
+		t.Fatal("the background run was not submitted")
+	}
+	if st := dispatchStatus(t, r.store, bg.DispatchID); st != engine.StatusClaimed {
+		run, _ := r.store.LoadRun(ctx, bg.RunID)
+		t.Fatalf("the background run submitted after the interrupt: dispatch %s, run %+v; want it still executing", st, run)
+	}
+	if !errors.Is(err, engine.ErrVersionConflict) {
+		t.Fatalf("foreground submit beside the executing run: %v, want the active-run conflict", err)
+	}
+	if ok, err := r.mb.Cancel(ctx, bg.DispatchID); !ok || err != nil {
+		t.Fatalf("cancel of the background run: %v %v", ok, err)
+	}
+	eventually(t, "the background run stopped", func() bool { return r.mb.InFlight() == 0 })
+}
