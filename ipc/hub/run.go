@@ -386,9 +386,16 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 		}
 	}()
 	cancelling := false
+	// The CANCEL goes out as soon as ctx ends, from a goroutine of its
+	// own: this loop may be busy applying a checkpoint (a store commit,
+	// milliseconds on a slow store), and the agent should stop at once.
+	// The loop starts the grace when it sees ctx end.
+	var cancelOnce sync.Once
+	sendCancel := func() { cancelOnce.Do(func() { c.sendCancel(st) }) }
+	defer context.AfterFunc(ctx, sendCancel)()
 	startCancel := func() {
 		cancelling = true
-		c.sendCancel(st)
+		sendCancel()
 		graceTimer = time.NewTimer(c.h.cfg.CancelGrace)
 		grace = graceTimer.C
 	}
@@ -535,7 +542,9 @@ func (c *conn) checkpoint(ctx context.Context, st *stream, req *engine.RunReques
 // sendCancel tells the agent to stop the run; its ack is not awaited.
 func (c *conn) sendCancel(st *stream) {
 	id := c.newCmdID()
-	st.addPending(id, &pendingCmd{})
+	if !st.addPending(id, &pendingCmd{}) {
+		return // the run has ended
+	}
 	_ = c.writeJSON(ipc.TypeCancel, st.id, ipc.Command{Cmd: id})
 }
 
