@@ -167,7 +167,8 @@ func (c *tailCache) evictLocked() {
 // its log (a checkpoint's or a submit's own, durable once returned) when
 // they continue it, so the next run request of that thread reads none of
 // its messages from the store. Records that do not continue the cached
-// tail (another writer got there first) are left for window to load.
+// tail (another writer got there first) are left for window to load; the
+// first records of a new log (seq 1 on) start a tail of their own.
 //
 // The tail grows in place, in an array only the cache writes to: windows
 // handed out are capped at their length and keep stores its records
@@ -177,11 +178,17 @@ func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 		return
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	el, ok := c.threads[thread]
 	if !ok {
+		c.mu.Unlock()
+		if recs[0].Seq == 1 {
+			// A new log: these records are all of it (the first run of a
+			// new thread then reads none of its messages).
+			c.keep(thread, recs, n)
+		}
 		return
 	}
+	defer c.mu.Unlock()
 	t := el.Value.(*threadTail)
 	if t.first+uint64(len(t.recs)) != recs[0].Seq {
 		return

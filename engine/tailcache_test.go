@@ -253,3 +253,20 @@ func TestTailCacheKeepsSubmittedMessagesUntilRead(t *testing.T) {
 		t.Fatal("a nil cache found something")
 	}
 }
+
+// The first records of a new log start its cached tail: the first run of
+// a new thread reads none of its messages from the store; records of an
+// uncached thread that do not start at seq 1 are not cached.
+func TestTailCacheStartsANewLogsTail(t *testing.T) {
+	recs, asked, load := logOf(3)
+	c := newTailCache(1 << 20)
+	c.appended("t", recs[:2], 10)
+	c.appended("u", recs[1:3], 10) // seq 2 on: not the whole log of u
+	got, err := c.window(context.Background(), "t", 1, 2, 10, load)
+	if err != nil || len(got) != 2 || got[0].Seq != 1 || got[1].Seq != 2 || len(*asked) != 0 {
+		t.Fatalf("window of the new log: %d records %v, store asked %v", len(got), err, *asked)
+	}
+	if _, ok := c.threads["u"]; ok {
+		t.Fatal("a log's later records started a tail")
+	}
+}
