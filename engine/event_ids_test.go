@@ -258,6 +258,24 @@ func forEachStartPath(t *testing.T, fn func(*testing.T, wrapStore)) {
 	})
 }
 
+// flakyFirstAttempt is an agent whose attempt 1 emits three events tagged
+// "first" and fails as transient; every later attempt emits n events
+// tagged tag and then waits until hold is closed or it is cancelled.
+func flakyFirstAttempt(tag string, n int, hold <-chan struct{}) *fakeExecutor {
+	return newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if req.Attempt == 1 {
+			taggedEvents(sink, "first", 3)
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
+		}
+		taggedEvents(sink, tag, n)
+		select {
+		case <-hold:
+		case <-ctx.Done():
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+	})
+}
+
 // retryAfter runs attempt 1 (three events, then a transient failure, the
 // retry due 10 minutes later by the test's clock) with the given event
 // retention, reads attempt 1's whole log as a client, lets the retry run
@@ -268,18 +286,7 @@ func retryAfter(t *testing.T, retention time.Duration, wrap wrapStore) (seen []e
 	var now atomic.Int64
 	now.Store(time.Now().UnixMilli())
 	hold := make(chan struct{})
-	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		if req.Attempt == 1 {
-			taggedEvents(sink, "first", 3)
-			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
-		}
-		taggedEvents(sink, "second", 6)
-		select {
-		case <-hold:
-		case <-ctx.Done():
-		}
-		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
-	})
+	exec := flakyFirstAttempt("second", 6, hold)
 	r := newRigWith(t, exec, engine.Config{
 		Now:            now.Load,
 		EventRetention: retention,
@@ -458,18 +465,7 @@ func TestEventIDsResetAfterAnAttemptInAnotherSidecar(t *testing.T) {
 		var now atomic.Int64
 		now.Store(time.Now().UnixMilli())
 		hold := make(chan struct{})
-		exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-			if req.Attempt == 1 {
-				taggedEvents(sink, "first", 3)
-				return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
-			}
-			taggedEvents(sink, "third", 4)
-			select {
-			case <-hold:
-			case <-ctx.Done():
-			}
-			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
-		})
+		exec := flakyFirstAttempt("third", 4, hold)
 		r := newRigWith(t, exec, engine.Config{Now: now.Load, EventRetention: time.Hour, RetryDelay: 10 * time.Minute, MaxRetryDelay: 10 * time.Minute}, wrap)
 		t.Cleanup(func() { close(hold) }) // before the mailbox stops
 		r.start(t)
