@@ -30,13 +30,18 @@ func claimStartCases() []Case {
 			t.Fatalf("run %+v, want running under %s since %d", r, instance, now/1000)
 		}
 	}
+	// twoQueued queues d1 and d2 (runs run-d1, run-d2, created) on t1.
+	twoQueued := func(t *testing.T, s engine.Store) *dq {
+		h := newDQ(t, s)
+		for i, id := range []string{"d1", "d2"} {
+			h.createRun(dqRun("run-"+id, "t1", engine.RunCreated))
+			h.add(id, "t1", 1000+100*int64(i))
+		}
+		return h
+	}
 	return []Case{
 		{"ClaimStart_claims_and_starts_in_one_call", func(t *testing.T, s engine.Store) {
-			h := newDQ(t, s)
-			h.createRun(dqRun("run-d1", "t1", engine.RunCreated))
-			h.add("d1", "t1", 1000)
-			h.createRun(dqRun("run-d2", "t1", engine.RunCreated))
-			h.add("d2", "t1", 1100)
+			h := twoQueued(t, s)
 			d, err := sc(t, s).ClaimStart(h.ctx, "t1", "c1", dqLease, "i1", 2000)
 			if err != nil {
 				t.Fatal(err)
@@ -89,11 +94,7 @@ func claimStartCases() []Case {
 			}
 		}},
 		{"CompleteAndClaimStart_starts_the_next_dispatch", func(t *testing.T, s engine.Store) {
-			h := newDQ(t, s)
-			h.createRun(dqRun("run-d1", "t1", engine.RunCreated))
-			h.add("d1", "t1", 1000)
-			h.createRun(dqRun("run-d2", "t1", engine.RunCreated))
-			h.add("d2", "t1", 1100)
+			h := twoQueued(t, s)
 			d, err := sc(t, s).ClaimStart(h.ctx, "t1", "c1", dqLease, "i1", 2000)
 			if err != nil {
 				t.Fatal(err)
@@ -116,11 +117,7 @@ func claimStartCases() []Case {
 			h.wantCounts(map[engine.DispatchStatus]int64{engine.StatusAcked: 2})
 		}},
 		{"CompleteAndClaimStart_with_a_stale_token_claims_nothing", func(t *testing.T, s engine.Store) {
-			h := newDQ(t, s)
-			h.createRun(dqRun("run-d1", "t1", engine.RunCreated))
-			h.add("d1", "t1", 1000)
-			h.createRun(dqRun("run-d2", "t1", engine.RunCreated))
-			h.add("d2", "t1", 1100)
+			h := twoQueued(t, s)
 			if _, err := sc(t, s).ClaimStart(h.ctx, "t1", "c1", dqLease, "i1", 2000); err != nil {
 				t.Fatal(err)
 			}
