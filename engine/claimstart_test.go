@@ -1,7 +1,6 @@
 package engine_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 )
 
 // A queued dispatch whose run is already done (an earlier attempt finished
@@ -21,7 +21,7 @@ import (
 // agent, and — claimed through StartClaimer — is not recorded as started:
 // its runtime projection and the run's session stay as they were.
 func TestDispatchOfADoneRunIsAckedUnstarted(t *testing.T) {
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	r := newRig(t, newFake(1, complete), engine.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
 	ctx := context.Background()
 	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunDone, SessionID: "earlier",
@@ -52,24 +52,6 @@ func TestDispatchOfADoneRunIsAckedUnstarted(t *testing.T) {
 			t.Fatalf("logs lack %s:\n%s", want, out)
 		}
 	}
-}
-
-// lockedBuffer is a log sink safe for the engine's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // An agent checkpoint that carries only messages appends them and still

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
 
@@ -541,7 +542,7 @@ func decode[T any](t *testing.T, f frame) T {
 
 type agentProc struct {
 	cmd    *exec.Cmd
-	stderr syncBuffer
+	stderr syncbuf.Buffer
 	done   chan struct{} // closed when the process has exited
 	err    error         // cmd.Wait's result, set before done is closed
 }
@@ -591,23 +592,4 @@ func (p *agentProc) wait(t *testing.T) error {
 		t.Fatalf("agent did not exit within %v", wait)
 		return nil
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for the writer goroutine of os/exec and
-// a reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }

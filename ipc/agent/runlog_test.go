@@ -1,37 +1,18 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	json "github.com/goccy/go-json"
 
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
-
-// lockedBuffer is a log sink safe for the SDK's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // A run logs nothing at info level when it goes well (the run's logger is
 // built only when used); what it does log carries the run's attributes.
@@ -42,7 +23,7 @@ func TestRunLogsCarryTheRunAndOnlyWhenNeeded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	handler := HandlerFunc(func(ctx context.Context, run *Run) Result {
 		if run.RunID == "bad" {
 			return Transient("flaky", "try again")
