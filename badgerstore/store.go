@@ -155,6 +155,7 @@ type Store struct {
 
 	batches    atomic.Uint64
 	batchedOps atomic.Uint64
+	metrics    storeMetrics
 	// opSince and commitSince are the Unix ns since which the writer has
 	// been running one operation, and since which a batch has been with
 	// Badger (0: none), for Stalled.
@@ -201,6 +202,7 @@ func Open(opts Options) (*Store, error) {
 		gcStop:     make(chan struct{}),
 		gcDone:     make(chan struct{}),
 	}
+	s.metrics = newStoreMetrics()
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
 	s.reads.publish(db.NewTransaction(false), nil, math.MinInt64) // the floor starts at the bottom
 	go s.writer()

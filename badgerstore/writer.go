@@ -651,9 +651,11 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	if s.testCommit != nil {
 		commit = s.testCommit(b.txn)
 	}
-	s.commitSince.Store(time.Now().UnixNano())
+	sent := time.Now()
+	s.commitSince.Store(sent.UnixNano())
 	commit(func(cerr error) {
 		s.commitSince.Store(0)
+		s.metrics.committed(len(fl.ops), time.Since(sent), cerr)
 		if cerr != nil {
 			cerr = fmt.Errorf("commit: %w", unavailable(cerr))
 			// Badger may have applied part of it, ready keys included:

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -200,6 +201,24 @@ func TestKilledSidecarRestartsOnStaleSocketsAndFinishesItsWork(t *testing.T) {
 	d := waitStatus(t, c, fmt.Sprint(res["dispatch_id"]), "acked")
 	if !strings.Contains(fmt.Sprint(d["run_response"]), "echo: before the crash") {
 		t.Fatalf("dispatch after restart %v", d)
+	}
+	// The store's group-commit figures are served beside the engine's.
+	resp, err := c.send(context.Background(), http.MethodGet, "/metrics", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`mailbox_store_commits_total{result="ok"} `, "mailbox_store_committed_operations_total ", "mailbox_store_commit_seconds_count "} {
+		line := ""
+		for _, l := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(l, want) {
+				line = l
+			}
+		}
+		if line == "" || strings.HasSuffix(line, " 0") {
+			t.Errorf("/metrics: %q missing or zero after the restarted sidecar acked a run", want)
+		}
 	}
 }
 

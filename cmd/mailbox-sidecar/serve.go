@@ -100,7 +100,7 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		Mailbox:   s.mb,
 		Ready:     s.readiness,
 		Live:      func() error { return s.mb.Alive(time.Now(), liveStall) },
-		Metrics:   []*metrics.Set{s.mb.Metrics(), s.hub.Metrics()},
+		Metrics:   s.metricSets(),
 		MaxBody:   int(cfg.MaxBody),
 		AuthToken: cfg.AuthToken,
 		Logger:    log.With("component", "api"),
@@ -193,6 +193,16 @@ func (s *sidecar) serve(name string, run func() error, closedErr error) {
 		default:
 		}
 	}()
+}
+
+// metricSets are the sets /metrics serves: the engine's, the hub's and,
+// when it keeps any (Badger does), the store's.
+func (s *sidecar) metricSets() []*metrics.Set {
+	sets := []*metrics.Set{s.mb.Metrics(), s.hub.Metrics()}
+	if ms, ok := s.store.(interface{ Metrics() *metrics.Set }); ok {
+		sets = append(sets, ms.Metrics())
+	}
+	return sets
 }
 
 // readiness is /readyz: recovery done, the store writable, the agent
