@@ -97,12 +97,18 @@ func (m *Mailbox) reserveSlot(thread string) bool {
 // moment later, when the dispatcher probed between the attempt's end and
 // the submit's claim).
 func (m *Mailbox) reserveSlotAfterProbes(thread string) bool {
+	m.awaitProbes()
+	return m.reserveSlot(thread)
+}
+
+// awaitProbes waits, while every slot is taken, for the claims probing for
+// due work to end (see reserveSlotAfterProbes).
+func (m *Mailbox) awaitProbes() {
 	m.mu.Lock()
 	for !m.closing && m.inFlight >= m.exec.Capacity() && m.probes > 0 {
 		m.probeDone.Wait()
 	}
 	m.mu.Unlock()
-	return m.reserveSlot(thread)
 }
 
 func (m *Mailbox) releaseSlot(string) {

@@ -629,6 +629,16 @@ func TestForegroundSubmitFastPathOnIdleThread(t *testing.T) {
 	if st := dispatchStatus(t, r.store, "later"); st != engine.StatusSuperseded {
 		t.Fatalf("queued work on the thread is %s, want superseded", st)
 	}
+	// The interrupt left the thread idle, so the fast path's one commit
+	// submitted, claimed and started the run: no queued write behind the
+	// inline-claim guard (a crash after it stranded the run for a
+	// minute) and no separate claim.
+	if n := opCount(t, r.mb, "submit_idle", "ok"); n != 2 {
+		t.Fatalf("submit_idle ok = %d after the interrupt, want 2", n)
+	}
+	if s, c := opCount(t, r.mb, "submit", "ok"), opCount(t, r.mb, "claim_dispatch", "ok"); s != 0 || c != 0 {
+		t.Fatalf("the general path's submit (%d) and inline claim (%d) ran on a thread the interrupt left idle", s, c)
+	}
 	eventually(t, "general-path run acked", func() bool { return dispatchStatus(t, r.store, res2.DispatchID) == engine.StatusAcked })
 }
 

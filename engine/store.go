@@ -280,6 +280,7 @@ type IdleSubmitter interface {
 	// with instanceID (RecordDispatchStart), and returns the appended
 	// messages and the started dispatch. Otherwise it writes nothing and
 	// returns a nil dispatch: the caller takes the general path (Interrupt,
-	// cancel the active run, Submit, ClaimDispatch). Errors are Submit's.
+	// cancel the active run, SubmitIdle again, and only if the thread is
+	// still not idle Submit and ClaimDispatch). Errors are Submit's.
 	SubmitIdle(ctx context.Context, c Checkpoint, d Dispatch, consumerID string, lease time.Duration, instanceID string, now int64) ([]MessageRecord, *Dispatch, error)
 }
