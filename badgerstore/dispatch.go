@@ -721,6 +721,13 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 				return fmt.Errorf("dedupe_key=%s: %w", n.DedupeKey, engine.ErrAlreadyExists)
 			}
 		}
+		run, err := w.loadRun(n.RunID)
+		if err != nil {
+			return err
+		}
+		if run != nil && run.ThreadID == n.ThreadID && run.MovedOnFrom(old.DispatchID) {
+			return engine.ErrRunMovedOn(dispatchID, run)
+		}
 		if err := w.putDispatch(old, &dl, now); err != nil {
 			return err
 		}
@@ -728,9 +735,8 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 			return err
 		}
 		out = n
-		run, err := w.loadRun(n.RunID)
-		if err != nil || run == nil || run.ThreadID != n.ThreadID {
-			return err
+		if run == nil || run.ThreadID != n.ThreadID {
+			return nil
 		}
 		r := cloneRun(run)
 		r.Reopen(n.DispatchID, now/1000)

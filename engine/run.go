@@ -387,6 +387,20 @@ func (r *RunRecord) Reopen(dispatchID string, nowSec int64) {
 	r.UpdatedAt = nowSec
 }
 
+// MovedOnFrom reports whether the run now belongs to a dispatch other
+// than dispatchID (a later dispatch took it over, as a continuation does):
+// requeueing dead letter dispatchID would reopen a run that has moved on.
+// A run that names no dispatch belongs to any.
+func (r *RunRecord) MovedOnFrom(dispatchID string) bool {
+	return r.DispatchID != "" && r.DispatchID != dispatchID
+}
+
+// ErrRunMovedOn is the error for a dead letter whose run has moved on to
+// another dispatch (MovedOnFrom): it cannot be requeued.
+func ErrRunMovedOn(dispatchID string, r *RunRecord) error {
+	return fmt.Errorf("dispatch %s: its run %s has moved on to dispatch %s; submit the work anew: %w", dispatchID, r.RunID, r.DispatchID, ErrVersionConflict)
+}
+
 // MarkStarted records that attempt instanceID of dispatch d started the
 // run (the store applies it in the same commit as the dispatch's start).
 // A done run, or one of another thread, is left alone; it reports

@@ -671,6 +671,13 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 				return fmt.Errorf("dedupe_key=%s: %w", n.DedupeKey, engine.ErrAlreadyExists)
 			}
 		}
+		run, err := t.loadRun(n.RunID)
+		if err != nil {
+			return err
+		}
+		if run != nil && run.ThreadID == n.ThreadID && run.MovedOnFrom(old.DispatchID) {
+			return engine.ErrRunMovedOn(dispatchID, run)
+		}
 		if err := t.putDispatch(old, &dl, now); err != nil {
 			return err
 		}
@@ -678,9 +685,8 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 			return err
 		}
 		out = n
-		run, err := t.loadRun(n.RunID)
-		if err != nil || run == nil || run.ThreadID != n.ThreadID {
-			return err
+		if run == nil || run.ThreadID != n.ThreadID {
+			return nil
 		}
 		r := *run
 		r.Reopen(n.DispatchID, now/1000)

@@ -693,6 +693,29 @@ func dispatchReleaseRequeueCases() []Case {
 			h.deadLetter("d1-r1", c.ClaimToken, "e4", 7000)
 			h.runSettled("run-d1", "d1-r1", 7000, "e4")
 		}},
+		{"Requeue_refuses_a_dead_letter_whose_run_moved_on", func(t *testing.T, s engine.Store) {
+			h := newDQ(t, s)
+			// The run was taken over by a later dispatch (a continuation)
+			// before d1 dead-lettered, so d1's dead letter left it alone.
+			run := dqRun("run-x", "t1", engine.RunRunning)
+			run.DispatchID = "later"
+			h.createRun(run)
+			d := dqQueued("d1", "t1", 128, 1000)
+			d.RunID = "run-x"
+			h.enqueue(d)
+			c := h.claimID("d1", "c1", 1000)
+			h.deadLetter("d1", c.ClaimToken, "fatal", 1500)
+			before, runBefore := h.load("d1"), h.loadRun("run-x")
+			if runBefore.Status != engine.RunRunning || runBefore.DispatchID != "later" {
+				t.Fatalf("the dead letter touched the run of a later dispatch: %s, dispatch %q", runBefore.Status, runBefore.DispatchID)
+			}
+			_, err := s.Requeue(h.ctx, "d1", "d1-r1", 2000)
+			dqWantErr(t, "Requeue of a dead letter whose run moved on", err, engine.ErrVersionConflict)
+			h.same(before)
+			h.absent("d1-r1")
+			h.runUnchanged(runBefore)
+			h.wantCounts(map[engine.DispatchStatus]int64{engine.StatusDeadLetter: 1})
+		}},
 		{"Requeue_rejects_bad_requests", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.add("queued", "t1", 1000)

@@ -1685,18 +1685,21 @@ func rsRequeueProjection(t *testing.T, s engine.Store) {
 		t.Errorf("open_run_status %q after requeue, want waiting (run-4's)", th.OpenRunStatus)
 	}
 
-	// The requeued run itself was still active (its dead letter did not
-	// settle it: the run had moved on to another dispatch id): it is
-	// created now, so it is no longer active, and open as created.
+	// The dead letter's run had moved on to another dispatch id (its dead
+	// letter did not settle it; it is still active): the requeue is
+	// refused and the projection stays (until the seventh session the run
+	// was reopened under the dispatch that owned it).
 	r5 := rsRun("run-5", "thread-c", engine.RunRunning, rsSec, rsSec)
 	r5.DispatchID = "disp-other"
 	rsPutRun(t, s, r5)
 	rsDeadLetter(t, s, "disp-5", "thread-c", "run-5", rsMs)
 	rsWantThread(t, s, "thread-c", rsProj{active: "run-5", open: "run-5", latest: "run-5"})
-	requeue("disp-5", "disp-5b", rsMs+60_000)
-	rsWantThread(t, s, "thread-c", rsProj{open: "run-5", latest: "run-5"})
-	if th := rsLoadThread(t, s, "thread-c"); th != nil && th.OpenRunStatus != engine.RunCreated {
-		t.Errorf("open_run_status %q after requeue, want created", th.OpenRunStatus)
+	if _, err := s.Requeue(t.Context(), "disp-5", "disp-5b", rsMs+60_000); !errors.Is(err, engine.ErrVersionConflict) {
+		t.Fatalf("Requeue(disp-5) of a run that moved on: %v, want a version conflict", err)
+	}
+	rsWantThread(t, s, "thread-c", rsProj{active: "run-5", open: "run-5", latest: "run-5"})
+	if th := rsLoadThread(t, s, "thread-c"); th != nil && th.OpenRunStatus != engine.RunRunning {
+		t.Errorf("open_run_status %q after a refused requeue, want running", th.OpenRunStatus)
 	}
 
 	// No other run is open: the reopened run is.
