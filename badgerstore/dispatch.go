@@ -113,7 +113,7 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 		if err != nil {
 			return err
 		}
-		out, err = w.start(claimed, instanceID, now)
+		out, err = w.startUnlessDone(claimed, instanceID, now)
 		return err
 	})
 	if err != nil {

@@ -131,35 +131,55 @@ func TestRunIDHintOfAWaitingRunContinuesIt(t *testing.T) {
 	}
 }
 
-// A background continuation of a waiting run reaches the agent with the
-// run as it waits — status waiting and its waiting state (the tickets of
-// its suspended calls) in context.latest_run — as the two-step start gave
-// it: the claim does not record the start of a waiting run's dispatch, the
-// start follows the rebuild.
+// A continuation of a waiting run reaches the agent with the run as it
+// waits — status waiting and its waiting state (the tickets of its
+// suspended calls) in context.latest_run — as the two-step start gave it:
+// neither the background claim (ClaimStart) nor the foreground fast path's
+// commit (SubmitIdle; until the eighth session it started the run) records
+// the start of a waiting run's dispatch; the start follows the rebuild.
 func TestContinuationSeesTheRunWaiting(t *testing.T) {
-	r := newRig(t, newFake(1, complete), engine.Config{})
-	ctx := context.Background()
-	thread := "thread-waits"
-	w := spWaitingRun("run-waits", thread, engine.WaitUserInput)
-	w.Waiting.TicketIDs = []string{"ticket-1"}
-	if err := r.store.CreateRun(ctx, w); err != nil {
-		t.Fatal(err)
-	}
-	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-waits", Messages: []engine.Message{userMsg("answer")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.start(t)
-	eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
-	runs := spRuns(r.exec)
-	if len(runs) != 1 {
-		t.Fatalf("%d runs, want 1", len(runs))
-	}
-	lr := runs[0].Context.LatestRun
-	if lr == nil || lr.RunID != "run-waits" || lr.Status != engine.RunWaiting || lr.Waiting == nil || len(lr.Waiting.TicketIDs) != 1 {
-		t.Fatalf("context.latest_run %+v; want run-waits waiting with its ticket", lr)
-	}
-	if runs[0].ContinueRunID != "run-waits" {
-		t.Fatalf("continue_run_id %q", runs[0].ContinueRunID)
+	for _, fg := range []bool{false, true} {
+		name := map[bool]string{false: "background", true: "foreground"}[fg]
+		t.Run(name, func(t *testing.T) {
+			r := newRig(t, newFake(1, complete), engine.Config{})
+			ctx := context.Background()
+			thread := "thread-waits-" + name
+			w := spWaitingRun("run-waits", thread, engine.WaitUserInput)
+			w.Waiting.TicketIDs = []string{"ticket-1"}
+			if err := r.store.CreateRun(ctx, w); err != nil {
+				t.Fatal(err)
+			}
+			req := engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-waits", Messages: []engine.Message{userMsg("answer")}}
+			var res engine.SubmitResult
+			var err error
+			if fg {
+				r.start(t)
+				res, _, err = r.mb.Submit(ctx, req)
+			} else {
+				res, err = r.mb.SubmitBackground(ctx, req)
+				r.start(t)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+			runs := spRuns(r.exec)
+			if len(runs) != 1 {
+				t.Fatalf("%d runs, want 1", len(runs))
+			}
+			lr := runs[0].Context.LatestRun
+			if lr == nil || lr.RunID != "run-waits" || lr.Status != engine.RunWaiting || lr.Waiting == nil || len(lr.Waiting.TicketIDs) != 1 {
+				t.Fatalf("context.latest_run %+v; want run-waits waiting with its ticket", lr)
+			}
+			if runs[0].ContinueRunID != "run-waits" {
+				t.Fatalf("continue_run_id %q", runs[0].ContinueRunID)
+			}
+			// The start was recorded after the rebuild: the run ran, once.
+			run, _ := r.store.LoadRun(ctx, "run-waits")
+			d, _ := r.store.LoadDispatch(ctx, res.DispatchID)
+			if run == nil || d == nil || run.Status != engine.RunDone || run.StartCount != 1 || run.SessionID == "" || run.SessionID != d.InstanceID {
+				t.Fatalf("run %+v, dispatch %+v: want done, started once, under the dispatch's instance", run, d)
+			}
+		})
 	}
 }

@@ -602,7 +602,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		*req = saved
 		return SubmitResult{}, nil, false, nil
 	}
-	m.startExecution(*claimed, true)
+	m.startExecution(*claimed, claimed.InstanceID == instance)
 	return SubmitResult{DispatchID: claimed.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitRunning}, events, true, nil
 }
 

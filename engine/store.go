@@ -277,8 +277,11 @@ type IdleSubmitter interface {
 	// and no claimed dispatch. If so, in one commit, it bumps the thread's
 	// epoch (an Interrupt that supersedes nothing), does Submit(c, d),
 	// claims d for consumerID under lease and records the attempt's start
-	// with instanceID (RecordDispatchStart), and returns the appended
-	// messages and the started dispatch. Otherwise it writes nothing and
+	// with instanceID (RecordDispatchStart) — unless d's run is waiting (a
+	// continuation: the engine rebuilds the request from the run as it
+	// waits, then records the start), as ClaimStart — and returns the
+	// appended messages and the dispatch, started iff its InstanceID is
+	// instanceID. Otherwise it writes nothing and
 	// returns a nil dispatch: the caller takes the general path (Interrupt,
 	// cancel the active run, SubmitIdle again, and only if the thread is
 	// still not idle Submit and ClaimDispatch). Errors are Submit's.

@@ -64,7 +64,7 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 		if err != nil {
 			return err
 		}
-		out, err = t.start(claimed, instanceID, now)
+		out, err = t.startUnlessDone(claimed, instanceID, now)
 		return err
 	})
 	if err != nil {
