@@ -323,3 +323,48 @@ func TestForegroundSubmitDuringAStartedHandOff(t *testing.T) {
 	}
 	foregroundDuringHandOff(t, r, thread, second.DispatchID, g.interrupts.Load, letGo)
 }
+
+// A cancel that settles the claim of an attempt its claim did not start
+// (a continuation of a waiting run: claimed only, the start follows the
+// rebuild) records no instance id: the attempt never started, so the
+// dispatch and the run name none of its own — the run keeps the session
+// of its last real attempt. The attempt used to pick its instance id
+// before the start and the cancel recorded it.
+func TestCancelBeforeTheStartRecordsNoInstance(t *testing.T) {
+	g := &gatedLatestRun{thread: "thread-waits-gated", armed: make(chan struct{}), held: make(chan struct{}), resume: make(chan struct{})}
+	r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { g.Store = s; return g })
+	var resumeOnce sync.Once
+	resume := func() { resumeOnce.Do(func() { close(g.resume) }) }
+	t.Cleanup(resume)
+	ctx := context.Background()
+	w := spWaitingRun("run-waits-gated", "thread-waits-gated", engine.WaitUserInput)
+	w.SessionID = "session-of-the-last-attempt"
+	if err := r.store.CreateRun(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "thread-waits-gated", RunIDHint: "run-waits-gated", Messages: []engine.Message{userMsg("answer")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(g.armed)
+	r.exec.setCapacity(1)
+	r.start(t)
+	<-g.held // claimed, not started, rebuilding its request
+	if d := execLoad(t, r.store, res.DispatchID); d.Status != engine.StatusClaimed || d.InstanceID != "" {
+		t.Fatalf("held dispatch %+v, want claimed and not started", d)
+	}
+	if ok, err := r.mb.Cancel(ctx, res.DispatchID); err != nil || !ok {
+		t.Fatalf("cancel %v %v", ok, err)
+	}
+	resume()
+	eventually(t, "slot released", func() bool { return r.mb.InFlight() == 0 })
+	if runs, _, _ := r.exec.stats(); runs != 0 {
+		t.Fatalf("the cancelled attempt entered the executor (%d runs)", runs)
+	}
+	d := execLoad(t, r.store, res.DispatchID)
+	run := execRun(t, r.store, res.RunID)
+	if d.Status != engine.StatusAcked || d.InstanceID != "" || run.Status != engine.RunDone || run.SessionID != "session-of-the-last-attempt" {
+		t.Fatalf("after the cancel: dispatch %s instance %q, run %s session %q; want acked with no instance, the run done keeping its session",
+			d.Status, d.InstanceID, run.Status, run.SessionID)
+	}
+}

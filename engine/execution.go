@@ -257,11 +257,16 @@ func (m *Mailbox) finish(e *execution) {
 }
 
 // recordStart records the attempt's start unless its claim already did.
+// Only then does the attempt's instance id become known to a cancel
+// (settleCancel): a cancel settling the claim before the start records
+// no instance, and the run keeps the one it has, instead of naming an
+// attempt that never started.
 func (m *Mailbox) recordStart(ctx context.Context, e *execution, instance string, now int64) error {
 	if !e.preStarted {
 		if err := m.store.RecordDispatchStart(ctx, e.dispatch.DispatchID, e.dispatch.ClaimToken, instance, now); err != nil {
 			return err
 		}
+		e.instance.Store(&instance)
 	}
 	e.started = true
 	return nil
@@ -316,9 +321,8 @@ func (m *Mailbox) execute(e *execution) {
 	// commit), and the agent is never reached for such a dispatch.
 	instance := newID()
 	if e.preStarted {
-		instance = d.InstanceID
+		instance = d.InstanceID // e.instance has it since startExecution
 	}
-	e.instance.Store(&instance)
 	if errors.Is(context.Cause(e.ctx), errShutdown) {
 		m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, Error: errShutdown.Error()}, instance, log)
 		return
