@@ -149,6 +149,66 @@ func BenchmarkBackgroundRun(b *testing.B) {
 	}
 }
 
+// BenchmarkForegroundInterrupt: a foreground submit to a thread whose run
+// is executing (the agent holds each run until it is cancelled): the
+// interrupt, the cancel and wait for the run, then the new run's submit,
+// claim and start; one op is one such submit, until the new run reached
+// the agent. Durable (fsync on, Badger on disk).
+func BenchmarkForegroundInterrupt(b *testing.B) {
+	s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	started := make(chan struct{}, 1)
+	hold := func(ctx context.Context, _ *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case started <- struct{}{}:
+		case <-ctx.Done(): // nobody waits for it (Stop)
+		}
+		<-ctx.Done()
+		sink.Emit([]byte(`{"type":"run_finish"}`))
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	}
+	exec := newFake(1, hold)
+	exec.forget = true
+	mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := mb.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		// The last run is still held: Stop waits for it until its
+		// context ends, then puts it back.
+		stopCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		defer cancel()
+		mb.Stop(stopCtx)
+	}()
+	msg := []engine.Message{userMsg("go")}
+	submit := func() {
+		res, _, err := mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t", Messages: msg})
+		if err != nil || res.Status != engine.SubmitRunning {
+			b.Fatalf("submit: %+v %v", res, err)
+		}
+		<-started
+	}
+	submit() // the run every op interrupts
+	batches0, _ := s.BatchStats()
+	cpu0 := processCPU(b)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		submit()
+	}
+	b.StopTimer()
+	batches, _ := s.BatchStats()
+	b.ReportMetric(float64(batches-batches0)/float64(b.N), "commits/op")
+	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/op")
+}
+
 // BenchmarkReattach: a client re-attaching to a run's event log and
 // reading the last 100 of its buffered events.
 func BenchmarkReattach(b *testing.B) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -181,5 +182,46 @@ func TestContinuationSeesTheRunWaiting(t *testing.T) {
 				t.Fatalf("run %+v, dispatch %+v: want done, started once, under the dispatch's instance", run, d)
 			}
 		})
+	}
+}
+
+// A foreground continuation of a waiting run on a thread with queued
+// work: the interrupt supersedes the work, then the fast path's commit
+// submits and claims without starting the run, which the agent sees
+// waiting; the start is recorded after the rebuild.
+func TestForegroundContinuationAfterAnInterrupt(t *testing.T) {
+	r := newRig(t, newFake(1, complete), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	thread := "thread-w"
+	w := spWaitingRun("run-w", thread, engine.WaitUserInput)
+	w.Waiting.TicketIDs = []string{"ticket-1"}
+	if err := r.store.CreateRun(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	delayed := time.Now().Add(time.Hour).UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "later", ThreadID: thread, RunID: "run-other", Priority: engine.DefaultPriority, AvailableAt: delayed, CreatedAt: delayed, MaxAttempts: 3}); err != nil {
+		t.Fatal(err)
+	}
+	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-w", Messages: []engine.Message{userMsg("answer")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	if st := dispatchStatus(t, r.store, "later"); st != engine.StatusSuperseded {
+		t.Fatalf("queued work %s, want superseded", st)
+	}
+	runs := spRuns(r.exec)
+	if len(runs) != 1 {
+		t.Fatalf("%d runs, want 1", len(runs))
+	}
+	if lr := runs[0].Context.LatestRun; lr == nil || lr.RunID != "run-w" || lr.Status != engine.RunWaiting || lr.Waiting == nil || runs[0].ContinueRunID != "run-w" {
+		t.Fatalf("latest_run %+v, continue_run_id %q; want run-w waiting, continued", lr, runs[0].ContinueRunID)
+	}
+	if i, s, c := opCount(t, r.mb, "submit_idle", "ok"), opCount(t, r.mb, "submit", "ok"), opCount(t, r.mb, "claim_dispatch", "ok"); i != 1 || s != 0 || c != 0 {
+		t.Fatalf("submit_idle %d, submit %d, claim_dispatch %d: want the fast path after the interrupt", i, s, c)
+	}
+	if n := opCount(t, r.mb, "record_dispatch_start", "ok"); n != 1 {
+		t.Fatalf("record_dispatch_start %d, want 1 (after the rebuild)", n)
 	}
 }

@@ -38,7 +38,8 @@ type execution struct {
 	// preStarted: the start was recorded with the claim (dispatch.InstanceID).
 	preStarted bool
 	sawFinish  atomic.Bool // the agent emitted run_finish
-	// instance is the attempt's dispatch instance id once chosen.
+	// instance is the attempt's dispatch instance id once its start is
+	// recorded (by its claim or by RecordDispatchStart).
 	instance atomic.Pointer[string]
 	// started: the store recorded the attempt's start under instance, so
 	// instance is the run's session id (execute goroutine only).
@@ -58,7 +59,8 @@ type execution struct {
 	handoff atomic.Bool
 }
 
-// instanceID is the attempt's instance id, or "" before it is chosen.
+// instanceID is the attempt's instance id, or "" before its start is
+// recorded.
 func (e *execution) instanceID() string {
 	if p := e.instance.Load(); p != nil {
 		return *p

@@ -534,10 +534,13 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 
 // submitIdle is the fast path of Submit for an idle thread with a free
 // agent slot, on stores that offer it (IdleSubmitter): the interrupt, the
-// submit, the inline claim and the start in one commit, so the agent sees
-// the run after one sync instead of four. done is false when it
-// did not apply (no slot, or the thread has queued or claimed work); then
-// nothing was written and req is as it was.
+// submit, the inline claim and the start (not of a continued waiting run:
+// that attempt records it after the rebuild) in one commit, so the agent
+// sees the run after one sync instead of four. Submit tries it first, and
+// again once an interrupt has left the thread idle. done is false when it
+// did not apply (no slot, something of the thread still here, or the
+// thread has queued or claimed work); then nothing was written and req is
+// as it was.
 func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitResult, *EventLog, bool, error) {
 	is, ok := m.raw.(IdleSubmitter)
 	if !ok {

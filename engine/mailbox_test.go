@@ -639,6 +639,9 @@ func TestForegroundSubmitFastPathOnIdleThread(t *testing.T) {
 	if s, c := opCount(t, r.mb, "submit", "ok"), opCount(t, r.mb, "claim_dispatch", "ok"); s != 0 || c != 0 {
 		t.Fatalf("the general path's submit (%d) and inline claim (%d) ran on a thread the interrupt left idle", s, c)
 	}
+	if n := opCount(t, r.mb, "record_dispatch_start", "ok"); n != 0 {
+		t.Fatalf("the start was recorded apart (%d) from the fast path's commit after the interrupt", n)
+	}
 	eventually(t, "general-path run acked", func() bool { return dispatchStatus(t, r.store, res2.DispatchID) == engine.StatusAcked })
 }
 

@@ -120,7 +120,9 @@ type DispatchStore interface {
 	// RequeuedAs (it leaves the dead-letter listing and stays terminal) and
 	// reopens the run record (status created, outcome cleared). Requeueing
 	// a non-dead-letter is ErrValidation, twice ErrAlreadyExists; a dedupe
-	// key now held by another dispatch is ErrAlreadyExists.
+	// key now held by another dispatch is ErrAlreadyExists; a dead letter
+	// whose run has moved on to another dispatch (RunRecord.MovedOnFrom)
+	// is ErrVersionConflict, and nothing changes.
 	Requeue(ctx context.Context, dispatchID, newDispatchID string, now int64) (Dispatch, error)
 	// ReclaimExpired processes claimed dispatches whose lease_until < now,
 	// oldest lease first, until limit of them have spent an attempt and
