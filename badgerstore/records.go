@@ -228,7 +228,9 @@ func (w *writeTx) writeRun(old, r *engine.RunRecord, reopen bool) error {
 	if err != nil {
 		return err
 	}
-	w.set(runKey(r.RunID), b)
+	if err := w.setIfChanged(runKey(r.RunID), b); err != nil {
+		return err
+	}
 	newIdx := runIndex(r)
 	var oldIdx [][]byte
 	if old != nil {
@@ -273,8 +275,7 @@ func (w *writeTx) putThread(t *engine.Thread) error {
 	if err != nil {
 		return err
 	}
-	w.set(threadKey(t.ID), b)
-	return nil
+	return w.setIfChanged(threadKey(t.ID), b)
 }
 
 // hasKey reports whether keys holds k.

@@ -1,6 +1,7 @@
 package badgerstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -194,6 +195,22 @@ func (w *writeTx) set(key, val []byte) {
 		val = []byte{}
 	}
 	w.writes[k] = pending{val: val}
+}
+
+// setIfChanged is set, unless key already holds exactly val: a record
+// rewritten unchanged (an agent's checkpoint within the second its run
+// started rewrites the run and its thread projection byte for byte) costs
+// no write, no memtable entry and nothing to compact.
+func (w *writeTx) setIfChanged(key, val []byte) error {
+	cur, ok, err := w.get(key)
+	if err != nil {
+		return err
+	}
+	if ok && bytes.Equal(cur, val) {
+		return nil
+	}
+	w.set(key, val)
+	return nil
 }
 
 func (w *writeTx) del(key []byte) {
