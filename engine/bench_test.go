@@ -77,29 +77,38 @@ func noop(_ context.Context, _ *engine.RunRequest, sink engine.EventSink) engine
 	return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
 }
 
+// benchMailbox is a started mailbox on a durable Badger store in a
+// temporary directory (closed when b ends; the caller stops the mailbox),
+// its agent the scripted fake with slots slots that keeps no requests. A
+// short context (20 messages) keeps the cost per run independent of b.N:
+// the thread logs grow with every run.
+func benchMailbox(b *testing.B, slots int, script func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome) (*badgerstore.Store, *engine.Mailbox) {
+	b.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	exec := newFake(slots, script)
+	exec.forget = true
+	mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	return s, mb
+}
+
 // BenchmarkBackgroundRun: SubmitBackground → run (no-op executor) → ack,
 // durable (fsync on, Badger on disk), spread over 1 and 64 threads with
 // as many agent slots. One op is one run, from submit to ack.
 func BenchmarkBackgroundRun(b *testing.B) {
 	for _, threads := range []int{1, 64} {
 		b.Run(fmt.Sprintf("threads=%d", threads), func(b *testing.B) {
-			s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			// A short context keeps the cost per run independent of b.N (the
-			// thread logs grow with every run).
-			exec := newFake(threads, noop)
-			exec.forget = true
-			mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
-			if err != nil {
-				b.Fatal(err)
-			}
+			s, mb := benchMailbox(b, threads, noop)
 			ctx := context.Background()
-			if err := mb.Start(ctx); err != nil {
-				b.Fatal(err)
-			}
 			defer mb.Stop(ctx)
 			msg := []engine.Message{userMsg("go")}
 			b.ReportAllocs()
@@ -155,11 +164,6 @@ func BenchmarkBackgroundRun(b *testing.B) {
 // claim and start; one op is one such submit, until the new run reached
 // the agent. Durable (fsync on, Badger on disk).
 func BenchmarkForegroundInterrupt(b *testing.B) {
-	s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
 	started := make(chan struct{}, 1)
 	hold := func(ctx context.Context, _ *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		select {
@@ -170,16 +174,8 @@ func BenchmarkForegroundInterrupt(b *testing.B) {
 		sink.Emit([]byte(`{"type":"run_finish"}`))
 		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
 	}
-	exec := newFake(1, hold)
-	exec.forget = true
-	mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
-	if err != nil {
-		b.Fatal(err)
-	}
+	s, mb := benchMailbox(b, 1, hold)
 	ctx := context.Background()
-	if err := mb.Start(ctx); err != nil {
-		b.Fatal(err)
-	}
 	defer func() {
 		// The last run is still held: Stop waits for it until its
 		// context ends, then puts it back.

@@ -107,20 +107,10 @@ func TestRunIDHintOfAWaitingRunContinuesIt(t *testing.T) {
 			if err := r.store.CreateRun(ctx, spWaitingRun("run-hinted", thread, engine.WaitUserInput)); err != nil {
 				t.Fatal(err)
 			}
-			req := engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-hinted", Messages: []engine.Message{userMsg("answer")}}
-			var res engine.SubmitResult
-			var err error
-			if fg {
-				r.start(t)
-				res, _, err = r.mb.Submit(ctx, req)
-			} else {
-				res, err = r.mb.SubmitBackground(ctx, req)
-				r.start(t)
+			res := submitAndAck(t, r, fg, engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-hinted", Messages: []engine.Message{userMsg("answer")}})
+			if res.RunID != "run-hinted" {
+				t.Fatalf("submit %+v", res)
 			}
-			if err != nil || res.RunID != "run-hinted" {
-				t.Fatalf("submit %+v %v", res, err)
-			}
-			eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
 			runs := spRuns(r.exec)
 			if len(runs) != 1 || runs[0].ContinueRunID != "run-hinted" {
 				t.Fatalf("executor requests %d, continue_run_id %q; want one continuing run-hinted", len(runs), runs[0].ContinueRunID)
@@ -150,20 +140,7 @@ func TestContinuationSeesTheRunWaiting(t *testing.T) {
 			if err := r.store.CreateRun(ctx, w); err != nil {
 				t.Fatal(err)
 			}
-			req := engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-waits", Messages: []engine.Message{userMsg("answer")}}
-			var res engine.SubmitResult
-			var err error
-			if fg {
-				r.start(t)
-				res, _, err = r.mb.Submit(ctx, req)
-			} else {
-				res, err = r.mb.SubmitBackground(ctx, req)
-				r.start(t)
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+			res := submitAndAck(t, r, fg, engine.SubmitRequest{ThreadID: thread, RunIDHint: "run-waits", Messages: []engine.Message{userMsg("answer")}})
 			runs := spRuns(r.exec)
 			if len(runs) != 1 {
 				t.Fatalf("%d runs, want 1", len(runs))
@@ -224,4 +201,26 @@ func TestForegroundContinuationAfterAnInterrupt(t *testing.T) {
 	if n := opCount(t, r.mb, "record_dispatch_start", "ok"); n != 1 {
 		t.Fatalf("record_dispatch_start %d, want 1 (after the rebuild)", n)
 	}
+}
+
+// submitAndAck submits req in the foreground (the rig started first, so
+// the submit claims inline) or in the background (the rig started after,
+// so the dispatcher claims it), and waits until its dispatch is acked.
+func submitAndAck(t *testing.T, r *rig, fg bool, req engine.SubmitRequest) engine.SubmitResult {
+	t.Helper()
+	ctx := context.Background()
+	var res engine.SubmitResult
+	var err error
+	if fg {
+		r.start(t)
+		res, _, err = r.mb.Submit(ctx, req)
+	} else {
+		res, err = r.mb.SubmitBackground(ctx, req)
+		r.start(t)
+	}
+	if err != nil {
+		t.Fatalf("submit %+v: %v", req, err)
+	}
+	eventually(t, "dispatch acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	return res
 }
