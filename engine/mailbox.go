@@ -464,10 +464,10 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not stop: %w", id, errActiveRun)
 	}
 	// The thread is idle now, unless work arrived meanwhile: the fast
-	// path's one commit submits, claims and starts. Besides a sync, that
-	// saves the moment the path below leaves between its queued write and
-	// its inline claim, in which a crash strands the dispatch behind the
-	// inline-claim guard for a minute.
+	// path's one commit submits, claims and starts (the path below takes
+	// three). It also leaves no moment, as the path below does between its
+	// queued write and its inline claim, in which a crash strands the
+	// dispatch behind the inline-claim guard for a minute.
 	m.awaitProbes()
 	if res, events, done, err := m.submitIdle(ctx, &req); done || err != nil {
 		return res, events, err
