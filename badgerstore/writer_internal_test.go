@@ -339,3 +339,38 @@ func TestStalledReportsACommitStuckInBadger(t *testing.T) {
 		t.Fatalf("after the commit: %v", err)
 	}
 }
+
+// A commit Badger refuses counts as mailbox_store_commits_total{result="error"}
+// and adds no committed operations; the next one counts as ok.
+func TestMetricsCountAFailedCommit(t *testing.T) {
+	s, entered, fail := heldFirstCommit(t, Options{})
+	ran := make(chan struct{}, 1)
+	a := startOp(s, "a", ran, func(w *writeTx) error {
+		w.set([]byte("zz-a"), []byte("1"))
+		return nil
+	})
+	<-entered
+	<-ran
+	fail(errors.New("disk on fire"))
+	if err := await(t, "a", a); err == nil {
+		t.Fatal("the operation of a failed commit succeeded")
+	}
+	b := startOp(s, "b", ran, func(w *writeTx) error {
+		w.set([]byte("zz-b"), []byte("1"))
+		return nil
+	})
+	if err := await(t, "b", b); err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	s.Metrics().WritePrometheus(&out)
+	for _, want := range []string{
+		`mailbox_store_commits_total{result="error"} 1`,
+		`mailbox_store_commits_total{result="ok"} 1`,
+		`mailbox_store_committed_operations_total 1`,
+	} {
+		if !strings.Contains(out.String(), want+"\n") {
+			t.Errorf("metrics lack %q:\n%s", want, out.String())
+		}
+	}
+}
