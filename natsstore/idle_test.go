@@ -143,17 +143,6 @@ func TestSubmitIdle(t *testing.T) {
 	if _, d3, err := s.SubmitIdle(ctx, cp("t3", "m3", 0), queued("f3", "t3", 1000), "me", 30*time.Second, "inst", 1000); err != nil || d3 == nil || d3.Epoch != 1 {
 		t.Fatalf("thread whose queue was cancelled: %+v %v, want claimed at epoch 1", d3, err)
 	}
-	// A continuation (the checkpoint keeps its run waiting): claimed, not
-	// started; the run waits on, for the engine to rebuild the request
-	// from it before it records the start (as ClaimStart).
-	wc := cp("t6", "m6", 0)
-	wc.Run.Status, wc.Run.Waiting = engine.RunWaiting, &engine.RunWaitingState{Reason: engine.WaitUserInput}
-	if _, d6, err := s.SubmitIdle(ctx, wc, queued("f6", "t6", 1000), "me", 30*time.Second, "inst", 1000); err != nil || d6 == nil || d6.Status != engine.StatusClaimed || d6.InstanceID != "" {
-		t.Fatalf("continuation: %+v %v, want claimed and not started", d6, err)
-	}
-	if run, err := s.LoadRun(ctx, "run-f6"); err != nil || run == nil || run.Status != engine.RunWaiting || run.Waiting == nil || run.SessionID != "" {
-		t.Fatalf("continued run after SubmitIdle: %+v %v, want still waiting", run, err)
-	}
 	// A stale expected count fails like Submit: nothing written.
 	before = lastSeq(t, s, cfg.Stream)
 	if _, _, err := s.SubmitIdle(ctx, cp("t4", "m4", 5), queued("f4", "t4", 1000), "me", 30*time.Second, "inst", 1000); !errors.Is(err, engine.ErrVersionConflict) {

@@ -30,7 +30,8 @@ func Cases() []Case {
 }
 
 // OptionalCases returns the cases of the optional capabilities a store
-// implements (engine.CompleteClaimer, engine.StartClaimer).
+// implements (engine.CompleteClaimer, engine.StartClaimer,
+// engine.IdleSubmitter).
 func OptionalCases(s engine.Store) []Case {
 	var all []Case
 	if _, ok := s.(engine.CompleteClaimer); ok {
@@ -38,6 +39,9 @@ func OptionalCases(s engine.Store) []Case {
 	}
 	if _, ok := s.(engine.StartClaimer); ok {
 		all = append(all, claimStartCases()...)
+	}
+	if _, ok := s.(engine.IdleSubmitter); ok {
+		all = append(all, submitIdleCases()...)
 	}
 	return all
 }
