@@ -46,7 +46,10 @@ type Options struct {
 	// in bytes (default 16 MiB; Badger's default keeps all of them in
 	// memory, which grows with the data).
 	IndexCacheSize int64
-	// ValueLogFileSize is the size of one value-log file (default 64 MiB).
+	// ValueLogFileSize is the size of one value-log file (default 64 MiB,
+	// less with a memtable under 4 MiB). The values of one file must fit
+	// a quarter memtable at 1 KiB each: ValueLogFileSize/ValueThreshold
+	// at most MemTableSize/4096 - 2 (value-log GC, see durable.go).
 	ValueLogFileSize int64
 	// ValueThreshold: values larger than this go to the value log (default
 	// 64 KiB); smaller ones live in the LSM tree.
@@ -68,7 +71,8 @@ type Options struct {
 	// disables the check.
 	MinFreeBytes int64
 
-	compactL0OnClose bool // tests: leave a compacted tree behind on Close
+	compactL0OnClose bool                    // tests: leave a compacted tree behind on Close
+	syncedHook       func(name string) error // tests: told every log file about to be synced; an error fails it
 }
 
 func (o *Options) validate() error {
@@ -86,8 +90,9 @@ func (o *Options) validate() error {
 	def(&o.MemTableSize, 16<<20)
 	def(&o.BlockCacheSize, 16<<20)
 	def(&o.IndexCacheSize, 16<<20)
-	def(&o.ValueLogFileSize, 64<<20)
 	def(&o.ValueThreshold, 64<<10)
+	// The value-log GC of one file must fit a quarter memtable (durable.go).
+	def(&o.ValueLogFileSize, max(1<<20, min(64<<20, (o.MemTableSize/4/gcEntryBytes-2)*o.ValueThreshold)))
 	def(&o.RecordCacheBytes, 32<<20)
 	if o.NumMemtables <= 0 {
 		o.NumMemtables = 2
@@ -100,6 +105,9 @@ func (o *Options) validate() error {
 	}
 	if o.MinFreeBytes == 0 {
 		o.MinFreeBytes = 2*o.MemTableSize + 16<<20
+	}
+	if !o.InMemory && gcFileBound(*o) > o.MemTableSize/4 {
+		return engine.Validationf("badgerstore: ValueLogFileSize %d / ValueThreshold %d is too many values per value-log file for MemTableSize %d (value-log GC of one file must fit a quarter memtable at %d bytes per value)", o.ValueLogFileSize, o.ValueThreshold, o.MemTableSize, gcEntryBytes)
 	}
 	if o.ValueThreshold > o.MemTableSize*15/100 {
 		return engine.Validationf("badgerstore: ValueThreshold %d exceeds 15%% of MemTableSize %d", o.ValueThreshold, o.MemTableSize)
@@ -119,7 +127,7 @@ func (o *Options) badger() badger.Options {
 	bo.TableSizeMultiplier = 1
 	return bo.
 		WithCompactL0OnClose(o.compactL0OnClose).
-		WithSyncWrites(!o.NoSync && !o.InMemory).
+		WithSyncWrites(false).      // the store syncs what a batch wrote itself (durable.go)
 		WithDetectConflicts(false). // one writer goroutine: no write-write conflicts
 		WithMemTableSize(o.MemTableSize).
 		WithNumMemtables(o.NumMemtables).
@@ -144,6 +152,8 @@ type Store struct {
 	log  *slog.Logger
 
 	ops        chan *op
+	gcReqs     chan *gcRequest  // value-log GC, run by the writer
+	gcHold     *badger.Iterator // kept open after a failed GC sync, never closed (see collectValueLog)
 	writerDone chan struct{}
 	gcStop     chan struct{}
 	gcDone     chan struct{}
@@ -161,8 +171,9 @@ type Store struct {
 	// Badger (0: none), for Stalled.
 	opSince, commitSince atomic.Int64
 
-	space spaceGuard // used by the writer goroutine only
-	reads snapshots  // the shared read snapshot (snapshot.go)
+	dur   *durability // syncs Badger's logs (durable.go); nil InMemory
+	space spaceGuard  // used by the writer goroutine only
+	reads snapshots   // the shared read snapshot (snapshot.go)
 
 	// testCommit, set only by tests, replaces txn.CommitWith (to delay or
 	// fail a commit).
@@ -189,15 +200,29 @@ func Open(opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 	}
-	if err := migrateRunStatusIndex(db); err != nil {
+	migrated, err := migrateRunStatusIndex(db)
+	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 	}
+	var dur *durability
+	if !opts.InMemory {
+		fill := int64(0)
+		if migrated {
+			fill = opts.MemTableSize // its writes: no value-log GC before the next memtable
+		}
+		if dur, err = openDurability(opts, fill, opts.syncedHook); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+		}
+	}
 	s := &Store{
+		dur:        dur,
 		db:         db,
 		opts:       opts,
 		log:        opts.Logger,
 		ops:        make(chan *op, maxBatch),
+		gcReqs:     make(chan *gcRequest),
 		writerDone: make(chan struct{}),
 		gcStop:     make(chan struct{}),
 		gcDone:     make(chan struct{}),
@@ -219,10 +244,10 @@ func Open(opts Options) (*Store, error) {
 // it writes a W key for each waiting run the old index lists, then drops
 // the old index. A crash in between repeats it at the next Open (the W
 // writes are idempotent); a data directory without S keys costs one seek.
-func migrateRunStatusIndex(db *badger.DB) error {
+func migrateRunStatusIndex(db *badger.DB) (migrated bool, err error) {
 	var found bool
 	var waiting [][]byte
-	err := db.View(func(txn *badger.Txn) error {
+	err = db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{pRunStatus}})
 		defer it.Close()
 		it.Rewind()
@@ -235,7 +260,7 @@ func migrateRunStatusIndex(db *badger.DB) error {
 		return nil
 	})
 	if err != nil || !found {
-		return err
+		return false, err
 	}
 	for len(waiting) > 0 {
 		n := min(len(waiting), 1000)
@@ -247,14 +272,14 @@ func migrateRunStatusIndex(db *badger.DB) error {
 			}
 			return nil
 		}); err != nil {
-			return fmt.Errorf("migrate run status index: %w", err)
+			return true, fmt.Errorf("migrate run status index: %w", err)
 		}
 		waiting = waiting[n:]
 	}
 	if err := db.DropPrefix([]byte{pRunStatus}); err != nil {
-		return fmt.Errorf("migrate run status index: drop: %w", err)
+		return true, fmt.Errorf("migrate run status index: drop: %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 // Close stops the writer after the operations already handed to it,
@@ -272,6 +297,9 @@ func (s *Store) Close() error {
 		s.reads.publish(nil, nil, math.MaxInt64) // no reader is left: view holds closeMu
 		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("close store: %w", unavailable(err))
+		}
+		if s.dur != nil {
+			s.dur.close()
 		}
 	})
 	return s.closeErr
@@ -298,12 +326,55 @@ func (s *Store) gcLoop(every time.Duration) {
 	}
 }
 
+// gcRequest asks the writer for a value-log GC; it answers on done with
+// the number of files rewritten.
+type gcRequest struct{ done chan int }
+
 // RunValueLogGC rewrites value-log files while at least GCDiscardRatio of
-// one is garbage; it returns how many files it rewrote.
+// one is garbage; it returns how many files it rewrote. It runs on the
+// writer goroutine between two batches (see durability): commits wait
+// for it, one file's rewrite at a time.
 func (s *Store) RunValueLogGC() int {
+	req := &gcRequest{done: make(chan int, 1)}
+	select {
+	case s.gcReqs <- req:
+		return <-req.done
+	case <-s.writerDone:
+		return 0
+	}
+}
+
+// gcBudget bounds how long one value-log GC keeps the writer: it starts
+// no file after this much time (a file under way is finished).
+const gcBudget = 100 * time.Millisecond
+
+// collectValueLog is RunValueLogGC on the writer goroutine, nothing in
+// flight. Each file: only while the memtable has room for what its GC
+// can write; with an iterator open, so that Badger keeps the rewritten
+// file until every log file is synced. If that sync fails the iterator
+// stays open until Close: the old file stays, and so does every later
+// one (value-log space is not reclaimed until a restart; Close leaves
+// the iterator and its transaction as they are).
+func (s *Store) collectValueLog() int {
 	n := 0
-	for n < 16 {
+	start := time.Now()
+	for n < 16 && time.Since(start) < gcBudget && s.gcHold == nil {
+		if s.dur != nil && !s.dur.gcRoom() {
+			s.log.Debug("value log gc deferred: memtable too full")
+			break
+		}
+		hold := s.db.NewTransaction(false)
+		it := hold.NewIterator(badger.IteratorOptions{Prefix: []byte{pDispatch}})
 		err := s.db.RunValueLogGC(s.opts.GCDiscardRatio)
+		if s.dur != nil && !errors.Is(err, badger.ErrRejected) {
+			if serr := s.dur.afterGC(); serr != nil {
+				s.log.Error("value log gc: sync failed: the rewritten file is kept until restart", "err", serr)
+				s.gcHold = it
+				break
+			}
+		}
+		it.Close() // Badger deletes the rewritten file now
+		hold.Discard()
 		if err != nil {
 			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
 				s.log.Warn("value log gc failed", "err", err)

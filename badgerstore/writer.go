@@ -21,7 +21,7 @@ import (
 // Group commit. Every mutating operation is a function run by the single
 // writer goroutine. The writer takes all operations that are waiting (up to
 // maxBatch), runs them one after another inside one Badger transaction and
-// commits it once: with SyncWrites that is one fsync for the whole batch,
+// commits it once: that is one fsync for the whole batch (durable.go),
 // and each caller is answered only after that commit. One writer also
 // means no write-write conflicts: conflict detection is off.
 //
@@ -404,6 +404,8 @@ func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
 // meanwhile: every operation that arrives while fl is being synced joins
 // cur, and cur is sent the moment fl is durable. With nothing in flight an
 // operation is sent at once, with whatever else was already waiting.
+// A value-log GC request waits for fl, runs with nothing in flight, and
+// then cur is sent (see durability).
 func (s *Store) writer() {
 	defer close(s.writerDone)
 	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: s.reads.cache}
@@ -423,7 +425,17 @@ func (s *Store) writer() {
 		}
 	}
 	open := true
+	var gc *gcRequest // a value-log GC waiting for the batch in flight
+	defer func() {
+		if gc != nil {
+			gc.done <- 0
+		}
+	}()
 	for {
+		if gc != nil && fl == nil {
+			gc.done <- s.collectValueLog()
+			gc = nil
+		}
 		for len(carry) > 0 && !cur.full {
 			o := carry[0]
 			carry = carry[1:]
@@ -468,7 +480,13 @@ func (s *Store) writer() {
 		if fl != nil {
 			flDurable = fl.durable
 		}
+		var gcReqs chan *gcRequest
+		if gc == nil {
+			gcReqs = s.gcReqs
+		}
 		select {
+		case gc = <-gcReqs:
+			// Run once nothing is in flight (at the top of the loop).
 		case o, ok := <-ops:
 			if !ok {
 				open = false
@@ -482,7 +500,7 @@ func (s *Store) writer() {
 		case <-flDurable:
 			failed := fl.err != nil
 			var next *inflight
-			if !failed && len(cur.ops) > 0 {
+			if !failed && len(cur.ops) > 0 && gc == nil {
 				// Hand the next batch to Badger before fl's callers are
 				// woken (see inflight.handedOn).
 				next = s.send(cur, w)
@@ -668,9 +686,14 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	if s.testCommit != nil {
 		commit = s.testCommit(b.txn)
 	}
+	reach := s.logReach(fl.writes)
 	sent := time.Now()
 	s.commitSince.Store(sent.UnixNano())
 	commit(func(cerr error) {
+		if cerr == nil && s.dur != nil {
+			// Applied: durable once its logs are synced (durable.go).
+			cerr = s.dur.afterCommit(reach)
+		}
 		s.commitSince.Store(0)
 		s.metrics.committed(len(fl.ops), time.Since(sent), cerr)
 		if cerr != nil {
@@ -704,6 +727,31 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	})
 	fl.sent.Store(true)
 	return fl
+}
+
+// logReach tells which of Badger's logs a batch of writes reaches (see
+// durability): the value log when a value is large enough for it (from
+// half of ValueThreshold on: a margin that costs one more sync for the
+// rare batch near it), every log when the batch could fill a memtable on
+// its own; and its estimated share of a memtable.
+func (s *Store) logReach(ws *writeSet) batchReach {
+	var r batchReach
+	if s.dur == nil {
+		return r
+	}
+	r.bytes = writeOverhead // the transaction's own marker
+	for _, k := range ws.keys {
+		n := int64(len(ws.m[k].v))
+		if n >= s.opts.ValueThreshold/2 {
+			r.values = true
+		}
+		if n >= s.opts.ValueThreshold {
+			n = valuePointerBytes
+		}
+		r.bytes += int64(len(k)) + n + writeOverhead
+	}
+	r.large = r.bytes >= s.opts.MemTableSize/4
+	return r
 }
 
 // reap retires a completed in-flight batch (its writes entered the

@@ -1,0 +1,339 @@
+package badgerstore
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// Durability without Badger's SyncWrites.
+//
+// With SyncWrites Badger makes every write batch durable with two syncs:
+// the value log's current file (even when the batch wrote nothing to it,
+// which is the common case here: values under ValueThreshold live in the
+// LSM tree) and then the current memtable's write-ahead log. Each sync is
+// a cache flush of the device, and under load the first one costs a fifth
+// of a group commit. So the store opens Badger with SyncWrites off and
+// syncs what a batch actually wrote itself, after Badger has applied it
+// and before anyone is answered:
+//
+//   - always the memtable logs (*.mem) the batch may have reached: the
+//     current one, and every one Badger rotated past since the last sync;
+//   - before those, the value-log files (*.vlog) likewise, when the batch
+//     carried a value large enough to go there (the order Badger keeps: a
+//     durable pointer never points at a value that is not).
+//
+// Badger names both kinds of file by a number that only grows, one more
+// for each new file, and syncs the directory when it creates one, so
+// following the newest file by number (logTail) finds every file a batch
+// can have written. A batch larger than a quarter memtable, which could
+// have filled a memtable and had it flushed and deleted between two
+// syncs, syncs every log file in the directory instead (syncAll).
+//
+// Value-log GC rewrites the live values of a value-log file through
+// Badger's own write path, which no longer syncs them, and then deletes
+// the file. So GC runs on the writer goroutine with no batch in flight
+// (no commit syncs a memtable log holding GC's value pointers before the
+// values), only while the current memtable has room for all GC can write
+// (a memtable that fills up is flushed to a synced table file, which
+// would make the pointers durable first), holds an iterator open while it
+// runs (Badger defers deleting value-log files while one is), and syncs
+// every log file before it lets go of the iterator (Store.RunValueLogGC).
+// That holds with NoSync as well: there GC syncs, commits do not.
+//
+// Open syncs every log file once, so that nothing written by a process
+// that crashed before syncing (and then read back from the page cache at
+// replay) can be built on and then lost to a power failure.
+
+const (
+	memExt  = ".mem"
+	vlogExt = ".vlog"
+
+	// gcEntryBytes bounds what one entry a value-log GC rewrites adds to
+	// a memtable: its key (ids are at most engine.MaxIDLen bytes, a key
+	// holds two), version, value pointer and skiplist node.
+	gcEntryBytes = 1 << 10
+	// writeOverhead is added to each write's key and value in the
+	// estimate of a memtable's fill: version, skiplist node, log header.
+	writeOverhead = 200
+	// valuePointerBytes is what a value that goes to the value log leaves
+	// in the memtable.
+	valuePointerBytes = 12
+)
+
+// durability syncs Badger's log files for the store (InMemory: none).
+// Safe for concurrent use.
+type durability struct {
+	dir      string
+	syncEach bool // sync after every commit (false with NoSync: only value-log GC syncs)
+
+	memTableSize int64
+	gcFileBound  int64 // the most one value-log file's GC can add to a memtable
+
+	mu   sync.Mutex
+	mem  logTail
+	vlog logTail
+	// memFill estimates the bytes in the current memtable: the batches
+	// written since its log file appeared, plus GC's bound per file it
+	// rewrote (the memtable size when unknown).
+	memFill int64
+
+	// synced, set only by tests, is told the name of every file about to
+	// be synced; an error fails the sync (fault injection).
+	synced func(name string) error
+}
+
+// logTail follows the newest of a numbered series of files (Badger's
+// memtable logs or value-log files) and syncs it.
+type logTail struct {
+	dir string
+	ext string
+	fid int      // the number of f; -1 before any file exists
+	f   *os.File // nil before any file exists
+}
+
+// batchReach is what a committed batch wrote, as far as Badger's logs go.
+type batchReach struct {
+	values bool  // a value large enough for the value log
+	large  bool  // enough to have filled a memtable on its own
+	bytes  int64 // its estimated share of a memtable
+}
+
+// openDurability syncs every log file and the directory, and starts
+// following the newest memtable log and value-log file. fill is what the
+// current memtable may already hold (Open's own writes).
+func openDurability(o Options, fill int64, synced func(string) error) (*durability, error) {
+	d := &durability{
+		dir:          o.Dir,
+		syncEach:     !o.NoSync,
+		memTableSize: o.MemTableSize,
+		gcFileBound:  gcFileBound(o),
+		mem:          logTail{dir: o.Dir, ext: memExt, fid: -1},
+		vlog:         logTail{dir: o.Dir, ext: vlogExt, fid: -1},
+		memFill:      fill,
+		synced:       synced,
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.syncAll(true); err != nil {
+		d.closeLocked()
+		return nil, err
+	}
+	return d, nil
+}
+
+// gcFileBound is the most a GC of one value-log file adds to a memtable:
+// every entry of the file is a value of at least ValueThreshold bytes.
+func gcFileBound(o Options) int64 {
+	return (o.ValueLogFileSize/o.ValueThreshold + 2) * gcEntryBytes
+}
+
+// afterCommit makes a batch Badger has just applied durable (with
+// syncEach): the value log first when the batch reached it, then the
+// memtable logs; every log file when the batch was large. It also keeps
+// the estimate of the current memtable's fill.
+func (d *durability) afterCommit(r batchReach) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if r.large {
+		d.memFill = d.memTableSize // unknown until Badger moves on again
+		return d.syncAll(d.syncEach)
+	}
+	if r.values && d.syncEach {
+		if _, err := d.vlog.sync(true, d.synced); err != nil {
+			return err
+		}
+	}
+	moved, err := d.mem.sync(d.syncEach, d.synced)
+	if err != nil {
+		return err
+	}
+	if moved {
+		// Badger starts a memtable before it applies a batch: this one
+		// is the new memtable's first.
+		d.memFill = 0
+	}
+	d.memFill += r.bytes
+	return nil
+}
+
+// gcRoom reports whether the current memtable has room for a GC of one
+// more value-log file with half of it still free, so that GC's writes
+// cannot fill it: a full memtable is flushed to a table file, synced,
+// and a flush during GC could make value pointers durable before the
+// rewritten values they point to are.
+func (d *durability) gcRoom() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.memFill+d.gcFileBound <= d.memTableSize/2
+}
+
+// afterGC syncs every log file GC may have written (always, with NoSync
+// too: GC deletes the file it rewrote once this returns) and counts what
+// it added to the memtable.
+func (d *durability) afterGC() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	fid := d.mem.fid
+	if err := d.syncAll(true); err != nil {
+		return err
+	}
+	if d.mem.fid != fid {
+		d.memFill = 0
+	}
+	d.memFill += d.gcFileBound
+	return nil
+}
+
+// syncAll syncs (when sync) every value-log file and then every memtable
+// log from the one followed on, then the directory, and follows the
+// newest of each. At Open nothing is followed yet: every file.
+func (d *durability) syncAll(sync bool) error {
+	entries, err := os.ReadDir(d.dir)
+	if err != nil {
+		return fmt.Errorf("sync logs: %w", err)
+	}
+	// Value-log files before memtable logs, as Badger orders them.
+	for _, t := range []*logTail{&d.vlog, &d.mem} {
+		for _, e := range entries {
+			fid, ok := logFid(e.Name(), t.ext)
+			if !ok || fid < t.fid || (fid == t.fid && !sync) {
+				continue
+			}
+			f, err := os.Open(filepath.Join(d.dir, e.Name()))
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // flushed (memtable) or collected (value log) meanwhile
+			}
+			if err != nil {
+				return fmt.Errorf("sync logs: %w", err)
+			}
+			if sync {
+				if err := fdatasync(f, d.synced); err != nil {
+					f.Close()
+					return err
+				}
+			}
+			if fid > t.fid {
+				t.follow(fid, f)
+			} else {
+				f.Close()
+			}
+		}
+	}
+	if !sync {
+		return nil
+	}
+	df, err := os.Open(d.dir)
+	if err != nil {
+		return fmt.Errorf("sync logs: %w", err)
+	}
+	defer df.Close()
+	if err := df.Sync(); err != nil {
+		return fmt.Errorf("sync logs: directory %s: %w", d.dir, err)
+	}
+	return nil
+}
+
+// close releases the followed files.
+func (d *durability) close() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.closeLocked()
+}
+
+func (d *durability) closeLocked() {
+	d.mem.follow(-1, nil)
+	d.vlog.follow(-1, nil)
+}
+
+// follow makes f (number fid) the followed file, closing the previous one.
+func (t *logTail) follow(fid int, f *os.File) {
+	if t.f != nil {
+		t.f.Close()
+	}
+	t.fid, t.f = fid, f
+}
+
+// sync syncs (when sync) the followed file; first, while a file numbered
+// one more exists (Badger moved on to it), it syncs the followed file one
+// last time and follows the next one. moved reports that it did.
+func (t *logTail) sync(sync bool, hook func(string) error) (moved bool, err error) {
+	if t.f == nil {
+		return false, fmt.Errorf("sync %s: no %s file followed", t.dir, t.ext)
+	}
+	for {
+		next, err := os.Open(t.path(t.fid + 1))
+		if errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		if err != nil {
+			return moved, fmt.Errorf("sync logs: %w", err)
+		}
+		if sync {
+			if err := fdatasync(t.f, hook); err != nil {
+				next.Close()
+				return moved, err
+			}
+		}
+		t.follow(t.fid+1, next)
+		moved = true
+	}
+	if !sync {
+		return moved, nil
+	}
+	return moved, fdatasync(t.f, hook)
+}
+
+// path is the name Badger gives file number fid of this series.
+func (t *logTail) path(fid int) string {
+	if t.ext == memExt {
+		return filepath.Join(t.dir, fmt.Sprintf("%05d%s", fid, memExt))
+	}
+	return filepath.Join(t.dir, fmt.Sprintf("%06d%s", fid, vlogExt))
+}
+
+// logFid is the number of a log file named name with extension ext.
+func logFid(name, ext string) (int, bool) {
+	num, ok := strings.CutSuffix(name, ext)
+	if !ok {
+		return 0, false
+	}
+	fid, err := strconv.Atoi(num)
+	return fid, err == nil && fid >= 0
+}
+
+// fdatasync flushes f's data (written through Badger's memory maps: the
+// kernel writes a shared mapping's dirty pages back on fdatasync as it
+// does on msync) to the device.
+func fdatasync(f *os.File, hook func(string) error) error {
+	if hook != nil {
+		if err := hook(filepath.Base(f.Name())); err != nil {
+			return fmt.Errorf("sync %s: %w", f.Name(), err)
+		}
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", f.Name(), err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for {
+			serr = syscall.Fdatasync(int(fd))
+			if serr != syscall.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return fmt.Errorf("sync %s: %w", f.Name(), err)
+	}
+	if serr != nil {
+		return fmt.Errorf("sync %s: %w", f.Name(), serr)
+	}
+	return nil
+}
