@@ -92,10 +92,12 @@ type durability struct {
 // logTail follows the newest of a numbered series of files (Badger's
 // memtable logs or value-log files) and syncs it.
 type logTail struct {
-	dir string
-	ext string
-	fid int      // the number of f; -1 before any file exists
-	f   *os.File // nil before any file exists
+	dir  string
+	ext  string
+	fid  int      // the number of f; -1 before any file exists
+	f    *os.File // nil before any file exists
+	fd   int      // f's descriptor
+	next string   // the name of file number fid+1
 }
 
 // batchReach is what a committed batch wrote, as far as Badger's logs go.
@@ -214,7 +216,7 @@ func (d *durability) syncAll(sync bool) error {
 				return fmt.Errorf("sync logs: %w", err)
 			}
 			if sync {
-				if err := fdatasync(f, d.synced); err != nil {
+				if err := fdatasync(f, int(f.Fd()), d.synced); err != nil {
 					f.Close()
 					return err
 				}
@@ -258,6 +260,10 @@ func (t *logTail) follow(fid int, f *os.File) {
 		t.f.Close()
 	}
 	t.fid, t.f = fid, f
+	if f != nil {
+		t.fd = int(f.Fd()) // a regular file: no poller, Fd changes nothing
+		t.next = t.path(fid + 1)
+	}
 }
 
 // sync syncs (when sync) the followed file; first, while a file numbered
@@ -268,7 +274,12 @@ func (t *logTail) sync(sync bool, hook func(string) error) (moved bool, err erro
 		return false, fmt.Errorf("sync %s: no %s file followed", t.dir, t.ext)
 	}
 	for {
-		next, err := os.Open(t.path(t.fid + 1))
+		// Asked first without opening: the common answer is no, and a
+		// failed open costs allocations on every commit.
+		if err := syscall.Access(t.next, 0); err == syscall.ENOENT {
+			break
+		}
+		next, err := os.Open(t.next)
 		if errors.Is(err, fs.ErrNotExist) {
 			break
 		}
@@ -276,7 +287,7 @@ func (t *logTail) sync(sync bool, hook func(string) error) (moved bool, err erro
 			return moved, fmt.Errorf("sync logs: %w", err)
 		}
 		if sync {
-			if err := fdatasync(t.f, hook); err != nil {
+			if err := t.fdatasync(hook); err != nil {
 				next.Close()
 				return moved, err
 			}
@@ -287,7 +298,12 @@ func (t *logTail) sync(sync bool, hook func(string) error) (moved bool, err erro
 	if !sync {
 		return moved, nil
 	}
-	return moved, fdatasync(t.f, hook)
+	return moved, t.fdatasync(hook)
+}
+
+// fdatasync syncs the followed file.
+func (t *logTail) fdatasync(hook func(string) error) error {
+	return fdatasync(t.f, t.fd, hook)
 }
 
 // path is the name Badger gives file number fid of this series.
@@ -311,29 +327,21 @@ func logFid(name, ext string) (int, bool) {
 // fdatasync flushes f's data (written through Badger's memory maps: the
 // kernel writes a shared mapping's dirty pages back on fdatasync as it
 // does on msync) to the device.
-func fdatasync(f *os.File, hook func(string) error) error {
+// f's descriptor is fd (f stays open meanwhile).
+func fdatasync(f *os.File, fd int, hook func(string) error) error {
 	if hook != nil {
 		if err := hook(filepath.Base(f.Name())); err != nil {
 			return fmt.Errorf("sync %s: %w", f.Name(), err)
 		}
 	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("sync %s: %w", f.Name(), err)
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		for {
-			serr = syscall.Fdatasync(int(fd))
-			if serr != syscall.EINTR {
-				return
-			}
+	for {
+		err := syscall.Fdatasync(fd)
+		if err == syscall.EINTR {
+			continue
 		}
-	}); err != nil {
-		return fmt.Errorf("sync %s: %w", f.Name(), err)
+		if err != nil {
+			return fmt.Errorf("sync %s: %w", f.Name(), err)
+		}
+		return nil
 	}
-	if serr != nil {
-		return fmt.Errorf("sync %s: %w", f.Name(), serr)
-	}
-	return nil
 }
