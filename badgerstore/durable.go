@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,35 +22,49 @@ import (
 // a cache flush of the device, and under load the first one costs a fifth
 // of a group commit. So the store opens Badger with SyncWrites off and
 // syncs what a batch actually wrote itself, after Badger has applied it
-// and before anyone is answered:
+// and before anyone is answered or the batch's snapshot is published:
 //
-//   - always the memtable logs (*.mem) the batch may have reached: the
-//     current one, and every one Badger rotated past since the last sync;
-//   - before those, the value-log files (*.vlog) likewise, when the batch
-//     carried a value large enough to go there (the order Badger keeps: a
-//     durable pointer never points at a value that is not).
+//   - always the current memtable log (*.mem);
+//   - before it, the value-log file (*.vlog), when the batch carried a
+//     value large enough to go there (the order Badger keeps: a durable
+//     pointer never points at a value that is not).
 //
-// Badger names both kinds of file by a number that only grows, one more
-// for each new file, and syncs the directory when it creates one, so
-// following the newest file by number (logTail) finds every file a batch
-// can have written. A batch larger than a quarter memtable, which could
-// have filled a memtable and had it flushed and deleted between two
-// syncs, syncs every log file in the directory instead (syncAll).
+// Badger names both kinds of file by a number that grows by one for each
+// new file, so following the newest by number (logTail) finds every file
+// a batch can have written: when a file numbered one more exists, the
+// followed one is synced a last time, the new one is followed and synced,
+// and so is the directory (Badger creates its log files at full size, and
+// its mmap helper syncs the directory only for empty files). A batch is
+// one Badger request, which Badger writes into a single memtable (it
+// starts a new one only before a request), and the next batch is sent
+// only once this one is durable: no memtable holding a batch can be
+// flushed before the batch's own sync.
+//
+// A failed sync is final: the kernel may have dropped the pages it could
+// not write (a later sync would then succeed) and Badger has applied the
+// batch, so going on could make durable a pointer to a value that never
+// reached the disk. Every later commit and GC fails until the store is
+// reopened, and Stalled reports it (a liveness probe restarts the
+// process).
 //
 // Value-log GC rewrites the live values of a value-log file through
 // Badger's own write path, which no longer syncs them, and then deletes
 // the file. So GC runs on the writer goroutine with no batch in flight
 // (no commit syncs a memtable log holding GC's value pointers before the
 // values), only while the current memtable has room for all GC can write
-// (a memtable that fills up is flushed to a synced table file, which
+// (a memtable that fills up is flushed to a table file, synced, which
 // would make the pointers durable first), holds an iterator open while it
 // runs (Badger defers deleting value-log files while one is), and syncs
 // every log file before it lets go of the iterator (Store.RunValueLogGC).
-// That holds with NoSync as well: there GC syncs, commits do not.
+// What GC can write is bounded because every value in a value-log file is
+// at least ValueThreshold bytes (Open refuses a raised threshold): a file
+// of n bytes holds at most n/ValueThreshold + 1 values. With NoSync GC
+// syncs all the same; commits do not.
 //
-// Open syncs every log file once, so that nothing written by a process
-// that crashed before syncing (and then read back from the page cache at
-// replay) can be built on and then lost to a power failure.
+// Open syncs every log file once, so that what a crashed process left
+// unsynced in the page cache, and Open read back, is durable before the
+// store builds on it (Badger itself flushes replayed memtables during its
+// Open, before this sync: that window is Badger's).
 
 const (
 	memExt  = ".mem"
@@ -73,19 +88,26 @@ type durability struct {
 	dir      string
 	syncEach bool // sync after every commit (false with NoSync: only value-log GC syncs)
 
-	memTableSize int64
-	gcFileBound  int64 // the most one value-log file's GC can add to a memtable
+	memTableSize   int64
+	valueThreshold int64
 
-	mu   sync.Mutex
-	mem  logTail
-	vlog logTail
+	mu sync.Mutex
+	// failed is the first sync that failed: every later commit and GC
+	// fails with it until the store is reopened. After a failed fsync the
+	// kernel may have dropped the pages it could not write and a later
+	// fsync report success, and Badger has applied the batch: going on
+	// could make durable a pointer to a value that never reached the disk.
+	failed error
+	mem    logTail
+	vlog   logTail
 	// memFill estimates the bytes in the current memtable: the batches
 	// written since its log file appeared, plus GC's bound per file it
 	// rewrote (the memtable size when unknown).
 	memFill int64
 
 	// synced, set only by tests, is told the name of every file about to
-	// be synced; an error fails the sync (fault injection).
+	// be synced ("." for the directory); an error fails the sync (fault
+	// injection).
 	synced func(name string) error
 }
 
@@ -103,7 +125,6 @@ type logTail struct {
 // batchReach is what a committed batch wrote, as far as Badger's logs go.
 type batchReach struct {
 	values bool  // a value large enough for the value log
-	large  bool  // enough to have filled a memtable on its own
 	bytes  int64 // its estimated share of a memtable
 }
 
@@ -112,14 +133,14 @@ type batchReach struct {
 // current memtable may already hold (Open's own writes).
 func openDurability(o Options, fill int64, synced func(string) error) (*durability, error) {
 	d := &durability{
-		dir:          o.Dir,
-		syncEach:     !o.NoSync,
-		memTableSize: o.MemTableSize,
-		gcFileBound:  gcFileBound(o),
-		mem:          logTail{dir: o.Dir, ext: memExt, fid: -1},
-		vlog:         logTail{dir: o.Dir, ext: vlogExt, fid: -1},
-		memFill:      fill,
-		synced:       synced,
+		dir:            o.Dir,
+		syncEach:       !o.NoSync,
+		memTableSize:   o.MemTableSize,
+		valueThreshold: o.ValueThreshold,
+		mem:            logTail{dir: o.Dir, ext: memExt, fid: -1},
+		vlog:           logTail{dir: o.Dir, ext: vlogExt, fid: -1},
+		memFill:        fill,
+		synced:         synced,
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -130,33 +151,30 @@ func openDurability(o Options, fill int64, synced func(string) error) (*durabili
 	return d, nil
 }
 
-// gcFileBound is the most a GC of one value-log file adds to a memtable:
-// every entry of the file is a value of at least ValueThreshold bytes.
-func gcFileBound(o Options) int64 {
-	return (o.ValueLogFileSize/o.ValueThreshold + 2) * gcEntryBytes
-}
-
 // afterCommit makes a batch Badger has just applied durable (with
 // syncEach): the value log first when the batch reached it, then the
-// memtable logs; every log file when the batch was large. It also keeps
-// the estimate of the current memtable's fill.
+// memtable log. It also keeps the estimate of the current memtable's
+// fill.
 func (d *durability) afterCommit(r batchReach) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if r.large {
-		d.memFill = d.memTableSize // unknown until Badger moves on again
-		return d.syncAll(d.syncEach)
+	if d.failed != nil {
+		return d.failed
 	}
+	return d.fail(d.commitLocked(r))
+}
+
+func (d *durability) commitLocked(r batchReach) error {
 	if r.values && d.syncEach {
-		if _, err := d.vlog.sync(true, d.synced); err != nil {
+		if err := d.syncTail(&d.vlog); err != nil {
 			return err
 		}
 	}
-	moved, err := d.mem.sync(d.syncEach, d.synced)
-	if err != nil {
+	fid := d.mem.fid
+	if err := d.syncTail(&d.mem); err != nil {
 		return err
 	}
-	if moved {
+	if d.mem.fid != fid {
 		// Badger starts a memtable before it applies a batch: this one
 		// is the new memtable's first.
 		d.memFill = 0
@@ -165,31 +183,85 @@ func (d *durability) afterCommit(r batchReach) error {
 	return nil
 }
 
-// gcRoom reports whether the current memtable has room for a GC of one
-// more value-log file with half of it still free, so that GC's writes
-// cannot fill it: a full memtable is flushed to a table file, synced,
-// and a flush during GC could make value pointers durable before the
-// rewritten values they point to are.
-func (d *durability) gcRoom() bool {
+// syncTail syncs t (without syncEach: only follows it) and, when it moved
+// on to a newer file, the directory: Badger does not sync it when it
+// creates a log file (it opens them at their full size, and its mmap
+// helper syncs the directory only for empty files).
+func (d *durability) syncTail(t *logTail) error {
+	moved, err := t.sync(d.syncEach, d.synced)
+	if err != nil || !moved || !d.syncEach {
+		return err
+	}
+	return d.syncDir()
+}
+
+// fail records err, when not nil, as the store's sync failure.
+func (d *durability) fail(err error) error {
+	if err != nil && d.failed == nil {
+		d.failed = fmt.Errorf("%w (the store must be reopened: a log sync failed)", err)
+		return d.failed
+	}
+	return err
+}
+
+// broken returns the sync failure that stopped the store, or nil.
+func (d *durability) broken() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.memFill+d.gcFileBound <= d.memTableSize/2
+	return d.failed
+}
+
+// gcRoom reports whether the current memtable has room for the GC of any
+// one value-log file with half of it still free, and what that GC can add
+// to it at most (bound): a full memtable is flushed to a table file,
+// synced, and a flush during GC could make value pointers durable before
+// the rewritten values they point to are. Every entry of a value-log file
+// holds a value of at least ValueThreshold bytes (Open refuses a raised
+// threshold), so a file of n bytes has at most n/ValueThreshold + 1 of
+// them, each adding at most gcEntryBytes. fits is false when even an
+// empty memtable has no room: GC cannot run with these options.
+func (d *durability) gcRoom() (bound int64, room, fits bool, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.failed != nil {
+		return 0, false, true, d.failed
+	}
+	entries, err := os.ReadDir(d.dir)
+	if err != nil {
+		return 0, false, true, fmt.Errorf("value log gc: %w", err)
+	}
+	for _, e := range entries {
+		fid, ok := logFid(e.Name(), vlogExt)
+		if !ok || fid >= d.vlog.fid { // GC never takes the file being written
+			continue
+		}
+		info, err := e.Info()
+		if err != nil {
+			continue // collected meanwhile
+		}
+		bound = max(bound, (info.Size()/d.valueThreshold+1)*gcEntryBytes)
+	}
+	half := d.memTableSize / 2
+	return bound, d.memFill+bound <= half, bound <= half, nil
 }
 
 // afterGC syncs every log file GC may have written (always, with NoSync
 // too: GC deletes the file it rewrote once this returns) and counts what
-// it added to the memtable.
-func (d *durability) afterGC() error {
+// it added to the memtable (at most bound).
+func (d *durability) afterGC(bound int64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.failed != nil {
+		return d.failed
+	}
 	fid := d.mem.fid
-	if err := d.syncAll(true); err != nil {
+	if err := d.fail(d.syncAll(true)); err != nil {
 		return err
 	}
 	if d.mem.fid != fid {
 		d.memFill = 0
 	}
-	d.memFill += d.gcFileBound
+	d.memFill += bound
 	return nil
 }
 
@@ -201,14 +273,19 @@ func (d *durability) syncAll(sync bool) error {
 	if err != nil {
 		return fmt.Errorf("sync logs: %w", err)
 	}
-	// Value-log files before memtable logs, as Badger orders them.
+	// Value-log files before memtable logs, as Badger orders them; each
+	// in the order of their numbers (not of their names: 100000.mem
+	// comes after 99999.mem).
 	for _, t := range []*logTail{&d.vlog, &d.mem} {
+		var fids []int
 		for _, e := range entries {
-			fid, ok := logFid(e.Name(), t.ext)
-			if !ok || fid < t.fid || (fid == t.fid && !sync) {
-				continue
+			if fid, ok := logFid(e.Name(), t.ext); ok && (fid > t.fid || (fid == t.fid && sync)) {
+				fids = append(fids, fid)
 			}
-			f, err := os.Open(filepath.Join(d.dir, e.Name()))
+		}
+		slices.Sort(fids)
+		for _, fid := range fids {
+			f, err := os.Open(t.path(fid))
 			if errors.Is(err, fs.ErrNotExist) {
 				continue // flushed (memtable) or collected (value log) meanwhile
 			}
@@ -230,6 +307,17 @@ func (d *durability) syncAll(sync bool) error {
 	}
 	if !sync {
 		return nil
+	}
+	return d.syncDir()
+}
+
+// syncDir syncs the data directory (the names of new log files); the
+// test hook sees it as ".".
+func (d *durability) syncDir() error {
+	if d.synced != nil {
+		if err := d.synced("."); err != nil {
+			return fmt.Errorf("sync logs: directory %s: %w", d.dir, err)
+		}
 	}
 	df, err := os.Open(d.dir)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -110,7 +111,7 @@ func TestLogTailFollowsEveryFileBadgerMovesOnTo(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.close()
-	if got, want := l.take(), []string{"000001.vlog", "00001.mem", "00002.mem"}; !slices.Equal(got, want) {
+	if got, want := l.take(), []string{"000001.vlog", "00001.mem", "00002.mem", "."}; !slices.Equal(got, want) {
 		t.Fatalf("open synced %v, want %v", got, want)
 	}
 	if err := d.afterCommit(batchReach{bytes: 100}); err != nil {
@@ -125,31 +126,32 @@ func TestLogTailFollowsEveryFileBadgerMovesOnTo(t *testing.T) {
 	if err := d.afterCommit(batchReach{values: true, bytes: 100}); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"000001.vlog", "000002.vlog", "00002.mem", "00003.mem", "00004.mem"}
+	// Each file moved past once more, the new ones, and the directory
+	// for their names.
+	want := []string{"000001.vlog", "000002.vlog", ".", "00002.mem", "00003.mem", "00004.mem", "."}
 	if got := l.take(); !slices.Equal(got, want) {
 		t.Fatalf("after Badger moved on, a commit with a large value synced %v, want %v", got, want)
 	}
 	if d.memFill != 100 {
 		t.Fatalf("memtable fill after a new memtable %d, want the batch's 100", d.memFill)
 	}
-	// A large batch syncs every log from the followed ones on.
-	touch("00005.mem")
-	if err := d.afterCommit(batchReach{large: true}); err != nil {
-		t.Fatal(err)
+	if _, room, _, _ := d.gcRoom(); !room {
+		t.Fatal("no room for GC in a memtable holding one small batch")
 	}
-	want = []string{"000002.vlog", "00004.mem", "00005.mem"}
-	if got := l.take(); !slices.Equal(got, want) {
-		t.Fatalf("a large batch synced %v, want %v", got, want)
-	}
-	if d.gcRoom() {
-		t.Fatal("after a large batch the memtable's fill is unknown: no room for GC")
+	d.memFill = d.memTableSize / 2
+	if _, room, fits, _ := d.gcRoom(); room || !fits {
+		t.Fatalf("GC room in a half-full memtable: room %v fits %v, want no room, but fitting an empty one", room, fits)
 	}
 }
 
 // An operation is answered only once the memtable log holding its writes
-// is synced; a failed sync fails the operation, and the store goes on.
+// is synced. A failed sync fails the operation, and every write after it
+// until the store is reopened (the kernel may have dropped what it could
+// not write); Stalled reports it, so that a liveness probe restarts the
+// process; the reopened store has everything acknowledged.
 func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
-	s, l := openSynced(t, Options{Dir: t.TempDir()})
+	dir := t.TempDir()
+	s, l := openSynced(t, Options{Dir: dir})
 	entered, release := make(chan string, 1), make(chan error)
 	l.setFail(func(name string) error {
 		if !strings.HasSuffix(name, memExt) {
@@ -158,11 +160,22 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 		entered <- name
 		return <-release
 	})
+	waitEntered := func() {
+		t.Helper()
+		select {
+		case <-entered:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no memtable log sync within 10 s")
+		}
+	}
 	done := make(chan error, 1)
-	go func() {
-		done <- s.CreateRun(context.Background(), engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1})
-	}()
-	<-entered
+	create := func(id string) {
+		go func() {
+			done <- s.CreateRun(context.Background(), engine.RunRecord{RunID: id, ThreadID: "t-" + id, AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1})
+		}()
+	}
+	create("r1")
+	waitEntered()
 	select {
 	case err := <-done:
 		t.Fatalf("answered (%v) while its memtable log was being synced", err)
@@ -173,19 +186,26 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A failed sync: the operation fails as unavailable.
-	go func() {
-		done <- s.CreateRun(context.Background(), engine.RunRecord{RunID: "r2", ThreadID: "t2", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1})
-	}()
-	<-entered
+	create("r2")
+	waitEntered()
 	release <- errors.New("injected: EIO")
 	if err := await(t, "create run", done); !errors.Is(err, engine.ErrUnavailable) {
 		t.Fatalf("a failed log sync answered %v, want ErrUnavailable", err)
 	}
 	l.setFail(nil)
-	createRun(t, s, "r3", 10)
-	if r, err := s.LoadRun(context.Background(), "r3"); err != nil || r == nil {
-		t.Fatalf("after a failed sync the store goes on: %v %v", r, err)
+	if err := s.CreateRun(context.Background(), engine.RunRecord{RunID: "r3", ThreadID: "t3", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "reopened") {
+		t.Fatalf("a write after a failed sync: %v, want ErrUnavailable until reopened", err)
+	}
+	if err := s.Stalled(time.Now(), time.Hour); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("Stalled after a failed sync: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, _ := openSynced(t, Options{Dir: dir})
+	createRun(t, s2, "r4", 10)
+	if r, err := s2.LoadRun(context.Background(), "r1"); err != nil || r == nil {
+		t.Fatalf("the acknowledged run after reopening: %v %v", r, err)
 	}
 }
 
@@ -199,9 +219,13 @@ func TestLogSyncFollowsMemtableRotations(t *testing.T) {
 		createRun(t, s, fmt.Sprintf("r%03d", i), 8<<10) // in the LSM tree: 3 MiB in all
 	}
 	var fids []int
+	dirSyncs := 0
 	for _, name := range l.take() {
 		if fid, ok := logFid(name, memExt); ok && !slices.Contains(fids, fid) {
 			fids = append(fids, fid)
+		}
+		if name == "." {
+			dirSyncs++
 		}
 	}
 	if len(fids) < 3 {
@@ -211,6 +235,9 @@ func TestLogSyncFollowsMemtableRotations(t *testing.T) {
 		if fids[i] != fids[i-1]+1 {
 			t.Fatalf("synced memtable logs %v: not every one in order", fids)
 		}
+	}
+	if dirSyncs < len(fids)-1 {
+		t.Fatalf("%d directory syncs for %d new memtable logs", dirSyncs, len(fids)-1)
 	}
 	for _, name := range logFiles(t, dir, memExt) {
 		if fid, _ := logFid(name, memExt); fid > fids[len(fids)-1] {
@@ -301,7 +328,7 @@ func TestValueLogGCSyncsBeforeItDeletes(t *testing.T) {
 func TestValueLogGCWaitsForMemtableRoom(t *testing.T) {
 	s, _ := gcGarbage(t, Options{Dir: t.TempDir()})
 	s.dur.mu.Lock()
-	s.dur.memFill = s.opts.MemTableSize / 2
+	s.dur.memFill = s.opts.MemTableSize/2 - gcEntryBytes // less than one file's bound left
 	s.dur.mu.Unlock()
 	if n := s.RunValueLogGC(); n != 0 {
 		t.Fatalf("GC rewrote %d files into a half-full memtable", n)
@@ -358,5 +385,117 @@ func copyFile(t *testing.T, from, to string) {
 	defer out.Close()
 	if _, err := io.Copy(out, in); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A data directory refuses a raised ValueThreshold (value-log GC would
+// rewrite the values between the two into memtables) and takes a lowered
+// one, which it then keeps as the bar.
+func TestValueThresholdCannotBeRaised(t *testing.T) {
+	dir := t.TempDir()
+	reopen := func(threshold int64) error {
+		s, err := Open(Options{Dir: dir, ValueThreshold: threshold})
+		if err == nil {
+			err = s.Close()
+		}
+		return err
+	}
+	if err := reopen(64 << 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := reopen(128 << 10); !errors.Is(err, engine.ErrValidation) {
+		t.Fatalf("raised threshold: %v, want a validation error", err)
+	}
+	if err := reopen(32 << 10); err != nil {
+		t.Fatalf("lowered threshold: %v", err)
+	}
+	if err := reopen(64 << 10); !errors.Is(err, engine.ErrValidation) {
+		t.Fatalf("back to the first threshold after lowering: %v, want a validation error", err)
+	}
+}
+
+// GC runs between batches: it waits for the batch in flight.
+func TestValueLogGCWaitsForTheBatchInFlight(t *testing.T) {
+	s, entered, fail := heldFirstCommit(t, Options{})
+	done := make(chan error, 1)
+	go func() {
+		done <- s.CreateRun(context.Background(), engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1})
+	}()
+	<-entered
+	gc := make(chan int, 1)
+	go func() { gc <- s.RunValueLogGC() }()
+	select {
+	case <-gc:
+		t.Fatal("value-log GC ran with a batch in flight")
+	case <-time.After(100 * time.Millisecond):
+	}
+	fail(nil)
+	if err := await(t, "create run", done); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-gc:
+	case <-time.After(10 * time.Second):
+		t.Fatal("value-log GC did not run after the batch")
+	}
+}
+
+// Under a steady stream of writes (always a batch in flight and the next
+// one building) a GC request still gets its turn.
+func TestValueLogGCIsNotStarvedByWrites(t *testing.T) {
+	s, _ := openSynced(t, Options{Dir: t.TempDir()})
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				r := engine.RunRecord{RunID: fmt.Sprintf("w%d-%d", w, i), ThreadID: fmt.Sprintf("t%d", w), AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}
+				if err := s.CreateRun(context.Background(), r); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	defer func() { close(stop); wg.Wait() }()
+	time.Sleep(50 * time.Millisecond) // the writes are under way
+	gc := make(chan int, 1)
+	go func() { gc <- s.RunValueLogGC() }()
+	select {
+	case <-gc:
+	case <-time.After(10 * time.Second):
+		t.Fatal("value-log GC did not get a turn within 10 s of steady writes")
+	}
+}
+
+// When the sync after a GC fails, the file it rewrote is kept (the held
+// iterator is never released) and the store stops writing.
+func TestFailedGCSyncKeepsTheRewrittenFile(t *testing.T) {
+	dir := t.TempDir()
+	s, l := gcGarbage(t, Options{Dir: dir})
+	before := logFiles(t, dir, vlogExt)
+	l.setFail(func(string) error { return errors.New("injected: EIO") })
+	if n := s.RunValueLogGC(); n != 0 {
+		t.Fatalf("GC with a failing sync reported %d files rewritten", n)
+	}
+	l.setFail(nil)
+	if after := logFiles(t, dir, vlogExt); !slices.Equal(before, after) {
+		t.Fatalf("value-log files %v → %v after a GC whose sync failed", before, after)
+	}
+	if err := s.CreateRun(context.Background(), engine.RunRecord{RunID: "r2", ThreadID: "t2", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}); !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("a write after GC's sync failed: %v", err)
+	}
+	if n := s.RunValueLogGC(); n != 0 {
+		t.Fatalf("GC ran again after its sync failed: %d", n)
+	}
+	if after := logFiles(t, dir, vlogExt); !slices.Equal(before, after) {
+		t.Fatalf("value-log files %v → %v after a second GC", before, after)
 	}
 }

@@ -57,6 +57,10 @@ import (
 //	U<seg thread><created ts><run_id>               runs of a thread
 //	I<seg thread><message_id>  →  seq u64           message by id
 //	N<thread_id>               →  count u64         message count (append guard)
+//
+// Options the data directory keeps:
+//
+//	ovt                        →  u64               the smallest ValueThreshold it was opened with
 const (
 	pDispatch   = 'd'
 	pEpoch      = 'e'
@@ -76,6 +80,7 @@ const (
 	pRunLatest  = 'T'
 	pRunStatus  = 'S' // retired: see migrateRunStatusIndex
 	pRunWaiting = 'W'
+	pOption     = 'o' // o<name>: a store option the data directory keeps (checkValueThreshold)
 	pRunAll     = 'A'
 	pRunThread  = 'U'
 	pMessageID  = 'I'

@@ -2,6 +2,7 @@ package badgerstore
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,12 +48,16 @@ type Options struct {
 	// memory, which grows with the data).
 	IndexCacheSize int64
 	// ValueLogFileSize is the size of one value-log file (default 64 MiB,
-	// less with a memtable under 4 MiB). The values of one file must fit
-	// a quarter memtable at 1 KiB each: ValueLogFileSize/ValueThreshold
-	// at most MemTableSize/4096 - 2 (value-log GC, see durable.go).
+	// less with a memtable under 4 MiB). Value-log GC rewrites a file only
+	// while the memtable has room for 1 KiB per value the file can hold
+	// (size/ValueThreshold + 1) with half of it still free (durable.go):
+	// with more values per file than MemTableSize/2048 it never runs, and
+	// warns.
 	ValueLogFileSize int64
-	// ValueThreshold: values larger than this go to the value log (default
-	// 64 KiB); smaller ones live in the LSM tree.
+	// ValueThreshold: values of at least this many bytes go to the value
+	// log (default 64 KiB); smaller ones live in the LSM tree. A data
+	// directory refuses a threshold above the smallest it was opened with
+	// (engine.ErrValidation; see durable.go).
 	ValueThreshold int64
 	// GCInterval is how often the value log is garbage-collected (default
 	// 5m; negative disables).
@@ -91,7 +96,7 @@ func (o *Options) validate() error {
 	def(&o.BlockCacheSize, 16<<20)
 	def(&o.IndexCacheSize, 16<<20)
 	def(&o.ValueThreshold, 64<<10)
-	// The value-log GC of one file must fit a quarter memtable (durable.go).
+	// Small memtables get smaller files, so that value-log GC can run.
 	def(&o.ValueLogFileSize, max(1<<20, min(64<<20, (o.MemTableSize/4/gcEntryBytes-2)*o.ValueThreshold)))
 	def(&o.RecordCacheBytes, 32<<20)
 	if o.NumMemtables <= 0 {
@@ -105,9 +110,6 @@ func (o *Options) validate() error {
 	}
 	if o.MinFreeBytes == 0 {
 		o.MinFreeBytes = 2*o.MemTableSize + 16<<20
-	}
-	if !o.InMemory && gcFileBound(*o) > o.MemTableSize/4 {
-		return engine.Validationf("badgerstore: ValueLogFileSize %d / ValueThreshold %d is too many values per value-log file for MemTableSize %d (value-log GC of one file must fit a quarter memtable at %d bytes per value)", o.ValueLogFileSize, o.ValueThreshold, o.MemTableSize, gcEntryBytes)
 	}
 	if o.ValueThreshold > o.MemTableSize*15/100 {
 		return engine.Validationf("badgerstore: ValueThreshold %d exceeds 15%% of MemTableSize %d", o.ValueThreshold, o.MemTableSize)
@@ -154,6 +156,7 @@ type Store struct {
 	ops        chan *op
 	gcReqs     chan *gcRequest  // value-log GC, run by the writer
 	gcHold     *badger.Iterator // kept open after a failed GC sync, never closed (see collectValueLog)
+	gcUnfit    sync.Once        // warns once that value-log GC cannot run with these options
 	writerDone chan struct{}
 	gcStop     chan struct{}
 	gcDone     chan struct{}
@@ -207,7 +210,11 @@ func Open(opts Options) (*Store, error) {
 	}
 	var dur *durability
 	if !opts.InMemory {
-		fill := int64(0)
+		if err := checkValueThreshold(db, opts.ValueThreshold); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+		}
+		fill := int64(gcEntryBytes) // checkValueThreshold's write
 		if migrated {
 			fill = opts.MemTableSize // its writes: no value-log GC before the next memtable
 		}
@@ -237,6 +244,38 @@ func Open(opts Options) (*Store, error) {
 		close(s.gcDone)
 	}
 	return s, nil
+}
+
+// checkValueThreshold refuses a ValueThreshold above the smallest the
+// data directory was opened with, and records the new one when smaller.
+// Raised, it would let value-log GC rewrite values between the two into
+// the memtable, which then could fill up while GC runs (see durability).
+func checkValueThreshold(db *badger.DB, threshold int64) error {
+	key := []byte{pOption, 'v', 't'}
+	return db.Update(func(txn *badger.Txn) error {
+		item, err := txn.Get(key)
+		switch {
+		case errors.Is(err, badger.ErrKeyNotFound):
+		case err != nil:
+			return unavailable(err)
+		default:
+			v, err := item.ValueCopy(nil)
+			if err != nil {
+				return unavailable(err)
+			}
+			if len(v) != 8 {
+				return fmt.Errorf("option %q is %d bytes: %w", key, len(v), engine.ErrCorrupt)
+			}
+			was := int64(binary.BigEndian.Uint64(v))
+			if threshold > was {
+				return engine.Validationf("badgerstore: ValueThreshold %d is above %d, the smallest this data directory was opened with (value-log GC would rewrite the values between them into memtables)", threshold, was)
+			}
+			if threshold == was {
+				return nil
+			}
+		}
+		return txn.Set(key, binary.BigEndian.AppendUint64(nil, uint64(threshold)))
+	})
 }
 
 // migrateRunStatusIndex replaces the index of runs by every status (S,
@@ -358,16 +397,33 @@ const gcBudget = 100 * time.Millisecond
 func (s *Store) collectValueLog() int {
 	n := 0
 	start := time.Now()
+	s.opSince.Store(start.UnixNano()) // Stalled sees a GC that does not end
+	defer s.opSince.Store(0)
 	for n < 16 && time.Since(start) < gcBudget && s.gcHold == nil {
-		if s.dur != nil && !s.dur.gcRoom() {
-			s.log.Debug("value log gc deferred: memtable too full")
-			break
+		var bound int64
+		if s.dur != nil {
+			b, room, fits, err := s.dur.gcRoom()
+			if err != nil {
+				s.log.Error("value log gc: not run", "err", err)
+				break
+			}
+			if !fits {
+				s.gcUnfit.Do(func() {
+					s.log.Warn("value log gc cannot run: a value-log file holds more values than half a memtable takes while GC rewrites them; raise MemTableSize or ValueThreshold or lower ValueLogFileSize", "bound_bytes", b, "memtable_bytes", s.opts.MemTableSize)
+				})
+				break
+			}
+			if !room {
+				s.log.Debug("value log gc deferred: the memtable is too full", "bound_bytes", b)
+				break
+			}
+			bound = b
 		}
 		hold := s.db.NewTransaction(false)
 		it := hold.NewIterator(badger.IteratorOptions{Prefix: []byte{pDispatch}})
 		err := s.db.RunValueLogGC(s.opts.GCDiscardRatio)
 		if s.dur != nil && !errors.Is(err, badger.ErrRejected) {
-			if serr := s.dur.afterGC(); serr != nil {
+			if serr := s.dur.afterGC(bound); serr != nil {
 				s.log.Error("value log gc: sync failed: the rewritten file is kept until restart", "err", serr)
 				s.gcHold = it
 				break
@@ -469,12 +525,19 @@ func (s *Store) Writable() error {
 // Stalled implements engine.StallReporter: an error when one operation
 // has been running in the writer, or one batch has been with Badger
 // (written and synced), for longer than limit at now — a hung disk or an
-// operation that never returns, after which nothing is written again.
+// operation that never returns, after which nothing is written again —
+// and at once when a log sync has failed (durability.failed): only a
+// reopen clears that.
 func (s *Store) Stalled(now time.Time, limit time.Duration) error {
+	if s.dur != nil {
+		if err := s.dur.broken(); err != nil {
+			return err
+		}
+	}
 	for _, w := range []struct {
 		what  string
 		since int64
-	}{{"an operation has been running in the writer", s.opSince.Load()}, {"a commit has been in flight", s.commitSince.Load()}} {
+	}{{"an operation (or value-log GC) has been running in the writer", s.opSince.Load()}, {"a commit has been in flight", s.commitSince.Load()}} {
 		if w.since == 0 {
 			continue
 		}

@@ -729,11 +729,10 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	return fl
 }
 
-// logReach tells which of Badger's logs a batch of writes reaches (see
-// durability): the value log when a value is large enough for it (from
-// half of ValueThreshold on: a margin that costs one more sync for the
-// rare batch near it), every log when the batch could fill a memtable on
-// its own; and its estimated share of a memtable.
+// logReach tells whether a batch of writes reaches the value log (see
+// durability): when a value is large enough for it (from half of
+// ValueThreshold on: a margin that costs one more sync for the rare batch
+// near it); and its estimated share of a memtable.
 func (s *Store) logReach(ws *writeSet) batchReach {
 	var r batchReach
 	if s.dur == nil {
@@ -750,7 +749,6 @@ func (s *Store) logReach(ws *writeSet) batchReach {
 		}
 		r.bytes += int64(len(k)) + n + writeOverhead
 	}
-	r.large = r.bytes >= s.opts.MemTableSize/4
 	return r
 }
 
