@@ -366,3 +366,73 @@ func runRSSChild() bool {
 	os.Exit(0)
 	return true
 }
+
+// BenchmarkValueLogGCPause: value-log GC runs on the writer (durable.go),
+// so writes wait for it. One op: a GC of the store's first value-log file
+// (64 MiB, the default size) with 60 % of its values garbage; it reports
+// the GC's wall time and how long a write issued as the GC starts waits.
+func BenchmarkValueLogGCPause(b *testing.B) {
+	ctx := context.Background()
+	state := []byte(`"` + strings.Repeat("s", 100<<10) + `"`) // above ValueThreshold: in the value log
+	var gcTotal, stallTotal time.Duration
+	for b.Loop() {
+		b.StopTimer()
+		opts := badgerstore.CompactOnClose(badgerstore.Options{Dir: b.TempDir(), GCInterval: -1})
+		s, err := badgerstore.Open(opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		const runs = 700 // ≈ 70 MiB of values: the first file full
+		write := func(i, step int) {
+			r := engine.RunRecord{RunID: fmt.Sprintf("r%04d", i), ThreadID: fmt.Sprintf("t%04d", i), AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: int64(1 + step), Steps: int64(step)}
+			if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: r.ThreadID, Run: &r}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		each := func(step int, which func(i int) bool) {
+			var wg sync.WaitGroup
+			for w := range 16 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := w; i < runs; i += 16 {
+						if which(i) {
+							write(i, step)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+		}
+		each(0, func(int) bool { return true })
+		each(1, func(i int) bool { return i%5 < 3 }) // 60 % of the first versions are garbage now
+		if err := s.Close(); err != nil { // flush + compaction: GC learns the garbage
+			b.Fatal(err)
+		}
+		if s, err = badgerstore.Open(opts); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		start := time.Now()
+		gcDone := make(chan int, 1)
+		go func() { gcDone <- s.RunValueLogGC() }()
+		time.Sleep(time.Millisecond) // the GC has the writer
+		w0 := time.Now()
+		write(1, 2)
+		stall := time.Since(w0)
+		n := <-gcDone
+		gc := time.Since(start)
+		b.StopTimer()
+		if n == 0 {
+			b.Fatal("GC rewrote nothing")
+		}
+		gcTotal += gc / time.Duration(n)
+		stallTotal += stall
+		if err := s.Close(); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(gcTotal.Microseconds())/float64(b.N)/1000, "gc-ms/file")
+	b.ReportMetric(float64(stallTotal.Microseconds())/float64(b.N)/1000, "write-wait-ms")
+}
