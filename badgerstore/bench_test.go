@@ -406,7 +406,7 @@ func BenchmarkValueLogGCPause(b *testing.B) {
 		}
 		each(0, func(int) bool { return true })
 		each(1, func(i int) bool { return i%5 < 3 }) // 60 % of the first versions are garbage now
-		if err := s.Close(); err != nil { // flush + compaction: GC learns the garbage
+		if err := s.Close(); err != nil {            // flush + compaction: GC learns the garbage
 			b.Fatal(err)
 		}
 		if s, err = badgerstore.Open(opts); err != nil {
