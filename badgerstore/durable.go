@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -43,9 +44,12 @@ import (
 // A failed sync is final: the kernel may have dropped the pages it could
 // not write (a later sync would then succeed) and Badger has applied the
 // batch, so going on could make durable a pointer to a value that never
-// reached the disk. Every later commit and GC fails until the store is
-// reopened, and Stalled reports it (a liveness probe restarts the
-// process).
+// reached the disk. No later batch reaches Badger (each is refused before
+// its commit) and no GC runs until the store is reopened, and Stalled
+// reports it without waiting for a sync under way (a liveness probe
+// restarts the process). Close still lets Badger flush its memtables
+// (Badger has no close without it): a table written then may point at a
+// value the failed sync lost.
 //
 // Value-log GC rewrites the live values of a value-log file through
 // Badger's own write path, which no longer syncs them, and then deletes
@@ -61,10 +65,11 @@ import (
 // of n bytes holds at most n/ValueThreshold + 1 values. With NoSync GC
 // syncs all the same; commits do not.
 //
-// Open syncs every log file once, so that what a crashed process left
-// unsynced in the page cache, and Open read back, is durable before the
-// store builds on it (Badger itself flushes replayed memtables during its
-// Open, before this sync: that window is Badger's).
+// Open syncs every log file and the directory before Badger's Open (what
+// a crashed process left unsynced in the page cache is durable before
+// Badger reads it back and, in the background, flushes the replayed
+// memtables to table files) and once more after it (the files Badger's
+// Open created).
 
 const (
 	memExt  = ".mem"
@@ -97,7 +102,7 @@ type durability struct {
 	// kernel may have dropped the pages it could not write and a later
 	// fsync report success, and Badger has applied the batch: going on
 	// could make durable a pointer to a value that never reached the disk.
-	failed error
+	failed atomic.Pointer[error] // set under mu, read without it (Stalled must not wait on a sync)
 	mem    logTail
 	vlog   logTail
 	// memFill estimates the bytes in the current memtable: the batches
@@ -158,8 +163,8 @@ func openDurability(o Options, fill int64, synced func(string) error) (*durabili
 func (d *durability) afterCommit(r batchReach) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.failed != nil {
-		return d.failed
+	if err := d.broken(); err != nil {
+		return err
 	}
 	return d.fail(d.commitLocked(r))
 }
@@ -197,18 +202,28 @@ func (d *durability) syncTail(t *logTail) error {
 
 // fail records err, when not nil, as the store's sync failure.
 func (d *durability) fail(err error) error {
-	if err != nil && d.failed == nil {
-		d.failed = fmt.Errorf("%w (the store must be reopened: a log sync failed)", err)
-		return d.failed
+	if err != nil && d.failed.Load() == nil {
+		err = fmt.Errorf("%w (the store must be reopened: a log sync failed)", err)
+		d.failed.Store(&err)
 	}
 	return err
 }
 
-// broken returns the sync failure that stopped the store, or nil.
+// broken returns the sync failure that stopped the store, or nil. It
+// does not wait for a sync under way.
 func (d *durability) broken() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.failed
+	if p := d.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// syncLogFiles syncs every log file in dir and dir itself, following
+// nothing (Open, before Badger's).
+func syncLogFiles(dir string, synced func(string) error) error {
+	d := &durability{dir: dir, mem: logTail{dir: dir, ext: memExt, fid: -1}, vlog: logTail{dir: dir, ext: vlogExt, fid: -1}, synced: synced}
+	defer d.closeLocked()
+	return d.syncAll(true)
 }
 
 // gcRoom reports whether the current memtable has room for the GC of any
@@ -223,16 +238,24 @@ func (d *durability) broken() error {
 func (d *durability) gcRoom() (bound int64, room, fits bool, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.failed != nil {
-		return 0, false, true, d.failed
+	if err := d.broken(); err != nil {
+		return 0, false, true, err
 	}
 	entries, err := os.ReadDir(d.dir)
 	if err != nil {
 		return 0, false, true, fmt.Errorf("value log gc: %w", err)
 	}
+	// GC never takes the file being written, the newest (the followed
+	// one may lag: with NoSync commits do not follow the value log).
+	newest := -1
+	for _, e := range entries {
+		if fid, ok := logFid(e.Name(), vlogExt); ok {
+			newest = max(newest, fid)
+		}
+	}
 	for _, e := range entries {
 		fid, ok := logFid(e.Name(), vlogExt)
-		if !ok || fid >= d.vlog.fid { // GC never takes the file being written
+		if !ok || fid == newest {
 			continue
 		}
 		info, err := e.Info()
@@ -251,8 +274,8 @@ func (d *durability) gcRoom() (bound int64, room, fits bool, err error) {
 func (d *durability) afterGC(bound int64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.failed != nil {
-		return d.failed
+	if err := d.broken(); err != nil {
+		return err
 	}
 	fid := d.mem.fid
 	if err := d.fail(d.syncAll(true)); err != nil {

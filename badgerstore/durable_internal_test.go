@@ -193,8 +193,10 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 		t.Fatalf("a failed log sync answered %v, want ErrUnavailable", err)
 	}
 	l.setFail(nil)
-	if err := s.CreateRun(context.Background(), engine.RunRecord{RunID: "r3", ThreadID: "t3", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "reopened") {
-		t.Fatalf("a write after a failed sync: %v, want ErrUnavailable until reopened", err)
+	for range 2 { // refused, not applied: the same again is refused the same way
+		if err := s.CreateRun(context.Background(), engine.RunRecord{RunID: "r3", ThreadID: "t3", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "reopened") {
+			t.Fatalf("a write after a failed sync: %v, want ErrUnavailable until reopened", err)
+		}
 	}
 	if err := s.Stalled(time.Now(), time.Hour); err == nil || !strings.Contains(err.Error(), "injected") {
 		t.Fatalf("Stalled after a failed sync: %v", err)
@@ -206,6 +208,48 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 	createRun(t, s2, "r4", 10)
 	if r, err := s2.LoadRun(context.Background(), "r1"); err != nil || r == nil {
 		t.Fatalf("the acknowledged run after reopening: %v %v", r, err)
+	}
+	if r, err := s2.LoadRun(context.Background(), "r3"); err != nil || r != nil {
+		t.Fatalf("a write refused after the failed sync is there after reopening: %v %v", r, err)
+	}
+}
+
+// Stalled reports a sync failure without waiting for a sync under way
+// (a hung disk is what it is there to report).
+func TestStalledDoesNotWaitForASync(t *testing.T) {
+	s, l := openSynced(t, Options{Dir: t.TempDir()})
+	entered, release := make(chan struct{}, 1), make(chan struct{})
+	var releaseOnce sync.Once
+	releaseAll := func() { releaseOnce.Do(func() { close(release) }) }
+	defer releaseAll() // before the store closes, also when the test fails
+	l.setFail(func(name string) error {
+		if strings.HasSuffix(name, memExt) {
+			select {
+			case entered <- struct{}{}:
+			default:
+			}
+			<-release
+		}
+		return nil
+	})
+	done := make(chan error, 1)
+	go func() {
+		done <- s.CreateRun(context.Background(), engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1})
+	}()
+	<-entered
+	stalled := make(chan error, 1)
+	go func() { stalled <- s.Stalled(time.Now().Add(time.Minute), time.Second) }()
+	select {
+	case err := <-stalled:
+		if err == nil {
+			t.Fatal("Stalled saw nothing of a commit in flight for a minute")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stalled waited for the sync under way")
+	}
+	releaseAll()
+	if err := await(t, "create run", done); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -358,13 +402,18 @@ func TestOpenSyncsEveryLogFile(t *testing.T) {
 	for _, e := range entries {
 		copyFile(t, filepath.Join(dir, e.Name()), filepath.Join(crashed, e.Name()))
 	}
+	left := append(logFiles(t, crashed, memExt), logFiles(t, crashed, vlogExt)...)
 	s2, l := openSynced(t, Options{Dir: crashed})
 	synced := l.take()
 	present := append(logFiles(t, crashed, memExt), logFiles(t, crashed, vlogExt)...)
-	for _, name := range present {
+	for _, name := range append(left, present...) {
 		if !slices.Contains(synced, name) {
 			t.Fatalf("Open synced %v, not %s", synced, name)
 		}
+	}
+	// What the crash left is synced before Badger reads it back.
+	if first := slices.Index(synced, "."); first < 0 || slices.ContainsFunc(left, func(n string) bool { i := slices.Index(synced, n); return i < 0 || i > first }) {
+		t.Fatalf("Open synced %v: want every file left by the crash (%v), then the directory, before Badger opens", synced, left)
 	}
 	if r, err := s2.LoadRun(context.Background(), "large"); err != nil || r == nil || !json.Valid(r.State) {
 		t.Fatalf("the crashed copy's run: %v %v", r, err)
@@ -497,5 +546,22 @@ func TestFailedGCSyncKeepsTheRewrittenFile(t *testing.T) {
 	}
 	if after := logFiles(t, dir, vlogExt); !slices.Equal(before, after) {
 		t.Fatalf("value-log files %v → %v after a second GC", before, after)
+	}
+}
+
+// With NoSync commits do not follow the value log; GC's bound still
+// counts every value-log file but the newest.
+func TestGCBoundCountsEveryOlderValueLogFile(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openSynced(t, Options{Dir: dir, NoSync: true, ValueLogFileSize: 1 << 20})
+	for i := range 30 {
+		createRun(t, s, fmt.Sprintf("r%02d", i), 100<<10) // 3 MiB of values: several files
+	}
+	if n := len(logFiles(t, dir, vlogExt)); n < 3 {
+		t.Fatalf("%d value-log files, want several", n)
+	}
+	bound, _, _, err := s.dur.gcRoom()
+	if want := int64((1<<20)/(64<<10)+1) * gcEntryBytes; err != nil || bound < want {
+		t.Fatalf("GC bound %d (%v), want at least %d: the older files count", bound, err, want)
 	}
 }

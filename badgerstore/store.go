@@ -196,6 +196,15 @@ func Open(opts Options) (*Store, error) {
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 		}
 	}
+	if !opts.InMemory {
+		// What a crashed process wrote and did not sync is durable before
+		// Badger reads it back: its Open flushes replayed memtables to
+		// table files in the background, and their value pointers must not
+		// become durable before the values (durable.go).
+		if err := syncLogFiles(opts.Dir, opts.syncedHook); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+		}
+	}
 	db, err := badger.Open(opts.badger())
 	if err != nil {
 		if strings.Contains(err.Error(), "Cannot acquire directory lock") {
@@ -522,6 +531,14 @@ func (s *Store) Writable() error {
 	return g.check(s.opts)
 }
 
+// broken is the log-sync failure that stopped the store's writes, or nil.
+func (s *Store) broken() error {
+	if s.dur == nil {
+		return nil
+	}
+	return s.dur.broken()
+}
+
 // Stalled implements engine.StallReporter: an error when one operation
 // has been running in the writer, or one batch has been with Badger
 // (written and synced), for longer than limit at now — a hung disk or an
@@ -529,10 +546,8 @@ func (s *Store) Writable() error {
 // and at once when a log sync has failed (durability.failed): only a
 // reopen clears that.
 func (s *Store) Stalled(now time.Time, limit time.Duration) error {
-	if s.dur != nil {
-		if err := s.dur.broken(); err != nil {
-			return err
-		}
+	if err := s.broken(); err != nil {
+		return err
 	}
 	for _, w := range []struct {
 		what  string

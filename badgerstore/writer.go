@@ -686,6 +686,14 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	if s.testCommit != nil {
 		commit = s.testCommit(b.txn)
 	}
+	if err := s.broken(); err != nil {
+		// A log sync failed: nothing more reaches Badger (durable.go).
+		// Answered at once, as Badger answers a commit it refuses.
+		commit = func(cb func(error)) {
+			b.txn.Discard()
+			cb(err)
+		}
+	}
 	reach := s.logReach(fl.writes)
 	sent := time.Now()
 	s.commitSince.Store(sent.UnixNano())
