@@ -398,8 +398,12 @@ func (d *Dispatch) Cancel(now int64) { d.terminate(StatusCancelled, now) }
 // attempt; it is available again at once.
 func (d *Dispatch) Release(now int64) { d.requeue(now, now) }
 
-// ReclaimExpired spends an attempt for a lapsed lease: queued again at now,
-// or dead_letter at max attempts.
+// ReclaimExpired spends an attempt for a lapsed lease: queued again, or
+// dead_letter at max attempts. Queued, it keeps its available_at (as the
+// seed's memory and sqlite stores do; at most now: an inline claim's
+// guard may lie ahead), so that work cut short by a crash is served before
+// work queued after it, not behind the whole backlog (store.md §2.15 item
+// 86 allows both; the seed's NATS store sets now).
 func (d *Dispatch) ReclaimExpired(now int64) {
 	d.AttemptCount++
 	if d.AttemptCount >= d.MaxAttempts {
@@ -409,7 +413,7 @@ func (d *Dispatch) ReclaimExpired(now int64) {
 		return
 	}
 	d.recordError(ReasonLeaseExpired, now)
-	d.requeue(now, now)
+	d.requeue(min(d.AvailableAt, now), now)
 }
 
 // RecordStart writes the runtime projection of a started attempt.

@@ -447,6 +447,17 @@ func TestTransitions(t *testing.T) {
 				d.AttemptCount = 1
 				d.LastError = ReasonLeaseExpired
 				d.Errors = []AttemptError{{Attempt: 1, Error: ReasonLeaseExpired, At: now}}
+				d.UpdatedAt = now // available_at kept: it is in the past
+			}),
+		},
+		{
+			name:  "reclaim expired before an inline claim's guard: available at now",
+			start: with(fxStarted, func(d *Dispatch) { d.AvailableAt = now + 60_000 }),
+			op:    func(d *Dispatch) error { d.ReclaimExpired(now); return nil },
+			want: with(fxQueued, func(d *Dispatch) {
+				d.AttemptCount = 1
+				d.LastError = ReasonLeaseExpired
+				d.Errors = []AttemptError{{Attempt: 1, Error: ReasonLeaseExpired, At: now}}
 				d.AvailableAt, d.UpdatedAt = now, now
 			}),
 		},

@@ -376,9 +376,31 @@ func dispatchReclaimPurgeCases() []Case {
 			want.AttemptCount = 1
 			want.LastError = engine.ReasonLeaseExpired
 			want.Errors = []engine.AttemptError{{Attempt: 1, Error: engine.ReasonLeaseExpired, At: 40_000}}
-			want.AvailableAt, want.UpdatedAt = 40_000, 40_000
+			want.UpdatedAt = 40_000 // available_at kept (1000): it is in the past
 			dqEqual(t, "returned record", got[0], want)
 			dqEqual(t, "stored record", h.load("d1"), want)
+		}},
+		{"S86_reclaimed_work_is_ready_before_work_queued_after_it", func(t *testing.T, s engine.Store) {
+			// A run cut short by a crash is not sent behind the whole
+			// backlog: its thread is due when the dispatch first was.
+			h := newDQ(t, s)
+			h.addClaimed("d1", "t1", 1000)
+			h.add("d2", "t2", 2000)
+			h.reclaim(40_000, 10)
+			ids, _ := h.ready(40_000, 10)
+			dqWantStrings(t, "ReadyThreads", ids, "t1", "t2")
+		}},
+		{"S86_reclaim_of_an_inline_claim_is_available_at_once", func(t *testing.T, s engine.Store) {
+			// An inline claim's dispatch is enqueued with a guard ahead
+			// of now; reclaimed before the guard passes, it is available
+			// at the reclaim, not at the guard.
+			h := newDQ(t, s)
+			h.add("d1", "t1", 100_000)
+			h.claimID("d1", "c1", 1000) // ClaimDispatch ignores available_at (store.md item 46)
+			got := h.reclaim(40_000, 10)
+			if len(got) != 1 || got[0].AvailableAt != 40_000 {
+				t.Fatalf("reclaimed %+v, want available at 40000", got)
+			}
 		}},
 		{"S86_reclaim_dead_letters_at_max_attempts", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
