@@ -425,12 +425,10 @@ func (s *Store) writer() {
 		}
 	}
 	open := true
-	var gc *gcRequest // a value-log GC waiting for the batch in flight
-	defer func() {
-		if gc != nil {
-			gc.done <- 0
-		}
-	}()
+	// A value-log GC waiting for the batch in flight. Answered at the top
+	// of the loop once nothing is in flight, which is before the writer
+	// can return: RunValueLogGC always gets its answer.
+	var gc *gcRequest
 	for {
 		if gc != nil && fl == nil {
 			gc.done <- s.collectValueLog()
