@@ -332,7 +332,9 @@ func gcGarbage(t *testing.T, opts Options) (*Store, *syncLog) {
 // rewrote (an iterator holds the deletion back), so a power failure
 // cannot lose the rewritten values with the old file gone: the syncs
 // after the first file's rewrite see every file still there, those after
-// the second see one gone, and so on.
+// the second see one gone, and so on. The last file's deletion is seen
+// by a sync only when GC goes on to try one more file (it does not when
+// gcBudget ran out first, as on a slow machine).
 func TestValueLogGCSyncsBeforeItDeletes(t *testing.T) {
 	dir := t.TempDir()
 	s, l := gcGarbage(t, Options{Dir: dir})
@@ -358,7 +360,7 @@ func TestValueLogGCSyncsBeforeItDeletes(t *testing.T) {
 	for i := range want {
 		want[i] = i
 	}
-	if n == 0 || len(before)-len(after) != n || !slices.Equal(missing, want) {
+	if n == 0 || len(before)-len(after) != n || !(slices.Equal(missing, want) || slices.Equal(missing, want[:n])) {
 		t.Fatalf("GC rewrote %d files, value log %v → %v; files gone at the syncs during GC %v, want %v", n, before, after, missing, want)
 	}
 	r, err := s.LoadRun(context.Background(), "r1")
