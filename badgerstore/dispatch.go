@@ -28,18 +28,21 @@ func (s *Store) Enqueue(ctx context.Context, d engine.Dispatch) (engine.Dispatch
 	if err := d.PrepareEnqueue(); err != nil {
 		return engine.Dispatch{}, err
 	}
-	if err := s.update(ctx, "enqueue", func(w *writeTx) error { return w.enqueue(&d) }); err != nil {
+	if err := s.update(ctx, "enqueue", func(w *writeTx) error { return w.enqueue(&d, false) }); err != nil {
 		return engine.Dispatch{}, err
 	}
 	return d, nil
 }
 
-// enqueue stores a prepared queued dispatch, stamping its epoch.
-func (w *writeTx) enqueue(d *engine.Dispatch) error {
-	if _, ok, err := w.get(dispatchKey(d.DispatchID)); err != nil {
-		return err
-	} else if ok {
-		return fmt.Errorf("enqueue: dispatch_id=%s: %w", d.DispatchID, engine.ErrAlreadyExists)
+// enqueue stores a prepared queued dispatch, stamping its epoch. A
+// minted id (engine.Minted) is not looked up: no dispatch can hold it.
+func (w *writeTx) enqueue(d *engine.Dispatch, mintedID bool) error {
+	if !mintedID {
+		if _, ok, err := w.get(dispatchKey(d.DispatchID)); err != nil {
+			return err
+		} else if ok {
+			return fmt.Errorf("enqueue: dispatch_id=%s: %w", d.DispatchID, engine.ErrAlreadyExists)
+		}
 	}
 	if d.DedupeKey != "" {
 		if _, ok, err := w.get(dedupeKeyFor(d.ThreadID, d.DedupeKey)); err != nil {
@@ -69,7 +72,7 @@ func (s *Store) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispat
 		if recs, err = w.checkpoint(&c, run); err != nil {
 			return err
 		}
-		return w.enqueue(&d)
+		return w.enqueue(&d, c.Minted.DispatchID)
 	})
 	if err != nil {
 		return nil, engine.Dispatch{}, fmt.Errorf("submit %s: %w", c.ThreadID, err)
@@ -106,7 +109,7 @@ func (s *Store) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Di
 			return err
 		}
 		q := d
-		if err := w.enqueue(&q); err != nil {
+		if err := w.enqueue(&q, c.Minted.DispatchID); err != nil {
 			return err
 		}
 		claimed, err := w.claimOne(&q, token, consumerID, now+ms, now)

@@ -821,7 +821,7 @@ func (m *Mailbox) agentCheckpoint(ctx context.Context, thread, runID string, c R
 	if c.Run != nil && c.Run.Status != "" && c.Run.Status != RunRunning && c.Run.Status != RunWaiting {
 		return Validationf("checkpoint of run %s: an agent may set status running or waiting, not %q", runID, c.Run.Status)
 	}
-	msgs := normalizeMessageIDs(c.Messages)
+	msgs, minted := mintMessageIDs(c.Messages)
 	for i := range msgs {
 		if err := msgs[i].Validate(); err != nil {
 			return err
@@ -869,7 +869,7 @@ func (m *Mailbox) agentCheckpoint(ctx context.Context, thread, runID string, c R
 		// goes by updated_at; live messages and prepare follow it), as the
 		// seed's runtime checkpoints do.
 		r.UpdatedAt = m.cfg.Now() / 1000
-		_, err = m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now(), Run: r})
+		_, err = m.store.Checkpoint(ctx, Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: msgs, ProducedByRunID: runID, CreatedAt: m.cfg.Now(), Run: r, Minted: Minted{MessageIDs: minted}})
 		var conflict *ConflictError
 		if errors.As(err, &conflict) && attempt < maxAppendRetries {
 			continue

@@ -487,7 +487,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	// at once; it becomes the thread's log for re-attachment only once the
 	// run is really ours.
 	if req.DispatchIDHint == "" {
-		req.DispatchIDHint = newID()
+		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
 	events := NewEventLog(m.cfg.EventBuffer)
 	m.mu.Lock()
@@ -568,7 +568,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	}
 	saved := *req
 	if req.DispatchIDHint == "" {
-		req.DispatchIDHint = newID()
+		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
 	events := NewEventLog(m.cfg.EventBuffer)
 	m.mu.Lock()

@@ -148,10 +148,11 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		r.RunIDHint = runID
 	}
 	if strings.TrimSpace(r.DispatchIDHint) == "" {
-		r.DispatchIDHint = newID()
+		r.DispatchIDHint, r.dispatchIDMinted = newID(), true
 	}
+	minted := Minted{RunID: fresh, DispatchID: r.dispatchIDMinted}
 	if !r.messagesLogged {
-		r.Messages = normalizeMessageIDs(r.Messages)
+		r.Messages, minted.MessageIDs = mintMessageIDs(r.Messages)
 	}
 	extras, err := json.Marshal(extrasOf(r))
 	if err != nil {
@@ -201,7 +202,7 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 				return "", Dispatch{}, fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
 			}
 		}
-		cp := Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: appendMsgs, CreatedAt: m.cfg.Now(), Run: run}
+		cp := Checkpoint{ThreadID: thread, ExpectedCount: count, Messages: appendMsgs, CreatedAt: m.cfg.Now(), Run: run, Minted: minted}
 		var stored Dispatch
 		if availableAt == nil {
 			_, err = m.store.Checkpoint(ctx, cp)

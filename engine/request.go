@@ -46,6 +46,9 @@ type SubmitRequest struct {
 	// messagesLogged: Messages are already in the thread log (the
 	// live-then-queue fallback activates them by id, appending nothing).
 	messagesLogged bool
+	// dispatchIDMinted: the engine made DispatchIDHint for this request
+	// (Minted.DispatchID), not the caller.
+	dispatchIDMinted bool
 }
 
 // RequestExtras is the engine-private part of a request kept on the run's
@@ -170,14 +173,24 @@ func validateRunInputs(r *SubmitRequest) error {
 
 // normalizeMessageIDs gives every message without an id a new UUIDv7 id.
 func normalizeMessageIDs(msgs []Message) []Message {
+	out, _ := mintMessageIDs(msgs)
+	return out
+}
+
+// mintMessageIDs is normalizeMessageIDs that also says whether it made
+// every id (Minted.MessageIDs): true when no message carried one.
+func mintMessageIDs(msgs []Message) ([]Message, bool) {
 	out := make([]Message, len(msgs))
+	all := true
 	for i, m := range msgs {
 		if strings.TrimSpace(m.ID) == "" {
 			m.ID = newID()
+		} else {
+			all = false
 		}
 		out[i] = m
 	}
-	return out
+	return out, all
 }
 
 func newID() string { return uuid.Must(uuid.NewV7()).String() }

@@ -194,6 +194,25 @@ type Checkpoint struct {
 	// Run, when set, is upserted (it must belong to ThreadID) and applied
 	// to the thread projection (Thread.ApplyRun).
 	Run *RunRecord
+	// Minted says which ids of this write the engine made for it.
+	Minted Minted
+}
+
+// Minted names the ids of a write that the engine made for it (newID: a
+// UUIDv7, 74 random bits per millisecond). No record can hold such an id
+// yet, so a store may skip checking it for a duplicate: a read of a key
+// that is never there, which in an LSM tree probes every memtable and
+// level. A store that checks all the same is correct too. Ids a caller
+// supplied (hints, message ids) are never marked.
+type Minted struct {
+	// MessageIDs: every message of the checkpoint had no id and got one.
+	MessageIDs bool
+	// RunID: the checkpoint's Run is a new record under an id made for
+	// it; there is no stored version to read or replace.
+	RunID bool
+	// DispatchID: the dispatch of a Submit (or SubmitIdle) carries an id
+	// made for it.
+	DispatchID bool
 }
 
 // RunStore holds run records, thread projections and each thread's
