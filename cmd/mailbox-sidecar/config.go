@@ -63,6 +63,7 @@ type serveConfig struct {
 	LogLevel        string
 	LogFormat       string
 	MemoryLimit     byteSize
+	GOGC            int
 	// ClockSkew shifts the engine's clock (leases, due times, records):
 	// a fault-injection hook for tests of clock jumps, set only by the
 	// MAILBOX_SIDECAR_TEST_CLOCK_SKEW variable, never by a flag.
@@ -151,6 +152,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.Var(&c.MemoryLimit, "memory-limit", "soft memory limit of the Go runtime (GOMEMLIMIT, when set, wins); 0 turns it off")
+	fs.IntVar(&c.GOGC, "gogc", 200, "Go garbage collector target percentage (GOGC, when set, wins); -1 turns the collector off below the memory limit")
 }
 
 // parseServe reads the serve flags from args and the environment and
@@ -231,6 +233,12 @@ func (c *serveConfig) validate() []error {
 	}
 	if c.MaxAttempts < 1 || c.MaxAttempts > 1000 {
 		bad("--max-attempts %d must be between 1 and 1000", c.MaxAttempts)
+	}
+	if c.GOGC < 1 && c.GOGC != -1 {
+		bad("--gogc %d must be positive, or -1 (off)", c.GOGC)
+	}
+	if c.GOGC == -1 && c.MemoryLimit == 0 {
+		bad("--gogc -1 needs a --memory-limit: without one the heap grows without bound")
 	}
 	for name, d := range map[string]time.Duration{
 		"--lease": c.Lease, "--suspended-lease": c.SuspendedLease, "--lease-renewal": c.LeaseRenewal,

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
@@ -25,7 +27,8 @@ func TestParseServeDefaults(t *testing.T) {
 		c.SuspendedLease != 10*time.Minute || c.LeaseRenewal != 10*time.Second || c.SweepInterval != 30*time.Second ||
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
-		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" {
+		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" ||
+		c.MemoryLimit != 512<<20 || c.GOGC != 200 {
 		t.Fatalf("defaults differ from the spec: %+v", c)
 	}
 }
@@ -39,6 +42,7 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 			"MAILBOX_SIDECAR_CONTEXT_BYTES":   "512KiB",
 			"MAILBOX_SIDECAR_LOG_FORMAT":      "json",
 			"MAILBOX_SIDECAR_MAX_ATTEMPTS":    "7",
+			"MAILBOX_SIDECAR_GOGC":            "300",
 			"MAILBOX_SIDECAR_TEST_CLOCK_SKEW": "-90s",
 		}), io.Discard)
 	if err != nil {
@@ -50,7 +54,7 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 	if now := c.engineConfig(nil).Now(); now > time.Now().Add(-80*time.Second).UnixMilli() {
 		t.Fatalf("skewed engine clock reads %d", now)
 	}
-	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 {
+	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 || c.GOGC != 300 {
 		t.Fatalf("parsed %+v", c)
 	}
 }
@@ -72,6 +76,8 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--log-level", "loud"}, nil, "--log-level"},
 		{[]string{"--log-format", "xml"}, nil, "--log-format"},
 		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
+		{[]string{"--gogc", "0"}, nil, "--gogc 0 must be positive"},
+		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a --memory-limit"},
 		{[]string{"--heartbeat", "1ms"}, nil, "below 10ms"},
 		{[]string{"extra"}, nil, "no arguments"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_GC_TTL": "forever"}, "MAILBOX_SIDECAR_GC_TTL"},
@@ -179,5 +185,21 @@ func TestRunUsageAndVersion(t *testing.T) {
 	errb.Reset()
 	if code := run([]string{"ctl", "--socket", filepath.Join(shortDir(t), "none.sock"), "check"}, env(nil), &out, &errb); code != 3 {
 		t.Fatalf("ctl check without a sidecar: %d %q", code, errb.String())
+	}
+}
+
+// --gogc and --memory-limit reach the Go runtime, unless the
+// environment's GOGC and GOMEMLIMIT set them already.
+func TestTuneRuntime(t *testing.T) {
+	oldGC, oldLimit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64)
+	t.Cleanup(func() { debug.SetGCPercent(oldGC); debug.SetMemoryLimit(oldLimit) })
+	cfg := serveConfig{GOGC: 250, MemoryLimit: 300 << 20}
+	tuneRuntime(cfg, env(nil))
+	if gc, limit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64); gc != 250 || limit != 300<<20 {
+		t.Fatalf("after tuneRuntime: GOGC %d, memory limit %d; want 250 and %d", gc, limit, 300<<20)
+	}
+	tuneRuntime(cfg, env(map[string]string{"GOGC": "100", "GOMEMLIMIT": "1GiB"}))
+	if gc, limit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64); gc != 100 || limit != math.MaxInt64 {
+		t.Fatalf("with GOGC and GOMEMLIMIT set: GOGC %d, memory limit %d; want both left alone", gc, limit)
 	}
 }
