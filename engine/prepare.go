@@ -34,49 +34,54 @@ func (l *threadLocks) lock(thread string) func() {
 // continue: the thread's open run, else its latest run, when that run
 // waits for input. Store errors propagate (fail closed, lessons.md B9).
 func (m *Mailbox) reusableWaitingRun(ctx context.Context, thread string) (string, error) {
-	id, _, err := m.reusableWaitingRunAndLatest(ctx, thread)
+	id, _, _, err := m.reusableWaitingRunAndLatest(ctx, thread)
 	return id, err
 }
 
 // reusableWaitingRunAndLatest is reusableWaitingRun that also returns the
 // thread's latest run when it had to read it (nil otherwise), so prepare
-// does not read it twice.
-func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string) (string, *RunRecord, error) {
+// does not read it twice, and the message count of the thread projection
+// it read (0 when the thread has none: no messages either).
+func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string) (string, *RunRecord, uint64, error) {
 	t, err := m.store.LoadThread(ctx, thread)
 	if err != nil {
-		return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+		return "", nil, 0, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+	}
+	var count uint64
+	if t != nil {
+		count = t.MessageCount
 	}
 	// Only a waiting open run can be continued (one created or running
 	// cannot); an older projection without the status is read to see.
 	if t != nil && t.OpenRunID != "" && (t.OpenRunStatus == "" || t.OpenRunStatus == RunWaiting) {
 		r, err := m.store.LoadRun(ctx, t.OpenRunID)
 		if err != nil {
-			return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+			return "", nil, 0, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 		}
 		if r != nil && r.ThreadID == thread && r.IsResumableWaiting() {
 			ok, err := m.notYetContinued(ctx, r)
 			if err != nil {
-				return "", nil, err
+				return "", nil, 0, err
 			}
 			if ok {
-				return r.RunID, nil, nil
+				return r.RunID, nil, count, nil
 			}
 		}
 	}
 	r, err := m.store.LatestRun(ctx, thread)
 	if err != nil {
-		return "", nil, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
+		return "", nil, 0, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 	}
 	if r != nil && r.IsResumableWaiting() {
 		ok, err := m.notYetContinued(ctx, r)
 		if err != nil {
-			return "", nil, err
+			return "", nil, 0, err
 		}
 		if ok {
-			return r.RunID, r, nil
+			return r.RunID, r, count, nil
 		}
 	}
-	return "", r, nil
+	return "", r, count, nil
 }
 
 // notYetContinued reports whether a waiting run has no dispatch pending:
@@ -128,13 +133,14 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 	unlock := m.locks.lock(thread)
 	defer unlock()
 
-	var latest *RunRecord // the thread's latest run, when already read
+	var latest *RunRecord  // the thread's latest run, when already read
+	var knownCount *uint64 // the thread's message count, when already read
 	if strings.TrimSpace(r.ContinueRunID) == "" && strings.TrimSpace(r.RunIDHint) == "" {
-		waiting, l, err := m.reusableWaitingRunAndLatest(ctx, thread)
+		waiting, l, n, err := m.reusableWaitingRunAndLatest(ctx, thread)
 		if err != nil {
 			return "", Dispatch{}, err
 		}
-		r.ContinueRunID, latest = waiting, l
+		r.ContinueRunID, latest, knownCount = waiting, l, &n
 	}
 	runID := strings.TrimSpace(r.ContinueRunID)
 	if runID == "" {
@@ -161,8 +167,14 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 	ids := messageIDs(r.Messages)
 
 	for attempt := 0; ; attempt++ {
-		count, err := m.store.MessageCount(ctx, thread)
-		if err != nil {
+		// The projection's count, read a moment ago under the thread's
+		// lock, serves the first try (the store keeps it in the commit
+		// of every append; if another process appended since, the
+		// guarded append fails and the retry reads the count afresh).
+		var count uint64
+		if knownCount != nil {
+			count, knownCount = *knownCount, nil
+		} else if count, err = m.store.MessageCount(ctx, thread); err != nil {
 			return "", Dispatch{}, fmt.Errorf("prepare run %s: %w", runID, err)
 		}
 		total := count
