@@ -743,7 +743,7 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 		}
 		r := cloneRun(run)
 		r.Reopen(n.DispatchID, now/1000)
-		return w.writeRun(run, r, true)
+		return w.writeRun(run, r, true, false)
 	})
 	if err != nil {
 		return engine.Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)

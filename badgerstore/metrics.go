@@ -17,6 +17,9 @@ type storeMetrics struct {
 	commitsFailed *metrics.Counter
 	operations    *metrics.Counter
 	seconds       *metrics.PrometheusHistogram
+	// writerReads counts the writer's point reads that no cache or
+	// pending batch answered: each walks Badger's memtables and levels.
+	writerReads *metrics.Counter
 }
 
 func newStoreMetrics() storeMetrics {
@@ -27,6 +30,7 @@ func newStoreMetrics() storeMetrics {
 		commitsFailed: set.NewCounter(`mailbox_store_commits_total{result="error"}`),
 		operations:    set.NewCounter(`mailbox_store_committed_operations_total`),
 		seconds:       set.NewPrometheusHistogram(`mailbox_store_commit_seconds`),
+		writerReads:   set.NewCounter(`mailbox_store_writer_lsm_reads_total`),
 	}
 }
 
@@ -43,6 +47,7 @@ func (m *storeMetrics) committed(ops int, d time.Duration, err error) {
 
 // Metrics returns the store's metrics (the sidecar serves them on
 // /metrics): mailbox_store_commits_total{result},
-// mailbox_store_committed_operations_total and the histogram
-// mailbox_store_commit_seconds.
+// mailbox_store_committed_operations_total, the histogram
+// mailbox_store_commit_seconds and mailbox_store_writer_lsm_reads_total
+// (the writer's point reads that its record cache did not answer).
 func (s *Store) Metrics() *metrics.Set { return s.metrics.set }

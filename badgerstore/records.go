@@ -204,14 +204,19 @@ func runIndex(r *engine.RunRecord) [][]byte {
 
 // putRun writes r (old is its previous version, nil when new), its indexes
 // and the thread projection; the status change must be a legal transition.
-func (w *writeTx) putRun(old, r *engine.RunRecord) error { return w.writeRun(old, r, false) }
+func (w *writeTx) putRun(old, r *engine.RunRecord) error { return w.writeRun(old, r, false, false) }
+
+// putNewRun is putRun of a run known not to be stored (its id minted for
+// this write, engine.Minted): nothing is read, not even to see whether
+// the record changes.
+func (w *writeTx) putNewRun(r *engine.RunRecord) error { return w.writeRun(nil, r, false, true) }
 
 // writeRun is putRun, or, with reopen, the write of an operator's
 // requeue: the transition check is skipped (a done run becomes created
 // again) and the thread projection is updated by Thread.ApplyReopen, not
 // as a checkpoint of the run (which would clear another run's
-// active_run_id).
-func (w *writeTx) writeRun(old, r *engine.RunRecord, reopen bool) error {
+// active_run_id). With isNew (old is nil) the record is written unread.
+func (w *writeTx) writeRun(old, r *engine.RunRecord, reopen, isNew bool) error {
 	if err := r.Validate(); err != nil {
 		return err
 	}
@@ -228,7 +233,9 @@ func (w *writeTx) writeRun(old, r *engine.RunRecord, reopen bool) error {
 	if err != nil {
 		return err
 	}
-	if err := w.setIfChanged(runKey(r.RunID), b); err != nil {
+	if isNew {
+		w.set(runKey(r.RunID), b)
+	} else if err := w.setIfChanged(runKey(r.RunID), b); err != nil {
 		return err
 	}
 	newIdx := runIndex(r)

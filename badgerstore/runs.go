@@ -243,13 +243,14 @@ func (w *writeTx) checkpoint(c *engine.Checkpoint, run *engine.RunRecord) ([]eng
 	if len(c.Messages) > 0 {
 		w.set(msgCountKey(c.ThreadID), u64(count))
 	}
-	if run != nil {
-		var old *engine.RunRecord
-		if !c.Minted.RunID { // a minted run id names no stored run
-			var err error
-			if old, err = w.loadRun(run.RunID); err != nil {
-				return nil, err
-			}
+	if run != nil && c.Minted.RunID { // a minted run id names no stored run
+		if err := w.putNewRun(run); err != nil {
+			return nil, err
+		}
+	} else if run != nil {
+		old, err := w.loadRun(run.RunID)
+		if err != nil {
+			return nil, err
 		}
 		if err := w.putRun(old, run); err != nil {
 			return nil, err

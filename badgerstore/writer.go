@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/VictoriaMetrics/metrics"
 	"github.com/dgraph-io/badger/v4"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -63,12 +64,13 @@ type writeTx struct {
 	states     map[string]threadState // thread states this operation changed
 	origStates map[string]threadState // and what they were before it
 
-	snap    *badger.Txn  // read-only view of everything committed before the batch (and prior)
-	cache   *recordCache // committed records (cache.go), shared with readers
-	flushed *writeSet    // writes of the batch so far: read before the cache, cached after commit
-	prior   *writeSet    // writes of the batch in flight (not durable yet), or nil
-	spare   *badger.Txn  // an update transaction made before prior was sent, or nil
-	free    *writeSet    // a retired write set, reused by the next batch
+	snap    *badger.Txn      // read-only view of everything committed before the batch (and prior)
+	reads   *metrics.Counter // reads that reach snap (storeMetrics.writerReads)
+	cache   *recordCache     // committed records (cache.go), shared with readers
+	flushed *writeSet        // writes of the batch so far: read before the cache, cached after commit
+	prior   *writeSet        // writes of the batch in flight (not durable yet), or nil
+	spare   *badger.Txn      // an update transaction made before prior was sent, or nil
+	free    *writeSet        // a retired write set, reused by the next batch
 }
 
 // recycle keeps ws (no longer read by anyone) for the next batch.
@@ -170,6 +172,7 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 	if v, ok := w.cache.getLatest(key); ok {
 		return v, v != nil, nil
 	}
+	w.reads.Inc()
 	item, err := w.snap.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
 		w.cache.fillLatest(key, nil)
@@ -408,7 +411,7 @@ func (s *Store) update(ctx context.Context, name string, fn opFunc) error {
 // then cur is sent (see durability).
 func (s *Store) writer() {
 	defer close(s.writerDone)
-	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: s.reads.cache}
+	w := &writeTx{writes: make(map[string]pending), states: make(map[string]threadState), origStates: make(map[string]threadState), cache: s.reads.cache, reads: s.metrics.writerReads}
 	cur := &building{}
 	var fl *inflight // the batch Badger is writing, if any
 	var carry []*op  // operations that did not fit cur: they open the next batch, in order

@@ -193,6 +193,17 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 		c.ConsumerID = defaultConsumerID()
 	}
 	errs = append(errs, c.validate()...)
+	// The collector off needs a limit in effect: the environment's
+	// GOMEMLIMIT wins over --memory-limit (tuneRuntime).
+	if c.GOGC == -1 && getenv("GOGC") == "" {
+		limited := c.MemoryLimit > 0
+		if v := strings.TrimSpace(getenv("GOMEMLIMIT")); v != "" {
+			limited = v != "off"
+		}
+		if !limited {
+			errs = append(errs, errors.New("--gogc -1 needs a memory limit (--memory-limit, or GOMEMLIMIT): without one the heap grows without bound"))
+		}
+	}
 	return c, errors.Join(errs...)
 }
 
@@ -236,9 +247,6 @@ func (c *serveConfig) validate() []error {
 	}
 	if c.GOGC < 1 && c.GOGC != -1 {
 		bad("--gogc %d must be positive, or -1 (off)", c.GOGC)
-	}
-	if c.GOGC == -1 && c.MemoryLimit == 0 {
-		bad("--gogc -1 needs a --memory-limit: without one the heap grows without bound")
 	}
 	for name, d := range map[string]time.Duration{
 		"--lease": c.Lease, "--suspended-lease": c.SuspendedLease, "--lease-renewal": c.LeaseRenewal,

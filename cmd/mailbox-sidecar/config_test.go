@@ -77,7 +77,8 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--log-format", "xml"}, nil, "--log-format"},
 		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
 		{[]string{"--gogc", "0"}, nil, "--gogc 0 must be positive"},
-		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a --memory-limit"},
+		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a memory limit"},
+		{[]string{"--gogc", "-1"}, map[string]string{"GOMEMLIMIT": "off"}, "needs a memory limit"},
 		{[]string{"--heartbeat", "1ms"}, nil, "below 10ms"},
 		{[]string{"extra"}, nil, "no arguments"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_GC_TTL": "forever"}, "MAILBOX_SIDECAR_GC_TTL"},
@@ -88,6 +89,13 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		_, err := parseServe(tc.args, env(tc.env), io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v %v: error %v, want it to mention %q", tc.args, tc.env, err, tc.want)
+		}
+	}
+	// The collector may be off while a limit is in effect, from the flag
+	// or from GOMEMLIMIT.
+	for _, e := range []map[string]string{nil, {"GOMEMLIMIT": "1GiB", "MAILBOX_SIDECAR_MEMORY_LIMIT": "0"}} {
+		if _, err := parseServe([]string{"--gogc", "-1"}, env(e), io.Discard); err != nil {
+			t.Errorf("--gogc -1 with %v: %v", e, err)
 		}
 	}
 	// Every problem is reported at once.
