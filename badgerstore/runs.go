@@ -212,7 +212,7 @@ func (w *writeTx) checkpoint(c *engine.Checkpoint, run *engine.RunRecord) ([]eng
 	}
 	for i := range c.Messages {
 		if c.Minted.MessageIDs {
-			break // new by construction (engine.Minted)
+			break // all new by construction (engine.Minted): nothing to look up
 		}
 		if _, ok, err := w.get(messageIDKey(c.ThreadID, c.Messages[i].ID)); err != nil {
 			return nil, err

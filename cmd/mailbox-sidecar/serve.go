@@ -313,7 +313,7 @@ func tuneRuntime(cfg serveConfig, getenv func(string) string) {
 	if getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
 		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
 	}
-	if getenv("GOGC") == "" && cfg.GOGC != 0 {
+	if getenv("GOGC") == "" && cfg.GOGC != 0 { // 0: a config built without the flags (tests) leaves Go's default
 		debug.SetGCPercent(cfg.GOGC)
 	}
 }
