@@ -64,6 +64,7 @@ type serveConfig struct {
 	LogFormat       string
 	MemoryLimit     byteSize
 	GOGC            int
+	GOMAXPROCS      int
 	// ClockSkew shifts the engine's clock (leases, due times, records):
 	// a fault-injection hook for tests of clock jumps, set only by the
 	// MAILBOX_SIDECAR_TEST_CLOCK_SKEW variable, never by a flag.
@@ -153,6 +154,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.Var(&c.MemoryLimit, "memory-limit", "soft memory limit of the Go runtime (GOMEMLIMIT, when set, wins); 0 turns it off")
 	fs.IntVar(&c.GOGC, "gogc", 200, "Go garbage collector target percentage (GOGC, when set, wins); -1 turns the collector off below the memory limit")
+	fs.IntVar(&c.GOMAXPROCS, "gomaxprocs", 0, "processors the Go scheduler uses (GOMAXPROCS, when set, wins); 0: half of Go's default (the CPUs, or a container's CPU limit), at least 1")
 }
 
 // parseServe reads the serve flags from args and the environment and
@@ -247,6 +249,9 @@ func (c *serveConfig) validate() []error {
 	}
 	if c.GOGC < 1 && c.GOGC != -1 {
 		bad("--gogc %d must be positive, or -1 (off)", c.GOGC)
+	}
+	if c.GOMAXPROCS < 0 {
+		bad("--gomaxprocs %d must be positive, or 0 (half of Go's default)", c.GOMAXPROCS)
 	}
 	for name, d := range map[string]time.Duration{
 		"--lease": c.Lease, "--suspended-lease": c.SuspendedLease, "--lease-renewal": c.LeaseRenewal,

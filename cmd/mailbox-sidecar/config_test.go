@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"strings"
 	"testing"
@@ -28,7 +29,7 @@ func TestParseServeDefaults(t *testing.T) {
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
 		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" ||
-		c.MemoryLimit != 512<<20 || c.GOGC != 200 {
+		c.MemoryLimit != 512<<20 || c.GOGC != 200 || c.GOMAXPROCS != 0 {
 		t.Fatalf("defaults differ from the spec: %+v", c)
 	}
 }
@@ -43,6 +44,7 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 			"MAILBOX_SIDECAR_LOG_FORMAT":      "json",
 			"MAILBOX_SIDECAR_MAX_ATTEMPTS":    "7",
 			"MAILBOX_SIDECAR_GOGC":            "300",
+			"MAILBOX_SIDECAR_GOMAXPROCS":      "3",
 			"MAILBOX_SIDECAR_TEST_CLOCK_SKEW": "-90s",
 		}), io.Discard)
 	if err != nil {
@@ -54,7 +56,7 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 	if now := c.engineConfig(nil).Now(); now > time.Now().Add(-80*time.Second).UnixMilli() {
 		t.Fatalf("skewed engine clock reads %d", now)
 	}
-	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 || c.GOGC != 300 {
+	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 || c.GOGC != 300 || c.GOMAXPROCS != 3 {
 		t.Fatalf("parsed %+v", c)
 	}
 }
@@ -77,6 +79,7 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--log-format", "xml"}, nil, "--log-format"},
 		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
 		{[]string{"--gogc", "0"}, nil, "--gogc 0 must be positive"},
+		{[]string{"--gomaxprocs", "-2"}, nil, "--gomaxprocs -2 must be positive, or 0"},
 		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a memory limit"},
 		{[]string{"--gogc", "-1"}, map[string]string{"GOMEMLIMIT": "off"}, "needs a memory limit"},
 		{[]string{"--heartbeat", "1ms"}, nil, "below 10ms"},
@@ -209,5 +212,35 @@ func TestTuneRuntime(t *testing.T) {
 	tuneRuntime(cfg, env(map[string]string{"GOGC": "100", "GOMEMLIMIT": "1GiB"}))
 	if gc, limit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64); gc != 100 || limit != math.MaxInt64 {
 		t.Fatalf("with GOGC and GOMEMLIMIT set: GOGC %d, memory limit %d; want both left alone", gc, limit)
+	}
+}
+
+// --gomaxprocs: 0 is half of Go's default (at least 1), computed from the
+// default each time (a second sidecar in one process does not halve it
+// again); a number is taken as is; GOMAXPROCS in the environment wins.
+func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
+	t.Cleanup(runtime.SetDefaultGOMAXPROCS)
+	runtime.SetDefaultGOMAXPROCS()
+	def := runtime.GOMAXPROCS(0)
+	for range 2 {
+		runtime.GOMAXPROCS(4 * def) // as an earlier sidecar in the process, or anyone, may have left it
+		tuneRuntime(serveConfig{}, env(nil))
+		if got, want := runtime.GOMAXPROCS(0), max(1, def/2); got != want {
+			t.Fatalf("--gomaxprocs 0 with Go's default %d: GOMAXPROCS %d, want %d", def, got, want)
+		}
+	}
+	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(nil))
+	if got := runtime.GOMAXPROCS(0); got != 3 {
+		t.Fatalf("--gomaxprocs 3: GOMAXPROCS %d", got)
+	}
+	runtime.GOMAXPROCS(5)
+	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(map[string]string{"GOMAXPROCS": "5"}))
+	if got := runtime.GOMAXPROCS(0); got != 5 {
+		t.Fatalf("with GOMAXPROCS=5 in the environment: GOMAXPROCS %d, want it left alone", got)
+	}
+	for _, c := range []struct{ n, def, want int }{{0, 1, 1}, {0, 2, 1}, {0, 3, 1}, {0, 8, 4}, {0, 64, 32}, {2, 1, 2}, {7, 64, 7}} {
+		if got := gomaxprocs(c.n, c.def); got != c.want {
+			t.Errorf("gomaxprocs(%d, %d) = %d, want %d", c.n, c.def, got, c.want)
+		}
 	}
 }
