@@ -17,6 +17,9 @@ type storeMetrics struct {
 	commitsFailed *metrics.Counter
 	operations    *metrics.Counter
 	seconds       *metrics.PrometheusHistogram
+	// applySeconds is the part of seconds until Badger had applied the
+	// batch (its memtable and log writes), before the sync.
+	applySeconds *metrics.PrometheusHistogram
 	// writerReads counts the writer's point reads that no cache or
 	// pending batch answered: each walks Badger's memtables and levels.
 	writerReads *metrics.Counter
@@ -30,6 +33,7 @@ func newStoreMetrics() storeMetrics {
 		commitsFailed: set.NewCounter(`mailbox_store_commits_total{result="error"}`),
 		operations:    set.NewCounter(`mailbox_store_committed_operations_total`),
 		seconds:       set.NewPrometheusHistogram(`mailbox_store_commit_seconds`),
+		applySeconds:  set.NewPrometheusHistogram(`mailbox_store_commit_apply_seconds`),
 		writerReads:   set.NewCounter(`mailbox_store_writer_lsm_reads_total`),
 	}
 }
@@ -47,7 +51,9 @@ func (m *storeMetrics) committed(ops int, d time.Duration, err error) {
 
 // Metrics returns the store's metrics (the sidecar serves them on
 // /metrics): mailbox_store_commits_total{result},
-// mailbox_store_committed_operations_total, the histogram
-// mailbox_store_commit_seconds and mailbox_store_writer_lsm_reads_total
-// (the writer's point reads that its record cache did not answer).
+// mailbox_store_committed_operations_total, the histograms
+// mailbox_store_commit_seconds and mailbox_store_commit_apply_seconds (its
+// part until Badger had applied the batch, before the sync) and
+// mailbox_store_writer_lsm_reads_total (the writer's point reads that its
+// record cache did not answer).
 func (s *Store) Metrics() *metrics.Set { return s.metrics.set }

@@ -12,7 +12,8 @@ import (
 )
 
 // The store's metrics count each commit, the operations it carried and
-// its duration, in step with BatchStats.
+// its duration (and the part until Badger applied it), in step with
+// BatchStats.
 func TestMetricsCountCommitsAndOperations(t *testing.T) {
 	t.Parallel()
 	s := mustOpen(t, badgerstore.Options{Dir: t.TempDir()})
@@ -35,6 +36,7 @@ func TestMetricsCountCommitsAndOperations(t *testing.T) {
 		`mailbox_store_commits_total{result="ok"} ` + strconv.FormatUint(batches, 10),
 		`mailbox_store_committed_operations_total ` + strconv.FormatUint(ops, 10),
 		`mailbox_store_commit_seconds_count ` + strconv.FormatUint(batches, 10),
+		`mailbox_store_commit_apply_seconds_count ` + strconv.FormatUint(batches, 10),
 		`mailbox_store_commits_total{result="error"} 0`,
 	} {
 		if !strings.Contains(b.String(), want+"\n") {

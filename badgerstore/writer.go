@@ -699,6 +699,9 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 	sent := time.Now()
 	s.commitSince.Store(sent.UnixNano())
 	commit(func(cerr error) {
+		if cerr == nil {
+			s.metrics.applySeconds.Update(time.Since(sent).Seconds())
+		}
 		if cerr == nil && s.dur != nil {
 			// Applied: durable once its logs are synced (durable.go).
 			cerr = s.dur.afterCommit(reach)
