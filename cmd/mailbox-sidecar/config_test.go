@@ -203,7 +203,7 @@ func TestRunUsageAndVersion(t *testing.T) {
 // environment's GOGC and GOMEMLIMIT set them already.
 func TestTuneRuntime(t *testing.T) {
 	oldGC, oldLimit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64)
-	t.Cleanup(func() { debug.SetGCPercent(oldGC); debug.SetMemoryLimit(oldLimit) })
+	t.Cleanup(func() { debug.SetGCPercent(oldGC); debug.SetMemoryLimit(oldLimit); runtime.SetDefaultGOMAXPROCS() })
 	cfg := serveConfig{GOGC: 250, MemoryLimit: 300 << 20}
 	tuneRuntime(cfg, env(nil))
 	if gc, limit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64); gc != 250 || limit != 300<<20 {
