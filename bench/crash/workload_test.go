@@ -526,6 +526,15 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 		}
 		return true
 	})
+	if !finished && !reset && ctx.Err() == nil {
+		// The stream ended early. A kill under way counts only once the
+		// killer has reaped the process, which can come after this EOF
+		// (a request sent between the kill's two counts reads the first
+		// and can see the EOF before the second): give it time to count.
+		for deadline := time.Now().Add(5 * time.Second); w.rec.kills() == kills && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 	w.rec.mu.Lock()
 	defer w.rec.mu.Unlock()
 	if got != nil {
