@@ -2,16 +2,20 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 )
 
 // TestStartSidecarReleasesEverythingWhenAListenerFails starts a sidecar
@@ -78,11 +82,16 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			s, err = startSidecar(cfg, log)
+			var out syncbuf.Buffer
+			s, err = startSidecar(cfg, slog.New(slog.NewTextHandler(&out, nil)))
 			if err != nil {
 				t.Fatalf("a sidecar after the failed start: %v", err)
 			}
 			s.shutdown(time.Second)
+			// The startup line names the processors in use (--gomaxprocs).
+			if want := fmt.Sprintf("gomaxprocs=%d", runtime.GOMAXPROCS(0)); !strings.Contains(out.String(), want) {
+				t.Errorf("the log lacks %q:\n%s", want, out.String())
+			}
 			for _, p := range []string{n.api, n.agent} {
 				if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
 					t.Errorf("%s left behind by a clean shutdown (lstat: %v)", filepath.Base(p), err)
