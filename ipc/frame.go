@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/bits"
 	"net"
+	"runtime"
 	"sync"
 	"unicode/utf8"
 
@@ -348,16 +349,33 @@ type WriterConfig struct {
 
 // Writer writes frames to a byte stream. It is safe for concurrent use: the
 // runs sharing a connection write through one Writer, and each frame goes
-// out whole. Frames are not buffered across calls, so there is nothing to
-// flush.
+// out whole, in the order the calls took their turn. WriteFrame returns once
+// its frame is written (or the write failed), so there is nothing to flush.
+//
+// Frames of concurrent callers are grouped. A call that finds no write in
+// progress leads: it lets the goroutines that are ready to run go first
+// (runtime.Gosched, about 0.1 µs when there are none), so that frames they
+// write meanwhile join its own, then writes every waiting frame with one
+// Write. A call that finds a write in progress adds its frame to the next
+// group and waits; when the write ends, one of the waiting calls leads the
+// next group. Under load one system call carries many frames
+// (BenchmarkFramesOverUnixSocketConcurrent reports writes/frame); alone, a
+// frame costs one Write, as it would without grouping.
 type Writer struct {
 	maxFrame uint32
+	bufSize  int
 
-	mu  sync.Mutex // guards the fields below and serialises writes to w
-	w   io.Writer
-	buf []byte           // frame assembly buffer; cap = BufferSize
-	hdr [HeaderSize]byte // header of a frame too large for buf
-	err error            // first write error; returned by every later call
+	mu      sync.Mutex // guards the fields below
+	turn    sync.Cond  // on mu: broadcast when a write ends
+	w       io.Writer
+	fill    []byte // frames waiting for the next write, whole, in order
+	frames  int    // how many frames fill holds
+	spare   []byte // the buffer of the last write, for reuse
+	taken   uint64 // groups taken for writing; fill is group taken+1
+	written uint64 // groups written
+	writing bool   // a leader is writing, or gathering before it writes
+	hdr     [HeaderSize]byte
+	err     error // first write error; returned by every later call
 }
 
 // NewWriter returns a Writer over w.
@@ -368,14 +386,15 @@ func NewWriter(w io.Writer, cfg WriterConfig) *Writer {
 	if cfg.BufferSize < HeaderSize {
 		cfg.BufferSize = defaultWriteBuffer
 	}
-	return &Writer{maxFrame: cfg.MaxFrame, w: w, buf: make([]byte, 0, cfg.BufferSize)}
+	wr := &Writer{maxFrame: cfg.MaxFrame, bufSize: cfg.BufferSize, w: w, fill: make([]byte, 0, cfg.BufferSize)}
+	wr.turn.L = &wr.mu
+	return wr
 }
 
-// WriteFrame writes one frame with one Write call to the underlying writer
-// (one writev for frames larger than the buffer, when the writer is a
-// socket). It refuses an unknown type (ErrUnknownType) and a payload above
-// MaxFrame (ErrFrameTooLarge) without writing anything; it does not check
-// JSON payloads (see CheckPayload). A failed write leaves the stream
+// WriteFrame writes one frame, grouped with the frames of concurrent calls
+// (see Writer). It refuses an unknown type (ErrUnknownType) and a payload
+// above MaxFrame (ErrFrameTooLarge) without writing anything; it does not
+// check JSON payloads (see CheckPayload). A failed write leaves the stream
 // unusable, so it is final: every later call returns the same error.
 func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload []byte) error {
 	if !typ.Known() {
@@ -387,24 +406,86 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 	h := Header{Length: uint32(len(payload)), Type: typ, Flags: flags, Stream: stream}
 
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	if w.err != nil {
-		return w.err
+		err := w.err
+		w.mu.Unlock()
+		return err
 	}
-	var err error
-	if n := HeaderSize + len(payload); n <= cap(w.buf) {
-		b := w.buf[:n]
-		h.Encode((*[HeaderSize]byte)(b))
-		copy(b[HeaderSize:], payload)
-		_, err = w.w.Write(b)
-	} else {
+	if !w.writing && len(w.fill) == 0 && HeaderSize+len(payload) > w.bufSize {
+		// A large frame with nothing else waiting goes out as it is (a
+		// writev on sockets), not copied.
+		w.writing = true
+		w.taken++
+		group := w.taken
+		w.mu.Unlock()
 		h.Encode(&w.hdr)
 		bufs := net.Buffers{w.hdr[:], payload}
-		_, err = bufs.WriteTo(w.w)
+		_, err := bufs.WriteTo(w.w)
+		w.mu.Lock()
+		return w.ended(group, err, 1, typ, stream)
 	}
-	if err != nil {
-		w.err = fmt.Errorf("ipc: write %s frame on stream %d: %w", typ, stream, err)
-		return w.err
+	var hdr [HeaderSize]byte
+	h.Encode(&hdr)
+	w.fill = append(append(w.fill, hdr[:]...), payload...)
+	w.frames++
+	group := w.taken + 1
+	if w.writing {
+		// Written by whoever leads this group: wait for it, or lead it
+		// once the write before it ended.
+		for w.written < group && w.err == nil {
+			if !w.writing {
+				return w.lead(typ, stream)
+			}
+			w.turn.Wait()
+		}
+		var err error
+		if w.written < group {
+			err = w.err
+		}
+		w.mu.Unlock()
+		return err
 	}
-	return nil
+	w.writing = true
+	w.mu.Unlock()
+	// Let the goroutines that are ready run first: the frames they write
+	// now join this group.
+	runtime.Gosched()
+	w.mu.Lock()
+	return w.lead(typ, stream)
+}
+
+// lead writes the waiting frames, the caller's among them, and ends the
+// turn. Called with w.mu held and w.writing set; it unlocks.
+func (w *Writer) lead(typ FrameType, stream uint64) error {
+	w.writing = true
+	buf, frames := w.fill, w.frames
+	w.fill, w.frames, w.spare = w.spare[:0], 0, nil
+	w.taken++
+	group := w.taken
+	w.mu.Unlock()
+	_, err := w.w.Write(buf)
+	w.mu.Lock()
+	if cap(buf) <= 4*w.bufSize {
+		w.spare = buf[:0]
+	}
+	return w.ended(group, err, frames, typ, stream)
+}
+
+// ended records the end of a group's write and wakes the waiting calls;
+// it unlocks w.mu and returns the group's error.
+func (w *Writer) ended(group uint64, err error, frames int, typ FrameType, stream uint64) error {
+	if err != nil && w.err == nil {
+		w.err = fmt.Errorf("ipc: write %s frame on stream %d (%d frames in the write): %w", typ, stream, frames, err)
+	}
+	if w.err == nil {
+		w.written = group
+	}
+	w.writing = false
+	w.turn.Broadcast()
+	err = nil
+	if w.written < group {
+		err = w.err
+	}
+	w.mu.Unlock()
+	return err
 }

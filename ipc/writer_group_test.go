@@ -1,0 +1,168 @@
+package ipc
+
+import (
+	"bytes"
+	"errors"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+)
+
+// gateWriter records every Write; the first one blocks until release is
+// closed and then returns firstErr.
+type gateWriter struct {
+	entered  chan struct{}
+	release  chan struct{}
+	firstErr error
+
+	mu     sync.Mutex
+	writes [][]byte
+}
+
+func newGateWriter(firstErr error) *gateWriter {
+	return &gateWriter{entered: make(chan struct{}), release: make(chan struct{}), firstErr: firstErr}
+}
+
+func (g *gateWriter) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	g.writes = append(g.writes, bytes.Clone(p))
+	first := len(g.writes) == 1
+	g.mu.Unlock()
+	if first {
+		close(g.entered)
+		<-g.release
+		if g.firstErr != nil {
+			return 0, g.firstErr
+		}
+	}
+	return len(p), nil
+}
+
+func (g *gateWriter) written() [][]byte {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.writes
+}
+
+// waitQueued waits until n frames wait for the next write.
+func waitQueued(t *testing.T, w *Writer, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		w.mu.Lock()
+		got := w.frames
+		w.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d frames queued, want %d", got, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestWriterGroupsFramesWhileWriting: frames written while a Write is in
+// progress go out together, in the order they were queued, in the next
+// Write; each call returns only once its frame is written.
+func TestWriterGroupsFramesWhileWriting(t *testing.T) {
+	t.Parallel()
+	gw := newGateWriter(nil)
+	w := NewWriter(gw, WriterConfig{})
+	errs := make(chan error, 8)
+	go func() { errs <- w.WriteFrame(TypeEvent, 0, 1, []byte(`{"n":1}`)) }()
+	<-gw.entered
+	const followers = 5
+	for i := range followers {
+		go func() { errs <- w.WriteFrame(TypeEvent, 0, uint64(i+2), []byte(`{"n":2}`)) }()
+		waitQueued(t, w, i+1) // one at a time: the order is known
+	}
+	select {
+	case err := <-errs:
+		t.Fatalf("a call returned (%v) before its frame was written", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(gw.release)
+	for range followers + 1 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	writes := gw.written()
+	if len(writes) != 2 {
+		t.Fatalf("%d writes, want 2: the first frame, then the %d frames queued meanwhile", len(writes), followers)
+	}
+	if want := AppendFrame(nil, TypeEvent, 0, 1, []byte(`{"n":1}`)); !bytes.Equal(writes[0], want) {
+		t.Fatalf("first write %q, want %q", writes[0], want)
+	}
+	var want []byte
+	for i := range followers {
+		want = AppendFrame(want, TypeEvent, 0, uint64(i+2), []byte(`{"n":2}`))
+	}
+	if !bytes.Equal(writes[1], want) {
+		t.Fatalf("second write %q, want %q", writes[1], want)
+	}
+}
+
+// TestWriterGroupFailsWithItsWrite: when a Write fails, the calls whose
+// frames were waiting for the next one fail with the same error, and their
+// frames are never written.
+func TestWriterGroupFailsWithItsWrite(t *testing.T) {
+	t.Parallel()
+	boom := errors.New("boom")
+	gw := newGateWriter(boom)
+	w := NewWriter(gw, WriterConfig{})
+	first := make(chan error, 1)
+	go func() { first <- w.WriteFrame(TypeEvent, 0, 1, []byte(`{}`)) }()
+	<-gw.entered
+	const followers = 3
+	errs := make(chan error, followers)
+	for i := range followers {
+		go func() { errs <- w.WriteFrame(TypeEvent, 0, uint64(i+2), []byte(`{}`)) }()
+	}
+	waitQueued(t, w, followers)
+	close(gw.release)
+	if err := <-first; !errors.Is(err, boom) {
+		t.Fatalf("leader: %v, want boom", err)
+	}
+	for range followers {
+		if err := <-errs; !errors.Is(err, boom) {
+			t.Fatalf("waiting call: %v, want boom", err)
+		}
+	}
+	if err := w.WriteFrame(TypePing, 0, 0, make([]byte, PingSize)); !errors.Is(err, boom) {
+		t.Fatalf("later call: %v, want boom", err)
+	}
+	if n := len(gw.written()); n != 1 {
+		t.Fatalf("%d writes, want 1: frames queued behind a failed write are not written", n)
+	}
+}
+
+// TestWriterLeaderLetsReadyGoroutinesJoin: with one processor, goroutines
+// that are ready when a call leads write their frames into its group (it
+// yields before writing), so far fewer Writes than frames reach the stream.
+func TestWriterLeaderLetsReadyGoroutinesJoin(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	cw := &countingWriter{}
+	w := NewWriter(cw, WriterConfig{})
+	const writers = 16
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range writers {
+		wg.Go(func() {
+			<-start
+			if err := w.WriteFrame(TypeEvent, 0, uint64(i+1), []byte(`{}`)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	if cw.writes > writers/4 {
+		t.Fatalf("%d writes for %d frames written at once, want at most %d", cw.writes, writers, writers/4)
+	}
+	if cw.buf.Len() != writers*(HeaderSize+2) {
+		t.Fatalf("%d bytes written, want %d", cw.buf.Len(), writers*(HeaderSize+2))
+	}
+}
