@@ -567,3 +567,28 @@ func TestGCBoundCountsEveryOlderValueLogFile(t *testing.T) {
 		t.Fatalf("GC bound %d (%v), want at least %d: the older files count", bound, err, want)
 	}
 }
+
+// A batch that writes nothing (here a claim of a thread without work) is
+// answered without a log sync; one that writes is synced.
+func TestBatchWithoutWritesIsNotSynced(t *testing.T) {
+	s, l := openSynced(t, Options{Dir: t.TempDir()})
+	ctx := context.Background()
+	l.take()
+	for range 3 {
+		d, err := s.Claim(ctx, "idle-thread", "c", time.Minute, 1)
+		if err != nil || d != nil {
+			t.Fatalf("claim of an idle thread: %v %v", d, err)
+		}
+	}
+	if names := l.take(); len(names) != 0 {
+		t.Fatalf("claims that wrote nothing synced %v", names)
+	}
+	createRun(t, s, "r1", 10)
+	synced := false
+	for _, name := range l.take() {
+		synced = synced || strings.HasSuffix(name, memExt)
+	}
+	if !synced {
+		t.Fatal("a write was answered without a memtable log sync")
+	}
+}

@@ -105,6 +105,9 @@ func (ws *writeSet) put(f kvWrite) {
 	ws.m[f.k] = f
 }
 
+// empty reports whether the set holds no write.
+func (ws *writeSet) empty() bool { return ws == nil || len(ws.m) == 0 }
+
 func (ws *writeSet) reset() {
 	clear(ws.m)
 	ws.keys = ws.keys[:0]
@@ -702,8 +705,11 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 		if cerr == nil {
 			s.metrics.applySeconds.Update(time.Since(sent).Seconds())
 		}
-		if cerr == nil && s.dur != nil {
-			// Applied: durable once its logs are synced (durable.go).
+		if cerr == nil && s.dur != nil && !fl.writes.empty() {
+			// Applied: durable once its logs are synced (durable.go). A
+			// batch that wrote nothing (a claim that found no work, say)
+			// has nothing to sync: it read only durable data, since it
+			// was sent once the batch before it was durable.
 			cerr = s.dur.afterCommit(reach)
 		}
 		s.commitSince.Store(0)
