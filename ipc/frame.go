@@ -354,13 +354,16 @@ type WriterConfig struct {
 //
 // Frames of concurrent callers are grouped. A call that finds no write in
 // progress leads: it lets the goroutines that are ready to run go first
-// (runtime.Gosched, about 0.1 µs when there are none), so that frames they
-// write meanwhile join its own, then writes every waiting frame with one
-// Write. A call that finds a write in progress adds its frame to the next
-// group and waits; when the write ends, one of the waiting calls leads the
-// next group. Under load one system call carries many frames
-// (BenchmarkFramesOverUnixSocketConcurrent reports writes/frame); alone, a
-// frame costs one Write, as it would without grouping.
+// (runtime.Gosched), so that frames they write meanwhile join its own,
+// then writes every waiting frame with one Write. A yield that gathers no
+// other frame makes the next leads skip it, for longer after each (see
+// adaptYield): alone, or next to goroutines that compute without
+// blocking, a writer seldom yields. A call that finds a write in progress
+// adds its frame to the next group and waits; when the write ends, one of
+// the waiting calls leads the next group. Under load one system call
+// carries many frames (BenchmarkFramesOverUnixSocketConcurrent reports
+// writes/frame); alone, a frame costs one Write, as it would without
+// grouping.
 type Writer struct {
 	maxFrame uint32
 	bufSize  int
@@ -374,8 +377,11 @@ type Writer struct {
 	taken   uint64 // groups taken for writing; fill is group taken+1
 	written uint64 // groups written
 	writing bool   // a leader is writing, or gathering before it writes
-	hdr     [HeaderSize]byte
-	err     error // first write error; returned by every later call
+	// yieldSkip is how many of the next leads write at once, without
+	// yielding first; yieldBackoff the last such count (adaptYield).
+	yieldSkip, yieldBackoff int
+	hdr                     [HeaderSize]byte
+	err                     error // first write error; returned by every later call
 }
 
 // NewWriter returns a Writer over w.
@@ -446,12 +452,42 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 		return err
 	}
 	w.writing = true
+	yield := w.yieldSkip == 0
+	if !yield {
+		w.yieldSkip--
+	}
 	w.mu.Unlock()
-	// Let the goroutines that are ready run first: the frames they write
-	// now join this group.
-	runtime.Gosched()
+	if yield {
+		// Let the goroutines that are ready run first: the frames they
+		// write now join this group.
+		gosched()
+	}
 	w.mu.Lock()
+	if yield {
+		w.adaptYield(w.frames > 1)
+	}
 	return w.lead(typ, stream)
+}
+
+// gosched is runtime.Gosched (a variable for tests).
+var gosched = runtime.Gosched
+
+// maxYieldSkip bounds how many leads in a row skip the yield.
+const maxYieldSkip = 1024
+
+// adaptYield records whether a lead's yield gathered other frames. A
+// yield that gathered none is skipped by the next leads, twice as many
+// after each such yield in a row (up to maxYieldSkip): a writer alone, or
+// one sharing its processor with goroutines that compute without
+// blocking (which a yield would wait for, up to a scheduler time slice),
+// pays it rarely. One that gathered frames keeps every lead yielding.
+func (w *Writer) adaptYield(gathered bool) {
+	if gathered {
+		w.yieldBackoff = 0
+		return
+	}
+	w.yieldBackoff = min(max(2*w.yieldBackoff, 1), maxYieldSkip)
+	w.yieldSkip = w.yieldBackoff
 }
 
 // lead writes the waiting frames, the caller's among them, and ends the

@@ -3,6 +3,7 @@ package ipc
 import (
 	"bytes"
 	"errors"
+	"io"
 	"runtime"
 	"sync"
 	"testing"
@@ -164,5 +165,29 @@ func TestWriterLeaderLetsReadyGoroutinesJoin(t *testing.T) {
 	}
 	if cw.buf.Len() != writers*(HeaderSize+2) {
 		t.Fatalf("%d bytes written, want %d", cw.buf.Len(), writers*(HeaderSize+2))
+	}
+}
+
+// TestWriterAloneSeldomYields: a yield that gathers no other frame is
+// skipped by the next leads, twice as many after each, so a writer alone
+// yields about log2(maxYieldSkip) times and then once per maxYieldSkip
+// frames (a goroutine that computes without blocking would otherwise
+// delay each of its frames by a scheduler time slice).
+func TestWriterAloneSeldomYields(t *testing.T) {
+	var yields int
+	gosched = func() { yields++ }
+	defer func() { gosched = runtime.Gosched }()
+	w := NewWriter(io.Discard, WriterConfig{})
+	const frames = 10_000
+	for range frames {
+		if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if want := 11 + frames/maxYieldSkip; yields > want {
+		t.Fatalf("%d yields for %d frames written alone, want at most %d", yields, frames, want)
+	}
+	if yields == 0 {
+		t.Fatal("no yield at all: a writer alone never finds out whether others would join")
 	}
 }
