@@ -135,12 +135,14 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 
 	var latest *RunRecord  // the thread's latest run, when already read
 	var knownCount *uint64 // the thread's message count, when already read
+	implicit := false      // continuing a waiting run the request did not name
 	if strings.TrimSpace(r.ContinueRunID) == "" && strings.TrimSpace(r.RunIDHint) == "" {
 		waiting, l, n, err := m.reusableWaitingRunAndLatest(ctx, thread)
 		if err != nil {
 			return "", Dispatch{}, err
 		}
 		r.ContinueRunID, latest, knownCount = waiting, l, &n
+		implicit = waiting != ""
 	}
 	runID := strings.TrimSpace(r.ContinueRunID)
 	if runID == "" {
@@ -199,6 +201,20 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		}
 		run, err := m.runForDispatch(ctx, r, runID, fresh, snapshot, input, latest)
 		latest = nil // a retry reads afresh
+		if implicit && errors.Is(err, ErrValidation) {
+			// The waiting run chosen above is no longer open for
+			// dispatch: since it was read, a dispatch of it was queued
+			// or started (another sidecar sharing the store continued
+			// it). The request named no run, so it gets one of its own,
+			// as it would have had it seen that dispatch.
+			implicit, fresh = false, true
+			runID = newID()
+			r.ContinueRunID, r.RunIDHint, minted.RunID = "", runID, true
+			if extras, err = json.Marshal(extrasOf(r)); err != nil {
+				return "", Dispatch{}, fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
+			}
+			continue
+		}
 		if err != nil {
 			return "", Dispatch{}, err
 		}
