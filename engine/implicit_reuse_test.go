@@ -26,11 +26,12 @@ func (s *staleDispatchRead) LoadDispatch(ctx context.Context, id string) (*engin
 
 // A message that names no run continues the thread's waiting run only
 // while no dispatch of that run is pending. When the run turns out, as
-// the run is written, to have a pending dispatch after all (another
-// sidecar sharing the store continued it between the two reads), the
-// message gets a run of its own instead of the validation error a hint
-// naming that run gets. The crash harness found it: with the NATS store
-// a live message was answered 400 "run_id … is not open for dispatch".
+// it is written, to have a pending dispatch after all (a writer outside
+// the thread's lock continued it between the two reads; here a stale
+// read stands for it), the message gets a run of its own instead of the
+// validation error a hint naming that run gets. The crash harness found
+// it: with the NATS store a live message was answered 400 "run_id … is
+// not open for dispatch".
 func TestMessageRacingAContinuationGetsARunOfItsOwn(t *testing.T) {
 	stale := &staleDispatchRead{}
 	r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { stale.Store = s; return stale })

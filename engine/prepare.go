@@ -203,10 +203,11 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		latest = nil // a retry reads afresh
 		if implicit && errors.Is(err, ErrValidation) {
 			// The waiting run chosen above is no longer open for
-			// dispatch: since it was read, a dispatch of it was queued
-			// or started (another sidecar sharing the store continued
-			// it). The request named no run, so it gets one of its own,
-			// as it would have had it seen that dispatch.
+			// dispatch: since it was read, a dispatch of it is pending
+			// or the run moved on (a writer outside this thread's lock:
+			// another sidecar sharing the store, say). The request named
+			// no run, so it gets one of its own, as it would have had it
+			// read that state.
 			implicit, fresh = false, true
 			runID = newID()
 			r.ContinueRunID, r.RunIDHint, minted.RunID = "", runID, true
