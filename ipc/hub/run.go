@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -250,18 +249,6 @@ func (st *stream) end() []control {
 	return left
 }
 
-// runPayload is a RUN.
-type runPayload struct {
-	DispatchID string               `json:"dispatch_id"`
-	RunID      string               `json:"run_id"`
-	ThreadID   string               `json:"thread_id"`
-	AgentID    string               `json:"agent_id"`
-	SessionID  string               `json:"session_id"`
-	Attempt    uint32               `json:"attempt"`
-	Request    runInput             `json:"request"`
-	Context    engine.ThreadContext `json:"context"`
-}
-
 type runInput struct {
 	Messages           []engine.Message  `json:"messages"`
 	RunMode            string            `json:"run_mode"`
@@ -274,30 +261,6 @@ type runInput struct {
 	FrontendTools      json.RawMessage   `json:"frontend_tools,omitempty"`
 	Overrides          json.RawMessage   `json:"overrides,omitempty"`
 	Traceparent        string            `json:"traceparent,omitempty"`
-}
-
-// encodeRun builds the RUN payload of req. Origins go on the wire in
-// lower case (user, a2a, internal), as the protocol spells them.
-func encodeRun(req *engine.RunRequest) ([]byte, error) {
-	msgs := req.Messages
-	if msgs == nil {
-		msgs = []engine.Message{}
-	}
-	ctx := req.Context
-	if ctx.Messages == nil {
-		ctx.Messages = []engine.MessageRecord{}
-	}
-	return json.Marshal(runPayload{
-		DispatchID: req.DispatchID, RunID: req.RunID, ThreadID: req.ThreadID, AgentID: req.AgentID,
-		SessionID: req.SessionID, Attempt: req.Attempt,
-		Request: runInput{
-			Messages: msgs, RunMode: req.RunMode, Origin: strings.ToLower(req.Origin),
-			ContinueRunID: req.ContinueRunID, ParentRunID: req.ParentRunID, ParentThreadID: req.ParentThreadID,
-			TransportRequestID: req.TransportRequestID, Decisions: req.Decisions,
-			FrontendTools: req.FrontendTools, Overrides: req.Overrides, Traceparent: req.Traceparent,
-		},
-		Context: ctx,
-	})
 }
 
 // Run executes one attempt on a connected agent (engine.Executor): it
@@ -314,7 +277,7 @@ func (h *Hub) Run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 }
 
 func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-	payload, err := encodeRun(req)
+	payload, err := encodeRun(getRunBuf(), req, h.msgs)
 	if err != nil {
 		return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "invalid_request", Error: fmt.Sprintf("encode RUN: %v", err)}
 	}
@@ -363,6 +326,7 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 			c.fail(err, ipc.Status{})
 			continue
 		}
+		putRunBuf(payload) // written: the agent has it
 		return c.drive(ctx, st, req)
 	}
 }
