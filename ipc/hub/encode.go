@@ -177,20 +177,7 @@ func putRunBuf(b []byte) {
 // in lower case (user, a2a, internal), as the protocol spells them. The
 // context's messages come from cache when it has them (nil: none).
 func encodeRun(dst []byte, req *engine.RunRequest, cache *msgCache) ([]byte, error) {
-	msgs := req.Messages
-	if msgs == nil {
-		msgs = []engine.Message{}
-	}
-	head, err := json.Marshal(runHead{
-		DispatchID: req.DispatchID, RunID: req.RunID, ThreadID: req.ThreadID, AgentID: req.AgentID,
-		SessionID: req.SessionID, Attempt: req.Attempt,
-		Request: runInput{
-			Messages: msgs, RunMode: req.RunMode, Origin: strings.ToLower(req.Origin),
-			ContinueRunID: req.ContinueRunID, ParentRunID: req.ParentRunID, ParentThreadID: req.ParentThreadID,
-			TransportRequestID: req.TransportRequestID, Decisions: req.Decisions,
-			FrontendTools: req.FrontendTools, Overrides: req.Overrides, Traceparent: req.Traceparent,
-		},
-	})
+	head, err := json.Marshal(headOf(req))
 	if err != nil {
 		return nil, err
 	}
@@ -208,6 +195,24 @@ func encodeRun(dst []byte, req *engine.RunRequest, cache *msgCache) ([]byte, err
 	out = append(out, ',')
 	out = append(out, tail[1:]...)
 	return append(out, '}'), nil
+}
+
+// headOf is the RUN payload of req without its context.
+func headOf(req *engine.RunRequest) runHead {
+	msgs := req.Messages
+	if msgs == nil {
+		msgs = []engine.Message{}
+	}
+	return runHead{
+		DispatchID: req.DispatchID, RunID: req.RunID, ThreadID: req.ThreadID, AgentID: req.AgentID,
+		SessionID: req.SessionID, Attempt: req.Attempt,
+		Request: runInput{
+			Messages: msgs, RunMode: req.RunMode, Origin: strings.ToLower(req.Origin),
+			ContinueRunID: req.ContinueRunID, ParentRunID: req.ParentRunID, ParentThreadID: req.ParentThreadID,
+			TransportRequestID: req.TransportRequestID, Decisions: req.Decisions,
+			FrontendTools: req.FrontendTools, Overrides: req.Overrides, Traceparent: req.Traceparent,
+		},
+	}
 }
 
 // contextSizeHint estimates the JSON of msgs (to size the payload once).

@@ -20,24 +20,11 @@ type plainRun struct {
 
 func plainEncode(t *testing.T, req *engine.RunRequest) []byte {
 	t.Helper()
-	msgs := req.Messages
-	if msgs == nil {
-		msgs = []engine.Message{}
-	}
 	ctx := req.Context
 	if ctx.Messages == nil {
 		ctx.Messages = []engine.MessageRecord{}
 	}
-	b, err := json.Marshal(plainRun{runHead: runHead{
-		DispatchID: req.DispatchID, RunID: req.RunID, ThreadID: req.ThreadID, AgentID: req.AgentID,
-		SessionID: req.SessionID, Attempt: req.Attempt,
-		Request: runInput{
-			Messages: msgs, RunMode: req.RunMode, Origin: strings.ToLower(req.Origin),
-			ContinueRunID: req.ContinueRunID, ParentRunID: req.ParentRunID, ParentThreadID: req.ParentThreadID,
-			TransportRequestID: req.TransportRequestID, Decisions: req.Decisions,
-			FrontendTools: req.FrontendTools, Overrides: req.Overrides, Traceparent: req.Traceparent,
-		},
-	}, Context: ctx})
+	b, err := json.Marshal(plainRun{runHead: headOf(req), Context: ctx})
 	if err != nil {
 		t.Fatal(err)
 	}
