@@ -345,6 +345,15 @@ type WriterConfig struct {
 	// so that header and payload go out in one Write. Larger frames are
 	// written with net.Buffers (writev on sockets). Default 16 KiB.
 	BufferSize int
+	// Yield makes a call that leads the write of a run's bulk frame
+	// (RUN, EVENT, CHECKPOINT, CHECKPOINT_ACK, FINISH, SUBMIT,
+	// SUBMIT_RESULT) yield first, so that frames goroutines ready to run
+	// write meanwhile go out in the same Write (see Writer): fewer system
+	// calls when many runs write, at the price of waiting, now and then,
+	// for goroutines that compute without blocking. Control frames
+	// (commands and their acks, PING, PONG, ERROR, GOAWAY, the handshake)
+	// never wait for a yield. The agent SDK and the sidecar's hub set it.
+	Yield bool
 }
 
 // Writer writes frames to a byte stream. It is safe for concurrent use: the
@@ -353,9 +362,10 @@ type WriterConfig struct {
 // its frame is written (or the write failed), so there is nothing to flush.
 //
 // Frames of concurrent callers are grouped. A call that finds no write in
-// progress leads: it lets the goroutines that are ready to run go first
-// (runtime.Gosched), so that frames they write meanwhile join its own,
-// then writes every waiting frame with one Write. A yield that gathers no
+// progress leads: with WriterConfig.Yield, for a run's bulk frame, it lets
+// the goroutines that are ready to run go first (runtime.Gosched), so
+// that frames they write meanwhile join its own; then it writes every
+// waiting frame with one Write. A yield that gathers no
 // other frame makes the next leads skip it, for longer after each (see
 // adaptYield): alone, or next to goroutines that compute without
 // blocking, a writer seldom yields. A call that finds a write in progress
@@ -367,6 +377,7 @@ type WriterConfig struct {
 type Writer struct {
 	maxFrame uint32
 	bufSize  int
+	yield    bool // WriterConfig.Yield
 
 	mu      sync.Mutex // guards the fields below
 	turn    sync.Cond  // on mu: broadcast when a write ends
@@ -392,7 +403,7 @@ func NewWriter(w io.Writer, cfg WriterConfig) *Writer {
 	if cfg.BufferSize < HeaderSize {
 		cfg.BufferSize = defaultWriteBuffer
 	}
-	wr := &Writer{maxFrame: cfg.MaxFrame, bufSize: cfg.BufferSize, w: w, fill: make([]byte, 0, cfg.BufferSize)}
+	wr := &Writer{maxFrame: cfg.MaxFrame, bufSize: cfg.BufferSize, yield: cfg.Yield, w: w, fill: make([]byte, 0, cfg.BufferSize)}
 	wr.turn.L = &wr.mu
 	return wr
 }
@@ -452,8 +463,9 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 		return err
 	}
 	w.writing = true
-	yield := w.yieldSkip == 0
-	if !yield {
+	bulk := w.yield && typ.bulk()
+	yield := bulk && w.yieldSkip == 0
+	if bulk && !yield {
 		w.yieldSkip--
 	}
 	w.mu.Unlock()
@@ -467,6 +479,16 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 		w.adaptYield(w.frames > 1)
 	}
 	return w.lead(typ, stream)
+}
+
+// bulk reports whether frames of type t carry a run's work, which can
+// wait for a yield (WriterConfig.Yield), rather than control it.
+func (t FrameType) bulk() bool {
+	switch t {
+	case TypeRun, TypeEvent, TypeCheckpoint, TypeCheckpointAck, TypeFinish, TypeSubmit, TypeSubmitResult:
+		return true
+	}
+	return false
 }
 
 // gosched is runtime.Gosched (a variable for tests).

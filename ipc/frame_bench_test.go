@@ -143,7 +143,7 @@ func framesOverUnixSocket(b *testing.B, writers int) *countingConn {
 	client, server := unixPair(b)
 	cc := &countingConn{Conn: client}
 	payload := eventPayload(benchPayloadSize)
-	w := NewWriter(cc, WriterConfig{})
+	w := NewWriter(cc, WriterConfig{Yield: true}) // as the agent SDK's
 	r := NewReader(server, ReaderConfig{})
 	b.SetBytes(int64(HeaderSize + len(payload)))
 	b.ReportAllocs()

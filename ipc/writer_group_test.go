@@ -146,7 +146,7 @@ func TestWriterGroupFailsWithItsWrite(t *testing.T) {
 func TestWriterLeaderLetsReadyGoroutinesJoin(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	cw := &countingWriter{}
-	w := NewWriter(cw, WriterConfig{})
+	w := NewWriter(cw, WriterConfig{Yield: true})
 	const writers = 16
 	start := make(chan struct{})
 	var wg sync.WaitGroup
@@ -177,7 +177,7 @@ func TestWriterAloneSeldomYields(t *testing.T) {
 	var yields int
 	gosched = func() { yields++ }
 	defer func() { gosched = runtime.Gosched }()
-	w := NewWriter(io.Discard, WriterConfig{})
+	w := NewWriter(io.Discard, WriterConfig{Yield: true})
 	const frames = 10_000
 	for range frames {
 		if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{}`)); err != nil {
@@ -189,5 +189,49 @@ func TestWriterAloneSeldomYields(t *testing.T) {
 	}
 	if yields == 0 {
 		t.Fatal("no yield at all: a writer alone never finds out whether others would join")
+	}
+}
+
+// Without WriterConfig.Yield a lead never yields (frames written while a
+// write is in progress are still grouped).
+func TestWriterWithoutYieldNeverYields(t *testing.T) {
+	var yields int
+	gosched = func() { yields++ }
+	defer func() { gosched = runtime.Gosched }()
+	w := NewWriter(io.Discard, WriterConfig{})
+	for range 100 {
+		if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if yields != 0 {
+		t.Fatalf("%d yields without WriterConfig.Yield", yields)
+	}
+}
+
+// Control frames never wait for a yield, even with WriterConfig.Yield:
+// a CANCEL must not wait behind goroutines that compute.
+func TestWriterControlFramesDoNotYield(t *testing.T) {
+	var yields int
+	gosched = func() { yields++ }
+	defer func() { gosched = runtime.Gosched }()
+	w := NewWriter(io.Discard, WriterConfig{Yield: true})
+	for _, typ := range []FrameType{TypeCancel, TypeMessages, TypeDecision, TypeCommandAck, TypePing, TypePong, TypeError, TypeGoAway} {
+		payload := []byte(`{}`)
+		if typ == TypePing || typ == TypePong {
+			payload = make([]byte, PingSize)
+		}
+		if err := w.WriteFrame(typ, 0, 1, payload); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if yields != 0 {
+		t.Fatalf("%d yields for control frames", yields)
+	}
+	if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	if yields != 1 {
+		t.Fatalf("%d yields for an event after control frames, want 1", yields)
 	}
 }

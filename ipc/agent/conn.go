@@ -104,7 +104,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		client:    c,
 		nc:        nc,
 		r:         ipc.NewReader(nc, ipc.ReaderConfig{MaxFrame: max(welcome.MaxFrame, ipc.DefaultMaxFrame)}),
-		w:         ipc.NewWriter(deadlineWriter{nc: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: welcome.MaxFrame}),
+		w:         ipc.NewWriter(deadlineWriter{nc: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: welcome.MaxFrame, Yield: true}),
 		wtimeout:  wtimeout,
 		heartbeat: hb,
 		base:      context.WithoutCancel(ctx),

@@ -128,7 +128,7 @@ func (h *Hub) serveConn(nc net.Conn) {
 func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error) {
 	wtimeout := new(atomic.Int64)
 	wtimeout.Store(int64(max(3*h.cfg.Heartbeat, time.Second)))
-	w := ipc.NewWriter(deadlineConn{Conn: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: h.cfg.MaxFrame})
+	w := ipc.NewWriter(deadlineConn{Conn: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: h.cfg.MaxFrame, Yield: true})
 	refuse := func(code string, err error) error {
 		if p, merr := json.Marshal(ipc.Status{Code: code, Message: err.Error()}); merr == nil {
 			_ = w.WriteFrame(ipc.TypeError, 0, 0, p)
