@@ -370,10 +370,11 @@ type WriterConfig struct {
 // adaptYield): alone, or next to goroutines that compute without
 // blocking, a writer seldom yields. A call that finds a write in progress
 // adds its frame to the next group and waits; when the write ends, one of
-// the waiting calls leads the next group. Under load one system call
-// carries many frames (BenchmarkFramesOverUnixSocketConcurrent reports
-// writes/frame); alone, a frame costs one Write, as it would without
-// grouping.
+// the waiting calls leads the next group. A control frame that finds the
+// leader yielding does not wait for it: it writes the group at once.
+// Under load one system call carries many frames
+// (BenchmarkFramesOverUnixSocketConcurrent reports writes/frame); alone, a
+// frame costs one Write, as it would without grouping.
 type Writer struct {
 	maxFrame uint32
 	bufSize  int
@@ -388,6 +389,10 @@ type Writer struct {
 	taken   uint64 // groups taken for writing; fill is group taken+1
 	written uint64 // groups written
 	writing bool   // a leader is writing, or gathering before it writes
+	// gathering: the leader of group taken+1 is yielding before it
+	// writes; a control frame that comes meanwhile writes the group
+	// itself rather than wait for the yield.
+	gathering bool
 	// yieldSkip is how many of the next leads write at once, without
 	// yielding first; yieldBackoff the last such count (adaptYield).
 	yieldSkip, yieldBackoff int
@@ -447,27 +452,24 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 	w.frames++
 	group := w.taken + 1
 	if w.writing {
-		// Written by whoever leads this group: wait for it, or lead it
-		// once the write before it ended.
-		for w.written < group && w.err == nil {
-			if !w.writing {
-				return w.lead(typ, stream)
-			}
-			w.turn.Wait()
+		if w.gathering && !typ.bulk() {
+			// A control frame does not wait for the leader's yield: it
+			// writes the group now, the yielding leader's frame with it.
+			w.gathering = false
+			return w.lead(typ, stream)
 		}
-		var err error
-		if w.written < group {
-			err = w.err
-		}
-		w.mu.Unlock()
-		return err
+		return w.await(group, typ, stream)
 	}
 	w.writing = true
-	bulk := w.yield && typ.bulk()
+	// Frames of calls that waited for the last write (w.frames > 1)
+	// are due: they go out now, without a yield (one of them may be a
+	// control frame).
+	bulk := w.yield && typ.bulk() && w.frames == 1
 	yield := bulk && w.yieldSkip == 0
 	if bulk && !yield {
 		w.yieldSkip--
 	}
+	w.gathering = yield
 	w.mu.Unlock()
 	if yield {
 		// Let the goroutines that are ready run first: the frames they
@@ -476,9 +478,33 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 	}
 	w.mu.Lock()
 	if yield {
+		if w.taken >= group {
+			// A control frame took the group over while this call
+			// yielded.
+			return w.await(group, typ, stream)
+		}
+		w.gathering = false
 		w.adaptYield(w.frames > 1)
 	}
 	return w.lead(typ, stream)
+}
+
+// await waits until group, which holds the caller's frame, is written,
+// and leads it if the write before it ends first. Called with w.mu held;
+// it unlocks.
+func (w *Writer) await(group uint64, typ FrameType, stream uint64) error {
+	for w.written < group && w.err == nil {
+		if !w.writing {
+			return w.lead(typ, stream)
+		}
+		w.turn.Wait()
+	}
+	var err error
+	if w.written < group {
+		err = w.err
+	}
+	w.mu.Unlock()
+	return err
 }
 
 // bulk reports whether frames of type t carry a run's work, which can

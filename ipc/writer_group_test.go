@@ -235,3 +235,129 @@ func TestWriterControlFramesDoNotYield(t *testing.T) {
 		t.Fatalf("%d yields for an event after control frames, want 1", yields)
 	}
 }
+
+// A control frame that comes while a leader yields before its write does
+// not wait for the yield (which, next to goroutines that compute, can
+// last several scheduler time slices): it writes the group at once, the
+// leader's frame first. The leader then finds its frame written.
+func TestWriterControlFrameTakesOverAYield(t *testing.T) {
+	inYield, release := make(chan struct{}), make(chan struct{})
+	gosched = func() {
+		close(inYield)
+		<-release
+	}
+	defer func() { gosched = runtime.Gosched }()
+	var out syncBuffer
+	w := NewWriter(&out, WriterConfig{Yield: true})
+	leader := make(chan error, 1)
+	go func() { leader <- w.WriteFrame(TypeEvent, 0, 1, []byte(`{"e":1}`)) }()
+	<-inYield
+	control := make(chan error, 1)
+	go func() { control <- w.WriteFrame(TypeCancel, 0, 1, []byte(`{"cmd":1}`)) }()
+	select {
+	case err := <-control:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("the CANCEL waited for the leader's yield")
+	}
+	frames := readFrames(t, out.bytes())
+	if len(frames) != 2 || frames[0].Type != TypeEvent || frames[1].Type != TypeCancel {
+		t.Fatalf("written while the leader yielded: %v, want the EVENT then the CANCEL", frames)
+	}
+	close(release)
+	if err := <-leader; err != nil {
+		t.Fatal(err)
+	}
+	gosched = func() {}
+	if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{"e":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if frames := readFrames(t, out.bytes()); len(frames) != 3 || frames[2].Type != TypeEvent {
+		t.Fatalf("after the yield: %v, want 3 frames, the EVENT last", frames)
+	}
+	if n := out.writeCalls(); n != 2 {
+		t.Fatalf("%d writes, want 2: the group the CANCEL took over, then the last EVENT", n)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent use.
+type syncBuffer struct {
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	writes int
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.writes++
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) writeCalls() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.writes
+}
+
+func (b *syncBuffer) bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return bytes.Clone(b.buf.Bytes())
+}
+
+// readFrames decodes every frame in b.
+func readFrames(t *testing.T, b []byte) []Header {
+	t.Helper()
+	r := NewReader(bytes.NewReader(b), ReaderConfig{})
+	var hs []Header
+	for {
+		f, err := r.ReadFrame()
+		if errors.Is(err, io.EOF) {
+			return hs
+		}
+		if err != nil {
+			t.Fatalf("frame %d: %v", len(hs), err)
+		}
+		hs = append(hs, f.Header)
+		f.Release()
+	}
+}
+
+// A lead that finds frames waiting from calls that queued during the
+// last write writes them at once, without a yield: they have waited one
+// write already, and one of them may be a control frame.
+func TestWriterLeadWithFramesWaitingDoesNotYield(t *testing.T) {
+	var yields int
+	gosched = func() { yields++ }
+	defer func() { gosched = runtime.Gosched }()
+	var out syncBuffer
+	w := NewWriter(&out, WriterConfig{Yield: true})
+	// A CANCEL queued behind a write that has just ended; its call has
+	// not woken yet.
+	w.mu.Lock()
+	var hdr [HeaderSize]byte
+	payload := []byte(`{"cmd":1}`)
+	Header{Length: uint32(len(payload)), Type: TypeCancel, Stream: 1}.Encode(&hdr)
+	w.fill = append(append(w.fill, hdr[:]...), payload...)
+	w.frames = 1
+	w.mu.Unlock()
+	if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{"e":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	if yields != 0 {
+		t.Fatalf("%d yields with a CANCEL waiting", yields)
+	}
+	if frames := readFrames(t, out.bytes()); len(frames) != 2 || frames[0].Type != TypeCancel || frames[1].Type != TypeEvent {
+		t.Fatalf("written: %v, want the CANCEL then the EVENT", frames)
+	}
+	if err := w.WriteFrame(TypeEvent, 0, 1, []byte(`{"e":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if yields != 1 {
+		t.Fatalf("%d yields for an event written alone, want 1", yields)
+	}
+}

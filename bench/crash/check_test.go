@@ -942,10 +942,28 @@ func checkInterruptCancels(f *findings, rec *recorder, ix *journalIndex, kills [
 				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), s.end.Outcome, ts(s.end.EndNs))
 		case cancelNs > by:
 			f.uncancelled++
-			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; its cancel came only at %v",
-				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), ts(cancelNs))
+			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; its cancel came only at %v\n%s",
+				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), ts(cancelNs), sessionTrace(s, i))
 		}
 	}
+}
+
+// sessionTrace describes an attempt an interrupt found active: when it
+// started, what it executed, what it received and when it ended.
+func sessionTrace(s *session, i interruptRec) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "\tinterrupt sent %v returned %v\n", ts(i.SentNs), ts(i.ReturnedNs))
+	fmt.Fprintf(&b, "\tattempt %d (pid %d) started %v executing %q\n", s.start.Attempt, s.start.PID, ts(s.start.StartNs), s.start.Command)
+	for _, r := range s.inbox {
+		fmt.Fprintf(&b, "\treceived %s %q at %v\n", r.Event, r.Text, ts(r.AtNs))
+	}
+	for _, c := range s.cps {
+		fmt.Fprintf(&b, "\tcheckpoint m%d acked at %v\n", c.Index, ts(c.AckNs))
+	}
+	if s.end != nil {
+		fmt.Fprintf(&b, "\tended %s at %v", s.end.Outcome, ts(s.end.EndNs))
+	}
+	return b.String()
 }
 
 // checkRequestOrder: the messages of each request answered 2xx sit at
