@@ -150,3 +150,6 @@ func OldRunStatusKey(status engine.RunStatus, createdAt int64, runID string) []b
 
 // RunWaitingKey is a run's key in the index of waiting runs.
 func RunWaitingKey(createdAt int64, runID string) []byte { return runWaitingKey(createdAt, runID) }
+
+// DataFormatKey exposes the key that records the directory's DataFormat.
+func DataFormatKey() []byte { return dataFormatKey }

@@ -61,6 +61,7 @@ import (
 // Options the data directory keeps:
 //
 //	ovt                        →  u64               the smallest ValueThreshold it was opened with
+//	ofv                        →  u64               its DataFormat (Open refuses a later one)
 const (
 	pDispatch   = 'd'
 	pEpoch      = 'e'

@@ -212,6 +212,13 @@ func Open(opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 	}
+	if !opts.InMemory {
+		// Before any migration: a later binary's directory is left as it is.
+		if err := checkDataFormat(db); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+		}
+	}
 	migrated, err := migrateRunStatusIndex(db)
 	if err != nil {
 		db.Close()
@@ -223,7 +230,7 @@ func Open(opts Options) (*Store, error) {
 			db.Close()
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
 		}
-		fill := int64(gcEntryBytes) // checkValueThreshold's write
+		fill := int64(2 * gcEntryBytes) // the writes of checkValueThreshold and checkDataFormat
 		if migrated {
 			fill = opts.MemTableSize // its writes: no value-log GC before the next memtable
 		}
@@ -255,6 +262,60 @@ func Open(opts Options) (*Store, error) {
 	return s, nil
 }
 
+// DataFormat is the layout of the data directory this version reads and
+// writes. The directory records it (key "ofv") and it is raised whenever a
+// change makes the directory unreadable to earlier versions; Open refuses
+// a directory of a later format (ErrFormatTooNew) rather than misread
+// it. Format 2, the first recorded: binary run records of version 0x02
+// and the index of waiting runs. A directory without the key was written
+// by a version before the key came, of format 2 or earlier, and Open
+// migrates it.
+const DataFormat = 2
+
+// ErrFormatTooNew reports a data directory written by a later version
+// of the store (see DataFormat). It is not retryable: run that version,
+// or a fresh directory.
+var ErrFormatTooNew = errors.New("data directory written by a later version")
+
+// dataFormatKey records the directory's DataFormat.
+var dataFormatKey = []byte{pOption, 'f', 'v'}
+
+// checkDataFormat refuses a directory of a later DataFormat and records
+// this one's when the directory has none or an earlier one.
+func checkDataFormat(db *badger.DB) error {
+	return db.Update(func(txn *badger.Txn) error {
+		was, ok, err := optionUint(txn, dataFormatKey)
+		switch {
+		case err != nil:
+			return err
+		case ok && was > DataFormat:
+			return fmt.Errorf("%w: its format is %d, this version reads formats up to %d", ErrFormatTooNew, was, DataFormat)
+		case ok && was == DataFormat:
+			return nil
+		}
+		return txn.Set(dataFormatKey, binary.BigEndian.AppendUint64(nil, DataFormat))
+	})
+}
+
+// optionUint reads an 8-byte option; ok is false when it is absent.
+func optionUint(txn *badger.Txn, key []byte) (v uint64, ok bool, err error) {
+	item, err := txn.Get(key)
+	switch {
+	case errors.Is(err, badger.ErrKeyNotFound):
+		return 0, false, nil
+	case err != nil:
+		return 0, false, unavailable(err)
+	}
+	b, err := item.ValueCopy(nil)
+	if err != nil {
+		return 0, false, unavailable(err)
+	}
+	if len(b) != 8 {
+		return 0, false, fmt.Errorf("option %q is %d bytes: %w", key, len(b), engine.ErrCorrupt)
+	}
+	return binary.BigEndian.Uint64(b), true, nil
+}
+
 // checkValueThreshold refuses a ValueThreshold above the smallest the
 // data directory was opened with, and records the new one when smaller.
 // Raised, it would let value-log GC rewrite values between the two into
@@ -262,20 +323,12 @@ func Open(opts Options) (*Store, error) {
 func checkValueThreshold(db *badger.DB, threshold int64) error {
 	key := []byte{pOption, 'v', 't'}
 	return db.Update(func(txn *badger.Txn) error {
-		item, err := txn.Get(key)
+		v, ok, err := optionUint(txn, key)
 		switch {
-		case errors.Is(err, badger.ErrKeyNotFound):
 		case err != nil:
-			return unavailable(err)
-		default:
-			v, err := item.ValueCopy(nil)
-			if err != nil {
-				return unavailable(err)
-			}
-			if len(v) != 8 {
-				return fmt.Errorf("option %q is %d bytes: %w", key, len(v), engine.ErrCorrupt)
-			}
-			was := int64(binary.BigEndian.Uint64(v))
+			return err
+		case ok:
+			was := int64(v)
 			if threshold > was {
 				return engine.Validationf("badgerstore: ValueThreshold %d is above %d, the smallest this data directory was opened with (value-log GC would rewrite the values between them into memtables)", threshold, was)
 			}
