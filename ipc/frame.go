@@ -419,10 +419,29 @@ func NewWriter(w io.Writer, cfg WriterConfig) *Writer {
 // check JSON payloads (see CheckPayload). A failed write leaves the stream
 // unusable, so it is final: every later call returns the same error.
 func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload []byte) error {
+	return w.write(typ, flags, stream, payload, nil)
+}
+
+// WriteFrameQueued is WriteFrame, and calls queued as soon as the frame's
+// place in the stream is fixed: any frame a call writes after that goes
+// out after this one. queued runs once, without the Writer's lock,
+// before WriteFrameQueued returns, and also when the frame is refused or
+// the stream has failed. A caller that orders its frames under a lock of
+// its own releases it in queued, so that the lock is not held while the
+// frame waits for a yield or for the write.
+func (w *Writer) WriteFrameQueued(typ FrameType, flags uint8, stream uint64, payload []byte, queued func()) error {
+	return w.write(typ, flags, stream, payload, queued)
+}
+
+// write is WriteFrame; queued, when not nil, is called as
+// WriteFrameQueued says.
+func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte, queued func()) error {
 	if !typ.Known() {
+		call(queued)
 		return fmt.Errorf("ipc: write frame on stream %d: %w 0x%02x", stream, ErrUnknownType, uint8(typ))
 	}
 	if uint64(len(payload)) > uint64(w.maxFrame) {
+		call(queued)
 		return fmt.Errorf("ipc: write %s frame on stream %d: %w: %d bytes exceeds max %d", typ, stream, ErrFrameTooLarge, len(payload), w.maxFrame)
 	}
 	h := Header{Length: uint32(len(payload)), Type: typ, Flags: flags, Stream: stream}
@@ -431,6 +450,7 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 	if w.err != nil {
 		err := w.err
 		w.mu.Unlock()
+		call(queued)
 		return err
 	}
 	if !w.writing && len(w.fill) == 0 && HeaderSize+len(payload) > w.bufSize {
@@ -440,6 +460,7 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 		w.taken++
 		group := w.taken
 		w.mu.Unlock()
+		call(queued)
 		h.Encode(&w.hdr)
 		bufs := net.Buffers{w.hdr[:], payload}
 		_, err := bufs.WriteTo(w.w)
@@ -451,6 +472,15 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 	w.fill = append(append(w.fill, hdr[:]...), payload...)
 	w.frames++
 	group := w.taken + 1
+	if queued != nil {
+		w.mu.Unlock()
+		queued()
+		w.mu.Lock()
+		if w.taken >= group {
+			// Another call took the group meanwhile.
+			return w.await(group, typ, stream)
+		}
+	}
 	if w.writing {
 		if w.gathering && !typ.bulk() {
 			// A control frame does not wait for the leader's yield: it
@@ -487,6 +517,13 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 		w.adaptYield(w.frames > 1)
 	}
 	return w.lead(typ, stream)
+}
+
+// call calls f unless it is nil.
+func call(f func()) {
+	if f != nil {
+		f()
+	}
 }
 
 // await waits until group, which holds the caller's frame, is written,

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -360,4 +361,67 @@ func TestWriterLeadWithFramesWaitingDoesNotYield(t *testing.T) {
 	if yields != 1 {
 		t.Fatalf("%d yields for an event written alone, want 1", yields)
 	}
+}
+
+// WriteFrameQueued calls queued once the frame's place is fixed: before
+// the leader's yield and before any write; and exactly once also when the
+// frame is refused or the stream has failed.
+func TestWriteFrameQueuedRunsOnceBeforeTheWrite(t *testing.T) {
+	var steps []string
+	gosched = func() { steps = append(steps, "yield") }
+	defer func() { gosched = runtime.Gosched }()
+	g := &recordWriter{write: func() { steps = append(steps, "write") }}
+	w := NewWriter(g, WriterConfig{Yield: true, MaxFrame: 1 << 20})
+	queued := func() { steps = append(steps, "queued") }
+	check := func(what string, err error, want ...string) {
+		t.Helper()
+		if what == "" && err != nil {
+			t.Fatal(err)
+		}
+		if strings.Join(steps, ",") != strings.Join(want, ",") {
+			t.Fatalf("%s: steps %v, want %v", what, steps, want)
+		}
+		steps = steps[:0]
+	}
+	check("", w.WriteFrameQueued(TypeEvent, 0, 1, []byte(`{}`), queued), "queued", "yield", "write")
+	check("", w.WriteFrameQueued(TypeCancel, 0, 1, []byte(`{}`), queued), "queued", "write")
+	big := make([]byte, 64<<10) // past the buffer: written uncopied,
+	// header and payload (net.Buffers: one writev on a socket, two
+	// Writes here)
+	check("", w.WriteFrameQueued(TypePong, 0, 1, big, queued), "queued", "write", "write")
+
+	err := w.WriteFrameQueued(FrameType(0x7f), 0, 1, nil, queued)
+	check("unknown type", nil, "queued")
+	if !errors.Is(err, ErrUnknownType) {
+		t.Fatalf("unknown type: %v", err)
+	}
+	err = w.WriteFrameQueued(TypeEvent, 0, 1, make([]byte, 2<<20), queued)
+	check("too large", nil, "queued")
+	if !errors.Is(err, ErrFrameTooLarge) {
+		t.Fatalf("too large: %v", err)
+	}
+	g.err = errors.New("broken pipe")
+	if err := w.WriteFrame(TypeCancel, 0, 1, []byte(`{}`)); err == nil {
+		t.Fatal("the failing write returned nil")
+	}
+	steps = steps[:0]
+	err = w.WriteFrameQueued(TypeCancel, 0, 1, []byte(`{}`), queued)
+	check("failed stream", nil, "queued")
+	if err == nil {
+		t.Fatal("a write on the failed stream returned nil")
+	}
+}
+
+// recordWriter calls write for every Write and then fails with err, if set.
+type recordWriter struct {
+	write func()
+	err   error
+}
+
+func (r *recordWriter) Write(p []byte) (int, error) {
+	r.write()
+	if r.err != nil {
+		return 0, r.err
+	}
+	return len(p), nil
 }

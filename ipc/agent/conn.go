@@ -208,7 +208,15 @@ func (c *Client) serveConn(ctx context.Context) (established bool, err error) {
 // then wraps ErrConnectionLost. A frame above max_frame is refused without
 // harm to the connection.
 func (cn *conn) send(typ ipc.FrameType, stream uint64, payload []byte) error {
-	if err := cn.w.WriteFrame(typ, 0, stream, payload); err != nil {
+	return cn.sendQueued(typ, stream, payload, nil)
+}
+
+// sendQueued is send; queued, when not nil, runs once the frame's place
+// in the stream is fixed (ipc.Writer.WriteFrameQueued): a run releases
+// its sendMu there, so that the connection's reader, which takes it to
+// ack a command, never waits for another frame's write.
+func (cn *conn) sendQueued(typ ipc.FrameType, stream uint64, payload []byte, queued func()) error {
+	if err := cn.w.WriteFrameQueued(typ, 0, stream, payload, queued); err != nil {
 		if errors.Is(err, ipc.ErrFrameTooLarge) {
 			return err
 		}

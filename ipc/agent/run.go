@@ -41,7 +41,10 @@ type Run struct {
 	cancel context.CancelCauseFunc
 
 	// sendMu orders the frames of the run: EVENTs hold it shared,
-	// CHECKPOINT and FINISH exclusively. Lock order: sendMu before mu.
+	// CHECKPOINT and FINISH exclusively, each until its frame's place in
+	// the stream is fixed (conn.sendQueued), not while it waits for its
+	// write; a command's ack holds it shared until written. Lock order:
+	// sendMu before mu.
 	sendMu sync.RWMutex
 	sent   bool   // FINISH was sent (or given up); guarded by sendMu
 	seq    uint64 // last checkpoint seq; guarded by sendMu and mu
@@ -116,11 +119,11 @@ func (r *Run) EmitRaw(event []byte) error {
 		return fmt.Errorf("agent: emit on run %s: %w", r.RunID, err)
 	}
 	r.sendMu.RLock()
-	defer r.sendMu.RUnlock()
 	if r.sent {
+		r.sendMu.RUnlock()
 		return ErrRunFinished
 	}
-	if err := r.conn.send(ipc.TypeEvent, r.stream, event); err != nil {
+	if err := r.conn.sendQueued(ipc.TypeEvent, r.stream, event, r.sendMu.RUnlock); err != nil {
 		return fmt.Errorf("agent: emit on run %s: %w", r.RunID, err)
 	}
 	return nil
@@ -169,8 +172,7 @@ func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
 	payload = strconv.AppendUint(payload, seq, 10)
 	payload = append(payload, ',')
 	payload = append(payload, body[1:]...)
-	err = r.conn.send(ipc.TypeCheckpoint, r.stream, payload)
-	r.sendMu.Unlock()
+	err = r.conn.sendQueued(ipc.TypeCheckpoint, r.stream, payload, r.sendMu.Unlock)
 
 	if err != nil {
 		r.dropCheckpoint(seq)
@@ -346,10 +348,10 @@ func (r *Run) finish(res Result) {
 	r.sent = true
 	if errors.Is(cause, ErrConnectionLost) {
 		err = ErrConnectionLost
+		r.sendMu.Unlock()
 	} else {
-		err = r.conn.send(ipc.TypeFinish, r.stream, payload)
+		err = r.conn.sendQueued(ipc.TypeFinish, r.stream, payload, r.sendMu.Unlock)
 	}
-	r.sendMu.Unlock()
 	for _, ch := range pending {
 		ch <- ErrRunFinished
 	}
