@@ -425,23 +425,24 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 // WriteFrameQueued is WriteFrame, and calls queued as soon as the frame's
 // place in the stream is fixed: any frame a call writes after that goes
 // out after this one. queued runs once, without the Writer's lock,
-// before WriteFrameQueued returns, and also when the frame is refused or
-// the stream has failed. A caller that orders its frames under a lock of
-// its own releases it in queued, so that the lock is not held while the
-// frame waits for a yield or for the write.
-func (w *Writer) WriteFrameQueued(typ FrameType, flags uint8, stream uint64, payload []byte, queued func()) error {
+// before WriteFrameQueued returns. placed is false when the frame is
+// refused or the stream has already failed; true when the frame has its
+// place (its write may still fail). A caller that orders its frames
+// under a lock of its own releases it in queued, so that the lock is not
+// held while the frame waits for a yield or for the write.
+func (w *Writer) WriteFrameQueued(typ FrameType, flags uint8, stream uint64, payload []byte, queued func(placed bool)) error {
 	return w.write(typ, flags, stream, payload, queued)
 }
 
 // write is WriteFrame; queued, when not nil, is called as
 // WriteFrameQueued says.
-func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte, queued func()) error {
+func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte, queued func(placed bool)) error {
 	if !typ.Known() {
-		call(queued)
+		call(queued, false)
 		return fmt.Errorf("ipc: write frame on stream %d: %w 0x%02x", stream, ErrUnknownType, uint8(typ))
 	}
 	if uint64(len(payload)) > uint64(w.maxFrame) {
-		call(queued)
+		call(queued, false)
 		return fmt.Errorf("ipc: write %s frame on stream %d: %w: %d bytes exceeds max %d", typ, stream, ErrFrameTooLarge, len(payload), w.maxFrame)
 	}
 	h := Header{Length: uint32(len(payload)), Type: typ, Flags: flags, Stream: stream}
@@ -450,7 +451,7 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 	if w.err != nil {
 		err := w.err
 		w.mu.Unlock()
-		call(queued)
+		call(queued, false)
 		return err
 	}
 	if !w.writing && len(w.fill) == 0 && HeaderSize+len(payload) > w.bufSize {
@@ -460,7 +461,7 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 		w.taken++
 		group := w.taken
 		w.mu.Unlock()
-		call(queued)
+		call(queued, true)
 		h.Encode(&w.hdr)
 		bufs := net.Buffers{w.hdr[:], payload}
 		_, err := bufs.WriteTo(w.w)
@@ -474,7 +475,7 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 	group := w.taken + 1
 	if queued != nil {
 		w.mu.Unlock()
-		queued()
+		queued(true)
 		w.mu.Lock()
 		if w.taken >= group {
 			// Another call took the group meanwhile.
@@ -519,10 +520,10 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 	return w.lead(typ, stream)
 }
 
-// call calls f unless it is nil.
-func call(f func()) {
+// call calls f(placed) unless f is nil.
+func call(f func(placed bool), placed bool) {
 	if f != nil {
-		f()
+		f(placed)
 	}
 }
 

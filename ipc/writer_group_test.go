@@ -3,6 +3,7 @@ package ipc
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"runtime"
 	"strings"
@@ -364,15 +365,15 @@ func TestWriterLeadWithFramesWaitingDoesNotYield(t *testing.T) {
 }
 
 // WriteFrameQueued calls queued once the frame's place is fixed: before
-// the leader's yield and before any write; and exactly once also when the
-// frame is refused or the stream has failed.
+// the leader's yield and before any write; and exactly once, not placed,
+// also when the frame is refused or the stream has failed.
 func TestWriteFrameQueuedRunsOnceBeforeTheWrite(t *testing.T) {
 	var steps []string
 	gosched = func() { steps = append(steps, "yield") }
 	defer func() { gosched = runtime.Gosched }()
 	g := &recordWriter{write: func() { steps = append(steps, "write") }}
 	w := NewWriter(g, WriterConfig{Yield: true, MaxFrame: 1 << 20})
-	queued := func() { steps = append(steps, "queued") }
+	queued := func(placed bool) { steps = append(steps, fmt.Sprintf("queued %v", placed)) }
 	check := func(what string, err error, want ...string) {
 		t.Helper()
 		if what == "" && err != nil {
@@ -383,20 +384,20 @@ func TestWriteFrameQueuedRunsOnceBeforeTheWrite(t *testing.T) {
 		}
 		steps = steps[:0]
 	}
-	check("", w.WriteFrameQueued(TypeEvent, 0, 1, []byte(`{}`), queued), "queued", "yield", "write")
-	check("", w.WriteFrameQueued(TypeCancel, 0, 1, []byte(`{}`), queued), "queued", "write")
+	check("", w.WriteFrameQueued(TypeEvent, 0, 1, []byte(`{}`), queued), "queued true", "yield", "write")
+	check("", w.WriteFrameQueued(TypeCancel, 0, 1, []byte(`{}`), queued), "queued true", "write")
 	big := make([]byte, 64<<10) // past the buffer: written uncopied,
 	// header and payload (net.Buffers: one writev on a socket, two
 	// Writes here)
-	check("", w.WriteFrameQueued(TypePong, 0, 1, big, queued), "queued", "write", "write")
+	check("", w.WriteFrameQueued(TypePong, 0, 1, big, queued), "queued true", "write", "write")
 
 	err := w.WriteFrameQueued(FrameType(0x7f), 0, 1, nil, queued)
-	check("unknown type", nil, "queued")
+	check("unknown type", nil, "queued false")
 	if !errors.Is(err, ErrUnknownType) {
 		t.Fatalf("unknown type: %v", err)
 	}
 	err = w.WriteFrameQueued(TypeEvent, 0, 1, make([]byte, 2<<20), queued)
-	check("too large", nil, "queued")
+	check("too large", nil, "queued false")
 	if !errors.Is(err, ErrFrameTooLarge) {
 		t.Fatalf("too large: %v", err)
 	}
@@ -406,7 +407,7 @@ func TestWriteFrameQueuedRunsOnceBeforeTheWrite(t *testing.T) {
 	}
 	steps = steps[:0]
 	err = w.WriteFrameQueued(TypeCancel, 0, 1, []byte(`{}`), queued)
-	check("failed stream", nil, "queued")
+	check("failed stream", nil, "queued false")
 	if err == nil {
 		t.Fatal("a write on the failed stream returned nil")
 	}

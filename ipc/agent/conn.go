@@ -215,7 +215,7 @@ func (cn *conn) send(typ ipc.FrameType, stream uint64, payload []byte) error {
 // in the stream is fixed (ipc.Writer.WriteFrameQueued): a run releases
 // its sendMu there, so that the connection's reader, which takes it to
 // ack a command, never waits for another frame's write.
-func (cn *conn) sendQueued(typ ipc.FrameType, stream uint64, payload []byte, queued func()) error {
+func (cn *conn) sendQueued(typ ipc.FrameType, stream uint64, payload []byte, queued func(placed bool)) error {
 	if err := cn.w.WriteFrameQueued(typ, 0, stream, payload, queued); err != nil {
 		if errors.Is(err, ipc.ErrFrameTooLarge) {
 			return err

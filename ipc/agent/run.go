@@ -123,7 +123,7 @@ func (r *Run) EmitRaw(event []byte) error {
 		r.sendMu.RUnlock()
 		return ErrRunFinished
 	}
-	if err := r.conn.sendQueued(ipc.TypeEvent, r.stream, event, r.sendMu.RUnlock); err != nil {
+	if err := r.conn.sendQueued(ipc.TypeEvent, r.stream, event, r.releaseShared); err != nil {
 		return fmt.Errorf("agent: emit on run %s: %w", r.RunID, err)
 	}
 	return nil
@@ -172,7 +172,7 @@ func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
 	payload = strconv.AppendUint(payload, seq, 10)
 	payload = append(payload, ',')
 	payload = append(payload, body[1:]...)
-	err = r.conn.sendQueued(ipc.TypeCheckpoint, r.stream, payload, r.sendMu.Unlock)
+	err = r.conn.sendQueued(ipc.TypeCheckpoint, r.stream, payload, r.releaseExclusive)
 
 	if err != nil {
 		r.dropCheckpoint(seq)
@@ -237,18 +237,18 @@ func (r *Run) Decisions() <-chan []Decision {
 	return r.decs
 }
 
-// command answers a live command with COMMAND_ACK, then acts on it: the
-// ack precedes everything the command causes (a cancelled context, events
-// of a handler reacting to a message) and the run's FINISH, because it is
-// sent under sendMu like an event. A run whose FINISH is already out gets
-// no ack (its stream is closed). Only the reader goroutine calls command,
-// so a channel with room when the command is admitted still has room when
-// it is delivered, and FINISH (which closes the channels) waits for
-// sendMu.
+// command answers a live command with COMMAND_ACK and acts on it once the
+// ack has its place in the stream: the ack precedes every frame the
+// command causes (events of a handler reacting to a message or to its
+// cancelled context) and the run's FINISH, because it is queued under
+// sendMu like an event. A run whose FINISH is already out gets no ack (its
+// stream is closed). Only the reader goroutine calls command, so a channel
+// with room when the command is admitted still has room when it is
+// delivered, and FINISH (which closes the channels) waits for sendMu.
 func (r *Run) command(typ ipc.FrameType, cmd *commandPayload) error {
 	r.sendMu.RLock()
-	defer r.sendMu.RUnlock()
 	if r.sent {
+		r.sendMu.RUnlock()
 		return nil
 	}
 	r.mu.Lock()
@@ -257,19 +257,29 @@ func (r *Run) command(typ ipc.FrameType, cmd *commandPayload) error {
 	ok := reason == ""
 	r.debug("live command", "type", typ, "cmd", cmd.Cmd, "accepted", ok, "reason", reason)
 	ack := mustMarshal(ipc.CommandAck{Cmd: cmd.Cmd, Accepted: ok, Reason: reason})
-	if err := r.conn.send(ipc.TypeCommandAck, r.stream, ack); err != nil || !ok {
-		return ignoreLost(err)
-	}
-	switch typ {
-	case ipc.TypeCancel:
-		r.cancel(ErrCancelled)
-	case ipc.TypeMessages:
-		r.msgs <- cmd.Messages
-	case ipc.TypeDecision:
-		r.decs <- cmd.Decisions
-	}
-	return nil
+	// The command acts as soon as its ack has its place in the stream,
+	// before the ack is written: whatever it causes is written after the
+	// ack, and a sidecar slow to read does not hold up a CANCEL.
+	err := r.conn.sendQueued(ipc.TypeCommandAck, r.stream, ack, func(placed bool) {
+		if ok && placed {
+			switch typ {
+			case ipc.TypeCancel:
+				r.cancel(ErrCancelled)
+			case ipc.TypeMessages:
+				r.msgs <- cmd.Messages
+			case ipc.TypeDecision:
+				r.decs <- cmd.Decisions
+			}
+		}
+		r.sendMu.RUnlock()
+	})
+	return ignoreLost(err)
 }
+
+// releaseShared and releaseExclusive release sendMu once a frame has its
+// place in the stream (conn.sendQueued).
+func (r *Run) releaseShared(bool)    { r.sendMu.RUnlock() }
+func (r *Run) releaseExclusive(bool) { r.sendMu.Unlock() }
 
 // admitLocked returns why the run refuses a command of type typ now, or
 // "" when it takes it.
@@ -350,7 +360,7 @@ func (r *Run) finish(res Result) {
 		err = ErrConnectionLost
 		r.sendMu.Unlock()
 	} else {
-		err = r.conn.sendQueued(ipc.TypeFinish, r.stream, payload, r.sendMu.Unlock)
+		err = r.conn.sendQueued(ipc.TypeFinish, r.stream, payload, r.releaseExclusive)
 	}
 	for _, ch := range pending {
 		ch <- ErrRunFinished

@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -70,5 +72,48 @@ func TestSendMuIsNotHeldWhileACheckpointWaitsForItsWrite(t *testing.T) {
 	sc.w.WriteFrame(ipc.TypeCheckpointAck, 0, 1, []byte(`{"seq":1}`))
 	if err := <-done; err != nil {
 		t.Fatalf("checkpoint: %v", err)
+	}
+}
+
+// A CANCEL acts as soon as the agent reads it, even while the sidecar
+// reads nothing and the run's writes, the CANCEL's ack among them, are
+// blocked: the ack has its place in the stream (after the run's frames),
+// and the command acts then, not once the ack is written.
+func TestCancelActsWhileTheSidecarIsNotReading(t *testing.T) {
+	cancelled := make(chan error, 1)
+	var emitted atomic.Int64
+	handler := HandlerFunc(func(ctx context.Context, run *Run) Result {
+		stop := context.AfterFunc(ctx, func() { cancelled <- context.Cause(ctx) })
+		defer stop()
+		big := map[string]string{"type": "text_delta", "delta": strings.Repeat("x", 32<<10)}
+		for run.Emit(big) == nil && ctx.Err() == nil {
+			emitted.Add(1)
+		}
+		return Cancelled()
+	})
+	sc := serveRaw(t, Config{Handler: handler, Logger: testLogger(), ShutdownGrace: -1, MaxBackoff: time.Hour, MinBackoff: time.Hour}, time.Hour)
+	sc.w.WriteFrame(ipc.TypeRun, 0, 1, rawRun("r"))
+	// The run's events fill the socket: wait until its writes block (no
+	// event emitted for 200 ms).
+	deadline := time.Now().Add(10 * time.Second)
+	for last := int64(-1); ; {
+		time.Sleep(200 * time.Millisecond)
+		n := emitted.Load()
+		if n == last && n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the run's writes never blocked (%d events)", n)
+		}
+		last = n
+	}
+	sc.w.WriteFrame(ipc.TypeCancel, 0, 1, []byte(`{"cmd":"c1"}`))
+	select {
+	case cause := <-cancelled:
+		if !errors.Is(cause, ErrCancelled) {
+			t.Fatalf("run cancelled with %v, want ErrCancelled", cause)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the CANCEL did not act within 10 s while the sidecar read nothing")
 	}
 }
