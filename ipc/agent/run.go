@@ -43,8 +43,8 @@ type Run struct {
 	// sendMu orders the frames of the run: EVENTs hold it shared,
 	// CHECKPOINT and FINISH exclusively, each until its frame's place in
 	// the stream is fixed (conn.sendQueued), not while it waits for its
-	// write; a command's ack holds it shared until written. Lock order:
-	// sendMu before mu.
+	// write; the reader holds it shared from a command's admission until
+	// the command has acted. Lock order: sendMu before mu.
 	sendMu sync.RWMutex
 	sent   bool   // FINISH was sent (or given up); guarded by sendMu
 	seq    uint64 // last checkpoint seq; guarded by sendMu and mu
