@@ -8,8 +8,11 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	json "github.com/goccy/go-json"
 )
 
 // gateWriter records every Write; the first one blocks until release is
@@ -425,4 +428,118 @@ func (r *recordWriter) Write(p []byte) (int, error) {
 		return 0, r.err
 	}
 	return len(p), nil
+}
+
+// Under concurrency, with leaders that yield for random spans, every frame
+// is written once and whole, each goroutine's frames in its order, and a
+// frame written because another frame's queued callback ran comes after
+// that frame.
+func TestWriterKeepsOrderUnderConcurrency(t *testing.T) {
+	var spins atomic.Int64
+	gosched = func() {
+		runtime.Gosched()
+		if spins.Add(1)%7 == 0 {
+			time.Sleep(time.Duration(spins.Load()%50) * time.Microsecond)
+		}
+	}
+	defer func() { gosched = runtime.Gosched }()
+	var out syncBuffer
+	w := NewWriter(&out, WriterConfig{Yield: true, BufferSize: 256})
+	const writers, frames = 6, 300
+	types := []FrameType{TypeEvent, TypeCancel, TypeCheckpointAck, TypeCommandAck, TypeRun}
+	after := make(chan int, frames)
+	var wg sync.WaitGroup
+	fail := make(chan error, writers+2)
+	payload := func(g, i, pad int) []byte {
+		return fmt.Appendf(nil, `{"g":%d,"i":%d,"pad":"%s"}`, g, i, strings.Repeat("x", pad))
+	}
+	for g := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range frames {
+				typ := types[(g+i)%len(types)]
+				pad := (g*31 + i*17) % 400 // some frames past the buffer
+				var err error
+				if g == 0 {
+					// The causal writer: each callback lets the follower
+					// write its frame i.
+					called := 0
+					err = w.WriteFrameQueued(typ, 0, uint64(g), payload(g, i, pad), func(placed bool) {
+						called++
+						if placed {
+							after <- i
+						}
+					})
+					if called != 1 {
+						err = fmt.Errorf("queued called %d times", called)
+					}
+				} else {
+					err = w.WriteFrame(typ, 0, uint64(g), payload(g, i, pad))
+				}
+				if err != nil {
+					fail <- err
+					return
+				}
+			}
+			if g == 0 {
+				close(after)
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() { // the follower, stream 99
+		defer wg.Done()
+		for i := range after {
+			if err := w.WriteFrame(TypeEvent, 0, 99, payload(99, i, 0)); err != nil {
+				fail <- err
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(fail)
+	for err := range fail {
+		t.Fatal(err)
+	}
+
+	r := NewReader(bytes.NewReader(out.bytes()), ReaderConfig{})
+	next := map[uint64]int{}
+	pos0 := map[int]int{} // frame i of writer 0 → its position
+	for n := 0; ; n++ {
+		f, err := r.ReadFrame()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("frame %d: %v", n, err)
+		}
+		var p struct{ G, I int }
+		if err := json.Unmarshal(f.Payload, &p); err != nil || uint64(p.G) != f.Stream {
+			t.Fatalf("frame %d on stream %d: payload %q (%v)", n, f.Stream, f.Payload, err)
+		}
+		f.Release()
+		if p.I != next[f.Stream] {
+			t.Fatalf("stream %d: frame %d where %d was due", f.Stream, p.I, next[f.Stream])
+		}
+		next[f.Stream]++
+		switch p.G {
+		case 0:
+			pos0[p.I] = n
+		case 99:
+			if at, ok := pos0[p.I]; !ok {
+				t.Fatalf("the follower's frame %d at %d precedes frame %d of writer 0, whose queued callback let it go", p.I, n, p.I)
+			} else if at >= n {
+				t.Fatalf("bad positions %d, %d", at, n)
+			}
+		}
+	}
+	for g := range writers {
+		if next[uint64(g)] != frames {
+			t.Fatalf("stream %d: %d frames written, want %d", g, next[uint64(g)], frames)
+		}
+	}
+	if next[99] != frames {
+		t.Fatalf("follower: %d frames, want %d", next[99], frames)
+	}
 }
