@@ -189,6 +189,9 @@ func openStore(cfg serveConfig, log *slog.Logger) (sidecarStore, error) {
 		if errors.Is(err, engine.ErrDataDirInUse) {
 			return nil, fmt.Errorf("data directory %s is in use by another sidecar (or another process holds its lock): %w", cfg.DataDir, err)
 		}
+		if errors.Is(err, badgerstore.ErrFormatTooNew) {
+			return nil, fmt.Errorf("data directory %s was written by a later version of mailbox-sidecar; run that version, or start on a fresh directory: %w", cfg.DataDir, err)
+		}
 		return nil, fmt.Errorf("open store in %s: %w", cfg.DataDir, err)
 	}
 	return s, nil
