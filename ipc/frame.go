@@ -500,23 +500,21 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 	if bulk && !yield {
 		w.yieldSkip--
 	}
-	w.gathering = yield
+	if !yield {
+		return w.lead(typ, stream)
+	}
+	w.gathering = true
 	w.mu.Unlock()
-	if yield {
-		// Let the goroutines that are ready run first: the frames they
-		// write now join this group.
-		gosched()
-	}
+	// Let the goroutines that are ready run first: the frames they write
+	// now join this group.
+	gosched()
 	w.mu.Lock()
-	if yield {
-		if w.taken >= group {
-			// A control frame took the group over while this call
-			// yielded.
-			return w.await(group, typ, stream)
-		}
-		w.gathering = false
-		w.adaptYield(w.frames > 1)
+	if w.taken >= group {
+		// A control frame took the group over while this call yielded.
+		return w.await(group, typ, stream)
 	}
+	w.gathering = false
+	w.adaptYield(w.frames > 1)
 	return w.lead(typ, stream)
 }
 
