@@ -758,12 +758,23 @@ const reclaimChunk = 64
 // reclaimChunk dispatches, each its own atomic commit, so a large backlog
 // of lapsed leases never makes one transaction too large; a chunk that
 // still is too large is halved until it fits.
+//
+// Each chunk walks the lease index from where the chunk before it
+// stopped, not from the start: every lease a chunk reclaims leaves a
+// deletion marker at the low end of the index until compaction drops it,
+// and a walk from the start steps over all of them again (after a crash
+// with 1 000 lapsed leases, 16 chunks spent half a second doing so). A
+// lease written between two chunks is due at its claim or renewal time
+// plus the lease, later than every lapsed lease passed, so it is not
+// skipped; were the clock to step back by more than a lease, the next
+// call, which starts from the beginning, finds it.
 func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
 	var out []engine.Dispatch
 	chunk := reclaimChunk
+	var after []byte // the last lease key a chunk walked past
 	for done := 0; done < limit; {
 		n := min(chunk, limit-done)
-		got, seen, settled, err := s.reclaimSome(ctx, now, n)
+		got, seen, settled, last, err := s.reclaimSome(ctx, now, n, after)
 		if errors.Is(err, engine.ErrTooLarge) && chunk > 1 {
 			chunk /= 2
 			continue
@@ -779,21 +790,29 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 			// those): reading them again would not end.
 			break
 		}
+		after = last
 	}
 	return out, nil
 }
 
-// reclaimSome reclaims up to n lapsed leases in one commit; seen counts
-// the candidates read, settled those reclaimed or superseded.
-func (s *Store) reclaimSome(ctx context.Context, now int64, n int) (out []engine.Dispatch, seen, settled int, err error) {
+// reclaimSome reclaims up to n lapsed leases in one commit, walking the
+// lease index from just after the key after (from its start when nil);
+// seen counts the candidates read, settled those reclaimed or superseded,
+// and last is the last candidate's key.
+func (s *Store) reclaimSome(ctx context.Context, now int64, n int, after []byte) (out []engine.Dispatch, seen, settled int, last []byte, err error) {
+	var start []byte
+	if after != nil {
+		start = append(after[:len(after):len(after)], 0) // the least key above after
+	}
 	err = s.update(ctx, "reclaim", func(w *writeTx) error {
-		out, seen, settled = out[:0], 0, 0
+		out, seen, settled, last = out[:0], 0, 0, nil
 		var ids []string
-		err := w.iterate([]byte{pLease}, nil, true, func(k, _ []byte) (bool, error) {
+		err := w.iterate([]byte{pLease}, start, true, func(k, _ []byte) (bool, error) {
 			if len(k) < 1+tsBytes || readTS(k[1:1+tsBytes]) >= now {
 				return false, nil
 			}
 			ids = append(ids, string(k[1+tsBytes:]))
+			last = append(last[:0], k...)
 			return len(ids) < n, nil
 		})
 		if err != nil {
@@ -830,7 +849,7 @@ func (s *Store) reclaimSome(ctx context.Context, now int64, n int) (out []engine
 		}
 		return nil
 	})
-	return out, seen, settled, err
+	return out, seen, settled, last, err
 }
 
 // purgeChunk bounds the dispatches one purge transaction deletes.

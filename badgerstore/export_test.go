@@ -153,3 +153,9 @@ func RunWaitingKey(createdAt int64, runID string) []byte { return runWaitingKey(
 
 // DataFormatKey exposes the key that records the directory's DataFormat.
 func DataFormatKey() []byte { return dataFormatKey }
+
+// LeaseKey exposes the lease-index key of a dispatch whose lease ends at
+// until.
+func LeaseKey(id string, until int64) []byte {
+	return leaseKey(&engine.Dispatch{DispatchID: id, LeaseUntil: until})
+}

@@ -1,10 +1,12 @@
 package badgerstore_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -97,6 +99,80 @@ func TestReclaimLargeBacklogInChunks(t *testing.T) {
 		t.Fatalf("after reclaim: %v", c)
 	}
 	verifyClean(t, s)
+}
+
+// Each chunk of a reclaim walks the lease index on from where the chunk
+// before it stopped. Index entries that name no lapsed claim (planted
+// here: the public API never leaves them) sit below the lapsed leases; a
+// walk from the start would step over them again in every chunk, and
+// reclaim one lease per chunk.
+func TestReclaimChunksWalkOnFromTheChunkBefore(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	const strays, lapsed = 63, 200
+	var planted [][]byte
+	for i := range strays {
+		d := queued(fmt.Sprintf("q%03d", i), fmt.Sprintf("q%03d", i), 1000)
+		if _, err := s.Enqueue(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		k := badgerstore.LeaseKey(d.DispatchID, int64(1+i)) // below every real lease
+		if err := s.RawSet(k, nil); err != nil {
+			t.Fatal(err)
+		}
+		planted = append(planted, k)
+	}
+	for i := range lapsed {
+		d := queued(fmt.Sprintf("d%03d", i), fmt.Sprintf("t%03d", i), 1000)
+		if _, err := s.Enqueue(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := s.Claim(ctx, d.ThreadID, "c", time.Second, 1000); err != nil || c == nil {
+			t.Fatalf("claim: %v %v", c, err)
+		}
+	}
+	before := commitsOK(t, s)
+	got, err := s.ReclaimExpired(ctx, 1_000_000, 1000)
+	if err != nil {
+		t.Fatalf("reclaim: %v", err)
+	}
+	if len(got) != lapsed {
+		t.Fatalf("reclaimed %d, want %d", len(got), lapsed)
+	}
+	// 263 entries in chunks of 64: 5 commits (a walk from the start
+	// takes one per lapsed lease).
+	if n := commitsOK(t, s) - before; n > 5 {
+		t.Fatalf("reclaim took %d commits, want at most 5", n)
+	}
+	for _, k := range planted {
+		if err := s.RawDelete(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, _ := s.CountByStatus(ctx)
+	if c.Get(engine.StatusClaimed) != 0 || c.Get(engine.StatusQueued) != strays+lapsed {
+		t.Fatalf("after reclaim: %v", c)
+	}
+	verifyClean(t, s)
+}
+
+// commitsOK reads mailbox_store_commits_total{result="ok"}.
+func commitsOK(t *testing.T, s *badgerstore.Store) int {
+	t.Helper()
+	var b bytes.Buffer
+	s.Metrics().WritePrometheus(&b)
+	for line := range strings.Lines(b.String()) {
+		if v, ok := strings.CutPrefix(line, `mailbox_store_commits_total{result="ok"} `); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no commit counter in %s", b.String())
+	return 0
 }
 
 func TestLongErrorTextsAreCut(t *testing.T) {
