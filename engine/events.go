@@ -86,6 +86,12 @@ func NewEventLog(capacity int) *EventLog {
 func (l *EventLog) Append(data []byte) uint64 { return l.appendTyped(eventType(data), data) }
 
 func (l *EventLog) appendTyped(typ string, data []byte) uint64 {
+	return l.appendWaking(typ, data, true)
+}
+
+// appendWaking is appendTyped; with wake false the readers waiting for
+// the event are not woken (WakeReaders does it later).
+func (l *EventLog) appendWaking(typ string, data []byte, wake bool) uint64 {
 	cp := append([]byte(nil), data...)
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -101,8 +107,18 @@ func (l *EventLog) appendTyped(typ string, data []byte) uint64 {
 		l.ring[int((seq-l.base)%uint64(l.limit))] = e
 	}
 	l.first = seq - uint64(len(l.ring)) + 1
-	l.wakeLocked()
+	if wake {
+		l.wakeLocked()
+	}
 	return seq
+}
+
+// WakeReaders wakes the readers waiting for an event (Read's wait
+// channel), as Append does.
+func (l *EventLog) WakeReaders() {
+	l.mu.Lock()
+	l.wakeLocked()
+	l.mu.Unlock()
 }
 
 func (l *EventLog) wakeLocked() {

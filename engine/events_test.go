@@ -154,3 +154,35 @@ func TestEventLogNumberedAfterAnEarlierAttempt(t *testing.T) {
 		}
 	}
 }
+
+// A run's sink can append without waking the log's readers (QuietSink):
+// they are woken by WakeReaders, and see every event appended before it.
+func TestRunSinkEmitQuietWakesOnlyOnWakeReaders(t *testing.T) {
+	e := &execution{events: NewEventLog(8)}
+	var s QuietSink = runSink{e}
+	_, _, _, wait := e.events.Read(0, 10, nil)
+	s.EmitQuiet([]byte(`{"type":"run_start"}`))
+	s.EmitQuiet([]byte(`{"type":"text_delta"}`))
+	select {
+	case <-wait:
+		t.Fatal("EmitQuiet woke the reader")
+	default:
+	}
+	s.WakeReaders()
+	select {
+	case <-wait:
+	default:
+		t.Fatal("WakeReaders did not wake the reader")
+	}
+	evs, _, _, _ := e.events.Read(0, 10, nil)
+	if len(evs) != 2 || evs[0].Type != "run_start" || evs[1].Type != "text_delta" {
+		t.Fatalf("events %v", evs)
+	}
+	_, _, _, wait = e.events.Read(2, 10, nil)
+	s.Emit([]byte(`{"type":"run_finish"}`))
+	select {
+	case <-wait:
+	default:
+		t.Fatal("Emit did not wake the reader")
+	}
+}

@@ -293,7 +293,15 @@ func (m *Mailbox) signalIdleLocked() {
 // runSink feeds a run's events into its EventLog and tracks suspension.
 type runSink struct{ e *execution }
 
-func (s runSink) Emit(data []byte) {
+func (s runSink) Emit(data []byte) { s.emit(data, true) }
+
+// EmitQuiet implements QuietSink.
+func (s runSink) EmitQuiet(data []byte) { s.emit(data, false) }
+
+// WakeReaders implements QuietSink.
+func (s runSink) WakeReaders() { s.e.events.WakeReaders() }
+
+func (s runSink) emit(data []byte, wake bool) {
 	typ := eventType(data)
 	switch suspensionChange(typ, data) {
 	case 1:
@@ -306,7 +314,7 @@ func (s runSink) Emit(data []byte) {
 	if typ == "run_finish" {
 		s.e.sawFinish.Store(true)
 	}
-	s.e.events.appendTyped(typ, data)
+	s.e.events.appendWaking(typ, data, wake)
 }
 
 // execute is one attempt, from the pre-flight checks to the settled

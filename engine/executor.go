@@ -35,6 +35,22 @@ type EventSink interface {
 	Emit(data []byte)
 }
 
+// QuietSink is an EventSink that can hold back waking the readers of its
+// events (the SSE streams). An executor that takes several frames from
+// one read of the agent's socket emits each event with EmitQuiet and
+// calls WakeReaders once it has handled the frames it has read: the
+// readers are woken once per read, not once per event, and after the
+// run's other frames of that read (a CHECKPOINT) were handed on. On a
+// busy processor Go runs the goroutine woken last first, so the stream
+// writer then goes before the checkpoint's commit instead of after it.
+type QuietSink interface {
+	EventSink
+	// EmitQuiet is Emit without waking the readers.
+	EmitQuiet(data []byte)
+	// WakeReaders wakes the readers of the events emitted so far.
+	WakeReaders()
+}
+
 // RunRequest is one attempt of a run as the executor sees it: the durable
 // run record's request, rebuilt, plus the thread history the agent needs.
 type RunRequest struct {

@@ -303,6 +303,24 @@ func (r *Reader) ReadFrame() (Frame, error) {
 	return f, err
 }
 
+// FrameBuffered reports whether the next frame is already read in whole
+// (ReadFrame returns it without reading the connection): a reader that
+// defers work until its input runs dry asks this before it would block.
+func (r *Reader) FrameBuffered() bool {
+	if r.err != nil || r.br.Buffered() < HeaderSize {
+		return false
+	}
+	hdr, err := r.br.Peek(HeaderSize) // buffered: does not read
+	if err != nil {
+		return false
+	}
+	h, err := DecodeHeader(hdr, r.maxFrame)
+	if err != nil {
+		return true // ReadFrame fails at once, without reading
+	}
+	return r.br.Buffered() >= HeaderSize+int(h.Length)
+}
+
 func (r *Reader) readFrame() (Frame, error) {
 	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
 		if err == io.EOF {

@@ -622,3 +622,39 @@ func (l *loopReader) Read(p []byte) (int, error) {
 	l.off = (l.off + n) % len(l.data)
 	return n, nil
 }
+
+// FrameBuffered tells whether the next frame is read in whole, without
+// reading the source.
+func TestFrameBuffered(t *testing.T) {
+	t.Parallel()
+	ev := AppendFrame(nil, TypeEvent, 0, 1, []byte(`{"type":"run_start"}`))
+	data := append(append(append([]byte(nil), ev...), ev...), ev[:len(ev)-3]...) // two frames and most of a third
+	r := NewReader(&chunkReader{data: data, size: func() int { return len(data) }}, ReaderConfig{})
+	if r.FrameBuffered() {
+		t.Fatal("buffered before anything was read")
+	}
+	for i, want := range []bool{true, false} {
+		if _, err := r.ReadFrame(); err != nil {
+			t.Fatal(err)
+		}
+		if got := r.FrameBuffered(); got != want {
+			t.Fatalf("after frame %d: FrameBuffered %v, want %v", i+1, got, want)
+		}
+	}
+	// A header the Reader rejects: ReadFrame fails at once, so it counts
+	// as buffered (the caller would not block).
+	bad := append(append([]byte(nil), ev...), rawHeader(DefaultMaxFrame+1, byte(TypeEvent), 0, 1)...)
+	r = NewReader(&chunkReader{data: bad, size: func() int { return len(bad) }}, ReaderConfig{})
+	if _, err := r.ReadFrame(); err != nil {
+		t.Fatal(err)
+	}
+	if !r.FrameBuffered() {
+		t.Fatal("a rejected header is not reported as buffered")
+	}
+	if _, err := r.ReadFrame(); !errors.Is(err, ErrFrameTooLarge) {
+		t.Fatalf("read of the rejected header: %v", err)
+	}
+	if r.FrameBuffered() {
+		t.Fatal("FrameBuffered after a failed read")
+	}
+}

@@ -36,6 +36,13 @@ type conn struct {
 	anyID    bool
 	agents   map[string]struct{}
 
+	// quiet holds the streams whose events the reader emitted without
+	// waking their readers (engine.QuietSink), and quietFrames counts the
+	// frames read since; the reader wakes them once it has no whole frame
+	// left to read, or every maxQuietFrames frames. Owned by the reader.
+	quiet       []*stream
+	quietFrames int
+
 	recvAt atomic.Int64 // Unix ns of the last frame received, for the heartbeat
 	sentAt atomic.Int64 // Unix ns of the last frame sent, for the heartbeat
 
@@ -317,6 +324,7 @@ func (c *conn) heartbeat() {
 // stream 0) stops it at once.
 func (c *conn) readLoop() {
 	defer close(c.readDone)
+	defer c.wakeQuiet()
 	for {
 		f, err := c.r.ReadFrame()
 		if err != nil {
@@ -330,7 +338,28 @@ func (c *conn) readLoop() {
 			c.readFailed(err)
 			return
 		}
+		if len(c.quiet) > 0 {
+			if c.quietFrames++; c.quietFrames >= maxQuietFrames || !c.r.FrameBuffered() {
+				c.wakeQuiet()
+			}
+		}
 	}
+}
+
+// maxQuietFrames bounds the frames read between an event and the wake of
+// its readers while the agent keeps the reader's buffer full.
+const maxQuietFrames = 64
+
+// wakeQuiet wakes the readers of the events emitted quietly since the
+// last call. It runs after the frames of one read were handed on (a
+// CHECKPOINT to its run's goroutine): the stream writers, woken last, run
+// first (see engine.QuietSink).
+func (c *conn) wakeQuiet() {
+	for i, st := range c.quiet {
+		st.sink.(engine.QuietSink).WakeReaders()
+		c.quiet[i] = nil
+	}
+	c.quiet, c.quietFrames = c.quiet[:0], 0
 }
 
 func (c *conn) readFailed(err error) {
@@ -434,7 +463,14 @@ func (c *conn) onEvent(f *ipc.Frame) error {
 	}
 	st.mu.Lock()
 	if !st.closed {
-		st.sink.Emit(f.Payload)
+		if qs, ok := st.sink.(engine.QuietSink); ok {
+			qs.EmitQuiet(f.Payload)
+			if n := len(c.quiet); n == 0 || c.quiet[n-1] != st {
+				c.quiet = append(c.quiet, st)
+			}
+		} else {
+			st.sink.Emit(f.Payload)
+		}
 	}
 	st.mu.Unlock()
 	c.h.m.events.Inc()

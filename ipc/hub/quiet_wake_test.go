@@ -1,0 +1,87 @@
+package hub_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
+)
+
+// quietSink records, in order, the events emitted quietly ("q:<event>")
+// and loudly ("e:<event>") and each wake of the readers ("wake").
+type quietSink struct {
+	mu  sync.Mutex
+	ops []string
+}
+
+func (s *quietSink) add(op string) {
+	s.mu.Lock()
+	s.ops = append(s.ops, op)
+	s.mu.Unlock()
+}
+
+func (s *quietSink) Emit(data []byte)      { s.add("e:" + string(data)) }
+func (s *quietSink) EmitQuiet(data []byte) { s.add("q:" + string(data)) }
+func (s *quietSink) WakeReaders()          { s.add("wake") }
+
+func (s *quietSink) got() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Join(s.ops, " ")
+}
+
+var _ engine.QuietSink = (*quietSink)(nil)
+
+// The hub emits a run's events quietly and wakes their readers once per
+// read of the agent's socket, after the read's other frames; and it wakes
+// them before it waits for more input, also when part of the next frame
+// has arrived.
+func TestEventReadersAreWokenOncePerRead(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	req := request("t1")
+	req.Checkpoint = func(context.Context, engine.RunCheckpoint) error { return nil }
+	s := &quietSink{}
+	out := make(chan engine.RunOutcome, 1)
+	go func() { out <- r.hub.Run(context.Background(), req, s) }()
+	a.expect(ipc.TypeRun, 1)
+
+	// Two events and a checkpoint in one write.
+	var b []byte
+	b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 1, []byte(`{"type":"a"}`))
+	b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 1, []byte(`{"type":"b"}`))
+	b = ipc.AppendFrame(b, ipc.TypeCheckpoint, 0, 1, []byte(`{"seq":1}`))
+	if _, err := a.nc.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	a.expect(ipc.TypeCheckpointAck, 1)
+	eventually(t, "the wake", func() bool { return strings.HasSuffix(s.got(), "wake") })
+	if got, want := s.got(), `q:{"type":"a"} q:{"type":"b"} wake`; got != want {
+		t.Fatalf("sink saw %q, want %q", got, want)
+	}
+
+	// An event, then the first bytes of the next: its readers are woken
+	// while the hub waits for the rest.
+	c := ipc.AppendFrame(nil, ipc.TypeEvent, 0, 1, []byte(`{"type":"c"}`))
+	d := ipc.AppendFrame(nil, ipc.TypeEvent, 0, 1, []byte(`{"type":"d"}`))
+	if _, err := a.nc.Write(append(c, d[:ipc.HeaderSize+2]...)); err != nil {
+		t.Fatal(err)
+	}
+	want := `q:{"type":"a"} q:{"type":"b"} wake q:{"type":"c"} wake`
+	eventually(t, "the wake of c", func() bool { return s.got() == want })
+	if _, err := a.nc.Write(d[ipc.HeaderSize+2:]); err != nil {
+		t.Fatal(err)
+	}
+	want += ` q:{"type":"d"} wake`
+	eventually(t, "the wake of d", func() bool { return s.got() == want })
+
+	a.send(ipc.TypeFinish, 1, finishDone("ok"))
+	if o := <-out; o.Kind != engine.OutcomeCompleted {
+		t.Fatalf("outcome %+v", o)
+	}
+}
