@@ -416,6 +416,11 @@ type Writer struct {
 	yieldSkip, yieldBackoff int
 	hdr                     [HeaderSize]byte
 	err                     error // first write error; returned by every later call
+	// failedGroup is the group whose write failed, and failedN the bytes
+	// of it written before: its frames that ended within them went out
+	// whole, and their calls succeed.
+	failedGroup uint64
+	failedN     int
 }
 
 // NewWriter returns a Writer over w.
@@ -435,7 +440,11 @@ func NewWriter(w io.Writer, cfg WriterConfig) *Writer {
 // (see Writer). It refuses an unknown type (ErrUnknownType) and a payload
 // above MaxFrame (ErrFrameTooLarge) without writing anything; it does not
 // check JSON payloads (see CheckPayload). A failed write leaves the stream
-// unusable, so it is final: every later call returns the same error.
+// unusable, so it is final: every later call returns the same error. A
+// call returns nil when its frame went out whole, also when the write
+// that carried it failed on a frame after it: the peer may have it, so
+// an error means the frame did not reach the stream whole, and a peer
+// never acts on part of a frame.
 func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload []byte) error {
 	return w.write(typ, flags, stream, payload, nil)
 }
@@ -447,7 +456,9 @@ func (w *Writer) WriteFrame(typ FrameType, flags uint8, stream uint64, payload [
 // refused or the stream has already failed; true when the frame has its
 // place (its write may still fail). A caller that orders its frames
 // under a lock of its own releases it in queued, so that the lock is not
-// held while the frame waits for a yield or for the write.
+// held while the frame waits for a yield or for the write. queued must not
+// write through w (the frame may be waiting for it to return: a deadlock)
+// and must not panic.
 func (w *Writer) WriteFrameQueued(typ FrameType, flags uint8, stream uint64, payload []byte, queued func(placed bool)) error {
 	return w.write(typ, flags, stream, payload, queued)
 }
@@ -482,22 +493,24 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 		call(queued, true)
 		h.Encode(&w.hdr)
 		bufs := net.Buffers{w.hdr[:], payload}
-		_, err := bufs.WriteTo(w.w)
+		n, err := bufs.WriteTo(w.w)
 		w.mu.Lock()
-		return w.ended(group, err, 1, typ, stream)
+		return w.ended(group, err, int(n), 1, typ, stream, HeaderSize+len(payload))
 	}
 	var hdr [HeaderSize]byte
 	h.Encode(&hdr)
 	w.fill = append(append(w.fill, hdr[:]...), payload...)
 	w.frames++
+	end := len(w.fill) // the caller's frame ends here in its group's write
 	group := w.taken + 1
 	if queued != nil {
 		w.mu.Unlock()
 		queued(true)
 		w.mu.Lock()
-		if w.taken >= group {
-			// Another call took the group meanwhile.
-			return w.await(group, typ, stream)
+		if w.taken >= group || w.err != nil {
+			// Another call took the group meanwhile, or a write failed:
+			// the stream is not to be written again.
+			return w.await(group, end, typ, stream)
 		}
 	}
 	if w.writing {
@@ -505,9 +518,9 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 			// A control frame does not wait for the leader's yield: it
 			// writes the group now, the yielding leader's frame with it.
 			w.gathering = false
-			return w.lead(typ, stream)
+			return w.lead(typ, stream, end)
 		}
-		return w.await(group, typ, stream)
+		return w.await(group, end, typ, stream)
 	}
 	w.writing = true
 	// Frames of calls that waited for the last write (w.frames > 1)
@@ -519,7 +532,7 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 		w.yieldSkip--
 	}
 	if !yield {
-		return w.lead(typ, stream)
+		return w.lead(typ, stream, end)
 	}
 	w.gathering = true
 	w.mu.Unlock()
@@ -529,11 +542,22 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 	w.mu.Lock()
 	if w.taken >= group {
 		// A control frame took the group over while this call yielded.
-		return w.await(group, typ, stream)
+		return w.await(group, end, typ, stream)
 	}
 	w.gathering = false
 	w.adaptYield(w.frames > 1)
-	return w.lead(typ, stream)
+	return w.lead(typ, stream, end)
+}
+
+// MaxFrame is the largest payload the Writer writes.
+func (w *Writer) MaxFrame() uint32 { return w.maxFrame }
+
+// Waiting reports how many frames wait for the Writer's next write (the
+// group being gathered), for diagnostics and tests.
+func (w *Writer) Waiting() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.frames
 }
 
 // call calls f(placed) unless f is nil.
@@ -543,22 +567,32 @@ func call(f func(placed bool), placed bool) {
 	}
 }
 
-// await waits until group, which holds the caller's frame, is written,
-// and leads it if the write before it ends first. Called with w.mu held;
-// it unlocks.
-func (w *Writer) await(group uint64, typ FrameType, stream uint64) error {
+// await waits until group, which holds the caller's frame (of type typ
+// on stream, ending at byte end of the group's write), is written, and
+// leads it if the write before it ends first. Called with w.mu held; it
+// unlocks.
+func (w *Writer) await(group uint64, end int, typ FrameType, stream uint64) error {
 	for w.written < group && w.err == nil {
 		if !w.writing {
-			return w.lead(typ, stream)
+			return w.lead(typ, stream, end)
 		}
 		w.turn.Wait()
 	}
-	var err error
-	if w.written < group {
-		err = w.err
-	}
+	err := w.result(group, end)
 	w.mu.Unlock()
 	return err
+}
+
+// result is the outcome of a frame that ends at byte end of group's
+// write: nil once the group is written, and also when the group's write
+// failed after the frame's last byte went out (the frame reached the
+// stream whole, so its call must not report it unsent); otherwise the
+// stream's error. Called with w.mu held.
+func (w *Writer) result(group uint64, end int) error {
+	if w.written >= group || group == w.failedGroup && end <= w.failedN {
+		return nil
+	}
+	return w.err
 }
 
 // bulk reports whether frames of type t carry a run's work, which can
@@ -592,38 +626,39 @@ func (w *Writer) adaptYield(gathered bool) {
 	w.yieldSkip = w.yieldBackoff
 }
 
-// lead writes the waiting frames, the caller's among them, and ends the
-// turn. Called with w.mu held and w.writing set; it unlocks.
-func (w *Writer) lead(typ FrameType, stream uint64) error {
+// lead writes the waiting frames, the caller's among them (ending at
+// byte end of the write), and ends the turn; typ and stream name the
+// caller's frame in the error, when known. Called with w.mu held and
+// w.writing set; it unlocks.
+func (w *Writer) lead(typ FrameType, stream uint64, end int) error {
 	w.writing = true
 	buf, frames := w.fill, w.frames
 	w.fill, w.frames, w.spare = w.spare[:0], 0, nil
 	w.taken++
 	group := w.taken
 	w.mu.Unlock()
-	_, err := w.w.Write(buf)
+	n, err := w.w.Write(buf)
 	w.mu.Lock()
 	if cap(buf) <= 4*w.bufSize {
 		w.spare = buf[:0]
 	}
-	return w.ended(group, err, frames, typ, stream)
+	return w.ended(group, err, n, frames, typ, stream, end)
 }
 
-// ended records the end of a group's write and wakes the waiting calls;
-// it unlocks w.mu and returns the group's error.
-func (w *Writer) ended(group uint64, err error, frames int, typ FrameType, stream uint64) error {
+// ended records the end of a group's write (n bytes of it written) and
+// wakes the waiting calls; it unlocks w.mu and returns the outcome of
+// the caller's frame, which ends at byte end.
+func (w *Writer) ended(group uint64, err error, n, frames int, typ FrameType, stream uint64, end int) error {
 	if err != nil && w.err == nil {
-		w.err = fmt.Errorf("ipc: write %s frame on stream %d (%d frames in the write): %w", typ, stream, frames, err)
+		w.err = fmt.Errorf("ipc: write %s frame on stream %d (%d frames in the write, %d bytes of it written): %w", typ, stream, frames, n, err)
+		w.failedGroup, w.failedN = group, n
 	}
 	if w.err == nil {
 		w.written = group
 	}
 	w.writing = false
 	w.turn.Broadcast()
-	err = nil
-	if w.written < group {
-		err = w.err
-	}
+	err = w.result(group, end)
 	w.mu.Unlock()
 	return err
 }

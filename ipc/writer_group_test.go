@@ -543,3 +543,86 @@ func TestWriterKeepsOrderUnderConcurrency(t *testing.T) {
 		t.Fatalf("follower: %d frames, want %d", next[99], frames)
 	}
 }
+
+// A frame whose queued callback runs while another call's write fails is
+// not written afterwards: the stream is not written again once a write
+// has failed (a partial frame may lie in it).
+func TestWriterWritesNothingAfterAFailureDuringACallback(t *testing.T) {
+	gw := newGateWriter(errors.New("boom"))
+	w := NewWriter(gw, WriterConfig{})
+	first := make(chan error, 1)
+	go func() { first <- w.WriteFrame(TypePing, 0, 0, make([]byte, PingSize)) }()
+	<-gw.entered // the first write is under way, and will fail
+
+	inCallback, release := make(chan struct{}), make(chan struct{})
+	second := make(chan error, 1)
+	go func() {
+		second <- w.WriteFrameQueued(TypeEvent, 0, 2, []byte(`{"type":"x"}`), func(bool) {
+			close(inCallback)
+			<-release
+		})
+	}()
+	<-inCallback
+	close(gw.release)
+	if err := <-first; err == nil {
+		t.Fatal("the failed write returned nil")
+	}
+	close(release)
+	if err := <-second; err == nil {
+		t.Fatal("the frame queued behind the failed write returned nil")
+	}
+	if n := len(gw.written()); n != 1 {
+		t.Fatalf("%d writes, want 1: a frame was written after the stream failed", n)
+	}
+}
+
+// cutWriter: its first write waits for release and succeeds; the second
+// writes only its first cut bytes and fails.
+type cutWriter struct {
+	entered, release chan struct{}
+	cut              int
+	mu               sync.Mutex
+	calls            int
+}
+
+func (c *cutWriter) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.calls++
+	n := c.calls
+	c.mu.Unlock()
+	if n == 1 {
+		close(c.entered)
+		<-c.release
+		return len(p), nil
+	}
+	return min(c.cut, len(p)), errors.New("write deadline exceeded")
+}
+
+// When a grouped write fails part way, the calls whose frames went out
+// whole before the failure succeed (their peer may process them: a caller
+// must not report them unsent and send them again); the others fail, and
+// so does every later call.
+func TestWriterFramesWrittenWholeBeforeAFailureSucceed(t *testing.T) {
+	ev := func(i int) []byte { return []byte(fmt.Sprintf(`{"type":"e%d"}`, i)) }
+	frameLen := HeaderSize + len(ev(0))
+	cw := &cutWriter{entered: make(chan struct{}), release: make(chan struct{}), cut: 2*frameLen + 3} // A, B and 3 bytes of C
+	w := NewWriter(cw, WriterConfig{})
+	go w.WriteFrame(TypePing, 0, 0, make([]byte, PingSize))
+	<-cw.entered
+	errs := make([]chan error, 3)
+	for i := range errs {
+		errs[i] = make(chan error, 1)
+		go func() { errs[i] <- w.WriteFrame(TypeEvent, 0, uint64(i+1), ev(i)) }()
+		waitQueued(t, w, i+1) // A, B, C in this order
+	}
+	close(cw.release)
+	for i, want := range []bool{true, true, false} {
+		err := <-errs[i]
+		if (err == nil) != want {
+			t.Errorf("frame %c: err %v, want success %v", 'A'+i, err, want)
+		}
+	}
+	if err := w.WriteFrame(TypePing, 0, 0, make([]byte, PingSize)); err == nil {
+		t.Error("a write after the failure succeeded")
+	}
+}

@@ -863,3 +863,26 @@ func TestWelcomeFramesAfter(t *testing.T) {
 		t.Fatalf("message sizes %d, %d", a, b)
 	}
 }
+
+// A result too large for a frame still ends the run at the sidecar: a
+// permanent failure, result_too_large, instead of no FINISH at all.
+func TestResultLargerThanMaxFrameFailsTheRun(t *testing.T) {
+	t.Parallel()
+	h := startClient(t, Config{Handler: HandlerFunc(func(context.Context, *Run) Result {
+		return Done(strings.Repeat("x", 5000))
+	})}, harnessOpt{noHandshake: true})
+	fc := h.sc.accept()
+	fc.expect(ipc.TypeHello, 0)
+	w := testWelcome
+	w.MaxFrame = 4096
+	raw := ipc.AppendFrame(nil, ipc.TypeWelcome, 0, 0, mustMarshal(w))
+	raw = ipc.AppendFrame(raw, ipc.TypeRun, 0, 1, []byte(runJSON("r", "x")))
+	if _, err := fc.nc.Write(raw); err != nil {
+		t.Fatal(err)
+	}
+	f := fc.expect(ipc.TypeFinish, 1)
+	got := string(f.payload)
+	if !strings.Contains(got, `"code":"result_too_large"`) || !strings.Contains(got, `"kind":"permanent"`) || len(f.payload) > 4096 {
+		t.Fatalf("FINISH = %s", got)
+	}
+}

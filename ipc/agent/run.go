@@ -343,6 +343,13 @@ func (r *Run) finish(res Result) {
 	if err != nil {
 		r.logger().Error("run result does not encode", "err", err)
 		payload = mustMarshal(Transient("invalid_result", "agent returned a result that does not encode: "+err.Error()))
+	} else if limit := r.conn.w.MaxFrame(); uint64(len(payload)) > uint64(limit) {
+		// The sidecar would never hear of the run: it would hold its
+		// slot until the connection ends. Fail it instead, for good: a
+		// retry would most likely return as much again.
+		r.logger().Error("run result exceeds the sidecar's max_frame", "bytes", len(payload), "max_frame", limit)
+		payload = mustMarshal(Permanent("result_too_large", fmt.Sprintf(
+			"agent returned a result of %d bytes encoded; the sidecar takes frames of at most %d bytes (max_frame)", len(payload), limit)))
 	}
 
 	r.conn.closeStream(r.stream)
