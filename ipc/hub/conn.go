@@ -67,6 +67,12 @@ type conn struct {
 	// under it, so ids arrive in increasing order (docs/protocol.md).
 	runMu sync.Mutex
 
+	// pong carries the payload of the PONG owed for the agent's last
+	// PING from the reader to the heartbeat goroutine, which writes it:
+	// the reader never waits for a write to an agent that does not read
+	// (which may itself wait for this connection's reader).
+	pong chan [ipc.PingSize]byte
+
 	nextCmd atomic.Uint64
 	submits chan struct{} // semaphore of SUBMITs in flight
 	wg      sync.WaitGroup
@@ -184,6 +190,7 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 		streams:   make(map[uint64]*stream),
 		abandoned: make(map[uint64]struct{}),
 		submits:   make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
+		pong:      make(chan [ipc.PingSize]byte, 1),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.recvAt.Store(time.Now().UnixNano())
@@ -298,6 +305,12 @@ func (c *conn) heartbeat() {
 		select {
 		case <-c.dead:
 			return
+		case p := <-c.pong:
+			if err := c.write(ipc.TypePong, 0, p[:]); err != nil {
+				c.fail(fmt.Errorf("send PONG: %w", err), ipc.Status{})
+				return
+			}
+			continue
 		case <-t.C:
 		}
 		now := time.Now().UnixNano()
@@ -412,8 +425,14 @@ func (c *conn) handle(f *ipc.Frame) error {
 		if len(f.Payload) != ipc.PingSize {
 			return protocolErr("PING payload of %d bytes, want %d", len(f.Payload), ipc.PingSize)
 		}
-		if err := c.write(ipc.TypePong, 0, f.Payload); err != nil {
-			c.fail(fmt.Errorf("send PONG: %w", err), ipc.Status{})
+		// Written by the heartbeat goroutine. A PONG still owed for an
+		// earlier PING answers this one too: any frame shows the agent
+		// that this side is alive.
+		var p [ipc.PingSize]byte
+		copy(p[:], f.Payload)
+		select {
+		case c.pong <- p:
+		default:
 		}
 	case ipc.TypePong:
 	case ipc.TypeGoAway:

@@ -85,3 +85,47 @@ func TestEventReadersAreWokenOncePerRead(t *testing.T) {
 		t.Fatalf("outcome %+v", o)
 	}
 }
+
+// The hub goes on reading an agent that does not read: its PONGs, which
+// the agent does not take, are written by another goroutine than the
+// reader, so the agent's frames after a flood of PINGs still arrive. An
+// agent whose reader waits to write to the sidecar (a COMMAND_ACK) while
+// the sidecar's reader waits to write to it would otherwise hold both
+// until a write deadline failed the connection.
+func TestHubReadsAnAgentThatDoesNotRead(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	s := &quietSink{}
+	out := make(chan engine.RunOutcome, 1)
+	go func() { out <- r.hub.Run(context.Background(), request("t1"), s) }()
+	a.expect(ipc.TypeRun, 1)
+	// From here on the agent reads nothing until the end.
+	var b []byte
+	ping := make([]byte, ipc.PingSize)
+	for range 20000 { // 480 KB of PINGs: their PONGs overfill the socket's buffer
+		b = ipc.AppendFrame(b, ipc.TypePing, 0, 0, ping)
+	}
+	b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 1, []byte(`{"type":"after"}`))
+	written := make(chan error, 1)
+	go func() {
+		_, err := a.nc.Write(b)
+		written <- err
+	}()
+	eventually(t, "the event after the PINGs", func() bool { return strings.Contains(s.got(), `q:{"type":"after"}`) })
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	a.send(ipc.TypeFinish, 1, finishDone("ok"))
+	// The agent reads again: the PONGs owed, and the FINISH's effect.
+	go func() {
+		for {
+			if _, err := a.r.ReadFrame(); err != nil {
+				return
+			}
+		}
+	}()
+	if o := <-out; o.Kind != engine.OutcomeCompleted {
+		t.Fatalf("outcome %+v", o)
+	}
+}
