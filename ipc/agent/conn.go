@@ -650,7 +650,7 @@ type deadlineWriter struct {
 }
 
 func (d deadlineWriter) Write(p []byte) (int, error) {
-	if err := d.nc.SetWriteDeadline(time.Now().Add(time.Duration(d.timeout.Load()))); err != nil {
+	if err := ipc.SetWriteDeadline(d.nc, d.timeout); err != nil {
 		return 0, err
 	}
 	return d.nc.Write(p)

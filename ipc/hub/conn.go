@@ -86,7 +86,7 @@ type deadlineConn struct {
 }
 
 func (d deadlineConn) Write(p []byte) (int, error) {
-	if err := d.SetWriteDeadline(time.Now().Add(time.Duration(d.timeout.Load()))); err != nil {
+	if err := ipc.SetWriteDeadline(d.Conn, d.timeout); err != nil {
 		return 0, err
 	}
 	return d.Conn.Write(p)
