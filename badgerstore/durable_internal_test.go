@@ -592,3 +592,29 @@ func TestBatchWithoutWritesIsNotSynced(t *testing.T) {
 		t.Fatal("a write was answered without a memtable log sync")
 	}
 }
+
+// Once a log sync has failed, every write is refused as unavailable: no
+// operation runs, or is answered, on the failed batch's writes, which
+// Badger applied and the disk may not hold (found by review: a retried
+// CreateRun answered "already exists" for a run never acknowledged).
+func TestAfterAFailedSyncWritesAreUnavailableNotAnsweredFromTheFailedBatch(t *testing.T) {
+	s, l := openSynced(t, Options{Dir: t.TempDir()})
+	ctx := context.Background()
+	run := engine.RunRecord{RunID: "r2", ThreadID: "t-r2", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}
+	l.setFail(func(name string) error {
+		if strings.HasSuffix(name, memExt) {
+			return errors.New("injected: EIO")
+		}
+		return nil
+	})
+	if err := s.CreateRun(ctx, run); !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("create with a failing sync: %v", err)
+	}
+	l.setFail(nil)
+	if r, err := s.LoadRun(ctx, "r2"); r != nil || err != nil {
+		t.Fatalf("readers see the unacknowledged run: %v %v", r, err)
+	}
+	if err := s.CreateRun(ctx, run); !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("create again on the broken store: %v, want unavailable", err)
+	}
+}

@@ -579,6 +579,14 @@ func (s *Store) begin(b *building, w *writeTx) {
 // when o's writes do not fit b's transaction next to the others; o alone
 // not fitting an empty batch is answered with the error.
 func (s *Store) add(b *building, o *op, w *writeTx) bool {
+	if err := s.broken(); err != nil {
+		// A log sync failed: Badger holds the failed batch's writes,
+		// unsynced, and nothing read now is to be trusted or answered
+		// from (an operation's own error, "already exists" say, would be
+		// computed from them).
+		s.answer(o, fmt.Errorf("%s: %w", o.name, unavailable(err)))
+		return true
+	}
 	if err := s.space.check(s.opts); err != nil {
 		s.answer(o, fmt.Errorf("%s: %w", o.name, err))
 		return true
@@ -735,8 +743,13 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 			// writer cannot hand on, and must not be waited for.)
 			<-fl.handedOn
 		}
+		// Once a log sync has failed, an operation's own result may
+		// have been computed from a failed batch's unsynced writes (the
+		// batch was built on them, or rebuilt on a snapshot holding
+		// them): every operation gets the failure.
+		broken := cerr != nil && s.broken() != nil
 		for i, o := range fl.ops {
-			if fl.results[i] == nil {
+			if fl.results[i] == nil || broken {
 				fl.results[i] = cerr
 			}
 			s.answer(o, fl.results[i])
