@@ -318,7 +318,7 @@ func (r *Reader) FrameBuffered() bool {
 	if err != nil {
 		return true // ReadFrame fails at once, without reading
 	}
-	return r.br.Buffered() >= HeaderSize+int(h.Length)
+	return uint64(r.br.Buffered()) >= HeaderSize+uint64(h.Length)
 }
 
 func (r *Reader) readFrame() (Frame, error) {
@@ -626,9 +626,9 @@ func (w *Writer) adaptYield(gathered bool) {
 	w.yieldSkip = w.yieldBackoff
 }
 
-// lead writes the waiting frames, the caller's among them (ending at
-// byte end of the write), and ends the turn; typ and stream name the
-// caller's frame in the error, when known. Called with w.mu held and
+// lead writes the waiting frames, the caller's among them (of type typ
+// on stream, ending at byte end of the write; named in the error should
+// the write fail), and ends the turn. Called with w.mu held and
 // w.writing set; it unlocks.
 func (w *Writer) lead(typ FrameType, stream uint64, end int) error {
 	w.writing = true
