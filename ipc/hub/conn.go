@@ -72,6 +72,10 @@ type conn struct {
 	// the reader never waits for a write to an agent that does not read
 	// (which may itself wait for this connection's reader).
 	pong chan [ipc.PingSize]byte
+	// replies carries the answers the reader owes the agent (ERROR
+	// unknown_stream, a refused CHECKPOINT, a refused SUBMIT) to the
+	// heartbeat goroutine, which writes them, for the same reason.
+	replies chan answer
 
 	nextCmd atomic.Uint64
 	submits chan struct{} // semaphore of SUBMITs in flight
@@ -191,6 +195,7 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 		abandoned: make(map[uint64]struct{}),
 		submits:   make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
 		pong:      make(chan [ipc.PingSize]byte, 1),
+		replies:   make(chan answer, maxReplies),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.recvAt.Store(time.Now().UnixNano())
@@ -309,6 +314,14 @@ func (c *conn) heartbeat() {
 			if err := c.write(ipc.TypePong, 0, p[:]); err != nil {
 				c.fail(fmt.Errorf("send PONG: %w", err), ipc.Status{})
 				return
+			}
+			continue
+		case r := <-c.replies:
+			if err := c.write(r.typ, r.stream, r.payload); err != nil {
+				if !errors.Is(err, ipc.ErrFrameTooLarge) { // nothing was written
+					c.fail(fmt.Errorf("send %s: %w", r.typ, err), ipc.Status{})
+					return
+				}
 			}
 			continue
 		case <-t.C:
@@ -468,10 +481,49 @@ func (c *conn) stream(id uint64) *stream {
 func (c *conn) unknownStream(f *ipc.Frame) {
 	c.h.m.unknownStream.Inc()
 	c.log.Debug("frame for a stream that is not open", "type", f.Type, "stream", f.Stream)
-	_ = c.writeJSON(ipc.TypeError, f.Stream, ipc.Status{
+	c.answer(ipc.TypeError, f.Stream, ipc.Status{
 		Code:    ipc.CodeUnknownStream,
 		Message: fmt.Sprintf("%s for stream %d, which is not open", f.Type, f.Stream),
-	})
+	}, true)
+}
+
+// maxReplies is how many of the reader's answers may wait for the
+// heartbeat goroutine to write them.
+const maxReplies = 64
+
+// answer is a frame the reader owes the agent.
+type answer struct {
+	typ     ipc.FrameType
+	stream  uint64
+	payload []byte
+}
+
+// answer hands an answer to the heartbeat goroutine, which writes it: the
+// reader never waits for a write to an agent that does not read. When
+// maxReplies answers already wait, an answer that may be dropped is
+// (ERROR unknown_stream: the frame it answers has been ignored either
+// way); any other waits for room, which comes once a write completes or
+// fails the connection on its deadline.
+func (c *conn) answer(typ ipc.FrameType, stream uint64, v any, droppable bool) {
+	p, err := json.Marshal(v)
+	if err != nil {
+		c.log.Error("encode answer", "type", typ, "err", err)
+		return
+	}
+	r := answer{typ: typ, stream: stream, payload: p}
+	select {
+	case c.replies <- r:
+		return
+	default:
+	}
+	if droppable {
+		c.h.m.repliesDropped.Inc()
+		return
+	}
+	select {
+	case c.replies <- r:
+	case <-c.dead:
+	}
 }
 
 func (c *conn) onEvent(f *ipc.Frame) error {
@@ -623,19 +675,19 @@ func (c *conn) onSubmit(f *ipc.Frame) error {
 			Req string `json:"req"`
 		}
 		_ = json.Unmarshal(f.Payload, &req)
-		_ = c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: req.Req, Error: &ipc.Status{Code: "validation", Message: "SUBMIT: " + err.Error()}})
+		c.answer(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: req.Req, Error: &ipc.Status{Code: "validation", Message: "SUBMIT: " + err.Error()}}, false)
 		return nil
 	}
 	c.h.m.submits.Inc()
 	sub := c.h.submitter.Load()
 	if sub == nil || *sub == nil {
-		_ = c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}})
+		c.answer(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}}, false)
 		return nil
 	}
 	select {
 	case c.submits <- struct{}{}:
 	default:
-		_ = c.writeJSON(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("more than %d SUBMITs in flight", cap(c.submits))}})
+		c.answer(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("more than %d SUBMITs in flight", cap(c.submits))}}, false)
 		return nil
 	}
 	c.wg.Add(1)

@@ -471,7 +471,7 @@ type hubMetrics struct {
 	connects, protocolErrors, events                 *metrics.Counter
 	checkpoints, checkpointErrors, checkpointRefused *metrics.Counter
 	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed   *metrics.Counter
-	unknownStream, submits                           *metrics.Counter
+	unknownStream, submits, repliesDropped           *metrics.Counter
 	runs                                             map[engine.OutcomeKind]*metrics.Counter
 }
 
@@ -491,6 +491,7 @@ func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 		cmdFailed:         s.NewCounter(`mailbox_agent_commands_total{result="failed"}`),
 		unknownStream:     s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
 		submits:           s.NewCounter("mailbox_agent_submits_total"),
+		repliesDropped:    s.NewCounter("mailbox_agent_replies_dropped_total"),
 		runs:              make(map[engine.OutcomeKind]*metrics.Counter),
 	}
 	for _, k := range []engine.OutcomeKind{engine.OutcomeCompleted, engine.OutcomeTransient, engine.OutcomePermanent, engine.OutcomeAbandoned} {

@@ -129,3 +129,61 @@ func TestHubReadsAnAgentThatDoesNotRead(t *testing.T) {
 		t.Fatalf("outcome %+v", o)
 	}
 }
+
+// The same for the hub's answers to frames it refuses: a flood of EVENTs
+// for a stream that is not open, from an agent that does not read, is
+// answered by another goroutine than the reader, and the answers beyond
+// those that can wait are dropped and counted, so that the agent's next
+// frame for its open stream still arrives and the connection stays up.
+func TestHubReadsAnAgentFloodingAClosedStreamThatDoesNotRead(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	s := &quietSink{}
+	out := make(chan engine.RunOutcome, 1)
+	go func() { out <- r.hub.Run(context.Background(), request("t1"), s) }()
+	a.expect(ipc.TypeRun, 1)
+	// From here on the agent reads nothing until the end.
+	var b []byte
+	for range 20000 { // each answered by an ERROR of about 70 bytes: 1.4 MB, more than the socket buffers
+		b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 7, []byte(`{}`))
+	}
+	b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 1, []byte(`{"type":"after"}`))
+	written := make(chan error, 1)
+	go func() {
+		_, err := a.nc.Write(b)
+		written <- err
+	}()
+	eventually(t, "the event after the flood", func() bool { return strings.Contains(s.got(), `q:{"type":"after"}`) })
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	var m strings.Builder
+	r.hub.Metrics().WritePrometheus(&m)
+	if !strings.Contains(m.String(), "mailbox_agent_unknown_stream_frames_total 20000") {
+		t.Fatalf("unknown-stream frames not all counted:\n%s", m.String())
+	}
+	if strings.Contains(m.String(), "mailbox_agent_replies_dropped_total 0") {
+		t.Fatalf("no answer dropped:\n%s", m.String())
+	}
+	a.send(ipc.TypeFinish, 1, finishDone("ok"))
+	// The agent reads again: the answers that waited, then the run's end.
+	answered := make(chan struct{})
+	go func() {
+		once := sync.OnceFunc(func() { close(answered) })
+		for {
+			f, err := a.r.ReadFrame()
+			if err != nil {
+				return
+			}
+			if f.Type == ipc.TypeError && f.Stream == 7 && strings.Contains(string(f.Payload), ipc.CodeUnknownStream) {
+				once()
+			}
+		}
+	}()
+	if o := <-out; o.Kind != engine.OutcomeCompleted {
+		t.Fatalf("outcome %+v", o)
+	}
+	<-answered
+	eventually(t, "the connection still up", func() bool { return r.hub.Capacity() == 1 })
+}

@@ -480,9 +480,10 @@ func (c *conn) backlogOutcome(b *backlogOverflow) *engine.RunOutcome {
 }
 
 // refuseCheckpoint answers a CHECKPOINT that is not applied with ERROR
-// checkpoint_failed on its stream.
+// checkpoint_failed on its stream, through the heartbeat goroutine (it is
+// called by the reader).
 func (c *conn) refuseCheckpoint(stream, seq uint64, why string) {
-	_ = c.writeJSON(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: why, Seq: &seq})
+	c.answer(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: why, Seq: &seq}, false)
 }
 
 // checkpoint persists one CHECKPOINT and answers it.
