@@ -24,3 +24,35 @@ func SetWriteDeadline(nc net.Conn, timeout *atomic.Int64) error {
 		t = now
 	}
 }
+
+// DeadlineWriter writes to a connection, each write bounded by Timeout
+// (nanoseconds, see SetWriteDeadline). Its WriteBuffers keeps the
+// connection's vectored write (writev on sockets), which a wrapper around
+// a net.Conn otherwise hides from net.Buffers.
+type DeadlineWriter struct {
+	Conn    net.Conn
+	Timeout *atomic.Int64
+}
+
+// Write writes p by the deadline.
+func (d DeadlineWriter) Write(p []byte) (int, error) {
+	if err := SetWriteDeadline(d.Conn, d.Timeout); err != nil {
+		return 0, err
+	}
+	return d.Conn.Write(p)
+}
+
+// WriteBuffers writes bufs by the deadline, in one system call where the
+// connection can.
+func (d DeadlineWriter) WriteBuffers(bufs *net.Buffers) (int64, error) {
+	if err := SetWriteDeadline(d.Conn, d.Timeout); err != nil {
+		return 0, err
+	}
+	return bufs.WriteTo(d.Conn)
+}
+
+// BuffersWriter is a writer that writes several buffers at once; the
+// Writer uses it for a frame too large to copy.
+type BuffersWriter interface {
+	WriteBuffers(bufs *net.Buffers) (int64, error)
+}

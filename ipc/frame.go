@@ -493,7 +493,13 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 		call(queued, true)
 		h.Encode(&w.hdr)
 		bufs := net.Buffers{w.hdr[:], payload}
-		n, err := bufs.WriteTo(w.w)
+		var n int64
+		var err error
+		if bw, ok := w.w.(BuffersWriter); ok {
+			n, err = bw.WriteBuffers(&bufs)
+		} else {
+			n, err = bufs.WriteTo(w.w)
+		}
 		w.mu.Lock()
 		return w.ended(group, err, int(n), 1, typ, stream, HeaderSize+len(payload))
 	}

@@ -3,10 +3,13 @@ package ipc
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // benchPayloadSize is the EVENT payload of the read/write benchmarks; the raw
@@ -178,4 +181,56 @@ func framesOverUnixSocket(b *testing.B, writers int) *countingConn {
 	}
 	reportFrames(b, b.N)
 	return cc
+}
+
+// writeOnly hides a connection's vectored write, as a plain wrapper
+// around a net.Conn does: net.Buffers then writes buffer by buffer.
+type writeOnly struct{ w io.Writer }
+
+func (o writeOnly) Write(p []byte) (int, error) { return o.w.Write(p) }
+
+// BenchmarkLargeFrameOverUnixSocket writes frames too large to copy
+// through a DeadlineWriter (one writev each) and, for comparison in the
+// same run, through a wrapper that hides the vectored write (a write for
+// the header, another for the payload).
+func BenchmarkLargeFrameOverUnixSocket(b *testing.B) {
+	for _, size := range []int{64 << 10, 1 << 20} {
+		for _, mode := range []string{"deadline", "write-only"} {
+			b.Run(fmt.Sprintf("payload=%dKiB/writer=%s", size>>10, mode), func(b *testing.B) {
+				client, server := unixPair(b)
+				timeout := new(atomic.Int64)
+				timeout.Store(int64(time.Minute))
+				var out io.Writer = DeadlineWriter{Conn: client, Timeout: timeout}
+				if mode == "write-only" {
+					out = writeOnly{out}
+				}
+				payload := []byte(`{"d":"` + strings.Repeat("x", size-8) + `"}`)
+				w := NewWriter(out, WriterConfig{})
+				r := NewReader(server, ReaderConfig{})
+				b.SetBytes(int64(HeaderSize + len(payload)))
+				b.ReportAllocs()
+				done := make(chan error, 1)
+				b.ResetTimer()
+				go func() {
+					for range b.N {
+						if err := w.WriteFrame(TypeEvent, 0, 1, payload); err != nil {
+							done <- err
+							return
+						}
+					}
+					done <- nil
+				}()
+				for range b.N {
+					f, err := r.ReadFrame()
+					if err != nil {
+						b.Fatal(err)
+					}
+					f.Release()
+				}
+				if err := <-done; err != nil {
+					b.Fatal(err)
+				}
+			})
+		}
+	}
 }

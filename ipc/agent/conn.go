@@ -104,7 +104,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		client:    c,
 		nc:        nc,
 		r:         ipc.NewReader(nc, ipc.ReaderConfig{MaxFrame: max(welcome.MaxFrame, ipc.DefaultMaxFrame)}),
-		w:         ipc.NewWriter(deadlineWriter{nc: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: welcome.MaxFrame, Yield: true}),
+		w:         ipc.NewWriter(ipc.DeadlineWriter{Conn: nc, Timeout: wtimeout}, ipc.WriterConfig{MaxFrame: welcome.MaxFrame, Yield: true}),
 		wtimeout:  wtimeout,
 		heartbeat: hb,
 		base:      context.WithoutCancel(ctx),
@@ -641,17 +641,4 @@ func mustMarshal(v any) []byte {
 		panic(fmt.Sprintf("agent: encode %T: %v", v, err))
 	}
 	return b
-}
-
-// deadlineWriter bounds every write to the connection by timeout.
-type deadlineWriter struct {
-	nc      net.Conn
-	timeout *atomic.Int64 // nanoseconds
-}
-
-func (d deadlineWriter) Write(p []byte) (int, error) {
-	if err := ipc.SetWriteDeadline(d.nc, d.timeout); err != nil {
-		return 0, err
-	}
-	return d.nc.Write(p)
 }

@@ -82,20 +82,6 @@ type conn struct {
 	wg      sync.WaitGroup
 }
 
-// deadlineConn bounds every write: an agent that stops reading cannot
-// block the hub for longer than the heartbeat's dead-peer time.
-type deadlineConn struct {
-	net.Conn
-	timeout *atomic.Int64 // nanoseconds
-}
-
-func (d deadlineConn) Write(p []byte) (int, error) {
-	if err := ipc.SetWriteDeadline(d.Conn, d.timeout); err != nil {
-		return 0, err
-	}
-	return d.Conn.Write(p)
-}
-
 // serveConn runs one connection: handshake, then the read loop, then
 // cleanup. It returns when the connection is closed.
 func (h *Hub) serveConn(nc net.Conn) {
@@ -143,9 +129,11 @@ func (h *Hub) serveConn(nc net.Conn) {
 
 // handshake reads HELLO and answers WELCOME.
 func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error) {
+	// Every write is bounded: an agent that stops reading cannot block
+	// the hub for longer than the heartbeat's dead-peer time.
 	wtimeout := new(atomic.Int64)
 	wtimeout.Store(int64(max(3*h.cfg.Heartbeat, time.Second)))
-	w := ipc.NewWriter(deadlineConn{Conn: nc, timeout: wtimeout}, ipc.WriterConfig{MaxFrame: h.cfg.MaxFrame, Yield: true})
+	w := ipc.NewWriter(ipc.DeadlineWriter{Conn: nc, Timeout: wtimeout}, ipc.WriterConfig{MaxFrame: h.cfg.MaxFrame, Yield: true})
 	refuse := func(code string, err error) error {
 		if p, merr := json.Marshal(ipc.Status{Code: code, Message: err.Error()}); merr == nil {
 			_ = w.WriteFrame(ipc.TypeError, 0, 0, p)
