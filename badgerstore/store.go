@@ -215,28 +215,24 @@ func Open(opts Options) (*Store, error) {
 	if !opts.InMemory {
 		// Before any migration: a later binary's directory is left as it is.
 		if err := checkDataFormat(db); err != nil {
-			db.Close()
-			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+			return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, err))
 		}
 	}
 	migrated, err := migrateRunStatusIndex(db)
 	if err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+		return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err)))
 	}
 	var dur *durability
 	if !opts.InMemory {
 		if err := checkValueThreshold(db, opts.ValueThreshold); err != nil {
-			db.Close()
-			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+			return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, err))
 		}
 		fill := int64(2 * gcEntryBytes) // the writes of checkValueThreshold and checkDataFormat
 		if migrated {
 			fill = opts.MemTableSize // its writes: no value-log GC before the next memtable
 		}
 		if dur, err = openDurability(opts, fill, opts.syncedHook); err != nil {
-			db.Close()
-			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+			return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err)))
 		}
 	}
 	s := &Store{
@@ -314,6 +310,17 @@ func optionUint(txn *badger.Txn, key []byte) (v uint64, ok bool, err error) {
 		return 0, false, fmt.Errorf("option %q is %d bytes: %w", key, len(b), engine.ErrCorrupt)
 	}
 	return binary.BigEndian.Uint64(b), true, nil
+}
+
+// closeAfter closes a database Open gives up on and returns err, with
+// the close's own failure joined to it: a Badger that cannot close cleanly
+// (its memtable not flushed, a file not synced) is worth knowing about
+// before the next start.
+func closeAfter(db *badger.DB, err error) error {
+	if cerr := db.Close(); cerr != nil {
+		return errors.Join(err, fmt.Errorf("and closing it: %w", cerr))
+	}
+	return err
 }
 
 // checkValueThreshold refuses a ValueThreshold above the smallest the

@@ -820,8 +820,11 @@ func (s *Store) release(w *writeTx) {
 }
 
 // flushError explains why an operation's writes could not join a
-// transaction on their own. Badger's own message may quote the whole
-// value, so only its first line, cut short, is kept.
+// transaction on their own: too large (a transaction, a key or a value
+// over Badger's limits) is engine.ErrTooLarge; any other refusal (a key
+// Badger reserves or bans, a transaction already discarded) is not the
+// caller's doing and is engine.ErrUnavailable. Badger's own message may
+// quote the whole value, so only its first line, cut short, is kept.
 func flushError(name string, err error) error {
 	if errors.Is(err, badger.ErrTxnTooBig) {
 		return fmt.Errorf("%s: operation too large for one transaction: %w", name, engine.ErrTooLarge)
@@ -833,7 +836,11 @@ func flushError(name string, err error) error {
 	if len(msg) > 200 {
 		msg = msg[:200] + "…"
 	}
-	return fmt.Errorf("%s: write refused by the storage engine: %s: %w", name, msg, engine.ErrTooLarge)
+	kind := engine.ErrUnavailable
+	if strings.Contains(msg, " exceeded ") && strings.Contains(msg, " limit") { // Badger's exceedsSize
+		kind = engine.ErrTooLarge
+	}
+	return fmt.Errorf("%s: write refused by the storage engine: %s: %w", name, msg, kind)
 }
 
 func (s *Store) answer(o *op, err error) { o.done <- err }

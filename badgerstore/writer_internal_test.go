@@ -374,3 +374,49 @@ func TestMetricsCountAFailedCommit(t *testing.T) {
 		}
 	}
 }
+
+// flushError tells Badger's refusals apart: a key or a transaction over
+// its limits is too large (413); a key it reserves is not the caller's
+// doing (unavailable, 503). Each refusal is Badger's own, from a real
+// transaction.
+func TestFlushErrorTellsTooLargeFromOtherRefusals(t *testing.T) {
+	db, err := badger.Open(badger.DefaultOptions("").WithInMemory(true).WithLogger(nil).WithMemTableSize(1 << 20).WithValueThreshold(1 << 10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	txn := db.NewTransaction(true)
+	defer txn.Discard()
+	refusal := func(key, val []byte) error {
+		err := txn.Set(key, val)
+		if err == nil {
+			t.Fatalf("Badger took a %d-byte key", len(key))
+		}
+		return flushError("op", err)
+	}
+	tooBig := error(nil)
+	for i := 0; tooBig == nil; i++ { // fill the transaction past its limit
+		if err := txn.Set(fmt.Appendf(nil, "k%08d", i), make([]byte, 1000)); err != nil {
+			tooBig = flushError("op", err)
+		}
+	}
+	for _, c := range []struct {
+		name string
+		err  error
+		want error
+	}{
+		{"transaction too big", tooBig, engine.ErrTooLarge},
+		{"key too long", refusal(make([]byte, 70000), nil), engine.ErrTooLarge},
+		{"key Badger reserves", refusal([]byte("!badger!x"), nil), engine.ErrUnavailable},
+	} {
+		if !errors.Is(c.err, c.want) {
+			t.Errorf("%s: %v, want %v", c.name, c.err, c.want)
+		}
+		if c.want == engine.ErrUnavailable && errors.Is(c.err, engine.ErrTooLarge) {
+			t.Errorf("%s: %v is also too large", c.name, c.err)
+		}
+		if len(c.err.Error()) > 300 || strings.Contains(c.err.Error(), "\n") {
+			t.Errorf("%s: message not cut: %d bytes", c.name, len(c.err.Error()))
+		}
+	}
+}
