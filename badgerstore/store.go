@@ -204,6 +204,12 @@ func Open(opts Options) (*Store, error) {
 		if err := syncLogFiles(opts.Dir, opts.syncedHook); err != nil {
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 		}
+		if _, err := repairDanglingPointers(opts.Dir, opts.Logger); err != nil {
+			if errors.Is(err, engine.ErrDataDirInUse) {
+				return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+			}
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+		}
 	}
 	db, err := badger.Open(opts.badger())
 	if err != nil {

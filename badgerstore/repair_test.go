@@ -1,0 +1,200 @@
+package badgerstore_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Power loss is simulated on the files: a copy of the data directory as
+// the store left it, its memtable logs as they are (their pages written
+// back), its value-log files as they were at an earlier moment (the
+// values written since never reached the disk). That is the state a power
+// loss leaves when the kernel wrote a memtable log's page back before the
+// store's sync of the value log, which Badger, with SyncWrites off, does
+// not order (docs/store.md).
+
+// copyFile copies src to dst.
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// copyDir copies the regular files of src whose names pass keep into dst.
+func copyDir(t *testing.T, src, dst string, keep func(name string) bool) {
+	t.Helper()
+	if err := os.MkdirAll(dst, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.Type().IsRegular() && keep(e.Name()) {
+			copyFile(t, filepath.Join(src, e.Name()), filepath.Join(dst, e.Name()))
+		}
+	}
+}
+
+func isVlog(name string) bool { return strings.HasSuffix(name, ".vlog") }
+
+// powerLossCopy is dir as a power loss leaves it: every file as it is now,
+// but the value-log files as they are in vlogs.
+func powerLossCopy(t *testing.T, dir, vlogs string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "after-power-loss")
+	copyDir(t, dir, out, func(n string) bool { return !isVlog(n) })
+	copyDir(t, vlogs, out, isVlog)
+	return out
+}
+
+func bigMessage(id string) engine.Message {
+	content, _ := json.Marshal(strings.Repeat(id, (80<<10)/len(id))) // above the 64 KiB ValueThreshold
+	return engine.Message{ID: id, Role: "user", Content: content}
+}
+
+// An unacknowledged batch whose large record's value did not reach the
+// value log: Open drops it, as if the power had gone before it was
+// written, and keeps every acknowledged record.
+func TestOpenDropsABatchWhoseLargeValueDidNotReachTheDisk(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1}
+	s := mustOpen(t, opts)
+	// Acknowledged: a small message and a large one.
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Messages: []engine.Message{
+		{ID: "m1", Role: "user", Content: json.RawMessage(`"small"`)}, bigMessage("m2"),
+	}, CreatedAt: 1}); err != nil {
+		t.Fatal(err)
+	}
+	vlogs := filepath.Join(t.TempDir(), "vlogs-before")
+	copyDir(t, dir, vlogs, isVlog)
+	// The batch the power loss catches: a small message and a large one.
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: 2, Messages: []engine.Message{
+		{ID: "m3", Role: "user", Content: json.RawMessage(`"small"`)}, bigMessage("m4"),
+	}, CreatedAt: 2}); err != nil {
+		t.Fatal(err)
+	}
+	lost := powerLossCopy(t, dir, vlogs)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s2 := mustOpen(t, badgerstore.Options{Dir: lost, GCInterval: -1})
+	msgs, err := s2.LoadMessages(ctx, "t1")
+	if err != nil {
+		t.Fatalf("messages after the power loss: %v", err)
+	}
+	var ids []string
+	for _, m := range msgs {
+		ids = append(ids, m.MessageID)
+	}
+	if got := strings.Join(ids, ","); got != "m1,m2" {
+		t.Fatalf("messages after the power loss: %s, want m1,m2 (the last batch dropped whole)", got)
+	}
+	if string(msgs[1].Message.Content) != string(bigMessage("m2").Content) {
+		t.Fatalf("m2 is %d bytes, not what was written", len(msgs[1].Message.Content))
+	}
+	verifyClean(t, s2)
+	// The thread goes on: the same ids again, and a large value lands
+	// where the lost one was and reads back.
+	if _, err := s2.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: 2, Messages: []engine.Message{
+		{ID: "m3", Role: "user", Content: json.RawMessage(`"again"`)}, bigMessage("m5"),
+	}, CreatedAt: 3}); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err = s2.LoadMessages(ctx, "t1")
+	if err != nil || len(msgs) != 4 || string(msgs[3].Message.Content) != string(bigMessage("m5").Content) {
+		t.Fatalf("after a new append: %d messages, %v", len(msgs), err)
+	}
+	verifyClean(t, s2)
+}
+
+// A value-log GC whose moves did not reach the disk: Open drops the moved
+// pointers, and the records read from their old copies, which GC had not
+// deleted yet.
+func TestOpenUndoesAValueLogGCWhoseMovesDidNotReachTheDisk(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.CompactOnClose(badgerstore.Options{Dir: dir, ValueLogFileSize: 2 << 20, GCInterval: -1})
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Many versions of one large run record (garbage for GC), and
+	// large messages that stay live beside them.
+	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
+	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
+	if err := s.CreateRun(ctx, run); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 60 {
+		run.UpdatedAt = int64(2 + i)
+		run.Steps = int64(i)
+		cp := engine.Checkpoint{ThreadID: "t1", Run: &run, ExpectedCount: uint64(i / 6), CreatedAt: int64(i)}
+		if i%6 == 5 {
+			cp.Messages = []engine.Message{bigMessage(fmt.Sprintf("m%02d", i/6))}
+		}
+		if _, err := s.Checkpoint(ctx, cp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil { // flushes and compacts: GC learns what is garbage
+		t.Fatal(err)
+	}
+	s = mustOpen(t, opts)
+	vlogs := filepath.Join(t.TempDir(), "vlogs-before-gc")
+	copyDir(t, dir, vlogs, isVlog)
+	if rewritten := s.RunValueLogGC(); rewritten == 0 {
+		t.Fatal("value-log GC rewrote nothing: the test needs a move")
+	}
+	lost := powerLossCopy(t, dir, vlogs)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s2 := mustOpen(t, badgerstore.CompactOnClose(badgerstore.Options{Dir: lost, ValueLogFileSize: 2 << 20, GCInterval: -1}))
+	got, err := s2.LoadRun(ctx, "r1")
+	if err != nil || got == nil || got.Steps != 59 || string(got.State) != string(state) {
+		t.Fatalf("run after the power loss: %+v, %v", got, err)
+	}
+	msgs, err := s2.LoadMessages(ctx, "t1")
+	if err != nil || len(msgs) != 10 {
+		t.Fatalf("messages after the power loss: %d, %v", len(msgs), err)
+	}
+	for i, m := range msgs {
+		if want := bigMessage(fmt.Sprintf("m%02d", i)); m.MessageID != want.ID || string(m.Message.Content) != string(want.Content) {
+			t.Fatalf("message %d: %s, %d bytes", i, m.MessageID, len(m.Message.Content))
+		}
+	}
+	verifyClean(t, s2)
+	// GC can run again, and moves what it must.
+	s2.RunValueLogGC()
+	if got, err := s2.LoadRun(ctx, "r1"); err != nil || got == nil || got.Steps != 59 {
+		t.Fatalf("run after a second GC: %+v, %v", got, err)
+	}
+	verifyClean(t, s2)
+}
