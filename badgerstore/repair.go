@@ -124,8 +124,9 @@ func readLogEntry(r *bufio.Reader, offset, limit int64, buf *[]byte) (logEntry, 
 
 // valueLogs opens the value-log files a pointer names, once each.
 type valueLogs struct {
-	dir   string
-	files map[uint32]*os.File
+	dir    string
+	newest int // the newest value-log file's number, -1 if none
+	files  map[uint32]*os.File
 }
 
 func (v *valueLogs) close() {
@@ -135,7 +136,14 @@ func (v *valueLogs) close() {
 }
 
 // holds reports whether the value log holds, whole, the entry a pointer
-// of key names.
+// of key names, or whether the pointer is one value-log GC superseded: it
+// names a file older than the newest that is gone. GC deletes a file only
+// after it moved the file's live values, with their versions, and synced
+// the moves, so a memtable log may hold a pointer into a deleted file
+// followed by the one that replaces it, and acknowledged writes after
+// both. (Badger never takes the newest file for GC, and numbers new files
+// above every one it has, so a missing file below the newest is one GC
+// deleted; one above it is a file whose creation the power loss undid.)
 func (v *valueLogs) holds(key, ptr []byte) (bool, error) {
 	fid := binary.NativeEndian.Uint32(ptr[0:4])
 	length := binary.NativeEndian.Uint32(ptr[4:8])
@@ -145,7 +153,7 @@ func (v *valueLogs) holds(key, ptr []byte) (bool, error) {
 		var err error
 		f, err = os.Open(filepath.Join(v.dir, fmt.Sprintf("%06d%s", fid, vlogExt)))
 		if errors.Is(err, os.ErrNotExist) {
-			return false, nil
+			return int64(fid) < int64(v.newest), nil
 		}
 		if err != nil {
 			return false, err
@@ -242,13 +250,16 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 		path string
 	}
 	var logs []memLog
+	vlogs := &valueLogs{dir: dir, newest: -1, files: make(map[uint32]*os.File)}
 	for _, e := range entries {
 		if fid, ok := logFid(e.Name(), memExt); ok {
 			logs = append(logs, memLog{fid, filepath.Join(dir, e.Name())})
 		}
+		if fid, ok := logFid(e.Name(), vlogExt); ok {
+			vlogs.newest = max(vlogs.newest, fid)
+		}
 	}
 	slices.SortFunc(logs, func(a, b memLog) int { return a.fid - b.fid })
-	vlogs := &valueLogs{dir: dir, files: make(map[uint32]*os.File)}
 	defer vlogs.close()
 	cut := int64(-1)
 	for i, l := range logs {

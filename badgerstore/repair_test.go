@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -195,6 +196,81 @@ func TestOpenUndoesAValueLogGCWhoseMovesDidNotReachTheDisk(t *testing.T) {
 	s2.RunValueLogGC()
 	if got, err := s2.LoadRun(ctx, "r1"); err != nil || got == nil || got.Steps != 59 {
 		t.Fatalf("run after a second GC: %+v, %v", got, err)
+	}
+	verifyClean(t, s2)
+}
+
+// The other side: after a value-log GC that deleted files, a memtable log
+// holding pointers into the value-log files before and after a rotation,
+// GC's moves and acknowledged writes after them, left as SIGKILL leaves
+// it, is whole, and Open keeps all of it. (A pointer into a file GC
+// deleted, which a memtable log can also hold, is tested on synthetic
+// logs: TestRepairTellsDanglingPointersFromSupersededOnes.)
+func TestOpenKeepsAWholeLogAfterValueLogGC(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.CompactOnClose(badgerstore.Options{Dir: dir, ValueLogFileSize: 2 << 20, GCInterval: -1})
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := func(c string) json.RawMessage { b, _ := json.Marshal(strings.Repeat(c, 100<<10)); return b }
+	put := func(s *badgerstore.Store, id string, steps int, state json.RawMessage) {
+		t.Helper()
+		run := engine.RunRecord{RunID: id, ThreadID: "t-" + id, AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: int64(1 + steps), Steps: int64(steps)}
+		if steps == 0 {
+			if err := s.CreateRun(ctx, run); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: run.ThreadID, Run: &run}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 40 { // garbage in the older files, once flushed and compacted
+		put(s, "r1", i, big("a"))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = mustOpen(t, opts)
+	// In the memtable now: values in the newest file and the next.
+	put(s, "r2", 0, big("b"))
+	for i := range 30 {
+		put(s, "r3", i, big("c"))
+	}
+	files := func(d string) int {
+		n := 0
+		es, _ := os.ReadDir(d)
+		for _, e := range es {
+			if isVlog(e.Name()) {
+				n++
+			}
+		}
+		return n
+	}
+	before := files(dir)
+	if s.RunValueLogGC() == 0 || files(dir) >= before {
+		t.Fatalf("GC deleted no value-log file (%d before, %d after): the test needs one", before, files(dir))
+	}
+	put(s, "r4", 0, big("d")) // acknowledged after the GC
+	var logs strings.Builder
+	killed := filepath.Join(t.TempDir(), "killed")
+	copyDir(t, dir, killed, func(string) bool { return true }) // as SIGKILL leaves it
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s2 := mustOpen(t, badgerstore.Options{Dir: killed, ValueLogFileSize: 2 << 20, GCInterval: -1, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	for id, want := range map[string]json.RawMessage{"r1": big("a"), "r2": big("b"), "r3": big("c"), "r4": big("d")} {
+		got, err := s2.LoadRun(ctx, id)
+		if err != nil || got == nil || string(got.State) != string(want) {
+			t.Fatalf("run %s after the kill: %v (found %v)\nlogs:\n%s", id, err, got != nil, logs.String())
+		}
+	}
+	if strings.Contains(logs.String(), "dropped") {
+		t.Fatalf("Open cut a log:\n%s", logs.String())
 	}
 	verifyClean(t, s2)
 }
