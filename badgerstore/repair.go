@@ -9,9 +9,10 @@ import (
 	"hash/crc32"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
-	"slices"
+	"strconv"
 	"syscall"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -27,22 +28,30 @@ import (
 // page cache survives those) in that window leaves a pointer on disk whose
 // value is not: an unacknowledged batch's large record, or a record
 // value-log GC moved. Badger would replay the pointer, and the record would
-// be unreadable, or, once Badger truncated the value log to its last whole
-// entry and wrote new values there, read another record's bytes.
+// be unreadable (read back as empty), or, when the power loss undid the
+// creation of the file the pointer names, read another record's bytes
+// once Badger made a new file under that number.
 //
-// Such a pointer is always in the unsynced tail of the newest memtable log:
-// a batch is one Badger request written into one memtable, the next batch
-// is sent only once this one is durable, and GC runs with no batch in
-// flight and syncs every log before the next batch. So before Badger's
-// Open the store reads the memtable logs as Badger's replay will, checks
-// every value pointer against the value log (the entry it names is whole,
-// its checksum holds and its key is the pointer's), and at the first that
-// does not hold, zeroes the log from that entry on. Badger's replay
-// then ends there, as it would at any torn write: what is dropped was never
-// acknowledged (a GC move falls back to the value's old copy, which GC had
-// not deleted yet), and a transaction cut short is dropped whole. In an
-// older log (possible only with NoSync) the log is cut all the same, the
-// later logs kept, and the cut logged as an error.
+// Such a pointer can only be in what the newest memtable log's last
+// request wrote: a batch is one Badger request written into one memtable,
+// the next batch is sent only once this one is durable, GC runs with no
+// batch in flight and syncs every log before the next batch, and Badger
+// starts a new memtable only before a request or at Open (after the store
+// synced every log). So before Badger's Open the store reads the newest
+// memtable log as Badger's replay will, finds the last request it applies
+// (the last whole transaction, or the trailing run of entries written
+// outside transactions: value-log GC's moves), and checks that request's
+// value pointers against the value log (the entry a pointer names is
+// whole, its checksum holds and its key is the pointer's). At the first
+// that does not hold, it zeroes the log from there on (from the
+// transaction's first entry; from the pointer itself among GC's moves).
+// Badger's replay then ends there, as at any torn write: what is dropped
+// was never acknowledged, and a GC move falls back to the value's old
+// copy, which GC had not deleted yet. Nothing before the last request is
+// checked or cut: a value there was synced before anything after it was
+// acknowledged, and one that is bad now (a media error) is corruption,
+// which reading that record reports (ErrCorrupt) without costing the
+// writes that follow it.
 //
 // The format read here is Badger v4's log entry (memtable.go, structs.go
 // in badger): a 20-byte file header, then entries of meta, user meta,
@@ -53,6 +62,8 @@ import (
 const (
 	logFileHeader   = 20     // badger's vlogHeaderSize
 	bitValuePointer = 1 << 1 // badger's bitValuePointer
+	bitTxn          = 1 << 6 // badger's bitTxn: an entry of a transaction
+	bitFinTxn       = 1 << 7 // badger's bitFinTxn: the entry closing one
 	valuePtrSize    = 12     // badger's vptrSize
 	maxLogKey       = 1 << 16
 )
@@ -88,7 +99,7 @@ func readLogEntry(r *bufio.Reader, offset, limit int64, buf *[]byte) (logEntry, 
 		var v uint64
 		for shift := uint(0); ; shift += 7 {
 			c, err := r.ReadByte()
-			if err != nil || shift > 63 {
+			if err != nil || shift > 63 || shift == 63 && c > 1 {
 				return logEntry{}, 0, errLogEnd
 			}
 			hdr[n] = c
@@ -126,48 +137,71 @@ func readLogEntry(r *bufio.Reader, offset, limit int64, buf *[]byte) (logEntry, 
 type valueLogs struct {
 	dir    string
 	newest int // the newest value-log file's number, -1 if none
-	files  map[uint32]*os.File
+	files  map[uint32]*vlogFile
+}
+
+type vlogFile struct {
+	f    *os.File // nil: missing
+	size int64
 }
 
 func (v *valueLogs) close() {
 	for _, f := range v.files {
-		f.Close()
+		if f.f != nil {
+			f.f.Close()
+		}
 	}
+}
+
+func (v *valueLogs) open(fid uint32) (*vlogFile, error) {
+	if f, ok := v.files[fid]; ok {
+		return f, nil
+	}
+	vf := &vlogFile{}
+	f, err := os.Open(filepath.Join(v.dir, fmt.Sprintf("%06d%s", fid, vlogExt)))
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return nil, err
+	default:
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		vf.f, vf.size = f, fi.Size()
+	}
+	v.files[fid] = vf
+	return vf, nil
 }
 
 // holds reports whether the value log holds, whole, the entry a pointer
 // of key names, or whether the pointer is one value-log GC superseded: it
-// names a file older than the newest that is gone. GC deletes a file only
-// after it moved the file's live values, with their versions, and synced
-// the moves, so a memtable log may hold a pointer into a deleted file
-// followed by the one that replaces it, and acknowledged writes after
-// both. (Badger never takes the newest file for GC, and numbers new files
-// above every one it has, so a missing file below the newest is one GC
-// deleted; one above it is a file whose creation the power loss undid.)
+// names a file older than the newest that is gone, or empty (Badger
+// deletes a file by truncating it and then unlinking it, neither synced).
+// GC deletes a file only after it moved the file's live values, with
+// their versions, and synced the moves, so a memtable log may hold a
+// pointer into a deleted file followed by the one that replaces it, and
+// acknowledged writes after both. (Badger never takes the newest file for
+// GC, and numbers new files above every one it has, so a missing file
+// below the newest is one GC deleted; one above it is a file whose
+// creation the power loss undid.)
 func (v *valueLogs) holds(key, ptr []byte) (bool, error) {
 	fid := binary.NativeEndian.Uint32(ptr[0:4])
 	length := binary.NativeEndian.Uint32(ptr[4:8])
 	offset := binary.NativeEndian.Uint32(ptr[8:12])
-	f, ok := v.files[fid]
-	if !ok {
-		var err error
-		f, err = os.Open(filepath.Join(v.dir, fmt.Sprintf("%06d%s", fid, vlogExt)))
-		if errors.Is(err, os.ErrNotExist) {
-			return int64(fid) < int64(v.newest), nil
-		}
-		if err != nil {
-			return false, err
-		}
-		v.files[fid] = f
+	f, err := v.open(fid)
+	if err != nil {
+		return false, err
 	}
-	if offset < logFileHeader || length < 7 {
+	if f.f == nil || f.size <= logFileHeader {
+		return int64(fid) < int64(v.newest), nil
+	}
+	if offset < logFileHeader || length < 7 || int64(offset)+int64(length) > f.size {
 		return false, nil
 	}
 	b := make([]byte, length)
-	if _, err := f.ReadAt(b, int64(offset)); err != nil {
-		if errors.Is(err, io.EOF) {
-			return false, nil // the file ends before the entry does
-		}
+	if _, err := f.f.ReadAt(b, int64(offset)); err != nil {
 		return false, err
 	}
 	e, n, err := readLogEntry(bufio.NewReader(bytes.NewReader(b)), int64(offset), int64(length), new([]byte))
@@ -177,54 +211,102 @@ func (v *valueLogs) holds(key, ptr []byte) (bool, error) {
 	return bytes.Equal(e.key, key), nil
 }
 
-// dangling is the first value pointer of a memtable log whose value the
-// value log does not hold.
-type dangling struct {
-	file   string
-	offset int64
-	key    []byte
+// logPointer is a value pointer read from a memtable log.
+type logPointer struct {
+	offset   int64
+	key, ptr []byte
 }
 
-// findDangling reads a memtable log as Badger's replay does and returns
-// its first dangling pointer, if any, and how many entries it read.
-func findDangling(path string, vlogs *valueLogs) (*dangling, int, error) {
+// lastRequest reads a memtable log as Badger's replay does (memtable.go,
+// logFile.iterate: a transaction's entries are applied at its closing
+// entry; an entry outside a transaction at once; the replay stops at a
+// torn, zeroed or empty-keyed entry, a transaction entry of another
+// version inside a transaction, a closing entry that does not match, or an
+// entry outside a transaction inside one) and returns the value pointers
+// of the last request it applies: the last whole transaction (txn, from
+// start), or the trailing run of entries outside transactions.
+func lastRequest(path string) (ptrs []logPointer, start int64, txn bool, entries int, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, false, 0, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, false, 0, err
 	}
 	if _, err := f.Seek(logFileHeader, io.SeekStart); err != nil {
-		return nil, 0, err
+		return nil, 0, false, 0, err
 	}
 	r := bufio.NewReaderSize(f, 256<<10)
-	off := int64(logFileHeader)
-	var buf []byte
-	for n := 0; ; n++ {
-		e, size, err := readLogEntry(r, off, fi.Size()-off, &buf)
-		if errors.Is(err, errLogEnd) {
-			return nil, n, nil
+	var (
+		buf       []byte
+		lastTs    uint64 // the version of the transaction being read; 0 outside one
+		txnStart  int64
+		txnPtrs   []logPointer
+		haveTail  bool
+		tailIsTxn bool
+	)
+	pointer := func(e logEntry) (logPointer, bool) {
+		if e.meta&bitValuePointer == 0 || len(e.value) != valuePtrSize {
+			return logPointer{}, false
 		}
-		if e.meta&bitValuePointer != 0 && len(e.value) == valuePtrSize {
-			ok, err := vlogs.holds(e.key, e.value)
-			if err != nil {
-				return nil, n, err
+		return logPointer{offset: e.offset, key: bytes.Clone(e.key), ptr: bytes.Clone(e.value)}, true
+	}
+	off := int64(logFileHeader)
+loop:
+	for ; ; entries++ {
+		e, size, rerr := readLogEntry(r, off, fi.Size()-off, &buf)
+		if rerr != nil || len(e.key) == 0 {
+			break
+		}
+		switch {
+		case e.meta&bitTxn != 0:
+			ts := keyTs(e.key)
+			if lastTs == 0 {
+				lastTs, txnStart, txnPtrs = ts, off, txnPtrs[:0]
 			}
-			if !ok {
-				return &dangling{file: path, offset: off, key: bytes.Clone(e.key)}, n, nil
+			if ts != lastTs {
+				break loop
+			}
+			if p, ok := pointer(e); ok {
+				txnPtrs = append(txnPtrs, p)
+			}
+		case e.meta&bitFinTxn != 0:
+			ts, perr := strconv.ParseUint(string(e.value), 10, 64)
+			if perr != nil || ts != lastTs {
+				break loop
+			}
+			lastTs = 0
+			ptrs, start, txn, haveTail, tailIsTxn = append(ptrs[:0:0], txnPtrs...), txnStart, true, true, true
+		default:
+			if lastTs != 0 {
+				break loop
+			}
+			if !haveTail || tailIsTxn {
+				ptrs, start, txn, haveTail, tailIsTxn = nil, off, false, true, false
+			}
+			if p, ok := pointer(e); ok {
+				ptrs = append(ptrs, p)
 			}
 		}
 		off += size
 	}
+	return ptrs, start, txn, entries, nil
 }
 
-// repairDanglingPointers cuts each memtable log of dir before its first
-// value pointer whose value did not reach the disk (see the comment at the
-// top of this file), and syncs it. It returns the offset of the last cut,
-// or -1.
+// keyTs is the version a Badger key carries (y.ParseTs).
+func keyTs(key []byte) uint64 {
+	if len(key) <= 8 {
+		return 0
+	}
+	return math.MaxUint64 - binary.BigEndian.Uint64(key[len(key)-8:])
+}
+
+// repairDanglingPointers cuts the newest memtable log of dir before the
+// value pointer of its last request whose value did not reach the disk
+// (see the comment at the top of this file), and syncs it. It returns the
+// offset it cut at, or -1.
 //
 // It holds the directory's lock meanwhile, the one Badger takes (a flock of
 // the directory), so that it never cuts the log of another process using
@@ -245,47 +327,44 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 	if err != nil {
 		return -1, fmt.Errorf("check memtable logs: %w", err)
 	}
-	type memLog struct {
-		fid  int
-		path string
-	}
-	var logs []memLog
-	vlogs := &valueLogs{dir: dir, newest: -1, files: make(map[uint32]*os.File)}
+	newestMem, path := -1, ""
+	vlogs := &valueLogs{dir: dir, newest: -1, files: make(map[uint32]*vlogFile)}
+	defer vlogs.close()
 	for _, e := range entries {
-		if fid, ok := logFid(e.Name(), memExt); ok {
-			logs = append(logs, memLog{fid, filepath.Join(dir, e.Name())})
+		if fid, ok := logFid(e.Name(), memExt); ok && fid > newestMem {
+			newestMem, path = fid, filepath.Join(dir, e.Name())
 		}
 		if fid, ok := logFid(e.Name(), vlogExt); ok {
 			vlogs.newest = max(vlogs.newest, fid)
 		}
 	}
-	slices.SortFunc(logs, func(a, b memLog) int { return a.fid - b.fid })
-	defer vlogs.close()
-	cut := int64(-1)
-	for i, l := range logs {
-		d, read, err := findDangling(l.path, vlogs)
-		if err != nil {
-			return -1, fmt.Errorf("check memtable log %s: %w", l.path, err)
-		}
-		if d == nil {
-			continue
-		}
-		if err := zeroFrom(l.path, d.offset); err != nil {
-			return -1, fmt.Errorf("repair memtable log %s: %w", l.path, err)
-		}
-		cut = d.offset
-		if i == len(logs)-1 {
-			log.Warn("badgerstore: a value pointer in the newest memtable log names a value that did not reach the disk (a power loss before the batch's sync); its unacknowledged tail was dropped",
-				"file", l.path, "offset", d.offset, "entries_kept", read)
-			continue
-		}
-		// Not the newest log: possible with NoSync, where an older log
-		// may lose its tail while a newer one survives; with syncing on
-		// it should not happen. The later logs are kept either way.
-		log.Error("badgerstore: a value pointer in a memtable log that is not the newest names a value that did not reach the disk; the log's tail was dropped, the later logs kept",
-			"file", l.path, "offset", d.offset, "entries_kept", read, "key", fmt.Sprintf("%q", d.key))
+	if path == "" {
+		return -1, nil
 	}
-	return cut, nil
+	ptrs, start, txn, read, err := lastRequest(path)
+	if err != nil {
+		return -1, fmt.Errorf("check memtable log %s: %w", path, err)
+	}
+	for _, p := range ptrs {
+		ok, err := vlogs.holds(p.key, p.ptr)
+		if err != nil {
+			return -1, fmt.Errorf("check memtable log %s: %w", path, err)
+		}
+		if ok {
+			continue
+		}
+		cut := p.offset
+		if txn {
+			cut = start
+		}
+		if err := zeroFrom(path, cut); err != nil {
+			return -1, fmt.Errorf("repair memtable log %s: %w", path, err)
+		}
+		log.Warn("badgerstore: the last request in the newest memtable log points at a value that did not reach the disk (a power loss before its sync); it was never acknowledged, and was dropped",
+			"file", path, "offset", cut, "dangling_key", fmt.Sprintf("%q", p.key), "entries_read", read)
+		return cut, nil
+	}
+	return -1, nil
 }
 
 // zeroFrom zeroes path from offset to its end and syncs it.

@@ -6,8 +6,10 @@ import (
 	"encoding/binary"
 	"hash/crc32"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 )
 
@@ -99,96 +101,162 @@ func writeFile(t *testing.T, path string, b []byte) {
 	}
 }
 
-// Which pointers repairDanglingPointers takes as dangling, on log files
-// written here in Badger's format: one into a value-log file GC deleted
-// (older than the newest) is superseded, not dangling; one past the end
-// of a file, into a file newer than the newest, or at an entry of another
-// key is dangling, and the log is cut there, in every log that has one.
+// txnKey is key at version ts, as Badger writes it (y.KeyWithTs).
+func txnKey(key string, ts uint64) []byte {
+	return binary.BigEndian.AppendUint64([]byte(key), math.MaxUint64-ts)
+}
+
+// addTxn appends a transaction at version ts: its entries (a pointer
+// where ptr is set) and its closing entry. It returns the offset of its
+// first entry and of its pointer (0 if none).
+func (l *logFile) addTxn(ts uint64, ptr []byte, keys ...string) (first, pointerAt uint32) {
+	first = uint32(len(l.b))
+	for _, k := range keys {
+		if ptr != nil && k == "k" {
+			pointerAt, _ = l.add(bitTxn|bitValuePointer, txnKey(k, ts), ptr)
+			continue
+		}
+		l.add(bitTxn, txnKey(k, ts), []byte("v"))
+	}
+	l.add(bitFinTxn, txnKey("!badger!txn", ts), []byte(strconv.FormatUint(ts, 10)))
+	return first, pointerAt
+}
+
+// A value-log directory for the synthetic logs: 000002.vlog empty (GC
+// deleted it halfway: truncated, not unlinked), 000003.vlog the newest,
+// holding an entry of key k at version 5 and one of key other.
+type vlogDir struct {
+	dir          string
+	atK, nK      uint32
+	atO, nO, end uint32
+}
+
+func newVlogDir(t *testing.T) vlogDir {
+	dir := t.TempDir()
+	vlog := newLogFile()
+	atK, nK := vlog.add(0, txnKey("k", 5), make([]byte, 100))
+	atO, nO := vlog.add(0, txnKey("other", 5), make([]byte, 100))
+	writeFile(t, filepath.Join(dir, "000002.vlog"), nil)
+	writeFile(t, filepath.Join(dir, "000003.vlog"), vlog.b)
+	return vlogDir{dir: dir, atK: atK, nK: nK, atO: atO, nO: nO, end: uint32(len(vlog.b))}
+}
+
+// repairLog writes mem as the newest memtable log (and older as the one
+// before it), runs the repair, and returns where it cut and the log after.
+func repairLog(t *testing.T, d vlogDir, older, mem []byte) (int64, []byte) {
+	t.Helper()
+	whole := append(bytes.Clone(mem), make([]byte, 4096)...) // Badger's files are longer than their entries
+	if older != nil {
+		writeFile(t, filepath.Join(d.dir, "00007.mem"), older)
+	}
+	writeFile(t, filepath.Join(d.dir, "00008.mem"), whole)
+	cut, err := repairDanglingPointers(d.dir, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(d.dir, "00008.mem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cut < 0 && !bytes.Equal(got, whole) {
+		t.Fatal("no cut reported, but the log changed")
+	}
+	if cut >= 0 && (!bytes.Equal(got[:cut], whole[:cut]) || !bytes.Equal(got[cut:], make([]byte, len(whole)-int(cut)))) {
+		t.Fatalf("cut at %d, but not everything before it kept and everything after it zeroed", cut)
+	}
+	return cut, got
+}
+
+// Which pointers of the last request in the newest log the repair takes
+// as dangling. The request here is a run of entries outside transactions
+// (value-log GC's moves): the log is cut at the dangling pointer itself.
+// A pointer into a file GC deleted (missing, or emptied, and older than
+// the newest) is superseded, not dangling.
 func TestRepairTellsDanglingPointersFromSupersededOnes(t *testing.T) {
-	key := func(s string) []byte { return append([]byte(s), 0, 0, 0, 0, 0, 0, 0, 1) }
 	for _, c := range []struct {
 		name    string
-		ptr     func(vlogLen uint32, at, n uint32) []byte
+		ptr     func(d vlogDir) []byte
 		cutHere bool
 	}{
-		{"into a file GC deleted", func(_, at, n uint32) []byte { return pointer(1, n, at) }, false},
-		{"valid", func(_, at, n uint32) []byte { return pointer(3, n, at) }, false},
-		{"past the end of the newest file", func(l, _, n uint32) []byte { return pointer(3, n, l) }, true},
-		{"into a file newer than the newest", func(_, at, n uint32) []byte { return pointer(4, n, at) }, true},
-		{"at another key's entry", func(_, at, n uint32) []byte { return pointer(3, n, at) }, true},
+		{"valid", func(d vlogDir) []byte { return pointer(3, d.nK, d.atK) }, false},
+		{"into a file GC deleted", func(d vlogDir) []byte { return pointer(1, d.nK, d.atK) }, false},
+		{"into a file GC emptied", func(d vlogDir) []byte { return pointer(2, d.nK, d.atK) }, false},
+		{"past the end of the newest file", func(d vlogDir) []byte { return pointer(3, d.nK, d.end) }, true},
+		{"into a file newer than the newest", func(d vlogDir) []byte { return pointer(4, d.nK, d.atK) }, true},
+		{"at another key's entry", func(d vlogDir) []byte { return pointer(3, d.nO, d.atO) }, true},
+		{"of a length that runs past the file", func(d vlogDir) []byte { return pointer(3, 1<<31, d.atK) }, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			dir := t.TempDir()
-			vlog := newLogFile()
-			vkey := key("k")
-			if c.name == "at another key's entry" {
-				vkey = key("other")
-			}
-			atK, nK := vlog.add(0, key("k"), make([]byte, 100))
-			at, n := vlog.add(0, vkey, make([]byte, 100))
-			writeFile(t, filepath.Join(dir, "000002.vlog"), newLogFile().b)
-			writeFile(t, filepath.Join(dir, "000003.vlog"), vlog.b)
-
-			older := newLogFile() // an older memtable log, with a valid pointer
-			older.add(bitValuePointer, key("k"), pointer(3, nK, atK))
+			d := newVlogDir(t)
 			mem := newLogFile()
-			mem.add(0, key("a"), []byte("small"))
-			suspect, _ := mem.add(bitValuePointer, key("k"), c.ptr(uint32(len(vlog.b)), at, n))
-			mem.add(0, key("b"), []byte("after"))
-			whole := append(bytes.Clone(mem.b), make([]byte, 4096)...) // Badger's files are longer than their entries
-			writeFile(t, filepath.Join(dir, "00007.mem"), older.b)
-			writeFile(t, filepath.Join(dir, "00008.mem"), whole)
-
-			cut, err := repairDanglingPointers(dir, slog.New(slog.DiscardHandler))
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := os.ReadFile(filepath.Join(dir, "00008.mem"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !c.cutHere {
-				if cut != -1 || !bytes.Equal(got, whole) {
-					t.Fatalf("cut at %d; the log changed: %v", cut, !bytes.Equal(got, whole))
-				}
-				return
-			}
-			if cut != int64(suspect) || !bytes.Equal(got[:suspect], whole[:suspect]) ||
-				!bytes.Equal(got[suspect:], make([]byte, len(whole)-int(suspect))) || len(got) != len(whole) {
-				t.Fatalf("cut at %d, want %d, with everything before it kept and everything after it zeroed", cut, suspect)
-			}
-			if o, _ := os.ReadFile(filepath.Join(dir, "00007.mem")); !bytes.Equal(o, older.b) {
-				t.Fatal("the older log changed")
+			mem.addTxn(4, nil, "a") // an earlier, acknowledged request
+			mem.add(0, txnKey("x", 5), []byte("moved small"))
+			suspect, _ := mem.add(bitValuePointer, txnKey("k", 5), c.ptr(d))
+			mem.add(0, txnKey("y", 5), []byte("after"))
+			cut, _ := repairLog(t, d, nil, mem.b)
+			if want := map[bool]int64{true: int64(suspect), false: -1}[c.cutHere]; cut != want {
+				t.Fatalf("cut at %d, want %d", cut, want)
 			}
 		})
 	}
 }
 
-// A dangling pointer in a log older than the newest (possible with
-// NoSync) cuts that log; the newer one is kept as it is.
-func TestRepairCutsAnOlderLogAndKeepsTheNewer(t *testing.T) {
-	key := func(s string) []byte { return append([]byte(s), 0, 0, 0, 0, 0, 0, 0, 1) }
-	dir := t.TempDir()
-	vlog := newLogFile()
-	at, n := vlog.add(0, key("k"), make([]byte, 100))
-	writeFile(t, filepath.Join(dir, "000003.vlog"), vlog.b)
-	older := newLogFile()
-	older.add(0, key("a"), []byte("small"))
-	suspect, _ := older.add(bitValuePointer, key("k"), pointer(3, n, uint32(len(vlog.b))))
-	older.add(0, key("b"), []byte("after"))
-	newer := newLogFile()
-	newer.add(bitValuePointer, key("k"), pointer(3, n, at))
-	writeFile(t, filepath.Join(dir, "00007.mem"), older.b)
-	writeFile(t, filepath.Join(dir, "00008.mem"), newer.b)
-	cut, err := repairDanglingPointers(dir, slog.New(slog.DiscardHandler))
-	if err != nil || cut != int64(suspect) {
-		t.Fatalf("cut at %d (%v), want %d", cut, err, suspect)
+// A last request that is a transaction is cut at its first entry, so that
+// Badger drops it whole; the transaction before it is kept.
+func TestRepairCutsTheLastTransactionWhole(t *testing.T) {
+	d := newVlogDir(t)
+	mem := newLogFile()
+	mem.addTxn(5, pointer(3, d.nK, d.atK), "a", "k") // the vlog holds k at version 5
+	first, _ := mem.addTxn(6, pointer(3, d.nK, d.end), "b", "k", "c")
+	if cut, _ := repairLog(t, d, nil, mem.b); cut != int64(first) {
+		t.Fatalf("cut at %d, want %d (the last transaction's first entry)", cut, first)
 	}
-	o, _ := os.ReadFile(filepath.Join(dir, "00007.mem"))
-	if !bytes.Equal(o[:suspect], older.b[:suspect]) || !bytes.Equal(o[suspect:], make([]byte, len(older.b)-int(suspect))) {
-		t.Fatal("the older log was not cut at its dangling pointer")
-	}
-	if nw, _ := os.ReadFile(filepath.Join(dir, "00008.mem")); !bytes.Equal(nw, newer.b) {
-		t.Fatal("the newer log changed")
-	}
+}
+
+// Only the last request is checked: a bad value named by an earlier one
+// (a media error, not a power loss: what came after it was acknowledged)
+// cuts nothing, and neither does one in an older log; nor does a dangling
+// pointer in a transaction Badger's replay drops anyway (no closing
+// entry), the request before it being whole.
+func TestRepairLeavesAllButTheLastRequestAlone(t *testing.T) {
+	t.Run("an earlier transaction", func(t *testing.T) {
+		d := newVlogDir(t)
+		mem := newLogFile()
+		mem.addTxn(5, pointer(3, d.nO, d.atO), "k") // key k, entry of other: bad
+		mem.addTxn(6, nil, "b")
+		if cut, _ := repairLog(t, d, nil, mem.b); cut != -1 {
+			t.Fatalf("cut at %d", cut)
+		}
+	})
+	t.Run("a transaction before GC's moves", func(t *testing.T) {
+		d := newVlogDir(t)
+		mem := newLogFile()
+		mem.addTxn(5, pointer(3, d.nO, d.atO), "k") // key k, entry of other: bad
+		mem.add(bitValuePointer, txnKey("k", 5), pointer(3, d.nK, d.atK))
+		if cut, _ := repairLog(t, d, nil, mem.b); cut != -1 {
+			t.Fatalf("cut at %d", cut)
+		}
+	})
+	t.Run("an older log", func(t *testing.T) {
+		d := newVlogDir(t)
+		older := newLogFile()
+		older.addTxn(4, pointer(3, d.nK, d.end), "k")
+		mem := newLogFile()
+		mem.addTxn(6, nil, "b")
+		if cut, _ := repairLog(t, d, older.b, mem.b); cut != -1 {
+			t.Fatalf("cut at %d", cut)
+		}
+		if o, _ := os.ReadFile(filepath.Join(d.dir, "00007.mem")); !bytes.Equal(o, older.b) {
+			t.Fatal("the older log changed")
+		}
+	})
+	t.Run("an unclosed transaction", func(t *testing.T) {
+		d := newVlogDir(t)
+		mem := newLogFile()
+		mem.addTxn(5, pointer(3, d.nK, d.atK), "k")
+		mem.add(bitTxn|bitValuePointer, txnKey("k", 6), pointer(3, d.nK, d.end))
+		if cut, _ := repairLog(t, d, nil, mem.b); cut != -1 {
+			t.Fatalf("cut at %d", cut)
+		}
+	})
 }

@@ -274,3 +274,57 @@ func TestOpenKeepsAWholeLogAfterValueLogGC(t *testing.T) {
 	}
 	verifyClean(t, s2)
 }
+
+// A value that goes bad after it was synced (a media error), followed by
+// acknowledged writes: not a power loss's torn tail. Open cuts nothing,
+// and every write after it is kept.
+func TestOpenKeepsWritesAfterAValueThatWentBad(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "data")
+	s := mustOpen(t, badgerstore.Options{Dir: dir, GCInterval: -1})
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Messages: []engine.Message{bigMessage("m1")}, CreatedAt: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i),
+			Messages: []engine.Message{{ID: fmt.Sprintf("s%d", i), Role: "user", Content: json.RawMessage(`"small"`)}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	killed := filepath.Join(t.TempDir(), "killed")
+	copyDir(t, dir, killed, func(string) bool { return true })
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// One byte of m1's value flips on the disk.
+	es, _ := os.ReadDir(killed)
+	flipped := false
+	for _, e := range es {
+		if !isVlog(e.Name()) {
+			continue
+		}
+		path := filepath.Join(killed, e.Name())
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := strings.Index(string(b), "m1m1m1m1"); i >= 0 {
+			b[i+1000] ^= 0x20
+			if err := os.WriteFile(path, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			flipped = true
+		}
+	}
+	if !flipped {
+		t.Fatal("m1's value not found in the value log")
+	}
+	var logs strings.Builder
+	s2 := mustOpen(t, badgerstore.Options{Dir: killed, GCInterval: -1, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if n, err := s2.MessageCount(ctx, "t2"); err != nil || n != 10 {
+		t.Fatalf("t2 after the flip: %d messages, %v; want all 10\nlogs:\n%s", n, err, logs.String())
+	}
+	if strings.Contains(logs.String(), "dropped") {
+		t.Fatalf("Open cut a log:\n%s", logs.String())
+	}
+}
