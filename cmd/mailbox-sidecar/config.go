@@ -154,7 +154,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.Var(&c.MemoryLimit, "memory-limit", "soft memory limit of the Go runtime (GOMEMLIMIT, when set, wins); 0 turns it off")
 	fs.IntVar(&c.GOGC, "gogc", 200, "Go garbage collector target percentage (GOGC, when set, wins); -1 turns the collector off below the memory limit")
-	fs.IntVar(&c.GOMAXPROCS, "gomaxprocs", 0, "processors the Go scheduler uses (GOMAXPROCS, when set, wins); 0: half of Go's default (the CPUs, or a container's CPU limit), at least 1")
+	fs.IntVar(&c.GOMAXPROCS, "gomaxprocs", 0, "processors the Go scheduler uses (GOMAXPROCS, when set, wins); 0: Go's default under a CPU limit (a container's), else half of it, at least 1")
 }
 
 // parseServe reads the serve flags from args and the environment and
@@ -251,7 +251,7 @@ func (c *serveConfig) validate() []error {
 		bad("--gogc %d must be positive, or -1 (off)", c.GOGC)
 	}
 	if c.GOMAXPROCS < 0 {
-		bad("--gomaxprocs %d must be positive, or 0 (half of Go's default)", c.GOMAXPROCS)
+		bad("--gomaxprocs %d must be positive, or 0 (the default)", c.GOMAXPROCS)
 	}
 	for name, d := range map[string]time.Duration{
 		"--lease": c.Lease, "--suspended-lease": c.SuspendedLease, "--lease-renewal": c.LeaseRenewal,

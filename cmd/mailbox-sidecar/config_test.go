@@ -215,8 +215,9 @@ func TestTuneRuntime(t *testing.T) {
 	}
 }
 
-// --gomaxprocs: 0 is half of Go's default (at least 1), computed from the
-// default each time (a second sidecar in one process does not halve it
+// --gomaxprocs: 0 is half of Go's default (at least 1) when the process
+// sees all the host's processors, Go's default under a CPU limit, computed
+// from the default each time (a second sidecar in one process does not halve it
 // again); a number is taken as is; GOMAXPROCS in the environment wins.
 func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
 	t.Cleanup(runtime.SetDefaultGOMAXPROCS)
@@ -225,7 +226,7 @@ func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
 	for range 2 {
 		runtime.GOMAXPROCS(4 * def) // as an earlier sidecar in the process, or anyone, may have left it
 		tuneRuntime(serveConfig{}, env(nil))
-		if got, want := runtime.GOMAXPROCS(0), max(1, def/2); got != want {
+		if got, want := runtime.GOMAXPROCS(0), gomaxprocs(0, def, runtime.NumCPU()); got != want {
 			t.Fatalf("--gomaxprocs 0 with Go's default %d: GOMAXPROCS %d, want %d", def, got, want)
 		}
 	}
@@ -238,9 +239,13 @@ func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
 	if got := runtime.GOMAXPROCS(0); got != 5 {
 		t.Fatalf("with GOMAXPROCS=5 in the environment: GOMAXPROCS %d, want it left alone", got)
 	}
-	for _, c := range []struct{ n, def, want int }{{0, 1, 1}, {0, 2, 1}, {0, 3, 1}, {0, 8, 4}, {0, 64, 32}, {2, 1, 2}, {7, 64, 7}} {
-		if got := gomaxprocs(c.n, c.def); got != c.want {
-			t.Errorf("gomaxprocs(%d, %d) = %d, want %d", c.n, c.def, got, c.want)
+	for _, c := range []struct{ n, def, cpus, want int }{
+		{0, 1, 1, 1}, {0, 2, 2, 1}, {0, 3, 3, 1}, {0, 8, 8, 4}, {0, 64, 64, 32}, // the whole host: half
+		{0, 2, 64, 2}, {0, 1, 8, 1}, {0, 6, 8, 6}, // a CPU limit below the host's processors: Go's default
+		{2, 1, 1, 2}, {7, 64, 64, 7}, {3, 2, 64, 3}, // set
+	} {
+		if got := gomaxprocs(c.n, c.def, c.cpus); got != c.want {
+			t.Errorf("gomaxprocs(%d, %d, %d cpus) = %d, want %d", c.n, c.def, c.cpus, got, c.want)
 		}
 	}
 }

@@ -311,18 +311,21 @@ func staleSocket(path string) (bool, error) {
 // per run (3–5 % of the sidecar's CPU under load, bench/README.md) for
 // more memory, which the soft memory limit still bounds.
 //
-// The default GOMAXPROCS is half of Go's own (which already follows a
-// container's CPU limit), at least 1: the sidecar shares its host with
-// the agent it serves, and every idle processor costs the scheduler
-// wake-ups and spinning threads looking for work. On a two-core host
-// running the sidecar, the agent and a load client, one processor instead
-// of two cut the sidecar's CPU per run by a third to a half and kept
-// runs/s level or raised it (bench/README.md). The startup log line
-// "sidecar listening" names the number in use.
+// The default GOMAXPROCS is half of Go's own, at least 1, when the
+// sidecar sees all of the host's processors: it shares them with the
+// agent it serves, and every idle processor costs the scheduler wake-ups
+// and spinning threads looking for work. On a two-core host running the
+// sidecar, the agent and a load client, one processor instead of two cut
+// the sidecar's CPU per run by a third to a half and kept runs/s level or
+// raised it (bench/README.md). Under a CPU limit (Go's default, which
+// follows a container's limit, below the processors the process may run
+// on) the budget is the sidecar's own, as in a pod where the agent is
+// another container with its own limit: Go's default is kept. The
+// startup log line "sidecar listening" names the number in use.
 func tuneRuntime(cfg serveConfig, getenv func(string) string) {
 	if getenv("GOMAXPROCS") == "" {
 		runtime.SetDefaultGOMAXPROCS() // Go's default, not what an earlier call (a test's sidecar) set
-		runtime.GOMAXPROCS(gomaxprocs(cfg.GOMAXPROCS, runtime.GOMAXPROCS(0)))
+		runtime.GOMAXPROCS(gomaxprocs(cfg.GOMAXPROCS, runtime.GOMAXPROCS(0), runtime.NumCPU()))
 	}
 	if getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
 		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
@@ -333,10 +336,15 @@ func tuneRuntime(cfg serveConfig, getenv func(string) string) {
 }
 
 // gomaxprocs is the number of processors for --gomaxprocs n, given Go's
-// default: n itself, or for 0 half of the default, at least 1.
-func gomaxprocs(n, goDefault int) int {
+// default and the processors the process may run on: n itself, or for 0
+// Go's default when it is below cpus (a CPU limit: the sidecar's own
+// budget), else half of it, at least 1.
+func gomaxprocs(n, goDefault, cpus int) int {
 	if n > 0 {
 		return n
+	}
+	if goDefault < cpus {
+		return goDefault
 	}
 	return max(1, goDefault/2)
 }
