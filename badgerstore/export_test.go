@@ -28,6 +28,10 @@ func (s *Store) RawDelete(key []byte) error {
 	})
 }
 
+// BeforeGCMark makes fn run after each value-log GC's moves were written
+// and synced, before their marker is.
+func (s *Store) BeforeGCMark(fn func()) { s.testBeforeGCMark = fn }
+
 // DispatchKey exposes the record key of a dispatch.
 func DispatchKey(id string) []byte { return dispatchKey(id) }
 

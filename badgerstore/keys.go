@@ -62,6 +62,8 @@ import (
 //
 //	ovt                        →  u64               the smallest ValueThreshold it was opened with
 //	ofv                        →  u64               its DataFormat (Open refuses a later one)
+//	ogc                        →  u64               when the last value-log GC ended (Unix ns): its
+//	                                                synced marker (collectValueLog, repair.go)
 const (
 	pDispatch   = 'd'
 	pEpoch      = 'e'

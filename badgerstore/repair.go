@@ -47,7 +47,12 @@ import (
 // transaction's first entry; from the pointer itself among GC's moves).
 // Badger's replay then ends there, as at any torn write: what is dropped
 // was never acknowledged, and a GC move falls back to the value's old
-// copy, which GC had not deleted yet. Nothing before the last request is
+// copy, which GC had not deleted yet (after its moves are synced, GC
+// commits and syncs a marker before the file goes: collectValueLog, so
+// a finished GC's moves are never the last request). The repair cannot
+// tell a power loss from a value of the last request that went bad on
+// the disk after it was synced: such a request is dropped too. An I/O
+// error reading the value log leaves the log as it is. Nothing before the last request is
 // checked or cut: a value there was synced before anything after it was
 // acknowledged, and one that is bad now (a media error) is corruption,
 // which reading that record reports (ErrCorrupt) without costing the
@@ -277,8 +282,12 @@ loop:
 			if perr != nil || ts != lastTs {
 				break loop
 			}
+			if lastTs == 0 { // a closing entry of version 0 outside a transaction: Badger applies nothing
+				txnStart, txnPtrs = off, txnPtrs[:0]
+			}
 			lastTs = 0
 			ptrs, start, txn, haveTail, tailIsTxn = append(ptrs[:0:0], txnPtrs...), txnStart, true, true, true
+			txnPtrs = txnPtrs[:0]
 		default:
 			if lastTs != 0 {
 				break loop
@@ -348,7 +357,12 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 	for _, p := range ptrs {
 		ok, err := vlogs.holds(p.key, p.ptr)
 		if err != nil {
-			return -1, fmt.Errorf("check memtable log %s: %w", path, err)
+			// An I/O error reading the value log: cutting could drop
+			// acknowledged writes, and failing would keep the store from
+			// ever opening; reading the record will report it instead.
+			log.Error("badgerstore: cannot read the value a memtable log's last request points at; the log is left as it is",
+				"file", path, "key", fmt.Sprintf("%q", p.key), "err", err)
+			return -1, nil
 		}
 		if ok {
 			continue
@@ -360,7 +374,7 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 		if err := zeroFrom(path, cut); err != nil {
 			return -1, fmt.Errorf("repair memtable log %s: %w", path, err)
 		}
-		log.Warn("badgerstore: the last request in the newest memtable log points at a value that did not reach the disk (a power loss before its sync); it was never acknowledged, and was dropped",
+		log.Warn("badgerstore: the last request in the newest memtable log points at a value the value log does not hold, and was dropped: a power loss before its sync (it was never acknowledged), or a value that went bad on the disk since",
 			"file", path, "offset", cut, "dangling_key", fmt.Sprintf("%q", p.key), "entries_read", read)
 		return cut, nil
 	}

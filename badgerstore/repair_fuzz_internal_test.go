@@ -237,6 +237,15 @@ func TestRepairLeavesAllButTheLastRequestAlone(t *testing.T) {
 			t.Fatalf("cut at %d", cut)
 		}
 	})
+	t.Run("an empty transaction after it", func(t *testing.T) {
+		d := newVlogDir(t)
+		mem := newLogFile()
+		mem.addTxn(5, pointer(3, d.nK, d.end), "k") // dangling, but not last
+		mem.add(bitFinTxn, txnKey("!badger!txn", 0), []byte("0"))
+		if cut, _ := repairLog(t, d, nil, mem.b); cut != -1 {
+			t.Fatalf("cut at %d", cut)
+		}
+	})
 	t.Run("an older log", func(t *testing.T) {
 		d := newVlogDir(t)
 		older := newLogFile()

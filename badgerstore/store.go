@@ -178,6 +178,11 @@ type Store struct {
 	space spaceGuard  // used by the writer goroutine only
 	reads snapshots   // the shared read snapshot (snapshot.go)
 
+	// testBeforeGCMark, set only by tests, runs after a value-log GC's
+	// moves were written and synced and before their marker (to copy the
+	// data directory as a power loss before the sync leaves it).
+	testBeforeGCMark func()
+
 	// testCommit, set only by tests, replaces txn.CommitWith (to delay or
 	// fail a commit).
 	testCommit func(txn *badger.Txn) func(cb func(error))
@@ -504,6 +509,21 @@ func (s *Store) collectValueLog() int {
 				break
 			}
 		}
+		if err == nil && s.testBeforeGCMark != nil {
+			s.testBeforeGCMark()
+		}
+		if err == nil && s.dur != nil {
+			// A marker after the synced moves, synced too, before Badger
+			// deletes the file they came from: the moves of a finished
+			// GC are then never the last request of the memtable log,
+			// which Open's repair checks and may cut (repair.go) — it
+			// cuts moves only while their old copies still exist.
+			if merr := s.markGCDone(); merr != nil {
+				s.log.Error("value log gc: marking it done failed: the rewritten file is kept until restart", "err", merr)
+				s.gcHold = it
+				break
+			}
+		}
 		it.Close() // Badger deletes the rewritten file now
 		hold.Discard()
 		if err != nil {
@@ -518,6 +538,21 @@ func (s *Store) collectValueLog() int {
 		s.log.Info("value log gc", "files_rewritten", n)
 	}
 	return n
+}
+
+// gcDoneKey is written, and synced, after each value-log GC's moves were
+// synced and before the file they came from is deleted (see
+// collectValueLog and repair.go).
+var gcDoneKey = []byte{pOption, 'g', 'c'}
+
+// markGCDone commits the GC marker (the time, Unix ns) and syncs the logs.
+func (s *Store) markGCDone() error {
+	if err := s.db.Update(func(txn *badger.Txn) error {
+		return txn.Set(gcDoneKey, binary.BigEndian.AppendUint64(nil, uint64(time.Now().UnixNano())))
+	}); err != nil {
+		return err
+	}
+	return s.dur.afterGC(0)
 }
 
 // view runs fn in a read-only snapshot.
