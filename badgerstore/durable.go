@@ -131,6 +131,7 @@ type logTail struct {
 type batchReach struct {
 	values bool  // a value large enough for the value log
 	bytes  int64 // its estimated share of a memtable
+	disk   int64 // what it writes to the logs, values in full
 }
 
 // openDurability syncs every log file and the directory, and starts

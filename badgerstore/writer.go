@@ -707,6 +707,7 @@ func (s *Store) send(b *building, w *writeTx) *inflight {
 		}
 	}
 	reach := s.logReach(fl.writes)
+	s.space.wrote(reach.disk)
 	sent := time.Now()
 	s.commitSince.Store(sent.UnixNano())
 	commit(func(cerr error) {
@@ -772,6 +773,7 @@ func (s *Store) logReach(ws *writeSet) batchReach {
 	r.bytes = writeOverhead // the transaction's own marker
 	for _, k := range ws.keys {
 		n := int64(len(ws.m[k].v))
+		r.disk += int64(len(k)) + n + writeOverhead
 		if n >= s.opts.ValueThreshold/2 {
 			r.values = true
 		}
@@ -854,12 +856,19 @@ func (f kvWrite) val() []byte {
 
 // spaceGuard refuses writes when the data directory's file system runs
 // low. It asks statfs at most every spaceCheckEvery while space is ample,
-// and before every batch once it is low.
+// and before every batch once it is low, or once the batches sent since
+// it last asked wrote half the room there was above MinFreeBytes (a burst
+// of large values between two checks, 250 ms apart, could otherwise fill
+// the disk first: Badger's memory-mapped files then fault).
 type spaceGuard struct {
 	checked time.Time
 	low     bool
 	free    int64
+	written int64 // bytes the batches sent since the last statfs wrote
 }
+
+// wrote counts a sent batch's bytes.
+func (g *spaceGuard) wrote(n int64) { g.written += n }
 
 const spaceCheckEvery = 250 * time.Millisecond
 
@@ -867,7 +876,7 @@ func (g *spaceGuard) check(o Options) error {
 	if o.InMemory || o.MinFreeBytes < 0 {
 		return nil
 	}
-	if !g.low && time.Since(g.checked) < spaceCheckEvery {
+	if !g.low && time.Since(g.checked) < spaceCheckEvery && g.written < (g.free-o.MinFreeBytes)/2 {
 		return nil
 	}
 	var st syscall.Statfs_t
@@ -875,6 +884,7 @@ func (g *spaceGuard) check(o Options) error {
 		return fmt.Errorf("statfs %s: %w", o.Dir, unavailable(err))
 	}
 	g.checked = time.Now()
+	g.written = 0
 	g.free = int64(st.Bavail) * int64(st.Bsize)
 	g.low = g.free < o.MinFreeBytes
 	if g.low {

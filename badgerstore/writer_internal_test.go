@@ -8,6 +8,7 @@ import (
 	"math"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -418,5 +419,54 @@ func TestFlushErrorTellsTooLargeFromOtherRefusals(t *testing.T) {
 		if len(c.err.Error()) > 300 || strings.Contains(c.err.Error(), "\n") {
 			t.Errorf("%s: message not cut: %d bytes", c.name, len(c.err.Error()))
 		}
+	}
+}
+
+// The free-space check asks statfs again before spaceCheckEvery has
+// passed once the batches sent since wrote half the room above
+// MinFreeBytes, and not before.
+func TestSpaceGuardAsksAgainAfterABurstOfWrites(t *testing.T) {
+	o := Options{Dir: t.TempDir()}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(o.Dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	o.MinFreeBytes = free / 2 // room: about free/2
+	var g spaceGuard
+	if err := g.check(o); err != nil {
+		t.Fatal(err)
+	}
+	first := g.checked
+	g.wrote(free / 16) // well under half the room
+	if err := g.check(o); err != nil || !g.checked.Equal(first) {
+		t.Fatalf("asked again after %d of %d bytes of room (%v)", free/16, free/2, err)
+	}
+	g.wrote(free / 4) // now over half of it
+	if err := g.check(o); err != nil {
+		t.Fatal(err)
+	}
+	if !g.checked.After(first) || g.written != 0 {
+		t.Fatalf("did not ask again after %d of %d bytes of room", free/16+free/4, free/2)
+	}
+}
+
+// What a sent batch writes, values in full, counts toward the next
+// free-space check.
+func TestSentBatchesCountTheirBytesForTheSpaceCheck(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir(), GCInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	big := make([]byte, 200<<10)
+	if err := s.update(context.Background(), "raw_set", func(w *writeTx) error {
+		w.set([]byte("ztest-big"), big)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if s.space.written < int64(len(big)) {
+		t.Fatalf("the space check counted %d bytes after a batch of %d", s.space.written, len(big))
 	}
 }
