@@ -75,7 +75,7 @@ type conn struct {
 	// replies carries the answers the reader owes the agent (ERROR
 	// unknown_stream, a refused CHECKPOINT, a refused SUBMIT) to the
 	// heartbeat goroutine, which writes them, for the same reason.
-	replies chan answer
+	replies chan owedFrame
 
 	nextCmd atomic.Uint64
 	submits chan struct{} // semaphore of SUBMITs in flight
@@ -183,7 +183,7 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 		abandoned: make(map[uint64]struct{}),
 		submits:   make(chan struct{}, max(h.cfg.MaxSubmits, 1)),
 		pong:      make(chan [ipc.PingSize]byte, 1),
-		replies:   make(chan answer, maxReplies),
+		replies:   make(chan owedFrame, maxReplies),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.recvAt.Store(time.Now().UnixNano())
@@ -479,8 +479,8 @@ func (c *conn) unknownStream(f *ipc.Frame) {
 // heartbeat goroutine to write them.
 const maxReplies = 64
 
-// answer is a frame the reader owes the agent.
-type answer struct {
+// owedFrame is a frame the reader owes the agent.
+type owedFrame struct {
 	typ     ipc.FrameType
 	stream  uint64
 	payload []byte
@@ -498,7 +498,7 @@ func (c *conn) answer(typ ipc.FrameType, stream uint64, v any, droppable bool) {
 		c.log.Error("encode answer", "type", typ, "err", err)
 		return
 	}
-	r := answer{typ: typ, stream: stream, payload: p}
+	r := owedFrame{typ: typ, stream: stream, payload: p}
 	select {
 	case c.replies <- r:
 		return
