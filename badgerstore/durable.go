@@ -59,7 +59,8 @@ import (
 // (a memtable that fills up is flushed to a table file, synced, which
 // would make the pointers durable first), holds an iterator open while it
 // runs (Badger defers deleting value-log files while one is), and syncs
-// every log file before it lets go of the iterator (Store.RunValueLogGC).
+// every log file, then commits and syncs a marker, before it lets go of
+// the iterator (Store.RunValueLogGC; the marker: repair.go).
 // What GC can write is bounded because every value in a value-log file is
 // at least ValueThreshold bytes (Open refuses a raised threshold): a file
 // of n bytes holds at most n/ValueThreshold + 1 values. With NoSync GC
