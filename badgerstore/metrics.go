@@ -23,6 +23,12 @@ type storeMetrics struct {
 	// writerReads counts the writer's point reads that no cache or
 	// pending batch answered: each walks Badger's memtables and levels.
 	writerReads *metrics.Counter
+	// gcRewritten and gcFailed count value-log files GC rewrote, and GC
+	// runs that failed (Badger's error, or the sync after it).
+	gcRewritten, gcFailed *metrics.Counter
+	// logCuts counts the memtable logs Open cut before a value pointer
+	// whose value never reached the disk (repair.go): 0 or 1 per process.
+	logCuts *metrics.Counter
 }
 
 func newStoreMetrics() storeMetrics {
@@ -35,6 +41,9 @@ func newStoreMetrics() storeMetrics {
 		seconds:       set.NewPrometheusHistogram(`mailbox_store_commit_seconds`),
 		applySeconds:  set.NewPrometheusHistogram(`mailbox_store_commit_apply_seconds`),
 		writerReads:   set.NewCounter(`mailbox_store_writer_lsm_reads_total`),
+		gcRewritten:   set.NewCounter(`mailbox_store_value_log_gc_total{result="rewritten"}`),
+		gcFailed:      set.NewCounter(`mailbox_store_value_log_gc_total{result="error"}`),
+		logCuts:       set.NewCounter(`mailbox_store_open_log_cuts_total`),
 	}
 }
 
@@ -55,5 +64,8 @@ func (m *storeMetrics) committed(ops int, d time.Duration, err error) {
 // mailbox_store_commit_seconds and mailbox_store_commit_apply_seconds (its
 // part until Badger had applied the batch, before the sync) and
 // mailbox_store_writer_lsm_reads_total (the writer's point reads that its
-// record cache did not answer).
+// record cache did not answer), mailbox_store_value_log_gc_total{result}
+// (files value-log GC rewrote, GC runs that failed) and
+// mailbox_store_open_log_cuts_total (1 when this process's Open cut a
+// memtable log's unacknowledged tail after a power loss: repair.go).
 func (s *Store) Metrics() *metrics.Set { return s.metrics.set }

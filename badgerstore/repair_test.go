@@ -105,6 +105,9 @@ func TestOpenDropsABatchWhoseLargeValueDidNotReachTheDisk(t *testing.T) {
 	}
 
 	s2 := mustOpen(t, badgerstore.Options{Dir: lost, GCInterval: -1})
+	if got := metricLine(t, s2, "mailbox_store_open_log_cuts_total"); got != "mailbox_store_open_log_cuts_total 1" {
+		t.Fatalf("after the cut: %q", got)
+	}
 	msgs, err := s2.LoadMessages(ctx, "t1")
 	if err != nil {
 		t.Fatalf("messages after the power loss: %v", err)
@@ -332,7 +335,21 @@ func TestOpenKeepsWritesAfterAValueThatWentBad(t *testing.T) {
 	if n, err := s2.MessageCount(ctx, "t2"); err != nil || n != 10 {
 		t.Fatalf("t2 after the flip: %d messages, %v; want all 10\nlogs:\n%s", n, err, logs.String())
 	}
-	if strings.Contains(logs.String(), "dropped") {
+	if strings.Contains(logs.String(), "dropped") || metricLine(t, s2, "mailbox_store_open_log_cuts_total") != "mailbox_store_open_log_cuts_total 0" {
 		t.Fatalf("Open cut a log:\n%s", logs.String())
 	}
+}
+
+// metricLine is the line of the store's metrics that starts with name.
+func metricLine(t *testing.T, s *badgerstore.Store, name string) string {
+	t.Helper()
+	var b strings.Builder
+	s.Metrics().WritePrometheus(&b)
+	for _, l := range strings.Split(b.String(), "\n") {
+		if strings.HasPrefix(l, name) {
+			return l
+		}
+	}
+	t.Fatalf("no metric %s in:\n%s", name, b.String())
+	return ""
 }

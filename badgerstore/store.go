@@ -201,6 +201,8 @@ func Open(opts Options) (*Store, error) {
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 		}
 	}
+	cut := int64(-1) // where Open's repair cut the newest memtable log (repair.go)
+	var err error
 	if !opts.InMemory {
 		// What a crashed process wrote and did not sync is durable before
 		// Badger reads it back: its Open flushes replayed memtables to
@@ -209,7 +211,7 @@ func Open(opts Options) (*Store, error) {
 		if err := syncLogFiles(opts.Dir, opts.syncedHook); err != nil {
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 		}
-		if _, err := repairDanglingPointers(opts.Dir, opts.Logger); err != nil {
+		if cut, err = repairDanglingPointers(opts.Dir, opts.Logger); err != nil {
 			if errors.Is(err, engine.ErrDataDirInUse) {
 				return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
 			}
@@ -258,6 +260,9 @@ func Open(opts Options) (*Store, error) {
 		gcDone:     make(chan struct{}),
 	}
 	s.metrics = newStoreMetrics()
+	if cut >= 0 {
+		s.metrics.logCuts.Inc()
+	}
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
 	s.reads.publish(db.NewTransaction(false), nil, math.MinInt64) // the floor starts at the bottom
 	go s.writer()
@@ -504,6 +509,7 @@ func (s *Store) collectValueLog() int {
 		err := s.db.RunValueLogGC(s.opts.GCDiscardRatio)
 		if s.dur != nil && !errors.Is(err, badger.ErrRejected) {
 			if serr := s.dur.afterGC(bound); serr != nil {
+				s.metrics.gcFailed.Inc()
 				s.log.Error("value log gc: sync failed: the rewritten file is kept until restart", "err", serr)
 				s.gcHold = it
 				break
@@ -519,6 +525,7 @@ func (s *Store) collectValueLog() int {
 			// which Open's repair checks and may cut (repair.go) — it
 			// cuts moves only while their old copies still exist.
 			if merr := s.markGCDone(); merr != nil {
+				s.metrics.gcFailed.Inc()
 				s.log.Error("value log gc: marking it done failed: the rewritten file is kept until restart", "err", merr)
 				s.gcHold = it
 				break
@@ -528,10 +535,12 @@ func (s *Store) collectValueLog() int {
 		hold.Discard()
 		if err != nil {
 			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
+				s.metrics.gcFailed.Inc()
 				s.log.Warn("value log gc failed", "err", err)
 			}
 			break
 		}
+		s.metrics.gcRewritten.Inc()
 		n++
 	}
 	if n > 0 {

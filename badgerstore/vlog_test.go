@@ -2,6 +2,7 @@ package badgerstore_test
 
 import (
 	"context"
+	"fmt"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -68,6 +69,9 @@ func TestValueLogGCReclaimsRewrittenRecords(t *testing.T) {
 		t.Fatalf("value-log GC rewrote %d files; value log %d → %d bytes", rewritten, before, after)
 	}
 	t.Logf("value-log GC rewrote %d files: %d → %d bytes", rewritten, before, after)
+	if got, want := metricLine(t, s, `mailbox_store_value_log_gc_total{result="rewritten"}`), fmt.Sprintf(`mailbox_store_value_log_gc_total{result="rewritten"} %d`, rewritten); got != want {
+		t.Fatalf("metric %q, want %q", got, want)
+	}
 	got, err := s.LoadRun(ctx, "r1")
 	if err != nil || got == nil || got.Steps != 199 || string(got.State) != string(state) {
 		t.Fatalf("run after GC: steps %v err %v", got, err)
