@@ -72,6 +72,20 @@ func powerLossCopy(t *testing.T, dir, vlogs string) string {
 	return out
 }
 
+// openForGC opens a store for the value-log GC tests: small value-log
+// files (GC finds whole files of garbage soon), no GC of its own, tables
+// compacted at Close (GC learns what is garbage). The caller closes it.
+func openForGC(t *testing.T) (string, badgerstore.Options, *badgerstore.Store) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.CompactOnClose(badgerstore.Options{Dir: dir, ValueLogFileSize: 2 << 20, GCInterval: -1})
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, opts, s
+}
+
 func bigMessage(id string) engine.Message {
 	content, _ := json.Marshal(strings.Repeat(id, (80<<10)/len(id))) // above the 64 KiB ValueThreshold
 	return engine.Message{ID: id, Role: "user", Content: content}
@@ -142,12 +156,7 @@ func TestOpenDropsABatchWhoseLargeValueDidNotReachTheDisk(t *testing.T) {
 // deleted yet.
 func TestOpenUndoesAValueLogGCWhoseMovesDidNotReachTheDisk(t *testing.T) {
 	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "data")
-	opts := badgerstore.CompactOnClose(badgerstore.Options{Dir: dir, ValueLogFileSize: 2 << 20, GCInterval: -1})
-	s, err := badgerstore.Open(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, opts, s := openForGC(t)
 	// Many versions of one large run record (garbage for GC), and
 	// large messages that stay live beside them.
 	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
@@ -219,12 +228,7 @@ func TestOpenUndoesAValueLogGCWhoseMovesDidNotReachTheDisk(t *testing.T) {
 // logs: TestRepairTellsDanglingPointersFromSupersededOnes.)
 func TestOpenKeepsAWholeLogAfterValueLogGC(t *testing.T) {
 	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "data")
-	opts := badgerstore.CompactOnClose(badgerstore.Options{Dir: dir, ValueLogFileSize: 2 << 20, GCInterval: -1})
-	s, err := badgerstore.Open(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, opts, s := openForGC(t)
 	big := func(c string) json.RawMessage { b, _ := json.Marshal(strings.Repeat(c, 100<<10)); return b }
 	put := func(s *badgerstore.Store, id string, steps int, state json.RawMessage) {
 		t.Helper()

@@ -93,29 +93,12 @@ func TestEventReadersAreWokenOncePerRead(t *testing.T) {
 // the sidecar's reader waits to write to it would otherwise hold both
 // until a write deadline failed the connection.
 func TestHubReadsAnAgentThatDoesNotRead(t *testing.T) {
-	r := newRig(t, hub.Config{})
-	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
-	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
-	s := &quietSink{}
-	out := make(chan engine.RunOutcome, 1)
-	go func() { out <- r.hub.Run(context.Background(), request("t1"), s) }()
-	a.expect(ipc.TypeRun, 1)
-	// From here on the agent reads nothing until the end.
-	var b []byte
+	var flood []byte
 	ping := make([]byte, ipc.PingSize)
 	for range 20000 { // 480 KB of PINGs: their PONGs overfill the socket's buffer
-		b = ipc.AppendFrame(b, ipc.TypePing, 0, 0, ping)
+		flood = ipc.AppendFrame(flood, ipc.TypePing, 0, 0, ping)
 	}
-	b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 1, []byte(`{"type":"after"}`))
-	written := make(chan error, 1)
-	go func() {
-		_, err := a.nc.Write(b)
-		written <- err
-	}()
-	eventually(t, "the event after the PINGs", func() bool { return strings.Contains(s.got(), `q:{"type":"after"}`) })
-	if err := <-written; err != nil {
-		t.Fatal(err)
-	}
+	_, a, out := floodFromASilentAgent(t, flood)
 	a.send(ipc.TypeFinish, 1, finishDone("ok"))
 	// The agent reads again: the PONGs owed, and the FINISH's effect.
 	go func() {
@@ -136,28 +119,11 @@ func TestHubReadsAnAgentThatDoesNotRead(t *testing.T) {
 // those that can wait are dropped and counted, so that the agent's next
 // frame for its open stream still arrives and the connection stays up.
 func TestHubReadsAnAgentFloodingAClosedStreamThatDoesNotRead(t *testing.T) {
-	r := newRig(t, hub.Config{})
-	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
-	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
-	s := &quietSink{}
-	out := make(chan engine.RunOutcome, 1)
-	go func() { out <- r.hub.Run(context.Background(), request("t1"), s) }()
-	a.expect(ipc.TypeRun, 1)
-	// From here on the agent reads nothing until the end.
-	var b []byte
+	var flood []byte
 	for range 20000 { // each answered by an ERROR of about 70 bytes: 1.4 MB, more than the socket buffers
-		b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 7, []byte(`{}`))
+		flood = ipc.AppendFrame(flood, ipc.TypeEvent, 0, 7, []byte(`{}`))
 	}
-	b = ipc.AppendFrame(b, ipc.TypeEvent, 0, 1, []byte(`{"type":"after"}`))
-	written := make(chan error, 1)
-	go func() {
-		_, err := a.nc.Write(b)
-		written <- err
-	}()
-	eventually(t, "the event after the flood", func() bool { return strings.Contains(s.got(), `q:{"type":"after"}`) })
-	if err := <-written; err != nil {
-		t.Fatal(err)
-	}
+	r, a, out := floodFromASilentAgent(t, flood)
 	var m strings.Builder
 	r.hub.Metrics().WritePrometheus(&m)
 	if !strings.Contains(m.String(), "mailbox_agent_unknown_stream_frames_total 20000") {
@@ -186,4 +152,29 @@ func TestHubReadsAnAgentFloodingAClosedStreamThatDoesNotRead(t *testing.T) {
 	}
 	<-answered
 	eventually(t, "the connection still up", func() bool { return r.hub.Capacity() == 1 })
+}
+
+// floodFromASilentAgent starts a run on stream 1 of an agent that from
+// then on reads nothing, has it write flood and then an EVENT for the
+// run, and waits until the hub has read that EVENT.
+func floodFromASilentAgent(t *testing.T, flood []byte) (*rig, *rawAgent, <-chan engine.RunOutcome) {
+	t.Helper()
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	s := &quietSink{}
+	out := make(chan engine.RunOutcome, 1)
+	go func() { out <- r.hub.Run(context.Background(), request("t1"), s) }()
+	a.expect(ipc.TypeRun, 1)
+	b := ipc.AppendFrame(flood, ipc.TypeEvent, 0, 1, []byte(`{"type":"after"}`))
+	written := make(chan error, 1)
+	go func() {
+		_, err := a.nc.Write(b)
+		written <- err
+	}()
+	eventually(t, "the event after the flood", func() bool { return strings.Contains(s.got(), `q:{"type":"after"}`) })
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	return r, a, out
 }
