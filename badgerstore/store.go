@@ -131,6 +131,11 @@ func (o *Options) badger() badger.Options {
 		WithCompactL0OnClose(o.compactL0OnClose).
 		WithSyncWrites(false).      // the store syncs what a batch wrote itself (durable.go)
 		WithDetectConflicts(false). // one writer goroutine: no write-write conflicts
+		// A value read from the value log is checked against its
+		// checksum: one that went bad on the disk reads as empty, which
+		// no record decodes (engine.ErrCorrupt), rather than as other
+		// bytes that might.
+		WithVerifyValueChecksum(true).
 		WithMemTableSize(o.MemTableSize).
 		WithNumMemtables(o.NumMemtables).
 		WithNumLevelZeroTables(4).
@@ -157,6 +162,7 @@ type Store struct {
 	gcReqs     chan *gcRequest  // value-log GC, run by the writer
 	gcHold     *badger.Iterator // kept open after a failed GC sync, never closed (see collectValueLog)
 	gcUnfit    sync.Once        // warns once that value-log GC cannot run with these options
+	vlogs      *vlogCheck       // value-log files read whole before GC may run (vlogcheck.go); nil InMemory
 	writerDone chan struct{}
 	gcStop     chan struct{}
 	gcDone     chan struct{}
@@ -262,6 +268,10 @@ func Open(opts Options) (*Store, error) {
 	s.metrics = newStoreMetrics()
 	if cut >= 0 {
 		s.metrics.logCuts.Inc()
+	}
+	if !opts.InMemory {
+		s.vlogs = newVlogCheck(opts.Dir, opts.Logger)
+		s.metrics.set.NewGauge(`mailbox_store_value_log_corrupt_files`, func() float64 { return float64(s.vlogs.corrupt()) })
 	}
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
 	s.reads.publish(db.NewTransaction(false), nil, math.MinInt64) // the floor starts at the bottom
@@ -457,8 +467,13 @@ type gcRequest struct{ done chan int }
 // RunValueLogGC rewrites value-log files while at least GCDiscardRatio of
 // one is garbage; it returns how many files it rewrote. It runs on the
 // writer goroutine between two batches (see durability): commits wait
-// for it, one file's rewrite at a time.
+// for it, one file's rewrite at a time. First, on the caller's goroutine,
+// it reads whole every value-log file not read yet; GC does not run while
+// one fails its checksums (vlogcheck.go).
 func (s *Store) RunValueLogGC() int {
+	if s.vlogs != nil {
+		s.vlogs.check() // here, not on the writer goroutine: it reads whole files
+	}
 	req := &gcRequest{done: make(chan int, 1)}
 	select {
 	case s.gcReqs <- req:
@@ -485,6 +500,12 @@ func (s *Store) collectValueLog() int {
 	s.opSince.Store(start.UnixNano()) // Stalled sees a GC that does not end
 	defer s.opSince.Store(0)
 	for n < 16 && time.Since(start) < gcBudget && s.gcHold == nil {
+		if s.vlogs != nil {
+			if why := s.vlogs.blocked(); why != "" {
+				s.log.Debug("value log gc not run", "why", why)
+				break
+			}
+		}
 		var bound int64
 		if s.dur != nil {
 			b, room, fits, err := s.dur.gcRoom()

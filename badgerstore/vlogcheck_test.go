@@ -1,0 +1,174 @@
+package badgerstore_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// A value-log file with one bad entry: value-log GC, which would stop
+// reading the file at that entry and delete it with the live values
+// after it, stays off; every live value reads whole, and Verify and the
+// metrics name the files.
+func TestValueLogGCStaysOffWhileAFileFailsItsChecksum(t *testing.T) {
+	ctx := context.Background()
+	dir, opts, s := openForGC(t)
+	// Garbage in every value-log file: 100 KiB run states, each version
+	// replaced by the next; between them live 80 KiB messages.
+	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
+	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
+	if err := s.CreateRun(ctx, run); err != nil {
+		t.Fatal(err)
+	}
+	var want []engine.Message
+	for i := range 40 {
+		for range 3 {
+			run.UpdatedAt++
+			run.Steps++
+			if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m := bigMessage(fmt.Sprintf("m%02d-", i))
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i), Messages: []engine.Message{m}}); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, m)
+	}
+	run.State = json.RawMessage(`"small"`) // the live state is small: every large one is garbage
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil { // compacts: the value log learns its garbage
+		t.Fatal(err)
+	}
+	// One byte flips in the first run state of every value-log file but
+	// the newest, ahead of live messages in the same file. (The newest is
+	// Badger's own to mend: its Open cuts that file at its first bad
+	// entry, as it cuts a torn write.)
+	var files []string
+	es, _ := os.ReadDir(dir)
+	for _, e := range es {
+		if isVlog(e.Name()) {
+			files = append(files, e.Name())
+		}
+	}
+	slices.Sort(files)
+	flipped := 0
+	for _, name := range files[:len(files)-1] {
+		path := filepath.Join(dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := bytes.Index(b, []byte(`"ssssssssssssssss`))
+		if i < 0 || !bytes.Contains(b[i:], []byte("m")) {
+			continue
+		}
+		b[i+1000] ^= 0x01
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		flipped++
+	}
+	if flipped < 2 {
+		t.Fatalf("flipped a byte in %d of the value-log files %v; want at least 2", flipped, files)
+	}
+	var logs strings.Builder
+	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	s = mustOpen(t, opts)
+	if n := s.RunValueLogGC(); n != 0 {
+		t.Fatalf("value-log GC rewrote %d files with a corrupt one among them", n)
+	}
+	if got, want := metricLine(t, s, "mailbox_store_value_log_corrupt_files"), fmt.Sprintf("mailbox_store_value_log_corrupt_files %d", flipped); got != want {
+		t.Fatalf("metric %q, want %q\nlogs:\n%s", got, want, logs.String())
+	}
+	if !strings.Contains(logs.String(), "value-log file corrupt") {
+		t.Fatalf("no error logged:\n%s", logs.String())
+	}
+	got, err := s.LoadMessages(ctx, "t2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d messages after GC, want %d", len(got), len(want))
+	}
+	for i, m := range got {
+		if m.Message.ID != want[i].ID || !bytes.Equal(m.Message.Content, want[i].Content) {
+			t.Fatalf("message %d after GC: id %q, %d bytes; want %q, %d bytes", i, m.Message.ID, len(m.Message.Content), want[i].ID, len(want[i].Content))
+		}
+	}
+	rep, err := s.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := 0
+	for _, p := range rep.Problems {
+		if strings.Contains(p, "fails its checksum") {
+			bad++
+		}
+	}
+	if bad != flipped {
+		t.Fatalf("Verify reported %d corrupt value-log files, want %d: %v", bad, flipped, rep.Problems)
+	}
+}
+
+// A large value that went bad on the disk reads as corrupt, not as other
+// bytes: Badger checks its checksum on every read from the value log.
+// (m1 sits in a value-log file below the newest, which Badger's Open
+// would cut at a bad entry on its own.)
+func TestALargeValueThatWentBadReadsAsCorrupt(t *testing.T) {
+	ctx := context.Background()
+	dir, opts, s := openForGC(t)
+	for i := range 40 { // 3.2 MB of values: m1's file is not the newest
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i),
+			Messages: []engine.Message{bigMessage(fmt.Sprintf("m%d", i+1))}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	es, _ := os.ReadDir(dir)
+	var files []string
+	for _, e := range es {
+		if isVlog(e.Name()) {
+			files = append(files, e.Name())
+		}
+	}
+	slices.Sort(files)
+	flipped := false
+	for _, name := range files[:len(files)-1] {
+		path := filepath.Join(dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := bytes.Index(b, []byte(`"m1m1m1m1`)); i >= 0 {
+			b[i+1001] ^= 0x20 // 'm' becomes 'M': still a valid message
+			if err := os.WriteFile(path, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			flipped = true
+		}
+	}
+	if !flipped {
+		t.Fatalf("m1's value not found in the value-log files below the newest, %v", files)
+	}
+	opts.Logger = slog.New(slog.NewTextHandler(new(strings.Builder), nil))
+	s = mustOpen(t, opts)
+	got, err := s.LoadMessages(ctx, "t1")
+	if !errors.Is(err, engine.ErrCorrupt) {
+		t.Fatalf("reading the flipped message: %d messages, err %v; want engine.ErrCorrupt", len(got), err)
+	}
+}
