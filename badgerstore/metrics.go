@@ -65,7 +65,9 @@ func (m *storeMetrics) committed(ops int, d time.Duration, err error) {
 // part until Badger had applied the batch, before the sync) and
 // mailbox_store_writer_lsm_reads_total (the writer's point reads that its
 // record cache did not answer), mailbox_store_value_log_gc_total{result}
-// (files value-log GC rewrote, GC runs that failed) and
+// (files value-log GC rewrote, GC runs that failed),
+// mailbox_store_value_log_corrupt_files (value-log files that failed their
+// check: GC stays off while one exists, vlogcheck.go) and
 // mailbox_store_open_log_cuts_total (1 when this process's Open cut a
 // memtable log's unacknowledged tail after a power loss: repair.go).
 func (s *Store) Metrics() *metrics.Set { return s.metrics.set }

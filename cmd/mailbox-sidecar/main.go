@@ -7,6 +7,7 @@
 //	mailbox-sidecar serve [flags]   run the sidecar (flags: serve -h)
 //	mailbox-sidecar demo            run a demo with the example agent
 //	mailbox-sidecar ctl …           operator CLI over the API socket
+//	mailbox-sidecar verify          check a stopped sidecar's data directory
 //	mailbox-sidecar version         print version information
 package main
 
@@ -41,6 +42,7 @@ commands:
   serve     run the sidecar (mailbox-sidecar serve -h lists the flags)
   demo      run the sidecar with the example agent and show a few runs
   ctl       operator CLI over the API socket (mailbox-sidecar ctl -h)
+  verify    check a stopped sidecar's data directory (mailbox-sidecar verify -h)
   version   print version, commit, Go and protocol versions
 `
 
@@ -58,6 +60,8 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return runDemo(args[1:], getenv, stdout, stderr)
 	case "ctl":
 		return runCtl(args[1:], getenv, stdout, stderr)
+	case "verify":
+		return runVerify(args[1:], getenv, stdout, stderr)
 	case "version", "--version", "-version":
 		printVersion(stdout)
 		return 0

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// verify on a stopped sidecar's directory: consistent, then refused while
+// the directory is open, then a value-log file with a flipped byte listed
+// as a problem; bad usage and a directory without a store.
+func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1, ValueLogFileSize: 2 << 20}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i := range 40 { // 3.2 MB of large messages: several value-log files
+		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("m%d-", i), 20<<10))
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
+			Messages: []engine.Message{{ID: fmt.Sprintf("m%d", i), Role: "user", Content: content}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(args ...string) (int, string, string) {
+		var out, errOut bytes.Buffer
+		code := run(append([]string{"verify"}, args...), func(string) string { return "" }, &out, &errOut)
+		return code, out.String(), errOut.String()
+	}
+
+	code, out, errOut := verify("--data-dir", dir)
+	if code != 0 || !strings.Contains(out, "1 threads, 40 messages") || !strings.Contains(out, "consistent") {
+		t.Fatalf("verify of a clean directory: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+
+	s, err = badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut = verify("--data-dir", dir)
+	if code != 1 || !strings.Contains(errOut, "in use") {
+		t.Fatalf("verify of a directory in use: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	var vlogs []string
+	es, _ := os.ReadDir(dir)
+	for _, e := range es {
+		if strings.HasSuffix(e.Name(), ".vlog") {
+			vlogs = append(vlogs, e.Name())
+		}
+	}
+	slices.Sort(vlogs)
+	// One byte flips in a message of a value-log file below the newest.
+	flipped := ""
+	for _, name := range vlogs[:len(vlogs)-1] {
+		path := filepath.Join(dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for m := range 40 {
+			if i := bytes.Index(b, []byte(fmt.Sprintf(`"m%d-m%d-`, m, m))); i >= 0 {
+				b[i+999] ^= 0x01
+				if err := os.WriteFile(path, b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				flipped = name
+				break
+			}
+		}
+		if flipped != "" {
+			break
+		}
+	}
+	if flipped == "" {
+		t.Fatalf("no message in the value-log files %v below the newest", vlogs)
+	}
+	code, out, errOut = verify("--data-dir", dir)
+	if code != 1 || !strings.Contains(out, "problem: "+flipped) || !strings.Contains(out, "fails its checksum") {
+		t.Fatalf("verify of a flipped byte: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+
+	if code, _, errOut := verify("--data-dir", t.TempDir()); code != 1 || !strings.Contains(errOut, "no data directory") {
+		t.Fatalf("verify of an empty directory: exit %d, stderr %s", code, errOut)
+	}
+	if code, _, _ := verify("--data-dir", dir, "extra"); code != 2 {
+		t.Fatalf("verify with an argument: exit %d, want 2", code)
+	}
+}
