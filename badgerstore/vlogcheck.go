@@ -31,10 +31,6 @@ import (
 // the bad value itself reports corruption (Badger's value checksums are
 // verified on every read from the value log, see Options.badger).
 
-// vlogHeaderSize is the header Badger writes at the start of every
-// value-log file (an encryption key id and an IV), before its entries.
-const vlogHeaderSize = 20
-
 // errValueLogCorrupt marks a value-log file whose entries do not all hold
 // up to its end.
 var errValueLogCorrupt = errors.New("value-log file corrupt")
@@ -169,11 +165,11 @@ func checkValueLog(path string) error {
 		return err
 	}
 	size := st.Size()
-	if size <= vlogHeaderSize {
+	if size <= logFileHeader {
 		return nil // no entries (a file GC truncated before unlinking it, say)
 	}
-	r := bufio.NewReaderSize(io.NewSectionReader(f, vlogHeaderSize, size-vlogHeaderSize), 256<<10)
-	off := int64(vlogHeaderSize)
+	r := bufio.NewReaderSize(io.NewSectionReader(f, logFileHeader, size-logFileHeader), 256<<10)
+	off := int64(logFileHeader)
 	var buf []byte
 	for off < size {
 		_, n, err := readLogEntry(r, off, size-off, &buf)
