@@ -270,7 +270,7 @@ func Open(opts Options) (*Store, error) {
 		s.metrics.logCuts.Inc()
 	}
 	if !opts.InMemory {
-		s.vlogs = newVlogCheck(opts.Dir, opts.Logger)
+		s.vlogs = newVlogCheck(opts.Dir, opts.Logger, s.isLive)
 		s.metrics.set.NewGauge(`mailbox_store_value_log_corrupt_files`, func() float64 { return float64(s.vlogs.corrupt()) })
 	}
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
@@ -568,6 +568,21 @@ func (s *Store) collectValueLog() int {
 		s.log.Info("value log gc", "files_rewritten", n)
 	}
 	return n
+}
+
+// isLive says whether version is the live (newest, not deleted) version
+// of key.
+func (s *Store) isLive(key []byte, version uint64) (bool, error) {
+	txn := s.db.NewTransaction(false)
+	defer txn.Discard()
+	item, err := txn.Get(key)
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return item.Version() == version, nil
 }
 
 // gcDoneKey is written, and synced, after each value-log GC's moves were

@@ -412,7 +412,13 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		switch {
 		case errors.Is(err, fs.ErrNotExist): // GC deleted it meanwhile
 		case errors.Is(err, errValueLogCorrupt):
-			problem("%v", err)
+			live := ""
+			if d := (*vlogDamage)(nil); errors.As(err, &d) {
+				if k, lerr := s.vlogs.liveAfter(d); lerr == nil && k != "" {
+					live = fmt.Sprintf("; the live value of %q lies after it: value-log GC stays off", k)
+				}
+			}
+			problem("%v%s", err, live)
 		case err != nil:
 			return rep, fmt.Errorf("verify: %w", err)
 		}

@@ -1,9 +1,12 @@
 package badgerstore
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 )
@@ -23,15 +26,17 @@ func TestCheckValueLogReadsTheFileToItsEnd(t *testing.T) {
 		name    string
 		b       []byte
 		corrupt bool
+		after   []string // keys of the whole entries found after the bad one
 	}{
-		{"whole", whole.b, false},
-		{"zeros after the last entry", append(append([]byte(nil), whole.b...), make([]byte, 300)...), false},
-		{"header only", whole.b[:logFileHeader], false},
-		{"empty (truncated by GC)", nil, false},
-		{"a flipped byte in the first entry", flip(logFileHeader + 8), true},
-		{"a flipped byte in the last entry", flip(second + 8), true},
-		{"a torn last entry", whole.b[:len(whole.b)-3], true},
-		{"bytes after zeros", append(append(append([]byte(nil), whole.b...), make([]byte, 10)...), 7), true},
+		{"whole", whole.b, false, nil},
+		{"zeros after the last entry", append(append([]byte(nil), whole.b...), make([]byte, 300)...), false, nil},
+		{"header only", whole.b[:logFileHeader], false, nil},
+		{"empty (truncated by GC)", nil, false, nil},
+		{"a flipped byte in the first entry", flip(logFileHeader + 8), true, []string{"b"}},
+		{"a flipped byte in the first entry's length", flip(logFileHeader + 2), true, []string{"b"}},
+		{"a flipped byte in the last entry", flip(second + 8), true, nil},
+		{"a torn last entry", whole.b[:len(whole.b)-3], true, nil},
+		{"bytes after zeros", append(append(append([]byte(nil), whole.b...), make([]byte, 10)...), 7), true, nil},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -41,26 +46,50 @@ func TestCheckValueLogReadsTheFileToItsEnd(t *testing.T) {
 			if c.corrupt != errors.Is(err, errValueLogCorrupt) || !c.corrupt && err != nil {
 				t.Fatalf("checkValueLog: %v; want corrupt %v", err, c.corrupt)
 			}
+			var d *vlogDamage
+			if !c.corrupt || !errors.As(err, &d) {
+				return
+			}
+			var keys []string
+			for _, e := range d.after {
+				if e.version != 1 {
+					t.Errorf("entry %q after the damage: version %d, want 1", e.key, e.version)
+				}
+				keys = append(keys, string(e.key))
+			}
+			if !slices.Equal(keys, c.after) {
+				t.Fatalf("entries after the damage %q, want %q", keys, c.after)
+			}
 		})
 	}
 }
 
 // BenchmarkCheckValueLog: reading a full 64 MiB value-log file of 80 KiB
-// values, as the check does once per file before value-log GC may run.
+// text values, as the check does once per file before value-log GC may run;
+// damaged: a byte flipped in its first entry, so that the rest is
+// searched at every offset for whole entries.
 func BenchmarkCheckValueLog(b *testing.B) {
 	l := newLogFile()
-	value := make([]byte, 80<<10)
+	value := bytes.Repeat([]byte(`{"role":"user","content":"hello there"} `), 2000) // about 80 KiB of text
 	for i := 0; len(l.b) < 64<<20; i++ {
 		l.add(0, txnKey(strconv.Itoa(i), 1), value)
 	}
-	path := filepath.Join(b.TempDir(), "000001.vlog")
-	if err := os.WriteFile(path, l.b, 0o600); err != nil {
-		b.Fatal(err)
-	}
-	b.SetBytes(int64(len(l.b)))
-	for b.Loop() {
-		if err := checkValueLog(path); err != nil {
-			b.Fatal(err)
-		}
+	for _, damaged := range []bool{false, true} {
+		b.Run(fmt.Sprintf("damaged=%v", damaged), func(b *testing.B) {
+			f := append([]byte(nil), l.b...)
+			if damaged {
+				f[logFileHeader+8] ^= 0x01
+			}
+			path := filepath.Join(b.TempDir(), "000001.vlog")
+			if err := os.WriteFile(path, f, 0o600); err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(int64(len(f)))
+			for b.Loop() {
+				if err := checkValueLog(path); damaged != (err != nil) {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

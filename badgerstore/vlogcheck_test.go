@@ -56,34 +56,7 @@ func TestValueLogGCStaysOffWhileAFileFailsItsChecksum(t *testing.T) {
 	// the newest, ahead of live messages in the same file. (The newest is
 	// Badger's own to mend: its Open cuts that file at its first bad
 	// entry, as it cuts a torn write.)
-	var files []string
-	es, _ := os.ReadDir(dir)
-	for _, e := range es {
-		if isVlog(e.Name()) {
-			files = append(files, e.Name())
-		}
-	}
-	slices.Sort(files)
-	flipped := 0
-	for _, name := range files[:len(files)-1] {
-		path := filepath.Join(dir, name)
-		b, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		i := bytes.Index(b, []byte(`"ssssssssssssssss`))
-		if i < 0 || !bytes.Contains(b[i:], []byte("m")) {
-			continue
-		}
-		b[i+1000] ^= 0x01
-		if err := os.WriteFile(path, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		flipped++
-	}
-	if flipped < 2 {
-		t.Fatalf("flipped a byte in %d of the value-log files %v; want at least 2", flipped, files)
-	}
+	flipped := flipFirstInEachOlderValueLog(t, dir, `"ssssssssssssssss`)
 	var logs strings.Builder
 	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	s = mustOpen(t, opts)
@@ -171,4 +144,92 @@ func TestALargeValueThatWentBadReadsAsCorrupt(t *testing.T) {
 	if !errors.Is(err, engine.ErrCorrupt) {
 		t.Fatalf("reading the flipped message: %d messages, err %v; want engine.ErrCorrupt", len(got), err)
 	}
+}
+
+// A bad entry with nothing live after it (garbage, or the torn tail of a
+// batch never acknowledged) does not stop value-log GC: what GC would
+// drop is dead already.
+func TestValueLogGCRewritesAFileWithNothingLiveAfterItsBadEntry(t *testing.T) {
+	ctx := context.Background()
+	dir, opts, s := openForGC(t)
+	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
+	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
+	if err := s.CreateRun(ctx, run); err != nil {
+		t.Fatal(err)
+	}
+	for range 100 {
+		run.UpdatedAt++
+		run.Steps++
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run.State = json.RawMessage(`"small"`) // every large state is garbage
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	flipped := flipFirstInEachOlderValueLog(t, dir, `"ssssssssssssssss`)
+	var logs strings.Builder
+	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	s = mustOpen(t, opts)
+	rewritten := 0
+	for {
+		n := s.RunValueLogGC()
+		if n == 0 {
+			break
+		}
+		rewritten += n
+	}
+	if rewritten == 0 {
+		t.Fatalf("value-log GC rewrote nothing; logs:\n%s", logs.String())
+	}
+	if got, want := metricLine(t, s, "mailbox_store_value_log_corrupt_files"), fmt.Sprintf("mailbox_store_value_log_corrupt_files %d", flipped); got != want {
+		t.Fatalf("metric %q, want %q", got, want)
+	}
+	if !strings.Contains(logs.String(), "no live value after the bad entry") {
+		t.Fatalf("no warning logged:\n%s", logs.String())
+	}
+	got, err := s.LoadRun(ctx, "r1")
+	if err != nil || got == nil || got.Steps != 100 || string(got.State) != `"small"` {
+		t.Fatalf("run after GC: %v, %v", got, err)
+	}
+}
+
+// flipFirstInEachOlderValueLog flips a byte 1000 bytes into the first
+// occurrence of marker in every value-log file of dir but the newest, and
+// returns how many it flipped (at least 2, or the test fails).
+func flipFirstInEachOlderValueLog(t *testing.T, dir, marker string) int {
+	t.Helper()
+	var files []string
+	es, _ := os.ReadDir(dir)
+	for _, e := range es {
+		if isVlog(e.Name()) {
+			files = append(files, e.Name())
+		}
+	}
+	slices.Sort(files)
+	flipped := 0
+	for _, name := range files[:max(len(files), 1)-1] {
+		path := filepath.Join(dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := bytes.Index(b, []byte(marker))
+		if i < 0 {
+			continue
+		}
+		b[i+1000] ^= 0x01
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		flipped++
+	}
+	if flipped < 2 {
+		t.Fatalf("flipped a byte in %d of the value-log files %v; want at least 2", flipped, files)
+	}
+	return flipped
 }
