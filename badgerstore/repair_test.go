@@ -159,11 +159,7 @@ func TestOpenUndoesAValueLogGCWhoseMovesDidNotReachTheDisk(t *testing.T) {
 	dir, opts, s := openForGC(t)
 	// Many versions of one large run record (garbage for GC), and
 	// large messages that stay live beside them.
-	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
-	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
-	if err := s.CreateRun(ctx, run); err != nil {
-		t.Fatal(err)
-	}
+	run := createLargeRun(t, s)
 	for i := range 60 {
 		run.UpdatedAt = int64(2 + i)
 		run.Steps = int64(i)
@@ -199,7 +195,7 @@ func TestOpenUndoesAValueLogGCWhoseMovesDidNotReachTheDisk(t *testing.T) {
 
 	s2 := mustOpen(t, badgerstore.CompactOnClose(badgerstore.Options{Dir: lost, ValueLogFileSize: 2 << 20, GCInterval: -1}))
 	got, err := s2.LoadRun(ctx, "r1")
-	if err != nil || got == nil || got.Steps != 59 || string(got.State) != string(state) {
+	if err != nil || got == nil || got.Steps != 59 || string(got.State) != string(run.State) {
 		t.Fatalf("run after the power loss: %+v, %v", got, err)
 	}
 	msgs, err := s2.LoadMessages(ctx, "t1")

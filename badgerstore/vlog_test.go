@@ -1,8 +1,8 @@
 package badgerstore_test
 
 import (
+	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
-	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
 func vlogBytes(t *testing.T, dir string) int64 {
@@ -44,17 +43,9 @@ func TestValueLogGCReclaimsRewrittenRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
-	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
-	if err := s.CreateRun(ctx, run); err != nil {
-		t.Fatal(err)
-	}
-	for i := range 200 {
-		run.UpdatedAt = int64(2 + i)
-		run.Steps = int64(i)
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
-			t.Fatal(err)
-		}
+	run := createLargeRun(t, s)
+	for range 200 {
+		checkpointRun(t, s, &run)
 	}
 	// Closing flushes the memtables and compacts level 0: the old versions
 	// are dropped and the value log learns which entries are garbage.
@@ -73,7 +64,7 @@ func TestValueLogGCReclaimsRewrittenRecords(t *testing.T) {
 		t.Fatalf("metric %q, want %q", got, want)
 	}
 	got, err := s.LoadRun(ctx, "r1")
-	if err != nil || got == nil || got.Steps != 199 || string(got.State) != string(state) {
+	if err != nil || got == nil || got.Steps != 200 || !bytes.Equal(got.State, run.State) {
 		t.Fatalf("run after GC: steps %v err %v", got, err)
 	}
 	verifyClean(t, s)

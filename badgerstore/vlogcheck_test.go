@@ -26,19 +26,11 @@ func TestValueLogGCStaysOffWhileAFileFailsItsChecksum(t *testing.T) {
 	dir, opts, s := openForGC(t)
 	// Garbage in every value-log file: 100 KiB run states, each version
 	// replaced by the next; between them live 80 KiB messages.
-	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
-	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
-	if err := s.CreateRun(ctx, run); err != nil {
-		t.Fatal(err)
-	}
+	run := createLargeRun(t, s)
 	var want []engine.Message
 	for i := range 40 {
 		for range 3 {
-			run.UpdatedAt++
-			run.Steps++
-			if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
-				t.Fatal(err)
-			}
+			checkpointRun(t, s, &run)
 		}
 		m := bigMessage(fmt.Sprintf("m%02d-", i))
 		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i), Messages: []engine.Message{m}}); err != nil {
@@ -47,9 +39,7 @@ func TestValueLogGCStaysOffWhileAFileFailsItsChecksum(t *testing.T) {
 		want = append(want, m)
 	}
 	run.State = json.RawMessage(`"small"`) // the live state is small: every large one is garbage
-	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
-		t.Fatal(err)
-	}
+	checkpointRun(t, s, &run)
 	if err := s.Close(); err != nil { // compacts: the value log learns its garbage
 		t.Fatal(err)
 	}
@@ -113,14 +103,7 @@ func TestALargeValueThatWentBadReadsAsCorrupt(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	es, _ := os.ReadDir(dir)
-	var files []string
-	for _, e := range es {
-		if isVlog(e.Name()) {
-			files = append(files, e.Name())
-		}
-	}
-	slices.Sort(files)
+	files := vlogFiles(t, dir)
 	flipped := false
 	for _, name := range files[:len(files)-1] {
 		path := filepath.Join(dir, name)
@@ -153,22 +136,12 @@ func TestALargeValueThatWentBadReadsAsCorrupt(t *testing.T) {
 func TestValueLogGCRewritesAFileWithNothingLiveAfterItsBadEntry(t *testing.T) {
 	ctx := context.Background()
 	dir, opts, s := openForGC(t)
-	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
-	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
-	if err := s.CreateRun(ctx, run); err != nil {
-		t.Fatal(err)
-	}
+	run := createLargeRun(t, s)
 	for range 100 {
-		run.UpdatedAt++
-		run.Steps++
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
-			t.Fatal(err)
-		}
+		checkpointRun(t, s, &run)
 	}
 	run.State = json.RawMessage(`"small"`) // every large state is garbage
-	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Run: &run}); err != nil {
-		t.Fatal(err)
-	}
+	checkpointRun(t, s, &run)
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +167,7 @@ func TestValueLogGCRewritesAFileWithNothingLiveAfterItsBadEntry(t *testing.T) {
 		t.Fatalf("no warning logged:\n%s", logs.String())
 	}
 	got, err := s.LoadRun(ctx, "r1")
-	if err != nil || got == nil || got.Steps != 100 || string(got.State) != `"small"` {
+	if err != nil || got == nil || got.Steps != 101 || string(got.State) != `"small"` {
 		t.Fatalf("run after GC: %v, %v", got, err)
 	}
 }
@@ -204,14 +177,7 @@ func TestValueLogGCRewritesAFileWithNothingLiveAfterItsBadEntry(t *testing.T) {
 // returns how many it flipped (at least 2, or the test fails).
 func flipFirstInEachOlderValueLog(t *testing.T, dir, marker string) int {
 	t.Helper()
-	var files []string
-	es, _ := os.ReadDir(dir)
-	for _, e := range es {
-		if isVlog(e.Name()) {
-			files = append(files, e.Name())
-		}
-	}
-	slices.Sort(files)
+	files := vlogFiles(t, dir)
 	flipped := 0
 	for _, name := range files[:max(len(files), 1)-1] {
 		path := filepath.Join(dir, name)
@@ -255,14 +221,7 @@ func TestOpenKeepsTheNewestValueLogWholeAfterABadEntry(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	var files []string
-	es, _ := os.ReadDir(dir)
-	for _, e := range es {
-		if isVlog(e.Name()) {
-			files = append(files, e.Name())
-		}
-	}
-	slices.Sort(files)
+	files := vlogFiles(t, dir)
 	path := filepath.Join(dir, files[len(files)-1])
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -308,4 +267,44 @@ func TestOpenKeepsTheNewestValueLogWholeAfterABadEntry(t *testing.T) {
 	if got, err := s.LoadMessage(ctx, "t1", "m7"); err != nil || got == nil {
 		t.Fatalf("m7 after a second Open: %v, %v", got, err)
 	}
+}
+
+// createLargeRun creates run r1 on thread t1 with a 100 KiB state, above
+// the value threshold: every later version of it leaves the one before
+// as garbage in the value log.
+func createLargeRun(t *testing.T, s *badgerstore.Store) engine.RunRecord {
+	t.Helper()
+	state, _ := json.Marshal(strings.Repeat("s", 100<<10))
+	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, State: state, CreatedAt: 1, UpdatedAt: 1}
+	if err := s.CreateRun(context.Background(), run); err != nil {
+		t.Fatal(err)
+	}
+	return run
+}
+
+// checkpointRun writes the next version of run (one step on).
+func checkpointRun(t *testing.T, s *badgerstore.Store, run *engine.RunRecord) {
+	t.Helper()
+	run.UpdatedAt++
+	run.Steps++
+	if _, err := s.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: run.ThreadID, Run: run}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// vlogFiles lists the value-log files of dir, oldest first.
+func vlogFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []string
+	for _, e := range es {
+		if isVlog(e.Name()) {
+			files = append(files, e.Name())
+		}
+	}
+	slices.Sort(files)
+	return files
 }
