@@ -319,9 +319,7 @@ func keyTs(key []byte) uint64 {
 //
 // It holds the directory's lock meanwhile, the one Badger takes (a flock of
 // the directory), so that it never cuts the log of another process using
-// the directory; it lets go before Badger's Open takes it again. With the
-// lock held it also keeps a damaged newest value-log file whole
-// (keepNewestValueLogWhole, vlogcheck.go).
+// the directory; it lets go before Badger's Open takes it again.
 func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 	lock, err := os.Open(dir)
 	if err != nil {
@@ -334,16 +332,6 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 		}
 		return -1, fmt.Errorf("check memtable logs: lock %s: %w", dir, err)
 	}
-	cut, err := cutDanglingPointers(dir, log)
-	if err != nil {
-		return cut, err
-	}
-	keepNewestValueLogWhole(dir, log)
-	return cut, nil
-}
-
-// cutDanglingPointers is repairDanglingPointers with the lock held.
-func cutDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return -1, fmt.Errorf("check memtable logs: %w", err)

@@ -197,77 +197,9 @@ func (c *vlogCheck) corrupt() int {
 
 func vlogName(fid uint32) string { return fmt.Sprintf("%06d.vlog", fid) }
 
-// keepNewestValueLogWhole protects the newest value-log file from
-// Badger's Open, which reads it and cuts it at its first entry that is
-// torn or fails its checksum, as it cuts a torn write. Where whole
-// entries follow such an entry — a value that went bad on the disk
-// before later, acknowledged ones; not a torn tail — the cut would turn
-// every value after it into a read of corruption. A new, empty value-log
-// file after it makes it an older one, which Badger leaves whole (and
-// value-log GC too while a live value lies after the bad entry); Badger
-// cuts the empty one instead, and deletes it at a later Open. It runs
-// before Badger's Open with the directory's lock held; a failure here
-// leaves the file to Badger, as before.
-func keepNewestValueLogWhole(dir string, log *slog.Logger) {
-	fids, err := valueLogFiles(dir)
-	if err != nil || len(fids) == 0 {
-		return
-	}
-	newest := fids[len(fids)-1]
-	var d *vlogDamage
-	if err := checkValueLog(filepath.Join(dir, vlogName(newest))); !errors.As(err, &d) || len(d.after) == 0 {
-		return // whole, a torn tail only, or unreadable: Badger's to mend
-	}
-	path := filepath.Join(dir, vlogName(newest+1))
-	if err := writeEmptyValueLog(path); err != nil {
-		log.Error("badgerstore: the newest value-log file has whole entries after a bad one, and Badger's Open will cut it there: an empty file after it could not be written",
-			"err", d, "empty_file", path, "write_err", err)
-		return
-	}
-	log.Warn("badgerstore: the newest value-log file has whole entries after a bad one; it is kept whole (Badger's Open would cut it there): only the bad value reads as corrupt",
-		"err", d)
-}
-
-// writeEmptyValueLog writes a value-log file of a header only (key id 0:
-// not encrypted) and syncs it and its directory.
-func writeEmptyValueLog(path string) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(make([]byte, logFileHeader)); err != nil {
-		f.Close()
-		os.Remove(path)
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(path)
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // rotatedValueLogs lists the value-log files of dir below the newest, by
 // number.
 func rotatedValueLogs(dir string) ([]uint32, error) {
-	fids, err := valueLogFiles(dir)
-	if len(fids) > 0 {
-		fids = fids[:len(fids)-1]
-	}
-	return fids, err
-}
-
-// valueLogFiles lists the value-log files of dir by number.
-func valueLogFiles(dir string) ([]uint32, error) {
 	es, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
@@ -285,6 +217,9 @@ func valueLogFiles(dir string) ([]uint32, error) {
 		fids = append(fids, uint32(n))
 	}
 	slices.Sort(fids)
+	if len(fids) > 0 {
+		fids = fids[:len(fids)-1]
+	}
 	return fids, nil
 }
 

@@ -13,7 +13,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -199,74 +198,6 @@ func flipFirstInEachOlderValueLog(t *testing.T, dir, marker string) int {
 		t.Fatalf("flipped a byte in %d of the value-log files %v; want at least 2", flipped, files)
 	}
 	return flipped
-}
-
-// A value that went bad in the newest value-log file, with acknowledged
-// values after it: Badger's Open would cut the file there, and every
-// later value would read as corrupt. The store keeps the file whole: only
-// the bad value does.
-func TestOpenKeepsTheNewestValueLogWholeAfterABadEntry(t *testing.T) {
-	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "data")
-	opts := badgerstore.Options{Dir: dir, GCInterval: -1}
-	s := mustOpen(t, opts)
-	var want []engine.Message
-	for i := range 8 {
-		m := bigMessage(fmt.Sprintf("m%d", i))
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i + 1), Messages: []engine.Message{m}}); err != nil {
-			t.Fatal(err)
-		}
-		want = append(want, m)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	files := vlogFiles(t, dir)
-	path := filepath.Join(dir, files[len(files)-1])
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := bytes.Index(b, []byte(`"m2m2m2m2`))
-	if i < 0 {
-		t.Fatalf("m2 not in the newest value-log file %s", path)
-	}
-	b[i+1001] ^= 0x20
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var logs strings.Builder
-	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-	s = mustOpen(t, opts)
-	for i, m := range want {
-		got, err := s.LoadMessage(ctx, "t1", m.ID)
-		if i == 2 {
-			if !errors.Is(err, engine.ErrCorrupt) {
-				t.Fatalf("the flipped message m2: %v, %v; want engine.ErrCorrupt", got, err)
-			}
-			continue
-		}
-		if err != nil || got == nil || !bytes.Equal(got.Message.Content, m.Content) {
-			t.Fatalf("message %s after the flip: err %v\nlogs:\n%s", m.ID, err, logs.String())
-		}
-	}
-	if !strings.Contains(logs.String(), "kept whole") {
-		t.Fatalf("no warning logged:\n%s", logs.String())
-	}
-	// New writes go on, and the next Open finds nothing to keep.
-	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: 8, CreatedAt: 9, Messages: []engine.Message{bigMessage("m8")}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	s = mustOpen(t, opts)
-	if got, err := s.LoadMessage(ctx, "t1", "m8"); err != nil || got == nil {
-		t.Fatalf("m8 after a second Open: %v, %v", got, err)
-	}
-	if got, err := s.LoadMessage(ctx, "t1", "m7"); err != nil || got == nil {
-		t.Fatalf("m7 after a second Open: %v, %v", got, err)
-	}
 }
 
 // createLargeRun creates run r1 on thread t1 with a 100 KiB state, above
