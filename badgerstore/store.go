@@ -270,7 +270,7 @@ func Open(opts Options) (*Store, error) {
 		s.metrics.logCuts.Inc()
 	}
 	if !opts.InMemory {
-		s.vlogs = newVlogCheck(opts.Dir, opts.Logger, s.isLive)
+		s.vlogs = newVlogCheck(opts.Dir, opts.Logger)
 		s.metrics.set.NewGauge(`mailbox_store_value_log_corrupt_files`, func() float64 { return float64(s.vlogs.corrupt()) })
 	}
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
@@ -472,7 +472,7 @@ type gcRequest struct{ done chan int }
 // one fails its checksums (vlogcheck.go).
 func (s *Store) RunValueLogGC() int {
 	if s.vlogs != nil {
-		s.vlogs.check() // here, not on the writer goroutine: it reads whole files
+		s.vlogs.check(s.gcStop) // here, not on the writer goroutine: it reads whole files
 	}
 	req := &gcRequest{done: make(chan int, 1)}
 	select {
@@ -568,21 +568,6 @@ func (s *Store) collectValueLog() int {
 		s.log.Info("value log gc", "files_rewritten", n)
 	}
 	return n
-}
-
-// isLive says whether version is the live (newest, not deleted) version
-// of key.
-func (s *Store) isLive(key []byte, version uint64) (bool, error) {
-	txn := s.db.NewTransaction(false)
-	defer txn.Discard()
-	item, err := txn.Get(key)
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	return item.Version() == version, nil
 }
 
 // gcDoneKey is written, and synced, after each value-log GC's moves were

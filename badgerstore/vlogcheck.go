@@ -2,9 +2,10 @@ package badgerstore
 
 import (
 	"bufio"
-	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -28,71 +29,56 @@ import (
 // goroutine (RunValueLogGC's caller). A file never changes after Badger
 // moves on to the next one, so each is read once per process. Where an
 // entry is torn or fails its checksum, the rest of the file is searched
-// for whole entries (at every offset), and GC stays off while one of them
-// holds the live version of its key: the value GC would drop. A bad
-// stretch with nothing live after it — garbage, or the torn tail of a
-// batch a power loss cut before it was acknowledged — does not stop GC.
-// Reading a bad value itself reports corruption (Badger's value
-// checksums are verified on every read from the value log, see
-// Options.badger).
+// at every offset for whole entries of the kind the store writes there;
+// if it holds one, GC stays off for good (the store cannot tell a live
+// value from a dead one by its place in the file: Badger does not expose
+// its value pointers). A bad stretch with nothing whole after it is a torn
+// tail — a write a crash or power loss cut, never acknowledged, in a file
+// Badger had moved on from — which Badger's GC may drop: nothing is lost.
+// Reading a bad value itself reports corruption (Badger's value checksums
+// are verified on every read from the value log, see Options.badger).
 
-// errValueLogCorrupt marks a value-log file whose entries do not all hold
-// up to its end.
+// errValueLogCorrupt marks a value-log file with whole entries after one
+// that is torn or fails its checksum.
 var errValueLogCorrupt = errors.New("value-log file corrupt")
 
+// errCheckStopped ends a check the store's Close interrupted.
+var errCheckStopped = errors.New("value-log check stopped: the store is closing")
+
 // vlogDamage is a value-log file with an entry torn or failing its
-// checksum: where, and the entries found whole after it.
+// checksum and whole entries after it.
 type vlogDamage struct {
 	file     string
 	at, size int64
-	after    []versionedKey
-}
-
-// versionedKey is a user key and the version an entry holds.
-type versionedKey struct {
-	key     []byte
-	version uint64
+	after    int // whole entries found after the bad one
 }
 
 func (d *vlogDamage) Error() string {
-	return fmt.Sprintf("%s: the entry at offset %d of %d is torn or fails its checksum (%d whole entries after it)", d.file, d.at, d.size, len(d.after))
+	return fmt.Sprintf("%s: the entry at offset %d of %d is torn or fails its checksum, and %d whole entries follow it", d.file, d.at, d.size, d.after)
 }
 
 func (d *vlogDamage) Unwrap() error { return errValueLogCorrupt }
 
-// liveFunc says whether version is the live version of key (Store.isLive).
-type liveFunc func(key []byte, version uint64) (bool, error)
-
-// vlogCheck remembers, per value-log file, whether it was read whole and
-// what it found.
+// vlogCheck remembers, per value-log file, whether it was read whole (nil)
+// or is damaged (*vlogDamage).
 type vlogCheck struct {
-	dir  string
-	log  *slog.Logger
-	live liveFunc
+	dir string
+	log *slog.Logger
 
 	walking sync.Mutex // one check at a time
 
-	mu    sync.Mutex
-	files map[uint32]*vlogVerdict
+	mu      sync.Mutex
+	verdict map[uint32]error
 }
 
-// vlogVerdict is one file's check: damage nil when whole; liveKey names
-// a key whose live value lies after the damage ("" when none: GC may
-// rewrite the file).
-type vlogVerdict struct {
-	damage  *vlogDamage
-	liveKey string
-}
-
-func newVlogCheck(dir string, log *slog.Logger, live liveFunc) *vlogCheck {
-	return &vlogCheck{dir: dir, log: log, live: live, files: map[uint32]*vlogVerdict{}}
+func newVlogCheck(dir string, log *slog.Logger) *vlogCheck {
+	return &vlogCheck{dir: dir, log: log, verdict: map[uint32]error{}}
 }
 
 // check reads every value-log file below the newest that was not read
-// yet, and looks again at the damaged files that held live values (a
-// value rewritten since is no longer live there). A file that cannot be
-// read (an I/O error) is tried again next time.
-func (c *vlogCheck) check() {
+// yet, until stop is closed. A file that cannot be read (an I/O error) is
+// tried again next time; a damaged one is logged once.
+func (c *vlogCheck) check(stop <-chan struct{}) {
 	c.walking.Lock()
 	defer c.walking.Unlock()
 	fids, err := rotatedValueLogs(c.dir)
@@ -102,66 +88,32 @@ func (c *vlogCheck) check() {
 	}
 	for _, fid := range fids {
 		c.mu.Lock()
-		v := c.files[fid]
+		_, done := c.verdict[fid]
 		c.mu.Unlock()
-		if v != nil && (v.damage == nil || v.liveKey == "") {
+		if done {
 			continue
 		}
-		if v == nil {
-			err := checkValueLog(filepath.Join(c.dir, vlogName(fid)))
-			var d *vlogDamage
-			switch {
-			case err == nil:
-				v = &vlogVerdict{}
-			case errors.As(err, &d):
-				v = &vlogVerdict{damage: d}
-			case errors.Is(err, fs.ErrNotExist):
-				continue // GC deleted it meanwhile
-			default:
-				c.log.Warn("value-log check: cannot read a value-log file; value-log GC waits for it", "file", vlogName(fid), "err", err)
-				continue
-			}
-		}
-		if v.damage != nil {
-			was := v.liveKey
-			key, err := c.liveAfter(v.damage)
-			if err != nil {
-				c.log.Warn("value-log check: cannot look up the values after a bad entry; value-log GC waits for it", "file", vlogName(fid), "err", err)
-				continue
-			}
-			v = &vlogVerdict{damage: v.damage, liveKey: key}
-			switch {
-			case key != "" && was == "":
-				c.log.Error("value-log file corrupt: value-log GC stays off while it holds live values after the bad entry (rewriting it would drop them); the store goes on, and reading a value stored there reports corruption",
-					"err", v.damage, "live_key", key)
-			case key == "":
-				c.log.Warn("value-log file corrupt, with no live value after the bad entry: value-log GC may rewrite it; reading a value stored there reports corruption", "err", v.damage)
-			}
+		err := checkValueLog(filepath.Join(c.dir, vlogName(fid)), stop)
+		switch {
+		case errors.Is(err, errCheckStopped):
+			return
+		case errors.Is(err, fs.ErrNotExist):
+			continue // GC deleted it meanwhile
+		case err != nil && !errors.Is(err, errValueLogCorrupt):
+			c.log.Warn("value-log check: cannot read a value-log file; value-log GC waits for it", "file", vlogName(fid), "err", err)
+			continue
+		case err != nil:
+			c.log.Error("value-log file corrupt: value-log GC stays off while it exists (rewriting it would drop the values after the bad entry); the store goes on, and reading a value stored there reports corruption",
+				"err", err)
 		}
 		c.mu.Lock()
-		c.files[fid] = v
+		c.verdict[fid] = err
 		c.mu.Unlock()
 	}
-}
-
-// liveAfter is the first key whose live version lies after the damage
-// ("" when none).
-func (c *vlogCheck) liveAfter(d *vlogDamage) (string, error) {
-	for _, e := range d.after {
-		live, err := c.live(e.key, e.version)
-		if err != nil {
-			return "", err
-		}
-		if live {
-			return string(e.key), nil
-		}
-	}
-	return "", nil
 }
 
 // blocked says why value-log GC may not run now: a file below the newest
-// not read yet, or one that holds live values after a bad entry; "" when
-// it may.
+// not read yet, or a damaged one; "" when it may.
 func (c *vlogCheck) blocked() string {
 	fids, err := rotatedValueLogs(c.dir)
 	if err != nil {
@@ -170,25 +122,24 @@ func (c *vlogCheck) blocked() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, fid := range fids {
-		v := c.files[fid]
-		switch {
-		case v == nil:
+		v, ok := c.verdict[fid]
+		if !ok {
 			return fmt.Sprintf("value-log file %s not checked yet", vlogName(fid))
-		case v.damage != nil && v.liveKey != "":
-			return fmt.Sprintf("%v; the live value of %q lies after it", v.damage, v.liveKey)
+		}
+		if v != nil {
+			return v.Error()
 		}
 	}
 	return ""
 }
 
-// corrupt is how many value-log files failed their check (the files GC
-// deleted since are counted too).
+// corrupt is how many value-log files were found damaged.
 func (c *vlogCheck) corrupt() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
-	for _, v := range c.files {
-		if v.damage != nil {
+	for _, v := range c.verdict {
+		if v != nil {
 			n++
 		}
 	}
@@ -223,13 +174,13 @@ func rotatedValueLogs(dir string) ([]uint32, error) {
 	return fids, nil
 }
 
-// checkValueLog reads a value-log file whole. Every entry after the
-// header must be whole and hold its checksum, up to the end of the file
-// or to zeros that run to it (a file Badger had not truncated yet). A
-// file that fails is a *vlogDamage (errValueLogCorrupt) naming the offset
-// and the entries found whole after it; an I/O error is returned as it
-// is.
-func checkValueLog(path string) error {
+// checkValueLog reads a value-log file whole, until stop is closed (nil:
+// never). Every entry after the header must be whole and hold its
+// checksum, up to the end of the file or to zeros that run to it (a file
+// Badger had not truncated yet), or to a torn tail: bytes in which no
+// whole entry starts. Otherwise the file is a *vlogDamage
+// (errValueLogCorrupt); an I/O error is returned as it is.
+func checkValueLog(path string, stop <-chan struct{}) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -246,7 +197,10 @@ func checkValueLog(path string) error {
 	r := bufio.NewReaderSize(io.NewSectionReader(f, logFileHeader, size-logFileHeader), 256<<10)
 	off := int64(logFileHeader)
 	var buf []byte
-	for off < size {
+	for i := 0; off < size; i++ {
+		if i%64 == 0 && stopped(stop) {
+			return errCheckStopped
+		}
 		_, n, err := readLogEntry(r, off, size-off, &buf)
 		if err != nil {
 			break
@@ -257,54 +211,80 @@ func checkValueLog(path string) error {
 		return nil
 	}
 	zero, err := zerosFrom(f, off, size)
+	if err == nil && !zero {
+		var after int
+		after, err = entriesAfter(f, off+1, size, stop)
+		if err == nil && after > 0 {
+			err = &vlogDamage{file: filepath.Base(path), at: off, size: size, after: after}
+		}
+	}
 	if st, serr := os.Stat(path); serr != nil || st.Size() != size {
 		// GC truncates a file it rewrote before it unlinks it.
 		return fmt.Errorf("%s changed while read: %w", filepath.Base(path), fs.ErrNotExist)
 	}
-	if err != nil {
-		return err
-	}
-	if zero {
-		return nil
-	}
-	after, err := entriesAfter(f, off+1, size)
-	if err != nil {
-		return err
-	}
-	return &vlogDamage{file: filepath.Base(path), at: off, size: size, after: after}
+	return err
 }
 
-// entriesAfter reads f from off to size for whole entries, trying every
-// offset (an entry's length may itself be what went bad), and returns
-// the key and version of each, Badger's own keys left out.
-func entriesAfter(f *os.File, off, size int64) ([]versionedKey, error) {
+func stopped(stop <-chan struct{}) bool {
+	select {
+	case <-stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// entriesAfter counts the whole entries in f from off to size, trying
+// every offset (the bad entry's own length may be what went bad).
+func entriesAfter(f *os.File, off, size int64, stop <-chan struct{}) (int, error) {
 	b := make([]byte, size-off)
 	if _, err := f.ReadAt(b, off); err != nil {
-		return nil, err
+		return 0, err
 	}
-	var found []versionedKey
-	var buf []byte
-	src := bytes.NewReader(nil)
-	r := bufio.NewReaderSize(src, 16)
+	found := 0
 	for o := 0; o < len(b); {
-		src.Reset(b[o:])
-		r.Reset(src)
-		e, n, err := readLogEntry(r, int64(o), int64(len(b)-o), &buf)
-		if err != nil {
-			o++
+		if o%(1<<20) == 0 && stopped(stop) {
+			return 0, errCheckStopped
+		}
+		if n := wholeEntryAt(b[o:]); n > 0 {
+			found++
+			o += n
 			continue
 		}
-		if len(e.key) > 8 && !bytes.HasPrefix(e.key, badgerPrefix) {
-			found = append(found, versionedKey{key: bytes.Clone(e.key[:len(e.key)-8]), version: keyTs(e.key)})
-		}
-		o += int(n)
+		o++
 	}
 	return found, nil
 }
 
-// badgerPrefix starts the keys Badger keeps for itself (transaction
-// markers among them).
-var badgerPrefix = []byte("!badger!")
+// wholeEntryAt is the length of the whole value-log entry b starts with,
+// or 0. Only entries of the kind Badger writes to the value log for this
+// store count: no pointer or transaction bits in the meta (Badger clears
+// them there), no user meta, no expiry, a key with its version; and the
+// checksum must hold. A random offset passes the header's checks about
+// once in half a million, so the search is cheap and seldom fooled.
+func wholeEntryAt(b []byte) int {
+	if len(b) < 2 || b[0]&(bitValuePointer|bitTxn|bitFinTxn) != 0 || b[1] != 0 {
+		return 0
+	}
+	h := 2
+	var lens [3]uint64
+	for i := range lens {
+		v, n := binary.Uvarint(b[h:])
+		if n <= 0 {
+			return 0
+		}
+		lens[i], h = v, h+n
+	}
+	klen, vlen, expires := lens[0], lens[1], lens[2]
+	if expires != 0 || klen <= 8 || klen > maxLogKey || vlen > uint64(len(b)) || uint64(h)+klen+vlen+4 > uint64(len(b)) {
+		return 0
+	}
+	end := h + int(klen+vlen)
+	if crc32.Checksum(b[:end], castagnoli) != binary.BigEndian.Uint32(b[end:]) {
+		return 0
+	}
+	return end + 4
+}
 
 // zerosFrom says whether f holds only zero bytes from off to size.
 func zerosFrom(f *os.File, off, size int64) (bool, error) {

@@ -20,8 +20,9 @@ Checks a stopped sidecar's Badger data directory: every record decodes,
 every index entry matches its record, counters and message logs agree,
 every table block and every value-log file below the newest hold their
 checksums (badgerstore.Verify). It opens the directory as serve does —
-replaying its logs and repairing what a restart repairs — so the sidecar
-must be stopped (a running one holds the directory's lock).
+replaying its logs, repairing what a restart repairs, and writing what a
+start writes — so it is not a read-only check, and the sidecar must be
+stopped (a running one holds the directory's lock).
 
 The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data.
 Exit status: 0 consistent, 1 problems found (listed) or the check failed,
@@ -73,18 +74,22 @@ func runVerify(args []string, getenv func(string) string, stdout, stderr io.Writ
 	if cerr := s.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
-	if err != nil {
-		fmt.Fprintf(stderr, "mailbox-sidecar verify: %v\n", err)
-		return 1
-	}
 	fmt.Fprintf(stdout, "%s: %d dispatches, %d runs, %d threads, %d messages\n", dir, rep.Dispatches, rep.Runs, rep.Threads, rep.Messages)
-	if len(rep.Problems) == 0 {
-		fmt.Fprintln(stdout, "consistent")
-		return 0
-	}
 	for _, p := range rep.Problems {
 		fmt.Fprintln(stdout, "problem:", p)
 	}
-	fmt.Fprintf(stdout, "%d problems (the report stops at 100)\n", len(rep.Problems))
+	if err != nil {
+		fmt.Fprintf(stderr, "mailbox-sidecar verify: the check did not finish: %v\n", err)
+		return 1
+	}
+	switch n := len(rep.Problems); {
+	case n == 0:
+		fmt.Fprintln(stdout, "consistent")
+		return 0
+	case n >= badgerstore.MaxProblems:
+		fmt.Fprintf(stdout, "%d problems or more (the report stops there)\n", n)
+	default:
+		fmt.Fprintf(stdout, "%d problems\n", n)
+	}
 	return 1
 }
