@@ -49,6 +49,7 @@ fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThreadState$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThread$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzReadLogEntry$$' -fuzztime $(FUZZTIME) ./badgerstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzWholeEntryAt$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzEventType$$' -fuzztime $(FUZZTIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./ipc/
 	$(GO) test -run '^$$' -fuzz '^FuzzValidAgreesWithStdlib$$' -fuzztime $(FUZZTIME) ./ipc/

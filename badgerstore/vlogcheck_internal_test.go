@@ -1,6 +1,7 @@
 package badgerstore
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -108,4 +109,31 @@ func BenchmarkCheckValueLog(b *testing.B) {
 			}
 		})
 	}
+}
+
+// FuzzWholeEntryAt: the search for entries after a bad one never panics,
+// and an entry it accepts is one readLogEntry reads whole, of the same
+// length, with a versioned key and no pointer or transaction bits.
+func FuzzWholeEntryAt(f *testing.F) {
+	f.Add(appendLogEntry(nil, 0, txnKey("k", 1), []byte("value")))
+	f.Add(appendLogEntry(nil, bitTxn, txnKey("k", 1), []byte("value")))
+	f.Add(append([]byte{0, 0}, make([]byte, 30)...))
+	f.Add([]byte{0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n := wholeEntryAt(b)
+		if n == 0 {
+			return
+		}
+		if n > len(b) {
+			t.Fatalf("an entry of %d bytes in %d", n, len(b))
+		}
+		var buf []byte
+		e, m, err := readLogEntry(bufio.NewReader(bytes.NewReader(b)), 0, int64(len(b)), &buf)
+		if err != nil || m != int64(n) {
+			t.Fatalf("wholeEntryAt took %d bytes; readLogEntry read %d, %v", n, m, err)
+		}
+		if len(e.key) <= 8 || e.meta&(bitValuePointer|bitTxn|bitFinTxn) != 0 {
+			t.Fatalf("accepted key %q, meta %x", e.key, e.meta)
+		}
+	})
 }
