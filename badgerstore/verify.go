@@ -21,6 +21,11 @@ type Report struct {
 	Messages   int
 	// Problems lists every mismatch found; empty when consistent.
 	Problems []string
+	// Notes lists what is worth knowing but not a mismatch: value-log
+	// files that end in a torn entry (a write a crash or power loss cut
+	// before its sync, or a value at the end that went bad: it reads as
+	// corrupt, which Problems then reports).
+	Notes []string
 }
 
 // MaxProblems bounds the report: Verify lists at most this many.
@@ -34,7 +39,8 @@ const MaxProblems = 100
 // count or run pointers disagree with the log and the run records (or a
 // thread with runs or messages but no projection), and records that do
 // not decode, table blocks whose checksums fail, and value-log files
-// (below the newest) with an entry torn or failing its checksum. It is
+// (below the newest) with whole entries after one that is torn or fails
+// its checksum (one with nothing whole after it is a note). It is
 // read-only and meant for tests and operators (after a crash, say); it
 // reads the whole database.
 func (s *Store) Verify(ctx context.Context) (Report, error) {
@@ -411,8 +417,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		err := checkValueLog(filepath.Join(s.opts.Dir, vlogName(fid)), nil)
 		switch {
 		case errors.Is(err, fs.ErrNotExist): // GC deleted it meanwhile
-		case errors.Is(err, errValueLogCorrupt):
+		case errors.Is(err, ErrValueLogCorrupt):
 			problem("%v", err)
+		case errors.Is(err, errTornTail):
+			rep.Notes = append(rep.Notes, err.Error())
 		case err != nil:
 			return rep, fmt.Errorf("verify: %w", err)
 		}

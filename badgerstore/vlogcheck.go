@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // Value-log GC drops the values after an entry that went bad on the disk.
@@ -30,23 +31,34 @@ import (
 // moves on to the next one, so each is read once per process. Where an
 // entry is torn or fails its checksum, the rest of the file is searched
 // at every offset for whole entries of the kind the store writes there;
-// if it holds one, GC stays off for good (the store cannot tell a live
-// value from a dead one by its place in the file: Badger does not expose
-// its value pointers). A bad stretch with nothing whole after it is a torn
-// tail — a write a crash or power loss cut, never acknowledged, in a file
-// Badger had moved on from — which Badger's GC may drop: nothing is lost.
+// if it holds one, the file is damaged and GC stays off for good (the
+// store cannot tell a live value from a dead one by its place in the
+// file: Badger does not expose its value pointers). A bad stretch with
+// nothing whole after it is a torn tail: most often the batch that
+// filled the file, cut by a crash or power loss before its sync (Badger
+// opens the next file right after it), or a value at the file's end that
+// went bad. GC may drop it: whatever was there reads as corrupt already.
 // Reading a bad value itself reports corruption (Badger's value checksums
 // are verified on every read from the value log, see Options.badger).
 
-// errValueLogCorrupt marks a value-log file with whole entries after one
-// that is torn or fails its checksum.
-var errValueLogCorrupt = errors.New("value-log file corrupt")
+// ErrValueLogCorrupt marks a value-log file with whole entries after one
+// that is torn or fails its checksum (see NewestValueLogDamage).
+var ErrValueLogCorrupt = errors.New("value-log file corrupt")
+
+// errTornTail marks a value-log file that ends in a torn or bad entry
+// with nothing whole after it.
+var errTornTail = errors.New("value-log file ends in a torn entry")
 
 // errCheckStopped ends a check the store's Close interrupted.
 var errCheckStopped = errors.New("value-log check stopped: the store is closing")
 
+// errReadAgain reports an entry that failed once and read whole the
+// second time: a read error, not a verdict.
+var errReadAgain = errors.New("an entry read whole only the second time")
+
 // vlogDamage is a value-log file with an entry torn or failing its
-// checksum and whole entries after it.
+// checksum: damaged (ErrValueLogCorrupt) when whole entries follow it, a
+// torn tail (errTornTail) when none does.
 type vlogDamage struct {
 	file     string
 	at, size int64
@@ -54,13 +66,21 @@ type vlogDamage struct {
 }
 
 func (d *vlogDamage) Error() string {
+	if d.after == 0 {
+		return fmt.Sprintf("%s: the entry at offset %d of %d is torn or fails its checksum, and nothing whole follows it", d.file, d.at, d.size)
+	}
 	return fmt.Sprintf("%s: the entry at offset %d of %d is torn or fails its checksum, and %d whole entries follow it", d.file, d.at, d.size, d.after)
 }
 
-func (d *vlogDamage) Unwrap() error { return errValueLogCorrupt }
+func (d *vlogDamage) Unwrap() error {
+	if d.after == 0 {
+		return errTornTail
+	}
+	return ErrValueLogCorrupt
+}
 
 // vlogCheck remembers, per value-log file, whether it was read whole (nil)
-// or is damaged (*vlogDamage).
+// or not (*vlogDamage: damaged, or a torn tail).
 type vlogCheck struct {
 	dir string
 	log *slog.Logger
@@ -99,12 +119,15 @@ func (c *vlogCheck) check(stop <-chan struct{}) {
 			return
 		case errors.Is(err, fs.ErrNotExist):
 			continue // GC deleted it meanwhile
-		case err != nil && !errors.Is(err, errValueLogCorrupt):
-			c.log.Warn("value-log check: cannot read a value-log file; value-log GC waits for it", "file", vlogName(fid), "err", err)
-			continue
-		case err != nil:
+		case errors.Is(err, errTornTail):
+			c.log.Warn("value-log file ends in a torn or bad entry with nothing whole after it (a write a crash or power loss cut before its sync, or a value at the end that went bad: it reads as corrupt); value-log GC may drop it",
+				"err", err)
+		case errors.Is(err, ErrValueLogCorrupt):
 			c.log.Error("value-log file corrupt: value-log GC stays off while it exists (rewriting it would drop the values after the bad entry); the store goes on, and reading a value stored there reports corruption",
 				"err", err)
+		case err != nil:
+			c.log.Warn("value-log check: cannot read a value-log file; value-log GC waits for it", "file", vlogName(fid), "err", err)
+			continue
 		}
 		c.mu.Lock()
 		c.verdict[fid] = err
@@ -126,20 +149,21 @@ func (c *vlogCheck) blocked() string {
 		if !ok {
 			return fmt.Sprintf("value-log file %s not checked yet", vlogName(fid))
 		}
-		if v != nil {
+		if errors.Is(v, ErrValueLogCorrupt) {
 			return v.Error()
 		}
 	}
 	return ""
 }
 
-// corrupt is how many value-log files were found damaged.
+// corrupt is how many value-log files were found damaged (torn tails
+// not counted).
 func (c *vlogCheck) corrupt() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for _, v := range c.verdict {
-		if v != nil {
+		if errors.Is(v, ErrValueLogCorrupt) {
 			n++
 		}
 	}
@@ -147,6 +171,36 @@ func (c *vlogCheck) corrupt() int {
 }
 
 func vlogName(fid uint32) string { return fmt.Sprintf("%06d.vlog", fid) }
+
+// NewestValueLogDamage reads the newest value-log file of a Badger data
+// directory as value-log GC's check reads the others; it only reads.
+// Badger's Open cuts that file at its first entry that is torn or fails
+// its checksum, as it cuts a torn write, and the whole entries after it
+// are lost: their records then read as corrupt. The result wraps
+// ErrValueLogCorrupt and says how many whole entries follow the bad one
+// when there are any; nil when the file is whole or ends in a torn entry
+// only (what a crash or power loss leaves; Badger's cut loses nothing
+// acknowledged there), or when the directory holds no value-log file.
+func NewestValueLogDamage(dir string) error {
+	all, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	newest := -1
+	for _, e := range all {
+		if fid, ok := logFid(e.Name(), vlogExt); ok {
+			newest = max(newest, fid)
+		}
+	}
+	if newest < 0 {
+		return nil
+	}
+	err = checkValueLog(filepath.Join(dir, vlogName(uint32(newest))), nil)
+	if errors.Is(err, errTornTail) || errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
 
 // rotatedValueLogs lists the value-log files of dir below the newest, by
 // number.
@@ -177,9 +231,10 @@ func rotatedValueLogs(dir string) ([]uint32, error) {
 // checkValueLog reads a value-log file whole, until stop is closed (nil:
 // never). Every entry after the header must be whole and hold its
 // checksum, up to the end of the file or to zeros that run to it (a file
-// Badger had not truncated yet), or to a torn tail: bytes in which no
-// whole entry starts. Otherwise the file is a *vlogDamage
-// (errValueLogCorrupt); an I/O error is returned as it is.
+// Badger had not truncated yet). Otherwise it is a *vlogDamage: a torn
+// tail (errTornTail) when no whole entry starts in the bytes after the bad
+// one, else damaged (ErrValueLogCorrupt). An I/O error is returned as it
+// is.
 func checkValueLog(path string, stop <-chan struct{}) error {
 	f, err := os.Open(path)
 	if err != nil {
@@ -213,8 +268,8 @@ func checkValueLog(path string, stop <-chan struct{}) error {
 	zero, err := zerosFrom(f, off, size)
 	if err == nil && !zero {
 		var after int
-		after, err = entriesAfter(f, off+1, size, stop)
-		if err == nil && after > 0 {
+		after, err = entriesAfter(f, off, size, stop)
+		if err == nil {
 			err = &vlogDamage{file: filepath.Base(path), at: off, size: size, after: after}
 		}
 	}
@@ -234,17 +289,25 @@ func stopped(stop <-chan struct{}) bool {
 	}
 }
 
-// entriesAfter counts the whole entries in f from off to size, trying
-// every offset (the bad entry's own length may be what went bad).
+// entriesAfter counts the whole entries in f after the bad one at off,
+// up to size, trying every offset (the bad entry's own length may be what
+// went bad). If the entry at off reads whole this time, the first read
+// failed, not the entry: errReadAgain.
 func entriesAfter(f *os.File, off, size int64, stop <-chan struct{}) (int, error) {
 	b := make([]byte, size-off)
 	if _, err := f.ReadAt(b, off); err != nil {
 		return 0, err
 	}
+	if wholeEntryAt(b) > 0 {
+		return 0, errReadAgain
+	}
 	found := 0
-	for o := 0; o < len(b); {
-		if o%(1<<20) == 0 && stopped(stop) {
-			return 0, errCheckStopped
+	for o, checked := 1, 0; o < len(b); {
+		if o-checked >= 1<<20 {
+			if stopped(stop) {
+				return 0, errCheckStopped
+			}
+			checked = o
 		}
 		if n := wholeEntryAt(b[o:]); n > 0 {
 			found++
@@ -286,10 +349,20 @@ func wholeEntryAt(b []byte) int {
 	return end + 4
 }
 
-// zerosFrom says whether f holds only zero bytes from off to size.
+// zerosFrom says whether f holds only zero bytes from off to size. The
+// holes of a sparse file (Badger creates its files at full size) are
+// skipped without reading them.
 func zerosFrom(f *os.File, off, size int64) (bool, error) {
 	buf := make([]byte, 64<<10)
 	for off < size {
+		data, err := f.Seek(off, seekData)
+		switch {
+		case errors.Is(err, syscall.ENXIO):
+			return true, nil // only holes from off on
+		case err == nil && data > off:
+			off = data
+			continue
+		}
 		n, err := f.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
 		for _, b := range buf[:n] {
 			if b != 0 {
@@ -303,3 +376,7 @@ func zerosFrom(f *os.File, off, size int64) (bool, error) {
 	}
 	return true, nil
 }
+
+// seekData is lseek's SEEK_DATA: the next offset at or after the one
+// given that is not in a hole.
+const seekData = 3

@@ -13,35 +13,38 @@ import (
 )
 
 // checkValueLog accepts a file whose entries all hold up to its end, or
-// up to zeros that run to it, and no other.
+// up to zeros that run to it; one that ends in a bad entry with nothing
+// whole after it is a torn tail; one with whole entries after a bad one
+// is damaged.
 func TestCheckValueLogReadsTheFileToItsEnd(t *testing.T) {
-	whole := newLogFile()
-	whole.add(0, txnKey("a", 1), []byte("first value"))
-	second, _ := whole.add(0, txnKey("b", 1), []byte("second value"))
+	wholeFile := newLogFile()
+	wholeFile.add(0, txnKey("a", 1), []byte("first value"))
+	second, _ := wholeFile.add(0, txnKey("b", 1), []byte("second value"))
 	flip := func(at uint32) []byte {
-		b := append([]byte(nil), whole.b...)
+		b := append([]byte(nil), wholeFile.b...)
 		b[at] ^= 0x01
 		return b
 	}
 	third := newLogFile()
 	third.add(0, txnKey("c", 1), []byte("third value"))
 	entryC := third.b[logFileHeader:]
+	const whole = -1 // after: the file reads whole
 	cases := []struct {
 		name  string
 		b     []byte
-		after int // whole entries after the bad one; 0: not damaged
+		after int // whole entries after the bad one (0: a torn tail)
 	}{
-		{"whole", whole.b, 0},
-		{"zeros after the last entry", cat(whole.b, make([]byte, 300)), 0},
-		{"header only", whole.b[:logFileHeader], 0},
-		{"empty (truncated by GC)", nil, 0},
+		{"whole", wholeFile.b, whole},
+		{"zeros after the last entry", cat(wholeFile.b, make([]byte, 300)), whole},
+		{"header only", wholeFile.b[:logFileHeader], whole},
+		{"empty (truncated by GC)", nil, whole},
 		{"a flipped byte in the first entry", flip(logFileHeader + 8), 1},
 		{"a flipped byte in the first entry's length", flip(logFileHeader + 2), 1},
 		{"a flipped byte in the last entry: a torn tail", flip(second + 8), 0},
-		{"a torn last entry", whole.b[:len(whole.b)-3], 0},
-		{"bytes after zeros: a torn tail", cat(whole.b, make([]byte, 10), []byte{7}), 0},
-		{"a whole entry after zeros (pages written back out of order)", cat(whole.b, make([]byte, 100), entryC), 1},
-		{"a whole entry after a torn one", cat(whole.b[:len(whole.b)-3], entryC), 1},
+		{"a torn last entry", wholeFile.b[:len(wholeFile.b)-3], 0},
+		{"bytes after zeros: a torn tail", cat(wholeFile.b, make([]byte, 10), []byte{7}), 0},
+		{"a whole entry after zeros (pages written back out of order)", cat(wholeFile.b, make([]byte, 100), entryC), 1},
+		{"a whole entry after a torn one", cat(wholeFile.b[:len(wholeFile.b)-3], entryC), 1},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -50,14 +53,33 @@ func TestCheckValueLogReadsTheFileToItsEnd(t *testing.T) {
 			err := checkValueLog(path, nil)
 			var d *vlogDamage
 			switch {
-			case c.after == 0 && err != nil:
-				t.Fatalf("checkValueLog: %v; want no damage", err)
-			case c.after > 0 && (!errors.As(err, &d) || !errors.Is(err, errValueLogCorrupt)):
+			case c.after == whole && err != nil:
+				t.Fatalf("checkValueLog: %v; want the file whole", err)
+			case c.after == 0 && !errors.Is(err, errTornTail):
+				t.Fatalf("checkValueLog: %v; want a torn tail", err)
+			case c.after > 0 && (!errors.As(err, &d) || !errors.Is(err, ErrValueLogCorrupt)):
 				t.Fatalf("checkValueLog: %v; want damage", err)
 			case c.after > 0 && d.after != c.after:
 				t.Fatalf("damage %v: %d whole entries after it, want %d", d, d.after, c.after)
 			}
 		})
+	}
+}
+
+// An entry that failed once and reads whole the second time is a read
+// error, not a verdict.
+func TestEntriesAfterAWholeEntryIsAReadError(t *testing.T) {
+	l := newLogFile()
+	l.add(0, txnKey("a", 1), []byte("first value"))
+	path := filepath.Join(t.TempDir(), "000001.vlog")
+	writeFile(t, path, l.b)
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := entriesAfter(f, logFileHeader, int64(len(l.b)), nil); !errors.Is(err, errReadAgain) {
+		t.Fatalf("entriesAfter at a whole entry: %v, want errReadAgain", err)
 	}
 }
 

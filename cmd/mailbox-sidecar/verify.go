@@ -14,7 +14,7 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
-const verifyUsage = `usage: mailbox-sidecar verify [--data-dir DIR]
+const verifyUsage = `usage: mailbox-sidecar verify [--data-dir DIR] [--allow-cut]
 
 Checks a stopped sidecar's Badger data directory: every record decodes,
 every index entry matches its record, counters and message logs agree,
@@ -23,6 +23,11 @@ checksums (badgerstore.Verify). It opens the directory as serve does —
 replaying its logs, repairing what a restart repairs, and writing what a
 start writes — so it is not a read-only check, and the sidecar must be
 stopped (a running one holds the directory's lock).
+
+Before it opens the directory it reads the newest value-log file, which
+Badger's open cuts at its first bad entry: when whole entries follow
+one, it stops there (exit 1) so that the directory can be copied first;
+--allow-cut opens it all the same (as serve would).
 
 The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data.
 Exit status: 0 consistent, 1 problems found (listed) or the check failed,
@@ -39,6 +44,7 @@ func runVerify(args []string, getenv func(string) string, stdout, stderr io.Writ
 		dir = "./data"
 	}
 	fs.StringVar(&dir, "data-dir", dir, "Badger data directory")
+	allowCut := fs.Bool("allow-cut", false, "open the directory even when Badger will cut its newest value-log file before whole entries")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -54,6 +60,17 @@ func runVerify(args []string, getenv func(string) string, stdout, stderr io.Writ
 	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); err != nil {
 		fmt.Fprintf(stderr, "mailbox-sidecar verify: no data directory at %s: %v\n", dir, err)
 		return 1
+	}
+	if err := badgerstore.NewestValueLogDamage(dir); err != nil {
+		if !errors.Is(err, badgerstore.ErrValueLogCorrupt) {
+			fmt.Fprintf(stderr, "mailbox-sidecar verify: reading the newest value-log file: %v\n", err)
+			return 1
+		}
+		fmt.Fprintln(stdout, "problem:", err)
+		if !*allowCut {
+			fmt.Fprintf(stderr, "mailbox-sidecar verify: not opened: opening %s (verify or serve) lets Badger cut its newest value-log file at the bad entry, and the whole entries after it are lost; copy the directory first, then run verify --allow-cut\n", dir)
+			return 1
+		}
 	}
 	// Badger's own messages and the store's at warn and above (a repair at
 	// open, a value-log file that fails its check) go to stderr.
@@ -75,6 +92,9 @@ func runVerify(args []string, getenv func(string) string, stdout, stderr io.Writ
 		err = cerr
 	}
 	fmt.Fprintf(stdout, "%s: %d dispatches, %d runs, %d threads, %d messages\n", dir, rep.Dispatches, rep.Runs, rep.Threads, rep.Messages)
+	for _, n := range rep.Notes {
+		fmt.Fprintln(stdout, "note:", n)
+	}
 	for _, p := range rep.Problems {
 		fmt.Fprintln(stdout, "problem:", p)
 	}

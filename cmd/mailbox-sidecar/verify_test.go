@@ -97,6 +97,56 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		t.Fatalf("verify of a flipped byte: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 	}
 
+	// A value that went bad in the newest value-log file, with whole
+	// entries after it: verify does not open the directory (Badger would
+	// cut the file there) unless told to.
+	s, err = badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("n%d-", i), 30<<10)) // 90 KiB: in the value log
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
+			Messages: []engine.Message{{ID: fmt.Sprintf("n%d", i), Role: "user", Content: content}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	vlogs = vlogs[:0]
+	es, _ = os.ReadDir(dir)
+	for _, e := range es {
+		if strings.HasSuffix(e.Name(), ".vlog") {
+			vlogs = append(vlogs, e.Name())
+		}
+	}
+	slices.Sort(vlogs)
+	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
+	nb, err := os.ReadFile(newest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.Index(nb, []byte(`"n0-n0-`))
+	if i < 0 || !bytes.Contains(nb[i:], []byte(`"n2-n2-`)) {
+		t.Fatalf("n0 and n2 not in the newest value-log file %s", newest)
+	}
+	nb[i+999] ^= 0x01
+	if err := os.WriteFile(newest, nb, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut = verify("--data-dir", dir)
+	if code != 1 || !strings.Contains(errOut, "not opened") || !strings.Contains(out, "whole entries follow it") {
+		t.Fatalf("verify of a damaged newest value-log file: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if st, err := os.Stat(newest); err != nil || st.Size() != int64(len(nb)) {
+		t.Fatalf("the newest value-log file changed: %v, %v", st, err)
+	}
+	code, out, errOut = verify("--data-dir", dir, "--allow-cut")
+	if code != 1 || strings.Contains(errOut, "not opened") || !strings.Contains(errOut, "about to cut") || !strings.Contains(out, "decode message") {
+		t.Fatalf("verify --allow-cut: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+
 	if code, _, errOut := verify("--data-dir", t.TempDir()); code != 1 || !strings.Contains(errOut, "no data directory") {
 		t.Fatalf("verify of an empty directory: exit %d, stderr %s", code, errOut)
 	}
