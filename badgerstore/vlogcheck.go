@@ -12,8 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 )
@@ -182,20 +180,11 @@ func vlogName(fid uint32) string { return fmt.Sprintf("%06d.vlog", fid) }
 // only (what a crash or power loss leaves; Badger's cut loses nothing
 // acknowledged there), or when the directory holds no value-log file.
 func NewestValueLogDamage(dir string) error {
-	all, err := os.ReadDir(dir)
-	if err != nil {
+	fids, err := valueLogFiles(dir)
+	if err != nil || len(fids) == 0 {
 		return err
 	}
-	newest := -1
-	for _, e := range all {
-		if fid, ok := logFid(e.Name(), vlogExt); ok {
-			newest = max(newest, fid)
-		}
-	}
-	if newest < 0 {
-		return nil
-	}
-	err = checkValueLog(filepath.Join(dir, vlogName(uint32(newest))), nil)
+	err = checkValueLog(filepath.Join(dir, vlogName(fids[len(fids)-1])), nil)
 	if errors.Is(err, errTornTail) || errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -205,26 +194,26 @@ func NewestValueLogDamage(dir string) error {
 // rotatedValueLogs lists the value-log files of dir below the newest, by
 // number.
 func rotatedValueLogs(dir string) ([]uint32, error) {
+	fids, err := valueLogFiles(dir)
+	if len(fids) > 0 {
+		fids = fids[:len(fids)-1]
+	}
+	return fids, err
+}
+
+// valueLogFiles lists the value-log files of dir by number.
+func valueLogFiles(dir string) ([]uint32, error) {
 	es, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
 	}
 	var fids []uint32
 	for _, e := range es {
-		num, ok := strings.CutSuffix(e.Name(), ".vlog")
-		if !ok {
-			continue
+		if fid, ok := logFid(e.Name(), vlogExt); ok {
+			fids = append(fids, uint32(fid))
 		}
-		n, err := strconv.ParseUint(num, 10, 32)
-		if err != nil {
-			continue
-		}
-		fids = append(fids, uint32(n))
 	}
 	slices.Sort(fids)
-	if len(fids) > 0 {
-		fids = fids[:len(fids)-1]
-	}
 	return fids, nil
 }
 

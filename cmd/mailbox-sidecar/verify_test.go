@@ -59,14 +59,19 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var vlogs []string
-	es, _ := os.ReadDir(dir)
-	for _, e := range es {
-		if strings.HasSuffix(e.Name(), ".vlog") {
-			vlogs = append(vlogs, e.Name())
+	// listVlogs lists the value-log files, oldest first.
+	listVlogs := func() []string {
+		var vlogs []string
+		es, _ := os.ReadDir(dir)
+		for _, e := range es {
+			if strings.HasSuffix(e.Name(), ".vlog") {
+				vlogs = append(vlogs, e.Name())
+			}
 		}
+		slices.Sort(vlogs)
+		return vlogs
 	}
-	slices.Sort(vlogs)
+	vlogs := listVlogs()
 	// One byte flips in a message of a value-log file below the newest.
 	flipped := ""
 	for _, name := range vlogs[:len(vlogs)-1] {
@@ -114,14 +119,7 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	vlogs = vlogs[:0]
-	es, _ = os.ReadDir(dir)
-	for _, e := range es {
-		if strings.HasSuffix(e.Name(), ".vlog") {
-			vlogs = append(vlogs, e.Name())
-		}
-	}
-	slices.Sort(vlogs)
+	vlogs = listVlogs()
 	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
 	nb, err := os.ReadFile(newest)
 	if err != nil {
