@@ -338,11 +338,7 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 		log.Error("badgerstore: Badger's Open is about to cut the newest value-log file at an entry that went bad: the whole entries after it are lost, and their records will read as corrupt (mailbox-sidecar verify finds this without opening the directory)",
 			"err", err)
 	}
-	cut, err := cutDanglingPointers(dir, log)
-	if err != nil {
-		return cut, err
-	}
-	return cut, nil
+	return cutDanglingPointers(dir, log)
 }
 
 // cutDanglingPointers is repairDanglingPointers with the lock held.

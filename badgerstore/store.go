@@ -469,7 +469,7 @@ type gcRequest struct{ done chan int }
 // writer goroutine between two batches (see durability): commits wait
 // for it, one file's rewrite at a time. First, on the caller's goroutine,
 // it reads whole every value-log file not read yet; GC does not run while
-// one fails its checksums (vlogcheck.go).
+// one has whole entries after a bad one (vlogcheck.go).
 func (s *Store) RunValueLogGC() int {
 	if s.vlogs != nil {
 		s.vlogs.check(s.gcStop) // here, not on the writer goroutine: it reads whole files
