@@ -191,6 +191,43 @@ func NewestValueLogDamage(dir string) error {
 	return err
 }
 
+// removeEmptyValueLogs removes the value-log files of dir that hold
+// nothing, not even their header, and syncs the directory. Badger deletes
+// a file value-log GC rewrote by truncating it to nothing and then
+// unlinking it, and creates one by creating it empty and then sizing it;
+// a crash between the two steps leaves an empty file, on which Badger's
+// Open fails ("Create a new file"). Neither holds a value: GC's moves
+// were synced before the truncation (collectValueLog), and a new file has
+// none yet. It runs before Badger's Open with the directory's lock held.
+func removeEmptyValueLogs(dir string, log *slog.Logger) error {
+	fids, err := valueLogFiles(dir)
+	if err != nil {
+		return err
+	}
+	removed := 0
+	for _, fid := range fids {
+		path := filepath.Join(dir, vlogName(fid))
+		st, err := os.Stat(path)
+		if err != nil || st.Size() != 0 {
+			continue
+		}
+		if err := os.Remove(path); err != nil {
+			return err
+		}
+		removed++
+		log.Warn("badgerstore: removed an empty value-log file (a crash between Badger's truncating and unlinking it, or between creating and sizing it)", "file", path)
+	}
+	if removed == 0 {
+		return nil
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
 // rotatedValueLogs lists the value-log files of dir below the newest, by
 // number.
 func rotatedValueLogs(dir string) ([]uint32, error) {
