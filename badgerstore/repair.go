@@ -320,7 +320,7 @@ func keyTs(key []byte) uint64 {
 // It holds the directory's lock meanwhile, the one Badger takes (a flock of
 // the directory), so that it never cuts the log of another process using
 // the directory; it lets go before Badger's Open takes it again. It also
-// removes empty value-log files (removeEmptyValueLogs), and logs, as an
+// removes empty log files (removeEmptyLogs), and logs, as an
 // error, a newest value-log file that Badger's Open will cut before whole
 // entries (NewestValueLogDamage).
 func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
@@ -335,8 +335,8 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 		}
 		return -1, fmt.Errorf("check memtable logs: lock %s: %w", dir, err)
 	}
-	if err := removeEmptyValueLogs(dir, log); err != nil {
-		return -1, fmt.Errorf("remove empty value-log files: %w", err)
+	if err := removeEmptyLogs(dir, log); err != nil {
+		return -1, fmt.Errorf("remove empty log files: %w", err)
 	}
 	if err := NewestValueLogDamage(dir); errors.Is(err, ErrValueLogCorrupt) {
 		log.Error("badgerstore: Badger's Open is about to cut the newest value-log file at an entry that went bad: the whole entries after it are lost, and their records will read as corrupt (mailbox-sidecar verify finds this without opening the directory)",

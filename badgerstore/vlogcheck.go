@@ -191,22 +191,30 @@ func NewestValueLogDamage(dir string) error {
 	return err
 }
 
-// removeEmptyValueLogs removes the value-log files of dir that hold
-// nothing, not even their header, and syncs the directory. Badger deletes
-// a file value-log GC rewrote by truncating it to nothing and then
+// removeEmptyLogs removes the value-log and memtable-log files of dir
+// that hold nothing, not even their header, and syncs the directory.
+// Badger deletes such a file (a value-log file GC rewrote, the log of a
+// memtable flushed to a table) by truncating it to nothing and then
 // unlinking it, and creates one by creating it empty and then sizing it;
 // a crash between the two steps leaves an empty file, on which Badger's
-// Open fails ("Create a new file"). Neither holds a value: GC's moves
-// were synced before the truncation (collectValueLog), and a new file has
-// none yet. It runs before Badger's Open with the directory's lock held.
-func removeEmptyValueLogs(dir string, log *slog.Logger) error {
-	fids, err := valueLogFiles(dir)
+// Open fails ("Create a new file") and the store would never start
+// again. None holds anything: GC's moves were synced before the
+// truncation (collectValueLog), a flushed memtable is in a table synced
+// before its log is deleted, and a new file has nothing yet. It runs
+// before Badger's Open with the directory's lock held.
+func removeEmptyLogs(dir string, log *slog.Logger) error {
+	es, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
 	removed := 0
-	for _, fid := range fids {
-		path := filepath.Join(dir, vlogName(fid))
+	for _, e := range es {
+		if _, vlog := logFid(e.Name(), vlogExt); !vlog {
+			if _, mem := logFid(e.Name(), memExt); !mem {
+				continue
+			}
+		}
+		path := filepath.Join(dir, e.Name())
 		st, err := os.Stat(path)
 		if err != nil || st.Size() != 0 {
 			continue
@@ -215,7 +223,7 @@ func removeEmptyValueLogs(dir string, log *slog.Logger) error {
 			return err
 		}
 		removed++
-		log.Warn("badgerstore: removed an empty value-log file (a crash between Badger's truncating and unlinking it, or between creating and sizing it)", "file", path)
+		log.Warn("badgerstore: removed an empty log file (a crash between Badger's truncating and unlinking it, or between creating and sizing it)", "file", path)
 	}
 	if removed == 0 {
 		return nil

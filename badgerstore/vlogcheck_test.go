@@ -331,3 +331,32 @@ func TestOpenAfterGCTruncatedAFileItDidNotUnlink(t *testing.T) {
 		t.Fatalf("value-log files %v after Open, before %v", got, files)
 	}
 }
+
+// The same for a memtable log: Badger deletes one whose memtable it
+// flushed to a table by truncating and then unlinking it, and an empty
+// one fails Badger's Open too. Open removes it first.
+func TestOpenAfterAFlushTruncatedAMemtableLogItDidNotUnlink(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1}
+	s := mustOpen(t, opts)
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Messages: []engine.Message{{ID: "m1", Role: "user", Content: json.RawMessage(`"hello"`)}}, CreatedAt: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "00000.mem")); err == nil {
+		t.Fatal("Badger used memtable log number 0")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "00000.mem"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s = mustOpen(t, opts)
+	if msgs, err := s.LoadMessages(ctx, "t1"); err != nil || len(msgs) != 1 {
+		t.Fatalf("messages after Open: %d, %v", len(msgs), err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "00000.mem")); !os.IsNotExist(err) {
+		t.Fatalf("the empty memtable log is still there: %v", err)
+	}
+}
