@@ -339,8 +339,9 @@ func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
 		return -1, fmt.Errorf("remove empty log files: %w", err)
 	}
 	if err := NewestValueLogDamage(dir); errors.Is(err, ErrValueLogCorrupt) {
-		log.Error("badgerstore: Badger's Open is about to cut the newest value-log file at an entry that went bad: the whole entries after it are lost, and their records will read as corrupt (mailbox-sidecar verify finds this without opening the directory)",
-			"err", err)
+		kept, kerr := keepDamagedCopy(dir)
+		log.Error("badgerstore: Badger's Open is about to cut the newest value-log file at an entry that went bad: the whole entries after it are lost to the store, and their records will read as corrupt; the file's bytes are kept aside (mailbox-sidecar verify finds this without opening the directory)",
+			"err", err, "kept_as", kept, "keep_err", kerr)
 	}
 	return cutDanglingPointers(dir, log)
 }

@@ -236,6 +236,51 @@ func removeEmptyLogs(dir string, log *slog.Logger) error {
 	return d.Sync()
 }
 
+// keepDamagedCopy copies the newest value-log file of dir, which Badger's
+// Open is about to cut before whole entries, to <name>.damaged beside it
+// (a name Badger ignores), unless that copy exists already, and syncs it
+// and the directory: the values after the bad entry stay on the disk for
+// whoever wants them by hand. It returns the copy's path.
+func keepDamagedCopy(dir string) (string, error) {
+	fids, err := valueLogFiles(dir)
+	if err != nil || len(fids) == 0 {
+		return "", err
+	}
+	src := filepath.Join(dir, vlogName(fids[len(fids)-1]))
+	dst := src + ".damaged"
+	in, err := os.Open(src)
+	if err != nil {
+		return "", err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		return dst, nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		os.Remove(dst)
+		return "", err
+	}
+	if err := out.Sync(); err != nil {
+		out.Close()
+		os.Remove(dst)
+		return "", err
+	}
+	if err := out.Close(); err != nil {
+		return "", err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return dst, err
+	}
+	defer d.Close()
+	return dst, d.Sync()
+}
+
 // rotatedValueLogs lists the value-log files of dir below the newest, by
 // number.
 func rotatedValueLogs(dir string) ([]uint32, error) {

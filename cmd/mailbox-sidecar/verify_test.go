@@ -144,6 +144,10 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if code != 1 || strings.Contains(errOut, "not opened") || !strings.Contains(errOut, "about to cut") || !strings.Contains(out, "decode message") {
 		t.Fatalf("verify --allow-cut: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 	}
+	// The file Badger cut was kept aside, whole.
+	if kept, err := os.ReadFile(newest + ".damaged"); err != nil || !bytes.Equal(kept, nb) {
+		t.Fatalf("the damaged file's copy: %d bytes of %d, %v", len(kept), len(nb), err)
+	}
 
 	if code, _, errOut := verify("--data-dir", t.TempDir()); code != 1 || !strings.Contains(errOut, "no data directory") {
 		t.Fatalf("verify of an empty directory: exit %d, stderr %s", code, errOut)
