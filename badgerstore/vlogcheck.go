@@ -228,12 +228,7 @@ func removeEmptyLogs(dir string, log *slog.Logger) error {
 	if removed == 0 {
 		return nil
 	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return syncDir(dir)
 }
 
 // keepDamagedCopy copies the newest value-log file of dir, which Badger's
@@ -273,12 +268,18 @@ func keepDamagedCopy(dir string) (string, error) {
 	if err := out.Close(); err != nil {
 		return "", err
 	}
+	return dst, syncDir(dir)
+}
+
+// syncDir syncs a directory, so that files created or removed in it stay
+// so.
+func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
-		return dst, err
+		return err
 	}
 	defer d.Close()
-	return dst, d.Sync()
+	return d.Sync()
 }
 
 // rotatedValueLogs lists the value-log files of dir below the newest, by
