@@ -344,12 +344,7 @@ func (d *durability) syncDir() error {
 			return fmt.Errorf("sync logs: directory %s: %w", d.dir, err)
 		}
 	}
-	df, err := os.Open(d.dir)
-	if err != nil {
-		return fmt.Errorf("sync logs: %w", err)
-	}
-	defer df.Close()
-	if err := df.Sync(); err != nil {
+	if err := syncDir(d.dir); err != nil {
 		return fmt.Errorf("sync logs: directory %s: %w", d.dir, err)
 	}
 	return nil
