@@ -94,12 +94,7 @@ func TestValueLogGCStaysOffWhileAFileFailsItsChecksum(t *testing.T) {
 func TestALargeValueThatWentBadReadsAsCorrupt(t *testing.T) {
 	ctx := context.Background()
 	dir, opts, s := openForGC(t)
-	for i := range 40 { // 3.2 MB of values: m1's file is not the newest
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i),
-			Messages: []engine.Message{bigMessage(fmt.Sprintf("m%d", i+1))}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	appendBigMessages(t, s, 40) // 3.2 MB: several value-log files
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -192,12 +187,7 @@ func TestValueLogGCRewritesAFileWithATornTail(t *testing.T) {
 // Verify lists a torn tail as a note.
 func TestVerifyNotesATornTail(t *testing.T) {
 	dir, opts, s := openForGC(t)
-	for i := range 40 { // 3.2 MB of values: several value-log files
-		if _, err := s.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i),
-			Messages: []engine.Message{bigMessage(fmt.Sprintf("m%d", i+1))}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	appendBigMessages(t, s, 40) // 3.2 MB: several value-log files
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -303,12 +293,7 @@ func vlogFiles(t *testing.T, dir string) []string {
 func TestOpenAfterGCTruncatedAFileItDidNotUnlink(t *testing.T) {
 	ctx := context.Background()
 	dir, opts, s := openForGC(t)
-	for i := range 40 { // 3.2 MB of values: several value-log files
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i),
-			Messages: []engine.Message{bigMessage(fmt.Sprintf("m%d", i+1))}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	appendBigMessages(t, s, 40) // 3.2 MB: several value-log files
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -358,5 +343,17 @@ func TestOpenAfterAFlushTruncatedAMemtableLogItDidNotUnlink(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "00000.mem")); !os.IsNotExist(err) {
 		t.Fatalf("the empty memtable log is still there: %v", err)
+	}
+}
+
+// appendBigMessages appends n large messages (above the value threshold)
+// m1…mn to thread t1, one checkpoint each.
+func appendBigMessages(t *testing.T, s *badgerstore.Store, n int) {
+	t.Helper()
+	for i := range n {
+		if _, err := s.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i),
+			Messages: []engine.Message{bigMessage(fmt.Sprintf("m%d", i+1))}}); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
