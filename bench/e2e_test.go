@@ -131,11 +131,12 @@ func syncRate(tb testing.TB, dir string, d time.Duration) float64 {
 	return float64(n) / time.Since(start).Seconds()
 }
 
-// rawRoundTrip is the p50 of a 256-byte echo over a Unix socket (as
-// BenchmarkRawSocketRoundTrip measures it), over n round trips.
+// rawRoundTrip is the p50 of a 256-byte echo over a Unix socket to
+// another process (as BenchmarkRawSocketRoundTrip/peer=process measures
+// it), over n round trips.
 func rawRoundTrip(tb testing.TB, n int) time.Duration {
 	tb.Helper()
-	c := rawEcho(tb)
+	c := rawEcho(tb, true)
 	var buf [256]byte
 	lat := make([]time.Duration, 0, n)
 	for range n {
@@ -157,9 +158,43 @@ func roundTrip(tb testing.TB, c net.Conn, buf []byte) time.Duration {
 	return time.Since(start)
 }
 
+// echoPeerEnv names, in a child of the benchmark binary, the Unix socket
+// rawEcho listens on: the child dials it and echoes (echoPeer).
+const echoPeerEnv = "MAILBOX_BENCH_ECHO_PEER"
+
+// echoPeer dials path and writes back every 256 bytes it reads, until
+// the other end closes; it returns the process's exit code.
+func echoPeer(path string) int {
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "echo peer:", err)
+		return 1
+	}
+	defer c.Close()
+	echo(c)
+	return 0
+}
+
+// echo writes back every 256 bytes it reads from c until c fails.
+func echo(c net.Conn) {
+	var buf [256]byte
+	for {
+		if _, err := io.ReadFull(c, buf[:]); err != nil {
+			return
+		}
+		if _, err := c.Write(buf[:]); err != nil {
+			return
+		}
+	}
+}
+
 // rawEcho is a connection to a Unix socket whose other end echoes every
-// 256 bytes it reads; both close when tb ends.
-func rawEcho(tb testing.TB) net.Conn {
+// 256 bytes it reads. With process, the other end is a child process (the
+// benchmark binary again, in echoPeer), as every hop of the sidecar's is:
+// client, sidecar and agent are processes of their own. Otherwise it is a
+// goroutine of this process, which the runtime can wake without waking
+// a process. Both close when tb ends.
+func rawEcho(tb testing.TB, process bool) net.Conn {
 	tb.Helper()
 	dir, err := os.MkdirTemp("", "raw")
 	if err != nil {
@@ -172,21 +207,34 @@ func rawEcho(tb testing.TB) net.Conn {
 		tb.Fatal(err)
 	}
 	defer ln.Close()
+	var peer *exec.Cmd
+	if process {
+		peer = exec.Command(os.Args[0])
+		peer.Env = append(os.Environ(), echoPeerEnv+"="+path)
+		peer.Stderr = os.Stderr
+		if err := peer.Start(); err != nil {
+			tb.Fatal(err)
+		}
+		a, err := ln.Accept()
+		if err != nil {
+			peer.Process.Kill()
+			peer.Wait()
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() {
+			a.Close() // the peer's read fails and it exits
+			if err := peer.Wait(); err != nil {
+				tb.Errorf("echo peer: %v", err)
+			}
+		})
+		return a
+	}
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, _ := ln.Accept()
 		accepted <- c
-		if c == nil {
-			return
-		}
-		var buf [256]byte
-		for {
-			if _, err := io.ReadFull(c, buf[:]); err != nil {
-				return
-			}
-			if _, err := c.Write(buf[:]); err != nil {
-				return
-			}
+		if c != nil {
+			echo(c)
 		}
 	}()
 	c, err := net.Dial("unix", path)
@@ -357,7 +405,12 @@ func reportLatency(b *testing.B, lat []time.Duration) {
 // thread=existing cycles over 8 threads with a 20-message context window,
 // as the durable-runs benchmark does (so the cost does not grow with b.N:
 // with the default 500-message window the RUN frame of a long thread is
-// tens of KiB, encoded by the sidecar and decoded by the agent).
+// tens of KiB, encoded by the sidecar and decoded by the agent). The
+// client is fasthttp reading the stream as it comes (loadClient.stream),
+// one connection kept open, so that the figure is the sidecar's and not
+// a heavy client's: net/http's transport passes every request and
+// response between three goroutines (the caller, the connection's writer
+// and its reader; bench/README.md, the seventeenth session).
 func BenchmarkForegroundFirstEvent(b *testing.B) {
 	for _, mode := range []string{"new", "existing"} {
 		b.Run("thread="+mode, func(b *testing.B) {
@@ -367,6 +420,7 @@ func BenchmarkForegroundFirstEvent(b *testing.B) {
 				before = syncRate(b, diskDir, 500*time.Millisecond)
 			}
 			n := startNode(b, 4, "--context-messages", "20")
+			client := n.sc.streamClient()
 			lat := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for i := range b.N {
@@ -376,7 +430,7 @@ func BenchmarkForegroundFirstEvent(b *testing.B) {
 				}
 				start := time.Now()
 				first := time.Duration(0)
-				err := streamUntil(n.http, thread, "hello", func(ev string) {
+				err := client.stream(thread, "hello", func(ev string) {
 					if ev != "submitted" && first == 0 {
 						first = time.Since(start)
 					}
@@ -468,18 +522,25 @@ func BenchmarkSSEEvents(b *testing.B) {
 }
 
 // BenchmarkRawSocketRoundTrip: a 256-byte request echoed over a Unix
-// socket, the same run's baseline for the latencies above.
+// socket, the baseline for the latencies above. peer=process echoes from
+// a child process, as the sidecar's client and agent do: the figure
+// issue 6's foreground target counts. peer=goroutine echoes from this
+// process (the baseline before the seventeenth session; bench/README.md).
 func BenchmarkRawSocketRoundTrip(b *testing.B) {
-	c := rawEcho(b)
-	var buf [256]byte
-	lat := make([]time.Duration, 0, b.N)
-	b.ResetTimer()
-	for range b.N {
-		lat = append(lat, roundTrip(b, c, buf[:]))
+	for _, peer := range []string{"process", "goroutine"} {
+		b.Run("peer="+peer, func(b *testing.B) {
+			c := rawEcho(b, peer == "process")
+			var buf [256]byte
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for range b.N {
+				lat = append(lat, roundTrip(b, c, buf[:]))
+			}
+			b.StopTimer()
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1000, "p50-µs")
+		})
 	}
-	b.StopTimer()
-	slices.Sort(lat)
-	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1000, "p50-µs")
 }
 
 // loadClient is the load generator's HTTP client: fasthttp over the API
@@ -495,6 +556,54 @@ func (s *sidecar) loadClient(conns int) loadClient {
 		Dial:     func(string) (net.Conn, error) { return net.Dial("unix", s.api) },
 		MaxConns: conns,
 	}}
+}
+
+// streamClient is loadClient's streaming variant for one caller at a
+// time: the response body is read as it arrives (an SSE stream).
+func (s *sidecar) streamClient() loadClient {
+	return loadClient{&fasthttp.HostClient{
+		Addr:               "sidecar",
+		Dial:               func(string) (net.Conn, error) { return net.Dial("unix", s.api) },
+		MaxConns:           1,
+		StreamResponseBody: true,
+	}}
+}
+
+// stream posts a foreground submit and reads its SSE stream to the end,
+// calling onEvent with the name of every event as it arrives.
+func (l loadClient) stream(thread, msg string, onEvent func(event string)) error {
+	req, resp := fasthttp.AcquireRequest(), fasthttp.AcquireResponse()
+	defer fasthttp.ReleaseRequest(req)
+	defer fasthttp.ReleaseResponse(resp)
+	req.SetRequestURI("http://sidecar/v1/threads/" + thread + "/runs")
+	req.Header.SetMethod(fasthttp.MethodPost)
+	req.Header.SetContentType("application/json")
+	req.SetBodyString(fmt.Sprintf(`{"messages":[{"role":"user","content":%q}]}`, msg))
+	if err := l.c.Do(req, resp); err != nil {
+		return fmt.Errorf("foreground submit: %w", err)
+	}
+	defer resp.CloseBodyStream()
+	if resp.StatusCode() != 200 {
+		return fmt.Errorf("foreground submit: %d %s", resp.StatusCode(), resp.Body())
+	}
+	r := bufio.NewReader(resp.BodyStream())
+	lineStart := true
+	for {
+		line, err := r.ReadSlice('\n')
+		if ev, ok := bytes.CutPrefix(line, []byte("event: ")); ok && lineStart {
+			onEvent(string(bytes.TrimRight(ev, "\r\n")))
+		}
+		switch err {
+		case nil:
+			lineStart = true
+		case bufio.ErrBufferFull: // a long data line: the rest comes next
+			lineStart = false
+		case io.EOF:
+			return nil
+		default:
+			return fmt.Errorf("foreground stream: %w", err)
+		}
+	}
 }
 
 // post sends body and fails unless the answer is 2xx.

@@ -28,6 +28,9 @@ import (
 var sidecarBin string
 
 func TestMain(m *testing.M) {
+	if path := os.Getenv(echoPeerEnv); path != "" {
+		os.Exit(echoPeer(path)) // this process is rawEcho's other end
+	}
 	dir, err := os.MkdirTemp("", "benchbin")
 	if err != nil {
 		panic(err)
