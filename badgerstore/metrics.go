@@ -4,6 +4,8 @@ import (
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
 // storeMetrics are the group commit's figures: how many commits, how many
@@ -38,8 +40,8 @@ func newStoreMetrics() storeMetrics {
 		commitsOK:     set.NewCounter(`mailbox_store_commits_total{result="ok"}`),
 		commitsFailed: set.NewCounter(`mailbox_store_commits_total{result="error"}`),
 		operations:    set.NewCounter(`mailbox_store_committed_operations_total`),
-		seconds:       set.NewPrometheusHistogram(`mailbox_store_commit_seconds`),
-		applySeconds:  set.NewPrometheusHistogram(`mailbox_store_commit_apply_seconds`),
+		seconds:       set.NewPrometheusHistogramExt(`mailbox_store_commit_seconds`, engine.OperationBuckets),
+		applySeconds:  set.NewPrometheusHistogramExt(`mailbox_store_commit_apply_seconds`, engine.OperationBuckets),
 		writerReads:   set.NewCounter(`mailbox_store_writer_lsm_reads_total`),
 		gcRewritten:   set.NewCounter(`mailbox_store_value_log_gc_total{result="rewritten"}`),
 		gcFailed:      set.NewCounter(`mailbox_store_value_log_gc_total{result="error"}`),

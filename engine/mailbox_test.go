@@ -507,6 +507,14 @@ func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
 		`mailbox_dispatch_depth{status="acked"} 1`,
 		`mailbox_dispatch_depth{status="queued"} 0`,
 		`mailbox_operation_duration_seconds_bucket{operation="submit",result="ok",le=`,
+		// Buckets that resolve what each measures (Prometheus's defaults
+		// run from 5 ms to 10 s): a store operation from 50 µs, a wait or
+		// a run up to an hour.
+		`mailbox_operation_duration_seconds_bucket{operation="claim",result="ok",le="5e-05"} `,
+		`mailbox_operation_duration_seconds_bucket{operation="claim",result="ok",le="0.0005"} `,
+		`mailbox_dispatch_claim_to_start_seconds_bucket{le="0.001"} `,
+		`mailbox_dispatch_enqueue_to_start_seconds_bucket{le="3600"} 1`,
+		`mailbox_run_duration_seconds_bucket{outcome="completed",le="1800"} 1`,
 		`mailbox_dispatch_enqueue_to_start_seconds_count 1`,
 		`mailbox_run_duration_seconds_count{outcome="completed"} 1`,
 		`mailbox_active_runs 0`,

@@ -32,6 +32,26 @@ const (
 	metricSigRedeliv = "mailbox_dispatch_signal_redelivery_total"
 )
 
+// Histogram buckets (upper bounds in seconds). The Prometheus defaults
+// (5 ms to 10 s) put nearly every store operation in the first bucket and
+// a long agent run past the last; these resolve what each figure measures.
+var (
+	// OperationBuckets span a store operation or commit: tens of
+	// microseconds in memory, a few fsyncs on a slow disk, seconds on a
+	// failing one. The Badger store uses them for its commit histograms.
+	OperationBuckets = []float64{
+		0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+		0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+	}
+	// waitBuckets span a dispatch's waits and a run's duration: a
+	// millisecond from claim to start, up to an hour in a backlog or in a
+	// long agent run.
+	waitBuckets = []float64{
+		0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+		10, 30, 60, 120, 300, 600, 1800, 3600,
+	}
+)
+
 // engineMetrics is a Mailbox's metric set.
 type engineMetrics struct {
 	set *metrics.Set
@@ -82,7 +102,7 @@ func (em *engineMetrics) op(name, result string, took time.Duration) {
 	if !ok {
 		v, _ = em.ops.LoadOrStore(k, &opMetrics{
 			count:   em.set.GetOrCreateCounter(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOps, name, result)),
-			seconds: em.set.GetOrCreatePrometheusHistogram(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOpSeconds, name, result)),
+			seconds: em.set.GetOrCreatePrometheusHistogramExt(fmt.Sprintf(`%s{operation=%q,result=%q}`, metricOpSeconds, name, result), OperationBuckets),
 		})
 	}
 	m := v.(*opMetrics)
@@ -116,7 +136,7 @@ func (em *engineMetrics) seconds(name string, d time.Duration, labels ...string)
 	if len(labels) == 2 {
 		name = fmt.Sprintf(`%s{%s=%q}`, name, labels[0], labels[1])
 	}
-	em.set.GetOrCreatePrometheusHistogram(name).Update(max(d, 0).Seconds())
+	em.set.GetOrCreatePrometheusHistogramExt(name, waitBuckets).Update(max(d, 0).Seconds())
 }
 
 // Metrics returns the mailbox's metric set (Prometheus text with
