@@ -526,14 +526,35 @@ func BenchmarkSSEEvents(b *testing.B) {
 // a child process, as the sidecar's client and agent do: the figure
 // issue 6's foreground target counts. peer=goroutine echoes from this
 // process (the baseline before the seventeenth session; bench/README.md).
+// peer=process-after-fsync is a round trip to the child right after a
+// 4 KiB append and fsync, as the hops after a commit's sync are: both
+// processes went idle meanwhile, and waking them is dear on a virtual
+// machine.
 func BenchmarkRawSocketRoundTrip(b *testing.B) {
-	for _, peer := range []string{"process", "goroutine"} {
+	for _, peer := range []string{"process", "goroutine", "process-after-fsync"} {
 		b.Run("peer="+peer, func(b *testing.B) {
-			c := rawEcho(b, peer == "process")
+			c := rawEcho(b, peer != "goroutine")
+			var f *os.File
+			if peer == "process-after-fsync" {
+				var err error
+				if f, err = os.CreateTemp(b.TempDir(), "sync"); err != nil {
+					b.Fatal(err)
+				}
+				defer f.Close()
+			}
 			var buf [256]byte
+			page := make([]byte, 4096)
 			lat := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for range b.N {
+				if f != nil {
+					if _, err := f.Write(page); err != nil {
+						b.Fatal(err)
+					}
+					if err := f.Sync(); err != nil {
+						b.Fatal(err)
+					}
+				}
 				lat = append(lat, roundTrip(b, c, buf[:]))
 			}
 			b.StopTimer()
