@@ -131,19 +131,63 @@ func syncRate(tb testing.TB, dir string, d time.Duration) float64 {
 	return float64(n) / time.Since(start).Seconds()
 }
 
-// rawRoundTrip is the p50 of a 256-byte echo over a Unix socket to
-// another process (as BenchmarkRawSocketRoundTrip/peer=process measures
-// it), over n round trips.
-func rawRoundTrip(tb testing.TB, n int) time.Duration {
+// baselineEvery is how many foreground runs pass between two samples of
+// the baselines.
+const baselineEvery = 200
+
+// baselines samples, between the runs of a latency benchmark, the two
+// costs issue 6's foreground target is made of: a sequential 4 KiB append
+// and fsync on the benchmark's disk (as BenchmarkFsyncBaseline) and a
+// 256-byte round trip over a Unix socket to another process (as
+// BenchmarkRawSocketRoundTrip/peer=process). Sampled through the run, not
+// only before and after it, the target follows the disk, whose sync rate
+// drifts by half within minutes here.
+type baselines struct {
+	f      *os.File
+	c      net.Conn
+	page   []byte
+	syncs  time.Duration // total time of the sampled fsyncs
+	nsyncs int
+	rtts   []time.Duration
+}
+
+func newBaselines(tb testing.TB, dir string) *baselines {
 	tb.Helper()
-	c := rawEcho(tb, true)
-	var buf [256]byte
-	lat := make([]time.Duration, 0, n)
-	for range n {
-		lat = append(lat, roundTrip(tb, c, buf[:]))
+	f, err := os.CreateTemp(dir, "baseline")
+	if err != nil {
+		tb.Fatal(err)
 	}
-	slices.Sort(lat)
-	return lat[len(lat)/2]
+	tb.Cleanup(func() { f.Close() })
+	return &baselines{f: f, c: rawEcho(tb, true), page: make([]byte, 4096)}
+}
+
+// sample takes 20 fsyncs and 20 round trips.
+func (bl *baselines) sample(tb testing.TB) {
+	tb.Helper()
+	for range 20 {
+		start := time.Now()
+		if _, err := bl.f.Write(bl.page); err != nil {
+			tb.Fatal(err)
+		}
+		if err := bl.f.Sync(); err != nil {
+			tb.Fatal(err)
+		}
+		bl.syncs += time.Since(start)
+		bl.nsyncs++
+	}
+	var buf [256]byte
+	for range 20 {
+		bl.rtts = append(bl.rtts, roundTrip(tb, bl.c, buf[:]))
+	}
+}
+
+// fsync is the mean fsync time sampled (one over the sync rate).
+func (bl *baselines) fsync() time.Duration { return bl.syncs / time.Duration(bl.nsyncs) }
+
+// roundTrip is the p50 of the round trips sampled.
+func (bl *baselines) roundTrip() time.Duration {
+	slices.Sort(bl.rtts)
+	return bl.rtts[len(bl.rtts)/2]
 }
 
 // roundTrip writes buf to c and reads as many bytes back.
@@ -415,15 +459,20 @@ func BenchmarkForegroundFirstEvent(b *testing.B) {
 	for _, mode := range []string{"new", "existing"} {
 		b.Run("thread="+mode, func(b *testing.B) {
 			diskDir := b.TempDir()
-			var before float64
-			if b.N >= 100 {
-				before = syncRate(b, diskDir, 500*time.Millisecond)
-			}
 			n := startNode(b, 4, "--context-messages", "20")
 			client := n.sc.streamClient()
+			var base *baselines
+			if b.N >= 100 {
+				base = newBaselines(b, diskDir)
+			}
 			lat := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for i := range b.N {
+				if base != nil && i%baselineEvery == 0 {
+					b.StopTimer()
+					base.sample(b)
+					b.StartTimer()
+				}
 				thread := "fg" + strconv.Itoa(i%8)
 				if mode == "new" {
 					thread = "fg-new-" + strconv.Itoa(i)
@@ -442,11 +491,16 @@ func BenchmarkForegroundFirstEvent(b *testing.B) {
 			}
 			b.StopTimer()
 			reportLatency(b, lat)
-			if rate := bracketSyncRate(b, diskDir, before); rate > 0 {
+			if base != nil {
+				base.sample(b)
 				// Issue 6's target: the p50 under 3 fsync times plus 3
-				// socket round trips (x-target below 1).
-				target := 3*time.Duration(float64(time.Second)/rate) + 3*rawRoundTrip(b, 2000)
+				// socket round trips (x-target below 1), both sampled
+				// between the runs.
+				sync, rtt := base.fsync(), base.roundTrip()
+				target := 3*sync + 3*rtt
 				slices.Sort(lat)
+				b.ReportMetric(float64(sync.Microseconds())/1000, "fsync-ms")
+				b.ReportMetric(float64(rtt.Microseconds())/1000, "rtt-ms")
 				b.ReportMetric(float64(target.Microseconds())/1000, "target-ms")
 				b.ReportMetric(float64(lat[len(lat)/2])/float64(target), "x-target")
 			}
