@@ -62,6 +62,40 @@ type engineMetrics struct {
 	depthFrom func() (StatusCounts, error)
 
 	ops sync.Map // opKey → *opMetrics: the per-call path formats no names
+	// series holds the counters and histograms of count and seconds by
+	// seriesKey, so that a run's path formats no names either.
+	series sync.Map
+}
+
+// seriesKey names one series: a metric and at most two label pairs.
+type seriesKey struct {
+	name   string
+	labels [4]string
+	n      int // labels used
+}
+
+func newSeriesKey(name string, labels []string) seriesKey {
+	k := seriesKey{name: name, n: len(labels)}
+	if len(labels) > len(k.labels) || len(labels)%2 != 0 {
+		panic(fmt.Sprintf("metric %s: labels %q", name, labels)) // a bug in the caller
+	}
+	copy(k.labels[:], labels)
+	return k
+}
+
+// String is the series' name as exposed: name{k1="v1",k2="v2"}.
+func (k seriesKey) String() string {
+	if k.n == 0 {
+		return k.name
+	}
+	s := k.name + "{"
+	for i := 0; i < k.n; i += 2 {
+		if i > 0 {
+			s += ","
+		}
+		s += fmt.Sprintf("%s=%q", k.labels[i], k.labels[i+1])
+	}
+	return s + "}"
 }
 
 type opKey struct{ name, result string }
@@ -118,25 +152,24 @@ func (em *engineMetrics) add(operation string, n int) {
 	}
 }
 
+// count is the counter name{labels} (label, value, …; two pairs at most).
 func (em *engineMetrics) count(name string, labels ...string) *metrics.Counter {
-	if len(labels) > 0 {
-		s := name + "{"
-		for i := 0; i+1 < len(labels); i += 2 {
-			if i > 0 {
-				s += ","
-			}
-			s += fmt.Sprintf("%s=%q", labels[i], labels[i+1])
-		}
-		name = s + "}"
+	k := newSeriesKey(name, labels)
+	if c, ok := em.series.Load(k); ok {
+		return c.(*metrics.Counter)
 	}
-	return em.set.GetOrCreateCounter(name)
+	c, _ := em.series.LoadOrStore(k, em.set.GetOrCreateCounter(k.String()))
+	return c.(*metrics.Counter)
 }
 
+// seconds records d in the histogram name{labels} (waitBuckets).
 func (em *engineMetrics) seconds(name string, d time.Duration, labels ...string) {
-	if len(labels) == 2 {
-		name = fmt.Sprintf(`%s{%s=%q}`, name, labels[0], labels[1])
+	k := newSeriesKey(name, labels)
+	h, ok := em.series.Load(k)
+	if !ok {
+		h, _ = em.series.LoadOrStore(k, em.set.GetOrCreatePrometheusHistogramExt(k.String(), waitBuckets))
 	}
-	em.set.GetOrCreatePrometheusHistogramExt(name, waitBuckets).Update(max(d, 0).Seconds())
+	h.(*metrics.PrometheusHistogram).Update(max(d, 0).Seconds())
 }
 
 // Metrics returns the mailbox's metric set (Prometheus text with
