@@ -106,6 +106,17 @@ func text(s string) map[string]any {
 	return map[string]any{"messages": []any{map[string]any{"role": "user", "content": s}}}
 }
 
+// appendSync appends page to f and fsyncs it: one sample of the disk's
+// sync time, as every baseline here takes it.
+func appendSync(tb testing.TB, f *os.File, page []byte) {
+	if _, err := f.Write(page); err != nil {
+		tb.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 // syncRate is the disk's sequential 4 KiB append + fsync rate, measured
 // for d in a file under dir (as BenchmarkFsyncBaseline measures it).
 func syncRate(tb testing.TB, dir string, d time.Duration) float64 {
@@ -120,12 +131,7 @@ func syncRate(tb testing.TB, dir string, d time.Duration) float64 {
 	n := 0
 	start := time.Now()
 	for time.Since(start) < d {
-		if _, err := f.Write(buf); err != nil {
-			tb.Fatal(err)
-		}
-		if err := f.Sync(); err != nil {
-			tb.Fatal(err)
-		}
+		appendSync(tb, f, buf)
 		n++
 	}
 	return float64(n) / time.Since(start).Seconds()
@@ -166,12 +172,7 @@ func (bl *baselines) sample(tb testing.TB) {
 	tb.Helper()
 	for range 20 {
 		start := time.Now()
-		if _, err := bl.f.Write(bl.page); err != nil {
-			tb.Fatal(err)
-		}
-		if err := bl.f.Sync(); err != nil {
-			tb.Fatal(err)
-		}
+		appendSync(tb, bl.f, bl.page)
 		bl.syncs += time.Since(start)
 		bl.nsyncs++
 	}
@@ -317,12 +318,7 @@ func BenchmarkFsyncBaseline(b *testing.B) {
 	defer f.Close()
 	buf := make([]byte, 4096)
 	for b.Loop() {
-		if _, err := f.Write(buf); err != nil {
-			b.Fatal(err)
-		}
-		if err := f.Sync(); err != nil {
-			b.Fatal(err)
-		}
+		appendSync(b, f, buf)
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "fsyncs/s")
 }
@@ -602,12 +598,7 @@ func BenchmarkRawSocketRoundTrip(b *testing.B) {
 			b.ResetTimer()
 			for range b.N {
 				if f != nil {
-					if _, err := f.Write(page); err != nil {
-						b.Fatal(err)
-					}
-					if err := f.Sync(); err != nil {
-						b.Fatal(err)
-					}
+					appendSync(b, f, page)
 				}
 				lat = append(lat, roundTrip(b, c, buf[:]))
 			}
