@@ -5,6 +5,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"unsafe"
 )
 
 // tailCache keeps the newest decoded messages of recently run threads, so
@@ -44,8 +45,21 @@ type threadTail struct {
 	thread string
 	first  uint64
 	recs   []MessageRecord
-	bytes  int64
+	// slots is the length of the array recs lies in, from its start: the
+	// records dropped from the front of the tail and the room left for
+	// appends hold memory too.
+	slots int
+	// bytes is what the tail holds: its records (recordBytes) and its
+	// array's other slots (recordSize each).
+	bytes int64
 }
+
+// recordSize is the memory of one slot of a []MessageRecord.
+const recordSize = int64(unsafe.Sizeof(MessageRecord{}))
+
+// spareBytes is the memory of the slots of t's array that hold no record
+// of the tail.
+func (t *threadTail) spareBytes() int64 { return int64(t.slots-len(t.recs)) * recordSize }
 
 func newTailCache(budget int64) *tailCache {
 	if budget <= 0 {
@@ -54,10 +68,11 @@ func newTailCache(budget int64) *tailCache {
 	return &tailCache{budget: budget, threads: make(map[string]*list.Element), activations: make(map[activationKey]*list.Element)}
 }
 
-// recordBytes estimates the memory a cached record holds.
+// recordBytes estimates the memory a cached record holds: its slot and
+// the bytes its strings and slices point to.
 func recordBytes(r *MessageRecord) int64 {
 	m := &r.Message
-	return int64(160 + len(r.MessageID) + len(r.ThreadID) + len(r.ProducedByRunID) + len(r.ToolCallID) +
+	return recordSize + int64(len(r.MessageID) + len(r.ThreadID) + len(r.ProducedByRunID) + len(r.ToolCallID) +
 		len(m.ID) + len(m.Role) + len(m.Content) + len(m.ToolCalls) + len(m.ToolCallID) + len(m.Visibility) + len(m.Metadata))
 }
 
@@ -122,7 +137,7 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 		recs = recs[len(recs)-n:]
 	}
 	recs = recs[:len(recs):len(recs)] // never appended into: it may be a caller's
-	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs}
+	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs, slots: len(recs)}
 	for i := range recs {
 		t.bytes += recordBytes(&recs[i])
 	}
@@ -194,6 +209,7 @@ func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 		return
 	}
 	before := t.bytes
+	t.bytes -= t.spareBytes() // counted again below, for the array the tail ends in
 	all := t.recs
 	// Drop the oldest records the new ones push out of the newest n.
 	if drop := min(len(all), len(all)+len(recs)-n); drop > 0 {
@@ -204,8 +220,15 @@ func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 		all = all[drop:]
 	}
 	if len(all)+len(recs) > cap(all) {
-		// A cache-owned array with room, so the next appends copy nothing.
-		all = append(make([]MessageRecord, 0, 2*n+len(recs)), all...)
+		// A cache-owned array with room, so the next appends copy
+		// nothing: twice what the tail holds, up to 2n (a full window
+		// then slides n records before it is copied again). A fixed 2n
+		// would give every thread with a second message room for a
+		// thousand records (n = 500): 250 KB each, which the budget
+		// did not see.
+		c := min(max(2*(len(all)+len(recs)), 8), 2*n+len(recs))
+		all = append(make([]MessageRecord, 0, c), all...)
+		t.slots = c
 	}
 	all = append(all, recs...)
 	for i := range recs {
@@ -219,6 +242,7 @@ func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 		all = all[drop:]
 	}
 	t.recs = all
+	t.bytes += t.spareBytes()
 	c.bytes += t.bytes - before
 	if t.bytes > c.budget/4 {
 		c.lru.Remove(el) // one thread may not take the whole cache

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"slices"
 	"testing"
 )
@@ -77,9 +78,9 @@ func TestTailCacheEvictsAndNilCacheReadsAll(t *testing.T) {
 	if len(*asked) != 2 {
 		t.Fatalf("uncached: %d store reads, want 2", len(*asked))
 	}
-	// A budget of four threads' windows (~1.7 KB each): reading a fifth
+	// A budget of four threads' windows (~2.3 KB each): reading a fifth
 	// evicts the least recently used.
-	c := newTailCache(7000)
+	c := newTailCache(10000)
 	*asked = nil
 	for _, th := range []string{"a", "b", "c", "d", "e"} {
 		c.window(ctx, th, 1, 10, 10, load)
@@ -186,11 +187,15 @@ func TestTailCacheAppendsInPlaceKeepWindowsAndBytes(t *testing.T) {
 		if len(tt.recs) != 10 || tt.first != 191 {
 			t.Fatalf("cached %d records from %d; want 10 from 191", len(tt.recs), tt.first)
 		}
+		if tt.slots < cap(tt.recs) {
+			t.Fatalf("the tail counts %d slots; its array has %d from the tail's start", tt.slots, cap(tt.recs))
+		}
 		for i := range tt.recs {
 			sum += recordBytes(&tt.recs[i])
 		}
+		sum += int64(tt.slots-len(tt.recs)) * recordSize // the room and the dropped front
 		if sum != tt.bytes {
-			t.Fatalf("thread bytes %d, records hold %d", tt.bytes, sum)
+			t.Fatalf("thread bytes %d, records and spare slots hold %d", tt.bytes, sum)
 		}
 	}
 	if c.bytes != sum {
@@ -205,6 +210,54 @@ func TestTailCacheAppendsInPlaceKeepWindowsAndBytes(t *testing.T) {
 	if got, _ := c2.window(ctx, "t", 12, 15, 4, load); !slices.Equal(seqs(got), []uint64{12, 13, 14, 15}) {
 		t.Fatalf("after a large append %v", seqs(got))
 	}
+}
+
+// A thread's tail counts the whole array it lies in, and takes no more
+// room than it needs: many threads of two messages each, under the
+// default 500-message window, stay within the budget in counted bytes
+// and on the heap. (Each such tail had room for 1 001 records, 224 KB,
+// of which the budget counted the two records only: a backlog over
+// 100 000 threads took 24 GB.)
+func TestTailCacheCountsTheArrayItsTailLiesIn(t *testing.T) {
+	const budget, threads, window = 1 << 20, 4000, 500
+	c := newTailCache(budget)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := range threads {
+		thread := fmt.Sprintf("t%d", i)
+		for seq := uint64(1); seq <= 2; seq++ {
+			c.appended(thread, []MessageRecord{{MessageID: fmt.Sprintf("m%d", seq), ThreadID: thread, Seq: seq,
+				Message: Message{Role: RoleUser, Content: []byte(`"hi"`)}}}, window)
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if c.bytes > budget {
+		t.Fatalf("cache counts %d bytes, over its budget %d", c.bytes, budget)
+	}
+	var counted int64
+	for _, el := range c.threads {
+		tt := el.Value.(*threadTail)
+		if int64(cap(tt.recs))*recordSize > tt.bytes {
+			t.Fatalf("thread %s: an array of %d slots (%d bytes) counted as %d bytes", tt.thread, cap(tt.recs), int64(cap(tt.recs))*recordSize, tt.bytes)
+		}
+		counted += tt.bytes
+	}
+	if counted != c.bytes {
+		t.Fatalf("threads count %d bytes, the cache %d", counted, c.bytes)
+	}
+	// Room for a few more records, not for a whole window: a thread of two
+	// takes about 2 KB, so the budget keeps hundreds of them.
+	if len(c.threads) < 400 {
+		t.Fatalf("the budget keeps %d threads of two messages; want hundreds", len(c.threads))
+	}
+	// The heap grew by about what the cache counts (the map and list
+	// aside), not by the 900 MB that 4 000 arrays of 1 001 slots take.
+	if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > 8*budget {
+		t.Fatalf("the heap grew by %d MB for a cache of %d MB", grew>>20, budget>>20)
+	}
+	runtime.KeepAlive(c)
 }
 
 // Messages a submit appended are found by id until the run they activate
