@@ -76,9 +76,10 @@ const (
 //   - Then the echo agent binary connects with --max-runs 64 — or, with
 //     MAILBOX_SCALE_AGENTS=n, n echo agents with 64/n slots each (64
 //     agents of one slot avoid the hub's out-of-order RUN frames; see
-//     README.md, Scale). Their JSON logs (one "run started" line when a
-//     RUN arrives, one "run finished" line after its FINISH is sent, both
-//     with nanosecond times and the dispatch id) are the per-run record.
+//     README.md, Scale). Their JSON logs at debug level (one "run
+//     started" line when a RUN arrives, one "run finished" line after its
+//     FINISH is sent, both with nanosecond times and the dispatch id) are
+//     the per-run record.
 //   - runs/s: mailbox_runs_total{outcome="completed"} from /metrics over a
 //     window. /metrics is polled every 250 ms until the window opens — 2 s
 //     after all agents connected, or once a tenth of the backlog has
@@ -248,7 +249,7 @@ func scaleRun(b *testing.B, fixture string, queued int) scaleResult {
 			b.Fatal(err)
 		}
 		defer logf.Close()
-		agent := exec.Command(echoAgentBin(b), "--socket", s.agentSock, "--max-runs", strconv.Itoa(scaleAgentSlots/agents), "--log-format", "json")
+		agent := exec.Command(echoAgentBin(b), "--socket", s.agentSock, "--max-runs", strconv.Itoa(scaleAgentSlots/agents), "--log-format", "json", "--log-level", "debug")
 		agent.Stdout, agent.Stderr = logf, logf
 		if err := agent.Start(); err != nil {
 			b.Fatal(err)

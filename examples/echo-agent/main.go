@@ -48,6 +48,7 @@ type options struct {
 	name      string
 	maxRuns   int
 	logFormat string
+	logLevel  slog.Level
 }
 
 // parseFlags reads args, with getenv supplying the environment defaults.
@@ -62,6 +63,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (op
 	fs.StringVar(&o.name, "name", "echo-agent", "name announced to the sidecar")
 	fs.IntVar(&o.maxRuns, "max-runs", 4, "runs executed at once")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "log level: debug (every run's start and finish), info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -74,17 +76,22 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (op
 	return o, nil
 }
 
+// newLogger logs to w in o's format, from o's level up.
+func newLogger(o options, w io.Writer) *slog.Logger {
+	ho := &slog.HandlerOptions{Level: o.logLevel}
+	if o.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, ho))
+	}
+	return slog.New(slog.NewTextHandler(w, ho))
+}
+
 // run parses the flags and serves until SIGINT or SIGTERM.
 func run(args []string, getenv func(string) string, stderr io.Writer) error {
 	o, err := parseFlags(args, getenv, stderr)
 	if err != nil {
 		return err
 	}
-	var h slog.Handler = slog.NewTextHandler(stderr, nil)
-	if o.logFormat == "json" {
-		h = slog.NewJSONHandler(stderr, nil)
-	}
-	log := slog.New(h)
+	log := newLogger(o, stderr)
 
 	client, err := agent.New(agent.Config{
 		Socket:  o.socket,

@@ -233,11 +233,30 @@ func TestFlags(t *testing.T) {
 	if err != nil || o.socket != "/e.sock" {
 		t.Fatalf("env: %+v %v", o, err)
 	}
-	o, err = parseFlags([]string{"--socket", "/f.sock", "--max-runs", "2", "--log-format", "json", "--name", "n"}, env("/e.sock"), io.Discard)
-	if err != nil || o != (options{socket: "/f.sock", name: "n", maxRuns: 2, logFormat: "json"}) {
+	o, err = parseFlags([]string{"--socket", "/f.sock", "--max-runs", "2", "--log-format", "json", "--name", "n", "--log-level", "debug"}, env("/e.sock"), io.Discard)
+	if err != nil || o != (options{socket: "/f.sock", name: "n", maxRuns: 2, logFormat: "json", logLevel: slog.LevelDebug}) {
 		t.Fatalf("flags: %+v %v", o, err)
 	}
 	if _, err := parseFlags([]string{"--log-format", "xml"}, env(""), io.Discard); err == nil {
 		t.Fatal("--log-format xml accepted")
+	}
+	if _, err := parseFlags([]string{"--log-level", "loud"}, env(""), io.Discard); err == nil {
+		t.Fatal("--log-level loud accepted")
+	}
+}
+
+// --log-level debug writes the SDK's per-run lines ("run started", "run
+// finished"), which the scale benchmark reads; the default leaves them out.
+func TestLogLevel(t *testing.T) {
+	for _, level := range []string{"debug", "info"} {
+		o, err := parseFlags([]string{"--log-format", "json", "--log-level", level}, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b bytes.Buffer
+		newLogger(o, &b).Debug("run started", "dispatch_id", "d")
+		if got, want := strings.Contains(b.String(), `"msg":"run started"`), level == "debug"; got != want {
+			t.Errorf("--log-level %s: debug line written %v, want %v (%q)", level, got, want, b.String())
+		}
 	}
 }
