@@ -47,7 +47,9 @@ type threadTail struct {
 	recs   []MessageRecord
 	// slots is the length of the array recs lies in, from its start: the
 	// records dropped from the front of the tail and the room left for
-	// appends hold memory too.
+	// appends hold memory too. A tail kept from a caller's slice counts
+	// the slice's length (the caller's array, grown by append, may be up
+	// to twice that).
 	slots int
 	// bytes is what the tail holds: its records (recordBytes) and its
 	// array's other slots (recordSize each).
@@ -223,12 +225,11 @@ func (c *tailCache) appended(thread string, recs []MessageRecord, n int) {
 		// A cache-owned array with room, so the next appends copy
 		// nothing: twice what the tail holds, up to 2n (a full window
 		// then slides n records before it is copied again). A fixed 2n
-		// would give every thread with a second message room for a
-		// thousand records (n = 500): 250 KB each, which the budget
-		// did not see.
-		c := min(max(2*(len(all)+len(recs)), 8), 2*n+len(recs))
-		all = append(make([]MessageRecord, 0, c), all...)
-		t.slots = c
+		// gave every thread with a second message room for a thousand
+		// records (n = 500): 224 KB each, which the budget did not see.
+		room := min(max(2*(len(all)+len(recs)), 8), 2*n+len(recs))
+		all = append(make([]MessageRecord, 0, room), all...)
+		t.slots = room
 	}
 	all = append(all, recs...)
 	for i := range recs {
