@@ -51,13 +51,24 @@ type threadTail struct {
 	// the slice's length (the caller's array, grown by append, may be up
 	// to twice that).
 	slots int
-	// bytes is what the tail holds: its records (recordBytes) and its
-	// array's other slots (recordSize each).
+	// bytes is what the tail holds: its records (recordBytes), its
+	// array's other slots (recordSize each) and its bookkeeping
+	// (threadOverhead and the thread id's copy).
 	bytes int64
 }
 
 // recordSize is the memory of one slot of a []MessageRecord.
 const recordSize = int64(unsafe.Sizeof(MessageRecord{}))
+
+// What the cache's bookkeeping holds per entry besides its records (the
+// thread id's copy aside): the entry's own struct, its list element and
+// its map slot (mapSlotBytes: key, value and the map's spare room, an
+// estimate).
+const (
+	mapSlotBytes       = 64
+	threadOverhead     = int64(unsafe.Sizeof(threadTail{})+unsafe.Sizeof(list.Element{})) + mapSlotBytes
+	activationOverhead = int64(unsafe.Sizeof(activation{})+unsafe.Sizeof(list.Element{})) - recordSize + mapSlotBytes
+)
 
 // spareBytes is the memory of the slots of t's array that hold no record
 // of the tail.
@@ -139,7 +150,7 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 		recs = recs[len(recs)-n:]
 	}
 	recs = recs[:len(recs):len(recs)] // never appended into: it may be a caller's
-	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs, slots: len(recs)}
+	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs, slots: len(recs), bytes: threadOverhead + int64(len(thread))}
 	for i := range recs {
 		t.bytes += recordBytes(&recs[i])
 	}
@@ -264,7 +275,8 @@ func (c *tailCache) submitted(thread string, recs []MessageRecord) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i := range recs {
-		a := &activation{key: activationKey{thread, recs[i].MessageID}, rec: recs[i], bytes: recordBytes(&recs[i])}
+		a := &activation{key: activationKey{thread, recs[i].MessageID}, rec: recs[i],
+			bytes: recordBytes(&recs[i]) + activationOverhead + int64(len(thread))}
 		if a.bytes > c.budget/16 {
 			continue
 		}
