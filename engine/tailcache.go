@@ -85,8 +85,8 @@ func newTailCache(budget int64) *tailCache {
 // the bytes its strings and slices point to.
 func recordBytes(r *MessageRecord) int64 {
 	m := &r.Message
-	return recordSize + int64(len(r.MessageID) + len(r.ThreadID) + len(r.ProducedByRunID) + len(r.ToolCallID) +
-		len(m.ID) + len(m.Role) + len(m.Content) + len(m.ToolCalls) + len(m.ToolCallID) + len(m.Visibility) + len(m.Metadata))
+	return recordSize + int64(len(r.MessageID)+len(r.ThreadID)+len(r.ProducedByRunID)+len(r.ToolCallID)+
+		len(m.ID)+len(m.Role)+len(m.Content)+len(m.ToolCalls)+len(m.ToolCallID)+len(m.Visibility)+len(m.Metadata))
 }
 
 // load is a store's LoadMessageRange.
