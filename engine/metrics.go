@@ -77,7 +77,9 @@ type seriesKey struct {
 func newSeriesKey(name string, labels []string) seriesKey {
 	k := seriesKey{name: name, n: len(labels)}
 	if len(labels) > len(k.labels) || len(labels)%2 != 0 {
-		panic(fmt.Sprintf("metric %s: labels %q", name, labels)) // a bug in the caller
+		// A bug in the caller. The labels are not in the message: they
+		// would escape, and every call's variadic slice with them.
+		panic(fmt.Sprintf("metric %s: %d label strings, want pairs, at most 2", name, len(labels)))
 	}
 	copy(k.labels[:], labels)
 	return k
