@@ -260,11 +260,13 @@ func rawEcho(tb testing.TB, process bool) net.Conn {
 		if err := peer.Start(); err != nil {
 			tb.Fatal(err)
 		}
+		// A peer that fails before it dials must not hang the benchmark.
+		ln.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
 		a, err := ln.Accept()
 		if err != nil {
 			peer.Process.Kill()
 			peer.Wait()
-			tb.Fatal(err)
+			tb.Fatalf("the echo peer did not connect: %v", err)
 		}
 		tb.Cleanup(func() {
 			a.Close() // the peer's read fails and it exits
