@@ -32,6 +32,10 @@ func (s *Store) RawDelete(key []byte) error {
 // and synced, before their marker is.
 func (s *Store) BeforeGCMark(fn func()) { s.testBeforeGCMark = fn }
 
+// BeforeValueLogCheck sets a function Verify runs before it reads each
+// value-log file.
+func (s *Store) BeforeValueLogCheck(fn func()) { s.testBeforeValueLogCheck = fn }
+
 // DispatchKey exposes the record key of a dispatch.
 func DispatchKey(id string) []byte { return dispatchKey(id) }
 

@@ -18,7 +18,13 @@ type reader struct {
 	txn   *badger.Txn
 	seq   uint64       // the commit the snapshot shows
 	cache *recordCache // nil: the snapshot alone
+	// ctx, when set, ends a long walk (Verify's) once it is done: iterate
+	// checks it every ctxEvery keys.
+	ctx context.Context
 }
+
+// ctxEvery is how many keys a walk with a context reads between checks.
+const ctxEvery = 1024
 
 // get reads one key.
 func (r *reader) get(key []byte) ([]byte, bool, error) {
@@ -43,6 +49,17 @@ func (r *reader) get(key []byte) ([]byte, bool, error) {
 
 // iterate is iterate on the snapshot (index scans do not use the cache).
 func (r *reader) iterate(prefix, start []byte, reverse, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
+	if r.ctx != nil {
+		inner, n := fn, 0
+		fn = func(k, v []byte) (bool, error) {
+			if n++; n%ctxEvery == 0 {
+				if err := r.ctx.Err(); err != nil {
+					return false, err
+				}
+			}
+			return inner(k, v)
+		}
+	}
 	return iterate(r.txn, prefix, start, reverse, keysOnly, fn)
 }
 

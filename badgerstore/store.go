@@ -188,6 +188,9 @@ type Store struct {
 	// moves were written and synced and before their marker (to copy the
 	// data directory as a power loss before the sync leaves it).
 	testBeforeGCMark func()
+	// testBeforeValueLogCheck, set only by tests, runs before Verify
+	// reads each value-log file.
+	testBeforeValueLogCheck func()
 
 	// testCommit, set only by tests, replaces txn.CommitWith (to delay or
 	// fail a commit).

@@ -51,6 +51,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		}
 	}
 	err := s.view(ctx, func(r *reader) error {
+		r.ctx = ctx // the walk reads every key: it stops when ctx is done
 		// Expected index entries, by family, from the records.
 		want := map[byte]map[string][]byte{}
 		for _, p := range []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunWaiting, pRunAll, pRunThread} {
@@ -406,6 +407,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	}
 	// The bytes under the records: every table block's checksum, and
 	// every entry of the value-log files below the newest (vlogcheck.go).
+	// (Badger's table check takes no context: ctx is checked around it.)
+	if err := ctx.Err(); err != nil {
+		return rep, fmt.Errorf("verify: %w", err)
+	}
 	if err := s.db.VerifyChecksum(); err != nil {
 		problem("table checksums: %v", err)
 	}
@@ -414,8 +419,13 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
 	for _, fid := range fids {
-		err := checkValueLog(filepath.Join(s.opts.Dir, vlogName(fid)), nil)
+		if s.testBeforeValueLogCheck != nil {
+			s.testBeforeValueLogCheck()
+		}
+		err := checkValueLog(filepath.Join(s.opts.Dir, vlogName(fid)), ctx.Done())
 		switch {
+		case errors.Is(err, errCheckStopped):
+			return rep, fmt.Errorf("verify %s: %w", vlogName(fid), ctx.Err())
 		case errors.Is(err, fs.ErrNotExist): // GC deleted it meanwhile
 		case errors.Is(err, ErrValueLogCorrupt):
 			problem("%v", err)

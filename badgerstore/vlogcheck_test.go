@@ -357,3 +357,64 @@ func appendBigMessages(t *testing.T, s *badgerstore.Store, n int) {
 		}
 	}
 }
+
+// errAfter is a context whose Err reports context.Canceled from its
+// (after+1)-th call on: it ends a walk that checked it once before
+// starting.
+type errAfter struct {
+	context.Context
+	calls, after int
+}
+
+func (c *errAfter) Err() error {
+	if c.calls++; c.calls > c.after {
+		return context.Canceled
+	}
+	return nil
+}
+
+// Verify stops when its context ends: in its walk of the records (it
+// reads every key) and in its read of the value-log files.
+func TestVerifyStopsWhenItsContextEnds(t *testing.T) {
+	t.Run("walk", func(t *testing.T) {
+		s := mustOpen(t, badgerstore.Options{Dir: t.TempDir(), GCInterval: -1})
+		ds := make([]engine.Dispatch, 3000)
+		for i := range ds {
+			ds[i] = queued(fmt.Sprintf("d%d", i), fmt.Sprintf("t%d", i%50), 1)
+		}
+		if err := s.EnqueueMany(ds); err != nil {
+			t.Fatal(err)
+		}
+		ctx := &errAfter{Context: context.Background(), after: 1} // the check before the walk passes
+		rep, err := s.Verify(ctx)
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("verify with its context ended during the walk: %v (report %+v)", err, rep)
+		}
+		if rep.Dispatches >= len(ds) {
+			t.Fatalf("the walk read all %d dispatches after its context ended", rep.Dispatches)
+		}
+		verifyClean(t, s)
+	})
+	t.Run("value log", func(t *testing.T) {
+		_, _, s := openForGC(t)
+		t.Cleanup(func() { s.Close() })
+		appendBigMessages(t, s, 40) // 3.2 MB: several value-log files
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		files := 0
+		s.BeforeValueLogCheck(func() {
+			if files++; files == 1 {
+				cancel()
+			}
+		})
+		_, err := s.Verify(ctx)
+		if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), ".vlog") {
+			t.Fatalf("verify with its context ended before the value-log check: %v", err)
+		}
+		if files != 1 {
+			t.Fatalf("verify went on to %d value-log files after its context ended", files)
+		}
+		s.BeforeValueLogCheck(nil)
+		verifyClean(t, s)
+	})
+}

@@ -61,7 +61,10 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 	case "ctl":
 		return runCtl(args[1:], getenv, stdout, stderr)
 	case "verify":
-		return runVerify(args[1:], getenv, stdout, stderr)
+		// An interrupt stops the check and closes the store cleanly.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return runVerify(ctx, args[1:], getenv, stdout, stderr)
 	case "version", "--version", "-version":
 		printVersion(stdout)
 		return 0

@@ -29,13 +29,14 @@ Badger's open cuts at its first bad entry: when whole entries follow
 one, it stops there (exit 1) so that the directory can be copied first;
 --allow-cut opens it all the same (as serve would).
 
-The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data.
-Exit status: 0 consistent, 1 problems found (listed) or the check failed,
-2 bad usage.
+The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data. An
+interrupt (SIGINT, SIGTERM) stops the check and closes the directory.
+Exit status: 0 consistent, 1 problems found (listed) or the check failed
+or was stopped, 2 bad usage.
 `
 
-// runVerify is `verify`.
-func runVerify(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+// runVerify is `verify`; ctx ends the check (an interrupt).
+func runVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, verifyUsage) }
@@ -87,7 +88,7 @@ func runVerify(args []string, getenv func(string) string, stdout, stderr io.Writ
 		}
 		return 1
 	}
-	rep, err := s.Verify(context.Background())
+	rep, err := s.Verify(ctx)
 	if cerr := s.Close(); err == nil && cerr != nil {
 		err = cerr
 	}

@@ -156,3 +156,36 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		t.Fatalf("verify with an argument: exit %d, want 2", code)
 	}
 }
+
+// An interrupted verify (its context ended) stops the check, says so
+// (exit 1, no verdict) and closes the directory: it opens again at once.
+func TestVerifyStopsWhenInterrupted(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := engine.Dispatch{DispatchID: "d1", ThreadID: "t1", RunID: "r1", Priority: engine.DefaultPriority, AvailableAt: 1, CreatedAt: 1, MaxAttempts: 5}
+	if _, err := s.Enqueue(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var out, errOut bytes.Buffer
+	code := runVerify(ctx, []string{"--data-dir", dir}, func(string) string { return "" }, &out, &errOut)
+	if code != 1 || !strings.Contains(errOut.String(), "the check did not finish") || !strings.Contains(errOut.String(), context.Canceled.Error()) ||
+		strings.Contains(out.String(), "consistent") {
+		t.Fatalf("interrupted verify: exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errOut.String())
+	}
+	s, err = badgerstore.Open(opts)
+	if err != nil {
+		t.Fatalf("open after an interrupted verify: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
