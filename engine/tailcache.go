@@ -48,8 +48,8 @@ type threadTail struct {
 	// slots is the length of the array recs lies in, from its start: the
 	// records dropped from the front of the tail and the room left for
 	// appends hold memory too. A tail kept from a caller's slice counts
-	// the slice's length (the caller's array, grown by append, may be up
-	// to twice that).
+	// that array from the slice's first record on (keep): what lies
+	// before it is not visible from the slice.
 	slots int
 	// bytes is what the tail holds: its records (recordBytes), its
 	// array's other slots (recordSize each) and its bookkeeping
@@ -149,8 +149,17 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 	if len(recs) > n {
 		recs = recs[len(recs)-n:]
 	}
+	// The caller's array from recs[0] on stays alive while the tail does:
+	// counted whole, or, when it is more than twice the records kept,
+	// left behind for an array of their size.
+	slots := cap(recs)
+	if slots > 2*len(recs) {
+		recs = append(make([]MessageRecord, 0, len(recs)), recs...)
+		slots = len(recs)
+	}
 	recs = recs[:len(recs):len(recs)] // never appended into: it may be a caller's
-	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs, slots: len(recs), bytes: threadOverhead + int64(len(thread))}
+	t := &threadTail{thread: thread, first: recs[0].Seq, recs: recs, slots: slots, bytes: threadOverhead + int64(len(thread))}
+	t.bytes += t.spareBytes()
 	for i := range recs {
 		t.bytes += recordBytes(&recs[i])
 	}

@@ -272,6 +272,46 @@ func TestTailCacheCountsTheArrayItsTailLiesIn(t *testing.T) {
 	runtime.KeepAlive(c)
 }
 
+// A tail kept from a caller's slice (a window read from the store) counts
+// the caller's array it lies in; one in an array more than twice its
+// length is copied out of it, so the cache neither pins nor counts the
+// rest. (Before, the slice's length was counted: 10 of 1 000 slots.)
+func TestTailCacheCountsTheCallersArrayItKeeps(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		len, cap      int
+		slots         int
+		sharesCallers bool
+	}{
+		{"room for a few more", 10, 15, 15, true},
+		{"a large array", 10, 1000, 10, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTailCache(1 << 20)
+			recs, _, _ := logOf(tc.len)
+			caller := append(make([]MessageRecord, 0, tc.cap), recs...)
+			c.keep("t", caller, 500)
+			tt := c.threads["t"].Value.(*threadTail)
+			if tt.slots != tc.slots {
+				t.Fatalf("slots %d, want %d", tt.slots, tc.slots)
+			}
+			want := threadOverhead + int64(len("t")) + int64(tc.slots-tc.len)*recordSize
+			for i := range recs {
+				want += recordBytes(&recs[i])
+			}
+			if tt.bytes != want || c.bytes != want {
+				t.Fatalf("tail counts %d bytes, the cache %d; want %d", tt.bytes, c.bytes, want)
+			}
+			if shares := &tt.recs[0] == &caller[0]; shares != tc.sharesCallers {
+				t.Fatalf("tail shares the caller's array: %v, want %v", shares, tc.sharesCallers)
+			}
+			if got, err := c.window(context.Background(), "t", 1, uint64(tc.len), 500, nil); err != nil || len(got) != tc.len || got[tc.len-1].Seq != uint64(tc.len) {
+				t.Fatalf("window after keep: %d records, %v", len(got), err)
+			}
+		})
+	}
+}
+
 // The messages submits appended, kept for their runs, count their
 // bookkeeping too: a quarter of the budget full of them is about a
 // quarter of the budget on the heap. (Counted as records alone, 16 MiB of
