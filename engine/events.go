@@ -167,6 +167,12 @@ func (l *EventLog) Close(nowMs int64) {
 		return
 	}
 	l.closed, l.closedAt = true, nowMs
+	// Kept for re-attachment (EventRetention) but never appended to
+	// again: a ring that did not wrap gives back the room it did not use
+	// (most runs emit a few events into room for 16).
+	if len(l.ring) < l.limit && len(l.ring) < cap(l.ring) {
+		l.ring = append(make([]Event, 0, len(l.ring)), l.ring...)
+	}
 	l.wakeLocked()
 }
 

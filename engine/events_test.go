@@ -186,3 +186,35 @@ func TestRunSinkEmitQuietWakesOnlyOnWakeReaders(t *testing.T) {
 		t.Fatal("Emit did not wake the reader")
 	}
 }
+
+// A closed log that did not wrap keeps its events in an array of their
+// number, not in the ring's spare room (a finished run's log stays for
+// EventRetention), and reads them as before; one that wrapped is left as
+// it is.
+func TestEventLogGivesBackItsSpareRoomWhenClosed(t *testing.T) {
+	l := NewEventLog(100)
+	for i := range 3 {
+		l.Append([]byte(fmt.Sprintf(`{"type":"text_delta","n":%d}`, i)))
+	}
+	l.Close(1)
+	if cap(l.ring) != 3 {
+		t.Fatalf("closed log of 3 events keeps room for %d", cap(l.ring))
+	}
+	evs, reset, closed, _ := l.Read(1, 10, nil)
+	if reset || closed || len(evs) != 2 || evs[0].Seq != 2 || string(evs[1].Data) != `{"type":"text_delta","n":2}` {
+		t.Fatalf("read after close: %+v reset=%v closed=%v", evs, reset, closed)
+	}
+	if _, _, closed, _ := l.Read(3, 10, nil); !closed {
+		t.Fatal("fully read closed log not reported closed")
+	}
+
+	w := NewEventLog(4)
+	for i := range 6 {
+		w.Append([]byte(fmt.Sprintf(`{"type":"text_delta","n":%d}`, i)))
+	}
+	w.Close(1)
+	evs, reset, _, _ = w.Read(0, 10, nil)
+	if !reset || len(evs) != 4 || evs[0].Seq != 3 || evs[3].Seq != 6 {
+		t.Fatalf("wrapped log after close: %+v reset=%v", evs, reset)
+	}
+}
