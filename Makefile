@@ -37,10 +37,12 @@ bench: ## benchmarks with allocation counts (figures go to bench/README.md)
 # SCALE_AGENTS echo agents share the 64 agent slots (1: one agent with all
 # of them, as deployed). MAILBOX_BENCH_CACHE keeps the fixtures.
 SCALE_AGENTS ?= 1
+# SCALE_CONTEXT, when set, is the sidecar's --context-messages (default: its own).
+SCALE_CONTEXT ?=
 .PHONY: scale
 scale: ## the binary on 10 000 and 1 000 000 queued dispatches (-tags scale; bench/README.md, Scale)
 	$(GO) vet -tags scale ./bench/
-	MAILBOX_SCALE=1 MAILBOX_SCALE_AGENTS=$(SCALE_AGENTS) $(GO) test -tags scale -run '^$$' -bench '^BenchmarkScale' -benchtime 1x -count=1 -timeout 60m -v ./bench/
+	MAILBOX_SCALE=1 MAILBOX_SCALE_AGENTS=$(SCALE_AGENTS) MAILBOX_SCALE_CONTEXT=$(SCALE_CONTEXT) $(GO) test -tags scale -run '^$$' -bench '^BenchmarkScale' -benchtime 1x -count=1 -timeout 60m -v ./bench/
 
 crash: ## long SIGKILL crash runs: the store (100 cycles), the whole sidecar (60 per variant)
 	MAILBOX_CRASH_CYCLES=100 $(GO) test -count=1 -timeout 60m -run 'Crash' -v ./badgerstore/

@@ -70,7 +70,11 @@ const (
 //
 // Each iteration starts the binary (`serve`, fsync on, every other flag at
 // its default — so --memory-limit is the deployment's 512 MiB) on the copy
-// and measures:
+// and measures what follows. MAILBOX_SCALE_CONTEXT=n passes
+// --context-messages n: over 1 000 threads each thread's log holds 1 000
+// messages, so at the default window every RUN frame carries 500 of them,
+// and the figures then measure the context's size rather than the queue's
+// shape (bench/README.md, Scale, the eighteenth session).
 //
 //   - ready-ms: process start → /readyz 200 (polled every millisecond).
 //   - Then the echo agent binary connects with --max-runs 64 — or, with
@@ -227,7 +231,11 @@ func scaleRun(b *testing.B, fixture string, queued int) scaleResult {
 	r.load1Start = loadAvg1()
 
 	start := time.Now()
-	s := startSidecar(b, dir, sockDir)
+	var extra []string
+	if n := envInt("MAILBOX_SCALE_CONTEXT", 0); n > 0 {
+		extra = append(extra, "--context-messages", strconv.Itoa(n))
+	}
+	s := startSidecar(b, dir, sockDir, extra...)
 	defer s.kill()
 	c := s.client()
 	s.waitReady(b, c, 5*time.Minute)
