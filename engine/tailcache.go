@@ -146,13 +146,14 @@ func (c *tailCache) keep(thread string, recs []MessageRecord, n int) {
 	if n <= 0 {
 		return
 	}
+	// The caller's array from recs[0] on (the records before the newest n
+	// included) stays alive while the tail does: counted whole, or, when
+	// it is more than twice the records kept, left behind for an array of
+	// their size.
+	slots := cap(recs)
 	if len(recs) > n {
 		recs = recs[len(recs)-n:]
 	}
-	// The caller's array from recs[0] on stays alive while the tail does:
-	// counted whole, or, when it is more than twice the records kept,
-	// left behind for an array of their size.
-	slots := cap(recs)
 	if slots > 2*len(recs) {
 		recs = append(make([]MessageRecord, 0, len(recs)), recs...)
 		slots = len(recs)

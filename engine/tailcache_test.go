@@ -279,33 +279,37 @@ func TestTailCacheCountsTheArrayItsTailLiesIn(t *testing.T) {
 func TestTailCacheCountsTheCallersArrayItKeeps(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
-		len, cap      int
+		len, cap, n   int // the caller's slice; the window kept
 		slots         int
 		sharesCallers bool
 	}{
-		{"room for a few more", 10, 15, 15, true},
-		{"a large array", 10, 1000, 10, false},
+		{"room for a few more", 10, 15, 500, 15, true},
+		{"a large array", 10, 1000, 500, 10, false},
+		{"the newest of a few more", 15, 15, 10, 15, true},
+		{"the newest of many", 30, 30, 10, 10, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newTailCache(1 << 20)
 			recs, _, _ := logOf(tc.len)
 			caller := append(make([]MessageRecord, 0, tc.cap), recs...)
-			c.keep("t", caller, 500)
+			c.keep("t", caller, tc.n)
+			kept := recs[max(0, tc.len-tc.n):]
 			tt := c.threads["t"].Value.(*threadTail)
-			if tt.slots != tc.slots {
-				t.Fatalf("slots %d, want %d", tt.slots, tc.slots)
+			if tt.slots != tc.slots || len(tt.recs) != len(kept) {
+				t.Fatalf("%d records in %d slots, want %d in %d", len(tt.recs), tt.slots, len(kept), tc.slots)
 			}
-			want := threadOverhead + int64(len("t")) + int64(tc.slots-tc.len)*recordSize
-			for i := range recs {
-				want += recordBytes(&recs[i])
+			want := threadOverhead + int64(len("t")) + int64(tc.slots-len(kept))*recordSize
+			for i := range kept {
+				want += recordBytes(&kept[i])
 			}
 			if tt.bytes != want || c.bytes != want {
 				t.Fatalf("tail counts %d bytes, the cache %d; want %d", tt.bytes, c.bytes, want)
 			}
-			if shares := &tt.recs[0] == &caller[0]; shares != tc.sharesCallers {
+			if shares := &tt.recs[0] == &caller[tc.len-len(kept)]; shares != tc.sharesCallers {
 				t.Fatalf("tail shares the caller's array: %v, want %v", shares, tc.sharesCallers)
 			}
-			if got, err := c.window(context.Background(), "t", 1, uint64(tc.len), 500, nil); err != nil || len(got) != tc.len || got[tc.len-1].Seq != uint64(tc.len) {
+			first := kept[0].Seq
+			if got, err := c.window(context.Background(), "t", first, uint64(tc.len), tc.n, nil); err != nil || len(got) != len(kept) || got[0].Seq != first {
 				t.Fatalf("window after keep: %d records, %v", len(got), err)
 			}
 		})
