@@ -440,7 +440,9 @@ func NewWriter(w io.Writer, cfg WriterConfig) *Writer {
 // (see Writer). It refuses an unknown type (ErrUnknownType) and a payload
 // above MaxFrame (ErrFrameTooLarge) without writing anything; it does not
 // check JSON payloads (see CheckPayload). A failed write leaves the stream
-// unusable, so it is final: every later call returns the same error. A
+// unusable, so it is final: every later call fails, with an error that
+// names its own frame and wraps the first failure (errors.Is finds its
+// cause; its message names the frame whose write failed). A
 // call returns nil when its frame went out whole, also when the write
 // that carried it failed on a frame after it: the peer may have it, so
 // an error means the frame did not reach the stream whole, and a peer
@@ -478,7 +480,7 @@ func (w *Writer) write(typ FrameType, flags uint8, stream uint64, payload []byte
 
 	w.mu.Lock()
 	if w.err != nil {
-		err := w.err
+		err := w.failed(typ, stream)
 		w.mu.Unlock()
 		call(queued, false)
 		return err
@@ -584,21 +586,28 @@ func (w *Writer) await(group uint64, end int, typ FrameType, stream uint64) erro
 		}
 		w.turn.Wait()
 	}
-	err := w.result(group, end)
+	var err error
+	if !w.sent(group, end) {
+		err = w.failed(typ, stream)
+	}
 	w.mu.Unlock()
 	return err
 }
 
-// result is the outcome of a frame that ends at byte end of group's
-// write: nil once the group is written, and also when the group's write
-// failed after the frame's last byte went out (the frame reached the
-// stream whole, so its call must not report it unsent); otherwise the
-// stream's error. Called with w.mu held.
-func (w *Writer) result(group uint64, end int) error {
-	if w.written >= group || group == w.failedGroup && end <= w.failedN {
-		return nil
-	}
-	return w.err
+// sent reports whether a frame that ends at byte end of group's write
+// went out: once the group is written, and also when the group's write
+// failed after the frame's last byte (the frame reached the stream whole,
+// so its call must not report it unsent). Called with w.mu held.
+func (w *Writer) sent(group uint64, end int) bool {
+	return w.written >= group || group == w.failedGroup && end <= w.failedN
+}
+
+// failed is the error of a call whose frame (typ on stream) did not go
+// out whole because the stream failed: it names the caller's frame and
+// wraps the stream's error, which names the frame whose write failed.
+// Called with w.mu held and w.err set.
+func (w *Writer) failed(typ FrameType, stream uint64) error {
+	return fmt.Errorf("ipc: %s frame on stream %d not written: %w", typ, stream, w.err)
 }
 
 // bulk reports whether frames of type t carry a run's work, which can
@@ -655,7 +664,8 @@ func (w *Writer) lead(typ FrameType, stream uint64, end int) error {
 // wakes the waiting calls; it unlocks w.mu and returns the outcome of
 // the caller's frame, which ends at byte end.
 func (w *Writer) ended(group uint64, err error, n, frames int, typ FrameType, stream uint64, end int) error {
-	if err != nil && w.err == nil {
+	own := err != nil && w.err == nil // this write failed the stream: its error names this frame
+	if own {
 		w.err = fmt.Errorf("ipc: write %s frame on stream %d (%d frames in the write, %d bytes of it written): %w", typ, stream, frames, n, err)
 		w.failedGroup, w.failedN = group, n
 	}
@@ -664,7 +674,14 @@ func (w *Writer) ended(group uint64, err error, n, frames int, typ FrameType, st
 	}
 	w.writing = false
 	w.turn.Broadcast()
-	err = w.result(group, end)
+	switch {
+	case w.sent(group, end):
+		err = nil
+	case own:
+		err = w.err
+	default:
+		err = w.failed(typ, stream)
+	}
 	w.mu.Unlock()
 	return err
 }

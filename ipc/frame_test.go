@@ -492,8 +492,11 @@ func TestWriterStickyError(t *testing.T) {
 	if !errors.Is(err, boom) {
 		t.Fatalf("first write: %v", err)
 	}
-	if err2 := w.WriteFrame(TypePing, 0, 0, make([]byte, 8)); err2 != err {
-		t.Fatalf("second write: %v, want %v", err2, err)
+	// A later call fails too, naming its own frame and the write that
+	// failed the stream.
+	err2 := w.WriteFrame(TypePing, 0, 0, make([]byte, 8))
+	if !errors.Is(err2, boom) || !strings.HasPrefix(err2.Error(), "ipc: PING frame on stream 0 not written: ") || !strings.HasSuffix(err2.Error(), err.Error()) {
+		t.Fatalf("second write: %v, want its PING frame named, wrapping %v", err2, err)
 	}
 }
 

@@ -129,16 +129,27 @@ func TestWriterGroupFailsWithItsWrite(t *testing.T) {
 	}
 	waitQueued(t, w, followers)
 	close(gw.release)
-	if err := <-first; !errors.Is(err, boom) {
-		t.Fatalf("leader: %v, want boom", err)
+	// Each call's error names its own frame; the leader's is the
+	// stream's, which every other error wraps.
+	lead := <-first
+	if !errors.Is(lead, boom) || !strings.HasPrefix(lead.Error(), "ipc: write EVENT frame on stream 1 ") {
+		t.Fatalf("leader: %v, want boom, naming its frame", lead)
 	}
+	named := map[string]bool{}
 	for range followers {
-		if err := <-errs; !errors.Is(err, boom) {
-			t.Fatalf("waiting call: %v, want boom", err)
+		err := <-errs
+		if !errors.Is(err, boom) || !strings.HasSuffix(err.Error(), ": "+lead.Error()) {
+			t.Fatalf("waiting call: %v, want boom, wrapping the leader's error", err)
+		}
+		named[strings.SplitN(err.Error(), " not written", 2)[0]] = true
+	}
+	for i := range followers {
+		if want := fmt.Sprintf("ipc: EVENT frame on stream %d", i+2); !named[want] {
+			t.Fatalf("no waiting call's error names its own frame %q: %v", want, named)
 		}
 	}
-	if err := w.WriteFrame(TypePing, 0, 0, make([]byte, PingSize)); !errors.Is(err, boom) {
-		t.Fatalf("later call: %v, want boom", err)
+	if err := w.WriteFrame(TypePing, 0, 0, make([]byte, PingSize)); !errors.Is(err, boom) || !strings.HasPrefix(err.Error(), "ipc: PING frame on stream 0 not written: ") {
+		t.Fatalf("later call: %v, want boom, naming its PING frame", err)
 	}
 	if n := len(gw.written()); n != 1 {
 		t.Fatalf("%d writes, want 1: frames queued behind a failed write are not written", n)
