@@ -3,6 +3,7 @@ package badgerstore
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 
@@ -56,5 +57,78 @@ func TestUnchangedRecordIsNotRewritten(t *testing.T) {
 	}
 	if got, err := s.LoadRun(ctx, "r1"); err != nil || got == nil || got.Steps != 2 {
 		t.Fatalf("run after the change: %+v %v", got, err)
+	}
+}
+
+// A key an operation sets and then deletes, with nothing below it, leaves
+// no deletion marker: a foreground submit on an idle thread enqueues and
+// claims its dispatch in one operation, and its queue entries and queued
+// count never reach Badger. A key that existed before the operation is
+// deleted with a marker, as before.
+func TestAKeySetAndDeletedByOneOperationLeavesNoMarker(t *testing.T) {
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	// entries lists every version Badger holds under prefix, deletion
+	// markers included.
+	entries := func(prefix []byte) (live, markers int) {
+		t.Helper()
+		if err := s.db.View(func(txn *badger.Txn) error {
+			opts := badger.DefaultIteratorOptions
+			opts.AllVersions, opts.Prefix = true, prefix
+			it := txn.NewIterator(opts)
+			defer it.Close()
+			for it.Rewind(); it.Valid(); it.Next() {
+				if it.Item().IsDeletedOrExpired() {
+					markers++
+				} else {
+					live++
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return live, markers
+	}
+	run := &engine.RunRecord{RunID: "run-f1", ThreadID: "t1", AgentID: "a", Status: engine.RunCreated, CreatedAt: 1, UpdatedAt: 1}
+	c := engine.Checkpoint{ThreadID: "t1", CreatedAt: 1000, Run: run, Messages: []engine.Message{{ID: "m1", Role: engine.RoleUser, Content: []byte(`"hi"`)}}}
+	d := engine.Dispatch{DispatchID: "f1", ThreadID: "t1", RunID: "run-f1", Priority: engine.DefaultPriority, AvailableAt: 1000, CreatedAt: 1000, MaxAttempts: 5}
+	if _, out, err := s.SubmitIdle(ctx, c, d, "me", time.Minute, "inst", 1000); err != nil || out == nil {
+		t.Fatalf("SubmitIdle: %v %v", out, err)
+	}
+	for _, p := range [][]byte{{pQueue}, {pAvail}, countKey(engine.StatusQueued), {pReady}, {pThreadQ}} {
+		if live, markers := entries(p); live != 0 || markers != 0 {
+			t.Fatalf("prefix %q: %d live entries and %d deletion markers after an idle submit, want none", p, live, markers)
+		}
+	}
+	if live, _ := entries(countKey(engine.StatusClaimed)); live != 1 {
+		t.Fatalf("claimed count: %d entries, want 1", live)
+	}
+	verifyAll(t, s)
+
+	// Queued in one commit, claimed in the next: the queue entry existed,
+	// and its deletion is a marker.
+	if _, err := s.Enqueue(ctx, engine.Dispatch{DispatchID: "f2", ThreadID: "t2", RunID: "run-f2", Priority: engine.DefaultPriority, AvailableAt: 1000, CreatedAt: 1000, MaxAttempts: 5}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Claim(ctx, "t2", "me", time.Minute, 1000); err != nil || got == nil {
+		t.Fatalf("claim: %v %v", got, err)
+	}
+	// (All versions: the entry as enqueued, then its marker.)
+	if live, markers := entries(threadPrefix(pQueue, "t2")); live != 1 || markers != 1 {
+		t.Fatalf("t2's queue: %d live versions, %d markers; want the enqueued entry and its marker", live, markers)
+	}
+	verifyAll(t, s)
+}
+
+func verifyAll(t *testing.T, s *Store) {
+	t.Helper()
+	rep, err := s.Verify(context.Background())
+	if err != nil || len(rep.Problems) > 0 {
+		t.Fatalf("verify: %v %v", rep.Problems, err)
 	}
 }

@@ -150,6 +150,11 @@ type kvWrite struct {
 type pending struct {
 	val []byte
 	del bool
+	// gone: the operation set the key and then deleted it, and nothing
+	// lies below (an earlier write of the batch, the batch in flight,
+	// committed data): it leaves no trace of the key, not even a deletion
+	// marker (del is set too, for readers of the overlay).
+	gone bool
 }
 
 // get returns the value of key, or nil and false.
@@ -160,6 +165,12 @@ func (w *writeTx) get(key []byte) ([]byte, bool, error) {
 		}
 		return p.val, true, nil
 	}
+	return w.below(key)
+}
+
+// below returns the value of key as the operation found it: the batch's
+// earlier writes, the batch in flight, committed data.
+func (w *writeTx) below(key []byte) ([]byte, bool, error) {
 	if f, ok := w.flushed.get(key); ok {
 		if f.del {
 			return nil, false, nil
@@ -221,8 +232,19 @@ func (w *writeTx) setIfChanged(key, val []byte) error {
 
 func (w *writeTx) del(key []byte) {
 	k := string(key)
-	if _, ok := w.writes[k]; !ok {
+	p, ok := w.writes[k]
+	if !ok {
 		w.order = append(w.order, k)
+	} else if !p.del {
+		// Set by this operation. With nothing below, a deletion marker
+		// would cost a memtable entry and compactions for a key that never
+		// existed: a foreground submit enqueues and claims its dispatch in
+		// one operation, and its queue entries and queued count were three
+		// of its sixteen writes. (A failed read keeps the marker.)
+		if _, exists, err := w.below(key); err == nil && !exists {
+			w.writes[k] = pending{del: true, gone: true}
+			return
+		}
 	}
 	w.writes[k] = pending{del: true}
 }
@@ -231,6 +253,9 @@ func (w *writeTx) del(key []byte) {
 func (w *writeTx) flush() error {
 	for _, k := range w.order {
 		p := w.writes[k]
+		if p.gone {
+			continue
+		}
 		var err error
 		if p.del {
 			err = w.txn.Delete([]byte(k))
@@ -242,8 +267,9 @@ func (w *writeTx) flush() error {
 		}
 	}
 	for _, k := range w.order {
-		p := w.writes[k]
-		w.flushed.put(kvWrite{k: k, v: p.val, del: p.del})
+		if p := w.writes[k]; !p.gone {
+			w.flushed.put(kvWrite{k: k, v: p.val, del: p.del})
+		}
 	}
 	return nil
 }
