@@ -132,3 +132,111 @@ func verifyAll(t *testing.T, s *Store) {
 		t.Fatalf("verify: %v %v", rep.Problems, err)
 	}
 }
+
+// A key an operation changes and then puts back as it found it is not
+// written: a complete that claims the thread's next dispatch takes the
+// claimed count down and up again, and the count keeps its version.
+func TestAKeyPutBackByOneOperationIsNotWritten(t *testing.T) {
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	version := func(key []byte) uint64 {
+		t.Helper()
+		var v uint64
+		if err := s.db.View(func(txn *badger.Txn) error {
+			item, err := txn.Get(key)
+			if err != nil {
+				return err
+			}
+			v = item.Version()
+			return nil
+		}); err != nil {
+			t.Fatalf("read %q: %v", key, err)
+		}
+		return v
+	}
+	for _, id := range []string{"d1", "d2"} {
+		if _, err := s.Enqueue(ctx, engine.Dispatch{DispatchID: id, ThreadID: "t1", RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: 1000, CreatedAt: 1000, MaxAttempts: 5}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first, err := s.Claim(ctx, "t1", "me", time.Minute, 1000)
+	if err != nil || first == nil {
+		t.Fatalf("claim: %v %v", first, err)
+	}
+	claimedV := version(countKey(engine.StatusClaimed))
+	next, err := s.CompleteAndClaim(ctx, first.DispatchID, first.ClaimToken, engine.RunResult{RunID: first.RunID, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}, 2000, "me", time.Minute)
+	if err != nil || next == nil || next.DispatchID == first.DispatchID {
+		t.Fatalf("complete and claim: %v %v", next, err)
+	}
+	if v := version(countKey(engine.StatusClaimed)); v != claimedV {
+		t.Fatalf("the claimed count, put back to 1, was written again (version %d → %d)", claimedV, v)
+	}
+	c, err := s.CountByStatus(ctx)
+	if err != nil || c.Get(engine.StatusClaimed) != 1 || c.Get(engine.StatusQueued) != 0 || c.Get(engine.StatusAcked) != 1 {
+		t.Fatalf("counts %+v %v", c, err)
+	}
+	verifyAll(t, s)
+}
+
+// Inside the operation, a key put back reads as it lies below, in a
+// lookup and in a walk, and one set and deleted over nothing reads as
+// absent; after the commit neither was written.
+func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	x, y := []byte("zx"), []byte("zy")
+	if err := s.update(ctx, "seed", func(w *writeTx) error { w.set(x, []byte("a")); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	before := s.db.MaxVersion()
+	err = s.update(ctx, "put back", func(w *writeTx) error {
+		w.set(x, []byte("b"))
+		w.set(x, []byte("a"))
+		w.set(y, []byte("b"))
+		w.del(y)
+		if v, ok, err := w.get(x); err != nil || !ok || string(v) != "a" {
+			t.Errorf("x within the operation: %q %v %v, want a", v, ok, err)
+		}
+		if _, ok, err := w.get(y); err != nil || ok {
+			t.Errorf("y within the operation: %v %v, want absent", ok, err)
+		}
+		var seen []string
+		if err := w.iterate([]byte("z"), nil, false, func(k, v []byte) (bool, error) {
+			seen = append(seen, string(k)+"="+string(v))
+			return true, nil
+		}); err != nil {
+			return err
+		}
+		if len(seen) != 1 || seen[0] != "zx=a" {
+			t.Errorf("walk within the operation: %q, want [zx=a]", seen)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after := s.db.MaxVersion(); after != before {
+		t.Fatalf("the operation wrote something (max version %d → %d)", before, after)
+	}
+	if err := s.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(x)
+		if err != nil {
+			return err
+		}
+		v, err := item.ValueCopy(nil)
+		if string(v) != "a" {
+			t.Errorf("x after the commit: %q", v)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+}

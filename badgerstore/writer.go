@@ -150,16 +150,17 @@ type kvWrite struct {
 type pending struct {
 	val []byte
 	del bool
-	// gone: the operation set the key and then deleted it, and nothing
-	// lies below (an earlier write of the batch, the batch in flight,
-	// committed data): it leaves no trace of the key, not even a deletion
-	// marker (del is set too, for readers of the overlay).
+	// gone: the operation changed the key and then put it back as it lies
+	// below (the batch's earlier writes, the batch in flight, committed
+	// data): set and then deleted over nothing, or set again to the value
+	// below. It writes nothing for the key, not even a deletion marker,
+	// and reads of it see what lies below.
 	gone bool
 }
 
 // get returns the value of key, or nil and false.
 func (w *writeTx) get(key []byte) ([]byte, bool, error) {
-	if p, ok := w.writes[string(key)]; ok {
+	if p, ok := w.writes[string(key)]; ok && !p.gone {
 		if p.del {
 			return nil, false, nil
 		}
@@ -207,6 +208,12 @@ func (w *writeTx) set(key, val []byte) {
 	k := string(key)
 	if _, ok := w.writes[k]; !ok {
 		w.order = append(w.order, k)
+	} else if cur, exists, err := w.below(key); err == nil && exists && bytes.Equal(cur, val) {
+		// Written before by this operation, now put back as it was (a
+		// counter down and up again: a complete that claims the thread's
+		// next dispatch leaves the claimed count as it found it).
+		w.writes[k] = pending{gone: true}
+		return
 	}
 	if val == nil {
 		val = []byte{}
@@ -232,19 +239,16 @@ func (w *writeTx) setIfChanged(key, val []byte) error {
 
 func (w *writeTx) del(key []byte) {
 	k := string(key)
-	p, ok := w.writes[k]
-	if !ok {
+	if _, ok := w.writes[k]; !ok {
 		w.order = append(w.order, k)
-	} else if !p.del {
-		// Set by this operation. With nothing below, a deletion marker
-		// would cost a memtable entry and compactions for a key that never
-		// existed: a foreground submit enqueues and claims its dispatch in
-		// one operation, and its queue entries and queued count were three
-		// of its sixteen writes. (A failed read keeps the marker.)
-		if _, exists, err := w.below(key); err == nil && !exists {
-			w.writes[k] = pending{del: true, gone: true}
-			return
-		}
+	} else if _, exists, err := w.below(key); err == nil && !exists {
+		// Set by this operation over nothing: a deletion marker would cost
+		// a memtable entry and compactions for a key that never existed.
+		// A foreground submit enqueues and claims its dispatch in one
+		// operation: its queue entries and queued count were three of its
+		// sixteen writes. (A failed read keeps the marker.)
+		w.writes[k] = pending{gone: true}
+		return
 	}
 	w.writes[k] = pending{del: true}
 }
@@ -352,7 +356,7 @@ func (w *writeTx) pendingIn(prefix, start []byte) []kvWrite {
 		}
 	}
 	for _, k := range w.prior.keysIn(prefix, start) {
-		if _, own := w.writes[k]; own {
+		if p, own := w.writes[k]; own && !p.gone {
 			continue
 		}
 		if _, batch := w.flushed.m[k]; batch {
@@ -361,12 +365,14 @@ func (w *writeTx) pendingIn(prefix, start []byte) []kvWrite {
 		out = append(out, w.prior.m[k])
 	}
 	for _, k := range w.flushed.keysIn(prefix, start) {
-		if _, own := w.writes[k]; !own {
+		if p, own := w.writes[k]; !own || p.gone {
 			out = append(out, w.flushed.m[k])
 		}
 	}
 	for k, p := range w.writes {
-		add(k, kvWrite{k: k, v: p.val, del: p.del})
+		if !p.gone {
+			add(k, kvWrite{k: k, v: p.val, del: p.del})
+		}
 	}
 	slices.SortFunc(out, func(a, b kvWrite) int { return strings.Compare(a.k, b.k) })
 	return out
