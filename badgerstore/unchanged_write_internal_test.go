@@ -2,6 +2,9 @@ package badgerstore
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -192,7 +195,7 @@ func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
 	}
 	defer s.Close()
 	ctx := context.Background()
-	x, y := []byte("zx"), []byte("zy")
+	x, y, z := []byte("zx"), []byte("zy"), []byte("zz")
 	if err := s.update(ctx, "seed", func(w *writeTx) error { w.set(x, []byte("a")); return nil }); err != nil {
 		t.Fatal(err)
 	}
@@ -202,6 +205,11 @@ func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
 		w.set(x, []byte("a"))
 		w.set(y, []byte("b"))
 		w.del(y)
+		w.set(z, []byte("v")) // an empty value over nothing is a write
+		w.set(z, nil)
+		if v, ok, err := w.get(z); err != nil || !ok || len(v) != 0 {
+			t.Errorf("z within the operation: %q %v %v, want present and empty", v, ok, err)
+		}
 		if v, ok, err := w.get(x); err != nil || !ok || string(v) != "a" {
 			t.Errorf("x within the operation: %q %v %v, want a", v, ok, err)
 		}
@@ -215,16 +223,35 @@ func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
 		}); err != nil {
 			return err
 		}
-		if len(seen) != 1 || seen[0] != "zx=a" {
-			t.Errorf("walk within the operation: %q, want [zx=a]", seen)
+		if len(seen) != 2 || seen[0] != "zx=a" || seen[1] != "zz=" {
+			t.Errorf("walk within the operation: %q, want [zx=a zz=]", seen)
 		}
 		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if after := s.db.MaxVersion(); after != before {
-		t.Fatalf("the operation wrote something (max version %d → %d)", before, after)
+	if after := s.db.MaxVersion(); after != before+1 {
+		t.Fatalf("max version %d → %d: want one commit, of zz alone", before, after)
+	}
+	if err := s.db.View(func(txn *badger.Txn) error {
+		if _, err := txn.Get(y); !errors.Is(err, badger.ErrKeyNotFound) {
+			t.Errorf("zy after the commit: %v, want not found", err)
+		}
+		item, err := txn.Get(z)
+		if err != nil {
+			return err
+		}
+		if item.Version() != before+1 || item.ValueSize() != 0 {
+			t.Errorf("zz after the commit: version %d, %d bytes", item.Version(), item.ValueSize())
+		}
+		x1, err := txn.Get(x)
+		if err == nil && x1.Version() > before {
+			t.Errorf("zx was written again (version %d)", x1.Version())
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
 	}
 	if err := s.db.View(func(txn *badger.Txn) error {
 		item, err := txn.Get(x)
@@ -238,5 +265,113 @@ func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
 		return err
 	}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Put back over the batch in flight and over an earlier operation of the
+// same batch: what lies below is their value, not the committed one. The
+// operation walks and writes accordingly, whether the batch in flight
+// then commits or fails (its successor then runs again without it).
+func TestAKeyPutBackOverTheBatchInFlightAndTheBatch(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(fmt.Sprintf("in-flight batch fails=%v", fail), func(t *testing.T) {
+			s, err := Open(Options{InMemory: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			ctx := context.Background()
+			za, zb, zf := []byte("za"), []byte("zb"), []byte("zf")
+			if err := s.update(ctx, "seed", func(w *writeTx) error {
+				w.set(za, []byte("S"))
+				w.set(zb, []byte("S"))
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			release := make(chan error, 3)
+			entered := make(chan struct{}, 3)
+			s.HoldCommits(release, entered)
+			// Batch 1, held in flight: za = zb = P.
+			first := make(chan error, 1)
+			go func() {
+				first <- s.update(ctx, "in flight", func(w *writeTx) error {
+					w.set(za, []byte("P"))
+					w.set(zb, []byte("P"))
+					return nil
+				})
+			}()
+			<-entered
+			// Batch 2: A writes zf = F; B, after it, puts zb and zf back
+			// over the batch in flight and over A, and za back to the
+			// committed value (which the batch in flight changed).
+			ranA := make(chan struct{}, 2)
+			opA := make(chan error, 1)
+			go func() {
+				opA <- s.update(ctx, "a", func(w *writeTx) error {
+					w.set(zf, []byte("F"))
+					ranA <- struct{}{}
+					return nil
+				})
+			}()
+			<-ranA
+			var seen []string
+			ranB := make(chan struct{}, 2)
+			opB := make(chan error, 1)
+			go func() {
+				opB <- s.update(ctx, "b", func(w *writeTx) error {
+					defer func() { ranB <- struct{}{} }()
+					w.set(za, []byte("X"))
+					w.set(za, []byte("S"))
+					w.set(zb, []byte("B"))
+					w.set(zb, []byte("P"))
+					w.set(zf, []byte("X"))
+					w.set(zf, []byte("F"))
+					seen = seen[:0]
+					return w.iterate([]byte("z"), nil, false, func(k, v []byte) (bool, error) {
+						seen = append(seen, string(k)+"="+string(v))
+						return true, nil
+					})
+				})
+			}()
+			<-ranB // B ran in batch 2, built over batch 1 in flight
+			if fail {
+				release <- errors.New("injected commit failure")
+				if err := <-first; err == nil {
+					t.Fatal("the in-flight batch committed, want the injected failure")
+				}
+			} else {
+				release <- nil
+				if err := <-first; err != nil {
+					t.Fatal(err)
+				}
+			}
+			<-entered
+			release <- nil
+			if err := <-opA; err != nil {
+				t.Fatal(err)
+			}
+			if err := <-opB; err != nil {
+				t.Fatal(err)
+			}
+			if want := []string{"za=S", "zb=P", "zf=F"}; !slices.Equal(seen, want) {
+				t.Fatalf("B's walk: %q, want %q", seen, want)
+			}
+			for k, want := range map[string]string{"za": "S", "zb": "P", "zf": "F"} {
+				if err := s.db.View(func(txn *badger.Txn) error {
+					item, err := txn.Get([]byte(k))
+					if err != nil {
+						return err
+					}
+					v, err := item.ValueCopy(nil)
+					if string(v) != want {
+						t.Errorf("%s = %q after the commits, want %q", k, v, want)
+					}
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -211,7 +211,10 @@ func (w *writeTx) set(key, val []byte) {
 	} else if cur, exists, err := w.below(key); err == nil && exists && bytes.Equal(cur, val) {
 		// Written before by this operation, now put back as it was (a
 		// counter down and up again: a complete that claims the thread's
-		// next dispatch leaves the claimed count as it found it).
+		// next dispatch leaves the claimed count as it found it). Only a
+		// key written twice by one operation is looked up (for a family
+		// the record cache does not hold, a point read of the snapshot,
+		// counted in writerReads): cheaper than the entry it may save.
 		w.writes[k] = pending{gone: true}
 		return
 	}
