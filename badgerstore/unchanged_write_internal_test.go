@@ -17,27 +17,9 @@ import (
 // checkpoint within the second its run started) is not written again:
 // the key keeps its Badger version; a real change is written.
 func TestUnchangedRecordIsNotRewritten(t *testing.T) {
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openInMemory(t)
 	ctx := context.Background()
-	version := func(key []byte) uint64 {
-		t.Helper()
-		var v uint64
-		if err := s.db.View(func(txn *badger.Txn) error {
-			item, err := txn.Get(key)
-			if err != nil {
-				return err
-			}
-			v = item.Version()
-			return nil
-		}); err != nil {
-			t.Fatalf("read %q: %v", key, err)
-		}
-		return v
-	}
+	version := func(key []byte) uint64 { return keyVersion(t, s, key) }
 	run := engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 5}
 	if err := s.CreateRun(ctx, run); err != nil {
 		t.Fatal(err)
@@ -69,11 +51,7 @@ func TestUnchangedRecordIsNotRewritten(t *testing.T) {
 // count never reach Badger. A key that existed before the operation is
 // deleted with a marker, as before.
 func TestAKeySetAndDeletedByOneOperationLeavesNoMarker(t *testing.T) {
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openInMemory(t)
 	ctx := context.Background()
 	// entries lists every version Badger holds under prefix, deletion
 	// markers included.
@@ -140,27 +118,9 @@ func verifyAll(t *testing.T, s *Store) {
 // written: a complete that claims the thread's next dispatch takes the
 // claimed count down and up again, and the count keeps its version.
 func TestAKeyPutBackByOneOperationIsNotWritten(t *testing.T) {
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openInMemory(t)
 	ctx := context.Background()
-	version := func(key []byte) uint64 {
-		t.Helper()
-		var v uint64
-		if err := s.db.View(func(txn *badger.Txn) error {
-			item, err := txn.Get(key)
-			if err != nil {
-				return err
-			}
-			v = item.Version()
-			return nil
-		}); err != nil {
-			t.Fatalf("read %q: %v", key, err)
-		}
-		return v
-	}
+	version := func(key []byte) uint64 { return keyVersion(t, s, key) }
 	for _, id := range []string{"d1", "d2"} {
 		if _, err := s.Enqueue(ctx, engine.Dispatch{DispatchID: id, ThreadID: "t1", RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: 1000, CreatedAt: 1000, MaxAttempts: 5}); err != nil {
 			t.Fatal(err)
@@ -189,18 +149,14 @@ func TestAKeyPutBackByOneOperationIsNotWritten(t *testing.T) {
 // lookup and in a walk, and one set and deleted over nothing reads as
 // absent; after the commit neither was written.
 func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openInMemory(t)
 	ctx := context.Background()
 	x, y, z := []byte("zx"), []byte("zy"), []byte("zz")
 	if err := s.update(ctx, "seed", func(w *writeTx) error { w.set(x, []byte("a")); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	before := s.db.MaxVersion()
-	err = s.update(ctx, "put back", func(w *writeTx) error {
+	err := s.update(ctx, "put back", func(w *writeTx) error {
 		w.set(x, []byte("b"))
 		w.set(x, []byte("a"))
 		w.set(y, []byte("b"))
@@ -253,18 +209,8 @@ func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(x)
-		if err != nil {
-			return err
-		}
-		v, err := item.ValueCopy(nil)
-		if string(v) != "a" {
-			t.Errorf("x after the commit: %q", v)
-		}
-		return err
-	}); err != nil {
-		t.Fatal(err)
+	if v := valueOf(t, s, x); v != "a" {
+		t.Fatalf("x after the commit: %q", v)
 	}
 }
 
@@ -275,11 +221,7 @@ func TestAKeyPutBackReadsAsBelowWithinItsOperation(t *testing.T) {
 func TestAKeyPutBackOverTheBatchInFlightAndTheBatch(t *testing.T) {
 	for _, fail := range []bool{false, true} {
 		t.Run(fmt.Sprintf("in-flight batch fails=%v", fail), func(t *testing.T) {
-			s, err := Open(Options{InMemory: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
+			s := openInMemory(t)
 			ctx := context.Background()
 			za, zb, zf := []byte("za"), []byte("zb"), []byte("zf")
 			if err := s.update(ctx, "seed", func(w *writeTx) error {
@@ -358,20 +300,55 @@ func TestAKeyPutBackOverTheBatchInFlightAndTheBatch(t *testing.T) {
 				t.Fatalf("B's walk: %q, want %q", seen, want)
 			}
 			for k, want := range map[string]string{"za": "S", "zb": "P", "zf": "F"} {
-				if err := s.db.View(func(txn *badger.Txn) error {
-					item, err := txn.Get([]byte(k))
-					if err != nil {
-						return err
-					}
-					v, err := item.ValueCopy(nil)
-					if string(v) != want {
-						t.Errorf("%s = %q after the commits, want %q", k, v, want)
-					}
-					return err
-				}); err != nil {
-					t.Fatal(err)
+				if v := valueOf(t, s, []byte(k)); v != want {
+					t.Errorf("%s = %q after the commits, want %q", k, v, want)
 				}
 			}
 		})
 	}
+}
+
+// openInMemory opens an in-memory store, closed when the test ends.
+func openInMemory(t *testing.T) *Store {
+	t.Helper()
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// keyVersion is the Badger version of key's latest value.
+func keyVersion(t *testing.T, s *Store, key []byte) uint64 {
+	t.Helper()
+	var v uint64
+	if err := s.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(key)
+		if err != nil {
+			return err
+		}
+		v = item.Version()
+		return nil
+	}); err != nil {
+		t.Fatalf("read %q: %v", key, err)
+	}
+	return v
+}
+
+// valueOf is key's latest value.
+func valueOf(t *testing.T, s *Store, key []byte) string {
+	t.Helper()
+	var v []byte
+	if err := s.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(key)
+		if err != nil {
+			return err
+		}
+		v, err = item.ValueCopy(nil)
+		return err
+	}); err != nil {
+		t.Fatalf("read %q: %v", key, err)
+	}
+	return string(v)
 }
