@@ -38,22 +38,29 @@ func (m *Mailbox) reusableWaitingRun(ctx context.Context, thread string) (string
 	return id, err
 }
 
+// knownRun is a thread's latest run as read a moment ago under the
+// thread's lock; run is nil when the thread had none.
+type knownRun struct{ run *RunRecord }
+
 // reusableWaitingRunAndLatest is reusableWaitingRun that also returns the
-// thread's latest run when it had to read it (nil otherwise), so prepare
-// does not read it twice, and the message count of the thread projection
-// it read (0 when the thread has none: no messages either).
-func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string) (string, *RunRecord, uint64, error) {
+// thread's latest run when it learned it (nil otherwise), so prepare
+// does not read it again, and the message count of the thread projection
+// it read (0 when the thread has none: no messages either). A thread
+// without a projection has no run (Store.LoadThread): its latest run is
+// known without a walk of the run index, which costs a new thread's
+// submit an iterator.
+func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string) (string, *knownRun, uint64, error) {
 	t, err := m.store.LoadThread(ctx, thread)
 	if err != nil {
 		return "", nil, 0, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
 	}
-	var count uint64
-	if t != nil {
-		count = t.MessageCount
+	if t == nil {
+		return "", &knownRun{}, 0, nil
 	}
+	count := t.MessageCount
 	// Only a waiting open run can be continued (one created or running
 	// cannot); an older projection without the status is read to see.
-	if t != nil && t.OpenRunID != "" && (t.OpenRunStatus == "" || t.OpenRunStatus == RunWaiting) {
+	if t.OpenRunID != "" && (t.OpenRunStatus == "" || t.OpenRunStatus == RunWaiting) {
 		r, err := m.store.LoadRun(ctx, t.OpenRunID)
 		if err != nil {
 			return "", nil, 0, fmt.Errorf("reusable waiting run of %s: %w", thread, err)
@@ -78,10 +85,10 @@ func (m *Mailbox) reusableWaitingRunAndLatest(ctx context.Context, thread string
 			return "", nil, 0, err
 		}
 		if ok {
-			return r.RunID, r, count, nil
+			return r.RunID, &knownRun{r}, count, nil
 		}
 	}
-	return "", r, count, nil
+	return "", &knownRun{r}, count, nil
 }
 
 // notYetContinued reports whether a waiting run has no dispatch pending:
@@ -133,7 +140,7 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 	unlock := m.locks.lock(thread)
 	defer unlock()
 
-	var latest *RunRecord  // the thread's latest run, when already read
+	var latest *knownRun   // the thread's latest run, when already known
 	var knownCount *uint64 // the thread's message count, when already read
 	implicit := false      // continuing a waiting run the request did not name
 	if strings.TrimSpace(r.ContinueRunID) == "" && strings.TrimSpace(r.RunIDHint) == "" {
@@ -256,7 +263,7 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 // runForDispatch returns the run record a checkpoint should write: the
 // existing run updated with the new request (it must be open for
 // dispatch), or a new created run (engine.md items 15 and 16).
-func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, fresh bool, snapshot *RunRequestSnapshot, input *RunMessageInput, latest *RunRecord) (*RunRecord, error) {
+func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID string, fresh bool, snapshot *RunRequestSnapshot, input *RunMessageInput, latest *knownRun) (*RunRecord, error) {
 	nowSec := m.cfg.Now() / 1000
 	var existing *RunRecord
 	if !fresh {
@@ -274,8 +281,10 @@ func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID st
 		existing.UpdatedAt = nowSec
 		return existing, nil
 	}
-	prev := latest
-	if prev == nil {
+	var prev *RunRecord
+	if latest != nil {
+		prev = latest.run
+	} else {
 		var err error
 		if prev, err = m.store.LatestRun(ctx, r.ThreadID); err != nil {
 			return nil, fmt.Errorf("prepare run %s: %w", runID, err)

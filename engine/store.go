@@ -228,7 +228,11 @@ type RunStore interface {
 	LatestRun(ctx context.Context, threadID string) (*RunRecord, error)
 	// ListRuns pages through run records.
 	ListRuns(ctx context.Context, q RunQuery) (RunPage, error)
-	// LoadThread returns the thread projection, or nil.
+	// LoadThread returns the thread projection, or nil. A thread that has
+	// a run has a projection: every write of a run record (CreateRun, a
+	// checkpoint's run, the settling of a run with its dispatch, a
+	// requeue) updates it in the same commit. The engine relies on it: a
+	// thread without one has no run to continue or to inherit from.
 	LoadThread(ctx context.Context, threadID string) (*Thread, error)
 	// Checkpoint appends messages guarded by the expected count and
 	// upserts the run and thread projection in one commit. It returns the

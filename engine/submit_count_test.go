@@ -14,8 +14,14 @@ import (
 // (a projection gone stale behind another process's append).
 type countStore struct {
 	*badgerstore.Store
-	countReads atomic.Int64
-	skew       atomic.Uint64
+	countReads  atomic.Int64
+	latestReads atomic.Int64
+	skew        atomic.Uint64
+}
+
+func (s *countStore) LatestRun(ctx context.Context, thread string) (*engine.RunRecord, error) {
+	s.latestReads.Add(1)
+	return s.Store.LatestRun(ctx, thread)
 }
 
 func (s *countStore) MessageCount(ctx context.Context, thread string) (uint64, error) {
@@ -66,5 +72,43 @@ func TestSubmitTakesTheMessageCountFromTheProjection(t *testing.T) {
 		if m.Seq != uint64(i+1) {
 			t.Fatalf("message %d has seq %d", i, m.Seq)
 		}
+	}
+}
+
+// A submit to a thread without a projection (a new thread) does not walk
+// the run index for the thread's latest run: a thread with a run has a
+// projection (Store.LoadThread). A submit to a thread with runs reads its
+// latest run once, not once to look for a waiting run and again to
+// prepare the new one; and the new run inherits from it (its agent).
+func TestSubmitReadsTheLatestRunOnlyWhenTheThreadHasRuns(t *testing.T) {
+	cs := &countStore{}
+	// No agent slot: nothing executes (an execution reads the latest run
+	// for the RUN's context), so only the submits read.
+	r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+		cs.Store = s
+		return cs
+	})
+	ctx := context.Background()
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "new", Messages: []engine.Message{userMsg("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	if n := cs.latestReads.Load(); n != 0 {
+		t.Fatalf("%d latest-run reads for a new thread's submit, want 0", n)
+	}
+	// A thread whose one run is done, on agent-x.
+	done := engine.RunRecord{RunID: "r0", ThreadID: "t", AgentID: "agent-x", Status: engine.RunDone, CreatedAt: 1, UpdatedAt: 2}
+	if _, err := cs.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t", CreatedAt: 1000, Run: &done}); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("y")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := cs.latestReads.Load(); n != 1 {
+		t.Fatalf("%d latest-run reads for a submit to a thread with a run, want 1", n)
+	}
+	run, err := cs.LoadRun(ctx, res.RunID)
+	if err != nil || run == nil || run.AgentID != "agent-x" {
+		t.Fatalf("new run %+v %v: want the agent of the thread's latest run", run, err)
 	}
 }

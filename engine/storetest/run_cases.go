@@ -55,6 +55,7 @@ func runCases() []Case {
 		{"S29_checkpoint_projects_run_status_onto_thread", rsProjection},
 		{"S29_checkpoint_inherits_parent_thread_id", rsProjectionParent},
 		{"S106_load_thread_unknown_is_nil", rsLoadThreadUnknown},
+		{"S106_a_created_run_has_a_thread_projection", rsCreatedRunProjection},
 		{"S106_thread_message_count_tracks_log", rsThreadMessageCount},
 		{"S105_concurrent_guarded_appends_lose_nothing", rsConcurrentAppends},
 
@@ -1202,6 +1203,14 @@ func rsProjectionParent(t *testing.T, s engine.Store) {
 
 	// Parents themselves stay parentless.
 	rsWantThread(t, s, "parent-a", rsProj{count: 1})
+}
+
+// rsCreatedRunProjection: a run written by CreateRun alone, without a
+// checkpoint, gives its thread a projection naming it (the engine reads
+// a thread without a projection as a thread without runs).
+func rsCreatedRunProjection(t *testing.T, s engine.Store) {
+	rsCreate(t, s, rsRun("run-1", "thread-c", engine.RunCreated, rsSec, rsSec))
+	rsWantThread(t, s, "thread-c", rsProj{open: "run-1", latest: "run-1"})
 }
 
 func rsLoadThreadUnknown(t *testing.T, s engine.Store) {
