@@ -77,9 +77,10 @@ func TestSubmitTakesTheMessageCountFromTheProjection(t *testing.T) {
 
 // A submit to a thread without a projection (a new thread) does not walk
 // the run index for the thread's latest run: a thread with a run has a
-// projection (Store.LoadThread). A submit to a thread with runs reads its
-// latest run once, not once to look for a waiting run and again to
-// prepare the new one; and the new run inherits from it (its agent).
+// projection (Store.LoadThread). It read it twice: once to look for a
+// waiting run, and again, having found none, to prepare the new one. A
+// submit to a thread with runs reads it once, and the new run inherits
+// from it (its agent).
 func TestSubmitReadsTheLatestRunOnlyWhenTheThreadHasRuns(t *testing.T) {
 	cs := &countStore{}
 	// No agent slot: nothing executes (an execution reads the latest run
