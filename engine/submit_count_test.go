@@ -37,16 +37,23 @@ func (s *countStore) LoadThread(ctx context.Context, thread string) (*engine.Thr
 	return t, err
 }
 
-// A submit takes the thread's message count from the projection it reads
-// anyway (no separate read); when that count is stale, the guarded append
-// refuses it and the retry reads the count afresh.
-func TestSubmitTakesTheMessageCountFromTheProjection(t *testing.T) {
+// newCountRig is a mailbox on a countStore with no agent slot: nothing
+// executes (an execution reads the thread's latest run and messages for
+// the RUN), so only the submits read.
+func newCountRig(t *testing.T) (*countStore, *rig) {
 	cs := &countStore{}
-	// No agent slot: nothing executes, so only the submits read.
 	r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
 		cs.Store = s
 		return cs
 	})
+	return cs, r
+}
+
+// A submit takes the thread's message count from the projection it reads
+// anyway (no separate read); when that count is stale, the guarded append
+// refuses it and the retry reads the count afresh.
+func TestSubmitTakesTheMessageCountFromTheProjection(t *testing.T) {
+	cs, r := newCountRig(t)
 	ctx := context.Background()
 	submit := func() {
 		t.Helper()
@@ -82,13 +89,7 @@ func TestSubmitTakesTheMessageCountFromTheProjection(t *testing.T) {
 // submit to a thread with runs reads it once, and the new run inherits
 // from it (its agent).
 func TestSubmitReadsTheLatestRunOnlyWhenTheThreadHasRuns(t *testing.T) {
-	cs := &countStore{}
-	// No agent slot: nothing executes (an execution reads the latest run
-	// for the RUN's context), so only the submits read.
-	r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
-		cs.Store = s
-		return cs
-	})
+	cs, r := newCountRig(t)
 	ctx := context.Background()
 	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "new", Messages: []engine.Message{userMsg("x")}}); err != nil {
 		t.Fatal(err)
