@@ -61,9 +61,13 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 	case "ctl":
 		return runCtl(args[1:], getenv, stdout, stderr)
 	case "verify":
-		// An interrupt stops the check and closes the store cleanly.
+		// An interrupt stops the check and closes the store cleanly; a
+		// second one, once the first has ended the context, kills the
+		// process as usual (Badger's table check and its open take no
+		// context).
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
+		context.AfterFunc(ctx, stop)
 		return runVerify(ctx, args[1:], getenv, stdout, stderr)
 	case "version", "--version", "-version":
 		printVersion(stdout)

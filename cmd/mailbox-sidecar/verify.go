@@ -30,7 +30,8 @@ one, it stops there (exit 1) so that the directory can be copied first;
 --allow-cut opens it all the same (as serve would).
 
 The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data. An
-interrupt (SIGINT, SIGTERM) stops the check and closes the directory.
+interrupt (SIGINT, SIGTERM) stops the check and closes the directory;
+a second one kills the process.
 Exit status: 0 consistent, 1 problems found (listed) or the check failed
 or was stopped, 2 bad usage.
 `
