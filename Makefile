@@ -53,12 +53,14 @@ fuzz: ## run each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRun$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThreadState$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeThread$$' -fuzztime $(FUZZTIME) ./badgerstore/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeMessage$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzReadLogEntry$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzWholeEntryAt$$' -fuzztime $(FUZZTIME) ./badgerstore/
 	$(GO) test -run '^$$' -fuzz '^FuzzEventType$$' -fuzztime $(FUZZTIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./ipc/
 	$(GO) test -run '^$$' -fuzz '^FuzzValidAgreesWithStdlib$$' -fuzztime $(FUZZTIME) ./ipc/
 	$(GO) test -run '^$$' -fuzz '^FuzzHubConn$$' -fuzztime $(FUZZTIME) ./ipc/hub/
+	$(GO) test -run '^$$' -fuzz '^FuzzAppendJSONString$$' -fuzztime $(FUZZTIME) ./ipc/hub/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeSubmit$$' -fuzztime $(FUZZTIME) ./proxy/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeMessages$$' -fuzztime $(FUZZTIME) ./proxy/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDecision$$' -fuzztime $(FUZZTIME) ./proxy/

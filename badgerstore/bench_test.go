@@ -457,3 +457,29 @@ func BenchmarkSubmitIdle(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkLoadMessageRange: a run's context window read back, 500
+// messages of about 300 bytes (as a long thread's RUN carries them), from
+// a store on disk whose memtable holds them; the cost is the iteration and
+// the records' decoding.
+func BenchmarkLoadMessageRange(b *testing.B) {
+	s := benchStore(b, badgerstore.Options{NoSync: true})
+	ctx := context.Background()
+	const n = 500
+	text := `"` + strings.Repeat("lorem ipsum dolor sit amet ", 10) + `"`
+	for i := range n {
+		c := engine.Checkpoint{ThreadID: "thread-42", ExpectedCount: uint64(i), CreatedAt: 1_790_000_000_000, ProducedByRunID: "0197a4a2-5c0e-7d3e-9f3b-6c1e2a9b8f10",
+			Messages: []engine.Message{{ID: fmt.Sprintf("0197a4a2-5c0e-7d3e-9f3b-%012d", i), Role: engine.RoleAssistant, Content: []byte(text)}}}
+		if _, err := s.Checkpoint(ctx, c); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		msgs, err := s.LoadMessageRange(ctx, "thread-42", 1, n)
+		if err != nil || len(msgs) != n {
+			b.Fatalf("%d messages, %v", len(msgs), err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/message")
+}

@@ -22,15 +22,22 @@ import (
 //
 // Records written as JSON by earlier versions (first byte '{') still
 // decode, and are rewritten in the binary form when next changed.
-// Messages stay JSON: they are mostly the caller's own JSON content.
+//
+// Message records (binaryMessageV1, DataFormat 3) are binary too: a
+// context window of a long thread reads hundreds of them for every RUN.
+// Their thread and sequence number are the key's; their content and the
+// other raw JSON fields are stored as received. Messages written as JSON
+// by earlier versions are never rewritten (a message does not change) and
+// decode as before.
 //
 // Run records are written as binaryRunV2: the fields of binaryV1, then
 // StartCount. A binaryV1 run record (written before runs counted their
 // started attempts) still decodes, with StartCount 0.
 
 const (
-	binaryV1    = 0x01
-	binaryRunV2 = 0x02
+	binaryV1        = 0x01
+	binaryRunV2     = 0x02
+	binaryMessageV1 = 0x01 // message records were JSON before: no earlier binary form
 )
 
 // encodeRecord returns the stored form of a dispatch, run record or thread
@@ -43,6 +50,16 @@ func encodeRecord(v any) []byte {
 		return appendRun(make([]byte, 0, 160+len(x.ThreadID)+2*len(x.DispatchID)+len(x.Output)+len(x.State)+len(x.FinalOutput)), x)
 	case *engine.Thread:
 		return appendThread(make([]byte, 0, 48+len(x.ActiveRunID)+len(x.OpenRunID)+len(x.LatestRunID)+len(x.Metadata)), x)
+	case *engine.MessageRecord:
+		m := &x.Message
+		n := 32 + len(x.MessageID) + len(m.Role) + len(m.Content) + len(m.ToolCalls) + len(m.ToolCallID) + len(m.Visibility) + len(m.Metadata) + len(x.ProducedByRunID)
+		if m.ID != x.MessageID {
+			n += len(m.ID)
+		}
+		if x.ToolCallID != m.ToolCallID {
+			n += len(x.ToolCallID)
+		}
+		return appendMessage(make([]byte, 0, n), x)
 	}
 	return nil
 }
@@ -133,13 +150,37 @@ func appendThread(b []byte, t *engine.Thread) []byte {
 	return e.uvarint(t.MessageCount)
 }
 
+// appendMessage writes a message record without its thread and sequence
+// number (the key holds them). The message's own id and tool call id are
+// written only where they differ from the record's (they are the same for
+// every message a checkpoint appends).
+func appendMessage(b []byte, r *engine.MessageRecord) []byte {
+	m := &r.Message
+	e := enc(append(b, binaryMessageV1))
+	e = e.str(r.MessageID).flag(m.ID != r.MessageID)
+	if m.ID != r.MessageID {
+		e = e.str(m.ID)
+	}
+	e = e.str(m.Role).raw(m.Content).raw(m.ToolCalls).str(m.ToolCallID).str(m.Visibility).raw(m.Metadata)
+	e = e.str(r.ProducedByRunID).flag(r.StepIndex != nil)
+	if r.StepIndex != nil {
+		e = e.varint(*r.StepIndex)
+	}
+	e = e.flag(r.ToolCallID != m.ToolCallID)
+	if r.ToolCallID != m.ToolCallID {
+		e = e.str(r.ToolCallID)
+	}
+	return e.varint(r.CreatedAt)
+}
+
 // dec reads a binary record. Strings are slices of one copy of the record
 // (one allocation for all of them); raw JSON fields are copied. The first
 // malformed field sets bad and every later read returns zero values.
 type dec struct {
-	s   string
-	i   int
-	bad string // what was wrong, "" while the record is well formed
+	s     string
+	i     int
+	bad   string // what was wrong, "" while the record is well formed
+	owned []byte // the record's bytes when the caller gives them up: raw fields then share them
 }
 
 func newDec(b []byte) *dec { return &dec{s: string(b), i: 1} }
@@ -234,7 +275,12 @@ func (d *dec) raw() json.RawMessage {
 	if n == 0 {
 		return nil
 	}
-	b := []byte(d.s[d.i : d.i+n])
+	var b []byte
+	if d.owned != nil {
+		b = d.owned[d.i : d.i+n : d.i+n] // capped: an append copies
+	} else {
+		b = []byte(d.s[d.i : d.i+n])
+	}
 	d.i += n
 	return b
 }
@@ -339,4 +385,36 @@ func readThread(id string, b []byte) (*engine.Thread, error) {
 	t.ActiveRunID, t.OpenRunID, t.OpenRunStatus, t.LatestRunID = d.str(), d.str(), engine.RunStatus(d.str()), d.str()
 	t.MessageCount = d.uvarint()
 	return t, d.end()
+}
+
+// readMessage decodes a binaryMessageV1 record of the given thread and
+// sequence number. With owned set the record's raw JSON fields share b,
+// which the caller must not use or change afterwards (one allocation fewer
+// per message: the context window's reads copy every value anyway).
+func readMessage(thread string, seq uint64, b []byte, owned bool) (engine.MessageRecord, error) {
+	d := newDec(b)
+	if owned {
+		d.owned = b
+	}
+	r := engine.MessageRecord{ThreadID: thread, Seq: seq, MessageID: d.str()}
+	m := &r.Message
+	m.ID = r.MessageID
+	if d.flag() {
+		m.ID = d.str()
+	}
+	m.Role, m.Content, m.ToolCalls, m.ToolCallID, m.Visibility, m.Metadata = d.str(), d.raw(), d.raw(), d.str(), d.str(), d.raw()
+	r.ProducedByRunID = d.str()
+	if d.flag() {
+		step := d.varint()
+		r.StepIndex = &step
+	}
+	r.ToolCallID = m.ToolCallID
+	if d.flag() {
+		r.ToolCallID = d.str()
+	}
+	r.CreatedAt = d.varint()
+	if err := d.end(); err != nil {
+		return engine.MessageRecord{}, err
+	}
+	return r, nil
 }

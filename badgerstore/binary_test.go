@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -87,6 +88,52 @@ func TestBinaryRecordsRoundTripEveryField(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(th, th2) {
 		t.Fatalf("thread round trip:\n%+v\n%+v\n%v", th, th2, err)
 	}
+
+	// A message record: its thread and seq come from the key; the message's
+	// own id and tool call id, which fill makes differ from the record's,
+	// are kept.
+	m := &engine.MessageRecord{}
+	fill(t, reflect.ValueOf(m), "m")
+	m.ThreadID, m.Seq = "t1", 42
+	b, _ = encode(m)
+	if b[0] != binaryMessageV1 || strings.Contains(string(b), "t1") {
+		t.Fatalf("encode message = %q: want binaryMessageV1 without the thread id", b)
+	}
+	for _, owned := range []bool{false, true} {
+		m2, err := decodeMessage(messageKey("t1", 42), slices.Clone(b))
+		if owned {
+			m2, err = decodeMessageOf("t1", 42, messageKey("t1", 42), slices.Clone(b), true)
+		}
+		if err != nil || !reflect.DeepEqual(*m, m2) {
+			t.Fatalf("message round trip (owned %v):\n%+v\n%+v\n%v", owned, *m, m2, err)
+		}
+	}
+	// As a checkpoint writes it: the ids are not repeated.
+	m.Message.ID, m.ToolCallID = m.MessageID, m.Message.ToolCallID
+	b, _ = encode(m)
+	if n := strings.Count(string(b), m.MessageID); n != 1 || strings.Count(string(b), m.ToolCallID) != 1 {
+		t.Fatalf("the message id is written %d times: %q", n, b)
+	}
+	if m2, err := decodeMessage(messageKey("t1", 42), b); err != nil || !reflect.DeepEqual(*m, m2) {
+		t.Fatalf("message round trip:\n%+v\n%+v\n%v", *m, m2, err)
+	}
+}
+
+// A message decoded from bytes the caller gives up shares them for its
+// raw fields, capped: appending to one does not overwrite the next.
+func TestAnOwnedMessageRecordsRawFieldsAreCapped(t *testing.T) {
+	m := engine.MessageRecord{MessageID: "m1", ThreadID: "t1", Seq: 1, CreatedAt: 5,
+		Message: engine.Message{ID: "m1", Role: engine.RoleTool, Content: []byte(`"a"`), ToolCalls: []byte(`[1]`), Metadata: []byte(`{"k":2}`)}}
+	b, _ := encode(&m)
+	got, err := decodeMessageOf("t1", 1, messageKey("t1", 1), b, true)
+	if err != nil || !reflect.DeepEqual(got, m) {
+		t.Fatalf("decoded %+v, %v", got, err)
+	}
+	_ = append(got.Message.Content, "XXXXXXXX"...)
+	_ = append(got.Message.ToolCalls, "XXXXXXXX"...)
+	if string(got.Message.ToolCalls) != `[1]` || string(got.Message.Metadata) != `{"k":2}` {
+		t.Fatalf("an append overwrote the next field: tool_calls %s metadata %s", got.Message.ToolCalls, got.Message.Metadata)
+	}
 }
 
 // A run record in the binary form of earlier versions (binaryV1: no
@@ -118,11 +165,13 @@ func TestJSONRecordsOfEarlierVersionsStillDecode(t *testing.T) {
 	r := &engine.RunRecord{RunID: "r1", ThreadID: "t1", AgentID: "a", Status: engine.RunWaiting, Waiting: &engine.RunWaitingState{Reason: "user_input", TicketIDs: []string{"k"}},
 		Input: &engine.RunMessageInput{ThreadID: "t1", Range: &engine.SeqRange{From: 1, To: 3}}, Request: &engine.RunRequestSnapshot{InputMessageIDs: []string{"m1"}}, CreatedAt: 1, UpdatedAt: 2}
 	th := &engine.Thread{ID: "t1", OpenRunID: "r1", OpenRunStatus: engine.RunWaiting, LatestRunID: "r1", MessageCount: 3}
+	msg := &engine.MessageRecord{MessageID: "m1", ThreadID: "t1", Seq: 3, Message: engine.Message{ID: "m1", Role: engine.RoleUser, Content: json.RawMessage(`"hi"`)}, ProducedByRunID: "r1", CreatedAt: 9}
 	for _, c := range []struct {
 		rec    any
 		key    []byte
 		decode func(k, b []byte) (any, error)
 	}{
+		{msg, messageKey("t1", 3), func(k, b []byte) (any, error) { m, err := decodeMessage(k, b); return &m, err }},
 		{d, dispatchKey("d1"), func(k, b []byte) (any, error) { return decodeDispatch(k, b) }},
 		{r, runKey("r1"), func(k, b []byte) (any, error) { return decodeRun(k, b) }},
 		{th, threadKey("t1"), func(k, b []byte) (any, error) { return decodeThread(k, b) }},
@@ -145,6 +194,22 @@ func TestJSONRecordsOfEarlierVersionsStillDecode(t *testing.T) {
 
 // Every truncation, a trailing byte and a bad presence byte are ErrCorrupt.
 func TestBinaryRecordDamageIsCorrupt(t *testing.T) {
+	m := &engine.MessageRecord{}
+	fill(t, reflect.ValueOf(m), "m")
+	mb, _ := encode(m)
+	mkey := messageKey("t1", 1)
+	for n := range len(mb) {
+		if _, err := decodeMessage(mkey, mb[:n]); !errors.Is(err, engine.ErrCorrupt) {
+			t.Fatalf("decode of the first %d of %d message bytes = %v; want ErrCorrupt", n, len(mb), err)
+		}
+	}
+	if _, err := decodeMessage(mkey, append(slices.Clone(mb), 0)); !errors.Is(err, engine.ErrCorrupt) {
+		t.Fatalf("a trailing byte after a message: %v; want ErrCorrupt", err)
+	}
+	if _, err := decodeMessage([]byte("Mx"), mb); !errors.Is(err, engine.ErrCorrupt) {
+		t.Fatalf("a binary message under a malformed key: %v; want ErrCorrupt", err)
+	}
+
 	r := &engine.RunRecord{}
 	fill(t, reflect.ValueOf(r), "r")
 	r.RunID, r.Status = "r1", engine.RunDone

@@ -8,8 +8,8 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
-// Dispatches, run records and thread projections are stored in the binary
-// form of binary.go; messages, and records written by earlier versions, as
+// Dispatches, run records, thread projections and messages are stored in
+// the binary form of binary.go; records written by earlier versions as
 // JSON (snake_case, the same shape as on the API). A record that does not
 // decode, or that breaks its invariants, is reported as engine.ErrCorrupt
 // naming its key; it never panics.
@@ -87,10 +87,31 @@ func decodeThread(key, b []byte) (*engine.Thread, error) {
 	return t, nil
 }
 
+// decodeMessage decodes the message record stored under key.
 func decodeMessage(key, b []byte) (engine.MessageRecord, error) {
+	if len(b) > 0 && b[0] == binaryMessageV1 {
+		thread, seq, ok := splitMessageKey(key)
+		if !ok {
+			return engine.MessageRecord{}, fmt.Errorf("decode message %q: %w: malformed key", key, engine.ErrCorrupt)
+		}
+		return decodeMessageOf(thread, seq, key, b, false)
+	}
+	return decodeMessageOf("", 0, key, b, false)
+}
+
+// decodeMessageOf decodes the message record stored under key, whose
+// thread and sequence number the caller has read from it already; owned
+// as for readMessage.
+func decodeMessageOf(thread string, seq uint64, key, b []byte, owned bool) (engine.MessageRecord, error) {
 	var m engine.MessageRecord
-	if err := unmarshal(b, &m); err != nil {
-		return m, fmt.Errorf("decode message %q: %w: %w", key, engine.ErrCorrupt, err)
+	var err error
+	if len(b) > 0 && b[0] == binaryMessageV1 {
+		m, err = readMessage(thread, seq, b, owned)
+	} else {
+		err = unmarshal(b, &m)
+	}
+	if err != nil {
+		return engine.MessageRecord{}, fmt.Errorf("decode message %q: %w: %w", key, engine.ErrCorrupt, err)
 	}
 	return m, nil
 }

@@ -16,13 +16,13 @@ import (
 //
 // Records:
 //
-//	d<dispatch_id>                              dispatch JSON
+//	d<dispatch_id>                              dispatch (binary.go)
 //	e<thread_id>                                thread state: epoch, queued count,
 //	                                            claimed dispatch, queue floor
 //	                                            (threadstate.go)
-//	R<run_id>                                   run record JSON
-//	H<thread_id>                                thread projection JSON
-//	M<seg thread><seq u64>                      message record JSON
+//	R<run_id>                                   run record (binary.go)
+//	H<thread_id>                                thread projection (binary.go)
+//	M<seg thread><seq u64>                      message record (binary; JSON before format 3)
 //
 // Dispatch indexes (derived from the record; Verify recomputes them):
 //

@@ -338,17 +338,18 @@ func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to 
 	if from > to {
 		return out, nil
 	}
-	out = make([]engine.MessageRecord, 0, min(to-from+1, 256))
+	out = make([]engine.MessageRecord, 0, min(to-from+1, 512)) // the default window whole
 	err := s.view(ctx, func(r *reader) error {
 		prefix := threadPrefix(pMessage, threadID)
 		return r.iterate(prefix, messageKey(threadID, from), false, false, func(k, v []byte) (bool, error) {
 			if len(k) != len(prefix)+8 {
 				return false, fmt.Errorf("message key %q: %w", k, engine.ErrCorrupt)
 			}
-			if binary.BigEndian.Uint64(k[len(prefix):]) > to {
+			seq := binary.BigEndian.Uint64(k[len(prefix):])
+			if seq > to {
 				return false, nil
 			}
-			m, err := decodeMessage(k, v)
+			m, err := decodeMessageOf(threadID, seq, k, v, true) // iterate's v is a copy of our own
 			if err != nil {
 				return false, err
 			}

@@ -292,10 +292,11 @@ func Open(opts Options) (*Store, error) {
 // change makes the directory unreadable to earlier versions; Open refuses
 // a directory of a later format (ErrFormatTooNew) rather than misread
 // it. Format 2, the first recorded: binary run records of version 0x02
-// and the index of waiting runs. A directory without the key was written
-// by a version before the key came, of format 2 or earlier, and Open
-// migrates it.
-const DataFormat = 2
+// and the index of waiting runs. Format 3: binary message records. A
+// directory without the key was written by a version before the key came,
+// of format 2 or earlier, and Open migrates it; one of format 2 needs no
+// migration (its JSON messages still decode).
+const DataFormat = 3
 
 // ErrFormatTooNew reports a data directory written by a later version
 // of the store (see DataFormat). It is not retryable: run that version,
