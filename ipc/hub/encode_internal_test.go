@@ -1,6 +1,7 @@
 package hub
 
 import (
+	stdjson "encoding/json"
 	"fmt"
 	"reflect"
 	"strings"
@@ -58,9 +59,8 @@ func contextRecords(thread string, n int, text string) []engine.MessageRecord {
 	return out
 }
 
-// encodeRun (head, cached messages and tail spliced together) gives the
-// JSON value the payload encoded in one piece gives, with a cold cache, a
-// warm one and none.
+// encodeRun (head, messages and tail spliced together) gives the JSON
+// value the payload encoded in one piece gives.
 func TestEncodeRunMatchesThePlainEncoding(t *testing.T) {
 	reqs := []*engine.RunRequest{
 		{DispatchID: "d", RunID: "r", ThreadID: "t", AgentID: "a", SessionID: "s", RunMode: "scheduled", Origin: "User"},
@@ -72,63 +72,72 @@ func TestEncodeRunMatchesThePlainEncoding(t *testing.T) {
 				LatestRun: &engine.RunRecord{RunID: "r0", ThreadID: "t", Status: engine.RunWaiting, CreatedAt: 1, UpdatedAt: 2}},
 			FrontendTools: json.RawMessage(`[{"name":"x"}]`), Overrides: json.RawMessage(`{"model":"m"}`)},
 	}
-	for _, cache := range []*msgCache{nil, newMsgCache(1 << 20)} {
-		for i, req := range reqs {
-			for pass := range 2 { // cold, then warm
-				got, err := encodeRun(nil, req, cache)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Run(fmt.Sprintf("cache=%v/req=%d/pass=%d", cache != nil, i, pass), func(t *testing.T) { sameJSON(t, got, plainEncode(t, req)) })
-			}
+	for i, req := range reqs {
+		got, err := encodeRun(nil, req)
+		if err != nil {
+			t.Fatal(err)
 		}
+		t.Run(fmt.Sprintf("req=%d", i), func(t *testing.T) { sameJSON(t, got, plainEncode(t, req)) })
 	}
 }
 
-// A cached encoding serves only a record equal to the one it came from:
-// a record that differs under the same thread and sequence number is
-// encoded afresh.
-func TestMessageCacheServesOnlyEqualRecords(t *testing.T) {
-	cache := newMsgCache(1 << 20)
-	req := &engine.RunRequest{ThreadID: "t", Context: engine.ThreadContext{Messages: contextRecords("t", 3, "first"), TotalMessages: 3}}
-	if _, err := encodeRun(nil, req, cache); err != nil {
-		t.Fatal(err)
+// appendMessageJSON writes every field json.Marshal writes: a field added
+// to engine.MessageRecord or engine.Message must be added to it too. Each
+// field is also left empty in turn (the omitempty fields then go).
+func TestAppendMessageJSONWritesEveryField(t *testing.T) {
+	var base engine.MessageRecord
+	fill(t, reflect.ValueOf(&base).Elem(), 1)
+	base.Message.Content = json.RawMessage(` { "text" : "a <b>" } `) // raw fields go as stored
+	var leaves []string
+	walk(reflect.ValueOf(&base).Elem(), "", &leaves)
+	for _, path := range append([]string{""}, leaves...) {
+		c := base
+		if path != "" {
+			f := fieldAt(reflect.ValueOf(&c).Elem(), path)
+			f.Set(reflect.Zero(f.Type()))
+		}
+		want, err := json.Marshal(&c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := appendMessageJSON([]byte("x"), &c)
+		if got[0] != 'x' {
+			t.Fatalf("appendMessageJSON overwrote what it appends to: %s", got)
+		}
+		t.Run("empty="+path, func(t *testing.T) { sameJSON(t, got[1:], want) })
 	}
-	req.Context.Messages = contextRecords("t", 3, "second") // same thread and seqs, other content
-	got, err := encodeRun(nil, req, cache)
+}
+
+// appendJSONString escapes exactly as encoding/json does, byte for byte.
+func TestAppendJSONStringEscapesAsEncodingJSON(t *testing.T) {
+	for _, s := range jsonStringSeeds {
+		checkJSONString(t, s)
+	}
+}
+
+var jsonStringSeeds = []string{
+	"", "plain", `quote " and \ backslash`, "<script>&amp;</script>", "tab\tnl\ncr\rff\fbs\b",
+	"\x00\x01\x1f\x7f", "é ü ß 日本 🎉", "bad \xff utf8 \xc3", "line \u2028 para \u2029 sep", "\xe2\x80",
+}
+
+func checkJSONString(t *testing.T, s string) {
+	t.Helper()
+	want, err := stdjson.Marshal(s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if strings.Contains(string(got), `"first `) || !strings.Contains(string(got), "second 2") {
-		t.Fatalf("a changed record was served from the cache: %s", got)
+	if got := appendJSONString(nil, s); string(got) != string(want) {
+		t.Fatalf("appendJSONString(%q) = %s, want %s", s, got, want)
 	}
-	sameJSON(t, got, plainEncode(t, req))
 }
 
-// sameRecord compares every field: a field added to engine.MessageRecord
-// or engine.Message must be compared too, or a cached encoding could
-// serve a record that differs in it.
-func TestSameRecordComparesEveryField(t *testing.T) {
-	var base engine.MessageRecord
-	fill(t, reflect.ValueOf(&base).Elem(), 1)
-	var leaves []string
-	walk(reflect.ValueOf(&base).Elem(), "", &leaves)
-	for _, path := range leaves {
-		c := base
-		c.Message = base.Message
-		step := *base.StepIndex
-		c.StepIndex = &step
-		fill(t, fieldAt(reflect.ValueOf(&c).Elem(), path), 2)
-		if sameRecord(&base, &c) {
-			t.Errorf("records that differ in %s compare equal", path)
-		}
+// FuzzAppendJSONString compares appendJSONString with encoding/json on
+// any string.
+func FuzzAppendJSONString(f *testing.F) {
+	for _, s := range jsonStringSeeds {
+		f.Add(s)
 	}
-	c := base
-	step := *base.StepIndex
-	c.StepIndex = &step
-	if !sameRecord(&base, &c) {
-		t.Error("equal records compare different")
-	}
+	f.Fuzz(checkJSONString)
 }
 
 // fill sets every leaf of v to a value derived from n.
@@ -175,56 +184,44 @@ func fieldAt(v reflect.Value, path string) reflect.Value {
 	return v
 }
 
-// The cache stays within its budget: two generations of at most half.
-func TestMessageCacheStaysWithinItsBudget(t *testing.T) {
-	const budget = 64 << 10
-	cache := newMsgCache(budget)
-	for i := range 200 {
-		req := &engine.RunRequest{ThreadID: "t", Context: engine.ThreadContext{Messages: contextRecords(fmt.Sprintf("t%d", i), 20, strings.Repeat("x", 100))}}
-		if _, err := encodeRun(nil, req, cache); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var held int64
-	for _, m := range []map[msgKey]*cachedMsg{cache.cur, cache.prev} {
-		for _, e := range m {
-			held += entryBytes(e)
-		}
-	}
-	if held > budget+budget/4 {
-		t.Fatalf("the cache holds %d bytes, budget %d", held, budget)
-	}
-	if len(cache.cur) == 0 {
-		t.Fatal("nothing cached")
-	}
-}
-
 // BenchmarkEncodeRun: the RUN payload of a run whose context carries 20
-// or 500 messages of about 300 bytes, with the message cache warm (as for
-// every run of a thread after its first) and without it.
+// or 500 messages of about 300 bytes; "marshal" encodes the same messages
+// with json.Marshal one by one, as the payload's messages were encoded
+// before appendMessageJSON (the baseline of the same run).
 func BenchmarkEncodeRun(b *testing.B) {
 	for _, n := range []int{20, 500} {
-		for _, cached := range []bool{false, true} {
-			b.Run(fmt.Sprintf("messages=%d/cache=%v", n, cached), func(b *testing.B) {
-				req := &engine.RunRequest{DispatchID: "d", RunID: "r", ThreadID: "t", AgentID: "a", SessionID: "s", RunMode: "scheduled", Origin: "User",
-					Messages: []engine.Message{{Role: "user", Content: json.RawMessage(`"go"`)}},
-					Context:  engine.ThreadContext{Messages: contextRecords("t", n, strings.Repeat("lorem ipsum dolor sit amet ", 10)), FirstSeq: 1, TotalMessages: uint64(n)}}
-				var cache *msgCache
-				if cached {
-					cache = newMsgCache(DefaultMessageCacheBytes)
+		req := &engine.RunRequest{DispatchID: "d", RunID: "r", ThreadID: "t", AgentID: "a", SessionID: "s", RunMode: "scheduled", Origin: "User",
+			Messages: []engine.Message{{Role: "user", Content: json.RawMessage(`"go"`)}},
+			Context:  engine.ThreadContext{Messages: contextRecords("t", n, strings.Repeat("lorem ipsum dolor sit amet ", 10)), FirstSeq: 1, TotalMessages: uint64(n)}}
+		b.Run(fmt.Sprintf("messages=%d/direct", n), func(b *testing.B) {
+			b.ReportAllocs()
+			var size int
+			for b.Loop() {
+				p, err := encodeRun(getRunBuf(), req)
+				if err != nil {
+					b.Fatal(err)
 				}
-				b.ReportAllocs()
-				var size int
-				for b.Loop() {
-					p, err := encodeRun(getRunBuf(), req, cache)
+				size = len(p)
+				putRunBuf(p)
+			}
+			b.SetBytes(int64(size))
+		})
+		b.Run(fmt.Sprintf("messages=%d/marshal", n), func(b *testing.B) {
+			b.ReportAllocs()
+			var size int
+			for b.Loop() {
+				p := append(getRunBuf(), '[')
+				for i := range req.Context.Messages {
+					m, err := json.Marshal(&req.Context.Messages[i])
 					if err != nil {
 						b.Fatal(err)
 					}
-					size = len(p)
-					putRunBuf(p)
+					p = append(append(p, m...), ',')
 				}
-				b.SetBytes(int64(size))
-			})
-		}
+				size = len(p)
+				putRunBuf(p)
+			}
+			b.SetBytes(int64(size))
+		})
 	}
 }

@@ -47,8 +47,6 @@ const (
 	// bound a run's CHECKPOINTs awaiting their CHECKPOINT_ACK.
 	DefaultMaxUnackedCheckpoints     = 1024
 	DefaultMaxUnackedCheckpointBytes = 64 << 20
-	// DefaultMessageCacheBytes is Config.MessageCacheBytes's default.
-	DefaultMessageCacheBytes = 16 << 20
 	// MaxRunsLimit caps an agent's announced max_runs.
 	MaxRunsLimit = 1024
 )
@@ -99,10 +97,6 @@ type Config struct {
 	// CHECKPOINTs the same way; a CHECKPOINT when none is unanswered is
 	// always accepted, however large. Default 64 MiB.
 	MaxUnackedCheckpointBytes int64
-	// MessageCacheBytes bounds the cache of context messages already
-	// encoded for an earlier RUN (each RUN carries its thread's recent
-	// history; see msgCache). Default 16 MiB; negative: no cache.
-	MessageCacheBytes int64
 	// Submitter handles agents' SUBMIT frames; nil refuses them.
 	Submitter Submitter
 	// Logger receives connection-level logs. Default slog.Default().
@@ -142,9 +136,6 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxUnackedCheckpointBytes == 0 {
 		c.MaxUnackedCheckpointBytes = DefaultMaxUnackedCheckpointBytes
-	}
-	if c.MessageCacheBytes == 0 {
-		c.MessageCacheBytes = DefaultMessageCacheBytes
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -197,7 +188,6 @@ type Hub struct {
 	slotCh    chan struct{} // closed and replaced when a slot may have freed
 
 	submitter atomic.Pointer[Submitter]
-	msgs      *msgCache // context messages encoded for earlier RUNs
 
 	nextConn atomic.Uint64
 	wg       sync.WaitGroup // accept loops and connections
@@ -209,7 +199,6 @@ func New(cfg Config) (*Hub, error) {
 		return nil, err
 	}
 	h := &Hub{
-		msgs:      newMsgCache(cfg.MessageCacheBytes),
 		cfg:       cfg,
 		log:       cfg.Logger,
 		capCh:     make(chan struct{}, 1),

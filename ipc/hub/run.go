@@ -277,7 +277,7 @@ func (h *Hub) Run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 }
 
 func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-	payload, err := encodeRun(getRunBuf(), req, h.msgs)
+	payload, err := encodeRun(getRunBuf(), req)
 	if err != nil {
 		return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "invalid_request", Error: fmt.Sprintf("encode RUN: %v", err)}
 	}
