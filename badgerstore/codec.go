@@ -103,17 +103,18 @@ func decodeMessage(key, b []byte) (engine.MessageRecord, error) {
 // thread and sequence number the caller has read from it already; owned
 // as for readMessage.
 func decodeMessageOf(thread string, seq uint64, key, b []byte, owned bool) (engine.MessageRecord, error) {
-	var m engine.MessageRecord
-	var err error
 	if len(b) > 0 && b[0] == binaryMessageV1 {
-		m, err = readMessage(thread, seq, b, owned)
-	} else {
-		err = unmarshal(b, &m)
+		m, err := readMessage(thread, seq, b, owned)
+		if err != nil {
+			return engine.MessageRecord{}, fmt.Errorf("decode message %q: %w: %w", key, engine.ErrCorrupt, err)
+		}
+		return m, nil
 	}
-	if err != nil {
+	m := new(engine.MessageRecord) // a separate variable: the binary path's record stays off the heap
+	if err := unmarshal(b, m); err != nil {
 		return engine.MessageRecord{}, fmt.Errorf("decode message %q: %w: %w", key, engine.ErrCorrupt, err)
 	}
-	return m, nil
+	return *m, nil
 }
 
 func readDispatchAny(key, b []byte) (*engine.Dispatch, error) {
