@@ -77,6 +77,7 @@ const (
 	attemptNoSlot                     // no free agent slot
 	attemptNone                       // nothing claimable
 	attemptError                      // the claim failed
+	attemptCorrupt                    // the claim failed on a damaged record (ErrCorrupt): this thread's alone
 )
 
 // reserveSlot takes an agent slot for a foreground submit on thread.
@@ -153,9 +154,22 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		}
 		m.inFlight--
 		m.signalIdleLocked()
+		var delay time.Duration
+		if err != nil {
+			delay = m.holdLocked(thread, err, m.cfg.Now())
+		} else {
+			m.releaseHoldLocked(thread)
+		}
 		m.mu.Unlock()
 		if err != nil {
-			m.log.Warn("claim failed", "thread_id", thread, "err", err)
+			level := slog.LevelWarn
+			if errors.Is(err, ErrCorrupt) {
+				level = slog.LevelError
+			}
+			m.log.Log(ctx, level, "claim failed; the thread is set aside", "thread_id", thread, "retry_in", delay, "err", err)
+			if level == slog.LevelError {
+				return attemptCorrupt
+			}
 			return attemptError
 		}
 		return attemptNone
@@ -163,6 +177,7 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 	m.mu.Lock()
 	m.probes-- // the slot stays taken: the claim found work
 	m.probeDone.Broadcast()
+	m.releaseHoldLocked(thread)
 	m.mu.Unlock()
 	m.startExecution(*d, started)
 	return attemptClaimed

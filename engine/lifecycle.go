@@ -343,10 +343,12 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 // known).
 func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 	for round := 0; round < 64; round++ {
+		now := m.cfg.Now()
 		m.mu.Lock()
 		free := m.exec.Capacity() - m.inFlight
 		here := len(m.threads)
 		closing := m.closing
+		nHeld, heldUntil := m.holdsLocked(now)
 		m.mu.Unlock()
 		if closing {
 			m.starved.Store(false)
@@ -362,7 +364,10 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			// otherwise sleep until the next kick, and a finishing attempt
 			// would hand its slot to its own thread's newer work).
 			grace := m.sharedClaimGrace()
-			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, 1)
+			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, 1+nHeld)
+			m.mu.Lock()
+			threads = m.notHeldLocked(threads, now)
+			m.mu.Unlock()
 			m.starved.Store(err != nil || len(threads) > 0)
 			if err != nil {
 				return m.cfg.Now() + 1000
@@ -370,7 +375,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			if next > 0 {
 				next += grace
 			}
-			return next
+			return earliest(next, heldUntil)
 		}
 		// Threads still held here are skipped (their attempt claims
 		// their next dispatch as it finishes); one more than fits tells
@@ -379,7 +384,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		// its submitter and its signal (SharedClaimGrace); it comes back
 		// here once the grace has passed.
 		grace := m.sharedClaimGrace()
-		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, free+here+1)
+		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, free+here+nHeld+1)
 		if err != nil {
 			m.starved.Store(true)
 			m.log.Warn("list ready threads failed", "err", err)
@@ -388,10 +393,11 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		if next > 0 {
 			next += grace
 		}
+		next = earliest(next, heldUntil)
 		m.mu.Lock()
 		free = m.exec.Capacity() - m.inFlight
 		waiting := threads[:0]
-		for _, t := range threads {
+		for _, t := range m.notHeldLocked(threads, now) {
 			if m.threads[t] == nil {
 				waiting = append(waiting, t)
 			}
@@ -401,7 +407,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		threads = waiting[:min(len(waiting), max(free, 0))]
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
-		var started, failed atomic.Bool
+		var started, failed, corrupt atomic.Bool
 		for _, t := range threads {
 			wg.Go(func() {
 				switch m.tryDispatch(ctx, t) {
@@ -409,25 +415,37 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 					started.Store(true)
 				case attemptError:
 					failed.Store(true)
+				case attemptCorrupt:
+					corrupt.Store(true)
 				case attemptNoSlot:
 					m.starved.Store(true)
 				}
 			})
 		}
 		wg.Wait()
-		if failed.Load() {
+		if failed.Load() || corrupt.Load() {
 			// Due work is waiting on a failing store: try again soon, not
-			// only at the next sweep.
-			retry := m.cfg.Now() + 1000
-			if next == 0 || next > retry {
-				next = retry
-			}
+			// only at the next sweep. The failed threads are held
+			// (claimhold.go).
+			next = earliest(next, m.cfg.Now()+1000)
 		}
-		if !started.Load() {
+		// A thread whose record is damaged fails alone: the next round
+		// serves the threads behind it at once. Other failures may be the
+		// whole store's (a full disk): the dispatcher waits, as it does
+		// when nothing started.
+		if !started.Load() && !corrupt.Load() {
 			return next
 		}
 	}
 	return m.cfg.Now() + 1
+}
+
+// earliest is the earlier of two wake times (0: none).
+func earliest(a, b int64) int64 {
+	if a == 0 || (b != 0 && b < a) {
+		return b
+	}
+	return a
 }
 
 // sharedClaimGrace is SharedClaimGrace in ms on a store shared between

@@ -90,9 +90,10 @@ type Mailbox struct {
 	watch       loopWatches    // what each loop is busy with, for Alive
 	idle        chan struct{}  // made by Stop; closed once inFlight is 0 after Stop began (guarded by mu)
 	idleClosed  bool
-	reconcileMu sync.Mutex     // serialises reconciliation; guards termAfter
-	termAfter   TerminalCursor // reconciliation high-water mark
-	tails       *tailCache     // newest messages of recent threads (nil: off)
+	reconcileMu sync.Mutex           // serialises reconciliation; guards termAfter
+	termAfter   TerminalCursor       // reconciliation high-water mark
+	tails       *tailCache           // newest messages of recent threads (nil: off)
+	held        map[string]claimHold // threads whose claims failed, set aside (claimhold.go; guarded by mu)
 }
 
 // New builds a Mailbox over a store and an executor. Start recovers and
@@ -125,6 +126,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		}
 		return float64(n)
 	})
+	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
 	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages}
 	return m, nil
 }

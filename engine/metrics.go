@@ -17,6 +17,7 @@ const (
 	metricDepth      = "mailbox_dispatch_depth"
 	metricQueueDepth = "mailbox_queue_depth"
 	metricActiveRuns = "mailbox_active_runs"
+	metricHeld       = "mailbox_dispatch_held_threads"
 	metricEnqToStart = "mailbox_dispatch_enqueue_to_start_seconds"
 	metricEligStart  = "mailbox_dispatch_eligible_to_start_seconds"
 	metricClaimStart = "mailbox_dispatch_claim_to_start_seconds"

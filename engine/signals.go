@@ -66,7 +66,7 @@ func (m *Mailbox) handleSignal(ctx context.Context, sig DispatchSignal) {
 	switch m.tryDispatch(ctx, sig.ThreadID) {
 	case attemptClaimed, attemptBusy:
 		err = ack()
-	case attemptError:
+	case attemptError, attemptCorrupt:
 		err = nack(0)
 	default:
 		d, lerr := m.store.LoadDispatch(ctx, sig.DispatchID)

@@ -1,0 +1,107 @@
+package engine_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// poisonStore fails every claim of one thread with err, as often as it
+// is asked, and records when; other threads claim as usual.
+type poisonStore struct {
+	*badgerstore.Store
+	thread string
+	err    error
+	mu     sync.Mutex
+	tries  []time.Time
+}
+
+func (p *poisonStore) ClaimStart(ctx context.Context, thread, consumer string, lease time.Duration, instance string, now int64) (*engine.Dispatch, error) {
+	if thread == p.thread {
+		p.mu.Lock()
+		p.tries = append(p.tries, time.Now())
+		p.mu.Unlock()
+		return nil, fmt.Errorf("claim start %s: %w", thread, p.err)
+	}
+	return p.Store.ClaimStart(ctx, thread, consumer, lease, instance, now)
+}
+
+func (p *poisonStore) triedAt() []time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.tries)
+}
+
+// A thread whose claims keep failing does not hold the agent's only slot:
+// the dispatcher sets it aside and serves the threads behind it, and
+// reports it in mailbox_dispatch_held_threads. It is tried again after a
+// second, whatever passes the dispatcher makes meanwhile; while its record
+// is damaged (ErrCorrupt) the delay doubles, while the store fails
+// otherwise (perhaps for every thread) it stays a second.
+func TestAThreadThatCannotBeClaimedDoesNotBlockTheOthers(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		err     error
+		doubles bool
+	}{
+		{"corrupt", fmt.Errorf("decode dispatch %q: %w", "dx", engine.ErrCorrupt), true},
+		{"unavailable", fmt.Errorf("read: %w", engine.ErrUnavailable), false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := context.Background()
+			var ps *poisonStore
+			r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+				ps = &poisonStore{Store: s, thread: "bad", err: c.err}
+				return ps
+			})
+			bad, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "bad", Messages: []engine.Message{userMsg("first in line")}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var good []string
+			for i := range 3 {
+				res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("good%d", i), Messages: []engine.Message{userMsg("behind it")}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				good = append(good, res.DispatchID)
+			}
+			r.start(t)
+			for _, id := range good {
+				eventually(t, "the threads behind the failing one run", func() bool { return dispatchStatus(t, r.store, id) == engine.StatusAcked })
+			}
+			if len(ps.triedAt()) == 0 {
+				t.Fatal("the failing thread was never tried")
+			}
+			if st := dispatchStatus(t, r.store, bad.DispatchID); st != engine.StatusQueued {
+				t.Fatalf("the failing thread's dispatch is %v; want it left queued", st)
+			}
+			var buf bytes.Buffer
+			r.mb.Metrics().WritePrometheus(&buf)
+			if !bytes.Contains(buf.Bytes(), []byte("mailbox_dispatch_held_threads 1\n")) {
+				t.Fatalf("metrics do not report the held thread:\n%s", buf.Bytes())
+			}
+			// More passes of the dispatcher meanwhile: a submit, its run.
+			if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "good9", Messages: []engine.Message{userMsg("kick")}}); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the kick's run", func() bool { runs, _, _ := r.exec.stats(); return runs == 4 })
+			eventually(t, "three tries of the held thread", func() bool { return len(ps.triedAt()) >= 3 })
+			at := ps.triedAt()
+			gap1, gap2 := at[1].Sub(at[0]), at[2].Sub(at[1])
+			if gap1 < 900*time.Millisecond || gap2 < 900*time.Millisecond {
+				t.Fatalf("the held thread was tried again after %v, then %v; want a second at least", gap1, gap2)
+			}
+			if doubled := gap2 > 1800*time.Millisecond; doubled != c.doubles {
+				t.Fatalf("tries %v then %v apart: doubling %v, want %v", gap1, gap2, doubled, c.doubles)
+			}
+		})
+	}
+}

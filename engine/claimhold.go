@@ -1,0 +1,94 @@
+package engine
+
+import (
+	"errors"
+	"time"
+)
+
+// Threads whose claims fail are set aside (held) by the dispatcher for a
+// while, so that a thread the store cannot claim — its next dispatch or
+// its state damaged on the disk (ErrCorrupt), a read that keeps failing —
+// does not take an agent slot at every pass and starve the threads behind
+// it (with one slot it took the only one, for good). A held thread is
+// tried again once its delay has passed: one second, doubling up to a
+// minute while its claims fail with ErrCorrupt (nothing will change until
+// an operator acts); other errors, which a whole store shares (a full
+// disk, a closed store), keep the one second the dispatcher has always
+// waited after a failed claim. A claim of the thread that succeeds (or
+// finds nothing) ends its hold; a hold that lapsed long ago without the
+// thread being tried again (its work went away) is forgotten.
+// mailbox_dispatch_held_threads counts the threads held or lapsed but not
+// yet tried again.
+const (
+	claimHoldFirst    = time.Second
+	claimHoldMax      = time.Minute
+	claimHoldForgetMs = 2 * int64(claimHoldMax/time.Millisecond)
+)
+
+// claimHold is a held thread's state.
+type claimHold struct {
+	until int64         // Unix ms: not tried before
+	delay time.Duration // the last delay; the next doubles it (ErrCorrupt)
+}
+
+// holdLocked sets thread aside after a failed claim and returns the delay.
+// Called with m.mu held.
+func (m *Mailbox) holdLocked(thread string, err error, now int64) time.Duration {
+	if m.held == nil {
+		m.held = map[string]claimHold{}
+	}
+	delay := claimHoldFirst
+	if h, ok := m.held[thread]; ok && errors.Is(err, ErrCorrupt) {
+		delay = min(2*h.delay, claimHoldMax)
+	}
+	m.held[thread] = claimHold{until: now + delay.Milliseconds(), delay: delay}
+	return delay
+}
+
+// releaseHoldLocked ends thread's hold after a claim that did not fail.
+// Called with m.mu held.
+func (m *Mailbox) releaseHoldLocked(thread string) {
+	if len(m.held) > 0 {
+		delete(m.held, thread)
+	}
+}
+
+// notHeldLocked removes the threads held at now from threads (in place).
+// Called with m.mu held.
+func (m *Mailbox) notHeldLocked(threads []string, now int64) []string {
+	if len(m.held) == 0 {
+		return threads
+	}
+	out := threads[:0]
+	for _, t := range threads {
+		if h, ok := m.held[t]; !ok || h.until <= now {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// holdsLocked forgets long-lapsed holds and returns how many threads are
+// held at now and when the first of them may be tried again (0: none).
+// Called with m.mu held.
+func (m *Mailbox) holdsLocked(now int64) (n int, next int64) {
+	for t, h := range m.held {
+		switch {
+		case h.until > now:
+			n++
+			if next == 0 || h.until < next {
+				next = h.until
+			}
+		case now-h.until > claimHoldForgetMs:
+			delete(m.held, t)
+		}
+	}
+	return n, next
+}
+
+// heldThreads is mailbox_dispatch_held_threads.
+func (m *Mailbox) heldThreads() float64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return float64(len(m.held))
+}
