@@ -105,3 +105,23 @@ func TestAThreadThatCannotBeClaimedDoesNotBlockTheOthers(t *testing.T) {
 		})
 	}
 }
+
+// On a work-queue store a signal for a thread whose record is damaged is
+// redelivered when the thread's hold ends, not at once (a claim error of
+// another kind is still redelivered at once: the seed's
+// TestSeed_dispatch_signal_loop_nacks_and_redelivers_after_claim_error).
+func TestASignalForADamagedThreadComesBackAfterItsHold(t *testing.T) {
+	ss := newSigStore(t, true)
+	ss.claimErr = fmt.Errorf("decode dispatch: %w", engine.ErrCorrupt)
+	ss.claimFailures.Store(1)
+	mb := liveMailbox(t, ss, newFake(1, complete), sigConfig())
+	d := sigEnqueue(t, mb, ss, "thread-damaged", "wake")
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the redelivered signal to run the dispatch", func() bool { return dispatchStatus(t, ss.Store, d.DispatchID) == engine.StatusAcked })
+	delays := ss.nackDelays()
+	if len(delays) != 1 || delays[0] < 900*time.Millisecond || delays[0] > time.Second {
+		t.Fatalf("nack delays %v, want one of the thread's hold (a second)", delays)
+	}
+}

@@ -27,8 +27,9 @@ const (
 
 // claimHold is a held thread's state.
 type claimHold struct {
-	until int64         // Unix ms: not tried before
-	delay time.Duration // the last delay; the next doubles it (ErrCorrupt)
+	until   int64         // Unix ms: not tried before
+	delay   time.Duration // the last delay; the next doubles it (ErrCorrupt)
+	corrupt bool          // the last failure was ErrCorrupt
 }
 
 // holdLocked sets thread aside after a failed claim and returns the delay.
@@ -37,12 +38,26 @@ func (m *Mailbox) holdLocked(thread string, err error, now int64) time.Duration 
 	if m.held == nil {
 		m.held = map[string]claimHold{}
 	}
+	corrupt := errors.Is(err, ErrCorrupt)
 	delay := claimHoldFirst
-	if h, ok := m.held[thread]; ok && errors.Is(err, ErrCorrupt) {
+	if h, ok := m.held[thread]; ok && corrupt {
 		delay = min(2*h.delay, claimHoldMax)
 	}
-	m.held[thread] = claimHold{until: now + delay.Milliseconds(), delay: delay}
+	m.held[thread] = claimHold{until: now + delay.Milliseconds(), delay: delay, corrupt: corrupt}
 	return delay
+}
+
+// corruptHold is how long thread stays set aside after its claims failed
+// with ErrCorrupt (0: it is not). The signal loop redelivers a signal for
+// it no sooner: a redelivery at once would only fail again.
+func (m *Mailbox) corruptHold(thread string) time.Duration {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if h, ok := m.held[thread]; ok && h.corrupt && h.until > now {
+		return time.Duration(h.until-now) * time.Millisecond
+	}
+	return 0
 }
 
 // releaseHoldLocked ends thread's hold after a claim that did not fail.

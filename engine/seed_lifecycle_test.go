@@ -869,6 +869,7 @@ type sigStore struct {
 	*badgerstore.Store
 	signalOnly    bool
 	claimFailures atomic.Int32
+	claimErr      error // what the failing claims return (default errSigInjected)
 
 	mu     sync.Mutex
 	queue  []*sigSignal
@@ -918,7 +919,11 @@ func (s *sigStore) Claim(ctx context.Context, thread, consumer string, lease tim
 // ClaimStart fails as Claim does (the engine claims with it on this store).
 func (s *sigStore) ClaimStart(ctx context.Context, thread, consumer string, lease time.Duration, instance string, now int64) (*engine.Dispatch, error) {
 	if s.claimFailures.Add(-1) >= 0 {
-		return nil, fmt.Errorf("claim %s: %w", thread, errSigInjected)
+		err := s.claimErr
+		if err == nil {
+			err = errSigInjected
+		}
+		return nil, fmt.Errorf("claim %s: %w", thread, err)
 	}
 	return s.Store.ClaimStart(ctx, thread, consumer, lease, instance, now)
 }

@@ -44,8 +44,10 @@ func (m *Mailbox) signalLoop(ctx context.Context, src SignalSource) {
 
 // handleSignal tries the signalled thread and settles the signal: ack
 // when work started, is running here, or is not due; nack at once after
-// a claim error; nack with a growing delay while the dispatch is due but
-// blocked (another dispatch of its thread holds the claim, or no slot).
+// a claim error, but after the thread's hold when its record is damaged
+// (ErrCorrupt, claimhold.go); nack with a growing delay while the
+// dispatch is due but blocked (another dispatch of its thread holds the
+// claim, or no slot).
 func (m *Mailbox) handleSignal(ctx context.Context, sig DispatchSignal) {
 	n, ok := sig.Receipt.Deliveries()
 	if !ok || n < 1 {
@@ -62,12 +64,22 @@ func (m *Mailbox) handleSignal(ctx context.Context, sig DispatchSignal) {
 		m.metrics.count(metricSigNack, "delayed", fmt.Sprint(d > 0)).Inc()
 		return sig.Receipt.Nack(d)
 	}
+	if d := m.corruptHold(sig.ThreadID); d > 0 {
+		// The thread's record is damaged (claimhold.go): come back when
+		// its hold ends, as the dispatcher does.
+		if err := nack(d); err != nil {
+			m.log.Warn("settle dispatch signal failed", "dispatch_id", sig.DispatchID, "err", err)
+		}
+		return
+	}
 	var err error
 	switch m.tryDispatch(ctx, sig.ThreadID) {
 	case attemptClaimed, attemptBusy:
 		err = ack()
-	case attemptError, attemptCorrupt:
+	case attemptError:
 		err = nack(0)
+	case attemptCorrupt:
+		err = nack(max(m.corruptHold(sig.ThreadID), time.Millisecond))
 	default:
 		d, lerr := m.store.LoadDispatch(ctx, sig.DispatchID)
 		switch {
