@@ -4,6 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -148,5 +152,86 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// oneSlotExec runs one run at a time, once opened, and finishes it at once.
+type oneSlotExec struct {
+	open    atomic.Bool
+	changed chan struct{}
+}
+
+func (e *oneSlotExec) Capacity() int {
+	if e.open.Load() {
+		return 1
+	}
+	return 0
+}
+func (e *oneSlotExec) CapacityChanged() <-chan struct{} { return e.changed }
+func (e *oneSlotExec) Run(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome {
+	return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+}
+
+// A dispatch record damaged on the disk stops its own thread only: with
+// an agent of one slot, the threads submitted after it still run (the
+// engine sets the damaged thread aside, engine/README.md "A thread that
+// cannot be claimed"), and Verify names the record.
+func TestADamagedDispatchRecordStopsOnlyItsThread(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ex := &oneSlotExec{changed: make(chan struct{}, 1)} // closed while submitting: all stay queued
+	mb, err := engine.New(s, ex, engine.Config{ConsumerID: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	bad, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "bad", Messages: []engine.Message{userText("first in line")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := s.LoadRun(ctx, bad.RunID); r == nil || r.Status != engine.RunCreated {
+		t.Fatalf("the first submit ran before its record was damaged: %+v", r)
+	}
+	if err := s.RawSet(dispatchKey(bad.DispatchID), []byte{binaryV1, 0xff, 0xff}); err != nil {
+		t.Fatal(err)
+	}
+	var good []engine.SubmitResult
+	for i := range 3 {
+		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("good%d", i), Messages: []engine.Message{userText("behind it")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		good = append(good, res)
+	}
+	if err := mb.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if err := mb.Stop(sctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	ex.open.Store(true)
+	ex.changed <- struct{}{}
+	for _, g := range good {
+		waitFor(t, "the threads behind the damaged one to run", func() bool {
+			r, _ := s.LoadRun(ctx, g.RunID)
+			return r != nil && r.Status == engine.RunDone
+		})
+	}
+	if _, err := s.LoadDispatch(ctx, bad.DispatchID); !errors.Is(err, engine.ErrCorrupt) {
+		t.Fatalf("the damaged record reads %v; want ErrCorrupt", err)
+	}
+	rep, err := s.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(rep.Problems, func(p string) bool { return strings.Contains(p, bad.DispatchID) }) {
+		t.Fatalf("Verify does not name the damaged dispatch: %v", rep.Problems)
 	}
 }

@@ -57,7 +57,9 @@ func TestAThreadThatCannotBeClaimedDoesNotBlockTheOthers(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			ctx := context.Background()
 			var ps *poisonStore
-			r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+			// No slot while submitting: every dispatch stays queued for the
+			// dispatcher, which serves the oldest waiting thread first.
+			r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
 				ps = &poisonStore{Store: s, thread: "bad", err: c.err}
 				return ps
 			})
@@ -74,6 +76,7 @@ func TestAThreadThatCannotBeClaimedDoesNotBlockTheOthers(t *testing.T) {
 				good = append(good, res.DispatchID)
 			}
 			r.start(t)
+			r.exec.setCapacity(1)
 			for _, id := range good {
 				eventually(t, "the threads behind the failing one run", func() bool { return dispatchStatus(t, r.store, id) == engine.StatusAcked })
 			}
