@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"unsafe"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -388,13 +389,18 @@ func readThread(id string, b []byte) (*engine.Thread, error) {
 }
 
 // readMessage decodes a binaryMessageV1 record of the given thread and
-// sequence number. With owned set the record's raw JSON fields share b,
-// which the caller must not use or change afterwards (one allocation fewer
-// per message: the context window's reads copy every value anyway).
+// sequence number. With owned set the record's strings and raw JSON
+// fields share b, which the caller must not use or change afterwards: a
+// record then costs no allocation beyond the value's copy the context
+// window's reads make anyway, and holds its bytes once.
 func readMessage(thread string, seq uint64, b []byte, owned bool) (engine.MessageRecord, error) {
-	d := newDec(b)
+	var d *dec
 	if owned {
-		d.owned = b
+		// Strings and raw fields are disjoint slices of b, which nobody
+		// changes afterwards: the record keeps b alone, with no copy.
+		d = &dec{s: unsafe.String(unsafe.SliceData(b), len(b)), i: 1, owned: b}
+	} else {
+		d = newDec(b)
 	}
 	r := engine.MessageRecord{ThreadID: thread, Seq: seq, MessageID: d.str()}
 	m := &r.Message

@@ -3,6 +3,7 @@ package badgerstore
 import (
 	"errors"
 	"reflect"
+	"slices"
 	"testing"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -164,6 +165,12 @@ func FuzzDecodeMessage(f *testing.F) {
 	key := messageKey("t1", 1)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := decodeMessage(key, b)
+		// Decoded from bytes handed over (as a context window reads them),
+		// the record is the same.
+		owned, oerr := decodeMessageOf("t1", 1, key, slices.Clone(b), true)
+		if len(b) > 0 && b[0] == binaryMessageV1 && ((err == nil) != (oerr == nil) || !reflect.DeepEqual(m, owned)) {
+			t.Fatalf("decoded from handed-over bytes:\n%+v %v\nwant\n%+v %v", owned, oerr, m, err)
+		}
 		if err != nil {
 			if !errors.Is(err, engine.ErrCorrupt) {
 				t.Fatalf("decode error is not ErrCorrupt: %v", err)
