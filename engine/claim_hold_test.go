@@ -128,3 +128,46 @@ func TestASignalForADamagedThreadComesBackAfterItsHold(t *testing.T) {
 		t.Fatalf("nack delays %v, want one of the thread's hold (a second)", delays)
 	}
 }
+
+// cancelAfterSubmit stands for a client that goes away once its submit is
+// durable: it cancels the caller's context, and the claim that follows
+// honours it (as a networked store's does).
+type cancelAfterSubmit struct {
+	*badgerstore.Store
+	cancel func()
+}
+
+func (c *cancelAfterSubmit) Submit(ctx context.Context, cp engine.Checkpoint, d engine.Dispatch) ([]engine.MessageRecord, engine.Dispatch, error) {
+	recs, out, err := c.Store.Submit(ctx, cp, d)
+	c.cancel()
+	return recs, out, err
+}
+
+func (c *cancelAfterSubmit) ClaimStart(ctx context.Context, thread, consumer string, lease time.Duration, instance string, now int64) (*engine.Dispatch, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return c.Store.ClaimStart(ctx, thread, consumer, lease, instance, now)
+}
+
+// A claim that ends with its caller's context says nothing of the thread:
+// it is not set aside, and the dispatcher runs its work (found by a
+// review: it waited out a second's hold).
+func TestAClaimEndedByItsCallerDoesNotHoldTheThread(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+		return &cancelAfterSubmit{Store: s, cancel: cancel}
+	})
+	r.start(t)
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "healthy", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	r.mb.Metrics().WritePrometheus(&buf)
+	if !bytes.Contains(buf.Bytes(), []byte("mailbox_dispatch_held_threads 0\n")) {
+		t.Fatalf("the thread was set aside:\n%s", buf.Bytes())
+	}
+	eventually(t, "the run", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+}

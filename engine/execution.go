@@ -154,13 +154,23 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		}
 		m.inFlight--
 		m.signalIdleLocked()
+		// A claim that ended with its caller's context (a client gone
+		// after its durable submit) says nothing of the thread: no hold.
+		callerGone := err != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded))
 		var delay time.Duration
-		if err != nil {
+		switch {
+		case callerGone:
+		case err != nil:
 			delay = m.holdLocked(thread, err, m.cfg.Now())
-		} else {
+		default:
 			m.releaseHoldLocked(thread)
 		}
 		m.mu.Unlock()
+		if callerGone {
+			m.log.Debug("claim ended with its caller", "thread_id", thread, "err", err)
+			m.kick() // the dispatcher claims it
+			return attemptError
+		}
 		if err != nil {
 			level := slog.LevelWarn
 			if errors.Is(err, ErrCorrupt) {
