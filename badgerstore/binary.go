@@ -389,19 +389,19 @@ func readThread(id string, b []byte) (*engine.Thread, error) {
 }
 
 // readMessage decodes a binaryMessageV1 record of the given thread and
-// sequence number. With owned set the record's strings and raw JSON
-// fields share b, which the caller must not use or change afterwards: a
-// record then costs no allocation beyond the value's copy the context
-// window's reads make anyway, and holds its bytes once.
+// sequence number. Its strings and raw JSON fields share one copy of b —
+// b itself with owned set, which the caller must not use or change
+// afterwards: a record read in a context window then costs no allocation
+// beyond the value's copy the window's reads make anyway. Either way it
+// holds its bytes once (a string copy of the record for its ids would
+// have kept its content a second time).
 func readMessage(thread string, seq uint64, b []byte, owned bool) (engine.MessageRecord, error) {
-	var d *dec
-	if owned {
-		// Strings and raw fields are disjoint slices of b, which nobody
-		// changes afterwards: the record keeps b alone, with no copy.
-		d = &dec{s: unsafe.String(unsafe.SliceData(b), len(b)), i: 1, owned: b}
-	} else {
-		d = newDec(b)
+	if !owned {
+		b = append([]byte(nil), b...)
 	}
+	// Strings and raw fields are disjoint slices of b, which nobody changes
+	// afterwards: the record keeps b alone, its bytes once.
+	d := &dec{s: unsafe.String(unsafe.SliceData(b), len(b)), i: 1, owned: b}
 	r := engine.MessageRecord{ThreadID: thread, Seq: seq, MessageID: d.str()}
 	m := &r.Message
 	m.ID = r.MessageID

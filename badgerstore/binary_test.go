@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -272,4 +273,38 @@ func BenchmarkRecordCodec(b *testing.B) {
 		}
 		b.ReportMetric(float64(len(js)), "bytes")
 	})
+}
+
+// A decoded message keeps its bytes once, however it was read: the engine's
+// context cache counts a record by its fields' length (found by a review:
+// the ids, slices of a string copy of the whole record, kept the content a
+// second time).
+func TestADecodedMessageKeepsItsBytesOnce(t *testing.T) {
+	const n, size = 200, 64 << 10
+	content, _ := json.Marshal(strings.Repeat("x", size))
+	rec := engine.MessageRecord{MessageID: "m1", ThreadID: "t1", Seq: 1, Message: engine.Message{ID: "m1", Role: engine.RoleUser, Content: content}, CreatedAt: 1}
+	bin, _ := encode(&rec)
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	for _, owned := range []bool{true, false} {
+		keep := make([]engine.MessageRecord, n)
+		before := heap()
+		for i := range keep {
+			var err error
+			keep[i], err = decodeMessageOf("t1", 1, messageKey("t1", 1), slices.Clone(bin), owned)
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		per := float64(heap()-before) / n
+		runtime.KeepAlive(keep)
+		if per > 1.5*size {
+			t.Errorf("owned %v: a %d-byte message keeps %.0f bytes", owned, size, per)
+		}
+	}
 }

@@ -257,3 +257,27 @@ func TestRequeueOfNonDeadLetterIsValidationFirst(t *testing.T) {
 		t.Fatalf("requeue of a queued dispatch onto a taken id: got %v, want ErrValidation", err)
 	}
 }
+
+// A stored message whose raw fields are not UTF-8 JSON (written by an
+// earlier version, which let bytes that are not UTF-8 through inside JSON
+// strings) is a problem Verify names: every RUN of its thread would carry
+// it.
+func TestVerifyFindsMessageContentThatIsNotUTF8(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Messages: []engine.Message{{ID: "m1", Role: engine.RoleUser, Content: []byte(`"fine"`)}}}); err != nil {
+		t.Fatal(err)
+	}
+	verifyClean(t, s)
+	if err := s.RawSet(badgerstore.MessageKey("t1", 1), []byte("{\"message_id\":\"m1\",\"thread_id\":\"t1\",\"seq\":1,\"message\":{\"id\":\"m1\",\"role\":\"user\",\"content\":\"a\xffb\"}}")); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := s.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(strings.Join(rep.Problems, "\n"), "content is not valid UTF-8") {
+		t.Fatalf("content that is not UTF-8 not reported: %v", rep.Problems)
+	}
+}

@@ -330,6 +330,16 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			if m.Seq != got || m.ThreadID != thread {
 				problem("message %q records seq %d thread %s", mk, m.Seq, m.ThreadID)
 			}
+			// Raw fields go into RUN frames as stored: one that is not
+			// UTF-8 JSON would fail every run of its thread.
+			for _, f := range [...]struct {
+				name string
+				v    []byte
+			}{{"content", m.Message.Content}, {"tool_calls", m.Message.ToolCalls}, {"metadata", m.Message.Metadata}} {
+				if err := engine.ValidateRawJSON(f.v); err != nil {
+					problem("message %q: %s %v", mk, f.name, err)
+				}
+			}
 			ib, ok, err := r.get(messageIDKey(thread, m.MessageID))
 			if err != nil {
 				return false, err

@@ -168,6 +168,21 @@ func validateRunInputs(r *SubmitRequest) error {
 			}
 		}
 	}
+	// Raw fields the RUN frame carries as given (the messages' own are
+	// checked when they are appended: Message.Validate).
+	for _, f := range []struct {
+		name string
+		v    json.RawMessage
+	}{{"frontend_tools", r.FrontendTools}, {"overrides", r.Overrides}} {
+		if err := ValidateRawJSON(f.v); err != nil {
+			return Validationf("%s %v", f.name, err)
+		}
+	}
+	for i := range r.Decisions {
+		if err := ValidateRawJSON(r.Decisions[i].Resume); err != nil {
+			return Validationf("decision %s: resume %v", r.Decisions[i].CallID, err)
+		}
+	}
 	return nil
 }
 

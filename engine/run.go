@@ -3,6 +3,7 @@ package engine
 import (
 	"encoding/json"
 	"fmt"
+	"unicode/utf8"
 )
 
 // RunStatus is the lifecycle of a run record:
@@ -344,6 +345,31 @@ func (m *Message) Validate() error {
 	case "", "all", "internal":
 	default:
 		return Validationf("message %s: unknown visibility %q", m.ID, m.Visibility)
+	}
+	for _, f := range [...]struct {
+		name string
+		v    json.RawMessage
+	}{{"content", m.Content}, {"tool_calls", m.ToolCalls}, {"metadata", m.Metadata}} {
+		if err := ValidateRawJSON(f.v); err != nil {
+			return Validationf("message %s: %s %v", m.ID, f.name, err)
+		}
+	}
+	return nil
+}
+
+// ValidateRawJSON checks a raw JSON field a caller hands in (empty: none).
+// Stores keep such fields as given and the agent protocol copies them
+// into RUN frames, which the agent refuses unless they are UTF-8 JSON: a
+// field that is not would break the agent's connection at every run of
+// its thread.
+func ValidateRawJSON(v json.RawMessage) error {
+	switch {
+	case len(v) == 0:
+		return nil
+	case !utf8.Valid(v):
+		return fmt.Errorf("is not valid UTF-8")
+	case !json.Valid(v):
+		return fmt.Errorf("is not valid JSON")
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"reflect"
 	"strings"
+	"unicode/utf8"
 
 	gojson "github.com/goccy/go-json"
 
@@ -210,6 +211,11 @@ func decodeObject(body []byte, v any) error {
 		return engine.Validationf("request body is empty: a JSON object is expected")
 	case body[i] != '{':
 		return engine.Validationf("request body is not a JSON object")
+	case !utf8.Valid(body):
+		// JSON is UTF-8 (RFC 8259); the decoder passes other bytes inside
+		// strings, and a RUN frame carrying them would be refused by the
+		// agent (ipc.CheckPayload).
+		return engine.Validationf("request body is not valid UTF-8")
 	}
 	if err := gojson.Unmarshal(body, v); err != nil {
 		return decodeError(err)

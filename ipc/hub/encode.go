@@ -1,9 +1,11 @@
 package hub
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
+	"unicode/utf8"
 
 	json "github.com/goccy/go-json"
 
@@ -34,15 +36,26 @@ type contextTail struct {
 // about 1.5 × a cached one, a run costs hundreds of times that, and a
 // backlog that visits more threads than a cache holds paid for every
 // insert (bench/README.md, "The nineteenth session").
-func appendMessages(dst []byte, msgs []engine.MessageRecord) []byte {
+//
+// A message whose raw fields are not UTF-8 is an error: the agent refuses
+// a frame that is not (ipc.CheckPayload), and with it its connection and
+// every run on it. Messages are checked when appended
+// (engine.Message.Validate); a message stored by an earlier version,
+// which let bytes that are not UTF-8 through inside JSON strings, fails
+// its run instead (JSON syntax the stores' decoders of that era checked).
+func appendMessages(dst []byte, msgs []engine.MessageRecord) ([]byte, error) {
 	dst = append(dst, '[')
 	for i := range msgs {
+		m := &msgs[i].Message
+		if !utf8.Valid(m.Content) || !utf8.Valid(m.ToolCalls) || !utf8.Valid(m.Metadata) {
+			return nil, fmt.Errorf("context message %s (seq %d) holds bytes that are not UTF-8", msgs[i].MessageID, msgs[i].Seq)
+		}
 		if i > 0 {
 			dst = append(dst, ',')
 		}
 		dst = appendMessageJSON(dst, &msgs[i])
 	}
-	return append(dst, ']')
+	return append(dst, ']'), nil
 }
 
 // runBufs holds RUN payload buffers between runs: a payload is not
@@ -84,7 +97,9 @@ func encodeRun(dst []byte, req *engine.RunRequest) ([]byte, error) {
 	out := slices.Grow(dst, len(head)+len(tail)+64+contextSizeHint(req.Context.Messages))
 	out = append(out, head[:len(head)-1]...)
 	out = append(out, `,"context":{"messages":`...)
-	out = appendMessages(out, req.Context.Messages)
+	if out, err = appendMessages(out, req.Context.Messages); err != nil {
+		return nil, err
+	}
 	out = append(out, ',')
 	out = append(out, tail[1:]...)
 	return append(out, '}'), nil

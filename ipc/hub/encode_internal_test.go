@@ -225,3 +225,21 @@ func BenchmarkEncodeRun(b *testing.B) {
 		})
 	}
 }
+
+// A context message whose raw fields are not UTF-8 (stored by an earlier
+// version) fails the RUN's encoding, and so its run, instead of reaching
+// the agent, which would refuse the frame and drop its connection.
+func TestEncodeRunRefusesAContextMessageThatIsNotUTF8(t *testing.T) {
+	for _, bad := range []func(m *engine.Message){
+		func(m *engine.Message) { m.Content = json.RawMessage("\"a\xffb\"") },
+		func(m *engine.Message) { m.ToolCalls = json.RawMessage("[\"\xc3\"]") },
+		func(m *engine.Message) { m.Metadata = json.RawMessage("{\"k\":\"\xe2\x80\"}") },
+	} {
+		msgs := contextRecords("t", 3, "fine")
+		bad(&msgs[1].Message)
+		req := &engine.RunRequest{DispatchID: "d", RunID: "r", ThreadID: "t", Context: engine.ThreadContext{Messages: msgs}}
+		if p, err := encodeRun(nil, req); err == nil || !strings.Contains(err.Error(), "not UTF-8") {
+			t.Fatalf("encodeRun = %q, %v; want an error naming the message", p, err)
+		}
+	}
+}

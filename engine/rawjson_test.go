@@ -1,0 +1,53 @@
+package engine_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// A raw JSON field that is not UTF-8 JSON is refused before anything is
+// written: the RUN frame carries such fields as given, and the agent
+// refuses a frame that is not UTF-8 JSON (its connection, with every run
+// on it, would go at every run of the thread). Found by a review: the
+// binary message records of format 3 no longer re-encoded content through
+// json.Marshal, which had refused invalid JSON; invalid UTF-8 inside a
+// JSON string had passed both.
+func TestRawJSONFieldsMustBeUTF8JSON(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, newFake(1, complete), engine.Config{})
+	bad := []struct {
+		name string
+		req  engine.SubmitRequest
+	}{
+		{"content not JSON", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(`not json`)}}}},
+		{"content not UTF-8", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage("\"a\xffb\"")}}}},
+		{"tool_calls not JSON", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleAssistant, ToolCalls: json.RawMessage(`[1,`)}}}},
+		{"metadata not UTF-8", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Metadata: json.RawMessage("{\"k\":\"\xc3\"}")}}}},
+		{"overrides not JSON", engine.SubmitRequest{Messages: []engine.Message{userMsg("x")}, Overrides: json.RawMessage(`{`)}},
+		{"frontend_tools not UTF-8", engine.SubmitRequest{Messages: []engine.Message{userMsg("x")}, FrontendTools: json.RawMessage("[\"\xff\"]")}},
+		{"decision resume not JSON", engine.SubmitRequest{Decisions: []engine.Decision{{CallID: "c", Resume: json.RawMessage(`yes`)}}}},
+	}
+	for _, c := range bad {
+		c.req.ThreadID = "t1"
+		if _, err := r.mb.SubmitBackground(ctx, c.req); !errors.Is(err, engine.ErrValidation) {
+			t.Errorf("%s: submit = %v; want ErrValidation", c.name, err)
+		}
+	}
+	if n, err := r.store.MessageCount(ctx, "t1"); err != nil || n != 0 {
+		t.Fatalf("the refused submits left %d messages (%v)", n, err)
+	}
+	// A checkpoint (as an agent's, or an embedding caller's) is checked
+	// by the store the same way.
+	_, err := r.store.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", Messages: []engine.Message{{ID: "m1", Role: engine.RoleAssistant, Content: json.RawMessage("\"\xff\"")}}})
+	if !errors.Is(err, engine.ErrValidation) {
+		t.Fatalf("checkpoint of content not UTF-8 = %v; want ErrValidation", err)
+	}
+	// Valid raw fields pass, whitespace and all.
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t3", Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(` { "text" : "é <b>" } `)}}}); err != nil {
+		t.Fatalf("valid content refused: %v", err)
+	}
+}
