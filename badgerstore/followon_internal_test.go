@@ -47,31 +47,14 @@ func userText(s string) engine.Message {
 func TestCompletionSurvivesADamagedNextDispatch(t *testing.T) {
 	for _, damage := range []string{"deleted", "not queued"} {
 		t.Run(damage, func(t *testing.T) {
-			s, err := Open(Options{InMemory: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
 			g := &gatedExec{gate: make(chan struct{})}
-			mb, err := engine.New(s, g, engine.Config{ConsumerID: "c1"})
-			if err != nil {
-				t.Fatal(err)
-			}
+			s, mb := openMailbox(t, Options{InMemory: true}, g)
 			ctx := context.Background()
 			first, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "T", Messages: []engine.Message{userText("first")}})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := mb.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-				defer cancel()
-				if err := mb.Stop(sctx); err != nil {
-					t.Error(err)
-				}
-			}()
+			startMailbox(t, mb)
 			waitFor(t, "the first run to start", func() bool {
 				r, _ := s.LoadRun(ctx, first.RunID)
 				return r != nil && r.Status == engine.RunRunning
@@ -143,6 +126,38 @@ func TestCompleteAndClaimMarksAFailedClaimHalf(t *testing.T) {
 	}
 }
 
+// openMailbox opens a store with o and a mailbox over it on ex; the test's
+// cleanup closes the store.
+func openMailbox(t *testing.T, o Options, ex engine.Executor) (*Store, *engine.Mailbox) {
+	t.Helper()
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	mb, err := engine.New(s, ex, engine.Config{ConsumerID: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, mb
+}
+
+// startMailbox starts mb; the test's cleanup stops it (before the store
+// closes).
+func startMailbox(t *testing.T, mb *engine.Mailbox) {
+	t.Helper()
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := mb.Stop(ctx); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
 // waitFor polls cond for up to 5 s.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -177,16 +192,8 @@ func (e *oneSlotExec) Run(context.Context, *engine.RunRequest, engine.EventSink)
 // engine sets the damaged thread aside, engine/README.md "A thread that
 // cannot be claimed"), and Verify names the record.
 func TestADamagedDispatchRecordStopsOnlyItsThread(t *testing.T) {
-	s, err := Open(Options{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
 	ex := &oneSlotExec{changed: make(chan struct{}, 1)} // closed while submitting: all stay queued
-	mb, err := engine.New(s, ex, engine.Config{ConsumerID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, mb := openMailbox(t, Options{Dir: t.TempDir()}, ex)
 	ctx := context.Background()
 	bad, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "bad", Messages: []engine.Message{userText("first in line")}})
 	if err != nil {
@@ -206,16 +213,7 @@ func TestADamagedDispatchRecordStopsOnlyItsThread(t *testing.T) {
 		}
 		good = append(good, res)
 	}
-	if err := mb.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		if err := mb.Stop(sctx); err != nil {
-			t.Error(err)
-		}
-	}()
+	startMailbox(t, mb)
 	ex.open.Store(true)
 	ex.changed <- struct{}{}
 	for _, g := range good {
