@@ -53,6 +53,10 @@ func TestAThreadThatCannotBeClaimedDoesNotBlockTheOthers(t *testing.T) {
 	}{
 		{"corrupt", fmt.Errorf("decode dispatch %q: %w", "dx", engine.ErrCorrupt), true},
 		{"unavailable", fmt.Errorf("read: %w", engine.ErrUnavailable), false},
+		// A store's own request timeout (the NATS store's) is the store
+		// failing, not the caller going: held as well (found by a review:
+		// it was taken for the caller's and retried at once, in a loop).
+		{"the store's own deadline", fmt.Errorf("read: %w: %w", engine.ErrUnavailable, context.DeadlineExceeded), false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ctx := context.Background()

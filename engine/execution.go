@@ -156,7 +156,9 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		m.signalIdleLocked()
 		// A claim that ended with its caller's context (a client gone
 		// after its durable submit) says nothing of the thread: no hold.
-		callerGone := err != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded))
+		// The caller's context decides, not the error: a store's own
+		// request timeout (NATS) also reads as a deadline.
+		callerGone := err != nil && ctx.Err() != nil
 		var delay time.Duration
 		switch {
 		case callerGone:

@@ -683,6 +683,9 @@ func (m *Mailbox) SendDecision(ctx context.Context, id string, d Decision) (bool
 	if err := ValidateID("call_id", d.CallID); err != nil {
 		return false, err
 	}
+	if err := ValidateRawJSON(d.Resume); err != nil {
+		return false, Validationf("decision %s: resume %v", d.CallID, err)
+	}
 	// A claim or hand-over of the target's thread in flight here is waited
 	// for, as a cancel waits: the decision may be for the run that comes
 	// out of it.

@@ -46,6 +46,10 @@ func TestRawJSONFieldsMustBeUTF8JSON(t *testing.T) {
 	if !errors.Is(err, engine.ErrValidation) {
 		t.Fatalf("checkpoint of content not UTF-8 = %v; want ErrValidation", err)
 	}
+	// A live decision from an embedding caller is checked as well.
+	if _, err := r.mb.SendDecision(ctx, "r1", engine.Decision{CallID: "c", Resume: json.RawMessage(`nope`)}); !errors.Is(err, engine.ErrValidation) {
+		t.Fatalf("live decision with a resume that is not JSON = %v; want ErrValidation", err)
+	}
 	// Valid raw fields pass, whitespace and all.
 	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t3", Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(` { "text" : "é <b>" } `)}}}); err != nil {
 		t.Fatalf("valid content refused: %v", err)

@@ -1,7 +1,7 @@
 package hub
 
 import (
-	"fmt"
+	"bytes"
 	"slices"
 	"strings"
 	"sync"
@@ -36,26 +36,35 @@ type contextTail struct {
 // about 1.5 × a cached one, a run costs hundreds of times that, and a
 // backlog that visits more threads than a cache holds paid for every
 // insert (bench/README.md, "The nineteenth session").
-//
-// A message whose raw fields are not UTF-8 is an error: the agent refuses
-// a frame that is not (ipc.CheckPayload), and with it its connection and
-// every run on it. Messages are checked when appended
-// (engine.Message.Validate); a message stored by an earlier version,
-// which let bytes that are not UTF-8 through inside JSON strings, fails
-// its run instead (JSON syntax the stores' decoders of that era checked).
-func appendMessages(dst []byte, msgs []engine.MessageRecord) ([]byte, error) {
+func appendMessages(dst []byte, msgs []engine.MessageRecord) []byte {
 	dst = append(dst, '[')
 	for i := range msgs {
-		m := &msgs[i].Message
-		if !utf8.Valid(m.Content) || !utf8.Valid(m.ToolCalls) || !utf8.Valid(m.Metadata) {
-			return nil, fmt.Errorf("context message %s (seq %d) holds bytes that are not UTF-8", msgs[i].MessageID, msgs[i].Seq)
-		}
 		if i > 0 {
 			dst = append(dst, ',')
 		}
 		dst = appendMessageJSON(dst, &msgs[i])
 	}
-	return append(dst, ']'), nil
+	return append(dst, ']')
+}
+
+// runPayload is the RUN payload of req as it is sent: encodeRun's, with
+// any bytes that are not UTF-8 replaced by U+FFFD (repaired then
+// reports it). The agent refuses a frame that is not UTF-8
+// (ipc.CheckPayload), and with it its connection and every run on it.
+// Raw fields are checked when they come in (engine.ValidateRawJSON, the
+// API's body check), but earlier versions let such bytes through inside
+// JSON strings, and a stored message keeps them: in a thread's context
+// they would break every run of the thread for as long as the message
+// stays in its window. JSON's own syntax is ASCII, so such bytes can
+// only sit inside strings, and the repaired payload is still JSON.
+func runPayload(dst []byte, req *engine.RunRequest) (payload []byte, repaired bool, err error) {
+	p, err := encodeRun(dst, req)
+	if err != nil || utf8.Valid(p) {
+		return p, false, err
+	}
+	fixed := bytes.ToValidUTF8(p, []byte("\uFFFD"))
+	putRunBuf(p)
+	return fixed, true, nil
 }
 
 // runBufs holds RUN payload buffers between runs: a payload is not
@@ -97,9 +106,7 @@ func encodeRun(dst []byte, req *engine.RunRequest) ([]byte, error) {
 	out := slices.Grow(dst, len(head)+len(tail)+64+contextSizeHint(req.Context.Messages))
 	out = append(out, head[:len(head)-1]...)
 	out = append(out, `,"context":{"messages":`...)
-	if out, err = appendMessages(out, req.Context.Messages); err != nil {
-		return nil, err
-	}
+	out = appendMessages(out, req.Context.Messages)
 	out = append(out, ',')
 	out = append(out, tail[1:]...)
 	return append(out, '}'), nil

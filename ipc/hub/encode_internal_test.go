@@ -10,6 +10,7 @@ import (
 	json "github.com/goccy/go-json"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
 
 // plainRun is the RUN payload encoded in one piece, as before the message
@@ -226,20 +227,38 @@ func BenchmarkEncodeRun(b *testing.B) {
 	}
 }
 
-// A context message whose raw fields are not UTF-8 (stored by an earlier
-// version) fails the RUN's encoding, and so its run, instead of reaching
-// the agent, which would refuse the frame and drop its connection.
-func TestEncodeRunRefusesAContextMessageThatIsNotUTF8(t *testing.T) {
-	for _, bad := range []func(m *engine.Message){
-		func(m *engine.Message) { m.Content = json.RawMessage("\"a\xffb\"") },
-		func(m *engine.Message) { m.ToolCalls = json.RawMessage("[\"\xc3\"]") },
-		func(m *engine.Message) { m.Metadata = json.RawMessage("{\"k\":\"\xe2\x80\"}") },
+// A RUN whose messages hold bytes that are not UTF-8 (stored by an earlier
+// version) is sent with U+FFFD in their place, a frame the agent accepts,
+// instead of one it refuses with its connection. A context message and
+// the activation message alike (a review found the first version checked
+// the context alone, and failed the run).
+func TestRunPayloadReplacesBytesThatAreNotUTF8(t *testing.T) {
+	for i, bad := range []func(req *engine.RunRequest){
+		func(req *engine.RunRequest) { req.Context.Messages[1].Message.Content = json.RawMessage("\"a\xffb\"") },
+		func(req *engine.RunRequest) {
+			req.Context.Messages[1].Message.ToolCalls = json.RawMessage("[\"\xc3\"]")
+		},
+		func(req *engine.RunRequest) {
+			req.Context.Messages[1].Message.Metadata = json.RawMessage("{\"k\":\"\xe2\x80\"}")
+		},
+		func(req *engine.RunRequest) { req.Messages[0].Content = json.RawMessage("\"in \xff\"") },
 	} {
-		msgs := contextRecords("t", 3, "fine")
-		bad(&msgs[1].Message)
-		req := &engine.RunRequest{DispatchID: "d", RunID: "r", ThreadID: "t", Context: engine.ThreadContext{Messages: msgs}}
-		if p, err := encodeRun(nil, req); err == nil || !strings.Contains(err.Error(), "not UTF-8") {
-			t.Fatalf("encodeRun = %q, %v; want an error naming the message", p, err)
+		req := &engine.RunRequest{DispatchID: "d", RunID: "r", ThreadID: "t", Messages: []engine.Message{{Role: "user", Content: json.RawMessage(`"go"`)}},
+			Context: engine.ThreadContext{Messages: contextRecords("t", 3, "fine")}}
+		clean, repaired, err := runPayload(nil, req)
+		if err != nil || repaired {
+			t.Fatalf("a clean request: repaired %v, %v", repaired, err)
+		}
+		bad(req)
+		p, repaired, err := runPayload(nil, req)
+		if err != nil || !repaired {
+			t.Fatalf("case %d: repaired %v, %v", i, repaired, err)
+		}
+		if err := ipc.CheckPayload(ipc.TypeRun, p); err != nil {
+			t.Fatalf("case %d: the agent would refuse %q: %v", i, p, err)
+		}
+		if !strings.Contains(string(p), "\uFFFD") || len(p) == len(clean) && string(p) == string(clean) {
+			t.Fatalf("case %d: no replacement in %q", i, p)
 		}
 	}
 }

@@ -277,9 +277,13 @@ func (h *Hub) Run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 }
 
 func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-	payload, err := encodeRun(getRunBuf(), req)
+	payload, repaired, err := runPayload(getRunBuf(), req)
 	if err != nil {
 		return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "invalid_request", Error: fmt.Sprintf("encode RUN: %v", err)}
+	}
+	if repaired {
+		h.log.Warn("the RUN held bytes that are not UTF-8 (a message or request stored by an earlier version): sent as U+FFFD",
+			"run_id", req.RunID, "thread_id", req.ThreadID)
 	}
 	var deadline <-chan time.Time
 	for {
