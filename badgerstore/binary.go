@@ -175,7 +175,8 @@ func appendMessage(b []byte, r *engine.MessageRecord) []byte {
 }
 
 // dec reads a binary record. Strings are slices of one copy of the record
-// (one allocation for all of them); raw JSON fields are copied. The first
+// (one allocation for all of them); raw JSON fields are copied, or, with
+// owned set (message records, readMessage), slices of it too. The first
 // malformed field sets bad and every later read returns zero values.
 type dec struct {
 	s     string

@@ -330,8 +330,9 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			if m.Seq != got || m.ThreadID != thread {
 				problem("message %q records seq %d thread %s", mk, m.Seq, m.ThreadID)
 			}
-			// Raw fields go into RUN frames as stored: one that is not
-			// UTF-8 JSON would fail every run of its thread.
+			// Raw fields go into RUN frames as stored: bytes that are not
+			// UTF-8 reach the agent as U+FFFD (the hub's repair), and one
+			// that is not JSON would break every RUN of its thread.
 			for _, f := range [...]struct {
 				name string
 				v    []byte

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"unicode/utf8"
 )
@@ -360,19 +361,24 @@ func (m *Message) Validate() error {
 // ValidateRawJSON checks a raw JSON field a caller hands in (empty: none).
 // Stores keep such fields as given and the agent protocol copies them
 // into RUN frames, which the agent refuses unless they are UTF-8 JSON: a
-// field that is not would break the agent's connection at every run of
-// its thread.
+// field that is not would break the agent's connection, with every run on
+// it, at every run of its thread.
 func ValidateRawJSON(v json.RawMessage) error {
 	switch {
 	case len(v) == 0:
 		return nil
 	case !utf8.Valid(v):
-		return fmt.Errorf("is not valid UTF-8")
+		return errNotUTF8
 	case !json.Valid(v):
-		return fmt.Errorf("is not valid JSON")
+		return errNotJSON
 	}
 	return nil
 }
+
+var (
+	errNotUTF8 = errors.New("is not valid UTF-8")
+	errNotJSON = errors.New("is not valid JSON")
+)
 
 // MessageRecord is a message at its place in the thread log.
 type MessageRecord struct {
