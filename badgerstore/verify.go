@@ -52,73 +52,12 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	}
 	err := s.view(ctx, func(r *reader) error {
 		r.ctx = ctx // the walk reads every key: it stops when ctx is done
-		// Expected index entries, by family, from the records.
-		want := map[byte]map[string][]byte{}
-		for _, p := range []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTerminal, pDead, pRunLatest, pRunStatus, pRunWaiting, pRunAll, pRunThread} {
-			want[p] = map[string][]byte{}
-		}
-		expect := func(k, v []byte) {
-			fam := want[k[0]]
-			if old, dup := fam[string(k)]; dup {
-				problem("index key %q implied twice (values %q and %q)", k, old, v)
-			}
-			fam[string(k)] = v
-		}
-		counts := map[byte]uint64{}
-		type threadWant struct {
-			queued   uint64
-			minQueue []byte
-			minAvail []byte
-			due      int64
-			claimed  []string
-			maxEpoch uint64
-		}
-		threads := map[string]*threadWant{}
-		dispatchRuns := map[string]*engine.Dispatch{}
-
-		err := r.iterate([]byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
-			rep.Dispatches++
-			d, err := decodeDispatch(k, v)
-			if err != nil {
-				problem("%v", err)
-				return true, nil
-			}
-			for _, e := range dispatchIndex(d) {
-				expect(e.k, e.v)
-			}
-			counts[byte(d.Status)]++
-			tw := threads[d.ThreadID]
-			if tw == nil {
-				tw = &threadWant{}
-				threads[d.ThreadID] = tw
-			}
-			switch d.Status {
-			case engine.StatusQueued:
-				tw.queued++
-				if suf := queueSuffix(d); tw.minQueue == nil || bytes.Compare(suf, tw.minQueue) < 0 {
-					tw.minQueue = suf
-				}
-				if vs := availSuffix(d); tw.minAvail == nil || bytes.Compare(vs, tw.minAvail) < 0 {
-					tw.minAvail = vs
-					tw.due = d.AvailableAt
-				}
-			case engine.StatusClaimed:
-				tw.claimed = append(tw.claimed, d.DispatchID)
-			case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
-				dispatchRuns[d.DispatchID] = d
-			}
-			tw.maxEpoch = max(tw.maxEpoch, d.Epoch)
-			return true, nil
-		})
+		dv, err := derive(r, problem)
 		if err != nil {
 			return err
 		}
-		// The ready index holds one entry per claimable thread.
-		for thread, tw := range threads {
-			if tw.queued > 0 && len(tw.claimed) == 0 {
-				expect(readyKey(thread, tw.due), nil)
-			}
-		}
+		rep.Dispatches, rep.Runs = dv.dispatches, dv.runCount
+		want, counts, threads, runs := dv.want, dv.counts, dv.threads, dv.runs
 		for _, st := range engine.AllStatuses {
 			b, _, err := r.get(countKey(st))
 			if err != nil {
@@ -213,27 +152,9 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			problem("stray queued-thread marker for %s", thread)
 		}
 
-		// Runs.
-		runs := map[string]*engine.RunRecord{}
-		err = r.iterate([]byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {
-			rep.Runs++
-			r, err := decodeRun(k, v)
-			if err != nil {
-				problem("%v", err)
-				return true, nil
-			}
-			runs[r.RunID] = r
-			for _, ik := range runIndex(r) {
-				expect(ik, nil)
-			}
-			return true, nil
-		})
-		if err != nil {
-			return err
-		}
 		// A cancelled, superseded or dead-lettered dispatch never leaves
 		// its run open (they commit together).
-		for _, d := range dispatchRuns {
+		for _, d := range dv.settled {
 			if r := runs[d.RunID]; r != nil && r.ThreadID == d.ThreadID && r.Status != engine.RunDone && r.DispatchID == d.DispatchID {
 				problem("dispatch %s is %s but its run %s is %s", d.DispatchID, d.Status, r.RunID, r.Status)
 			}

@@ -8,6 +8,7 @@
 //	mailbox-sidecar demo            run a demo with the example agent
 //	mailbox-sidecar ctl …           operator CLI over the API socket
 //	mailbox-sidecar verify          check a stopped sidecar's data directory
+//	mailbox-sidecar repair          repair a stopped sidecar's data directory
 //	mailbox-sidecar version         print version information
 package main
 
@@ -43,6 +44,7 @@ commands:
   demo      run the sidecar with the example agent and show a few runs
   ctl       operator CLI over the API socket (mailbox-sidecar ctl -h)
   verify    check a stopped sidecar's data directory (mailbox-sidecar verify -h)
+  repair    repair what verify found (mailbox-sidecar repair -h)
   version   print version, commit, Go and protocol versions
 `
 
@@ -69,6 +71,11 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		defer stop()
 		context.AfterFunc(ctx, stop)
 		return runVerify(ctx, args[1:], getenv, stdout, stderr)
+	case "repair":
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		context.AfterFunc(ctx, stop)
+		return runRepair(ctx, args[1:], getenv, stdout, stderr)
 	case "version", "--version", "-version":
 		printVersion(stdout)
 		return 0

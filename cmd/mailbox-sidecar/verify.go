@@ -38,61 +38,20 @@ or was stopped, 2 bad usage.
 
 // runVerify is `verify`; ctx ends the check (an interrupt).
 func runVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, verifyUsage) }
-	dir := getenv(envPrefix + "DATA_DIR")
-	if dir == "" {
-		dir = "./data"
-	}
-	fs.StringVar(&dir, "data-dir", dir, "Badger data directory")
-	allowCut := fs.Bool("allow-cut", false, "open the directory even when Badger will cut its newest value-log file before whole entries")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "mailbox-sidecar verify: takes no arguments, got %q\n\n%s", fs.Args(), verifyUsage)
-		return 2
-	}
-	// A directory without Badger's manifest holds no store: opening it
-	// would create one.
-	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); err != nil {
-		fmt.Fprintf(stderr, "mailbox-sidecar verify: no data directory at %s: %v\n", dir, err)
-		return 1
-	}
-	if err := badgerstore.NewestValueLogDamage(dir); err != nil {
-		if !errors.Is(err, badgerstore.ErrValueLogCorrupt) {
-			fmt.Fprintf(stderr, "mailbox-sidecar verify: reading the newest value-log file: %v\n", err)
-			return 1
-		}
-		fmt.Fprintln(stdout, "problem:", err)
-		if !*allowCut {
-			fmt.Fprintf(stderr, "mailbox-sidecar verify: not opened: opening %s (verify or serve) lets Badger cut its newest value-log file at the bad entry, and the whole entries after it are lost; copy the directory first, then run verify --allow-cut\n", dir)
-			return 1
-		}
-	}
-	// Badger's own messages and the store's at warn and above (a repair at
-	// open, a value-log file that fails its check) go to stderr.
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s, err := badgerstore.Open(badgerstore.Options{Dir: dir, GCInterval: -1, Logger: log})
-	if err != nil {
-		switch {
-		case errors.Is(err, engine.ErrDataDirInUse):
-			fmt.Fprintf(stderr, "mailbox-sidecar verify: data directory %s is in use (stop the sidecar first): %v\n", dir, err)
-		case errors.Is(err, badgerstore.ErrFormatTooNew):
-			fmt.Fprintf(stderr, "mailbox-sidecar verify: data directory %s was written by a later version of mailbox-sidecar: %v\n", dir, err)
-		default:
-			fmt.Fprintf(stderr, "mailbox-sidecar verify: %v\n", err)
-		}
-		return 1
+	s, dir, code := openStopped("verify", verifyUsage, args, getenv, stdout, stderr)
+	if s == nil {
+		return code
 	}
 	rep, err := s.Verify(ctx)
 	if cerr := s.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
+	return printVerify("verify", dir, rep, err, stdout, stderr)
+}
+
+// printVerify prints a Verify report and returns the exit status: 0
+// consistent, 1 problems or a check that did not finish (err).
+func printVerify(cmd, dir string, rep badgerstore.Report, err error, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "%s: %d dispatches, %d runs, %d threads, %d messages\n", dir, rep.Dispatches, rep.Runs, rep.Threads, rep.Messages)
 	for _, n := range rep.Notes {
 		fmt.Fprintln(stdout, "note:", n)
@@ -101,7 +60,7 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 		fmt.Fprintln(stdout, "problem:", p)
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "mailbox-sidecar verify: the check did not finish: %v\n", err)
+		fmt.Fprintf(stderr, "mailbox-sidecar %s: the check did not finish: %v\n", cmd, err)
 		return 1
 	}
 	switch n := len(rep.Problems); {
@@ -114,4 +73,63 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 		fmt.Fprintf(stdout, "%d problems\n", n)
 	}
 	return 1
+}
+
+// openStopped parses the flags of an offline command (verify, repair:
+// --data-dir, --allow-cut) and opens the stopped sidecar's data directory;
+// on failure it has said why and returns nil and the exit status (0 after
+// -h).
+func openStopped(cmd, usage string, args []string, getenv func(string) string, stdout, stderr io.Writer) (s *badgerstore.Store, dir string, code int) {
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage) }
+	dir = getenv(envPrefix + "DATA_DIR")
+	if dir == "" {
+		dir = "./data"
+	}
+	fs.StringVar(&dir, "data-dir", dir, "Badger data directory")
+	allowCut := fs.Bool("allow-cut", false, "open the directory even when Badger will cut its newest value-log file before whole entries")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, "", 0
+		}
+		return nil, "", 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "mailbox-sidecar %s: takes no arguments, got %q\n\n%s", cmd, fs.Args(), usage)
+		return nil, "", 2
+	}
+	// A directory without Badger's manifest holds no store: opening it
+	// would create one.
+	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); err != nil {
+		fmt.Fprintf(stderr, "mailbox-sidecar %s: no data directory at %s: %v\n", cmd, dir, err)
+		return nil, "", 1
+	}
+	if err := badgerstore.NewestValueLogDamage(dir); err != nil {
+		if !errors.Is(err, badgerstore.ErrValueLogCorrupt) {
+			fmt.Fprintf(stderr, "mailbox-sidecar %s: reading the newest value-log file: %v\n", cmd, err)
+			return nil, "", 1
+		}
+		fmt.Fprintln(stdout, "problem:", err)
+		if !*allowCut {
+			fmt.Fprintf(stderr, "mailbox-sidecar %s: not opened: opening %s (%s or serve) lets Badger cut its newest value-log file at the bad entry, and the whole entries after it are lost; copy the directory first, then run %s --allow-cut\n", cmd, dir, cmd, cmd)
+			return nil, "", 1
+		}
+	}
+	// Badger's own messages and the store's at warn and above (a repair at
+	// open, a value-log file that fails its check) go to stderr.
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir, GCInterval: -1, Logger: log})
+	if err != nil {
+		switch {
+		case errors.Is(err, engine.ErrDataDirInUse):
+			fmt.Fprintf(stderr, "mailbox-sidecar %s: data directory %s is in use (stop the sidecar first): %v\n", cmd, dir, err)
+		case errors.Is(err, badgerstore.ErrFormatTooNew):
+			fmt.Fprintf(stderr, "mailbox-sidecar %s: data directory %s was written by a later version of mailbox-sidecar: %v\n", cmd, dir, err)
+		default:
+			fmt.Fprintf(stderr, "mailbox-sidecar %s: %v\n", cmd, err)
+		}
+		return nil, "", 1
+	}
+	return s, dir, 0
 }

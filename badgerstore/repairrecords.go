@@ -1,0 +1,793 @@
+package badgerstore
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"sort"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Repairing a data directory whose records went bad.
+//
+// A record that does not decode (engine.ErrCorrupt: bytes that went bad on
+// the disk, say) stops its thread: the engine sets the thread aside at
+// every claim (engine/README.md "A thread that cannot be claimed"), and
+// interrupt and cancel read the record too. Verify names it; Repair, run
+// by an operator on a stopped sidecar (`mailbox-sidecar repair`), puts in
+// its place what the indexes still tell, and then makes every derived key
+// agree with the records:
+//
+//   - a dispatch becomes a dead letter (thread, priority and creation time
+//     from its listing entry; its run from the run record that names it),
+//     with last_error saying so and what the indexes said it was; its run,
+//     when open, is closed with an error termination. An operator can
+//     requeue it like any dead letter.
+//   - a run record becomes a done run with an error termination (thread
+//     and times from its index entries); queued or claimed dispatches of
+//     it become dead letters: the request it held is gone.
+//   - a message becomes a system message saying it was damaged, under its
+//     id (from the id index) and sequence number, so the log keeps its
+//     length and order.
+//   - a thread projection is rebuilt from the thread's runs and messages
+//     (its resource_id, parent_thread_id and metadata are lost).
+//   - a thread state is rebuilt from the thread's dispatches.
+//
+// A record whose thread no index names is deleted (and listed). Then every
+// index entry, counter, marker, thread state, message counter and id index
+// and projection that disagrees with the records is rewritten or deleted
+// (a REINDEX): what Verify would call stray, missing or wrong. What the
+// records themselves cannot decide is listed and left: two claimed
+// dispatches on a thread, a gap in a message log.
+
+// RepairReport says what Repair did.
+type RepairReport struct {
+	// Replaced lists each record that did not decode and what took its
+	// place.
+	Replaced []string
+	// Rewritten counts the derived keys written or deleted to agree with
+	// the records.
+	Rewritten int
+	// Changes describes the first MaxProblems of those writes.
+	Changes []string
+	// Left lists what Repair found and could not mend.
+	Left []string
+}
+
+// repairNote is the text a placeholder carries.
+const repairNote = "damaged on disk; replaced by mailbox-sidecar repair"
+
+// repairWrite is one key Repair writes (del: deletes).
+type repairWrite struct {
+	k, v []byte
+	del  bool
+}
+
+// repairChunk bounds the writes of one commit.
+const repairChunk = 1000
+
+// Repair replaces the records that do not decode and rewrites every
+// derived key that disagrees with the records (see above). now (Unix ms)
+// stamps what it changes. It is for a stopped sidecar: nothing else may
+// use the store meanwhile. Running it on a consistent store writes
+// nothing.
+func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
+	var rep RepairReport
+	var writes []repairWrite
+	err := s.view(ctx, func(r *reader) error {
+		r.ctx = ctx
+		var err error
+		writes, err = planPlaceholders(r, now, &rep)
+		return err
+	})
+	if err != nil {
+		return rep, fmt.Errorf("repair: %w", err)
+	}
+	if err := s.applyRepair(ctx, writes); err != nil {
+		return rep, fmt.Errorf("repair: replacing damaged records: %w", err)
+	}
+	err = s.view(ctx, func(r *reader) error {
+		r.ctx = ctx
+		var err error
+		writes, err = planDerived(r, &rep)
+		return err
+	})
+	if err != nil {
+		return rep, fmt.Errorf("repair: %w", err)
+	}
+	if err := s.applyRepair(ctx, writes); err != nil {
+		return rep, fmt.Errorf("repair: rewriting derived keys: %w", err)
+	}
+	return rep, nil
+}
+
+// applyRepair writes ws through the writer (so its caches see them), a
+// chunk per durable commit.
+func (s *Store) applyRepair(ctx context.Context, ws []repairWrite) error {
+	for len(ws) > 0 {
+		n := min(len(ws), repairChunk)
+		chunk := ws[:n]
+		ws = ws[n:]
+		err := s.update(ctx, "repair", func(w *writeTx) error {
+			for _, x := range chunk {
+				if x.del {
+					w.del(x.k)
+				} else {
+					w.set(x.k, x.v)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// splitSeg splits <seg s><rest> (after the family byte).
+func splitSeg(b []byte) (s string, rest []byte, ok bool) {
+	if len(b) < 2 {
+		return "", nil, false
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+n {
+		return "", nil, false
+	}
+	return string(b[2 : 2+n]), b[2+n:], true
+}
+
+// dispatchTrace is what the indexes still tell of a dispatch.
+type dispatchTrace struct {
+	thread           string
+	priority         uint8
+	created          int64
+	queued           bool
+	available        int64
+	epoch            uint64
+	claimed, settled bool
+	dead             bool
+}
+
+func (t *dispatchTrace) was() string {
+	switch {
+	case t.dead:
+		return "a dead letter"
+	case t.settled:
+		return "finished"
+	case t.claimed:
+		return "claimed"
+	case t.queued:
+		return "queued"
+	}
+	return "of unknown status"
+}
+
+// runTrace is what the indexes still tell of a run.
+type runTrace struct {
+	thread           string
+	created, updated int64
+}
+
+// errorTermination is the termination of a run Repair closes.
+func errorTermination(why string) *engine.Termination {
+	v, _ := encode(map[string]string{"message": why})
+	return &engine.Termination{Type: engine.TermError, Value: v}
+}
+
+// planPlaceholders finds the records that do not decode and returns the
+// writes that replace them.
+func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, error) {
+	badDispatch := map[string]*dispatchTrace{}
+	badRun := map[string]*runTrace{}
+	badThread := map[string]bool{}
+	type msgRef struct {
+		thread string
+		seq    uint64
+	}
+	var badMsg []msgRef
+	runs := map[string]*engine.RunRecord{}
+	dispatchesOfRun := map[string][]*engine.Dispatch{}
+	err := r.iterate([]byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
+		d, err := decodeDispatch(k, v)
+		if err != nil {
+			badDispatch[string(k[1:])] = &dispatchTrace{}
+			return true, nil
+		}
+		dispatchesOfRun[d.RunID] = append(dispatchesOfRun[d.RunID], d)
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = r.iterate([]byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {
+		run, err := decodeRun(k, v)
+		if err != nil {
+			badRun[string(k[1:])] = &runTrace{}
+			return true, nil
+		}
+		runs[run.RunID] = run
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = r.iterate([]byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
+		if _, err := decodeThread(k, v); err != nil {
+			badThread[string(k[1:])] = true
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = r.iterate([]byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
+		if _, err := decodeThreadState(k, v); err != nil {
+			rep.Replaced = append(rep.Replaced, fmt.Sprintf("thread state of %s: rebuilt from its dispatches", k[1:]))
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = r.iterate([]byte{pMessage}, nil, false, false, func(k, v []byte) (bool, error) {
+		if _, err := decodeMessage(k, v); err != nil {
+			thread, seq, ok := splitMessageKey(k)
+			if !ok {
+				rep.Left = append(rep.Left, fmt.Sprintf("malformed message key %q", k))
+				return true, nil
+			}
+			badMsg = append(badMsg, msgRef{thread, seq})
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var out []repairWrite
+	put := func(k []byte, rec any) error {
+		b, err := encode(rec)
+		if err != nil {
+			return err
+		}
+		out = append(out, repairWrite{k: k, v: b})
+		return nil
+	}
+
+	// Dispatches: the indexes tell the thread, priority, creation time and
+	// what became of them.
+	if len(badDispatch) > 0 {
+		if err := traceDispatches(r, badDispatch); err != nil {
+			return nil, err
+		}
+	}
+	ids := sortedKeys(badDispatch)
+	for _, id := range ids {
+		tr := badDispatch[id]
+		if tr.thread == "" {
+			out = append(out, repairWrite{k: dispatchKey(id), del: true})
+			rep.Replaced = append(rep.Replaced, fmt.Sprintf("dispatch %s: no index names its thread; deleted", id))
+			continue
+		}
+		runID := "unknown"
+		var run *engine.RunRecord
+		for _, cand := range runs {
+			if cand.DispatchID == id && (run == nil || cand.CreatedAt > run.CreatedAt) {
+				run = cand
+			}
+		}
+		if run != nil {
+			runID = run.RunID
+		}
+		d := &engine.Dispatch{
+			DispatchID: id, ThreadID: tr.thread, RunID: runID, Priority: tr.priority, Epoch: tr.epoch,
+			Status: engine.StatusDeadLetter, AvailableAt: tr.created, MaxAttempts: 1,
+			LastError:   fmt.Sprintf("dispatch record %s (it was %s)", repairNote, tr.was()),
+			CompletedAt: now, CreatedAt: tr.created, UpdatedAt: now,
+		}
+		if tr.queued {
+			d.AvailableAt = tr.available
+		}
+		if err := put(dispatchKey(id), d); err != nil {
+			return nil, err
+		}
+		what := fmt.Sprintf("dispatch %s of thread %s (%s): a dead letter", id, tr.thread, tr.was())
+		if run != nil && run.Status != engine.RunDone && run.ThreadID == tr.thread {
+			closed := cloneRun(run)
+			closeRun(closed, "its dispatch record was "+repairNote, now)
+			runs[run.RunID] = closed
+			if err := put(runKey(run.RunID), closed); err != nil {
+				return nil, err
+			}
+			what += fmt.Sprintf("; its run %s, %s, closed with an error", run.RunID, run.Status)
+		}
+		rep.Replaced = append(rep.Replaced, what)
+	}
+
+	// Runs: the thread and times come from the run indexes.
+	if len(badRun) > 0 {
+		if err := traceRuns(r, badRun); err != nil {
+			return nil, err
+		}
+	}
+	for _, id := range sortedKeys(badRun) {
+		tr := badRun[id]
+		if tr.thread == "" {
+			out = append(out, repairWrite{k: runKey(id), del: true})
+			rep.Replaced = append(rep.Replaced, fmt.Sprintf("run %s: no index names its thread; deleted", id))
+			continue
+		}
+		run := &engine.RunRecord{RunID: id, ThreadID: tr.thread, CreatedAt: tr.created, UpdatedAt: tr.updated}
+		what := fmt.Sprintf("run %s of thread %s: a done run with an error termination", id, tr.thread)
+		var newest int64
+		for _, d := range dispatchesOfRun[id] {
+			if d.ThreadID != tr.thread {
+				continue
+			}
+			if run.DispatchID == "" || d.CreatedAt > newest {
+				run.DispatchID, newest = d.DispatchID, d.CreatedAt
+			}
+			if d.Status.Terminal() {
+				continue
+			}
+			dl := *d
+			dl.Status, dl.ClaimToken, dl.ClaimedBy, dl.LeaseUntil = engine.StatusDeadLetter, "", "", 0
+			dl.LastError = fmt.Sprintf("its run record was %s (the dispatch was %s)", repairNote, d.Status)
+			dl.CompletedAt, dl.UpdatedAt = now, now
+			if err := put(dispatchKey(d.DispatchID), &dl); err != nil {
+				return nil, err
+			}
+			what += fmt.Sprintf("; its %s dispatch %s a dead letter", d.Status, d.DispatchID)
+		}
+		closeRun(run, "run record "+repairNote, now)
+		run.UpdatedAt = tr.updated // its place in the thread's latest-run order
+		if err := put(runKey(id), run); err != nil {
+			return nil, err
+		}
+		rep.Replaced = append(rep.Replaced, what)
+	}
+
+	// Projections are rebuilt with the derived keys: drop them here.
+	for _, t := range sortedKeys(badThread) {
+		out = append(out, repairWrite{k: threadKey(t), del: true})
+		rep.Replaced = append(rep.Replaced, fmt.Sprintf("thread projection of %s: rebuilt from its runs and messages (its resource_id, parent_thread_id and metadata are lost)", t))
+	}
+
+	// Messages keep their id and place in the log.
+	for _, m := range badMsg {
+		id, err := messageIDAt(r, m.thread, m.seq)
+		if err != nil {
+			return nil, err
+		}
+		if id == "" {
+			id = fmt.Sprintf("damaged-%s-%d", m.thread, m.seq)
+		}
+		rec := &engine.MessageRecord{
+			MessageID: id, ThreadID: m.thread, Seq: m.seq,
+			Message: engine.Message{ID: id, Role: engine.RoleSystem, Content: []byte(`"[this message was ` + repairNote + `]"`)},
+		}
+		if err := put(messageKey(m.thread, m.seq), rec); err != nil {
+			return nil, err
+		}
+		rep.Replaced = append(rep.Replaced, fmt.Sprintf("message %d of thread %s (id %s): a system message saying it was damaged", m.seq, m.thread, id))
+	}
+	return out, nil
+}
+
+// closeRun ends run with an error termination saying why.
+func closeRun(run *engine.RunRecord, why string, now int64) {
+	run.Status = engine.RunDone
+	run.Waiting = nil
+	run.TerminationReason = errorTermination(why)
+	run.FinishedAt, run.UpdatedAt = now, now
+}
+
+// traceDispatches fills in what the indexes tell of the dispatches in bad.
+func traceDispatches(r *reader, bad map[string]*dispatchTrace) error {
+	// a and q: <seg thread><prio><created ts><id>.
+	for _, fam := range []byte{pAll, pQueue} {
+		err := r.iterate([]byte{fam}, nil, false, false, func(k, v []byte) (bool, error) {
+			thread, rest, ok := splitSeg(k[1:])
+			if !ok || len(rest) < 1+tsBytes {
+				return true, nil
+			}
+			tr := bad[string(rest[1+tsBytes:])]
+			if tr == nil {
+				return true, nil
+			}
+			tr.thread, tr.priority, tr.created = thread, rest[0], readTS(rest[1:])
+			if fam == pQueue && len(v) >= tsBytes+8 {
+				tr.queued, tr.available, tr.epoch = true, readTS(v), binary.BigEndian.Uint64(v[tsBytes:])
+			}
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	// l: <lease ts><id>; x: <completed ts><id>; t: <updated ts><created ts><id>.
+	for _, f := range []struct {
+		fam  byte
+		skip int
+		mark func(*dispatchTrace)
+	}{
+		{pLease, tsBytes, func(t *dispatchTrace) { t.claimed = true }},
+		{pDead, tsBytes, func(t *dispatchTrace) { t.dead = true }},
+		{pTerminal, 2 * tsBytes, func(t *dispatchTrace) { t.settled = true }},
+	} {
+		err := r.iterate([]byte{f.fam}, nil, false, true, func(k, _ []byte) (bool, error) {
+			if len(k) > 1+f.skip {
+				if tr := bad[string(k[1+f.skip:])]; tr != nil {
+					f.mark(tr)
+				}
+			}
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// traceRuns fills in what the run indexes tell of the runs in bad: T
+// (<seg thread><updated ts><created ts><id>), else U (<seg thread><created
+// ts><id>).
+func traceRuns(r *reader, bad map[string]*runTrace) error {
+	err := r.iterate([]byte{pRunLatest}, nil, false, true, func(k, _ []byte) (bool, error) {
+		thread, rest, ok := splitSeg(k[1:])
+		if !ok || len(rest) < 2*tsBytes {
+			return true, nil
+		}
+		if tr := bad[string(rest[2*tsBytes:])]; tr != nil {
+			tr.thread, tr.updated, tr.created = thread, readTS(rest), readTS(rest[tsBytes:])
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	return r.iterate([]byte{pRunThread}, nil, false, true, func(k, _ []byte) (bool, error) {
+		thread, rest, ok := splitSeg(k[1:])
+		if !ok || len(rest) < tsBytes {
+			return true, nil
+		}
+		if tr := bad[string(rest[tsBytes:])]; tr != nil && tr.thread == "" {
+			tr.thread, tr.created = thread, readTS(rest)
+			tr.updated = tr.created
+		}
+		return true, nil
+	})
+}
+
+// messageIDAt is the id the message-id index gives message seq of thread,
+// "" when none.
+func messageIDAt(r *reader, thread string, seq uint64) (string, error) {
+	prefix := threadPrefix(pMessageID, thread)
+	var id string
+	err := r.iterate(prefix, nil, false, false, func(k, v []byte) (bool, error) {
+		if len(v) == 8 && readU64(v) == seq {
+			id = string(k[len(prefix):])
+			return false, nil
+		}
+		return true, nil
+	})
+	return id, err
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// planDerived returns the writes that make every derived key agree with
+// the records of r's snapshot.
+func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
+	var out []repairWrite
+	change := func(w repairWrite, format string, args ...any) {
+		out = append(out, w)
+		rep.Rewritten++
+		if len(rep.Changes) < MaxProblems {
+			rep.Changes = append(rep.Changes, fmt.Sprintf(format, args...))
+		}
+	}
+	left := func(format string, args ...any) { rep.Left = append(rep.Left, fmt.Sprintf(format, args...)) }
+	dv, err := derive(r, left)
+	if err != nil {
+		return nil, err
+	}
+
+	// Index families.
+	for _, fam := range derivedFamilies {
+		exp := dv.want[fam]
+		err := r.iterate([]byte{fam}, nil, false, false, func(k, v []byte) (bool, error) {
+			wv, ok := exp[string(k)]
+			switch {
+			case !ok:
+				change(repairWrite{k: k, del: true}, "deleted stray index entry %q", k)
+			case fam != pAll && !bytes.Equal(wv, v) && !(len(wv) == 0 && len(v) == 0):
+				change(repairWrite{k: k, v: wv}, "index entry %q: value %q → %q", k, v, wv)
+			}
+			delete(exp, string(k))
+			return true, nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		for _, k := range sortedKeys(exp) {
+			change(repairWrite{k: []byte(k), v: exp[k]}, "wrote missing index entry %q", k)
+		}
+	}
+
+	// Counters by status (absent is zero).
+	for _, st := range engine.AllStatuses {
+		k := countKey(st)
+		b, _, err := r.get(k)
+		if err != nil {
+			return nil, err
+		}
+		want := dv.counts[byte(st)]
+		if got, cerr := counter(k, b); cerr == nil && got == want {
+			continue
+		}
+		if want == 0 {
+			change(repairWrite{k: k, del: true}, "count of %s → 0", st)
+		} else {
+			change(repairWrite{k: k, v: u64(want)}, "count of %s → %d", st, want)
+		}
+	}
+
+	// Thread states, and the queued-thread markers with them.
+	states := map[string]bool{}
+	err = r.iterate([]byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
+		thread := string(k[1:])
+		states[thread] = true
+		tw := dv.threads[thread]
+		if tw == nil {
+			tw = &threadWant{}
+		}
+		st, derr := decodeThreadState(k, v)
+		if derr == nil && stateAgrees(st, tw) {
+			return true, nil
+		}
+		want, ok := tw.stateFor(st.epoch) // st is zero when it does not decode
+		switch {
+		case !ok:
+			left("thread %s has %d claimed dispatches (%v): its state is not rebuilt", thread, len(tw.claimed), tw.claimed)
+		case want.zero():
+			change(repairWrite{k: k, del: true}, "deleted the all-zero state of thread %s", thread)
+		default:
+			change(repairWrite{k: k, v: encodeThreadState(want)}, "rebuilt the state of thread %s (queued %d, claimed %q, epoch %d)", thread, want.queued, want.claimed, want.epoch)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, thread := range sortedKeys(dv.threads) {
+		if states[thread] {
+			continue
+		}
+		want, ok := dv.threads[thread].stateFor(0)
+		switch {
+		case !ok:
+			left("thread %s has %d claimed dispatches (%v): its state is not rebuilt", thread, len(dv.threads[thread].claimed), dv.threads[thread].claimed)
+		case !want.zero():
+			change(repairWrite{k: stateKey(thread), v: encodeThreadState(want)}, "wrote the missing state of thread %s (queued %d, claimed %q, epoch %d)", thread, want.queued, want.claimed, want.epoch)
+		}
+	}
+	markers := map[string]bool{}
+	err = r.iterate([]byte{pThreadQ}, nil, false, true, func(k, _ []byte) (bool, error) {
+		thread := string(k[1:])
+		markers[thread] = true
+		if tw := dv.threads[thread]; tw == nil || tw.queued == 0 {
+			change(repairWrite{k: k, del: true}, "deleted the queued-thread marker of %s", thread)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, thread := range sortedKeys(dv.threads) {
+		if dv.threads[thread].queued > 0 && !markers[thread] {
+			change(repairWrite{k: threadQKey(thread), v: nil}, "wrote the queued-thread marker of %s", thread)
+		}
+	}
+
+	if err := planMessageLogs(r, dv.runs, change, left); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// stateAgrees reports whether a stored thread state passes Verify's checks
+// against what the records imply.
+func stateAgrees(st threadState, tw *threadWant) bool {
+	want := ""
+	if len(tw.claimed) == 1 {
+		want = tw.claimed[0]
+	}
+	switch {
+	case st.zero(), st.queued != tw.queued, st.claimed != want, st.epoch < tw.maxEpoch, len(tw.claimed) > 1:
+		return false
+	case tw.minQueue != nil && bytes.Compare(st.floor, tw.minQueue) > 0:
+		return false
+	case tw.minAvail != nil && bytes.Compare(st.vfloor, tw.minAvail) > 0:
+		return false
+	case st.dueStale && st.claimed == "":
+		return false
+	case tw.queued > 0 && !(st.dueStale && st.claimed != "") && st.due != tw.due:
+		return false
+	}
+	return true
+}
+
+// planMessageLogs makes each thread's message counter, id index and
+// projection agree with its message records and runs.
+func planMessageLogs(r *reader, runs map[string]*engine.RunRecord, change func(repairWrite, string, ...any), left func(string, ...any)) error {
+	lastSeq := map[string]uint64{}
+	count := map[string]uint64{}
+	wantID := map[string][]byte{} // I key → seq
+	err := r.iterate([]byte{pMessage}, nil, false, false, func(k, v []byte) (bool, error) {
+		thread, seq, ok := splitMessageKey(k)
+		if !ok {
+			return true, nil
+		}
+		m, err := decodeMessageOf(thread, seq, k, v, false)
+		if err != nil {
+			left("%v", err)
+			return true, nil
+		}
+		lastSeq[thread] = max(lastSeq[thread], seq)
+		count[thread]++
+		wantID[string(messageIDKey(thread, m.MessageID))] = u64(seq)
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, thread := range sortedKeys(lastSeq) {
+		if count[thread] != lastSeq[thread] {
+			left("thread %s message log holds %d messages up to seq %d: the gaps are not filled", thread, count[thread], lastSeq[thread])
+		}
+	}
+	err = r.iterate([]byte{pMessageID}, nil, false, false, func(k, v []byte) (bool, error) {
+		wv, ok := wantID[string(k)]
+		switch {
+		case !ok:
+			change(repairWrite{k: k, del: true}, "deleted stray message-id entry %q", k)
+		case !bytes.Equal(wv, v):
+			change(repairWrite{k: k, v: wv}, "message-id entry %q → seq %d", k, readU64(wv))
+		}
+		delete(wantID, string(k))
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range sortedKeys(wantID) {
+		change(repairWrite{k: []byte(k), v: wantID[k]}, "wrote missing message-id entry %q", k)
+	}
+	// The counter is the append guard: the next append takes seq n+1, so
+	// it is the last seq, gaps or not.
+	counted := map[string]bool{}
+	err = r.iterate([]byte{pMsgCount}, nil, false, false, func(k, v []byte) (bool, error) {
+		thread := string(k[1:])
+		counted[thread] = true
+		got, cerr := counter(k, v)
+		switch want := lastSeq[thread]; {
+		case cerr == nil && got == want:
+		case want == 0:
+			change(repairWrite{k: k, del: true}, "deleted the message counter of %s (no messages)", thread)
+		default:
+			change(repairWrite{k: k, v: u64(want)}, "message counter of %s → %d", thread, want)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, thread := range sortedKeys(lastSeq) {
+		if !counted[thread] {
+			change(repairWrite{k: msgCountKey(thread), v: u64(lastSeq[thread])}, "wrote the missing message counter of %s (%d)", thread, lastSeq[thread])
+		}
+	}
+
+	// Projections: message_count and run pointers from the records.
+	latest := map[string]*engine.RunRecord{}
+	for _, run := range runs {
+		if l := latest[run.ThreadID]; l == nil || bytes.Compare(runLatestKey(run), runLatestKey(l)) > 0 {
+			latest[run.ThreadID] = run
+		}
+	}
+	fix := func(k []byte, t *engine.Thread, what string) error {
+		b, err := encode(t)
+		if err != nil {
+			return err
+		}
+		change(repairWrite{k: k, v: b}, "%s thread projection %s (messages %d, latest run %q)", what, t.ID, t.MessageCount, t.LatestRunID)
+		return nil
+	}
+	projected := map[string]bool{}
+	err = r.iterate([]byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
+		thread := string(k[1:])
+		projected[thread] = true
+		t, err := decodeThread(k, v)
+		if err != nil {
+			left("%v", err)
+			return true, nil
+		}
+		if t.ID != thread {
+			left("thread record %q names thread %q", k[1:], t.ID)
+			return true, nil
+		}
+		if fixProjection(t, runs, latest[thread], lastSeq[thread], false) {
+			return true, fix(k, t, "rewrote")
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	missing := map[string]bool{}
+	for t := range latest {
+		missing[t] = true
+	}
+	for t := range lastSeq {
+		missing[t] = true
+	}
+	for _, thread := range sortedKeys(missing) {
+		if projected[thread] {
+			continue
+		}
+		t := &engine.Thread{ID: thread}
+		fixProjection(t, runs, latest[thread], lastSeq[thread], true)
+		if err := fix(threadKey(thread), t, "wrote missing"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fixProjection makes t's message count and run pointers agree with the
+// records (Verify's checkProjection), and reports whether it changed t. A
+// fresh projection (one rebuilt from nothing) names the latest run as
+// ApplyRun would have left it: open while not done, active while running.
+func fixProjection(t *engine.Thread, runs map[string]*engine.RunRecord, latest *engine.RunRecord, messages uint64, fresh bool) bool {
+	before := *t
+	t.MessageCount = messages
+	of := func(id string) *engine.RunRecord {
+		if run := runs[id]; run != nil && run.ThreadID == t.ID {
+			return run
+		}
+		return nil
+	}
+	if run := of(t.ActiveRunID); run == nil || run.Status != engine.RunRunning {
+		t.ActiveRunID = ""
+	}
+	if run := of(t.OpenRunID); run == nil || run.Status == engine.RunDone {
+		t.OpenRunID, t.OpenRunStatus = "", ""
+	} else if t.OpenRunStatus != "" {
+		t.OpenRunStatus = run.Status
+	}
+	if of(t.LatestRunID) == nil {
+		t.LatestRunID = ""
+		if latest != nil {
+			t.LatestRunID = latest.RunID
+		}
+	}
+	if fresh && latest != nil && latest.Status != engine.RunDone {
+		t.OpenRunID, t.OpenRunStatus = latest.RunID, latest.Status
+		if latest.Status == engine.RunRunning {
+			t.ActiveRunID = latest.RunID
+		}
+	}
+	return t.MessageCount != before.MessageCount || t.ActiveRunID != before.ActiveRunID || t.OpenRunID != before.OpenRunID ||
+		t.OpenRunStatus != before.OpenRunStatus || t.LatestRunID != before.LatestRunID
+}

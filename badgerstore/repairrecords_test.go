@@ -1,0 +1,185 @@
+package badgerstore
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// contextExec runs each run at once, once opened, and keeps the context
+// messages each thread's run was given.
+type contextExec struct {
+	oneSlotExec
+	mu   sync.Mutex
+	seen map[string][]engine.MessageRecord
+}
+
+func (e *contextExec) Run(ctx context.Context, r *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+	e.mu.Lock()
+	e.seen[r.ThreadID] = append([]engine.MessageRecord(nil), r.Context.Messages...)
+	e.mu.Unlock()
+	return e.oneSlotExec.Run(ctx, r, sink)
+}
+
+func (e *contextExec) contextOf(thread string) []engine.MessageRecord {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.seen[thread]
+}
+
+// Every kind of record that can go bad is put back by Repair, every
+// derived key is made to agree, the store verifies clean, a second Repair
+// writes nothing, and the threads whose records went bad run again.
+func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
+	ex := &contextExec{oneSlotExec: oneSlotExec{changed: make(chan struct{}, 1)}, seen: map[string][]engine.MessageRecord{}}
+	s, mb := openMailbox(t, Options{Dir: t.TempDir()}, ex) // closed: everything stays queued
+	ctx := context.Background()
+	submit := func(thread, text string) engine.SubmitResult {
+		t.Helper()
+		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userText(text)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	badDispatch := submit("t-dispatch", "its record goes bad")
+	behind := submit("t-dispatch", "queued behind it")
+	badRun := submit("t-run", "its run record goes bad")
+	submit("t-message", "this message goes bad")
+	msgRun := submit("t-message", "runs after the repair")
+	stateRun := submit("t-state", "its thread state goes bad")
+	projRun := submit("t-projection", "its projection goes bad")
+	good := submit("good", "nothing goes bad")
+	claimed := submit("t-claimed", "claimed by a consumer, then its record goes bad")
+	now := time.Now().UnixMilli()
+	if d, err := s.ClaimStart(ctx, "t-claimed", "other", time.Minute, "instance-1", now); err != nil || d == nil || d.DispatchID != claimed.DispatchID {
+		t.Fatalf("claim: %v, %+v", err, d)
+	}
+	if r, _ := s.LoadRun(ctx, claimed.RunID); r == nil || r.Status != engine.RunRunning {
+		t.Fatalf("the claimed run is not running: %+v", r)
+	}
+
+	garbage := []byte{binaryV1, 0xff, 0xff, 0xff}
+	for _, k := range [][]byte{
+		dispatchKey(badDispatch.DispatchID), dispatchKey(claimed.DispatchID), runKey(badRun.RunID),
+		messageKey("t-message", 1), stateKey("t-state"), threadKey("t-projection"),
+	} {
+		if err := s.RawSet(k, garbage); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Derived keys gone wrong too: a stray lease entry, a missing queue
+	// entry, a counter off by one, a message counter too low.
+	stray := &engine.Dispatch{DispatchID: "nobody", LeaseUntil: now}
+	if err := s.RawSet(leaseKey(stray), nil); err != nil {
+		t.Fatal(err)
+	}
+	goodD, err := s.LoadDispatch(ctx, good.DispatchID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RawDelete(orderKey(pQueue, goodD)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RawSet(countKey(engine.StatusQueued), u64(99)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RawSet(msgCountKey("good"), u64(0)); err != nil {
+		t.Fatal(err)
+	}
+	before, err := s.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(before.Problems) < 10 {
+		t.Fatalf("Verify found %d problems before the repair; want every damage named: %v", len(before.Problems), before.Problems)
+	}
+
+	rep, err := s.Repair(ctx, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("replaced: %v\nrewritten %d: %v\nleft: %v", rep.Replaced, rep.Rewritten, rep.Changes, rep.Left)
+	for _, want := range []string{badDispatch.DispatchID, claimed.DispatchID, badRun.RunID, "message 1 of thread t-message", "thread state of t-state", "thread projection of t-projection"} {
+		if !slices.ContainsFunc(rep.Replaced, func(s string) bool { return strings.Contains(s, want) }) {
+			t.Errorf("the report does not name %q among the replaced records: %v", want, rep.Replaced)
+		}
+	}
+	if len(rep.Left) != 0 {
+		t.Errorf("left unmended: %v", rep.Left)
+	}
+	after, err := s.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after.Problems) != 0 {
+		t.Fatalf("Verify after the repair: %v", after.Problems)
+	}
+	again, err := s.Repair(ctx, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(again.Replaced) != 0 || again.Rewritten != 0 || len(again.Left) != 0 {
+		t.Fatalf("a second repair changed things: %+v", again)
+	}
+
+	// What took the damaged records' places.
+	d, err := s.LoadDispatch(ctx, badDispatch.DispatchID)
+	if err != nil || d.Status != engine.StatusDeadLetter || d.ThreadID != "t-dispatch" || d.RunID != badDispatch.RunID || !strings.Contains(d.LastError, "it was queued") {
+		t.Fatalf("the damaged queued dispatch reads %+v, %v; want a dead letter of t-dispatch naming its run", d, err)
+	}
+	d, err = s.LoadDispatch(ctx, claimed.DispatchID)
+	if err != nil || d.Status != engine.StatusDeadLetter || !strings.Contains(d.LastError, "it was claimed") {
+		t.Fatalf("the damaged claimed dispatch reads %+v, %v", d, err)
+	}
+	if r, _ := s.LoadRun(ctx, claimed.RunID); r == nil || r.Status != engine.RunDone || r.TerminationReason == nil || r.TerminationReason.Type != engine.TermError {
+		t.Fatalf("the run of the damaged claimed dispatch: %+v; want done with an error", r)
+	}
+	if th, _ := s.LoadThread(ctx, "t-claimed"); th == nil || th.ActiveRunID != "" || th.OpenRunID != "" {
+		t.Fatalf("t-claimed's projection still names its closed run: %+v", th)
+	}
+	if r, _ := s.LoadRun(ctx, badRun.RunID); r == nil || r.Status != engine.RunDone || r.ThreadID != "t-run" || r.DispatchID != badRun.DispatchID {
+		t.Fatalf("the damaged run reads %+v", r)
+	}
+	if d, _ := s.LoadDispatch(ctx, badRun.DispatchID); d == nil || d.Status != engine.StatusDeadLetter || !strings.Contains(d.LastError, "run record") {
+		t.Fatalf("the queued dispatch of the damaged run: %+v; want a dead letter", d)
+	}
+	if th, _ := s.LoadThread(ctx, "t-projection"); th == nil || th.MessageCount != 1 || th.LatestRunID != projRun.RunID || th.OpenRunID != projRun.RunID {
+		t.Fatalf("the rebuilt projection: %+v", th)
+	}
+	if dl, _ := s.ListDeadLetters(ctx, 10, 0); len(dl) != 3 {
+		t.Fatalf("%d dead letters; want the two damaged dispatches and the one of the damaged run", len(dl))
+	}
+
+	// The threads run again, on a mailbox started after the repair (as the
+	// sidecar is: the first one's caches hold what the disk held before).
+	mb, err = engine.New(s, ex, engine.Config{ConsumerID: "c2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	startMailbox(t, mb)
+	ex.open.Store(true)
+	ex.changed <- struct{}{}
+	for _, id := range []string{behind.RunID, msgRun.RunID, stateRun.RunID, projRun.RunID, good.RunID} {
+		waitFor(t, "run "+id+" to finish", func() bool {
+			r, _ := s.LoadRun(ctx, id)
+			return r != nil && r.Status == engine.RunDone
+		})
+	}
+	msgs := ex.contextOf("t-message")
+	if len(msgs) < 2 || msgs[0].Seq != 1 || msgs[0].Message.Role != engine.RoleSystem || !strings.Contains(string(msgs[0].Message.Content), "damaged") {
+		t.Fatalf("t-message's context: %v; want the damaged message as a system message saying so, first", msgs)
+	}
+	final, err := s.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(final.Problems) != 0 {
+		t.Fatalf("Verify after the runs: %v", final.Problems)
+	}
+}

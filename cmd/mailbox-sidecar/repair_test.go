@@ -1,0 +1,99 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// repair on a directory whose newest value-log file went bad under three
+// large messages: refused while the directory is open and, as verify is,
+// before Badger would cut the file; with --allow-cut the messages the cut
+// lost become system messages saying so, and the directory verifies clean.
+func TestRepairPutsBackWhatAValueLogCutLost(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i := range 3 {
+		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("n%d-", i), 30<<10)) // 90 KiB: in the value log
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
+			Messages: []engine.Message{{ID: fmt.Sprintf("n%d", i), Role: "user", Content: content}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	command := func(args ...string) (int, string, string) {
+		var out, errOut bytes.Buffer
+		code := run(args, func(string) string { return "" }, &out, &errOut)
+		return code, out.String(), errOut.String()
+	}
+	if code, _, errOut := command("repair", "--data-dir", dir); code != 1 || !strings.Contains(errOut, "in use") {
+		t.Fatalf("repair of a directory in use: exit %d, stderr %s", code, errOut)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	es, _ := os.ReadDir(dir)
+	var vlogs []string
+	for _, e := range es {
+		if strings.HasSuffix(e.Name(), ".vlog") {
+			vlogs = append(vlogs, e.Name())
+		}
+	}
+	slices.Sort(vlogs)
+	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
+	b, err := os.ReadFile(newest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.Index(b, []byte(`"n0-n0-`))
+	if i < 0 {
+		t.Fatalf("n0 not in the newest value-log file %s", newest)
+	}
+	b[i+999] ^= 0x01
+	if err := os.WriteFile(newest, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := command("repair", "--data-dir", dir)
+	if code != 1 || !strings.Contains(errOut, "not opened") || !strings.Contains(errOut, "repair --allow-cut") {
+		t.Fatalf("repair of a damaged newest value-log file: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	code, out, errOut = command("repair", "--data-dir", dir, "--allow-cut")
+	if code != 0 || !strings.Contains(out, "replaced: message 1 of thread t2 (id n0)") || !strings.Contains(out, "consistent") {
+		t.Fatalf("repair --allow-cut: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if code, out, errOut := command("verify", "--data-dir", dir); code != 0 {
+		t.Fatalf("verify after the repair: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	code, out, errOut = command("repair", "--data-dir", dir)
+	if code != 0 || !strings.Contains(out, "0 records replaced, 0 derived keys rewritten") || !strings.Contains(out, "consistent") {
+		t.Fatalf("a second repair: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	s, err = badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	msgs, err := s.LoadMessages(ctx, "t2")
+	if err != nil || len(msgs) != 3 {
+		t.Fatalf("t2 after the repair: %d messages, %v", len(msgs), err)
+	}
+	if m := msgs[0]; m.MessageID != "n0" || m.Message.Role != engine.RoleSystem || !strings.Contains(string(m.Message.Content), "damaged") {
+		t.Fatalf("the first message after the repair: %+v", m)
+	}
+	if code, _, _ := command("repair", "--data-dir", dir, "extra"); code != 2 {
+		t.Fatalf("repair with an argument: exit %d, want 2", code)
+	}
+}
