@@ -64,6 +64,10 @@ func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
 		t.Fatalf("the claimed run is not running: %+v", r)
 	}
 
+	first, err := s.LoadMessageRange(ctx, "t-message", 1, 1)
+	if err != nil || len(first) != 1 {
+		t.Fatalf("t-message's first message: %v, %v", first, err)
+	}
 	garbage := []byte{binaryV1, 0xff, 0xff, 0xff}
 	for _, k := range [][]byte{
 		dispatchKey(badDispatch.DispatchID), dispatchKey(claimed.DispatchID), runKey(badRun.RunID),
@@ -90,6 +94,11 @@ func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := s.RawSet(msgCountKey("good"), u64(0)); err != nil {
+		t.Fatal(err)
+	}
+	// A thread whose epoch an interrupt bumped past its dispatches' (it
+	// has none), with a queued count the records do not bear out.
+	if err := s.RawSet(stateKey("t-epoch"), encodeThreadState(threadState{epoch: 7, queued: 2})); err != nil {
 		t.Fatal(err)
 	}
 	before, err := s.Verify(ctx)
@@ -126,6 +135,13 @@ func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
 	}
 	if len(again.Replaced) != 0 || again.Rewritten != 0 || len(again.Left) != 0 {
 		t.Fatalf("a second repair changed things: %+v", again)
+	}
+
+	if e, err := s.CurrentEpoch(ctx, "t-epoch"); err != nil || e != 7 {
+		t.Fatalf("t-epoch's epoch after the repair: %d, %v; want 7 kept", e, err)
+	}
+	if n, _ := s.QueuedThreadIDs(ctx); slices.Contains(n, "t-epoch") {
+		t.Fatalf("t-epoch still counts as queued: %v", n)
 	}
 
 	// What took the damaged records' places.
@@ -172,7 +188,7 @@ func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
 		})
 	}
 	msgs := ex.contextOf("t-message")
-	if len(msgs) < 2 || msgs[0].Seq != 1 || msgs[0].Message.Role != engine.RoleSystem || !strings.Contains(string(msgs[0].Message.Content), "damaged") {
+	if len(msgs) < 2 || msgs[0].Seq != 1 || msgs[0].MessageID != first[0].MessageID || msgs[0].Message.Role != engine.RoleSystem || !strings.Contains(string(msgs[0].Message.Content), "damaged") {
 		t.Fatalf("t-message's context: %v; want the damaged message as a system message saying so, first", msgs)
 	}
 	final, err := s.Verify(ctx)
@@ -181,5 +197,46 @@ func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
 	}
 	if len(final.Problems) != 0 {
 		t.Fatalf("Verify after the runs: %v", final.Problems)
+	}
+}
+
+// A gap in a message log is listed, not filled, and the counter is set
+// past it: the next append takes the seq after the last record, and
+// overwrites nothing.
+func TestRepairLeavesAGapInALogButGuardsItsRecords(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	for i := range 3 {
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
+			Messages: []engine.Message{{ID: string(rune('a' + i)), Role: engine.RoleUser, Content: []byte(`"x"`)}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.RawDelete(messageKey("t", 2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RawSet(msgCountKey("t"), u64(1)); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := s.Repair(ctx, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Left) != 1 || !strings.Contains(rep.Left[0], "2 messages up to seq 3") {
+		t.Fatalf("left: %v; want the gap named", rep.Left)
+	}
+	if n, err := s.MessageCount(ctx, "t"); err != nil || n != 3 {
+		t.Fatalf("message counter after the repair: %d, %v; want 3, past the gap", n, err)
+	}
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t", ExpectedCount: 3, CreatedAt: 4,
+		Messages: []engine.Message{{ID: "d", Role: engine.RoleUser, Content: []byte(`"y"`)}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := s.LoadMessage(ctx, "t", "c"); err != nil || m == nil || m.Seq != 3 {
+		t.Fatalf("message c after the next append: %+v, %v; want seq 3 kept", m, err)
 	}
 }
