@@ -69,8 +69,9 @@ type repairWrite struct {
 const repairChunk = 1000
 
 // Repair replaces the records that do not decode and rewrites every
-// derived key that disagrees with the records (see above). now (Unix ms)
-// stamps what it changes. It is for a stopped sidecar: nothing else may
+// derived key that disagrees with the records (see above). now (Unix ms,
+// as dispatches keep time; run records get its seconds) stamps what it
+// changes. It is for a stopped sidecar: nothing else may
 // use the store meanwhile. Running it on a consistent store writes
 // nothing.
 func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
@@ -169,12 +170,6 @@ func (t *dispatchTrace) was() string {
 type runTrace struct {
 	thread           string
 	created, updated int64
-}
-
-// errorTermination is the termination of a run Repair closes.
-func errorTermination(why string) *engine.Termination {
-	v, _ := encode(map[string]string{"message": why})
-	return &engine.Termination{Type: engine.TermError, Value: v}
 }
 
 // planPlaceholders finds the records that do not decode and returns the
@@ -296,7 +291,7 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		what := fmt.Sprintf("dispatch %s of thread %s (%s): a dead letter", id, tr.thread, tr.was())
 		if run != nil && run.Status != engine.RunDone && run.ThreadID == tr.thread {
 			closed := cloneRun(run)
-			closeRun(closed, "its dispatch record was "+repairNote, now)
+			closed.Settle(d, now/1000) // as the engine settles the run of a dead letter
 			runs[run.RunID] = closed
 			if err := put(runKey(run.RunID), closed); err != nil {
 				return nil, err
@@ -341,8 +336,14 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			}
 			what += fmt.Sprintf("; its %s dispatch %s a dead letter", d.Status, d.DispatchID)
 		}
-		closeRun(run, "run record "+repairNote, now)
-		run.UpdatedAt = tr.updated // its place in the thread's latest-run order
+		why := "run record " + repairNote
+		p, err := encode(map[string]string{"message": why})
+		if err != nil {
+			return nil, err
+		}
+		// Done as the engine leaves the run of a dead letter (Settle),
+		// updated_at kept: its place in the thread's latest-run order.
+		run.Status, run.TerminationReason, run.ErrorPayload, run.FinishedAt = engine.RunDone, engine.ErrorTermination(why), p, now/1000
 		if err := put(runKey(id), run); err != nil {
 			return nil, err
 		}
@@ -374,14 +375,6 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		rep.Replaced = append(rep.Replaced, fmt.Sprintf("message %d of thread %s (id %s): a system message saying it was damaged", m.seq, m.thread, id))
 	}
 	return out, nil
-}
-
-// closeRun ends run with an error termination saying why.
-func closeRun(run *engine.RunRecord, why string, now int64) {
-	run.Status = engine.RunDone
-	run.Waiting = nil
-	run.TerminationReason = errorTermination(why)
-	run.FinishedAt, run.UpdatedAt = now, now
 }
 
 // traceDispatches fills in what the indexes tell of the dispatches in bad.

@@ -153,13 +153,13 @@ func TestRepairPutsBackDamagedRecordsAndTheThreadsRunAgain(t *testing.T) {
 	if err != nil || d.Status != engine.StatusDeadLetter || !strings.Contains(d.LastError, "it was claimed") {
 		t.Fatalf("the damaged claimed dispatch reads %+v, %v", d, err)
 	}
-	if r, _ := s.LoadRun(ctx, claimed.RunID); r == nil || r.Status != engine.RunDone || r.TerminationReason == nil || r.TerminationReason.Type != engine.TermError {
+	if r, _ := s.LoadRun(ctx, claimed.RunID); r == nil || r.Status != engine.RunDone || r.TerminationReason == nil || r.TerminationReason.Type != engine.TermError || r.FinishedAt != now/1000 {
 		t.Fatalf("the run of the damaged claimed dispatch: %+v; want done with an error", r)
 	}
 	if th, _ := s.LoadThread(ctx, "t-claimed"); th == nil || th.ActiveRunID != "" || th.OpenRunID != "" {
 		t.Fatalf("t-claimed's projection still names its closed run: %+v", th)
 	}
-	if r, _ := s.LoadRun(ctx, badRun.RunID); r == nil || r.Status != engine.RunDone || r.ThreadID != "t-run" || r.DispatchID != badRun.DispatchID {
+	if r, _ := s.LoadRun(ctx, badRun.RunID); r == nil || r.Status != engine.RunDone || r.ThreadID != "t-run" || r.DispatchID != badRun.DispatchID || r.FinishedAt != now/1000 || r.UpdatedAt > now/1000 {
 		t.Fatalf("the damaged run reads %+v", r)
 	}
 	if d, _ := s.LoadDispatch(ctx, badRun.DispatchID); d == nil || d.Status != engine.StatusDeadLetter || !strings.Contains(d.LastError, "run record") {
