@@ -195,6 +195,9 @@ type Store struct {
 	// testCommit, set only by tests, replaces txn.CommitWith (to delay or
 	// fail a commit).
 	testCommit func(txn *badger.Txn) func(cb func(error))
+	// testWriteSetMade, when set, is called for every write set the
+	// writer makes instead of reusing one.
+	testWriteSetMade func()
 }
 
 var _ engine.Store = (*Store)(nil)

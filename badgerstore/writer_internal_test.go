@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -468,5 +469,45 @@ func TestSentBatchesCountTheirBytesForTheSpaceCheck(t *testing.T) {
 	}
 	if s.space.written < int64(len(big)) {
 		t.Fatalf("the space check counted %d bytes after a batch of %d", s.space.written, len(big))
+	}
+}
+
+// The writer reuses its write sets: commits one at a time (the writer
+// idle between them, so each batch in flight is recycled when it is
+// reaped) and in bursts make no more than the three a pipeline holds (in
+// flight, building, spare). With one spare slot, every idle commit
+// dropped a set and the next batch grew a new one.
+func TestTheWriterReusesItsWriteSets(t *testing.T) {
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var made atomic.Int64
+	s.testWriteSetMade = func() { made.Add(1) }
+	for i := range 200 {
+		if err := s.RawSet([]byte(fmt.Sprintf("zk%d", i)), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Bursts that end: the pipeline goes idle 50 times.
+	for burst := range 50 {
+		var wg sync.WaitGroup
+		for g := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range 3 {
+					if err := s.RawSet([]byte(fmt.Sprintf("zb%d-%d-%d", burst, g, i)), []byte("v")); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	if n := made.Load(); n > 3 {
+		t.Fatalf("the writer made %d write sets for 200 commits alone and 50 bursts; want at most 3", n)
 	}
 }
