@@ -1,6 +1,7 @@
 package badgerstore
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"reflect"
@@ -306,5 +307,34 @@ func TestADecodedMessageKeepsItsBytesOnce(t *testing.T) {
 		if per > 1.5*size {
 			t.Errorf("owned %v: a %d-byte message keeps %.0f bytes", owned, size, per)
 		}
+	}
+}
+
+// A context window's read allocates once per message (the value copy its
+// record keeps), not once more for a copy of each key, which the walk
+// reads and drops.
+func TestAWindowReadAllocatesOncePerMessage(t *testing.T) {
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	const n = 200
+	msgs := make([]engine.Message, n)
+	for i := range msgs {
+		msgs[i] = engine.Message{ID: fmt.Sprintf("m%d", i), Role: engine.RoleUser, Content: []byte(`"a message of the window"`)}
+	}
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t", ExpectedCount: 0, CreatedAt: 1, Messages: msgs}); err != nil {
+		t.Fatal(err)
+	}
+	allocs := testing.AllocsPerRun(20, func() {
+		got, err := s.LoadMessageRange(ctx, "t", 1, n)
+		if err != nil || len(got) != n {
+			t.Fatalf("%d messages, %v", len(got), err)
+		}
+	})
+	if allocs > 1.5*n {
+		t.Fatalf("a window of %d messages: %.0f allocations; want about one per message", n, allocs)
 	}
 }

@@ -49,18 +49,29 @@ func (r *reader) get(key []byte) ([]byte, bool, error) {
 
 // iterate is iterate on the snapshot (index scans do not use the cache).
 func (r *reader) iterate(prefix, start []byte, reverse, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
-	if r.ctx != nil {
-		inner, n := fn, 0
-		fn = func(k, v []byte) (bool, error) {
-			if n++; n%ctxEvery == 0 {
-				if err := r.ctx.Err(); err != nil {
-					return false, err
-				}
-			}
-			return inner(k, v)
-		}
+	return iterate(r.txn, prefix, start, reverse, keysOnly, r.withCtx(fn))
+}
+
+// withCtx makes fn stop the walk once r.ctx (when set) is done.
+func (r *reader) withCtx(fn func(k, v []byte) (bool, error)) func(k, v []byte) (bool, error) {
+	if r.ctx == nil {
+		return fn
 	}
-	return iterate(r.txn, prefix, start, reverse, keysOnly, fn)
+	n := 0
+	return func(k, v []byte) (bool, error) {
+		if n++; n%ctxEvery == 0 {
+			if err := r.ctx.Err(); err != nil {
+				return false, err
+			}
+		}
+		return fn(k, v)
+	}
+}
+
+// iterateBorrowed is iterate of values whose keys fn reads and does not
+// keep: k is valid only until fn returns.
+func (r *reader) iterateBorrowed(prefix, start []byte, fn func(k, v []byte) (bool, error)) error {
+	return iterateKeys(r.txn, prefix, start, false, false, false, r.withCtx(fn))
 }
 
 func loadStateTxn(r *reader, thread string) (threadState, error) {

@@ -341,7 +341,9 @@ func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to 
 	out = make([]engine.MessageRecord, 0, min(to-from+1, 512)) // the default window whole
 	err := s.view(ctx, func(r *reader) error {
 		prefix := threadPrefix(pMessage, threadID)
-		return r.iterate(prefix, messageKey(threadID, from), false, false, func(k, v []byte) (bool, error) {
+		// The key is read, not kept: the thread and seq are the caller's
+		// and the walk's (and an error names a copy).
+		return r.iterateBorrowed(prefix, messageKey(threadID, from), func(k, v []byte) (bool, error) {
 			if len(k) != len(prefix)+8 {
 				return false, fmt.Errorf("message key %q: %w", k, engine.ErrCorrupt)
 			}

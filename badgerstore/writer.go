@@ -386,6 +386,13 @@ func (w *writeTx) pendingIn(prefix, start []byte) []kvWrite {
 }
 
 func iterate(txn *badger.Txn, prefix, start []byte, reverse, keysOnly bool, fn func(k, v []byte) (bool, error)) error {
+	return iterateKeys(txn, prefix, start, reverse, keysOnly, true, fn)
+}
+
+// iterateKeys is iterate; with copyKeys false fn's k is Badger's own,
+// valid only until fn returns (one allocation fewer per entry, for walks
+// that read the key and keep nothing of it).
+func iterateKeys(txn *badger.Txn, prefix, start []byte, reverse, keysOnly, copyKeys bool, fn func(k, v []byte) (bool, error)) error {
 	opt := badger.DefaultIteratorOptions
 	opt.Prefix = prefix
 	opt.Reverse = reverse
@@ -407,7 +414,11 @@ func iterate(txn *badger.Txn, prefix, start []byte, reverse, keysOnly bool, fn f
 				return fmt.Errorf("read %q: %w", item.Key(), unavailable(err))
 			}
 		}
-		more, err := fn(item.KeyCopy(nil), v)
+		k := item.Key()
+		if copyKeys {
+			k = item.KeyCopy(nil)
+		}
+		more, err := fn(k, v)
 		if err != nil || !more {
 			return err
 		}
