@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sort"
 
@@ -23,14 +24,18 @@ import (
 //   - a dispatch becomes a dead letter (thread, priority and creation time
 //     from its listing entry; its run from the run record that names it),
 //     with last_error saying so and what the indexes said it was; its run,
-//     when open, is closed with an error termination. An operator can
-//     requeue it like any dead letter.
+//     when open, is settled as the engine settles a dead letter's. An
+//     operator can requeue it like any dead letter. One the indexes show
+//     finished stays finished (acked, or cancelled), so that no requeue
+//     runs finished work again.
 //   - a run record becomes a done run with an error termination (thread
 //     and times from its index entries); queued or claimed dispatches of
 //     it become dead letters: the request it held is gone.
 //   - a message becomes a system message saying it was damaged, under its
 //     id (from the id index) and sequence number, so the log keeps its
-//     length and order.
+//     length and order; one that decodes with raw fields that are not
+//     UTF-8 JSON gets U+FFFD for the bytes that are not UTF-8 (the
+//     placeholder when that is not enough).
 //   - a thread projection is rebuilt from the thread's runs and messages
 //     (its resource_id, parent_thread_id and metadata are lost).
 //   - a thread state is rebuilt from the thread's dispatches.
@@ -44,8 +49,8 @@ import (
 
 // RepairReport says what Repair did.
 type RepairReport struct {
-	// Replaced lists each record that did not decode and what took its
-	// place.
+	// Replaced lists each record that did not decode (or was otherwise
+	// mended in place) and what took its place.
 	Replaced []string
 	// Rewritten counts the derived keys written or deleted to agree with
 	// the records.
@@ -65,52 +70,68 @@ type repairWrite struct {
 	del  bool
 }
 
-// repairChunk bounds the writes of one commit.
-const repairChunk = 1000
+// repairChunk and repairChunkBytes bound the writes of one commit (a
+// chunk still too large for Badger's transaction is halved).
+const (
+	repairChunk      = 1000
+	repairChunkBytes = 512 << 10
+)
 
-// Repair replaces the records that do not decode and rewrites every
-// derived key that disagrees with the records (see above). now (Unix ms,
-// as dispatches keep time; run records get its seconds) stamps what it
-// changes. It is for a stopped sidecar: nothing else may
-// use the store meanwhile. Running it on a consistent store writes
-// nothing.
+// Repair replaces the records that do not decode (and messages whose
+// raw fields are not UTF-8 JSON) and rewrites every derived key that
+// disagrees with the records (see above). now (Unix ms, as dispatches
+// keep time; run records get its seconds) stamps what it changes. It is
+// for a stopped sidecar: nothing else may use the store meanwhile.
+// Running it on a consistent store writes nothing. The report lists what
+// was written: a step whose writes did not all commit is left out of it,
+// and the error says how far it got; running Repair again finishes the
+// job (each step plans from what is stored).
 func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
 	var rep RepairReport
-	var writes []repairWrite
-	err := s.view(ctx, func(r *reader) error {
-		r.ctx = ctx
-		var err error
-		writes, err = planPlaceholders(r, now, &rep)
-		return err
-	})
-	if err != nil {
-		return rep, fmt.Errorf("repair: %w", err)
+	if now <= 0 {
+		return rep, fmt.Errorf("repair: now is %d, not a time: %w", now, engine.ErrValidation)
 	}
-	if err := s.applyRepair(ctx, writes); err != nil {
-		return rep, fmt.Errorf("repair: replacing damaged records: %w", err)
+	steps := []struct {
+		name string
+		plan func(r *reader, step *RepairReport) ([]repairWrite, error)
+	}{
+		{"replacing damaged records", func(r *reader, step *RepairReport) ([]repairWrite, error) { return planPlaceholders(r, now, step) }},
+		{"rewriting derived keys", planDerived},
 	}
-	err = s.view(ctx, func(r *reader) error {
-		r.ctx = ctx
-		var err error
-		writes, err = planDerived(r, &rep)
-		return err
-	})
-	if err != nil {
-		return rep, fmt.Errorf("repair: %w", err)
-	}
-	if err := s.applyRepair(ctx, writes); err != nil {
-		return rep, fmt.Errorf("repair: rewriting derived keys: %w", err)
+	for _, st := range steps {
+		var step RepairReport
+		var writes []repairWrite
+		err := s.view(ctx, func(r *reader) error {
+			r.ctx = ctx
+			var err error
+			writes, err = st.plan(r, &step)
+			return err
+		})
+		if err != nil {
+			return rep, fmt.Errorf("repair: %s: %w", st.name, err)
+		}
+		if done, err := s.applyRepair(ctx, writes); err != nil {
+			return rep, fmt.Errorf("repair: %s: %d of %d writes committed: %w", st.name, done, len(writes), err)
+		}
+		rep.Replaced = append(rep.Replaced, step.Replaced...)
+		rep.Changes = append(rep.Changes, step.Changes...)
+		rep.Rewritten += step.Rewritten
+		rep.Left = append(rep.Left, step.Left...)
 	}
 	return rep, nil
 }
 
 // applyRepair writes ws through the writer (so its caches see them), a
-// chunk per durable commit.
-func (s *Store) applyRepair(ctx context.Context, ws []repairWrite) error {
-	for len(ws) > 0 {
-		n := min(len(ws), repairChunk)
-		chunk := ws[:n]
-		ws = ws[n:]
+// chunk per durable commit; done counts the writes committed.
+func (s *Store) applyRepair(ctx context.Context, ws []repairWrite) (done int, err error) {
+	limit := repairChunk
+	for done < len(ws) {
+		n, size := 0, 0
+		for done+n < len(ws) && n < limit && (n == 0 || size < repairChunkBytes) {
+			size += len(ws[done+n].k) + len(ws[done+n].v)
+			n++
+		}
+		chunk := ws[done : done+n]
 		err := s.update(ctx, "repair", func(w *writeTx) error {
 			for _, x := range chunk {
 				if x.del {
@@ -121,11 +142,16 @@ func (s *Store) applyRepair(ctx context.Context, ws []repairWrite) error {
 			}
 			return nil
 		})
-		if err != nil {
-			return err
+		if errors.Is(err, engine.ErrTooLarge) && n > 1 {
+			limit = max(n/2, 1)
+			continue
 		}
+		if err != nil {
+			return done, err
+		}
+		done += n
 	}
-	return nil
+	return done, nil
 }
 
 // splitSeg splits <seg s><rest> (after the family byte).
@@ -183,8 +209,10 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		seq    uint64
 	}
 	var badMsg []msgRef
+	var mended []engine.MessageRecord // decoded, with raw fields that are not UTF-8 JSON
 	runs := map[string]*engine.RunRecord{}
 	dispatchesOfRun := map[string][]*engine.Dispatch{}
+	var settled []*engine.Dispatch
 	err := r.iterate([]byte{pDispatch}, nil, false, false, func(k, v []byte) (bool, error) {
 		d, err := decodeDispatch(k, v)
 		if err != nil {
@@ -192,6 +220,10 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			return true, nil
 		}
 		dispatchesOfRun[d.RunID] = append(dispatchesOfRun[d.RunID], d)
+		switch d.Status {
+		case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
+			settled = append(settled, d)
+		}
 		return true, nil
 	})
 	if err != nil {
@@ -228,14 +260,20 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		return nil, err
 	}
 	err = r.iterate([]byte{pMessage}, nil, false, false, func(k, v []byte) (bool, error) {
-		if _, err := decodeMessage(k, v); err != nil {
-			thread, seq, ok := splitMessageKey(k)
-			if !ok {
-				rep.Left = append(rep.Left, fmt.Sprintf("malformed message key %q", k))
-				return true, nil
-			}
-			badMsg = append(badMsg, msgRef{thread, seq})
+		m, err := decodeMessage(k, v)
+		if err == nil && validMessageFields(&m.Message) {
+			return true, nil
 		}
+		thread, seq, ok := splitMessageKey(k)
+		if !ok {
+			rep.Left = append(rep.Left, fmt.Sprintf("malformed message key %q", k))
+			return true, nil
+		}
+		if err == nil && m.ThreadID == thread && m.Seq == seq {
+			mended = append(mended, m)
+			return true, nil
+		}
+		badMsg = append(badMsg, msgRef{thread, seq})
 		return true, nil
 	})
 	if err != nil {
@@ -258,8 +296,15 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			return nil, err
 		}
 	}
-	ids := sortedKeys(badDispatch)
-	for _, id := range ids {
+	// The newest run naming each dispatch (a requeue reopens a run under
+	// a new dispatch).
+	runOf := map[string]*engine.RunRecord{}
+	for _, run := range runs {
+		if cur := runOf[run.DispatchID]; run.DispatchID != "" && (cur == nil || run.CreatedAt > cur.CreatedAt) {
+			runOf[run.DispatchID] = run
+		}
+	}
+	for _, id := range sortedKeys(badDispatch) {
 		tr := badDispatch[id]
 		if tr.thread == "" {
 			out = append(out, repairWrite{k: dispatchKey(id), del: true})
@@ -267,18 +312,23 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			continue
 		}
 		runID := "unknown"
-		var run *engine.RunRecord
-		for _, cand := range runs {
-			if cand.DispatchID == id && (run == nil || cand.CreatedAt > run.CreatedAt) {
-				run = cand
-			}
-		}
+		run := runOf[id]
 		if run != nil {
 			runID = run.RunID
 		}
+		// A dispatch that had finished stays finished: a dead letter would
+		// invite a requeue of work done (or of a dead letter requeued
+		// already: its requeued_as is lost with the record).
+		status := engine.StatusDeadLetter
+		if tr.settled && !tr.dead {
+			status = engine.StatusAcked
+			if run != nil && run.TerminationReason != nil && run.TerminationReason.Type == engine.TermCancelled {
+				status = engine.StatusCancelled
+			}
+		}
 		d := &engine.Dispatch{
 			DispatchID: id, ThreadID: tr.thread, RunID: runID, Priority: tr.priority, Epoch: tr.epoch,
-			Status: engine.StatusDeadLetter, AvailableAt: tr.created, MaxAttempts: 1,
+			Status: status, AvailableAt: tr.created, MaxAttempts: 1,
 			LastError:   fmt.Sprintf("dispatch record %s (it was %s)", repairNote, tr.was()),
 			CompletedAt: now, CreatedAt: tr.created, UpdatedAt: now,
 		}
@@ -288,17 +338,34 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		if err := put(dispatchKey(id), d); err != nil {
 			return nil, err
 		}
-		what := fmt.Sprintf("dispatch %s of thread %s (%s): a dead letter", id, tr.thread, tr.was())
-		if run != nil && run.Status != engine.RunDone && run.ThreadID == tr.thread {
+		what := fmt.Sprintf("dispatch %s of thread %s (%s): %s", id, tr.thread, tr.was(), status)
+		if run != nil && run.ThreadID == tr.thread {
 			closed := cloneRun(run)
-			closed.Settle(d, now/1000) // as the engine settles the run of a dead letter
-			runs[run.RunID] = closed
-			if err := put(runKey(run.RunID), closed); err != nil {
-				return nil, err
+			if closed.Settle(d, now/1000) { // as the engine settles the run of a dead letter
+				runs[run.RunID] = closed
+				if err := put(runKey(run.RunID), closed); err != nil {
+					return nil, err
+				}
+				what += fmt.Sprintf("; its run %s, %s, closed with an error", run.RunID, run.Status)
 			}
-			what += fmt.Sprintf("; its run %s, %s, closed with an error", run.RunID, run.Status)
 		}
 		rep.Replaced = append(rep.Replaced, what)
+	}
+	// A settled dispatch whose run is still open: a repair stopped
+	// between the commit of a placeholder and that of its run's close (or
+	// any other cause); closed as the engine would have closed it.
+	for _, d := range settled {
+		run := runs[d.RunID]
+		if run == nil || run.ThreadID != d.ThreadID || run.Status == engine.RunDone || run.DispatchID != d.DispatchID {
+			continue
+		}
+		closed := cloneRun(run)
+		closed.Settle(d, now/1000)
+		runs[run.RunID] = closed
+		if err := put(runKey(run.RunID), closed); err != nil {
+			return nil, err
+		}
+		rep.Replaced = append(rep.Replaced, fmt.Sprintf("run %s of thread %s: %s, but its dispatch %s is %s; closed as the engine closes it", run.RunID, run.ThreadID, run.Status, d.DispatchID, d.Status))
 	}
 
 	// Runs: the thread and times come from the run indexes.
@@ -374,7 +441,33 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		}
 		rep.Replaced = append(rep.Replaced, fmt.Sprintf("message %d of thread %s (id %s): a system message saying it was damaged", m.seq, m.thread, id))
 	}
+	// Messages that decode but whose raw fields are not UTF-8 JSON (bytes
+	// that went bad inside a record, or stored by a version that did not
+	// check them): bytes that are not UTF-8 become U+FFFD, as the hub
+	// sends them; what is still not JSON becomes a placeholder.
+	for _, m := range mended {
+		fixed := m
+		fixed.Message.Content = bytes.ToValidUTF8(m.Message.Content, []byte("\uFFFD"))
+		fixed.Message.ToolCalls = bytes.ToValidUTF8(m.Message.ToolCalls, []byte("\uFFFD"))
+		fixed.Message.Metadata = bytes.ToValidUTF8(m.Message.Metadata, []byte("\uFFFD"))
+		what := "bytes that were not UTF-8 replaced by U+FFFD"
+		if !validMessageFields(&fixed.Message) {
+			fixed = engine.MessageRecord{MessageID: m.MessageID, ThreadID: m.ThreadID, Seq: m.Seq, CreatedAt: m.CreatedAt,
+				Message: engine.Message{ID: m.Message.ID, Role: engine.RoleSystem, Content: []byte(`"[this message was ` + repairNote + `]"`)}}
+			what = "content, tool calls or metadata not JSON: a system message saying it was damaged"
+		}
+		if err := put(messageKey(m.ThreadID, m.Seq), &fixed); err != nil {
+			return nil, err
+		}
+		rep.Replaced = append(rep.Replaced, fmt.Sprintf("message %d of thread %s (id %s): %s", m.Seq, m.ThreadID, m.MessageID, what))
+	}
 	return out, nil
+}
+
+// validMessageFields reports whether m's raw fields are UTF-8 JSON, as
+// every append checks (engine.Message.Validate) and Verify does.
+func validMessageFields(m *engine.Message) bool {
+	return engine.ValidateRawJSON(m.Content) == nil && engine.ValidateRawJSON(m.ToolCalls) == nil && engine.ValidateRawJSON(m.Metadata) == nil
 }
 
 // traceDispatches fills in what the indexes tell of the dispatches in bad.
@@ -675,9 +768,9 @@ func planMessageLogs(r *reader, runs map[string]*engine.RunRecord, change func(r
 		counted[thread] = true
 		got, cerr := counter(k, v)
 		switch want := lastSeq[thread]; {
-		case cerr == nil && got == want:
-		case want == 0:
+		case want == 0: // a stray counter, even one of zero
 			change(repairWrite{k: k, del: true}, "deleted the message counter of %s (no messages)", thread)
+		case cerr == nil && got == want:
 		default:
 			change(repairWrite{k: k, v: u64(want)}, "message counter of %s → %d", thread, want)
 		}

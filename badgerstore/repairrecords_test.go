@@ -1,7 +1,10 @@
 package badgerstore
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -239,4 +242,164 @@ func TestRepairLeavesAGapInALogButGuardsItsRecords(t *testing.T) {
 	if m, err := s.LoadMessage(ctx, "t", "c"); err != nil || m == nil || m.Seq != 3 {
 		t.Fatalf("message c after the next append: %+v, %v; want seq 3 kept", m, err)
 	}
+}
+
+// The cases a review of Repair proved (each fails without its mend).
+func TestRepairReviewCases(t *testing.T) {
+	ctx := context.Background()
+	now := time.Now().UnixMilli()
+	// repairClean runs Repair, wants Verify clean and a second Repair to
+	// write nothing.
+	repairClean := func(t *testing.T, s *Store) RepairReport {
+		t.Helper()
+		rep, err := s.Repair(ctx, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		after, err := s.Verify(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(after.Problems) != 0 {
+			t.Fatalf("Verify after the repair (replaced %v, rewrote %v, left %v): %v", rep.Replaced, rep.Changes, rep.Left, after.Problems)
+		}
+		again, err := s.Repair(ctx, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(again.Replaced) != 0 || again.Rewritten != 0 {
+			t.Fatalf("a second repair changed things: %+v", again)
+		}
+		return rep
+	}
+	queued := func(t *testing.T) (*Store, engine.SubmitResult) {
+		t.Helper()
+		ex := &oneSlotExec{changed: make(chan struct{}, 1)}
+		s, mb := openMailbox(t, Options{InMemory: true}, ex)
+		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userText("hi")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s, res
+	}
+
+	t.Run("a repair stopped between a placeholder and its run's close", func(t *testing.T) {
+		s, res := queued(t)
+		if err := s.RawSet(dispatchKey(res.DispatchID), []byte{binaryV1, 0xff}); err != nil {
+			t.Fatal(err)
+		}
+		var step RepairReport
+		var writes []repairWrite
+		if err := s.view(ctx, func(r *reader) error {
+			var err error
+			writes, err = planPlaceholders(r, now, &step)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if len(writes) != 2 {
+			t.Fatalf("%d writes planned; want the placeholder and its run's close", len(writes))
+		}
+		if _, err := s.applyRepair(ctx, writes[:1]); err != nil { // the placeholder alone committed
+			t.Fatal(err)
+		}
+		repairClean(t, s)
+		if r, _ := s.LoadRun(ctx, res.RunID); r == nil || r.Status != engine.RunDone {
+			t.Fatalf("the run of the dead letter: %+v; want it closed", r)
+		}
+	})
+
+	t.Run("a message that decodes but whose content is not JSON, or not UTF-8", func(t *testing.T) {
+		s, _ := queued(t)
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "m", ExpectedCount: 0, CreatedAt: 1,
+			Messages: []engine.Message{{ID: "x", Role: engine.RoleUser, Content: []byte(`"fine"`)}}}); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct{ content, want string }{{`{"a":`, ""}, {"\"caf\xe9\"", "\"caf\uFFFD\""}} {
+			rec := &engine.MessageRecord{MessageID: "x", ThreadID: "m", Seq: 1, Message: engine.Message{ID: "x", Role: engine.RoleUser, Content: []byte(c.content)}}
+			if err := s.RawSet(messageKey("m", 1), appendMessage(nil, rec)); err != nil {
+				t.Fatal(err)
+			}
+			rep := repairClean(t, s)
+			if len(rep.Replaced) != 1 || !strings.Contains(rep.Replaced[0], "message 1 of thread m (id x)") {
+				t.Fatalf("replaced: %v", rep.Replaced)
+			}
+			m, err := s.LoadMessage(ctx, "m", "x")
+			if err != nil || m == nil {
+				t.Fatal(m, err)
+			}
+			if c.want == "" && (m.Message.Role != engine.RoleSystem || !strings.Contains(string(m.Message.Content), "damaged")) {
+				t.Fatalf("content %q became %+v; want the placeholder", c.content, m.Message)
+			}
+			if c.want != "" && (m.Message.Role != engine.RoleUser || string(m.Message.Content) != c.want) {
+				t.Fatalf("content %q became %q; want %q", c.content, m.Message.Content, c.want)
+			}
+		}
+	})
+
+	t.Run("a stray message counter of zero", func(t *testing.T) {
+		s, _ := queued(t)
+		if err := s.RawSet(msgCountKey("z"), u64(0)); err != nil {
+			t.Fatal(err)
+		}
+		repairClean(t, s)
+	})
+
+	t.Run("a finished dispatch stays finished", func(t *testing.T) {
+		ex := &oneSlotExec{changed: make(chan struct{}, 1)}
+		s, mb := openMailbox(t, Options{InMemory: true}, ex)
+		startMailbox(t, mb)
+		ex.open.Store(true)
+		ex.changed <- struct{}{}
+		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userText("hi")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the run to finish", func() bool {
+			d, _ := s.LoadDispatch(ctx, res.DispatchID)
+			return d != nil && d.Status == engine.StatusAcked
+		})
+		if err := s.RawSet(dispatchKey(res.DispatchID), []byte{binaryV1, 0xff}); err != nil {
+			t.Fatal(err)
+		}
+		repairClean(t, s)
+		if d, _ := s.LoadDispatch(ctx, res.DispatchID); d == nil || d.Status != engine.StatusAcked || !strings.Contains(d.LastError, "it was finished") {
+			t.Fatalf("the finished dispatch after the repair: %+v; want acked, saying so", d)
+		}
+		if dl, _ := s.ListDeadLetters(ctx, 10, 0); len(dl) != 0 {
+			t.Fatalf("dead letters: %v; want none (a requeue would run finished work again)", dl)
+		}
+	})
+
+	t.Run("a chunk too large for one transaction is halved", func(t *testing.T) {
+		s, err := Open(Options{InMemory: true, MemTableSize: 1 << 20}) // transactions of about 150 KB
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		var writes []repairWrite
+		for i := range 100 {
+			writes = append(writes, repairWrite{k: []byte(fmt.Sprintf("zbig%03d", i)), v: bytes.Repeat([]byte{'v'}, 20<<10)})
+		}
+		if done, err := s.applyRepair(ctx, writes); err != nil || done != len(writes) {
+			t.Fatalf("applyRepair: %d of %d, %v", done, len(writes), err)
+		}
+		for _, w := range writes {
+			if err := s.view(ctx, func(r *reader) error {
+				if _, ok, err := r.get(w.k); err != nil || !ok {
+					return fmt.Errorf("%s missing: %v", w.k, err)
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+
+	t.Run("a time of zero is refused", func(t *testing.T) {
+		s, _ := queued(t)
+		if _, err := s.Repair(ctx, 0); !errors.Is(err, engine.ErrValidation) {
+			t.Fatalf("Repair at time 0: %v; want a validation error", err)
+		}
+	})
 }

@@ -21,6 +21,10 @@ type Report struct {
 	Messages   int
 	// Problems lists every mismatch found; empty when consistent.
 	Problems []string
+	// StorageProblems counts the problems in the files under the records
+	// (table blocks that fail their checksums, value-log files with a bad
+	// entry before whole ones), which Repair does not mend.
+	StorageProblems int
 	// Notes lists what is worth knowing but not a mismatch: value-log
 	// files that end in a torn entry (a write a crash or power loss cut
 	// before its sync, or a value at the end that went bad: it reads as
@@ -345,6 +349,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	}
 	if err := s.db.VerifyChecksum(); err != nil {
 		problem("table checksums: %v", err)
+		rep.StorageProblems++
 	}
 	fids, err := rotatedValueLogs(s.opts.Dir)
 	if err != nil {
@@ -361,6 +366,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		case errors.Is(err, fs.ErrNotExist): // GC deleted it meanwhile
 		case errors.Is(err, ErrValueLogCorrupt):
 			problem("%v", err)
+			rep.StorageProblems++
 		case errors.Is(err, errTornTail):
 			rep.Notes = append(rep.Notes, err.Error())
 		case err != nil:

@@ -17,15 +17,22 @@ run with an error termination (its queued or claimed dispatches dead
 letters), a message a system message saying it was damaged, a thread
 projection or state is rebuilt. Then every index entry, counter, marker,
 thread state and message counter that disagrees with the records is
-rewritten. It lists what it replaced and rewrote, and what it cannot mend
-(two claimed dispatches on a thread, a gap in a message log), then runs
-verify.
+rewritten. A message that decodes but whose content, tool calls or
+metadata are not UTF-8 JSON gets U+FFFD for the bytes that are not UTF-8,
+or the placeholder when that is not enough. A finished dispatch stays
+finished (acked, or cancelled when its run was). It lists what it
+replaced and rewrote (a step whose writes did not all commit is left
+out, and the error says how far it got: run it again), and what it
+cannot mend (two claimed dispatches on a thread, a gap in a message
+log), then runs verify. It does not rewrite the files under the records:
+a value-log file with a bad entry stays listed by verify (the records
+that pointed into it are mended), so the exit status stays 1.
 
 It writes to the directory: copy it first. The sidecar must be stopped (a
 running one holds the directory's lock). --allow-cut is as for verify.
 The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data.
-Exit status: 0 repaired and consistent, 1 problems remain or the repair
-failed or was stopped, 2 bad usage.
+Exit status: 0 repaired and consistent, 1 problems remain (verify's) or
+the repair failed or was stopped, 2 bad usage.
 `
 
 // runRepair is `repair`; ctx ends it (an interrupt) between commits.
@@ -57,5 +64,9 @@ func runRepair(ctx context.Context, args []string, getenv func(string) string, s
 	if cerr := s.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
-	return printVerify("repair", dir, vrep, err, stdout, stderr)
+	code = printVerify("repair", dir, vrep, err, stdout, stderr)
+	if err == nil && vrep.StorageProblems > 0 && vrep.StorageProblems == len(vrep.Problems) {
+		fmt.Fprintln(stdout, "what remains is damage in the files under the records (a value-log file with a bad entry, a table block), which repair does not rewrite: the records it held are mended; value-log GC stays off while such a file exists (docs/store.md, \"Bytes that go bad on the disk\")")
+	}
+	return code
 }

@@ -97,3 +97,72 @@ func TestRepairPutsBackWhatAValueLogCutLost(t *testing.T) {
 		t.Fatalf("repair with an argument: exit %d, want 2", code)
 	}
 }
+
+// repair when a value went bad in a value-log file below the newest: the
+// message is mended, the file stays listed (repair does not rewrite it),
+// the exit status is 1, and the output says why.
+func TestRepairSaysWhatItLeavesInTheValueLog(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1, ValueLogFileSize: 2 << 20}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeLargeMessages(t, s, 40)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	file, msg := flipAMessageBelowTheNewestValueLog(t, dir, 40)
+	var out, errOut bytes.Buffer
+	code := run([]string{"repair", "--data-dir", dir}, func(string) string { return "" }, &out, &errOut)
+	if code != 1 || !strings.Contains(out.String(), fmt.Sprintf("replaced: message %d of thread t1 (id m%d)", msg+1, msg)) ||
+		!strings.Contains(out.String(), "problem: "+file) || !strings.Contains(out.String(), "which repair does not rewrite") {
+		t.Fatalf("repair of a value gone bad below the newest value-log file: exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errOut.String())
+	}
+}
+
+// writeLargeMessages appends n messages of about 80 KB to thread t1
+// (m0, m1, …: several value-log files of 2 MiB).
+func writeLargeMessages(t *testing.T, s *badgerstore.Store, n int) {
+	t.Helper()
+	for i := range n {
+		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("m%d-", i), 20<<10))
+		if _, err := s.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
+			Messages: []engine.Message{{ID: fmt.Sprintf("m%d", i), Role: "user", Content: content}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// flipAMessageBelowTheNewestValueLog flips one byte of one of the n
+// messages of writeLargeMessages in a value-log file below the newest of
+// dir, and returns the file and the message's index.
+func flipAMessageBelowTheNewestValueLog(t *testing.T, dir string, n int) (file string, msg int) {
+	t.Helper()
+	es, _ := os.ReadDir(dir)
+	var vlogs []string
+	for _, e := range es {
+		if strings.HasSuffix(e.Name(), ".vlog") {
+			vlogs = append(vlogs, e.Name())
+		}
+	}
+	slices.Sort(vlogs)
+	for _, name := range vlogs[:max(len(vlogs)-1, 0)] {
+		path := filepath.Join(dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for m := range n {
+			if i := bytes.Index(b, []byte(fmt.Sprintf(`"m%d-m%d-`, m, m))); i >= 0 {
+				b[i+999] ^= 0x01
+				if err := os.WriteFile(path, b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				return name, m
+			}
+		}
+	}
+	t.Fatalf("no message in the value-log files %v below the newest", vlogs)
+	return "", 0
+}

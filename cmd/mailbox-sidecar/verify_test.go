@@ -26,13 +26,7 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	for i := range 40 { // 3.2 MB of large messages: several value-log files
-		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("m%d-", i), 20<<10))
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
-			Messages: []engine.Message{{ID: fmt.Sprintf("m%d", i), Role: "user", Content: content}}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	writeLargeMessages(t, s, 40)
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -71,32 +65,7 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		slices.Sort(vlogs)
 		return vlogs
 	}
-	vlogs := listVlogs()
-	// One byte flips in a message of a value-log file below the newest.
-	flipped := ""
-	for _, name := range vlogs[:len(vlogs)-1] {
-		path := filepath.Join(dir, name)
-		b, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for m := range 40 {
-			if i := bytes.Index(b, []byte(fmt.Sprintf(`"m%d-m%d-`, m, m))); i >= 0 {
-				b[i+999] ^= 0x01
-				if err := os.WriteFile(path, b, 0o600); err != nil {
-					t.Fatal(err)
-				}
-				flipped = name
-				break
-			}
-		}
-		if flipped != "" {
-			break
-		}
-	}
-	if flipped == "" {
-		t.Fatalf("no message in the value-log files %v below the newest", vlogs)
-	}
+	flipped, _ := flipAMessageBelowTheNewestValueLog(t, dir, 40)
 	code, out, errOut = verify("--data-dir", dir)
 	if code != 1 || !strings.Contains(out, "problem: "+flipped) || !strings.Contains(out, "fails its checksum") {
 		t.Fatalf("verify of a flipped byte: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
@@ -119,7 +88,7 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	vlogs = listVlogs()
+	vlogs := listVlogs()
 	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
 	nb, err := os.ReadFile(newest)
 	if err != nil {
