@@ -306,6 +306,11 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 	}
 	for _, id := range sortedKeys(badDispatch) {
 		tr := badDispatch[id]
+		if run := runOf[id]; tr.thread == "" && run != nil {
+			// No listing entry, but its run names it: the run's thread,
+			// and its creation time (seconds) for the dispatch's.
+			tr.thread, tr.created = run.ThreadID, run.CreatedAt*1000
+		}
 		if tr.thread == "" {
 			out = append(out, repairWrite{k: dispatchKey(id), del: true})
 			rep.Replaced = append(rep.Replaced, fmt.Sprintf("dispatch %s: no index names its thread; deleted", id))

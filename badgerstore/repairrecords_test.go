@@ -403,3 +403,40 @@ func TestRepairReviewCases(t *testing.T) {
 		}
 	})
 }
+
+// A damaged dispatch whose listing and queue entries are gone too is
+// placed by the run record that names it, and that run is closed.
+func TestRepairPlacesADispatchByItsRun(t *testing.T) {
+	ctx := context.Background()
+	ex := &oneSlotExec{changed: make(chan struct{}, 1)}
+	s, mb := openMailbox(t, Options{InMemory: true}, ex)
+	res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userText("hi")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := s.LoadDispatch(ctx, res.DispatchID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range [][]byte{orderKey(pAll, d), orderKey(pQueue, d)} { // no index names its thread
+		if err := s.RawDelete(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.RawSet(dispatchKey(res.DispatchID), []byte{binaryV1, 0xff}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := s.Repair(ctx, time.Now().UnixMilli())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.LoadDispatch(ctx, res.DispatchID); got == nil || got.Status != engine.StatusDeadLetter || got.ThreadID != "t" {
+		t.Fatalf("the dispatch after the repair: %+v (replaced %v)", got, rep.Replaced)
+	}
+	if r, _ := s.LoadRun(ctx, res.RunID); r == nil || r.Status != engine.RunDone {
+		t.Fatalf("its run after the repair: %+v", r)
+	}
+	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+		t.Fatalf("Verify after the repair: %v, %v", v.Problems, err)
+	}
+}
