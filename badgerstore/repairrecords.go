@@ -26,8 +26,8 @@ import (
 //     with last_error saying so and what the indexes said it was; its run,
 //     when open, is settled as the engine settles a dead letter's. An
 //     operator can requeue it like any dead letter. One the indexes show
-//     finished stays finished (acked, or cancelled), so that no requeue
-//     runs finished work again.
+//     finished stays finished (acked, or cancelled when it never ran), so
+//     that no requeue runs finished work again.
 //   - a run record becomes a done run with an error termination (thread
 //     and times from its index entries); queued or claimed dispatches of
 //     it become dead letters: the request it held is gone.
@@ -70,6 +70,51 @@ type repairWrite struct {
 	del  bool
 }
 
+// repairPlan is one step's writes and what they do: each entry of the
+// report is noted after the writes it needs, and reported only once they
+// committed.
+type repairPlan struct {
+	writes            []repairWrite
+	replaced, changes []plannedNote
+	left              []string
+}
+
+// plannedNote is a report entry and the number of the plan's writes that
+// must commit before it is true.
+type plannedNote struct {
+	text string
+	upTo int
+}
+
+// replace notes a record replaced by the writes planned so far.
+func (p *repairPlan) replace(format string, args ...any) {
+	p.replaced = append(p.replaced, plannedNote{fmt.Sprintf(format, args...), len(p.writes)})
+}
+
+// change plans w, a derived key's write, and notes it.
+func (p *repairPlan) change(w repairWrite, format string, args ...any) {
+	p.writes = append(p.writes, w)
+	p.changes = append(p.changes, plannedNote{fmt.Sprintf(format, args...), len(p.writes)})
+}
+
+// report adds to rep what the first done writes of the plan did.
+func (p *repairPlan) report(rep *RepairReport, done int) {
+	for _, n := range p.replaced {
+		if n.upTo <= done {
+			rep.Replaced = append(rep.Replaced, n.text)
+		}
+	}
+	for _, n := range p.changes {
+		if n.upTo <= done {
+			rep.Rewritten++
+			if len(rep.Changes) < MaxProblems {
+				rep.Changes = append(rep.Changes, n.text)
+			}
+		}
+	}
+	rep.Left = append(rep.Left, p.left...)
+}
+
 // repairChunk and repairChunkBytes bound the writes of one commit (a
 // chunk still too large for Badger's transaction is halved).
 const (
@@ -83,9 +128,9 @@ const (
 // keep time; run records get its seconds) stamps what it changes. It is
 // for a stopped sidecar: nothing else may use the store meanwhile.
 // Running it on a consistent store writes nothing. The report lists what
-// was written: a step whose writes did not all commit is left out of it,
-// and the error says how far it got; running Repair again finishes the
-// job (each step plans from what is stored).
+// was written, also when a commit fails (the error says how far the step
+// got); running Repair again finishes the job (each step plans from what
+// is stored).
 func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
 	var rep RepairReport
 	if now <= 0 {
@@ -93,30 +138,25 @@ func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
 	}
 	steps := []struct {
 		name string
-		plan func(r *reader, step *RepairReport) ([]repairWrite, error)
+		plan func(r *reader, p *repairPlan) error
 	}{
-		{"replacing damaged records", func(r *reader, step *RepairReport) ([]repairWrite, error) { return planPlaceholders(r, now, step) }},
+		{"replacing damaged records", func(r *reader, p *repairPlan) error { return planPlaceholders(r, now, p) }},
 		{"rewriting derived keys", planDerived},
 	}
 	for _, st := range steps {
-		var step RepairReport
-		var writes []repairWrite
+		var p repairPlan
 		err := s.view(ctx, func(r *reader) error {
 			r.ctx = ctx
-			var err error
-			writes, err = st.plan(r, &step)
-			return err
+			return st.plan(r, &p)
 		})
 		if err != nil {
 			return rep, fmt.Errorf("repair: %s: %w", st.name, err)
 		}
-		if done, err := s.applyRepair(ctx, writes); err != nil {
-			return rep, fmt.Errorf("repair: %s: %d of %d writes committed: %w", st.name, done, len(writes), err)
+		done, err := s.applyRepair(ctx, p.writes)
+		p.report(&rep, done)
+		if err != nil {
+			return rep, fmt.Errorf("repair: %s: %d of %d writes committed: %w", st.name, done, len(p.writes), err)
 		}
-		rep.Replaced = append(rep.Replaced, step.Replaced...)
-		rep.Changes = append(rep.Changes, step.Changes...)
-		rep.Rewritten += step.Rewritten
-		rep.Left = append(rep.Left, step.Left...)
 	}
 	return rep, nil
 }
@@ -200,7 +240,7 @@ type runTrace struct {
 
 // planPlaceholders finds the records that do not decode and returns the
 // writes that replace them.
-func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, error) {
+func planPlaceholders(r *reader, now int64, p *repairPlan) error {
 	badDispatch := map[string]*dispatchTrace{}
 	badRun := map[string]*runTrace{}
 	badThread := map[string]bool{}
@@ -227,7 +267,7 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	err = r.iterate([]byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {
 		run, err := decodeRun(k, v)
@@ -239,7 +279,7 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	err = r.iterate([]byte{pThread}, nil, false, false, func(k, v []byte) (bool, error) {
 		if _, err := decodeThread(k, v); err != nil {
@@ -248,28 +288,35 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	err = r.iterate([]byte{pEpoch}, nil, false, false, func(k, v []byte) (bool, error) {
 		if _, err := decodeThreadState(k, v); err != nil {
-			rep.Replaced = append(rep.Replaced, fmt.Sprintf("thread state of %s: rebuilt from its dispatches", k[1:]))
+			// Deleted here, written again by the second step from the
+			// thread's dispatches (which reports it).
+			p.writes = append(p.writes, repairWrite{k: k, del: true})
+			p.replace("thread state of %s: damaged, deleted; the second step writes it from its dispatches", k[1:])
 		}
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	err = r.iterate([]byte{pMessage}, nil, false, false, func(k, v []byte) (bool, error) {
 		m, err := decodeMessage(k, v)
-		if err == nil && validMessageFields(&m.Message) {
-			return true, nil
-		}
 		thread, seq, ok := splitMessageKey(k)
 		if !ok {
-			rep.Left = append(rep.Left, fmt.Sprintf("malformed message key %q", k))
+			p.left = append(p.left, fmt.Sprintf("malformed message key %q", k))
 			return true, nil
 		}
-		if err == nil && m.ThreadID == thread && m.Seq == seq {
+		if err == nil && validMessageFields(&m.Message) && m.ThreadID == thread && m.Seq == seq {
+			return true, nil
+		}
+		if err == nil {
+			// A record of an earlier version naming another place than
+			// its key's (binary records take theirs from the key) is
+			// rewritten under its key's.
+			m.ThreadID, m.Seq = thread, seq
 			mended = append(mended, m)
 			return true, nil
 		}
@@ -277,15 +324,14 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var out []repairWrite
 	put := func(k []byte, rec any) error {
 		b, err := encode(rec)
 		if err != nil {
 			return err
 		}
-		out = append(out, repairWrite{k: k, v: b})
+		p.writes = append(p.writes, repairWrite{k: k, v: b})
 		return nil
 	}
 
@@ -293,7 +339,7 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 	// what became of them.
 	if len(badDispatch) > 0 {
 		if err := traceDispatches(r, badDispatch); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	// The newest run naming each dispatch (a requeue reopens a run under
@@ -312,8 +358,8 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			tr.thread, tr.created = run.ThreadID, run.CreatedAt*1000
 		}
 		if tr.thread == "" {
-			out = append(out, repairWrite{k: dispatchKey(id), del: true})
-			rep.Replaced = append(rep.Replaced, fmt.Sprintf("dispatch %s: no index names its thread; deleted", id))
+			p.writes = append(p.writes, repairWrite{k: dispatchKey(id), del: true})
+			p.replace("dispatch %s: no index names its thread; deleted", id)
 			continue
 		}
 		runID := "unknown"
@@ -326,8 +372,11 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		// already: its requeued_as is lost with the record).
 		status := engine.StatusDeadLetter
 		if tr.settled && !tr.dead {
+			// Acked, unless its run never started and was cancelled: a
+			// dispatch cancelled or superseded in the queue. (One cancelled
+			// while it ran was acked, its run ended "cancelled".)
 			status = engine.StatusAcked
-			if run != nil && run.TerminationReason != nil && run.TerminationReason.Type == engine.TermCancelled {
+			if run != nil && run.StartedAt == 0 && run.StartCount == 0 && run.TerminationReason != nil && run.TerminationReason.Type == engine.TermCancelled {
 				status = engine.StatusCancelled
 			}
 		}
@@ -341,7 +390,7 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			d.AvailableAt = tr.available
 		}
 		if err := put(dispatchKey(id), d); err != nil {
-			return nil, err
+			return err
 		}
 		what := fmt.Sprintf("dispatch %s of thread %s (%s): %s", id, tr.thread, tr.was(), status)
 		if run != nil && run.ThreadID == tr.thread {
@@ -349,12 +398,12 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			if closed.Settle(d, now/1000) { // as the engine settles the run of a dead letter
 				runs[run.RunID] = closed
 				if err := put(runKey(run.RunID), closed); err != nil {
-					return nil, err
+					return err
 				}
 				what += fmt.Sprintf("; its run %s, %s, closed with an error", run.RunID, run.Status)
 			}
 		}
-		rep.Replaced = append(rep.Replaced, what)
+		p.replace("%s", what)
 	}
 	// A settled dispatch whose run is still open: a repair stopped
 	// between the commit of a placeholder and that of its run's close (or
@@ -368,22 +417,22 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		closed.Settle(d, now/1000)
 		runs[run.RunID] = closed
 		if err := put(runKey(run.RunID), closed); err != nil {
-			return nil, err
+			return err
 		}
-		rep.Replaced = append(rep.Replaced, fmt.Sprintf("run %s of thread %s: %s, but its dispatch %s is %s; closed as the engine closes it", run.RunID, run.ThreadID, run.Status, d.DispatchID, d.Status))
+		p.replace("run %s of thread %s: %s, but its dispatch %s is %s; closed as the engine closes it", run.RunID, run.ThreadID, run.Status, d.DispatchID, d.Status)
 	}
 
 	// Runs: the thread and times come from the run indexes.
 	if len(badRun) > 0 {
 		if err := traceRuns(r, badRun); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	for _, id := range sortedKeys(badRun) {
 		tr := badRun[id]
 		if tr.thread == "" {
-			out = append(out, repairWrite{k: runKey(id), del: true})
-			rep.Replaced = append(rep.Replaced, fmt.Sprintf("run %s: no index names its thread; deleted", id))
+			p.writes = append(p.writes, repairWrite{k: runKey(id), del: true})
+			p.replace("run %s: no index names its thread; deleted", id)
 			continue
 		}
 		run := &engine.RunRecord{RunID: id, ThreadID: tr.thread, CreatedAt: tr.created, UpdatedAt: tr.updated}
@@ -404,35 +453,35 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			dl.LastError = fmt.Sprintf("its run record was %s (the dispatch was %s)", repairNote, d.Status)
 			dl.CompletedAt, dl.UpdatedAt = now, now
 			if err := put(dispatchKey(d.DispatchID), &dl); err != nil {
-				return nil, err
+				return err
 			}
 			what += fmt.Sprintf("; its %s dispatch %s a dead letter", d.Status, d.DispatchID)
 		}
 		why := "run record " + repairNote
-		p, err := encode(map[string]string{"message": why})
+		payload, err := encode(map[string]string{"message": why})
 		if err != nil {
-			return nil, err
+			return err
 		}
 		// Done as the engine leaves the run of a dead letter (Settle),
 		// updated_at kept: its place in the thread's latest-run order.
-		run.Status, run.TerminationReason, run.ErrorPayload, run.FinishedAt = engine.RunDone, engine.ErrorTermination(why), p, now/1000
+		run.Status, run.TerminationReason, run.ErrorPayload, run.FinishedAt = engine.RunDone, engine.ErrorTermination(why), payload, now/1000
 		if err := put(runKey(id), run); err != nil {
-			return nil, err
+			return err
 		}
-		rep.Replaced = append(rep.Replaced, what)
+		p.replace("%s", what)
 	}
 
 	// Projections are rebuilt with the derived keys: drop them here.
 	for _, t := range sortedKeys(badThread) {
-		out = append(out, repairWrite{k: threadKey(t), del: true})
-		rep.Replaced = append(rep.Replaced, fmt.Sprintf("thread projection of %s: rebuilt from its runs and messages (its resource_id, parent_thread_id and metadata are lost)", t))
+		p.writes = append(p.writes, repairWrite{k: threadKey(t), del: true})
+		p.replace("thread projection of %s: damaged, deleted; the second step writes it from its runs and messages (its resource_id, parent_thread_id and metadata are lost)", t)
 	}
 
 	// Messages keep their id and place in the log.
 	for _, m := range badMsg {
 		id, err := messageIDAt(r, m.thread, m.seq)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if id == "" {
 			id = fmt.Sprintf("damaged-%s-%d", m.thread, m.seq)
@@ -442,9 +491,9 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 			Message: engine.Message{ID: id, Role: engine.RoleSystem, Content: []byte(`"[this message was ` + repairNote + `]"`)},
 		}
 		if err := put(messageKey(m.thread, m.seq), rec); err != nil {
-			return nil, err
+			return err
 		}
-		rep.Replaced = append(rep.Replaced, fmt.Sprintf("message %d of thread %s (id %s): a system message saying it was damaged", m.seq, m.thread, id))
+		p.replace("message %d of thread %s (id %s): a system message saying it was damaged", m.seq, m.thread, id)
 	}
 	// Messages that decode but whose raw fields are not UTF-8 JSON (bytes
 	// that went bad inside a record, or stored by a version that did not
@@ -455,18 +504,21 @@ func planPlaceholders(r *reader, now int64, rep *RepairReport) ([]repairWrite, e
 		fixed.Message.Content = bytes.ToValidUTF8(m.Message.Content, []byte("\uFFFD"))
 		fixed.Message.ToolCalls = bytes.ToValidUTF8(m.Message.ToolCalls, []byte("\uFFFD"))
 		fixed.Message.Metadata = bytes.ToValidUTF8(m.Message.Metadata, []byte("\uFFFD"))
-		what := "bytes that were not UTF-8 replaced by U+FFFD"
+		what := "rewritten under its key's thread and seq"
+		if !validMessageFields(&m.Message) {
+			what = "bytes that were not UTF-8 replaced by U+FFFD"
+		}
 		if !validMessageFields(&fixed.Message) {
 			fixed = engine.MessageRecord{MessageID: m.MessageID, ThreadID: m.ThreadID, Seq: m.Seq, CreatedAt: m.CreatedAt,
 				Message: engine.Message{ID: m.Message.ID, Role: engine.RoleSystem, Content: []byte(`"[this message was ` + repairNote + `]"`)}}
 			what = "content, tool calls or metadata not JSON: a system message saying it was damaged"
 		}
 		if err := put(messageKey(m.ThreadID, m.Seq), &fixed); err != nil {
-			return nil, err
+			return err
 		}
-		rep.Replaced = append(rep.Replaced, fmt.Sprintf("message %d of thread %s (id %s): %s", m.Seq, m.ThreadID, m.MessageID, what))
+		p.replace("message %d of thread %s (id %s): %s", m.Seq, m.ThreadID, m.MessageID, what)
 	}
-	return out, nil
+	return nil
 }
 
 // validMessageFields reports whether m's raw fields are UTF-8 JSON, as
@@ -579,19 +631,12 @@ func sortedKeys[V any](m map[string]V) []string {
 
 // planDerived returns the writes that make every derived key agree with
 // the records of r's snapshot.
-func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
-	var out []repairWrite
-	change := func(w repairWrite, format string, args ...any) {
-		out = append(out, w)
-		rep.Rewritten++
-		if len(rep.Changes) < MaxProblems {
-			rep.Changes = append(rep.Changes, fmt.Sprintf(format, args...))
-		}
-	}
-	left := func(format string, args ...any) { rep.Left = append(rep.Left, fmt.Sprintf(format, args...)) }
+func planDerived(r *reader, p *repairPlan) error {
+	change := p.change
+	left := func(format string, args ...any) { p.left = append(p.left, fmt.Sprintf(format, args...)) }
 	dv, err := derive(r, left)
 	if err != nil {
-		return nil, err
+		return err
 	}
 
 	// Index families.
@@ -609,7 +654,7 @@ func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
 			return true, nil
 		})
 		if err != nil {
-			return nil, err
+			return err
 		}
 		for _, k := range sortedKeys(exp) {
 			change(repairWrite{k: []byte(k), v: exp[k]}, "wrote missing index entry %q", k)
@@ -621,7 +666,7 @@ func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
 		k := countKey(st)
 		b, _, err := r.get(k)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		want := dv.counts[byte(st)]
 		if got, cerr := counter(k, b); cerr == nil && got == want {
@@ -659,7 +704,7 @@ func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for _, thread := range sortedKeys(dv.threads) {
 		if states[thread] {
@@ -683,7 +728,7 @@ func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
 		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for _, thread := range sortedKeys(dv.threads) {
 		if dv.threads[thread].queued > 0 && !markers[thread] {
@@ -692,9 +737,9 @@ func planDerived(r *reader, rep *RepairReport) ([]repairWrite, error) {
 	}
 
 	if err := planMessageLogs(r, dv.runs, change, left); err != nil {
-		return nil, err
+		return err
 	}
-	return out, nil
+	return nil
 }
 
 // stateAgrees reports whether a stored thread state passes Verify's checks

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
+
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -288,15 +290,11 @@ func TestRepairReviewCases(t *testing.T) {
 		if err := s.RawSet(dispatchKey(res.DispatchID), []byte{binaryV1, 0xff}); err != nil {
 			t.Fatal(err)
 		}
-		var step RepairReport
-		var writes []repairWrite
-		if err := s.view(ctx, func(r *reader) error {
-			var err error
-			writes, err = planPlaceholders(r, now, &step)
-			return err
-		}); err != nil {
+		var plan repairPlan
+		if err := s.view(ctx, func(r *reader) error { return planPlaceholders(r, now, &plan) }); err != nil {
 			t.Fatal(err)
 		}
+		writes := plan.writes
 		if len(writes) != 2 {
 			t.Fatalf("%d writes planned; want the placeholder and its run's close", len(writes))
 		}
@@ -438,5 +436,140 @@ func TestRepairPlacesADispatchByItsRun(t *testing.T) {
 	}
 	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
 		t.Fatalf("Verify after the repair: %v, %v", v.Problems, err)
+	}
+}
+
+// A repair whose commit fails part-way reports exactly what committed, and
+// the next run finishes the job and reports the rest.
+func TestRepairReportsWhatCommittedBeforeAFailure(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const n = repairChunk + 1
+	msgs := make([]engine.Message, n)
+	for i := range msgs {
+		msgs[i] = engine.Message{ID: fmt.Sprintf("x%d", i), Role: engine.RoleUser, Content: []byte(`"x"`)}
+	}
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "m", ExpectedCount: 0, CreatedAt: 1, Messages: msgs}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if err := s.RawSet(messageKey("m", uint64(i+1)), []byte{binaryMessageV1, 0xff}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	commits := 0
+	s.testCommit = func(txn *badger.Txn) func(cb func(error)) {
+		commits++
+		fail := commits == 2
+		return func(cb func(error)) {
+			if fail {
+				txn.Discard()
+				cb(errors.New("injected: the disk is full"))
+				return
+			}
+			txn.CommitWith(cb)
+		}
+	}
+	rep, err := s.Repair(ctx, time.Now().UnixMilli())
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("%d of %d writes committed", repairChunk, n)) {
+		t.Fatalf("a repair whose second commit fails: %v", err)
+	}
+	if len(rep.Replaced) != repairChunk {
+		t.Fatalf("%d replacements reported; want the %d that committed", len(rep.Replaced), repairChunk)
+	}
+	s.testCommit = nil
+	rep, err = s.Repair(ctx, time.Now().UnixMilli())
+	if err != nil || len(rep.Replaced) != 1 || !strings.Contains(rep.Replaced[0], fmt.Sprintf("message %d of thread m", n)) {
+		t.Fatalf("the second repair: %v, %v", rep.Replaced, err)
+	}
+	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+		t.Fatalf("Verify: %v, %v", v.Problems, err)
+	}
+}
+
+// A dispatch acked after its run was cancelled while running stays acked;
+// one cancelled in the queue (its run never started) stays cancelled.
+func TestRepairKeepsHowADispatchFinished(t *testing.T) {
+	ctx := context.Background()
+	ex := &oneSlotExec{changed: make(chan struct{}, 1)}
+	s, mb := openMailbox(t, Options{InMemory: true}, ex)
+	now := time.Now().UnixMilli()
+	ran, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "ran", Messages: []engine.Message{userText("hi")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := s.ClaimStart(ctx, "ran", "c9", time.Minute, "i1", now)
+	if err != nil || d == nil {
+		t.Fatalf("claim: %v, %v", d, err)
+	}
+	res := engine.RunResult{RunID: ran.RunID, InstanceID: "i1", Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	if err := s.Complete(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
+		t.Fatal(err)
+	}
+	queued, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "queued", Messages: []engine.Message{userText("hi")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Cancel(ctx, queued.DispatchID, now); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		res  engine.SubmitResult
+		want engine.DispatchStatus
+	}{{ran, engine.StatusAcked}, {queued, engine.StatusCancelled}} {
+		before, _ := s.LoadDispatch(ctx, c.res.DispatchID)
+		r, _ := s.LoadRun(ctx, c.res.RunID)
+		if before == nil || before.Status != c.want || r == nil || r.Status != engine.RunDone || r.TerminationReason == nil || r.TerminationReason.Type != engine.TermCancelled {
+			t.Fatalf("before the damage: %+v, run %+v", before, r)
+		}
+		if err := s.RawSet(dispatchKey(c.res.DispatchID), []byte{binaryV1, 0xff}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.Repair(ctx, now); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		id   string
+		want engine.DispatchStatus
+	}{{ran.DispatchID, engine.StatusAcked}, {queued.DispatchID, engine.StatusCancelled}} {
+		if d, _ := s.LoadDispatch(ctx, c.id); d == nil || d.Status != c.want {
+			t.Fatalf("dispatch %s after the repair: %+v; want %s", c.id, d, c.want)
+		}
+	}
+	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+		t.Fatalf("Verify: %v, %v", v.Problems, err)
+	}
+}
+
+// A message record of an earlier version (JSON) naming another seq than
+// its key's is rewritten under its key's.
+func TestRepairRewritesAMessageUnderItsKey(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "m", ExpectedCount: 0, CreatedAt: 1,
+		Messages: []engine.Message{{ID: "x", Role: engine.RoleUser, Content: []byte(`"kept"`)}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RawSet(messageKey("m", 1), []byte(`{"message_id":"x","thread_id":"m","seq":7,"message":{"id":"x","role":"user","content":"kept"}}`)); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := s.Repair(ctx, time.Now().UnixMilli())
+	if err != nil || len(rep.Replaced) != 1 || !strings.Contains(rep.Replaced[0], "rewritten under its key") {
+		t.Fatalf("repair: %v, %v", rep.Replaced, err)
+	}
+	if m, _ := s.LoadMessage(ctx, "m", "x"); m == nil || m.Seq != 1 || string(m.Message.Content) != `"kept"` {
+		t.Fatalf("the message after the repair: %+v", m)
+	}
+	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+		t.Fatalf("Verify: %v, %v", v.Problems, err)
 	}
 }

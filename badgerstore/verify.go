@@ -21,9 +21,10 @@ type Report struct {
 	Messages   int
 	// Problems lists every mismatch found; empty when consistent.
 	Problems []string
-	// StorageProblems counts the problems in the files under the records
-	// (table blocks that fail their checksums, value-log files with a bad
-	// entry before whole ones), which Repair does not mend.
+	// StorageProblems counts the problems of Problems that are in the
+	// files under the records (table blocks that fail their checksums,
+	// value-log files with a bad entry before whole ones), which Repair
+	// does not mend.
 	StorageProblems int
 	// Notes lists what is worth knowing but not a mismatch: value-log
 	// files that end in a torn entry (a write a crash or power loss cut
@@ -348,8 +349,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
 	if err := s.db.VerifyChecksum(); err != nil {
+		if len(rep.Problems) < MaxProblems {
+			rep.StorageProblems++
+		}
 		problem("table checksums: %v", err)
-		rep.StorageProblems++
 	}
 	fids, err := rotatedValueLogs(s.opts.Dir)
 	if err != nil {
@@ -365,8 +368,10 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			return rep, fmt.Errorf("verify %s: %w", vlogName(fid), ctx.Err())
 		case errors.Is(err, fs.ErrNotExist): // GC deleted it meanwhile
 		case errors.Is(err, ErrValueLogCorrupt):
+			if len(rep.Problems) < MaxProblems { // counted as listed
+				rep.StorageProblems++
+			}
 			problem("%v", err)
-			rep.StorageProblems++
 		case errors.Is(err, errTornTail):
 			rep.Notes = append(rep.Notes, err.Error())
 		case err != nil:

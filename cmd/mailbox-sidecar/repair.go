@@ -20,9 +20,9 @@ thread state and message counter that disagrees with the records is
 rewritten. A message that decodes but whose content, tool calls or
 metadata are not UTF-8 JSON gets U+FFFD for the bytes that are not UTF-8,
 or the placeholder when that is not enough. A finished dispatch stays
-finished (acked, or cancelled when its run was). It lists what it
-replaced and rewrote (a step whose writes did not all commit is left
-out, and the error says how far it got: run it again), and what it
+finished (acked, or cancelled when it never ran). It lists what it
+replaced and rewrote (after a failure, what was written; the error says
+how far it got: run it again), and what it
 cannot mend (two claimed dispatches on a thread, a gap in a message
 log), then runs verify. It does not rewrite the files under the records:
 a value-log file with a bad entry stays listed by verify (the records
@@ -66,7 +66,7 @@ func runRepair(ctx context.Context, args []string, getenv func(string) string, s
 	}
 	code = printVerify("repair", dir, vrep, err, stdout, stderr)
 	if err == nil && vrep.StorageProblems > 0 && vrep.StorageProblems == len(vrep.Problems) {
-		fmt.Fprintln(stdout, "what remains is damage in the files under the records (a value-log file with a bad entry, a table block), which repair does not rewrite: the records it held are mended; value-log GC stays off while such a file exists (docs/store.md, \"Bytes that go bad on the disk\")")
+		fmt.Fprintln(stdout, "what remains is damage in the files under the records (value-log files with a bad entry, table blocks that fail their checksums), which repair does not rewrite; value-log GC stays off while such a file exists (docs/store.md, \"Bytes that go bad on the disk\")")
 	}
 	return code
 }
