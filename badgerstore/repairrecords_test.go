@@ -434,20 +434,14 @@ func TestRepairPlacesADispatchByItsRun(t *testing.T) {
 	if r, _ := s.LoadRun(ctx, res.RunID); r == nil || r.Status != engine.RunDone {
 		t.Fatalf("its run after the repair: %+v", r)
 	}
-	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
-		t.Fatalf("Verify after the repair: %v, %v", v.Problems, err)
-	}
+	wantConsistent(t, s)
 }
 
 // A repair whose commit fails part-way reports exactly what committed, and
 // the next run finishes the job and reports the rest.
 func TestRepairReportsWhatCommittedBeforeAFailure(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := memStore(t)
 	const n = repairChunk + 1
 	msgs := make([]engine.Message, n)
 	for i := range msgs {
@@ -486,9 +480,7 @@ func TestRepairReportsWhatCommittedBeforeAFailure(t *testing.T) {
 	if err != nil || len(rep.Replaced) != 1 || !strings.Contains(rep.Replaced[0], fmt.Sprintf("message %d of thread m", n)) {
 		t.Fatalf("the second repair: %v, %v", rep.Replaced, err)
 	}
-	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
-		t.Fatalf("Verify: %v, %v", v.Problems, err)
-	}
+	wantConsistent(t, s)
 }
 
 // A dispatch acked after its run was cancelled while running stays acked;
@@ -541,20 +533,14 @@ func TestRepairKeepsHowADispatchFinished(t *testing.T) {
 			t.Fatalf("dispatch %s after the repair: %+v; want %s", c.id, d, c.want)
 		}
 	}
-	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
-		t.Fatalf("Verify: %v, %v", v.Problems, err)
-	}
+	wantConsistent(t, s)
 }
 
 // A message record of an earlier version (JSON) naming another seq than
 // its key's is rewritten under its key's.
 func TestRepairRewritesAMessageUnderItsKey(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := memStore(t)
 	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "m", ExpectedCount: 0, CreatedAt: 1,
 		Messages: []engine.Message{{ID: "x", Role: engine.RoleUser, Content: []byte(`"kept"`)}}}); err != nil {
 		t.Fatal(err)
@@ -569,7 +555,25 @@ func TestRepairRewritesAMessageUnderItsKey(t *testing.T) {
 	if m, _ := s.LoadMessage(ctx, "m", "x"); m == nil || m.Seq != 1 || string(m.Message.Content) != `"kept"` {
 		t.Fatalf("the message after the repair: %+v", m)
 	}
-	if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+	wantConsistent(t, s)
+}
+
+// memStore opens a store in memory, closed when the test ends.
+func memStore(t *testing.T) *Store {
+	t.Helper()
+	s, err := Open(Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// wantConsistent fails the test unless Verify finds nothing.
+func wantConsistent(t *testing.T, s *Store) {
+	t.Helper()
+	v, err := s.Verify(context.Background())
+	if err != nil || len(v.Problems) != 0 {
 		t.Fatalf("Verify: %v, %v", v.Problems, err)
 	}
 }

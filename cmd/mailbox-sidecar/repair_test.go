@@ -45,14 +45,7 @@ func TestRepairPutsBackWhatAValueLogCutLost(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	es, _ := os.ReadDir(dir)
-	var vlogs []string
-	for _, e := range es {
-		if strings.HasSuffix(e.Name(), ".vlog") {
-			vlogs = append(vlogs, e.Name())
-		}
-	}
-	slices.Sort(vlogs)
+	vlogs := valueLogs(dir)
 	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
 	b, err := os.ReadFile(newest)
 	if err != nil {
@@ -139,14 +132,7 @@ func writeLargeMessages(t *testing.T, s *badgerstore.Store, n int) {
 // dir, and returns the file and the message's index.
 func flipAMessageBelowTheNewestValueLog(t *testing.T, dir string, n int) (file string, msg int) {
 	t.Helper()
-	es, _ := os.ReadDir(dir)
-	var vlogs []string
-	for _, e := range es {
-		if strings.HasSuffix(e.Name(), ".vlog") {
-			vlogs = append(vlogs, e.Name())
-		}
-	}
-	slices.Sort(vlogs)
+	vlogs := valueLogs(dir)
 	for _, name := range vlogs[:max(len(vlogs)-1, 0)] {
 		path := filepath.Join(dir, name)
 		b, err := os.ReadFile(path)
@@ -165,4 +151,17 @@ func flipAMessageBelowTheNewestValueLog(t *testing.T, dir string, n int) (file s
 	}
 	t.Fatalf("no message in the value-log files %v below the newest", vlogs)
 	return "", 0
+}
+
+// valueLogs lists the value-log files of dir, oldest first.
+func valueLogs(dir string) []string {
+	es, _ := os.ReadDir(dir)
+	var vlogs []string
+	for _, e := range es {
+		if strings.HasSuffix(e.Name(), ".vlog") {
+			vlogs = append(vlogs, e.Name())
+		}
+	}
+	slices.Sort(vlogs)
+	return vlogs
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 
@@ -53,18 +52,6 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// listVlogs lists the value-log files, oldest first.
-	listVlogs := func() []string {
-		var vlogs []string
-		es, _ := os.ReadDir(dir)
-		for _, e := range es {
-			if strings.HasSuffix(e.Name(), ".vlog") {
-				vlogs = append(vlogs, e.Name())
-			}
-		}
-		slices.Sort(vlogs)
-		return vlogs
-	}
 	flipped, _ := flipAMessageBelowTheNewestValueLog(t, dir, 40)
 	code, out, errOut = verify("--data-dir", dir)
 	if code != 1 || !strings.Contains(out, "problem: "+flipped) || !strings.Contains(out, "fails its checksum") {
@@ -88,7 +75,7 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	vlogs := listVlogs()
+	vlogs := valueLogs(dir)
 	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
 	nb, err := os.ReadFile(newest)
 	if err != nil {
