@@ -314,11 +314,7 @@ func TestADecodedMessageKeepsItsBytesOnce(t *testing.T) {
 // record keeps), not once more for a copy of each key, which the walk
 // reads and drops.
 func TestAWindowReadAllocatesOncePerMessage(t *testing.T) {
-	s, err := Open(Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := memStore(t)
 	ctx := context.Background()
 	const n = 200
 	msgs := make([]engine.Message, n)

@@ -97,6 +97,11 @@ func (p *repairPlan) change(w repairWrite, format string, args ...any) {
 	p.changes = append(p.changes, plannedNote{fmt.Sprintf(format, args...), len(p.writes)})
 }
 
+// leave notes what the plan cannot mend.
+func (p *repairPlan) leave(format string, args ...any) {
+	p.left = append(p.left, fmt.Sprintf(format, args...))
+}
+
 // report adds to rep what the first done writes of the plan did.
 func (p *repairPlan) report(rep *RepairReport, done int) {
 	for _, n := range p.replaced {
@@ -633,31 +638,17 @@ func sortedKeys[V any](m map[string]V) []string {
 // the records of r's snapshot.
 func planDerived(r *reader, p *repairPlan) error {
 	change := p.change
-	left := func(format string, args ...any) { p.left = append(p.left, fmt.Sprintf(format, args...)) }
+	left := p.leave
 	dv, err := derive(r, left)
 	if err != nil {
 		return err
 	}
 
-	// Index families.
+	// Index families (a listing entry's value is not read: an earlier
+	// version stored the status there).
 	for _, fam := range derivedFamilies {
-		exp := dv.want[fam]
-		err := r.iterate([]byte{fam}, nil, false, false, func(k, v []byte) (bool, error) {
-			wv, ok := exp[string(k)]
-			switch {
-			case !ok:
-				change(repairWrite{k: k, del: true}, "deleted stray index entry %q", k)
-			case fam != pAll && !bytes.Equal(wv, v) && !(len(wv) == 0 && len(v) == 0):
-				change(repairWrite{k: k, v: wv}, "index entry %q: value %q → %q", k, v, wv)
-			}
-			delete(exp, string(k))
-			return true, nil
-		})
-		if err != nil {
+		if err := reconcile(r, []byte{fam}, dv.want[fam], fam != pAll, "index entry", p); err != nil {
 			return err
-		}
-		for _, k := range sortedKeys(exp) {
-			change(repairWrite{k: []byte(k), v: exp[k]}, "wrote missing index entry %q", k)
 		}
 	}
 
@@ -736,8 +727,32 @@ func planDerived(r *reader, p *repairPlan) error {
 		}
 	}
 
-	if err := planMessageLogs(r, dv.runs, change, left); err != nil {
+	if err := planMessageLogs(r, dv.runs, p); err != nil {
 		return err
+	}
+	return nil
+}
+
+// reconcile makes the keys under prefix exactly want (key → value; with
+// values false, only the keys): it deletes the others and writes the
+// missing and, with values, the wrong ones. It empties want.
+func reconcile(r *reader, prefix []byte, want map[string][]byte, values bool, what string, p *repairPlan) error {
+	err := r.iterate(prefix, nil, false, false, func(k, v []byte) (bool, error) {
+		wv, ok := want[string(k)]
+		switch {
+		case !ok:
+			p.change(repairWrite{k: k, del: true}, "deleted stray %s %q", what, k)
+		case values && !bytes.Equal(wv, v) && !(len(wv) == 0 && len(v) == 0):
+			p.change(repairWrite{k: k, v: wv}, "%s %q: value %q → %q", what, k, v, wv)
+		}
+		delete(want, string(k))
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range sortedKeys(want) {
+		p.change(repairWrite{k: []byte(k), v: want[k]}, "wrote missing %s %q", what, k)
 	}
 	return nil
 }
@@ -766,7 +781,9 @@ func stateAgrees(st threadState, tw *threadWant) bool {
 
 // planMessageLogs makes each thread's message counter, id index and
 // projection agree with its message records and runs.
-func planMessageLogs(r *reader, runs map[string]*engine.RunRecord, change func(repairWrite, string, ...any), left func(string, ...any)) error {
+func planMessageLogs(r *reader, runs map[string]*engine.RunRecord, p *repairPlan) error {
+	change := p.change
+	left := p.leave
 	lastSeq := map[string]uint64{}
 	count := map[string]uint64{}
 	wantID := map[string][]byte{} // I key → seq
@@ -793,22 +810,8 @@ func planMessageLogs(r *reader, runs map[string]*engine.RunRecord, change func(r
 			left("thread %s message log holds %d messages up to seq %d: the gaps are not filled", thread, count[thread], lastSeq[thread])
 		}
 	}
-	err = r.iterate([]byte{pMessageID}, nil, false, false, func(k, v []byte) (bool, error) {
-		wv, ok := wantID[string(k)]
-		switch {
-		case !ok:
-			change(repairWrite{k: k, del: true}, "deleted stray message-id entry %q", k)
-		case !bytes.Equal(wv, v):
-			change(repairWrite{k: k, v: wv}, "message-id entry %q → seq %d", k, readU64(wv))
-		}
-		delete(wantID, string(k))
-		return true, nil
-	})
-	if err != nil {
+	if err := reconcile(r, []byte{pMessageID}, wantID, true, "message-id entry", p); err != nil {
 		return err
-	}
-	for _, k := range sortedKeys(wantID) {
-		change(repairWrite{k: []byte(k), v: wantID[k]}, "wrote missing message-id entry %q", k)
 	}
 	// The counter is the append guard: the next append takes seq n+1, so
 	// it is the last seq, gaps or not.
