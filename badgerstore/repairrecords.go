@@ -483,11 +483,17 @@ func planPlaceholders(r *reader, now int64, p *repairPlan) error {
 	}
 
 	// Messages keep their id and place in the log.
+	idsOf := map[string]map[uint64]string{} // thread → seq → id, read once per thread
 	for _, m := range badMsg {
-		id, err := messageIDAt(r, m.thread, m.seq)
-		if err != nil {
-			return err
+		ids, ok := idsOf[m.thread]
+		if !ok {
+			var err error
+			if ids, err = messageIDsOf(r, m.thread); err != nil {
+				return err
+			}
+			idsOf[m.thread] = ids
 		}
+		id := ids[m.seq]
 		if id == "" {
 			id = fmt.Sprintf("damaged-%s-%d", m.thread, m.seq)
 		}
@@ -610,19 +616,17 @@ func traceRuns(r *reader, bad map[string]*runTrace) error {
 	})
 }
 
-// messageIDAt is the id the message-id index gives message seq of thread,
-// "" when none.
-func messageIDAt(r *reader, thread string, seq uint64) (string, error) {
+// messageIDsOf maps the seqs of thread's message-id index to their ids.
+func messageIDsOf(r *reader, thread string) (map[uint64]string, error) {
 	prefix := threadPrefix(pMessageID, thread)
-	var id string
+	ids := map[uint64]string{}
 	err := r.iterate(prefix, nil, false, false, func(k, v []byte) (bool, error) {
-		if len(v) == 8 && readU64(v) == seq {
-			id = string(k[len(prefix):])
-			return false, nil
+		if len(v) == 8 {
+			ids[readU64(v)] = string(k[len(prefix):])
 		}
 		return true, nil
 	})
-	return id, err
+	return ids, err
 }
 
 func sortedKeys[V any](m map[string]V) []string {
