@@ -180,8 +180,8 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	c.mu.Unlock()
 	rec.mu.Lock()
 	t.Logf("operations: %v; foreground streams: %+v", rec.ops, rec.streams)
-	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); %d attempts an interrupt found active checked cancelled",
-		f.liveReceived, f.liveExcused, f.activeCancelled)
+	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); %d attempts an interrupt found active checked cancelled (%d of them ended on their own, late, by a path blind to the cancel)",
+		f.liveReceived, f.liveExcused, f.activeCancelled, f.cancelBlind)
 	t.Logf("requests of 2–3 messages whose order in the log was checked: %d", f.requestsOrdered)
 	t.Logf("foreground streams of a run with an earlier started attempt whose event ids were checked above its band: %d", f.continuationIDs)
 	rec.mu.Unlock()

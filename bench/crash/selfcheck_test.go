@@ -370,3 +370,25 @@ func TestChecksCatchFaults(t *testing.T) {
 		}
 	})
 }
+
+// An attempt an interrupt found active that then failed permanently, on
+// its own and late, with no cancel in its journal, is excused: the
+// failure path never looks at the context, so when it ends is the agent
+// process's scheduling (a starved agent under a loaded CI run ended one
+// 330 ms after the interrupt). The same attempt ending "done" late is
+// still NOT CANCELLED.
+func TestAnAttemptBlindToItsCancelIsExcused(t *testing.T) {
+	const ms = int64(1e6)
+	for _, c := range []struct {
+		outcome            string
+		uncancelled, blind int
+	}{{OutcomePermanent, 0, 1}, {OutcomeTransient, 0, 1}, {OutcomeDone, 1, 0}} {
+		s := newScenario()
+		s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})
+		s.entries[5].EndNs, s.entries[5].Outcome = 450*ms, c.outcome
+		f := check(s.rec, s.snap, s.entries, checkOptions{})
+		if f.uncancelled != c.uncancelled || f.cancelBlind != c.blind {
+			t.Errorf("an attempt ending %s late: %d not cancelled, %d blind; want %d and %d (%v)", c.outcome, f.uncancelled, f.cancelBlind, c.uncancelled, c.blind, f.problems)
+		}
+	}
+}
