@@ -489,11 +489,11 @@ func TestRepairKeepsHowADispatchFinished(t *testing.T) {
 	ctx := context.Background()
 	ex := &oneSlotExec{changed: make(chan struct{}, 1)}
 	s, mb := openMailbox(t, Options{InMemory: true}, ex)
-	now := time.Now().UnixMilli()
 	ran, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "ran", Messages: []engine.Message{userText("hi")}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	now := time.Now().UnixMilli() // not before the submit: its dispatch is due from then
 	d, err := s.ClaimStart(ctx, "ran", "c9", time.Minute, "i1", now)
 	if err != nil || d == nil {
 		t.Fatalf("claim: %v, %v", d, err)
