@@ -275,14 +275,8 @@ func TestRepairReviewCases(t *testing.T) {
 		return rep
 	}
 	queued := func(t *testing.T) (*Store, engine.SubmitResult) {
-		t.Helper()
-		ex := &oneSlotExec{changed: make(chan struct{}, 1)}
-		s, mb := openMailbox(t, Options{InMemory: true}, ex)
-		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userText("hi")}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s, res
+		s, mb := idleMailbox(t)
+		return s, submitTo(t, mb, "t")
 	}
 
 	t.Run("a repair stopped between a placeholder and its run's close", func(t *testing.T) {
@@ -406,12 +400,8 @@ func TestRepairReviewCases(t *testing.T) {
 // placed by the run record that names it, and that run is closed.
 func TestRepairPlacesADispatchByItsRun(t *testing.T) {
 	ctx := context.Background()
-	ex := &oneSlotExec{changed: make(chan struct{}, 1)}
-	s, mb := openMailbox(t, Options{InMemory: true}, ex)
-	res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userText("hi")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, mb := idleMailbox(t)
+	res := submitTo(t, mb, "t")
 	d, err := s.LoadDispatch(ctx, res.DispatchID)
 	if err != nil {
 		t.Fatal(err)
@@ -487,12 +477,8 @@ func TestRepairReportsWhatCommittedBeforeAFailure(t *testing.T) {
 // one cancelled in the queue (its run never started) stays cancelled.
 func TestRepairKeepsHowADispatchFinished(t *testing.T) {
 	ctx := context.Background()
-	ex := &oneSlotExec{changed: make(chan struct{}, 1)}
-	s, mb := openMailbox(t, Options{InMemory: true}, ex)
-	ran, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "ran", Messages: []engine.Message{userText("hi")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, mb := idleMailbox(t)
+	ran := submitTo(t, mb, "ran")
 	now := time.Now().UnixMilli() // not before the submit: its dispatch is due from then
 	d, err := s.ClaimStart(ctx, "ran", "c9", time.Minute, "i1", now)
 	if err != nil || d == nil {
@@ -502,10 +488,7 @@ func TestRepairKeepsHowADispatchFinished(t *testing.T) {
 	if err := s.Complete(ctx, d.DispatchID, d.ClaimToken, res, now); err != nil {
 		t.Fatal(err)
 	}
-	queued, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "queued", Messages: []engine.Message{userText("hi")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	queued := submitTo(t, mb, "queued")
 	if _, err := s.Cancel(ctx, queued.DispatchID, now); err != nil {
 		t.Fatal(err)
 	}
@@ -576,4 +559,21 @@ func wantConsistent(t *testing.T, s *Store) {
 	if err != nil || len(v.Problems) != 0 {
 		t.Fatalf("Verify: %v, %v", v.Problems, err)
 	}
+}
+
+// idleMailbox is a mailbox on a store in memory whose agent takes no run
+// (it is not started): what is submitted stays queued.
+func idleMailbox(t *testing.T) (*Store, *engine.Mailbox) {
+	t.Helper()
+	return openMailbox(t, Options{InMemory: true}, &oneSlotExec{changed: make(chan struct{}, 1)})
+}
+
+// submitTo submits a background run of one user message to thread.
+func submitTo(t *testing.T, mb *engine.Mailbox, thread string) engine.SubmitResult {
+	t.Helper()
+	res, err := mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userText("hi")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
 }

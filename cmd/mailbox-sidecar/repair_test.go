@@ -27,38 +27,15 @@ func TestRepairPutsBackWhatAValueLogCutLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	for i := range 3 {
-		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("n%d-", i), 30<<10)) // 90 KiB: in the value log
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
-			Messages: []engine.Message{{ID: fmt.Sprintf("n%d", i), Role: "user", Content: content}}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	command := func(args ...string) (int, string, string) {
-		var out, errOut bytes.Buffer
-		code := run(args, func(string) string { return "" }, &out, &errOut)
-		return code, out.String(), errOut.String()
-	}
+	writeLargeMessages(t, s, "t2", "n", 3, 30<<10) // 90 KiB each: in the value log
+	command := runCommand
 	if code, _, errOut := command("repair", "--data-dir", dir); code != 1 || !strings.Contains(errOut, "in use") {
 		t.Fatalf("repair of a directory in use: exit %d, stderr %s", code, errOut)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	vlogs := valueLogs(dir)
-	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
-	b, err := os.ReadFile(newest)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := bytes.Index(b, []byte(`"n0-n0-`))
-	if i < 0 {
-		t.Fatalf("n0 not in the newest value-log file %s", newest)
-	}
-	b[i+999] ^= 0x01
-	if err := os.WriteFile(newest, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	flipInNewestValueLog(t, dir, `"n0-n0-`)
 	code, out, errOut := command("repair", "--data-dir", dir)
 	if code != 1 || !strings.Contains(errOut, "not opened") || !strings.Contains(errOut, "repair --allow-cut") {
 		t.Fatalf("repair of a damaged newest value-log file: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
@@ -101,30 +78,59 @@ func TestRepairSaysWhatItLeavesInTheValueLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeLargeMessages(t, s, 40)
+	writeLargeMessages(t, s, "t1", "m", 40, 20<<10)
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
 	file, msg := flipAMessageBelowTheNewestValueLog(t, dir, 40)
-	var out, errOut bytes.Buffer
-	code := run([]string{"repair", "--data-dir", dir}, func(string) string { return "" }, &out, &errOut)
-	if code != 1 || !strings.Contains(out.String(), fmt.Sprintf("replaced: message %d of thread t1 (id m%d)", msg+1, msg)) ||
-		!strings.Contains(out.String(), "problem: "+file) || !strings.Contains(out.String(), "which repair does not rewrite") {
-		t.Fatalf("repair of a value gone bad below the newest value-log file: exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errOut.String())
+	code, out, errOut := runCommand("repair", "--data-dir", dir)
+	if code != 1 || !strings.Contains(out, fmt.Sprintf("replaced: message %d of thread t1 (id m%d)", msg+1, msg)) ||
+		!strings.Contains(out, "problem: "+file) || !strings.Contains(out, "which repair does not rewrite") {
+		t.Fatalf("repair of a value gone bad below the newest value-log file: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 	}
 }
 
-// writeLargeMessages appends n messages of about 80 KB to thread t1
-// (m0, m1, …: several value-log files of 2 MiB).
-func writeLargeMessages(t *testing.T, s *badgerstore.Store, n int) {
+// writeLargeMessages appends n messages to the new thread: message i has
+// the id <prefix><i> and content "<prefix><i>-" repeated times (20<<10
+// times is about 80 KB: in the value log).
+func writeLargeMessages(t *testing.T, s *badgerstore.Store, thread, prefix string, n, times int) {
 	t.Helper()
 	for i := range n {
-		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("m%d-", i), 20<<10))
-		if _, err := s.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: "t1", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
-			Messages: []engine.Message{{ID: fmt.Sprintf("m%d", i), Role: "user", Content: content}}}); err != nil {
+		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("%s%d-", prefix, i), times))
+		if _, err := s.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: thread, ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
+			Messages: []engine.Message{{ID: fmt.Sprintf("%s%d", prefix, i), Role: "user", Content: content}}}); err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+// runCommand runs the binary's main with args and an empty environment.
+func runCommand(args ...string) (code int, stdout, stderr string) {
+	var out, errOut bytes.Buffer
+	code = run(args, func(string) string { return "" }, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+// flipInNewestValueLog flips one byte of the value that starts with
+// marker in the newest value-log file of dir; it returns the file and its
+// bytes as written.
+func flipInNewestValueLog(t *testing.T, dir, marker string) (path string, b []byte) {
+	t.Helper()
+	vlogs := valueLogs(dir)
+	path = filepath.Join(dir, vlogs[len(vlogs)-1])
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.Index(b, []byte(marker))
+	if i < 0 {
+		t.Fatalf("%s not in the newest value-log file %s", marker, path)
+	}
+	b[i+999] ^= 0x01
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path, b
 }
 
 // flipAMessageBelowTheNewestValueLog flips one byte of one of the n

@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,16 +22,11 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	writeLargeMessages(t, s, 40)
+	writeLargeMessages(t, s, "t1", "m", 40, 20<<10)
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	verify := func(args ...string) (int, string, string) {
-		var out, errOut bytes.Buffer
-		code := run(append([]string{"verify"}, args...), func(string) string { return "" }, &out, &errOut)
-		return code, out.String(), errOut.String()
-	}
+	verify := func(args ...string) (int, string, string) { return runCommand(append([]string{"verify"}, args...)...) }
 
 	code, out, errOut := verify("--data-dir", dir)
 	if code != 0 || !strings.Contains(out, "1 threads, 40 messages") || !strings.Contains(out, "consistent") {
@@ -65,29 +58,13 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 3 {
-		content, _ := json.Marshal(strings.Repeat(fmt.Sprintf("n%d-", i), 30<<10)) // 90 KiB: in the value log
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i + 1),
-			Messages: []engine.Message{{ID: fmt.Sprintf("n%d", i), Role: "user", Content: content}}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	writeLargeMessages(t, s, "t2", "n", 3, 30<<10) // 90 KiB each: in the value log
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	vlogs := valueLogs(dir)
-	newest := filepath.Join(dir, vlogs[len(vlogs)-1])
-	nb, err := os.ReadFile(newest)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := bytes.Index(nb, []byte(`"n0-n0-`))
-	if i < 0 || !bytes.Contains(nb[i:], []byte(`"n2-n2-`)) {
-		t.Fatalf("n0 and n2 not in the newest value-log file %s", newest)
-	}
-	nb[i+999] ^= 0x01
-	if err := os.WriteFile(newest, nb, 0o600); err != nil {
-		t.Fatal(err)
+	newest, nb := flipInNewestValueLog(t, dir, `"n0-n0-`)
+	if i := bytes.Index(nb, []byte(`"n0-n0-`)); !bytes.Contains(nb[i:], []byte(`"n2-n2-`)) {
+		t.Fatalf("n2 not after n0 in the newest value-log file %s", newest)
 	}
 	code, out, errOut = verify("--data-dir", dir)
 	if code != 1 || !strings.Contains(errOut, "not opened") || !strings.Contains(out, "whole entries follow it") {
