@@ -58,8 +58,9 @@ type conn struct {
 	mu       sync.Mutex
 	streams  map[uint64]*stream
 	reserved int // slots taken by runs whose RUN is not written yet
-	// abandoned holds streams the hub gave up on after CancelGrace: the
-	// agent still runs them, so they keep their slot until their FINISH.
+	// abandoned holds streams the hub gave up on at a drain, past their
+	// CancelGrace: the agent still runs them, so they keep their slot
+	// until their FINISH.
 	abandoned   map[uint64]struct{}
 	nextStream  uint64
 	agentGoAway bool
@@ -608,8 +609,9 @@ func (c *conn) onFinish(f *ipc.Frame) error {
 	// for an unknown stream; the slot is free for the next run.
 	c.closeStream(st)
 	if !st.ctl.pushFinish(&fin) {
-		// The run's goroutine gave up on the run (CancelGrace) as this
-		// FINISH came: the slot it kept for the run is free now.
+		// The run's goroutine gave up on the run (a drain past its
+		// CancelGrace) as this FINISH came: the slot it kept for the run
+		// is free now.
 		c.mu.Lock()
 		delete(c.abandoned, f.Stream)
 		c.mu.Unlock()

@@ -74,7 +74,9 @@ type Config struct {
 	// acknowledged in time counts as not delivered. Default 2 s.
 	CommandTimeout time.Duration
 	// CancelGrace is how long a cancelled run waits for the agent's
-	// FINISH after CANCEL before the hub gives up on it. Default 10 s.
+	// FINISH after CANCEL before it is reported overdue; past it the run
+	// is still held until its FINISH or its connection's end, unless the
+	// hub drains (then it is given up as cancel_timeout). Default 10 s.
 	CancelGrace time.Duration
 	// AgentWait is how long Run waits for a connection that serves the
 	// run's agent id and has a free slot. Default 15 s.
@@ -183,9 +185,13 @@ type Hub struct {
 	greeting  map[net.Conn]struct{} // connections in their handshake
 	closed    bool
 	draining  bool
-	goaway    ipc.Status
-	waiters   int
-	slotCh    chan struct{} // closed and replaced when a slot may have freed
+	// drained is closed when draining begins (GoAway, Close): a run whose
+	// agent has not finished it within CancelGrace of its CANCEL is held
+	// until then (docs/protocol.md).
+	drained chan struct{}
+	goaway  ipc.Status
+	waiters int
+	slotCh  chan struct{} // closed and replaced when a slot may have freed
 
 	submitter atomic.Pointer[Submitter]
 
@@ -206,6 +212,7 @@ func New(cfg Config) (*Hub, error) {
 		listeners: make(map[net.Listener]struct{}),
 		greeting:  make(map[net.Conn]struct{}),
 		slotCh:    make(chan struct{}),
+		drained:   make(chan struct{}),
 	}
 	h.m = newHubMetrics(cfg.Metrics, h)
 	if cfg.Submitter != nil {
@@ -313,7 +320,7 @@ func (h *Hub) isClosed() bool {
 // starts no new runs (GOAWAY); running runs go on. Capacity drops to 0.
 func (h *Hub) GoAway(code, message string) {
 	h.mu.Lock()
-	h.draining = true
+	h.drainLocked()
 	h.goaway = ipc.Status{Code: code, Message: message}
 	conns := h.connList()
 	h.mu.Unlock()
@@ -334,7 +341,7 @@ func (h *Hub) Close() error {
 		return nil
 	}
 	h.closed = true
-	h.draining = true
+	h.drainLocked()
 	lns := make([]net.Listener, 0, len(h.listeners))
 	for ln := range h.listeners {
 		lns = append(lns, ln)
@@ -353,6 +360,14 @@ func (h *Hub) Close() error {
 	h.wg.Wait()
 	h.updateCapacity()
 	return nil
+}
+
+// drainLocked marks the hub draining (h.mu held).
+func (h *Hub) drainLocked() {
+	if !h.draining {
+		h.draining = true
+		close(h.drained)
+	}
 }
 
 func (h *Hub) connList() []*conn {
@@ -461,6 +476,7 @@ type hubMetrics struct {
 	checkpoints, checkpointErrors, checkpointRefused *metrics.Counter
 	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed   *metrics.Counter
 	unknownStream, submits, repliesDropped           *metrics.Counter
+	cancelOverdue                                    *metrics.Counter
 	runs                                             map[engine.OutcomeKind]*metrics.Counter
 }
 
@@ -481,6 +497,7 @@ func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 		unknownStream:     s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
 		submits:           s.NewCounter("mailbox_agent_submits_total"),
 		repliesDropped:    s.NewCounter("mailbox_agent_replies_dropped_total"),
+		cancelOverdue:     s.NewCounter("mailbox_agent_cancel_overdue_total"),
 		runs:              make(map[engine.OutcomeKind]*metrics.Counter),
 	}
 	for _, k := range []engine.OutcomeKind{engine.OutcomeCompleted, engine.OutcomeTransient, engine.OutcomePermanent, engine.OutcomeAbandoned} {

@@ -418,14 +418,27 @@ func TestCancelSendsCancelAndWaitsForFinish(t *testing.T) {
 		t.Fatalf("events after cancel: %q", got)
 	}
 
-	// An agent that ignores CANCEL: the hub gives up after the grace.
+	// An agent that ignores CANCEL: past the grace the run is still held
+	// (the agent runs it); a drain gives it up.
 	ctx, cancel = context.WithCancel(context.Background())
 	rc = startRun(r.hub, ctx, request("t2"))
 	a.expect(ipc.TypeRun, 2)
 	cancel()
 	a.expect(ipc.TypeCancel, 2)
+	select {
+	case o := <-rc.out:
+		t.Fatalf("the run ended %+v while the agent still runs it", o)
+	case <-time.After(600 * time.Millisecond): // three graces
+	}
+	r.hub.GoAway("shutdown", "test")
+	a.expect(ipc.TypeGoAway, 0)
 	if o := rc.wait(t); o.Kind != engine.OutcomeTransient || o.ErrorCode != "cancel_timeout" {
 		t.Fatalf("outcome %+v", o)
+	}
+	var m strings.Builder
+	r.hub.Metrics().WritePrometheus(&m)
+	if !strings.Contains(m.String(), "mailbox_agent_cancel_overdue_total 1") {
+		t.Fatalf("overdue cancel not counted:\n%s", m.String())
 	}
 	// Its late frames are rejected.
 	a.send(ipc.TypeEvent, 2, `{"type":"late"}`)

@@ -265,9 +265,11 @@ type runInput struct {
 
 // Run executes one attempt on a connected agent (engine.Executor): it
 // picks the connection with the most free slots among those serving the
-// run's agent id, sends RUN and serves the stream until FINISH, a lost
-// connection, or a cancellation the agent does not finish within
-// CancelGrace.
+// run's agent id, sends RUN and serves the stream until FINISH or a lost
+// connection. A cancelled run the agent does not finish within
+// CancelGrace is held (logged, counted in
+// mailbox_agent_cancel_overdue_total) until one of those, or until the
+// hub drains: two runs of one thread never execute at once.
 func (h *Hub) Run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 	o := h.run(ctx, req, sink)
 	if c := h.m.runs[o.Kind]; c != nil {
@@ -348,6 +350,7 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 	done := ctx.Done()
 	var grace <-chan time.Time
 	var graceTimer *time.Timer
+	var drained <-chan struct{} // once the grace is over: a drain gives the run up
 	defer func() {
 		if graceTimer != nil {
 			graceTimer.Stop()
@@ -411,14 +414,23 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 				startCancel()
 			}
 		case <-grace:
-			c.mu.Lock()
-			c.abandoned[st.id] = struct{}{}
-			c.mu.Unlock()
-			if failed != nil {
-				return *failed
+			// The agent still runs it: the run, its thread and its slot
+			// stay held until its FINISH or the connection's end, so
+			// that no other run of the thread starts meanwhile. Only a
+			// drain (shutdown) gives it up, as the engine then waits
+			// for it to return.
+			grace = nil
+			select {
+			case <-c.h.drained:
+				return c.abandon(st, failed)
+			default:
 			}
-			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "cancel_timeout",
-				Error: fmt.Sprintf("agent did not finish the run within %v of CANCEL", c.h.cfg.CancelGrace)}
+			c.h.m.cancelOverdue.Inc()
+			c.log.Warn("the agent has not finished a cancelled run; its thread stays held until it does or its connection ends",
+				"stream", st.id, "thread_id", req.ThreadID, "run_id", req.RunID, "cancel_grace", c.h.cfg.CancelGrace)
+			drained = c.h.drained
+		case <-drained:
+			return c.abandon(st, failed)
 		case <-c.dead:
 			// What the agent sent before the connection failed still
 			// counts, in order: checkpoints, and a FINISH if it came.
@@ -444,6 +456,21 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 	}
 }
 
+// abandon gives up a cancelled run the agent still runs, once the hub
+// drains: the attempt ends as a transient cancel_timeout (or as the hub
+// failed it), and its slot stays taken until the agent's late FINISH or
+// the connection's end, so no further RUN lands on a full agent.
+func (c *conn) abandon(st *stream, failed *engine.RunOutcome) engine.RunOutcome {
+	c.mu.Lock()
+	c.abandoned[st.id] = struct{}{}
+	c.mu.Unlock()
+	if failed != nil {
+		return *failed
+	}
+	return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "cancel_timeout",
+		Error: fmt.Sprintf("agent did not finish the run within %v of CANCEL, and the sidecar is draining", c.h.cfg.CancelGrace)}
+}
+
 // awaitReader waits, once the connection has failed, until its reader has
 // handed over every frame it had received, or readerDrainTimeout.
 func (c *conn) awaitReader() {
@@ -459,7 +486,7 @@ func (c *conn) awaitReader() {
 // endStream closes a run's stream once its goroutine is done with it.
 // CHECKPOINTs it did not take are refused, so that the agent does not wait
 // for their ACK; a FINISH it did not take (it came as the run was given
-// up after CancelGrace) frees the slot kept for the run.
+// up at a drain) frees the slot kept for the run.
 func (c *conn) endStream(st *stream) {
 	c.closeStream(st)
 	for _, it := range st.end() {
