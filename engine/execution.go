@@ -47,6 +47,10 @@ type execution struct {
 	// cancelSettled: a user's cancel already acked the dispatch as
 	// cancelled; the attempt records nothing more.
 	cancelSettled atomic.Bool
+	// liveKeys are the dedupe keys of live-then-queue submits whose
+	// messages this attempt accepted live (guarded by Mailbox.mu): a
+	// repeat of one is answered as delivered, not appended again.
+	liveKeys map[string]struct{}
 	// next is the thread's next dispatch, claimed in the commit that
 	// completed this attempt (CompleteClaimer): finish starts it in this
 	// attempt's slot (execute goroutine only).

@@ -598,6 +598,13 @@ const (
 // here has settled (waiting at most CancelWait). If the run accepts them
 // in time they are delivered live; otherwise a background run activates
 // those same logged messages.
+//
+// With a dedupe key, a repeat appends nothing: while the dispatch the
+// first request queued is not terminal it answers that dispatch, and
+// while the attempt that took the first request's messages live runs
+// here it answers that attempt as delivered. Repeats are serialised per
+// (thread, key) in this process; between sidecars sharing a store a
+// concurrent repeat can still append twice (engine/README.md).
 func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedRunID string) (SubmitResult, LiveDelivery, error) {
 	if err := m.accepting(); err != nil {
 		return SubmitResult{}, "", err
@@ -608,6 +615,20 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 	if len(req.Messages) == 0 {
 		res, err := m.SubmitBackground(ctx, req)
 		return res, DeliveredQueued, err
+	}
+	if key := req.DedupeKey; key != "" {
+		unlock := m.keyLocks.lock(req.ThreadID + "\x00" + key)
+		defer unlock()
+		res, ok, err := m.existingByDedupe(ctx, req.ThreadID, key)
+		if err != nil {
+			return SubmitResult{}, "", fmt.Errorf("submit to %s: %w", req.ThreadID, err)
+		}
+		if ok {
+			return res, DeliveredQueued, nil
+		}
+		if res, ok := m.deliveredLiveBefore(req.ThreadID, key); ok {
+			return res, DeliveredLive, nil
+		}
 	}
 	// What the queued half would refuse is refused before the messages
 	// are logged: a failed request leaves nothing behind.
@@ -624,6 +645,14 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 	e := m.settledEntry(ctx, req.ThreadID)
 	if e != nil && !e.claiming {
 		if (expectedRunID == "" || expectedRunID == e.dispatch.RunID) && m.command(ctx, e, Command{Kind: CommandMessages, Messages: recs}) {
+			if req.DedupeKey != "" {
+				m.mu.Lock()
+				if e.liveKeys == nil {
+					e.liveKeys = make(map[string]struct{})
+				}
+				e.liveKeys[req.DedupeKey] = struct{}{}
+				m.mu.Unlock()
+			}
 			return SubmitResult{DispatchID: e.dispatch.DispatchID, RunID: e.dispatch.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
 		}
 	} else if router, ok := m.raw.(LiveRouter); ok {
@@ -650,6 +679,21 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 	req.messagesLogged = true
 	res, err := m.SubmitBackground(ctx, req)
 	return res, DeliveredQueued, err
+}
+
+// deliveredLiveBefore answers a repeat of a live-then-queue submit whose
+// messages the attempt executing on the thread here took live.
+func (m *Mailbox) deliveredLiveBefore(thread, key string) (SubmitResult, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.threads[thread]
+	if e == nil || e.claiming {
+		return SubmitResult{}, false
+	}
+	if _, ok := e.liveKeys[key]; !ok {
+		return SubmitResult{}, false
+	}
+	return SubmitResult{DispatchID: e.dispatch.DispatchID, RunID: e.dispatch.RunID, ThreadID: thread, Status: SubmitRunning}, true
 }
 
 // appendMessages appends messages to a thread log (guarded, retried).

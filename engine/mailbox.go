@@ -62,7 +62,11 @@ type Mailbox struct {
 	exec    Executor
 	log     *slog.Logger
 	locks   *threadLocks
-	metrics *engineMetrics
+	// keyLocks serialise live-then-queue submits that carry a dedupe key,
+	// per (thread, key), taken before locks: a repeat sees what the first
+	// left (SendMessages).
+	keyLocks *threadLocks
+	metrics  *engineMetrics
 
 	mu       sync.Mutex
 	threads  map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
@@ -107,7 +111,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		return nil, err
 	}
 	m := &Mailbox{
-		cfg: cfg, raw: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(),
+		cfg: cfg, raw: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(), keyLocks: newThreadLocks(),
 		threads: map[string]*execution{}, byRun: map[string]*execution{},
 		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
 		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
