@@ -56,12 +56,12 @@ type SubmitResult struct {
 // serialised by locks (a striped mutex), taken before mu when both are
 // needed.
 type Mailbox struct {
-	cfg     Config
-	store   Store // instrumented: every call is timed and counted
-	raw     Store // the store as given (optional interfaces: LiveRouter, SignalSource)
-	exec    Executor
-	log     *slog.Logger
-	locks   *threadLocks
+	cfg   Config
+	store Store // instrumented: every call is timed and counted
+	raw   Store // the store as given (optional interfaces: LiveRouter, SignalSource)
+	exec  Executor
+	log   *slog.Logger
+	locks *threadLocks
 	// keyLocks serialise live-then-queue submits that carry a dedupe key,
 	// per (thread, key), taken before locks: a repeat sees what the first
 	// left (SendMessages).

@@ -217,3 +217,55 @@ func messageIDs(msgs []Message) []string {
 	}
 	return ids
 }
+
+// MaxPathIDLen is the longest id the HTTP API takes in a path.
+const MaxPathIDLen = 256
+
+// pathIDChars marks the bytes allowed in path ids: [A-Za-z0-9._:-].
+var pathIDChars = func() (t [256]bool) {
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+	}
+	for c := 'A'; c <= 'Z'; c++ {
+		t[c] = true
+	}
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for _, c := range "._:-" {
+		t[c] = true
+	}
+	return t
+}()
+
+// ValidPathID reports whether id can stand in a path of the HTTP API:
+// 1–256 characters of [A-Za-z0-9._:-] (http.md).
+func ValidPathID[T string | []byte](id T) bool {
+	if len(id) == 0 || len(id) > MaxPathIDLen {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if !pathIDChars[id[i]] {
+			return false
+		}
+	}
+	return true
+}
+
+// CheckPathIDs checks the ids of a submit that a client later uses in a
+// path of the HTTP API (thread_id, run_id, dispatch_id, continue_run_id,
+// parent_run_id, parent_thread_id) against ValidPathID; blank ones pass
+// (each has its default). The HTTP API and the agents' SUBMIT apply it, so
+// that no thread or run is made that no client can address.
+func (r *SubmitRequest) CheckPathIDs() error {
+	for _, f := range []struct{ name, v string }{
+		{"thread_id", r.ThreadID}, {"run_id", r.RunIDHint}, {"dispatch_id", r.DispatchIDHint},
+		{"continue_run_id", r.ContinueRunID}, {"parent_run_id", r.ParentRunID},
+		{"parent_thread_id", r.ParentThreadID},
+	} {
+		if f.v != "" && !ValidPathID(f.v) {
+			return Validationf("%s %q is not 1–%d characters of [A-Za-z0-9._:-]", f.name, f.v, MaxPathIDLen)
+		}
+	}
+	return nil
+}

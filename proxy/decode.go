@@ -77,14 +77,8 @@ func decodeRun(body []byte, pathThread string, live bool) (engine.SubmitRequest,
 		thread = pathThread
 	}
 	req.ThreadID = thread
-	for _, f := range []struct{ name, v string }{
-		{"thread_id", thread}, {"run_id", b.RunID}, {"dispatch_id", b.DispatchID},
-		{"continue_run_id", b.ContinueRunID}, {"parent_run_id", b.ParentRunID},
-		{"parent_thread_id", b.ParentThreadID},
-	} {
-		if f.v != "" && !validPathID(f.v) {
-			return req, "", badID(f.name, f.v)
-		}
+	if err := req.CheckPathIDs(); err != nil {
+		return req, "", err
 	}
 	expected := ""
 	if live {
@@ -310,5 +304,5 @@ func badID(name, v string) error {
 	if len(v) > 64 {
 		v = v[:64] + "…"
 	}
-	return engine.Validationf("%s %q is not 1–%d characters of [A-Za-z0-9._:-]", name, v, maxPathID)
+	return engine.Validationf("%s %q is not 1–%d characters of [A-Za-z0-9._:-]", name, v, engine.MaxPathIDLen)
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
 // handler serves one method of one route; id is the route's path id
@@ -108,35 +110,6 @@ next:
 	return -1, nil
 }
 
-// idChars marks the bytes allowed in path ids: [A-Za-z0-9._:-].
-var idChars = func() (t [256]bool) {
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-	}
-	for c := 'A'; c <= 'Z'; c++ {
-		t[c] = true
-	}
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for _, c := range "._:-" {
-		t[c] = true
-	}
-	return t
-}()
-
-// maxPathID is the longest id in a path.
-const maxPathID = 256
-
-// validPathID reports whether id is 1–256 characters of [A-Za-z0-9._:-].
-func validPathID[T string | []byte](id T) bool {
-	if len(id) == 0 || len(id) > maxPathID {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		if !idChars[id[i]] {
-			return false
-		}
-	}
-	return true
-}
+// validPathID reports whether id is 1–256 characters of [A-Za-z0-9._:-]
+// (engine.ValidPathID).
+func validPathID[T string | []byte](id T) bool { return engine.ValidPathID(id) }

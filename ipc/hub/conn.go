@@ -669,6 +669,12 @@ func (c *conn) onSubmit(f *ipc.Frame) error {
 		return nil
 	}
 	c.h.m.submits.Inc()
+	if err := sp.CheckPathIDs(); err != nil {
+		// The HTTP API's rule: a thread or run no client could address
+		// is not made (docs/protocol.md, SUBMIT).
+		c.answer(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: engine.Code(err), Message: "SUBMIT: " + err.Error()}}, false)
+		return nil
+	}
 	sub := c.h.submitter.Load()
 	if sub == nil || *sub == nil {
 		c.answer(ipc.TypeSubmitResult, 0, ipc.SubmitResult{Req: sp.Req, Error: &ipc.Status{Code: "unsupported", Message: "this sidecar does not take SUBMIT"}}, false)

@@ -677,6 +677,27 @@ func TestSubmitFromAgent(t *testing.T) {
 	if res.Req != "q3" || res.Error == nil || res.Error.Code != "validation" {
 		t.Fatalf("SUBMIT_RESULT on bad request %+v", res)
 	}
+	// Ids a client could not put in a path of the HTTP API are refused,
+	// as the API refuses them (found by review: a thread "bad/id" was
+	// made, which no client could read).
+	for _, body := range []string{
+		`{"req":"q5","thread_id":"bad/id","messages":[{"role":"user","content":"x"}]}`,
+		`{"req":"q5","thread_id":"t9","parent_thread_id":"a b","messages":[{"role":"user","content":"x"}]}`,
+		`{"req":"q5","thread_id":"t9","run_id":"r%41","messages":[{"role":"user","content":"x"}]}`,
+	} {
+		a.send(ipc.TypeSubmit, 0, body)
+		res = ipc.SubmitResult{}
+		json.Unmarshal(a.expect(ipc.TypeSubmitResult, 0).Payload, &res)
+		if res.Req != "q5" || res.Error == nil || res.Error.Code != "validation" || !strings.Contains(res.Error.Message, "[A-Za-z0-9._:-]") {
+			t.Fatalf("SUBMIT %s answered %+v, want a validation error", body, res)
+		}
+	}
+	sub.mu.Lock()
+	n := len(sub.reqs)
+	sub.mu.Unlock()
+	if n != 2 {
+		t.Fatalf("%d SUBMITs reached the engine, want 2 (the bad ids must not)", n)
+	}
 
 	r2 := newRig(t, hub.Config{})
 	b, _ := connect(t, r2.path, ipc.Hello{MaxRuns: 1})
