@@ -30,6 +30,48 @@ type claimHold struct {
 	until   int64         // Unix ms: not tried before
 	delay   time.Duration // the last delay; the next doubles it (ErrCorrupt)
 	corrupt bool          // the last failure was ErrCorrupt
+	agent   bool          // set aside because no agent took its run
+}
+
+// A thread whose attempt no agent took is set aside too (ipc.md: work
+// waits in the queue for an agent, never nacked, never dead-lettered for
+// lack of one): until agents come or go (the executor's
+// CapacityChanged), at most claimHoldMax, when no connected agent serves
+// the run's agent id (CodeAgentUnavailable); claimHoldFirst when the ones
+// that serve it were full (CodeAgentBusy: the engine counts the slots of
+// every agent id together). Without it the dispatcher claimed the thread
+// again at once, and the hub refused it again: a thread for an agent id
+// nobody served took a slot from the others at every pass.
+
+// holdForAgentLocked sets thread aside after an attempt no agent took.
+// Called with m.mu held.
+func (m *Mailbox) holdForAgentLocked(thread, code string, now int64) {
+	if m.held == nil {
+		m.held = map[string]claimHold{}
+	}
+	delay := claimHoldFirst
+	if code == CodeAgentUnavailable {
+		delay = claimHoldMax
+	}
+	m.held[thread] = claimHold{until: now + delay.Milliseconds(), delay: delay, agent: true}
+}
+
+// heldForAgentLocked reports whether thread is set aside at now for lack
+// of an agent: no claim takes it then, not even its own attempt's
+// follow-on claim or a submit's. Called with m.mu held.
+func (m *Mailbox) heldForAgentLocked(thread string, now int64) bool {
+	h, ok := m.held[thread]
+	return ok && h.agent && h.until > now
+}
+
+// releaseAgentHoldsLocked ends the holds of threads set aside for lack
+// of an agent: agents came or went. Called with m.mu held.
+func (m *Mailbox) releaseAgentHoldsLocked() {
+	for t, h := range m.held {
+		if h.agent {
+			delete(m.held, t)
+		}
+	}
 }
 
 // holdLocked sets thread aside after a failed claim and returns the delay.

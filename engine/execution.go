@@ -138,7 +138,7 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 		m.mu.Unlock()
 		return attemptBusy
 	}
-	if m.inFlight >= m.exec.Capacity() {
+	if m.inFlight >= m.exec.Capacity() || m.heldForAgentLocked(thread, m.cfg.Now()) {
 		m.mu.Unlock()
 		return attemptNoSlot
 	}
@@ -618,6 +618,14 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		}
 	case OutcomeAbandoned:
 		m.emitFinish(e, "run interrupted: "+o.Error)
+		if o.ErrorCode == CodeAgentUnavailable || o.ErrorCode == CodeAgentBusy {
+			// No agent took it: the thread is set aside before its claim
+			// is released, so that the dispatcher does not claim it again
+			// at once, only to be refused again.
+			m.mu.Lock()
+			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, now)
+			m.mu.Unlock()
+		}
 		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {
 			log.Warn("release failed", "err", err)
 		}

@@ -156,6 +156,19 @@ const (
 	OutcomeAbandoned
 )
 
+// Error codes of abandoned attempts that no agent took, which tell the
+// engine how long to set the thread aside (claimhold.go).
+const (
+	// CodeAgentUnavailable: agents are connected and none serves the
+	// run's agent id. The thread waits until agents come or go (the
+	// executor's CapacityChanged), at most a minute.
+	CodeAgentUnavailable = "agent_unavailable"
+	// CodeAgentBusy: the agents that serve it had no free slot in time
+	// (the engine counts the slots of every agent id together). The
+	// thread waits a second.
+	CodeAgentBusy = "agent_busy"
+)
+
 var outcomeLabels = [...]string{"", "completed", "transient_error", "permanent_error", "abandoned"}
 
 // String is the stable metric label of the kind.

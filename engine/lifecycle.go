@@ -333,6 +333,9 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 			return
 		case <-m.wake:
 		case <-m.exec.CapacityChanged():
+			m.mu.Lock()
+			m.releaseAgentHoldsLocked()
+			m.mu.Unlock()
 		case <-timer.C:
 		}
 	}

@@ -2,6 +2,8 @@ package hub_test
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -138,5 +140,56 @@ func TestAThreadIsNotRunTwiceWhileItsAgentIgnoresACancel(t *testing.T) {
 	waitDispatch(t, st.store, second.DispatchID, engine.StatusAcked)
 	if d, _ := st.store.LoadDispatch(ctx, first.DispatchID); d == nil || !d.Status.Terminal() {
 		t.Fatalf("first dispatch after its run ended: %+v", d)
+	}
+}
+
+// ipc.md: work waits in the queue for an agent, never nacked, never
+// dead-lettered for lack of one, and no claim takes a slot from the
+// agents that are there. Found by review: a run for an agent id no
+// connected agent served was claimed against the others' slots, held one
+// for AgentWait (15 s), failed as transient and was dead-lettered once its
+// attempts were spent; the agent's own runs waited meanwhile.
+func TestARunForAnAgentNobodyServesWaitsWithoutTakingASlot(t *testing.T) {
+	st := newStack(t, hub.Config{AgentWait: time.Minute}) // a wait of its length would fail the reads below
+	alpha, _ := connect(t, st.path, ipc.Hello{Name: "alpha", AgentIDs: []string{"alpha"}, MaxRuns: 1})
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 1 })
+	ctx := context.Background()
+	orphan, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "orphan", AgentID: "beta", Messages: []engine.Message{text("for beta")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 { // the alpha agent's own runs go on meanwhile, one after another
+		res, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("own", i), AgentID: "alpha", Messages: []engine.Message{text("for alpha")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := alpha.expect(ipc.TypeRun, uint64(i+1))
+		if p := decodeRun(t, f); p.RunID != res.RunID {
+			t.Fatalf("alpha got run %s, want %s", p.RunID, res.RunID)
+		}
+		alpha.send(ipc.TypeFinish, f.Stream, finishDone("ok"))
+		waitDispatch(t, st.store, res.DispatchID, engine.StatusAcked)
+	}
+	d, err := st.store.LoadDispatch(ctx, orphan.DispatchID)
+	if err != nil || d.Status != engine.StatusQueued || d.AttemptCount != 0 {
+		t.Fatalf("the run for beta: %+v %v, want queued with no attempt spent", d, err)
+	}
+	// Refused once, then set aside: not claimed and refused again at
+	// every pass of the dispatcher.
+	var m strings.Builder
+	st.hub.Metrics().WritePrometheus(&m)
+	if !strings.Contains(m.String(), `mailbox_agent_runs_total{outcome="abandoned"} 1`+"\n") {
+		t.Fatalf("the run for beta was not refused exactly once:\n%s", m.String())
+	}
+	// An agent for beta connects: the run goes to it at once (its thread
+	// was set aside until agents came or went, not for its full minute).
+	beta, _ := connect(t, st.path, ipc.Hello{Name: "beta", AgentIDs: []string{"beta"}, MaxRuns: 1})
+	f := beta.expect(ipc.TypeRun, 1)
+	if p := decodeRun(t, f); p.RunID != orphan.RunID {
+		t.Fatalf("beta got run %s, want %s", p.RunID, orphan.RunID)
+	}
+	beta.send(ipc.TypeFinish, 1, finishDone("ok"))
+	if d := waitDispatch(t, st.store, orphan.DispatchID, engine.StatusAcked); d.AttemptCount != 0 {
+		t.Fatalf("the run for beta after it ran: %+v", d)
 	}
 }

@@ -435,24 +435,30 @@ func (h *Hub) wake() {
 	h.mu.Unlock()
 }
 
+// openResult says what open found besides a stream: whether any
+// connection takes runs at all, and whether one of them serves the agent
+// id (full or not).
+type openResult struct{ anyConn, served bool }
+
 // open picks the connection with the most free slots that serves agent
 // and opens a stream on it. Without one it returns the channel to wait
-// on and whether any connection takes runs at all.
-func (h *Hub) open(agent string, sink engine.EventSink) (*conn, *stream, <-chan struct{}, bool) {
+// on and what it found.
+func (h *Hub) open(agent string, sink engine.EventSink) (*conn, *stream, <-chan struct{}, openResult) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	var best *conn
 	bestFree := 0
-	anyConn := false
+	var found openResult
 	if !h.draining {
 		for c := range h.conns {
 			if !c.takesRuns() {
 				continue
 			}
-			anyConn = true
+			found.anyConn = true
 			if !c.serves(agent) {
 				continue
 			}
+			found.served = true
 			if free := c.freeSlots(); free > bestFree {
 				best, bestFree = c, free
 			}
@@ -460,9 +466,9 @@ func (h *Hub) open(agent string, sink engine.EventSink) (*conn, *stream, <-chan 
 	}
 	if best == nil {
 		h.waiters++
-		return nil, nil, h.slotCh, anyConn
+		return nil, nil, h.slotCh, found
 	}
-	return best, best.reserveStream(sink), nil, true
+	return best, best.reserveStream(sink), nil, found
 }
 
 func (h *Hub) doneWaiting() {

@@ -599,13 +599,15 @@ func TestRunsSpreadOverConnectionsWithinMaxRuns(t *testing.T) {
 }
 
 func TestAgentIDRouting(t *testing.T) {
-	r := newRig(t, hub.Config{AgentWait: 100 * time.Millisecond})
+	r := newRig(t, hub.Config{AgentWait: time.Minute})
 	a, _ := connect(t, r.path, ipc.Hello{AgentIDs: []string{"writer"}, MaxRuns: 1})
 	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	// Nobody serves it: back to the queue at once, without spending an
+	// attempt (rc.wait gives up long before AgentWait).
 	req := request("t1")
 	req.AgentID = "reviewer"
-	if o := startRun(r.hub, context.Background(), req).wait(t); o.Kind != engine.OutcomeTransient || o.ErrorCode != "agent_unavailable" {
-		t.Fatalf("run for an agent nobody serves: %+v", o)
+	if o := startRun(r.hub, context.Background(), req).wait(t); o.Kind != engine.OutcomeAbandoned || o.ErrorCode != engine.CodeAgentUnavailable {
+		t.Fatalf("run for an agent nobody serves: %+v, want abandoned, %s", o, engine.CodeAgentUnavailable)
 	}
 	req = request("t2")
 	req.AgentID = "writer"
@@ -613,6 +615,26 @@ func TestAgentIDRouting(t *testing.T) {
 	f := a.expect(ipc.TypeRun, 1)
 	if decodeRun(t, f).AgentID != "writer" {
 		t.Fatalf("RUN %s", f.Payload)
+	}
+	a.send(ipc.TypeFinish, 1, finishDone(""))
+	rc.wait(t)
+}
+
+// A run whose agents stay full for AgentWait goes back to the queue
+// without spending an attempt: the engine counts the slots of every
+// agent id together, so the miss is the sidecar's, not the run's.
+func TestARunWhoseAgentsStayFullIsAbandoned(t *testing.T) {
+	r := newRig(t, hub.Config{AgentWait: 100 * time.Millisecond})
+	a, _ := connect(t, r.path, ipc.Hello{AgentIDs: []string{"writer"}, MaxRuns: 1})
+	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
+	busy := request("t1")
+	busy.AgentID = "writer"
+	rc := startRun(r.hub, context.Background(), busy)
+	a.expect(ipc.TypeRun, 1)
+	req := request("t2")
+	req.AgentID = "writer"
+	if o := startRun(r.hub, context.Background(), req).wait(t); o.Kind != engine.OutcomeAbandoned || o.ErrorCode != engine.CodeAgentBusy {
+		t.Fatalf("run while its agent stays full: %+v, want abandoned, %s", o, engine.CodeAgentBusy)
 	}
 	a.send(ipc.TypeFinish, 1, finishDone(""))
 	rc.wait(t)

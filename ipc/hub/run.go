@@ -294,8 +294,18 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 			// agent got it: no RUN is sent.
 			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, Error: "cancelled before an agent took the run"}
 		}
-		c, st, wait, anyConn := h.open(req.AgentID, sink)
+		c, st, wait, found := h.open(req.AgentID, sink)
 		if c == nil {
+			if found.anyConn && !found.served {
+				// Agents are connected and none serves this agent id:
+				// nothing to wait for. Not the run's fault (ipc.md: never
+				// nacked, never dead-lettered for lack of an agent): it
+				// goes back to the queue without spending an attempt, and
+				// the engine sets its thread aside until agents come or go.
+				h.doneWaiting()
+				return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable,
+					Error: fmt.Sprintf("no connected agent serves agent %q", req.AgentID)}
+			}
 			if deadline == nil {
 				t := time.NewTimer(h.cfg.AgentWait)
 				defer t.Stop()
@@ -310,13 +320,20 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 				return engine.RunOutcome{Kind: engine.OutcomeAbandoned, Error: "cancelled before an agent took the run"}
 			case <-deadline:
 				h.doneWaiting()
-				if !anyConn {
+				if !found.anyConn {
 					// No agent at all: not the run's fault; it waits in
 					// the queue without spending an attempt.
 					return engine.RunOutcome{Kind: engine.OutcomeAbandoned, Error: "no agent connected"}
 				}
-				return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "agent_unavailable",
-					Error: fmt.Sprintf("no connected agent serves agent %q with a free slot within %v", req.AgentID, h.cfg.AgentWait)}
+				if !found.served {
+					return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable,
+						Error: fmt.Sprintf("no connected agent serves agent %q", req.AgentID)}
+				}
+				// The agents that serve it stayed full (the engine counts
+				// the slots of every agent id together): not the run's
+				// fault either.
+				return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy,
+					Error: fmt.Sprintf("no agent serving agent %q had a free slot within %v", req.AgentID, h.cfg.AgentWait)}
 			}
 		}
 		if err := c.start(st, payload); err != nil {
