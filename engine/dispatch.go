@@ -457,10 +457,10 @@ func (d *Dispatch) RecordResult(r RunResult, now int64) error {
 // is marked RequeuedAs newID; requeueing it twice is ErrAlreadyExists.
 func (d *Dispatch) Requeue(newID string, epoch uint64, now int64) (Dispatch, error) {
 	if d.Status != StatusDeadLetter {
-		return Dispatch{}, Validationf("requeue dispatch %s: status %s is not dead_letter", d.DispatchID, d.Status)
+		return Dispatch{}, Validationf("status %s is not dead_letter", d.Status)
 	}
 	if d.RequeuedAs != "" {
-		return Dispatch{}, fmt.Errorf("requeue dispatch %s: already requeued as %s: %w", d.DispatchID, d.RequeuedAs, ErrAlreadyExists)
+		return Dispatch{}, fmt.Errorf("already requeued as %s: %w", d.RequeuedAs, ErrAlreadyExists)
 	}
 	if err := ValidateID("dispatch_id", newID); err != nil {
 		return Dispatch{}, err

@@ -871,7 +871,7 @@ func (m *Mailbox) Requeue(ctx context.Context, dispatchID string) (Dispatch, err
 	}
 	d, err := m.store.Requeue(ctx, dispatchID, newID(), m.cfg.Now())
 	if err != nil {
-		return Dispatch{}, fmt.Errorf("requeue %s: %w", dispatchID, err)
+		return Dispatch{}, err // the store's error names the operation and the dispatch
 	}
 	m.kick()
 	return d, nil

@@ -107,7 +107,8 @@ func TestForegroundSubmitOnPostRuns(t *testing.T) {
 func TestForegroundSubmitAcceptJSON(t *testing.T) {
 	t.Parallel()
 	sc := newSidecar(t, options{})
-	resp, b := sc.do(req{method: "POST", path: "/v1/threads/fgj/runs", body: submitBody("x"), headers: []string{"Accept", "application/json"}})
+	// Media types are matched without regard to case (RFC 9110 §8.3.1).
+	resp, b := sc.do(req{method: "POST", path: "/v1/threads/fgj/runs", body: submitBody("x"), headers: []string{"Accept", "Application/JSON; charset=utf-8"}})
 	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" {
 		t.Fatalf("status %d %s: %s", resp.StatusCode, resp.Header.Get("Content-Type"), b)
 	}
@@ -394,6 +395,11 @@ func TestDeadLettersAndRequeue(t *testing.T) {
 	resp, b := sc.do(req{method: "POST", path: "/v1/dispatches/" + ids[0] + "/requeue"})
 	if resp.StatusCode != 409 || !strings.Contains(string(b), `"conflict"`) {
 		t.Fatalf("second requeue: %d %s", resp.StatusCode, b)
+	}
+	// The message names the operation and the dispatch once (found by
+	// review: "requeue X: requeue X: requeue dispatch X: …").
+	if n := strings.Count(string(b), ids[0]); n != 1 || !strings.Contains(string(b), "already requeued as "+nd.DispatchID) {
+		t.Fatalf("second requeue's message names %s %d times: %s", ids[0], n, b)
 	}
 	var ok submitResult
 	sc.call(req{method: "POST", path: "/v1/threads/dl-ok/runs", body: submitBody("x"), headers: []string{"Accept", "application/json"}}, 200, &ok)

@@ -475,7 +475,29 @@ func validTraceparent(tp []byte) bool {
 
 // wantsJSON reports whether a foreground submit asked for the submit
 // result only (Accept: application/json, without text/event-stream).
+// Media types are compared without regard to case (RFC 9110 §8.3.1).
 func wantsJSON(ctx *fasthttp.RequestCtx) bool {
 	a := ctx.Request.Header.Peek(fasthttp.HeaderAccept)
-	return bytes.Contains(a, []byte("application/json")) && !bytes.Contains(a, []byte("text/event-stream"))
+	return containsFold(a, "application/json") && !containsFold(a, "text/event-stream")
+}
+
+// containsFold reports whether sub (lower-case ASCII) is within s, ASCII
+// letters compared without regard to case.
+func containsFold(s []byte, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		j := 0
+		for ; j < len(sub); j++ {
+			c := s[i+j]
+			if 'A' <= c && c <= 'Z' {
+				c += 'a' - 'A'
+			}
+			if c != sub[j] {
+				break
+			}
+		}
+		if j == len(sub) {
+			return true
+		}
+	}
+	return false
 }
