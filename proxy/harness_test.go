@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -396,27 +397,36 @@ func (sc *sidecar) do(r req) (*http.Response, []byte) {
 
 func doWith(t testing.TB, c *http.Client, baseURL string, r req) (*http.Response, []byte) {
 	t.Helper()
+	resp, b, err := tryDo(c, baseURL, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, b
+}
+
+// tryDo is doWith that returns its error.
+func tryDo(c *http.Client, baseURL string, r req) (*http.Response, []byte, error) {
 	var body io.Reader
 	if r.body != "" {
 		body = strings.NewReader(r.body)
 	}
 	hr, err := http.NewRequest(r.method, baseURL+r.path, body)
 	if err != nil {
-		t.Fatal(err)
+		return nil, nil, err
 	}
 	for i := 0; i+1 < len(r.headers); i += 2 {
 		hr.Header.Set(r.headers[i], r.headers[i+1])
 	}
 	resp, err := c.Do(hr)
 	if err != nil {
-		t.Fatalf("%s %s: %v", r.method, r.path, err)
+		return nil, nil, fmt.Errorf("%s %s: %w", r.method, r.path, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		t.Fatalf("%s %s: read body: %v", r.method, r.path, err)
+		return nil, nil, fmt.Errorf("%s %s: read body: %w", r.method, r.path, err)
 	}
-	return resp, b
+	return resp, b, nil
 }
 
 // call does r, checks the status and decodes the JSON answer into out.

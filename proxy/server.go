@@ -154,6 +154,7 @@ func New(cfg Config) (*Server, error) {
 			ErrorHandler:                 func(ctx *fasthttp.RequestCtx, err error) { s.readError(ctx, err) },
 			Name:                         "mailbox-sidecar",
 			MaxRequestBodySize:           cfg.MaxBody,
+			ReadBufferSize:               readBufferSize,
 			ReadTimeout:                  30 * time.Second,
 			IdleTimeout:                  2 * time.Minute,
 			CloseOnShutdown:              true,
@@ -412,12 +413,22 @@ func (s *Server) writeJSON(ctx *fasthttp.RequestCtx, status int, v any) error {
 	return nil
 }
 
+// readBufferSize bounds a request's line and headers (fasthttp's
+// default): a larger one is answered 431.
+const readBufferSize = 4096
+
 // readError answers a request fasthttp could not read (malformed, body
 // over MaxBody, read timeout) in the API's error shape.
 func (s *Server) readError(ctx *fasthttp.RequestCtx, err error) {
 	status, code, msg := fasthttp.StatusBadRequest, CodeValidation, "malformed HTTP request: "+err.Error()
 	var ne net.Error
+	var small *fasthttp.ErrSmallBuffer
 	switch {
+	case errors.As(err, &small):
+		// fasthttp's own message names its option and quotes the
+		// headers; the client needs neither.
+		status, code, msg = fasthttp.StatusRequestHeaderFieldsTooLarge, CodeTooLarge,
+			fmt.Sprintf("request line and headers are larger than %d bytes", readBufferSize)
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
 		status, code, msg = fasthttp.StatusRequestEntityTooLarge, CodeTooLarge,
 			fmt.Sprintf("request body is larger than %d bytes", s.cfg.MaxBody)
