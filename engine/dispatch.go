@@ -360,6 +360,10 @@ func (d *Dispatch) Nack(retryAt int64, msg string, now int64) {
 	d.AttemptCount++
 	d.recordError(msg, now)
 	if d.AttemptCount >= d.MaxAttempts {
+		// The run is settled as errored in the same commit: the dispatch
+		// says so too, as a permanent dead letter's does (it said
+		// run_status running; found by review).
+		d.failProjection(msg, now)
 		d.terminate(StatusDeadLetter, now)
 		return
 	}
@@ -381,6 +385,14 @@ func (d *Dispatch) requeue(availableAt, now int64) {
 // permanent failure is recorded and dead-lettered in one commit.
 func (d *Dispatch) DeadLetter(msg string, now int64) {
 	d.recordError(msg, now)
+	d.failProjection(msg, now)
+	d.terminate(StatusDeadLetter, now)
+}
+
+// failProjection makes the attempt's runtime projection the failure msg
+// (run done, error termination, run_error), unless a result was
+// recorded already.
+func (d *Dispatch) failProjection(msg string, now int64) {
 	if d.RunStatus != RunDone {
 		d.RunStatus = RunDone
 		d.Termination = ErrorTermination(msg)
@@ -388,7 +400,6 @@ func (d *Dispatch) DeadLetter(msg string, now int64) {
 		d.RunError = truncateError(msg)
 		d.CompletedAt = now
 	}
-	d.terminate(StatusDeadLetter, now)
 }
 
 // Cancel terminalizes a queued dispatch.

@@ -394,6 +394,7 @@ func TestTransitions(t *testing.T) {
 				d.LastError = "boom"
 				d.Errors = []AttemptError{{Attempt: 3, Error: "boom", At: now}}
 				d.CompletedAt, d.UpdatedAt = now, now
+				d.RunStatus, d.Termination, d.RunError = RunDone, ErrorTermination("boom"), "boom"
 			}),
 		},
 		{

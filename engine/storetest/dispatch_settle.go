@@ -349,6 +349,9 @@ func dispatchNackCases() []Case {
 			want.LastError = "fatal"
 			want.Errors = []engine.AttemptError{{Attempt: 1, Error: "fatal", At: 2000}}
 			want.CompletedAt, want.UpdatedAt = 2000, 2000
+			// The projection says the run failed, as a DeadLetter's does
+			// (docs/store.md; rule 59 lists no projection change).
+			want.RunStatus, want.Termination, want.RunError = engine.RunDone, engine.ErrorTermination("fatal"), "fatal"
 			dqEqual(t, "returned record", got, want) // available_at unchanged (1000)
 			dqEqual(t, "stored record", h.load("d1"), want)
 			h.claimNone("t1", 10_000)

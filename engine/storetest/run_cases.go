@@ -389,6 +389,16 @@ func rsParallel(n int, fn func(i int)) {
 	wg.Wait()
 }
 
+// rsLoadDispatch loads a dispatch that must exist.
+func rsLoadDispatch(t *testing.T, s engine.Store, id string) *engine.Dispatch {
+	t.Helper()
+	d, err := s.LoadDispatch(t.Context(), id)
+	if err != nil || d == nil {
+		t.Fatalf("LoadDispatch(%s) = %v, %v", id, d, err)
+	}
+	return d
+}
+
 func rsDispatch(id, thread, run string, maxAttempts uint32, now int64) engine.Dispatch {
 	return engine.Dispatch{DispatchID: id, ThreadID: thread, RunID: run, Priority: engine.DefaultPriority,
 		AvailableAt: now, MaxAttempts: maxAttempts, CreatedAt: now, UpdatedAt: now}
@@ -1533,6 +1543,13 @@ func rsSettleNackDeadLetter(t *testing.T, s engine.Store) {
 	d, err := s.Nack(t.Context(), c.DispatchID, c.ClaimToken, now+1_000, "rate limited", now)
 	if err != nil || d.Status != engine.StatusDeadLetter {
 		t.Fatalf("Nack at max attempts = %+v, %v; want dead_letter", d, err)
+	}
+	// The dispatch's projection says what the run record says (it said
+	// run_status running, the attempt's start, before).
+	for _, got := range []*engine.Dispatch{&d, rsLoadDispatch(t, s, "disp-1")} {
+		if got.RunStatus != engine.RunDone || got.Termination == nil || got.Termination.Type != engine.TermError || got.RunError != "rate limited" || got.CompletedAt != now {
+			t.Fatalf("dead letter's projection = %+v; want run_status done, termination error, run_error, completed_at %d", got, now)
+		}
 	}
 	rsWantSettled(t, s, "run-1", "disp-1", now, engine.ErrorTermination("rate limited"), `{"message":"rate limited"}`)
 	rsWantThread(t, s, th, rsProj{latest: "run-1"})
