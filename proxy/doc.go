@@ -52,6 +52,10 @@
 //
 // # Decisions where spec/http.md is silent
 //
+//   - A path id may be percent-encoded: its segment is decoded, then
+//     checked against the path rule (an escaped '/' is part of no id and
+//     is refused).
+//   - A request line and headers over 4 KiB are answered 431 too_large.
 //   - Ids inside bodies that a client later uses in a path (thread_id,
 //     run_id, dispatch_id, continue_run_id, parent_run_id,
 //     parent_thread_id) follow the path rule ([A-Za-z0-9._:-], 1–256);

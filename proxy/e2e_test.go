@@ -737,3 +737,29 @@ func TestStreamConnectionIsReused(t *testing.T) {
 		t.Fatalf("request after the streams: %d %s", resp.StatusCode, b)
 	}
 }
+
+// A path id may come percent-encoded (JavaScript's encodeURIComponent
+// escapes ':'): it names the same id (found by review: "a%3Ab" was
+// refused while "a:b" was taken).
+func TestAPercentEncodedPathIDNamesTheSameID(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{})
+	var res submitResult
+	sc.call(req{method: "POST", path: "/v1/threads/enc%3Aone/dispatches", body: submitBody("x")}, 202, &res)
+	if res.ThreadID != "enc:one" {
+		t.Fatalf("thread %q, want enc:one", res.ThreadID)
+	}
+	sc.waitDispatch(res.DispatchID, engine.StatusAcked)
+	var msgs struct {
+		Items []engine.MessageRecord `json:"items"`
+	}
+	sc.call(req{method: "GET", path: "/v1/threads/enc:one/messages"}, 200, &msgs)
+	if len(msgs.Items) != 1 || msgs.Items[0].Message.Role != "user" {
+		t.Fatalf("messages of enc:one: %+v", msgs)
+	}
+	var d engine.Dispatch
+	sc.call(req{method: "GET", path: "/v1/dispatches/" + strings.ReplaceAll(res.DispatchID, "-", "%2D")}, 200, &d)
+	if d.DispatchID != res.DispatchID {
+		t.Fatalf("dispatch %+v", d)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -351,6 +352,16 @@ func (s *Server) route(ctx *fasthttp.RequestCtx, kind listenerKind, ri *int) err
 	}
 	id := ""
 	if r.idName != "" {
+		if bytes.IndexByte(rawID, '%') >= 0 {
+			// A client that escapes its path segments (encodeURIComponent
+			// escapes ':') names the same id. Only the segment is
+			// decoded: an escaped '/' is part of no id.
+			dec, err := url.PathUnescape(string(rawID))
+			if err != nil {
+				return badID(r.idName, string(rawID))
+			}
+			rawID = []byte(dec)
+		}
 		if !validPathID(rawID) {
 			return badID(r.idName, string(rawID))
 		}
