@@ -2,7 +2,6 @@ package engine_test
 
 import (
 	"context"
-	"errors"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -34,7 +33,8 @@ func (a *afterInterrupt) Interrupt(ctx context.Context, thread string, now int64
 // an attempt still stopping, that look must not cancel it (it used to:
 // the run ended done/cancelled although nobody cancelled it, or, had its
 // agent failed, was retried after the foreground run). The foreground
-// submit meets the claimed thread as before: the active-run conflict.
+// submit is queued at the head of the thread and runs after it (it used
+// to answer the active-run conflict, with its message already logged).
 func TestForegroundSubmitDoesNotCancelARunSubmittedAfterItsInterrupt(t *testing.T) {
 	started := make(chan struct{}, 1)
 	exec := newFake(2, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
@@ -55,7 +55,7 @@ func TestForegroundSubmitDoesNotCancelARunSubmittedAfterItsInterrupt(t *testing.
 		}
 		<-started
 	}
-	_, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("fg")}})
+	fg, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t", Messages: []engine.Message{userMsg("fg")}})
 	if bg.DispatchID == "" {
 		t.Fatal("the background run was not submitted")
 	}
@@ -63,11 +63,21 @@ func TestForegroundSubmitDoesNotCancelARunSubmittedAfterItsInterrupt(t *testing.
 		run, _ := r.store.LoadRun(ctx, bg.RunID)
 		t.Fatalf("the background run submitted after the interrupt: dispatch %s, run %+v; want it still executing", st, run)
 	}
-	if !errors.Is(err, engine.ErrVersionConflict) {
-		t.Fatalf("foreground submit beside the executing run: %v, want the active-run conflict", err)
+	if err != nil || fg.Status != engine.SubmitQueued || events == nil {
+		t.Fatalf("foreground submit beside the executing run: %+v %v, want queued behind it", fg, err)
 	}
 	if ok, err := r.mb.Cancel(ctx, bg.DispatchID); !ok || err != nil {
 		t.Fatalf("cancel of the background run: %v %v", ok, err)
 	}
-	eventually(t, "the background run stopped", func() bool { return r.mb.InFlight() == 0 })
+	// The foreground run starts once the thread is free, then stops at
+	// its own cancel.
+	eventually(t, "the foreground run started", func() bool { return dispatchStatus(t, r.store, fg.DispatchID) == engine.StatusClaimed })
+	<-started
+	if ok, err := r.mb.Cancel(ctx, fg.DispatchID); !ok || err != nil {
+		t.Fatalf("cancel of the foreground run: %v %v", ok, err)
+	}
+	eventually(t, "both runs stopped", func() bool { return r.mb.InFlight() == 0 })
+	if last := waitClosed(t, events); last != "run_finish" {
+		t.Fatalf("the foreground stream ended with %q", last)
+	}
 }

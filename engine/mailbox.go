@@ -36,6 +36,11 @@ type SubmitStatus string
 const (
 	SubmitRunning SubmitStatus = "running"
 	SubmitQueued  SubmitStatus = "queued"
+	// SubmitCancelled: a foreground submit taken (its messages logged,
+	// its run and dispatch made) that a concurrent foreground submit to
+	// the thread superseded before it started; its stream ends with
+	// run_finish cancelled.
+	SubmitCancelled SubmitStatus = "cancelled"
 )
 
 // SubmitResult identifies a submitted run.
@@ -480,7 +485,19 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	// With a free slot, claim inline behind a guard that keeps background
 	// claimers away; without one, queue it at the head of the thread.
+	// A thread that work claimed again after the interrupt (a concurrent
+	// foreground submit, or a background one, that came after it) is
+	// queued at the head too: the inline claim could only lose, and this
+	// request runs once that work ends, as a slot's waiter does.
+	// (A claim in flight here is waited for: a probe of a finishing
+	// attempt finds nothing and goes.)
 	slot := m.reserveSlotAfterProbes(thread)
+	if slot {
+		if e := m.settledEntry(ctx, thread); e != nil && !e.claiming {
+			m.releaseSlot(thread)
+			slot = false
+		}
+	}
 	availableAt := m.cfg.Now()
 	if slot {
 		availableAt += InlineClaimGuard.Milliseconds()
@@ -520,18 +537,40 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return res, events, nil
 	}
 	claimed, err := m.store.ClaimDispatch(ctx, d.DispatchID, m.cfg.ConsumerID, m.cfg.Lease, m.cfg.Now())
-	if err != nil || claimed == nil {
+	if err != nil {
 		m.releaseSlot(thread)
 		m.dropPending(d.DispatchID)
-		if err != nil {
-			return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+	}
+	if claimed == nil {
+		// Lost the race for the thread to a foreground submit that came
+		// after our interrupt (or the dispatch was cancelled or
+		// superseded meanwhile). As if the two had come one after the
+		// other, ours was superseded by the later one before it started:
+		// its dispatch is cancelled (its run settles as cancelled in the
+		// same commit) and its stream ends with run_finish cancelled. Its
+		// message stays in the log, as a superseded submit's does; the
+		// request was taken, so it is not answered as failed.
+		m.releaseSlot(thread)
+		final, cerr := m.store.Cancel(ctx, d.DispatchID, m.cfg.Now())
+		if cerr == nil && final == nil {
+			final, cerr = m.store.LoadDispatch(ctx, d.DispatchID) // not queued any more: cancelled or superseded
 		}
-		// Lost the race for the thread: withdraw our dispatch (its run
-		// settles as cancelled in the same commit).
-		if _, cerr := m.store.Cancel(ctx, d.DispatchID, m.cfg.Now()); cerr != nil {
-			m.log.Warn("cancel unclaimed inline dispatch failed", "dispatch_id", d.DispatchID, "err", cerr)
+		switch {
+		case cerr == nil && final == nil:
+			cerr = fmt.Errorf("dispatch %s: %w", d.DispatchID, ErrNotFound)
+		case cerr == nil && !final.Status.Terminal():
+			// Claimed after all (by the dispatcher here: the run takes
+			// the pending log, which the caller follows).
+			return res, events, nil
 		}
-		return SubmitResult{}, nil, fmt.Errorf("inline claim of %s lost the thread: %w", d.DispatchID, errActiveRun)
+		if cerr != nil {
+			m.dropPending(d.DispatchID)
+			return SubmitResult{}, nil, fmt.Errorf("withdraw foreground dispatch %s after its inline claim lost the thread: %w", d.DispatchID, cerr)
+		}
+		m.withdrawPending(*final)
+		res.Status = SubmitCancelled
+		return res, events, nil
 	}
 	m.startExecution(*claimed, false)
 	res.Status = SubmitRunning

@@ -326,9 +326,17 @@ func TestSeed_submit_inline_claim_empty_cancels_precreated_run(t *testing.T) {
 	r, fs := newExecRig(t, newFake(1, complete), engine.Config{}, func(s *execFaultStore) { s.claimDispatchEmpty.Store(1) })
 	r.start(t)
 	ctx := context.Background()
-	_, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "thread-inline-empty", AgentID: "agent", Messages: []engine.Message{userMsg("go")}})
-	if !execIsConflict(err) || events != nil {
-		t.Fatalf("submit whose inline claim came back empty: %v (events %v), want the active-run conflict", err, events)
+	// Here the seed answers the active-run conflict; the submit was taken
+	// (its message is in the log, its run and dispatch are made), so it
+	// is answered as taken and superseded before it started: status
+	// cancelled, a stream that ends with run_finish cancelled (README,
+	// "Decisions that differ from the seed").
+	lost, events, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "thread-inline-empty", AgentID: "agent", Messages: []engine.Message{userMsg("go")}})
+	if err != nil || lost.Status != engine.SubmitCancelled || events == nil {
+		t.Fatalf("submit whose inline claim came back empty: %+v %v (events %v), want it answered cancelled", lost, err, events)
+	}
+	if last := waitClosed(t, events); last != "run_finish" {
+		t.Fatalf("its stream ended with %q, want run_finish", last)
 	}
 	if fs.claimDispatchEmpty.Load() != 0 {
 		t.Fatal("the inline claim was never attempted")
