@@ -34,7 +34,9 @@ func TestConcurrentForegroundSubmitsAreEachTakenOrSuperseded(t *testing.T) {
 	ctx := context.Background()
 	const rounds, callers = 20, 6
 	superseded := 0
-	defer func() { t.Logf("%d of %d submits lost the race for the thread and were superseded", superseded, rounds*callers) }()
+	defer func() {
+		t.Logf("%d of %d submits lost the race for the thread and were superseded", superseded, rounds*callers)
+	}()
 	for round := range rounds {
 		thread := fmt.Sprint("race-", round)
 		type answer struct {
