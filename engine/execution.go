@@ -868,6 +868,16 @@ func (m *Mailbox) agentCheckpoint(ctx context.Context, thread, runID string, c R
 	if c.Run != nil && c.Run.Status != "" && c.Run.Status != RunRunning && c.Run.Status != RunWaiting {
 		return Validationf("checkpoint of run %s: an agent may set status running or waiting, not %q", runID, c.Run.Status)
 	}
+	if c.Run != nil {
+		for _, f := range []struct {
+			name string
+			v    *int64
+		}{{"steps", c.Run.Steps}, {"input_tokens", c.Run.InputTokens}, {"output_tokens", c.Run.OutputTokens}} {
+			if f.v != nil && *f.v < 0 {
+				return Validationf("checkpoint of run %s: %s %d is negative", runID, f.name, *f.v)
+			}
+		}
+	}
 	msgs, minted := mintMessageIDs(c.Messages)
 	for i := range msgs {
 		if err := msgs[i].Validate(); err != nil {
