@@ -778,8 +778,8 @@ func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted
 			for _, t := range tries {
 				found = found || t.Kind == "cancel" && t.Dispatch == a.ID
 			}
-			if !found {
-				why = "no cancel of it was sent"
+			if !found && !a.Superseded {
+				why = "no cancel of it was sent, and its submit was not answered cancelled"
 			}
 		case "dead_letter":
 			c := a.Cmd
@@ -790,6 +790,9 @@ func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted
 		if cancelled[a.ID] && d.Status != "cancelled" && !(d.Status == "acked" && d.Termination != nil && d.Termination.Type == "cancelled") &&
 			!(d.Status == "superseded" && interruptedBefore(a, cancelledBy[a.ID])) {
 			why = fmt.Sprintf("a cancel answered cancelled:true, yet it ended %s %v", d.Status, d.Termination)
+		}
+		if a.Superseded && d.Status != "cancelled" {
+			why = fmt.Sprintf("its foreground submit was answered cancelled, yet it ended %s", d.Status)
 		}
 		if why != "" {
 			f.lost++

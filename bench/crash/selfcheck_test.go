@@ -191,6 +191,14 @@ func TestChecksCatchFaults(t *testing.T) {
 			d.Status = "superseded"
 			s.snap.dispatches["d1"] = d
 		}, "UNJUSTIFIED superseded", func(f *findings) int { return f.lost }},
+		{"cancelled with no cancel sent nor a submit answered cancelled", func(s *scenario) {
+			d := s.snap.dispatches["d1"]
+			d.Status = "cancelled"
+			s.snap.dispatches["d1"] = d
+		}, "UNJUSTIFIED cancelled", func(f *findings) int { return f.lost }},
+		{"a submit answered cancelled that was not", func(s *scenario) {
+			s.rec.accepted["d1"].Superseded = true
+		}, "answered cancelled, yet it ended acked", func(f *findings) int { return f.lost }},
 		{"dead-lettered with attempts to spare", func(s *scenario) {
 			d := s.snap.dispatches["d1"]
 			d.Status, d.AttemptCount = "dead_letter", 2

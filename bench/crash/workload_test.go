@@ -31,6 +31,10 @@ type accepted struct {
 	AcceptedNs        int64 // when the answer arrived
 	SentNs            int64 // when the request was sent
 	checked           bool  // seen to exist after a restart
+	// Superseded: a foreground submit answered status cancelled (taken,
+	// then superseded by a concurrent foreground submit before it
+	// started): the sidecar cancelled it, and said so.
+	Superseded bool
 }
 
 // interruptRec is an interrupt the API acknowledged, or a foreground
@@ -515,7 +519,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 			w.rec.mu.Lock()
 			fgTry.Dispatch = res.DispatchID
 			w.rec.mu.Unlock()
-			got = &accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindForeground, Cmd: cmd, AcceptedNs: now, SentNs: sent}
+			got = &accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindForeground, Cmd: cmd, AcceptedNs: now, SentNs: sent, Superseded: res.Status == "cancelled"}
 			w.rec.accept(got)
 			w.rec.mu.Lock()
 			w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Own: res.DispatchID})
