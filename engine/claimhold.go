@@ -39,13 +39,22 @@ type claimHold struct {
 // CapacityChanged), at most claimHoldMax, when no connected agent serves
 // the run's agent id (CodeAgentUnavailable); claimHoldFirst when the ones
 // that serve it were full (CodeAgentBusy: the engine counts the slots of
-// every agent id together). Without it the dispatcher claimed the thread
-// again at once, and the hub refused it again: a thread for an agent id
-// nobody served took a slot from the others at every pass.
+// every agent id together). A submit, a cancel or an interrupt of the
+// thread ends its hold too: its next dispatch may be for an agent that is
+// here. No hold is set when agents came or went while the attempt ran
+// (the answer may be out of date, and the wake-up already passed).
+// Without the hold the dispatcher claimed the thread again at once, and
+// the hub refused it again: a thread for an agent id nobody served took a
+// slot from the others at every pass.
 
-// holdForAgentLocked sets thread aside after an attempt no agent took.
-// Called with m.mu held.
-func (m *Mailbox) holdForAgentLocked(thread, code string, now int64) {
+// holdForAgentLocked sets thread aside after an attempt no agent took,
+// unless agents came or went since the attempt started (capSeen): the
+// executor's answer may be out of date, and a hold would miss the wake-up
+// that ends it. Called with m.mu held.
+func (m *Mailbox) holdForAgentLocked(thread, code string, capSeen uint64, now int64) {
+	if m.capChanges != capSeen {
+		return
+	}
 	if m.held == nil {
 		m.held = map[string]claimHold{}
 	}
@@ -62,6 +71,17 @@ func (m *Mailbox) holdForAgentLocked(thread, code string, now int64) {
 func (m *Mailbox) heldForAgentLocked(thread string, now int64) bool {
 	h, ok := m.held[thread]
 	return ok && h.agent && h.until > now
+}
+
+// releaseAgentHold ends thread's hold for lack of an agent: what the
+// thread's queue holds changed (a submit, a cancel, an interrupt), and its
+// next dispatch may be for an agent that is here.
+func (m *Mailbox) releaseAgentHold(thread string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if h, ok := m.held[thread]; ok && h.agent {
+		delete(m.held, thread)
+	}
 }
 
 // releaseAgentHoldsLocked ends the holds of threads set aside for lack

@@ -47,6 +47,10 @@ type execution struct {
 	// cancelSettled: a user's cancel already acked the dispatch as
 	// cancelled; the attempt records nothing more.
 	cancelSettled atomic.Bool
+	// capSeen is Mailbox.capChanges when the attempt started (guarded by
+	// Mailbox.mu): an executor's "no agent" answer given before agents
+	// came or went sets no hold (claimhold.go).
+	capSeen uint64
 	// liveKeys are the dedupe keys of live-then-queue submits whose
 	// messages this attempt accepted live (guarded by Mailbox.mu): a
 	// repeat of one is answered as delivered, not appended again.
@@ -239,6 +243,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 	m.threads[d.ThreadID] = e
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events
+	e.capSeen = m.capChanges
 	if m.closing {
 		// Stop began while this claim was in flight: do not start it; the
 		// attempt releases the dispatch without spending an attempt.
@@ -623,7 +628,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// is released, so that the dispatcher does not claim it again
 			// at once, only to be refused again.
 			m.mu.Lock()
-			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, now)
+			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.capSeen, now)
 			m.mu.Unlock()
 		}
 		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {

@@ -26,6 +26,16 @@ type Executor interface {
 	CapacityChanged() <-chan struct{}
 }
 
+// Drainer is an Executor that holds attempts past their cancellation
+// while the agent still runs them (the hub: a run not finished after its
+// CANCEL). Stop calls Drain once its grace is over and it cancels what
+// still runs: the executor then gives such attempts up instead of
+// holding them, so that Stop does not wait on an agent that ignores its
+// cancels.
+type Drainer interface {
+	Drain()
+}
+
 // EventSink receives one run's events. Emit must not block for long: the
 // engine's sinks copy the event into a bounded per-run buffer.
 type EventSink interface {

@@ -147,7 +147,12 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 	}
 	// The grace is over: cancel what still runs (and what is still being
-	// claimed: startExecution cancels it as it starts, m.closing is set).
+	// claimed: startExecution cancels it as it starts, m.closing is set);
+	// an executor that holds cancelled attempts its agent still runs
+	// gives them up after their own grace (Drainer).
+	if d, ok := m.exec.(Drainer); ok {
+		d.Drain()
+	}
 	m.mu.Lock()
 	running := make([]*execution, 0, len(m.threads))
 	for _, e := range m.threads {
@@ -334,6 +339,7 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 		case <-m.wake:
 		case <-m.exec.CapacityChanged():
 			m.mu.Lock()
+			m.capChanges++
 			m.releaseAgentHoldsLocked()
 			m.mu.Unlock()
 		case <-timer.C:

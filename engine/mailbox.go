@@ -73,10 +73,13 @@ type Mailbox struct {
 	keyLocks *threadLocks
 	metrics  *engineMetrics
 
-	mu       sync.Mutex
-	threads  map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
-	byRun    map[string]*execution
-	inFlight int // attempts claimed or executing here (capacity accounting)
+	mu      sync.Mutex
+	threads map[string]*execution // thread → its attempt executing here (or being claimed: exec.claiming)
+	// capChanges counts the executor's CapacityChanged signals the
+	// dispatcher took (agents came or went; claimhold.go).
+	capChanges uint64
+	byRun      map[string]*execution
+	inFlight   int // attempts claimed or executing here (capacity accounting)
 	// probes counts the slots tryDispatch holds while its claim is in
 	// flight (most find nothing and give the slot back); probeDone is
 	// broadcast (on mu) when one ends.
@@ -176,6 +179,10 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		}
 	}
 	runID, d, err := m.submitRun(ctx, &req, m.cfg.Now())
+	if err == nil {
+		// New work of the thread may be for an agent that is here.
+		m.releaseAgentHold(req.ThreadID)
+	}
 	if err != nil {
 		if errors.Is(err, ErrAlreadyExists) && req.DedupeKey != "" {
 			if res, ok, lerr := m.existingByDedupe(ctx, req.ThreadID, req.DedupeKey); lerr == nil && ok {
@@ -245,6 +252,7 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 	}
 	if d != nil {
 		m.withdrawPending(*d)
+		m.releaseAgentHold(d.ThreadID)
 		return true, nil
 	}
 	if e := m.executingSettled(ctx, id); e != nil {
@@ -405,6 +413,7 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 	}
 	m.metrics.add("supersede", res.SupersededN)
 	m.withdrawPending(res.Superseded...)
+	m.releaseAgentHold(thread)
 	if res.Active != nil {
 		// A claim of the thread in flight here may be the active one.
 		m.settledEntry(ctx, thread)
@@ -525,8 +534,11 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
 	if !slot {
+		// Waiting for a slot, it is the thread's run to re-attach to;
+		// waiting behind an attempt executing here, that attempt's log
+		// stays the thread's until this one starts (startExecution).
 		m.mu.Lock()
-		if _, waiting := m.pending[d.DispatchID]; waiting {
+		if _, waiting := m.pending[d.DispatchID]; waiting && m.threads[thread] == nil {
 			m.logs[thread] = events
 		}
 		m.mu.Unlock()

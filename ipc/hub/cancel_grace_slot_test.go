@@ -193,3 +193,31 @@ func TestARunForAnAgentNobodyServesWaitsWithoutTakingASlot(t *testing.T) {
 		t.Fatalf("the run for beta after it ran: %+v", d)
 	}
 }
+
+// The engine's Stop, called without the hub's GoAway (an embedder's
+// shutdown), does not wait for an agent that ignores its CANCEL: once its
+// grace is over it drains the hub (engine.Drainer), which gives the held
+// run up after its own grace.
+func TestStopDoesNotWaitForAnAgentThatIgnoresItsCancel(t *testing.T) {
+	st := newStack(t, hub.Config{CancelGrace: 100 * time.Millisecond})
+	a, _ := connect(t, st.path, ipc.Hello{Name: "a", MaxRuns: 1})
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 1 })
+	if _, err := st.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "stuck", Messages: []engine.Message{text("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	a.expect(ipc.TypeRun, 1)
+	stopped := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		stopped <- st.mb.Stop(ctx)
+	}()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatalf("stop: %v", err)
+		}
+	case <-time.After(5 * time.Second): // grace 0.1 s + cancel grace 0.1 s
+		t.Fatal("Stop still waits for the run whose agent ignores its CANCEL")
+	}
+}

@@ -393,6 +393,7 @@ func (h *Hub) register(c *conn) (ok bool, goaway *ipc.Status) {
 	}
 	h.mu.Unlock()
 	h.updateCapacity()
+	h.signalCapacity() // the agent ids served changed, whatever the total did
 	h.wake()
 	return true, goaway
 }
@@ -402,10 +403,20 @@ func (h *Hub) unregister(c *conn) {
 	delete(h.conns, c)
 	h.mu.Unlock()
 	h.updateCapacity()
+	h.signalCapacity()
 	h.wake()
 }
 
-// updateCapacity recomputes Capacity and signals CapacityChanged.
+// signalCapacity signals CapacityChanged (coalesced, never blocking).
+func (h *Hub) signalCapacity() {
+	select {
+	case h.capCh <- struct{}{}:
+	default:
+	}
+}
+
+// updateCapacity recomputes Capacity and signals CapacityChanged when it
+// changed.
 func (h *Hub) updateCapacity() {
 	h.mu.Lock()
 	total := 0
@@ -418,10 +429,20 @@ func (h *Hub) updateCapacity() {
 	}
 	h.mu.Unlock()
 	if h.capacity.Swap(int64(total)) != int64(total) {
-		select {
-		case h.capCh <- struct{}{}:
-		default:
-		}
+		h.signalCapacity()
+	}
+}
+
+// Drain gives up, as GoAway does, the cancelled runs whose agents have
+// not finished them within CancelGrace (engine.Drainer): the engine's
+// Stop calls it once its grace is over, so that it does not wait for an
+// agent that ignores its CANCELs. It sends GOAWAY unless GoAway did.
+func (h *Hub) Drain() {
+	h.mu.Lock()
+	draining := h.draining
+	h.mu.Unlock()
+	if !draining {
+		h.GoAway(ipc.CodeShutdown, "sidecar stopping")
 	}
 }
 

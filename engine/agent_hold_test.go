@@ -1,0 +1,170 @@
+package engine_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// unavailableFor is an executor script that no agent serves agent for.
+func unavailableFor(agent string) func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome {
+	return func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if req.AgentID == agent {
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable, Error: "nobody serves " + agent}
+		}
+		return complete(ctx, req, sink)
+	}
+}
+
+// A thread set aside because no agent served its run is served again as
+// soon as its queue changes: here its dispatch for the absent agent is
+// cancelled and work for an agent that is here is submitted. (Found by
+// review: the hold outlived the dispatch that caused it, and the new
+// work waited out the minute.) The bound below is far under the hold.
+func TestAnAgentHoldEndsWhenTheThreadsQueueChanges(t *testing.T) {
+	r := newRig(t, newFake(2, unavailableFor("reviewer")), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	bad, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "reviewer", Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first attempt", func() bool { n, _, _ := r.exec.stats(); return n >= 1 })
+	eventually(t, "back in the queue", func() bool { return dispatchStatus(t, r.store, bad.DispatchID) == engine.StatusQueued })
+	if ok, err := r.mb.Cancel(ctx, bad.DispatchID); err != nil || !ok {
+		t.Fatalf("cancel: %v %v", ok, err)
+	}
+	good, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "writer", Messages: []engine.Message{userMsg("b")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the work for the agent that is here done", func() bool {
+		return dispatchStatus(t, r.store, good.DispatchID) == engine.StatusAcked
+	})
+}
+
+// No hold is set when agents came or went while the attempt ran: the
+// executor's "no agent" answer may predate them, and the wake-up that
+// would end the hold has passed (found by review: the dispatcher took
+// the CapacityChanged signal before the hold was set, which then lasted
+// its minute with the agent there).
+func TestAnAgentHoldIsNotSetWhenAgentsCameMeanwhile(t *testing.T) {
+	var calls atomic.Int32
+	var f *fakeExecutor
+	f = newFake(2, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if calls.Add(1) == 1 {
+			f.setCapacity(3) // an agent for it connects after the executor looked
+			for len(f.capCh) > 0 {
+				time.Sleep(time.Millisecond) // the dispatcher takes the signal
+			}
+			time.Sleep(20 * time.Millisecond)
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable, Error: "nobody serves reviewer"}
+		}
+		return complete(ctx, req, sink)
+	})
+	r := newRig(t, f, engine.Config{})
+	r.start(t)
+	res, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "t1", AgentID: "reviewer", Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the run done once the agent came", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+}
+
+// slowLoadStore slows LoadDispatch of one dispatch (fault injection).
+type slowLoadStore struct {
+	*badgerstore.Store
+	mu   sync.Mutex
+	slow string
+}
+
+func (s *slowLoadStore) LoadDispatch(ctx context.Context, id string) (*engine.Dispatch, error) {
+	s.mu.Lock()
+	slow := s.slow == id
+	s.mu.Unlock()
+	if slow {
+		time.Sleep(200 * time.Millisecond)
+	}
+	return s.Store.LoadDispatch(ctx, id)
+}
+
+// A foreground submit queued behind a run that claimed its thread after
+// its interrupt leaves that run's log the thread's until it starts
+// itself (found by review: Reattach, and a repeat of the running
+// submit's dedupe key, followed the queued run's empty log).
+func TestAForegroundSubmitQueuedBehindARunLeavesItTheThreadsLog(t *testing.T) {
+	release := make(chan struct{})
+	r0done := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		text := string(req.Messages[len(req.Messages)-1].Content)
+		switch {
+		case strings.Contains(text, "r0"):
+			<-ctx.Done()
+			defer close(r0done)
+			return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+		case strings.Contains(text, "b"):
+			sink.Emit([]byte(`{"type":"text_delta","delta":"from B"}`))
+			<-release
+		}
+		return complete(ctx, req, sink)
+	}
+	var ss *slowLoadStore
+	r := newRigWith(t, newFake(4, script), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+		ss = &slowLoadStore{Store: s}
+		return ss
+	})
+	r.start(t)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	ctx := context.Background()
+	r0, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("r0")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "r0 runs", func() bool { n, _, _ := r.exec.stats(); return n == 1 })
+	// The foreground submit's look for r0 still stopping is slow: B,
+	// submitted once r0 has stopped, claims the thread first.
+	ss.mu.Lock()
+	ss.slow = r0.DispatchID
+	ss.mu.Unlock()
+	bc := make(chan engine.SubmitResult, 1)
+	go func() {
+		<-r0done
+		b, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("b")}})
+		if err != nil {
+			t.Error(err)
+		}
+		bc <- b
+	}()
+	a, aEvents, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := <-bc
+	if a.Status != engine.SubmitQueued || dispatchStatus(t, r.store, b.DispatchID) != engine.StatusClaimed {
+		t.Fatalf("foreground %+v, background %+v (%s): want the foreground queued behind the running background run", a, b, dispatchStatus(t, r.store, b.DispatchID))
+	}
+	l := r.mb.Reattach("t1")
+	if l == nil || l == aEvents {
+		t.Fatalf("while B runs, the thread's log is %p, A's queued one %p: want B's", l, aEvents)
+	}
+	evs, _, _, _ := l.Read(0, 100, nil)
+	if len(evs) == 0 || !strings.Contains(string(evs[0].Data), "from B") {
+		t.Fatalf("the thread's log while B runs holds %+v, want B's event", evs)
+	}
+	close(release)
+	if last := waitClosed(t, aEvents); last != "run_finish" {
+		t.Fatalf("A's stream ended with %q", last)
+	}
+}
