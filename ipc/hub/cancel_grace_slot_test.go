@@ -28,17 +28,7 @@ func TestACancelledRunIsHeldPastItsGraceUntilItsFinish(t *testing.T) {
 	cancel()
 	a.expect(ipc.TypeCancel, 1) // the agent acks nothing and keeps running stream 1
 
-	frames := make(chan frame, 16)
-	go func() {
-		defer close(frames)
-		for {
-			f, err := a.readErr(3 * time.Second)
-			if err != nil {
-				return
-			}
-			frames <- f
-		}
-	}()
+	frames := a.frames(3 * time.Second)
 	second := startRun(r.hub, context.Background(), request("t2"))
 	select {
 	case o := <-first.out:
@@ -112,17 +102,7 @@ func TestAThreadIsNotRunTwiceWhileItsAgentIgnoresACancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	frames := make(chan frame, 16)
-	go func() {
-		defer close(frames)
-		for {
-			f, err := a.readErr(5 * time.Second)
-			if err != nil {
-				return
-			}
-			frames <- f
-		}
-	}()
+	frames := a.frames(5 * time.Second)
 	select {
 	case f := <-frames:
 		t.Fatalf("got %s on stream %d while stream 1 of the same thread still runs", f.Type, f.Stream)

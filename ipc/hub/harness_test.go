@@ -145,6 +145,24 @@ func (a *rawAgent) readErr(timeout time.Duration) (frame, error) {
 	return out, nil
 }
 
+// frames reads the agent's frames on a goroutine of its own, for a test
+// that must see that nothing arrives for a while; the channel closes
+// once a read fails (the connection ends, or idle passes without one).
+func (a *rawAgent) frames(idle time.Duration) <-chan frame {
+	out := make(chan frame, 16)
+	go func() {
+		defer close(out)
+		for {
+			f, err := a.readErr(idle)
+			if err != nil {
+				return
+			}
+			out <- f
+		}
+	}()
+	return out
+}
+
 // read returns the next frame that is not a PING or PONG.
 func (a *rawAgent) read() frame {
 	a.t.Helper()
