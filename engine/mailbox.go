@@ -475,6 +475,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	m.metrics.add("supersede", ir.SupersededN)
 	m.withdrawPending(ir.Superseded...)
+	m.releaseAgentHold(thread) // the dispatch it was held for is superseded
 	if ir.Active != nil {
 		if !m.cancelAndAwait(ctx, ir.Active) {
 			return SubmitResult{}, nil, fmt.Errorf("dispatch %s did not release the thread: %w", ir.Active.DispatchID, errActiveRun)
