@@ -12,21 +12,29 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 )
 
+// ignoredCancel starts a hub with cancelGrace and an agent with max_runs
+// 1, runs t1 on it and cancels it; the agent gets the CANCEL and acks
+// nothing (it keeps running stream 1).
+func ignoredCancel(t *testing.T, cancelGrace time.Duration) (*rig, *rawAgent, *runCall) {
+	t.Helper()
+	r := newRig(t, hub.Config{CancelGrace: cancelGrace, AgentWait: 5 * time.Second})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
+	eventually(t, "capacity", func() bool { return r.hub.Capacity() == 1 })
+	ctx, cancel := context.WithCancel(context.Background())
+	first := startRun(r.hub, ctx, request("t1"))
+	a.expect(ipc.TypeRun, 1)
+	cancel()
+	a.expect(ipc.TypeCancel, 1)
+	return r, a, first
+}
+
 // An agent with max_runs 1 that does not finish a cancelled run within
 // CancelGrace is still executing it: the run is held (Run does not
 // return, so the engine keeps its thread) and its only slot stays taken
 // until its FINISH. Once it comes, the run ends as the agent says and the
 // slot goes to the next run.
 func TestACancelledRunIsHeldPastItsGraceUntilItsFinish(t *testing.T) {
-	r := newRig(t, hub.Config{CancelGrace: 100 * time.Millisecond, AgentWait: 5 * time.Second})
-	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
-	eventually(t, "capacity", func() bool { return r.hub.Capacity() == 1 })
-
-	ctx, cancel := context.WithCancel(context.Background())
-	first := startRun(r.hub, ctx, request("t1"))
-	a.expect(ipc.TypeRun, 1)
-	cancel()
-	a.expect(ipc.TypeCancel, 1) // the agent acks nothing and keeps running stream 1
+	r, a, first := ignoredCancel(t, 100*time.Millisecond)
 
 	frames := a.frames(3 * time.Second)
 	second := startRun(r.hub, context.Background(), request("t2"))
@@ -59,14 +67,7 @@ func TestACancelledRunIsHeldPastItsGraceUntilItsFinish(t *testing.T) {
 // the engine waits for its runs to return before the hub closes; the
 // agent's late FINISH for it gets no answer.
 func TestADrainGivesUpARunHeldPastItsGrace(t *testing.T) {
-	r := newRig(t, hub.Config{CancelGrace: 50 * time.Millisecond, AgentWait: 5 * time.Second})
-	a, _ := connect(t, r.path, ipc.Hello{Name: "a", MaxRuns: 1})
-	eventually(t, "capacity", func() bool { return r.hub.Capacity() == 1 })
-	ctx, cancel := context.WithCancel(context.Background())
-	first := startRun(r.hub, ctx, request("t1"))
-	a.expect(ipc.TypeRun, 1)
-	cancel()
-	a.expect(ipc.TypeCancel, 1)
+	r, a, first := ignoredCancel(t, 50*time.Millisecond)
 	time.Sleep(150 * time.Millisecond) // past the grace: held
 	r.hub.GoAway("shutdown", "test")
 	a.expect(ipc.TypeGoAway, 0)
