@@ -117,11 +117,7 @@ func TestForegroundSubmitAcceptJSON(t *testing.T) {
 		t.Fatalf("result %+v", res)
 	}
 	sc.waitDispatch(res.DispatchID, engine.StatusAcked)
-	var msgs struct {
-		Items []engine.MessageRecord `json:"items"`
-	}
-	sc.call(req{method: "GET", path: "/v1/threads/fgj/messages"}, 200, &msgs)
-	if len(msgs.Items) != 1 || msgs.Items[0].Message.Role != "user" {
+	if msgs := sc.messages("fgj"); len(msgs) != 1 || msgs[0].Message.Role != "user" {
 		t.Fatalf("messages %+v", msgs)
 	}
 }
@@ -750,11 +746,7 @@ func TestAPercentEncodedPathIDNamesTheSameID(t *testing.T) {
 		t.Fatalf("thread %q, want enc:one", res.ThreadID)
 	}
 	sc.waitDispatch(res.DispatchID, engine.StatusAcked)
-	var msgs struct {
-		Items []engine.MessageRecord `json:"items"`
-	}
-	sc.call(req{method: "GET", path: "/v1/threads/enc:one/messages"}, 200, &msgs)
-	if len(msgs.Items) != 1 || msgs.Items[0].Message.Role != "user" {
+	if msgs := sc.messages("enc:one"); len(msgs) != 1 || msgs[0].Message.Role != "user" {
 		t.Fatalf("messages of enc:one: %+v", msgs)
 	}
 	var d engine.Dispatch

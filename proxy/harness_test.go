@@ -634,6 +634,16 @@ func (sc *sidecar) counts() badgerstore.Report {
 	return rep
 }
 
+// messages is GET /v1/threads/{thread}/messages: the first page.
+func (sc *sidecar) messages(thread string) []engine.MessageRecord {
+	sc.t.Helper()
+	var page struct {
+		Items []engine.MessageRecord `json:"items"`
+	}
+	sc.call(req{method: "GET", path: "/v1/threads/" + thread + "/messages"}, 200, &page)
+	return page.Items
+}
+
 func (sc *sidecar) waitDispatch(id string, want engine.DispatchStatus) *engine.Dispatch {
 	sc.t.Helper()
 	var d *engine.Dispatch

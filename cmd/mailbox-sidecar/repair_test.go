@@ -72,16 +72,7 @@ func TestRepairPutsBackWhatAValueLogCutLost(t *testing.T) {
 // message is mended, the file stays listed (repair does not rewrite it),
 // the exit status is 1, and the output says why.
 func TestRepairSaysWhatItLeavesInTheValueLog(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "data")
-	opts := badgerstore.Options{Dir: dir, GCInterval: -1, ValueLogFileSize: 2 << 20}
-	s, err := badgerstore.Open(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writeLargeMessages(t, s, "t1", "m", 40, 20<<10)
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
+	dir, _ := stoppedStoreOfLargeMessages(t)
 	file, msg := flipAMessageBelowTheNewestValueLog(t, dir, 40)
 	code, out, errOut := runCommand("repair", "--data-dir", dir)
 	if code != 1 || !strings.Contains(out, fmt.Sprintf("replaced: message %d of thread t1 (id m%d)", msg+1, msg)) ||
@@ -93,6 +84,24 @@ func TestRepairSaysWhatItLeavesInTheValueLog(t *testing.T) {
 // writeLargeMessages appends n messages to the new thread: message i has
 // the id <prefix><i> and content "<prefix><i>-" repeated times (20<<10
 // times is about 80 KB: in the value log).
+// stoppedStoreOfLargeMessages writes 40 messages of about 60 KB to t1 of
+// a store on disk (2 MiB value-log files, GC off), closes it, and returns
+// its directory and options.
+func stoppedStoreOfLargeMessages(t *testing.T) (string, badgerstore.Options) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "data")
+	opts := badgerstore.Options{Dir: dir, GCInterval: -1, ValueLogFileSize: 2 << 20}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeLargeMessages(t, s, "t1", "m", 40, 20<<10)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return dir, opts
+}
+
 func writeLargeMessages(t *testing.T, s *badgerstore.Store, thread, prefix string, n, times int) {
 	t.Helper()
 	for i := range n {

@@ -16,16 +16,7 @@ import (
 // the directory is open, then a value-log file with a flipped byte listed
 // as a problem; bad usage and a directory without a store.
 func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "data")
-	opts := badgerstore.Options{Dir: dir, GCInterval: -1, ValueLogFileSize: 2 << 20}
-	s, err := badgerstore.Open(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writeLargeMessages(t, s, "t1", "m", 40, 20<<10)
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
+	dir, opts := stoppedStoreOfLargeMessages(t)
 	verify := func(args ...string) (int, string, string) { return runCommand(append([]string{"verify"}, args...)...) }
 
 	code, out, errOut := verify("--data-dir", dir)
@@ -33,7 +24,7 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 		t.Fatalf("verify of a clean directory: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 	}
 
-	s, err = badgerstore.Open(opts)
+	s, err := badgerstore.Open(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
