@@ -173,9 +173,10 @@ const (
 	// run's agent id. The thread waits until agents come or go (the
 	// executor's CapacityChanged), at most a minute.
 	CodeAgentUnavailable = "agent_unavailable"
-	// CodeAgentBusy: the agents that serve it had no free slot in time
-	// (the engine counts the slots of every agent id together). The
-	// thread waits a second.
+	// CodeAgentBusy: the agents that serve it were full (the engine
+	// counts the slots of every agent id together): at once when the free
+	// slot was another agent's, else after the executor's wait for one.
+	// The thread waits a second.
 	CodeAgentBusy = "agent_busy"
 )
 

@@ -202,3 +202,51 @@ func TestStopDoesNotWaitForAnAgentThatIgnoresItsCancel(t *testing.T) {
 		t.Fatal("Stop still waits for the run whose agent ignores its CANCEL")
 	}
 }
+
+// With agents of different ids, the engine counts their slots together:
+// a run for a full agent can be claimed into a slot only another agent
+// has free. It goes back to the queue at once (agent_busy), not after
+// AgentWait, and the slot goes to work that agent can take; the run goes
+// to its own agent once that one has a slot (found by review: the slot
+// was held for AgentWait, and the other agent's runs waited behind it).
+func TestARunForAFullAgentLeavesTheSlotToAnotherAgent(t *testing.T) {
+	st := newStack(t, hub.Config{AgentWait: time.Minute}) // a wait of its length would fail the reads below
+	planner, _ := connect(t, st.path, ipc.Hello{Name: "planner", AgentIDs: []string{"planner"}, MaxRuns: 1})
+	coder, _ := connect(t, st.path, ipc.Hello{Name: "coder", AgentIDs: []string{"coder"}, MaxRuns: 1})
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 2 })
+	ctx := context.Background()
+	submit := func(thread, agent string) engine.SubmitResult {
+		t.Helper()
+		res, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, AgentID: agent, Messages: []engine.Message{text("for " + agent)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	first := submit("p0", "planner")
+	f := planner.expect(ipc.TypeRun, 1)
+	if p := decodeRun(t, f); p.RunID != first.RunID {
+		t.Fatalf("planner got run %s, want %s", p.RunID, first.RunID)
+	}
+	second := submit("p1", "planner") // claimed into the coder's free slot, then refused
+	waitDispatch(t, st.store, second.DispatchID, engine.StatusQueued)
+	forCoder := submit("c0", "coder")
+	g := coder.expect(ipc.TypeRun, 1) // within 5 s, not after AgentWait
+	if p := decodeRun(t, g); p.RunID != forCoder.RunID {
+		t.Fatalf("coder got run %s, want %s", p.RunID, forCoder.RunID)
+	}
+	coder.send(ipc.TypeFinish, 1, finishDone("ok"))
+	waitDispatch(t, st.store, forCoder.DispatchID, engine.StatusAcked)
+	planner.send(ipc.TypeFinish, 1, finishDone("ok"))
+	waitDispatch(t, st.store, first.DispatchID, engine.StatusAcked)
+	// The planner's second run goes to the planner once it has a slot,
+	// with no attempt spent on the refusals.
+	h := planner.expect(ipc.TypeRun, 2)
+	if p := decodeRun(t, h); p.RunID != second.RunID {
+		t.Fatalf("planner got run %s, want %s", p.RunID, second.RunID)
+	}
+	planner.send(ipc.TypeFinish, 2, finishDone("ok"))
+	if d := waitDispatch(t, st.store, second.DispatchID, engine.StatusAcked); d.AttemptCount != 0 {
+		t.Fatalf("the planner's second run after it ran: %+v", d)
+	}
+}

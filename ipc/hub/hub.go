@@ -457,9 +457,11 @@ func (h *Hub) wake() {
 }
 
 // openResult says what open found besides a stream: whether any
-// connection takes runs at all, and whether one of them serves the agent
-// id (full or not).
-type openResult struct{ anyConn, served bool }
+// connection takes runs at all, whether one of them serves the agent id
+// (full or not), and whether one that does not serve it has a free slot
+// (freeElsewhere: the engine, which counts the slots of every agent id
+// together, took that slot for this run).
+type openResult struct{ anyConn, served, freeElsewhere bool }
 
 // open picks the connection with the most free slots that serves agent
 // and opens a stream on it. Without one it returns the channel to wait
@@ -477,6 +479,9 @@ func (h *Hub) open(agent string, sink engine.EventSink) (*conn, *stream, <-chan 
 			}
 			found.anyConn = true
 			if !c.serves(agent) {
+				if !found.freeElsewhere && c.freeSlots() > 0 {
+					found.freeElsewhere = true
+				}
 				continue
 			}
 			found.served = true

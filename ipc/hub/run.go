@@ -306,6 +306,17 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 				return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable,
 					Error: fmt.Sprintf("no connected agent serves agent %q", req.AgentID)}
 			}
+			if found.served && found.freeElsewhere {
+				// The agents that serve it are full and the free slot the
+				// engine counted is another agent's: a wait would hold
+				// that slot from the runs it could take for up to
+				// AgentWait. Back to the queue at once, without spending
+				// an attempt; the engine sets the thread aside a moment
+				// and fills the slot with other work.
+				h.doneWaiting()
+				return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy,
+					Error: fmt.Sprintf("every agent serving agent %q is full; the free slots are other agents'", req.AgentID)}
+			}
 			if deadline == nil {
 				t := time.NewTimer(h.cfg.AgentWait)
 				defer t.Stop()
