@@ -31,15 +31,25 @@ type claimHold struct {
 	delay   time.Duration // the last delay; the next doubles it (ErrCorrupt)
 	corrupt bool          // the last failure was ErrCorrupt
 	agent   bool          // set aside because no agent took its run
+	// busy: its agents were full (CodeAgentBusy); busyFor is the run's
+	// agent id. With a SlotCounter executor the thread is admitted again
+	// when that agent has a free slot (admitLocked), until then at most.
+	busy    bool
+	busyFor string
 }
 
 // A thread whose attempt no agent took is set aside too (ipc.md: work
 // waits in the queue for an agent, never nacked, never dead-lettered for
 // lack of one): until agents come or go (the executor's
 // CapacityChanged), at most claimHoldMax, when no connected agent serves
-// the run's agent id (CodeAgentUnavailable); claimHoldFirst when the ones
-// that serve it were full (CodeAgentBusy: the engine counts the slots of
-// every agent id together). A submit, a cancel or an interrupt of the
+// the run's agent id (CodeAgentUnavailable). When the ones that serve it
+// were full (CodeAgentBusy: the engine counts the slots of every agent id
+// together) it waits for a free slot of theirs: with an executor that
+// counts them (SlotCounter) the dispatcher admits no more such threads
+// than that agent has free slots, as soon as it has them (at most
+// claimHoldMax); otherwise claimHoldFirst. Without that count a backlog
+// of runs for a full agent was claimed and refused again every second,
+// thread by thread. A submit, a cancel or an interrupt of the
 // thread ends its hold too: its next dispatch may be for an agent that is
 // here. No hold is set when agents came or went while the attempt ran
 // (the answer may be out of date, and the wake-up already passed).
@@ -51,18 +61,66 @@ type claimHold struct {
 // unless agents came or went since the attempt started (capSeen): the
 // executor's answer may be out of date, and a hold would miss the wake-up
 // that ends it. Called with m.mu held.
-func (m *Mailbox) holdForAgentLocked(thread, code string, capSeen uint64, now int64) {
+func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint64, now int64) {
 	if m.capChanges != capSeen {
 		return
 	}
 	if m.held == nil {
 		m.held = map[string]claimHold{}
 	}
-	delay := claimHoldFirst
-	if code == CodeAgentUnavailable {
-		delay = claimHoldMax
+	h := claimHold{delay: claimHoldFirst, agent: true}
+	switch {
+	case code == CodeAgentUnavailable:
+		h.delay = claimHoldMax
+	case m.slots != nil:
+		h.delay, h.busy, h.busyFor = claimHoldMax, true, agentID
 	}
-	m.held[thread] = claimHold{until: now + delay.Milliseconds(), delay: delay, agent: true}
+	h.until = now + h.delay.Milliseconds()
+	m.held[thread] = h
+}
+
+// busyAgentsLocked returns the agent ids that threads among ready, held
+// at now, wait for a free slot of (nil when none). Called with m.mu held.
+func (m *Mailbox) busyAgentsLocked(ready []string, now int64) map[string]int {
+	if len(m.held) == 0 {
+		return nil
+	}
+	var ids map[string]int
+	for _, t := range ready {
+		if h, ok := m.held[t]; ok && h.busy && h.until > now {
+			if ids == nil {
+				ids = map[string]int{}
+			}
+			ids[h.busyFor] = 0
+		}
+	}
+	return ids
+}
+
+// countFreeSlots fills ids with the free slots of each agent id's agents
+// (SlotCounter). Called without m.mu held: the executor has locks of its
+// own.
+func (m *Mailbox) countFreeSlots(ids map[string]int) {
+	for id := range ids {
+		ids[id] = m.slots.FreeSlots(id)
+	}
+}
+
+// admitLocked reports whether thread may be claimed at now, the room
+// left (room) counted: a thread not held, or one whose hold lapsed, may;
+// one held for a full agent may if that agent has a free slot left in
+// free (counted down, its hold ended). Called with m.mu held.
+func (m *Mailbox) admitLocked(thread string, now int64, free map[string]int, room bool) bool {
+	h, ok := m.held[thread]
+	if !ok || h.until <= now {
+		return true
+	}
+	if !h.busy || !room || free[h.busyFor] <= 0 {
+		return false
+	}
+	free[h.busyFor]--
+	delete(m.held, thread)
+	return true
 }
 
 // heldForAgentLocked reports whether thread is set aside at now for lack

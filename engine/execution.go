@@ -47,6 +47,9 @@ type execution struct {
 	// cancelSettled: a user's cancel already acked the dispatch as
 	// cancelled; the attempt records nothing more.
 	cancelSettled atomic.Bool
+	// agentID is the run's agent id once its request is built (execute
+	// goroutine only): a hold for a full agent names it (claimhold.go).
+	agentID string
 	// capSeen is Mailbox.capChanges when the attempt started (guarded by
 	// Mailbox.mu): an executor's "no agent" answer given before agents
 	// came or went sets no hold (claimhold.go).
@@ -427,6 +430,7 @@ func (m *Mailbox) execute(e *execution) {
 	m.metrics.seconds(metricEligStart, ms(startAt-d.AvailableAt))
 	m.metrics.seconds(metricClaimStart, ms(startAt-d.UpdatedAt))
 	e.startedAt = startAt
+	e.agentID = req.AgentID
 	req.Commands = e.commands
 	req.Checkpoint = func(cctx context.Context, c RunCheckpoint) error {
 		return m.agentCheckpoint(cctx, d.ThreadID, d.RunID, c)
@@ -628,7 +632,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// is released, so that the dispatcher does not claim it again
 			// at once, only to be refused again.
 			m.mu.Lock()
-			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.capSeen, now)
+			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.agentID, e.capSeen, now)
 			m.mu.Unlock()
 		}
 		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {

@@ -36,6 +36,16 @@ type Drainer interface {
 	Drain()
 }
 
+// SlotCounter is an Executor that can tell how many free slots the
+// agents serving one agent id have (the hub: its connections serve
+// different agent ids, while Capacity counts all their slots together). A
+// thread set aside because its agents were full (CodeAgentBusy) is then
+// claimed again as soon as they have a free slot, and no more such
+// threads at once than they have free slots (claimhold.go).
+type SlotCounter interface {
+	FreeSlots(agentID string) int
+}
+
 // EventSink receives one run's events. Emit must not block for long: the
 // engine's sinks copy the event into a bounded per-run buffer.
 type EventSink interface {
@@ -176,7 +186,7 @@ const (
 	// CodeAgentBusy: the agents that serve it were full (the engine
 	// counts the slots of every agent id together): at once when the free
 	// slot was another agent's, else after the executor's wait for one.
-	// The thread waits a second.
+	// The thread waits for their free slot (SlotCounter), else a second.
 	CodeAgentBusy = "agent_busy"
 )
 

@@ -375,9 +375,11 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			grace := m.sharedClaimGrace()
 			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, 1+nHeld)
 			m.mu.Lock()
+			// A thread held for a full agent waits for a slot too.
+			busyHeld := m.busyAgentsLocked(threads, now) != nil
 			threads = m.notHeldLocked(threads, now)
 			m.mu.Unlock()
-			m.starved.Store(err != nil || len(threads) > 0)
+			m.starved.Store(err != nil || len(threads) > 0 || busyHeld)
 			if err != nil {
 				return m.cfg.Now() + 1000
 			}
@@ -404,15 +406,32 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		next = earliest(next, heldUntil)
 		m.mu.Lock()
+		busy := m.busyAgentsLocked(threads, now)
+		if busy != nil {
+			m.mu.Unlock()
+			m.countFreeSlots(busy)
+			m.mu.Lock()
+		}
 		free = m.exec.Capacity() - m.inFlight
 		waiting := threads[:0]
-		for _, t := range m.notHeldLocked(threads, now) {
-			if m.threads[t] == nil {
-				waiting = append(waiting, t)
+		busyLeft := false // a thread held for a full agent stays held
+		for _, t := range threads {
+			if m.threads[t] != nil {
+				continue
 			}
+			if !m.admitLocked(t, now, busy, len(waiting) < free) {
+				if h := m.held[t]; h.busy {
+					busyLeft = true
+				}
+				continue
+			}
+			waiting = append(waiting, t)
 		}
 		m.mu.Unlock()
-		m.starved.Store(len(waiting) > free)
+		// A thread waiting for a free slot of its full agent counts as
+		// waiting: a finishing attempt of that agent hands its slot to
+		// the dispatcher instead of claiming its own thread's next run.
+		m.starved.Store(len(waiting) > free || busyLeft)
 		threads = waiting[:min(len(waiting), max(free, 0))]
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup

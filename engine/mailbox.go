@@ -65,6 +65,7 @@ type Mailbox struct {
 	store Store // instrumented: every call is timed and counted
 	raw   Store // the store as given (optional interfaces: LiveRouter, SignalSource)
 	exec  Executor
+	slots SlotCounter // exec, when it counts free slots by agent id (nil otherwise)
 	log   *slog.Logger
 	locks *threadLocks
 	// keyLocks serialise live-then-queue submits that carry a dedupe key,
@@ -125,6 +126,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
 	}
 	m.probeDone = sync.NewCond(&m.mu)
+	m.slots, _ = exec.(SlotCounter)
 	m.metrics = newEngineMetrics(func() (StatusCounts, error) {
 		return store.CountByStatus(context.Background())
 	}, func() float64 {

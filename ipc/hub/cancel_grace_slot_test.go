@@ -3,6 +3,8 @@ package hub_test
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -248,5 +250,53 @@ func TestARunForAFullAgentLeavesTheSlotToAnotherAgent(t *testing.T) {
 	planner.send(ipc.TypeFinish, 2, finishDone("ok"))
 	if d := waitDispatch(t, st.store, second.DispatchID, engine.StatusAcked); d.AttemptCount != 0 {
 		t.Fatalf("the planner's second run after it ran: %+v", d)
+	}
+}
+
+// A backlog of runs for a full agent is refused once per thread and then
+// waits for that agent's free slots (engine.SlotCounter), not claimed
+// and refused again every second; each goes to its agent as a slot frees.
+func TestABacklogForAFullAgentIsNotClaimedOverAndOver(t *testing.T) {
+	st := newStack(t, hub.Config{AgentWait: time.Minute})
+	planner, _ := connect(t, st.path, ipc.Hello{Name: "planner", AgentIDs: []string{"planner"}, MaxRuns: 1})
+	connect(t, st.path, ipc.Hello{Name: "coder", AgentIDs: []string{"coder"}, MaxRuns: 3}) // free slots the engine counts
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 4 })
+	ctx := context.Background()
+	var runs []string
+	for i := range 6 {
+		res, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("p", i), AgentID: "planner", Messages: []engine.Message{text("plan")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs = append(runs, res.RunID)
+	}
+	abandoned := func() int {
+		var m strings.Builder
+		st.hub.Metrics().WritePrometheus(&m)
+		for line := range strings.Lines(m.String()) {
+			if v, ok := strings.CutPrefix(line, `mailbox_agent_runs_total{outcome="abandoned"} `); ok {
+				n, _ := strconv.Atoi(strings.TrimSpace(v))
+				return n
+			}
+		}
+		return 0
+	}
+	f := planner.expect(ipc.TypeRun, 1)
+	time.Sleep(2500 * time.Millisecond) // two and a half of the old one-second holds
+	if n := abandoned(); n > 5 {
+		t.Fatalf("%d refusals of 5 runs waiting for the planner in 2.5 s: claimed over and over", n)
+	}
+	// One at a time, as the planner frees its slot.
+	got := []string{decodeRun(t, f).RunID}
+	for i := range 5 {
+		planner.send(ipc.TypeFinish, f.Stream, finishDone("ok"))
+		f = planner.expect(ipc.TypeRun, uint64(i+2))
+		got = append(got, decodeRun(t, f).RunID)
+	}
+	planner.send(ipc.TypeFinish, f.Stream, finishDone("ok"))
+	slices.Sort(got)
+	slices.Sort(runs)
+	if !slices.Equal(got, runs) {
+		t.Fatalf("the planner ran %v, want each of %v once", got, runs)
 	}
 }

@@ -446,6 +446,23 @@ func (h *Hub) Drain() {
 	}
 }
 
+// FreeSlots is how many runs for agent the connected agents that serve
+// it can take now (engine.SlotCounter): their free slots, added up.
+func (h *Hub) FreeSlots(agent string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.draining {
+		return 0
+	}
+	n := 0
+	for c := range h.conns {
+		if c.takesRuns() && c.serves(agent) {
+			n += max(c.freeSlots(), 0)
+		}
+	}
+	return n
+}
+
 // wake tells Run calls waiting for a slot to look again.
 func (h *Hub) wake() {
 	h.mu.Lock()
