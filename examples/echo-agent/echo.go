@@ -79,8 +79,12 @@ func (e *echoAgent) HandleRun(ctx context.Context, run *agent.Run) agent.Result 
 		}
 		replies = append(replies, reply)
 	}
-	if err := drainLive(run, live); err != nil { // none is left unread
-		return failed(ctx, run, "emit_failed", err)
+	if live != nil {
+		// The last step: messages from now on go to a run of their own;
+		// the ones accepted before are answered here.
+		if err := echoLive(run, run.CloseMessages()); err != nil {
+			return failed(ctx, run, "emit_failed", err)
+		}
 	}
 	finish := runFinishEvent{Type: "run_finish", Termination: agent.Termination{Type: agent.TermNaturalEnd}}
 	if err := run.Emit(finish); err != nil {
@@ -152,24 +156,6 @@ func sleepEchoingLive(ctx context.Context, run *agent.Run, live <-chan []agent.M
 	}
 }
 
-// drainLive echoes the live messages already accepted (none when live is
-// nil), so none is left unread when the run ends.
-func drainLive(run *agent.Run, live <-chan []agent.MessageRecord) error {
-	for {
-		select {
-		case batch, ok := <-live:
-			if !ok {
-				return nil
-			}
-			if err := echoLive(run, batch); err != nil {
-				return err
-			}
-		default:
-			return nil
-		}
-	}
-}
-
 func echoLive(run *agent.Run, batch []agent.MessageRecord) error {
 	for _, rec := range batch {
 		if text, ok := rec.Message.Text(); ok {
@@ -183,7 +169,7 @@ func echoLive(run *agent.Run, batch []agent.MessageRecord) error {
 
 // suspend suspends tool call call-1 and waits for its decision (or ctx).
 func suspend(ctx context.Context, run *agent.Run) error {
-	decisions := run.Decisions() // before the suspension is announced
+	decisions := run.DecisionsFor(suspendCallID) // before the suspension is announced
 	if err := run.Emit(toolCallEvent{Type: "tool_call_start", CallID: suspendCallID, Name: "echo_approval"}); err != nil {
 		return err
 	}

@@ -69,6 +69,7 @@ func (c *Client) Serve(ctx context.Context) error {
 		"agent_ids", c.cfg.AgentIDs, "max_runs", c.cfg.MaxRuns)
 	failures := 0
 	for {
+		began := time.Now()
 		established, err := c.serveConn(ctx)
 		if ctx.Err() != nil {
 			c.log.Info("agent client stopped")
@@ -78,7 +79,11 @@ func (c *Client) Serve(ctx context.Context) error {
 			c.log.Error("sidecar refused the handshake", "err", err)
 			return err
 		}
-		if established {
+		if established && time.Since(began) >= c.cfg.MaxBackoff {
+			// A connection that lasted is a new start; one that failed
+			// soon after its handshake (the sidecar refusing what this
+			// agent sends, say) counts as one more failure, or the agent
+			// would reconnect at once, over and over.
 			failures = 0
 		}
 		delay := c.backoff(failures)
@@ -151,6 +156,12 @@ func (c *Client) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, e
 	}
 	id := uuid.Must(uuid.NewV7()).String()
 	payload, err := json.Marshal(submitPayload{Req: id, SubmitRequest: req})
+	if err == nil {
+		// Raw JSON fields are not checked by the encoder: bytes that are
+		// not UTF-8 would make the sidecar close the connection (every
+		// run on it failed), and a retry would do it again.
+		err = ipc.CheckPayload(ipc.TypeSubmit, payload)
+	}
 	if err != nil {
 		return SubmitResult{}, fmt.Errorf("agent: submit: encode request: %w", err)
 	}

@@ -206,6 +206,12 @@ func TestFinishResults(t *testing.T) {
 			`{"status":"done","termination":{"type":"error","value":"m"},"error":{"kind":"transient","code":"x","message":"m"}}`},
 		{"bad_raw_json", Result{Termination: &Termination{Type: TermBlocked, Value: []byte(`{`)}},
 			`{"status":"done","termination":{"type":"error","value":"agent returned a result that does not encode"},"error":{"kind":"transient","code":"invalid_result","message":"agent returned a result that does not encode"}}`},
+		// A status the sidecar would answer by closing the connection
+		// (every run on it failed) fails this run alone, for good; the
+		// runs after it in this table share the connection.
+		{"bad_status", Result{Status: StatusRunning},
+			`{"status":"done","termination":{"type":"error","value":"agent returned status \"running\"; a run ends done or waiting"},"error":{"kind":"permanent","code":"invalid_result","message":"agent returned status \"running\"; a run ends done or waiting"}}`},
+		{"after_bad_status", Done("fine"), `{"status":"done","termination":{"type":"natural_end"},"response":"fine"}`},
 	}
 	byRun := make(map[string]Result, len(tests))
 	for _, tt := range tests {

@@ -41,7 +41,9 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound the delay before reconnecting after
 	// a failed or lost connection: the n-th consecutive failure waits a
 	// random duration in [0, min(MaxBackoff, MinBackoff·2ⁿ)] ("full
-	// jitter"). Defaults 100 ms and 5 s.
+	// jitter"). A connection that lasted MaxBackoff ends the count; one
+	// that failed sooner, even after its handshake, adds to it. Defaults
+	// 100 ms and 5 s.
 	MinBackoff, MaxBackoff time.Duration
 	// ShutdownGrace is how long Serve lets running handlers finish once
 	// its context is done (after sending GOAWAY); then it cancels their

@@ -600,17 +600,22 @@ func (cn *conn) submit(ctx context.Context, id string, payload []byte) (SubmitRe
 		}
 		return SubmitResult{}, fmt.Errorf("agent: submit %s: %w", id, err)
 	}
+	var res submitResultPayload
 	select {
-	case res := <-ch:
-		if res.Error != nil {
-			return SubmitResult{}, &SubmitError{Code: res.Error.Code, Message: res.Error.Message}
-		}
-		return res.SubmitResult, nil
+	case res = <-ch:
 	case <-ctx.Done():
 		return SubmitResult{}, fmt.Errorf("agent: submit %s: %w", id, context.Cause(ctx))
 	case <-cn.dead:
-		return SubmitResult{}, fmt.Errorf("agent: submit %s: %w", id, ErrConnectionLost)
+		select {
+		case res = <-ch: // answered before the connection ended
+		default:
+			return SubmitResult{}, fmt.Errorf("agent: submit %s: %w", id, ErrConnectionLost)
+		}
 	}
+	if res.Error != nil {
+		return SubmitResult{}, &SubmitError{Code: res.Error.Code, Message: res.Error.Message}
+	}
+	return res.SubmitResult, nil
 }
 
 // decodePayload decodes a frame's JSON payload; a payload that does not

@@ -56,6 +56,11 @@ type Run struct {
 	decs     chan []Decision       // live DECISION
 	wantMsgs bool                  // Messages was called
 	wantDecs bool                  // Decisions was called
+	// msgsClosed: CloseMessages was called; live messages are refused.
+	msgsClosed bool
+	// decFor, when not nil, are the only call ids whose decisions the run
+	// takes (DecisionsFor).
+	decFor map[string]struct{}
 }
 
 func newRun(cn *conn, stream uint64, p *runPayload) *Run {
@@ -137,6 +142,14 @@ func (r *Run) EmitRaw(event []byte) error {
 // wrapping ErrConnectionLost; the checkpoint may or may not have been
 // applied). A checkpoint must complete before the handler returns.
 //
+// A ctx already done sends nothing (the checkpoint is not applied). When
+// ctx is done only because the sidecar cancelled the run (the run's own
+// context, or one derived from it: cause ErrCancelled), Checkpoint still
+// waits for the sidecar's answer, which a cancel does not hold back, so
+// that its result says whether the checkpoint was applied. When ctx ends
+// otherwise after the checkpoint went out, the error wraps ctx's cause and
+// the checkpoint may or may not have been applied.
+//
 // Do not checkpoint the request's activation messages or live MESSAGES:
 // they are already in the thread log.
 func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
@@ -149,6 +162,9 @@ func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
 	}
 	if err != nil {
 		return fmt.Errorf("agent: checkpoint on run %s: encode: %w", r.RunID, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("agent: checkpoint on run %s: not sent: %w", r.RunID, context.Cause(ctx))
 	}
 	ch := make(chan error, 1)
 
@@ -178,15 +194,27 @@ func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
 		r.dropCheckpoint(seq)
 		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, err)
 	}
-	select {
-	case err := <-ch:
-		return err
-	case <-ctx.Done():
-		r.dropCheckpoint(seq)
-		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, context.Cause(ctx))
-	case <-r.conn.dead:
-		r.dropCheckpoint(seq)
-		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, ErrConnectionLost)
+	done := ctx.Done()
+	for {
+		select {
+		case err := <-ch:
+			return err
+		case <-done:
+			if errors.Is(context.Cause(ctx), ErrCancelled) {
+				done = nil // the sidecar answers a checkpoint of a cancelled run
+				continue
+			}
+			r.dropCheckpoint(seq)
+			return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, context.Cause(ctx))
+		case <-r.conn.dead:
+			select {
+			case err := <-ch: // answered before the connection ended
+				return err
+			default:
+			}
+			r.dropCheckpoint(seq)
+			return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, ErrConnectionLost)
+		}
 	}
 }
 
@@ -213,12 +241,13 @@ func (r *Run) resolveCheckpoint(seq uint64, err error) bool {
 // sidecar sends while the run executes, already in the thread log (do not
 // checkpoint them again). Take them in at the next step boundary.
 //
-// The run accepts live messages only once Messages has been called;
-// before, and when the channel's small buffer is full, the sidecar is told
-// they were not delivered and queues them for a later run. Messages still
-// in the channel when the handler returns are not lost (they are in the
-// log) but no run reacts to them: drain the channel before returning. The
-// channel is closed when the handler returns.
+// The run accepts live messages only once Messages has been called and
+// until CloseMessages is; before, after, and when the channel's small
+// buffer is full, the sidecar is told they were not delivered and queues
+// them for a run of their own. Messages still in the channel when the
+// handler returns are not lost (they are in the log) but no run reacts to
+// them: call CloseMessages before the run's last step and take in what it
+// returns. The channel is closed when the handler returns.
 func (r *Run) Messages() <-chan []MessageRecord {
 	r.mu.Lock()
 	r.wantMsgs = true
@@ -226,13 +255,62 @@ func (r *Run) Messages() <-chan []MessageRecord {
 	return r.msgs
 }
 
+// CloseMessages stops taking live messages: from now on the sidecar is
+// told they were not delivered, and queues them for a run of their own
+// (ipc.md: a run accepts them only if it will hand them to its model). It
+// returns the messages accepted before and not yet read from Messages;
+// the run has told the sidecar it takes them in, so it must. Call it
+// before the run's last step (its final answer): a message accepted after
+// that step began would be answered by no run.
+func (r *Run) CloseMessages() []MessageRecord {
+	// Exclusive: a message admitted before (under the shared lock) is in
+	// the channel once this holds it.
+	r.sendMu.Lock()
+	r.mu.Lock()
+	r.msgsClosed = true
+	done := r.done
+	r.mu.Unlock()
+	var out []MessageRecord
+	for !done {
+		select {
+		case batch := <-r.msgs:
+			out = append(out, batch...)
+			continue
+		default:
+		}
+		break
+	}
+	r.sendMu.Unlock()
+	return out
+}
+
 // Decisions returns the channel of live tool-call decisions (DECISION
 // commands) for calls the run suspended on. As with Messages, decisions
 // are accepted only once Decisions has been called and while the buffer
-// has room; the channel is closed when the handler returns.
+// has room; the channel is closed when the handler returns. Decisions
+// accepts a decision for any call id: a run that knows the calls it
+// suspended on uses DecisionsFor, so that the sidecar is told a decision
+// for another call was not delivered.
 func (r *Run) Decisions() <-chan []Decision {
 	r.mu.Lock()
 	r.wantDecs = true
+	r.decFor = nil
+	r.mu.Unlock()
+	return r.decs
+}
+
+// DecisionsFor is Decisions for a run suspended on the calls callIDs: a
+// DECISION is accepted only when each of its decisions names one of them
+// (the sidecar hears "no suspended call" otherwise). A later call replaces
+// the set; the channel is the same.
+func (r *Run) DecisionsFor(callIDs ...string) <-chan []Decision {
+	set := make(map[string]struct{}, len(callIDs))
+	for _, id := range callIDs {
+		set[id] = struct{}{}
+	}
+	r.mu.Lock()
+	r.wantDecs = true
+	r.decFor = set
 	r.mu.Unlock()
 	return r.decs
 }
@@ -252,7 +330,7 @@ func (r *Run) command(typ ipc.FrameType, cmd *commandPayload) error {
 		return nil
 	}
 	r.mu.Lock()
-	reason := r.admitLocked(typ)
+	reason := r.admitLocked(typ, cmd)
 	r.mu.Unlock()
 	ok := reason == ""
 	r.debug("live command", "type", typ, "cmd", cmd.Cmd, "accepted", ok, "reason", reason)
@@ -283,7 +361,7 @@ func (r *Run) releaseExclusive(bool) { r.sendMu.Unlock() }
 
 // admitLocked returns why the run refuses a command of type typ now, or
 // "" when it takes it.
-func (r *Run) admitLocked(typ ipc.FrameType) string {
+func (r *Run) admitLocked(typ ipc.FrameType, cmd *commandPayload) string {
 	if r.done {
 		return "run finished"
 	}
@@ -294,6 +372,8 @@ func (r *Run) admitLocked(typ ipc.FrameType) string {
 			return "run cancelled"
 		case !r.wantMsgs:
 			return "run does not take live messages"
+		case r.msgsClosed:
+			return "run takes no more live messages (its last step began)"
 		case len(r.msgs) == cap(r.msgs):
 			return "live message buffer full"
 		}
@@ -303,6 +383,8 @@ func (r *Run) admitLocked(typ ipc.FrameType) string {
 			return "run cancelled"
 		case !r.wantDecs:
 			return "run does not take live decisions"
+		case r.decFor != nil && !r.decidesAllLocked(cmd.Decisions):
+			return "no suspended call for the decision"
 		case len(r.decs) == cap(r.decs):
 			return "live decision buffer full"
 		}
@@ -310,10 +392,37 @@ func (r *Run) admitLocked(typ ipc.FrameType) string {
 	return ""
 }
 
+// decidesAllLocked reports whether every decision names a call of
+// decFor. Called with r.mu held.
+func (r *Run) decidesAllLocked(ds []Decision) bool {
+	if len(ds) == 0 {
+		return false
+	}
+	for _, d := range ds {
+		if _, ok := r.decFor[d.CallID]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
 // execute runs the handler and sends its FINISH.
 func (r *Run) execute(h Handler) {
 	defer r.conn.client.handlers.Done()
-	r.finish(r.call(h))
+	returned := false
+	defer func() {
+		if !returned {
+			// The handler ended its goroutine without returning
+			// (runtime.Goexit: t.FailNow in a test's handler): the run
+			// still finishes, or it would hold its slot, and Serve would
+			// wait for it, for ever.
+			r.logger().Error("run handler exited without returning (runtime.Goexit)")
+			r.finish(Transient("handler_exited", "agent handler exited without returning a result"))
+		}
+	}()
+	res := r.call(h)
+	returned = true
+	r.finish(res)
 }
 
 // call runs the handler, turning a panic into a transient failure.
@@ -332,6 +441,13 @@ func (r *Run) call(h Handler) (res Result) {
 func (r *Run) finish(res Result) {
 	cause := context.Cause(r.ctx)
 	res = res.complete(cause != nil)
+	if res.Status != StatusDone && res.Status != StatusWaiting {
+		// The sidecar would close the connection, failing every run on
+		// it (protocol.md): this run alone fails, for good (the handler
+		// would most likely return the same again).
+		r.logger().Error("run result has a status that is neither done nor waiting", "status", res.Status)
+		res = Permanent("invalid_result", fmt.Sprintf("agent returned status %q; a run ends done or waiting", res.Status))
+	}
 	if errors.Is(cause, ErrShutdown) && res.Error == nil && res.Termination.Type == TermCancelled {
 		// Not the user's cancel: the run is to be retried elsewhere.
 		res = Transient(ipc.CodeShutdown, "the agent shut down before the run finished")

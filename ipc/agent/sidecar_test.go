@@ -128,6 +128,17 @@ func (s *fakeSidecar) accept() *fakeConn {
 	}
 }
 
+// acceptBefore is accept with a deadline: ok is false when no connection
+// came by then.
+func (s *fakeSidecar) acceptBefore(deadline time.Time) (*fakeConn, bool) {
+	select {
+	case fc := <-s.conns:
+		return fc, true
+	case <-time.After(time.Until(deadline)):
+		return nil, false
+	}
+}
+
 // frame is a frame the fake received, payload copied.
 type frame struct {
 	typ     ipc.FrameType
