@@ -17,7 +17,8 @@ type Config struct {
 	URL string
 	// Stream is the JetStream stream holding every record (default
 	// "MAILBOX"). It is created if absent; an existing stream's config is
-	// updated to the one this package needs.
+	// updated to the one this package needs, unless its subjects or
+	// replica count differ from this config's: Open refuses it then.
 	Stream string
 	// Prefix is the first subject token of every record (default "mbx");
 	// the stream's subjects are "<Prefix>.>".

@@ -19,7 +19,8 @@ import (
 // of its own messages. Transactions on one thread never meet in a group
 // (the thread lock is held until the commit returns), so merged
 // transactions rarely touch the same subject; when a merged batch is
-// refused anyway, every member publishes its own batch again, and a
+// refused anyway (a conflict, a busy server, a batch too large), every
+// member publishes its own batch again, and a
 // member whose own batch is refused retries from its reads as usual.
 
 // maxGroupMsgs bounds one merged batch (the server's default limit is
@@ -134,7 +135,9 @@ func (s *Store) publishGroup(group []*pendingBatch, total int) {
 		msgs = append(msgs, p.msgs...)
 	}
 	last, err := s.publish(context.Background(), msgs)
-	if errors.Is(err, errConflict) || errors.Is(err, errBusy) {
+	if errors.Is(err, errConflict) || errors.Is(err, errBusy) || errors.Is(err, engine.ErrTooLarge) {
+		// One member's refusal is not the others': each publishes its
+		// own batch (a member too large alone fails alone).
 		err = errAlone
 	}
 	end := 0

@@ -115,7 +115,7 @@ func signalsLost(err error) bool {
 func (s *Store) repairSignals(ctx context.Context) {
 	ctx, cancel := s.reqCtx(ctx)
 	defer cancel()
-	st, err := s.js.CreateOrUpdateStream(ctx, signalStreamConfig(&s.cfg))
+	st, err := ensureStream(ctx, s.js, signalStreamConfig(&s.cfg))
 	if err != nil {
 		s.log.Warn("natsstore: recreate signal stream", "err", err)
 		return
@@ -134,9 +134,9 @@ func (s *Store) repairSignals(ctx context.Context) {
 // startSignals creates the signal stream and its consumer and starts the
 // sweeper.
 func (s *Store) startSignals(ctx context.Context) error {
-	st, err := s.js.CreateOrUpdateStream(ctx, signalStreamConfig(&s.cfg))
+	st, err := ensureStream(ctx, s.js, signalStreamConfig(&s.cfg))
 	if err != nil {
-		return fmt.Errorf("create signal stream: %w", unavailable(err))
+		return fmt.Errorf("signal stream: %w", err)
 	}
 	cons, err := st.CreateOrUpdateConsumer(ctx, signalConsumerConfig(&s.cfg))
 	if err != nil {

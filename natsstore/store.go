@@ -2,8 +2,10 @@ package natsstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,6 +111,44 @@ func streamConfig(cfg *Config) jetstream.StreamConfig {
 	}
 }
 
+// ensureStream creates the stream want, or brings an existing one to the
+// settings this package needs, but refuses one whose subjects or replica
+// count differ from want's: those are not one sidecar's to change. A
+// second deployment with another prefix on the same stream name took the
+// stream's subjects from the first (whose writes then failed), and a
+// sidecar started without --nats-replicas turned a stream of three
+// replicas into one, with the durability the README relies on (found by
+// review). An operator changes them on the stream (nats stream edit) and
+// in every sidecar's flags.
+func ensureStream(ctx context.Context, js jetstream.JetStream, want jetstream.StreamConfig) (jetstream.Stream, error) {
+	st, err := js.Stream(ctx, want.Name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		st, err = js.CreateStream(ctx, want)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) { // another sidecar made it meanwhile
+			st, err = js.Stream(ctx, want.Name)
+		} else if err == nil {
+			return st, nil
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: %w", want.Name, unavailable(err))
+	}
+	have := st.CachedInfo().Config
+	if !slices.Equal(have.Subjects, want.Subjects) {
+		return nil, fmt.Errorf("stream %s holds subjects %v, this store needs %v: another deployment's stream (use another --nats-stream, or the same --nats-prefix)",
+			want.Name, have.Subjects, want.Subjects)
+	}
+	if have.Replicas != want.Replicas {
+		return nil, fmt.Errorf("stream %s has %d replicas, this store is configured for %d (--nats-replicas): set the flag to the stream's, or change the stream (nats stream edit) and then every sidecar's flag",
+			want.Name, have.Replicas, want.Replicas)
+	}
+	st, err = js.UpdateStream(ctx, want)
+	if err != nil {
+		return nil, fmt.Errorf("update stream %s: %w", want.Name, unavailable(err))
+	}
+	return st, nil
+}
+
 func (s *Store) start(ctx context.Context) error {
 	js, err := jetstream.New(s.nc,
 		jetstream.WithPublishAsyncTimeout(s.cfg.RequestTimeout),
@@ -124,9 +164,9 @@ func (s *Store) start(ctx context.Context) error {
 	s.js = js
 	octx, cancel := s.reqCtx(ctx)
 	defer cancel()
-	st, err := js.CreateOrUpdateStream(octx, streamConfig(&s.cfg))
+	st, err := ensureStream(octx, js, streamConfig(&s.cfg))
 	if err != nil {
-		return fmt.Errorf("create stream: %w", unavailable(err))
+		return err
 	}
 	s.idx = newIndex(s.sub, func(msg string, args ...any) { s.log.Warn(msg, args...) })
 	p := s.cfg.Prefix + "."

@@ -25,7 +25,9 @@ type Server struct {
 
 // New starts a server whose JetStream store lives in dir (created if
 // absent). Stop it with Shutdown.
-func New(dir string) (*Server, error) {
+func New(dir string) (*Server, error) { return newServer(dir, 8<<20) }
+
+func newServer(dir string, maxPayload int32) (*Server, error) {
 	opts := &server.Options{
 		ServerName: "natstest",
 		Host:       "127.0.0.1",
@@ -35,7 +37,7 @@ func New(dir string) (*Server, error) {
 		SyncAlways: true,
 		NoLog:      true,
 		NoSigs:     true,
-		MaxPayload: 8 << 20,
+		MaxPayload: maxPayload,
 	}
 	srv, err := server.NewServer(opts)
 	if err != nil {
@@ -55,6 +57,19 @@ func New(dir string) (*Server, error) {
 func Start(tb testing.TB) *Server {
 	tb.Helper()
 	s, err := New(tb.TempDir())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(s.Shutdown)
+	return s
+}
+
+// StartWithMaxPayload is Start with the server's max_payload (the largest
+// message it takes) set to maxPayload bytes, for tests of messages over
+// it: a stock server takes 1 MiB, the servers of Start 8 MiB.
+func StartWithMaxPayload(tb testing.TB, maxPayload int32) *Server {
+	tb.Helper()
+	s, err := newServer(tb.TempDir(), maxPayload)
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -1,0 +1,133 @@
+package natsstore_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	json "github.com/goccy/go-json"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/natsstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/natsstore/natstest"
+)
+
+// limitedMaxPayload is the max_payload of the server of the oversize
+// test; overPayload makes a message over it.
+const limitedMaxPayload = 64 << 10
+
+func overPayload(id string) engine.Message {
+	content, _ := json.Marshal([]map[string]string{{"type": "text", "text": strings.Repeat("x", limitedMaxPayload+1)}})
+	return engine.Message{ID: id, Role: "user", Content: content}
+}
+
+func shortMessage(id string) engine.Message {
+	return engine.Message{ID: id, Role: "user", Content: json.RawMessage(`[{"type":"text","text":"hi"}]`)}
+}
+
+// A write with a message over the server's max_payload is too large
+// (413, not a 503 to retry), fails alone when group commit merged it
+// with other transactions, and sends nothing: a batch cut short stayed
+// open on the server and refused every sidecar's writes for seconds
+// (found by review).
+func TestAMessageOverMaxPayloadIsTooLargeAndFailsAlone(t *testing.T) {
+	cfg := freshConfig()
+	cfg.URL = natstest.StartWithMaxPayload(t, limitedMaxPayload).URL()
+	a, b := openCfg(t, cfg), openCfg(t, cfg)
+	ctx := context.Background()
+	if _, err := a.Checkpoint(ctx, engine.Checkpoint{ThreadID: "big", Messages: []engine.Message{overPayload("m0")}, CreatedAt: 1000}); !errors.Is(err, engine.ErrTooLarge) {
+		t.Fatalf("an oversize checkpoint: %v (code %q), want too_large", err, engine.Code(err))
+	}
+	var stop atomic.Bool
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			th := fmt.Sprint("w", w)
+			for i := 0; !stop.Load(); i++ {
+				n, err := a.MessageCount(ctx, th)
+				if err == nil {
+					_, err = a.Checkpoint(ctx, engine.Checkpoint{ThreadID: th, ExpectedCount: n, Messages: []engine.Message{shortMessage(fmt.Sprint(th, "-", i))}, CreatedAt: 1000})
+				}
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err.Error())
+				} else {
+					ok.Add(1)
+				}
+			}
+		})
+	}
+	for i := range 60 {
+		// A short message first: before, it went out and left its batch
+		// open on the server.
+		msgs := []engine.Message{shortMessage(fmt.Sprint("s", i)), overPayload(fmt.Sprint("b", i))}
+		if _, err := a.Checkpoint(ctx, engine.Checkpoint{ThreadID: "big", Messages: msgs, CreatedAt: 1000}); !errors.Is(err, engine.ErrTooLarge) {
+			t.Errorf("oversize checkpoint %d: %v, want too_large", i, err)
+		}
+	}
+	stop.Store(true)
+	wg.Wait()
+	if failed.Load() > 0 || ok.Load() == 0 {
+		t.Fatalf("checkpoints of other threads beside the oversize ones: %d ok, %d failed (first: %v)", ok.Load(), failed.Load(), firstErr.Load())
+	}
+	if n, err := a.MessageCount(ctx, "big"); err != nil || n != 0 {
+		t.Fatalf("the oversize thread holds %d messages (%v), want none", n, err)
+	}
+	start := time.Now()
+	if _, err := b.Enqueue(ctx, queued("d1", "other", 1000)); err != nil {
+		t.Fatalf("another sidecar's write after the oversize ones: %v (%v)", err, time.Since(start))
+	}
+}
+
+// A stream that another deployment's prefix holds, or whose replica count
+// differs from this store's, is refused at Open, not rewritten: the
+// second deployment took the first one's subjects (its writes failed),
+// and a sidecar without --nats-replicas turned three replicas into one
+// (found by review).
+func TestAStreamIsNotRewrittenForAnotherDeploymentsSettings(t *testing.T) {
+	ctx := context.Background()
+	base := freshConfig()
+	a := openCfg(t, natsstore.Config{URL: base.URL, Stream: base.Stream, Prefix: "tenanta"})
+	if _, err := a.Enqueue(ctx, queued("a1", "t1", 1000)); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := natsstore.Open(ctx, natsstore.Config{URL: base.URL, Stream: base.Stream, Prefix: "tenantb"}); err == nil {
+		b.Close()
+		t.Fatal("a store of another prefix opened on the stream")
+	} else if !strings.Contains(err.Error(), "holds subjects") {
+		t.Fatalf("refused with %v, want the subjects named", err)
+	}
+	if _, err := a.Enqueue(ctx, queued("a2", "t1", 1000)); err != nil {
+		t.Fatalf("the first deployment after the refusal: %v", err)
+	}
+
+	c := natstest.StartCluster(t, 3)
+	cfg3 := natsstore.Config{URL: c.Servers[0].URL(), Stream: "R3", Prefix: "r3", Replicas: 3}
+	openCfg(t, cfg3)
+	if b, err := natsstore.Open(ctx, natsstore.Config{URL: c.Servers[1].URL(), Stream: "R3", Prefix: "r3"}); err == nil {
+		b.Close()
+		t.Fatal("a store of one replica opened on a stream of three")
+	} else if !strings.Contains(err.Error(), "has 3 replicas") {
+		t.Fatalf("refused with %v, want the replicas named", err)
+	}
+	sc := openCfg(t, cfg3) // the same settings open
+	js, err := jetstream.New(sc.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := js.Stream(ctx, "R3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := st.CachedInfo().Config.Replicas; r != 3 {
+		t.Fatalf("stream R3 has %d replicas, want 3", r)
+	}
+}
