@@ -107,6 +107,7 @@ func ExampleMessage_Text() {
 		`{"type":"text","text":"one part"}`,
 		`[{"type":"text","text":"two "},{"type":"image","url":"x"},{"type":"text","text":"parts"}]`,
 		`{"type":"image","url":"x"}`,
+		`["a string part, ",{"type":"text","text":"then an object"},7,["nested"]]`,
 	} {
 		text, ok := agent.Message{Role: agent.RoleUser, Content: json.RawMessage(content)}.Text()
 		fmt.Printf("%q %v\n", text, ok)
@@ -116,4 +117,5 @@ func ExampleMessage_Text() {
 	// "one part" true
 	// "two parts" true
 	// "" false
+	// "a string part, then an object" true
 }

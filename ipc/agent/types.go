@@ -77,8 +77,8 @@ func TextMessage(role, text string) Message {
 // Text returns the text of the message's content and whether it has any:
 // the content itself when it is a JSON string, the "text" member of a
 // {"type":"text","text":…} object, or the texts of the text parts of an
-// array of parts, concatenated. Other content (images, tool results as
-// objects, null) has no text.
+// array of parts (a part is such an object or a string), concatenated.
+// Other content (images, tool results as objects, null) has no text.
 func (m Message) Text() (string, bool) {
 	return contentText(m.Content)
 }
@@ -86,6 +86,16 @@ func (m Message) Text() (string, bool) {
 type textPart struct {
 	Type string  `json:"type"`
 	Text *string `json:"text"`
+}
+
+// firstByte is raw's first byte that is not JSON space (0 when none).
+func firstByte(raw []byte) byte {
+	for _, c := range raw {
+		if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
+			return c
+		}
+	}
+	return 0
 }
 
 func contentText(raw json.RawMessage) (string, bool) {
@@ -110,15 +120,17 @@ func contentText(raw json.RawMessage) (string, bool) {
 		}
 		return *p.Text, true
 	case '[':
-		var parts []textPart
+		var parts []json.RawMessage
 		if unmarshal(raw, &parts) != nil {
 			return "", false
 		}
 		var b strings.Builder
 		found := false
 		for _, p := range parts {
-			if p.Text != nil && (p.Type == "" || p.Type == "text") {
-				b.WriteString(*p.Text)
+			// A part is a string or a text part; nested arrays are not
+			// parts.
+			if t, ok := contentText(p); ok && firstByte(p) != '[' {
+				b.WriteString(t)
 				found = true
 			}
 		}
