@@ -174,6 +174,9 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 			done <- s.CreateRun(context.Background(), engine.RunRecord{RunID: id, ThreadID: "t-" + id, AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1})
 		}()
 	}
+	if err := s.Writable(); err != nil {
+		t.Fatalf("Writable before any failure: %v", err)
+	}
 	create("r1")
 	waitEntered()
 	select {
@@ -200,6 +203,10 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 	}
 	if err := s.Stalled(time.Now(), time.Hour); err == nil || !strings.Contains(err.Error(), "injected") {
 		t.Fatalf("Stalled after a failed sync: %v", err)
+	}
+	// The readiness probe's question (found by review: it said writable).
+	if err := s.Writable(); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("Writable after a failed sync: %v", err)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)

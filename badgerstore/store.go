@@ -656,14 +656,20 @@ func (a slogAdapter) Debugf(f string, v ...any) {
 }
 
 // Writable reports whether the store takes writes now: nil, or why not
-// (closed, or the data directory's file system below MinFreeBytes). It
-// costs one statfs; readiness probes call it.
+// (closed, a log sync failed and only a reopen clears it, or the data
+// directory's file system below MinFreeBytes). It costs one statfs;
+// readiness probes call it.
 func (s *Store) Writable() error {
 	s.closeMu.RLock()
 	closed := s.closed
 	s.closeMu.RUnlock()
 	if closed {
 		return fmt.Errorf("store closed: %w", engine.ErrUnavailable)
+	}
+	if err := s.broken(); err != nil {
+		// Every write is refused until a reopen (found by review: the
+		// readiness probe said writable while every write failed).
+		return err
 	}
 	var g spaceGuard
 	return g.check(s.opts)

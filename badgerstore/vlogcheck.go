@@ -14,6 +14,8 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
 // Value-log GC drops the values after an entry that went bad on the disk.
@@ -179,6 +181,26 @@ func vlogName(fid uint32) string { return fmt.Sprintf("%06d.vlog", fid) }
 // when there are any; nil when the file is whole or ends in a torn entry
 // only (what a crash or power loss leaves; Badger's cut loses nothing
 // acknowledged there), or when the directory holds no value-log file.
+// NewestValueLogDamageStopped is NewestValueLogDamage for a directory no
+// process may be using: it holds the directory's lock while it reads
+// (engine.ErrDataDirInUse when a sidecar holds it). Read while a sidecar
+// appends to it, the newest file can look damaged (found by review:
+// verify on a live directory now and then said so instead of "in use").
+func NewestValueLogDamageStopped(dir string) error {
+	lock, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("check the newest value-log file: %w", err)
+	}
+	defer lock.Close() // releases the lock
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return engine.ErrDataDirInUse
+		}
+		return fmt.Errorf("check the newest value-log file: lock %s: %w", dir, err)
+	}
+	return NewestValueLogDamage(dir)
+}
+
 func NewestValueLogDamage(dir string) error {
 	fids, err := valueLogFiles(dir)
 	if err != nil || len(fids) == 0 {

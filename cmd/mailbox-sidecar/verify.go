@@ -105,7 +105,11 @@ func openStopped(cmd, usage string, args []string, getenv func(string) string, s
 		fmt.Fprintf(stderr, "mailbox-sidecar %s: no data directory at %s: %v\n", cmd, dir, err)
 		return nil, "", 1
 	}
-	if err := badgerstore.NewestValueLogDamage(dir); err != nil {
+	if err := badgerstore.NewestValueLogDamageStopped(dir); err != nil {
+		if errors.Is(err, engine.ErrDataDirInUse) {
+			fmt.Fprintf(stderr, "mailbox-sidecar %s: data directory %s is in use (stop the sidecar first): %v\n", cmd, dir, err)
+			return nil, "", 1
+		}
 		if !errors.Is(err, badgerstore.ErrValueLogCorrupt) {
 			fmt.Fprintf(stderr, "mailbox-sidecar %s: reading the newest value-log file: %v\n", cmd, err)
 			return nil, "", 1

@@ -113,3 +113,22 @@ func TestVerifyStopsWhenInterrupted(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// verify of a directory a sidecar holds says so, whatever its newest
+// value-log file looks like meanwhile: read while a sidecar appends to
+// it, the file could look damaged, and verify said so instead of "in use"
+// (found by review).
+func TestVerifyOfADirectoryInUseSaysSoFirst(t *testing.T) {
+	dir, opts := stoppedStoreOfLargeMessages(t)
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	writeLargeMessages(t, s, "t2", "n", 3, 30<<10) // in the newest value-log file
+	flipInNewestValueLog(t, dir, `"n0-n0-`)        // what a reader could see mid-append
+	code, out, errOut := runCommand("verify", "--data-dir", dir)
+	if code != 1 || !strings.Contains(errOut, "in use") || strings.Contains(out, "problem") {
+		t.Fatalf("verify of a directory in use: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+}
