@@ -300,6 +300,20 @@ func TestFullDiskFailsWritesAndRecovers(t *testing.T) {
 	if err := s.Writable(); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("Writable on a full disk: %v", err)
 	}
+	// Badger writes memtables and tables through memory maps: on a full
+	// disk, a store is neither opened (a new memtable's log) nor closed
+	// (the flush of its memtables); both were SIGBUS (found by review).
+	if err := s.Closable(); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("Closable on a full disk: %v", err)
+	}
+	other := opts
+	other.Dir = filepath.Join(dir, "other")
+	if s2, err := badgerstore.Open(other); err == nil {
+		s2.Close()
+		t.Fatal("a store opened on a full disk")
+	} else if !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("Open on a full disk: %v", err)
+	}
 	// Reads still work and nothing acknowledged is lost.
 	if d, err := s.LoadDispatch(ctx, "before"); err != nil || d == nil {
 		t.Fatalf("load on a full disk: %v %v", d, err)
@@ -309,6 +323,9 @@ func TestFullDiskFailsWritesAndRecovers(t *testing.T) {
 	}
 	if err := s.Writable(); err != nil {
 		t.Fatalf("Writable after space returned: %v", err)
+	}
+	if err := s.Closable(); err != nil {
+		t.Fatalf("Closable after space returned: %v", err)
 	}
 	if _, err := s.Enqueue(ctx, queued("after", "t1", 1000)); err != nil {
 		t.Fatalf("enqueue after space returned: %v", err)

@@ -177,6 +177,9 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 	if err := s.Writable(); err != nil {
 		t.Fatalf("Writable before any failure: %v", err)
 	}
+	if err := s.Closable(); err != nil {
+		t.Fatalf("Closable before any failure: %v", err)
+	}
 	create("r1")
 	waitEntered()
 	select {
@@ -204,9 +207,13 @@ func TestAnswerWaitsForTheMemtableLogSync(t *testing.T) {
 	if err := s.Stalled(time.Now(), time.Hour); err == nil || !strings.Contains(err.Error(), "injected") {
 		t.Fatalf("Stalled after a failed sync: %v", err)
 	}
-	// The readiness probe's question (found by review: it said writable).
+	// The readiness probe's question (found by review: it said writable),
+	// and the shutdown's (Badger's flush would retry for ever).
 	if err := s.Writable(); err == nil || !strings.Contains(err.Error(), "injected") {
 		t.Fatalf("Writable after a failed sync: %v", err)
+	}
+	if err := s.Closable(); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("Closable after a failed sync: %v", err)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)

@@ -216,6 +216,15 @@ func Open(opts Options) (*Store, error) {
 	cut := int64(-1) // where Open's repair cut the newest memtable log (repair.go)
 	var err error
 	if !opts.InMemory {
+		// Badger writes a new memtable's log through a memory map: on a
+		// full file system that write is SIGBUS, not an error, and the
+		// process crashed at every start (found by review).
+		var g spaceGuard
+		if err := g.check(opts); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+		}
+	}
+	if !opts.InMemory {
 		// What a crashed process wrote and did not sync is durable before
 		// Badger reads it back: its Open flushes replayed memtables to
 		// table files in the background, and their value pointers must not
@@ -669,6 +678,20 @@ func (s *Store) Writable() error {
 	if err := s.broken(); err != nil {
 		// Every write is refused until a reopen (found by review: the
 		// readiness probe said writable while every write failed).
+		return err
+	}
+	var g spaceGuard
+	return g.check(s.opts)
+}
+
+// Closable reports whether Close can flush Badger's memtables to tables
+// now: nil, or why not. After a failed log sync the flush fails and
+// Badger retries it for ever (a SIGTERM never ended); on a file system
+// below MinFreeBytes Badger's table writes through memory maps are SIGBUS
+// (found by review). A process that exits without Close loses nothing it
+// acknowledged: that is in the synced logs, which the next Open replays.
+func (s *Store) Closable() error {
+	if err := s.broken(); err != nil {
 		return err
 	}
 	var g spaceGuard

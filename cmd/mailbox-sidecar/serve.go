@@ -33,6 +33,35 @@ const socketMode = 0o660
 // any fsync, short enough for an orchestrator to restart a wedged pod.
 const liveStall = 2 * time.Minute
 
+// storeCloseTimeout bounds the store's Close at shutdown (Badger flushes
+// its memtables, a second or two): a process that exits without it loses
+// nothing acknowledged.
+const storeCloseTimeout = 30 * time.Second
+
+// closeStore closes the store unless closing would hang or crash the
+// process (the store's Closable: a failed log sync, a full disk), and
+// gives up waiting after timeout. The directory is crash-safe either way:
+// what was acknowledged is in the synced logs, and the next start replays
+// them.
+func closeStore(st sidecarStore, timeout time.Duration, log *slog.Logger) {
+	if c, ok := st.(interface{ Closable() error }); ok {
+		if err := c.Closable(); err != nil {
+			log.Error("store not closed: closing it now would hang or crash; what was acknowledged is in its synced logs, replayed at the next start", "err", err)
+			return
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- st.Close() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			log.Error("close store", "err", err)
+		}
+	case <-time.After(timeout):
+		log.Error("store close still running: exiting without it; what was acknowledged is in its synced logs, replayed at the next start", "waited", timeout)
+	}
+}
+
 // sidecar is a running sidecar: store, engine, hub and API servers.
 type sidecar struct {
 	cfg   serveConfig
@@ -69,11 +98,7 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if s.store, err = openStore(cfg, log.With("component", "store")); err != nil {
 		return nil, err
 	}
-	s.closed = append(s.closed, func() {
-		if err := s.store.Close(); err != nil {
-			log.Error("close store", "err", err)
-		}
-	})
+	s.closed = append(s.closed, func() { closeStore(s.store, storeCloseTimeout, log) })
 	if s.hub, err = hub.New(cfg.hubConfig(log.With("component", "hub"))); err != nil {
 		return nil, err
 	}
