@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -38,6 +39,11 @@ type execution struct {
 	// preStarted: the start was recorded with the claim (dispatch.InstanceID).
 	preStarted bool
 	sawFinish  atomic.Bool // the agent emitted run_finish
+	// heldFinish is the agent's run_finish of an attempt that shutdown
+	// cancelled, held back until its outcome is known: an attempt put
+	// back in the queue ends its clients' streams with the engine's
+	// "interrupted" run_finish, not the agent's "cancelled" (agentSink).
+	heldFinish atomic.Pointer[[]byte]
 	// instance is the attempt's dispatch instance id once its start is
 	// recorded (by its claim or by RecordDispatchStart).
 	instance atomic.Pointer[string]
@@ -356,6 +362,27 @@ func (s runSink) emit(data []byte, wake bool) {
 	s.e.events.appendWaking(typ, data, wake)
 }
 
+// agentSink is the sink the executor gets: runSink, except that a
+// run_finish the agent emits once shutdown cancelled the attempt is held
+// back (execution.heldFinish). Such an attempt is put back in the queue
+// unless it completed on its own; its clients were told "cancelled" and
+// the run then ran again after the restart (found by review).
+type agentSink struct{ runSink }
+
+func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
+
+// EmitQuiet implements QuietSink.
+func (s agentSink) EmitQuiet(data []byte) { s.emitAgent(data, false) }
+
+func (s agentSink) emitAgent(data []byte, wake bool) {
+	if errors.Is(context.Cause(s.e.ctx), errShutdown) && eventType(data) == "run_finish" {
+		b := bytes.Clone(data) // the sink keeps no data after Emit returns
+		s.e.heldFinish.Store(&b)
+		return
+	}
+	s.emit(data, wake)
+}
+
 // execute is one attempt, from the pre-flight checks to the settled
 // dispatch (engine.md §8).
 func (m *Mailbox) execute(e *execution) {
@@ -442,7 +469,7 @@ func (m *Mailbox) execute(e *execution) {
 		defer close(renewDone)
 		m.renewLease(e, stopRenew, log)
 	}()
-	outcome := m.exec.Run(e.ctx, req, runSink{e})
+	outcome := m.exec.Run(e.ctx, req, agentSink{runSink{e}})
 	close(stopRenew)
 	<-renewDone
 
@@ -457,6 +484,9 @@ func (m *Mailbox) execute(e *execution) {
 		// The user cancelled it: whatever the agent reports, it is not
 		// retried.
 		outcome = RunOutcome{Kind: OutcomeCompleted, Status: RunDone, Termination: &Termination{Type: TermCancelled}}
+	}
+	if held := e.heldFinish.Swap(nil); held != nil && outcome.Kind != OutcomeAbandoned {
+		runSink{e}.Emit(*held) // it completed on its own: the agent's word stands
 	}
 	m.settle(ctx, e, outcome, instance, log)
 }
