@@ -191,6 +191,12 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 		}
 		c.ClockSkew = d
 	}
+	if len(errs) > 0 {
+		// A value that did not parse left its flag at zero: checking it
+		// would add a second, misleading error (found by review:
+		// "--lease 0s must be positive" after the lease that did not parse).
+		return c, errors.Join(errs...)
+	}
 	if c.ConsumerID == "" {
 		c.ConsumerID = defaultConsumerID()
 	}

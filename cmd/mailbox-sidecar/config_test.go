@@ -101,6 +101,12 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 			t.Errorf("--gogc -1 with %v: %v", e, err)
 		}
 	}
+	// A value that did not parse is reported alone, not also as the zero
+	// it left behind (found by review).
+	if _, err := parseServe(nil, env(map[string]string{"MAILBOX_SIDECAR_LEASE": "abc"}), io.Discard); err == nil ||
+		!strings.Contains(err.Error(), `MAILBOX_SIDECAR_LEASE="abc"`) || strings.Contains(err.Error(), "must be positive") {
+		t.Errorf("a lease that does not parse: %v", err)
+	}
 	// Every problem is reported at once.
 	_, err := parseServe([]string{"--lease", "0s", "--log-format", "xml"}, env(nil), io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "--lease") || !strings.Contains(err.Error(), "--log-format") {
