@@ -518,6 +518,10 @@ func TestMetricsCountOperationsRunsAndDepth(t *testing.T) {
 		`mailbox_dispatch_enqueue_to_start_seconds_count 1`,
 		`mailbox_run_duration_seconds_count{outcome="completed"} 1`,
 		`mailbox_active_runs 0`,
+		// There from the start, at zero (found by review: absent until
+		// first used).
+		`mailbox_lease_renewals_total{result="lost"} 0`,
+		`mailbox_live_commands_total{kind="decision",result="not_delivered"} 0`,
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("metrics lack %q", want)

@@ -117,6 +117,17 @@ func newEngineMetrics(countFn func() (StatusCounts, error), active func() float6
 	}
 	em.set.NewGauge(metricQueueDepth, func() float64 { return float64(em.counts().Get(StatusQueued)) })
 	em.set.NewGauge(metricActiveRuns, active)
+	// Counters an operator alerts on are there from the first scrape, at
+	// zero (found by review: absent until first used, so a rate over them
+	// was no data, not zero).
+	for _, r := range []string{"ok", "lost", "error"} {
+		em.count(metricRenewals, "result", r)
+	}
+	for _, k := range []string{"messages", "decision"} {
+		for _, r := range []string{"delivered", "not_delivered"} {
+			em.count(metricLive, "kind", k, "result", r)
+		}
+	}
 	return em
 }
 
