@@ -23,6 +23,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"syscall"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
@@ -108,6 +109,10 @@ func printVersion(w io.Writer) {
 // opened (exit 2); then the sidecar runs until SIGTERM or SIGINT and
 // shuts down in stages (exit 0 when clean). A second signal forces the
 // exit.
+// repeatedSignal is how soon the same signal again counts as the first
+// one delivered twice rather than a second signal that forces the exit.
+const repeatedSignal = time.Second
+
 func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	cfg, err := parseServe(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -133,9 +138,12 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	go func() { recovered <- s.recoverRetrying(ctx) }()
 
 	status := 0
+	var first os.Signal
+	var firstAt time.Time
 	select {
-	case got := <-sig:
-		log.Info("signal received", "signal", got.String())
+	case first = <-sig:
+		firstAt = time.Now()
+		log.Info("signal received", "signal", first.String())
 	case err := <-recovered:
 		if err != nil {
 			log.Error("cannot become ready", "err", err)
@@ -143,8 +151,9 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 			break
 		}
 		select {
-		case got := <-sig:
-			log.Info("signal received", "signal", got.String())
+		case first = <-sig:
+			firstAt = time.Now()
+			log.Info("signal received", "signal", first.String())
 		case err := <-s.errs:
 			log.Error("listener failed", "err", err)
 			status = 1
@@ -156,11 +165,21 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	cancel() // stops a recovery still running
 	done := make(chan struct{})
 	go func() {
-		select {
-		case got := <-sig:
-			log.Warn("second signal: forcing the exit", "signal", got.String())
-			os.Exit(1)
-		case <-done:
+		for {
+			select {
+			case got := <-sig:
+				if got == first && time.Since(firstAt) < repeatedSignal {
+					// The same signal again at once is one delivered twice
+					// (timeout(1) signals the process and its group), not
+					// an operator's second Ctrl-C (found by review).
+					log.Info("the same signal again at once: taken as one", "signal", got.String())
+					continue
+				}
+				log.Warn("second signal: forcing the exit", "signal", got.String())
+				os.Exit(1)
+			case <-done:
+				return
+			}
 		}
 	}()
 	s.shutdown(cfg.ShutdownGrace)
