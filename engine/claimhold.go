@@ -79,48 +79,116 @@ func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint6
 	m.held[thread] = h
 }
 
-// busyAgentsLocked returns the agent ids that threads among ready, held
-// at now, wait for a free slot of (nil when none). Called with m.mu held.
-func (m *Mailbox) busyAgentsLocked(ready []string, now int64) map[string]int {
-	if len(m.held) == 0 {
-		return nil
-	}
-	var ids map[string]int
-	for _, t := range ready {
-		if h, ok := m.held[t]; ok && h.busy && h.until > now {
-			if ids == nil {
-				ids = map[string]int{}
-			}
-			ids[h.busyFor] = 0
+// slotBudget is what one dispatcher round may admit of the threads held
+// for full agents (CodeAgentBusy): the agents' free slots as the executor
+// counts them (SlotCounter), each given to the oldest held thread whose
+// agent id it serves. A slot of an agent serving several ids is one slot,
+// not one per id (found by review: a thread of each id was claimed, and
+// all but one refused again).
+type slotBudget struct{ agents []AgentSlots }
+
+// take gives one free slot that serves agent id id, if there is one.
+func (b *slotBudget) take(id string) bool {
+	for i := range b.agents {
+		if a := &b.agents[i]; a.Free > 0 && a.serves(id) {
+			a.Free--
+			return true
 		}
 	}
-	return ids
+	return false
 }
 
-// countFreeSlots fills ids with the free slots of each agent id's agents
-// (SlotCounter). Called without m.mu held: the executor has locks of its
-// own.
-func (m *Mailbox) countFreeSlots(ids map[string]int) {
-	for id := range ids {
-		ids[id] = m.slots.FreeSlots(id)
+// busyHeldLocked reports whether threads among ready are held at now for
+// a full agent. Called with m.mu held.
+func (m *Mailbox) busyHeldLocked(ready []string, now int64) bool {
+	if len(m.held) == 0 {
+		return false
 	}
+	for _, t := range ready {
+		if h, ok := m.held[t]; ok && h.busy && h.until > now {
+			return true
+		}
+	}
+	return false
 }
+
+// countFreeSlots makes the round's budget. It is empty while threads
+// admitted from a hold have not reached the executor yet (busyInTransit):
+// the executor's count would not show their slots taken, and they would
+// be given out twice; the dispatcher looks again when they arrive
+// (arrived). Called without m.mu held: the executor has locks of its own.
+func (m *Mailbox) countFreeSlots() slotBudget {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	inTransit := false
+	for t, at := range m.busyInTransit {
+		if now-at > transitLimitMs {
+			delete(m.busyInTransit, t) // a guard: every path ends a transit
+			continue
+		}
+		inTransit = true
+	}
+	m.mu.Unlock()
+	if inTransit {
+		return slotBudget{}
+	}
+	return slotBudget{agents: m.slots.FreeSlots()}
+}
+
+// transitLimitMs bounds a transit (admitLocked) that no path ended.
+const transitLimitMs = 10_000
 
 // admitLocked reports whether thread may be claimed at now, the room
 // left (room) counted: a thread not held, or one whose hold lapsed, may;
-// one held for a full agent may if that agent has a free slot left in
-// free (counted down, its hold ended). Called with m.mu held.
-func (m *Mailbox) admitLocked(thread string, now int64, free map[string]int, room bool) bool {
+// one held for a full agent may if the budget has a free slot of that
+// agent left (taken, its hold ended; the thread is in transit to the
+// executor until its attempt reaches it). Called with m.mu held.
+func (m *Mailbox) admitLocked(thread string, now int64, b *slotBudget, room bool) bool {
 	h, ok := m.held[thread]
 	if !ok || h.until <= now {
 		return true
 	}
-	if !h.busy || !room || free[h.busyFor] <= 0 {
+	if !h.busy || !room || !b.take(h.busyFor) {
 		return false
 	}
-	free[h.busyFor]--
 	delete(m.held, thread)
+	if m.busyInTransit == nil {
+		m.busyInTransit = map[string]int64{}
+	}
+	m.busyInTransit[thread] = now
 	return true
+}
+
+// arrived ends thread's transit to the executor (admitLocked): its attempt
+// reached the executor, which counts its slot from now on, or it never
+// will. The dispatcher looks again at once for the other held threads.
+func (m *Mailbox) arrived(thread string) {
+	m.mu.Lock()
+	_, ok := m.busyInTransit[thread]
+	delete(m.busyInTransit, thread)
+	m.mu.Unlock()
+	if ok {
+		m.kick()
+	}
+}
+
+// noteBusyWaitingLocked records the agent ids for which threads stay
+// held after a round (ids; nil: none): a finishing attempt of such an
+// agent hands its slot to the dispatcher, which gives it to the oldest of
+// them, instead of claiming its own thread's next run (followOnFor).
+// Called with m.mu held.
+func (m *Mailbox) noteBusyWaitingLocked(ids map[string]struct{}) {
+	m.busyWaiting = ids
+}
+
+// followOnFor reports whether a finishing attempt of agent may claim its
+// own thread's next run at once: not while threads wait for a free slot
+// of that agent.
+func (m *Mailbox) followOnFor(agent string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, waiting := m.busyWaiting[agent]
+	return !waiting
 }
 
 // heldForAgentLocked reports whether thread is set aside at now for lack

@@ -142,6 +142,20 @@ func (l *EventLog) number(base, prev uint64) {
 	l.next, l.base, l.prev = base, base, prev
 }
 
+// unnumber forgets the log's numbering, so that the attempt it is handed
+// to numbers it, when nothing was appended; it reports whether it did
+// (false once events were appended, or the log is closed).
+func (l *EventLog) unnumber() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.next != l.base {
+		return false
+	}
+	l.numbered, l.next, l.base, l.prev = false, 1, 1, 0
+	l.starts, l.startsKnown = 0, false
+	return true
+}
+
 // noteStarts records the run's count of recorded starts after this log's
 // attempt (its own start included).
 func (l *EventLog) noteStarts(s uint32) {

@@ -56,6 +56,9 @@ type execution struct {
 	// agentID is the run's agent id once its request is built (execute
 	// goroutine only): a hold for a full agent names it (claimhold.go).
 	agentID string
+	// handOn: no agent took the attempt (agent_unavailable, agent_busy);
+	// its log goes on with the run's next attempt (handOnLog).
+	handOn bool
 	// capSeen is Mailbox.capChanges when the attempt started (guarded by
 	// Mailbox.mu): an executor's "no agent" answer given before agents
 	// came or went sets no hold (claimhold.go).
@@ -163,6 +166,7 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 
 	d, started, err := m.claim(ctx, thread)
 	if err != nil || d == nil {
+		m.arrived(thread) // admitted from a hold, it will not run
 		m.mu.Lock()
 		m.probes-- // with the slot's release: a waiter sees both at once
 		m.probeDone.Broadcast()
@@ -265,8 +269,11 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 // finish releases an attempt's slot and wakes the dispatcher.
 func (m *Mailbox) finish(e *execution) {
 	e.cancel(nil)
+	m.arrived(e.dispatch.ThreadID) // an attempt that never reached the executor
 	m.closeSettledStream(e)
-	e.events.Close(m.cfg.Now())
+	if !e.handOn || e.sawFinish.Load() || !m.handOnLog(e) {
+		e.events.Close(m.cfg.Now())
+	}
 	next := e.next
 	m.mu.Lock()
 	if m.threads[e.dispatch.ThreadID] == e {
@@ -297,10 +304,27 @@ func (m *Mailbox) finish(e *execution) {
 	// attempt was interrupted: then a foreground submit is about to claim
 	// the thread inline, and the slot is left free for it.
 	interrupted := errors.Is(context.Cause(e.ctx), errInterrupted)
-	if !closing && !interrupted && !m.starved.Load() && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
+	if !closing && !interrupted && !m.starved.Load() && m.followOnFor(e.agentID) && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
 		return
 	}
 	m.kick()
+}
+
+// handOnLog keeps the event log of an attempt no agent took open for the
+// run's next attempt here (startExecution takes it from m.pending), to be
+// numbered by that attempt. It reports false, and the log is closed,
+// when it cannot be: events were appended to it, or the dispatch has a
+// waiting log already. A dispatch that does not run here again (settled
+// or claimed elsewhere) has its log closed by GC, as a queued foreground
+// run's.
+func (m *Mailbox) handOnLog(e *execution) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.pending[e.dispatch.DispatchID]; ok || !e.events.unnumber() {
+		return false
+	}
+	m.pending[e.dispatch.DispatchID] = e.events
+	return true
 }
 
 // recordStart records the attempt's start unless its claim already did.
@@ -462,6 +486,7 @@ func (m *Mailbox) execute(e *execution) {
 	req.Checkpoint = func(cctx context.Context, c RunCheckpoint) error {
 		return m.agentCheckpoint(cctx, d.ThreadID, d.RunID, c)
 	}
+	req.SlotTaken = func() { m.arrived(d.ThreadID) }
 
 	stopRenew := make(chan struct{})
 	renewDone := make(chan struct{})
@@ -472,6 +497,7 @@ func (m *Mailbox) execute(e *execution) {
 	outcome := m.exec.Run(e.ctx, req, agentSink{runSink{e}})
 	close(stopRenew)
 	<-renewDone
+	m.arrived(d.ThreadID) // when no slot was taken
 
 	switch cause := context.Cause(e.ctx); {
 	case errors.Is(cause, errShutdown) && (outcome.Kind != OutcomeCompleted || outcome.Termination != nil && outcome.Termination.Type == TermCancelled):
@@ -656,8 +682,18 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			log.Warn("dead letter failed", "err", err)
 		}
 	case OutcomeAbandoned:
-		m.emitFinish(e, "run interrupted: "+o.Error)
-		if o.ErrorCode == CodeAgentUnavailable || o.ErrorCode == CodeAgentBusy {
+		noAgent := o.ErrorCode == CodeAgentUnavailable || o.ErrorCode == CodeAgentBusy
+		if noAgent && context.Cause(e.ctx) == nil {
+			// No agent ever had the run, and it runs again here once one
+			// has a slot: its clients' streams go on with that attempt
+			// (finish hands the log on). An "interrupted" run_finish told a
+			// client the run was over, and it then ran unseen (found by
+			// review).
+			e.handOn = true
+		} else {
+			m.emitFinish(e, "run interrupted: "+o.Error)
+		}
+		if noAgent {
 			// No agent took it: the thread is set aside before its claim
 			// is released, so that the dispatcher does not claim it again
 			// at once, only to be refused again.
@@ -678,7 +714,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 func (m *Mailbox) complete(ctx context.Context, e *execution, res RunResult, now int64) error {
 	d := &e.dispatch
 	cc, ok := m.raw.(CompleteClaimer)
-	if !ok || !m.mayFollowOn() {
+	if !ok || !m.mayFollowOn() || !m.followOnFor(e.agentID) {
 		return m.store.Complete(ctx, d.DispatchID, d.ClaimToken, res, now)
 	}
 	e.handoff.Store(true)

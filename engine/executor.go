@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"encoding/json"
+	"slices"
 )
 
 // Executor is the runtime boundary: it runs one attempt of a run on an
@@ -36,15 +37,26 @@ type Drainer interface {
 	Drain()
 }
 
-// SlotCounter is an Executor that can tell how many free slots the
-// agents serving one agent id have (the hub: its connections serve
+// SlotCounter is an Executor that can tell which of its agents have free
+// slots and which agent ids each serves (the hub: its connections serve
 // different agent ids, while Capacity counts all their slots together). A
 // thread set aside because its agents were full (CodeAgentBusy) is then
-// claimed again as soon as they have a free slot, and no more such
-// threads at once than they have free slots (claimhold.go).
+// claimed again as soon as one of them has a free slot, and no more such
+// threads at once than there are such slots (claimhold.go).
 type SlotCounter interface {
-	FreeSlots(agentID string) int
+	// FreeSlots lists the agents (connections) with a free slot now.
+	FreeSlots() []AgentSlots
 }
+
+// AgentSlots is one agent's free slots and the agent ids it serves.
+type AgentSlots struct {
+	Free     int
+	AgentIDs []string
+	Any      bool // it serves every agent id ("*")
+}
+
+// serves reports whether a serves agent id id.
+func (a *AgentSlots) serves(id string) bool { return a.Any || slices.Contains(a.AgentIDs, id) }
 
 // EventSink receives one run's events. Emit must not block for long: the
 // engine's sinks copy the event into a bounded per-run buffer.
@@ -105,6 +117,10 @@ type RunRequest struct {
 	// Checkpoint persists what the agent reports mid-run (messages to
 	// append, run-record fields) and returns once it is durable.
 	Checkpoint func(ctx context.Context, c RunCheckpoint) error `json:"-"`
+	// SlotTaken, when set, is called by an executor that counts free
+	// slots (SlotCounter) once the attempt holds a slot of the agent it
+	// runs on: from then on FreeSlots counts it taken.
+	SlotTaken func() `json:"-"`
 }
 
 // ThreadContext is the slice of thread history sent with a run.

@@ -375,11 +375,20 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			grace := m.sharedClaimGrace()
 			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, 1+nHeld)
 			m.mu.Lock()
-			// A thread held for a full agent waits for a slot too.
-			busyHeld := m.busyAgentsLocked(threads, now) != nil
+			// A thread held for a full agent waits for that agent's slot.
+			var busy map[string]struct{}
+			for _, t := range threads {
+				if h, ok := m.held[t]; ok && h.busy && h.until > now {
+					if busy == nil {
+						busy = map[string]struct{}{}
+					}
+					busy[h.busyFor] = struct{}{}
+				}
+			}
+			m.noteBusyWaitingLocked(busy)
 			threads = m.notHeldLocked(threads, now)
 			m.mu.Unlock()
-			m.starved.Store(err != nil || len(threads) > 0 || busyHeld)
+			m.starved.Store(err != nil || len(threads) > 0)
 			if err != nil {
 				return m.cfg.Now() + 1000
 			}
@@ -406,39 +415,44 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		next = earliest(next, heldUntil)
 		m.mu.Lock()
-		busy := m.busyAgentsLocked(threads, now)
-		if busy != nil {
+		var budget slotBudget
+		if m.busyHeldLocked(threads, now) {
 			m.mu.Unlock()
-			m.countFreeSlots(busy)
+			budget = m.countFreeSlots()
 			m.mu.Lock()
 		}
 		free = m.exec.Capacity() - m.inFlight
 		waiting := threads[:0]
-		busyLeft := false // a thread held for a full agent stays held
+		var busyLeft map[string]struct{} // agents whose held threads stay held
 		for _, t := range threads {
 			if m.threads[t] != nil {
 				continue
 			}
-			if !m.admitLocked(t, now, busy, len(waiting) < free) {
-				if h := m.held[t]; h.busy {
-					busyLeft = true
+			if !m.admitLocked(t, now, &budget, len(waiting) < free) {
+				if h := m.held[t]; h.busy && h.until > now {
+					if busyLeft == nil {
+						busyLeft = map[string]struct{}{}
+					}
+					busyLeft[h.busyFor] = struct{}{}
 				}
 				continue
 			}
 			waiting = append(waiting, t)
 		}
+		m.noteBusyWaitingLocked(busyLeft)
 		m.mu.Unlock()
-		// A thread waiting for a free slot of its full agent counts as
-		// waiting: a finishing attempt of that agent hands its slot to
-		// the dispatcher instead of claiming its own thread's next run.
-		m.starved.Store(len(waiting) > free || busyLeft)
+		m.starved.Store(len(waiting) > free)
 		threads = waiting[:min(len(waiting), max(free, 0))]
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
 		var started, failed, corrupt atomic.Bool
 		for _, t := range threads {
 			wg.Go(func() {
-				switch m.tryDispatch(ctx, t) {
+				r := m.tryDispatch(ctx, t)
+				if r != attemptClaimed {
+					m.arrived(t) // admitted from a hold, it does not run
+				}
+				switch r {
 				case attemptClaimed:
 					started.Store(true)
 				case attemptError:

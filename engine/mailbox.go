@@ -107,6 +107,14 @@ type Mailbox struct {
 	termAfter   TerminalCursor       // reconciliation high-water mark
 	tails       *tailCache           // newest messages of recent threads (nil: off)
 	held        map[string]claimHold // threads whose claims failed, set aside (claimhold.go; guarded by mu)
+	// busyWaiting are the agent ids for which threads set aside for a
+	// full agent waited after the dispatcher's last look (claimhold.go;
+	// guarded by mu).
+	busyWaiting map[string]struct{}
+	// busyInTransit are the threads admitted from such a hold whose
+	// attempt has not reached the executor yet (claimhold.go; guarded by
+	// mu).
+	busyInTransit map[string]int64 // thread → Unix ms admitted
 }
 
 // New builds a Mailbox over a store and an executor. Start recovers and

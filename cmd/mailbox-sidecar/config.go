@@ -158,7 +158,9 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 }
 
 // parseServe reads the serve flags from args and the environment and
-// validates them. Every problem is reported, not only the first.
+// validates them. Every problem is reported, not only the first (but a
+// value from the environment that does not parse stops the checks: the
+// others would see the zero it left).
 func parseServe(args []string, getenv func(string) string, stderr io.Writer) (serveConfig, error) {
 	var c serveConfig
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)

@@ -188,3 +188,24 @@ func TestConnectionsThatFailAfterTheirHandshakeBackOff(t *testing.T) {
 		t.Fatalf("%d connections in a second, each closed after its handshake: no back-off", n)
 	}
 }
+
+// Text does not decode arrays nested in an array of parts: reading them
+// cost a decode of the rest at every level, quadratic in the depth (found
+// by review: seconds for a request body of nested arrays). Counted in
+// allocations, which do not depend on the machine: twice as deep costs
+// about the same.
+func TestTextOfNestedArraysCostsTheSameAtAnyDepth(t *testing.T) {
+	nested := func(depth int) Message {
+		content := strings.Repeat("[", depth) + strings.Repeat("]", depth)
+		return Message{Role: RoleUser, Content: []byte(`["top", ` + content + `]`)}
+	}
+	shallow, deep := nested(500), nested(1000)
+	if text, ok := deep.Text(); !ok || text != "top" {
+		t.Fatalf("Text = %q %v, want the string part", text, ok)
+	}
+	a := testing.AllocsPerRun(5, func() { shallow.Text() })
+	b := testing.AllocsPerRun(5, func() { deep.Text() })
+	if b > a+10 {
+		t.Fatalf("Text of arrays nested 500 deep: %v allocations, 1000 deep: %v", a, b)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
+	"time"
 
 	json "github.com/goccy/go-json"
 
@@ -145,8 +146,8 @@ func (r *Run) EmitRaw(event []byte) error {
 // A ctx already done sends nothing (the checkpoint is not applied). When
 // ctx is done only because the sidecar cancelled the run (the run's own
 // context, or one derived from it: cause ErrCancelled), Checkpoint still
-// waits for the sidecar's answer, which a cancel does not hold back, so
-// that its result says whether the checkpoint was applied. When ctx ends
+// waits for the sidecar's answer (at most 30 s), which a cancel does not
+// hold back, so that its result says whether the checkpoint was applied. When ctx ends
 // otherwise after the checkpoint went out, the error wraps ctx's cause and
 // the checkpoint may or may not have been applied.
 //
@@ -195,17 +196,27 @@ func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
 		return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, err)
 	}
 	done := ctx.Done()
+	var answerWait <-chan time.Time
 	for {
 		select {
 		case err := <-ch:
 			return err
 		case <-done:
 			if errors.Is(context.Cause(ctx), ErrCancelled) {
-				done = nil // the sidecar answers a checkpoint of a cancelled run
+				// The sidecar answers a checkpoint of a cancelled run; a
+				// bound all the same, should the answer never come.
+				done = nil
+				t := time.NewTimer(cancelledCheckpointWait)
+				defer t.Stop()
+				answerWait = t.C
 				continue
 			}
 			r.dropCheckpoint(seq)
 			return fmt.Errorf("agent: checkpoint %d on run %s: %w", seq, r.RunID, context.Cause(ctx))
+		case <-answerWait:
+			r.dropCheckpoint(seq)
+			return fmt.Errorf("agent: checkpoint %d on run %s: no answer %v after the cancel (it may or may not have been applied): %w",
+				seq, r.RunID, cancelledCheckpointWait, context.Cause(ctx))
 		case <-r.conn.dead:
 			select {
 			case err := <-ch: // answered before the connection ended
@@ -217,6 +228,10 @@ func (r *Run) Checkpoint(ctx context.Context, cp Checkpoint) error {
 		}
 	}
 }
+
+// cancelledCheckpointWait bounds how long Checkpoint waits for the answer
+// to a checkpoint whose run the sidecar cancelled meanwhile.
+const cancelledCheckpointWait = 30 * time.Second
 
 func (r *Run) dropCheckpoint(seq uint64) {
 	r.mu.Lock()

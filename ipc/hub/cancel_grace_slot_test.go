@@ -270,20 +270,9 @@ func TestABacklogForAFullAgentIsNotClaimedOverAndOver(t *testing.T) {
 		}
 		runs = append(runs, res.RunID)
 	}
-	abandoned := func() int {
-		var m strings.Builder
-		st.hub.Metrics().WritePrometheus(&m)
-		for line := range strings.Lines(m.String()) {
-			if v, ok := strings.CutPrefix(line, `mailbox_agent_runs_total{outcome="abandoned"} `); ok {
-				n, _ := strconv.Atoi(strings.TrimSpace(v))
-				return n
-			}
-		}
-		return 0
-	}
 	f := planner.expect(ipc.TypeRun, 1)
 	time.Sleep(2500 * time.Millisecond) // two and a half of the old one-second holds
-	if n := abandoned(); n > 5 {
+	if n := abandonedRuns(st.hub); n > 5 {
 		t.Fatalf("%d refusals of 5 runs waiting for the planner in 2.5 s: claimed over and over", n)
 	}
 	// One at a time, as the planner frees its slot.
@@ -299,4 +288,94 @@ func TestABacklogForAFullAgentIsNotClaimedOverAndOver(t *testing.T) {
 	if !slices.Equal(got, runs) {
 		t.Fatalf("the planner ran %v, want each of %v once", got, runs)
 	}
+}
+
+// A client following a foreground run for a full agent follows the run
+// that its agent executes once it has a slot: the attempt refused for
+// want of one (agent_busy) hands its stream on instead of ending it with
+// an "interrupted" run_finish, after which the run ran unseen (found by
+// review).
+func TestAForegroundRunForAFullAgentKeepsItsStream(t *testing.T) {
+	st := newStack(t, hub.Config{AgentWait: time.Minute})
+	planner, _ := connect(t, st.path, ipc.Hello{Name: "planner", AgentIDs: []string{"planner"}, MaxRuns: 1})
+	connect(t, st.path, ipc.Hello{Name: "coder", AgentIDs: []string{"coder"}, MaxRuns: 1})
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 2 })
+	ctx := context.Background()
+	if _, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "p0", AgentID: "planner", Messages: []engine.Message{text("one")}}); err != nil {
+		t.Fatal(err)
+	}
+	planner.expect(ipc.TypeRun, 1)
+	res, log, err := st.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "p1", AgentID: "planner", Messages: []engine.Message{text("two")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the refusal", func() bool { return abandonedRuns(st.hub) == 1 })
+	if _, closed := log.ClosedAt(); closed {
+		t.Fatal("the client's stream ended while its run waits for the planner")
+	}
+	planner.send(ipc.TypeFinish, 1, finishDone("ok"))
+	g := planner.expect(ipc.TypeRun, 2)
+	if p := decodeRun(t, g); p.RunID != res.RunID {
+		t.Fatalf("planner got %s, want %s", p.RunID, res.RunID)
+	}
+	planner.send(ipc.TypeEvent, 2, map[string]any{"type": "text_delta", "delta": "the real answer"})
+	planner.send(ipc.TypeFinish, 2, finishDone("ok"))
+	waitDispatch(t, st.store, res.DispatchID, engine.StatusAcked)
+	eventually(t, "the stream's end", func() bool { _, closed := log.ClosedAt(); return closed })
+	evs, _, _, _ := log.Read(0, 100, nil)
+	var seen []string
+	for _, e := range evs {
+		seen = append(seen, string(e.Data))
+	}
+	all := strings.Join(seen, " | ")
+	if !strings.Contains(all, "the real answer") || strings.Contains(all, "interrupted") || evs[len(evs)-1].Type != "run_finish" {
+		t.Fatalf("the client's stream: %s; want the agent's answer, then run_finish, and no interruption", all)
+	}
+}
+
+// One free slot of an agent serving two ids is one slot: of the threads
+// held for either id, one is claimed, not one per id (found by review:
+// the other was claimed and refused again).
+func TestOneFreeSlotOfAnAgentOfTwoIDsAdmitsOneHeldThread(t *testing.T) {
+	st := newStack(t, hub.Config{AgentWait: time.Minute})
+	x, _ := connect(t, st.path, ipc.Hello{Name: "x", AgentIDs: []string{"planner", "coder"}, MaxRuns: 1})
+	connect(t, st.path, ipc.Hello{Name: "other", AgentIDs: []string{"other"}, MaxRuns: 2})
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 3 })
+	ctx := context.Background()
+	submit := func(thread, agent string) engine.SubmitResult {
+		t.Helper()
+		res, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, AgentID: agent, Messages: []engine.Message{text("x")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	submit("x0", "planner")
+	x.expect(ipc.TypeRun, 1)
+	submit("p1", "planner")
+	eventually(t, "p1 refused", func() bool { return abandonedRuns(st.hub) == 1 })
+	submit("c1", "coder")
+	eventually(t, "c1 refused", func() bool { return abandonedRuns(st.hub) == 2 })
+	x.send(ipc.TypeFinish, 1, finishDone("ok"))
+	g := x.expect(ipc.TypeRun, 2) // one of them
+	time.Sleep(500 * time.Millisecond)
+	if n := abandonedRuns(st.hub); n != 2 {
+		t.Errorf("after the two-id agent freed its one slot, %d refusals (2 before): more held threads claimed than it had free slots", n)
+	}
+	x.send(ipc.TypeFinish, g.Stream, finishDone("ok"))
+	h := x.expect(ipc.TypeRun, 3) // the other
+	x.send(ipc.TypeFinish, h.Stream, finishDone("ok"))
+}
+
+// abandonedRuns is the hub's count of attempts no agent took.
+func abandonedRuns(h *hub.Hub) int {
+	var m strings.Builder
+	h.Metrics().WritePrometheus(&m)
+	for line := range strings.Lines(m.String()) {
+		if v, ok := strings.CutPrefix(line, `mailbox_agent_runs_total{outcome="abandoned"} `); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
 }

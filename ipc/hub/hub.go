@@ -23,7 +23,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -446,21 +448,24 @@ func (h *Hub) Drain() {
 	}
 }
 
-// FreeSlots is how many runs for agent the connected agents that serve
-// it can take now (engine.SlotCounter): their free slots, added up.
-func (h *Hub) FreeSlots(agent string) int {
+// FreeSlots lists the connections with a free slot and the agent ids
+// each serves (engine.SlotCounter).
+func (h *Hub) FreeSlots() []engine.AgentSlots {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.draining {
-		return 0
+		return nil
 	}
-	n := 0
+	var out []engine.AgentSlots
 	for c := range h.conns {
-		if c.takesRuns() && c.serves(agent) {
-			n += max(c.freeSlots(), 0)
+		if !c.takesRuns() {
+			continue
+		}
+		if free := c.freeSlots(); free > 0 {
+			out = append(out, engine.AgentSlots{Free: free, AgentIDs: slices.Collect(maps.Keys(c.agents)), Any: c.anyID})
 		}
 	}
-	return n
+	return out
 }
 
 // wake tells Run calls waiting for a slot to look again.

@@ -347,6 +347,9 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 					Error: fmt.Sprintf("no agent serving agent %q had a free slot within %v", req.AgentID, h.cfg.AgentWait)}
 			}
 		}
+		if req.SlotTaken != nil {
+			req.SlotTaken() // FreeSlots counts the stream reserved
+		}
 		if err := c.start(st, payload); err != nil {
 			// The agent never got it: try another connection.
 			c.closeStream(st)
