@@ -179,12 +179,16 @@ func (m *Mailbox) arrived(thread string) {
 // Called with m.mu held.
 func (m *Mailbox) noteBusyWaitingLocked(ids map[string]struct{}) {
 	m.busyWaiting = ids
+	m.anyBusyWaiting.Store(len(ids) > 0)
 }
 
 // followOnFor reports whether a finishing attempt of agent may claim its
 // own thread's next run at once: not while threads wait for a free slot
 // of that agent.
 func (m *Mailbox) followOnFor(agent string) bool {
+	if !m.anyBusyWaiting.Load() {
+		return true // the common case: no lock on every completion
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	_, waiting := m.busyWaiting[agent]

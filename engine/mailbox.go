@@ -110,7 +110,8 @@ type Mailbox struct {
 	// busyWaiting are the agent ids for which threads set aside for a
 	// full agent waited after the dispatcher's last look (claimhold.go;
 	// guarded by mu).
-	busyWaiting map[string]struct{}
+	busyWaiting    map[string]struct{}
+	anyBusyWaiting atomic.Bool // busyWaiting is not empty
 	// busyInTransit are the threads admitted from such a hold whose
 	// attempt has not reached the executor yet (claimhold.go; guarded by
 	// mu).
