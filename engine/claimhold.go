@@ -128,6 +128,7 @@ func (m *Mailbox) countFreeSlots() slotBudget {
 		}
 		inTransit = true
 	}
+	m.inTransit.Store(int32(len(m.busyInTransit)))
 	m.mu.Unlock()
 	if inTransit {
 		return slotBudget{}
@@ -156,6 +157,7 @@ func (m *Mailbox) admitLocked(thread string, now int64, b *slotBudget, room bool
 		m.busyInTransit = map[string]int64{}
 	}
 	m.busyInTransit[thread] = now
+	m.inTransit.Store(int32(len(m.busyInTransit)))
 	return true
 }
 
@@ -163,9 +165,13 @@ func (m *Mailbox) admitLocked(thread string, now int64, b *slotBudget, room bool
 // reached the executor, which counts its slot from now on, or it never
 // will. The dispatcher looks again at once for the other held threads.
 func (m *Mailbox) arrived(thread string) {
+	if m.inTransit.Load() == 0 {
+		return // the common case: no lock for every attempt
+	}
 	m.mu.Lock()
 	_, ok := m.busyInTransit[thread]
 	delete(m.busyInTransit, thread)
+	m.inTransit.Store(int32(len(m.busyInTransit)))
 	m.mu.Unlock()
 	if ok {
 		m.kick()

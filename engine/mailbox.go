@@ -116,6 +116,7 @@ type Mailbox struct {
 	// attempt has not reached the executor yet (claimhold.go; guarded by
 	// mu).
 	busyInTransit map[string]int64 // thread → Unix ms admitted
+	inTransit     atomic.Int32     // len(busyInTransit), read without mu
 }
 
 // New builds a Mailbox over a store and an executor. Start recovers and
