@@ -167,13 +167,20 @@ func TestARunForAnAgentNobodyServesWaitsWithoutTakingASlot(t *testing.T) {
 	// An agent for beta connects: the run goes to it at once (its thread
 	// was set aside until agents came or went, not for its full minute).
 	beta, _ := connect(t, st.path, ipc.Hello{Name: "beta", AgentIDs: []string{"beta"}, MaxRuns: 1})
-	f := beta.expect(ipc.TypeRun, 1)
-	if p := decodeRun(t, f); p.RunID != orphan.RunID {
-		t.Fatalf("beta got run %s, want %s", p.RunID, orphan.RunID)
+	runsUnspent(t, st, beta, 1, orphan)
+}
+
+// runsUnspent has agent a take the RUN of res on stream and finish it,
+// and checks that the refusals before spent no attempt of it.
+func runsUnspent(t *testing.T, st *stack, a *rawAgent, stream uint64, res engine.SubmitResult) {
+	t.Helper()
+	f := a.expect(ipc.TypeRun, stream)
+	if p := decodeRun(t, f); p.RunID != res.RunID {
+		t.Fatalf("the agent got run %s, want %s", p.RunID, res.RunID)
 	}
-	beta.send(ipc.TypeFinish, 1, finishDone("ok"))
-	if d := waitDispatch(t, st.store, orphan.DispatchID, engine.StatusAcked); d.AttemptCount != 0 {
-		t.Fatalf("the run for beta after it ran: %+v", d)
+	a.send(ipc.TypeFinish, stream, finishDone("ok"))
+	if d := waitDispatch(t, st.store, res.DispatchID, engine.StatusAcked); d.AttemptCount != 0 {
+		t.Fatalf("run %s after it ran: %+v, want no attempt spent", res.RunID, d)
 	}
 }
 
@@ -243,14 +250,7 @@ func TestARunForAFullAgentLeavesTheSlotToAnotherAgent(t *testing.T) {
 	waitDispatch(t, st.store, first.DispatchID, engine.StatusAcked)
 	// The planner's second run goes to the planner once it has a slot,
 	// with no attempt spent on the refusals.
-	h := planner.expect(ipc.TypeRun, 2)
-	if p := decodeRun(t, h); p.RunID != second.RunID {
-		t.Fatalf("planner got run %s, want %s", p.RunID, second.RunID)
-	}
-	planner.send(ipc.TypeFinish, 2, finishDone("ok"))
-	if d := waitDispatch(t, st.store, second.DispatchID, engine.StatusAcked); d.AttemptCount != 0 {
-		t.Fatalf("the planner's second run after it ran: %+v", d)
-	}
+	runsUnspent(t, st, planner, 2, second)
 }
 
 // A backlog of runs for a full agent is refused once per thread and then

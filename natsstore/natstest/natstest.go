@@ -56,12 +56,7 @@ func newServer(dir string, maxPayload int32) (*Server, error) {
 // ends.
 func Start(tb testing.TB) *Server {
 	tb.Helper()
-	s, err := New(tb.TempDir())
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(s.Shutdown)
-	return s
+	return StartWithMaxPayload(tb, 8<<20)
 }
 
 // StartWithMaxPayload is Start with the server's max_payload (the largest
