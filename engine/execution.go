@@ -387,10 +387,11 @@ func (s runSink) emit(data []byte, wake bool) {
 }
 
 // agentSink is the sink the executor gets: runSink, except that a
-// run_finish the agent emits once shutdown cancelled the attempt is held
-// back (execution.heldFinish). Such an attempt is put back in the queue
-// unless it completed on its own; its clients were told "cancelled" and
-// the run then ran again after the restart (found by review).
+// run_finish the agent emits once shutdown or a lost lease cancelled the
+// attempt is held back (execution.heldFinish). Such an attempt is put
+// back in the queue (shutdown) or retried (a lost lease) unless it
+// completed on its own; its clients were told "cancelled" and the run then
+// ran again (found by review).
 type agentSink struct{ runSink }
 
 func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
@@ -399,7 +400,7 @@ func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
 func (s agentSink) EmitQuiet(data []byte) { s.emitAgent(data, false) }
 
 func (s agentSink) emitAgent(data []byte, wake bool) {
-	if errors.Is(context.Cause(s.e.ctx), errShutdown) && eventType(data) == "run_finish" {
+	if cause := context.Cause(s.e.ctx); (errors.Is(cause, errShutdown) || errors.Is(cause, errLeaseLost)) && eventType(data) == "run_finish" {
 		b := bytes.Clone(data) // the sink keeps no data after Emit returns
 		s.e.heldFinish.Store(&b)
 		return
@@ -505,13 +506,19 @@ func (m *Mailbox) execute(e *execution) {
 		// failed): the run goes back to the queue without spending an
 		// attempt. A run that completed on its own is acked.
 		outcome = RunOutcome{Kind: OutcomeAbandoned, Error: cause.Error()}
+	case errors.Is(cause, errLeaseLost) && (outcome.Kind != OutcomeCompleted || outcome.Termination != nil && outcome.Termination.Type == TermCancelled):
+		// The claim lapsed or was taken (the sidecar paused, the store
+		// stalled): not the user's cancel. The attempt failed and the run
+		// is retried, as a sweep's reclaim would (an attempt spent); a
+		// nack the reclaim beat is refused.
+		outcome = RunOutcome{Kind: OutcomeTransient, ErrorCode: "lease_lost", Error: cause.Error()}
 	case outcome.Kind == OutcomeCompleted:
 	case errors.Is(cause, errCancelled):
 		// The user cancelled it: whatever the agent reports, it is not
 		// retried.
 		outcome = RunOutcome{Kind: OutcomeCompleted, Status: RunDone, Termination: &Termination{Type: TermCancelled}}
 	}
-	if held := e.heldFinish.Swap(nil); held != nil && outcome.Kind != OutcomeAbandoned {
+	if held := e.heldFinish.Swap(nil); held != nil && outcome.Kind == OutcomeCompleted {
 		runSink{e}.Emit(*held) // it completed on its own: the agent's word stands
 	}
 	m.settle(ctx, e, outcome, instance, log)

@@ -62,6 +62,9 @@ type execFaultStore struct {
 	// afterCompleteClaim, when set, runs after a CompleteAndClaim commit
 	// that claimed a next dispatch, before the engine learns of it.
 	afterCompleteClaim func(next *engine.Dispatch)
+	// beforeSubmitIdle, when set, runs before a SubmitIdle reaches the
+	// store (a foreground submit whose dispatch is not written yet).
+	beforeSubmitIdle func()
 	// afterClaim, when set, runs after a Claim that claimed a dispatch,
 	// before the engine learns of it (a claim in flight).
 	afterClaim func(d *engine.Dispatch)
@@ -154,6 +157,9 @@ func (s *execFaultStore) ClaimDispatch(ctx context.Context, id, consumer string,
 func (s *execFaultStore) SubmitIdle(ctx context.Context, c engine.Checkpoint, d engine.Dispatch, consumer string, lease time.Duration, instance string, now int64) ([]engine.MessageRecord, *engine.Dispatch, error) {
 	if s.claimDispatchEmpty.Load() > 0 {
 		return nil, nil, nil
+	}
+	if s.beforeSubmitIdle != nil {
+		s.beforeSubmitIdle()
 	}
 	return s.Store.SubmitIdle(ctx, c, d, consumer, lease, instance, now)
 }

@@ -603,25 +603,30 @@ func (m *Mailbox) GC(ctx context.Context) {
 	}
 	waiting := make([]string, 0, len(m.pending))
 	for id := range m.pending {
-		waiting = append(waiting, id)
+		if _, ok := m.unwritten[id]; !ok { // its dispatch may not exist yet
+			waiting = append(waiting, id)
+		}
 	}
 	m.mu.Unlock()
 	// A queued foreground dispatch that ended without starting (settled
 	// elsewhere) closes its stream here.
-	var ended []string
-	var withdrawn []Dispatch
+	var purged []string
+	var withdrawn, elsewhere []Dispatch
 	for _, id := range waiting {
 		d, err := m.store.LoadDispatch(ctx, id)
 		switch {
 		case err != nil:
-		case d != nil && (d.Status == StatusSuperseded || d.Status == StatusCancelled):
+		case d == nil:
+			purged = append(purged, id)
+		case d.Status == StatusSuperseded || d.Status == StatusCancelled:
 			withdrawn = append(withdrawn, *d)
-		case d == nil || d.Status.Terminal():
-			ended = append(ended, id) // it ran elsewhere
+		case d.Status.Terminal():
+			elsewhere = append(elsewhere, *d) // it ran elsewhere: its stream says how it ended
 		}
 	}
 	m.withdrawPending(withdrawn...)
-	m.dropPending(ended...)
+	m.endPending(elsewhere, endedElsewhere)
+	m.dropPending(purged...)
 }
 
 // LiveDelivery says how a live submit was handled.

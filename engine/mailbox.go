@@ -88,6 +88,7 @@ type Mailbox struct {
 	probeDone *sync.Cond
 	logs      map[string]*EventLog // thread → event log of its current or last run (re-attachment)
 	pending   map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
+	unwritten map[string]struct{}  // pending logs whose dispatch is not written yet (GC leaves them alone)
 	started   bool
 	closing   bool
 	startMu   sync.Mutex // serialises Start: one recovery at a time
@@ -535,10 +536,9 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
 	events := NewEventLog(m.cfg.EventBuffer)
-	m.mu.Lock()
-	m.pending[req.DispatchIDHint] = events
-	m.mu.Unlock()
+	m.addPending(req.DispatchIDHint, events)
 	runID, d, err := m.submitRun(ctx, &req, availableAt)
+	m.written(req.DispatchIDHint)
 	if err != nil {
 		m.dropPending(req.DispatchIDHint)
 		if slot {
@@ -641,9 +641,8 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
 	events := NewEventLog(m.cfg.EventBuffer)
-	m.mu.Lock()
-	m.pending[req.DispatchIDHint] = events
-	m.mu.Unlock()
+	m.addPending(req.DispatchIDHint, events)
+	defer m.written(req.DispatchIDHint)
 	var claimed *Dispatch
 	instance := newID()
 	runID, _, err := m.persistRun(ctx, req, new(m.cfg.Now()+InlineClaimGuard.Milliseconds()), func(ctx context.Context, c Checkpoint, d Dispatch) (Dispatch, error) {
@@ -727,6 +726,29 @@ func (m *Mailbox) precheckSubmit(ctx context.Context, r *SubmitRequest) error {
 	return nil
 }
 
+// addPending registers the event log of a foreground dispatch about to be
+// written, as not written yet: GC leaves it alone until written is called
+// (found by review: GC found no dispatch, took the run for one that had
+// ended elsewhere and closed its stream, and the run then ran into a log
+// nobody read).
+func (m *Mailbox) addPending(id string, l *EventLog) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.pending[id] = l
+	if m.unwritten == nil {
+		m.unwritten = map[string]struct{}{}
+	}
+	m.unwritten[id] = struct{}{}
+}
+
+// written ends addPending's protection: the dispatch is written (or its
+// submit failed and dropped the log).
+func (m *Mailbox) written(id string) {
+	m.mu.Lock()
+	delete(m.unwritten, id)
+	m.mu.Unlock()
+}
+
 // dropPending forgets the event logs made for foreground dispatches that
 // will not start (cancelled, superseded, lost their claim) and closes
 // them, so their readers see the end.
@@ -748,6 +770,13 @@ func (m *Mailbox) dropPending(dispatchIDs ...string) {
 // every reader of the log learns how the run ended: the submitter and
 // anyone who re-attached to it.
 func (m *Mailbox) withdrawPending(ds ...Dispatch) {
+	m.endPending(ds, func(*Dispatch) *Termination { return &Termination{Type: TermCancelled} })
+}
+
+// endPending closes the event logs of queued foreground runs whose
+// dispatches ended without starting here, each with a run_finish carrying
+// term(d) as its last event.
+func (m *Mailbox) endPending(ds []Dispatch, term func(*Dispatch) *Termination) {
 	now := m.cfg.Now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -763,10 +792,31 @@ func (m *Mailbox) withdrawPending(ds ...Dispatch) {
 		// the ids of the run's started attempts — the dispatch may continue
 		// a waiting run, whose first attempt numbered from 1.
 		l.number(unstartedBase(0), 0)
-		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, &Termination{Type: TermCancelled}))
+		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d)))
 		l.Close(now)
 	}
 }
+
+// endedElsewhere is how a dispatch that ended without starting here (on
+// another sidecar sharing the store) ended: its recorded termination when
+// acked, an error when dead-lettered.
+func endedElsewhere(d *Dispatch) *Termination {
+	switch {
+	case d.Status == StatusAcked && d.Termination != nil:
+		return d.Termination
+	case d.Status == StatusAcked:
+		return &Termination{Type: TermNaturalEnd}
+	case d.RunError != "":
+		return ErrorTermination(d.RunError)
+	default:
+		return ErrorTermination(d.LastError)
+	}
+}
+
+// WithdrawnFinishID is the id of the run_finish that ends the stream of a
+// foreground run that never started here (withdrawn, or ended elsewhere):
+// apart from every id a started attempt uses (README, "Event ids").
+const WithdrawnFinishID = unstartedIDOffset + 1
 
 // awaitStopping waits, at most CancelWait, for an attempt of thread that
 // still executes here although the store shows the thread released (a

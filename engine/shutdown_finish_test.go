@@ -3,6 +3,7 @@ package engine_test
 import (
 	"context"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -62,5 +63,110 @@ func TestAShutdownCancelsNoStreamAsCancelled(t *testing.T) {
 				t.Fatalf("after shutdown the dispatch is %v (attempts %d), want queued again", d.Status, d.AttemptCount)
 			}
 		})
+	}
+}
+
+// A run whose lease was lost (the sidecar paused, the store stalled) is
+// cancelled and retried, as a sweep's reclaim would: its stream ends with
+// the sidecar's lease_lost error, not the agent's "cancelled" (found by
+// review: the client was told the run was cancelled, then it ran again
+// and finished), and the run is not recorded as cancelled.
+func TestALostLeaseEndsNoStreamAsCancelled(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if req.Attempt > 1 {
+			return complete(ctx, req, sink)
+		}
+		<-ctx.Done()
+		sink.Emit([]byte(`{"type":"run_finish","termination":{"type":"cancelled"}}`))
+		return execCancelled()
+	}
+	r, _ := newExecRig(t, newFake(1, script), engine.Config{Lease: 2 * time.Second, RenewInterval: 50 * time.Millisecond, RetryDelay: 10 * time.Millisecond},
+		func(s *execFaultStore) {
+			s.extendLease = func(n int32) (bool, error, bool) {
+				if n == 1 {
+					return false, nil, false // lost
+				}
+				return false, nil, true
+			}
+		})
+	r.start(t)
+	ctx := context.Background()
+	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first attempt's end", func() bool { _, closed := log.ClosedAt(); return closed })
+	evs, _ := readAll(log, 0)
+	var seen []string
+	for _, e := range evs {
+		if e.Type == "run_finish" {
+			seen = append(seen, string(e.Data))
+		}
+	}
+	if len(seen) != 1 || strings.Contains(seen[0], "cancelled") || !strings.Contains(seen[0], "lease") {
+		t.Fatalf("run_finish events %v: want one, the sidecar's lease_lost error, not the agent's cancelled", seen)
+	}
+	d := waitAcked(t, r, res.DispatchID)
+	run, err := r.store.LoadRun(ctx, res.RunID)
+	if err != nil || run == nil || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermNaturalEnd || d.AttemptCount != 1 {
+		t.Fatalf("after the retry: run %+v (%v), dispatch attempts %d; want the retry's natural end, one attempt spent", run, err, d.AttemptCount)
+	}
+}
+
+// waitAcked waits for dispatch id to be acked and returns it.
+func waitAcked(t *testing.T, r *rig, id string) engine.Dispatch {
+	t.Helper()
+	eventually(t, "acked", func() bool { return dispatchStatus(t, r.store, id) == engine.StatusAcked })
+	d, err := r.store.LoadDispatch(context.Background(), id)
+	if err != nil || d == nil {
+		t.Fatalf("load %s: %v %v", id, d, err)
+	}
+	return *d
+}
+
+// GC meeting a foreground submit whose dispatch is not written yet leaves
+// its stream alone (found by review: GC found no dispatch, took the run for
+// one that ended elsewhere and closed the stream, which a proxy ended with
+// a "cancelled" run_finish, and the run then ran into a log nobody read).
+func TestGCDuringAForegroundSubmitLeavesItsStream(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	r, _ := newExecRig(t, newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		sink.Emit([]byte(`{"type":"text_delta","delta":"the answer"}`))
+		return complete(ctx, req, sink)
+	}), engine.Config{}, func(s *execFaultStore) {
+		s.beforeSubmitIdle = func() {
+			once.Do(func() { close(entered); <-release })
+		}
+	})
+	r.start(t)
+	ctx := context.Background()
+	type out struct {
+		log *engine.EventLog
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		_, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+		done <- out{log, err}
+	}()
+	<-entered
+	r.mb.GC(ctx) // the submit's dispatch does not exist yet
+	close(release)
+	o := <-done
+	if o.err != nil {
+		t.Fatal(o.err)
+	}
+	eventually(t, "the stream's end", func() bool { _, closed := o.log.ClosedAt(); return closed })
+	evs, _ := readAll(o.log, 0)
+	if len(evs) == 0 {
+		t.Fatal("the submitter's stream ended empty; want the run's events")
+	}
+	var all []string
+	for _, e := range evs {
+		all = append(all, string(e.Data))
+	}
+	if s := strings.Join(all, " | "); !strings.Contains(s, "the answer") || evs[len(evs)-1].Type != "run_finish" || strings.Contains(s, "cancelled") {
+		t.Fatalf("the submitter's stream: %s; want the run's events", s)
 	}
 }

@@ -274,7 +274,9 @@ func appendSyntheticFinish(dst []byte, res *engine.SubmitResult) []byte {
 		"type": "run_finish", "thread_id": res.ThreadID, "run_id": res.RunID, "dispatch_id": res.DispatchID,
 		"termination": engine.Termination{Type: engine.TermCancelled},
 	})
-	dst = append(dst, "id: 1\nevent: run_finish\ndata: "...)
+	dst = append(dst, "id: "...)
+	dst = strconv.AppendUint(dst, engine.WithdrawnFinishID, 10)
+	dst = append(dst, "\nevent: run_finish\ndata: "...)
 	dst = append(dst, data...)
 	return append(dst, "\n\n"...)
 }
