@@ -170,3 +170,34 @@ func TestGCDuringAForegroundSubmitLeavesItsStream(t *testing.T) {
 		t.Fatalf("the submitter's stream: %s; want the run's events", s)
 	}
 }
+
+// A queued foreground run that another sidecar sharing the store ran to
+// its end ends its submitter's stream with how it ended (found by review:
+// GC closed it as "cancelled"), at the id apart from every started
+// attempt's.
+func TestAForegroundRunThatEndedElsewhereEndsItsStreamAsItEnded(t *testing.T) {
+	r := newRig(t, newFake(0, complete), engine.Config{}) // no agent here: it stays queued
+	r.start(t)
+	ctx := context.Background()
+	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another sidecar claims and completes it.
+	d, err := r.store.ClaimDispatch(ctx, res.DispatchID, "elsewhere", time.Minute, time.Now().UnixMilli())
+	if err != nil || d == nil {
+		t.Fatalf("claim elsewhere: %v %v", d, err)
+	}
+	if err := r.store.Complete(ctx, d.DispatchID, d.ClaimToken, engine.RunResult{RunID: res.RunID, InstanceID: "other-instance", Status: engine.RunDone,
+		Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "done there"}, time.Now().UnixMilli()); err != nil {
+		t.Fatal(err)
+	}
+	r.mb.GC(ctx)
+	if _, closed := log.ClosedAt(); !closed {
+		t.Fatal("the stream of a run that ended elsewhere is still open after GC")
+	}
+	evs, _ := readAll(log, 0)
+	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") || evs[0].Seq != engine.WithdrawnFinishID {
+		t.Fatalf("the stream's events: %+v; want one run_finish natural_end at id %d", evs, engine.WithdrawnFinishID)
+	}
+}
