@@ -209,3 +209,31 @@ func TestTextOfNestedArraysCostsTheSameAtAnyDepth(t *testing.T) {
 		t.Fatalf("Text of arrays nested 500 deep: %v allocations, 1000 deep: %v", a, b)
 	}
 }
+
+// CloseDecisions is CloseMessages for decisions: what was accepted before
+// is handed back, and a decision after is refused.
+func TestCloseDecisionsRefusesWhatComesAfter(t *testing.T) {
+	t.Parallel()
+	ready, closed, release := make(chan struct{}), make(chan []Decision, 1), make(chan struct{})
+	h := startClient(t, Config{Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
+		run.Decisions()
+		ready <- struct{}{}
+		<-ready // the test sent a decision, accepted
+		closed <- run.CloseDecisions()
+		<-release
+		return Done("")
+	})})
+	fc := h.fc
+	fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
+	recv(t, ready)
+	fc.send(ipc.TypeDecision, 1, `{"cmd":"d1","decisions":[{"call_id":"call-1","resume":{"approved":true}}]}`)
+	fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"d1","accepted":true}`)
+	ready <- struct{}{}
+	if got := recv(t, closed); len(got) != 1 || got[0].CallID != "call-1" {
+		t.Fatalf("CloseDecisions returned %+v, want the decision accepted before", got)
+	}
+	fc.send(ipc.TypeDecision, 1, `{"cmd":"d2","decisions":[{"call_id":"call-1","resume":{}}]}`)
+	fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"d2","accepted":false,"reason":"run takes no more decisions (its last step began)"}`)
+	close(release)
+	fc.expect(ipc.TypeFinish, 1)
+}

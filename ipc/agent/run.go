@@ -57,8 +57,9 @@ type Run struct {
 	decs     chan []Decision       // live DECISION
 	wantMsgs bool                  // Messages was called
 	wantDecs bool                  // Decisions was called
-	// msgsClosed: CloseMessages was called; live messages are refused.
-	msgsClosed bool
+	// msgsClosed, decsClosed: CloseMessages, CloseDecisions was called;
+	// such commands are refused.
+	msgsClosed, decsClosed bool
 	// decFor, when not nil, are the only call ids whose decisions the run
 	// takes (DecisionsFor).
 	decFor map[string]struct{}
@@ -299,6 +300,29 @@ func (r *Run) CloseMessages() []MessageRecord {
 	return out
 }
 
+// CloseDecisions is CloseMessages for decisions: from now on a DECISION
+// is refused, and the decisions accepted before and not yet read from
+// Decisions are returned (the run must take them in).
+func (r *Run) CloseDecisions() []Decision {
+	r.sendMu.Lock()
+	r.mu.Lock()
+	r.decsClosed = true
+	done := r.done
+	r.mu.Unlock()
+	var out []Decision
+	for !done {
+		select {
+		case batch := <-r.decs:
+			out = append(out, batch...)
+			continue
+		default:
+		}
+		break
+	}
+	r.sendMu.Unlock()
+	return out
+}
+
 // Decisions returns the channel of live tool-call decisions (DECISION
 // commands) for calls the run suspended on. As with Messages, decisions
 // are accepted only once Decisions has been called and while the buffer
@@ -398,6 +422,8 @@ func (r *Run) admitLocked(typ ipc.FrameType, cmd *commandPayload) string {
 			return "run cancelled"
 		case !r.wantDecs:
 			return "run does not take live decisions"
+		case r.decsClosed:
+			return "run takes no more decisions (its last step began)"
 		case r.decFor != nil && !r.decidesAllLocked(cmd.Decisions):
 			return "no suspended call for the decision"
 		case len(r.decs) == cap(r.decs):
