@@ -18,8 +18,9 @@
 //   - Run.Messages and Run.Decisions deliver live commands: messages sent
 //     to the thread while the run executes, and decisions for tool calls
 //     the run suspended on (Run.DecisionsFor names those calls, and
-//     Run.CloseMessages ends the taking of messages before the last step:
-//     a command is accepted only if the run will take it in);
+//     Run.CloseMessages and Run.CloseDecisions end the taking of commands
+//     before the last step: a command is accepted only if the run will
+//     take it in);
 //   - the handler's context is cancelled when the sidecar cancels the run.
 //
 // The Result the handler returns is the run's outcome: Done, Cancelled,
