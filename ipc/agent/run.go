@@ -278,48 +278,34 @@ func (r *Run) Messages() <-chan []MessageRecord {
 // the run has told the sidecar it takes them in, so it must. Call it
 // before the run's last step (its final answer): a message accepted after
 // that step began would be answered by no run.
-func (r *Run) CloseMessages() []MessageRecord {
-	// Exclusive: a message admitted before (under the shared lock) is in
-	// the channel once this holds it.
-	r.sendMu.Lock()
-	r.mu.Lock()
-	r.msgsClosed = true
-	done := r.done
-	r.mu.Unlock()
-	var out []MessageRecord
-	for !done {
-		select {
-		case batch := <-r.msgs:
-			out = append(out, batch...)
-			continue
-		default:
-		}
-		break
-	}
-	r.sendMu.Unlock()
-	return out
-}
+func (r *Run) CloseMessages() []MessageRecord { return closeInput(r, r.msgs, &r.msgsClosed) }
 
 // CloseDecisions is CloseMessages for decisions: from now on a DECISION
 // is refused, and the decisions accepted before and not yet read from
 // Decisions are returned (the run must take them in).
-func (r *Run) CloseDecisions() []Decision {
+func (r *Run) CloseDecisions() []Decision { return closeInput(r, r.decs, &r.decsClosed) }
+
+// closeInput sets closed (guarded by mu), so that no more commands of its
+// kind are admitted, and returns what ch holds. It holds sendMu
+// exclusively: a command admitted before (under the shared lock) is in ch
+// once it holds it.
+func closeInput[T any](r *Run, ch chan []T, closed *bool) []T {
 	r.sendMu.Lock()
+	defer r.sendMu.Unlock()
 	r.mu.Lock()
-	r.decsClosed = true
-	done := r.done
+	*closed = true
+	done := r.done // the channels are closed and drained at FINISH
 	r.mu.Unlock()
-	var out []Decision
+	var out []T
 	for !done {
 		select {
-		case batch := <-r.decs:
+		case batch := <-ch:
 			out = append(out, batch...)
 			continue
 		default:
 		}
 		break
 	}
-	r.sendMu.Unlock()
 	return out
 }
 
