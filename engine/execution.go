@@ -370,8 +370,10 @@ func (s runSink) EmitQuiet(data []byte) { s.emit(data, false) }
 // WakeReaders implements QuietSink.
 func (s runSink) WakeReaders() { s.e.events.WakeReaders() }
 
-func (s runSink) emit(data []byte, wake bool) {
-	typ := eventType(data)
+func (s runSink) emit(data []byte, wake bool) { s.emitTyped(eventType(data), data, wake) }
+
+// emitTyped is emit with the event's type already read.
+func (s runSink) emitTyped(typ string, data []byte, wake bool) {
 	switch suspensionChange(typ, data) {
 	case 1:
 		s.e.suspended.Add(1)
@@ -400,12 +402,15 @@ func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
 func (s agentSink) EmitQuiet(data []byte) { s.emitAgent(data, false) }
 
 func (s agentSink) emitAgent(data []byte, wake bool) {
-	if cause := context.Cause(s.e.ctx); (errors.Is(cause, errShutdown) || errors.Is(cause, errLeaseLost)) && eventType(data) == "run_finish" {
-		b := bytes.Clone(data) // the sink keeps no data after Emit returns
-		s.e.heldFinish.Store(&b)
-		return
+	typ := eventType(data) // read once; the context's cause (a lock) only for a run_finish
+	if typ == "run_finish" {
+		if cause := context.Cause(s.e.ctx); errors.Is(cause, errShutdown) || errors.Is(cause, errLeaseLost) {
+			b := bytes.Clone(data) // the sink keeps no data after Emit returns
+			s.e.heldFinish.Store(&b)
+			return
+		}
 	}
-	s.emit(data, wake)
+	s.emitTyped(typ, data, wake)
 }
 
 // execute is one attempt, from the pre-flight checks to the settled
