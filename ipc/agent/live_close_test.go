@@ -17,34 +17,69 @@ func liveMessage(cmd, id, text string) map[string]any {
 }
 
 // A run closes its live input before its last step: what it accepted
-// before is handed back to it, and a message after is refused, so the
-// sidecar queues it for a run of its own (ipc.md: accepted only if the
-// run will hand it to its model; found by review: a message accepted while
-// the run wrote its final answer was answered by no run).
-func TestCloseMessagesRefusesWhatComesAfter(t *testing.T) {
+// before is handed back to it, and a command after is refused, so the
+// sidecar queues a message for a run of its own (ipc.md: accepted only if
+// the run will hand it to its model; found by review: a message accepted
+// while the run wrote its final answer was answered by no run).
+// CloseDecisions does the same for decisions.
+func TestClosingLiveInputRefusesWhatComesAfter(t *testing.T) {
 	t.Parallel()
-	ready, closed, release := make(chan struct{}), make(chan []MessageRecord, 1), make(chan struct{})
-	h := startClient(t, Config{Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
-		run.Messages()
-		ready <- struct{}{}
-		<-ready // the test sent a message, accepted
-		closed <- run.CloseMessages()
-		<-release
-		return Done("")
-	})})
-	fc := h.fc
-	fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
-	recv(t, ready)
-	fc.sendJSON(ipc.TypeMessages, 1, liveMessage("m1", "id-1", "before"))
-	fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"m1","accepted":true}`)
-	ready <- struct{}{}
-	if got := recv(t, closed); len(got) != 1 || got[0].MessageID != "id-1" || mustText(got[0].Message) != "before" {
-		t.Fatalf("CloseMessages returned %+v, want the message accepted before", got)
+	message := func(cmd, text string) (ipc.FrameType, any) {
+		return ipc.TypeMessages, liveMessage(cmd, "id-"+cmd, text)
 	}
-	fc.sendJSON(ipc.TypeMessages, 1, liveMessage("m2", "id-2", "after"))
-	fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"m2","accepted":false,"reason":"run takes no more live messages (its last step began)"}`)
-	close(release)
-	fc.expect(ipc.TypeFinish, 1)
+	decision := func(cmd, callID string) (ipc.FrameType, any) {
+		return ipc.TypeDecision, map[string]any{"cmd": cmd, "decisions": []Decision{{CallID: callID, Resume: []byte(`{}`)}}}
+	}
+	for _, tc := range []struct {
+		name   string
+		open   func(*Run)
+		close  func(*Run) []string // what was handed back, as texts or call ids
+		send   func(cmd, v string) (ipc.FrameType, any)
+		reason string
+	}{
+		{"messages", func(r *Run) { r.Messages() }, func(r *Run) []string {
+			var out []string
+			for _, m := range r.CloseMessages() {
+				out = append(out, mustText(m.Message))
+			}
+			return out
+		}, message, "run takes no more live messages (its last step began)"},
+		{"decisions", func(r *Run) { r.Decisions() }, func(r *Run) []string {
+			var out []string
+			for _, d := range r.CloseDecisions() {
+				out = append(out, d.CallID)
+			}
+			return out
+		}, decision, "run takes no more decisions (its last step began)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			ready, closed, release := make(chan struct{}), make(chan []string, 1), make(chan struct{})
+			h := startClient(t, Config{Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
+				tc.open(run)
+				ready <- struct{}{}
+				<-ready // the test sent a command, accepted
+				closed <- tc.close(run)
+				<-release
+				return Done("")
+			})})
+			fc := h.fc
+			fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
+			recv(t, ready)
+			typ, v := tc.send("c1", "before")
+			fc.sendJSON(typ, 1, v)
+			fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"c1","accepted":true}`)
+			ready <- struct{}{}
+			if got := recv(t, closed); len(got) != 1 || got[0] != "before" {
+				t.Fatalf("closing handed back %q, want what was accepted before", got)
+			}
+			typ, v = tc.send("c2", "after")
+			fc.sendJSON(typ, 1, v)
+			fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"c2","accepted":false,"reason":"`+tc.reason+`"}`)
+			close(release)
+			fc.expect(ipc.TypeFinish, 1)
+		})
+	}
 }
 
 // DecisionsFor takes decisions for the calls the run suspended on, and
@@ -208,32 +243,4 @@ func TestTextOfNestedArraysCostsTheSameAtAnyDepth(t *testing.T) {
 	if b > a+10 {
 		t.Fatalf("Text of arrays nested 500 deep: %v allocations, 1000 deep: %v", a, b)
 	}
-}
-
-// CloseDecisions is CloseMessages for decisions: what was accepted before
-// is handed back, and a decision after is refused.
-func TestCloseDecisionsRefusesWhatComesAfter(t *testing.T) {
-	t.Parallel()
-	ready, closed, release := make(chan struct{}), make(chan []Decision, 1), make(chan struct{})
-	h := startClient(t, Config{Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
-		run.Decisions()
-		ready <- struct{}{}
-		<-ready // the test sent a decision, accepted
-		closed <- run.CloseDecisions()
-		<-release
-		return Done("")
-	})})
-	fc := h.fc
-	fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
-	recv(t, ready)
-	fc.send(ipc.TypeDecision, 1, `{"cmd":"d1","decisions":[{"call_id":"call-1","resume":{"approved":true}}]}`)
-	fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"d1","accepted":true}`)
-	ready <- struct{}{}
-	if got := recv(t, closed); len(got) != 1 || got[0].CallID != "call-1" {
-		t.Fatalf("CloseDecisions returned %+v, want the decision accepted before", got)
-	}
-	fc.send(ipc.TypeDecision, 1, `{"cmd":"d2","decisions":[{"call_id":"call-1","resume":{}}]}`)
-	fc.expectEqualJSON(ipc.TypeCommandAck, 1, `{"cmd":"d2","accepted":false,"reason":"run takes no more decisions (its last step began)"}`)
-	close(release)
-	fc.expect(ipc.TypeFinish, 1)
 }
