@@ -48,7 +48,9 @@
 // (HTTP keep-alive), so a client submitting run after run does not dial
 // again each time. The stream's last bytes keep one stall bound after it
 // ends (a client that stops reading then is still cut off); the next
-// request on the connection clears it.
+// request on the connection clears it. Shutdown gives streams, and the
+// connections of ended streams whose last bytes are still being written,
+// 250 ms to finish, then cuts them off.
 //
 // # Decisions where spec/http.md is silent
 //

@@ -70,6 +70,7 @@ type options struct {
 	admin    bool // also serve the admin listener on 127.0.0.1
 	diskPath string
 	ready    func() proxy.Readiness
+	wrapAPI  func(net.Listener) net.Listener // wraps the API socket's listener (fault injection)
 }
 
 // sidecar is the real stack: Badger, the engine, the hub on a Unix agent
@@ -151,6 +152,9 @@ func newSidecar(t testing.TB, o options) *sidecar {
 	apiLn, err := net.Listen("unix", sc.apiPath)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if o.wrapAPI != nil {
+		apiLn = o.wrapAPI(apiLn)
 	}
 	sc.serve(func() error { return srv.ServeAPI(apiLn) })
 	sc.client = unixClient(sc.apiPath)

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -113,8 +114,8 @@ const (
 // Server serves the client API. Create it with New; serve listeners with
 // ServeAPI, ServeTCP and ServeAdmin; stop it with Shutdown.
 //
-// Locks: mu guards closing, streams and lns. The server never holds it
-// across I/O or engine calls.
+// Locks: mu guards closing, streams, lingering and lns. The server never
+// holds it across I/O or engine calls.
 type Server struct {
 	cfg     Config
 	mb      *engine.Mailbox
@@ -127,11 +128,18 @@ type Server struct {
 	stopBase context.CancelFunc
 	done     chan struct{} // closed when Shutdown begins: streams end
 
-	mu       sync.Mutex
-	closing  bool
-	streams  map[*sseStream]struct{}
-	lns      []net.Listener
-	streamWG sync.WaitGroup // stream goroutines; Add only under mu while !closing
+	mu      sync.Mutex
+	closing bool
+	streams map[*sseStream]struct{}
+	// lingering holds the connections of ended streams whose last bytes
+	// fasthttp may still be writing, under the stream's stall bound; a
+	// connection leaves it when its response is written (idle) or it
+	// closes. nLingering is its size, read without mu by the ConnState
+	// hook on every request.
+	lingering  map[net.Conn]struct{}
+	nLingering atomic.Int32
+	lns        []net.Listener
+	streamWG   sync.WaitGroup // stream goroutines; Add only under mu while !closing
 }
 
 // New validates cfg and returns a Server. It registers the server's
@@ -145,6 +153,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg: cfg, mb: cfg.Mailbox, log: cfg.Logger, m: newHTTPMetrics(),
 		done: make(chan struct{}), streams: map[*sseStream]struct{}{},
+		lingering: map[net.Conn]struct{}{},
 	}
 	s.token = sha256.Sum256([]byte(cfg.AuthToken))
 	s.base, s.stopBase = context.WithCancel(context.Background())
@@ -153,6 +162,7 @@ func New(cfg Config) (*Server, error) {
 		srv := &fasthttp.Server{
 			Handler:                      func(ctx *fasthttp.RequestCtx) { s.handle(ctx, kind) },
 			ErrorHandler:                 func(ctx *fasthttp.RequestCtx, err error) { s.readError(ctx, err) },
+			ConnState:                    s.connState,
 			Name:                         "mailbox-sidecar",
 			MaxRequestBodySize:           cfg.MaxBody,
 			ReadBufferSize:               readBufferSize,
@@ -256,7 +266,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // endStreams waits for the streams to end after done was closed. Streams
 // blocked on a client that does not read are cut off after streamGrace
-// (their connection's write deadline is moved to now).
+// (their connection's write deadline is moved to now), and so are the
+// connections of streams that ended earlier whose last bytes are still
+// stuck: fasthttp's Shutdown waits for every open connection.
 func (s *Server) endStreams(ctx context.Context) {
 	ended := make(chan struct{})
 	go func() {
@@ -267,16 +279,53 @@ func (s *Server) endStreams(ctx context.Context) {
 	defer t.Stop()
 	select {
 	case <-ended:
-		return
+		// No stream can start now; a lingering connection gets the same
+		// grace for its client to read what is left.
+		if s.nLingering.Load() == 0 {
+			return
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+		}
 	case <-t.C:
 	case <-ctx.Done():
 	}
+	now := time.Now()
 	s.mu.Lock()
 	for st := range s.streams {
 		st.cutOff()
 	}
+	for c := range s.lingering {
+		c.SetWriteDeadline(now)
+	}
 	s.mu.Unlock()
 	<-ended // a cut-off stream's writes fail at once
+}
+
+// linger records the connection of a stream that ended with bytes maybe
+// still on their way (see lingering).
+func (s *Server) linger(c net.Conn) {
+	s.mu.Lock()
+	if _, ok := s.lingering[c]; !ok {
+		s.lingering[c] = struct{}{}
+		s.nLingering.Add(1)
+	}
+	s.mu.Unlock()
+}
+
+// connState is fasthttp's ConnState hook: a connection whose response is
+// written (idle) or that closed no longer lingers.
+func (s *Server) connState(c net.Conn, state fasthttp.ConnState) {
+	if (state != fasthttp.StateIdle && state != fasthttp.StateClosed) || s.nLingering.Load() == 0 {
+		return
+	}
+	s.mu.Lock()
+	if _, ok := s.lingering[c]; ok {
+		delete(s.lingering, c)
+		s.nLingering.Add(-1)
+	}
+	s.mu.Unlock()
 }
 
 // handle serves one request of a listener.

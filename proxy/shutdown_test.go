@@ -5,7 +5,9 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,4 +87,132 @@ func TestWritesRefusedWhenMailboxStopped(t *testing.T) {
 	if resp, _ := sc.do(req{method: "GET", path: "/v1/dead-letters"}); resp.StatusCode != 200 {
 		t.Errorf("reads refused: %d", resp.StatusCode)
 	}
+}
+
+// A stream that ended while its client read nothing leaves its last bytes
+// stuck on the connection under the stall bound (10 s): Shutdown cuts that
+// connection off after its grace instead of waiting on it until its
+// deadline (fasthttp's Shutdown waits for every open connection).
+func TestShutdownCutsAnEndedStreamsStuckConnection(t *testing.T) {
+	t.Parallel()
+	var ln *stuckListener
+	sc := newSidecar(t, options{wrapAPI: func(l net.Listener) net.Listener {
+		ln = &stuckListener{Listener: l}
+		return ln
+	}})
+	st := openStream(t, unixClient(sc.apiPath), req{method: "POST", path: "/v1/threads/linger/runs", body: submitBody("wait")})
+	sub := decode[submitResult](t, st.next().Data)
+	st.next()
+	st.next()
+	ln.stickAll() // the stream's connection takes no more bytes; sc.client dials anew
+	var res submitResult
+	sc.call(req{method: "POST", path: "/v1/threads/linger/messages", body: `{"messages":[{"role":"user","content":"end"}]}`}, 200, &res)
+	if res.RunID != sub.RunID {
+		t.Fatalf("message: %+v", res)
+	}
+	sc.waitDispatch(sub.DispatchID, engine.StatusAcked)
+	eventually(t, "the stream ended", func() bool {
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		return metricLine(string(m), "mailbox_http_sse_subscribers ") == "mailbox_http_sse_subscribers 0"
+	})
+
+	start := time.Now()
+	sc.shutdownProxy()
+	if took := time.Since(start); took > 3*time.Second {
+		t.Fatalf("shutdown took %s", took)
+	}
+	if !st.ended(waitTimeout) {
+		t.Fatal("the stuck connection is still open after Shutdown")
+	}
+}
+
+// stuckListener hands out connections whose writes can be made to block
+// (until their write deadline) on cue: a client that stopped reading,
+// whatever the socket buffers hold.
+type stuckListener struct {
+	net.Listener
+	mu    sync.Mutex
+	conns []*stuckConn
+}
+
+func (l *stuckListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	sc := &stuckConn{Conn: c, changed: make(chan struct{})}
+	l.mu.Lock()
+	l.conns = append(l.conns, sc)
+	l.mu.Unlock()
+	return sc, nil
+}
+
+// stickAll makes every connection accepted so far block its writes.
+func (l *stuckListener) stickAll() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.conns {
+		c.update(func() { c.stuck = true })
+	}
+}
+
+type stuckConn struct {
+	net.Conn
+	mu       sync.Mutex
+	stuck    bool
+	closed   bool
+	deadline time.Time
+	changed  chan struct{} // closed and replaced on every change
+}
+
+func (c *stuckConn) update(f func()) {
+	c.mu.Lock()
+	f()
+	close(c.changed)
+	c.changed = make(chan struct{})
+	c.mu.Unlock()
+}
+
+func (c *stuckConn) Write(p []byte) (int, error) {
+	for {
+		c.mu.Lock()
+		stuck, closed, deadline, changed := c.stuck, c.closed, c.deadline, c.changed
+		c.mu.Unlock()
+		switch {
+		case closed:
+			return 0, net.ErrClosed
+		case !stuck:
+			return c.Conn.Write(p)
+		}
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			wait := time.Until(deadline)
+			if wait <= 0 {
+				return 0, os.ErrDeadlineExceeded
+			}
+			tm := time.NewTimer(wait)
+			expired = tm.C
+			defer tm.Stop()
+		}
+		select {
+		case <-expired:
+			return 0, os.ErrDeadlineExceeded
+		case <-changed:
+		}
+	}
+}
+
+func (c *stuckConn) SetWriteDeadline(t time.Time) error {
+	c.update(func() { c.deadline = t })
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *stuckConn) SetDeadline(t time.Time) error {
+	c.update(func() { c.deadline = t })
+	return c.Conn.SetDeadline(t)
+}
+
+func (c *stuckConn) Close() error {
+	c.update(func() { c.closed = true })
+	return c.Conn.Close()
 }

@@ -191,11 +191,16 @@ func (st *sseStream) cutOff() {
 	}
 }
 
-// endStream unregisters a finished stream.
+// endStream unregisters a finished stream. Its connection lingers until
+// fasthttp has written the rest (Shutdown cuts it off like a stream);
+// that is recorded before streamWG.Done, which Shutdown waits on.
 func (s *Server) endStream(st *sseStream) {
 	s.mu.Lock()
 	delete(s.streams, st)
 	s.mu.Unlock()
+	if st.conn != nil {
+		s.linger(st.conn)
+	}
 	s.m.subscribers.Add(-1)
 	s.streamWG.Done()
 }
