@@ -5,7 +5,6 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -153,12 +152,11 @@ func TestListenUnixStaleLiveAndForeignFiles(t *testing.T) {
 		t.Fatalf("socket mode %v", fi.Mode().Perm())
 	}
 	// A live listener is refused.
-	if _, err := listenUnix(path, log); err == nil || !strings.Contains(err.Error(), "another process is listening") {
+	if _, err := listenUnix(path, log); err == nil || !strings.Contains(err.Error(), "another sidecar holds") {
 		t.Fatalf("second listen on a live socket: %v", err)
 	}
-	// A stale socket file (its listener gone without unlinking) is replaced.
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close()
+	// A stale socket file (its process gone without unlinking) is replaced.
+	abandon(ln)
 	if _, err := os.Lstat(path); err != nil {
 		t.Fatalf("stale socket file missing: %v", err)
 	}

@@ -170,7 +170,7 @@ func TestServeRefusesASecondSidecarAndLiveSockets(t *testing.T) {
 	}
 	// Another data directory, the same (live) socket.
 	third := start(t, sidecarBin, "serve", "--data-dir", n.data+"3", "--api-socket", n.api, "--agent-socket", n.agent+"3")
-	if code := third.wait(t, 10*time.Second); code != 1 || !strings.Contains(third.out.String(), "another process is listening") {
+	if code := third.wait(t, 10*time.Second); code != 1 || !strings.Contains(third.out.String(), "another sidecar holds "+n.api+".lock") {
 		t.Fatalf("sidecar on a live socket: exit %d\n%s", code, third.out.String())
 	}
 	// The first one is unharmed.
@@ -178,6 +178,21 @@ func TestServeRefusesASecondSidecarAndLiveSockets(t *testing.T) {
 	first.cmd.Process.Signal(syscall.SIGTERM)
 	if code := first.wait(t, 10*time.Second); code != 0 {
 		t.Fatalf("first sidecar exit %d", code)
+	}
+}
+
+// SIGHUP (a closed terminal) drains like SIGTERM instead of ending the
+// process at once (found by review).
+func TestHangupDrains(t *testing.T) {
+	n := newNode(t)
+	sc := n.serve(t)
+	n.ready(t)
+	sc.cmd.Process.Signal(syscall.SIGHUP)
+	if code := sc.wait(t, 20*time.Second); code != 0 || !strings.Contains(sc.out.String(), "signal=hangup") {
+		t.Fatalf("exit %d after SIGHUP\n%s", code, sc.out.String())
+	}
+	if _, err := os.Lstat(n.api); !os.IsNotExist(err) {
+		t.Fatalf("a drained sidecar removes its socket: %v", err)
 	}
 }
 

@@ -135,3 +135,94 @@ func TestListenUnixKeepsASocketItMayNotConnectTo(t *testing.T) {
 		t.Fatalf("socket file replaced (inode %d, was %d)", after, before)
 	}
 }
+
+// abandon closes a listener of listenUnix as a killed process does: the
+// socket file stays, the lock goes.
+func abandon(ln net.Listener) {
+	u := ln.(*unixSocket)
+	u.UnixListener.SetUnlinkOnClose(false)
+	u.UnixListener.Close()
+	u.lock.Close()
+}
+
+// TestListenUnixNeverExposesTheUmasksMode: under umask 000 a socket is
+// created 0777; the path must never name it before it has socketMode
+// (found by review: the chmod came after the bind). A watcher looks at
+// the path while the socket is made, many times over.
+func TestListenUnixNeverExposesTheUmasksMode(t *testing.T) {
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+	dir := shortDir(t)
+	path := filepath.Join(dir, "a.sock")
+	log := slog.New(slog.DiscardHandler)
+	for range 300 {
+		stop := make(chan struct{})
+		seen := make(chan os.FileMode, 1)
+		go func() {
+			defer close(seen)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if fi, err := os.Lstat(path); err == nil && fi.Mode().Perm() != socketMode {
+					seen <- fi.Mode().Perm()
+					return
+				}
+			}
+		}()
+		ln, err := listenUnix(path, log)
+		close(stop)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m, ok := <-seen; ok {
+			t.Fatalf("the socket was reachable with mode %v", m)
+		}
+		ln.Close()
+		if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("Close left the socket file: %v", err)
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.Name() != "a.sock.lock" {
+			t.Errorf("left behind: %s", e.Name())
+		}
+	}
+}
+
+// TestListenUnixLockAndClose: the lock file refuses a second listener on
+// the path until the first closes; Close removes only its own socket.
+func TestListenUnixLockAndClose(t *testing.T) {
+	path := filepath.Join(shortDir(t), "a.sock")
+	log := slog.New(slog.DiscardHandler)
+	ln, err := listenUnix(path, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := listenUnix(path, log); err == nil || !strings.Contains(err.Error(), "another sidecar holds "+path+".lock") {
+		t.Fatalf("second listener: %v", err)
+	}
+	if err := ln.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ln.Close() // twice is safe
+	ln2, err := listenUnix(path, log)
+	if err != nil {
+		t.Fatalf("after the first closed: %v", err)
+	}
+	// The file at path is replaced behind the listener's back: its Close
+	// leaves the newcomer alone.
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("newer"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ln2.Close()
+	if b, err := os.ReadFile(path); err != nil || string(b) != "newer" {
+		t.Fatalf("Close removed a file that was not its socket: %q %v", b, err)
+	}
+}

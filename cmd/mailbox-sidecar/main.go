@@ -105,14 +105,14 @@ func printVersion(w io.Writer) {
 	fmt.Fprintf(w, "mailbox-sidecar %s\ncommit %s\n%s %s/%s\nagent protocol %d\n", version, c, runtime.Version(), runtime.GOOS, runtime.GOARCH, ipc.ProtocolVersion)
 }
 
-// runServe is `serve`: configuration is checked before anything is
-// opened (exit 2); then the sidecar runs until SIGTERM or SIGINT and
-// shuts down in stages (exit 0 when clean). A second signal forces the
-// exit.
 // repeatedSignal is how soon the same signal again counts as the first
 // one delivered twice rather than a second signal that forces the exit.
 const repeatedSignal = time.Second
 
+// runServe is `serve`: configuration is checked before anything is
+// opened (exit 2); then the sidecar runs until SIGTERM, SIGINT or SIGHUP
+// and shuts down in stages (exit 0 when clean). A second signal forces the
+// exit.
 func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	cfg, err := parseServe(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -124,7 +124,7 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
 	sig := make(chan os.Signal, 2)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sig)
 
 	s, err := startSidecar(cfg, log)

@@ -4,16 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -22,10 +19,6 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
-
-// socketMode is the file mode of both sockets: owner and group may
-// connect (share the group with the agent's and clients' containers).
-const socketMode = 0o660
 
 // liveStall is how long a loop of the engine may be busy with one round,
 // or the store with one write, before /livez answers 503: far beyond any
@@ -270,63 +263,6 @@ func (s *sidecar) release() {
 	}
 	s.closed = nil
 	s.wg.Wait()
-}
-
-// listenUnix listens on a Unix socket at path with socketMode. A socket
-// file is removed only when it is stale: connecting to it is refused
-// (ECONNREFUSED: nobody listens). One that a process listens on is
-// refused, and so is one whose state a connect cannot tell (permission
-// denied; a listener that accepts nothing and whose backlog is full;
-// anything else): removing it could cut a live sidecar off its clients.
-// Any other file is refused.
-func listenUnix(path string, log *slog.Logger) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("create the directory of %s: %w", path, err)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
-		}
-		stale, err := staleSocket(path)
-		if err != nil {
-			return nil, err
-		}
-		if stale {
-			log.Info("removing stale socket", "path", path)
-			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
-			}
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, socketMode); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("chmod %s: %w", path, err)
-	}
-	return ln, nil
-}
-
-// staleSocket tells whether the socket file at path is stale by
-// connecting to it: true when the connection is refused (nobody listens)
-// or the file is gone meanwhile; an error when a process listens on it or
-// the connect fails in a way that does not show it is stale.
-func staleSocket(path string) (bool, error) {
-	c, err := net.DialTimeout("unix", path, 500*time.Millisecond)
-	switch {
-	case err == nil:
-		c.Close()
-		return false, fmt.Errorf("%s: another process is listening on it", path)
-	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ENOENT):
-		return true, nil
-	case errors.Is(err, syscall.EAGAIN):
-		return false, fmt.Errorf("%s: a process is listening on it but accepts no connections (its backlog is full); refusing to replace it: %w", path, err)
-	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
-		return false, fmt.Errorf("%s: permission denied connecting to it, so whether a process listens on it is unknown; refusing to replace it (remove it by hand if it is stale): %w", path, err)
-	}
-	return false, fmt.Errorf("%s: cannot tell whether a process listens on it; refusing to replace it (remove it by hand if it is stale): %w", path, err)
 }
 
 // tuneRuntime applies --memory-limit, --gogc and --gomaxprocs to the Go
