@@ -309,6 +309,13 @@ func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		m.log.Warn("settle run of terminal dispatch failed", "dispatch_id", d.DispatchID, "run_id", d.RunID, "err", err)
 	}
+	// A client following the run (Attach after a restart) learns how it
+	// ended now, not at the next GC.
+	if d.Status == StatusDeadLetter {
+		m.endPending([]Dispatch{*d}, endedElsewhere)
+	} else {
+		m.withdrawPending(*d)
+	}
 }
 
 // dispatchLoop claims due work whenever agent slots are free: after every

@@ -961,6 +961,57 @@ func (m *Mailbox) Reattach(thread string) *EventLog {
 	return l
 }
 
+// attachScan bounds how many of a thread's live dispatches Attach reads
+// looking for the one whose run is active.
+const attachScan = 256
+
+// Attach is Reattach for a client that follows a thread's run: when this
+// process has no log of the thread but the store shows its run active,
+// it returns a log for that dispatch's next attempt here, as it does for
+// a queued foreground run. The run is active when its dispatch is claimed
+// (after a restart, by the process that died; or by another sidecar
+// sharing the store) or queued again after an attempt started (a lease
+// reclaimed after a crash; a retry). The log is numbered by the attempt
+// that takes it; GC closes it, with how the run ended, if the dispatch
+// ends without running here. nil: no run is active or retained (found by
+// review: right after a restart a client re-attaching to a run that
+// was still going was told there was none).
+func (m *Mailbox) Attach(ctx context.Context, thread string) (*EventLog, error) {
+	if l := m.Reattach(thread); l != nil {
+		return l, nil
+	}
+	ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{StatusClaimed, StatusQueued}, attachScan, 0)
+	if err != nil {
+		return nil, fmt.Errorf("attach to %s: %w", thread, err)
+	}
+	var active *Dispatch
+	for i := range ds {
+		d := &ds[i]
+		if d.Status == StatusClaimed {
+			active = d
+			break
+		}
+		if active == nil && (d.InstanceID != "" || d.AttemptCount > 0) {
+			active = d
+		}
+	}
+	if active == nil {
+		return nil, nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if l := m.logs[thread]; l != nil {
+		return l, nil // its attempt started here meanwhile
+	}
+	l := m.pending[active.DispatchID]
+	if l == nil {
+		l = NewEventLog(m.cfg.EventBuffer)
+		m.pending[active.DispatchID] = l
+	}
+	m.logs[thread] = l
+	return l, nil
+}
+
 // ListDispatches lists a thread's dispatches (a pass-through to the store).
 func (m *Mailbox) ListDispatches(ctx context.Context, thread string, filter StatusFilter, limit, offset int) ([]Dispatch, error) {
 	return m.store.ListDispatches(ctx, thread, filter, limit, offset)

@@ -74,6 +74,17 @@
 //     answers that dispatch without interrupting anything: as JSON, or as
 //     a stream that follows the run if it executes here and otherwise
 //     ends after `submitted` (the client re-attaches once it runs).
+//   - GET …/events of a thread whose run this sidecar has no log of, but
+//     whose dispatch the store shows active — claimed (after a crash, by
+//     the killed process until its lease is reclaimed; or by another
+//     sidecar sharing the store) or queued again after an attempt started
+//     (a reclaim, a retry) — is a stream that follows the run's next
+//     attempt here (engine.Mailbox.Attach), not 404. Its Last-Event-ID is
+//     answered `event: reset` (unknown_id: the attempt has no ids yet) and
+//     the replay starts at that attempt's first event. If the run ends
+//     without running here, the stream ends with its run_finish: at once
+//     when this sidecar's sweep dead-letters it, else at the next GC.
+//     404 means no run of the thread is active or retained.
 //   - An invalid traceparent header (not the W3C version-00 form) is
 //     dropped, as W3C Trace Context asks, not refused.
 //   - Write requests (every POST) are answered 503 unavailable while the

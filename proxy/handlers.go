@@ -204,7 +204,10 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		}
 		after = v
 	}
-	log := s.mb.Reattach(thread)
+	log, err := s.mb.Attach(s.base, thread)
+	if err != nil {
+		return err
+	}
 	if log == nil {
 		return errNotFound("thread %s has no active or retained run", thread)
 	}

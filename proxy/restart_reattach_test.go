@@ -116,3 +116,76 @@ func TestReattachAfterARestartMissesNothing(t *testing.T) {
 		t.Fatalf("the stream did not end with run_finish: %+v", evs)
 	}
 }
+
+// claimAsDeadProcess claims a queued dispatch and records its start under
+// another consumer, as a sidecar killed while the run was going left it:
+// the restarted sidecar has no event log of the run, and the claim holds
+// until its lease lapses and a sweep reclaims it.
+func claimAsDeadProcess(t *testing.T, sc *sidecar, dispatchID string, lease time.Duration) {
+	t.Helper()
+	ctx := context.Background()
+	now := time.Now().UnixMilli()
+	d, err := sc.store.ClaimDispatch(ctx, dispatchID, "killed-sidecar", lease, now)
+	if err != nil || d == nil {
+		t.Fatalf("claim: %v %v", d, err)
+	}
+	if err := sc.store.RecordDispatchStart(ctx, dispatchID, d.ClaimToken, "killed-attempt", now); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// After a crash a client re-attaching to a run that was going follows its
+// next attempt: the dispatch is claimed by the dead process until the
+// sweep reclaims it, then runs here. It used to be told 404, no active
+// run, as if the run had ended (found by review).
+func TestReattachFollowsARunOfADeadProcess(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{noAgent: true, engine: engine.Config{SweepInterval: 50 * time.Millisecond}})
+	var q submitResult
+	sc.call(req{method: "POST", path: "/v1/threads/dead/dispatches", body: submitBody("wait")}, 202, &q)
+	claimAsDeadProcess(t, sc, q.DispatchID, time.Second)
+
+	st := sc.stream(req{method: "GET", path: "/v1/threads/dead/events", headers: []string{"Last-Event-ID", "7"}})
+	sc.agents = startAgent(t, sc.agentPath, nil, 0)
+	if ev := st.next(); ev.Event != "reset" || !strings.Contains(ev.Data, `"unknown_id"`) {
+		t.Fatalf("first event %+v, want a reset: the id is the dead attempt's", ev)
+	}
+	if ev := st.next(); ev.Event != "run_start" {
+		t.Fatalf("the next attempt's first event: %+v", ev)
+	}
+	if ev := st.next(); !strings.Contains(ev.Data, "waiting") {
+		t.Fatalf("the next attempt's second event: %+v", ev)
+	}
+	var res submitResult
+	sc.call(req{method: "POST", path: "/v1/threads/dead/messages", body: `{"messages":[{"role":"user","content":"done"}]}`}, 200, &res)
+	if res.RunID != q.RunID || res.Delivery != "live" {
+		t.Fatalf("message: %+v", res)
+	}
+	rest := st.rest()
+	if len(rest) == 0 || rest[len(rest)-1].Event != "run_finish" || !strings.Contains(rest[len(rest)-1].Data, "natural_end") {
+		t.Fatalf("the stream ended with %s", types(rest))
+	}
+	if d := sc.waitDispatch(q.DispatchID, engine.StatusAcked); d.AttemptCount != 1 {
+		t.Fatalf("dispatch %+v, want the dead attempt spent", d)
+	}
+}
+
+// A run of a dead process that the sweep dead-letters (its last attempt
+// spent) ends the stream of a client following it at once, with the
+// error, not at the next GC (a minute by default).
+func TestReattachToADeadLetteredRunOfADeadProcessEnds(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{noAgent: true, engine: engine.Config{SweepInterval: 50 * time.Millisecond, MaxAttempts: 1}})
+	var q submitResult
+	sc.call(req{method: "POST", path: "/v1/threads/dl/dispatches", body: submitBody("wait")}, 202, &q)
+	claimAsDeadProcess(t, sc, q.DispatchID, 500*time.Millisecond)
+	st := sc.stream(req{method: "GET", path: "/v1/threads/dl/events"})
+	if !st.ended(waitTimeout) {
+		t.Fatal("the stream of a dead-lettered run is still open")
+	}
+	rest := st.rest()
+	if len(rest) != 1 || rest[0].Event != "run_finish" || !strings.Contains(rest[0].Data, `"error"`) {
+		t.Fatalf("the stream: %+v", rest)
+	}
+	sc.waitDispatch(q.DispatchID, engine.StatusDeadLetter)
+}
