@@ -132,12 +132,15 @@ type Server struct {
 	closing bool
 	streams map[*sseStream]struct{}
 	// lingering holds the connections of ended streams whose last bytes
-	// fasthttp may still be writing, under the stream's stall bound; a
-	// connection leaves it when its response is written (idle) or it
-	// closes. nLingering is its size, read without mu by the ConnState
-	// hook on every request.
-	lingering  map[net.Conn]struct{}
+	// fasthttp may still be writing, each with the end of the stream's
+	// stall bound; a connection leaves it when its response is written
+	// (idle) or it closes. One that closed before it was added (its
+	// client left as the stream ended) is dropped once its bound is past
+	// (lingerPrune). nLingering is its size, read without mu by the
+	// ConnState hook on every request.
+	lingering  map[net.Conn]time.Time
 	nLingering atomic.Int32
+	pruneAt    int // size of lingering at which linger drops the entries past their bound
 	lns        []net.Listener
 	streamWG   sync.WaitGroup // stream goroutines; Add only under mu while !closing
 }
@@ -153,7 +156,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg: cfg, mb: cfg.Mailbox, log: cfg.Logger, m: newHTTPMetrics(),
 		done: make(chan struct{}), streams: map[*sseStream]struct{}{},
-		lingering: map[net.Conn]struct{}{},
+		lingering: map[net.Conn]time.Time{}, pruneAt: lingerPrune,
 	}
 	s.token = sha256.Sum256([]byte(cfg.AuthToken))
 	s.base, s.stopBase = context.WithCancel(context.Background())
@@ -281,7 +284,7 @@ func (s *Server) endStreams(ctx context.Context) {
 	case <-ended:
 		// No stream can start now; a lingering connection gets the same
 		// grace for its client to read what is left.
-		if s.nLingering.Load() == 0 {
+		if !s.anyLingering(time.Now()) {
 			return
 		}
 		select {
@@ -296,22 +299,55 @@ func (s *Server) endStreams(ctx context.Context) {
 	for st := range s.streams {
 		st.cutOff()
 	}
-	for c := range s.lingering {
-		c.SetWriteDeadline(now)
+	for c, until := range s.lingering {
+		if until.After(now) {
+			c.SetWriteDeadline(now)
+		}
 	}
 	s.mu.Unlock()
 	<-ended // a cut-off stream's writes fail at once
 }
 
+// lingerPrune is the smallest size of the lingering set at which linger
+// drops the entries past their bound; it then waits for twice the size
+// left, so the walks cost O(1) per entry added.
+const lingerPrune = 64
+
 // linger records the connection of a stream that ended with bytes maybe
-// still on their way (see lingering).
-func (s *Server) linger(c net.Conn) {
+// still on their way, until the stream's stall bound (see lingering).
+func (s *Server) linger(c net.Conn, until time.Time) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if _, ok := s.lingering[c]; !ok {
-		s.lingering[c] = struct{}{}
 		s.nLingering.Add(1)
 	}
-	s.mu.Unlock()
+	s.lingering[c] = until
+	if len(s.lingering) < s.pruneAt {
+		return
+	}
+	now := time.Now()
+	for c, until := range s.lingering {
+		if !until.After(now) {
+			delete(s.lingering, c)
+			s.nLingering.Add(-1)
+		}
+	}
+	s.pruneAt = max(lingerPrune, 2*len(s.lingering))
+}
+
+// anyLingering reports whether a lingering connection is within its bound.
+func (s *Server) anyLingering(now time.Time) bool {
+	if s.nLingering.Load() == 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, until := range s.lingering {
+		if until.After(now) {
+			return true
+		}
+	}
+	return false
 }
 
 // connState is fasthttp's ConnState hook: a connection whose response is

@@ -1,8 +1,10 @@
 package proxy_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -215,4 +217,33 @@ func (c *stuckConn) SetDeadline(t time.Time) error {
 func (c *stuckConn) Close() error {
 	c.update(func() { c.closed = true })
 	return c.Conn.Close()
+}
+
+// Clients that leave in the middle of their streams leave nothing in the
+// set of connections Shutdown cuts off: fasthttp closed them before the
+// streams noticed (found by review: each stayed there for good, and every
+// Shutdown then waited out the grace).
+func TestStreamsOfClientsThatLeftDoNotLinger(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{proxy: proxyConfig(20 * time.Millisecond)})
+	for i := range 5 {
+		c, err := net.Dial("unix", sc.apiPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body := submitBody("wait")
+		fmt.Fprintf(c, "POST /v1/threads/left%d/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", i, len(body), body)
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || !strings.Contains(line, " 200 ") {
+			t.Fatalf("status line %q %v", line, err)
+		}
+		c.Close()
+	}
+	eventually(t, "the streams of the clients that left ended", func() bool {
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		return metricLine(string(m), "mailbox_http_sse_subscribers ") == "mailbox_http_sse_subscribers 0"
+	})
+	if n, err := sc.srv.Lingering(); n != 0 || err != nil {
+		t.Fatalf("%d connections lingering (%v)", n, err)
+	}
 }

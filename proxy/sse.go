@@ -32,6 +32,7 @@ type sseStream struct {
 	head   []byte // written first: the submitted event, or a reset
 	finish []byte // a foreground stream's run_finish if its run never started
 	conn   net.Conn
+	broken bool // a write failed: the connection is gone or going
 
 	mu  sync.Mutex // guards cut and the connection's write deadline
 	cut bool       // Shutdown cut the stream off
@@ -163,7 +164,11 @@ func (st *sseStream) flush(w *bufio.Writer) bool {
 	if !st.extendDeadline() {
 		return false
 	}
-	return w.Flush() == nil
+	if w.Flush() != nil {
+		st.broken = true
+		return false
+	}
+	return true
 }
 
 // extendDeadline moves the connection's write deadline to now + stall,
@@ -191,15 +196,16 @@ func (st *sseStream) cutOff() {
 	}
 }
 
-// endStream unregisters a finished stream. Its connection lingers until
-// fasthttp has written the rest (Shutdown cuts it off like a stream);
-// that is recorded before streamWG.Done, which Shutdown waits on.
+// endStream unregisters a finished stream. Unless a write failed, its
+// connection lingers until fasthttp has written the rest (Shutdown cuts
+// it off like a stream); that is recorded before streamWG.Done, which
+// Shutdown waits on.
 func (s *Server) endStream(st *sseStream) {
 	s.mu.Lock()
 	delete(s.streams, st)
 	s.mu.Unlock()
-	if st.conn != nil {
-		s.linger(st.conn)
+	if st.conn != nil && !st.broken {
+		s.linger(st.conn, time.Now().Add(s.stall()))
 	}
 	s.m.subscribers.Add(-1)
 	s.streamWG.Done()
