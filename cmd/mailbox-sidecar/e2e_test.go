@@ -196,6 +196,27 @@ func TestHangupDrains(t *testing.T) {
 	}
 }
 
+// Started with SIGHUP ignored (nohup), the sidecar keeps it ignored: a
+// closed terminal does not stop it (found by review: Notify undid the
+// ignore).
+func TestHangupIgnoredStaysIgnored(t *testing.T) {
+	n := newNode(t)
+	args := []string{"-c", `trap '' HUP; exec "$0" "$@"`, sidecarBin, "serve", "--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent}
+	sc := start(t, "/bin/sh", args...)
+	n.ready(t)
+	sc.cmd.Process.Signal(syscall.SIGHUP)
+	select {
+	case <-sc.done:
+		t.Fatalf("SIGHUP ended a sidecar started with it ignored\n%s", sc.out.String())
+	case <-time.After(300 * time.Millisecond):
+	}
+	n.ready(t)
+	sc.cmd.Process.Signal(syscall.SIGTERM)
+	if code := sc.wait(t, 20*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM\n%s", code, sc.out.String())
+	}
+}
+
 func TestKilledSidecarRestartsOnStaleSocketsAndFinishesItsWork(t *testing.T) {
 	n := newNode(t)
 	sc := n.serve(t)

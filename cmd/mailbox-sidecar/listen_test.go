@@ -147,48 +147,63 @@ func abandon(ln net.Listener) {
 
 // TestListenUnixNeverExposesTheUmasksMode: under umask 000 a socket is
 // created 0777; the path must never name it before it has socketMode
-// (found by review: the chmod came after the bind). A watcher looks at
-// the path while the socket is made, many times over.
+// (found by review: the chmod came after the bind), a path too long to
+// bind in the private directory included. A watcher looks at the path
+// while the socket is made, many times over. The lock file gets
+// socketMode too, and a private directory left by a killed process goes.
 func TestListenUnixNeverExposesTheUmasksMode(t *testing.T) {
 	old := syscall.Umask(0)
 	defer syscall.Umask(old)
-	dir := shortDir(t)
-	path := filepath.Join(dir, "a.sock")
+	short := shortDir(t)
+	long := filepath.Join(short, strings.Repeat("d", 100-len(short)-len("/a.sock")))
+	if err := os.Mkdir(long, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	log := slog.New(slog.DiscardHandler)
-	for range 300 {
-		stop := make(chan struct{})
-		seen := make(chan os.FileMode, 1)
-		go func() {
-			defer close(seen)
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if fi, err := os.Lstat(path); err == nil && fi.Mode().Perm() != socketMode {
-					seen <- fi.Mode().Perm()
-					return
-				}
-			}
-		}()
-		ln, err := listenUnix(path, log)
-		close(stop)
-		if err != nil {
+	for _, dir := range []string{short, long} {
+		path := filepath.Join(dir, "a.sock")
+		leftover := filepath.Join(dir, ".a.sock.tmp123")
+		if err := os.MkdirAll(filepath.Join(leftover, "s"), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if m, ok := <-seen; ok {
-			t.Fatalf("the socket was reachable with mode %v", m)
+		for range 300 {
+			stop := make(chan struct{})
+			seen := make(chan os.FileMode, 1)
+			go func() {
+				defer close(seen)
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if fi, err := os.Lstat(path); err == nil && fi.Mode().Perm() != socketMode {
+						seen <- fi.Mode().Perm()
+						return
+					}
+				}
+			}()
+			ln, err := listenUnix(path, log)
+			close(stop)
+			if err != nil {
+				t.Fatalf("%d-byte path: %v", len(path), err)
+			}
+			if m, ok := <-seen; ok {
+				t.Fatalf("%d-byte path: the socket was reachable with mode %v", len(path), m)
+			}
+			ln.Close()
+			if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("Close left the socket file: %v", err)
+			}
 		}
-		ln.Close()
-		if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
-			t.Fatalf("Close left the socket file: %v", err)
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			if e.Name() != "a.sock.lock" && filepath.Join(dir, e.Name()) != long {
+				t.Errorf("left behind: %s", e.Name())
+			}
 		}
-	}
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if e.Name() != "a.sock.lock" {
-			t.Errorf("left behind: %s", e.Name())
+		if fi, err := os.Stat(path + ".lock"); err != nil || fi.Mode().Perm() != socketMode {
+			t.Errorf("lock file: %v %v", fi, err)
 		}
 	}
 }

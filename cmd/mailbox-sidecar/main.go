@@ -109,6 +109,20 @@ func printVersion(w io.Writer) {
 // one delivered twice rather than a second signal that forces the exit.
 const repeatedSignal = time.Second
 
+// drainSignals are the signals that start the drain: SIGTERM always;
+// SIGINT and SIGHUP unless the process started with them ignored (nohup,
+// a background job of a shell), which Notify would undo (found by
+// review: under nohup, closing the terminal stopped the sidecar).
+func drainSignals() []os.Signal {
+	sigs := []os.Signal{syscall.SIGTERM}
+	for _, s := range []os.Signal{syscall.SIGINT, syscall.SIGHUP} {
+		if !signal.Ignored(s) {
+			sigs = append(sigs, s)
+		}
+	}
+	return sigs
+}
+
 // runServe is `serve`: configuration is checked before anything is
 // opened (exit 2); then the sidecar runs until SIGTERM, SIGINT or SIGHUP
 // and shuts down in stages (exit 0 when clean). A second signal forces the
@@ -124,7 +138,7 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
 	sig := make(chan os.Signal, 2)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	signal.Notify(sig, drainSignals()...)
 	defer signal.Stop(sig)
 
 	s, err := startSidecar(cfg, log)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -32,14 +33,16 @@ const socketMode = 0o660
 //     process off its clients. Any other file is refused.
 //   - The socket is bound in a private directory (mode 0700), given
 //     socketMode there, and then linked at path, which never replaces a
-//     file: it is never reachable with the umask's mode.
+//     file: it is never reachable with the umask's mode. Where a hard
+//     link cannot be made (some FUSE file systems), it is bound at path
+//     and given its mode after, with a warning.
 //
 // Closing the listener removes the socket file if it is still this one.
 func listenUnix(path string, log *slog.Logger) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("create the directory of %s: %w", path, err)
 	}
-	lock, err := lockSocketPath(path)
+	lock, err := lockSocketPath(path, log)
 	if err != nil {
 		return nil, err
 	}
@@ -52,21 +55,30 @@ func listenUnix(path string, log *slog.Logger) (net.Listener, error) {
 	return ln, nil
 }
 
-// lockSocketPath takes the lock file of the socket at path.
-func lockSocketPath(path string) (*os.File, error) {
+// lockSocketPath takes the lock file of the socket at path. It is opened
+// read-only (flock needs no more) with socketMode, so a sidecar run later
+// as another user of the group can take it too. A file system without
+// flock gets no lock, with a warning (nil file).
+func lockSocketPath(path string, log *slog.Logger) (*os.File, error) {
 	name := path + ".lock"
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(name, os.O_RDONLY|os.O_CREATE, socketMode)
 	if err != nil {
-		return nil, fmt.Errorf("open the socket's lock file: %w", err)
+		return nil, fmt.Errorf("open the socket's lock file (remove it if it is left from another user): %w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	switch {
+	case err == nil:
+		return f, nil
+	case errors.Is(err, syscall.EWOULDBLOCK):
 		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%s: another sidecar holds %s (it serves this socket)", path, name)
-		}
-		return nil, fmt.Errorf("lock %s: %w", name, err)
+		return nil, fmt.Errorf("%s: another sidecar holds %s (it serves this socket)", path, name)
+	case errors.Is(err, syscall.ENOLCK), errors.Is(err, syscall.ENOTSUP), errors.Is(err, syscall.EINVAL):
+		f.Close()
+		log.Warn("the socket's directory does not support locks: two sidecars starting at once on this path are not kept apart", "path", name, "err", err)
+		return nil, nil
 	}
-	return f, nil
+	f.Close()
+	return nil, fmt.Errorf("lock %s: %w", name, err)
 }
 
 // listenLocked is listenUnix under the lock.
@@ -86,7 +98,7 @@ func listenLocked(path string, log *slog.Logger) (*unixSocket, error) {
 			}
 		}
 	}
-	ln, err := bindPrivately(path)
+	ln, err := bindPrivately(path, log)
 	if err != nil {
 		return nil, err
 	}
@@ -99,40 +111,61 @@ func listenLocked(path string, log *slog.Logger) (*unixSocket, error) {
 }
 
 // bindPrivately listens on a socket with socketMode at path, which must
-// not exist. The socket is bound in a private directory beside path and
-// linked at path once its mode is set. If the private directory's path
-// is too long for a socket, it binds at path and sets the mode after.
-func bindPrivately(path string) (*net.UnixListener, error) {
-	dir, err := os.MkdirTemp(filepath.Dir(path), ".mbx")
+// not exist. The socket is bound in a private directory beside path,
+// named after it, and linked at path once its mode is set. A private
+// path too long for a socket address is bound through the directory's
+// descriptor (/proc/self/fd/N/s). Private directories left by a process
+// killed in the middle are removed first (the caller holds the lock).
+func bindPrivately(path string, log *slog.Logger) (*net.UnixListener, error) {
+	parent, base := filepath.Split(path)
+	prefix := "." + base + ".tmp"
+	if entries, err := os.ReadDir(parent); err == nil {
+		for _, e := range entries {
+			if rest, ok := strings.CutPrefix(e.Name(), prefix); ok && e.IsDir() && rest != "" && strings.Trim(rest, "0123456789") == "" {
+				os.RemoveAll(filepath.Join(parent, e.Name()))
+			}
+		}
+	}
+	dir, err := os.MkdirTemp(parent, prefix)
 	if err != nil {
 		return nil, fmt.Errorf("private directory for %s: %w", path, err)
 	}
 	defer os.RemoveAll(dir)
 	private := filepath.Join(dir, "s")
-	if len(private) > maxSocketPath {
-		return bindThenChmod(path)
+	bindAt := private
+	if len(bindAt) > maxSocketPath {
+		d, err := os.Open(dir)
+		if err != nil {
+			return nil, fmt.Errorf("private directory for %s: %w", path, err)
+		}
+		defer d.Close()
+		bindAt = fmt.Sprintf("/proc/self/fd/%d/s", d.Fd())
 	}
-	ln, err := bindThenChmod(private)
+	ln, err := bindThenChmod(bindAt)
 	if err != nil {
 		return nil, err
 	}
-	ln.SetUnlinkOnClose(false) // the private name goes with its directory
-	if err := os.Link(private, path); err != nil {
+	err = os.Link(private, path)
+	switch {
+	case err == nil:
+		return ln, nil
+	case errors.Is(err, fs.ErrExist):
 		ln.Close()
-		if errors.Is(err, fs.ErrExist) {
-			return nil, fmt.Errorf("%s: created by another process meanwhile; refusing to replace it", path)
-		}
-		return nil, fmt.Errorf("link the socket at %s: %w", path, err)
+		return nil, fmt.Errorf("%s: created by another process meanwhile; refusing to replace it", path)
 	}
-	return ln, nil
+	ln.Close()
+	log.Warn("cannot link the socket (no hard links on this file system?): it is bound at its path and given its mode after", "path", path, "err", err)
+	return bindThenChmod(path)
 }
 
 // bindThenChmod listens at path and gives the socket file socketMode.
+// Closing the listener does not remove the file (unixSocket does).
 func bindThenChmod(path string) (*net.UnixListener, error) {
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
+	ln.SetUnlinkOnClose(false)
 	if err := os.Chmod(path, socketMode); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("chmod %s: %w", path, err)
