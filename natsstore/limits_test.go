@@ -131,3 +131,46 @@ func TestAStreamIsNotRewrittenForAnotherDeploymentsSettings(t *testing.T) {
 		t.Fatalf("stream R3 has %d replicas, want 3", r)
 	}
 }
+
+// Close deletes the index's ordered consumer on the server; stopping it
+// alone left it there for its inactivity threshold (5 minutes), one per
+// restart (found by review). The shared signal consumer stays.
+func TestCloseDeletesTheIndexConsumer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := freshConfig()
+	keep := openCfg(t, cfg) // another sidecar on the stream, for the client
+	js, err := jetstream.New(keep.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumers := func() []string {
+		st, err := js.Stream(ctx, cfg.Stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		l := st.ConsumerNames(ctx)
+		for n := range l.Name() {
+			names = append(names, n)
+		}
+		if err := l.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return names
+	}
+	before := consumers()
+	s, err := natsstore.Open(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := consumers(); len(got) != len(before)+1 {
+		t.Fatalf("consumers %v after a second store opened, before %v", got, before)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := consumers(); len(got) != len(before) {
+		t.Fatalf("consumers %v after it closed, want %d (%v)", got, len(before), before)
+	}
+}

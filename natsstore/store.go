@@ -29,6 +29,7 @@ type Store struct {
 	msgGet    string // message-get API subject (leader reads): "$JS.API.STREAM.MSG.GET.<stream>"
 	idx       *index
 	cc        jetstream.ConsumeContext
+	index     jetstream.Consumer // the index's ordered consumer, deleted at Close
 	locks     *threadLocks
 	inflight  chan struct{} // one token per open atomic batch
 	group     committer
@@ -177,6 +178,7 @@ func (s *Store) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("index consumer: %w", unavailable(err))
 	}
+	s.index = cons
 	s.cc, err = cons.Consume(s.idx.handle, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
 		s.log.Warn("natsstore index consumer", "err", err)
 	}))
@@ -204,10 +206,30 @@ func (s *Store) Close() error {
 			s.cc.Stop()
 			<-s.cc.Closed()
 		}
+		s.deleteIndexConsumer()
 		s.nc.Close()
 		s.group.close()
 	})
 	return nil
+}
+
+// deleteIndexConsumer deletes the index's ordered consumer on the
+// server, which stopping it leaves there until its inactivity threshold
+// (5 minutes): a sidecar restarted often left one behind each time
+// (found by review). A killed sidecar's still waits out the threshold.
+func (s *Store) deleteIndexConsumer() {
+	if s.index == nil {
+		return
+	}
+	info := s.index.CachedInfo()
+	if info == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), min(s.cfg.RequestTimeout, 2*time.Second))
+	defer cancel()
+	if err := s.js.DeleteConsumer(ctx, s.cfg.Stream, info.Name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		s.log.Debug("natsstore: delete the index consumer", "consumer", info.Name, "err", err)
+	}
 }
 
 // Writable reports whether the store can take writes now: nil, or why
