@@ -46,6 +46,10 @@ type Drainer interface {
 type SlotCounter interface {
 	// FreeSlots lists the agents (connections) with a free slot now.
 	FreeSlots() []AgentSlots
+	// Serves reports whether a connected agent takes runs of agent id id
+	// (full or not). A submit does not claim inline a run that no agent
+	// serves: it is queued (and answered so) until one comes.
+	Serves(id string) bool
 }
 
 // AgentSlots is one agent's free slots and the agent ids it serves.

@@ -205,6 +205,10 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		return SubmitResult{}, fmt.Errorf("submit to %s: %w", req.ThreadID, err)
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
+	if !m.served(req.AgentID) {
+		m.kick() // the dispatcher sets the thread aside until an agent for it comes
+		return res, nil
+	}
 	switch m.tryDispatch(ctx, req.ThreadID) {
 	case attemptClaimed:
 		if m.runningDispatch(req.ThreadID) == d.DispatchID {
@@ -514,7 +518,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	// request runs once that work ends, as a slot's waiter does.
 	// (A claim in flight here is waited for: a probe of a finishing
 	// attempt finds nothing and goes.)
-	slot := m.reserveSlotAfterProbes(thread)
+	slot := m.served(req.AgentID) && m.reserveSlotAfterProbes(thread)
 	if slot {
 		if e := m.settledEntry(ctx, thread); e != nil && !e.claiming {
 			m.releaseSlot(thread)
@@ -617,7 +621,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		return SubmitResult{}, nil, false, nil
 	}
 	thread := req.ThreadID
-	if !m.reserveSlot(thread) {
+	if !m.served(req.AgentID) || !m.reserveSlot(thread) {
 		return SubmitResult{}, nil, false, nil
 	}
 	// A claim in flight, as tryDispatch's: a cancel or an interrupt
@@ -676,6 +680,18 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	}
 	m.startExecution(*claimed, claimed.InstanceID == instance)
 	return SubmitResult{DispatchID: claimed.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitRunning}, events, true, nil
+}
+
+// served reports whether a run for agent id id, as a submit names it,
+// may be claimed inline: some connected agent serves it, or the executor
+// cannot tell (no SlotCounter), or the submit names none (its run takes
+// the thread's last agent id, unknown here; the usual agent serves "*").
+// Otherwise the run is queued and answered queued, not running: claimed
+// inline, it was answered running while no agent would take it (found by
+// review).
+func (m *Mailbox) served(id string) bool {
+	id = strings.TrimSpace(id)
+	return m.slots == nil || id == "" || m.slots.Serves(id)
 }
 
 // precheckSubmit refuses, without writing anything, what persistRun

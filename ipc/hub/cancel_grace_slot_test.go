@@ -141,6 +141,10 @@ func TestARunForAnAgentNobodyServesWaitsWithoutTakingASlot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if orphan.Status != engine.SubmitQueued {
+		// Claimed inline, it was answered running (found by review).
+		t.Fatalf("the submit for beta was answered %s, want queued: no agent serves beta", orphan.Status)
+	}
 	for i := range 3 { // the alpha agent's own runs go on meanwhile, one after another
 		res, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("own", i), AgentID: "alpha", Messages: []engine.Message{text("for alpha")}})
 		if err != nil {
@@ -168,6 +172,28 @@ func TestARunForAnAgentNobodyServesWaitsWithoutTakingASlot(t *testing.T) {
 	// was set aside until agents came or went, not for its full minute).
 	beta, _ := connect(t, st.path, ipc.Hello{Name: "beta", AgentIDs: []string{"beta"}, MaxRuns: 1})
 	runsUnspent(t, st, beta, 1, orphan)
+}
+
+// A foreground submit for an agent id nobody serves is queued too, on
+// the submit's fast path and on its interrupting one, and its stream
+// follows the run once an agent for it comes.
+func TestAForegroundRunForAnAgentNobodyServesIsQueued(t *testing.T) {
+	st := newStack(t, hub.Config{AgentWait: time.Minute})
+	connect(t, st.path, ipc.Hello{Name: "alpha", AgentIDs: []string{"alpha"}, MaxRuns: 2})
+	eventually(t, "capacity", func() bool { return st.hub.Capacity() == 2 })
+	ctx := context.Background()
+	req := engine.SubmitRequest{ThreadID: "fg", AgentID: "beta", Messages: []engine.Message{text("for beta")}}
+	first, _, err := st.mb.Submit(ctx, req)
+	if err != nil || first.Status != engine.SubmitQueued {
+		t.Fatalf("foreground submit for beta: %+v %v, want queued", first, err)
+	}
+	// The thread has queued work now: the second submit interrupts it.
+	second, log, err := st.mb.Submit(ctx, req)
+	if err != nil || second.Status != engine.SubmitQueued || log == nil {
+		t.Fatalf("second foreground submit for beta: %+v %v, want queued with a stream", second, err)
+	}
+	beta, _ := connect(t, st.path, ipc.Hello{Name: "beta", AgentIDs: []string{"beta"}, MaxRuns: 1})
+	runsUnspent(t, st, beta, 1, second)
 }
 
 // runsUnspent has agent a take the RUN of res on stream and finish it,

@@ -468,6 +468,19 @@ func (h *Hub) FreeSlots() []engine.AgentSlots {
 	return out
 }
 
+// Serves implements engine.SlotCounter: whether a connection that takes
+// runs serves agent id id.
+func (h *Hub) Serves(id string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for c := range h.conns {
+		if c.takesRuns() && c.serves(id) {
+			return true
+		}
+	}
+	return false
+}
+
 // wake tells Run calls waiting for a slot to look again.
 func (h *Hub) wake() {
 	h.mu.Lock()
