@@ -977,55 +977,82 @@ func (m *Mailbox) Reattach(thread string) *EventLog {
 	return l
 }
 
-// attachScan bounds how many of a thread's live dispatches Attach reads
-// looking for the one whose run is active.
-const attachScan = 256
-
 // Attach is Reattach for a client that follows a thread's run: when this
 // process has no log of the thread but the store shows its run active,
 // it returns a log for that dispatch's next attempt here, as it does for
 // a queued foreground run. The run is active when its dispatch is claimed
 // (after a restart, by the process that died; or by another sidecar
-// sharing the store) or queued again after an attempt started (a lease
-// reclaimed after a crash; a retry). The log is numbered by the attempt
-// that takes it; GC closes it, with how the run ended, if the dispatch
-// ends without running here. nil: no run is active or retained (found by
-// review: right after a restart a client re-attaching to a run that
-// was still going was told there was none).
+// sharing the store) or, nothing being claimed, the thread's next queued
+// dispatch already had an attempt (a lease reclaimed after a crash; a
+// retry). The log is numbered by the attempt that takes it; if the
+// dispatch ends without running here, the log ends with how it ended: at
+// once when this process withdraws it or its sweep dead-letters it,
+// otherwise at the next GC. nil: no run is active or retained (found by
+// review: right after a restart a client re-attaching to a run that was
+// still going was told there was none).
 func (m *Mailbox) Attach(ctx context.Context, thread string) (*EventLog, error) {
 	if l := m.Reattach(thread); l != nil {
 		return l, nil
 	}
-	ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{StatusClaimed, StatusQueued}, attachScan, 0)
-	if err != nil {
-		return nil, fmt.Errorf("attach to %s: %w", thread, err)
+	active, err := m.activeDispatch(ctx, thread)
+	if err != nil || active == nil {
+		return nil, err
 	}
-	var active *Dispatch
-	for i := range ds {
-		d := &ds[i]
-		if d.Status == StatusClaimed {
-			active = d
-			break
-		}
-		if active == nil && (d.InstanceID != "" || d.AttemptCount > 0) {
-			active = d
-		}
+	l, fresh := m.attachPending(thread, active.DispatchID)
+	if !fresh {
+		return l, nil
 	}
-	if active == nil {
+	// Ended between the read and the registration, the dispatch's
+	// withdrawal or dead-lettering found no log to end (found by review).
+	d, err := m.store.LoadDispatch(ctx, active.DispatchID)
+	switch {
+	case err != nil:
+	case d == nil:
+		m.dropPending(active.DispatchID)
+	case d.Status == StatusSuperseded || d.Status == StatusCancelled:
+		m.withdrawPending(*d)
+	case d.Status.Terminal():
+		m.endPending([]Dispatch{*d}, endedElsewhere)
+	}
+	return l, nil
+}
+
+// activeDispatch is the thread's dispatch whose run is active (Attach):
+// its claimed one, else its next queued one if that had an attempt; nil
+// when there is none.
+func (m *Mailbox) activeDispatch(ctx context.Context, thread string) (*Dispatch, error) {
+	for _, status := range []DispatchStatus{StatusClaimed, StatusQueued} {
+		ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{status}, 1, 0)
+		if err != nil {
+			return nil, fmt.Errorf("attach to %s: %w", thread, err)
+		}
+		if len(ds) == 0 {
+			continue
+		}
+		if d := &ds[0]; d.Status == StatusClaimed || d.InstanceID != "" || d.AttemptCount > 0 {
+			return d, nil
+		}
 		return nil, nil
 	}
+	return nil, nil
+}
+
+// attachPending makes the event log Attach returns for dispatch id of
+// thread: the thread's log if an attempt started here meanwhile, else
+// the dispatch's waiting log, made if need be (fresh).
+func (m *Mailbox) attachPending(thread, id string) (l *EventLog, fresh bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if l := m.logs[thread]; l != nil {
-		return l, nil // its attempt started here meanwhile
+		return l, false
 	}
-	l := m.pending[active.DispatchID]
+	l = m.pending[id]
 	if l == nil {
-		l = NewEventLog(m.cfg.EventBuffer)
-		m.pending[active.DispatchID] = l
+		l, fresh = NewEventLog(m.cfg.EventBuffer), true
+		m.pending[id] = l
 	}
 	m.logs[thread] = l
-	return l, nil
+	return l, fresh
 }
 
 // ListDispatches lists a thread's dispatches (a pass-through to the store).

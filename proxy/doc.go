@@ -77,14 +77,16 @@
 //   - GET …/events of a thread whose run this sidecar has no log of, but
 //     whose dispatch the store shows active — claimed (after a crash, by
 //     the killed process until its lease is reclaimed; or by another
-//     sidecar sharing the store) or queued again after an attempt started
-//     (a reclaim, a retry) — is a stream that follows the run's next
-//     attempt here (engine.Mailbox.Attach), not 404. Its Last-Event-ID is
-//     answered `event: reset` (unknown_id: the attempt has no ids yet) and
-//     the replay starts at that attempt's first event. If the run ends
-//     without running here, the stream ends with its run_finish: at once
-//     when this sidecar's sweep dead-letters it, else at the next GC.
-//     404 means no run of the thread is active or retained.
+//     sidecar sharing the store), or, nothing claimed, the thread's next
+//     queued dispatch had an attempt (a reclaim, a retry) — is a stream
+//     that follows the run's next attempt here (engine.Mailbox.Attach),
+//     not 404. Its Last-Event-ID is answered `event: reset` (unknown_id:
+//     the attempt has no ids yet) and the replay starts at that attempt's
+//     first event. If the run ends without running here, the stream ends
+//     with a run_finish saying how: at once when this sidecar cancels,
+//     supersedes or dead-letters it, else (it ran on another sidecar
+//     sharing the store, whose events this one never sees) at the next
+//     GC. 404 means no run of the thread is active or retained.
 //   - An invalid traceparent header (not the W3C version-00 form) is
 //     dropped, as W3C Trace Context asks, not refused.
 //   - Write requests (every POST) are answered 503 unavailable while the

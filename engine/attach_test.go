@@ -1,0 +1,135 @@
+package engine_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// afterListStore runs hook once, right after a ListDispatches read that
+// found something (Attach's), before Attach registers its log: fault
+// injection for the moment between the two.
+type afterListStore struct {
+	*badgerstore.Store
+	mu   sync.Mutex
+	hook func()
+}
+
+func (h *afterListStore) ListDispatches(ctx context.Context, thread string, f engine.StatusFilter, limit, offset int) ([]engine.Dispatch, error) {
+	ds, err := h.Store.ListDispatches(ctx, thread, f, limit, offset)
+	if len(ds) == 0 {
+		return ds, err
+	}
+	h.mu.Lock()
+	hook := h.hook
+	h.hook = nil
+	h.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	return ds, err
+}
+
+func (h *afterListStore) setHook(f func()) {
+	h.mu.Lock()
+	h.hook = f
+	h.mu.Unlock()
+}
+
+// claimAsDeadProcess enqueues dispatch id of thread and claims and starts
+// it as a killed process left it.
+func claimAsDeadProcess(t *testing.T, s *badgerstore.Store, id, thread string, maxAttempts uint32, lease time.Duration) {
+	t.Helper()
+	ctx := context.Background()
+	now := time.Now().UnixMilli()
+	if _, err := s.Enqueue(ctx, engine.Dispatch{DispatchID: id, ThreadID: thread, RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: now, CreatedAt: now, MaxAttempts: maxAttempts}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := s.ClaimDispatch(ctx, id, "killed-process", lease, now)
+	if err != nil || d == nil {
+		t.Fatalf("claim: %v %v", d, err)
+	}
+	if err := s.RecordDispatchStart(ctx, id, d.ClaimToken, "killed-attempt", now); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A client attaching to a run of a killed process whose dispatch ends in
+// the moment between Attach's read and its registration — cancelled, or
+// dead-lettered by a sweep — learns it at once: the withdrawal or the
+// sweep found no log to end then (found by review: the log stayed open
+// until the next GC, a minute by default).
+func TestAttachToADispatchThatEndsMeanwhile(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		maxAttempts uint32
+		end         func(t *testing.T, r *rig)
+		want        engine.DispatchStatus
+		finish      string
+	}{
+		{"cancelled", 3, func(t *testing.T, r *rig) {
+			// Queued again after the killed process's attempt, then
+			// cancelled.
+			if ok, err := r.mb.Cancel(context.Background(), "d1"); !ok || err != nil {
+				t.Errorf("cancel: %v %v", ok, err)
+			}
+		}, engine.StatusCancelled, `"cancelled"`},
+		{"dead-lettered", 1, func(t *testing.T, r *rig) {
+			time.Sleep(80 * time.Millisecond) // the killed process's lease lapses
+			r.mb.Sweep(context.Background())
+		}, engine.StatusDeadLetter, `"error"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var hs *afterListStore
+			r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+				hs = &afterListStore{Store: s}
+				return hs
+			})
+			ctx := context.Background()
+			claimAsDeadProcess(t, r.store, "d1", "t1", tc.maxAttempts, 50*time.Millisecond)
+			if tc.want == engine.StatusCancelled {
+				time.Sleep(80 * time.Millisecond)
+				r.mb.Sweep(ctx) // reclaimed: queued again, an attempt spent
+				if d, _ := r.store.LoadDispatch(ctx, "d1"); d.Status != engine.StatusQueued || d.AttemptCount != 1 {
+					t.Fatalf("after the sweep: %+v", d)
+				}
+			}
+			hs.setHook(func() { tc.end(t, r) })
+			l, err := r.mb.Attach(ctx, "t1")
+			if err != nil || l == nil {
+				t.Fatalf("attach: %v %v", l, err)
+			}
+			if st := dispatchStatus(t, r.store, "d1"); st != tc.want {
+				t.Fatalf("status %s, want %s", st, tc.want)
+			}
+			if _, closed := l.ClosedAt(); !closed {
+				t.Fatal("the dispatch ended, the attached log is still open")
+			}
+			evs, _ := readAll(l, 0)
+			if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), tc.finish) {
+				t.Fatalf("the log: %s, want one run_finish with %s", describe(evs), tc.finish)
+			}
+		})
+	}
+}
+
+// Attach follows no run where none is active: a thread whose next
+// dispatch never had an attempt, or that has none.
+func TestAttachWithoutAnActiveRun(t *testing.T) {
+	r := newRig(t, newFake(0, complete), engine.Config{})
+	ctx := context.Background()
+	now := time.Now().UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "q1", ThreadID: "t1", RunID: "run-q1", Priority: engine.DefaultPriority, AvailableAt: now + time.Hour.Milliseconds(), CreatedAt: now, MaxAttempts: 3}); err != nil {
+		t.Fatal(err)
+	}
+	for _, thread := range []string{"t1", "none"} {
+		if l, err := r.mb.Attach(ctx, thread); l != nil || err != nil {
+			t.Fatalf("thread %s: %v %v, want no run", thread, l, err)
+		}
+	}
+}
