@@ -984,7 +984,7 @@ func (m *Mailbox) Reattach(thread string) *EventLog {
 // (after a restart, by the process that died; or by another sidecar
 // sharing the store) or, nothing being claimed, the thread's next queued
 // dispatch already had an attempt (a lease reclaimed after a crash; a
-// retry). The log is numbered by the attempt that takes it; if the
+// retry; an attempt a shutdown released). The log is numbered by the attempt that takes it; if the
 // dispatch ends without running here, the log ends with how it ended: at
 // once when this process withdraws it or its sweep dead-letters it,
 // otherwise at the next GC. nil: no run is active or retained (found by
@@ -1018,8 +1018,9 @@ func (m *Mailbox) Attach(ctx context.Context, thread string) (*EventLog, error) 
 }
 
 // activeDispatch is the thread's dispatch whose run is active (Attach):
-// its claimed one, else its next queued one if that had an attempt; nil
-// when there is none.
+// its claimed one, else its next queued one if that had an attempt — one
+// was spent (a reclaim, a retry) or its run is running (an attempt
+// released by a shutdown spends none); nil when there is none.
 func (m *Mailbox) activeDispatch(ctx context.Context, thread string) (*Dispatch, error) {
 	for _, status := range []DispatchStatus{StatusClaimed, StatusQueued} {
 		ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{status}, 1, 0)
@@ -1029,7 +1030,15 @@ func (m *Mailbox) activeDispatch(ctx context.Context, thread string) (*Dispatch,
 		if len(ds) == 0 {
 			continue
 		}
-		if d := &ds[0]; d.Status == StatusClaimed || d.InstanceID != "" || d.AttemptCount > 0 {
+		d := &ds[0]
+		if d.Status == StatusClaimed || d.InstanceID != "" || d.AttemptCount > 0 {
+			return d, nil
+		}
+		r, err := m.store.LoadRun(ctx, d.RunID)
+		if err != nil {
+			return nil, fmt.Errorf("attach to %s: %w", thread, err)
+		}
+		if r != nil && r.Status == RunRunning && r.StartCount > 0 {
 			return d, nil
 		}
 		return nil, nil

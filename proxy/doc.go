@@ -78,7 +78,8 @@
 //     whose dispatch the store shows active — claimed (after a crash, by
 //     the killed process until its lease is reclaimed; or by another
 //     sidecar sharing the store), or, nothing claimed, the thread's next
-//     queued dispatch had an attempt (a reclaim, a retry) — is a stream
+//     queued dispatch had an attempt (a reclaim, a retry, an attempt a
+//     shutdown released: its run is running) — is a stream
 //     that follows the run's next attempt here (engine.Mailbox.Attach),
 //     not 404. Its Last-Event-ID is answered `event: reset` (unknown_id:
 //     the attempt has no ids yet) and the replay starts at that attempt's

@@ -189,3 +189,25 @@ func TestReattachToADeadLetteredRunOfADeadProcessEnds(t *testing.T) {
 	}
 	sc.waitDispatch(q.DispatchID, engine.StatusDeadLetter)
 }
+
+// After a clean restart the run released by the shutdown (no attempt
+// spent) is followed too, before an agent takes it again.
+func TestReattachFollowsARunReleasedByARestart(t *testing.T) {
+	dir := filepath.Join(shortDir(t), "data")
+	one := newSidecar(t, options{diskPath: dir, handler: tagAgent{tag: "first", n: 1}})
+	st := one.stream(req{method: "POST", path: "/v1/threads/rel/runs", body: submitBody("go")})
+	sub := decode[submitResult](t, st.next().Data)
+	st.next()
+	one.stop(100 * time.Millisecond) // the attempt is released, not spent
+	st.rest()
+
+	two := newSidecar(t, options{diskPath: dir, noAgent: true})
+	if d := two.waitDispatch(sub.DispatchID, engine.StatusQueued); d.AttemptCount != 0 {
+		t.Fatalf("after the restart: %+v, want no attempt spent", d)
+	}
+	re := two.stream(req{method: "GET", path: "/v1/threads/rel/events"})
+	two.agents = startAgent(t, two.agentPath, tagAgent{tag: "second", n: 1}, 0)
+	if ev := re.next(); ev.Event != "text_delta" || !strings.Contains(ev.Data, `"second"`) {
+		t.Fatalf("the next attempt's first event: %+v", ev)
+	}
+}
