@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -100,7 +101,7 @@ func TestAttachToADispatchThatEndsMeanwhile(t *testing.T) {
 				}
 			}
 			hs.setHook(func() { tc.end(t, r) })
-			l, err := r.mb.Attach(ctx, "t1")
+			l, err := r.mb.Attach(ctx, "t1", 0)
 			if err != nil || l == nil {
 				t.Fatalf("attach: %v %v", l, err)
 			}
@@ -128,8 +129,63 @@ func TestAttachWithoutAnActiveRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, thread := range []string{"t1", "none"} {
-		if l, err := r.mb.Attach(ctx, thread); l != nil || err != nil {
+		if l, err := r.mb.Attach(ctx, thread, 0); l != nil || err != nil {
 			t.Fatalf("thread %s: %v %v, want no run", thread, l, err)
 		}
 	}
+}
+
+// An attempt that fails transiently ends its log with a run_finish that
+// names the retry (retry_at); a client that read it to that end and
+// re-attaches with its id follows the retry's attempt, from its first
+// event and without a reset (found by review: the retry ran unseen; a
+// re-attachment replayed the failed attempt's end again). A final failure
+// names no retry.
+func TestAClientFollowsTheRetryOfAFailedAttempt(t *testing.T) {
+	var attempt atomic.Int32
+	proceed := make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		switch attempt.Add(1) {
+		case 1:
+			taggedEvents(sink, "first", 2)
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky model"}
+		case 2:
+			<-proceed
+			taggedEvents(sink, "second", 3)
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky again"}
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "never"}
+	}
+	r := newRig(t, newFake(1, script), engine.Config{RetryDelay: 50 * time.Millisecond, MaxRetryDelay: 50 * time.Millisecond, MaxAttempts: 2})
+	r.start(t)
+	ctx := context.Background()
+	res, log1, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil || log1 == nil {
+		t.Fatalf("submit: %+v %v", res, err)
+	}
+	eventually(t, "attempt 1 ended", func() bool { _, closed := log1.ClosedAt(); return closed })
+	seen, _ := readAll(log1, 0)
+	last := seen[len(seen)-1]
+	if last.Type != "run_finish" || !strings.Contains(string(last.Data), `"retry_at":`) {
+		t.Fatalf("attempt 1 ended with %s, want a run_finish with retry_at", describe(seen))
+	}
+
+	follow, err := r.mb.Attach(ctx, "t1", last.Seq)
+	if err != nil || follow == nil || follow == log1 {
+		t.Fatalf("attach after the end: %v %v (the failed attempt's log: %v)", follow, err, follow == log1)
+	}
+	if again, _ := r.mb.Attach(ctx, "t1", last.Seq-1); again != log1 {
+		t.Fatal("a client that did not read attempt 1 to its end is not served it")
+	}
+	close(proceed)
+	eventually(t, "attempt 2 ended", func() bool { _, closed := follow.ClosedAt(); return closed })
+	got, reset := readAll(follow, last.Seq)
+	if reset || tagged(got, "second") != 3 || got[0].Seq <= last.Seq {
+		t.Fatalf("followed from %d: reset=%v %s, want attempt 2 whole without a reset", last.Seq, reset, describe(got))
+	}
+	fin := got[len(got)-1]
+	if fin.Type != "run_finish" || strings.Contains(string(fin.Data), "retry_at") {
+		t.Fatalf("the last attempt ended with %s, want a run_finish without retry_at", fin.Data)
+	}
+	eventually(t, "dead-lettered", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
 }

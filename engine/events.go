@@ -60,6 +60,10 @@ type EventLog struct {
 	base     uint64     // seq of the log's first event (1 unless numbered)
 	prev     uint64     // the last id of the run's previous attempt, when this process held its log (else 0)
 	numbered bool       // number was applied
+	// floor, while the log is not numbered, is the lowest id the attempt
+	// that numbers it can use (above every id of the run's attempts that
+	// started before; 0 when unknown): see NextSeqFloor.
+	floor uint64
 	// starts is the run's count of recorded starts after this log's
 	// attempt (its own start included), when known (startsKnown): the
 	// next attempt here tells from it whether this one was the run's
@@ -195,6 +199,21 @@ func (l *EventLog) ClosedAt() (int64, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.closedAt, l.closed
+}
+
+// NextSeqFloor is the lowest id this log's next event can have: the one
+// after LastSeq once numbered; before, the floor Attach knew (above every
+// id of the run's earlier started attempts), else 1. A client position at
+// or above it is of no attempt before this one (another run's, or a log
+// numbered apart); one below it is an earlier attempt's of this run, which
+// Read answers with a reset unless it was the previous attempt's end.
+func (l *EventLog) NextSeqFloor() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.numbered && l.next == l.base && l.floor > 0 {
+		return l.floor
+	}
+	return l.next
 }
 
 // LastSeq returns the sequence number of the newest event, or the one

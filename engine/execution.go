@@ -672,11 +672,17 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		if msg == "" {
 			msg = o.Kind.String()
 		}
-		m.emitFinish(e, msg)
 		// The run stays open for the retry; a nack that spends the last
 		// attempt dead-letters the dispatch and errors the run in the same
-		// commit.
+		// commit. The run_finish of an attempt that is retried says when
+		// (retry_at): its client re-attaches to follow the retry (Attach).
 		delay := RetryDelayMs(d.AttemptCount, m.cfg.RetryDelay.Milliseconds(), m.cfg.MaxRetryDelay.Milliseconds())
+		term := ErrorTermination(msg)
+		if d.AttemptCount+1 < d.MaxAttempts {
+			m.emitFinishRetry(e, term, now+delay)
+		} else {
+			m.emitFinishWith(e, term)
+		}
 		if _, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
 			log.Warn("nack failed", "err", err)
 		}
@@ -823,11 +829,26 @@ func (m *Mailbox) emitFinishWith(e *execution, term *Termination) {
 
 // emitFinishSession is emitFinishWith with the session id given.
 func (m *Mailbox) emitFinishSession(e *execution, session string, term *Termination) {
+	m.emitFinishAt(e, session, term, 0)
+}
+
+// emitFinishRetry is emitFinishWith for an attempt whose run is retried
+// at retryAt (Unix ms): its run_finish says so (retry_at).
+func (m *Mailbox) emitFinishRetry(e *execution, term *Termination, retryAt int64) {
+	session := ""
+	if e.started {
+		session = e.instanceID()
+	}
+	m.emitFinishAt(e, session, term, retryAt)
+}
+
+// emitFinishAt writes the synthetic run_finish unless the agent sent one.
+func (m *Mailbox) emitFinishAt(e *execution, session string, term *Termination, retryAt int64) {
 	if e.sawFinish.Load() {
 		return
 	}
 	m.numberEvents(e, false)
-	runSink{e}.Emit(finishEvent(&e.dispatch, session, term))
+	runSink{e}.Emit(finishEvent(&e.dispatch, session, term, retryAt))
 }
 
 // numberEvents fixes the ids of the attempt's events before its first
@@ -866,13 +887,16 @@ func (m *Mailbox) numberEvents(e *execution, reached bool) {
 // no agent did. As the seed's (mailbox_run_identity), it names the thread,
 // the run, the dispatch and the session (the dispatch instance id, as the
 // run record holds it); session "" (no attempt of it started) is left out.
-func finishEvent(d *Dispatch, session string, term *Termination) []byte {
+func finishEvent(d *Dispatch, session string, term *Termination, retryAt int64) []byte {
 	ev := map[string]any{
 		"type": "run_finish", "thread_id": d.ThreadID, "run_id": d.RunID,
 		"dispatch_id": d.DispatchID, "termination": term,
 	}
 	if session != "" {
 		ev["session_id"] = session
+	}
+	if retryAt > 0 {
+		ev["retry_at"] = retryAt
 	}
 	b, _ := json.Marshal(ev)
 	return b

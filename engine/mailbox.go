@@ -808,7 +808,7 @@ func (m *Mailbox) endPending(ds []Dispatch, term func(*Dispatch) *Termination) {
 		// the ids of the run's started attempts — the dispatch may continue
 		// a waiting run, whose first attempt numbered from 1.
 		l.number(unstartedBase(0), 0)
-		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d)))
+		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0))
 		l.Close(now)
 	}
 }
@@ -977,28 +977,34 @@ func (m *Mailbox) Reattach(thread string) *EventLog {
 	return l
 }
 
-// Attach is Reattach for a client that follows a thread's run: when this
-// process has no log of the thread but the store shows its run active,
-// it returns a log for that dispatch's next attempt here, as it does for
-// a queued foreground run. The run is active when its dispatch is claimed
-// (after a restart, by the process that died; or by another sidecar
-// sharing the store) or, nothing being claimed, the thread's next queued
-// dispatch already had an attempt (a lease reclaimed after a crash; a
-// retry; an attempt a shutdown released). The log is numbered by the attempt that takes it; if the
-// dispatch ends without running here, the log ends with how it ended: at
-// once when this process withdraws it or its sweep dead-letters it,
-// otherwise at the next GC. nil: no run is active or retained (found by
-// review: right after a restart a client re-attaching to a run that was
-// still going was told there was none).
-func (m *Mailbox) Attach(ctx context.Context, thread string) (*EventLog, error) {
-	if l := m.Reattach(thread); l != nil {
-		return l, nil
+// Attach is Reattach for a client that follows a thread's run from
+// position after (its Last-Event-ID; 0: none). When this process has no
+// log of the thread, or has only the closed log of an attempt the client
+// has read to its end, but the store shows the run active, it returns a
+// log for that dispatch's next attempt here, as it does for a queued
+// foreground run. The run is active when its dispatch is claimed (after a
+// restart, by the process that died; or by another sidecar sharing the
+// store) or, nothing being claimed, the thread's next queued dispatch
+// already had an attempt (a lease reclaimed after a crash; a retry after
+// a transient failure, whose run_finish names it with retry_at; an
+// attempt a shutdown released). The log is numbered by the attempt that
+// takes it; if the dispatch ends without running here, the log ends with
+// how it ended: at once when this process withdraws it or its sweep
+// dead-letters it, otherwise at the next GC. nil: no run is active or
+// retained (found by review: right after a restart a client re-attaching
+// to a run that was still going was told there was none).
+func (m *Mailbox) Attach(ctx context.Context, thread string, after uint64) (*EventLog, error) {
+	have := m.Reattach(thread)
+	if have != nil {
+		if _, closed := have.ClosedAt(); !closed || after == 0 || after < have.LastSeq() {
+			return have, nil
+		}
 	}
-	active, err := m.activeDispatch(ctx, thread)
+	active, run, err := m.activeDispatch(ctx, thread)
 	if err != nil || active == nil {
-		return nil, err
+		return have, err
 	}
-	l, fresh := m.attachPending(thread, active.DispatchID)
+	l, fresh := m.attachPending(thread, active, have, run)
 	if !fresh {
 		return l, nil
 	}
@@ -1017,50 +1023,63 @@ func (m *Mailbox) Attach(ctx context.Context, thread string) (*EventLog, error) 
 	return l, nil
 }
 
-// activeDispatch is the thread's dispatch whose run is active (Attach):
-// its claimed one, else its next queued one if that had an attempt — one
-// was spent (a reclaim, a retry) or its run is running (an attempt
-// released by a shutdown spends none); nil when there is none.
-func (m *Mailbox) activeDispatch(ctx context.Context, thread string) (*Dispatch, error) {
+// activeDispatch is the thread's dispatch whose run is active (Attach),
+// with its run record when read: its claimed one, else its next queued
+// one if that had an attempt — one was spent (a reclaim, a retry) or its
+// run is running (an attempt released by a shutdown spends none); nil
+// when there is none.
+func (m *Mailbox) activeDispatch(ctx context.Context, thread string) (*Dispatch, *RunRecord, error) {
 	for _, status := range []DispatchStatus{StatusClaimed, StatusQueued} {
 		ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{status}, 1, 0)
 		if err != nil {
-			return nil, fmt.Errorf("attach to %s: %w", thread, err)
+			return nil, nil, fmt.Errorf("attach to %s: %w", thread, err)
 		}
 		if len(ds) == 0 {
 			continue
 		}
 		d := &ds[0]
-		if d.Status == StatusClaimed || d.InstanceID != "" || d.AttemptCount > 0 {
-			return d, nil
-		}
 		r, err := m.store.LoadRun(ctx, d.RunID)
 		if err != nil {
-			return nil, fmt.Errorf("attach to %s: %w", thread, err)
+			return nil, nil, fmt.Errorf("attach to %s: %w", thread, err)
 		}
-		if r != nil && r.Status == RunRunning && r.StartCount > 0 {
-			return d, nil
+		if d.Status == StatusClaimed || d.InstanceID != "" || d.AttemptCount > 0 ||
+			r != nil && r.Status == RunRunning && r.StartCount > 0 {
+			return d, r, nil
 		}
-		return nil, nil
+		return nil, nil, nil
 	}
-	return nil, nil
+	return nil, nil, nil
 }
 
-// attachPending makes the event log Attach returns for dispatch id of
-// thread: the thread's log if an attempt started here meanwhile, else
-// the dispatch's waiting log, made if need be (fresh).
-func (m *Mailbox) attachPending(thread, id string) (l *EventLog, fresh bool) {
+// attachPending makes the event log Attach returns for the active
+// dispatch of thread: the thread's log if an attempt started here since
+// have was read, have if it is another run's, else the dispatch's
+// waiting log, made if need be (fresh) with its
+// floor above the ids of the run's recorded starts. The waiting log
+// becomes the thread's unless the thread's is the closed log of the
+// run's previous attempt, which stays for its readers and for the next
+// attempt to follow on from (startExecution).
+func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog, run *RunRecord) (l *EventLog, fresh bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if l := m.logs[thread]; l != nil {
+	if l := m.logs[thread]; l != nil && l != have {
 		return l, false
 	}
+	if have != nil && have.run != active.RunID {
+		return have, false // the thread's next run is another: the client read this one to its end
+	}
+	id := active.DispatchID
 	l = m.pending[id]
 	if l == nil {
 		l, fresh = NewEventLog(m.cfg.EventBuffer), true
+		if run != nil && run.StartCount > 0 {
+			l.floor = unstartedBase(run.StartCount)
+		}
 		m.pending[id] = l
 	}
-	m.logs[thread] = l
+	if have == nil {
+		m.logs[thread] = l
+	}
 	return l, fresh
 }
 

@@ -81,9 +81,13 @@
 //     queued dispatch had an attempt (a reclaim, a retry, an attempt a
 //     shutdown released: its run is running) — is a stream
 //     that follows the run's next attempt here (engine.Mailbox.Attach),
-//     not 404. Its Last-Event-ID is answered `event: reset` (unknown_id:
-//     the attempt has no ids yet) and the replay starts at that attempt's
-//     first event. If the run ends without running here, the stream ends
+//     not 404. A Last-Event-ID of the run's earlier attempt is answered,
+//     with that attempt's first event, by `event: reset` (expired) — none
+//     when it is the end of the attempt just before, which this sidecar
+//     ran: a client that read a failed attempt's run_finish (it names the
+//     retry: retry_at) and re-attaches with its id follows the retry as
+//     one stream. An id above the run's earlier attempts' gets unknown_id
+//     and the attempt from its first event. If the run ends without running here, the stream ends
 //     with a run_finish saying how: at once when this sidecar cancels,
 //     supersedes or dead-letters it, else (it ran on another sidecar
 //     sharing the store, whose events this one never sees) at the next

@@ -204,7 +204,7 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		}
 		after = v
 	}
-	log, err := s.mb.Attach(s.base, thread)
+	log, err := s.mb.Attach(s.base, thread, after)
 	if err != nil {
 		return err
 	}
@@ -212,7 +212,7 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		return errNotFound("thread %s has no active or retained run", thread)
 	}
 	var head []byte
-	if last := log.LastSeq(); after > last {
+	if after >= log.NextSeqFloor() {
 		// An id of an earlier run of the thread, or of a log numbered
 		// apart: replay this one whole.
 		head = appendReset(nil, "unknown_id", after, log.FirstSeq())

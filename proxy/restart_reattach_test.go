@@ -147,8 +147,8 @@ func TestReattachFollowsARunOfADeadProcess(t *testing.T) {
 
 	st := sc.stream(req{method: "GET", path: "/v1/threads/dead/events", headers: []string{"Last-Event-ID", "7"}})
 	sc.agents = startAgent(t, sc.agentPath, nil, 0)
-	if ev := st.next(); ev.Event != "reset" || !strings.Contains(ev.Data, `"unknown_id"`) {
-		t.Fatalf("first event %+v, want a reset: the id is the dead attempt's", ev)
+	if ev := st.next(); ev.Event != "reset" || !strings.Contains(ev.Data, `"expired"`) {
+		t.Fatalf("first event %+v, want a reset (expired): the id is the dead attempt's, whose end this sidecar did not see", ev)
 	}
 	if ev := st.next(); ev.Event != "run_start" {
 		t.Fatalf("the next attempt's first event: %+v", ev)

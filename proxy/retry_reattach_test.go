@@ -3,8 +3,12 @@ package proxy_test
 import (
 	"context"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/agent"
 )
 
@@ -77,4 +81,40 @@ func contains(s, sub string) bool {
 		}
 		return false
 	})()
+}
+
+// flakyOnce fails its first run transiently after one event and runs the
+// retry to its end.
+type flakyOnce struct{ runs *atomic.Int32 }
+
+func (a flakyOnce) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
+	if a.runs.Add(1) == 1 {
+		run.EmitRaw([]byte(`{"type":"text_delta","tag":"first"}`))
+		return agent.Transient("flaky", "the model timed out")
+	}
+	run.EmitRaw([]byte(`{"type":"text_delta","tag":"retry"}`))
+	return agent.Done("ok")
+}
+
+// A foreground client whose run failed transiently reads a run_finish
+// naming the retry (retry_at) and re-attaches with its id: it follows the
+// retry without a reset, to the retry's own run_finish (found by review:
+// the retry ran unseen, and a re-attachment replayed the failed end).
+func TestAClientFollowsARetryAfterItsRunFinish(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{handler: flakyOnce{runs: new(atomic.Int32)}, engine: engine.Config{RetryDelay: 300 * time.Millisecond, MaxRetryDelay: 300 * time.Millisecond}})
+	st := sc.stream(req{method: "POST", path: "/v1/threads/flaky/runs", body: submitBody("go")})
+	first := st.rest()
+	fin := first[len(first)-1]
+	if fin.Event != "run_finish" || !strings.Contains(fin.Data, `"retry_at":`) {
+		t.Fatalf("the failed attempt's stream: %s %+v", types(first), fin)
+	}
+	re := sc.stream(req{method: "GET", path: "/v1/threads/flaky/events", headers: []string{"Last-Event-ID", fin.ID}})
+	rest := re.rest()
+	if types(rest) != "text_delta,run_finish" || !strings.Contains(rest[0].Data, `"retry"`) || strings.Contains(rest[1].Data, "retry_at") {
+		t.Fatalf("followed the retry: %+v", rest)
+	}
+	if mustAtoi(rest[0].ID) <= mustAtoi(fin.ID) {
+		t.Fatalf("the retry's first id %s is not above %s", rest[0].ID, fin.ID)
+	}
 }

@@ -121,7 +121,10 @@ func (st *sseStream) run(w *bufio.Writer) {
 			line = appendReset(line[:0], "expired", st.after, oldest)
 			w.Write(line)
 		}
-		live = live || !deferred
+		// Only events make the stream live: an empty read says nothing of
+		// the position (a log not numbered yet reports no reset for an
+		// earlier attempt's id, which its first events will).
+		live = live || len(evs) > 0
 		for i := range evs {
 			line = appendEvent(line[:0], &evs[i])
 			w.Write(line)
