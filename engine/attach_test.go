@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -188,4 +189,41 @@ func TestAClientFollowsTheRetryOfAFailedAttempt(t *testing.T) {
 		t.Fatalf("the last attempt ended with %s, want a run_finish without retry_at", fin.Data)
 	}
 	eventually(t, "dead-lettered", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
+}
+
+// The run_finish that ends an attached log whose dispatch ended without
+// running here is numbered in the band of the run's last recorded start,
+// above the ids its client saw of that attempt, not in the first band
+// (found by review: a client of a run's second attempt got a lower id).
+func TestAnAttachedLogEndsInTheBandOfTheRunsLastStart(t *testing.T) {
+	r := newRigWith(t, newFake(0, complete), engine.Config{MaxAttempts: 2}, nil)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 { // two attempts of a killed process, each started
+		d, err := r.store.ClaimDispatch(ctx, res.DispatchID, "killed-process", 30*time.Millisecond, time.Now().UnixMilli())
+		if err != nil || d == nil {
+			t.Fatalf("claim %d: %v %v", i, d, err)
+		}
+		if err := r.store.RecordDispatchStart(ctx, res.DispatchID, d.ClaimToken, fmt.Sprint("killed-attempt-", i), time.Now().UnixMilli()); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			time.Sleep(50 * time.Millisecond)
+			r.mb.Sweep(ctx) // reclaimed: queued again
+		}
+	}
+	l, err := r.mb.Attach(ctx, "t1", 0)
+	if err != nil || l == nil {
+		t.Fatalf("attach: %v %v", l, err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	r.mb.Sweep(ctx) // the second lapse spends the last attempt
+	evs, _ := readAll(l, 0)
+	const secondBandUnstarted = 1<<32 + 1<<31 + 1
+	if len(evs) != 1 || evs[0].Type != "run_finish" || evs[0].Seq != secondBandUnstarted {
+		t.Fatalf("the attached log: %s, want one run_finish with id %d", describe(evs), uint64(secondBandUnstarted))
+	}
 }

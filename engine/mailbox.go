@@ -803,11 +803,12 @@ func (m *Mailbox) endPending(ds []Dispatch, term func(*Dispatch) *Termination) {
 			continue
 		}
 		delete(m.pending, d.DispatchID)
-		// An attempt that never reached the agent, of a run whose start
-		// count is not read here (README, "Event ids"): numbered apart from
-		// the ids of the run's started attempts — the dispatch may continue
-		// a waiting run, whose first attempt numbered from 1.
-		l.number(unstartedBase(0), 0)
+		// An attempt that never reached the agent (README, "Event ids"):
+		// numbered apart from the ids of the run's started attempts — the
+		// dispatch may continue a waiting run, whose first attempt
+		// numbered from 1 — in the band of the run's last recorded start
+		// when Attach read it (its floor), else the first band.
+		l.number(max(unstartedBase(0), l.NextSeqFloor()), 0)
 		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0))
 		l.Close(now)
 	}
