@@ -142,6 +142,10 @@ func (l *EventLog) number(base, prev uint64) {
 	if l.numbered || l.next != l.base || base == 0 {
 		return
 	}
+	// Never below the floor Attach set: a client may hold an id of the
+	// run's last started attempt, and an id under it would be skipped
+	// without a reset (found by review).
+	base = max(base, l.floor)
 	l.numbered = true
 	l.next, l.base, l.prev = base, base, prev
 }

@@ -808,7 +808,7 @@ func (m *Mailbox) endPending(ds []Dispatch, term func(*Dispatch) *Termination) {
 		// dispatch may continue a waiting run, whose first attempt
 		// numbered from 1 — in the band of the run's last recorded start
 		// when Attach read it (its floor), else the first band.
-		l.number(max(unstartedBase(0), l.NextSeqFloor()), 0)
+		l.number(unstartedBase(0), 0) // raised to the log's floor if Attach set one
 		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0))
 		l.Close(now)
 	}
@@ -1002,6 +1002,9 @@ func (m *Mailbox) Attach(ctx context.Context, thread string, after uint64) (*Eve
 		}
 	}
 	active, run, err := m.activeDispatch(ctx, thread)
+	if err != nil && have != nil {
+		return have, nil // the closed log is still an answer
+	}
 	if err != nil || active == nil {
 		return have, err
 	}

@@ -74,8 +74,10 @@
 //     answers that dispatch without interrupting anything: as JSON, or as
 //     a stream that follows the run if it executes here and otherwise
 //     ends after `submitted` (the client re-attaches once it runs).
-//   - GET …/events of a thread whose run this sidecar has no log of, but
-//     whose dispatch the store shows active — claimed (after a crash, by
+//   - GET …/events of a thread whose run this sidecar has no log of — or
+//     only the closed log of an attempt the client read to its end (its
+//     Last-Event-ID is that log's last) — but whose dispatch the store
+//     shows active — claimed (after a crash, by
 //     the killed process until its lease is reclaimed; or by another
 //     sidecar sharing the store), or, nothing claimed, the thread's next
 //     queued dispatch had an attempt (a reclaim, a retry, an attempt a

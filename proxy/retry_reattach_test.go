@@ -118,3 +118,44 @@ func TestAClientFollowsARetryAfterItsRunFinish(t *testing.T) {
 		t.Fatalf("the retry's first id %s is not above %s", rest[0].ID, fin.ID)
 	}
 }
+
+// flakyTwice fails its first two runs transiently after one event each.
+type flakyTwice struct{ runs *atomic.Int32 }
+
+func (a flakyTwice) HandleRun(ctx context.Context, run *agent.Run) agent.Result {
+	if a.runs.Add(1) <= 2 {
+		run.EmitRaw([]byte(`{"type":"text_delta","tag":"attempt"}`))
+		return agent.Transient("flaky", "the model timed out")
+	}
+	return agent.Done("ok")
+}
+
+// A client following a run's retries, at the end of its second attempt
+// (ids above 2³²), whose retry is then cancelled before it starts, is told
+// how the run ended: its stream ends with the cancellation's run_finish
+// (found by review: that run_finish was numbered in the first band, below
+// the client's id, and the stream ended with nothing).
+func TestACancelledRetryEndsTheStreamFollowingIt(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{handler: flakyTwice{runs: new(atomic.Int32)}, engine: engine.Config{RetryDelay: 700 * time.Millisecond, MaxRetryDelay: 700 * time.Millisecond}})
+	st := sc.stream(req{method: "POST", path: "/v1/threads/flaky/runs", body: submitBody("go")})
+	first := st.rest()
+	re := sc.stream(req{method: "GET", path: "/v1/threads/flaky/events", headers: []string{"Last-Event-ID", first[len(first)-1].ID}})
+	second := re.rest()
+	fin2 := second[len(second)-1]
+	if fin2.Event != "run_finish" || !strings.Contains(fin2.Data, "retry_at") || mustAtoi(fin2.ID) < 1<<32 {
+		t.Fatalf("attempt 2: %+v", second)
+	}
+	re2 := sc.stream(req{method: "GET", path: "/v1/threads/flaky/events", headers: []string{"Last-Event-ID", fin2.ID}})
+	ds, _ := sc.mb.ListDispatches(context.Background(), "flaky", engine.StatusFilter{engine.StatusQueued}, 0, 0)
+	if len(ds) != 1 {
+		t.Fatalf("queued: %+v", ds)
+	}
+	if ok, err := sc.mb.Cancel(context.Background(), ds[0].DispatchID); !ok || err != nil {
+		t.Fatalf("cancel %v %v", ok, err)
+	}
+	rest := re2.rest()
+	if len(rest) == 0 || rest[len(rest)-1].Event != "run_finish" || !strings.Contains(rest[len(rest)-1].Data, `"cancelled"`) {
+		t.Fatalf("after the cancel the stream got %+v, want it to end with the cancellation's run_finish", rest)
+	}
+}
