@@ -227,3 +227,52 @@ func TestAnAttachedLogEndsInTheBandOfTheRunsLastStart(t *testing.T) {
 		t.Fatalf("the attached log: %s, want one run_finish with id %d", describe(evs), uint64(secondBandUnstarted))
 	}
 }
+
+// An agent's own run_finish stands only if its attempt completes: one
+// that then fails (its connection lost before FINISH, say) ends its log
+// with the sidecar's run_finish saying how — retry_at for a retry, the
+// error for a dead letter — not the agent's natural_end (found by
+// review: the client was told the run ended well, and it ran again).
+func TestAnAgentsRunFinishStandsOnlyIfItsAttemptCompletes(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		outcome engine.RunOutcome
+		want    []string
+		not     string
+	}{
+		{"transient", engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "agent lost"}, []string{`"retry_at":`, `"agent lost"`}, "natural_end"},
+		{"permanent", engine.RunOutcome{Kind: engine.OutcomePermanent, Error: "bad input"}, []string{`"bad input"`}, "natural_end"},
+		{"completed", engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}, []string{`"natural_end"`, `"agent":true`}, "retry_at"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+				sink.Emit([]byte(`{"type":"text_delta","delta":"hi"}`))
+				sink.Emit([]byte(`{"type":"run_finish","agent":true,"termination":{"type":"natural_end"}}`))
+				return tc.outcome
+			}
+			r := newRig(t, newFake(1, script), engine.Config{MaxAttempts: 3, RetryDelay: time.Hour, MaxRetryDelay: time.Hour})
+			r.start(t)
+			_, l, err := r.mb.Submit(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the attempt ended", func() bool { _, closed := l.ClosedAt(); return closed })
+			evs, _ := readAll(l, 0)
+			finishes := 0
+			for _, e := range evs {
+				if e.Type == "run_finish" {
+					finishes++
+				}
+			}
+			last := string(evs[len(evs)-1].Data)
+			if finishes != 1 || evs[len(evs)-1].Type != "run_finish" || strings.Contains(last, tc.not) {
+				t.Fatalf("the log: %s", describe(evs))
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(last, w) {
+					t.Fatalf("its run_finish %s lacks %s", last, w)
+				}
+			}
+		})
+	}
+}

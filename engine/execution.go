@@ -39,10 +39,9 @@ type execution struct {
 	// preStarted: the start was recorded with the claim (dispatch.InstanceID).
 	preStarted bool
 	sawFinish  atomic.Bool // the agent emitted run_finish
-	// heldFinish is the agent's run_finish of an attempt that shutdown
-	// cancelled, held back until its outcome is known: an attempt put
-	// back in the queue ends its clients' streams with the engine's
-	// "interrupted" run_finish, not the agent's "cancelled" (agentSink).
+	// heldFinish is the agent's run_finish, held back until the attempt's
+	// outcome is known (agentSink): passed on if it completed, else the
+	// engine's run_finish says how it ended.
 	heldFinish atomic.Pointer[[]byte]
 	// instance is the attempt's dispatch instance id once its start is
 	// recorded (by its claim or by RecordDispatchStart).
@@ -388,12 +387,15 @@ func (s runSink) emitTyped(typ string, data []byte, wake bool) {
 	s.e.events.appendWaking(typ, data, wake)
 }
 
-// agentSink is the sink the executor gets: runSink, except that a
-// run_finish the agent emits once shutdown or a lost lease cancelled the
-// attempt is held back (execution.heldFinish). Such an attempt is put
-// back in the queue (shutdown) or retried (a lost lease) unless it
-// completed on its own; its clients were told "cancelled" and the run then
-// ran again (found by review).
+// agentSink is the sink the executor gets: runSink, except that the
+// agent's run_finish is held back (execution.heldFinish) until the
+// attempt's outcome is known, and passed on only if it completed. An
+// attempt that fails is retried (transient), dead-lettered (permanent) or
+// put back in the queue (shutdown, no agent): its clients get the
+// sidecar's run_finish saying so (retry_at for a retry) instead of the
+// agent's, which may say it ended well. They were told "cancelled" (a
+// shutdown, a lost lease) or natural_end (the connection lost before
+// FINISH) while the run then ran again (found by review).
 type agentSink struct{ runSink }
 
 func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
@@ -402,13 +404,11 @@ func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
 func (s agentSink) EmitQuiet(data []byte) { s.emitAgent(data, false) }
 
 func (s agentSink) emitAgent(data []byte, wake bool) {
-	typ := eventType(data) // read once; the context's cause (a lock) only for a run_finish
+	typ := eventType(data)
 	if typ == "run_finish" {
-		if cause := context.Cause(s.e.ctx); errors.Is(cause, errShutdown) || errors.Is(cause, errLeaseLost) {
-			b := bytes.Clone(data) // the sink keeps no data after Emit returns
-			s.e.heldFinish.Store(&b)
-			return
-		}
+		b := bytes.Clone(data) // the sink keeps no data after Emit returns
+		s.e.heldFinish.Store(&b)
+		return
 	}
 	s.emitTyped(typ, data, wake)
 }
