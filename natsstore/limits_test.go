@@ -174,3 +174,29 @@ func TestCloseDeletesTheIndexConsumer(t *testing.T) {
 		t.Fatalf("consumers %v after it closed, want %d (%v)", got, len(before), before)
 	}
 }
+
+// RedactURL hides a password and a token (a user part without a
+// password), in every URL of a list; Open's connect error carries only
+// the redacted form (found by review: a token reached the logs).
+func TestRedactURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"nats://u:secret@a:4222,nats://b:4222": "nats://u:xxxxx@a:4222,nats://b:4222",
+		"nats://secret@a:4222":                 "nats://xxxxx@a:4222",
+		"tls://a:4222":                         "tls://a:4222",
+		"nats://se cret@a:%zz":                 "(unparsable URL with credentials)",
+	} {
+		if got := natsstore.RedactURL(in); got != want {
+			t.Errorf("RedactURL(%q) = %q, want %q", in, got, want)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := natsstore.Open(ctx, natsstore.Config{URL: "nats://secret@127.0.0.1:1", Stream: "X", Prefix: "x"})
+	if err == nil {
+		s.Close()
+		t.Fatal("opened a store on a closed port")
+	}
+	if strings.Contains(err.Error(), "secret") || !strings.Contains(err.Error(), "xxxxx") {
+		t.Fatalf("open error %q", err)
+	}
+}

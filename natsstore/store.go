@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,7 +64,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	}, cfg.Options...)
 	nc, err := nats.Connect(cfg.URL, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("open nats store: connect %s: %w", cfg.URL, unavailable(err))
+		return nil, fmt.Errorf("open nats store: connect %s: %w", RedactURL(cfg.URL), unavailable(err))
 	}
 	s := &Store{
 		cfg:       cfg,
@@ -230,6 +232,36 @@ func (s *Store) deleteIndexConsumer() {
 	if err := s.js.DeleteConsumer(ctx, s.cfg.Stream, info.Name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 		s.log.Debug("natsstore: delete the index consumer", "consumer", info.Name, "err", err)
 	}
+}
+
+// RedactURL hides the credentials of every server URL in a
+// comma-separated list, for logs and errors: a password as "xxxxx", and a
+// user part without one (a token) whole — url.Redacted hides only a
+// password (found by review: a token in the URL reached the logs).
+func RedactURL(list string) string {
+	parts := strings.Split(list, ",")
+	for i, p := range parts {
+		u, err := url.Parse(strings.TrimSpace(p))
+		switch {
+		case err != nil:
+			if strings.Contains(p, "@") {
+				parts[i] = "(unparsable URL with credentials)"
+			}
+		case u.User == nil:
+		case hasPassword(u):
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			parts[i] = u.String()
+		default:
+			u.User = url.User("xxxxx")
+			parts[i] = u.String()
+		}
+	}
+	return strings.Join(parts, ",")
+}
+
+func hasPassword(u *url.URL) bool {
+	_, ok := u.User.Password()
+	return ok
 }
 
 // Writable reports whether the store can take writes now: nil, or why

@@ -128,16 +128,9 @@ func checkNATSURL(s string) error {
 	return nil
 }
 
-// redactURL hides the password of every URL in a comma-separated list.
-func redactURL(list string) string {
-	parts := strings.Split(list, ",")
-	for i, p := range parts {
-		if u, err := url.Parse(strings.TrimSpace(p)); err == nil && u.User != nil {
-			parts[i] = u.Redacted()
-		}
-	}
-	return strings.Join(parts, ",")
-}
+// redactURL hides the credentials of every URL in a comma-separated list
+// (natsstore.RedactURL).
+func redactURL(list string) string { return natsstore.RedactURL(list) }
 
 // natsConfig is the NATS store's configuration.
 func (c *serveConfig) natsConfig(log *slog.Logger) natsstore.Config {
