@@ -615,7 +615,9 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	d := &e.dispatch
 	if e.cancelSettled.Load() {
 		// A user's cancel settled the dispatch already (Mailbox.Cancel).
-		m.metrics.count(metricRuns, "outcome", OutcomeCompleted.String()).Inc()
+		// Counted as cancelled, not completed (found by review).
+		m.metrics.count(metricRuns, "outcome", outcomeCancelled).Inc()
+		m.metrics.seconds(metricEnqToDone, time.Duration(m.cfg.Now()-d.CreatedAt)*time.Millisecond, "outcome", outcomeCancelled)
 		m.emitFinishWith(e, &Termination{Type: TermCancelled})
 		return
 	}
@@ -683,8 +685,10 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		} else {
 			m.emitFinishWith(e, term)
 		}
-		if _, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
+		if nd, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
 			log.Warn("nack failed", "err", err)
+		} else if nd.Status == StatusDeadLetter {
+			m.metrics.count(metricDeadLetter, "cause", deadLetterAttempts).Inc()
 		}
 	case OutcomePermanent:
 		msg := o.Error
@@ -698,6 +702,8 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		// harness).
 		if err := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); err != nil {
 			log.Warn("dead letter failed", "err", err)
+		} else {
+			m.metrics.count(metricDeadLetter, "cause", deadLetterPermanent).Inc()
 		}
 	case OutcomeAbandoned:
 		noAgent := o.ErrorCode == CodeAgentUnavailable || o.ErrorCode == CodeAgentBusy

@@ -368,6 +368,17 @@ func execMetrics(mb *engine.Mailbox) string {
 	return b.String()
 }
 
+// countedIn reports whether a sample of out whose name starts with prefix
+// is above zero (counters are there from the first scrape, at zero).
+func countedIn(out, prefix string) bool {
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, prefix) && !strings.HasSuffix(line, " 0") {
+			return true
+		}
+	}
+	return false
+}
+
 // execMetric returns the value of the sample whose name-and-labels part is
 // exactly series, or 0 when it is absent.
 func execMetric(mb *engine.Mailbox, series string) float64 {

@@ -189,9 +189,7 @@ func (m *Mailbox) Recover(ctx context.Context) (int, error) {
 		}
 		total += len(got)
 		m.metrics.add("reclaim_dispatch", len(got))
-		for i := range got {
-			m.reconcileDispatch(ctx, &got[i])
-		}
+		m.reclaimed(ctx, got)
 		if len(got) < reclaimPage {
 			break
 		}
@@ -278,8 +276,24 @@ func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
 // before the newest terminal dispatch the previous pass saw.
 const reconcileOverlap = time.Minute
 
+// reclaimed settles what a reclaim of lapsed leases returned: a dispatch
+// whose lapse spent its last attempt is dead-lettered (counted), and its
+// run is settled.
+func (m *Mailbox) reclaimed(ctx context.Context, got []Dispatch) {
+	for i := range got {
+		if got[i].Status == StatusDeadLetter {
+			m.metrics.count(metricDeadLetter, "cause", deadLetterLease).Inc()
+		}
+		m.reconcileDispatch(ctx, &got[i])
+	}
+}
+
 // reconcileDispatch settles the run of a cancelled, superseded or
-// dead-lettered dispatch if it is still open.
+// dead-lettered dispatch if it is still open. Its operation is counted
+// "empty" when the run was settled already (the Badger store settles it
+// in the dispatch's own commit; a sweep reads the last minute's terminal
+// dispatches again), so that the count moves only on a real mark (found
+// by review: it rose at every idle sweep).
 func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
 	var op string
 	switch d.Status {
@@ -292,20 +306,22 @@ func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
 	default:
 		return
 	}
-	err := observeErr(m.metrics, op, func() error {
+	_, err := observe(m.metrics, op, func() (bool, error) {
+		marked := false
 		err := m.updateRun(ctx, d.ThreadID, d.RunID, func(r *RunRecord) bool {
 			if d.RequeuedAs != "" || r.DispatchID != "" && r.DispatchID != d.DispatchID {
 				// An operator requeued this dead letter: the run is the
 				// new dispatch's now, reopened, and must stay so.
 				return false
 			}
-			return r.Settle(d, m.cfg.Now()/1000)
+			marked = r.Settle(d, m.cfg.Now()/1000)
+			return marked
 		})
 		if errors.Is(err, ErrNotFound) {
-			return nil
+			return false, nil
 		}
-		return err
-	})
+		return marked, err
+	}, func(marked bool) bool { return !marked })
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		m.log.Warn("settle run of terminal dispatch failed", "dispatch_id", d.DispatchID, "run_id", d.RunID, "err", err)
 	}
@@ -579,9 +595,7 @@ func (m *Mailbox) Sweep(ctx context.Context) {
 			break
 		}
 		m.metrics.add("reclaim_dispatch", len(got))
-		for i := range got {
-			m.reconcileDispatch(ctx, &got[i])
-		}
+		m.reclaimed(ctx, got)
 		if len(got) < reclaimPage {
 			break
 		}

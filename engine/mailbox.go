@@ -139,7 +139,9 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 	m.probeDone = sync.NewCond(&m.mu)
 	m.slots, _ = exec.(SlotCounter)
 	m.metrics = newEngineMetrics(func() (StatusCounts, error) {
-		return store.CountByStatus(context.Background())
+		ctx, cancel := context.WithTimeout(context.Background(), depthTimeout)
+		defer cancel()
+		return store.CountByStatus(ctx)
 	}, func() float64 {
 		m.mu.Lock()
 		defer m.mu.Unlock()
@@ -977,6 +979,10 @@ func (m *Mailbox) Reattach(thread string) *EventLog {
 	}
 	return l
 }
+
+// depthTimeout bounds the dispatch count behind the depth gauges, so a
+// scrape gets an answer (the last one) from a store that hangs.
+const depthTimeout = 2 * time.Second
 
 // Attach is Reattach for a client that follows a thread's run from
 // position after (its Last-Event-ID; 0: none). When this process has no

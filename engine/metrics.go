@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -25,6 +26,8 @@ const (
 	metricEnqToDone  = "mailbox_dispatch_enqueue_to_complete_seconds"
 	metricRuntime    = "mailbox_dispatch_runtime_seconds"
 	metricRuns       = "mailbox_runs_total"
+	metricDeadLetter = "mailbox_dead_letters_total"
+	metricDepthErrs  = "mailbox_dispatch_depth_errors_total"
 	metricRenewals   = "mailbox_lease_renewals_total"
 	metricLive       = "mailbox_live_commands_total"
 	metricSigPulled  = "mailbox_dispatch_signal_pulled_total"
@@ -123,6 +126,14 @@ func newEngineMetrics(countFn func() (StatusCounts, error), active func() float6
 	for _, r := range []string{"ok", "lost", "error"} {
 		em.count(metricRenewals, "result", r)
 	}
+	for _, c := range []string{deadLetterPermanent, deadLetterAttempts, deadLetterLease} {
+		em.count(metricDeadLetter, "cause", c)
+	}
+	for _, o := range []OutcomeKind{OutcomeCompleted, OutcomeTransient, OutcomePermanent, OutcomeAbandoned} {
+		em.count(metricRuns, "outcome", o.String())
+	}
+	em.count(metricRuns, "outcome", outcomeCancelled)
+	em.count(metricDepthErrs)
 	for _, k := range []string{"messages", "decision"} {
 		for _, r := range []string{"delivered", "not_delivered"} {
 			em.count(metricLive, "kind", k, "result", r)
@@ -132,17 +143,34 @@ func newEngineMetrics(countFn func() (StatusCounts, error), active func() float6
 }
 
 // counts returns dispatch counts at most one second old (gauges read them
-// at scrape time).
+// at scrape time). A count that fails keeps the last values, is counted
+// (mailbox_dispatch_depth_errors_total) and is not tried again within the
+// second: every gauge of a scrape asked the store again, each waiting
+// its timeout (found by review: seven counts per scrape, past a scrape's
+// deadline on a lagging NATS index).
 func (em *engineMetrics) counts() StatusCounts {
 	em.depthMu.Lock()
 	defer em.depthMu.Unlock()
 	if time.Since(em.depthAt) > time.Second {
-		if c, err := em.depthFrom(); err == nil {
-			em.depth, em.depthAt = c, time.Now()
+		c, err := em.depthFrom()
+		if err == nil {
+			em.depth = c
+		} else {
+			em.count(metricDepthErrs).Inc()
 		}
+		em.depthAt = time.Now()
 	}
 	return em.depth
 }
+
+// Dead-letter causes (mailbox_dead_letters_total{cause}) and the outcome
+// of an attempt a user's cancel settled (mailbox_runs_total{outcome}).
+const (
+	deadLetterPermanent = "permanent"      // the agent failed the run for good
+	deadLetterAttempts  = "attempts_spent" // a failed attempt spent the last one
+	deadLetterLease     = "lease_expired"  // a lapsed lease spent the last one
+	outcomeCancelled    = "cancelled"
+)
 
 func (em *engineMetrics) op(name, result string, took time.Duration) {
 	k := opKey{name, result}
@@ -196,6 +224,11 @@ func observe[T any](em *engineMetrics, name string, f func() (T, error), empty f
 	v, err := f()
 	result := "ok"
 	switch {
+	case errors.Is(err, ErrVersionConflict), errors.Is(err, ErrNotFound):
+		// Settled meanwhile by a cancel, an interrupt or a reclaim: a race
+		// the engine expects, not a failing store (found by review: every
+		// interrupt counted an error, and an alert on them fired).
+		result = "conflict"
 	case err != nil:
 		result = "error"
 	case empty != nil && empty(v):

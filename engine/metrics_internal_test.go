@@ -44,3 +44,55 @@ func TestSeriesAreNamedOnceAndReused(t *testing.T) {
 		}()
 	}
 }
+
+// A failing count behind the depth gauges is tried once per second, not
+// once per gauge of a scrape, and is counted; the gauges keep the last
+// values (found by review: seven counts per scrape, each waiting its
+// timeout on a lagging store).
+func TestADepthCountThatFailsIsTriedOncePerScrape(t *testing.T) {
+	calls := 0
+	fail := false
+	em := newEngineMetrics(func() (StatusCounts, error) {
+		calls++
+		if fail {
+			return StatusCounts{}, ErrUnavailable
+		}
+		var c StatusCounts
+		c[StatusQueued] = 3
+		return c, nil
+	}, func() float64 { return 0 })
+	scrape := func() string {
+		var b strings.Builder
+		em.set.WritePrometheus(&b)
+		return b.String()
+	}
+	if out := scrape(); !strings.Contains(out, "mailbox_queue_depth 3") || calls != 1 {
+		t.Fatalf("%d counts for a scrape:\n%s", calls, out)
+	}
+	fail = true
+	em.depthAt = time.Time{} // the second passed
+	out := scrape()
+	if calls != 2 || !strings.Contains(out, "mailbox_queue_depth 3") || !strings.Contains(out, "mailbox_dispatch_depth_errors_total 1") {
+		t.Fatalf("%d counts after a failing scrape:\n%s", calls, out)
+	}
+}
+
+// observe counts a store call refused because a cancel, an interrupt or
+// a reclaim settled the dispatch first as a conflict, not an error (found
+// by review: every interrupt counted an error).
+func TestARaceLostIsNotAStoreError(t *testing.T) {
+	em := newEngineMetrics(func() (StatusCounts, error) { return StatusCounts{}, nil }, func() float64 { return 0 })
+	for _, err := range []error{ErrStaleClaim, ErrVersionConflict, ErrNotFound, ErrUnavailable} {
+		observeErr(em, "complete", func() error { return err })
+	}
+	var b strings.Builder
+	em.set.WritePrometheus(&b)
+	for _, want := range []string{
+		`mailbox_operations_total{operation="complete",result="conflict"} 3`,
+		`mailbox_operations_total{operation="complete",result="error"} 1`,
+	} {
+		if !strings.Contains(b.String(), want+"\n") {
+			t.Errorf("missing %s", want)
+		}
+	}
+}

@@ -278,7 +278,7 @@ func TestSeed_interrupt_between_claim_and_execution_supersedes_without_runtime_s
 	// Never started: no start latency observed, no run outcome counted.
 	out := execMetrics(r.mb)
 	for _, never := range []string{`mailbox_dispatch_enqueue_to_start_seconds_count `, `mailbox_runs_total{`} {
-		if strings.Contains(out, never) {
+		if countedIn(out, never) {
 			t.Errorf("a stale dispatch was counted as started: %q", never)
 		}
 	}

@@ -1,0 +1,74 @@
+package engine_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Dead letters are counted by cause, a user's cancel of a running run as
+// cancelled (not completed), and a sweep that finds the runs of terminal
+// dispatches settled already counts no mark (found by review: no dead
+// letter could be counted, a cancel counted as completed, and the mark
+// counters rose at every idle sweep).
+func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		switch req.ThreadID {
+		case "permanent":
+			return engine.RunOutcome{Kind: engine.OutcomePermanent, Error: "bad input"}
+		case "transient":
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
+		}
+		<-ctx.Done() // "cancel": runs until cancelled
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	}
+	r := newRig(t, newFake(4, script), engine.Config{MaxAttempts: 1})
+	r.start(t)
+	ctx := context.Background()
+	ids := map[string]string{}
+	for _, thread := range []string{"permanent", "transient", "cancel"} {
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("x")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[thread] = res.DispatchID
+	}
+	eventually(t, "the cancel run started", func() bool { return dispatchStatus(t, r.store, ids["cancel"]) == engine.StatusClaimed })
+	if ok, err := r.mb.Cancel(ctx, ids["cancel"]); !ok || err != nil {
+		t.Fatalf("cancel: %v %v", ok, err)
+	}
+	// A killed process's claim whose lapse spends the last attempt.
+	now := time.Now().UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "lapsed", ThreadID: "lapsed", RunID: "run-lapsed", Priority: engine.DefaultPriority, AvailableAt: now + time.Hour.Milliseconds(), CreatedAt: now, MaxAttempts: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := r.store.ClaimDispatch(ctx, "lapsed", "killed-process", time.Millisecond, now); err != nil || d == nil {
+		t.Fatalf("claim: %v %v", d, err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	r.mb.Sweep(ctx)
+	for thread, want := range map[string]engine.DispatchStatus{"permanent": engine.StatusDeadLetter, "transient": engine.StatusDeadLetter, "cancel": engine.StatusAcked} {
+		eventually(t, thread+" settled", func() bool { return dispatchStatus(t, r.store, ids[thread]) == want })
+	}
+	eventually(t, "the cancelled attempt ended", func() bool { return r.mb.InFlight() == 0 })
+	if st := dispatchStatus(t, r.store, "lapsed"); st != engine.StatusDeadLetter {
+		t.Fatalf("lapsed: %s", st)
+	}
+	marks := execMetric(r.mb, `mailbox_operations_total{operation="mark_run_dead_letter",result="ok"}`)
+	r.mb.Sweep(ctx)
+	r.mb.Sweep(ctx)
+	for series, want := range map[string]float64{
+		`mailbox_dead_letters_total{cause="permanent"}`:                          1,
+		`mailbox_dead_letters_total{cause="attempts_spent"}`:                     1,
+		`mailbox_dead_letters_total{cause="lease_expired"}`:                      1,
+		`mailbox_runs_total{outcome="cancelled"}`:                                1,
+		`mailbox_runs_total{outcome="completed"}`:                                0,
+		`mailbox_operations_total{operation="mark_run_dead_letter",result="ok"}`: marks,
+	} {
+		if got := execMetric(r.mb, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+}
