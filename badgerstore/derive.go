@@ -94,10 +94,22 @@ func derive(r *reader, problem func(string, ...any)) (*derived, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The ready index holds one entry per claimable thread.
+	// The ready index holds one entry per claimable thread, keyed by its
+	// earliest queued work, or by when its last run ended if its state
+	// says that is later (round-robin, finishThreads).
 	for thread, tw := range dv.threads {
 		if tw.queued > 0 && len(tw.claimed) == 0 {
-			expect(readyKey(thread, tw.due), nil)
+			due := tw.due
+			b, _, err := r.get(stateKey(thread))
+			if err != nil {
+				return nil, err
+			}
+			if b != nil {
+				if st, err := decodeThreadState(stateKey(thread), b); err == nil && st.claimable() && st.queued == tw.queued && st.due > due {
+					due = st.due
+				}
+			}
+			expect(readyKey(thread, due), nil)
 		}
 	}
 	err = r.iterate([]byte{pRun}, nil, false, false, func(k, v []byte) (bool, error) {

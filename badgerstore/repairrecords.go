@@ -777,8 +777,8 @@ func stateAgrees(st threadState, tw *threadWant) bool {
 		return false
 	case st.dueStale && st.claimed == "":
 		return false
-	case tw.queued > 0 && !(st.dueStale && st.claimed != "") && st.due != tw.due:
-		return false
+	case tw.queued > 0 && !(st.dueStale && st.claimed != "") && st.due < tw.due:
+		return false // a due above the records' is a thread's last run's end (finishThreads)
 	}
 	return true
 }

@@ -14,7 +14,9 @@ import (
 //
 //	epoch    the dispatch epoch (bumped by interrupt; never goes down)
 //	queued   how many of its dispatches are queued
-//	due      the earliest available_at among them (valid while queued > 0);
+//	due      the earliest available_at among them (valid while queued > 0),
+//	         raised to when the thread's last claim ended if that is later
+//	         (round-robin among ready threads, see finishThreads);
 //	         while the thread has a claimed dispatch it may be "unknown"
 //	         (stored as dueUnknown): a claim removes the earliest entry, and
 //	         the next one is looked up only when the thread becomes
@@ -46,7 +48,8 @@ type threadState struct {
 	floor   []byte
 	vfloor  []byte
 
-	dueStale bool // the minimum may have left; found again once claimable
+	dueStale bool  // the minimum may have left; found again once claimable
+	released int64 // when this operation ended the thread's claim (not stored)
 }
 
 // dueUnknown is the stored due of a claimed thread whose earliest queued
@@ -171,6 +174,11 @@ func (w *writeTx) applyStatusChange(old, d *engine.Dispatch) error {
 		case engine.StatusClaimed:
 			if st.claimed == old.DispatchID {
 				st.claimed = ""
+				if d != nil && d.Status.Terminal() {
+					// Its run ended (not cut short: a reclaimed or released
+					// dispatch keeps its place, store.md §2.15 item 86).
+					st.released = d.UpdatedAt
+				}
 			}
 		}
 	}
@@ -210,6 +218,15 @@ func (w *writeTx) finishThreads() error {
 			if err := w.findDue(thread, &st); err != nil {
 				return err
 			}
+		}
+		if st.claimable() && st.released > st.due {
+			// A thread whose run just ended waits behind the threads that
+			// were waiting already: its ready entry is keyed by when its
+			// claim ended, not by its oldest queued work, or a thread with
+			// a deep backlog went before every thread with newer work, run
+			// after run (found by review: a lone thread waited for a whole
+			// backlog of 1 000 runs on another).
+			st.due = st.released
 		}
 		if st.zero() {
 			w.del(stateKey(thread))

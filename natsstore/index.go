@@ -449,8 +449,9 @@ func (ix *index) queuedThreads() []string {
 }
 
 // ready lists claimable threads (queued work, no claimed dispatch) due by
-// now, the one due longest first (then by thread id), and the earliest due
-// time after now.
+// now, the one waiting longest first (then by thread id): due since its
+// oldest queued work, or since its last run ended if that is later; and
+// the earliest due time after now.
 func (ix *index) ready(now int64, limit int) ([]string, int64) {
 	type due struct {
 		thread string
@@ -463,17 +464,24 @@ func (ix *index) ready(now int64, limit int) ([]string, int64) {
 		if te.queued == 0 || te.claimed > 0 {
 			continue
 		}
-		first, found := int64(0), false
+		first, found, ended := int64(0), false, int64(0)
 		for _, e := range te.ds {
-			if e.status == engine.StatusQueued && (!found || e.avail < first) {
+			switch {
+			case e.status == engine.StatusQueued && (!found || e.avail < first):
 				first, found = e.avail, true
+			case e.status == engine.StatusAcked || e.status == engine.StatusDeadLetter:
+				ended = max(ended, e.updated)
 			}
 		}
 		if !found {
 			continue
 		}
 		if first <= now {
-			all = append(all, due{t, first})
+			// A thread whose run just ended goes behind the threads that
+			// were waiting already (round-robin, as the Badger store's
+			// ready index): ordered by when its last run ended if that is
+			// later than its oldest queued work.
+			all = append(all, due{t, max(first, ended)})
 		} else if next == 0 || first < next {
 			next = first
 		}

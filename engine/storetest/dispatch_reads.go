@@ -320,6 +320,26 @@ func dispatchReadCases() []Case {
 			ids, _ = h.ready(8000, 10)
 			dqWantStrings(t, "ReadyThreads at 8000", ids, "tc", "tb", "te", "td")
 		}},
+		{"ReadyThreads_puts_a_thread_whose_run_ended_behind_the_threads_waiting", func(t *testing.T, s engine.Store) {
+			// Round-robin: a thread whose run ended is ordered by when it
+			// ended, if that is later than its oldest queued work, or a
+			// thread with a backlog went before every thread with newer
+			// work, run after run (found by review). A dispatch cut short
+			// (reclaimed, released) keeps its place: S86.
+			h := newDQ(t, s)
+			h.add("a1", "ta", 100)
+			h.add("a2", "ta", 110)
+			h.add("a3", "ta", 120)
+			h.add("b1", "tb", 500)
+			c := h.claim("ta", "c1", 600)
+			h.ack(c.DispatchID, c.ClaimToken, 700)
+			ids, _ := h.ready(1000, 10)
+			dqWantStrings(t, "ReadyThreads after ta's run ended", ids, "tb", "ta")
+			c = h.claim("tb", "c1", 1000)
+			h.ack(c.DispatchID, c.ClaimToken, 1100)
+			ids, _ = h.ready(1200, 10)
+			dqWantStrings(t, "ReadyThreads after tb's run ended", ids, "ta")
+		}},
 		{"ReadyThreads_next_due_at_does_not_depend_on_limit", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.add("a1", "ta", 100)
