@@ -82,4 +82,3 @@ func TestParseServeRejectsBadStoreFlags(t *testing.T) {
 		}
 	}
 }
-
