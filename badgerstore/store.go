@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -287,6 +288,16 @@ func Open(opts Options) (*Store, error) {
 	if !opts.InMemory {
 		s.vlogs = newVlogCheck(opts.Dir, opts.Logger)
 		s.metrics.set.NewGauge(`mailbox_store_value_log_corrupt_files`, func() float64 { return float64(s.vlogs.corrupt()) })
+		// Free space as the writer's guard counts it (statfs at scrape
+		// time; NaN when it fails): alert on it before MinFreeBytes.
+		s.metrics.set.NewGauge(`mailbox_store_disk_free_bytes`, func() float64 {
+			var st syscall.Statfs_t
+			if syscall.Statfs(opts.Dir, &st) != nil {
+				return math.NaN()
+			}
+			return float64(int64(st.Bavail) * int64(st.Bsize))
+		})
+		s.metrics.set.NewGauge(`mailbox_store_disk_min_free_bytes`, func() float64 { return float64(opts.MinFreeBytes) })
 	}
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
 	s.reads.publish(db.NewTransaction(false), nil, math.MinInt64) // the floor starts at the bottom

@@ -638,10 +638,12 @@ func (s *Store) add(b *building, o *op, w *writeTx) bool {
 		// unsynced, and nothing read now is to be trusted or answered
 		// from (an operation's own error, "already exists" say, would be
 		// computed from them).
+		s.metrics.refusedBroken.Inc()
 		s.answer(o, fmt.Errorf("%s: %w", o.name, unavailable(err)))
 		return true
 	}
 	if err := s.space.check(s.opts); err != nil {
+		s.metrics.refusedFull.Inc()
 		s.answer(o, fmt.Errorf("%s: %w", o.name, err))
 		return true
 	}

@@ -1,0 +1,47 @@
+package badgerstore
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// Operations the writer refuses without a commit — the disk below
+// MinFreeBytes — are counted, and the free space is a gauge (found by
+// review: with the disk full every submit failed and no failure showed in
+// the metrics).
+func TestRefusedWritesAndFreeSpaceAreMetrics(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	d := engine.Dispatch{DispatchID: "d1", ThreadID: "t1", RunID: "r1", Priority: engine.DefaultPriority, Status: engine.StatusQueued, AvailableAt: 1, CreatedAt: 1, MaxAttempts: 5}
+	if _, err := s.Enqueue(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	s.opts.MinFreeBytes = 1 << 62 // the writer's goroutine reads it at its next check
+	s.space.low = true             // checked at once, not after spaceCheckEvery
+	d.DispatchID = "d2"
+	if _, err := s.Enqueue(ctx, d); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("enqueue on a full disk: %v", err)
+	}
+	var b strings.Builder
+	s.Metrics().WritePrometheus(&b)
+	out := b.String()
+	for _, want := range []string{
+		`mailbox_store_refused_operations_total{reason="disk_full"} 1`,
+		`mailbox_store_refused_operations_total{reason="sync_failed"} 0`,
+	} {
+		if !strings.Contains(out, want+"\n") {
+			t.Errorf("missing %s", want)
+		}
+	}
+	if !strings.Contains(out, "mailbox_store_disk_min_free_bytes ") || !strings.Contains(out, "mailbox_store_disk_free_bytes ") || strings.Contains(out, "mailbox_store_disk_free_bytes 0\n") || strings.Contains(out, "mailbox_store_disk_free_bytes NaN") {
+		t.Errorf("no free space gauge:\n%s", out)
+	}
+}
