@@ -144,6 +144,19 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 	select {
 	case <-idle:
 		return nil
+	default:
+	}
+	// The drain, logged (found by review: a SIGTERM said nothing for the
+	// whole grace): what it waits for, and what it puts back.
+	args := []any{"running", m.runningCount()}
+	if dl, ok := ctx.Deadline(); ok {
+		args = append(args, "grace", time.Until(dl).Round(time.Millisecond))
+	}
+	m.log.Info("stopping: waiting for the running attempts", args...)
+	select {
+	case <-idle:
+		m.log.Info("stopped: every attempt ended within the grace")
+		return nil
 	case <-ctx.Done():
 	}
 	// The grace is over: cancel what still runs (and what is still being
@@ -161,11 +174,26 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 		}
 	}
 	m.mu.Unlock()
+	m.log.Info("stopping: the grace is over; cancelling the attempts still running (they go back to the queue unless they complete)", "running", len(running))
 	for _, e := range running {
 		e.cancel(errShutdown)
 	}
 	<-idle
+	m.log.Info("stopped")
 	return nil
+}
+
+// runningCount is the number of attempts executing here.
+func (m *Mailbox) runningCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, e := range m.threads {
+		if !e.claiming {
+			n++
+		}
+	}
+	return n
 }
 
 // Running reports whether Start succeeded and Stop has not begun.

@@ -2,10 +2,13 @@ package engine_test
 
 import (
 	"context"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 )
 
 // Dead letters are counted by cause, a user's cancel of a running run as
@@ -69,6 +72,38 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 	} {
 		if got := execMetric(r.mb, series); got != want {
 			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+}
+
+// A drain says what it waits for and what it puts back (found by review:
+// a SIGTERM logged nothing for its whole grace).
+func TestStopLogsItsDrain(t *testing.T) {
+	var logs syncbuf.Buffer
+	block := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "cancelled"}
+	}
+	r := newRig(t, newFake(1, block), engine.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	r.start(t)
+	res, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "running", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusClaimed && r.mb.InFlight() == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := r.mb.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	out := logs.String()
+	for _, want := range []string{
+		`msg="stopping: waiting for the running attempts" running=1 grace=`,
+		`msg="stopping: the grace is over; cancelling the attempts still running (they go back to the queue unless they complete)" running=1`,
+		`msg=stopped`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the log lacks %s:\n%s", want, out)
 		}
 	}
 }
