@@ -297,7 +297,9 @@ func Open(opts Options) (*Store, error) {
 			}
 			return float64(int64(st.Bavail) * int64(st.Bsize))
 		})
-		s.metrics.set.NewGauge(`mailbox_store_disk_min_free_bytes`, func() float64 { return float64(opts.MinFreeBytes) })
+		if opts.MinFreeBytes >= 0 { // a negative floor turns the guard off
+			s.metrics.set.NewGauge(`mailbox_store_disk_min_free_bytes`, func() float64 { return float64(opts.MinFreeBytes) })
+		}
 	}
 	s.reads.cache = newRecordCache(opts.RecordCacheBytes)
 	s.reads.publish(db.NewTransaction(false), nil, math.MinInt64) // the floor starts at the bottom

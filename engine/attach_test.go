@@ -276,3 +276,32 @@ func TestAnAgentsRunFinishStandsOnlyIfItsAttemptCompletes(t *testing.T) {
 		})
 	}
 }
+
+// An interrupted attempt whose agent sent run_finish (cancelled) and then
+// failed: its dispatch is superseded, not retried, so its clients get the
+// agent's run_finish, not one announcing a retry (found by review).
+func TestAnInterruptedAttemptIsNotAnnouncedAsRetried(t *testing.T) {
+	started := make(chan struct{}, 1)
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		started <- struct{}{}
+		<-ctx.Done()
+		sink.Emit([]byte(`{"type":"run_finish","agent":true,"termination":{"type":"cancelled"}}`))
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "stopped"}
+	}
+	r := newRig(t, newFake(1, script), engine.Config{MaxAttempts: 3, RetryDelay: time.Hour, MaxRetryDelay: time.Hour})
+	r.start(t)
+	_, l, err := r.mb.Submit(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-started
+	if _, err := r.mb.Interrupt(context.Background(), "t1"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the attempt ended", func() bool { _, closed := l.ClosedAt(); return closed })
+	evs, _ := readAll(l, 0)
+	last := string(evs[len(evs)-1].Data)
+	if strings.Contains(last, "retry_at") || !strings.Contains(last, `"agent":true`) {
+		t.Fatalf("the interrupted attempt ended with %s, want the agent's run_finish", last)
+	}
+}

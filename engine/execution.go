@@ -523,8 +523,12 @@ func (m *Mailbox) execute(e *execution) {
 		// retried.
 		outcome = RunOutcome{Kind: OutcomeCompleted, Status: RunDone, Termination: &Termination{Type: TermCancelled}}
 	}
-	if held := e.heldFinish.Swap(nil); held != nil && outcome.Kind == OutcomeCompleted {
-		runSink{e}.Emit(*held) // it completed on its own: the agent's word stands
+	if held := e.heldFinish.Swap(nil); held != nil && (outcome.Kind == OutcomeCompleted || errors.Is(context.Cause(e.ctx), errInterrupted)) {
+		// It completed on its own, or an interrupt superseded it (it is
+		// not retried, whatever the agent reports): the agent's word
+		// stands (found by review: an interrupted run that then failed
+		// was told its retry was coming).
+		runSink{e}.Emit(*held)
 	}
 	m.settle(ctx, e, outcome, instance, log)
 }
@@ -680,7 +684,9 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		// (retry_at): its client re-attaches to follow the retry (Attach).
 		delay := RetryDelayMs(d.AttemptCount, m.cfg.RetryDelay.Milliseconds(), m.cfg.MaxRetryDelay.Milliseconds())
 		term := ErrorTermination(msg)
-		if d.AttemptCount+1 < d.MaxAttempts {
+		if cause := context.Cause(e.ctx); d.AttemptCount+1 < d.MaxAttempts && (cause == nil || errors.Is(cause, errLeaseLost)) {
+			// Retried: not when an interrupt or a user's cancel ended the
+			// attempt (their dispatch is settled; the nack is refused).
 			m.emitFinishRetry(e, term, now+delay)
 		} else {
 			m.emitFinishWith(e, term)

@@ -224,6 +224,8 @@ func observe[T any](em *engineMetrics, name string, f func() (T, error), empty f
 	v, err := f()
 	result := "ok"
 	switch {
+	case errors.Is(err, ErrNextClaim):
+		result = "error" // the completion half committed; the claim failed
 	case errors.Is(err, ErrVersionConflict), errors.Is(err, ErrNotFound):
 		// Settled meanwhile by a cancel, an interrupt or a reclaim: a race
 		// the engine expects, not a failing store (found by review: every
