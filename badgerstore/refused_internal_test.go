@@ -25,7 +25,7 @@ func TestRefusedWritesAndFreeSpaceAreMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.opts.MinFreeBytes = 1 << 62 // the writer's goroutine reads it at its next check
-	s.space.low = true             // checked at once, not after spaceCheckEvery
+	s.space.low = true            // checked at once, not after spaceCheckEvery
 	d.DispatchID = "d2"
 	if _, err := s.Enqueue(ctx, d); !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("enqueue on a full disk: %v", err)

@@ -90,7 +90,9 @@ func TestStopLogsItsDrain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "running", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusClaimed && r.mb.InFlight() == 1 })
+	eventually(t, "running", func() bool {
+		return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusClaimed && r.mb.InFlight() == 1
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if err := r.mb.Stop(ctx); err != nil {
