@@ -14,6 +14,33 @@ type threadWant struct {
 	due      int64  // the available_at of minAvail
 	claimed  []string
 	maxEpoch uint64
+	// ended is the latest updated_at of its acked or dead-lettered
+	// dispatches: the latest a run of it ended, as far as records tell.
+	ended int64
+}
+
+// dueAgrees reports whether a thread state's due agrees with its
+// records: their earliest, or above it when raised to when the thread's
+// last run ended (finishThreads) — no later than the latest run end its
+// records show or, that record purged, than now. A due above both is
+// damage: it would hide the thread's due work until then.
+func dueAgrees(st threadState, tw *threadWant, now int64) bool {
+	switch {
+	case tw.queued == 0 || st.dueStale && st.claimed != "" || st.due == tw.due:
+		return true
+	case st.due < tw.due:
+		return false
+	}
+	return st.due <= max(tw.ended, now)
+}
+
+// raisedDue is the raised due of an otherwise right thread state, which
+// its ready entry is keyed by; ok false: the records' due.
+func raisedDue(st threadState, tw *threadWant, now int64) (int64, bool) {
+	if st.queued == 0 || st.due <= tw.due || !stateAgrees(st, tw) || !dueAgrees(st, tw, now) {
+		return 0, false
+	}
+	return st.due, true
 }
 
 // derived is what the dispatch and run records imply for every key
@@ -39,7 +66,7 @@ var derivedFamilies = []byte{pAll, pQueue, pAvail, pReady, pLease, pDedupe, pTer
 // derive walks every dispatch and run record of r's snapshot. A record
 // that does not decode goes to problem (with its error) and implies
 // nothing; so does an index key implied twice.
-func derive(r *reader, problem func(string, ...any)) (*derived, error) {
+func derive(r *reader, now int64, problem func(string, ...any)) (*derived, error) {
 	dv := &derived{
 		want:    map[byte]map[string][]byte{},
 		counts:  map[byte]uint64{},
@@ -88,6 +115,9 @@ func derive(r *reader, problem func(string, ...any)) (*derived, error) {
 		case engine.StatusCancelled, engine.StatusSuperseded, engine.StatusDeadLetter:
 			dv.settled[d.DispatchID] = d
 		}
+		if d.Status == engine.StatusAcked || d.Status == engine.StatusDeadLetter {
+			tw.ended = max(tw.ended, d.UpdatedAt)
+		}
 		tw.maxEpoch = max(tw.maxEpoch, d.Epoch)
 		return true, nil
 	})
@@ -105,8 +135,10 @@ func derive(r *reader, problem func(string, ...any)) (*derived, error) {
 				return nil, err
 			}
 			if b != nil {
-				if st, err := decodeThreadState(stateKey(thread), b); err == nil && st.claimable() && st.queued == tw.queued && st.due > due {
-					due = st.due
+				if st, err := decodeThreadState(stateKey(thread), b); err == nil {
+					if raised, ok := raisedDue(st, tw, now); ok {
+						due = raised
+					}
 				}
 			}
 			expect(readyKey(thread, due), nil)

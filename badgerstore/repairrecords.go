@@ -146,7 +146,7 @@ func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
 		plan func(r *reader, p *repairPlan) error
 	}{
 		{"replacing damaged records", func(r *reader, p *repairPlan) error { return planPlaceholders(r, now, p) }},
-		{"rewriting derived keys", planDerived},
+		{"rewriting derived keys", func(r *reader, p *repairPlan) error { return planDerived(r, now, p) }},
 	}
 	for _, st := range steps {
 		var p repairPlan
@@ -640,10 +640,10 @@ func sortedKeys[V any](m map[string]V) []string {
 
 // planDerived returns the writes that make every derived key agree with
 // the records of r's snapshot.
-func planDerived(r *reader, p *repairPlan) error {
+func planDerived(r *reader, now int64, p *repairPlan) error {
 	change := p.change
 	left := p.leave
-	dv, err := derive(r, left)
+	dv, err := derive(r, now, left)
 	if err != nil {
 		return err
 	}
@@ -684,7 +684,7 @@ func planDerived(r *reader, p *repairPlan) error {
 			tw = &threadWant{}
 		}
 		st, derr := decodeThreadState(k, v)
-		if derr == nil && stateAgrees(st, tw) {
+		if derr == nil && stateAgrees(st, tw) && dueAgrees(st, tw, now) {
 			return true, nil
 		}
 		want, ok := tw.stateFor(st.epoch) // st is zero when it does not decode
@@ -778,7 +778,7 @@ func stateAgrees(st threadState, tw *threadWant) bool {
 	case st.dueStale && st.claimed == "":
 		return false
 	case tw.queued > 0 && !(st.dueStale && st.claimed != "") && st.due < tw.due:
-		return false // a due above the records' is a thread's last run's end (finishThreads)
+		return false // above the records' may be a run's end (raisedDue checks it)
 	}
 	return true
 }

@@ -174,9 +174,10 @@ func (w *writeTx) applyStatusChange(old, d *engine.Dispatch) error {
 		case engine.StatusClaimed:
 			if st.claimed == old.DispatchID {
 				st.claimed = ""
-				if d != nil && d.Status.Terminal() {
+				if d != nil && (d.Status == engine.StatusAcked || d.Status == engine.StatusDeadLetter) {
 					// Its run ended (not cut short: a reclaimed or released
-					// dispatch keeps its place, store.md §2.15 item 86).
+					// dispatch keeps its place, store.md §2.15 item 86; nor
+					// withdrawn). The NATS index orders by the same ends.
 					st.released = d.UpdatedAt
 				}
 			}
@@ -215,9 +216,13 @@ func (w *writeTx) finishThreads() error {
 			st.due, st.floor, st.vfloor, st.dueStale = 0, nil, nil, false
 		} else if st.dueStale && st.claimed == "" {
 			// Only a claimable thread needs its due time (the ready index).
+			// A due raised by a run's end stays raised (the earliest entry
+			// found is no later than a due that was the earliest).
+			prev := st.due
 			if err := w.findDue(thread, &st); err != nil {
 				return err
 			}
+			st.due = max(st.due, prev)
 		}
 		if st.claimable() && st.released > st.due {
 			// A thread whose run just ended waits behind the threads that

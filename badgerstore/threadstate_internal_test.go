@@ -84,3 +84,76 @@ func TestARaisedDueIsConsistent(t *testing.T) {
 		t.Fatalf("repair of a consistent store: %+v %v", rep, err)
 	}
 }
+
+// A due raised past both the thread's last recorded run end and now is
+// damage: Verify names it, and Repair puts the thread back at its earliest
+// work (found by review: Repair moved the ready entry to the wrong time
+// and hid the thread's due work). A raised thread whose state Repair
+// rebuilds for another reason gets a ready entry that agrees with it.
+func TestRepairOfARaisedDue(t *testing.T) {
+	ctx := context.Background()
+	enqueue := func(s *Store, id, thread string, avail int64) {
+		d := engine.Dispatch{DispatchID: id, ThreadID: thread, RunID: "r" + id, Priority: engine.DefaultPriority,
+			Status: engine.StatusQueued, AvailableAt: avail, CreatedAt: 50, MaxAttempts: 5}
+		if _, err := s.Enqueue(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setState := func(s *Store, thread string, f func(*threadState)) {
+		b, _, err := s.RawGet(stateKey(thread))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := decodeThreadState(stateKey(thread), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(&st)
+		if err := s.RawSet(stateKey(thread), encodeThreadState(st)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Run("far ahead", func(t *testing.T) {
+		s := openCacheTest(t, 0)
+		enqueue(s, "a1", "ta", 100)
+		setState(s, "ta", func(st *threadState) { st.due = 1 << 50 })
+		if v, err := s.Verify(ctx); err != nil || len(v.Problems) == 0 {
+			t.Fatalf("verify of a due far ahead: %v %v", v.Problems, err)
+		}
+		if _, err := s.Repair(ctx, 900); err != nil {
+			t.Fatal(err)
+		}
+		if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+			t.Fatalf("verify after the repair: %v %v", v.Problems, err)
+		}
+		if ids, _, err := s.ReadyThreads(ctx, 1000, 10); err != nil || len(ids) != 1 {
+			t.Fatalf("ready after the repair: %v %v", ids, err)
+		}
+	})
+	t.Run("rebuilt", func(t *testing.T) {
+		s := openCacheTest(t, 0)
+		enqueue(s, "a1", "ta", 100)
+		enqueue(s, "a2", "ta", 110)
+		c, err := s.Claim(ctx, "ta", "c", engine.DefaultLease, 600)
+		if err != nil || c == nil {
+			t.Fatal(c, err)
+		}
+		if err := s.Ack(ctx, c.DispatchID, c.ClaimToken, 700); err != nil {
+			t.Fatal(err)
+		}
+		setState(s, "ta", func(st *threadState) { st.floor = []byte{0xff, 0xff, 0xff, 0xff} })
+		if _, err := s.Repair(ctx, 900); err != nil {
+			t.Fatal(err)
+		}
+		if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
+			t.Fatalf("verify after the repair: %v %v", v.Problems, err)
+		}
+		c, err = s.Claim(ctx, "ta", "c", engine.DefaultLease, 1000)
+		if err != nil || c == nil {
+			t.Fatal(c, err)
+		}
+		if ids, _, err := s.ReadyThreads(ctx, 3000, 10); err != nil || len(ids) != 0 {
+			t.Fatalf("ready while ta is claimed: %v %v (a stray entry)", ids, err)
+		}
+	})
+}

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"path/filepath"
 	"sort"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -57,7 +58,8 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 	}
 	err := s.view(ctx, func(r *reader) error {
 		r.ctx = ctx // the walk reads every key: it stops when ctx is done
-		dv, err := derive(r, problem)
+		now := time.Now().UnixMilli()
+		dv, err := derive(r, now, problem)
 		if err != nil {
 			return err
 		}
@@ -103,10 +105,8 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			if st.dueStale && st.claimed == "" {
 				problem("thread %s is claimable but its due time is unknown", thread)
 			}
-			if tw.queued > 0 && !(st.dueStale && st.claimed != "") && st.due < tw.due {
-				// Above the records' earliest is allowed: raised to when the
-				// thread's last run ended (round-robin, finishThreads).
-				problem("thread %s state says due %d, records say %d", thread, st.due, tw.due)
+			if !dueAgrees(st, tw, now) {
+				problem("thread %s state says due %d, records say %d (its last run ended at %d)", thread, st.due, tw.due, tw.ended)
 			}
 
 			want := ""

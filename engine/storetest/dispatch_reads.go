@@ -340,6 +340,33 @@ func dispatchReadCases() []Case {
 			ids, _ = h.ready(1200, 10)
 			dqWantStrings(t, "ReadyThreads after tb's run ended", ids, "ta")
 		}},
+		{"ReadyThreads_keeps_a_run_end_through_later_changes_of_the_thread", func(t *testing.T, s engine.Store) {
+			// Every store orders alike (found by review: Badger lost the
+			// run's end when the thread's earliest entry was found again).
+			h := newDQ(t, s)
+			h.add("a1", "ta", 100)
+			h.add("a2", "ta", 110)
+			h.add("a3", "ta", 120)
+			h.add("b1", "tb", 500)
+			c := h.claim("ta", "c1", 600)
+			h.ack(c.DispatchID, c.ClaimToken, 700)
+			h.cancel("a2", 750) // the thread's earliest queued entry goes
+			ids, _ := h.ready(1000, 10)
+			dqWantStrings(t, "after a queued dispatch of ta was cancelled", ids, "tb", "ta")
+			c = h.claim("ta", "c1", 800)
+			h.release(c.DispatchID, c.ClaimToken, 850) // cut short: not a run's end
+			ids, _ = h.ready(1000, 10)
+			dqWantStrings(t, "after ta's claim was released", ids, "tb", "ta")
+			// A claim withdrawn (superseded) is not a run's end either.
+			h.add("c1", "tc", 50)
+			h.add("c2", "tc", 60)
+			c = h.claim("tc", "c1", 900)
+			if _, err := s.SupersedeClaimed(h.ctx, c.DispatchID, c.ClaimToken, "interrupted", 950); err != nil {
+				t.Fatal(err)
+			}
+			ids, _ = h.ready(1000, 10)
+			dqWantStrings(t, "after tc's claim was superseded", ids, "tc", "tb", "ta")
+		}},
 		{"ReadyThreads_next_due_at_does_not_depend_on_limit", func(t *testing.T, s engine.Store) {
 			h := newDQ(t, s)
 			h.add("a1", "ta", 100)
