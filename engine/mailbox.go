@@ -1063,12 +1063,12 @@ func (m *Mailbox) activeDispatch(ctx context.Context, thread string) (*Dispatch,
 
 // attachPending makes the event log Attach returns for the active
 // dispatch of thread: the thread's log if an attempt started here since
-// have was read, have if it is another run's, else the dispatch's
-// waiting log, made if need be (fresh) with its
-// floor above the ids of the run's recorded starts. The waiting log
-// becomes the thread's unless the thread's is the closed log of the
-// run's previous attempt, which stays for its readers and for the next
-// attempt to follow on from (startExecution).
+// have was read, have if it is another run's, else the dispatch's waiting
+// log, made if need be (fresh) with its floor above the ids of the run's
+// recorded starts. The waiting log becomes the thread's unless the
+// thread's is the closed log of the run's previous attempt, which stays
+// for its readers and for the next attempt to follow on from
+// (startExecution).
 func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog, run *RunRecord) (l *EventLog, fresh bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
