@@ -326,16 +326,10 @@ func dispatchReadCases() []Case {
 			// thread with a backlog went before every thread with newer
 			// work, run after run (found by review). A dispatch cut short
 			// (reclaimed, released) keeps its place: S86.
-			h := newDQ(t, s)
-			h.add("a1", "ta", 100)
-			h.add("a2", "ta", 110)
-			h.add("a3", "ta", 120)
-			h.add("b1", "tb", 500)
-			c := h.claim("ta", "c1", 600)
-			h.ack(c.DispatchID, c.ClaimToken, 700)
+			h := ranThreadA(t, s)
 			ids, _ := h.ready(1000, 10)
 			dqWantStrings(t, "ReadyThreads after ta's run ended", ids, "tb", "ta")
-			c = h.claim("tb", "c1", 1000)
+			c := h.claim("tb", "c1", 1000)
 			h.ack(c.DispatchID, c.ClaimToken, 1100)
 			ids, _ = h.ready(1200, 10)
 			dqWantStrings(t, "ReadyThreads after tb's run ended", ids, "ta")
@@ -343,17 +337,11 @@ func dispatchReadCases() []Case {
 		{"ReadyThreads_keeps_a_run_end_through_later_changes_of_the_thread", func(t *testing.T, s engine.Store) {
 			// Every store orders alike (found by review: Badger lost the
 			// run's end when the thread's earliest entry was found again).
-			h := newDQ(t, s)
-			h.add("a1", "ta", 100)
-			h.add("a2", "ta", 110)
-			h.add("a3", "ta", 120)
-			h.add("b1", "tb", 500)
-			c := h.claim("ta", "c1", 600)
-			h.ack(c.DispatchID, c.ClaimToken, 700)
+			h := ranThreadA(t, s)
 			h.cancel("a2", 750) // the thread's earliest queued entry goes
 			ids, _ := h.ready(1000, 10)
 			dqWantStrings(t, "after a queued dispatch of ta was cancelled", ids, "tb", "ta")
-			c = h.claim("ta", "c1", 800)
+			c := h.claim("ta", "c1", 800)
 			h.release(c.DispatchID, c.ClaimToken, 850) // cut short: not a run's end
 			ids, _ = h.ready(1000, 10)
 			dqWantStrings(t, "after ta's claim was released", ids, "tb", "ta")
@@ -604,4 +592,18 @@ func dispatchReclaimPurgeCases() []Case {
 			h.status("b1", engine.StatusQueued)
 		}},
 	}
+}
+
+// ranThreadA queues three dispatches on thread ta (due 100–120) and one on
+// tb (due 500), then runs ta's first to its end at 700: ta has waited
+// since 700, tb since 500.
+func ranThreadA(t *testing.T, s engine.Store) *dq {
+	h := newDQ(t, s)
+	h.add("a1", "ta", 100)
+	h.add("a2", "ta", 110)
+	h.add("a3", "ta", 120)
+	h.add("b1", "tb", 500)
+	c := h.claim("ta", "c1", 600)
+	h.ack(c.DispatchID, c.ClaimToken, 700)
+	return h
 }
