@@ -137,7 +137,9 @@ func (a flakyTwice) HandleRun(ctx context.Context, run *agent.Run) agent.Result 
 // the client's id, and the stream ended with nothing).
 func TestACancelledRetryEndsTheStreamFollowingIt(t *testing.T) {
 	t.Parallel()
-	sc := newSidecar(t, options{handler: flakyTwice{runs: new(atomic.Int32)}, engine: engine.Config{RetryDelay: 700 * time.Millisecond, MaxRetryDelay: 700 * time.Millisecond}})
+	// The retry's delay leaves the test time to cancel it before it starts,
+	// under load too.
+	sc := newSidecar(t, options{handler: flakyTwice{runs: new(atomic.Int32)}, engine: engine.Config{RetryDelay: 2 * time.Second, MaxRetryDelay: 2 * time.Second}})
 	st := sc.stream(req{method: "POST", path: "/v1/threads/flaky/runs", body: submitBody("go")})
 	first := st.rest()
 	re := sc.stream(req{method: "GET", path: "/v1/threads/flaky/events", headers: []string{"Last-Event-ID", first[len(first)-1].ID}})
