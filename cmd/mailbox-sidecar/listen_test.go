@@ -241,3 +241,24 @@ func TestListenUnixLockAndClose(t *testing.T) {
 		t.Fatalf("Close removed a file that was not its socket: %q %v", b, err)
 	}
 }
+
+// A socket path that is a bare name is made in the working directory's
+// private directory and linked, not bound in the system's temporary
+// directory (another file system, where the link fails and the socket
+// fell back to being bound in place, with a warning).
+func TestListenUnixOnABareName(t *testing.T) {
+	t.Chdir(shortDir(t))
+	t.Setenv("TMPDIR", filepath.Join(t.TempDir(), "absent")) // the system's temporary directory is not used
+	var logs strings.Builder
+	ln, err := listenUnix("a.sock", slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if fi, err := os.Lstat("a.sock"); err != nil || fi.Mode().Perm() != socketMode {
+		t.Fatalf("socket: %v %v", fi, err)
+	}
+	if strings.Contains(logs.String(), "cannot link") {
+		t.Fatalf("fell back to bind-then-chmod:\n%s", logs.String())
+	}
+}

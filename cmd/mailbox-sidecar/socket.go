@@ -117,7 +117,10 @@ func listenLocked(path string, log *slog.Logger) (*unixSocket, error) {
 // descriptor (/proc/self/fd/N/s). Private directories left by a process
 // killed in the middle are removed first (the caller holds the lock).
 func bindPrivately(path string, log *slog.Logger) (*net.UnixListener, error) {
-	parent, base := filepath.Split(path)
+	// Dir, not Split: a bare name's directory is ".", not "" (which
+	// MkdirTemp takes for the system's temporary directory, another file
+	// system, where the link fails).
+	parent, base := filepath.Dir(path), filepath.Base(path)
 	prefix := "." + base + ".tmp"
 	if entries, err := os.ReadDir(parent); err == nil {
 		for _, e := range entries {
