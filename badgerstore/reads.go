@@ -349,17 +349,25 @@ func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
 
 // ReadyThreads implements engine.DispatchStore. It reads one ready-index
 // entry per claimable thread, in due order.
-func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+func (s *Store) ReadyThreads(ctx context.Context, now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64, error) {
 	if limit <= 0 {
-		return []string{}, 0, nil
+		return []engine.ReadyEntry{}, 0, nil
 	}
-	out := []string{}
+	out := []engine.ReadyEntry{}
 	var next int64
 	err := s.viewReady(ctx, func(r *reader, floor int64) (int64, error) {
 		// Seek past the deletion markers below the floor (snapshot.go).
 		start := []byte{pReady}
 		if floor > math.MinInt64 {
 			start = appendTS(start, floor)
+		}
+		fromStart := after.IsZero()
+		if !fromStart {
+			// Strictly after the entry: its key followed by a zero byte is
+			// the least key above it.
+			if k := append(readyKey(after.ThreadID, after.Due), 0); bytes.Compare(k, start) > 0 {
+				start = k
+			}
 		}
 		lowest := int64(math.MaxInt64)
 		err := r.iterate([]byte{pReady}, start, false, true, func(k, _ []byte) (bool, error) {
@@ -371,11 +379,16 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]strin
 			if due > now {
 				return false, nil
 			}
-			out = append(out, string(k[1+tsBytes:]))
+			out = append(out, engine.ReadyEntry{ThreadID: string(k[1+tsBytes:]), Due: due})
 			return len(out) < limit, nil
 		})
 		if err != nil {
 			return 0, err
+		}
+		if !fromStart {
+			// A walk from a later place saw only part of the index: it
+			// cannot vouch for the keys below it (no raise of the floor).
+			lowest = math.MinInt64
 		}
 		// The earliest future due time is one seek away.
 		return lowest, r.iterate([]byte{pReady}, appendTS([]byte{pReady}, max(now+1, floor)), false, true, func(k, _ []byte) (bool, error) {

@@ -22,11 +22,11 @@ func TestReadyFloorNeverHidesWork(t *testing.T) {
 	ctx := context.Background()
 	ready := func(now int64) []string {
 		t.Helper()
-		got, _, err := s.ReadyThreads(ctx, now, 100)
+		got, _, err := s.ReadyThreads(ctx, now, engine.ReadyEntry{}, 100)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return got
+		return readyIDs(got)
 	}
 	// 50 threads due at 1000..1049, all claimed: 50 markers.
 	for i := range 50 {
@@ -83,7 +83,7 @@ func TestReadyFloorDropsAfterAFailedCommit(t *testing.T) {
 	if _, err := s.Enqueue(ctx, queued("d1", "t1", 2000)); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := s.ReadyThreads(ctx, 5000, 10); err != nil {
+	if _, _, err := s.ReadyThreads(ctx, 5000, engine.ReadyEntry{}, 10); err != nil {
 		t.Fatal(err)
 	}
 	if f := s.ReadyFloor(); f != 2000 {
@@ -118,7 +118,7 @@ func TestReadyFloorConcurrentInserts(t *testing.T) {
 				return
 			default:
 			}
-			if _, _, err := s.ReadyThreads(ctx, 1<<40, 10); err != nil {
+			if _, _, err := s.ReadyThreads(ctx, 1<<40, engine.ReadyEntry{}, 10); err != nil {
 				t.Error(err)
 				return
 			}
@@ -137,11 +137,11 @@ func TestReadyFloorConcurrentInserts(t *testing.T) {
 			t.Fatal(err)
 		}
 		if low {
-			got, _, err := s.ReadyThreads(ctx, 1<<40, 1)
+			got, _, err := s.ReadyThreads(ctx, 1<<40, engine.ReadyEntry{}, 1)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(got, []string{th}) {
+			if !slices.Equal(readyIDs(got), []string{th}) {
 				t.Fatalf("after enqueueing %s due at %d: ready = %v", th, due, got)
 			}
 		}
@@ -270,4 +270,44 @@ func TestSubmitIdle(t *testing.T) {
 		t.Fatalf("stale count: %v, want a version conflict", err)
 	}
 	verifyClean(t, s)
+}
+
+// readyIDs are the threads of a ReadyThreads listing.
+func readyIDs(es []engine.ReadyEntry) []string {
+	ids := make([]string, len(es))
+	for i, e := range es {
+		ids[i] = e.ThreadID
+	}
+	return ids
+}
+
+// A listing that starts after an entry saw only the index after it: it
+// must not raise the floor past the entries before it, or a listing from
+// the start misses them.
+func TestAListingAfterAnEntryKeepsTheFloor(t *testing.T) {
+	t.Parallel()
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	for i, due := range []int64{1000, 2000, 3000} {
+		if _, err := s.Enqueue(ctx, queued(fmt.Sprintf("d%d", i), fmt.Sprintf("t%d", i), due)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after := engine.ReadyEntry{ThreadID: "t0", Due: 1000}
+	for range 3 {
+		got, _, err := s.ReadyThreads(ctx, 5000, after, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ids := readyIDs(got); !slices.Equal(ids, []string{"t1", "t2"}) {
+			t.Fatalf("after t0: %v, want [t1 t2]", ids)
+		}
+	}
+	got, _, err := s.ReadyThreads(ctx, 5000, engine.ReadyEntry{}, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ids := readyIDs(got); !slices.Equal(ids, []string{"t0", "t1", "t2"}) {
+		t.Fatalf("from the start after listings after t0: %v, want [t0 t1 t2]", ids)
+	}
 }

@@ -41,11 +41,11 @@ func TestDueTimeFoundWhenClaimable(t *testing.T) {
 	if err := s.Ack(ctx, "d1", c.ClaimToken, 150); err != nil {
 		t.Fatal(err)
 	}
-	threads, next, err := s.ReadyThreads(ctx, 150, 10)
+	threads, next, err := s.ReadyThreads(ctx, 150, engine.ReadyEntry{}, 10)
 	if err != nil || len(threads) != 0 || next != 200 {
 		t.Fatalf("ready at 150: %v next %d %v; want none, next due 200", threads, next, err)
 	}
-	if threads, _, err := s.ReadyThreads(ctx, 200, 10); err != nil || len(threads) != 1 || threads[0] != "t1" {
+	if threads, _, err := s.ReadyThreads(ctx, 200, engine.ReadyEntry{}, 10); err != nil || len(threads) != 1 || threads[0].ThreadID != "t1" {
 		t.Fatalf("ready at 200: %v %v", threads, err)
 	}
 	if rep, err := s.Verify(ctx); err != nil || len(rep.Problems) != 0 {
@@ -126,7 +126,7 @@ func TestRepairOfARaisedDue(t *testing.T) {
 		if v, err := s.Verify(ctx); err != nil || len(v.Problems) != 0 {
 			t.Fatalf("verify after the repair: %v %v", v.Problems, err)
 		}
-		if ids, _, err := s.ReadyThreads(ctx, 1000, 10); err != nil || len(ids) != 1 {
+		if ids, _, err := s.ReadyThreads(ctx, 1000, engine.ReadyEntry{}, 10); err != nil || len(ids) != 1 {
 			t.Fatalf("ready after the repair: %v %v", ids, err)
 		}
 	})
@@ -152,7 +152,7 @@ func TestRepairOfARaisedDue(t *testing.T) {
 		if err != nil || c == nil {
 			t.Fatal(c, err)
 		}
-		if ids, _, err := s.ReadyThreads(ctx, 3000, 10); err != nil || len(ids) != 0 {
+		if ids, _, err := s.ReadyThreads(ctx, 3000, engine.ReadyEntry{}, 10); err != nil || len(ids) != 0 {
 			t.Fatalf("ready while ta is claimed: %v %v (a stray entry)", ids, err)
 		}
 	})

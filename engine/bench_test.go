@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -219,5 +221,88 @@ func BenchmarkReattach(b *testing.B) {
 		if reset || len(evs) != 100 {
 			b.Fatalf("read %d events, reset %v", len(evs), reset)
 		}
+	}
+}
+
+// BenchmarkBackgroundRunBesideHeld: BackgroundRun at 64 threads while
+// held threads wait for an agent id that no agent serves (each refused
+// once, then set aside by the dispatcher: claimhold.go). One op is one
+// run of the 64 threads, from submit to ack; the held threads' setup is
+// outside the timer.
+func BenchmarkBackgroundRunBesideHeld(b *testing.B) {
+	for _, held := range []int{0, 10000, 40000} {
+		b.Run(fmt.Sprintf("held=%d", held), func(b *testing.B) {
+			const threads = 64
+			var refused atomic.Int64
+			s, mb := benchMailbox(b, threads, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+				if req.AgentID == "absent" {
+					refused.Add(1)
+					return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable, Error: "nobody serves absent"}
+				}
+				return noop(ctx, req, sink)
+			})
+			ctx := context.Background()
+			defer mb.Stop(ctx)
+			msg := []engine.Message{userMsg("go")}
+			var wg sync.WaitGroup
+			for w := range threads {
+				wg.Go(func() {
+					for i := w; i < held; i += threads {
+						if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("held%d", i), AgentID: "absent", Messages: msg}); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			for deadline := time.Now().Add(5 * time.Minute); refused.Load() < int64(held); time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					b.Fatalf("only %d of %d held threads refused", refused.Load(), held)
+				}
+			}
+			b.ReportAllocs()
+			cpu0 := processCPU(b)
+			b.ResetTimer()
+			errc := make(chan error, threads)
+			for w := range threads {
+				go func() {
+					n := b.N / threads
+					if w < b.N%threads {
+						n++
+					}
+					for range n {
+						if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", w), Messages: msg}); err != nil {
+							errc <- err
+							return
+						}
+					}
+					errc <- nil
+				}()
+			}
+			for range threads {
+				if err := <-errc; err != nil {
+					b.Fatal(err)
+				}
+			}
+			for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(time.Millisecond) {
+				c, err := s.CountByStatus(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if c.Get(engine.StatusAcked) == int64(b.N) {
+					break
+				}
+				if time.Now().After(deadline) {
+					b.Fatalf("only %d of %d runs acked", c.Get(engine.StatusAcked), b.N)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+			if extra := refused.Load() - int64(held); extra != 0 {
+				b.ReportMetric(float64(extra), "refusals-again")
+			}
+		})
 	}
 }

@@ -65,9 +65,6 @@ func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint6
 	if m.capChanges != capSeen {
 		return
 	}
-	if m.held == nil {
-		m.held = map[string]claimHold{}
-	}
 	h := claimHold{delay: claimHoldFirst, agent: true}
 	switch {
 	case code == CodeAgentUnavailable:
@@ -76,7 +73,7 @@ func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint6
 		h.delay, h.busy, h.busyFor = claimHoldMax, true, agentID
 	}
 	h.until = now + h.delay.Milliseconds()
-	m.held[thread] = h
+	m.setHoldLocked(thread, h, now)
 }
 
 // slotBudget is what one dispatcher round may admit of the threads held
@@ -100,12 +97,12 @@ func (b *slotBudget) take(id string) bool {
 
 // busyHeldLocked reports whether threads among ready are held at now for
 // a full agent. Called with m.mu held.
-func (m *Mailbox) busyHeldLocked(ready []string, now int64) bool {
+func (m *Mailbox) busyHeldLocked(ready []ReadyEntry, now int64) bool {
 	if len(m.held) == 0 {
 		return false
 	}
 	for _, t := range ready {
-		if h, ok := m.held[t]; ok && h.busy && h.until > now {
+		if h, ok := m.held[t.ThreadID]; ok && h.busy && h.until > now {
 			return true
 		}
 	}
@@ -152,7 +149,7 @@ func (m *Mailbox) admitLocked(thread string, now int64, b *slotBudget, room bool
 	if !h.busy || !room || !b.take(h.busyFor) {
 		return false
 	}
-	delete(m.held, thread)
+	m.dropHoldLocked(thread, now)
 	if m.busyInTransit == nil {
 		m.busyInTransit = map[string]int64{}
 	}
@@ -216,16 +213,17 @@ func (m *Mailbox) releaseAgentHold(thread string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if h, ok := m.held[thread]; ok && h.agent {
-		delete(m.held, thread)
+		m.dropHoldLocked(thread, m.cfg.Now())
 	}
 }
 
 // releaseAgentHoldsLocked ends the holds of threads set aside for lack
 // of an agent: agents came or went. Called with m.mu held.
 func (m *Mailbox) releaseAgentHoldsLocked() {
+	now := m.cfg.Now()
 	for t, h := range m.held {
 		if h.agent {
-			delete(m.held, t)
+			m.dropHoldLocked(t, now)
 		}
 	}
 }
@@ -233,15 +231,12 @@ func (m *Mailbox) releaseAgentHoldsLocked() {
 // holdLocked sets thread aside after a failed claim and returns the delay.
 // Called with m.mu held.
 func (m *Mailbox) holdLocked(thread string, err error, now int64) time.Duration {
-	if m.held == nil {
-		m.held = map[string]claimHold{}
-	}
 	corrupt := errors.Is(err, ErrCorrupt)
 	delay := claimHoldFirst
 	if h, ok := m.held[thread]; ok && corrupt {
 		delay = min(2*h.delay, claimHoldMax)
 	}
-	m.held[thread] = claimHold{until: now + delay.Milliseconds(), delay: delay, corrupt: corrupt}
+	m.setHoldLocked(thread, claimHold{until: now + delay.Milliseconds(), delay: delay, corrupt: corrupt}, now)
 	return delay
 }
 
@@ -261,42 +256,83 @@ func (m *Mailbox) corruptHold(thread string) time.Duration {
 // releaseHoldLocked ends thread's hold after a claim that did not fail.
 // Called with m.mu held.
 func (m *Mailbox) releaseHoldLocked(thread string) {
-	if len(m.held) > 0 {
-		delete(m.held, thread)
+	if _, ok := m.held[thread]; ok {
+		m.dropHoldLocked(thread, m.cfg.Now())
 	}
 }
 
 // notHeldLocked removes the threads held at now from threads (in place).
 // Called with m.mu held.
-func (m *Mailbox) notHeldLocked(threads []string, now int64) []string {
+func (m *Mailbox) notHeldLocked(threads []ReadyEntry, now int64) []ReadyEntry {
 	if len(m.held) == 0 {
 		return threads
 	}
 	out := threads[:0]
 	for _, t := range threads {
-		if h, ok := m.held[t]; !ok || h.until <= now {
+		if h, ok := m.held[t.ThreadID]; !ok || h.until <= now {
 			out = append(out, t)
 		}
 	}
 	return out
 }
 
-// holdsLocked forgets long-lapsed holds and returns how many threads are
-// held at now and when the first of them may be tried again (0: none).
+// setHoldLocked sets thread aside as h at now. Called with m.mu held.
+func (m *Mailbox) setHoldLocked(thread string, h claimHold, now int64) {
+	if m.held == nil {
+		m.held = map[string]claimHold{}
+	}
+	if old, ok := m.held[thread]; ok && old.until > now && h.until < old.until {
+		m.prefixGen++ // held still, it may now be tried sooner
+	}
+	m.held[thread] = h
+	if c := &m.holdCount; c.valid {
+		c.next = earliest(c.next, h.until)
+	}
+}
+
+// dropHoldLocked ends thread's hold at now. Called with m.mu held.
+func (m *Mailbox) dropHoldLocked(thread string, now int64) {
+	if h, ok := m.held[thread]; ok && h.until > now {
+		m.prefixGen++ // held still, it may be tried now
+	}
+	delete(m.held, thread)
+}
+
+// holdsLocked returns how many threads are held (an upper bound: holds
+// lapsed within the last claimHoldForgetMs count too) and when the first
+// of them may be tried again (0: none). The holds are walked, and long
+// lapsed ones forgotten, at most once a second: a walk at every round
+// cost O(held). A hold that lapsed since is acted on within that second.
 // Called with m.mu held.
 func (m *Mailbox) holdsLocked(now int64) (n int, next int64) {
-	for t, h := range m.held {
-		switch {
-		case h.until > now:
-			n++
-			if next == 0 || h.until < next {
-				next = h.until
+	c := &m.holdCount
+	if !c.valid || now < c.at || now-c.at >= holdWalkMs {
+		*c = holdCount{valid: true, at: now}
+		for t, h := range m.held {
+			switch {
+			case h.until > now:
+				c.next = earliest(c.next, h.until)
+			case now-h.until > claimHoldForgetMs:
+				m.dropHoldLocked(t, now)
 			}
-		case now-h.until > claimHoldForgetMs:
-			delete(m.held, t)
 		}
 	}
-	return n, next
+	next = c.next
+	if next != 0 && next <= now {
+		next = c.at + holdWalkMs // the next walk finds the holds lapsed
+	}
+	return len(m.held), next
+}
+
+// holdWalkMs is how often holdsLocked walks the holds.
+const holdWalkMs = 1000
+
+// holdCount is holdsLocked's last walk, at at: the first hold to lapse
+// after it (or set since) lapses at next.
+type holdCount struct {
+	valid bool
+	at    int64
+	next  int64
 }
 
 // heldThreads is mailbox_dispatch_held_threads.

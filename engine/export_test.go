@@ -52,3 +52,14 @@ func (m *Mailbox) InFlight() int {
 // Starved reports whether the dispatcher's last look found a thread
 // waiting for a slot.
 func (m *Mailbox) Starved() bool { return m.starved.Load() }
+
+// HeldPrefix is the dispatcher's held head of the ready order: its
+// threads and its last entry (heldprefix.go).
+func (m *Mailbox) HeldPrefix() (int, ReadyEntry) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.prefix.n, m.prefix.last
+}
+
+// HeldPrefixMin exposes heldPrefixMin.
+const HeldPrefixMin = heldPrefixMin

@@ -106,9 +106,9 @@ func TestHideStartClaimHidesIt(t *testing.T) {
 	}
 }
 
-func (s *execFaultStore) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+func (s *execFaultStore) ReadyThreads(ctx context.Context, now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64, error) {
 	defer s.readyCalls.Add(1)
-	return s.Store.ReadyThreads(ctx, now, limit)
+	return s.Store.ReadyThreads(ctx, now, after, limit)
 }
 
 func (s *execFaultStore) Cancel(ctx context.Context, id string, now int64) (*engine.Dispatch, error) {

@@ -409,6 +409,10 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		here := len(m.threads)
 		closing := m.closing
 		nHeld, heldUntil := m.holdsLocked(now)
+		// The threads held at the head of the ready order are not listed
+		// again while they stay held (heldprefix.go).
+		prefix := m.heldPrefixLocked(now)
+		unlisted := max(nHeld-prefix.n, 0)
 		m.mu.Unlock()
 		if closing {
 			m.starved.Store(false)
@@ -424,12 +428,15 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			// otherwise sleep until the next kick, and a finishing attempt
 			// would hand its slot to its own thread's newer work).
 			grace := m.sharedClaimGrace()
-			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, 1+nHeld)
+			threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, prefix.last, 1+unlisted)
 			m.mu.Lock()
+			if err == nil {
+				m.notePrefixLocked(threads, prefix, now, now)
+			}
 			// A thread held for a full agent waits for that agent's slot.
 			var busy map[string]struct{}
 			for _, t := range threads {
-				if h, ok := m.held[t]; ok && h.busy && h.until > now {
+				if h, ok := m.held[t.ThreadID]; ok && h.busy && h.until > now {
 					if busy == nil {
 						busy = map[string]struct{}{}
 					}
@@ -455,7 +462,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		// its submitter and its signal (SharedClaimGrace); it comes back
 		// here once the grace has passed.
 		grace := m.sharedClaimGrace()
-		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, free+here+nHeld+1)
+		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, prefix.last, free+here+unlisted+1)
 		if err != nil {
 			m.starved.Store(true)
 			m.log.Warn("list ready threads failed", "err", err)
@@ -466,6 +473,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		next = earliest(next, heldUntil)
 		m.mu.Lock()
+		m.notePrefixLocked(threads, prefix, now, now)
 		var budget slotBudget
 		if m.busyHeldLocked(threads, now) {
 			m.mu.Unlock()
@@ -476,11 +484,11 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		waiting := threads[:0]
 		var busyLeft map[string]struct{} // agents whose held threads stay held
 		for _, t := range threads {
-			if m.threads[t] != nil {
+			if m.threads[t.ThreadID] != nil {
 				continue
 			}
-			if !m.admitLocked(t, now, &budget, len(waiting) < free) {
-				if h := m.held[t]; h.busy && h.until > now {
+			if !m.admitLocked(t.ThreadID, now, &budget, len(waiting) < free) {
+				if h := m.held[t.ThreadID]; h.busy && h.until > now {
 					if busyLeft == nil {
 						busyLeft = map[string]struct{}{}
 					}
@@ -497,7 +505,8 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
 		var started, failed, corrupt atomic.Bool
-		for _, t := range threads {
+		for _, e := range threads {
+			t := e.ThreadID
 			wg.Go(func() {
 				r := m.tryDispatch(ctx, t)
 				if r != attemptClaimed {

@@ -108,6 +108,14 @@ type Mailbox struct {
 	termAfter   TerminalCursor       // reconciliation high-water mark
 	tails       *tailCache           // newest messages of recent threads (nil: off)
 	held        map[string]claimHold // threads whose claims failed, set aside (claimhold.go; guarded by mu)
+	// prefixGen counts what may make a thread before the end of prefix
+	// (the held head of the ready order) claimable: a hold ended or
+	// shortened before it lapsed, work put back at its old place.
+	// holdCount is the last walk of held (guarded by mu; claimhold.go,
+	// heldprefix.go).
+	prefixGen uint64
+	holdCount holdCount
+	prefix    heldPrefix
 	// busyWaiting are the agent ids for which threads set aside for a
 	// full agent waited after the dispatcher's last look (claimhold.go;
 	// guarded by mu).
@@ -154,7 +162,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		return float64(n)
 	})
 	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
-	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages}
+	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages, putBack: m.putBack}
 	return m, nil
 }
 

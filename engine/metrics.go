@@ -255,6 +255,20 @@ type instrumentedStore struct {
 	// keep of each thread's newest (nil: off).
 	tails *tailCache
 	keep  int
+	// putBack learns of the threads whose work a call may have put back
+	// at its old place in the ready order ("": unknown; nil: off).
+	putBack func(thread string)
+}
+
+// wentBack tells putBack of thread ("" when the call failed: unknown).
+func (s instrumentedStore) wentBack(thread string, err error) {
+	if s.putBack == nil {
+		return
+	}
+	if err != nil {
+		thread = ""
+	}
+	s.putBack(thread)
 }
 
 func (s instrumentedStore) Enqueue(ctx context.Context, d Dispatch) (Dispatch, error) {
@@ -282,7 +296,9 @@ func (s instrumentedStore) RecordRunResult(ctx context.Context, id, token string
 }
 
 func (s instrumentedStore) Nack(ctx context.Context, id, token string, retryAt int64, msg string, now int64) (Dispatch, error) {
-	return observe(s.em, "nack", func() (Dispatch, error) { return s.Store.Nack(ctx, id, token, retryAt, msg, now) }, nil)
+	d, err := observe(s.em, "nack", func() (Dispatch, error) { return s.Store.Nack(ctx, id, token, retryAt, msg, now) }, nil)
+	s.wentBack(d.ThreadID, err)
+	return d, err
 }
 
 func (s instrumentedStore) DeadLetter(ctx context.Context, id, token, msg string, now int64) error {
@@ -294,7 +310,9 @@ func (s instrumentedStore) Cancel(ctx context.Context, id string, now int64) (*D
 }
 
 func (s instrumentedStore) Release(ctx context.Context, id, token string, now int64) (Dispatch, error) {
-	return observe(s.em, "release", func() (Dispatch, error) { return s.Store.Release(ctx, id, token, now) }, nil)
+	d, err := observe(s.em, "release", func() (Dispatch, error) { return s.Store.Release(ctx, id, token, now) }, nil)
+	s.wentBack(d.ThreadID, err)
+	return d, err
 }
 
 func (s instrumentedStore) ExtendLease(ctx context.Context, id, token string, lease time.Duration, now int64) (bool, error) {
@@ -310,11 +328,24 @@ func (s instrumentedStore) CurrentEpoch(ctx context.Context, thread string) (uin
 }
 
 func (s instrumentedStore) SupersedeClaimed(ctx context.Context, id, token, reason string, now int64) (*Dispatch, error) {
-	return observe(s.em, "supersede_claimed", func() (*Dispatch, error) { return s.Store.SupersedeClaimed(ctx, id, token, reason, now) }, nil)
+	d, err := observe(s.em, "supersede_claimed", func() (*Dispatch, error) { return s.Store.SupersedeClaimed(ctx, id, token, reason, now) }, nil)
+	thread := ""
+	if d != nil {
+		thread = d.ThreadID
+	}
+	s.wentBack(thread, err)
+	return d, err
 }
 
 func (s instrumentedStore) ReclaimExpired(ctx context.Context, now int64, limit int) ([]Dispatch, error) {
-	return observe(s.em, "reclaim", func() ([]Dispatch, error) { return s.Store.ReclaimExpired(ctx, now, limit) }, nil)
+	got, err := observe(s.em, "reclaim", func() ([]Dispatch, error) { return s.Store.ReclaimExpired(ctx, now, limit) }, nil)
+	if err != nil {
+		s.wentBack("", err)
+	}
+	for i := range got {
+		s.wentBack(got[i].ThreadID, nil)
+	}
+	return got, err
 }
 
 func (s instrumentedStore) PurgeTerminal(ctx context.Context, olderThan int64) (int, error) {

@@ -928,11 +928,11 @@ func (s *sigStore) ClaimStart(ctx context.Context, thread, consumer string, leas
 	return s.Store.ClaimStart(ctx, thread, consumer, lease, instance, now)
 }
 
-func (s *sigStore) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+func (s *sigStore) ReadyThreads(ctx context.Context, now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64, error) {
 	if s.signalOnly {
 		return nil, 0, nil
 	}
-	return s.Store.ReadyThreads(ctx, now, limit)
+	return s.Store.ReadyThreads(ctx, now, after, limit)
 }
 
 func (s *sigStore) PullDispatchSignals(ctx context.Context, limit int, wait time.Duration) ([]engine.DispatchSignal, error) {

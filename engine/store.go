@@ -155,8 +155,28 @@ type DispatchStore interface {
 	// the one due longest first, and the earliest due time after now among
 	// claimable threads (0 when none), so a caller can sleep until then. A
 	// thread that holds a claim is not listed and its later work does not
-	// count: it becomes claimable again when that dispatch settles.
-	ReadyThreads(ctx context.Context, now int64, limit int) (threads []string, nextDueAt int64, err error)
+	// count: it becomes claimable again when that dispatch settles. The
+	// list starts strictly after the position after in the ready order
+	// (the zero ReadyEntry: at its start); nextDueAt does not depend on
+	// after or limit.
+	ReadyThreads(ctx context.Context, now int64, after ReadyEntry, limit int) (threads []ReadyEntry, nextDueAt int64, err error)
+}
+
+// ReadyEntry is a claimable thread and its place in the ready order:
+// by Due (Unix ms: since when the thread has waited, its oldest queued
+// work or its last run's end if that is later), then by ThreadID. The
+// dispatcher passes one back to ReadyThreads to list what follows it.
+type ReadyEntry struct {
+	ThreadID string
+	Due      int64
+}
+
+// IsZero reports whether e is the zero entry: the start of the order.
+func (e ReadyEntry) IsZero() bool { return e.ThreadID == "" }
+
+// Before reports whether e comes before o in the ready order.
+func (e ReadyEntry) Before(o ReadyEntry) bool {
+	return e.Due < o.Due || e.Due == o.Due && e.ThreadID < o.ThreadID
 }
 
 // RunQuery selects run records for ListRuns. Empty fields do not filter.

@@ -449,15 +449,11 @@ func (ix *index) queuedThreads() []string {
 }
 
 // ready lists claimable threads (queued work, no claimed dispatch) due by
-// now, the one waiting longest first (then by thread id): due since its
-// oldest queued work, or since its last run ended if that is later; and
-// the earliest due time after now.
-func (ix *index) ready(now int64, limit int) ([]string, int64) {
-	type due struct {
-		thread string
-		at     int64
-	}
-	var all []due
+// now and strictly after after, the one waiting longest first (then by
+// thread id): due since its oldest queued work, or since its last run
+// ended if that is later; and the earliest due time after now.
+func (ix *index) ready(now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64) {
+	var all []engine.ReadyEntry
 	var next int64
 	ix.mu.RLock()
 	for t, te := range ix.threads {
@@ -481,21 +477,24 @@ func (ix *index) ready(now int64, limit int) ([]string, int64) {
 			// were waiting already (round-robin, as the Badger store's
 			// ready index): ordered by when its last run ended if that is
 			// later than its oldest queued work.
-			all = append(all, due{t, max(first, ended)})
+			if e := (engine.ReadyEntry{ThreadID: t, Due: max(first, ended)}); after.IsZero() || after.Before(e) {
+				all = append(all, e)
+			}
 		} else if next == 0 || first < next {
 			next = first
 		}
 	}
 	ix.mu.RUnlock()
-	slices.SortFunc(all, func(a, b due) int { return cmp.Or(cmp.Compare(a.at, b.at), strings.Compare(a.thread, b.thread)) })
-	out := []string{}
-	for _, d := range all {
-		if len(out) == limit {
-			break
-		}
-		out = append(out, d.thread)
+	slices.SortFunc(all, func(a, b engine.ReadyEntry) int {
+		return cmp.Or(cmp.Compare(a.Due, b.Due), strings.Compare(a.ThreadID, b.ThreadID))
+	})
+	if len(all) > limit {
+		all = all[:limit]
 	}
-	return out, next
+	if all == nil {
+		all = []engine.ReadyEntry{}
+	}
+	return all, next
 }
 
 // latestRun returns the thread's run with the greatest (updated_at,

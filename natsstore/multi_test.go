@@ -142,14 +142,14 @@ func TestIndexReadYourWrites(t *testing.T) {
 		if err != nil || got == nil || got.DispatchID != "d00" && i == 0 {
 			t.Fatalf("claim after enqueue %d: %v %v", i, got, err)
 		}
-		if ready, _, err := a.ReadyThreads(ctx, 5000, 10); err != nil || len(ready) != 0 {
-			t.Fatalf("ReadyThreads with a claim held = %q, %v", ready, err)
+		if ready, _, err := a.ReadyThreads(ctx, 5000, engine.ReadyEntry{}, 10); err != nil || len(ready) != 0 {
+			t.Fatalf("ReadyThreads with a claim held = %+v, %v", ready, err)
 		}
 		if _, err := a.Release(ctx, got.DispatchID, got.ClaimToken, 1000); err != nil {
 			t.Fatal(err)
 		}
-		if ready, _, err := a.ReadyThreads(ctx, 5000, 10); err != nil || len(ready) != 1 {
-			t.Fatalf("ReadyThreads after release = %q, %v", ready, err)
+		if ready, _, err := a.ReadyThreads(ctx, 5000, engine.ReadyEntry{}, 10); err != nil || len(ready) != 1 {
+			t.Fatalf("ReadyThreads after release = %+v, %v", ready, err)
 		}
 	}
 	eventually(t, "the other store's index", func() bool {
@@ -196,7 +196,7 @@ func TestReopenKeepsState(t *testing.T) {
 		msgs    []engine.MessageRecord
 		latest  *engine.RunRecord
 		thread  *engine.Thread
-		ready   []string
+		ready   []engine.ReadyEntry
 	}
 	take := func(s engine.Store) snapshot {
 		t.Helper()
@@ -219,7 +219,7 @@ func TestReopenKeepsState(t *testing.T) {
 		errs = append(errs, err)
 		sn.thread, err = s.LoadThread(ctx, "t2")
 		errs = append(errs, err)
-		sn.ready, _, err = s.ReadyThreads(ctx, 5000, 10)
+		sn.ready, _, err = s.ReadyThreads(ctx, 5000, engine.ReadyEntry{}, 10)
 		errs = append(errs, err)
 		if err := errors.Join(errs...); err != nil {
 			t.Fatal(err)

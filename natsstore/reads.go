@@ -109,13 +109,13 @@ func (s *Store) QueuedThreadIDs(ctx context.Context) ([]string, error) {
 }
 
 // ReadyThreads implements engine.DispatchStore.
-func (s *Store) ReadyThreads(ctx context.Context, now int64, limit int) ([]string, int64, error) {
+func (s *Store) ReadyThreads(ctx context.Context, now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64, error) {
 	if limit <= 0 {
-		return []string{}, 0, nil
+		return []engine.ReadyEntry{}, 0, nil
 	}
 	if err := s.fresh(ctx); err != nil {
 		return nil, 0, fmt.Errorf("ready threads: %w", err)
 	}
-	out, next := s.idx.ready(now, limit)
+	out, next := s.idx.ready(now, after, limit)
 	return out, next, nil
 }

@@ -310,9 +310,32 @@ func (h *dq) queuedThreads() []string {
 
 func (h *dq) ready(now int64, limit int) ([]string, int64) {
 	h.t.Helper()
-	ids, next, err := h.s.ReadyThreads(h.ctx, now, limit)
+	es, next, err := h.s.ReadyThreads(h.ctx, now, engine.ReadyEntry{}, limit)
 	if err != nil {
 		h.t.Fatalf("ReadyThreads(now=%d, limit=%d): %v", now, limit, err)
+	}
+	// Every listing is checked in place: in ready order, and the same
+	// listed on from each of its entries.
+	ids := make([]string, len(es))
+	for i, e := range es {
+		ids[i] = e.ThreadID
+		if i > 0 && !es[i-1].Before(e) {
+			h.t.Fatalf("ReadyThreads(now=%d): %+v listed before %+v, out of ready order", now, es[i-1], e)
+		}
+		if e.Due > now {
+			h.t.Fatalf("ReadyThreads(now=%d): %+v is not due", now, e)
+		}
+		rest, restNext, err := h.s.ReadyThreads(h.ctx, now, e, limit)
+		if err != nil {
+			h.t.Fatalf("ReadyThreads(now=%d, after %+v): %v", now, e, err)
+		}
+		want := es[i+1:]
+		if len(rest) < len(want) || !slices.Equal(rest[:len(want)], want) || len(rest) > limit {
+			h.t.Fatalf("ReadyThreads(now=%d, after %+v, limit %d) = %+v, want %+v first", now, e, limit, rest, want)
+		}
+		if restNext != next {
+			h.t.Fatalf("ReadyThreads(now=%d, after %+v): nextDueAt = %d, from the start %d", now, e, restNext, next)
+		}
 	}
 	return ids, next
 }
