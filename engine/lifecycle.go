@@ -413,6 +413,11 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		// again while they stay held (heldprefix.go).
 		prefix := m.heldPrefixLocked(now)
 		unlisted := max(nHeld-prefix.n, 0)
+		if prefix.n > 0 {
+			// A hold in it that lapses is tried at the next listing from
+			// the start: the dispatcher wakes for it.
+			heldUntil = earliest(heldUntil, prefix.listedAt+heldPrefixMaxAgeMs)
+		}
 		m.mu.Unlock()
 		if closing {
 			m.starved.Store(false)
