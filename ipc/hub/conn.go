@@ -113,7 +113,7 @@ func (h *Hub) serveConn(nc net.Conn) {
 		return
 	}
 	h.m.connects.Inc()
-	log.Info("agent connected", "name", c.name, "max_runs", c.maxRuns)
+	c.log.Info("agent connected", "max_runs", c.maxRuns)
 	if goaway != nil {
 		c.sendGoAway(*goaway)
 	}
@@ -125,7 +125,7 @@ func (h *Hub) serveConn(nc net.Conn) {
 	c.readLoop()
 	h.unregister(c)
 	c.wg.Wait()
-	log.Info("agent disconnected", "name", c.name, "cause", c.cause)
+	c.log.Info("agent disconnected", "cause", c.cause)
 }
 
 // handshake reads HELLO and answers WELCOME.

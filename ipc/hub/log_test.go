@@ -1,8 +1,44 @@
 package hub_test
 
 import (
+	"encoding/json"
 	"io"
 	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 )
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// An agent's connection is logged under one key for its name ("agent",
+// as every later line of the connection), with the connection's id
+// (found by review: "agent connected" and "agent disconnected" said
+// "name", the rest "agent").
+func TestAnAgentsLinesNameItUnderOneKey(t *testing.T) {
+	var logs syncbuf.Buffer
+	r := newRig(t, hub.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	a, _ := connect(t, r.path, ipc.Hello{Name: "writer-7", MaxRuns: 1})
+	eventually(t, "the agent counted", func() bool { return r.hub.Capacity() == 1 })
+	a.nc.Close()
+	eventually(t, "the agent gone", func() bool { return r.hub.Capacity() == 0 })
+	r.hub.Close()
+	for _, msg := range []string{"agent connected", "agent disconnected"} {
+		var line map[string]any
+		for l := range strings.Lines(logs.String()) {
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == msg {
+				line = m
+			}
+		}
+		if line == nil {
+			t.Fatalf("no %q line in:\n%s", msg, logs.String())
+		}
+		if line["agent"] != "writer-7" || line["name"] != nil || line["agent_conn"] == nil {
+			t.Fatalf("%q logged as %v, want agent=writer-7 with agent_conn and no name", msg, line)
+		}
+	}
+}
