@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
@@ -15,6 +16,8 @@ import (
 	json "github.com/goccy/go-json"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
+	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
 
 type submitResult struct {
@@ -573,10 +576,12 @@ func TestQueuedForegroundStream(t *testing.T) {
 }
 
 // A subscriber that falls behind the event buffer while live is sent
-// `event: reset` and disconnected (and counted); the run is never held up.
+// `event: reset` and disconnected (and counted, and logged with its
+// thread); the run is never held up.
 func TestSlowSubscriberIsDropped(t *testing.T) {
 	t.Parallel()
-	sc := newSidecar(t, options{engine: engine.Config{EventBuffer: 16}})
+	var logs syncbuf.Buffer
+	sc := newSidecar(t, options{engine: engine.Config{EventBuffer: 16}, proxy: proxy.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))}})
 	hr, _ := http.NewRequest("POST", base+"/v1/threads/slow/runs", strings.NewReader(submitBody("big:3000")))
 	resp, err := sc.client.Do(hr)
 	if err != nil {
@@ -601,6 +606,9 @@ func TestSlowSubscriberIsDropped(t *testing.T) {
 	_, m := sc.do(req{method: "GET", path: "/metrics"})
 	if !strings.Contains(string(m), "mailbox_http_sse_dropped_total 1\n") {
 		t.Fatalf("dropped not counted:\n%s", grep(string(m), "sse"))
+	}
+	if line := grep(logs.String(), "fell behind"); !strings.Contains(line, `"thread_id":"slow"`) {
+		t.Fatalf("the drop's log line %q does not name the thread", line)
 	}
 	// The client re-attaches from its last event: reset (expired), then the rest.
 	last := strings.LastIndex(body, "\nid: ")

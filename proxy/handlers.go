@@ -52,7 +52,7 @@ func (s *Server) submitForeground(ctx *fasthttp.RequestCtx, thread string) error
 					}
 				}
 			}
-			return s.startStream(ctx, log, 0, submittedEvent(res), nil)
+			return s.startStream(ctx, res.ThreadID, log, 0, submittedEvent(res), nil)
 		}
 	}
 	res, events, err := s.mb.Submit(s.base, req)
@@ -62,7 +62,7 @@ func (s *Server) submitForeground(ctx *fasthttp.RequestCtx, thread string) error
 	if asJSON {
 		return s.writeJSON(ctx, fasthttp.StatusOK, res)
 	}
-	return s.startStream(ctx, events, 0, submittedEvent(res), &res)
+	return s.startStream(ctx, res.ThreadID, events, 0, submittedEvent(res), &res)
 }
 
 // existingByDedupe finds the queued or running dispatch of a thread that
@@ -218,7 +218,7 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		head = appendReset(nil, "unknown_id", after, log.FirstSeq())
 		after = 0
 	}
-	return s.startStream(ctx, log, after, head, nil)
+	return s.startStream(ctx, thread, log, after, head, nil)
 }
 
 // getDispatch is GET /v1/dispatches/{dispatch_id}.

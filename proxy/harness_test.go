@@ -137,7 +137,9 @@ func newSidecar(t testing.TB, o options) *sidecar {
 	pcfg := o.proxy
 	pcfg.Mailbox = mb
 	pcfg.Metrics = append(pcfg.Metrics, mb.Metrics(), h.Metrics())
-	pcfg.Logger = testLogger()
+	if pcfg.Logger == nil {
+		pcfg.Logger = testLogger()
+	}
 	pcfg.Ready = o.ready
 	if pcfg.Ready == nil {
 		pcfg.Ready = func() proxy.Readiness {

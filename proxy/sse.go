@@ -27,6 +27,7 @@ const minStall = 10 * time.Second
 // but mu's.
 type sseStream struct {
 	s      *Server
+	thread string // the thread whose run it follows (for logs)
 	log    *engine.EventLog
 	after  uint64 // the last event id written (the client's position)
 	head   []byte // written first: the submitted event, or a reset
@@ -38,10 +39,10 @@ type sseStream struct {
 	cut bool       // Shutdown cut the stream off
 }
 
-// startStream answers the request with an SSE stream of log from after
-// on, starting with head. fg is the submit result of a foreground submit
+// startStream answers the request with an SSE stream of log (a run of
+// thread) from after on, starting with head. fg is the submit result of a foreground submit
 // (nil on re-attachment). A nil log sends head alone.
-func (s *Server) startStream(ctx *fasthttp.RequestCtx, log *engine.EventLog, after uint64, head []byte, fg *engine.SubmitResult) error {
+func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engine.EventLog, after uint64, head []byte, fg *engine.SubmitResult) error {
 	ctx.SetStatusCode(fasthttp.StatusOK)
 	h := &ctx.Response.Header
 	h.SetContentType("text/event-stream")
@@ -55,7 +56,7 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, log *engine.EventLog, aft
 		ctx.SetBody(head)
 		return nil
 	}
-	st := &sseStream{s: s, log: log, after: after, head: head, conn: ctx.Conn()}
+	st := &sseStream{s: s, thread: thread, log: log, after: after, head: head, conn: ctx.Conn()}
 	if fg != nil {
 		st.finish = appendSyntheticFinish(nil, fg)
 	}
@@ -115,7 +116,7 @@ func (st *sseStream) run(w *bufio.Writer) {
 				st.flush(w)
 				s.m.dropped.Inc()
 				s.log.Info("sse subscriber fell behind the event buffer: disconnected",
-					"after", st.after, "oldest", oldest)
+					"thread_id", st.thread, "after", st.after, "oldest", oldest)
 				return
 			}
 			line = appendReset(line[:0], "expired", st.after, oldest)
