@@ -134,6 +134,17 @@ func TestBadRequests(t *testing.T) {
 			checkError(t, resp, b, 401, "unauthorized")
 		})
 	}
+	// Refused requests count under their route; an unknown path without
+	// a token is refused too (a 404 would tell what exists).
+	t.Run("tcp refusals counted under their route", func(t *testing.T) {
+		resp, b := doWith(t, sc.tcpClient, tcp, req{method: "GET", path: "/v1/no/such/route"})
+		checkError(t, resp, b, 401, "unauthorized")
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		want := `mailbox_http_requests_total{route="/v1/threads/{thread_id}/dispatches",code="401"} 5`
+		if !strings.Contains(string(m), want+"\n") || !strings.Contains(string(m), `mailbox_http_requests_total{route="unmatched",code="401"} 1`+"\n") {
+			t.Fatalf("want %s and one unmatched 401 in:\n%s", want, grep(string(m), "401"))
+		}
+	})
 
 	// A body announced larger than the limit is refused before it is read.
 	t.Run("announced body over the limit", func(t *testing.T) {

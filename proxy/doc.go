@@ -131,6 +131,8 @@
 //   - Agent events that contain line breaks (pretty-printed JSON) are
 //     compacted to one line; otherwise the data is the agent's bytes.
 //   - Request metrics label requests by route pattern ("unmatched" for
-//     unknown paths); for a stream the duration is the time to the start
-//     of the stream.
+//     unknown paths; a request refused for its token counts under the
+//     route it asked for, and an unknown path without a token is refused
+//     with 401, not told 404); for a stream the duration is the time to
+//     the start of the stream.
 package proxy

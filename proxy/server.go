@@ -411,15 +411,19 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx, kind listenerKind) {
 // route authenticates, matches and dispatches a request; *ri is set to
 // the matched route.
 func (s *Server) route(ctx *fasthttp.RequestCtx, kind listenerKind, ri *int) error {
+	// Matched first, so that a refused request counts under its route;
+	// refused before a 404, which would tell who has no token what exists.
+	i, rawID := match(ctx.URI().PathOriginal())
+	if i >= 0 && (kind != kindAdmin || routeTable[i].probe) {
+		*ri = i
+	}
 	if kind == kindTCP && !s.authorized(ctx) {
 		ctx.Response.Header.Set("WWW-Authenticate", `Bearer realm="mailbox-sidecar"`)
 		return &httpError{fasthttp.StatusUnauthorized, CodeUnauthorized, "missing or wrong bearer token"}
 	}
-	i, rawID := match(ctx.URI().PathOriginal())
-	if i < 0 || (kind == kindAdmin && !routeTable[i].probe) {
+	if *ri < 0 {
 		return errNotFound("no route %s", ctx.URI().PathOriginal())
 	}
-	*ri = i
 	r := &routeTable[i]
 	var h handler
 	switch {
