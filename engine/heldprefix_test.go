@@ -1,8 +1,10 @@
 package engine_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -44,7 +46,7 @@ func (s *listingStore) take() []listing {
 // heldRig is a started mailbox on a clock that moves only when the test
 // moves it, with n threads (h00, h01, …) held for an agent id no agent
 // serves, all of them at the head of the ready order and known to the
-// dispatcher as its held prefix. refused counts each thread's refusals.
+// dispatcher as its held prefix (if n is heldPrefixMin or more). refused counts each thread's refusals.
 func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Store) engine.Store, before func(r *rig, now int64)) (r *rig, now *atomic.Int64, refused func(thread string) int) {
 	t.Helper()
 	now = new(atomic.Int64)
@@ -86,7 +88,7 @@ func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Stor
 		// A thread in flight when the prefix was listed is back before
 		// its end, held: the prefix need not count it.
 		got, last := r.mb.HeldPrefix()
-		return got >= engine.HeldPrefixMin && last.ThreadID == fmt.Sprintf("h%02d", n-1)
+		return n < engine.HeldPrefixMin || got >= engine.HeldPrefixMin && last.ThreadID == fmt.Sprintf("h%02d", n-1)
 	})
 	return r, now, refused
 }
@@ -205,4 +207,37 @@ func TestTheHeldPrefixIsListedAgainAfterASecond(t *testing.T) {
 			t.Fatal("no round listed the ready order from its start after the prefix aged")
 		}
 	}
+}
+
+// mailbox_dispatch_ready_wait_seconds is how long the thread first in
+// the ready order has waited (here one held for an absent agent), 0 when
+// nothing waits; it is read at most once a second.
+func TestReadyWaitReportsTheLongestWait(t *testing.T) {
+	r, now, _ := heldRig(t, 1, engine.Config{}, nil, nil)
+	scrape := func() string {
+		var buf bytes.Buffer
+		r.mb.Metrics().WritePrometheus(&buf)
+		return metricLine(buf.String(), "mailbox_dispatch_ready_wait_seconds ")
+	}
+	now.Add(90_000)
+	eventually(t, "the wait read again", func() bool { return scrape() == "mailbox_dispatch_ready_wait_seconds 90" })
+	ctx := context.Background()
+	ds, err := r.store.ListDispatches(ctx, "h00", engine.StatusFilter{engine.StatusQueued}, 0, 0)
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("the held thread's dispatch: %v %v", ds, err)
+	}
+	if _, err := r.mb.Cancel(ctx, ds[0].DispatchID); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "no wait once nothing waits", func() bool { return scrape() == "mailbox_dispatch_ready_wait_seconds 0" })
+}
+
+// metricLine returns the line of a metrics text that starts with prefix.
+func metricLine(text, prefix string) string {
+	for l := range strings.Lines(text) {
+		if strings.HasPrefix(l, prefix) {
+			return strings.TrimSuffix(l, "\n")
+		}
+	}
+	return ""
 }

@@ -162,6 +162,20 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		return float64(n)
 	})
 	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
+	// How long the thread first in the ready order has waited: since its
+	// oldest queued work fell due, or its last run ended if that is
+	// later (0: nothing waits). Held threads wait too.
+	m.metrics.waitFrom = func() (float64, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), depthTimeout)
+		defer cancel()
+		now := m.cfg.Now()
+		first, _, err := store.ReadyThreads(ctx, now, ReadyEntry{}, 1)
+		if err != nil || len(first) == 0 {
+			return 0, err
+		}
+		return float64(max(now-first[0].Due, 0)) / 1000, nil
+	}
+	m.metrics.set.NewGauge(metricReadyWait, m.metrics.readyWait)
 	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages, putBack: m.putBack}
 	return m, nil
 }

@@ -19,6 +19,7 @@ const (
 	metricQueueDepth = "mailbox_queue_depth"
 	metricActiveRuns = "mailbox_active_runs"
 	metricHeld       = "mailbox_dispatch_held_threads"
+	metricReadyWait  = "mailbox_dispatch_ready_wait_seconds"
 	metricEnqToStart = "mailbox_dispatch_enqueue_to_start_seconds"
 	metricEligStart  = "mailbox_dispatch_eligible_to_start_seconds"
 	metricClaimStart = "mailbox_dispatch_claim_to_start_seconds"
@@ -60,10 +61,13 @@ var (
 type engineMetrics struct {
 	set *metrics.Set
 
-	depthMu   sync.Mutex // guards depth and depthAt
+	depthMu   sync.Mutex // guards depth, depthAt, wait and waitAt
 	depth     StatusCounts
 	depthAt   time.Time
 	depthFrom func() (StatusCounts, error)
+	wait      float64
+	waitAt    time.Time
+	waitFrom  func() (float64, error)
 
 	ops sync.Map // opKey → *opMetrics: the per-call path formats no names
 	// series holds the counters and histograms of count and seconds by
@@ -161,6 +165,23 @@ func (em *engineMetrics) counts() StatusCounts {
 		em.depthAt = time.Now()
 	}
 	return em.depth
+}
+
+// readyWait is mailbox_dispatch_ready_wait_seconds, at most one second
+// old, as counts keeps the depth (a failure counted with the depth's).
+func (em *engineMetrics) readyWait() float64 {
+	em.depthMu.Lock()
+	defer em.depthMu.Unlock()
+	if em.waitFrom != nil && time.Since(em.waitAt) > time.Second {
+		w, err := em.waitFrom()
+		if err == nil {
+			em.wait = w
+		} else {
+			em.count(metricDepthErrs).Inc()
+		}
+		em.waitAt = time.Now()
+	}
+	return em.wait
 }
 
 // Dead-letter causes (mailbox_dead_letters_total{cause}) and the outcome
