@@ -69,6 +69,59 @@ type threadEntry struct {
 	ds      map[string]*dEntry
 	queued  int
 	claimed int
+	// first is the earliest avail of its queued dispatches (while queued
+	// > 0), ended the latest update of its acked and dead-lettered ones
+	// (0: none): its place in the ready order, kept as entries come and
+	// go so that a listing does not walk every dispatch of every thread.
+	first, ended int64
+}
+
+// endsRun reports whether a dispatch in status st ended its thread's run
+// for the ready order (round-robin: acked or dead-lettered).
+func endsRun(st engine.DispatchStatus) bool {
+	return st == engine.StatusAcked || st == engine.StatusDeadLetter
+}
+
+// add counts e in te's place in the ready order.
+func (te *threadEntry) add(e *dEntry) {
+	switch {
+	case e.status == engine.StatusQueued:
+		if te.queued == 0 || e.avail < te.first {
+			te.first = e.avail
+		}
+		te.queued++
+	case e.status == engine.StatusClaimed:
+		te.claimed++
+	case endsRun(e.status):
+		te.ended = max(te.ended, e.updated)
+	}
+}
+
+// remove takes e (already out of te.ds) out of te's place in the ready
+// order, walking te's dispatches only when e set it.
+func (te *threadEntry) remove(e *dEntry) {
+	switch {
+	case e.status == engine.StatusQueued:
+		te.queued--
+		if te.queued > 0 && e.avail == te.first {
+			first, found := int64(0), false
+			for _, o := range te.ds {
+				if o.status == engine.StatusQueued && (!found || o.avail < first) {
+					first, found = o.avail, true
+				}
+			}
+			te.first = first
+		}
+	case e.status == engine.StatusClaimed:
+		te.claimed--
+	case endsRun(e.status) && e.updated == te.ended:
+		te.ended = 0
+		for _, o := range te.ds {
+			if endsRun(o.status) {
+				te.ended = max(te.ended, o.updated)
+			}
+		}
+	}
 }
 
 // rEntry is what the index keeps of one run.
@@ -213,14 +266,9 @@ func (ix *index) addDispatchLocked(e *dEntry) {
 		}
 	}
 	te.ds[e.id] = e
+	te.add(e)
 	ix.disp[e.id] = e
 	ix.counts[e.status]++
-	switch e.status {
-	case engine.StatusQueued:
-		te.queued++
-	case engine.StatusClaimed:
-		te.claimed++
-	}
 }
 
 func (ix *index) removeDispatchLocked(e *dEntry) {
@@ -231,12 +279,7 @@ func (ix *index) removeDispatchLocked(e *dEntry) {
 		return
 	}
 	delete(te.ds, e.id)
-	switch e.status {
-	case engine.StatusQueued:
-		te.queued--
-	case engine.StatusClaimed:
-		te.claimed--
-	}
+	te.remove(e)
 	if len(te.ds) == 0 {
 		delete(ix.threads, e.thread)
 	}
@@ -453,48 +496,81 @@ func (ix *index) queuedThreads() []string {
 // thread id): due since its oldest queued work, or since its last run
 // ended if that is later; and the earliest due time after now.
 func (ix *index) ready(now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64) {
-	var all []engine.ReadyEntry
 	var next int64
+	sel := readySelect{limit: limit}
 	ix.mu.RLock()
 	for t, te := range ix.threads {
 		if te.queued == 0 || te.claimed > 0 {
 			continue
 		}
-		first, found, ended := int64(0), false, int64(0)
-		for _, e := range te.ds {
-			switch {
-			case e.status == engine.StatusQueued && (!found || e.avail < first):
-				first, found = e.avail, true
-			case e.status == engine.StatusAcked || e.status == engine.StatusDeadLetter:
-				ended = max(ended, e.updated)
+		if te.first > now {
+			if next == 0 || te.first < next {
+				next = te.first
 			}
-		}
-		if !found {
 			continue
 		}
-		if first <= now {
-			// A thread whose run just ended goes behind the threads that
-			// were waiting already (round-robin, as the Badger store's
-			// ready index): ordered by when its last run ended if that is
-			// later than its oldest queued work.
-			if e := (engine.ReadyEntry{ThreadID: t, Due: max(first, ended)}); after.IsZero() || after.Before(e) {
-				all = append(all, e)
-			}
-		} else if next == 0 || first < next {
-			next = first
+		// A thread whose run just ended goes behind the threads that were
+		// waiting already (round-robin, as the Badger store's ready
+		// index): ordered by when its last run ended if that is later
+		// than its oldest queued work.
+		if e := (engine.ReadyEntry{ThreadID: t, Due: max(te.first, te.ended)}); after.IsZero() || after.Before(e) {
+			sel.offer(e)
 		}
 	}
 	ix.mu.RUnlock()
-	slices.SortFunc(all, func(a, b engine.ReadyEntry) int {
+	return sel.sorted(), next
+}
+
+// readySelect keeps the first limit entries offered, in ready order,
+// without sorting every claimable thread: a max-heap of the kept ones.
+type readySelect struct {
+	limit int
+	h     []engine.ReadyEntry
+}
+
+func (s *readySelect) offer(e engine.ReadyEntry) {
+	if len(s.h) < s.limit {
+		s.h = append(s.h, e)
+		for i := len(s.h) - 1; i > 0; { // up
+			p := (i - 1) / 2
+			if !s.h[p].Before(s.h[i]) {
+				break
+			}
+			s.h[p], s.h[i] = s.h[i], s.h[p]
+			i = p
+		}
+		return
+	}
+	if len(s.h) == 0 || !e.Before(s.h[0]) {
+		return
+	}
+	s.h[0] = e
+	for i := 0; ; { // down
+		c := 2*i + 1
+		if c >= len(s.h) {
+			break
+		}
+		if c+1 < len(s.h) && s.h[c].Before(s.h[c+1]) {
+			c++
+		}
+		if !s.h[i].Before(s.h[c]) {
+			break
+		}
+		s.h[i], s.h[c] = s.h[c], s.h[i]
+		i = c
+	}
+}
+
+// sorted returns the kept entries in ready order.
+func (s *readySelect) sorted() []engine.ReadyEntry {
+	out := s.h
+	if out == nil {
+		out = []engine.ReadyEntry{}
+	}
+	slices.SortFunc(out, func(a, b engine.ReadyEntry) int {
 		return cmp.Or(cmp.Compare(a.Due, b.Due), strings.Compare(a.ThreadID, b.ThreadID))
 	})
-	if len(all) > limit {
-		all = all[:limit]
-	}
-	if all == nil {
-		all = []engine.ReadyEntry{}
-	}
-	return all, next
+	return out
 }
 
 // latestRun returns the thread's run with the greatest (updated_at,
