@@ -168,3 +168,40 @@ func TestAForegroundSubmitQueuedBehindARunLeavesItTheThreadsLog(t *testing.T) {
 		t.Fatalf("A's stream ended with %q", last)
 	}
 }
+
+// A thread whose run no connected agent serves is tried again after a
+// minute, then after two, four… up to claimHoldAgentMax while it is
+// refused so: every minute cost each such thread a claim and a release,
+// store work a minute in proportion to a backlog nobody serves.
+func TestAnUnservedThreadIsTriedLessAndLessOften(t *testing.T) {
+	r, now, refused := heldRig(t, 1, engine.Config{}, nil, nil)
+	ctx := context.Background()
+	// rounds makes the dispatcher look a few times (submits of work for an
+	// agent that is here) and returns h00's refusals.
+	rounds := func(n int) int {
+		for range n {
+			res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "w", Messages: []engine.Message{userMsg("go")}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the work acked", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+		}
+		return refused("h00")
+	}
+	waitRefused := func(want int) {
+		t.Helper()
+		for i := 0; rounds(1) < want; i++ {
+			if i == 50 {
+				t.Fatalf("h00 refused %d times, want %d", refused("h00"), want)
+			}
+		}
+	}
+	now.Add(61_000) // the first hold: a minute
+	waitRefused(2)
+	now.Add(61_000) // the second: two minutes
+	if got := rounds(5); got != 2 {
+		t.Fatalf("h00 tried again a minute into its second hold (refused %d times)", got)
+	}
+	now.Add(61_000)
+	waitRefused(3)
+}

@@ -23,6 +23,10 @@ const (
 	claimHoldFirst    = time.Second
 	claimHoldMax      = time.Minute
 	claimHoldForgetMs = 2 * int64(claimHoldMax/time.Millisecond)
+	// claimHoldAgentMax bounds a hold for an agent id that no connected
+	// agent serves: it starts at claimHoldMax and doubles while the thread
+	// is refused so (agents coming or going end it at once).
+	claimHoldAgentMax = 16 * time.Minute
 )
 
 // claimHold is a held thread's state.
@@ -31,6 +35,9 @@ type claimHold struct {
 	delay   time.Duration // the last delay; the next doubles it (ErrCorrupt)
 	corrupt bool          // the last failure was ErrCorrupt
 	agent   bool          // set aside because no agent took its run
+	// unserved: no connected agent served its run's agent id
+	// (CodeAgentUnavailable); its delay doubles while that lasts.
+	unserved bool
 	// busy: its agents were full (CodeAgentBusy); busyFor is the run's
 	// agent id. With a SlotCounter executor the thread is admitted again
 	// when that agent has a free slot (admitLocked), until then at most.
@@ -41,8 +48,9 @@ type claimHold struct {
 // A thread whose attempt no agent took is set aside too (ipc.md: work
 // waits in the queue for an agent, never nacked, never dead-lettered for
 // lack of one): until agents come or go (the executor's
-// CapacityChanged), at most claimHoldMax, when no connected agent serves
-// the run's agent id (CodeAgentUnavailable). When the ones that serve it
+// CapacityChanged), when no connected agent serves the run's agent id
+// (CodeAgentUnavailable): at most claimHoldMax, doubling up to
+// claimHoldAgentMax while the thread is refused so. When the ones that serve it
 // were full (CodeAgentBusy: the engine counts the slots of every agent id
 // together) it waits for a free slot of theirs: with an executor that
 // counts them (SlotCounter) the dispatcher admits no more such threads
@@ -57,18 +65,26 @@ type claimHold struct {
 // the hub refused it again: a thread for an agent id nobody served took a
 // slot from the others at every pass.
 
-// holdForAgentLocked sets thread aside after an attempt no agent took,
+// holdForAgentLocked sets thread aside after an attempt no agent took
+// (unserved: the hold it was claimed out of, for the same cause; 0: none),
 // unless agents came or went since the attempt started (capSeen): the
 // executor's answer may be out of date, and a hold would miss the wake-up
 // that ends it. Called with m.mu held.
-func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint64, now int64) {
+func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint64, unserved time.Duration, now int64) {
 	if m.capChanges != capSeen {
 		return
 	}
 	h := claimHold{delay: claimHoldFirst, agent: true}
 	switch {
 	case code == CodeAgentUnavailable:
-		h.delay = claimHoldMax
+		// Tried again now and then in case a wake-up was missed: every
+		// minute cost each such thread a claim and a release, O(held)
+		// store work a minute for a backlog nobody serves. The delay
+		// doubles while the thread is refused so, up to claimHoldAgentMax.
+		h.delay, h.unserved = claimHoldMax, true
+		if unserved > 0 {
+			h.delay = min(2*unserved, claimHoldAgentMax)
+		}
 	case m.slots != nil:
 		h.delay, h.busy, h.busyFor = claimHoldMax, true, agentID
 	}

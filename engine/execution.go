@@ -62,6 +62,9 @@ type execution struct {
 	// Mailbox.mu): an executor's "no agent" answer given before agents
 	// came or went sets no hold (claimhold.go).
 	capSeen uint64
+	// unserved is the thread's last hold for an agent id no agent served
+	// (startExecution; 0: none): a refusal for that again doubles it.
+	unserved time.Duration
 	// liveKeys are the dedupe keys of live-then-queue submits whose
 	// messages this attempt accepted live (guarded by Mailbox.mu): a
 	// repeat of one is answered as delivered, not appended again.
@@ -209,9 +212,13 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 	m.mu.Lock()
 	m.probes-- // the slot stays taken: the claim found work
 	m.probeDone.Broadcast()
+	var unserved time.Duration // the lapsed hold's, if no agent served the thread
+	if h, ok := m.held[thread]; ok && h.unserved {
+		unserved = h.delay
+	}
 	m.releaseHoldLocked(thread)
 	m.mu.Unlock()
-	m.startExecution(*d, started)
+	m.startExecution(*d, started, unserved)
 	return attemptClaimed
 }
 
@@ -234,7 +241,9 @@ func (m *Mailbox) claim(ctx context.Context, thread string) (d *Dispatch, starte
 // startExecution runs a claimed dispatch; its agent slot is already
 // reserved. started: the claim's commit also recorded the attempt's start
 // (IdleSubmitter, StartClaimer), under the dispatch's instance id.
-func (m *Mailbox) startExecution(d Dispatch, started bool) {
+// unserved: the last hold of the thread, claimed as it lapsed, because no
+// agent served its run (0: none); a refusal for that again doubles it.
+func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duration) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
 	if started {
@@ -256,6 +265,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool) {
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events
 	e.capSeen = m.capChanges
+	e.unserved = unserved
 	if m.closing {
 		// Stop began while this claim was in flight: do not start it; the
 		// attempt releases the dispatch without spending an attempt.
@@ -295,7 +305,7 @@ func (m *Mailbox) finish(e *execution) {
 	if next != nil {
 		// Claimed with the completion: it takes over this attempt's slot
 		// (startExecution cancels it unspent if Stop began meanwhile).
-		m.startExecution(*next, e.nextStarted)
+		m.startExecution(*next, e.nextStarted, 0)
 		return
 	}
 	// The thread's next dispatch is claimed here, without a scan of every
@@ -728,7 +738,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// is released, so that the dispatcher does not claim it again
 			// at once, only to be refused again.
 			m.mu.Lock()
-			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.agentID, e.capSeen, now)
+			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.agentID, e.capSeen, e.unserved, now)
 			m.mu.Unlock()
 		}
 		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {

@@ -625,7 +625,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		res.Status = SubmitCancelled
 		return res, events, nil
 	}
-	m.startExecution(*claimed, false)
+	m.startExecution(*claimed, false, 0)
 	res.Status = SubmitRunning
 	return res, events, nil
 }
@@ -702,7 +702,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		*req = saved
 		return SubmitResult{}, nil, false, nil
 	}
-	m.startExecution(*claimed, claimed.InstanceID == instance)
+	m.startExecution(*claimed, claimed.InstanceID == instance, 0)
 	return SubmitResult{DispatchID: claimed.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitRunning}, events, true, nil
 }
 
