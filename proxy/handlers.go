@@ -10,6 +10,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/metrichelp"
 )
 
 // Paging of list endpoints.
@@ -344,14 +345,17 @@ func (s *Server) requeue(ctx *fasthttp.RequestCtx, id string) error {
 }
 
 // metrics is GET /metrics: the server's set, Config.Metrics, and the
-// process metrics, in the Prometheus text format.
+// process metrics, in the Prometheus text format, the sidecar's families
+// with their HELP text (metrichelp).
 func (s *Server) metrics(ctx *fasthttp.RequestCtx, _ string) error {
 	ctx.SetContentType("text/plain; version=0.0.4; charset=utf-8")
-	s.m.set.WritePrometheus(ctx)
+	var scrape bytes.Buffer
+	s.m.set.WritePrometheus(&scrape)
 	for _, set := range s.cfg.Metrics {
-		set.WritePrometheus(ctx)
+		set.WritePrometheus(&scrape)
 	}
-	metrics.WriteProcessMetrics(ctx)
+	metrics.WriteProcessMetrics(&scrape)
+	ctx.SetBody(metrichelp.Fill(make([]byte, 0, scrape.Len()+8<<10), scrape.Bytes()))
 	return nil
 }
 

@@ -271,6 +271,19 @@ func TestKilledSidecarRestartsOnStaleSocketsAndFinishesItsWork(t *testing.T) {
 			t.Errorf("/metrics: %q missing or zero after the restarted sidecar acked a run", want)
 		}
 	}
+	// Every family of the sidecar's own says what it counts.
+	helps := 0
+	for _, l := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(l, "# HELP mailbox_"); ok {
+			helps++
+			if !strings.Contains(rest, " ") {
+				t.Errorf("/metrics: %q has no HELP text (internal/metrichelp)", l)
+			}
+		}
+	}
+	if helps < 40 {
+		t.Errorf("/metrics: %d HELP lines of mailbox_ families, want every one (40 or more)", helps)
+	}
 }
 
 func TestGracefulShutdownPutsRunningWorkBack(t *testing.T) {
