@@ -777,6 +777,9 @@ func (m *Mailbox) complete(ctx context.Context, e *execution, res RunResult, now
 	e.handoff.Store(false)
 	var conflict *ConflictError
 	if err == nil || !errors.Is(err, ErrNextClaim) && (errors.Is(err, ErrStaleClaim) || errors.Is(err, ErrNotFound) || errors.As(err, &conflict)) {
+		if conflict != nil {
+			m.putBack("") // superseded: the thread's queued work is back (heldprefix.go)
+		}
 		return err // Complete's own answer
 	}
 	// The claim half failed (say, a damaged record of the next dispatch),

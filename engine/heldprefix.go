@@ -39,28 +39,34 @@ type heldPrefix struct {
 	gen      uint64     // m.prefixGen then: a change drops the prefix
 }
 
-// heldPrefixLocked returns the prefix to list after at now, or the zero
-// prefix (list from the start) when there is none or it may be out of
-// date. Called with m.mu held.
+// heldPrefixLocked returns the prefix to list after at now, or one of no
+// threads (list from the start) when there is none or it may be out of
+// date. Either carries m.prefixGen as the round's listing begins: what
+// drops a prefix while the listing runs keeps the listing's from being
+// noted (notePrefixLocked). Called with m.mu held.
 func (m *Mailbox) heldPrefixLocked(now int64) heldPrefix {
 	p := m.prefix
 	if p.n == 0 || now < p.listedAt || now-p.listedAt >= heldPrefixMaxAgeMs || p.gen != m.prefixGen {
 		m.prefix = heldPrefix{}
-		return heldPrefix{}
+		return heldPrefix{gen: m.prefixGen}
 	}
 	return p
 }
 
 // notePrefixLocked records the threads held at now at the head of a
-// listing: a listing from the start (p zero, listed at listedAt) makes a
-// new prefix; one after p extends it. A prefix shorter than heldPrefixMin
-// is not kept. Called with m.mu held, threads in ready order.
+// listing: a listing from the start (p of no threads, listed at
+// listedAt) makes a new prefix; one after p extends it. Neither is kept
+// if the prefix was dropped since the listing began (work put back may
+// sort before its end, and the listing may not show it: found by
+// review), nor one shorter than heldPrefixMin. Called with m.mu held,
+// threads in ready order, p from heldPrefixLocked.
 func (m *Mailbox) notePrefixLocked(threads []ReadyEntry, p heldPrefix, listedAt, now int64) {
-	if p.n == 0 {
-		p = heldPrefix{listedAt: listedAt, gen: m.prefixGen}
-	} else if p.gen != m.prefixGen {
+	if p.gen != m.prefixGen {
 		m.prefix = heldPrefix{} // dropped while the listing ran
 		return
+	}
+	if p.n == 0 {
+		p = heldPrefix{listedAt: listedAt, gen: p.gen}
 	}
 	for _, t := range threads {
 		h, ok := m.held[t.ThreadID]

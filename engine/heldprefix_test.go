@@ -44,7 +44,7 @@ func (s *listingStore) take() []listing {
 }
 
 // heldRig is a started mailbox on a clock that moves only when the test
-// moves it, with n threads (h00, h01, …) held for an agent id no agent
+// moves it (unless cfg has a clock: then now is not it), with n threads (h00, h01, …) held for an agent id no agent
 // serves, all of them at the head of the ready order and known to the
 // dispatcher as its held prefix (if n is heldPrefixMin or more). refused counts each thread's refusals.
 func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Store) engine.Store, before func(r *rig, now int64)) (r *rig, now *atomic.Int64, refused func(thread string) int) {
@@ -62,7 +62,9 @@ func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Stor
 		}
 		return complete(ctx, req, sink)
 	}
-	cfg.Now = now.Load
+	if cfg.Now == nil {
+		cfg.Now = now.Load
+	}
 	r = newRigWith(t, newFake(2, script), cfg, wrap)
 	if before != nil {
 		before(r, now.Load())
@@ -240,4 +242,101 @@ func metricLine(text, prefix string) string {
 		}
 	}
 	return ""
+}
+
+// raceStore makes the sweep's reclaim commit while the dispatcher's
+// listing from the start is between its read and its return.
+type raceStore struct {
+	*badgerstore.Store
+	armed            atomic.Bool
+	listed, reclaimd chan struct{}
+	onceL, onceR     sync.Once
+}
+
+func (s *raceStore) ReadyThreads(ctx context.Context, now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64, error) {
+	got, next, err := s.Store.ReadyThreads(ctx, now, after, limit)
+	if s.armed.Load() && after.IsZero() {
+		first := false
+		s.onceL.Do(func() { first = true; close(s.listed) })
+		if first {
+			select {
+			case <-s.reclaimd:
+			case <-time.After(3 * time.Second):
+			}
+			time.Sleep(100 * time.Millisecond) // instrumentedStore's putBack runs
+		}
+	}
+	return got, next, err
+}
+
+func (s *raceStore) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
+	if s.armed.Load() {
+		select {
+		case <-s.listed:
+		case <-time.After(3 * time.Second):
+		}
+	}
+	got, err := s.Store.ReclaimExpired(ctx, now, limit)
+	if s.armed.Load() && len(got) > 0 {
+		s.onceR.Do(func() { close(s.reclaimd) })
+	}
+	return got, err
+}
+
+// Work put back while a round lists the order from the start may be
+// missing from that listing: the prefix the listing would make is not
+// kept (found by review: it was, and the work waited for the prefix to
+// age; here, with the clock standing still, for good).
+func TestWorkPutBackWhileTheOrderIsListedIsServed(t *testing.T) {
+	n := engine.HeldPrefixMin + 4
+	ctx := context.Background()
+	var rs *raceStore
+	r, now, _ := heldRig(t, n, engine.Config{SweepInterval: 20 * time.Millisecond, Lease: time.Second, RenewInterval: 300 * time.Millisecond},
+		func(s *badgerstore.Store) engine.Store {
+			rs = &raceStore{Store: s, listed: make(chan struct{}), reclaimd: make(chan struct{})}
+			return rs
+		},
+		func(r *rig, now int64) {
+			if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "orphan", ThreadID: "o", RunID: "run-orphan", Priority: engine.DefaultPriority, AvailableAt: now - 10_000, CreatedAt: now - 10_000, MaxAttempts: 5}); err != nil {
+				t.Fatal(err)
+			}
+			if d, err := r.store.ClaimDispatch(ctx, "orphan", "dead-process", 1500*time.Millisecond, now); err != nil || d == nil {
+				t.Fatalf("claim by the dead process: %v %v", d, err)
+			}
+		})
+	rs.armed.Store(true)
+	now.Add(1600) // the prefix aged and the orphan's lease lapsed; the clock then stands still
+	select {
+	case <-rs.reclaimd:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no reclaim")
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		d, _ := r.store.LoadDispatch(ctx, "orphan")
+		if d.Status == engine.StatusClaimed && d.ClaimedBy != "dead-process" || d.Status.Terminal() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	n2, last := r.mb.HeldPrefix()
+	t.Fatalf("the orphan put back before the prefix was not served in 3 s (clock still): prefix %d ending %+v", n2, last)
+}
+
+// On a host where nothing else happens, the dispatcher still lists the
+// order from the start once the prefix is a second old: here work that
+// another process (the test, writing to the store itself: no wake-up, no
+// put-back) put before the held threads is served within about that
+// second, not when the first hold lapses a minute later.
+func TestAnIdleDispatcherListsTheOrderAgainWhenThePrefixAges(t *testing.T) {
+	n := engine.HeldPrefixMin + 4
+	r, _, _ := heldRig(t, n, engine.Config{Now: func() int64 { return time.Now().UnixMilli() }}, nil, nil)
+	ctx := context.Background()
+	at := time.Now().Add(-time.Minute).UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "foreign", ThreadID: "f", RunID: "run-foreign", Priority: engine.DefaultPriority, AvailableAt: at, CreatedAt: at, MaxAttempts: 5}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the work another process put before the held threads served", func() bool {
+		return dispatchStatus(t, r.store, "foreign") != engine.StatusQueued
+	})
 }

@@ -281,6 +281,17 @@ type instrumentedStore struct {
 	putBack func(thread string)
 }
 
+// staleBack passes err on, telling putBack first when it is a version
+// conflict: a call on a claim whose epoch an interrupt outdated
+// supersedes it, and the thread's queued work is back in the ready order
+// at its due time.
+func (s instrumentedStore) staleBack(err error) error {
+	if s.putBack != nil && errors.Is(err, ErrVersionConflict) {
+		s.putBack("")
+	}
+	return err
+}
+
 // wentBack tells putBack of thread ("" when the call failed: unknown).
 func (s instrumentedStore) wentBack(thread string, err error) {
 	if s.putBack == nil {
@@ -305,15 +316,15 @@ func (s instrumentedStore) ClaimDispatch(ctx context.Context, id, consumer strin
 }
 
 func (s instrumentedStore) Ack(ctx context.Context, id, token string, now int64) error {
-	return observeErr(s.em, "ack", func() error { return s.Store.Ack(ctx, id, token, now) })
+	return s.staleBack(observeErr(s.em, "ack", func() error { return s.Store.Ack(ctx, id, token, now) }))
 }
 
 func (s instrumentedStore) RecordDispatchStart(ctx context.Context, id, token, instance string, now int64) error {
-	return observeErr(s.em, "record_dispatch_start", func() error { return s.Store.RecordDispatchStart(ctx, id, token, instance, now) })
+	return s.staleBack(observeErr(s.em, "record_dispatch_start", func() error { return s.Store.RecordDispatchStart(ctx, id, token, instance, now) }))
 }
 
 func (s instrumentedStore) RecordRunResult(ctx context.Context, id, token string, r RunResult, now int64) error {
-	return observeErr(s.em, "record_run_result", func() error { return s.Store.RecordRunResult(ctx, id, token, r, now) })
+	return s.staleBack(observeErr(s.em, "record_run_result", func() error { return s.Store.RecordRunResult(ctx, id, token, r, now) }))
 }
 
 func (s instrumentedStore) Nack(ctx context.Context, id, token string, retryAt int64, msg string, now int64) (Dispatch, error) {
@@ -323,7 +334,7 @@ func (s instrumentedStore) Nack(ctx context.Context, id, token string, retryAt i
 }
 
 func (s instrumentedStore) DeadLetter(ctx context.Context, id, token, msg string, now int64) error {
-	return observeErr(s.em, "dead_letter", func() error { return s.Store.DeadLetter(ctx, id, token, msg, now) })
+	return s.staleBack(observeErr(s.em, "dead_letter", func() error { return s.Store.DeadLetter(ctx, id, token, msg, now) }))
 }
 
 func (s instrumentedStore) Cancel(ctx context.Context, id string, now int64) (*Dispatch, error) {
@@ -337,7 +348,8 @@ func (s instrumentedStore) Release(ctx context.Context, id, token string, now in
 }
 
 func (s instrumentedStore) ExtendLease(ctx context.Context, id, token string, lease time.Duration, now int64) (bool, error) {
-	return observe(s.em, "extend_lease", func() (bool, error) { return s.Store.ExtendLease(ctx, id, token, lease, now) }, nil)
+	ok, err := observe(s.em, "extend_lease", func() (bool, error) { return s.Store.ExtendLease(ctx, id, token, lease, now) }, nil)
+	return ok, s.staleBack(err)
 }
 
 func (s instrumentedStore) Interrupt(ctx context.Context, thread string, now int64) (InterruptResult, error) {
@@ -405,5 +417,5 @@ func (s instrumentedStore) Submit(ctx context.Context, c Checkpoint, d Dispatch)
 }
 
 func (s instrumentedStore) Complete(ctx context.Context, id, token string, r RunResult, now int64) error {
-	return observeErr(s.em, "complete", func() error { return s.Store.Complete(ctx, id, token, r, now) })
+	return s.staleBack(observeErr(s.em, "complete", func() error { return s.Store.Complete(ctx, id, token, r, now) }))
 }

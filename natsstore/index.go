@@ -503,17 +503,20 @@ func (ix *index) ready(now int64, after engine.ReadyEntry, limit int) ([]engine.
 		if te.queued == 0 || te.claimed > 0 {
 			continue
 		}
-		if te.first > now {
-			if next == 0 || te.first < next {
-				next = te.first
+		// A thread whose run just ended goes behind the threads that were
+		// waiting already (round-robin, as the Badger store's ready
+		// index): it is due since its last run ended if that is later
+		// than its oldest queued work, and not listed before then (a
+		// caller may list at a time before it: the engine's shared-claim
+		// grace; found by review).
+		due := max(te.first, te.ended)
+		if due > now {
+			if next == 0 || due < next {
+				next = due
 			}
 			continue
 		}
-		// A thread whose run just ended goes behind the threads that were
-		// waiting already (round-robin, as the Badger store's ready
-		// index): ordered by when its last run ended if that is later
-		// than its oldest queued work.
-		if e := (engine.ReadyEntry{ThreadID: t, Due: max(te.first, te.ended)}); after.IsZero() || after.Before(e) {
+		if e := (engine.ReadyEntry{ThreadID: t, Due: due}); after.IsZero() || after.Before(e) {
 			sel.offer(e)
 		}
 	}

@@ -334,6 +334,23 @@ func dispatchReadCases() []Case {
 			ids, _ = h.ready(1200, 10)
 			dqWantStrings(t, "ReadyThreads after tb's run ended", ids, "ta")
 		}},
+		{"ReadyThreads_lists_a_thread_whose_run_ended_from_that_end_on", func(t *testing.T, s engine.Store) {
+			// Listed at a time before its run's end (the engine lists at
+			// now minus a shared store's claim grace), a thread whose run
+			// ended is not due yet, and that end is the next due time
+			// (found by review: NATS listed it, Badger did not).
+			h := newDQ(t, s)
+			h.add("d1", "t1", 100)
+			h.add("d2", "t1", 100)
+			c := h.claimID("d1", "c1", 100)
+			h.ack("d1", c.ClaimToken, 500)
+			ids, next := h.ready(300, 10)
+			if len(ids) != 0 || next != 500 {
+				t.Fatalf("ReadyThreads(300) = %q, next %d; want none, next 500", ids, next)
+			}
+			ids, _ = h.ready(500, 10)
+			dqWantStrings(t, "ReadyThreads(500)", ids, "t1")
+		}},
 		{"ReadyThreads_keeps_a_run_end_through_later_changes_of_the_thread", func(t *testing.T, s engine.Store) {
 			// Every store orders alike (found by review: Badger lost the
 			// run's end when the thread's earliest entry was found again).
