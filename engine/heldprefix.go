@@ -16,12 +16,14 @@ package engine
 //   - when any hold here ends, or is shortened, before it lapsed: its
 //     thread may be claimable now;
 //   - when this process puts work back at its old place in the order (a
-//     nack, a release, a supersede, a lapsed lease reclaimed): the thread
-//     may now sort before the prefix's end (putBack);
-//   - a second after the listing from the start that found it: a hold in
-//     it may have lapsed (tried again within that second: holds last one
-//     second to a minute), or another process sharing the store may have
-//     put work back at its old place (it waits at most that long).
+//     nack, a release, a supersede, a lapsed lease reclaimed, a call
+//     refused for an outdated epoch): the thread may now sort before the
+//     prefix's end (putBack);
+//   - a second after the listing from the start that found it (the
+//     dispatcher wakes for it): a hold in it may have lapsed (tried again
+//     within that second; holds last a second or more), or another
+//     process sharing the store may have put work back at its old place
+//     (it waits at most that long).
 //
 // Work that ends (acked or dead-lettered) goes to the end of the order
 // (round-robin) and new work is due now, both after the prefix.
@@ -83,7 +85,8 @@ func (m *Mailbox) notePrefixLocked(threads []ReadyEntry, p heldPrefix, listedAt,
 
 // putBack learns that work of thread ("": unknown) may be back at its
 // old place in the ready order (a nack, a release, a supersede, a lapsed
-// lease reclaimed): the next round lists from the start, unless thread is
+// lease reclaimed, a call refused for an outdated epoch): the next round
+// lists from the start, unless thread is
 // held here (not for a full agent), which no round claims wherever it
 // sorts (an attempt no agent took is held before its release).
 func (m *Mailbox) putBack(thread string) {
