@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 )
 
 // unavailableFor is an executor script that no agent serves agent for.
@@ -204,4 +206,34 @@ func TestAnUnservedThreadIsTriedLessAndLessOften(t *testing.T) {
 	}
 	now.Add(61_000)
 	waitRefused(3)
+}
+
+// A run refused because no connected agent serves its agent id is
+// logged, once a minute per agent id, not once per thread: an operator
+// learns which agent id work waits for (only a held-threads count said
+// so before), and a backlog does not flood the log.
+func TestWorkForAnUnservedAgentIDIsLoggedOnceAMinute(t *testing.T) {
+	var logs syncbuf.Buffer
+	r, now, refused := heldRig(t, 3, engine.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))}, nil, nil)
+	warnings := func() int {
+		n := 0
+		for l := range strings.Lines(logs.String()) {
+			if strings.Contains(l, `"msg":"no connected agent serves the run's agent id`) {
+				if !strings.Contains(l, `"agent_id":"absent"`) || !strings.Contains(l, `"level":"WARN"`) {
+					t.Fatalf("the warning %s does not name the agent id", l)
+				}
+				n++
+			}
+		}
+		return n
+	}
+	if got := warnings(); got != 1 {
+		t.Fatalf("three refused threads logged %d warnings, want 1:\n%s", got, logs.String())
+	}
+	now.Add(61_000)
+	if _, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "later", AgentID: "absent", Messages: []engine.Message{userMsg("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the later thread refused", func() bool { return refused("later") == 1 })
+	eventually(t, "a minute on, the next refusal logged", func() bool { return warnings() == 2 })
 }

@@ -92,6 +92,25 @@ func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint6
 	m.setHoldLocked(thread, h, now)
 }
 
+// unservedWarnLocked reports whether a refusal for agent id agent (no
+// connected agent serves it) is to be logged at now: once a minute per
+// agent id (a backlog of such work would log every thread's refusal, and
+// again at each retry). The ids remembered are bounded: past
+// unservedWarnIDs the memory starts afresh. Called with m.mu held.
+func (m *Mailbox) unservedWarnLocked(agent string, now int64) bool {
+	if last, ok := m.unservedWarned[agent]; ok && now >= last && now-last < int64(time.Minute/time.Millisecond) {
+		return false
+	}
+	if m.unservedWarned == nil || len(m.unservedWarned) >= unservedWarnIDs {
+		m.unservedWarned = map[string]int64{}
+	}
+	m.unservedWarned[agent] = now
+	return true
+}
+
+// unservedWarnIDs bounds the agent ids unservedWarnLocked remembers.
+const unservedWarnIDs = 1024
+
 // slotBudget is what one dispatcher round may admit of the threads held
 // for full agents (CodeAgentBusy): the agents' free slots as the executor
 // counts them (SlotCounter), each given to the oldest held thread whose

@@ -739,7 +739,12 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// at once, only to be refused again.
 			m.mu.Lock()
 			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.agentID, e.capSeen, e.unserved, now)
+			warn, held := o.ErrorCode == CodeAgentUnavailable && m.unservedWarnLocked(e.agentID, now), len(m.held)
 			m.mu.Unlock()
+			if warn {
+				log.Warn("no connected agent serves the run's agent id: its work waits in the queue for one",
+					"agent_id", e.agentID, "held_threads", held)
+			}
 		}
 		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {
 			log.Warn("release failed", "err", err)

@@ -116,6 +116,9 @@ type Mailbox struct {
 	prefixGen uint64
 	holdCount holdCount
 	prefix    heldPrefix
+	// unservedWarned is when a refusal for each agent id no agent served
+	// was last logged (guarded by mu; unservedWarnLocked).
+	unservedWarned map[string]int64
 	// busyWaiting are the agent ids for which threads set aside for a
 	// full agent waited after the dispatcher's last look (claimhold.go;
 	// guarded by mu).
