@@ -197,6 +197,7 @@ func TestAnUnservedThreadIsTriedLessAndLessOften(t *testing.T) {
 				t.Fatalf("h00 refused %d times, want %d", refused("h00"), want)
 			}
 		}
+		eventually(t, "h00 held again (back in the queue)", func() bool { return backInQueue(t, r, "h00") })
 	}
 	now.Add(61_000) // the first hold: a minute
 	waitRefused(2)

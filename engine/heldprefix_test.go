@@ -81,9 +81,9 @@ func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Stor
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "every held thread refused once and the held prefix listed", func() bool {
+	eventuallyWithin(t, 30*time.Second, "every held thread refused once and the held prefix listed", func() bool {
 		for i := range n {
-			if refused(fmt.Sprintf("h%02d", i)) == 0 {
+			if refused(fmt.Sprintf("h%02d", i)) == 0 || !backInQueue(t, r, fmt.Sprintf("h%02d", i)) {
 				return false
 			}
 		}
@@ -93,6 +93,20 @@ func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Stor
 		return n < engine.HeldPrefixMin || got >= engine.HeldPrefixMin && last.ThreadID == fmt.Sprintf("h%02d", n-1)
 	})
 	return r, now, refused
+}
+
+// backInQueue reports whether thread's dispatch is queued again after an
+// attempt no agent took: its hold is set before the release, so a test
+// that moves the clock after this moves it after the hold began (found
+// by review: a clock moved between the refusal and the hold moved the
+// hold too).
+func backInQueue(t *testing.T, r *rig, thread string) bool {
+	t.Helper()
+	ds, err := r.store.ListDispatches(context.Background(), thread, engine.StatusFilter{engine.StatusQueued}, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ds) == 1
 }
 
 // With many threads held at the head of the ready order, the dispatcher
