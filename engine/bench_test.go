@@ -116,47 +116,60 @@ func BenchmarkBackgroundRun(b *testing.B) {
 			b.ReportAllocs()
 			cpu0 := processCPU(b)
 			b.ResetTimer()
-			errc := make(chan error, threads)
-			for w := range threads {
-				go func() {
-					n := b.N / threads
-					if w < b.N%threads {
-						n++
-					}
-					for range n {
-						if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", w), Messages: msg}); err != nil {
-							errc <- err
-							return
-						}
-					}
-					errc <- nil
-				}()
-			}
-			for range threads {
-				if err := <-errc; err != nil {
-					b.Fatal(err)
-				}
-			}
-			deadline := time.Now().Add(5 * time.Minute)
-			for {
-				c, err := s.CountByStatus(ctx)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if c.Get(engine.StatusAcked) == int64(b.N) {
-					break
-				}
-				if time.Now().After(deadline) {
-					b.Fatalf("only %d of %d runs acked", c.Get(engine.StatusAcked), b.N)
-				}
-				time.Sleep(time.Millisecond)
-			}
+			submitSpread(b, mb, threads, msg)
+			awaitAcked(b, s, int64(b.N))
 			b.StopTimer()
 			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
 			batches, ops := s.BatchStats()
 			b.ReportMetric(float64(ops)/float64(max(batches, 1)), "ops/commit")
 		})
+	}
+}
+
+// submitSpread submits b.N background runs of msg spread over threads
+// threads (t0, t1, …), one submitter each, and returns once all are
+// accepted.
+func submitSpread(b *testing.B, mb *engine.Mailbox, threads int, msg []engine.Message) {
+	b.Helper()
+	errc := make(chan error, threads)
+	for w := range threads {
+		go func() {
+			n := b.N / threads
+			if w < b.N%threads {
+				n++
+			}
+			for range n {
+				if _, err := mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", w), Messages: msg}); err != nil {
+					errc <- err
+					return
+				}
+			}
+			errc <- nil
+		}()
+	}
+	for range threads {
+		if err := <-errc; err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// awaitAcked waits (up to 5 minutes) until the store counts want acked
+// dispatches.
+func awaitAcked(b *testing.B, s *badgerstore.Store, want int64) {
+	b.Helper()
+	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(time.Millisecond) {
+		c, err := s.CountByStatus(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if c.Get(engine.StatusAcked) == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("only %d of %d runs acked", c.Get(engine.StatusAcked), want)
+		}
 	}
 }
 
@@ -264,39 +277,8 @@ func BenchmarkBackgroundRunBesideHeld(b *testing.B) {
 			b.ReportAllocs()
 			cpu0 := processCPU(b)
 			b.ResetTimer()
-			errc := make(chan error, threads)
-			for w := range threads {
-				go func() {
-					n := b.N / threads
-					if w < b.N%threads {
-						n++
-					}
-					for range n {
-						if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("t%d", w), Messages: msg}); err != nil {
-							errc <- err
-							return
-						}
-					}
-					errc <- nil
-				}()
-			}
-			for range threads {
-				if err := <-errc; err != nil {
-					b.Fatal(err)
-				}
-			}
-			for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(time.Millisecond) {
-				c, err := s.CountByStatus(ctx)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if c.Get(engine.StatusAcked) == int64(b.N) {
-					break
-				}
-				if time.Now().After(deadline) {
-					b.Fatalf("only %d of %d runs acked", c.Get(engine.StatusAcked), b.N)
-				}
-			}
+			submitSpread(b, mb, threads, msg)
+			awaitAcked(b, s, int64(b.N))
 			b.StopTimer()
 			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
