@@ -113,18 +113,26 @@ func BenchmarkBackgroundRun(b *testing.B) {
 			ctx := context.Background()
 			defer mb.Stop(ctx)
 			msg := []engine.Message{userMsg("go")}
-			b.ReportAllocs()
-			cpu0 := processCPU(b)
-			b.ResetTimer()
-			submitSpread(b, mb, threads, msg)
-			awaitAcked(b, s, int64(b.N))
-			b.StopTimer()
-			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
-			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+			timedRuns(b, s, mb, threads, msg)
 			batches, ops := s.BatchStats()
 			b.ReportMetric(float64(ops)/float64(max(batches, 1)), "ops/commit")
 		})
 	}
+}
+
+// timedRuns times b.N background runs of msg spread over threads
+// threads, from their submits to their acks, and reports the CPU per run
+// and runs/s.
+func timedRuns(b *testing.B, s *badgerstore.Store, mb *engine.Mailbox, threads int, msg []engine.Message) {
+	b.Helper()
+	b.ReportAllocs()
+	cpu0 := processCPU(b)
+	b.ResetTimer()
+	submitSpread(b, mb, threads, msg)
+	awaitAcked(b, s, int64(b.N))
+	b.StopTimer()
+	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
 }
 
 // submitSpread submits b.N background runs of msg spread over threads
@@ -274,14 +282,7 @@ func BenchmarkBackgroundRunBesideHeld(b *testing.B) {
 					b.Fatalf("only %d of %d held threads refused", refused.Load(), held)
 				}
 			}
-			b.ReportAllocs()
-			cpu0 := processCPU(b)
-			b.ResetTimer()
-			submitSpread(b, mb, threads, msg)
-			awaitAcked(b, s, int64(b.N))
-			b.StopTimer()
-			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/run")
-			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+			timedRuns(b, s, mb, threads, msg)
 			if extra := refused.Load() - int64(held); extra != 0 {
 				b.ReportMetric(float64(extra), "refusals-again")
 			}
