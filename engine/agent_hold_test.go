@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -237,4 +238,93 @@ func TestWorkForAnUnservedAgentIDIsLoggedOnceAMinute(t *testing.T) {
 	}
 	eventually(t, "the later thread refused", func() bool { return refused("later") == 1 })
 	eventually(t, "a minute on, the next refusal logged", func() bool { return warnings() == 2 })
+}
+
+// servingFake is the fake executor as an executor that counts slots
+// (SlotCounter): it serves the agent ids in served.
+type servingFake struct {
+	*fakeExecutor
+	mu     sync.Mutex
+	served map[string]bool
+}
+
+func (f *servingFake) FreeSlots() []engine.AgentSlots { return nil }
+
+func (f *servingFake) Serves(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.served[id]
+}
+
+// Agents that come or go end the holds of threads no agent served only
+// when an agent now serves their agent id (found by review: every agent
+// that came or went tried every thread of a backlog nobody serves again,
+// a claim and a release each).
+func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
+	var mu sync.Mutex
+	refusals := map[string]int{}
+	refused := func(thread string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return refusals[thread]
+	}
+	exec := &servingFake{served: map[string]bool{"writer": true}}
+	exec.fakeExecutor = newFake(2, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if !exec.Serves(req.AgentID) {
+			mu.Lock()
+			refusals[req.ThreadID]++
+			mu.Unlock()
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable, Error: "nobody serves " + req.AgentID}
+		}
+		return complete(ctx, req, sink)
+	})
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	mb, err := engine.New(s, exec, engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer mb.Stop(context.Background())
+	r := &rig{store: s, exec: exec.fakeExecutor, mb: mb}
+	ctx := context.Background()
+	held := []string{"a0", "a1", "a2"}
+	for _, th := range held {
+		if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: th, AgentID: "absent", Messages: []engine.Message{userMsg("x")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, th := range held {
+		eventually(t, th+" refused and held", func() bool { return refused(th) == 1 && backInQueue(t, r, th) })
+	}
+	// An agent for another agent id comes: the holds stay.
+	exec.setCapacity(3)
+	for i := range 3 {
+		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "w", AgentID: "writer", Messages: []engine.Message{userMsg(fmt.Sprint(i))}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, s, res.DispatchID) == engine.StatusAcked })
+	}
+	for _, th := range held {
+		if n := refused(th); n != 1 {
+			t.Fatalf("%s tried again (%d refusals) when an agent for another agent id came", th, n)
+		}
+	}
+	// One for their agent id comes: they run.
+	exec.mu.Lock()
+	exec.served["absent"] = true
+	exec.mu.Unlock()
+	exec.setCapacity(4)
+	for _, th := range held {
+		eventually(t, th+"'s run done once its agent came", func() bool {
+			ds, err := s.ListDispatches(ctx, th, engine.StatusFilter{engine.StatusAcked}, 0, 0)
+			return err == nil && len(ds) == 1
+		})
+	}
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"errors"
+	"strings"
 	"time"
 )
 
@@ -38,8 +39,8 @@ type claimHold struct {
 	// unserved: no connected agent served its run's agent id
 	// (CodeAgentUnavailable); its delay doubles while that lasts.
 	unserved bool
-	// busy: its agents were full (CodeAgentBusy); busyFor is the run's
-	// agent id. With a SlotCounter executor the thread is admitted again
+	// busy: its agents were full (CodeAgentBusy). busyFor is the run's
+	// agent id (of an unserved hold too). With a SlotCounter executor the thread is admitted again
 	// when that agent has a free slot (admitLocked), until then at most.
 	busy    bool
 	busyFor string
@@ -81,7 +82,7 @@ func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint6
 		// minute cost each such thread a claim and a release, O(held)
 		// store work a minute for a backlog nobody serves. The delay
 		// doubles while the thread is refused so, up to claimHoldAgentMax.
-		h.delay, h.unserved = claimHoldMax, true
+		h.delay, h.unserved, h.busyFor = claimHoldMax, true, agentID
 		if unserved > 0 {
 			h.delay = min(2*unserved, claimHoldAgentMax)
 		}
@@ -253,14 +254,42 @@ func (m *Mailbox) releaseAgentHold(thread string) {
 }
 
 // releaseAgentHoldsLocked ends the holds of threads set aside for lack
-// of an agent: agents came or went. Called with m.mu held.
-func (m *Mailbox) releaseAgentHoldsLocked() {
+// of an agent: agents came or went. A hold for an agent id in unserved,
+// which the agents now connected still do not serve, stays: every agent
+// that came or went tried again every thread of a backlog nobody serves
+// (a claim and a release each). Called with m.mu held.
+func (m *Mailbox) releaseAgentHoldsLocked(unserved map[string]bool) {
 	now := m.cfg.Now()
 	for t, h := range m.held {
-		if h.agent {
+		if h.agent && !(h.unserved && unserved[h.busyFor]) {
 			m.dropHoldLocked(t, now)
 		}
 	}
+}
+
+// stillUnserved returns the agent ids of unserved holds that no agent
+// connected now serves (nil without a SlotCounter executor: every hold
+// ends). Called without m.mu held: the executor has locks of its own. An
+// agent that comes for one of them after the executor answered signals
+// CapacityChanged again, and the next pass ends its holds.
+func (m *Mailbox) stillUnserved() map[string]bool {
+	if m.slots == nil {
+		return nil
+	}
+	m.mu.Lock()
+	ids := map[string]bool{}
+	for _, h := range m.held {
+		if h.unserved && strings.TrimSpace(h.busyFor) != "" {
+			ids[h.busyFor] = true
+		}
+	}
+	m.mu.Unlock()
+	for id := range ids {
+		if m.slots.Serves(id) {
+			delete(ids, id)
+		}
+	}
+	return ids
 }
 
 // holdLocked sets thread aside after a failed claim and returns the delay.

@@ -389,9 +389,10 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 			return
 		case <-m.wake:
 		case <-m.exec.CapacityChanged():
+			unserved := m.stillUnserved()
 			m.mu.Lock()
 			m.capChanges++
-			m.releaseAgentHoldsLocked()
+			m.releaseAgentHoldsLocked(unserved)
 			m.mu.Unlock()
 		case <-timer.C:
 		}
