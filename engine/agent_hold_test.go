@@ -246,6 +246,7 @@ type servingFake struct {
 	*fakeExecutor
 	mu     sync.Mutex
 	served map[string]bool
+	asked  map[string]int // Serves calls by the engine, by agent id
 }
 
 func (f *servingFake) FreeSlots() []engine.AgentSlots { return nil }
@@ -253,7 +254,22 @@ func (f *servingFake) FreeSlots() []engine.AgentSlots { return nil }
 func (f *servingFake) Serves(id string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.asked[id]++
 	return f.served[id]
+}
+
+// serves is Serves for the fake's own script (not counted).
+func (f *servingFake) serves(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.served[id]
+}
+
+// timesAsked is how often the engine asked whether id is served.
+func (f *servingFake) timesAsked(id string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.asked[id]
 }
 
 // Agents that come or go end the holds of threads no agent served only
@@ -268,9 +284,9 @@ func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
 		defer mu.Unlock()
 		return refusals[thread]
 	}
-	exec := &servingFake{served: map[string]bool{"writer": true}}
+	exec := &servingFake{served: map[string]bool{"writer": true}, asked: map[string]int{}}
 	exec.fakeExecutor = newFake(2, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		if !exec.Serves(req.AgentID) {
+		if !exec.serves(req.AgentID) {
 			mu.Lock()
 			refusals[req.ThreadID]++
 			mu.Unlock()
@@ -302,8 +318,11 @@ func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
 	for _, th := range held {
 		eventually(t, th+" refused and held", func() bool { return refused(th) == 1 && backInQueue(t, r, th) })
 	}
-	// An agent for another agent id comes: the holds stay.
+	// An agent for another agent id comes: the holds stay. (The engine
+	// asks, as it takes the signal, whether their agent id is served now.)
+	asked := exec.timesAsked("absent")
 	exec.setCapacity(3)
+	eventually(t, "the signal taken", func() bool { return exec.timesAsked("absent") > asked })
 	for i := range 3 {
 		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "w", AgentID: "writer", Messages: []engine.Message{userMsg(fmt.Sprint(i))}})
 		if err != nil {
