@@ -5,7 +5,7 @@ package engine
 // nothing moves them on. Every dispatcher round listed them all to find
 // the claimable threads behind them, so each round cost O(held): 10 000
 // threads waiting for an agent id that no agent serves made every run of
-// the others cost 1.6 times as much, 40 000 twice as much
+// the others cost 1.6 times as much, 40 000 two to three times
 // (BenchmarkBackgroundRunBesideHeld).
 //
 // The dispatcher now keeps the place in the ready order where the held
