@@ -43,6 +43,18 @@ func (s *listingStore) take() []listing {
 	return out
 }
 
+// listedHeldRig is heldRig (its clock still) on a store that records the
+// dispatcher's listings.
+func listedHeldRig(t *testing.T, n int) (*rig, *atomic.Int64, *listingStore) {
+	t.Helper()
+	var ls *listingStore
+	r, now, _ := heldRig(t, n, engine.Config{}, func(s *badgerstore.Store) engine.Store {
+		ls = &listingStore{Store: s}
+		return ls
+	}, nil)
+	return r, now, ls
+}
+
 // heldRig is a started mailbox on a clock that moves only when the test
 // moves it (unless cfg has a clock: then now is not it), with n threads (h00, h01, …) held for an agent id no agent
 // serves, all of them at the head of the ready order and known to the
@@ -115,12 +127,8 @@ func backInQueue(t *testing.T, r *rig, thread string) bool {
 // times as much). The clock stands still: the prefix is not listed again
 // for its age.
 func TestTheDispatcherListsAfterTheHeldThreads(t *testing.T) {
-	var ls *listingStore
 	n := engine.HeldPrefixMin + 8
-	r, _, _ := heldRig(t, n, engine.Config{}, func(s *badgerstore.Store) engine.Store {
-		ls = &listingStore{Store: s}
-		return ls
-	}, nil)
+	r, _, ls := listedHeldRig(t, n)
 	_, last := r.mb.HeldPrefix()
 	if last.ThreadID != fmt.Sprintf("h%02d", n-1) {
 		t.Fatalf("the prefix ends at %+v, want h%02d", last, n-1)
@@ -199,12 +207,7 @@ func TestWorkPutBackBeforeTheHeldThreadsIsServed(t *testing.T) {
 // The prefix is listed again once it is a second old: a hold in it may
 // have lapsed, and another process may have put work back before it.
 func TestTheHeldPrefixIsListedAgainAfterASecond(t *testing.T) {
-	var ls *listingStore
-	n := engine.HeldPrefixMin + 4
-	r, now, _ := heldRig(t, n, engine.Config{}, func(s *badgerstore.Store) engine.Store {
-		ls = &listingStore{Store: s}
-		return ls
-	}, nil)
+	r, now, ls := listedHeldRig(t, engine.HeldPrefixMin+4)
 	ctx := context.Background()
 	now.Add(1000)
 	ls.take()

@@ -153,22 +153,10 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), depthTimeout)
 		defer cancel()
 		return store.CountByStatus(ctx)
-	}, func() float64 {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		n := 0
-		for _, e := range m.threads {
-			if !e.claiming {
-				n++
-			}
-		}
-		return float64(n)
-	})
-	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
-	// How long the thread first in the ready order has waited: since its
-	// oldest queued work fell due, or its last run ended if that is
-	// later (0: nothing waits). Held threads wait too.
-	m.metrics.waitFrom = func() (float64, error) {
+	}, func() (float64, error) {
+		// How long the thread first in the ready order has waited: since
+		// its oldest queued work fell due, or its last run ended if that
+		// is later (0: nothing waits). Held threads wait too.
 		ctx, cancel := context.WithTimeout(context.Background(), depthTimeout)
 		defer cancel()
 		now := m.cfg.Now()
@@ -177,8 +165,8 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 			return 0, err
 		}
 		return float64(max(now-first[0].Due, 0)) / 1000, nil
-	}
-	m.metrics.set.NewGauge(metricReadyWait, m.metrics.readyWait)
+	}, func() float64 { return float64(m.runningCount()) })
+	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
 	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages, putBack: m.putBack}
 	return m, nil
 }

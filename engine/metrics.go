@@ -61,13 +61,8 @@ var (
 type engineMetrics struct {
 	set *metrics.Set
 
-	depthMu   sync.Mutex // guards depth, depthAt, wait and waitAt
-	depth     StatusCounts
-	depthAt   time.Time
-	depthFrom func() (StatusCounts, error)
-	wait      float64
-	waitAt    time.Time
-	waitFrom  func() (float64, error)
+	depth scrapeRead[StatusCounts] // the dispatch counts
+	wait  scrapeRead[float64]      // mailbox_dispatch_ready_wait_seconds
 
 	ops sync.Map // opKey → *opMetrics: the per-call path formats no names
 	// series holds the counters and histograms of count and seconds by
@@ -115,14 +110,16 @@ type opMetrics struct {
 	seconds *metrics.PrometheusHistogram
 }
 
-func newEngineMetrics(countFn func() (StatusCounts, error), active func() float64) *engineMetrics {
-	em := &engineMetrics{set: metrics.NewSet(), depthFrom: countFn}
+func newEngineMetrics(countFn func() (StatusCounts, error), waitFn func() (float64, error), active func() float64) *engineMetrics {
+	em := &engineMetrics{set: metrics.NewSet()}
+	em.depth.read, em.wait.read = countFn, waitFn
 	for _, st := range AllStatuses {
 		em.set.NewGauge(fmt.Sprintf(`%s{status=%q}`, metricDepth, st.String()), func() float64 {
 			return float64(em.counts().Get(st))
 		})
 	}
 	em.set.NewGauge(metricQueueDepth, func() float64 { return float64(em.counts().Get(StatusQueued)) })
+	em.set.NewGauge(metricReadyWait, func() float64 { return em.wait.get(em) })
 	em.set.NewGauge(metricActiveRuns, active)
 	// Counters an operator alerts on are there from the first scrape, at
 	// zero (found by review: absent until first used, so a rate over them
@@ -147,41 +144,36 @@ func newEngineMetrics(countFn func() (StatusCounts, error), active func() float6
 }
 
 // counts returns dispatch counts at most one second old (gauges read them
-// at scrape time). A count that fails keeps the last values, is counted
+// at scrape time).
+func (em *engineMetrics) counts() StatusCounts { return em.depth.get(em) }
+
+// scrapeRead is a value the gauges read from the store at scrape time: at
+// most once a second. A read that fails keeps the last value, is counted
 // (mailbox_dispatch_depth_errors_total) and is not tried again within the
-// second: every gauge of a scrape asked the store again, each waiting
-// its timeout (found by review: seven counts per scrape, past a scrape's
+// second: every gauge of a scrape asked the store again, each waiting its
+// timeout (found by review: seven counts per scrape, past a scrape's
 // deadline on a lagging NATS index).
-func (em *engineMetrics) counts() StatusCounts {
-	em.depthMu.Lock()
-	defer em.depthMu.Unlock()
-	if time.Since(em.depthAt) > time.Second {
-		c, err := em.depthFrom()
-		if err == nil {
-			em.depth = c
-		} else {
-			em.count(metricDepthErrs).Inc()
-		}
-		em.depthAt = time.Now()
-	}
-	return em.depth
+type scrapeRead[T any] struct {
+	mu   sync.Mutex
+	at   time.Time // the last read (zero: none yet)
+	v    T
+	read func() (T, error)
 }
 
-// readyWait is mailbox_dispatch_ready_wait_seconds, at most one second
-// old, as counts keeps the depth (a failure counted with the depth's).
-func (em *engineMetrics) readyWait() float64 {
-	em.depthMu.Lock()
-	defer em.depthMu.Unlock()
-	if em.waitFrom != nil && time.Since(em.waitAt) > time.Second {
-		w, err := em.waitFrom()
+// get returns the value, read again if the last read is a second old.
+func (r *scrapeRead[T]) get(em *engineMetrics) T {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if time.Since(r.at) > time.Second {
+		v, err := r.read()
 		if err == nil {
-			em.wait = w
+			r.v = v
 		} else {
 			em.count(metricDepthErrs).Inc()
 		}
-		em.waitAt = time.Now()
+		r.at = time.Now()
 	}
-	return em.wait
+	return r.v
 }
 
 // Dead-letter causes (mailbox_dead_letters_total{cause}) and the outcome

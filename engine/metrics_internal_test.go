@@ -10,7 +10,7 @@ import (
 // label pairs, and hand back the same series for the same name and
 // labels (looked up once, not formatted per call).
 func TestSeriesAreNamedOnceAndReused(t *testing.T) {
-	em := newEngineMetrics(func() (StatusCounts, error) { return StatusCounts{}, nil }, func() float64 { return 0 })
+	em := newEngineMetrics(func() (StatusCounts, error) { return StatusCounts{}, nil }, func() (float64, error) { return 0, nil }, func() float64 { return 0 })
 	em.count(metricLive, "kind", "message", "result", "live").Inc()
 	if a, b := em.count(metricRuns, "outcome", "completed"), em.count(metricRuns, "outcome", "completed"); a != b {
 		t.Error("count made a second counter for the same series")
@@ -60,7 +60,7 @@ func TestADepthCountThatFailsIsTriedOncePerScrape(t *testing.T) {
 		var c StatusCounts
 		c[StatusQueued] = 3
 		return c, nil
-	}, func() float64 { return 0 })
+	}, func() (float64, error) { return 0, nil }, func() float64 { return 0 })
 	scrape := func() string {
 		var b strings.Builder
 		em.set.WritePrometheus(&b)
@@ -70,7 +70,7 @@ func TestADepthCountThatFailsIsTriedOncePerScrape(t *testing.T) {
 		t.Fatalf("%d counts for a scrape:\n%s", calls, out)
 	}
 	fail = true
-	em.depthAt = time.Time{} // the second passed
+	em.depth.at = time.Time{} // the second passed
 	out := scrape()
 	if calls != 2 || !strings.Contains(out, "mailbox_queue_depth 3") || !strings.Contains(out, "mailbox_dispatch_depth_errors_total 1") {
 		t.Fatalf("%d counts after a failing scrape:\n%s", calls, out)
@@ -81,7 +81,7 @@ func TestADepthCountThatFailsIsTriedOncePerScrape(t *testing.T) {
 // a reclaim settled the dispatch first as a conflict, not an error (found
 // by review: every interrupt counted an error).
 func TestARaceLostIsNotAStoreError(t *testing.T) {
-	em := newEngineMetrics(func() (StatusCounts, error) { return StatusCounts{}, nil }, func() float64 { return 0 })
+	em := newEngineMetrics(func() (StatusCounts, error) { return StatusCounts{}, nil }, func() (float64, error) { return 0, nil }, func() float64 { return 0 })
 	for _, err := range []error{ErrStaleClaim, ErrVersionConflict, ErrNotFound, ErrUnavailable} {
 		observeErr(em, "complete", func() error { return err })
 	}
