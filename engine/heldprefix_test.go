@@ -93,17 +93,26 @@ func heldRig(t *testing.T, n int, cfg engine.Config, wrap func(*badgerstore.Stor
 			t.Fatal(err)
 		}
 	}
-	eventuallyWithin(t, 30*time.Second, "every held thread refused once and the held prefix listed", func() bool {
+	// Every thread refused once and held, and (n large enough) a held
+	// prefix listed. The state last seen is reported if that never comes.
+	state := ""
+	settled := func() bool {
 		for i := range n {
-			if refused(fmt.Sprintf("h%02d", i)) == 0 || !backInQueue(t, r, fmt.Sprintf("h%02d", i)) {
+			th := fmt.Sprintf("h%02d", i)
+			if refused(th) == 0 || !backInQueue(t, r, th) {
+				state = fmt.Sprintf("%s refused %d times, back in the queue: %v", th, refused(th), backInQueue(t, r, th))
 				return false
 			}
 		}
-		// A thread in flight when the prefix was listed is back before
-		// its end, held: the prefix need not count it.
 		got, last := r.mb.HeldPrefix()
-		return n < engine.HeldPrefixMin || got >= engine.HeldPrefixMin && last.ThreadID == fmt.Sprintf("h%02d", n-1)
-	})
+		state = fmt.Sprintf("every thread held; prefix of %d ending %+v", got, last)
+		return n < engine.HeldPrefixMin || got >= engine.HeldPrefixMin
+	}
+	for deadline := time.Now().Add(30 * time.Second); !settled(); time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the held threads did not settle in 30 s: %s", state)
+		}
+	}
 	return r, now, refused
 }
 
@@ -129,6 +138,12 @@ func backInQueue(t *testing.T, r *rig, thread string) bool {
 func TestTheDispatcherListsAfterTheHeldThreads(t *testing.T) {
 	n := engine.HeldPrefixMin + 8
 	r, _, ls := listedHeldRig(t, n)
+	// A thread in flight when the prefix was listed is back before its
+	// end, held: a round after it extends the prefix to the last.
+	eventually(t, "the prefix ends at the last held thread", func() bool {
+		_, last := r.mb.HeldPrefix()
+		return last.ThreadID == fmt.Sprintf("h%02d", n-1)
+	})
 	_, last := r.mb.HeldPrefix()
 	if last.ThreadID != fmt.Sprintf("h%02d", n-1) {
 		t.Fatalf("the prefix ends at %+v, want h%02d", last, n-1)

@@ -162,14 +162,7 @@ func userMsg(text string) engine.Message {
 // eventually polls cond (bounded) instead of sleeping to synchronise.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	eventuallyWithin(t, 5*time.Second, what, cond)
-}
-
-// eventuallyWithin is eventually with its own bound, for a setup of many
-// steps on a loaded machine.
-func eventuallyWithin(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
+	deadline := time.Now().Add(5 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for: %s", what)
