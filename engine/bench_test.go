@@ -289,3 +289,129 @@ func BenchmarkBackgroundRunBesideHeld(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkBackgroundRunBesideBusy: BackgroundRun at 64 threads while
+// waiting threads' agent is full: an agent of its own id ("full", one
+// slot, taken by a run that lasts the benchmark) serves them, so each is
+// refused once (CodeAgentBusy) and then waits for that agent's free slot
+// (claimhold.go), while the 64 threads' agent has slots to spare. One op
+// is one run of the 64 threads, from submit to ack; the waiting threads'
+// setup is outside the timer.
+func BenchmarkBackgroundRunBesideBusy(b *testing.B) {
+	for _, waiting := range []int{0, 10000, 40000} {
+		b.Run(fmt.Sprintf("waiting=%d", waiting), func(b *testing.B) {
+			const threads = 64
+			exec := newTwoAgents(threads)
+			s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { s.Close() })
+			mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := mb.Start(ctx); err != nil {
+				b.Fatal(err)
+			}
+			defer func() {
+				// The full agent's run is still held: Stop waits for it
+				// until its context ends, then puts it back.
+				stopCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+				defer cancel()
+				mb.Stop(stopCtx)
+			}()
+			msg := []engine.Message{userMsg("go")}
+			var wg sync.WaitGroup
+			for w := range threads {
+				wg.Go(func() {
+					for i := w; i < waiting; i += threads {
+						if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("full%d", i), AgentID: "full", Messages: msg}); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			for deadline := time.Now().Add(5 * time.Minute); exec.refused.Load() < int64(max(waiting-1, 0)); time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					b.Fatalf("only %d of %d waiting threads refused", exec.refused.Load(), waiting-1)
+				}
+			}
+			refused := exec.refused.Load()
+			timedRuns(b, s, mb, threads, msg)
+			if extra := exec.refused.Load() - refused; extra != 0 {
+				b.ReportMetric(float64(extra), "refusals-again")
+			}
+		})
+	}
+}
+
+// twoAgents is the fake executor as two agents that count their slots
+// (engine.SlotCounter): one serves agent id "full" with one slot, which
+// its first run keeps until its context ends, and refuses the others
+// (CodeAgentBusy); the other serves the default agent id ("") with
+// slots slots and runs noop.
+type twoAgents struct {
+	*fakeExecutor
+	mu       sync.Mutex
+	fullBusy bool
+	active   int // runs of the default agent id
+	slots    int
+	refused  atomic.Int64
+}
+
+func newTwoAgents(slots int) *twoAgents {
+	a := &twoAgents{slots: slots}
+	a.fakeExecutor = newFake(slots+1, a.run)
+	a.fakeExecutor.forget = true
+	return a
+}
+
+func (a *twoAgents) run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+	a.mu.Lock()
+	if req.AgentID == "full" {
+		if a.fullBusy {
+			a.mu.Unlock()
+			a.refused.Add(1)
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy, Error: "full"}
+		}
+		a.fullBusy = true
+		a.mu.Unlock()
+		if req.SlotTaken != nil {
+			req.SlotTaken()
+		}
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable, Error: "stopped"}
+	}
+	a.active++
+	a.mu.Unlock()
+	if req.SlotTaken != nil {
+		req.SlotTaken()
+	}
+	defer func() {
+		a.mu.Lock()
+		a.active--
+		a.mu.Unlock()
+	}()
+	return noop(ctx, req, sink)
+}
+
+// FreeSlots implements engine.SlotCounter.
+func (a *twoAgents) FreeSlots() []engine.AgentSlots {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []engine.AgentSlots
+	if !a.fullBusy {
+		out = append(out, engine.AgentSlots{Free: 1, AgentIDs: []string{"full"}})
+	}
+	if free := a.slots - a.active; free > 0 {
+		out = append(out, engine.AgentSlots{Free: free, AgentIDs: []string{""}})
+	}
+	return out
+}
+
+// Serves implements engine.SlotCounter.
+func (a *twoAgents) Serves(id string) bool { return id == "full" || id == "" }
