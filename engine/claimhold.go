@@ -44,6 +44,9 @@ type claimHold struct {
 	// when that agent has a free slot (admitLocked), until then at most.
 	busy    bool
 	busyFor string
+	// prefix is the id of the held prefix that counts the thread
+	// (heldprefix.go; 0: none).
+	prefix uint64
 }
 
 // A thread whose attempt no agent took is set aside too (ipc.md: work
@@ -120,6 +123,16 @@ const unservedWarnIDs = 1024
 // all but one refused again).
 type slotBudget struct{ agents []AgentSlots }
 
+// has reports whether the budget has a free slot that serves agent id id.
+func (b *slotBudget) has(id string) bool {
+	for i := range b.agents {
+		if a := &b.agents[i]; a.Free > 0 && a.serves(id) {
+			return true
+		}
+	}
+	return false
+}
+
 // take gives one free slot that serves agent id id, if there is one.
 func (b *slotBudget) take(id string) bool {
 	for i := range b.agents {
@@ -131,11 +144,16 @@ func (b *slotBudget) take(id string) bool {
 	return false
 }
 
-// busyHeldLocked reports whether threads among ready are held at now for
-// a full agent. Called with m.mu held.
+// busyHeldLocked reports whether threads among ready, or of the held
+// prefix, are held at now for a full agent. Called with m.mu held.
 func (m *Mailbox) busyHeldLocked(ready []ReadyEntry, now int64) bool {
 	if len(m.held) == 0 {
 		return false
+	}
+	for _, q := range m.prefix.busy {
+		if _, ok := m.prefixHeadLocked(q, now); ok {
+			return true
+		}
 	}
 	for _, t := range ready {
 		if h, ok := m.held[t.ThreadID]; ok && h.busy && h.until > now {
@@ -185,13 +203,24 @@ func (m *Mailbox) admitLocked(thread string, now int64, b *slotBudget, room bool
 	if !h.busy || !room || !b.take(h.busyFor) {
 		return false
 	}
-	m.dropHoldLocked(thread, now)
+	m.admitHeldLocked(thread, now)
+	return true
+}
+
+// admitHeldLocked ends the hold of thread, held for a full agent, as it
+// is admitted to a free slot of that agent at now: it is claimed at once,
+// so the held prefix is kept (it leaves it), and it is in transit to the
+// executor until its attempt reaches it. Called with m.mu held.
+func (m *Mailbox) admitHeldLocked(thread string, now int64) {
+	if h := m.held[thread]; m.inPrefixLocked(h) {
+		m.prefix.n--
+	}
+	delete(m.held, thread)
 	if m.busyInTransit == nil {
 		m.busyInTransit = map[string]int64{}
 	}
 	m.busyInTransit[thread] = now
 	m.inTransit.Store(int32(len(m.busyInTransit)))
-	return true
 }
 
 // arrived ends thread's transit to the executor (admitLocked): its attempt

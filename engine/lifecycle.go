@@ -440,7 +440,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 				m.notePrefixLocked(threads, prefix, now, now)
 			}
 			// A thread held for a full agent waits for that agent's slot.
-			var busy map[string]struct{}
+			busy := m.prefixBusyLocked(now, nil)
 			for _, t := range threads {
 				if h, ok := m.held[t.ThreadID]; ok && h.busy && h.until > now {
 					if busy == nil {
@@ -479,7 +479,8 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		next = earliest(next, heldUntil)
 		m.mu.Lock()
-		m.notePrefixLocked(threads, prefix, now, now)
+		// The threads the held prefix counts are its to admit.
+		threads = threads[m.notePrefixLocked(threads, prefix, now, now):]
 		var budget slotBudget
 		if m.busyHeldLocked(threads, now) {
 			m.mu.Unlock()
@@ -487,13 +488,16 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			m.mu.Lock()
 		}
 		free = m.exec.Capacity() - m.inFlight
+		// The held prefix's threads waiting for a full agent are the
+		// oldest: they are admitted first, as that agent has free slots.
+		fromPrefix := m.admitPrefixLocked(now, &budget, free, nil)
 		waiting := threads[:0]
 		var busyLeft map[string]struct{} // agents whose held threads stay held
 		for _, t := range threads {
 			if m.threads[t.ThreadID] != nil {
 				continue
 			}
-			if !m.admitLocked(t.ThreadID, now, &budget, len(waiting) < free) {
+			if !m.admitLocked(t.ThreadID, now, &budget, len(fromPrefix)+len(waiting) < free) {
 				if h := m.held[t.ThreadID]; h.busy && h.until > now {
 					if busyLeft == nil {
 						busyLeft = map[string]struct{}{}
@@ -504,10 +508,13 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			}
 			waiting = append(waiting, t)
 		}
-		m.noteBusyWaitingLocked(busyLeft)
+		m.noteBusyWaitingLocked(m.prefixBusyLocked(now, busyLeft))
 		m.mu.Unlock()
-		m.starved.Store(len(waiting) > free)
-		threads = waiting[:min(len(waiting), max(free, 0))]
+		m.starved.Store(len(fromPrefix)+len(waiting) > free)
+		threads = waiting[:min(len(waiting), max(free-len(fromPrefix), 0))]
+		if len(fromPrefix) > 0 {
+			threads = append(fromPrefix, threads...)
+		}
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
 		var started, failed, corrupt atomic.Bool

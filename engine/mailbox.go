@@ -116,6 +116,7 @@ type Mailbox struct {
 	prefixGen uint64
 	holdCount holdCount
 	prefix    heldPrefix
+	prefixIDs uint64 // the last heldPrefix.id given
 	// unservedWarned is when a refusal for each agent id no agent served
 	// was last logged (guarded by mu; unservedWarnLocked).
 	unservedWarned map[string]int64
