@@ -22,13 +22,36 @@ import (
 // slots slots and runs noop.
 type twoAgents struct {
 	*fakeExecutor
-	finish   chan struct{}
-	refused  atomic.Int64
-	mu       sync.Mutex
-	fullBusy bool
-	fullRuns []string // the threads the full agent ran, in order
-	active   int      // runs of the default agent id
-	slots    int
+	finish     chan struct{}
+	refused    atomic.Int64
+	mu         sync.Mutex
+	fullBusy   bool
+	fullRuns   []string // the threads the full agent ran, in order
+	refusedLog []string // the refusals, in order
+	active     int      // runs of the default agent id
+	slots      int
+	// noSlotAfterAdmission: once FreeSlots shows the full agent's slot
+	// free, the dispatcher's claim that follows finds no engine slot left,
+	// as if another claimer took it meanwhile (the round's own count of
+	// free slots is Capacity's first call after FreeSlots, the claim's
+	// the second); cleared then.
+	noSlotAfterAdmission atomic.Bool
+	capCalls             int // Capacity calls since FreeSlots armed that (0: not armed)
+}
+
+// Capacity is the fake's, but see noSlotAfterAdmission.
+func (a *twoAgents) Capacity() int {
+	a.mu.Lock()
+	if a.capCalls > 0 {
+		if a.capCalls++; a.capCalls == 3 {
+			a.capCalls = 0
+			a.noSlotAfterAdmission.Store(false)
+			a.mu.Unlock()
+			return 0
+		}
+	}
+	a.mu.Unlock()
+	return a.fakeExecutor.Capacity()
 }
 
 func newTwoAgents(slots int) *twoAgents {
@@ -42,6 +65,7 @@ func (a *twoAgents) run(ctx context.Context, req *engine.RunRequest, sink engine
 	a.mu.Lock()
 	if req.AgentID == "full" {
 		if a.fullBusy {
+			a.refusedLog = append(a.refusedLog, fmt.Sprintf("%s while %s ran", req.ThreadID, a.fullRuns[len(a.fullRuns)-1]))
 			a.mu.Unlock()
 			a.refused.Add(1)
 			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy, Error: "full"}
@@ -84,6 +108,9 @@ func (a *twoAgents) FreeSlots() []engine.AgentSlots {
 	var out []engine.AgentSlots
 	if !a.fullBusy {
 		out = append(out, engine.AgentSlots{Free: 1, AgentIDs: []string{"full"}})
+		if a.noSlotAfterAdmission.Load() && a.capCalls == 0 {
+			a.capCalls = 1
+		}
 	}
 	if free := a.slots - a.active; free > 0 {
 		out = append(out, engine.AgentSlots{Free: free, AgentIDs: []string{""}})
@@ -108,55 +135,12 @@ func (a *twoAgents) ranFull() []string {
 // them all, and 10 000 of them made every other run cost twice as much).
 // The clock stands still: the prefix is not listed again for its age.
 func TestThreadsWaitingForAFullAgentAreAdmittedFromThePrefix(t *testing.T) {
-	now := new(atomic.Int64)
-	now.Store(time.Now().UnixMilli())
-	exec := newTwoAgents(2)
-	exec.finish = make(chan struct{})
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	ls := &listingStore{Store: s}
-	mb, err := engine.New(ls, exec, engine.Config{Now: now.Load})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		defer cancel()
-		mb.Stop(ctx) // the full agent's last run is held until its context ends
-	}()
-	r := &rig{store: s, exec: exec.fakeExecutor, mb: mb}
-	ctx := context.Background()
+	exec, mb, ls, s := busyPrefixRig(t)
 	n := engine.HeldPrefixMin + 8
-	for i := range n {
-		if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("f%02d", i), AgentID: "full", Messages: []engine.Message{userMsg("x")}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// f00 runs; each of the others is refused and waits, all of them in
-	// the prefix.
-	state := ""
-	settled := func() bool {
-		for i := 1; i < n; i++ {
-			if th := fmt.Sprintf("f%02d", i); !backInQueue(t, r, th) {
-				state = th + " not back in the queue"
-				return false
-			}
-		}
-		got, last := mb.HeldPrefix()
-		state = fmt.Sprintf("%d refusals; prefix of %d ending %+v", exec.refused.Load(), got, last)
-		return got == n-1
-	}
-	for deadline := time.Now().Add(30 * time.Second); !settled(); time.Sleep(2 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the waiting threads did not settle in 30 s: %s", state)
-		}
-	}
+	ctx := context.Background()
+	// Each waiting thread was refused once, or twice when its submit
+	// ended its hold (new work) after the dispatcher's claim was refused.
+	refused := exec.refused.Load()
 	fromTheStart := func(phase string) {
 		t.Helper()
 		for _, l := range ls.take() {
@@ -193,17 +177,106 @@ func TestThreadsWaitingForAFullAgentAreAdmittedFromThePrefix(t *testing.T) {
 	// takes it each time, and the prefix is kept.
 	for i := range 5 {
 		exec.finish <- struct{}{}
-		want := fmt.Sprintf("f%02d", i+1)
-		eventually(t, want+" run", func() bool { return len(exec.ranFull()) == i+2 })
-		if got := exec.ranFull(); got[i+1] != want {
-			t.Fatalf("the full agent ran %v: want %s next", got, want)
-		}
+		exec.awaitFullRun(t, i+1, fmt.Sprintf("f%02d", i+1))
 	}
 	fromTheStart("free slots of the full agent")
 	if got, _ := mb.HeldPrefix(); got != n-1-5 {
 		t.Fatalf("prefix of %d threads after 5 were admitted, want %d", got, n-1-5)
 	}
-	if r := exec.refused.Load(); r != int64(n-1) {
-		t.Fatalf("%d refusals, want one for each of the %d waiting threads", r, n-1)
+	if r := exec.refused.Load(); r != refused {
+		exec.mu.Lock()
+		defer exec.mu.Unlock()
+		t.Fatalf("%d refusals since the threads settled: a thread waiting for a free slot was claimed while there was none (%v)", r-refused, exec.refusedLog)
 	}
+}
+
+// A thread admitted from the held prefix whose claim finds no slot left
+// (another claimer took it meanwhile) keeps its turn: the prefix is
+// dropped, and the next round lists it again. Before, rounds went on
+// listing after the prefix, and gave its agent's free slots to younger
+// threads (found by review).
+func TestAThreadAdmittedFromThePrefixButNotClaimedKeepsItsTurn(t *testing.T) {
+	exec, _, _, _ := busyPrefixRig(t)
+	exec.noSlotAfterAdmission.Store(true)
+	exec.finish <- struct{}{}
+	exec.awaitFullRun(t, 1, "f01")
+	if exec.noSlotAfterAdmission.Load() {
+		t.Fatal("no claim of an admitted thread found its slot taken: the test tests nothing")
+	}
+	exec.finish <- struct{}{}
+	exec.awaitFullRun(t, 2, "f02")
+}
+
+// awaitFullRun waits for the full agent's run i (from 0) and fails
+// unless it is of thread want.
+func (a *twoAgents) awaitFullRun(t *testing.T, i int, want string) {
+	t.Helper()
+	eventually(t, want+" run", func() bool { return len(a.ranFull()) > i })
+	if got := a.ranFull(); got[i] != want {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		t.Fatalf("the full agent ran %v: want %s next (refusals: %v)", got, want, a.refusedLog)
+	}
+}
+
+// busyPrefixRig is a started mailbox on a clock that stands still, over
+// twoAgents (two slots for the default agent id) and a store that records
+// the dispatcher's listings, with HeldPrefixMin+8 threads (f00, f01, …)
+// submitted for the full agent: f00 runs, and each of the others was
+// refused once and waits in the held prefix.
+func busyPrefixRig(t *testing.T) (*twoAgents, *engine.Mailbox, *listingStore, *badgerstore.Store) {
+	t.Helper()
+	now := new(atomic.Int64)
+	now.Store(time.Now().UnixMilli())
+	exec := newTwoAgents(2)
+	exec.finish = make(chan struct{})
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	ls := &listingStore{Store: s}
+	mb, err := engine.New(ls, exec, engine.Config{Now: now.Load})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		defer cancel()
+		mb.Stop(ctx) // the full agent's last run is held until its context ends
+	})
+	r := &rig{store: s, exec: exec.fakeExecutor, mb: mb}
+	ctx := context.Background()
+	n := engine.HeldPrefixMin + 8
+	for i := range n {
+		if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprintf("f%02d", i), AgentID: "full", Messages: []engine.Message{userMsg("x")}}); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			exec.awaitFullRun(t, 0, "f00") // it, not one of the others, takes the slot
+		}
+	}
+	// f00 runs; each of the others is refused and waits, all of them in
+	// the prefix.
+	state := ""
+	settled := func() bool {
+		for i := 1; i < n; i++ {
+			if th := fmt.Sprintf("f%02d", i); !backInQueue(t, r, th) {
+				state = th + " not back in the queue"
+				return false
+			}
+		}
+		got, last := mb.HeldPrefix()
+		state = fmt.Sprintf("%d refusals; prefix of %d ending %+v", exec.refused.Load(), got, last)
+		return got == n-1
+	}
+	for deadline := time.Now().Add(30 * time.Second); !settled(); time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the waiting threads did not settle in 30 s: %s", state)
+		}
+	}
+	return exec, mb, ls, s
 }

@@ -172,8 +172,8 @@ func (m *Mailbox) countFreeSlots() slotBudget {
 	now := m.cfg.Now()
 	m.mu.Lock()
 	inTransit := false
-	for t, at := range m.busyInTransit {
-		if now-at > transitLimitMs {
+	for t, tr := range m.busyInTransit {
+		if now-tr.at > transitLimitMs {
 			delete(m.busyInTransit, t) // a guard: every path ends a transit
 			continue
 		}
@@ -212,28 +212,60 @@ func (m *Mailbox) admitLocked(thread string, now int64, b *slotBudget, room bool
 // so the held prefix is kept (it leaves it), and it is in transit to the
 // executor until its attempt reaches it. Called with m.mu held.
 func (m *Mailbox) admitHeldLocked(thread string, now int64) {
-	if h := m.held[thread]; m.inPrefixLocked(h) {
+	h := m.held[thread]
+	if m.inPrefixLocked(h) {
 		m.prefix.n--
 	}
 	delete(m.held, thread)
 	if m.busyInTransit == nil {
-		m.busyInTransit = map[string]int64{}
+		m.busyInTransit = map[string]transit{}
 	}
-	m.busyInTransit[thread] = now
+	h.prefix = 0
+	m.busyInTransit[thread] = transit{at: now, hold: h}
 	m.inTransit.Store(int32(len(m.busyInTransit)))
+}
+
+// transit is a thread admitted from a hold for a full agent on its way to
+// the executor: when, and the hold it left.
+type transit struct {
+	at   int64
+	hold claimHold
 }
 
 // arrived ends thread's transit to the executor (admitLocked): its attempt
 // reached the executor, which counts its slot from now on, or it never
 // will. The dispatcher looks again at once for the other held threads.
-func (m *Mailbox) arrived(thread string) {
+func (m *Mailbox) arrived(thread string) { m.endTransit(thread, true) }
+
+// notClaimed ends thread's transit to the executor (admitLocked) when the
+// dispatcher's claim of it did not claim: no slot was left (another
+// claimer took it meanwhile), or the thread runs here already. Unless it
+// runs, or was held again meanwhile, its hold is back as it was: its
+// work waits at its place in the ready order for its agent's next free
+// slot. Before, it waited there unheld, and the next round claimed it
+// besides the thread that slot was given to, one of them refused again.
+// The held prefix is dropped: rounds listing after it would pass the
+// thread by, and give its agent's free slots to younger threads (found
+// by review).
+func (m *Mailbox) notClaimed(thread string) { m.endTransit(thread, false) }
+
+// endTransit ends thread's transit to the executor, arrived there or not
+// (notClaimed).
+func (m *Mailbox) endTransit(thread string, arrived bool) {
 	if m.inTransit.Load() == 0 {
 		return // the common case: no lock for every attempt
 	}
 	m.mu.Lock()
-	_, ok := m.busyInTransit[thread]
+	tr, ok := m.busyInTransit[thread]
 	delete(m.busyInTransit, thread)
 	m.inTransit.Store(int32(len(m.busyInTransit)))
+	if ok && !arrived {
+		if _, held := m.held[thread]; !held && m.threads[thread] == nil && tr.hold.until > m.cfg.Now() {
+			m.setHoldLocked(thread, tr.hold, m.cfg.Now())
+		}
+		m.prefix = heldPrefix{}
+		m.prefixGen++
+	}
 	m.mu.Unlock()
 	if ok {
 		m.kick()

@@ -523,7 +523,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			wg.Go(func() {
 				r := m.tryDispatch(ctx, t)
 				if r != attemptClaimed {
-					m.arrived(t) // admitted from a hold, it does not run
+					m.notClaimed(t) // admitted from a hold, it does not run
 				}
 				switch r {
 				case attemptClaimed:

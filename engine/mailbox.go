@@ -128,8 +128,8 @@ type Mailbox struct {
 	// busyInTransit are the threads admitted from such a hold whose
 	// attempt has not reached the executor yet (claimhold.go; guarded by
 	// mu).
-	busyInTransit map[string]int64 // thread → Unix ms admitted
-	inTransit     atomic.Int32     // len(busyInTransit), read without mu
+	busyInTransit map[string]transit
+	inTransit     atomic.Int32 // len(busyInTransit), read without mu
 }
 
 // New builds a Mailbox over a store and an executor. Start recovers and
