@@ -312,6 +312,20 @@ func (m *Mailbox) releaseAgentHold(thread string) {
 	if h, ok := m.held[thread]; ok && h.agent {
 		m.dropHoldLocked(thread, m.cfg.Now())
 	}
+	m.forgetTransitHoldLocked(thread, nil)
+}
+
+// forgetTransitHoldLocked ends the hold thread left when it was admitted
+// (it is in transit to the executor), as releaseAgentHold and
+// releaseAgentHoldsLocked (unserved) end held threads' holds: a claim of
+// it that then finds no slot must not give it back (notClaimed; found by
+// review: a foreground submit's new work waited behind the old hold).
+// Called with m.mu held.
+func (m *Mailbox) forgetTransitHoldLocked(thread string, unserved map[string]bool) {
+	if tr, ok := m.busyInTransit[thread]; ok && tr.hold.agent && !(tr.hold.unserved && unserved[tr.hold.busyFor]) {
+		tr.hold = claimHold{}
+		m.busyInTransit[thread] = tr
+	}
 }
 
 // releaseAgentHoldsLocked ends the holds of threads set aside for lack
@@ -325,6 +339,9 @@ func (m *Mailbox) releaseAgentHoldsLocked(unserved map[string]bool) {
 		if h.agent && !(h.unserved && unserved[h.busyFor]) {
 			m.dropHoldLocked(t, now)
 		}
+	}
+	for t := range m.busyInTransit {
+		m.forgetTransitHoldLocked(t, unserved)
 	}
 }
 

@@ -1,0 +1,55 @@
+package engine
+
+import "testing"
+
+// A thread admitted from a hold for a full agent whose claim finds no
+// slot left gets its hold back (notClaimed), unless what ends such holds
+// came while it was in transit: a submit, a cancel or an interrupt of the
+// thread (releaseAgentHold), or agents coming or going
+// (releaseAgentHoldsLocked). Its new work, maybe for another agent, must
+// not wait behind the old hold (found by review: the hold came back, up
+// to a minute).
+func TestAHoldReleasedInTransitDoesNotComeBack(t *testing.T) {
+	const now = int64(1_000_000)
+	for _, release := range []struct {
+		name string
+		do   func(m *Mailbox)
+	}{
+		{"none", func(*Mailbox) {}},
+		{"a submit", func(m *Mailbox) { m.releaseAgentHold("t") }},
+		{"agents came", func(m *Mailbox) {
+			m.mu.Lock()
+			m.releaseAgentHoldsLocked(nil)
+			m.mu.Unlock()
+		}},
+	} {
+		t.Run(release.name, func(t *testing.T) {
+			m := &Mailbox{exec: oneSlot{}, slots: noSlots{}, threads: map[string]*execution{}}
+			m.cfg.Now = func() int64 { return now }
+			m.mu.Lock()
+			m.holdForAgentLocked("t", CodeAgentBusy, "full", 0, 0, now)
+			if !m.admitLocked("t", now, &slotBudget{agents: []AgentSlots{{Free: 1, AgentIDs: []string{"full"}}}}, true) {
+				m.mu.Unlock()
+				t.Fatal("the thread was not admitted to the free slot")
+			}
+			m.mu.Unlock()
+			release.do(m)
+			m.notClaimed("t") // its claim found no slot left
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			h, held := m.held["t"]
+			if want := release.name == "none"; held != want || held && (!h.busy || h.until <= now) {
+				t.Fatalf("held %v (%+v) after the claim found no slot, want held for the full agent: %v", held, h, want)
+			}
+			if len(m.busyInTransit) != 0 {
+				t.Fatalf("still in transit: %v", m.busyInTransit)
+			}
+		})
+	}
+}
+
+// noSlots is a SlotCounter with no free slot, serving every agent id.
+type noSlots struct{}
+
+func (noSlots) FreeSlots() []AgentSlots { return nil }
+func (noSlots) Serves(string) bool      { return true }
