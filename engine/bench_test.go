@@ -86,13 +86,19 @@ func noop(_ context.Context, _ *engine.RunRequest, sink engine.EventSink) engine
 // the thread logs grow with every run.
 func benchMailbox(b *testing.B, slots int, script func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome) (*badgerstore.Store, *engine.Mailbox) {
 	b.Helper()
+	exec := newFake(slots, script)
+	exec.forget = true
+	return benchMailboxOn(b, exec)
+}
+
+// benchMailboxOn is benchMailbox with exec for its agents.
+func benchMailboxOn(b *testing.B, exec engine.Executor) (*badgerstore.Store, *engine.Mailbox) {
+	b.Helper()
 	s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { s.Close() })
-	exec := newFake(slots, script)
-	exec.forget = true
 	mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
 	if err != nil {
 		b.Fatal(err)
@@ -302,19 +308,8 @@ func BenchmarkBackgroundRunBesideBusy(b *testing.B) {
 		b.Run(fmt.Sprintf("waiting=%d", waiting), func(b *testing.B) {
 			const threads = 64
 			exec := newTwoAgents(threads)
-			s, err := badgerstore.Open(badgerstore.Options{Dir: b.TempDir()})
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { s.Close() })
-			mb, err := engine.New(s, exec, engine.Config{ContextMessages: 20})
-			if err != nil {
-				b.Fatal(err)
-			}
+			s, mb := benchMailboxOn(b, exec)
 			ctx := context.Background()
-			if err := mb.Start(ctx); err != nil {
-				b.Fatal(err)
-			}
 			defer func() {
 				// The full agent's run is still held: Stop waits for it
 				// until its context ends, then puts it back.
