@@ -138,9 +138,14 @@ func TestThreadsWaitingForAFullAgentAreAdmittedFromThePrefix(t *testing.T) {
 	exec, mb, ls, s := busyPrefixRig(t)
 	n := engine.HeldPrefixMin + 8
 	ctx := context.Background()
-	// Each waiting thread was refused once, or twice when its submit
-	// ended its hold (new work) after the dispatcher's claim was refused.
+	// Each waiting thread was refused once: its submit does not end the
+	// hold that the dispatcher's claim of its dispatch, refused, set.
 	refused := exec.refused.Load()
+	if refused != int64(n-1) {
+		exec.mu.Lock()
+		defer exec.mu.Unlock()
+		t.Fatalf("%d refusals of the %d waiting threads: %v", refused, n-1, exec.refusedLog)
+	}
 	fromTheStart := func(phase string) {
 		t.Helper()
 		for _, l := range ls.take() {

@@ -47,6 +47,9 @@ type claimHold struct {
 	// prefix is the id of the held prefix that counts the thread
 	// (heldprefix.go; 0: none).
 	prefix uint64
+	// dispatch is the dispatch whose attempt no agent took (an agent
+	// hold): the submit that made it does not end the hold.
+	dispatch string
 }
 
 // A thread whose attempt no agent took is set aside too (ipc.md: work
@@ -69,16 +72,16 @@ type claimHold struct {
 // the hub refused it again: a thread for an agent id nobody served took a
 // slot from the others at every pass.
 
-// holdForAgentLocked sets thread aside after an attempt no agent took
-// (unserved: the hold it was claimed out of, for the same cause; 0: none),
+// holdForAgentLocked sets thread aside after an attempt of dispatch no
+// agent took (unserved: the hold it was claimed out of, for the same cause; 0: none),
 // unless agents came or went since the attempt started (capSeen): the
 // executor's answer may be out of date, and a hold would miss the wake-up
 // that ends it. Called with m.mu held.
-func (m *Mailbox) holdForAgentLocked(thread, code, agentID string, capSeen uint64, unserved time.Duration, now int64) {
+func (m *Mailbox) holdForAgentLocked(thread, dispatch, code, agentID string, capSeen uint64, unserved time.Duration, now int64) {
 	if m.capChanges != capSeen {
 		return
 	}
-	h := claimHold{delay: claimHoldFirst, agent: true}
+	h := claimHold{delay: claimHoldFirst, agent: true, dispatch: dispatch}
 	switch {
 	case code == CodeAgentUnavailable:
 		// Tried again now and then in case a wake-up was missed: every
@@ -306,10 +309,17 @@ func (m *Mailbox) heldForAgentLocked(thread string, now int64) bool {
 // releaseAgentHold ends thread's hold for lack of an agent: what the
 // thread's queue holds changed (a submit, a cancel, an interrupt), and its
 // next dispatch may be for an agent that is here.
-func (m *Mailbox) releaseAgentHold(thread string) {
+func (m *Mailbox) releaseAgentHold(thread string) { m.releaseAgentHoldAfter(thread, "") }
+
+// releaseAgentHoldAfter is releaseAgentHold after a submit of dispatch
+// submitted: a hold set because no agent took that very dispatch stays.
+// The dispatcher may claim new work as soon as it is durable, before its
+// submitter goes on; ending the hold that refusal set made the submit's
+// own claim try it again at once, only to be refused again.
+func (m *Mailbox) releaseAgentHoldAfter(thread, submitted string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if h, ok := m.held[thread]; ok && h.agent {
+	if h, ok := m.held[thread]; ok && h.agent && (submitted == "" || h.dispatch != submitted) {
 		m.dropHoldLocked(thread, m.cfg.Now())
 	}
 	m.forgetTransitHoldLocked(thread, nil)

@@ -738,7 +738,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// is released, so that the dispatcher does not claim it again
 			// at once, only to be refused again.
 			m.mu.Lock()
-			m.holdForAgentLocked(d.ThreadID, o.ErrorCode, e.agentID, e.capSeen, e.unserved, now)
+			m.holdForAgentLocked(d.ThreadID, d.DispatchID, o.ErrorCode, e.agentID, e.capSeen, e.unserved, now)
 			warn, held := o.ErrorCode == CodeAgentUnavailable && m.unservedWarnLocked(e.agentID, now), len(m.held)
 			m.mu.Unlock()
 			if warn {

@@ -210,7 +210,7 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 	runID, d, err := m.submitRun(ctx, &req, m.cfg.Now())
 	if err == nil {
 		// New work of the thread may be for an agent that is here.
-		m.releaseAgentHold(req.ThreadID)
+		m.releaseAgentHoldAfter(req.ThreadID, d.DispatchID)
 	}
 	if err != nil {
 		if errors.Is(err, ErrAlreadyExists) && req.DedupeKey != "" {

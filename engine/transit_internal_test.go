@@ -27,7 +27,7 @@ func TestAHoldReleasedInTransitDoesNotComeBack(t *testing.T) {
 			m := &Mailbox{exec: oneSlot{}, slots: noSlots{}, threads: map[string]*execution{}}
 			m.cfg.Now = func() int64 { return now }
 			m.mu.Lock()
-			m.holdForAgentLocked("t", CodeAgentBusy, "full", 0, 0, now)
+			m.holdForAgentLocked("t", "d1", CodeAgentBusy, "full", 0, 0, now)
 			if !m.admitLocked("t", now, &slotBudget{agents: []AgentSlots{{Free: 1, AgentIDs: []string{"full"}}}}, true) {
 				m.mu.Unlock()
 				t.Fatal("the thread was not admitted to the free slot")
@@ -53,3 +53,25 @@ type noSlots struct{}
 
 func (noSlots) FreeSlots() []AgentSlots { return nil }
 func (noSlots) Serves(string) bool      { return true }
+
+// A submit ends its thread's hold for lack of an agent, unless that hold
+// was set because no agent took the very dispatch it submitted: the
+// dispatcher claimed it as soon as it was durable, and it was refused.
+// Ending that hold made the submit's own claim try it again at once, only
+// to be refused again.
+func TestASubmitLeavesTheHoldItsOwnDispatchSet(t *testing.T) {
+	const now = int64(1_000_000)
+	m := &Mailbox{exec: oneSlot{}, slots: noSlots{}, threads: map[string]*execution{}}
+	m.cfg.Now = func() int64 { return now }
+	m.mu.Lock()
+	m.holdForAgentLocked("t", "d1", CodeAgentBusy, "full", 0, 0, now)
+	m.mu.Unlock()
+	m.releaseAgentHoldAfter("t", "d1")
+	if !m.heldForAgentLocked("t", now) {
+		t.Fatal("the submit of d1 ended the hold its own refusal set")
+	}
+	m.releaseAgentHoldAfter("t", "d2")
+	if m.heldForAgentLocked("t", now) {
+		t.Fatal("the submit of d2 left the hold d1's refusal set")
+	}
+}
