@@ -66,7 +66,8 @@ type claimHold struct {
 // of runs for a full agent was claimed and refused again every second,
 // thread by thread. A submit, a cancel or an interrupt of the
 // thread ends its hold too: its next dispatch may be for an agent that is
-// here. No hold is set when agents came or went while the attempt ran
+// here (a submit leaves a hold set for its own dispatch:
+// releaseAgentHoldAfter). No hold is set when agents came or went while the attempt ran
 // (the answer may be out of date, and the wake-up already passed).
 // Without the hold the dispatcher claimed the thread again at once, and
 // the hub refused it again: a thread for an agent id nobody served took a
