@@ -285,3 +285,59 @@ func busyPrefixRig(t *testing.T) (*twoAgents, *engine.Mailbox, *listingStore, *b
 	}
 	return exec, mb, ls, s
 }
+
+// slottedFake is the fake executor as agents that count their slots:
+// two free for agent id "writer", none ever for "full".
+type slottedFake struct{ *fakeExecutor }
+
+func (slottedFake) FreeSlots() []engine.AgentSlots {
+	return []engine.AgentSlots{{Free: 2, AgentIDs: []string{"writer"}}}
+}
+
+func (slottedFake) Serves(id string) bool { return id == "full" || id == "writer" }
+
+// Work submitted while an attempt of its thread is in flight, ahead of
+// it and for an agent that is here, is not held behind that attempt's
+// refusal: the submit found no hold to end yet, and the refusal's hold,
+// set after it, kept the new work waiting for the full agent's slot, up
+// to a minute (found by review).
+func TestWorkSubmittedDuringARefusedAttemptIsNotHeldBehindIt(t *testing.T) {
+	inExec, refuse := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	exec := slottedFake{newFake(3, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if req.AgentID == "full" {
+			once.Do(func() { close(inExec); <-refuse }) // a refusal that takes a moment
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy, Error: "full"}
+		}
+		return complete(ctx, req, sink)
+	})}
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	mb, err := engine.New(s, exec, engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		mb.Stop(ctx)
+	})
+	ctx := context.Background()
+	if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Messages: []engine.Message{userMsg("d")}}); err != nil {
+		t.Fatal(err)
+	}
+	<-inExec
+	first := uint8(0)
+	e, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "writer", Priority: &first, Messages: []engine.Message{userMsg("e")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(refuse)
+	eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, s, e.DispatchID) == engine.StatusAcked })
+}

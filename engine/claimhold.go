@@ -324,6 +324,11 @@ func (m *Mailbox) releaseAgentHoldAfter(thread, submitted string) {
 		m.dropHoldLocked(thread, m.cfg.Now())
 	}
 	m.forgetTransitHoldLocked(thread, nil)
+	if e := m.threads[thread]; e != nil && (submitted == "" || e.dispatch.DispatchID != submitted) {
+		// An attempt in flight: the hold its refusal would set is ended
+		// before it is set.
+		e.queueChanged = true
+	}
 }
 
 // forgetTransitHoldLocked ends the hold thread left when it was admitted

@@ -62,6 +62,12 @@ type execution struct {
 	// Mailbox.mu): an executor's "no agent" answer given before agents
 	// came or went sets no hold (claimhold.go).
 	capSeen uint64
+	// queueChanged: the thread's queue changed while the attempt was in
+	// flight (a submit of other work, a cancel, an interrupt; guarded by
+	// Mailbox.mu): its "no agent" answer sets no hold, since the thread's
+	// next dispatch may now be another, for an agent that is here
+	// (releaseAgentHoldAfter found no hold to end yet; found by review).
+	queueChanged bool
 	// unserved is the thread's last hold for an agent id no agent served
 	// (startExecution; 0: none): a refusal for that again doubles it.
 	unserved time.Duration
@@ -261,6 +267,9 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duratio
 		e.prevLog = prev
 	}
 	e.events.run = d.RunID
+	if prev := m.threads[d.ThreadID]; prev != nil && prev.claiming && prev.queueChanged {
+		e.queueChanged = true // changed while the claim was in flight
+	}
 	m.threads[d.ThreadID] = e
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events
@@ -738,7 +747,9 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// is released, so that the dispatcher does not claim it again
 			// at once, only to be refused again.
 			m.mu.Lock()
-			m.holdForAgentLocked(d.ThreadID, d.DispatchID, o.ErrorCode, e.agentID, e.capSeen, e.unserved, now)
+			if !e.queueChanged {
+				m.holdForAgentLocked(d.ThreadID, d.DispatchID, o.ErrorCode, e.agentID, e.capSeen, e.unserved, now)
+			}
 			warn, held := o.ErrorCode == CodeAgentUnavailable && m.unservedWarnLocked(e.agentID, now), len(m.held)
 			m.mu.Unlock()
 			if warn {
