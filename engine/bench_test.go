@@ -91,6 +91,14 @@ func benchMailbox(b *testing.B, slots int, script func(context.Context, *engine.
 	return benchMailboxOn(b, exec)
 }
 
+// stopHeld stops mb, giving up after wait on runs its agents hold until
+// their context ends: Stop waits for them that long, then puts them back.
+func stopHeld(mb *engine.Mailbox, wait time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	mb.Stop(ctx)
+}
+
 // benchMailboxOn is benchMailbox with exec for its agents.
 func benchMailboxOn(b *testing.B, exec engine.Executor) (*badgerstore.Store, *engine.Mailbox) {
 	b.Helper()
@@ -205,13 +213,7 @@ func BenchmarkForegroundInterrupt(b *testing.B) {
 	}
 	s, mb := benchMailbox(b, 1, hold)
 	ctx := context.Background()
-	defer func() {
-		// The last run is still held: Stop waits for it until its
-		// context ends, then puts it back.
-		stopCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
-		defer cancel()
-		mb.Stop(stopCtx)
-	}()
+	defer stopHeld(mb, 100*time.Millisecond) // the last run is still held
 	msg := []engine.Message{userMsg("go")}
 	submit := func() {
 		res, _, err := mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t", Messages: msg})
@@ -310,13 +312,7 @@ func BenchmarkBackgroundRunBesideBusy(b *testing.B) {
 			exec := newTwoAgents(threads)
 			s, mb := benchMailboxOn(b, exec)
 			ctx := context.Background()
-			defer func() {
-				// The full agent's run is still held: Stop waits for it
-				// until its context ends, then puts it back.
-				stopCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
-				defer cancel()
-				mb.Stop(stopCtx)
-			}()
+			defer stopHeld(mb, 100*time.Millisecond) // the full agent's run is still held
 			msg := []engine.Message{userMsg("go")}
 			var wg sync.WaitGroup
 			for w := range threads {

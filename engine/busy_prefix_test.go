@@ -235,24 +235,11 @@ func busyPrefixRig(t *testing.T) (*twoAgents, *engine.Mailbox, *listingStore, *b
 	now.Store(time.Now().UnixMilli())
 	exec := newTwoAgents(2)
 	exec.finish = make(chan struct{})
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	ls := &listingStore{Store: s}
-	mb, err := engine.New(ls, exec, engine.Config{Now: now.Load})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		defer cancel()
-		mb.Stop(ctx) // the full agent's last run is held until its context ends
-	})
+	var ls *listingStore
+	s, mb := startedOn(t, exec, engine.Config{Now: now.Load}, func(s *badgerstore.Store) engine.Store {
+		ls = &listingStore{Store: s}
+		return ls
+	}, 200*time.Millisecond) // the full agent's last run is held until its context ends
 	r := &rig{store: s, exec: exec.fakeExecutor, mb: mb}
 	ctx := context.Background()
 	n := engine.HeldPrefixMin + 8
@@ -311,23 +298,7 @@ func TestWorkSubmittedDuringARefusedAttemptIsNotHeldBehindIt(t *testing.T) {
 		}
 		return complete(ctx, req, sink)
 	})}
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	mb, err := engine.New(s, exec, engine.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		mb.Stop(ctx)
-	})
+	s, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
 	ctx := context.Background()
 	if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Messages: []engine.Message{userMsg("d")}}); err != nil {
 		t.Fatal(err)
@@ -340,4 +311,33 @@ func TestWorkSubmittedDuringARefusedAttemptIsNotHeldBehindIt(t *testing.T) {
 	}
 	close(refuse)
 	eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, s, e.DispatchID) == engine.StatusAcked })
+}
+
+// startedOn is a started mailbox over exec on an in-memory Badger store
+// (wrapped by wrap, if not nil), stopped (giving up on held runs after
+// stopWait) and closed when t ends.
+func startedOn(t *testing.T, exec engine.Executor, cfg engine.Config, wrap func(*badgerstore.Store) engine.Store, stopWait time.Duration) (*badgerstore.Store, *engine.Mailbox) {
+	t.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	var st engine.Store = s
+	if wrap != nil {
+		st = wrap(s)
+	}
+	mb, err := engine.New(st, exec, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), stopWait)
+		defer cancel()
+		mb.Stop(ctx)
+	})
+	return s, mb
 }

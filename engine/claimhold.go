@@ -324,7 +324,18 @@ func (m *Mailbox) releaseAgentHoldAfter(thread, submitted string) {
 		m.dropHoldLocked(thread, m.cfg.Now())
 	}
 	m.forgetTransitHoldLocked(thread, nil)
-	if e := m.threads[thread]; e != nil && (submitted == "" || e.dispatch.DispatchID != submitted) {
+	switch e := m.threads[thread]; {
+	case e == nil:
+	case e.claiming:
+		// A claim in flight: if it takes the submitted dispatch itself,
+		// it saw the change (startExecution).
+		if !e.queueChanged {
+			e.changedBy = submitted
+		} else if e.changedBy != submitted {
+			e.changedBy = ""
+		}
+		e.queueChanged = true
+	case e.dispatch.DispatchID != submitted:
 		// An attempt in flight: the hold its refusal would set is ended
 		// before it is set.
 		e.queueChanged = true

@@ -68,6 +68,10 @@ type execution struct {
 	// next dispatch may now be another, for an agent that is here
 	// (releaseAgentHoldAfter found no hold to end yet; found by review).
 	queueChanged bool
+	// changedBy is, on a claim's placeholder, the one dispatch whose
+	// submit changed the queue ("" for anything else): a claim that
+	// returns that very dispatch saw the change.
+	changedBy string
 	// unserved is the thread's last hold for an agent id no agent served
 	// (startExecution; 0: none): a refusal for that again doubles it.
 	unserved time.Duration
@@ -244,6 +248,13 @@ func (m *Mailbox) claim(ctx context.Context, thread string) (d *Dispatch, starte
 	return d, d != nil && d.InstanceID == instance, err
 }
 
+// claimSawNot reports whether p, a claim's placeholder, had the thread's
+// queue changed while it was in flight by other work than the dispatch
+// it took (claimed): the attempt of claimed is then marked queueChanged.
+func (p *execution) claimSawNot(claimed string) bool {
+	return p.claiming && p.queueChanged && p.changedBy != claimed
+}
+
 // startExecution runs a claimed dispatch; its agent slot is already
 // reserved. started: the claim's commit also recorded the attempt's start
 // (IdleSubmitter, StartClaimer), under the dispatch's instance id.
@@ -267,8 +278,8 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duratio
 		e.prevLog = prev
 	}
 	e.events.run = d.RunID
-	if prev := m.threads[d.ThreadID]; prev != nil && prev.claiming && prev.queueChanged {
-		e.queueChanged = true // changed while the claim was in flight
+	if prev := m.threads[d.ThreadID]; prev != nil && prev.claimSawNot(d.DispatchID) {
+		e.queueChanged = true
 	}
 	m.threads[d.ThreadID] = e
 	m.byRun[d.RunID] = e

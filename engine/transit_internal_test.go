@@ -75,3 +75,39 @@ func TestASubmitLeavesTheHoldItsOwnDispatchSet(t *testing.T) {
 		t.Fatal("the submit of d2 left the hold d1's refusal set")
 	}
 }
+
+// A submit while a claim of its thread is in flight marks the claim: the
+// attempt it starts sets no hold for lack of an agent, unless the claim
+// took the very dispatch submitted (it saw the change). Another submit,
+// a cancel or an interrupt marks it for any dispatch; so does any change
+// of the queue while an attempt of another dispatch runs.
+func TestAChangeOfTheQueueMarksTheAttemptInFlight(t *testing.T) {
+	m := &Mailbox{exec: oneSlot{}, threads: map[string]*execution{}}
+	m.cfg.Now = func() int64 { return 1 }
+	claim := &execution{claiming: true}
+	m.threads["t"] = claim
+	m.releaseAgentHoldAfter("t", "d1")
+	if claim.claimSawNot("d1") || !claim.claimSawNot("d0") {
+		t.Fatalf("after the submit of d1: a claim of d1 saw no change %v, of d0 %v; want false, true", claim.claimSawNot("d1"), claim.claimSawNot("d0"))
+	}
+	m.releaseAgentHoldAfter("t", "d2")
+	if !claim.claimSawNot("d1") || !claim.claimSawNot("d2") {
+		t.Fatal("after the submits of d1 and d2, a claim of either saw both")
+	}
+	claim = &execution{claiming: true}
+	m.threads["t"] = claim
+	m.releaseAgentHold("t") // a cancel or an interrupt
+	if !claim.claimSawNot("d1") {
+		t.Fatal("a cancel while the claim was in flight left it unmarked")
+	}
+	run := &execution{dispatch: Dispatch{DispatchID: "d0"}}
+	m.threads["t"] = run
+	m.releaseAgentHoldAfter("t", "d0")
+	if run.queueChanged {
+		t.Fatal("the submit of the attempt's own dispatch marked it")
+	}
+	m.releaseAgentHoldAfter("t", "d1")
+	if !run.queueChanged {
+		t.Fatal("a submit of other work left the attempt of d0 unmarked")
+	}
+}
