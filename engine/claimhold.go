@@ -64,7 +64,8 @@ type claimHold struct {
 // than that agent has free slots, as soon as it has them (at most
 // claimHoldMax); otherwise claimHoldFirst. Without that count a backlog
 // of runs for a full agent was claimed and refused again every second,
-// thread by thread. A submit, a cancel or an interrupt of the
+// thread by thread. A submit, a requeue, a cancel (of queued work or of
+// the refused attempt itself) or an interrupt of the
 // thread ends its hold too: its next dispatch may be for an agent that is
 // here (a submit leaves a hold set for its own dispatch:
 // releaseAgentHoldAfter). No hold is set when agents came or went while the attempt ran

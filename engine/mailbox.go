@@ -304,6 +304,10 @@ func (m *Mailbox) Cancel(ctx context.Context, id string) (bool, error) {
 		if err != nil || !ok {
 			return false, err
 		}
+		// A refused attempt may have set its thread's hold already, its
+		// claim not yet released: the work behind the cancelled dispatch
+		// may be for an agent that is here (found by review).
+		m.releaseAgentHold(e.dispatch.ThreadID)
 		e.cancel(errCancelled)
 		return true, nil
 	}
@@ -1133,6 +1137,9 @@ func (m *Mailbox) Requeue(ctx context.Context, dispatchID string) (Dispatch, err
 	if err != nil {
 		return Dispatch{}, err // the store's error names the operation and the dispatch
 	}
+	// New work in the thread's queue, as a submit (found by review: the
+	// requeued run waited behind a hold for another agent's slot).
+	m.releaseAgentHold(d.ThreadID)
 	m.kick()
 	return d, nil
 }

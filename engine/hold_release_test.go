@@ -1,0 +1,126 @@
+package engine_test
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// refuseFull is a slottedFake script: a run for agent "full" is refused
+// (its agent has no free slot), any other completes, except that fail
+// (when set) decides first whether to fail it permanently.
+func refuseFull(refused *atomic.Int32, fail func(*engine.RunRequest) bool) func(context.Context, *engine.RunRequest, engine.EventSink) engine.RunOutcome {
+	return func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		switch {
+		case req.AgentID == "full":
+			refused.Add(1)
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy, Error: "full"}
+		case fail != nil && fail(req):
+			return engine.RunOutcome{Kind: engine.OutcomePermanent, Error: "bad request"}
+		}
+		return complete(ctx, req, sink)
+	}
+}
+
+// A requeued dead letter is new work in its thread's queue, ahead of the
+// dispatch the thread is held for (a higher priority) and for an agent
+// that is here: the requeue ends the hold, as a submit does. It waited
+// for the full agent's slot, up to a minute (found by review).
+func TestARequeueEndsItsThreadsHold(t *testing.T) {
+	var refused atomic.Int32
+	var failed atomic.Bool
+	exec := slottedFake{newFake(3, refuseFull(&refused, func(*engine.RunRequest) bool { return !failed.Swap(true) }))}
+	s, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
+	ctx := context.Background()
+	first := uint8(0)
+	x, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "writer", Priority: &first, Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the writer's run dead-lettered", func() bool { return dispatchStatus(t, s, x.DispatchID) == engine.StatusDeadLetter })
+	a, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the full agent's run refused and released", func() bool {
+		return refused.Load() >= 1 && dispatchStatus(t, s, a.DispatchID) == engine.StatusQueued
+	})
+	again, err := mb.Requeue(ctx, x.DispatchID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the requeued run done", func() bool { return dispatchStatus(t, s, again.DispatchID) == engine.StatusAcked })
+	// Once the hold is ended, the full agent's run is tried once more after
+	// the requeued one, and is held again: not a spin.
+	if n := refused.Load(); n > 2 {
+		t.Fatalf("the full agent's run was refused %d times; want at most 2", n)
+	}
+}
+
+// releaseGate is a store whose Release of one dispatch waits for the test.
+type releaseGate struct {
+	*badgerstore.Store
+	id        atomic.Value // string: the dispatch whose release waits
+	releasing chan struct{}
+	proceed   chan struct{}
+	once      sync.Once
+}
+
+func (g *releaseGate) Release(ctx context.Context, id, token string, now int64) (engine.Dispatch, error) {
+	if want, _ := g.id.Load().(string); want == id {
+		g.once.Do(func() { close(g.releasing); <-g.proceed })
+	}
+	return g.Store.Release(ctx, id, token, now)
+}
+
+// A cancel of a refused attempt whose claim is not yet released (the
+// hold it set is) ends that hold: the thread's queue changed, and the
+// work behind the cancelled dispatch, for an agent that is here, waited
+// for the full agent's slot, up to a minute (found by review).
+func TestACancelOfARefusedAttemptEndsItsHold(t *testing.T) {
+	var refused atomic.Int32
+	blocker, unblock := make(chan struct{}), make(chan struct{})
+	exec := slottedFake{newFake(1, refuseFull(&refused, nil))}
+	inner := exec.script
+	exec.script = func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if req.ThreadID == "other" {
+			close(blocker)
+			<-unblock // holds the engine's one slot while t's queue fills
+		}
+		return inner(ctx, req, sink)
+	}
+	gate := &releaseGate{releasing: make(chan struct{}), proceed: make(chan struct{})}
+	gate.id.Store("")
+	s, mb := startedOn(t, exec, engine.Config{}, func(s *badgerstore.Store) engine.Store { gate.Store = s; return gate }, 5*time.Second)
+	ctx := context.Background()
+	if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "other", AgentID: "writer", Messages: []engine.Message{userMsg("o")}}); err != nil {
+		t.Fatal(err)
+	}
+	<-blocker
+	first := uint8(0)
+	a, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Priority: &first, Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gate.id.Store(a.DispatchID)
+	b, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "writer", Messages: []engine.Message{userMsg("b")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(unblock)
+	<-gate.releasing // a refused, its hold set, its claim not yet released
+	ok, err := mb.Cancel(ctx, a.DispatchID)
+	if err != nil || !ok {
+		t.Fatalf("cancel of the refused attempt: %v, %v; want true", ok, err)
+	}
+	close(gate.proceed)
+	eventually(t, "the writer's run behind it done", func() bool { return dispatchStatus(t, s, b.DispatchID) == engine.StatusAcked })
+	if st := dispatchStatus(t, s, a.DispatchID); st == engine.StatusQueued || st == engine.StatusClaimed {
+		t.Fatalf("the cancelled dispatch is %v; want it finished", st)
+	}
+}
