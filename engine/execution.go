@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // execution is one attempt of a run claimed by this process.
@@ -655,6 +656,12 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		m.emitFinishWith(e, &Termination{Type: TermCancelled})
 		return
 	}
+	// An agent's error text is cut as the dispatch's copy is: the run's
+	// record took it whole, and a store refused a record over its limit
+	// (NATS's max_payload), so that a permanent failure's dead letter was
+	// never written and the run executed again after its lease (found by
+	// review).
+	o.Error = truncateError(o.Error)
 	now := m.cfg.Now()
 	label := o.Kind.String()
 	m.metrics.count(metricRuns, "outcome", label).Inc()
@@ -688,13 +695,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		// The result, the run's outcome and the ack commit together. If
 		// that cannot be written the dispatch stays claimed, its lease
 		// lapses and the retry finds the run as it was.
-		var err error
-		for try := 0; try < 3; try++ {
-			if err = m.complete(ctx, e, res, now); err == nil || !errors.Is(err, ErrUnavailable) {
-				break
-			}
-			time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
-		}
+		err := m.completeRecorded(ctx, e, res, now, log)
 		switch {
 		case err == nil:
 		case errors.Is(err, ErrVersionConflict) || errors.Is(err, ErrNotFound):
@@ -772,6 +773,51 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			log.Warn("release failed", "err", err)
 		}
 	}
+}
+
+// completeRecorded completes the attempt with res (complete), again
+// after a moment while the store is unavailable. A result the store
+// refuses as too large is written again with its response cut
+// (responseCuts): the run completed, and the refusal left its claim to
+// lapse, so that it executed again at every attempt and was then
+// dead-lettered (found by review: a 1.2 MB response on a NATS store whose
+// server takes 1 MiB messages). Its clients saw the response whole, in
+// the run's events.
+func (m *Mailbox) completeRecorded(ctx context.Context, e *execution, res RunResult, now int64, log interface{ Warn(string, ...any) }) error {
+	full, cuts := res.Response, 0
+	for try := 0; ; {
+		err := m.complete(ctx, e, res, now)
+		switch {
+		case errors.Is(err, ErrTooLarge) && cuts < len(responseCuts) && len(full) > responseCuts[cuts]:
+			res.Response = cutResponse(full, responseCuts[cuts])
+			cuts++
+			log.Warn("run result too large for the store: its response is recorded cut", "response_bytes", len(full), "kept_bytes", len(res.Response), "err", err)
+			continue
+		case err == nil || !errors.Is(err, ErrUnavailable) || try == 2:
+			return err
+		}
+		try++
+		time.Sleep(time.Duration(try) * 50 * time.Millisecond)
+	}
+}
+
+// responseCuts are the sizes a completed run's response is cut to, in
+// turn, while the store refuses its result as too large: a prefix, then
+// the note alone.
+var responseCuts = []int{64 << 10, 0}
+
+// cutResponse is response cut to at most limit bytes (at a character
+// boundary), with a note of the cut; with limit 0, the note alone.
+func cutResponse(response string, limit int) string {
+	note := fmt.Sprintf("[mailbox-sidecar: the response of %d bytes was cut, too large for the store]", len(response))
+	n := max(limit-len(note)-1, 0)
+	for n > 0 && !utf8.RuneStart(response[n]) {
+		n--
+	}
+	if n == 0 {
+		return note
+	}
+	return response[:n] + "\n" + note
 }
 
 // complete acknowledges a completed attempt. On a store that can

@@ -783,7 +783,13 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 			target := LiveTarget{ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID}
 			delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveMessages, Messages: recs})
 			if err != nil {
-				return SubmitResult{}, "", err
+				// The messages are logged: a delivery that fails falls
+				// back to the queue (store.md rule 16), as one not taken
+				// does. An error answered after they were logged left them
+				// there with no run for them, and the client's retry logged
+				// them again (found by review: a command over the NATS
+				// server's max_payload).
+				m.log.Warn("live delivery to another process failed; the messages are queued", "thread_id", req.ThreadID, "run_id", run.RunID, "err", err)
 			}
 			if delivered {
 				did := run.DispatchID

@@ -179,6 +179,14 @@ func (s *Store) DeliverLive(ctx context.Context, target engine.LiveTarget, cmd e
 	if err != nil {
 		return false, err
 	}
+	if limit := s.nc.MaxPayload(); int64(len(data)) > limit {
+		// Messages that fit the store one by one can exceed the server's
+		// max_payload together: not delivered, and not the store's
+		// failure (it read as unavailable, and the engine answered 503
+		// with the messages logged; found by review).
+		return false, fmt.Errorf("deliver live command to run %s of %s: %d bytes, over the server's max_payload of %d: %w",
+			target.RunID, target.ThreadID, len(data), limit, engine.ErrTooLarge)
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.LiveTimeout)
 	defer cancel()
 	reply, err := s.nc.RequestWithContext(ctx, s.liveSubject(target), data)
