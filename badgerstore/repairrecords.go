@@ -141,6 +141,16 @@ func (s *Store) Repair(ctx context.Context, now int64) (RepairReport, error) {
 	if now <= 0 {
 		return rep, fmt.Errorf("repair: now is %d, not a time: %w", now, engine.ErrValidation)
 	}
+	if !s.opts.InMemory {
+		// A scan of the records ends or skips silently at a table block
+		// that does not read, and the plan would delete every index
+		// entry and counter of the records it did not see: the next
+		// appends then overwrote messages that were still on the disk
+		// (found by review). Nothing is written.
+		if err := s.verifyTables(); err != nil {
+			return rep, fmt.Errorf("repair: table blocks fail their checksums, so records would be missed and their indexes deleted; nothing written (keep a copy of the directory; what still reads can be exported with the sidecar's API): %w", err)
+		}
+	}
 	steps := []struct {
 		name string
 		plan func(r *reader, p *repairPlan) error

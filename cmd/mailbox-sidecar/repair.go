@@ -26,7 +26,10 @@ how far it got: run it again), and what it
 cannot mend (two claimed dispatches on a thread, a gap in a message
 log), then runs verify. It does not rewrite the files under the records:
 a value-log file with a bad entry stays listed by verify (the records
-that pointed into it are mended), so the exit status stays 1.
+that pointed into it are mended), so the exit status stays 1. A table
+block that fails its checksum stops it before it writes anything (exit
+1): the walk of the records would miss those in that block, and repair
+would delete their indexes and counters.
 
 It writes to the directory: copy it first. The sidecar must be stopped (a
 running one holds the directory's lock). --allow-cut is as for verify.
