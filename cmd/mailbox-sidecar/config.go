@@ -164,10 +164,18 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 func parseServe(args []string, getenv func(string) string, stderr io.Writer) (serveConfig, error) {
 	var c serveConfig
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	// The flag package prints a parse error and then every flag (some 70
+	// lines) before the caller prints the error again (found by review):
+	// only -h prints the flags; an error names -h.
+	fs.SetOutput(io.Discard)
 	serveFlags(fs, &c)
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		fs.SetOutput(stderr)
+		fmt.Fprintln(stderr, "usage: mailbox-sidecar serve [flags]")
+		fs.PrintDefaults()
 		return c, err
+	} else if err != nil {
+		return c, fmt.Errorf("%w (mailbox-sidecar serve -h lists the flags)", err)
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("serve takes no arguments, got %q", fs.Args())
@@ -270,6 +278,18 @@ func (c *serveConfig) validate() []error {
 		if d <= 0 {
 			bad("%s %v must be positive", name, d)
 		}
+	}
+	// The engine's rules between durations, in the flags' names (found by
+	// review: they came as "RenewInterval 10s must be shorter than Lease
+	// 6s", and only once every other problem was gone).
+	if c.Lease > 0 && c.LeaseRenewal >= c.Lease {
+		bad("--lease-renewal %v must be shorter than --lease %v", c.LeaseRenewal, c.Lease)
+	}
+	if c.Lease > 0 && c.SuspendedLease > 0 && c.SuspendedLease < c.Lease {
+		bad("--suspended-lease %v must be at least --lease %v", c.SuspendedLease, c.Lease)
+	}
+	if c.RetryDelay > 0 && c.MaxRetryDelay > 0 && c.MaxRetryDelay < c.RetryDelay {
+		bad("--max-retry-delay %v must be at least --retry-delay %v", c.MaxRetryDelay, c.RetryDelay)
 	}
 	if c.ShutdownGrace < 0 {
 		bad("--shutdown-grace %v must not be negative", c.ShutdownGrace)
