@@ -36,8 +36,9 @@ commands:
   check                      exit 0 when ready, 1 when not ready, 3 when unreachable
 
 The socket defaults to $MAILBOX_SIDECAR_API_SOCKET or ./run/api.sock.
-Exit status: 0 ok, 1 the sidecar answered with an error (or a submit's stream
-ended before its run_finish), 2 bad usage, 3 sidecar unreachable.
+Exit status: 0 ok, 1 the sidecar answered with an error (or a submit's run
+failed or was cancelled, or its stream ended before its run_finish), 2 bad
+usage, 3 sidecar unreachable.
 `
 
 // ctl holds the CLI's global options.
@@ -84,7 +85,7 @@ func runCtl(args []string, getenv func(string) string, stdout, stderr io.Writer)
 	case errors.As(err, &ae):
 		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
 		return 1
-	case errors.Is(err, errNotReady), errors.Is(err, errStreamEnded):
+	case errors.Is(err, errNotReady), errors.Is(err, errStreamEnded), errors.Is(err, errRunFailed):
 		fmt.Fprintf(stderr, "mailbox-sidecar ctl: %v\n", err)
 		return 1
 	}
@@ -97,6 +98,10 @@ type usageError string
 func (e usageError) Error() string { return string(e) }
 
 var errNotReady = errors.New("sidecar not ready")
+
+// errRunFailed is a submitted run that did not complete: failed (perhaps
+// to be retried) or cancelled.
+var errRunFailed = errors.New("the run did not complete")
 
 // errStreamEnded is a run's event stream that ended before its run_finish.
 var errStreamEnded = errors.New("the event stream ended before run_finish")
@@ -138,13 +143,25 @@ func (c *ctl) run(cmd string, args []string) error {
 		if err != nil {
 			return err
 		}
-		return c.post("/v1/cancel/"+url.PathEscape(a[0]), nil)
+		return c.post("/v1/cancel/"+url.PathEscape(a[0]), nil, func(m map[string]any) {
+			if m["cancelled"] == true {
+				fmt.Fprintln(c.stdout, "cancelled")
+			} else {
+				fmt.Fprintln(c.stdout, "nothing to cancel")
+			}
+		})
 	case "interrupt":
 		a, err := sub(cmd, args, 1, nil)
 		if err != nil {
 			return err
 		}
-		return c.post("/v1/threads/"+url.PathEscape(a[0])+"/interrupt", struct{}{})
+		return c.post("/v1/threads/"+url.PathEscape(a[0])+"/interrupt", struct{}{}, func(m map[string]any) {
+			active := "none"
+			if d, ok := m["active_dispatch"].(map[string]any); ok {
+				active = fmt.Sprintf("dispatch %v (run %v), cancelled", d["dispatch_id"], d["run_id"])
+			}
+			fmt.Fprintf(c.stdout, "epoch %v  superseded %v queued  active %s\n", m["new_dispatch_epoch"], m["superseded_count"], active)
+		})
 	case "decide":
 		a, err := sub(cmd, args, 3, nil)
 		if err != nil {
@@ -153,7 +170,13 @@ func (c *ctl) run(cmd string, args []string) error {
 		if !json.Valid([]byte(a[2])) {
 			return usageError("decide: RESUME_JSON is not valid JSON")
 		}
-		return c.post("/v1/runs/"+url.PathEscape(a[0])+"/decisions", map[string]any{"tool_call_id": a[1], "resume": json.RawMessage(a[2])})
+		return c.post("/v1/runs/"+url.PathEscape(a[0])+"/decisions", map[string]any{"tool_call_id": a[1], "resume": json.RawMessage(a[2])}, func(m map[string]any) {
+			if m["delivered"] == true {
+				fmt.Fprintln(c.stdout, "delivered")
+			} else {
+				fmt.Fprintln(c.stdout, "not delivered (no running run of that id waits for that call)")
+			}
+		})
 	case "check":
 		return c.check(args)
 	}
@@ -216,10 +239,11 @@ func (c *ctl) submit(args []string) error {
 // behind the event buffer and was disconnected) is errStreamEnded: the
 // run was not seen to finish.
 func (c *ctl) stream(r io.Reader) error {
-	finished := false
+	finished, failed := false, ""
 	err := readSSE(r, func(ev sseEvent) bool {
 		if ev.Event == "run_finish" {
 			finished = true
+			failed = runFailure(ev)
 		}
 		if c.json {
 			out, _ := json.Marshal(map[string]any{"id": ev.ID, "event": ev.Event, "data": json.RawMessage(ev.Data)})
@@ -232,7 +256,38 @@ func (c *ctl) stream(r io.Reader) error {
 	if err == nil && !finished {
 		return errStreamEnded
 	}
+	if err == nil && failed != "" {
+		return fmt.Errorf("%w: %s", errRunFailed, failed)
+	}
 	return err
+}
+
+// runFailure is what a run_finish event says of a run that did not
+// complete (an error termination: failed, or failed for now with a retry
+// at retry_at; a cancelled one), or "": a script must tell those from a
+// run that completed by ctl's exit status (found by review: it was 0).
+func runFailure(ev sseEvent) string {
+	var m struct {
+		Termination struct {
+			Type  string          `json:"type"`
+			Value json.RawMessage `json:"value"`
+		} `json:"termination"`
+		RetryAt int64 `json:"retry_at"`
+	}
+	if decodeJSON([]byte(ev.Data), &m) != nil {
+		return ""
+	}
+	switch m.Termination.Type {
+	case "error":
+		msg := "it failed: " + string(m.Termination.Value)
+		if m.RetryAt > 0 {
+			msg += fmt.Sprintf(" (it is retried at %s)", time.UnixMilli(m.RetryAt).UTC().Format(time.RFC3339))
+		}
+		return msg
+	case "cancelled":
+		return "it was cancelled"
+	}
+	return ""
 }
 
 func (c *ctl) send(args []string) error {
@@ -247,11 +302,13 @@ func (c *ctl) send(args []string) error {
 	if expected != "" {
 		body["expected_run_id"] = expected
 	}
-	return c.post("/v1/threads/"+url.PathEscape(a[0])+"/messages", body)
+	return c.post("/v1/threads/"+url.PathEscape(a[0])+"/messages", body, func(m map[string]any) {
+		fmt.Fprintf(c.stdout, "%v  dispatch %v  run %v  thread %v  %v\n", m["delivery"], m["dispatch_id"], m["run_id"], m["thread_id"], m["status"])
+	})
 }
 
-// post sends a POST and prints its answer.
-func (c *ctl) post(path string, body any) error {
+// post sends a POST and prints its answer (with table, as printAnswer).
+func (c *ctl) post(path string, body any, table func(map[string]any)) error {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	resp, err := c.api.send(ctx, http.MethodPost, path, body, nil)
@@ -259,7 +316,7 @@ func (c *ctl) post(path string, body any) error {
 		return err
 	}
 	defer resp.Body.Close()
-	return c.printAnswer(resp.Body, nil)
+	return c.printAnswer(resp.Body, table)
 }
 
 // printAnswer prints a JSON answer: indented JSON with --json or without
@@ -512,7 +569,9 @@ func (c *ctl) deadLetters(args []string) error {
 		if args[0] == "show" {
 			return c.show([]string{"dispatch", a[0]})
 		}
-		return c.post("/v1/dispatches/"+url.PathEscape(a[0])+"/requeue", struct{}{})
+		return c.post("/v1/dispatches/"+url.PathEscape(a[0])+"/requeue", struct{}{}, func(m map[string]any) {
+			fmt.Fprintf(c.stdout, "requeued as dispatch %v  run %v  thread %v  %v\n", m["dispatch_id"], m["run_id"], m["thread_id"], m["status"])
+		})
 	}
 	var limit, offset int
 	if _, err := sub("dead-letters", args, 0, func(fs *flag.FlagSet) {

@@ -366,7 +366,7 @@ func TestCtlAgainstARunningSidecar(t *testing.T) {
 	if out, code := ctlRun(t, n, "show", "run", fmt.Sprint(res["run_id"])); code != 0 || !strings.Contains(out, "run_id") {
 		t.Fatalf("show run: %d %s", code, out)
 	}
-	if out, code := ctlRun(t, n, "dead-letters", "requeue", id); code != 0 || !strings.Contains(out, "dispatch_id") {
+	if out, code := ctlRun(t, n, "dead-letters", "requeue", id); code != 0 || !strings.Contains(out, "requeued as dispatch ") {
 		t.Fatalf("requeue: %d %s", code, out)
 	}
 	if out, code := ctlRun(t, n, "list", "t2"); code != 0 || strings.Count(out, "t2") < 2 {
@@ -375,11 +375,27 @@ func TestCtlAgainstARunningSidecar(t *testing.T) {
 	if out, code := ctlRun(t, n, "show", "thread", "t1"); code != 0 || !strings.Contains(out, "echo: hello") || !strings.Contains(out, "acked") {
 		t.Fatalf("show thread: %d %s", code, out)
 	}
-	if out, code := ctlRun(t, n, "interrupt", "t1"); code != 0 || !strings.Contains(out, "new_dispatch_epoch") {
+	// Answers print as lines, JSON only with --json (found by review:
+	// send, cancel and interrupt printed JSON either way).
+	if out, code := ctlRun(t, n, "send", "t1", "more"); code != 0 || !strings.HasPrefix(out, "queued  dispatch ") {
+		t.Fatalf("send: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "interrupt", "t1"); code != 0 || !strings.HasPrefix(out, "epoch ") || strings.Contains(out, "{") {
 		t.Fatalf("interrupt: %d %s", code, out)
 	}
-	if out, code := ctlRun(t, n, "cancel", "no-such-id"); code != 0 || !strings.Contains(out, `"cancelled": false`) {
+	if out, code := ctlRun(t, n, "--json", "interrupt", "t1"); code != 0 || !strings.Contains(out, `"new_dispatch_epoch"`) {
+		t.Fatalf("interrupt --json: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "cancel", "no-such-id"); code != 0 || out != "nothing to cancel\n" {
 		t.Fatalf("cancel of an unknown id: %d %s", code, out)
+	}
+	if out, code := ctlRun(t, n, "--json", "cancel", "no-such-id"); code != 0 || !strings.Contains(out, `"cancelled": false`) {
+		t.Fatalf("cancel --json of an unknown id: %d %s", code, out)
+	}
+	// A run that fails exits 1, so that a script can tell (found by
+	// review: 0).
+	if out, code := ctlRun(t, n, "submit", "t3", "fail permanent"); code != 1 || !strings.Contains(out, "run finish error") || !strings.Contains(out, "the run did not complete: it failed: ") {
+		t.Fatalf("submit of a run that fails: %d %s", code, out)
 	}
 	if out, code := ctlRun(t, n, "show", "dispatch", "no-such-id"); code != 1 || !strings.Contains(out, "not_found") {
 		t.Fatalf("show of an unknown dispatch: %d %s", code, out)
