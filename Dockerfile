@@ -6,7 +6,11 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -o /out/mailbox-sidecar ./cmd/mailbox-sidecar && \
+# docker build --build-arg VERSION=$(git describe --tags --always) --build-arg COMMIT=$(git rev-parse HEAD) .
+# (without them the binary reports the commit Go stamped from .git, if any)
+ARG VERSION=dev
+ARG COMMIT=
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/mailbox-sidecar ./cmd/mailbox-sidecar && \
     CGO_ENABLED=0 go build -trimpath -o /out/echo-agent ./examples/echo-agent
 
 FROM gcr.io/distroless/static-debian12:nonroot AS echo-agent

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -172,6 +174,13 @@ func TestServeRefusesASecondSidecarAndLiveSockets(t *testing.T) {
 	third := start(t, sidecarBin, "serve", "--data-dir", n.data+"3", "--api-socket", n.api, "--agent-socket", n.agent+"3")
 	if code := third.wait(t, 10*time.Second); code != 1 || !strings.Contains(third.out.String(), "another sidecar holds "+n.api+".lock") {
 		t.Fatalf("sidecar on a live socket: exit %d\n%s", code, third.out.String())
+	}
+	// Refused before it made anything (found by review: a data directory
+	// and the other socket's lock file were left behind).
+	for _, p := range []string{n.data + "3", n.agent + "3.lock"} {
+		if _, err := os.Stat(p); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("the refused sidecar left %s (%v)", p, err)
+		}
 	}
 	// The first one is unharmed.
 	n.ready(t)

@@ -89,20 +89,23 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 }
 
 func printVersion(w io.Writer) {
-	c := commit
-	if c == "" {
-		if bi, ok := debug.ReadBuildInfo(); ok {
-			for _, s := range bi.Settings {
-				if s.Key == "vcs.revision" {
-					c = s.Value
-				}
+	c, v := commit, version
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && c == "" {
+				c = s.Value
 			}
+		}
+		// A build without -ldflags: the module version Go stamped (a
+		// pseudo-version from the VCS, or the tag of a go install).
+		if v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			v = bi.Main.Version
 		}
 	}
 	if c == "" {
 		c = "unknown"
 	}
-	fmt.Fprintf(w, "mailbox-sidecar %s\ncommit %s\n%s %s/%s\nagent protocol %d\n", version, c, runtime.Version(), runtime.GOOS, runtime.GOARCH, ipc.ProtocolVersion)
+	fmt.Fprintf(w, "mailbox-sidecar %s\ncommit %s\n%s %s/%s\nagent protocol %d\n", v, c, runtime.Version(), runtime.GOOS, runtime.GOARCH, ipc.ProtocolVersion)
 }
 
 // repeatedSignal is how soon the same signal again counts as the first

@@ -86,6 +86,15 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		}
 	}()
 	tuneRuntime(cfg, os.Getenv)
+	// A sidecar serving either socket refuses this one before the store
+	// is opened: a start refused at the API socket had made and
+	// initialised a data directory, and left the agent socket's lock file
+	// (found by review). listenUnix takes the locks for good below.
+	for _, path := range []string{cfg.AgentSocket, cfg.APISocket} {
+		if err := probeSocketLock(path, log); err != nil {
+			return nil, err
+		}
+	}
 	// The store first: Badger's lock says whether another sidecar owns
 	// this directory, and only then may sockets left behind be removed.
 	if s.store, err = openStore(cfg, log.With("component", "store")); err != nil {

@@ -81,6 +81,20 @@ func lockSocketPath(path string, log *slog.Logger) (*os.File, error) {
 	return nil, fmt.Errorf("lock %s: %w", name, err)
 }
 
+// probeSocketLock reports the error listenUnix would give for path's lock
+// now: another sidecar holds it. It takes the lock only to learn that,
+// and lets it go.
+func probeSocketLock(path string, log *slog.Logger) error {
+	if _, err := os.Stat(path + ".lock"); errors.Is(err, fs.ErrNotExist) {
+		return nil // no sidecar served path since its directory was made
+	}
+	f, err := lockSocketPath(path, log)
+	if f != nil {
+		f.Close()
+	}
+	return err
+}
+
 // listenLocked is listenUnix under the lock.
 func listenLocked(path string, log *slog.Logger) (*unixSocket, error) {
 	if fi, err := os.Lstat(path); err == nil {
