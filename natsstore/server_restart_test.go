@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -49,12 +50,25 @@ func TestServerRestart(t *testing.T) {
 	sig := pullOne(t, st)
 	_ = sig.Receipt.Ack()
 
+	if got := storeMetric(st, "mailbox_store_nats_connected"); got != "1" {
+		t.Fatalf("connected gauge before the restart: %q", got)
+	}
 	portNum := s1.Addr().(*net.TCPAddr).Port
 	s1.Shutdown()
 	s1.WaitForShutdown()
+	eventually(t, "the loss counted", func() bool {
+		return storeMetric(st, "mailbox_store_nats_connected") == "0" && storeMetric(st, "mailbox_store_nats_disconnects_total") == "1"
+	})
 	s2 := startFixed(t, dir, portNum)
 	defer func() { s2.Shutdown(); s2.WaitForShutdown() }()
 	eventually(t, "reconnect", func() bool { return st.Writable() == nil })
+	// The store's metrics say what happened (found by review: it had none).
+	eventually(t, "the return counted", func() bool {
+		return storeMetric(st, "mailbox_store_nats_connected") == "1" && storeMetric(st, "mailbox_store_nats_reconnects_total") == "1"
+	})
+	if got := storeMetric(st, `mailbox_store_commits_total{result="ok"}`); got == "0" || got == "" {
+		t.Fatalf("commits counted before the restart: %q", got)
+	}
 
 	var err error
 	eventually(t, "enqueue after restart", func() bool {
@@ -135,4 +149,17 @@ func TestSubMillisecondRepublishAfter(t *testing.T) {
 		}
 	}()
 	s.SweepSignals(2000)
+}
+
+// storeMetric is the value of the series name in st's metrics ("" when
+// absent).
+func storeMetric(st *natsstore.Store, name string) string {
+	var b strings.Builder
+	st.Metrics().WritePrometheus(&b)
+	for _, line := range strings.Split(b.String(), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return v
+		}
+	}
+	return ""
 }

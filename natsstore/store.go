@@ -35,6 +35,7 @@ type Store struct {
 	locks     *threadLocks
 	inflight  chan struct{} // one token per open atomic batch
 	group     committer
+	metrics   storeMetrics
 
 	committed atomic.Uint64 // highest indexed sequence this store committed
 
@@ -76,7 +77,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		locks:     newThreadLocks(),
 		inflight:  make(chan struct{}, cfg.MaxInflightBatches),
 		done:      make(chan struct{}),
+		metrics:   newStoreMetrics(nc),
 	}
+	s.watchConnection()
 	s.life, s.endLife = context.WithCancel(context.Background())
 	if err := s.start(ctx); err != nil {
 		_ = s.Close()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go"
@@ -207,6 +208,14 @@ func (s *Store) publish(ctx context.Context, msgs []outMsg) (uint64, error) {
 	if err := s.usable(); err != nil {
 		return 0, err
 	}
+	start := time.Now()
+	seq, err := s.publishMsgs(ctx, msgs)
+	s.metrics.published(len(msgs), time.Since(start), err)
+	return seq, err
+}
+
+// publishMsgs is publish's work.
+func (s *Store) publishMsgs(ctx context.Context, msgs []outMsg) (uint64, error) {
 	ctx, cancel := s.reqCtx(ctx)
 	defer cancel()
 	if len(msgs) > 1 {
