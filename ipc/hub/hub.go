@@ -550,6 +550,15 @@ type hubMetrics struct {
 func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 	s.NewGauge("mailbox_agent_connections", func() float64 { return float64(h.Connections()) })
 	s.NewGauge("mailbox_agent_capacity", func() float64 { return float64(h.Capacity()) })
+	// The slots agents have free, as the dispatcher counts them
+	// (FreeSlots): capacity less the runs they hold, 0 while draining.
+	s.NewGauge("mailbox_agent_free_slots", func() float64 {
+		n := 0
+		for _, a := range h.FreeSlots() {
+			n += a.Free
+		}
+		return float64(n)
+	})
 	m := hubMetrics{
 		connects:          s.NewCounter("mailbox_agent_connects_total"),
 		protocolErrors:    s.NewCounter("mailbox_agent_protocol_errors_total"),

@@ -814,3 +814,32 @@ func TestConcurrentRunsArriveInStreamOrder(t *testing.T) {
 		rcs = nil
 	}
 }
+
+// mailbox_agent_free_slots is the agents' capacity less the runs they
+// hold: a backlog that does not drain beside free slots shows on a
+// dashboard (the hub had capacity and connections, no free slots).
+func TestFreeSlotsAreAMetric(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{MaxRuns: 2})
+	freeSlots := func() string {
+		var m strings.Builder
+		r.hub.Metrics().WritePrometheus(&m)
+		for _, line := range strings.Split(m.String(), "\n") {
+			if v, ok := strings.CutPrefix(line, "mailbox_agent_free_slots "); ok {
+				return v
+			}
+		}
+		return ""
+	}
+	eventually(t, "two free slots", func() bool { return freeSlots() == "2" })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rc := startRun(r.hub, ctx, request("t1"))
+	a.expect(ipc.TypeRun, 1)
+	if got := freeSlots(); got != "1" {
+		t.Fatalf("free slots with a run held: %q, want 1", got)
+	}
+	a.send(ipc.TypeFinish, 1, `{"status":"done","termination":{"type":"natural_end"}}`)
+	rc.wait(t)
+	eventually(t, "two free slots again", func() bool { return freeSlots() == "2" })
+}
