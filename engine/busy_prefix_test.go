@@ -299,16 +299,9 @@ func TestWorkSubmittedDuringARefusedAttemptIsNotHeldBehindIt(t *testing.T) {
 		return complete(ctx, req, sink)
 	})}
 	s, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
-	ctx := context.Background()
-	if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Messages: []engine.Message{userMsg("d")}}); err != nil {
-		t.Fatal(err)
-	}
+	submitFor(t, mb, "t", "full", false, "d")
 	<-inExec
-	first := uint8(0)
-	e, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "writer", Priority: &first, Messages: []engine.Message{userMsg("e")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := submitFor(t, mb, "t", "writer", true, "e")
 	close(refuse)
 	eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, s, e.DispatchID) == engine.StatusAcked })
 }

@@ -37,16 +37,9 @@ func TestARequeueEndsItsThreadsHold(t *testing.T) {
 	exec := slottedFake{newFake(3, refuseFull(&refused, func(*engine.RunRequest) bool { return !failed.Swap(true) }))}
 	s, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
 	ctx := context.Background()
-	first := uint8(0)
-	x, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "writer", Priority: &first, Messages: []engine.Message{userMsg("x")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	x := submitFor(t, mb, "t", "writer", true, "x")
 	eventually(t, "the writer's run dead-lettered", func() bool { return dispatchStatus(t, s, x.DispatchID) == engine.StatusDeadLetter })
-	a, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Messages: []engine.Message{userMsg("a")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := submitFor(t, mb, "t", "full", false, "a")
 	eventually(t, "the full agent's run refused and released", func() bool {
 		return refused.Load() >= 1 && dispatchStatus(t, s, a.DispatchID) == engine.StatusQueued
 	})
@@ -60,6 +53,21 @@ func TestARequeueEndsItsThreadsHold(t *testing.T) {
 	if n := refused.Load(); n > 2 {
 		t.Fatalf("the full agent's run was refused %d times; want at most 2", n)
 	}
+}
+
+// submitFor submits text to thread for agent, at priority first when
+// first is set, and fails the test if the submit does.
+func submitFor(t *testing.T, mb *engine.Mailbox, thread, agent string, first bool, text string) engine.SubmitResult {
+	t.Helper()
+	req := engine.SubmitRequest{ThreadID: thread, AgentID: agent, Messages: []engine.Message{userMsg(text)}}
+	if first {
+		req.Priority = new(uint8)
+	}
+	res, err := mb.SubmitBackground(context.Background(), req)
+	if err != nil {
+		t.Fatalf("submit to %s: %v", thread, err)
+	}
+	return res
 }
 
 // releaseGate is a store whose Release of one dispatch waits for the test.
@@ -97,24 +105,14 @@ func TestACancelOfARefusedAttemptEndsItsHold(t *testing.T) {
 	gate := &releaseGate{releasing: make(chan struct{}), proceed: make(chan struct{})}
 	gate.id.Store("")
 	s, mb := startedOn(t, exec, engine.Config{}, func(s *badgerstore.Store) engine.Store { gate.Store = s; return gate }, 5*time.Second)
-	ctx := context.Background()
-	if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "other", AgentID: "writer", Messages: []engine.Message{userMsg("o")}}); err != nil {
-		t.Fatal(err)
-	}
+	submitFor(t, mb, "other", "writer", false, "o")
 	<-blocker
-	first := uint8(0)
-	a, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "full", Priority: &first, Messages: []engine.Message{userMsg("a")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := submitFor(t, mb, "t", "full", true, "a")
 	gate.id.Store(a.DispatchID)
-	b, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t", AgentID: "writer", Messages: []engine.Message{userMsg("b")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := submitFor(t, mb, "t", "writer", false, "b")
 	close(unblock)
 	<-gate.releasing // a refused, its hold set, its claim not yet released
-	ok, err := mb.Cancel(ctx, a.DispatchID)
+	ok, err := mb.Cancel(context.Background(), a.DispatchID)
 	if err != nil || !ok {
 		t.Fatalf("cancel of the refused attempt: %v, %v; want true", ok, err)
 	}
