@@ -70,10 +70,20 @@ type EventLog struct {
 	// previous attempt.
 	starts      uint32
 	startsKnown bool
-	run         string // the run whose attempt it follows; guarded by Mailbox.mu, not mu
+	run         string   // the run whose attempt it follows; guarded by Mailbox.mu, not mu
+	handed      handedOn // set when handed on to the next attempt (handOnLog); guarded by Mailbox.mu
 	closed      bool
 	closedAt    int64         // Unix ms, when closed
 	wake        chan struct{} // closed on the next append or close; nil when nobody waits
+}
+
+// handedOn is what a log handed on by an attempt no agent took tells the
+// attempt that numbers it: the log of the attempt before (from; nil when
+// this process held none) and the starts recorded since by attempts no
+// agent took (skipped).
+type handedOn struct {
+	from    *EventLog
+	skipped uint32
 }
 
 // NewEventLog returns a log that keeps the last capacity events, numbered

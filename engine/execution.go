@@ -27,6 +27,10 @@ type execution struct {
 	// process still held when this one started (nil when none); set at
 	// the start.
 	prevLog *EventLog
+	// prevSkipped counts the recorded starts of attempts between prevLog's
+	// and this one that no agent took, whose log this one was handed
+	// (handOnLog): they had no events (set at the start).
+	prevSkipped uint32
 	// starts is the run's StartCount as this attempt knows it (its own
 	// start included once recorded), known once the run was read
 	// (countKnown); numbered: the log's ids are fixed (execute goroutine
@@ -277,6 +281,9 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duratio
 	}
 	if prev := m.logs[d.ThreadID]; prev != nil && prev != e.events && prev.run == d.RunID {
 		e.prevLog = prev
+	} else if h := e.events.handed; h.from != nil && h.from.run == d.RunID {
+		// Handed on by attempts no agent took: the one before them.
+		e.prevLog, e.prevSkipped = h.from, h.skipped
 	}
 	e.events.run = d.RunID
 	if prev := m.threads[d.ThreadID]; prev != nil && prev.claimSawNot(d.DispatchID) {
@@ -354,6 +361,15 @@ func (m *Mailbox) handOnLog(e *execution) bool {
 		return false
 	}
 	m.pending[e.dispatch.DispatchID] = e.events
+	// The attempt that numbers the log tells a reader of the attempt
+	// before this one to go on without a reset as this one would have:
+	// this one's recorded start, if any, is no attempt the reader missed
+	// (found by review: it got a reset).
+	h := handedOn{from: e.prevLog, skipped: e.prevSkipped}
+	if e.started || e.preStarted {
+		h.skipped++
+	}
+	e.events.handed = h
 	return true
 }
 
@@ -956,8 +972,9 @@ func (m *Mailbox) emitFinishAt(e *execution, session string, term *Termination, 
 // the ids of the run's earlier attempt held here. A reader at that
 // attempt's last id goes on without a reset only when it was the run's
 // previous attempt: no start of the run was recorded between the two (in
-// another sidecar on a shared store, say), as far as their start counts
-// tell; when either is unknown, the reader gets a reset.
+// another sidecar on a shared store, say), but those of attempts here no
+// agent took (prevSkipped), as far as their start counts tell; when
+// either is unknown, the reader gets a reset.
 func (m *Mailbox) numberEvents(e *execution, reached bool) {
 	if e.numbered {
 		return
@@ -971,7 +988,7 @@ func (m *Mailbox) numberEvents(e *execution, reached bool) {
 	var last, prev uint64
 	if p := e.prevLog; p != nil {
 		last = p.LastSeq()
-		if s, ok := p.startsAfter(); ok && e.countKnown && (own && s+1 == e.starts || !own && s == e.starts) {
+		if s, ok := p.startsAfter(); ok && e.countKnown && (own && s+e.prevSkipped+1 == e.starts || !own && s+e.prevSkipped == e.starts) {
 			prev = last
 		}
 	}
