@@ -268,6 +268,40 @@ func (c *conn) takesRuns() bool {
 	return !c.agentGoAway
 }
 
+// capacityShare is what the connection adds to the hub's Capacity: its
+// max_runs while it takes runs; after the agent's GOAWAY, the runs it
+// still holds, which the engine counts as in flight (found by review:
+// counting nothing for them took as many slots from the other
+// connections, so that an agent started to replace one that sent GOAWAY
+// got fewer runs than its max_runs until every old run ended); nothing
+// once it is dead.
+func (c *conn) capacityShare() int {
+	select {
+	case <-c.dead:
+		return 0
+	default:
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.agentGoAway {
+		return c.maxRuns
+	}
+	return len(c.streams) + c.reserved + len(c.abandoned)
+}
+
+// runEnded follows the end of one of the connection's runs: the hub's
+// Capacity shrinks with it after the agent's GOAWAY (capacityShare), and
+// a caller waiting for a slot is woken.
+func (c *conn) runEnded() {
+	c.mu.Lock()
+	goingAway := c.agentGoAway
+	c.mu.Unlock()
+	if goingAway {
+		c.h.updateCapacity()
+	}
+	c.h.wake()
+}
+
 func (c *conn) serves(agent string) bool {
 	if c.anyID {
 		return true
@@ -590,7 +624,7 @@ func (c *conn) onFinish(f *ipc.Frame) error {
 		delete(c.abandoned, f.Stream)
 		c.mu.Unlock()
 		if ok { // the agent finally stopped a run the hub gave up on
-			c.h.wake()
+			c.runEnded()
 			return nil
 		}
 		c.unknownStream(f)
@@ -616,7 +650,7 @@ func (c *conn) onFinish(f *ipc.Frame) error {
 		delete(c.abandoned, f.Stream)
 		c.mu.Unlock()
 	}
-	c.h.wake()
+	c.runEnded()
 	return nil
 }
 

@@ -424,9 +424,7 @@ func (h *Hub) updateCapacity() {
 	total := 0
 	if !h.draining {
 		for c := range h.conns {
-			if c.takesRuns() {
-				total += c.maxRuns
-			}
+			total += c.capacityShare()
 		}
 	}
 	h.mu.Unlock()

@@ -539,9 +539,10 @@ func TestGoAway(t *testing.T) {
 	rc := startRun(r.hub, context.Background(), request("t1"))
 	a.expect(ipc.TypeRun, 1)
 
-	// Agent GOAWAY: no new runs; the running one finishes.
+	// Agent GOAWAY: no new runs; the running one finishes. The capacity
+	// is the run it still holds until then.
 	a.send(ipc.TypeGoAway, 0, ipc.Status{Code: "shutdown"})
-	eventually(t, "capacity 0", func() bool { return r.hub.Capacity() == 0 })
+	eventually(t, "capacity 1: the held run", func() bool { return r.hub.Capacity() == 1 })
 	rc2 := startRun(r.hub, context.Background(), request("t2"))
 	if o := rc2.wait(t); o.Kind != engine.OutcomeAbandoned {
 		t.Fatalf("run with only a draining agent: %+v, want abandoned (back to the queue)", o)
@@ -550,6 +551,7 @@ func TestGoAway(t *testing.T) {
 	if o := rc.wait(t); o.Kind != engine.OutcomeCompleted {
 		t.Fatalf("running run after agent GOAWAY: %+v", o)
 	}
+	eventually(t, "capacity 0", func() bool { return r.hub.Capacity() == 0 })
 
 	// Hub GOAWAY reaches agents connected now and later.
 	b, _ := connect(t, r.path, ipc.Hello{MaxRuns: 1})
@@ -842,4 +844,30 @@ func TestFreeSlotsAreAMetric(t *testing.T) {
 	a.send(ipc.TypeFinish, 1, `{"status":"done","termination":{"type":"natural_end"}}`)
 	rc.wait(t)
 	eventually(t, "two free slots again", func() bool { return freeSlots() == "2" })
+}
+
+// After an agent's GOAWAY the runs it still holds stay in the hub's
+// Capacity until they end: the engine counts them in flight, and counting
+// nothing for them took as many slots from an agent started to replace it
+// (found by review: the new agent got 3 runs of its 5 until every old run
+// ended, up to the length of a suspended run).
+func TestAnAgentGoingAwayKeepsItsHeldRunsInTheCapacity(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	old, _ := connect(t, r.path, ipc.Hello{MaxRuns: 2})
+	eventually(t, "the old agent's capacity", func() bool { return r.hub.Capacity() == 2 })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rc1 := startRun(r.hub, ctx, request("t1"))
+	old.expect(ipc.TypeRun, 1)
+	rc2 := startRun(r.hub, ctx, request("t2"))
+	old.expect(ipc.TypeRun, 2)
+	old.send(ipc.TypeGoAway, 0, `{"code":"restart","message":"replaced"}`)
+	connect(t, r.path, ipc.Hello{MaxRuns: 5})
+	eventually(t, "the new agent's capacity beside the held runs", func() bool { return r.hub.Capacity() == 7 })
+	old.send(ipc.TypeFinish, 1, `{"status":"done","termination":{"type":"natural_end"}}`)
+	rc1.wait(t)
+	eventually(t, "one held run fewer", func() bool { return r.hub.Capacity() == 6 })
+	old.send(ipc.TypeFinish, 2, `{"status":"done","termination":{"type":"natural_end"}}`)
+	rc2.wait(t)
+	eventually(t, "the new agent's capacity alone", func() bool { return r.hub.Capacity() == 5 })
 }

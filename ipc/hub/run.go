@@ -530,7 +530,7 @@ func (c *conn) endStream(st *stream) {
 			c.mu.Unlock()
 		}
 	}
-	c.h.wake()
+	c.runEnded()
 }
 
 // backlogOutcome is the outcome of a run whose checkpoint backlog
