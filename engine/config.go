@@ -45,6 +45,9 @@ type Config struct {
 	// EventBuffer is how many events of a run are kept for re-attachment.
 	// Default 10 000.
 	EventBuffer int
+	// EventBufferBytes bounds the bytes of a run's events kept as well
+	// (the newest is always kept). Default 8 MiB.
+	EventBufferBytes int64
 	// EventRetention is how long a finished run's events stay
 	// re-attachable. Default 60s.
 	EventRetention time.Duration
@@ -93,20 +96,22 @@ type Config struct {
 
 // Defaults of Config.
 const (
-	DefaultLease           = 30 * time.Second
-	DefaultSuspendedLease  = 10 * time.Minute
-	DefaultRenewInterval   = 10 * time.Second
-	DefaultSweepInterval   = 30 * time.Second
-	DefaultGCInterval      = 60 * time.Second
-	DefaultGCTTL           = 24 * time.Hour
-	DefaultRetryDelay      = 250 * time.Millisecond
-	DefaultMaxRetryDelay   = 30 * time.Second
-	DefaultCancelWait      = 5 * time.Second
-	DefaultCommandTimeout  = 2 * time.Second
-	DefaultEventBuffer     = 10_000
-	DefaultEventRetention  = 60 * time.Second
-	DefaultContextMessages = 500
-	DefaultContextBytes    = 4 << 20
+	DefaultLease          = 30 * time.Second
+	DefaultSuspendedLease = 10 * time.Minute
+	DefaultRenewInterval  = 10 * time.Second
+	DefaultSweepInterval  = 30 * time.Second
+	DefaultGCInterval     = 60 * time.Second
+	DefaultGCTTL          = 24 * time.Hour
+	DefaultRetryDelay     = 250 * time.Millisecond
+	DefaultMaxRetryDelay  = 30 * time.Second
+	DefaultCancelWait     = 5 * time.Second
+	DefaultCommandTimeout = 2 * time.Second
+	DefaultEventBuffer    = 10_000
+	// DefaultEventBufferBytes is the default EventBufferBytes.
+	DefaultEventBufferBytes = 8 << 20
+	DefaultEventRetention   = 60 * time.Second
+	DefaultContextMessages  = 500
+	DefaultContextBytes     = 4 << 20
 	// DefaultContextCacheBytes is the default ContextCacheBytes.
 	DefaultContextCacheBytes = 64 << 20
 	// InlineClaimGuard is how far in the future a foreground submit's
@@ -154,6 +159,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.EventBuffer == 0 {
 		c.EventBuffer = DefaultEventBuffer
 	}
+	if c.EventBufferBytes == 0 {
+		c.EventBufferBytes = DefaultEventBufferBytes
+	}
 	if c.ContextMessages == 0 {
 		c.ContextMessages = DefaultContextMessages
 	}
@@ -191,8 +199,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, Validationf("config: SuspendedLease %s must be at least Lease %s", c.SuspendedLease, c.Lease)
 	case c.MaxRetryDelay < c.RetryDelay:
 		return c, Validationf("config: MaxRetryDelay %s is below RetryDelay %s", c.MaxRetryDelay, c.RetryDelay)
-	case c.EventBuffer < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
-		return c, Validationf("config: EventBuffer, ContextMessages and ContextBytes must not be negative")
+	case c.EventBuffer < 0 || c.EventBufferBytes < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
+		return c, Validationf("config: EventBuffer, EventBufferBytes, ContextMessages and ContextBytes must not be negative")
 	}
 	if err := ValidateID("ConsumerID", c.ConsumerID); err != nil {
 		return c, fmt.Errorf("config: %w", err)

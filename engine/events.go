@@ -54,6 +54,8 @@ func unstartedBase(s uint32) uint64 {
 type EventLog struct {
 	mu       sync.Mutex // guards everything below
 	limit    int        // most events kept
+	maxBytes int64      // most bytes of event data kept (0: no bound); the newest event is always kept
+	bytes    int64      // bytes of the events kept
 	ring     []Event    // grows to limit, then wraps: seq s lives at (s-base) % limit
 	first    uint64     // seq of the oldest event kept (0 while empty)
 	next     uint64     // seq the next event gets
@@ -88,11 +90,15 @@ type handedOn struct {
 
 // NewEventLog returns a log that keeps the last capacity events, numbered
 // from 1.
-func NewEventLog(capacity int) *EventLog {
+func NewEventLog(capacity int) *EventLog { return NewBoundedEventLog(capacity, 0) }
+
+// NewBoundedEventLog is NewEventLog keeping at most maxBytes of event data
+// as well (0: no bound), the newest event always.
+func NewBoundedEventLog(capacity int, maxBytes int64) *EventLog {
 	if capacity < 1 {
 		capacity = 1
 	}
-	return &EventLog{limit: capacity, ring: make([]Event, 0, min(capacity, 16)), next: 1, base: 1}
+	return &EventLog{limit: capacity, maxBytes: max(maxBytes, 0), ring: make([]Event, 0, min(capacity, 16)), next: 1, base: 1}
 }
 
 // Append adds an event (data is copied) and returns its sequence number;
@@ -118,9 +124,21 @@ func (l *EventLog) appendWaking(typ string, data []byte, wake bool) uint64 {
 	if len(l.ring) < l.limit {
 		l.ring = append(l.ring, e)
 	} else {
-		l.ring[int((seq-l.base)%uint64(l.limit))] = e
+		i := int((seq - l.base) % uint64(l.limit))
+		l.bytes -= int64(len(l.ring[i].Data)) // 0 when dropped for its bytes already
+		l.ring[i] = e
 	}
-	l.first = seq - uint64(len(l.ring)) + 1
+	l.bytes += int64(len(cp))
+	l.first = max(l.first, seq-uint64(len(l.ring))+1)
+	// The oldest events go while the log holds more than maxBytes: the
+	// count alone let one run's large events hold gigabytes (found by
+	// review: sixty 15 MiB events took the sidecar past its memory limit).
+	for l.maxBytes > 0 && l.bytes > l.maxBytes && l.first < seq {
+		i := int((l.first - l.base) % uint64(l.limit))
+		l.bytes -= int64(len(l.ring[i].Data))
+		l.ring[i].Data = nil
+		l.first++
+	}
 	if wake {
 		l.wakeLocked()
 	}

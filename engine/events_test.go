@@ -218,3 +218,42 @@ func TestEventLogGivesBackItsSpareRoomWhenClosed(t *testing.T) {
 		t.Fatalf("wrapped log after close: %+v reset=%v", evs, reset)
 	}
 }
+
+// A log keeps at most maxBytes of event data besides its count: the
+// oldest events go, a reader behind them gets a reset, and the newest
+// event is kept even when it alone is larger (found by review: one run's
+// large events held the sidecar past its memory limit). Dropped for their
+// bytes or overwritten in the ring, an event's bytes are counted once.
+func TestEventLogKeepsAtMostItsBytes(t *testing.T) {
+	event := func(n, size int) []byte {
+		return fmt.Appendf(nil, `{"type":"text_delta","n":%d,"pad":"%0*d"}`, n, size, 0)
+	}
+	l := NewBoundedEventLog(4, 1000)
+	for i := range 10 {
+		l.Append(event(i, 300)) // about 340 bytes each: two fit
+	}
+	evs, reset, _, _ := l.Read(0, 100, nil)
+	if !reset || len(evs) != 2 || evs[0].Seq != 9 || evs[1].Seq != 10 {
+		t.Fatalf("read from 0: reset=%v %d events from %d; want the last two with a reset", reset, len(evs), evs[0].Seq)
+	}
+	if l.bytes > 1000 || l.bytes != int64(len(evs[0].Data)+len(evs[1].Data)) {
+		t.Fatalf("%d bytes counted for two events of %d and %d", l.bytes, len(evs[0].Data), len(evs[1].Data))
+	}
+	l.Append(event(10, 5000)) // larger than the bound alone: kept alone
+	if evs, _, _, _ = l.Read(0, 100, nil); len(evs) != 1 || evs[0].Seq != 11 || l.FirstSeq() != 11 {
+		t.Fatalf("after a large event: %d events from %d; want it alone", len(evs), evs[0].Seq)
+	}
+	for i := 11; i < 20; i++ { // small ones: the count bounds them again
+		l.Append(event(i, 10))
+	}
+	if evs, _, _, _ = l.Read(0, 100, nil); len(evs) != 4 || evs[0].Seq != 17 || l.bytes != int64(4*len(evs[0].Data)) {
+		t.Fatalf("after small events: %d events from %d, %d bytes; want the last four", len(evs), evs[0].Seq, l.bytes)
+	}
+	unbounded := NewEventLog(4)
+	for i := range 10 {
+		unbounded.Append(event(i, 300))
+	}
+	if evs, _, _, _ := unbounded.Read(0, 100, nil); len(evs) != 4 {
+		t.Fatalf("a log without a byte bound kept %d events, want its count, 4", len(evs))
+	}
+}

@@ -277,7 +277,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duratio
 	e.events = m.pending[d.DispatchID]
 	delete(m.pending, d.DispatchID)
 	if e.events == nil {
-		e.events = NewEventLog(m.cfg.EventBuffer)
+		e.events = NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
 	}
 	if prev := m.logs[d.ThreadID]; prev != nil && prev != e.events && prev.run == d.RunID {
 		e.prevLog = prev

@@ -559,7 +559,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
-	events := NewEventLog(m.cfg.EventBuffer)
+	events := NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
 	m.addPending(req.DispatchIDHint, events)
 	runID, d, err := m.submitRun(ctx, &req, availableAt)
 	m.written(req.DispatchIDHint)
@@ -664,7 +664,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
-	events := NewEventLog(m.cfg.EventBuffer)
+	events := NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
 	m.addPending(req.DispatchIDHint, events)
 	defer m.written(req.DispatchIDHint)
 	var claimed *Dispatch
@@ -1099,7 +1099,7 @@ func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog,
 	id := active.DispatchID
 	l = m.pending[id]
 	if l == nil {
-		l, fresh = NewEventLog(m.cfg.EventBuffer), true
+		l, fresh = NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes), true
 		if run != nil && run.StartCount > 0 {
 			l.floor = unstartedBase(run.StartCount)
 		}

@@ -46,6 +46,7 @@ type serveConfig struct {
 	ContextMessages int
 	ContextBytes    byteSize
 	EventBuffer     int
+	EventBytes      byteSize
 	EventRetention  time.Duration
 	AuthToken       string
 	Lease           time.Duration
@@ -124,7 +125,7 @@ func formatBytes(n int64) string {
 
 // serveFlags declares the serve flags on fs with their defaults.
 func serveFlags(fs *flag.FlagSet, c *serveConfig) {
-	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, MemoryLimit: 512 << 20}
+	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, EventBytes: engine.DefaultEventBufferBytes, MemoryLimit: 512 << 20}
 	storeFlags(fs, c)
 	fs.StringVar(&c.DataDir, "data-dir", "./data", "Badger data directory (created if absent; a second sidecar on it is refused); not used with --store nats://")
 	fs.StringVar(&c.APISocket, "api-socket", "./run/api.sock", "client API socket")
@@ -136,6 +137,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.IntVar(&c.ContextMessages, "context-messages", 500, "most thread messages sent with each RUN")
 	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
 	fs.IntVar(&c.EventBuffer, "event-buffer", 10000, "events buffered per run for re-attachment")
+	fs.Var(&c.EventBytes, "event-buffer-bytes", "bytes of events buffered per run for re-attachment (the newest event is always kept)")
 	fs.DurationVar(&c.EventRetention, "event-retention", 60*time.Second, "how long a finished run's events stay re-attachable")
 	fs.StringVar(&c.AuthToken, "auth-token", "", "bearer token required on the TCP API listener")
 	fs.DurationVar(&c.Lease, "lease", 30*time.Second, "dispatch lease")
@@ -257,6 +259,9 @@ func (c *serveConfig) validate() []error {
 	if c.ContextMessages < 1 {
 		bad("--context-messages %d must be at least 1", c.ContextMessages)
 	}
+	if c.EventBytes < 1<<10 {
+		bad("--event-buffer-bytes %s is below 1KiB", c.EventBytes.String())
+	}
 	if c.EventBuffer < 1 {
 		bad("--event-buffer %d must be at least 1", c.EventBuffer)
 	}
@@ -329,7 +334,7 @@ func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
 		Lease: c.Lease, SuspendedLease: c.SuspendedLease, RenewInterval: c.LeaseRenewal,
 		SweepInterval: c.SweepInterval, GCInterval: c.GCInterval, GCTTL: c.GCTTL,
 		MaxAttempts: uint32(c.MaxAttempts), RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
-		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventRetention: c.EventRetention,
+		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventBufferBytes: int64(c.EventBytes), EventRetention: c.EventRetention,
 		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
 		ConsumerID: c.ConsumerID, Logger: log, Now: skewedClock(c.ClockSkew),
 	}

@@ -25,7 +25,7 @@ func TestParseServeDefaults(t *testing.T) {
 	}
 	if c.DataDir != "./data" || c.APISocket != "./run/api.sock" || c.AgentSocket != "./run/agent.sock" ||
 		c.MaxBody != 4<<20 || !c.Sync || c.ContextMessages != 500 || c.ContextBytes != 4<<20 ||
-		c.EventBuffer != 10000 || c.EventRetention != time.Minute || c.Lease != 30*time.Second ||
+		c.EventBuffer != 10000 || c.EventBytes != 8<<20 || c.EventRetention != time.Minute || c.Lease != 30*time.Second ||
 		c.SuspendedLease != 10*time.Minute || c.LeaseRenewal != 10*time.Second || c.SweepInterval != 30*time.Second ||
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
@@ -81,6 +81,7 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--log-level", "loud"}, nil, "--log-level"},
 		{[]string{"--log-format", "xml"}, nil, "--log-format"},
 		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
+		{[]string{"--event-buffer-bytes", "100"}, nil, "--event-buffer-bytes 100 is below 1KiB"},
 		{[]string{"--gogc", "0"}, nil, "--gogc 0 must be positive"},
 		{[]string{"--gomaxprocs", "-2"}, nil, "--gomaxprocs -2 must be positive, or 0"},
 		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a memory limit"},

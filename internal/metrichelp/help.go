@@ -40,7 +40,8 @@ var Help = map[string]string{
 
 	// The agent hub.
 	"mailbox_agent_connections":                 "Agent connections up.",
-	"mailbox_agent_capacity":                    "Run slots of the connected agents (their max_runs together).",
+	"mailbox_agent_capacity":                    "Run slots of the connected agents (their max_runs together; after an agent's GOAWAY, the runs it still holds).",
+	"mailbox_agent_free_slots":                  "Run slots of the connected agents not holding a run (0 while draining).",
 	"mailbox_agent_connects_total":              "Agent connections accepted.",
 	"mailbox_agent_protocol_errors_total":       "Agent connections failed for a protocol error.",
 	"mailbox_agent_events_total":                "Run events received from agents.",
@@ -53,8 +54,12 @@ var Help = map[string]string{
 	"mailbox_agent_cancel_overdue_total":        "Cancels an agent did not finish within its grace: the slot was taken back.",
 
 	// The Badger store.
-	"mailbox_store_commits_total":              "Store commits (each fsynced), by result.",
+	"mailbox_store_commits_total":              "Store commits (each durable: fsynced, or acknowledged by the NATS server), by result.",
 	"mailbox_store_committed_operations_total": "Store operations carried by successful commits.",
+	"mailbox_store_committed_messages_total":   "NATS store: messages carried by successful publishes.",
+	"mailbox_store_nats_connected":             "NATS store: 1 while connected to the server, else 0.",
+	"mailbox_store_nats_disconnects_total":     "NATS store: connections to the server lost.",
+	"mailbox_store_nats_reconnects_total":      "NATS store: connections to the server regained.",
 	"mailbox_store_commit_seconds":             "Duration of a store commit, its sync included.",
 	"mailbox_store_commit_apply_seconds":       "Duration of a store commit until Badger applied it, before the sync.",
 	"mailbox_store_writer_lsm_reads_total":     "Point reads of the store's writer that its record cache did not answer.",
