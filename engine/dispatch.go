@@ -273,13 +273,15 @@ func (d *Dispatch) clearProjection() {
 	d.InstanceID, d.RunStatus, d.Termination, d.RunResponse, d.RunError = "", "", nil, "", ""
 }
 
-func (d *Dispatch) recordError(msg string, now int64) {
+// recordError records msg as the error of attempt number attempt (1 for
+// the dispatch's first).
+func (d *Dispatch) recordError(msg string, attempt uint32, now int64) {
 	msg = truncateError(msg)
 	d.LastError = msg
 	if msg == "" {
 		return
 	}
-	d.Errors = append(d.Errors, AttemptError{Attempt: d.AttemptCount, Error: msg, At: now})
+	d.Errors = append(d.Errors, AttemptError{Attempt: attempt, Error: msg, At: now})
 	if n := len(d.Errors); n > MaxErrorHistory {
 		d.Errors = append(d.Errors[:0:0], d.Errors[n-MaxErrorHistory:]...)
 	}
@@ -358,7 +360,7 @@ func (d *Dispatch) Ack(now int64) { d.terminate(StatusAcked, now) }
 // projection, or dead_letter when the attempts are used up.
 func (d *Dispatch) Nack(retryAt int64, msg string, now int64) {
 	d.AttemptCount++
-	d.recordError(msg, now)
+	d.recordError(msg, d.AttemptCount, now)
 	if d.AttemptCount >= d.MaxAttempts {
 		// The run is settled as errored in the same commit: the dispatch
 		// says so too, as a permanent dead letter's does (it said
@@ -384,7 +386,10 @@ func (d *Dispatch) requeue(availableAt, now int64) {
 // becomes the failure (run done, error termination, run_error), so a
 // permanent failure is recorded and dead-lettered in one commit.
 func (d *Dispatch) DeadLetter(msg string, now int64) {
-	d.recordError(msg, now)
+	// The attempt that failed is the one after those spent (a review
+	// found a first attempt's permanent failure recorded as attempt 0,
+	// and a second's as 1, the number of the first's).
+	d.recordError(msg, d.AttemptCount+1, now)
 	d.failProjection(msg, now)
 	d.terminate(StatusDeadLetter, now)
 }
@@ -418,12 +423,12 @@ func (d *Dispatch) Release(now int64) { d.requeue(now, now) }
 func (d *Dispatch) ReclaimExpired(now int64) {
 	d.AttemptCount++
 	if d.AttemptCount >= d.MaxAttempts {
-		d.recordError(ReasonLeaseExpiredMax, now)
+		d.recordError(ReasonLeaseExpiredMax, d.AttemptCount, now)
 		d.clearProjection()
 		d.terminate(StatusDeadLetter, now)
 		return
 	}
-	d.recordError(ReasonLeaseExpired, now)
+	d.recordError(ReasonLeaseExpired, d.AttemptCount, now)
 	d.requeue(min(d.AvailableAt, now), now)
 }
 

@@ -405,7 +405,8 @@ func TestTransitions(t *testing.T) {
 				d.Status = StatusDeadLetter
 				d.AttemptCount = 1
 				d.LastError = "fatal"
-				d.Errors = []AttemptError{{Attempt: 1, Error: "fatal", At: now}}
+				// The second attempt's error (found by review: numbered 1).
+				d.Errors = []AttemptError{{Attempt: 2, Error: "fatal", At: now}}
 				d.CompletedAt, d.UpdatedAt = now, now
 				// The failure is the attempt's projection (one commit).
 				d.RunStatus, d.Termination, d.RunError = RunDone, ErrorTermination("fatal"), "fatal"
@@ -418,7 +419,7 @@ func TestTransitions(t *testing.T) {
 			want: with(fxQueued, func(d *Dispatch) {
 				d.Status = StatusDeadLetter
 				d.LastError = "fatal"
-				d.Errors = []AttemptError{{Attempt: 0, Error: "fatal", At: now}}
+				d.Errors = []AttemptError{{Attempt: 1, Error: "fatal", At: now}}
 				d.CompletedAt, d.UpdatedAt = now, now
 				d.RunStatus, d.RunError = RunDone, "recorded"
 			}),

@@ -422,7 +422,9 @@ func dispatchNackCases() []Case {
 			}
 			c := h.claim("t1", "c1", now)
 			h.deadLetter("d1", c.ClaimToken, "permanent", now+5)
-			want = append(want, engine.AttemptError{Attempt: 3, Error: "permanent", At: now + 5})
+			// The fourth attempt's error: a dead letter spends no attempt,
+			// but numbers the one that failed.
+			want = append(want, engine.AttemptError{Attempt: 4, Error: "permanent", At: now + 5})
 			got := h.status("d1", engine.StatusDeadLetter)
 			if fmt.Sprint(got.Errors) != fmt.Sprint(want) {
 				t.Fatalf("error history = %+v, want %+v", got.Errors, want)
@@ -466,7 +468,7 @@ func dispatchDeadLetterCancelCases() []Case {
 			want.Status = engine.StatusDeadLetter
 			want.ClaimToken, want.ClaimedBy, want.LeaseUntil = "", "", 0
 			want.LastError = "fatal"
-			want.Errors = append(want.Errors, engine.AttemptError{Attempt: 1, Error: "fatal", At: 3000})
+			want.Errors = append(want.Errors, engine.AttemptError{Attempt: 2, Error: "fatal", At: 3000})
 			want.CompletedAt, want.UpdatedAt = 3000, 3000
 			// Without a recorded result the failure is the projection.
 			want.RunStatus, want.Termination, want.RunError = engine.RunDone, engine.ErrorTermination("fatal"), "fatal"
