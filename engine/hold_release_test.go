@@ -122,3 +122,29 @@ func TestACancelOfARefusedAttemptEndsItsHold(t *testing.T) {
 		t.Fatalf("the cancelled dispatch is %v; want it finished", st)
 	}
 }
+
+// A submit for an agent whose slots are all taken, while another agent
+// has free ones, is answered queued, not running: its inline claim was
+// refused at once (found by review; http.md: a run that finds no free
+// agent slot stays queued, and the submitted event says so). It runs
+// once the dispatcher finds that agent a slot.
+func TestASubmitForAFullAgentIsAnsweredQueued(t *testing.T) {
+	var refused atomic.Int32
+	exec := slottedFake{newFake(3, refuseFull(&refused, nil))}
+	_, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
+	ctx := context.Background()
+	bg := submitFor(t, mb, "bg", "full", false, "a")
+	if bg.Status != engine.SubmitQueued {
+		t.Fatalf("background submit for a full agent answered %q, want queued", bg.Status)
+	}
+	fg, events, err := mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", AgentID: "full", Messages: []engine.Message{userMsg("b")}})
+	if err != nil || events == nil {
+		t.Fatalf("foreground submit: %v", err)
+	}
+	if fg.Status != engine.SubmitQueued {
+		t.Fatalf("foreground submit for a full agent answered %q, want queued", fg.Status)
+	}
+	if w := submitFor(t, mb, "w", "writer", false, "c"); w.Status != engine.SubmitRunning {
+		t.Fatalf("submit for an agent with a free slot answered %q, want running", w.Status)
+	}
+}

@@ -221,8 +221,8 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		return SubmitResult{}, fmt.Errorf("submit to %s: %w", req.ThreadID, err)
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
-	if !m.served(req.AgentID) {
-		m.kick() // the dispatcher sets the thread aside until an agent for it comes
+	if !m.servedWithSlot(req.AgentID) {
+		m.kick() // the dispatcher sets the thread aside until an agent for it comes, or has a slot
 		return res, nil
 	}
 	switch m.tryDispatch(ctx, req.ThreadID) {
@@ -538,7 +538,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	// request runs once that work ends, as a slot's waiter does.
 	// (A claim in flight here is waited for: a probe of a finishing
 	// attempt finds nothing and goes.)
-	slot := m.served(req.AgentID) && m.reserveSlotAfterProbes(thread)
+	slot := m.servedWithSlot(req.AgentID) && m.reserveSlotAfterProbes(thread)
 	if slot {
 		if e := m.settledEntry(ctx, thread); e != nil && !e.claiming {
 			m.releaseSlot(thread)
@@ -641,7 +641,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		return SubmitResult{}, nil, false, nil
 	}
 	thread := req.ThreadID
-	if !m.served(req.AgentID) || !m.reserveSlot(thread) {
+	if !m.servedWithSlot(req.AgentID) || !m.reserveSlot(thread) {
 		return SubmitResult{}, nil, false, nil
 	}
 	// A claim in flight, as tryDispatch's: a cancel or an interrupt
@@ -713,6 +713,31 @@ func (m *Mailbox) served(id string) bool {
 	id = strings.TrimSpace(id)
 	return m.slots == nil || id == "" || m.slots.Serves(id)
 }
+
+// slotFreeFor reports whether an agent serving agent id id has a free
+// slot, as far as the executor counts them (SlotCounter; true when it
+// does not, or for no id). A submit claims inline only then: the engine
+// counts the slots of every agent id together, and the inline claim of a
+// run for a full agent, answered "running", was refused at once and
+// queued (found by review: http.md says such a submit is answered
+// queued). The dispatcher takes it when that agent has a slot (the held
+// threads' prefix).
+func (m *Mailbox) slotFreeFor(id string) bool {
+	id = strings.TrimSpace(id)
+	if m.slots == nil || id == "" {
+		return true
+	}
+	for _, a := range m.slots.FreeSlots() {
+		if a.Free > 0 && a.serves(id) {
+			return true
+		}
+	}
+	return false
+}
+
+// servedWithSlot is served and slotFreeFor together: whether a submit
+// for agent id id may claim inline.
+func (m *Mailbox) servedWithSlot(id string) bool { return m.served(id) && m.slotFreeFor(id) }
 
 // precheckSubmit refuses, without writing anything, what persistRun
 // would refuse after a foreground submit has already interrupted the
