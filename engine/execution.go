@@ -27,6 +27,9 @@ type execution struct {
 	// process still held when this one started (nil when none); set at
 	// the start.
 	prevLog *EventLog
+	// errorCode is the code of the attempt's failure (RunOutcome.ErrorCode),
+	// for its run_finish (execute goroutine only).
+	errorCode string
 	// prevSkipped counts the recorded starts of attempts between prevLog's
 	// and this one that no agent took, whose log this one was handed
 	// (handOnLog): they had no events (set at the start).
@@ -678,6 +681,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	// never written and the run executed again after its lease (found by
 	// review).
 	o.Error = truncateError(o.Error)
+	e.errorCode = o.ErrorCode
 	now := m.cfg.Now()
 	label := o.Kind.String()
 	m.metrics.count(metricRuns, "outcome", label).Inc()
@@ -962,7 +966,7 @@ func (m *Mailbox) emitFinishAt(e *execution, session string, term *Termination, 
 		return
 	}
 	m.numberEvents(e, false)
-	runSink{e}.Emit(finishEvent(&e.dispatch, session, term, retryAt))
+	runSink{e}.Emit(finishEvent(&e.dispatch, session, term, retryAt, e.errorCode))
 }
 
 // numberEvents fixes the ids of the attempt's events before its first
@@ -1002,10 +1006,16 @@ func (m *Mailbox) numberEvents(e *execution, reached bool) {
 // no agent did. As the seed's (mailbox_run_identity), it names the thread,
 // the run, the dispatch and the session (the dispatch instance id, as the
 // run record holds it); session "" (no attempt of it started) is left out.
-func finishEvent(d *Dispatch, session string, term *Termination, retryAt int64) []byte {
+func finishEvent(d *Dispatch, session string, term *Termination, retryAt int64, errorCode string) []byte {
 	ev := map[string]any{
 		"type": "run_finish", "thread_id": d.ThreadID, "run_id": d.RunID,
 		"dispatch_id": d.DispatchID, "termination": term,
+	}
+	if errorCode != "" {
+		// The failure's code (FINISH's error.code, or the sidecar's:
+		// agent_lost, run_too_large …): the message alone did not tell
+		// agent_not_found from inference_failed (found by review).
+		ev["error_code"] = errorCode
 	}
 	if session != "" {
 		ev["session_id"] = session

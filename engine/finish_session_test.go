@@ -12,7 +12,7 @@ import (
 // attempt's session, as the agent's own does and as the seed's does
 // (mailbox_run_identity: dispatch id + session id): the dispatch instance
 // id the agent was given, which the run record keeps as its session_id.
-// It used to carry no session_id at all.
+// It used to carry no session_id at all. A failure's code is in it too.
 func TestSyntheticRunFinishCarriesTheSession(t *testing.T) {
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		sink.Emit([]byte(`{"type":"run_start"}`))
@@ -64,9 +64,15 @@ func TestSyntheticRunFinishCarriesTheSession(t *testing.T) {
 				RunID      string  `json:"run_id"`
 				DispatchID string  `json:"dispatch_id"`
 				SessionID  *string `json:"session_id"`
+				ErrorCode  string  `json:"error_code"`
 			}
 			if err := json.Unmarshal(evs[1].Data, &fin); err != nil {
 				t.Fatal(err)
+			}
+			// The failure's code, when it has one (found by review: only
+			// the message reached the client).
+			if want := map[string]string{"permanent": "agent_not_found"}[kind]; fin.ErrorCode != want {
+				t.Fatalf("run_finish %s: error_code %q, want %q", evs[1].Data, fin.ErrorCode, want)
 			}
 			var session string
 			for _, rq := range r.exec.execRuns() {

@@ -854,7 +854,7 @@ func (m *Mailbox) endPending(ds []Dispatch, term func(*Dispatch) *Termination) {
 		// numbered from 1 — in the band of the run's last recorded start
 		// when Attach read it (its floor), else the first band.
 		l.number(unstartedBase(0), 0) // raised to the log's floor if Attach set one
-		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0))
+		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0, ""))
 		l.Close(now)
 	}
 }
