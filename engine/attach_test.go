@@ -160,21 +160,7 @@ func TestAClientFollowsTheRetryOfAFailedAttempt(t *testing.T) {
 	r := newRig(t, newFake(1, script), engine.Config{RetryDelay: 50 * time.Millisecond, MaxRetryDelay: 50 * time.Millisecond, MaxAttempts: 2})
 	r.start(t)
 	ctx := context.Background()
-	res, log1, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
-	if err != nil || log1 == nil {
-		t.Fatalf("submit: %+v %v", res, err)
-	}
-	eventually(t, "attempt 1 ended", func() bool { _, closed := log1.ClosedAt(); return closed })
-	seen, _ := readAll(log1, 0)
-	last := seen[len(seen)-1]
-	if last.Type != "run_finish" || !strings.Contains(string(last.Data), `"retry_at":`) {
-		t.Fatalf("attempt 1 ended with %s, want a run_finish with retry_at", describe(seen))
-	}
-
-	follow, err := r.mb.Attach(ctx, "t1", last.Seq)
-	if err != nil || follow == nil || follow == log1 {
-		t.Fatalf("attach after the end: %v %v (the failed attempt's log: %v)", follow, err, follow == log1)
-	}
+	res, log1, last, follow := followTheRetry(t, r)
 	if again, _ := r.mb.Attach(ctx, "t1", last.Seq-1); again != log1 {
 		t.Fatal("a client that did not read attempt 1 to its end is not served it")
 	}
@@ -304,4 +290,28 @@ func TestAnInterruptedAttemptIsNotAnnouncedAsRetried(t *testing.T) {
 	if strings.Contains(last, "retry_at") || !strings.Contains(last, `"agent":true`) {
 		t.Fatalf("the interrupted attempt ended with %s, want the agent's run_finish", last)
 	}
+}
+
+// followTheRetry submits a foreground run to thread t1 whose first
+// attempt fails transiently, reads that attempt to its run_finish (which
+// must name the retry) and re-attaches with its id: it returns the
+// submit, the first attempt's log and last event, and the log followed.
+func followTheRetry(t *testing.T, r *rig) (engine.SubmitResult, *engine.EventLog, engine.Event, *engine.EventLog) {
+	t.Helper()
+	ctx := context.Background()
+	res, log1, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil || log1 == nil {
+		t.Fatalf("submit: %+v %v", res, err)
+	}
+	eventually(t, "attempt 1 ended", func() bool { _, closed := log1.ClosedAt(); return closed })
+	seen, _ := readAll(log1, 0)
+	last := seen[len(seen)-1]
+	if last.Type != "run_finish" || !strings.Contains(string(last.Data), `"retry_at":`) {
+		t.Fatalf("attempt 1 ended with %s, want a run_finish with retry_at", describe(seen))
+	}
+	follow, err := r.mb.Attach(ctx, "t1", last.Seq)
+	if err != nil || follow == nil || follow == log1 {
+		t.Fatalf("attach after the end: %v %v (the failed attempt's log: %v)", follow, err, follow == log1)
+	}
+	return res, log1, last, follow
 }

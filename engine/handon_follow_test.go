@@ -2,7 +2,6 @@ package engine_test
 
 import (
 	"context"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -30,21 +29,7 @@ func TestAClientFollowsARetryHandedOnPastABusyAgent(t *testing.T) {
 	}
 	r := newRig(t, newFake(1, script), engine.Config{RetryDelay: 50 * time.Millisecond, MaxRetryDelay: 50 * time.Millisecond, MaxAttempts: 3})
 	r.start(t)
-	ctx := context.Background()
-	res, log1, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
-	if err != nil || log1 == nil {
-		t.Fatalf("submit: %+v %v", res, err)
-	}
-	eventually(t, "attempt 1 ended", func() bool { _, closed := log1.ClosedAt(); return closed })
-	seen, _ := readAll(log1, 0)
-	last := seen[len(seen)-1]
-	if last.Type != "run_finish" || !strings.Contains(string(last.Data), `"retry_at":`) {
-		t.Fatalf("attempt 1 ended with %s, want a run_finish with retry_at", describe(seen))
-	}
-	follow, err := r.mb.Attach(ctx, "t1", last.Seq)
-	if err != nil || follow == nil || follow == log1 {
-		t.Fatalf("attach after the end: %v %v", follow, err)
-	}
+	res, _, last, follow := followTheRetry(t, r)
 	eventually(t, "the run done", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
 	if n := attempt.Load(); n != 3 {
 		t.Fatalf("%d attempts reached the agent; want 3 (the second refused)", n)
