@@ -68,7 +68,7 @@ type Mailbox struct {
 	slots SlotCounter // exec, when it counts free slots by agent id (nil otherwise)
 	log   *slog.Logger
 	locks *threadLocks
-	// keyLocks serialise live-then-queue submits that carry a dedupe key,
+	// keyLocks serialise live-then-queue and foreground submits that carry a dedupe key,
 	// per (thread, key), taken before locks: a repeat sees what the first
 	// left (SendMessages).
 	keyLocks *threadLocks
@@ -487,8 +487,13 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	thread := req.ThreadID
 	// An idempotent repeat answers the first dispatch and interrupts
 	// nothing; a request the store would refuse is refused before the
-	// interrupt, so a failed submit leaves the thread as it was.
+	// interrupt, so a failed submit leaves the thread as it was. Repeats
+	// are serialised per (thread, key), as SendMessages's are: two at once
+	// both found no dispatch, and the second's interrupt superseded the
+	// first's, whose client was told it ran (found by review).
 	if req.DedupeKey != "" {
+		unlock := m.keyLocks.lock(thread + "\x00" + req.DedupeKey)
+		defer unlock()
 		if res, ok, err := m.existingByDedupe(ctx, thread, req.DedupeKey); err != nil || ok {
 			if err != nil {
 				return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
