@@ -46,7 +46,9 @@ type Config struct {
 	// Default 10 000.
 	EventBuffer int
 	// EventBufferBytes bounds the bytes of a run's events kept as well
-	// (the newest is always kept). Default 8 MiB.
+	// (the newest is always kept). Default 32 MiB: two events of the
+	// largest frame, so that one large event does not cut off a client
+	// following the run live a few events behind.
 	EventBufferBytes int64
 	// EventRetention is how long a finished run's events stay
 	// re-attachable. Default 60s.
@@ -108,7 +110,7 @@ const (
 	DefaultCommandTimeout = 2 * time.Second
 	DefaultEventBuffer    = 10_000
 	// DefaultEventBufferBytes is the default EventBufferBytes.
-	DefaultEventBufferBytes = 8 << 20
+	DefaultEventBufferBytes = 32 << 20
 	DefaultEventRetention   = 60 * time.Second
 	DefaultContextMessages  = 500
 	DefaultContextBytes     = 4 << 20

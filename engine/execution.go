@@ -288,6 +288,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duratio
 		// Handed on by attempts no agent took: the one before them.
 		e.prevLog, e.prevSkipped = h.from, h.skipped
 	}
+	e.events.handed = handedOn{} // read: the log keeps no earlier log alive (a review)
 	e.events.run = d.RunID
 	if prev := m.threads[d.ThreadID]; prev != nil && prev.claimSawNot(d.DispatchID) {
 		e.queueChanged = true

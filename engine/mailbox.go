@@ -732,12 +732,23 @@ func (m *Mailbox) slotFreeFor(id string) bool {
 	if m.slots == nil || id == "" {
 		return true
 	}
+	if c, ok := m.slots.(freeSlotChecker); ok {
+		return c.HasFreeSlot(id) // without FreeSlots' list (a review: 3 allocations a submit)
+	}
 	for _, a := range m.slots.FreeSlots() {
 		if a.Free > 0 && a.serves(id) {
 			return true
 		}
 	}
 	return false
+}
+
+// freeSlotChecker is a SlotCounter that answers slotFreeFor's question
+// without listing every agent (the hub).
+type freeSlotChecker interface {
+	// HasFreeSlot reports whether an agent serving agent id id has a
+	// free slot now.
+	HasFreeSlot(id string) bool
 }
 
 // servedWithSlot is served and slotFreeFor together: whether a submit

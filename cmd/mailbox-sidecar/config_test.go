@@ -25,7 +25,7 @@ func TestParseServeDefaults(t *testing.T) {
 	}
 	if c.DataDir != "./data" || c.APISocket != "./run/api.sock" || c.AgentSocket != "./run/agent.sock" ||
 		c.MaxBody != 4<<20 || !c.Sync || c.ContextMessages != 500 || c.ContextBytes != 4<<20 ||
-		c.EventBuffer != 10000 || c.EventBytes != 8<<20 || c.EventRetention != time.Minute || c.Lease != 30*time.Second ||
+		c.EventBuffer != 10000 || c.EventBytes != 32<<20 || c.EventRetention != time.Minute || c.Lease != 30*time.Second ||
 		c.SuspendedLease != 10*time.Minute || c.LeaseRenewal != 10*time.Second || c.SweepInterval != 30*time.Second ||
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||

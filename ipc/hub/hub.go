@@ -466,6 +466,23 @@ func (h *Hub) FreeSlots() []engine.AgentSlots {
 	return out
 }
 
+// HasFreeSlot reports whether a connection that takes runs of agent id
+// id has a free slot now: FreeSlots for one id, without building the
+// list (the engine asks it at every submit that names an agent id).
+func (h *Hub) HasFreeSlot(id string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.draining {
+		return false
+	}
+	for c := range h.conns {
+		if c.takesRuns() && c.serves(id) && c.freeSlots() > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // Serves implements engine.SlotCounter: whether a connection that takes
 // runs serves agent id id.
 func (h *Hub) Serves(id string) bool {

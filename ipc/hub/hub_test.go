@@ -871,3 +871,28 @@ func TestAnAgentGoingAwayKeepsItsHeldRunsInTheCapacity(t *testing.T) {
 	rc2.wait(t)
 	eventually(t, "the new agent's capacity alone", func() bool { return r.hub.Capacity() == 5 })
 }
+
+// HasFreeSlot answers for one agent id what FreeSlots lists: a connection
+// serving it, taking runs, with a slot free.
+func TestHasFreeSlotIsFreeSlotsForOneAgentID(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{AgentIDs: []string{"alpha"}, MaxRuns: 1})
+	eventually(t, "the agent", func() bool { return r.hub.Capacity() == 1 })
+	if !r.hub.HasFreeSlot("alpha") || r.hub.HasFreeSlot("beta") {
+		t.Fatalf("free slot for alpha %v, for beta %v; want true, false", r.hub.HasFreeSlot("alpha"), r.hub.HasFreeSlot("beta"))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req := request("t1")
+	req.AgentID = "alpha"
+	rc := startRun(r.hub, ctx, req)
+	a.expect(ipc.TypeRun, 1)
+	if r.hub.HasFreeSlot("alpha") {
+		t.Fatal("a free slot for alpha while its one slot runs a run")
+	}
+	a.send(ipc.TypeFinish, 1, `{"status":"done","termination":{"type":"natural_end"}}`)
+	rc.wait(t)
+	eventually(t, "alpha's slot free again", func() bool { return r.hub.HasFreeSlot("alpha") })
+	a.send(ipc.TypeGoAway, 0, `{"code":"restart"}`)
+	eventually(t, "no slot after the agent's GOAWAY", func() bool { return !r.hub.HasFreeSlot("alpha") })
+}

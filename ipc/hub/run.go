@@ -357,7 +357,7 @@ func (h *Hub) run(ctx context.Context, req *engine.RunRequest, sink engine.Event
 			if errors.Is(err, ipc.ErrFrameTooLarge) {
 				// Nothing was written: the connection is fine, the run
 				// can never be sent.
-				h.wake()
+				c.runEnded()
 				return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "run_too_large", Error: err.Error()}
 			}
 			c.fail(err, ipc.Status{})
