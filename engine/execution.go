@@ -772,6 +772,12 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// client the run was over, and it then ran unseen (found by
 			// review).
 			e.handOn = true
+		} else if errors.Is(context.Cause(e.ctx), errShutdown) {
+			// Released by a shutdown, without spending an attempt: the run
+			// goes on after the restart, and its run_finish says so, as a
+			// retried attempt's does (found by review: without retry_at
+			// clients took it for a final failure).
+			m.emitFinishRetry(e, ErrorTermination("run interrupted: "+o.Error), now)
 		} else {
 			m.emitFinish(e, "run interrupted: "+o.Error)
 		}

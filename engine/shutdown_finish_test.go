@@ -56,8 +56,10 @@ func TestAShutdownCancelsNoStreamAsCancelled(t *testing.T) {
 				}
 				return
 			}
-			if len(seen) != 1 || strings.Contains(seen[0], "cancelled") || !strings.Contains(seen[0], "interrupted") {
-				t.Fatalf("run_finish events %v: want one, the sidecar's interrupted, not the agent's cancelled", seen)
+			// With retry_at, as a retried attempt's (found by review: a
+			// client took it for a final failure).
+			if len(seen) != 1 || strings.Contains(seen[0], "cancelled") || !strings.Contains(seen[0], "interrupted") || !strings.Contains(seen[0], `"retry_at":`) {
+				t.Fatalf("run_finish events %v: want one, the sidecar's interrupted with retry_at, not the agent's cancelled", seen)
 			}
 			if d.Status != engine.StatusQueued || d.AttemptCount != 0 {
 				t.Fatalf("after shutdown the dispatch is %v (attempts %d), want queued again", d.Status, d.AttemptCount)
