@@ -75,8 +75,8 @@ func TestBadRequests(t *testing.T) {
 		{"unknown version", req{method: "POST", path: "/v2/runs", body: `{` + msg + `}`}, 404, "not_found", ""},
 		{"too deep", req{method: "GET", path: "/v1/threads/t/events/x/y/z"}, 404, "not_found", ""},
 		{"GET on a submit", req{method: "GET", path: "/v1/threads/t/runs"}, 405, "method_not_allowed", "POST"},
-		{"DELETE a run", req{method: "DELETE", path: "/v1/runs/r1"}, 405, "method_not_allowed", "GET"},
-		{"PUT dispatches", req{method: "PUT", path: "/v1/threads/t/dispatches", body: `{}`}, 405, "method_not_allowed", "GET, POST"},
+		{"DELETE a run", req{method: "DELETE", path: "/v1/runs/r1"}, 405, "method_not_allowed", "GET, HEAD"},
+		{"PUT dispatches", req{method: "PUT", path: "/v1/threads/t/dispatches", body: `{}`}, 405, "method_not_allowed", "GET, HEAD, POST"},
 		{"GET cancel", req{method: "GET", path: "/v1/cancel/x"}, 405, "method_not_allowed", "POST"},
 		{"limit not a number", req{method: "GET", path: "/v1/threads/t/dispatches?limit=abc"}, 400, "validation", ""},
 		{"limit zero", req{method: "GET", path: "/v1/threads/t/dispatches?limit=0"}, 400, "validation", ""},
@@ -188,5 +188,33 @@ func checkError(t *testing.T, resp *http.Response, b []byte, status int, code st
 	}
 	if e.Error.Code != code || e.Error.Message == "" {
 		t.Fatalf("error %+v, want code %s", e, code)
+	}
+}
+
+// HEAD is answered as GET without the body, except on an event stream
+// (RFC 9110 §9.3.2; a review found 405 on every GET route).
+func TestHeadIsGetWithoutTheBody(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{})
+	for _, c := range []struct {
+		path   string
+		status int
+		allow  string
+	}{
+		{"/livez", 200, ""},
+		{"/v1/runs/nope", 404, ""},
+		{"/v1/threads/t/dispatches", 200, ""},
+		{"/v1/threads/t/events", 405, "GET"},
+	} {
+		resp, b, err := tryDo(sc.client, base, req{method: "HEAD", path: c.path})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != c.status || len(b) != 0 || resp.Header.Get("Allow") != c.allow {
+			t.Errorf("HEAD %s: %d, %d body bytes, Allow %q; want %d, none, %q", c.path, resp.StatusCode, len(b), resp.Header.Get("Allow"), c.status, c.allow)
+		}
+		if c.status == 200 && resp.ContentLength <= 0 {
+			t.Errorf("HEAD %s: Content-Length %d; want the GET's", c.path, resp.ContentLength)
+		}
 	}
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"strings"
 
 	"github.com/valyala/fasthttp"
 
@@ -20,8 +21,13 @@ type route struct {
 	get     handler
 	post    handler
 	probe   bool   // a probe or /metrics: served on the admin listener, never gated
+	stream  bool   // get answers an event stream: no HEAD
 	allow   string // the Allow header of a 405
 }
+
+// head reports whether the route answers HEAD: as its GET, without the
+// body (RFC 9110 §9.3.2; a review found 405), except an event stream.
+func (r *route) head() bool { return r.get != nil && !r.stream }
 
 // maxSegs is the most path segments any route has, plus one.
 const maxSegs = 6
@@ -38,7 +44,7 @@ var routeTable = []route{
 	{pattern: "/v1/threads/{thread_id}/messages", segs: []string{"v1", "threads", "", "messages"}, idName: "thread_id",
 		get: (*Server).listMessages, post: (*Server).sendMessages},
 	{pattern: "/v1/threads/{thread_id}/interrupt", segs: []string{"v1", "threads", "", "interrupt"}, idName: "thread_id", post: (*Server).interrupt},
-	{pattern: "/v1/threads/{thread_id}/events", segs: []string{"v1", "threads", "", "events"}, idName: "thread_id", get: (*Server).reattach},
+	{pattern: "/v1/threads/{thread_id}/events", segs: []string{"v1", "threads", "", "events"}, idName: "thread_id", get: (*Server).reattach, stream: true},
 	{pattern: "/v1/cancel/{id}", segs: []string{"v1", "cancel", ""}, idName: "id", post: (*Server).cancel},
 	{pattern: "/v1/dispatches/{dispatch_id}", segs: []string{"v1", "dispatches", ""}, idName: "dispatch_id", get: (*Server).getDispatch},
 	{pattern: "/v1/dispatches/{dispatch_id}/requeue", segs: []string{"v1", "dispatches", "", "requeue"}, idName: "dispatch_id", post: (*Server).requeue},
@@ -55,14 +61,17 @@ const routeUnmatched = "unmatched"
 func init() {
 	for i := range routeTable {
 		r := &routeTable[i]
-		switch {
-		case r.get != nil && r.post != nil:
-			r.allow = "GET, POST"
-		case r.get != nil:
-			r.allow = "GET"
-		default:
-			r.allow = "POST"
+		var methods []string
+		if r.get != nil {
+			methods = append(methods, "GET")
 		}
+		if r.head() {
+			methods = append(methods, "HEAD")
+		}
+		if r.post != nil {
+			methods = append(methods, "POST")
+		}
+		r.allow = strings.Join(methods, ", ")
 	}
 }
 

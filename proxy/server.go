@@ -429,6 +429,8 @@ func (s *Server) route(ctx *fasthttp.RequestCtx, kind listenerKind, ri *int) err
 	switch {
 	case ctx.IsGet():
 		h = r.get
+	case ctx.IsHead() && r.head():
+		h = r.get // fasthttp sends no body in answer to HEAD
 	case ctx.IsPost():
 		h = r.post
 	}
