@@ -239,9 +239,11 @@ var pathIDChars = func() (t [256]bool) {
 }()
 
 // ValidPathID reports whether id can stand in a path of the HTTP API:
-// 1–256 characters of [A-Za-z0-9._:-] (http.md).
+// 1–256 characters of [A-Za-z0-9._:-] (http.md), but not "." or "..",
+// which clients that normalise paths take out of them (RFC 3986 §5.2.4:
+// curl sent /v1/threads/../runs as /v1/runs; found by review).
 func ValidPathID[T string | []byte](id T) bool {
-	if len(id) == 0 || len(id) > MaxPathIDLen {
+	if len(id) == 0 || len(id) > MaxPathIDLen || string(id) == "." || string(id) == ".." {
 		return false
 	}
 	for i := 0; i < len(id); i++ {

@@ -62,6 +62,8 @@ func TestBadRequests(t *testing.T) {
 		{"continue_run_id too long", req{method: "POST", path: "/v1/threads/t/runs", body: `{` + msg + `,"continue_run_id":"` + long + `"}`}, 400, "validation", ""},
 		{"bad id in path", req{method: "POST", path: "/v1/threads/a$b/runs", body: `{` + msg + `}`}, 400, "validation", ""},
 		{"encoded slash in path id", req{method: "POST", path: "/v1/threads/a%2Fb/dispatches", body: `{` + msg + `}`}, 400, "validation", ""},
+		{"dot-dot path id", req{method: "POST", path: "/v1/threads/%2e%2e/messages", body: `{` + msg + `}`}, 400, "validation", ""},
+		{"dot body thread", req{method: "POST", path: "/v1/runs", body: `{` + msg + `,"thread_id":"."}`}, 400, "validation", ""},
 		{"path id too long", req{method: "POST", path: "/v1/threads/" + long + "/runs", body: `{` + msg + `}`}, 400, "validation", ""},
 		{"empty path id", req{method: "GET", path: "/v1/runs/"}, 400, "validation", ""},
 		{"Idempotency-Key too long", req{method: "POST", path: "/v1/threads/t/dispatches", body: `{` + msg + `}`, headers: []string{"Idempotency-Key", long}}, 400, "validation", ""},

@@ -60,7 +60,8 @@
 //   - A request line and headers over 4 KiB are answered 431 too_large.
 //   - Ids inside bodies that a client later uses in a path (thread_id,
 //     run_id, dispatch_id, continue_run_id, parent_run_id,
-//     parent_thread_id) follow the path rule ([A-Za-z0-9._:-], 1–256);
+//     parent_thread_id) follow the path rule ([A-Za-z0-9._:-], 1–256,
+//     not "." or "..", which clients that normalise paths remove);
 //     agent_id, dedupe_key, message ids, call ids and
 //     transport_request_id follow the store's rule (engine.ValidateID).
 //     A body thread_id that differs from the path's is a validation error.
