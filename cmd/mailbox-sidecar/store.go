@@ -117,7 +117,10 @@ func (c *serveConfig) validateStore() []error {
 func checkNATSURL(s string) error {
 	u, err := url.Parse(s)
 	if err != nil {
-		return fmt.Errorf("--store %q: %v", redactURL(s), err)
+		// Not err itself: url.Parse's error quotes the whole URL, with its
+		// password (found by review: a password with a raw '%' or a space
+		// reached the output).
+		return fmt.Errorf("--store %q: not a URL (escape '%%', spaces and other reserved characters in its user and password)", redactURL(s))
 	}
 	if u.Scheme != "nats" && u.Scheme != "tls" {
 		return fmt.Errorf("--store %q: want badger or nats://host:port (or tls://host:port)", redactURL(s))

@@ -82,3 +82,15 @@ func TestParseServeRejectsBadStoreFlags(t *testing.T) {
 		}
 	}
 }
+
+// A --store URL that does not parse is refused without its password:
+// url.Parse's error quotes the whole URL (found by review: a password
+// with a raw '%' or a space reached the output).
+func TestAnUnparsableStoreURLKeepsItsPassword(t *testing.T) {
+	for _, u := range []string{"nats://eve:PWbad%zz@127.0.0.1:4299", "nats://frank:PW space@127.0.0.1:4299"} {
+		err := checkNATSURL(u)
+		if err == nil || strings.Contains(err.Error(), "PW") || !strings.Contains(err.Error(), "not a URL") {
+			t.Errorf("checkNATSURL of a URL that does not parse: %v; want a refusal without the password", err)
+		}
+	}
+}
