@@ -772,11 +772,13 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			// client the run was over, and it then ran unseen (found by
 			// review).
 			e.handOn = true
-		} else if errors.Is(context.Cause(e.ctx), errShutdown) {
-			// Released by a shutdown, without spending an attempt: the run
-			// goes on after the restart, and its run_finish says so, as a
-			// retried attempt's does (found by review: without retry_at
-			// clients took it for a final failure).
+		} else if cause := context.Cause(e.ctx); cause == nil || errors.Is(cause, errShutdown) {
+			// Released without spending an attempt, by a shutdown here or
+			// its agent's (agent_shutdown): the run goes on, after the
+			// restart or on another agent, and its run_finish says so, as
+			// a retried attempt's does (found by review: without retry_at
+			// clients took it for a final failure). An interrupt or a
+			// cancel (a cause) ends it.
 			m.emitFinishRetry(e, ErrorTermination("run interrupted: "+o.Error), now)
 		} else {
 			m.emitFinish(e, "run interrupted: "+o.Error)

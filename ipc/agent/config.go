@@ -47,8 +47,11 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 	// ShutdownGrace is how long Serve lets running handlers finish once
 	// its context is done (after sending GOAWAY); then it cancels their
-	// contexts (cause ErrShutdown) and waits for them to return. Default
-	// 10 s; a negative value cancels at once.
+	// contexts (cause ErrShutdown) and waits for them to return; a run
+	// its handler ends so is reported as a transient failure with code
+	// shutdown, which the sidecar puts back in the queue without
+	// spending an attempt (the GOAWAY was sent). Default 10 s; a
+	// negative value cancels at once.
 	ShutdownGrace time.Duration
 	// Logger receives the client's logs. Default slog.Default().
 	Logger *slog.Logger

@@ -896,3 +896,31 @@ func TestHasFreeSlotIsFreeSlotsForOneAgentID(t *testing.T) {
 	a.send(ipc.TypeGoAway, 0, `{"code":"restart"}`)
 	eventually(t, "no slot after the agent's GOAWAY", func() bool { return !r.hub.HasFreeSlot("alpha") })
 }
+
+// A run an agent gives up because it is shutting down (after its GOAWAY,
+// a transient failure with code shutdown) goes back to the queue without
+// spending an attempt, as at the sidecar's own shutdown: in a pod the
+// agent stops first, and every stop cost each long run an attempt (found
+// by two reviews). Without a GOAWAY such an answer is a transient
+// failure like any other.
+func TestARunGivenUpByAnAgentShuttingDownSpendsNoAttempt(t *testing.T) {
+	r := newRig(t, hub.Config{})
+	a, _ := connect(t, r.path, ipc.Hello{MaxRuns: 2})
+	eventually(t, "the agent", func() bool { return r.hub.Capacity() == 2 })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	const shutdown = `{"status":"done","error":{"kind":"transient","code":"shutdown","message":"the agent shut down before the run finished"}}`
+	rc1 := startRun(r.hub, ctx, request("t1"))
+	a.expect(ipc.TypeRun, 1)
+	a.send(ipc.TypeFinish, 1, shutdown)
+	if o := rc1.wait(t); o.Kind != engine.OutcomeTransient || o.ErrorCode != ipc.CodeShutdown {
+		t.Fatalf("shutdown without a GOAWAY: %+v, want a transient failure", o)
+	}
+	rc2 := startRun(r.hub, ctx, request("t2"))
+	a.expect(ipc.TypeRun, 2)
+	a.send(ipc.TypeGoAway, 0, `{"code":"shutdown","message":"agent shutting down"}`)
+	a.send(ipc.TypeFinish, 2, shutdown)
+	if o := rc2.wait(t); o.Kind != engine.OutcomeAbandoned || o.ErrorCode != hub.ErrorCodeAgentShutdown {
+		t.Fatalf("shutdown after a GOAWAY: %+v, want abandoned, %s", o, hub.ErrorCodeAgentShutdown)
+	}
+}

@@ -413,7 +413,7 @@ func (c *conn) drive(ctx context.Context, st *stream, req *engine.RunRequest) en
 			if failed != nil {
 				return *failed, true
 			}
-			return outcomeOf(it.finish), true
+			return c.goingAwayOutcome(outcomeOf(it.finish)), true
 		case it.backlog != nil:
 			failed = c.backlogOutcome(it.backlog)
 			if live && !cancelling {
@@ -621,6 +621,31 @@ func reply(ch chan<- error, err error) {
 		ch <- err
 	}
 }
+
+// goingAwayOutcome is o, except that a run an agent gave up because it
+// is shutting down — a transient failure with code shutdown after its
+// GOAWAY — goes back to the queue without spending an attempt
+// (abandoned, code agent_shutdown), as a run the sidecar's own shutdown
+// cuts short does. In a pod the agent stops first, and every stop cost
+// each long run one of its attempts (found by two reviews). An agent
+// that reports shutdown without a GOAWAY spends one: a loop of such
+// answers would otherwise never end.
+func (c *conn) goingAwayOutcome(o engine.RunOutcome) engine.RunOutcome {
+	if o.Kind != engine.OutcomeTransient || o.ErrorCode != ipc.CodeShutdown {
+		return o
+	}
+	c.mu.Lock()
+	goingAway := c.agentGoAway
+	c.mu.Unlock()
+	if !goingAway {
+		return o
+	}
+	return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: ErrorCodeAgentShutdown, Error: o.Error}
+}
+
+// ErrorCodeAgentShutdown is the code of a run released because its
+// agent shut down (goingAwayOutcome).
+const ErrorCodeAgentShutdown = "agent_shutdown"
 
 // outcomeOf maps a FINISH to the engine's outcome.
 func outcomeOf(f *finishPayload) engine.RunOutcome {
