@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"unicode/utf8"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
@@ -51,7 +52,21 @@ func Transient(code, msg string) Result { return failed(ipc.KindTransient, code,
 // the sidecar dead-letters it at once and marks the run errored.
 func Permanent(code, msg string) Result { return failed(ipc.KindPermanent, code, msg) }
 
+// MaxFailureMessage bounds the message Transient and Permanent send, in
+// bytes; a longer one is cut at a character boundary and marked "…" (the
+// sidecar keeps 4 KiB of it). It goes in the FINISH twice, and a message
+// of more than half a frame turned a transient failure into a permanent
+// result_too_large (found by review).
+const MaxFailureMessage = 64 << 10
+
 func failed(kind, code, msg string) Result {
+	if len(msg) > MaxFailureMessage {
+		cut := MaxFailureMessage - len("…")
+		for cut > 0 && !utf8.RuneStart(msg[cut]) {
+			cut--
+		}
+		msg = msg[:cut] + "…"
+	}
 	v, _ := json.Marshal(msg) // a string always marshals
 	return Result{
 		Status:      StatusDone,
