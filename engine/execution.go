@@ -743,10 +743,16 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		} else {
 			m.emitFinishWith(e, term)
 		}
+		// Every failure is logged with the attempt's ids (found by review:
+		// an operator with a third-party agent saw none in the sidecar's
+		// log, dead letters included).
 		if nd, err := m.store.Nack(ctx, d.DispatchID, d.ClaimToken, now+delay, msg, now); err != nil {
 			log.Warn("nack failed", "err", err)
 		} else if nd.Status == StatusDeadLetter {
 			m.metrics.count(metricDeadLetter, "cause", deadLetterAttempts).Inc()
+			log.Warn("run failed and its attempts are spent: dead-lettered", "code", o.ErrorCode, "error", msg)
+		} else if nd.Status == StatusQueued {
+			log.Info("run failed; retried", "code", o.ErrorCode, "error", msg, "retry_in", time.Duration(delay)*time.Millisecond)
 		}
 	case OutcomePermanent:
 		msg := o.Error
@@ -762,6 +768,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			log.Warn("dead letter failed", "err", err)
 		} else {
 			m.metrics.count(metricDeadLetter, "cause", deadLetterPermanent).Inc()
+			log.Warn("run failed permanently: dead-lettered", "code", o.ErrorCode, "error", msg)
 		}
 	case OutcomeAbandoned:
 		noAgent := o.ErrorCode == CodeAgentUnavailable || o.ErrorCode == CodeAgentBusy

@@ -362,6 +362,15 @@ func newLogger(w io.Writer, level, format string) *slog.Logger {
 	l, _ := parseLevel(level)
 	opts := &slog.HandlerOptions{Level: l}
 	if format == "json" {
+		// Durations as Go writes them ("1.5s"), as the text format does:
+		// JSON had bare nanoseconds under keys without a unit (found by
+		// review: "grace":20000000000).
+		opts.ReplaceAttr = func(_ []string, a slog.Attr) slog.Attr {
+			if a.Value.Kind() == slog.KindDuration {
+				a.Value = slog.StringValue(a.Value.Duration().String())
+			}
+			return a
+		}
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))

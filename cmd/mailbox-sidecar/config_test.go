@@ -275,3 +275,14 @@ func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
 		}
 	}
 }
+
+// JSON logs write durations as Go does ("1.5s"), as the text format
+// does, not as bare nanoseconds under keys without a unit (found by
+// review).
+func TestJSONLogsWriteDurationsWithTheirUnit(t *testing.T) {
+	var b bytes.Buffer
+	newLogger(&b, "info", "json").Info("draining", "grace", 20*time.Second, "n", 3)
+	if !strings.Contains(b.String(), `"grace":"20s"`) || !strings.Contains(b.String(), `"n":3`) {
+		t.Fatalf("JSON log line %s; want grace as \"20s\" and n as 3", b.String())
+	}
+}

@@ -1,0 +1,51 @@
+package engine_test
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
+)
+
+// Every failed run is logged with its ids: a retry at info, a dead letter
+// (attempts spent, or a permanent failure) at warn (found by review: an
+// operator with a third-party agent saw none of them in the sidecar's log).
+func TestFailedRunsAreLoggedWithTheirIDs(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if execText(req.Messages[0]) == "permanent" {
+			return engine.RunOutcome{Kind: engine.OutcomePermanent, ErrorCode: "agent_not_found", Error: "no such agent"}
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "upstream", Error: "model overloaded"}
+	}
+	var logs syncbuf.Buffer
+	r := newRig(t, newFake(2, script), engine.Config{MaxAttempts: 2, RetryDelay: 10 * time.Millisecond, MaxRetryDelay: 10 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	r.start(t)
+	ctx := context.Background()
+	var ids []string
+	for _, text := range []string{"permanent", "transient"} {
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t-" + text, Messages: []engine.Message{userMsg(text)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.DispatchID)
+		eventually(t, text+" dead-lettered", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
+	}
+	out := logs.String()
+	for _, want := range []string{
+		`level=WARN msg="run failed permanently: dead-lettered" thread_id=t-permanent`,
+		`dispatch_id=` + ids[0],
+		`code=agent_not_found`,
+		`level=INFO msg="run failed; retried" thread_id=t-transient`,
+		`level=WARN msg="run failed and its attempts are spent: dead-lettered" thread_id=t-transient`,
+		`dispatch_id=` + ids[1],
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the log lacks %q:\n%s", want, out)
+		}
+	}
+}
