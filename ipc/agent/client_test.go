@@ -212,6 +212,10 @@ func TestFinishResults(t *testing.T) {
 		{"bad_status", Result{Status: StatusRunning},
 			`{"status":"done","termination":{"type":"error","value":"agent returned status \"running\"; a run ends done or waiting"},"error":{"kind":"permanent","code":"invalid_result","message":"agent returned status \"running\"; a run ends done or waiting"}}`},
 		{"after_bad_status", Done("fine"), `{"status":"done","termination":{"type":"natural_end"},"response":"fine"}`},
+		// A kind the sidecar would take as transient, a typo retried to its
+		// last attempt (found by review), fails this run for good.
+		{"bad_kind", Result{Error: &ipc.FinishError{Kind: "fatal", Code: "x", Message: "m"}},
+			`{"status":"done","termination":{"type":"error","value":"agent returned error kind \"fatal\"; a failure is transient or permanent"},"error":{"kind":"permanent","code":"invalid_result","message":"agent returned error kind \"fatal\"; a failure is transient or permanent"}}`},
 	}
 	byRun := make(map[string]Result, len(tests))
 	for _, tt := range tests {

@@ -487,7 +487,11 @@ func (cn *conn) handleError(f *ipc.Frame) error {
 	if f.Stream == 0 {
 		// The sidecar is closing the connection; readLoop reports it at EOF.
 		cn.peerErr = &st
-		cn.log.Warn("sidecar reported a connection error", "code", st.Code, "message", st.Message)
+		level := slog.LevelWarn
+		if st.Code == ipc.CodeShutdown {
+			level = slog.LevelInfo // a sidecar stopping is no fault
+		}
+		cn.log.Log(context.Background(), level, "sidecar reported a connection error", "code", st.Code, "message", st.Message)
 		return nil
 	}
 	r := cn.run(f.Stream)

@@ -12,7 +12,11 @@ import (
 // that the SDK cancelled, so a handler can tell why it was stopped.
 var (
 	// ErrRunFinished reports a call on a run whose FINISH was already sent
-	// (its handler returned).
+	// (its handler returned). A Checkpoint still waiting for its answer
+	// when the handler returns gets it too: that checkpoint was sent
+	// before the FINISH and may or may not have been applied (found by
+	// review). It is also the cause of the run's context once the handler
+	// has returned.
 	ErrRunFinished = errors.New("agent: run finished")
 	// ErrConnectionLost reports that the connection to the sidecar went
 	// away. A run on it is cancelled with this cause; its FINISH is not

@@ -475,6 +475,13 @@ func (r *Run) finish(res Result) {
 		r.logger().Error("run result has a status that is neither done nor waiting", "status", res.Status)
 		res = Permanent("invalid_result", fmt.Sprintf("agent returned status %q; a run ends done or waiting", res.Status))
 	}
+	if res.Error != nil && res.Error.Kind != ipc.KindTransient && res.Error.Kind != ipc.KindPermanent {
+		// The sidecar takes any other kind as transient, so a typo
+		// ("Permanent", "fatal") was retried to its last attempt (found
+		// by review): this run fails for good, saying why.
+		r.logger().Error("run result has an error kind that is neither transient nor permanent", "kind", res.Error.Kind)
+		res = Permanent("invalid_result", fmt.Sprintf("agent returned error kind %q; a failure is transient or permanent", res.Error.Kind))
+	}
 	if errors.Is(cause, ErrShutdown) && res.Error == nil && res.Termination.Type == TermCancelled {
 		// Not the user's cancel: the run is to be retried elsewhere.
 		res = Transient(ipc.CodeShutdown, "the agent shut down before the run finished")
