@@ -131,7 +131,7 @@ func TestACancelOfARefusedAttemptEndsItsHold(t *testing.T) {
 func TestASubmitForAFullAgentIsAnsweredQueued(t *testing.T) {
 	var refused atomic.Int32
 	exec := slottedFake{newFake(3, refuseFull(&refused, nil))}
-	_, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
+	s, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
 	ctx := context.Background()
 	bg := submitFor(t, mb, "bg", "full", false, "a")
 	if bg.Status != engine.SubmitQueued {
@@ -144,7 +144,8 @@ func TestASubmitForAFullAgentIsAnsweredQueued(t *testing.T) {
 	if fg.Status != engine.SubmitQueued {
 		t.Fatalf("foreground submit for a full agent answered %q, want queued", fg.Status)
 	}
-	if w := submitFor(t, mb, "w", "writer", false, "c"); w.Status != engine.SubmitRunning {
-		t.Fatalf("submit for an agent with a free slot answered %q, want running", w.Status)
-	}
+	// Work for an agent with a free slot still runs at once (its answer
+	// may say queued when the dispatcher claimed it first).
+	w := submitFor(t, mb, "w", "writer", false, "c")
+	eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, s, w.DispatchID) == engine.StatusAcked })
 }
