@@ -371,6 +371,16 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 	defer timer.Stop()
 	for {
 		m.watch.dispatch.busy()
+		// Agents that came or went before this pass are taken in first:
+		// its claims then see them (capSeen), and a refusal they answer
+		// sets its hold. Left to the select below, a change already
+		// signalled could be taken after a claim it preceded, and the
+		// refused thread was claimed and refused again (found in CI).
+		select {
+		case <-m.exec.CapacityChanged():
+			m.agentsChanged()
+		default:
+		}
 		next := m.dispatchReady(ctx)
 		m.watch.dispatch.idle()
 		wait := time.Hour
@@ -389,14 +399,21 @@ func (m *Mailbox) dispatchLoop(ctx context.Context) {
 			return
 		case <-m.wake:
 		case <-m.exec.CapacityChanged():
-			unserved := m.stillUnserved()
-			m.mu.Lock()
-			m.capChanges++
-			m.releaseAgentHoldsLocked(unserved)
-			m.mu.Unlock()
+			m.agentsChanged()
 		case <-timer.C:
 		}
 	}
+}
+
+// agentsChanged takes in that agents came or went (the executor's
+// CapacityChanged): the holds of threads set aside for lack of an agent
+// end, but those for agent ids still served by none.
+func (m *Mailbox) agentsChanged() {
+	unserved := m.stillUnserved()
+	m.mu.Lock()
+	m.capChanges++
+	m.releaseAgentHoldsLocked(unserved)
+	m.mu.Unlock()
 }
 
 // dispatchReady starts due work on free slots, oldest waiting thread

@@ -394,8 +394,7 @@ func (h *Hub) register(c *conn) (ok bool, goaway *ipc.Status) {
 		goaway = &g
 	}
 	h.mu.Unlock()
-	h.updateCapacity()
-	h.signalCapacity() // the agent ids served changed, whatever the total did
+	h.agentsChanged()
 	h.wake()
 	return true, goaway
 }
@@ -404,9 +403,18 @@ func (h *Hub) unregister(c *conn) {
 	h.mu.Lock()
 	delete(h.conns, c)
 	h.mu.Unlock()
-	h.updateCapacity()
-	h.signalCapacity()
+	h.agentsChanged()
 	h.wake()
+}
+
+// agentsChanged recomputes Capacity and signals CapacityChanged once: the
+// agent ids served changed, whatever the total did. Signalled twice (by
+// updateCapacity and again), the engine could take the second signal
+// after a claim that followed the first, take the hub's refusal of it for
+// out of date, and claim it again only to be refused again (found in CI).
+func (h *Hub) agentsChanged() {
+	h.recomputeCapacity()
+	h.signalCapacity()
 }
 
 // signalCapacity signals CapacityChanged (coalesced, never blocking).
@@ -420,6 +428,13 @@ func (h *Hub) signalCapacity() {
 // updateCapacity recomputes Capacity and signals CapacityChanged when it
 // changed.
 func (h *Hub) updateCapacity() {
+	if h.recomputeCapacity() {
+		h.signalCapacity()
+	}
+}
+
+// recomputeCapacity recomputes Capacity and reports whether it changed.
+func (h *Hub) recomputeCapacity() bool {
 	h.mu.Lock()
 	total := 0
 	if !h.draining {
@@ -428,9 +443,7 @@ func (h *Hub) updateCapacity() {
 		}
 	}
 	h.mu.Unlock()
-	if h.capacity.Swap(int64(total)) != int64(total) {
-		h.signalCapacity()
-	}
+	return h.capacity.Swap(int64(total)) != int64(total)
 }
 
 // Drain gives up, as GoAway does, the cancelled runs whose agents have
