@@ -602,7 +602,8 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		// superseded meanwhile). As if the two had come one after the
 		// other, ours was superseded by the later one before it started:
 		// its dispatch is cancelled (its run settles as cancelled in the
-		// same commit) and its stream ends with run_finish cancelled. Its
+		// same commit), or superseded if the later one's interrupt reached
+		// it first, and its stream ends with run_finish cancelled. Its
 		// message stays in the log, as a superseded submit's does; the
 		// request was taken, so it is not answered as failed.
 		m.releaseSlot(thread)

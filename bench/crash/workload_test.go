@@ -33,7 +33,8 @@ type accepted struct {
 	checked           bool  // seen to exist after a restart
 	// Superseded: a foreground submit answered status cancelled (taken,
 	// then superseded by a concurrent foreground submit before it
-	// started): the sidecar cancelled it, and said so.
+	// started): the sidecar cancelled it, or the other submit's interrupt
+	// superseded it first, and said so.
 	Superseded bool
 }
 
