@@ -722,6 +722,13 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		case errors.Is(err, ErrVersionConflict) || errors.Is(err, ErrNotFound):
 			// A cancel or an interrupt settled the dispatch first.
 			log.Info("complete refused: the dispatch was settled meanwhile", "err", err)
+		case errors.Is(err, ErrTooLarge):
+			// Too large even with its response cut: its termination or
+			// its waiting state (a suspended run's tickets), which every
+			// attempt would make again. Left to its lease, the run
+			// executed again at every attempt before it was
+			// dead-lettered; it is dead-lettered now, once, saying why.
+			m.deadLetterTooLarge(ctx, e, err, now, log)
 		default:
 			log.Warn("complete failed; the attempt will be retried after its lease", "err", err)
 		}
@@ -835,6 +842,19 @@ func (m *Mailbox) completeRecorded(ctx context.Context, e *execution, res RunRes
 		try++
 		time.Sleep(time.Duration(try) * 50 * time.Millisecond)
 	}
+}
+
+// deadLetterTooLarge dead-letters the attempt of e whose completed result
+// the store refused as too large (err) after its response was cut.
+func (m *Mailbox) deadLetterTooLarge(ctx context.Context, e *execution, err error, now int64, log interface{ Warn(string, ...any) }) {
+	d := &e.dispatch
+	msg := truncateError("run result too large for the store, even with its response cut: " + err.Error())
+	if derr := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); derr != nil {
+		log.Warn("complete refused as too large, and its dead letter failed; the attempt will be retried after its lease", "err", err, "dead_letter_err", derr)
+		return
+	}
+	m.metrics.count(metricDeadLetter, "cause", deadLetterPermanent).Inc()
+	log.Warn("run result too large for the store: dead-lettered", "err", err)
 }
 
 // responseCuts are the sizes a completed run's response is cut to, in

@@ -29,14 +29,16 @@ func (a *outcomeAgent) Run(ctx context.Context, req *engine.RunRequest, sink eng
 
 // runOnce starts a mailbox on a NATS store whose server takes messages of
 // at most maxPayload bytes, submits one run to agent and waits for its
-// dispatch to end. A lease lapses after a second, so that a run whose
-// settlement the store refused is soon reclaimed and executed again.
+// dispatch to end, or to execute again. A lease lapses after three
+// seconds, so that a run whose settlement the store refused is soon
+// reclaimed and executed again (one second was too short for a loaded
+// machine: a completion in time lost its lease).
 func runOnce(t *testing.T, maxPayload int32, agent *outcomeAgent) (*engine.Dispatch, *engine.RunRecord) {
 	t.Helper()
 	cfg := freshConfig()
 	cfg.URL = natstest.StartWithMaxPayload(t, maxPayload).URL()
 	st := openCfg(t, cfg)
-	mb, err := engine.New(st, agent, engine.Config{ConsumerID: "big", Lease: time.Second, RenewInterval: 250 * time.Millisecond,
+	mb, err := engine.New(st, agent, engine.Config{ConsumerID: "big", Lease: 3 * time.Second, RenewInterval: 500 * time.Millisecond,
 		SweepInterval: 100 * time.Millisecond, MaxAttempts: 2, RetryDelay: 10 * time.Millisecond, MaxRetryDelay: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -57,7 +59,7 @@ func runOnce(t *testing.T, maxPayload int32, agent *outcomeAgent) (*engine.Dispa
 	var d *engine.Dispatch
 	eventually(t, "the dispatch ended", func() bool {
 		d, err = st.LoadDispatch(ctx, sub.DispatchID)
-		return err == nil && d != nil && d.Status.Terminal()
+		return err == nil && d != nil && d.Status.Terminal() || agent.runs.Load() > 1
 	})
 	r, err := st.LoadRun(ctx, sub.RunID)
 	if err != nil || r == nil {
@@ -116,6 +118,25 @@ func TestAFailureWithAnErrorTooLargeIsDeadLetteredOnce(t *testing.T) {
 	}
 	if len(d.LastError) > engine.MaxErrorLen || !strings.HasPrefix(d.LastError, "eeee") {
 		t.Fatalf("last error of %d bytes starts %.20q; want the text cut to at most %d", len(d.LastError), d.LastError, engine.MaxErrorLen)
+	}
+}
+
+// A run that ends waiting with a waiting state over the server's
+// max_payload (a suspended run's tickets), which no cut of its response
+// makes fit, is dead-lettered at once, saying why: the refused
+// completion was left to its lease, and the run executed again at every
+// attempt before it was dead-lettered.
+func TestARunWhoseWaitingStateIsTooLargeIsDeadLetteredOnce(t *testing.T) {
+	tickets, _ := json.Marshal([]string{strings.Repeat("t", 1200<<10)})
+	agent := &outcomeAgent{outcome: engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunWaiting,
+		Termination: &engine.Termination{Type: engine.TermSuspended},
+		Waiting:     &engine.RunWaitingState{Reason: "tool_approval", TicketIDs: []string{"c1"}, Tickets: tickets}}}
+	d, r := runOnce(t, 1<<20, agent)
+	if d.Status != engine.StatusDeadLetter || r.Status != engine.RunDone {
+		t.Fatalf("dispatch %v, run %v; want a dead letter and its run done", d.Status, r.Status)
+	}
+	if !strings.Contains(d.LastError, "too large") || len(d.LastError) > engine.MaxErrorLen {
+		t.Fatalf("last error %.200q; want it to say the result was too large", d.LastError)
 	}
 }
 
