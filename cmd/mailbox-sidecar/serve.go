@@ -91,7 +91,7 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	// initialised a data directory, and left the agent socket's lock file
 	// (found by review). listenUnix takes the locks for good below.
 	for _, path := range []string{cfg.AgentSocket, cfg.APISocket} {
-		if err := probeSocketLock(path, log); err != nil {
+		if err := probeSocketLock(path); err != nil {
 			return nil, err
 		}
 	}

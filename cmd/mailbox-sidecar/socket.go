@@ -83,12 +83,13 @@ func lockSocketPath(path string, log *slog.Logger) (*os.File, error) {
 
 // probeSocketLock reports the error listenUnix would give for path's lock
 // now: another sidecar holds it. It takes the lock only to learn that,
-// and lets it go.
-func probeSocketLock(path string, log *slog.Logger) error {
+// and lets it go. A directory without locks is not warned of here:
+// listenUnix warns of it when it takes the lock (it was warned twice).
+func probeSocketLock(path string) error {
 	if _, err := os.Stat(path + ".lock"); errors.Is(err, fs.ErrNotExist) {
 		return nil // no sidecar served path since its directory was made
 	}
-	f, err := lockSocketPath(path, log)
+	f, err := lockSocketPath(path, slog.New(slog.DiscardHandler))
 	if f != nil {
 		f.Close()
 	}
