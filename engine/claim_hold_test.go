@@ -80,6 +80,12 @@ func TestAThreadThatCannotBeClaimedDoesNotBlockTheOthers(t *testing.T) {
 				good = append(good, res.DispatchID)
 			}
 			r.start(t)
+			// The dispatcher's wakes from the submits are spent before the
+			// slot comes: the slot's pass claims the failing thread, and
+			// nothing but the dispatcher's own look after the failure
+			// brings the threads behind it (at a second it tried the
+			// failing thread again first, for ever; a stress run found it).
+			time.Sleep(100 * time.Millisecond)
 			r.exec.setCapacity(1)
 			for _, id := range good {
 				eventually(t, "the threads behind the failing one run", func() bool { return dispatchStatus(t, r.store, id) == engine.StatusAcked })

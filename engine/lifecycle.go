@@ -558,8 +558,13 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		if failed.Load() || corrupt.Load() {
 			// Due work is waiting on a failing store: try again soon, not
 			// only at the next sweep. The failed threads are held
-			// (claimhold.go).
-			next = earliest(next, m.cfg.Now()+1000)
+			// (claimhold.go), and still are then: half their hold, so
+			// that the look serves the threads behind them. At a second,
+			// as their holds lapsed, it tried the failed thread again
+			// first, and with one free slot the threads behind it waited
+			// for a wake from elsewhere (a stress run of the suite found
+			// it).
+			next = earliest(next, m.cfg.Now()+claimHoldFirst.Milliseconds()/2)
 		}
 		// A thread whose record is damaged fails alone: the next round
 		// serves the threads behind it at once. Other failures may be the
