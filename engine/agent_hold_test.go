@@ -52,6 +52,37 @@ func TestAnAgentHoldEndsWhenTheThreadsQueueChanges(t *testing.T) {
 	})
 }
 
+// A cancel of a held thread's queued dispatch wakes the dispatcher for
+// the work behind it: it slept until the hold's end (a minute), and the
+// work waited for the next sweep (found by review). Here nothing else
+// wakes it: the work was queued before the cancel, and sweeps are an
+// hour apart.
+func TestACancelOfAHeldDispatchServesTheWorkBehindIt(t *testing.T) {
+	r := newRig(t, newFake(2, unavailableFor("reviewer")), engine.Config{SweepInterval: time.Hour})
+	r.start(t)
+	ctx := context.Background()
+	bad, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "reviewer", Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first attempt", func() bool { n, _, _ := r.exec.stats(); return n >= 1 })
+	good, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "writer", Messages: []engine.Message{userMsg("b")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The submit ended the hold; the dispatcher claims the thread again,
+	// its first dispatch is refused again, and the thread is held again.
+	eventually(t, "refused again", func() bool { n, _, _ := r.exec.stats(); return n >= 2 })
+	eventually(t, "back in the queue", func() bool { return dispatchStatus(t, r.store, bad.DispatchID) == engine.StatusQueued })
+	time.Sleep(100 * time.Millisecond) // its release's wake-ups spent
+	if ok, err := r.mb.Cancel(ctx, bad.DispatchID); err != nil || !ok {
+		t.Fatalf("cancel: %v %v", ok, err)
+	}
+	eventually(t, "the work behind the cancelled dispatch done", func() bool {
+		return dispatchStatus(t, r.store, good.DispatchID) == engine.StatusAcked
+	})
+}
+
 // No hold is set when agents came or went while the attempt ran: the
 // executor's "no agent" answer may predate them, and the wake-up that
 // would end the hold has passed (found by review: the dispatcher took

@@ -334,3 +334,116 @@ func startedOn(t *testing.T, exec engine.Executor, cfg engine.Config, wrap func(
 	})
 	return s, mb
 }
+
+// sharedAgent is the fake executor as two agents that count their slots:
+// agent A serves agent ids "x" and "y" with one slot, and refuses a run
+// of either while it has one (CodeAgentBusy); agent B serves "z" with one
+// slot and is never asked. A run of "y" waits for gate if it is set.
+type sharedAgent struct {
+	*fakeExecutor
+	gate  chan struct{}
+	mu    sync.Mutex
+	aBusy bool
+	order []string // the threads A ran, in order
+}
+
+func newSharedAgent() *sharedAgent {
+	a := &sharedAgent{gate: make(chan struct{})}
+	a.fakeExecutor = newFake(2, a.run)
+	return a
+}
+
+func (a *sharedAgent) run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+	a.mu.Lock()
+	if a.aBusy {
+		a.mu.Unlock()
+		return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentBusy, Error: "A is full"}
+	}
+	a.aBusy = true
+	a.order = append(a.order, req.ThreadID)
+	gate := a.gate
+	a.mu.Unlock()
+	if req.SlotTaken != nil {
+		req.SlotTaken()
+	}
+	defer func() {
+		a.mu.Lock()
+		a.aBusy = false // free before the engine learns the run ended, as the hub's
+		a.mu.Unlock()
+	}()
+	if req.AgentID == "y" && gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+		}
+	}
+	return noop(ctx, req, sink)
+}
+
+// FreeSlots implements engine.SlotCounter.
+func (a *sharedAgent) FreeSlots() []engine.AgentSlots {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := []engine.AgentSlots{{Free: 1, AgentIDs: []string{"z"}}}
+	if !a.aBusy {
+		out = append(out, engine.AgentSlots{Free: 1, AgentIDs: []string{"x", "y"}})
+	}
+	return out
+}
+
+// Serves implements engine.SlotCounter.
+func (a *sharedAgent) Serves(id string) bool { return id == "x" || id == "y" || id == "z" }
+
+func (a *sharedAgent) ran() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.order)
+}
+
+// A thread waiting for a full agent's slot gets it when the agent frees
+// it, though the run that ends is of another agent id the agent serves
+// and its thread has more work: the finishing attempt does not claim its
+// own thread's next run, which the dispatcher would give the slot to the
+// waiting thread instead (found by review: ty's next run was claimed at
+// every completion, and tx waited for all 40 of them).
+func TestAWaitingThreadGetsASlotAnotherAgentIDOfItsAgentKeeps(t *testing.T) {
+	exec := newSharedAgent()
+	s, mb := startedOn(t, exec, engine.Config{}, nil, 5*time.Second)
+	ctx := context.Background()
+	submit := func(thread, agent string) engine.SubmitResult {
+		t.Helper()
+		res, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, AgentID: agent, Messages: []engine.Message{userMsg("go")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	submit("ty", "y")
+	eventually(t, "ty's first run on A", func() bool { return len(exec.ran()) == 1 })
+	tx := submit("tx", "x")
+	// Refused (A is full; B does not serve x) and set aside for A's slot.
+	eventually(t, "tx refused and back in the queue", func() bool {
+		n, _, _ := exec.stats()
+		d, err := s.LoadDispatch(ctx, tx.DispatchID)
+		return n >= 2 && err == nil && d.Status == engine.StatusQueued
+	})
+	var ty []engine.SubmitResult
+	for range 40 {
+		ty = append(ty, submit("ty", "y"))
+	}
+	// The wake-ups of the submits spent: a pass of the dispatcher while
+	// A's slot is free would give it to tx whatever the completions do.
+	time.Sleep(200 * time.Millisecond)
+	exec.mu.Lock()
+	close(exec.gate)
+	exec.gate = nil
+	exec.mu.Unlock()
+	eventually(t, "tx ran", func() bool { return dispatchStatus(t, s, tx.DispatchID) == engine.StatusAcked })
+	order := exec.ran()
+	if i := slices.Index(order, "tx"); i < 0 || i > 20 {
+		t.Fatalf("tx ran on A as its run %d of %v; want it among the first (each of A's slots freed could take it)", i, order)
+	}
+	for _, res := range ty {
+		eventually(t, "ty's runs done", func() bool { return dispatchStatus(t, s, res.DispatchID) == engine.StatusAcked })
+	}
+}

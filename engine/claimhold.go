@@ -287,17 +287,36 @@ func (m *Mailbox) noteBusyWaitingLocked(ids map[string]struct{}) {
 	m.anyBusyWaiting.Store(len(ids) > 0)
 }
 
-// followOnFor reports whether a finishing attempt of agent may claim its
-// own thread's next run at once: not while threads wait for a free slot
-// of that agent.
+// followOnFor reports whether a finishing attempt of agent id agent may
+// claim its own thread's next run at once: not while threads wait for a
+// free slot of that agent id, nor while an agent with a free slot (the
+// finishing attempt's own, say) serves an agent id threads wait for.
+// The slot is the dispatcher's to give then, to the oldest of them.
+// Found by review: an agent serving ids x and y kept its one slot for a
+// thread of y, claimed anew at each completion, and a thread of x
+// waited as long as that thread had work.
 func (m *Mailbox) followOnFor(agent string) bool {
 	if !m.anyBusyWaiting.Load() {
 		return true // the common case: no lock on every completion
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	_, waiting := m.busyWaiting[agent]
-	return !waiting
+	ids := make([]string, 0, len(m.busyWaiting))
+	for id := range m.busyWaiting {
+		ids = append(ids, id)
+	}
+	m.mu.Unlock()
+	if waiting || m.slots == nil {
+		return !waiting
+	}
+	for _, a := range m.slots.FreeSlots() { // without m.mu: the executor has locks of its own
+		for _, id := range ids {
+			if a.serves(id) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // heldForAgentLocked reports whether thread is set aside at now for lack
@@ -323,6 +342,10 @@ func (m *Mailbox) releaseAgentHoldAfter(thread, submitted string) {
 	defer m.mu.Unlock()
 	if h, ok := m.held[thread]; ok && h.agent && (submitted == "" || h.dispatch != submitted) {
 		m.dropHoldLocked(thread, m.cfg.Now())
+		// The dispatcher slept until the hold's end (up to minutes): the
+		// thread's work is to be tried now (found by review: the work
+		// behind a cancelled held dispatch waited for the next sweep).
+		m.kick()
 	}
 	m.forgetTransitHoldLocked(thread, nil)
 	switch e := m.threads[thread]; {
