@@ -22,8 +22,11 @@ type Executor interface {
 	// total (0 when no agent is connected). The engine never has more
 	// runs executing than this.
 	Capacity() int
-	// CapacityChanged is signalled (non-blocking, coalesced) whenever
-	// Capacity may have changed: an agent connected or left.
+	// CapacityChanged is signalled (non-blocking, coalesced) when an
+	// agent connected or left, and when Capacity grew. A Capacity that
+	// only shrank need not be signalled (the engine reads it at every
+	// pass): a signal ends the holds of the threads set aside for lack
+	// of an agent, to be claimed again.
 	CapacityChanged() <-chan struct{}
 }
 

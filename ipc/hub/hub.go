@@ -426,15 +426,20 @@ func (h *Hub) signalCapacity() {
 }
 
 // updateCapacity recomputes Capacity and signals CapacityChanged when it
-// changed.
+// grew. A capacity that only shrank (an agent's GOAWAY, each of its held
+// runs ending, a drain) is not signalled: the engine reads Capacity at
+// every pass, and takes a signal for agents that came or went, which
+// ends the holds of the threads set aside for lack of an agent. Each run
+// end of an agent going away had every such thread claimed and refused
+// again (found by review).
 func (h *Hub) updateCapacity() {
-	if h.recomputeCapacity() {
+	if h.recomputeCapacity() > 0 {
 		h.signalCapacity()
 	}
 }
 
-// recomputeCapacity recomputes Capacity and reports whether it changed.
-func (h *Hub) recomputeCapacity() bool {
+// recomputeCapacity recomputes Capacity and returns how much it changed.
+func (h *Hub) recomputeCapacity() int64 {
 	h.mu.Lock()
 	total := 0
 	if !h.draining {
@@ -443,7 +448,7 @@ func (h *Hub) recomputeCapacity() bool {
 		}
 	}
 	h.mu.Unlock()
-	return h.capacity.Swap(int64(total)) != int64(total)
+	return int64(total) - h.capacity.Swap(int64(total))
 }
 
 // Drain gives up, as GoAway does, the cancelled runs whose agents have

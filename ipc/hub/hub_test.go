@@ -864,9 +864,22 @@ func TestAnAgentGoingAwayKeepsItsHeldRunsInTheCapacity(t *testing.T) {
 	old.send(ipc.TypeGoAway, 0, `{"code":"restart","message":"replaced"}`)
 	connect(t, r.path, ipc.Hello{MaxRuns: 5})
 	eventually(t, "the new agent's capacity beside the held runs", func() bool { return r.hub.Capacity() == 7 })
+	select { // the signals of the new agent's coming
+	case <-r.hub.CapacityChanged():
+	default:
+	}
 	old.send(ipc.TypeFinish, 1, `{"status":"done","termination":{"type":"natural_end"}}`)
 	rc1.wait(t)
 	eventually(t, "one held run fewer", func() bool { return r.hub.Capacity() == 6 })
+	// A capacity that only shrank is not signalled: the signal ends the
+	// engine's holds of threads set aside for lack of an agent, and each
+	// held run's end had them all claimed and refused again (found by
+	// review).
+	select {
+	case <-r.hub.CapacityChanged():
+		t.Fatal("CapacityChanged signalled for a held run's end")
+	default:
+	}
 	old.send(ipc.TypeFinish, 2, `{"status":"done","termination":{"type":"natural_end"}}`)
 	rc2.wait(t)
 	eventually(t, "the new agent's capacity alone", func() bool { return r.hub.Capacity() == 5 })
