@@ -73,7 +73,14 @@ func (m *Mailbox) handleSignal(ctx context.Context, sig DispatchSignal) {
 		return
 	}
 	var err error
-	switch m.tryDispatch(ctx, sig.ThreadID) {
+	r := m.tryDispatch(ctx, sig.ThreadID)
+	if r != attemptClaimed && m.starved.Load() {
+		// The probe took a slot and let it go: the dispatcher may have
+		// looked meanwhile, found no slot for the work that waits, and
+		// slept (found by review: that work waited for the next sweep).
+		m.kick()
+	}
+	switch r {
 	case attemptClaimed, attemptBusy:
 		err = ack()
 	case attemptError:

@@ -1,0 +1,71 @@
+package engine_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// gatedSigStore is a sigStore whose claims of thread gated wait for gate
+// and then find nothing, as a claim a probe of a signal makes while
+// another process took the work.
+type gatedSigStore struct {
+	*sigStore
+	gated   string
+	gate    chan struct{}
+	entered chan struct{}
+	once    sync.Once
+}
+
+func (s *gatedSigStore) ClaimStart(ctx context.Context, thread, consumer string, lease time.Duration, instance string, now int64) (*engine.Dispatch, error) {
+	if thread == s.gated {
+		s.once.Do(func() { close(s.entered) })
+		<-s.gate
+		return nil, nil
+	}
+	return s.sigStore.ClaimStart(ctx, thread, consumer, lease, instance, now)
+}
+
+// A signal's probe that held the only slot and found nothing wakes the
+// dispatcher when it lets the slot go: the dispatcher looked meanwhile,
+// found no slot for the work that waited, and slept (found by review:
+// that work waited for the next sweep or some other wake). Nothing else
+// wakes it here: the waiting work has no signal and sweeps are an hour
+// apart.
+func TestASignalProbeThatFindsNothingWakesTheDispatcher(t *testing.T) {
+	gs := &gatedSigStore{sigStore: newSigStore(t, false), gated: "probed", gate: make(chan struct{}), entered: make(chan struct{})}
+	cfg := sigConfig()
+	cfg.SweepInterval = time.Hour
+	cfg.SharedClaimGrace = time.Millisecond
+	mb := liveMailbox(t, gs, newFake(1, complete), cfg)
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		select {
+		case <-gs.gate:
+		default:
+			close(gs.gate)
+		}
+	}()
+	gs.push(&sigSignal{thread: "probed", dispatch: "gone"})
+	<-gs.entered // the probe holds the only slot
+	ctx := context.Background()
+	d := livePrepared(t, mb, liveReq("waiting", "w"))
+	if _, err := gs.Store.Enqueue(ctx, d); err != nil { // no signal: only the dispatcher takes it
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond) // past the shared claim grace
+	mb.Sweep(ctx)                     // the dispatcher looks: no slot
+	time.Sleep(100 * time.Millisecond)
+	if st := dispatchStatus(t, gs.Store, d.DispatchID); st != engine.StatusQueued {
+		t.Fatalf("the waiting work is %s while the probe holds the only slot; want queued", st)
+	}
+	close(gs.gate)
+	eventually(t, "the waiting work run once the probe let the slot go", func() bool {
+		return dispatchStatus(t, gs.Store, d.DispatchID) == engine.StatusAcked
+	})
+}
