@@ -14,8 +14,9 @@ import (
 // tried again once its delay has passed: one second, doubling up to a
 // minute while its claims fail with ErrCorrupt (nothing will change until
 // an operator acts); other errors, which a whole store shares (a full
-// disk, a closed store), keep the one second the dispatcher has always
-// waited after a failed claim. A claim of the thread that succeeds (or
+// disk, a closed store), keep one second. The dispatcher looks again
+// half a second after a failed claim, while the failed threads are still
+// held, to serve the threads behind them. A claim of the thread that succeeds (or
 // finds nothing) ends its hold; a hold that lapsed long ago without the
 // thread being tried again (its work went away) is forgotten.
 // mailbox_dispatch_held_threads counts the threads held or lapsed but not
@@ -342,10 +343,15 @@ func (m *Mailbox) releaseAgentHoldAfter(thread, submitted string) {
 	defer m.mu.Unlock()
 	if h, ok := m.held[thread]; ok && h.agent && (submitted == "" || h.dispatch != submitted) {
 		m.dropHoldLocked(thread, m.cfg.Now())
-		// The dispatcher slept until the hold's end (up to minutes): the
-		// thread's work is to be tried now (found by review: the work
-		// behind a cancelled held dispatch waited for the next sweep).
-		m.kick()
+		if submitted == "" {
+			// The dispatcher slept until the hold's end (up to minutes):
+			// the thread's work is to be tried now (found by review: the
+			// work behind a cancelled held dispatch waited for the next
+			// sweep). A submit claims it, or kicks, itself: a kick here
+			// let the dispatcher claim first, and a submit that ran was
+			// answered queued.
+			m.kick()
+		}
 	}
 	m.forgetTransitHoldLocked(thread, nil)
 	switch e := m.threads[thread]; {

@@ -850,6 +850,12 @@ func (m *Mailbox) deadLetterTooLarge(ctx context.Context, e *execution, err erro
 	d := &e.dispatch
 	msg := truncateError("run result too large for the store, even with its response cut: " + err.Error())
 	if derr := m.store.DeadLetter(ctx, d.DispatchID, d.ClaimToken, msg, now); derr != nil {
+		var conflict *ConflictError
+		if errors.Is(derr, ErrStaleClaim) || errors.Is(derr, ErrNotFound) || errors.Is(derr, ErrVersionConflict) || errors.As(derr, &conflict) {
+			// A cancel or an interrupt settled the dispatch first.
+			log.Warn("complete refused as too large; the dispatch was settled meanwhile", "err", err, "dead_letter_err", derr)
+			return
+		}
 		log.Warn("complete refused as too large, and its dead letter failed; the attempt will be retried after its lease", "err", err, "dead_letter_err", derr)
 		return
 	}

@@ -469,7 +469,14 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			m.noteBusyWaitingLocked(busy)
 			threads = m.notHeldLocked(threads, now)
 			m.mu.Unlock()
-			m.starved.Store(err != nil || len(threads) > 0)
+			starved := err != nil || len(threads) > 0
+			m.starved.Store(starved)
+			if starved && m.slotFree() {
+				// A slot was let go while the store listed (a signal's
+				// probe that found nothing): it read starved as false and
+				// did not wake the dispatcher (found by review).
+				continue
+			}
 			if err != nil {
 				return m.cfg.Now() + 1000
 			}
@@ -575,6 +582,13 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 	}
 	return m.cfg.Now() + 1
+}
+
+// slotFree reports whether a slot is free now and Stop has not begun.
+func (m *Mailbox) slotFree() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.closing && m.exec.Capacity()-m.inFlight > 0
 }
 
 // earliest is the earlier of two wake times (0: none).

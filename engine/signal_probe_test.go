@@ -3,6 +3,7 @@ package engine_test
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +28,70 @@ func (s *gatedSigStore) ClaimStart(ctx context.Context, thread, consumer string,
 		return nil, nil
 	}
 	return s.sigStore.ClaimStart(ctx, thread, consumer, lease, instance, now)
+}
+
+// listGatedSigStore is a gatedSigStore whose listing of ready threads
+// waits for listGate once armed, and says when it entered.
+type listGatedSigStore struct {
+	*gatedSigStore
+	armed       atomic.Bool
+	listGate    chan struct{}
+	listEntered chan struct{}
+	listOnce    sync.Once
+}
+
+func (s *listGatedSigStore) ReadyThreads(ctx context.Context, now int64, after engine.ReadyEntry, limit int) ([]engine.ReadyEntry, int64, error) {
+	if s.armed.Load() {
+		s.listOnce.Do(func() { close(s.listEntered) })
+		<-s.listGate
+	}
+	return s.gatedSigStore.ReadyThreads(ctx, now, after, limit)
+}
+
+// The same, when the probe lets its slot go while the dispatcher, which
+// found no slot, lists the threads that wait: the probe reads that the
+// dispatcher is not starved yet, and does not wake it; the dispatcher,
+// having said it is, looks at the slots again (found by review: it
+// slept with a free slot).
+func TestASlotLetGoWhileTheDispatcherListsIsSeen(t *testing.T) {
+	gs := &listGatedSigStore{
+		gatedSigStore: &gatedSigStore{sigStore: newSigStore(t, false), gated: "probed", gate: make(chan struct{}), entered: make(chan struct{})},
+		listGate:      make(chan struct{}), listEntered: make(chan struct{}),
+	}
+	cfg := sigConfig()
+	cfg.SweepInterval = time.Hour
+	cfg.SharedClaimGrace = time.Millisecond
+	mb := liveMailbox(t, gs, newFake(1, complete), cfg)
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	closeOnce := func(c chan struct{}) {
+		select {
+		case <-c:
+		default:
+			close(c)
+		}
+	}
+	defer closeOnce(gs.gate)
+	defer closeOnce(gs.listGate)
+	gs.push(&sigSignal{thread: "probed", dispatch: "gone"})
+	<-gs.entered // the probe holds the only slot
+	ctx := context.Background()
+	d := livePrepared(t, mb, liveReq("waiting", "w"))
+	if _, err := gs.Store.Enqueue(ctx, d); err != nil { // no signal: only the dispatcher takes it
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond) // past the shared claim grace
+	gs.armed.Store(true)
+	mb.Sweep(ctx) // the dispatcher looks: no slot; it lists the waiting threads
+	<-gs.listEntered
+	close(gs.gate) // the probe finds nothing and lets the slot go meanwhile
+	eventually(t, "the probe's slot let go", func() bool { return mb.InFlight() == 0 })
+	gs.armed.Store(false)
+	close(gs.listGate)
+	eventually(t, "the waiting work run", func() bool {
+		return dispatchStatus(t, gs.Store, d.DispatchID) == engine.StatusAcked
+	})
 }
 
 // A signal's probe that held the only slot and found nothing wakes the

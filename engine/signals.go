@@ -74,10 +74,12 @@ func (m *Mailbox) handleSignal(ctx context.Context, sig DispatchSignal) {
 	}
 	var err error
 	r := m.tryDispatch(ctx, sig.ThreadID)
-	if r != attemptClaimed && m.starved.Load() {
+	if (r == attemptNone || r == attemptError || r == attemptCorrupt) && m.starved.Load() {
 		// The probe took a slot and let it go: the dispatcher may have
 		// looked meanwhile, found no slot for the work that waits, and
 		// slept (found by review: that work waited for the next sweep).
+		// The dispatcher looks at the slots again once it has said it
+		// is starved (dispatchReady), so one of the two sees the other.
 		m.kick()
 	}
 	switch r {

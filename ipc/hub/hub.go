@@ -235,8 +235,11 @@ func (h *Hub) Metrics() *metrics.Set { return h.cfg.Metrics }
 // runs (engine.Executor).
 func (h *Hub) Capacity() int { return int(h.capacity.Load()) }
 
-// CapacityChanged is signalled when Capacity may have changed
-// (engine.Executor).
+// CapacityChanged is signalled when an agent connected or left, and when
+// Capacity grew (engine.Executor). An agent's GOAWAY, and each of its
+// held runs ending, only shrink Capacity and are not signalled: they
+// give no thread set aside a slot (a replacement agent's connection is
+// signalled).
 func (h *Hub) CapacityChanged() <-chan struct{} { return h.capCh }
 
 // Connections is the number of agent connections past their handshake.
@@ -439,15 +442,18 @@ func (h *Hub) updateCapacity() {
 }
 
 // recomputeCapacity recomputes Capacity and returns how much it changed.
+// The total is stored under h.mu: two recomputes at once (a held run
+// ending as an agent registers) could otherwise store the older total
+// last, until the next recompute (found by review).
 func (h *Hub) recomputeCapacity() int64 {
 	h.mu.Lock()
+	defer h.mu.Unlock()
 	total := 0
 	if !h.draining {
 		for c := range h.conns {
 			total += c.capacityShare()
 		}
 	}
-	h.mu.Unlock()
 	return int64(total) - h.capacity.Swap(int64(total))
 }
 
