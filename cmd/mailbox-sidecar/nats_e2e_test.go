@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -81,20 +82,34 @@ func TestNATSSidecarsShareTheQueueAndSurviveASIGKILL(t *testing.T) {
 	}
 	submit := func(nn *natsNode, thread, text string) string { return submitRun(nn, thread, text).DispatchID }
 
-	const longMs, shortMs = 2500, 300
+	const longMs, shortMs = 4000, 300
 	target := submit(nodes[0], "tk", fmt.Sprintf("sleep %d", longMs))
 	sleeps := map[string]int{"tk": longMs}
-	var ids []string
-	for i := range 9 {
-		thread := fmt.Sprintf("w%d", i%3)
-		sleeps[thread] = shortMs
-		ids = append(ids, submit(nodes[i%3], thread, fmt.Sprintf("sleep %d", shortMs)))
-	}
-
-	// The long run executes somewhere: kill that sidecar and its agent.
+	// The long run executes somewhere. The short runs are submitted while
+	// it does, at once: one after another, on a loaded machine, they took
+	// longer than the long run (a stress run of the suite).
 	first := pollDispatch(t, nodes[1].api, target, "running", func(d engine.Dispatch) bool {
 		return d.Status == engine.StatusClaimed && d.RunStatus == engine.RunRunning
 	})
+	ids := make([]string, 9)
+	var submits sync.WaitGroup
+	for i := range ids {
+		thread := fmt.Sprintf("w%d", i%3)
+		sleeps[thread] = shortMs
+		submits.Go(func() {
+			var res engine.SubmitResult
+			if err := nodes[i%3].api.do(context.Background(), http.MethodPost, "/v1/threads/"+thread+"/dispatches", map[string]any{"messages": []any{textMessage(fmt.Sprintf("sleep %d", shortMs))}}, &res); err != nil {
+				t.Errorf("submit through %s: %v", nodes[i%3].name, err)
+			}
+			ids[i] = res.DispatchID
+		})
+	}
+	submits.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// Kill the sidecar running the long run, and its agent.
 	var victim *natsNode
 	for _, nn := range nodes {
 		if nn.name == first.ClaimedBy {
