@@ -48,42 +48,53 @@ func (s *listGatedSigStore) ReadyThreads(ctx context.Context, now int64, after e
 	return s.gatedSigStore.ReadyThreads(ctx, now, after, limit)
 }
 
+// probeHoldsTheOnlySlot starts a mailbox with one slot on store (whose
+// sigStore is gs's) with sweeps an hour apart, delivers a signal for
+// thread "probed", whose claim then waits for gs.gate, and queues work on
+// thread "waiting" without a signal, past the shared claim grace: only
+// the dispatcher takes it. The gates are opened at cleanup.
+func probeHoldsTheOnlySlot(t *testing.T, gs *gatedSigStore, store engine.Store, gates ...chan struct{}) (*engine.Mailbox, engine.Dispatch) {
+	t.Helper()
+	cfg := sigConfig()
+	cfg.SweepInterval = time.Hour
+	cfg.SharedClaimGrace = time.Millisecond
+	mb := liveMailbox(t, store, newFake(1, complete), cfg)
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range append(gates, gs.gate) {
+		t.Cleanup(func() {
+			select {
+			case <-c:
+			default:
+				close(c)
+			}
+		})
+	}
+	gs.push(&sigSignal{thread: "probed", dispatch: "gone"})
+	<-gs.entered // the probe holds the only slot
+	d := livePrepared(t, mb, liveReq("waiting", "w"))
+	if _, err := gs.Store.Enqueue(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond) // past the shared claim grace
+	return mb, d
+}
+
+func newGatedSigStore(t *testing.T) *gatedSigStore {
+	return &gatedSigStore{sigStore: newSigStore(t, false), gated: "probed", gate: make(chan struct{}), entered: make(chan struct{})}
+}
+
 // The same, when the probe lets its slot go while the dispatcher, which
 // found no slot, lists the threads that wait: the probe reads that the
 // dispatcher is not starved yet, and does not wake it; the dispatcher,
 // having said it is, looks at the slots again (found by review: it
 // slept with a free slot).
 func TestASlotLetGoWhileTheDispatcherListsIsSeen(t *testing.T) {
-	gs := &listGatedSigStore{
-		gatedSigStore: &gatedSigStore{sigStore: newSigStore(t, false), gated: "probed", gate: make(chan struct{}), entered: make(chan struct{})},
-		listGate:      make(chan struct{}), listEntered: make(chan struct{}),
-	}
-	cfg := sigConfig()
-	cfg.SweepInterval = time.Hour
-	cfg.SharedClaimGrace = time.Millisecond
-	mb := liveMailbox(t, gs, newFake(1, complete), cfg)
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	closeOnce := func(c chan struct{}) {
-		select {
-		case <-c:
-		default:
-			close(c)
-		}
-	}
-	defer closeOnce(gs.gate)
-	defer closeOnce(gs.listGate)
-	gs.push(&sigSignal{thread: "probed", dispatch: "gone"})
-	<-gs.entered // the probe holds the only slot
-	ctx := context.Background()
-	d := livePrepared(t, mb, liveReq("waiting", "w"))
-	if _, err := gs.Store.Enqueue(ctx, d); err != nil { // no signal: only the dispatcher takes it
-		t.Fatal(err)
-	}
-	time.Sleep(20 * time.Millisecond) // past the shared claim grace
+	gs := &listGatedSigStore{gatedSigStore: newGatedSigStore(t), listGate: make(chan struct{}), listEntered: make(chan struct{})}
+	mb, d := probeHoldsTheOnlySlot(t, gs.gatedSigStore, gs, gs.listGate)
 	gs.armed.Store(true)
-	mb.Sweep(ctx) // the dispatcher looks: no slot; it lists the waiting threads
+	mb.Sweep(context.Background()) // the dispatcher looks: no slot; it lists the waiting threads
 	<-gs.listEntered
 	close(gs.gate) // the probe finds nothing and lets the slot go meanwhile
 	eventually(t, "the probe's slot let go", func() bool { return mb.InFlight() == 0 })
@@ -101,30 +112,9 @@ func TestASlotLetGoWhileTheDispatcherListsIsSeen(t *testing.T) {
 // wakes it here: the waiting work has no signal and sweeps are an hour
 // apart.
 func TestASignalProbeThatFindsNothingWakesTheDispatcher(t *testing.T) {
-	gs := &gatedSigStore{sigStore: newSigStore(t, false), gated: "probed", gate: make(chan struct{}), entered: make(chan struct{})}
-	cfg := sigConfig()
-	cfg.SweepInterval = time.Hour
-	cfg.SharedClaimGrace = time.Millisecond
-	mb := liveMailbox(t, gs, newFake(1, complete), cfg)
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		select {
-		case <-gs.gate:
-		default:
-			close(gs.gate)
-		}
-	}()
-	gs.push(&sigSignal{thread: "probed", dispatch: "gone"})
-	<-gs.entered // the probe holds the only slot
-	ctx := context.Background()
-	d := livePrepared(t, mb, liveReq("waiting", "w"))
-	if _, err := gs.Store.Enqueue(ctx, d); err != nil { // no signal: only the dispatcher takes it
-		t.Fatal(err)
-	}
-	time.Sleep(20 * time.Millisecond) // past the shared claim grace
-	mb.Sweep(ctx)                     // the dispatcher looks: no slot
+	gs := newGatedSigStore(t)
+	mb, d := probeHoldsTheOnlySlot(t, gs, gs)
+	mb.Sweep(context.Background()) // the dispatcher looks: no slot
 	time.Sleep(100 * time.Millisecond)
 	if st := dispatchStatus(t, gs.Store, d.DispatchID); st != engine.StatusQueued {
 		t.Fatalf("the waiting work is %s while the probe holds the only slot; want queued", st)
