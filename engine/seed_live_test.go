@@ -464,9 +464,10 @@ func TestSeed_foreground_submit_sends_live_cancel_for_remote_active_dispatch(t *
 		if err != nil || res.Status != engine.SubmitRunning {
 			t.Fatalf("foreground submit across processes: %+v %v", res, err)
 		}
-		if !sawCancel.Load() {
-			t.Fatal("the remote run's context was not cancelled")
-		}
+		// The remote settles the cancel and cancels the run's context
+		// before it answers; the run's goroutine sees that a moment later
+		// (a stress run of the suite read it too soon).
+		eventually(t, "the remote run's context cancelled", sawCancel.Load)
 		calls := router.recorded()
 		want := engine.LiveTarget{ThreadID: thread, RunID: active.RunID, DispatchID: active.DispatchID}
 		if len(calls) != 1 || calls[0].Cmd.Kind != engine.LiveCancel || calls[0].Target != want {
