@@ -25,20 +25,29 @@ func unavailableFor(agent string) func(context.Context, *engine.RunRequest, engi
 	}
 }
 
+// refusedForReviewer starts a rig with cfg on an executor that no agent
+// serves "reviewer" for, submits work for it on thread t1 and waits for
+// its first attempt, refused.
+func refusedForReviewer(t *testing.T, cfg engine.Config) (*rig, engine.SubmitResult) {
+	t.Helper()
+	r := newRig(t, newFake(2, unavailableFor("reviewer")), cfg)
+	r.start(t)
+	bad, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "t1", AgentID: "reviewer", Messages: []engine.Message{userMsg("a")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first attempt", func() bool { n, _, _ := r.exec.stats(); return n >= 1 })
+	return r, bad
+}
+
 // A thread set aside because no agent served its run is served again as
 // soon as its queue changes: here its dispatch for the absent agent is
 // cancelled and work for an agent that is here is submitted. (Found by
 // review: the hold outlived the dispatch that caused it, and the new
 // work waited out the minute.) The bound below is far under the hold.
 func TestAnAgentHoldEndsWhenTheThreadsQueueChanges(t *testing.T) {
-	r := newRig(t, newFake(2, unavailableFor("reviewer")), engine.Config{})
-	r.start(t)
+	r, bad := refusedForReviewer(t, engine.Config{})
 	ctx := context.Background()
-	bad, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "reviewer", Messages: []engine.Message{userMsg("a")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "the first attempt", func() bool { n, _, _ := r.exec.stats(); return n >= 1 })
 	eventually(t, "back in the queue", func() bool { return dispatchStatus(t, r.store, bad.DispatchID) == engine.StatusQueued })
 	if ok, err := r.mb.Cancel(ctx, bad.DispatchID); err != nil || !ok {
 		t.Fatalf("cancel: %v %v", ok, err)
@@ -58,14 +67,8 @@ func TestAnAgentHoldEndsWhenTheThreadsQueueChanges(t *testing.T) {
 // wakes it: the work was queued before the cancel, and sweeps are an
 // hour apart.
 func TestACancelOfAHeldDispatchServesTheWorkBehindIt(t *testing.T) {
-	r := newRig(t, newFake(2, unavailableFor("reviewer")), engine.Config{SweepInterval: time.Hour})
-	r.start(t)
+	r, bad := refusedForReviewer(t, engine.Config{SweepInterval: time.Hour})
 	ctx := context.Background()
-	bad, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "reviewer", Messages: []engine.Message{userMsg("a")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "the first attempt", func() bool { n, _, _ := r.exec.stats(); return n >= 1 })
 	good, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", AgentID: "writer", Messages: []engine.Message{userMsg("b")}})
 	if err != nil {
 		t.Fatal(err)
