@@ -19,6 +19,35 @@ const (
 	CodeBusy                = "busy"                 // SUBMIT refused: too many in flight
 )
 
+// Reasons an ERROR checkpoint_failed carries (Status.Reason): why the
+// checkpoint was not applied. Besides these, the client API's error codes
+// (validation, not_found, too_large) may appear; a
+// peer treats a reason it does not know like ReasonInternal.
+const (
+	// ReasonUnavailable: the store could not take the write now (a full
+	// disk, an I/O error, a store shutting down). The checkpoint may still
+	// have been applied (a commit whose sync failed can survive a
+	// restart): resend it only with message ids, so a copy already stored
+	// is refused as ReasonAlreadyExists.
+	ReasonUnavailable = "unavailable"
+	// ReasonAlreadyExists: a message id of the checkpoint is already in
+	// the thread log. Nothing was written.
+	ReasonAlreadyExists = "already_exists"
+	// ReasonConflict: the thread's log changed under the checkpoint at
+	// each of its tries (other writers appending at once). Nothing was
+	// written; it may be sent again.
+	ReasonConflict = "conflict"
+	// ReasonInternal: anything else; nothing the agent can mend.
+	ReasonInternal = "internal"
+	// ReasonRunEnded: the run ended (cancelled, failed, finished) before
+	// the checkpoint was applied. Nothing was written.
+	ReasonRunEnded = "run_ended"
+	// ReasonCheckpointBacklog: too many of the run's checkpoints awaited
+	// their answer; this and every later checkpoint of the run are
+	// refused and the run fails. Nothing was written.
+	ReasonCheckpointBacklog = "checkpoint_backlog"
+)
+
 // Hello is the HELLO payload: the agent's first frame.
 type Hello struct {
 	Protocol int    `json:"protocol"`
@@ -39,11 +68,13 @@ type Welcome struct {
 }
 
 // Status is the payload of GOAWAY and ERROR frames. On a run stream an
-// ERROR that answers a CHECKPOINT carries the checkpoint's Seq.
+// ERROR that answers a CHECKPOINT carries the checkpoint's Seq and, from
+// this sidecar, a Reason (the Reason* constants).
 type Status struct {
 	Code    string  `json:"code"`
 	Message string  `json:"message,omitempty"`
 	Seq     *uint64 `json:"seq,omitempty"`
+	Reason  string  `json:"reason,omitempty"`
 }
 
 // CheckpointAck is the CHECKPOINT_ACK payload.

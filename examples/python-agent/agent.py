@@ -490,9 +490,10 @@ class Run:
         if not done:
             raise RunFailed("transient", "checkpoint_timeout",
                             "no CHECKPOINT_ACK for seq %d in %.0f s" % (seq, CHECKPOINT_TIMEOUT))
-        if result:  # an ERROR frame
+        if result:  # an ERROR frame; its "reason" says why (docs/protocol.md)
             raise RunFailed("transient", str(result.get("code") or "checkpoint_failed"),
-                            str(result.get("message") or "checkpoint failed"))
+                            "%s (reason %s)" % (result.get("message") or "checkpoint failed",
+                                                result.get("reason") or "internal"))
 
     def _emit(self, event: Dict[str, Any]) -> None:
         """Send one EVENT (a JSON object with a "type")."""

@@ -103,8 +103,9 @@ func TestPythonAgent(t *testing.T) {
 	c.expectEvent(6, "run_start")
 	c.expectDelta(6, "echo: again")
 	c.checkpoint(6, "echo: again", false)
-	if fin := c.expectFinish(6, engine.TermError, "", ipc.KindTransient); fin.Error.Code != ipc.CodeCheckpointFailed {
-		t.Fatalf("FINISH error code = %q, want %q", fin.Error.Code, ipc.CodeCheckpointFailed)
+	if fin := c.expectFinish(6, engine.TermError, "", ipc.KindTransient); fin.Error.Code != ipc.CodeCheckpointFailed ||
+		!strings.Contains(fin.Error.Message, "disk full (reason unavailable)") {
+		t.Fatalf("FINISH error %+v, want code %q naming the message and the reason", fin.Error, ipc.CodeCheckpointFailed)
 	}
 
 	// GOAWAY from the sidecar: the running run finishes, then the agent
@@ -509,7 +510,7 @@ func (c *conn) checkpoint(stream uint64, reply string, ok bool) {
 	if ok {
 		c.sendJSON(ipc.TypeCheckpointAck, stream, ipc.CheckpointAck{Seq: cp.Seq})
 	} else {
-		c.sendJSON(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: "disk full", Seq: &cp.Seq})
+		c.sendJSON(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: "disk full", Seq: &cp.Seq, Reason: ipc.ReasonUnavailable})
 	}
 }
 

@@ -163,10 +163,11 @@ func TestCheckpointFailures(t *testing.T) {
 	fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
 
 	fc.expectEqualJSON(ipc.TypeCheckpoint, 1, `{"seq":1,"messages":[{"role":"assistant","content":"x"}]}`)
-	fc.send(ipc.TypeError, 1, `{"code":"checkpoint_failed","message":"disk full","seq":1}`)
+	fc.send(ipc.TypeError, 1, `{"code":"checkpoint_failed","message":"disk full","seq":1,"reason":"unavailable"}`)
 	var ce *CheckpointError
-	if err := recv(t, errs); !errors.As(err, &ce) || ce.Seq != 1 || ce.Code != ipc.CodeCheckpointFailed || ce.Message != "disk full" {
-		t.Fatalf("checkpoint 1 = %v, want CheckpointError seq 1 checkpoint_failed", err)
+	if err := recv(t, errs); !errors.As(err, &ce) || ce.Seq != 1 || ce.Code != ipc.CodeCheckpointFailed || ce.Message != "disk full" ||
+		ce.Reason != ipc.ReasonUnavailable || !ce.Retryable() {
+		t.Fatalf("checkpoint 1 = %v, want a retryable CheckpointError seq 1 checkpoint_failed, reason unavailable", err)
 	}
 
 	fc.expectEqualJSON(ipc.TypeCheckpoint, 1, `{"seq":2,"messages":[]}`)
@@ -181,6 +182,27 @@ func TestCheckpointFailures(t *testing.T) {
 		t.Fatalf("checkpoint 3 = %v", err)
 	}
 	fc.expect(ipc.TypeFinish, 1)
+}
+
+func TestCheckpointErrorRetryableByReason(t *testing.T) {
+	for reason, want := range map[string]bool{
+		ipc.ReasonUnavailable:       true,
+		ipc.ReasonConflict:          true,
+		ipc.ReasonAlreadyExists:     false,
+		ipc.ReasonRunEnded:          false,
+		ipc.ReasonCheckpointBacklog: false,
+		ipc.ReasonInternal:          false,
+		"too_large":                 false,
+		"":                          false, // a sidecar that sends no reason
+	} {
+		e := &CheckpointError{Seq: 1, Code: ipc.CodeCheckpointFailed, Reason: reason}
+		if got := e.Retryable(); got != want {
+			t.Errorf("reason %q: Retryable() = %v, want %v", reason, got, want)
+		}
+		if reason != "" && !strings.Contains(e.Error(), reason) {
+			t.Errorf("reason %q: %q does not name it", reason, e.Error())
+		}
+	}
 }
 
 func TestFinishResults(t *testing.T) {

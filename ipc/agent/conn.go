@@ -495,7 +495,7 @@ func (cn *conn) handleError(f *ipc.Frame) error {
 		return nil
 	}
 	r := cn.run(f.Stream)
-	if r != nil && st.Seq != nil && r.resolveCheckpoint(*st.Seq, &CheckpointError{Seq: *st.Seq, Code: st.Code, Message: st.Message}) {
+	if r != nil && st.Seq != nil && r.resolveCheckpoint(*st.Seq, &CheckpointError{Seq: *st.Seq, Code: st.Code, Message: st.Message, Reason: st.Reason}) {
 		return nil
 	}
 	if r == nil {

@@ -51,18 +51,39 @@ func (e *HandshakeError) Error() string {
 // version mismatch never does; Serve returns such an error.
 func (e *HandshakeError) Retryable() bool { return e.Code != ipc.CodeUnsupportedProtocol }
 
-// CheckpointError reports a checkpoint the sidecar could not make durable
-// (ERROR with the checkpoint's seq on the run stream). The run may go on or
-// give up; nothing of the checkpoint was applied.
+// CheckpointError reports a checkpoint the sidecar refused (ERROR with the
+// checkpoint's seq on the run stream). The run may go on or give up.
+// Reason says why: nothing of the checkpoint was written, except that a
+// store failure (ipc.ReasonUnavailable, Retryable) may still have applied
+// it.
 type CheckpointError struct {
 	Seq     uint64
 	Code    string // usually ipc.CodeCheckpointFailed
 	Message string
+	// Reason is one of the ipc.Reason* constants or another client API
+	// error code (validation, conflict, too_large …); empty from a
+	// sidecar that sends none.
+	Reason string
 }
 
 // Error describes the failed checkpoint.
 func (e *CheckpointError) Error() string {
+	if e.Reason != "" {
+		return fmt.Sprintf("agent: checkpoint %d failed (%s): %s: %s", e.Seq, e.Reason, e.Code, e.Message)
+	}
 	return fmt.Sprintf("agent: checkpoint %d failed: %s: %s", e.Seq, e.Code, e.Message)
+}
+
+// Retryable reports whether sending the same checkpoint again may succeed:
+// the store could not take it now (ipc.ReasonUnavailable), or the
+// thread's log kept changing under it (ipc.ReasonConflict). A checkpoint
+// refused as unavailable may also have been applied after all, so resend
+// it only with message ids: a copy already stored is then refused with
+// ipc.ReasonAlreadyExists, and nothing is logged twice. Every other
+// reason fails again as sent (a message id already in the log, a
+// checkpoint too large, the run ended).
+func (e *CheckpointError) Retryable() bool {
+	return e.Reason == ipc.ReasonUnavailable || e.Reason == ipc.ReasonConflict
 }
 
 // SubmitError reports a SUBMIT the sidecar refused (SUBMIT_RESULT with an

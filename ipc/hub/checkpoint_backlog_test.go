@@ -179,7 +179,8 @@ func TestCheckpointBacklogFailsOnlyItsRun(t *testing.T) {
 			// 6 are refused at once, before anything is acked.
 			for _, seq := range []uint64{5, 6} {
 				s := status(t, a.expect(ipc.TypeError, 1))
-				if s.Code != ipc.CodeCheckpointFailed || s.Seq == nil || *s.Seq != seq || !strings.Contains(s.Message, "CHECKPOINT_ACK") {
+				if s.Code != ipc.CodeCheckpointFailed || s.Seq == nil || *s.Seq != seq || !strings.Contains(s.Message, "CHECKPOINT_ACK") ||
+					s.Reason != ipc.ReasonCheckpointBacklog {
 					t.Fatalf("refusal of seq %d: %+v", seq, s)
 				}
 			}

@@ -597,7 +597,7 @@ func (c *conn) onCheckpoint(f *ipc.Frame) error {
 		fallthrough
 	case pushRefused:
 		c.h.m.checkpointRefused.Inc()
-		c.refuseCheckpoint(f.Stream, cp.Seq, fmt.Sprintf(
+		c.refuseCheckpoint(f.Stream, cp.Seq, ipc.ReasonCheckpointBacklog, fmt.Sprintf(
 			"refused: more than %d checkpoints (or %d bytes of them) of this run awaiting CHECKPOINT_ACK; "+
 				"this and every later CHECKPOINT of the run are refused and the run fails: wait for CHECKPOINT_ACK",
 			lim.count, lim.bytes))

@@ -150,20 +150,35 @@ func TestCheckpointFailureAnswersErrorWithSeq(t *testing.T) {
 	r := newRig(t, hub.Config{})
 	a, _ := connect(t, r.path, ipc.Hello{MaxRuns: 1})
 	eventually(t, "agent", func() bool { return r.hub.Capacity() == 1 })
-	req := request("t1")
-	req.Checkpoint = func(context.Context, engine.RunCheckpoint) error {
-		return fmt.Errorf("append: %w: disk full", engine.ErrUnavailable)
+	// Each store failure is answered with its seq and, as its reason, the
+	// client API's code of the error: the agent tells a checkpoint worth
+	// resending (unavailable) from one that fails again as sent.
+	cases := []struct {
+		err    error
+		reason string
+	}{
+		{fmt.Errorf("append: %w: disk full", engine.ErrUnavailable), ipc.ReasonUnavailable},
+		{fmt.Errorf("append: message m1: %w", engine.ErrAlreadyExists), ipc.ReasonAlreadyExists},
+		{fmt.Errorf("append: %w", context.DeadlineExceeded), ipc.ReasonUnavailable},
+		{fmt.Errorf("append: %w: 5 MiB", engine.ErrTooLarge), "too_large"},
+		{&engine.ConflictError{What: "message_count", Expected: 4, Actual: 5}, ipc.ReasonConflict},
+		{errors.New("append: something odd"), ipc.ReasonInternal},
 	}
-	rc := startRun(r.hub, context.Background(), req)
-	a.expect(ipc.TypeRun, 1)
-	a.send(ipc.TypeCheckpoint, 1, `{"seq":3,"messages":[{"role":"assistant","content":"x"}]}`)
-	s := status(t, a.expect(ipc.TypeError, 1))
-	if s.Code != ipc.CodeCheckpointFailed || s.Seq == nil || *s.Seq != 3 || !strings.Contains(s.Message, "disk full") {
-		t.Fatalf("checkpoint error %+v", s)
-	}
-	a.send(ipc.TypeFinish, 1, finishDone(""))
-	if o := rc.wait(t); o.Kind != engine.OutcomeCompleted {
-		t.Fatalf("outcome %+v", o)
+	for i, tc := range cases {
+		req := request(fmt.Sprint("t", i))
+		req.Checkpoint = func(context.Context, engine.RunCheckpoint) error { return tc.err }
+		rc := startRun(r.hub, context.Background(), req)
+		stream := uint64(i + 1)
+		a.expect(ipc.TypeRun, stream)
+		a.send(ipc.TypeCheckpoint, stream, `{"seq":3,"messages":[{"role":"assistant","content":"x"}]}`)
+		s := status(t, a.expect(ipc.TypeError, stream))
+		if s.Code != ipc.CodeCheckpointFailed || s.Seq == nil || *s.Seq != 3 || !strings.Contains(s.Message, tc.err.Error()) || s.Reason != tc.reason {
+			t.Fatalf("checkpoint error for %v: %+v, want reason %s", tc.err, s, tc.reason)
+		}
+		a.send(ipc.TypeFinish, stream, finishDone(""))
+		if o := rc.wait(t); o.Kind != engine.OutcomeCompleted {
+			t.Fatalf("outcome %+v", o)
+		}
 	}
 }
 

@@ -523,7 +523,7 @@ func (c *conn) endStream(st *stream) {
 	for _, it := range st.end() {
 		switch {
 		case it.checkpoint != nil:
-			c.refuseCheckpoint(st.id, it.checkpoint.Seq, "the run ended before this checkpoint was applied")
+			c.refuseCheckpoint(st.id, it.checkpoint.Seq, ipc.ReasonRunEnded, "the run ended before this checkpoint was applied")
 		case it.finish != nil:
 			c.mu.Lock()
 			delete(c.abandoned, st.id)
@@ -544,8 +544,8 @@ func (c *conn) backlogOutcome(b *backlogOverflow) *engine.RunOutcome {
 // refuseCheckpoint answers a CHECKPOINT that is not applied with ERROR
 // checkpoint_failed on its stream, through the heartbeat goroutine (it is
 // called by the reader).
-func (c *conn) refuseCheckpoint(stream, seq uint64, why string) {
-	c.answer(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: why, Seq: &seq}, false)
+func (c *conn) refuseCheckpoint(stream, seq uint64, reason, why string) {
+	c.answer(ipc.TypeError, stream, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: why, Seq: &seq, Reason: reason}, false)
 }
 
 // checkpoint persists one CHECKPOINT and answers it.
@@ -559,11 +559,22 @@ func (c *conn) checkpoint(ctx context.Context, st *stream, req *engine.RunReques
 	if err != nil {
 		c.h.m.checkpointErrors.Inc()
 		seq := cp.Seq
-		_ = c.writeJSON(ipc.TypeError, st.id, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: err.Error(), Seq: &seq})
+		_ = c.writeJSON(ipc.TypeError, st.id, ipc.Status{Code: ipc.CodeCheckpointFailed, Message: err.Error(), Seq: &seq, Reason: checkpointReason(err)})
 		return
 	}
 	c.h.m.checkpoints.Inc()
 	_ = c.writeJSON(ipc.TypeCheckpointAck, st.id, ipc.CheckpointAck{Seq: cp.Seq})
+}
+
+// checkpointReason is the Reason of the ERROR answering a checkpoint the
+// store refused: the client API's code of the error (engine.Code). A
+// context that ended first (checkpointTimeout: the store did not answer
+// in time) is unavailable, like the store's own failures.
+func checkpointReason(err error) string {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return ipc.ReasonUnavailable
+	}
+	return engine.Code(err)
 }
 
 // sendCancel tells the agent to stop the run; its ack is not awaited.
