@@ -205,7 +205,12 @@ func (d *durability) syncTail(t *logTail) error {
 // fail records err, when not nil, as the store's sync failure.
 func (d *durability) fail(err error) error {
 	if err != nil && d.failed.Load() == nil {
-		err = fmt.Errorf("%w (the store must be reopened: a log sync failed)", err)
+		// The next Open writes the logs out again (syncfailed.go).
+		if merr := markSyncFailed(d.dir, err); merr != nil {
+			err = fmt.Errorf("%w (the store must be reopened: a log sync failed; %v)", err, merr)
+		} else {
+			err = fmt.Errorf("%w (the store must be reopened: a log sync failed)", err)
+		}
 		d.failed.Store(&err)
 	}
 	return err

@@ -31,6 +31,9 @@ type storeMetrics struct {
 	// logCuts counts the memtable logs Open cut before a value pointer
 	// whose value never reached the disk (repair.go): 0 or 1 per process.
 	logCuts *metrics.Counter
+	// logRewrites counts the times Open wrote the logs out again because
+	// the last process's sync failed (syncfailed.go): 0 or 1 per process.
+	logRewrites *metrics.Counter
 	// refusedFull and refusedBroken count the operations the writer
 	// answered without a commit: the disk below MinFreeBytes, or a log
 	// sync that failed (found by review: with the disk full every submit
@@ -51,6 +54,7 @@ func newStoreMetrics() storeMetrics {
 		gcRewritten:   set.NewCounter(`mailbox_store_value_log_gc_total{result="rewritten"}`),
 		gcFailed:      set.NewCounter(`mailbox_store_value_log_gc_total{result="error"}`),
 		logCuts:       set.NewCounter(`mailbox_store_open_log_cuts_total`),
+		logRewrites:   set.NewCounter(`mailbox_store_open_log_rewrites_total`),
 		refusedFull:   set.NewCounter(`mailbox_store_refused_operations_total{reason="disk_full"}`),
 		refusedBroken: set.NewCounter(`mailbox_store_refused_operations_total{reason="sync_failed"}`),
 	}

@@ -215,6 +215,7 @@ func Open(opts Options) (*Store, error) {
 		}
 	}
 	cut := int64(-1) // where Open's repair cut the newest memtable log (repair.go)
+	rewrote := false // whether Open wrote the logs out again after a failed sync (syncfailed.go)
 	var err error
 	if !opts.InMemory {
 		// Badger writes a new memtable's log through a memory map: on a
@@ -226,6 +227,12 @@ func Open(opts Options) (*Store, error) {
 		}
 	}
 	if !opts.InMemory {
+		// A process whose log sync failed left pages the kernel marked
+		// clean without writing them: written again first, they are dirty
+		// for the sync below (syncfailed.go).
+		if rewrote, err = rewriteAfterFailedSync(opts.Dir, opts.syncedHook, opts.Logger); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+		}
 		// What a crashed process wrote and did not sync is durable before
 		// Badger reads it back: its Open flushes replayed memtables to
 		// table files in the background, and their value pointers must not
@@ -284,6 +291,9 @@ func Open(opts Options) (*Store, error) {
 	s.metrics = newStoreMetrics()
 	if cut >= 0 {
 		s.metrics.logCuts.Inc()
+	}
+	if rewrote {
+		s.metrics.logRewrites.Inc()
 	}
 	if !opts.InMemory {
 		s.vlogs = newVlogCheck(opts.Dir, opts.Logger)

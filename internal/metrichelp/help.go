@@ -66,6 +66,7 @@ var Help = map[string]string{
 	"mailbox_store_value_log_gc_total":         "Value-log garbage collection, by result (rewritten, error).",
 	"mailbox_store_value_log_corrupt_files":    "Value-log files that failed their check (value-log GC stays off while one exists).",
 	"mailbox_store_open_log_cuts_total":        "Memtable-log tails cut by this process's open after a power loss.",
+	"mailbox_store_open_log_rewrites_total":    "Log files written out again by this process's open because the last process's log sync failed.",
 	"mailbox_store_refused_operations_total":   "Store writes refused, by reason (disk_full, sync_failed).",
 	"mailbox_store_disk_free_bytes":            "Free bytes on the data directory's file system.",
 	"mailbox_store_disk_min_free_bytes":        "Free bytes below which the store refuses writes.",

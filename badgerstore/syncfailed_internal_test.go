@@ -1,0 +1,178 @@
+package badgerstore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// copyAsKilled copies the regular files of src into a new directory, as a
+// SIGKILL leaves them: what the process wrote, synced or not, as the page
+// cache holds it.
+func copyAsKilled(t *testing.T, src string) string {
+	t.Helper()
+	dst := filepath.Join(t.TempDir(), "after-kill")
+	if err := os.MkdirAll(dst, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dst
+}
+
+// brokenBySyncFailure opens a store, writes r1, then fails the memtable
+// log's sync of r2's write; it returns the directory as a SIGKILL then
+// leaves it.
+func brokenBySyncFailure(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	s, l := openSynced(t, Options{Dir: dir})
+	ctx := context.Background()
+	createRun(t, s, "r1", 10)
+	l.setFail(func(name string) error {
+		if strings.HasSuffix(name, memExt) {
+			return errors.New("injected: EIO")
+		}
+		return nil
+	})
+	run := engine.RunRecord{RunID: "r2", ThreadID: "t-r2", AgentID: "a", Status: engine.RunRunning, CreatedAt: 1, UpdatedAt: 1}
+	if err := s.CreateRun(ctx, run); !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("create with a failing sync: %v, want unavailable", err)
+	}
+	cause, err := os.ReadFile(filepath.Join(dir, syncFailedMarker))
+	if err != nil || !strings.Contains(string(cause), "injected: EIO") {
+		t.Fatalf("marker after the failed sync: %q %v, want one naming the failure", cause, err)
+	}
+	return copyAsKilled(t, dir)
+}
+
+// A store whose log sync failed leaves a marker; the next Open writes
+// every memtable log out again (byte for byte), syncs it before Badger
+// reads it, and removes the marker. The failed batch's outcome was
+// unknown to its caller (unavailable): it is replayed with the log.
+func TestAfterAFailedSyncTheNextOpenWritesTheLogsOutAgain(t *testing.T) {
+	dir := brokenBySyncFailure(t)
+	before := map[string][]byte{}
+	for _, name := range logFiles(t, dir, memExt) {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		before[name] = b
+	}
+	if len(before) == 0 {
+		t.Fatal("no memtable log left behind")
+	}
+
+	// The syncs made while the marker stands are the rewrite's.
+	var rewritten []string
+	s, err := Open(Options{Dir: dir, syncedHook: func(name string) error {
+		if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); err == nil && strings.HasSuffix(name, memExt) {
+			rewritten = append(rewritten, name)
+			if !bytes.Equal(mustRead(t, filepath.Join(dir, name)), before[name]) {
+				t.Errorf("%s changed by its rewrite", name)
+			}
+		}
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	slices.Sort(rewritten)
+	if want := slices.Sorted(maps.Keys(before)); !slices.Equal(rewritten, want) {
+		t.Fatalf("memtable logs written out again while the marker stood: %v, want %v", rewritten, want)
+	}
+	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("marker after the rewrite: %v, want it gone", err)
+	}
+	if got := s.metrics.logRewrites.Get(); got != 1 {
+		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 1", got)
+	}
+	ctx := context.Background()
+	for _, id := range []string{"r1", "r2"} {
+		if r, err := s.LoadRun(ctx, id); err != nil || r == nil {
+			t.Fatalf("run %s after the reopen: %v %v", id, r, err)
+		}
+	}
+}
+
+// When the rewrite's sync fails too, Open fails as unavailable and the
+// marker stays for the next try, which then succeeds.
+func TestAnOpenWhoseRewriteFailsKeepsTheMarker(t *testing.T) {
+	dir := brokenBySyncFailure(t)
+	_, err := Open(Options{Dir: dir, syncedHook: func(name string) error {
+		if strings.HasSuffix(name, memExt) {
+			return errors.New("injected: still EIO")
+		}
+		return nil
+	}})
+	if !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "still EIO") {
+		t.Fatalf("open with the rewrite's sync failing: %v, want unavailable", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); err != nil {
+		t.Fatalf("marker after a failed rewrite: %v, want it kept", err)
+	}
+	s, err := Open(Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := s.metrics.logRewrites.Get(); got != 1 {
+		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 1", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("marker after the rewrite: %v, want it gone", err)
+	}
+}
+
+// A store that stopped without a failed sync leaves no marker, and its
+// next Open writes nothing out again.
+func TestACleanStopLeavesNoMarker(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openSynced(t, Options{Dir: dir})
+	createRun(t, s, "r1", 10)
+	killed := copyAsKilled(t, dir)
+	if _, err := os.Stat(filepath.Join(killed, syncFailedMarker)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("marker without a failed sync: %v", err)
+	}
+	s2, err := Open(Options{Dir: killed})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got := s2.metrics.logRewrites.Get(); got != 0 {
+		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 0", got)
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
