@@ -176,3 +176,65 @@ func mustRead(t *testing.T, path string) []byte {
 	}
 	return b
 }
+
+// The review's scenario: a value-log sync fails under a value the store
+// refuses (v2), which the disk may not hold although the page cache does
+// (the kernel marked its pages clean). The next Open writes the value-log
+// file out again, byte for byte, and syncs it before Badger reads it, so
+// v2's pointer, once Badger's replay makes it durable in a table file,
+// points at bytes on the disk; without the rewrite the sync found the
+// pages clean and wrote nothing, and after a power loss the key read 0
+// bytes, hiding the acknowledged v1. (The kernel's side cannot be
+// modelled here: the test checks that the file is written out again
+// before anything reads it.)
+func TestAFailedValueLogSyncIsWrittenOutAgainBeforeItIsRead(t *testing.T) {
+	dir := t.TempDir()
+	s, l := openSynced(t, Options{Dir: dir, GCInterval: -1})
+	key := runKey("big")
+	v1 := bytes.Repeat([]byte("1"), 100<<10) // above ValueThreshold: in the value log
+	v2 := bytes.Repeat([]byte("2"), 100<<10)
+	if err := s.RawSet(key, v1); err != nil {
+		t.Fatal(err)
+	}
+	l.setFail(func(name string) error {
+		if strings.HasSuffix(name, vlogExt) {
+			return errors.New("injected: EIO")
+		}
+		return nil
+	})
+	if err := s.RawSet(key, v2); !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("v2 with a failing value-log sync: %v, want unavailable", err)
+	}
+	p2 := copyAsKilled(t, dir)
+	vlogs := logFiles(t, p2, vlogExt)
+	slices.SortFunc(vlogs, func(a, b string) int {
+		fa, _ := logFid(a, vlogExt)
+		fb, _ := logFid(b, vlogExt)
+		return fa - fb
+	})
+	newest := vlogs[len(vlogs)-1]
+	before := mustRead(t, filepath.Join(p2, newest))
+	if !bytes.Contains(before, v2[:4096]) {
+		t.Fatalf("the refused value is not in %s as the cache holds it", newest)
+	}
+	rewritten := false
+	s2, err := Open(Options{Dir: p2, GCInterval: -1, syncedHook: func(name string) error {
+		if _, err := os.Stat(filepath.Join(p2, syncFailedMarker)); err == nil && name == newest {
+			rewritten = true
+			if !bytes.Equal(mustRead(t, filepath.Join(p2, name)), before) {
+				t.Errorf("%s changed by its rewrite", name)
+			}
+		}
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if !rewritten {
+		t.Fatalf("%s, holding the refused value, was not written out and synced before the marker went", newest)
+	}
+	if got, found, err := s2.RawGet(key); err != nil || !found || !bytes.Equal(got, v2) {
+		t.Fatalf("key after the reopen: %d bytes, found %v, err %v; want v2, the refused write replayed", len(got), found, err)
+	}
+}
