@@ -28,14 +28,7 @@ func TestABacklogForAgentsOfDifferentIDsAllRuns(t *testing.T) {
 		return agent.Done("ok")
 	}
 	start := func(ids []string, max int) {
-		c, err := agent.New(agent.Config{Socket: st.path, AgentIDs: ids, MaxRuns: max, Handler: agent.HandlerFunc(handler), Logger: discardLogger(), ShutdownGrace: time.Second})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		served := make(chan error, 1)
-		go func() { served <- c.Serve(ctx) }()
-		t.Cleanup(func() { cancel(); <-served })
+		st.serveSDK(t, agent.Config{AgentIDs: ids, MaxRuns: max, Handler: agent.HandlerFunc(handler), ShutdownGrace: time.Second})
 	}
 	start([]string{"planner"}, 1)
 	start([]string{"coder"}, 2)

@@ -2,7 +2,6 @@ package hub_test
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,16 +19,7 @@ func TestAnAgentsShutdownSpendsNoAttemptOfItsRuns(t *testing.T) {
 	st := newStack(t, hub.Config{})
 	entered := make(chan struct{}, 1)
 	serve := func(handler agent.HandlerFunc) (stop func()) {
-		c, err := agent.New(agent.Config{Socket: st.path, MaxRuns: 1, Handler: handler, Logger: discardLogger(), ShutdownGrace: 100 * time.Millisecond})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		served := make(chan error, 1)
-		go func() { served <- c.Serve(ctx) }()
-		var once sync.Once
-		stop = func() { once.Do(func() { cancel(); <-served }) }
-		t.Cleanup(stop)
+		_, stop = st.serveSDK(t, agent.Config{MaxRuns: 1, Handler: handler, ShutdownGrace: 100 * time.Millisecond})
 		return stop
 	}
 	stop := serve(func(ctx context.Context, run *agent.Run) agent.Result {

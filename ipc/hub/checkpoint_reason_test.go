@@ -31,14 +31,8 @@ func TestACheckpointOfAMessageAlreadyLoggedSaysSo(t *testing.T) {
 		second <- run.Checkpoint(ctx, again)
 		return agent.Done("first")
 	}
-	c, err := agent.New(agent.Config{Socket: st.path, MaxRuns: 1, Handler: agent.HandlerFunc(handler), Logger: discardLogger(), ShutdownGrace: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- c.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-served })
+	st.serveSDK(t, agent.Config{MaxRuns: 1, Handler: agent.HandlerFunc(handler), ShutdownGrace: time.Second})
+	ctx := context.Background()
 	eventually(t, "SDK agent connected", func() bool { return st.hub.Capacity() == 1 })
 
 	res, err := st.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "dup", Messages: []engine.Message{text("hi")}})

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/agent"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 )
 
@@ -68,6 +70,25 @@ func newStack(t *testing.T, hcfg hub.Config) *stack {
 		s.Close()
 	})
 	return &stack{store: s, hub: h, mb: mb, path: path}
+}
+
+// serveSDK serves cfg's handler with the Go SDK on the stack's socket
+// (Socket and Logger set here) until the test ends, or until the returned
+// stop is called.
+func (st *stack) serveSDK(t *testing.T, cfg agent.Config) (c *agent.Client, stop func()) {
+	t.Helper()
+	cfg.Socket, cfg.Logger = st.path, discardLogger()
+	c, err := agent.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- c.Serve(ctx) }()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-served }) }
+	t.Cleanup(stop)
+	return c, stop
 }
 
 // pythonAgent starts examples/python-agent/agent.py on the stack's socket.

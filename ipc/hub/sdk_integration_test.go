@@ -54,15 +54,8 @@ func TestSDKAgentThroughEngine(t *testing.T) {
 		run.Emit(map[string]any{"type": "run_finish", "termination": map[string]string{"type": "natural_end"}})
 		return agent.Done("echo: " + text)
 	}
-	c, err := agent.New(agent.Config{Socket: st.path, MaxRuns: 4, Handler: agent.HandlerFunc(handler), Logger: discardLogger(), ShutdownGrace: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sdk = c
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- c.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-served })
+	sdk, _ = st.serveSDK(t, agent.Config{MaxRuns: 4, Handler: agent.HandlerFunc(handler), ShutdownGrace: time.Second})
+	ctx := context.Background()
 	eventually(t, "SDK agent connected", func() bool { return st.hub.Capacity() == 4 })
 
 	types := func(evs []engine.Event) string {
