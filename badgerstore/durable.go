@@ -206,7 +206,7 @@ func (d *durability) syncTail(t *logTail) error {
 func (d *durability) fail(err error) error {
 	if err != nil && d.failed.Load() == nil {
 		// The next Open writes the logs out again (syncfailed.go).
-		if merr := markSyncFailed(d.dir, err); merr != nil {
+		if merr := markSyncFailed(d.dir, d.vlog.fid, err); merr != nil {
 			err = fmt.Errorf("%w (the store must be reopened: a log sync failed; %v)", err, merr)
 		} else {
 			err = fmt.Errorf("%w (the store must be reopened: a log sync failed)", err)

@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"syscall"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -324,17 +323,14 @@ func keyTs(key []byte) uint64 {
 // error, a newest value-log file that Badger's Open will cut before whole
 // entries (NewestValueLogDamage).
 func repairDanglingPointers(dir string, log *slog.Logger) (int64, error) {
-	lock, err := os.Open(dir)
+	unlock, err := lockDir(dir)
+	if errors.Is(err, engine.ErrDataDirInUse) {
+		return -1, err
+	}
 	if err != nil {
 		return -1, fmt.Errorf("check memtable logs: %w", err)
 	}
-	defer lock.Close() // releases the lock
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return -1, engine.ErrDataDirInUse
-		}
-		return -1, fmt.Errorf("check memtable logs: lock %s: %w", dir, err)
-	}
+	defer unlock()
 	if err := removeEmptyLogs(dir, log); err != nil {
 		return -1, fmt.Errorf("remove empty log files: %w", err)
 	}

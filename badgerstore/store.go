@@ -231,6 +231,9 @@ func Open(opts Options) (*Store, error) {
 		// clean without writing them: written again first, they are dirty
 		// for the sync below (syncfailed.go).
 		if rewrote, err = rewriteAfterFailedSync(opts.Dir, opts.syncedHook, opts.Logger); err != nil {
+			if errors.Is(err, engine.ErrDataDirInUse) {
+				return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+			}
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 		}
 		// What a crashed process wrote and did not sync is durable before
@@ -238,13 +241,13 @@ func Open(opts Options) (*Store, error) {
 		// table files in the background, and their value pointers must not
 		// become durable before the values (durable.go).
 		if err := syncLogFiles(opts.Dir, opts.syncedHook); err != nil {
-			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(openSyncFailed(opts.Dir, err)))
 		}
 		if cut, err = repairDanglingPointers(opts.Dir, opts.Logger); err != nil {
 			if errors.Is(err, engine.ErrDataDirInUse) {
 				return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
 			}
-			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(openSyncFailed(opts.Dir, err)))
 		}
 	}
 	db, err := badger.Open(opts.badger())
@@ -274,7 +277,7 @@ func Open(opts Options) (*Store, error) {
 			fill = opts.MemTableSize // its writes: no value-log GC before the next memtable
 		}
 		if dur, err = openDurability(opts, fill, opts.syncedHook); err != nil {
-			return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err)))
+			return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(openSyncFailed(opts.Dir, err))))
 		}
 	}
 	s := &Store{

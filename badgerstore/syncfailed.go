@@ -8,8 +8,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
+	"strconv"
+	"strings"
 	"syscall"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
 // syncFailedMarker is the file a store whose log sync failed leaves in
@@ -28,16 +31,19 @@ import (
 // to the disk, or fails and Open with it.
 const syncFailedMarker = "SYNC-FAILED"
 
-// markSyncFailed leaves syncFailedMarker in dir, naming cause, synced
-// with the directory. Best effort: the disk that failed a sync may fail
-// this too; the error says so.
-func markSyncFailed(dir string, cause error) error {
+// markSyncFailed leaves syncFailedMarker in dir, naming cause and the
+// first value-log file a sync may have failed on (vlogFrom; 0: every
+// one), synced with the directory. Best effort: the disk that failed a
+// sync may fail this too; the error says so. Every sync of a value-log
+// file after Open is of the one followed or a newer one (durable.go), so
+// the followed file's number bounds them.
+func markSyncFailed(dir string, vlogFrom int, cause error) error {
 	path := filepath.Join(dir, syncFailedMarker)
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o640)
 	if err != nil {
 		return fmt.Errorf("leave %s: %w", syncFailedMarker, err)
 	}
-	_, werr := f.WriteString(cause.Error() + "\n")
+	_, werr := fmt.Fprintf(f, "%s%d\n%s\n", vlogFromPrefix, max(0, vlogFrom), cause)
 	serr := f.Sync()
 	cerr := f.Close()
 	if err := errors.Join(werr, serr, cerr); err != nil {
@@ -49,23 +55,43 @@ func markSyncFailed(dir string, cause error) error {
 	return nil
 }
 
+// vlogFromPrefix starts the marker's first line: the number of the first
+// value-log file to write out again.
+const vlogFromPrefix = "vlog_from "
+
 // rewriteAfterFailedSync runs at Open, before the logs are synced and
-// Badger reads them: when the last process left syncFailedMarker, it
-// writes every memtable log and the two newest value-log files out again
-// (their data, holes skipped) from what the page cache holds, syncs them
-// and the directory, and removes the marker. It reports whether it did.
-// On error the marker stays, and Open fails: the disk still does not
-// take the writes.
+// Badger reads them: when a process left syncFailedMarker, it writes
+// every memtable log and every value-log file from the one the marker
+// names (all of them when it names none) out again (their data, holes
+// skipped) from what the page cache holds, syncs them and the directory,
+// and removes the marker. It reports whether it did. It holds the
+// directory's lock meanwhile, as repair does (another process may own the
+// directory: engine.ErrDataDirInUse). On error the marker stays, and Open
+// fails: the disk still does not take the writes.
 func rewriteAfterFailedSync(dir string, hook func(string) error, log *slog.Logger) (bool, error) {
-	cause, err := os.ReadFile(filepath.Join(dir, syncFailedMarker))
+	marker, err := os.ReadFile(filepath.Join(dir, syncFailedMarker))
 	if errors.Is(err, fs.ErrNotExist) {
 		return false, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("read %s: %w", syncFailedMarker, err)
 	}
-	log.Warn("the last process's log sync failed: writing its logs out again before they are read",
-		"marker", syncFailedMarker, "cause", string(cause))
+	unlock, err := lockDir(dir)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	vlogFrom := 0
+	first, cause, _ := strings.Cut(string(marker), "\n")
+	if n, ok := strings.CutPrefix(first, vlogFromPrefix); ok {
+		if v, err := strconv.Atoi(n); err == nil && v >= 0 {
+			vlogFrom = v
+		}
+	} else {
+		cause = string(marker) // another form: every value-log file
+	}
+	log.Warn("a log sync of this data directory failed: writing its logs out again before they are read",
+		"marker", syncFailedMarker, "cause", strings.TrimSpace(cause), "value_logs_from", vlogFrom)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return false, fmt.Errorf("rewrite logs: %w", err)
@@ -75,19 +101,10 @@ func rewriteAfterFailedSync(dir string, hook func(string) error, log *slog.Logge
 		if _, ok := logFid(e.Name(), memExt); ok {
 			mems = append(mems, e.Name())
 		}
-		if _, ok := logFid(e.Name(), vlogExt); ok {
+		if fid, ok := logFid(e.Name(), vlogExt); ok && fid >= vlogFrom {
 			vlogs = append(vlogs, e.Name())
 		}
 	}
-	// A failed sync stops the store at once, so only the value-log file
-	// followed then, or the one Badger had just moved on to, can hold
-	// pages it did not write.
-	slices.SortFunc(vlogs, func(a, b string) int {
-		fa, _ := logFid(a, vlogExt)
-		fb, _ := logFid(b, vlogExt)
-		return fa - fb
-	})
-	vlogs = vlogs[max(0, len(vlogs)-2):]
 	var bytes int64
 	for _, name := range append(vlogs, mems...) {
 		n, err := rewriteFile(filepath.Join(dir, name), hook)
@@ -138,7 +155,11 @@ func rewriteFile(path string, hook func(string) error) (int64, error) {
 			off = data
 			continue
 		}
-		n, rerr := f.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
+		end := size
+		if hole, err := f.Seek(off, seekHole); err == nil && hole > off {
+			end = hole // write no zeros into the hole after this extent
+		}
+		n, rerr := f.ReadAt(buf[:min(int64(len(buf)), end-off)], off)
 		if n > 0 {
 			if _, err := f.WriteAt(buf[:n], off); err != nil {
 				return written, fmt.Errorf("rewrite %s: %w", path, err)
@@ -154,4 +175,39 @@ func rewriteFile(path string, hook func(string) error) (int64, error) {
 		return written, fmt.Errorf("rewrite: %w", err)
 	}
 	return written, nil
+}
+
+// seekHole is lseek's SEEK_HOLE: the next offset at or after the one
+// given that is in a hole (the file's end counts as one).
+const seekHole = 4
+
+// lockDir takes the lock Badger takes on dir (a flock of the directory)
+// without waiting: engine.ErrDataDirInUse when another process holds it.
+// Badger's Open takes it again after unlock.
+func lockDir(dir string) (unlock func(), err error) {
+	lock, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, engine.ErrDataDirInUse
+		}
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return func() { lock.Close() }, nil // closing releases the lock
+}
+
+// openSyncFailed leaves syncFailedMarker for a failure of Open's own
+// syncs (or of what came with them: a listing, a repair's cut): the pages
+// a crashed process left unsynced are then clean in the page cache and
+// no longer on their way to the disk, as after a failed sync of a running
+// store. Every value-log file is written out again. It returns err, with
+// the marker's own failure when it could not be left.
+func openSyncFailed(dir string, err error) error {
+	if merr := markSyncFailed(dir, 0, err); merr != nil {
+		return fmt.Errorf("%w; %v", err, merr)
+	}
+	return err
 }

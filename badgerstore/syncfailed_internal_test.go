@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -236,5 +238,143 @@ func TestAFailedValueLogSyncIsWrittenOutAgainBeforeItIsRead(t *testing.T) {
 	}
 	if got, found, err := s2.RawGet(key); err != nil || !found || !bytes.Equal(got, v2) {
 		t.Fatalf("key after the reopen: %d bytes, found %v, err %v; want v2, the refused write replayed", len(got), found, err)
+	}
+}
+
+// A sync that fails in Open itself (of the logs a killed process left)
+// leaves the marker too: those pages are clean now, and the next Open
+// writes them out again (found by review).
+func TestAnOpenWhoseOwnSyncFailsLeavesTheMarker(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openSynced(t, Options{Dir: dir})
+	createRun(t, s, "r1", 10)
+	killed := copyAsKilled(t, dir)
+	_, err := Open(Options{Dir: killed, syncedHook: func(name string) error {
+		if strings.HasSuffix(name, memExt) {
+			return errors.New("injected: EIO")
+		}
+		return nil
+	}})
+	if !errors.Is(err, engine.ErrUnavailable) {
+		t.Fatalf("open with a failing sync: %v, want unavailable", err)
+	}
+	marker, err := os.ReadFile(filepath.Join(killed, syncFailedMarker))
+	if err != nil || !strings.HasPrefix(string(marker), vlogFromPrefix+"0\n") || !strings.Contains(string(marker), "injected: EIO") {
+		t.Fatalf("marker after Open's failed sync: %q %v, want every value-log file and the cause", marker, err)
+	}
+	s2, err := Open(Options{Dir: killed})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got := s2.metrics.logRewrites.Get(); got != 1 {
+		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 1", got)
+	}
+	if r, err := s2.LoadRun(context.Background(), "r1"); err != nil || r == nil {
+		t.Fatalf("run r1 after the reopen: %v %v", r, err)
+	}
+}
+
+// Without syncs per commit the store follows the value log only when GC
+// syncs it, from the file followed at Open on: a failure there names that
+// file in the marker, and the rewrite starts from it, not from the two
+// newest (found by review).
+func TestTheRewriteStartsAtTheValueLogFileTheFailedSyncCouldReach(t *testing.T) {
+	dir := t.TempDir()
+	s, l := openSynced(t, Options{Dir: dir, NoSync: true, GCInterval: -1, ValueLogFileSize: 1 << 20})
+	first := s.dur.vlog.fid
+	for i := range 12 {
+		if err := s.RawSet(runKey(fmt.Sprint("big", i)), bytes.Repeat([]byte{byte('a' + i)}, 300<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(logFiles(t, dir, vlogExt)); n < 3 {
+		t.Fatalf("%d value-log files, want at least 3", n)
+	}
+	failing := fmt.Sprintf("%06d%s", first, vlogExt)
+	l.setFail(func(name string) error {
+		if name == failing {
+			return errors.New("injected: EIO")
+		}
+		return nil
+	})
+	if err := s.dur.afterGC(0); err == nil {
+		t.Fatal("afterGC did not fail")
+	}
+	killed := copyAsKilled(t, dir)
+	var rewritten []string
+	s2, err := Open(Options{Dir: killed, NoSync: true, GCInterval: -1, ValueLogFileSize: 1 << 20, syncedHook: func(name string) error {
+		if _, err := os.Stat(filepath.Join(killed, syncFailedMarker)); err == nil {
+			rewritten = append(rewritten, name)
+		}
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if !slices.Contains(rewritten, failing) {
+		t.Fatalf("%s, whose sync failed, was not written out again (written: %v)", failing, rewritten)
+	}
+}
+
+// The rewrite leaves a sparse file's holes alone and its data as it was.
+func TestARewriteKeepsHolesAndData(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "000001.vlog")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o640)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("x"), 3<<20) // more than one buffer
+	if _, err := f.WriteAt(data, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("tail"), 40<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(64 << 20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before := mustRead(t, path)
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	blocks := st.Blocks
+	n, err := rewriteFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(mustRead(t, path), before) {
+		t.Fatal("the rewrite changed the file")
+	}
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Blocks != blocks || n > int64(len(data))+64<<10 {
+		t.Fatalf("the rewrite wrote %d bytes and the file holds %d blocks, was %d: it filled holes", n, st.Blocks, blocks)
+	}
+}
+
+// The rewrite takes the directory's lock, as repair does: it never writes
+// the logs of a directory another process holds (found by review).
+func TestTheRewriteLeavesADirectoryInUseAlone(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openSynced(t, Options{Dir: dir}) // holds the directory
+	createRun(t, s, "r1", 10)
+	if err := markSyncFailed(dir, 0, errors.New("injected: EIO")); err != nil {
+		t.Fatal(err)
+	}
+	var synced []string
+	_, err := rewriteAfterFailedSync(dir, func(name string) error { synced = append(synced, name); return nil }, s.log)
+	if !errors.Is(err, engine.ErrDataDirInUse) || len(synced) > 0 {
+		t.Fatalf("rewrite of a directory in use: %v, synced %v; want ErrDataDirInUse and nothing written", err, synced)
+	}
+	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); err != nil {
+		t.Fatalf("marker after the refused rewrite: %v, want it kept", err)
+	}
+	if _, err := Open(Options{Dir: dir}); !errors.Is(err, engine.ErrDataDirInUse) {
+		t.Fatalf("a second Open of the directory: %v, want ErrDataDirInUse", err)
 	}
 }

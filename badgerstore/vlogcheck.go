@@ -187,17 +187,14 @@ func vlogName(fid uint32) string { return fmt.Sprintf("%06d.vlog", fid) }
 // appends to it, the newest file can look damaged (found by review:
 // verify on a live directory now and then said so instead of "in use").
 func NewestValueLogDamageStopped(dir string) error {
-	lock, err := os.Open(dir)
+	unlock, err := lockDir(dir)
+	if errors.Is(err, engine.ErrDataDirInUse) {
+		return err
+	}
 	if err != nil {
 		return fmt.Errorf("check the newest value-log file: %w", err)
 	}
-	defer lock.Close() // releases the lock
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return engine.ErrDataDirInUse
-		}
-		return fmt.Errorf("check the newest value-log file: lock %s: %w", dir, err)
-	}
+	defer unlock()
 	return NewestValueLogDamage(dir)
 }
 

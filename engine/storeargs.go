@@ -24,7 +24,7 @@ func (c *Checkpoint) Check() (*RunRecord, error) {
 			return nil, err
 		}
 		if _, dup := seen[m.ID]; dup {
-			return nil, fmt.Errorf("checkpoint %s: message %s twice: %w", c.ThreadID, m.ID, ErrAlreadyExists)
+			return nil, Validationf("checkpoint %s: message %s twice", c.ThreadID, m.ID)
 		}
 		seen[m.ID] = struct{}{}
 	}
