@@ -410,14 +410,7 @@ func TestOpenSyncsEveryLogFile(t *testing.T) {
 	createRun(t, s, "large", 100<<10)
 	// A copy of the open store's files is what a crash leaves behind:
 	// its memtable log is replayed at Open.
-	crashed := t.TempDir()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		copyFile(t, filepath.Join(dir, e.Name()), filepath.Join(crashed, e.Name()))
-	}
+	crashed := copyAsKilled(t, dir)
 	left := append(logFiles(t, crashed, memExt), logFiles(t, crashed, vlogExt)...)
 	s2, l := openSynced(t, Options{Dir: crashed})
 	synced := l.take()

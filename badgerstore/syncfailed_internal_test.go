@@ -30,15 +30,8 @@ func copyAsKilled(t *testing.T, src string) string {
 		t.Fatal(err)
 	}
 	for _, e := range entries {
-		if !e.Type().IsRegular() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(src, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o640); err != nil {
-			t.Fatal(err)
+		if e.Type().IsRegular() {
+			copyFile(t, filepath.Join(src, e.Name()), filepath.Join(dst, e.Name()))
 		}
 	}
 	return dst
