@@ -21,8 +21,8 @@ const (
 
 // Reasons an ERROR checkpoint_failed carries (Status.Reason): why the
 // checkpoint was not applied. Besides these, the client API's error codes
-// (validation, not_found, too_large) may appear; a
-// peer treats a reason it does not know like ReasonInternal.
+// (validation, not_found, too_large) may appear; a peer treats a reason
+// it does not know like ReasonInternal.
 const (
 	// ReasonUnavailable: the store could not take the write now (a full
 	// disk, an I/O error, a store shutting down). The checkpoint may still
