@@ -199,3 +199,36 @@ func benchSidecars(b *testing.B, n, submitters int, fresh bool) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
 }
+
+// BenchmarkReclaimExpired: a sweep after a crash, on the embedded server:
+// leases=N claimed dispatches on N threads whose leases have lapsed,
+// reclaimed by one ReclaimExpired call. One op is one lease reclaimed.
+func BenchmarkReclaimExpired(b *testing.B) {
+	const leases = 200
+	ctx := context.Background()
+	s := openCfg(b, freshConfig())
+	reclaimed := 0
+	b.ReportAllocs()
+	var spent time.Duration
+	for round := 0; reclaimed < b.N; round++ {
+		now := time.Now().UnixMilli()
+		for i := range leases {
+			thread := fmt.Sprintf("r%d-t%d", round, i)
+			if _, err := s.Enqueue(ctx, queued(fmt.Sprintf("r%d-d%d", round, i), thread, now)); err != nil {
+				b.Fatal(err)
+			}
+			if c, err := s.Claim(ctx, thread, "crashed", time.Millisecond, now); err != nil || c == nil {
+				b.Fatalf("claim %s: %v %v", thread, c, err)
+			}
+		}
+		start := time.Now()
+		got, err := s.ReclaimExpired(ctx, now+1000, leases)
+		spent += time.Since(start)
+		if err != nil || len(got) != leases {
+			b.Fatalf("reclaimed %d of %d: %v", len(got), leases, err)
+		}
+		reclaimed += len(got)
+	}
+	b.ReportMetric(float64(spent.Nanoseconds())/float64(reclaimed), "ns/lease")
+	b.ReportMetric(float64(reclaimed)/spent.Seconds(), "leases/s")
+}

@@ -3,6 +3,7 @@ package natsstore
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -701,9 +702,12 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 
 // ReclaimExpired implements engine.DispatchStore. The index lists the
 // candidates (claimed, lease_until < now, oldest lease first); each is
-// read again and reclaimed in its own batch, so a candidate another
+// read again and reclaimed in its own transaction, so a candidate another
 // process settled meanwhile is skipped, and two concurrent reclaims of one
-// lease make one transition.
+// lease make one transition. Up to reclaimWave candidates are reclaimed
+// at once, so that their transactions merge into one atomic batch (group
+// commit, group.go): one at a time, each paid a batch of its own, about
+// 6 ms (BenchmarkReclaimExpired). The result keeps the candidates' order.
 func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
 	if limit <= 0 {
 		return nil, nil
@@ -713,42 +717,62 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 	}
 	var out []engine.Dispatch
 	cands := s.idx.expired(now)
-	for _, c := range cands {
-		if len(out) >= limit {
-			break // superseded and skipped candidates do not count
+	for len(cands) > 0 && len(out) < limit {
+		// Superseded and skipped candidates do not count against limit:
+		// a wave takes no more than the reclaims still allowed.
+		wave := cands[:min(len(cands), limit-len(out), reclaimWave)]
+		cands = cands[len(wave):]
+		got := make([]*engine.Dispatch, len(wave))
+		errs := make([]error, len(wave))
+		var wg sync.WaitGroup
+		for i, c := range wave {
+			wg.Go(func() { got[i], errs[i] = s.reclaimOne(ctx, c, now) })
 		}
-		var got *engine.Dispatch
-		err := s.update(ctx, c.thread, func(t *txn) error {
-			got = nil
-			old, err := t.loadDispatch(c.id)
-			if err != nil || old == nil || old.Status != engine.StatusClaimed || old.LeaseUntil >= now {
-				return err
+		wg.Wait()
+		for i, d := range got {
+			if errs[i] != nil {
+				return out, fmt.Errorf("reclaim expired lease of %s: %w", wave[i].id, errs[i])
 			}
-			ep, err := t.epoch(old.ThreadID)
-			if err != nil {
-				return err
+			if d != nil {
+				s.signal(d)
+				out = append(out, *d)
 			}
-			d := old.Clone()
-			if old.Epoch < ep {
-				d.Supersede(ep, engine.ReasonLeaseExpiredStale, now)
-				return t.putDispatch(old, &d, now)
-			}
-			d.ReclaimExpired(now)
-			if err := t.putDispatch(old, &d, now); err != nil {
-				return err
-			}
-			got = &d
-			return nil
-		})
-		if err != nil {
-			return out, fmt.Errorf("reclaim expired lease of %s: %w", c.id, err)
-		}
-		if got != nil {
-			s.signal(got)
-			out = append(out, *got)
 		}
 	}
 	return out, nil
+}
+
+// reclaimWave bounds the leases ReclaimExpired reclaims at once.
+const reclaimWave = 64
+
+// reclaimOne reclaims candidate c if its lease has still lapsed: queued
+// again (or dead-lettered when its attempts are spent), or superseded
+// when its epoch is behind its thread's (then nil is returned).
+func (s *Store) reclaimOne(ctx context.Context, c dEntry, now int64) (*engine.Dispatch, error) {
+	var got *engine.Dispatch
+	err := s.update(ctx, c.thread, func(t *txn) error {
+		got = nil
+		old, err := t.loadDispatch(c.id)
+		if err != nil || old == nil || old.Status != engine.StatusClaimed || old.LeaseUntil >= now {
+			return err
+		}
+		ep, err := t.epoch(old.ThreadID)
+		if err != nil {
+			return err
+		}
+		d := old.Clone()
+		if old.Epoch < ep {
+			d.Supersede(ep, engine.ReasonLeaseExpiredStale, now)
+			return t.putDispatch(old, &d, now)
+		}
+		d.ReclaimExpired(now)
+		if err := t.putDispatch(old, &d, now); err != nil {
+			return err
+		}
+		got = &d
+		return nil
+	})
+	return got, err
 }
 
 // purgeChunk bounds the dispatches one purge batch deletes.
