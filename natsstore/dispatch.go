@@ -729,14 +729,18 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 			wg.Go(func() { got[i], errs[i] = s.reclaimOne(ctx, c, now) })
 		}
 		wg.Wait()
+		var first error
 		for i, d := range got {
-			if errs[i] != nil {
-				return out, fmt.Errorf("reclaim expired lease of %s: %w", wave[i].id, errs[i])
+			if errs[i] != nil && first == nil {
+				first = fmt.Errorf("reclaim expired lease of %s: %w", wave[i].id, errs[i])
 			}
-			if d != nil {
+			if d != nil { // reclaimed, whatever failed beside it
 				s.signal(d)
 				out = append(out, *d)
 			}
+		}
+		if first != nil {
+			return out, first
 		}
 	}
 	return out, nil
