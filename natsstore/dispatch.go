@@ -704,10 +704,14 @@ func (s *Store) Requeue(ctx context.Context, dispatchID, newDispatchID string, n
 // candidates (claimed, lease_until < now, oldest lease first); each is
 // read again and reclaimed in its own transaction, so a candidate another
 // process settled meanwhile is skipped, and two concurrent reclaims of one
-// lease make one transition. Up to reclaimWave candidates are reclaimed
-// at once, so that their transactions merge into one atomic batch (group
-// commit, group.go): one at a time, each paid a batch of its own, about
-// 6 ms (BenchmarkReclaimExpired). The result keeps the candidates' order.
+// lease make one transition. A wave of candidates is reclaimed at once,
+// so that their transactions merge into one atomic batch (group commit,
+// group.go): one at a time, each paid a batch of its own, about 5 ms
+// (BenchmarkReclaimExpired). The wave adapts: it halves after a wave
+// during which a publish of this store was refused (another sidecar
+// sweeping the same leases refuses the whole merged batch, whose members
+// then publish one by one), down to one at a time, and doubles after one
+// without, up to maxReclaimWave. The result keeps the candidates' order.
 func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
 	if limit <= 0 {
 		return nil, nil
@@ -720,15 +724,26 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 	for len(cands) > 0 && len(out) < limit {
 		// Superseded and skipped candidates do not count against limit:
 		// a wave takes no more than the reclaims still allowed.
-		wave := cands[:min(len(cands), limit-len(out), reclaimWave)]
+		size := int(s.reclaimWave.Load())
+		if size <= 0 {
+			size = maxReclaimWave
+		}
+		wave := cands[:min(len(cands), limit-len(out), size)]
 		cands = cands[len(wave):]
 		got := make([]*engine.Dispatch, len(wave))
 		errs := make([]error, len(wave))
+		refused := s.metrics.commitsConflict.Get()
 		var wg sync.WaitGroup
 		for i, c := range wave {
 			wg.Go(func() { got[i], errs[i] = s.reclaimOne(ctx, c, now) })
 		}
 		wg.Wait()
+		if s.metrics.commitsConflict.Get() > refused {
+			size = max(1, size/2)
+		} else {
+			size = min(maxReclaimWave, size*2)
+		}
+		s.reclaimWave.Store(int32(size))
 		var first error
 		for i, d := range got {
 			if errs[i] != nil && first == nil {
@@ -746,8 +761,8 @@ func (s *Store) ReclaimExpired(ctx context.Context, now int64, limit int) ([]eng
 	return out, nil
 }
 
-// reclaimWave bounds the leases ReclaimExpired reclaims at once.
-const reclaimWave = 64
+// maxReclaimWave bounds the leases ReclaimExpired reclaims at once.
+const maxReclaimWave = 64
 
 // reclaimOne reclaims candidate c if its lease has still lapsed: queued
 // again (or dead-lettered when its attempts are spent), or superseded

@@ -38,6 +38,9 @@ type Store struct {
 	metrics   storeMetrics
 
 	committed atomic.Uint64 // highest indexed sequence this store committed
+	// reclaimWave is how many lapsed leases ReclaimExpired reclaims at
+	// once (0: maxReclaimWave); it shrinks under contention (dispatch.go).
+	reclaimWave atomic.Int32
 
 	sig  signals        // dispatch signals (signals.go)
 	live live           // live commands received (live.go)
