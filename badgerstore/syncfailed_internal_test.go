@@ -83,28 +83,18 @@ func TestAfterAFailedSyncTheNextOpenWritesTheLogsOutAgain(t *testing.T) {
 
 	// The syncs made while the marker stands are the rewrite's.
 	var rewritten []string
-	s, err := Open(Options{Dir: dir, syncedHook: func(name string) error {
-		if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); err == nil && strings.HasSuffix(name, memExt) {
+	s := openCountingRewrites(t, Options{Dir: dir, syncedHook: func(name string) error {
+		if markerStands(dir) && strings.HasSuffix(name, memExt) {
 			rewritten = append(rewritten, name)
 			if !bytes.Equal(mustRead(t, filepath.Join(dir, name)), before[name]) {
 				t.Errorf("%s changed by its rewrite", name)
 			}
 		}
 		return nil
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	}}, 1)
 	slices.Sort(rewritten)
 	if want := slices.Sorted(maps.Keys(before)); !slices.Equal(rewritten, want) {
 		t.Fatalf("memtable logs written out again while the marker stood: %v, want %v", rewritten, want)
-	}
-	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("marker after the rewrite: %v, want it gone", err)
-	}
-	if got := s.metrics.logRewrites.Get(); got != 1 {
-		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 1", got)
 	}
 	ctx := context.Background()
 	for _, id := range []string{"r1", "r2"} {
@@ -127,20 +117,10 @@ func TestAnOpenWhoseRewriteFailsKeepsTheMarker(t *testing.T) {
 	if !errors.Is(err, engine.ErrUnavailable) || !strings.Contains(err.Error(), "still EIO") {
 		t.Fatalf("open with the rewrite's sync failing: %v, want unavailable", err)
 	}
-	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); err != nil {
-		t.Fatalf("marker after a failed rewrite: %v, want it kept", err)
+	if !markerStands(dir) {
+		t.Fatal("the marker is gone after a failed rewrite, want it kept")
 	}
-	s, err := Open(Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	if got := s.metrics.logRewrites.Get(); got != 1 {
-		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 1", got)
-	}
-	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("marker after the rewrite: %v, want it gone", err)
-	}
+	openCountingRewrites(t, Options{Dir: dir}, 1)
 }
 
 // A store that stopped without a failed sync leaves no marker, and its
@@ -150,17 +130,36 @@ func TestACleanStopLeavesNoMarker(t *testing.T) {
 	s, _ := openSynced(t, Options{Dir: dir})
 	createRun(t, s, "r1", 10)
 	killed := copyAsKilled(t, dir)
-	if _, err := os.Stat(filepath.Join(killed, syncFailedMarker)); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("marker without a failed sync: %v", err)
+	if markerStands(killed) {
+		t.Fatal("a marker without a failed sync")
 	}
-	s2, err := Open(Options{Dir: killed})
+	openCountingRewrites(t, Options{Dir: killed}, 0)
+}
+
+// markerStands reports whether dir holds syncFailedMarker (safe to call
+// from a sync hook, on any goroutine).
+func markerStands(dir string) bool {
+	_, err := os.Stat(filepath.Join(dir, syncFailedMarker))
+	return err == nil
+}
+
+// openCountingRewrites opens a store on dir (closed when the test ends)
+// and checks that its Open wrote the logs out again want times (0 or 1)
+// and left no marker.
+func openCountingRewrites(t *testing.T, opts Options, want uint64) *Store {
+	t.Helper()
+	s, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Close()
-	if got := s2.metrics.logRewrites.Get(); got != 0 {
-		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 0", got)
+	t.Cleanup(func() { _ = s.Close() })
+	if got := s.metrics.logRewrites.Get(); got != want {
+		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want %d", got, want)
 	}
+	if markerStands(opts.Dir) {
+		t.Fatal("the marker stands after Open")
+	}
+	return s
 }
 
 func mustRead(t *testing.T, path string) []byte {
@@ -213,19 +212,15 @@ func TestAFailedValueLogSyncIsWrittenOutAgainBeforeItIsRead(t *testing.T) {
 		t.Fatalf("the refused value is not in %s as the cache holds it", newest)
 	}
 	rewritten := false
-	s2, err := Open(Options{Dir: p2, GCInterval: -1, syncedHook: func(name string) error {
-		if _, err := os.Stat(filepath.Join(p2, syncFailedMarker)); err == nil && name == newest {
+	s2 := openCountingRewrites(t, Options{Dir: p2, GCInterval: -1, syncedHook: func(name string) error {
+		if markerStands(p2) && name == newest {
 			rewritten = true
 			if !bytes.Equal(mustRead(t, filepath.Join(p2, name)), before) {
 				t.Errorf("%s changed by its rewrite", name)
 			}
 		}
 		return nil
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
+	}}, 1)
 	if !rewritten {
 		t.Fatalf("%s, holding the refused value, was not written out and synced before the marker went", newest)
 	}
@@ -255,14 +250,7 @@ func TestAnOpenWhoseOwnSyncFailsLeavesTheMarker(t *testing.T) {
 	if err != nil || !strings.HasPrefix(string(marker), vlogFromPrefix+"0\n") || !strings.Contains(string(marker), "injected: EIO") {
 		t.Fatalf("marker after Open's failed sync: %q %v, want every value-log file and the cause", marker, err)
 	}
-	s2, err := Open(Options{Dir: killed})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
-	if got := s2.metrics.logRewrites.Get(); got != 1 {
-		t.Fatalf("mailbox_store_open_log_rewrites_total = %d, want 1", got)
-	}
+	s2 := openCountingRewrites(t, Options{Dir: killed}, 1)
 	if r, err := s2.LoadRun(context.Background(), "r1"); err != nil || r == nil {
 		t.Fatalf("run r1 after the reopen: %v %v", r, err)
 	}
@@ -296,16 +284,12 @@ func TestTheRewriteStartsAtTheValueLogFileTheFailedSyncCouldReach(t *testing.T) 
 	}
 	killed := copyAsKilled(t, dir)
 	var rewritten []string
-	s2, err := Open(Options{Dir: killed, NoSync: true, GCInterval: -1, ValueLogFileSize: 1 << 20, syncedHook: func(name string) error {
-		if _, err := os.Stat(filepath.Join(killed, syncFailedMarker)); err == nil {
+	openCountingRewrites(t, Options{Dir: killed, NoSync: true, GCInterval: -1, ValueLogFileSize: 1 << 20, syncedHook: func(name string) error {
+		if markerStands(killed) {
 			rewritten = append(rewritten, name)
 		}
 		return nil
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
+	}}, 1)
 	if !slices.Contains(rewritten, failing) {
 		t.Fatalf("%s, whose sync failed, was not written out again (written: %v)", failing, rewritten)
 	}
@@ -364,8 +348,8 @@ func TestTheRewriteLeavesADirectoryInUseAlone(t *testing.T) {
 	if !errors.Is(err, engine.ErrDataDirInUse) || len(synced) > 0 {
 		t.Fatalf("rewrite of a directory in use: %v, synced %v; want ErrDataDirInUse and nothing written", err, synced)
 	}
-	if _, err := os.Stat(filepath.Join(dir, syncFailedMarker)); err != nil {
-		t.Fatalf("marker after the refused rewrite: %v, want it kept", err)
+	if !markerStands(dir) {
+		t.Fatal("the marker is gone after the refused rewrite, want it kept")
 	}
 	if _, err := Open(Options{Dir: dir}); !errors.Is(err, engine.ErrDataDirInUse) {
 		t.Fatalf("a second Open of the directory: %v, want ErrDataDirInUse", err)
