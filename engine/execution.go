@@ -661,6 +661,20 @@ func (a *attemptLog) Info(msg string, args ...any)  { a.logger().Info(msg, args.
 func (a *attemptLog) Warn(msg string, args ...any)  { a.logger().Warn(msg, args...) }
 func (a *attemptLog) Error(msg string, args ...any) { a.logger().Error(msg, args...) }
 
+// observeEnd counts an ended attempt by its outcome label and records
+// its waits: from the dispatch's creation, and from its start (0 for an
+// attempt that never started).
+func (m *Mailbox) observeEnd(e *execution, now int64, label string) {
+	m.metrics.count(metricRuns, "outcome", label).Inc()
+	m.metrics.seconds(metricEnqToDone, time.Duration(now-e.dispatch.CreatedAt)*time.Millisecond, "outcome", label)
+	runtime := time.Duration(0)
+	if e.startedAt > 0 {
+		runtime = time.Duration(now-e.startedAt) * time.Millisecond
+	}
+	m.metrics.seconds(metricRuntime, runtime, "outcome", label)
+	m.metrics.seconds(metricRunSeconds, runtime, "outcome", label)
+}
+
 // settle records an attempt's outcome and settles its dispatch: ack,
 // nack with backoff, dead letter, or release.
 func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instance string, log interface {
@@ -671,8 +685,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	if e.cancelSettled.Load() {
 		// A user's cancel settled the dispatch already (Mailbox.Cancel).
 		// Counted as cancelled, not completed (found by review).
-		m.metrics.count(metricRuns, "outcome", outcomeCancelled).Inc()
-		m.metrics.seconds(metricEnqToDone, time.Duration(m.cfg.Now()-d.CreatedAt)*time.Millisecond, "outcome", outcomeCancelled)
+		m.observeEnd(e, m.cfg.Now(), outcomeCancelled)
 		m.emitFinishWith(e, &Termination{Type: TermCancelled})
 		return
 	}
@@ -684,15 +697,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	o.Error = truncateError(o.Error)
 	e.errorCode = o.ErrorCode
 	now := m.cfg.Now()
-	label := o.Kind.String()
-	m.metrics.count(metricRuns, "outcome", label).Inc()
-	m.metrics.seconds(metricEnqToDone, time.Duration(now-d.CreatedAt)*time.Millisecond, "outcome", label)
-	runtime := time.Duration(0)
-	if e.startedAt > 0 {
-		runtime = time.Duration(now-e.startedAt) * time.Millisecond
-	}
-	m.metrics.seconds(metricRuntime, runtime, "outcome", label)
-	m.metrics.seconds(metricRunSeconds, runtime, "outcome", label)
+	m.observeEnd(e, now, o.MetricLabel())
 	switch o.Kind {
 	case OutcomeCompleted:
 		status := o.Status

@@ -234,3 +234,19 @@ type RunOutcome struct {
 	ErrorCode string
 	Error     string
 }
+
+// OutcomeCancelledLabel is the metric label of an attempt that ended
+// cancelled: a user's cancel or an interrupt, however the agent reported
+// it (mailbox_runs_total, mailbox_agent_runs_total).
+const OutcomeCancelledLabel = "cancelled"
+
+// MetricLabel is the outcome's label in the run metrics: the kind's, or
+// OutcomeCancelledLabel for a completed attempt whose termination is
+// cancelled (an interrupted run completes cancelled; counted as completed
+// it hid every interrupt among the successes, found by review).
+func (o *RunOutcome) MetricLabel() string {
+	if o.Kind == OutcomeCompleted && o.Termination != nil && o.Termination.Type == TermCancelled {
+		return OutcomeCancelledLabel
+	}
+	return o.Kind.String()
+}

@@ -182,7 +182,7 @@ const (
 	deadLetterPermanent = "permanent"      // the agent failed the run for good
 	deadLetterAttempts  = "attempts_spent" // a failed attempt spent the last one
 	deadLetterLease     = "lease_expired"  // a lapsed lease spent the last one
-	outcomeCancelled    = "cancelled"
+	outcomeCancelled    = OutcomeCancelledLabel
 )
 
 func (em *engineMetrics) op(name, result string, took time.Duration) {

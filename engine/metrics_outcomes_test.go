@@ -11,13 +11,14 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 )
 
-// Dead letters are counted by cause, a user's cancel of a running run as
-// cancelled (not completed), and a sweep that finds the runs of terminal
-// dispatches settled already counts no mark (found by review: no dead
-// letter could be counted, a cancel counted as completed, and the mark
-// counters rose at every idle sweep).
+// Dead letters are counted by cause, a user's cancel of a running run and
+// an interrupt's as cancelled (not completed), with their durations, and
+// a sweep that finds the runs of terminal dispatches settled already
+// counts no mark (found by reviews: no dead letter could be counted, a
+// cancel and then an interrupt counted as completed, a cancel's duration
+// was never recorded, and the mark counters rose at every idle sweep).
 func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
-	running := make(chan struct{})
+	running := map[string]chan struct{}{"cancel": make(chan struct{}), "interrupt": make(chan struct{})}
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		switch req.ThreadID {
 		case "permanent":
@@ -25,24 +26,28 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 		case "transient":
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
 		}
-		close(running)
-		<-ctx.Done() // "cancel": runs until cancelled
+		close(running[req.ThreadID])
+		<-ctx.Done() // "cancel" and "interrupt": run until cancelled
 		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
 	}
 	r := newRig(t, newFake(4, script), engine.Config{MaxAttempts: 1})
 	r.start(t)
 	ctx := context.Background()
 	ids := map[string]string{}
-	for _, thread := range []string{"permanent", "transient", "cancel"} {
+	for _, thread := range []string{"permanent", "transient", "cancel", "interrupt"} {
 		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("x")}})
 		if err != nil {
 			t.Fatal(err)
 		}
 		ids[thread] = res.DispatchID
 	}
-	<-running // a cancel before the attempt reaches the agent counts no run
+	<-running["cancel"] // a cancel before the attempt reaches the agent counts no run
 	if ok, err := r.mb.Cancel(ctx, ids["cancel"]); !ok || err != nil {
 		t.Fatalf("cancel: %v %v", ok, err)
+	}
+	<-running["interrupt"]
+	if _, err := r.mb.Interrupt(ctx, "interrupt"); err != nil {
+		t.Fatalf("interrupt: %v", err)
 	}
 	// A killed process's claim whose lapse spends the last attempt.
 	now := time.Now().UnixMilli()
@@ -54,7 +59,7 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 	}
 	time.Sleep(5 * time.Millisecond)
 	r.mb.Sweep(ctx)
-	for thread, want := range map[string]engine.DispatchStatus{"permanent": engine.StatusDeadLetter, "transient": engine.StatusDeadLetter, "cancel": engine.StatusAcked} {
+	for thread, want := range map[string]engine.DispatchStatus{"permanent": engine.StatusDeadLetter, "transient": engine.StatusDeadLetter, "cancel": engine.StatusAcked, "interrupt": engine.StatusSuperseded} {
 		eventually(t, thread+" settled", func() bool { return dispatchStatus(t, r.store, ids[thread]) == want })
 	}
 	eventually(t, "the cancelled attempt ended", func() bool { return r.mb.InFlight() == 0 })
@@ -65,12 +70,15 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 	r.mb.Sweep(ctx)
 	r.mb.Sweep(ctx)
 	for series, want := range map[string]float64{
-		`mailbox_dead_letters_total{cause="permanent"}`:                          1,
-		`mailbox_dead_letters_total{cause="attempts_spent"}`:                     1,
-		`mailbox_dead_letters_total{cause="lease_expired"}`:                      1,
-		`mailbox_runs_total{outcome="cancelled"}`:                                1,
-		`mailbox_runs_total{outcome="completed"}`:                                0,
-		`mailbox_operations_total{operation="mark_run_dead_letter",result="ok"}`: marks,
+		`mailbox_dead_letters_total{cause="permanent"}`:                           1,
+		`mailbox_dead_letters_total{cause="attempts_spent"}`:                      1,
+		`mailbox_dead_letters_total{cause="lease_expired"}`:                       1,
+		`mailbox_runs_total{outcome="cancelled"}`:                                 2,
+		`mailbox_runs_total{outcome="completed"}`:                                 0,
+		`mailbox_run_duration_seconds_count{outcome="cancelled"}`:                 2,
+		`mailbox_dispatch_runtime_seconds_count{outcome="cancelled"}`:             2,
+		`mailbox_dispatch_enqueue_to_complete_seconds_count{outcome="cancelled"}`: 2,
+		`mailbox_operations_total{operation="mark_run_dead_letter",result="ok"}`:  marks,
 	} {
 		if got := execMetric(r.mb, series); got != want {
 			t.Errorf("%s = %v, want %v", series, got, want)

@@ -583,7 +583,7 @@ type hubMetrics struct {
 	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed   *metrics.Counter
 	unknownStream, submits, repliesDropped           *metrics.Counter
 	cancelOverdue                                    *metrics.Counter
-	runs                                             map[engine.OutcomeKind]*metrics.Counter
+	runs                                             map[string]*metrics.Counter
 }
 
 func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
@@ -613,10 +613,10 @@ func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 		submits:           s.NewCounter("mailbox_agent_submits_total"),
 		repliesDropped:    s.NewCounter("mailbox_agent_replies_dropped_total"),
 		cancelOverdue:     s.NewCounter("mailbox_agent_cancel_overdue_total"),
-		runs:              make(map[engine.OutcomeKind]*metrics.Counter),
+		runs:              make(map[string]*metrics.Counter),
 	}
-	for _, k := range []engine.OutcomeKind{engine.OutcomeCompleted, engine.OutcomeTransient, engine.OutcomePermanent, engine.OutcomeAbandoned} {
-		m.runs[k] = s.NewCounter(fmt.Sprintf(`mailbox_agent_runs_total{outcome=%q}`, k.String()))
+	for _, k := range []string{engine.OutcomeCompleted.String(), engine.OutcomeTransient.String(), engine.OutcomePermanent.String(), engine.OutcomeAbandoned.String(), engine.OutcomeCancelledLabel} {
+		m.runs[k] = s.NewCounter(fmt.Sprintf(`mailbox_agent_runs_total{outcome=%q}`, k))
 	}
 	return m
 }

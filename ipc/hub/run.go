@@ -272,7 +272,7 @@ type runInput struct {
 // hub drains: two runs of one thread never execute at once.
 func (h *Hub) Run(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 	o := h.run(ctx, req, sink)
-	if c := h.m.runs[o.Kind]; c != nil {
+	if c := h.m.runs[o.MetricLabel()]; c != nil {
 		c.Inc()
 	}
 	return o

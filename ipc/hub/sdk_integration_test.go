@@ -122,6 +122,12 @@ func TestSDKAgentThroughEngine(t *testing.T) {
 	if run, _ := st.store.LoadRun(ctx, res.RunID); run.Status != engine.RunDone || run.TerminationReason == nil || run.TerminationReason.Type != engine.TermCancelled {
 		t.Fatalf("cancelled run %+v", run)
 	}
+	// Counted as cancelled, not among the completed runs (found by review).
+	eventually(t, "the cancelled run counted", func() bool {
+		var m strings.Builder
+		st.hub.Metrics().WritePrometheus(&m)
+		return strings.Contains(m.String(), `mailbox_agent_runs_total{outcome="cancelled"} 1`+"\n")
+	})
 
 	// SUBMIT from the agent wakes another thread.
 	res, log, err = st.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "waker", Messages: []engine.Message{text("wake")}})
