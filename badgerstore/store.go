@@ -149,7 +149,10 @@ func (o *Options) badger() badger.Options {
 		WithNumCompactors(2).
 		WithNumGoroutines(2).
 		WithMetricsEnabled(false).
-		WithLogger(slogAdapter{o.Logger.With("component", "badger")})
+		// "subsystem", not a second "component": the store's logger has
+		// one already, and a JSON line with a key twice is dropped or
+		// refused by log pipelines (found by review).
+		WithLogger(slogAdapter{o.Logger.With("subsystem", "badger")})
 }
 
 // Store is the Badger implementation of engine.Store. It is safe for

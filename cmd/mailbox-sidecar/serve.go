@@ -148,11 +148,16 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, fmt.Errorf("API socket: %w", err)
 	}
 	s.serve("API socket", func() error { return s.px.ServeAPI(apiLn) }, nil)
+	// The log names the addresses bound, not the ones asked for: with
+	// port 0 the kernel picks one, and only the log tells which (found by
+	// review).
+	var httpAddr, adminAddr string
 	if cfg.HTTPAddr != "" {
 		ln, err := net.Listen("tcp", cfg.HTTPAddr)
 		if err != nil {
 			return nil, fmt.Errorf("--http-addr: %w", err)
 		}
+		httpAddr = ln.Addr().String()
 		s.serve("TCP API", func() error { return s.px.ServeTCP(ln) }, nil)
 	}
 	if cfg.AdminAddr != "" {
@@ -160,13 +165,14 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("--admin-addr: %w", err)
 		}
+		adminAddr = ln.Addr().String()
 		s.serve("admin", func() error { return s.px.ServeAdmin(ln) }, nil)
 	}
 	if cfg.ClockSkew != 0 {
 		log.Warn("engine clock skewed for testing", "skew", cfg.ClockSkew)
 	}
 	log.Info("sidecar listening", append([]any{"api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
-		"http_addr", cfg.HTTPAddr, "admin_addr", cfg.AdminAddr, "gomaxprocs", runtime.GOMAXPROCS(0)}, cfg.storeDescription()...)...)
+		"http_addr", httpAddr, "admin_addr", adminAddr, "gomaxprocs", runtime.GOMAXPROCS(0)}, cfg.storeDescription()...)...)
 	return s, nil
 }
 

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -98,5 +100,55 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The startup line names the addresses bound, so that a port left to the
+// kernel (":0") can be found, and a line of Badger's carries no key twice
+// (found by review: "admin_addr=127.0.0.1:0", and "component" twice in
+// Badger's JSON lines).
+func TestTheStartupLineNamesTheBoundAddresses(t *testing.T) {
+	n := newNode(t)
+	cfg, err := parseServe([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent,
+		"--admin-addr", "127.0.0.1:0", "--log-level", "debug"}, env(nil), os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out syncbuf.Buffer
+	s, err := startSidecar(cfg, slog.New(slog.NewJSONHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.shutdown(time.Second)
+	var admin string
+	badgerLines := 0
+	for l := range strings.Lines(out.String()) {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("not JSON: %q", l)
+		}
+		if m["msg"] == "sidecar listening" {
+			admin, _ = m["admin_addr"].(string)
+		}
+		if m["subsystem"] == "badger" {
+			badgerLines++
+		}
+		if strings.Count(l, `"component":`) > 1 {
+			t.Errorf("a key twice: %s", l)
+		}
+	}
+	if badgerLines == 0 {
+		t.Errorf("no line of Badger's in:\n%s", out.String())
+	}
+	if _, port, err := net.SplitHostPort(admin); err != nil || port == "0" {
+		t.Fatalf("admin_addr %q is not the address bound:\n%s", admin, out.String())
+	}
+	resp, err := http.Get("http://" + admin + "/livez")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /livez at the logged address: %s", resp.Status)
 	}
 }

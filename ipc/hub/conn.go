@@ -125,7 +125,17 @@ func (h *Hub) serveConn(nc net.Conn) {
 	c.readLoop()
 	h.unregister(c)
 	c.wg.Wait()
-	c.log.Info("agent disconnected", "cause", c.cause)
+	// A connection lost without the agent's GOAWAY, the sidecar's own
+	// close aside, is a warning: its runs failed and are retried (found by
+	// review: logged at INFO, beside a heartbeat loss's WARN).
+	c.mu.Lock()
+	clean := c.agentGoAway
+	c.mu.Unlock()
+	if clean || errors.Is(c.cause, ErrClosed) {
+		c.log.Info("agent disconnected", "cause", c.cause)
+	} else {
+		c.log.Warn("agent disconnected", "cause", c.cause, "goaway", false)
+	}
 }
 
 // handshake reads HELLO and answers WELCOME.

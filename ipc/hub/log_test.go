@@ -25,12 +25,21 @@ func TestAnAgentsLinesNameItUnderOneKey(t *testing.T) {
 	eventually(t, "the agent counted", func() bool { return r.hub.Capacity() == 1 })
 	a.nc.Close()
 	eventually(t, "the agent gone", func() bool { return r.hub.Capacity() == 0 })
+	// An agent that says GOAWAY before it closes leaves at INFO.
+	b, _ := connect(t, r.path, ipc.Hello{Name: "leaver", MaxRuns: 1})
+	eventually(t, "the second agent counted", func() bool { return r.hub.Capacity() == 1 })
+	b.send(ipc.TypeGoAway, 0, ipc.Status{Code: "shutdown"})
+	eventually(t, "its GOAWAY taken", func() bool { return r.hub.Capacity() == 0 })
+	b.nc.Close()
+	eventually(t, "the second agent's line", func() bool {
+		return strings.Contains(logs.String(), `"level":"INFO","msg":"agent disconnected","agent_conn":2,"agent":"leaver"`)
+	})
 	r.hub.Close()
 	for _, msg := range []string{"agent connected", "agent disconnected"} {
 		var line map[string]any
 		for l := range strings.Lines(logs.String()) {
 			var m map[string]any
-			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == msg {
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == msg && line == nil { // writer-7's: the first
 				line = m
 			}
 		}
@@ -39,6 +48,11 @@ func TestAnAgentsLinesNameItUnderOneKey(t *testing.T) {
 		}
 		if line["agent"] != "writer-7" || line["name"] != nil || line["agent_conn"] == nil {
 			t.Fatalf("%q logged as %v, want agent=writer-7 with agent_conn and no name", msg, line)
+		}
+		// A connection closed without GOAWAY is a warning (found by
+		// review: its runs failed at INFO).
+		if msg == "agent disconnected" && (line["level"] != "WARN" || line["goaway"] != false) {
+			t.Fatalf("%q logged as %v, want level WARN and goaway false", msg, line)
 		}
 	}
 }
