@@ -184,6 +184,8 @@ type Store struct {
 	// Badger (0: none), for Stalled.
 	opSince, commitSince atomic.Int64
 
+	orphans orphans // the claims held when the store was opened (orphans.go)
+
 	dur   *durability // syncs Badger's logs (durable.go); nil InMemory
 	space spaceGuard  // used by the writer goroutine only
 	reads snapshots   // the shared read snapshot (snapshot.go)
@@ -270,6 +272,10 @@ func Open(opts Options) (*Store, error) {
 	if err != nil {
 		return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err)))
 	}
+	left, err := listOrphans(db)
+	if err != nil {
+		return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, err))
+	}
 	var dur *durability
 	if !opts.InMemory {
 		if err := checkValueThreshold(db, opts.ValueThreshold); err != nil {
@@ -284,6 +290,7 @@ func Open(opts Options) (*Store, error) {
 		}
 	}
 	s := &Store{
+		orphans:    orphans{left: left},
 		dur:        dur,
 		db:         db,
 		opts:       opts,

@@ -14,6 +14,11 @@ type Config struct {
 	// ConsumerID names this process in claims (claimed_by). Default: a
 	// fresh UUIDv7.
 	ConsumerID string
+	// KeepOrphanedClaims leaves the claims an earlier process left in a
+	// store of one process (OrphanReclaimer) to lapse with their leases,
+	// as on a shared store, instead of reclaiming them at Recover: for
+	// agents whose runs may outlive a lost connection by much.
+	KeepOrphanedClaims bool
 	// Lease is how long a claim holds without renewal. Default 30s.
 	Lease time.Duration
 	// SuspendedLease is the lease while a run waits on a suspended tool

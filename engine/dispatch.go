@@ -177,18 +177,22 @@ type InterruptResult struct {
 
 // Reason texts written to last_error by store transitions.
 const (
-	ReasonInterrupt           = "queued dispatch superseded by interrupt"
-	ReasonNewerEpoch          = "queued dispatch superseded by newer dispatch epoch"
-	ReasonStaleBeforeAck      = "claimed dispatch superseded before ack"
-	ReasonStaleBeforeNack     = "claimed dispatch superseded before nack"
-	ReasonStaleBeforeDead     = "claimed dispatch superseded before dead letter"
-	ReasonStaleBeforeStart    = "claimed dispatch superseded before runtime start"
-	ReasonStaleBeforeResult   = "claimed dispatch superseded before run result"
-	ReasonStaleBeforeRelease  = "claimed dispatch superseded before release"
-	ReasonStaleDuringRenewal  = "claimed dispatch superseded during lease renewal"
-	ReasonLeaseExpiredStale   = "claimed dispatch lease expired after interrupt"
-	ReasonLeaseExpiredMax     = "lease expired; max attempts reached"
-	ReasonLeaseExpired        = "lease expired"
+	ReasonInterrupt          = "queued dispatch superseded by interrupt"
+	ReasonNewerEpoch         = "queued dispatch superseded by newer dispatch epoch"
+	ReasonStaleBeforeAck     = "claimed dispatch superseded before ack"
+	ReasonStaleBeforeNack    = "claimed dispatch superseded before nack"
+	ReasonStaleBeforeDead    = "claimed dispatch superseded before dead letter"
+	ReasonStaleBeforeStart   = "claimed dispatch superseded before runtime start"
+	ReasonStaleBeforeResult  = "claimed dispatch superseded before run result"
+	ReasonStaleBeforeRelease = "claimed dispatch superseded before release"
+	ReasonStaleDuringRenewal = "claimed dispatch superseded during lease renewal"
+	ReasonLeaseExpiredStale  = "claimed dispatch lease expired after interrupt"
+	ReasonLeaseExpiredMax    = "lease expired; max attempts reached"
+	ReasonLeaseExpired       = "lease expired"
+	// ReasonOrphaned and ReasonOrphanedMax: the claim of a sidecar process
+	// that is gone, reclaimed when the next one started (OrphanReclaimer).
+	ReasonOrphaned            = "claimed by an earlier sidecar process (restarted)"
+	ReasonOrphanedMax         = "claimed by an earlier sidecar process (restarted); max attempts reached"
 	ReasonDeadLetteredDefault = "mailbox dispatch dead-lettered"
 )
 
@@ -421,14 +425,23 @@ func (d *Dispatch) Release(now int64) { d.requeue(now, now) }
 // work queued after it, not behind the whole backlog (store.md §2.15 item
 // 86 allows both; the seed's NATS store sets now).
 func (d *Dispatch) ReclaimExpired(now int64) {
+	d.reclaim(ReasonLeaseExpired, ReasonLeaseExpiredMax, now)
+}
+
+// ReclaimOrphan is ReclaimExpired for the claim of a sidecar process that
+// is gone, before its lease lapses (OrphanReclaimer): an attempt spent,
+// as for a lapse, under its own reason.
+func (d *Dispatch) ReclaimOrphan(now int64) { d.reclaim(ReasonOrphaned, ReasonOrphanedMax, now) }
+
+func (d *Dispatch) reclaim(reason, reasonMax string, now int64) {
 	d.AttemptCount++
 	if d.AttemptCount >= d.MaxAttempts {
-		d.recordError(ReasonLeaseExpiredMax, d.AttemptCount, now)
+		d.recordError(reasonMax, d.AttemptCount, now)
 		d.clearProjection()
 		d.terminate(StatusDeadLetter, now)
 		return
 	}
-	d.recordError(ReasonLeaseExpired, d.AttemptCount, now)
+	d.recordError(reason, d.AttemptCount, now)
 	d.requeue(min(d.AvailableAt, now), now)
 }
 

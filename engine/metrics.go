@@ -127,7 +127,7 @@ func newEngineMetrics(countFn func() (StatusCounts, error), waitFn func() (float
 	for _, r := range []string{"ok", "lost", "error"} {
 		em.count(metricRenewals, "result", r)
 	}
-	for _, c := range []string{deadLetterPermanent, deadLetterAttempts, deadLetterLease} {
+	for _, c := range []string{deadLetterPermanent, deadLetterAttempts, deadLetterLease, deadLetterRestart} {
 		em.count(metricDeadLetter, "cause", c)
 	}
 	for _, o := range []OutcomeKind{OutcomeCompleted, OutcomeTransient, OutcomePermanent, OutcomeAbandoned} {
@@ -182,6 +182,7 @@ const (
 	deadLetterPermanent = "permanent"      // the agent failed the run for good
 	deadLetterAttempts  = "attempts_spent" // a failed attempt spent the last one
 	deadLetterLease     = "lease_expired"  // a lapsed lease spent the last one
+	deadLetterRestart   = "restart"        // an earlier process's claim, reclaimed at start, spent the last one
 	outcomeCancelled    = OutcomeCancelledLabel
 )
 

@@ -294,6 +294,22 @@ type CompleteClaimer interface {
 	CompleteAndClaim(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64, consumerID string, lease time.Duration) (next *Dispatch, err error)
 }
 
+// OrphanReclaimer is implemented by a store that one process owns alone
+// (the Badger store: its directory's lock). The claims it held when it
+// was opened are those of a sidecar process that is gone: Recover
+// reclaims them at once, instead of waiting up to a lease (a suspended
+// run's: ten minutes) for them to lapse. ReclaimOrphans treats each as
+// ReclaimExpired treats a lapsed lease (an attempt spent, queued again or
+// dead-lettered, a stale epoch superseded), under Dispatch.ReclaimOrphan's
+// reasons, and skips one settled since (its claim token changed). It
+// returns up to limit reclaimed dispatches; fewer when none is left.
+// Claims made after the store was opened are never its business. A
+// store shared by several processes (NATS) cannot tell and does not
+// implement it: there, claims lapse.
+type OrphanReclaimer interface {
+	ReclaimOrphans(ctx context.Context, now int64, limit int) ([]Dispatch, error)
+}
+
 // StartClaimer is implemented by stores that can record an attempt's
 // start in the commit that claims its dispatch: one commit and one write
 // of the dispatch fewer per run than Claim then RecordDispatchStart. (The

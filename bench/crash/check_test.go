@@ -199,6 +199,11 @@ func (f *findings) add(format string, args ...any) {
 type checkOptions struct {
 	stallCut     bool    // see indexJournal
 	sidecarKills []int64 // SIGKILLs of the sidecar: claims of the dead process hold their threads
+	// orphansReclaimed: the store is one process's alone (Badger), so a
+	// restarted sidecar reclaims the dead process's claims at once
+	// (engine.OrphanReclaimer) instead of letting them hold their threads
+	// for the lease (NATS).
+	orphansReclaimed bool
 	// leasesJumped: the clock jumped forward at a restart, so the dead
 	// process's leases lapsed at once (no dead-claim check).
 	leasesJumped bool
@@ -347,7 +352,7 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 		}
 	}
 
-	checkDeadClaims(f, rec, ix, o.sidecarKills)
+	checkDeadClaims(f, rec, snap, ix, o.sidecarKills, o.orphansReclaimed)
 	checkDelivered(f, rec, ix)
 	checkEventIDs(f, rec, ix)
 	checkInterruptCancels(f, rec, ix, o.sidecarKills)
@@ -809,10 +814,18 @@ func checkSettlement(f *findings, rec *recorder, snap *snapshot, acc []*accepted
 // it: --lease 2s renewed every 500ms.
 const claimHold = 1500 * time.Millisecond
 
+// orphanReason starts the error the restarted sidecar records for a dead
+// process's claim it reclaims (engine.ReasonOrphaned, …Max).
+const orphanReason = "claimed by an earlier sidecar process (restarted)"
+
 // checkDeadClaims: an attempt cut by a sidecar kill leaves its dispatch
-// claimed in the store until the lease lapses; until then no other
-// dispatch of that thread may start (one claimed dispatch per thread).
-func checkDeadClaims(f *findings, rec *recorder, ix *journalIndex, kills []int64) {
+// claimed in the store. On a shared store (orphansReclaimed false) the
+// claim holds until the lease lapses, and until then no other dispatch of
+// that thread may start (one claimed dispatch per thread). On a store of
+// one process the restarted sidecar reclaims it at once: the dispatch's
+// error history must then say so, after the kill (the one-run-per-thread
+// check above still holds the agents to their own timestamps).
+func checkDeadClaims(f *findings, rec *recorder, snap *snapshot, ix *journalIndex, kills []int64, orphansReclaimed bool) {
 	rec.mu.Lock()
 	settled := map[string]int64{} // dispatch → earliest cancel sent
 	for _, t := range rec.tries {
@@ -832,6 +845,21 @@ func checkDeadClaims(f *findings, rec *recorder, ix *journalIndex, kills []int64
 				}
 				if c, ok := settled[s.start.DispatchID]; ok && c < k {
 					continue // a cancel may have settled it before the kill
+				}
+				if orphansReclaimed {
+					d, ok := snap.dispatches[s.start.DispatchID]
+					if !ok || d.Status == "superseded" || len(d.Errors) == 0 {
+						continue // purged; or an interrupt made the claim stale (superseded without an error)
+					}
+					reclaimed := false
+					for _, e := range d.Errors {
+						reclaimed = reclaimed || strings.HasPrefix(e.Error, orphanReason) && e.At >= k/int64(time.Millisecond)
+					}
+					if !reclaimed && len(d.Errors) < 32 { // a longer history may have lost the entry
+						f.add("DEAD CLAIM NOT RECLAIMED on %s: attempt %s of %s was cut by the sidecar kill at %v; its errors %v name no reclaim by the next process",
+							th, s.start.SessionID, s.start.DispatchID, ts(k), d.Errors)
+					}
+					continue
 				}
 				for _, o := range l {
 					if o.start.DispatchID != s.start.DispatchID && o.start.StartNs > k && o.start.StartNs < k+int64(claimHold) {

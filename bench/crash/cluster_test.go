@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -144,6 +145,13 @@ type cluster struct {
 	sidecarKills, agentKills  int
 	sidecarKillNs             []int64 // when each SIGKILLed sidecar died
 	sidecarCount, agentsCount int
+}
+
+// reclaimsOrphans reports whether a restarted sidecar reclaims the killed
+// one's claims at once (--reclaim-orphans, Badger only) rather than
+// letting them lapse.
+func (c *cluster) reclaimsOrphans() bool {
+	return c.nats.url == "" && !slices.Contains(c.flags, "--reclaim-orphans=false")
 }
 
 // defaultFlags are the serve flags of every cluster: short leases so

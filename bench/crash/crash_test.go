@@ -140,6 +140,7 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	if !o.leasesJumped {
 		c.mu.Lock()
 		o.sidecarKills = append([]int64(nil), c.sidecarKillNs...)
+		o.orphansReclaimed = c.reclaimsOrphans()
 		c.mu.Unlock()
 	}
 	f := check(rec, snap, entries, o)

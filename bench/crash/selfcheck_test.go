@@ -329,6 +329,24 @@ func TestChecksCatchFaults(t *testing.T) {
 			t.Errorf("a kill before the attempt started is reported: %v", f.problems)
 		}
 	})
+	t.Run("a killed sidecar's claim not reclaimed by the next process", func(t *testing.T) {
+		// On a store of one process the restart reclaims s1's claim at
+		// once (s2 may start at 140 ms), and d1's errors must say so.
+		s := newScenario()
+		s.entries[1].Outcome = OutcomeLost
+		d := s.snap.dispatches["d1"]
+		d.Errors = []attemptErr{{Attempt: 1, Error: "lease expired", At: 127}}
+		s.snap.dispatches["d1"] = d
+		o := checkOptions{sidecarKills: []int64{125 * ms}, orphansReclaimed: true}
+		if f := check(s.rec, s.snap, s.entries, o); !strings.Contains(strings.Join(f.problems, "\n"), "DEAD CLAIM NOT RECLAIMED") {
+			t.Errorf("not reported: %v", f.problems)
+		}
+		d.Errors = []attemptErr{{Attempt: 1, Error: orphanReason, At: 127}}
+		s.snap.dispatches["d1"] = d
+		if f := check(s.rec, s.snap, s.entries, o); strings.Contains(strings.Join(f.problems, "\n"), "DEAD CLAIM") || f.overlaps != 0 {
+			t.Errorf("a reclaimed claim is reported: %v", f.problems)
+		}
+	})
 	t.Run("excused live commands and interrupts", func(t *testing.T) {
 		// The receipt is lost with a killed agent (s2 has no end record).
 		s := newScenario()

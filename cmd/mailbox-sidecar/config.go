@@ -50,6 +50,7 @@ type serveConfig struct {
 	EventRetention  time.Duration
 	AuthToken       string
 	Lease           time.Duration
+	ReclaimOrphans  bool
 	SuspendedLease  time.Duration
 	LeaseRenewal    time.Duration
 	SweepInterval   time.Duration
@@ -143,6 +144,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.DurationVar(&c.Lease, "lease", 30*time.Second, "dispatch lease")
 	fs.DurationVar(&c.SuspendedLease, "suspended-lease", 10*time.Minute, "lease while the run waits on a suspended tool call")
 	fs.DurationVar(&c.LeaseRenewal, "lease-renewal", 10*time.Second, "lease renewal interval")
+	fs.BoolVar(&c.ReclaimOrphans, "reclaim-orphans", true, "at start, reclaim at once the runs a killed sidecar left claimed in --data-dir (false: they wait for their leases to lapse, as on NATS); Badger only")
 	fs.DurationVar(&c.SweepInterval, "sweep-interval", 30*time.Second, "expired-lease reclaim and reconciliation interval")
 	fs.DurationVar(&c.GCInterval, "gc-interval", 60*time.Second, "purge interval of terminal dispatches and idle workers")
 	fs.DurationVar(&c.GCTTL, "gc-ttl", 24*time.Hour, "age after which terminal dispatches are purged")
@@ -337,6 +339,7 @@ func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
 		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventBufferBytes: int64(c.EventBytes), EventRetention: c.EventRetention,
 		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
 		ConsumerID: c.ConsumerID, Logger: log, Now: skewedClock(c.ClockSkew),
+		KeepOrphanedClaims: !c.ReclaimOrphans,
 	}
 }
 

@@ -30,7 +30,7 @@ var Help = map[string]string{
 	"mailbox_dispatch_runtime_seconds":             "Time from an attempt's start to its end, by outcome.",
 	"mailbox_run_duration_seconds":                 "Duration of a run's attempt, by outcome.",
 	"mailbox_runs_total":                           "Attempts ended, by outcome (completed, transient_error, permanent_error, abandoned, cancelled).",
-	"mailbox_dead_letters_total":                   "Dispatches dead-lettered, by cause (permanent, attempts_spent, lease_expired).",
+	"mailbox_dead_letters_total":                   "Dispatches dead-lettered, by cause (permanent, attempts_spent, lease_expired, restart).",
 	"mailbox_lease_renewals_total":                 "Lease renewals of running attempts, by result (ok, lost, error).",
 	"mailbox_live_commands_total":                  "Live messages and tool decisions sent to running attempts, by kind and result.",
 	"mailbox_dispatch_signal_pulled_total":         "Dispatch signals pulled from a shared store.",
