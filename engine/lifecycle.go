@@ -148,6 +148,9 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 	}
 	// The drain, logged (found by review: a SIGTERM said nothing for the
 	// whole grace): what it waits for, and what it puts back.
+	began := time.Now()
+	putBack := m.metrics.count(metricRuns, "outcome", OutcomeAbandoned.String())
+	before := putBack.Get()
 	args := []any{"running", m.runningCount()}
 	if dl, ok := ctx.Deadline(); ok {
 		args = append(args, "grace", time.Until(dl).Round(time.Millisecond))
@@ -155,7 +158,7 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 	m.log.Info("stopping: waiting for the running attempts", args...)
 	select {
 	case <-idle:
-		m.log.Info("stopped: every attempt ended within the grace")
+		m.log.Info("stopped: every attempt ended within the grace", "took", time.Since(began).Round(time.Millisecond))
 		return nil
 	case <-ctx.Done():
 	}
@@ -179,7 +182,9 @@ func (m *Mailbox) Stop(ctx context.Context) error {
 		e.cancel(errShutdown)
 	}
 	<-idle
-	m.log.Info("stopped")
+	// What the drain put back in the queue (without spending an attempt),
+	// and how long it took (found by review: the log ended with "stopped").
+	m.log.Info("stopped", "put_back", putBack.Get()-before, "took", time.Since(began).Round(time.Millisecond))
 	return nil
 }
 
@@ -831,6 +836,12 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 	if err != nil {
 		return SubmitResult{}, "", err
 	}
+	// A request that carries decisions is not offered live: the live
+	// offer carries messages only, and its decisions were dropped with a
+	// "live" answer (found by review). The queued run carries both.
+	if len(req.Decisions) > 0 {
+		return m.queueLogged(ctx, req)
+	}
 	// A claim or hand-over of the thread in flight here is waited for, as
 	// a cancel waits: the messages are for the run that comes out of it.
 	e := m.settledEntry(ctx, req.ThreadID)
@@ -873,6 +884,12 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 			}
 		}
 	}
+	return m.queueLogged(ctx, req)
+}
+
+// queueLogged is live-then-queue's fallback: a background run that
+// activates the messages SendMessages logged already, by id.
+func (m *Mailbox) queueLogged(ctx context.Context, req SubmitRequest) (SubmitResult, LiveDelivery, error) {
 	req.messagesLogged = true
 	res, err := m.SubmitBackground(ctx, req)
 	return res, DeliveredQueued, err

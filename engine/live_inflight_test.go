@@ -224,3 +224,60 @@ func TestHintNamingARunBeingClaimedIsRefused(t *testing.T) {
 		t.Fatal("the refused request ran")
 	}
 }
+
+// Messages sent live-then-queue with decisions are not offered to the
+// running attempt, whose live offer carries messages only: they queue a
+// run that carries both (found by review: answered "live", the decisions
+// were dropped).
+func TestSendMessagesWithDecisionsQueuesThem(t *testing.T) {
+	const thread = "with-decisions"
+	release := make(chan struct{})
+	cmds := make(chan engine.Command, 4)
+	second := make(chan []engine.Decision, 1)
+	var runs atomic.Int32
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if runs.Add(1) == 1 {
+			for {
+				select {
+				case c := <-req.Commands: // taken: it would be answered live
+					cmds <- c
+					c.Reply <- nil
+					continue
+				case <-release:
+				case <-ctx.Done():
+				}
+				break
+			}
+		} else {
+			second <- req.Decisions
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
+	}
+	r := newRig(t, newFake(2, script), engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("first")}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first run executing", func() bool { return runs.Load() == 1 })
+	resume := json.RawMessage(`{"approved":true}`)
+	res, delivery, err := r.mb.SendMessages(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("and this")},
+		Decisions: []engine.Decision{{CallID: "c9", Resume: resume}}}, "")
+	if err != nil || delivery != engine.DeliveredQueued || res.Status != engine.SubmitQueued {
+		t.Fatalf("send: %+v %s %v, want queued", res, delivery, err)
+	}
+	select {
+	case c := <-cmds:
+		t.Fatalf("the running attempt was offered %+v", c)
+	default:
+	}
+	close(release)
+	select {
+	case ds := <-second:
+		if len(ds) != 1 || ds[0].CallID != "c9" || string(ds[0].Resume) != string(resume) {
+			t.Fatalf("the queued run got decisions %+v", ds)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the queued run never ran")
+	}
+}

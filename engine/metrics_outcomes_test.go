@@ -112,7 +112,7 @@ func TestStopLogsItsDrain(t *testing.T) {
 	for _, want := range []string{
 		`msg="stopping: waiting for the running attempts" running=1 grace=`,
 		`msg="stopping: the grace is over; cancelling the attempts still running (they go back to the queue unless they complete)" running=1`,
-		`msg=stopped`,
+		`msg=stopped put_back=1 took=`,
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("the log lacks %s:\n%s", want, out)
