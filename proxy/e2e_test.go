@@ -202,10 +202,16 @@ func TestDecisions(t *testing.T) {
 	if types(evs) != "tool_call_resumed,run_finish" || !strings.Contains(evs[0].Data, `"call_id":"call-1"`) || !strings.Contains(evs[0].Data, "approved") {
 		t.Fatalf("events %+v", evs)
 	}
-	sc.call(req{method: "POST", path: "/v1/runs/" + sub.RunID + "/decisions", body: `{"call_id":"call-2","resume":null}`}, 200, &out)
+	sc.call(req{method: "POST", path: "/v1/runs/" + sub.RunID + "/decisions", body: `{"call_id":"call-2","resume":{}}`}, 200, &out)
 	if out.Delivered {
 		t.Fatal("decision delivered to a finished run")
 	}
+	// A decision needs its resume, an object (found by review: one
+	// without reached the agent as null).
+	for _, body := range []string{`{"call_id":"call-3"}`, `{"call_id":"call-3","resume":null}`, `{"call_id":"call-3","resume":true}`} {
+		sc.call(req{method: "POST", path: "/v1/runs/" + sub.RunID + "/decisions", body: body}, 400, nil)
+	}
+	sc.call(req{method: "POST", path: "/v1/threads/t-dec/dispatches", body: `{"decisions":[{"call_id":"c"}]}`}, 400, nil)
 }
 
 // Interrupt supersedes the thread's queued dispatches and cancels its

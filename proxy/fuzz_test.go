@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"errors"
 	"strings"
 	"testing"
@@ -123,7 +124,7 @@ func FuzzDecodeDecision(f *testing.F) {
 			}
 			return
 		}
-		if engine.ValidateID("tool_call_id", d.CallID) != nil {
+		if engine.ValidateID("tool_call_id", d.CallID) != nil || !bytes.HasPrefix(bytes.TrimSpace(d.Resume), []byte("{")) {
 			t.Fatalf("accepted %+v", d)
 		}
 	})

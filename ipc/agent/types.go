@@ -227,7 +227,9 @@ type ThreadContext struct {
 	FirstSeq uint64 `json:"first_seq"`
 	// TotalMessages is the length of the whole thread log.
 	TotalMessages uint64 `json:"total_messages"`
-	// LatestRun is the thread's latest run record before this one, if any.
+	// LatestRun is the thread's latest run record when the run was
+	// claimed: usually this run's own (status running); in a continuation
+	// possibly a newer run of the thread.
 	LatestRun *RunRecord `json:"latest_run,omitempty"`
 }
 
