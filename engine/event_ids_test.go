@@ -539,3 +539,15 @@ func TestReopenKeepsAStartOfAnEarlierVersion(t *testing.T) {
 		t.Fatalf("a counted run, requeued and started: start_count %d, want 4", counted.StartCount)
 	}
 }
+
+// A waiting run continued loses its wait's termination when its attempt
+// starts: running with termination "suspended" misled a client (found by
+// review). A running run's termination is not touched by a start.
+func TestMarkStartedEndsTheWaitsTermination(t *testing.T) {
+	d := &engine.Dispatch{DispatchID: "d", ThreadID: "t", RunID: "r"}
+	waiting := engine.RunRecord{RunID: "r", ThreadID: "t", Status: engine.RunWaiting, StartedAt: 5, StartCount: 1,
+		TerminationReason: &engine.Termination{Type: engine.TermSuspended}, Waiting: &engine.RunWaitingState{Reason: "tool_permission"}}
+	if !waiting.MarkStarted(d, "i", 9) || waiting.Status != engine.RunRunning || waiting.TerminationReason != nil || waiting.Waiting != nil {
+		t.Fatalf("after the continuation's start: %+v, want running without termination or waiting state", waiting)
+	}
+}

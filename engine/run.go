@@ -441,6 +441,12 @@ func (r *RunRecord) MarkStarted(d *Dispatch, instanceID string, nowSec int64) bo
 	if r.Status == RunDone || r.ThreadID != d.ThreadID {
 		return false
 	}
+	if r.Status == RunWaiting {
+		// The wait is over: its termination (suspended) would read as the
+		// running attempt's (found by review: running with termination
+		// suspended while the continuation ran).
+		r.TerminationReason = nil
+	}
 	r.Status = RunRunning
 	r.Waiting = nil
 	r.DispatchID = d.DispatchID
