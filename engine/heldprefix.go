@@ -59,6 +59,20 @@ type busyQueue struct {
 	head    int
 }
 
+// prefixAgedLocked is when the kept prefix is to be listed again from
+// the start (0: no prefix kept). The round that makes a prefix wakes the
+// dispatcher for it: only later rounds did (they take it from
+// heldPrefixLocked), and one that made it and started nothing slept until
+// the first hold lapsed, a minute on, while work another process put
+// before the prefix waited (found by a stress run of the suite). Called
+// with m.mu held.
+func (m *Mailbox) prefixAgedLocked() int64 {
+	if m.prefix.n == 0 {
+		return 0
+	}
+	return m.prefix.listedAt + heldPrefixMaxAgeMs
+}
+
 // heldPrefixLocked returns the prefix to list after at now, or one of no
 // threads (list from the start) when there is none or it may be out of
 // date. Either carries m.prefixGen as the round's listing begins: what

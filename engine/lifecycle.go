@@ -497,6 +497,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			m.mu.Lock()
 			if err == nil {
 				m.notePrefixLocked(threads, prefix, now, now)
+				heldUntil = earliest(heldUntil, m.prefixAgedLocked())
 			}
 			// A thread held for a full agent waits for that agent's slot.
 			busy := m.prefixBusyLocked(now, nil)
@@ -547,6 +548,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		m.mu.Lock()
 		// The threads the held prefix counts are its to admit.
 		threads = threads[m.notePrefixLocked(threads, prefix, now, now):]
+		next = earliest(next, m.prefixAgedLocked())
 		var budget slotBudget
 		if m.busyHeldLocked(threads, now) {
 			m.mu.Unlock()
