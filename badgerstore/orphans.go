@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 
 	"github.com/dgraph-io/badger/v4"
@@ -25,8 +26,11 @@ type orphans struct {
 
 // listOrphans reads the claims in db's lease index (Open, before the
 // writer starts): with the directory's lock held, no other process can
-// renew or settle them.
-func listOrphans(db *badger.DB) ([]orphanClaim, error) {
+// renew or settle them. A record that does not decode is skipped and
+// logged: Verify reports it and repair mends it, and both open the
+// directory first (found by review: Open failed on it, so repair could
+// not run on the damage it exists for); its lease lapses as before.
+func listOrphans(db *badger.DB, log *slog.Logger) ([]orphanClaim, error) {
 	var out []orphanClaim
 	err := db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{pLease}})
@@ -48,6 +52,10 @@ func listOrphans(db *badger.DB) ([]orphanClaim, error) {
 			}
 			var d *engine.Dispatch
 			if err := item.Value(func(v []byte) (err error) { d, err = decodeDispatch(item.Key(), v); return err }); err != nil {
+				if errors.Is(err, engine.ErrCorrupt) {
+					log.Error("a claimed dispatch does not decode: left to its lease (mailbox-sidecar repair mends it)", "dispatch_id", id, "err", err)
+					continue
+				}
 				return err
 			}
 			if d.Status == engine.StatusClaimed && d.ClaimToken != "" {
@@ -91,7 +99,7 @@ func (s *Store) ReclaimOrphans(ctx context.Context, now int64, limit int) ([]eng
 				}
 				d := old.Clone()
 				if old.Epoch < ep {
-					d.Supersede(ep, engine.ReasonLeaseExpiredStale, now)
+					d.Supersede(ep, engine.ReasonOrphanedStale, now)
 					if err := w.putDispatch(old, &d, now); err != nil {
 						return err
 					}

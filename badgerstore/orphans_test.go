@@ -83,7 +83,7 @@ func TestReclaimOrphansTakesOnlyTheClaimsHeldAtOpen(t *testing.T) {
 	}{
 		{"plain", engine.StatusQueued, engine.ReasonOrphaned},
 		{"last", engine.StatusDeadLetter, engine.ReasonOrphanedMax},
-		{"stale", engine.StatusSuperseded, engine.ReasonLeaseExpiredStale},
+		{"stale", engine.StatusSuperseded, engine.ReasonOrphanedStale},
 		{"settled", engine.StatusAcked, ""},
 		{"mine", engine.StatusClaimed, ""},
 		{"again", engine.StatusClaimed, engine.ReasonLeaseExpired},
@@ -143,4 +143,44 @@ func TestReclaimOrphansKeepsItsLimit(t *testing.T) {
 		}
 	}
 	verifyClean(t, s)
+}
+
+// A claimed dispatch whose record does not decode does not keep the
+// directory from opening: verify and repair open it first, and repair
+// exists for that damage (found by review: Open failed on it).
+func TestOpenSkipsAClaimedDispatchThatDoesNotDecode(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ctx := context.Background()
+	const now = int64(1_000_000)
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, th := range []string{"t1", "t2"} {
+		if _, err := s.Enqueue(ctx, queued("d-"+th, th, now)); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := s.Claim(ctx, th, "gone-process", time.Minute, now); err != nil || c == nil {
+			t.Fatalf("claim %s: %v %v", th, c, err)
+		}
+	}
+	if err := s.RawSet(badgerstore.DispatchKey("d-t1"), []byte{0x01, 0xff, 0xff, 0xff}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = mustOpen(t, badgerstore.Options{Dir: dir, GCInterval: -1})
+	got, err := s.ReclaimOrphans(ctx, now+1, 100)
+	if err != nil || len(got) != 1 || got[0].DispatchID != "d-t2" {
+		t.Fatalf("reclaimed %+v %v, want d-t2 alone", got, err)
+	}
+	rep, err := s.Repair(ctx, now+2)
+	if err != nil {
+		t.Fatalf("repair: %v", err)
+	}
+	if d, err := s.LoadDispatch(ctx, "d-t1"); err != nil || d == nil || d.Status != engine.StatusDeadLetter {
+		t.Fatalf("after repair (%+v): %+v %v, want the damaged record a dead letter", rep, d, err)
+	}
 }

@@ -272,7 +272,7 @@ func Open(opts Options) (*Store, error) {
 	if err != nil {
 		return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err)))
 	}
-	left, err := listOrphans(db)
+	left, err := listOrphans(db, opts.Logger)
 	if err != nil {
 		return nil, closeAfter(db, fmt.Errorf("open store %s: %w", opts.Dir, err))
 	}

@@ -191,8 +191,10 @@ const (
 	ReasonLeaseExpired       = "lease expired"
 	// ReasonOrphaned and ReasonOrphanedMax: the claim of a sidecar process
 	// that is gone, reclaimed when the next one started (OrphanReclaimer).
-	ReasonOrphaned            = "claimed by an earlier sidecar process (restarted)"
-	ReasonOrphanedMax         = "claimed by an earlier sidecar process (restarted); max attempts reached"
+	ReasonOrphaned    = "claimed by an earlier sidecar process (restarted)"
+	ReasonOrphanedMax = "claimed by an earlier sidecar process (restarted); max attempts reached"
+	// ReasonOrphanedStale: such a claim an interrupt had made stale.
+	ReasonOrphanedStale       = "claimed by an earlier sidecar process (restarted) after interrupt"
 	ReasonDeadLetteredDefault = "mailbox dispatch dead-lettered"
 )
 

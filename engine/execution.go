@@ -697,7 +697,14 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	o.Error = truncateError(o.Error)
 	e.errorCode = o.ErrorCode
 	now := m.cfg.Now()
-	m.observeEnd(e, now, o.MetricLabel())
+	label := o.MetricLabel()
+	if errors.Is(context.Cause(e.ctx), errInterrupted) {
+		// An interrupt ended it, whatever the agent (or the hub, for a run
+		// no agent took yet) reported: counted as a transient failure or
+		// as put back, it hid interrupts (found by review).
+		label = outcomeCancelled
+	}
+	m.observeEnd(e, now, label)
 	switch o.Kind {
 	case OutcomeCompleted:
 		status := o.Status

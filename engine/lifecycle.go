@@ -224,12 +224,17 @@ func (m *Mailbox) Recover(ctx context.Context) (int, error) {
 			got, err := observe(m.metrics, "reclaim_orphans", func() ([]Dispatch, error) {
 				return or.ReclaimOrphans(ctx, m.cfg.Now(), reclaimPage)
 			}, func(d []Dispatch) bool { return len(d) == 0 })
-			if err != nil {
-				return total, fmt.Errorf("reclaim the claims of an earlier process: %w", err)
-			}
+			// What a failed call committed before its error is reported
+			// too: the store has taken it off its list (found by review).
 			total += len(got)
 			m.metrics.add("reclaim_dispatch", len(got))
 			m.reclaimed(ctx, got, "claims of an earlier sidecar process reclaimed", deadLetterRestart)
+			// Work went back to its old place in the ready order, as a
+			// lapse's reclaim puts it (instrumentedStore.ReclaimExpired).
+			m.putBack("")
+			if err != nil {
+				return total, fmt.Errorf("reclaim the claims of an earlier process: %w", err)
+			}
 			if len(got) < reclaimPage {
 				break
 			}

@@ -18,7 +18,7 @@ import (
 // cancel and then an interrupt counted as completed, a cancel's duration
 // was never recorded, and the mark counters rose at every idle sweep).
 func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
-	running := map[string]chan struct{}{"cancel": make(chan struct{}), "interrupt": make(chan struct{})}
+	running := map[string]chan struct{}{"cancel": make(chan struct{}), "interrupt": make(chan struct{}), "interrupt-fails": make(chan struct{})}
 	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		switch req.ThreadID {
 		case "permanent":
@@ -27,14 +27,17 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "flaky"}
 		}
 		close(running[req.ThreadID])
-		<-ctx.Done() // "cancel" and "interrupt": run until cancelled
+		<-ctx.Done()                           // "cancel" and "interrupt…": run until cancelled
+		if req.ThreadID == "interrupt-fails" { // an agent that reports its cancel as a failure
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, Error: "stopped"}
+		}
 		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
 	}
 	r := newRig(t, newFake(4, script), engine.Config{MaxAttempts: 1})
 	r.start(t)
 	ctx := context.Background()
 	ids := map[string]string{}
-	for _, thread := range []string{"permanent", "transient", "cancel", "interrupt"} {
+	for _, thread := range []string{"permanent", "transient", "cancel", "interrupt", "interrupt-fails"} {
 		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: thread, Messages: []engine.Message{userMsg("x")}})
 		if err != nil {
 			t.Fatal(err)
@@ -45,9 +48,11 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 	if ok, err := r.mb.Cancel(ctx, ids["cancel"]); !ok || err != nil {
 		t.Fatalf("cancel: %v %v", ok, err)
 	}
-	<-running["interrupt"]
-	if _, err := r.mb.Interrupt(ctx, "interrupt"); err != nil {
-		t.Fatalf("interrupt: %v", err)
+	for _, thread := range []string{"interrupt", "interrupt-fails"} {
+		<-running[thread]
+		if _, err := r.mb.Interrupt(ctx, thread); err != nil {
+			t.Fatalf("interrupt: %v", err)
+		}
 	}
 	// A killed process's claim whose lapse spends the last attempt.
 	now := time.Now().UnixMilli()
@@ -59,7 +64,7 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 	}
 	time.Sleep(5 * time.Millisecond)
 	r.mb.Sweep(ctx)
-	for thread, want := range map[string]engine.DispatchStatus{"permanent": engine.StatusDeadLetter, "transient": engine.StatusDeadLetter, "cancel": engine.StatusAcked, "interrupt": engine.StatusSuperseded} {
+	for thread, want := range map[string]engine.DispatchStatus{"permanent": engine.StatusDeadLetter, "transient": engine.StatusDeadLetter, "cancel": engine.StatusAcked, "interrupt": engine.StatusSuperseded, "interrupt-fails": engine.StatusSuperseded} {
 		eventually(t, thread+" settled", func() bool { return dispatchStatus(t, r.store, ids[thread]) == want })
 	}
 	eventually(t, "the cancelled attempt ended", func() bool { return r.mb.InFlight() == 0 })
@@ -73,11 +78,12 @@ func TestMetricsCountDeadLettersCancelsAndRealMarksOnly(t *testing.T) {
 		`mailbox_dead_letters_total{cause="permanent"}`:                           1,
 		`mailbox_dead_letters_total{cause="attempts_spent"}`:                      1,
 		`mailbox_dead_letters_total{cause="lease_expired"}`:                       1,
-		`mailbox_runs_total{outcome="cancelled"}`:                                 2,
+		`mailbox_runs_total{outcome="cancelled"}`:                                 3,
+		`mailbox_runs_total{outcome="transient_error"}`:                           1,
 		`mailbox_runs_total{outcome="completed"}`:                                 0,
-		`mailbox_run_duration_seconds_count{outcome="cancelled"}`:                 2,
-		`mailbox_dispatch_runtime_seconds_count{outcome="cancelled"}`:             2,
-		`mailbox_dispatch_enqueue_to_complete_seconds_count{outcome="cancelled"}`: 2,
+		`mailbox_run_duration_seconds_count{outcome="cancelled"}`:                 3,
+		`mailbox_dispatch_runtime_seconds_count{outcome="cancelled"}`:             3,
+		`mailbox_dispatch_enqueue_to_complete_seconds_count{outcome="cancelled"}`: 3,
 		`mailbox_operations_total{operation="mark_run_dead_letter",result="ok"}`:  marks,
 	} {
 		if got := execMetric(r.mb, series); got != want {

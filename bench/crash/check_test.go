@@ -848,12 +848,25 @@ func checkDeadClaims(f *findings, rec *recorder, snap *snapshot, ix *journalInde
 				}
 				if orphansReclaimed {
 					d, ok := snap.dispatches[s.start.DispatchID]
-					if !ok || d.Status == "superseded" || len(d.Errors) == 0 {
-						continue // purged; or an interrupt made the claim stale (superseded without an error)
+					if !ok || d.Status == "superseded" || len(d.Errors) == 0 && s.end == nil {
+						// Purged; or an interrupt made the claim stale
+						// (superseded without an error); or its agent died
+						// without an end record, maybe after a FINISH the
+						// sidecar took before its kill.
+						continue
+					}
+					// Reclaimed by the process started after this kill: at
+					// or after it, before the next kill.
+					next := int64(math.MaxInt64)
+					for _, k2 := range kills {
+						if k2 > k && k2 < next {
+							next = k2
+						}
 					}
 					reclaimed := false
 					for _, e := range d.Errors {
-						reclaimed = reclaimed || strings.HasPrefix(e.Error, orphanReason) && e.At >= k/int64(time.Millisecond)
+						at := e.At * int64(time.Millisecond)
+						reclaimed = reclaimed || strings.HasPrefix(e.Error, orphanReason) && at >= k-int64(time.Millisecond) && at < next
 					}
 					if !reclaimed && len(d.Errors) < 32 { // a longer history may have lost the entry
 						f.add("DEAD CLAIM NOT RECLAIMED on %s: attempt %s of %s was cut by the sidecar kill at %v; its errors %v name no reclaim by the next process",

@@ -30,7 +30,7 @@ func TestParseServeDefaults(t *testing.T) {
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
 		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" ||
-		c.MemoryLimit != 512<<20 || c.GOGC != 200 || c.GOMAXPROCS != 0 {
+		c.MemoryLimit != 512<<20 || c.GOGC != 200 || c.GOMAXPROCS != 0 || !c.ReclaimOrphans || c.engineConfig(nil).KeepOrphanedClaims {
 		t.Fatalf("defaults differ from the spec: %+v", c)
 	}
 }
@@ -47,6 +47,7 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 			"MAILBOX_SIDECAR_GOGC":            "300",
 			"MAILBOX_SIDECAR_GOMAXPROCS":      "3",
 			"MAILBOX_SIDECAR_TEST_CLOCK_SKEW": "-90s",
+			"MAILBOX_SIDECAR_RECLAIM_ORPHANS": "false",
 		}), io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -56,6 +57,9 @@ func TestParseServeFlagsAndEnvironment(t *testing.T) {
 	}
 	if now := c.engineConfig(nil).Now(); now > time.Now().Add(-80*time.Second).UnixMilli() {
 		t.Fatalf("skewed engine clock reads %d", now)
+	}
+	if c.ReclaimOrphans || !c.engineConfig(nil).KeepOrphanedClaims {
+		t.Fatalf("--reclaim-orphans=false (from the environment) did not reach the engine: %+v", c)
 	}
 	if c.Lease != 45*time.Second || c.MaxBody != 1<<20 || c.Sync || c.DataDir != "/tmp/x" || c.ContextBytes != 512<<10 || c.LogFormat != "json" || c.MaxAttempts != 7 || c.GOGC != 300 || c.GOMAXPROCS != 3 {
 		t.Fatalf("parsed %+v", c)
