@@ -827,29 +827,40 @@ func (s *Store) reclaimSome(ctx context.Context, now int64, n int, after []byte)
 			if old.Status != engine.StatusClaimed || old.LeaseUntil >= now {
 				continue
 			}
-			ep, err := w.epoch(old.ThreadID)
+			d, reclaimed, err := w.reclaimClaim(old, now, (*engine.Dispatch).ReclaimExpired, engine.ReasonLeaseExpiredStale)
 			if err != nil {
 				return err
 			}
-			d := old.Clone()
-			if old.Epoch < ep {
-				d.Supersede(ep, engine.ReasonLeaseExpiredStale, now)
-				if err := w.putDispatch(old, &d, now); err != nil {
-					return err
-				}
-				settled++
-				continue
-			}
-			d.ReclaimExpired(now)
-			if err := w.putDispatch(old, &d, now); err != nil {
-				return err
-			}
 			settled++
-			out = append(out, d)
+			if reclaimed {
+				out = append(out, d)
+			}
 		}
 		return nil
 	})
 	return out, seen, settled, last, err
+}
+
+// reclaimClaim settles the claim old whose holder is gone: superseded
+// with staleReason when an interrupt left its epoch behind the thread's
+// (reclaimed false), else by reclaim (an attempt spent: queued again or
+// dead-lettered; reclaimed true). It returns the written record.
+func (w *writeTx) reclaimClaim(old *engine.Dispatch, now int64, reclaim func(*engine.Dispatch, int64), staleReason string) (engine.Dispatch, bool, error) {
+	ep, err := w.epoch(old.ThreadID)
+	if err != nil {
+		return engine.Dispatch{}, false, err
+	}
+	d := old.Clone()
+	stale := old.Epoch < ep
+	if stale {
+		d.Supersede(ep, staleReason, now)
+	} else {
+		reclaim(&d, now)
+	}
+	if err := w.putDispatch(old, &d, now); err != nil {
+		return engine.Dispatch{}, false, err
+	}
+	return d, !stale, nil
 }
 
 // purgeChunk bounds the dispatches one purge transaction deletes.

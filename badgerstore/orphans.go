@@ -93,23 +93,13 @@ func (s *Store) ReclaimOrphans(ctx context.Context, now int64, limit int) ([]eng
 				if old == nil || old.Status != engine.StatusClaimed || old.ClaimToken != o.token {
 					continue
 				}
-				ep, err := w.epoch(old.ThreadID)
+				d, reclaimed, err := w.reclaimClaim(old, now, (*engine.Dispatch).ReclaimOrphan, engine.ReasonOrphanedStale)
 				if err != nil {
 					return err
 				}
-				d := old.Clone()
-				if old.Epoch < ep {
-					d.Supersede(ep, engine.ReasonOrphanedStale, now)
-					if err := w.putDispatch(old, &d, now); err != nil {
-						return err
-					}
-					continue
+				if reclaimed {
+					got = append(got, d)
 				}
-				d.ReclaimOrphan(now)
-				if err := w.putDispatch(old, &d, now); err != nil {
-					return err
-				}
-				got = append(got, d)
 			}
 			return nil
 		})

@@ -111,24 +111,12 @@ func TestReclaimOrphansKeepsItsLimit(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	const now = int64(1_000_000)
-	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
+	var threads []string
+	for i := range 150 {
+		threads = append(threads, "t"+string(rune('a'+i%26))+string(rune('a'+i/26)))
 	}
-	const n = 150
-	for i := range n {
-		th := "t" + string(rune('a'+i%26)) + string(rune('a'+i/26))
-		if _, err := s.Enqueue(ctx, queued("d-"+th, th, now)); err != nil {
-			t.Fatal(err)
-		}
-		if c, err := s.Claim(ctx, th, "gone-process", time.Minute, now); err != nil || c == nil {
-			t.Fatalf("claim %s: %v %v", th, c, err)
-		}
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	s = mustOpen(t, badgerstore.Options{Dir: dir})
+	leaveClaims(t, dir, now, threads, nil)
+	s := mustOpen(t, badgerstore.Options{Dir: dir})
 	seen := map[string]bool{}
 	for _, want := range []int{100, 50, 0} {
 		got, err := s.ReclaimOrphans(ctx, now+1, 100)
@@ -153,25 +141,12 @@ func TestOpenSkipsAClaimedDispatchThatDoesNotDecode(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	const now = int64(1_000_000)
-	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, th := range []string{"t1", "t2"} {
-		if _, err := s.Enqueue(ctx, queued("d-"+th, th, now)); err != nil {
+	leaveClaims(t, dir, now, []string{"t1", "t2"}, func(s *badgerstore.Store) {
+		if err := s.RawSet(badgerstore.DispatchKey("d-t1"), []byte{0x01, 0xff, 0xff, 0xff}); err != nil {
 			t.Fatal(err)
 		}
-		if c, err := s.Claim(ctx, th, "gone-process", time.Minute, now); err != nil || c == nil {
-			t.Fatalf("claim %s: %v %v", th, c, err)
-		}
-	}
-	if err := s.RawSet(badgerstore.DispatchKey("d-t1"), []byte{0x01, 0xff, 0xff, 0xff}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	s = mustOpen(t, badgerstore.Options{Dir: dir, GCInterval: -1})
+	})
+	s := mustOpen(t, badgerstore.Options{Dir: dir, GCInterval: -1})
 	got, err := s.ReclaimOrphans(ctx, now+1, 100)
 	if err != nil || len(got) != 1 || got[0].DispatchID != "d-t2" {
 		t.Fatalf("reclaimed %+v %v, want d-t2 alone", got, err)
@@ -182,5 +157,31 @@ func TestOpenSkipsAClaimedDispatchThatDoesNotDecode(t *testing.T) {
 	}
 	if d, err := s.LoadDispatch(ctx, "d-t1"); err != nil || d == nil || d.Status != engine.StatusDeadLetter {
 		t.Fatalf("after repair (%+v): %+v %v, want the damaged record a dead letter", rep, d, err)
+	}
+}
+
+// leaveClaims leaves in dir a dispatch d-<thread> for each thread,
+// claimed by a process that is gone, and closes the store (after then,
+// when set, has run on it).
+func leaveClaims(t *testing.T, dir string, now int64, threads []string, then func(*badgerstore.Store)) {
+	t.Helper()
+	ctx := context.Background()
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, th := range threads {
+		if _, err := s.Enqueue(ctx, queued("d-"+th, th, now)); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := s.Claim(ctx, th, "gone-process", time.Minute, now); err != nil || c == nil {
+			t.Fatalf("claim %s: %v %v", th, c, err)
+		}
+	}
+	if then != nil {
+		then(s)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -20,32 +20,13 @@ import (
 func TestRecoverReclaimsTheClaimsOfAnEarlierProcessAtOnce(t *testing.T) {
 	dir, res := orphanedClaim(t)
 	ctx := context.Background()
-
-	s2, err := badgerstore.Open(badgerstore.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
 	ran := make(chan string, 1)
 	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		ran <- req.RunID
 		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
 	})
 	var logs syncbuf.Buffer
-	m2, err := engine.New(s2, exec, engine.Config{Lease: 30 * time.Second, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m2.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		stopCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		if err := m2.Stop(stopCtx); err != nil {
-			t.Error(err)
-		}
-	}()
+	s2 := startAgain(t, dir, exec, engine.Config{Lease: 30 * time.Second, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	select {
 	case run := <-ran:
 		if run != res.RunID {
@@ -106,32 +87,39 @@ func orphanedClaim(t *testing.T) (string, engine.SubmitResult) {
 // connection (found by review: the opt-out had no test).
 func TestRecoverKeepsTheClaimsOfAnEarlierProcessWhenTold(t *testing.T) {
 	dir, res := orphanedClaim(t)
-	ctx := context.Background()
-	s2, err := badgerstore.Open(badgerstore.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
 	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
 		t.Errorf("run %s executed while its claim should hold", req.RunID)
 		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone}
 	})
-	m2, err := engine.New(s2, exec, engine.Config{KeepOrphanedClaims: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m2.Start(ctx); err != nil { // recovery is done when Start returns
-		t.Fatal(err)
-	}
-	defer func() {
-		stopCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		if err := m2.Stop(stopCtx); err != nil {
-			t.Error(err)
-		}
-	}()
-	d, err := s2.LoadDispatch(ctx, res.DispatchID)
+	s2 := startAgain(t, dir, exec, engine.Config{KeepOrphanedClaims: true}) // recovery is done when Start returns
+	d, err := s2.LoadDispatch(context.Background(), res.DispatchID)
 	if err != nil || d == nil || d.Status != engine.StatusClaimed || d.ClaimedBy != "gone" || len(d.Errors) != 0 {
 		t.Fatalf("after recovery: %+v %v, want the earlier process's claim untouched", d, err)
 	}
+}
+
+// startAgain opens the store in dir and starts a mailbox on it, as the
+// next sidecar process would; both stop when the test ends.
+func startAgain(t *testing.T, dir string, exec *fakeExecutor, cfg engine.Config) *badgerstore.Store {
+	t.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	mb, err := engine.New(s, exec, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := mb.Stop(ctx); err != nil {
+			t.Error(err)
+		}
+	})
+	return s
 }
