@@ -229,9 +229,11 @@ func (m *Mailbox) Recover(ctx context.Context) (int, error) {
 			total += len(got)
 			m.metrics.add("reclaim_dispatch", len(got))
 			m.reclaimed(ctx, got, "claims of an earlier sidecar process reclaimed", deadLetterRestart)
-			// Work went back to its old place in the ready order, as a
-			// lapse's reclaim puts it (instrumentedStore.ReclaimExpired).
-			m.putBack("")
+			if len(got) > 0 {
+				// Work went back to its old place in the ready order, as
+				// a lapse's reclaim puts it (instrumentedStore.ReclaimExpired).
+				m.putBack("")
+			}
 			if err != nil {
 				return total, fmt.Errorf("reclaim the claims of an earlier process: %w", err)
 			}
@@ -334,9 +336,10 @@ func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
 // before the newest terminal dispatch the previous pass saw.
 const reconcileOverlap = time.Minute
 
-// reclaimed settles what a reclaim of lapsed leases returned: a dispatch
-// whose lapse spent its last attempt is dead-lettered (counted), and its
-// run is settled.
+// reclaimed settles what a reclaim returned (of lapsed leases, or of an
+// earlier process's claims): a dispatch whose reclaim spent its last
+// attempt is dead-lettered (counted under deadLetterCause), and its run
+// is settled; the reclaims are logged, what with a summary.
 func (m *Mailbox) reclaimed(ctx context.Context, got []Dispatch, what, deadLetterCause string) {
 	if len(got) == 0 {
 		return
