@@ -34,6 +34,11 @@ type Client struct {
 	mu      sync.Mutex    // guards cur and changed
 	cur     *conn         // the established connection, nil between connections
 	changed chan struct{} // closed (and replaced) whenever cur changes
+
+	// threadsMu guards threads: for each thread whose handler is running,
+	// a channel closed when it returns (holdThread).
+	threadsMu sync.Mutex
+	threads   map[string]chan struct{}
 }
 
 // New validates cfg, fills in its defaults and returns a Client. It does
@@ -43,7 +48,38 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Client{cfg: cfg, log: cfg.Logger, changed: make(chan struct{})}, nil
+	return &Client{cfg: cfg, log: cfg.Logger, changed: make(chan struct{}), threads: map[string]chan struct{}{}}, nil
+}
+
+// holdThread waits until no handler of thread is running, then marks one
+// running until release is called. A sidecar sends one run of a thread
+// at a time on its connections, but after a dropped connection (a
+// sidecar killed and restarted: it reclaims the dead process's claims at
+// once) the thread's next run can come on the new connection while the
+// handler of the dropped one still stops; the two never overlap here.
+func (c *Client) holdThread(thread string, log *slog.Logger) (release func()) {
+	warned := false
+	for {
+		c.threadsMu.Lock()
+		prev, busy := c.threads[thread]
+		if !busy {
+			done := make(chan struct{})
+			c.threads[thread] = done
+			c.threadsMu.Unlock()
+			return func() {
+				c.threadsMu.Lock()
+				delete(c.threads, thread)
+				c.threadsMu.Unlock()
+				close(done)
+			}
+		}
+		c.threadsMu.Unlock()
+		if !warned {
+			warned = true
+			log.Warn("waiting for the thread's earlier run, of a dropped connection, to return before this one starts")
+		}
+		<-prev
+	}
 }
 
 // Serve connects to the sidecar, executes the runs it sends, and

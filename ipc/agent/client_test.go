@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -917,4 +918,46 @@ func TestResultLargerThanMaxFrameFailsTheRun(t *testing.T) {
 	if !strings.Contains(got, `"code":"result_too_large"`) || !strings.Contains(got, `"kind":"permanent"`) || len(f.payload) > 4096 {
 		t.Fatalf("FINISH = %s", got)
 	}
+}
+
+// After a dropped connection, a run of a thread whose handler of the
+// dropped connection has not returned yet (it ignores its cancel) waits
+// for it: a sidecar restarted after a kill sends the thread's run again
+// at once, and the two never overlap in this agent.
+func TestARunWaitsForItsThreadsHandlerOfADroppedConnection(t *testing.T) {
+	t.Parallel()
+	started := make(chan string, 2)
+	release := make(chan struct{})
+	var running atomic.Int32
+	h := startClient(t, Config{Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
+		if running.Add(1) > 1 {
+			t.Errorf("two handlers of thread %s at once", run.ThreadID)
+		}
+		defer running.Add(-1)
+		started <- run.SessionID
+		if run.SessionID == "s-first" {
+			<-release // deaf to its cancel
+		}
+		return Done("ok")
+	})})
+	h.fc.send(ipc.TypeRun, 1, strings.Replace(runJSON("r1", "x"), `"session_id":"s-r1"`, `"session_id":"s-first"`, 1))
+	if s := recv(t, started); s != "s-first" {
+		t.Fatalf("started %s", s)
+	}
+	h.sc.stopListening()
+	h.fc.close()
+	h.sc.listen()
+	fc := h.sc.accept()
+	fc.handshake(testWelcome)
+	fc.send(ipc.TypeRun, 1, strings.Replace(runJSON("r1", "x"), `"session_id":"s-r1"`, `"session_id":"s-second"`, 1))
+	select {
+	case s := <-started:
+		t.Fatalf("%s started while the dropped connection's handler of its thread still ran", s)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if s := recv(t, started); s != "s-second" {
+		t.Fatalf("started %s", s)
+	}
+	fc.expectEqualJSON(ipc.TypeFinish, 1, `{"status":"done","termination":{"type":"natural_end"},"response":"ok"}`)
 }

@@ -436,9 +436,13 @@ func (r *Run) decidesAllLocked(ds []Decision) bool {
 // execute runs the handler and sends its FINISH.
 func (r *Run) execute(h Handler) {
 	defer r.conn.client.handlers.Done()
+	// Released as the handler returns, before FINISH: the sidecar sends
+	// the thread's next run only after it.
+	release := r.conn.client.holdThread(r.ThreadID, r.logger())
 	returned := false
 	defer func() {
 		if !returned {
+			release()
 			// The handler ended its goroutine without returning
 			// (runtime.Goexit: t.FailNow in a test's handler): the run
 			// still finishes, or it would hold its slot, and Serve would
@@ -449,6 +453,7 @@ func (r *Run) execute(h Handler) {
 	}()
 	res := r.call(h)
 	returned = true
+	release()
 	r.finish(res)
 }
 
