@@ -26,8 +26,13 @@ type Client struct {
 	serving atomic.Bool // Serve is running
 
 	// handlers counts handler goroutines of every connection; Serve waits
-	// for them before it returns.
+	// for them before it returns (running is their number).
 	handlers sync.WaitGroup
+	running  atomic.Int64
+	// stopBy is when Serve stops waiting for handlers that ignore their
+	// cancelled context (zero: not yet set). Serve's goroutine alone
+	// uses it.
+	stopBy time.Time
 	// pool runs the handlers (made by Serve, stopped when it returns).
 	pool *runPool
 
@@ -89,17 +94,26 @@ func (c *Client) holdThread(thread string, log *slog.Logger) (release func()) {
 // When ctx is done Serve shuts down gracefully: it sends GOAWAY (so the
 // sidecar sends no new run), lets running handlers finish within
 // ShutdownGrace, cancels the rest, waits for every handler to return,
-// closes the connection and returns nil. It returns an error only when the
+// closes the connection and returns nil. It returns an error when the
 // sidecar refuses the handshake for good (a *HandshakeError with code
-// unsupported_protocol) or when Serve is already running (ErrServing).
-func (c *Client) Serve(ctx context.Context) error {
+// unsupported_protocol), when Serve is already running (ErrServing), and
+// when handlers still ignore their cancelled context StopTimeout after
+// they were cancelled (ErrHandlersStuck: they still run).
+func (c *Client) Serve(ctx context.Context) (err error) {
 	if !c.serving.CompareAndSwap(false, true) {
 		return ErrServing
 	}
 	defer c.serving.Store(false)
 	c.pool = newRunPool()
-	defer c.pool.stop() // after waitHandlers: every run has returned
-	defer c.waitHandlers()
+	c.stopBy = time.Time{}
+	defer func() {
+		if n := c.waitHandlers(); n > 0 {
+			c.pool.abandon()
+			err = errors.Join(err, fmt.Errorf("%w: %d still running", ErrHandlersStuck, n))
+			return
+		}
+		c.pool.stop() // every run has returned
+	}()
 
 	c.log.Info("agent client starting", "socket", c.cfg.Socket, "name", c.cfg.Name,
 		"agent_ids", c.cfg.AgentIDs, "max_runs", c.cfg.MaxRuns)
@@ -152,21 +166,46 @@ func (c *Client) backoff(n int) time.Duration {
 }
 
 // waitHandlers waits for every handler goroutine, logging while some
-// ignore their cancelled context.
-func (c *Client) waitHandlers() {
+// ignore their cancelled context, until stopBy (or StopTimeout from now
+// when no drain set it). It returns how many still run then (0: all
+// returned).
+func (c *Client) waitHandlers() int64 {
+	if c.running.Load() == 0 {
+		c.handlers.Wait() // the last ones are returning
+		return 0
+	}
 	done := make(chan struct{})
 	go func() {
 		c.handlers.Wait()
 		close(done)
 	}()
+	var expire <-chan time.Time
+	if c.cfg.StopTimeout >= 0 {
+		by := c.stopBy
+		if by.IsZero() {
+			by = time.Now().Add(c.cfg.StopTimeout)
+		}
+		t := time.NewTimer(time.Until(by))
+		defer t.Stop()
+		expire = t.C
+	}
 	t := time.NewTicker(max(c.cfg.ShutdownGrace, time.Second))
 	defer t.Stop()
 	for {
 		select {
 		case <-done:
-			return
+			return 0
 		case <-t.C:
-			c.log.Warn("still waiting for run handlers that ignore their cancelled context")
+			c.log.Warn("still waiting for run handlers that ignore their cancelled context", "handlers", c.running.Load())
+		case <-expire:
+			n := c.running.Load()
+			if n == 0 {
+				<-done
+				return 0
+			}
+			c.log.Error("run handlers ignore their cancelled context: returning without them; they still run",
+				"handlers", n, "stop_timeout", c.cfg.StopTimeout)
+			return n
 		}
 	}
 }

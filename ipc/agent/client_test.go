@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -589,6 +590,45 @@ func TestShutdownGraceExpires(t *testing.T) {
 	}
 }
 
+func TestServeReturnsWithoutHandlersThatIgnoreTheirCancel(t *testing.T) {
+	t.Parallel()
+	started := make(chan struct{}, 1)
+	release := make(chan struct{})
+	returned := make(chan struct{})
+	h := startClient(t, Config{ShutdownGrace: 50 * time.Millisecond, StopTimeout: 200 * time.Millisecond,
+		Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
+			defer close(returned)
+			started <- struct{}{}
+			<-release // deaf to ctx
+			return Done("late")
+		})})
+	var releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(func() { free(); <-returned }) // before the harness's cleanup: goleak
+	fc := h.fc
+	fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
+	recv(t, started)
+
+	start := time.Now()
+	h.cancel()
+	fc.expect(ipc.TypeGoAway, 0)
+	// No FINISH: the connection closes, and the sidecar retries the run.
+	fc.expectEOF()
+	err := h.wait()
+	if !errors.Is(err, ErrHandlersStuck) {
+		t.Fatalf("Serve = %v, want ErrHandlersStuck", err)
+	}
+	if elapsed := time.Since(start); elapsed < 250*time.Millisecond {
+		t.Errorf("Serve returned after %v, before grace and stop timeout (250ms)", elapsed)
+	}
+	select {
+	case <-returned:
+		t.Fatal("the handler returned before it was released")
+	default:
+	}
+	free()
+}
+
 func TestSubmit(t *testing.T) {
 	t.Parallel()
 	h := startClient(t, Config{Handler: HandlerFunc(func(context.Context, *Run) Result { return Done("") })},
@@ -831,7 +871,7 @@ func TestConfig(t *testing.T) {
 	got := c.cfg
 	if got.Name != filepath.Base(os.Args[0]) || !slices.Equal(got.AgentIDs, []string{"*"}) || got.MaxRuns != 1 ||
 		got.MinBackoff != DefaultMinBackoff || got.MaxBackoff != DefaultMaxBackoff ||
-		got.ShutdownGrace != DefaultShutdownGrace || got.Logger == nil {
+		got.ShutdownGrace != DefaultShutdownGrace || got.StopTimeout != DefaultStopTimeout || got.Logger == nil {
 		t.Errorf("defaults: %+v", got)
 	}
 	c, _ = New(Config{Socket: "s", Handler: nop, MinBackoff: 10 * time.Second})

@@ -16,6 +16,7 @@ const (
 	DefaultMinBackoff    = 100 * time.Millisecond
 	DefaultMaxBackoff    = 5 * time.Second
 	DefaultShutdownGrace = 10 * time.Second
+	DefaultStopTimeout   = 10 * time.Second
 	// MaxMaxRuns is the largest MaxRuns the sidecar honours.
 	MaxMaxRuns = 1024
 )
@@ -53,6 +54,14 @@ type Config struct {
 	// spending an attempt (the GOAWAY was sent). Default 10 s; a
 	// negative value cancels at once.
 	ShutdownGrace time.Duration
+	// StopTimeout is how long Serve waits, once ShutdownGrace has run out
+	// and the remaining runs are cancelled, for handlers that ignore their
+	// cancelled context. Then it closes the connection (the sidecar
+	// retries those runs; no FINISH is sent for them) and returns an error
+	// wrapping ErrHandlersStuck: Go cannot stop a goroutine, so such
+	// handlers still run, and the process should exit. Default 10 s; a
+	// negative value waits for ever.
+	StopTimeout time.Duration
 	// Logger receives the client's logs. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -94,6 +103,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.ShutdownGrace == 0 {
 		cfg.ShutdownGrace = DefaultShutdownGrace
+	}
+	if cfg.StopTimeout == 0 {
+		cfg.StopTimeout = DefaultStopTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

@@ -291,6 +291,13 @@ func (cn *conn) drain() {
 	for _, r := range left {
 		r.cancel(ErrShutdown)
 	}
+	var expire <-chan time.Time
+	if stop := cn.client.cfg.StopTimeout; stop >= 0 {
+		cn.client.stopBy = time.Now().Add(stop)
+		t := time.NewTimer(stop)
+		defer t.Stop()
+		expire = t.C
+	}
 	tick := time.NewTicker(max(grace, time.Second))
 	defer tick.Stop()
 	for {
@@ -301,6 +308,11 @@ func (cn *conn) drain() {
 			return
 		case <-tick.C:
 			cn.log.Warn("still waiting for cancelled runs to finish", "runs", cn.runCount())
+		case <-expire:
+			// The connection closes next: the sidecar retries these runs.
+			cn.log.Error("cancelled runs ignore their context: closing the connection without their FINISH",
+				"runs", cn.runCount(), "stop_timeout", cn.client.cfg.StopTimeout)
+			return
 		}
 	}
 }
@@ -550,6 +562,7 @@ func (cn *conn) startRun(f *ipc.Frame) error {
 		r.cancel(ErrShutdown)
 	}
 	cn.client.handlers.Add(1)
+	cn.client.running.Add(1)
 	cn.mu.Unlock()
 
 	r.debug("run started")

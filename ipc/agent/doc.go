@@ -33,7 +33,11 @@
 // the sidecar retries those runs, so a handler should make its side
 // effects idempotent or checkpoint them. When Serve's context is done the
 // Client stops taking runs, lets running ones finish within
-// Config.ShutdownGrace, and returns.
+// Config.ShutdownGrace, cancels the rest, and returns once their handlers
+// have returned. Handlers that ignore their cancelled context for
+// Config.StopTimeout more are left running: Serve closes the connection
+// (the sidecar retries their runs) and returns ErrHandlersStuck, and the
+// process should exit.
 //
 // The package depends on the standard library, package ipc (the frame
 // codec) and two small libraries (JSON and UUID) only.

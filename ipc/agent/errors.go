@@ -30,6 +30,10 @@ var (
 	// Cancelled() (or zero) result is reported as Transient("shutdown"),
 	// so the sidecar retries it.
 	ErrShutdown = errors.New("agent: client shutting down")
+	// ErrHandlersStuck reports that Serve returned while run handlers
+	// still ran: they ignored their cancelled context for StopTimeout
+	// after shutdown's grace. The process should exit.
+	ErrHandlersStuck = errors.New("agent: run handlers did not return after shutdown")
 	// ErrServing reports a second concurrent call of Client.Serve.
 	ErrServing = errors.New("agent: client already serving")
 )

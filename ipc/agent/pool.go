@@ -55,6 +55,10 @@ func (p *runPool) work(f func()) {
 	}
 }
 
+// abandon ends the idle goroutines without waiting for the busy ones (a
+// handler that will not return); do must not be called after it.
+func (p *runPool) abandon() { close(p.quit) }
+
 // stop ends the idle goroutines and waits for every goroutine of the pool
 // to finish its run and exit; do must not be called after it.
 func (p *runPool) stop() {
