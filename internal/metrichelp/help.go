@@ -70,10 +70,93 @@ var Help = map[string]string{
 	"mailbox_store_refused_operations_total":   "Store writes refused, by reason (disk_full, sync_failed).",
 	"mailbox_store_disk_free_bytes":            "Free bytes on the data directory's file system.",
 	"mailbox_store_disk_min_free_bytes":        "Free bytes below which the store refuses writes.",
+
+	// The Go runtime and the process, as the metrics library writes them
+	// (metrics.WriteProcessMetrics). Two counters keep the library's
+	// names without _total: go_cgo_calls_count and go_gc_forced_count.
+	"go_sched_latencies_seconds":                    "Time goroutines spent runnable before they ran (Go runtime).",
+	"go_mutex_wait_seconds_total":                   "Time goroutines spent blocked on sync.Mutex and sync.RWMutex (Go runtime).",
+	"go_gc_mark_assist_cpu_seconds_total":           "CPU time goroutines spent helping the garbage collector mark (Go runtime).",
+	"go_gc_cpu_seconds_total":                       "CPU time spent in the garbage collector (Go runtime).",
+	"go_gc_pauses_seconds":                          "Stop-the-world pauses of the garbage collector (Go runtime).",
+	"go_scavenge_cpu_seconds_total":                 "CPU time spent returning memory to the operating system (Go runtime).",
+	"go_memlimit_bytes":                             "The Go runtime's soft memory limit (GOMEMLIMIT).",
+	"go_memstats_alloc_bytes":                       "Bytes of allocated heap objects.",
+	"go_memstats_alloc_bytes_total":                 "Bytes allocated for heap objects since the start.",
+	"go_memstats_buck_hash_sys_bytes":               "Bytes in the profiling bucket hash table.",
+	"go_memstats_frees_total":                       "Heap objects freed since the start.",
+	"go_memstats_gc_cpu_fraction":                   "Fraction of the CPU time used by the garbage collector since the start.",
+	"go_memstats_gc_sys_bytes":                      "Bytes of garbage collection metadata.",
+	"go_memstats_heap_alloc_bytes":                  "Bytes of allocated heap objects.",
+	"go_memstats_heap_idle_bytes":                   "Bytes in idle (unused) heap spans.",
+	"go_memstats_heap_inuse_bytes":                  "Bytes in in-use heap spans.",
+	"go_memstats_heap_objects":                      "Allocated heap objects.",
+	"go_memstats_heap_released_bytes":               "Bytes of physical memory returned to the operating system.",
+	"go_memstats_heap_sys_bytes":                    "Bytes of heap memory obtained from the operating system.",
+	"go_memstats_last_gc_time_seconds":              "When the last garbage collection finished (Unix seconds).",
+	"go_memstats_lookups_total":                     "Pointer lookups by the runtime since the start.",
+	"go_memstats_mallocs_total":                     "Heap objects allocated since the start.",
+	"go_memstats_mcache_inuse_bytes":                "Bytes of allocated mcache structures.",
+	"go_memstats_mcache_sys_bytes":                  "Bytes of memory obtained for mcache structures.",
+	"go_memstats_mspan_inuse_bytes":                 "Bytes of allocated mspan structures.",
+	"go_memstats_mspan_sys_bytes":                   "Bytes of memory obtained for mspan structures.",
+	"go_memstats_next_gc_bytes":                     "Heap size at which the next garbage collection starts.",
+	"go_memstats_other_sys_bytes":                   "Bytes of other runtime memory.",
+	"go_memstats_stack_inuse_bytes":                 "Bytes in stack spans.",
+	"go_memstats_stack_sys_bytes":                   "Bytes of stack memory obtained from the operating system.",
+	"go_memstats_sys_bytes":                         "Bytes of memory obtained from the operating system in all.",
+	"go_cgo_calls_count":                            "Calls from Go to C since the start (a counter).",
+	"go_cpu_count":                                  "Logical CPUs usable by the process.",
+	"go_gc_duration_seconds":                        "Stop-the-world pauses of the garbage collector, as a summary.",
+	"go_gc_forced_count":                            "Garbage collections forced by the application since the start (a counter).",
+	"go_gomaxprocs":                                 "GOMAXPROCS: the processors that run Go code at once (--gomaxprocs).",
+	"go_goroutines":                                 "Goroutines that exist.",
+	"go_threads":                                    "Operating system threads created by the Go runtime.",
+	"go_info":                                       "The Go version that built the binary (always 1).",
+	"go_info_ext":                                   "The compiler, platform and GOROOT that built the binary (always 1).",
+	"process_cpu_seconds_system_total":              "CPU time the process spent in the kernel.",
+	"process_cpu_seconds_total":                     "CPU time the process spent, user and kernel.",
+	"process_cpu_seconds_user_total":                "CPU time the process spent in user space.",
+	"process_major_pagefaults_total":                "Page faults that read from disk.",
+	"process_minor_pagefaults_total":                "Page faults served without reading from disk.",
+	"process_num_threads":                           "Operating system threads of the process.",
+	"process_resident_memory_bytes":                 "Resident memory (RSS).",
+	"process_start_time_seconds":                    "When the process started (Unix seconds).",
+	"process_virtual_memory_bytes":                  "Virtual memory size.",
+	"process_virtual_memory_peak_bytes":             "Peak virtual memory size.",
+	"process_resident_memory_peak_bytes":            "Peak resident memory (VmHWM).",
+	"process_resident_memory_anon_bytes":            "Resident anonymous memory (RssAnon): the heap and stacks.",
+	"process_resident_memory_file_bytes":            "Resident file-backed memory (RssFile): mapped store files among it.",
+	"process_resident_memory_shared_bytes":          "Resident shared memory (RssShmem).",
+	"process_io_read_bytes_total":                   "Bytes the process read, page cache included.",
+	"process_io_written_bytes_total":                "Bytes the process wrote, page cache included.",
+	"process_io_read_syscalls_total":                "Read system calls of the process.",
+	"process_io_write_syscalls_total":               "Write system calls of the process.",
+	"process_io_storage_read_bytes_total":           "Bytes the process caused to be read from storage.",
+	"process_io_storage_written_bytes_total":        "Bytes the process caused to be written to storage.",
+	"process_pressure_cpu_waiting_seconds_total":    "Time some of the process's cgroup waited for CPU (PSI).",
+	"process_pressure_cpu_stalled_seconds_total":    "Time all of the process's cgroup waited for CPU (PSI).",
+	"process_pressure_io_waiting_seconds_total":     "Time some of the process's cgroup waited for IO (PSI).",
+	"process_pressure_io_stalled_seconds_total":     "Time all of the process's cgroup waited for IO (PSI).",
+	"process_pressure_memory_waiting_seconds_total": "Time some of the process's cgroup waited for memory (PSI).",
+	"process_pressure_memory_stalled_seconds_total": "Time all of the process's cgroup waited for memory (PSI).",
+	"process_cgroup_cpu_throttled_seconds_total":    "Time the process's cgroup was throttled by its CPU limit.",
+}
+
+// counters are families the metrics library declares gauges that only
+// grow: Fill writes their TYPE as counter, so that rate() applies.
+var counters = map[string]bool{
+	"process_io_read_bytes_total":            true,
+	"process_io_written_bytes_total":         true,
+	"process_io_read_syscalls_total":         true,
+	"process_io_write_syscalls_total":        true,
+	"process_io_storage_read_bytes_total":    true,
+	"process_io_storage_written_bytes_total": true,
 }
 
 // Fill returns text (a Prometheus scrape) with the HELP text of Help on
-// every "# HELP <family>" line that has none; it appends to dst.
+// every "# HELP <family>" line that has none, and the TYPE of counters
+// mended; it appends to dst.
 func Fill(dst, text []byte) []byte {
 	for len(text) > 0 {
 		line := text
@@ -89,6 +172,14 @@ func Fill(dst, text []byte) []byte {
 				dst = append(dst, ' ')
 				dst = append(dst, h...)
 				dst = append(dst, '\n')
+				continue
+			}
+		}
+		if rest, ok := bytes.CutPrefix(line, []byte("# TYPE ")); ok {
+			if family, ok := bytes.CutSuffix(rest, []byte(" gauge\n")); ok && counters[string(family)] {
+				dst = append(dst, "# TYPE "...)
+				dst = append(dst, family...)
+				dst = append(dst, " counter\n"...)
 				continue
 			}
 		}
