@@ -263,6 +263,35 @@ func TestAnAgentsRunFinishStandsOnlyIfItsAttemptCompletes(t *testing.T) {
 	}
 }
 
+// run_finish is the agent's last event: one it sends after it is dropped,
+// not passed ahead of the held run_finish (found by review: clients saw
+// A, B, run_finish for an agent's A, run_finish, B).
+func TestAgentEventsAfterItsRunFinishAreDropped(t *testing.T) {
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		sink.Emit([]byte(`{"type":"text_delta","delta":"A"}`))
+		sink.Emit([]byte(`{"type":"run_finish","agent":true,"termination":{"type":"natural_end"}}`))
+		sink.Emit([]byte(`{"type":"text_delta","delta":"B"}`))
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	_, l, err := r.mb.Submit(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the attempt ended", func() bool { _, closed := l.ClosedAt(); return closed })
+	evs, _ := readAll(l, 0)
+	var got []string
+	for _, e := range evs {
+		if e.Type == "text_delta" || e.Type == "run_finish" {
+			got = append(got, e.Type+":"+string(e.Data))
+		}
+	}
+	if len(got) != 2 || !strings.Contains(got[0], `"A"`) || !strings.Contains(got[1], `"agent":true`) {
+		t.Fatalf("the log: %s, want A then the agent's run_finish", describe(evs))
+	}
+}
+
 // An interrupted attempt whose agent sent run_finish (cancelled) and then
 // failed: its dispatch is superseded, not retried, so its clients get the
 // agent's run_finish, not one announcing a retry (found by review).

@@ -51,6 +51,9 @@ type execution struct {
 	// outcome is known (agentSink): passed on if it completed, else the
 	// engine's run_finish says how it ended.
 	heldFinish atomic.Pointer[[]byte]
+	// afterFinish counts agent events sent after its run_finish, dropped
+	// (agentSink); logged once the attempt ends.
+	afterFinish atomic.Int64
 	// instance is the attempt's dispatch instance id once its start is
 	// recorded (by its claim or by RecordDispatchStart).
 	instance atomic.Pointer[string]
@@ -455,6 +458,13 @@ func (s agentSink) Emit(data []byte) { s.emitAgent(data, true) }
 func (s agentSink) EmitQuiet(data []byte) { s.emitAgent(data, false) }
 
 func (s agentSink) emitAgent(data []byte, wake bool) {
+	if s.e.heldFinish.Load() != nil {
+		// run_finish is the attempt's last event (docs/protocol.md): one
+		// sent after it would reach clients before it, since it is held
+		// until the outcome is known (found by review).
+		s.e.afterFinish.Add(1)
+		return
+	}
 	typ := eventType(data)
 	if typ == "run_finish" {
 		b := bytes.Clone(data) // the sink keeps no data after Emit returns
@@ -573,6 +583,9 @@ func (m *Mailbox) execute(e *execution) {
 		// The user cancelled it: whatever the agent reports, it is not
 		// retried.
 		outcome = RunOutcome{Kind: OutcomeCompleted, Status: RunDone, Termination: &Termination{Type: TermCancelled}}
+	}
+	if n := e.afterFinish.Load(); n > 0 {
+		log.Warn("agent events after its run_finish dropped: run_finish must be the last event", "events", n)
 	}
 	if held := e.heldFinish.Swap(nil); held != nil && (outcome.Kind == OutcomeCompleted || errors.Is(context.Cause(e.ctx), errInterrupted)) {
 		// It completed on its own, or an interrupt superseded it (it is

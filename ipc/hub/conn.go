@@ -177,6 +177,13 @@ func (h *Hub) handshake(nc net.Conn, id uint64, log *slog.Logger) (*conn, error)
 		h.m.protocolErrors.Inc()
 		return nil, refuse(ipc.CodeProtocolError, fmt.Errorf("handshake: %w: HELLO: %v", ipc.ErrProtocol, err))
 	}
+	if hello.Protocol == 0 {
+		// A HELLO without its version is a bug in the agent, not a
+		// version it speaks: unsupported_protocol would tell it to stop
+		// for good (found by review).
+		h.m.protocolErrors.Inc()
+		return nil, refuse(ipc.CodeProtocolError, fmt.Errorf("handshake: %w: HELLO without protocol", ipc.ErrProtocol))
+	}
 	if hello.Protocol != ipc.ProtocolVersion {
 		return nil, refuse(ipc.CodeUnsupportedProtocol, fmt.Errorf("handshake: agent speaks protocol %d, sidecar speaks %d", hello.Protocol, ipc.ProtocolVersion))
 	}

@@ -48,6 +48,7 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"wrong protocol version", func(a *rawAgent) { a.send(ipc.TypeHello, 0, ipc.Hello{Protocol: 2, MaxRuns: 1}) }, ipc.CodeUnsupportedProtocol},
 		{"first frame not HELLO", func(a *rawAgent) { a.send(ipc.TypeEvent, 1, `{"type":"x"}`) }, ipc.CodeProtocolError},
 		{"HELLO on a run stream", func(a *rawAgent) { a.send(ipc.TypeHello, 7, ipc.Hello{Protocol: 1}) }, ipc.CodeProtocolError},
+		{"HELLO without protocol", func(a *rawAgent) { a.send(ipc.TypeHello, 0, `{"name":"x","max_runs":1}`) }, ipc.CodeProtocolError},
 		{"HELLO with bad field types", func(a *rawAgent) { a.send(ipc.TypeHello, 0, `{"protocol":"one"}`) }, ipc.CodeProtocolError},
 		{"garbage header", func(a *rawAgent) { a.nc.Write([]byte("GET / HTTP/1.1\r\n\r\n")) }, ipc.CodeProtocolError},
 		{"silence", func(a *rawAgent) {}, ipc.CodeHandshakeTimeout},
