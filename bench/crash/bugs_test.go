@@ -28,7 +28,7 @@ func TestWaitingRunContinuedByTwoSubmits(t *testing.T) {
 	a := c.startAgent()
 	c.waitAgentConnected(20 * time.Second)
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, smallWorkload("wait2"))
+	w := newWorkload(rec, smallWorkload("wait2"), c.api)
 	const th = "wait2-t"
 	if err := w.background(th, Command{Nonce: w.newNonce(), Verb: VerbSuspend, Arg: 10}); err != nil {
 		t.Fatal(err)
@@ -98,7 +98,7 @@ func TestCancelOfRunningRunSurvivesCrash(t *testing.T) {
 	a := c.startAgent()
 	c.waitAgentConnected(20 * time.Second)
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, smallWorkload("cxl"))
+	w := newWorkload(rec, smallWorkload("cxl"), c.api)
 	d := submitLong(t, c, w, 1, func() Command { return Command{Nonce: w.newNonce(), Verb: VerbSleep, Arg: 3000} })[0]
 
 	c.stopAgent(a) // it cannot answer the CANCEL before the kill
@@ -109,7 +109,7 @@ func TestCancelOfRunningRunSurvivesCrash(t *testing.T) {
 		t.Fatalf("cancel of the running dispatch: %+v %v", res, err)
 	}
 	cancelled := time.Now().UnixNano()
-	rec.sidecarKilled()
+	rec.sidecarKilled(c.api)
 	c.killSidecar()
 	c.contAgent(a)
 	c.startSidecar()

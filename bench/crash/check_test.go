@@ -184,7 +184,11 @@ type findings struct {
 	liveReceived      int      // live messages and decisions answered delivered and found received
 	liveExcused       int      // … not found, but an attempt of the run was killed
 	activeCancelled   int      // attempts a plain interrupt found active, checked (not excused by a kill)
-	cancelBlind       int      // … of them, ended on their own by a path that never looks at the context
+	runningCancelled  int      // attempts executing when a cancel of them answered cancelled:true, checked
+	cancelBlind       int      // … of either, ended on their own by a path that never looks at the context
+	crossLive         int      // live messages and decisions received by an attempt on another sidecar than the one that answered
+	crossInterrupts   int      // attempts an interrupt through another sidecar found active, checked
+	crossCancels      int      // attempts a cancel through another sidecar found executing, checked
 	reordered         int      // requests whose messages are not in order in the log
 	badEventIDs       int      // foreground streams whose event ids went back or reused an earlier attempt's band
 	continuationIDs   int      // foreground streams of a run an earlier attempt of which had started, whose ids were checked
@@ -195,10 +199,20 @@ func (f *findings) add(format string, args ...any) {
 	f.problems = append(f.problems, fmt.Sprintf(format, args...))
 }
 
+// sidecarKill is a SIGKILL of a sidecar: when it died and the node it
+// was (cluster.node). It cuts the attempts of that node's agents only.
+type sidecarKill struct {
+	ns   int64
+	node string
+}
+
+// cuts reports whether the kill was of the sidecar s's agent served.
+func (k sidecarKill) cuts(s *session) bool { return k.node == s.start.agent.node }
+
 // checkOptions tune the checks for a fault.
 type checkOptions struct {
-	stallCut     bool    // see indexJournal
-	sidecarKills []int64 // SIGKILLs of the sidecar: claims of the dead process hold their threads
+	stallCut     bool          // see indexJournal
+	sidecarKills []sidecarKill // claims of a dead process hold their threads
 	// orphansReclaimed: the store is one process's alone (Badger), so a
 	// restarted sidecar reclaims the dead process's claims at once
 	// (engine.OrphanReclaimer) instead of letting them hold their threads
@@ -356,6 +370,7 @@ func check(rec *recorder, snap *snapshot, entries []journalEntry, o checkOptions
 	checkDelivered(f, rec, ix)
 	checkEventIDs(f, rec, ix)
 	checkInterruptCancels(f, rec, ix, o.sidecarKills)
+	checkCancelsReach(f, rec, ix, o.sidecarKills)
 
 	// Checkpoints and messages in the logs.
 	for _, th := range snap.threads {
@@ -569,8 +584,9 @@ func checkLog(f *findings, thread string, log []messageRecord, ix *journalIndex)
 // before killNs: every accepted dispatch still exists, every accepted
 // message and every acknowledged checkpoint is in its thread's log. The
 // workload keeps running meanwhile; only what was acknowledged before the
-// logs were read is checked.
-func (c *cluster) checkRestart(rec *recorder, killNs int64) []string {
+// logs were read is checked. The checkpoints are those of the agents of c
+// and of its peers (other sidecars sharing its store).
+func (c *cluster) checkRestart(rec *recorder, killNs int64, peers ...*cluster) []string {
 	var problems []string
 	rec.mu.Lock()
 	var todo []*accepted
@@ -598,7 +614,7 @@ func (c *cluster) checkRestart(rec *recorder, killNs int64) []string {
 		rec.mu.Unlock()
 	}
 
-	entries, err := c.journals()
+	entries, err := journalsOf(append([]*cluster{c}, peers...)...)
 	if err != nil {
 		return append(problems, err.Error())
 	}
@@ -821,11 +837,12 @@ const orphanReason = "claimed by an earlier sidecar process (restarted)"
 // checkDeadClaims: an attempt cut by a sidecar kill leaves its dispatch
 // claimed in the store. On a shared store (orphansReclaimed false) the
 // claim holds until the lease lapses, and until then no other dispatch of
-// that thread may start (one claimed dispatch per thread). On a store of
+// that thread may start on any sidecar (one claimed dispatch per thread).
+// A kill cuts only the attempts of its own sidecar's agents. On a store of
 // one process the restarted sidecar reclaims it at once: the dispatch's
 // error history must then say so, after the kill (the one-run-per-thread
 // check above still holds the agents to their own timestamps).
-func checkDeadClaims(f *findings, rec *recorder, snap *snapshot, ix *journalIndex, kills []int64, orphansReclaimed bool) {
+func checkDeadClaims(f *findings, rec *recorder, snap *snapshot, ix *journalIndex, kills []sidecarKill, orphansReclaimed bool) {
 	rec.mu.Lock()
 	settled := map[string]int64{} // dispatch → earliest cancel sent
 	for _, t := range rec.tries {
@@ -834,13 +851,15 @@ func checkDeadClaims(f *findings, rec *recorder, snap *snapshot, ix *journalInde
 		}
 	}
 	rec.mu.Unlock()
-	for _, k := range kills {
+	for _, kill := range kills {
+		k := kill.ns
 		for th, l := range ix.byThread {
 			for _, s := range l {
-				// cut by this kill: its agent saw the connection drop, or
-				// died after the sidecar without an end record
+				// cut by this kill: its agent (of the killed sidecar) saw
+				// the connection drop, or died after the sidecar without
+				// an end record
 				cut := s.end != nil && s.end.Outcome == OutcomeLost || s.end == nil && s.start.agent.deathNs >= k
-				if !cut || s.start.StartNs >= k || s.endNs < k {
+				if !cut || !kill.cuts(s) || s.start.StartNs >= k || s.endNs < k {
 					continue
 				}
 				if c, ok := settled[s.start.DispatchID]; ok && c < k {
@@ -856,11 +875,11 @@ func checkDeadClaims(f *findings, rec *recorder, snap *snapshot, ix *journalInde
 						continue
 					}
 					// Reclaimed by the process started after this kill: at
-					// or after it, before the next kill.
+					// or after it, before the next kill of that sidecar.
 					next := int64(math.MaxInt64)
 					for _, k2 := range kills {
-						if k2 > k && k2 < next {
-							next = k2
+						if k2.node == kill.node && k2.ns > k && k2.ns < next {
+							next = k2.ns
 						}
 					}
 					reclaimed := false
@@ -926,6 +945,9 @@ func checkDelivered(f *findings, rec *recorder, ix *journalIndex) {
 						continue
 					}
 					found, used[r] = true, true
+					if s.start.agent.node != c.Via {
+						f.crossLive++
+					}
 				}
 			}
 			switch {
@@ -962,56 +984,132 @@ const cancelMargin = 100 * time.Millisecond
 // and an agent process starved for a few hundred milliseconds on a
 // loaded machine (a CI run with the race detector) ends it late without
 // any fault of the sidecar's. A late CANCEL is still checked for them.
-func checkInterruptCancels(f *findings, rec *recorder, ix *journalIndex, kills []int64) {
+func checkInterruptCancels(f *findings, rec *recorder, ix *journalIndex, kills []sidecarKill) {
 	rec.mu.Lock()
 	interrupts := append([]interruptRec(nil), rec.interrupts...)
 	rec.mu.Unlock()
 	for _, i := range interrupts {
 		s := ix.sessions[i.ActiveInstance]
-		if i.Own != "" || s == nil || s.end == nil {
+		if i.Own != "" || s == nil {
 			continue
 		}
-		if out := s.end.Outcome; out == OutcomeLost || out == OutcomeShutdown {
+		v, cancelNs := judgeCancel(s, i.SentNs, max(i.ReturnedNs, s.start.StartNs)+int64(cancelMargin), kills)
+		if v == cancelUnjudged {
 			continue
 		}
 		f.activeCancelled++
-		killed := false
-		for _, k := range kills {
-			killed = killed || k > i.SentNs && k < s.endNs
+		if i.Via != s.start.agent.node {
+			f.crossInterrupts++
 		}
-		by := max(i.ReturnedNs, s.start.StartNs) + int64(cancelMargin)
-		if killed || s.end.EndNs <= by {
-			continue
-		}
-		var cancelNs int64
-		for _, r := range s.inbox {
-			if r.Event == EventCancel && cancelNs == 0 {
-				cancelNs = r.AtNs
-			}
-		}
-		if out := s.end.Outcome; cancelNs == 0 && (out == OutcomePermanent || out == OutcomeTransient) {
+		switch v {
+		case cancelBlind:
 			f.cancelBlind++
-			continue
-		}
-		switch {
-		case s.end.Outcome != OutcomeCancelled || cancelNs == 0:
+		case cancelMissing:
 			f.uncancelled++
 			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; it ended %s at %v",
 				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), s.end.Outcome, ts(s.end.EndNs))
-		case cancelNs > by:
+		case cancelLate:
 			f.uncancelled++
 			f.add("NOT CANCELLED: attempt %s of %s on %s was active at an interrupt that returned at %v; its cancel came only at %v\n%s",
-				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), ts(cancelNs), sessionTrace(s, i))
+				s.start.SessionID, s.start.DispatchID, i.Thread, ts(i.ReturnedNs), ts(cancelNs), sessionTrace(s, i.SentNs, i.ReturnedNs))
 		}
 	}
 }
 
-// sessionTrace describes an attempt an interrupt found active: when it
-// started, what it executed, what it received and when it ended.
-func sessionTrace(s *session, i interruptRec) string {
+// checkCancelsReach: a cancel answered cancelled:true while an attempt of
+// its dispatch was executing (started before the cancel returned, no end
+// by then) reaches that attempt, on whichever sidecar it executes (a
+// local cancel, or one routed by the live router): judged as an attempt
+// an interrupt found active (checkInterruptCancels), within cancelMargin
+// of the cancel's return. `NOT CANCELLED`.
+func checkCancelsReach(f *findings, rec *recorder, ix *journalIndex, kills []sidecarKill) {
+	rec.mu.Lock()
+	cancels := append([]cancelRec(nil), rec.cancels...)
+	rec.mu.Unlock()
+	for _, c := range cancels {
+		if !c.Cancelled {
+			continue
+		}
+		for _, s := range ix.byDispatch[c.Dispatch] {
+			if s.start.StartNs >= c.ReturnedNs || s.endNs <= c.ReturnedNs {
+				continue
+			}
+			v, cancelNs := judgeCancel(s, c.SentNs, c.ReturnedNs+int64(cancelMargin), kills)
+			if v == cancelUnjudged {
+				continue
+			}
+			f.runningCancelled++
+			if c.Via != s.start.agent.node {
+				f.crossCancels++
+			}
+			switch v {
+			case cancelBlind:
+				f.cancelBlind++
+			case cancelMissing:
+				f.uncancelled++
+				f.add("NOT CANCELLED: attempt %s of %s on %s was executing when a cancel of it returned cancelled:true at %v; it ended %s at %v\n%s",
+					s.start.SessionID, s.start.DispatchID, c.Thread, ts(c.ReturnedNs), s.end.Outcome, ts(s.end.EndNs), sessionTrace(s, c.SentNs, c.ReturnedNs))
+			case cancelLate:
+				f.uncancelled++
+				f.add("NOT CANCELLED: attempt %s of %s on %s was executing when a cancel of it returned cancelled:true at %v; its cancel came only at %v\n%s",
+					s.start.SessionID, s.start.DispatchID, c.Thread, ts(c.ReturnedNs), ts(cancelNs), sessionTrace(s, c.SentNs, c.ReturnedNs))
+			}
+		}
+	}
+}
+
+// cancelVerdict is how an attempt a command meant to cancel ended.
+type cancelVerdict int
+
+const (
+	cancelUnjudged cancelVerdict = iota // no end record (its agent was killed or frozen), or lost or shut down
+	cancelExcused                       // a kill of its sidecar came between the command and its end
+	cancelInTime                        // ended by the deadline, or its cancel was journaled by then
+	cancelBlind                         // ended late on its own, no cancel journaled, by a path blind to its context
+	cancelMissing                       // ended late otherwise, or not cancelled
+	cancelLate                          // its cancel was journaled only after the deadline
+)
+
+// judgeCancel judges attempt s, which a command sent at sentNs meant to
+// cancel by the deadline by: it journals the cancel and ends cancelled,
+// or it ends on its own by then. It returns the verdict and when the
+// cancel was journaled (0: never). The excuses are checkInterruptCancels's.
+func judgeCancel(s *session, sentNs, by int64, kills []sidecarKill) (cancelVerdict, int64) {
+	if s.end == nil || s.end.Outcome == OutcomeLost || s.end.Outcome == OutcomeShutdown {
+		return cancelUnjudged, 0
+	}
+	for _, k := range kills {
+		if k.cuts(s) && k.ns > sentNs && k.ns < s.endNs {
+			return cancelExcused, 0
+		}
+	}
+	if s.end.EndNs <= by {
+		return cancelInTime, 0
+	}
+	var cancelNs int64
+	for _, r := range s.inbox {
+		if r.Event == EventCancel && cancelNs == 0 {
+			cancelNs = r.AtNs
+		}
+	}
+	switch out := s.end.Outcome; {
+	case cancelNs == 0 && (out == OutcomePermanent || out == OutcomeTransient):
+		return cancelBlind, 0
+	case out != OutcomeCancelled || cancelNs == 0:
+		return cancelMissing, cancelNs
+	case cancelNs > by:
+		return cancelLate, cancelNs
+	}
+	return cancelInTime, cancelNs
+}
+
+// sessionTrace describes an attempt an interrupt or a cancel (sent and
+// returned at those times) found active: when it started, on which
+// sidecar, what it executed, what it received and when it ended.
+func sessionTrace(s *session, sentNs, returnedNs int64) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "\tinterrupt sent %v returned %v\n", ts(i.SentNs), ts(i.ReturnedNs))
-	fmt.Fprintf(&b, "\tattempt %d (pid %d) started %v executing %q\n", s.start.Attempt, s.start.PID, ts(s.start.StartNs), s.start.Command)
+	fmt.Fprintf(&b, "\tinterrupt or cancel sent %v returned %v\n", ts(sentNs), ts(returnedNs))
+	fmt.Fprintf(&b, "\tattempt %d (pid %d, sidecar %q) started %v executing %q\n", s.start.Attempt, s.start.PID, s.start.agent.node, ts(s.start.StartNs), s.start.Command)
 	for _, r := range s.inbox {
 		fmt.Fprintf(&b, "\treceived %s %q at %v\n", r.Event, r.Text, ts(r.AtNs))
 	}

@@ -18,11 +18,12 @@ import (
 // api speaks the client API (spec/http.md) over the API socket with
 // net/http (fasthttp's client cannot read an endless stream).
 type api struct {
-	tr *http.Transport
-	hc *http.Client
+	tr   *http.Transport
+	hc   *http.Client
+	node string // the sidecar it speaks to (cluster.node)
 }
 
-func newAPI(socket string) *api {
+func newAPI(socket, node string) *api {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -31,7 +32,7 @@ func newAPI(socket string) *api {
 		MaxIdleConnsPerHost: 32,
 		IdleConnTimeout:     5 * time.Second,
 	}
-	return &api{tr: tr, hc: &http.Client{Transport: tr}}
+	return &api{tr: tr, hc: &http.Client{Transport: tr}, node: node}
 }
 
 // close drops idle connections (their goroutines end).

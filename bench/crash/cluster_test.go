@@ -111,6 +111,7 @@ func (p *proc) terminate(t *testing.T, timeout time.Duration) int {
 type agentProc struct {
 	*proc
 	journal string
+	node    string  // the sidecar it serves (cluster.node)
 	deathNs int64   // SIGKILL time; 0 unless killed
 	stops   []int64 // SIGSTOP times
 	conts   []int64 // SIGCONT times
@@ -125,12 +126,20 @@ type clusterOptions struct {
 	// store (a stream and prefix of its own on that server) instead of
 	// Badger in dataDir.
 	nats string
+	// join, when set, is another cluster's NATS store, shared with it
+	// (several sidecars on one queue); nats is then ignored.
+	join natsTarget
+	// node names the sidecar among those sharing a store: its
+	// --consumer-id, and the node its agents and kills belong to.
+	node string
 }
 
 // cluster is a sidecar and its agents on one data directory, restarted as
-// a test goes.
+// a test goes. Several clusters may share one NATS store (clusterOptions
+// join), one per host.
 type cluster struct {
 	t                         *testing.T
+	node                      string // clusterOptions.node
 	dir                       string
 	data, apiSock, agentSock  string
 	nats                      natsTarget // set when the store is NATS
@@ -169,7 +178,7 @@ func newCluster(t *testing.T, o clusterOptions) *cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &cluster{t: t, dir: dir, data: o.dataDir, apiSock: filepath.Join(dir, "api.sock"),
+	c := &cluster{t: t, node: o.node, dir: dir, data: o.dataDir, apiSock: filepath.Join(dir, "api.sock"),
 		agentSock: filepath.Join(dir, "agent.sock"), maxRuns: o.maxRuns}
 	if c.data == "" {
 		c.data = filepath.Join(dir, "data")
@@ -178,15 +187,23 @@ func newCluster(t *testing.T, o clusterOptions) *cluster {
 		c.maxRuns = 8
 	}
 	store := []string{"--data-dir", c.data}
-	if o.nats != "" {
+	switch {
+	case o.join.url != "":
+		c.nats = o.join
+	case o.nats != "":
 		// A stream and prefix of this test's own on the shared server.
 		id := strings.ToUpper(strconv.FormatInt(time.Now().UnixNano(), 36))
 		c.nats = natsTarget{url: o.nats, stream: "CRASH" + id, prefix: "c" + strings.ToLower(id)}
-		store = []string{"--store", o.nats, "--nats-stream", c.nats.stream, "--nats-prefix", c.nats.prefix}
+	}
+	if c.nats.url != "" {
+		store = []string{"--store", c.nats.url, "--nats-stream", c.nats.stream, "--nats-prefix", c.nats.prefix}
+	}
+	if o.node != "" {
+		store = append(store, "--consumer-id", o.node)
 	}
 	c.flags = append(append(append([]string{"serve", "--api-socket", c.apiSock,
 		"--agent-socket", c.agentSock}, store...), defaultFlags...), o.flags...)
-	c.api = newAPI(c.apiSock)
+	c.api = newAPI(c.apiSock, o.node)
 	t.Cleanup(func() {
 		c.api.close()
 		if races := c.raceReports(); races != "" {
@@ -283,7 +300,7 @@ func (c *cluster) startAgent(extra ...string) *agentProc {
 	journal := filepath.Join(c.dir, fmt.Sprintf("journal-%d.jsonl", n))
 	args := append([]string{"--socket", c.agentSock, "--journal", journal, "--name", fmt.Sprintf("chaos-%d", n),
 		"--max-runs", fmt.Sprint(c.maxRuns)}, extra...)
-	a := &agentProc{proc: startProc(c.t, fmt.Sprintf("agent-%d", n), filepath.Join(c.dir, "agent.log"), nil, agentBin, args...), journal: journal}
+	a := &agentProc{proc: startProc(c.t, fmt.Sprintf("agent-%d", n), filepath.Join(c.dir, "agent.log"), nil, agentBin, args...), journal: journal, node: c.node}
 	c.mu.Lock()
 	c.agents = append(c.agents, a)
 	c.mu.Unlock()
@@ -393,10 +410,16 @@ func (c *cluster) stopAll() {
 }
 
 // journals reads every agent's journal, with the process each came from.
-func (c *cluster) journals() ([]journalEntry, error) {
-	c.mu.Lock()
-	agents := append([]*agentProc(nil), c.agents...)
-	c.mu.Unlock()
+func (c *cluster) journals() ([]journalEntry, error) { return journalsOf(c) }
+
+// journalsOf reads the journals of every agent of the clusters.
+func journalsOf(cs ...*cluster) ([]journalEntry, error) {
+	var agents []*agentProc
+	for _, c := range cs {
+		c.mu.Lock()
+		agents = append(agents, c.agents...)
+		c.mu.Unlock()
+	}
 	var out []journalEntry
 	for _, a := range agents {
 		recs, err := ReadJournal(a.journal)
@@ -408,6 +431,17 @@ func (c *cluster) journals() ([]journalEntry, error) {
 		}
 	}
 	return out, nil
+}
+
+// kills returns the SIGKILLs of the cluster's sidecar so far.
+func (c *cluster) kills() []sidecarKill {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]sidecarKill, len(c.sidecarKillNs))
+	for i, ns := range c.sidecarKillNs {
+		out[i] = sidecarKill{ns: ns, node: c.node}
+	}
+	return out
 }
 
 // journalEntry is a journal record and the agent process that wrote it.

@@ -47,6 +47,69 @@ func TestCrashKillSidecarNATS(t *testing.T) {
 	runCrashWith(t, "sidecar", clusterOptions{nats: srv.URL()})
 }
 
+// TestCrashKillOneOfTwoSidecarsNATS runs two sidecars on one NATS store,
+// as two hosts sharing a queue: each with its own sockets, consumer id and
+// agent; the workload goes to both client APIs on the same threads, so
+// that interrupts, cancels, live messages and decisions answered by one
+// sidecar are for runs executing on the other. At random moments one of
+// them, chosen at random, is SIGKILLed and restarted on its directory
+// while the other keeps serving. Every check sees both agents' journals:
+// above all, no two runs of a thread overlap across the two agents, and
+// a killed sidecar's claims hold their threads on the other.
+func TestCrashKillOneOfTwoSidecarsNATS(t *testing.T) {
+	srv := natstest.Start(t)
+	a := newCluster(t, clusterOptions{nats: srv.URL(), node: "host-a"})
+	b := newCluster(t, clusterOptions{join: a.nats, node: "host-b"})
+	if err := startNATSHistory(a.nats); err != nil {
+		t.Fatalf("NATS history stream: %v", err)
+	}
+	nodes := []*cluster{a, b}
+	for _, c := range nodes {
+		c.startSidecar()
+		c.resetRecoveries()
+		c.startAgent()
+	}
+	for _, c := range nodes {
+		c.waitAgentConnected(20 * time.Second)
+	}
+
+	rec := newRecorder()
+	w := newWorkload(rec, defaultWorkload("two"), a.api, b.api)
+	w.start()
+	halted := false
+	defer func() {
+		if !halted {
+			w.halt()
+		}
+	}()
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	cycles := crashCycles()
+	for cycle := range cycles {
+		time.Sleep(time.Duration(200+rng.IntN(1300)) * time.Millisecond)
+		i := rng.IntN(len(nodes))
+		c, other := nodes[i], nodes[1-i]
+		rec.sidecarKilled(c.api)
+		killNs := c.killSidecar()
+		rec.sidecarKilled(c.api) // a request sent between the two saw the kill too
+		c.startSidecar()
+		c.waitAgentConnected(20 * time.Second)
+		for _, p := range c.checkRestart(rec, killNs, other) {
+			t.Errorf("cycle %d (%s killed): %s", cycle, c.node, p)
+		}
+		if t.Failed() {
+			break
+		}
+	}
+	w.halt()
+	halted = true
+	r := finishAll(t, nodes, rec, checkOptions{})
+	r.name, r.cycles = "kill one of two sidecars (NATS store)", cycles
+	if r.crossLive+r.crossInterrupts+r.crossCancels == 0 {
+		t.Errorf("the workload proved nothing across sidecars: no live command, interrupt or cancel answered by one sidecar was checked at an attempt on the other")
+	}
+	record(t, r)
+}
+
 func runCrash(t *testing.T, what string) { runCrashWith(t, what, clusterOptions{}) }
 
 func runCrashWith(t *testing.T, what string, o clusterOptions) {
@@ -62,7 +125,7 @@ func runCrashWith(t *testing.T, what string, o clusterOptions) {
 	c.waitAgentConnected(20 * time.Second)
 
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, defaultWorkload(what))
+	w := newWorkload(rec, defaultWorkload(what), c.api)
 	w.start()
 	halted := false
 	defer func() {
@@ -77,15 +140,15 @@ func runCrashWith(t *testing.T, what string, o clusterOptions) {
 		var killNs int64
 		switch what {
 		case "sidecar":
-			rec.sidecarKilled()
+			rec.sidecarKilled(c.api)
 			killNs = c.killSidecar()
-			rec.sidecarKilled() // a request sent between the two saw the kill too
+			rec.sidecarKilled(c.api) // a request sent between the two saw the kill too
 			c.startSidecar()
 		case "agent":
 			killNs = c.killAgent(agent)
 			agent = c.startAgent()
 		case "both":
-			rec.sidecarKilled()
+			rec.sidecarKilled(c.api)
 			if cycle%2 == 0 {
 				c.killAgent(agent)
 				killNs = c.killSidecar()
@@ -93,7 +156,7 @@ func runCrashWith(t *testing.T, what string, o clusterOptions) {
 				c.killSidecar()
 				killNs = c.killAgent(agent)
 			}
-			rec.sidecarKilled() // a request sent between the two saw the kill too
+			rec.sidecarKilled(c.api) // a request sent between the two saw the kill too
 			c.startSidecar()
 			agent = c.startAgent()
 		}
@@ -120,6 +183,15 @@ func runCrashWith(t *testing.T, what string, o clusterOptions) {
 // against the journals and the store, and returns the figures.
 func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	t.Helper()
+	return finishAll(t, []*cluster{c}, rec, o)
+}
+
+// finishAll is finish for sidecars sharing one store: the state is read
+// through the first, every process is stopped, and the checks see the
+// journals of every agent and the kills of every sidecar.
+func finishAll(t *testing.T, cs []*cluster, rec *recorder, o checkOptions) result {
+	t.Helper()
+	c := cs[0]
 	drain, pending := c.drain(rec, drainTimeout)
 	for i, p := range pending {
 		if i == maxProblems {
@@ -132,16 +204,18 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 	if err != nil {
 		t.Fatalf("read the state through the API: %v", err)
 	}
-	c.stopAll()
-	entries, err := c.journals()
+	for _, c := range cs {
+		c.stopAll()
+	}
+	entries, err := journalsOf(cs...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !o.leasesJumped {
-		c.mu.Lock()
-		o.sidecarKills = append([]int64(nil), c.sidecarKillNs...)
+		for _, c := range cs {
+			o.sidecarKills = append(o.sidecarKills, c.kills()...)
+		}
 		o.orphansReclaimed = c.reclaimsOrphans()
-		c.mu.Unlock()
 	}
 	f := check(rec, snap, entries, o)
 	for i, p := range f.problems {
@@ -168,21 +242,32 @@ func finish(t *testing.T, c *cluster, rec *recorder, o checkOptions) result {
 		t.Logf("note: foreground dispatches a kill left to their inline-claim guard (%v):\n%s", engine.InlineClaimGuard, orphans)
 	}
 	if suspects := append(f.suspects, pendingIDs(pending)...); len(suspects) > 0 || len(f.suspectThreads) > 0 {
-		diag := diagnose(c, rec, snap, entries, suspects, f.suspectThreads)
+		diag := diagnose(cs, rec, snap, entries, suspects, f.suspectThreads)
 		t.Logf("diagnosis of the lost work:\n%s", diag)
-		keepFailure(c, diag)
+		for _, c := range cs {
+			keepFailure(c, diag)
+		}
 	} else if t.Failed() {
-		keepFailure(c, "")
+		for _, c := range cs {
+			keepFailure(c, "")
+		}
 	}
-	c.mu.Lock()
 	r := result{accepted: len(rec.all()), runs: f.runsExecuted, reexecuted: f.reexecuted, checkpoints: f.checkpoints,
-		lost: f.lost + len(pending), overlaps: f.overlaps, resurrected: f.resurrected,
-		recoveries: append([]time.Duration(nil), c.recoveries...), drain: drain}
-	c.mu.Unlock()
+		lost: f.lost + len(pending), overlaps: f.overlaps, resurrected: f.resurrected, drain: drain,
+		crossLive: f.crossLive, crossInterrupts: f.crossInterrupts, crossCancels: f.crossCancels}
+	for _, c := range cs {
+		c.mu.Lock()
+		r.recoveries = append(r.recoveries, c.recoveries...)
+		c.mu.Unlock()
+	}
 	rec.mu.Lock()
 	t.Logf("operations: %v; foreground streams: %+v", rec.ops, rec.streams)
-	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); %d attempts an interrupt found active checked cancelled (%d of them ended on their own, late, by a path blind to the cancel)",
-		f.liveReceived, f.liveExcused, f.activeCancelled, f.cancelBlind)
+	t.Logf("live commands answered delivered: %d found received, %d excused (the attempt ended or was killed meanwhile); attempts checked cancelled: %d an interrupt found active, %d a cancel answered cancelled:true found executing (%d of either ended on their own, late, by a path blind to the cancel)",
+		f.liveReceived, f.liveExcused, f.activeCancelled, f.runningCancelled, f.cancelBlind)
+	if len(cs) > 1 {
+		t.Logf("across sidecars (answered by one, the attempt on another): %d live messages and decisions received, %d attempts an interrupt found active checked cancelled, %d attempts a cancel found executing checked cancelled",
+			f.crossLive, f.crossInterrupts, f.crossCancels)
+	}
 	t.Logf("requests of 2–3 messages whose order in the log was checked: %d", f.requestsOrdered)
 	t.Logf("foreground streams of a run with an earlier started attempt whose event ids were checked above its band: %d", f.continuationIDs)
 	rec.mu.Unlock()

@@ -176,8 +176,10 @@ func openClusterStore(ctx context.Context, c *cluster) (engine.Store, error) {
 }
 
 // diagnose reports what is known of the suspect dispatches' threads (and
-// of the suspect threads). Call it once the processes stopped.
-func diagnose(c *cluster, rec *recorder, snap *snapshot, entries []journalEntry, suspects, suspectThreads []string) string {
+// of the suspect threads). Call it once the processes stopped; cs are the
+// sidecars sharing the store.
+func diagnose(cs []*cluster, rec *recorder, snap *snapshot, entries []journalEntry, suspects, suspectThreads []string) string {
+	c := cs[0]
 	var b strings.Builder
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -210,16 +212,18 @@ func diagnose(c *cluster, rec *recorder, snap *snapshot, entries []journalEntry,
 		fmt.Fprintf(&b, "\n  through the API at the end: %s\n", jsonOf(snap.dispatches[id]))
 	}
 	rec.mu.Unlock()
-	c.mu.Lock()
-	var kills, starts []string
-	for _, k := range c.sidecarKillNs {
-		kills = append(kills, ts(k))
+	for _, c := range cs {
+		c.mu.Lock()
+		var kills, starts []string
+		for _, k := range c.sidecarKillNs {
+			kills = append(kills, ts(k))
+		}
+		for _, p := range c.sidecars {
+			starts = append(starts, p.started.Format("15:04:05.000000"))
+		}
+		c.mu.Unlock()
+		fmt.Fprintf(&b, "sidecar %q kills: %v\nsidecar %q starts: %v\n", c.node, kills, c.node, starts)
 	}
-	for _, p := range c.sidecars {
-		starts = append(starts, p.started.Format("15:04:05.000000"))
-	}
-	c.mu.Unlock()
-	fmt.Fprintf(&b, "sidecar kills: %v\nsidecar starts: %v\n", kills, starts)
 
 	var ths []string
 	for th := range threads {
@@ -268,7 +272,7 @@ func diagnose(c *cluster, rec *recorder, snap *snapshot, entries []journalEntry,
 		}
 		sort.SliceStable(js, func(i, j int) bool { return at(js[i]) < at(js[j]) })
 		for _, e := range js {
-			fmt.Fprintf(&b, "  %s %s\n", ts(at(e)), jsonOf(e.Record))
+			fmt.Fprintf(&b, "  %s %s %s\n", ts(at(e)), e.agent.node, jsonOf(e.Record))
 		}
 		fmt.Fprintf(&b, "-- log through the API at the end:\n")
 		for _, m := range snap.logs[th] {
@@ -352,7 +356,7 @@ func keepFailure(c *cluster, diag string) {
 	if root == "" {
 		return
 	}
-	dir := filepath.Join(root, fmt.Sprintf("%s-%s", strings.ReplaceAll(c.t.Name(), "/", "_"), time.Now().Format("150405")))
+	dir := filepath.Join(root, fmt.Sprintf("%s-%s", strings.ReplaceAll(c.t.Name(), "/", "_"), time.Now().Format("150405")), c.node)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		c.t.Logf("keep: %v", err)
 		return

@@ -109,7 +109,7 @@ func TestFaultDiskFull(t *testing.T) {
 	c.startAgent()
 	c.waitAgentConnected(20 * time.Second)
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, smallWorkload("disk"))
+	w := newWorkload(rec, smallWorkload("disk"), c.api)
 	w.start()
 	defer w.halt()
 	time.Sleep(time.Second)
@@ -151,9 +151,9 @@ func TestFaultDiskFull(t *testing.T) {
 	// Killed and restarted on the full disk, the sidecar must not come up
 	// ready: it fails closed (startup recovery cannot write) or stays not
 	// ready.
-	rec.sidecarKilled()
+	rec.sidecarKilled(c.api)
 	c.killSidecar()
-	rec.sidecarKilled() // a request sent between the two saw the kill too
+	rec.sidecarKilled(c.api) // a request sent between the two saw the kill too
 	p := c.spawnSidecar()
 	upNotReady := false
 	waitFor(15*time.Second, func() bool {
@@ -217,7 +217,7 @@ func TestFaultAgentStall(t *testing.T) {
 	a := c.startAgent()
 	c.waitAgentConnected(20 * time.Second)
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, smallWorkload("stall"))
+	w := newWorkload(rec, smallWorkload("stall"), c.api)
 	long := func() Command { return Command{Nonce: w.newNonce(), Verb: VerbCheckpoint, Arg: 6, Arg2: 300} }
 
 	// stallFailed waits until every dispatch of ds had its first attempt
@@ -335,7 +335,7 @@ func TestFaultClockJumpForward(t *testing.T) {
 	c.startAgent()
 	c.waitAgentConnected(20 * time.Second)
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, smallWorkload("fwd"))
+	w := newWorkload(rec, smallWorkload("fwd"), c.api)
 	ds := submitLong(t, c, w, 4, func() Command { return Command{Nonce: w.newNonce(), Verb: VerbSleep, Arg: 3000} })
 	w.start()
 	time.Sleep(300 * time.Millisecond)
@@ -343,9 +343,9 @@ func TestFaultClockJumpForward(t *testing.T) {
 	for _, d := range ds {
 		leases[d.ID] = leaseUntil(t, c, d.ID)
 	}
-	rec.sidecarKilled()
+	rec.sidecarKilled(c.api)
 	kill := c.killSidecar()
-	rec.sidecarKilled() // a request sent between the two saw the kill too
+	rec.sidecarKilled(c.api) // a request sent between the two saw the kill too
 	c.startSidecar("MAILBOX_SIDECAR_TEST_CLOCK_SKEW=10m")
 	for _, d := range ds {
 		var again journalEntry
@@ -383,7 +383,7 @@ func TestFaultClockJumpBackward(t *testing.T) {
 	c.startAgent()
 	c.waitAgentConnected(20 * time.Second)
 	rec := newRecorder()
-	w := newWorkload(c.api, rec, smallWorkload("back"))
+	w := newWorkload(rec, smallWorkload("back"), c.api)
 	ds := submitLong(t, c, w, 4, func() Command { return Command{Nonce: w.newNonce(), Verb: VerbSleep, Arg: 4000} })
 	w.start()
 	time.Sleep(300 * time.Millisecond)
@@ -391,9 +391,9 @@ func TestFaultClockJumpBackward(t *testing.T) {
 	for _, d := range ds {
 		leases[d.ID] = leaseUntil(t, c, d.ID)
 	}
-	rec.sidecarKilled()
+	rec.sidecarKilled(c.api)
 	kill := c.killSidecar()
-	rec.sidecarKilled() // a request sent between the two saw the kill too
+	rec.sidecarKilled(c.api) // a request sent between the two saw the kill too
 	c.startSidecar("MAILBOX_SIDECAR_TEST_CLOCK_SKEW=-" + skew.String())
 	for _, d := range ds {
 		var again journalEntry

@@ -22,6 +22,9 @@ type result struct {
 	resurrected int
 	recoveries  []time.Duration // sidecar process start → /readyz 200, restarts only
 	drain       time.Duration   // workload stopped → everything terminal
+	// With several sidecars (not in the table): commands answered by one
+	// sidecar that reached the attempt on another (findings.crossLive, …).
+	crossLive, crossInterrupts, crossCancels int
 }
 
 var (

@@ -319,13 +319,13 @@ func TestChecksCatchFaults(t *testing.T) {
 		// claim holds t1 for the lease, yet s2 starts at 140 ms.
 		s := newScenario()
 		s.entries[1].Outcome = OutcomeLost
-		f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{125 * ms}})
+		f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []sidecarKill{{ns: 125 * ms}}})
 		if !strings.Contains(strings.Join(f.problems, "\n"), "DEAD CLAIM IGNORED") || f.overlaps == 0 {
 			t.Errorf("not reported: %v", f.problems)
 		}
 		s = newScenario()
 		s.entries[1].Outcome = OutcomeLost
-		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{100 * ms}}); f.overlaps != 0 {
+		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []sidecarKill{{ns: 100 * ms}}}); f.overlaps != 0 {
 			t.Errorf("a kill before the attempt started is reported: %v", f.problems)
 		}
 	})
@@ -337,7 +337,7 @@ func TestChecksCatchFaults(t *testing.T) {
 		d := s.snap.dispatches["d1"]
 		d.Errors = []attemptErr{{Attempt: 1, Error: "lease expired", At: 127}}
 		s.snap.dispatches["d1"] = d
-		o := checkOptions{sidecarKills: []int64{125 * ms}, orphansReclaimed: true}
+		o := checkOptions{sidecarKills: []sidecarKill{{ns: 125 * ms}}, orphansReclaimed: true}
 		if f := check(s.rec, s.snap, s.entries, o); !strings.Contains(strings.Join(f.problems, "\n"), "DEAD CLAIM NOT RECLAIMED") {
 			t.Errorf("not reported: %v", f.problems)
 		}
@@ -375,7 +375,7 @@ func TestChecksCatchFaults(t *testing.T) {
 		s = newScenario()
 		s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2"})
 		s.entries[5].EndNs = 450 * ms
-		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []int64{300 * ms}}); f.uncancelled != 0 {
+		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []sidecarKill{{ns: 300 * ms}}}); f.uncancelled != 0 {
 			t.Errorf("an attempt cut by a sidecar kill is reported: %v", f.problems)
 		}
 	})
@@ -446,4 +446,98 @@ func TestASubmitAnsweredCancelledMayEndSuperseded(t *testing.T) {
 			t.Errorf("answered cancelled, ended superseded, a concurrent submit sent %v: %d unjustified, want %d: %v", concurrent, unjustified, want, f.problems)
 		}
 	}
+}
+
+// moveToSidecar has attempt sess of the scenario run by a second agent,
+// of the sidecar node (the first agent's is ""), as on another host
+// sharing the store.
+func (s *scenario) moveToSidecar(sess, node string) *agentProc {
+	b := &agentProc{proc: &proc{name: "agent-2"}, node: node}
+	for i := range s.entries {
+		if s.entries[i].SessionID == sess {
+			s.entries[i].agent = b
+		}
+	}
+	return b
+}
+
+// The checks hold across sidecars sharing a store: two runs of a thread
+// on two sidecars' agents at once overlap; a killed sidecar's claim holds
+// its thread on the other sidecar, and a kill cuts only its own agents'
+// attempts; a cancel or an interrupt answered by one sidecar must reach
+// the attempt executing on the other; and the commands that did are
+// counted as crossing.
+func TestChecksCatchFaultsAcrossSidecars(t *testing.T) {
+	const ms = int64(1e6)
+	t.Run("consistent, a live request answered by the other sidecar", func(t *testing.T) {
+		s := newScenario()
+		s.moveToSidecar("s2", "host-b")
+		f := check(s.rec, s.snap, s.entries, checkOptions{})
+		if len(f.problems) > 0 || f.crossLive != 2 {
+			t.Errorf("%d crossing live messages, want 2; problems: %v", f.crossLive, f.problems)
+		}
+	})
+	t.Run("two runs of a thread overlap on two sidecars", func(t *testing.T) {
+		s := newScenario()
+		s.moveToSidecar("s2", "host-b")
+		s.entries[1].EndNs = 145 * ms // s1 (agent of "") runs on into s2 (agent of host-b)
+		f := check(s.rec, s.snap, s.entries, checkOptions{})
+		if !strings.Contains(strings.Join(f.problems, "\n"), "OVERLAP") || f.overlaps == 0 {
+			t.Errorf("not reported: %v", f.problems)
+		}
+	})
+	t.Run("a killed sidecar's claim ignored by the other", func(t *testing.T) {
+		// s1 on host-a was cut by host-a's SIGKILL at 125 ms; host-b's
+		// agent starts s2 of the thread at 140 ms.
+		s := newScenario()
+		s.entries[0].agent.node = "host-a"
+		s.moveToSidecar("s2", "host-b")
+		s.entries[1].Outcome = OutcomeLost
+		f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []sidecarKill{{ns: 125 * ms, node: "host-a"}}})
+		if !strings.Contains(strings.Join(f.problems, "\n"), "DEAD CLAIM IGNORED") || f.overlaps == 0 {
+			t.Errorf("not reported: %v", f.problems)
+		}
+		// A kill of host-b did not cut host-a's attempt.
+		if f := check(s.rec, s.snap, s.entries, checkOptions{sidecarKills: []sidecarKill{{ns: 125 * ms, node: "host-b"}}}); f.overlaps != 0 {
+			t.Errorf("a kill of the other sidecar is taken to cut the attempt: %v", f.problems)
+		}
+	})
+	t.Run("a cancel through one sidecar not reaching the attempt on the other", func(t *testing.T) {
+		// s2 (host-b) executes 140–450 ms; a cancel answered by host-a
+		// at 142 ms says cancelled:true; s2 never sees it.
+		s := newScenario()
+		s.moveToSidecar("s2", "host-b")
+		s.rec.cancels = append(s.rec.cancels, cancelRec{Dispatch: "d2", Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Cancelled: true, Via: "host-a"})
+		s.rec.tries = append(s.rec.tries, &tryRec{Kind: "cancel", Thread: "t1", Dispatch: "d2", SentNs: 141 * ms, EndNs: 142 * ms})
+		s.entries[5].EndNs = 450 * ms
+		f := check(s.rec, s.snap, s.entries, checkOptions{})
+		if !strings.Contains(strings.Join(f.problems, "\n"), "NOT CANCELLED") || f.uncancelled == 0 || f.crossCancels != 1 {
+			t.Errorf("not reported or not counted (%d crossing cancels): %v", f.crossCancels, f.problems)
+		}
+		// Reached: journaled at 143 ms, ended cancelled at 150 ms (and
+		// the cancel settled d2 as acked with termination cancelled).
+		s.entries[5].EndNs, s.entries[5].Outcome = 150*ms, OutcomeCancelled
+		c := s.entries[5].Record
+		c.Event, c.Text, c.AtNs = EventCancel, "cancelled", 143*ms
+		s.entries = append(s.entries, journalEntry{Record: c, agent: s.entries[5].agent})
+		d := s.snap.dispatches["d2"]
+		d.Termination = &termination{Type: "cancelled"}
+		s.snap.dispatches["d2"] = d
+		r := s.snap.runs["r2"]
+		r.TerminationReason = d.Termination
+		s.snap.runs["r2"] = r
+		if f := check(s.rec, s.snap, s.entries, checkOptions{}); len(f.problems) > 0 || f.crossCancels != 1 {
+			t.Errorf("a cancel that reached its attempt is reported (%d crossing cancels): %v", f.crossCancels, f.problems)
+		}
+	})
+	t.Run("an interrupt through one sidecar not cancelling the attempt on the other", func(t *testing.T) {
+		s := newScenario()
+		s.moveToSidecar("s2", "host-b")
+		s.rec.interrupts = append(s.rec.interrupts, interruptRec{Thread: "t1", SentNs: 141 * ms, ReturnedNs: 142 * ms, Active: "d2", ActiveInstance: "s2", Via: "host-a"})
+		s.entries[5].EndNs = 450 * ms
+		f := check(s.rec, s.snap, s.entries, checkOptions{})
+		if !strings.Contains(strings.Join(f.problems, "\n"), "NOT CANCELLED") || f.crossInterrupts != 1 {
+			t.Errorf("not reported or not counted (%d crossing interrupts): %v", f.crossInterrupts, f.problems)
+		}
+	})
 }

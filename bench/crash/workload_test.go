@@ -44,6 +44,7 @@ type interruptRec struct {
 	Thread             string
 	SentNs, ReturnedNs int64
 	Own                string // the foreground submit's own dispatch (exempt)
+	Via                string // the sidecar that answered it (api.node)
 	// Active is the dispatch a plain interrupt found claimed: its attempt
 	// may already be on its way to the agent (it is cancelled, not
 	// superseded before it started), so one attempt of it may start
@@ -59,6 +60,7 @@ type cancelRec struct {
 	Dispatch, Thread   string
 	SentNs, ReturnedNs int64
 	Cancelled          bool
+	Via                string // the sidecar that answered it (api.node)
 }
 
 // liveRec is a live command the API answered as delivered to a running
@@ -69,6 +71,7 @@ type liveRec struct {
 	Texts               []string // live: the messages' texts, in order
 	CallID              string   // decision: its tool call
 	SentNs, AnsweredNs  int64
+	Via                 string // the sidecar that answered it (api.node)
 }
 
 // tryRec is an interrupt, foreground submit or cancel as sent; EndNs is
@@ -157,7 +160,7 @@ type recorder struct {
 	suspends   []*accepted // accepted suspend commands: targets of decisions
 	tries      []*tryRec   // every interrupt, foreground submit and cancel sent
 	ops        map[string]int
-	killEpoch  int // sidecar kills so far: a stream cut by a kill is no fault
+	killEpoch  map[*api]int // kills of each sidecar (by its client): a stream cut by a kill of its sidecar is no fault
 	streams    struct{ total, finished, cut, timedOut int }
 	fgStreams  []streamRec // foreground streams that reached `submitted`
 	problems   []string    // faults seen while the workload ran
@@ -165,7 +168,7 @@ type recorder struct {
 
 func newRecorder() *recorder {
 	return &recorder{accepted: map[string]*accepted{}, byThread: map[string][]*accepted{},
-		texts: map[string]*textRec{}, ops: map[string]int{}}
+		texts: map[string]*textRec{}, ops: map[string]int{}, killEpoch: map[*api]int{}}
 }
 
 func (r *recorder) op(name string) {
@@ -244,16 +247,18 @@ func (r *recorder) recentSuspend(rng *rand.Rand) *accepted {
 	return r.suspends[rng.IntN(len(r.suspends))]
 }
 
-func (r *recorder) kills() int {
+// kills is the number of kills of the sidecar a speaks to so far.
+func (r *recorder) kills(a *api) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.killEpoch
+	return r.killEpoch[a]
 }
 
-// sidecarKilled notes a sidecar kill (streams open across it may be cut).
-func (r *recorder) sidecarKilled() {
+// sidecarKilled notes a kill of the sidecar a speaks to (its streams open
+// across it may be cut).
+func (r *recorder) sidecarKilled(a *api) {
 	r.mu.Lock()
-	r.killEpoch++
+	r.killEpoch[a]++
 	r.mu.Unlock()
 }
 
@@ -300,9 +305,10 @@ func defaultWorkload(prefix string) workloadOptions {
 		foreground: 10, interrupts: 5, cancels: 6, live: 12, decisions: 12, resume: 4}
 }
 
-// workload drives the client API from several goroutines.
+// workload drives the client API from several goroutines; with several
+// sidecars sharing a store, each operation goes to one of them at random.
 type workload struct {
-	api     *api
+	apis    []*api
 	rec     *recorder
 	o       workloadOptions
 	threads []string
@@ -313,8 +319,8 @@ type workload struct {
 	seed    uint64
 }
 
-func newWorkload(a *api, rec *recorder, o workloadOptions) *workload {
-	w := &workload{api: a, rec: rec, o: o, stop: make(chan struct{}), seed: uint64(time.Now().UnixNano())}
+func newWorkload(rec *recorder, o workloadOptions, apis ...*api) *workload {
+	w := &workload{apis: apis, rec: rec, o: o, stop: make(chan struct{}), seed: uint64(time.Now().UnixNano())}
 	for i := range o.threads {
 		w.threads = append(w.threads, fmt.Sprintf("%s-t%02d", o.prefix, i))
 	}
@@ -349,24 +355,25 @@ func (w *workload) worker(rng *rand.Rand) {
 	defer w.wg.Done()
 	for !w.stopped() {
 		thread := w.threads[rng.IntN(len(w.threads))]
+		a := w.apis[rng.IntN(len(w.apis))]
 		p := rng.IntN(100)
 		var err error
 		o := w.o
 		switch {
 		case p < o.foreground:
-			err = w.foreground(thread, rng)
+			err = w.foreground(a, thread, rng)
 		case p < o.foreground+o.interrupts:
-			err = w.interrupt(thread)
+			err = w.interrupt(a, thread)
 		case p < o.foreground+o.interrupts+o.cancels:
-			err = w.cancel(thread, rng)
+			err = w.cancel(a, thread, rng)
 		case p < o.foreground+o.interrupts+o.cancels+o.live:
-			err = w.liveMessage(thread, messageCount(rng))
+			err = w.liveMessage(a, thread, messageCount(rng))
 		case p < o.foreground+o.interrupts+o.cancels+o.live+o.decisions:
-			err = w.decide(rng)
+			err = w.decide(a, rng)
 		case p < o.foreground+o.interrupts+o.cancels+o.live+o.decisions+o.resume:
-			err = w.resume(thread)
+			err = w.resume(a, thread)
 		default:
-			err = w.backgroundN(thread, w.randomCommand(rng), messageCount(rng))
+			err = w.backgroundN(a, thread, w.randomCommand(rng), messageCount(rng))
 		}
 		pause := o.minPause + time.Duration(rng.Int64N(int64(o.maxPause-o.minPause)+1))
 		if err != nil {
@@ -421,21 +428,22 @@ func messageCount(rng *rand.Rand) int {
 	return 1
 }
 
-// background is POST /v1/threads/{t}/dispatches with one message.
+// background is POST /v1/threads/{t}/dispatches with one message, to the
+// first sidecar.
 func (w *workload) background(thread string, cmd Command) error {
-	return w.backgroundN(thread, cmd, 1)
+	return w.backgroundN(w.apis[0], thread, cmd, 1)
 }
 
 // backgroundN is POST /v1/threads/{t}/dispatches with n messages, the
 // command first.
-func (w *workload) backgroundN(thread string, cmd Command, n int) error {
+func (w *workload) backgroundN(a *api, thread string, cmd Command, n int) error {
 	w.rec.op("background")
 	q := w.rec.request(thread, requestTexts(cmd.String(), n))
 	sentNs := q.SentNs
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
-	err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", map[string]any{"messages": userTexts(q.Texts)}, &res)
+	err := a.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", map[string]any{"messages": userTexts(q.Texts)}, &res)
 	if err != nil {
 		w.checkRefusal("background submit", err)
 		return err
@@ -465,7 +473,7 @@ func (w *workload) checkRefusal(what string, err error) {
 
 // foreground is POST /v1/threads/{t}/runs, reading the SSE stream until
 // run_finish.
-func (w *workload) foreground(thread string, rng *rand.Rand) error {
+func (w *workload) foreground(a *api, thread string, rng *rand.Rand) error {
 	w.rec.op("foreground")
 	cmd := Command{Nonce: w.newNonce()}
 	switch rng.IntN(3) {
@@ -478,12 +486,12 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	}
 	text := cmd.String()
 	q := w.rec.request(thread, []string{text})
-	kills := w.rec.kills()
+	kills := w.rec.kills(a)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	sent := time.Now().UnixNano()
 	fgTry := w.rec.try("foreground", thread, "")
-	resp, err := w.api.send(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/runs", map[string]any{"messages": userText(text)})
+	resp, err := a.send(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/runs", map[string]any{"messages": userText(text)})
 	if err != nil {
 		w.checkRefusal("foreground submit", err)
 		return err
@@ -523,7 +531,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 			got = &accepted{ID: res.DispatchID, Thread: thread, RunID: res.RunID, Kind: kindForeground, Cmd: cmd, AcceptedNs: now, SentNs: sent, Superseded: res.Status == "cancelled"}
 			w.rec.accept(got)
 			w.rec.mu.Lock()
-			w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Own: res.DispatchID})
+			w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Own: res.DispatchID, Via: a.node})
 			w.rec.mu.Unlock()
 		case "run_finish":
 			finished = true
@@ -536,7 +544,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 		// killer has reaped the process, which can come after this EOF
 		// (a request sent between the kill's two counts reads the first
 		// and can see the EOF before the second): give it time to count.
-		for deadline := time.Now().Add(5 * time.Second); w.rec.kills() == kills && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(5 * time.Second); w.rec.kills(a) == kills && time.Now().Before(deadline); {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
@@ -549,7 +557,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 	switch {
 	case finished:
 		w.rec.streams.finished++
-	case w.rec.killEpoch != kills, reset:
+	case w.rec.killEpoch[a] != kills, reset:
 		w.rec.streams.cut++ // the sidecar died under the stream, or dropped a slow reader
 	case ctx.Err() != nil:
 		w.rec.streams.timedOut++
@@ -563,7 +571,7 @@ func (w *workload) foreground(thread string, rng *rand.Rand) error {
 }
 
 // interrupt is POST /v1/threads/{t}/interrupt.
-func (w *workload) interrupt(thread string) error {
+func (w *workload) interrupt(a *api, thread string) error {
 	w.rec.op("interrupt")
 	ctx, cancel := reqCtx()
 	defer cancel()
@@ -576,7 +584,7 @@ func (w *workload) interrupt(thread string) error {
 			InstanceID string `json:"dispatch_instance_id"`
 		} `json:"active_dispatch"`
 	}
-	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/interrupt", nil, &res); err != nil {
+	if err := a.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/interrupt", nil, &res); err != nil {
 		w.checkRefusal("interrupt", err)
 		return err
 	}
@@ -587,13 +595,13 @@ func (w *workload) interrupt(thread string) error {
 		active, inst = res.Active.DispatchID, res.Active.InstanceID
 	}
 	w.rec.mu.Lock()
-	w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Active: active, ActiveInstance: inst})
+	w.rec.interrupts = append(w.rec.interrupts, interruptRec{Thread: thread, SentNs: sent, ReturnedNs: now, Active: active, ActiveInstance: inst, Via: a.node})
 	w.rec.mu.Unlock()
 	return nil
 }
 
 // cancel is POST /v1/cancel/{dispatch_id} of a recent dispatch.
-func (w *workload) cancel(thread string, rng *rand.Rand) error {
+func (w *workload) cancel(via *api, thread string, rng *rand.Rand) error {
 	a := w.rec.recentOf(thread, rng)
 	if a == nil {
 		return nil
@@ -606,21 +614,21 @@ func (w *workload) cancel(thread string, rng *rand.Rand) error {
 	var res struct {
 		Cancelled bool `json:"cancelled"`
 	}
-	if err := w.api.do(ctx, http.MethodPost, "/v1/cancel/"+url.PathEscape(a.ID), nil, &res); err != nil {
+	if err := via.do(ctx, http.MethodPost, "/v1/cancel/"+url.PathEscape(a.ID), nil, &res); err != nil {
 		w.checkRefusal("cancel", err)
 		return err
 	}
 	w.rec.answered(tr)
 	now := time.Now().UnixNano()
 	w.rec.mu.Lock()
-	w.rec.cancels = append(w.rec.cancels, cancelRec{Dispatch: a.ID, Thread: thread, SentNs: sent, ReturnedNs: now, Cancelled: res.Cancelled})
+	w.rec.cancels = append(w.rec.cancels, cancelRec{Dispatch: a.ID, Thread: thread, SentNs: sent, ReturnedNs: now, Cancelled: res.Cancelled, Via: via.node})
 	w.rec.mu.Unlock()
 	return nil
 }
 
 // liveMessage is POST /v1/threads/{t}/messages: live to the running run,
 // else queued as a new dispatch.
-func (w *workload) liveMessage(thread string, n int) error {
+func (w *workload) liveMessage(a *api, thread string, n int) error {
 	w.rec.op("live")
 	cmd := Command{Nonce: w.newNonce(), Verb: VerbLive}
 	q := w.rec.request(thread, requestTexts(cmd.String(), n))
@@ -628,7 +636,7 @@ func (w *workload) liveMessage(thread string, n int) error {
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
-	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/messages", map[string]any{"messages": userTexts(q.Texts)}, &res); err != nil {
+	if err := a.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/messages", map[string]any{"messages": userTexts(q.Texts)}, &res); err != nil {
 		w.checkRefusal("live message", err)
 		return err
 	}
@@ -638,7 +646,7 @@ func (w *workload) liveMessage(thread string, n int) error {
 	case "live":
 		w.rec.op("live delivered")
 		w.rec.mu.Lock()
-		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventLive, Thread: thread, RunID: res.RunID, Texts: q.Texts, SentNs: sentNs, AnsweredNs: now})
+		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventLive, Thread: thread, RunID: res.RunID, Texts: q.Texts, SentNs: sentNs, AnsweredNs: now, Via: a.node})
 		w.rec.mu.Unlock()
 	case "queued":
 		w.rec.op("live queued")
@@ -650,7 +658,7 @@ func (w *workload) liveMessage(thread string, n int) error {
 }
 
 // decide is POST /v1/runs/{run}/decisions for a recent suspend run.
-func (w *workload) decide(rng *rand.Rand) error {
+func (w *workload) decide(via *api, rng *rand.Rand) error {
 	a := w.rec.recentSuspend(rng)
 	if a == nil {
 		return nil
@@ -663,14 +671,14 @@ func (w *workload) decide(rng *rand.Rand) error {
 		Delivered bool `json:"delivered"`
 	}
 	body := map[string]any{"tool_call_id": SuspendCallID, "resume": map[string]bool{"approved": true}}
-	if err := w.api.do(ctx, http.MethodPost, "/v1/runs/"+url.PathEscape(a.RunID)+"/decisions", body, &res); err != nil {
+	if err := via.do(ctx, http.MethodPost, "/v1/runs/"+url.PathEscape(a.RunID)+"/decisions", body, &res); err != nil {
 		w.checkRefusal("decision", err)
 		return err
 	}
 	if res.Delivered {
 		w.rec.op("decision delivered")
 		w.rec.mu.Lock()
-		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventDecision, Thread: a.Thread, RunID: a.RunID, CallID: SuspendCallID, SentNs: sentNs, AnsweredNs: time.Now().UnixNano()})
+		w.rec.delivered = append(w.rec.delivered, liveRec{Kind: EventDecision, Thread: a.Thread, RunID: a.RunID, CallID: SuspendCallID, SentNs: sentNs, AnsweredNs: time.Now().UnixNano(), Via: via.node})
 		w.rec.mu.Unlock()
 	}
 	return nil
@@ -679,14 +687,14 @@ func (w *workload) decide(rng *rand.Rand) error {
 // resume submits the decision for a waiting run of the thread: a
 // decisions-only background submit, which continues the waiting run (or,
 // with none waiting, starts a run that just completes).
-func (w *workload) resume(thread string) error {
+func (w *workload) resume(a *api, thread string) error {
 	w.rec.op("resume")
 	sentNs := time.Now().UnixNano()
 	ctx, cancel := reqCtx()
 	defer cancel()
 	var res submitResult
 	body := map[string]any{"messages": []message{}, "decisions": []map[string]any{{"call_id": SuspendCallID, "resume": true}}}
-	if err := w.api.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", body, &res); err != nil {
+	if err := a.do(ctx, http.MethodPost, "/v1/threads/"+url.PathEscape(thread)+"/dispatches", body, &res); err != nil {
 		w.checkRefusal("resume", err)
 		return err
 	}
