@@ -74,7 +74,11 @@ func TestCrashKillOneOfTwoSidecarsNATS(t *testing.T) {
 	}
 
 	rec := newRecorder()
-	w := newWorkload(rec, defaultWorkload("two"), a.api, b.api)
+	// More live messages and cancels than the default mix: each has an
+	// even chance of going to the sidecar the run does not execute on.
+	o := defaultWorkload("two")
+	o.live, o.cancels = 20, 10
+	w := newWorkload(rec, o, a.api, b.api)
 	w.start()
 	halted := false
 	defer func() {

@@ -30,7 +30,12 @@
 // TestCrashKillSidecarNATS runs the kill-sidecar variant on the NATS store
 // (an embedded JetStream server in the test process outlives the
 // sidecars); there the last check is that every dispatch has the same
-// status in the store as through the API.
+// status in the store as through the API. TestCrashKillOneOfTwoSidecarsNATS
+// runs two sidecars, each with its own agent, on one NATS store, the
+// workload over both APIs, and kills one of them at a time: the checks
+// see both agents' journals (no two runs of a thread on the two hosts at
+// once; live commands, interrupts and cancels answered by one sidecar
+// reach the run on the other).
 //
 // Faults: a full disk (a small tmpfs; needs root, skipped otherwise), a
 // stalled agent (SIGSTOP: no heartbeats) and clock jumps (the binary's
