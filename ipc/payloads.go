@@ -88,6 +88,11 @@ type Command struct {
 	Cmd       string          `json:"cmd"`
 	Messages  json.RawMessage `json:"messages,omitempty"`
 	Decisions json.RawMessage `json:"decisions,omitempty"`
+	// AckBy (MESSAGES and DECISION; Unix ms) is when the agent's ACK is
+	// due: an agent that reads the command later refuses it (accepted
+	// false, reason late), since the sidecar may have fallen back by then
+	// (the messages queued as a new dispatch). 0: no deadline.
+	AckBy int64 `json:"ack_by,omitempty"`
 }
 
 // CommandAck is the COMMAND_ACK payload.

@@ -307,12 +307,17 @@ class Run:
                 log.debug("stream %d: %s after FINISH ignored", self.stream, FRAME_NAMES[ftype])
                 return
             ack: Dict[str, Any] = {"cmd": cmd, "accepted": True}
+            ack_by = body.get("ack_by")
             if ftype == CANCEL:
                 self._cancelled = True
             else:
                 key = "messages" if ftype == MESSAGES else "decisions"
                 items = body.get(key)
-                if not isinstance(items, list):
+                if isinstance(ack_by, int) and ack_by > 0 and time.time() * 1000 > ack_by:
+                    # Read after its ack was due: the sidecar may have
+                    # queued the messages as a new dispatch already.
+                    ack = {"cmd": cmd, "accepted": False, "reason": "late"}
+                elif not isinstance(items, list):
                     ack = {"cmd": cmd, "accepted": False, "reason": "%s is not a list" % key}
                 elif ftype == DECISION:
                     # Accepted only for a tool call this run has suspended

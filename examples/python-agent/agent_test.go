@@ -80,7 +80,10 @@ func TestPythonAgent(t *testing.T) {
 		MessageID: "m-live", ThreadID: "t1", Seq: 7,
 		Message: engine.Message{ID: "m-live", Role: engine.RoleUser, Content: json.RawMessage(`[{"type":"text","text":"more"}]`)},
 	}})
-	c.sendJSON(ipc.TypeMessages, 3, ipc.Command{Cmd: "c-msg", Messages: records})
+	// Read after its ack_by: refused (the sidecar may have queued them).
+	c.sendJSON(ipc.TypeMessages, 3, ipc.Command{Cmd: "c-late", Messages: records, AckBy: 1})
+	c.expectAck(3, "c-late", false)
+	c.sendJSON(ipc.TypeMessages, 3, ipc.Command{Cmd: "c-msg", Messages: records, AckBy: time.Now().Add(time.Minute).UnixMilli()})
 	c.expectAck(3, "c-msg", true)
 	c.expectDelta(3, "live: more")
 	c.checkpoint(3, "echo: sleep 300\nlive: more", true)

@@ -46,7 +46,7 @@ var Help = map[string]string{
 	"mailbox_agent_protocol_errors_total":       "Agent connections failed for a protocol error.",
 	"mailbox_agent_events_total":                "Run events received from agents.",
 	"mailbox_agent_checkpoints_total":           "Agent checkpoints, by result (ok, error, refused).",
-	"mailbox_agent_commands_total":              "Live commands sent to agents, by result (accepted, refused, timeout, failed).",
+	"mailbox_agent_commands_total":              "Live commands sent to agents, by result (accepted, refused, timeout, failed; late: accepted after the timeout, when the command had fallen back).",
 	"mailbox_agent_runs_total":                  "Runs given to agents, by the outcome the agent reported (completed, transient_error, permanent_error, abandoned, cancelled).",
 	"mailbox_agent_unknown_stream_frames_total": "Run frames from agents for a stream that is not open.",
 	"mailbox_agent_submits_total":               "SUBMIT requests from agents.",

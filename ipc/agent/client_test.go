@@ -343,7 +343,12 @@ func TestLiveCommands(t *testing.T) {
 	}
 	fc.send(ipc.TypeMessages, 2, `{"cmd":"full","messages":[]}`)
 	fc.expectEqualJSON(ipc.TypeCommandAck, 2, `{"cmd":"full","accepted":false,"reason":"live message buffer full"}`)
-	fc.send(ipc.TypeDecision, 2, `{"cmd":"d1","decisions":[{"call_id":"call-1","resume":{"approved":true}}]}`)
+	// A command read after its ack was due is refused: the sidecar may
+	// have fallen back already.
+	fc.send(ipc.TypeDecision, 2, `{"cmd":"d-late","decisions":[{"call_id":"call-1","resume":{"approved":false}}],"ack_by":1}`)
+	fc.expectEqualJSON(ipc.TypeCommandAck, 2, `{"cmd":"d-late","accepted":false,"reason":"late"}`)
+	fc.sendJSON(ipc.TypeDecision, 2, map[string]any{"cmd": "d1", "decisions": []map[string]any{{"call_id": "call-1", "resume": map[string]bool{"approved": true}}},
+		"ack_by": time.Now().Add(time.Minute).UnixMilli()})
 	fc.expectEqualJSON(ipc.TypeCommandAck, 2, `{"cmd":"d1","accepted":true}`)
 
 	close(release)

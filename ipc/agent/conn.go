@@ -575,6 +575,7 @@ type commandPayload struct {
 	Cmd       string          `json:"cmd"`
 	Messages  []MessageRecord `json:"messages"`
 	Decisions []Decision      `json:"decisions"`
+	AckBy     int64           `json:"ack_by"`
 }
 
 // handleCommand answers CANCEL, MESSAGES and DECISION with COMMAND_ACK.

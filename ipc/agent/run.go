@@ -390,6 +390,11 @@ func (r *Run) admitLocked(typ ipc.FrameType, cmd *commandPayload) string {
 	if r.done {
 		return "run finished"
 	}
+	if cmd.AckBy > 0 && typ != ipc.TypeCancel && time.Now().UnixMilli() > cmd.AckBy {
+		// Read after its ack was due: the sidecar may have fallen back
+		// already (the messages queued as a new dispatch).
+		return "late"
+	}
 	switch typ {
 	case ipc.TypeMessages:
 		switch {

@@ -682,8 +682,20 @@ func (c *conn) onCommandAck(f *ipc.Frame) error {
 		return protocolErr("COMMAND_ACK on stream %d: %v", f.Stream, err)
 	}
 	p := st.takePending(ack.Cmd)
+	if p == expiredCmd {
+		if ack.Accepted {
+			// The command fell back at its timeout (messages queued as a
+			// new dispatch), yet the agent took it: it may act on it
+			// twice (found by review). An agent that honours ack_by
+			// refuses it instead.
+			c.h.m.cmdLate.Inc()
+			c.log.Warn("agent accepted a live command after its timeout, which had fallen back: the run may act on it twice (the agent should refuse a command read after its ack_by)",
+				"stream", f.Stream, "cmd", ack.Cmd, "timeout", c.h.cfg.CommandTimeout)
+		}
+		return nil
+	}
 	if p == nil {
-		c.log.Debug("late or unknown COMMAND_ACK", "stream", f.Stream, "cmd", ack.Cmd)
+		c.log.Debug("unknown COMMAND_ACK", "stream", f.Stream, "cmd", ack.Cmd)
 		return nil
 	}
 	var err error

@@ -581,6 +581,7 @@ type hubMetrics struct {
 	connects, protocolErrors, events                 *metrics.Counter
 	checkpoints, checkpointErrors, checkpointRefused *metrics.Counter
 	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed   *metrics.Counter
+	cmdLate                                          *metrics.Counter
 	unknownStream, submits, repliesDropped           *metrics.Counter
 	cancelOverdue                                    *metrics.Counter
 	runs                                             map[string]*metrics.Counter
@@ -608,6 +609,7 @@ func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 		cmdAccepted:       s.NewCounter(`mailbox_agent_commands_total{result="accepted"}`),
 		cmdRefused:        s.NewCounter(`mailbox_agent_commands_total{result="refused"}`),
 		cmdTimeout:        s.NewCounter(`mailbox_agent_commands_total{result="timeout"}`),
+		cmdLate:           s.NewCounter(`mailbox_agent_commands_total{result="late"}`),
 		cmdFailed:         s.NewCounter(`mailbox_agent_commands_total{result="failed"}`),
 		unknownStream:     s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
 		submits:           s.NewCounter("mailbox_agent_submits_total"),

@@ -1,6 +1,7 @@
 package hub_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -396,9 +397,20 @@ func TestLiveCommandsAckRefuseAndTimeout(t *testing.T) {
 	if time.Since(start) > 3*time.Second {
 		t.Fatalf("timeout took %v", time.Since(start))
 	}
-	// A late ack is ignored.
+	// Its ack was due by half the timeout (ack_by).
+	cmd = ipc.Command{}
 	json.Unmarshal(f.Payload, &cmd)
+	if due := time.UnixMilli(cmd.AckBy); due.Before(start) || due.After(start.Add(100*time.Millisecond)) {
+		t.Fatalf("ack_by %d (%v after the send), want within the timeout", cmd.AckBy, due.Sub(start))
+	}
+	// A late ack changes nothing, but one that accepted is counted: the
+	// agent may act on a command that fell back.
 	a.send(ipc.TypeCommandAck, 1, ipc.CommandAck{Cmd: cmd.Cmd, Accepted: true})
+	eventually(t, "the late ack counted", func() bool {
+		var m bytes.Buffer
+		r.hub.Metrics().WritePrometheus(&m)
+		return strings.Contains(m.String(), `mailbox_agent_commands_total{result="late"} 1`)
+	})
 	// A command pending when the run ends is answered.
 	reply = send(engine.Command{Kind: engine.CommandMessages})
 	a.expect(ipc.TypeMessages, 1)

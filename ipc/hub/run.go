@@ -233,6 +233,24 @@ func (st *stream) takePending(id string) *pendingCmd {
 	return p
 }
 
+// expiredCmd stands in the pending map for a command whose ack timed
+// out, so that a late COMMAND_ACK is told apart from an unknown one.
+var expiredCmd = &pendingCmd{}
+
+// expire takes the command id out of waiting, as takePending, but leaves
+// expiredCmd in its place; it returns nil when the command no longer
+// waited.
+func (st *stream) expire(id string) *pendingCmd {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	p := st.pending[id]
+	if p == nil || p == expiredCmd {
+		return nil
+	}
+	st.pending[id] = expiredCmd
+	return p
+}
+
 // end stops the stream for good: the sink gets nothing more, every
 // command still waiting is answered with ErrRunEnded, and the CHECKPOINTs
 // and FINISH the run's goroutine did not take are returned.
@@ -244,7 +262,9 @@ func (st *stream) end() []control {
 	st.mu.Unlock()
 	left := st.ctl.end()
 	for _, p := range pending {
-		p.settle(ErrRunEnded)
+		if p != expiredCmd {
+			p.settle(ErrRunEnded)
+		}
 	}
 	return left
 }
@@ -590,7 +610,11 @@ func (c *conn) sendCancel(st *stream) {
 // by the timeout, or when the run ends.
 func (c *conn) sendCommand(st *stream, cmd engine.Command) {
 	id := c.newCmdID()
-	out := ipc.Command{Cmd: id}
+	// The ACK is due by half the timeout: the other half is for it to
+	// reach the sidecar. An agent that reads the command after ack_by
+	// refuses it, so that messages the sidecar then queues as a new
+	// dispatch are not also taken live.
+	out := ipc.Command{Cmd: id, AckBy: time.Now().Add(c.h.cfg.CommandTimeout / 2).UnixMilli()}
 	var typ ipc.FrameType
 	var err error
 	switch cmd.Kind {
@@ -614,13 +638,13 @@ func (c *conn) sendCommand(st *stream, cmd engine.Command) {
 		return
 	}
 	p.timer = time.AfterFunc(c.h.cfg.CommandTimeout, func() {
-		if q := st.takePending(id); q != nil {
+		if q := st.expire(id); q != nil {
 			c.h.m.cmdTimeout.Inc()
 			q.reply <- ErrCommandTimeout
 		}
 	})
 	if err := c.writeJSON(typ, st.id, out); err != nil {
-		if q := st.takePending(id); q != nil {
+		if q := st.takePending(id); q != nil && q != expiredCmd {
 			c.h.m.cmdFailed.Inc()
 			q.settle(fmt.Errorf("send %s: %w", typ, err))
 		}
