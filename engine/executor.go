@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"slices"
+	"time"
 )
 
 // Executor is the runtime boundary: it runs one attempt of a run on an
@@ -178,6 +179,11 @@ type Command struct {
 	// Reply receives nil when the agent accepted the command, an error
 	// otherwise. It is buffered; the executor sends exactly once.
 	Reply chan<- error
+	// Deadline is when the engine stops waiting for Reply and falls back
+	// (live messages queued as a new dispatch): the executor must not let
+	// the agent take the command later (zero: the executor's own
+	// timeout).
+	Deadline time.Time
 }
 
 // OutcomeKind classifies how an attempt ended (the engine acts on it).

@@ -982,7 +982,11 @@ func (m *Mailbox) command(ctx context.Context, e *execution, c Command) bool {
 func (m *Mailbox) sendCommand(ctx context.Context, e *execution, c Command) bool {
 	reply := make(chan error, 1)
 	c.Reply = reply
-	t := time.NewTimer(m.cfg.CommandTimeout)
+	c.Deadline = time.Now().Add(m.cfg.CommandTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(c.Deadline) {
+		c.Deadline = d
+	}
+	t := time.NewTimer(time.Until(c.Deadline))
 	defer t.Stop()
 	select {
 	case e.commands <- c:

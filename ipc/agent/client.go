@@ -25,10 +25,15 @@ type Client struct {
 
 	serving atomic.Bool // Serve is running
 
-	// handlers counts handler goroutines of every connection; Serve waits
-	// for them before it returns (running is their number).
-	handlers sync.WaitGroup
-	running  atomic.Int64
+	// handlersMu guards handlersN, the handler goroutines of every
+	// connection (Serve waits for them before it returns), and
+	// handlersIdle, closed when handlersN falls to 0. Not a WaitGroup: a
+	// Serve that gave up on stuck handlers returns while they run, and a
+	// later Serve starts new ones (found by review: a WaitGroup's Wait
+	// left waiting raced with that Add).
+	handlersMu   sync.Mutex
+	handlersN    int
+	handlersIdle chan struct{}
 	// stopBy is when Serve stops waiting for handlers that ignore their
 	// cancelled context (zero: not yet set). Serve's goroutine alone
 	// uses it.
@@ -97,8 +102,9 @@ func (c *Client) holdThread(thread string, log *slog.Logger) (release func()) {
 // closes the connection and returns nil. It returns an error when the
 // sidecar refuses the handshake for good (a *HandshakeError with code
 // unsupported_protocol), when Serve is already running (ErrServing), and
-// when handlers still ignore their cancelled context StopTimeout after
-// they were cancelled (ErrHandlersStuck: they still run).
+// when, with a StopTimeout set, handlers still ignore their cancelled
+// context StopTimeout after they were cancelled (ErrHandlersStuck: they
+// still run; exit the process).
 func (c *Client) Serve(ctx context.Context) (err error) {
 	if !c.serving.CompareAndSwap(false, true) {
 		return ErrServing
@@ -169,18 +175,13 @@ func (c *Client) backoff(n int) time.Duration {
 // ignore their cancelled context, until stopBy (or StopTimeout from now
 // when no drain set it). It returns how many still run then (0: all
 // returned).
-func (c *Client) waitHandlers() int64 {
-	if c.running.Load() == 0 {
-		c.handlers.Wait() // the last ones are returning
+func (c *Client) waitHandlers() int {
+	n, done := c.handlersRunning()
+	if n == 0 {
 		return 0
 	}
-	done := make(chan struct{})
-	go func() {
-		c.handlers.Wait()
-		close(done)
-	}()
 	var expire <-chan time.Time
-	if c.cfg.StopTimeout >= 0 {
+	if c.cfg.StopTimeout > 0 {
 		by := c.stopBy
 		if by.IsZero() {
 			by = time.Now().Add(c.cfg.StopTimeout)
@@ -196,11 +197,11 @@ func (c *Client) waitHandlers() int64 {
 		case <-done:
 			return 0
 		case <-t.C:
-			c.log.Warn("still waiting for run handlers that ignore their cancelled context", "handlers", c.running.Load())
+			n, _ := c.handlersRunning()
+			c.log.Warn("still waiting for run handlers that ignore their cancelled context", "handlers", n)
 		case <-expire:
-			n := c.running.Load()
+			n, _ := c.handlersRunning()
 			if n == 0 {
-				<-done
 				return 0
 			}
 			c.log.Error("run handlers ignore their cancelled context: returning without them; they still run",
@@ -208,6 +209,36 @@ func (c *Client) waitHandlers() int64 {
 			return n
 		}
 	}
+}
+
+// handlerStarted counts a handler goroutine in; handlerDone out.
+func (c *Client) handlerStarted() {
+	c.handlersMu.Lock()
+	defer c.handlersMu.Unlock()
+	if c.handlersN == 0 {
+		c.handlersIdle = make(chan struct{})
+	}
+	c.handlersN++
+}
+
+func (c *Client) handlerDone() {
+	c.handlersMu.Lock()
+	defer c.handlersMu.Unlock()
+	c.handlersN--
+	if c.handlersN == 0 {
+		close(c.handlersIdle)
+	}
+}
+
+// handlersRunning returns how many handler goroutines run and a channel
+// closed once none does.
+func (c *Client) handlersRunning() (int, <-chan struct{}) {
+	c.handlersMu.Lock()
+	defer c.handlersMu.Unlock()
+	if c.handlersN == 0 {
+		return 0, closedChan
+	}
+	return c.handlersN, c.handlersIdle
 }
 
 // setConn publishes the current connection (nil between connections).

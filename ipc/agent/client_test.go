@@ -634,6 +634,43 @@ func TestServeReturnsWithoutHandlersThatIgnoreTheirCancel(t *testing.T) {
 	free()
 }
 
+// A Client whose Serve gave up on a stuck handler serves again: its
+// handler count is not a WaitGroup that a waiter left behind still
+// waits on (found by review: the race detector flagged Serve #2's first
+// run, and without it the runtime could panic).
+func TestServeAgainAfterHandlersStuck(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	stuckReturned := make(chan struct{})
+	h := startClient(t, Config{ShutdownGrace: 20 * time.Millisecond, StopTimeout: 100 * time.Millisecond,
+		Handler: HandlerFunc(func(ctx context.Context, run *Run) Result {
+			if run.RunID == "r1" {
+				defer close(stuckReturned)
+				<-release
+			}
+			return Done("ok")
+		})})
+	h.fc.send(ipc.TypeRun, 1, runJSON("r1", "x"))
+	time.Sleep(50 * time.Millisecond)
+	h.cancel()
+	if err := h.wait(); !errors.Is(err, ErrHandlersStuck) {
+		t.Fatalf("Serve #1 = %v, want ErrHandlersStuck", err)
+	}
+	close(release)
+	<-stuckReturned
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- h.client.Serve(ctx) }()
+	fc := h.sc.accept()
+	fc.handshake(testWelcome)
+	fc.send(ipc.TypeRun, 1, runJSON("r2", "y"))
+	fc.expect(ipc.TypeFinish, 1)
+	cancel()
+	if err := <-errc; err != nil {
+		t.Fatalf("Serve #2 = %v", err)
+	}
+}
+
 func TestSubmit(t *testing.T) {
 	t.Parallel()
 	h := startClient(t, Config{Handler: HandlerFunc(func(context.Context, *Run) Result { return Done("") })},
@@ -876,7 +913,7 @@ func TestConfig(t *testing.T) {
 	got := c.cfg
 	if got.Name != filepath.Base(os.Args[0]) || !slices.Equal(got.AgentIDs, []string{"*"}) || got.MaxRuns != 1 ||
 		got.MinBackoff != DefaultMinBackoff || got.MaxBackoff != DefaultMaxBackoff ||
-		got.ShutdownGrace != DefaultShutdownGrace || got.StopTimeout != DefaultStopTimeout || got.Logger == nil {
+		got.ShutdownGrace != DefaultShutdownGrace || got.StopTimeout != 0 || got.Logger == nil {
 		t.Errorf("defaults: %+v", got)
 	}
 	c, _ = New(Config{Socket: "s", Handler: nop, MinBackoff: 10 * time.Second})

@@ -16,7 +16,6 @@ const (
 	DefaultMinBackoff    = 100 * time.Millisecond
 	DefaultMaxBackoff    = 5 * time.Second
 	DefaultShutdownGrace = 10 * time.Second
-	DefaultStopTimeout   = 10 * time.Second
 	// MaxMaxRuns is the largest MaxRuns the sidecar honours.
 	MaxMaxRuns = 1024
 )
@@ -54,13 +53,16 @@ type Config struct {
 	// spending an attempt (the GOAWAY was sent). Default 10 s; a
 	// negative value cancels at once.
 	ShutdownGrace time.Duration
-	// StopTimeout is how long Serve waits, once ShutdownGrace has run out
-	// and the remaining runs are cancelled, for handlers that ignore their
-	// cancelled context. Then it closes the connection (the sidecar
-	// retries those runs; no FINISH is sent for them) and returns an error
-	// wrapping ErrHandlersStuck: Go cannot stop a goroutine, so such
-	// handlers still run, and the process should exit. Default 10 s; a
-	// negative value waits for ever.
+	// StopTimeout, when positive, is how long Serve waits, once
+	// ShutdownGrace has run out and the remaining runs are cancelled, for
+	// handlers that ignore their cancelled context. Then it closes the
+	// connection and returns an error wrapping ErrHandlersStuck. Go cannot
+	// stop a goroutine: such a handler still runs, and the process must
+	// exit at once, since the sidecar takes the closed connection as a
+	// lost agent: it spends an attempt of each such run and retries it,
+	// on another agent perhaps, beside the handler still running. 0 (the
+	// default) waits for ever, holding the connection (and with it the
+	// run's thread) until every handler has returned.
 	StopTimeout time.Duration
 	// Logger receives the client's logs. Default slog.Default().
 	Logger *slog.Logger
@@ -103,9 +105,6 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.ShutdownGrace == 0 {
 		cfg.ShutdownGrace = DefaultShutdownGrace
-	}
-	if cfg.StopTimeout == 0 {
-		cfg.StopTimeout = DefaultStopTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

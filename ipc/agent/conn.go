@@ -292,7 +292,7 @@ func (cn *conn) drain() {
 		r.cancel(ErrShutdown)
 	}
 	var expire <-chan time.Time
-	if stop := cn.client.cfg.StopTimeout; stop >= 0 {
+	if stop := cn.client.cfg.StopTimeout; stop > 0 {
 		cn.client.stopBy = time.Now().Add(stop)
 		t := time.NewTimer(stop)
 		defer t.Stop()
@@ -561,8 +561,7 @@ func (cn *conn) startRun(f *ipc.Frame) error {
 	if cn.stopping {
 		r.cancel(ErrShutdown)
 	}
-	cn.client.handlers.Add(1)
-	cn.client.running.Add(1)
+	cn.client.handlerStarted()
 	cn.mu.Unlock()
 
 	r.debug("run started")

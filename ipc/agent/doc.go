@@ -34,10 +34,10 @@
 // effects idempotent or checkpoint them. When Serve's context is done the
 // Client stops taking runs, lets running ones finish within
 // Config.ShutdownGrace, cancels the rest, and returns once their handlers
-// have returned. Handlers that ignore their cancelled context for
-// Config.StopTimeout more are left running: Serve closes the connection
-// (the sidecar retries their runs) and returns ErrHandlersStuck, and the
-// process should exit.
+// have returned. With Config.StopTimeout set, handlers that ignore their
+// cancelled context for that long more are left running: Serve closes the
+// connection (the sidecar retries their runs) and returns
+// ErrHandlersStuck, and the process must exit at once.
 //
 // The package depends on the standard library, package ipc (the frame
 // codec) and two small libraries (JSON and UUID) only.

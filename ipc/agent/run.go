@@ -440,8 +440,7 @@ func (r *Run) decidesAllLocked(ds []Decision) bool {
 
 // execute runs the handler and sends its FINISH.
 func (r *Run) execute(h Handler) {
-	defer r.conn.client.handlers.Done()
-	defer r.conn.client.running.Add(-1)
+	defer r.conn.client.handlerDone()
 	// Released as the handler returns, before FINISH: the sidecar sends
 	// the thread's next run only after it.
 	release := r.conn.client.holdThread(r.ThreadID, r.logger())

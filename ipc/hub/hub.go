@@ -609,7 +609,7 @@ func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 		cmdAccepted:       s.NewCounter(`mailbox_agent_commands_total{result="accepted"}`),
 		cmdRefused:        s.NewCounter(`mailbox_agent_commands_total{result="refused"}`),
 		cmdTimeout:        s.NewCounter(`mailbox_agent_commands_total{result="timeout"}`),
-		cmdLate:           s.NewCounter(`mailbox_agent_commands_total{result="late"}`),
+		cmdLate:           s.NewCounter(`mailbox_agent_commands_late_total`),
 		cmdFailed:         s.NewCounter(`mailbox_agent_commands_total{result="failed"}`),
 		unknownStream:     s.NewCounter("mailbox_agent_unknown_stream_frames_total"),
 		submits:           s.NewCounter("mailbox_agent_submits_total"),

@@ -409,7 +409,7 @@ func TestLiveCommandsAckRefuseAndTimeout(t *testing.T) {
 	eventually(t, "the late ack counted", func() bool {
 		var m bytes.Buffer
 		r.hub.Metrics().WritePrometheus(&m)
-		return strings.Contains(m.String(), `mailbox_agent_commands_total{result="late"} 1`)
+		return strings.Contains(m.String(), `mailbox_agent_commands_late_total 1`)
 	})
 	// A command pending when the run ends is answered.
 	reply = send(engine.Command{Kind: engine.CommandMessages})

@@ -234,8 +234,22 @@ func (st *stream) takePending(id string) *pendingCmd {
 }
 
 // expiredCmd stands in the pending map for a command whose ack timed
-// out, so that a late COMMAND_ACK is told apart from an unknown one.
+// out, so that a late COMMAND_ACK is told apart from an unknown one, for
+// lateAckWindow.
 var expiredCmd = &pendingCmd{}
+
+// lateAckWindow is how long after its timeout a command's ACK is still
+// known as late.
+const lateAckWindow = 30 * time.Second
+
+// dropExpired forgets a timed-out command.
+func (st *stream) dropExpired(id string) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.pending[id] == expiredCmd {
+		delete(st.pending, id)
+	}
+}
 
 // expire takes the command id out of waiting, as takePending, but leaves
 // expiredCmd in its place; it returns nil when the command no longer
@@ -610,11 +624,25 @@ func (c *conn) sendCancel(st *stream) {
 // by the timeout, or when the run ends.
 func (c *conn) sendCommand(st *stream, cmd engine.Command) {
 	id := c.newCmdID()
-	// The ACK is due by half the timeout: the other half is for it to
+	// The wait ends at the engine's deadline (it falls back then), not a
+	// timeout counted from here: the command may have waited for this
+	// loop (found by review: ack_by fell after the engine's fallback).
+	now := time.Now()
+	deadline := cmd.Deadline
+	if deadline.IsZero() {
+		deadline = now.Add(c.h.cfg.CommandTimeout)
+	}
+	left := deadline.Sub(now)
+	if left <= 0 {
+		c.h.m.cmdTimeout.Inc()
+		reply(cmd.Reply, ErrCommandTimeout)
+		return
+	}
+	// The ACK is due by half the time left: the other half is for it to
 	// reach the sidecar. An agent that reads the command after ack_by
-	// refuses it, so that messages the sidecar then queues as a new
+	// refuses it, so that messages the engine then queues as a new
 	// dispatch are not also taken live.
-	out := ipc.Command{Cmd: id, AckBy: time.Now().Add(c.h.cfg.CommandTimeout / 2).UnixMilli()}
+	out := ipc.Command{Cmd: id, AckBy: now.Add(left / 2).UnixMilli()}
 	var typ ipc.FrameType
 	var err error
 	switch cmd.Kind {
@@ -637,10 +665,14 @@ func (c *conn) sendCommand(st *stream, cmd engine.Command) {
 		reply(cmd.Reply, ErrRunEnded)
 		return
 	}
-	p.timer = time.AfterFunc(c.h.cfg.CommandTimeout, func() {
+	p.timer = time.AfterFunc(left, func() {
 		if q := st.expire(id); q != nil {
 			c.h.m.cmdTimeout.Inc()
 			q.reply <- ErrCommandTimeout
+			// A late ACK is told apart for a while, not for the run's
+			// whole life (found by review: one marker per unanswered
+			// command).
+			time.AfterFunc(lateAckWindow, func() { st.dropExpired(id) })
 		}
 	})
 	if err := c.writeJSON(typ, st.id, out); err != nil {
