@@ -1142,6 +1142,7 @@ func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog,
 	l = m.pending[id]
 	if l == nil {
 		l, fresh = NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes), true
+		l.pendingRun = active.RunID
 		if run != nil && run.StartCount > 0 {
 			l.floor = unstartedBase(run.StartCount)
 		}
@@ -1151,6 +1152,17 @@ func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog,
 		m.logs[thread] = l
 	}
 	return l, fresh
+}
+
+// AttachedRun returns the run whose events l (an Attach answer) carries,
+// or "" when not known.
+func (m *Mailbox) AttachedRun(l *EventLog) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if l.run != "" {
+		return l.run
+	}
+	return l.pendingRun
 }
 
 // ListDispatches lists a thread's dispatches (a pass-through to the store).

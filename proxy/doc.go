@@ -120,9 +120,11 @@
 //     of a log numbered apart; the replay restarts at the attempt's first
 //     event). No Last-Event-ID, or 0 (the `submitted` event's), replays
 //     the current attempt from its first event held, with a reset only if
-//     some of its events were dropped. Left as it is: an id of an earlier
-//     run of the thread that is not beyond the current run's last id is
-//     taken as the current run's (runs number from 1).
+//     some of its events were dropped. An id of an earlier run of the
+//     thread that is not beyond the current run's last id is taken as the
+//     current run's (runs number from 1), unless the request names the
+//     run it followed (?run_id=): a thread now on another run then gets
+//     an unknown_id reset and that run whole.
 //   - A foreground run whose dispatch is withdrawn before it starts
 //     (superseded, cancelled) ends its stream with a sidecar run_finish
 //     (termination cancelled), id 2147483649 (2^31+1: an attempt that did

@@ -190,8 +190,17 @@ func (s *Server) sendDecision(ctx *fasthttp.RequestCtx, run string) error {
 
 // reattach is GET /v1/threads/{thread_id}/events (seed reconnect_sink):
 // the thread's active or retained run, replayed after Last-Event-ID (or
-// ?after=N).
+// ?after=N). With ?run_id=R (the run the client followed), a thread now
+// on another run replays that one whole after a reset: ids are run-local,
+// so the old run's last id would skip the new run's first events (found
+// by review).
 func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
+	followed := string(ctx.QueryArgs().Peek("run_id"))
+	if followed != "" {
+		if err := engine.ValidateID("run_id", followed); err != nil {
+			return err
+		}
+	}
 	after := uint64(0)
 	raw := ctx.Request.Header.Peek("Last-Event-ID")
 	name := "Last-Event-ID"
@@ -213,7 +222,13 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		return errNotFound("thread %s has no active or retained run", thread)
 	}
 	var head []byte
-	if after >= log.NextSeqFloor() {
+	if followed != "" && after > 0 {
+		if run := s.mb.AttachedRun(log); run != "" && run != followed {
+			head = appendReset(nil, "unknown_id", after, log.FirstSeq())
+			after = 0
+		}
+	}
+	if head == nil && after >= log.NextSeqFloor() {
 		// An id of an earlier run of the thread, or of a log numbered
 		// apart: replay this one whole.
 		head = appendReset(nil, "unknown_id", after, log.FirstSeq())

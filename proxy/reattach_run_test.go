@@ -1,0 +1,54 @@
+package proxy_test
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+// Event ids are run-local: a client that followed a thread's run and
+// re-attaches with that run's last id after the thread moved on to its
+// next run would be served the new run after that id, its first events
+// skipped. With ?run_id= (the run it followed) it gets a reset and the
+// new run whole (found by review).
+func TestReattachNamingTheRunFollowedReplaysTheThreadsNextRunWhole(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{})
+	runOf := func(submitted sseEvent) string {
+		var v struct {
+			RunID string `json:"run_id"`
+		}
+		if err := json.Unmarshal([]byte(submitted.Data), &v); err != nil || v.RunID == "" {
+			t.Fatalf("submitted %q: no run_id", submitted.Data)
+		}
+		return v.RunID
+	}
+	first := sc.stream(req{method: "POST", path: "/v1/threads/moved/runs", body: submitBody("events:2")})
+	runA := runOf(first.next())
+	evsA := first.rest()
+	lastA := evsA[len(evsA)-1].ID
+	second := sc.stream(req{method: "POST", path: "/v1/threads/moved/runs", body: submitBody("events:6")})
+	runB := runOf(second.next())
+	evsB := second.rest()
+	if len(evsB) <= len(evsA) {
+		t.Fatalf("run B has %d events, want more than run A's %d", len(evsB), len(evsA))
+	}
+
+	re := sc.stream(req{method: "GET", path: "/v1/threads/moved/events?run_id=" + runA, headers: []string{"Last-Event-ID", lastA}})
+	got := re.rest()
+	if len(got) != len(evsB)+1 || got[0].Event != "reset" || !strings.Contains(got[0].Data, `"reason":"unknown_id"`) {
+		t.Fatalf("re-attached naming run A (last id %s): %+v, want a reset and run B's %d events", lastA, got, len(evsB))
+	}
+	for i, ev := range got[1:] {
+		if ev.ID != evsB[i].ID || ev.Data != evsB[i].Data {
+			t.Fatalf("event %d: %+v, want run B's %+v", i, ev, evsB[i])
+		}
+	}
+	// Naming the run the thread is on: an ordinary replay after the id.
+	re = sc.stream(req{method: "GET", path: "/v1/threads/moved/events?run_id=" + runB, headers: []string{"Last-Event-ID", evsB[1].ID}})
+	if got := re.rest(); len(got) != len(evsB)-2 || got[0].ID != evsB[2].ID {
+		t.Fatalf("re-attached naming run B after %s: %+v, want its events from %s", evsB[1].ID, got, evsB[2].ID)
+	}
+	// A run id that is not one is refused.
+	sc.call(req{method: "GET", path: "/v1/threads/moved/events?run_id=a%01b"}, 400, nil)
+}
