@@ -72,15 +72,15 @@ type EventLog struct {
 	// previous attempt.
 	starts      uint32
 	startsKnown bool
-	run         string   // the run whose attempt it follows; guarded by Mailbox.mu, not mu
+	run         string // the run whose attempt it follows; guarded by Mailbox.mu, not mu
 	// pendingRun is the run of a log made for a dispatch whose attempt
 	// has not started (attachPending), until run is set; guarded by
 	// Mailbox.mu. Only AttachedRun reads it.
 	pendingRun string
-	handed      handedOn // set when handed on to the next attempt (handOnLog); guarded by Mailbox.mu
-	closed      bool
-	closedAt    int64         // Unix ms, when closed
-	wake        chan struct{} // closed on the next append or close; nil when nobody waits
+	handed     handedOn // set when handed on to the next attempt (handOnLog); guarded by Mailbox.mu
+	closed     bool
+	closedAt   int64         // Unix ms, when closed
+	wake       chan struct{} // closed on the next append or close; nil when nobody waits
 }
 
 // handedOn is what a log handed on by an attempt no agent took tells the
