@@ -208,6 +208,17 @@ func (m *Mailbox) Running() bool {
 	return m.started && !m.closing
 }
 
+// TakesCommands reports whether cancels, interrupts and live decisions
+// are taken: once startup recovery is done, and through the shutdown
+// drain, when running attempts may still be stopped or answered (found
+// by review: a drain of --shutdown-grace refused the cancel of a run it
+// was waiting for).
+func (m *Mailbox) TakesCommands() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.started
+}
+
 // Recover reclaims every lapsed lease, settles the runs of terminal
 // dispatches, lets the dispatcher serve queued threads, and wakes every
 // run waiting on background tasks whose thread has nothing queued. It

@@ -141,7 +141,7 @@ type interruptResult struct {
 
 // interrupt is POST /v1/threads/{thread_id}/interrupt (seed interrupt).
 func (s *Server) interrupt(ctx *fasthttp.RequestCtx, thread string) error {
-	if err := s.writable(); err != nil {
+	if err := s.commandable(); err != nil {
 		return err
 	}
 	res, err := s.mb.Interrupt(s.base, thread)
@@ -158,7 +158,7 @@ func (s *Server) interrupt(ctx *fasthttp.RequestCtx, thread string) error {
 
 // cancel is POST /v1/cancel/{id} (seed cancel): a dispatch, run or thread id.
 func (s *Server) cancel(ctx *fasthttp.RequestCtx, id string) error {
-	if err := s.writable(); err != nil {
+	if err := s.commandable(); err != nil {
 		return err
 	}
 	ok, err := s.mb.Cancel(s.base, id)
@@ -176,7 +176,7 @@ func (s *Server) sendDecision(ctx *fasthttp.RequestCtx, run string) error {
 	if err != nil {
 		return err
 	}
-	if err := s.writable(); err != nil {
+	if err := s.commandable(); err != nil {
 		return err
 	}
 	ok, err := s.mb.SendDecision(s.base, run, d)

@@ -483,6 +483,15 @@ func (s *Server) writable() error {
 	return nil
 }
 
+// commandable refuses cancels, interrupts and decisions until the
+// mailbox has started; its shutdown drain still takes them.
+func (s *Server) commandable() error {
+	if !s.mb.TakesCommands() {
+		return errUnavailable("the mailbox is not running (starting up)")
+	}
+	return nil
+}
+
 // everySecond lets one log line a second through and counts the ones it
 // holds back: a failing store answers every request 503, and a warning
 // for each flooded the log (found by review); the counters
