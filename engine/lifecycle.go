@@ -990,6 +990,10 @@ func (m *Mailbox) command(ctx context.Context, e *execution, c Command) bool {
 	return ok
 }
 
+// commandAnswerSlack is how long past a command's deadline the engine
+// still waits for the executor's answer, which comes by the deadline.
+const commandAnswerSlack = 50 * time.Millisecond
+
 func (m *Mailbox) sendCommand(ctx context.Context, e *execution, c Command) bool {
 	reply := make(chan error, 1)
 	c.Reply = reply
@@ -1008,6 +1012,11 @@ func (m *Mailbox) sendCommand(ctx context.Context, e *execution, c Command) bool
 	case <-ctx.Done():
 		return false
 	}
+	// Handed over, the executor answers by the deadline (the hub's own
+	// timer ends its wait then): a little slack more lets its answer,
+	// not a tie of two timers, decide (found by review: an ACK between
+	// the two counted delivered at the hub while the engine fell back).
+	t.Reset(time.Until(c.Deadline) + commandAnswerSlack)
 	select {
 	case err := <-reply:
 		return err == nil

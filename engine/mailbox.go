@@ -1075,20 +1075,79 @@ func (m *Mailbox) Attach(ctx context.Context, thread string, after uint64) (*Eve
 		return have, err
 	}
 	l, fresh := m.attachPending(thread, active, have, run)
-	if !fresh {
-		return l, nil
+	if fresh {
+		m.settleFreshPending(ctx, active.DispatchID)
 	}
-	// Ended between the read and the registration, the dispatch's
-	// withdrawal or dead-lettering found no log to end (found by review).
-	d, err := m.store.LoadDispatch(ctx, active.DispatchID)
+	return l, nil
+}
+
+// settleFreshPending ends the waiting log just made for dispatch id if
+// the dispatch ended between the read and the registration: its
+// withdrawal or dead-lettering found no log to end (found by review).
+func (m *Mailbox) settleFreshPending(ctx context.Context, id string) {
+	d, err := m.store.LoadDispatch(ctx, id)
 	switch {
 	case err != nil:
 	case d == nil:
-		m.dropPending(active.DispatchID)
+		m.dropPending(id)
 	case d.Status == StatusSuperseded || d.Status == StatusCancelled:
 		m.withdrawPending(*d)
 	case d.Status.Terminal():
 		m.endPending([]Dispatch{*d}, endedElsewhere)
+	}
+}
+
+// AttachRun is Attach for a client that names the run it followed. other
+// reports that the log is another run's (the thread moved on from the
+// named run): the client is to replay it whole. A named run still queued
+// behind the thread's current one is followed through its own waiting
+// log, from its first event (found by review: the client was served the
+// run before it).
+func (m *Mailbox) AttachRun(ctx context.Context, thread, runID string, after uint64) (l *EventLog, other bool, err error) {
+	if l, err = m.Attach(ctx, thread, after); err != nil || l == nil {
+		return l, false, err
+	}
+	if cur := m.AttachedRun(l); cur == "" || cur == runID {
+		return l, false, nil
+	}
+	q, err := m.queuedRunLog(ctx, thread, runID)
+	if err != nil || q != nil {
+		return q, false, err
+	}
+	return l, true, nil
+}
+
+// queuedRunLog returns the waiting log of run's queued dispatch on
+// thread, made if need be; nil when the run has none queued.
+func (m *Mailbox) queuedRunLog(ctx context.Context, thread, runID string) (*EventLog, error) {
+	run, err := m.store.LoadRun(ctx, runID)
+	if err != nil {
+		return nil, fmt.Errorf("attach to run %s: %w", runID, err)
+	}
+	if run == nil || run.ThreadID != thread || run.Status == RunDone || run.DispatchID == "" {
+		return nil, nil
+	}
+	d, err := m.store.LoadDispatch(ctx, run.DispatchID)
+	if err != nil {
+		return nil, fmt.Errorf("attach to run %s: %w", runID, err)
+	}
+	if d == nil || d.RunID != runID || d.Status != StatusQueued {
+		return nil, nil
+	}
+	m.mu.Lock()
+	l := m.pending[d.DispatchID]
+	fresh := l == nil
+	if fresh {
+		l = NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
+		l.pendingRun = runID
+		if run.StartCount > 0 {
+			l.floor = unstartedBase(run.StartCount)
+		}
+		m.pending[d.DispatchID] = l
+	}
+	m.mu.Unlock()
+	if fresh {
+		m.settleFreshPending(ctx, d.DispatchID)
 	}
 	return l, nil
 }

@@ -214,7 +214,14 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		}
 		after = v
 	}
-	log, err := s.mb.Attach(s.base, thread, after)
+	var log *engine.EventLog
+	var other bool
+	var err error
+	if followed != "" {
+		log, other, err = s.mb.AttachRun(s.base, thread, followed, after)
+	} else {
+		log, err = s.mb.Attach(s.base, thread, after)
+	}
 	if err != nil {
 		return err
 	}
@@ -222,11 +229,10 @@ func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 		return errNotFound("thread %s has no active or retained run", thread)
 	}
 	var head []byte
-	if followed != "" && after > 0 {
-		if run := s.mb.AttachedRun(log); run != "" && run != followed {
-			head = appendReset(nil, "unknown_id", after, log.FirstSeq())
-			after = 0
-		}
+	if other {
+		// The thread moved on from the run the client followed.
+		head = appendReset(nil, "unknown_id", after, log.FirstSeq())
+		after = 0
 	}
 	if head == nil && after >= log.NextSeqFloor() {
 		// An id of an earlier run of the thread, or of a log numbered

@@ -52,3 +52,31 @@ func TestReattachNamingTheRunFollowedReplaysTheThreadsNextRunWhole(t *testing.T)
 	// A run id that is not one is refused.
 	sc.call(req{method: "GET", path: "/v1/threads/moved/events?run_id=a%01b"}, 400, nil)
 }
+
+// A client naming a run still queued behind the thread's current one
+// follows that run, from its first event, not the run before it (found
+// by review: it was served the other run and its run_finish); one that
+// saw only `submitted` (id 0) of a run the thread has moved on from is
+// told so with a reset too.
+func TestReattachNamingARunQueuedBehindFollowsIt(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{})
+	a := sc.stream(req{method: "POST", path: "/v1/threads/behind/runs", body: submitBody("wait")})
+	runA := decode[submitResult](t, a.next().Data).RunID
+	a.next() // run_start
+	var b submitResult
+	sc.call(req{method: "POST", path: "/v1/threads/behind/dispatches", body: submitBody("events:3")}, 202, &b)
+	re := sc.stream(req{method: "GET", path: "/v1/threads/behind/events?run_id=" + b.RunID, headers: []string{"Last-Event-ID", "0"}})
+	sc.call(req{method: "POST", path: "/v1/cancel/" + runA}, 200, nil) // A ends; B runs
+	got := re.rest()
+	if len(got) != 4 || got[0].Event != "text_delta" || got[3].Event != "run_finish" || !strings.Contains(got[3].Data, b.RunID) {
+		t.Fatalf("re-attached naming run B (queued behind %s): %+v, want B's three events and its run_finish", runA, got)
+	}
+
+	// The thread has moved on from A: naming it after id 0 resets.
+	re = sc.stream(req{method: "GET", path: "/v1/threads/behind/events?run_id=" + runA, headers: []string{"Last-Event-ID", "0"}})
+	got = re.rest()
+	if len(got) != 5 || got[0].Event != "reset" || !strings.Contains(got[0].Data, `"unknown_id"`) || !strings.Contains(got[4].Data, b.RunID) {
+		t.Fatalf("re-attached naming run A after id 0: %+v, want a reset and run B whole", got)
+	}
+}

@@ -69,3 +69,4 @@ func TestALiveCommandKeepsTheEnginesDeadline(t *testing.T) {
 	a.send(ipc.TypeFinish, 1, finishDone(""))
 	rc.wait(t)
 }
+

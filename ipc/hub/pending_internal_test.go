@@ -3,6 +3,7 @@ package hub
 import (
 	"fmt"
 	"testing"
+	"time"
 )
 
 // A timed-out command leaves a marker so that its late ACK is known, and
@@ -31,4 +32,34 @@ func TestExpiredCommandsAreForgotten(t *testing.T) {
 	if st.takePending("live") == nil || st.takePending("live") != nil {
 		t.Fatal("dropExpired took a command still waiting")
 	}
+}
+
+// ack_by falls in a millisecond before the deadline's, whatever the time
+// left, or the command is not sent: an agent accepts through ack_by's
+// millisecond, so one reading the command at the engine's deadline would
+// take messages the engine has queued (found by review: with under 2 ms
+// left, ack_by fell in the deadline's own millisecond).
+func TestCommandAckByFallsBeforeTheDeadlinesMillisecond(t *testing.T) {
+	base := time.UnixMilli(1_800_000_000_000)
+	sent := 0
+	for now := base; now.Before(base.Add(5 * time.Millisecond)); now = now.Add(37 * time.Microsecond) {
+		for left := time.Duration(0); left < 6*time.Millisecond; left += 13 * time.Microsecond {
+			deadline := now.Add(left)
+			ackBy, ok := commandAckBy(now, deadline)
+			if !ok {
+				if deadline.UnixMilli()-now.UnixMilli() > 1 {
+					t.Fatalf("now %v, %v left: not sent, though a whole millisecond was left", now.Sub(base), left)
+				}
+				continue
+			}
+			sent++
+			if ackBy >= deadline.UnixMilli() || ackBy < now.UnixMilli() {
+				t.Fatalf("now %v, %v left: ack_by %d outside [%d, %d)", now.Sub(base), left, ackBy, now.UnixMilli(), deadline.UnixMilli())
+			}
+		}
+	}
+	if ackBy, _ := commandAckBy(base, base.Add(2*time.Second)); ackBy != base.Add(time.Second).UnixMilli() {
+		t.Fatalf("ack_by %d with 2s left, want half of it", ackBy)
+	}
+	t.Logf("%d sent", sent)
 }

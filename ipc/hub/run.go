@@ -632,17 +632,15 @@ func (c *conn) sendCommand(st *stream, cmd engine.Command) {
 	if deadline.IsZero() {
 		deadline = now.Add(c.h.cfg.CommandTimeout)
 	}
-	left := deadline.Sub(now)
-	if left <= 0 {
+	ackBy, ok := commandAckBy(now, deadline)
+	if !ok {
+		// At its deadline: not sent, as no agent could answer in time.
 		c.h.m.cmdTimeout.Inc()
 		reply(cmd.Reply, ErrCommandTimeout)
 		return
 	}
-	// The ACK is due by half the time left: the other half is for it to
-	// reach the sidecar. An agent that reads the command after ack_by
-	// refuses it, so that messages the engine then queues as a new
-	// dispatch are not also taken live.
-	out := ipc.Command{Cmd: id, AckBy: now.Add(left / 2).UnixMilli()}
+	left := deadline.Sub(now)
+	out := ipc.Command{Cmd: id, AckBy: ackBy}
 	var typ ipc.FrameType
 	var err error
 	switch cmd.Kind {
@@ -681,6 +679,22 @@ func (c *conn) sendCommand(st *stream, cmd engine.Command) {
 			q.settle(fmt.Errorf("send %s: %w", typ, err))
 		}
 	}
+}
+
+// commandAckBy is the ack_by (Unix ms) of a command sent at now that the
+// engine gives up on at deadline: half the time left, the other half for
+// the ACK to reach the sidecar. An agent that reads the command after it
+// refuses it, so that messages the engine then queues as a new dispatch
+// are not also taken live. It falls in a millisecond before the
+// deadline's (ack_by is whole milliseconds, and an agent accepts
+// through its millisecond; found by review); ok is false when no such
+// millisecond is left.
+func commandAckBy(now, deadline time.Time) (ackBy int64, ok bool) {
+	ackBy = now.Add(deadline.Sub(now) / 2).UnixMilli()
+	if last := deadline.UnixMilli() - 1; ackBy > last {
+		ackBy = last
+	}
+	return ackBy, ackBy >= now.UnixMilli()
 }
 
 func reply(ch chan<- error, err error) {
