@@ -69,4 +69,3 @@ func TestALiveCommandKeepsTheEnginesDeadline(t *testing.T) {
 	a.send(ipc.TypeFinish, 1, finishDone(""))
 	rc.wait(t)
 }
-
