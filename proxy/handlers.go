@@ -190,10 +190,11 @@ func (s *Server) sendDecision(ctx *fasthttp.RequestCtx, run string) error {
 
 // reattach is GET /v1/threads/{thread_id}/events (seed reconnect_sink):
 // the thread's active or retained run, replayed after Last-Event-ID (or
-// ?after=N). With ?run_id=R (the run the client followed), a thread now
-// on another run replays that one whole after a reset: ids are run-local,
-// so the old run's last id would skip the new run's first events (found
-// by review).
+// ?after=N). With ?run_id=R (the run the client followed), R is followed
+// while it runs or waits queued behind another run, and a thread that
+// moved on from it replays its run whole after a reset: ids are
+// run-local, so R's last id would skip the next run's first events
+// (found by review).
 func (s *Server) reattach(ctx *fasthttp.RequestCtx, thread string) error {
 	followed := string(ctx.QueryArgs().Peek("run_id"))
 	if followed != "" {
