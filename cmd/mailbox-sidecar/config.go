@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 )
 
@@ -246,6 +248,16 @@ func (c *serveConfig) validate() []error {
 	if c.APISocket == c.AgentSocket {
 		bad("--api-socket and --agent-socket are both %q", c.APISocket)
 	}
+	// Checked here, not first at the listen after the store is open:
+	// a bad address exited 1 having made the data directory (found by
+	// review).
+	for _, a := range []struct{ name, addr string }{{"--http-addr", c.HTTPAddr}, {"--admin-addr", c.AdminAddr}} {
+		if a.addr != "" {
+			if err := checkTCPAddr(a.addr); err != nil {
+				bad("%s %q: %v", a.name, a.addr, err)
+			}
+		}
+	}
 	if c.HTTPAddr != "" && c.AuthToken == "" {
 		bad("--http-addr %q needs --auth-token: the TCP API is never served without a bearer token", c.HTTPAddr)
 	}
@@ -254,6 +266,11 @@ func (c *serveConfig) validate() []error {
 	}
 	if c.MaxBody < 1<<10 {
 		bad("--max-body %s is below 1KiB", c.MaxBody.String())
+	}
+	if c.MaxBody > ipc.DefaultMaxFrame {
+		// Such a body was taken (202) and dead-lettered at once: its RUN
+		// cannot reach the agent (found by review).
+		bad("--max-body %s is above the agent frame limit (16MiB): a run made from a larger body could never reach the agent", c.MaxBody.String())
 	}
 	if c.ContextBytes < 1<<10 {
 		bad("--context-bytes %s is below 1KiB", c.ContextBytes.String())
@@ -377,4 +394,23 @@ func newLogger(w io.Writer, level, format string) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// checkTCPAddr checks a listen address (host:port; the host may be empty,
+// the port a number up to 65535 or a service name) without listening.
+func checkTCPAddr(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if n, err := strconv.Atoi(port); err == nil {
+		if n < 0 || n > 65535 {
+			return fmt.Errorf("port %d is out of range", n)
+		}
+		return nil
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fmt.Errorf("port %q: %w", port, err)
+	}
+	return nil
 }

@@ -95,6 +95,22 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 			return nil, err
 		}
 	}
+	// The TCP ports before the store: one taken refused the start after
+	// the data directory was made (found by review). Their requests wait
+	// in the backlog until they are served below.
+	var httpLn, adminLn net.Listener
+	if cfg.HTTPAddr != "" {
+		if httpLn, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			return nil, fmt.Errorf("--http-addr: %w", err)
+		}
+		s.closed = append(s.closed, func() { httpLn.Close() })
+	}
+	if cfg.AdminAddr != "" {
+		if adminLn, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
+			return nil, fmt.Errorf("--admin-addr: %w", err)
+		}
+		s.closed = append(s.closed, func() { adminLn.Close() })
+	}
 	// The store first: Badger's lock says whether another sidecar owns
 	// this directory, and only then may sockets left behind be removed.
 	if s.store, err = openStore(cfg, log.With("component", "store")); err != nil {
@@ -152,21 +168,13 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	// port 0 the kernel picks one, and only the log tells which (found by
 	// review).
 	var httpAddr, adminAddr string
-	if cfg.HTTPAddr != "" {
-		ln, err := net.Listen("tcp", cfg.HTTPAddr)
-		if err != nil {
-			return nil, fmt.Errorf("--http-addr: %w", err)
-		}
-		httpAddr = ln.Addr().String()
-		s.serve("TCP API", func() error { return s.px.ServeTCP(ln) }, nil)
+	if httpLn != nil {
+		httpAddr = httpLn.Addr().String()
+		s.serve("TCP API", func() error { return s.px.ServeTCP(httpLn) }, nil)
 	}
-	if cfg.AdminAddr != "" {
-		ln, err := net.Listen("tcp", cfg.AdminAddr)
-		if err != nil {
-			return nil, fmt.Errorf("--admin-addr: %w", err)
-		}
-		adminAddr = ln.Addr().String()
-		s.serve("admin", func() error { return s.px.ServeAdmin(ln) }, nil)
+	if adminLn != nil {
+		adminAddr = adminLn.Addr().String()
+		s.serve("admin", func() error { return s.px.ServeAdmin(adminLn) }, nil)
 	}
 	if cfg.ClockSkew != 0 {
 		log.Warn("engine clock skewed for testing", "skew", cfg.ClockSkew)

@@ -37,17 +37,20 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 		name  string
 		flags func(n node) []string
 		want  string
+		// noData: refused before the data directory is made (the TCP
+		// ports are bound first; found by review).
+		noData bool
 	}{
-		{"admin-addr occupied", func(node) []string { return []string{"--admin-addr", busy} }, "--admin-addr"},
+		{"admin-addr occupied", func(node) []string { return []string{"--admin-addr", busy} }, "--admin-addr", true},
 		{"http-addr occupied", func(node) []string {
 			return []string{"--http-addr", busy, "--auth-token", "0123456789abcdef"}
-		}, "--http-addr"},
+		}, "--http-addr", true},
 		{"api-socket is a file", func(n node) []string {
 			if err := os.WriteFile(n.api, nil, 0o600); err != nil {
 				t.Fatal(err)
 			}
 			return nil
-		}, "API socket"},
+		}, "API socket", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			defer goleak.VerifyNone(t, goleak.IgnoreCurrent(),
@@ -70,6 +73,9 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %q does not name %s", err, tc.want)
+			}
+			if _, err := os.Stat(n.data); tc.noData && !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the refused start made the data directory (stat: %v)", err)
 			}
 			if _, err := os.Lstat(n.agent); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("agent socket file left behind (lstat: %v)", err)
