@@ -134,7 +134,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.APISocket, "api-socket", "./run/api.sock", "client API socket")
 	fs.StringVar(&c.AgentSocket, "agent-socket", "./run/agent.sock", "agent protocol socket")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "optional TCP listener for the client API (requires --auth-token)")
-	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz only")
+	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz and /healthz only")
 	fs.Var(&c.MaxBody, "max-body", "largest accepted request body")
 	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput); Badger only")
 	fs.IntVar(&c.ContextMessages, "context-messages", 500, "most thread messages sent with each RUN")
