@@ -181,7 +181,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 		fs.PrintDefaults()
 		return c, err
 	} else if err != nil {
-		return c, fmt.Errorf("%w (mailbox-sidecar serve -h lists the flags)", err)
+		return c, fmt.Errorf("%w (mailbox-sidecar serve -h lists the flags)", hintParseError(fs, err))
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("serve takes no arguments, got %q", fs.Args())
@@ -196,7 +196,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 		name := envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
 		if v := getenv(name); v != "" {
 			if err := f.Value.Set(v); err != nil {
-				errs = append(errs, fmt.Errorf("%s=%q: %v", name, v, err))
+				errs = append(errs, fmt.Errorf("%s=%q: %v%s", name, v, err, valueHint(f)))
 			}
 		}
 	})
@@ -413,4 +413,44 @@ func checkTCPAddr(addr string) error {
 		return fmt.Errorf("port %q: %w", port, err)
 	}
 	return nil
+}
+
+// valueHint says what a value of flag f looks like, for a parse error:
+// the flag package's own says "parse error" alone (found by review).
+func valueHint(f *flag.Flag) string {
+	g, ok := f.Value.(flag.Getter)
+	if !ok {
+		return ""
+	}
+	switch g.Get().(type) {
+	case time.Duration:
+		return "; want a duration such as 30s, 500ms or 1h30m"
+	case bool:
+		return "; want true or false"
+	case int:
+		return "; want a whole number"
+	case uint:
+		return "; want a whole number, 0 or more"
+	}
+	return ""
+}
+
+// hintParseError adds valueHint to the flag package's error for a value
+// that did not parse ("invalid value … for flag -NAME: …", or "for
+// -NAME" for a bool).
+func hintParseError(fs *flag.FlagSet, err error) error {
+	_, rest, ok := strings.Cut(err.Error(), " for flag -")
+	if !ok {
+		// A bool's: "invalid boolean value … for -NAME: …".
+		if _, rest, ok = strings.Cut(err.Error(), " for -"); !ok {
+			return err
+		}
+	}
+	name, _, ok := strings.Cut(rest, ":")
+	if f := fs.Lookup(name); ok && f != nil {
+		if h := valueHint(f); h != "" {
+			return fmt.Errorf("%w%s", err, h)
+		}
+	}
+	return err
 }

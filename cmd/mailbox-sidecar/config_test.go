@@ -73,6 +73,10 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		want string
 	}{
 		{[]string{"--lease", "soon"}, nil, "invalid value"},
+		{[]string{"--lease", "soon"}, nil, "want a duration such as 30s"},
+		{[]string{"--context-messages", "many"}, nil, "want a whole number"},
+		{[]string{"--sync=perhaps"}, nil, "want true or false"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_MAX_ATTEMPTS": "-1"}, "want a whole number, 0 or more"},
 		{[]string{"--lease", "-1s"}, nil, "--lease -1s must be positive"},
 		{[]string{"--lease", "5s", "--lease-renewal", "10s"}, nil, "--lease-renewal 10s must be shorter than --lease 5s"},
 		{[]string{"--lease", "5s", "--suspended-lease", "1s"}, nil, "--suspended-lease 1s must be at least --lease 5s"},
