@@ -575,16 +575,19 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		}
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
+	m.mu.Lock()
+	if events.run == "" {
+		events.pendingRun = runID // AttachedRun, until its attempt starts
+	}
 	if !slot {
 		// Waiting for a slot, it is the thread's run to re-attach to;
 		// waiting behind an attempt executing here, that attempt's log
 		// stays the thread's until this one starts (startExecution).
-		m.mu.Lock()
 		if _, waiting := m.pending[d.DispatchID]; waiting && m.threads[thread] == nil {
 			m.logs[thread] = events
 		}
-		m.mu.Unlock()
 	}
+	m.mu.Unlock()
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitQueued}
 	if !slot {
 		m.kick()

@@ -80,3 +80,22 @@ func TestReattachNamingARunQueuedBehindFollowsIt(t *testing.T) {
 		t.Fatalf("re-attached naming run A after id 0: %+v, want a reset and run B whole", got)
 	}
 }
+
+// The thread's log can be a foreground submit's that waits for an agent
+// slot: it is known as that run's too, so a client naming another run
+// is told with a reset (it was served the waiting run silently).
+func TestReattachNamingAnotherRunThanTheWaitingSubmits(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{noAgent: true})
+	waiting := sc.stream(req{method: "POST", path: "/v1/threads/slotless/runs", body: submitBody("x")})
+	sub := decode[submitResult](t, waiting.next().Data)
+	defer waiting.close()
+	if sub.Status != "queued" {
+		t.Fatalf("submitted %+v, want queued (no agent)", sub)
+	}
+	re := sc.stream(req{method: "GET", path: "/v1/threads/slotless/events?run_id=some-earlier-run", headers: []string{"Last-Event-ID", "0"}})
+	defer re.close()
+	if ev := re.next(); ev.Event != "reset" || !strings.Contains(ev.Data, `"unknown_id"`) {
+		t.Fatalf("first event %+v, want an unknown_id reset", ev)
+	}
+}
