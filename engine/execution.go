@@ -839,6 +839,10 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		}
 		if _, err := m.store.Release(ctx, d.DispatchID, d.ClaimToken, now); err != nil {
 			log.Warn("release failed", "err", err)
+		} else if !noAgent {
+			// The stop's summary counted these alone; an operator could not
+			// tell which runs went back (found by review).
+			log.Info("run put back in the queue without spending an attempt", "code", o.ErrorCode, "error", o.Error)
 		}
 	}
 }

@@ -119,6 +119,8 @@ func TestStopLogsItsDrain(t *testing.T) {
 		`msg="stopping: waiting for the running attempts" running=1 grace=`,
 		`msg="stopping: the grace is over; cancelling the attempts still running (they go back to the queue unless they complete)" running=1`,
 		`msg=stopped put_back=1 took=`,
+		// Which run went back: its own line, with its ids.
+		`msg="run put back in the queue without spending an attempt" thread_id=t1 run_id=` + res.RunID + ` dispatch_id=` + res.DispatchID,
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("the log lacks %s:\n%s", want, out)

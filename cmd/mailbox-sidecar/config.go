@@ -219,7 +219,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 	errs = append(errs, c.validate()...)
 	// The collector off needs a limit in effect: the environment's
 	// GOMEMLIMIT wins over --memory-limit (tuneRuntime).
-	if c.GOGC == -1 && getenv("GOGC") == "" {
+	if c.GOGC == -1 && !goEnvTaken("GOGC", getenv) {
 		limited := c.MemoryLimit > 0
 		if v := strings.TrimSpace(getenv("GOMEMLIMIT")); v != "" {
 			limited = v != "off"
@@ -230,6 +230,9 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 	}
 	return c, errors.Join(errs...)
 }
+
+// minMemoryLimit is the lowest --memory-limit other than 0 (off).
+const minMemoryLimit = 128 << 20
 
 // validate checks everything that can be checked without opening a file
 // or a socket.
@@ -286,6 +289,12 @@ func (c *serveConfig) validate() []error {
 	}
 	if c.MaxAttempts < 1 || c.MaxAttempts > 1000 {
 		bad("--max-attempts %d must be between 1 and 1000", c.MaxAttempts)
+	}
+	if c.MemoryLimit > 0 && c.MemoryLimit < minMemoryLimit {
+		// 1 byte was taken (found by review), and the collector then ran
+		// without pause: a Badger store alone keeps about 64MiB (two
+		// memtables, the block and index caches).
+		bad("--memory-limit %s is below %s: the collector would run almost without pause (a Badger store alone keeps about 64MiB); 0 turns the limit off", c.MemoryLimit.String(), formatBytes(minMemoryLimit))
 	}
 	if c.GOGC < 1 && c.GOGC != -1 {
 		bad("--gogc %d must be positive, or -1 (off)", c.GOGC)

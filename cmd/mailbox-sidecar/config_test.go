@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"flag"
 	"io"
@@ -99,6 +100,8 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a memory limit"},
 		{[]string{"--gogc", "-1"}, map[string]string{"GOMEMLIMIT": "off"}, "needs a memory limit"},
 		{[]string{"--heartbeat", "1ms"}, nil, "below 10ms"},
+		{[]string{"--memory-limit", "1"}, nil, "--memory-limit 1 is below 128MiB"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_MEMORY_LIMIT": "100MiB"}, "--memory-limit 100MiB is below 128MiB"},
 		{[]string{"extra"}, nil, "no arguments"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_GC_TTL": "forever"}, "MAILBOX_SIDECAR_GC_TTL"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_SYNC": "perhaps"}, "MAILBOX_SIDECAR_SYNC"},
@@ -224,8 +227,35 @@ func TestRunUsageAndVersion(t *testing.T) {
 		t.Fatalf("version: %d %q", code, out.String())
 	}
 	errb.Reset()
+	if code := run([]string{"version", "--json"}, env(nil), &out, &errb); code != 2 || !strings.Contains(errb.String(), "takes no arguments") {
+		t.Fatalf("version with an argument: %d %q; want 2 and the argument refused", code, errb.String())
+	}
+	errb.Reset()
 	if code := run([]string{"serve", "--lease", "0s"}, env(nil), &out, &errb); code != 2 || !strings.Contains(errb.String(), "invalid configuration") {
 		t.Fatalf("serve with bad config: %d %q", code, errb.String())
+	}
+	// Under --log-format json (flag or environment) the problems are one
+	// JSON line, as every other line the sidecar logs.
+	for _, c := range []struct {
+		args []string
+		env  map[string]string
+	}{
+		{[]string{"serve", "--log-format", "json", "--lease", "0s", "--gogc", "0"}, nil},
+		{[]string{"serve", "--lease", "soon"}, map[string]string{"MAILBOX_SIDECAR_LOG_FORMAT": "json"}},
+	} {
+		errb.Reset()
+		code := run(c.args, env(c.env), &out, &errb)
+		var line struct {
+			Level  string   `json:"level"`
+			Msg    string   `json:"msg"`
+			Errors []string `json:"errors"`
+		}
+		if err := json.Unmarshal(errb.Bytes(), &line); code != 2 || err != nil || line.Level != "ERROR" || line.Msg != "invalid configuration" || len(line.Errors) == 0 {
+			t.Fatalf("%v %v: %d %q (%v); want 2 and one JSON line listing the problems", c.args, c.env, code, errb.String(), err)
+		}
+		if c.env == nil && len(line.Errors) != 2 {
+			t.Fatalf("two problems as %q; want two elements", line.Errors)
+		}
 	}
 	errb.Reset()
 	if code := run([]string{"ctl", "show", "dispatch"}, env(nil), &out, &errb); code != 2 {
@@ -243,13 +273,45 @@ func TestTuneRuntime(t *testing.T) {
 	oldGC, oldLimit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64)
 	t.Cleanup(func() { debug.SetGCPercent(oldGC); debug.SetMemoryLimit(oldLimit); runtime.SetDefaultGOMAXPROCS() })
 	cfg := serveConfig{GOGC: 250, MemoryLimit: 300 << 20}
-	tuneRuntime(cfg, env(nil))
+	tuneRuntime(cfg, env(nil), discardLog)
 	if gc, limit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64); gc != 250 || limit != 300<<20 {
 		t.Fatalf("after tuneRuntime: GOGC %d, memory limit %d; want 250 and %d", gc, limit, 300<<20)
 	}
-	tuneRuntime(cfg, env(map[string]string{"GOGC": "100", "GOMEMLIMIT": "1GiB"}))
+	tuneRuntime(cfg, env(map[string]string{"GOGC": "100", "GOMEMLIMIT": "1GiB"}), discardLog)
 	if gc, limit := debug.SetGCPercent(100), debug.SetMemoryLimit(math.MaxInt64); gc != 100 || limit != math.MaxInt64 {
 		t.Fatalf("with GOGC and GOMEMLIMIT set: GOGC %d, memory limit %d; want both left alone", gc, limit)
+	}
+	// A GOGC the runtime does not parse it ignores (its default, 100):
+	// the flag applies, with a warning naming the value.
+	var logged bytes.Buffer
+	tuneRuntime(cfg, env(map[string]string{"GOGC": "abc"}), slog.New(slog.NewTextHandler(&logged, nil)))
+	if gc := debug.SetGCPercent(100); gc != 250 {
+		t.Fatalf("with GOGC=abc: GOGC %d, want --gogc's 250", gc)
+	}
+	if !strings.Contains(logged.String(), "env=GOGC value=abc") {
+		t.Fatalf("with GOGC=abc: no warning naming it, logged %q", logged.String())
+	}
+	debug.SetMemoryLimit(math.MaxInt64)
+	tuneRuntime(cfg, env(map[string]string{"GOGC": "off"}), discardLog)
+	if gc := debug.SetGCPercent(100); gc != 100 {
+		t.Fatalf("with GOGC=off: GOGC %d, want it left alone", gc)
+	}
+}
+
+// goEnvTaken follows the runtime: GOMAXPROCS a positive number, GOGC a
+// number (negative: off) or "off".
+func TestGoEnvTaken(t *testing.T) {
+	for _, c := range []struct {
+		name, value string
+		want        bool
+	}{
+		{"GOMAXPROCS", "", false}, {"GOMAXPROCS", "3", true}, {"GOMAXPROCS", "0", false}, {"GOMAXPROCS", "-1", false},
+		{"GOMAXPROCS", "abc", false}, {"GOMAXPROCS", "+2", false}, {"GOMAXPROCS", "2.5", false},
+		{"GOGC", "", false}, {"GOGC", "50", true}, {"GOGC", "off", true}, {"GOGC", "-1", true}, {"GOGC", "abc", false}, {"GOGC", "OFF", false},
+	} {
+		if got := goEnvTaken(c.name, env(map[string]string{c.name: c.value})); got != c.want {
+			t.Errorf("goEnvTaken(%s=%q) = %v, want %v", c.name, c.value, got, c.want)
+		}
 	}
 }
 
@@ -263,19 +325,23 @@ func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
 	def := runtime.GOMAXPROCS(0)
 	for range 2 {
 		runtime.GOMAXPROCS(4 * def) // as an earlier sidecar in the process, or anyone, may have left it
-		tuneRuntime(serveConfig{}, env(nil))
+		tuneRuntime(serveConfig{}, env(nil), discardLog)
 		if got, want := runtime.GOMAXPROCS(0), gomaxprocs(0, def, runtime.NumCPU()); got != want {
 			t.Fatalf("--gomaxprocs 0 with Go's default %d: GOMAXPROCS %d, want %d", def, got, want)
 		}
 	}
-	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(nil))
+	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(nil), discardLog)
 	if got := runtime.GOMAXPROCS(0); got != 3 {
 		t.Fatalf("--gomaxprocs 3: GOMAXPROCS %d", got)
 	}
 	runtime.GOMAXPROCS(5)
-	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(map[string]string{"GOMAXPROCS": "5"}))
+	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(map[string]string{"GOMAXPROCS": "5"}), discardLog)
 	if got := runtime.GOMAXPROCS(0); got != 5 {
 		t.Fatalf("with GOMAXPROCS=5 in the environment: GOMAXPROCS %d, want it left alone", got)
+	}
+	tuneRuntime(serveConfig{GOMAXPROCS: 3}, env(map[string]string{"GOMAXPROCS": "abc"}), discardLog)
+	if got := runtime.GOMAXPROCS(0); got != 3 {
+		t.Fatalf("with GOMAXPROCS=abc in the environment (the runtime ignores it): GOMAXPROCS %d, want --gomaxprocs's 3", got)
 	}
 	for _, c := range []struct{ n, def, cpus, want int }{
 		{0, 1, 1, 1}, {0, 2, 2, 1}, {0, 3, 3, 1}, {0, 8, 8, 4}, {0, 64, 64, 32}, // the whole host: half
@@ -298,3 +364,6 @@ func TestJSONLogsWriteDurationsWithTheirUnit(t *testing.T) {
 		t.Fatalf("JSON log line %s; want grace as \"20s\" and n as 3", b.String())
 	}
 }
+
+// discardLog is a logger for calls whose logs a test does not read.
+var discardLog = slog.New(slog.DiscardHandler)

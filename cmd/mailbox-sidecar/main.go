@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -78,6 +79,10 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		context.AfterFunc(ctx, stop)
 		return runRepair(ctx, args[1:], getenv, stdout, stderr)
 	case "version", "--version", "-version":
+		if len(args) > 1 {
+			fmt.Fprintf(stderr, "mailbox-sidecar: %s takes no arguments, got %q\n", args[0], args[1:])
+			return 2
+		}
 		printVersion(stdout)
 		return 0
 	case "help", "-h", "--help":
@@ -89,7 +94,14 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 }
 
 func printVersion(w io.Writer) {
-	c, v := commit, version
+	v, c := versionInfo()
+	fmt.Fprintf(w, "mailbox-sidecar %s\ncommit %s\n%s %s/%s\nagent protocol %d\n", v, c, runtime.Version(), runtime.GOOS, runtime.GOARCH, ipc.ProtocolVersion)
+}
+
+// versionInfo is the binary's version and commit: those set at build
+// time, else what Go stamped in the build ("unknown" for no commit).
+func versionInfo() (v, c string) {
+	c, v = commit, version
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			if s.Key == "vcs.revision" && c == "" {
@@ -105,7 +117,7 @@ func printVersion(w io.Writer) {
 	if c == "" {
 		c = "unknown"
 	}
-	fmt.Fprintf(w, "mailbox-sidecar %s\ncommit %s\n%s %s/%s\nagent protocol %d\n", v, c, runtime.Version(), runtime.GOOS, runtime.GOARCH, ipc.ProtocolVersion)
+	return v, c
 }
 
 // repeatedSignal is how soon the same signal again counts as the first
@@ -136,7 +148,13 @@ func runServe(args []string, getenv func(string) string, stderr io.Writer) int {
 		return 0
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "mailbox-sidecar serve: invalid configuration:\n%v\n", err)
+		if cfg.LogFormat == "json" || getenv(envPrefix+"LOG_FORMAT") == "json" {
+			// A log collector reading JSON lines got text (found by
+			// review): one line, each problem an element of "errors".
+			newLogger(stderr, "info", "json").Error("invalid configuration", "errors", strings.Split(err.Error(), "\n"))
+		} else {
+			fmt.Fprintf(stderr, "mailbox-sidecar serve: invalid configuration:\n%v\n", err)
+		}
 		return 2
 	}
 	log := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)

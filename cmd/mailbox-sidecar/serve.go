@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -85,14 +86,20 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 			s.release()
 		}
 	}()
-	tuneRuntime(cfg, os.Getenv)
+	tuneRuntime(cfg, os.Getenv, log)
 	// A sidecar serving either socket refuses this one before the store
 	// is opened: a start refused at the API socket had made and
 	// initialised a data directory, and left the agent socket's lock file
 	// (found by review). listenUnix takes the locks for good below.
-	for _, path := range []string{cfg.AgentSocket, cfg.APISocket} {
-		if err := probeSocketLock(path); err != nil {
-			return nil, err
+	// So is a socket path holding another file, or a socket another
+	// process listens on: they were found after the store was open, the
+	// data directory made (found by review).
+	for _, sock := range []struct{ name, path string }{{"agent socket", cfg.AgentSocket}, {"API socket", cfg.APISocket}} {
+		if err := probeSocketLock(sock.path); err != nil {
+			return nil, fmt.Errorf("%s: %w", sock.name, err)
+		}
+		if err := probeSocketPath(sock.path); err != nil {
+			return nil, fmt.Errorf("%s: %w", sock.name, err)
 		}
 	}
 	// The TCP ports before the store: one taken refused the start after
@@ -179,7 +186,8 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	if cfg.ClockSkew != 0 {
 		log.Warn("engine clock skewed for testing", "skew", cfg.ClockSkew)
 	}
-	log.Info("sidecar listening", append([]any{"api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
+	v, c := versionInfo()
+	log.Info("sidecar listening", append([]any{"version", v, "commit", c, "api_socket", cfg.APISocket, "agent_socket", cfg.AgentSocket,
 		"http_addr", httpAddr, "admin_addr", adminAddr, "gomaxprocs", runtime.GOMAXPROCS(0)}, cfg.storeDescription()...)...)
 	return s, nil
 }
@@ -306,17 +314,44 @@ func (s *sidecar) release() {
 // on) the budget is the sidecar's own, as in a pod where the agent is
 // another container with its own limit: Go's default is kept. The
 // startup log line "sidecar listening" names the number in use.
-func tuneRuntime(cfg serveConfig, getenv func(string) string) {
-	if getenv("GOMAXPROCS") == "" {
+//
+// GOMAXPROCS or GOGC set to a value the Go runtime does not take (it
+// ignores one, as if unset) does not win either: the flag applies, and
+// the value is named in a warning (found by review: GOMAXPROCS=abc left
+// Go's default of two processors in place of the sidecar's one).
+func tuneRuntime(cfg serveConfig, getenv func(string) string, log *slog.Logger) {
+	for _, name := range []string{"GOMAXPROCS", "GOGC"} {
+		if v := getenv(name); v != "" && !goEnvTaken(name, getenv) {
+			log.Warn("the Go runtime ignores this environment value: the flag applies", "env", name, "value", v)
+		}
+	}
+	if !goEnvTaken("GOMAXPROCS", getenv) {
 		runtime.SetDefaultGOMAXPROCS() // Go's default, not what an earlier call (a test's sidecar) set
 		runtime.GOMAXPROCS(gomaxprocs(cfg.GOMAXPROCS, runtime.GOMAXPROCS(0), runtime.NumCPU()))
 	}
 	if getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
 		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
 	}
-	if getenv("GOGC") == "" && cfg.GOGC != 0 { // 0: a config built without the flags (tests) leaves Go's default
+	if !goEnvTaken("GOGC", getenv) && cfg.GOGC != 0 { // 0: a config built without the flags (tests) leaves Go's default
 		debug.SetGCPercent(cfg.GOGC)
 	}
+}
+
+// goEnvTaken tells whether the Go runtime took the environment variable
+// name (GOMAXPROCS or GOGC): it is set to a value the runtime parses, a
+// positive number for GOMAXPROCS, a number or "off" for GOGC (runtime's
+// gomaxprocs and readGOGC). GOMEMLIMIT needs no such check: the runtime
+// refuses to start with one it cannot parse.
+func goEnvTaken(name string, getenv func(string) string) bool {
+	v := getenv(name)
+	if v == "" || v[0] == '+' { // the runtime's atoi takes a minus, not a plus
+		return false
+	}
+	n, err := strconv.ParseInt(v, 10, 32)
+	if name == "GOGC" {
+		return v == "off" || err == nil
+	}
+	return err == nil && n > 0
 }
 
 // gomaxprocs is the number of processors for --gomaxprocs n, given Go's

@@ -96,6 +96,22 @@ func probeSocketLock(path string) error {
 	return err
 }
 
+// probeSocketPath reports the error listenUnix would give for the file
+// at path now: it is not a socket, or a process listens on it (or
+// whether one does cannot be told). A stale socket is no error: it is
+// removed later, under the lock. Nothing is removed here.
+func probeSocketPath(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil // absent (or unreadable: listenUnix says why)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
+	}
+	_, err = staleSocket(path)
+	return err
+}
+
 // listenLocked is listenUnix under the lock.
 func listenLocked(path string, log *slog.Logger) (*unixSocket, error) {
 	if fi, err := os.Lstat(path); err == nil {

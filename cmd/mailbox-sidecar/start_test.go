@@ -33,6 +33,7 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 	defer occupied.Close()
 	busy := occupied.Addr().String()
 
+	var squatter net.Listener // another process's socket at the agent socket's path
 	for _, tc := range []struct {
 		name  string
 		flags func(n node) []string
@@ -50,7 +51,13 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 				t.Fatal(err)
 			}
 			return nil
-		}, "API socket", false},
+		}, "API socket", true},
+		{"agent-socket listened on by another process", func(n node) []string {
+			if squatter, err = net.Listen("unix", n.agent); err != nil {
+				t.Fatal(err)
+			}
+			return nil
+		}, "agent socket", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			defer goleak.VerifyNone(t, goleak.IgnoreCurrent(),
@@ -77,6 +84,10 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 			if _, err := os.Stat(n.data); tc.noData && !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("the refused start made the data directory (stat: %v)", err)
 			}
+			if squatter != nil {
+				squatter.Close() // removes its socket file
+				squatter = nil
+			}
 			if _, err := os.Lstat(n.agent); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("agent socket file left behind (lstat: %v)", err)
 			}
@@ -96,8 +107,10 @@ func TestStartSidecarReleasesEverythingWhenAListenerFails(t *testing.T) {
 				t.Fatalf("a sidecar after the failed start: %v", err)
 			}
 			s.shutdown(time.Second)
-			// The startup line names the processors in use (--gomaxprocs).
-			if want := fmt.Sprintf("gomaxprocs=%d", runtime.GOMAXPROCS(0)); !strings.Contains(out.String(), want) {
+			// The startup line names the processors in use (--gomaxprocs) and the
+			// version.
+			v, _ := versionInfo()
+			if want := fmt.Sprintf("gomaxprocs=%d", runtime.GOMAXPROCS(0)); !strings.Contains(out.String(), want) || !strings.Contains(out.String(), "version="+v) {
 				t.Errorf("the log lacks %q:\n%s", want, out.String())
 			}
 			for _, p := range []string{n.api, n.agent} {
