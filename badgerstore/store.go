@@ -215,6 +215,14 @@ func Open(opts Options) (*Store, error) {
 		return nil, err
 	}
 	if !opts.InMemory {
+		// Before anything is written: a directory Badger would take for
+		// a new store, or whose table would crash its open (opencheck.go).
+		if err := CheckManifest(opts.Dir); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+		}
+		if err := checkTables(opts.Dir, opts.badger()); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
+		}
 		if err := os.MkdirAll(opts.Dir, 0o750); err != nil {
 			return nil, fmt.Errorf("open store %s: %w", opts.Dir, unavailable(err))
 		}

@@ -1,9 +1,12 @@
 package badgerstore_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -113,4 +116,72 @@ func messageCounts(t *testing.T, s *badgerstore.Store) [40]uint64 {
 		out[i] = n
 	}
 	return out
+}
+
+// A directory whose MANIFEST is gone is refused, and nothing in it is
+// written: Badger opened it as a new store, and its new tables, numbered
+// from 1 again, overwrote the old ones (found by review: the queue was
+// wiped without a word).
+func TestADirectoryWithoutItsManifestIsRefused(t *testing.T) {
+	src, table := tableDir(t)
+	dir := filepath.Join(t.TempDir(), "data")
+	copyDir(t, src, dir, func(string) bool { return true })
+	if err := os.Remove(filepath.Join(dir, "MANIFEST")); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.ReadFile(filepath.Join(dir, filepath.Base(table)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+	if err == nil {
+		s.Close()
+		t.Fatal("opened a directory without its MANIFEST")
+	}
+	if !errors.Is(err, engine.ErrCorrupt) || !strings.Contains(err.Error(), "no MANIFEST") || !strings.Contains(err.Error(), filepath.Base(table)) {
+		t.Fatalf("open: %v; want ErrCorrupt naming the missing MANIFEST and the table", err)
+	}
+	after, err := os.ReadFile(filepath.Join(dir, filepath.Base(table)))
+	if err != nil || !bytes.Equal(after, before) {
+		t.Fatalf("the table changed by the refused open (%v)", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the refused open made a MANIFEST (stat: %v)", err)
+	}
+	// A new directory, or an empty one, is still a new store.
+	for _, d := range []string{filepath.Join(t.TempDir(), "new"), t.TempDir()} {
+		s, err := badgerstore.Open(badgerstore.Options{Dir: d})
+		if err != nil {
+			t.Fatalf("open %s: %v", d, err)
+		}
+		s.Close()
+	}
+}
+
+// A table cut short is refused at Open with an error naming it: Badger
+// read past its end in a goroutine of its own and the process died with a
+// panic (found by review: serve, verify and repair alike, exit status 2).
+func TestATruncatedTableIsRefusedNotAPanic(t *testing.T) {
+	src, table := tableDir(t)
+	info, err := os.Stat(table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int64{0, 3, 2000, info.Size() / 2, info.Size() - 1} {
+		t.Run(fmt.Sprint("size ", size), func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "data")
+			copyDir(t, src, dir, func(string) bool { return true })
+			if err := os.Truncate(filepath.Join(dir, filepath.Base(table)), size); err != nil {
+				t.Fatal(err)
+			}
+			s, err := badgerstore.Open(badgerstore.Options{Dir: dir})
+			if err == nil {
+				s.Close()
+				t.Fatal("opened a store whose table was cut short")
+			}
+			if !errors.Is(err, engine.ErrCorrupt) || !strings.Contains(err.Error(), filepath.Base(table)) {
+				t.Fatalf("open: %v; want ErrCorrupt naming %s", err, filepath.Base(table))
+			}
+		})
+	}
 }

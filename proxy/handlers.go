@@ -431,7 +431,7 @@ func paging(args *fasthttp.Args) (limit, offset int, err error) {
 	if raw := args.Peek("offset"); len(raw) > 0 {
 		v, perr := strconv.ParseInt(string(raw), 10, 64)
 		if perr != nil || v < 0 || v > math.MaxInt32 {
-			return 0, 0, engine.Validationf("offset %q is not a non-negative integer", raw)
+			return 0, 0, engine.Validationf("offset %q is not an integer from 0 to %d", raw, math.MaxInt32)
 		}
 		offset = int(v)
 	}

@@ -100,7 +100,13 @@ func openStopped(cmd, usage string, args []string, getenv func(string) string, s
 		return nil, "", 2
 	}
 	// A directory without Badger's manifest holds no store: opening it
-	// would create one.
+	// would create one. One that holds tables or logs without it lost
+	// its manifest, which no repair brings back (found by review: it was
+	// "no data directory").
+	if err := badgerstore.CheckManifest(dir); err != nil {
+		fmt.Fprintf(stderr, "mailbox-sidecar %s: %v\n", cmd, err)
+		return nil, "", 1
+	}
 	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); err != nil {
 		fmt.Fprintf(stderr, "mailbox-sidecar %s: no data directory at %s: %v\n", cmd, dir, err)
 		return nil, "", 1

@@ -79,6 +79,16 @@ func TestVerifyChecksAStoppedDataDirectory(t *testing.T) {
 	if code, _, _ := verify("--data-dir", dir, "extra"); code != 2 {
 		t.Fatalf("verify with an argument: exit %d, want 2", code)
 	}
+	// A directory that lost its MANIFEST is not "no data directory": it
+	// holds a store that cannot be read (found by review).
+	if err := os.Remove(filepath.Join(dir, "MANIFEST")); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []string{"verify", "repair"} {
+		if code, _, errOut := runCommand(cmd, "--data-dir", dir); code != 1 || !strings.Contains(errOut, "has no MANIFEST but holds") || !strings.Contains(errOut, "backup") {
+			t.Fatalf("%s of a directory without its MANIFEST: exit %d, stderr %s", cmd, code, errOut)
+		}
+	}
 }
 
 // An interrupted verify (its context ended) stops the check, says so
