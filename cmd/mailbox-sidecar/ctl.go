@@ -253,13 +253,20 @@ func (c *ctl) stream(r io.Reader) error {
 		}
 		return true
 	})
-	if err == nil && !finished {
+	if !finished {
+		// Also a stream cut mid-event (the sidecar killed): the run was
+		// accepted (its stream had begun), so this is no "unreachable"
+		// (exit 3), which a retrying script takes for a submit that never
+		// arrived, and submits again (found by review).
+		if err != nil {
+			return fmt.Errorf("%w (%v)", errStreamEnded, err)
+		}
 		return errStreamEnded
 	}
-	if err == nil && failed != "" {
+	if failed != "" {
 		return fmt.Errorf("%w: %s", errRunFailed, failed)
 	}
-	return err
+	return nil
 }
 
 // runFailure is what a run_finish event says of a run that did not

@@ -450,40 +450,48 @@ func (w *signalWriter) String() string {
 	return w.buf.String()
 }
 
+// The sidecar stopping (SIGTERM) or killed (SIGKILL, the stream cut
+// mid-chunk) before the run finished: exit 1, with what became of the
+// run. A kill was exit 3, "unreachable", which a retrying script takes for
+// a submit that never arrived (found by review).
 func TestCtlSubmitFailsWhenTheStreamEndsBeforeTheRunFinished(t *testing.T) {
-	n := newNode(t)
-	sc := n.serve(t)
-	n.ready(t)
-	// No agent: the foreground run stays queued and its stream open.
-	seen := make(chan struct{})
-	out := &signalWriter{want: "submitted", seen: seen}
-	var errb bytes.Buffer
-	code := make(chan int, 1)
-	go func() {
-		code <- run([]string{"ctl", "--socket", n.api, "submit", "t1", "hello"}, env(nil), out, &errb)
-	}()
-	select {
-	case <-seen:
-	case <-time.After(15 * time.Second):
-		t.Fatalf("no submitted event: %s", out.String())
-	}
-	// The sidecar shuts down: the stream ends, the run never finished
-	// (it stays queued for the next start).
-	sc.cmd.Process.Signal(syscall.SIGTERM)
-	if c := sc.wait(t, 20*time.Second); c != 0 {
-		t.Fatalf("sidecar exit %d", c)
-	}
-	var got int
-	select {
-	case got = <-code:
-	case <-time.After(15 * time.Second):
-		t.Fatal("ctl submit did not return after the sidecar stopped")
-	}
-	if got == 0 || strings.Contains(out.String(), "run finish") {
-		t.Fatalf("ctl submit of a run that never finished: exit %d\n%s%s", got, out.String(), errb.String())
-	}
-	if !strings.Contains(errb.String(), "run_finish") {
-		t.Fatalf("ctl submit does not say the stream ended before run_finish: %s", errb.String())
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		t.Run(sig.String(), func(t *testing.T) {
+			n := newNode(t)
+			sc := n.serve(t)
+			n.ready(t)
+			// No agent: the foreground run stays queued and its stream open.
+			seen := make(chan struct{})
+			out := &signalWriter{want: "submitted", seen: seen}
+			var errb bytes.Buffer
+			code := make(chan int, 1)
+			go func() {
+				code <- run([]string{"ctl", "--socket", n.api, "submit", "t1", "hello"}, env(nil), out, &errb)
+			}()
+			select {
+			case <-seen:
+			case <-time.After(15 * time.Second):
+				t.Fatalf("no submitted event: %s", out.String())
+			}
+			// The stream ends, the run never finished (it stays queued
+			// for the next start).
+			sc.cmd.Process.Signal(sig)
+			if c := sc.wait(t, 20*time.Second); c != 0 && sig == syscall.SIGTERM {
+				t.Fatalf("sidecar exit %d", c)
+			}
+			var got int
+			select {
+			case got = <-code:
+			case <-time.After(15 * time.Second):
+				t.Fatal("ctl submit did not return after the sidecar stopped")
+			}
+			if got != 1 || strings.Contains(out.String(), "run finish") {
+				t.Fatalf("ctl submit of a run that never finished: exit %d, want 1\n%s%s", got, out.String(), errb.String())
+			}
+			if !strings.Contains(errb.String(), "run_finish") || !strings.Contains(errb.String(), "the run goes on") {
+				t.Fatalf("ctl submit does not say the stream ended before run_finish, and what became of the run: %s", errb.String())
+			}
+		})
 	}
 }
 
