@@ -2,6 +2,8 @@ package badgerstore_test
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -183,5 +185,53 @@ func leaveClaims(t *testing.T, dir string, now int64, threads []string, then fun
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A finished dispatch whose record does not decode is skipped by
+// ListTerminal, which lists the others, pages included: the start's
+// reconciliation failed on it, and the sidecar could not start (found by
+// review: a crash loop over one damaged record).
+func TestListTerminalSkipsARecordThatDoesNotDecode(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	const now = int64(1_000_000)
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	for i := range 6 {
+		id := fmt.Sprintf("d-%d", i)
+		if _, err := s.Enqueue(ctx, queued(id, fmt.Sprint("t", i), now+int64(i))); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Cancel(ctx, id, now+int64(10+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"d-1", "d-2"} {
+		if err := s.RawSet(badgerstore.DispatchKey(id), []byte{0x01, 0xff, 0xff, 0xff}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.RawDelete(badgerstore.DispatchKey("d-4")); err != nil {
+		t.Fatal(err)
+	}
+	// Pages of two, as the engine walks them: the three good records,
+	// each once, the last page short.
+	var got []string
+	cursor := engine.TerminalCursor{}
+	for range 10 {
+		page, err := s.ListTerminal(ctx, cursor, 2)
+		if err != nil {
+			t.Fatalf("ListTerminal after %v: %v", got, err)
+		}
+		for i := range page {
+			got = append(got, page[i].DispatchID)
+		}
+		if len(page) < 2 {
+			break
+		}
+		cursor = engine.CursorAfter(&page[len(page)-1])
+	}
+	if want := []string{"d-0", "d-3", "d-5"}; !slices.Equal(got, want) {
+		t.Fatalf("listed %v, want %v", got, want)
 	}
 }

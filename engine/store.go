@@ -142,7 +142,10 @@ type DispatchStore interface {
 	// CountByStatus counts dispatches in each status.
 	CountByStatus(ctx context.Context) (StatusCounts, error)
 	// ListTerminal lists terminal dispatches strictly after the cursor in
-	// (updated_at, created_at, dispatch_id) order.
+	// (updated_at, created_at, dispatch_id) order. A record that does not
+	// decode is skipped (and logged), not an error: the list serves the
+	// start's reconciliation, which one damaged record must not stop.
+	// Fewer than limit means the end.
 	ListTerminal(ctx context.Context, after TerminalCursor, limit int) ([]Dispatch, error)
 	// ListDeadLetters lists dead-lettered dispatches not yet requeued,
 	// newest (completed_at) first.
