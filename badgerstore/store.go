@@ -36,9 +36,11 @@ type Options struct {
 	Logger *slog.Logger
 	// MemTableSize is the size of one memtable in bytes (default 16 MiB;
 	// Badger's own default is 64 MiB). One transaction may hold at most
-	// 15% of it (2.4 MiB by default), which bounds the largest single
-	// operation: an interrupt of a thread with more than roughly 10 000
-	// queued dispatches fails with engine.ErrTooLarge.
+	// 15% of it (2.4 MiB by default), and at most 15% of it / 96 entries
+	// (26 214), which bounds the largest single operation: an interrupt
+	// of a thread with more than roughly 2 000–3 000 queued dispatches
+	// fails with engine.ErrTooLarge, and so does a submit of more than
+	// about 13 000 messages (CheckSubmitSize).
 	MemTableSize int64
 	// NumMemtables bounds the memtables kept in memory (default 2).
 	NumMemtables int

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -180,4 +181,74 @@ func TestAClaimEndedByItsCallerDoesNotHoldTheThread(t *testing.T) {
 		t.Fatalf("the thread was set aside:\n%s", buf.Bytes())
 	}
 	eventually(t, "the run", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+}
+
+// corruptRunStore fails the loads of one run's record with ErrCorrupt
+// while poisoned, and records when.
+type corruptRunStore struct {
+	*badgerstore.Store
+	run      atomic.Pointer[string]
+	poisoned atomic.Bool
+	mu       sync.Mutex
+	tries    []time.Time
+}
+
+func (c *corruptRunStore) LoadRun(ctx context.Context, runID string) (*engine.RunRecord, error) {
+	if p := c.run.Load(); p != nil && *p == runID && c.poisoned.Load() {
+		c.mu.Lock()
+		c.tries = append(c.tries, time.Now())
+		c.mu.Unlock()
+		return nil, fmt.Errorf("load run %s: decode: %w", runID, engine.ErrCorrupt)
+	}
+	return c.Store.LoadRun(ctx, runID)
+}
+
+func (c *corruptRunStore) triedAt() []time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.tries)
+}
+
+// A run whose records do not decode is not retried as a transient
+// failure: no attempt is spent, its thread is set aside (a second, then
+// doubling) and the others run on; once the records read again it runs.
+// Each attempt failed at once as transient, and the run was
+// dead-lettered within a second (found by review).
+func TestARunWhoseRecordsDoNotDecodeSetsItsThreadAside(t *testing.T) {
+	t.Parallel() // seven seconds of holds
+	ctx := context.Background()
+	var cs *corruptRunStore
+	r := newRigWith(t, newFake(1, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store {
+		cs = &corruptRunStore{Store: s}
+		return cs
+	})
+	bad, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "bad", Messages: []engine.Message{userMsg("damaged")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs.run.Store(&bad.RunID)
+	cs.poisoned.Store(true)
+	good, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "good", Messages: []engine.Message{userMsg("fine")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.start(t) // the submits queued: the dispatcher claims both
+	eventually(t, "the other thread's run", func() bool { return dispatchStatus(t, r.store, good.DispatchID) == engine.StatusAcked })
+	eventually(t, "three tries of the damaged run", func() bool { return len(cs.triedAt()) >= 3 })
+	d := loadDispatch(t, r, bad.DispatchID)
+	if d.Status != engine.StatusQueued || d.AttemptCount != 0 {
+		t.Fatalf("the damaged run's dispatch: %s, %d attempts; want queued, none spent", d.Status, d.AttemptCount)
+	}
+	var buf bytes.Buffer
+	r.mb.Metrics().WritePrometheus(&buf)
+	if !bytes.Contains(buf.Bytes(), []byte("mailbox_dispatch_held_threads 1\n")) {
+		t.Fatalf("metrics do not report the held thread:\n%s", buf.Bytes())
+	}
+	at := cs.triedAt()
+	gap1, gap2 := at[1].Sub(at[0]), at[2].Sub(at[1])
+	if gap1 < 900*time.Millisecond || gap2 < 1800*time.Millisecond {
+		t.Fatalf("tried again after %v, then %v; want a second, then two", gap1, gap2)
+	}
+	cs.poisoned.Store(false) // mended
+	eventually(t, "the mended run", func() bool { return dispatchStatus(t, r.store, bad.DispatchID) == engine.StatusAcked })
 }

@@ -427,6 +427,10 @@ func (m *Mailbox) stillUnserved() map[string]bool {
 	return ids
 }
 
+// codeRecordsCorrupt is the error code of an attempt put back because
+// its run's records do not decode (ErrCorrupt): its thread is set aside.
+const codeRecordsCorrupt = "records_corrupt"
+
 // holdLocked sets thread aside after a failed claim and returns the delay.
 // Called with m.mu held.
 func (m *Mailbox) holdLocked(thread string, err error, now int64) time.Duration {

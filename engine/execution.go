@@ -86,6 +86,13 @@ type execution struct {
 	// unserved is the thread's last hold for an agent id no agent served
 	// (startExecution; 0: none): a refusal for that again doubles it.
 	unserved time.Duration
+	// corruptDelay is the thread's last hold for records that did not
+	// decode (startExecution; 0: none): a run that cannot be rebuilt
+	// again doubles it.
+	corruptDelay time.Duration
+	// setAside: the attempt set its thread aside (settle, records that
+	// do not decode); finish does not claim the thread's next dispatch.
+	setAside bool
 	// liveKeys are the dedupe keys of live-then-queue submits whose
 	// messages this attempt accepted live (guarded by Mailbox.mu): a
 	// repeat of one is answered as delivered, not appended again.
@@ -233,13 +240,10 @@ func (m *Mailbox) tryDispatch(ctx context.Context, thread string) attempt {
 	m.mu.Lock()
 	m.probes-- // the slot stays taken: the claim found work
 	m.probeDone.Broadcast()
-	var unserved time.Duration // the lapsed hold's, if no agent served the thread
-	if h, ok := m.held[thread]; ok && h.unserved {
-		unserved = h.delay
-	}
+	lapsed := m.held[thread] // the hold that lapsed, if the thread was set aside
 	m.releaseHoldLocked(thread)
 	m.mu.Unlock()
-	m.startExecution(*d, started, unserved)
+	m.startExecution(*d, started, lapsed)
 	return attemptClaimed
 }
 
@@ -271,7 +275,7 @@ func (p *execution) claimSawNot(claimed string) bool {
 // (IdleSubmitter, StartClaimer), under the dispatch's instance id.
 // unserved: the last hold of the thread, claimed as it lapsed, because no
 // agent served its run (0: none); a refusal for that again doubles it.
-func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duration) {
+func (m *Mailbox) startExecution(d Dispatch, started bool, lapsed claimHold) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
 	if started {
@@ -300,7 +304,12 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, unserved time.Duratio
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events
 	e.capSeen = m.capChanges
-	e.unserved = unserved
+	if lapsed.unserved {
+		e.unserved = lapsed.delay
+	}
+	if lapsed.corrupt {
+		e.corruptDelay = lapsed.delay
+	}
 	if m.closing {
 		// Stop began while this claim was in flight: do not start it; the
 		// attempt releases the dispatch without spending an attempt.
@@ -340,7 +349,7 @@ func (m *Mailbox) finish(e *execution) {
 	if next != nil {
 		// Claimed with the completion: it takes over this attempt's slot
 		// (startExecution cancels it unspent if Stop began meanwhile).
-		m.startExecution(*next, e.nextStarted, 0)
+		m.startExecution(*next, e.nextStarted, claimHold{})
 		return
 	}
 	// The thread's next dispatch is claimed here, without a scan of every
@@ -348,7 +357,7 @@ func (m *Mailbox) finish(e *execution) {
 	// attempt was interrupted: then a foreground submit is about to claim
 	// the thread inline, and the slot is left free for it.
 	interrupted := errors.Is(context.Cause(e.ctx), errInterrupted)
-	if !closing && !interrupted && !m.starved.Load() && m.followOnFor(e.agentID) && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
+	if !closing && !interrupted && !e.setAside && !m.starved.Load() && m.followOnFor(e.agentID) && m.tryDispatch(context.Background(), e.dispatch.ThreadID) == attemptClaimed {
 		return
 	}
 	m.kick()
@@ -512,6 +521,16 @@ func (m *Mailbox) execute(e *execution) {
 		return
 	}
 	if err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			// Its records went bad on the disk: no attempt of it can run
+			// until they are mended, so none is spent; the thread is set
+			// aside, and the others run on (found by review: each attempt
+			// failed at once as transient, and the run was dead-lettered
+			// within a second).
+			log.Error("the run's records do not decode: its thread is set aside, no attempt spent (mailbox-sidecar verify lists the damage; repair mends it)", "err", err)
+			m.settle(ctx, e, RunOutcome{Kind: OutcomeAbandoned, ErrorCode: codeRecordsCorrupt, Error: err.Error()}, instance, log)
+			return
+		}
 		if !errors.Is(err, ErrValidation) {
 			// The store failed, not the request: try again later.
 			log.Warn("reconstruct run request failed", "err", err)
@@ -821,6 +840,19 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 			m.emitFinishRetry(e, ErrorTermination("run interrupted: "+o.Error), now)
 		} else {
 			m.emitFinish(e, "run interrupted: "+o.Error)
+		}
+		if o.ErrorCode == codeRecordsCorrupt {
+			// Set aside before its claim is released, as below.
+			m.mu.Lock()
+			if !e.queueChanged {
+				delay := claimHoldFirst
+				if e.corruptDelay > 0 {
+					delay = min(2*e.corruptDelay, claimHoldMax)
+				}
+				m.setHoldLocked(d.ThreadID, claimHold{until: now + delay.Milliseconds(), delay: delay, corrupt: true}, now)
+				e.setAside = true // finish claims nothing of the thread now
+			}
+			m.mu.Unlock()
 		}
 		if noAgent {
 			// No agent took it: the thread is set aside before its claim

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -511,6 +512,14 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if res, events, done, err := m.submitIdle(ctx, &req); done || err != nil {
 		return res, events, err
 	}
+	// The thread is busy: a request too large for one commit is refused
+	// before the interrupt (SubmitSizer). On an idle thread submitIdle's
+	// commit refused it, with nothing written.
+	if sz, ok := m.raw.(SubmitSizer); ok && !req.messagesLogged {
+		if err := sz.CheckSubmitSize(thread, req.Messages, requestBytes(&req)); err != nil {
+			return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
+		}
+	}
 	ir, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
 	if err != nil {
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
@@ -630,7 +639,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		res.Status = SubmitCancelled
 		return res, events, nil
 	}
-	m.startExecution(*claimed, false, 0)
+	m.startExecution(*claimed, false, claimHold{})
 	res.Status = SubmitRunning
 	return res, events, nil
 }
@@ -707,7 +716,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		*req = saved
 		return SubmitResult{}, nil, false, nil
 	}
-	m.startExecution(*claimed, claimed.InstanceID == instance, 0)
+	m.startExecution(*claimed, claimed.InstanceID == instance, claimHold{})
 	return SubmitResult{DispatchID: claimed.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitRunning}, events, true, nil
 }
 
@@ -805,6 +814,18 @@ func (m *Mailbox) precheckSubmit(ctx context.Context, r *SubmitRequest) error {
 		}
 	}
 	return nil
+}
+
+// requestBytes bounds the bytes of r's fields other than its messages
+// as a run record keeps them (decisions and frontend tools twice: in the
+// request's extras and in its snapshot).
+func requestBytes(r *SubmitRequest) int {
+	n := 2*len(r.FrontendTools) + len(r.Overrides) + 1024
+	for i := range r.Decisions {
+		b, _ := json.Marshal(&r.Decisions[i])
+		n += 2 * len(b)
+	}
+	return n
 }
 
 // addPending registers the event log of a foreground dispatch about to be

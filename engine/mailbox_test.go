@@ -114,7 +114,13 @@ func newRig(t *testing.T, exec *fakeExecutor, cfg engine.Config) *rig {
 // stops, the store must pass Verify, and it closes.
 func newRigWith(t *testing.T, exec *fakeExecutor, cfg engine.Config, wrap func(*badgerstore.Store) engine.Store) *rig {
 	t.Helper()
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	return newRigOn(t, exec, cfg, badgerstore.Options{InMemory: true}, wrap)
+}
+
+// newRigOn is newRigWith on a store opened with opts.
+func newRigOn(t *testing.T, exec *fakeExecutor, cfg engine.Config, opts badgerstore.Options, wrap func(*badgerstore.Store) engine.Store) *rig {
+	t.Helper()
+	s, err := badgerstore.Open(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -333,6 +333,19 @@ type StartClaimer interface {
 	CompleteAndClaimStart(ctx context.Context, dispatchID, claimToken string, result RunResult, now int64, consumerID string, lease time.Duration, instanceID string) (next *Dispatch, err error)
 }
 
+// SubmitSizer is implemented by stores whose commits are bounded in size.
+// Mailbox.Submit asks one, before it interrupts a busy thread, whether
+// the request would fit in one commit: a submit refused as too large
+// after the interrupt had superseded the thread's queued work and
+// cancelled its run, and nothing took their place (found by review).
+type SubmitSizer interface {
+	// CheckSubmitSize returns ErrTooLarge when a submit of msgs to
+	// thread, with requestBytes of its other fields, might not fit in one
+	// commit. It may refuse a submit that would just fit; it never passes
+	// one that does not.
+	CheckSubmitSize(thread string, msgs []Message, requestBytes int) error
+}
+
 // IdleSubmitter is implemented by stores that can start a foreground run
 // on an idle thread in one commit, the fast path of Mailbox.Submit (one
 // sync before the agent sees the run instead of four).
