@@ -34,6 +34,11 @@ func TestRawJSONFieldsMustBeUTF8JSON(t *testing.T) {
 		// without the HTTP API's check; found by review).
 		{"decision without resume", engine.SubmitRequest{Decisions: []engine.Decision{{CallID: "c"}}}},
 		{"decision resume null", engine.SubmitRequest{Decisions: []engine.Decision{{CallID: "c", Resume: json.RawMessage(` null`)}}}},
+		// An escape of half a surrogate pair is no character: the Python
+		// example agent failed every attempt of such a run (found by
+		// review).
+		{"content with a lone high surrogate", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(`"a\ud800b"`)}}}},
+		{"metadata with a lone low surrogate", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Metadata: json.RawMessage(`{"k":"\uDC00"}`)}}}},
 	}
 	for _, c := range bad {
 		c.req.ThreadID = "t1"
@@ -57,5 +62,31 @@ func TestRawJSONFieldsMustBeUTF8JSON(t *testing.T) {
 	// Valid raw fields pass, whitespace and all.
 	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t3", Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(` { "text" : "é <b>" } `)}}}); err != nil {
 		t.Fatalf("valid content refused: %v", err)
+	}
+}
+
+// HasLoneSurrogate tells escapes of half a surrogate pair from pairs,
+// other escapes and escaped backslashes.
+func TestHasLoneSurrogate(t *testing.T) {
+	for _, c := range []struct {
+		json string
+		want bool
+	}{
+		{`"plain"`, false},
+		{`"\u00e9 \n \" \\ \/"`, false},
+		{`"\ud83d\ude00"`, false}, // a pair: U+1F600
+		{`"\uD83D\uDE00 and \uD83D\uDE01"`, false},
+		{`"\\ud800"`, false}, // an escaped backslash, then text
+		{`"\ud800"`, true},
+		{`"\ud800x"`, true},
+		{`"\ud800\u0041"`, true}, // high, then no low
+		{`"\ud800\ud800"`, true},
+		{`"\udc00"`, true},
+		{`["ok", {"k": "\uDFFF"}]`, true},
+		{`"\\\ud800"`, true}, // an escaped backslash, then the escape
+	} {
+		if got := engine.HasLoneSurrogate([]byte(c.json)); got != c.want {
+			t.Errorf("HasLoneSurrogate(%s) = %v, want %v", c.json, got, c.want)
+		}
 	}
 }

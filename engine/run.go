@@ -371,14 +371,78 @@ func ValidateRawJSON(v json.RawMessage) error {
 		return errNotUTF8
 	case !json.Valid(v):
 		return errNotJSON
+	case HasLoneSurrogate(v):
+		return errLoneSurrogate
 	}
 	return nil
 }
 
 var (
-	errNotUTF8 = errors.New("is not valid UTF-8")
-	errNotJSON = errors.New("is not valid JSON")
+	errNotUTF8       = errors.New("is not valid UTF-8")
+	errNotJSON       = errors.New("is not valid JSON")
+	errLoneSurrogate = errors.New(`holds a \u escape of a lone surrogate (\uD800 to \uDFFF without its pair), which is no character: agents that decode JSON strictly cannot read it`)
 )
+
+// HasLoneSurrogate reports whether the JSON text b holds a \u escape of
+// a UTF-16 surrogate that is not half of a pair: a high one (D800–DBFF)
+// not followed by a \u escape of a low one (DC00–DFFF), or a low one
+// alone. Such a string is no Unicode text: Go's decoders read it as
+// U+FFFD, others keep it and then cannot encode it (found by review: the
+// Python example agent failed every attempt of a run whose message held
+// one, and the run was dead-lettered). b must be valid JSON, where a
+// backslash appears only inside strings.
+func HasLoneSurrogate(b []byte) bool {
+	for i := 0; i < len(b); i++ {
+		if b[i] != '\\' {
+			continue
+		}
+		if i+1 < len(b) && b[i+1] != 'u' {
+			i++ // \" \\ \n …: skip the escaped character
+			continue
+		}
+		r, ok := hex4(b, i+2)
+		if !ok {
+			continue // not valid JSON: not this check's to say
+		}
+		switch {
+		case r >= 0xDC00 && r <= 0xDFFF:
+			return true // a low half with no high half before it
+		case r >= 0xD800 && r <= 0xDBFF:
+			low, ok := uint16(0), false
+			if i+11 < len(b) && b[i+6] == '\\' && b[i+7] == 'u' {
+				low, ok = hex4(b, i+8)
+			}
+			if !ok || low < 0xDC00 || low > 0xDFFF {
+				return true
+			}
+			i += 11 // the pair
+		default:
+			i += 5
+		}
+	}
+	return false
+}
+
+// hex4 reads four hex digits at b[i:].
+func hex4(b []byte, i int) (uint16, bool) {
+	if i+4 > len(b) {
+		return 0, false
+	}
+	var r uint16
+	for _, c := range b[i : i+4] {
+		switch {
+		case c >= '0' && c <= '9':
+			r = r<<4 | uint16(c-'0')
+		case c >= 'a' && c <= 'f':
+			r = r<<4 | uint16(c-'a'+10)
+		case c >= 'A' && c <= 'F':
+			r = r<<4 | uint16(c-'A'+10)
+		default:
+			return 0, false
+		}
+	}
+	return r, true
+}
 
 // MessageRecord is a message at its place in the thread log.
 type MessageRecord struct {

@@ -230,6 +230,10 @@ func decodeObject(body []byte, v any) error {
 	if err := gojson.Unmarshal(body, v); err != nil {
 		return decodeError(err)
 	}
+	if engine.HasLoneSurrogate(body) {
+		// Checked after the decode, which took the body for JSON.
+		return engine.Validationf(`request body holds a \u escape of a lone surrogate (\uD800 to \uDFFF without its pair), which is no character: agents that decode JSON strictly cannot read it`)
+	}
 	return nil
 }
 
