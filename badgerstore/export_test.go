@@ -1,6 +1,8 @@
 package badgerstore
 
 import (
+	"time"
+
 	"context"
 	"errors"
 
@@ -166,4 +168,13 @@ func DataFormatKey() []byte { return dataFormatKey }
 // until.
 func LeaseKey(id string, until int64) []byte {
 	return leaseKey(&engine.Dispatch{DispatchID: id, LeaseUntil: until})
+}
+
+// SetFirstValueLogCheck sets how soon after the start the value-log files
+// are first read for damage, and returns the undo (test hook; not for
+// parallel tests).
+func SetFirstValueLogCheck(d time.Duration) func() {
+	old := firstValueLogCheck
+	firstValueLogCheck = d
+	return func() { firstValueLogCheck = old }
 }

@@ -512,15 +512,29 @@ func (s *Store) gcLoop(every time.Duration) {
 	defer close(s.gcDone)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	// The value-log files are read for damage soon after the start, not
+	// first at the first GC: mailbox_store_value_log_corrupt_files read 0
+	// for five minutes after a start on a damaged file (found by review).
+	first := time.NewTimer(min(every, firstValueLogCheck))
+	defer first.Stop()
 	for {
 		select {
 		case <-s.gcStop:
 			return
+		case <-first.C:
+			if s.vlogs != nil {
+				s.vlogs.check(s.gcStop)
+			}
 		case <-t.C:
 			s.RunValueLogGC()
 		}
 	}
 }
+
+// firstValueLogCheck is how long after the start the value-log files are
+// first read for damage (past the start's recovery, which reads the
+// store).
+var firstValueLogCheck = 30 * time.Second
 
 // gcRequest asks the writer for a value-log GC; it answers on done with
 // the number of files rewritten.

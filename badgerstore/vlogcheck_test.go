@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -23,34 +24,10 @@ import (
 // metrics name the files.
 func TestValueLogGCStaysOffWhileAFileFailsItsChecksum(t *testing.T) {
 	ctx := context.Background()
-	dir, opts, s := openForGC(t)
-	// Garbage in every value-log file: 100 KiB run states, each version
-	// replaced by the next; between them live 80 KiB messages.
-	run := createLargeRun(t, s)
-	var want []engine.Message
-	for i := range 40 {
-		for range 3 {
-			checkpointRun(t, s, &run)
-		}
-		m := bigMessage(fmt.Sprintf("m%02d-", i))
-		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i), Messages: []engine.Message{m}}); err != nil {
-			t.Fatal(err)
-		}
-		want = append(want, m)
-	}
-	run.State = json.RawMessage(`"small"`) // the live state is small: every large one is garbage
-	checkpointRun(t, s, &run)
-	if err := s.Close(); err != nil { // compacts: the value log learns its garbage
-		t.Fatal(err)
-	}
-	// One byte flips in the first run state of every value-log file but
-	// the newest, ahead of live messages in the same file. (The newest is
-	// Badger's own to mend: its Open cuts that file at its first bad
-	// entry, as it cuts a torn write.)
-	flipped := flipFirstInEachOlderValueLog(t, dir, `"ssssssssssssssss`)
+	_, opts, flipped, want := damagedValueLogs(t)
 	var logs strings.Builder
 	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-	s = mustOpen(t, opts)
+	s := mustOpen(t, opts)
 	if n := s.RunValueLogGC(); n != 0 {
 		t.Fatalf("value-log GC rewrote %d files with a corrupt one among them", n)
 	}
@@ -417,4 +394,55 @@ func TestVerifyStopsWhenItsContextEnds(t *testing.T) {
 		s.BeforeValueLogCheck(nil)
 		verifyClean(t, s)
 	})
+}
+
+// damagedValueLogs is a closed store's directory whose older value-log
+// files each hold one bad byte ahead of live messages, its options, how
+// many files are damaged, and the live messages of thread t2.
+func damagedValueLogs(t *testing.T) (string, badgerstore.Options, int, []engine.Message) {
+	t.Helper()
+	ctx := context.Background()
+	dir, opts, s := openForGC(t)
+	var want []engine.Message
+	// Garbage in every value-log file: 100 KiB run states, each version
+	// replaced by the next; between them live 80 KiB messages.
+	run := createLargeRun(t, s)
+	for i := range 40 {
+		for range 3 {
+			checkpointRun(t, s, &run)
+		}
+		m := bigMessage(fmt.Sprintf("m%02d-", i))
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t2", ExpectedCount: uint64(i), CreatedAt: int64(i), Messages: []engine.Message{m}}); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, m)
+	}
+	run.State = json.RawMessage(`"small"`) // the live state is small: every large one is garbage
+	checkpointRun(t, s, &run)
+	if err := s.Close(); err != nil { // compacts: the value log learns its garbage
+		t.Fatal(err)
+	}
+	// One byte flips in the first run state of every value-log file but
+	// the newest, ahead of live messages in the same file. (The newest is
+	// Badger's own to mend: its Open cuts that file at its first bad
+	// entry, as it cuts a torn write.)
+	return dir, opts, flipFirstInEachOlderValueLog(t, dir, `"ssssssssssssssss`), want
+}
+
+// The value-log files are read for damage soon after the start, not
+// first at the first GC: the gauge read 0 for five minutes after a start
+// on a damaged file (found by review).
+func TestValueLogDamageIsFoundSoonAfterTheStart(t *testing.T) {
+	_, opts, flipped, _ := damagedValueLogs(t)
+	defer badgerstore.SetFirstValueLogCheck(50 * time.Millisecond)()
+	opts.GCInterval = time.Hour
+	s := mustOpen(t, opts)
+	want := fmt.Sprintf("mailbox_store_value_log_corrupt_files %d", flipped)
+	deadline := time.Now().Add(10 * time.Second)
+	for metricLine(t, s, "mailbox_store_value_log_corrupt_files") != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("metric %q, want %q", metricLine(t, s, "mailbox_store_value_log_corrupt_files"), want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
