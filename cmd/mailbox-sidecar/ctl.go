@@ -29,7 +29,11 @@ commands:
                              list a thread's dispatches
   dead-letters [--limit N] [--offset N]            list dead letters, newest first
   dead-letters show ID | requeue ID                show one, or put it back in the queue
-  cancel ID                  cancel by dispatch, run or thread id
+  cancel ID                  cancel by dispatch, run or thread id (a thread id
+                             cancels its running run only, its queued work
+                             stays: interrupt supersedes that too); "nothing
+                             to cancel" (exit 0) when the id names nothing
+                             running or queued, a typo included
   interrupt THREAD           supersede the thread's queued work and cancel its active run
   decide RUN CALL_ID RESUME_JSON
                              send a tool-call decision to a running run

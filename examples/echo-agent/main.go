@@ -59,6 +59,10 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (op
 	}
 	fs := flag.NewFlagSet("echo-agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, controlWordsUsage)
+		fs.PrintDefaults()
+	}
 	fs.StringVar(&o.socket, "socket", o.socket, "sidecar agent socket path (env MAILBOX_AGENT_SOCKET)")
 	fs.StringVar(&o.name, "name", "echo-agent", "name announced to the sidecar")
 	fs.IntVar(&o.maxRuns, "max-runs", 4, "runs executed at once")
@@ -75,6 +79,22 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (op
 	}
 	return o, nil
 }
+
+// controlWordsUsage heads -h: the flags, and the words a message's text
+// may be to drive the agent (found by review: they were only in the
+// source).
+const controlWordsUsage = `usage: echo-agent [flags]
+
+Answers every text message of a run with "echo: <text>". A message whose
+whole text is one of these control words drives it instead:
+  sleep <ms>       wait ms milliseconds (echoing live messages meanwhile)
+  fail transient   fail the attempt, to be retried (error code echo_failure)
+  fail permanent   fail the run, dead-lettered at once
+  suspend          suspend on a tool call (call-1): the run waits for a decision
+  events <n>       emit n text_delta events first (at most 1000000)
+
+flags:
+`
 
 // newLogger logs to w in o's format, from o's level up.
 func newLogger(o options, w io.Writer) *slog.Logger {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"flag"
 	"io"
 	"log/slog"
 	"net"
@@ -242,6 +244,16 @@ func TestFlags(t *testing.T) {
 	}
 	if _, err := parseFlags([]string{"--log-level", "loud"}, env(""), io.Discard); err == nil {
 		t.Fatal("--log-level loud accepted")
+	}
+	// -h names the control words, and each is one the agent acts on.
+	var help strings.Builder
+	if _, err := parseFlags([]string{"-h"}, env(""), &help); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("-h: %v", err)
+	}
+	for _, word := range []string{"sleep <ms>", "fail transient", "fail permanent", "suspend", "events <n>", "-socket"} {
+		if !strings.Contains(help.String(), word) {
+			t.Errorf("-h lacks %q:\n%s", word, help.String())
+		}
 	}
 }
 

@@ -17,7 +17,7 @@ var Help = map[string]string{
 	// The engine.
 	"mailbox_operations_total":                     "Store calls, by operation and result (ok, error, conflict, empty).",
 	"mailbox_operation_duration_seconds":           "Duration of store calls, by operation and result.",
-	"mailbox_dispatch_depth":                       "Dispatches in each status (read from the store at most once a second).",
+	"mailbox_dispatch_depth":                       "Dispatches in each status (read from the store at most once a second). dead_letter counts requeued dead letters too, until --gc-ttl purges them; GET /v1/dead-letters lists those not requeued, mailbox_dead_letters_total counts each as it happens.",
 	"mailbox_queue_depth":                          "Queued dispatches (read from the store at most once a second).",
 	"mailbox_dispatch_depth_errors_total":          "Failed reads of the dispatch counts or of the ready wait (the gauges keep their last values).",
 	"mailbox_dispatch_ready_wait_seconds":          "How long the thread first in the ready order has waited (queue lag); 0 when none waits.",
