@@ -334,15 +334,14 @@ func (r *Reader) readFrame() (Frame, error) {
 	}
 	f := Frame{Header: h}
 	if h.Length > 0 {
-		f.buf = getPayload(int(h.Length))
-		f.Payload = *f.buf
-		if _, err := io.ReadFull(r.br, f.Payload); err != nil {
-			f.Release()
+		f.buf, err = r.readPayload(int(h.Length))
+		if err != nil {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
 			return Frame{}, fmt.Errorf("ipc: read %s payload of %d bytes (stream %d): %w", h.Type, h.Length, h.Stream, err)
 		}
+		f.Payload = *f.buf
 	}
 	if r.check {
 		if err := CheckPayload(h.Type, f.Payload); err != nil {
@@ -351,6 +350,34 @@ func (r *Reader) readFrame() (Frame, error) {
 		}
 	}
 	return f, nil
+}
+
+// eagerPayload is the largest payload read into a buffer of its full
+// size at once. A larger one is read into buffers that double as its
+// bytes arrive: a header alone had the reader hold the whole length
+// (found by review: fifty connections each announcing a 16 MiB frame and
+// sending ten bytes of it held 800 MB).
+const eagerPayload = 1 << 20
+
+// readPayload reads a payload of n bytes into a pooled buffer.
+func (r *Reader) readPayload(n int) (*[]byte, error) {
+	size := min(n, eagerPayload)
+	buf := getPayload(size)
+	got := 0
+	for {
+		if _, err := io.ReadFull(r.br, (*buf)[got:size]); err != nil {
+			putPayload(buf)
+			return nil, err
+		}
+		if got = size; got == n {
+			return buf, nil
+		}
+		size = min(2*size, n)
+		next := getPayload(size)
+		copy(*next, (*buf)[:got])
+		putPayload(buf)
+		buf = next
+	}
 }
 
 // WriterConfig configures a Writer. The zero value is ready to use.
