@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -251,4 +252,29 @@ func TestARunWhoseRecordsDoNotDecodeSetsItsThreadAside(t *testing.T) {
 	}
 	cs.poisoned.Store(false) // mended
 	eventually(t, "the mended run", func() bool { return dispatchStatus(t, r.store, bad.DispatchID) == engine.StatusAcked })
+}
+
+// An agent that goes away with every run it takes (a crash loop: GOAWAY,
+// FINISH shutdown, reconnect) has it put back without an attempt spent
+// three times in a row; from the fourth on each spends one, and the run
+// is dead-lettered once they are spent. It ran again at once, for ever,
+// and nothing recorded it (found by review: forty attempts in 0.9 s).
+func TestAnAgentShuttingDownWithEveryRunSpendsItsAttemptsFromTheFourth(t *testing.T) {
+	goAway := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentShutdown, Error: "agent shutting down"}
+	}
+	r := newRig(t, newFake(1, goAway), engine.Config{MaxAttempts: 2})
+	r.start(t)
+	res, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the dead letter", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusDeadLetter })
+	if runs, _, _ := r.exec.stats(); runs != 3+2 {
+		t.Fatalf("%d attempts executed; want three put back, then the two the budget holds", runs)
+	}
+	d := loadDispatch(t, r, res.DispatchID)
+	if d.AttemptCount != 2 || !strings.Contains(d.LastError, "shut down with it 5 times in a row") {
+		t.Fatalf("dispatch: %d attempts spent, last error %q", d.AttemptCount, d.LastError)
+	}
 }

@@ -727,6 +727,7 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	// never written and the run executed again after its lease (found by
 	// review).
 	o.Error = truncateError(o.Error)
+	o = m.countAgentShutdowns(d.DispatchID, o)
 	e.errorCode = o.ErrorCode
 	now := m.cfg.Now()
 	label := o.MetricLabel()
@@ -878,6 +879,48 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		}
 	}
 }
+
+// maxAgentShutdownPutBacks is how many attempts in a row of one dispatch
+// its agents may give up by shutting down (CodeAgentShutdown) and have it
+// put back without spending an attempt; from the next on each spends
+// one, with the retry's backoff. An agent that went away with every run
+// it took (GOAWAY, FINISH shutdown, reconnect: a crash loop) had the run
+// executed again at once, for ever, and nothing recorded it (found by
+// review: forty attempts in 0.9 s, attempt_count 0).
+const maxAgentShutdownPutBacks = 3
+
+// countAgentShutdowns counts o against dispatch id's run of attempts its
+// agents gave up by shutting down, and returns it, or a transient
+// failure in its place once that run is longer than
+// maxAgentShutdownPutBacks. Any other outcome ends the run.
+func (m *Mailbox) countAgentShutdowns(id string, o RunOutcome) RunOutcome {
+	shutdown := o.Kind == OutcomeAbandoned && o.ErrorCode == CodeAgentShutdown
+	if !shutdown && m.agentShutdownsN.Load() == 0 {
+		return o // the common case: no lock
+	}
+	m.mu.Lock()
+	defer func() {
+		m.agentShutdownsN.Store(int32(len(m.agentShutdowns)))
+		m.mu.Unlock()
+	}()
+	if !shutdown {
+		delete(m.agentShutdowns, id)
+		return o
+	}
+	if m.agentShutdowns == nil || len(m.agentShutdowns) >= maxTrackedShutdowns {
+		m.agentShutdowns = map[string]int{} // entries of dispatches settled elsewhere: dropped
+	}
+	n := m.agentShutdowns[id] + 1
+	m.agentShutdowns[id] = n
+	if n <= maxAgentShutdownPutBacks {
+		return o
+	}
+	return RunOutcome{Kind: OutcomeTransient, ErrorCode: CodeAgentShutdown,
+		Error: fmt.Sprintf("%s (its agent shut down with it %d times in a row: from the %dth on each spends an attempt)", o.Error, n, maxAgentShutdownPutBacks+1)}
+}
+
+// maxTrackedShutdowns bounds Mailbox.agentShutdowns.
+const maxTrackedShutdowns = 10000
 
 // completeRecorded completes the attempt with res (complete), again
 // after a moment while the store is unavailable. A result the store

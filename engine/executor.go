@@ -219,6 +219,11 @@ const (
 	CodeAgentBusy = "agent_busy"
 )
 
+// CodeAgentShutdown is the code of an attempt its agent gave up because
+// it shut down (after its GOAWAY): put back without spending an attempt,
+// up to maxAgentShutdownPutBacks times in a row (settle).
+const CodeAgentShutdown = "agent_shutdown"
+
 var outcomeLabels = [...]string{"", "completed", "transient_error", "permanent_error", "abandoned"}
 
 // String is the stable metric label of the kind.

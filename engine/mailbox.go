@@ -109,6 +109,10 @@ type Mailbox struct {
 	termAfter   TerminalCursor       // reconciliation high-water mark
 	tails       *tailCache           // newest messages of recent threads (nil: off)
 	held        map[string]claimHold // threads whose claims failed, set aside (claimhold.go; guarded by mu)
+	// agentShutdowns counts, per dispatch, the attempts in a row its
+	// agents gave up by shutting down (countAgentShutdowns; guarded by mu).
+	agentShutdowns  map[string]int
+	agentShutdownsN atomic.Int32 // len(agentShutdowns), read without mu
 	// prefixGen counts what may make a thread before the end of prefix
 	// (the held head of the ready order) claimable: a hold ended or
 	// shortened before it lapsed, work put back at its old place.

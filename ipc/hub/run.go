@@ -725,8 +725,10 @@ func (c *conn) goingAwayOutcome(o engine.RunOutcome) engine.RunOutcome {
 }
 
 // ErrorCodeAgentShutdown is the code of a run released because its
-// agent shut down (goingAwayOutcome).
-const ErrorCodeAgentShutdown = "agent_shutdown"
+// agent shut down (goingAwayOutcome). The engine spends an attempt from
+// the fourth in a row on (an agent that goes away with every run it
+// takes, a crash loop).
+const ErrorCodeAgentShutdown = engine.CodeAgentShutdown
 
 // outcomeOf maps a FINISH to the engine's outcome.
 func outcomeOf(f *finishPayload) engine.RunOutcome {
