@@ -381,3 +381,37 @@ func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
 		})
 	}
 }
+
+// A submit that names no agent id is for agent "default": with no agent
+// serving it, it is answered queued, not running (found by review: taken
+// for served by any agent, it was "running", and its run record said so
+// with a session, although no agent ever ran it).
+func TestASubmitWithoutAnAgentIDIsForTheDefaultAgent(t *testing.T) {
+	exec := &servingFake{served: map[string]bool{"other": true}, asked: map[string]int{}}
+	exec.fakeExecutor = newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if !exec.serves(req.AgentID) {
+			return engine.RunOutcome{Kind: engine.OutcomeAbandoned, ErrorCode: engine.CodeAgentUnavailable, Error: "nobody serves " + req.AgentID}
+		}
+		return complete(ctx, req, sink)
+	})
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	mb, err := engine.New(s, exec, engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer mb.Stop(context.Background())
+	res, _, err := mb.Submit(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != engine.SubmitQueued || exec.timesAsked(engine.DefaultAgentID) == 0 {
+		t.Fatalf("a submit without an agent id, no agent serving %q: %s (asked %d times); want queued", engine.DefaultAgentID, res.Status, exec.timesAsked(engine.DefaultAgentID))
+	}
+}

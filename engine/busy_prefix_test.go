@@ -119,7 +119,7 @@ func (a *twoAgents) FreeSlots() []engine.AgentSlots {
 }
 
 // Serves implements engine.SlotCounter.
-func (a *twoAgents) Serves(id string) bool { return id == "full" || id == "" }
+func (a *twoAgents) Serves(id string) bool { return id == "full" || id == engine.DefaultAgentID }
 
 // ranFull returns the threads the full agent ran, in order.
 func (a *twoAgents) ranFull() []string {

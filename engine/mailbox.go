@@ -732,9 +732,23 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 // inline, it was answered running while no agent would take it (found by
 // review).
 func (m *Mailbox) served(id string) bool {
-	id = strings.TrimSpace(id)
-	return m.slots == nil || id == "" || m.slots.Serves(id)
+	return m.slots == nil || m.slots.Serves(runAgentID(id))
 }
+
+// runAgentID is the agent id a request's run gets (runForDispatch): its
+// own, else "default" (a continuation keeps its run's, which the checks
+// here take for "default" too). A request without one was taken for
+// served by any agent, and answered "running" with no agent serving
+// "default" (found by review: docs/protocol.md says queued).
+func runAgentID(id string) string {
+	if id = strings.TrimSpace(id); id == "" {
+		return DefaultAgentID
+	}
+	return id
+}
+
+// DefaultAgentID is the agent id of a run whose request names none.
+const DefaultAgentID = "default"
 
 // slotFreeFor reports whether an agent serving agent id id has a free
 // slot, as far as the executor counts them (SlotCounter; true when it
@@ -745,8 +759,8 @@ func (m *Mailbox) served(id string) bool {
 // queued). The dispatcher takes it when that agent has a slot (the held
 // threads' prefix).
 func (m *Mailbox) slotFreeFor(id string) bool {
-	id = strings.TrimSpace(id)
-	if m.slots == nil || id == "" {
+	id = runAgentID(id)
+	if m.slots == nil {
 		return true
 	}
 	if c, ok := m.slots.(freeSlotChecker); ok {

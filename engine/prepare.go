@@ -295,7 +295,7 @@ func (m *Mailbox) runForDispatch(ctx context.Context, r *SubmitRequest, runID st
 		agent = prev.AgentID
 	}
 	if agent == "" {
-		agent = "default"
+		agent = DefaultAgentID
 	}
 	var state json.RawMessage
 	if prev != nil && prev.Status != RunCreated {
