@@ -21,6 +21,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/loglimit"
 )
 
 // Defaults of Config.
@@ -144,8 +145,8 @@ type Server struct {
 	nLingering atomic.Int32
 	pruneAt    int // size of lingering at which linger drops the entries past their bound
 	lns        []net.Listener
-	failLog    everySecond    // the warnings for 5xx answers
-	streamWG   sync.WaitGroup // stream goroutines; Add only under mu while !closing
+	failLog    loglimit.EverySecond // the warnings for 5xx answers (a failing store answers every request 503; the counters have each)
+	streamWG   sync.WaitGroup       // stream goroutines; Add only under mu while !closing
 }
 
 // New validates cfg and returns a Server. It registers the server's
@@ -528,36 +529,12 @@ func (s *Server) commandable() error {
 	return nil
 }
 
-// everySecond lets one log line a second through and counts the ones it
-// holds back: a failing store answers every request 503, and a warning
-// for each flooded the log (found by review); the counters
-// (mailbox_http_requests_total) have every one.
-type everySecond struct {
-	mu         sync.Mutex
-	last       time.Time
-	suppressed int
-}
-
-// allow reports whether a line may be logged at now, and how many were
-// held back since the last one.
-func (e *everySecond) allow(now time.Time) (int, bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if now.Sub(e.last) < time.Second {
-		e.suppressed++
-		return 0, false
-	}
-	n := e.suppressed
-	e.last, e.suppressed = now, 0
-	return n, true
-}
-
 // fail answers err in the API's error shape.
 func (s *Server) fail(ctx *fasthttp.RequestCtx, err error) {
 	status, code := classify(err)
 	msg := err.Error()
 	if status >= 500 {
-		if n, ok := s.failLog.allow(time.Now()); ok {
+		if n, ok := s.failLog.Allow(time.Now()); ok {
 			s.log.Warn("http request failed", "method", string(ctx.Method()), "path", string(ctx.URI().PathOriginal()),
 				"status", status, "err", err, "suppressed_before", n)
 		}

@@ -56,3 +56,31 @@ func TestAnAgentsLinesNameItUnderOneKey(t *testing.T) {
 		}
 	}
 }
+
+// Text the agent sends reaches the log clipped, and its ERRORs on run
+// streams one line a second (found by review: 1 MB ERROR messages and a
+// 1 MB name wrote 57 MB of log in 1.6 s).
+func TestAnAgentsTextIsClippedInTheLog(t *testing.T) {
+	var logs syncbuf.Buffer
+	r := newRig(t, hub.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	name := strings.Repeat("n", 100<<10)
+	a, _ := connect(t, r.path, ipc.Hello{Name: name, MaxRuns: 1})
+	eventually(t, "the agent counted", func() bool { return r.hub.Capacity() == 1 })
+	big := strings.Repeat("m", 1<<20)
+	for range 20 {
+		a.send(ipc.TypeError, 7, ipc.Status{Code: "bad", Message: big})
+	}
+	a.send(ipc.TypeGoAway, 0, ipc.Status{Code: "shutdown", Message: big})
+	eventually(t, "its GOAWAY taken", func() bool { return r.hub.Capacity() == 0 })
+	r.hub.Close()
+	out := logs.String()
+	if n := strings.Count(out, "agent rejected a frame"); n != 1 {
+		t.Fatalf("%d lines for 20 ERRORs within a second; want 1", n)
+	}
+	if len(out) > 16<<10 {
+		t.Fatalf("%d bytes of log for a 100 KiB name and 21 MiB of messages; want them clipped", len(out))
+	}
+	if !strings.Contains(out, "(102400 bytes)") || !strings.Contains(out, "(1048576 bytes)") {
+		t.Fatalf("the clipped texts do not say how long they were:\n%.2000s", out)
+	}
+}
