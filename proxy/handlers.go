@@ -285,11 +285,13 @@ func (s *Server) listDispatches(ctx *fasthttp.RequestCtx, thread string) error {
 	if err != nil {
 		return err
 	}
-	ds, err := s.mb.ListDispatches(s.base, thread, filter, limit+1, offset)
+	p, err := boundedPage(limit, offset, func(n, at int) ([]engine.Dispatch, error) {
+		return s.mb.ListDispatches(s.base, thread, filter, n, at)
+	})
 	if err != nil {
 		return err
 	}
-	return s.writeJSON(ctx, fasthttp.StatusOK, dispatchPage(ds, limit, offset))
+	return s.writeJSON(ctx, fasthttp.StatusOK, p)
 }
 
 // listDeadLetters is GET /v1/dead-letters (newest first).
@@ -298,24 +300,63 @@ func (s *Server) listDeadLetters(ctx *fasthttp.RequestCtx, _ string) error {
 	if err != nil {
 		return err
 	}
-	ds, err := s.mb.Store().ListDeadLetters(s.base, limit+1, offset)
+	p, err := boundedPage(limit, offset, func(n, at int) ([]engine.Dispatch, error) {
+		return s.mb.Store().ListDeadLetters(s.base, n, at)
+	})
 	if err != nil {
 		return err
 	}
-	return s.writeJSON(ctx, fasthttp.StatusOK, dispatchPage(ds, limit, offset))
+	return s.writeJSON(ctx, fasthttp.StatusOK, p)
 }
 
-func dispatchPage(ds []engine.Dispatch, limit, offset int) page[engine.Dispatch] {
-	p := page[engine.Dispatch]{Items: make([]engine.Dispatch, 0, min(len(ds), limit))}
-	for i := range ds {
-		if i == limit {
-			next := uint64(offset + limit)
-			p.NextOffset = &next
-			break
+// pageBytes bounds the bytes of responses and errors in one page of
+// dispatches: a page ends early once its dispatches hold that much
+// (next_offset goes on from there), and it is read from the store a few
+// dispatches at a time. A thread's twenty 16 MB responses made a 320 MB
+// answer, and a page of the 1 000 allowed could have held 16 GB (found
+// by review).
+const pageBytes = 8 << 20
+
+// pageChunk is how many dispatches a page reads from the store at once
+// at first; it doubles while they are small.
+const pageChunk = 8
+
+// boundedPage reads a page of at most limit dispatches from offset with
+// list (n dispatches from an offset), ending it early at pageBytes.
+func boundedPage(limit, offset int, list func(n, at int) ([]engine.Dispatch, error)) (page[engine.Dispatch], error) {
+	p := page[engine.Dispatch]{Items: []engine.Dispatch{}}
+	bytes, chunk := 0, pageChunk
+	for {
+		want := min(chunk, limit+1-len(p.Items)) // one past the page: is there more?
+		ds, err := list(want, offset+len(p.Items))
+		if err != nil {
+			return p, err
 		}
-		p.Items = append(p.Items, publicDispatch(ds[i]))
+		for i := range ds {
+			if len(p.Items) == limit || (bytes >= pageBytes && len(p.Items) > 0) {
+				next := uint64(offset + len(p.Items))
+				p.NextOffset = &next
+				return p, nil
+			}
+			p.Items = append(p.Items, publicDispatch(ds[i]))
+			bytes += dispatchBytes(&ds[i])
+		}
+		if len(ds) < want {
+			return p, nil // the end
+		}
+		if bytes < len(p.Items)*(64<<10) {
+			chunk = min(2*chunk, 256)
+		}
 	}
-	return p
+}
+
+// dispatchBytes is what a dispatch's texts weigh in a page.
+func dispatchBytes(d *engine.Dispatch) int {
+	n := len(d.RunResponse) + len(d.LastError) + len(d.RunError)
+	for i := range d.Errors {
+		n += len(d.Errors[i].Error)
+	}
+	return n
 }
 
 // listMessages is GET /v1/threads/{thread_id}/messages?after_seq=&limit=.
