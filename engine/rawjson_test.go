@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -39,6 +40,9 @@ func TestRawJSONFieldsMustBeUTF8JSON(t *testing.T) {
 		// review).
 		{"content with a lone high surrogate", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(`"a\ud800b"`)}}}},
 		{"metadata with a lone low surrogate", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Metadata: json.RawMessage(`{"k":"\uDC00"}`)}}}},
+		// Nesting deeper than agents decode (found by review: 2 000
+		// levels took the Python example agent down at every run).
+		{"content nested too deep", engine.SubmitRequest{Messages: []engine.Message{{Role: engine.RoleUser, Content: json.RawMessage(strings.Repeat("[", engine.MaxJSONDepth+1) + strings.Repeat("]", engine.MaxJSONDepth+1))}}}},
 	}
 	for _, c := range bad {
 		c.req.ThreadID = "t1"
@@ -88,5 +92,24 @@ func TestHasLoneSurrogate(t *testing.T) {
 		if got := engine.HasLoneSurrogate([]byte(c.json)); got != c.want {
 			t.Errorf("HasLoneSurrogate(%s) = %v, want %v", c.json, got, c.want)
 		}
+	}
+}
+
+// JSONDepth counts nesting outside strings only.
+func TestJSONDepth(t *testing.T) {
+	for _, c := range []struct {
+		json string
+		want int
+	}{
+		{`1`, 0}, {`"[[["`, 0}, {`[]`, 1}, {`{"a":[1,{"b":[]}]}`, 4},
+		{`["\\", "]]]", [[ ]]]`, 3}, {`["\"[[", {}]`, 2},
+	} {
+		if got := engine.JSONDepth([]byte(c.json)); got != c.want {
+			t.Errorf("JSONDepth(%s) = %d, want %d", c.json, got, c.want)
+		}
+	}
+	ok := json.RawMessage(strings.Repeat("[", engine.MaxJSONDepth) + strings.Repeat("]", engine.MaxJSONDepth))
+	if err := engine.ValidateRawJSON(ok); err != nil {
+		t.Fatalf("%d levels: %v", engine.MaxJSONDepth, err)
 	}
 }

@@ -373,13 +373,51 @@ func ValidateRawJSON(v json.RawMessage) error {
 		return errNotJSON
 	case HasLoneSurrogate(v):
 		return errLoneSurrogate
+	case JSONDepth(v) > MaxJSONDepth:
+		return errTooDeep
 	}
 	return nil
+}
+
+// MaxJSONDepth is how deep a raw JSON field (a message's content, tool
+// calls or metadata, a request's overrides …) may nest arrays and
+// objects. A RUN frame nests a message's content five levels down, and
+// common JSON decoders stop at 128 levels (Rust's serde_json) or about a
+// thousand (Python's, by recursion): a deeper field took the agent down
+// at every run of its thread (found by review: 2 000 levels, and the
+// Python example agent exited).
+const MaxJSONDepth = 100
+
+// JSONDepth is the deepest nesting of arrays and objects in the JSON
+// text b (0 for a scalar). b must be valid JSON.
+func JSONDepth(b []byte) int {
+	depth, deepest, inString := 0, 0, false
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		switch {
+		case inString:
+			switch c {
+			case '\\':
+				i++ // the escaped character
+			case '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '[' || c == '{':
+			depth++
+			deepest = max(deepest, depth)
+		case c == ']' || c == '}':
+			depth--
+		}
+	}
+	return deepest
 }
 
 var (
 	errNotUTF8       = errors.New("is not valid UTF-8")
 	errNotJSON       = errors.New("is not valid JSON")
+	errTooDeep       = fmt.Errorf("nests arrays and objects more than %d levels deep, which agents that decode JSON by recursion cannot read", MaxJSONDepth)
 	errLoneSurrogate = errors.New(`holds a \u escape of a lone surrogate (\uD800 to \uDFFF without its pair), which is no character: agents that decode JSON strictly cannot read it`)
 )
 

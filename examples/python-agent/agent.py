@@ -220,7 +220,9 @@ def parse_object(ftype: int, payload: bytes) -> Dict[str, Any]:
     """Decode a JSON-object payload or raise ProtocolError."""
     try:
         obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: nested deeper than Python decodes (the sidecar
+        # refuses fields deeper than 100 levels; this guards the agent).
         raise ProtocolError("%s payload is not JSON: %s" % (FRAME_NAMES[ftype], exc)) from exc
     if not isinstance(obj, dict):
         raise ProtocolError("%s payload is not a JSON object" % FRAME_NAMES[ftype])
