@@ -58,6 +58,12 @@ type Config struct {
 	// EventRetention is how long a finished run's events stay
 	// re-attachable. Default 60s.
 	EventRetention time.Duration
+	// EventRetentionBytes bounds the bytes of events the finished runs of
+	// every thread keep for re-attachment: past it the runs that finished
+	// first are forgotten before EventRetention. Default 256 MiB. (Each
+	// run's events were bounded, their sum was not: twenty runs that
+	// finished within a minute held 700 MB; found by review.)
+	EventRetentionBytes int64
 	// ContextMessages and ContextBytes cap the thread history sent with a
 	// run. Defaults 500 and 4 MiB.
 	ContextMessages int
@@ -117,8 +123,10 @@ const (
 	// DefaultEventBufferBytes is the default EventBufferBytes.
 	DefaultEventBufferBytes = 32 << 20
 	DefaultEventRetention   = 60 * time.Second
-	DefaultContextMessages  = 500
-	DefaultContextBytes     = 4 << 20
+	// DefaultEventRetentionBytes is the default EventRetentionBytes.
+	DefaultEventRetentionBytes = 256 << 20
+	DefaultContextMessages     = 500
+	DefaultContextBytes        = 4 << 20
 	// DefaultContextCacheBytes is the default ContextCacheBytes.
 	DefaultContextCacheBytes = 64 << 20
 	// InlineClaimGuard is how far in the future a foreground submit's
@@ -166,6 +174,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.EventBuffer == 0 {
 		c.EventBuffer = DefaultEventBuffer
 	}
+	if c.EventRetentionBytes == 0 {
+		c.EventRetentionBytes = DefaultEventRetentionBytes
+	}
 	if c.EventBufferBytes == 0 {
 		c.EventBufferBytes = DefaultEventBufferBytes
 	}
@@ -206,8 +217,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, Validationf("config: SuspendedLease %s must be at least Lease %s", c.SuspendedLease, c.Lease)
 	case c.MaxRetryDelay < c.RetryDelay:
 		return c, Validationf("config: MaxRetryDelay %s is below RetryDelay %s", c.MaxRetryDelay, c.RetryDelay)
-	case c.EventBuffer < 0 || c.EventBufferBytes < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
-		return c, Validationf("config: EventBuffer, EventBufferBytes, ContextMessages and ContextBytes must not be negative")
+	case c.EventBuffer < 0 || c.EventBufferBytes < 0 || c.EventRetentionBytes < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
+		return c, Validationf("config: EventBuffer, EventBufferBytes, EventRetentionBytes, ContextMessages and ContextBytes must not be negative")
 	}
 	if err := ValidateID("ConsumerID", c.ConsumerID); err != nil {
 		return c, fmt.Errorf("config: %w", err)

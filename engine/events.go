@@ -230,6 +230,14 @@ func (l *EventLog) Close(nowMs int64) {
 	l.wakeLocked()
 }
 
+// retained is the bytes of events a closed log keeps, and when it was
+// closed (ok false while it is open).
+func (l *EventLog) retained() (bytes, closedAt int64, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.bytes, l.closedAt, l.closed
+}
+
 // ClosedAt reports whether the log is closed and when.
 func (l *EventLog) ClosedAt() (int64, bool) {
 	l.mu.Lock()

@@ -326,6 +326,7 @@ func (m *Mailbox) finish(e *execution) {
 	m.closeSettledStream(e)
 	if !e.handOn || e.sawFinish.Load() || !m.handOnLog(e) {
 		e.events.Close(m.cfg.Now())
+		m.retainClosed(e.events)
 	}
 	next := e.next
 	m.mu.Lock()

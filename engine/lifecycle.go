@@ -1,9 +1,11 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -797,6 +799,55 @@ func (m *Mailbox) GC(ctx context.Context) {
 	m.withdrawPending(withdrawn...)
 	m.endPending(elsewhere, endedElsewhere)
 	m.dropPending(purged...)
+}
+
+// retainClosed counts a log just closed against EventRetentionBytes;
+// once half of it was closed since the last look, the finished runs'
+// logs are looked over (trimRetained).
+func (m *Mailbox) retainClosed(l *EventLog) {
+	b, _, _ := l.retained()
+	if m.closedSince.Add(b) > m.cfg.EventRetentionBytes/2 {
+		m.trimRetained()
+	}
+}
+
+// trimRetained forgets the logs of the runs that finished first until
+// the finished runs' logs keep at most half of EventRetentionBytes, when
+// they keep more than all of it: a pass over the thread's logs once per
+// half of the budget closed.
+func (m *Mailbox) trimRetained() {
+	type kept struct {
+		thread string
+		l      *EventLog
+		at     int64
+		bytes  int64
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.closedSince.Store(0)
+	var closed []kept
+	total := int64(0)
+	for t, l := range m.logs {
+		if b, at, ok := l.retained(); ok {
+			closed = append(closed, kept{t, l, at, b})
+			total += b
+		}
+	}
+	if total <= m.cfg.EventRetentionBytes {
+		return
+	}
+	slices.SortFunc(closed, func(a, b kept) int { return cmp.Compare(a.at, b.at) })
+	dropped := 0
+	for _, k := range closed {
+		if total <= m.cfg.EventRetentionBytes/2 {
+			break
+		}
+		delete(m.logs, k.thread)
+		total -= k.bytes
+		dropped++
+	}
+	m.log.Info("finished runs' events forgotten before their retention: past the bytes kept for re-attachment",
+		"runs", dropped, "kept_bytes", total, "budget_bytes", m.cfg.EventRetentionBytes)
 }
 
 // LiveDelivery says how a live submit was handled.

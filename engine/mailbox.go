@@ -113,6 +113,9 @@ type Mailbox struct {
 	// agents gave up by shutting down (countAgentShutdowns; guarded by mu).
 	agentShutdowns  map[string]int
 	agentShutdownsN atomic.Int32 // len(agentShutdowns), read without mu
+	// closedSince is the bytes of event logs closed since the last
+	// trimRetained (EventRetentionBytes).
+	closedSince atomic.Int64
 	// prefixGen counts what may make a thread before the end of prefix
 	// (the held head of the ready order) claimable: a hold ended or
 	// shortened before it lapsed, work put back at its old place.

@@ -31,7 +31,8 @@ func TestParseServeDefaults(t *testing.T) {
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
 		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" ||
-		c.MemoryLimit != 512<<20 || c.GOGC != 200 || c.GOMAXPROCS != 0 || !c.ReclaimOrphans || c.engineConfig(nil).KeepOrphanedClaims {
+		c.MemoryLimit != 512<<20 || c.GOGC != 200 || c.GOMAXPROCS != 0 || !c.ReclaimOrphans || c.engineConfig(nil).KeepOrphanedClaims ||
+		c.engineConfig(nil).EventRetentionBytes != 256<<20 {
 		t.Fatalf("defaults differ from the spec: %+v", c)
 	}
 }
@@ -95,6 +96,7 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--log-format", "xml"}, nil, "--log-format"},
 		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
 		{[]string{"--event-buffer-bytes", "100"}, nil, "--event-buffer-bytes 100 is below 1KiB"},
+		{[]string{"--event-retention-bytes", "1000"}, nil, "--event-retention-bytes 1000 is below 1MiB"},
 		{[]string{"--gogc", "0"}, nil, "--gogc 0 must be positive"},
 		{[]string{"--gomaxprocs", "-2"}, nil, "--gomaxprocs -2 must be positive, or 0"},
 		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a memory limit"},
