@@ -66,6 +66,7 @@ func TestBadRequests(t *testing.T) {
 		{"dot body thread", req{method: "POST", path: "/v1/runs", body: `{` + msg + `,"thread_id":"."}`}, 400, "validation", ""},
 		{"path id too long", req{method: "POST", path: "/v1/threads/" + long + "/runs", body: `{` + msg + `}`}, 400, "validation", ""},
 		{"empty path id", req{method: "GET", path: "/v1/runs/"}, 400, "validation", ""},
+		{"compressed body", req{method: "POST", path: "/v1/threads/t/dispatches", body: `{` + msg + `}`, headers: []string{"Content-Encoding", "gzip"}}, 400, "validation", ""},
 		{"lone surrogate escape", req{method: "POST", path: "/v1/threads/t/dispatches", body: `{"messages":[{"role":"user","content":"a\ud800b"}]}`}, 400, "validation", ""},
 		{"Idempotency-Key too long", req{method: "POST", path: "/v1/threads/t/dispatches", body: `{` + msg + `}`, headers: []string{"Idempotency-Key", long}}, 400, "validation", ""},
 		{"body over the limit", req{method: "POST", path: "/v1/threads/t/dispatches", body: big}, 413, "too_large", ""},

@@ -446,6 +446,11 @@ func (s *Server) route(ctx *fasthttp.RequestCtx, kind listenerKind, ri *int) err
 	if *ri < 0 {
 		return errNotFound("no route %s", ctx.URI().PathOriginal())
 	}
+	if enc := ctx.Request.Header.Peek(fasthttp.HeaderContentEncoding); len(enc) > 0 && !bytes.EqualFold(enc, []byte("identity")) {
+		// A compressed body read as JSON was "not a JSON object" (found
+		// by review).
+		return engine.Validationf("Content-Encoding %q is not supported: send the body uncompressed", enc)
+	}
 	r := &routeTable[i]
 	var h handler
 	switch {
