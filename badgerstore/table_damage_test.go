@@ -72,7 +72,7 @@ func TestADamagedTableBlockIsListedAndRepairRefuses(t *testing.T) {
 			if err != nil {
 				t.Fatalf("verify: %v", err)
 			}
-			if rep.StorageProblems == 0 || !strings.Contains(strings.Join(rep.Problems, "\n"), "table") {
+			if rep.StorageProblems == 0 || !rep.Unwalked || !strings.Contains(strings.Join(rep.Problems, "\n"), "table") {
 				t.Fatalf("verify listed %d storage problems: %q; want the damaged table", rep.StorageProblems, rep.Problems)
 			}
 			before := messageCounts(t, s)

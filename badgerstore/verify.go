@@ -27,6 +27,9 @@ type Report struct {
 	// value-log files with a bad entry before whole ones), which Repair
 	// does not mend.
 	StorageProblems int
+	// Unwalked: the records were not walked (a table block does not
+	// read), so the counts above are not the store's.
+	Unwalked bool
 	// Notes lists what is worth knowing but not a mismatch: value-log
 	// files that end in a torn entry (a write a crash or power loss cut
 	// before its sync, or a value at the end that went bad: it reads as
@@ -65,6 +68,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 			rep.StorageProblems++
 			problem("table checksums: %v", err)
 			rep.Notes = append(rep.Notes, "the records were not walked: a table block does not read, and a walk misses records or stops at it (repair refuses to run too)")
+			rep.Unwalked = true
 			err := s.verifyValueLogs(ctx, &rep, problem)
 			return rep, err
 		}

@@ -142,3 +142,17 @@ func TestVerifyOfADirectoryInUseSaysSoFirst(t *testing.T) {
 		t.Fatalf("verify of a directory in use: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 	}
 }
+
+// A report whose records were not walked (a table block does not read)
+// says so in its first line, not "0 dispatches …", which read as an
+// empty queue (found by review).
+func TestVerifyHeaderOfAnUnwalkedStore(t *testing.T) {
+	var out, errb bytes.Buffer
+	rep := badgerstore.Report{Unwalked: true, StorageProblems: 1, Problems: []string{"table checksums: bad block"}}
+	if code := printVerify("verify", "/d", rep, nil, &out, &errb); code != 1 {
+		t.Fatalf("exit %d, want 1", code)
+	}
+	if !strings.HasPrefix(out.String(), "/d: records not counted") || strings.Contains(out.String(), "0 dispatches") {
+		t.Fatalf("report:\n%s", out.String())
+	}
+}
