@@ -274,6 +274,26 @@ func TestWorkForAnUnservedAgentIDIsLoggedOnceAMinute(t *testing.T) {
 	eventually(t, "a minute on, the next refusal logged", func() bool { return warnings() == 2 })
 }
 
+// startServing is a started mailbox on an in-memory store with exec as
+// its executor; it stops and closes with the test.
+func startServing(t *testing.T, exec *servingFake) *rig {
+	t.Helper()
+	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	mb, err := engine.New(s, exec, engine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mb.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mb.Stop(context.Background()) })
+	return &rig{store: s, exec: exec.fakeExecutor, mb: mb}
+}
+
 // servingFake is the fake executor as an executor that counts slots
 // (SlotCounter): it serves the agent ids in served.
 type servingFake struct {
@@ -328,20 +348,8 @@ func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
 		}
 		return complete(ctx, req, sink)
 	})
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	mb, err := engine.New(s, exec, engine.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	defer mb.Stop(context.Background())
-	r := &rig{store: s, exec: exec.fakeExecutor, mb: mb}
+	r := startServing(t, exec)
+	mb := r.mb
 	ctx := context.Background()
 	held := []string{"a0", "a1", "a2"}
 	for _, th := range held {
@@ -362,7 +370,7 @@ func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, s, res.DispatchID) == engine.StatusAcked })
+		eventually(t, "the writer's run done", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
 	}
 	for _, th := range held {
 		if n := refused(th); n != 1 {
@@ -376,7 +384,7 @@ func TestAgentsComingEndOnlyTheHoldsTheyServe(t *testing.T) {
 	exec.setCapacity(4)
 	for _, th := range held {
 		eventually(t, th+"'s run done once its agent came", func() bool {
-			ds, err := s.ListDispatches(ctx, th, engine.StatusFilter{engine.StatusAcked}, 0, 0)
+			ds, err := r.store.ListDispatches(ctx, th, engine.StatusFilter{engine.StatusAcked}, 0, 0)
 			return err == nil && len(ds) == 1
 		})
 	}
@@ -394,19 +402,7 @@ func TestASubmitWithoutAnAgentIDIsForTheDefaultAgent(t *testing.T) {
 		}
 		return complete(ctx, req, sink)
 	})
-	s, err := badgerstore.Open(badgerstore.Options{InMemory: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	mb, err := engine.New(s, exec, engine.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mb.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	defer mb.Stop(context.Background())
+	mb := startServing(t, exec).mb
 	res, _, err := mb.Submit(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
 	if err != nil {
 		t.Fatal(err)
