@@ -545,7 +545,7 @@ func planPlaceholders(r *reader, now int64, p *repairPlan) error {
 // validMessageFields reports whether m's raw fields are UTF-8 JSON, as
 // every append checks (engine.Message.Validate) and Verify does.
 func validMessageFields(m *engine.Message) bool {
-	return engine.ValidateRawJSON(m.Content) == nil && engine.ValidateRawJSON(m.ToolCalls) == nil && engine.ValidateRawJSON(m.Metadata) == nil
+	return engine.ValidateStoredJSON(m.Content) == nil && engine.ValidateStoredJSON(m.ToolCalls) == nil && engine.ValidateStoredJSON(m.Metadata) == nil
 }
 
 // traceDispatches fills in what the indexes tell of the dispatches in bad.

@@ -281,3 +281,34 @@ func TestVerifyFindsMessageContentThatIsNotUTF8(t *testing.T) {
 		t.Fatalf("content that is not UTF-8 not reported: %v", rep.Problems)
 	}
 }
+
+// A message an earlier version took — valid UTF-8 JSON with an escape of
+// a lone surrogate and nested 150 levels deep, both refused on intake
+// since — is neither reported by Verify nor replaced by Repair: they hold
+// stored records to what a RUN needs (engine.ValidateStoredJSON). They
+// reported it and replaced it with the "damaged" placeholder (found by
+// review).
+func TestRepairKeepsAMessageTakenBeforeTheIntakeRules(t *testing.T) {
+	s := mustOpen(t, badgerstore.Options{InMemory: true})
+	ctx := context.Background()
+	if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: "t1", Messages: []engine.Message{{ID: "m1", Role: engine.RoleUser, Content: []byte(`"fine"`)}}}); err != nil {
+		t.Fatal(err)
+	}
+	deep := strings.Repeat("[", 150) + strings.Repeat("]", 150)
+	legacy := `{"message_id":"m1","thread_id":"t1","seq":1,"message":{"id":"m1","role":"user","content":"emoji half \ud83d","metadata":` + deep + `}}`
+	if err := s.RawSet(badgerstore.MessageKey("t1", 1), []byte(legacy)); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := s.Verify(ctx)
+	if err != nil || len(rep.Problems) != 0 {
+		t.Fatalf("verify: %v %q; want no problem", err, rep.Problems)
+	}
+	rr, err := s.Repair(ctx, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := s.LoadMessages(ctx, "t1")
+	if err != nil || len(msgs) != 1 || string(msgs[0].Message.Content) != `"emoji half \ud83d"` {
+		t.Fatalf("after repair (%+v): %v %v; want the message as it was", rr, msgs, err)
+	}
+}

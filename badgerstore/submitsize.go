@@ -25,8 +25,11 @@ const (
 // thread (Txn.checkSize: entries, and key plus value — or value pointer,
 // for a value at or above ValueThreshold — plus 12 bytes each): two
 // entries per message (its record and its id's index), the run record and
-// the thread's projection (each of which holds the messages' ids, up to
-// ValueThreshold inline), and a fixed allowance for the rest.
+// the thread's projection (each charged ValueThreshold, the most a value
+// costs inline), and a fixed allowance for the rest. On the in-memory
+// store, which refuses any value above the threshold, a run record that
+// may exceed it refuses the submit; one that a continued run's state
+// makes larger is not foreseen there.
 func (s *Store) CheckSubmitSize(thread string, msgs []engine.Message, requestBytes int) error {
 	threshold := s.opts.ValueThreshold
 	maxBytes := s.opts.MemTableSize * 15 / 100
@@ -58,10 +61,12 @@ func (s *Store) CheckSubmitSize(thread string, msgs []engine.Message, requestByt
 	}
 	// The run record lists the ids twice (its input and its snapshot),
 	// with the request's other fields; the projection holds the latest
-	// run's request. Either is in the value log at the threshold.
+	// run's request. A continued run's record holds its state too, and
+	// the projection its metadata, neither known here: each is charged
+	// the most a value costs inline, the threshold (found by review).
 	run := 2*ids + int64(requestBytes) + 1024
 	largest = max(largest, run)
-	size += 2 * min(run, threshold)
+	size += 2 * (threshold + 64)
 	if s.opts.InMemory && largest > threshold {
 		// No value log: Badger refuses a value above the threshold.
 		return fmt.Errorf("%d messages: a record of this submit may exceed the in-memory store's largest value (%d bytes): %w", len(msgs), threshold, engine.ErrTooLarge)

@@ -283,7 +283,7 @@ func (s *Store) Verify(ctx context.Context) (Report, error) {
 				name string
 				v    []byte
 			}{{"content", m.Message.Content}, {"tool_calls", m.Message.ToolCalls}, {"metadata", m.Message.Metadata}} {
-				if err := engine.ValidateRawJSON(f.v); err != nil {
+				if err := engine.ValidateStoredJSON(f.v); err != nil {
 					problem("message %q: %s %v", mk, f.name, err)
 				}
 			}

@@ -717,7 +717,9 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 	d := &e.dispatch
 	if e.cancelSettled.Load() {
 		// A user's cancel settled the dispatch already (Mailbox.Cancel).
-		// Counted as cancelled, not completed (found by review).
+		// Counted as cancelled, not completed (found by review). Its
+		// agent-shutdown count, if any, goes with it.
+		m.countAgentShutdowns(d.DispatchID, RunOutcome{Kind: OutcomeCompleted})
 		m.observeEnd(e, m.cfg.Now(), outcomeCancelled)
 		m.emitFinishWith(e, &Termination{Type: TermCancelled})
 		return

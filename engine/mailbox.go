@@ -229,7 +229,7 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		return SubmitResult{}, fmt.Errorf("submit to %s: %w", req.ThreadID, err)
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
-	if !m.servedWithSlot(req.AgentID) {
+	if !m.servedWithSlot(&req) {
 		m.kick() // the dispatcher sets the thread aside until an agent for it comes, or has a slot
 		return res, nil
 	}
@@ -559,7 +559,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	// request runs once that work ends, as a slot's waiter does.
 	// (A claim in flight here is waited for: a probe of a finishing
 	// attempt finds nothing and goes.)
-	slot := m.servedWithSlot(req.AgentID) && m.reserveSlotAfterProbes(thread)
+	slot := m.servedWithSlot(&req) && m.reserveSlotAfterProbes(thread)
 	if slot {
 		if e := m.settledEntry(ctx, thread); e != nil && !e.claiming {
 			m.releaseSlot(thread)
@@ -666,7 +666,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 		return SubmitResult{}, nil, false, nil
 	}
 	thread := req.ThreadID
-	if !m.servedWithSlot(req.AgentID) || !m.reserveSlot(thread) {
+	if !m.servedWithSlot(req) || !m.reserveSlot(thread) {
 		return SubmitResult{}, nil, false, nil
 	}
 	// A claim in flight, as tryDispatch's: a cancel or an interrupt
@@ -739,10 +739,10 @@ func (m *Mailbox) served(id string) bool {
 }
 
 // runAgentID is the agent id a request's run gets (runForDispatch): its
-// own, else "default" (a continuation keeps its run's, which the checks
-// here take for "default" too). A request without one was taken for
-// served by any agent, and answered "running" with no agent serving
-// "default" (found by review: docs/protocol.md says queued).
+// own, else "default" (a continuation keeps its run's: servedWithSlot
+// does not ask). A request without one was taken for served by any
+// agent, and answered "running" with no agent serving "default" (found
+// by review: docs/protocol.md says queued).
 func runAgentID(id string) string {
 	if id = strings.TrimSpace(id); id == "" {
 		return DefaultAgentID
@@ -787,7 +787,16 @@ type freeSlotChecker interface {
 
 // servedWithSlot is served and slotFreeFor together: whether a submit
 // for agent id id may claim inline.
-func (m *Mailbox) servedWithSlot(id string) bool { return m.served(id) && m.slotFreeFor(id) }
+func (m *Mailbox) servedWithSlot(req *SubmitRequest) bool {
+	id := req.AgentID
+	if strings.TrimSpace(id) == "" && (strings.TrimSpace(req.ContinueRunID) != "" || len(req.Decisions) > 0) {
+		// It continues a run, whose agent id it keeps (runForDispatch),
+		// which is not known here: taken for served, as before, rather
+		// than queue a decision for agent "default" (found by review).
+		return true
+	}
+	return m.served(id) && m.slotFreeFor(id)
+}
 
 // precheckSubmit refuses, without writing anything, what persistRun
 // would refuse after a foreground submit has already interrupted the

@@ -364,6 +364,27 @@ func (m *Message) Validate() error {
 // field that is not would break the agent's connection, with every run on
 // it, at every run of its thread.
 func ValidateRawJSON(v json.RawMessage) error {
+	if err := ValidateStoredJSON(v); err != nil {
+		return err
+	}
+	switch {
+	case len(v) == 0:
+		return nil
+	case HasLoneSurrogate(v):
+		return errLoneSurrogate
+	case JSONDepth(v) > MaxJSONDepth:
+		return errTooDeep
+	}
+	return nil
+}
+
+// ValidateStoredJSON is the check a stored raw JSON field must pass to be
+// sent in a RUN at all: UTF-8 JSON (empty: none). ValidateRawJSON adds
+// the rules for what comes in (no lone surrogate escape, at most
+// MaxJSONDepth levels); verify and repair hold stored records to this one
+// only, so that a message taken before those rules is not reported, and
+// replaced, as damaged (found by review).
+func ValidateStoredJSON(v json.RawMessage) error {
 	switch {
 	case len(v) == 0:
 		return nil
@@ -371,10 +392,6 @@ func ValidateRawJSON(v json.RawMessage) error {
 		return errNotUTF8
 	case !json.Valid(v):
 		return errNotJSON
-	case HasLoneSurrogate(v):
-		return errLoneSurrogate
-	case JSONDepth(v) > MaxJSONDepth:
-		return errTooDeep
 	}
 	return nil
 }

@@ -425,7 +425,9 @@ func terminalOrder(a, b *dEntry) int {
 	return cmp.Or(cmp.Compare(a.updated, b.updated), cmp.Compare(a.created, b.created), strings.Compare(a.id, b.id))
 }
 
-func (ix *index) terminalAfter(c engine.TerminalCursor, limit int) []string {
+// terminalCursorsAfter lists, as cursors, up to limit terminal
+// dispatches strictly after c in terminal order.
+func (ix *index) terminalCursorsAfter(c engine.TerminalCursor, limit int) []engine.TerminalCursor {
 	es := ix.collect(func(e *dEntry) bool {
 		if !e.status.Terminal() {
 			return false
@@ -435,7 +437,14 @@ func (ix *index) terminalAfter(c engine.TerminalCursor, limit int) []string {
 		}
 		return cmp.Or(cmp.Compare(e.updated, c.UpdatedAt), cmp.Compare(e.created, c.CreatedAt), strings.Compare(e.id, c.DispatchID)) > 0
 	}, terminalOrder)
-	return ids(es, 0, limit)
+	if limit > 0 && len(es) > limit {
+		es = es[:limit]
+	}
+	out := make([]engine.TerminalCursor, len(es))
+	for i := range es {
+		out[i] = engine.TerminalCursor{UpdatedAt: es[i].updated, CreatedAt: es[i].created, DispatchID: es[i].id}
+	}
+	return out
 }
 
 func (ix *index) deadLetters(limit, offset int) []string {

@@ -38,7 +38,15 @@ func (s *Store) CheckSubmitSize(thread string, msgs []engine.Message, requestByt
 			id = 40 // a minted id
 		}
 		ids += id + 4
-		rec := id + int64(len(m.Role)+len(m.Content)+len(m.ToolCalls)+len(m.ToolCallID)+len(m.Visibility)+len(m.Metadata)) + 104 + 512 // the record and the message's headers
+		// The record and the message's headers. The record is JSON, whose
+		// encoder escapes <, > and & (six bytes each) and U+2028/U+2029
+		// in raw fields too (found by review: 20 KiB of "<" passed a
+		// 64 KiB limit and was refused at 123 KB).
+		raw := int64(0)
+		for _, f := range [...][]byte{m.Content, m.ToolCalls, m.Metadata} {
+			raw += escapedLen(f)
+		}
+		rec := id + int64(len(m.Role)+len(m.ToolCallID)+len(m.Visibility)) + raw + 104 + 512
 		if rec > limit {
 			return fmt.Errorf("message %d: about %d bytes with its headers, the server takes messages of at most %d (max_payload): %w", i, rec, limit, engine.ErrTooLarge)
 		}
@@ -47,4 +55,20 @@ func (s *Store) CheckSubmitSize(thread string, msgs []engine.Message, requestByt
 		return fmt.Errorf("%d messages: the run record that lists them (about %d bytes) exceeds the server's max_payload (%d): send them in several requests: %w", len(msgs), run, limit, engine.ErrTooLarge)
 	}
 	return nil
+}
+
+// escapedLen bounds the length of raw JSON b as the record's encoder
+// writes it: <, > and & become \u003c (6 bytes), U+2028 and U+2029 (3
+// bytes each) \u2028.
+func escapedLen(b []byte) int64 {
+	n := int64(len(b))
+	for i, c := range b {
+		switch {
+		case c == '<' || c == '>' || c == '&':
+			n += 5
+		case c == 0xE2 && i+2 < len(b) && b[i+1] == 0x80 && (b[i+2] == 0xA8 || b[i+2] == 0xA9):
+			n += 3
+		}
+	}
+	return n
 }

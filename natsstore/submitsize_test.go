@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/natsstore/natstest"
 )
 
 // The NATS store's size check never passes a submit its atomic batch
@@ -57,5 +59,33 @@ func TestCheckSubmitSizeNeverPassesWhatDoesNotFitOnNATS(t *testing.T) {
 	t.Logf("%d messages fit one atomic batch; the check passes %d", fits, passes)
 	if fits == 0 || fits >= 1999 || passes > fits || passes < fits*8/10 {
 		t.Fatalf("the check passes %d messages; %d fit: want at most that, and not far below", passes, fits)
+	}
+}
+
+// Content the JSON record's encoder escapes (<, > and & become \u003c …,
+// six bytes each) counts as escaped: 20 KiB of "<" is 120 KiB encoded,
+// over a 64 KiB max_payload, and was passed (found by review). Content
+// that fits as encoded passes.
+func TestCheckSubmitSizeCountsEscapedBytesOnNATS(t *testing.T) {
+	t.Parallel()
+	cfg := freshConfig()
+	cfg.URL = natstest.StartWithMaxPayload(t, limitedMaxPayload).URL()
+	st := openCfg(t, cfg)
+	for _, c := range []struct {
+		name    string
+		content string
+		fits    bool
+	}{
+		{"20 KiB of <", `"` + strings.Repeat("<", 20<<10) + `"`, false},
+		{"20 KiB of x", `"` + strings.Repeat("x", 20<<10) + `"`, true},
+	} {
+		msgs := []engine.Message{{ID: "m1", Role: "user", Content: []byte(c.content)}}
+		_, err := st.Checkpoint(context.Background(), engine.Checkpoint{ThreadID: c.name, Messages: msgs, CreatedAt: 1000})
+		if fits := err == nil; fits != c.fits {
+			t.Fatalf("%s: checkpoint %v; the test assumed it fits: %v", c.name, err, c.fits)
+		}
+		if err := st.CheckSubmitSize("t", msgs, 1024); (err == nil) != c.fits {
+			t.Fatalf("%s: CheckSubmitSize %v; it fits: %v", c.name, err, c.fits)
+		}
 	}
 }
