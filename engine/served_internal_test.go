@@ -6,7 +6,7 @@ import "testing"
 type oneAgent struct{ id string }
 
 func (a oneAgent) FreeSlots() []AgentSlots { return []AgentSlots{{AgentIDs: []string{a.id}, Free: 1}} }
-func (a oneAgent) Serves(id string) bool    { return id == a.id }
+func (a oneAgent) Serves(id string) bool   { return id == a.id }
 
 // A request without an agent id is for agent "default", unless it
 // continues a run (a run id or decisions), whose own agent id is not
