@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
@@ -67,15 +68,19 @@ func TestAnAgentsTextIsClippedInTheLog(t *testing.T) {
 	a, _ := connect(t, r.path, ipc.Hello{Name: name, MaxRuns: 1})
 	eventually(t, "the agent counted", func() bool { return r.hub.Capacity() == 1 })
 	big := strings.Repeat("m", 1<<20)
+	began := time.Now()
 	for range 20 {
 		a.send(ipc.TypeError, 7, ipc.Status{Code: "bad", Message: big})
 	}
 	a.send(ipc.TypeGoAway, 0, ipc.Status{Code: "shutdown", Message: big})
 	eventually(t, "its GOAWAY taken", func() bool { return r.hub.Capacity() == 0 })
+	took := time.Since(began)
 	r.hub.Close()
 	out := logs.String()
-	if n := strings.Count(out, "agent rejected a frame"); n != 1 {
-		t.Fatalf("%d lines for 20 ERRORs within a second; want 1", n)
+	// One line a second: 20 MiB of frames take more than one under the
+	// race detector on a loaded machine.
+	if n, most := strings.Count(out, "agent rejected a frame"), 1+int(took/time.Second); n > most || n >= 20 {
+		t.Fatalf("%d lines for 20 ERRORs in %v; want at most %d", n, took, most)
 	}
 	if len(out) > 16<<10 {
 		t.Fatalf("%d bytes of log for a 100 KiB name and 21 MiB of messages; want them clipped", len(out))
