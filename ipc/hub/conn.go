@@ -497,6 +497,7 @@ func (c *conn) handle(f *ipc.Frame) error {
 		c.mu.Lock()
 		c.agentGoAway = true
 		c.mu.Unlock()
+		c.h.refreshServed() // it serves no agent id now
 		c.h.updateCapacity()
 	case ipc.TypeError:
 		var s ipc.Status

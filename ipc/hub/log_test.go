@@ -89,3 +89,26 @@ func TestAnAgentsTextIsClippedInTheLog(t *testing.T) {
 		t.Fatalf("the clipped texts do not say how long they were:\n%.2000s", out)
 	}
 }
+
+// Serves answers from a snapshot of the connections that take runs,
+// kept as agents come, send GOAWAY and go.
+func TestServesFollowsTheAgents(t *testing.T) {
+	r := newRig(t, hub.Config{Logger: discardLogger()})
+	if r.hub.Serves("writer") {
+		t.Fatal("served with no agent")
+	}
+	a, _ := connect(t, r.path, ipc.Hello{Name: "a", AgentIDs: []string{"writer"}, MaxRuns: 1})
+	eventually(t, "writer served", func() bool { return r.hub.Serves("writer") })
+	if r.hub.Serves("reader") {
+		t.Fatal("reader served by an agent of writer")
+	}
+	b, _ := connect(t, r.path, ipc.Hello{Name: "b", AgentIDs: []string{"*"}, MaxRuns: 1})
+	eventually(t, "any id served", func() bool { return r.hub.Serves("reader") })
+	b.send(ipc.TypeGoAway, 0, ipc.Status{Code: "shutdown"})
+	eventually(t, "the GOAWAY taken", func() bool { return !r.hub.Serves("reader") })
+	if !r.hub.Serves("writer") {
+		t.Fatal("writer no longer served after another agent's GOAWAY")
+	}
+	a.nc.Close()
+	eventually(t, "writer's agent gone", func() bool { return !r.hub.Serves("writer") })
+}
