@@ -273,8 +273,9 @@ func (p *execution) claimSawNot(claimed string) bool {
 // startExecution runs a claimed dispatch; its agent slot is already
 // reserved. started: the claim's commit also recorded the attempt's start
 // (IdleSubmitter, StartClaimer), under the dispatch's instance id.
-// unserved: the last hold of the thread, claimed as it lapsed, because no
-// agent served its run (0: none); a refusal for that again doubles it.
+// lapsed: the thread's hold that lapsed as it was claimed (zero: none),
+// because no agent served its run or its records did not decode; a
+// failure of that kind again doubles its delay.
 func (m *Mailbox) startExecution(d Dispatch, started bool, lapsed claimHold) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
