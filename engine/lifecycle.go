@@ -817,10 +817,8 @@ func (m *Mailbox) retainClosed(l *EventLog) {
 // half of the budget closed.
 func (m *Mailbox) trimRetained() {
 	type kept struct {
-		thread string
-		l      *EventLog
-		at     int64
-		bytes  int64
+		thread    string
+		at, bytes int64
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -829,7 +827,7 @@ func (m *Mailbox) trimRetained() {
 	total := int64(0)
 	for t, l := range m.logs {
 		if b, at, ok := l.retained(); ok {
-			closed = append(closed, kept{t, l, at, b})
+			closed = append(closed, kept{t, at, b})
 			total += b
 		}
 	}
