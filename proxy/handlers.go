@@ -325,7 +325,7 @@ const pageChunk = 8
 // list (n dispatches from an offset), ending it early at pageBytes.
 func boundedPage(limit, offset int, list func(n, at int) ([]engine.Dispatch, error)) (page[engine.Dispatch], error) {
 	p := page[engine.Dispatch]{Items: []engine.Dispatch{}}
-	bytes, chunk := 0, pageChunk
+	held, chunk := 0, pageChunk
 	for {
 		want := min(chunk, limit+1-len(p.Items)) // one past the page: is there more?
 		ds, err := list(want, offset+len(p.Items))
@@ -333,18 +333,18 @@ func boundedPage(limit, offset int, list func(n, at int) ([]engine.Dispatch, err
 			return p, err
 		}
 		for i := range ds {
-			if len(p.Items) == limit || (bytes >= pageBytes && len(p.Items) > 0) {
+			if len(p.Items) == limit || (held >= pageBytes && len(p.Items) > 0) {
 				next := uint64(offset + len(p.Items))
 				p.NextOffset = &next
 				return p, nil
 			}
 			p.Items = append(p.Items, publicDispatch(ds[i]))
-			bytes += dispatchBytes(&ds[i])
+			held += dispatchBytes(&ds[i])
 		}
 		if len(ds) < want {
 			return p, nil // the end
 		}
-		if bytes < len(p.Items)*(64<<10) {
+		if held < len(p.Items)*(64<<10) {
 			chunk = min(2*chunk, 256)
 		}
 	}
