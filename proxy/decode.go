@@ -181,6 +181,17 @@ func checkMessages(msgs []engine.Message) error {
 		default:
 			return engine.Validationf("messages[%d]: unknown visibility %q", i, m.Visibility)
 		}
+		// The raw fields as the engine takes them (engine.ValidateRawJSON:
+		// no lone surrogate escape, at most MaxJSONDepth levels), so that
+		// what this decoder accepts the engine does (FuzzDecodeSubmit).
+		for _, f := range [...]struct {
+			name string
+			v    json.RawMessage
+		}{{"content", m.Content}, {"tool_calls", m.ToolCalls}, {"metadata", m.Metadata}} {
+			if err := engine.ValidateRawJSON(f.v); err != nil {
+				return engine.Validationf("messages[%d]: %s %v", i, f.name, err)
+			}
+		}
 		if m.ID == "" {
 			continue
 		}
@@ -229,10 +240,6 @@ func decodeObject(body []byte, v any) error {
 	}
 	if err := gojson.Unmarshal(body, v); err != nil {
 		return decodeError(err)
-	}
-	if engine.HasLoneSurrogate(body) {
-		// Checked after the decode, which took the body for JSON.
-		return engine.Validationf(`request body holds a \u escape of a lone surrogate (\uD800 to \uDFFF without its pair), which is no character: agents that decode JSON strictly cannot read it`)
 	}
 	return nil
 }

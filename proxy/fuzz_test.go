@@ -27,6 +27,10 @@ var submitSeeds = []string{
 	`{"messages":[{"role":"user","content":"\ud800"}]}`,
 	`{"messages":[{"role":"user"}],"origin":"INTERNAL"}`,
 	`[]`, `null`, ``, `{`, `{"a":1e999}`, `{"messages":[{"role":"user","metadata":{"deep":[[[[[[]]]]]]}}]}`,
+	// Deeper than engine.MaxJSONDepth: refused by the decoder, as the
+	// engine would.
+	`{"messages":[{"role":"user","tool_calls":` + strings.Repeat("[", 101) + strings.Repeat("]", 101) + `}]}`,
+	`{"messages":[{"role":"user","content":"\udc00 alone"}]}`,
 }
 
 // checkDecoded checks a decoder's contract: an error is a validation
