@@ -388,6 +388,14 @@ const reclaimLogLines = 10
 func (m *Mailbox) reconcileDispatch(ctx context.Context, d *Dispatch) {
 	var op string
 	switch d.Status {
+	case StatusAcked:
+		// Acked elsewhere (another sidecar sharing the store ran it): a
+		// submitter here still waiting for it learns how it ended now, not
+		// at the next GC, up to a minute later (found by the crash test of
+		// two sidecars on one NATS queue: a stream open 30 s). A run acked
+		// here has no waiting log left.
+		m.endPendingOne(d, endedElsewhere)
+		return
 	case StatusCancelled:
 		op = "mark_run_cancelled"
 	case StatusSuperseded:
@@ -687,6 +695,14 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 	// threads are served when the lease lapses, not up to a sweep interval
 	// later. Only on a store of this process alone: on a shared store the
 	// other claims are other sidecars' live work.
+	// On a shared store a queued foreground run may run and end on another
+	// sidecar; its submitter here learns it within waitingInterval.
+	var waiting <-chan time.Time
+	if _, shared := m.raw.(SignalSource); shared {
+		t := time.NewTicker(waitingInterval)
+		defer t.Stop()
+		waiting = t.C
+	}
 	var orphans <-chan time.Time
 	orphansUntil := time.Now().Add(max(m.cfg.Lease, m.cfg.SuspendedLease) + time.Second)
 	if _, shared := m.raw.(SignalSource); !shared {
@@ -708,6 +724,12 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 			if m.foreignClaims(ctx) {
 				m.Sweep(ctx)
 			}
+		case <-waiting:
+			if !m.anyWaiting() {
+				continue
+			}
+			m.watch.maintenance.busy()
+			m.endWaiting(ctx)
 		case <-sweep.C:
 			m.watch.maintenance.busy()
 			m.Sweep(ctx)
@@ -721,6 +743,17 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 		}
 		m.watch.maintenance.idle()
 	}
+}
+
+// waitingInterval is how often, on a shared store, the dispatches of
+// queued foreground runs waiting here are read for an end elsewhere.
+const waitingInterval = time.Second
+
+// anyWaiting reports whether a queued foreground run's stream waits here.
+func (m *Mailbox) anyWaiting() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.pending) > len(m.unwritten)
 }
 
 // foreignClaims reports whether the store holds claims this process did
@@ -773,6 +806,16 @@ func (m *Mailbox) GC(ctx context.Context) {
 			delete(m.logs, t)
 		}
 	}
+	m.mu.Unlock()
+	m.endWaiting(ctx)
+}
+
+// endWaiting ends the streams of queued foreground runs here whose
+// dispatches ended without starting here (on another sidecar sharing the
+// store, withdrawn, or purged): every GC, and on a shared store every
+// second while any wait (waitingInterval).
+func (m *Mailbox) endWaiting(ctx context.Context) {
+	m.mu.Lock()
 	waiting := make([]string, 0, len(m.pending))
 	for id := range m.pending {
 		if _, ok := m.unwritten[id]; !ok { // its dispatch may not exist yet
@@ -780,8 +823,6 @@ func (m *Mailbox) GC(ctx context.Context) {
 		}
 	}
 	m.mu.Unlock()
-	// A queued foreground dispatch that ended without starting (settled
-	// elsewhere) closes its stream here.
 	var purged []string
 	var withdrawn, elsewhere []Dispatch
 	for _, id := range waiting {

@@ -916,21 +916,33 @@ func (m *Mailbox) endPending(ds []Dispatch, term func(*Dispatch) *Termination) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for i := range ds {
-		d := &ds[i]
-		l := m.pending[d.DispatchID]
-		if l == nil {
-			continue
-		}
-		delete(m.pending, d.DispatchID)
-		// An attempt that never reached the agent (README, "Event ids"):
-		// numbered apart from the ids of the run's started attempts — the
-		// dispatch may continue a waiting run, whose first attempt
-		// numbered from 1 — in the band of the run's last recorded start
-		// when Attach read it (its floor), else the first band.
-		l.number(unstartedBase(0), 0) // raised to the log's floor if Attach set one
-		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0, ""))
-		l.Close(now)
+		m.endPendingLocked(&ds[i], term, now)
 	}
+}
+
+// endPendingOne is endPending of one dispatch, without a copy of it.
+func (m *Mailbox) endPendingOne(d *Dispatch, term func(*Dispatch) *Termination) {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.endPendingLocked(d, term, now)
+}
+
+// endPendingLocked ends d's waiting log, if any; m.mu is held.
+func (m *Mailbox) endPendingLocked(d *Dispatch, term func(*Dispatch) *Termination, now int64) {
+	l := m.pending[d.DispatchID]
+	if l == nil {
+		return
+	}
+	delete(m.pending, d.DispatchID)
+	// An attempt that never reached the agent (README, "Event ids"):
+	// numbered apart from the ids of the run's started attempts — the
+	// dispatch may continue a waiting run, whose first attempt numbered
+	// from 1 — in the band of the run's last recorded start when Attach
+	// read it (its floor), else the first band.
+	l.number(unstartedBase(0), 0) // raised to the log's floor if Attach set one
+	l.appendTyped("run_finish", finishEvent(d, d.InstanceID, term(d), 0, ""))
+	l.Close(now)
 }
 
 // endedElsewhere is how a dispatch that ended without starting here (on
@@ -1114,7 +1126,8 @@ const depthTimeout = 2 * time.Second
 // attempt a shutdown released). The log is numbered by the attempt that
 // takes it; if the dispatch ends without running here, the log ends with
 // how it ended: at once when this process withdraws it or its sweep
-// dead-letters it, otherwise at the next GC. nil: no run is active or
+// dead-letters it; when it ended elsewhere, at the next sweep or GC, and
+// on a shared store within a second (waitingInterval). nil: no run is active or
 // retained (found by review: right after a restart a client re-attaching
 // to a run that was still going was told there was none).
 func (m *Mailbox) Attach(ctx context.Context, thread string, after uint64) (*EventLog, error) {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
@@ -201,5 +202,63 @@ func TestAForegroundRunThatEndedElsewhereEndsItsStreamAsItEnded(t *testing.T) {
 	evs, _ := readAll(log, 0)
 	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") || evs[0].Seq != engine.WithdrawnFinishID {
 		t.Fatalf("the stream's events: %+v; want one run_finish natural_end at id %d", evs, engine.WithdrawnFinishID)
+	}
+}
+
+// completeElsewhere claims and completes dispatch id as another sidecar
+// sharing the store would.
+func completeElsewhere(t *testing.T, s engine.Store, id, runID string) {
+	t.Helper()
+	ctx := context.Background()
+	d, err := s.ClaimDispatch(ctx, id, "elsewhere", time.Minute, time.Now().UnixMilli())
+	if err != nil || d == nil {
+		t.Fatalf("claim elsewhere: %v %v", d, err)
+	}
+	if err := s.Complete(ctx, d.DispatchID, d.ClaimToken, engine.RunResult{RunID: runID, InstanceID: "other-instance", Status: engine.RunDone,
+		Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "done there"}, time.Now().UnixMilli()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A sweep ends the stream of a queued foreground run acked elsewhere, as
+// it ends those of withdrawn ones: not only the next GC, up to a minute
+// later (found by the crash test of two sidecars on one NATS queue: a
+// submitter's stream open 30 s after its run ended on the other sidecar).
+func TestASweepEndsTheStreamOfAForegroundRunAckedElsewhere(t *testing.T) {
+	r := newRig(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour})
+	r.start(t)
+	ctx := context.Background()
+	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	completeElsewhere(t, r.store, res.DispatchID, res.RunID)
+	r.mb.Sweep(ctx)
+	if _, closed := log.ClosedAt(); !closed {
+		t.Fatal("the stream of a run acked elsewhere is still open after a sweep")
+	}
+	evs, _ := readAll(log, 0)
+	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") {
+		t.Fatalf("the stream's events: %+v; want one run_finish natural_end", evs)
+	}
+}
+
+// On a shared store the submitter's stream of a queued foreground run
+// that ran and ended on another sidecar ends within about a second,
+// without waiting for a sweep or a GC.
+func TestOnASharedStoreAStreamEndsSoonAfterItsRunEndedElsewhere(t *testing.T) {
+	r := newRigWith(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour},
+		func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
+	r.start(t)
+	ctx := context.Background()
+	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	completeElsewhere(t, r.store, res.DispatchID, res.RunID)
+	eventually(t, "the stream's end", func() bool { _, closed := log.ClosedAt(); return closed })
+	evs, _ := readAll(log, 0)
+	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") {
+		t.Fatalf("the stream's events: %+v; want one run_finish natural_end", evs)
 	}
 }
