@@ -14,9 +14,24 @@ import (
 	"time"
 )
 
-// apiClient speaks the client API over the API socket.
+// apiClient speaks the client API over the API socket, or over the TCP
+// listener with its bearer token.
 type apiClient struct {
-	http *http.Client
+	http  *http.Client
+	token string // sent as "Authorization: Bearer" when set (TCP)
+}
+
+// newTCPClient is an apiClient of the TCP listener at addr (host:port),
+// sending token with every request.
+func newTCPClient(addr, token string) *apiClient {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr)
+		},
+		MaxIdleConnsPerHost: 4,
+	}
+	return &apiClient{http: &http.Client{Transport: tr}, token: token}
 }
 
 func newAPIClient(socket string) *apiClient {
@@ -97,6 +112,9 @@ func (c *apiClient) send(ctx context.Context, method, path string, body any, hea
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

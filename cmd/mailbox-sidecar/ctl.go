@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -15,7 +16,7 @@ import (
 	"unicode/utf8"
 )
 
-const ctlUsage = `usage: mailbox-sidecar ctl [--socket PATH] [--json] [--timeout D] <command> [flags] [args]
+const ctlUsage = `usage: mailbox-sidecar ctl [--socket PATH | --addr HOST:PORT] [--json] [--timeout D] <command> [flags] [args]
 
 commands:
   submit [--background] [--agent ID] [--key K] THREAD TEXT
@@ -40,6 +41,9 @@ commands:
   check                      exit 0 when ready, 1 when not ready, 3 when unreachable
 
 The socket defaults to $MAILBOX_SIDECAR_API_SOCKET or ./run/api.sock.
+--addr (or $MAILBOX_SIDECAR_CTL_ADDR) reaches the TCP listener (serve's
+--http-addr) instead, with the bearer token of $MAILBOX_SIDECAR_AUTH_TOKEN
+(serve's --auth-token; --auth-token here too, but a flag shows in ps).
 Exit status: 0 ok, 1 the sidecar answered with an error (or a submit's run
 failed or was cancelled, or its stream ended before its run_finish), 2 bad
 usage, 3 sidecar unreachable.
@@ -64,6 +68,8 @@ func runCtl(args []string, getenv func(string) string, stdout, stderr io.Writer)
 		socket = "./run/api.sock"
 	}
 	fs.StringVar(&socket, "socket", socket, "API socket")
+	addr := fs.String("addr", getenv(envPrefix+"CTL_ADDR"), "TCP listener host:port, instead of the socket")
+	token := fs.String("auth-token", getenv(envPrefix+"AUTH_TOKEN"), "bearer token of the TCP listener")
 	asJSON := fs.Bool("json", false, "print JSON instead of tables")
 	timeout := fs.Duration("timeout", 30*time.Second, "timeout of one request (streams are not limited)")
 	if err := fs.Parse(args); err != nil {
@@ -76,7 +82,19 @@ func runCtl(args []string, getenv func(string) string, stdout, stderr io.Writer)
 		fmt.Fprint(stderr, ctlUsage)
 		return 2
 	}
-	c := &ctl{api: newAPIClient(socket), json: *asJSON, stdout: stdout, stderr: stderr, timeout: *timeout}
+	api := newAPIClient(socket)
+	if *addr != "" {
+		if _, _, err := net.SplitHostPort(*addr); err != nil {
+			fmt.Fprintf(stderr, "mailbox-sidecar ctl: --addr %q: want host:port (%v)\n", *addr, err)
+			return 2
+		}
+		if *token == "" {
+			fmt.Fprintf(stderr, "mailbox-sidecar ctl: --addr needs the listener's bearer token: set %sAUTH_TOKEN (or --auth-token)\n", envPrefix)
+			return 2
+		}
+		api = newTCPClient(*addr, *token)
+	}
+	c := &ctl{api: api, json: *asJSON, stdout: stdout, stderr: stderr, timeout: *timeout}
 	err := c.run(fs.Arg(0), fs.Args()[1:])
 	var ue usageError
 	var ae *apiError

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -116,5 +117,56 @@ func TestTruncateKeepsUTF8(t *testing.T) {
 	}
 	if got := truncate("a\nb", 10); got != "a b" {
 		t.Fatalf("truncate keeps a newline: %q", got)
+	}
+}
+
+// ctl reaches the TCP listener with --addr and the bearer token of
+// MAILBOX_SIDECAR_AUTH_TOKEN; without a token it refuses before sending,
+// and a wrong token is the listener's 401 (exit 1).
+func TestCtlReachesTheTCPListenerWithItsToken(t *testing.T) {
+	n := newNode(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	const token = "0123456789abcdef-token"
+	cfg, err := parseServe([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent,
+		"--http-addr", addr, "--auth-token", token}, env(nil), os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := startSidecar(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.shutdown(time.Second) })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ctlTCP := func(tok string, args ...string) (int, string, string) {
+		var out, errb bytes.Buffer
+		code := run(append([]string{"ctl", "--socket", "/nonexistent/api.sock"}, args...),
+			env(map[string]string{"MAILBOX_SIDECAR_CTL_ADDR": addr, "MAILBOX_SIDECAR_AUTH_TOKEN": tok}), &out, &errb)
+		return code, out.String(), errb.String()
+	}
+	if code, out, errs := ctlTCP(token, "submit", "--background", "tcp-thread", "hello"); code != 0 || !strings.Contains(out, "queued") {
+		t.Fatalf("submit over TCP: exit %d, %q %q", code, out, errs)
+	}
+	if code, out, errs := ctlTCP(token, "show", "thread", "tcp-thread"); code != 0 || !strings.Contains(out, "hello") {
+		t.Fatalf("show over TCP: exit %d, %q %q", code, out, errs)
+	}
+	if code, _, errs := ctlTCP("", "check"); code != 2 || strings.Contains(errs, "usage:") || !strings.Contains(errs, "MAILBOX_SIDECAR_AUTH_TOKEN") {
+		t.Fatalf("--addr without a token: exit %d, %q; want 2 naming the variable", code, errs)
+	}
+	if code, _, errs := ctlTCP("wrong-token-0123456789", "check"); code != 1 || !strings.Contains(errs, "401") {
+		t.Fatalf("a wrong token: exit %d, %q; want 1 with the 401", code, errs)
+	}
+	var out, errb bytes.Buffer
+	if code := run([]string{"ctl", "--addr", "no-port", "check"}, env(map[string]string{"MAILBOX_SIDECAR_AUTH_TOKEN": token}), &out, &errb); code != 2 || !strings.Contains(errb.String(), "host:port") {
+		t.Fatalf("--addr without a port: exit %d, %q", code, errb.String())
 	}
 }
