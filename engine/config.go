@@ -55,6 +55,13 @@ type Config struct {
 	// largest frame, so that one large event does not cut off a client
 	// following the run live a few events behind.
 	EventBufferBytes int64
+	// EventBufferTotalBytes bounds the bytes of events the running (and
+	// waiting) runs keep together: past it each run's log that grows
+	// drops its oldest events down to LiveBudgetFloor. Default 256 MiB.
+	// (EventBufferBytes times the agents' slots was no bound: an agent
+	// declaring 1 024 slots could make the sidecar hold 32 GiB; found by
+	// review.)
+	EventBufferTotalBytes int64
 	// EventRetention is how long a finished run's events stay
 	// re-attachable. Default 60s.
 	EventRetention time.Duration
@@ -123,6 +130,8 @@ const (
 	// DefaultEventBufferBytes is the default EventBufferBytes.
 	DefaultEventBufferBytes = 32 << 20
 	DefaultEventRetention   = 60 * time.Second
+	// DefaultEventBufferTotalBytes is the default EventBufferTotalBytes.
+	DefaultEventBufferTotalBytes = 256 << 20
 	// DefaultEventRetentionBytes is the default EventRetentionBytes.
 	DefaultEventRetentionBytes = 256 << 20
 	DefaultContextMessages     = 500
@@ -177,6 +186,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.EventRetentionBytes == 0 {
 		c.EventRetentionBytes = DefaultEventRetentionBytes
 	}
+	if c.EventBufferTotalBytes == 0 {
+		c.EventBufferTotalBytes = DefaultEventBufferTotalBytes
+	}
 	if c.EventBufferBytes == 0 {
 		c.EventBufferBytes = DefaultEventBufferBytes
 	}
@@ -217,8 +229,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, Validationf("config: SuspendedLease %s must be at least Lease %s", c.SuspendedLease, c.Lease)
 	case c.MaxRetryDelay < c.RetryDelay:
 		return c, Validationf("config: MaxRetryDelay %s is below RetryDelay %s", c.MaxRetryDelay, c.RetryDelay)
-	case c.EventBuffer < 0 || c.EventBufferBytes < 0 || c.EventRetentionBytes < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
-		return c, Validationf("config: EventBuffer, EventBufferBytes, EventRetentionBytes, ContextMessages and ContextBytes must not be negative")
+	case c.EventBuffer < 0 || c.EventBufferBytes < 0 || c.EventBufferTotalBytes < 0 || c.EventRetentionBytes < 0 || c.ContextMessages < 0 || c.ContextBytes < 0:
+		return c, Validationf("config: EventBuffer, EventBufferBytes, EventBufferTotalBytes, EventRetentionBytes, ContextMessages and ContextBytes must not be negative")
 	}
 	if err := ValidateID("ConsumerID", c.ConsumerID); err != nil {
 		return c, fmt.Errorf("config: %w", err)

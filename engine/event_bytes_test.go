@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,4 +86,72 @@ func TestFinishedRunsKeepAtMostTheRetentionBytes(t *testing.T) {
 	if kept > 5 { // 100 KiB of 20 KiB runs
 		t.Fatalf("%d finished runs' events of 20 KiB kept under a budget of 100 KiB", kept)
 	}
+}
+
+// Config.EventBufferTotalBytes bounds what the open logs of all running
+// runs keep together: each run's own bound times the agents' slots was no
+// bound (found by review: a 1 024-slot agent could make the sidecar hold
+// 32 GiB). Past it a growing log keeps LiveBudgetFloor; a log closes out
+// of the budget.
+func TestRunningRunsEventsAreBoundedTogether(t *testing.T) {
+	const runs, perRun, total = 6, 4 << 20, 2 << 20
+	ev, _ := json.Marshal(map[string]string{"type": "text_delta", "delta": strings.Repeat("y", 16<<10)})
+	emitted, release := make(chan struct{}, runs), make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		for range 128 { // 2 MiB each, under its own bound
+			sink.Emit(ev)
+		}
+		emitted <- struct{}{}
+		<-release
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(runs, script), engine.Config{EventBufferBytes: perRun, EventBufferTotalBytes: total})
+	r.start(t)
+	var once sync.Once
+	releaseAll := func() { once.Do(func() { close(release) }) }
+	defer releaseAll() // a failure below must not leave the runs waiting
+	ctx := context.Background()
+	var ids []string
+	for i := range runs {
+		res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("t", i), Messages: []engine.Message{userMsg("go")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.DispatchID)
+	}
+	for range runs {
+		<-emitted
+	}
+	// Without the budget they would hold runs × 2 MiB = 12 MiB.
+	bound := int64(total + runs*(engine.LiveBudgetFloor+len(ev)))
+	if used := r.mb.LiveEventBytes(); used > bound || used < total/2 {
+		t.Fatalf("the open logs hold %d bytes; want at most %d (the budget, and a floor and one event a log)", used, bound)
+	}
+	var sum int64
+	for i := range runs {
+		l := r.mb.Reattach(fmt.Sprint("t", i))
+		if l == nil {
+			t.Fatalf("no log of t%d", i)
+		}
+		evs, _, _, _ := l.Read(0, 1000, nil)
+		if len(evs) == 0 || evs[len(evs)-1].Seq != l.LastSeq() {
+			t.Fatalf("t%d: %d events; want the newest kept", i, len(evs))
+		}
+		for _, e := range evs {
+			sum += int64(len(e.Data))
+		}
+	}
+	if sum != r.mb.LiveEventBytes() {
+		t.Fatalf("the logs hold %d bytes, the budget counts %d", sum, r.mb.LiveEventBytes())
+	}
+	var b strings.Builder
+	r.mb.Metrics().WritePrometheus(&b)
+	if want := fmt.Sprintf("mailbox_event_buffer_bytes %d\n", sum); !strings.Contains(b.String(), want) {
+		t.Fatalf("metrics lack %q", want)
+	}
+	releaseAll()
+	for _, id := range ids {
+		eventually(t, "the run's end", func() bool { return dispatchStatus(t, r.store, id) == engine.StatusAcked })
+	}
+	eventually(t, "the closed logs out of the budget", func() bool { return r.mb.LiveEventBytes() == 0 })
 }

@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"sync"
+	"sync/atomic"
 )
 
 // Event is one agent event of a run. Seq is its id on the wire: see
@@ -52,16 +53,17 @@ func unstartedBase(s uint32) uint64 {
 // reset=true and resumes from the oldest event kept. Safe for concurrent
 // use.
 type EventLog struct {
-	mu       sync.Mutex // guards everything below
-	limit    int        // most events kept
-	maxBytes int64      // most bytes of event data kept (0: no bound); the newest event is always kept
-	bytes    int64      // bytes of the events kept
-	ring     []Event    // grows to limit, then wraps: seq s lives at (s-base) % limit
-	first    uint64     // seq of the oldest event kept (0 while empty)
-	next     uint64     // seq the next event gets
-	base     uint64     // seq of the log's first event (1 unless numbered)
-	prev     uint64     // the last id of the run's previous attempt, when this process held its log (else 0)
-	numbered bool       // number was applied
+	mu       sync.Mutex  // guards everything below
+	limit    int         // most events kept
+	maxBytes int64       // most bytes of event data kept (0: no bound); the newest event is always kept
+	bytes    int64       // bytes of the events kept
+	budget   *LiveBudget // shared by the open logs of a Mailbox (nil: none); left when closed
+	ring     []Event     // grows to limit, then wraps: seq s lives at (s-base) % limit
+	first    uint64      // seq of the oldest event kept (0 while empty)
+	next     uint64      // seq the next event gets
+	base     uint64      // seq of the log's first event (1 unless numbered)
+	prev     uint64      // the last id of the run's previous attempt, when this process held its log (else 0)
+	numbered bool        // number was applied
 	// floor, while the log is not numbered, is the lowest id the attempt
 	// that numbers it can use (above every id of the run's attempts that
 	// started before; 0 when unknown): see NextSeqFloor.
@@ -129,17 +131,20 @@ func (l *EventLog) appendWaking(typ string, data []byte, wake bool) uint64 {
 		l.ring = append(l.ring, e)
 	} else {
 		i := int((seq - l.base) % uint64(l.limit))
-		l.bytes -= int64(len(l.ring[i].Data)) // 0 when dropped for its bytes already
+		l.addBytes(-int64(len(l.ring[i].Data))) // 0 when dropped for its bytes already
 		l.ring[i] = e
 	}
-	l.bytes += int64(len(cp))
+	l.addBytes(int64(len(cp)))
 	l.first = max(l.first, seq-uint64(len(l.ring))+1)
 	// The oldest events go while the log holds more than maxBytes: the
 	// count alone let one run's large events hold gigabytes (found by
-	// review: sixty 15 MiB events took the sidecar past its memory limit).
-	for l.maxBytes > 0 && l.bytes > l.maxBytes && l.first < seq {
+	// review: sixty 15 MiB events took the sidecar past its memory limit);
+	// and, down to LiveBudgetFloor, while the open logs together hold more
+	// than their budget (each run's bound times the agents' slots was no
+	// bound: a 1 024-slot agent could make the sidecar hold 32 GiB).
+	for l.first < seq && (l.maxBytes > 0 && l.bytes > l.maxBytes || l.budget.over() && l.bytes > LiveBudgetFloor) {
 		i := int((l.first - l.base) % uint64(l.limit))
-		l.bytes -= int64(len(l.ring[i].Data))
+		l.addBytes(-int64(len(l.ring[i].Data)))
 		l.ring[i].Data = nil
 		l.first++
 	}
@@ -147,6 +152,45 @@ func (l *EventLog) appendWaking(typ string, data []byte, wake bool) uint64 {
 		l.wakeLocked()
 	}
 	return seq
+}
+
+// addBytes counts delta bytes of event data in the log and its budget.
+func (l *EventLog) addBytes(delta int64) {
+	l.bytes += delta
+	if l.budget != nil {
+		l.budget.used.Add(delta)
+	}
+}
+
+// LiveBudget bounds the bytes of event data the open logs of a Mailbox
+// (its running and waiting runs') hold together. Past it each log that
+// grows drops its oldest events down to LiveBudgetFloor, as a log past
+// its own bound does; a closed log leaves it (finished runs' logs are
+// bounded by EventRetentionBytes). The open logs hold at most the limit
+// plus, for each, LiveBudgetFloor and its newest event (a log keeps what
+// it held when another filled the budget).
+type LiveBudget struct {
+	limit int64 // ≤ 0: no bound
+	used  atomic.Int64
+}
+
+// LiveBudgetFloor is the event data a log keeps when the open logs are
+// over their budget: a client a few events behind still follows without
+// a reset.
+const LiveBudgetFloor = 64 << 10
+
+// over reports whether the open logs hold more than the budget (false
+// for a nil budget).
+func (b *LiveBudget) over() bool {
+	return b != nil && b.limit > 0 && b.used.Load() > b.limit
+}
+
+// Used is the event data the open logs hold (0 for a nil budget).
+func (b *LiveBudget) Used() int64 {
+	if b == nil {
+		return 0
+	}
+	return b.used.Load()
 }
 
 // WakeReaders wakes the readers waiting for an event (Read's wait
@@ -221,6 +265,10 @@ func (l *EventLog) Close(nowMs int64) {
 		return
 	}
 	l.closed, l.closedAt = true, nowMs
+	if l.budget != nil {
+		l.budget.used.Add(-l.bytes)
+		l.budget = nil
+	}
 	// Kept for re-attachment (EventRetention) but never appended to
 	// again: a ring that did not wrap gives back the room it did not use
 	// (most runs emit a few events into room for 16).

@@ -463,3 +463,48 @@ func TestExec_permanent_failure_recorded_with_its_dead_letter(t *testing.T) {
 		t.Fatalf("run %+v", run)
 	}
 }
+
+// A run whose agent is slow to stop after a user's cancel or an interrupt
+// settled its claim is not a lost lease: the renewals that find the claim
+// gone are neither counted lost nor logged (found by review: an alert on
+// lost leases fired on ordinary cancels).
+func TestASettledCancelIsNoLostLease(t *testing.T) {
+	slow := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		<-ctx.Done()
+		time.Sleep(500 * time.Millisecond) // the agent takes its time to stop
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	}
+	r := newRig(t, newFake(2, slow), engine.Config{Lease: time.Second, RenewInterval: 50 * time.Millisecond})
+	r.start(t)
+	ctx := context.Background()
+	a, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "tc", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "ti", Messages: []engine.Message{userMsg("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "both running", func() bool { return r.mb.InFlight() == 2 })
+	if ok, err := r.mb.Cancel(ctx, a.DispatchID); err != nil || !ok {
+		t.Fatalf("cancel: %v %v", ok, err)
+	}
+	if _, err := r.mb.Interrupt(ctx, "ti"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "both stopped", func() bool { return r.mb.InFlight() == 0 })
+	var out strings.Builder
+	r.mb.Metrics().WritePrometheus(&out)
+	if !strings.Contains(out.String(), `mailbox_lease_renewals_total{result="lost"} 0`) {
+		t.Fatalf("renewals after a settled cancel or interrupt were counted lost:\n%s", grepLines(out.String(), "lease_renewals"))
+	}
+}
+
+func grepLines(s, sub string) string {
+	var keep []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}

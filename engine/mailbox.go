@@ -116,6 +116,8 @@ type Mailbox struct {
 	// closedSince is the bytes of event logs closed since the last
 	// trimRetained (EventRetentionBytes).
 	closedSince atomic.Int64
+	// live bounds the event bytes of the open logs (EventBufferTotalBytes).
+	live LiveBudget
 	// prefixGen counts what may make a thread before the end of prefix
 	// (the held head of the ready order) claimable: a hold ended or
 	// shortened before it lapsed, work put back at its old place.
@@ -155,6 +157,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		threads: map[string]*execution{}, byRun: map[string]*execution{},
 		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
 		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
+		live: LiveBudget{limit: cfg.EventBufferTotalBytes},
 	}
 	m.probeDone = sync.NewCond(&m.mu)
 	m.slots, _ = exec.(SlotCounter)
@@ -176,6 +179,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 		return float64(max(now-first[0].Due, 0)) / 1000, nil
 	}, func() float64 { return float64(m.runningCount()) })
 	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
+	m.metrics.set.NewGauge(metricEventBufferBytes, func() float64 { return float64(m.live.Used()) })
 	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages, putBack: m.putBack}
 	return m, nil
 }
@@ -580,7 +584,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
-	events := NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
+	events := m.newEventLog()
 	m.addPending(req.DispatchIDHint, events)
 	runID, d, err := m.submitRun(ctx, &req, availableAt)
 	m.written(req.DispatchIDHint)
@@ -689,7 +693,7 @@ func (m *Mailbox) submitIdle(ctx context.Context, req *SubmitRequest) (SubmitRes
 	if req.DispatchIDHint == "" {
 		req.DispatchIDHint, req.dispatchIDMinted = newID(), true
 	}
-	events := NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
+	events := m.newEventLog()
 	m.addPending(req.DispatchIDHint, events)
 	defer m.written(req.DispatchIDHint)
 	var claimed *Dispatch
@@ -898,6 +902,18 @@ func (m *Mailbox) dropPending(dispatchIDs ...string) {
 		}
 	}
 }
+
+// newEventLog is a log of a run's attempt, bounded by EventBuffer and
+// EventBufferBytes, and with the other open logs by EventBufferTotalBytes.
+func (m *Mailbox) newEventLog() *EventLog {
+	l := NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
+	l.budget = &m.live
+	return l
+}
+
+// LiveEventBytes is the event data the open logs hold
+// (EventBufferTotalBytes bounds it).
+func (m *Mailbox) LiveEventBytes() int64 { return m.live.Used() }
 
 // withdrawPending closes the event logs of queued foreground runs whose
 // dispatches were withdrawn (superseded or cancelled) before they ran,
@@ -1208,7 +1224,7 @@ func (m *Mailbox) queuedRunLog(ctx context.Context, thread, runID string) (*Even
 	l := m.pending[d.DispatchID]
 	fresh := l == nil
 	if fresh {
-		l = NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes)
+		l = m.newEventLog()
 		l.pendingRun = runID
 		if run.StartCount > 0 {
 			l.floor = unstartedBase(run.StartCount)
@@ -1270,7 +1286,7 @@ func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog,
 	id := active.DispatchID
 	l = m.pending[id]
 	if l == nil {
-		l, fresh = NewBoundedEventLog(m.cfg.EventBuffer, m.cfg.EventBufferBytes), true
+		l, fresh = m.newEventLog(), true
 		l.pendingRun = active.RunID
 		if run != nil && run.StartCount > 0 {
 			l.floor = unstartedBase(run.StartCount)

@@ -51,6 +51,7 @@ type serveConfig struct {
 	EventBytes      byteSize
 	EventRetention  time.Duration
 	EventKeptBytes  byteSize
+	EventLiveBytes  byteSize
 	AuthToken       string
 	Lease           time.Duration
 	ReclaimOrphans  bool
@@ -129,7 +130,7 @@ func formatBytes(n int64) string {
 
 // serveFlags declares the serve flags on fs with their defaults.
 func serveFlags(fs *flag.FlagSet, c *serveConfig) {
-	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, EventBytes: engine.DefaultEventBufferBytes, EventKeptBytes: engine.DefaultEventRetentionBytes, MemoryLimit: 512 << 20}
+	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, EventBytes: engine.DefaultEventBufferBytes, EventKeptBytes: engine.DefaultEventRetentionBytes, EventLiveBytes: engine.DefaultEventBufferTotalBytes, MemoryLimit: 512 << 20}
 	storeFlags(fs, c)
 	fs.StringVar(&c.DataDir, "data-dir", "./data", "Badger data directory (created if absent; a second sidecar on it is refused); not used with --store nats://")
 	fs.StringVar(&c.APISocket, "api-socket", "./run/api.sock", "client API socket")
@@ -142,6 +143,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
 	fs.IntVar(&c.EventBuffer, "event-buffer", 10000, "events buffered per run for re-attachment")
 	fs.Var(&c.EventBytes, "event-buffer-bytes", "bytes of events buffered per run for re-attachment (the newest event is always kept)")
+	fs.Var(&c.EventLiveBytes, "event-buffer-total-bytes", "bytes of events the running runs keep together; past it a run's growing buffer drops its oldest events down to 64KiB")
 	fs.DurationVar(&c.EventRetention, "event-retention", 60*time.Second, "how long a finished run's events stay re-attachable")
 	fs.Var(&c.EventKeptBytes, "event-retention-bytes", "bytes of events the finished runs of all threads keep for re-attachment; past it those that finished first are forgotten before --event-retention")
 	fs.StringVar(&c.AuthToken, "auth-token", "", "bearer token required on the TCP API listener")
@@ -283,6 +285,9 @@ func (c *serveConfig) validate() []error {
 	if c.ContextMessages < 1 {
 		bad("--context-messages %d must be at least 1", c.ContextMessages)
 	}
+	if c.EventLiveBytes < 1<<20 {
+		bad("--event-buffer-total-bytes %s is below 1MiB", c.EventLiveBytes.String())
+	}
 	if c.EventKeptBytes < 1<<20 {
 		bad("--event-retention-bytes %s is below 1MiB", c.EventKeptBytes.String())
 	}
@@ -367,7 +372,7 @@ func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
 		Lease: c.Lease, SuspendedLease: c.SuspendedLease, RenewInterval: c.LeaseRenewal,
 		SweepInterval: c.SweepInterval, GCInterval: c.GCInterval, GCTTL: c.GCTTL,
 		MaxAttempts: uint32(c.MaxAttempts), RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
-		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventBufferBytes: int64(c.EventBytes), EventRetention: c.EventRetention, EventRetentionBytes: int64(c.EventKeptBytes),
+		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventBufferBytes: int64(c.EventBytes), EventBufferTotalBytes: int64(c.EventLiveBytes), EventRetention: c.EventRetention, EventRetentionBytes: int64(c.EventKeptBytes),
 		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
 		ConsumerID: c.ConsumerID, Logger: log, Now: skewedClock(c.ClockSkew),
 		KeepOrphanedClaims: !c.ReclaimOrphans,

@@ -32,7 +32,7 @@ func TestParseServeDefaults(t *testing.T) {
 		c.MaxRetryDelay != 30*time.Second || c.Heartbeat != 5*time.Second || c.CommandTimeout != 2*time.Second ||
 		c.ShutdownGrace != 20*time.Second || c.LogLevel != "info" || c.LogFormat != "text" ||
 		c.MemoryLimit != 512<<20 || c.GOGC != 200 || c.GOMAXPROCS != 0 || !c.ReclaimOrphans || c.engineConfig(nil).KeepOrphanedClaims ||
-		c.engineConfig(nil).EventRetentionBytes != 256<<20 {
+		c.engineConfig(nil).EventRetentionBytes != 256<<20 || c.engineConfig(nil).EventBufferTotalBytes != 256<<20 {
 		t.Fatalf("defaults differ from the spec: %+v", c)
 	}
 }
@@ -97,6 +97,7 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--max-attempts", "0"}, nil, "--max-attempts"},
 		{[]string{"--event-buffer-bytes", "100"}, nil, "--event-buffer-bytes 100 is below 1KiB"},
 		{[]string{"--event-retention-bytes", "1000"}, nil, "--event-retention-bytes 1000 is below 1MiB"},
+		{[]string{"--event-buffer-total-bytes", "1000"}, nil, "--event-buffer-total-bytes 1000 is below 1MiB"},
 		{[]string{"--gogc", "0"}, nil, "--gogc 0 must be positive"},
 		{[]string{"--gomaxprocs", "-2"}, nil, "--gomaxprocs -2 must be positive, or 0"},
 		{[]string{"--gogc", "-1", "--memory-limit", "0"}, nil, "needs a memory limit"},

@@ -23,6 +23,7 @@ var Help = map[string]string{
 	"mailbox_dispatch_ready_wait_seconds":          "How long the thread first in the ready order has waited (queue lag); 0 when none waits.",
 	"mailbox_dispatch_held_threads":                "Threads set aside by the dispatcher: their claims failed, or no agent took their run.",
 	"mailbox_active_runs":                          "Attempts executing in this sidecar.",
+	"mailbox_event_buffer_bytes":                   "Bytes of events the running and waiting runs' buffers hold for re-attachment (bounded by --event-buffer-total-bytes).",
 	"mailbox_dispatch_enqueue_to_start_seconds":    "Time from a dispatch's creation to the start of its attempt.",
 	"mailbox_dispatch_eligible_to_start_seconds":   "Time from a dispatch falling due to the start of its attempt.",
 	"mailbox_dispatch_claim_to_start_seconds":      "Time from a dispatch's claim to the start of its attempt.",
