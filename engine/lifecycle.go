@@ -693,23 +693,24 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 	// within one lease of this start — the suspended lease for a run that
 	// waited on a tool call; while any remain, sweep often, so their
 	// threads are served when the lease lapses, not up to a sweep interval
-	// later. Only on a store of this process alone: on a shared store the
-	// other claims are other sidecars' live work.
+	// later. On a store of this process alone only while it holds claims
+	// this process did not make; on a shared store, where the other claims
+	// are other sidecars' live work and cannot be told apart, for the
+	// whole window (found by review: README promised it on NATS too, and a
+	// restarted sidecar's runs waited up to a sweep interval past their
+	// lease).
+	_, shared := m.raw.(SignalSource)
+	orphansUntil := time.Now().Add(max(m.cfg.Lease, m.cfg.SuspendedLease) + time.Second)
+	orphanTicker := time.NewTicker(min(m.cfg.SweepInterval, max(m.cfg.Lease/10, 100*time.Millisecond)))
+	defer orphanTicker.Stop()
+	orphans := orphanTicker.C
 	// On a shared store a queued foreground run may run and end on another
 	// sidecar; its submitter here learns it within waitingInterval.
 	var waiting <-chan time.Time
-	if _, shared := m.raw.(SignalSource); shared {
+	if shared {
 		t := time.NewTicker(waitingInterval)
 		defer t.Stop()
 		waiting = t.C
-	}
-	var orphans <-chan time.Time
-	orphansUntil := time.Now().Add(max(m.cfg.Lease, m.cfg.SuspendedLease) + time.Second)
-	if _, shared := m.raw.(SignalSource); !shared {
-		every := min(m.cfg.SweepInterval, max(m.cfg.Lease/10, 100*time.Millisecond))
-		t := time.NewTicker(every)
-		defer t.Stop()
-		orphans = t.C
 	}
 	for {
 		select {
@@ -721,8 +722,9 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 				continue
 			}
 			m.watch.maintenance.busy()
-			if m.foreignClaims(ctx) {
-				m.Sweep(ctx)
+			if shared || m.foreignClaims(ctx) {
+				m.reclaimLapsed(ctx)
+				m.kick()
 			}
 		case <-waiting:
 			if !m.anyWaiting() {
@@ -772,6 +774,16 @@ func (m *Mailbox) foreignClaims(ctx context.Context) bool {
 // Sweep reclaims lapsed leases (re-queued ones are dispatched again) and
 // reconciles terminal dispatches.
 func (m *Mailbox) Sweep(ctx context.Context) {
+	m.reclaimLapsed(ctx)
+	if err := m.reconcileTerminal(ctx); err != nil {
+		m.log.Warn("sweep: reconcile failed", "err", err)
+	}
+	m.kick()
+}
+
+// reclaimLapsed is Sweep's reclaim of lapsed leases, without its
+// reconciliation.
+func (m *Mailbox) reclaimLapsed(ctx context.Context) {
 	for {
 		got, err := m.store.ReclaimExpired(ctx, m.cfg.Now(), reclaimPage)
 		if err != nil {
@@ -784,10 +796,6 @@ func (m *Mailbox) Sweep(ctx context.Context) {
 			break
 		}
 	}
-	if err := m.reconcileTerminal(ctx); err != nil {
-		m.log.Warn("sweep: reconcile failed", "err", err)
-	}
-	m.kick()
 }
 
 // GC purges terminal dispatches older than GCTTL and forgets event logs
@@ -970,12 +978,11 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 		}
 	} else if router, ok := m.raw.(LiveRouter); ok {
 		// The thread may be running in another process.
-		run, err := m.store.LatestRun(ctx, req.ThreadID)
+		target, ok, err := m.threadTarget(ctx, req.ThreadID, false)
 		if err != nil {
 			return SubmitResult{}, "", err
 		}
-		if run != nil && run.Status == RunRunning && (expectedRunID == "" || expectedRunID == run.RunID) {
-			target := LiveTarget{ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID}
+		if ok && (expectedRunID == "" || expectedRunID == target.RunID) {
 			delivered, err := router.DeliverLive(ctx, target, LiveCommand{Kind: LiveMessages, Messages: recs})
 			if err != nil {
 				// The messages are logged: a delivery that fails falls
@@ -984,14 +991,14 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 				// there with no run for them, and the client's retry logged
 				// them again (found by review: a command over the NATS
 				// server's max_payload).
-				m.log.Warn("live delivery to another process failed; the messages are queued", "thread_id", req.ThreadID, "run_id", run.RunID, "err", err)
+				m.log.Warn("live delivery to another process failed; the messages are queued", "thread_id", req.ThreadID, "run_id", target.RunID, "err", err)
 			}
 			if delivered {
-				did := run.DispatchID
+				did := target.DispatchID
 				if did == "" {
-					did = run.RunID
+					did = target.RunID
 				}
-				return SubmitResult{DispatchID: did, RunID: run.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
+				return SubmitResult{DispatchID: did, RunID: target.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
 			}
 		}
 	}

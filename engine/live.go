@@ -92,10 +92,40 @@ func ClassifyFailure(kind, code string) OutcomeKind {
 // be for the attempt that comes out of it. It reports whether the command
 // was accepted.
 func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCommand) bool {
+	return m.AnswerLive(ctx, target, cmd) == LiveAccepted
+}
+
+// LiveAnswer is how the receiving side of a LiveRouter answers a routed
+// command.
+type LiveAnswer uint8
+
+// Live answers.
+const (
+	// LiveNotHere: the target does not execute in this process (another
+	// may be its owner); a router says nothing back.
+	LiveNotHere LiveAnswer = iota
+	// LiveRefused: the target executes here and did not take the command
+	// (a decision for no waiting call, messages the agent refused, a
+	// cancel of a claim already settled); a router can tell the sender at
+	// once instead of letting it wait out its timeout.
+	LiveRefused
+	// LiveAccepted: taken.
+	LiveAccepted
+)
+
+// AnswerLive is HandleLive telling a refusal by the target's owner
+// (LiveRefused) apart from a target that is not here (LiveNotHere).
+func (m *Mailbox) AnswerLive(ctx context.Context, target LiveTarget, cmd LiveCommand) LiveAnswer {
 	e := m.settledEntry(ctx, target.ThreadID)
 	if e == nil || e.claiming || e.dispatch.RunID != target.RunID ||
 		(target.DispatchID != "" && e.dispatch.DispatchID != target.DispatchID) {
-		return false
+		return LiveNotHere
+	}
+	answer := func(ok bool) LiveAnswer {
+		if ok {
+			return LiveAccepted
+		}
+		return LiveRefused
 	}
 	switch cmd.Kind {
 	case LiveCancel:
@@ -113,18 +143,18 @@ func (m *Mailbox) HandleLive(ctx context.Context, target LiveTarget, cmd LiveCom
 		case errors.Is(err, ErrVersionConflict):
 		case err != nil:
 			m.log.Warn("live cancel not made durable", "dispatch_id", e.dispatch.DispatchID, "err", err)
-			return false
+			return LiveRefused
 		case !ok:
-			return false
+			return LiveRefused
 		}
 		e.cancel(errCancelled)
-		return true
+		return LiveAccepted
 	case LiveMessages:
-		return m.command(ctx, e, Command{Kind: CommandMessages, Messages: cmd.Messages})
+		return answer(m.command(ctx, e, Command{Kind: CommandMessages, Messages: cmd.Messages}))
 	case LiveDecision:
-		return m.command(ctx, e, Command{Kind: CommandDecision, Decisions: cmd.Decisions})
+		return answer(m.command(ctx, e, Command{Kind: CommandDecision, Decisions: cmd.Decisions}))
 	}
-	return false
+	return LiveRefused
 }
 
 // settledEntry returns the thread's entry here once no claim or hand-over

@@ -418,14 +418,42 @@ func (m *Mailbox) deliverElsewhere(ctx context.Context, id string, cmd LiveComma
 		return false, err
 	}
 	if run == nil {
-		if run, err = m.store.LatestRun(ctx, id); err != nil {
+		target, ok, err := m.threadTarget(ctx, id, true)
+		if err != nil || !ok {
 			return false, err
 		}
+		return router.DeliverLive(ctx, target, cmd)
 	}
-	if run != nil && (run.Status == RunRunning || run.Status == RunWaiting) {
+	if run.Status == RunRunning || run.Status == RunWaiting {
 		return router.DeliverLive(ctx, LiveTarget{ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID}, cmd)
 	}
 	return false, nil
+}
+
+// threadTarget is where a command for thread goes when no attempt of it
+// executes here: the run of its claimed dispatch (executing in another
+// process), else its latest run when that is running (or, with waiting,
+// waiting). ok false: none. The latest run alone missed the run executing
+// whenever work was queued behind it, whose run is newer (found by
+// review: messages and a cancel by thread id sent to another sidecar than
+// the run's were queued, or answered "nothing to cancel").
+func (m *Mailbox) threadTarget(ctx context.Context, thread string, waiting bool) (LiveTarget, bool, error) {
+	claimed, err := m.store.ListDispatches(ctx, thread, StatusFilter{StatusClaimed}, 1, 0)
+	if err != nil {
+		return LiveTarget{}, false, err
+	}
+	if len(claimed) > 0 {
+		d := &claimed[0]
+		return LiveTarget{ThreadID: d.ThreadID, RunID: d.RunID, DispatchID: d.DispatchID}, true, nil
+	}
+	run, err := m.store.LatestRun(ctx, thread)
+	if err != nil || run == nil {
+		return LiveTarget{}, false, err
+	}
+	if run.Status == RunRunning || waiting && run.Status == RunWaiting {
+		return LiveTarget{ThreadID: run.ThreadID, RunID: run.RunID, DispatchID: run.DispatchID}, true, nil
+	}
+	return LiveTarget{}, false, nil
 }
 
 // cancelLocal cancels the attempt executing here whose run, dispatch or

@@ -25,9 +25,13 @@ import (
 // (ServeLive) subscribes to <Prefix>live.> and hands each command to its
 // handler (the engine's HandleLive), which accepts only a command whose
 // target runs in that process; only then does the store reply, with an
-// empty message: the receipt. Nobody accepting means no reply, and the
-// sender's request times out: not delivered, so the engine falls back to
-// the durable queue. A payload that does not decode, or whose version or
+// empty message: the receipt. The process the target runs in and that
+// does not take the command (ServeLiveAnswers: engine.LiveRefused)
+// replies "refused" at once: not delivered, without the sender waiting
+// out its timeout (found by review: every refusal cost 5 s; a sender of
+// an earlier version reads any non-empty reply as not delivered too).
+// Nobody answering means no reply, and the sender's request times out:
+// not delivered, so the engine falls back to the durable queue. A payload that does not decode, or whose version or
 // kind this build does not know, is dropped without a reply (the sender
 // sees "not delivered").
 //
@@ -66,6 +70,14 @@ const liveHandlerSlots = 64
 // LiveHandler takes a live command routed to this process and reports
 // whether it accepted it; (*engine.Mailbox).HandleLive is one.
 type LiveHandler func(ctx context.Context, target engine.LiveTarget, cmd engine.LiveCommand) bool
+
+// LiveAnswerer is a LiveHandler that tells a refusal by the target's
+// owner apart from a target that is not here; (*engine.Mailbox).AnswerLive
+// is one.
+type LiveAnswerer func(ctx context.Context, target engine.LiveTarget, cmd engine.LiveCommand) engine.LiveAnswer
+
+// liveRefusal is the reply of the target's owner that refuses a command.
+var liveRefusal = []byte("refused")
 
 // live is the receiving side's state.
 type live struct {
@@ -207,8 +219,24 @@ func (s *Store) DeliverLive(ctx context.Context, target engine.LiveTarget, cmd e
 // once; each with a context bounded by LiveTimeout and ended by Close),
 // replying with the receipt only when handler returns true. Call it once,
 // after the engine exists; Close stops it. Wire it to the engine with
-// store.ServeLive(mailbox.HandleLive).
+// store.ServeLive(mailbox.HandleLive), or ServeLiveAnswers.
 func (s *Store) ServeLive(handler LiveHandler) error {
+	if handler == nil {
+		return engine.Validationf("natsstore: ServeLive needs a handler")
+	}
+	return s.ServeLiveAnswers(func(ctx context.Context, target engine.LiveTarget, cmd engine.LiveCommand) engine.LiveAnswer {
+		if handler(ctx, target, cmd) {
+			return engine.LiveAccepted
+		}
+		return engine.LiveNotHere
+	})
+}
+
+// ServeLiveAnswers is ServeLive with a handler that tells refusals apart:
+// the owner's refusal is replied to at once ("refused"), so its sender
+// does not wait out LiveTimeout. Wire it with
+// store.ServeLiveAnswers(mailbox.AnswerLive).
+func (s *Store) ServeLiveAnswers(handler LiveAnswerer) error {
 	if handler == nil {
 		return engine.Validationf("natsstore: ServeLive needs a handler")
 	}
@@ -238,7 +266,7 @@ func (s *Store) ServeLive(handler LiveHandler) error {
 // onLive runs on the subscription's goroutine: it decodes the command and
 // hands it to a handler goroutine, so one slow agent does not hold up
 // commands for other runs.
-func (s *Store) onLive(m *nats.Msg, handler LiveHandler) {
+func (s *Store) onLive(m *nats.Msg, handler LiveAnswerer) {
 	if m.Reply == "" {
 		return
 	}
@@ -265,10 +293,16 @@ func (s *Store) onLive(m *nats.Msg, handler LiveHandler) {
 		defer func() { <-s.live.slots }()
 		ctx, cancel := context.WithTimeout(s.life, s.cfg.LiveTimeout)
 		defer cancel()
-		if handler(ctx, target, cmd) {
-			if err := m.Respond(nil); err != nil {
-				s.log.Warn("natsstore: live command receipt", "subject", m.Subject, "err", err)
-			}
+		var reply []byte
+		switch handler(ctx, target, cmd) {
+		case engine.LiveAccepted:
+		case engine.LiveRefused:
+			reply = liveRefusal
+		default:
+			return // not here: the owner, if any, answers
+		}
+		if err := m.Respond(reply); err != nil {
+			s.log.Warn("natsstore: live command receipt", "subject", m.Subject, "err", err)
 		}
 	}()
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sort"
@@ -214,6 +215,10 @@ func (f *fakeAgent) Run(ctx context.Context, req *engine.RunRequest, sink engine
 						r.decisions = append(r.decisions, d.CallID)
 					}
 				})
+				if len(c.Decisions) == 1 && c.Decisions[0].CallID == "refuse-me" {
+					c.Reply <- errors.New("no such call")
+					continue
+				}
 				c.Reply <- nil
 			}
 		}
@@ -272,7 +277,7 @@ func startSidecarWith(t *testing.T, w *world, cfg natsstore.Config, name string,
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.ServeLive(mb.HandleLive); err != nil {
+	if err := st.ServeLiveAnswers(mb.AnswerLive); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -542,4 +547,83 @@ func TestIdleSidecarPicksUpWorkThroughSignals(t *testing.T) {
 		t.Fatalf("sc2 acked no dispatch signal:\n%s", buf.String())
 	}
 	w.checkNoOverlap(t)
+}
+
+// Messages and a cancel by thread id sent through one sidecar reach the
+// run executing on another while work is queued behind it (found by
+// review: the sender took the thread's latest run, the queued one, and
+// queued the messages or answered "nothing to cancel").
+func TestThreadCommandsReachTheRunningRunPastQueuedWork(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	scs := startSidecars(t, w, freshConfig(), 1, 1, 1)
+	ctx := context.Background()
+	sub, err := scs[0].mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "tq", Messages: []engine.Message{userMsg("hold")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := w.activeRun(t, "tq")
+	a := other(scs, running.sidecar)
+	behind, err := a.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "tq", Messages: []engine.Message{userMsg("hold")}})
+	if err != nil || behind.Status != engine.SubmitQueued {
+		t.Fatalf("the submit behind: %+v %v", behind, err)
+	}
+	eventually(t, a.name+" sees the run claimed", func() bool {
+		ds, err := a.store.ListDispatches(ctx, "tq", engine.StatusFilter{engine.StatusClaimed}, 1, 0)
+		return err == nil && len(ds) == 1 && ds[0].DispatchID == sub.DispatchID
+	})
+	res, how, err := a.mb.SendMessages(ctx, engine.SubmitRequest{ThreadID: "tq", Messages: []engine.Message{userMsg("live past the queue")}}, sub.RunID)
+	if err != nil || how != engine.DeliveredLive || res.RunID != sub.RunID {
+		t.Fatalf("send messages through %s: %+v %s %v; want live to %s", a.name, res, how, err, sub.RunID)
+	}
+	w.mu.Lock()
+	got := *w.active["tq"]
+	w.mu.Unlock()
+	if got.dispatchID != sub.DispatchID || len(got.live) != 1 || got.live[0] != "live past the queue" {
+		t.Fatalf("the running run received live=%q (dispatch %s)", got.live, got.dispatchID)
+	}
+	ok, err := a.mb.Cancel(ctx, "tq")
+	if err != nil || !ok {
+		t.Fatalf("cancel by thread through %s: %v %v", a.name, ok, err)
+	}
+	d := waitStatus(t, a, sub.DispatchID, engine.StatusAcked)
+	if d.Termination == nil || d.Termination.Type != engine.TermCancelled {
+		t.Errorf("cancelled dispatch: termination %+v", d.Termination)
+	}
+}
+
+// A command the run's owner refuses is answered at once: its sender on
+// another sidecar does not wait out the live timeout (found by review:
+// every refusal cost 5 s there, against none on the owner).
+func TestARefusedLiveCommandIsAnsweredAtOnce(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	cfg := freshConfig()
+	cfg.LiveTimeout = time.Minute
+	scs := startSidecars(t, w, cfg, 1, 1, 1)
+	ctx := context.Background()
+	sub, err := scs[0].mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "tr", Messages: []engine.Message{userMsg("hold")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := w.activeRun(t, "tr")
+	a := other(scs, running.sidecar)
+	eventually(t, a.name+" sees the run running", func() bool {
+		r, err := a.store.LatestRun(ctx, "tr")
+		return err == nil && r != nil && r.RunID == sub.RunID && r.Status == engine.RunRunning
+	})
+	// Without the owner's answer the send would wait for the live timeout
+	// (a minute), past this context's 20 s.
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	ok, err := a.mb.SendDecision(dctx, sub.RunID, engine.Decision{CallID: "refuse-me", Resume: json.RawMessage(`{"action":"resume"}`)})
+	if ok || err != nil || dctx.Err() != nil {
+		t.Fatalf("a refused decision through %s: delivered=%v err=%v, context %v; want not delivered, answered before the context ended", a.name, ok, err, dctx.Err())
+	}
+	if ok, err := a.mb.SendDecision(ctx, sub.RunID, engine.Decision{CallID: "call-2", Resume: json.RawMessage(`{"action":"resume"}`)}); !ok || err != nil {
+		t.Fatalf("an accepted decision through %s: %v %v", a.name, ok, err)
+	}
+	if ok, err := a.mb.Cancel(ctx, sub.RunID); !ok || err != nil { // not left for the shutdown's grace
+		t.Fatalf("cancel through %s: %v %v", a.name, ok, err)
+	}
 }

@@ -201,7 +201,7 @@ func serveLive(store sidecarStore, mb *engine.Mailbox) error {
 	if !ok {
 		return nil
 	}
-	if err := ns.ServeLive(mb.HandleLive); err != nil {
+	if err := ns.ServeLiveAnswers(mb.AnswerLive); err != nil {
 		return fmt.Errorf("live commands: %w", err)
 	}
 	return nil
