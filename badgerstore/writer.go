@@ -642,7 +642,19 @@ func (s *Store) add(b *building, o *op, w *writeTx) bool {
 		s.answer(o, fmt.Errorf("%s: %w", o.name, unavailable(err)))
 		return true
 	}
-	if err := s.space.check(s.opts); err != nil {
+	wasLow := s.space.low
+	err := s.space.check(s.opts)
+	if s.space.low != wasLow {
+		// The change, once each way (found by review: only each refused
+		// operation's own warnings told of a full disk, and nothing of
+		// its end).
+		if s.space.low {
+			s.opts.Logger.Error("the disk is full: the store refuses writes (503) until space returns", "dir", s.opts.Dir, "free_bytes", s.space.free, "min_free_bytes", s.opts.MinFreeBytes)
+		} else {
+			s.opts.Logger.Warn("disk space returned: the store takes writes again", "dir", s.opts.Dir, "free_bytes", s.space.free)
+		}
+	}
+	if err != nil {
 		s.metrics.refusedFull.Inc()
 		s.answer(o, fmt.Errorf("%s: %w", o.name, err))
 		return true

@@ -79,6 +79,10 @@ type EventLog struct {
 	// has not started (attachPending), until run is set; guarded by
 	// Mailbox.mu. Only AttachedRun reads it.
 	pendingRun string
+	// waitFrom is the dispatch's attempt count when this log began to
+	// wait for it (a waiting log; guarded by Mailbox.mu): a higher count
+	// read later is an attempt that failed elsewhere (endWaiting).
+	waitFrom uint32
 	handed     handedOn // set when handed on to the next attempt (handOnLog); guarded by Mailbox.mu
 	closed     bool
 	closedAt   int64         // Unix ms, when closed

@@ -379,6 +379,7 @@ func (m *Mailbox) handOnLog(e *execution) bool {
 		return false
 	}
 	m.pending[e.dispatch.DispatchID] = e.events
+	e.events.waitFrom = e.dispatch.AttemptCount
 	// The attempt that numbers the log tells a reader of the attempt
 	// before this one to go on without a reset as this one would have:
 	// this one's recorded start, if any, is no attempt the reader missed

@@ -54,3 +54,28 @@ func TestFailedRunsAreLoggedWithTheirIDs(t *testing.T) {
 	}
 	eventually(t, "the failures logged", func() bool { return missing() == "" })
 }
+
+// A dispatch a reclaim dead-letters (its last attempt held by a process
+// that died) is logged at warn, as every other dead letter is (found by
+// review: at info, a warn-level filter missed them).
+func TestReclaimedDeadLettersAreWarnings(t *testing.T) {
+	var logs syncbuf.Buffer
+	r := newRig(t, newFake(1, complete), engine.Config{SweepInterval: time.Hour, Lease: time.Second, RenewInterval: 300 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	ctx := context.Background()
+	now := time.Now().UnixMilli()
+	if _, err := r.store.Enqueue(ctx, engine.Dispatch{DispatchID: "last", ThreadID: "tl", RunID: "run-last", Priority: engine.DefaultPriority, AvailableAt: now, CreatedAt: now, MaxAttempts: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := r.store.ClaimDispatch(ctx, "last", "dead-process", 300*time.Millisecond, now); err != nil || d == nil {
+		t.Fatalf("claim by the dead process: %v %v", d, err)
+	}
+	r.start(t)
+	eventually(t, "dead-lettered", func() bool { return dispatchStatus(t, r.store, "last") == engine.StatusDeadLetter })
+	for _, want := range []string{`level=WARN msg=reclaimed thread_id=tl`, `status=dead_letter`, `dead_lettered=1`} {
+		eventually(t, want, func() bool { return strings.Contains(logs.String(), want) })
+	}
+	if strings.Contains(logs.String(), `level=INFO msg=reclaimed thread_id=tl`) {
+		t.Fatalf("a reclaimed dead letter at info:\n%s", logs.String())
+	}
+}

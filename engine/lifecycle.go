@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -367,13 +368,24 @@ func (m *Mailbox) reclaimed(ctx context.Context, got []Dispatch, what, deadLette
 		// One line per dispatch, with its ids, for the first few of a
 		// page; the summary counts them all (found by review: reclaims
 		// left no trace in the log).
+		// A dead letter is a warning, as every other cause's is (found
+		// by review: those of a restart were at info, missed by a
+		// warn-level filter).
+		level := slog.LevelInfo
+		if d.Status == StatusDeadLetter {
+			level = slog.LevelWarn
+		}
 		if i < reclaimLogLines {
-			m.log.Info("reclaimed", "thread_id", d.ThreadID, "run_id", d.RunID, "dispatch_id", d.DispatchID,
+			m.log.Log(ctx, level, "reclaimed", "thread_id", d.ThreadID, "run_id", d.RunID, "dispatch_id", d.DispatchID,
 				"attempts", d.AttemptCount, "status", d.Status, "reason", d.LastError)
 		}
 		m.reconcileDispatch(ctx, d)
 	}
-	m.log.Info(what, "count", len(got), "dead_lettered", dead, "requeued", len(got)-dead)
+	level := slog.LevelInfo
+	if dead > 0 {
+		level = slog.LevelWarn
+	}
+	m.log.Log(ctx, level, what, "count", len(got), "dead_lettered", dead, "requeued", len(got)-dead)
 }
 
 // reclaimLogLines bounds the per-dispatch lines of one page of reclaims.
@@ -823,31 +835,65 @@ func (m *Mailbox) GC(ctx context.Context) {
 // store, withdrawn, or purged): every GC, and on a shared store every
 // second while any wait (waitingInterval).
 func (m *Mailbox) endWaiting(ctx context.Context) {
+	type wait struct {
+		id   string
+		from uint32
+	}
 	m.mu.Lock()
-	waiting := make([]string, 0, len(m.pending))
-	for id := range m.pending {
+	waiting := make([]wait, 0, len(m.pending))
+	for id, l := range m.pending {
 		if _, ok := m.unwritten[id]; !ok { // its dispatch may not exist yet
-			waiting = append(waiting, id)
+			waiting = append(waiting, wait{id, l.waitFrom})
 		}
 	}
 	m.mu.Unlock()
 	var purged []string
-	var withdrawn, elsewhere []Dispatch
-	for _, id := range waiting {
-		d, err := m.store.LoadDispatch(ctx, id)
+	var withdrawn, elsewhere, failed []Dispatch
+	for _, w := range waiting {
+		d, err := m.store.LoadDispatch(ctx, w.id)
 		switch {
 		case err != nil:
 		case d == nil:
-			purged = append(purged, id)
+			purged = append(purged, w.id)
 		case d.Status == StatusSuperseded || d.Status == StatusCancelled:
 			withdrawn = append(withdrawn, *d)
 		case d.Status.Terminal():
 			elsewhere = append(elsewhere, *d) // it ran elsewhere: its stream says how it ended
+		case d.AttemptCount > w.from:
+			failed = append(failed, *d) // an attempt failed elsewhere: retried
 		}
 	}
 	m.withdrawPending(withdrawn...)
 	m.endPending(elsewhere, endedElsewhere)
+	m.endPendingRetried(failed)
 	m.dropPending(purged...)
+}
+
+// endPendingRetried ends the waiting logs of dispatches whose attempt
+// failed elsewhere and is retried as a local attempt's failure ends its
+// stream: a run_finish with the error and retry_at, after which the
+// client re-attaches to follow the retry (found by review: a submitter on
+// a sidecar that did not run the attempt waited out every retry, and
+// learned of none).
+func (m *Mailbox) endPendingRetried(ds []Dispatch) {
+	now := m.cfg.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range ds {
+		d := &ds[i]
+		l := m.pending[d.DispatchID]
+		if l == nil || d.AttemptCount <= l.waitFrom {
+			continue // taken by an attempt here, or waiting anew
+		}
+		delete(m.pending, d.DispatchID)
+		msg := d.LastError
+		if msg == "" {
+			msg = "attempt failed"
+		}
+		l.number(unstartedBase(0), 0)
+		l.appendTyped("run_finish", finishEvent(d, d.InstanceID, ErrorTermination(msg), max(d.AvailableAt, 1), ""))
+		l.Close(now)
+	}
 }
 
 // retainClosed counts a log just closed against EventRetentionBytes;

@@ -1254,6 +1254,7 @@ func (m *Mailbox) queuedRunLog(ctx context.Context, thread, runID string) (*Even
 	if fresh {
 		l = m.newEventLog()
 		l.pendingRun = runID
+		l.waitFrom = d.AttemptCount
 		if run.StartCount > 0 {
 			l.floor = unstartedBase(run.StartCount)
 		}
@@ -1308,14 +1309,18 @@ func (m *Mailbox) attachPending(thread string, active *Dispatch, have *EventLog,
 	if l := m.logs[thread]; l != nil && l != have {
 		return l, false
 	}
-	if have != nil && have.run != active.RunID {
-		return have, false // the thread's next run is another: the client read this one to its end
+	if have != nil && have.run != active.RunID && (have.run != "" || have.pendingRun != active.RunID) {
+		// The thread's next run is another: the client read this one to
+		// its end. (A waiting log that never started is its dispatch's
+		// run's: ended by a failure elsewhere, the retry is followed.)
+		return have, false
 	}
 	id := active.DispatchID
 	l = m.pending[id]
 	if l == nil {
 		l, fresh = m.newEventLog(), true
 		l.pendingRun = active.RunID
+		l.waitFrom = active.AttemptCount
 		if run != nil && run.StartCount > 0 {
 			l.floor = unstartedBase(run.StartCount)
 		}

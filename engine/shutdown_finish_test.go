@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -260,5 +261,46 @@ func TestOnASharedStoreAStreamEndsSoonAfterItsRunEndedElsewhere(t *testing.T) {
 	evs, _ := readAll(log, 0)
 	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") {
 		t.Fatalf("the stream's events: %+v; want one run_finish natural_end", evs)
+	}
+}
+
+// On a shared store the submitter's stream of a queued foreground run
+// whose attempt failed on another sidecar ends as a local failure's does:
+// a run_finish with the error and retry_at, after which a re-attach
+// follows the retry to its end (found by review: the stream waited out
+// every retry and learned of none).
+func TestOnASharedStoreAStreamEndsWhenItsRunFailedElsewhere(t *testing.T) {
+	r := newRigWith(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour},
+		func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
+	r.start(t)
+	ctx := context.Background()
+	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := r.store.ClaimDispatch(ctx, res.DispatchID, "elsewhere", time.Minute, time.Now().UnixMilli())
+	if err != nil || d == nil {
+		t.Fatalf("claim elsewhere: %v %v", d, err)
+	}
+	retryAt := time.Now().Add(time.Hour).UnixMilli()
+	if _, err := r.store.Nack(ctx, d.DispatchID, d.ClaimToken, retryAt, "provider overloaded", time.Now().UnixMilli()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the stream's end", func() bool { _, closed := log.ClosedAt(); return closed })
+	evs, _ := readAll(log, 0)
+	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "provider overloaded") ||
+		!strings.Contains(string(evs[0].Data), fmt.Sprintf(`"retry_at":%d`, retryAt)) {
+		t.Fatalf("the stream's events: %+v; want one run_finish with the error and retry_at %d", evs, retryAt)
+	}
+	// Re-attached, the client follows the retry; it ends elsewhere.
+	again, err := r.mb.Attach(ctx, "t1", evs[0].Seq)
+	if err != nil || again == nil || again == log {
+		t.Fatalf("re-attach: %v %v", again, err)
+	}
+	completeElsewhere(t, r.store, res.DispatchID, res.RunID)
+	eventually(t, "the re-attached stream's end", func() bool { _, closed := again.ClosedAt(); return closed })
+	evs, _ = readAll(again, 0)
+	if len(evs) == 0 || !strings.Contains(string(evs[len(evs)-1].Data), "natural_end") {
+		t.Fatalf("the re-attached stream's events: %+v; want the retry's natural_end", evs)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -168,5 +169,27 @@ func TestCtlReachesTheTCPListenerWithItsToken(t *testing.T) {
 	var out, errb bytes.Buffer
 	if code := run([]string{"ctl", "--addr", "no-port", "check"}, env(map[string]string{"MAILBOX_SIDECAR_AUTH_TOKEN": token}), &out, &errb); code != 2 || !strings.Contains(errb.String(), "host:port") {
 		t.Fatalf("--addr without a port: exit %d, %q", code, errb.String())
+	}
+}
+
+// /readyz checks that the agent socket's file is still the one bound:
+// removed, agents cannot connect and the sidecar is not ready (found by
+// review: agent_socket stayed true).
+func TestReadyzSaysWhenTheAgentSocketIsGone(t *testing.T) {
+	n := newNode(t)
+	startInProcess(t, n)
+	c := newAPIClient(n.api)
+	ctx := context.Background()
+	var ready map[string]any
+	if err := c.do(ctx, http.MethodGet, "/readyz", nil, &ready); err != nil {
+		t.Fatalf("ready before: %v", err)
+	}
+	if err := os.Remove(n.agent); err != nil {
+		t.Fatal(err)
+	}
+	err := c.do(ctx, http.MethodGet, "/readyz", nil, nil)
+	var ae *apiError
+	if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || !strings.Contains(ae.Message, "agent_socket") {
+		t.Fatalf("/readyz after the agent socket was removed: %v; want 503 naming agent_socket", err)
 	}
 }

@@ -67,6 +67,9 @@ type sidecar struct {
 
 	recovered    atomic.Bool
 	agentReady   atomic.Bool
+	agentSock    os.FileInfo // the agent socket as bound: readiness checks the path still names it
+	agentPath    string
+	agentGone    atomic.Bool // the agent socket's file was found removed or replaced (logged once)
 	shuttingDown atomic.Bool
 
 	wg     sync.WaitGroup
@@ -143,6 +146,10 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, fmt.Errorf("agent socket: %w", err)
 	}
 	s.serve("agent socket", func() error { return s.hub.Serve(agentLn) }, hub.ErrClosed)
+	if s.agentSock, err = os.Stat(cfg.AgentSocket); err != nil {
+		return nil, fmt.Errorf("agent socket: %w", err)
+	}
+	s.agentPath = cfg.AgentSocket
 	s.agentReady.Store(true)
 
 	s.px, err = proxy.New(proxy.Config{
@@ -259,7 +266,7 @@ func (s *sidecar) readiness() proxy.Readiness {
 	checks := map[string]bool{
 		"recovered":         s.recovered.Load(),
 		"store_writable":    s.store.Writable() == nil,
-		"agent_socket":      s.agentReady.Load(),
+		"agent_socket":      s.agentSocketBound(),
 		"not_shutting_down": !s.shuttingDown.Load(),
 	}
 	ready := true
@@ -267,6 +274,22 @@ func (s *sidecar) readiness() proxy.Readiness {
 		ready = ready && ok
 	}
 	return proxy.Readiness{Ready: ready, Checks: checks, AgentConnected: s.hub.Connections() > 0}
+}
+
+// agentSocketBound reports whether the agent socket listens at its path:
+// bound, and the file there still the one bound (found by review: a
+// removed socket file left agents unable to connect while /readyz said
+// agent_socket true). A change is logged once.
+func (s *sidecar) agentSocketBound() bool {
+	if !s.agentReady.Load() {
+		return false
+	}
+	fi, err := os.Stat(s.agentPath)
+	ok := err == nil && os.SameFile(fi, s.agentSock)
+	if !ok && !s.agentGone.Swap(true) {
+		s.log.Error("the agent socket's file is gone or replaced: agents cannot connect; restart the sidecar", "path", s.agentPath, "err", err)
+	}
+	return ok
 }
 
 // shutdown is the staged stop: not ready at once; GOAWAY to agents (no
