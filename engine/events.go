@@ -83,10 +83,10 @@ type EventLog struct {
 	// wait for it (a waiting log; guarded by Mailbox.mu): a higher count
 	// read later is an attempt that failed elsewhere (endWaiting).
 	waitFrom uint32
-	handed     handedOn // set when handed on to the next attempt (handOnLog); guarded by Mailbox.mu
-	closed     bool
-	closedAt   int64         // Unix ms, when closed
-	wake       chan struct{} // closed on the next append or close; nil when nobody waits
+	handed   handedOn // set when handed on to the next attempt (handOnLog); guarded by Mailbox.mu
+	closed   bool
+	closedAt int64         // Unix ms, when closed
+	wake     chan struct{} // closed on the next append or close; nil when nobody waits
 }
 
 // handedOn is what a log handed on by an attempt no agent took tells the
