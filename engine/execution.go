@@ -44,6 +44,7 @@ type execution struct {
 	commands   chan Command
 	suspended  atomic.Int32 // >0 while a tool call waits (longer lease)
 	startedAt  int64        // Unix ms of the recorded start (execute goroutine only)
+	claimedAt  time.Time    // when the claim came back here (monotonic; claim_to_start)
 	// preStarted: the start was recorded with the claim (dispatch.InstanceID).
 	preStarted bool
 	sawFinish  atomic.Bool // the agent emitted run_finish
@@ -278,7 +279,7 @@ func (p *execution) claimSawNot(claimed string) bool {
 // failure of that kind again doubles its delay.
 func (m *Mailbox) startExecution(d Dispatch, started bool, lapsed claimHold) {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started}
+	e := &execution{dispatch: d, ctx: ctx, cancel: cancel, done: make(chan struct{}), commands: make(chan Command, 16), preStarted: started, claimedAt: time.Now()}
 	if started {
 		// Known from the claim: a cancel settling the attempt before its
 		// goroutine runs records the right instance.
@@ -566,9 +567,16 @@ func (m *Mailbox) execute(e *execution) {
 	}
 	m.numberEvents(e, true)
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
-	m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
+	if d.AttemptCount == 0 {
+		// The queue's latency: a retry's start, from the same creation,
+		// would count its earlier attempts and backoff (found by review);
+		// eligible_to_start covers retries, from when they fell due.
+		m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
+	}
 	m.metrics.seconds(metricEligStart, ms(startAt-d.AvailableAt))
-	m.metrics.seconds(metricClaimStart, ms(startAt-d.UpdatedAt))
+	// Measured here, not from the claim's millisecond timestamp: under a
+	// millisecond, every sample read 0 (found by review).
+	m.metrics.seconds(metricClaimStart, time.Since(e.claimedAt))
 	e.startedAt = startAt
 	e.agentID = req.AgentID
 	req.Commands = e.commands
@@ -695,6 +703,7 @@ func (a *attemptLog) logger() *slog.Logger {
 func (a *attemptLog) Info(msg string, args ...any)  { a.logger().Info(msg, args...) }
 func (a *attemptLog) Warn(msg string, args ...any)  { a.logger().Warn(msg, args...) }
 func (a *attemptLog) Error(msg string, args ...any) { a.logger().Error(msg, args...) }
+func (a *attemptLog) Debug(msg string, args ...any) { a.logger().Debug(msg, args...) }
 
 // observeEnd counts an ended attempt by its outcome label and records
 // its waits: from the dispatch's creation, and from its start (0 for an
@@ -715,6 +724,7 @@ func (m *Mailbox) observeEnd(e *execution, now int64, label string) {
 func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instance string, log interface {
 	Warn(string, ...any)
 	Info(string, ...any)
+	Debug(string, ...any)
 }) {
 	d := &e.dispatch
 	if e.cancelSettled.Load() {
@@ -770,8 +780,10 @@ func (m *Mailbox) settle(ctx context.Context, e *execution, o RunOutcome, instan
 		switch {
 		case err == nil:
 		case errors.Is(err, ErrVersionConflict) || errors.Is(err, ErrNotFound):
-			// A cancel or an interrupt settled the dispatch first.
-			log.Info("complete refused: the dispatch was settled meanwhile", "err", err)
+			// A cancel or an interrupt settled the dispatch first: the
+			// expected end of every interrupted run, at debug (found by
+			// review: an info line with err= at each interrupt).
+			log.Debug("complete refused: the dispatch was settled meanwhile", "err", err)
 		case errors.Is(err, ErrTooLarge):
 			// Too large even with its response cut: its termination or
 			// its waiting state (a suspended run's tickets), which every

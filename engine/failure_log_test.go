@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -77,5 +78,32 @@ func TestReclaimedDeadLettersAreWarnings(t *testing.T) {
 	}
 	if strings.Contains(logs.String(), `level=INFO msg=reclaimed thread_id=tl`) {
 		t.Fatalf("a reclaimed dead letter at info:\n%s", logs.String())
+	}
+}
+
+// enqueue_to_start times a dispatch's first attempt only: a retry's start
+// from the same creation would count the earlier attempt and its backoff;
+// eligible_to_start times every attempt from when it fell due.
+func TestEnqueueToStartTimesTheFirstAttemptOnly(t *testing.T) {
+	var calls atomic.Int32
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		if calls.Add(1) == 1 {
+			return engine.RunOutcome{Kind: engine.OutcomeTransient, ErrorCode: "upstream", Error: "overloaded"}
+		}
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{RetryDelay: 10 * time.Millisecond, MaxRetryDelay: 10 * time.Millisecond})
+	r.start(t)
+	res, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "tr", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "acked after a retry", func() bool { return dispatchStatus(t, r.store, res.DispatchID) == engine.StatusAcked })
+	var b strings.Builder
+	r.mb.Metrics().WritePrometheus(&b)
+	for _, want := range []string{"mailbox_dispatch_enqueue_to_start_seconds_count 1\n", "mailbox_dispatch_eligible_to_start_seconds_count 2\n"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("metrics lack %q", want)
+		}
 	}
 }

@@ -254,9 +254,44 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 	return res, nil
 }
 
+// repeatLog is the log an idempotent repeat of a foreground submit
+// follows: the first's run, running here, queued, or executing in another
+// process (a waiting log its end closes); nil when none can be followed.
+// Only the run's attempt here was followed before: a repeat of a queued
+// run, or of one on another sidecar, got `submitted` and an ended stream
+// (found by review).
+func (m *Mailbox) repeatLog(ctx context.Context, thread string, res SubmitResult) *EventLog {
+	if res.Status == SubmitRunning && m.runningDispatch(thread) == res.DispatchID {
+		return m.Reattach(thread)
+	}
+	l, other, err := m.AttachRun(ctx, thread, res.RunID, 0)
+	if err == nil && l != nil && !other {
+		return l
+	}
+	if q, err := m.queuedRunLog(ctx, thread, res.RunID); err == nil && q != nil {
+		return q
+	}
+	return nil
+}
+
 // existingByDedupe finds the non-terminal dispatch holding a dedupe key
 // on a thread (an idempotent repeat returns it instead of a new run).
 func (m *Mailbox) existingByDedupe(ctx context.Context, thread, key string) (SubmitResult, bool, error) {
+	if dl, ok := m.raw.(DedupeLookup); ok {
+		id, err := dl.DedupeHolder(ctx, thread, key)
+		if err != nil || id == "" {
+			return SubmitResult{}, false, err
+		}
+		d, err := m.store.LoadDispatch(ctx, id)
+		if err != nil || d == nil || d.Status.Terminal() || d.DedupeKey != key {
+			return SubmitResult{}, false, err
+		}
+		st := SubmitQueued
+		if d.Status == StatusClaimed {
+			st = SubmitRunning
+		}
+		return SubmitResult{DispatchID: d.DispatchID, RunID: d.RunID, ThreadID: thread, Status: st}, true, nil
+	}
 	ds, err := m.store.ListDispatches(ctx, thread, StatusFilter{StatusQueued, StatusClaimed}, 0, 0)
 	if err != nil {
 		return SubmitResult{}, false, err
@@ -538,11 +573,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			if err != nil {
 				return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 			}
-			var events *EventLog
-			if res.Status == SubmitRunning && m.runningDispatch(thread) == res.DispatchID {
-				events = m.Reattach(thread)
-			}
-			return res, events, nil
+			return res, m.repeatLog(ctx, thread, res), nil
 		}
 	}
 	if err := m.precheckSubmit(ctx, &req); err != nil {

@@ -304,3 +304,33 @@ func TestOnASharedStoreAStreamEndsWhenItsRunFailedElsewhere(t *testing.T) {
 		t.Fatalf("the re-attached stream's events: %+v; want the retry's natural_end", evs)
 	}
 }
+
+// An idempotent repeat of a foreground submit whose run is queued follows
+// that run to its end, as the first submitter's stream does (found by
+// review: it got `submitted` and an ended stream, and ctl exited 1).
+func TestARepeatedForegroundSubmitFollowsTheQueuedRun(t *testing.T) {
+	r := newRig(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour}) // no agent here: it stays queued
+	r.start(t)
+	ctx := context.Background()
+	req := engine.SubmitRequest{ThreadID: "t1", DedupeKey: "k1", Messages: []engine.Message{userMsg("x")}}
+	first, log1, err := r.mb.Submit(ctx, req)
+	if err != nil || log1 == nil {
+		t.Fatalf("first submit: %+v %v %v", first, log1, err)
+	}
+	again, log2, err := r.mb.Submit(ctx, req)
+	if err != nil || again.DispatchID != first.DispatchID {
+		t.Fatalf("repeat: %+v %v; want the first's dispatch %s", again, err, first.DispatchID)
+	}
+	if log2 == nil {
+		t.Fatal("the repeat follows nothing")
+	}
+	completeElsewhere(t, r.store, first.DispatchID, first.RunID)
+	r.mb.Sweep(ctx)
+	for i, l := range []*engine.EventLog{log1, log2} {
+		eventually(t, "the stream's end", func() bool { _, closed := l.ClosedAt(); return closed })
+		evs, _ := readAll(l, 0)
+		if len(evs) == 0 || evs[len(evs)-1].Type != "run_finish" || !strings.Contains(string(evs[len(evs)-1].Data), "natural_end") {
+			t.Fatalf("stream %d: %+v; want the run's natural_end", i, evs)
+		}
+	}
+}

@@ -364,3 +364,12 @@ type IdleSubmitter interface {
 	// still not idle Submit and ClaimDispatch). Errors are Submit's.
 	SubmitIdle(ctx context.Context, c Checkpoint, d Dispatch, consumerID string, lease time.Duration, instanceID string, now int64) ([]MessageRecord, *Dispatch, error)
 }
+
+// DedupeLookup is implemented by stores whose listings may lag their
+// writes (a store shared between processes): the dispatch holding a
+// thread's dedupe key, read from the record that holds it ("" when none
+// does), so that an idempotent repeat through another process a moment
+// after the first finds it.
+type DedupeLookup interface {
+	DedupeHolder(ctx context.Context, threadID, key string) (string, error)
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go"
@@ -83,6 +84,7 @@ var liveRefusal = []byte("refused")
 type live struct {
 	mu    sync.Mutex
 	sub   *nats.Subscription
+	owner *nats.Subscription // TakeName's: answers for this sidecar's name
 	slots chan struct{}
 	wg    sync.WaitGroup // handler goroutines
 }
@@ -267,8 +269,8 @@ func (s *Store) ServeLiveAnswers(handler LiveAnswerer) error {
 // hands it to a handler goroutine, so one slow agent does not hold up
 // commands for other runs.
 func (s *Store) onLive(m *nats.Msg, handler LiveAnswerer) {
-	if m.Reply == "" {
-		return
+	if m.Reply == "" || strings.HasPrefix(m.Subject, livePrefix(&s.cfg)+ownerToken) {
+		return // a name's question is its owner's to answer (TakeName)
 	}
 	target, err := s.parseLiveSubject(m.Subject)
 	if err == nil {
@@ -324,13 +326,69 @@ func validTarget(t engine.LiveTarget) error {
 // contexts end with the store).
 func (s *Store) stopLive() {
 	s.live.mu.Lock()
-	sub := s.live.sub
-	s.live.sub = nil
+	sub, owner := s.live.sub, s.live.owner
+	s.live.sub, s.live.owner = nil, nil
 	s.live.mu.Unlock()
 	if sub != nil {
 		_ = sub.Unsubscribe()
+	}
+	if owner != nil {
+		_ = owner.Unsubscribe()
 	}
 	s.live.wg.Wait()
 }
 
 var _ engine.LiveRouter = (*Store)(nil)
+
+// ownerToken starts the subject on which the sidecar that took a name
+// answers for it: <Prefix>live.owner.<seg name>. No live target's subject
+// has it (their tokens are segments, which start with 'h').
+const ownerToken = "owner."
+
+// ErrNameInUse reports that a running sidecar answers for the name (its
+// consumer id) another asked to take.
+var ErrNameInUse = errors.New("the name is in use by a running sidecar")
+
+// nameQuestionTimeout bounds TakeName's question when no responder is
+// reported (a server that does not tell).
+const nameQuestionTimeout = time.Second
+
+// TakeName makes this store answer for name, a sidecar's consumer id, so
+// that a second sidecar started with the same name is refused: it asks
+// first, and a running sidecar's answer (about, say: its host and pid) is
+// ErrNameInUse. Two sidecars with one name would take each other's
+// claims for their own (found by review: the second started silently).
+// A process killed a moment ago does not answer: its successor starts at
+// once. Two started at the same moment may both take the name. Close
+// gives it up.
+func (s *Store) TakeName(ctx context.Context, name, about string) error {
+	if err := s.usable(); err != nil {
+		return fmt.Errorf("take name %q: %w", name, err)
+	}
+	subj := livePrefix(&s.cfg) + ownerToken + seg(name)
+	qctx, cancel := context.WithTimeout(ctx, nameQuestionTimeout)
+	defer cancel()
+	reply, err := s.nc.RequestWithContext(qctx, subj, nil)
+	switch {
+	case err == nil:
+		return fmt.Errorf("consumer id %q: answered by %s: %w", name, strings.TrimSpace(string(reply.Data)), ErrNameInUse)
+	case errors.Is(err, nats.ErrNoResponders), errors.Is(err, nats.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+	default:
+		return fmt.Errorf("take name %q: %w", name, unavailable(err))
+	}
+	s.live.mu.Lock()
+	defer s.live.mu.Unlock()
+	if s.live.owner != nil {
+		return fmt.Errorf("take name %q: a name is taken already: %w", name, engine.ErrAlreadyExists)
+	}
+	sub, err := s.nc.Subscribe(subj, func(m *nats.Msg) { _ = m.Respond([]byte(about)) })
+	if err != nil {
+		return fmt.Errorf("take name %q: subscribe: %w", name, unavailable(err))
+	}
+	if err := s.nc.FlushTimeout(s.cfg.RequestTimeout); err != nil {
+		_ = sub.Unsubscribe()
+		return fmt.Errorf("take name %q: flush: %w", name, unavailable(err))
+	}
+	s.live.owner = sub
+	return nil
+}

@@ -146,3 +146,18 @@ func (s *Store) ReadyThreads(ctx context.Context, now int64, after engine.ReadyE
 	out, next := s.idx.ready(now, after, limit)
 	return out, next, nil
 }
+
+// DedupeHolder implements engine.DedupeLookup: the dispatch holding the
+// thread's dedupe key, read from its lock record, not from the index
+// (eventually consistent across sidecars: a repeat through another
+// sidecar a moment after the first did not see it); "" when none holds it.
+func (s *Store) DedupeHolder(ctx context.Context, threadID, key string) (string, error) {
+	if err := engine.ValidateID("thread_id", threadID); err != nil {
+		return "", err
+	}
+	r, err := s.getLast(ctx, s.sub.dedupe(threadID, key))
+	if err != nil {
+		return "", fmt.Errorf("load dedupe key %s of %s: %w", key, threadID, err)
+	}
+	return string(r.data), nil
+}

@@ -627,3 +627,59 @@ func TestARefusedLiveCommandIsAnsweredAtOnce(t *testing.T) {
 		t.Fatalf("cancel through %s: %v %v", a.name, ok, err)
 	}
 }
+
+// An idempotent repeat through another sidecar right after the first
+// submit finds the first's dispatch from its dedupe lock, not the other
+// sidecar's index, which may not have it yet (found by review: repeats
+// through two sidecars made a second dispatch, or a 409).
+func TestARepeatThroughAnotherSidecarFindsTheFirstAtOnce(t *testing.T) {
+	t.Parallel()
+	w := newWorld()
+	scs := startSidecars(t, w, freshConfig(), 0, 0)
+	ctx := context.Background()
+	for i := range 20 {
+		thread := fmt.Sprintf("tk%d", i)
+		req := engine.SubmitRequest{ThreadID: thread, DedupeKey: "same", Messages: []engine.Message{userMsg("hold")}}
+		first, err := scs[0].mb.SubmitBackground(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := scs[1].mb.SubmitBackground(ctx, req)
+		if err != nil || again.DispatchID != first.DispatchID {
+			t.Fatalf("%s: the repeat through %s: %+v %v; want the first's dispatch %s", thread, scs[1].name, again, err, first.DispatchID)
+		}
+		if holder, err := scs[1].store.DedupeHolder(ctx, thread, "same"); err != nil || holder != first.DispatchID {
+			t.Fatalf("%s: DedupeHolder %q %v", thread, holder, err)
+		}
+	}
+}
+
+// blindIndex is a NATS store whose listings have not caught up yet.
+type blindIndex struct{ *natsstore.Store }
+
+func (blindIndex) ListDispatches(context.Context, string, engine.StatusFilter, int, int) ([]engine.Dispatch, error) {
+	return nil, nil
+}
+
+// The engine finds a repeat's first dispatch through the store's dedupe
+// lock (DedupeLookup) even when the listing does not show it yet.
+func TestARepeatIsFoundThroughTheDedupeLockNotTheListing(t *testing.T) {
+	t.Parallel()
+	st := openCfg(t, freshConfig())
+	w := newWorld()
+	ag := &fakeAgent{name: "sc1", w: w, capacity: 0, capCh: make(chan struct{}, 1)}
+	mb, err := engine.New(blindIndex{st}, ag, engineConfig("sc1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	req := engine.SubmitRequest{ThreadID: "tb", DedupeKey: "k", Messages: []engine.Message{userMsg("hold")}}
+	first, err := mb.SubmitBackground(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := mb.SubmitBackground(ctx, req)
+	if err != nil || again.DispatchID != first.DispatchID {
+		t.Fatalf("the repeat: %+v %v; want the first's dispatch %s", again, err, first.DispatchID)
+	}
+}

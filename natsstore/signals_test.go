@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -324,5 +325,32 @@ func TestWritableFollowsTheConnection(t *testing.T) {
 	}
 	if err := s.Writable(); !errors.Is(err, engine.ErrUnavailable) {
 		t.Fatalf("closed store: %v", err)
+	}
+}
+
+// A sidecar's name (its consumer id) is taken by one running store: a
+// second store asking for it is refused with the first's answer, another
+// name is free, and a closed store's name is free at once (found by
+// review: a second sidecar with the same --consumer-id started silently,
+// and the two would take each other's claims for their own).
+func TestTakeNameRefusesANameInUse(t *testing.T) {
+	t.Parallel()
+	cfg := freshConfig()
+	a, b := openCfg(t, cfg), openCfg(t, cfg)
+	ctx := context.Background()
+	if err := a.TakeName(ctx, "sc1", "pid 1 on host-a"); err != nil {
+		t.Fatal(err)
+	}
+	err := b.TakeName(ctx, "sc1", "pid 2 on host-b")
+	if !errors.Is(err, natsstore.ErrNameInUse) || !strings.Contains(err.Error(), "pid 1 on host-a") {
+		t.Fatalf("a second store taking sc1: %v; want ErrNameInUse naming the first", err)
+	}
+	if err := b.TakeName(ctx, "sc2", "pid 2 on host-b"); err != nil {
+		t.Fatalf("another name: %v", err)
+	}
+	a.Close()
+	c := openCfg(t, cfg)
+	if err := c.TakeName(ctx, "sc1", "pid 3 on host-c"); err != nil {
+		t.Fatalf("the name of a closed store: %v", err)
 	}
 }

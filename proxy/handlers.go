@@ -149,10 +149,15 @@ func (s *Server) interrupt(ctx *fasthttp.RequestCtx, thread string) error {
 		return err
 	}
 	out := interruptResult{NewEpoch: res.NewEpoch, Superseded: res.SupersededN}
+	active := ""
 	if res.Active != nil {
 		d := publicDispatch(*res.Active)
 		out.Active = &d
+		active = res.Active.DispatchID
 	}
+	// A client's command that ends work is an operator's trail (found by
+	// review: interrupts, cancels and requeues left no line).
+	s.log.Info("interrupt", "thread_id", thread, "superseded", res.SupersededN, "active_dispatch_id", active, "new_epoch", res.NewEpoch)
 	return s.writeJSON(ctx, fasthttp.StatusOK, out)
 }
 
@@ -165,6 +170,7 @@ func (s *Server) cancel(ctx *fasthttp.RequestCtx, id string) error {
 	if err != nil {
 		return err
 	}
+	s.log.Info("cancel", "id", id, "cancelled", ok)
 	return s.writeJSON(ctx, fasthttp.StatusOK, struct {
 		Cancelled bool `json:"cancelled"`
 	}{ok})
@@ -404,6 +410,7 @@ func (s *Server) requeue(ctx *fasthttp.RequestCtx, id string) error {
 	if err != nil {
 		return err
 	}
+	s.log.Info("requeue", "dead_letter_id", id, "dispatch_id", d.DispatchID, "thread_id", d.ThreadID, "run_id", d.RunID)
 	return s.writeJSON(ctx, fasthttp.StatusOK, publicDispatch(d))
 }
 

@@ -293,6 +293,10 @@ func TestKilledSidecarRestartsOnStaleSocketsAndFinishesItsWork(t *testing.T) {
 	if helps < 40 {
 		t.Errorf("/metrics: %d HELP lines of mailbox_ families, want every one (40 or more)", helps)
 	}
+	// Which build runs (found by review: nothing said).
+	if !strings.Contains(string(body), `mailbox_build_info{version="`) || !strings.Contains(string(body), `,protocol="`) {
+		t.Errorf("/metrics: no mailbox_build_info")
+	}
 }
 
 func TestGracefulShutdownPutsRunningWorkBack(t *testing.T) {

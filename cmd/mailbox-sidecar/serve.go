@@ -17,6 +17,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
 	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
@@ -253,11 +254,21 @@ func (s *sidecar) serve(name string, run func() error, closedErr error) {
 // metricSets are the sets /metrics serves: the engine's, the hub's and,
 // when it keeps any (Badger does), the store's.
 func (s *sidecar) metricSets() []*metrics.Set {
-	sets := []*metrics.Set{s.mb.Metrics(), s.hub.Metrics()}
+	sets := []*metrics.Set{s.mb.Metrics(), s.hub.Metrics(), buildInfoSet()}
 	if ms, ok := s.store.(interface{ Metrics() *metrics.Set }); ok {
 		sets = append(sets, ms.Metrics())
 	}
 	return sets
+}
+
+// buildInfoSet holds mailbox_build_info: 1, labelled with the version,
+// commit, Go version and agent protocol (found by review: a dashboard
+// could not tell which build a sidecar ran).
+func buildInfoSet() *metrics.Set {
+	set := metrics.NewSet()
+	v, c := versionInfo()
+	set.NewGauge(fmt.Sprintf(`mailbox_build_info{version=%q,commit=%q,goversion=%q,protocol="%d"}`, v, c, runtime.Version(), ipc.ProtocolVersion), func() float64 { return 1 })
+	return set
 }
 
 // readiness is /readyz: recovery done, the store writable, the agent

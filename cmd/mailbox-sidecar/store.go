@@ -175,6 +175,16 @@ func openStore(cfg serveConfig, log *slog.Logger) (sidecarStore, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open NATS store %s (stream %s): %w", redactURL(cfg.Store), cfg.NATSStream, err)
 		}
+		// Before anything is claimed: a second sidecar with this
+		// consumer id would take the first's claims for its own.
+		host, _ := os.Hostname()
+		if err := s.TakeName(ctx, cfg.ConsumerID, fmt.Sprintf("pid %d on %s", os.Getpid(), host)); err != nil {
+			_ = s.Close()
+			if errors.Is(err, natsstore.ErrNameInUse) {
+				return nil, fmt.Errorf("--consumer-id %q is in use by a running sidecar on this queue; give each sidecar its own, or leave it unset: %w", cfg.ConsumerID, err)
+			}
+			return nil, fmt.Errorf("open NATS store %s (stream %s): %w", redactURL(cfg.Store), cfg.NATSStream, err)
+		}
 		return s, nil
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
