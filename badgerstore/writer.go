@@ -954,9 +954,16 @@ func (g *spaceGuard) check(o Options) error {
 	g.checked = time.Now()
 	g.written = 0
 	g.free = int64(st.Bavail) * int64(st.Bsize)
-	g.low = g.free < o.MinFreeBytes
+	// Once low, it stays low until a tenth more than the floor is free:
+	// space hovering at the floor would flip it, and its logged change,
+	// every check (found by review).
+	g.low = g.free < o.MinFreeBytes || g.low && g.free < o.MinFreeBytes+o.MinFreeBytes/10
 	if g.low {
-		return fmt.Errorf("disk full: %d bytes free in %s, %d needed: %w", g.free, o.Dir, o.MinFreeBytes, engine.ErrUnavailable)
+		need := o.MinFreeBytes
+		if g.free >= need {
+			need += need / 10 // recovering: the floor and a tenth
+		}
+		return fmt.Errorf("disk full: %d bytes free in %s, %d needed: %w", g.free, o.Dir, need, engine.ErrUnavailable)
 	}
 	return nil
 }

@@ -511,3 +511,28 @@ func TestTheWriterReusesItsWriteSets(t *testing.T) {
 		t.Fatalf("the writer made %d write sets for 200 commits alone and 50 bursts; want at most 3", n)
 	}
 }
+
+// Once low, the free-space check stays low until a tenth more than
+// MinFreeBytes is free: space hovering at the floor does not flip it (and
+// its logged change) at every check (found by review).
+func TestSpaceGuardLeavesTheLowStateAboveTheFloorOnly(t *testing.T) {
+	o := Options{Dir: t.TempDir()}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(o.Dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	o.MinFreeBytes = free - free/50 // about 2 % above the floor
+	var ok spaceGuard
+	if err := ok.check(o); err != nil || ok.low {
+		t.Fatalf("2%% above the floor, not low before: %v low=%v", err, ok.low)
+	}
+	low := spaceGuard{low: true}
+	if err := low.check(o); err == nil || !low.low || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("2%% above the floor, low before: %v low=%v; want still low", err, low.low)
+	}
+	o.MinFreeBytes = free / 2
+	if err := low.check(o); err != nil || low.low {
+		t.Fatalf("far above the floor, low before: %v low=%v; want no longer low", err, low.low)
+	}
+}

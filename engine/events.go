@@ -146,7 +146,7 @@ func (l *EventLog) appendWaking(typ string, data []byte, wake bool) uint64 {
 	// and, down to LiveBudgetFloor, while the open logs together hold more
 	// than their budget (each run's bound times the agents' slots was no
 	// bound: a 1 024-slot agent could make the sidecar hold 32 GiB).
-	for l.first < seq && (l.maxBytes > 0 && l.bytes > l.maxBytes || l.budget.over() && l.bytes > LiveBudgetFloor) {
+	for l.first < seq && (l.maxBytes > 0 && l.bytes > l.maxBytes || l.bytes > LiveBudgetFloor && l.budget.over()) {
 		i := int((l.first - l.base) % uint64(l.limit))
 		l.addBytes(-int64(len(l.ring[i].Data)))
 		l.ring[i].Data = nil

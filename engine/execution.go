@@ -554,6 +554,9 @@ func (m *Mailbox) execute(e *execution) {
 	if e.preStarted {
 		startAt = d.UpdatedAt
 	}
+	// The dispatch's first attempt: none spent, none started before (an
+	// attempt put back without spending one recorded its instance).
+	first := d.AttemptCount == 0 && (d.InstanceID == "" || e.preStarted && d.InstanceID == instance)
 	if err := m.recordStart(ctx, e, instance, startAt); err != nil {
 		// Superseded, or no longer ours: the store has settled it.
 		log.Info("dispatch not started", "err", err)
@@ -567,10 +570,11 @@ func (m *Mailbox) execute(e *execution) {
 	}
 	m.numberEvents(e, true)
 	ms := func(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
-	if d.AttemptCount == 0 {
+	if first {
 		// The queue's latency: a retry's start, from the same creation,
-		// would count its earlier attempts and backoff (found by review);
-		// eligible_to_start covers retries, from when they fell due.
+		// would count its earlier attempts and backoff, a put-back's its
+		// earlier attempt (found by review); eligible_to_start covers
+		// them, from when they fell due.
 		m.metrics.seconds(metricEnqToStart, ms(startAt-d.CreatedAt))
 	}
 	m.metrics.seconds(metricEligStart, ms(startAt-d.AvailableAt))
@@ -1218,9 +1222,12 @@ func (m *Mailbox) renewLease(e *execution, stop <-chan struct{}, log interface{ 
 				return
 			}
 			log.Warn("lease renewal failed; retrying", "err", err)
-		case !ok && (e.cancelSettled.Load() || errors.Is(context.Cause(e.ctx), errInterrupted)):
+		case !ok && (e.cancelSettled.Load() || errors.Is(context.Cause(e.ctx), errInterrupted) || errors.Is(context.Cause(e.ctx), errCancelled)):
 			// A user's cancel or an interrupt settled the claim while the
-			// agent was still stopping: nothing to renew, nothing lost
+			// agent was still stopping (errCancelled follows a settled
+			// cancel, or a cancel that found the claim superseded by an
+			// interrupt, here or routed from another sidecar): nothing to
+			// renew, nothing lost
 			// (found by review: counted and logged as a lost lease, an
 			// alert's false positive at every slow stop).
 			return

@@ -508,3 +508,68 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(keep, "\n")
 }
+
+// A routed cancel that finds its claim superseded by an interrupt made
+// through another sidecar is accepted, and the attempt's later renewals
+// are no lost lease (found by review).
+func TestARoutedCancelAfterAnInterruptIsNoLostLease(t *testing.T) {
+	slow := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		<-ctx.Done()
+		time.Sleep(400 * time.Millisecond)
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	}
+	r := newRig(t, newFake(1, slow), engine.Config{Lease: time.Second, RenewInterval: 50 * time.Millisecond})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "tx", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "running", func() bool { return r.mb.InFlight() == 1 })
+	if _, err := r.store.Interrupt(ctx, "tx", time.Now().UnixMilli()); err != nil { // another sidecar's interrupt
+		t.Fatal(err)
+	}
+	target := engine.LiveTarget{ThreadID: "tx", RunID: res.RunID, DispatchID: res.DispatchID}
+	if a := r.mb.AnswerLive(ctx, target, engine.LiveCommand{Kind: engine.LiveCancel}); a != engine.LiveAccepted {
+		t.Fatalf("the routed cancel: %v; want accepted", a)
+	}
+	eventually(t, "stopped", func() bool { return r.mb.InFlight() == 0 })
+	var out strings.Builder
+	r.mb.Metrics().WritePrometheus(&out)
+	if !strings.Contains(out.String(), `mailbox_lease_renewals_total{result="lost"} 0`) {
+		t.Fatalf("renewals after a routed cancel of an interrupted run were counted lost:\n%s", grepLines(out.String(), "lease_renewals"))
+	}
+}
+
+// An attempt whose claim another process took over (its lease lapsed and
+// a retry runs there) does not answer a routed command as refused: the
+// owner's receipt must not be pre-empted (found by review).
+func TestAStaleAttemptLeavesARoutedCommandToTheOwner(t *testing.T) {
+	hold := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		<-ctx.Done()
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermCancelled}}
+	}
+	r := newRig(t, newFake(1, hold), engine.Config{Lease: time.Minute, RenewInterval: 50 * time.Second, SweepInterval: time.Hour})
+	r.start(t)
+	ctx := context.Background()
+	res, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "ts", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "running", func() bool { return r.mb.InFlight() == 1 })
+	// Its lease lapsed (as seen from two minutes on: no renewal comes
+	// within the test) and another process reclaimed and claimed it.
+	if _, err := r.store.ReclaimExpired(ctx, time.Now().Add(2*time.Minute).UnixMilli(), 10); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := r.store.ClaimDispatch(ctx, res.DispatchID, "other-process", time.Minute, time.Now().UnixMilli()); err != nil || d == nil {
+		t.Fatalf("claim by the other process: %v %v", d, err)
+	}
+	target := engine.LiveTarget{ThreadID: "ts", RunID: res.RunID, DispatchID: res.DispatchID}
+	if a := r.mb.AnswerLive(ctx, target, engine.LiveCommand{Kind: engine.LiveCancel}); a != engine.LiveNotHere {
+		t.Fatalf("a stale attempt's answer: %v; want not here (the owner answers)", a)
+	}
+	if _, err := r.mb.Cancel(ctx, res.RunID); err != nil { // not left for the shutdown's grace
+		t.Log(err)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -336,7 +337,11 @@ func (m *Mailbox) reconcileTerminal(ctx context.Context) error {
 			return fmt.Errorf("list terminal dispatches: %w", err)
 		}
 		m.metrics.add("reconcile_terminal_dispatch", len(page))
+		waiting := m.anyWaiting() // else no acked dispatch has a stream to end here
 		for i := range page {
+			if page[i].Status == StatusAcked && !waiting {
+				continue
+			}
 			m.reconcileDispatch(ctx, &page[i])
 		}
 		if len(page) > 0 {
@@ -745,7 +750,7 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 				continue
 			}
 			m.watch.maintenance.busy()
-			m.endWaiting(ctx)
+			m.endWaiting(ctx, waitingPerPoll)
 		case <-sweep.C:
 			m.watch.maintenance.busy()
 			m.Sweep(ctx)
@@ -764,6 +769,12 @@ func (m *Mailbox) maintenanceLoop(ctx context.Context) {
 // waitingInterval is how often, on a shared store, the dispatches of
 // queued foreground runs waiting here are read for an end elsewhere.
 const waitingInterval = time.Second
+
+// waitingPerPoll bounds the dispatches one such poll reads (each a round
+// trip to a shared store, on the maintenance loop): with more streams
+// waiting, each is read every len/waitingPerPoll seconds on average (the
+// map's random order), and GC reads them all.
+const waitingPerPoll = 64
 
 // anyWaiting reports whether a queued foreground run's stream waits here.
 func (m *Mailbox) anyWaiting() bool {
@@ -829,21 +840,24 @@ func (m *Mailbox) GC(ctx context.Context) {
 		}
 	}
 	m.mu.Unlock()
-	m.endWaiting(ctx)
+	m.endWaiting(ctx, math.MaxInt)
 }
 
 // endWaiting ends the streams of queued foreground runs here whose
 // dispatches ended without starting here (on another sidecar sharing the
 // store, withdrawn, or purged): every GC, and on a shared store every
 // second while any wait (waitingInterval).
-func (m *Mailbox) endWaiting(ctx context.Context) {
+func (m *Mailbox) endWaiting(ctx context.Context, limit int) {
 	type wait struct {
 		id   string
 		from uint32
 	}
 	m.mu.Lock()
-	waiting := make([]wait, 0, len(m.pending))
-	for id, l := range m.pending {
+	waiting := make([]wait, 0, min(len(m.pending), limit))
+	for id, l := range m.pending { // in random order: a limited pass reads others next time
+		if len(waiting) == limit {
+			break
+		}
 		if _, ok := m.unwritten[id]; !ok { // its dispatch may not exist yet
 			waiting = append(waiting, wait{id, l.waitFrom})
 		}

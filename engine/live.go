@@ -125,7 +125,7 @@ func (m *Mailbox) AnswerLive(ctx context.Context, target LiveTarget, cmd LiveCom
 		if ok {
 			return LiveAccepted
 		}
-		return LiveRefused
+		return m.refusedHere(ctx, e)
 	}
 	switch cmd.Kind {
 	case LiveCancel:
@@ -143,9 +143,9 @@ func (m *Mailbox) AnswerLive(ctx context.Context, target LiveTarget, cmd LiveCom
 		case errors.Is(err, ErrVersionConflict):
 		case err != nil:
 			m.log.Warn("live cancel not made durable", "dispatch_id", e.dispatch.DispatchID, "err", err)
-			return LiveRefused
+			return m.refusedHere(ctx, e)
 		case !ok:
-			return LiveRefused
+			return m.refusedHere(ctx, e)
 		}
 		e.cancel(errCancelled)
 		return LiveAccepted
@@ -153,6 +153,19 @@ func (m *Mailbox) AnswerLive(ctx context.Context, target LiveTarget, cmd LiveCom
 		return answer(m.command(ctx, e, Command{Kind: CommandMessages, Messages: cmd.Messages}))
 	case LiveDecision:
 		return answer(m.command(ctx, e, Command{Kind: CommandDecision, Decisions: cmd.Decisions}))
+	}
+	return LiveRefused
+}
+
+// refusedHere is the answer to a command the attempt e did not take:
+// LiveRefused, unless another process holds the dispatch's claim now (e
+// lost its lease and is stopping while a retry runs there), whose answer
+// must not be pre-empted by this one (found by review: a stale attempt's
+// quick refusal beat the real owner's receipt).
+func (m *Mailbox) refusedHere(ctx context.Context, e *execution) LiveAnswer {
+	cur, err := m.store.LoadDispatch(ctx, e.dispatch.DispatchID)
+	if err != nil || cur != nil && cur.Status == StatusClaimed && cur.ClaimToken != e.dispatch.ClaimToken {
+		return LiveNotHere
 	}
 	return LiveRefused
 }

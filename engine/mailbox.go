@@ -268,7 +268,9 @@ func (m *Mailbox) repeatLog(ctx context.Context, thread string, res SubmitResult
 	if err == nil && l != nil && !other {
 		return l
 	}
-	if q, err := m.queuedRunLog(ctx, thread, res.RunID); err == nil && q != nil {
+	// Queued, or (the thread's log here being an earlier run's) claimed
+	// by another process (found by review: followed nothing).
+	if q, err := m.runWaitLog(ctx, thread, res.RunID, true); err == nil && q != nil {
 		return q
 	}
 	return nil
@@ -446,6 +448,9 @@ func (m *Mailbox) deliverElsewhere(ctx context.Context, id string, cmd LiveComma
 		return false, err
 	}
 	if d != nil && d.Status == StatusClaimed {
+		if d.ClaimedBy == m.cfg.ConsumerID {
+			return false, nil // this process's own claim (threadTarget)
+		}
 		return router.DeliverLive(ctx, LiveTarget{ThreadID: d.ThreadID, RunID: d.RunID, DispatchID: d.DispatchID}, cmd)
 	}
 	run, err := m.store.LoadRun(ctx, id)
@@ -479,6 +484,12 @@ func (m *Mailbox) threadTarget(ctx context.Context, thread string, waiting bool)
 	}
 	if len(claimed) > 0 {
 		d := &claimed[0]
+		if d.ClaimedBy == m.cfg.ConsumerID {
+			// This process's own claim, whose attempt was not found
+			// settled here: routed, it would come back unanswered after
+			// the whole timeout (found by review).
+			return LiveTarget{}, false, nil
+		}
 		return LiveTarget{ThreadID: d.ThreadID, RunID: d.RunID, DispatchID: d.DispatchID}, true, nil
 	}
 	run, err := m.store.LatestRun(ctx, thread)
@@ -1231,6 +1242,16 @@ func (m *Mailbox) Attach(ctx context.Context, thread string, after uint64) (*Eve
 // withdrawal or dead-lettering found no log to end (found by review).
 func (m *Mailbox) settleFreshPending(ctx context.Context, id string) {
 	d, err := m.store.LoadDispatch(ctx, id)
+	if err == nil && d != nil && !d.Status.Terminal() {
+		// The attempts counted from the record, not from a listing that
+		// may lag another process's failure (found by review: such a
+		// log was ended at once with the failure before it).
+		m.mu.Lock()
+		if l := m.pending[id]; l != nil && l.waitFrom < d.AttemptCount {
+			l.waitFrom = d.AttemptCount
+		}
+		m.mu.Unlock()
+	}
 	switch {
 	case err != nil:
 	case d == nil:
@@ -1265,6 +1286,12 @@ func (m *Mailbox) AttachRun(ctx context.Context, thread, runID string, after uin
 // queuedRunLog returns the waiting log of run's queued dispatch on
 // thread, made if need be; nil when the run has none queued.
 func (m *Mailbox) queuedRunLog(ctx context.Context, thread, runID string) (*EventLog, error) {
+	return m.runWaitLog(ctx, thread, runID, false)
+}
+
+// runWaitLog is queuedRunLog; with elsewhere, also for the run's dispatch
+// claimed by another process (its end closes the log).
+func (m *Mailbox) runWaitLog(ctx context.Context, thread, runID string, elsewhere bool) (*EventLog, error) {
 	run, err := m.store.LoadRun(ctx, runID)
 	if err != nil {
 		return nil, fmt.Errorf("attach to run %s: %w", runID, err)
@@ -1276,7 +1303,7 @@ func (m *Mailbox) queuedRunLog(ctx context.Context, thread, runID string) (*Even
 	if err != nil {
 		return nil, fmt.Errorf("attach to run %s: %w", runID, err)
 	}
-	if d == nil || d.RunID != runID || d.Status != StatusQueued {
+	if d == nil || d.RunID != runID || d.Status != StatusQueued && !(elsewhere && d.Status == StatusClaimed && d.ClaimedBy != m.cfg.ConsumerID) {
 		return nil, nil
 	}
 	m.mu.Lock()

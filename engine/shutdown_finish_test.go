@@ -334,3 +334,47 @@ func TestARepeatedForegroundSubmitFollowsTheQueuedRun(t *testing.T) {
 		}
 	}
 }
+
+// A foreground repeat of a run executing on another sidecar follows it to
+// its end also when this sidecar still keeps the thread's previous run's
+// log (found by review: the repeat followed nothing).
+func TestARepeatFollowsARunElsewherePastTheThreadsEarlierLog(t *testing.T) {
+	r := newRigWith(t, newFake(1, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour, EventRetention: time.Hour},
+		func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
+	r.start(t)
+	ctx := context.Background()
+	_, earlier, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("first")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the earlier run's end", func() bool { _, closed := earlier.ClosedAt(); return closed })
+	r.exec.setCapacity(0) // the next run is another sidecar's
+	req := engine.SubmitRequest{ThreadID: "t1", DedupeKey: "k", Messages: []engine.Message{userMsg("second")}}
+	first, err := r.mb.SubmitBackground(ctx, req) // as another sidecar's submit: no waiting log here
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := r.store.ClaimDispatch(ctx, first.DispatchID, "elsewhere", time.Minute, time.Now().UnixMilli())
+	if err != nil || d == nil {
+		t.Fatalf("claim elsewhere: %v %v", d, err)
+	}
+	again, l, err := r.mb.Submit(ctx, req)
+	if err != nil || again.DispatchID != first.DispatchID || l == nil || l == earlier {
+		t.Fatalf("the repeat: %+v %v; log %p (the earlier run's %p)", again, err, l, earlier)
+	}
+	completeElsewhere2(t, r.store, d, first.RunID)
+	eventually(t, "the repeat's stream end", func() bool { _, closed := l.ClosedAt(); return closed })
+	evs, _ := readAll(l, 0)
+	if len(evs) == 0 || !strings.Contains(string(evs[len(evs)-1].Data), "natural_end") || !strings.Contains(string(evs[len(evs)-1].Data), first.DispatchID) {
+		t.Fatalf("the repeat's stream: %+v; want its run's natural_end", evs)
+	}
+}
+
+// completeElsewhere2 completes d, claimed by another sidecar.
+func completeElsewhere2(t *testing.T, s engine.Store, d *engine.Dispatch, runID string) {
+	t.Helper()
+	if err := s.Complete(context.Background(), d.DispatchID, d.ClaimToken, engine.RunResult{RunID: runID, InstanceID: "other-instance", Status: engine.RunDone,
+		Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "done there"}, time.Now().UnixMilli()); err != nil {
+		t.Fatal(err)
+	}
+}

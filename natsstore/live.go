@@ -269,8 +269,8 @@ func (s *Store) ServeLiveAnswers(handler LiveAnswerer) error {
 // hands it to a handler goroutine, so one slow agent does not hold up
 // commands for other runs.
 func (s *Store) onLive(m *nats.Msg, handler LiveAnswerer) {
-	if m.Reply == "" || strings.HasPrefix(m.Subject, livePrefix(&s.cfg)+ownerToken) {
-		return // a name's question is its owner's to answer (TakeName)
+	if m.Reply == "" {
+		return
 	}
 	target, err := s.parseLiveSubject(m.Subject)
 	if err == nil {
@@ -340,10 +340,12 @@ func (s *Store) stopLive() {
 
 var _ engine.LiveRouter = (*Store)(nil)
 
-// ownerToken starts the subject on which the sidecar that took a name
-// answers for it: <Prefix>live.owner.<seg name>. No live target's subject
-// has it (their tokens are segments, which start with 'h').
-const ownerToken = "owner."
+// nameSubject is the subject on which the sidecar that took name answers
+// for it: <Prefix>name.<seg name>. Outside <Prefix>live.>, which every
+// sidecar subscribes to: a question there found a subscriber always, so
+// the server never said "no responders" and every start waited out the
+// question's timeout (found by review).
+func nameSubject(cfg *Config, name string) string { return cfg.Prefix + "name." + seg(name) }
 
 // ErrNameInUse reports that a running sidecar answers for the name (its
 // consumer id) another asked to take.
@@ -351,7 +353,7 @@ var ErrNameInUse = errors.New("the name is in use by a running sidecar")
 
 // nameQuestionTimeout bounds TakeName's question when no responder is
 // reported (a server that does not tell).
-const nameQuestionTimeout = time.Second
+var nameQuestionTimeout = time.Second
 
 // TakeName makes this store answer for name, a sidecar's consumer id, so
 // that a second sidecar started with the same name is refused: it asks
@@ -359,13 +361,16 @@ const nameQuestionTimeout = time.Second
 // ErrNameInUse. Two sidecars with one name would take each other's
 // claims for their own (found by review: the second started silently).
 // A process killed a moment ago does not answer: its successor starts at
-// once. Two started at the same moment may both take the name. Close
-// gives it up.
+// once. Two started at the same moment may both take the name, and so may
+// one started while the owner is disconnected from the server. A user
+// without the permissions for <Prefix>name.> is not told apart from a
+// free name (the question times out; the subscription fails on the
+// server's side). Close gives it up.
 func (s *Store) TakeName(ctx context.Context, name, about string) error {
 	if err := s.usable(); err != nil {
 		return fmt.Errorf("take name %q: %w", name, err)
 	}
-	subj := livePrefix(&s.cfg) + ownerToken + seg(name)
+	subj := nameSubject(&s.cfg, name)
 	qctx, cancel := context.WithTimeout(ctx, nameQuestionTimeout)
 	defer cancel()
 	reply, err := s.nc.RequestWithContext(qctx, subj, nil)

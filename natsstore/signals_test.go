@@ -354,3 +354,22 @@ func TestTakeNameRefusesANameInUse(t *testing.T) {
 		t.Fatalf("the name of a closed store: %v", err)
 	}
 }
+
+// A free name is known free at once, from the server's "no responders",
+// while other sidecars serve live commands (found by review: their
+// subscriptions to every live subject answered for the name's subject,
+// and every start waited out the question's timeout). Not parallel: it
+// sets the timeout.
+func TestTakeNameOfAFreeNameDoesNotWaitForOtherSidecars(t *testing.T) {
+	defer natsstore.SetNameQuestionTimeout(time.Hour)()
+	cfg := freshConfig()
+	a, b := openCfg(t, cfg), openCfg(t, cfg)
+	if err := a.ServeLive(func(context.Context, engine.LiveTarget, engine.LiveCommand) bool { return false }); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := b.TakeName(ctx, "free", "pid 2"); err != nil || ctx.Err() != nil {
+		t.Fatalf("a free name beside a serving sidecar: %v (context %v); want taken before the context ended", err, ctx.Err())
+	}
+}

@@ -510,18 +510,24 @@ func TestIdempotencyKey(t *testing.T) {
 	if f.DispatchID != a.DispatchID || f.Status != "queued" {
 		t.Fatalf("foreground repeat %+v, first %+v", f, a)
 	}
-	// As a stream: `submitted` with the first dispatch; queued, so the
-	// stream ends there (the client re-attaches once it runs).
-	evs := sc.stream(req{method: "POST", path: "/v1/threads/idem/runs", body: submitBody("x"), headers: []string{"Idempotency-Key", "key-1"}}).rest()
-	if types(evs) != "submitted" || decode[submitResult](t, evs[0].Data).DispatchID != a.DispatchID {
-		t.Fatalf("foreground stream repeat %+v", evs)
-	}
 	if d := sc.waitDispatch(a.DispatchID, engine.StatusQueued); d.DedupeKey != "key-1" {
 		t.Fatalf("dispatch %+v", d)
 	}
 	sc.waitDispatch(c.DispatchID, engine.StatusQueued) // nothing was interrupted
 	if n := sc.counts().Dispatches; n != 2 {
 		t.Fatalf("%d dispatches, want 2", n)
+	}
+	// As a stream: `submitted` with the first dispatch, then the queued
+	// run followed to its end, here a cancel (found by review: the stream
+	// ended after `submitted`, and ctl exited 1).
+	st := sc.stream(req{method: "POST", path: "/v1/threads/idem/runs", body: submitBody("x"), headers: []string{"Idempotency-Key", "key-1"}})
+	if ev := st.next(); ev.Event != "submitted" || decode[submitResult](t, ev.Data).DispatchID != a.DispatchID {
+		t.Fatalf("foreground stream repeat: %+v", ev)
+	}
+	sc.call(req{method: "POST", path: "/v1/cancel/" + a.DispatchID}, 200, nil)
+	evs := st.rest()
+	if len(evs) == 0 || evs[len(evs)-1].Event != "run_finish" || !strings.Contains(evs[len(evs)-1].Data, "cancelled") {
+		t.Fatalf("the repeat's stream after the cancel: %+v; want the run's run_finish", evs)
 	}
 }
 

@@ -34,28 +34,11 @@ func (s *Server) submitForeground(ctx *fasthttp.RequestCtx, thread string) error
 		return err
 	}
 	asJSON := wantsJSON(ctx)
-	if req.DedupeKey != "" && req.ThreadID != "" {
-		res, ok, err := s.existingByDedupe(req.ThreadID, req.DedupeKey)
-		if err != nil {
-			return err
-		}
-		if ok {
-			if asJSON {
-				return s.writeJSON(ctx, fasthttp.StatusOK, res)
-			}
-			// Follow the run only while it executes here (then the thread's
-			// log is its log); a queued one is followed by re-attaching.
-			var log *engine.EventLog
-			if res.Status == engine.SubmitRunning {
-				if l := s.mb.Reattach(res.ThreadID); l != nil {
-					if _, closed := l.ClosedAt(); !closed {
-						log = l
-					}
-				}
-			}
-			return s.startStream(ctx, res.ThreadID, log, 0, submittedEvent(res), nil)
-		}
-	}
+	// An idempotent repeat is the engine's to answer (Mailbox.Submit): it
+	// follows the first's run, queued, running here or elsewhere. The
+	// handler's own check followed a running run only, by the thread's
+	// log (found by review: a queued one's repeat got `submitted` and an
+	// ended stream).
 	res, events, err := s.mb.Submit(s.base, req)
 	if err != nil {
 		return err
@@ -64,26 +47,6 @@ func (s *Server) submitForeground(ctx *fasthttp.RequestCtx, thread string) error
 		return s.writeJSON(ctx, fasthttp.StatusOK, res)
 	}
 	return s.startStream(ctx, res.ThreadID, events, 0, submittedEvent(res), &res)
-}
-
-// existingByDedupe finds the queued or running dispatch of a thread that
-// holds a dedupe key (an idempotent repeat of a foreground submit answers
-// it instead of interrupting it).
-func (s *Server) existingByDedupe(thread, key string) (engine.SubmitResult, bool, error) {
-	ds, err := s.mb.ListDispatches(s.base, thread, engine.StatusFilter{engine.StatusQueued, engine.StatusClaimed}, 0, 0)
-	if err != nil {
-		return engine.SubmitResult{}, false, err
-	}
-	for _, d := range ds {
-		if d.DedupeKey == key {
-			st := engine.SubmitQueued
-			if d.Status == engine.StatusClaimed {
-				st = engine.SubmitRunning
-			}
-			return engine.SubmitResult{DispatchID: d.DispatchID, RunID: d.RunID, ThreadID: thread, Status: st}, true, nil
-		}
-	}
-	return engine.SubmitResult{}, false, nil
 }
 
 // submitBackground is POST /v1/threads/{thread_id}/dispatches (seed
