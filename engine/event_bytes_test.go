@@ -155,3 +155,49 @@ func TestRunningRunsEventsAreBoundedTogether(t *testing.T) {
 	}
 	eventually(t, "the closed logs out of the budget", func() bool { return r.mb.LiveEventBytes() == 0 })
 }
+
+// mailbox_suspended_runs counts the attempts waiting on a tool call's
+// decision (found by review: they showed as active runs only, as if
+// stuck), and drops when the call is resumed.
+func TestSuspendedRunsAreAGauge(t *testing.T) {
+	suspended, resume, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	script := func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		sink.Emit([]byte(`{"type":"tool_call_done","call_id":"c1","outcome":"suspended"}`))
+		close(suspended)
+		<-resume
+		sink.Emit([]byte(`{"type":"tool_call_resumed","call_id":"c1"}`))
+		<-done
+		return complete(ctx, req, sink)
+	}
+	r := newRig(t, newFake(1, script), engine.Config{})
+	r.start(t)
+	var resumed, finished sync.Once
+	defer func() {
+		resumed.Do(func() { close(resume) })
+		finished.Do(func() { close(done) })
+	}()
+	if _, err := r.mb.SubmitBackground(context.Background(), engine.SubmitRequest{ThreadID: "ts", Messages: []engine.Message{userMsg("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	<-suspended
+	gauge := func() string {
+		var b strings.Builder
+		r.mb.Metrics().WritePrometheus(&b)
+		return metricValue(b.String(), "mailbox_suspended_runs")
+	}
+	if g := gauge(); g != "1" {
+		t.Fatalf("mailbox_suspended_runs %q while a call waits; want 1", g)
+	}
+	resumed.Do(func() { close(resume) })
+	eventually(t, "the gauge back to 0", func() bool { return gauge() == "0" })
+}
+
+// metricValue is the value of the unlabelled metric name in a scrape.
+func metricValue(scrape, name string) string {
+	for _, l := range strings.Split(scrape, "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			return v
+		}
+	}
+	return ""
+}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailbox-sidecar/mailbox-sidecar/badgerstore"
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 	"github.com/mailbox-sidecar/mailbox-sidecar/internal/syncbuf"
 )
@@ -105,5 +106,36 @@ func TestEnqueueToStartTimesTheFirstAttemptOnly(t *testing.T) {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+}
+
+// reclaimFails is a store whose reclaim of lapsed leases fails (a full
+// disk, say).
+type reclaimFails struct {
+	*badgerstore.Store
+	on *atomic.Bool
+}
+
+func (s reclaimFails) ReclaimExpired(ctx context.Context, now int64, limit int) ([]engine.Dispatch, error) {
+	if s.on.Load() {
+		return nil, errExecInjected
+	}
+	return s.Store.ReclaimExpired(ctx, now, limit)
+}
+
+// A reclaim that keeps failing is logged once a minute, not at every
+// sweep (found by review: a line every 3 s on a full disk).
+func TestAFailingReclaimIsLoggedOnceAMinute(t *testing.T) {
+	var logs syncbuf.Buffer
+	var failing atomic.Bool
+	r := newRigWith(t, newFake(1, complete), engine.Config{SweepInterval: time.Hour, Logger: slog.New(slog.NewTextHandler(&logs, nil))},
+		func(s *badgerstore.Store) engine.Store { return reclaimFails{s, &failing} })
+	r.start(t)
+	failing.Store(true) // after the start's recovery
+	for range 3 {
+		r.mb.Sweep(context.Background())
+	}
+	if n := strings.Count(logs.String(), "sweep: reclaim failed"); n != 1 {
+		t.Fatalf("%d reclaim failures logged in three sweeps; want 1:\n%s", n, logs.String())
 	}
 }

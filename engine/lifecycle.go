@@ -207,6 +207,20 @@ func (m *Mailbox) runningCount() int {
 	return n
 }
 
+// suspendedCount is the number of attempts executing here whose run
+// waits on a tool call (a decision), under the suspended lease.
+func (m *Mailbox) suspendedCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, e := range m.threads {
+		if !e.claiming && e.suspended.Load() > 0 {
+			n++
+		}
+	}
+	return n
+}
+
 // Running reports whether Start succeeded and Stop has not begun.
 func (m *Mailbox) Running() bool {
 	m.mu.Lock()
@@ -812,7 +826,13 @@ func (m *Mailbox) reclaimLapsed(ctx context.Context) {
 	for {
 		got, err := m.store.ReclaimExpired(ctx, m.cfg.Now(), reclaimPage)
 		if err != nil {
-			m.log.Warn("sweep: reclaim failed", "err", err)
+			// Once a minute: a store that refuses writes (a full disk)
+			// fails every sweep, every --lease/10 after a start (found by
+			// review: a line every 3 s; the store logs the cause once).
+			if now := time.Now().UnixMilli(); now-m.reclaimWarnAt.Load() >= time.Minute.Milliseconds() {
+				m.reclaimWarnAt.Store(now)
+				m.log.Warn("sweep: reclaim failed (said at most once a minute)", "err", err)
+			}
 			break
 		}
 		m.metrics.add("reclaim_dispatch", len(got))

@@ -118,6 +118,8 @@ type Mailbox struct {
 	closedSince atomic.Int64
 	// live bounds the event bytes of the open logs (EventBufferTotalBytes).
 	live LiveBudget
+	// reclaimWarnAt is when a failed reclaim was last logged (Unix ms).
+	reclaimWarnAt atomic.Int64
 	// prefixGen counts what may make a thread before the end of prefix
 	// (the held head of the ready order) claimable: a hold ended or
 	// shortened before it lapsed, work put back at its old place.
@@ -180,6 +182,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 	}, func() float64 { return float64(m.runningCount()) })
 	m.metrics.set.NewGauge(metricHeld, m.heldThreads)
 	m.metrics.set.NewGauge(metricEventBufferBytes, func() float64 { return float64(m.live.Used()) })
+	m.metrics.set.NewGauge(metricSuspendedRuns, func() float64 { return float64(m.suspendedCount()) })
 	m.store = instrumentedStore{Store: store, em: m.metrics, tails: m.tails, keep: m.cfg.ContextMessages, putBack: m.putBack}
 	return m, nil
 }

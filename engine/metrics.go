@@ -21,23 +21,26 @@ const (
 	// metricEventBufferBytes is the event data the running runs' buffers
 	// hold (EventBufferTotalBytes bounds it).
 	metricEventBufferBytes = "mailbox_event_buffer_bytes"
-	metricHeld             = "mailbox_dispatch_held_threads"
-	metricReadyWait        = "mailbox_dispatch_ready_wait_seconds"
-	metricEnqToStart       = "mailbox_dispatch_enqueue_to_start_seconds"
-	metricEligStart        = "mailbox_dispatch_eligible_to_start_seconds"
-	metricClaimStart       = "mailbox_dispatch_claim_to_start_seconds"
-	metricRunSeconds       = "mailbox_run_duration_seconds"
-	metricEnqToDone        = "mailbox_dispatch_enqueue_to_complete_seconds"
-	metricRuntime          = "mailbox_dispatch_runtime_seconds"
-	metricRuns             = "mailbox_runs_total"
-	metricDeadLetter       = "mailbox_dead_letters_total"
-	metricDepthErrs        = "mailbox_dispatch_depth_errors_total"
-	metricRenewals         = "mailbox_lease_renewals_total"
-	metricLive             = "mailbox_live_commands_total"
-	metricSigPulled        = "mailbox_dispatch_signal_pulled_total"
-	metricSigAck           = "mailbox_dispatch_signal_ack_total"
-	metricSigNack          = "mailbox_dispatch_signal_nack_total"
-	metricSigRedeliv       = "mailbox_dispatch_signal_redelivery_total"
+	// metricSuspendedRuns counts the attempts here waiting on a tool call:
+	// part of mailbox_active_runs, and not stuck.
+	metricSuspendedRuns = "mailbox_suspended_runs"
+	metricHeld          = "mailbox_dispatch_held_threads"
+	metricReadyWait     = "mailbox_dispatch_ready_wait_seconds"
+	metricEnqToStart    = "mailbox_dispatch_enqueue_to_start_seconds"
+	metricEligStart     = "mailbox_dispatch_eligible_to_start_seconds"
+	metricClaimStart    = "mailbox_dispatch_claim_to_start_seconds"
+	metricRunSeconds    = "mailbox_run_duration_seconds"
+	metricEnqToDone     = "mailbox_dispatch_enqueue_to_complete_seconds"
+	metricRuntime       = "mailbox_dispatch_runtime_seconds"
+	metricRuns          = "mailbox_runs_total"
+	metricDeadLetter    = "mailbox_dead_letters_total"
+	metricDepthErrs     = "mailbox_dispatch_depth_errors_total"
+	metricRenewals      = "mailbox_lease_renewals_total"
+	metricLive          = "mailbox_live_commands_total"
+	metricSigPulled     = "mailbox_dispatch_signal_pulled_total"
+	metricSigAck        = "mailbox_dispatch_signal_ack_total"
+	metricSigNack       = "mailbox_dispatch_signal_nack_total"
+	metricSigRedeliv    = "mailbox_dispatch_signal_redelivery_total"
 )
 
 // Histogram buckets (upper bounds in seconds). The Prometheus defaults

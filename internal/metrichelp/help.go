@@ -24,6 +24,7 @@ var Help = map[string]string{
 	"mailbox_dispatch_held_threads":                "Threads set aside by the dispatcher: their claims failed, or no agent took their run.",
 	"mailbox_active_runs":                          "Attempts executing in this sidecar.",
 	"mailbox_build_info":                           "1, labelled with the sidecar's version, commit, Go version and agent protocol.",
+	"mailbox_suspended_runs":                       "Attempts executing in this sidecar whose run waits on a tool call's decision (counted in mailbox_active_runs too, under the suspended lease).",
 	"mailbox_event_buffer_bytes":                   "Bytes of events the running and waiting runs' buffers hold for re-attachment (bounded by --event-buffer-total-bytes).",
 	"mailbox_dispatch_enqueue_to_start_seconds":    "Time from a dispatch's creation to the start of its first attempt.",
 	"mailbox_dispatch_eligible_to_start_seconds":   "Time from a dispatch falling due to the start of its attempt.",
