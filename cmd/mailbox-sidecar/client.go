@@ -24,21 +24,21 @@ type apiClient struct {
 // newTCPClient is an apiClient of the TCP listener at addr (host:port),
 // sending token with every request.
 func newTCPClient(addr, token string) *apiClient {
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "tcp", addr)
-		},
-		MaxIdleConnsPerHost: 4,
-	}
-	return &apiClient{http: &http.Client{Transport: tr}, token: token}
+	c := dialingClient("tcp", addr)
+	c.token = token
+	return c
 }
 
-func newAPIClient(socket string) *apiClient {
+// newAPIClient is an apiClient of the API socket.
+func newAPIClient(socket string) *apiClient { return dialingClient("unix", socket) }
+
+// dialingClient is an apiClient whose connections all go to address on
+// network, whatever the request's host.
+func dialingClient(network, address string) *apiClient {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			return d.DialContext(ctx, network, address)
 		},
 		MaxIdleConnsPerHost: 4,
 	}

@@ -16,11 +16,11 @@ import (
 	"unicode/utf8"
 )
 
-// startInProcess runs a sidecar in this process on n (no agent) until
-// the test ends, and returns once it is ready.
-func startInProcess(t *testing.T, n node) {
+// startInProcess runs a sidecar in this process on n (no agent), with
+// extra serve flags, until the test ends, and returns once it is ready.
+func startInProcess(t *testing.T, n node, extra ...string) {
 	t.Helper()
-	cfg, err := parseServe([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent}, env(nil), os.Stderr)
+	cfg, err := parseServe(append([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent}, extra...), env(nil), os.Stderr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,21 +133,7 @@ func TestCtlReachesTheTCPListenerWithItsToken(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 	const token = "0123456789abcdef-token"
-	cfg, err := parseServe([]string{"--data-dir", n.data, "--api-socket", n.api, "--agent-socket", n.agent,
-		"--http-addr", addr, "--auth-token", token}, env(nil), os.Stderr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := startSidecar(cfg, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.shutdown(time.Second) })
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := s.recover(ctx); err != nil {
-		t.Fatal(err)
-	}
+	startInProcess(t, n, "--http-addr", addr, "--auth-token", token)
 	ctlTCP := func(tok string, args ...string) (int, string, string) {
 		var out, errb bytes.Buffer
 		code := run(append([]string{"ctl", "--socket", "/nonexistent/api.sock"}, args...),
