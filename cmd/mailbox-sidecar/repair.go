@@ -40,7 +40,7 @@ the repair failed or was stopped, 2 bad usage.
 
 // runRepair is `repair`; ctx ends it (an interrupt) between commits.
 func runRepair(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	s, dir, code := openStopped("repair", repairUsage, args, getenv, stdout, stderr)
+	s, dir, code, _ := openStopped("repair", repairUsage, args, getenv, stdout, stderr, nil)
 	if s == nil {
 		return code
 	}

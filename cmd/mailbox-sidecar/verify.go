@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,7 +15,7 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
 
-const verifyUsage = `usage: mailbox-sidecar verify [--data-dir DIR] [--allow-cut]
+const verifyUsage = `usage: mailbox-sidecar verify [--data-dir DIR] [--allow-cut] [--json]
 
 Checks a stopped sidecar's Badger data directory: every record decodes,
 every index entry matches its record, counters and message logs agree,
@@ -32,21 +33,81 @@ one, it stops there (exit 1) so that the directory can be copied first;
 The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data. An
 interrupt (SIGINT, SIGTERM) stops the check and closes the directory;
 a second one kills the process.
+--json prints one JSON object instead of lines: dir, status
+("consistent", "problems", "in_use", "no_data_directory",
+"format_too_new", "not_opened": the newest value-log file is damaged and
+--allow-cut was not given, "failed": the check did not open or finish),
+counted (false when a table block does not read), dispatches, runs,
+threads, messages, notes, problems and error; for scripts that must tell
+these apart, which the exit status does not.
 Exit status: 0 consistent, 1 problems found (listed) or the check failed
 or was stopped, 2 bad usage.
 `
 
 // runVerify is `verify`; ctx ends the check (an interrupt).
 func runVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	s, dir, code := openStopped("verify", verifyUsage, args, getenv, stdout, stderr)
+	var asJSON bool
+	s, dir, code, fail := openStopped("verify", verifyUsage, args, getenv, stdout, stderr, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print one JSON object")
+	})
 	if s == nil {
+		if asJSON && fail.status != "" {
+			writeVerifyJSON(stdout, verifyJSON{Dir: dir, Status: fail.status, Error: fail.msg, Problems: fail.problems})
+		}
 		return code
 	}
 	rep, err := s.Verify(ctx)
 	if cerr := s.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
+	if asJSON {
+		out := verifyJSON{Dir: dir, Status: "consistent", Counted: !rep.Unwalked, Dispatches: rep.Dispatches, Runs: rep.Runs,
+			Threads: rep.Threads, Messages: rep.Messages, Notes: rep.Notes, Problems: rep.Problems}
+		switch {
+		case err != nil:
+			out.Status, out.Error = "failed", err.Error()
+		case len(rep.Problems) > 0:
+			out.Status = "problems"
+		}
+		writeVerifyJSON(stdout, out)
+		if out.Status == "consistent" {
+			return 0
+		}
+		return 1
+	}
 	return printVerify("verify", dir, rep, err, stdout, stderr)
+}
+
+// verifyJSON is `verify --json`'s answer.
+type verifyJSON struct {
+	Dir        string   `json:"dir"`
+	Status     string   `json:"status"`
+	Counted    bool     `json:"counted"`
+	Dispatches int      `json:"dispatches"`
+	Runs       int      `json:"runs"`
+	Threads    int      `json:"threads"`
+	Messages   int      `json:"messages"`
+	Notes      []string `json:"notes"`
+	Problems   []string `json:"problems"`
+	Error      string   `json:"error,omitempty"`
+}
+
+func writeVerifyJSON(w io.Writer, v verifyJSON) {
+	if v.Notes == nil {
+		v.Notes = []string{}
+	}
+	if v.Problems == nil {
+		v.Problems = []string{}
+	}
+	b, _ := json.Marshal(v)
+	fmt.Fprintf(w, "%s\n", b)
+}
+
+// openFailure is why openStopped opened nothing: a verify --json status
+// ("" after -h or bad usage), its message, and a problem it found first.
+type openFailure struct {
+	status, msg string
+	problems    []string
 }
 
 // printVerify prints a Verify report and returns the exit status: 0
@@ -85,7 +146,7 @@ func printVerify(cmd, dir string, rep badgerstore.Report, err error, stdout, std
 // --data-dir, --allow-cut) and opens the stopped sidecar's data directory;
 // on failure it has said why and returns nil and the exit status (0 after
 // -h).
-func openStopped(cmd, usage string, args []string, getenv func(string) string, stdout, stderr io.Writer) (s *badgerstore.Store, dir string, code int) {
+func openStopped(cmd, usage string, args []string, getenv func(string) string, stdout, stderr io.Writer, flags func(*flag.FlagSet)) (s *badgerstore.Store, dir string, code int, fail openFailure) {
 	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage) }
@@ -95,41 +156,47 @@ func openStopped(cmd, usage string, args []string, getenv func(string) string, s
 	}
 	fs.StringVar(&dir, "data-dir", dir, "Badger data directory")
 	allowCut := fs.Bool("allow-cut", false, "open the directory even when Badger will cut its newest value-log file before whole entries")
+	if flags != nil {
+		flags(fs)
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return nil, "", 0
+			return nil, "", 0, fail
 		}
-		return nil, "", 2
+		return nil, "", 2, fail
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "mailbox-sidecar %s: takes no arguments, got %q\n\n%s", cmd, fs.Args(), usage)
-		return nil, "", 2
+		return nil, "", 2, fail
+	}
+	failed := func(status string, err error, format string, args ...any) (*badgerstore.Store, string, int, openFailure) {
+		fmt.Fprintf(stderr, format, args...)
+		fail.status, fail.msg = status, err.Error()
+		return nil, dir, 1, fail
 	}
 	// A directory without Badger's manifest holds no store: opening it
 	// would create one. One that holds tables or logs without it lost
 	// its manifest, which no repair brings back (found by review: it was
 	// "no data directory").
 	if err := badgerstore.CheckManifest(dir); err != nil {
-		fmt.Fprintf(stderr, "mailbox-sidecar %s: %v\n", cmd, err)
-		return nil, "", 1
+		return failed("failed", err, "mailbox-sidecar %s: %v\n", cmd, err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); err != nil {
-		fmt.Fprintf(stderr, "mailbox-sidecar %s: no data directory at %s: %v\n", cmd, dir, err)
-		return nil, "", 1
+		return failed("no_data_directory", err, "mailbox-sidecar %s: no data directory at %s: %v\n", cmd, dir, err)
 	}
 	if err := badgerstore.NewestValueLogDamageStopped(dir); err != nil {
 		if errors.Is(err, engine.ErrDataDirInUse) {
-			fmt.Fprintf(stderr, "mailbox-sidecar %s: data directory %s is in use (stop the sidecar first): %v\n", cmd, dir, err)
-			return nil, "", 1
+			return failed("in_use", err, "mailbox-sidecar %s: data directory %s is in use (stop the sidecar first): %v\n", cmd, dir, err)
 		}
 		if !errors.Is(err, badgerstore.ErrValueLogCorrupt) {
-			fmt.Fprintf(stderr, "mailbox-sidecar %s: reading the newest value-log file: %v\n", cmd, err)
-			return nil, "", 1
+			return failed("failed", err, "mailbox-sidecar %s: reading the newest value-log file: %v\n", cmd, err)
 		}
-		fmt.Fprintln(stdout, "problem:", err)
+		fail.problems = append(fail.problems, err.Error())
+		if fs.Lookup("json") == nil || fs.Lookup("json").Value.String() != "true" {
+			fmt.Fprintln(stdout, "problem:", err)
+		}
 		if !*allowCut {
-			fmt.Fprintf(stderr, "mailbox-sidecar %s: not opened: opening %s (%s or serve) lets Badger cut its newest value-log file at the bad entry, and the whole entries after it are lost; copy the directory first, then run %s --allow-cut\n", cmd, dir, cmd, cmd)
-			return nil, "", 1
+			return failed("not_opened", err, "mailbox-sidecar %s: not opened: opening %s (%s or serve) lets Badger cut its newest value-log file at the bad entry, and the whole entries after it are lost; copy the directory first, then run %s --allow-cut\n", cmd, dir, cmd, cmd)
 		}
 	}
 	// Badger's own messages and the store's at warn and above (a repair at
@@ -139,13 +206,12 @@ func openStopped(cmd, usage string, args []string, getenv func(string) string, s
 	if err != nil {
 		switch {
 		case errors.Is(err, engine.ErrDataDirInUse):
-			fmt.Fprintf(stderr, "mailbox-sidecar %s: data directory %s is in use (stop the sidecar first): %v\n", cmd, dir, err)
+			return failed("in_use", err, "mailbox-sidecar %s: data directory %s is in use (stop the sidecar first): %v\n", cmd, dir, err)
 		case errors.Is(err, badgerstore.ErrFormatTooNew):
-			fmt.Fprintf(stderr, "mailbox-sidecar %s: data directory %s was written by a later version of mailbox-sidecar: %v\n", cmd, dir, err)
+			return failed("format_too_new", err, "mailbox-sidecar %s: data directory %s was written by a later version of mailbox-sidecar: %v\n", cmd, dir, err)
 		default:
-			fmt.Fprintf(stderr, "mailbox-sidecar %s: %v\n", cmd, err)
+			return failed("failed", err, "mailbox-sidecar %s: %v\n", cmd, err)
 		}
-		return nil, "", 1
 	}
-	return s, dir, 0
+	return s, dir, 0, fail
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -154,5 +155,41 @@ func TestVerifyHeaderOfAnUnwalkedStore(t *testing.T) {
 	}
 	if !strings.HasPrefix(out.String(), "/d: records not counted") || strings.Contains(out.String(), "0 dispatches") {
 		t.Fatalf("report:\n%s", out.String())
+	}
+}
+
+// verify --json prints one object whose status tells apart what the exit
+// status does not: consistent, problems, a directory in use, none there,
+// not opened (found by review: exit 1 covered all of them).
+func TestVerifyJSONTellsTheOutcomesApart(t *testing.T) {
+	dir, opts := stoppedStoreOfLargeMessages(t)
+	verifyJSON := func(args ...string) (int, map[string]any) {
+		t.Helper()
+		code, out, errOut := runCommand(append([]string{"verify", "--json"}, args...)...)
+		var v map[string]any
+		if err := json.Unmarshal([]byte(out), &v); err != nil || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+			t.Fatalf("verify --json %v: not one JSON object: %v\nstdout:\n%s\nstderr:\n%s", args, err, out, errOut)
+		}
+		return code, v
+	}
+	if code, v := verifyJSON("--data-dir", dir); code != 0 || v["status"] != "consistent" || v["messages"] != float64(40) || v["counted"] != true {
+		t.Fatalf("a clean directory: exit %d %v", code, v)
+	}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, v := verifyJSON("--data-dir", dir); code != 1 || v["status"] != "in_use" || v["error"] == "" {
+		t.Fatalf("a directory in use: exit %d %v", code, v)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if code, v := verifyJSON("--data-dir", filepath.Join(t.TempDir(), "none")); code != 1 || v["status"] != "no_data_directory" {
+		t.Fatalf("no directory: exit %d %v", code, v)
+	}
+	flipAMessageBelowTheNewestValueLog(t, dir, 40)
+	if code, v := verifyJSON("--data-dir", dir); code != 1 || v["status"] != "problems" || len(v["problems"].([]any)) == 0 {
+		t.Fatalf("a flipped byte: exit %d %v", code, v)
 	}
 }
