@@ -215,10 +215,7 @@ func completeElsewhere(t *testing.T, s engine.Store, id, runID string) {
 	if err != nil || d == nil {
 		t.Fatalf("claim elsewhere: %v %v", d, err)
 	}
-	if err := s.Complete(ctx, d.DispatchID, d.ClaimToken, engine.RunResult{RunID: runID, InstanceID: "other-instance", Status: engine.RunDone,
-		Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "done there"}, time.Now().UnixMilli()); err != nil {
-		t.Fatal(err)
-	}
+	completeClaimedElsewhere(t, s, d, runID)
 }
 
 // A sweep ends the stream of a queued foreground run acked elsewhere, as
@@ -226,42 +223,23 @@ func completeElsewhere(t *testing.T, s engine.Store, id, runID string) {
 // later (found by the crash test of two sidecars on one NATS queue: a
 // submitter's stream open 30 s after its run ended on the other sidecar).
 func TestASweepEndsTheStreamOfAForegroundRunAckedElsewhere(t *testing.T) {
-	r := newRig(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour})
-	r.start(t)
-	ctx := context.Background()
-	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, res, log := queuedForegroundRig(t, false)
 	completeElsewhere(t, r.store, res.DispatchID, res.RunID)
-	r.mb.Sweep(ctx)
+	r.mb.Sweep(context.Background())
 	if _, closed := log.ClosedAt(); !closed {
 		t.Fatal("the stream of a run acked elsewhere is still open after a sweep")
 	}
-	evs, _ := readAll(log, 0)
-	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") {
-		t.Fatalf("the stream's events: %+v; want one run_finish natural_end", evs)
-	}
+	wantOneFinish(t, log, "natural_end")
 }
 
 // On a shared store the submitter's stream of a queued foreground run
 // that ran and ended on another sidecar ends within about a second,
 // without waiting for a sweep or a GC.
 func TestOnASharedStoreAStreamEndsSoonAfterItsRunEndedElsewhere(t *testing.T) {
-	r := newRigWith(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour},
-		func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
-	r.start(t)
-	ctx := context.Background()
-	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, res, log := queuedForegroundRig(t, true)
 	completeElsewhere(t, r.store, res.DispatchID, res.RunID)
 	eventually(t, "the stream's end", func() bool { _, closed := log.ClosedAt(); return closed })
-	evs, _ := readAll(log, 0)
-	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "natural_end") {
-		t.Fatalf("the stream's events: %+v; want one run_finish natural_end", evs)
-	}
+	wantOneFinish(t, log, "natural_end")
 }
 
 // On a shared store the submitter's stream of a queued foreground run
@@ -270,14 +248,8 @@ func TestOnASharedStoreAStreamEndsSoonAfterItsRunEndedElsewhere(t *testing.T) {
 // follows the retry to its end (found by review: the stream waited out
 // every retry and learned of none).
 func TestOnASharedStoreAStreamEndsWhenItsRunFailedElsewhere(t *testing.T) {
-	r := newRigWith(t, newFake(0, complete), engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour},
-		func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
-	r.start(t)
+	r, res, log := queuedForegroundRig(t, true)
 	ctx := context.Background()
-	res, log, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	d, err := r.store.ClaimDispatch(ctx, res.DispatchID, "elsewhere", time.Minute, time.Now().UnixMilli())
 	if err != nil || d == nil {
 		t.Fatalf("claim elsewhere: %v %v", d, err)
@@ -287,11 +259,8 @@ func TestOnASharedStoreAStreamEndsWhenItsRunFailedElsewhere(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the stream's end", func() bool { _, closed := log.ClosedAt(); return closed })
+	wantOneFinish(t, log, "provider overloaded", fmt.Sprintf(`"retry_at":%d`, retryAt))
 	evs, _ := readAll(log, 0)
-	if len(evs) != 1 || evs[0].Type != "run_finish" || !strings.Contains(string(evs[0].Data), "provider overloaded") ||
-		!strings.Contains(string(evs[0].Data), fmt.Sprintf(`"retry_at":%d`, retryAt)) {
-		t.Fatalf("the stream's events: %+v; want one run_finish with the error and retry_at %d", evs, retryAt)
-	}
 	// Re-attached, the client follows the retry; it ends elsewhere.
 	again, err := r.mb.Attach(ctx, "t1", evs[0].Seq)
 	if err != nil || again == nil || again == log {
@@ -362,7 +331,7 @@ func TestARepeatFollowsARunElsewherePastTheThreadsEarlierLog(t *testing.T) {
 	if err != nil || again.DispatchID != first.DispatchID || l == nil || l == earlier {
 		t.Fatalf("the repeat: %+v %v; log %p (the earlier run's %p)", again, err, l, earlier)
 	}
-	completeElsewhere2(t, r.store, d, first.RunID)
+	completeClaimedElsewhere(t, r.store, d, first.RunID)
 	eventually(t, "the repeat's stream end", func() bool { _, closed := l.ClosedAt(); return closed })
 	evs, _ := readAll(l, 0)
 	if len(evs) == 0 || !strings.Contains(string(evs[len(evs)-1].Data), "natural_end") || !strings.Contains(string(evs[len(evs)-1].Data), first.DispatchID) {
@@ -370,11 +339,45 @@ func TestARepeatFollowsARunElsewherePastTheThreadsEarlierLog(t *testing.T) {
 	}
 }
 
-// completeElsewhere2 completes d, claimed by another sidecar.
-func completeElsewhere2(t *testing.T, s engine.Store, d *engine.Dispatch, runID string) {
+// completeClaimedElsewhere completes d, claimed by another sidecar.
+func completeClaimedElsewhere(t *testing.T, s engine.Store, d *engine.Dispatch, runID string) {
 	t.Helper()
 	if err := s.Complete(context.Background(), d.DispatchID, d.ClaimToken, engine.RunResult{RunID: runID, InstanceID: "other-instance", Status: engine.RunDone,
 		Termination: &engine.Termination{Type: engine.TermNaturalEnd}, Response: "done there"}, time.Now().UnixMilli()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// queuedForegroundRig starts a rig with no agent slot (a foreground run
+// stays queued here, for another sidecar to take), on a store shared
+// between processes when shared, and submits one foreground run on t1.
+func queuedForegroundRig(t *testing.T, shared bool) (*rig, engine.SubmitResult, *engine.EventLog) {
+	t.Helper()
+	cfg := engine.Config{SweepInterval: time.Hour, GCInterval: time.Hour}
+	var r *rig
+	if shared {
+		r = newRigWith(t, newFake(0, complete), cfg, func(s *badgerstore.Store) engine.Store { return silentSignalStore{s} })
+	} else {
+		r = newRig(t, newFake(0, complete), cfg)
+	}
+	r.start(t)
+	res, log, err := r.mb.Submit(context.Background(), engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userMsg("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, res, log
+}
+
+// wantOneFinish checks that log holds one event, a run_finish whose data
+// has each of want.
+func wantOneFinish(t *testing.T, log *engine.EventLog, want ...string) {
+	t.Helper()
+	evs, _ := readAll(log, 0)
+	ok := len(evs) == 1 && evs[0].Type == "run_finish"
+	for _, w := range want {
+		ok = ok && strings.Contains(string(evs[0].Data), w)
+	}
+	if !ok {
+		t.Fatalf("the stream's events: %+v; want one run_finish with %q", evs, want)
 	}
 }
