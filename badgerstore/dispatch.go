@@ -209,9 +209,10 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 	}
 	ep, floor := st.epoch, st.floor
 	// Walk the thread's queue in claim order from its floor. Entries
-	// of an older epoch are superseded on the way (an atomic interrupt
-	// leaves none in this store, but a record restored from elsewhere
-	// may); the first available entry of the current epoch is claimed.
+	// of an older epoch are superseded on the way (an interrupt whose
+	// later commits a crash prevented leaves some, and so may a record
+	// restored from elsewhere); the first available entry of the current
+	// epoch is claimed.
 	var stale []string
 	var cand string
 	var first, next []byte
@@ -243,7 +244,11 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 			}
 			id := orderKeyID(k, threadID)
 			if readU64(v[8:]) < ep {
-				stale = append(stale, id)
+				// At most staleChunk a commit: the rest are superseded
+				// by the claims after this one.
+				if len(stale) < staleChunk {
+					stale = append(stale, id)
+				}
 				return true, nil
 			}
 			if readTS(v[:8]) <= now {
@@ -584,46 +589,78 @@ func (s *Store) ExtendLease(ctx context.Context, dispatchID, claimToken string, 
 	return ok, nil
 }
 
-// Interrupt implements engine.DispatchStore.
+// interruptChunk bounds the queued dispatches one interrupt commit
+// supersedes (a variable for tests). Each costs about a kilobyte of the
+// transaction's 2.4 MiB with its run record (more with a long one: a
+// chunk refused as too large is halved): in one commit an interrupt of a
+// thread with more than 3 000–4 000 queued runs was refused as too large.
+var interruptChunk = 512
+
+// staleChunk bounds the stale queued dispatches (an older epoch's, left
+// by an interrupt a crash cut short) one claim supersedes on its way:
+// the claim's commit stays small, and the claims after it take the rest.
+var staleChunk = 64
+
+// Interrupt implements engine.DispatchStore. Its first commit bumps the
+// thread's epoch and supersedes up to interruptChunk queued dispatches;
+// further commits supersede the rest, each its own atomic commit. From
+// the first commit on no dispatch of an older epoch can be claimed
+// (claimNext supersedes any it meets), so a crash between commits leaves
+// stale entries that are superseded as the thread's claims walk past
+// them, never work that runs.
 func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engine.InterruptResult, error) {
 	if err := engine.ValidateID("thread_id", threadID); err != nil {
 		return engine.InterruptResult{}, err
 	}
-	var res engine.InterruptResult
-	err := s.update(ctx, "interrupt", func(w *writeTx) error {
-		res = engine.InterruptResult{Superseded: []engine.Dispatch{}}
-		var queued []string
-		err := w.iterate(threadPrefix(pQueue, threadID), nil, true, func(k, _ []byte) (bool, error) {
-			queued = append(queued, orderKeyID(k, threadID))
-			return true, nil
-		})
-		if err != nil {
+	chunk := interruptChunk
+	res, after, more, err := s.interruptFirst(ctx, threadID, now, chunk)
+	for errors.Is(err, engine.ErrTooLarge) && chunk > 1 {
+		chunk /= 2
+		res, after, more, err = s.interruptFirst(ctx, threadID, now, chunk)
+	}
+	if err != nil {
+		return engine.InterruptResult{}, fmt.Errorf("interrupt thread %s: %w", threadID, err)
+	}
+	for more {
+		var got []engine.Dispatch
+		var last []byte
+		err = s.update(ctx, "interrupt", func(w *writeTx) error {
+			var err error
+			got, last, more, err = w.supersedeOlder(threadID, res.NewEpoch, after, now, chunk)
 			return err
+		})
+		if errors.Is(err, engine.ErrTooLarge) && chunk > 1 {
+			chunk, more = chunk/2, true
+			continue
 		}
+		if err != nil {
+			// The epoch is bumped: what is left is superseded as the
+			// thread's claims meet it, or by the next interrupt.
+			res.SupersededN = len(res.Superseded)
+			return res, fmt.Errorf("interrupt thread %s: %d queued dispatches superseded, the rest not yet: %w", threadID, len(res.Superseded), err)
+		}
+		res.Superseded = append(res.Superseded, got...)
+		after = last
+	}
+	res.SupersededN = len(res.Superseded)
+	return res, nil
+}
+
+// interruptFirst is an interrupt's first commit: the epoch bump and the
+// first chunk (up to n) of the thread's queued dispatches superseded.
+func (s *Store) interruptFirst(ctx context.Context, threadID string, now int64, n int) (res engine.InterruptResult, after []byte, more bool, err error) {
+	var chunk []engine.Dispatch
+	err = s.update(ctx, "interrupt", func(w *writeTx) error {
 		before, err := w.state(threadID)
 		if err != nil {
 			return err
 		}
 		st := before
 		st.epoch++
-		ep := st.epoch
 		if err := w.putState(threadID, st); err != nil {
 			return err
 		}
-		res.NewEpoch = ep
-		for _, id := range queued {
-			old, err := w.mustLoad(id)
-			if err != nil {
-				return err
-			}
-			d := old.Clone()
-			d.Supersede(ep, engine.ReasonInterrupt, now)
-			if err := w.putDispatch(old, &d, now); err != nil {
-				return err
-			}
-			res.Superseded = append(res.Superseded, d)
-		}
-		res.SupersededN = len(res.Superseded)
+		res.NewEpoch, res.Active = st.epoch, nil
 		if before.claimed != "" {
 			a, err := w.mustLoad(before.claimed)
 			if err != nil {
@@ -631,12 +668,56 @@ func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engi
 			}
 			res.Active = a
 		}
-		return nil
+		chunk, after, more, err = w.supersedeOlder(threadID, st.epoch, nil, now, n)
+		return err
+	})
+	res.Superseded = append([]engine.Dispatch{}, chunk...)
+	return res, after, more, err
+}
+
+// supersedeOlder supersedes, as interrupted, up to n of the thread's
+// queued dispatches of an epoch before ep, walking its queue after the
+// key after (nil: from the start). It returns them, the last key it
+// superseded and whether more may follow.
+func (w *writeTx) supersedeOlder(threadID string, ep uint64, after []byte, now int64, n int) (out []engine.Dispatch, last []byte, more bool, err error) {
+	prefix := threadPrefix(pQueue, threadID)
+	start := prefix
+	if after != nil {
+		start = append(append([]byte(nil), after...), 0)
+	}
+	var ids []string
+	err = w.iterate(prefix, start, false, func(k, v []byte) (bool, error) {
+		if len(v) != 16 {
+			return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
+		}
+		if readU64(v[8:]) >= ep {
+			return true, nil
+		}
+		if len(ids) == n {
+			more = true
+			return false, nil
+		}
+		ids = append(ids, orderKeyID(k, threadID))
+		last = append(last[:0], k...)
+		return true, nil
 	})
 	if err != nil {
-		return engine.InterruptResult{}, fmt.Errorf("interrupt thread %s: %w", threadID, err)
+		return nil, nil, false, err
 	}
-	return res, nil
+	out = make([]engine.Dispatch, 0, len(ids))
+	for _, id := range ids {
+		old, err := w.mustLoad(id)
+		if err != nil {
+			return nil, nil, false, err
+		}
+		d := old.Clone()
+		d.Supersede(ep, engine.ReasonInterrupt, now)
+		if err := w.putDispatch(old, &d, now); err != nil {
+			return nil, nil, false, err
+		}
+		out = append(out, d)
+	}
+	return out, last, more, nil
 }
 
 // CurrentEpoch implements engine.DispatchStore.

@@ -534,9 +534,20 @@ func (m *Mailbox) cancelLocal(id string, cause error) bool {
 // cancelled.
 func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult, error) {
 	res, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
-	if err != nil {
+	if err != nil && res.NewEpoch == 0 {
 		return res, err
 	}
+	// An error with a new epoch is an interrupt whose later commits
+	// failed (a long queue is superseded in several): it took effect, and
+	// the rest of the queue is superseded as claims meet it.
+	m.interrupted(ctx, thread, res)
+	return res, err
+}
+
+// interrupted ends what an interrupt superseded: the foreground streams
+// waiting on its queued dispatches, the thread's agent hold, and the run
+// it found active (cancelled here, or routed to its process).
+func (m *Mailbox) interrupted(ctx context.Context, thread string, res InterruptResult) {
 	m.metrics.add("supersede", res.SupersededN)
 	m.withdrawPending(res.Superseded...)
 	m.releaseAgentHold(thread)
@@ -556,7 +567,6 @@ func (m *Mailbox) Interrupt(ctx context.Context, thread string) (InterruptResult
 			}
 		}
 	}
-	return res, nil
 }
 
 // Submit is the foreground submit (seed submit): it interrupts the
@@ -606,6 +616,9 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	ir, err := m.store.Interrupt(ctx, thread, m.cfg.Now())
 	if err != nil {
+		if ir.NewEpoch != 0 {
+			m.interrupted(ctx, thread, ir) // it took effect: see Interrupt
+		}
 		return SubmitResult{}, nil, fmt.Errorf("submit to %s: %w", thread, err)
 	}
 	m.metrics.add("supersede", ir.SupersededN)

@@ -106,8 +106,13 @@ type DispatchStore interface {
 	// stale epoch supersedes the dispatch and returns false.
 	ExtendLease(ctx context.Context, dispatchID, claimToken string, lease time.Duration, now int64) (bool, error)
 	// Interrupt bumps the thread epoch and supersedes all its queued
-	// dispatches atomically; the claimed dispatch, if any, is reported as
-	// Active and left claimed.
+	// dispatches; the claimed dispatch, if any, is reported as Active and
+	// left claimed. The bump commits atomically with the first of the
+	// queued dispatches; a long queue may take further commits. From the
+	// bump on no dispatch of an older epoch is claimed: a claim that meets
+	// one supersedes it. An error with a non-zero NewEpoch reports an
+	// interrupt that took effect but whose later commits failed: the
+	// result lists what was superseded.
 	Interrupt(ctx context.Context, threadID string, now int64) (InterruptResult, error)
 	// CurrentEpoch returns the thread's epoch (0 for an unknown thread).
 	CurrentEpoch(ctx context.Context, threadID string) (uint64, error)
