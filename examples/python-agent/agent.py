@@ -703,6 +703,8 @@ class Session:
             self.send(PONG, 0, payload)
             return
         if ftype == PONG:
+            if len(payload) != PING_SIZE:
+                raise ProtocolError("PONG payload of %d bytes, want %d" % (len(payload), PING_SIZE))
             return
         body = parse_object(ftype, payload)
         if ftype == WELCOME:

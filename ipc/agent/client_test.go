@@ -820,6 +820,7 @@ func TestSidecarProtocolViolations(t *testing.T) {
 		{"cancel_on_stream_0", ipc.AppendFrame(nil, ipc.TypeCancel, 0, 0, []byte(`{"cmd":"c"}`))},
 		{"ping_on_run_stream", ipc.AppendFrame(nil, ipc.TypePing, 0, 3, []byte("12345678"))},
 		{"ping_not_8_bytes", ipc.AppendFrame(nil, ipc.TypePing, 0, 0, []byte("1234"))},
+		{"pong_not_8_bytes", ipc.AppendFrame(nil, ipc.TypePong, 0, 0, []byte("1234"))},
 		{"run_stream_reused", ipc.AppendFrame(ipc.AppendFrame(nil, ipc.TypeRun, 0, 2, []byte(runJSON("a", "x"))),
 			ipc.TypeRun, 0, 2, []byte(runJSON("b", "x")))},
 		{"command_of_wrong_shape", ipc.AppendFrame(nil, ipc.TypeMessages, 0, 1, []byte(`{"cmd":"c","messages":{"not":"an array"}}`))},

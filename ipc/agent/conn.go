@@ -441,6 +441,9 @@ func (cn *conn) handle(f *ipc.Frame) error {
 		}
 		return ignoreLost(cn.send(ipc.TypePong, 0, f.Payload))
 	case ipc.TypePong:
+		if len(f.Payload) != ipc.PingSize {
+			return fmt.Errorf("%w: PONG payload of %d bytes, want %d", ipc.ErrProtocol, len(f.Payload), ipc.PingSize)
+		}
 		return nil
 	case ipc.TypeGoAway:
 		var st ipc.Status

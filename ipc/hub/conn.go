@@ -490,6 +490,12 @@ func (c *conn) handle(f *ipc.Frame) error {
 		default:
 		}
 	case ipc.TypePong:
+		// Only its arrival counts (any frame is a sign of life), but a
+		// PONG that is not a PING's 8 bytes is a peer that does not speak
+		// the protocol, as a PING of another length is.
+		if len(f.Payload) != ipc.PingSize {
+			return protocolErr("PONG payload of %d bytes, want %d", len(f.Payload), ipc.PingSize)
+		}
 	case ipc.TypeGoAway:
 		var s ipc.Status
 		_ = json.Unmarshal(f.Payload, &s)

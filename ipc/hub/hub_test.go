@@ -309,6 +309,8 @@ func TestProtocolViolationsClose(t *testing.T) {
 		{"EVENT on stream 0", func(a *rawAgent) { a.send(ipc.TypeEvent, 0, `{"type":"x"}`) }},
 		{"SUBMIT on a run stream", func(a *rawAgent) { a.send(ipc.TypeSubmit, 3, `{"req":"1"}`) }},
 		{"PING of 3 bytes", func(a *rawAgent) { a.send(ipc.TypePing, 0, []byte{1, 2, 3}) }},
+		{"PONG of 3 bytes", func(a *rawAgent) { a.send(ipc.TypePong, 0, []byte{1, 2, 3}) }},
+		{"empty PONG", func(a *rawAgent) { a.send(ipc.TypePong, 0, []byte{}) }},
 		{"EVENT not JSON", func(a *rawAgent) { a.send(ipc.TypeEvent, 1, `{"type":`) }},
 		{"unknown frame type", func(a *rawAgent) {
 			var h [ipc.HeaderSize]byte
