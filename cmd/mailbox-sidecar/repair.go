@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"time"
 )
 
-const repairUsage = `usage: mailbox-sidecar repair [--data-dir DIR] [--allow-cut]
+const repairUsage = `usage: mailbox-sidecar repair [--data-dir DIR] [--allow-cut] [--json]
 
 Repairs a stopped sidecar's Badger data directory in which verify found
 problems (badgerstore.Repair; docs/store.md "Repair"). A record that does
@@ -34,17 +36,77 @@ would delete their indexes and counters.
 It writes to the directory: copy it first. The sidecar must be stopped (a
 running one holds the directory's lock). --allow-cut is as for verify.
 The directory defaults to $MAILBOX_SIDECAR_DATA_DIR or ./data.
+--json prints one JSON object instead of lines: verify --json's fields
+(dir, status, counted, dispatches, runs, threads, messages, notes,
+problems, error: the check after the repair, or why nothing was opened)
+and replaced, rewrote (lists), rewritten (the count of derived keys
+rewritten) and left (what it cannot mend); status "failed" with error
+when the repair itself failed or was stopped (the lists say how far it
+got).
 Exit status: 0 repaired and consistent, 1 problems remain (verify's) or
 the repair failed or was stopped, 2 bad usage.
 `
 
+// repairJSON is `repair --json`'s answer.
+type repairJSON struct {
+	verifyJSON
+	Replaced  []string `json:"replaced"`
+	Rewrote   []string `json:"rewrote"`
+	Rewritten int      `json:"rewritten"`
+	Left      []string `json:"left"`
+}
+
+func writeRepairJSON(w io.Writer, v repairJSON) {
+	for _, l := range []*[]string{&v.Notes, &v.Problems, &v.Replaced, &v.Rewrote, &v.Left} {
+		if *l == nil {
+			*l = []string{}
+		}
+	}
+	b, _ := json.Marshal(v)
+	fmt.Fprintf(w, "%s\n", b)
+}
+
 // runRepair is `repair`; ctx ends it (an interrupt) between commits.
 func runRepair(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	s, dir, code, _ := openStopped("repair", repairUsage, args, getenv, stdout, stderr, nil)
+	var asJSON bool
+	s, dir, code, fail := openStopped("repair", repairUsage, args, getenv, stdout, stderr, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print one JSON object")
+	})
 	if s == nil {
+		if asJSON && fail.status != "" {
+			writeRepairJSON(stdout, repairJSON{verifyJSON: verifyJSON{Dir: dir, Status: fail.status, Error: fail.msg, Problems: fail.problems}})
+		}
 		return code
 	}
 	rep, err := s.Repair(ctx, time.Now().UnixMilli())
+	if asJSON {
+		out := repairJSON{verifyJSON: verifyJSON{Dir: dir}, Replaced: rep.Replaced, Rewrote: rep.Changes, Rewritten: rep.Rewritten, Left: rep.Left}
+		if err != nil {
+			_ = s.Close()
+			fmt.Fprintf(stderr, "mailbox-sidecar repair: %v\n", err)
+			out.Status, out.Error = "failed", err.Error()
+			writeRepairJSON(stdout, out)
+			return 1
+		}
+		vrep, err := s.Verify(ctx)
+		if cerr := s.Close(); err == nil && cerr != nil {
+			err = cerr
+		}
+		out.Status, out.Counted = "consistent", !vrep.Unwalked
+		out.Dispatches, out.Runs, out.Threads, out.Messages = vrep.Dispatches, vrep.Runs, vrep.Threads, vrep.Messages
+		out.Notes, out.Problems = vrep.Notes, vrep.Problems
+		switch {
+		case err != nil:
+			out.Status, out.Error = "failed", err.Error()
+		case len(vrep.Problems) > 0:
+			out.Status = "problems"
+		}
+		writeRepairJSON(stdout, out)
+		if out.Status == "consistent" {
+			return 0
+		}
+		return 1
+	}
 	for _, r := range rep.Replaced {
 		fmt.Fprintln(stdout, "replaced:", r)
 	}

@@ -223,3 +223,39 @@ func TestRepairRefusesADirectoryWithADamagedTable(t *testing.T) {
 		t.Fatalf("the table changed under the refused repair (%v)", err)
 	}
 }
+
+// repair --json: one object with what was replaced and the check after
+// it; a directory in use and one with nothing to mend are told apart.
+func TestRepairJSONSaysWhatItDid(t *testing.T) {
+	dir, opts := stoppedStoreOfLargeMessages(t)
+	repairJSON := func() (int, map[string]any) {
+		t.Helper()
+		code, out, errOut := runCommand("repair", "--json", "--data-dir", dir)
+		var v map[string]any
+		if err := json.Unmarshal([]byte(out), &v); err != nil || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+			t.Fatalf("repair --json: not one JSON object: %v\nstdout:\n%s\nstderr:\n%s", err, out, errOut)
+		}
+		return code, v
+	}
+	s, err := badgerstore.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, v := repairJSON(); code != 1 || v["status"] != "in_use" {
+		t.Fatalf("a directory in use: exit %d %v", code, v)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, msg := flipAMessageBelowTheNewestValueLog(t, dir, 40)
+	code, v := repairJSON()
+	replaced, _ := v["replaced"].([]any)
+	want := fmt.Sprintf("message %d of thread t1 (id m%d)", msg+1, msg)
+	if code != 1 || v["status"] != "problems" || len(replaced) != 1 || !strings.HasPrefix(replaced[0].(string), want) || len(v["problems"].([]any)) == 0 || v["messages"] != float64(40) {
+		t.Fatalf("repair of a value gone bad: exit %d %v, want the message replaced and the file's problem left", code, v)
+	}
+	code, v = repairJSON()
+	if code != 1 || len(v["replaced"].([]any)) != 0 || len(v["rewrote"].([]any)) != 0 || v["rewritten"] != float64(0) {
+		t.Fatalf("a second repair: exit %d %v, want nothing replaced or rewritten", code, v)
+	}
+}
