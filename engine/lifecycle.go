@@ -524,6 +524,7 @@ func (m *Mailbox) agentsChanged() {
 // first, and returns when the next delayed dispatch falls due (0: none
 // known).
 func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
+	listedAgain := false // a round whose claims all came back empty was listed once more
 	for round := 0; round < 64; round++ {
 		now := m.cfg.Now()
 		m.mu.Lock()
@@ -647,7 +648,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		// Claim concurrently: the claims share the store's group commits.
 		var wg sync.WaitGroup
-		var started, failed, corrupt atomic.Bool
+		var started, failed, corrupt, empty atomic.Bool
 		for _, e := range threads {
 			t := e.ThreadID
 			wg.Go(func() {
@@ -664,6 +665,8 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 					corrupt.Store(true)
 				case attemptNoSlot:
 					m.starved.Store(true)
+				case attemptNone:
+					empty.Store(true)
 				}
 			})
 		}
@@ -684,6 +687,16 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		// whole store's (a full disk): the dispatcher waits, as it does
 		// when nothing started.
 		if !started.Load() && !corrupt.Load() {
+			// A listed thread with nothing to claim (work claimed
+			// elsewhere a moment ago, or stale entries an interrupt cut
+			// short left, which the claim superseded) took a slot's turn
+			// from the threads behind it: list once more, not only at
+			// the next wake (found by review: with one free slot the
+			// next thread waited for the sweep).
+			if empty.Load() && !listedAgain {
+				listedAgain = true
+				continue
+			}
 			return next
 		}
 	}

@@ -114,16 +114,52 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 	if err != nil {
 		return nil, err
 	}
-	var out *engine.Dispatch
-	err = s.update(ctx, threadID, func(t *txn) error {
-		var err error
-		out, err = t.claimNext(threadID, consumerID, token, now+ms, now)
-		return err
+	out, err := s.claimLoop(ctx, threadID, func(t *txn) (*engine.Dispatch, bool, error) {
+		return t.claimStartNext(threadID, consumerID, token, now+ms, "", now)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
 	}
 	return out, nil
+}
+
+// claimLoop runs op, a claim of the thread's next dispatch, once more
+// for as long as it stops after superseding a chunk of stale entries
+// (claimNext's staleLeft) without claiming: one call supersedes all of
+// them, a chunk a batch, and returns the dispatch behind them or none. A
+// claim that came back empty after one chunk left the thread at the head
+// of the ready order, its stale entries each waiting for a dispatcher
+// wake (found by review).
+func (s *Store) claimLoop(ctx context.Context, threadID string, op func(t *txn) (*engine.Dispatch, bool, error)) (*engine.Dispatch, error) {
+	for {
+		var out *engine.Dispatch
+		var more bool
+		err := s.update(ctx, threadID, func(t *txn) error {
+			var err error
+			out, more, err = op(t) // a retried transaction starts afresh
+			return err
+		})
+		if err != nil || out != nil || !more {
+			return out, err
+		}
+		// A supersession moves no thread state: bring the index up to
+		// the batch just committed, or the next would load its
+		// dispatches again.
+		if err := s.fresh(ctx); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// claimStartNext is claimNext, then startUnlessDone of what it claimed
+// unless instanceID is "".
+func (t *txn) claimStartNext(threadID, consumerID, token string, leaseUntil int64, instanceID string, now int64) (*engine.Dispatch, bool, error) {
+	claimed, staleLeft, err := t.claimNext(threadID, consumerID, token, leaseUntil, now)
+	if err != nil || claimed == nil || instanceID == "" {
+		return claimed, staleLeft, err
+	}
+	out, err := t.startUnlessDone(claimed, instanceID, now)
+	return out, false, err
 }
 
 var _ engine.StartClaimer = (*Store)(nil)
@@ -138,15 +174,8 @@ func (s *Store) ClaimStart(ctx context.Context, threadID, consumerID string, lea
 	if err := engine.ValidateID("instance_id", instanceID); err != nil {
 		return nil, err
 	}
-	var out *engine.Dispatch
-	err = s.update(ctx, threadID, func(t *txn) error {
-		out = nil // a retried transaction starts afresh
-		claimed, err := t.claimNext(threadID, consumerID, token, now+ms, now)
-		if err != nil || claimed == nil {
-			return err
-		}
-		out, err = t.startUnlessDone(claimed, instanceID, now)
-		return err
+	out, err := s.claimLoop(ctx, threadID, func(t *txn) (*engine.Dispatch, bool, error) {
+		return t.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
@@ -196,16 +225,16 @@ func (t *txn) startUnlessDone(claimed *engine.Dispatch, instanceID string, now i
 // the batch. It sees t's own writes: after a transition in t that freed
 // the thread's claim (CompleteAndClaim) it claims the next dispatch in the
 // same batch.
-func (t *txn) claimNext(threadID, consumerID, token string, leaseUntil, now int64) (*engine.Dispatch, error) {
+func (t *txn) claimNext(threadID, consumerID, token string, leaseUntil, now int64) (_ *engine.Dispatch, staleLeft bool, err error) {
 	s := t.s
 	st, err := t.state(threadID)
 	if err != nil || st.Claimed != "" {
-		return nil, err
+		return nil, false, err
 	}
 	// t.state read the state if t had neither read nor written it; a
 	// state t wrote without reading is expected not to exist (sequence 0).
 	if err := s.waitIndex(t.ctx, t.reads[s.sub.state(threadID)].seq); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	cands := s.idx.threadDispatches(threadID, func(e *dEntry) bool { return e.status == engine.StatusQueued })
 	stale := 0
@@ -214,11 +243,13 @@ func (t *txn) claimNext(threadID, consumerID, token string, leaseUntil, now int6
 			continue
 		}
 		if c.epoch < st.Epoch && stale == staleChunk {
-			continue // at most a chunk a batch: later claims take the rest
+			// At most staleChunk a batch: the claim goes on in the
+			// next (claimLoop).
+			return nil, true, nil
 		}
 		d, err := t.loadDispatch(c.id)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		if d == nil || d.Status != engine.StatusQueued {
 			continue
@@ -228,22 +259,23 @@ func (t *txn) claimNext(threadID, consumerID, token string, leaseUntil, now int6
 			// stale queued dispatches behind; a record restored from
 			// elsewhere may too.
 			if stale == staleChunk {
-				continue
+				return nil, true, nil
 			}
 			stale++
 			old := d.Clone()
 			d.Supersede(st.Epoch, engine.ReasonNewerEpoch, now)
 			if err := t.putDispatch(&old, d, now); err != nil {
-				return nil, err
+				return nil, false, err
 			}
 			continue
 		}
 		if d.AvailableAt > now {
 			continue
 		}
-		return t.claimOne(d, token, consumerID, leaseUntil, now)
+		d, err = t.claimOne(d, token, consumerID, leaseUntil, now)
+		return d, false, err
 	}
-	return nil, nil
+	return nil, false, nil
 }
 
 // ClaimDispatch implements engine.DispatchStore.
@@ -419,23 +451,31 @@ func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken str
 		return nil, err
 	}
 	var next *engine.Dispatch
+	var staleLeft bool
+	var threadID string
 	_, err = s.ownedThen(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(t *txn, d *engine.Dispatch) error {
-		next = nil // a retried transaction starts afresh
+		next, staleLeft = nil, false // a retried transaction starts afresh
 		return t.complete(d, result, now)
 	}, func(t *txn, d *engine.Dispatch) error {
 		var err error
-		if next, err = t.claimNext(d.ThreadID, consumerID, token, now+ms, now); err != nil {
+		threadID = d.ThreadID
+		if next, staleLeft, err = t.claimStartNext(d.ThreadID, consumerID, token, now+ms, instanceID, now); err != nil {
 			return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
-		}
-		if next != nil && instanceID != "" {
-			if next, err = t.startUnlessDone(next, instanceID, now); err != nil {
-				return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
-			}
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
+	}
+	if next == nil && staleLeft {
+		// The completion is committed; the claim goes on past the stale
+		// entries in batches of its own (claimLoop).
+		next, err = s.claimLoop(ctx, threadID, func(t *txn) (*engine.Dispatch, bool, error) {
+			return t.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("claim thread %s: %w: %w", threadID, engine.ErrNextClaim, err)
+		}
 	}
 	return next, nil
 }
@@ -569,27 +609,44 @@ func (s *Store) Interrupt(ctx context.Context, threadID string, now int64) (engi
 	if err != nil {
 		return engine.InterruptResult{}, fmt.Errorf("interrupt thread %s: %w", threadID, err)
 	}
-	for more {
-		var got []engine.Dispatch
-		err = s.update(ctx, threadID, func(t *txn) error {
-			if _, err := t.state(threadID); err != nil {
+	if more {
+		return s.supersedeRest(ctx, threadID, res, chunk, now)
+	}
+	res.SupersededN = len(res.Superseded)
+	return res, nil
+}
+
+// supersedeRest is an interrupt's batches after its first (res): the
+// thread's queued dispatches of an older epoch than res.NewEpoch, chunk
+// a batch.
+func (s *Store) supersedeRest(ctx context.Context, threadID string, res engine.InterruptResult, chunk int, now int64) (engine.InterruptResult, error) {
+	var err error
+	for more := true; more; {
+		// The batches after the first read no thread state: what they
+		// supersede is of an older epoch, and nothing of one can become
+		// queued again, so a batch need not fail on another process's
+		// enqueue. The index is brought up to this process's writes, the
+		// batch before this one among them.
+		if err = s.fresh(ctx); err == nil {
+			var got []engine.Dispatch
+			err = s.update(ctx, threadID, func(t *txn) error {
+				var err error
+				got, more, err = t.supersedeOlder(threadID, res.NewEpoch, now, chunk)
 				return err
+			})
+			if err == nil {
+				res.Superseded = append(res.Superseded, got...)
+				continue
 			}
-			var err error
-			got, more, err = t.supersedeOlder(threadID, res.NewEpoch, now, chunk)
-			return err
-		})
+		}
 		if errors.Is(err, engine.ErrTooLarge) && chunk > 1 {
 			chunk, more = chunk/2, true
 			continue
 		}
-		if err != nil {
-			// The epoch is bumped: what is left is superseded as the
-			// thread's claims meet it, or by the next interrupt.
-			res.SupersededN = len(res.Superseded)
-			return res, fmt.Errorf("interrupt thread %s: %d queued dispatches superseded, the rest not yet: %w", threadID, len(res.Superseded), err)
-		}
-		res.Superseded = append(res.Superseded, got...)
+		// The epoch is bumped: what is left is superseded as the
+		// thread's claims meet it, or by the next interrupt.
+		res.SupersededN = len(res.Superseded)
+		return res, fmt.Errorf("interrupt thread %s: %d queued dispatches superseded, the rest not yet: %w", threadID, len(res.Superseded), err)
 	}
 	res.SupersededN = len(res.Superseded)
 	return res, nil
@@ -626,8 +683,8 @@ func (s *Store) interruptFirst(ctx context.Context, threadID string, now int64, 
 
 // supersedeOlder supersedes, as interrupted, up to n of the thread's
 // queued dispatches of an epoch before ep, and reports whether more may
-// follow. t must have read the thread's state: the index is brought up
-// to it first.
+// follow. When t has read the thread's state, the index is brought up to
+// it first.
 func (t *txn) supersedeOlder(threadID string, ep uint64, now int64, n int) ([]engine.Dispatch, bool, error) {
 	s := t.s
 	if err := s.waitIndex(t.ctx, t.reads[s.sub.state(threadID)].seq); err != nil {

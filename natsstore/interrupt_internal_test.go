@@ -58,27 +58,81 @@ func TestClaimsSupersedeWhatACutShortInterruptLeft(t *testing.T) {
 		t.Fatalf("%d old dispatches queued after the first batch, want 9", n)
 	}
 	enqueue("new", 3000)
-	c, err := s.Claim(ctx, "t1", "c", engine.DefaultLease, 3000)
-	if err != nil || c == nil || c.DispatchID != "new" || c.Epoch != 1 {
-		t.Fatalf("claim: %+v %v, want new at epoch 1", c, err)
+	c, err := s.ClaimStart(ctx, "t1", "c", engine.DefaultLease, "i1", 3000)
+	if err != nil || c == nil || c.DispatchID != "new" || c.Epoch != 1 || c.InstanceID != "i1" {
+		t.Fatalf("claim: %+v %v, want new at epoch 1, started", c, err)
 	}
-	if n := queuedOld(); n != 5 {
-		t.Fatalf("%d old dispatches queued after one claim, want 5 (a chunk of 4 superseded)", n)
-	}
-	if err := s.Ack(ctx, c.DispatchID, c.ClaimToken, 3100); err != nil {
-		t.Fatal(err)
-	}
-	for want := 1; want >= 0; want-- {
-		c, err := s.Claim(ctx, "t1", "c", engine.DefaultLease, 3200)
-		if err != nil || c != nil {
-			t.Fatalf("claim of a thread with only stale work: %+v %v, want none", c, err)
-		}
-		if n := queuedOld(); n != want {
-			t.Fatalf("%d old dispatches queued, want %d", n, want)
-		}
+	if n := queuedOld(); n != 0 {
+		t.Fatalf("%d old dispatches queued after the claim, want none (superseded a chunk a batch)", n)
 	}
 	d, err := s.LoadDispatch(ctx, "old12")
 	if err != nil || d.LastError != engine.ReasonNewerEpoch {
 		t.Fatalf("a stale dispatch a claim superseded: %+v %v, want the newer-epoch reason", d, err)
+	}
+	// A completion whose claim of the next meets stale entries goes on
+	// past them in batches of its own.
+	for i := range 9 {
+		enqueue(fmt.Sprintf("two%02d", i), 3100)
+	}
+	if _, _, err := s.interruptFirst(ctx, "t1", 3200, interruptChunk); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.SupersedeClaimed(ctx, c.DispatchID, c.ClaimToken, engine.ReasonInterrupt, 3300); err != nil {
+		t.Fatal(err)
+	}
+	enqueue("mid", 900) // due before the stale ones: claimed first
+	m, err := s.Claim(ctx, "t1", "c", engine.DefaultLease, 3400)
+	if err != nil || m == nil || m.DispatchID != "mid" {
+		t.Fatalf("claim of the new epoch's work: %+v %v", m, err)
+	}
+	enqueue("next", 3500)
+	next, err := s.CompleteAndClaimStart(ctx, m.DispatchID, m.ClaimToken, engine.RunResult{RunID: m.RunID, Status: engine.RunDone}, 3600, "c", engine.DefaultLease, "i2")
+	if err != nil || next == nil || next.DispatchID != "next" {
+		t.Fatalf("complete and claim: %+v %v, want next past the stale entries", next, err)
+	}
+	for i := range 9 {
+		if d, err := s.LoadDispatch(ctx, fmt.Sprintf("two%02d", i)); err != nil || d.Status != engine.StatusSuperseded {
+			t.Fatalf("two%02d: %+v %v, want superseded", i, d, err)
+		}
+	}
+}
+
+// Work enqueued between an interrupt's batches carries the new epoch: the
+// later batches leave it queued (they take only the older epoch's).
+func TestAnInterruptsLaterBatchesLeaveWorkQueuedAfterItsFirst(t *testing.T) {
+	defer func(n int) { interruptChunk = n }(interruptChunk)
+	interruptChunk = 3
+	srv := natstest.Start(t)
+	ctx := context.Background()
+	s, err := Open(ctx, Config{URL: srv.URL(), Stream: "LATER", Prefix: "later"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	enqueue := func(id string, at int64) {
+		t.Helper()
+		d := engine.Dispatch{DispatchID: id, ThreadID: "t1", RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: at, CreatedAt: at, MaxAttempts: 5}
+		if _, err := s.Enqueue(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 10 {
+		enqueue(fmt.Sprintf("old%02d", i), 1000+int64(i))
+	}
+	res, more, err := s.interruptFirst(ctx, "t1", 2000, interruptChunk)
+	if err != nil || !more {
+		t.Fatalf("first batch: more %v, %v", more, err)
+	}
+	for _, id := range []string{"new0", "new1"} {
+		enqueue(id, 500)
+	}
+	res, err = s.supersedeRest(ctx, "t1", res, interruptChunk, 2600)
+	if err != nil || res.SupersededN != 10 {
+		t.Fatalf("the later batches: %d superseded, %v; want 10", res.SupersededN, err)
+	}
+	for _, id := range []string{"new0", "new1"} {
+		if d, err := s.LoadDispatch(ctx, id); err != nil || d.Status != engine.StatusQueued || d.Epoch != 1 {
+			t.Fatalf("%s enqueued after the first batch: %+v %v, want queued at epoch 1", id, d, err)
+		}
 	}
 }

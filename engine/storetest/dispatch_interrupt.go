@@ -60,9 +60,9 @@ func dispatchInterruptCases() []Case {
 		}},
 		{"S72_interrupt_of_a_long_queue_supersedes_all_of_it", func(t *testing.T, s engine.Store) {
 			// More queued dispatches than one NATS batch could supersede
-			// (~500; Badger's commit held ~2 000, its own test goes past
-			// that): the interrupt was refused as too large, and the
-			// thread could not be interrupted at all.
+			// (~500; Badger's commit held 3 000–4 000 queued runs, its
+			// own tests go past that): the interrupt was refused as too
+			// large, and the thread could not be interrupted at all.
 			h := newDQ(t, s)
 			const n = 1100
 			var wg sync.WaitGroup
