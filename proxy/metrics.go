@@ -15,6 +15,7 @@ const (
 	metricDuration    = "mailbox_http_request_duration_seconds"
 	metricSubscribers = "mailbox_http_sse_subscribers"
 	metricDropped     = "mailbox_http_sse_dropped_total"
+	metricRetries     = "mailbox_http_accept_retries_total"
 )
 
 // durationBuckets span a Unix-socket round trip (~100 µs) to a foreground
@@ -27,11 +28,12 @@ var durationBuckets = []float64{
 // and a counter per status code (looked up once, not formatted per
 // request), the open streams and the streams dropped for slowness.
 type httpMetrics struct {
-	set         *metrics.Set
-	routes      []routeMetrics // parallel to routeTable
-	unmatched   routeMetrics
-	subscribers atomic.Int64
-	dropped     *metrics.Counter
+	set           *metrics.Set
+	routes        []routeMetrics // parallel to routeTable
+	unmatched     routeMetrics
+	subscribers   atomic.Int64
+	dropped       *metrics.Counter
+	acceptRetries *metrics.Counter
 }
 
 type routeMetrics struct {
@@ -49,6 +51,7 @@ func newHTTPMetrics() *httpMetrics {
 	m.unmatched.init(m.set, routeUnmatched)
 	m.set.NewGauge(metricSubscribers, func() float64 { return float64(m.subscribers.Load()) })
 	m.dropped = m.set.NewCounter(metricDropped)
+	m.acceptRetries = m.set.NewCounter(metricRetries)
 	return m
 }
 

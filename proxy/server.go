@@ -114,6 +114,18 @@ const (
 	kindAdmin                     // probes and /metrics only
 )
 
+// String names the listener in logs: api, tcp or admin.
+func (k listenerKind) String() string {
+	switch k {
+	case kindAPI:
+		return "api"
+	case kindTCP:
+		return "tcp"
+	default:
+		return "admin"
+	}
+}
+
 // Server serves the client API. Create it with New; serve listeners with
 // ServeAPI, ServeTCP and ServeAdmin; stop it with Shutdown.
 //
@@ -237,7 +249,7 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 	}
 	s.lns = append(s.lns, ln)
 	s.mu.Unlock()
-	err := s.servers[kind].Serve(ln)
+	err := s.servers[kind].Serve(&retryListener{Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries, sleep: time.Sleep})
 	if s.isClosing() {
 		return ErrServerClosed
 	}
