@@ -26,7 +26,6 @@ type retryListener struct {
 	name    string
 	log     *slog.Logger
 	retries *metrics.Counter
-	sleep   func(time.Duration) // time.Sleep; tests shorten it
 
 	mu       sync.Mutex
 	loggedAt time.Time // the last warning
@@ -46,7 +45,7 @@ func (l *retryListener) Accept() (net.Conn, error) {
 		l.retries.Inc()
 		backoff = min(max(2*backoff, 5*time.Millisecond), retryAccept)
 		l.warn(err, backoff)
-		l.sleep(backoff)
+		time.Sleep(backoff)
 	}
 }
 

@@ -249,7 +249,7 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 	}
 	s.lns = append(s.lns, ln)
 	s.mu.Unlock()
-	err := s.servers[kind].Serve(&retryListener{Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries, sleep: time.Sleep})
+	err := s.servers[kind].Serve(&retryListener{Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries})
 	if s.isClosing() {
 		return ErrServerClosed
 	}
