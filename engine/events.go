@@ -342,6 +342,14 @@ func (l *EventLog) FirstSeq() uint64 {
 // closed at the next append or close; closed reports that the log is
 // closed and fully read.
 func (l *EventLog) Read(after uint64, max int, buf []Event) (evs []Event, reset, closed bool, wait <-chan struct{}) {
+	return l.ReadUpTo(after, max, 0, buf)
+}
+
+// ReadUpTo is Read that also stops once the events it returns hold
+// maxBytes of data (0: no such bound); it returns at least one event
+// when one is available. A reader that holds what it read while its
+// client is slow holds that much at most, whatever the ring drops.
+func (l *EventLog) ReadUpTo(after uint64, max, maxBytes int, buf []Event) (evs []Event, reset, closed bool, wait <-chan struct{}) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	evs = buf[:0]
@@ -354,8 +362,11 @@ func (l *EventLog) Read(after uint64, max int, buf []Event) (evs []Event, reset,
 		reset = true
 		from = l.first
 	}
-	for seq := from; seq < l.next && len(evs) < max; seq++ {
-		evs = append(evs, l.ring[int((seq-l.base)%uint64(l.limit))])
+	n := 0
+	for seq := from; seq < l.next && len(evs) < max && (maxBytes <= 0 || n < maxBytes); seq++ {
+		e := l.ring[int((seq-l.base)%uint64(l.limit))]
+		n += len(e.Data)
+		evs = append(evs, e)
 	}
 	if len(evs) > 0 {
 		return evs, reset, false, nil

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -255,5 +256,26 @@ func TestEventLogKeepsAtMostItsBytes(t *testing.T) {
 	}
 	if evs, _, _, _ := unbounded.Read(0, 100, nil); len(evs) != 4 {
 		t.Fatalf("a log without a byte bound kept %d events, want its count, 4", len(evs))
+	}
+}
+
+// ReadUpTo stops once the events it returns hold maxBytes, and returns
+// one event even when that one alone holds more.
+func TestEventLogReadUpToBoundsTheBytesItReturns(t *testing.T) {
+	l := NewEventLog(16)
+	pad := strings.Repeat("x", 100)
+	for i := range 8 {
+		l.Append(fmt.Appendf(nil, `{"type":"text_delta","n":%d,"pad":%q}`, i, pad))
+	}
+	size := len(fmt.Appendf(nil, `{"type":"text_delta","n":%d,"pad":%q}`, 0, pad))
+	evs, _, _, _ := l.ReadUpTo(0, 64, 3*size, nil)
+	if len(evs) != 3 || evs[0].Seq != 1 || evs[2].Seq != 3 {
+		t.Fatalf("read of %d bytes: %d events %v, want 1..3", 3*size, len(evs), evs)
+	}
+	if evs, _, _, _ = l.ReadUpTo(3, 64, 1, nil); len(evs) != 1 || evs[0].Seq != 4 {
+		t.Fatalf("read of 1 byte: %v, want event 4 alone", evs)
+	}
+	if evs, _, _, _ = l.ReadUpTo(4, 64, 0, nil); len(evs) != 4 {
+		t.Fatalf("read without a byte bound: %d events, want 4", len(evs))
 	}
 }

@@ -19,6 +19,13 @@ import (
 // flushes once per batch.
 const readBatch = 64
 
+// readBatchBytes bounds the event data one read takes (at least one
+// event): what a stream holds while its client is slow, whatever the
+// ring has dropped meanwhile. 64 events of 1 MiB held 64 MiB per stalled
+// client outside --event-buffer-total-bytes (found by review: 30 stalled
+// clients took the heap past --memory-limit).
+const readBatchBytes = 256 << 10
+
 // minStall is the shortest default StallTimeout.
 const minStall = 10 * time.Second
 
@@ -35,8 +42,9 @@ type sseStream struct {
 	conn   net.Conn
 	broken bool // a write failed: the connection is gone or going
 
-	mu  sync.Mutex // guards cut and the connection's write deadline
-	cut bool       // Shutdown cut the stream off
+	mu    sync.Mutex // guards cut, until and the connection's write deadline
+	cut   bool       // Shutdown cut the stream off
+	until time.Time  // the write deadline last set
 }
 
 // startStream answers the request with an SSE stream of log (a run of
@@ -86,6 +94,13 @@ func (st *sseStream) run(w *bufio.Writer) {
 	defer ping.Stop()
 	buf := make([]engine.Event, 0, readBatch)
 	var line []byte
+	// Every write is bounded by the stall timeout, the first ones too: a
+	// write larger than w's buffer goes to the connection at once, and
+	// one to a client that did not read blocked until it closed (found
+	// by review: a re-attached stream of 1 MiB events was never cut off).
+	if !st.extendDeadline() {
+		return
+	}
 	if len(st.head) > 0 {
 		w.Write(st.head)
 	}
@@ -98,7 +113,10 @@ func (st *sseStream) run(w *bufio.Writer) {
 			return
 		default:
 		}
-		evs, reset, closed, wait := st.log.Read(st.after, readBatch, buf)
+		if !st.extendDeadline() {
+			return
+		}
+		evs, reset, closed, wait := st.log.ReadUpTo(st.after, readBatch, readBatchBytes, buf)
 		// A reset with nothing to serve: the client's id is from before
 		// this log (an earlier attempt's), which has no event yet. The
 		// position cannot move past it, so every read reports it again:
@@ -128,9 +146,16 @@ func (st *sseStream) run(w *bufio.Writer) {
 		live = live || len(evs) > 0
 		for i := range evs {
 			line = appendEvent(line[:0], &evs[i])
-			w.Write(line)
+			if _, err := w.Write(line); err != nil {
+				// A large event goes to the connection at once, and so
+				// does what fills w's buffer: the write fails as a flush
+				// would.
+				st.failed()
+				return
+			}
 			st.after = evs[i].Seq
 		}
+		clear(evs) // hold no event the ring has dropped while the client is slow
 		if len(evs) > 0 {
 			if !st.flush(w) {
 				return
@@ -168,11 +193,33 @@ func (st *sseStream) flush(w *bufio.Writer) bool {
 	if !st.extendDeadline() {
 		return false
 	}
-	if w.Flush() != nil {
-		st.broken = true
+	if err := w.Flush(); err != nil {
+		st.failed()
 		return false
 	}
 	return true
+}
+
+// failed records a failed write: the connection is gone or going. One
+// that failed on its write deadline is a client that stopped reading:
+// counted and logged as one that fell behind the ring is.
+func (st *sseStream) failed() {
+	st.broken = true
+	if st.stalled() {
+		st.s.m.dropped.Inc()
+		st.s.log.Info("sse subscriber stopped reading: disconnected",
+			"thread_id", st.thread, "after", st.after, "stall", st.s.stall())
+	}
+}
+
+// stalled reports whether a failed write was the write deadline's doing:
+// the deadline has passed and Shutdown did not cut the stream off. (w
+// writes to a pipe fasthttp copies to the connection: its error does not
+// say why the copy stopped.)
+func (st *sseStream) stalled() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return !st.cut && st.conn != nil && !time.Now().Before(st.until)
 }
 
 // extendDeadline moves the connection's write deadline to now + stall,
@@ -184,7 +231,8 @@ func (st *sseStream) extendDeadline() bool {
 		return false
 	}
 	if st.conn != nil {
-		st.conn.SetWriteDeadline(time.Now().Add(st.s.stall()))
+		st.until = time.Now().Add(st.s.stall())
+		st.conn.SetWriteDeadline(st.until)
 	}
 	return true
 }

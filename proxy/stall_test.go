@@ -53,3 +53,52 @@ func TestStallBoundOutlivesTheStreamsEnd(t *testing.T) {
 		t.Fatalf("Shutdown: %v: the write stuck on a client that does not read outlived the stall bound", err)
 	}
 }
+
+// A client that stops reading a stream of large events is cut off once a
+// write has been stuck for the stall bound, while the run goes on, and
+// the cut-off is counted with the slow subscribers. A re-attached stream
+// whose first read found events wrote them straight to the connection
+// before any bound was set, and a stream of 1 MiB events stayed open
+// until the client left (found by review).
+func TestAClientThatStopsReadingLargeEventsIsCutOff(t *testing.T) {
+	big := strings.Repeat("x", 1<<20)
+	emitted := make(chan struct{})
+	h := agent.HandlerFunc(func(ctx context.Context, run *agent.Run) agent.Result {
+		for i := range 10 {
+			if err := run.Emit(map[string]any{"type": "text_delta", "n": i, "pad": big}); err != nil {
+				return agent.Transient("emit", err.Error())
+			}
+		}
+		close(emitted)
+		<-ctx.Done() // the run goes on
+		return agent.Done("cancelled")
+	})
+	pc := proxyConfig(50 * time.Millisecond)
+	pc.StallTimeout = 200 * time.Millisecond
+	sc := newSidecar(t, options{proxy: pc, handler: h})
+	if resp, b := sc.do(req{method: "POST", path: "/v1/threads/stuck/dispatches", body: submitBody("hi")}); resp.StatusCode != 202 {
+		t.Fatalf("background submit: %d %s", resp.StatusCode, b)
+	}
+	<-emitted
+	eventually(t, "the events in the run's buffer", func() bool {
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		v := metricLine(string(m), "mailbox_event_buffer_bytes ")
+		return v != "" && v != "mailbox_event_buffer_bytes 0"
+	})
+	conn, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET /v1/threads/stuck/events HTTP/1.1\r\nHost: x\r\n\r\n")
+	// The client never reads.
+	eventually(t, "the stream cut off", func() bool {
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		return metricLine(string(m), "mailbox_http_sse_subscribers ") == "mailbox_http_sse_subscribers 0" &&
+			metricLine(string(m), "mailbox_http_sse_dropped_total ") == "mailbox_http_sse_dropped_total 1"
+	})
+	ds, err := sc.mb.ListDispatches(context.Background(), "stuck", engine.StatusFilter{engine.StatusClaimed}, 0, 0)
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("the run did not go on after its stream was cut off: %v %v", ds, err)
+	}
+}

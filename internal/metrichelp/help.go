@@ -12,7 +12,7 @@ var Help = map[string]string{
 	"mailbox_http_requests_total":           "HTTP requests answered, by route pattern (unmatched: unknown paths) and status code.",
 	"mailbox_http_request_duration_seconds": "Time to answer an HTTP request, by route pattern; for a stream, the time to its start.",
 	"mailbox_http_sse_subscribers":          "Open SSE streams.",
-	"mailbox_http_sse_dropped_total":        "SSE streams ended because the client fell behind the event buffer (slow_subscriber).",
+	"mailbox_http_sse_dropped_total":        "SSE streams ended because the client fell behind the event buffer (slow_subscriber) or stopped reading while a write stayed stuck for the stall timeout.",
 	"mailbox_http_accept_retries_total":     "Accepts on the HTTP listeners that failed for want of a resource (file descriptors, socket buffers, memory) and were retried after a backoff; new connections wait meanwhile.",
 
 	// The engine.
