@@ -303,6 +303,7 @@ func (m *Mailbox) startExecution(d Dispatch, started bool, lapsed claimHold) {
 		e.queueChanged = true
 	}
 	m.threads[d.ThreadID] = e
+	delete(m.fgWaiting, d.ThreadID) // whichever dispatch of it starts: the thread is served
 	m.byRun[d.RunID] = e
 	m.logs[d.ThreadID] = e.events
 	e.capSeen = m.capChanges

@@ -611,6 +611,8 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		m.mu.Lock()
 		// The threads the held prefix counts are its to admit.
 		threads = threads[m.notePrefixLocked(threads, prefix, now, now):]
+		// Foreground submits waiting for a slot go first (foreground.go).
+		threads = m.foregroundFirstLocked(threads)
 		next = earliest(next, m.prefixAgedLocked())
 		var budget slotBudget
 		if m.busyHeldLocked(threads, now) {
@@ -667,6 +669,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 					m.starved.Store(true)
 				case attemptNone:
 					empty.Store(true)
+					m.foregroundTried(t)
 				}
 			})
 		}

@@ -89,6 +89,10 @@ type Mailbox struct {
 	probeDone *sync.Cond
 	logs      map[string]*EventLog // thread → event log of its current or last run (re-attachment)
 	pending   map[string]*EventLog // dispatch id → event log made by a foreground submit before the run starts
+	// fgWaiting: threads whose foreground submit waits for an agent slot
+	// (thread → when it began waiting, ms). The dispatcher serves them
+	// before the threads the ready index lists (foreground.go).
+	fgWaiting map[string]int64
 	unwritten map[string]struct{}  // pending logs whose dispatch is not written yet (GC leaves them alone)
 	started   bool
 	closing   bool
@@ -157,7 +161,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 	m := &Mailbox{
 		cfg: cfg, raw: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(), keyLocks: newThreadLocks(),
 		threads: map[string]*execution{}, byRun: map[string]*execution{},
-		logs: map[string]*EventLog{}, pending: map[string]*EventLog{},
+		logs: map[string]*EventLog{}, pending: map[string]*EventLog{}, fgWaiting: map[string]int64{},
 		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
 		live: LiveBudget{limit: cfg.EventBufferTotalBytes},
 	}
@@ -691,6 +695,9 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		// stays the thread's until this one starts (startExecution).
 		if _, waiting := m.pending[d.DispatchID]; waiting && m.threads[thread] == nil {
 			m.logs[thread] = events
+		}
+		if _, waiting := m.pending[d.DispatchID]; waiting {
+			m.fgWaiting[thread] = m.cfg.Now()
 		}
 	}
 	m.mu.Unlock()

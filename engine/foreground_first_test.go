@@ -1,0 +1,50 @@
+package engine_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+)
+
+// A foreground submit that finds no free slot runs at the next free slot,
+// before the background work of other threads queued before it (found
+// by an overload review: it waited behind the whole backlog, 100 s
+// behind 400 runs on a one-slot agent).
+func TestAForegroundSubmitRunsBeforeTheBackgroundBacklog(t *testing.T) {
+	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+	})
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	const backlog = 20
+	for i := range backlog {
+		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("bg", i), Messages: []engine.Message{userMsg("x")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the backlog started", func() bool { return len(exec.execRuns()) >= 1 })
+	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("now")}})
+	if err != nil || res.Status != engine.SubmitQueued {
+		t.Fatalf("foreground submit: %+v %v, want queued (the one slot is taken)", res, err)
+	}
+	eventually(t, "everything ran", func() bool { return len(exec.execRuns()) == backlog+1 })
+	for i, run := range exec.execRuns() {
+		if run.ThreadID == "fg" {
+			// The run executing when it came, and at most one more whose
+			// claim was already under way.
+			if i > 2 {
+				t.Fatalf("the foreground run was run %d of %d: it waited behind the background backlog", i+1, backlog+1)
+			}
+			return
+		}
+	}
+	t.Fatal("the foreground run never ran")
+}
