@@ -21,7 +21,7 @@ var Help = map[string]string{
 	"mailbox_dispatch_depth":                       "Dispatches in each status (read from the store at most once a second). dead_letter counts requeued dead letters too, until --gc-ttl purges them; GET /v1/dead-letters lists those not requeued, mailbox_dead_letters_total counts each as it happens.",
 	"mailbox_queue_depth":                          "Queued dispatches (read from the store at most once a second).",
 	"mailbox_dispatch_depth_errors_total":          "Failed reads of the dispatch counts or of the ready wait (the gauges keep their last values).",
-	"mailbox_dispatch_ready_wait_seconds":          "How long the thread first in the ready order has waited (queue lag); 0 when none waits.",
+	"mailbox_dispatch_ready_wait_seconds":          "How long the thread first in the ready order has waited for a slot (queue lag); 0 when none waits. A thread that is running is not in line: work queued behind a running thread shows in mailbox_dispatch_depth{status=\"queued\"}, not here.",
 	"mailbox_dispatch_held_threads":                "Threads set aside by the dispatcher: their claims failed, or no agent took their run.",
 	"mailbox_active_runs":                          "Attempts executing in this sidecar.",
 	"mailbox_build_info":                           "1, labelled with the sidecar's version, commit, Go version and agent protocol.",
