@@ -131,8 +131,8 @@ func (s *Store) Claim(ctx context.Context, threadID, consumerID string, lease ti
 	if err != nil {
 		return nil, err
 	}
-	out, err := s.claimLoop(ctx, "claim", func(w *writeTx) (*engine.Dispatch, bool, error) {
-		return w.claimNext(threadID, consumerID, token, now+ms, now)
+	out, err := s.claimLoop(ctx, "claim", nil, func(w *writeTx, resume []byte) (*engine.Dispatch, []byte, error) {
+		return w.claimNext(threadID, consumerID, token, now+ms, now, resume)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
@@ -152,8 +152,8 @@ func (s *Store) ClaimStart(ctx context.Context, threadID, consumerID string, lea
 	if err := engine.ValidateID("instance_id", instanceID); err != nil {
 		return nil, err
 	}
-	out, err := s.claimLoop(ctx, "claim", func(w *writeTx) (*engine.Dispatch, bool, error) {
-		return w.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now)
+	out, err := s.claimLoop(ctx, "claim", nil, func(w *writeTx, resume []byte) (*engine.Dispatch, []byte, error) {
+		return w.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now, resume)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim thread %s: %w", threadID, err)
@@ -163,13 +163,13 @@ func (s *Store) ClaimStart(ctx context.Context, threadID, consumerID string, lea
 
 // claimStartNext is claimNext, then startUnlessDone of what it claimed
 // unless instanceID is "".
-func (w *writeTx) claimStartNext(threadID, consumerID, token string, leaseUntil int64, instanceID string, now int64) (*engine.Dispatch, bool, error) {
-	claimed, staleLeft, err := w.claimNext(threadID, consumerID, token, leaseUntil, now)
+func (w *writeTx) claimStartNext(threadID, consumerID, token string, leaseUntil int64, instanceID string, now int64, resume []byte) (*engine.Dispatch, []byte, error) {
+	claimed, staleLast, err := w.claimNext(threadID, consumerID, token, leaseUntil, now, resume)
 	if err != nil || claimed == nil || instanceID == "" {
-		return claimed, staleLeft, err
+		return claimed, staleLast, err
 	}
 	out, err := w.startUnlessDone(claimed, instanceID, now)
-	return out, false, err
+	return out, nil, err
 }
 
 // start records the start of a dispatch claimed by this operation
@@ -202,13 +202,14 @@ func (w *writeTx) startUnlessDone(claimed *engine.Dispatch, instanceID string, n
 }
 
 // claimNext claims the thread's next due dispatch of its current epoch
-// (nil: none, or the thread has a claimed one). staleLeft reports a walk
-// that stopped after superseding staleChunk stale entries: the claim goes
-// on in another commit (claimLoop).
-func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now int64) (_ *engine.Dispatch, staleLeft bool, err error) {
+// (nil: none, or the thread has a claimed one). A walk that stops after
+// superseding staleChunk stale entries returns the queue suffix of the
+// last of them (staleLast): the claim goes on in another commit
+// (claimLoop) from after it (resume; nil: from the floor).
+func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now int64, resume []byte) (_ *engine.Dispatch, staleLast []byte, err error) {
 	st, err := w.state(threadID)
 	if err != nil || st.claimed != "" || st.queued == 0 {
-		return nil, false, err
+		return nil, nil, err
 	}
 	ep, floor := st.epoch, st.floor
 	// Walk the thread's queue in claim order from its floor. Entries
@@ -218,16 +219,25 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 	// epoch is claimed.
 	var stale []string
 	var cand string
-	var first, next []byte
+	var first, next, lastStale []byte
 	keptSeen := false // a walked entry of the current epoch stays queued
+	staleLeft := false
 	prefix := threadPrefix(pQueue, threadID)
+	start := append(prefix[:len(prefix):len(prefix)], floor...)
+	if resume != nil {
+		// The walk goes on after the stale entries the commit before
+		// superseded: entries before them were walked then (nothing of
+		// them is due at now), and a damaged entry a supersession could
+		// not remove is not met twice.
+		start = append(append(prefix[:len(prefix):len(prefix)], resume...), 0)
+	}
 	// The floor often names the head itself (the previous claim's walk
 	// left it there): a point read claims it without an iterator, which
 	// costs a seek in every table that may hold the thread's queue.
-	if len(floor) > 0 {
+	if len(floor) > 0 && resume == nil {
 		v, ok, err := w.get(append(prefix[:len(prefix):len(prefix)], floor...))
 		if err != nil {
-			return nil, false, err
+			return nil, nil, err
 		}
 		if ok && len(v) == 16 && readU64(v[8:]) == ep && readTS(v[:8]) <= now {
 			cand = orderKeyID(append(prefix[:len(prefix):len(prefix)], floor...), threadID)
@@ -235,7 +245,7 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 		}
 	}
 	if cand == "" {
-		err = w.iterate(prefix, append(prefix[:len(prefix):len(prefix)], floor...), false, func(k, v []byte) (bool, error) {
+		err = w.iterate(prefix, start, false, func(k, v []byte) (bool, error) {
 			if len(v) != 16 {
 				return false, fmt.Errorf("queue entry %q: %w", k, engine.ErrCorrupt)
 			}
@@ -258,6 +268,7 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 					return false, nil
 				}
 				stale = append(stale, id)
+				lastStale = k[len(prefix):]
 				return true, nil
 			}
 			if readTS(v[:8]) <= now {
@@ -270,7 +281,7 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 			return true, nil
 		})
 		if err != nil {
-			return nil, false, err
+			return nil, nil, err
 		}
 		if next != nil {
 			first = next // no live entry is left below it
@@ -278,30 +289,33 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 	}
 	for _, id := range stale {
 		if err := w.supersedeQueued(id, ep, engine.ReasonNewerEpoch, now); err != nil {
-			return nil, false, err
+			return nil, nil, err
 		}
 	}
-	if first != nil && !bytes.Equal(first, floor) {
+	if first != nil && !bytes.Equal(first, floor) && resume == nil {
 		// Raise the floor to the first live entry: the deletion
 		// markers below it are never walked again.
 		cur, err := w.state(threadID)
 		if err != nil {
-			return nil, false, err
+			return nil, nil, err
 		}
 		cur.floor = first
 		if err := w.putState(threadID, cur); err != nil {
-			return nil, false, err
+			return nil, nil, err
 		}
 	}
 	if cand == "" {
-		return nil, staleLeft, nil
+		if staleLeft {
+			return nil, lastStale, nil
+		}
+		return nil, nil, nil
 	}
 	old, err := w.mustLoad(cand)
 	if err != nil {
-		return nil, false, err
+		return nil, nil, err
 	}
 	d, err := w.claimOne(old, token, consumerID, leaseUntil, now)
-	return d, false, err
+	return d, nil, err
 }
 
 // claimLoop runs op, a claim of one thread's next dispatch, once more
@@ -313,19 +327,22 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 // order, and the dispatcher served the threads behind it only after
 // every chunk had had its own wake (found by review: 12 minutes for
 // 1 500 entries at the default sweep).
-func (s *Store) claimLoop(ctx context.Context, name string, op func(w *writeTx) (*engine.Dispatch, bool, error)) (*engine.Dispatch, error) {
-	for {
+func (s *Store) claimLoop(ctx context.Context, name string, resume []byte, op func(w *writeTx, resume []byte) (*engine.Dispatch, []byte, error)) (*engine.Dispatch, error) {
+	for first := true; first || resume != nil; first = false {
 		var out *engine.Dispatch
-		var more bool
+		var last []byte
+		from := resume // an op may run more than once: it starts from here each time
 		err := s.update(ctx, name, func(w *writeTx) error {
 			var err error
-			out, more, err = op(w)
+			out, last, err = op(w, from)
 			return err
 		})
-		if err != nil || out != nil || !more {
+		if err != nil || out != nil {
 			return out, err
 		}
+		resume = last // strictly after from: the loop ends
 	}
+	return nil, nil
 }
 
 func (w *writeTx) mustLoad(id string) (*engine.Dispatch, error) {
@@ -512,10 +529,10 @@ func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken str
 		return nil, err
 	}
 	var next *engine.Dispatch
-	var staleLeft bool
+	var staleLast []byte
 	var threadID string
 	_, err = s.ownedThen(ctx, "complete", dispatchID, claimToken, engine.ReasonStaleBeforeResult, now, func(w *writeTx, d *engine.Dispatch) error {
-		next, staleLeft = nil, false
+		next, staleLast = nil, nil
 		if err := w.recordResult(d, result, now); err != nil {
 			return err
 		}
@@ -524,7 +541,7 @@ func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken str
 	}, func(w *writeTx, d *engine.Dispatch) error {
 		var err error
 		threadID = d.ThreadID
-		if next, staleLeft, err = w.claimStartNext(d.ThreadID, consumerID, token, now+ms, instanceID, now); err != nil {
+		if next, staleLast, err = w.claimStartNext(d.ThreadID, consumerID, token, now+ms, instanceID, now, nil); err != nil {
 			return fmt.Errorf("%w: %w", engine.ErrNextClaim, err)
 		}
 		return nil
@@ -532,14 +549,16 @@ func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken str
 	if err != nil {
 		return nil, err
 	}
-	if next == nil && staleLeft {
+	if next == nil && staleLast != nil {
 		// The completion is committed; the claim goes on past the stale
-		// entries in commits of its own (claimLoop).
-		next, err = s.claimLoop(ctx, "claim", func(w *writeTx) (*engine.Dispatch, bool, error) {
-			return w.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now)
+		// entries in commits of its own (claimLoop). Its failure is no
+		// ErrNextClaim, which promises that nothing was written: the
+		// completion stands, and the dispatcher claims the thread later.
+		next, err = s.claimLoop(ctx, "claim", staleLast, func(w *writeTx, resume []byte) (*engine.Dispatch, []byte, error) {
+			return w.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now, resume)
 		})
 		if err != nil {
-			return nil, fmt.Errorf("claim thread %s: %w: %w", threadID, engine.ErrNextClaim, err)
+			return nil, nil
 		}
 	}
 	return next, nil

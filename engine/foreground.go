@@ -17,17 +17,30 @@ import (
 // The set is this process's: a foreground submit through another
 // sidecar of a shared store is not known here.
 
+// fgWait is a foreground submit waiting for a slot: since when, and its
+// dispatch, whose waiting event log (Mailbox.pending) says it still waits.
+type fgWait struct {
+	since      int64
+	dispatchID string
+}
+
 // foregroundFirstLocked returns threads with the threads of waiting
-// foreground submits in front, oldest first, each once. Caller holds
-// m.mu.
+// foreground submits in front, oldest first, each once. A submit whose
+// dispatch no longer waits here (cancelled, superseded, its stream ended)
+// is forgotten: its thread's later work has no priority (found by
+// review). Caller holds m.mu.
 func (m *Mailbox) foregroundFirstLocked(threads []ReadyEntry) []ReadyEntry {
 	if len(m.fgWaiting) == 0 {
 		return threads
 	}
 	fg := make([]ReadyEntry, 0, len(m.fgWaiting)+len(threads))
-	for t, since := range m.fgWaiting {
+	for t, w := range m.fgWaiting {
+		if _, waiting := m.pending[w.dispatchID]; !waiting {
+			delete(m.fgWaiting, t)
+			continue
+		}
 		if m.threads[t] == nil {
-			fg = append(fg, ReadyEntry{ThreadID: t, Due: since})
+			fg = append(fg, ReadyEntry{ThreadID: t, Due: w.since})
 		}
 	}
 	if len(fg) == 0 {

@@ -48,3 +48,47 @@ func TestAForegroundSubmitRunsBeforeTheBackgroundBacklog(t *testing.T) {
 	}
 	t.Fatal("the foreground run never ran")
 }
+
+// A foreground submit cancelled while it waited for a slot gives up its
+// thread's priority: background work submitted to that thread afterwards
+// waits its turn behind the older backlog (found by review: it went
+// second of 21).
+func TestACancelledForegroundSubmitLeavesNoPriorityBehind(t *testing.T) {
+	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+	})
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	const backlog = 20
+	for i := range backlog {
+		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("bg", i), Messages: []engine.Message{userMsg("x")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the backlog started", func() bool { return len(exec.execRuns()) >= 1 })
+	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("now")}})
+	if err != nil || res.Status != engine.SubmitQueued {
+		t.Fatalf("foreground submit: %+v %v", res, err)
+	}
+	if ok, err := r.mb.Cancel(ctx, res.DispatchID); err != nil || !ok {
+		t.Fatalf("cancel: %v %v", ok, err)
+	}
+	// Background work on that thread, after the whole backlog.
+	if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("later")}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "everything ran", func() bool { return len(exec.execRuns()) == backlog+1 })
+	for i, run := range exec.execRuns() {
+		if run.ThreadID == "fg" {
+			if i < backlog/2 {
+				t.Fatalf("the background run of the cancelled foreground submit's thread ran %d of %d: before the older backlog", i+1, backlog+1)
+			}
+			return
+		}
+	}
+}

@@ -627,8 +627,8 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		waiting := threads[:0]
 		var busyLeft map[string]struct{} // agents whose held threads stay held
 		for _, t := range threads {
-			if m.threads[t.ThreadID] != nil {
-				continue
+			if m.threads[t.ThreadID] != nil || slices.ContainsFunc(fromPrefix, func(e ReadyEntry) bool { return e.ThreadID == t.ThreadID }) {
+				continue // running here, or admitted from the held prefix already
 			}
 			if !m.admitLocked(t.ThreadID, now, &budget, len(fromPrefix)+len(waiting) < free) {
 				if h := m.held[t.ThreadID]; h.busy && h.until > now {

@@ -92,8 +92,8 @@ type Mailbox struct {
 	// fgWaiting: threads whose foreground submit waits for an agent slot
 	// (thread → when it began waiting, ms). The dispatcher serves them
 	// before the threads the ready index lists (foreground.go).
-	fgWaiting map[string]int64
-	unwritten map[string]struct{}  // pending logs whose dispatch is not written yet (GC leaves them alone)
+	fgWaiting map[string]fgWait
+	unwritten map[string]struct{} // pending logs whose dispatch is not written yet (GC leaves them alone)
 	started   bool
 	closing   bool
 	startMu   sync.Mutex // serialises Start: one recovery at a time
@@ -161,7 +161,7 @@ func New(store Store, exec Executor, cfg Config) (*Mailbox, error) {
 	m := &Mailbox{
 		cfg: cfg, raw: store, exec: exec, log: cfg.Logger, locks: newThreadLocks(), keyLocks: newThreadLocks(),
 		threads: map[string]*execution{}, byRun: map[string]*execution{},
-		logs: map[string]*EventLog{}, pending: map[string]*EventLog{}, fgWaiting: map[string]int64{},
+		logs: map[string]*EventLog{}, pending: map[string]*EventLog{}, fgWaiting: map[string]fgWait{},
 		wake: make(chan struct{}, 1), tails: newTailCache(cfg.ContextCacheBytes),
 		live: LiveBudget{limit: cfg.EventBufferTotalBytes},
 	}
@@ -697,7 +697,7 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			m.logs[thread] = events
 		}
 		if _, waiting := m.pending[d.DispatchID]; waiting {
-			m.fgWaiting[thread] = m.cfg.Now()
+			m.fgWaiting[thread] = fgWait{since: m.cfg.Now(), dispatchID: d.DispatchID}
 		}
 	}
 	m.mu.Unlock()

@@ -469,12 +469,17 @@ func (s *Store) completeAndClaim(ctx context.Context, dispatchID, claimToken str
 	}
 	if next == nil && staleLeft {
 		// The completion is committed; the claim goes on past the stale
-		// entries in batches of its own (claimLoop).
+		// entries in batches of its own (claimLoop). Its failure is no
+		// ErrNextClaim, which promises that nothing was written: the
+		// completion stands, and the dispatcher claims the thread later.
+		if err := s.fresh(ctx); err != nil {
+			return nil, nil
+		}
 		next, err = s.claimLoop(ctx, threadID, func(t *txn) (*engine.Dispatch, bool, error) {
 			return t.claimStartNext(threadID, consumerID, token, now+ms, instanceID, now)
 		})
 		if err != nil {
-			return nil, fmt.Errorf("claim thread %s: %w: %w", threadID, engine.ErrNextClaim, err)
+			return nil, nil
 		}
 	}
 	return next, nil

@@ -41,9 +41,11 @@
 // attempt end at that id. A `: ping` comment every PingInterval keeps
 // idle streams alive and detects clients that left (a failed flush); a
 // client that stops reading is cut off once one write has been stuck for
-// max(4×PingInterval, 10 s), from the stream's first write on, and is
-// counted with the slow subscribers; a stream reads at most 256 KiB of
-// events at a time, which is what it holds while its client is slow. A stream ends after the log closes (the run
+// max(4×PingInterval, 10 s), from the stream's first write on, plus up to
+// five ping intervals (the writes fasthttp's pipe to the connection takes
+// meanwhile each move the bound on), and is counted with the slow
+// subscribers; a stream reads 256 KiB of events at a time (one event past
+// it), and fasthttp's pipe holds up to five writes more. A stream ends after the log closes (the run
 // finished: its run_finish is the last event), when the client leaves, or
 // at Shutdown. Closing a stream never cancels the run. After a stream
 // that ended normally the connection serves the client's next request

@@ -18,9 +18,9 @@ import (
 // timeout as permanent and stops serving, and the sidecar then shut down
 // (found by review: 20 000 idle connections to the admin port, no token
 // needed, stopped the whole process). Connections already open go on;
-// new ones wait in the kernel's backlog until a descriptor frees. The
-// first failure of a spell is logged at warn, then at most one line a
-// minute; retries counts each.
+// new ones wait in the kernel's backlog until a descriptor frees. A
+// failure is logged at warn at most once a minute per listener; retries
+// counts each.
 type retryListener struct {
 	net.Listener
 	name    string

@@ -19,11 +19,13 @@ import (
 // flushes once per batch.
 const readBatch = 64
 
-// readBatchBytes bounds the event data one read takes (at least one
-// event): what a stream holds while its client is slow, whatever the
-// ring has dropped meanwhile. 64 events of 1 MiB held 64 MiB per stalled
-// client outside --event-buffer-total-bytes (found by review: 30 stalled
-// clients took the heap past --memory-limit).
+// readBatchBytes bounds the event data one read takes (it goes one
+// event past it): what a stream holds of the ring's events while its
+// client is slow, whatever the ring has dropped meanwhile. 64 events of
+// 1 MiB held 64 MiB per stalled client outside --event-buffer-total-bytes
+// (found by review: 30 stalled clients took the heap past
+// --memory-limit). fasthttp's pipe to the connection holds up to four
+// writes more, each a copy.
 const readBatchBytes = 256 << 10
 
 // minStall is the shortest default StallTimeout.
@@ -33,14 +35,15 @@ const minStall = 10 * time.Second
 // the one fasthttp starts for SetBodyStreamWriter; it owns every field
 // but mu's.
 type sseStream struct {
-	s      *Server
-	thread string // the thread whose run it follows (for logs)
-	log    *engine.EventLog
-	after  uint64 // the last event id written (the client's position)
-	head   []byte // written first: the submitted event, or a reset
-	finish []byte // a foreground stream's run_finish if its run never started
-	conn   net.Conn
-	broken bool // a write failed: the connection is gone or going
+	s       *Server
+	thread  string // the thread whose run it follows (for logs)
+	log     *engine.EventLog
+	after   uint64 // the last event id written (the client's position)
+	head    []byte // written first: the submitted event, or a reset
+	finish  []byte // a foreground stream's run_finish if its run never started
+	conn    net.Conn
+	broken  bool // a write failed: the connection is gone or going
+	dropped bool // counted in mailbox_http_sse_dropped_total
 
 	mu    sync.Mutex // guards cut, until and the connection's write deadline
 	cut   bool       // Shutdown cut the stream off
@@ -57,8 +60,9 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engin
 	h.Set(fasthttp.HeaderCacheControl, "no-cache")
 	h.Set("X-Accel-Buffering", "no")
 	// The connection is kept for the client's next request once the stream
-	// ends: run clears the write deadline it moved (a foreground client
-	// does not dial again for every run). A stream that ended on a failed
+	// ends: the write deadline run moved is cleared when that request
+	// comes (handle; a foreground client does not dial again for every
+	// run). A stream that ended on a failed
 	// write leaves a connection fasthttp closes.
 	if log == nil {
 		ctx.SetBody(head)
@@ -130,6 +134,7 @@ func (st *sseStream) run(w *bufio.Writer) {
 			}
 			if live {
 				line = appendReset(line[:0], "slow_subscriber", st.after, oldest)
+				st.dropped = true // counted here, not again by a failing flush (found by review)
 				w.Write(line)
 				st.flush(w)
 				s.m.dropped.Inc()
@@ -205,7 +210,8 @@ func (st *sseStream) flush(w *bufio.Writer) bool {
 // counted and logged as one that fell behind the ring is.
 func (st *sseStream) failed() {
 	st.broken = true
-	if st.stalled() {
+	if !st.dropped && st.stalled() {
+		st.dropped = true
 		st.s.m.dropped.Inc()
 		st.s.log.Info("sse subscriber stopped reading: disconnected",
 			"thread_id", st.thread, "after", st.after, "stall", st.s.stall())
