@@ -14,27 +14,7 @@ import (
 // by an overload review: it waited behind the whole backlog, 100 s
 // behind 400 runs on a one-slot agent).
 func TestAForegroundSubmitRunsBeforeTheBackgroundBacklog(t *testing.T) {
-	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		select {
-		case <-time.After(20 * time.Millisecond):
-		case <-ctx.Done():
-		}
-		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
-	})
-	r := newRig(t, exec, engine.Config{})
-	r.start(t)
-	ctx := context.Background()
-	const backlog = 20
-	for i := range backlog {
-		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("bg", i), Messages: []engine.Message{userMsg("x")}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	eventually(t, "the backlog started", func() bool { return len(exec.execRuns()) >= 1 })
-	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("now")}})
-	if err != nil || res.Status != engine.SubmitQueued {
-		t.Fatalf("foreground submit: %+v %v, want queued (the one slot is taken)", res, err)
-	}
+	_, exec, _ := foregroundBehindABacklog(t)
 	eventually(t, "everything ran", func() bool { return len(exec.execRuns()) == backlog+1 })
 	for i, run := range exec.execRuns() {
 		if run.ThreadID == "fg" {
@@ -54,27 +34,8 @@ func TestAForegroundSubmitRunsBeforeTheBackgroundBacklog(t *testing.T) {
 // waits its turn behind the older backlog (found by review: it went
 // second of 21).
 func TestACancelledForegroundSubmitLeavesNoPriorityBehind(t *testing.T) {
-	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
-		select {
-		case <-time.After(20 * time.Millisecond):
-		case <-ctx.Done():
-		}
-		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
-	})
-	r := newRig(t, exec, engine.Config{})
-	r.start(t)
+	r, exec, res := foregroundBehindABacklog(t)
 	ctx := context.Background()
-	const backlog = 20
-	for i := range backlog {
-		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("bg", i), Messages: []engine.Message{userMsg("x")}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	eventually(t, "the backlog started", func() bool { return len(exec.execRuns()) >= 1 })
-	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("now")}})
-	if err != nil || res.Status != engine.SubmitQueued {
-		t.Fatalf("foreground submit: %+v %v", res, err)
-	}
 	if ok, err := r.mb.Cancel(ctx, res.DispatchID); err != nil || !ok {
 		t.Fatalf("cancel: %v %v", ok, err)
 	}
@@ -91,4 +52,36 @@ func TestACancelledForegroundSubmitLeavesNoPriorityBehind(t *testing.T) {
 			return
 		}
 	}
+}
+
+// backlog is how many background runs of other threads
+// foregroundBehindABacklog queues.
+const backlog = 20
+
+// foregroundBehindABacklog starts a one-slot agent whose runs take 20 ms,
+// queues backlog background runs on as many threads and, once the first
+// runs, a foreground submit to thread fg, which finds no slot.
+func foregroundBehindABacklog(t *testing.T) (*rig, *fakeExecutor, engine.SubmitResult) {
+	t.Helper()
+	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+		}
+		return engine.RunOutcome{Kind: engine.OutcomeCompleted, Status: engine.RunDone, Termination: &engine.Termination{Type: engine.TermNaturalEnd}}
+	})
+	r := newRig(t, exec, engine.Config{})
+	r.start(t)
+	ctx := context.Background()
+	for i := range backlog {
+		if _, err := r.mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: fmt.Sprint("bg", i), Messages: []engine.Message{userMsg("x")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the backlog started", func() bool { return len(exec.execRuns()) >= 1 })
+	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("now")}})
+	if err != nil || res.Status != engine.SubmitQueued {
+		t.Fatalf("foreground submit: %+v %v, want queued (the one slot is taken)", res, err)
+	}
+	return r, exec, res
 }

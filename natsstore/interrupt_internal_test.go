@@ -3,6 +3,7 @@ package natsstore
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
@@ -16,20 +17,8 @@ import (
 func TestClaimsSupersedeWhatACutShortInterruptLeft(t *testing.T) {
 	defer func(n, m int) { interruptChunk, staleChunk = n, m }(interruptChunk, staleChunk)
 	interruptChunk, staleChunk = 4, 4
-	srv := natstest.Start(t)
+	s, enqueue := openThreadT1(t, "CUT")
 	ctx := context.Background()
-	s, err := Open(ctx, Config{URL: srv.URL(), Stream: "CUT", Prefix: "cut"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	enqueue := func(id string, at int64) {
-		t.Helper()
-		d := engine.Dispatch{DispatchID: id, ThreadID: "t1", RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: at, CreatedAt: at, MaxAttempts: 5}
-		if _, err := s.Enqueue(ctx, d); err != nil {
-			t.Fatal(err)
-		}
-	}
 	for i := range 13 {
 		enqueue(fmt.Sprintf("old%02d", i), 1000+int64(i))
 	}
@@ -102,20 +91,8 @@ func TestClaimsSupersedeWhatACutShortInterruptLeft(t *testing.T) {
 func TestAnInterruptsLaterBatchesLeaveWorkQueuedAfterItsFirst(t *testing.T) {
 	defer func(n int) { interruptChunk = n }(interruptChunk)
 	interruptChunk = 3
-	srv := natstest.Start(t)
+	s, enqueue := openThreadT1(t, "LATER")
 	ctx := context.Background()
-	s, err := Open(ctx, Config{URL: srv.URL(), Stream: "LATER", Prefix: "later"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	enqueue := func(id string, at int64) {
-		t.Helper()
-		d := engine.Dispatch{DispatchID: id, ThreadID: "t1", RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: at, CreatedAt: at, MaxAttempts: 5}
-		if _, err := s.Enqueue(ctx, d); err != nil {
-			t.Fatal(err)
-		}
-	}
 	for i := range 10 {
 		enqueue(fmt.Sprintf("old%02d", i), 1000+int64(i))
 	}
@@ -133,6 +110,27 @@ func TestAnInterruptsLaterBatchesLeaveWorkQueuedAfterItsFirst(t *testing.T) {
 	for _, id := range []string{"new0", "new1"} {
 		if d, err := s.LoadDispatch(ctx, id); err != nil || d.Status != engine.StatusQueued || d.Epoch != 1 {
 			t.Fatalf("%s enqueued after the first batch: %+v %v, want queued at epoch 1", id, d, err)
+		}
+	}
+}
+
+// openThreadT1 opens a store on a fresh server (stream name stream) and
+// returns it with a function that enqueues dispatch id on thread t1,
+// created and available at at.
+func openThreadT1(t *testing.T, stream string) (*Store, func(id string, at int64)) {
+	t.Helper()
+	srv := natstest.Start(t)
+	ctx := context.Background()
+	s, err := Open(ctx, Config{URL: srv.URL(), Stream: stream, Prefix: strings.ToLower(stream)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, func(id string, at int64) {
+		t.Helper()
+		d := engine.Dispatch{DispatchID: id, ThreadID: "t1", RunID: "run-" + id, Priority: engine.DefaultPriority, AvailableAt: at, CreatedAt: at, MaxAttempts: 5}
+		if _, err := s.Enqueue(ctx, d); err != nil {
+			t.Fatal(err)
 		}
 	}
 }

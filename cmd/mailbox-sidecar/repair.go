@@ -92,20 +92,9 @@ func runRepair(ctx context.Context, args []string, getenv func(string) string, s
 		if cerr := s.Close(); err == nil && cerr != nil {
 			err = cerr
 		}
-		out.Status, out.Counted = "consistent", !vrep.Unwalked
-		out.Dispatches, out.Runs, out.Threads, out.Messages = vrep.Dispatches, vrep.Runs, vrep.Threads, vrep.Messages
-		out.Notes, out.Problems = vrep.Notes, vrep.Problems
-		switch {
-		case err != nil:
-			out.Status, out.Error = "failed", err.Error()
-		case len(vrep.Problems) > 0:
-			out.Status = "problems"
-		}
+		out.verifyJSON = checkedJSON(dir, vrep, err)
 		writeRepairJSON(stdout, out)
-		if out.Status == "consistent" {
-			return 0
-		}
-		return 1
+		return out.exitStatus()
 	}
 	for _, r := range rep.Replaced {
 		fmt.Fprintln(stdout, "replaced:", r)

@@ -61,21 +61,32 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 		err = cerr
 	}
 	if asJSON {
-		out := verifyJSON{Dir: dir, Status: "consistent", Counted: !rep.Unwalked, Dispatches: rep.Dispatches, Runs: rep.Runs,
-			Threads: rep.Threads, Messages: rep.Messages, Notes: rep.Notes, Problems: rep.Problems}
-		switch {
-		case err != nil:
-			out.Status, out.Error = "failed", err.Error()
-		case len(rep.Problems) > 0:
-			out.Status = "problems"
-		}
+		out := checkedJSON(dir, rep, err)
 		writeVerifyJSON(stdout, out)
-		if out.Status == "consistent" {
-			return 0
-		}
-		return 1
+		return out.exitStatus()
 	}
 	return printVerify("verify", dir, rep, err, stdout, stderr)
+}
+
+// checkedJSON is the verifyJSON of a finished check: rep and its error.
+func checkedJSON(dir string, rep badgerstore.Report, err error) verifyJSON {
+	out := verifyJSON{Dir: dir, Status: "consistent", Counted: !rep.Unwalked, Dispatches: rep.Dispatches, Runs: rep.Runs,
+		Threads: rep.Threads, Messages: rep.Messages, Notes: rep.Notes, Problems: rep.Problems}
+	switch {
+	case err != nil:
+		out.Status, out.Error = "failed", err.Error()
+	case len(rep.Problems) > 0:
+		out.Status = "problems"
+	}
+	return out
+}
+
+// exitStatus is 0 for a consistent directory, else 1.
+func (v verifyJSON) exitStatus() int {
+	if v.Status == "consistent" {
+		return 0
+	}
+	return 1
 }
 
 // verifyJSON is `verify --json`'s answer.
