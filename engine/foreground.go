@@ -1,7 +1,9 @@
 package engine
 
 import (
+	"cmp"
 	"slices"
+	"strings"
 )
 
 // Foreground first. A foreground submit that finds no free agent slot
@@ -12,8 +14,9 @@ import (
 // agent, and 177 s during a flood). The dispatcher now tries the threads
 // of waiting foreground submits first, oldest submit first, before the
 // threads the index lists. A thread leaves the set when an attempt of it
-// starts here, or when the dispatcher's claim of it finds nothing (its
-// foreground dispatch was cancelled, superseded or taken elsewhere).
+// starts here, when its foreground dispatch no longer waits here
+// (cancelled, superseded, its stream ended), or when the dispatcher's
+// claim of it finds nothing (taken elsewhere).
 // The set is this process's: a foreground submit through another
 // sidecar of a shared store is not known here.
 
@@ -47,19 +50,7 @@ func (m *Mailbox) foregroundFirstLocked(threads []ReadyEntry) []ReadyEntry {
 		return threads
 	}
 	slices.SortFunc(fg, func(a, b ReadyEntry) int {
-		if a.Due != b.Due {
-			if a.Due < b.Due {
-				return -1
-			}
-			return 1
-		}
-		if a.ThreadID < b.ThreadID {
-			return -1
-		}
-		if a.ThreadID > b.ThreadID {
-			return 1
-		}
-		return 0
+		return cmp.Or(cmp.Compare(a.Due, b.Due), strings.Compare(a.ThreadID, b.ThreadID))
 	})
 	for _, e := range threads {
 		if _, waiting := m.fgWaiting[e.ThreadID]; !waiting {
