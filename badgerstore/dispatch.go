@@ -221,7 +221,7 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 	var cand string
 	var first, next, lastStale []byte
 	keptSeen := false // a walked entry of the current epoch stays queued
-	staleLeft := false
+	staleLeft := false // the walk stopped at staleChunk
 	prefix := threadPrefix(pQueue, threadID)
 	start := append(prefix[:len(prefix):len(prefix)], floor...)
 	if resume != nil {
@@ -320,8 +320,10 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 
 // claimLoop runs op, a claim of one thread's next dispatch, once more
 // for as long as it stops after superseding a chunk of stale entries
-// (claimNext's staleLeft) without claiming: one call supersedes all of
-// them, a chunk a commit, and returns the dispatch behind them or none.
+// without claiming (claimNext's staleLast), from after the last of them
+// (resume: where the first op starts; nil from the floor): one call
+// supersedes them all, a chunk a commit, and returns the dispatch behind
+// them or none.
 // An interrupt a crash cut short leaves such entries; a claim that came
 // back empty after one chunk kept the thread at the head of the ready
 // order, and the dispatcher served the threads behind it only after

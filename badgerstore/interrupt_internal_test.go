@@ -13,14 +13,24 @@ import (
 // avail, from 8 goroutines (they share group commits).
 func enqueueQueued(t *testing.T, s *Store, thread, prefix string, n int, avail int64) {
 	t.Helper()
+	inParallel(t, n, func(i int) error {
+		d := engine.Dispatch{DispatchID: fmt.Sprintf("%s%05d", prefix, i), ThreadID: thread, RunID: fmt.Sprintf("r-%s%05d", prefix, i),
+			Priority: engine.DefaultPriority, Status: engine.StatusQueued, AvailableAt: avail, CreatedAt: avail, MaxAttempts: 5}
+		_, err := s.Enqueue(context.Background(), d)
+		return err
+	})
+}
+
+// inParallel calls do(i) for every i < n from 8 goroutines and fails the
+// test on the first error.
+func inParallel(t *testing.T, n int, do func(i int) error) {
+	t.Helper()
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for w := range 8 {
 		wg.Go(func() {
 			for i := w; i < n; i += 8 {
-				d := engine.Dispatch{DispatchID: fmt.Sprintf("%s%05d", prefix, i), ThreadID: thread, RunID: fmt.Sprintf("r-%s%05d", prefix, i),
-					Priority: engine.DefaultPriority, Status: engine.StatusQueued, AvailableAt: avail, CreatedAt: avail, MaxAttempts: 5}
-				if _, err := s.Enqueue(context.Background(), d); err != nil {
+				if err := do(i); err != nil {
 					errs <- err
 				}
 			}
@@ -29,7 +39,7 @@ func enqueueQueued(t *testing.T, s *Store, thread, prefix string, n int, avail i
 	wg.Wait()
 	close(errs)
 	for err := range errs {
-		t.Fatalf("enqueue: %v", err)
+		t.Fatal(err)
 	}
 }
 
@@ -239,22 +249,10 @@ func TestAnInterruptOfThousandsOfQueuedRunsThroughTheEngine(t *testing.T) {
 	s, mb := openMailbox(t, Options{InMemory: true}, ex)
 	ctx := context.Background()
 	const n = 4000
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	for w := range 8 {
-		wg.Go(func() {
-			for i := w; i < n; i += 8 {
-				if _, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userText(fmt.Sprint("queued ", i))}}); err != nil {
-					errs <- err
-				}
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatalf("submit: %v", err)
-	}
+	inParallel(t, n, func(i int) error {
+		_, err := mb.SubmitBackground(ctx, engine.SubmitRequest{ThreadID: "t1", Messages: []engine.Message{userText(fmt.Sprint("queued ", i))}})
+		return err
+	})
 	res, err := mb.Interrupt(ctx, "t1")
 	if err != nil || res.SupersededN != n || res.NewEpoch != 1 {
 		t.Fatalf("interrupt = %d superseded, epoch %d, %v; want %d, 1, nil", res.SupersededN, res.NewEpoch, err, n)
