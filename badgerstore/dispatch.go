@@ -220,7 +220,7 @@ func (w *writeTx) claimNext(threadID, consumerID, token string, leaseUntil, now 
 	var stale []string
 	var cand string
 	var first, next, lastStale []byte
-	keptSeen := false // a walked entry of the current epoch stays queued
+	keptSeen := false  // a walked entry of the current epoch stays queued
 	staleLeft := false // the walk stopped at staleChunk
 	prefix := threadPrefix(pQueue, threadID)
 	start := append(prefix[:len(prefix):len(prefix)], floor...)
