@@ -13,7 +13,8 @@
 // one error shape, {"error":{"code","message"}}, through one table
 // (errors.go): validation 400, not_found 404, conflict 409, too_large 413,
 // unavailable 503, internal 500; the HTTP layer adds method_not_allowed
-// 405 (with Allow) and unauthorized 401.
+// 405 (with Allow) and unauthorized 401, and answers 503 unavailable to a
+// request whose body found no room under Config.MaxBodyTotal (budget.go).
 //
 // # Streams
 //

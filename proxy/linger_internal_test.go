@@ -33,11 +33,11 @@ func TestLingeringConnectionsPastTheirBoundArePruned(t *testing.T) {
 	if !s.anyLingering(time.Now()) {
 		t.Fatal("a connection within its bound does not count")
 	}
-	s.connState(a, fasthttp.StateActive) // not an end
+	s.connState(a, fasthttp.StateActive, kindAPI) // not an end
 	if !s.anyLingering(time.Now()) {
 		t.Fatal("an active connection no longer lingers")
 	}
-	s.connState(a, fasthttp.StateIdle)
+	s.connState(a, fasthttp.StateIdle, kindAPI)
 	if _, ok := s.lingering[a]; ok || s.anyLingering(time.Now()) {
 		t.Fatal("an idle connection still lingers")
 	}

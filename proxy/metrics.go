@@ -16,6 +16,10 @@ const (
 	metricSubscribers = "mailbox_http_sse_subscribers"
 	metricDropped     = "mailbox_http_sse_dropped_total"
 	metricRetries     = "mailbox_http_accept_retries_total"
+	metricConns       = "mailbox_http_connections"
+	metricBodyBytes   = "mailbox_http_body_budget_bytes"
+	metricBodyWaits   = "mailbox_http_body_waits_total"
+	metricBodyRefused = "mailbox_http_body_refused_total"
 )
 
 // durationBuckets span a Unix-socket round trip (~100 µs) to a foreground
@@ -34,6 +38,7 @@ type httpMetrics struct {
 	subscribers   atomic.Int64
 	dropped       *metrics.Counter
 	acceptRetries *metrics.Counter
+	conns         [3]atomic.Int64 // open connections by listenerKind
 }
 
 type routeMetrics struct {
@@ -52,6 +57,9 @@ func newHTTPMetrics() *httpMetrics {
 	m.set.NewGauge(metricSubscribers, func() float64 { return float64(m.subscribers.Load()) })
 	m.dropped = m.set.NewCounter(metricDropped)
 	m.acceptRetries = m.set.NewCounter(metricRetries)
+	for k := range m.conns {
+		m.set.NewGauge(fmt.Sprintf(`%s{listener=%q}`, metricConns, listenerKind(k)), func() float64 { return float64(m.conns[k].Load()) })
+	}
 	return m
 }
 

@@ -57,6 +57,16 @@ type Config struct {
 	// MaxBody is the largest request body in bytes; larger bodies are
 	// answered 413 too_large. Default 4 MiB.
 	MaxBody int
+	// MaxBodyTotal bounds the bytes of the request bodies larger than
+	// 16 KiB that are read and handled at once (a chunked body counts as
+	// MaxBody); a request past it waits for room up to BodyWait, then is
+	// answered 503 unavailable. One body is always admitted. Default
+	// 64 MiB, or MaxBody when that is larger; less than MaxBody is an
+	// error.
+	MaxBodyTotal int64
+	// BodyWait is how long a request waits for room under MaxBodyTotal.
+	// Default 10 s.
+	BodyWait time.Duration
 	// AuthToken is the bearer token every request on the TCP listener must
 	// carry; ServeTCP refuses to start without one.
 	AuthToken string
@@ -86,6 +96,18 @@ func (c *Config) validate() error {
 		c.MaxBody = DefaultMaxBody
 	case c.MaxBody < 0:
 		return fmt.Errorf("proxy: config: MaxBody %d is negative", c.MaxBody)
+	}
+	switch {
+	case c.MaxBodyTotal == 0:
+		c.MaxBodyTotal = max(DefaultMaxBodyTotal, int64(c.MaxBody))
+	case c.MaxBodyTotal < int64(c.MaxBody):
+		return fmt.Errorf("proxy: config: MaxBodyTotal %d is below MaxBody %d", c.MaxBodyTotal, c.MaxBody)
+	}
+	switch {
+	case c.BodyWait == 0:
+		c.BodyWait = DefaultBodyWait
+	case c.BodyWait < 0:
+		return fmt.Errorf("proxy: config: BodyWait %s is negative", c.BodyWait)
 	}
 	switch {
 	case c.PingInterval == 0:
@@ -138,6 +160,7 @@ type Server struct {
 	m       *httpMetrics
 	token   [sha256.Size]byte // SHA-256 of AuthToken
 	servers [3]*fasthttp.Server
+	body    *bodyBudget // bytes of the large request bodies in flight
 
 	base     context.Context // context of engine calls; cancelled when Shutdown gives up
 	stopBase context.CancelFunc
@@ -176,12 +199,13 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.token = sha256.Sum256([]byte(cfg.AuthToken))
 	s.base, s.stopBase = context.WithCancel(context.Background())
+	s.body = newBodyBudget(cfg.MaxBodyTotal, cfg.BodyWait, s.done, s.m.set)
 	for k := range s.servers {
 		kind := listenerKind(k)
 		srv := &fasthttp.Server{
 			Handler:                      func(ctx *fasthttp.RequestCtx) { s.handle(ctx, kind) },
 			ErrorHandler:                 func(ctx *fasthttp.RequestCtx, err error) { s.readError(ctx, err, kind) },
-			ConnState:                    s.connState,
+			ConnState:                    func(c net.Conn, st fasthttp.ConnState) { s.connState(c, st, kind) },
 			Name:                         "mailbox-sidecar",
 			MaxRequestBodySize:           cfg.MaxBody,
 			ReadBufferSize:               readBufferSize,
@@ -192,22 +216,38 @@ func New(cfg Config) (*Server, error) {
 			NoDefaultServerHeader:        true,
 			Logger:                       fasthttpLogger{s.log},
 		}
-		if kind == kindTCP {
-			// A request without the token has its body refused unread,
-			// and a 100-continue is not invited (found by review: 150
-			// connections each uploading 4 MiB without a token took the
-			// heap past --memory-limit, since fasthttp reads a body whole
-			// before the handler, where the token was first checked).
+		if kind != kindAdmin {
 			srv.HeaderReceived = func(h *fasthttp.RequestHeader) fasthttp.RequestConfig {
-				if !s.authorizedHeader(h) {
+				// A request without the token has its body refused
+				// unread, and a 100-continue is not invited (found by
+				// review: 150 connections each uploading 4 MiB without a
+				// token took the heap past --memory-limit, since fasthttp
+				// reads a body whole before the handler, where the token
+				// was first checked).
+				if kind == kindTCP && !s.authorizedHeader(h) {
+					return fasthttp.RequestConfig{MaxRequestBodySize: 1}
+				}
+				// A body the budget has no room for is refused unread
+				// too, answered 503 by readError.
+				if !s.body.admit(h, charge(h, s.cfg.MaxBody)) {
 					return fasthttp.RequestConfig{MaxRequestBodySize: 1}
 				}
 				return fasthttp.RequestConfig{}
 			}
+		}
+		if kind != kindAdmin {
+			// A client that asks before sending its body is told no
+			// before it sends it.
 			srv.ExpectHandler = func(ctx *fasthttp.RequestCtx) int {
-				if !s.authorized(ctx) {
+				if kind == kindTCP && !s.authorized(ctx) {
 					s.unauthorized(ctx)
 					return fasthttp.StatusUnauthorized
+				}
+				if s.body.takeRefused(&ctx.Request.Header) {
+					s.bodyRefused(ctx)
+					ri, _ := match(ctx.URI().PathOriginal())
+					s.m.of(ri).observe(fasthttp.StatusServiceUnavailable, 0)
+					return fasthttp.StatusServiceUnavailable
 				}
 				return fasthttp.StatusContinue
 			}
@@ -388,7 +428,13 @@ func (s *Server) anyLingering(now time.Time) bool {
 
 // connState is fasthttp's ConnState hook: a connection whose response is
 // written (idle) or that closed no longer lingers.
-func (s *Server) connState(c net.Conn, state fasthttp.ConnState) {
+func (s *Server) connState(c net.Conn, state fasthttp.ConnState, kind listenerKind) {
+	switch state {
+	case fasthttp.StateNew:
+		s.m.conns[kind].Add(1)
+	case fasthttp.StateClosed, fasthttp.StateHijacked:
+		s.m.conns[kind].Add(-1)
+	}
 	if (state != fasthttp.StateIdle && state != fasthttp.StateClosed) || s.nLingering.Load() == 0 {
 		return
 	}
@@ -415,6 +461,10 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx, kind listenerKind) {
 		}
 	}()
 	if kind != kindAdmin {
+		// The body's bytes are held until the request is handled.
+		if n, _ := s.body.take(&ctx.Request.Header); n > 0 {
+			defer s.body.release(n)
+		}
 		// A stream that ended on this connection left its stall bound on
 		// it (the stream's last bytes are written after the handler
 		// returned); the response before this request was written whole,
@@ -517,6 +567,16 @@ func (s *Server) unauthorized(ctx *fasthttp.RequestCtx) {
 	writeError(ctx, errUnauthorized.status, errUnauthorized.code, errUnauthorized.msg)
 }
 
+// bodyRefused answers a request whose body found no room under
+// MaxBodyTotal: 503, retry after a second. Its body is not kept: the
+// connection drains it as it closes (lingerConn), or, for a client that
+// asked first (Expect: 100-continue), is never sent it.
+func (s *Server) bodyRefused(ctx *fasthttp.RequestCtx) {
+	ctx.Response.Header.Set("Retry-After", "1")
+	writeError(ctx, fasthttp.StatusServiceUnavailable, CodeUnavailable,
+		fmt.Sprintf("the request bodies in flight fill the server's budget (--max-body-total, %d bytes): retry", s.cfg.MaxBodyTotal))
+}
+
 // authorizedHeader is authorized for a request of which only the
 // headers are read.
 func (s *Server) authorizedHeader(rh *fasthttp.RequestHeader) bool {
@@ -592,7 +652,27 @@ func (s *Server) readError(ctx *fasthttp.RequestCtx, err error, kind listenerKin
 	status, code, msg := fasthttp.StatusBadRequest, CodeValidation, "malformed HTTP request: "+scrubReadError(err.Error())
 	var ne net.Error
 	var small *fasthttp.ErrSmallBuffer
+	n, refused := s.body.take(&ctx.Request.Header)
+	s.body.release(n) // admitted, then its read failed
+	if errors.Is(err, fasthttp.ErrBodyTooLarge) && (kind != kindTCP || s.authorized(ctx)) {
+		// A body refused unread is drained as the connection closes, so
+		// that a client still sending it reads the answer. Not for one
+		// without the token: who has none gets no more of our time.
+		if lc, ok := ctx.Conn().(*lingerConn); ok {
+			cl := int64(ctx.Request.Header.ContentLength())
+			if cl < 0 { // chunked
+				cl = int64(s.cfg.MaxBody)
+			}
+			lc.lingerFor(cl)
+		}
+	}
 	switch {
+	case refused && errors.Is(err, fasthttp.ErrBodyTooLarge):
+		// Refused unread for want of room (HeaderReceived).
+		s.bodyRefused(ctx)
+		ri, _ := match(ctx.URI().PathOriginal())
+		s.m.of(ri).observe(fasthttp.StatusServiceUnavailable, 0)
+		return
 	case kind == kindTCP && errors.Is(err, fasthttp.ErrBodyTooLarge) && !s.authorized(ctx):
 		// Its body was refused unread (HeaderReceived).
 		s.unauthorized(ctx)

@@ -14,6 +14,7 @@ import (
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc/hub"
+	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
 
 // envPrefix prefixes the environment variable of every serve flag:
@@ -44,6 +45,7 @@ type serveConfig struct {
 	HTTPAddr        string
 	AdminAddr       string
 	MaxBody         byteSize
+	MaxBodyTotal    byteSize
 	Sync            bool
 	ContextMessages int
 	ContextBytes    byteSize
@@ -130,7 +132,7 @@ func formatBytes(n int64) string {
 
 // serveFlags declares the serve flags on fs with their defaults.
 func serveFlags(fs *flag.FlagSet, c *serveConfig) {
-	*c = serveConfig{MaxBody: 4 << 20, ContextBytes: 4 << 20, EventBytes: engine.DefaultEventBufferBytes, EventKeptBytes: engine.DefaultEventRetentionBytes, EventLiveBytes: engine.DefaultEventBufferTotalBytes, MemoryLimit: 512 << 20}
+	*c = serveConfig{MaxBody: 4 << 20, MaxBodyTotal: proxy.DefaultMaxBodyTotal, ContextBytes: 4 << 20, EventBytes: engine.DefaultEventBufferBytes, EventKeptBytes: engine.DefaultEventRetentionBytes, EventLiveBytes: engine.DefaultEventBufferTotalBytes, MemoryLimit: 512 << 20}
 	storeFlags(fs, c)
 	fs.StringVar(&c.DataDir, "data-dir", "./data", "Badger data directory (created if absent; a second sidecar on it is refused); not used with --store nats://")
 	fs.StringVar(&c.APISocket, "api-socket", "./run/api.sock", "client API socket")
@@ -138,6 +140,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "optional TCP listener for the client API (requires --auth-token)")
 	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz and /healthz only")
 	fs.Var(&c.MaxBody, "max-body", "largest accepted request body")
+	fs.Var(&c.MaxBodyTotal, "max-body-total", "bytes of request bodies over 16KiB read and handled at once (at least --max-body); past it a request waits up to 10s for room, then gets 503")
 	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput); Badger only")
 	fs.IntVar(&c.ContextMessages, "context-messages", 500, "most thread messages sent with each RUN")
 	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
@@ -278,6 +281,9 @@ func (c *serveConfig) validate() []error {
 		// Such a body was taken (202) and dead-lettered at once: its RUN
 		// cannot reach the agent (found by review).
 		bad("--max-body %s is above the agent frame limit (16MiB): a run made from a larger body could never reach the agent", c.MaxBody.String())
+	}
+	if c.MaxBodyTotal < c.MaxBody {
+		bad("--max-body-total %s is below --max-body %s: the largest body could never be read", c.MaxBodyTotal.String(), c.MaxBody.String())
 	}
 	if c.ContextBytes < 1<<10 {
 		bad("--context-bytes %s is below 1KiB", c.ContextBytes.String())

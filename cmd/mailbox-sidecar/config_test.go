@@ -25,7 +25,7 @@ func TestParseServeDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.DataDir != "./data" || c.APISocket != "./run/api.sock" || c.AgentSocket != "./run/agent.sock" ||
-		c.MaxBody != 4<<20 || !c.Sync || c.ContextMessages != 500 || c.ContextBytes != 4<<20 ||
+		c.MaxBody != 4<<20 || c.MaxBodyTotal != 64<<20 || !c.Sync || c.ContextMessages != 500 || c.ContextBytes != 4<<20 ||
 		c.EventBuffer != 10000 || c.EventBytes != 32<<20 || c.EventRetention != time.Minute || c.Lease != 30*time.Second ||
 		c.SuspendedLease != 10*time.Minute || c.LeaseRenewal != 10*time.Second || c.SweepInterval != 30*time.Second ||
 		c.GCInterval != time.Minute || c.GCTTL != 24*time.Hour || c.MaxAttempts != 5 || c.RetryDelay != 250*time.Millisecond ||
@@ -87,6 +87,8 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--http-addr", ":8080", "--auth-token", "short"}, nil, "at least 16"},
 		{[]string{"--max-body", "lots"}, nil, "not a size"},
 		{[]string{"--max-body", "64MiB"}, nil, "above the agent frame limit"},
+		{[]string{"--max-body", "8MiB", "--max-body-total", "4MiB"}, nil, "--max-body-total 4MiB is below --max-body 8MiB"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_MAX_BODY_TOTAL": "1MiB"}, "--max-body-total 1MiB is below --max-body 4MiB"},
 		{[]string{"--admin-addr", "notaddr"}, nil, "--admin-addr \"notaddr\""},
 		{[]string{"--admin-addr", "127.0.0.1:99999"}, nil, "out of range"},
 		{[]string{"--http-addr", "127.0.0.1:nosuchservice", "--auth-token", "0123456789abcdef"}, nil, "--http-addr"},

@@ -154,13 +154,14 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 	s.agentReady.Store(true)
 
 	s.px, err = proxy.New(proxy.Config{
-		Mailbox:   s.mb,
-		Ready:     s.readiness,
-		Live:      func() error { return s.mb.Alive(time.Now(), liveStall) },
-		Metrics:   s.metricSets(),
-		MaxBody:   int(cfg.MaxBody),
-		AuthToken: cfg.AuthToken,
-		Logger:    log.With("component", "api"),
+		Mailbox:      s.mb,
+		Ready:        s.readiness,
+		Live:         func() error { return s.mb.Alive(time.Now(), liveStall) },
+		Metrics:      s.metricSets(),
+		MaxBody:      int(cfg.MaxBody),
+		MaxBodyTotal: int64(cfg.MaxBodyTotal),
+		AuthToken:    cfg.AuthToken,
+		Logger:       log.With("component", "api"),
 	})
 	if err != nil {
 		return nil, err

@@ -13,6 +13,10 @@ var Help = map[string]string{
 	"mailbox_http_request_duration_seconds": "Time to answer an HTTP request, by route pattern; for a stream, the time to its start.",
 	"mailbox_http_sse_subscribers":          "Open SSE streams.",
 	"mailbox_http_sse_dropped_total":        "SSE streams ended because the client fell behind the event buffer (slow_subscriber) or stopped reading while a write stayed stuck for the stall timeout.",
+	"mailbox_http_connections":              "Open HTTP connections, by listener (api: the Unix socket, tcp, admin).",
+	"mailbox_http_body_budget_bytes":        "Bytes of large request bodies (over 16 KiB) being read or handled, bounded by --max-body-total.",
+	"mailbox_http_body_waits_total":         "Requests whose body had to wait for room under --max-body-total before it was read.",
+	"mailbox_http_body_refused_total":       "Requests answered 503 because their body found no room under --max-body-total within the wait (10 s).",
 	"mailbox_http_accept_retries_total":     "Accepts on the HTTP listeners that failed for want of a resource (file descriptors, socket buffers, memory) and were retried after a backoff; new connections wait meanwhile.",
 
 	// The engine.

@@ -1,0 +1,307 @@
+package proxy_test
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	json "github.com/goccy/go-json"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
+)
+
+// budgetBody is a submit body of about n bytes.
+func budgetBody(n int) string { return submitBody(strings.Repeat("b", n-64)) }
+
+// partialUpload sends a background submit's head and the first half of
+// its body on a raw connection, and returns the connection and the rest.
+func partialUpload(t *testing.T, sc *sidecar, thread, body string) (net.Conn, string) {
+	t.Helper()
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	half := len(body) / 2
+	fmt.Fprintf(c, "POST /v1/threads/%s/dispatches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		thread, len(body), body[:half])
+	return c, body[half:]
+}
+
+// metricsOf returns the server's /metrics text.
+func (sc *sidecar) metricsOf() string {
+	sc.t.Helper()
+	_, b := sc.do(req{method: "GET", path: "/metrics"})
+	return string(b)
+}
+
+// asyncDo runs r on a goroutine; the answer arrives on the channel.
+func (sc *sidecar) asyncDo(r req) <-chan answer {
+	ch := make(chan answer, 1)
+	go func() {
+		resp, b, err := tryDo(sc.client, base, r)
+		a := answer{body: b, err: err}
+		if resp != nil {
+			a.status, a.header = resp.StatusCode, resp.Header
+		}
+		ch <- a
+	}()
+	return ch
+}
+
+type answer struct {
+	status int
+	header http.Header
+	body   []byte
+	err    error
+}
+
+func TestALargeBodyWaitsForRoomUnderTheBodyBudget(t *testing.T) {
+	const size = 40 << 10
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10}})
+	first, rest := partialUpload(t, sc, "held", budgetBody(size))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+
+	// Small requests are not charged: they pass beside it.
+	sc.call(req{method: "POST", path: "/v1/threads/small/dispatches", body: submitBody("hi")}, http.StatusAccepted, nil)
+
+	second := sc.asyncDo(req{method: "POST", path: "/v1/threads/waiting/dispatches", body: budgetBody(size)})
+	eventually(t, "the second body waiting", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_waits_total ") == "mailbox_http_body_waits_total 1"
+	})
+	select {
+	case a := <-second:
+		t.Fatalf("the second body was read beside the first past the budget: %d %s %v", a.status, a.body, a.err)
+	case <-time.After(200 * time.Millisecond):
+	}
+
+	// The first body completes: both are taken, and the budget is empty.
+	if _, err := io.WriteString(first, rest); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(first), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("first: %d", resp.StatusCode)
+	}
+	select {
+	case a := <-second:
+		if a.err != nil || a.status != http.StatusAccepted {
+			t.Fatalf("second: %d %s %v", a.status, a.body, a.err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("the second body still waits after the first was handled")
+	}
+	m := sc.metricsOf()
+	for _, want := range []string{"mailbox_http_body_budget_bytes 0", "mailbox_http_body_refused_total 0", "mailbox_http_body_waits_total 1"} {
+		if !strings.Contains(m, want+"\n") {
+			t.Errorf("metrics lack %q:\n%s", want, grep(m, "mailbox_http_body"))
+		}
+	}
+	if n := sc.counts().Dispatches; n != 3 {
+		t.Fatalf("%d dispatches, want 3", n)
+	}
+}
+
+func TestABodyThatFindsNoRoomIsAnswered503AndLosesNothing(t *testing.T) {
+	const size = 40 << 10
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: 100 * time.Millisecond}})
+	first, rest := partialUpload(t, sc, "held", budgetBody(size))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+
+	// Sent whole, and asked first (Expect: 100-continue): both refused,
+	// the second before it sends its body.
+	checkRefused(t, rawSubmit(t, sc, "refused", budgetBody(size), false))
+	checkRefused(t, rawSubmit(t, sc, "asked", budgetBody(size), true))
+	if got := metricLine(sc.metricsOf(), "mailbox_http_body_refused_total "); got != "mailbox_http_body_refused_total 2" {
+		t.Fatalf("refused counter: %q", got)
+	}
+	if got := metricLine(sc.metricsOf(), `mailbox_http_requests_total{route="/v1/threads/{thread_id}/dispatches",code="503"} `); !strings.HasSuffix(got, " 2") {
+		t.Fatalf("503s counted: %q", got)
+	}
+
+	// The admitted body is unharmed by the refusal.
+	if _, err := io.WriteString(first, rest); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(first), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("first: %d", resp.StatusCode)
+	}
+	// The retry finds room.
+	sc.call(req{method: "POST", path: "/v1/threads/refused/dispatches", body: budgetBody(size)}, http.StatusAccepted, nil)
+	if n := sc.counts().Dispatches; n != 2 {
+		t.Fatalf("%d dispatches, want 2: the refused request left something behind", n)
+	}
+}
+
+// rawSubmit sends a background submit on a connection of its own and
+// returns the answer. With ask, it sends Expect: 100-continue and no
+// body, and returns the first answer (a refusal, or 100 Continue).
+func rawSubmit(t *testing.T, sc *sidecar, thread, body string, ask bool) *http.Response {
+	t.Helper()
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	head := fmt.Sprintf("POST /v1/threads/%s/dispatches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n", thread, len(body))
+	br := bufio.NewReader(c)
+	if ask {
+		fmt.Fprintf(c, "%sExpect: 100-continue\r\n\r\n", head)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	// The server may close before it has read the body: the write's
+	// error is not the answer.
+	go io.WriteString(c, head+"\r\n"+body)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+// checkRefused checks a 503 for want of room in the body budget.
+func checkRefused(t *testing.T, resp *http.Response) {
+	t.Helper()
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var e apiErr
+	if resp.StatusCode != http.StatusServiceUnavailable || json.Unmarshal(b, &e) != nil || e.Error.Code != proxy.CodeUnavailable ||
+		!strings.Contains(e.Error.Message, "--max-body-total") || resp.Header.Get("Retry-After") != "1" {
+		t.Fatalf("refused body: %d %v %s", resp.StatusCode, resp.Header, b)
+	}
+}
+
+func TestABodyAbandonedMidwayGivesItsRoomBack(t *testing.T) {
+	const size = 40 << 10
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: 5 * time.Second}})
+	first, _ := partialUpload(t, sc, "abandoned", budgetBody(size))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+	first.Close()
+	eventually(t, "the abandoned body's room given back", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") == "mailbox_http_body_budget_bytes 0"
+	})
+	sc.call(req{method: "POST", path: "/v1/threads/next/dispatches", body: budgetBody(size)}, http.StatusAccepted, nil)
+	if got := metricLine(sc.metricsOf(), "mailbox_http_body_waits_total "); got != "mailbox_http_body_waits_total 0" {
+		t.Fatalf("the next body waited: %q", got)
+	}
+}
+
+func TestAChunkedBodyIsChargedTheLargestBody(t *testing.T) {
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: 100 * time.Millisecond}})
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	body := submitBody("chunked")
+	fmt.Fprintf(c, "POST /v1/threads/chunked/dispatches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", 10, body[:10])
+	eventually(t, "the chunked body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") == fmt.Sprintf("mailbox_http_body_budget_bytes %d", 64<<10)
+	})
+	// Nothing else large fits beside it.
+	checkRefused(t, rawSubmit(t, sc, "big", budgetBody(32<<10), false))
+	fmt.Fprintf(c, "%x\r\n%s\r\n0\r\n\r\n", len(body)-10, body[10:])
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("chunked: %d", resp.StatusCode)
+	}
+	if got := metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes "); got != "mailbox_http_body_budget_bytes 0" {
+		t.Fatalf("after the chunked body: %q", got)
+	}
+}
+
+func TestTheConnectionsGaugeCountsOpenConnections(t *testing.T) {
+	sc := newSidecar(t, options{})
+	var conns []net.Conn
+	for range 3 {
+		c, err := net.Dial("unix", sc.apiPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	// Three raw connections, and the client's own for /metrics.
+	eventually(t, "four connections counted", func() bool {
+		return metricLine(sc.metricsOf(), `mailbox_http_connections{listener="api"} `) == `mailbox_http_connections{listener="api"} 4`
+	})
+	for _, c := range conns {
+		c.Close()
+	}
+	eventually(t, "closed connections uncounted", func() bool {
+		return metricLine(sc.metricsOf(), `mailbox_http_connections{listener="api"} `) == `mailbox_http_connections{listener="api"} 1`
+	})
+}
+
+func TestABodyBudgetBelowTheLargestBodyIsRefused(t *testing.T) {
+	sc := newSidecar(t, options{noAgent: true})
+	_, err := proxy.New(proxy.Config{Mailbox: sc.mb, Ready: func() proxy.Readiness { return proxy.Readiness{} }, MaxBody: 1 << 20, MaxBodyTotal: 1 << 19})
+	if err == nil || !strings.Contains(err.Error(), "MaxBodyTotal") {
+		t.Fatalf("MaxBodyTotal below MaxBody: %v", err)
+	}
+}
+
+func TestAClientSendingARefusedBodyReadsTheAnswer(t *testing.T) {
+	// A body larger than the socket's buffers: refused unread and closed
+	// at once, the client's write failed before it read the answer.
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 2 << 20, MaxBodyTotal: 2 << 20, BodyWait: 20 * time.Millisecond}})
+	first, rest := partialUpload(t, sc, "held", budgetBody(40<<10))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+	for i := range 5 {
+		resp, b, err := tryDo(sc.client, base, req{method: "POST", path: "/v1/threads/refused/dispatches", body: budgetBody(2<<20 - 1024)})
+		if err != nil {
+			t.Fatalf("refusal %d: %v", i, err)
+		}
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Fatalf("refusal %d: %d %s", i, resp.StatusCode, b)
+		}
+		resp, b, err = tryDo(sc.client, base, req{method: "POST", path: "/v1/threads/toolarge/dispatches", body: budgetBody(4 << 20)})
+		if err != nil {
+			t.Fatalf("too large %d: %v", i, err)
+		}
+		if resp.StatusCode != http.StatusRequestEntityTooLarge {
+			t.Fatalf("too large %d: %d %s", i, resp.StatusCode, b)
+		}
+	}
+	io.WriteString(first, rest)
+	resp, err := http.ReadResponse(bufio.NewReader(first), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("first: %d", resp.StatusCode)
+	}
+	if n := sc.counts().Dispatches; n != 1 {
+		t.Fatalf("%d dispatches, want 1", n)
+	}
+}
