@@ -20,20 +20,25 @@ const (
 	// than the connection that carries it.
 	bodyFree = 16 << 10
 	// holdStale is how long a body admitted by HeaderReceived may stay
-	// unclaimed by a handler before a waiter gives its bytes back. A
+	// unclaimed by a handler before its bytes are given back. A
 	// request's head and body are read within the server's ReadTimeout
 	// (30 s); past it fasthttp either called the handler or gave up on
-	// the body, and on some of those paths (a client that closed
-	// mid-body) it calls no hook of ours.
+	// the body, and on some of those paths it calls no hook of ours: a
+	// chunked body whose client closed at a chunk boundary (a bare EOF,
+	// which fasthttp takes for a client that left), an Expect:
+	// 100-continue whose "100 Continue" could not be written.
 	holdStale = 35 * time.Second
+	// sweepEvery is how often take looks for stale holds while any are
+	// held.
+	sweepEvery = time.Second
 )
 
 // bodyBudget bounds the bytes of request bodies the server reads and
 // handles at once. fasthttp reads a body whole before the handler runs,
 // so without it every connection could bring MaxBody: a hundred clients
-// each submitting 4 MiB took the sidecar to 1.28 GB of resident memory
-// against a 512 MiB --memory-limit (bench/README.md, the thirty-fourth
-// session).
+// each submitting 4 MiB took the sidecar to 1.06 GB of anonymous memory
+// against a 512 MiB --memory-limit, three hundred to 2.8 GB
+// (bench/README.md, the thirty-fourth session).
 //
 // A request announcing a body larger than bodyFree (a chunked one counts
 // as MaxBody) is admitted in HeaderReceived, before fasthttp reads its
@@ -43,23 +48,27 @@ const (
 // answered 503. The bytes are held from admission until the handler
 // returns (the body, its decoded request and the store's commit all live
 // within it); a body whose read failed gives them back in the error
-// handler, and one that neither hook saw (fasthttp drops a request whose
-// client closed mid-body silently) when its header is reused or when a
-// waiter finds it older than holdStale.
+// handler, and one that neither hook saw (see holdStale) when its header
+// is reused or once it is older than holdStale (take and a waiter look).
 //
 // Holds are keyed by the request header, which fasthttp passes to
 // HeaderReceived and keeps in the request context the handler gets: one
-// request at a time per connection, so one hold per header.
+// request at a time per connection, so one hold per header. A hold also
+// keeps what the error handler needs of the header, which fasthttp
+// resets when a chunked body runs over (its length, so that the body is
+// drained; and that the request was let in, so authorised).
 type bodyBudget struct {
 	limit int64
 	wait  time.Duration
+	stale time.Duration   // holdStale; shorter in tests
 	done  <-chan struct{} // closed at shutdown: waiters give up
 
-	mu      sync.Mutex
-	used    int64
-	changed chan struct{} // closed and replaced when bytes are given back
-	holds   map[*fasthttp.RequestHeader]bodyHold
-	nHolds  atomic.Int32 // len(holds), read without mu by every request
+	mu        sync.Mutex
+	used      int64
+	changed   chan struct{} // closed and replaced when bytes are given back
+	holds     map[*fasthttp.RequestHeader]bodyHold
+	nHolds    atomic.Int32 // len(holds), read without mu by every request
+	nextSweep time.Time    // take's next look for stale holds
 
 	inUse   atomic.Int64 // used, for the gauge
 	waits   *metrics.Counter
@@ -69,13 +78,15 @@ type bodyBudget struct {
 // bodyHold is the budget's record of one request.
 type bodyHold struct {
 	n       int64     // bytes held; 0 for a request refused
+	length  int64     // the body's announced length (MaxBody if chunked)
+	route   int       // the request's route (-1: none), for the metrics
 	since   time.Time // admission
 	refused bool      // waited in vain: the error handler answers 503
 }
 
 func newBodyBudget(limit int64, wait time.Duration, done <-chan struct{}, set *metrics.Set) *bodyBudget {
 	b := &bodyBudget{
-		limit: limit, wait: wait, done: done,
+		limit: limit, wait: wait, stale: holdStale, done: done,
 		changed: make(chan struct{}), holds: map[*fasthttp.RequestHeader]bodyHold{},
 		waits:   set.NewCounter(metricBodyWaits),
 		refused: set.NewCounter(metricBodyRefused),
@@ -100,97 +111,97 @@ func charge(h *fasthttp.RequestHeader, maxBody int) int64 {
 // admit charges n bytes for the request of header h, waiting for room up
 // to the budget's wait. It reports false when the wait ran out or the
 // server is shutting down; the request is then recorded as refused, for
-// the error handler. A hold h still has (its last request was dropped
+// the error handler. route gives the request's route, for the hold. A
+// hold h still has (its last request was dropped
 // unseen) is given back first.
-func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64) bool {
+func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64, route func() int) bool {
 	if n == 0 && b.nHolds.Load() == 0 {
 		return true // the hot path: a small body, nothing held
 	}
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	b.dropLocked(h)
 	if n == 0 {
-		b.mu.Unlock()
 		return true
 	}
-	var deadline *time.Timer
-	waited := false
-	for b.used > 0 && b.used+n > b.limit {
-		if !waited {
-			waited = true
-			b.waits.Inc()
-			b.sweepLocked(time.Now())
-			if b.used == 0 || b.used+n <= b.limit {
-				break
-			}
-			deadline = time.NewTimer(b.wait)
-			defer deadline.Stop()
-		}
-		changed := b.changed
-		b.mu.Unlock()
-		select {
-		case <-changed:
-			b.mu.Lock()
-		case <-deadline.C:
-			b.mu.Lock()
-			if b.used == 0 || b.used+n <= b.limit {
-				continue // freed at the last moment
-			}
-			b.refuseLocked(h)
+	fits := func() bool { return b.used == 0 || b.used+n <= b.limit }
+	if !fits() {
+		b.waits.Inc()
+		b.sweepLocked(time.Now())
+	}
+	if !fits() {
+		deadline := time.NewTimer(b.wait)
+		defer deadline.Stop()
+		for !fits() {
+			changed := b.changed
 			b.mu.Unlock()
-			return false
-		case <-b.done:
-			b.mu.Lock()
-			b.refuseLocked(h)
-			b.mu.Unlock()
-			return false
+			select {
+			case <-changed:
+				b.mu.Lock()
+			case <-deadline.C:
+				b.mu.Lock()
+				b.sweepLocked(time.Now())
+				if !fits() {
+					b.refuseLocked(h, n, route())
+					return false
+				}
+			case <-b.done:
+				b.mu.Lock()
+				b.refuseLocked(h, n, route())
+				return false
+			}
 		}
 	}
 	b.used += n
 	b.inUse.Store(b.used)
-	b.holds[h] = bodyHold{n: n, since: time.Now()}
+	b.holds[h] = bodyHold{n: n, length: n, route: route(), since: time.Now()}
 	b.nHolds.Store(int32(len(b.holds)))
-	b.mu.Unlock()
 	return true
 }
 
-// refuseLocked records that the request of h waited in vain.
-func (b *bodyBudget) refuseLocked(h *fasthttp.RequestHeader) {
+// refuseLocked records that the request of h, with a body of length n,
+// waited in vain.
+func (b *bodyBudget) refuseLocked(h *fasthttp.RequestHeader, n int64, route int) {
 	b.refused.Inc()
-	b.holds[h] = bodyHold{refused: true, since: time.Now()}
+	b.holds[h] = bodyHold{length: n, route: route, refused: true, since: time.Now()}
 	b.nHolds.Store(int32(len(b.holds)))
 }
 
-// take removes the hold of h and returns its bytes, which the caller
-// gives back with release when done with the body, and whether the
-// request was refused. Without holds it costs one atomic load.
-func (b *bodyBudget) take(h *fasthttp.RequestHeader) (n int64, refused bool) {
+// take removes the hold of h and returns it, and whether there was one;
+// the caller gives its bytes back with release when done with the body.
+// Without holds it costs one atomic load.
+func (b *bodyBudget) take(h *fasthttp.RequestHeader) (bodyHold, bool) {
 	if b.nHolds.Load() == 0 {
-		return 0, false
+		return bodyHold{}, false
 	}
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	hold, ok := b.holds[h]
 	if ok {
 		delete(b.holds, h)
 		b.nHolds.Store(int32(len(b.holds)))
 	}
-	b.mu.Unlock()
-	return hold.n, hold.refused
+	if now := time.Now(); now.After(b.nextSweep) {
+		b.nextSweep = now.Add(sweepEvery)
+		b.sweepLocked(now)
+	}
+	return hold, ok
 }
 
-// takeRefused removes the hold of h if it records a refusal, and reports
-// whether it did; an admitted request's hold stays for its handler.
-func (b *bodyBudget) takeRefused(h *fasthttp.RequestHeader) bool {
+// takeRefused removes the hold of h if it records a refusal and returns
+// it; an admitted request's hold stays for its handler.
+func (b *bodyBudget) takeRefused(h *fasthttp.RequestHeader) (bodyHold, bool) {
 	if b.nHolds.Load() == 0 {
-		return false
+		return bodyHold{}, false
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if hold, ok := b.holds[h]; ok && hold.refused {
 		delete(b.holds, h)
 		b.nHolds.Store(int32(len(b.holds)))
-		return true
+		return hold, true
 	}
-	return false
+	return bodyHold{}, false
 }
 
 // release gives back n bytes taken with take.
@@ -221,10 +232,10 @@ func (b *bodyBudget) dropLocked(h *fasthttp.RequestHeader) {
 	}
 }
 
-// sweepLocked gives back the holds no handler claimed within holdStale.
+// sweepLocked gives back the holds no hook claimed within the stale bound.
 func (b *bodyBudget) sweepLocked(now time.Time) {
 	for h, hold := range b.holds {
-		if now.Sub(hold.since) > holdStale {
+		if now.Sub(hold.since) > b.stale {
 			b.dropLocked(h)
 		}
 	}

@@ -305,3 +305,93 @@ func TestAClientSendingARefusedBodyReadsTheAnswer(t *testing.T) {
 		t.Fatalf("%d dispatches, want 1", n)
 	}
 }
+
+// chunkedReader hides its length, so that the client sends it chunked.
+type chunkedReader struct{ io.Reader }
+
+func TestARefusedChunkedBodyIsDrainedAndCountedUnderItsRoute(t *testing.T) {
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 2 << 20, MaxBodyTotal: 2 << 20, BodyWait: 20 * time.Millisecond}})
+	first, rest := partialUpload(t, sc, "held", budgetBody(40<<10))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+	for i := range 3 {
+		hr, _ := http.NewRequest("POST", base+"/v1/threads/chunked/dispatches", chunkedReader{strings.NewReader(budgetBody(2<<20 - 1024))})
+		resp, err := sc.client.Do(hr)
+		if err != nil {
+			t.Fatalf("refusal %d: %v", i, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || hr.ContentLength != 0 {
+			t.Fatalf("refusal %d: %d, length %d", i, resp.StatusCode, hr.ContentLength)
+		}
+	}
+	if got := metricLine(sc.metricsOf(), `mailbox_http_requests_total{route="/v1/threads/{thread_id}/dispatches",code="503"} `); !strings.HasSuffix(got, " 3") {
+		t.Fatalf("503s under the route: %q", got)
+	}
+	io.WriteString(first, rest)
+	if resp, err := http.ReadResponse(bufio.NewReader(first), nil); err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("first: %v %v", resp, err)
+	}
+}
+
+func TestAChunkedBodyOverTheLimitWithTheTokenIs413(t *testing.T) {
+	// fasthttp resets the header of a chunked body that runs over: the
+	// token was read from it, and the answer was 401.
+	sc := newSidecar(t, options{tcp: true, proxy: proxy.Config{AuthToken: "0123456789abcdef", MaxBody: 64 << 10}})
+	hr, _ := http.NewRequest("POST", "http://"+sc.tcpAddr+"/v1/threads/big/dispatches", chunkedReader{strings.NewReader(budgetBody(200 << 10))})
+	hr.Header.Set("Authorization", "Bearer 0123456789abcdef")
+	resp, err := sc.tcpClient.Do(hr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("chunked body over the limit with the token: %d %s", resp.StatusCode, b)
+	}
+}
+
+func TestAWaitingBodyIsRefusedAtShutdown(t *testing.T) {
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: time.Minute}})
+	first, _ := partialUpload(t, sc, "held", budgetBody(40<<10))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+	waiting := sc.asyncDo(req{method: "POST", path: "/v1/threads/waiting/dispatches", body: budgetBody(40 << 10)})
+	eventually(t, "the second body waiting", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_waits_total ") == "mailbox_http_body_waits_total 1"
+	})
+	stopped := make(chan struct{})
+	go func() { defer close(stopped); sc.shutdownProxy() }()
+	select {
+	case a := <-waiting:
+		if a.err == nil && a.status != http.StatusServiceUnavailable {
+			t.Fatalf("a waiting body at shutdown: %d %s", a.status, a.body)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("a waiting body still waits after shutdown began")
+	}
+	first.Close()
+	<-stopped
+}
+
+func TestABodyNoHookSawGivesItsRoomBackOnceStale(t *testing.T) {
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10}})
+	sc.srv.SetBodyHoldStale(100 * time.Millisecond)
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A chunked body whose client leaves at a chunk boundary: fasthttp
+	// takes the bare EOF for a client gone and calls no hook.
+	fmt.Fprintf(c, "POST /v1/threads/gone/dispatches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+	eventually(t, "the chunked body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") == fmt.Sprintf("mailbox_http_body_budget_bytes %d", 64<<10)
+	})
+	c.Close()
+	eventually(t, "its room given back", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") == "mailbox_http_body_budget_bytes 0"
+	})
+	sc.call(req{method: "POST", path: "/v1/threads/next/dispatches", body: budgetBody(40 << 10)}, http.StatusAccepted, nil)
+}

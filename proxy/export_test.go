@@ -1,6 +1,9 @@
 package proxy
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
 // Decoders exported to the external tests (fuzzing).
 var (
@@ -19,4 +22,12 @@ func (s *Server) Lingering() (int, error) {
 		return 0, fmt.Errorf("lingering: %d connections, counter %d", len(s.lingering), n)
 	}
 	return len(s.lingering), nil
+}
+
+// SetBodyHoldStale shortens how long a body admitted by the budget may
+// stay unclaimed before its bytes are given back.
+func (s *Server) SetBodyHoldStale(d time.Duration) {
+	s.body.mu.Lock()
+	s.body.stale = d
+	s.body.mu.Unlock()
 }

@@ -28,6 +28,7 @@ type retryListener struct {
 	name    string
 	log     *slog.Logger
 	retries *metrics.Counter
+	linger  bool // wrap connections in lingerConn (the API listeners)
 
 	mu       sync.Mutex
 	loggedAt time.Time // the last warning
@@ -41,10 +42,10 @@ func (l *retryListener) Accept() (net.Conn, error) {
 	var backoff time.Duration
 	for {
 		c, err := l.Listener.Accept()
-		if err == nil {
+		if err == nil && l.linger {
 			return &lingerConn{Conn: c}, nil
 		}
-		if !resourceExhausted(err) {
+		if err == nil || !resourceExhausted(err) {
 			return c, err
 		}
 		l.retries.Inc()
@@ -90,6 +91,12 @@ const (
 // a broken pipe instead of the answer (Go's client, over the Unix socket:
 // 103 of 187 refusals in the thirty-fourth session's measurement), as
 // the kernel refuses writes to a socket whose reader is gone.
+//
+// The cost: fasthttp writes a response larger than its 4 KiB buffer with
+// one writev only to a *net.UnixConn or *net.TCPConn, so through the
+// wrapper such a response is copied and written in two calls. The admin
+// listener, whose bodies are small and whose /metrics answers are large,
+// is not wrapped.
 type lingerConn struct {
 	net.Conn
 	drain atomic.Int64 // bytes to drain on Close; 0: close at once

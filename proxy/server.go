@@ -229,7 +229,7 @@ func New(cfg Config) (*Server, error) {
 				}
 				// A body the budget has no room for is refused unread
 				// too, answered 503 by readError.
-				if !s.body.admit(h, charge(h, s.cfg.MaxBody)) {
+				if !s.body.admit(h, charge(h, s.cfg.MaxBody), func() int { return headerRoute(h) }) {
 					return fasthttp.RequestConfig{MaxRequestBodySize: 1}
 				}
 				return fasthttp.RequestConfig{}
@@ -243,10 +243,12 @@ func New(cfg Config) (*Server, error) {
 					s.unauthorized(ctx)
 					return fasthttp.StatusUnauthorized
 				}
-				if s.body.takeRefused(&ctx.Request.Header) {
+				if hold, ok := s.body.takeRefused(&ctx.Request.Header); ok {
+					// A client tired of waiting for "100 Continue"
+					// (curl: 1 s) sends its body anyway.
+					lingerFor(ctx, hold.length)
 					s.bodyRefused(ctx)
-					ri, _ := match(ctx.URI().PathOriginal())
-					s.m.of(ri).observe(fasthttp.StatusServiceUnavailable, 0)
+					s.m.of(hold.route).observe(fasthttp.StatusServiceUnavailable, 0)
 					return fasthttp.StatusServiceUnavailable
 				}
 				return fasthttp.StatusContinue
@@ -289,7 +291,7 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 	}
 	s.lns = append(s.lns, ln)
 	s.mu.Unlock()
-	err := s.servers[kind].Serve(&retryListener{Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries})
+	err := s.servers[kind].Serve(&retryListener{Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries, linger: kind != kindAdmin})
 	if s.isClosing() {
 		return ErrServerClosed
 	}
@@ -462,8 +464,8 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx, kind listenerKind) {
 	}()
 	if kind != kindAdmin {
 		// The body's bytes are held until the request is handled.
-		if n, _ := s.body.take(&ctx.Request.Header); n > 0 {
-			defer s.body.release(n)
+		if hold, _ := s.body.take(&ctx.Request.Header); hold.n > 0 {
+			defer s.body.release(hold.n)
 		}
 		// A stream that ended on this connection left its stall bound on
 		// it (the stream's last bytes are written after the handler
@@ -652,31 +654,35 @@ func (s *Server) readError(ctx *fasthttp.RequestCtx, err error, kind listenerKin
 	status, code, msg := fasthttp.StatusBadRequest, CodeValidation, "malformed HTTP request: "+scrubReadError(err.Error())
 	var ne net.Error
 	var small *fasthttp.ErrSmallBuffer
-	n, refused := s.body.take(&ctx.Request.Header)
-	s.body.release(n) // admitted, then its read failed
-	if errors.Is(err, fasthttp.ErrBodyTooLarge) && (kind != kindTCP || s.authorized(ctx)) {
+	// A hold is the budget's record of a large body: fasthttp resets the
+	// header when a chunked one runs over MaxBody, so its length, route
+	// and authorisation (it was let in) come from the hold.
+	hold, held := s.body.take(&ctx.Request.Header)
+	s.body.release(hold.n) // admitted, then its read failed
+	ri, _ := match(ctx.URI().PathOriginal())
+	if held {
+		ri = hold.route
+	}
+	tooLarge := errors.Is(err, fasthttp.ErrBodyTooLarge)
+	if tooLarge && (held || kind != kindTCP || s.authorized(ctx)) {
 		// A body refused unread is drained as the connection closes, so
 		// that a client still sending it reads the answer. Not for one
 		// without the token: who has none gets no more of our time.
-		if lc, ok := ctx.Conn().(*lingerConn); ok {
-			cl := int64(ctx.Request.Header.ContentLength())
-			if cl < 0 { // chunked
-				cl = int64(s.cfg.MaxBody)
-			}
-			lc.lingerFor(cl)
+		length := int64(ctx.Request.Header.ContentLength())
+		if held {
+			length = hold.length
 		}
+		lingerFor(ctx, length)
 	}
 	switch {
-	case refused && errors.Is(err, fasthttp.ErrBodyTooLarge):
+	case hold.refused && tooLarge:
 		// Refused unread for want of room (HeaderReceived).
 		s.bodyRefused(ctx)
-		ri, _ := match(ctx.URI().PathOriginal())
 		s.m.of(ri).observe(fasthttp.StatusServiceUnavailable, 0)
 		return
-	case kind == kindTCP && errors.Is(err, fasthttp.ErrBodyTooLarge) && !s.authorized(ctx):
+	case kind == kindTCP && tooLarge && !held && !s.authorized(ctx):
 		// Its body was refused unread (HeaderReceived).
 		s.unauthorized(ctx)
-		ri, _ := match(ctx.URI().PathOriginal())
 		s.m.of(ri).observe(fasthttp.StatusUnauthorized, 0)
 		return
 	case errors.As(err, &small):
@@ -684,15 +690,36 @@ func (s *Server) readError(ctx *fasthttp.RequestCtx, err error, kind listenerKin
 		// headers; the client needs neither.
 		status, code, msg = fasthttp.StatusRequestHeaderFieldsTooLarge, CodeTooLarge,
 			fmt.Sprintf("request line and headers are larger than %d bytes", readBufferSize)
-	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+	case tooLarge:
 		status, code, msg = fasthttp.StatusRequestEntityTooLarge, CodeTooLarge,
 			fmt.Sprintf("request body is larger than %d bytes", s.cfg.MaxBody)
 	case errors.As(err, &ne) && ne.Timeout():
 		status, code, msg = fasthttp.StatusRequestTimeout, CodeValidation, "timed out reading the request"
 	}
 	writeError(ctx, status, code, msg)
-	ri, _ := match(ctx.URI().PathOriginal())
 	s.m.of(ri).observe(status, 0)
+}
+
+// headerRoute is the route of a request of which only the header is read
+// (-1: none).
+func headerRoute(h *fasthttp.RequestHeader) int {
+	uri := h.RequestURI()
+	if i := bytes.IndexByte(uri, '?'); i >= 0 {
+		uri = uri[:i]
+	}
+	ri, _ := match(uri)
+	return ri
+}
+
+// lingerFor makes the request's connection drain up to n bytes of its
+// body as it closes (lingerConn; chunked, n < 0: up to lingerMax).
+func lingerFor(ctx *fasthttp.RequestCtx, n int64) {
+	if lc, ok := ctx.Conn().(*lingerConn); ok {
+		if n < 0 {
+			n = lingerMax
+		}
+		lc.lingerFor(n)
+	}
 }
 
 // scrubReadError is fasthttp's message for a request it could not read,
