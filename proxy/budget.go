@@ -45,7 +45,8 @@ const (
 // body, when its bytes fit beside those admitted already (or nothing else
 // is admitted: one body always fits); otherwise its connection waits for
 // room up to the wait, reading nothing more meanwhile, and is then
-// answered 503. The bytes are held from admission until the handler
+// answered 503. Waiting requests are admitted in their order of arrival,
+// and a new one waits behind them even when it would fit. The bytes are held from admission until the handler
 // returns (the body, its decoded request and the store's commit all live
 // within it); a body whose read failed gives them back in the error
 // handler, and one that neither hook saw (see holdStale) when its header
@@ -69,6 +70,8 @@ type bodyBudget struct {
 	holds     map[*fasthttp.RequestHeader]bodyHold
 	nHolds    atomic.Int32 // len(holds), read without mu by every request
 	nextSweep time.Time    // take's next look for stale holds
+	queue     []uint64     // tickets of the waiting requests, in arrival order
+	ticket    uint64       // the last ticket given
 
 	inUse   atomic.Int64 // used, for the gauge
 	waits   *metrics.Counter
@@ -125,14 +128,21 @@ func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64, route func() int)
 		return true
 	}
 	fits := func() bool { return b.used == 0 || b.used+n <= b.limit }
-	if !fits() {
+	if len(b.queue) > 0 || !fits() {
 		b.waits.Inc()
 		b.sweepLocked(time.Now())
 	}
-	if !fits() {
+	if len(b.queue) > 0 || !fits() {
+		// Wait in turn: a body that fits does not pass one that waits
+		// (a chunked body, charged MaxBody, would starve behind smaller
+		// ones).
+		b.ticket++
+		me := b.ticket
+		b.queue = append(b.queue, me)
+		first := func() bool { return b.queue[0] == me }
 		deadline := time.NewTimer(b.wait)
 		defer deadline.Stop()
-		for !fits() {
+		for !first() || !fits() {
 			changed := b.changed
 			b.mu.Unlock()
 			select {
@@ -141,16 +151,19 @@ func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64, route func() int)
 			case <-deadline.C:
 				b.mu.Lock()
 				b.sweepLocked(time.Now())
-				if !fits() {
+				if !first() || !fits() {
+					b.leaveLocked(me)
 					b.refuseLocked(h, n, route())
 					return false
 				}
 			case <-b.done:
 				b.mu.Lock()
+				b.leaveLocked(me)
 				b.refuseLocked(h, n, route())
 				return false
 			}
 		}
+		b.leaveLocked(me)
 	}
 	b.used += n
 	b.inUse.Store(b.used)
@@ -217,6 +230,19 @@ func (b *bodyBudget) release(n int64) {
 func (b *bodyBudget) releaseLocked(n int64) {
 	b.used -= n
 	b.inUse.Store(b.used)
+	close(b.changed)
+	b.changed = make(chan struct{})
+}
+
+// leaveLocked takes ticket me out of the queue and wakes the waiters: the
+// next in turn may fit.
+func (b *bodyBudget) leaveLocked(me uint64) {
+	for i, t := range b.queue {
+		if t == me {
+			b.queue = append(b.queue[:i], b.queue[i+1:]...)
+			break
+		}
+	}
 	close(b.changed)
 	b.changed = make(chan struct{})
 }

@@ -395,3 +395,52 @@ func TestABodyNoHookSawGivesItsRoomBackOnceStale(t *testing.T) {
 	})
 	sc.call(req{method: "POST", path: "/v1/threads/next/dispatches", body: budgetBody(40 << 10)}, http.StatusAccepted, nil)
 }
+
+func TestWaitingBodiesAreAdmittedInTurn(t *testing.T) {
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10}})
+	first, rest := partialUpload(t, sc, "held", budgetBody(40<<10))
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+	// A chunked body, charged the largest, waits for the budget to empty.
+	chunked, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer chunked.Close()
+	body := submitBody("chunked")
+	fmt.Fprintf(chunked, "POST /v1/threads/chunked/dispatches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(body), body)
+	eventually(t, "the chunked body waiting", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_waits_total ") == "mailbox_http_body_waits_total 1"
+	})
+	// A smaller body would fit beside the first, but waits its turn.
+	small := sc.asyncDo(req{method: "POST", path: "/v1/threads/small/dispatches", body: budgetBody(20 << 10)})
+	eventually(t, "the smaller body waiting", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_waits_total ") == "mailbox_http_body_waits_total 2"
+	})
+	select {
+	case a := <-small:
+		t.Fatalf("the smaller body passed the chunked one: %d %s %v", a.status, a.body, a.err)
+	case <-time.After(200 * time.Millisecond):
+	}
+
+	io.WriteString(first, rest)
+	for _, c := range []net.Conn{first, chunked} {
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusAccepted {
+			t.Fatalf("%d", resp.StatusCode)
+		}
+	}
+	select {
+	case a := <-small:
+		if a.err != nil || a.status != http.StatusAccepted {
+			t.Fatalf("the smaller body: %d %s %v", a.status, a.body, a.err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("the smaller body still waits")
+	}
+}
