@@ -11,6 +11,7 @@ import (
 	"time"
 
 	json "github.com/goccy/go-json"
+	"github.com/valyala/fasthttp"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
@@ -442,5 +443,33 @@ func TestWaitingBodiesAreAdmittedInTurn(t *testing.T) {
 		}
 	case <-time.After(waitTimeout):
 		t.Fatal("the smaller body still waits")
+	}
+}
+
+func TestALargeBodysBufferIsNotKeptForTheConnectionsNextRequest(t *testing.T) {
+	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10}})
+	for _, c := range []struct {
+		size int
+		kept bool
+	}{{40 << 10, false}, {1 << 10, true}} {
+		var r fasthttp.Request
+		r.Header.SetMethod("POST")
+		r.SetRequestURI("/v1/threads/t/dispatches")
+		body := budgetBody(c.size)
+		r.SetBodyString(body)
+		r.Header.SetContentLength(len(body)) // as a parsed request's
+		var ctx fasthttp.RequestCtx
+		c1, c2 := net.Pipe()
+		ctx.Init2(c1, nil, false)
+		r.CopyTo(&ctx.Request)
+		sc.srv.ServeRequest(&ctx)
+		c1.Close()
+		c2.Close()
+		if ctx.Response.StatusCode() != http.StatusAccepted {
+			t.Fatalf("%d bytes: %d %s", c.size, ctx.Response.StatusCode(), ctx.Response.Body())
+		}
+		if kept := cap(ctx.Request.Body()) > 0; kept != c.kept {
+			t.Errorf("a body of %d bytes: buffer of %d bytes kept after its request", c.size, cap(ctx.Request.Body()))
+		}
 	}
 }

@@ -3,6 +3,8 @@ package proxy
 import (
 	"fmt"
 	"time"
+
+	"github.com/valyala/fasthttp"
 )
 
 // Decoders exported to the external tests (fuzzing).
@@ -30,4 +32,14 @@ func (s *Server) SetBodyHoldStale(d time.Duration) {
 	s.body.mu.Lock()
 	s.body.stale = d
 	s.body.mu.Unlock()
+}
+
+// ServeRequest runs ctx through the API listener's body budget and
+// handler, as fasthttp does a request whose body it has read.
+func (s *Server) ServeRequest(ctx *fasthttp.RequestCtx) {
+	h := &ctx.Request.Header
+	if !s.body.admit(h, charge(h, s.cfg.MaxBody), func() int { return headerRoute(h) }) {
+		panic("ServeRequest: no room")
+	}
+	s.handle(ctx, kindAPI)
 }

@@ -83,10 +83,6 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engin
 	s.streamWG.Add(1)
 	s.mu.Unlock()
 	s.m.subscribers.Add(1)
-	// The request's body (a foreground submit's, up to MaxBody) is
-	// decoded and committed: drop it rather than keep it for as long as
-	// the stream runs, which the body budget does not count.
-	ctx.Request.ResetBody()
 	ctx.Response.ImmediateHeaderFlush = true
 	ctx.SetBodyStreamWriter(st.run)
 	return nil

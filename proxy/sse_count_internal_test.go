@@ -2,15 +2,12 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"testing"
 	"time"
-
-	"github.com/valyala/fasthttp"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
 )
@@ -58,30 +55,4 @@ func TestASlowSubscriberIsCountedOnce(t *testing.T) {
 	if s.m.dropped.Get() != 1 {
 		t.Fatalf("one dropped stream counted %d times", s.m.dropped.Get())
 	}
-}
-
-// A stream does not keep its request's body: a foreground submit's may be
-// MaxBody, and a stream may run for as long as its run.
-func TestAStreamDropsItsRequestBody(t *testing.T) {
-	s := &Server{cfg: Config{PingInterval: time.Hour, StallTimeout: time.Second}, log: slog.Default(), m: newHTTPMetrics(),
-		done: make(chan struct{}), streams: map[*sseStream]struct{}{}, lingering: map[net.Conn]time.Time{}, pruneAt: lingerPrune}
-	var ctx fasthttp.RequestCtx
-	ctx.Request.SetBody(bytes.Repeat([]byte("x"), 1<<20))
-	log := engine.NewEventLog(4)
-	log.Append([]byte(`{"type":"text_delta"}`))
-	if err := s.startStream(&ctx, "T", log, 0, []byte("event: submitted\ndata: {}\n\n"), nil); err != nil {
-		t.Fatal(err)
-	}
-	if n := len(ctx.Request.Body()); n != 0 {
-		t.Errorf("the stream keeps its request's body: %d bytes", n)
-	}
-	log.Close(time.Now().UnixMilli())
-	var out bytes.Buffer
-	if err := ctx.Response.BodyWriteTo(&out); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Contains(out.Bytes(), []byte("text_delta")) {
-		t.Fatalf("stream wrote %q", out.String())
-	}
-	s.streamWG.Wait()
 }
