@@ -473,3 +473,31 @@ func TestALargeBodysBufferIsNotKeptForTheConnectionsNextRequest(t *testing.T) {
 		}
 	}
 }
+
+func TestALargeBodyWhoseReadFailedDoesNotKeepItsBuffer(t *testing.T) {
+	sc := newSidecar(t, options{noAgent: true, proxy: proxy.Config{MaxBody: 64 << 10}})
+	var ctx fasthttp.RequestCtx
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	ctx.Init2(c1, nil, false)
+	ctx.Request.Header.SetMethod("POST")
+	ctx.Request.SetRequestURI("/v1/threads/t/dispatches")
+	ctx.Request.Header.SetContentLength(40 << 10)
+	if !sc.srv.Admit(&ctx.Request.Header) {
+		t.Fatal("no room")
+	}
+	// What fasthttp leaves of a body whose read failed half-way.
+	ctx.Request.SetBody(make([]byte, 20<<10))
+	ctx.Request.ResetBody()
+	if cap(ctx.Request.Body()) == 0 {
+		t.Fatal("the rig: a reset body lost its buffer")
+	}
+	sc.srv.ReadError(&ctx, io.ErrUnexpectedEOF)
+	if n := cap(ctx.Request.Body()); n != 0 {
+		t.Errorf("a failed read kept a buffer of %d bytes", n)
+	}
+	if got := metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes "); got != "mailbox_http_body_budget_bytes 0" {
+		t.Fatalf("budget after the failed read: %q", got)
+	}
+}

@@ -37,9 +37,16 @@ func (s *Server) SetBodyHoldStale(d time.Duration) {
 // ServeRequest runs ctx through the API listener's body budget and
 // handler, as fasthttp does a request whose body it has read.
 func (s *Server) ServeRequest(ctx *fasthttp.RequestCtx) {
-	h := &ctx.Request.Header
-	if !s.body.admit(h, charge(h, s.cfg.MaxBody), func() int { return headerRoute(h) }) {
+	if !s.Admit(&ctx.Request.Header) {
 		panic("ServeRequest: no room")
 	}
 	s.handle(ctx, kindAPI)
+}
+
+// ReadError runs the API listener's read-error hook on ctx.
+func (s *Server) ReadError(ctx *fasthttp.RequestCtx, err error) { s.readError(ctx, err, kindAPI) }
+
+// Admit charges the budget for a request of header h, as HeaderReceived.
+func (s *Server) Admit(h *fasthttp.RequestHeader) bool {
+	return s.body.admit(h, charge(h, s.cfg.MaxBody), func() int { return headerRoute(h) })
 }
