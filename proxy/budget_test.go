@@ -34,6 +34,27 @@ func partialUpload(t *testing.T, sc *sidecar, thread, body string) (net.Conn, st
 	return c, body[half:]
 }
 
+// waitAdmitted waits until the budget holds some bytes.
+func waitAdmitted(t *testing.T, sc *sidecar) {
+	t.Helper()
+	eventually(t, "the first body admitted", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
+	})
+}
+
+// readAccepted reads the answer on c and checks it is 202.
+func readAccepted(t *testing.T, c net.Conn) {
+	t.Helper()
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("status %d, want 202", resp.StatusCode)
+	}
+}
+
 // metricsOf returns the server's /metrics text.
 func (sc *sidecar) metricsOf() string {
 	sc.t.Helper()
@@ -66,9 +87,7 @@ func TestALargeBodyWaitsForRoomUnderTheBodyBudget(t *testing.T) {
 	const size = 40 << 10
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10}})
 	first, rest := partialUpload(t, sc, "held", budgetBody(size))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 
 	// Small requests are not charged: they pass beside it.
 	sc.call(req{method: "POST", path: "/v1/threads/small/dispatches", body: submitBody("hi")}, http.StatusAccepted, nil)
@@ -87,14 +106,7 @@ func TestALargeBodyWaitsForRoomUnderTheBodyBudget(t *testing.T) {
 	if _, err := io.WriteString(first, rest); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(first), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("first: %d", resp.StatusCode)
-	}
+	readAccepted(t, first)
 	select {
 	case a := <-second:
 		if a.err != nil || a.status != http.StatusAccepted {
@@ -118,9 +130,7 @@ func TestABodyThatFindsNoRoomIsAnswered503AndLosesNothing(t *testing.T) {
 	const size = 40 << 10
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: 100 * time.Millisecond}})
 	first, rest := partialUpload(t, sc, "held", budgetBody(size))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 
 	// Sent whole, and asked first (Expect: 100-continue): both refused,
 	// the second before it sends its body.
@@ -137,14 +147,7 @@ func TestABodyThatFindsNoRoomIsAnswered503AndLosesNothing(t *testing.T) {
 	if _, err := io.WriteString(first, rest); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(first), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("first: %d", resp.StatusCode)
-	}
+	readAccepted(t, first)
 	// The retry finds room.
 	sc.call(req{method: "POST", path: "/v1/threads/refused/dispatches", body: budgetBody(size)}, http.StatusAccepted, nil)
 	if n := sc.counts().Dispatches; n != 2 {
@@ -198,9 +201,7 @@ func TestABodyAbandonedMidwayGivesItsRoomBack(t *testing.T) {
 	const size = 40 << 10
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: 5 * time.Second}})
 	first, _ := partialUpload(t, sc, "abandoned", budgetBody(size))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 	first.Close()
 	eventually(t, "the abandoned body's room given back", func() bool {
 		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") == "mailbox_http_body_budget_bytes 0"
@@ -226,14 +227,7 @@ func TestAChunkedBodyIsChargedTheLargestBody(t *testing.T) {
 	// Nothing else large fits beside it.
 	checkRefused(t, rawSubmit(t, sc, "big", budgetBody(32<<10), false))
 	fmt.Fprintf(c, "%x\r\n%s\r\n0\r\n\r\n", len(body)-10, body[10:])
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("chunked: %d", resp.StatusCode)
-	}
+	readAccepted(t, c)
 	if got := metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes "); got != "mailbox_http_body_budget_bytes 0" {
 		t.Fatalf("after the chunked body: %q", got)
 	}
@@ -274,9 +268,7 @@ func TestAClientSendingARefusedBodyReadsTheAnswer(t *testing.T) {
 	// at once, the client's write failed before it read the answer.
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 2 << 20, MaxBodyTotal: 2 << 20, BodyWait: 20 * time.Millisecond}})
 	first, rest := partialUpload(t, sc, "held", budgetBody(40<<10))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 	for i := range 5 {
 		resp, b, err := tryDo(sc.client, base, req{method: "POST", path: "/v1/threads/refused/dispatches", body: budgetBody(2<<20 - 1024)})
 		if err != nil {
@@ -294,14 +286,7 @@ func TestAClientSendingARefusedBodyReadsTheAnswer(t *testing.T) {
 		}
 	}
 	io.WriteString(first, rest)
-	resp, err := http.ReadResponse(bufio.NewReader(first), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("first: %d", resp.StatusCode)
-	}
+	readAccepted(t, first)
 	if n := sc.counts().Dispatches; n != 1 {
 		t.Fatalf("%d dispatches, want 1", n)
 	}
@@ -313,9 +298,7 @@ type chunkedReader struct{ io.Reader }
 func TestARefusedChunkedBodyIsDrainedAndCountedUnderItsRoute(t *testing.T) {
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 2 << 20, MaxBodyTotal: 2 << 20, BodyWait: 20 * time.Millisecond}})
 	first, rest := partialUpload(t, sc, "held", budgetBody(40<<10))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 	for i := range 3 {
 		hr, _ := http.NewRequest("POST", base+"/v1/threads/chunked/dispatches", chunkedReader{strings.NewReader(budgetBody(2<<20 - 1024))})
 		resp, err := sc.client.Do(hr)
@@ -331,9 +314,7 @@ func TestARefusedChunkedBodyIsDrainedAndCountedUnderItsRoute(t *testing.T) {
 		t.Fatalf("503s under the route: %q", got)
 	}
 	io.WriteString(first, rest)
-	if resp, err := http.ReadResponse(bufio.NewReader(first), nil); err != nil || resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("first: %v %v", resp, err)
-	}
+	readAccepted(t, first)
 }
 
 func TestAChunkedBodyOverTheLimitWithTheTokenIs413(t *testing.T) {
@@ -356,9 +337,7 @@ func TestAChunkedBodyOverTheLimitWithTheTokenIs413(t *testing.T) {
 func TestAWaitingBodyIsRefusedAtShutdown(t *testing.T) {
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10, BodyWait: time.Minute}})
 	first, _ := partialUpload(t, sc, "held", budgetBody(40<<10))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 	waiting := sc.asyncDo(req{method: "POST", path: "/v1/threads/waiting/dispatches", body: budgetBody(40 << 10)})
 	eventually(t, "the second body waiting", func() bool {
 		return metricLine(sc.metricsOf(), "mailbox_http_body_waits_total ") == "mailbox_http_body_waits_total 1"
@@ -400,9 +379,7 @@ func TestABodyNoHookSawGivesItsRoomBackOnceStale(t *testing.T) {
 func TestWaitingBodiesAreAdmittedInTurn(t *testing.T) {
 	sc := newSidecar(t, options{proxy: proxy.Config{MaxBody: 64 << 10, MaxBodyTotal: 64 << 10}})
 	first, rest := partialUpload(t, sc, "held", budgetBody(40<<10))
-	eventually(t, "the first body admitted", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_body_budget_bytes ") != "mailbox_http_body_budget_bytes 0"
-	})
+	waitAdmitted(t, sc)
 	// A chunked body, charged the largest, waits for the budget to empty.
 	chunked, err := net.Dial("unix", sc.apiPath)
 	if err != nil {
@@ -426,16 +403,8 @@ func TestWaitingBodiesAreAdmittedInTurn(t *testing.T) {
 	}
 
 	io.WriteString(first, rest)
-	for _, c := range []net.Conn{first, chunked} {
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusAccepted {
-			t.Fatalf("%d", resp.StatusCode)
-		}
-	}
+	readAccepted(t, first)
+	readAccepted(t, chunked)
 	select {
 	case a := <-small:
 		if a.err != nil || a.status != http.StatusAccepted {
