@@ -81,7 +81,7 @@ type bodyBudget struct {
 // bodyHold is the budget's record of one request.
 type bodyHold struct {
 	n       int64     // bytes held; 0 for a request refused
-	length  int64     // the body's announced length (MaxBody if chunked)
+	length  int64     // the body's announced length (-1 if chunked: unknown)
 	route   int       // the request's route (-1: none), for the metrics
 	since   time.Time // admission
 	refused bool      // waited in vain: the error handler answers 503
@@ -153,13 +153,13 @@ func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64, route func() int)
 				b.sweepLocked(time.Now())
 				if !first() || !fits() {
 					b.leaveLocked(me)
-					b.refuseLocked(h, n, route())
+					b.refuseLocked(h, route())
 					return false
 				}
 			case <-b.done:
 				b.mu.Lock()
 				b.leaveLocked(me)
-				b.refuseLocked(h, n, route())
+				b.refuseLocked(h, route())
 				return false
 			}
 		}
@@ -167,16 +167,15 @@ func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64, route func() int)
 	}
 	b.used += n
 	b.inUse.Store(b.used)
-	b.holds[h] = bodyHold{n: n, length: n, route: route(), since: time.Now()}
+	b.holds[h] = bodyHold{n: n, length: int64(h.ContentLength()), route: route(), since: time.Now()}
 	b.nHolds.Store(int32(len(b.holds)))
 	return true
 }
 
-// refuseLocked records that the request of h, with a body of length n,
-// waited in vain.
-func (b *bodyBudget) refuseLocked(h *fasthttp.RequestHeader, n int64, route int) {
+// refuseLocked records that the request of h waited in vain.
+func (b *bodyBudget) refuseLocked(h *fasthttp.RequestHeader, route int) {
 	b.refused.Inc()
-	b.holds[h] = bodyHold{length: n, route: route, refused: true, since: time.Now()}
+	b.holds[h] = bodyHold{length: int64(h.ContentLength()), route: route, refused: true, since: time.Now()}
 	b.nHolds.Store(int32(len(b.holds)))
 }
 

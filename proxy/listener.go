@@ -86,8 +86,9 @@ const (
 // it closes, the request body the server refused unread (413 too large,
 // 503 for want of room under MaxBodyTotal): it closes its sending side,
 // so that the client reads the answer to its end, then reads and drops
-// what the client still sends, up to the body's length and lingerDrain,
-// before it closes. Closed at once, a client still writing its body got
+// what the client still sends, up to the body's announced length (a
+// chunked body's is unknown: lingerMax) and lingerDrain, before it
+// closes. Closed at once, a client still writing its body got
 // a broken pipe instead of the answer (Go's client, over the Unix socket:
 // 103 of 187 refusals in the thirty-fourth session's measurement), as
 // the kernel refuses writes to a socket whose reader is gone.
