@@ -446,6 +446,31 @@ func TestALargeBodysBufferIsNotKeptForTheConnectionsNextRequest(t *testing.T) {
 	}
 }
 
+func TestALargeAnswersBufferIsNotKeptForTheConnectionsNextRequest(t *testing.T) {
+	// fasthttp keeps a connection's response body buffer for its next
+	// request too: a page of messages (up to 8 MiB and more) kept its
+	// size on the server for as long as the connection stayed open.
+	sc := newSidecar(t, options{noAgent: true, proxy: proxy.Config{MaxBody: 64 << 10}})
+	if resp, b := sc.do(req{method: "POST", path: "/v1/threads/t/dispatches", body: budgetBody(40 << 10)}); resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("submit: %d %s", resp.StatusCode, b)
+	}
+	var ctx fasthttp.RequestCtx
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	ctx.Init2(c1, nil, false)
+	ctx.Request.Header.SetMethod("GET")
+	ctx.Request.SetRequestURI("/v1/threads/t/messages")
+	sc.srv.ServeRequest(&ctx)
+	if ctx.Response.StatusCode() != http.StatusOK || len(ctx.Response.Body()) < 40<<10 {
+		t.Fatalf("the page: %d, %d bytes", ctx.Response.StatusCode(), len(ctx.Response.Body()))
+	}
+	ctx.Response.Reset() // as fasthttp does before the connection's next request
+	if n := cap(ctx.Response.Body()); n != 0 {
+		t.Errorf("an answer's buffer of %d bytes kept after its request", n)
+	}
+}
+
 func TestALargeBodyWhoseReadFailedDoesNotKeepItsBuffer(t *testing.T) {
 	sc := newSidecar(t, options{noAgent: true, proxy: proxy.Config{MaxBody: 64 << 10}})
 	var ctx fasthttp.RequestCtx

@@ -341,26 +341,54 @@ func (s *Server) listMessages(ctx *fasthttp.RequestCtx, thread string) error {
 			return engine.Validationf("after_seq %q is not a non-negative integer", raw)
 		}
 	}
-	to := uint64(math.MaxUint64)
-	if after < math.MaxUint64-uint64(limit)-1 {
-		to = after + uint64(limit) + 1
-	}
-	var recs []engine.MessageRecord
-	if after < math.MaxUint64 {
-		if recs, err = s.mb.Store().LoadMessageRange(s.base, thread, after+1, to); err != nil {
-			return err
-		}
-	}
-	p := page[engine.MessageRecord]{Items: recs}
-	if p.Items == nil {
-		p.Items = []engine.MessageRecord{}
-	}
-	if len(recs) > limit {
-		p.Items = recs[:limit]
-		next := recs[limit-1].Seq
-		p.NextOffset = &next
+	p, err := s.messagePage(thread, after, limit)
+	if err != nil {
+		return err
 	}
 	return s.writeJSON(ctx, fasthttp.StatusOK, p)
+}
+
+// messagePage reads a page of at most limit messages of thread after
+// seq after, ending it early once its messages hold pageBytes (at least
+// one message a page): a page of the 1 000 allowed, of messages up to
+// the agent frame limit each, could have held gigabytes. It reads a few
+// messages at a time, more while they are small.
+func (s *Server) messagePage(thread string, after uint64, limit int) (page[engine.MessageRecord], error) {
+	p := page[engine.MessageRecord]{Items: []engine.MessageRecord{}}
+	held, chunk := 0, uint64(pageChunk)
+	for from := after + 1; from > after; { // from wraps past the last seq
+		want := min(chunk, uint64(limit+1-len(p.Items))) // one past the page: is there more?
+		to := from + want - 1
+		if to < from {
+			to = math.MaxUint64
+		}
+		recs, err := s.mb.Store().LoadMessageRange(s.base, thread, from, to)
+		if err != nil {
+			return p, err
+		}
+		for i := range recs {
+			if len(p.Items) == limit || (held >= pageBytes && len(p.Items) > 0) {
+				next := p.Items[len(p.Items)-1].Seq
+				p.NextOffset = &next
+				return p, nil
+			}
+			p.Items = append(p.Items, recs[i])
+			held += messageBytes(&recs[i].Message)
+		}
+		if uint64(len(recs)) < want {
+			return p, nil // the end
+		}
+		from = recs[len(recs)-1].Seq + 1
+		if held < len(p.Items)*(64<<10) {
+			chunk = min(2*chunk, 256)
+		}
+	}
+	return p, nil
+}
+
+// messageBytes is what a message's texts weigh in a page.
+func messageBytes(m *engine.Message) int {
+	return len(m.ID) + len(m.Role) + len(m.Content) + len(m.ToolCalls) + len(m.ToolCallID) + len(m.Metadata)
 }
 
 // requeue is POST /v1/dispatches/{dispatch_id}/requeue: a dead letter back
@@ -388,7 +416,7 @@ func (s *Server) metrics(ctx *fasthttp.RequestCtx, _ string) error {
 		set.WritePrometheus(&scrape)
 	}
 	metrics.WriteProcessMetrics(&scrape)
-	ctx.SetBody(metrichelp.Fill(make([]byte, 0, scrape.Len()+8<<10), scrape.Bytes()))
+	ctx.Response.SetBodyRaw(metrichelp.Fill(make([]byte, 0, scrape.Len()+8<<10), scrape.Bytes()))
 	return nil
 }
 

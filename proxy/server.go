@@ -636,13 +636,17 @@ func (s *Server) fail(ctx *fasthttp.RequestCtx, err error) {
 
 func writeError(ctx *fasthttp.RequestCtx, status int, code, msg string) {
 	b, _ := json.Marshal(errorBody{Error: errorDetail{Code: code, Message: msg}}) // strings always marshal
-	ctx.Response.ResetBody()
 	ctx.SetStatusCode(status)
 	ctx.SetContentType("application/json")
-	ctx.SetBody(b)
+	ctx.Response.SetBodyRaw(b)
 }
 
 // writeJSON answers v as JSON with status.
+//
+// The encoding is the body as it is (SetBodyRaw), not copied into the
+// response's buffer: fasthttp keeps that buffer for the connection's
+// next request, and a page of 8 MiB kept its size on the server for as
+// long as its connection stayed open.
 func (s *Server) writeJSON(ctx *fasthttp.RequestCtx, status int, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -650,7 +654,7 @@ func (s *Server) writeJSON(ctx *fasthttp.RequestCtx, status int, v any) error {
 	}
 	ctx.SetStatusCode(status)
 	ctx.SetContentType("application/json")
-	ctx.SetBody(b)
+	ctx.Response.SetBodyRaw(b)
 	return nil
 }
 
