@@ -66,12 +66,10 @@ type bodyBudget struct {
 
 	mu        sync.Mutex
 	used      int64
-	changed   chan struct{} // closed and replaced when bytes are given back
 	holds     map[*fasthttp.RequestHeader]bodyHold
-	nHolds    atomic.Int32 // len(holds), read without mu by every request
-	nextSweep time.Time    // take's next look for stale holds
-	queue     []uint64     // tickets of the waiting requests, in arrival order
-	ticket    uint64       // the last ticket given
+	nHolds    atomic.Int32  // len(holds), read without mu by every request
+	nextSweep time.Time     // take's next look for stale holds
+	queue     []*bodyWaiter // the waiting requests, in arrival order
 
 	inUse   atomic.Int64 // used, for the gauge
 	waits   *metrics.Counter
@@ -90,7 +88,7 @@ type bodyHold struct {
 func newBodyBudget(limit int64, wait time.Duration, done <-chan struct{}, set *metrics.Set) *bodyBudget {
 	b := &bodyBudget{
 		limit: limit, wait: wait, stale: holdStale, done: done,
-		changed: make(chan struct{}), holds: map[*fasthttp.RequestHeader]bodyHold{},
+		holds:   map[*fasthttp.RequestHeader]bodyHold{},
 		waits:   set.NewCounter(metricBodyWaits),
 		refused: set.NewCounter(metricBodyRefused),
 	}
@@ -135,18 +133,16 @@ func (b *bodyBudget) admit(h *fasthttp.RequestHeader, n int64, route func() int)
 	if len(b.queue) > 0 || !fits() {
 		// Wait in turn: a body that fits does not pass one that waits
 		// (a chunked body, charged MaxBody, would starve behind smaller
-		// ones).
-		b.ticket++
-		me := b.ticket
+		// ones). Only the first is woken when bytes are given back.
+		me := &bodyWaiter{wake: make(chan struct{}, 1)}
 		b.queue = append(b.queue, me)
 		first := func() bool { return b.queue[0] == me }
 		deadline := time.NewTimer(b.wait)
 		defer deadline.Stop()
 		for !first() || !fits() {
-			changed := b.changed
 			b.mu.Unlock()
 			select {
-			case <-changed:
+			case <-me.wake:
 				b.mu.Lock()
 			case <-deadline.C:
 				b.mu.Lock()
@@ -229,21 +225,35 @@ func (b *bodyBudget) release(n int64) {
 func (b *bodyBudget) releaseLocked(n int64) {
 	b.used -= n
 	b.inUse.Store(b.used)
-	close(b.changed)
-	b.changed = make(chan struct{})
+	b.wakeFirstLocked()
 }
 
-// leaveLocked takes ticket me out of the queue and wakes the waiters: the
-// next in turn may fit.
-func (b *bodyBudget) leaveLocked(me uint64) {
-	for i, t := range b.queue {
-		if t == me {
+// bodyWaiter is a request waiting for room, woken through wake (one
+// slot: a wake-up is never lost, never blocks the waker).
+type bodyWaiter struct{ wake chan struct{} }
+
+// wakeFirstLocked wakes the first waiting request, the one that may fit.
+// Waking every waiter at every change cost a crowd of N waiters N
+// wake-ups per change, all but one of them to wait again.
+func (b *bodyBudget) wakeFirstLocked() {
+	if len(b.queue) > 0 {
+		select {
+		case b.queue[0].wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// leaveLocked takes me out of the queue and wakes the first: if me was
+// first, the next in turn may fit.
+func (b *bodyBudget) leaveLocked(me *bodyWaiter) {
+	for i, w := range b.queue {
+		if w == me {
 			b.queue = append(b.queue[:i], b.queue[i+1:]...)
 			break
 		}
 	}
-	close(b.changed)
-	b.changed = make(chan struct{})
+	b.wakeFirstLocked()
 }
 
 // dropLocked gives back the hold of h, if any.
