@@ -50,3 +50,7 @@ func (s *Server) ReadError(ctx *fasthttp.RequestCtx, err error) { s.readError(ct
 func (s *Server) Admit(h *fasthttp.RequestHeader) bool {
 	return s.body.admit(h, charge(h, s.cfg.MaxBody), func() int { return headerRoute(h) })
 }
+
+// SetAnswerReadRate sets the slowest average rate, in bytes a second, at
+// which a client may read an answer before its connection is cut.
+func (s *Server) SetAnswerReadRate(n int64) { s.answerRate = n }

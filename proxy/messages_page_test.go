@@ -3,10 +3,14 @@ package proxy_test
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
 
 // A page of messages ends early once its messages hold 8 MiB, and
@@ -96,5 +100,38 @@ func TestPagesOfSmallMessagesCrossTheReadsEdges(t *testing.T) {
 				break
 			}
 		}
+	}
+}
+
+// A client that asks for a large answer and does not read it is cut off
+// once the answer's write bound passes: it held the page on the server
+// until it closed its connection (review: 100 such clients, 914 MiB).
+func TestAClientThatDoesNotReadItsAnswerIsCutOff(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{noAgent: true, diskPath: t.TempDir(), proxy: proxy.Config{StallTimeout: 300 * time.Millisecond}})
+	sc.srv.SetAnswerReadRate(1 << 30)
+	for i := range 3 {
+		sc.call(req{method: "POST", path: "/v1/threads/big/dispatches", body: submitBody(fmt.Sprint(i, strings.Repeat("m", 2<<20)))}, 202, nil)
+	}
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /v1/threads/big/messages?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+	// The raw connection and the client's own for /metrics; then the
+	// client's alone.
+	eventually(t, "the connection counted", func() bool {
+		return metricLine(sc.metricsOf(), `mailbox_http_connections{listener="api"} `) == `mailbox_http_connections{listener="api"} 2`
+	})
+	eventually(t, "the connection that does not read cut off", func() bool {
+		return metricLine(sc.metricsOf(), `mailbox_http_connections{listener="api"} `) == `mailbox_http_connections{listener="api"} 1`
+	})
+	// What reached the socket's buffers is read, then the end: the
+	// answer was not written whole.
+	c.SetReadDeadline(time.Now().Add(waitTimeout))
+	n, err := io.Copy(io.Discard, c)
+	if n >= 6<<20 {
+		t.Fatalf("read %d bytes, %v: the whole answer", n, err)
 	}
 }
