@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 )
 
@@ -12,7 +13,7 @@ import (
 // grows (one that closed before it was added is never removed by the
 // ConnState hook), and do not hold Shutdown back.
 func TestLingeringConnectionsPastTheirBoundArePruned(t *testing.T) {
-	s := &Server{lingering: map[net.Conn]time.Time{}, pruneAt: lingerPrune}
+	s := &Server{lingering: map[net.Conn]time.Time{}, pruneAt: lingerPrune, answers: newAnswerBudget(1<<20, metrics.NewSet())}
 	past := time.Now().Add(-time.Second)
 	for range 3 * lingerPrune {
 		a, b := net.Pipe()

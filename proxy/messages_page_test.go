@@ -1,10 +1,12 @@
 package proxy_test
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -133,5 +135,48 @@ func TestAClientThatDoesNotReadItsAnswerIsCutOff(t *testing.T) {
 	n, err := io.Copy(io.Discard, c)
 	if n >= 6<<20 {
 		t.Fatalf("read %d bytes, %v: the whole answer", n, err)
+	}
+}
+
+// Large answers being written share a budget: a GET whose answer does not
+// fit beside those of clients still reading is answered 503, and room
+// comes back once an answer is written.
+func TestLargeAnswersBeingWrittenShareABudget(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{noAgent: true, diskPath: t.TempDir(), proxy: proxy.Config{MaxBody: 1 << 20, MaxBodyTotal: 1 << 20}})
+	for i := range 2 {
+		sc.call(req{method: "POST", path: "/v1/threads/big/dispatches", body: submitBody(fmt.Sprint(i, strings.Repeat("m", 300<<10)))}, 202, nil)
+	}
+	const page = "/v1/threads/big/messages?limit=1000"
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", page) // not read yet: more than the socket holds
+	eventually(t, "the first answer charged", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") != "mailbox_http_answer_budget_bytes 0"
+	})
+	resp, b := sc.do(req{method: "GET", path: page})
+	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") != "1" || !strings.Contains(string(b), `"unavailable"`) {
+		t.Fatalf("a second large answer beside the first: %d %q %.200s", resp.StatusCode, resp.Header.Get("Retry-After"), b)
+	}
+	if got := metricLine(sc.metricsOf(), "mailbox_http_answers_refused_total "); got != "mailbox_http_answers_refused_total 1" {
+		t.Fatalf("refusals: %q", got)
+	}
+	// The first client reads its answer: the room comes back.
+	hr, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := io.Copy(io.Discard, hr.Body)
+	if hr.StatusCode != 200 || n < 600<<10 {
+		t.Fatalf("the first answer: %d, %d bytes", hr.StatusCode, n)
+	}
+	eventually(t, "the budget given back", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") == "mailbox_http_answer_budget_bytes 0"
+	})
+	if resp, b := sc.do(req{method: "GET", path: page}); resp.StatusCode != 200 || len(b) < 600<<10 {
+		t.Fatalf("a large answer once room came back: %d, %d bytes", resp.StatusCode, len(b))
 	}
 }

@@ -20,6 +20,9 @@ const (
 	metricBodyBytes   = "mailbox_http_body_budget_bytes"
 	metricBodyWaits   = "mailbox_http_body_waits_total"
 	metricBodyRefused = "mailbox_http_body_refused_total"
+
+	metricAnswerBytes    = "mailbox_http_answer_budget_bytes"
+	metricAnswersRefused = "mailbox_http_answers_refused_total"
 )
 
 // durationBuckets span a Unix-socket round trip (~100 µs) to a foreground

@@ -160,7 +160,8 @@ type Server struct {
 	m       *httpMetrics
 	token   [sha256.Size]byte // SHA-256 of AuthToken
 	servers [3]*fasthttp.Server
-	body    *bodyBudget // bytes of the large request bodies in flight
+	body    *bodyBudget   // bytes of the large request bodies in flight
+	answers *answerBudget // bytes of the large answers being written
 	// answerRate is answerReadRate; faster in tests.
 	answerRate int64
 
@@ -202,6 +203,7 @@ func New(cfg Config) (*Server, error) {
 	s.token = sha256.Sum256([]byte(cfg.AuthToken))
 	s.base, s.stopBase = context.WithCancel(context.Background())
 	s.body = newBodyBudget(cfg.MaxBodyTotal, cfg.BodyWait, s.done, s.m.set)
+	s.answers = newAnswerBudget(cfg.MaxBodyTotal, s.m.set)
 	for k := range s.servers {
 		kind := listenerKind(k)
 		srv := &fasthttp.Server{
@@ -431,13 +433,17 @@ func (s *Server) anyLingering(now time.Time) bool {
 }
 
 // connState is fasthttp's ConnState hook: a connection whose response is
-// written (idle) or that closed no longer lingers.
+// written (idle) or that closed no longer lingers, and its answer gives
+// back its share of the answer budget.
 func (s *Server) connState(c net.Conn, state fasthttp.ConnState, kind listenerKind) {
 	switch state {
 	case fasthttp.StateNew:
 		s.m.conns[kind].Add(1)
 	case fasthttp.StateClosed, fasthttp.StateHijacked:
 		s.m.conns[kind].Add(-1)
+	}
+	if state != fasthttp.StateNew && state != fasthttp.StateActive {
+		s.answers.release(c)
 	}
 	if (state != fasthttp.StateIdle && state != fasthttp.StateClosed) || s.nLingering.Load() == 0 {
 		return
@@ -448,6 +454,24 @@ func (s *Server) connState(c net.Conn, state fasthttp.ConnState, kind listenerKi
 		s.nLingering.Add(-1)
 	}
 	s.mu.Unlock()
+}
+
+// chargeAnswer charges a large answer to the answer budget, replacing a
+// GET's or HEAD's that does not fit with 503 (answerBudget).
+func (s *Server) chargeAnswer(ctx *fasthttp.RequestCtx) {
+	if ctx.Response.IsBodyStream() {
+		return
+	}
+	n := int64(len(ctx.Response.Body()))
+	if n <= answerFree {
+		return
+	}
+	retryable := ctx.IsGet() || ctx.IsHead()
+	if !s.answers.charge(ctx.Conn(), n, !retryable) {
+		ctx.Response.Header.Set("Retry-After", "1")
+		writeError(ctx, fasthttp.StatusServiceUnavailable, CodeUnavailable,
+			fmt.Sprintf("the answers being written fill the server's budget (--max-body-total, %d bytes): retry", s.cfg.MaxBodyTotal))
+	}
 }
 
 // answerReadRate is the slowest a client may read an answer on average:
@@ -516,6 +540,7 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx, kind listenerKind) {
 		s.fail(ctx, err)
 	}
 	if kind != kindAdmin {
+		s.chargeAnswer(ctx)
 		s.boundAnswerWrite(ctx)
 	}
 	status := ctx.Response.StatusCode()

@@ -14,6 +14,8 @@ var Help = map[string]string{
 	"mailbox_http_sse_subscribers":          "Open SSE streams.",
 	"mailbox_http_sse_dropped_total":        "SSE streams ended because the client fell behind the event buffer (slow_subscriber) or stopped reading while a write stayed stuck for the stall timeout.",
 	"mailbox_http_connections":              "Open HTTP connections, by listener (api: the Unix socket, tcp, admin).",
+	"mailbox_http_answer_budget_bytes":      "Bytes of large answers (over 64 KiB) being written to clients, bounded by --max-body-total.",
+	"mailbox_http_answers_refused_total":    "GET answers over 64 KiB replaced by 503 because the answers being written filled --max-body-total.",
 	"mailbox_http_body_budget_bytes":        "Bytes of large request bodies (over 16 KiB) being read or handled, bounded by --max-body-total.",
 	"mailbox_http_body_waits_total":         "Requests whose body had to wait for room under --max-body-total before it was read.",
 	"mailbox_http_body_refused_total":       "Requests answered 503 because their body found no room under --max-body-total within the wait (10 s).",
