@@ -39,24 +39,57 @@ func newAnswerBudget(limit int64, set *metrics.Set) *answerBudget {
 	return a
 }
 
-// charge charges an answer of n bytes to connection c. With force it
-// always does; otherwise it reports false, charging nothing, when the
-// answer does not fit beside those being written.
-func (a *answerBudget) charge(c net.Conn, n int64, force bool) bool {
-	if n <= answerFree || c == nil {
+// reserve charges n bytes more of an answer being built to connection c
+// when they fit (one answer always fits), and reports whether they did.
+// Pages reserve as they read, so that a page finds out there is no room
+// before it holds its items, not after it has encoded them (100 clients
+// asking at once for a 9 MB page took the heap to 1.48 GB before the
+// answers were charged).
+func (a *answerBudget) reserve(c net.Conn, n int64) bool {
+	if c == nil {
 		return true
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !force && a.used > 0 && a.used+n > a.limit {
+	if !a.fitsLocked(c, n) {
+		return false
+	}
+	a.chargeLocked(c, n)
+	return true
+}
+
+// topUp charges connection c up to n bytes for its answer, beyond what
+// the answer's building reserved; with force it always does, otherwise
+// it reports false, charging nothing, when the rest does not fit.
+func (a *answerBudget) topUp(c net.Conn, n int64, force bool) bool {
+	if c == nil {
+		return true
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	more := n - a.held[c]
+	if more <= 0 {
+		return true
+	}
+	if !force && !a.fitsLocked(c, more) {
 		a.refused.Inc()
 		return false
 	}
+	a.chargeLocked(c, more)
+	return true
+}
+
+// fitsLocked reports whether n bytes more for c fit: under the limit, or
+// c's answer is the only one (one answer always fits).
+func (a *answerBudget) fitsLocked(c net.Conn, n int64) bool {
+	return a.used == a.held[c] || a.used+n <= a.limit
+}
+
+func (a *answerBudget) chargeLocked(c net.Conn, n int64) {
 	a.used += n
 	a.inUse.Store(a.used)
 	a.held[c] += n
 	a.n.Store(int32(len(a.held)))
-	return true
 }
 
 // release gives back what c's answers hold: they are written, or c closed.

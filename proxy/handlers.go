@@ -254,11 +254,11 @@ func (s *Server) listDispatches(ctx *fasthttp.RequestCtx, thread string) error {
 	if err != nil {
 		return err
 	}
-	p, err := boundedPage(limit, offset, func(n, at int) ([]engine.Dispatch, error) {
+	p, err := boundedPage(limit, offset, s.answerRoom(ctx), func(n, at int) ([]engine.Dispatch, error) {
 		return s.mb.ListDispatches(s.base, thread, filter, n, at)
 	})
 	if err != nil {
-		return err
+		return s.pageError(ctx, err)
 	}
 	return s.writeJSON(ctx, fasthttp.StatusOK, p)
 }
@@ -269,11 +269,11 @@ func (s *Server) listDeadLetters(ctx *fasthttp.RequestCtx, _ string) error {
 	if err != nil {
 		return err
 	}
-	p, err := boundedPage(limit, offset, func(n, at int) ([]engine.Dispatch, error) {
+	p, err := boundedPage(limit, offset, s.answerRoom(ctx), func(n, at int) ([]engine.Dispatch, error) {
 		return s.mb.Store().ListDeadLetters(s.base, n, at)
 	})
 	if err != nil {
-		return err
+		return s.pageError(ctx, err)
 	}
 	return s.writeJSON(ctx, fasthttp.StatusOK, p)
 }
@@ -286,15 +286,21 @@ func (s *Server) listDeadLetters(ctx *fasthttp.RequestCtx, _ string) error {
 // by review).
 const pageBytes = 8 << 20
 
-// pageChunk is how many dispatches a page reads from the store at once
-// at first; it doubles while they are small.
-const pageChunk = 8
+// pageChunk is how many items a page reads from the store at once at
+// first; it doubles while they are small. One: a page learns how large
+// its items are before it holds many of them (answerBudget).
+const pageChunk = 1
 
 // boundedPage reads a page of at most limit dispatches from offset with
-// list (n dispatches from an offset), ending it early at pageBytes.
-func boundedPage(limit, offset int, list func(n, at int) ([]engine.Dispatch, error)) (page[engine.Dispatch], error) {
+// list (n dispatches from an offset), ending it early at pageBytes or
+// when room (the answer budget's reservation) refuses an item; it fails
+// with errNoAnswerRoom when there is no room for a first item.
+func boundedPage(limit, offset int, room func(n int) bool, list func(n, at int) ([]engine.Dispatch, error)) (page[engine.Dispatch], error) {
 	p := page[engine.Dispatch]{Items: []engine.Dispatch{}}
 	held, chunk := 0, pageChunk
+	if !room(answerFree) {
+		return p, errNoAnswerRoom // full before anything is read
+	}
 	for {
 		want := min(chunk, limit+1-len(p.Items)) // one past the page: is there more?
 		ds, err := list(want, offset+len(p.Items))
@@ -307,8 +313,17 @@ func boundedPage(limit, offset int, list func(n, at int) ([]engine.Dispatch, err
 				p.NextOffset = &next
 				return p, nil
 			}
+			n := dispatchBytes(&ds[i])
+			if !room(n) {
+				if len(p.Items) == 0 {
+					return p, errNoAnswerRoom
+				}
+				next := uint64(offset + len(p.Items))
+				p.NextOffset = &next
+				return p, nil
+			}
 			p.Items = append(p.Items, publicDispatch(ds[i]))
-			held += dispatchBytes(&ds[i])
+			held += n
 		}
 		if len(ds) < want {
 			return p, nil // the end
@@ -341,9 +356,9 @@ func (s *Server) listMessages(ctx *fasthttp.RequestCtx, thread string) error {
 			return engine.Validationf("after_seq %q is not a non-negative integer", raw)
 		}
 	}
-	p, err := s.messagePage(thread, after, limit)
+	p, err := s.messagePage(thread, after, limit, s.answerRoom(ctx))
 	if err != nil {
-		return err
+		return s.pageError(ctx, err)
 	}
 	return s.writeJSON(ctx, fasthttp.StatusOK, p)
 }
@@ -353,9 +368,12 @@ func (s *Server) listMessages(ctx *fasthttp.RequestCtx, thread string) error {
 // one message a page): a page of the 1 000 allowed, of messages up to
 // the agent frame limit each, could have held gigabytes. It reads a few
 // messages at a time, more while they are small.
-func (s *Server) messagePage(thread string, after uint64, limit int) (page[engine.MessageRecord], error) {
+func (s *Server) messagePage(thread string, after uint64, limit int, room func(n int) bool) (page[engine.MessageRecord], error) {
 	p := page[engine.MessageRecord]{Items: []engine.MessageRecord{}}
 	held, chunk := 0, uint64(pageChunk)
+	if !room(answerFree) {
+		return p, errNoAnswerRoom // full before anything is read
+	}
 	for from := after + 1; from > after; { // from wraps past the last seq
 		want := min(chunk, uint64(limit+1-len(p.Items))) // one past the page: is there more?
 		to := from + want - 1
@@ -372,8 +390,17 @@ func (s *Server) messagePage(thread string, after uint64, limit int) (page[engin
 				p.NextOffset = &next
 				return p, nil
 			}
+			n := messageBytes(&recs[i].Message)
+			if !room(n) {
+				if len(p.Items) == 0 {
+					return p, errNoAnswerRoom
+				}
+				next := p.Items[len(p.Items)-1].Seq
+				p.NextOffset = &next
+				return p, nil
+			}
 			p.Items = append(p.Items, recs[i])
-			held += messageBytes(&recs[i].Message)
+			held += n
 		}
 		if uint64(len(recs)) < want {
 			return p, nil // the end

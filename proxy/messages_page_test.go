@@ -180,3 +180,35 @@ func TestLargeAnswersBeingWrittenShareABudget(t *testing.T) {
 		t.Fatalf("a large answer once room came back: %d, %d bytes", resp.StatusCode, len(b))
 	}
 }
+
+// A page reserves its answer's room as it reads: beside an answer still
+// being read it ends early where the room ends, at least one item.
+func TestAPageEndsEarlyWhereTheAnswerBudgetEnds(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{noAgent: true, diskPath: t.TempDir(), proxy: proxy.Config{MaxBody: 1 << 20, MaxBodyTotal: 1200 << 10}})
+	for i := range 2 {
+		sc.call(req{method: "POST", path: "/v1/threads/big/dispatches", body: submitBody(fmt.Sprint(i, strings.Repeat("m", 300<<10)))}, 202, nil)
+	}
+	const page = "/v1/threads/big/messages?limit=1000"
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", page) // not read: about 600 KiB held
+	eventually(t, "the first answer charged", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") != "mailbox_http_answer_budget_bytes 0"
+	})
+	var p struct {
+		Items      []engine.MessageRecord `json:"items"`
+		NextOffset *uint64                `json:"next_offset"`
+	}
+	sc.call(req{method: "GET", path: page}, 200, &p)
+	if len(p.Items) != 1 || p.NextOffset == nil || *p.NextOffset != 1 {
+		t.Fatalf("a page beside an answer being read: %d items, next %v", len(p.Items), p.NextOffset)
+	}
+	sc.call(req{method: "GET", path: fmt.Sprintf("/v1/threads/big/messages?after_seq=%d", *p.NextOffset)}, 200, &p)
+	if len(p.Items) != 1 || p.Items[0].Seq != 2 || p.NextOffset != nil {
+		t.Fatalf("the next page: %d items, next %v", len(p.Items), p.NextOffset)
+	}
+}

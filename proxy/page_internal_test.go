@@ -40,7 +40,7 @@ func TestBoundedPage(t *testing.T) {
 		{"one larger than the budget", 3, 16 << 20, 50, 0, 1, 1, pageChunk},
 	} {
 		list, most := store(c.n, c.size)
-		p, err := boundedPage(c.limit, c.off, list)
+		p, err := boundedPage(c.limit, c.off, func(int) bool { return true }, list)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -467,11 +467,38 @@ func (s *Server) chargeAnswer(ctx *fasthttp.RequestCtx) {
 		return
 	}
 	retryable := ctx.IsGet() || ctx.IsHead()
-	if !s.answers.charge(ctx.Conn(), n, !retryable) {
-		ctx.Response.Header.Set("Retry-After", "1")
-		writeError(ctx, fasthttp.StatusServiceUnavailable, CodeUnavailable,
-			fmt.Sprintf("the answers being written fill the server's budget (--max-body-total, %d bytes): retry", s.cfg.MaxBodyTotal))
+	if !s.answers.topUp(ctx.Conn(), n, !retryable) {
+		s.answerRefused(ctx)
 	}
+}
+
+// answerRefused answers 503: the answers being written leave no room.
+func (s *Server) answerRefused(ctx *fasthttp.RequestCtx) {
+	ctx.Response.Header.Set("Retry-After", "1")
+	writeError(ctx, fasthttp.StatusServiceUnavailable, CodeUnavailable,
+		fmt.Sprintf("the answers being written fill the server's budget (--max-body-total, %d bytes): retry", s.cfg.MaxBodyTotal))
+}
+
+// answerRoom is the room callback of the pages read for ctx: it reserves
+// an item's bytes of the answer budget for ctx's connection.
+func (s *Server) answerRoom(ctx *fasthttp.RequestCtx) func(n int) bool {
+	c := ctx.Conn()
+	return func(n int) bool { return s.answers.reserve(c, int64(n)) }
+}
+
+// errNoAnswerRoom is a page's error when not even its first item found
+// room in the answer budget.
+var errNoAnswerRoom = errors.New("no room for the answer")
+
+// pageError answers a page's error: 503 with Retry-After when it found
+// no room (answerBudget), else err for the caller to answer.
+func (s *Server) pageError(ctx *fasthttp.RequestCtx, err error) error {
+	if errors.Is(err, errNoAnswerRoom) {
+		s.answers.refused.Inc()
+		s.answerRefused(ctx)
+		return nil
+	}
+	return err
 }
 
 // answerReadRate is the slowest a client may read an answer on average:
