@@ -138,26 +138,38 @@ func TestAClientThatDoesNotReadItsAnswerIsCutOff(t *testing.T) {
 	}
 }
 
+// bigPage is a page of thread big's messages: two of 300 KiB, filled by
+// answerNotRead.
+const bigPage = "/v1/threads/big/messages?limit=1000"
+
+// answerNotRead fills thread big with two messages of 300 KiB and asks
+// for bigPage on a connection it does not read (the answer is more than
+// the socket holds, so it stays charged); it returns the connection.
+func answerNotRead(t *testing.T, sc *sidecar) net.Conn {
+	t.Helper()
+	for i := range 2 {
+		sc.call(req{method: "POST", path: "/v1/threads/big/dispatches", body: submitBody(fmt.Sprint(i, strings.Repeat("m", 300<<10)))}, 202, nil)
+	}
+	c, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", bigPage)
+	eventually(t, "the answer charged", func() bool {
+		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") != "mailbox_http_answer_budget_bytes 0"
+	})
+	return c
+}
+
 // Large answers being written share a budget: a GET whose answer does not
 // fit beside those of clients still reading is answered 503, and room
 // comes back once an answer is written.
 func TestLargeAnswersBeingWrittenShareABudget(t *testing.T) {
 	t.Parallel()
 	sc := newSidecar(t, options{noAgent: true, diskPath: t.TempDir(), proxy: proxy.Config{MaxBody: 1 << 20, MaxBodyTotal: 1 << 20}})
-	for i := range 2 {
-		sc.call(req{method: "POST", path: "/v1/threads/big/dispatches", body: submitBody(fmt.Sprint(i, strings.Repeat("m", 300<<10)))}, 202, nil)
-	}
-	const page = "/v1/threads/big/messages?limit=1000"
-	c, err := net.Dial("unix", sc.apiPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", page) // not read yet: more than the socket holds
-	eventually(t, "the first answer charged", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") != "mailbox_http_answer_budget_bytes 0"
-	})
-	resp, b := sc.do(req{method: "GET", path: page})
+	c := answerNotRead(t, sc)
+	resp, b := sc.do(req{method: "GET", path: bigPage})
 	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") != "1" || !strings.Contains(string(b), `"unavailable"`) {
 		t.Fatalf("a second large answer beside the first: %d %q %.200s", resp.StatusCode, resp.Header.Get("Retry-After"), b)
 	}
@@ -176,7 +188,7 @@ func TestLargeAnswersBeingWrittenShareABudget(t *testing.T) {
 	eventually(t, "the budget given back", func() bool {
 		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") == "mailbox_http_answer_budget_bytes 0"
 	})
-	if resp, b := sc.do(req{method: "GET", path: page}); resp.StatusCode != 200 || len(b) < 600<<10 {
+	if resp, b := sc.do(req{method: "GET", path: bigPage}); resp.StatusCode != 200 || len(b) < 600<<10 {
 		t.Fatalf("a large answer once room came back: %d, %d bytes", resp.StatusCode, len(b))
 	}
 }
@@ -186,24 +198,12 @@ func TestLargeAnswersBeingWrittenShareABudget(t *testing.T) {
 func TestAPageEndsEarlyWhereTheAnswerBudgetEnds(t *testing.T) {
 	t.Parallel()
 	sc := newSidecar(t, options{noAgent: true, diskPath: t.TempDir(), proxy: proxy.Config{MaxBody: 1 << 20, MaxBodyTotal: 1200 << 10}})
-	for i := range 2 {
-		sc.call(req{method: "POST", path: "/v1/threads/big/dispatches", body: submitBody(fmt.Sprint(i, strings.Repeat("m", 300<<10)))}, 202, nil)
-	}
-	const page = "/v1/threads/big/messages?limit=1000"
-	c, err := net.Dial("unix", sc.apiPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", page) // not read: about 600 KiB held
-	eventually(t, "the first answer charged", func() bool {
-		return metricLine(sc.metricsOf(), "mailbox_http_answer_budget_bytes ") != "mailbox_http_answer_budget_bytes 0"
-	})
+	answerNotRead(t, sc)
 	var p struct {
 		Items      []engine.MessageRecord `json:"items"`
 		NextOffset *uint64                `json:"next_offset"`
 	}
-	sc.call(req{method: "GET", path: page}, 200, &p)
+	sc.call(req{method: "GET", path: bigPage}, 200, &p)
 	if len(p.Items) != 1 || p.NextOffset == nil || *p.NextOffset != 1 {
 		t.Fatalf("a page beside an answer being read: %d items, next %v", len(p.Items), p.NextOffset)
 	}
