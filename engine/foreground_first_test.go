@@ -3,6 +3,7 @@ package engine_test
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -60,10 +61,20 @@ const backlog = 20
 
 // foregroundBehindABacklog starts a one-slot agent whose runs take 20 ms,
 // queues backlog background runs on as many threads and, once the first
-// runs, a foreground submit to thread fg, which finds no slot.
+// runs, a foreground submit to thread fg, which finds no slot: the first
+// run holds it until the submit is made (with 20 ms alone, a slow machine
+// ended the first run before the submit, which then found the slot free).
 func foregroundBehindABacklog(t *testing.T) (*rig, *fakeExecutor, engine.SubmitResult) {
 	t.Helper()
+	gate := make(chan struct{})
+	var open sync.Once
+	release := func() { open.Do(func() { close(gate) }) }
+	t.Cleanup(release)
 	exec := newFake(1, func(ctx context.Context, req *engine.RunRequest, sink engine.EventSink) engine.RunOutcome {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+		}
 		select {
 		case <-time.After(20 * time.Millisecond):
 		case <-ctx.Done():
@@ -80,6 +91,7 @@ func foregroundBehindABacklog(t *testing.T) (*rig, *fakeExecutor, engine.SubmitR
 	}
 	eventually(t, "the backlog started", func() bool { return len(exec.execRuns()) >= 1 })
 	res, _, err := r.mb.Submit(ctx, engine.SubmitRequest{ThreadID: "fg", Messages: []engine.Message{userMsg("now")}})
+	release()
 	if err != nil || res.Status != engine.SubmitQueued {
 		t.Fatalf("foreground submit: %+v %v, want queued (the one slot is taken)", res, err)
 	}
