@@ -233,14 +233,21 @@ func (fc *fakeConn) sendJSON(typ ipc.FrameType, stream uint64, v any) {
 // next returns the next frame (PINGs excluded).
 func (fc *fakeConn) next() frame {
 	fc.t.Helper()
+	return fc.nextWithin(waitTimeout)
+}
+
+// nextWithin is next, waiting up to d: for frames whose making takes
+// seconds under the race detector on a loaded machine.
+func (fc *fakeConn) nextWithin(d time.Duration) frame {
+	fc.t.Helper()
 	select {
 	case f, ok := <-fc.frames:
 		if !ok {
 			fc.t.Fatal("fake sidecar: connection closed while waiting for a frame")
 		}
 		return f
-	case <-time.After(waitTimeout):
-		fc.t.Fatal("fake sidecar: no frame from the SDK")
+	case <-time.After(d):
+		fc.t.Fatalf("fake sidecar: no frame from the SDK in %v", d)
 	}
 	return frame{}
 }
@@ -249,7 +256,13 @@ func (fc *fakeConn) next() frame {
 // stream.
 func (fc *fakeConn) expect(typ ipc.FrameType, stream uint64) frame {
 	fc.t.Helper()
-	f := fc.next()
+	return fc.expectWithin(waitTimeout, typ, stream)
+}
+
+// expectWithin is expect, waiting up to d.
+func (fc *fakeConn) expectWithin(d time.Duration, typ ipc.FrameType, stream uint64) frame {
+	fc.t.Helper()
+	f := fc.nextWithin(d)
 	if f.typ != typ || f.stream != stream {
 		fc.t.Fatalf("fake sidecar: got %v, want %s on stream %d", f, typ, stream)
 	}
