@@ -29,6 +29,11 @@ type retryListener struct {
 	log     *slog.Logger
 	retries *metrics.Counter
 	linger  bool // wrap connections in lingerConn (the API listeners)
+	// full reports whether the listener serves its most connections;
+	// a connection accepted then goes to refuse instead of fasthttp.
+	// Both nil: no cap.
+	full   func() bool
+	refuse func(net.Conn)
 
 	mu       sync.Mutex
 	loggedAt time.Time // the last warning
@@ -42,6 +47,10 @@ func (l *retryListener) Accept() (net.Conn, error) {
 	var backoff time.Duration
 	for {
 		c, err := l.Listener.Accept()
+		if err == nil && l.full != nil && l.full() {
+			l.refuse(c)
+			continue
+		}
 		if err == nil && l.linger {
 			return &lingerConn{Conn: c}, nil
 		}

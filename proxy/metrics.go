@@ -11,15 +11,16 @@ import (
 
 // Metric names.
 const (
-	metricRequests    = "mailbox_http_requests_total"
-	metricDuration    = "mailbox_http_request_duration_seconds"
-	metricSubscribers = "mailbox_http_sse_subscribers"
-	metricDropped     = "mailbox_http_sse_dropped_total"
-	metricRetries     = "mailbox_http_accept_retries_total"
-	metricConns       = "mailbox_http_connections"
-	metricBodyBytes   = "mailbox_http_body_budget_bytes"
-	metricBodyWaits   = "mailbox_http_body_waits_total"
-	metricBodyRefused = "mailbox_http_body_refused_total"
+	metricRequests     = "mailbox_http_requests_total"
+	metricDuration     = "mailbox_http_request_duration_seconds"
+	metricSubscribers  = "mailbox_http_sse_subscribers"
+	metricDropped      = "mailbox_http_sse_dropped_total"
+	metricRetries      = "mailbox_http_accept_retries_total"
+	metricConns        = "mailbox_http_connections"
+	metricConnsRefused = "mailbox_http_connections_refused_total"
+	metricBodyBytes    = "mailbox_http_body_budget_bytes"
+	metricBodyWaits    = "mailbox_http_body_waits_total"
+	metricBodyRefused  = "mailbox_http_body_refused_total"
 
 	metricAnswerBytes    = "mailbox_http_answer_budget_bytes"
 	metricAnswersRefused = "mailbox_http_answers_refused_total"
@@ -41,7 +42,8 @@ type httpMetrics struct {
 	subscribers   atomic.Int64
 	dropped       *metrics.Counter
 	acceptRetries *metrics.Counter
-	conns         [3]atomic.Int64 // open connections by listenerKind
+	conns         [3]atomic.Int64     // open connections by listenerKind
+	connsRefused  [3]*metrics.Counter // connections refused past a listener's cap
 }
 
 type routeMetrics struct {
@@ -62,6 +64,7 @@ func newHTTPMetrics() *httpMetrics {
 	m.acceptRetries = m.set.NewCounter(metricRetries)
 	for k := range m.conns {
 		m.set.NewGauge(fmt.Sprintf(`%s{listener=%q}`, metricConns, listenerKind(k)), func() float64 { return float64(m.conns[k].Load()) })
+		m.connsRefused[k] = m.set.NewCounter(fmt.Sprintf(`%s{listener=%q}`, metricConnsRefused, listenerKind(k)))
 	}
 	return m
 }

@@ -27,6 +27,7 @@ import (
 // Defaults of Config.
 const (
 	DefaultMaxBody      = 4 << 20
+	DefaultMaxConns     = 2048
 	DefaultPingInterval = 15 * time.Second
 )
 
@@ -67,6 +68,12 @@ type Config struct {
 	// BodyWait is how long a request waits for room under MaxBodyTotal.
 	// Default 10 s.
 	BodyWait time.Duration
+	// MaxConns is the most connections each API listener (the Unix
+	// socket, TCP) keeps open at once, SSE streams and idle keep-alive
+	// connections included; past it a new connection is answered 503
+	// unavailable with Retry-After: 1 and closed (connRefusal). Default
+	// 2048. The admin listener's cap is adminMaxConns.
+	MaxConns int
 	// AuthToken is the bearer token every request on the TCP listener must
 	// carry; ServeTCP refuses to start without one.
 	AuthToken string
@@ -102,6 +109,12 @@ func (c *Config) validate() error {
 		c.MaxBodyTotal = max(DefaultMaxBodyTotal, int64(c.MaxBody))
 	case c.MaxBodyTotal < int64(c.MaxBody):
 		return fmt.Errorf("proxy: config: MaxBodyTotal %d is below MaxBody %d", c.MaxBodyTotal, c.MaxBody)
+	}
+	switch {
+	case c.MaxConns == 0:
+		c.MaxConns = DefaultMaxConns
+	case c.MaxConns < 0:
+		return fmt.Errorf("proxy: config: MaxConns %d is negative", c.MaxConns)
 	}
 	switch {
 	case c.BodyWait == 0:
@@ -185,6 +198,9 @@ type Server struct {
 	lns        []net.Listener
 	failLog    loglimit.EverySecond // the warnings for 5xx answers (a failing store answers every request 503; the counters have each)
 	streamWG   sync.WaitGroup       // stream goroutines; Add only under mu while !closing
+	refusals   [3][]byte            // the answer to a connection past its listener's cap, by listenerKind
+	refusing   chan struct{}        // refusals draining their request (refuseConn); send only under mu while !closing
+	refuseWG   sync.WaitGroup       // their goroutines; Add only under mu while !closing
 }
 
 // New validates cfg and returns a Server. It registers the server's
@@ -201,6 +217,10 @@ func New(cfg Config) (*Server, error) {
 		lingering: map[net.Conn]time.Time{}, pruneAt: lingerPrune, answerRate: answerReadRate,
 	}
 	s.token = sha256.Sum256([]byte(cfg.AuthToken))
+	s.refusing = make(chan struct{}, maxRefusing)
+	for k := range s.refusals {
+		s.refusals[k] = refusal(listenerKind(k), s.maxConns(listenerKind(k)))
+	}
 	s.base, s.stopBase = context.WithCancel(context.Background())
 	s.body = newBodyBudget(cfg.MaxBodyTotal, cfg.BodyWait, s.done, s.m.set)
 	s.answers = newAnswerBudget(cfg.MaxBodyTotal, s.m.set)
@@ -295,7 +315,11 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 	}
 	s.lns = append(s.lns, ln)
 	s.mu.Unlock()
-	err := s.servers[kind].Serve(&retryListener{Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries, linger: kind != kindAdmin})
+	err := s.servers[kind].Serve(&retryListener{
+		Listener: ln, name: kind.String(), log: s.log, retries: s.m.acceptRetries, linger: kind != kindAdmin,
+		full:   func() bool { return s.m.conns[kind].Load() >= int64(s.maxConns(kind)) },
+		refuse: func(c net.Conn) { s.refuseConn(c, kind) },
+	})
 	if s.isClosing() {
 		return ErrServerClosed
 	}
@@ -338,6 +362,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.endStreams(ctx)
 	wg.Wait()
+	s.refuseWG.Wait() // none starts once closing; each ends within refusalDrain
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("proxy shutdown: %w", err)
 	}

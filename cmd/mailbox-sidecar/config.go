@@ -46,6 +46,8 @@ type serveConfig struct {
 	AdminAddr       string
 	MaxBody         byteSize
 	MaxBodyTotal    byteSize
+	MaxConns        int
+	MaxAgentConns   int
 	Sync            bool
 	ContextMessages int
 	ContextBytes    byteSize
@@ -141,6 +143,8 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz and /healthz only")
 	fs.Var(&c.MaxBody, "max-body", "largest accepted request body")
 	fs.Var(&c.MaxBodyTotal, "max-body-total", "bytes of request bodies over 16KiB read and handled at once (at least --max-body); past it a request waits up to 10s for room, then gets 503")
+	fs.IntVar(&c.MaxConns, "max-conns", proxy.DefaultMaxConns, "most connections each client API listener (socket, --http-addr) keeps open at once, streams and idle ones included; past it a new one gets 503 and is closed")
+	fs.IntVar(&c.MaxAgentConns, "max-agent-conns", hub.DefaultMaxConns, "most agent connections open at once; past it a new one gets ERROR busy and is closed")
 	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput); Badger only")
 	fs.IntVar(&c.ContextMessages, "context-messages", 500, "most thread messages sent with each RUN")
 	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
@@ -282,6 +286,12 @@ func (c *serveConfig) validate() []error {
 		// cannot reach the agent (found by review).
 		bad("--max-body %s is above the agent frame limit (16MiB): a run made from a larger body could never reach the agent", c.MaxBody.String())
 	}
+	if c.MaxConns < 1 {
+		bad("--max-conns %d is below 1", c.MaxConns)
+	}
+	if c.MaxAgentConns < 1 {
+		bad("--max-agent-conns %d is below 1", c.MaxAgentConns)
+	}
 	if c.MaxBodyTotal < c.MaxBody {
 		bad("--max-body-total %s is below --max-body %s: the largest body could never be read", c.MaxBodyTotal.String(), c.MaxBody.String())
 	}
@@ -399,7 +409,7 @@ func (c *serveConfig) hubConfig(log *slog.Logger) hub.Config {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return hub.Config{Heartbeat: c.Heartbeat, CommandTimeout: c.CommandTimeout, Logger: log}
+	return hub.Config{Heartbeat: c.Heartbeat, CommandTimeout: c.CommandTimeout, MaxConns: c.MaxAgentConns, Logger: log}
 }
 
 // newLogger builds the process logger.

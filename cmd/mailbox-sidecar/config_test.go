@@ -88,6 +88,8 @@ func TestParseServeRejectsBadConfiguration(t *testing.T) {
 		{[]string{"--max-body", "lots"}, nil, "not a size"},
 		{[]string{"--max-body", "64MiB"}, nil, "above the agent frame limit"},
 		{[]string{"--max-body", "8MiB", "--max-body-total", "4MiB"}, nil, "--max-body-total 4MiB is below --max-body 8MiB"},
+		{[]string{"--max-conns", "0"}, nil, "--max-conns 0 is below 1"},
+		{nil, map[string]string{"MAILBOX_SIDECAR_MAX_AGENT_CONNS": "-3"}, "--max-agent-conns -3 is below 1"},
 		{nil, map[string]string{"MAILBOX_SIDECAR_MAX_BODY_TOTAL": "1MiB"}, "--max-body-total 1MiB is below --max-body 4MiB"},
 		{[]string{"--admin-addr", "notaddr"}, nil, "--admin-addr \"notaddr\""},
 		{[]string{"--admin-addr", "127.0.0.1:99999"}, nil, "out of range"},

@@ -160,6 +160,7 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		Metrics:      s.metricSets(),
 		MaxBody:      int(cfg.MaxBody),
 		MaxBodyTotal: int64(cfg.MaxBodyTotal),
+		MaxConns:     cfg.MaxConns,
 		AuthToken:    cfg.AuthToken,
 		Logger:       log.With("component", "api"),
 	})

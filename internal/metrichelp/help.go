@@ -9,17 +9,18 @@ import "bytes"
 // runtime and the process (go_*, process_*) keep the library's lines.
 var Help = map[string]string{
 	// The client API (proxy).
-	"mailbox_http_requests_total":           "HTTP requests answered, by route pattern (unmatched: unknown paths) and status code.",
-	"mailbox_http_request_duration_seconds": "Time to answer an HTTP request, by route pattern; for a stream, the time to its start.",
-	"mailbox_http_sse_subscribers":          "Open SSE streams.",
-	"mailbox_http_sse_dropped_total":        "SSE streams ended because the client fell behind the event buffer (slow_subscriber) or stopped reading while a write stayed stuck for the stall timeout.",
-	"mailbox_http_connections":              "Open HTTP connections, by listener (api: the Unix socket, tcp, admin).",
-	"mailbox_http_answer_budget_bytes":      "Bytes of large answers (over 64 KiB) being written to clients, bounded by --max-body-total.",
-	"mailbox_http_answers_refused_total":    "GET answers over 64 KiB replaced by 503 because the answers being written filled --max-body-total.",
-	"mailbox_http_body_budget_bytes":        "Bytes of large request bodies (over 16 KiB) being read or handled, bounded by --max-body-total.",
-	"mailbox_http_body_waits_total":         "Requests whose body had to wait for room under --max-body-total before it was read.",
-	"mailbox_http_body_refused_total":       "Requests answered 503 because their body found no room under --max-body-total within the wait (10 s).",
-	"mailbox_http_accept_retries_total":     "Accepts on the HTTP listeners that failed for want of a resource (file descriptors, socket buffers, memory) and were retried after a backoff; new connections wait meanwhile.",
+	"mailbox_http_requests_total":            "HTTP requests answered, by route pattern (unmatched: unknown paths) and status code.",
+	"mailbox_http_request_duration_seconds":  "Time to answer an HTTP request, by route pattern; for a stream, the time to its start.",
+	"mailbox_http_sse_subscribers":           "Open SSE streams.",
+	"mailbox_http_sse_dropped_total":         "SSE streams ended because the client fell behind the event buffer (slow_subscriber) or stopped reading while a write stayed stuck for the stall timeout.",
+	"mailbox_http_connections":               "Open HTTP connections, by listener (api: the Unix socket, tcp, admin).",
+	"mailbox_http_connections_refused_total": "New HTTP connections answered 503 and closed because their listener held its most open connections (--max-conns; admin: 256), by listener.",
+	"mailbox_http_answer_budget_bytes":       "Bytes of large answers (over 64 KiB) being written to clients, bounded by --max-body-total.",
+	"mailbox_http_answers_refused_total":     "GET answers over 64 KiB replaced by 503 because the answers being written filled --max-body-total.",
+	"mailbox_http_body_budget_bytes":         "Bytes of large request bodies (over 16 KiB) being read or handled, bounded by --max-body-total.",
+	"mailbox_http_body_waits_total":          "Requests whose body had to wait for room under --max-body-total before it was read.",
+	"mailbox_http_body_refused_total":        "Requests answered 503 because their body found no room under --max-body-total within the wait (10 s).",
+	"mailbox_http_accept_retries_total":      "Accepts on the HTTP listeners that failed for want of a resource (file descriptors, socket buffers, memory) and were retried after a backoff; new connections wait meanwhile.",
 
 	// The engine.
 	"mailbox_operations_total":                     "Store calls, by operation and result (ok, error, conflict, empty).",
@@ -53,6 +54,7 @@ var Help = map[string]string{
 	"mailbox_agent_capacity":                    "Run slots of the connected agents (their max_runs together; after an agent's GOAWAY, the runs it still holds).",
 	"mailbox_agent_free_slots":                  "Run slots of the connected agents not holding a run (0 while draining).",
 	"mailbox_agent_connects_total":              "Agent connections accepted.",
+	"mailbox_agent_connections_refused_total":   "Agent connections answered ERROR busy and closed because --max-agent-conns were open (handshakes included).",
 	"mailbox_agent_protocol_errors_total":       "Agent connections failed for a protocol error.",
 	"mailbox_agent_events_total":                "Run events received from agents.",
 	"mailbox_agent_checkpoints_total":           "Agent checkpoints, by result (ok, error, refused).",

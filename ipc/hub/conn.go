@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strconv"
@@ -96,6 +97,11 @@ func (h *Hub) serveConn(nc net.Conn) {
 		nc.Close()
 		return
 	}
+	if open := len(h.greeting) + len(h.conns); open >= h.cfg.MaxConns {
+		h.mu.Unlock()
+		h.refuseConn(nc, open, log)
+		return
+	}
 	h.greeting[nc] = struct{}{}
 	h.mu.Unlock()
 	c, err := h.handshake(nc, id, log)
@@ -138,6 +144,28 @@ func (h *Hub) serveConn(nc net.Conn) {
 	} else {
 		c.log.Warn("agent disconnected", "cause", c.cause, "goaway", false)
 	}
+}
+
+// refuseConn answers a connection past MaxConns with ERROR busy on
+// stream 0 and closes it. The agent's HELLO is read and dropped first
+// (up to 64 KiB, for at most a second, on the connection's own
+// goroutine), after the sending side is closed: closed at once, the
+// agent's HELLO met a broken pipe and it never read why. Each agent
+// connection holds about 80 KiB (buffers, goroutines): a review's 8 000
+// idle ones held 666 MiB before the cap.
+func (h *Hub) refuseConn(nc net.Conn, open int, log *slog.Logger) {
+	h.m.refusedConns.Inc()
+	if held, ok := h.refusedLog.Allow(time.Now()); ok {
+		log.Warn("agent connection refused: too many open", "open", open, "max_conns", h.cfg.MaxConns, "refused_since_last_warning", held)
+	}
+	p, _ := json.Marshal(ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("the sidecar has its most agent connections open (%d, --max-agent-conns): retry", h.cfg.MaxConns)}) // strings always marshal
+	_ = nc.SetDeadline(time.Now().Add(time.Second))
+	if _, err := nc.Write(ipc.AppendFrame(nil, ipc.TypeError, 0, 0, p)); err == nil {
+		if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(nc, 64<<10))
+		}
+	}
+	_ = nc.Close()
 }
 
 // handshake reads HELLO and answers WELCOME.

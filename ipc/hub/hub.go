@@ -34,6 +34,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/loglimit"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
 
@@ -45,6 +46,7 @@ const (
 	DefaultCancelGrace      = 10 * time.Second
 	DefaultAgentWait        = 15 * time.Second
 	DefaultMaxSubmits       = 64
+	DefaultMaxConns         = 64
 	// DefaultMaxUnackedCheckpoints and DefaultMaxUnackedCheckpointBytes
 	// bound a run's CHECKPOINTs awaiting their CHECKPOINT_ACK.
 	DefaultMaxUnackedCheckpoints     = 1024
@@ -83,6 +85,11 @@ type Config struct {
 	// AgentWait is how long Run waits for a connection that serves the
 	// run's agent id and has a free slot. Default 15 s.
 	AgentWait time.Duration
+	// MaxConns bounds the agent connections open at once, those still in
+	// their handshake included: past it a new connection is answered
+	// ERROR busy on stream 0 and closed (the SDK retries after its
+	// backoff). Default 64.
+	MaxConns int
 	// MaxSubmits bounds the SUBMIT requests in flight per connection;
 	// more are answered with a "busy" error. Default 64.
 	MaxSubmits int
@@ -135,6 +142,9 @@ func (c *Config) setDefaults() error {
 	if c.MaxSubmits == 0 {
 		c.MaxSubmits = DefaultMaxSubmits
 	}
+	if c.MaxConns == 0 {
+		c.MaxConns = DefaultMaxConns
+	}
 	if c.MaxUnackedCheckpoints == 0 {
 		c.MaxUnackedCheckpoints = DefaultMaxUnackedCheckpoints
 	}
@@ -160,6 +170,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxSubmits < 0 {
 		return fmt.Errorf("hub: max submits %d is negative", c.MaxSubmits)
+	}
+	if c.MaxConns < 0 {
+		return fmt.Errorf("hub: max connections %d is negative", c.MaxConns)
 	}
 	if c.MaxUnackedCheckpoints < 0 || c.MaxUnackedCheckpointBytes < 0 {
 		return fmt.Errorf("hub: max unacked checkpoints %d (%d bytes) is negative", c.MaxUnackedCheckpoints, c.MaxUnackedCheckpointBytes)
@@ -188,12 +201,13 @@ type Hub struct {
 	// agent id began to ask it for "default").
 	served atomic.Pointer[servedIDs]
 
-	mu        sync.Mutex
-	conns     map[*conn]struct{}
-	listeners map[net.Listener]struct{}
-	greeting  map[net.Conn]struct{} // connections in their handshake
-	closed    bool
-	draining  bool
+	mu         sync.Mutex
+	conns      map[*conn]struct{}
+	listeners  map[net.Listener]struct{}
+	greeting   map[net.Conn]struct{} // connections in their handshake
+	refusedLog loglimit.EverySecond  // warnings for connections refused past MaxConns
+	closed     bool
+	draining   bool
 	// drained is closed when draining begins (GoAway, Close): a run whose
 	// agent has not finished it within CancelGrace of its CANCEL is held
 	// until then (docs/protocol.md).
@@ -611,6 +625,7 @@ func (h *Hub) doneWaiting() {
 
 type hubMetrics struct {
 	connects, protocolErrors, events                 *metrics.Counter
+	refusedConns                                     *metrics.Counter
 	checkpoints, checkpointErrors, checkpointRefused *metrics.Counter
 	cmdAccepted, cmdRefused, cmdTimeout, cmdFailed   *metrics.Counter
 	cmdLate                                          *metrics.Counter
@@ -633,6 +648,7 @@ func newHubMetrics(s *metrics.Set, h *Hub) hubMetrics {
 	})
 	m := hubMetrics{
 		connects:          s.NewCounter("mailbox_agent_connects_total"),
+		refusedConns:      s.NewCounter("mailbox_agent_connections_refused_total"),
 		protocolErrors:    s.NewCounter("mailbox_agent_protocol_errors_total"),
 		events:            s.NewCounter("mailbox_agent_events_total"),
 		checkpoints:       s.NewCounter(`mailbox_agent_checkpoints_total{result="ok"}`),
