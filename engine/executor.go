@@ -17,7 +17,10 @@ import (
 // gave up. Live commands reach the run through RunRequest.Commands.
 type Executor interface {
 	// Run executes req and blocks until the attempt ends. Events go to
-	// sink in order. The outcome says how the attempt ended.
+	// sink in order. The outcome says how the attempt ended. Run may
+	// drop req.Messages and req.Context.Messages (set them nil) once it
+	// has passed them on: the engine does not read them after the call,
+	// and a long run need not hold its thread's history.
 	Run(ctx context.Context, req *RunRequest, sink EventSink) RunOutcome
 	// Capacity is how many runs the connected agents accept at once in
 	// total (0 when no agent is connected). The engine never has more
