@@ -51,7 +51,8 @@ type Config struct {
 	// Default 10 000.
 	EventBuffer int
 	// EventBufferBytes bounds the bytes of a run's events kept as well
-	// (the newest is always kept). Default 32 MiB: two events of the
+	// (the newest is always kept); an event counts Event.Size, here and
+	// in the two bounds below. Default 32 MiB: two events of the
 	// largest frame, so that one large event does not cut off a client
 	// following the run live a few events behind.
 	EventBufferBytes int64

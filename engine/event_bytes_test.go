@@ -36,9 +36,9 @@ func TestARunsEventsAreBoundedInBytes(t *testing.T) {
 		t.Fatal("no log to re-attach to")
 	}
 	evs, reset, _, _ := l.Read(0, 100, nil)
-	size := 0
+	var size int64
 	for _, e := range evs {
-		size += len(e.Data)
+		size += e.Size()
 	}
 	if !reset || len(evs) == 0 || len(evs) >= 20 || size > 2000 || evs[len(evs)-1].Seq != l.LastSeq() {
 		t.Fatalf("re-attached from the start: reset=%v, %d events of %d bytes; want the newest within 2000 bytes, with a reset", reset, len(evs), size)
@@ -123,7 +123,7 @@ func TestRunningRunsEventsAreBoundedTogether(t *testing.T) {
 		<-emitted
 	}
 	// Without the budget they would hold runs × 2 MiB = 12 MiB.
-	bound := int64(total + runs*(engine.LiveBudgetFloor+len(ev)))
+	bound := int64(total) + runs*(engine.LiveBudgetFloor+engine.Event{Type: "text_delta", Data: ev}.Size())
 	if used := r.mb.LiveEventBytes(); used > bound || used < total/2 {
 		t.Fatalf("the open logs hold %d bytes; want at most %d (the budget, and a floor and one event a log)", used, bound)
 	}
@@ -138,7 +138,7 @@ func TestRunningRunsEventsAreBoundedTogether(t *testing.T) {
 			t.Fatalf("t%d: %d events; want the newest kept", i, len(evs))
 		}
 		for _, e := range evs {
-			sum += int64(len(e.Data))
+			sum += e.Size()
 		}
 	}
 	if sum != r.mb.LiveEventBytes() {

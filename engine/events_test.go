@@ -237,8 +237,8 @@ func TestEventLogKeepsAtMostItsBytes(t *testing.T) {
 	if !reset || len(evs) != 2 || evs[0].Seq != 9 || evs[1].Seq != 10 {
 		t.Fatalf("read from 0: reset=%v %d events from %d; want the last two with a reset", reset, len(evs), evs[0].Seq)
 	}
-	if l.bytes > 1000 || l.bytes != int64(len(evs[0].Data)+len(evs[1].Data)) {
-		t.Fatalf("%d bytes counted for two events of %d and %d", l.bytes, len(evs[0].Data), len(evs[1].Data))
+	if l.bytes > 1000 || l.bytes != evs[0].Size()+evs[1].Size() {
+		t.Fatalf("%d bytes counted for two events of %d and %d", l.bytes, evs[0].Size(), evs[1].Size())
 	}
 	l.Append(event(10, 5000)) // larger than the bound alone: kept alone
 	if evs, _, _, _ = l.Read(0, 100, nil); len(evs) != 1 || evs[0].Seq != 11 || l.FirstSeq() != 11 {
@@ -247,7 +247,7 @@ func TestEventLogKeepsAtMostItsBytes(t *testing.T) {
 	for i := 11; i < 20; i++ { // small ones: the count bounds them again
 		l.Append(event(i, 10))
 	}
-	if evs, _, _, _ = l.Read(0, 100, nil); len(evs) != 4 || evs[0].Seq != 17 || l.bytes != int64(4*len(evs[0].Data)) {
+	if evs, _, _, _ = l.Read(0, 100, nil); len(evs) != 4 || evs[0].Seq != 17 || l.bytes != 4*evs[0].Size() {
 		t.Fatalf("after small events: %d events from %d, %d bytes; want the last four", len(evs), evs[0].Seq, l.bytes)
 	}
 	unbounded := NewEventLog(4)
@@ -256,6 +256,38 @@ func TestEventLogKeepsAtMostItsBytes(t *testing.T) {
 	}
 	if evs, _, _, _ := unbounded.Read(0, 100, nil); len(evs) != 4 {
 		t.Fatalf("a log without a byte bound kept %d events, want its count, 4", len(evs))
+	}
+}
+
+// An event counts its type and its bookkeeping too, and one dropped for
+// its bytes lets its type go: tiny events once held several times their
+// budget, and an agent's event types of its own (a copy each) were not
+// counted and outlived their events' data.
+func TestEventLogCountsTypesAndBookkeeping(t *testing.T) {
+	const maxBytes = 64 << 10
+	l := NewBoundedEventLog(10000, maxBytes)
+	tiny := []byte(`{"type":"text_delta"}`)
+	for range 5000 {
+		l.Append(tiny)
+	}
+	want := Event{Type: "text_delta", Data: tiny}.Size()
+	if kept := int64(l.LastSeq() - l.FirstSeq() + 1); l.bytes > maxBytes || kept*want != l.bytes || kept > maxBytes/want {
+		t.Fatalf("%d tiny events kept in %d bytes under a bound of %d", kept, l.bytes, maxBytes)
+	}
+	own := fmt.Appendf(nil, `{"type":"%s"}`, strings.Repeat("k", 4<<10))
+	for range 200 {
+		l.Append(own)
+	}
+	kept := int64(l.LastSeq() - l.FirstSeq() + 1)
+	if e := (Event{Type: string(own[9 : len(own)-2]), Data: own}); l.bytes != kept*e.Size() || kept > 8 {
+		t.Fatalf("%d events with a 4 KiB type of their own kept in %d bytes", kept, l.bytes)
+	}
+	var types int
+	for _, e := range l.ring {
+		types += len(e.Type)
+	}
+	if types > int(kept)*(4<<10)+len("text_delta")*len(l.ring) {
+		t.Fatalf("the ring holds %d bytes of types for %d events kept", types, kept)
 	}
 }
 
