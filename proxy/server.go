@@ -81,7 +81,8 @@ type Config struct {
 	// Default 15 s.
 	PingInterval time.Duration
 	// StallTimeout is how long one write to a streaming client may stay
-	// stuck before the stream is cut off. Default max(4×PingInterval,
+	// stuck before the stream is cut off (a large event is written in
+	// pieces of 32 KiB, each bounded alone). Default max(4×PingInterval,
 	// 10 s).
 	StallTimeout time.Duration
 	// Logger receives one debug line per request and a warning per 5xx

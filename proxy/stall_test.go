@@ -1,9 +1,12 @@
 package proxy_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -101,4 +104,54 @@ func TestAClientThatStopsReadingLargeEventsIsCutOff(t *testing.T) {
 	if err != nil || len(ds) != 1 {
 		t.Fatalf("the run did not go on after its stream was cut off: %v %v", ds, err)
 	}
+}
+
+// A client that reads a large event slowly but steadily is not cut off:
+// the stall bound is on each piece of the event (32 KiB), not on the
+// whole of it. Written whole, a 4 MiB event to a client reading 1.6 MB/s
+// under a stall bound of 1 s was cut off after 1 s.
+func TestAClientReadingALargeEventSlowlyIsNotCutOff(t *testing.T) {
+	t.Parallel()
+	big := strings.Repeat("x", 4<<20)
+	h := agent.HandlerFunc(func(ctx context.Context, run *agent.Run) agent.Result {
+		if err := run.Emit(map[string]any{"type": "text_delta", "pad": big}); err != nil {
+			return agent.Transient("emit", err.Error())
+		}
+		return agent.Done("ok")
+	})
+	pc := proxyConfig(time.Minute)
+	pc.StallTimeout = time.Second
+	sc := newSidecar(t, options{proxy: pc, handler: h})
+	conn, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	body := submitBody("hi")
+	fmt.Fprintf(conn, "POST /v1/threads/slow/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	// 32 KiB every 20 ms: 4 MiB in about 2.6 s.
+	resp, err := http.ReadResponse(bufio.NewReaderSize(slowReader{conn}, 32<<10), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("after %d bytes: %v (cut off)", len(got), err)
+	}
+	if !strings.Contains(string(got), `"pad":"`+big+`"`) || !strings.Contains(string(got), "event: run_finish") {
+		t.Fatalf("the large event or the run's end did not arrive (%d bytes read)", len(got))
+	}
+	_, m := sc.do(req{method: "GET", path: "/metrics"})
+	if v := metricLine(string(m), "mailbox_http_sse_dropped_total "); v != "mailbox_http_sse_dropped_total 0" {
+		t.Fatalf("%s", v)
+	}
+}
+
+// slowReader reads at most 32 KiB every 20 ms.
+type slowReader struct{ c net.Conn }
+
+func (r slowReader) Read(p []byte) (int, error) {
+	time.Sleep(20 * time.Millisecond)
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	return r.c.Read(p[:min(len(p), 32<<10)])
 }
