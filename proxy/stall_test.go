@@ -33,13 +33,7 @@ func TestStallBoundOutlivesTheStreamsEnd(t *testing.T) {
 	pc := proxyConfig(50 * time.Millisecond)
 	pc.StallTimeout = 200 * time.Millisecond
 	sc := newSidecar(t, options{proxy: pc, handler: h})
-	conn, err := net.Dial("unix", sc.apiPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	body := submitBody("hi")
-	fmt.Fprintf(conn, "POST /v1/threads/stuck/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	postRunRaw(t, sc, "stuck")
 	// The client never reads.
 	eventually(t, "the run acked", func() bool {
 		ds, err := sc.mb.ListDispatches(context.Background(), "stuck", engine.StatusFilter{engine.StatusAcked}, 0, 0)
@@ -122,13 +116,7 @@ func TestAClientReadingALargeEventSlowlyIsNotCutOff(t *testing.T) {
 	pc := proxyConfig(time.Minute)
 	pc.StallTimeout = time.Second
 	sc := newSidecar(t, options{proxy: pc, handler: h})
-	conn, err := net.Dial("unix", sc.apiPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	body := submitBody("hi")
-	fmt.Fprintf(conn, "POST /v1/threads/slow/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	conn := postRunRaw(t, sc, "slow")
 	// 32 KiB every 20 ms: 4 MiB in about 2.6 s.
 	resp, err := http.ReadResponse(bufio.NewReaderSize(slowReader{conn}, 32<<10), nil)
 	if err != nil {
@@ -154,4 +142,18 @@ func (r slowReader) Read(p []byte) (int, error) {
 	time.Sleep(20 * time.Millisecond)
 	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	return r.c.Read(p[:min(len(p), 32<<10)])
+}
+
+// postRunRaw sends a foreground submit of "hi" to thread on a raw
+// connection to the API socket, which it returns unread.
+func postRunRaw(t *testing.T, sc *sidecar, thread string) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("unix", sc.apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	body := submitBody("hi")
+	fmt.Fprintf(conn, "POST /v1/threads/%s/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", thread, len(body), body)
+	return conn
 }
