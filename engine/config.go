@@ -37,6 +37,15 @@ type Config struct {
 	GCTTL time.Duration
 	// MaxAttempts is the attempt budget of new dispatches. Default 5.
 	MaxAttempts uint32
+	// MaxQueued bounds the dispatches waiting in the queue: past it a
+	// background submit (over HTTP, or an agent's SUBMIT) is refused
+	// with ErrQueueFull, unless it repeats an earlier one by its dedupe
+	// key. The count is the store's, at most a second old: a burst may
+	// pass the bound by a second's submits. Foreground submits are not
+	// refused (they run at once, and supersede their thread's queue),
+	// nor are live-then-queue messages (logged before they are queued).
+	// 0, the default: no bound.
+	MaxQueued int64
 	// RetryDelay is the base of the exponential retry backoff. Default 250ms.
 	RetryDelay time.Duration
 	// MaxRetryDelay caps the backoff. Default 30s.
@@ -222,6 +231,9 @@ func (c Config) withDefaults() (Config, error) {
 		if d < 0 {
 			return c, Validationf("config: %s is negative (%s)", name, d)
 		}
+	}
+	if c.MaxQueued < 0 {
+		return c, Validationf("config: MaxQueued %d is negative", c.MaxQueued)
 	}
 	switch {
 	case c.RenewInterval >= c.Lease:

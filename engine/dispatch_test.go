@@ -832,6 +832,7 @@ func TestCode(t *testing.T) {
 		{"wrapped already exists", fmt.Errorf("enqueue: %w", ErrAlreadyExists), "already_exists"},
 		{"version conflict", ErrVersionConflict, "conflict"},
 		{"stale claim", ErrStaleClaim, "conflict"},
+		{"queue full (an agent's SUBMIT answers it so)", fmt.Errorf("submit to t: %w", ErrQueueFull), "unavailable"},
 		{"wrapped stale claim", fmt.Errorf("ack: %w", ErrStaleClaim), "conflict"},
 		{"conflict error", &ConflictError{What: "message_count", Expected: 3, Actual: 4}, "conflict"},
 		{"wrapped conflict error", fmt.Errorf("checkpoint: %w", &ConflictError{What: "dispatch_epoch", Expected: 1, Actual: 2}), "conflict"},

@@ -31,6 +31,10 @@ var (
 	// ErrUnavailable reports a store that cannot serve now: closed, disk
 	// full, I/O failure. Callers may retry later.
 	ErrUnavailable = errors.New("io error")
+	// ErrQueueFull reports a background submit refused because
+	// Config.MaxQueued dispatches are queued. It is ErrUnavailable: retry
+	// later.
+	ErrQueueFull = fmt.Errorf("%w: queue full", ErrUnavailable)
 	// ErrDataDirInUse reports that another process holds the data directory.
 	ErrDataDirInUse = errors.New("data directory in use by another process")
 	// ErrNextClaim marks a CompleteAndClaim that failed in its claim half

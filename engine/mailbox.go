@@ -210,6 +210,20 @@ func (m *Mailbox) accepting() error {
 	return nil
 }
 
+// admitQueued refuses a background submit while Config.MaxQueued
+// dispatches are queued (ErrQueueFull), live-then-queue's fallback
+// excepted: its messages are in the log already.
+func (m *Mailbox) admitQueued(req *SubmitRequest) error {
+	if m.cfg.MaxQueued <= 0 || req.messagesLogged {
+		return nil
+	}
+	if q := m.metrics.counts().Get(StatusQueued); q >= m.cfg.MaxQueued {
+		m.metrics.count(metricQueueFull).Inc()
+		return fmt.Errorf("submit to %s: %w (%d dispatches queued, the bound is %d)", req.ThreadID, ErrQueueFull, q, m.cfg.MaxQueued)
+	}
+	return nil
+}
+
 // SubmitBackground queues a run (seed submit_background): the run record
 // and its dispatch are durable when it returns; the run starts at once if
 // an agent slot is free, otherwise when one frees.
@@ -225,6 +239,9 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		if res, ok, err := m.existingByDedupe(ctx, req.ThreadID, req.DedupeKey); err != nil || ok {
 			return res, err
 		}
+	}
+	if err := m.admitQueued(&req); err != nil {
+		return SubmitResult{}, err
 	}
 	runID, d, err := m.submitRun(ctx, &req, m.cfg.Now())
 	if err == nil {

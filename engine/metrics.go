@@ -35,6 +35,7 @@ const (
 	metricRuns          = "mailbox_runs_total"
 	metricDeadLetter    = "mailbox_dead_letters_total"
 	metricDepthErrs     = "mailbox_dispatch_depth_errors_total"
+	metricQueueFull     = "mailbox_queue_full_total"
 	metricRenewals      = "mailbox_lease_renewals_total"
 	metricLive          = "mailbox_live_commands_total"
 	metricSigPulled     = "mailbox_dispatch_signal_pulled_total"

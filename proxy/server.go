@@ -728,6 +728,9 @@ func (s *Server) commandable() error {
 func (s *Server) fail(ctx *fasthttp.RequestCtx, err error) {
 	status, code := classify(err)
 	msg := err.Error()
+	if errors.Is(err, engine.ErrQueueFull) {
+		ctx.Response.Header.Set("Retry-After", "1")
+	}
 	if status >= 500 {
 		if n, ok := s.failLog.Allow(time.Now()); ok {
 			s.log.Warn("http request failed", "method", string(ctx.Method()), "path", string(ctx.URI().PathOriginal()),

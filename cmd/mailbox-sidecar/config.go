@@ -48,6 +48,7 @@ type serveConfig struct {
 	MaxBodyTotal    byteSize
 	MaxConns        int
 	MaxAgentConns   int
+	MaxQueued       int64
 	Sync            bool
 	ContextMessages int
 	ContextBytes    byteSize
@@ -162,6 +163,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.DurationVar(&c.GCInterval, "gc-interval", 60*time.Second, "purge interval of terminal dispatches and idle workers")
 	fs.DurationVar(&c.GCTTL, "gc-ttl", 24*time.Hour, "age after which terminal dispatches are purged")
 	fs.UintVar(&c.MaxAttempts, "max-attempts", 5, "attempts before dead-lettering")
+	fs.Int64Var(&c.MaxQueued, "max-queued", 0, "most dispatches waiting in the queue; past it a background submit gets 503 (an agent's SUBMIT: unavailable); foreground submits and messages are not refused. 0: no bound")
 	fs.DurationVar(&c.RetryDelay, "retry-delay", 250*time.Millisecond, "base of the exponential retry backoff")
 	fs.DurationVar(&c.MaxRetryDelay, "max-retry-delay", 30*time.Second, "cap of the retry backoff")
 	fs.DurationVar(&c.Heartbeat, "heartbeat", 5*time.Second, "agent-socket heartbeat; a peer silent for 3x is dead")
@@ -286,6 +288,9 @@ func (c *serveConfig) validate() []error {
 		// cannot reach the agent (found by review).
 		bad("--max-body %s is above the agent frame limit (16MiB): a run made from a larger body could never reach the agent", c.MaxBody.String())
 	}
+	if c.MaxQueued < 0 {
+		bad("--max-queued %d is negative", c.MaxQueued)
+	}
 	if c.MaxConns < 1 {
 		bad("--max-conns %d is below 1", c.MaxConns)
 	}
@@ -387,7 +392,7 @@ func (c *serveConfig) engineConfig(log *slog.Logger) engine.Config {
 	return engine.Config{
 		Lease: c.Lease, SuspendedLease: c.SuspendedLease, RenewInterval: c.LeaseRenewal,
 		SweepInterval: c.SweepInterval, GCInterval: c.GCInterval, GCTTL: c.GCTTL,
-		MaxAttempts: uint32(c.MaxAttempts), RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
+		MaxAttempts: uint32(c.MaxAttempts), MaxQueued: c.MaxQueued, RetryDelay: c.RetryDelay, MaxRetryDelay: c.MaxRetryDelay,
 		CommandTimeout: c.CommandTimeout, EventBuffer: c.EventBuffer, EventBufferBytes: int64(c.EventBytes), EventBufferTotalBytes: int64(c.EventLiveBytes), EventRetention: c.EventRetention, EventRetentionBytes: int64(c.EventKeptBytes),
 		ContextMessages: c.ContextMessages, ContextBytes: int(c.ContextBytes),
 		ConsumerID: c.ConsumerID, Logger: log, Now: skewedClock(c.ClockSkew),

@@ -27,6 +27,7 @@ var Help = map[string]string{
 	"mailbox_operation_duration_seconds":           "Duration of store calls, by operation and result.",
 	"mailbox_dispatch_depth":                       "Dispatches in each status (read from the store at most once a second). dead_letter counts requeued dead letters too, until --gc-ttl purges them; GET /v1/dead-letters lists those not requeued, mailbox_dead_letters_total counts each as it happens.",
 	"mailbox_queue_depth":                          "Queued dispatches (read from the store at most once a second).",
+	"mailbox_queue_full_total":                     "Background submits refused (503, SUBMIT error unavailable) because --max-queued dispatches were queued.",
 	"mailbox_dispatch_depth_errors_total":          "Failed reads of the dispatch counts or of the ready wait (the gauges keep their last values).",
 	"mailbox_dispatch_ready_wait_seconds":          "How long the thread first in the ready order has waited for a slot (queue lag); 0 when none waits. A thread that is running is not in line: work queued behind a running thread shows in mailbox_dispatch_depth{status=\"queued\"}, not here.",
 	"mailbox_dispatch_held_threads":                "Threads set aside by the dispatcher: their claims failed, or no agent took their run.",
