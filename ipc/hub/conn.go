@@ -105,15 +105,17 @@ func (h *Hub) serveConn(nc net.Conn) {
 	h.greeting[nc] = struct{}{}
 	h.mu.Unlock()
 	c, err := h.handshake(nc, id, log)
-	h.mu.Lock()
-	delete(h.greeting, nc)
-	h.mu.Unlock()
 	if err != nil {
+		h.mu.Lock()
+		delete(h.greeting, nc)
+		h.mu.Unlock()
 		log.Warn("agent handshake failed", "err", err)
 		nc.Close()
 		return
 	}
-	ok, goaway := h.register(c)
+	// It leaves greeting as it joins conns, under one lock: MaxConns
+	// counts it throughout.
+	ok, goaway := h.register(c, nc)
 	if !ok {
 		c.fail(ErrClosed, ipc.Status{Code: ipc.CodeShutdown, Message: "sidecar closing"})
 		close(c.readDone)

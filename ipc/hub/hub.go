@@ -404,10 +404,11 @@ func (h *Hub) connList() []*conn {
 	return out
 }
 
-// register adds a connection past its handshake; false when the hub is
-// closed.
-func (h *Hub) register(c *conn) (ok bool, goaway *ipc.Status) {
+// register moves a connection past its handshake from greeting (nc) to
+// conns; false when the hub is closed (it is then in neither).
+func (h *Hub) register(c *conn, nc net.Conn) (ok bool, goaway *ipc.Status) {
 	h.mu.Lock()
+	delete(h.greeting, nc)
 	if h.closed {
 		h.mu.Unlock()
 		return false, nil
