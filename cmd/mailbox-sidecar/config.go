@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"strconv"
 	"strings"
@@ -80,6 +81,34 @@ type serveConfig struct {
 	// a fault-injection hook for tests of clock jumps, set only by the
 	// MAILBOX_SIDECAR_TEST_CLOCK_SKEW variable, never by a flag.
 	ClockSkew time.Duration
+	// explicit names the flags set on the command line or in the
+	// environment (parseServe): fitBudgets leaves them as they are.
+	explicit map[string]bool
+}
+
+// fitBudgets lowers the defaults of the memory budgets the operator did
+// not set to fit limit, the Go runtime's soft memory limit (0: none):
+// --event-buffer-total-bytes and --event-retention-bytes to a quarter of
+// it (at least 1MiB), --max-body-total to an eighth (at least
+// --max-body). At the default limit, 512MiB, that is 128MiB, 128MiB and
+// 64MiB; a sidecar given a smaller limit for a smaller container gets
+// smaller budgets, where it used to keep 256MiB, 256MiB and 64MiB. It
+// returns what it changed, as log attributes.
+func (c *serveConfig) fitBudgets(limit int64) []any {
+	if limit <= 0 || limit == math.MaxInt64 {
+		return nil
+	}
+	var fitted []any
+	fit := func(name string, v *byteSize, want int64) {
+		if !c.explicit[name] && int64(*v) > want {
+			*v = byteSize(want)
+			fitted = append(fitted, name, v.String())
+		}
+	}
+	fit("event-buffer-total-bytes", &c.EventLiveBytes, max(limit/4, 1<<20))
+	fit("event-retention-bytes", &c.EventKeptBytes, max(limit/4, 1<<20))
+	fit("max-body-total", &c.MaxBodyTotal, max(limit/8, int64(c.MaxBody)))
+	return fitted
 }
 
 // byteSize is a flag value in bytes written as 4MiB, 512KiB, 1GB or 4096.
@@ -143,7 +172,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "optional TCP listener for the client API (requires --auth-token)")
 	fs.StringVar(&c.AdminAddr, "admin-addr", "", "TCP listener for /metrics, /livez, /readyz and /healthz only")
 	fs.Var(&c.MaxBody, "max-body", "largest accepted request body")
-	fs.Var(&c.MaxBodyTotal, "max-body-total", "bytes of request bodies over 16KiB read and handled at once (at least --max-body); past it a request waits up to 10s for room, then gets 503")
+	fs.Var(&c.MaxBodyTotal, "max-body-total", "bytes of request bodies over 16KiB read and handled at once (at least --max-body); past it a request waits up to 10s for room, then gets 503 (unset: at most an eighth of the memory limit)")
 	fs.IntVar(&c.MaxConns, "max-conns", proxy.DefaultMaxConns, "most connections each client API listener (socket, --http-addr) keeps open at once, streams and idle ones included; past it a new one gets 503 and is closed")
 	fs.IntVar(&c.MaxAgentConns, "max-agent-conns", hub.DefaultMaxConns, "most agent connections open at once; past it a new one gets ERROR busy and is closed")
 	fs.BoolVar(&c.Sync, "sync", true, "fsync before acknowledging (false trades the last moments of acknowledged work on power loss for throughput); Badger only")
@@ -151,9 +180,9 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.Var(&c.ContextBytes, "context-bytes", "most bytes of thread messages sent with each RUN")
 	fs.IntVar(&c.EventBuffer, "event-buffer", 10000, "events buffered per run for re-attachment")
 	fs.Var(&c.EventBytes, "event-buffer-bytes", "bytes of events buffered per run for re-attachment (the newest event is always kept)")
-	fs.Var(&c.EventLiveBytes, "event-buffer-total-bytes", "bytes of events the running runs keep together; past it a run's growing buffer drops its oldest events down to 64KiB")
+	fs.Var(&c.EventLiveBytes, "event-buffer-total-bytes", "bytes of events the running runs keep together; past it a run's growing buffer drops its oldest events down to 64KiB (unset: at most a quarter of the memory limit)")
 	fs.DurationVar(&c.EventRetention, "event-retention", 60*time.Second, "how long a finished run's events stay re-attachable")
-	fs.Var(&c.EventKeptBytes, "event-retention-bytes", "bytes of events the finished runs of all threads keep for re-attachment; past it those that finished first are forgotten before --event-retention")
+	fs.Var(&c.EventKeptBytes, "event-retention-bytes", "bytes of events the finished runs of all threads keep for re-attachment; past it those that finished first are forgotten before --event-retention (unset: at most a quarter of the memory limit)")
 	fs.StringVar(&c.AuthToken, "auth-token", "", "bearer token required on the TCP API listener")
 	fs.DurationVar(&c.Lease, "lease", 30*time.Second, "dispatch lease")
 	fs.DurationVar(&c.SuspendedLease, "suspended-lease", 10*time.Minute, "lease while the run waits on a suspended tool call")
@@ -208,11 +237,13 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (se
 		}
 		name := envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
 		if v := getenv(name); v != "" {
+			set[f.Name] = true
 			if err := f.Value.Set(v); err != nil {
 				errs = append(errs, fmt.Errorf("%s=%q: %v%s", name, v, err, valueHint(f)))
 			}
 		}
 	})
+	c.explicit = set
 	if v := getenv(envPrefix + "TEST_CLOCK_SKEW"); v != "" {
 		d, err := time.ParseDuration(v)
 		if err != nil {

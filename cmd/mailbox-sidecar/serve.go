@@ -91,6 +91,14 @@ func startSidecar(cfg serveConfig, log *slog.Logger) (_ *sidecar, err error) {
 		}
 	}()
 	tuneRuntime(cfg, os.Getenv, log)
+	limit := int64(cfg.MemoryLimit)
+	if os.Getenv("GOMEMLIMIT") != "" {
+		limit = debug.SetMemoryLimit(-1) // the environment's, which wins
+	}
+	if fitted := cfg.fitBudgets(limit); fitted != nil {
+		log.Info("memory budgets fitted to the memory limit (set them to choose)", append([]any{"memory_limit", formatBytes(limit)}, fitted...)...)
+		s.cfg = cfg
+	}
 	// A sidecar serving either socket refuses this one before the store
 	// is opened: a start refused at the API socket had made and
 	// initialised a data directory, and left the agent socket's lock file
