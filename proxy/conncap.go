@@ -34,8 +34,12 @@ func (s *Server) maxConns(kind listenerKind) int {
 // unavailable, Retry-After: 1, and the connection closes. Made once per
 // listener (New), written before any request is read.
 func refusal(kind listenerKind, maxConns int) []byte {
+	bound := "--max-conns"
+	if kind == kindAdmin {
+		bound = "the admin listener's fixed cap"
+	}
 	body, _ := json.Marshal(errorBody{Error: errorDetail{Code: CodeUnavailable, Message: fmt.Sprintf(
-		"the %s listener serves its most connections (%d, --max-conns): retry", kind, maxConns)}}) // strings always marshal
+		"the %s listener serves its most connections (%d, %s): retry", kind, maxConns, bound)}}) // strings always marshal
 	return fmt.Appendf(nil, "HTTP/1.1 503 Service Unavailable\r\nServer: mailbox-sidecar\r\n"+
 		"Content-Type: application/json\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s",
 		len(body), body)
