@@ -2,11 +2,12 @@ package proxy
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"time"
 
 	json "github.com/goccy/go-json"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/drain"
 )
 
 // adminMaxConns caps the admin listener's open connections: probes and
@@ -57,13 +58,13 @@ func (s *Server) refuseConn(c net.Conn, kind listenerKind) {
 	s.m.connsRefused[kind].Inc()
 	answer := s.refusals[kind]
 	s.mu.Lock()
-	drain := !s.closing && len(s.refusing) < cap(s.refusing)
-	if drain {
+	draining := !s.closing && len(s.refusing) < cap(s.refusing)
+	if draining {
 		s.refusing <- struct{}{}
 		s.refuseWG.Add(1)
 	}
 	s.mu.Unlock()
-	if !drain {
+	if !draining {
 		_ = c.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
 		_, _ = c.Write(answer)
 		_ = c.Close()
@@ -72,12 +73,12 @@ func (s *Server) refuseConn(c net.Conn, kind listenerKind) {
 	go func() {
 		defer s.refuseWG.Done()
 		defer func() { <-s.refusing }()
-		_ = c.SetDeadline(time.Now().Add(refusalDrain))
-		if _, err := c.Write(answer); err == nil {
-			if cw, ok := c.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
-				_, _ = io.Copy(io.Discard, io.LimitReader(c, refusalMaxLen))
-			}
+		until := time.Now().Add(refusalDrain)
+		_ = c.SetWriteDeadline(until)
+		if _, err := c.Write(answer); err != nil {
+			_ = c.Close()
+			return
 		}
-		_ = c.Close()
+		_ = drain.Close(c, refusalMaxLen, until)
 	}()
 }

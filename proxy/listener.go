@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -11,6 +10,8 @@ import (
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/drain"
 )
 
 // retryListener retries an accept that failed for want of a resource —
@@ -117,11 +118,5 @@ func (c *lingerConn) lingerFor(n int64) { c.drain.Store(min(max(n, 0), lingerMax
 
 // Close implements net.Conn.
 func (c *lingerConn) Close() error {
-	if n := c.drain.Swap(0); n > 0 {
-		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
-			c.Conn.SetReadDeadline(time.Now().Add(lingerDrain))
-			io.Copy(io.Discard, io.LimitReader(c.Conn, n))
-		}
-	}
-	return c.Conn.Close()
+	return drain.Close(c.Conn, c.drain.Swap(0), time.Now().Add(lingerDrain))
 }

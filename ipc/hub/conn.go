@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"strconv"
@@ -17,6 +16,7 @@ import (
 	json "github.com/goccy/go-json"
 
 	"github.com/mailbox-sidecar/mailbox-sidecar/engine"
+	"github.com/mailbox-sidecar/mailbox-sidecar/internal/drain"
 	"github.com/mailbox-sidecar/mailbox-sidecar/internal/loglimit"
 	"github.com/mailbox-sidecar/mailbox-sidecar/ipc"
 )
@@ -161,13 +161,13 @@ func (h *Hub) refuseConn(nc net.Conn, open int, log *slog.Logger) {
 		log.Warn("agent connection refused: too many open", "open", open, "max_conns", h.cfg.MaxConns, "refused_since_last_warning", held)
 	}
 	p, _ := json.Marshal(ipc.Status{Code: ipc.CodeBusy, Message: fmt.Sprintf("the sidecar has its most agent connections open (%d, --max-agent-conns): retry", h.cfg.MaxConns)}) // strings always marshal
-	_ = nc.SetDeadline(time.Now().Add(time.Second))
-	if _, err := nc.Write(ipc.AppendFrame(nil, ipc.TypeError, 0, 0, p)); err == nil {
-		if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
-			_, _ = io.Copy(io.Discard, io.LimitReader(nc, 64<<10))
-		}
+	until := time.Now().Add(time.Second)
+	_ = nc.SetWriteDeadline(until)
+	if _, err := nc.Write(ipc.AppendFrame(nil, ipc.TypeError, 0, 0, p)); err != nil {
+		_ = nc.Close()
+		return
 	}
-	_ = nc.Close()
+	_ = drain.Close(nc, 64<<10, until)
 }
 
 // handshake reads HELLO and answers WELCOME.
