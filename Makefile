@@ -7,7 +7,7 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS   := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: help build demo test test-short bench crash fuzz lint tidy
+.PHONY: help build demo test test-short bench crash soak fuzz lint tidy
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ test: ## vet, race-enabled tests with goroutine-leak checks, every benchmark onc
 	# The scale benchmark's 10 000-queued rows, so that it cannot rot unseen
 	# (it did once: bench/README.md, Scale, the seventeenth session).
 	$(GO) test -tags scale -run '^$$' -bench '^BenchmarkScale$$' -benchtime 1x -count=1 -timeout 10m ./bench/
+	# A short soak, 45 s (make soak runs it for SOAK_DURATION).
+	MAILBOX_SOAK_DURATION=20s MAILBOX_SOAK_GC_TTL=5s MAILBOX_SOAK_GC_INTERVAL=2s MAILBOX_SOAK_SAMPLE=5s \
+	  $(GO) test -tags soak -run '^$$' -bench '^BenchmarkSoak$$' -benchtime 1x -count=1 -timeout 10m ./bench/
 
 test-short: ## quick tests without the race detector
 	$(GO) test -count=1 -short $(PKGS)
@@ -43,6 +46,13 @@ SCALE_CONTEXT ?=
 scale: ## the binary on 10 000 and 1 000 000 queued dispatches (-tags scale; bench/README.md, Scale)
 	$(GO) vet -tags scale ./bench/
 	MAILBOX_SCALE=1 MAILBOX_SCALE_AGENTS=$(SCALE_AGENTS) MAILBOX_SCALE_CONTEXT=$(SCALE_CONTEXT) $(GO) test -tags scale -run '^$$' -bench '^BenchmarkScale' -benchtime 1x -count=1 -timeout 60m -v ./bench/
+
+# SOAK_DURATION of steady mixed load on the binary and the echo agent,
+# sampled every 30 s; gc-ttl 2m so that purges run throughout.
+SOAK_DURATION ?= 20m
+soak: ## the binary under steady load for SOAK_DURATION: memory, goroutines, sockets, disk, latency (bench/README.md, Soak)
+	$(GO) vet -tags soak ./bench/
+	MAILBOX_SOAK_DURATION=$(SOAK_DURATION) $(GO) test -tags soak -run '^$$' -bench '^BenchmarkSoak$$' -benchtime 1x -count=1 -timeout 0 -v ./bench/
 
 crash: ## long SIGKILL crash runs: the store (100 cycles), the whole sidecar (60 per variant)
 	MAILBOX_CRASH_CYCLES=100 $(GO) test -count=1 -timeout 60m -run 'Crash' -v ./badgerstore/

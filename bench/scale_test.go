@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -188,9 +187,6 @@ func benchScale(b *testing.B, queued, threads int) {
 	// ns/op is meaningless here (the timer is stopped throughout).
 	b.ReportMetric(0, "ns/op")
 }
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-func mib(bytes int64) float64    { return float64(bytes) / (1 << 20) }
 
 // scaleResult is one iteration's figures.
 type scaleResult struct {
@@ -399,14 +395,6 @@ func scaleProfiles(b *testing.B, name string) {
 	}
 }
 
-func percentile(xs []time.Duration, p int) time.Duration {
-	if len(xs) == 0 {
-		return 0
-	}
-	slices.Sort(xs)
-	return xs[min(len(xs)-1, len(xs)*p/100)]
-}
-
 // agentRuns is the echo agent's log: when each dispatch's RUN arrived and
 // when its FINISH was sent.
 type agentRuns struct {
@@ -483,85 +471,6 @@ func readAgentLog(b *testing.B, path string, runs *agentRuns) {
 	if err := sc.Err(); err != nil {
 		b.Fatal(err)
 	}
-}
-
-// metricsSnapshot is one /metrics scrape: series (name and labels) → value.
-type metricsSnapshot map[string]float64
-
-func scrape(b *testing.B, n *node) metricsSnapshot {
-	m := metricsSnapshot{}
-	for _, line := range strings.Split(n.get(b, "/metrics"), "\n") {
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			m[line[:i]] = v
-		}
-	}
-	return m
-}
-
-func (m metricsSnapshot) completed() float64 {
-	return m[`mailbox_runs_total{outcome="completed"}`]
-}
-
-// meanMs is the mean of a histogram's observations between prev and m, in
-// milliseconds (NaN when nothing was observed).
-func (m metricsSnapshot) meanMs(prev metricsSnapshot, name, labels string) float64 {
-	sum := m[name+"_sum"+labels] - prev[name+"_sum"+labels]
-	count := m[name+"_count"+labels] - prev[name+"_count"+labels]
-	if count <= 0 {
-		return math.NaN()
-	}
-	return sum / count * 1000
-}
-
-// procMem is a process's memory from /proc/<pid>/status, in bytes.
-type procMem struct {
-	rss, hwm   int64 // VmRSS, VmHWM
-	anon, file int64 // RssAnon (heap, stacks), RssFile (mapped files: Badger's tables and value log)
-}
-
-// procStatus reads the process's memory figures.
-func procStatus(b *testing.B, pid int) procMem {
-	var m procMem
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			m.rss = kb << 10
-		case "VmHWM:":
-			m.hwm = kb << 10
-		case "RssAnon:":
-			m.anon = kb << 10
-		case "RssFile:":
-			m.file = kb << 10
-		}
-	}
-	return m
-}
-
-// loadAvg1 is the 1-minute load average.
-func loadAvg1() float64 {
-	data, _ := os.ReadFile("/proc/loadavg")
-	f := strings.Fields(string(data))
-	if len(f) == 0 {
-		return math.NaN()
-	}
-	v, _ := strconv.ParseFloat(f[0], 64)
-	return v
 }
 
 // noAgent is an executor without capacity: submits are stored, never

@@ -212,16 +212,33 @@ func (m *Mailbox) accepting() error {
 
 // admitQueued refuses a background submit while Config.MaxQueued
 // dispatches are queued (ErrQueueFull), live-then-queue's fallback
-// excepted: its messages are in the log already.
-func (m *Mailbox) admitQueued(req *SubmitRequest) error {
+// excepted: its messages are in the log already. A submit that repeats a
+// caller's dispatch or run id hint gets what it would below the bound
+// (ErrAlreadyExists), not a refusal to retry: a retry could never succeed.
+func (m *Mailbox) admitQueued(ctx context.Context, req *SubmitRequest) error {
 	if m.cfg.MaxQueued <= 0 || req.messagesLogged {
 		return nil
 	}
-	if q := m.metrics.counts().Get(StatusQueued); q >= m.cfg.MaxQueued {
-		m.metrics.count(metricQueueFull).Inc()
-		return fmt.Errorf("submit to %s: %w (%d dispatches queued, the bound is %d)", req.ThreadID, ErrQueueFull, q, m.cfg.MaxQueued)
+	q := m.metrics.counts().Get(StatusQueued)
+	if q < m.cfg.MaxQueued {
+		return nil
 	}
-	return nil
+	if req.DispatchIDHint != "" && !req.dispatchIDMinted {
+		if d, err := m.store.LoadDispatch(ctx, req.DispatchIDHint); err != nil {
+			return fmt.Errorf("submit to %s: %w", req.ThreadID, err)
+		} else if d != nil {
+			return fmt.Errorf("submit to %s: dispatch_id=%s: %w", req.ThreadID, req.DispatchIDHint, ErrAlreadyExists)
+		}
+	}
+	if req.RunIDHint != "" {
+		if r, err := m.store.LoadRun(ctx, req.RunIDHint); err != nil {
+			return fmt.Errorf("submit to %s: %w", req.ThreadID, err)
+		} else if r != nil {
+			return fmt.Errorf("submit to %s: run_id=%s: %w", req.ThreadID, req.RunIDHint, ErrAlreadyExists)
+		}
+	}
+	m.metrics.count(metricQueueFull).Inc()
+	return fmt.Errorf("submit to %s: %w (%d dispatches queued, the bound is %d)", req.ThreadID, ErrQueueFull, q, m.cfg.MaxQueued)
 }
 
 // SubmitBackground queues a run (seed submit_background): the run record
@@ -240,7 +257,7 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 			return res, err
 		}
 	}
-	if err := m.admitQueued(&req); err != nil {
+	if err := m.admitQueued(ctx, &req); err != nil {
 		return SubmitResult{}, err
 	}
 	runID, d, err := m.submitRun(ctx, &req, m.cfg.Now())
