@@ -164,6 +164,7 @@ func soak(b *testing.B, cfg soakConfig) {
 	b.Logf("idle     %s", idle)
 
 	start := time.Now()
+	cpu0 := cpuTime(b, pid)
 	tokens := make(chan int64, cfg.rate) // a second's worth of submits
 	var behind atomic.Int64              // submits the workers could not keep up with
 	stop := make(chan struct{})
@@ -255,6 +256,7 @@ func soak(b *testing.B, cfg soakConfig) {
 	close(stop)
 	wg.Wait()
 	loadEnd := time.Since(start)
+	cpu := cpuTime(b, pid) - cpu0
 	mu.Lock()
 	lat = [soakKinds][]time.Duration{} // the end row has none of the load's
 	mu.Unlock()
@@ -317,6 +319,7 @@ func soak(b *testing.B, cfg soakConfig) {
 	}
 	runs := end.completed - idle.completed
 	b.ReportMetric(runs/loadEnd.Seconds(), "runs/s")
+	b.ReportMetric(float64(cpu.Microseconds())/runs, "sidecar-cpu-µs/run")
 	b.ReportMetric(mib(maxHeap), "heap-max-MiB")
 	b.ReportMetric(mib(end.heap), "heap-end-MiB")
 	b.ReportMetric(mib(maxRSS), "rss-max-MiB")

@@ -275,6 +275,9 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
 	if !m.servedWithSlot(&req) {
+		if m.served(req.AgentID) {
+			m.waitsForSlot()
+		}
 		m.kick() // the dispatcher sets the thread aside until an agent for it comes, or has a slot
 		return res, nil
 	}
@@ -289,10 +292,24 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 		}
 		// Otherwise the attempt running on the thread claims it when it
 		// finishes (finish).
+	case attemptNoSlot:
+		m.waitsForSlot()
+		m.kick()
 	default:
 		m.kick()
 	}
 	return res, nil
+}
+
+// waitsForSlot notes that a thread accepted here waits for an agent slot:
+// until the dispatcher has looked (it resets the mark when nothing
+// waits), a finishing attempt hands its slot to the dispatcher, oldest
+// waiting thread first, rather than claim its own thread's newer work.
+// Left to the dispatcher alone, a finish that came before it had woken
+// ran the busy thread's second run ahead of a thread submitted earlier
+// (CI, a loaded machine: TestFinishedAttemptLeavesTheSlotToAWaitingThread).
+func (m *Mailbox) waitsForSlot() {
+	m.starved.Store(true)
 }
 
 // repeatLog is the log an idempotent repeat of a foreground submit
@@ -737,6 +754,9 @@ func (m *Mailbox) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	m.mu.Unlock()
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: thread, Status: SubmitQueued}
 	if !slot {
+		if !m.runsOn(thread) && m.served(req.AgentID) {
+			m.waitsForSlot()
+		}
 		m.kick()
 		return res, events, nil
 	}
