@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"os/signal"
 	"syscall"
 	"testing"
 	"time"
@@ -208,6 +209,15 @@ func TestStoreCredentialsStayOutOfTheLogs(t *testing.T) {
 // SIGHUP (a closed terminal) drains like SIGTERM instead of ending the
 // process at once (found by review).
 func TestHangupDrains(t *testing.T) {
+	if signal.Ignored(syscall.SIGHUP) {
+		// Run under nohup (a CI job may be), this process ignores SIGHUP
+		// and its children would inherit that, as they should
+		// (TestHangupIgnoredStaysIgnored). Caught here instead, the
+		// sidecar starts with the default action, which it catches.
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+	}
 	n := newNode(t)
 	sc := n.serve(t)
 	n.ready(t)
