@@ -20,12 +20,12 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 func mib(bytes int64) float64    { return float64(bytes) / (1 << 20) }
 
 // percentile is the p-th percentile of xs (sorted in place; 0 when empty).
-func percentile(xs []time.Duration, p int) time.Duration {
+func percentile(xs []time.Duration, p float64) time.Duration {
 	if len(xs) == 0 {
 		return 0
 	}
 	slices.Sort(xs)
-	return xs[min(len(xs)-1, len(xs)*p/100)]
+	return xs[min(len(xs)-1, int(float64(len(xs))*p/100))]
 }
 
 // metricsSnapshot is one /metrics scrape: series (name and labels) → value.

@@ -125,6 +125,7 @@ func soak(b *testing.B, cfg soakConfig) {
 	var (
 		mu       sync.Mutex
 		lat      [soakKinds][]time.Duration // latencies since the last sample
+		all      [soakKinds][]time.Duration // every latency of the load
 		expected atomic.Int64               // runs the load caused
 		failures atomic.Int64
 		firstErr atomic.Value
@@ -140,6 +141,9 @@ func soak(b *testing.B, cfg soakConfig) {
 		mu.Lock()
 		l := lat
 		lat = [soakKinds][]time.Duration{}
+		for k := range soakKinds {
+			all[k] = append(all[k], l[k]...)
+		}
 		mu.Unlock()
 		s := soakSample{
 			completed:  m.completed(),
@@ -258,6 +262,9 @@ func soak(b *testing.B, cfg soakConfig) {
 	loadEnd := time.Since(start)
 	cpu := cpuTime(b, pid) - cpu0
 	mu.Lock()
+	for k := range soakKinds { // the last interval's, which no sample took
+		all[k] = append(all[k], lat[k]...)
+	}
 	lat = [soakKinds][]time.Duration{} // the end row has none of the load's
 	mu.Unlock()
 	if f := failures.Load(); f > 0 {
@@ -320,6 +327,15 @@ func soak(b *testing.B, cfg soakConfig) {
 	runs := end.completed - idle.completed
 	b.ReportMetric(runs/loadEnd.Seconds(), "runs/s")
 	b.ReportMetric(float64(cpu.Microseconds())/runs, "sidecar-cpu-µs/run")
+	// The whole load's tails: a sample's p99 shows when a stall came, these
+	// how much of the load it touched.
+	for _, k := range []struct {
+		kind int
+		name string
+	}{{soakBackground, "submit"}, {soakForeground, "stream"}} {
+		b.ReportMetric(ms(percentile(all[k.kind], 99)), k.name+"-p99-ms")
+		b.ReportMetric(ms(percentile(all[k.kind], 99.9)), k.name+"-p999-ms")
+	}
 	b.ReportMetric(mib(maxHeap), "heap-max-MiB")
 	b.ReportMetric(mib(end.heap), "heap-end-MiB")
 	b.ReportMetric(mib(maxRSS), "rss-max-MiB")

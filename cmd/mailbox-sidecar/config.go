@@ -202,7 +202,7 @@ func serveFlags(fs *flag.FlagSet, c *serveConfig) {
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.Var(&c.MemoryLimit, "memory-limit", "soft memory limit of the Go runtime (GOMEMLIMIT, when set, wins); 0 turns it off")
 	fs.IntVar(&c.GOGC, "gogc", 200, "Go garbage collector target percentage (GOGC, when set, wins); -1 turns the collector off below the memory limit")
-	fs.IntVar(&c.GOMAXPROCS, "gomaxprocs", 0, "processors the Go scheduler uses (GOMAXPROCS, when set, wins); 0: Go's default under a CPU limit (a container's), else half of it, at least 1")
+	fs.IntVar(&c.GOMAXPROCS, "gomaxprocs", 0, "processors the Go scheduler uses (GOMAXPROCS, when set, wins); 0: Go's default under a CPU limit (a container's), else half of it, at least 2")
 }
 
 // parseServe reads the serve flags from args and the environment and

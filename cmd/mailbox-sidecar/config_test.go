@@ -322,7 +322,7 @@ func TestGoEnvTaken(t *testing.T) {
 	}
 }
 
-// --gomaxprocs: 0 is half of Go's default (at least 1) when the process
+// --gomaxprocs: 0 is half of Go's default (at least 2, at most all) when the process
 // sees all the host's processors, Go's default under a CPU limit, computed
 // from the default each time (a second sidecar in one process does not halve it
 // again); a number is taken as is; GOMAXPROCS in the environment wins.
@@ -351,7 +351,7 @@ func TestTuneRuntimeGOMAXPROCS(t *testing.T) {
 		t.Fatalf("with GOMAXPROCS=abc in the environment (the runtime ignores it): GOMAXPROCS %d, want --gomaxprocs's 3", got)
 	}
 	for _, c := range []struct{ n, def, cpus, want int }{
-		{0, 1, 1, 1}, {0, 2, 2, 1}, {0, 3, 3, 1}, {0, 8, 8, 4}, {0, 64, 64, 32}, // the whole host: half
+		{0, 1, 1, 1}, {0, 2, 2, 2}, {0, 3, 3, 2}, {0, 4, 4, 2}, {0, 8, 8, 4}, {0, 64, 64, 32}, // the whole host: half, at least 2
 		{0, 2, 64, 2}, {0, 1, 8, 1}, {0, 6, 8, 6}, // a CPU limit below the host's processors: Go's default
 		{2, 1, 1, 2}, {7, 64, 64, 7}, {3, 2, 64, 3}, // set
 	} {

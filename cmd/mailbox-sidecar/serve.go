@@ -347,13 +347,15 @@ func (s *sidecar) release() {
 // per run (3–5 % of the sidecar's CPU under load, bench/README.md) for
 // more memory, which the soft memory limit still bounds.
 //
-// The default GOMAXPROCS is half of Go's own, at least 1, when the
-// sidecar sees all of the host's processors: it shares them with the
-// agent it serves, and every idle processor costs the scheduler wake-ups
-// and spinning threads looking for work. On a two-core host running the
-// sidecar, the agent and a load client, one processor instead of two cut
-// the sidecar's CPU per run by a third to a half and kept runs/s level or
-// raised it (bench/README.md). Under a CPU limit (Go's default, which
+// The default GOMAXPROCS is half of Go's own, at least 2 (gomaxprocs),
+// when the sidecar sees all of the host's processors: it shares them
+// with the agent it serves, and every idle processor costs the scheduler
+// wake-ups and spinning threads looking for work (on a two-core host at
+// saturation one processor instead of two cut the sidecar's CPU per run
+// by a third to a half). But one processor let the store's CPU-bound
+// flushes and compactions hold every request back: under a steady load
+// two gave p99 latencies 5–9 times lower for the same CPU per run
+// (bench/README.md). Under a CPU limit (Go's default, which
 // follows a container's limit, below the processors the process may run
 // on) the budget is the sidecar's own, as in a pod where the agent is
 // another container with its own limit: Go's default is kept. The
@@ -401,7 +403,11 @@ func goEnvTaken(name string, getenv func(string) string) bool {
 // gomaxprocs is the number of processors for --gomaxprocs n, given Go's
 // default and the processors the process may run on: n itself, or for 0
 // Go's default when it is below cpus (a CPU limit: the sidecar's own
-// budget), else half of it, at least 1.
+// budget), else half of it, at least 2 (at most Go's default). With one
+// processor Badger's memtable flushes and compactions, CPU-bound for
+// 0.1–0.5 s, held every request goroutine back behind them: the soak's
+// p99 was 5–9 times that at two, for the same CPU per run (bench/README.md,
+// the thirty-seventh session).
 func gomaxprocs(n, goDefault, cpus int) int {
 	if n > 0 {
 		return n
@@ -409,5 +415,5 @@ func gomaxprocs(n, goDefault, cpus int) int {
 	if goDefault < cpus {
 		return goDefault
 	}
-	return max(1, goDefault/2)
+	return min(goDefault, max(2, goDefault/2))
 }
