@@ -526,6 +526,9 @@ func (m *Mailbox) agentsChanged() {
 func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 	listedAgain := false // a round whose claims all came back empty was listed once more
 	for round := 0; round < 64; round++ {
+		// Read before anything is listed: a submit's mark after it is not
+		// cleared by this round, whose listing may not show its work.
+		gen := m.starved.generation()
 		now := m.cfg.Now()
 		m.mu.Lock()
 		free := m.exec.Capacity() - m.inFlight
@@ -543,7 +546,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		m.mu.Unlock()
 		if closing {
-			m.starved.Store(false)
+			m.starved.clearAlways()
 			return 0
 		}
 		if free <= 0 {
@@ -576,7 +579,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 			threads = m.notHeldLocked(threads, now)
 			m.mu.Unlock()
 			starved := err != nil || len(threads) > 0
-			m.starved.Store(starved)
+			m.starved.setTo(starved, gen)
 			if starved && m.slotFree() {
 				// A slot was let go while the store listed (a signal's
 				// probe that found nothing): it read starved as false and
@@ -600,7 +603,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		grace := m.sharedClaimGrace()
 		threads, next, err := m.store.ReadyThreads(ctx, m.cfg.Now()-grace, prefix.last, free+here+unlisted+1)
 		if err != nil {
-			m.starved.Store(true)
+			m.starved.set()
 			m.log.Warn("list ready threads failed", "err", err)
 			return m.cfg.Now() + 1000
 		}
@@ -643,7 +646,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 		}
 		m.noteBusyWaitingLocked(m.prefixBusyLocked(now, busyLeft))
 		m.mu.Unlock()
-		m.starved.Store(len(fromPrefix)+len(waiting) > free)
+		m.starved.setTo(len(fromPrefix)+len(waiting) > free, gen)
 		threads = waiting[:min(len(waiting), max(free-len(fromPrefix), 0))]
 		if len(fromPrefix) > 0 {
 			threads = append(fromPrefix, threads...)
@@ -666,7 +669,7 @@ func (m *Mailbox) dispatchReady(ctx context.Context) int64 {
 				case attemptCorrupt:
 					corrupt.Store(true)
 				case attemptNoSlot:
-					m.starved.Store(true)
+					m.starved.set()
 				case attemptNone:
 					empty.Store(true)
 					m.foregroundTried(t)

@@ -103,7 +103,7 @@ type Mailbox struct {
 	// due threads than free agent slots. While it is set a finished
 	// attempt hands its slot to the dispatcher (oldest waiting thread
 	// first); otherwise it claims its own thread's next dispatch at once.
-	starved     atomic.Bool
+	starved     starvedMark
 	loopStop    context.CancelFunc
 	loops       sync.WaitGroup // dispatcher and maintenance loops
 	watch       loopWatches    // what each loop is busy with, for Alive
@@ -275,7 +275,9 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 	}
 	res := SubmitResult{DispatchID: d.DispatchID, RunID: runID, ThreadID: req.ThreadID, Status: SubmitQueued}
 	if !m.servedWithSlot(&req) {
-		if m.served(req.AgentID) {
+		if !m.runsOn(req.ThreadID) && m.served(req.AgentID) {
+			// (Its own attempt, executing here, claims it as it finishes:
+			// the dispatcher does not count it as waiting either.)
 			m.waitsForSlot()
 		}
 		m.kick() // the dispatcher sets the thread aside until an agent for it comes, or has a slot
@@ -309,7 +311,7 @@ func (m *Mailbox) SubmitBackground(ctx context.Context, req SubmitRequest) (Subm
 // ran the busy thread's second run ahead of a thread submitted earlier
 // (CI, a loaded machine: TestFinishedAttemptLeavesTheSlotToAWaitingThread).
 func (m *Mailbox) waitsForSlot() {
-	m.starved.Store(true)
+	m.starved.mark()
 }
 
 // repeatLog is the log an idempotent repeat of a foreground submit
