@@ -35,14 +35,7 @@ func (s *starvedMark) mark() {
 }
 
 // set sets the mark (the dispatcher found threads waiting).
-func (s *starvedMark) set() {
-	for {
-		old := s.v.Load()
-		if old&1 == 1 || s.v.CompareAndSwap(old, old|1) {
-			return
-		}
-	}
-}
+func (s *starvedMark) set() { s.v.Or(1) }
 
 // clear clears the mark unless a mark came after generation gen.
 func (s *starvedMark) clear(gen uint64) {
@@ -55,14 +48,7 @@ func (s *starvedMark) clear(gen uint64) {
 }
 
 // clearAlways clears the mark whatever came (the mailbox is closing).
-func (s *starvedMark) clearAlways() {
-	for {
-		old := s.v.Load()
-		if old&1 == 0 || s.v.CompareAndSwap(old, old&^1) {
-			return
-		}
-	}
-}
+func (s *starvedMark) clearAlways() { s.v.And(^uint64(1)) }
 
 // setTo sets the mark when starved, else clears it unless a mark came
 // after generation gen.

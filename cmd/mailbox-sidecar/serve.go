@@ -354,7 +354,7 @@ func (s *sidecar) release() {
 // saturation one processor instead of two cut the sidecar's CPU per run
 // by a third to a half). But one processor let the store's CPU-bound
 // flushes and compactions hold every request back: under a steady load
-// two gave p99 latencies 5–9 times lower for the same CPU per run
+// two gave p99 latencies 3–9 times lower for about the same CPU per run
 // (bench/README.md). Under a CPU limit (Go's default, which
 // follows a container's limit, below the processors the process may run
 // on) the budget is the sidecar's own, as in a pod where the agent is
@@ -406,8 +406,8 @@ func goEnvTaken(name string, getenv func(string) string) bool {
 // budget), else half of it, at least 2 (at most Go's default). With one
 // processor Badger's memtable flushes and compactions, CPU-bound for
 // 0.1–0.5 s, held every request goroutine back behind them: the soak's
-// p99 was 5–9 times that at two, for the same CPU per run (bench/README.md,
-// the thirty-seventh session).
+// p99 was 3–9 times that at two, for about the same CPU per run
+// (bench/README.md, the thirty-seventh session).
 func gomaxprocs(n, goDefault, cpus int) int {
 	if n > 0 {
 		return n
