@@ -350,9 +350,10 @@ func (s *sidecar) release() {
 // The default GOMAXPROCS is half of Go's own, at least 2 (gomaxprocs),
 // when the sidecar sees all of the host's processors: it shares them
 // with the agent it serves, and every idle processor costs the scheduler
-// wake-ups and spinning threads looking for work (on a two-core host at
-// saturation one processor instead of two cut the sidecar's CPU per run
-// by a third to a half). But one processor let the store's CPU-bound
+// wake-ups and spinning threads looking for work (on earlier two-core
+// guests at saturation one processor instead of two cut the sidecar's CPU
+// per run by a third to a half; on the thirty-seventh session's guest two
+// cost less). But one processor let the store's CPU-bound
 // flushes and compactions hold every request back: under a steady load
 // two gave p99 latencies 3–9 times lower for about the same CPU per run
 // (bench/README.md). Under a CPU limit (Go's default, which
