@@ -45,6 +45,7 @@ type sseStream struct {
 	conn    net.Conn
 	broken  bool // a write failed: the connection is gone or going
 	dropped bool // counted in mailbox_http_sse_dropped_total
+	direct  bool // written on the hijacked connection (an HTTP/1.0 client), closed at its end
 
 	mu    sync.Mutex // guards cut, until and the connection's write deadline
 	cut   bool       // Shutdown cut the stream off
@@ -84,10 +85,29 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engin
 	s.streamWG.Add(1)
 	s.mu.Unlock()
 	s.m.subscribers.Add(1)
+	if !ctx.Request.Header.IsHTTP11() && !ctx.IsHead() {
+		// HTTP/1.0 has no chunked coding (RFC 9112 §6.1), and fasthttp
+		// chunks every body stream (found by review: an HTTP/1.0 client
+		// read the chunk sizes as event lines). The stream is written on
+		// the connection as it is, and its end closes the connection.
+		st.direct = true
+		h.SetContentLength(-2) // no length and no coding: Connection: close
+		ctx.HijackSetNoResponse(true)
+		ctx.Hijack(func(c net.Conn) {
+			w := bufio.NewWriterSize(c, directBuffer)
+			w.Write(h.Header()) // ctx is fasthttp's until this returns
+			st.run(w)
+		})
+		return nil
+	}
 	ctx.Response.ImmediateHeaderFlush = true
 	ctx.SetBodyStreamWriter(st.run)
 	return nil
 }
+
+// directBuffer is the write buffer of a stream to an HTTP/1.0 client (a
+// stream to any other gets fasthttp's).
+const directBuffer = 4 << 10
 
 // run writes the stream until the log closes, the client leaves, the
 // stream falls behind the ring, or Shutdown.
@@ -263,7 +283,8 @@ func (s *Server) endStream(st *sseStream) {
 	s.mu.Lock()
 	delete(s.streams, st)
 	s.mu.Unlock()
-	if st.conn != nil && !st.broken {
+	// A direct stream wrote its last bytes itself.
+	if st.conn != nil && !st.broken && !st.direct {
 		s.linger(st.conn, time.Now().Add(s.stall()))
 	}
 	s.m.subscribers.Add(-1)
