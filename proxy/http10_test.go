@@ -136,3 +136,31 @@ func TestAnHTTP10ClientThatStopsReadingIsCutOff(t *testing.T) {
 			metricLine(string(m), "mailbox_http_sse_subscribers ") == "mailbox_http_sse_subscribers 0"
 	})
 }
+
+// fasthttp skips a hijack when the connection fails before it (here: the
+// answer to a pipelined request before the stream could not be flushed
+// to a client that had gone). A stream registered before its hijack was
+// then never run: counted as a subscriber for good, and Shutdown waited
+// for it until its deadline.
+func TestAnHTTP10StreamWhoseClientLeftBeforeItBeganIsNotKept(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{})
+	body := submitBody("hi")
+	for i := range 20 {
+		c, err := net.Dial("unix", sc.apiPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c, "GET /livez HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/threads/h10gone%d/runs HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s", i, len(body), body)
+		c.Close()
+	}
+	eventually(t, "no stream left", func() bool {
+		_, m := sc.do(req{method: "GET", path: "/metrics"})
+		return metricLine(string(m), "mailbox_http_sse_subscribers ") == "mailbox_http_sse_subscribers 0"
+	})
+	start := time.Now()
+	sc.shutdownProxy()
+	if took := time.Since(start); took > 3*time.Second {
+		t.Fatalf("shutdown took %s", took)
+	}
+}

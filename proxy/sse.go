@@ -74,35 +74,51 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engin
 	if fg != nil {
 		st.finish = appendSyntheticFinish(nil, fg)
 	}
-	s.mu.Lock()
-	if s.closing {
-		// Shutdown began after the submit: answer what is known.
-		s.mu.Unlock()
-		ctx.SetBody(head)
-		return nil
-	}
-	s.streams[st] = struct{}{}
-	s.streamWG.Add(1)
-	s.mu.Unlock()
-	s.m.subscribers.Add(1)
 	if !ctx.Request.Header.IsHTTP11() && !ctx.IsHead() {
 		// HTTP/1.0 has no chunked coding (RFC 9112 §6.1), and fasthttp
-		// chunks every body stream (found by review: an HTTP/1.0 client
-		// read the chunk sizes as event lines). The stream is written on
-		// the connection as it is, and its end closes the connection.
+		// chunks every body stream (an HTTP/1.0 client read the chunk
+		// sizes as lines of the stream). The stream is written on the
+		// hijacked connection as it is, and its end closes the
+		// connection. It is registered when it starts: fasthttp skips
+		// the hijack when the connection fails first.
 		st.direct = true
 		h.SetContentLength(-2) // no length and no coding: Connection: close
 		ctx.HijackSetNoResponse(true)
 		ctx.Hijack(func(c net.Conn) {
 			w := bufio.NewWriterSize(c, directBuffer)
 			w.Write(h.Header()) // ctx is fasthttp's until this returns
+			if !s.addStream(st) {
+				c.SetWriteDeadline(time.Now().Add(s.stall()))
+				w.Write(head)
+				w.Flush()
+				return
+			}
 			st.run(w)
 		})
+		return nil
+	}
+	if !s.addStream(st) {
+		ctx.SetBody(head)
 		return nil
 	}
 	ctx.Response.ImmediateHeaderFlush = true
 	ctx.SetBodyStreamWriter(st.run)
 	return nil
+}
+
+// addStream registers st with the streams Shutdown ends and waits for;
+// false once Shutdown began (the stream answers what is known: its head).
+func (s *Server) addStream(st *sseStream) bool {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return false
+	}
+	s.streams[st] = struct{}{}
+	s.streamWG.Add(1)
+	s.mu.Unlock()
+	s.m.subscribers.Add(1)
+	return true
 }
 
 // directBuffer is the write buffer of a stream to an HTTP/1.0 client (a
