@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mailbox-sidecar/mailbox-sidecar/proxy"
 )
 
 // openHTTP10 sends r as an HTTP/1.0 request on a new connection to the API
@@ -162,5 +165,51 @@ func TestAnHTTP10StreamWhoseClientLeftBeforeItBeganIsNotKept(t *testing.T) {
 	sc.shutdownProxy()
 	if took := time.Since(start); took > 3*time.Second {
 		t.Fatalf("shutdown took %s", took)
+	}
+}
+
+// An HTTP/1.0 stream's connection, which fasthttp gives up to the stream
+// (hijacked), counts under --max-conns until the stream ends. It was
+// uncounted as fasthttp gave it up: HTTP/1.0 streams passed the cap.
+func TestHTTP10StreamsCountUnderTheConnectionCap(t *testing.T) {
+	t.Parallel()
+	sc := newSidecar(t, options{admin: true, proxy: proxy.Config{MaxConns: 2}})
+	admin := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	conns := func() string {
+		_, m := doWith(t, admin, "http://"+sc.adminAddr, req{method: "GET", path: "/metrics"})
+		return metricLine(string(m), `mailbox_http_connections{listener="api"}`)
+	}
+	var streams []*sseStream
+	var runs []string
+	for i := range 2 {
+		st := sc.openHTTP10(req{method: "POST", path: fmt.Sprintf("/v1/threads/h10cap%d/runs", i), body: submitBody("wait")})
+		runs = append(runs, decode[submitResult](t, st.next().Data).RunID)
+		st.next()
+		st.next()
+		streams = append(streams, st)
+	}
+	if got, want := conns(), `mailbox_http_connections{listener="api"} 2`; got != want {
+		t.Fatalf("with two HTTP/1.0 streams open: %q, want %q", got, want)
+	}
+	refused := dialRaw(t, "unix", sc.apiPath)
+	if status, _ := refused.roundTrip(t, "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"); status != 503 {
+		t.Fatalf("a third connection: %d, want 503", status)
+	}
+	// The streams end with their runs, and their connections with them.
+	for _, id := range runs {
+		if ok, err := sc.mb.Cancel(context.Background(), id); err != nil || !ok {
+			t.Fatalf("cancel %s: %v %v", id, ok, err)
+		}
+	}
+	for _, st := range streams {
+		if got := types(st.rest()); got != "run_finish" {
+			t.Fatalf("a stream ended with %s", got)
+		}
+	}
+	eventually(t, "the streams' connections uncounted", func() bool {
+		return conns() == `mailbox_http_connections{listener="api"} 0`
+	})
+	if resp, _ := sc.do(req{method: "GET", path: "/livez"}); resp.StatusCode != 200 {
+		t.Fatalf("after the streams: %d", resp.StatusCode)
 	}
 }

@@ -165,8 +165,8 @@ func (k listenerKind) String() string {
 // Server serves the client API. Create it with New; serve listeners with
 // ServeAPI, ServeTCP and ServeAdmin; stop it with Shutdown.
 //
-// Locks: mu guards closing, streams, lingering and lns. The server never
-// holds it across I/O or engine calls.
+// Locks: mu guards closing, streams, lingering, hijacked and lns. The
+// server never holds it across I/O or engine calls.
 type Server struct {
 	cfg     Config
 	mb      *engine.Mailbox
@@ -202,6 +202,10 @@ type Server struct {
 	refusals   [3][]byte            // the answer to a connection past its listener's cap, by listenerKind
 	refusing   chan struct{}        // refusals draining their request (refuseConn); send only under mu while !closing
 	refuseWG   sync.WaitGroup       // their goroutines; Add only under mu while !closing
+	// hijacked holds the connections of HTTP/1.0 streams (hijacked from
+	// fasthttp) of which one of the two ends has been seen: fasthttp's
+	// StateHijacked or the stream's end (hijackSeen).
+	hijacked map[net.Conn]hijackMark
 }
 
 // New validates cfg and returns a Server. It registers the server's
@@ -216,6 +220,7 @@ func New(cfg Config) (*Server, error) {
 		cfg: cfg, mb: cfg.Mailbox, log: cfg.Logger, m: newHTTPMetrics(),
 		done: make(chan struct{}), streams: map[*sseStream]struct{}{},
 		lingering: map[net.Conn]time.Time{}, pruneAt: lingerPrune, answerRate: answerReadRate,
+		hijacked: map[net.Conn]hijackMark{},
 	}
 	s.token = sha256.Sum256([]byte(cfg.AuthToken))
 	s.refusing = make(chan struct{}, maxRefusing)
@@ -443,6 +448,34 @@ func (s *Server) linger(c net.Conn, until time.Time) {
 	s.pruneAt = max(lingerPrune, 2*len(s.lingering))
 }
 
+// hijackMark is what has been seen of a hijacked connection's two ends.
+type hijackMark struct {
+	kind         listenerKind
+	given, ended bool // fasthttp gave it up (StateHijacked); its stream ended
+}
+
+// hijackSeen records one end of a hijacked connection: fasthttp's
+// StateHijacked (given, with the listener's kind) or its stream's end.
+// The second of the two uncounts the connection: fasthttp starts the
+// stream before it reports the state, and no ConnState follows it.
+func (s *Server) hijackSeen(c net.Conn, kind listenerKind, ended bool) {
+	s.mu.Lock()
+	m := s.hijacked[c]
+	if ended {
+		m.ended = true
+	} else {
+		m.given, m.kind = true, kind
+	}
+	if !m.given || !m.ended {
+		s.hijacked[c] = m
+		s.mu.Unlock()
+		return
+	}
+	delete(s.hijacked, c)
+	s.mu.Unlock()
+	s.m.conns[m.kind].Add(-1)
+}
+
 // anyLingering reports whether a lingering connection is within its bound.
 func (s *Server) anyLingering(now time.Time) bool {
 	if s.nLingering.Load() == 0 {
@@ -465,8 +498,11 @@ func (s *Server) connState(c net.Conn, state fasthttp.ConnState, kind listenerKi
 	switch state {
 	case fasthttp.StateNew:
 		s.m.conns[kind].Add(1)
-	case fasthttp.StateClosed, fasthttp.StateHijacked:
+	case fasthttp.StateClosed:
 		s.m.conns[kind].Add(-1)
+	case fasthttp.StateHijacked:
+		// Counted (and so under --max-conns) until its stream ends.
+		s.hijackSeen(c, kind, false)
 	}
 	if state != fasthttp.StateNew && state != fasthttp.StateActive {
 		s.answers.release(c)

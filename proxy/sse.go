@@ -85,6 +85,7 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engin
 		h.SetContentLength(-2) // no length and no coding: Connection: close
 		ctx.HijackSetNoResponse(true)
 		ctx.Hijack(func(c net.Conn) {
+			defer s.hijackSeen(st.conn, 0, true) // fasthttp closes c next
 			w := bufio.NewWriterSize(c, directBuffer)
 			w.Write(h.Header()) // ctx is fasthttp's until this returns
 			if !s.addStream(st) {
