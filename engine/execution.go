@@ -96,8 +96,12 @@ type execution struct {
 	setAside bool
 	// liveKeys are the dedupe keys of live-then-queue submits whose
 	// messages this attempt accepted live (guarded by Mailbox.mu): a
-	// repeat of one is answered as delivered, not appended again.
-	liveKeys map[string]struct{}
+	// repeat of one is answered as delivered, not appended again. The
+	// newest maxLiveKeys are kept: liveKeyRing holds them in the order
+	// taken, and once full liveKeyNext is the oldest, replaced next.
+	liveKeys    map[string]struct{}
+	liveKeyRing []string
+	liveKeyNext int
 	// next is the thread's next dispatch, claimed in the commit that
 	// completed this attempt (CompleteClaimer): finish starts it in this
 	// attempt's slot (execute goroutine only).

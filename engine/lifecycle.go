@@ -1069,10 +1069,7 @@ func (m *Mailbox) SendMessages(ctx context.Context, req SubmitRequest, expectedR
 		if (expectedRunID == "" || expectedRunID == e.dispatch.RunID) && m.command(ctx, e, Command{Kind: CommandMessages, Messages: recs}) {
 			if req.DedupeKey != "" {
 				m.mu.Lock()
-				if e.liveKeys == nil {
-					e.liveKeys = make(map[string]struct{})
-				}
-				e.liveKeys[req.DedupeKey] = struct{}{}
+				e.rememberLiveKey(req.DedupeKey)
 				m.mu.Unlock()
 			}
 			return SubmitResult{DispatchID: e.dispatch.DispatchID, RunID: e.dispatch.RunID, ThreadID: req.ThreadID, Status: SubmitRunning}, DeliveredLive, nil
@@ -1112,6 +1109,32 @@ func (m *Mailbox) queueLogged(ctx context.Context, req SubmitRequest) (SubmitRes
 	req.messagesLogged = true
 	res, err := m.SubmitBackground(ctx, req)
 	return res, DeliveredQueued, err
+}
+
+// maxLiveKeys is how many dedupe keys of messages taken live an attempt
+// remembers: the newest. A repeat of an older one appends its messages
+// again. Unbounded, a client that sent a long-running run 100 000 live
+// messages, each with its own key, held 36 MiB of keys until the run
+// ended (bench/README.md, the thirty-sixth session's review).
+const maxLiveKeys = 4096
+
+// rememberLiveKey records key as taken live by e's attempt, forgetting
+// the oldest past maxLiveKeys. Mailbox.mu held.
+func (e *execution) rememberLiveKey(key string) {
+	if _, ok := e.liveKeys[key]; ok {
+		return
+	}
+	if e.liveKeys == nil {
+		e.liveKeys = make(map[string]struct{})
+	}
+	e.liveKeys[key] = struct{}{}
+	if len(e.liveKeyRing) < maxLiveKeys {
+		e.liveKeyRing = append(e.liveKeyRing, key)
+		return
+	}
+	delete(e.liveKeys, e.liveKeyRing[e.liveKeyNext])
+	e.liveKeyRing[e.liveKeyNext] = key
+	e.liveKeyNext = (e.liveKeyNext + 1) % maxLiveKeys
 }
 
 // deliveredLiveBefore answers a repeat of a live-then-queue submit whose
