@@ -158,6 +158,10 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, want jetstream.St
 	return st, nil
 }
 
+// indexFilter is the index consumer's subject filter for the subject
+// prefix p (ending in "."): the records of every two-token family.
+func indexFilter(p string) string { return p + "*.*" }
+
 func (s *Store) start(ctx context.Context) error {
 	js, err := jetstream.New(s.nc,
 		jetstream.WithPublishAsyncTimeout(s.cfg.RequestTimeout),
@@ -179,8 +183,17 @@ func (s *Store) start(ctx context.Context) error {
 	}
 	s.idx = newIndex(s.sub, func(msg string, args ...any) { s.log.Warn(msg, args...) })
 	p := s.cfg.Prefix + "."
+	// One filter, "<p>.*.*": the two-token families, the dispatch,
+	// thread-state and run records the index reads and the thread
+	// projections it skips (k, m, mi and x have other shapes). The
+	// server delivers a consumer of several filters (d, e and r, until
+	// the thirty-eighth session) by intersecting them with the subjects
+	// of a message block at every message: a restart's catch-up of
+	// 10 000 dispatches and their runs took 6.8 s (92 ms with this
+	// filter; BenchmarkOpen), and the live consumer paid the same per
+	// message.
 	cons, err := st.OrderedConsumer(octx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{p + famDispatch + ".>", p + famState + ".>", p + famRun + ".>"},
+		FilterSubjects: []string{indexFilter(p)},
 		DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
 	})
 	if err != nil {
