@@ -221,6 +221,17 @@ func (sc *sidecar) serve(fn func() error) {
 	}()
 }
 
+// shutdownPromptly is shutdownProxy that fails the test unless Shutdown
+// returned within 3 s.
+func (sc *sidecar) shutdownPromptly() {
+	sc.t.Helper()
+	start := time.Now()
+	sc.shutdownProxy()
+	if took := time.Since(start); took > 3*time.Second {
+		sc.t.Fatalf("shutdown took %s", took)
+	}
+}
+
 // shutdownProxy shuts the HTTP server down once and waits for the
 // Serve calls to return.
 func (sc *sidecar) shutdownProxy() {
