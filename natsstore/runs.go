@@ -180,6 +180,9 @@ func (t *txn) checkpoint(c *engine.Checkpoint, run *engine.RunRecord) ([]engine.
 		if err != nil {
 			return nil, err
 		}
+		if err := t.checkNotPending(old, run); err != nil {
+			return nil, err
+		}
 		if err := t.putRun(old, run); err != nil {
 			return nil, err
 		}
@@ -278,4 +281,30 @@ func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to 
 		out = append(out, m)
 	}
 	return out, nil
+}
+
+// checkNotPending refuses a checkpoint that gives run to a new dispatch
+// while the dispatch its stored version names has not started (queued,
+// or claimed before its start was recorded): that dispatch would execute
+// the new request and the new one find the run done, its own request
+// never run. The engine checks this before it commits
+// (checkOpenForDispatch); the check is made again here, against the
+// records the commit reads, because a sidecar sharing the store can
+// continue the same waiting run in between (found by the crash harness:
+// a decision through one sidecar and a queued live message through the
+// other continued one run, and the later dispatch was acked unrun). The
+// engine answers the refusal as its own: a request that named no run
+// gets a run of its own.
+func (t *txn) checkNotPending(old, run *engine.RunRecord) error {
+	if old == nil || old.DispatchID == "" || old.DispatchID == run.DispatchID {
+		return nil
+	}
+	d, err := t.loadDispatch(old.DispatchID)
+	if err != nil {
+		return err
+	}
+	if d != nil && d.RunID == old.RunID && (d.Status == engine.StatusQueued || d.Status == engine.StatusClaimed && d.RunStatus == "") {
+		return engine.Validationf("run_id '%s' is not open for dispatch", run.RunID)
+	}
+	return nil
 }
