@@ -71,3 +71,56 @@ func TestMessageRacingAContinuationGetsARunOfItsOwn(t *testing.T) {
 		}
 	}
 }
+
+// rejectAtCommit refuses one Submit that continues run, as the NATS store
+// refuses one at commit when a sidecar sharing the store continued that
+// run first (natsstore checkNotPending).
+type rejectAtCommit struct {
+	*badgerstore.Store
+	run atomic.Pointer[string]
+}
+
+func (s *rejectAtCommit) Submit(ctx context.Context, c engine.Checkpoint, d engine.Dispatch) ([]engine.MessageRecord, engine.Dispatch, error) {
+	if h := s.run.Load(); h != nil && c.Run != nil && c.Run.RunID == *h && s.run.CompareAndSwap(h, nil) {
+		return nil, engine.Dispatch{}, engine.Validationf("run_id '%s' is not open for dispatch", *h)
+	}
+	return s.Store.Submit(ctx, c, d)
+}
+
+// A request that names no run and is refused at commit for continuing
+// the thread's waiting run (its store found a dispatch of that run
+// pending only then) gets a run of its own, as when the engine's own
+// check finds it; it was answered 400 "run_id … is not open for
+// dispatch", a run the client never named.
+func TestARequestRefusedAtCommitForAWaitingRunGetsARunOfItsOwn(t *testing.T) {
+	rej := &rejectAtCommit{}
+	r := newRigWith(t, newFake(0, complete), engine.Config{}, func(s *badgerstore.Store) engine.Store { rej.Store = s; return rej })
+	ctx := context.Background()
+	for _, path := range []string{"background", "message"} {
+		thread, waiting := "thread-c-"+path, "run-waiting-c-"+path
+		if err := r.store.CreateRun(ctx, spWaitingRun(waiting, thread, engine.WaitUserInput)); err != nil {
+			t.Fatal(err)
+		}
+		rej.run.Store(&waiting)
+		req := engine.SubmitRequest{ThreadID: thread, AgentID: "agent", Messages: []engine.Message{userMsg("hi")}}
+		var res engine.SubmitResult
+		var err error
+		if path == "background" {
+			res, err = r.mb.SubmitBackground(ctx, req)
+		} else {
+			res, _, err = r.mb.SendMessages(ctx, req, "")
+		}
+		if err != nil {
+			t.Fatalf("%s refused at commit: %v", path, err)
+		}
+		if rej.run.Load() != nil {
+			t.Fatalf("%s: the commit was not refused: the race was not reproduced", path)
+		}
+		if res.RunID == "" || res.RunID == waiting || res.Status != engine.SubmitQueued {
+			t.Fatalf("%s refused at commit: %+v, want a queued run of its own", path, res)
+		}
+		if run := execRun(t, r.store, waiting); run.DispatchID != "" {
+			t.Fatalf("%s: the waiting run was given to dispatch %s", path, run.DispatchID)
+		}
+	}
+}

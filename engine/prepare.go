@@ -206,20 +206,28 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		if total > 0 {
 			input.Range = &SeqRange{From: 1, To: total}
 		}
-		run, err := m.runForDispatch(ctx, r, runID, fresh, snapshot, input, latest)
-		latest = nil // a retry reads afresh
-		if implicit && errors.Is(err, ErrValidation) {
-			// The waiting run chosen above is no longer open for
-			// dispatch: since it was read, a dispatch of it is pending
-			// or the run moved on (a writer outside this thread's lock:
-			// another sidecar sharing the store, say). The request named
-			// no run, so it gets one of its own, as it would have had it
-			// read that state.
+		// ownRun gives the request a run of its own when the waiting run
+		// chosen above is no longer open for dispatch: since it was read,
+		// a dispatch of it is pending or the run moved on (a writer
+		// outside this thread's lock: another sidecar sharing the store,
+		// say; its store may find it only in the commit). The request
+		// named no run, so it gets one of its own, as it would have had
+		// it read that state.
+		ownRun := func() error {
 			implicit, fresh = false, true
 			runID = newID()
 			r.ContinueRunID, r.RunIDHint, minted.RunID = "", runID, true
+			var err error
 			if extras, err = json.Marshal(extrasOf(r)); err != nil {
-				return "", Dispatch{}, fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
+				return fmt.Errorf("prepare run %s: encode request extras: %w", runID, err)
+			}
+			return nil
+		}
+		run, err := m.runForDispatch(ctx, r, runID, fresh, snapshot, input, latest)
+		latest = nil // a retry reads afresh
+		if implicit && errors.Is(err, ErrValidation) {
+			if err := ownRun(); err != nil {
+				return "", Dispatch{}, err
 			}
 			continue
 		}
@@ -251,6 +259,12 @@ func (m *Mailbox) persistRun(ctx context.Context, r *SubmitRequest, availableAt 
 		}
 		var conflict *ConflictError
 		if errors.As(err, &conflict) && conflict.What == "message_count" && attempt < maxAppendRetries {
+			continue
+		}
+		if implicit && errors.Is(err, ErrValidation) {
+			if err := ownRun(); err != nil {
+				return "", Dispatch{}, err
+			}
 			continue
 		}
 		if err != nil {
