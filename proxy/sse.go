@@ -65,7 +65,8 @@ func (s *Server) startStream(ctx *fasthttp.RequestCtx, thread string, log *engin
 	// ends: the write deadline run moved is cleared when that request
 	// comes (handle; a foreground client does not dial again for every
 	// run). A stream that ended on a failed
-	// write leaves a connection fasthttp closes.
+	// write leaves a connection fasthttp closes, and so does a stream to
+	// an HTTP/1.0 client (below), whose end is the connection's.
 	if log == nil {
 		ctx.SetBody(head)
 		return nil
