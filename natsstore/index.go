@@ -37,6 +37,7 @@ type index struct {
 	disp       map[string]*dEntry      // dispatch id → entry
 	threads    map[string]*threadEntry // thread → its dispatches
 	counts     engine.StatusCounts     // dispatches per status
+	terminal   terminalList            // the terminal dispatches, in terminal order
 	runs       map[string]*rEntry      // run id → entry
 	runThreads map[string]map[string]*rEntry
 	applied    atomic.Uint64 // written under mu; read without it
@@ -63,6 +64,7 @@ type dEntry struct {
 	avail     int64
 	completed int64
 	lease     int64
+	gone      bool // dropped from the index (terminalList)
 }
 
 type threadEntry struct {
@@ -269,11 +271,17 @@ func (ix *index) addDispatchLocked(e *dEntry) {
 	te.add(e)
 	ix.disp[e.id] = e
 	ix.counts[e.status]++
+	if e.status.Terminal() {
+		ix.terminal.add(e)
+	}
 }
 
 func (ix *index) removeDispatchLocked(e *dEntry) {
 	delete(ix.disp, e.id)
 	ix.counts[e.status]--
+	if e.status.Terminal() {
+		ix.terminal.remove(e)
+	}
 	te := ix.threads[e.thread]
 	if te == nil {
 		return
@@ -421,30 +429,12 @@ func (ix *index) collect(keep func(*dEntry) bool, order func(a, b *dEntry) int) 
 	return out
 }
 
-func terminalOrder(a, b *dEntry) int {
-	return cmp.Or(cmp.Compare(a.updated, b.updated), cmp.Compare(a.created, b.created), strings.Compare(a.id, b.id))
-}
-
 // terminalCursorsAfter lists, as cursors, up to limit terminal
 // dispatches strictly after c in terminal order.
 func (ix *index) terminalCursorsAfter(c engine.TerminalCursor, limit int) []engine.TerminalCursor {
-	es := ix.collect(func(e *dEntry) bool {
-		if !e.status.Terminal() {
-			return false
-		}
-		if c == (engine.TerminalCursor{}) {
-			return true
-		}
-		return cmp.Or(cmp.Compare(e.updated, c.UpdatedAt), cmp.Compare(e.created, c.CreatedAt), strings.Compare(e.id, c.DispatchID)) > 0
-	}, terminalOrder)
-	if limit > 0 && len(es) > limit {
-		es = es[:limit]
-	}
-	out := make([]engine.TerminalCursor, len(es))
-	for i := range es {
-		out[i] = engine.TerminalCursor{UpdatedAt: es[i].updated, CreatedAt: es[i].created, DispatchID: es[i].id}
-	}
-	return out
+	ix.mu.Lock() // the listing may sort or compact the list
+	defer ix.mu.Unlock()
+	return ix.terminal.after(c, limit)
 }
 
 func (ix *index) deadLetters(limit, offset int) []string {

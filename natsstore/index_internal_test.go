@@ -110,3 +110,99 @@ func TestReadySelectKeepsTheFirstInOrder(t *testing.T) {
 		}
 	}
 }
+
+// The terminal list answers every page as a walk and sort of all the
+// index's dispatches would, as dispatches come, go and change status in
+// and out of order.
+func TestTerminalListPagesAsASortOfEveryDispatch(t *testing.T) {
+	ix := newIndex(subjects{}, func(string, ...any) {})
+	rng := rand.New(rand.NewPCG(5, 6))
+	statuses := engine.AllStatuses
+	live := map[string]*dEntry{}
+	for step := range 5000 {
+		ix.mu.Lock()
+		for range 1 + rng.IntN(4) {
+			id := fmt.Sprintf("d%d", rng.IntN(200))
+			if old := live[id]; old != nil {
+				ix.removeDispatchLocked(old)
+				delete(live, id)
+			}
+			if rng.IntN(5) > 0 {
+				// Mostly later times, sometimes earlier ones (another
+				// process's clock), often equal ones.
+				at := int64(step/4 + rng.IntN(3))
+				if rng.IntN(10) == 0 {
+					at -= int64(rng.IntN(50))
+				}
+				e := &dEntry{id: id, thread: "t" + id, status: statuses[rng.IntN(len(statuses))], created: int64(rng.IntN(3)), updated: at}
+				ix.addDispatchLocked(e)
+				live[id] = e
+			}
+		}
+		var want []*dEntry
+		for _, e := range ix.disp {
+			if e.status.Terminal() {
+				want = append(want, e)
+			}
+		}
+		ix.mu.Unlock()
+		slices.SortFunc(want, terminalOrder)
+		var c engine.TerminalCursor
+		if len(want) > 0 && rng.IntN(4) > 0 {
+			e := want[rng.IntN(len(want))]
+			c = engine.TerminalCursor{UpdatedAt: e.updated, CreatedAt: e.created, DispatchID: e.id}
+			if rng.IntN(2) == 0 { // a cursor between entries
+				c.DispatchID += "~"
+			}
+		}
+		limit := rng.IntN(30) - 5
+		var exp []engine.TerminalCursor
+		for _, e := range want {
+			if c != (engine.TerminalCursor{}) && cmp.Or(cmp.Compare(e.updated, c.UpdatedAt), cmp.Compare(e.created, c.CreatedAt), strings.Compare(e.id, c.DispatchID)) <= 0 {
+				continue
+			}
+			if limit > 0 && len(exp) == limit {
+				break
+			}
+			exp = append(exp, engine.TerminalCursor{UpdatedAt: e.updated, CreatedAt: e.created, DispatchID: e.id})
+		}
+		got := ix.terminalCursorsAfter(c, limit)
+		if !slices.Equal(got, exp) && !(len(got) == 0 && len(exp) == 0) {
+			t.Fatalf("step %d, after %+v limit %d: listed %v, want %v", step, c, limit, got, exp)
+		}
+		if ix.terminal.gone > len(ix.terminal.es)/2 {
+			t.Fatalf("step %d: %d of %d entries gone, not compacted", step, ix.terminal.gone, len(ix.terminal.es))
+		}
+	}
+}
+
+// BenchmarkTerminalPages: the start's reconciliation's listing, every
+// page of 100 from the first, over terminal finished dispatches.
+func BenchmarkTerminalPages(b *testing.B) {
+	for _, terminal := range []int{10000, 100000} {
+		b.Run(fmt.Sprintf("terminal=%d", terminal), func(b *testing.B) {
+			ix := newIndex(subjects{}, func(string, ...any) {})
+			ix.mu.Lock()
+			for i := range terminal {
+				at := int64(1000 + i)
+				ix.addDispatchLocked(&dEntry{id: fmt.Sprintf("d%06d", i), thread: fmt.Sprintf("t%05d", i/10), status: engine.StatusAcked, created: at, updated: at})
+			}
+			ix.mu.Unlock()
+			b.ReportAllocs()
+			for b.Loop() {
+				n := 0
+				for c := (engine.TerminalCursor{}); ; {
+					page := ix.terminalCursorsAfter(c, 100)
+					n += len(page)
+					if len(page) < 100 {
+						break
+					}
+					c = page[len(page)-1]
+				}
+				if n != terminal {
+					b.Fatalf("listed %d", n)
+				}
+			}
+		})
+	}
+}
