@@ -61,3 +61,84 @@ func BenchmarkOpen(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkRecoverTerminal: a restarted engine's startup recovery
+// (engine.Mailbox.Recover: reclaims, the reconciliation of every
+// terminal dispatch, the waiting runs' wakes) on a stream of records
+// finished dispatches, each with its run (one in five cancelled, the
+// rest acked), ten to a thread: the part of a restarted
+// sidecar's wait before it is ready that comes after the store opened.
+func BenchmarkRecoverTerminal(b *testing.B) {
+	for _, records := range []int{1000, 10000} {
+		b.Run(fmt.Sprintf("records=%d", records), func(b *testing.B) {
+			s := openCfg(b, freshConfig())
+			ctx := context.Background()
+			var wg sync.WaitGroup
+			errs := make(chan error, 64)
+			for w := range 64 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					if err := finishDispatches(ctx, s, w, 64, records); err != nil {
+						errs <- err
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				mb, err := engine.New(s, noopAgent{}, engine.Config{ConsumerID: "recover"})
+				if err != nil {
+					b.Fatal(err)
+				}
+				n, err := mb.Recover(ctx)
+				if err != nil || n != 0 {
+					b.Fatalf("recover: %d %v, want 0 reclaimed", n, err)
+				}
+				b.StopTimer()
+				sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_ = mb.Stop(sctx)
+				cancel()
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// finishDispatches writes dispatches w, w+step … below n, each with its
+// run, ten to a thread of w's own, and finishes them: every fifth
+// cancelled while queued, the rest claimed and acked.
+func finishDispatches(ctx context.Context, s *natsstore.Store, w, step, n int) error {
+	for i := w; i < n; i += step {
+		id := fmt.Sprintf("d%06d", i)
+		thread := fmt.Sprintf("t%02d-%04d", w, i/step/10)
+		if _, err := s.Enqueue(ctx, queued(id, thread, int64(1000+i))); err != nil {
+			return err
+		}
+		run := engine.RunRecord{RunID: "run-" + id, ThreadID: thread, AgentID: "a", Status: engine.RunCreated, CreatedAt: 1, UpdatedAt: 1}
+		if err := s.CreateRun(ctx, run); err != nil {
+			return err
+		}
+		if i%5 == 0 {
+			if _, err := s.Cancel(ctx, id, int64(2000+i)); err != nil {
+				return err
+			}
+			continue
+		}
+		c, err := s.Claim(ctx, thread, "c", time.Minute, int64(2000+i))
+		if err != nil {
+			return err
+		}
+		if c == nil || c.DispatchID != id {
+			return fmt.Errorf("claim on %s: %v, want %s", thread, c, id)
+		}
+		if err := s.Ack(ctx, id, c.ClaimToken, int64(3000+i)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -10,17 +10,20 @@ import (
 // loadDispatches reads the records the index named, in order; one that
 // vanished since (purged by another process) is left out.
 func (s *Store) loadDispatches(ctx context.Context, ids []string) ([]engine.Dispatch, error) {
+	subjs := make([]string, len(ids))
+	for i, id := range ids {
+		subjs[i] = s.sub.dispatch(id)
+	}
+	rs, err := s.getMany(ctx, subjs)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]engine.Dispatch, 0, len(ids))
-	for _, id := range ids {
-		subj := s.sub.dispatch(id)
-		r, err := s.getLast(ctx, subj)
-		if err != nil {
-			return nil, err
-		}
+	for i, r := range rs {
 		if r.data == nil {
 			continue
 		}
-		d, err := decodeDispatch(subj, r.data)
+		d, err := decodeDispatch(subjs[i], r.data)
 		if err != nil {
 			return nil, err
 		}
@@ -91,12 +94,16 @@ func (s *Store) ListTerminal(ctx context.Context, after engine.TerminalCursor, l
 	for len(out) < limit {
 		want := limit - len(out)
 		cs := s.idx.terminalCursorsAfter(cur, want)
-		for _, c := range cs {
-			subj := s.sub.dispatch(c.DispatchID)
-			r, err := s.getLast(ctx, subj)
-			if err != nil {
-				return nil, fmt.Errorf("list terminal dispatches: %w", err)
-			}
+		subjs := make([]string, len(cs))
+		for i, c := range cs {
+			subjs[i] = s.sub.dispatch(c.DispatchID)
+		}
+		rs, err := s.getMany(ctx, subjs)
+		if err != nil {
+			return nil, fmt.Errorf("list terminal dispatches: %w", err)
+		}
+		for i, c := range cs {
+			r, subj := rs[i], subjs[i]
 			if r.data == nil {
 				continue
 			}

@@ -248,7 +248,8 @@ func (s *Store) LoadMessage(ctx context.Context, threadID, messageID string) (*e
 }
 
 // LoadMessageRange implements engine.RunStore. The thread projection's
-// message count bounds the range; each message is one direct get.
+// message count bounds the range; the messages are read with batched
+// direct gets (getMany), not one round trip each.
 func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to uint64) ([]engine.MessageRecord, error) {
 	if err := engine.ValidateID("thread_id", threadID); err != nil {
 		return nil, err
@@ -265,12 +266,20 @@ func (s *Store) LoadMessageRange(ctx context.Context, threadID string, from, to 
 		return nil, fmt.Errorf("load messages %s [%d,%d]: %w", threadID, from, to, err)
 	}
 	to = min(to, n)
+	if from > to {
+		return out, nil
+	}
+	subjs := make([]string, 0, to-from+1)
 	for seq := from; seq <= to; seq++ {
-		subj := s.sub.message(threadID, seq)
-		r, err := s.getLast(ctx, subj)
-		if err != nil {
-			return nil, fmt.Errorf("load messages %s [%d,%d]: %w", threadID, from, to, err)
-		}
+		subjs = append(subjs, s.sub.message(threadID, seq))
+	}
+	rs, err := s.getMany(ctx, subjs)
+	if err != nil {
+		return nil, fmt.Errorf("load messages %s [%d,%d]: %w", threadID, from, to, err)
+	}
+	out = make([]engine.MessageRecord, 0, len(rs))
+	for i, r := range rs {
+		subj := subjs[i]
 		if r.data == nil {
 			return nil, fmt.Errorf("load messages %s: %s missing below the count %d: %w", threadID, subj, n, engine.ErrCorrupt)
 		}
