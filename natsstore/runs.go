@@ -90,14 +90,23 @@ func (s *Store) ListRuns(ctx context.Context, q engine.RunQuery) (engine.RunPage
 	}
 	ids, total := s.idx.listRuns(q.Status, q.ThreadID, offset, limit)
 	page := engine.RunPage{Items: make([]engine.RunRecord, 0, len(ids)), Total: total}
-	for _, id := range ids {
-		r, err := s.loadRun(ctx, id)
+	subjs := make([]string, len(ids))
+	for i, id := range ids {
+		subjs[i] = s.sub.run(id)
+	}
+	rs, err := s.getMany(ctx, subjs)
+	if err != nil {
+		return engine.RunPage{}, fmt.Errorf("list runs: %w", err)
+	}
+	for i, r := range rs {
+		if r.data == nil {
+			continue
+		}
+		run, err := decodeRun(subjs[i], r.data)
 		if err != nil {
 			return engine.RunPage{}, fmt.Errorf("list runs: %w", err)
 		}
-		if r != nil {
-			page.Items = append(page.Items, *r)
-		}
+		page.Items = append(page.Items, *run)
 	}
 	page.HasMore = offset+len(page.Items) < page.Total
 	return page, nil
