@@ -142,3 +142,35 @@ func finishDispatches(ctx context.Context, s *natsstore.Store, w, step, n int) e
 	}
 	return nil
 }
+
+// BenchmarkLoadMessageRange: reading a thread's log, 1 000 messages
+// appended 50 at a time: the whole log (GET /v1/threads/{id}/messages
+// with limit=1000, one op) and its last 20 messages (a run's context).
+func BenchmarkLoadMessageRange(b *testing.B) {
+	s := openCfg(b, freshConfig())
+	ctx := context.Background()
+	const thread, total = "tlog", 1000
+	for n := uint64(0); n < total; n += 50 {
+		msgs := make([]engine.Message, 50)
+		for i := range msgs {
+			msgs[i] = engine.Message{ID: fmt.Sprintf("m%04d", n+uint64(i)), Role: engine.RoleUser, Content: []byte(`"a message of some length, as a user would write one"`)}
+		}
+		if _, err := s.Checkpoint(ctx, engine.Checkpoint{ThreadID: thread, ExpectedCount: n, Messages: msgs, CreatedAt: 1}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, r := range []struct {
+		name     string
+		from, to uint64
+	}{{"all", 1, total}, {"last20", total - 19, total}} {
+		b.Run(r.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				got, err := s.LoadMessageRange(ctx, thread, r.from, r.to)
+				if err != nil || len(got) != int(r.to-r.from+1) {
+					b.Fatalf("loaded %d, %v", len(got), err)
+				}
+			}
+		})
+	}
+}
