@@ -1250,10 +1250,26 @@ func (m *Mailbox) renewLease(e *execution, stop <-chan struct{}, log interface{ 
 
 // updateRun applies change to a run record in a guarded checkpoint that
 // appends nothing (lessons.md B1: no blind whole-list writes). change
-// returns false to skip the write.
+// returns false to skip the write; it may be called more than once, each
+// time on a fresh read.
 func (m *Mailbox) updateRun(ctx context.Context, thread, runID string, change func(*RunRecord) bool) error {
 	unlock := m.locks.lock(thread)
 	defer unlock()
+	// Most calls change nothing (the store settled the run in the
+	// dispatch's own commit): the run alone is read first, and the
+	// count the write needs only when it will write; a read fewer per
+	// terminal dispatch at a start's reconciliation, a round trip on a
+	// shared store (found by measuring a restart on NATS).
+	r, err := m.store.LoadRun(ctx, runID)
+	if err != nil {
+		return err
+	}
+	if r == nil {
+		return fmt.Errorf("run %s: %w", runID, ErrNotFound)
+	}
+	if !change(r) {
+		return nil
+	}
 	for attempt := 0; ; attempt++ {
 		count, err := m.store.MessageCount(ctx, thread)
 		if err != nil {
