@@ -1255,32 +1255,30 @@ func (m *Mailbox) renewLease(e *execution, stop <-chan struct{}, log interface{ 
 func (m *Mailbox) updateRun(ctx context.Context, thread, runID string, change func(*RunRecord) bool) error {
 	unlock := m.locks.lock(thread)
 	defer unlock()
+	load := func() (*RunRecord, error) {
+		r, err := m.store.LoadRun(ctx, runID)
+		if err == nil && r == nil {
+			err = fmt.Errorf("run %s: %w", runID, ErrNotFound)
+		}
+		return r, err
+	}
 	// Most calls change nothing (the store settled the run in the
 	// dispatch's own commit): the run alone is read first, and the
 	// count the write needs only when it will write; a read fewer per
 	// terminal dispatch at a start's reconciliation, a round trip on a
 	// shared store (found by measuring a restart on NATS).
-	r, err := m.store.LoadRun(ctx, runID)
-	if err != nil {
+	r, err := load()
+	if err != nil || !change(r) {
 		return err
-	}
-	if r == nil {
-		return fmt.Errorf("run %s: %w", runID, ErrNotFound)
-	}
-	if !change(r) {
-		return nil
 	}
 	for attempt := 0; ; attempt++ {
 		count, err := m.store.MessageCount(ctx, thread)
 		if err != nil {
 			return err
 		}
-		r, err := m.store.LoadRun(ctx, runID)
+		r, err := load()
 		if err != nil {
 			return err
-		}
-		if r == nil {
-			return fmt.Errorf("run %s: %w", runID, ErrNotFound)
 		}
 		if !change(r) {
 			return nil

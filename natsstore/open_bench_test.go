@@ -20,32 +20,20 @@ func BenchmarkOpen(b *testing.B) {
 			cfg := freshConfig()
 			s := openCfg(b, cfg)
 			ctx := context.Background()
-			var wg sync.WaitGroup
-			errs := make(chan error, 64)
-			for w := range 64 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for i := w; i < records; i += 64 {
-						id := fmt.Sprintf("d%06d", i)
-						thread := fmt.Sprintf("t%05d", i/10)
-						if _, err := s.Enqueue(ctx, queued(id, thread, int64(1000+i))); err != nil {
-							errs <- err
-							return
-						}
-						run := engine.RunRecord{RunID: "run-" + id, ThreadID: thread, AgentID: "a", Status: engine.RunCreated, CreatedAt: 1, UpdatedAt: 1}
-						if err := s.CreateRun(ctx, run); err != nil {
-							errs <- err
-							return
-						}
+			inParallel(b, 64, func(w int) error {
+				for i := w; i < records; i += 64 {
+					id := fmt.Sprintf("d%06d", i)
+					thread := fmt.Sprintf("t%05d", i/10)
+					if _, err := s.Enqueue(ctx, queued(id, thread, int64(1000+i))); err != nil {
+						return err
 					}
-				}()
-			}
-			wg.Wait()
-			close(errs)
-			for err := range errs {
-				b.Fatal(err)
-			}
+					run := engine.RunRecord{RunID: "run-" + id, ThreadID: thread, AgentID: "a", Status: engine.RunCreated, CreatedAt: 1, UpdatedAt: 1}
+					if err := s.CreateRun(ctx, run); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
 			b.ResetTimer()
 			for range b.N {
 				octx, cancel := context.WithTimeout(ctx, time.Minute)
@@ -73,22 +61,7 @@ func BenchmarkRecoverTerminal(b *testing.B) {
 		b.Run(fmt.Sprintf("records=%d", records), func(b *testing.B) {
 			s := openCfg(b, freshConfig())
 			ctx := context.Background()
-			var wg sync.WaitGroup
-			errs := make(chan error, 64)
-			for w := range 64 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					if err := finishDispatches(ctx, s, w, 64, records); err != nil {
-						errs <- err
-					}
-				}()
-			}
-			wg.Wait()
-			close(errs)
-			for err := range errs {
-				b.Fatal(err)
-			}
+			inParallel(b, 64, func(w int) error { return finishDispatches(ctx, s, w, 64, records) })
 			b.ResetTimer()
 			for range b.N {
 				mb, err := engine.New(s, noopAgent{}, engine.Config{ConsumerID: "recover"})
@@ -106,6 +79,27 @@ func BenchmarkRecoverTerminal(b *testing.B) {
 				b.StartTimer()
 			}
 		})
+	}
+}
+
+// inParallel runs fn(0) … fn(n-1) at once and fails tb on an error.
+func inParallel(tb testing.TB, n int, fn func(w int) error) {
+	tb.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for w := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(w); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		tb.Fatal(err)
 	}
 }
 
