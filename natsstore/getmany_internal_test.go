@@ -13,9 +13,14 @@ import (
 // getMany reads, in one batched direct get per 1 024 subjects, what a
 // direct get of each subject reads: records, tombstones, subjects never
 // written, a subject named twice, and a batch the server cuts short at
-// its byte limit (finished with more batches).
+// its byte limit (finished with more batches). On a server whose
+// max_payload is 4 KiB the requests are split to fit.
 func TestGetManyReadsWhatPointReadsRead(t *testing.T) {
-	srv := natstest.Start(t)
+	t.Run("max_payload=8MiB", func(t *testing.T) { testGetMany(t, natstest.Start(t)) })
+	t.Run("max_payload=4KiB", func(t *testing.T) { testGetMany(t, natstest.StartWithMaxPayload(t, 4096)) })
+}
+
+func testGetMany(t *testing.T, srv *natstest.Server) {
 	ctx := context.Background()
 	s, err := Open(ctx, Config{URL: srv.URL(), Stream: "MANY", Prefix: "many"})
 	if err != nil {
@@ -81,7 +86,8 @@ func TestGetManyReadsWhatPointReadsRead(t *testing.T) {
 		}
 	}
 	check("one batch per 1 024")
+	was := multiGetMaxBytes
 	multiGetMaxBytes = 1 // every reply cut after its first record
-	t.Cleanup(func() { multiGetMaxBytes = 0 })
+	t.Cleanup(func() { multiGetMaxBytes = was })
 	check("cut short")
 }

@@ -17,26 +17,30 @@ import (
 // dispatches took 1.5 s, most of it sorting).
 //
 // Entries come in almost in order (a dispatch finishes at the time of
-// its last update): one that does not leaves the list unsorted until the
-// next listing sorts it. An entry the index drops is only marked gone;
-// the next listing, or the gone outnumbering the kept, compacts the list.
-// The index's mutex guards it; a listing needs it exclusively.
+// its last update): one is appended, or, when it sorts before the last
+// (another process's commit arriving a little late, or its clock a little
+// behind), inserted at its place, near the end. An entry the index drops
+// is only marked gone; the next listing, or the gone outnumbering the
+// kept, compacts the list. The index's mutex guards it; a listing needs
+// it exclusively.
 type terminalList struct {
-	es       []*dEntry
-	unsorted bool
-	gone     int
+	es   []*dEntry
+	gone int
 }
 
 func terminalOrder(a, b *dEntry) int {
 	return cmp.Or(cmp.Compare(a.updated, b.updated), cmp.Compare(a.created, b.created), strings.Compare(a.id, b.id))
 }
 
-// add takes in a terminal entry.
+// add takes in a terminal entry at its place in terminal order.
 func (l *terminalList) add(e *dEntry) {
-	if n := len(l.es); n > 0 && terminalOrder(l.es[n-1], e) > 0 {
-		l.unsorted = true
+	n := len(l.es)
+	if n == 0 || terminalOrder(l.es[n-1], e) <= 0 {
+		l.es = append(l.es, e)
+		return
 	}
-	l.es = append(l.es, e)
+	i := sort.Search(n, func(i int) bool { return terminalOrder(l.es[i], e) > 0 })
+	l.es = slices.Insert(l.es, i, e)
 }
 
 // remove marks an entry of the list gone.
@@ -68,10 +72,6 @@ func (l *terminalList) compact() {
 // zero cursor).
 func (l *terminalList) after(c engine.TerminalCursor, limit int) []engine.TerminalCursor {
 	l.compact()
-	if l.unsorted {
-		slices.SortFunc(l.es, terminalOrder)
-		l.unsorted = false
-	}
 	i := 0
 	if c != (engine.TerminalCursor{}) {
 		i = sort.Search(len(l.es), func(i int) bool {
