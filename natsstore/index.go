@@ -432,7 +432,7 @@ func (ix *index) collect(keep func(*dEntry) bool, order func(a, b *dEntry) int) 
 // terminalCursorsAfter lists, as cursors, up to limit terminal
 // dispatches strictly after c in terminal order.
 func (ix *index) terminalCursorsAfter(c engine.TerminalCursor, limit int) []engine.TerminalCursor {
-	ix.mu.Lock() // the listing may sort or compact the list
+	ix.mu.Lock() // the listing may compact the list
 	defer ix.mu.Unlock()
 	return ix.terminal.after(c, limit)
 }

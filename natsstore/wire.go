@@ -114,11 +114,12 @@ func (s *Store) getLast(ctx context.Context, subj string) (rec, error) {
 	return parseDirect(subj, m)
 }
 
-// getMany reads the last message of each of subjs, readFanout at a
-// time: a listing's records, read one after another, cost a round trip
-// each (found by measuring a restart: the start's reconciliation of
-// 10 000 finished dispatches waited on 10 000 reads in a row). out[i] is
-// subjs[i]'s record; the first error fails the whole.
+// getMany reads the last message of each of subjs: on a single-replica
+// stream in batched direct gets (getBatch), on a replicated one
+// readFanout point reads at a time (a listing's records, read one after
+// another, cost a round trip each: found by measuring a restart, whose
+// reconciliation of 10 000 finished dispatches waited on 10 000 reads in
+// a row). out[i] is subjs[i]'s record; the first error fails the whole.
 func (s *Store) getMany(ctx context.Context, subjs []string) ([]rec, error) {
 	out := make([]rec, len(subjs))
 	if s.cfg.Replicas <= 1 && len(subjs) > 1 {
